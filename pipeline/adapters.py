@@ -1,0 +1,111 @@
+"""One frozen base model in memory, several named LoRA adapters on it (STACK-NOTES item 4).
+
+    stack = AdapterStack.build(profile, tokenizer, adapters={"reference": sft_dir, "policy": sft_dir,
+                                                            "reward": rm_dir, "value": rm_dir},
+                               trainable=("policy", "value"))
+    stack.logits("policy", ids, mask); stack.scores("reward", ids, mask); stack.values("value", ids, mask)
+
+Reward and value adapters are sequence-classification adapters (LoRA + a scalar `score` head saved in the
+adapter, as TRL's RewardTrainer writes them). The base is a causal LM, so we add a `score` slot to it *before*
+wrapping it in peft: peft then keeps one copy of the head per adapter (`score.modules_to_save.<name>`), and the
+active adapter picks its own. Without the slot, `load_adapter` silently drops the head and the reward is random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.models import backbone, check_adapter, load_base
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for left- or right-padded batches."""
+    width = attention_mask.shape[1]
+    return width - 1 - attention_mask.flip(dims=[1]).long().argmax(dim=1)
+
+
+class AdapterStack:
+    def __init__(self, peft_model, trainable: tuple[str, ...]):
+        self.model = peft_model
+        self.trainable = tuple(trainable)
+        self.active = None
+
+    @classmethod
+    def build(cls, profile, tokenizer, adapters: dict[str, str | Path], trainable: tuple[str, ...] = (),
+              base_model=None) -> "AdapterStack":
+        """`adapters`: name -> PEFT adapter folder, loaded in order; names in `trainable` get gradients."""
+        from peft import PeftModel
+
+        base = base_model if base_model is not None else load_base(profile, tokenizer)
+        hidden = base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd
+        base.score = nn.Linear(hidden, 1, bias=False, dtype=next(base.parameters()).dtype)
+        names = list(adapters)
+        for name in names:
+            check_adapter(adapters[name], base.config, what=name)
+        pm = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0], is_trainable=names[0] in trainable)
+        for name in names[1:]:
+            pm.load_adapter(str(adapters[name]), adapter_name=name, is_trainable=name in trainable)
+        stack = cls(pm, trainable)
+        stack.use(names[0])
+        return stack
+
+    def add_adapter(self, name: str, config) -> None:
+        self.model.add_adapter(name, config)
+        self._restore_trainable()
+
+    def use(self, name: str) -> None:
+        """Activate an adapter. set_adapter freezes every other adapter, so restore the trainable set after."""
+        if self.active != name:
+            self.model.set_adapter(name)
+            self.active = name
+            self._restore_trainable()
+
+    def _restore_trainable(self) -> None:
+        # Names look like ...q_proj.lora_A.policy.weight and ...score.modules_to_save.value.weight.
+        for n, p in self.model.named_parameters():
+            parts = n.split(".")
+            p.requires_grad = ("modules_to_save" in parts or any(x.startswith("lora_") for x in parts)) and any(
+                t in parts for t in self.trainable)
+
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for n, p in self.model.named_parameters()
+                if name in n.split(".") and ("modules_to_save" in n or ".lora_" in n)]
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        return self.model.base_model.model
+
+    def logits(self, name: str, input_ids, attention_mask, **kw) -> torch.Tensor:
+        self.use(name)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits
+
+    def hidden(self, name: str, input_ids, attention_mask) -> torch.Tensor:
+        self.use(name)
+        return backbone(self.causal_lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def values(self, name: str, input_ids, attention_mask) -> torch.Tensor:
+        """Per-token scalar head output [B, T] (the value function)."""
+        return self.causal_lm.score(self.hidden(name, input_ids, attention_mask)).squeeze(-1)
+
+    def scores(self, name: str, input_ids, attention_mask) -> torch.Tensor:
+        """Sequence score [B] read at the last real token, as *ForSequenceClassification does."""
+        per_token = self.values(name, input_ids, attention_mask)
+        return per_token.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+    def save(self, name: str, out_dir: str | Path) -> Path:
+        """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name)."""
+        import shutil
+        import tempfile
+
+        out_dir = Path(out_dir)
+        with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[name])
+            src = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, out_dir / f.name)
+        return out_dir

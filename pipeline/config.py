@@ -1,0 +1,142 @@
+"""YAML + command line -> typed dataclasses, the TRL way.
+
+`python -m stages.sft --config configs/sft.yaml --learning_rate 1e-4`: the YAML gives the defaults, any key
+can be overridden on the command line, and a key that no dataclass knows is an error naming the key and the
+file (alignment-handbook's recipes drifted from TRL's field names without anyone noticing; we refuse instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """Bad user input: a file, key or value that the user has to fix. Stages print it without a traceback."""
+
+
+@dataclass
+class RunArgs:
+    """Where a stage writes: runs/<run>/<stage>/."""
+
+    run: str = field(default="default", metadata={"help": "Run name; outputs go to <runs_dir>/<run>/<stage>/."})
+    runs_dir: str = field(default="runs", metadata={"help": "Folder holding all runs (relative to the repo root)."})
+    model_config: str = field(
+        default="configs/models/tiny.yaml",
+        metadata={"help": "Model profile YAML (base checkpoint, LoRA targets, chat template). `make ... MODEL=...`."},
+    )
+
+
+@dataclass
+class ModelProfile:
+    """One base checkpoint and how to put LoRA on it: a file in configs/models/."""
+
+    name_or_path: str = field(metadata={"help": "Local folder (repo-relative or absolute) or Hub id."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Linear layers that get LoRA. Listed explicitly: 'all-linear' would also wrap score/value heads."},
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja file replacing the tokenizer's chat template (for bases without one)."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "float32 on CPU; bfloat16 on recent GPUs."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base in 4-bit (GPU + bitsandbytes)."})
+    trust_remote_code: bool = False
+    description: str = ""
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass --config with a path to a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(data).__name__}")
+    return data
+
+
+def check_keys(keys, classes, source: str) -> None:
+    known = set().union(*(_field_names(c) for c in classes))
+    for key in keys:
+        if key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config key '{key}' in {source}{did_you_mean}: fix or remove it")
+
+
+def load_model_profile(path: str | Path) -> ModelProfile:
+    data = read_yaml(path)
+    check_keys(data, [ModelProfile], str(path))
+    if "name_or_path" not in data:
+        raise ConfigError(f"model profile {path} has no 'name_or_path': name the base checkpoint (folder or Hub id)")
+    return ModelProfile(**data)
+
+
+def parse(classes: tuple, argv: list[str] | None = None):
+    """Parse `--config FILE` plus CLI overrides into one instance of each dataclass in `classes`.
+
+    The same key may live in several dataclasses (e.g. `seed`); a value then goes to all of them.
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a path to a YAML file")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    yaml_values = read_yaml(config_path) if config_path else {}
+    check_keys(yaml_values, classes, config_path or "<none>")
+
+    parser = HfArgumentParser(classes)
+    known_dests = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in yaml_values.items() if k in known_dests})
+    try:
+        instances, remaining = parser.parse_known_args(argv)
+    except SystemExit as err:  # argparse already printed the problem
+        raise ConfigError(f"bad command-line arguments {argv}") from err
+    if remaining:
+        flags = [a for a in remaining if a.startswith("--")]
+        hint = ""
+        if flags:
+            match = difflib.get_close_matches(flags[0][2:], sorted(known_dests), n=1)
+            hint = f" (did you mean '--{match[0]}'?)" if match else ""
+        raise ConfigError(f"unknown command-line argument(s) {remaining}{hint}")
+    out = []
+    for cls in classes:
+        values = {f.name: getattr(instances, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(instances, f.name)}
+        try:
+            out.append(cls(**values))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"invalid value in {config_path or 'the command line'}: {err}") from None
+    return out
+
+
+def to_dict(obj) -> dict[str, Any]:
+    """A JSON-safe view of a config dataclass (TrainingArguments have their own to_dict)."""
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return {k: v for k, v in dataclasses.asdict(obj).items()}
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Repo-relative paths work from any working directory."""
+    p = Path(path)
+    return p if p.is_absolute() else (REPO_ROOT / p)

@@ -1,0 +1,92 @@
+"""Loading datasets: the bundled mixtures in data/, or a user's own (`--dataset_name PATH_OR_HUB_ID`).
+
+A user dataset can be a .jsonl/.json/.parquet/.csv file, a folder written by `datasets.save_to_disk`, a folder
+of such files, or a Hub id. Every failure names the file and what to fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import ConfigError, resolve_path
+
+SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_any(name_or_path: str, split: str = "train"):
+    """One `datasets.Dataset` from wherever the user points."""
+    import datasets
+
+    path = resolve_path(name_or_path)
+    try:
+        if path.is_file():
+            builder = SUFFIX_TO_BUILDER.get(path.suffix)
+            if builder is None:
+                raise ConfigError(f"dataset file {path} has an unsupported suffix: use .jsonl, .json, .parquet or .csv")
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.is_dir():
+            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    if split not in ds:
+                        raise ConfigError(f"dataset folder {path} has splits {list(ds)}, not '{split}'")
+                    ds = ds[split]
+                return ds
+            files = [f for f in sorted(path.rglob("*")) if f.suffix in SUFFIX_TO_BUILDER]
+            if not files:
+                raise ConfigError(f"dataset folder {path} holds no .jsonl/.json/.parquet/.csv files and no saved dataset")
+            return datasets.load_dataset(SUFFIX_TO_BUILDER[files[0].suffix], data_files=[str(f) for f in files], split="train")
+        if name_or_path.startswith((".", "/")) or name_or_path.endswith(tuple(SUFFIX_TO_BUILDER)) or name_or_path.count("/") > 1:
+            raise ConfigError(f"dataset {name_or_path} does not exist: check the path given to --dataset_name")
+        return datasets.load_dataset(name_or_path, split=split)
+    except ConfigError:
+        raise
+    except Exception as err:  # datasets raises many kinds; the user needs the name and the reason
+        raise ConfigError(f"could not load dataset '{name_or_path}': {type(err).__name__}: {err}") from None
+
+
+def load_mixture(sources: list[dict], seed: int):
+    """Bundled mixture: a list of {path, max_rows (optional)}; rows shuffled with the seed, then concatenated."""
+    import datasets
+
+    parts = []
+    for src in sources:
+        ds = load_any(src["path"])
+        if src.get("max_rows"):
+            ds = ds.shuffle(seed=seed).select(range(min(int(src["max_rows"]), len(ds))))
+        parts.append(ds)
+    return datasets.concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def require_columns(ds, columns: list[str], name: str, fix: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ConfigError(f"dataset {name} has no column(s) {missing} (it has {ds.column_names}): {fix}")
+    if len(ds) == 0:
+        raise ConfigError(f"dataset {name} is empty: give a dataset with at least a few rows")
+
+
+def train_eval_split(ds, eval_fraction: float, seed: int, group_by=None):
+    """Split rows; with `group_by` (a function row -> key) no key lands in both halves (e.g. split by prompt)."""
+    if eval_fraction <= 0:
+        return ds, None
+    if group_by is None:
+        parts = ds.train_test_split(test_size=eval_fraction, seed=seed)
+        return parts["train"], parts["test"]
+    import random
+
+    keys = sorted({group_by(row) for row in ds})
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, int(round(len(keys) * eval_fraction)))
+    eval_keys = set(keys[:n_eval])
+    flags = [group_by(row) in eval_keys for row in ds]
+    eval_idx = [i for i, f in enumerate(flags) if f]
+    train_idx = [i for i, f in enumerate(flags) if not f]
+    return ds.select(train_idx), ds.select(eval_idx)
+
+
+def first_existing(*paths: str | Path) -> Path | None:
+    for p in paths:
+        if p and Path(p).exists():
+            return Path(p)
+    return None

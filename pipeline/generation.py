@@ -1,0 +1,103 @@
+"""Sampling responses from a (LoRA) policy: the one helper behind SFT's before/after samples, `make pairs`,
+PPO's rollouts and `make eval`.
+
+Left padding (the new tokens of every row start at the same column), KV cache, stop at EOS; everything after
+the first EOS is padding and masked out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = field(default=48, metadata={"help": "Response length limit in tokens."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 means greedy."})
+    top_p: float = 1.0
+    top_k: int = 0
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
+
+
+@dataclass
+class Generations:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    response_ids: torch.Tensor  # [B, R] right-padded with pad after the first EOS (EOS kept)
+    response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
+    texts: list[str]
+    ended: torch.Tensor  # [B] bool: an EOS was produced within the limit
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Chat-template each conversation and add the assistant header (`add_generation_prompt`)."""
+    out = []
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            ids = ids[-max_prompt_tokens:]  # keep the end: the assistant header and the latest turn
+        out.append(list(ids))
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything after the first EOS becomes pad; returns (ids, mask, ended)."""
+    is_eos = response_ids == eos_id
+    ended = is_eos.any(dim=1)
+    first = torch.where(ended, is_eos.int().argmax(dim=1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(response_ids.shape[1]).unsqueeze(0)
+    mask = (positions <= first.unsqueeze(1)).long()
+    ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    return ids, mask, ended
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingConfig,
+             generator_seed: int | None = None, progress: bool = False) -> Generations:
+    """Generate for each prompt, in batches; pad every batch's responses to cfg.max_new_tokens so they stack."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    all_prompt, all_resp = [], []
+    starts = range(0, len(prompt_token_ids), cfg.generation_batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
+        chunk = prompt_token_ids[start : start + cfg.generation_batch_size]
+        ids, mask = left_pad(chunk, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) \
+            if cfg.temperature > 0 else dict(do_sample=False)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, use_cache=True,
+                             eos_token_id=eos_id, pad_token_id=pad_id, **sampling)
+        resp = out[:, ids.shape[1]:].cpu()
+        if resp.shape[1] < cfg.max_new_tokens:  # every row stopped early
+            resp = torch.cat([resp, torch.full((resp.shape[0], cfg.max_new_tokens - resp.shape[1]), pad_id)], dim=1)
+        all_prompt.append((ids.cpu(), mask.cpu()))
+        all_resp.append(resp)
+    if was_training:
+        model.train()
+    width = max(p.shape[1] for p, _ in all_prompt)
+    prompt_ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_id) for p, _ in all_prompt])
+    prompt_mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for _, m in all_prompt])
+    response_ids, response_mask, ended = truncate_after_eos(torch.cat(all_resp), eos_id, pad_id)
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response_ids, response_mask)]
+    return Generations(prompt_ids, prompt_mask, response_ids, response_mask, texts, ended)

@@ -1,0 +1,32 @@
+"""Small end-of-stage helpers: peak memory, a summary table, a clean distributed shutdown."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def peak_memory_mb() -> float:
+    """GPU: peak allocated by torch. CPU: peak resident set size of this process."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def print_table(title: str, rows: dict) -> None:
+    width = max(len(k) for k in rows)
+    print(f"\n== {title} ==")
+    for k, v in rows.items():
+        print(f"  {k.ljust(width)}  {v}")
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then tear the process group down: without it a gloo rank can SIGABRT at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
