@@ -1,0 +1,111 @@
+"""`make eval`: the real stage on a fake finished run (tests/fake_upstream.py): report, plots, manifest, flags."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import statistics
+
+import pytest
+
+from pipeline.config import ConfigError
+from tests.fake_upstream import evaluated_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory, tiny_models):
+    return evaluated_run(tmp_path_factory, tiny_models["llama"]) / "t" / "eval"
+
+
+def test_manifest_holds_the_headline_figures(eval_dir):
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    m = manifest["metrics"]
+    for key in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "reward_sft_mean", "reward_ppo_mean", "kl_mean",
+                "length_sft_mean", "length_ppo_mean", "no_eos_sft", "no_eos_ppo", "n_prompts"):
+        assert isinstance(m[key], (int, float)), key
+    assert m["n_prompts"] == 6 and 0 <= m["win_rate_ci_low"] <= m["win_rate"] <= m["win_rate_ci_high"] <= 1
+    assert set(manifest["upstream"]) == {"sft", "rm", "ppo"}
+    assert (eval_dir / "report.md").is_file() and manifest["outputs"]["report_json"].endswith("report.json")
+
+
+def test_report_json_figures_match_its_samples(eval_dir):
+    report = json.loads((eval_dir / "report.json").read_text())
+    s, f = report["samples"], report["figures"]
+    assert len(s) == f["n_prompts"] == 6
+    rs, rp = [x["reward_sft"] for x in s], [x["reward_ppo"] for x in s]
+    assert f["reward_sft_mean"] == pytest.approx(statistics.fmean(rs))
+    assert f["reward_ppo_mean"] == pytest.approx(statistics.fmean(rp))
+    assert f["kl_mean"] == pytest.approx(statistics.fmean(x["kl"] for x in s))
+    assert f["length_ppo_mean"] == pytest.approx(statistics.fmean(x["length_ppo"] for x in s))
+    assert f["no_eos_sft"] == pytest.approx(statistics.fmean(not x["eos_sft"] for x in s))
+    wins = sum(p > q for p, q in zip(rp, rs))
+    ties = sum(p == q for p, q in zip(rp, rs))
+    assert report["win_rate"]["wins"] == wins and f["win_rate"] == pytest.approx((wins + 0.5 * ties) / len(s))
+    assert report["reward"]["ppo"]["median"] == pytest.approx(statistics.median(rp))
+    # the policies differ (random LoRA deltas), so the KL is positive and the rewards vary
+    assert all(x["kl"] > 0 for x in s) and len(set(rs + rp)) > 2
+    assert all(x["length_ppo"] <= 12 and x["sft"] is not None for x in s)
+
+
+def test_plots_are_valid_pngs(eval_dir):
+    from PIL import Image
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert set(report["plots"]) == {"training_curves", "reward_distribution", "overview"}
+    for rel in report["plots"].values():
+        path = eval_dir / rel
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    md = (eval_dir / "report.md").read_text()
+    assert "plots/training_curves.png" in md and "Win rate of PPO over SFT" in md and "| prompt |" in md
+
+
+def test_reward_hacking_is_flagged(eval_dir):
+    """The fake training curves: reward up while the length went from 10 to ~23 tokens."""
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert any("reward rose" in f and "reward hacking" in f for f in report["flags"])
+    assert report["figures"]["reward_hacking_suspected"] is True
+    assert "⚠️" in (eval_dir / "report.md").read_text()
+
+
+def test_wilson_interval_and_ties_count_half():
+    from stages.eval import wilson, win_rate
+
+    low, high = wilson(8, 10)  # hand computed: centre 0.7167, half width 0.2266
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    w = win_rate([1.0, 2.0, 0.5, 3.0], [0.0, 2.0, 1.0, 3.0])
+    assert (w["wins"], w["ties"], w["losses"]) == (1, 2, 1) and w["rate"] == 0.5
+
+
+def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
+    from stages.eval import human_win_rate
+
+    samples = json.loads((eval_dir / "report.json").read_text())["samples"]
+    pairs = [json.loads(line) for line in (eval_dir / "human_pairs.jsonl").read_text().splitlines()]
+    assert [p["pair_id"] for p in pairs] == [s["pair_id"] for s in samples]
+    assert pairs[0]["responses"] == [samples[0]["sft"], samples[0]["ppo"]]
+    store = tmp_path / "labels.sqlite"
+    con = sqlite3.connect(store)
+    con.execute("CREATE TABLE labels (pair_id TEXT, annotator TEXT, preferred INTEGER)")
+    ids = [p["pair_id"] for p in pairs]
+    # PPO (index 1) preferred twice, SFT once, one tie; a label on some other pair is ignored
+    con.executemany("INSERT INTO labels VALUES (?, ?, ?)", [(ids[0], "a", 1), (ids[1], "a", 1), (ids[2], "a", 0),
+                                                            (ids[3], "a", None), ("other", "a", 1)])
+    con.commit()
+    con.close()
+    h = human_win_rate(store, {i: 1 for i in ids})
+    assert h["labels"] == 4 and h["rate"] == pytest.approx(2.5 / 4) and h["ci_low"] < h["rate"] < h["ci_high"]
+    assert human_win_rate(tmp_path / "missing.sqlite", {i: 1 for i in ids}) is None
+
+
+def test_missing_ppo_stage_is_one_clear_error(tmp_path, tiny_models):
+    from stages.eval import main, parse_args
+
+    with pytest.raises(ConfigError, match="make ppo"):
+        main(*parse_args(["--config", "configs/eval.yaml", "--run", "none", "--runs_dir", str(tmp_path),
+                          "--model_config", str(tiny_models["llama"])]))
