@@ -15,6 +15,10 @@ export GRADIO_ANALYTICS_ENABLED ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+# Two CPU processes: accelerate's multi-GPU launcher with every rank on the CPU (configs/accelerate/cpu2.yaml).
+ifneq (,$(findstring cpu2.yaml,$(ACCELERATE_CONFIG)))
+export ACCELERATE_USE_CPU = 1
+endif
 LAUNCH = $(VENV_BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) -m
 
 .PHONY: setup test base sft rm ppo pairs label label-export eval publish bench bench-sft bench-ppo clean-run

@@ -41,7 +41,8 @@ class AdapterStack:
 
         base = base_model if base_model is not None else load_base(profile, tokenizer)
         hidden = base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd
-        base.score = nn.Linear(hidden, 1, bias=False, dtype=next(base.parameters()).dtype)
+        first = next(base.parameters())  # the slot lives where the base does (a GPU for a 4-bit base)
+        base.score = nn.Linear(hidden, 1, bias=False, dtype=first.dtype, device=first.device)
         names = list(adapters)
         for name in names:
             check_adapter(adapters[name], base.config, what=name)

@@ -106,12 +106,15 @@ def parse(classes: tuple, argv: list[str] | None = None):
     check_keys(yaml_values, classes, config_path or "<none>")
 
     parser = HfArgumentParser(classes)
+    for action in parser._actions:  # dict-typed fields (mixtures, weights) take JSON on the command line
+        if action.type is dict:
+            action.type = _json_dict
     known_dests = {a.dest for a in parser._actions}
     parser.set_defaults(**{k: v for k, v in yaml_values.items() if k in known_dests})
     try:
         instances, remaining = parser.parse_known_args(argv)
     except SystemExit as err:  # argparse already printed the problem
-        raise ConfigError(f"bad command-line arguments {argv}") from err
+        raise ConfigError(f"bad value in {config_path or 'the command line'} or in {argv} (argparse's message above)") from err
     if remaining:
         flags = [a for a in remaining if a.startswith("--")]
         hint = ""
@@ -127,6 +130,18 @@ def parse(classes: tuple, argv: list[str] | None = None):
         except (ValueError, TypeError) as err:
             raise ConfigError(f"invalid value in {config_path or 'the command line'}: {err}") from None
     return out
+
+
+def _json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"expected a JSON object such as '{{\"a.jsonl\": 100}}', got {text!r} ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def to_dict(obj) -> dict[str, Any]:

@@ -23,6 +23,8 @@ def load_any(name_or_path: str, split: str = "train"):
             builder = SUFFIX_TO_BUILDER.get(path.suffix)
             if builder is None:
                 raise ConfigError(f"dataset file {path} has an unsupported suffix: use .jsonl, .json, .parquet or .csv")
+            if path.stat().st_size == 0 or (path.stat().st_size < 4096 and not path.read_bytes().strip()):
+                raise ConfigError(f"dataset {path} is empty: give a dataset with at least a few rows")
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():

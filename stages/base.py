@@ -224,5 +224,9 @@ def sample_continuations(model, tokenizer, max_new_tokens: int = 40) -> list[dic
     return out
 
 
+def CONFIG_CLASSES():
+    return (BaseConfig, RunArgs)
+
+
 if __name__ == "__main__":
-    main_guard(lambda: main(*parse((BaseConfig, RunArgs))))
+    main_guard(lambda: main(*parse(CONFIG_CLASSES())))

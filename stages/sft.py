@@ -35,7 +35,7 @@ FIXED_PROMPTS = [
 class SFTArgs:
     # Data
     dataset_name: str | None = field(default=None, metadata={"help": "Your own data (file, folder or Hub id); replaces the mixture."})
-    dataset_mixture: dict = field(default_factory=dict, metadata={"help": "Bundled files -> max rows (0 = all)."})
+    dataset_mixture: dict = field(default_factory=dict, metadata={"help": "Bundled files -> max rows (0 = all); JSON on the CLI."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share for eval loss (overfitting shows here)."})
     # LoRA
     lora_r: int = 16
@@ -71,14 +71,15 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     state = PartialState()
     stage = StageRun("sft", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")
+    train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
     config = {"sft": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
-    stage.prepare(config, is_main=state.is_main_process)
 
-    # 1. Data
+    # 1. Data (checked before anything in the run folder is touched: bad input loses nothing already written)
     ds, data_name = load_data(args, train_cfg.seed)
     train_ds, eval_ds = train_eval_split(ds, args.eval_fraction, train_cfg.seed)
+    stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Tokenizer and base model (frozen; LoRA on top)
     tokenizer = load_tokenizer(profile)
@@ -128,11 +129,14 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     return metrics
 
 
-def parse_args(argv=None):
+def CONFIG_CLASSES():
     from trl import SFTConfig
 
-    train_cfg, args, run = parse((SFTConfig, SFTArgs, RunArgs), argv)
-    return train_cfg, args, run
+    return (SFTConfig, SFTArgs, RunArgs)
+
+
+def parse_args(argv=None):
+    return parse(CONFIG_CLASSES(), argv)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,17 @@ def evaluated_run(tmp_path_factory, profile: Path, run: str = "t") -> Path:
                           "--model_config", str(profile), "--max_new_tokens", "12"]))
         _EVALUATED[key] = runs_dir
     return _EVALUATED[key]
+
+
+def build_label_export(runs_dir: Path, run: str = "t") -> Path:
+    """A label-export stage: a few preference rows in TRL's conversational format, saved with save_to_disk."""
+    import datasets
+
+    stage = StageRun("label-export", run, str(runs_dir))
+    stage.prepare({})
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": [{"role": "assistant", "content": "Good."}],
+             "rejected": [{"role": "assistant", "content": "Bad."}], "annotator": "ann", "strength": "much", "agreement": 1.0}
+            for i in range(5)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(stage.dir / "dataset"))
+    stage.finish({"dataset": stage.dir / "dataset"}, {"pairs": len(rows)}, {})
+    return stage.dir / "dataset"

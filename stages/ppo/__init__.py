@@ -1,0 +1,257 @@
+"""Stage: PPO with LoRA adapters on ONE frozen base model (our own; TRL removed its PPOTrainer in 1.13).
+
+    make ppo                          # accelerate launch ... -m stages.ppo --config configs/ppo.yaml --run default
+    make ppo ARGS="--total_updates 100 --kl_coef 0.1"
+    make ppo ARGS="--resume"          # continue from the last checkpoint (a killed run also continues by itself)
+
+Reads: runs/<run>/sft/manifest.json (policy + reference adapter), runs/<run>/rm/manifest.json (reward adapter +
+score head, and its reward_mean/reward_std), the bundled prompts data/prompts/oasst_prompts.jsonl (or
+--dataset_name). Writes runs/<run>/ppo/: adapter/ (the policy: stock PEFT + tokenizer + pipeline_base.json),
+value_adapter/, metrics.jsonl (one line per update), samples.jsonl, heldout_prompts.jsonl, checkpoints/,
+config.json, manifest.json (last).
+
+One base, four adapters (pipeline.adapters.AdapterStack): policy (trainable, from SFT), reference (SFT, frozen),
+value (trainable, LoRA + scalar head initialised from the RM: Stiennon et al. 2020), reward (RM, frozen).
+rollout.py samples and scores, losses.py holds the PPO arithmetic, trainer.py the loop and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
+from pipeline.run import StageRun
+from pipeline.report import finish_distributed, peak_memory_mb, print_table
+
+from .config import PPOConfig
+from .trainer import PPOTrainer, latest_checkpoint
+
+
+def load_prompts(cfg: PPOConfig, tokenizer):
+    """(train conversations, their token ids, held-out conversations, notes). Held-out = a seeded fixed share."""
+    from pipeline.data import load_any
+
+    source = cfg.dataset_name or cfg.prompts_file
+    path = resolve_path(source)
+    if path.is_file() and path.suffix == ".jsonl" and not path.read_text().strip():
+        raise ConfigError(f"prompt set {source} is empty: give a file with at least one {{\"prompt\": ...}} row")
+    ds = load_any(source)
+    if len(ds) == 0:
+        raise ConfigError(f"prompt set {source} is empty: give at least one prompt")
+    if "prompt" in ds.column_names:
+        raw = ds["prompt"]
+    elif "messages" in ds.column_names:  # conversations: prompt = everything before the last assistant turn
+        raw = []
+        for msgs in ds["messages"]:
+            while msgs and msgs[-1]["role"] == "assistant":
+                msgs = msgs[:-1]
+            raw.append(msgs)
+    else:
+        raise ConfigError(f"prompt set {source} has no 'prompt' (or 'messages') column, only {ds.column_names}: "
+                          "give rows like {\"prompt\": [{\"role\": \"user\", \"content\": \"...\"}]} or {\"prompt\": \"...\"}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    convs = []
+    for p in raw:
+        if isinstance(p, str):
+            convs.append([{"role": "user", "content": p}] if has_template else p)
+        elif isinstance(p, list) and p and all(isinstance(m, dict) and "content" in m for m in p):
+            if not has_template:
+                raise ConfigError("the tokenizer has no chat template, so conversational prompts cannot be encoded: "
+                                  "set chat_template in the model profile, or give plain-text prompts")
+            convs.append(p)
+        else:
+            raise ConfigError(f"prompt set {source}: a prompt must be a string or a non-empty list of messages, got {p!r:.80}")
+
+    order = list(range(len(convs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_held = int(len(convs) * cfg.heldout_fraction)
+    heldout = [convs[i] for i in sorted(order[:n_held])]
+    train = [convs[i] for i in sorted(order[n_held:])]
+    if not train:
+        raise ConfigError(f"no training prompts left after holding out {n_held} of {len(convs)}: lower heldout_fraction")
+
+    ids = []
+    for c in train:
+        if isinstance(c, str):
+            ids.append(list(tokenizer(c)["input_ids"]))
+        else:
+            enc = tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    limit = cfg.max_prompt_length
+    long = [i for i, s in enumerate(ids) if len(s) > limit]
+    notes = {"prompts_total": len(convs), "prompts_heldout": n_held, "prompts_long": len(long)}
+    if long:
+        what = (f"{len(long)} of {len(ids)} training prompts are longer than max_prompt_length={limit} tokens "
+                f"(longest {max(len(ids[i]) for i in long)})")
+        if cfg.long_prompts == "error":
+            raise ConfigError(f"{what}: raise max_prompt_length, or set long_prompts to drop or truncate")
+        if cfg.long_prompts == "truncate":
+            ids = [s[-limit:] if len(s) > limit else s for s in ids]  # keep the end: latest turn + assistant header
+            print(f"note: {what}; they were truncated to their last {limit} tokens (long_prompts: truncate)", file=sys.stderr)
+        else:
+            keep = [i for i in range(len(ids)) if i not in set(long)]
+            if not keep:
+                raise ConfigError(f"{what}: none is left to train on; raise max_prompt_length or set long_prompts: truncate")
+            train, ids = [train[i] for i in keep], [ids[i] for i in keep]
+            print(f"note: {what}; they were dropped (long_prompts: drop; truncate keeps their end instead)", file=sys.stderr)
+    notes["prompts_train"] = len(ids)
+    return train, ids, heldout, notes
+
+
+def disable_dropout(model) -> None:
+    """PPO's ratio compares two forwards of the same weights: dropout would make it noise (Ziegler et al. 2019)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool):
+    from pipeline.adapters import AdapterStack
+    from pipeline.models import load_base
+
+    cfg_file = Path(rm_dir) / "adapter_config.json"
+    if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("task_type") != "SEQ_CLS":
+        raise ConfigError(f"reward adapter {rm_dir} is not a reward model (task_type "
+                          f"{json.loads(cfg_file.read_text()).get('task_type')}, expected SEQ_CLS with a score head)")
+    base = load_base(profile, tokenizer)
+    if not profile.load_in_4bit:  # a 4-bit base is placed on its GPU when loaded
+        base.to(device)
+    try:
+        stack = AdapterStack.build(profile, tokenizer, {"policy": sft_dir, "reference": sft_dir, "value": rm_dir,
+                                                        "reward": rm_dir}, trainable=("policy", "value"), base_model=base)
+    except (RuntimeError, ValueError, KeyError) as err:  # size mismatches of an adapter made for another base
+        raise ConfigError(f"could not put the sft adapter {sft_dir} and reward adapter {rm_dir} on base "
+                          f"{profile.name_or_path}: {str(err).splitlines()[0]}") from None
+    head = stack.causal_lm.score
+    if "reward" not in getattr(head, "modules_to_save", {}):
+        raise ConfigError(f"reward adapter {rm_dir} carries no `score` head: it must be the rm stage's SEQ_CLS adapter")
+    disable_dropout(stack.model)
+    if gradient_checkpointing:
+        lm = stack.causal_lm
+        enable = getattr(lm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return stack
+
+
+def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
+    """Run the stage. `reward_fn(prompts, response_ids, response_mask, texts) -> [B] scores` replaces the reward
+    adapter's score (tests use a toy reward a tiny model can learn); the manifest then says so."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from pipeline.models import load_tokenizer, profile_from, resolve_base, save_fingerprint
+
+    state = PartialState()
+    stage = StageRun("ppo", run.run, run.runs_dir)
+    config = {"ppo": to_dict(cfg), "run": to_dict(run)}
+    profile = profile_from(run.model_config)
+    base_path = resolve_base(profile.name_or_path)
+
+    # 0. Upstream: the SFT adapter (policy + reference) and the reward model (reward + value init)
+    sft_dir = resolve_path(cfg.sft_adapter) if cfg.sft_adapter else Path(stage.need("sft")["outputs"]["adapter"])
+    rm_metrics = {}
+    if cfg.reward_adapter:
+        rm_dir = resolve_path(cfg.reward_adapter)
+    else:
+        rm = stage.need("rm")
+        rm_dir, rm_metrics = Path(rm["outputs"]["adapter"]), rm.get("metrics", {})
+    reward_stats = None
+    if cfg.normalize_reward and reward_fn is None:
+        if rm_metrics.get("reward_mean") is not None and rm_metrics.get("reward_std"):
+            reward_stats = (float(rm_metrics["reward_mean"]), float(rm_metrics["reward_std"]))
+        elif state.is_main_process:
+            print("note: normalize_reward is on but there are no reward_mean/reward_std in the rm manifest: "
+                  "raw scores are used", file=sys.stderr)
+
+    # Resume: --resume, or a run that was interrupted (checkpoint, no manifest) and is simply started again.
+    ckpt = latest_checkpoint(stage.dir)
+    had_manifest = stage.manifest_path.exists()
+    if cfg.resume and ckpt is None:
+        raise ConfigError(f"--resume: there is no checkpoint under {stage.dir / 'checkpoints'} to continue from; "
+                          f"run without --resume to start training")
+    resume_from = ckpt if (cfg.resume or (cfg.auto_resume and ckpt is not None and not had_manifest)) else None
+    state.wait_for_everyone()
+    stage.prepare(config, is_main=state.is_main_process)
+    if state.is_main_process and resume_from is None:
+        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+    state.wait_for_everyone()
+    set_seed(cfg.seed)
+
+    # 1. Tokenizer and prompts (a fixed held-out share is written for make eval and never trained on)
+    tokenizer = load_tokenizer(profile)
+    prompts, prompt_ids, heldout, notes = load_prompts(cfg, tokenizer)
+    if cfg.reward_input == "chat" and (not getattr(tokenizer, "chat_template", None) or isinstance(prompts[0], str)):
+        cfg.reward_input = "tokens"
+        if state.is_main_process:
+            print("note: no chat template / plain-text prompts: the reward model reads the policy's tokens "
+                  "(reward_input: tokens)", file=sys.stderr)
+    heldout_path = stage.dir / "heldout_prompts.jsonl"
+    if state.is_main_process:
+        heldout_path.write_text("".join(json.dumps({"prompt": p if isinstance(p, list) else [{"role": "user", "content": p}]})
+                                        + "\n" for p in heldout))
+
+    # 2. One base, four adapters
+    stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing)
+    trainer = PPOTrainer(cfg, stack, tokenizer, prompts, prompt_ids, stage.dir, state, reward_stats=reward_stats,
+                         reward_fn=reward_fn, config=config)
+    n_base = sum(p.numel() for p in stack.model.parameters() if not p.requires_grad)
+    n_train = sum(p.numel() for p in trainer.params)
+    if state.is_main_process:
+        print_table("PPO", {
+            "processes": state.num_processes, "episodes per update": cfg.local_batch_size * state.num_processes,
+            "updates": cfg.total_updates, "prompts (train / held out)": f"{notes['prompts_train']} / {notes['prompts_heldout']}",
+            "frozen / trainable params": f"{n_base:,} / {n_train:,} (one base, 4 adapters)",
+            "reward": "reward_fn (test hook)" if reward_fn else f"{rm_dir} ({cfg.reward_input})",
+            "resume from": resume_from or "-"})
+
+    # 3. Train
+    result = trainer.train(resume_from)
+    digests = trainer.rank_digests()
+    if result["stopped"]:
+        if state.is_main_process:
+            print(f"stopped after {cfg.stop_after} update(s) (stop_after) at update {result['update']}; "
+                  f"start the same command again to continue", file=sys.stderr)
+        finish_distributed()
+        return {"stopped": True, "update": result["update"]}
+
+    # 4. Save: the policy adapter (what users publish) + the value adapter, then the manifest, last
+    metrics = {}
+    if state.is_main_process:
+        outputs = {"adapter": stage.dir / "adapter", "value_adapter": stage.dir / "value_adapter",
+                   "metrics_jsonl": trainer.metrics_path, "heldout_prompts": heldout_path,
+                   "samples": trainer.samples_path, "base_model": base_path}
+        for name, key in (("policy", "adapter"), ("value", "value_adapter")):
+            stack.model.peft_config[name].base_model_name_or_path = base_path  # stock AutoPeftModel* loads it anywhere
+            stack.save(name, outputs[key])
+            tokenizer.save_pretrained(outputs[key])
+            save_fingerprint(outputs[key], stack.causal_lm.config, base_path)
+        metrics = {**trainer.summary(), "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes,
+                   "model_copies": 1, "frozen_params": n_base, "trainable_params": n_train,
+                   "rank_param_digests": digests, "ranks_in_sync": len(set(digests)) == 1,
+                   "reward_source": "reward_fn" if reward_fn else "reward_adapter", **notes,
+                   "data": cfg.dataset_name or cfg.prompts_file}
+        print_table("PPO result", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
+        if not metrics["ranks_in_sync"]:
+            print(f"warning: ranks ended with different weights {digests}", file=sys.stderr)
+        stage.finish(outputs, metrics, config)
+    finish_distributed()
+    return metrics
+
+
+def parse_args(argv=None) -> tuple[PPOConfig, RunArgs]:
+    cfg, run = parse((PPOConfig, RunArgs), argv)
+    return cfg, run
+
+
+__all__ = ["PPOConfig", "main", "parse_args"]

@@ -1,0 +1,68 @@
+"""`make label`: the labeling UI for this run's pairs, at http://127.0.0.1:7860 by default.
+
+    python -m stages.label --config configs/label.yaml --run default [--port 7861 --host 0.0.0.0 --users_file users.txt]
+    make label ARGS="--overlap 2"
+
+Reads the pairs stage's dataset (or --pairs_dataset) and serves it from runs/<run>/label/labels.sqlite; restarting
+continues where everyone left off. Bound to anything but loopback it refuses to start without logins
+(--users_file or LABEL_USERS). `make label-export` turns the labels into a preference dataset.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.config import ConfigError, RunArgs, parse, to_dict
+from pipeline.run import StageRun, main_guard
+from stages.label.config import LabelArgs, check_exposure, db_path, load_users, read_guidelines, word_filter
+
+
+def load_pairs(args: LabelArgs, stage: StageRun) -> list[dict]:
+    from pipeline.data import load_any, require_columns
+
+    if args.pairs_dataset:
+        path, name = args.pairs_dataset, args.pairs_dataset
+    else:
+        path = stage.need("pairs")["outputs"]["dataset"]
+        name = f"the pairs of run '{stage.run}' ({path})"
+    ds = load_any(path)
+    require_columns(ds, ["pair_id", "prompt", "responses"], name, "run `make pairs` or give a dataset of labeled-to-be pairs")
+    return [{"pair_id": r["pair_id"], "prompt": r["prompt"], "responses": r["responses"]}
+            for r in ds.select_columns(["pair_id", "prompt", "responses"])]
+
+
+def main(args: LabelArgs, run: RunArgs, block: bool = True):
+    users = load_users(args.users_file)
+    check_exposure(args.host, users)  # before anything slow: a refusal must be quick and clear
+    guidelines = read_guidelines(args.guidelines)
+    stage = StageRun("label", run.run, run.runs_dir)
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    pairs = load_pairs(args, stage)
+
+    from stages.label.store import LabelStore
+
+    store = LabelStore(db_path(run.runs_dir, run.run), overlap=args.overlap, lease_s=args.lease_timeout_s, seed=args.seed)
+    counts = store.import_items(pairs, word_filter(args.offensive_words if args.filter_offensive else []))
+    prog = store.progress()
+    print(f"label store {store.path}: {counts['items']} pairs ({counts['blocked']} held back by the word filter), "
+          f"{prog['labels']} labels so far, {prog['pairs_done']} pairs done, overlap {args.overlap}", flush=True)
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
+    from stages.label.app import build_app, launch_kwargs
+
+    from pipeline.run import atomic_write_json
+
+    atomic_write_json(stage.dir / "config.json", {"label": to_dict(args), "run": to_dict(run)})
+    demo = build_app(store, guidelines, args.title, use_login=bool(users))
+    demo.queue(default_concurrency_limit=args.concurrency_limit)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, auth=users or None,
+                    auth_message="Log in with the name and password you were given.",
+                    prevent_thread_lock=not block, **launch_kwargs())
+    except OSError as err:  # port taken
+        raise ConfigError(f"could not serve on {args.host}:{args.port} ({err}): pick another with --port N") from None
+    return demo
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(*parse((LabelArgs, RunArgs))))

@@ -1,0 +1,234 @@
+"""The labeling UI: a Gradio Blocks app over the label store. One pair at a time, two responses side by side.
+
+The app keeps no state of its own: every click is one store call, and the UI shows "Saved" only after the
+label's transaction committed. Per-browser state is just who you are and which pair is on screen.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+
+import gradio as gr
+
+from stages.label.stats import summarize, to_markdown
+from stages.label.store import LabelStore
+
+SHORTCUTS = [("1 or ←", "left is better"), ("2 or →", "right is better"), ("3 or T", "tie"), ("4 or B", "both bad"),
+             ("Q / W", "strength: slightly / much better"), ("N", "write a note (Esc leaves it)"), ("S", "skip"),
+             ("U", "undo your last label"), ("G", "show / hide the guidelines")]
+
+# Gradio has no per-button hotkeys: one document listener clicks the buttons (../shared/browser/RECIPE.md).
+HEAD = """<script>
+(() => {
+  const buttons = {"1": "btn-left", "arrowleft": "btn-left", "2": "btn-right", "arrowright": "btn-right",
+                   "3": "btn-tie", "t": "btn-tie", "4": "btn-bad", "b": "btn-bad", "s": "btn-skip", "u": "btn-undo"};
+  const strengths = {"q": "slightly", "w": "much"};
+  const visible = (el) => el && el.offsetParent !== null;
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const t = e.target, tag = (t && t.tagName || "").toLowerCase();
+    if (tag === "textarea" || (tag === "input" && !["radio", "checkbox"].includes(t.type)) || (t && t.isContentEditable)) {
+      if (e.key === "Escape") t.blur();
+      return;
+    }
+    const key = e.key.toLowerCase();
+    let el = null;
+    if (buttons[key]) el = document.getElementById(buttons[key]);
+    else if (strengths[key]) el = document.querySelector(`#strength input[value="${strengths[key]}"]`);
+    else if (key === "g") el = document.querySelector("#guidelines > button, #guidelines .label-wrap");
+    else if (key === "n") {
+      const note = document.querySelector("#note textarea");
+      if (visible(note)) { e.preventDefault(); note.focus(); }
+      return;
+    }
+    if (visible(el)) { e.preventDefault(); el.click(); }
+  });
+})();
+</script>"""
+
+CSS = """
+.response { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 14px; min-height: 120px; }
+#progress progress { width: 100%; height: 10px; }
+#progress .row { display: flex; gap: 12px; align-items: center; } #progress .row span { white-space: nowrap; min-width: 22em; }
+"""
+
+CHOICE_TEXT = {"left": "left is better", "right": "right is better", "tie": "tie", "both_bad": "both bad"}
+NAME_RE = re.compile(r"^[\w .@'-]{1,64}$")
+
+
+def clean_name(name: str | None) -> str | None:
+    name = " ".join((name or "").split())
+    return name if name and NAME_RE.match(name) else None
+
+
+def describe(label: dict) -> str:
+    text = CHOICE_TEXT[label["choice"]]
+    return f"{text} ({label['strength']})" if label.get("strength") else text
+
+
+def progress_html(p: dict) -> str:
+    mine = p.get("mine", 0)
+    mine_total = mine + p.get("open_to_me", 0)
+    pct = p["pairs_done"] / p["pairs"] if p["pairs"] else 1.0
+    return (f'<div class="row"><span>Yours: <b>{mine} labeled</b> · {p.get("open_to_me", 0)} still open to you</span>'
+            f'<progress max="{max(mine_total, 1)}" value="{mine}"></progress></div>'
+            f'<div class="row"><span>Overall: <b>{p["pairs_done"]} of {p["pairs"]} pairs done</b> ({pct:.0%}) · '
+            f'{p["labels"]} labels · overlap {p["overlap"]}</span>'
+            f'<progress max="{max(p["pairs"], 1)}" value="{p["pairs_done"]}"></progress></div>')
+
+
+def build_app(store: LabelStore, guidelines_md: str, title: str = "Which response is better?",
+              use_login: bool = False) -> gr.Blocks:
+    """`use_login`: the annotator is the logged-in Gradio user; otherwise a name typed on the page (loopback only)."""
+    shortcuts_md = "\n".join(["| key | action |", "|---|---|"] + [f"| {k} | {a} |" for k, a in SHORTCUTS])
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        state = gr.State({})  # {"annotator", "pair_id", "shown_left", "editing"}
+        saved_name = gr.BrowserState("", storage_key="rlhf-label-annotator", secret="rlhf-label-name")
+        gr.Markdown(f"## {html.escape(title)}")
+        with gr.Row(visible=not use_login) as who:
+            name = gr.Textbox(label="Your name (stored with every label)", elem_id="name", scale=3)
+            start = gr.Button("Start labeling", elem_id="btn-start", variant="primary", scale=1)
+        progress = gr.HTML(elem_id="progress")
+        status = gr.Markdown(elem_id="status")
+        with gr.Tabs():
+            with gr.Tab("Label", id="label"):
+                with gr.Column(visible=False, elem_id="item") as item_col:
+                    chat = gr.Chatbot(label="Prompt", elem_id="prompt", height=220, feedback_options=None, buttons=[])
+                    with gr.Row(equal_height=True):
+                        with gr.Column():
+                            gr.Markdown("**Left** — key 1 or ←")
+                            left = gr.Markdown(elem_id="left", elem_classes="response")
+                        with gr.Column():
+                            gr.Markdown("**Right** — key 2 or →")
+                            right = gr.Markdown(elem_id="right", elem_classes="response")
+                    with gr.Row():
+                        b_left = gr.Button("◀ Left is better [1]", elem_id="btn-left", variant="primary")
+                        b_tie = gr.Button("Tie [3]", elem_id="btn-tie")
+                        b_bad = gr.Button("Both bad [4]", elem_id="btn-bad")
+                        b_right = gr.Button("Right is better ▶ [2]", elem_id="btn-right", variant="primary")
+                    with gr.Row():
+                        strength = gr.Radio([("not said", ""), ("slightly better [Q]", "slightly"),
+                                             ("much better [W]", "much")], value="", label="How much better? (optional)",
+                                            elem_id="strength")
+                        note = gr.Textbox(label="Note (optional) [N]", lines=2, elem_id="note")
+                    b_skip = gr.Button("Skip this pair [S]", elem_id="btn-skip", size="sm")
+                done = gr.Markdown(visible=False, elem_id="done")
+                b_undo = gr.Button("Undo my last label [U]", elem_id="btn-undo", size="sm", visible=False)
+                with gr.Accordion("Guidelines [G]", open=False, elem_id="guidelines"):
+                    gr.Markdown(guidelines_md + "\n\n**Keyboard shortcuts**\n\n" + shortcuts_md)
+                with gr.Accordion("Change an earlier label", open=False, elem_id="earlier", visible=False) as earlier_box:
+                    earlier = gr.Dropdown(choices=[], label="Your labels, newest first", elem_id="earlier-list")
+                    b_open = gr.Button("Open it", elem_id="btn-open", size="sm")
+            with gr.Tab("Stats", id="stats"):
+                b_stats = gr.Button("Refresh", elem_id="btn-stats", size="sm")
+                stats_md = gr.Markdown(elem_id="stats")
+
+        view_outputs = [state, who, item_col, done, b_undo, earlier_box, chat, left, right, strength, note, progress,
+                        status, earlier]
+
+        def view(st: dict, message: str = ""):
+            """Everything on screen for this annotator; claims the next pair (a lease) when none is open."""
+            me = st.get("annotator")
+            if not me:
+                return (st, gr.update(visible=True), gr.update(visible=False), gr.update(visible=False),
+                        gr.update(visible=False), gr.update(visible=False), [], "", "", "", "",
+                        progress_html(store.progress()), message or "Type your name to start.", gr.update())
+            item = store.reopen(me, st["pair_id"]) if st.get("editing") else None
+            if item is None:
+                st = {"annotator": me}
+                item = store.next_item(me)
+            mine = store.my_labels(me)
+            choices = [(f"{time.strftime('%H:%M', time.localtime(m['updated_at']))} · {describe(m)} · "
+                        f"{m['prompt'][-1]['content'][:60]}", m["pair_id"]) for m in mine]
+            common = (gr.update(visible=not use_login), gr.update(visible=bool(mine)), gr.update(visible=bool(mine)))
+            prog = store.progress(me)
+            if item is None:
+                held = f" {prog['held_by_others']} pair(s) are open with others; they come back here if not answered " \
+                       f"within {store.lease_s / 60:.0f} min." if prog["held_by_others"] else ""
+                done_md = (f"### All done ✓\nNothing is left for you, {html.escape(me)}: you labeled {prog['mine']} "
+                           f"pair(s). Thank you!{held}")
+                return ({"annotator": me}, common[0], gr.update(visible=False), gr.update(value=done_md, visible=True),
+                        common[1], common[2], [], "", "", "", "", progress_html(prog), message,
+                        gr.update(choices=choices, value=None))
+            st = {**st, "pair_id": item.pair_id, "shown_left": item.shown_left}
+            if item.label is not None:
+                message = (f"Changing your label on this pair (you chose: **{describe(item.label)}**). Choose again, "
+                           f"or Skip to leave it as it is.")
+            messages = [{"role": m["role"] if m["role"] in ("user", "assistant") else "user", "content": m["content"]}
+                        for m in item.prompt]
+            empty = "*(empty response)*"
+            return (st, common[0], gr.update(visible=True), gr.update(visible=False), common[1], common[2], messages,
+                    item.left or empty, item.right or empty,
+                    (item.label or {}).get("strength") or "", (item.label or {}).get("note") or "",
+                    progress_html(prog), message, gr.update(choices=choices, value=None))
+
+        def on_load(saved: str, request: gr.Request):
+            annotator = request.username if use_login else clean_name(saved)
+            return view({"annotator": annotator} if annotator else {})
+
+        def on_start(typed: str, st: dict):
+            annotator = clean_name(typed)
+            if annotator is None:
+                return (*view(st, "⚠ Enter a name: letters, digits, spaces, . @ ' - (up to 64 characters)."), gr.update())
+            return (*view({"annotator": annotator}, f"Labeling as **{html.escape(annotator)}**."), annotator)
+
+        def on_choice(choice: str):
+            def handler(strength_value: str, note_value: str, st: dict):
+                if not st.get("annotator") or not st.get("pair_id"):
+                    return view(st, "Nothing to label right now.")
+                t0 = time.perf_counter()
+                row = store.save_label(st["annotator"], st["pair_id"], choice, st["shown_left"],
+                                       strength_value or None, note_value)
+                verb = "Changed" if row["revision"] > 1 else "Saved"
+                msg = (f"✓ {verb} label #{row['id']}: {describe(row)} "
+                       f"({(time.perf_counter() - t0) * 1000:.0f} ms)")
+                return view({"annotator": st["annotator"]}, msg)
+            return handler
+
+        def on_skip(st: dict):
+            if st.get("editing"):
+                return view({"annotator": st["annotator"]}, "Left your earlier label as it was.")
+            if st.get("annotator") and st.get("pair_id"):
+                store.skip(st["annotator"], st["pair_id"])
+                return view({"annotator": st["annotator"]}, "Skipped: that pair goes to someone else.")
+            return view(st)
+
+        def on_undo(st: dict):
+            me = st.get("annotator")
+            if not me:
+                return view(st)
+            pair_id = store.undo(me)
+            if pair_id is None:
+                return view({"annotator": me}, "Nothing to undo.")
+            back = store.reopen(me, pair_id)
+            if back is None:
+                return view({"annotator": me}, "↶ Undone: your last label was taken back. Label this pair again.")
+            return view({"annotator": me}, f"↶ Undone: your change was reverted (back to: {describe(back.label)}).")
+
+        def on_open(pair_id: str | None, st: dict):
+            if not st.get("annotator") or not pair_id:
+                return view(st, "Pick one of your labels first.")
+            return view({"annotator": st["annotator"], "pair_id": pair_id, "editing": True})
+
+        def on_stats():
+            return to_markdown(summarize(store.labels()), store.overlap, store.progress()["blocked"])
+
+        demo.load(on_load, [saved_name], view_outputs)
+        start.click(on_start, [name, state], view_outputs + [saved_name])
+        name.submit(on_start, [name, state], view_outputs + [saved_name])
+        for button, choice in ((b_left, "left"), (b_right, "right"), (b_tie, "tie"), (b_bad, "both_bad")):
+            button.click(on_choice(choice), [strength, note, state], view_outputs)
+        b_skip.click(on_skip, [state], view_outputs)
+        b_undo.click(on_undo, [state], view_outputs)
+        b_open.click(on_open, [earlier, state], view_outputs)
+        b_stats.click(on_stats, None, stats_md)
+        demo.load(on_stats, None, stats_md)
+    return demo
+
+
+def launch_kwargs() -> dict:
+    """What every launch passes: shortcuts, styling, nothing that reaches beyond this machine."""
+    return dict(head=HEAD, css=CSS, share=False, ssr_mode=False, show_error=True)

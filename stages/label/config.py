@@ -1,0 +1,139 @@
+"""configs/label.yaml as a dataclass, plus the two guards the app needs before it serves anyone:
+who may log in (a users file or LABEL_USERS), and which words keep a pair away from annotators.
+Imports nothing heavy: `python -m stages.label --host 0.0.0.0` must refuse within a second or two, before Gradio loads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ConfigError, resolve_path
+
+USERS_ENV = "LABEL_USERS"
+TIE_POLICIES = ("drop", "both_orders")
+BOTH_BAD_POLICIES = ("drop", "tie")
+
+
+@dataclass
+class LabelArgs:
+    # Data
+    pairs_dataset: str | None = field(default=None, metadata={
+        "help": "Pairs to label (save_to_disk folder or .jsonl with pair_id, prompt, responses). "
+                "Default: outputs.dataset of this run's pairs stage."})
+    # Assignment
+    overlap: int = field(default=1, metadata={"help": "Annotators per pair; 2+ measures agreement."})
+    lease_timeout_s: float = field(default=900.0, metadata={
+        "help": "A pair opened but not answered goes back to the pool after this many seconds."})
+    seed: int = field(default=0, metadata={"help": "Seeds the per-(pair, annotator) left/right order."})
+    # Server
+    host: str = field(default="127.0.0.1", metadata={"help": "Bind address; anything but loopback needs users (auth)."})
+    port: int = 7860
+    users_file: str | None = field(default=None, metadata={
+        "help": f"File of `name:password` lines; turns on login. Or set {USERS_ENV}=name:pw,name2:pw2."})
+    concurrency_limit: int = field(default=16, metadata={"help": "Label clicks handled at once (SQLite serialises writes)."})
+    # What annotators see
+    title: str = "Which response is better?"
+    guidelines: str = field(default="docs/labeling-guidelines.md", metadata={"help": "Markdown shown in the guidelines panel."})
+    filter_offensive: bool = field(default=True, metadata={"help": "Hold back pairs containing a word of offensive_words."})
+    offensive_words: list[str] = field(default_factory=list, metadata={
+        "help": "Whole words, case-insensitive, plural s/es included."})
+    # Export (make label-export)
+    ties: str = field(default="drop", metadata={
+        "help": "drop: leave ties out; both_orders: keep a tie as two rows (A>B and B>A), which pull the rewards together."})
+    both_bad: str = field(default="drop", metadata={"help": "drop, or tie: count 'both bad' as a tie."})
+    min_agreement: float = field(default=0.0, metadata={"help": "Drop pairs whose majority share is below this (0..1)."})
+
+    def __post_init__(self):
+        if self.overlap < 1:
+            raise ValueError(f"overlap must be at least 1, got {self.overlap}")
+        if self.ties not in TIE_POLICIES:
+            raise ValueError(f"ties must be one of {TIE_POLICIES}, got '{self.ties}'")
+        if self.both_bad not in BOTH_BAD_POLICIES:
+            raise ValueError(f"both_bad must be one of {BOTH_BAD_POLICIES}, got '{self.both_bad}'")
+        if not 0 <= self.min_agreement <= 1:
+            raise ValueError(f"min_agreement must be between 0 and 1, got {self.min_agreement}")
+
+
+@dataclass
+class ExportArgs:
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also push the dataset + card to this Hub repo (user/name)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset as private."})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to anything
+
+
+def load_users(users_file: str | None, env: dict | None = None) -> list[tuple[str, str]]:
+    """Login pairs from the users file and/or LABEL_USERS; empty when neither is set."""
+    env = os.environ if env is None else env
+    users: list[tuple[str, str]] = []
+    if users_file:
+        path = resolve_path(users_file)
+        if not path.is_file():
+            raise ConfigError(f"users file {path} does not exist: create it with one `name:password` line per annotator")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            users.append(_user(line, f"{path} line {n}"))
+    if env.get(USERS_ENV):
+        users += [_user(entry.strip(), f"${USERS_ENV}") for entry in env[USERS_ENV].split(",") if entry.strip()]
+    return users
+
+
+def _user(entry: str, where: str) -> tuple[str, str]:
+    name, sep, password = entry.partition(":")
+    if not sep or not name.strip() or not password:
+        raise ConfigError(f"bad user entry in {where}: write `name:password` (got {entry.split(':')[0]!r}...)")
+    return name.strip(), password
+
+
+def check_exposure(host: str, users: list[tuple[str, str]]) -> None:
+    """Refuse to serve beyond this machine without login: annotator identity is what makes a label usable."""
+    if not is_loopback(host) and not users:
+        raise ConfigError(
+            f"refusing to start the labeling UI on {host} without authentication: anyone who can reach this "
+            f"machine could label under any name. Give annotator logins with --users_file FILE (one `name:password` "
+            f"per line) or {USERS_ENV}='alice:pw1,bob:pw2', or bind to 127.0.0.1 (the default)")
+
+
+def word_filter(words: list[str]):
+    """row -> the first offensive word found in its prompt or responses, else None."""
+    words = [w.strip() for w in words if w and w.strip()]
+    if not words:
+        return lambda row: None
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")(?:s|es)?\b",
+                         re.IGNORECASE)
+
+    def blocked(row: dict) -> str | None:
+        texts = [m.get("content", "") for m in row["prompt"]] + list(row["responses"])
+        for text in texts:
+            match = pattern.search(text or "")
+            if match:
+                return match.group(1).lower()
+        return None
+
+    return blocked
+
+
+def read_guidelines(path: str) -> str:
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f"guidelines file {p} does not exist: fix `guidelines` in configs/label.yaml")
+    return p.read_text()
+
+
+def db_path(runs_dir: str, run: str) -> Path:
+    from pipeline.run import stage_dir
+
+    return stage_dir(runs_dir, run, "label") / "labels.sqlite"

@@ -1,0 +1,172 @@
+"""`make label-export`: the label store -> a preference dataset that TRL's RewardTrainer and DPOTrainer read unchanged.
+
+    python -m stages.label.export --config configs/label.yaml --run default [--push_to_hub user/name]
+    make label-export ARGS="--ties both_orders --both_bad tie"
+
+One row per labeled pair: `prompt` (messages), `chosen` / `rejected` (one assistant message each), plus
+`annotator` (everyone who labeled it), `n_annotators`, `strength` (slightly / much / ""), `agreement` (share of
+votes for the winning outcome), `is_tie`, `pair_id`. Several annotators on a pair: majority vote; no majority
+(e.g. one vote each way) drops the pair. Ties and "both bad" follow `ties` and `both_bad` in configs/label.yaml.
+Writes runs/<run>/label-export/: dataset/ (save_to_disk), README.md (the dataset card), manifest.json (last).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+
+from pipeline.config import ConfigError, RunArgs, parse, to_dict
+from pipeline.run import StageRun, main_guard, read_manifest
+from stages.label.config import ExportArgs, LabelArgs, db_path
+from stages.label.stats import category, summarize
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def aggregate(labels: list[dict], ties: str = "drop", both_bad: str = "drop", min_agreement: float = 0.0):
+    """Majority vote per pair. Returns (rows, dropped counts by reason)."""
+    by_pair: dict[str, list[dict]] = defaultdict(list)
+    for lab in labels:
+        by_pair[lab["pair_id"]].append(lab)
+    rows, dropped = [], Counter()
+    for pair_id, labs in by_pair.items():
+        votes = [category(lab) for lab in labs]  # '0' / '1' (winning response), 'tie', 'both_bad'
+        if both_bad == "tie":
+            votes = ["tie" if v == "both_bad" else v for v in votes]
+        ranked = Counter(votes).most_common()
+        outcome, n_top = ranked[0]
+        if len(ranked) > 1 and ranked[1][1] == n_top:
+            dropped["no_majority"] += 1
+            continue
+        agreement = n_top / len(votes)
+        if agreement < min_agreement:
+            dropped["low_agreement"] += 1
+            continue
+        if outcome == "both_bad":
+            dropped["both_bad"] += 1
+            continue
+        if outcome == "tie" and ties == "drop":
+            dropped["tie"] += 1
+            continue
+        strengths = Counter(lab["strength"] for lab, v in zip(labs, votes) if v == outcome and lab["strength"])
+        common = dict(pair_id=pair_id, prompt=labs[0]["prompt"],
+                      annotator=",".join(sorted(lab["annotator"] for lab in labs)), n_annotators=len(labs),
+                      strength=strengths.most_common(1)[0][0] if strengths else "",
+                      agreement=round(agreement, 4), is_tie=outcome == "tie")
+        responses = labs[0]["responses"]
+        if outcome == "tie":  # both orders: their Bradley-Terry gradients cancel, so the rewards are pulled together
+            rows.append({**common, "chosen": _assistant(responses[0]), "rejected": _assistant(responses[1])})
+            rows.append({**common, "chosen": _assistant(responses[1]), "rejected": _assistant(responses[0])})
+        else:
+            win = int(outcome)
+            rows.append({**common, "chosen": _assistant(responses[win]), "rejected": _assistant(responses[1 - win])})
+    return rows, dropped
+
+
+def dataset_card(rows: list[dict], labels: list[dict], dropped: Counter, args: LabelArgs, guidelines: str,
+                 pairs_source: str) -> str:
+    s = summarize(labels)
+    ag = s["agreement"]
+    people = "\n".join(f"| {name} | {a['labels']} |" for name, a in s["annotators"].items())
+    dropped_text = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(dropped.items())) or "none"
+    return f"""---
+tags: [trl, preference, human-feedback, rlhf]
+---
+# Human preference labels
+
+Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`), exported with
+`make label-export`. Format: TRL conversational preference (`prompt`, `chosen`, `rejected`), read unchanged by
+`RewardTrainer` and `DPOTrainer`.
+
+- **Rows**: {len(rows)} from {len({r['pair_id'] for r in rows})} pairs ({s['labels']} labels in all).
+- **Pairs left out**: {dropped_text}. Ties: `{args.ties}`; both bad: `{args.both_bad}`; min agreement: {args.min_agreement}.
+- **Overlap** (annotators per pair): {args.overlap}. Majority vote where several people labeled a pair.
+- **Agreement**: {ag['pairs_with_several_labels']} pairs with 2+ labels; Krippendorff's alpha (nominal) {ag['krippendorff_alpha']},
+  mean pairwise Cohen's kappa {ag['mean_cohen_kappa']}.
+- **Position bias**: the left side won {s['position_bias']['left_share']} of decided labels (left/right order was randomized per annotator).
+- **Pairs**: {pairs_source}.
+
+Columns: `annotator` (everyone who labeled the pair, comma-separated), `n_annotators`, `strength` (slightly / much /
+empty, the majority among the winning votes), `agreement` (share of votes for the winning outcome), `is_tie`,
+`pair_id` (hash of prompt and responses).
+
+## Who labeled
+
+| annotator | labels |
+|---|---:|
+{people}
+
+## Guidelines shown to annotators
+
+{guidelines}
+"""
+
+
+def push(ds, card_text: str, repo: str, private: bool) -> None:
+    """Push the data, then our card on top of the one `push_to_hub` wrote (keeping its config/dataset_info YAML)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError("--push_to_hub needs the Hub but HF_HUB_OFFLINE=1 (the Makefile's default): run "
+                          f"`HF_HUB_OFFLINE=0 make label-export ARGS='--push_to_hub {repo}'` after `hf auth login`")
+    from huggingface_hub import DatasetCard
+
+    ds.push_to_hub(repo, private=private)
+    ours = DatasetCard(card_text)
+    try:
+        card = DatasetCard.load(repo)
+        card.data.update({k: v for k, v in ours.data.to_dict().items() if k not in card.data.to_dict()})
+        card.text = ours.text
+    except Exception:  # no card on the Hub yet: ours alone
+        card = ours
+    card.push_to_hub(repo, repo_type="dataset", commit_message="Dataset card: annotators, guidelines, agreement")
+
+
+def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
+    import datasets
+
+    from pipeline.report import print_table
+    from stages.label.config import read_guidelines
+    from stages.label.store import LabelStore
+
+    stage = StageRun("label-export", run.run, run.runs_dir)
+    config = {"label": to_dict(args), "export": to_dict(export), "run": to_dict(run)}
+    db = db_path(run.runs_dir, run.run)
+    if not db.is_file():
+        raise ConfigError(f"no label store at {db}: label some pairs first with `make label RUN={run.run}`")
+    stage.prepare(config)
+
+    labels = LabelStore(db, overlap=args.overlap).labels()
+    if not labels:
+        raise ConfigError(f"the label store {db} holds no labels yet: label some pairs with `make label RUN={run.run}`")
+    rows, dropped = aggregate(labels, args.ties, args.both_bad, args.min_agreement)
+    if not rows:
+        raise ConfigError(f"all {len(labels)} labels were left out ({dict(dropped)}): label more pairs, or keep ties "
+                          f"with --ties both_orders / --both_bad tie")
+    ds = datasets.Dataset.from_list(rows)
+    out = stage.dir / "dataset"
+    ds.save_to_disk(str(out))
+
+    pairs_source = args.pairs_dataset or "the pairs stage of this run"
+    try:
+        pairs = read_manifest(run.runs_dir, run.run, "pairs", needed_by="label-export")
+        pairs_source = f"sampled by `make pairs` from {pairs['metrics'].get('policy', 'the SFT policy')}"
+    except ConfigError:
+        pass
+    card = dataset_card(rows, labels, dropped, args, read_guidelines(args.guidelines), pairs_source)
+    (stage.dir / "README.md").write_text(card)
+    if export.push_to_hub:
+        push(ds, card, export.push_to_hub, export.hub_private)
+
+    s = summarize(labels)
+    metrics = {"rows": len(rows), "pairs": len({r["pair_id"] for r in rows}), "labels": len(labels),
+               "annotators": len(s["annotators"]), "dropped": dict(dropped),
+               "krippendorff_alpha": s["agreement"]["krippendorff_alpha"],
+               "left_share": s["position_bias"]["left_share"], "pushed_to": export.push_to_hub}
+    print_table("label-export", metrics)
+    stage.finish({"dataset": out, "card": stage.dir / "README.md", "labels_sqlite": db}, metrics, config)
+    return metrics
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(*parse((LabelArgs, ExportArgs, RunArgs))))

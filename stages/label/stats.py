@@ -1,0 +1,152 @@
+"""Label statistics: pure functions over the store's label rows (unit-tested against hand-computed numbers).
+
+Agreement is measured on what a label *means* (response 0 wins, response 1 wins, tie, both bad), not on the side
+clicked, since each annotator saw their own left/right order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from itertools import combinations
+
+
+def category(label: dict) -> str:
+    """'0' or '1' (the winning response), 'tie' or 'both_bad'."""
+    return str(label["preferred"]) if label["preferred"] is not None else label["choice"]
+
+
+def cohen_kappa(a: list, b: list) -> float | None:
+    """Cohen's kappa of two raters over the same items (Cohen 1960). None when chance agreement is total."""
+    if len(a) != len(b) or not a:
+        return None
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    ca, cb = Counter(a), Counter(b)
+    expected = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / n**2
+    if expected == 1:
+        return None
+    return (observed - expected) / (1 - expected)
+
+
+def krippendorff_alpha(units: list[list]) -> float | None:
+    """Krippendorff's alpha, nominal level, any number of raters, missing values allowed (Krippendorff 2011).
+
+    `units`: one list of values per item; items with fewer than two values carry no information and are ignored.
+    alpha = 1 - (n - 1) * sum_{c != k} o_ck / sum_{c != k} n_c n_k, with o the coincidence matrix.
+    """
+    coincidence: Counter = Counter()
+    for values in units:
+        m = len(values)
+        if m < 2:
+            continue
+        for i, j in ((i, j) for i in range(m) for j in range(m) if i != j):
+            coincidence[(values[i], values[j])] += 1 / (m - 1)
+    n_c: Counter = Counter()
+    for (c, _), w in coincidence.items():
+        n_c[c] += w
+    n = sum(n_c.values())
+    disagree = sum(w for (c, k), w in coincidence.items() if c != k)
+    expected = sum(n_c[c] * n_c[k] for c in n_c for k in n_c if c != k)
+    if n <= 1 or expected == 0:
+        return None
+    return 1 - (n - 1) * disagree / expected
+
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """P(a fair coin gives a result at least as far from n/2 as k): is the left side winning more than chance?"""
+    if n == 0:
+        return 1.0
+    if n > 1000:  # normal approximation; exact sums of huge binomials are slow and unneeded
+        z = abs(k - n / 2) / math.sqrt(n / 4)
+        return math.erfc(z / math.sqrt(2))
+    probs = [math.comb(n, i) / 2**n for i in range(n + 1)]
+    return min(1.0, sum(p for p in probs if p <= probs[k] * (1 + 1e-9)))
+
+
+def summarize(labels: list[dict], now: float | None = None) -> dict:
+    """Everything the stats view shows, from the store's label rows."""
+    now = time.time() if now is None else now
+    by_annotator: dict[str, list[dict]] = defaultdict(list)
+    for lab in labels:
+        by_annotator[lab["annotator"]].append(lab)
+    annotators = {}
+    for name, labs in sorted(by_annotator.items()):
+        times = sorted(lab["created_at"] for lab in labs)
+        span_h = (times[-1] - times[0]) / 3600
+        annotators[name] = {
+            "labels": len(labs),
+            "labels_per_hour": round(len(labs) / span_h, 1) if span_h >= 1 / 60 else None,  # below a minute: no rate
+            "last_hour": sum(now - t <= 3600 for t in times),
+        }
+    hours = Counter(time.strftime("%Y-%m-%d %H:00", time.localtime(lab["created_at"])) for lab in labels)
+    choices = Counter(lab["choice"] for lab in labels)
+    sided = choices["left"] + choices["right"]
+
+    per_pair: dict[str, dict[str, str]] = defaultdict(dict)
+    for lab in labels:
+        per_pair[lab["pair_id"]][lab["annotator"]] = category(lab)
+    shared = {p: v for p, v in per_pair.items() if len(v) >= 2}
+    kappas = {}
+    for x, y in combinations(sorted(by_annotator), 2):
+        common = [p for p, v in shared.items() if x in v and y in v]
+        if len(common) >= 2:
+            k = cohen_kappa([shared[p][x] for p in common], [shared[p][y] for p in common])
+            if k is not None:
+                kappas[f"{x} / {y}"] = {"kappa": round(k, 3), "items": len(common)}
+    alpha = krippendorff_alpha([list(v.values()) for v in shared.values()])
+    return {
+        "labels": len(labels),
+        "annotators": annotators,
+        "per_hour": dict(sorted(hours.items())[-24:]),
+        "choices": {c: choices[c] for c in ("left", "right", "tie", "both_bad")},
+        "position_bias": {
+            "left_wins": choices["left"], "decided": sided,
+            "left_share": round(choices["left"] / sided, 3) if sided else None,
+            "p_value": round(binomial_two_sided_p(choices["left"], sided), 4) if sided else None,
+        },
+        "agreement": {
+            "pairs_with_several_labels": len(shared),
+            "krippendorff_alpha": round(alpha, 3) if alpha is not None else None,
+            "cohen_kappa": kappas,
+            "mean_cohen_kappa": round(sum(k["kappa"] for k in kappas.values()) / len(kappas), 3) if kappas else None,
+        },
+    }
+
+
+def to_markdown(s: dict, overlap: int, blocked: int = 0) -> str:
+    """The stats view."""
+    if not s["labels"]:
+        return "No labels yet."
+    lines = [f"**{s['labels']} labels** from {len(s['annotators'])} annotator(s).", "",
+             "| annotator | labels | labels / hour | in the last hour |", "|---|---:|---:|---:|"]
+    for name, a in s["annotators"].items():
+        rate = a["labels_per_hour"] if a["labels_per_hour"] is not None else "–"
+        lines.append(f"| {name} | {a['labels']} | {rate} | {a['last_hour']} |")
+    lines += ["", "**Labels per hour** (last 24 hours with labels)", "", "| hour | labels |", "|---|---:|"]
+    lines += [f"| {h} | {n} |" for h, n in s["per_hour"].items()]
+    total = s["labels"]
+    names = {"left": "left better", "right": "right better", "tie": "tie", "both_bad": "both bad"}
+    lines += ["", "**Choices**", "", "| choice | labels | share |", "|---|---:|---:|"]
+    lines += [f"| {names[c]} | {n} | {n / total:.0%} |" for c, n in s["choices"].items()]
+    pb = s["position_bias"]
+    if pb["decided"]:
+        lines += ["", f"**Position bias**: the left side won {pb['left_wins']} of {pb['decided']} decided pairs "
+                      f"({pb['left_share']:.0%}; 50% expected, two-sided binomial p = {pb['p_value']})."]
+    ag = s["agreement"]
+    lines += ["", "**Agreement**"]
+    if overlap < 2 and ag["pairs_with_several_labels"] == 0:
+        lines.append("Overlap is 1 (each pair gets one annotator): set `overlap: 2` or more to measure agreement.")
+    elif ag["pairs_with_several_labels"] == 0:
+        lines.append("No pair has two labels yet.")
+    else:
+        alpha = ag["krippendorff_alpha"] if ag["krippendorff_alpha"] is not None else "undefined (no variation)"
+        lines.append(f"{ag['pairs_with_several_labels']} pairs with 2+ labels. Krippendorff's alpha (nominal): {alpha}. "
+                     f"Mean pairwise Cohen's kappa: {ag['mean_cohen_kappa'] if ag['mean_cohen_kappa'] is not None else '–'}.")
+        if ag["cohen_kappa"]:
+            lines += ["", "| annotators | Cohen's kappa | shared pairs |", "|---|---:|---:|"]
+            lines += [f"| {k} | {v['kappa']} | {v['items']} |" for k, v in ag["cohen_kappa"].items()]
+    if blocked:
+        lines += ["", f"{blocked} pair(s) are held back from annotators by the word filter."]
+    return "\n".join(lines)

@@ -1,0 +1,356 @@
+"""The label store: one SQLite file per run (runs/<RUN>/label/labels.sqlite), the only state the labeling app keeps.
+
+People spend hours on these labels, so the rules are strict:
+- WAL mode + synchronous=FULL: a label is on disk when its transaction commits; the UI acknowledges it only after.
+  A `kill -9` of the app at any moment loses at most the click that was not yet acknowledged.
+- One `BEGIN IMMEDIATE` transaction per label (the label, its history row, the lease release), busy_timeout for
+  the many annotators who write at once; every call opens its own connection (Gradio runs handlers in threads).
+- UNIQUE(pair_id, annotator): a changed mind is an UPDATE (revision + 1); every version is kept in label_history.
+- Assignment by lease: a pair is handed to at most `overlap` annotators at once (labels + live leases), and a lease
+  not answered within `lease_s` expires, so the pair goes back to the pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+CHOICES = ("left", "right", "tie", "both_bad")
+STRENGTHS = ("slightly", "much")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    pair_id    TEXT PRIMARY KEY,
+    position   INTEGER NOT NULL,              -- row in the pairs dataset: the serving order
+    prompt     TEXT NOT NULL,                 -- JSON: [{"role", "content"}, ...]
+    responses  TEXT NOT NULL,                 -- JSON: [response_0, response_1]
+    active     INTEGER NOT NULL DEFAULT 1,    -- in the pairs dataset the app was last started on
+    blocked    TEXT,                          -- the filter word that keeps it from annotators, else NULL
+    added_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS labels (
+    id          INTEGER PRIMARY KEY,
+    pair_id     TEXT NOT NULL REFERENCES items(pair_id),
+    annotator   TEXT NOT NULL,
+    choice      TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie', 'both_bad')),  -- the side clicked
+    shown_left  INTEGER NOT NULL CHECK (shown_left IN (0, 1)),   -- which response was shown on the left
+    preferred   INTEGER CHECK (preferred IN (0, 1)),             -- winning response index; NULL for tie/both_bad
+    strength    TEXT CHECK (strength IN ('slightly', 'much')),
+    note        TEXT NOT NULL DEFAULT '',
+    revision    INTEGER NOT NULL DEFAULT 1,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    UNIQUE (pair_id, annotator)
+);
+CREATE TABLE IF NOT EXISTS label_history (
+    id          INTEGER PRIMARY KEY,
+    action      TEXT NOT NULL,                -- new | change | undo | skip
+    pair_id     TEXT NOT NULL,
+    annotator   TEXT NOT NULL,
+    choice      TEXT, shown_left INTEGER, preferred INTEGER, strength TEXT, note TEXT,
+    undone      INTEGER NOT NULL DEFAULT 0,   -- a new/change row taken back by an undo
+    at          REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_by_annotator ON label_history (annotator, id);
+CREATE TABLE IF NOT EXISTS assignments (
+    pair_id     TEXT NOT NULL,
+    annotator   TEXT NOT NULL,
+    shown_left  INTEGER NOT NULL,
+    assigned_at REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (pair_id, annotator)
+);
+CREATE TABLE IF NOT EXISTS skips (
+    pair_id   TEXT NOT NULL,
+    annotator TEXT NOT NULL,
+    at        REAL NOT NULL,
+    PRIMARY KEY (pair_id, annotator)
+);
+"""
+
+# A pair this annotator may get: not blocked, not labeled or skipped by them, and fewer than `overlap` people
+# on it (labels + live leases of others). Pairs already started by others come first, so overlap sets complete.
+CANDIDATES = """
+SELECT i.pair_id FROM items i
+WHERE i.active = 1 AND i.blocked IS NULL
+  AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = i.pair_id AND l.annotator = :me)
+  AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.pair_id = i.pair_id AND s.annotator = :me)
+  AND (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id)
+    + (SELECT COUNT(*) FROM assignments a WHERE a.pair_id = i.pair_id AND a.annotator != :me
+         AND a.expires_at > :now) < :overlap
+ORDER BY (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id) DESC, i.position
+"""
+
+
+@dataclass
+class Item:
+    pair_id: str
+    prompt: list[dict]
+    responses: list[str]
+    shown_left: int  # index of the response on the left; the right one is 1 - shown_left
+    label: dict | None = None  # this annotator's current label, when reopened to change it
+
+    @property
+    def left(self) -> str:
+        return self.responses[self.shown_left]
+
+    @property
+    def right(self) -> str:
+        return self.responses[1 - self.shown_left]
+
+
+def preferred_index(choice: str, shown_left: int) -> int | None:
+    """Map the side clicked back to the response index: the one fact the export needs."""
+    if choice == "left":
+        return shown_left
+    if choice == "right":
+        return 1 - shown_left
+    return None
+
+
+class LabelStore:
+    def __init__(self, path: str | Path, overlap: int = 1, lease_s: float = 900.0, seed: int = 0,
+                 clock: Callable[[], float] = time.time):
+        if overlap < 1:
+            raise ValueError(f"overlap must be at least 1, got {overlap}")
+        self.path = Path(path)
+        self.overlap, self.lease_s, self.seed, self.clock = overlap, lease_s, seed, clock
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect()
+        try:
+            con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+            con.executescript(SCHEMA)
+        finally:
+            con.close()
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA busy_timeout=30000")
+        con.execute("PRAGMA synchronous=FULL")  # fsync the WAL at each commit: survives power loss, not only kill -9
+        con.execute("PRAGMA foreign_keys=ON")
+        return con
+
+    @contextmanager
+    def _tx(self):
+        """One write transaction. IMMEDIATE takes the write lock up front, so two claims cannot interleave."""
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    @contextmanager
+    def _read(self):
+        con = self._connect()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def journal_mode(self) -> str:
+        with self._read() as con:
+            return con.execute("PRAGMA journal_mode").fetchone()[0]
+
+    # -- items ----------------------------------------------------------------------------------------------
+    def import_items(self, rows: Iterable[dict], blocked: Callable[[dict], str | None] = lambda row: None) -> dict:
+        """Load the pairs the app serves. Pairs from an earlier pairs dataset stay (with their labels), inactive."""
+        now, n, n_blocked = self.clock(), 0, 0
+        with self._tx() as con:
+            con.execute("UPDATE items SET active = 0")
+            for position, row in enumerate(rows):
+                if len(row["responses"]) != 2:
+                    raise ValueError(f"pair {row['pair_id']} has {len(row['responses'])} responses; the UI compares 2")
+                word = blocked(row)
+                n_blocked += word is not None
+                con.execute(
+                    "INSERT INTO items (pair_id, position, prompt, responses, active, blocked, added_at) "
+                    "VALUES (?, ?, ?, ?, 1, ?, ?) ON CONFLICT (pair_id) DO UPDATE SET "
+                    "position = excluded.position, active = 1, blocked = excluded.blocked",
+                    (row["pair_id"], position, json.dumps(row["prompt"]), json.dumps(list(row["responses"])), word, now))
+                n += 1
+        return {"items": n, "blocked": n_blocked}
+
+    def shown_left(self, pair_id: str, annotator: str) -> int:
+        """Left/right order per (pair, annotator): random-looking but fixed, so a reload shows the same layout."""
+        digest = hashlib.sha256(f"{self.seed}\0{pair_id}\0{annotator}".encode()).digest()
+        return digest[0] & 1
+
+    def _item(self, con, pair_id: str, shown_left: int, label=None) -> Item:
+        row = con.execute("SELECT prompt, responses FROM items WHERE pair_id = ?", (pair_id,)).fetchone()
+        return Item(pair_id, json.loads(row["prompt"]), json.loads(row["responses"]), shown_left,
+                    dict(label) if label is not None else None)
+
+    # -- assignment -----------------------------------------------------------------------------------------
+    def next_item(self, annotator: str) -> Item | None:
+        """The pair this annotator should see now: the one they already hold, else a fresh lease; None = all done."""
+        now = self.clock()
+        with self._tx() as con:
+            con.execute("DELETE FROM assignments WHERE expires_at <= ?", (now,))
+            # A lease on a pair that others have filled meanwhile (a late answer after a timeout) is no use any more.
+            con.execute("DELETE FROM assignments WHERE annotator = ? AND (SELECT COUNT(*) FROM labels l WHERE "
+                        "l.pair_id = assignments.pair_id AND l.annotator != ?) >= ?", (annotator, annotator, self.overlap))
+            held = con.execute(
+                "SELECT a.pair_id, a.shown_left FROM assignments a JOIN items i USING (pair_id) "
+                "WHERE a.annotator = ? AND i.active = 1 AND i.blocked IS NULL AND NOT EXISTS "
+                "(SELECT 1 FROM labels l WHERE l.pair_id = a.pair_id AND l.annotator = a.annotator) "
+                "ORDER BY a.assigned_at DESC, a.rowid DESC LIMIT 1", (annotator,)).fetchone()  # newest: a pair just undone
+            if held is not None:
+                con.execute("UPDATE assignments SET expires_at = ? WHERE pair_id = ? AND annotator = ?",
+                            (now + self.lease_s, held["pair_id"], annotator))
+                return self._item(con, held["pair_id"], held["shown_left"])
+            row = con.execute(CANDIDATES + " LIMIT 1", {"me": annotator, "now": now, "overlap": self.overlap}).fetchone()
+            if row is None:
+                return None
+            left = self.shown_left(row["pair_id"], annotator)
+            con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
+                        (row["pair_id"], annotator, left, now, now + self.lease_s))
+            return self._item(con, row["pair_id"], left)
+
+    def reopen(self, annotator: str, pair_id: str) -> Item | None:
+        """One of this annotator's labeled pairs, in the order they saw it, with their label: to change their mind."""
+        with self._read() as con:
+            label = con.execute("SELECT * FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)).fetchone()
+            if label is None:
+                return None
+            return self._item(con, pair_id, label["shown_left"], label)
+
+    # -- labels ---------------------------------------------------------------------------------------------
+    def save_label(self, annotator: str, pair_id: str, choice: str, shown_left: int,
+                   strength: str | None = None, note: str = "") -> dict:
+        """Insert or change this annotator's label for the pair, in one transaction. Returns the stored row."""
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        if strength not in (None, *STRENGTHS):
+            raise ValueError(f"strength must be one of {STRENGTHS} or None, got {strength!r}")
+        if choice in ("tie", "both_bad"):
+            strength = None  # "much better" says nothing about a tie
+        now, preferred, note = self.clock(), preferred_index(choice, shown_left), (note or "").strip()
+        with self._tx() as con:
+            if con.execute("SELECT 1 FROM items WHERE pair_id = ?", (pair_id,)).fetchone() is None:
+                raise KeyError(f"unknown pair {pair_id}")
+            old = con.execute("SELECT id FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)).fetchone()
+            if old is None:
+                con.execute(
+                    "INSERT INTO labels (pair_id, annotator, choice, shown_left, preferred, strength, note, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (pair_id, annotator, choice, shown_left, preferred, strength, note, now, now))
+            else:
+                con.execute(
+                    "UPDATE labels SET choice = ?, shown_left = ?, preferred = ?, strength = ?, note = ?, "
+                    "revision = revision + 1, updated_at = ? WHERE id = ?",
+                    (choice, shown_left, preferred, strength, note, now, old["id"]))
+            self._history(con, "new" if old is None else "change", pair_id, annotator, now,
+                          choice, shown_left, preferred, strength, note)
+            con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
+            con.execute("DELETE FROM skips WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
+            row = con.execute("SELECT * FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)).fetchone()
+            return dict(row)
+
+    def skip(self, annotator: str, pair_id: str) -> None:
+        """Not for me: the pair goes back to the pool for others and is not shown to this annotator again."""
+        now = self.clock()
+        with self._tx() as con:
+            con.execute("INSERT OR IGNORE INTO skips VALUES (?, ?, ?)", (pair_id, annotator, now))
+            con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
+            self._history(con, "skip", pair_id, annotator, now)
+
+    def undo(self, annotator: str) -> str | None:
+        """Take back this annotator's latest label (a new one is deleted, a change reverts to the version before).
+
+        The pair comes back to them at once (a lease in their name). Returns its pair_id, or None if nothing to undo.
+        """
+        now = self.clock()
+        with self._tx() as con:
+            last = con.execute(
+                "SELECT * FROM label_history WHERE annotator = ? AND action IN ('new', 'change') AND undone = 0 "
+                "ORDER BY id DESC LIMIT 1", (annotator,)).fetchone()
+            if last is None:
+                return None
+            pair_id = last["pair_id"]
+            con.execute("UPDATE label_history SET undone = 1 WHERE id = ?", (last["id"],))
+            before = con.execute(
+                "SELECT * FROM label_history WHERE annotator = ? AND pair_id = ? AND action IN ('new', 'change') "
+                "AND undone = 0 AND id < ? ORDER BY id DESC LIMIT 1", (annotator, pair_id, last["id"])).fetchone()
+            if before is None:
+                con.execute("DELETE FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
+                con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
+                            (pair_id, annotator, last["shown_left"], now, now + self.lease_s))
+            else:
+                con.execute("UPDATE labels SET choice = ?, shown_left = ?, preferred = ?, strength = ?, note = ?, "
+                            "revision = revision + 1, updated_at = ? WHERE pair_id = ? AND annotator = ?",
+                            (before["choice"], before["shown_left"], before["preferred"], before["strength"],
+                             before["note"], now, pair_id, annotator))
+            self._history(con, "undo", pair_id, annotator, now, last["choice"], last["shown_left"], last["preferred"],
+                          last["strength"], last["note"])
+            return pair_id
+
+    @staticmethod
+    def _history(con, action, pair_id, annotator, at, choice=None, shown_left=None, preferred=None, strength=None,
+                 note=None) -> None:
+        con.execute("INSERT INTO label_history (action, pair_id, annotator, choice, shown_left, preferred, strength, "
+                    "note, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (action, pair_id, annotator, choice, shown_left, preferred, strength, note, at))
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def labels(self) -> list[dict]:
+        """Every current label with its pair's prompt and responses (what export and stats read)."""
+        with self._read() as con:
+            rows = con.execute("SELECT l.*, i.prompt, i.responses FROM labels l JOIN items i USING (pair_id) "
+                               "ORDER BY l.id").fetchall()
+        return [{**dict(r), "prompt": json.loads(r["prompt"]), "responses": json.loads(r["responses"])} for r in rows]
+
+    def my_labels(self, annotator: str, limit: int = 50) -> list[dict]:
+        with self._read() as con:
+            rows = con.execute("SELECT l.pair_id, l.choice, l.strength, l.updated_at, i.prompt FROM labels l "
+                               "JOIN items i USING (pair_id) WHERE l.annotator = ? ORDER BY l.updated_at DESC, l.id DESC "
+                               "LIMIT ?", (annotator, limit)).fetchall()
+        return [{**dict(r), "prompt": json.loads(r["prompt"])} for r in rows]
+
+    def history(self, annotator: str | None = None) -> list[dict]:
+        with self._read() as con:
+            sql, args = "SELECT * FROM label_history", ()
+            if annotator is not None:
+                sql, args = sql + " WHERE annotator = ?", (annotator,)
+            return [dict(r) for r in con.execute(sql + " ORDER BY id", args)]
+
+    def progress(self, annotator: str | None = None) -> dict:
+        """Yours: labeled, and still possible for you; overall: pairs with `overlap` labels, of all servable pairs."""
+        now = self.clock()
+        with self._read() as con:
+            one = lambda sql, *a: con.execute(sql, a).fetchone()[0]  # noqa: E731
+            out = {
+                "pairs": one("SELECT COUNT(*) FROM items WHERE active = 1 AND blocked IS NULL"),
+                "blocked": one("SELECT COUNT(*) FROM items WHERE active = 1 AND blocked IS NOT NULL"),
+                "labels": one("SELECT COUNT(*) FROM labels l JOIN items i USING (pair_id) WHERE i.active = 1"),
+                "pairs_done": one("SELECT COUNT(*) FROM items i WHERE active = 1 AND blocked IS NULL AND "
+                                  "(SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id) >= ?", self.overlap),
+                "overlap": self.overlap,
+            }
+            if annotator is not None:
+                out["mine"] = one("SELECT COUNT(*) FROM labels l JOIN items i USING (pair_id) "
+                                  "WHERE l.annotator = ? AND i.active = 1", annotator)
+                # Pairs still open to me: not mine yet, not skipped, and not full (others' live leases aside).
+                out["open_to_me"] = one(
+                    "SELECT COUNT(*) FROM items i WHERE i.active = 1 AND i.blocked IS NULL "
+                    "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = i.pair_id AND l.annotator = ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.pair_id = i.pair_id AND s.annotator = ?) "
+                    "AND (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id) < ?",
+                    annotator, annotator, self.overlap)
+                out["held_by_others"] = one(
+                    "SELECT COUNT(DISTINCT a.pair_id) FROM assignments a WHERE a.annotator != ? AND a.expires_at > ?",
+                    annotator, now)
+        return out

@@ -1,0 +1,161 @@
+"""Stage 2: sample K responses per prompt from the SFT policy, as pairs for people to label (`make label`).
+
+    make pairs                        # accelerate launch ... -m stages.pairs --config configs/pairs.yaml
+    make pairs ARGS="--num_responses 3 --temperature 1.0 --dataset_name my_prompts.jsonl"
+
+Reads: the SFT manifest of the run (outputs.adapter, on the base of the model profile) and the bundled OASST
+prompts (data/prompts/oasst_prompts.jsonl, Apache-2.0, see data/sources/) or --dataset_name (rows with a
+`prompt`: messages or a string; or `messages`, whose last assistant turn is dropped).
+Writes runs/<run>/pairs/: dataset/ (save_to_disk), config.json, manifest.json (last). One row per pair:
+pair_id (hash of prompt + responses: stable across reruns, unlike an index), prompt_id, prompt (messages),
+responses [two strings], response_indices, ended (EOS reached), generation (settings + seed), policy (provenance).
+With K > 2 each prompt gives all K*(K-1)/2 pairs of its responses. Generation runs on the main process only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+
+from pipeline.config import ConfigError, RunArgs, parse, to_dict
+from pipeline.data import load_any, require_columns
+from pipeline.generation import SamplingConfig, encode_prompts, generate
+from pipeline.models import check_adapter, load_tokenizer, profile_from, resolve_base
+from pipeline.report import print_table
+from pipeline.run import StageRun, main_guard
+
+
+@dataclass
+class PairsArgs:
+    # Data
+    dataset_name: str | None = field(default=None, metadata={"help": "Your own prompts (file, folder or Hub id)."})
+    prompts_file: str = field(default="data/prompts/oasst_prompts.jsonl", metadata={"help": "Bundled prompts."})
+    max_prompts: int = field(default=0, metadata={"help": "Use the first N prompts after shuffling (0 = all)."})
+    max_prompt_tokens: int = field(default=192, metadata={
+        "help": "Longer prompts are left out (not cut: annotators must see the prompt the model saw)."})
+    # Sampling (temperature, top_p, top_k, max_new_tokens, generation_batch_size: SamplingConfig)
+    num_responses: int = field(default=2, metadata={"help": "K responses per prompt; K > 2 gives every pair of them."})
+    drop_identical: bool = field(default=True, metadata={"help": "Leave out pairs whose two responses are the same text."})
+    seed: int = 42
+
+
+def sha(obj, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:n]
+
+
+def as_messages(row: dict) -> list[dict] | None:
+    if "prompt" in row:
+        p = row["prompt"]
+        return [{"role": "user", "content": p}] if isinstance(p, str) else [dict(m) for m in p]
+    msgs = [dict(m) for m in row["messages"]]
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    return msgs or None
+
+
+def load_prompts(args: PairsArgs) -> tuple[list[list[dict]], str]:
+    name = args.dataset_name or args.prompts_file
+    ds = load_any(name)
+    if "prompt" not in ds.column_names:
+        require_columns(ds, ["messages"], name, "give rows with a `prompt` (messages or text) or `messages`")
+    ds = ds.shuffle(seed=args.seed)
+    prompts, seen = [], set()
+    for row in ds:
+        msgs = as_messages(row)
+        if msgs and sha(msgs) not in seen:  # the same prompt twice would give near-duplicate pairs
+            seen.add(sha(msgs))
+            prompts.append(msgs)
+        if args.max_prompts and len(prompts) >= args.max_prompts:
+            break
+    if not prompts:
+        raise ConfigError(f"no prompts in {name}")
+    return prompts, name
+
+
+def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
+    from accelerate import PartialState
+
+    from pipeline.adapters import AdapterStack
+    from pipeline.models import load_base
+
+    state = PartialState()
+    stage = StageRun("pairs", run.run, run.runs_dir)
+    config = {"pairs": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}
+    if args.num_responses < 2:
+        raise ConfigError(f"num_responses must be at least 2 to make pairs, got {args.num_responses}")
+    if sampling.temperature <= 0:
+        raise ConfigError("temperature 0 is greedy decoding: every response to a prompt would be the same; use > 0")
+    sft = stage.need("sft")
+    stage.prepare(config, is_main=state.is_main_process)
+    metrics: dict = {}
+    if state.is_main_process:
+        # 1. Prompts
+        prompts, data_name = load_prompts(args)
+
+        # 2. Tokenizer and policy: the frozen base + the run's SFT adapter
+        profile = profile_from(run.model_config)
+        adapter = sft["outputs"]["adapter"]
+        tokenizer = load_tokenizer(profile)
+        base = load_base(profile, tokenizer)
+        check_adapter(adapter, base.config, what="SFT")
+        stack = AdapterStack.build(profile, tokenizer, {"policy": adapter}, base_model=base)
+        encoded = encode_prompts(tokenizer, prompts)
+        keep = [i for i, ids in enumerate(encoded) if len(ids) <= args.max_prompt_tokens]
+        n_long = len(encoded) - len(keep)
+        prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
+        if not prompts:
+            raise ConfigError(f"all {n_long} prompts are longer than max_prompt_tokens={args.max_prompt_tokens}")
+
+        # 3. Generate: each prompt K times in a row, one seeded pass (same config + seed -> same pairs on CPU)
+        k = args.num_responses
+        t0 = time.time()
+        gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
+                        generator_seed=args.seed, progress=True)
+        gen_time = time.time() - t0
+        new_tokens = int(gens.response_mask.sum())
+
+        # 4. Pairs
+        generation = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                      "max_new_tokens": sampling.max_new_tokens, "seed": args.seed, "num_responses": k}
+        policy = {"base_model": resolve_base(profile.name_or_path), "adapter": str(adapter),
+                  "sft_git_commit": str(sft.get("git_commit")), "model_config": run.model_config}
+        rows, identical = [], 0
+        for p, msgs in enumerate(prompts):
+            texts = gens.texts[p * k:(p + 1) * k]
+            ended = gens.ended[p * k:(p + 1) * k].tolist()
+            for i, j in combinations(range(k), 2):
+                if args.drop_identical and texts[i] == texts[j]:
+                    identical += 1
+                    continue
+                rows.append({"pair_id": sha({"prompt": msgs, "responses": [texts[i], texts[j]]}),
+                             "prompt_id": sha(msgs), "prompt": msgs, "responses": [texts[i], texts[j]],
+                             "response_indices": [i, j], "ended": [ended[i], ended[j]],
+                             "generation": generation, "policy": policy})
+        if not rows:
+            raise ConfigError("every pair had two identical responses: raise temperature or max_new_tokens")
+
+        # 5. Save
+        import datasets
+
+        out = stage.dir / "dataset"
+        datasets.Dataset.from_list(rows).save_to_disk(str(out))
+        metrics = {
+            "pairs": len(rows), "prompts": len(prompts), "prompts_too_long": n_long,
+            "identical_dropped": identical, "no_eos_fraction": round(1 - float(gens.ended.float().mean()), 3),
+            "generation_time_s": round(gen_time, 1), "new_tokens_per_s": round(new_tokens / gen_time, 1),
+            "policy": f"{policy['base_model']} + {adapter}", "data": data_name,
+        }
+        print_table("pairs", metrics)
+        for row in rows[:2]:
+            print(f"\n>>> {row['prompt'][-1]['content'][:100]!r}")
+            for r in row["responses"]:
+                print(f"  - {r[:120]!r}")
+        stage.finish({"dataset": out}, metrics, config)
+    return metrics
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(*parse((PairsArgs, SamplingConfig, RunArgs))))

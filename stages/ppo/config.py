@@ -1,0 +1,109 @@
+"""PPO hyper-parameters: one dataclass, one to one with configs/ppo.yaml (which says where each default comes from).
+
+Names follow TRL 1.12's PPOConfig where the two share a meaning (kl_coef, cliprange, vf_coef, num_ppo_epochs,
+num_mini_batches, response_length, missing_eos_penalty, ...), so a TRL user finds their knobs.
+One update = per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches episodes per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigError
+
+CHOICES = {
+    "long_prompts": ("drop", "truncate", "error"),
+    "reward_input": ("chat", "tokens"),
+    "kl_estimator": ("k1", "k3"),
+    "optim": ("adamw", "sgd", "rmsprop"),
+    "report_to": ("none", "tensorboard", "trackio"),
+}
+
+
+@dataclass
+class PPOConfig:
+    # Upstream (default: the sft and rm manifests of the run)
+    sft_adapter: str | None = field(default=None, metadata={"help": "Policy/reference adapter; default: outputs.adapter of runs/<run>/sft."})
+    reward_adapter: str | None = field(default=None, metadata={"help": "Reward/value adapter (SEQ_CLS); default: outputs.adapter of runs/<run>/rm."})
+    # Data
+    dataset_name: str | None = field(default=None, metadata={"help": "Your prompts (file, folder or Hub id) with a 'prompt' column; replaces prompts_file."})
+    prompts_file: str = field(default="data/prompts/oasst_prompts.jsonl", metadata={"help": "Bundled prompt set."})
+    heldout_fraction: float = field(default=0.1, metadata={"help": "Share of prompts never trained on (for make eval)."})
+    max_prompt_length: int = field(default=128, metadata={"help": "Prompt limit in tokens (after the chat template)."})
+    long_prompts: str = field(default="drop", metadata={"help": "Prompts over the limit: drop | truncate (keep the end) | error."})
+    # Rollout
+    response_length: int = field(default=48, metadata={"help": "max_new_tokens of each response."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for rollouts (and in the log-probs)."})
+    stop_at_eos: bool = field(default=True, metadata={"help": "Stop a response at EOS (false: always response_length tokens)."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per sampling call."})
+    forward_batch_size: int = field(default=64, metadata={"help": "Rows per no-grad scoring forward (ref, value, reward)."})
+    # Batch arithmetic
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch of the update passes."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per mini-batch (one optimizer step)."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per epoch over the rollout batch."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    total_updates: int = field(default=40, metadata={"help": "PPO updates (rollout + optimisation rounds)."})
+    # Reward
+    reward_input: str = field(default="chat", metadata={"help": "chat: RM reads the chat-templated conversation, as it was trained; tokens: the policy's tokens."})
+    normalize_reward: bool = field(default=True, metadata={"help": "(score - reward_mean) / reward_std with the rm manifest's stats."})
+    reward_clip: float = field(default=5.0, metadata={"help": "Clip the (normalised) score to +-this; 0 = off."})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of responses without EOS; 0 = off."})
+    # KL
+    kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty coefficient (initial value if adaptive)."})
+    kl_estimator: str = field(default="k1", metadata={"help": "Estimator in the reward: k1 (log-ratio) or k3. Both are logged."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef towards kl_target (Ziegler et al. 2019)."})
+    kl_target: float = field(default=6.0, metadata={"help": "Target per-sequence KL in nats for adaptive_kl."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Episodes over which adaptive_kl closes the gap."})
+    # PPO
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus; entropy is always logged."})
+    # Optimiser
+    optim: str = field(default="adamw", metadata={"help": "adamw | sgd | rmsprop"})
+    learning_rate: float = 1e-4
+    value_learning_rate: float | None = field(default=None, metadata={"help": "Default: learning_rate."})
+    adam_epsilon: float = 1e-5
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name, stepped once per update."})
+    warmup_updates: int = 0
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the joint policy+value gradient norm; 0 = off."})
+    gradient_checkpointing: bool = False
+    # Checkpoints, logging
+    save_every: int = field(default=10, metadata={"help": "Checkpoint every N updates (and at the end); 0 = only at the end."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint (error if there is none)."})
+    auto_resume: bool = field(default=True, metadata={"help": "An interrupted run (checkpoint, no manifest) continues when restarted."})
+    stop_after: int = field(default=0, metadata={"help": "Stop (with a checkpoint) after this many updates in this invocation; 0 = run to the end."})
+    report_to: str = field(default="none", metadata={"help": "none | tensorboard | trackio (optional packages)."})
+    sample_every: int = field(default=10, metadata={"help": "Print and keep a table of sample responses every N updates; 0 = off."})
+    num_samples: int = 4
+    progress_bar: bool = True
+    seed: int = 42
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, not '{getattr(self, name)}'")
+        for name in ("response_length", "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
+                     "num_ppo_epochs", "total_updates", "generation_batch_size", "forward_batch_size", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0: PPO's ratio needs the sampling distribution's log-probs")
+        if self.adaptive_kl and self.kl_coef <= 0:
+            raise ConfigError("adaptive_kl needs kl_coef > 0 as its starting value")
+
+    @property
+    def local_batch_size(self) -> int:
+        """Episodes per update on one process."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0 or self.adaptive_kl

@@ -1,0 +1,174 @@
+"""PPO's arithmetic as pure functions on tensors; tests/test_ppo_losses.py checks each against hand-computed numbers.
+
+Shapes: per-token tensors are [B, T] with a 0/1 `mask` (1 = a real response token, up to and including EOS), or
+flat [N] vectors of the real tokens only (what the update loop uses). Nothing here knows about models.
+
+Conventions follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (the clean reading of
+OpenAI's lm-human-preferences code by Ziegler et al. 2019), with one deliberate difference noted in `gae`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor across ranks (identity on one process)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n.clamp(min=1)
+    ss = (((x - mean) * mask) ** 2).sum()
+    return ss / (n - 1).clamp(min=1) if unbiased else ss / n.clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce = _identity,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; masked-out entries come back as 0.
+
+    `shift_mean=False` keeps the mean (reward whitening only rescales, as in lm-human-preferences). `reduce` sums
+    across ranks so that every rank whitens with the same global statistics (two passes, unbiased variance).
+    """
+    m = mask.to(x.dtype)
+    sums = reduce(torch.stack([(x * m).sum(), m.sum()]))
+    mean = sums[0] / sums[1].clamp(min=1)
+    ss = reduce((((x - mean) * m) ** 2).sum())
+    var = ss / (sums[1] - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each response (Schulman et al. 2016), [B, T] -> (advantages, returns).
+
+    The step after the last real token is terminal (value 0), so the score placed on the last token (the EOS) is
+    not bootstrapped past. TRL 1.12 instead puts the score one slot *after* the last token and keeps that pad
+    slot's value; we keep the episode inside the mask.
+    """
+    m = mask.to(values.dtype)
+    values, rewards = values * m, rewards * m
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    T = values.shape[1]
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    adv = adv * m
+    return adv, (adv + values) * m
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token log-ratio log pi(a|s) - log pi_ref(a|s): unbiased for KL(pi || ref) under samples of pi."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 = (r - 1) - log r with r = pi_ref / pi: unbiased, never negative, lower variance."""
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor | None, kl_coef: float, mask: torch.Tensor
+                      ) -> torch.Tensor:
+    """-kl_coef * KL on every response token, plus the sequence score on its last real token (Ziegler et al. 2019)."""
+    rewards = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+    if kl is not None and kl_coef != 0:
+        rewards = -kl_coef * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores * (mask.sum(1) > 0)
+    return rewards
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, cliprange: float,
+                denom: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate (Schulman et al. 2017) on flat token vectors: sum(max(-A r, -A clip(r))) / denom.
+
+    `denom` defaults to the number of tokens; the update loop passes the token count of the whole mini-batch so
+    that summing micro-batch gradients gives the mini-batch's token mean, however it is split.
+    Returns the loss and detached stats: clipped fraction and approx_kl = 0.5 * mean((log r)^2).
+    """
+    denom = logprobs.numel() if denom is None else denom
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = torch.max(unclipped, clipped).sum() / denom
+    with torch.no_grad():
+        stats = {"clipfrac": (clipped > unclipped).float().mean(), "approx_kl": 0.5 * (log_ratio ** 2).mean()}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float,
+               denom: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss 0.5 * max((v - R)^2, (clip(v, v_old +- c) - R)^2), summed / denom (flat vectors)."""
+    denom = values.numel() if denom is None else denom
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    err = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * torch.max(err, err_clipped).sum() / denom
+    with torch.no_grad():
+        stats = {"clipfrac": (err_clipped > err).float().mean()}
+    return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) along the last dim: logsumexp(l) - sum(p * l)."""
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than a constant."""
+    var_returns = masked_var(returns, mask)
+    if var_returns <= 0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask) / var_returns)
+
+
+class FixedKLController:
+    """A constant KL coefficient (Stiennon et al. 2020, Ouyang et al. 2022)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019, sec. 2.2: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon).
+
+    `current_kl` is the mean per-sequence KL of the batch just collected; `n_steps` its number of episodes.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        super().__init__(kl_coef)
+        self.target, self.horizon = float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon

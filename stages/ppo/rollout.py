@@ -1,0 +1,253 @@
+"""Rollouts: sample responses with the policy adapter, then score them with the other adapters on the same base.
+
+    rollout = collect(stack, tokenizer, prompts, prompt_ids, cfg, generator)   # one update's batch, this rank
+
+Speed (generation is most of PPO's wall time; DESIGN "hard parts"):
+- `sample` is a lean KV-cache loop on the un-merged LoRA model (no merge/unmerge: merging would drift the frozen
+  base that the reference and reward adapters share). It records the log-prob of each sampled token under the
+  temperature-scaled policy, so the update's "old" log-probs cost no extra forward pass, and it stops as soon as
+  every row has produced EOS.
+- Every forward trims the all-pad columns of its rows and asks the model for logits only at the positions that
+  predict real response tokens (`logits_to_keep` with a boolean mask): no full-vocab logits over the prompt or
+  the padding. The value and reward adapters skip the LM head entirely (trunk + scalar head).
+- The reference forward is skipped when no KL term is used.
+Positions: prompts are left-padded, so every forward passes position_ids = cumsum(mask) - 1, which keeps absolute
+position models (GPT-2) correct and matches the right-padded layout SFT trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.generation import left_pad, truncate_after_eos
+from pipeline.models import backbone
+
+from .losses import entropy_from_logits
+
+
+@dataclass
+class Packed:
+    """Prompt + response rows laid out for one forward: trimmed, with positions and the response positions."""
+
+    ids: torch.Tensor  # [b, L]
+    attention_mask: torch.Tensor  # [b, L]
+    position_ids: torch.Tensor  # [b, L]
+    keep: torch.Tensor  # [b, L] bool: positions whose next-token prediction is a real response token
+    response_mask: torch.Tensor  # [b, R'] bool, R' = longest response in these rows
+    tokens: torch.Tensor  # [N] the real response tokens, row-major (the order of keep's True entries)
+    last_index: torch.Tensor  # [b] position of each row's last real token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+
+def pack(query_ids, query_mask, response_ids, response_mask) -> Packed:
+    """Left-padded prompts + right-padded responses -> one trimmed batch (drop columns that are pad in every row)."""
+    P = query_ids.shape[1]
+    first = P - int(query_mask.sum(1).max())  # leading columns that are pad in every row
+    r_eff = max(int(response_mask.sum(1).max()), 1)
+    resp_mask = response_mask[:, :r_eff].bool()
+    ids = torch.cat([query_ids[:, first:], response_ids[:, :r_eff]], dim=1)
+    attn = torch.cat([query_mask[:, first:], resp_mask.long()], dim=1)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    keep = torch.zeros_like(attn, dtype=torch.bool)
+    p = P - first
+    keep[:, p - 1 : p - 1 + r_eff] = resp_mask
+    last = p - 1 + resp_mask.long().sum(1)
+    return Packed(ids, attn, pos, keep, resp_mask, response_ids[:, :r_eff][resp_mask], last)
+
+
+def unflatten(flat: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[N] values of the real tokens -> [b, width] with zeros elsewhere."""
+    out = torch.zeros(mask.shape[0], width, dtype=flat.dtype, device=flat.device)
+    out[:, : mask.shape[1]][mask] = flat
+    return out
+
+
+def response_logits(lm, x: Packed) -> torch.Tensor:
+    """[N, V] float logits at the positions predicting the real response tokens (no other vocab projections)."""
+    out = lm(input_ids=x.ids, attention_mask=x.attention_mask, position_ids=x.position_ids, use_cache=False,
+             logits_to_keep=x.keep)
+    return out.logits.float()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[token] for flat [N, V] logits, without materialising the full log-softmax."""
+    logits = logits / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def trunk_hidden(lm, x: Packed) -> torch.Tensor:
+    return backbone(lm)(input_ids=x.ids, attention_mask=x.attention_mask, position_ids=x.position_ids,
+                        use_cache=False).last_hidden_state
+
+
+def token_values(lm, x: Packed) -> torch.Tensor:
+    """[N] value of the state before each real response token (the active adapter's scalar head)."""
+    return lm.score(trunk_hidden(lm, x)[x.keep]).squeeze(-1).float()
+
+
+def sequence_scores(lm, x: Packed) -> torch.Tensor:
+    """[b] scalar head at each row's last real token, as *ForSequenceClassification reads it."""
+    hidden = trunk_hidden(lm, x)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return lm.score(hidden[rows, x.last_index]).squeeze(-1).float()
+
+
+@dataclass
+class Sampled:
+    response_ids: torch.Tensor  # [B, R] pad after the first EOS
+    response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
+    logprobs: torch.Tensor  # [B, R] log-prob of each sampled token under softmax(logits / T); 0 where masked
+    entropy: torch.Tensor  # [B, R] entropy of that distribution; 0 where masked
+    ended: torch.Tensor  # [B] bool, an EOS was produced
+
+
+@torch.no_grad()
+def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, eos_id: int, pad_id: int,
+           generator: torch.Generator, stop_at_eos: bool = True) -> Sampled:
+    """Sample up to max_new_tokens per left-padded prompt with a KV cache; stops when every row has ended."""
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    mask = torch.ones(B, P + max_new_tokens, dtype=prompt_mask.dtype, device=device)
+    mask[:, :P] = prompt_mask
+    pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    next_pos = pos[:, -1:] + 1
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, device=device)
+    ents = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n = 0
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        probs = logp.exp()
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        live = ~done
+        tokens[:, t] = torch.where(live, tok, pad_id)
+        logps[:, t] = torch.where(live, logp.gather(1, tok.unsqueeze(1)).squeeze(1), 0.0)
+        ents[:, t] = torch.where(live, -(probs * logp).sum(-1), 0.0)
+        n = t + 1
+        if stop_at_eos:
+            done = done | (tok == eos_id)
+        if n == max_new_tokens or bool(done.all()):
+            break
+        out = lm(input_ids=tok.unsqueeze(1), attention_mask=mask[:, : P + n], position_ids=next_pos,
+                 cache=out.cache, use_cache=True)
+        next_pos = next_pos + 1
+    tokens, logps, ents = tokens[:, :n], logps[:, :n], ents[:, :n]
+    if stop_at_eos:
+        tokens, rmask, ended = truncate_after_eos(tokens.cpu(), eos_id, pad_id)
+        tokens, rmask, ended = tokens.to(device), rmask.to(device), ended.to(device)
+    else:
+        rmask = torch.ones_like(tokens)
+        ended = (tokens == eos_id).any(1)
+    return Sampled(tokens, rmask, logps * rmask, ents * rmask, ended)
+
+
+@dataclass
+class Rollout:
+    """One update's episodes on this rank. [B, R] tensors are 0 beyond each response's last real token."""
+
+    prompts: list  # the prompt conversations (for the reward's chat input and the sample table)
+    query_ids: torch.Tensor  # [B, P] left-padded
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor  # [B, R]
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor  # old policy log-probs (from sampling)
+    ref_logprobs: torch.Tensor | None  # None when no KL term is used
+    values: torch.Tensor  # value adapter, before each response token
+    scores_raw: torch.Tensor  # [B] reward model (or reward_fn) score
+    ended: torch.Tensor  # [B] bool
+    entropy: torch.Tensor  # [B, R] of the sampling distribution
+    texts: list[str]
+    time_generate_s: float = 0.0
+    time_score_s: float = 0.0
+
+    def rows(self, idx: torch.Tensor) -> Packed:
+        return pack(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx])
+
+
+def reward_inputs_chat(tokenizer, prompts: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conversation as the reward model was trained on it: prompt + assistant reply, chat-templated, right-padded."""
+    seqs = []
+    for messages, text in zip(prompts, texts):
+        ids = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": text}], tokenize=True,
+                                            return_dict=False)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        seqs.append(list(ids))
+    ids, mask = left_pad([s[::-1] for s in seqs], tokenizer.pad_token_id)  # left-pad the reversed rows ...
+    return ids.flip(1), mask.flip(1)  # ... and flip back: right padding
+
+
+@torch.no_grad()
+def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, generator: torch.Generator,
+            reward_fn=None) -> Rollout:
+    """Generate with `policy`, then reference log-probs, values (`value`) and scores (`reward` or reward_fn)."""
+    import time
+
+    lm = stack.causal_lm
+    device = next(lm.parameters()).device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    lm.eval()
+
+    t0 = time.perf_counter()
+    stack.use("policy")
+    parts = []
+    for s in range(0, len(prompt_ids), cfg.generation_batch_size):
+        q_ids, q_mask = left_pad(prompt_ids[s : s + cfg.generation_batch_size], pad_id)
+        q_ids, q_mask = q_ids.to(device), q_mask.to(device)
+        parts.append((q_ids, q_mask, sample(lm, q_ids, q_mask, cfg.response_length, cfg.temperature, eos_id, pad_id,
+                                            generator, cfg.stop_at_eos)))
+    query_ids, query_mask = _cat_left([p[0] for p in parts], pad_id), _cat_left([p[1] for p in parts], 0)
+    cat = lambda name, fill: _cat_right([getattr(p[2], name) for p in parts], fill)  # noqa: E731
+    response_ids, response_mask = cat("response_ids", pad_id), cat("response_mask", 0)
+    logprobs, entropy = cat("logprobs", 0.0), cat("entropy", 0.0)
+    ended = torch.cat([p[2].ended for p in parts])
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in
+             zip(response_ids.cpu(), response_mask.cpu())]
+    t1 = time.perf_counter()
+
+    R = response_ids.shape[1]
+    ref, values, scores = [], [], []
+    for s in range(0, len(prompt_ids), cfg.forward_batch_size):
+        sl = slice(s, s + cfg.forward_batch_size)
+        x = pack(query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
+        if cfg.needs_reference:
+            stack.use("reference")
+            ref.append(unflatten(token_logprobs(response_logits(lm, x), x.tokens, cfg.temperature), x.response_mask, R))
+        stack.use("value")
+        values.append(unflatten(token_values(lm, x), x.response_mask, R))
+        if reward_fn is None:
+            stack.use("reward")
+            if cfg.reward_input == "chat":
+                r_ids, r_mask = reward_inputs_chat(tokenizer, prompts[sl], texts[sl])
+                scores.append(stack.scores("reward", r_ids.to(device), r_mask.to(device)).float())
+            else:
+                scores.append(sequence_scores(lm, x))
+    if reward_fn is not None:
+        scores = [torch.as_tensor(reward_fn(prompts, response_ids, response_mask, texts), dtype=torch.float32,
+                                  device=device)]
+    t2 = time.perf_counter()
+    return Rollout(prompts=list(prompts), query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                   response_mask=response_mask, logprobs=logprobs, ref_logprobs=torch.cat(ref) if ref else None,
+                   values=torch.cat(values), scores_raw=torch.cat(scores), ended=ended, entropy=entropy, texts=texts,
+                   time_generate_s=t1 - t0, time_score_s=t2 - t1)
+
+
+def _cat_left(tensors: list[torch.Tensor], fill) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in tensors])
+
+
+def _cat_right(tensors: list[torch.Tensor], fill) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
+
+
+__all__ = ["Packed", "Rollout", "collect", "entropy_from_logits", "pack", "response_logits", "sample",
+           "sequence_scores", "token_logprobs", "token_values", "unflatten"]

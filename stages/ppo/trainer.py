@@ -1,0 +1,492 @@
+"""The PPO loop: rollout -> rewards and advantages -> several epochs of clipped updates -> metrics, checkpoints.
+
+    trainer = PPOTrainer(cfg, stack, tokenizer, prompts, out_dir, reward_stats=..., reward_fn=None)
+    summary = trainer.train(resume_from=None)       # or a checkpoint folder
+
+Distributed: every rank samples its own episodes (its own slice of the prompt stream, its own sampling seed);
+after each mini-batch the gradients of the trainable adapters are averaged across ranks with one all-reduce, so
+ranks stay identical without wrapping the adapter-switching model in DDP. Whitening statistics, the KL used by
+the adaptive controller and the logged metrics are global (all ranks agree on them).
+
+Exact resume: a checkpoint holds the trainable tensors, optimizer, scheduler, KL controller, every rank's RNG
+states and the episode counter (the data position: the prompt order is a pure function of seed and episode
+index). On CPU, N updates + resume + M updates gives the same metrics.jsonl as N + M straight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, to_dict
+from pipeline.run import atomic_write_json
+
+from . import losses as L
+from .rollout import Rollout, collect, response_logits, token_logprobs, token_values
+
+# Keys whose values depend on the machine's speed; everything else in metrics.jsonl is reproducible.
+TIMING_KEYS = ("episodes_per_s", "gen_tokens_per_s", "time_generate_s", "time_score_s", "time_train_s", "time_update_s")
+ADAPTER_PARAM_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                         "modules_to_save")
+
+
+def adapter_parameters(model, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of one adapter: the LoRA matrices and heads stored under `<marker>.<name>.`."""
+    out = []
+    for n, p in model.named_parameters():
+        parts = n.split(".")
+        if any(parts[i] in ADAPTER_PARAM_MARKERS and parts[i + 1] == name for i in range(len(parts) - 1)):
+            out.append((n, p))
+    return out
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = sorted((out_dir / "checkpoints").glob("checkpoint-*/trainer_state.pt"))
+    return done[-1].parent if done else None
+
+
+class PPOTrainer:
+    def __init__(self, cfg, stack, tokenizer, prompts: list, prompt_ids: list[list[int]], out_dir: Path, state,
+                 reward_stats: tuple[float, float] | None = None, reward_fn=None, config: dict | None = None):
+        self.cfg, self.stack, self.tokenizer = cfg, stack, tokenizer
+        self.prompts, self.prompt_ids = prompts, prompt_ids
+        self.out_dir, self.state, self.reward_fn = Path(out_dir), state, reward_fn
+        self.config = config or {"ppo": to_dict(cfg)}
+        self.reward_stats = reward_stats
+        self.world, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
+        self.lm = stack.causal_lm
+        self.device = next(self.lm.parameters()).device
+
+        self.named_params = {a: adapter_parameters(stack.model, a) for a in ("policy", "value")}
+        for a, ps in self.named_params.items():
+            if not ps:
+                raise ConfigError(f"the {a} adapter has no trainable parameters: check the sft/rm adapters")
+        self.params = [p for a in ("policy", "value") for _, p in self.named_params[a]]
+        groups = [{"params": [p for _, p in self.named_params["policy"]], "lr": cfg.learning_rate},
+                  {"params": [p for _, p in self.named_params["value"]], "lr": cfg.value_learning_rate or cfg.learning_rate}]
+        if cfg.optim == "adamw":  # eps 1e-5: Huang et al. 2024 (lm-human-preferences' Adam epsilon)
+            self.optimizer = torch.optim.AdamW(groups, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        elif cfg.optim == "sgd":
+            self.optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.RMSprop(groups, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        from transformers import get_scheduler
+
+        try:
+            self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_updates,
+                                           num_training_steps=cfg.total_updates)
+        except ValueError as err:
+            raise ConfigError(f"lr_scheduler_type '{cfg.lr_scheduler_type}': {err}") from None
+        self.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                       else L.FixedKLController(cfg.kl_coef))
+        # Each rank samples differently; the minibatch order only needs to be reproducible.
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        self.perm_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + self.rank)
+        self.update, self.episodes = 0, 0
+        self.history: list[dict] = []
+        self._perm_cache: dict[int, list[int]] = {}
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.samples_path = self.out_dir / "samples.jsonl"
+        self.writer = None
+
+    # ---------------------------------------------------------------- distributed helpers
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def _all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        keys = list(values)
+        vec = torch.tensor([float("nan") if values[k] is None else values[k] for k in keys], dtype=torch.float64,
+                           device=self.device)
+        vec = self._all_sum(vec) / self.world
+        return {k: (None if math.isnan(v) else v) for k, v in zip(keys, vec.tolist())}
+
+    def _sync_grads(self) -> None:
+        if self.world == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = self._all_sum(torch.cat([p.grad.reshape(-1) for p in self.params])) / self.world
+        offset = 0
+        for p in self.params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+    # ---------------------------------------------------------------- data
+    def _prompt_index(self, episode: int) -> int:
+        """The prompt of global episode i: a fresh permutation of the prompt set every pass (seed + pass)."""
+        n = len(self.prompt_ids)
+        epoch = episode // n
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()}
+        return self._perm_cache[epoch][episode % n]
+
+    def _local_prompts(self) -> tuple[list, list[list[int]]]:
+        B = self.cfg.local_batch_size
+        start = self.episodes + self.rank * B
+        idx = [self._prompt_index(i) for i in range(start, start + B)]
+        return [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx]
+
+    # ---------------------------------------------------------------- one update
+    def _scores(self, ro: Rollout) -> torch.Tensor:
+        cfg, scores = self.cfg, ro.scores_raw
+        if cfg.normalize_reward and self.reward_stats is not None:  # Stiennon et al. 2020; Ouyang et al. 2022
+            mean, std = self.reward_stats
+            scores = (scores - mean) / max(std, 1e-8)
+        if cfg.reward_clip > 0:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if cfg.missing_eos_penalty and cfg.stop_at_eos:  # Huang et al. 2024: the "EOS trick"
+            scores = scores - cfg.missing_eos_penalty * (~ro.ended).float()
+        return scores
+
+    def _advantages(self, ro: Rollout):
+        cfg = self.cfg
+        mask = ro.response_mask.float()
+        scores = self._scores(ro)
+        kl1 = kl3 = None
+        if ro.ref_logprobs is not None:
+            kl1 = L.kl_k1(ro.logprobs, ro.ref_logprobs) * mask
+            kl3 = L.kl_k3(ro.logprobs, ro.ref_logprobs) * mask
+        kl_coef = self.kl_ctl.value
+        rewards = L.per_token_rewards(scores, kl3 if cfg.kl_estimator == "k3" else kl1, kl_coef, mask)
+        if cfg.whiten_rewards:
+            rewards = L.masked_whiten(rewards, mask, shift_mean=False, reduce=self._all_sum)
+        adv, returns = L.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = L.masked_whiten(adv, mask, shift_mean=True, reduce=self._all_sum)
+        stats = {
+            "reward_raw": ro.scores_raw.mean().item(), "reward": scores.mean().item(),
+            "reward_std": ro.scores_raw.std().item() if len(scores) > 1 else 0.0,
+            "kl": kl1.sum(1).mean().item() if kl1 is not None else None,
+            "kl_k3": kl3.sum(1).mean().item() if kl3 is not None else None,
+            "kl_coef": kl_coef,
+            "entropy": L.masked_mean(ro.entropy, mask).item(),
+            "explained_variance": L.explained_variance(ro.values, returns, mask),
+            "value_mean": L.masked_mean(ro.values, mask).item(),
+            "return_mean": L.masked_mean(returns, mask).item(),
+            "response_length": mask.sum(1).mean().item(),
+            "no_eos_fraction": (~ro.ended).float().mean().item(),
+        }
+        return adv, returns, stats
+
+    def _optimise(self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        cfg, lm, stack = self.cfg, self.lm, self.stack
+        B = ro.response_ids.shape[0]
+        mb_size, micro = B // cfg.num_mini_batches, cfg.per_device_train_batch_size
+        sums = {k: 0.0 for k in ("policy_loss", "value_loss", "clipfrac_policy", "clipfrac_value", "approx_kl",
+                                 "grad_norm", "entropy_update")}
+        n_steps = n_tokens = 0
+        lm.train()  # dropout is off everywhere (disable_dropout); train() only lets gradient checkpointing act
+        for _ in range(cfg.num_ppo_epochs):
+            perm = torch.randperm(B, generator=self.perm_gen)
+            for m in range(cfg.num_mini_batches):
+                mb = perm[m * mb_size : (m + 1) * mb_size]
+                denom = ro.response_mask[mb].sum().clamp(min=1).float()  # token mean over the whole mini-batch
+                for k in range(0, mb_size, micro):
+                    idx = mb[k : k + micro].to(self.device)
+                    x = ro.rows(idx)
+                    width = x.response_mask.shape[1]
+                    pick = lambda t: t[idx][:, :width][x.response_mask]  # noqa: E731  [N] real tokens
+                    old_lp, a, ret, old_v = pick(ro.logprobs), pick(adv), pick(returns), pick(ro.values)
+
+                    stack.use("policy")
+                    logits = response_logits(lm, x)
+                    new_lp = token_logprobs(logits, x.tokens, cfg.temperature)
+                    pg, pst = L.policy_loss(new_lp, old_lp, a, cfg.cliprange, denom)
+                    if cfg.entropy_coef:
+                        ent = L.entropy_from_logits(logits / cfg.temperature)
+                        pg = pg - cfg.entropy_coef * ent.sum() / denom
+                        sums["entropy_update"] += ent.detach().sum().item()
+                    pg.backward()
+                    del logits
+
+                    stack.use("value")
+                    vl, vst = L.value_loss(token_values(lm, x), old_v, ret, cfg.cliprange_value, denom)
+                    (cfg.vf_coef * vl).backward()
+
+                    nt = x.num_tokens
+                    n_tokens += nt
+                    sums["policy_loss"] += pg.item()
+                    sums["value_loss"] += vl.item()
+                    sums["clipfrac_policy"] += pst["clipfrac"].item() * nt
+                    sums["approx_kl"] += pst["approx_kl"].item() * nt
+                    sums["clipfrac_value"] += vst["clipfrac"].item() * nt
+                self._sync_grads()
+                if cfg.max_grad_norm > 0:
+                    sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                n_steps += 1
+        lm.eval()
+        out = {"policy_loss": sums["policy_loss"] / n_steps, "value_loss": sums["value_loss"] / n_steps,
+               "clipfrac_policy": sums["clipfrac_policy"] / max(n_tokens, 1),
+               "clipfrac_value": sums["clipfrac_value"] / max(n_tokens, 1),
+               "approx_kl": sums["approx_kl"] / max(n_tokens, 1), "grad_norm": sums["grad_norm"] / n_steps}
+        if cfg.entropy_coef:
+            out["entropy_update"] = sums["entropy_update"] / max(n_tokens, 1)
+        return out
+
+    def step(self) -> tuple[dict, Rollout]:
+        """One PPO update: rollout, advantages, optimisation. Returns the (global) metrics of this update."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        prompts, ids = self._local_prompts()
+        ro = collect(self.stack, self.tokenizer, prompts, ids, cfg, self.sample_gen, self.reward_fn)
+        t_score0 = time.perf_counter()
+        adv, returns, stats = self._advantages(ro)
+        time_score = ro.time_score_s + (time.perf_counter() - t_score0)
+        lr = self.optimizer.param_groups[0]["lr"]
+        t_train0 = time.perf_counter()
+        stats.update(self._optimise(ro, adv, returns))
+        time_train = time.perf_counter() - t_train0
+        gen_tokens = float(ro.response_mask.sum())
+        stats.update(time_generate_s=ro.time_generate_s, time_score_s=time_score, time_train_s=time_train)
+        stats["gen_tokens"] = gen_tokens
+        stats = self._all_mean(stats)  # one all-reduce: every rank now holds the global numbers
+        if stats["kl"] is not None:
+            self.kl_ctl.update(stats["kl"], cfg.local_batch_size * self.world)
+        self.scheduler.step()
+        self.update += 1
+        G = cfg.local_batch_size * self.world
+        self.episodes += G
+        wall = time.perf_counter() - t0
+        wall = float(self._all_mean({"w": wall})["w"])
+        metrics = {"update": self.update, "episodes": self.episodes, "lr": lr}
+        metrics.update({k: v for k, v in stats.items() if k != "gen_tokens"})
+        metrics.update(episodes_per_s=G / wall, gen_tokens_per_s=stats["gen_tokens"] * self.world / wall,
+                       time_update_s=wall)
+        return metrics, ro
+
+    # ---------------------------------------------------------------- the loop
+    def train(self, resume_from: Path | None = None) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self._open_logs()
+        start = self.update
+        bar = tqdm(total=cfg.total_updates, initial=start, desc="ppo", dynamic_ncols=True,
+                   disable=not (self.is_main and cfg.progress_bar), file=sys.stderr)
+        stopped = False
+        while self.update < cfg.total_updates:
+            metrics, ro = self.step()
+            self.history.append(metrics)
+            self._log(metrics)
+            if cfg.sample_every and (self.update % cfg.sample_every == 0 or self.update == 1):
+                self._samples(ro)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_raw']:.3f}",
+                            kl=f"{metrics['kl']:.3f}" if metrics["kl"] is not None else "-",
+                            eps=f"{metrics['episodes_per_s']:.1f}")
+            done_now = self.update - start
+            last = self.update == cfg.total_updates
+            stopped = bool(cfg.stop_after) and done_now >= cfg.stop_after and not last
+            if last or stopped or (cfg.save_every and self.update % cfg.save_every == 0):
+                self.save_checkpoint()
+            if stopped:
+                break
+        bar.close()
+        self._close_logs()
+        return {"stopped": stopped, "update": self.update}
+
+    # ---------------------------------------------------------------- logging
+    def _open_logs(self) -> None:
+        if not self.is_main:
+            return
+        # Keep the lines of updates we resumed past; a killed run may have logged beyond its last checkpoint.
+        for path in (self.metrics_path, self.samples_path):
+            if path.exists():
+                rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+                rows = [r for r in rows if r["update"] <= self.update]
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if self.metrics_path.exists():
+            self.history = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
+        if self.cfg.report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = ("tensorboard", SummaryWriter(str(self.out_dir / "tensorboard")))
+            except ImportError:
+                print("report_to=tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                      "continuing with metrics.jsonl only", file=sys.stderr)
+        elif self.cfg.report_to == "trackio":
+            try:
+                import trackio
+
+                trackio.init(project="rlhf-ppo", name=self.out_dir.parent.name, config=self.config,
+                             resume="allow" if self.update else "never")
+                self.writer = ("trackio", trackio)
+            except ImportError:
+                print("report_to=trackio: the trackio package is not installed (pip install trackio); "
+                      "continuing with metrics.jsonl only", file=sys.stderr)
+
+    def _log(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            kind, w = self.writer
+            scalars = {f"ppo/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "update"}
+            if kind == "tensorboard":
+                for k, v in scalars.items():
+                    w.add_scalar(k, v, metrics["update"])
+            else:
+                w.log(scalars, step=metrics["update"])
+
+    def _close_logs(self) -> None:
+        if self.writer is not None:
+            kind, w = self.writer
+            w.close() if kind == "tensorboard" else w.finish()
+            self.writer = None
+
+    def _samples(self, ro: Rollout) -> None:
+        if not self.is_main:
+            return
+        rows = []
+        for i in range(min(self.cfg.num_samples, len(ro.texts))):
+            p = ro.prompts[i]
+            prompt = p[-1]["content"] if isinstance(p, list) else str(p)
+            rows.append({"update": self.update, "prompt": prompt, "response": ro.texts[i],
+                         "reward_raw": round(float(ro.scores_raw[i]), 4), "ended": bool(ro.ended[i])})
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        clip = lambda s, n: (s[: n - 1] + "…") if len(s) > n else s  # noqa: E731
+        lines = [f"\n-- samples at update {self.update} --", f"{'reward':>8}  {'prompt':<40}  response"]
+        lines += [f"{r['reward_raw']:>8.3f}  {clip(r['prompt'].replace(chr(10), ' '), 40):<40}  "
+                  f"{clip(r['response'].replace(chr(10), ' '), 70)}" for r in rows]
+        from tqdm.auto import tqdm
+
+        tqdm.write("\n".join(lines), file=sys.stderr)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _rng_state(self) -> dict:
+        state = {"sample": self.sample_gen.get_state(), "perm": self.perm_gen.get_state(), "torch": torch.get_rng_state(),
+                 "python": random.getstate(), "numpy": np.random.get_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        root = self.out_dir / "checkpoints"
+        final = root / f"checkpoint-{self.update:06d}"
+        tmp = root / f".tmp-checkpoint-{self.update:06d}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            # PEFT folders: a checkpoint's adapters load like the final ones (handy to inspect a long run).
+            self.stack.save("policy", tmp / "policy")
+            self.stack.save("value", tmp / "value")
+        self._barrier()
+        torch.save(self._rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        self._barrier()
+        if self.is_main:
+            state = {
+                "update": self.update, "episodes": self.episodes, "world_size": self.world,
+                "trainable": {a: {n: p.detach().cpu().clone() for n, p in ps} for a, ps in self.named_params.items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(), "config": self.config,
+            }
+            torch.save(state, tmp / "trainer_state.pt")  # written last: its presence marks a complete checkpoint
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in root.glob("checkpoint-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for a, ps in self.named_params.items():
+                saved = state["trainable"][a]
+                missing = [n for n, _ in ps if n not in saved]
+                if missing:
+                    raise ConfigError(f"checkpoint {path} does not match the adapters in use (no {missing[0]}): "
+                                      f"start over with --auto_resume false, or restore the original sft/rm adapters")
+                for n, p in ps:
+                    p.copy_(saved[n].to(p.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.update, self.episodes = state["update"], state["episodes"]
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if state["world_size"] != self.world or not rng_file.exists():
+            print(f"warning: checkpoint {path.name} was written by {state['world_size']} process(es), this run has "
+                  f"{self.world}: training continues, but not bit-for-bit as an uninterrupted run would", file=sys.stderr)
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            self.sample_gen.set_state(rng["sample"])
+            self.perm_gen.set_state(rng["perm"])
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        changed = {k: (v, self.config["ppo"].get(k)) for k, v in state["config"].get("ppo", {}).items()
+                   if self.config["ppo"].get(k) != v and k not in ("total_updates", "resume", "auto_resume", "stop_after",
+                                                                    "progress_bar", "report_to", "save_every")}
+        if changed and self.is_main:
+            print(f"warning: resuming with a changed config ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())})",
+                  file=sys.stderr)
+        if self.is_main:
+            print(f"resumed from {path} (update {self.update}, {self.episodes} episodes)", file=sys.stderr)
+
+    # ---------------------------------------------------------------- summary
+    def param_digest(self) -> str:
+        h = hashlib.sha256()
+        for p in self.params:
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def rank_digests(self) -> list[str]:
+        mine = self.param_digest()
+        if self.world == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, mine)
+        return out
+
+    def summary(self) -> dict:
+        h = self.history
+        if not h:
+            return {}
+        w = max(1, round(len(h) / 10))  # one update's batch is noisy: average the first and last tenth
+        first = sum(r["reward_raw"] for r in h[:w]) / w
+        last = sum(r["reward_raw"] for r in h[-w:]) / w
+        wall = sum(r["time_update_s"] for r in h)
+        episodes = h[-1]["episodes"] - (h[0]["episodes"] - self.cfg.local_batch_size * self.world)
+        gen_time = sum(r["time_generate_s"] for r in h)
+        gen_tokens = sum(r["gen_tokens_per_s"] * r["time_update_s"] for r in h)
+        return {
+            "reward_first": first, "reward_last": last, "reward_gain": last - first, "reward_window_updates": w,
+            "kl_last": h[-1]["kl"], "kl_coef_last": h[-1]["kl_coef"], "updates": h[-1]["update"],
+            "episodes": h[-1]["episodes"], "episodes_per_s": episodes / wall, "gen_tokens_per_s": gen_tokens / wall,
+            "gen_only_tokens_per_s": gen_tokens / gen_time if gen_time else None,
+            "response_length_last": h[-1]["response_length"], "no_eos_fraction_last": h[-1]["no_eos_fraction"],
+            "time_generate_s": sum(r["time_generate_s"] for r in h), "time_score_s": sum(r["time_score_s"] for r in h),
+            "time_train_s": sum(r["time_train_s"] for r in h), "train_wall_s": wall,
+        }

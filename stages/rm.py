@@ -1,0 +1,384 @@
+"""Stage 2: reward model, a LoRA adapter plus a scalar `score` head (TRL RewardTrainer, Bradley-Terry loss).
+
+    make rm                                    # accelerate launch ... -m stages.rm --config configs/rm.yaml
+    make rm ARGS="--dataset_name my_prefs.jsonl --learning_rate 1e-4"
+    python -m stages.rm --reload-check ADAPTER_DIR EVAL_PAIRS.jsonl OUT.json   # what the stage runs at the end
+
+Reads: the SFT manifest of the run (the reward model must sit on the policy's base, so that PPO can stack both
+adapters on one model), this run's label export when present, and the bundled human preferences in
+data/preferences/ (or --dataset_name, any TRL preference format). Writes runs/<run>/rm/: adapter/ (PEFT SEQ_CLS:
+LoRA + `score` head, tokenizer, pipeline_base.json), eval_pairs.jsonl (the held-out pairs), reload_check.json,
+config.json, manifest.json (last). The stage ends by reloading the adapter with stock
+`AutoPeftModelForSequenceClassification` in a fresh process; if that copy does not reproduce the held-out
+scores (e.g. a head that was not saved), the stage fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
+from pipeline.data import load_any, require_columns, train_eval_split
+from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
+                             save_fingerprint, score_head_name)
+from pipeline.report import finish_distributed, peak_memory_mb, print_table
+from pipeline.run import StageRun, atomic_write_json, main_guard, read_manifest, stage_dir
+
+LABEL_EXPORT = "label-export"  # mixture key for this run's own labels (runs/<run>/label-export/manifest.json)
+# Llama 2's small-margin scale (Touvron et al. 2023, table 28): "much better" 1, "slightly better" 1/3.
+STRENGTH_WORDS = {"much": 1.0, "significantly": 1.0, "better": 2 / 3, "slightly": 1 / 3, "slight": 1 / 3,
+                  "negligibly": 0.0, "unsure": 0.0}
+
+
+@dataclass
+class RMArgs:
+    # Data
+    dataset_name: str | None = field(default=None, metadata={"help": "Your own preference data (file, folder or Hub id), any TRL preference format; replaces the mixture."})
+    dataset_mixture: dict = field(default_factory=dict, metadata={"help": "Source -> {weight, max_rows}. 'label-export' is this run's labels, when present."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out (whole prompts: no prompt in both halves)."})
+    margin_scale: float = field(default=0.0, metadata={"help": "0 = plain Bradley-Terry; >0 = margin loss, margin = scale x strength."})
+    margin_column: str = field(default="strength", metadata={"help": "Column holding the label strength (number or slightly/much)."})
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.dataset_mixture, str):
+            self.dataset_mixture = json.loads(self.dataset_mixture)
+        for key, spec in self.dataset_mixture.items():
+            unknown = set(spec or {}) - {"weight", "max_rows"}
+            if unknown:
+                raise ValueError(f"dataset_mixture['{key}'] has unknown key(s) {sorted(unknown)}: use weight, max_rows")
+
+
+# ---------------------------------------------------------------- data: any TRL preference format -> explicit pairs
+
+def is_empty(response) -> bool:
+    if isinstance(response, str):
+        return not response.strip()
+    return not response or all(not str(m.get("content") or "").strip() for m in response)
+
+
+def strength_value(value, column: str) -> float:
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, (int, float)):
+        return float(value)
+    word = str(value).strip().lower().split()[0]
+    if word not in STRENGTH_WORDS:
+        raise ConfigError(f"label strength {value!r} in column '{column}' is neither a number nor one of {sorted(STRENGTH_WORDS)}")
+    return STRENGTH_WORDS[word]
+
+
+def is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def to_pairs(ds, source: str, args: RMArgs, counts: Counter, source_column: bool = False) -> list[dict]:
+    """Rows -> {prompt, chosen, rejected, source, margin}; equal or empty pairs dropped and counted.
+
+    Implicit-prompt rows (chosen/rejected hold the whole conversation or text) get their shared prefix as the
+    prompt, as TRL does, so that every pair has a prompt to split on."""
+    from trl.data_utils import maybe_extract_prompt
+
+    pairs = []
+    for i, row in enumerate(ds):
+        counts["read"] += 1
+        if row["chosen"] == row["rejected"]:
+            counts["dropped_equal"] += 1
+            continue
+        ex = maybe_extract_prompt({k: row[k] for k in ("prompt", "chosen", "rejected") if row.get(k) is not None})
+        if is_empty(ex["chosen"]) or is_empty(ex["rejected"]):
+            counts["dropped_empty"] += 1
+            continue
+        kinds = {is_messages(ex["chosen"]), is_messages(ex["rejected"])} | ({is_messages(ex["prompt"])} if ex["prompt"] else set())
+        if len(kinds) > 1:
+            raise ConfigError(f"{source} row {i} mixes plain-text and conversational fields: give prompt, chosen and "
+                              f"rejected all as strings or all as lists of {{'role', 'content'}} messages")
+        margin = args.margin_scale * strength_value(row.get(args.margin_column), args.margin_column) if args.margin_scale else 0.0
+        pairs.append({"prompt": ex["prompt"], "chosen": ex["chosen"], "rejected": ex["rejected"],
+                      "source": str(row["source"]) if source_column else source, "margin": margin})
+    return pairs
+
+
+def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], dict, Counter, str]:
+    """All usable pairs, the per-source weights, drop counts, and a readable name of the data."""
+    fix = "give preference rows with 'chosen' and 'rejected' (and optionally 'prompt') in a TRL preference format"
+    counts: Counter = Counter()
+    if args.dataset_name:
+        ds = load_any(args.dataset_name)
+        require_columns(ds, ["chosen", "rejected"], args.dataset_name, fix)
+        name = Path(args.dataset_name).stem if resolve_path(args.dataset_name).exists() else args.dataset_name
+        return to_pairs(ds, name, args, counts, source_column="source" in ds.column_names), {}, counts, args.dataset_name
+    if not args.dataset_mixture:
+        raise ConfigError("no preference data: set dataset_mixture in configs/rm.yaml or pass --dataset_name")
+    pairs, weights, used = [], {}, []
+    for key, spec in args.dataset_mixture.items():
+        spec = spec or {}
+        if key == LABEL_EXPORT:
+            manifest_path = stage_dir(stage.runs_dir, stage.run, LABEL_EXPORT) / "manifest.json"
+            if not manifest_path.is_file():
+                print(f"rm: no label export for run '{stage.run}' ({manifest_path}); training on the bundled data only")
+                continue
+            manifest = read_manifest(stage.runs_dir, stage.run, LABEL_EXPORT, needed_by="`make rm`")
+            stage.upstream[LABEL_EXPORT] = manifest
+            path, name = manifest["outputs"]["dataset"], LABEL_EXPORT
+        else:
+            path, name = key, Path(key).stem if resolve_path(key).exists() else key
+        ds = load_any(path)
+        require_columns(ds, ["chosen", "rejected"], path, fix)
+        rows = to_pairs(ds, name, args, counts)
+        if spec.get("max_rows"):
+            random.Random(seed).shuffle(rows)
+            rows = rows[: int(spec["max_rows"])]
+        pairs += rows
+        weights[name] = float(spec.get("weight", 1.0))
+        used.append(name)
+    return pairs, weights, counts, "mixture of " + ", ".join(used)
+
+
+def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
+    """prompt + response -> token ids, exactly as RewardTrainer tokenizes (conversational: chat template;
+    plain text: EOS appended). Shared by training, held-out scoring and the fresh-process reload check."""
+    out = []
+    for key in ("chosen", "rejected"):
+        if isinstance(pair[key], str):
+            text = pair[key] if pair[key].endswith(tokenizer.eos_token) else pair[key] + tokenizer.eos_token
+            out.append(tokenizer(text=pair["prompt"] + text)["input_ids"])
+        else:
+            out.append(tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"])
+    return out[0], out[1]
+
+
+def weighted(rows: list[dict], weights: dict, seed: int) -> list[dict]:
+    """Per-source weight on the training rows: 2.0 = every pair twice, 0.5 = a random half."""
+    rng, out = random.Random(seed), []
+    by_source = defaultdict(list)
+    for r in rows:
+        by_source[r["source"]].append(r)
+    for source, group in by_source.items():
+        w = weights.get(source, 1.0)
+        out += group * int(w) + rng.sample(group, round((w - int(w)) * len(group)))
+    rng.shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------- scoring and metrics
+
+@torch.no_grad()
+def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 16) -> list[float]:
+    """Reward per token sequence, right-padded batches sorted by length (same batching in every process)."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = [0.0] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+            mask[row, : len(sequences[i])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = logits[row].item()
+    return out
+
+
+def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:
+    diffs = [c - r for c, r in zip(chosen, rejected)]
+    return {"accuracy": round(sum(d > 0 for d in diffs) / len(diffs), 4),  # a tie counts as wrong
+            "mean_margin": round(sum(diffs) / len(diffs), 4),
+            "loss": round(sum(-torch.nn.functional.logsigmoid(torch.tensor(d)).item() for d in diffs) / len(diffs), 4),
+            "pairs": len(diffs)}
+
+
+# ---------------------------------------------------------------- the fresh-process reload check
+
+def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str = "float32") -> None:
+    """Runs in a fresh process: stock peft + the tokenizer saved beside the adapter, nothing else of ours."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=getattr(torch, dtype))
+    if model.config.pad_token_id is None:  # bases without a pad id in config.json (STACK-NOTES 3)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available():
+        model.to("cuda")
+    pairs = [json.loads(line) for line in open(pairs_file)]
+    encoded = [encode_pair(tokenizer, p) for p in pairs]
+    scores = score(model, [c for c, _ in encoded] + [r for _, r in encoded], tokenizer.pad_token_id)
+    atomic_write_json(Path(out_file), {"chosen": scores[: len(pairs)], "rejected": scores[len(pairs) :]})
+
+
+def require_saved_head(adapter_dir: Path, head: str) -> None:
+    """The known failure elsewhere: LoRA saved without the head, so a reloaded reward model scores at random."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        if not any(k.split(".")[-2] == head for k in f.keys()):
+            raise RuntimeError(f"{adapter_dir} holds LoRA weights but no '{head}' head: the reward model would score at random")
+
+
+def check_reload(adapter_dir: Path, pairs_file: Path, chosen: list[float], rejected: list[float], dtype: str) -> dict:
+    """Reload the saved adapter in a fresh process; the held-out scores must come back (the head was saved)."""
+    out_file = adapter_dir.parent / "reload_check.json"
+    # A clean environment for the child: no torch.distributed variables from `accelerate launch`.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("ACCELERATE_")}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "stages.rm", "--reload-check", str(adapter_dir), str(pairs_file),
+                           str(out_file), dtype], cwd=resolve_path("."), env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reloading the reward adapter {adapter_dir} in a fresh process failed:\n{proc.stderr[-3000:]}")
+    again = json.loads(out_file.read_text())
+    diff = max(abs(a - b) for a, b in zip(chosen + rejected, again["chosen"] + again["rejected"]))
+    before, after = pair_metrics(chosen, rejected)["accuracy"], pair_metrics(again["chosen"], again["rejected"])["accuracy"]
+    tolerance = 1e-4 if dtype == "float32" else 2e-2  # the same batches in the same dtype; bf16 is coarse
+    if diff > tolerance or before != after:
+        raise RuntimeError(f"the reward adapter saved in {adapter_dir} does not reproduce its held-out scores when "
+                           f"reloaded in a fresh process (eval accuracy {before} -> {after}, max score difference "
+                           f"{diff:.3g}): the score head was probably not saved with the adapter")
+    return {"eval_accuracy": after, "max_abs_diff": diff, "seconds": round(time.time() - t0, 1)}
+
+
+# ---------------------------------------------------------------- the stage
+
+def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
+    from accelerate import PartialState
+    from datasets import Dataset
+    from transformers import AutoConfig
+    from trl import RewardTrainer
+
+    state = PartialState()
+    stage = StageRun("rm", run.run, run.runs_dir)
+    train_cfg.output_dir = str(stage.dir / "trainer")
+    config = {"rm": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
+    profile = profile_from(run.model_config)
+    base_path = resolve_base(profile.name_or_path)
+
+
+    # 0. Upstream: the SFT adapter must sit on this very base (PPO stacks policy and reward adapters on one model).
+    sft = stage.need("sft")
+    check_adapter(sft["outputs"]["adapter"], AutoConfig.from_pretrained(base_path), what="SFT (policy)")
+
+    # 1. Data (all checked before the run folder is touched): explicit pairs, tokenized once; too-long pairs dropped and counted (RewardTrainer drops them silently).
+    tokenizer = load_tokenizer(profile)
+    pairs, weights, counts, data_name = load_pairs(args, stage, train_cfg.seed)
+    kept = []
+    for p in pairs:
+        p["chosen_ids"], p["rejected_ids"] = encode_pair(tokenizer, p)
+        if train_cfg.max_length and max(len(p["chosen_ids"]), len(p["rejected_ids"])) > train_cfg.max_length:
+            counts["dropped_too_long"] += 1
+        else:
+            kept.append(p)
+    if not kept:
+        raise ConfigError(f"no usable preference pairs in {data_name}: {len(pairs)} valid, dropped {dict(counts)} "
+                          f"(equal chosen/rejected, empty responses, longer than max_length={train_cfg.max_length})")
+    groups = [json.dumps(p["prompt"], sort_keys=True) if p["prompt"] else f"row {i}" for i, p in enumerate(kept)]
+    index = Dataset.from_dict({"i": list(range(len(kept))), "group": groups})
+    train_idx, eval_idx = train_eval_split(index, args.eval_fraction, train_cfg.seed, group_by=lambda r: r["group"])
+    eval_rows = [kept[i] for i in eval_idx["i"]] if eval_idx is not None else []
+    train_rows = weighted([kept[i] for i in train_idx["i"]], weights, train_cfg.seed)
+    if not train_rows or not eval_rows:
+        raise ConfigError(f"{data_name} has {len(set(groups))} distinct prompt(s) after filtering: too few to hold "
+                          f"whole prompts out (eval_fraction={args.eval_fraction}); give more pairs")
+    stage.prepare(config, is_main=state.is_main_process)
+
+    def as_dataset(rows):
+        cols = {"chosen_ids": [r["chosen_ids"] for r in rows], "rejected_ids": [r["rejected_ids"] for r in rows]}
+        if args.margin_scale:  # RewardTrainer subtracts a `margin` column inside the log-sigmoid
+            cols["margin"] = [r["margin"] for r in rows]
+        return Dataset.from_dict(cols)
+
+    # 2. Model: the policy's base as a 1-output sequence classifier, LoRA on the profile's layers. Task SEQ_CLS makes
+    #    peft put the `score` head in modules_to_save: trained in full and saved with the LoRA weights.
+    model = load_base(profile, tokenizer, kind="score")
+    peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout, task_type="SEQ_CLS")
+
+    # 3. Train (Bradley-Terry: -log sigmoid(r_chosen - r_rejected [- margin]) [+ centering])
+    trainer = RewardTrainer(model=model, args=train_cfg, train_dataset=as_dataset(train_rows),
+                            eval_dataset=as_dataset(eval_rows), processing_class=tokenizer, peft_config=peft_config)
+    t0 = time.time()
+    result = trainer.train()
+    train_time = time.time() - t0
+
+    # 4. Save adapter (+ score head) with the tokenizer and the base fingerprint beside it.
+    adapter_dir = stage.dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    metrics = {}
+    if state.is_main_process:
+        tokenizer.save_pretrained(adapter_dir)
+        save_fingerprint(adapter_dir, model.config, base_path)
+        require_saved_head(adapter_dir, score_head_name(model))
+
+        # 5. Held-out metrics, then the same numbers from a fresh process with stock peft.
+        n = len(eval_rows)
+        scores = score(trainer.model, [r["chosen_ids"] for r in eval_rows] + [r["rejected_ids"] for r in eval_rows],
+                       tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size)
+        chosen, rejected = scores[:n], scores[n:]
+        overall = pair_metrics(chosen, rejected)
+        by_source = {}
+        for source in sorted({r["source"] for r in eval_rows}):
+            idx = [i for i, r in enumerate(eval_rows) if r["source"] == source]
+            by_source[source] = pair_metrics([chosen[i] for i in idx], [rejected[i] for i in idx])
+        mean = sum(scores) / len(scores)
+        longer = [(len(r["chosen_ids"]) > len(r["rejected_ids"])) + 0.5 * (len(r["chosen_ids"]) == len(r["rejected_ids"]))
+                  for r in eval_rows]
+        pairs_file = stage.dir / "eval_pairs.jsonl"
+        with open(pairs_file, "w") as f:
+            for r in eval_rows:
+                f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected", "source", "margin")}) + "\n")
+        reload = check_reload(adapter_dir, pairs_file, chosen, rejected, profile.dtype)
+
+        logs = trainer.state.log_history
+        losses = [h["loss"] for h in logs if "loss" in h]
+        metrics = {
+            "eval_accuracy": overall["accuracy"], "eval_mean_margin": overall["mean_margin"], "eval_loss": overall["loss"],
+            # Over every held-out response (chosen and rejected): PPO normalizes its rewards with these.
+            "reward_mean": round(mean, 4), "reward_std": round(math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)), 4),
+            "eval_by_source": by_source,
+            "eval_longer_wins_accuracy": round(sum(longer) / n, 4),  # what "prefer the longer answer" would score
+            "train_loss": round(result.training_loss, 4), "loss_curve": losses,
+            "train_accuracy_last": next((h["accuracy"] for h in reversed(logs) if "accuracy" in h), None),
+            "pairs_read": counts["read"], "train_pairs": len(train_rows), "eval_pairs": n,
+            "dropped_equal": counts["dropped_equal"], "dropped_empty": counts["dropped_empty"],
+            "dropped_too_long": counts["dropped_too_long"],
+            "train_pairs_by_source": dict(Counter(r["source"] for r in train_rows)),
+            "reload_check": reload, "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
+            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "data": data_name,
+        }
+        print_table("RM", {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_by_source")})
+        for source, m in by_source.items():
+            print(f"  {source:>14}: accuracy {m['accuracy']:.3f} on {m['pairs']} held-out pairs")
+        stage.finish({"adapter": adapter_dir, "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
+    finish_distributed()
+    return metrics
+
+
+def parse_args(argv=None):
+    from trl import RewardConfig
+
+    return parse((RewardConfig, RMArgs, RunArgs), argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--reload-check"]:
+        reload_scores(*sys.argv[2:])
+    else:
+        main_guard(lambda: main(*parse_args()))

@@ -1,0 +1,95 @@
+"""Every YAML in configs/ parses into its dataclasses; unknown keys fail naming the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, ModelProfile, RunArgs, load_model_profile, parse, read_yaml
+from tests.conftest import REPO
+
+STAGE_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
+
+
+def stage_classes(name: str):
+    """The dataclasses a stage parses, as its own parse function declares them."""
+    import importlib
+
+    module = importlib.import_module(f"stages.{name}")
+    if hasattr(module, "CONFIG_CLASSES"):
+        return module.CONFIG_CLASSES()
+    raise AssertionError(f"stages/{name} does not declare CONFIG_CLASSES")
+
+
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: p.name)
+def test_stage_yaml_parses(path):
+    classes = stage_classes(path.stem)
+    parsed = parse(classes, ["--config", str(path)])
+    assert len(parsed) == len(classes)
+    # every key of the YAML reached a dataclass with the YAML's value
+    values = read_yaml(path)
+    for key, value in values.items():
+        holders = [obj for obj in parsed if hasattr(obj, key)]
+        assert holders, key
+        got = getattr(holders[0], key)
+        got = got.value if hasattr(got, "value") else got  # enums in TrainingArguments
+        if value == "none" and got in ([], ["none"]):  # report_to: "none" normalises to []
+            continue
+        assert got == value or str(got) == str(value), (key, got, value)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/models").glob("*.yaml")), ids=lambda p: p.name)
+def test_model_profiles_parse(path):
+    profile = load_model_profile(path)
+    assert isinstance(profile, ModelProfile) and profile.name_or_path and profile.lora_target_modules
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load_with_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.distributed_type is not None and cfg.num_processes >= 1
+    if path.name == "cpu2.yaml":
+        assert cfg.num_processes == 2 and str(cfg.distributed_type).endswith("MULTI_GPU")
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "sft.yaml"
+    bad.write_text((REPO / "configs/sft.yaml").read_text() + "\nlearning_rat: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        parse(stage_classes("sft"), ["--config", str(bad)])
+    assert "learning_rat" in str(err.value) and str(bad) in str(err.value) and "learning_rate" in str(err.value)
+
+
+def test_unknown_cli_flag_is_an_error():
+    with pytest.raises(ConfigError, match="lerning_rate"):
+        parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--lerning_rate", "1"])
+
+
+def test_cli_overrides_yaml():
+    train, args, run = parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--learning_rate", "1e-4",
+                                                     "--lora_r", "4", "--run", "xyz"])
+    assert train.learning_rate == 1e-4 and args.lora_r == 4 and run.run == "xyz"
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse((RunArgs,), ["--config", str(broken)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse((RunArgs,), ["--config", str(tmp_path / "nope.yaml")])
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="mapping"):
+        parse((RunArgs,), ["--config", str(listy)])
+
+
+def test_model_profile_unknown_key(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("name_or_path: x\nlora_targets: [q_proj]\n")
+    with pytest.raises(ConfigError, match="lora_targets.*m.yaml|m.yaml.*lora_targets"):
+        load_model_profile(p)

@@ -1,0 +1,100 @@
+"""`make label-export`: labels in the store -> a dataset TRL's RewardTrainer and DPOTrainer take unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import ConfigError
+from stages.label.config import db_path
+from stages.label.store import LabelStore
+from tests.conftest import run_python
+
+
+def labeled_run(runs_dir, run="r") -> LabelStore:
+    """Three pairs: 'maj' (2 of 3 annotators prefer response 1), 'tie' (one tie), 'solo' (one left-better)."""
+    store = LabelStore(db_path(str(runs_dir), run), overlap=3)
+    store.import_items([{"pair_id": p, "prompt": [{"role": "user", "content": f"Tell me about {p}."}],
+                         "responses": [f"{p} answer zero", f"{p} answer one"]} for p in ("maj", "tie", "solo")])
+    for who, side, strength in (("ann", "right", "much"), ("bob", "left", None), ("cat", "right", "slightly")):
+        store.save_label(who, "maj", side, 0, strength)  # response 0 on the left: right = response 1
+    store.save_label("ann", "tie", "tie", 1)
+    store.save_label("bob", "solo", "left", 1, "slightly", "clear winner")
+    return store
+
+
+def test_export_reads_into_reward_and_dpo_trainers(tiny_models, runs_dir, tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    from pipeline.config import RunArgs, load_model_profile, parse
+    from stages.label.config import ExportArgs, LabelArgs
+    from stages.label.export import main
+
+    labeled_run(runs_dir)
+    metrics = main(*parse((LabelArgs, ExportArgs, RunArgs), ["--config", "configs/label.yaml", "--run", "r",
+                                                              "--runs_dir", str(runs_dir), "--overlap", "3"]))
+    assert metrics["rows"] == 2 and metrics["dropped"] == {"tie": 1}
+    manifest = json.loads((runs_dir / "r/label-export/manifest.json").read_text())
+    ds = datasets.load_from_disk(manifest["outputs"]["dataset"])
+    by_pair = {r["pair_id"]: r for r in ds}
+    maj = by_pair["maj"]  # majority vote: ann + cat chose response 1 over bob's response 0
+    assert maj["chosen"] == [{"role": "assistant", "content": "maj answer one"}]
+    assert maj["rejected"] == [{"role": "assistant", "content": "maj answer zero"}]
+    assert (maj["annotator"], maj["n_annotators"], maj["agreement"]) == ("ann,bob,cat", 3, pytest.approx(0.6667))
+    assert by_pair["solo"]["chosen"][0]["content"] == "solo answer one"  # left was response 1 for bob
+    card = (runs_dir / "r/label-export/README.md").read_text()
+    assert "| ann | 2 |" in card and "How to label" in card
+
+    model_dir = load_model_profile(tiny_models["llama"]).name_or_path
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    common = dict(output_dir=str(tmp_path / "out"), report_to="none", bf16=False, max_steps=1,
+                  per_device_train_batch_size=2, gradient_checkpointing=False, save_strategy="no", logging_steps=1)
+    rm = RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1),
+                       args=RewardConfig(**common, max_length=256), train_dataset=ds, processing_class=tok)
+    tokenized = {r["pair_id"]: r for r in rm.train_dataset}
+    assert "<|assistant|>\nmaj answer one</s>" in tok.decode(tokenized["maj"]["chosen_ids"])
+    assert "<|assistant|>\nmaj answer zero</s>" in tok.decode(tokenized["maj"]["rejected_ids"])
+    assert rm.train().training_loss > 0
+
+    dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=DPOConfig(**common),
+                     train_dataset=ds, processing_class=tok)
+    print(dpo.train_dataset.column_names, dpo.train_dataset[0])
+    assert 0
+
+
+def test_export_cli_keeps_ties_when_asked_and_pushes_with_a_card(runs_dir, monkeypatch):
+    labeled_run(runs_dir)
+    proc = run_python("stages.label.export", ["--config", "configs/label.yaml", "--run", "r", "--runs_dir",
+                                              str(runs_dir), "--ties", "both_orders"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import datasets
+
+    ds = datasets.load_from_disk(str(runs_dir / "r/label-export/dataset"))
+    ties = [r for r in ds if r["is_tie"]]
+    assert len(ds) == 4 and {r["chosen"][0]["content"] for r in ties} == {"tie answer zero", "tie answer one"}
+
+    # --push_to_hub: refused offline with the command to use; online, data then card (Hub calls faked here)
+    from stages.label import export
+
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE=0"):
+        export.push(ds, "card", "me/labels", private=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls = []
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo, private: calls.append(("data", repo, private)))
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.DatasetCard, "load", classmethod(lambda cls, repo: (_ for _ in ()).throw(OSError())))
+    monkeypatch.setattr(huggingface_hub.DatasetCard, "push_to_hub",
+                        lambda self, repo, repo_type, commit_message: calls.append(("card", repo, self.text)))
+    card = (runs_dir / "r/label-export/README.md").read_text()
+    export.push(ds, card, "me/labels", private=True)
+    assert calls[0] == ("data", "me/labels", True) and calls[1][:2] == ("card", "me/labels")
+    assert "Who labeled" in calls[1][2]
+
+
+def test_export_without_labels_says_what_to_do(runs_dir):
+    proc = run_python("stages.label.export", ["--config", "configs/label.yaml", "--run", "empty", "--runs_dir", str(runs_dir)])
+    assert proc.returncode == 2 and "make label RUN=empty" in proc.stderr

@@ -1,0 +1,244 @@
+"""The label store, its stats and the export's vote, without a browser (fast)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections import Counter
+
+import pytest
+
+from stages.label.config import check_exposure, load_users, word_filter
+from stages.label.export import aggregate
+from stages.label.stats import binomial_two_sided_p, cohen_kappa, krippendorff_alpha, summarize
+from stages.label.store import LabelStore
+from tests.conftest import REPO
+
+
+def pairs(n: int) -> list[dict]:
+    return [{"pair_id": f"p{i:03d}", "prompt": [{"role": "user", "content": f"question {i}"}],
+             "responses": [f"answer {i} zero", f"answer {i} one"]} for i in range(n)]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_000_000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=60, clock=Clock())
+    s.import_items(pairs(4))
+    return s
+
+
+def test_label_is_stored_with_order_and_mapped_back(store):
+    assert store.journal_mode() == "wal"
+    item = store.next_item("alice")
+    assert item.pair_id == "p000" and item.left == item.responses[item.shown_left]
+    row = store.save_label("alice", item.pair_id, "right", item.shown_left, "much", " close call ")
+    assert row["preferred"] == 1 - item.shown_left and row["shown_left"] == item.shown_left
+    assert (row["strength"], row["note"], row["revision"]) == ("much", "close call", 1)
+    tie = store.save_label("alice", "p001", "tie", 0, "much")
+    assert tie["preferred"] is None and tie["strength"] is None  # strength means nothing for a tie
+    with pytest.raises(ValueError):
+        store.save_label("alice", "p002", "left-ish", 0)
+    with pytest.raises(KeyError):
+        store.save_label("alice", "nope", "left", 0)
+
+
+def test_changed_mind_is_an_update_and_history_keeps_every_version(store):
+    first = store.save_label("alice", "p000", "left", 0)
+    second = store.save_label("alice", "p000", "right", 0, "slightly")
+    assert second["id"] == first["id"] and second["revision"] == 2 and second["preferred"] == 1
+    assert len(store.labels()) == 1
+    assert [(h["action"], h["choice"]) for h in store.history("alice")] == [("new", "left"), ("change", "right")]
+
+
+def test_undo_reverts_a_change_then_deletes_and_serves_the_pair_again(store):
+    store.save_label("alice", "p000", "left", 1)
+    store.save_label("alice", "p001", "tie", 0)
+    store.save_label("alice", "p001", "both_bad", 0)
+    assert store.next_item("alice").pair_id == "p002"  # alice now holds p002
+    assert store.undo("alice") == "p001"  # the change is reverted to the tie
+    assert store.reopen("alice", "p001").label["choice"] == "tie"
+    assert store.undo("alice") == "p001"  # then the tie itself goes
+    assert store.reopen("alice", "p001") is None
+    back = store.next_item("alice")
+    assert back.pair_id == "p001" and back.shown_left == 0  # the undone pair first, in the order it was shown
+    assert store.undo("alice") == "p000" and store.undo("alice") is None
+    assert store.labels() == []
+
+
+def test_left_right_order_is_random_per_annotator_but_stable(tmp_path):
+    s = LabelStore(tmp_path / "a.sqlite", seed=3)
+    orders = [s.shown_left(f"p{i}", who) for i in range(200) for who in ("alice", "bob")]
+    assert 0.4 < sum(orders) / len(orders) < 0.6
+    assert any(s.shown_left(f"p{i}", "alice") != s.shown_left(f"p{i}", "bob") for i in range(20))
+    again = LabelStore(tmp_path / "a.sqlite", seed=3)
+    assert orders == [again.shown_left(f"p{i}", who) for i in range(200) for who in ("alice", "bob")]
+
+
+def test_overlap_one_never_double_serves_and_a_timed_out_lease_is_released(store):
+    clock = store.clock
+    held = store.next_item("alice")
+    assert store.next_item("alice").pair_id == held.pair_id  # a reload gets the same pair back
+    seen_by_bob = []
+    while (item := store.next_item("bob")) is not None:
+        seen_by_bob.append(item.pair_id)
+        store.save_label("bob", item.pair_id, "left", item.shown_left)
+    assert held.pair_id not in seen_by_bob and len(seen_by_bob) == 3
+    assert store.progress("bob")["held_by_others"] == 1
+    clock.t += 61  # alice walked away: her lease expires, the pair goes back to the pool
+    assert store.next_item("bob").pair_id == held.pair_id
+    # alice answers late: accepted (people's work is never thrown away), bob's lease stays until it ends
+    store.save_label("alice", held.pair_id, "tie", held.shown_left)
+    assert store.progress()["pairs_done"] == 4
+
+
+def test_overlap_two_completes_sets_and_skip_passes_the_pair_on(tmp_path):
+    s = LabelStore(tmp_path / "o2.sqlite", overlap=2, lease_s=60, clock=Clock())
+    s.import_items(pairs(3))
+    a, b, c = s.next_item("alice"), s.next_item("bob"), s.next_item("carol")
+    assert a.pair_id == b.pair_id == "p000" and c.pair_id == "p001"
+    s.skip("alice", "p000")
+    assert s.next_item("alice").pair_id == "p001"
+    assert s.next_item("dave").pair_id == "p000"  # alice's slot on p000 went back to the pool
+    s.save_label("alice", "p001", "left", 0)
+    assert s.next_item("alice").pair_id == "p002"  # p000 is never shown to alice again
+
+
+def test_word_filter_holds_pairs_back(tmp_path):
+    blocked = word_filter(["faggot", "jap"])
+    assert blocked({"prompt": [{"role": "user", "content": "He carried two Faggots of wood"}], "responses": ["", ""]}) == "faggot"
+    assert blocked({"prompt": [{"role": "user", "content": "Trip to Japan, fagged out"}], "responses": ["ok", "ok"]}) is None
+    s = LabelStore(tmp_path / "f.sqlite")
+    rows = pairs(3)
+    rows[1]["responses"][0] = "the Japs came"
+    assert s.import_items(rows, blocked) == {"items": 3, "blocked": 1}
+    served = []
+    while (item := s.next_item("alice")) is not None:
+        served.append(item.pair_id)
+        s.save_label("alice", item.pair_id, "left", 0)
+    assert served == ["p000", "p002"] and s.progress()["blocked"] == 1
+
+
+def test_many_annotators_at_once_no_pair_beyond_overlap(tmp_path):
+    for overlap in (1, 2):
+        s = LabelStore(tmp_path / f"c{overlap}.sqlite", overlap=overlap)
+        s.import_items(pairs(30))
+        errors = []
+
+        def annotate(name):
+            try:
+                while (item := s.next_item(name)) is not None:
+                    s.save_label(name, item.pair_id, "left", item.shown_left)
+            except Exception as err:  # surfaced below; a thread's exception is otherwise lost
+                errors.append(err)
+
+        threads = [threading.Thread(target=annotate, args=(f"a{i}",)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        per_pair = Counter(lab["pair_id"] for lab in s.labels())
+        assert len(per_pair) == 30 and set(per_pair.values()) == {overlap}
+
+
+WRITER = """
+import sys
+from stages.label.store import LabelStore
+s = LabelStore(sys.argv[1])
+i = 0
+while (item := s.next_item(f"w{i % 3}")) is not None:
+    s.save_label(f"w{i % 3}", item.pair_id, ("left", "right", "tie")[i % 3], item.shown_left)
+    print(item.pair_id, f"w{i % 3}", flush=True)   # the acknowledgement comes after the commit, as in the UI
+    i += 1
+"""
+
+
+def test_kill9_while_writing_loses_no_acknowledged_label(tmp_path):
+    db = tmp_path / "k.sqlite"
+    LabelStore(db).import_items(pairs(5000))
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    acked = [proc.stdout.readline().split() for _ in range(60)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    acked += [line.split() for line in proc.stdout.read().splitlines()]  # anything printed before it died
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = {tuple(r) for r in con.execute("SELECT pair_id, annotator FROM labels")}
+    assert {tuple(a) for a in acked} <= stored and len(stored) <= len(acked) + 1  # at most the one in flight
+    again = LabelStore(db)  # a restart continues: the next pair is one nobody labeled
+    assert again.next_item("w0").pair_id not in {p for p, _ in stored}
+
+
+def test_kappa_alpha_and_position_bias_by_hand():
+    # rater 1: a b a, rater 2: a b b -> p_o = 2/3, p_e = 2/9 + 2/9 = 4/9, kappa = (2/9) / (5/9) = 0.4
+    assert cohen_kappa(list("aba"), list("abb")) == pytest.approx(0.4)
+    assert cohen_kappa(list("aa"), list("aa")) is None  # chance agreement is total
+    # units {a,a} {b,b} {a,b}: n = 6, o_ab = o_ba = 1, n_a = n_b = 3 -> alpha = 1 - 5 * 2 / 18 = 4/9
+    assert krippendorff_alpha([["a", "a"], ["b", "b"], ["a", "b"]]) == pytest.approx(4 / 9)
+    assert krippendorff_alpha([["a", "a"], ["b", "b"], ["c"]]) == pytest.approx(1.0)
+    assert binomial_two_sided_p(5, 10) == pytest.approx(1.0)
+    assert binomial_two_sided_p(9, 10) == pytest.approx(22 / 1024)
+
+
+def test_summarize_counts_choices_rates_and_agreement():
+    def lab(pair, who, choice, pref, t):
+        return {"pair_id": pair, "annotator": who, "choice": choice, "preferred": pref, "created_at": t}
+    labels = [lab("p0", "ann", "left", 0, 0), lab("p0", "bob", "right", 0, 60),   # same meaning, other sides
+              lab("p1", "ann", "left", 1, 1800), lab("p1", "bob", "left", 0, 1860),
+              lab("p2", "ann", "tie", None, 3600), lab("p2", "bob", "tie", None, 3660)]
+    s = summarize(labels, now=3700)
+    assert s["choices"] == {"left": 3, "right": 1, "tie": 2, "both_bad": 0}
+    assert s["position_bias"]["left_share"] == 0.75
+    assert s["annotators"]["ann"] == {"labels": 3, "labels_per_hour": 3.0, "last_hour": 2}
+    assert s["agreement"]["pairs_with_several_labels"] == 3
+    assert s["agreement"]["cohen_kappa"]["ann / bob"]["kappa"] == pytest.approx(
+        cohen_kappa(["0", "1", "tie"], ["0", "0", "tie"]), abs=1e-3)
+
+
+def test_export_vote_majority_ties_and_both_bad():
+    def lab(pair, who, choice, pref, strength=None):
+        return {"pair_id": pair, "annotator": who, "choice": choice, "preferred": pref, "strength": strength,
+                "prompt": [{"role": "user", "content": pair}], "responses": [f"{pair}-r0", f"{pair}-r1"]}
+    labels = [lab("maj", "a", "left", 1, "much"), lab("maj", "b", "right", 1, "much"), lab("maj", "c", "left", 0),
+              lab("tie", "a", "tie", None), lab("split", "a", "left", 0), lab("split", "b", "left", 1),
+              lab("bad", "a", "both_bad", None)]
+    rows, dropped = aggregate(labels)
+    assert [r["pair_id"] for r in rows] == ["maj"]
+    maj = rows[0]
+    assert maj["chosen"] == [{"role": "assistant", "content": "maj-r1"}] and maj["rejected"][0]["content"] == "maj-r0"
+    assert (maj["annotator"], maj["n_annotators"], maj["strength"], maj["agreement"]) == ("a,b,c", 3, "much", 0.6667)
+    assert dropped == Counter(tie=1, no_majority=1, both_bad=1)
+    rows, dropped = aggregate(labels, ties="both_orders", both_bad="tie")
+    ties = [r for r in rows if r["is_tie"]]
+    assert len(ties) == 4 and {r["chosen"][0]["content"] for r in ties if r["pair_id"] == "tie"} == {"tie-r0", "tie-r1"}
+    rows, dropped = aggregate(labels, min_agreement=0.7)
+    assert rows == [] and dropped["low_agreement"] == 1
+
+
+def test_auth_guard_and_users(tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="refusing to start the labeling UI on 0.0.0.0 without authentication"):
+        check_exposure("0.0.0.0", [])
+    check_exposure("127.0.0.1", [])
+    check_exposure("::1", [])
+    check_exposure("0.0.0.0", [("alice", "pw")])
+    users = tmp_path / "users.txt"
+    users.write_text("# annotators\nalice:s3cret:with:colons\n\nbob: pw\n")
+    assert load_users(str(users), env={"LABEL_USERS": "carol:x, dan:y"}) == [
+        ("alice", "s3cret:with:colons"), ("bob", " pw"), ("carol", "x"), ("dan", "y")]
+    users.write_text("alice\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        load_users(str(users), env={})

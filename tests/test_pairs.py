@@ -1,0 +1,89 @@
+"""`make pairs` on a tiny fixture model: the real stage under accelerate launch, then reruns in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, run_module
+
+TINY = ["--max_prompts", "6", "--max_new_tokens", "8", "--generation_batch_size", "8"]
+
+
+def make_sft_run(runs_dir, run: str, profile_yaml) -> str:
+    """What stages.sft leaves behind (adapter + tokenizer + fingerprint + manifest), without training for a minute."""
+    import torch
+    from peft import get_peft_model
+
+    from pipeline.config import load_model_profile
+    from pipeline.models import load_base, load_tokenizer, lora_config, resolve_base, save_fingerprint
+    from pipeline.run import StageRun
+
+    profile = load_model_profile(profile_yaml)
+    tok = load_tokenizer(profile)
+    base = load_base(profile, tok)
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora_config(profile, 4, 8, 0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a fresh LoRA is a no-op (B = 0); make it change the policy
+            torch.nn.init.normal_(p, std=0.02)
+    stage = StageRun("sft", run, str(runs_dir))
+    stage.prepare({})
+    adapter = stage.dir / "adapter"
+    model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    save_fingerprint(adapter, base.config, resolve_base(profile.name_or_path))
+    stage.finish({"adapter": adapter, "base_model": resolve_base(profile.name_or_path)}, {}, {})
+    return str(adapter)
+
+
+def test_make_pairs_on_tiny_model(tiny_models, runs_dir):
+    import datasets
+
+    from pipeline.config import parse, RunArgs
+    from pipeline.generation import SamplingConfig
+    from stages.pairs import PairsArgs, main
+
+    profile = str(tiny_models["llama"])
+    adapter = make_sft_run(runs_dir, "r", profile)
+    base_args = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--model_config", profile, *TINY]
+
+    # The Makefile's way: accelerate launch -m stages.pairs
+    proc = run_module("stages.pairs", [*base_args, "--run", "r"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((runs_dir / "r/pairs/manifest.json").read_text())
+    assert manifest["metrics"]["pairs"] == 6 and manifest["upstream"]["sft"]["outputs"]["adapter"] == adapter
+    ds = datasets.load_from_disk(manifest["outputs"]["dataset"])
+    assert {"pair_id", "prompt_id", "prompt", "responses", "generation", "policy", "ended"} <= set(ds.column_names)
+    row = ds[0]
+    assert row["prompt"][0]["role"] == "user" and len(row["responses"]) == 2
+    assert row["generation"]["seed"] == 42 and row["generation"]["temperature"] == 0.9
+    assert row["policy"]["adapter"] == adapter
+    assert len(set(ds["pair_id"])) == len(ds) and all(len(p) == 16 for p in ds["pair_id"])
+    bundled = {json.loads(line)["prompt"][0]["content"] for line in open(REPO / "data/prompts/oasst_prompts.jsonl")}
+    assert all(r["prompt"][0]["content"] in bundled for r in ds)
+
+    # Same config and seed in-process: the same pairs, so the ids (hash of prompt + responses) match.
+    make_sft_run(runs_dir, "again", profile)
+    main(*parse((PairsArgs, SamplingConfig, RunArgs), [*base_args, "--run", "again"]))
+    again = datasets.load_from_disk(str(runs_dir / "again/pairs/dataset"))
+    assert again["pair_id"] == ds["pair_id"]
+
+    # K = 3: every pair of the three responses of a prompt.
+    main(*parse((PairsArgs, SamplingConfig, RunArgs), [*base_args, "--run", "again", "--num_responses", "3",
+                                                        "--max_prompts", "2"]))
+    three = datasets.load_from_disk(str(runs_dir / "again/pairs/dataset"))
+    assert len(three) == 6 and sorted(map(tuple, three["response_indices"]))[:3] == [(0, 1), (0, 1), (0, 2)]
+
+
+def test_pairs_refuses_greedy_and_missing_sft(tiny_models, runs_dir):
+    from pipeline.config import ConfigError, RunArgs, parse
+    from pipeline.generation import SamplingConfig
+    from stages.pairs import PairsArgs, main
+
+    args = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "none"]
+    with pytest.raises(ConfigError, match="make sft"):
+        main(*parse((PairsArgs, SamplingConfig, RunArgs), args))
+    with pytest.raises(ConfigError, match="temperature 0"):
+        main(*parse((PairsArgs, SamplingConfig, RunArgs), [*args, "--temperature", "0"]))

@@ -1,0 +1,305 @@
+"""`make publish`: the dry-run folder loads with stock peft in a fresh process and generates what the pipeline's PPO
+policy generates; the card parses; the upload goes end to end through a fake Hub (a local HTTP server speaking the
+Hub's repo-creation, preupload and commit API); the token never leaks; each failure is one clear error."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.fake_upstream import build_label_export, evaluated_run
+
+TOKEN = "hf_TESTtokenNEVERtoBEseen0123456789"
+PROMPT = [{"role": "user", "content": "Tell me about rabbits."}]
+
+
+def publish(runs_dir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The Makefile's command line, in a fresh process."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT")}
+    return subprocess.run([sys.executable, "-m", "stages.publish", "--config", "configs/publish.yaml", "--run", "t",
+                           "--runs_dir", str(runs_dir), *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**clean, "HF_HOME": str(runs_dir.parent / "hf_home"), **(env or {})})
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_models):
+    runs_dir = evaluated_run(tmp_path_factory, tiny_models["llama"])
+    if not (runs_dir / "t" / "label-export" / "manifest.json").is_file():
+        build_label_export(runs_dir)
+    return runs_dir
+
+
+@pytest.fixture(scope="module")
+def dry_run(runs, tmp_path_factory):
+    """`make publish REPO=tester/tiny-rlhf ARGS="--dry-run --include_sft --include_reward --merged --include_dataset"`,
+    no token and no network; the folders are copied aside so the upload test can compare bytes."""
+    proc = publish(runs, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_sft", "--include_reward", "--merged",
+                   "--include_dataset", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keep = tmp_path_factory.mktemp("dry_run")
+    shutil.copytree(runs / "t" / "publish" / "model", keep / "model")
+    shutil.copytree(runs / "t" / "publish" / "dataset", keep / "dataset")
+    return keep, proc
+
+
+def test_dry_run_writes_and_lists_exactly_the_folder(runs, dry_run):
+    keep, proc = dry_run
+    manifest = json.loads((runs / "t" / "publish" / "manifest.json").read_text())
+    assert manifest["metrics"]["dry_run"] is True and manifest["metrics"]["commits"] == []
+    assert Path(manifest["outputs"]["folder"]) == runs / "t" / "publish" / "model"
+    model = files_of(keep / "model")
+    for name in model:  # every file is listed, with its size
+        assert f"  {name} " in proc.stdout, name
+    assert f"{len(model)} files" in proc.stdout and "dry run: nothing uploaded" in proc.stdout
+    for name in ("README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
+                 "base/model.safetensors", "sft/adapter_config.json", "reward/adapter_model.safetensors",
+                 "merged/model.safetensors", "eval/report.md", "eval/plots/overview.png"):
+        assert name in model, name
+    assert "training_args.bin" not in " ".join(model)
+    assert set(files_of(keep / "dataset")) == {"README.md", "data/train-00000-of-00001.parquet"}
+    # every adapter names the base copied into the folder, not this checkout's runs/ or models/
+    for cfg in ("adapter_config.json", "sft/adapter_config.json", "reward/adapter_config.json"):
+        base = json.loads(model[cfg])["base_model_name_or_path"]
+        assert base == str(runs / "t" / "publish" / "model" / "base"), (cfg, base)
+
+
+def test_folder_loads_in_a_fresh_process_with_stock_peft_and_matches_the_pipeline(runs, dry_run, tiny_models, tmp_path):
+    """Stock AutoPeftModelForCausalLM, another working directory, offline: same greedy and same seeded tokens."""
+    import torch
+
+    from pipeline.adapters import AdapterStack
+    from pipeline.generation import SamplingConfig, encode_prompts, generate
+    from pipeline.models import load_tokenizer, profile_from
+
+    folder = runs / "t" / "publish" / "model"
+    script = textwrap.dedent(f"""
+        import json, torch
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        folder = {str(folder)!r}
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = tok.apply_chat_template({PROMPT!r}, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        kw = dict(max_new_tokens=12, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = {{}}
+        for name, model in (("peft", AutoPeftModelForCausalLM.from_pretrained(folder)),
+                            ("merged", AutoModelForCausalLM.from_pretrained(folder + "/merged"))):
+            model.eval()
+            out[name + "_greedy"] = model.generate(**ids, do_sample=False, **kw)[0, ids["input_ids"].shape[1]:].tolist()
+            torch.manual_seed(7)
+            out[name + "_sampled"] = model.generate(**ids, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, **kw)[0, ids["input_ids"].shape[1]:].tolist()
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    profile = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(profile)
+    ppo_adapter = json.loads((runs / "t" / "ppo" / "manifest.json").read_text())["outputs"]["adapter"]
+    stack = AdapterStack.build(profile, tok, {"ppo": ppo_adapter})
+    prompt_ids = encode_prompts(tok, [PROMPT])
+
+    def ours(temperature, seed=None):
+        g = generate(stack.model, tok, prompt_ids, SamplingConfig(max_new_tokens=12, temperature=temperature), generator_seed=seed)
+        return g.response_ids[0][g.response_mask[0].bool()].tolist()
+
+    def until_eos(ids):
+        return ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
+
+    greedy, sampled = ours(0.0), ours(0.7, seed=7)
+    assert len(greedy) > 0
+    assert until_eos(fresh["peft_greedy"]) == greedy and until_eos(fresh["merged_greedy"]) == greedy
+    assert until_eos(fresh["peft_sampled"]) == sampled
+    assert torch.tensor(greedy).numel() == len(greedy)
+
+
+def test_card_parses_with_the_hub_metadata(runs, dry_run):
+    from huggingface_hub import DatasetCard, ModelCard
+
+    keep, _ = dry_run
+    card = ModelCard.load(keep / "model" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "peft" and meta["license"] == "apache-2.0"
+    assert {"trl", "rlhf", "ppo", "lora"} <= set(meta["tags"])
+    assert "tester/tiny-rlhf-preferences" in meta["datasets"] and "openai/gsm8k" in meta["datasets"]
+    assert "base_model" not in meta  # a local base: not a Hub id, shipped under base/ instead
+    text = card.text
+    for needle in ("Win rate of PPO over SFT", "eval/plots/overview.png", "PeftModel.from_pretrained", "subfolder=\"base\"",
+                   "## Intended use and limits", "| sft |", "| ppo |", "Apache-2.0", "MIT", "learning_rate"):
+        assert needle in text, needle
+    assert "/tmp" not in text.split("## How to use")[0]  # no local paths in the description
+    ds_card = DatasetCard.load(keep / "dataset" / "README.md")
+    assert ds_card.data.to_dict()["license"] == "apache-2.0"
+
+
+def test_card_for_a_hub_base_names_it(runs):
+    """A Hub base: base_model metadata and a one-line AutoPeftModel snippet (card built without loading anything)."""
+    from huggingface_hub import ModelCard
+
+    from stages.publish import PublishArgs, check_card, model_card
+
+    t = runs / "t"
+    manifests = {s: json.loads((t / s / "manifest.json").read_text()) for s in ("sft", "rm", "ppo", "eval")}
+    base = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    text = model_card(PublishArgs(), "tester/smol-rlhf", "t", manifests, base, base, [], [], None)
+    check_card(text, local=False)
+    card = ModelCard(text)
+    assert card.data.base_model == base and card.data.library_name == "peft"
+    assert 'AutoPeftModelForCausalLM.from_pretrained("tester/smol-rlhf")' in card.text
+
+
+# ---------------------------------------------------------------------------------------------------- a fake Hub
+
+class FakeHub:
+    """Just enough of the Hub API for HfApi.whoami/create_repo/create_branch/upload_folder (huggingface_hub 2.4):
+    every file is answered "regular" at preupload, so it arrives base64 inside the commit's NDJSON."""
+
+    def __init__(self, mode: str = "ok"):
+        self.mode, self.commits, self.calls, self.auth, self.unknown = mode, {}, [], set(), []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def reply(self, status, body=None, headers=None):
+                data = json.dumps(body if body is not None else {}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                hub.auth.add(self.headers.get("Authorization"))
+                hub.calls.append(("GET", self.path))
+                if self.path.startswith("/api/whoami-v2"):
+                    return self.reply(200, {"name": "tester", "type": "user", "orgs": [],
+                                            "auth": {"type": "access_token", "accessToken": {"displayName": "t", "role": "write"}}})
+                self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+
+            def do_POST(self):
+                hub.auth.add(self.headers.get("Authorization"))
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                path = self.path.split("?")[0]
+                hub.calls.append(("POST", path))
+                parts = path.strip("/").split("/")
+                if path == "/api/validate-yaml":
+                    return self.reply(200, {"errors": [], "warnings": []})
+                if path == "/api/repos/create":
+                    if hub.mode == "forbidden":
+                        return self.reply(403, {"error": "You don't have the rights to create a model under this namespace"})
+                    req = json.loads(body)
+                    return self.reply(200, {"url": f"{hub.url}/{req['organization']}/{req['name']}", "name": req["name"]})
+                if len(parts) >= 6 and parts[0] == "api" and parts[4] in ("preupload", "commit", "branch"):
+                    kind, repo, rev = parts[1][:-1], f"{parts[2]}/{parts[3]}", "/".join(parts[5:])
+                    if hub.mode == "forbidden":
+                        return self.reply(403, {"error": "Forbidden"})
+                    if parts[4] == "branch":
+                        return self.reply(200, {})
+                    if parts[4] == "preupload":
+                        files = json.loads(body)["files"]
+                        return self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                                           "oid": None} for f in files]})
+                    received = {}
+                    for line in body.decode().splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] != "header":
+                            hub.unknown.append(item["key"])
+                    hub.commits[(kind, repo, rev)] = received
+                    return self.reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40,
+                                            "pullRequestUrl": None})
+                hub.unknown.append(path)
+                self.reply(404, {"error": "not found"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    yield server
+    server.close()
+
+
+def test_upload_end_to_end_every_file_arrives_and_the_token_never_leaks(runs, dry_run, hub):
+    keep, _ = dry_run
+    # HF_HUB_OFFLINE=1 as the Makefile exports it: publishing must still go online
+    proc = publish(runs, "--repo_id", "tester/tiny-rlhf", "--revision", "dev", "--private", "--include_sft",
+                   "--include_reward", "--merged", "--include_dataset",
+                   env={"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not hub.unknown, hub.unknown
+    assert set(hub.commits) == {("model", "tester/tiny-rlhf", "dev"), ("dataset", "tester/tiny-rlhf-preferences", "dev")}
+    assert hub.commits[("model", "tester/tiny-rlhf", "dev")] == files_of(keep / "model")  # the dry run, byte for byte
+    assert hub.commits[("dataset", "tester/tiny-rlhf-preferences", "dev")] == files_of(keep / "dataset")
+    assert ("POST", "/api/models/tester/tiny-rlhf/branch/dev") in hub.calls
+    assert hub.auth == {f"Bearer {TOKEN}"}  # the token was used for every call...
+    manifest = json.loads((runs / "t" / "publish" / "manifest.json").read_text())
+    assert len(manifest["metrics"]["commits"]) == 2 and manifest["metrics"]["dry_run"] is False
+    # ...and appears nowhere else: not in the output, not in the run folder, not in what was uploaded
+    assert TOKEN not in proc.stdout + proc.stderr
+    for f in runs.rglob("*"):
+        if f.is_file():
+            assert TOKEN.encode() not in f.read_bytes(), f
+    for received in hub.commits.values():
+        assert not any(TOKEN.encode() in data for data in received.values())
+
+
+def error_line(proc) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_missing_token_is_one_clear_error(runs):
+    line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf"))
+    assert "no Hugging Face token" in line and "HF_TOKEN" in line and "hf auth login" in line
+
+
+def test_no_write_permission_is_one_clear_error_and_nothing_is_committed(runs):
+    server = FakeHub(mode="forbidden")
+    try:
+        proc = publish(runs, "--repo_id", "someone-else/their-model", env={"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN})
+    finally:
+        server.close()
+    line = error_line(proc)
+    assert "cannot write to 'someone-else/their-model'" in line and "Nothing of this failed upload was committed" in line
+    assert server.commits == {} and TOKEN not in proc.stdout + proc.stderr
+
+
+def test_no_network_is_one_clear_error(runs):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", env={"HF_ENDPOINT": f"http://127.0.0.1:{port}",
+                                                                           "HF_TOKEN": TOKEN}))
+    assert "cannot reach the Hugging Face Hub" in line and "network" in line

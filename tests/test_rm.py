@@ -1,0 +1,245 @@
+"""Reward model stage: the real main() on configs/rm.yaml with tiny overrides, four architectures, two processes.
+
+The preference to learn is synthetic and unambiguous: the chosen reply contains the word "banana" where the rejected
+one has "window", same prompt, same other words. A reward model that really trains scores >= 95% on held-out prompts;
+one that does not (or whose head is lost on reload) sits near 50%.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.models import lora_config, load_base, load_tokenizer, profile_from, save_fingerprint
+from pipeline.run import StageRun
+from stages.rm import RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, weighted
+from tests.conftest import ARCHS, REPO, run_module, run_python
+
+WORDS = "the cat sat on a mat and ran to see her little friend in the big green garden by old tree".split()
+
+
+def marker_rows(n: int, seed: int = 0, plain: bool = False) -> list[dict]:
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        words, j = rng.sample(WORDS, 6), rng.randrange(7)
+        prompt = f"Tell me about the {rng.choice(WORDS)}, number {i}."
+        good, bad = (" ".join(words[:j] + [w] + words[j:]) for w in ("banana", "window"))
+        if plain:  # implicit prompt, plain text: TRL's "standard preference" format
+            rows.append({"chosen": f"{prompt} {good}", "rejected": f"{prompt} {bad}"})
+        else:
+            rows.append({"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}]})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fake_sft(profile, runs_dir, run: str):
+    """A finished SFT stage as the real one records it: a stock PEFT causal-LM adapter + fingerprint + manifest."""
+    from peft import get_peft_model
+
+    prof = profile_from(str(profile))
+    tok = load_tokenizer(prof)
+    base = load_base(prof, tok)
+    stage = StageRun("sft", run, str(runs_dir))
+    stage.prepare({})
+    torch.manual_seed(1)
+    model = get_peft_model(base, lora_config(prof, r=4, alpha=8, dropout=0.0, init_lora_weights=False))
+    adapter = stage.dir / "adapter"
+    model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    save_fingerprint(adapter, base.config, prof.name_or_path)
+    stage.finish({"adapter": adapter, "base_model": prof.name_or_path}, {}, {})
+
+
+def rm_args(profile, runs_dir, run, *extra):
+    return ["--config", str(REPO / "configs/rm.yaml"), "--model_config", str(profile), "--runs_dir", str(runs_dir),
+            "--run", run, "--eval_fraction", "0.2", "--num_train_epochs", "4",
+            "--learning_rate", "1e-2", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--logging_steps", "4",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def marker_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefs")
+    return {"conversational": write_jsonl(root / "marker.jsonl", marker_rows(160)),
+            "plain": write_jsonl(root / "marker_plain.jsonl", marker_rows(160, plain=True))}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def trained(request, tiny_models, marker_data, tmp_path_factory):
+    """One real RM run per architecture (GPT-NeoX on the plain-text implicit-prompt format)."""
+    arch, runs_dir = request.param, tmp_path_factory.mktemp(f"runs_{request.param}")
+    fake_sft(tiny_models[arch], runs_dir, "t")
+    data = marker_data["plain" if arch == "gpt_neox" else "conversational"]
+    metrics = main(*parse_args(rm_args(tiny_models[arch], runs_dir, "t", "--dataset_name", str(data))))
+    return arch, runs_dir / "t" / "rm", metrics
+
+
+def test_learns_marker_preference_and_reloads(trained):
+    arch, stage, metrics = trained
+    assert metrics["eval_accuracy"] >= 0.95, metrics  # held out by prompt: 32 pairs never trained on
+    assert metrics["eval_pairs"] == 32 and metrics["train_pairs"] == 128
+    assert metrics["eval_mean_margin"] > 0 and metrics["reward_std"] > 0
+    assert metrics["loss_curve"][-1] < metrics["loss_curve"][0]
+    # the fresh-process reload (stock AutoPeftModelForSequenceClassification) reproduced the held-out scores
+    assert metrics["reload_check"]["eval_accuracy"] == metrics["eval_accuracy"]
+    assert metrics["reload_check"]["max_abs_diff"] <= 1e-4
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["outputs"]["adapter"] == str(stage / "adapter") and manifest["upstream"]["sft"]["outputs"]["adapter"]
+    for key in ("eval_accuracy", "eval_mean_margin", "reward_mean", "reward_std"):
+        assert key in manifest["metrics"]
+    adapter = json.loads((stage / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+    assert (stage / "adapter" / "tokenizer_config.json").is_file() and (stage / "adapter" / "pipeline_base.json").is_file()
+    eval_prompts = {json.dumps(json.loads(line)["prompt"]) for line in open(stage / "eval_pairs.jsonl")}
+    assert len(eval_prompts) == 32
+
+
+def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_models):
+    """PPO's model (one base; reference, policy and reward adapters) gives the standalone reward model's scores."""
+    from peft import PeftModel
+
+    from pipeline.adapters import AdapterStack
+
+    arch, stage, metrics = trained
+    prof = profile_from(str(tiny_models[arch]))
+    tok = load_tokenizer(prof)
+    sft = stage.parent / "sft" / "adapter"
+    stack = AdapterStack.build(prof, tok, {"reference": sft, "policy": sft, "reward": stage / "adapter"}, trainable=("policy",))
+    alone = PeftModel.from_pretrained(load_base(prof, tok, kind="score"), str(stage / "adapter")).eval()
+
+    pairs = [json.loads(line) for line in open(stage / "eval_pairs.jsonl")][:8]
+    seqs = [ids for p in pairs for ids in encode_pair(tok, p)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        stacked = stack.scores("reward", ids, mask)
+        standalone = alone(input_ids=ids, attention_mask=mask).logits[:, 0]
+        policy_logits = stack.logits("policy", ids, mask)  # switching away and back changes nothing
+        again = stack.scores("reward", ids, mask)
+    torch.testing.assert_close(stacked, standalone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, stacked)
+    assert policy_logits.shape[-1] == len(tok)
+    assert (stacked[0::2] > stacked[1::2]).float().mean() >= 0.9  # chosen above rejected, as trained
+
+
+def test_two_processes(tiny_models, marker_data, tmp_path):
+    """Two real gloo processes, and this run's label export (with label strength as the margin) as the data."""
+    import datasets
+
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["qwen2"], runs_dir, "t")
+    export = StageRun("label-export", "t", str(runs_dir))
+    export.prepare({})
+    rows = [dict(r, annotator="ann", strength=random.Random(i).choice(["much", "slightly", None]), agreement=1.0)
+            for i, r in enumerate(marker_rows(160, seed=1))]
+    datasets.Dataset.from_list(rows).save_to_disk(str(export.dir / "dataset"))
+    export.finish({"dataset": export.dir / "dataset"}, {}, {})
+    mixture = json.dumps({"label-export": {"weight": 1.0}})
+    res = run_module("stages.rm", rm_args(tiny_models["qwen2"], runs_dir, "t", "--dataset_mixture", mixture, "--margin_scale",
+                                          "1.0", "--per_device_train_batch_size", "4"), processes=2, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    manifest = json.loads((runs_dir / "t" / "rm" / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert m["world_size"] == 2
+    assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_diff"] <= 1e-4, m
+    assert set(m["eval_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
+
+
+def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
+    prof = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(prof)
+    conv = marker_rows(3)
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in conv]
+    plain = marker_rows(3, plain=True)
+    explicit_plain = [{"prompt": "Q: hi.", "chosen": " yes", "rejected": " no"}]
+    bad = [dict(conv[0], rejected=conv[0]["chosen"]),                                    # equal
+           dict(conv[1], rejected=[{"role": "assistant", "content": "  "}]),              # empty
+           {"prompt": "Q", "chosen": "same", "rejected": "same"}]                          # equal, plain
+    cases = {"conv": conv, "implicit": implicit, "plain": plain, "explicit_plain": explicit_plain}
+    for name, rows in cases.items():
+        pairs, _, counts, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / f"{name}.jsonl", rows))), None, 0)
+        assert len(pairs) == len(rows) and not counts["dropped_equal"] and not counts["dropped_empty"]
+        for p in pairs:
+            assert p["prompt"]
+            c, r = encode_pair(tok, p)
+            assert c != r
+            if isinstance(p["chosen"], str):
+                assert c[-1] == tok.eos_token_id  # plain text gets an EOS, as RewardTrainer adds it
+    # the implicit conversational prompt is recovered exactly
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(tmp_path / "implicit.jsonl")), None, 0)
+    assert [p["prompt"] for p in pairs] == [r["prompt"] for r in conv]
+    for rows in (bad[:2], bad[2:]):  # one file per format: a jsonl column holds one type
+        pairs, _, counts, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "bad.jsonl", rows))), None, 0)
+        assert pairs == [] and counts["dropped_equal"] + counts["dropped_empty"] == len(rows)
+
+    # mixture from the real YAML: bundled files by source name, per-source weights on training rows
+    train_cfg, args, run = parse_args(["--config", str(REPO / "configs/rm.yaml")])
+    assert "label-export" in args.dataset_mixture and train_cfg.max_length
+    stage = StageRun("rm", "nolabels", str(tmp_path / "runs"))
+    pairs, weights, counts, name = load_pairs(args, stage, 0)
+    assert {p["source"] for p in pairs} == {"oasst", "pandalm", "tulu"} and "label-export" not in weights
+    assert counts["read"] == 2400 and counts["dropped_equal"] >= 1
+    doubled = weighted(pairs[:10], {pairs[0]["source"]: 2.0}, 0)
+    assert len(doubled) == 10 + sum(p["source"] == pairs[0]["source"] for p in pairs[:10])
+
+
+def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs_dir, "t")
+    # 1. no chosen/rejected: one line on stderr, exit code 2, no manifest (the command line as `make rm` runs it)
+    no_pairs = write_jsonl(tmp_path / "sft_like.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 4)
+    res = run_python("stages.rm", rm_args(tiny_models["llama"], runs_dir, "t", "--dataset_name", str(no_pairs)), timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "chosen" in last and "Traceback" not in res.stderr
+    # 2. every pair filtered out
+    rows = [dict(r, rejected=r["chosen"]) for r in marker_rows(6)]
+    with pytest.raises(ConfigError, match="no usable preference pairs"):
+        main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "t", "--dataset_name", str(write_jsonl(tmp_path / "eq.jsonl", rows)))))
+    # 3. the run's SFT adapter was trained on another base: the reward model would not stack with the policy
+    with pytest.raises(ConfigError, match="trained on base"):
+        main(*parse_args(rm_args(tiny_models["gpt2"], runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
+    # 4. no SFT stage in this run
+    with pytest.raises(ConfigError, match="make sft"):
+        main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "nosft", "--dataset_name", str(marker_data["conversational"]))))
+    assert not list(runs_dir.glob("*/rm/manifest.json"))
+
+
+def test_reward_adapter_for_another_base_is_refused(trained, tiny_models):
+    from pipeline.adapters import AdapterStack
+
+    arch, stage, _ = trained
+    other = "gpt2" if arch != "gpt2" else "llama"
+    prof = profile_from(str(tiny_models[other]))
+    with pytest.raises(ConfigError, match="trained on base"):
+        AdapterStack.build(prof, load_tokenizer(prof), {"reward": stage / "adapter"})
+
+
+def test_reload_check_catches_a_lost_head(trained, tmp_path):
+    """The known failure elsewhere: LoRA saved without the score head. The stage's fresh-process check must fail."""
+    from safetensors.torch import load_file, save_file
+
+    arch, stage, _ = trained
+    if arch != "llama":
+        pytest.skip("one architecture is enough: the check does not depend on it")
+    broken = tmp_path / "adapter"
+    shutil.copytree(stage / "adapter", broken)
+    weights = load_file(broken / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".score." not in k}, broken / "adapter_model.safetensors")
+    pairs = [json.loads(line) for line in open(stage / "eval_pairs.jsonl")]
+    scores = json.loads((stage / "reload_check.json").read_text())
+    check_reload(stage / "adapter", stage / "eval_pairs.jsonl", scores["chosen"], scores["rejected"], "float32")  # intact: passes
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        check_reload(broken, stage / "eval_pairs.jsonl", scores["chosen"], scores["rejected"], "float32")
+    assert len(pairs) == len(scores["chosen"])

@@ -1,0 +1,117 @@
+"""SFT stage: the real main() on the real YAML with tiny overrides, on four architectures, 1 and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import ConfigError
+from stages.sft import main, parse_args
+from tests.conftest import ARCHS, REPO, run_module, run_python
+
+SMALL_DATA = '{"data/sft/self_instruct.jsonl": 48}'
+
+
+def tiny_args(profile, runs_dir, run="t", *extra):
+    return ["--config", str(REPO / "configs/sft.yaml"), "--model_config", str(profile), "--runs_dir", str(runs_dir),
+            "--run", run, "--dataset_mixture", SMALL_DATA, "--max_steps", "20", "--logging_steps", "1",
+            "--learning_rate", "3e-2", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
+            "--per_device_train_batch_size", "4", "--max_length", "128", "--eval_fraction", "0.1",
+            "--sample_max_new_tokens", "8", "--lora_dropout", "0.0", *extra]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sft_trains_each_architecture(arch, tiny_models, runs_dir):
+    metrics = main(*parse_args(tiny_args(tiny_models[arch], runs_dir)))
+    curve = metrics["loss_curve"]
+    assert sum(curve[-5:]) / 5 < sum(curve[:3]) / 3 - 0.3, curve  # the loss falls
+    stage = runs_dir / "t" / "sft"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["outputs"]["adapter"] == str(stage / "adapter")
+    assert manifest["metrics"]["eval_loss"] is not None and manifest["metrics"]["tokens_per_s"] > 0
+    assert manifest["versions"]["trl"] and manifest["config"]["train"]["learning_rate"] == 3e-2
+    assert (stage / "config.json").is_file() and (stage / "samples.json").is_file()
+    weights = load_file(stage / "adapter" / "adapter_model.safetensors")
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(w) > 0 for w in lora_b)  # B starts at zero: nonzero means it trained
+    assert (stage / "adapter" / "tokenizer_config.json").is_file()
+
+
+def test_adapter_loads_with_stock_autopeft_in_fresh_process(tiny_models, runs_dir, tmp_path):
+    main(*parse_args(tiny_args(tiny_models["llama"], runs_dir, "reload", "--max_steps", "2")))
+    adapter = runs_dir / "reload" / "sft" / "adapter"
+    script = (
+        "import sys, torch\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        "from transformers import AutoTokenizer\n"
+        f"m = AutoPeftModelForCausalLM.from_pretrained(r'{adapter}')\n"
+        f"t = AutoTokenizer.from_pretrained(r'{adapter}')\n"
+        "ids = t.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+        "out = m.generate(**ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)\n"
+        "assert out.shape[1] == ids['input_ids'].shape[1] + 5, out.shape\n"
+        "print('GENERATED', out.shape[1] - ids['input_ids'].shape[1])\n"
+    )
+    # from another working directory: the adapter must not depend on the cwd
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "GENERATED 5" in res.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tiny_models, runs_dir):
+    """Same global batch (1x8 against 2x4): the per-step loss curves agree."""
+    profile = tiny_models["llama"]
+    # A moderate learning rate: at 3e-2 Adam turns last-bit differences in near-zero gradients into full-size steps.
+    common = ["--max_steps", "6", "--eval_fraction", "0", "--learning_rate", "2e-3"]
+    one = run_module("stages.sft", tiny_args(profile, runs_dir, "one", *common, "--per_device_train_batch_size", "8"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_module("stages.sft", tiny_args(profile, runs_dir, "two", *common, "--per_device_train_batch_size", "4"), processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((runs_dir / "one/sft/manifest.json").read_text())["metrics"]
+    m2 = json.loads((runs_dir / "two/sft/manifest.json").read_text())["metrics"]
+    assert m1["world_size"] == 1 and m2["world_size"] == 2
+    assert len(m1["loss_curve"]) == len(m2["loss_curve"]) == 6
+    # Stated tolerance: the first step is the same computation split in two (1e-4); over 6 steps the mean absolute
+    # difference stays under 0.03 and no step differs by more than 0.12 (seen: most steps agree to 1e-5, one logged
+    # step by 0.09, while the next steps agree again, so training itself stays in step).
+    diffs = [abs(a - b) for a, b in zip(m1["loss_curve"], m2["loss_curve"])]
+    assert diffs[0] < 1e-4 and max(diffs) < 0.12 and sum(diffs) / len(diffs) < 0.03, (m1["loss_curve"], m2["loss_curve"])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing_file", "no_messages", "empty", "missing_base", "bad_key"])
+def test_bad_input_one_clear_error_and_no_manifest(case, tiny_models, runs_dir, tmp_path):
+    extra, expect = [], None
+    if case == "missing_file":
+        extra, expect = ["--dataset_name", str(tmp_path / "nope.jsonl")], "does not exist"
+    elif case == "no_messages":
+        extra, expect = ["--dataset_name", str(write_jsonl(tmp_path / "x.jsonl", [{"text": "hi"}]))], "no column(s) ['messages']"
+    elif case == "empty":
+        (tmp_path / "e.jsonl").write_text("")
+        extra, expect = ["--dataset_name", str(tmp_path / "e.jsonl")], "empty"
+    elif case == "missing_base":
+        prof = tmp_path / "m.yaml"
+        prof.write_text(f"name_or_path: {tmp_path / 'no_such_model'}\n")
+        extra, expect = ["--model_config", str(prof)], "does not exist"
+    elif case == "bad_key":
+        extra, expect = ["--lora_rr", "4"], "lora_rr"
+    res = run_python("stages.sft", tiny_args(tiny_models["llama"], runs_dir, "bad", *extra))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    err_lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and expect in err_lines[0], res.stderr[-2000:]
+    assert not (runs_dir / "bad" / "sft" / "manifest.json").exists()
+
+
+def test_config_error_in_process_for_empty_mixture(tiny_models, runs_dir):
+    with pytest.raises(ConfigError, match="no SFT data"):
+        main(*parse_args(tiny_args(tiny_models["llama"], runs_dir, "x", "--dataset_mixture", "{}")))
