@@ -17,6 +17,7 @@ import json
 import math
 import sqlite3
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,33 +87,57 @@ def describe(xs: list[float]) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- model work
 
+def reward_inputs(tokenizer, prompts: list, texts: list[str], gens) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the reward model reads: the chat-templated conversation (prompt + the reply as an assistant turn), as
+    RewardTrainer trained it and as PPO scored its rollouts (reward_input: chat). Right-padded. Without a chat
+    template: the policy's own prompt + response tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        return torch.cat([gens.prompt_ids, gens.response_ids], 1), torch.cat([gens.prompt_mask, gens.response_mask], 1)
+    seqs = []
+    for messages, text in zip(prompts, texts):
+        ids = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": text}], tokenize=True,
+                                            return_dict=False)
+        seqs.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
 @torch.no_grad()
-def rollout(stack: AdapterStack, policy: str, tokenizer, prompt_ids, sampling: SamplingConfig, seed: int, batch: int) -> dict:
+def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_ids, sampling: SamplingConfig, seed: int,
+            batch: int) -> dict:
     """Sample one response per prompt from `policy`, then score it with the reward adapter."""
     stack.use(policy)
     gens = generate(stack.model, tokenizer, prompt_ids, sampling, generator_seed=seed)
-    ids = torch.cat([gens.prompt_ids, gens.response_ids], dim=1)
-    mask = torch.cat([gens.prompt_mask, gens.response_mask], dim=1)
     device = next(stack.model.parameters()).device
-    rewards = torch.cat([stack.scores("reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device)).float().cpu()
-                         for i in range(0, len(ids), batch)])
-    return {"gens": gens, "ids": ids, "mask": mask, "rewards": rewards.tolist(), "texts": gens.texts,
+    r_ids, r_mask = reward_inputs(tokenizer, prompts, gens.texts, gens)
+    rewards = torch.cat([stack.scores("reward", r_ids[i:i + batch].to(device), r_mask[i:i + batch].to(device)).float().cpu()
+                         for i in range(0, len(r_ids), batch)])
+    return {"gens": gens, "rewards": rewards.tolist(), "texts": gens.texts,
             "lengths": gens.response_mask.sum(1).tolist(), "ended": gens.ended.tolist()}
 
 
 @torch.no_grad()
-def sequence_kl(stack: AdapterStack, policy: str, reference: str, ro: dict, batch: int) -> list[float]:
+def sequence_kl(stack: AdapterStack, policy: str, reference: str, ro: dict, batch: int, temperature: float) -> list[float]:
     """KL(policy || reference) of each response, in nats: the exact per-token KL over the vocabulary at every
-    response position (given the sampled prefix), summed over the response. Lower variance than log-ratio sums."""
+    response position (given the sampled prefix), summed over the response. Lower variance than PPO's log-ratio
+    estimate, same quantity: both distributions at the sampling temperature, as PPO's KL penalty compares them."""
     device = next(stack.model.parameters()).device
-    start = ro["gens"].prompt_ids.shape[1]  # logits at start-1 .. T-2 predict the response tokens
-    resp_mask = ro["gens"].response_mask
+    gens = ro["gens"]
+    all_ids = torch.cat([gens.prompt_ids, gens.response_ids], dim=1)
+    all_mask = torch.cat([gens.prompt_mask, gens.response_mask], dim=1)
+    start = gens.prompt_ids.shape[1]  # logits at start-1 .. T-2 predict the response tokens
+    resp_mask = gens.response_mask
+    t = temperature if temperature > 0 else 1.0
     out = []
-    for i in range(0, len(ro["ids"]), batch):
-        ids, mask = ro["ids"][i:i + batch].to(device), ro["mask"][i:i + batch].to(device)
+    for i in range(0, len(all_ids), batch):
+        ids, mask = all_ids[i:i + batch].to(device), all_mask[i:i + batch].to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate() used them
-        logp = torch.log_softmax(stack.logits(policy, ids, mask, position_ids=pos)[:, start - 1:-1].float(), -1)
-        logq = torch.log_softmax(stack.logits(reference, ids, mask, position_ids=pos)[:, start - 1:-1].float(), -1)
+        logp = torch.log_softmax(stack.logits(policy, ids, mask, position_ids=pos)[:, start - 1:-1].float() / t, -1)
+        logq = torch.log_softmax(stack.logits(reference, ids, mask, position_ids=pos)[:, start - 1:-1].float() / t, -1)
         per_token = (logp.exp() * (logp - logq)).sum(-1)
         out += (per_token * resp_mask[i:i + batch].to(device)).sum(1).cpu().tolist()
     return out
@@ -318,6 +343,11 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     sft, rm = stage.need("sft"), stage.need("rm")
     prompts = load_prompts(Path(ppo["outputs"]["heldout_prompts"]), args.max_prompts)
     rows = read_metrics(Path(ppo["outputs"]["metrics_jsonl"]))
+    trained = (ppo.get("config") or {}).get("ppo", {})
+    for ours, theirs in (("max_new_tokens", "response_length"), ("temperature", "temperature")):
+        if theirs in trained and trained[theirs] != getattr(sampling, ours) and state.is_main_process:
+            print(f"note: eval samples with {ours}={getattr(sampling, ours)}, PPO's rollouts used {theirs}={trained[theirs]}: "
+                  f"length, no-EOS share and KL are not comparable with the training curves", file=sys.stderr)
     if not state.is_main_process:  # a few hundred generations: one process does it, the others wait
         finish_distributed()
         return {}
@@ -332,9 +362,9 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
 
     # 2. Sample and score both policies; KL of PPO to the reference on PPO's own responses
-    ro_sft = rollout(stack, "sft", tokenizer, prompt_ids, sampling, args.seed, args.score_batch_size)
-    ro_ppo = rollout(stack, "ppo", tokenizer, prompt_ids, sampling, args.seed, args.score_batch_size)
-    kl = sequence_kl(stack, "ppo", "sft", ro_ppo, args.score_batch_size)
+    ro_sft = rollout(stack, "sft", tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
+    ro_ppo = rollout(stack, "ppo", tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
+    kl = sequence_kl(stack, "ppo", "sft", ro_ppo, args.score_batch_size, sampling.temperature)
 
     # 3. Figures, all computed from the per-prompt samples that report.json keeps
     samples = [{"pair_id": pair_id(p, s, q), "prompt": p, "prompt_text": p[-1]["content"], "sft": s, "ppo": q,

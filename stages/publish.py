@@ -33,6 +33,8 @@ TRAIN_KEYS = ("learning_rate", "lr_scheduler_type", "optim", "weight_decay", "wa
               "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "beta",
               "bf16", "seed")  # the TrainingArguments worth a card line (the other ~120 are defaults)
 TAGS = ["trl", "rlhf", "ppo", "lora", "peft"]
+NOT_HYPERPARAMETERS = {"save_every", "auto_resume", "resume", "report_to", "sample_every", "num_samples", "stop_after",
+                       "generation_batch_size", "forward_batch_size", "logging_steps", "model_config"}  # bookkeeping
 
 
 @dataclass
@@ -129,7 +131,9 @@ def hyperparameters(manifest: dict) -> dict:
         if section == "run" or not isinstance(values, dict):
             continue
         for k, v in flat(values).items():
-            if (section != "train" or k in TRAIN_KEYS) and v not in (None, "", [], {}) and "dir" not in k and "path" not in k:
+            local_path = isinstance(v, str) and (v.startswith("/") or "dir" in k or "path" in k)  # this box's paths
+            if (section != "train" or k in TRAIN_KEYS) and v not in (None, "", [], {}) and not local_path \
+                    and k not in NOT_HYPERPARAMETERS:
                 rows[k] = v
     return rows
 
