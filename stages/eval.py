@@ -200,7 +200,7 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
     `pairs` maps pair_id -> index of the PPO response. Ties and 'both bad' count half. None when nobody labeled."""
     if not store.is_file() or not pairs:
         return None
-    con = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    con = sqlite3.connect(store, timeout=30.0)  # read only; the labeling app may be writing (WAL)
     try:
         marks = ",".join("?" * len(pairs))
         rows = con.execute(f"SELECT pair_id, preferred FROM labels WHERE pair_id IN ({marks})", list(pairs)).fetchall()
@@ -300,8 +300,9 @@ def render_markdown(report: dict, n_rows: int) -> str:
     h = report.get("human")
     lines += [f"**Win rate judged by people: {h['rate']:.1%}** (95% CI {h['ci_low']:.1%} – {h['ci_high']:.1%}; "
               f"{h['labels']} labels on {h['pairs']} pairs)." if h else
-              "Win rate judged by people: none yet. The SFT-vs-PPO pairs are in human_pairs.jsonl (responses = [SFT, PPO]); "
-              "once people have labeled them in the labeling UI, rerun `make eval` to read the labels back.", ""]
+              f"Win rate judged by people: none yet. To get one, label the SFT-vs-PPO pairs of human_pairs.jsonl "
+              f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
+              f"then delete runs/{report['run']}/eval/manifest.json and `make eval` again: it reads the labels back.", ""]
     lines += ["## Reward hacking check", ""]
     lines += [f"- ⚠️ {flag}" for flag in report["flags"]] or ["No sign of it: the reward did not rise together with a "
                                                               "doubled length, and KL stayed below the threshold."]

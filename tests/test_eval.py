@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import statistics
 
 import pytest
 
 from pipeline.config import ConfigError
-from tests.fake_upstream import evaluated_run
+from tests.fake_upstream import build_upstream, evaluated_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,6 +72,24 @@ def test_reward_hacking_is_flagged(eval_dir):
     assert "⚠️" in (eval_dir / "report.md").read_text()
 
 
+@pytest.mark.parametrize("arch", ["gpt2"])  # absolute positions: left padding must not shift them
+def test_ppo_equal_to_sft_gives_zero_kl_and_all_ties(tmp_path, tiny_models, arch):
+    """Point the PPO manifest at the SFT adapter: same seed, same samples, so KL 0 and a 50% win rate of ties."""
+    from stages.eval import main, parse_args
+
+    runs = build_upstream(tmp_path / "runs", tiny_models[arch])
+    path = runs / "t" / "ppo" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["outputs"]["adapter"] = str(runs / "t" / "sft" / "adapter")
+    path.write_text(json.dumps(manifest))
+    m = main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
+                          "--model_config", str(tiny_models[arch]), "--max_new_tokens", "8"]))
+    report = json.loads((runs / "t" / "eval" / "report.json").read_text())
+    assert all(s["sft"] == s["ppo"] for s in report["samples"])
+    assert m["kl_mean"] == pytest.approx(0.0, abs=1e-5) and m["win_rate"] == 0.5 and report["win_rate"]["ties"] == 6
+    assert m["reward_sft_mean"] == pytest.approx(m["reward_ppo_mean"])
+
+
 def test_wilson_interval_and_ties_count_half():
     from stages.eval import wilson, win_rate
 
@@ -83,22 +100,22 @@ def test_wilson_interval_and_ties_count_half():
 
 
 def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
+    """human_pairs.jsonl goes into the labeling stage's real store; the labels come back as a win rate."""
     from stages.eval import human_win_rate
+    from stages.label.store import LabelStore
 
     samples = json.loads((eval_dir / "report.json").read_text())["samples"]
     pairs = [json.loads(line) for line in (eval_dir / "human_pairs.jsonl").read_text().splitlines()]
     assert [p["pair_id"] for p in pairs] == [s["pair_id"] for s in samples]
     assert pairs[0]["responses"] == [samples[0]["sft"], samples[0]["ppo"]]
-    store = tmp_path / "labels.sqlite"
-    con = sqlite3.connect(store)
-    con.execute("CREATE TABLE labels (pair_id TEXT, annotator TEXT, preferred INTEGER)")
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.import_items(pairs + [{"pair_id": "other", "prompt": pairs[0]["prompt"], "responses": ["x", "y"]}])
     ids = [p["pair_id"] for p in pairs]
-    # PPO (index 1) preferred twice, SFT once, one tie; a label on some other pair is ignored
-    con.executemany("INSERT INTO labels VALUES (?, ?, ?)", [(ids[0], "a", 1), (ids[1], "a", 1), (ids[2], "a", 0),
-                                                            (ids[3], "a", None), ("other", "a", 1)])
-    con.commit()
-    con.close()
-    h = human_win_rate(store, {i: 1 for i in ids})
+    # PPO (response 1) preferred twice (shown left once, right once), SFT once, one tie; a label elsewhere is ignored
+    for pid, choice, shown_left in ((ids[0], "left", 1), (ids[1], "right", 0), (ids[2], "left", 0), (ids[3], "tie", 0),
+                                    ("other", "left", 1)):
+        store.save_label("ann", pid, choice, shown_left)
+    h = human_win_rate(store.path, {i: 1 for i in ids})
     assert h["labels"] == 4 and h["rate"] == pytest.approx(2.5 / 4) and h["ci_low"] < h["rate"] < h["ci_high"]
     assert human_win_rate(tmp_path / "missing.sqlite", {i: 1 for i in ids}) is None
 
