@@ -61,8 +61,10 @@ def test_export_reads_into_reward_and_dpo_trainers(tiny_models, runs_dir, tmp_pa
 
     dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=DPOConfig(**common),
                      train_dataset=ds, processing_class=tok)
-    print(dpo.train_dataset.column_names, dpo.train_dataset[0])
-    assert 0
+    dpo_rows = {r["pair_id"]: r for r in dpo.train_dataset}
+    assert "maj answer one" in tok.decode(dpo_rows["maj"]["chosen_ids"])
+    assert "Tell me about maj." in tok.decode(dpo_rows["maj"]["prompt_ids"])
+    assert dpo.train().training_loss > 0
 
 
 def test_export_cli_keeps_ties_when_asked_and_pushes_with_a_card(runs_dir, monkeypatch):
@@ -96,5 +98,13 @@ def test_export_cli_keeps_ties_when_asked_and_pushes_with_a_card(runs_dir, monke
 
 
 def test_export_without_labels_says_what_to_do(runs_dir):
-    proc = run_python("stages.label.export", ["--config", "configs/label.yaml", "--run", "empty", "--runs_dir", str(runs_dir)])
-    assert proc.returncode == 2 and "make label RUN=empty" in proc.stderr
+    from pipeline.config import RunArgs, parse
+    from stages.label.config import ExportArgs, LabelArgs
+    from stages.label.export import main
+
+    argv = ["--config", "configs/label.yaml", "--run", "empty", "--runs_dir", str(runs_dir)]
+    with pytest.raises(ConfigError, match="make label RUN=empty"):
+        main(*parse((LabelArgs, ExportArgs, RunArgs), argv))
+    LabelStore(db_path(str(runs_dir), "empty")).import_items([])
+    with pytest.raises(ConfigError, match="holds no labels yet"):
+        main(*parse((LabelArgs, ExportArgs, RunArgs), argv))

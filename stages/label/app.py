@@ -49,9 +49,8 @@ HEAD = """<script>
 </script>"""
 
 CSS = """
-.response { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 14px; min-height: 120px; }
-#progress progress { width: 100%; height: 10px; }
-#progress .row { display: flex; gap: 12px; align-items: center; } #progress .row span { white-space: nowrap; min-width: 22em; }
+#progress progress { width: 100%; height: 8px; margin: 2px 0 8px; accent-color: var(--color-accent); }
+#prompt button[aria-label="Clear"] { display: none; }
 """
 
 CHOICE_TEXT = {"left": "left is better", "right": "right is better", "tie": "tie", "both_bad": "both bad"}
@@ -68,15 +67,16 @@ def describe(label: dict) -> str:
     return f"{text} ({label['strength']})" if label.get("strength") else text
 
 
-def progress_html(p: dict) -> str:
+def progress_html(p: dict, annotator: str | None = None) -> str:
     mine = p.get("mine", 0)
     mine_total = mine + p.get("open_to_me", 0)
     pct = p["pairs_done"] / p["pairs"] if p["pairs"] else 1.0
-    return (f'<div class="row"><span>Yours: <b>{mine} labeled</b> · {p.get("open_to_me", 0)} still open to you</span>'
-            f'<progress max="{max(mine_total, 1)}" value="{mine}"></progress></div>'
-            f'<div class="row"><span>Overall: <b>{p["pairs_done"]} of {p["pairs"]} pairs done</b> ({pct:.0%}) · '
-            f'{p["labels"]} labels · overlap {p["overlap"]}</span>'
-            f'<progress max="{max(p["pairs"], 1)}" value="{p["pairs_done"]}"></progress></div>')
+    who = f" ({html.escape(annotator)})" if annotator else ""
+    return (f'<div>Yours{who}: <b>{mine} labeled</b> · {p.get("open_to_me", 0)} still open to you</div>'
+            f'<progress max="{max(mine_total, 1)}" value="{mine}"></progress>'
+            f'<div>Overall: <b>{p["pairs_done"]} of {p["pairs"]} pairs done</b> ({pct:.0%}) · '
+            f'{p["labels"]} labels · overlap {p["overlap"]}</div>'
+            f'<progress max="{max(p["pairs"], 1)}" value="{p["pairs_done"]}"></progress>')
 
 
 def build_app(store: LabelStore, guidelines_md: str, title: str = "Which response is better?",
@@ -88,7 +88,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
         state = gr.State({})  # {"annotator", "pair_id", "shown_left", "editing"}
         saved_name = gr.BrowserState("", storage_key="rlhf-label-annotator", secret="rlhf-label-name")
         gr.Markdown(f"## {html.escape(title)}")
-        with gr.Row(visible=not use_login) as who:
+        with gr.Row(visible=False) as who:
             name = gr.Textbox(label="Your name (stored with every label)", elem_id="name", scale=3)
             start = gr.Button("Start labeling", elem_id="btn-start", variant="primary", scale=1)
         progress = gr.HTML(elem_id="progress")
@@ -96,14 +96,17 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
         with gr.Tabs():
             with gr.Tab("Label", id="label"):
                 with gr.Column(visible=False, elem_id="item") as item_col:
-                    chat = gr.Chatbot(label="Prompt", elem_id="prompt", height=220, feedback_options=None, buttons=[])
+                    chat = gr.Chatbot(label="Prompt", elem_id="prompt", height=None, min_height=90, max_height=320,
+                                      feedback_options=None, buttons=[])
                     with gr.Row(equal_height=True):
                         with gr.Column():
                             gr.Markdown("**Left** — key 1 or ←")
-                            left = gr.Markdown(elem_id="left", elem_classes="response")
+                            left = gr.Markdown(elem_id="left", container=True, padding=True, min_height=110,
+                                               line_breaks=True)
                         with gr.Column():
                             gr.Markdown("**Right** — key 2 or →")
-                            right = gr.Markdown(elem_id="right", elem_classes="response")
+                            right = gr.Markdown(elem_id="right", container=True, padding=True, min_height=110,
+                                                line_breaks=True)
                     with gr.Row():
                         b_left = gr.Button("◀ Left is better [1]", elem_id="btn-left", variant="primary")
                         b_tie = gr.Button("Tie [3]", elem_id="btn-tie")
@@ -116,7 +119,9 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                         note = gr.Textbox(label="Note (optional) [N]", lines=2, elem_id="note")
                     b_skip = gr.Button("Skip this pair [S]", elem_id="btn-skip", size="sm")
                 done = gr.Markdown(visible=False, elem_id="done")
-                b_undo = gr.Button("Undo my last label [U]", elem_id="btn-undo", size="sm", visible=False)
+                with gr.Row():
+                    b_undo = gr.Button("Undo my last label [U]", elem_id="btn-undo", size="sm", visible=False)
+                    b_switch = gr.Button("Switch annotator", elem_id="btn-switch", size="sm", visible=False)
                 with gr.Accordion("Guidelines [G]", open=False, elem_id="guidelines"):
                     gr.Markdown(guidelines_md + "\n\n**Keyboard shortcuts**\n\n" + shortcuts_md)
                 with gr.Accordion("Change an earlier label", open=False, elem_id="earlier", visible=False) as earlier_box:
@@ -126,14 +131,15 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 b_stats = gr.Button("Refresh", elem_id="btn-stats", size="sm")
                 stats_md = gr.Markdown(elem_id="stats")
 
-        view_outputs = [state, who, item_col, done, b_undo, earlier_box, chat, left, right, strength, note, progress,
-                        status, earlier]
+        view_outputs = [state, who, b_switch, item_col, done, b_undo, earlier_box, chat, left, right, strength, note,
+                        progress, status, earlier]
 
         def view(st: dict, message: str = ""):
             """Everything on screen for this annotator; claims the next pair (a lease) when none is open."""
             me = st.get("annotator")
             if not me:
-                return (st, gr.update(visible=True), gr.update(visible=False), gr.update(visible=False),
+                return (st, gr.update(visible=not use_login), gr.update(visible=False), gr.update(visible=False),
+                        gr.update(visible=False),
                         gr.update(visible=False), gr.update(visible=False), [], "", "", "", "",
                         progress_html(store.progress()), message or "Type your name to start.", gr.update())
             item = store.reopen(me, st["pair_id"]) if st.get("editing") else None
@@ -143,27 +149,29 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             mine = store.my_labels(me)
             choices = [(f"{time.strftime('%H:%M', time.localtime(m['updated_at']))} · {describe(m)} · "
                         f"{m['prompt'][-1]['content'][:60]}", m["pair_id"]) for m in mine]
-            common = (gr.update(visible=not use_login), gr.update(visible=bool(mine)), gr.update(visible=bool(mine)))
+            common = (gr.update(visible=False), gr.update(visible=not use_login), gr.update(visible=bool(mine)),
+                      gr.update(visible=bool(mine)))
             prog = store.progress(me)
             if item is None:
                 held = f" {prog['held_by_others']} pair(s) are open with others; they come back here if not answered " \
                        f"within {store.lease_s / 60:.0f} min." if prog["held_by_others"] else ""
                 done_md = (f"### All done ✓\nNothing is left for you, {html.escape(me)}: you labeled {prog['mine']} "
                            f"pair(s). Thank you!{held}")
-                return ({"annotator": me}, common[0], gr.update(visible=False), gr.update(value=done_md, visible=True),
-                        common[1], common[2], [], "", "", "", "", progress_html(prog), message,
-                        gr.update(choices=choices, value=None))
+                return ({"annotator": me}, common[0], common[1], gr.update(visible=False),
+                        gr.update(value=done_md, visible=True), common[2], common[3], [], "", "", "", "",
+                        progress_html(prog, me), message, gr.update(choices=choices, value=None))
             st = {**st, "pair_id": item.pair_id, "shown_left": item.shown_left}
             if item.label is not None:
                 message = (f"Changing your label on this pair (you chose: **{describe(item.label)}**). Choose again, "
                            f"or Skip to leave it as it is.")
-            messages = [{"role": m["role"] if m["role"] in ("user", "assistant") else "user", "content": m["content"]}
+            messages = [m if m["role"] in ("user", "assistant") else {"role": "user", "content": f"*{m['role']}:* {m['content']}"}
                         for m in item.prompt]
             empty = "*(empty response)*"
-            return (st, common[0], gr.update(visible=True), gr.update(visible=False), common[1], common[2], messages,
+            return (st, common[0], common[1], gr.update(visible=True), gr.update(visible=False), common[2], common[3],
+                    messages,
                     item.left or empty, item.right or empty,
                     (item.label or {}).get("strength") or "", (item.label or {}).get("note") or "",
-                    progress_html(prog), message, gr.update(choices=choices, value=None))
+                    progress_html(prog, me), message, gr.update(choices=choices, value=None))
 
         def on_load(saved: str, request: gr.Request):
             annotator = request.username if use_login else clean_name(saved)
@@ -213,6 +221,11 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 return view(st, "Pick one of your labels first.")
             return view({"annotator": st["annotator"], "pair_id": pair_id, "editing": True})
 
+        def on_switch(st: dict):
+            if st.get("annotator") and st.get("pair_id") and not st.get("editing"):
+                store.release(st["annotator"], st["pair_id"])  # hand the open pair back at once
+            return (*view({}, "Type the name to label as."), "")
+
         def on_stats():
             return to_markdown(summarize(store.labels()), store.overlap, store.progress()["blocked"])
 
@@ -224,6 +237,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
         b_skip.click(on_skip, [state], view_outputs)
         b_undo.click(on_undo, [state], view_outputs)
         b_open.click(on_open, [earlier, state], view_outputs)
+        b_switch.click(on_switch, [state], view_outputs + [saved_name])
         b_stats.click(on_stats, None, stats_md)
         demo.load(on_stats, None, stats_md)
     return demo

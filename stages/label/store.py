@@ -220,6 +220,11 @@ class LabelStore:
                         (row["pair_id"], annotator, left, now, now + self.lease_s))
             return self._item(con, row["pair_id"], left)
 
+    def release(self, annotator: str, pair_id: str) -> None:
+        """Give an opened pair back to the pool now (the annotator leaves), instead of at the lease timeout."""
+        with self._tx() as con:
+            con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
+
     def reopen(self, annotator: str, pair_id: str) -> Item | None:
         """One of this annotator's labeled pairs, in the order they saw it, with their label: to change their mind."""
         with self._read() as con:
