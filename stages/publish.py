@@ -380,10 +380,10 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
 
     # 2. The preference dataset, for its own dataset repo
     dataset_folder, dataset_repo = None, None
+    shutil.rmtree(stage.dir / "dataset", ignore_errors=True)  # an earlier --include_dataset run's folder is not uploaded now
     if label:
         dataset_repo = args.dataset_repo_id or f"{repo}-preferences"
         dataset_folder = stage.dir / "dataset"
-        shutil.rmtree(dataset_folder, ignore_errors=True)
         export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run)
 
     # 3. The card, from the manifests
