@@ -152,7 +152,11 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
 
     from pipeline.models import load_tokenizer, profile_from, resolve_base, save_fingerprint
 
-    state = PartialState()
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without cpu=True, two CPU ranks
+    # launched by torchrun would each come up as a lone process (STACK-NOTES item 2).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     stage = StageRun("ppo", run.run, run.runs_dir)
     config = {"ppo": to_dict(cfg), "run": to_dict(run)}
     profile = profile_from(run.model_config)

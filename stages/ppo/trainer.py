@@ -188,6 +188,7 @@ class PPOTrainer:
         }
         return adv, returns, stats
 
+    @torch.enable_grad()
     def _optimise(self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         cfg, lm, stack = self.cfg, self.lm, self.stack
         B = ro.response_ids.shape[0]
@@ -195,7 +196,8 @@ class PPOTrainer:
         sums = {k: 0.0 for k in ("policy_loss", "value_loss", "clipfrac_policy", "clipfrac_value", "approx_kl",
                                  "grad_norm", "entropy_update")}
         n_steps = n_tokens = 0
-        lm.train()  # dropout is off everywhere (disable_dropout); train() only lets gradient checkpointing act
+        if cfg.gradient_checkpointing:
+            lm.train()  # HF checkpoints only in train mode; dropout is off everywhere (disable_dropout)
         for _ in range(cfg.num_ppo_epochs):
             perm = torch.randperm(B, generator=self.perm_gen)
             for m in range(cfg.num_mini_batches):

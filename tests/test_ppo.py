@@ -1,0 +1,353 @@
+"""The PPO stage (stages/ppo/) on tiny random models: real main() on configs/ppo.yaml with tiny overrides.
+
+Upstream is made here (the rm stage is written in parallel): an SFT adapter and a reward adapter with random,
+non-zero LoRA weights (tests/fake_upstream.py), plus sft/rm manifests written by StageRun as the stages write them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.run import StageRun
+from stages.ppo import main, parse_args
+from stages.ppo.trainer import TIMING_KEYS
+from tests.conftest import ARCHS, REPO, run_module, run_python
+from tests.fake_upstream import METRIC_KEYS, _lora_adapter
+
+PROMPTS = ["Tell me about rabbits.", "What is two plus two?", "Name a colour.", "Say hello.", "Why is the sky blue?",
+           "Write one sentence about the sea.", "What do cats eat?", "Tell me a story.", "Who was Alice?",
+           "Where do rabbits live?", "Is the sun hot?", "Count to three.", "Describe a garden.", "What is tea?",
+           "Give me a name for a dog.", "What is a queen?", "How big is a mouse?", "Sing a song.", "Why do we sleep?",
+           "What colour is grass?", "Tell me a joke.", "What is a book?", "Say something kind.", "What is rain?"]
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in PROMPTS))
+    return path
+
+
+_ADAPTERS: dict[str, tuple[Path, Path]] = {}
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_models, tmp_path_factory):
+    """arch -> (sft adapter, reward adapter), built once per session on demand."""
+    import yaml
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in _ADAPTERS:
+            spec = yaml.safe_load(Path(tiny_models[arch]).read_text())
+            root = tmp_path_factory.mktemp(f"adapters-{arch}")
+            sft = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], root / "sft", seed=1)
+            rm = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], root / "rm", seed=2, task_type="SEQ_CLS")
+            _ADAPTERS[arch] = (sft, rm)
+        return _ADAPTERS[arch]
+
+    return get
+
+
+TINY = ["--response_length", "12", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--num_ppo_epochs", "2", "--total_updates", "3", "--learning_rate", "3e-3", "--sample_every", "0",
+        "--progress_bar", "false", "--max_prompt_length", "48"]
+
+
+def ppo_args(profile, runs_dir, run, prompts_file, sft=None, rm=None, *extra) -> list[str]:
+    args = ["--config", "configs/ppo.yaml", "--run", run, "--runs_dir", str(runs_dir), "--model_config", str(profile),
+            "--dataset_name", str(prompts_file), *TINY]
+    if sft:
+        args += ["--sft_adapter", str(sft)]
+    if rm:
+        args += ["--reward_adapter", str(rm)]
+    return args + [str(e) for e in extra]
+
+
+def run_ppo(profile, runs_dir, run, prompts_file, sft=None, rm=None, *extra, reward_fn=None) -> dict:
+    return main(*parse_args(ppo_args(profile, runs_dir, run, prompts_file, sft, rm, *extra)), reward_fn=reward_fn)
+
+
+def read_metrics(runs_dir, run) -> list[dict]:
+    return [json.loads(l) for l in (Path(runs_dir) / run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+
+def token_count_reward(token_id: int):
+    """Toy reward a tiny model can learn: how often the response uses one given token (share x length)."""
+    def reward_fn(prompts, response_ids, response_mask, texts):
+        return ((response_ids == token_id) & response_mask.bool()).sum(1).float()
+    return reward_fn
+
+
+def zero_head_copy(rm_dir: Path, out: Path) -> Path:
+    """The reward adapter with its score head zeroed: a critic that starts at 0, on the toy reward's scale (a random
+    RM's per-token values would swamp a reward of a few tokens; a real RM is trained and normalised)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(rm_dir, out)
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if ".score." in k else v for k, v in sd.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def test_yaml_parses_and_rejects_unknown_keys(tmp_path):
+    cfg, run = parse_args(["--config", "configs/ppo.yaml"])
+    assert cfg.kl_coef == 0.05 and cfg.num_ppo_epochs == 4 and run.model_config == "configs/models/tiny.yaml"
+    assert cfg.local_batch_size == cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    bad = tmp_path / "ppo.yaml"
+    bad.write_text((REPO / "configs/ppo.yaml").read_text() + "\nkl_coeff: 0.1\n")
+    with pytest.raises(ConfigError, match="kl_coeff.*did you mean 'kl_coef'"):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="long_prompts must be one of"):
+        parse_args(["--config", "configs/ppo.yaml", "--long_prompts", "cut"])
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+
+@pytest.fixture
+def no_grad():
+    """Comparisons only; the trainer turns gradients on for its own update."""
+    prev = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    yield
+    torch.set_grad_enabled(prev)
+
+
+def test_one_base_four_adapters_equal_separate_models(tiny_models, adapters, prompts_file, tmp_path, no_grad):
+    """Sampling log-probs, reference log-probs, values and rewards from the adapter stack equal those of separate
+    SFT and reward models; after some updates the reference still equals the SFT model and the policy does not."""
+    from accelerate import PartialState
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack, load_prompts
+    from stages.ppo.rollout import collect
+    from stages.ppo.trainer import PPOTrainer
+
+    sft_dir, rm_dir = adapters("llama")
+    cfg, run = parse_args(ppo_args(tiny_models["llama"], tmp_path, "x", prompts_file))
+    profile = profile_from(run.model_config)
+    tok = load_tokenizer(profile)
+    prompts, ids, _, _ = load_prompts(cfg, tok)
+    stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False)
+    gen = torch.Generator().manual_seed(0)
+    ro = collect(stack, tok, prompts[:6], ids[:6], cfg, gen)
+
+    base_dir = profile.name_or_path
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(sft_dir)).eval()
+    rm_base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    rm_base.config.pad_token_id = tok.pad_token_id
+    rm = PeftModel.from_pretrained(rm_base, str(rm_dir)).eval()
+
+    def sft_logprobs(ro):
+        P, R = ro.query_ids.shape[1], ro.response_ids.shape[1]
+        full = torch.cat([ro.query_ids, ro.response_ids], 1)
+        mask = torch.cat([ro.query_mask, ro.response_mask], 1)
+        logits = sft(input_ids=full, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        lp = torch.log_softmax(logits[:, P - 1 : P - 1 + R] / cfg.temperature, -1)
+        return lp.gather(-1, ro.response_ids.unsqueeze(-1)).squeeze(-1) * ro.response_mask
+
+    def rm_scores(ro):
+        out = []
+        for p, text in zip(ro.prompts, ro.texts):
+            conv = tok.apply_chat_template(p + [{"role": "assistant", "content": text}], tokenize=True, return_dict=False)
+            out.append(rm(input_ids=torch.tensor([list(conv)])).logits[0, 0].item())
+        return torch.tensor(out)
+
+    ref = sft_logprobs(ro)
+    assert ro.response_mask.sum() > 20
+    assert torch.allclose(ro.ref_logprobs, ref, atol=1e-5), "reference adapter != the SFT model"
+    assert torch.allclose(ro.logprobs, ref, atol=1e-4), "sampling log-probs (KV cache) != a full forward of the policy"
+    assert torch.allclose(ro.scores_raw, rm_scores(ro), atol=1e-5), "reward adapter != the reward model"
+    # value at response step t = the RM's score of prompt + response[:t] (the value adapter starts as the RM)
+    for i in range(3):
+        q = ro.query_ids[i][ro.query_mask[i].bool()].tolist()
+        for t in range(int(ro.response_mask[i].sum())):
+            prefix = torch.tensor([q + ro.response_ids[i, :t].tolist()])
+            assert ro.values[i, t].item() == pytest.approx(rm(input_ids=prefix).logits[0, 0].item(), abs=1e-5)
+
+    # Train a little; the reference and reward adapters must not move, the policy and value must.
+    trainer = PPOTrainer(cfg, stack, tok, prompts, ids, tmp_path, PartialState(), reward_fn=token_count_reward(7))
+    for _ in range(2):
+        trainer.step()
+    ro2 = collect(stack, tok, prompts[:6], ids[:6], cfg, torch.Generator().manual_seed(1))
+    assert torch.allclose(ro2.ref_logprobs, sft_logprobs(ro2), atol=1e-5)
+    assert torch.allclose(ro2.scores_raw, rm_scores(ro2), atol=1e-5)
+    assert (ro2.logprobs - sft_logprobs(ro2)).abs().max() > 1e-3, "the policy did not change"
+
+    # kl_coef 0: the reference forward is skipped entirely
+    cfg.kl_coef = 0.0
+    assert collect(stack, tok, prompts[:4], ids[:4], cfg, gen).ref_logprobs is None
+
+
+# ------------------------------------------------------------------------------------------------ learning
+
+def test_toy_reward_rises_and_kl_holds_the_policy_near_the_reference(tiny_models, adapters, prompts_file, runs_dir,
+                                                                     tmp_path):
+    from pipeline.models import load_tokenizer, profile_from
+
+    sft, rm = adapters("llama")
+    critic0 = zero_head_copy(rm, tmp_path / "rm0")
+    token = load_tokenizer(profile_from(str(tiny_models["llama"]))).convert_tokens_to_ids("he")
+    common = ["--total_updates", "24", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+              "--num_ppo_epochs", "4", "--missing_eos_penalty", "0", "--learning_rate", "5e-3", "--save_every", "0"]
+    free = run_ppo(tiny_models["llama"], runs_dir, "free", prompts_file, sft, critic0, *common, "--kl_coef", "0.02",
+                   reward_fn=token_count_reward(token))
+    rows = read_metrics(runs_dir, "free")
+    first = sum(r["reward_raw"] for r in rows[:5]) / 5
+    last = sum(r["reward_raw"] for r in rows[-5:]) / 5
+    assert last > first + 0.8, f"toy reward did not rise clearly: {first:.3f} -> {last:.3f}"  # 0.42 -> 1.94 here
+    assert all(r["kl"] is not None and math.isfinite(r["kl"]) for r in rows)
+    assert rows[-1]["kl"] > 1.0, "the policy should have moved away from the reference"
+    assert free["reward_gain"] > 0.8
+
+    tight = run_ppo(tiny_models["llama"], runs_dir, "tight", prompts_file, sft, critic0, *common, "--kl_coef", "1",
+                    reward_fn=token_count_reward(token))
+    tight_rows = read_metrics(runs_dir, "tight")
+    assert max(r["kl"] for r in tight_rows[-5:]) < 0.5 * rows[-1]["kl"], (tight_rows[-1]["kl"], rows[-1]["kl"])
+    assert tight["reward_gain"] < 0.5 * free["reward_gain"]
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_models, adapters, prompts_file, runs_dir):
+    sft, rm = adapters("llama")
+    args = (tiny_models["llama"], runs_dir)
+    extra = ["--total_updates", "4", "--save_every", "0", "--adaptive_kl", "true", "--kl_target", "0.01"]
+    run_ppo(*args, "straight", prompts_file, sft, rm, *extra)
+    out = run_ppo(*args, "split", prompts_file, sft, rm, *extra, "--stop_after", "2")
+    assert out == {"stopped": True, "update": 2}
+    assert not (Path(runs_dir) / "split/ppo/manifest.json").exists()
+    assert len(read_metrics(runs_dir, "split")) == 2
+    run_ppo(*args, "split", prompts_file, sft, rm, *extra, "--resume")
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+    straight, split = strip(read_metrics(runs_dir, "straight")), strip(read_metrics(runs_dir, "split"))
+    assert [r["update"] for r in split] == [1, 2, 3, 4]
+    assert split == straight  # exact: same floats, including the adaptive KL coefficient and the LR schedule
+    assert len({r["kl_coef"] for r in straight}) > 1, "adaptive KL should have moved the coefficient"
+    for name in ("adapter", "value_adapter"):
+        a = (Path(runs_dir) / "straight/ppo" / name / "adapter_model.safetensors").read_bytes()
+        b = (Path(runs_dir) / "split/ppo" / name / "adapter_model.safetensors").read_bytes()
+        assert a == b, f"{name} differs after resume"
+
+    # A killed run is simply started again (no --resume): it continues from its last checkpoint.
+    run_ppo(*args, "killed", prompts_file, sft, rm, *extra, "--stop_after", "3")
+    run_ppo(*args, "killed", prompts_file, sft, rm, *extra)
+    assert strip(read_metrics(runs_dir, "killed")) == straight
+
+
+# ------------------------------------------------------------------------------------------------ architectures
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_runs_on_four_architectures(arch, tiny_models, adapters, prompts_file, runs_dir):
+    from safetensors.torch import load_file
+
+    sft, rm = adapters(arch)
+    metrics = run_ppo(tiny_models[arch], runs_dir, arch, prompts_file, sft, rm, "--total_updates", "2")
+    out = Path(runs_dir) / arch / "ppo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["updates"] == 2 and metrics["model_copies"] == 1
+    rows = read_metrics(runs_dir, arch)
+    assert set(METRIC_KEYS) <= set(rows[0])
+    assert all(isinstance(rows[-1][k], (int, float)) for k in METRIC_KEYS), rows[-1]
+    before, after = load_file(str(sft / "adapter_model.safetensors")), load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "policy weights did not move"
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+def _upstream_manifests(runs_dir: Path, run: str, sft: Path, rm: Path) -> None:
+    s = StageRun("sft", run, str(runs_dir))
+    s.prepare({})
+    s.finish({"adapter": sft}, {"train_loss": 1.0}, {})
+    r = StageRun("rm", run, str(runs_dir))
+    r.prepare({})
+    r.finish({"adapter": rm}, {"eval_accuracy": 0.6, "reward_mean": 0.1, "reward_std": 2.0}, {})
+
+
+@pytest.mark.slow
+def test_two_processes_stay_in_sync_and_outputs_load(tiny_models, adapters, prompts_file, runs_dir, tmp_path):
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+    sft, rm = adapters("llama")
+    _upstream_manifests(runs_dir, "ddp", sft, rm)
+    res = run_module("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "ddp", prompts_file), processes=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((Path(runs_dir) / "ddp/ppo/manifest.json").read_text())
+    m = manifest["metrics"]
+    assert m["world_size"] == 2
+    assert m["episodes"] == 2 * 8 * 3  # both ranks' episodes count: 2 x (4 x 2) x 3 updates
+    assert len(m["rank_param_digests"]) == 2 and m["ranks_in_sync"], m["rank_param_digests"]
+    for key in ("reward_first", "reward_last", "reward_gain", "kl_last", "updates", "episodes_per_s"):
+        assert key in m
+    assert set(manifest["outputs"]) >= {"adapter", "value_adapter", "metrics_jsonl", "heldout_prompts"}
+    assert manifest["upstream"]["sft"]["outputs"]["adapter"] == str(sft)
+    held = [json.loads(l)["prompt"] for l in Path(manifest["outputs"]["heldout_prompts"]).read_text().splitlines()]
+    assert len(held) == int(len(PROMPTS) * 0.1) and all(p[-1]["content"] in PROMPTS for p in held)
+    assert m["prompts_train"] == len(PROMPTS) - len(held)
+
+    # Stock PEFT loads both outputs from any working directory.
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        policy = AutoPeftModelForCausalLM.from_pretrained(manifest["outputs"]["adapter"])
+        value = AutoPeftModelForSequenceClassification.from_pretrained(manifest["outputs"]["value_adapter"], num_labels=1)
+    finally:
+        os.chdir(cwd)
+    assert policy.active_adapter == "default" and value.active_adapter == "default"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def test_bad_inputs_are_refused_clearly(tiny_models, adapters, prompts_file, runs_dir, tmp_path):
+    sft, rm = adapters("llama")
+    _, gpt2_rm = adapters("gpt2")
+    llama = tiny_models["llama"]
+    with pytest.raises(ConfigError, match="reward adapter .* was trained on base .*model_type: adapter gpt2 vs base llama"):
+        run_ppo(llama, runs_dir, "a", prompts_file, sft, gpt2_rm)
+    with pytest.raises(ConfigError, match="not a reward model"):
+        run_ppo(llama, runs_dir, "b", prompts_file, sft, sft)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        run_ppo(llama, runs_dir, "c", empty, sft, rm)
+    with pytest.raises(ConfigError, match=r"(\d+) of \1 training prompts are longer than max_prompt_length=3 tokens"):
+        run_ppo(llama, runs_dir, "d", prompts_file, sft, rm, "--max_prompt_length", "3", "--long_prompts", "error")
+    with pytest.raises(ConfigError, match="none is left to train on"):
+        run_ppo(llama, runs_dir, "d", prompts_file, sft, rm, "--max_prompt_length", "3")
+    with pytest.raises(ConfigError, match="no checkpoint .* to continue from"):
+        run_ppo(llama, runs_dir, "e", prompts_file, sft, rm, "--resume")
+    with pytest.raises(ConfigError, match="needs the sft stage of run 'f'"):
+        run_ppo(llama, runs_dir, "f", prompts_file)
+
+
+def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file, runs_dir, capsys):
+    sft, rm = adapters("llama")
+    m = run_ppo(tiny_models["llama"], runs_dir, "trunc", prompts_file, sft, rm, "--max_prompt_length", "12",
+                "--long_prompts", "truncate", "--total_updates", "1")
+    err = capsys.readouterr().err
+    assert "longer than max_prompt_length=12 tokens" in err and "truncated to their last 12 tokens" in err
+    assert m["prompts_long"] > 0 and m["prompts_train"] == m["prompts_total"] - m["prompts_heldout"]
+
+
+def test_cli_error_is_one_line_with_exit_code_2(tiny_models, adapters, prompts_file, runs_dir):
+    sft, rm = adapters("llama")
+    res = run_python("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "cli", prompts_file, sft, rm, "--resume"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --resume: there is no checkpoint")
+    assert "Traceback" not in res.stderr
