@@ -2,7 +2,7 @@
 
     make rm                                    # accelerate launch ... -m stages.rm --config configs/rm.yaml
     make rm ARGS="--dataset_name my_prefs.jsonl --learning_rate 1e-4"
-    python -m stages.rm --reload-check ADAPTER_DIR EVAL_PAIRS.jsonl OUT.json   # what the stage runs at the end
+    python -m stages.rm --reload-check ADAPTER_DIR EVAL_PAIRS.jsonl OUT.json [DTYPE BATCH]   # the stage's last check
 
 Reads: the SFT manifest of the run (the reward model must sit on the policy's base, so that PPO can stack both
 adapters on one model), this run's label export when present, and the bundled human preferences in
@@ -44,11 +44,13 @@ STRENGTH_WORDS = {"much": 1.0, "significantly": 1.0, "better": 2 / 3, "slightly"
 @dataclass
 class RMArgs:
     # Data
-    dataset_name: str | None = field(default=None, metadata={"help": "Your own preference data (file, folder or Hub id), any TRL preference format; replaces the mixture."})
-    dataset_mixture: dict = field(default_factory=dict, metadata={"help": "Source -> {weight, max_rows}. 'label-export' is this run's labels, when present."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out (whole prompts: no prompt in both halves)."})
-    margin_scale: float = field(default=0.0, metadata={"help": "0 = plain Bradley-Terry; >0 = margin loss, margin = scale x strength."})
-    margin_column: str = field(default="strength", metadata={"help": "Column holding the label strength (number or slightly/much)."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Your own preference data (file, folder or Hub id) in any TRL preference format; replaces the mixture."})
+    dataset_mixture: dict = field(default_factory=dict, metadata={
+        "help": "Source -> {weight, max_rows}; 'label-export' is this run's labels, when present. JSON on the CLI."})
+    eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt in both halves)."})
+    margin_scale: float = field(default=0.0, metadata={"help": "0: plain Bradley-Terry; >0: margin = scale x strength."})
+    margin_column: str = field(default="strength", metadata={"help": "Label strength column (a number, or slightly/much)."})
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32
@@ -61,6 +63,8 @@ class RMArgs:
             unknown = set(spec or {}) - {"weight", "max_rows"}
             if unknown:
                 raise ValueError(f"dataset_mixture['{key}'] has unknown key(s) {sorted(unknown)}: use weight, max_rows")
+            if float((spec or {}).get("weight", 1.0)) < 0:
+                raise ValueError(f"dataset_mixture['{key}'] has a negative weight")
 
 
 # ---------------------------------------------------------------- data: any TRL preference format -> explicit pairs
@@ -78,7 +82,8 @@ def strength_value(value, column: str) -> float:
         return float(value)
     word = str(value).strip().lower().split()[0]
     if word not in STRENGTH_WORDS:
-        raise ConfigError(f"label strength {value!r} in column '{column}' is neither a number nor one of {sorted(STRENGTH_WORDS)}")
+        raise ConfigError(f"label strength {value!r} in column '{column}' is neither a number nor one of "
+                          f"{sorted(STRENGTH_WORDS)}")
     return STRENGTH_WORDS[word]
 
 
@@ -86,8 +91,8 @@ def is_messages(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
 
 
-def to_pairs(ds, source: str, args: RMArgs, counts: Counter, source_column: bool = False) -> list[dict]:
-    """Rows -> {prompt, chosen, rejected, source, margin}; equal or empty pairs dropped and counted.
+def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = False) -> list[dict]:
+    """Rows -> {prompt, chosen, rejected, source, margin, tie}; equal or empty pairs dropped, counted per source.
 
     Implicit-prompt rows (chosen/rejected hold the whole conversation or text) get their shared prefix as the
     prompt, as TRL does, so that every pair has a prompt to split on."""
@@ -95,33 +100,36 @@ def to_pairs(ds, source: str, args: RMArgs, counts: Counter, source_column: bool
 
     pairs = []
     for i, row in enumerate(ds):
-        counts["read"] += 1
+        name = str(row["source"]) if source_column else source
+        counts[name]["read"] += 1
         if row["chosen"] == row["rejected"]:
-            counts["dropped_equal"] += 1
+            counts[name]["equal"] += 1
             continue
         ex = maybe_extract_prompt({k: row[k] for k in ("prompt", "chosen", "rejected") if row.get(k) is not None})
         if is_empty(ex["chosen"]) or is_empty(ex["rejected"]):
-            counts["dropped_empty"] += 1
+            counts[name]["empty"] += 1
             continue
-        kinds = {is_messages(ex["chosen"]), is_messages(ex["rejected"])} | ({is_messages(ex["prompt"])} if ex["prompt"] else set())
-        if len(kinds) > 1:
+        fields = [ex["chosen"], ex["rejected"]] + ([ex["prompt"]] if ex["prompt"] else [])
+        if len({is_messages(f) for f in fields}) > 1:
             raise ConfigError(f"{source} row {i} mixes plain-text and conversational fields: give prompt, chosen and "
                               f"rejected all as strings or all as lists of {{'role', 'content'}} messages")
-        margin = args.margin_scale * strength_value(row.get(args.margin_column), args.margin_column) if args.margin_scale else 0.0
-        pairs.append({"prompt": ex["prompt"], "chosen": ex["chosen"], "rejected": ex["rejected"],
-                      "source": str(row["source"]) if source_column else source, "margin": margin})
+        strength = strength_value(row.get(args.margin_column), args.margin_column) if args.margin_scale else 0.0
+        # A tie exported in both orders (label-export's is_tie) trains the rewards together; it has no right answer.
+        pairs.append({"prompt": ex["prompt"], "chosen": ex["chosen"], "rejected": ex["rejected"], "source": name,
+                      "margin": args.margin_scale * strength, "tie": bool(row.get("is_tie"))})
     return pairs
 
 
-def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], dict, Counter, str]:
-    """All usable pairs, the per-source weights, drop counts, and a readable name of the data."""
+def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], dict, dict, str]:
+    """All usable pairs, the per-source weights, per-source counts (read, dropped), and a readable name of the data."""
     fix = "give preference rows with 'chosen' and 'rejected' (and optionally 'prompt') in a TRL preference format"
-    counts: Counter = Counter()
+    counts: dict = defaultdict(Counter)
     if args.dataset_name:
         ds = load_any(args.dataset_name)
         require_columns(ds, ["chosen", "rejected"], args.dataset_name, fix)
         name = Path(args.dataset_name).stem if resolve_path(args.dataset_name).exists() else args.dataset_name
-        return to_pairs(ds, name, args, counts, source_column="source" in ds.column_names), {}, counts, args.dataset_name
+        pairs = to_pairs(ds, name, args, counts, source_column="source" in ds.column_names)
+        return pairs, {}, counts, args.dataset_name
     if not args.dataset_mixture:
         raise ConfigError("no preference data: set dataset_mixture in configs/rm.yaml or pass --dataset_name")
     pairs, weights, used = [], {}, []
@@ -158,7 +166,8 @@ def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
             text = pair[key] if pair[key].endswith(tokenizer.eos_token) else pair[key] + tokenizer.eos_token
             out.append(tokenizer(text=pair["prompt"] + text)["input_ids"])
         else:
-            out.append(tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"])
+            ids = tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"]
+            out.append(ids)
     return out[0], out[1]
 
 
@@ -198,9 +207,16 @@ def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int 
     return out
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% interval of an accuracy measured on n pairs: a few dozen held-out pairs give +-0.1 or more."""
+    centre, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return [round(centre - half, 3), round(centre + half, 3)]
+
+
 def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:
     diffs = [c - r for c, r in zip(chosen, rejected)]
-    return {"accuracy": round(sum(d > 0 for d in diffs) / len(diffs), 4),  # a tie counts as wrong
+    right = sum(d > 0 for d in diffs)  # a tie counts as wrong
+    return {"accuracy": round(right / len(diffs), 4), "ci95": wilson(right, len(diffs)),
             "mean_margin": round(sum(diffs) / len(diffs), 4),
             "loss": round(sum(-torch.nn.functional.logsigmoid(torch.tensor(d)).item() for d in diffs) / len(diffs), 4),
             "pairs": len(diffs)}
@@ -208,7 +224,7 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:
 
 # ---------------------------------------------------------------- the fresh-process reload check
 
-def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str = "float32") -> None:
+def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str = "float32", batch_size: str = "16"):
     """Runs in a fresh process: stock peft + the tokenizer saved beside the adapter, nothing else of ours."""
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
@@ -221,7 +237,7 @@ def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str =
         model.to("cuda")
     pairs = [json.loads(line) for line in open(pairs_file)]
     encoded = [encode_pair(tokenizer, p) for p in pairs]
-    scores = score(model, [c for c, _ in encoded] + [r for _, r in encoded], tokenizer.pad_token_id)
+    scores = score(model, [c for c, _ in encoded] + [r for _, r in encoded], tokenizer.pad_token_id, int(batch_size))
     atomic_write_json(Path(out_file), {"chosen": scores[: len(pairs)], "rejected": scores[len(pairs) :]})
 
 
@@ -231,10 +247,11 @@ def require_saved_head(adapter_dir: Path, head: str) -> None:
 
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
         if not any(k.split(".")[-2] == head for k in f.keys()):
-            raise RuntimeError(f"{adapter_dir} holds LoRA weights but no '{head}' head: the reward model would score at random")
+            raise RuntimeError(f"{adapter_dir} holds LoRA weights but no '{head}' head: it would score at random")
 
 
-def check_reload(adapter_dir: Path, pairs_file: Path, chosen: list[float], rejected: list[float], dtype: str) -> dict:
+def check_reload(adapter_dir: Path, pairs_file: Path, chosen: list[float], rejected: list[float], dtype: str = "float32",
+                 batch_size: int = 16) -> dict:
     """Reload the saved adapter in a fresh process; the held-out scores must come back (the head was saved)."""
     out_file = adapter_dir.parent / "reload_check.json"
     # A clean environment for the child: no torch.distributed variables from `accelerate launch`.
@@ -242,8 +259,8 @@ def check_reload(adapter_dir: Path, pairs_file: Path, chosen: list[float], rejec
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("ACCELERATE_")}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "stages.rm", "--reload-check", str(adapter_dir), str(pairs_file),
-                           str(out_file), dtype], cwd=resolve_path("."), env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "stages.rm", "--reload-check", adapter_dir, pairs_file, out_file, dtype, batch_size]
+    proc = subprocess.run([str(c) for c in cmd], cwd=resolve_path("."), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"reloading the reward adapter {adapter_dir} in a fresh process failed:\n{proc.stderr[-3000:]}")
     again = json.loads(out_file.read_text())
@@ -259,6 +276,55 @@ def check_reload(adapter_dir: Path, pairs_file: Path, chosen: list[float], rejec
 
 # ---------------------------------------------------------------- the stage
 
+def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
+    """Pairs -> token ids (once: training, held-out scoring and the reload check all use these) -> a split by prompt
+    -> per-source weights on the training half. Pairs over max_length are dropped and counted here, because
+    RewardTrainer would drop them silently."""
+    from datasets import Dataset
+
+    pairs, weights, counts, data_name = load_pairs(args, stage, train_cfg.seed)
+    kept = []
+    for p in pairs:
+        p["chosen_ids"], p["rejected_ids"] = encode_pair(tokenizer, p)
+        if train_cfg.max_length and max(len(p["chosen_ids"]), len(p["rejected_ids"])) > train_cfg.max_length:
+            counts[p["source"]]["too_long"] += 1
+        else:
+            kept.append(p)
+    if not kept:
+        raise ConfigError(f"no usable preference pairs in {data_name}: read and dropped {json.dumps(counts)} (equal "
+                          f"chosen/rejected, empty responses, longer than max_length={train_cfg.max_length})")
+    groups = [json.dumps(p["prompt"], sort_keys=True) if p["prompt"] else f"row {i}" for i, p in enumerate(kept)]
+    index = Dataset.from_dict({"i": list(range(len(kept))), "group": groups})
+    train_idx, eval_idx = train_eval_split(index, args.eval_fraction, train_cfg.seed, group_by=lambda r: r["group"])
+    eval_rows = [kept[i] for i in eval_idx["i"] if not kept[i]["tie"]] if eval_idx is not None else []
+    train_rows = weighted([kept[i] for i in train_idx["i"]], weights, train_cfg.seed)
+    if not train_rows or not eval_rows:
+        raise ConfigError(f"{data_name} has {len(set(groups))} distinct prompt(s) after filtering: too few to hold "
+                          f"whole prompts out (eval_fraction={args.eval_fraction}); give more pairs")
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        for r in rows:
+            counts[r["source"]][split] += 1
+    return train_rows, eval_rows, counts, data_name
+
+
+def heldout_metrics(eval_rows: list[dict], chosen: list[float], rejected: list[float]) -> dict:
+    overall, scores = pair_metrics(chosen, rejected), chosen + rejected
+    by_source = {}
+    for source in sorted({r["source"] for r in eval_rows}):
+        idx = [i for i, r in enumerate(eval_rows) if r["source"] == source]
+        by_source[source] = pair_metrics([chosen[i] for i in idx], [rejected[i] for i in idx])
+    mean = sum(scores) / len(scores)
+    longer = [(len(r["chosen_ids"]) > len(r["rejected_ids"])) + 0.5 * (len(r["chosen_ids"]) == len(r["rejected_ids"]))
+              for r in eval_rows]
+    return {"eval_accuracy": overall["accuracy"], "eval_accuracy_ci95": overall["ci95"],
+            "eval_mean_margin": overall["mean_margin"], "eval_loss": overall["loss"],  # plain Bradley-Terry loss
+            # Over every held-out response, chosen and rejected: PPO normalizes its rewards with these.
+            "reward_mean": round(mean, 4),
+            "reward_std": round(math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)), 4),
+            "eval_by_source": by_source,
+            "eval_longer_wins_accuracy": round(sum(longer) / len(longer), 4)}  # what "prefer the longer reply" scores
+
+
 def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
@@ -272,35 +338,16 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
 
-
     # 0. Upstream: the SFT adapter must sit on this very base (PPO stacks policy and reward adapters on one model).
     sft = stage.need("sft")
     check_adapter(sft["outputs"]["adapter"], AutoConfig.from_pretrained(base_path), what="SFT (policy)")
 
-    # 1. Data (all checked before the run folder is touched): explicit pairs, tokenized once; too-long pairs dropped and counted (RewardTrainer drops them silently).
+    # 1. Data and tokenizer, all checked before anything in the run folder is touched.
     tokenizer = load_tokenizer(profile)
-    pairs, weights, counts, data_name = load_pairs(args, stage, train_cfg.seed)
-    kept = []
-    for p in pairs:
-        p["chosen_ids"], p["rejected_ids"] = encode_pair(tokenizer, p)
-        if train_cfg.max_length and max(len(p["chosen_ids"]), len(p["rejected_ids"])) > train_cfg.max_length:
-            counts["dropped_too_long"] += 1
-        else:
-            kept.append(p)
-    if not kept:
-        raise ConfigError(f"no usable preference pairs in {data_name}: {len(pairs)} valid, dropped {dict(counts)} "
-                          f"(equal chosen/rejected, empty responses, longer than max_length={train_cfg.max_length})")
-    groups = [json.dumps(p["prompt"], sort_keys=True) if p["prompt"] else f"row {i}" for i, p in enumerate(kept)]
-    index = Dataset.from_dict({"i": list(range(len(kept))), "group": groups})
-    train_idx, eval_idx = train_eval_split(index, args.eval_fraction, train_cfg.seed, group_by=lambda r: r["group"])
-    eval_rows = [kept[i] for i in eval_idx["i"]] if eval_idx is not None else []
-    train_rows = weighted([kept[i] for i in train_idx["i"]], weights, train_cfg.seed)
-    if not train_rows or not eval_rows:
-        raise ConfigError(f"{data_name} has {len(set(groups))} distinct prompt(s) after filtering: too few to hold "
-                          f"whole prompts out (eval_fraction={args.eval_fraction}); give more pairs")
+    train_rows, eval_rows, counts, data_name = prepare_data(args, train_cfg, stage, tokenizer)
     stage.prepare(config, is_main=state.is_main_process)
 
-    def as_dataset(rows):
+    def as_dataset(rows):  # already tokenized: RewardTrainer only pads and batches
         cols = {"chosen_ids": [r["chosen_ids"] for r in rows], "rejected_ids": [r["rejected_ids"] for r in rows]}
         if args.margin_scale:  # RewardTrainer subtracts a `margin` column inside the log-sigmoid
             cols["margin"] = [r["margin"] for r in rows]
@@ -327,45 +374,34 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
         save_fingerprint(adapter_dir, model.config, base_path)
         require_saved_head(adapter_dir, score_head_name(model))
 
-        # 5. Held-out metrics, then the same numbers from a fresh process with stock peft.
+        # 5. Held-out metrics, then the same scores again from a fresh process with stock peft, or the stage fails.
         n = len(eval_rows)
         scores = score(trainer.model, [r["chosen_ids"] for r in eval_rows] + [r["rejected_ids"] for r in eval_rows],
                        tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size)
-        chosen, rejected = scores[:n], scores[n:]
-        overall = pair_metrics(chosen, rejected)
-        by_source = {}
-        for source in sorted({r["source"] for r in eval_rows}):
-            idx = [i for i, r in enumerate(eval_rows) if r["source"] == source]
-            by_source[source] = pair_metrics([chosen[i] for i in idx], [rejected[i] for i in idx])
-        mean = sum(scores) / len(scores)
-        longer = [(len(r["chosen_ids"]) > len(r["rejected_ids"])) + 0.5 * (len(r["chosen_ids"]) == len(r["rejected_ids"]))
-                  for r in eval_rows]
         pairs_file = stage.dir / "eval_pairs.jsonl"
         with open(pairs_file, "w") as f:
             for r in eval_rows:
                 f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected", "source", "margin")}) + "\n")
-        reload = check_reload(adapter_dir, pairs_file, chosen, rejected, profile.dtype)
+        reload = check_reload(adapter_dir, pairs_file, scores[:n], scores[n:], profile.dtype,
+                              train_cfg.per_device_eval_batch_size)
 
         logs = trainer.state.log_history
-        losses = [h["loss"] for h in logs if "loss" in h]
+        total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "too_long")}
         metrics = {
-            "eval_accuracy": overall["accuracy"], "eval_mean_margin": overall["mean_margin"], "eval_loss": overall["loss"],
-            # Over every held-out response (chosen and rejected): PPO normalizes its rewards with these.
-            "reward_mean": round(mean, 4), "reward_std": round(math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)), 4),
-            "eval_by_source": by_source,
-            "eval_longer_wins_accuracy": round(sum(longer) / n, 4),  # what "prefer the longer answer" would score
-            "train_loss": round(result.training_loss, 4), "loss_curve": losses,
+            **heldout_metrics(eval_rows, scores[:n], scores[n:]),
+            "train_loss": round(result.training_loss, 4), "loss_curve": [h["loss"] for h in logs if "loss" in h],
             "train_accuracy_last": next((h["accuracy"] for h in reversed(logs) if "accuracy" in h), None),
-            "pairs_read": counts["read"], "train_pairs": len(train_rows), "eval_pairs": n,
-            "dropped_equal": counts["dropped_equal"], "dropped_empty": counts["dropped_empty"],
-            "dropped_too_long": counts["dropped_too_long"],
-            "train_pairs_by_source": dict(Counter(r["source"] for r in train_rows)),
+            "pairs_read": total["read"], "train_pairs": len(train_rows), "eval_pairs": n,
+            "dropped_equal": total["equal"], "dropped_empty": total["empty"], "dropped_too_long": total["too_long"],
+            "pairs_by_source": {k: dict(v) for k, v in sorted(counts.items())},
             "reload_check": reload, "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
             "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "data": data_name,
         }
-        print_table("RM", {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_by_source")})
-        for source, m in by_source.items():
-            print(f"  {source:>14}: accuracy {m['accuracy']:.3f} on {m['pairs']} held-out pairs")
+        print_table("RM", {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_by_source", "pairs_by_source")})
+        for source, c in sorted(counts.items()):
+            m = metrics["eval_by_source"].get(source, {})
+            print(f"  {source:>14}: read {c['read']}, dropped {c['equal']} equal / {c['empty']} empty / {c['too_long']} "
+                  f"too long; train {c['train']}, eval {c['eval']}: accuracy {m.get('accuracy')} {m.get('ci95', '')}")
         stage.finish({"adapter": adapter_dir, "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
     finish_distributed()
     return metrics

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ WORDS = "the cat sat on a mat and ran to see her little friend in the big green 
 def marker_rows(n: int, seed: int = 0, plain: bool = False) -> list[dict]:
     rng, rows = random.Random(seed), []
     for i in range(n):
-        words, j = rng.sample(WORDS, 6), rng.randrange(7)
+        words, j = rng.sample(WORDS, 6), rng.randrange(1, 7)  # never first: " banana" is one token sequence
         prompt = f"Tell me about the {rng.choice(WORDS)}, number {i}."
         good, bad = (" ".join(words[:j] + [w] + words[j:]) for w in ("banana", "window"))
         if plain:  # implicit prompt, plain text: TRL's "standard preference" format
@@ -70,8 +72,8 @@ def rm_args(profile, runs_dir, run, *extra):
 @pytest.fixture(scope="module")
 def marker_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("prefs")
-    return {"conversational": write_jsonl(root / "marker.jsonl", marker_rows(160)),
-            "plain": write_jsonl(root / "marker_plain.jsonl", marker_rows(160, plain=True))}
+    return {"conversational": write_jsonl(root / "marker.jsonl", marker_rows(320)),
+            "plain": write_jsonl(root / "marker_plain.jsonl", marker_rows(320, plain=True))}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -86,8 +88,8 @@ def trained(request, tiny_models, marker_data, tmp_path_factory):
 
 def test_learns_marker_preference_and_reloads(trained):
     arch, stage, metrics = trained
-    assert metrics["eval_accuracy"] >= 0.95, metrics  # held out by prompt: 32 pairs never trained on
-    assert metrics["eval_pairs"] == 32 and metrics["train_pairs"] == 128
+    assert metrics["eval_accuracy"] >= 0.95, metrics  # held out by prompt: 64 pairs never trained on
+    assert metrics["eval_pairs"] == 64 and metrics["train_pairs"] == 256
     assert metrics["eval_mean_margin"] > 0 and metrics["reward_std"] > 0
     assert metrics["loss_curve"][-1] < metrics["loss_curve"][0]
     # the fresh-process reload (stock AutoPeftModelForSequenceClassification) reproduced the held-out scores
@@ -101,7 +103,7 @@ def test_learns_marker_preference_and_reloads(trained):
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
     assert (stage / "adapter" / "tokenizer_config.json").is_file() and (stage / "adapter" / "pipeline_base.json").is_file()
     eval_prompts = {json.dumps(json.loads(line)["prompt"]) for line in open(stage / "eval_pairs.jsonl")}
-    assert len(eval_prompts) == 32
+    assert len(eval_prompts) == 64
 
 
 def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_models):
@@ -129,7 +131,7 @@ def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_mo
         again = stack.scores("reward", ids, mask)
     torch.testing.assert_close(stacked, standalone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, stacked)
-    assert policy_logits.shape[-1] == len(tok)
+    assert policy_logits.shape[-1] == stack.causal_lm.config.vocab_size
     assert (stacked[0::2] > stacked[1::2]).float().mean() >= 0.9  # chosen above rejected, as trained
 
 
@@ -141,8 +143,13 @@ def test_two_processes(tiny_models, marker_data, tmp_path):
     fake_sft(tiny_models["qwen2"], runs_dir, "t")
     export = StageRun("label-export", "t", str(runs_dir))
     export.prepare({})
-    rows = [dict(r, annotator="ann", strength=random.Random(i).choice(["much", "slightly", None]), agreement=1.0)
-            for i, r in enumerate(marker_rows(160, seed=1))]
+    rows = [dict(r, annotator="ann", strength=random.Random(i).choice(["much", "slightly", ""]), agreement=1.0, is_tie=False)
+            for i, r in enumerate(marker_rows(320, seed=1))]
+    for i in range(20):  # ties, exported in both orders: trained on, never scored as right or wrong
+        tie = marker_rows(1, seed=100 + i)[0]
+        tie["prompt"] = [{"role": "user", "content": f"A tie, number {i}."}]
+        rows += [dict(tie, annotator="ann", strength="", agreement=1.0, is_tie=True),
+                 dict(tie, chosen=tie["rejected"], rejected=tie["chosen"], annotator="ann", strength="", agreement=1.0, is_tie=True)]
     datasets.Dataset.from_list(rows).save_to_disk(str(export.dir / "dataset"))
     export.finish({"dataset": export.dir / "dataset"}, {}, {})
     mixture = json.dumps({"label-export": {"weight": 1.0}})
@@ -154,6 +161,9 @@ def test_two_processes(tiny_models, marker_data, tmp_path):
     assert m["world_size"] == 2
     assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_diff"] <= 1e-4, m
     assert set(m["eval_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
+    eval_prompts = [json.loads(line)["prompt"][0]["content"] for line in open(runs_dir / "t" / "rm" / "eval_pairs.jsonl")]
+    assert len(eval_prompts) == m["eval_pairs"] and not [p for p in eval_prompts if p.startswith("A tie")]
+    assert m["pairs_by_source"]["label-export"]["read"] == 360
 
 
 def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
@@ -169,7 +179,7 @@ def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
     cases = {"conv": conv, "implicit": implicit, "plain": plain, "explicit_plain": explicit_plain}
     for name, rows in cases.items():
         pairs, _, counts, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / f"{name}.jsonl", rows))), None, 0)
-        assert len(pairs) == len(rows) and not counts["dropped_equal"] and not counts["dropped_empty"]
+        assert len(pairs) == len(rows) and dict(counts) == {name: {"read": len(rows)}}
         for p in pairs:
             assert p["prompt"]
             c, r = encode_pair(tok, p)
@@ -181,7 +191,7 @@ def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
     assert [p["prompt"] for p in pairs] == [r["prompt"] for r in conv]
     for rows in (bad[:2], bad[2:]):  # one file per format: a jsonl column holds one type
         pairs, _, counts, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "bad.jsonl", rows))), None, 0)
-        assert pairs == [] and counts["dropped_equal"] + counts["dropped_empty"] == len(rows)
+        assert pairs == [] and counts["bad"]["equal"] + counts["bad"]["empty"] == len(rows)
 
     # mixture from the real YAML: bundled files by source name, per-source weights on training rows
     train_cfg, args, run = parse_args(["--config", str(REPO / "configs/rm.yaml")])
@@ -189,7 +199,7 @@ def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
     stage = StageRun("rm", "nolabels", str(tmp_path / "runs"))
     pairs, weights, counts, name = load_pairs(args, stage, 0)
     assert {p["source"] for p in pairs} == {"oasst", "pandalm", "tulu"} and "label-export" not in weights
-    assert counts["read"] == 2400 and counts["dropped_equal"] >= 1
+    assert sum(c["read"] for c in counts.values()) == 2400 and counts["tulu"]["equal"] == 1 and counts["pandalm"]["empty"] > 0
     doubled = weighted(pairs[:10], {pairs[0]["source"]: 2.0}, 0)
     assert len(doubled) == 10 + sum(p["source"] == pairs[0]["source"] for p in pairs[:10])
 
@@ -226,20 +236,41 @@ def test_reward_adapter_for_another_base_is_refused(trained, tiny_models):
         AdapterStack.build(prof, load_tokenizer(prof), {"reward": stage / "adapter"})
 
 
-def test_reload_check_catches_a_lost_head(trained, tmp_path):
-    """The known failure elsewhere: LoRA saved without the score head. The stage's fresh-process check must fail."""
+STOCK_RELOAD = """
+import json, sys, torch
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+adapter, pairs_file = sys.argv[1:]
+tok = AutoTokenizer.from_pretrained(adapter)
+model = AutoPeftModelForSequenceClassification.from_pretrained(adapter, num_labels=1).eval()
+pairs = [json.loads(line) for line in open(pairs_file)]
+texts = [tok.apply_chat_template(p["prompt"] + p[k], tokenize=False) for k in ("chosen", "rejected") for p in pairs]
+with torch.no_grad():
+    print(json.dumps(model(**tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")).logits[:, 0].tolist()))
+"""
+
+
+def test_stock_reload_in_fresh_process_and_lost_head(trained, tmp_path):
+    """A user's own script (stock peft, the tokenizer beside the adapter, another working directory) gets the stage's
+    scores. And the known failure elsewhere, a head not saved with LoRA so that the reloaded model scores at random,
+    makes the stage's reload check fail. (A head missing from the file altogether already fails to load in peft.)"""
     from safetensors.torch import load_file, save_file
 
     arch, stage, _ = trained
     if arch != "llama":
-        pytest.skip("one architecture is enough: the check does not depend on it")
+        pytest.skip("one architecture is enough: the reload path does not depend on it")
+    scores = json.loads((stage / "reload_check.json").read_text())  # what the stage's own check got: it passed
+    res = subprocess.run([sys.executable, "-c", STOCK_RELOAD, str(stage / "adapter"), str(stage / "eval_pairs.jsonl")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stock = json.loads(res.stdout.strip().splitlines()[-1])
+    torch.testing.assert_close(torch.tensor(stock), torch.tensor(scores["chosen"] + scores["rejected"]), atol=1e-4, rtol=0)
+
     broken = tmp_path / "adapter"
     shutil.copytree(stage / "adapter", broken)
+    torch.manual_seed(0)
     weights = load_file(broken / "adapter_model.safetensors")
-    save_file({k: v for k, v in weights.items() if ".score." not in k}, broken / "adapter_model.safetensors")
-    pairs = [json.loads(line) for line in open(stage / "eval_pairs.jsonl")]
-    scores = json.loads((stage / "reload_check.json").read_text())
-    check_reload(stage / "adapter", stage / "eval_pairs.jsonl", scores["chosen"], scores["rejected"], "float32")  # intact: passes
+    save_file({k: torch.randn_like(v) * 0.02 if ".score." in k else v for k, v in weights.items()},  # a fresh head
+              broken / "adapter_model.safetensors")
     with pytest.raises(RuntimeError, match="does not reproduce"):
-        check_reload(broken, stage / "eval_pairs.jsonl", scores["chosen"], scores["rejected"], "float32")
-    assert len(pairs) == len(scores["chosen"])
+        check_reload(broken, stage / "eval_pairs.jsonl", scores["chosen"], scores["rejected"])
