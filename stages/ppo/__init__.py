@@ -211,6 +211,9 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
                          reward_fn=reward_fn, config=config)
     n_base = sum(p.numel() for p in stack.model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in trainer.params)
+    if state.is_main_process and state.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        print(f"note: {state.distributed_type.name} config: PPO does not shard; every rank holds the frozen base and the "
+              "LoRA adapters, and the adapters' gradients are all-reduced (data parallel)", file=sys.stderr)
     if state.is_main_process:
         print_table("PPO", {
             "processes": state.num_processes, "episodes per update": cfg.local_batch_size * state.num_processes,

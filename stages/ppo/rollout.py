@@ -167,6 +167,11 @@ class Rollout:
     time_generate_s: float = 0.0
     time_score_s: float = 0.0
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] real tokens per row (prompt + response)."""
+        return self.query_mask.sum(1) + self.response_mask.sum(1)
+
     def rows(self, idx: torch.Tensor) -> Packed:
         return pack(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx])
 
@@ -212,31 +217,33 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
              zip(response_ids.cpu(), response_mask.cpu())]
     t1 = time.perf_counter()
 
-    R = response_ids.shape[1]
-    ref, values, scores = [], [], []
-    for s in range(0, len(prompt_ids), cfg.forward_batch_size):
-        sl = slice(s, s + cfg.forward_batch_size)
-        x = pack(query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
-        if cfg.needs_reference:
+    B, R = response_ids.shape
+    ref = torch.zeros(B, R, device=device) if cfg.needs_reference else None
+    values, scores = torch.zeros(B, R, device=device), torch.zeros(B, device=device)
+    # Chunks of rows of similar length: less padding in every forward (the results go back to their rows).
+    order = torch.argsort(query_mask.sum(1) + response_mask.sum(1), stable=True)
+    for s in range(0, B, cfg.forward_batch_size):
+        idx = order[s : s + cfg.forward_batch_size]
+        x = pack(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx])
+        if ref is not None:
             stack.use("reference")
-            ref.append(unflatten(token_logprobs(response_logits(lm, x), x.tokens, cfg.temperature), x.response_mask, R))
+            ref[idx] = unflatten(token_logprobs(response_logits(lm, x), x.tokens, cfg.temperature), x.response_mask, R)
         stack.use("value")
-        values.append(unflatten(token_values(lm, x), x.response_mask, R))
+        values[idx] = unflatten(token_values(lm, x), x.response_mask, R)
         if reward_fn is None:
             stack.use("reward")
             if cfg.reward_input == "chat":
-                r_ids, r_mask = reward_inputs_chat(tokenizer, prompts[sl], texts[sl])
-                scores.append(stack.scores("reward", r_ids.to(device), r_mask.to(device)).float())
+                rows = idx.tolist()
+                r_ids, r_mask = reward_inputs_chat(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
+                scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device)).float()
             else:
-                scores.append(sequence_scores(lm, x))
+                scores[idx] = sequence_scores(lm, x)
     if reward_fn is not None:
-        scores = [torch.as_tensor(reward_fn(prompts, response_ids, response_mask, texts), dtype=torch.float32,
-                                  device=device)]
+        scores = torch.as_tensor(reward_fn(prompts, response_ids, response_mask, texts), dtype=torch.float32, device=device)
     t2 = time.perf_counter()
     return Rollout(prompts=list(prompts), query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                   response_mask=response_mask, logprobs=logprobs, ref_logprobs=torch.cat(ref) if ref else None,
-                   values=torch.cat(values), scores_raw=torch.cat(scores), ended=ended, entropy=entropy, texts=texts,
-                   time_generate_s=t1 - t0, time_score_s=t2 - t1)
+                   response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref, values=values, scores_raw=scores,
+                   ended=ended, entropy=entropy, texts=texts, time_generate_s=t1 - t0, time_score_s=t2 - t1)
 
 
 def _cat_left(tensors: list[torch.Tensor], fill) -> torch.Tensor:

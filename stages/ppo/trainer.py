@@ -201,10 +201,13 @@ class PPOTrainer:
         for _ in range(cfg.num_ppo_epochs):
             perm = torch.randperm(B, generator=self.perm_gen)
             for m in range(cfg.num_mini_batches):
-                mb = perm[m * mb_size : (m + 1) * mb_size]
+                mb = perm[m * mb_size : (m + 1) * mb_size].to(self.device)
                 denom = ro.response_mask[mb].sum().clamp(min=1).float()  # token mean over the whole mini-batch
+                # The loss is a token mean over the mini-batch, so how its rows are split into micro-batches changes
+                # nothing but padding: group rows of similar length.
+                mb = mb[torch.argsort(ro.lengths[mb], stable=True)]
                 for k in range(0, mb_size, micro):
-                    idx = mb[k : k + micro].to(self.device)
+                    idx = mb[k : k + micro]
                     x = ro.rows(idx)
                     width = x.response_mask.shape[1]
                     pick = lambda t: t[idx][:, :width][x.response_mask]  # noqa: E731  [N] real tokens
