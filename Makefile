@@ -58,7 +58,8 @@ $(RUNDIR)/pairs/manifest.json: $(RUNDIR)/sft/manifest.json
 	$(LAUNCH) stages.pairs --config configs/pairs.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 # The labeling UI is a server, not a batch job: it always runs (and resumes from the label store).
-label: $(RUNDIR)/pairs/manifest.json
+# With ARGS="--pairs_dataset FILE" (e.g. eval's human_pairs.jsonl) it needs no pairs stage.
+label: $(if $(findstring --pairs_dataset,$(ARGS)),,$(RUNDIR)/pairs/manifest.json)
 	$(PY) -m stages.label --config configs/label.yaml --run $(RUN) $(ARGS)
 
 label-export: | setup

@@ -58,7 +58,7 @@ def test_make_pairs_on_tiny_model(tiny_models, runs_dir):
     assert {"pair_id", "prompt_id", "prompt", "responses", "generation", "policy", "ended"} <= set(ds.column_names)
     row = ds[0]
     assert row["prompt"][0]["role"] == "user" and len(row["responses"]) == 2
-    assert row["generation"]["seed"] == 42 and row["generation"]["temperature"] == 0.9
+    assert row["generation"]["seed"] == 42 and row["generation"]["temperature"] == 0.7
     assert row["policy"]["adapter"] == adapter
     assert len(set(ds["pair_id"])) == len(ds) and all(len(p) == 16 for p in ds["pair_id"])
     bundled = {json.loads(line)["prompt"][0]["content"] for line in open(REPO / "data/prompts/oasst_prompts.jsonl")}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.run import StageRun, main_guard
+from pipeline.run import StageRun, atomic_write_json, main_guard
 from stages.label.config import LabelArgs, check_exposure, db_path, load_users, read_guidelines, word_filter
 
 
@@ -49,8 +49,6 @@ def main(args: LabelArgs, run: RunArgs, block: bool = True):
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
     from stages.label.app import build_app, launch_kwargs
-
-    from pipeline.run import atomic_write_json
 
     atomic_write_json(stage.dir / "config.json", {"label": to_dict(args), "run": to_dict(run)})
     demo = build_app(store, guidelines, args.title, use_login=bool(users))

@@ -98,7 +98,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 with gr.Column(visible=False, elem_id="item") as item_col:
                     chat = gr.Chatbot(label="Prompt", elem_id="prompt", height=None, min_height=90, max_height=320,
                                       feedback_options=None, buttons=[])
-                    with gr.Row(equal_height=True):
+                    with gr.Row():
                         with gr.Column():
                             gr.Markdown("**Left** — key 1 or ←")
                             left = gr.Markdown(elem_id="left", container=True, padding=True, min_height=110,
@@ -127,7 +127,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 with gr.Accordion("Change an earlier label", open=False, elem_id="earlier", visible=False) as earlier_box:
                     earlier = gr.Dropdown(choices=[], label="Your labels, newest first", elem_id="earlier-list")
                     b_open = gr.Button("Open it", elem_id="btn-open", size="sm")
-            with gr.Tab("Stats", id="stats"):
+            with gr.Tab("Stats", id="stats") as stats_tab:
                 b_stats = gr.Button("Refresh", elem_id="btn-stats", size="sm")
                 stats_md = gr.Markdown(elem_id="stats")
 
@@ -239,7 +239,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
         b_open.click(on_open, [earlier, state], view_outputs)
         b_switch.click(on_switch, [state], view_outputs + [saved_name])
         b_stats.click(on_stats, None, stats_md)
-        demo.load(on_stats, None, stats_md)
+        stats_tab.select(on_stats, None, stats_md)
     return demo
 
 
