@@ -85,8 +85,9 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     tokenizer = load_tokenizer(profile)
     model = load_base(profile, tokenizer)
     prompts = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in FIXED_PROMPTS])
-    sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.0)
-    before = generate(model, tokenizer, prompts, sampling).texts if state.is_main_process else []
+    # Sampled, not greedy, with a fixed seed: greedy decoding of a tiny model collapses to "\n" + EOS.
+    sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.7, top_k=50)
+    before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts if state.is_main_process else []
 
     # 3. Train
     trainer = SFTTrainer(model=model, args=train_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -103,7 +104,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     if state.is_main_process:
         tokenizer.save_pretrained(adapter_dir)
         save_fingerprint(adapter_dir, model.config, base_path)
-        after = generate(trainer.model, tokenizer, prompts, sampling).texts
+        after = generate(trainer.model, tokenizer, prompts, sampling, generator_seed=0).texts
         samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(FIXED_PROMPTS, before, after)]
         atomic_write_json(stage.dir / "samples.json", samples)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
