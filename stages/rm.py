@@ -334,6 +334,9 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     state = PartialState()
     stage = StageRun("rm", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")
+    # Keep the `length` column for train_sampling_strategy=group_by_length (the sampler is built after unused columns
+    # are removed); the preference collator reads only its own keys, so extra columns are harmless.
+    train_cfg.remove_unused_columns = False
     config = {"rm": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
@@ -348,7 +351,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     stage.prepare(config, is_main=state.is_main_process)
 
     def as_dataset(rows):  # already tokenized: RewardTrainer only pads and batches
-        cols = {"chosen_ids": [r["chosen_ids"] for r in rows], "rejected_ids": [r["rejected_ids"] for r in rows]}
+        cols = {"chosen_ids": [r["chosen_ids"] for r in rows], "rejected_ids": [r["rejected_ids"] for r in rows],
+                "length": [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]}
         if args.margin_scale:  # RewardTrainer subtracts a `margin` column inside the log-sigmoid
             cols["margin"] = [r["margin"] for r in rows]
         return Dataset.from_dict(cols)

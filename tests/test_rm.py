@@ -19,7 +19,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.models import lora_config, load_base, load_tokenizer, profile_from, save_fingerprint
 from pipeline.run import StageRun
-from stages.rm import RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, weighted
+from stages.rm import RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, prepare_data, weighted
 from tests.conftest import ARCHS, REPO, run_module, run_python
 
 WORDS = "the cat sat on a mat and ran to see her little friend in the big green garden by old tree".split()
@@ -136,7 +136,7 @@ def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_mo
 
 
 def test_two_processes(tiny_models, marker_data, tmp_path):
-    """Two real gloo processes, and this run's label export (with label strength as the margin) as the data."""
+    """Two real gloo processes, on this run's label export, with label strength as the margin and reward centering."""
     import datasets
 
     runs_dir = tmp_path / "runs"
@@ -154,7 +154,8 @@ def test_two_processes(tiny_models, marker_data, tmp_path):
     export.finish({"dataset": export.dir / "dataset"}, {}, {})
     mixture = json.dumps({"label-export": {"weight": 1.0}})
     res = run_module("stages.rm", rm_args(tiny_models["qwen2"], runs_dir, "t", "--dataset_mixture", mixture, "--margin_scale",
-                                          "1.0", "--per_device_train_batch_size", "4"), processes=2, timeout=400)
+                                          "1.0", "--center_rewards_coefficient", "0.01", "--per_device_train_batch_size", "4"),
+                     processes=2, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
     manifest = json.loads((runs_dir / "t" / "rm" / "manifest.json").read_text())
     m = manifest["metrics"]
@@ -202,6 +203,14 @@ def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
     assert sum(c["read"] for c in counts.values()) == 2400 and counts["tulu"]["equal"] == 1 and counts["pandalm"]["empty"] > 0
     doubled = weighted(pairs[:10], {pairs[0]["source"]: 2.0}, 0)
     assert len(doubled) == 10 + sum(p["source"] == pairs[0]["source"] for p in pairs[:10])
+
+    # held out by prompt: PandaLM has ~6 pairs per prompt, and none of its prompts may sit in both halves
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--max_length", "4096",
+                                     "--dataset_name", "data/preferences/pandalm.jsonl"])
+    train_rows, eval_rows, counts, _ = prepare_data(args, train_cfg, stage, tok)
+    train_prompts, eval_prompts = ({json.dumps(r["prompt"]) for r in rows} for rows in (train_rows, eval_rows))
+    assert not train_prompts & eval_prompts and len(eval_rows) > len(eval_prompts)
+    assert counts["pandalm"]["eval"] == len(eval_rows) and counts["pandalm"]["empty"] == 52
 
 
 def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
