@@ -21,10 +21,17 @@ from torch import nn
 from pipeline.models import backbone, check_adapter, load_base
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token per row, for left- or right-padded batches."""
-    width = attention_mask.shape[1]
-    return width - 1 - attention_mask.flip(dims=[1]).long().argmax(dim=1)
+def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Where *ForSequenceClassification reads its score: the rightmost token that is not pad (left or right padding).
+
+    Same rule as transformers, so that with pad == eos (Llama-3 style tokenizers) the score is read before the final
+    EOS, exactly where the reward model was trained to put it.
+    """
+    keep = attention_mask.bool()
+    if pad_token_id is not None:
+        keep = keep & (input_ids != pad_token_id)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * keep).argmax(dim=1)
 
 
 class AdapterStack:
@@ -94,7 +101,8 @@ class AdapterStack:
     def scores(self, name: str, input_ids, attention_mask) -> torch.Tensor:
         """Sequence score [B] read at the last real token, as *ForSequenceClassification does."""
         per_token = self.values(name, input_ids, attention_mask)
-        return per_token.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+        index = last_token_index(input_ids, attention_mask, self.causal_lm.config.pad_token_id)
+        return per_token.gather(1, index.unsqueeze(1)).squeeze(1)
 
     def save(self, name: str, out_dir: str | Path) -> Path:
         """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name)."""
