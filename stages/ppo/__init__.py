@@ -184,7 +184,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     if cfg.resume and ckpt is None:
         raise ConfigError(f"--resume: there is no checkpoint under {stage.dir / 'checkpoints'} to continue from; "
                           f"run without --resume to start training")
-    resume_from = ckpt if (cfg.resume or (cfg.auto_resume and ckpt is not None and not had_manifest)) else None
+    unfinished = ckpt is not None and int(ckpt.name.split("-")[-1]) < cfg.total_updates and not had_manifest
+    resume_from = ckpt if (cfg.resume or (cfg.auto_resume and unfinished)) else None
     state.wait_for_everyone()
     stage.prepare(config, is_main=state.is_main_process)
     if state.is_main_process and resume_from is None:

@@ -279,6 +279,8 @@ class PPOTrainer:
         metrics.update({k: v for k, v in stats.items() if k != "gen_tokens"})
         metrics.update(episodes_per_s=G / wall, gen_tokens_per_s=stats["gen_tokens"] * self.world / wall,
                        time_update_s=wall)
+        # NaN (e.g. explained variance of a constant batch) is not JSON: write null
+        metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         return metrics, ro
 
     # ---------------------------------------------------------------- the loop
@@ -479,11 +481,11 @@ class PPOTrainer:
         h = self.history
         if not h:
             return {}
-        w = max(1, round(len(h) / 10))  # one update's batch is noisy: average the first and last tenth
+        w = max(1, len(h) // 10)  # one update's batch is noisy: average the first and last tenth (as make eval does)
         first = sum(r["reward_raw"] for r in h[:w]) / w
         last = sum(r["reward_raw"] for r in h[-w:]) / w
         wall = sum(r["time_update_s"] for r in h)
-        episodes = h[-1]["episodes"] - (h[0]["episodes"] - self.cfg.local_batch_size * self.world)
+        episodes = sum(r["episodes_per_s"] * r["time_update_s"] for r in h)
         gen_time = sum(r["time_generate_s"] for r in h)
         gen_tokens = sum(r["gen_tokens_per_s"] * r["time_update_s"] for r in h)
         return {
