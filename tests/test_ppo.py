@@ -177,6 +177,14 @@ def test_one_base_four_adapters_equal_separate_models(tiny_models, adapters, pro
             prefix = torch.tensor([q + ro.response_ids[i, :t].tolist()])
             assert ro.values[i, t].item() == pytest.approx(rm(input_ids=prefix).logits[0, 0].item(), abs=1e-5)
 
+    # reward_input tokens (prompts without a chat template): the RM reads the policy's own tokens
+    cfg.reward_input = "tokens"
+    ro_t = collect(stack, tok, prompts[:6], ids[:6], cfg, torch.Generator().manual_seed(0))
+    for i in range(6):
+        seq = ro_t.query_ids[i][ro_t.query_mask[i].bool()].tolist() + ro_t.response_ids[i][ro_t.response_mask[i].bool()].tolist()
+        assert ro_t.scores_raw[i].item() == pytest.approx(rm(input_ids=torch.tensor([seq])).logits[0, 0].item(), abs=1e-5)
+    cfg.reward_input = "chat"
+
     # Train a little; the reference and reward adapters must not move, the policy and value must.
     trainer = PPOTrainer(cfg, stack, tok, prompts, ids, tmp_path, PartialState(), reward_fn=token_count_reward(7))
     for _ in range(2):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.adapters import last_token_index
 from pipeline.generation import left_pad, truncate_after_eos
 from pipeline.models import backbone
 
@@ -37,7 +38,6 @@ class Packed:
     keep: torch.Tensor  # [b, L] bool: positions whose next-token prediction is a real response token
     response_mask: torch.Tensor  # [b, R'] bool, R' = longest response in these rows
     tokens: torch.Tensor  # [N] the real response tokens, row-major (the order of keep's True entries)
-    last_index: torch.Tensor  # [b] position of each row's last real token
 
     @property
     def num_tokens(self) -> int:
@@ -56,8 +56,7 @@ def pack(query_ids, query_mask, response_ids, response_mask) -> Packed:
     keep = torch.zeros_like(attn, dtype=torch.bool)
     p = P - first
     keep[:, p - 1 : p - 1 + r_eff] = resp_mask
-    last = p - 1 + resp_mask.long().sum(1)
-    return Packed(ids, attn, pos, keep, resp_mask, response_ids[:, :r_eff][resp_mask], last)
+    return Packed(ids, attn, pos, keep, resp_mask, response_ids[:, :r_eff][resp_mask])
 
 
 def unflatten(flat: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -91,10 +90,12 @@ def token_values(lm, x: Packed) -> torch.Tensor:
 
 
 def sequence_scores(lm, x: Packed) -> torch.Tensor:
-    """[b] scalar head at each row's last real token, as *ForSequenceClassification reads it."""
+    """[b] scalar head where *ForSequenceClassification reads it (rightmost non-pad token; before a final EOS
+    when pad == eos, as the reward model was trained)."""
     hidden = trunk_hidden(lm, x)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return lm.score(hidden[rows, x.last_index]).squeeze(-1).float()
+    index = last_token_index(x.ids, x.attention_mask, lm.config.pad_token_id)
+    return lm.score(hidden[rows, index]).squeeze(-1).float()
 
 
 @dataclass
