@@ -265,13 +265,16 @@ def test_runs_on_four_architectures(arch, tiny_models, adapters, prompts_file, r
     from safetensors.torch import load_file
 
     sft, rm = adapters(arch)
-    metrics = run_ppo(tiny_models[arch], runs_dir, arch, prompts_file, sft, rm, "--total_updates", "2")
+    extra = ["--entropy_coef", "0.01"] if arch == "qwen2" else []  # the optional entropy bonus path
+    metrics = run_ppo(tiny_models[arch], runs_dir, arch, prompts_file, sft, rm, "--total_updates", "2", *extra)
     out = Path(runs_dir) / arch / "ppo"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["updates"] == 2 and metrics["model_copies"] == 1
     rows = read_metrics(runs_dir, arch)
     assert set(METRIC_KEYS) <= set(rows[0])
     assert all(isinstance(rows[-1][k], (int, float)) for k in METRIC_KEYS), rows[-1]
+    if extra:  # entropy of the sampling distribution == entropy recomputed by the update's forward (first update)
+        assert rows[0]["entropy_update"] == pytest.approx(rows[0]["entropy"], abs=0.05)
     before, after = load_file(str(sft / "adapter_model.safetensors")), load_file(str(out / "adapter/adapter_model.safetensors"))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "policy weights did not move"

@@ -217,12 +217,13 @@ class PPOTrainer:
                     logits = response_logits(lm, x)
                     new_lp = token_logprobs(logits, x.tokens, cfg.temperature)
                     pg, pst = L.policy_loss(new_lp, old_lp, a, cfg.cliprange, denom)
-                    if cfg.entropy_coef:
+                    loss = pg
+                    if cfg.entropy_coef:  # optional bonus; the logged entropy is the sampling distribution's
                         ent = L.entropy_from_logits(logits / cfg.temperature)
-                        pg = pg - cfg.entropy_coef * ent.sum() / denom
+                        loss = pg - cfg.entropy_coef * ent.sum() / denom
                         sums["entropy_update"] += ent.detach().sum().item()
-                    pg.backward()
-                    del logits
+                    loss.backward()
+                    del logits, loss
 
                     stack.use("value")
                     vl, vst = L.value_loss(token_values(lm, x), old_v, ret, cfg.cliprange_value, denom)
