@@ -157,5 +157,9 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     return metrics
 
 
+def CONFIG_CLASSES():
+    return (PairsArgs, SamplingConfig, RunArgs)
+
+
 if __name__ == "__main__":
-    main_guard(lambda: main(*parse((PairsArgs, SamplingConfig, RunArgs))))
+    main_guard(lambda: main(*parse(CONFIG_CLASSES())))

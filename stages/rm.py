@@ -411,10 +411,14 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     return metrics
 
 
-def parse_args(argv=None):
+def CONFIG_CLASSES():
     from trl import RewardConfig
 
-    return parse((RewardConfig, RMArgs, RunArgs), argv)
+    return (RewardConfig, RMArgs, RunArgs)
+
+
+def parse_args(argv=None):
+    return parse(CONFIG_CLASSES(), argv)
 
 
 if __name__ == "__main__":

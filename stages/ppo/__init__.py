@@ -257,8 +257,12 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     return metrics
 
 
+def CONFIG_CLASSES():
+    return (PPOConfig, RunArgs)
+
+
 def parse_args(argv=None) -> tuple[PPOConfig, RunArgs]:
-    cfg, run = parse((PPOConfig, RunArgs), argv)
+    cfg, run = parse(CONFIG_CLASSES(), argv)
     return cfg, run
 
 
