@@ -1,0 +1,245 @@
+"""PPO benchmark: our stage (stages/ppo) against TRL 1.12's PPOTrainer (LoRA path), same models and workload.
+
+    make bench-ppo                                   # tiny (2 rounds x 12 updates) + 125m (1 round x 2 updates)
+    python -m bench.bench_ppo --scales tiny --rounds 3 --output /tmp/ppo.json
+    python -m bench.bench_ppo --ours-only --scales micro --output /tmp/x.json     # harness smoke test, no TRL venv
+
+The peer (bench/peer/, copied from the shared peer-baselines scripts) runs in its own venv bench/.venv-trl112
+(created once here: torch==2.13.0 first, pinned CPU wheel, then trl==1.12.0 and the same peft/transformers/
+accelerate/datasets releases as ours). Both sides load the same base models, built once per scale by
+bench/peer/peer_common.py into bench/out/models/<scale> (tokenizer, 256 prompts, policy, reward, value).
+
+Equal work: same prompts, episodes per update (batch), micro-batch 8 with grad-accum batch/8, 4 PPO epochs x 1
+mini-batch, response length 32 with no stop token, temperature 0.7, lr 3e-6, kl_coef 0.05, seed 42, fp32,
+LoRA r=16/alpha 32 on all 7 projections for the policy, same number of updates.
+Not equal by design: TRL 1.12 holds separate full value and reward models (value = copy of the reward model,
+fully trained); ours is one frozen base with four LoRA adapters (policy, reference, value, reward). Our reward
+model is therefore a seeded LoRA SEQ_CLS adapter on the policy base carrying the peer reward model's `score` head,
+not the peer's reward trunk: reward_gain is measured in each side's own reward model's units.
+
+Each side runs as a separate subprocess, rounds alternate the order (ours first, then peer first, ...);
+peak_rss_mb is the child's ru_maxrss from os.wait4 (the harness measures both sides the same way).
+episodes_per_s / gen_tokens_per_s: episodes (and generated tokens) over training wall time, excluding imports and
+model loading (peer: trainer.train(); ours: the sum of update times). Medians over rounds are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import REPO_ROOT
+from pipeline.run import atomic_write_json, git_commit, package_versions
+
+BENCH = REPO_ROOT / "bench"
+PEER_DIR = BENCH / "peer"
+OUT = BENCH / "out"
+VENV = BENCH / ".venv-trl112"
+PEER_PINS = ["trl==1.12.0", "peft==0.21.2", "transformers==5.24.0", "accelerate==1.15.0", "datasets==5.2.0"]
+ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_DISABLE_TELEMETRY": "1"}
+# Per scale: episodes per update, micro-batch, updates, default rounds.
+SCALES = {
+    "tiny": dict(batch_size=32, per_device_batch=8, updates=12, rounds=2),
+    "125m": dict(batch_size=8, per_device_batch=8, updates=2, rounds=1),  # "a few updates are enough for memory"
+    "micro": dict(batch_size=8, per_device_batch=4, updates=2, rounds=1),  # harness smoke test only
+}
+COMMON = dict(ppo_epochs=4, response_length=32, temperature=0.7, lr=3e-6, kl_coef=0.05, seed=42, lora_r=16, precision="fp32")
+TARGETS = {"episodes_per_s_ratio_min": 1.5, "peak_rss_ratio_max_125m": 0.6, "reward_gain": ">= peer"}
+METRICS = ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "reward_gain")
+
+
+def log(msg: str) -> None:
+    print(f"[bench-ppo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    for k, v in ENV_DEFAULTS.items():
+        e.setdefault(k, v)
+    return e
+
+
+def ensure_peer_venv(python: str | None) -> str:
+    """The TRL 1.12 interpreter: --peer_python if given, else bench/.venv-trl112 (created once)."""
+    if python:
+        return python
+    py = VENV / "bin" / "python"
+    check = [str(py), "-c", "import trl, sys; sys.exit(trl.__version__ != '1.12.0')"]
+    if py.exists() and subprocess.run(check, env=env(), capture_output=True).returncode == 0:
+        return str(py)
+    log(f"creating {VENV} (once): torch==2.13.0 first (CPU wheel), then {' '.join(PEER_PINS)}")
+    if not py.exists():
+        subprocess.run(["python3", "-m", "venv", str(VENV)], check=True)
+    pip = [str(VENV / "bin" / "pip"), "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)  # first and pinned: else a multi-GB CUDA torch
+    subprocess.run(pip + PEER_PINS, check=True)
+    subprocess.run(check, env=env(), check=True)
+    return str(py)
+
+
+def run_child(cmd: list[str], logfile: Path, want_json: bool = True) -> tuple[dict, float, float]:
+    """Run one side; (its last-line JSON, its peak RSS in MB from wait4, wall s). Output goes to logfile."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(logfile, "w") as f:
+        p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        tail = "".join(logfile.read_text().splitlines(True)[-25:])
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (rc {p.returncode}); see {logfile}:\n{tail}")
+    lines = [ln for ln in logfile.read_text().splitlines() if ln.startswith("{")] if want_json else []
+    return (json.loads(lines[-1]) if lines else {}), ru.ru_maxrss / 1024.0, wall
+
+
+def build_models(scale: str) -> Path:
+    model_dir = OUT / "models" / scale
+    if not (model_dir / "BUILD_INFO.json").exists():
+        log(f"building the {scale} models into {model_dir}")
+        subprocess.run([sys.executable, str(PEER_DIR / "peer_common.py"), "build", "--dir", str(model_dir),
+                        "--scale", scale], cwd=REPO_ROOT, env=env(), check=True, stdout=subprocess.DEVNULL)
+    return model_dir
+
+
+def side_args(s: dict) -> list[str]:
+    return ["--updates", str(s["updates"]), "--batch-size", str(s["batch_size"]),
+            "--per-device-batch", str(s["per_device_batch"]), "--ppo-epochs", str(COMMON["ppo_epochs"]),
+            "--response-length", str(COMMON["response_length"]), "--temperature", str(COMMON["temperature"]),
+            "--lr", str(COMMON["lr"]), "--kl-coef", str(COMMON["kl_coef"]), "--seed", str(COMMON["seed"])]
+
+
+def run_ours(scale: str, model_dir: Path, s: dict, rnd: int) -> dict:
+    work = OUT / "ours" / scale
+    run_child([sys.executable, "-m", "bench.run_ours", "prepare", "--model-dir", str(model_dir), "--work", str(work)],
+              OUT / "logs" / f"{scale}-ours-prepare.log", want_json=False)
+    cmd = [sys.executable, "-m", "bench.run_ours", "run", "--model-dir", str(model_dir), "--work", str(work),
+           "--run", f"r{rnd}"] + side_args(s)
+    res, rss, wall = run_child(cmd, OUT / "logs" / f"{scale}-ours-r{rnd}.log")
+    return {"episodes_per_s": res["episodes_per_s"], "gen_tokens_per_s": res["gen_tokens_per_s"], "peak_rss_mb": round(rss, 1),
+            "reward_gain": res["reward_gain"], "process_wall_s": round(wall, 2), "detail": res}
+
+
+def run_peer(scale: str, model_dir: Path, s: dict, rnd: int, python: str) -> dict:
+    cmd = [python, str(PEER_DIR / "peer_ppo_trl112.py"), "--lora", "--model-dir", str(model_dir),
+           "--out-dir", str(OUT / "peer_trl112" / scale)] + side_args(s)
+    res, rss, wall = run_child(cmd, OUT / "logs" / f"{scale}-peer-r{rnd}.log")
+    gain = None
+    if res.get("score_first") is not None and res.get("score_last") is not None:
+        gain = round(res["score_last"] - res["score_first"], 4)
+    return {"episodes_per_s": res["episodes_per_s"], "gen_tokens_per_s": res["gen_tokens_per_s"], "peak_rss_mb": round(rss, 1),
+            "reward_gain": gain, "process_wall_s": round(wall, 2), "detail": res}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for k in METRICS:
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = round(statistics.median(vals), 4) if vals else None
+    out["runs"] = runs
+    return out
+
+
+def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: bool) -> dict:
+    s = SCALES[scale]
+    model_dir = build_models(scale)
+    info = json.loads((model_dir / "BUILD_INFO.json").read_text())
+    ours, peer = [], []
+    for rnd in range(1, rounds + 1):
+        order = ["ours", "peer"] if rnd % 2 else ["peer", "ours"]
+        for side in order:
+            if side == "peer" and ours_only:
+                continue
+            load = round(os.getloadavg()[0], 2)
+            log(f"{scale} round {rnd}/{rounds}: {side} (load {load})")
+            r = run_ours(scale, model_dir, s, rnd) if side == "ours" else run_peer(scale, model_dir, s, rnd, peer_python)
+            r["round"], r["load_1m_start"], r["load_1m_end"] = rnd, load, round(os.getloadavg()[0], 2)
+            log(f"  {side}: {r['episodes_per_s']} ep/s, {r['gen_tokens_per_s']} gen tok/s, {r['peak_rss_mb']} MB, "
+                f"reward gain {r['reward_gain']}, {r['process_wall_s']} s")
+            (ours if side == "ours" else peer).append(r)
+    settings = {**s, "rounds": rounds, **COMMON, "episodes_per_run": s["batch_size"] * s["updates"],
+                "grad_accum": s["batch_size"] // s["per_device_batch"], "num_mini_batches": 1, "stop_token": None,
+                "policy_params": info["policy_params"], "peer_reward_params": info["reward_params"],
+                "arch": {k: info[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "vocab_size")}}
+    res = {"settings": settings, "ours": summarise(ours)}
+    if not ours_only:
+        res["peer"] = summarise(peer)
+        res["peer"]["name"] = "trl 1.12.0 trl.experimental.ppo.PPOTrainer, peft_config=LoRA (policy, value, reward)"
+        res["ours"]["name"] = "stages.ppo (one frozen base, 4 LoRA adapters)"
+        ratio = {}
+        for k in ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb"):
+            a, b = res["ours"][k], res["peer"][k]
+            ratio[k] = round(a / b, 3) if a and b else None
+        a, b = res["ours"]["reward_gain"], res["peer"]["reward_gain"]
+        ratio["reward_gain_diff"] = round(a - b, 4) if a is not None and b is not None else None
+        ratio["meets_episodes_per_s_target"] = ratio["episodes_per_s"] is not None and ratio["episodes_per_s"] >= 1.5
+        if scale == "125m":
+            ratio["meets_peak_rss_target"] = ratio["peak_rss_mb"] is not None and ratio["peak_rss_mb"] <= 0.6
+        res["ratio"] = ratio
+    return res
+
+
+def parse_bench_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scales", default="tiny,125m", help="Comma list of tiny, 125m, micro.")
+    p.add_argument("--rounds", type=int, default=None, help="Rounds at tiny (default 2); 125m and micro run 1.")
+    p.add_argument("--ours-only", action="store_true", help="Skip the peer (and its venv): harness smoke test.")
+    p.add_argument("--peer_python", default=None, help="A python with trl==1.12.0 (default: bench/.venv-trl112, made once).")
+    p.add_argument("--output", default=str(BENCH / "results" / "ppo.json"))
+    p.add_argument("--work_dir", default=str(OUT), help="Models, logs and run folders (default bench/out, git-ignored).")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    global OUT
+    a = parse_bench_args(argv)
+    OUT = Path(a.work_dir).resolve()
+    t0 = time.perf_counter()
+    scales = [x.strip() for x in a.scales.split(",") if x.strip()]
+    for sc in scales:
+        if sc not in SCALES:
+            raise SystemExit(f"unknown scale {sc!r}: choose from {sorted(SCALES)}")
+    peer_python = None if a.ours_only else ensure_peer_venv(a.peer_python)
+    result: dict = {}
+    peer_versions = None
+    if peer_python:
+        code = ("import json, platform, torch, trl, transformers, peft, accelerate, datasets; print(json.dumps({'python': "
+                "platform.python_version(), 'torch': torch.__version__, 'trl': trl.__version__, 'transformers': "
+                "transformers.__version__, 'peft': peft.__version__, 'accelerate': accelerate.__version__, "
+                "'datasets': datasets.__version__}))")
+        peer_versions = json.loads(subprocess.run([peer_python, "-c", code], env=env(), capture_output=True, text=True,
+                                                  check=True).stdout.strip().splitlines()[-1])
+    for sc in scales:
+        rounds = a.rounds if (a.rounds and sc == "tiny") else SCALES[sc]["rounds"]
+        result[sc] = bench_scale(sc, rounds, peer_python, a.ours_only)
+    result["meta"] = {
+        "targets": TARGETS, "wall_s": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_1m_5m_15m_end": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(),
+        "machine": platform.platform(), "env": {k: env()[k] for k in ENV_DEFAULTS},
+        "versions_ours": package_versions(), "versions_peer": peer_versions, "git_commit": git_commit(),
+        "ours_only": a.ours_only, "peer_python": peer_python,
+        "measurement": "episodes/s and gen tokens/s over training wall time (no imports/loading); peak_rss_mb = child "
+                       "ru_maxrss via os.wait4; medians over rounds; rounds alternate which side goes first",
+    }
+    atomic_write_json(Path(a.output), result)
+    log(f"wrote {a.output} in {result['meta']['wall_s']} s")
+    for sc in scales:
+        r = result[sc]
+        line = f"{sc}: ours " + ", ".join(f"{k} {r['ours'][k]}" for k in METRICS)
+        if "peer" in r:
+            line += " | peer " + ", ".join(f"{k} {r['peer'][k]}" for k in METRICS) + f" | ratio {r['ratio']}"
+        print(line)
+    return result
+
+
+if __name__ == "__main__":
+    main()
