@@ -24,9 +24,22 @@ def print_table(title: str, rows: dict) -> None:
 
 
 def finish_distributed() -> None:
-    """Wait for every rank, then tear the process group down: without it a gloo rank can SIGABRT at exit."""
+    """Wait for every rank at the end of a stage. The process group itself is torn down by pipeline.run.main_guard,
+    once main() has returned and its trainer (and DDP's reducer, which holds the group) is garbage."""
     import torch.distributed as dist
 
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy_distributed() -> None:
+    """Tear down the process group: without it a gloo rank can SIGABRT at exit (STACK-NOTES item 2). Call it only
+    after every object holding the group is gone: a DDP reducer freed after the group joins a gloo thread forever."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

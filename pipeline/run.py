@@ -116,8 +116,11 @@ class StageRun:
 
 def main_guard(main_fn):
     """Run a stage's main(); a ConfigError becomes one clear line on stderr and exit code 2, no traceback."""
+    from pipeline.report import destroy_distributed
+
     try:
         main_fn()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    destroy_distributed()
