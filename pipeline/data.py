@@ -87,6 +87,16 @@ def train_eval_split(ds, eval_fraction: float, seed: int, group_by=None):
     return ds.select(train_idx), ds.select(eval_idx)
 
 
+def prompt_of(row: dict):
+    """A row's prompt as given (`prompt`: messages or text), or its `messages` without the trailing assistant turns."""
+    if "prompt" in row:
+        return row["prompt"]
+    msgs = [dict(m) for m in row["messages"]]
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    return msgs
+
+
 def first_existing(*paths: str | Path) -> Path | None:
     for p in paths:
         if p and Path(p).exists():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.data import load_any, require_columns
+from pipeline.data import load_any, prompt_of, require_columns
 from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import check_adapter, load_tokenizer, profile_from, resolve_base
 from pipeline.report import print_table
@@ -47,13 +47,8 @@ def sha(obj, n: int = 16) -> str:
 
 
 def as_messages(row: dict) -> list[dict] | None:
-    if "prompt" in row:
-        p = row["prompt"]
-        return [{"role": "user", "content": p}] if isinstance(p, str) else [dict(m) for m in p]
-    msgs = [dict(m) for m in row["messages"]]
-    while msgs and msgs[-1]["role"] == "assistant":
-        msgs.pop()
-    return msgs or None
+    p = prompt_of(row)
+    return ([{"role": "user", "content": p}] if isinstance(p, str) else [dict(m) for m in p]) or None
 
 
 def load_prompts(args: PairsArgs) -> tuple[list[list[dict]], str]:

@@ -35,7 +35,7 @@ from .trainer import PPOTrainer, latest_checkpoint
 
 def load_prompts(cfg: PPOConfig, tokenizer):
     """(train conversations, their token ids, held-out conversations, notes). Held-out = a seeded fixed share."""
-    from pipeline.data import load_any
+    from pipeline.data import load_any, prompt_of
 
     source = cfg.dataset_name or cfg.prompts_file
     path = resolve_path(source)
@@ -44,14 +44,8 @@ def load_prompts(cfg: PPOConfig, tokenizer):
     ds = load_any(source)
     if len(ds) == 0:
         raise ConfigError(f"prompt set {source} is empty: give at least one prompt")
-    if "prompt" in ds.column_names:
-        raw = ds["prompt"]
-    elif "messages" in ds.column_names:  # conversations: prompt = everything before the last assistant turn
-        raw = []
-        for msgs in ds["messages"]:
-            while msgs and msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-            raw.append(msgs)
+    if "prompt" in ds.column_names or "messages" in ds.column_names:
+        raw = [prompt_of(row) for row in ds]  # conversations: the prompt is everything before the last assistant turn
     else:
         raise ConfigError(f"prompt set {source} has no 'prompt' (or 'messages') column, only {ds.column_names}: "
                           "give rows like {\"prompt\": [{\"role\": \"user\", \"content\": \"...\"}]} or {\"prompt\": \"...\"}")
