@@ -31,13 +31,18 @@ class Generations:
     ended: torch.Tensor  # [B] bool: an EOS was produced within the limit
 
 
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a chat-templated conversation (some tokenizers return a dict even with return_dict=False)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=False)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def encode_prompts(tokenizer, prompts: list[list[dict]], max_prompt_tokens: int | None = None) -> list[list[int]]:
     """Chat-template each conversation and add the assistant header (`add_generation_prompt`)."""
     out = []
     for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
+        ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             ids = ids[-max_prompt_tokens:]  # keep the end: the assistant header and the latest turn
         out.append(list(ids))
@@ -53,6 +58,22 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
             ids[i, width - len(s):] = torch.tensor(s)
             mask[i, width - len(s):] = 1
     return ids, mask
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def chat_reward_inputs(tokenizer, prompts: list[list[dict]], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a reward model reads: prompt + reply as an assistant turn, chat-templated exactly as RewardTrainer
+    trained it, right-padded. PPO's rollouts and `make eval` both score through this one function."""
+    seqs = [chat_ids(tokenizer, list(m) + [{"role": "assistant", "content": t}]) for m, t in zip(prompts, texts)]
+    return right_pad(seqs, tokenizer.pad_token_id)
 
 
 def truncate_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

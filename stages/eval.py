@@ -25,7 +25,7 @@ import torch
 
 from pipeline.adapters import AdapterStack
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
-from pipeline.generation import SamplingConfig, encode_prompts, generate
+from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
 from pipeline.models import load_tokenizer, profile_from
 from pipeline.report import finish_distributed, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard
@@ -93,17 +93,7 @@ def reward_inputs(tokenizer, prompts: list, texts: list[str], gens) -> tuple[tor
     template: the policy's own prompt + response tokens."""
     if not getattr(tokenizer, "chat_template", None):
         return torch.cat([gens.prompt_ids, gens.response_ids], 1), torch.cat([gens.prompt_mask, gens.response_mask], 1)
-    seqs = []
-    for messages, text in zip(prompts, texts):
-        ids = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": text}], tokenize=True,
-                                            return_dict=False)
-        seqs.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return ids, mask
+    return chat_reward_inputs(tokenizer, prompts, texts)
 
 
 @torch.no_grad()

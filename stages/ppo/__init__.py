@@ -36,6 +36,7 @@ from .trainer import PPOTrainer, latest_checkpoint
 def load_prompts(cfg: PPOConfig, tokenizer):
     """(train conversations, their token ids, held-out conversations, notes). Held-out = a seeded fixed share."""
     from pipeline.data import load_any, prompt_of
+    from pipeline.generation import chat_ids
 
     source = cfg.dataset_name or cfg.prompts_file
     path = resolve_path(source)
@@ -75,8 +76,7 @@ def load_prompts(cfg: PPOConfig, tokenizer):
         if isinstance(c, str):
             ids.append(list(tokenizer(c)["input_ids"]))
         else:
-            enc = tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
-            ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+            ids.append(chat_ids(tokenizer, c, add_generation_prompt=True))
     limit = cfg.max_prompt_length
     long = [i for i, s in enumerate(ids) if len(s) > limit]
     notes = {"prompts_total": len(convs), "prompts_heldout": n_held, "prompts_long": len(long)}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.adapters import last_token_index
-from pipeline.generation import left_pad, truncate_after_eos
+from pipeline.generation import chat_reward_inputs, left_pad, truncate_after_eos
 from pipeline.models import backbone
 
 from .losses import entropy_from_logits
@@ -177,19 +177,6 @@ class Rollout:
         return pack(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx])
 
 
-def reward_inputs_chat(tokenizer, prompts: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conversation as the reward model was trained on it: prompt + assistant reply, chat-templated, right-padded."""
-    seqs = []
-    for messages, text in zip(prompts, texts):
-        ids = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": text}], tokenize=True,
-                                            return_dict=False)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        seqs.append(list(ids))
-    ids, mask = left_pad([s[::-1] for s in seqs], tokenizer.pad_token_id)  # left-pad the reversed rows ...
-    return ids.flip(1), mask.flip(1)  # ... and flip back: right padding
-
-
 @torch.no_grad()
 def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, generator: torch.Generator,
             reward_fn=None) -> Rollout:
@@ -235,7 +222,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             stack.use("reward")
             if cfg.reward_input == "chat":
                 rows = idx.tolist()
-                r_ids, r_mask = reward_inputs_chat(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
+                r_ids, r_mask = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
                 scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device)).float()
             else:
                 scores[idx] = sequence_scores(lm, x)
