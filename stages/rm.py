@@ -359,6 +359,11 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
 
     # 2. Model: the policy's base as a 1-output sequence classifier, LoRA on the profile's layers. Task SEQ_CLS makes
     #    peft put the `score` head in modules_to_save: trained in full and saved with the LoRA weights.
+    #    The head is freshly initialised at load time, before the Trainer seeds anything: seed first, or every run of
+    #    the same config starts from a different head and ends with different metrics.
+    from transformers import set_seed
+
+    set_seed(train_cfg.seed)
     model = load_base(profile, tokenizer, kind="score")
     peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout, task_type="SEQ_CLS")
 
