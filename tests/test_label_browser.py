@@ -348,7 +348,12 @@ def test_sigkill_mid_session_then_restart_loses_no_acknowledged_label(browser, o
     server = start_server(args, net_log)  # same port: the browser's stored name applies again
     try:
         wait_until_up(server, url)
-        page.reload()
+        # A new tab in the same browser context (same stored name), not page.reload(): the old tab's Gradio client
+        # reconnects and reloads itself when the server returns, and racing it aborts our reload (ERR_ABORTED).
+        context = page.context
+        page.close()
+        page = context.new_page()
+        page.goto(url)
         expect(page.locator("#progress")).to_contain_text(f"Yours (dora): {len(rows)} labeled")
         pair, _ = shown(page)
         assert pair not in rows  # continues with a pair not yet labeled
