@@ -94,6 +94,8 @@ def run(a) -> dict:
               "reward_window_updates", "kl_last", "peak_memory_mb", "model_copies", "frozen_params", "trainable_params"):
         v = m.get(k)
         res[k] = round(v, 4) if isinstance(v, float) else v
+    metrics_jsonl = Path(a.work).resolve() / "runs" / a.run / "ppo" / "metrics.jsonl"
+    res["scores"] = [json.loads(l)["reward_raw"] for l in metrics_jsonl.read_text().splitlines() if l.strip()]
     return res
 
 

@@ -38,6 +38,7 @@ class AdapterStack:
     def __init__(self, peft_model, trainable: tuple[str, ...]):
         self.model = peft_model
         self.trainable = tuple(trainable)
+        self.frozen: set[int] = set()  # ids of adapter parameters kept frozen although their adapter trains (freeze())
         self.active = None
 
     @classmethod
@@ -76,7 +77,16 @@ class AdapterStack:
         for n, p in self.model.named_parameters():
             parts = n.split(".")
             p.requires_grad = ("modules_to_save" in parts or any(x.startswith("lora_") for x in parts)) and any(
-                t in parts for t in self.trainable)
+                t in parts for t in self.trainable) and id(p) not in self.frozen
+
+    def freeze(self, name: str, modules: list[nn.Module]) -> int:
+        """Keep adapter `name`'s parameters inside `modules` frozen from now on; returns how many tensors."""
+        for m in modules:
+            for n, p in m.named_parameters():
+                if name in n.split("."):
+                    self.frozen.add(id(p))
+        self._restore_trainable()
+        return len(self.frozen)
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for n, p in self.model.named_parameters()

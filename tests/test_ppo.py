@@ -285,6 +285,54 @@ def test_runs_on_four_architectures(arch, tiny_models, adapters, prompts_file, r
         assert strip(read_metrics(runs_dir, "gc")) == strip(rows)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_value_top_layers_replay_equals_a_full_forward(arch, tiny_models, adapters, prompts_file, tmp_path, no_grad):
+    """value_trainable_layers: the value adapter trains only its top layer(s); the update feeds the rollout's cached
+    hidden states instead of rerunning the frozen layers below. Values must equal a full forward, before and after
+    training; the frozen value layers and the reward adapter must not move, the trained top layer must."""
+    from accelerate import PartialState
+
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack, load_prompts
+    from stages.ppo.rollout import collect, token_values
+    from stages.ppo.trainer import PPOTrainer
+
+    sft_dir, rm_dir = adapters(arch)
+    cfg, run = parse_args(ppo_args(tiny_models[arch], tmp_path, "x", prompts_file, None, None,
+                                   "--value_trainable_layers", "1"))
+    profile = profile_from(run.model_config)
+    tok = load_tokenizer(profile)
+    prompts, ids, _, _ = load_prompts(cfg, tok)
+    stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False)
+    trainer = PPOTrainer(cfg, stack, tok, prompts, ids, tmp_path, PartialState(), reward_fn=token_count_reward(7))
+    top, lm = trainer.top, stack.causal_lm
+    assert top is not None and top.cut == 1  # the tiny models have 2 layers: layer 0 frozen, layer 1 trained
+    snapshot = lambda a: {n: p.detach().clone() for n, p in stack.model.named_parameters() if a in n.split(".")}  # noqa: E731
+    value0, reward0 = snapshot("value"), snapshot("reward")
+    trained = {n for n, _ in trainer.named_params["value"]}
+    assert trained and all(".layers.0." not in n and ".h.0." not in n for n in trained)
+
+    def check(ro):
+        for s in range(0, len(ro.texts), 3):
+            idx = torch.arange(s, min(s + 3, len(ro.texts)))
+            x = ro.rows(idx)
+            stack.use("value")
+            full = token_values(lm, x)
+            replayed = token_values(lm, x, top, ro.cached_hidden(idx, x))
+            assert torch.allclose(replayed, full, atol=1e-5), (replayed - full).abs().max()
+            width = x.response_mask.shape[1]
+            assert torch.allclose(ro.values[idx][:, :width][x.response_mask], full, atol=1e-5)
+
+    check(collect(stack, tok, prompts[:7], ids[:7], cfg, torch.Generator().manual_seed(0), None, top))
+    for _ in range(2):
+        trainer.step()
+    check(collect(stack, tok, prompts[:7], ids[:7], cfg, torch.Generator().manual_seed(1), None, top))
+    value1, reward1 = snapshot("value"), snapshot("reward")
+    moved = {n for n in value0 if not torch.equal(value0[n], value1[n])}
+    assert moved and moved <= trained, moved - trained  # only the top layer's LoRA and the head moved
+    assert all(torch.equal(reward0[n], reward1[n]) for n in reward0), "the reward adapter moved"
+
+
 # ------------------------------------------------------------------------------------------------ two processes
 
 def _upstream_manifests(runs_dir: Path, run: str, sft: Path, rm: Path) -> None:

@@ -153,6 +153,7 @@ def main():
         "score_first": logs[0].get("objective/scores") if logs else None,
         "score_last": logs[-1].get("objective/scores") if logs else None,
         "kl_last": logs[-1].get("objective/kl") if logs else None,
+        "scores": [l["objective/scores"] for l in logs if "objective/scores" in l],  # per update (bench_ppo's gain)
         "seed": a.seed,
     }
     print(json.dumps(res), flush=True)

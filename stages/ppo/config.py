@@ -63,6 +63,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus; entropy is always logged."})
+    value_trainable_layers: int = field(default=1, metadata={"help": "The value adapter trains its top N decoder layers + head (the rest stay as the RM left them, and their output is computed once per rollout); 0 = all layers."})
     # Optimiser
     optim: str = field(default="adamw", metadata={"help": "adamw | sgd | rmsprop"})
     learning_rate: float = 1e-4
@@ -92,6 +93,8 @@ class PPOConfig:
                      "num_ppo_epochs", "total_updates", "generation_batch_size", "forward_batch_size", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.value_trainable_layers < 0:
+            raise ConfigError(f"value_trainable_layers must be >= 0 (0 = all layers), got {self.value_trainable_layers}")
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.temperature <= 0:

@@ -17,7 +17,8 @@ position models (GPT-2) correct and matches the right-padded layout SFT trained 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +39,7 @@ class Packed:
     keep: torch.Tensor  # [b, L] bool: positions whose next-token prediction is a real response token
     response_mask: torch.Tensor  # [b, R'] bool, R' = longest response in these rows
     tokens: torch.Tensor  # [N] the real response tokens, row-major (the order of keep's True entries)
+    cols: slice = field(default_factory=lambda: slice(None))  # these columns of the rollout's [query ++ response] layout (for cached hidden states)
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +58,7 @@ def pack(query_ids, query_mask, response_ids, response_mask) -> Packed:
     keep = torch.zeros_like(attn, dtype=torch.bool)
     p = P - first
     keep[:, p - 1 : p - 1 + r_eff] = resp_mask
-    return Packed(ids, attn, pos, keep, resp_mask, response_ids[:, :r_eff][resp_mask])
+    return Packed(ids, attn, pos, keep, resp_mask, response_ids[:, :r_eff][resp_mask], slice(first, P + r_eff))
 
 
 def unflatten(flat: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -84,9 +86,70 @@ def trunk_hidden(lm, x: Packed) -> torch.Tensor:
                         use_cache=False).last_hidden_state
 
 
-def token_values(lm, x: Packed) -> torch.Tensor:
-    """[N] value of the state before each real response token (the active adapter's scalar head)."""
-    return lm.score(trunk_hidden(lm, x)[x.keep]).squeeze(-1).float()
+def token_values(lm, x: Packed, top: "TopLayers | None" = None, cached: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] value of the state before each real response token (the active adapter's scalar head).
+
+    With `top` and `cached` (the rollout's hidden states entering the top layers, [b, L] columns of x), only the top
+    layers run: the frozen layers below would recompute exactly `cached`."""
+    if top is None or cached is None:
+        return lm.score(trunk_hidden(lm, x)[x.keep]).squeeze(-1).float()
+    with top.replay(cached):
+        return lm.score(trunk_hidden(lm, x)[x.keep]).squeeze(-1).float()
+
+
+def decoder_layers(lm) -> torch.nn.ModuleList:
+    """The transformer blocks of a causal LM: `model.layers` (Llama, Qwen2, GPT-NeoX), `transformer.h` (GPT-2)."""
+    body, n = backbone(lm), lm.config.num_hidden_layers
+    found = [m for m in body.children() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        raise ValueError(f"cannot find the {n} decoder layers of {type(lm).__name__}: set value_trainable_layers: 0")
+    return found[0]
+
+
+class TopLayers:
+    """The value adapter trains only its top `n` decoder layers (+ the scalar head); its LoRA below stays as the
+    reward model left it. Those frozen layers give the same output for a rollout row in every update pass, so the
+    rollout's value forward records it (`capture`) and the update passes feed it in place of the bottom layers
+    (`replay`): the update's value forward and backward cost n/L of a full pass, with identical results.
+
+        top = TopLayers(lm, 1)
+        with top.capture(store): values = token_values(lm, x)       # rollout: full forward, keep layer cut-1's output
+        with top.replay(hidden): values = token_values(lm, x)       # update: bottom layers return `hidden`
+    """
+
+    def __init__(self, lm, n: int):
+        self.layers = decoder_layers(lm)
+        self.cut = len(self.layers) - n  # index of the first trained layer
+        if not 0 < self.cut < len(self.layers):
+            raise ValueError(f"value_trainable_layers={n} must be in 1..{len(self.layers) - 1} (0 = all layers)")
+        self.returns_tuple = False
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return list(self.layers[: self.cut])
+
+    @contextmanager
+    def capture(self, store: list):
+        def hook(_module, _args, output):
+            self.returns_tuple = isinstance(output, tuple)
+            store.append((output[0] if self.returns_tuple else output).detach())
+
+        handle = self.layers[self.cut - 1].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def replay(self, hidden: torch.Tensor):
+        wrap = (lambda h: (h,)) if self.returns_tuple else (lambda h: h)  # noqa: E731
+        bottom = self.layers[: self.cut]
+        for i, layer in enumerate(bottom):  # an instance attribute shadows the class's forward (nn.Module.__call__)
+            layer.forward = (lambda *a, **k: wrap(hidden)) if i == self.cut - 1 else (lambda h, *a, **k: h)
+        try:
+            yield
+        finally:
+            for layer in bottom:
+                del layer.forward
 
 
 def sequence_scores(lm, x: Packed) -> torch.Tensor:
@@ -165,6 +228,7 @@ class Rollout:
     ended: torch.Tensor  # [B] bool
     entropy: torch.Tensor  # [B, R] of the sampling distribution
     texts: list[str]
+    value_hidden: torch.Tensor | None = None  # [B, P + R, H] entering the value's trained top layers (TopLayers)
     time_generate_s: float = 0.0
     time_score_s: float = 0.0
 
@@ -176,11 +240,15 @@ class Rollout:
     def rows(self, idx: torch.Tensor) -> Packed:
         return pack(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx])
 
+    def cached_hidden(self, idx: torch.Tensor, x: Packed) -> torch.Tensor | None:
+        return None if self.value_hidden is None else self.value_hidden[idx][:, x.cols]
+
 
 @torch.no_grad()
 def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, generator: torch.Generator,
-            reward_fn=None) -> Rollout:
-    """Generate with `policy`, then reference log-probs, values (`value`) and scores (`reward` or reward_fn)."""
+            reward_fn=None, top: TopLayers | None = None) -> Rollout:
+    """Generate with `policy`, then reference log-probs, values (`value`) and scores (`reward` or reward_fn).
+    With `top`, the value pass also keeps the hidden states entering the value's trained top layers."""
     import time
 
     lm = stack.causal_lm
@@ -208,6 +276,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     B, R = response_ids.shape
     ref = torch.zeros(B, R, device=device) if cfg.needs_reference else None
     values, scores = torch.zeros(B, R, device=device), torch.zeros(B, device=device)
+    value_hidden = None
     # Chunks of rows of similar length: less padding in every forward (the results go back to their rows).
     order = torch.argsort(query_mask.sum(1) + response_mask.sum(1), stable=True)
     for s in range(0, B, cfg.forward_batch_size):
@@ -217,7 +286,15 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             stack.use("reference")
             ref[idx] = unflatten(token_logprobs(response_logits(lm, x), x.tokens, cfg.temperature), x.response_mask, R)
         stack.use("value")
-        values[idx] = unflatten(token_values(lm, x), x.response_mask, R)
+        if top is None:
+            values[idx] = unflatten(token_values(lm, x), x.response_mask, R)
+        else:
+            store: list[torch.Tensor] = []
+            with top.capture(store):
+                values[idx] = unflatten(token_values(lm, x), x.response_mask, R)
+            if value_hidden is None:
+                value_hidden = store[0].new_zeros(B, query_ids.shape[1] + R, store[0].shape[-1])
+            value_hidden[idx, x.cols] = store[0]
         if reward_fn is None:
             stack.use("reward")
             if cfg.reward_input == "chat":
@@ -231,7 +308,8 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     t2 = time.perf_counter()
     return Rollout(prompts=list(prompts), query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
                    response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref, values=values, scores_raw=scores,
-                   ended=ended, entropy=entropy, texts=texts, time_generate_s=t1 - t0, time_score_s=t2 - t1)
+                   ended=ended, entropy=entropy, texts=texts, value_hidden=value_hidden, time_generate_s=t1 - t0,
+                   time_score_s=t2 - t1)
 
 
 def _cat_left(tensors: list[torch.Tensor], fill) -> torch.Tensor:
@@ -244,5 +322,5 @@ def _cat_right(tensors: list[torch.Tensor], fill) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
 
 
-__all__ = ["Packed", "Rollout", "collect", "entropy_from_logits", "pack", "response_logits", "sample",
+__all__ = ["Packed", "Rollout", "TopLayers", "collect", "decoder_layers", "entropy_from_logits", "pack", "response_logits", "sample",
            "sequence_scores", "token_logprobs", "token_values", "unflatten"]

@@ -31,7 +31,7 @@ from pipeline.config import ConfigError, to_dict
 from pipeline.run import atomic_write_json
 
 from . import losses as L
-from .rollout import Rollout, collect, response_logits, token_logprobs, token_values
+from .rollout import Rollout, TopLayers, collect, decoder_layers, response_logits, token_logprobs, token_values
 
 # Keys whose values depend on the machine's speed; everything else in metrics.jsonl is reproducible.
 TIMING_KEYS = ("episodes_per_s", "gen_tokens_per_s", "time_generate_s", "time_score_s", "time_train_s", "time_update_s")
@@ -66,7 +66,14 @@ class PPOTrainer:
         self.lm = stack.causal_lm
         self.device = next(self.lm.parameters()).device
 
-        self.named_params = {a: adapter_parameters(stack.model, a) for a in ("policy", "value")}
+        # The value adapter may train only its top layers (TopLayers): freeze the rest before collecting parameters.
+        self.top = None
+        n_layers = len(decoder_layers(self.lm)) if cfg.value_trainable_layers else 0
+        if 0 < cfg.value_trainable_layers < n_layers:
+            self.top = TopLayers(self.lm, cfg.value_trainable_layers)
+            stack.freeze("value", self.top.frozen_modules())
+        self.named_params = {a: [(n, p) for n, p in adapter_parameters(stack.model, a) if id(p) not in stack.frozen]
+                             for a in ("policy", "value")}
         for a, ps in self.named_params.items():
             if not ps:
                 raise ConfigError(f"the {a} adapter has no trainable parameters: check the sft/rm adapters")
@@ -226,7 +233,8 @@ class PPOTrainer:
                     del logits, loss
 
                     stack.use("value")
-                    vl, vst = L.value_loss(token_values(lm, x), old_v, ret, cfg.cliprange_value, denom)
+                    new_v = token_values(lm, x, self.top, ro.cached_hidden(idx, x))
+                    vl, vst = L.value_loss(new_v, old_v, ret, cfg.cliprange_value, denom)
                     (cfg.vf_coef * vl).backward()
 
                     nt = x.num_tokens
@@ -256,7 +264,7 @@ class PPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         prompts, ids = self._local_prompts()
-        ro = collect(self.stack, self.tokenizer, prompts, ids, cfg, self.sample_gen, self.reward_fn)
+        ro = collect(self.stack, self.tokenizer, prompts, ids, cfg, self.sample_gen, self.reward_fn, self.top)
         t_score0 = time.perf_counter()
         adv, returns, stats = self._advantages(ro)
         time_score = ro.time_score_s + (time.perf_counter() - t_score0)
