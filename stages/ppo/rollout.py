@@ -123,9 +123,23 @@ class TopLayers:
         if not 0 < self.cut < len(self.layers):
             raise ValueError(f"value_trainable_layers={n} must be in 1..{len(self.layers) - 1} (0 = all layers)")
         self.returns_tuple = False
+        self.reward_shares_bottom = False  # set by the trainer after checking same_below("value", "reward")
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return list(self.layers[: self.cut])
+
+    def same_below(self, a: str, b: str) -> bool:
+        """Adapters a and b have identical weights in the frozen layers (value and reward both load the RM there),
+        so on the same tokens they share those layers' output: the reward pass can replay the value's."""
+        for m in self.frozen_modules():
+            params = dict(m.named_parameters())
+            for n, p in params.items():
+                parts = n.split(".")
+                if a in parts:
+                    other = params.get(".".join(b if x == a else x for x in parts))
+                    if other is None or not torch.equal(p, other):
+                        return False
+        return True
 
     @contextmanager
     def capture(self, store: list):
@@ -170,6 +184,14 @@ class Sampled:
     ended: torch.Tensor  # [B] bool, an EOS was produced
 
 
+def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of [B, V] probabilities by inverting the CDF at a uniform draw: an exact sample, and on
+    CPU ~20x cheaper than torch.multinomial (which spent ~10% of rollout time drawing exponentials)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
 @torch.no_grad()
 def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, eos_id: int, pad_id: int,
            generator: torch.Generator, stop_at_eos: bool = True) -> Sampled:
@@ -189,7 +211,7 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float,
     for t in range(max_new_tokens):
         logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
         probs = logp.exp()
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tok = sample_from(probs, generator)
         live = ~done
         tokens[:, t] = torch.where(live, tok, pad_id)
         logps[:, t] = torch.where(live, logp.gather(1, tok.unsqueeze(1)).squeeze(1), 0.0)
@@ -297,7 +319,10 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             value_hidden[idx, x.cols] = store[0]
         if reward_fn is None:
             stack.use("reward")
-            if cfg.reward_input == "chat":
+            if top is not None and top.reward_shares_bottom and cfg.reward_input == "tokens":
+                with top.replay(store[0]):  # same tokens, same frozen layers: only the reward's top layers run
+                    scores[idx] = sequence_scores(lm, x)
+            elif cfg.reward_input == "chat":
                 rows = idx.tolist()
                 r_ids, r_mask = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
                 scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device)).float()

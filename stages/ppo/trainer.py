@@ -72,6 +72,7 @@ class PPOTrainer:
         if 0 < cfg.value_trainable_layers < n_layers:
             self.top = TopLayers(self.lm, cfg.value_trainable_layers)
             stack.freeze("value", self.top.frozen_modules())
+            self.top.reward_shares_bottom = self.top.same_below("value", "reward")
         self.named_params = {a: [(n, p) for n, p in adapter_parameters(stack.model, a) if id(p) not in stack.frozen]
                              for a in ("policy", "value")}
         for a, ps in self.named_params.items():
