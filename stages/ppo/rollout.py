@@ -11,6 +11,9 @@ Speed (generation is most of PPO's wall time; DESIGN "hard parts"):
   predict real response tokens (`logits_to_keep` with a boolean mask): no full-vocab logits over the prompt or
   the padding. The value and reward adapters skip the LM head entirely (trunk + scalar head).
 - The reference forward is skipped when no KL term is used.
+- The value adapter trains only its top layers (`TopLayers`, config value_trainable_layers): the rollout's value
+  pass keeps the hidden states entering them, and every update pass replays those instead of recomputing the
+  frozen layers below. When the RM reads the policy's own tokens, its pass replays them too (same frozen weights).
 Positions: prompts are left-padded, so every forward passes position_ids = cumsum(mask) - 1, which keeps absolute
 position models (GPT-2) correct and matches the right-padded layout SFT trained on.
 """
