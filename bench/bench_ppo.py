@@ -7,15 +7,18 @@
 The peer (bench/peer/, copied from the shared peer-baselines scripts) runs in its own venv bench/.venv-trl112
 (created once here: torch==2.13.0 first, pinned CPU wheel, then trl==1.12.0 and the same peft/transformers/
 accelerate/datasets releases as ours). Both sides load the same base models, built once per scale by
-bench/peer/peer_common.py into bench/out/models/<scale> (tokenizer, 256 prompts, policy, reward, value).
+bench/peer/peer_common.py into bench/out/models/<scale> (tokenizer, 256 prompts, policy base).
 
 Equal work: same prompts, episodes per update (batch), micro-batch 8 with grad-accum batch/8, 4 PPO epochs x 1
-mini-batch, response length 32 with no stop token, temperature 0.7, lr 3e-6, kl_coef 0.05, seed 42, fp32,
-LoRA r=16/alpha 32 on all 7 projections for the policy, same number of updates.
-Not equal by design: TRL 1.12 holds separate full value and reward models (value = copy of the reward model,
-fully trained); ours is one frozen base with four LoRA adapters (policy, reference, value, reward). Our reward
-model is therefore a seeded LoRA SEQ_CLS adapter on the policy base carrying the peer reward model's `score` head,
-not the peer's reward trunk: reward_gain is measured in each side's own reward model's units.
+mini-batch, response length 32 with no stop token, temperature 0.7, lr 3e-6 (--lr to change), kl_coef 0.05, fp32,
+LoRA r=16/alpha 32 on all 7 projections for the policy, same number of updates; round r uses seed 42 + r - 1 on
+both sides.
+Same reward function: our reward model is a seeded LoRA SEQ_CLS adapter on the policy base (carrying the peer reward
+model's `score` head); the peer gets that very model merged into a standalone one (bench/run_ours.py checks the two
+score alike) as its reward model and as its value model's start. reward_gain = the least-squares slope of the
+per-update mean score x (updates - 1), computed here from each side's per-update scores.
+Not equal by design: TRL 1.12 holds separate full value and reward models (value fully trained); ours is one frozen
+base with four LoRA adapters (policy, reference, value, reward), the value adapter training its top layer.
 
 Each side runs as a separate subprocess, rounds alternate the order (ours first, then peer first, ...);
 peak_rss_mb is the child's ru_maxrss from os.wait4 (the harness measures both sides the same way).
@@ -53,7 +56,7 @@ SCALES = {
 }
 COMMON = dict(ppo_epochs=4, response_length=32, temperature=0.7, lr=3e-6, kl_coef=0.05, seed=42, lora_r=16, precision="fp32")
 TARGETS = {"episodes_per_s_ratio_min": 1.5, "peak_rss_ratio_max_125m": 0.6, "reward_gain": ">= peer"}
-METRICS = ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "reward_gain")
+METRICS = ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "reward_gain", "reward_gain_se")
 
 
 def log(msg: str) -> None:
@@ -110,11 +113,12 @@ def build_models(scale: str) -> Path:
     return model_dir
 
 
-def side_args(s: dict) -> list[str]:
+def side_args(s: dict, rnd: int) -> list[str]:
+    """Round r runs both sides with seed 42 + r - 1: the reward gain is a median over different samples."""
     return ["--updates", str(s["updates"]), "--batch-size", str(s["batch_size"]),
             "--per-device-batch", str(s["per_device_batch"]), "--ppo-epochs", str(COMMON["ppo_epochs"]),
             "--response-length", str(COMMON["response_length"]), "--temperature", str(COMMON["temperature"]),
-            "--lr", str(COMMON["lr"]), "--kl-coef", str(COMMON["kl_coef"]), "--seed", str(COMMON["seed"])]
+            "--lr", str(COMMON["lr"]), "--kl-coef", str(COMMON["kl_coef"]), "--seed", str(COMMON["seed"] + rnd - 1)]
 
 
 def fitted_gain(scores: list[float] | None) -> float | None:
@@ -130,25 +134,57 @@ def fitted_gain(scores: list[float] | None) -> float | None:
     return round(slope * (n - 1), 4)
 
 
+def fitted_gain_se(scores: list[float] | None) -> float | None:
+    """Standard error of fitted_gain, from the residuals of the line: a gain within ~2 SE of 0 is sampling noise."""
+    if not scores or len(scores) < 3:
+        return None
+    n = len(scores)
+    xm, ym = (n - 1) / 2, sum(scores) / n
+    sxx = sum((i - xm) ** 2 for i in range(n))
+    slope = sum((i - xm) * (y - ym) for i, y in enumerate(scores)) / sxx
+    resid = sum((y - ym - slope * (i - xm)) ** 2 for i, y in enumerate(scores))
+    return round((resid / (n - 2) / sxx) ** 0.5 * (n - 1), 4)
+
+
 def run_ours(scale: str, model_dir: Path, s: dict, rnd: int) -> dict:
     work = OUT / "ours" / scale
     run_child([sys.executable, "-m", "bench.run_ours", "prepare", "--model-dir", str(model_dir), "--work", str(work)],
               OUT / "logs" / f"{scale}-ours-prepare.log", want_json=False)
     cmd = [sys.executable, "-m", "bench.run_ours", "run", "--model-dir", str(model_dir), "--work", str(work),
-           "--run", f"r{rnd}"] + side_args(s)
+           "--run", f"r{rnd}"] + side_args(s, rnd)
     res, rss, wall = run_child(cmd, OUT / "logs" / f"{scale}-ours-r{rnd}.log")
     return {"episodes_per_s": res["episodes_per_s"], "gen_tokens_per_s": res["gen_tokens_per_s"], "peak_rss_mb": round(rss, 1),
-            "reward_gain": fitted_gain(res.get("scores")), "reward_last_minus_first": round(res["scores"][-1] - res["scores"][0], 4),
+            "reward_gain": fitted_gain(res.get("scores")), "reward_gain_se": fitted_gain_se(res.get("scores")),
+            "reward_last_minus_first": round(res["scores"][-1] - res["scores"][0], 4),
             "process_wall_s": round(wall, 2), "detail": res}
 
 
+def peer_model_dir(scale: str, model_dir: Path) -> Path:
+    """The peer's model folder: the shared policy base and prompts, and our reward model merged into a standalone
+    one as its reward and value model (TRL 1.12 starts the value model from the reward model, as we do)."""
+    ours = OUT / "ours" / scale
+    run_child([sys.executable, "-m", "bench.run_ours", "prepare", "--model-dir", str(model_dir), "--work", str(ours)],
+              OUT / "logs" / f"{scale}-ours-prepare.log", want_json=False)
+    peer = OUT / "models" / f"{scale}-peer"
+    peer.mkdir(parents=True, exist_ok=True)
+    links = {"policy": model_dir / "policy", "reward": ours / "peer_reward", "value": ours / "peer_reward",
+             "prompts.json": model_dir / "prompts.json", "BUILD_INFO.json": model_dir / "BUILD_INFO.json"}
+    for name, target in links.items():
+        link = peer / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target.resolve())
+    return peer
+
+
 def run_peer(scale: str, model_dir: Path, s: dict, rnd: int, python: str) -> dict:
-    cmd = [python, str(PEER_DIR / "peer_ppo_trl112.py"), "--lora", "--model-dir", str(model_dir),
-           "--out-dir", str(OUT / "peer_trl112" / scale)] + side_args(s)
+    cmd = [python, str(PEER_DIR / "peer_ppo_trl112.py"), "--lora", "--model-dir", str(peer_model_dir(scale, model_dir)),
+           "--out-dir", str(OUT / "peer_trl112" / scale)] + side_args(s, rnd)
     res, rss, wall = run_child(cmd, OUT / "logs" / f"{scale}-peer-r{rnd}.log")
     scores = res.get("scores") or []
     return {"episodes_per_s": res["episodes_per_s"], "gen_tokens_per_s": res["gen_tokens_per_s"], "peak_rss_mb": round(rss, 1),
-            "reward_gain": fitted_gain(scores), "reward_last_minus_first": round(scores[-1] - scores[0], 4) if scores else None,
+            "reward_gain": fitted_gain(scores), "reward_gain_se": fitted_gain_se(scores),
+            "reward_last_minus_first": round(scores[-1] - scores[0], 4) if scores else None,
             "process_wall_s": round(wall, 2), "detail": res}
 
 
@@ -207,6 +243,7 @@ def parse_bench_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="Rounds at tiny (default 2); 125m and micro run 1.")
     p.add_argument("--ours-only", action="store_true", help="Skip the peer (and its venv): harness smoke test.")
     p.add_argument("--peer_python", default=None, help="A python with trl==1.12.0 (default: bench/.venv-trl112, made once).")
+    p.add_argument("--lr", type=float, default=None, help=f"Learning rate for both sides (default {COMMON['lr']}).")
     p.add_argument("--output", default=str(BENCH / "results" / "ppo.json"))
     p.add_argument("--work_dir", default=str(OUT), help="Models, logs and run folders (default bench/out, git-ignored).")
     return p.parse_args(argv)
@@ -216,6 +253,8 @@ def main(argv=None) -> dict:
     global OUT
     a = parse_bench_args(argv)
     OUT = Path(a.work_dir).resolve()
+    if a.lr is not None:
+        COMMON["lr"] = a.lr
     t0 = time.perf_counter()
     scales = [x.strip() for x in a.scales.split(",") if x.strip()]
     for sc in scales:

@@ -6,7 +6,8 @@
 `prepare` (its own process, so its memory never counts) writes into --work: a model profile on the peer's policy
 base, a fresh seeded LoRA SFT adapter (CAUSAL_LM; B = 0, so policy = reference = the peer's base at the start),
 a seeded LoRA SEQ_CLS reward adapter on the same base (LoRA B random, `score` head = the peer reward model's head),
-both fingerprinted, and prompts.jsonl (the peer's 256 prompts). `run` calls the stage exactly as `make ppo` does
+both fingerprinted, the same reward model merged into one standalone model (peer_reward/: the peer's reward and
+value model, so both sides maximise one reward function), and prompts.jsonl (the peer's 256 prompts). `run` calls the stage exactly as `make ppo` does
 (main(*parse_args([...]))) with the peer's batch layout and prints one JSON object as its last stdout line.
 """
 
@@ -36,7 +37,7 @@ def prepare(model_dir: Path, work: Path, seed: int = 0) -> None:
 
     from pipeline.models import save_fingerprint
 
-    if (work / "DONE").exists():
+    if (work / "DONE").exists() and (work / "peer_reward").exists():
         return
     work.mkdir(parents=True, exist_ok=True)
     base_dir = (model_dir / "policy").resolve()
@@ -61,6 +62,17 @@ def prepare(model_dir: Path, work: Path, seed: int = 0) -> None:
     m.save_pretrained(work / "rm")
     tok.save_pretrained(work / "rm")
     save_fingerprint(work / "rm", rb.config, str(base_dir))
+    # The same reward function as one standalone model, for the peer (its reward model, and its value model's start):
+    # both sides then maximise the same reward, and their reward gains are in the same units.
+    probe = tok(json.loads((model_dir / "prompts.json").read_text())[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = m(**probe).logits
+        merged = m.merge_and_unload()
+        after = merged(**probe).logits
+    if not torch.allclose(before, after, atol=1e-4):
+        raise SystemExit(f"merged reward model differs from the adapter: {before.flatten()} vs {after.flatten()}")
+    merged.save_pretrained(work / "peer_reward")
+    tok.save_pretrained(work / "peer_reward")
     prompts = json.loads((model_dir / "prompts.json").read_text())
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     (work / "DONE").write_text("ok\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import run_python
 
 
@@ -24,3 +26,25 @@ def test_bench_ppo_ours_only_micro(tmp_path):
     assert s["batch_size"] == 8 and s["response_length"] == 32 and s["updates"] == 2
     assert data["meta"]["ours_only"] is True and data["meta"]["peer_python"] is None
     assert not (tmp_path / "work" / ".venv-trl112").exists()
+    # Both sides maximise one reward function: the peer's reward and value models are our reward model, merged
+    # (run_ours prepare refuses to finish if the merged model scores differently from the adapter).
+    import bench.bench_ppo as bp
+
+    bp.OUT = tmp_path / "work"
+    peer = bp.peer_model_dir("micro", tmp_path / "work" / "models" / "micro")
+    assert (peer / "reward").resolve() == (tmp_path / "work" / "ours" / "micro" / "peer_reward").resolve()
+    assert (peer / "value" / "config.json").exists() and (peer / "policy" / "config.json").exists()
+    assert json.loads((peer / "reward" / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    # reward_gain: the fitted line over every update's mean score, the same arithmetic for both sides
+    assert ours["runs"][0]["reward_gain"] == bp.fitted_gain(run["scores"]) and len(run["scores"]) == 2
+
+
+def test_fitted_gain_by_hand():
+    from bench.bench_ppo import fitted_gain, fitted_gain_se
+
+    assert fitted_gain([0.0, 1.0, 2.0]) == 2.0
+    assert fitted_gain([1.0, 0.0]) == -1.0
+    assert fitted_gain([0.0, 3.0, 0.0, 3.0]) == 1.8  # slope 0.6 over 3 steps: noise partly cancels
+    assert fitted_gain([5.0]) is None and fitted_gain(None) is None
+    assert fitted_gain_se([0.0, 1.0, 2.0, 3.0]) == 0.0  # on the line: no noise
+    assert fitted_gain_se([0.0, 3.0, 0.0, 3.0]) == pytest.approx(3 * (7.2 / 2 / 5) ** 0.5, abs=1e-4)

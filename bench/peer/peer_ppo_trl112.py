@@ -1,5 +1,6 @@
 # Copied from the shared peer scripts (bench/ of the peer-baselines workspace, see PEERS.md there) for make bench-ppo;
-# changes: none (run by bench/bench_ppo.py with --model-dir/--out-dir under bench/out/).
+# changes: the JSON line also carries `scores` (objective/scores of every update), from which bench/bench_ppo.py
+# fits the reward gain the same way for both sides. Run by bench/bench_ppo.py with --model-dir/--out-dir under bench/out/.
 """Peer baseline: TRL 1.12.0's PPOTrainer (trl.experimental.ppo) on tiny, locally built Llama-style models, CPU.
 
 Run in .venv-trl112 (torch 2.13.0 CPU, trl 1.12.0). Prints one JSON object as its last line.
