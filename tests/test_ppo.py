@@ -346,6 +346,34 @@ def test_value_top_layers_replay_equals_a_full_forward(arch, tiny_models, adapte
     assert all(torch.equal(reward0[n], reward1[n]) for n in reward0), "the reward adapter moved"
 
 
+def test_value_trains_all_layers_when_the_layer_list_is_unknown(tiny_models, adapters, prompts_file, tmp_path,
+                                                                  monkeypatch, capsys):
+    from accelerate import PartialState
+
+    import stages.ppo.trainer as T
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack, load_prompts
+
+    sft_dir, rm_dir = adapters("llama")
+    cfg, run = parse_args(ppo_args(tiny_models["llama"], tmp_path, "x", prompts_file))
+    assert cfg.value_trainable_layers == 1
+    profile = profile_from(run.model_config)
+    tok = load_tokenizer(profile)
+    prompts, ids, _, _ = load_prompts(cfg, tok)
+    stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False)
+
+    def unknown(lm):
+        raise ValueError(f"cannot find the decoder layers of {type(lm).__name__}")
+
+    monkeypatch.setattr(T, "decoder_layers", unknown)
+    trainer = T.PPOTrainer(cfg, stack, tok, prompts, ids, tmp_path, PartialState(), reward_fn=token_count_reward(7))
+    assert trainer.top is None and not stack.frozen
+    assert len(trainer.named_params["value"]) == len(T.adapter_parameters(stack.model, "value"))
+    assert "the value adapter trains all its layers" in capsys.readouterr().err
+    metrics, ro = trainer.step()
+    assert ro.value_hidden is None and math.isfinite(metrics["value_loss"])
+
+
 # ------------------------------------------------------------------------------------------------ two processes
 
 def _upstream_manifests(runs_dir: Path, run: str, sft: Path, rm: Path) -> None:

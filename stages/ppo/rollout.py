@@ -105,7 +105,7 @@ def decoder_layers(lm) -> torch.nn.ModuleList:
     body, n = backbone(lm), lm.config.num_hidden_layers
     found = [m for m in body.children() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
     if len(found) != 1:
-        raise ValueError(f"cannot find the {n} decoder layers of {type(lm).__name__}: set value_trainable_layers: 0")
+        raise ValueError(f"cannot find the {n} decoder layers of {type(lm).__name__}")
     return found[0]
 
 

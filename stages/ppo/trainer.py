@@ -68,7 +68,12 @@ class PPOTrainer:
 
         # The value adapter may train only its top layers (TopLayers): freeze the rest before collecting parameters.
         self.top = None
-        n_layers = len(decoder_layers(self.lm)) if cfg.value_trainable_layers else 0
+        try:
+            n_layers = len(decoder_layers(self.lm)) if cfg.value_trainable_layers else 0
+        except ValueError as err:  # an architecture whose layer list we cannot find: train the whole value adapter
+            n_layers = 0
+            if self.is_main:
+                print(f"note: {err}; the value adapter trains all its layers", file=sys.stderr)
         if 0 < cfg.value_trainable_layers < n_layers:
             self.top = TopLayers(self.lm, cfg.value_trainable_layers)
             stack.freeze("value", self.top.frozen_modules())
