@@ -34,6 +34,20 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_
     return (positions * keep).argmax(dim=1)
 
 
+# Where peft keeps a named adapter's own tensors: `...q_proj.lora_A.<name>.weight`, `...score.modules_to_save.<name>.weight`.
+ADAPTER_PARAM_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                         "modules_to_save")
+
+
+def adapter_of(param_name: str) -> str | None:
+    """The adapter a parameter belongs to (the name after its marker); None for the base model's weights."""
+    parts = param_name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] in ADAPTER_PARAM_MARKERS:
+            return parts[i + 1]
+    return None
+
+
 class AdapterStack:
     def __init__(self, peft_model, trainable: tuple[str, ...]):
         self.model = peft_model
@@ -73,24 +87,20 @@ class AdapterStack:
             self._restore_trainable()
 
     def _restore_trainable(self) -> None:
-        # Names look like ...q_proj.lora_A.policy.weight and ...score.modules_to_save.value.weight.
         for n, p in self.model.named_parameters():
-            parts = n.split(".")
-            p.requires_grad = ("modules_to_save" in parts or any(x.startswith("lora_") for x in parts)) and any(
-                t in parts for t in self.trainable) and id(p) not in self.frozen
+            p.requires_grad = adapter_of(n) in self.trainable and id(p) not in self.frozen
 
-    def freeze(self, name: str, modules: list[nn.Module]) -> int:
-        """Keep adapter `name`'s parameters inside `modules` frozen from now on; returns how many tensors."""
+    def freeze(self, name: str, modules: list[nn.Module]) -> None:
+        """Keep adapter `name`'s parameters inside `modules` frozen from now on."""
         for m in modules:
             for n, p in m.named_parameters():
-                if name in n.split("."):
+                if adapter_of(n) == name:
                     self.frozen.add(id(p))
         self._restore_trainable()
-        return len(self.frozen)
 
-    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
-        return [p for n, p in self.model.named_parameters()
-                if name in n.split(".") and ("modules_to_save" in n or ".lora_" in n)]
+    def adapter_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of one adapter's own tensors (LoRA matrices, its copy of the score head)."""
+        return [(n, p) for n, p in self.model.named_parameters() if adapter_of(n) == name]
 
     @property
     def causal_lm(self) -> nn.Module:

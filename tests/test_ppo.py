@@ -368,7 +368,7 @@ def test_value_trains_all_layers_when_the_layer_list_is_unknown(tiny_models, ada
     monkeypatch.setattr(T, "decoder_layers", unknown)
     trainer = T.PPOTrainer(cfg, stack, tok, prompts, ids, tmp_path, PartialState(), reward_fn=token_count_reward(7))
     assert trainer.top is None and not stack.frozen
-    assert len(trainer.named_params["value"]) == len(T.adapter_parameters(stack.model, "value"))
+    assert len(trainer.named_params["value"]) == len(stack.adapter_parameters("value"))
     assert "the value adapter trains all its layers" in capsys.readouterr().err
     metrics, ro = trainer.step()
     assert ro.value_hidden is None and math.isfinite(metrics["value_loss"])

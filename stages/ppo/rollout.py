@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.adapters import last_token_index
+from pipeline.adapters import adapter_of, last_token_index
 from pipeline.generation import chat_reward_inputs, left_pad, truncate_after_eos
 from pipeline.models import backbone
 
@@ -137,9 +137,8 @@ class TopLayers:
         for m in self.frozen_modules():
             params = dict(m.named_parameters())
             for n, p in params.items():
-                parts = n.split(".")
-                if a in parts:
-                    other = params.get(".".join(b if x == a else x for x in parts))
+                if adapter_of(n) == a:
+                    other = params.get(n.replace(f".{a}.", f".{b}."))
                     if other is None or not torch.equal(p, other):
                         return False
         return True

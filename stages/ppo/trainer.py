@@ -35,20 +35,6 @@ from .rollout import Rollout, TopLayers, collect, decoder_layers, response_logit
 
 # Keys whose values depend on the machine's speed; everything else in metrics.jsonl is reproducible.
 TIMING_KEYS = ("episodes_per_s", "gen_tokens_per_s", "time_generate_s", "time_score_s", "time_train_s", "time_update_s")
-ADAPTER_PARAM_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                         "modules_to_save")
-
-
-def adapter_parameters(model, name: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of one adapter: the LoRA matrices and heads stored under `<marker>.<name>.`."""
-    out = []
-    for n, p in model.named_parameters():
-        parts = n.split(".")
-        if any(parts[i] in ADAPTER_PARAM_MARKERS and parts[i + 1] == name for i in range(len(parts) - 1)):
-            out.append((n, p))
-    return out
-
-
 def latest_checkpoint(out_dir: Path) -> Path | None:
     done = sorted((out_dir / "checkpoints").glob("checkpoint-*/trainer_state.pt"))
     return done[-1].parent if done else None
@@ -78,7 +64,7 @@ class PPOTrainer:
             self.top = TopLayers(self.lm, cfg.value_trainable_layers)
             stack.freeze("value", self.top.frozen_modules())
             self.top.reward_shares_bottom = self.top.same_below("value", "reward")
-        self.named_params = {a: [(n, p) for n, p in adapter_parameters(stack.model, a) if id(p) not in stack.frozen]
+        self.named_params = {a: [(n, p) for n, p in stack.adapter_parameters(a) if id(p) not in stack.frozen]
                              for a in ("policy", "value")}
         for a, ps in self.named_params.items():
             if not ps:
