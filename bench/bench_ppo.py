@@ -121,6 +121,16 @@ def side_args(s: dict, rnd: int) -> list[str]:
             "--lr", str(COMMON["lr"]), "--kl-coef", str(COMMON["kl_coef"]), "--seed", str(COMMON["seed"] + rnd - 1)]
 
 
+def _line(scores: list[float]) -> tuple[float, float]:
+    """Least-squares line through (update index, mean score): (slope, standard error of the slope)."""
+    n = len(scores)
+    xm, ym = (n - 1) / 2, sum(scores) / n
+    sxx = sum((i - xm) ** 2 for i in range(n))
+    slope = sum((i - xm) * (y - ym) for i, y in enumerate(scores)) / sxx
+    resid = sum((y - ym - slope * (i - xm)) ** 2 for i, y in enumerate(scores))
+    return slope, ((resid / (n - 2) / sxx) ** 0.5 if n > 2 else float("nan"))
+
+
 def fitted_gain(scores: list[float] | None) -> float | None:
     """Reward gain over a run = least-squares slope of the per-update mean scores x (updates - 1).
 
@@ -128,43 +138,44 @@ def fitted_gain(scores: list[float] | None) -> float | None:
     is mostly sampling noise at 12 updates; the fitted line uses every update."""
     if not scores or len(scores) < 2:
         return None
-    n = len(scores)
-    xm, ym = (n - 1) / 2, sum(scores) / n
-    slope = sum((i - xm) * (y - ym) for i, y in enumerate(scores)) / sum((i - xm) ** 2 for i in range(n))
-    return round(slope * (n - 1), 4)
+    return round(_line(scores)[0] * (len(scores) - 1), 4)
 
 
 def fitted_gain_se(scores: list[float] | None) -> float | None:
     """Standard error of fitted_gain, from the residuals of the line: a gain within ~2 SE of 0 is sampling noise."""
     if not scores or len(scores) < 3:
         return None
-    n = len(scores)
-    xm, ym = (n - 1) / 2, sum(scores) / n
-    sxx = sum((i - xm) ** 2 for i in range(n))
-    slope = sum((i - xm) * (y - ym) for i, y in enumerate(scores)) / sxx
-    resid = sum((y - ym - slope * (i - xm)) ** 2 for i, y in enumerate(scores))
-    return round((resid / (n - 2) / sxx) ** 0.5 * (n - 1), 4)
+    return round(_line(scores)[1] * (len(scores) - 1), 4)
 
 
-def run_ours(scale: str, model_dir: Path, s: dict, rnd: int) -> dict:
-    work = OUT / "ours" / scale
-    run_child([sys.executable, "-m", "bench.run_ours", "prepare", "--model-dir", str(model_dir), "--work", str(work)],
-              OUT / "logs" / f"{scale}-ours-prepare.log", want_json=False)
-    cmd = [sys.executable, "-m", "bench.run_ours", "run", "--model-dir", str(model_dir), "--work", str(work),
-           "--run", f"r{rnd}"] + side_args(s, rnd)
-    res, rss, wall = run_child(cmd, OUT / "logs" / f"{scale}-ours-r{rnd}.log")
+def side_result(res: dict, rss: float, wall: float) -> dict:
+    """One side's run, measured the same way for both: speed from its JSON line, memory from wait4, gain from scores."""
+    scores = res.get("scores") or []
     return {"episodes_per_s": res["episodes_per_s"], "gen_tokens_per_s": res["gen_tokens_per_s"], "peak_rss_mb": round(rss, 1),
-            "reward_gain": fitted_gain(res.get("scores")), "reward_gain_se": fitted_gain_se(res.get("scores")),
-            "reward_last_minus_first": round(res["scores"][-1] - res["scores"][0], 4),
+            "reward_gain": fitted_gain(scores), "reward_gain_se": fitted_gain_se(scores),
+            "reward_last_minus_first": round(scores[-1] - scores[0], 4) if scores else None,
             "process_wall_s": round(wall, 2), "detail": res}
 
 
-def peer_model_dir(scale: str, model_dir: Path) -> Path:
-    """The peer's model folder: the shared policy base and prompts, and our reward model merged into a standalone
-    one as its reward and value model (TRL 1.12 starts the value model from the reward model, as we do)."""
-    ours = OUT / "ours" / scale
-    run_child([sys.executable, "-m", "bench.run_ours", "prepare", "--model-dir", str(model_dir), "--work", str(ours)],
+def prepare_ours(scale: str, model_dir: Path) -> Path:
+    """Our adapters, profile, prompts and the merged reward model for the peer (bench/run_ours.py prepare), once."""
+    work = OUT / "ours" / scale
+    run_child([sys.executable, "-m", "bench.run_ours", "prepare", "--model-dir", str(model_dir), "--work", str(work)],
               OUT / "logs" / f"{scale}-ours-prepare.log", want_json=False)
+    return work
+
+
+def run_ours(scale: str, model_dir: Path, s: dict, rnd: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.run_ours", "run", "--model-dir", str(model_dir), "--work", str(OUT / "ours" / scale),
+           "--run", f"r{rnd}"] + side_args(s, rnd)
+    return side_result(*run_child(cmd, OUT / "logs" / f"{scale}-ours-r{rnd}.log"))
+
+
+def peer_model_dir(scale: str, model_dir: Path) -> Path:
+    """The peer's model folder (after prepare_ours): the shared policy base and prompts, and our reward model merged
+    into a standalone one as its reward and value model (TRL 1.12 starts the value model from the reward model, as
+    we do)."""
+    ours = OUT / "ours" / scale
     peer = OUT / "models" / f"{scale}-peer"
     peer.mkdir(parents=True, exist_ok=True)
     links = {"policy": model_dir / "policy", "reward": ours / "peer_reward", "value": ours / "peer_reward",
@@ -177,15 +188,10 @@ def peer_model_dir(scale: str, model_dir: Path) -> Path:
     return peer
 
 
-def run_peer(scale: str, model_dir: Path, s: dict, rnd: int, python: str) -> dict:
-    cmd = [python, str(PEER_DIR / "peer_ppo_trl112.py"), "--lora", "--model-dir", str(peer_model_dir(scale, model_dir)),
+def run_peer(scale: str, peer_dir: Path, s: dict, rnd: int, python: str) -> dict:
+    cmd = [python, str(PEER_DIR / "peer_ppo_trl112.py"), "--lora", "--model-dir", str(peer_dir),
            "--out-dir", str(OUT / "peer_trl112" / scale)] + side_args(s, rnd)
-    res, rss, wall = run_child(cmd, OUT / "logs" / f"{scale}-peer-r{rnd}.log")
-    scores = res.get("scores") or []
-    return {"episodes_per_s": res["episodes_per_s"], "gen_tokens_per_s": res["gen_tokens_per_s"], "peak_rss_mb": round(rss, 1),
-            "reward_gain": fitted_gain(scores), "reward_gain_se": fitted_gain_se(scores),
-            "reward_last_minus_first": round(scores[-1] - scores[0], 4) if scores else None,
-            "process_wall_s": round(wall, 2), "detail": res}
+    return side_result(*run_child(cmd, OUT / "logs" / f"{scale}-peer-r{rnd}.log"))
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -201,6 +207,8 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
     s = SCALES[scale]
     model_dir = build_models(scale)
     info = json.loads((model_dir / "BUILD_INFO.json").read_text())
+    prepare_ours(scale, model_dir)
+    peer_dir = None if ours_only else peer_model_dir(scale, model_dir)
     ours, peer = [], []
     for rnd in range(1, rounds + 1):
         order = ["ours", "peer"] if rnd % 2 else ["peer", "ours"]
@@ -209,7 +217,7 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
                 continue
             load = round(os.getloadavg()[0], 2)
             log(f"{scale} round {rnd}/{rounds}: {side} (load {load})")
-            r = run_ours(scale, model_dir, s, rnd) if side == "ours" else run_peer(scale, model_dir, s, rnd, peer_python)
+            r = run_ours(scale, model_dir, s, rnd) if side == "ours" else run_peer(scale, peer_dir, s, rnd, peer_python)
             r["round"], r["load_1m_start"], r["load_1m_end"] = rnd, load, round(os.getloadavg()[0], 2)
             log(f"  {side}: {r['episodes_per_s']} ep/s, {r['gen_tokens_per_s']} gen tok/s, {r['peak_rss_mb']} MB, "
                 f"reward gain {r['reward_gain']}, {r['process_wall_s']} s")
