@@ -34,6 +34,13 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_
     return (positions * keep).argmax(dim=1)
 
 
+def head_output(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """The active adapter's scalar `score` head on hidden states, [..., H] -> [...] float. The heads may be fp32 on a
+    bf16 base (PPO trains its value head in fp32), so the hidden state is cast to the head's dtype first."""
+    dtype = next(lm.score.parameters()).dtype
+    return lm.score(hidden.to(dtype)).squeeze(-1).float()
+
+
 # Where peft keeps a named adapter's own tensors: `...q_proj.lora_A.<name>.weight`, `...score.modules_to_save.<name>.weight`.
 ADAPTER_PARAM_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                          "modules_to_save")
@@ -116,7 +123,7 @@ class AdapterStack:
 
     def values(self, name: str, input_ids, attention_mask) -> torch.Tensor:
         """Per-token scalar head output [B, T] (the value function)."""
-        return self.causal_lm.score(self.hidden(name, input_ids, attention_mask)).squeeze(-1)
+        return head_output(self.causal_lm, self.hidden(name, input_ids, attention_mask))
 
     def scores(self, name: str, input_ids, attention_mask) -> torch.Tensor:
         """Sequence score [B] read at the last real token, as *ForSequenceClassification does."""

@@ -143,3 +143,74 @@ def test_kl_controllers():
     ctl.update(0.0, 100)  # error clipped at -0.2
     assert ctl.value == pytest.approx(0.0998)
     assert ctl.state_dict() == {"value": pytest.approx(0.0998)}
+
+
+def test_shape_scores_by_hand():
+    """normalise with the RM's stats, clip, then the missing-EOS penalty: each step fails its own assertion."""
+    raw = torch.tensor([3.0, -1.0, 41.0, -9.0])
+    ended = torch.tensor([True, False, True, False])
+    # (raw - 1) / 2 = [1, -1, 20, -5]; clip 5 -> [1, -1, 5, -5]; no EOS in rows 1 and 3 costs 0.5
+    out = L.shape_scores(raw, ended, (1.0, 2.0), clip=5.0, missing_eos_penalty=0.5)
+    assert out.tolist() == [1.0, -1.5, 5.0, -5.5]
+    # without normalisation, clipping or penalty the score is the raw score
+    assert L.shape_scores(raw, ended, None, clip=0.0, missing_eos_penalty=0.0).tolist() == raw.tolist()
+    # clipping off: the outlier keeps its normalised value
+    assert L.shape_scores(raw, ended, (1.0, 2.0), clip=0.0, missing_eos_penalty=0.0).tolist() == [1.0, -1.0, 20.0, -5.0]
+
+
+def test_discounted_returns_by_hand():
+    rewards = torch.tensor([[0.0, -0.1, 2.0, 9.0], [1.0, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # row 0, gamma 0.5: G2 = 2; G1 = -0.1 + 0.5 * 2 = 0.9; G0 = 0 + 0.5 * 0.9 = 0.45 (the masked 9 never counts)
+    # row 1: G1 = 0.5; G0 = 1 + 0.25 = 1.25
+    out = L.discounted_returns(rewards, mask, 0.5)
+    assert torch.allclose(out, torch.tensor([[0.45, 0.9, 2.0, 0.0], [1.25, 0.5, 0.0, 0.0]]))
+    assert L.discounted_returns(rewards, mask, 1.0)[0].tolist() == pytest.approx([1.9, 1.9, 2.0, 0.0])
+
+
+def test_fit_affine_by_hand_and_across_ranks():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    y = 2 * x - 1
+    m = torch.tensor([[1, 1, 1, 0]])  # the masked 100 must not count
+    a, b = L.fit_affine(x, y + torch.tensor([[0.0, 0.0, 0.0, 55.0]]), m)
+    assert (a, b) == pytest.approx((2.0, -1.0))
+    # y = [0, 1, 1] on x = [0, 1, 2]: mean x 1, mean y 2/3, cov 1/3, var 2/3 -> a = 1/2, b = 1/6
+    assert L.fit_affine(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[0.0, 1.0, 1.0]]), torch.ones(1, 3)) == \
+        pytest.approx((0.5, 1 / 6))
+    # constant x: no slope, the mean of y
+    assert L.fit_affine(torch.ones(1, 3), torch.tensor([[1.0, 2.0, 6.0]]), torch.ones(1, 3)) == pytest.approx((0.0, 3.0))
+    # two "ranks" with summed statistics fit what one rank with both rows fits
+    xs, ys = torch.tensor([[0.5, -1.0], [2.0, 3.0]]), torch.tensor([[1.0, 0.0], [4.0, 2.5]])
+    whole = L.fit_affine(xs, ys, torch.ones(2, 2))
+    other = torch.stack([torch.tensor(2.0), xs[1].sum(), ys[1].sum(), (xs[1] ** 2).sum(), (xs[1] * ys[1]).sum()]).double()
+    split = L.fit_affine(xs[:1], ys[:1], torch.ones(1, 2), reduce=lambda t: t + other)
+    assert split == pytest.approx(whole)
+
+
+def test_global_statistics_across_ranks_equal_the_whole_batch():
+    """Explained variance, std and means from summed statistics equal those of the concatenated batch; the mean of
+    per-rank values (what a naive all-reduce of the metrics gives) does not."""
+    v = torch.tensor([[0.1, 0.5, 0.0], [2.0, 1.0, 3.0]])
+    r = torch.tensor([[0.0, 1.0, 0.0], [2.5, 0.5, 4.0]])
+    m = torch.tensor([[1, 1, 0], [1, 1, 1]])
+
+    def stats(rows, reduce=L._identity):
+        return (L.explained_variance(v[rows], r[rows], m[rows], reduce), L.global_std(r[rows], m[rows], reduce),
+                L.global_mean(r[rows], m[rows], reduce))
+
+    whole = stats(slice(0, 2))
+    calls = []
+
+    def reduce_with_row1(t):  # "rank 0" holds row 0; the other rank's identical call on row 1 is added
+        calls.append(t)
+        return t + L_reduce_other[len(calls) - 1]
+
+    L_reduce_other = []
+    recorder = lambda t: (L_reduce_other.append(t), t)[1]  # noqa: E731
+    stats(slice(1, 2), recorder)
+    split = stats(slice(0, 1), reduce_with_row1)
+    assert split == pytest.approx(whole)
+    per_rank_mean = [(a + b) / 2 for a, b in zip(stats(slice(0, 1)), stats(slice(1, 2)))]
+    assert per_rank_mean[0] != pytest.approx(whole[0]) and per_rank_mean[1] != pytest.approx(whole[1])
+    # a zero critic explains nothing: exactly 0
+    assert L.explained_variance(torch.zeros_like(r), r, m) == pytest.approx(0.0, abs=1e-12)

@@ -17,6 +17,7 @@ rollout.py samples and scores, losses.py holds the PPO arithmetic, trainer.py th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -30,7 +31,7 @@ from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 
 from .config import PPOConfig
-from .trainer import PPOTrainer, latest_checkpoint
+from .trainer import PPOTrainer, checkpoint_info, latest_checkpoint
 
 
 def load_prompts(cfg: PPOConfig, tokenizer):
@@ -107,14 +108,31 @@ def disable_dropout(model) -> None:
             m.attention_dropout = 0.0
 
 
+def upcast_trainable(stack) -> None:
+    """Every trainable tensor in fp32, whatever the base dtype: peft upcasts LoRA weights but not `modules_to_save`
+    heads, and on a bf16 base a small AdamW step on a bf16 head rounds away (STACK-NOTES 8). The scalar heads
+    (reward's too) run in fp32: the hidden state is cast up to them (pipeline.adapters.head_output)."""
+    stack.causal_lm.score.float()
+    for name in stack.trainable:
+        for _, p in stack.adapter_parameters(name):
+            p.data = p.data.float()
+
+
+def check_adapter_kinds(sft_dir: Path, rm_dir: Path) -> None:
+    """The policy must be a causal-LM adapter and the reward a SEQ_CLS one (swapped, PPO would train nonsense)."""
+    for what, folder, expected in (("reward", rm_dir, "SEQ_CLS"), ("sft", sft_dir, "CAUSAL_LM")):
+        cfg_file = Path(folder) / "adapter_config.json"
+        task = json.loads(cfg_file.read_text()).get("task_type") if cfg_file.is_file() else None
+        if task is not None and task != expected:
+            kind = "a reward model (SEQ_CLS with a score head)" if expected == "SEQ_CLS" else "a causal-LM policy adapter"
+            raise ConfigError(f"{what} adapter {folder} is not {kind}: its task_type is {task}")
+
+
 def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool):
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
 
-    cfg_file = Path(rm_dir) / "adapter_config.json"
-    if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("task_type") != "SEQ_CLS":
-        raise ConfigError(f"reward adapter {rm_dir} is not a reward model (task_type "
-                          f"{json.loads(cfg_file.read_text()).get('task_type')}, expected SEQ_CLS with a score head)")
+    check_adapter_kinds(sft_dir, rm_dir)
     base = load_base(profile, tokenizer)
     if not profile.load_in_4bit:  # a 4-bit base is placed on its GPU when loaded
         base.to(device)
@@ -127,6 +145,7 @@ def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradien
     head = stack.causal_lm.score
     if "reward" not in getattr(head, "modules_to_save", {}):
         raise ConfigError(f"reward adapter {rm_dir} carries no `score` head: it must be the rm stage's SEQ_CLS adapter")
+    upcast_trainable(stack)
     disable_dropout(stack.model)
     if gradient_checkpointing:
         lm = stack.causal_lm
@@ -136,6 +155,53 @@ def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradien
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return stack
+
+
+def adapter_digest(folder: Path) -> str:
+    """sha256 of an adapter's weights and config: what a PPO checkpoint was trained from."""
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        f = Path(folder) / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def choose_resume(cfg: PPOConfig, stage: StageRun, upstream: dict) -> Path | None:
+    """The checkpoint to continue from, or None to start over (with a note saying why)."""
+    ckpt = latest_checkpoint(stage.dir)
+    if ckpt is None:
+        if cfg.resume:
+            raise ConfigError(f"--resume: there is no checkpoint under {stage.dir / 'checkpoints'} to continue from; "
+                              f"run without --resume to start training")
+        return None
+    trained_from = checkpoint_info(ckpt).get("upstream")
+    if trained_from != upstream:
+        why = (f"checkpoint {ckpt.name} was trained from other sft/rm adapters ({trained_from} vs now {upstream})"
+               if trained_from else f"checkpoint {ckpt.name} does not record which sft/rm adapters it was trained from")
+        if cfg.resume:
+            raise ConfigError(f"--resume: {why}; run without --resume to start over on the current adapters")
+        if cfg.auto_resume and not stage.manifest_path.exists():
+            print(f"note: {why}: starting over instead of resuming", file=sys.stderr)
+        return None
+    if cfg.resume:
+        return ckpt
+    # An interrupted run: no manifest. A checkpoint that already holds every update (killed before the manifest) is
+    # resumed too: it writes the outputs without training again.
+    unfinished = checkpoint_info(ckpt).get("update", 0) <= cfg.total_updates and not stage.manifest_path.exists()
+    return ckpt if cfg.auto_resume and unfinished else None
+
+
+def broadcast(state, obj):
+    """Rank 0's `obj` on every rank."""
+    if state.num_processes == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
@@ -172,22 +238,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
             print("note: normalize_reward is on but there are no reward_mean/reward_std in the rm manifest: "
                   "raw scores are used", file=sys.stderr)
 
-    # Resume: --resume, or a run that was interrupted (checkpoint, no manifest) and is simply started again.
-    ckpt = latest_checkpoint(stage.dir)
-    had_manifest = stage.manifest_path.exists()
-    if cfg.resume and ckpt is None:
-        raise ConfigError(f"--resume: there is no checkpoint under {stage.dir / 'checkpoints'} to continue from; "
-                          f"run without --resume to start training")
-    unfinished = ckpt is not None and int(ckpt.name.split("-")[-1]) < cfg.total_updates and not had_manifest
-    resume_from = ckpt if (cfg.resume or (cfg.auto_resume and unfinished)) else None
-    state.wait_for_everyone()
-    stage.prepare(config, is_main=state.is_main_process)
-    if state.is_main_process and resume_from is None:
-        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
-    state.wait_for_everyone()
-    set_seed(cfg.seed)
-
-    # 1. Tokenizer and prompts (a fixed held-out share is written for make eval and never trained on)
+    # 1. Tokenizer and prompts, checked before the run folder is touched (a fixed held-out share is written for
+    #    make eval and never trained on)
     tokenizer = load_tokenizer(profile)
     prompts, prompt_ids, heldout, notes = load_prompts(cfg, tokenizer)
     if cfg.reward_input == "chat" and (not getattr(tokenizer, "chat_template", None) or isinstance(prompts[0], str)):
@@ -195,6 +247,26 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
         if state.is_main_process:
             print("note: no chat template / plain-text prompts: the reward model reads the policy's tokens "
                   "(reward_input: tokens)", file=sys.stderr)
+
+    # Resume: --resume, or a run that was interrupted (checkpoint, no manifest) and is simply started again, but only
+    # from a checkpoint trained from these same sft and rm adapters. Rank 0 decides for all (on nodes without a shared
+    # filesystem the others may hold no trainer state).
+    check_adapter_kinds(sft_dir, rm_dir)
+    upstream = {"sft": adapter_digest(sft_dir), "rm": adapter_digest(rm_dir)}
+    decision = None
+    if state.is_main_process:
+        try:
+            decision = ("resume", choose_resume(cfg, stage, upstream))
+        except ConfigError as err:  # every rank must stop with it, not wait for rank 0 forever
+            decision = ("error", str(err))
+    kind, resume_from = broadcast(state, decision)
+    if kind == "error":
+        raise ConfigError(resume_from)
+    stage.prepare(config, is_main=state.is_main_process)
+    if state.is_main_process and resume_from is None:
+        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+    state.wait_for_everyone()
+    set_seed(cfg.seed)
     heldout_path = stage.dir / "heldout_prompts.jsonl"
     if state.is_main_process:
         heldout_path.write_text("".join(json.dumps({"prompt": p if isinstance(p, list) else [{"role": "user", "content": p}]})
@@ -203,7 +275,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # 2. One base, four adapters
     stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing)
     trainer = PPOTrainer(cfg, stack, tokenizer, prompts, prompt_ids, stage.dir, state, reward_stats=reward_stats,
-                         reward_fn=reward_fn, config=config)
+                         reward_fn=reward_fn, config=config, upstream=upstream)
     n_base = sum(p.numel() for p in stack.model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in trainer.params)
     if state.is_main_process and state.distributed_type.name in ("FSDP", "DEEPSPEED"):

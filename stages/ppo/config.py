@@ -17,6 +17,7 @@ CHOICES = {
     "kl_estimator": ("k1", "k3"),
     "optim": ("adamw", "sgd", "rmsprop"),
     "report_to": ("none", "tensorboard", "trackio"),
+    "critic_init": ("fit", "rm"),
 }
 
 
@@ -63,6 +64,9 @@ class PPOConfig:
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus; entropy is always logged."})
+    critic_init: str = field(default="fit", metadata={"help": "fit: the first rollout fits the value head (from the RM) to the shaped reward's scale by least squares; rm: the RM's raw scale, as is."})
+    critic_warmup_updates: int = field(default=0, metadata={"help": "Updates that train only the value adapter (OpenRLHF freezing_actor_steps, verl critic_warmup)."})
+    recompute_old_logprobs: bool | None = field(default=None, metadata={"help": "Old log-probs from a full forward instead of the sampling loop (OpenRLHF, verl); null = on when the base is not fp32."})
     value_trainable_layers: int = field(default=1, metadata={"help": "The value adapter trains its top N decoder layers + head (the rest stay as the RM left them, and their output is computed once per rollout); 0 = all layers."})
     # Optimiser
     optim: str = field(default="adamw", metadata={"help": "adamw | sgd | rmsprop"})
@@ -101,6 +105,29 @@ class PPOConfig:
             raise ConfigError("temperature must be > 0: PPO's ratio needs the sampling distribution's log-probs")
         if self.adaptive_kl and self.kl_coef <= 0:
             raise ConfigError("adaptive_kl needs kl_coef > 0 as its starting value")
+        # Ranges: a value outside them trains nonsense (a negative learning rate ascends the loss) rather than failing.
+        ranges = {  # name: (low, high, low inclusive)
+            "learning_rate": (0, None, False), "value_learning_rate": (0, None, False), "adam_epsilon": (0, None, False),
+            "cliprange": (0, None, False), "cliprange_value": (0, None, False), "kl_target": (0, None, False),
+            "kl_coef": (0, None, True), "vf_coef": (0, None, True), "entropy_coef": (0, None, True),
+            "reward_clip": (0, None, True), "missing_eos_penalty": (0, None, True), "max_grad_norm": (0, None, True),
+            "weight_decay": (0, None, True), "gamma": (0, 1, True), "lam": (0, 1, True),
+            "kl_horizon": (1, None, True), "warmup_updates": (0, None, True), "critic_warmup_updates": (0, None, True),
+            "save_every": (0, None, True), "stop_after": (0, None, True), "sample_every": (0, None, True),
+            "num_samples": (0, None, True),
+        }
+        for name, (low, high, inclusive) in ranges.items():
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise ConfigError(f"{name} must be a number, got {v!r}")
+            if (v < low if inclusive else v <= low) or (high is not None and v > high):
+                where = f"in [{low}, {high}]" if high is not None else (f">= {low}" if inclusive else f"> {low}")
+                raise ConfigError(f"{name} must be {where}, got {v}")
+        if self.critic_warmup_updates >= self.total_updates:
+            raise ConfigError(f"critic_warmup_updates ({self.critic_warmup_updates}) must be below total_updates "
+                              f"({self.total_updates}): the policy would never train")
 
     @property
     def local_batch_size(self) -> int:

@@ -9,6 +9,7 @@ OpenAI's lm-human-preferences code by Ziegler et al. 2019), with one deliberate 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -75,6 +76,48 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * m
 
 
+def shape_scores(raw: torch.Tensor, ended: torch.Tensor, reward_stats: tuple[float, float] | None, clip: float,
+                 missing_eos_penalty: float) -> torch.Tensor:
+    """The sequence score PPO maximises, from the reward model's raw score [B]:
+    (raw - mean) / std with the RM's own statistics (Stiennon et al. 2020, Ouyang et al. 2022), clipped to +-clip
+    (0 = off), minus `missing_eos_penalty` for a response that never produced a stop token (Huang et al. 2024's
+    "EOS trick"; applied after clipping, so a clipped score still pays it)."""
+    scores = raw
+    if reward_stats is not None:
+        mean, std = reward_stats
+        scores = (scores - mean) / max(std, 1e-8)
+    if clip > 0:
+        scores = scores.clamp(-clip, clip)
+    if missing_eos_penalty:
+        scores = scores - missing_eos_penalty * (~ended.bool()).to(scores.dtype)
+    return scores
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Monte-Carlo return of every response token, sum_k gamma^k r_{t+k} to the end of its response, [B, T]."""
+    m = mask.to(rewards.dtype)
+    rewards = rewards * m
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return out * m
+
+
+def fit_affine(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _identity) -> tuple[float, float]:
+    """Least-squares (a, b) minimising sum over masked entries of (a x + b - y)^2, from global sums (`reduce` sums
+    across ranks, so every rank gets the same fit). A constant x gives a = 0, b = mean(y)."""
+    m = mask.to(torch.float64)
+    x, y = x.to(torch.float64) * m, y.to(torch.float64) * m
+    n, sx, sy, sxx, sxy = reduce(torch.stack([m.sum(), x.sum(), y.sum(), (x * x).sum(), (x * y).sum()])).tolist()
+    if n == 0:
+        return 1.0, 0.0
+    var_x = sxx / n - (sx / n) ** 2
+    a = 0.0 if var_x <= 1e-12 * max(1.0, sxx / n) else (sxy / n - sx * sy / n ** 2) / var_x
+    return a, sy / n - a * sx / n
+
+
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token log-ratio log pi(a|s) - log pi_ref(a|s): unbiased for KL(pi || ref) under samples of pi."""
     return logprobs - ref_logprobs
@@ -135,12 +178,29 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than a constant."""
-    var_returns = masked_var(returns, mask)
+def global_mean(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _identity) -> float:
+    """Mean over the masked entries of every rank (`reduce` sums across ranks)."""
+    m = mask.to(torch.float64)
+    n, total = reduce(torch.stack([m.sum(), (x.to(torch.float64) * m).sum()])).tolist()
+    return total / n if n else float("nan")
+
+
+def global_std(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _identity) -> float:
+    """Unbiased standard deviation over the masked entries of every rank."""
+    m = mask.to(torch.float64)
+    x = x.to(torch.float64)
+    n, s, ss = reduce(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])).tolist()
+    return math.sqrt(max(ss - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _identity
+                       ) -> float:
+    """1 - Var(returns - values) / Var(returns) over every rank's tokens: 1 is a perfect critic, 0 no better than a
+    constant (a zero critic scores exactly 0), negative worse than one."""
+    var_returns = global_std(returns, mask, reduce) ** 2
     if var_returns <= 0:
         return float("nan")
-    return float(1.0 - masked_var(returns - values, mask) / var_returns)
+    return float(1.0 - global_std(returns - values, mask, reduce) ** 2 / var_returns)
 
 
 class FixedKLController:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.adapters import adapter_of, last_token_index
+from pipeline.adapters import adapter_of, head_output, last_token_index
 from pipeline.generation import chat_reward_inputs, left_pad, truncate_after_eos
 from pipeline.models import backbone
 
@@ -95,9 +95,9 @@ def token_values(lm, x: Packed, top: "TopLayers | None" = None, cached: torch.Te
     With `top` and `cached` (the rollout's hidden states entering the top layers, [b, L] columns of x), only the top
     layers run: the frozen layers below would recompute exactly `cached`."""
     if top is None or cached is None:
-        return lm.score(trunk_hidden(lm, x)[x.keep]).squeeze(-1).float()
+        return head_output(lm, trunk_hidden(lm, x)[x.keep])
     with top.replay(cached):
-        return lm.score(trunk_hidden(lm, x)[x.keep]).squeeze(-1).float()
+        return head_output(lm, trunk_hidden(lm, x)[x.keep])
 
 
 def decoder_layers(lm) -> torch.nn.ModuleList:
@@ -174,7 +174,7 @@ def sequence_scores(lm, x: Packed) -> torch.Tensor:
     hidden = trunk_hidden(lm, x)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     index = last_token_index(x.ids, x.attention_mask, lm.config.pad_token_id)
-    return lm.score(hidden[rows, index]).squeeze(-1).float()
+    return head_output(lm, hidden[rows, index])
 
 
 @dataclass
@@ -306,6 +306,9 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     for s in range(0, B, cfg.forward_batch_size):
         idx = order[s : s + cfg.forward_batch_size]
         x = pack(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx])
+        if cfg.recompute_old_logprobs:  # the update's own forward path: in bf16 the KV-cache loop differs from it
+            stack.use("policy")
+            logprobs[idx] = unflatten(token_logprobs(response_logits(lm, x), x.tokens, cfg.temperature), x.response_mask, R)
         if ref is not None:
             stack.use("reference")
             ref[idx] = unflatten(token_logprobs(response_logits(lm, x), x.tokens, cfg.temperature), x.response_mask, R)

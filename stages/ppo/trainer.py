@@ -35,22 +35,34 @@ from .rollout import Rollout, TopLayers, collect, decoder_layers, response_logit
 
 # Keys whose values depend on the machine's speed; everything else in metrics.jsonl is reproducible.
 TIMING_KEYS = ("episodes_per_s", "gen_tokens_per_s", "time_generate_s", "time_score_s", "time_train_s", "time_update_s")
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     done = sorted((out_dir / "checkpoints").glob("checkpoint-*/trainer_state.pt"))
     return done[-1].parent if done else None
 
 
+def checkpoint_info(path: Path) -> dict:
+    """What a checkpoint was trained from: {"update": N, "upstream": {"sft": digest, "rm": digest}} ({} if unknown)."""
+    f = Path(path) / "checkpoint.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
 class PPOTrainer:
     def __init__(self, cfg, stack, tokenizer, prompts: list, prompt_ids: list[list[int]], out_dir: Path, state,
-                 reward_stats: tuple[float, float] | None = None, reward_fn=None, config: dict | None = None):
+                 reward_stats: tuple[float, float] | None = None, reward_fn=None, config: dict | None = None,
+                 upstream: dict | None = None):
         self.cfg, self.stack, self.tokenizer = cfg, stack, tokenizer
         self.prompts, self.prompt_ids = prompts, prompt_ids
         self.out_dir, self.state, self.reward_fn = Path(out_dir), state, reward_fn
         self.config = config or {"ppo": to_dict(cfg)}
         self.reward_stats = reward_stats
+        self.upstream = upstream or {}  # digests of the sft/rm adapters: a checkpoint only resumes on the same ones
         self.world, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
         self.lm = stack.causal_lm
         self.device = next(self.lm.parameters()).device
+        if cfg.recompute_old_logprobs is None:  # auto: the sampling loop's log-probs are exact enough only in fp32
+            cfg.recompute_old_logprobs = self.lm.get_input_embeddings().weight.dtype != torch.float32
 
         # The value adapter may train only its top layers (TopLayers): freeze the rest before collecting parameters.
         self.top = None
@@ -91,6 +103,11 @@ class PPOTrainer:
         self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.perm_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + self.rank)
         self.update, self.episodes = 0, 0
+        # The value head starts as the RM's score head, on the RM's raw scale; the first rollout fits it to the shaped
+        # reward's scale (critic_init: fit). value_offset is added to the head's output from then on.
+        self.critic_fitted = cfg.critic_init != "fit"
+        self.value_offset = 0.0
+        self.critic_fit: dict = {}
         self.history: list[dict] = []
         self._perm_cache: dict[int, list[int]] = {}
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -107,6 +124,7 @@ class PPOTrainer:
         return t
 
     def _all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean across ranks, for per-rank quantities such as timings (statistics of the data use global sums)."""
         if self.world == 1:
             return values
         keys = list(values)
@@ -115,13 +133,15 @@ class PPOTrainer:
         vec = self._all_sum(vec) / self.world
         return {k: (None if math.isnan(v) else v) for k, v in zip(keys, vec.tolist())}
 
-    def _sync_grads(self) -> None:
+    def _sum_grads(self) -> None:
+        """Sum the adapters' gradients across ranks. Every rank's loss is already divided by the token count of the
+        *global* mini-batch, so the sum is the gradient of the global token mean: 2 ranks x B == 1 rank x 2B."""
         if self.world == 1:
             return
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = self._all_sum(torch.cat([p.grad.reshape(-1) for p in self.params])) / self.world
+        flat = self._all_sum(torch.cat([p.grad.reshape(-1) for p in self.params]))
         offset = 0
         for p in self.params:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -147,18 +167,31 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- one update
     def _scores(self, ro: Rollout) -> torch.Tensor:
-        cfg, scores = self.cfg, ro.scores_raw
-        if cfg.normalize_reward and self.reward_stats is not None:  # Stiennon et al. 2020; Ouyang et al. 2022
-            mean, std = self.reward_stats
-            scores = (scores - mean) / max(std, 1e-8)
-        if cfg.reward_clip > 0:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if cfg.missing_eos_penalty and cfg.stop_at_eos:  # Huang et al. 2024: the "EOS trick"
-            scores = scores - cfg.missing_eos_penalty * (~ro.ended).float()
-        return scores
+        cfg = self.cfg
+        return L.shape_scores(ro.scores_raw, ro.ended, self.reward_stats if cfg.normalize_reward else None,
+                              cfg.reward_clip, cfg.missing_eos_penalty if cfg.stop_at_eos else 0.0)
+
+    def _value_head(self) -> torch.nn.Module:
+        return self.lm.score.modules_to_save["value"]
+
+    @torch.no_grad()
+    def _fit_critic(self, ro: Rollout, rewards: torch.Tensor, mask: torch.Tensor) -> None:
+        """Put the critic on the shaped reward's scale before its first use. The value head starts as the RM's score
+        head, which predicts *raw* RM scores; the rewards are normalised, clipped and penalised, so the raw critic is
+        off by the RM's mean and scaled by its std, which biases every advantage (the EOS token takes most of it).
+        Least squares of this rollout's Monte-Carlo returns on the head's outputs gives (a, b): the head's weights are
+        multiplied by a (it keeps learning at its own scale) and b is added to its output from now on."""
+        targets = L.discounted_returns(rewards, mask, self.cfg.gamma)
+        a, b = L.fit_affine(ro.values, targets, mask, reduce=self._all_sum)
+        for p in self._value_head().parameters():
+            p.mul_(a)
+        self.value_offset = b
+        ro.values = (ro.values * a + b) * mask
+        self.critic_fitted = True
+        self.critic_fit = {"scale": a, "offset": b}
 
     def _advantages(self, ro: Rollout):
-        cfg = self.cfg
+        cfg, g = self.cfg, self._all_sum
         mask = ro.response_mask.float()
         scores = self._scores(ro)
         kl1 = kl3 = None
@@ -168,22 +201,26 @@ class PPOTrainer:
         kl_coef = self.kl_ctl.value
         rewards = L.per_token_rewards(scores, kl3 if cfg.kl_estimator == "k3" else kl1, kl_coef, mask)
         if cfg.whiten_rewards:
-            rewards = L.masked_whiten(rewards, mask, shift_mean=False, reduce=self._all_sum)
+            rewards = L.masked_whiten(rewards, mask, shift_mean=False, reduce=g)
+        if not self.critic_fitted:
+            self._fit_critic(ro, rewards, mask)
         adv, returns = L.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            adv = L.masked_whiten(adv, mask, shift_mean=True, reduce=self._all_sum)
+            adv = L.masked_whiten(adv, mask, shift_mean=True, reduce=g)
+        # Every statistic is over all ranks' episodes (global sums), so it means what it means on one process.
+        rows = torch.ones_like(scores)
         stats = {
-            "reward_raw": ro.scores_raw.mean().item(), "reward": scores.mean().item(),
-            "reward_std": ro.scores_raw.std().item() if len(scores) > 1 else 0.0,
-            "kl": kl1.sum(1).mean().item() if kl1 is not None else None,
-            "kl_k3": kl3.sum(1).mean().item() if kl3 is not None else None,
+            "reward_raw": L.global_mean(ro.scores_raw, rows, g), "reward": L.global_mean(scores, rows, g),
+            "reward_std": L.global_std(ro.scores_raw, rows, g),
+            "kl": L.global_mean(kl1.sum(1), rows, g) if kl1 is not None else None,
+            "kl_k3": L.global_mean(kl3.sum(1), rows, g) if kl3 is not None else None,
             "kl_coef": kl_coef,
-            "entropy": L.masked_mean(ro.entropy, mask).item(),
-            "explained_variance": L.explained_variance(ro.values, returns, mask),
-            "value_mean": L.masked_mean(ro.values, mask).item(),
-            "return_mean": L.masked_mean(returns, mask).item(),
-            "response_length": mask.sum(1).mean().item(),
-            "no_eos_fraction": (~ro.ended).float().mean().item(),
+            "entropy": L.global_mean(ro.entropy, mask, g),
+            "explained_variance": L.explained_variance(ro.values, returns, mask, g),
+            "value_mean": L.global_mean(ro.values, mask, g),
+            "return_mean": L.global_mean(returns, mask, g),
+            "response_length": L.global_mean(mask.sum(1), rows, g),
+            "no_eos_fraction": L.global_mean((~ro.ended).float(), rows, g),
         }
         return adv, returns, stats
 
@@ -192,18 +229,21 @@ class PPOTrainer:
         cfg, lm, stack = self.cfg, self.lm, self.stack
         B = ro.response_ids.shape[0]
         mb_size, micro = B // cfg.num_mini_batches, cfg.per_device_train_batch_size
-        sums = {k: 0.0 for k in ("policy_loss", "value_loss", "clipfrac_policy", "clipfrac_value", "approx_kl",
-                                 "grad_norm", "entropy_update")}
-        n_steps = n_tokens = 0
+        train_policy = self.update >= cfg.critic_warmup_updates  # critic warm-up: the value learns alone at first
+        # Token-weighted sums on this rank; summed across ranks once at the end.
+        sums = dict.fromkeys(("policy_loss", "value_loss", "clipfrac_policy", "clipfrac_value", "approx_kl",
+                              "entropy_update", "tokens"), 0.0)
+        grad_norm, n_steps = 0.0, 0
         if cfg.gradient_checkpointing:
             lm.train()  # HF checkpoints only in train mode; dropout is off everywhere (disable_dropout)
         for _ in range(cfg.num_ppo_epochs):
             perm = torch.randperm(B, generator=self.perm_gen)
             for m in range(cfg.num_mini_batches):
                 mb = perm[m * mb_size : (m + 1) * mb_size].to(self.device)
-                denom = ro.response_mask[mb].sum().clamp(min=1).float()  # token mean over the whole mini-batch
-                # The loss is a token mean over the mini-batch, so how its rows are split into micro-batches changes
-                # nothing but padding: group rows of similar length.
+                # The loss is a token mean over the *global* mini-batch (every rank's rows): each rank divides its
+                # token sum by the global count and the gradients are summed across ranks.
+                denom = self._all_sum(ro.response_mask[mb].sum().float()).clamp(min=1)
+                # How a mini-batch's rows are split into micro-batches changes nothing but padding: group similar lengths.
                 mb = mb[torch.argsort(ro.lengths[mb], stable=True)]
                 for k in range(0, mb_size, micro):
                     idx = mb[k : k + micro]
@@ -211,52 +251,57 @@ class PPOTrainer:
                     width = x.response_mask.shape[1]
                     pick = lambda t: t[idx][:, :width][x.response_mask]  # noqa: E731  [N] real tokens
                     old_lp, a, ret, old_v = pick(ro.logprobs), pick(adv), pick(returns), pick(ro.values)
+                    nt = x.num_tokens
 
-                    stack.use("policy")
-                    logits = response_logits(lm, x)
-                    new_lp = token_logprobs(logits, x.tokens, cfg.temperature)
-                    pg, pst = L.policy_loss(new_lp, old_lp, a, cfg.cliprange, denom)
-                    loss = pg
-                    if cfg.entropy_coef:  # optional bonus; the logged entropy is the sampling distribution's
-                        ent = L.entropy_from_logits(logits / cfg.temperature)
-                        loss = pg - cfg.entropy_coef * ent.sum() / denom
-                        sums["entropy_update"] += ent.detach().sum().item()
-                    loss.backward()
-                    del logits, loss
+                    if train_policy:
+                        stack.use("policy")
+                        logits = response_logits(lm, x)
+                        new_lp = token_logprobs(logits, x.tokens, cfg.temperature)
+                        pg, pst = L.policy_loss(new_lp, old_lp, a, cfg.cliprange, denom)
+                        loss = pg
+                        if cfg.entropy_coef:  # optional bonus; the logged entropy is the sampling distribution's
+                            ent = L.entropy_from_logits(logits / cfg.temperature)
+                            loss = pg - cfg.entropy_coef * ent.sum() / denom
+                            sums["entropy_update"] += ent.detach().sum().item()
+                        loss.backward()
+                        del logits, loss
+                        sums["policy_loss"] += pg.item()
+                        sums["clipfrac_policy"] += pst["clipfrac"].item() * nt
+                        sums["approx_kl"] += pst["approx_kl"].item() * nt
 
                     stack.use("value")
-                    new_v = token_values(lm, x, self.top, ro.cached_hidden(idx, x))
+                    new_v = token_values(lm, x, self.top, ro.cached_hidden(idx, x)) + self.value_offset
                     vl, vst = L.value_loss(new_v, old_v, ret, cfg.cliprange_value, denom)
                     (cfg.vf_coef * vl).backward()
-
-                    nt = x.num_tokens
-                    n_tokens += nt
-                    sums["policy_loss"] += pg.item()
                     sums["value_loss"] += vl.item()
-                    sums["clipfrac_policy"] += pst["clipfrac"].item() * nt
-                    sums["approx_kl"] += pst["approx_kl"].item() * nt
                     sums["clipfrac_value"] += vst["clipfrac"].item() * nt
-                self._sync_grads()
-                if cfg.max_grad_norm > 0:
-                    sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                    sums["tokens"] += nt
+                self._sum_grads()
+                if cfg.max_grad_norm > 0:  # the gradients are global now: every rank computes the same norm
+                    grad_norm += float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_steps += 1
         lm.eval()
-        out = {"policy_loss": sums["policy_loss"] / n_steps, "value_loss": sums["value_loss"] / n_steps,
-               "clipfrac_policy": sums["clipfrac_policy"] / max(n_tokens, 1),
-               "clipfrac_value": sums["clipfrac_value"] / max(n_tokens, 1),
-               "approx_kl": sums["approx_kl"] / max(n_tokens, 1), "grad_norm": sums["grad_norm"] / n_steps}
-        if cfg.entropy_coef:
-            out["entropy_update"] = sums["entropy_update"] / max(n_tokens, 1)
+        keys = list(sums)
+        total = dict(zip(keys, self._all_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                                          device=self.device)).tolist()))
+        tokens = max(total["tokens"], 1.0)
+        out = {"policy_loss": total["policy_loss"] / n_steps if train_policy else None,
+               "value_loss": total["value_loss"] / n_steps,
+               "clipfrac_policy": total["clipfrac_policy"] / tokens if train_policy else None,
+               "clipfrac_value": total["clipfrac_value"] / tokens,
+               "approx_kl": total["approx_kl"] / tokens if train_policy else None,
+               "grad_norm": grad_norm / n_steps}
+        if cfg.entropy_coef and train_policy:
+            out["entropy_update"] = total["entropy_update"] / tokens
         return out
 
     def step(self) -> tuple[dict, Rollout]:
         """One PPO update: rollout, advantages, optimisation. Returns the (global) metrics of this update."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        prompts, ids = self._local_prompts()
-        ro = collect(self.stack, self.tokenizer, prompts, ids, cfg, self.sample_gen, self.reward_fn, self.top)
+        ro = self.rollout()
         t_score0 = time.perf_counter()
         adv, returns, stats = self._advantages(ro)
         time_score = ro.time_score_s + (time.perf_counter() - t_score0)
@@ -264,25 +309,30 @@ class PPOTrainer:
         t_train0 = time.perf_counter()
         stats.update(self._optimise(ro, adv, returns))
         time_train = time.perf_counter() - t_train0
-        gen_tokens = float(ro.response_mask.sum())
-        stats.update(time_generate_s=ro.time_generate_s, time_score_s=time_score, time_train_s=time_train)
-        stats["gen_tokens"] = gen_tokens
-        stats = self._all_mean(stats)  # one all-reduce: every rank now holds the global numbers
+        gen_tokens = float(self._all_sum(ro.response_mask.sum().double()))
         if stats["kl"] is not None:
             self.kl_ctl.update(stats["kl"], cfg.local_batch_size * self.world)
         self.scheduler.step()
         self.update += 1
         G = cfg.local_batch_size * self.world
         self.episodes += G
-        wall = time.perf_counter() - t0
-        wall = float(self._all_mean({"w": wall})["w"])
-        metrics = {"update": self.update, "episodes": self.episodes, "lr": lr}
-        metrics.update({k: v for k, v in stats.items() if k != "gen_tokens"})
-        metrics.update(episodes_per_s=G / wall, gen_tokens_per_s=stats["gen_tokens"] * self.world / wall,
-                       time_update_s=wall)
+        # Timings are per rank: their mean across ranks.
+        timing = self._all_mean({"time_generate_s": ro.time_generate_s, "time_score_s": time_score,
+                                 "time_train_s": time_train, "wall": time.perf_counter() - t0})
+        wall = timing.pop("wall")
+        metrics = {"update": self.update, "episodes": self.episodes, "lr": lr, **stats, **timing,
+                   "episodes_per_s": G / wall, "gen_tokens_per_s": gen_tokens / wall, "time_update_s": wall}
         # NaN (e.g. explained variance of a constant batch) is not JSON: write null
         metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         return metrics, ro
+
+    def rollout(self) -> Rollout:
+        """This rank's episodes of the next update, with the critic's values on the shaped reward's scale."""
+        prompts, ids = self._local_prompts()
+        ro = collect(self.stack, self.tokenizer, prompts, ids, self.cfg, self.sample_gen, self.reward_fn, self.top)
+        if self.critic_fitted and self.value_offset:
+            ro.values = (ro.values + self.value_offset) * ro.response_mask
+        return ro
 
     # ---------------------------------------------------------------- the loop
     def train(self, resume_from: Path | None = None) -> dict:
@@ -396,36 +446,59 @@ class PPOTrainer:
         return state
 
     def save_checkpoint(self) -> Path:
+        """checkpoint-N/: policy/ and value/ (PEFT folders), trainer_state.pt (rank 0: trainable tensors, optimizer,
+        scheduler, KL controller, critic fit), checkpoint.json (what it was trained from) and rng_rank<r>.pt (one per
+        rank). Each rank creates the folders it writes, so nodes without a shared filesystem each keep their own
+        copy of checkpoint-N/ (rank 0's holds the state, every node holds its ranks' RNG files)."""
         root = self.out_dir / "checkpoints"
         final = root / f"checkpoint-{self.update:06d}"
         tmp = root / f".tmp-checkpoint-{self.update:06d}"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            # PEFT folders: a checkpoint's adapters load like the final ones (handy to inspect a long run).
-            self.stack.save("policy", tmp / "policy")
-            self.stack.save("value", tmp / "value")
         self._barrier()
+        tmp.mkdir(parents=True, exist_ok=True)
         torch.save(self._rng_state(), tmp / f"rng_rank{self.rank}.pt")
         self._barrier()
         if self.is_main:
+            # PEFT folders: a checkpoint's adapters load like the final ones (handy to inspect a long run).
+            self.stack.save("policy", tmp / "policy")
+            self.stack.save("value", tmp / "value")
             state = {
                 "update": self.update, "episodes": self.episodes, "world_size": self.world,
                 "trainable": {a: {n: p.detach().cpu().clone() for n, p in ps} for a, ps in self.named_params.items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "config": self.config,
+                "critic": {"fitted": self.critic_fitted, "value_offset": self.value_offset, "fit": self.critic_fit},
             }
+            (tmp / "checkpoint.json").write_text(json.dumps({"update": self.update, "upstream": self.upstream}))
             torch.save(state, tmp / "trainer_state.pt")  # written last: its presence marks a complete checkpoint
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in root.glob("checkpoint-*"):
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        if self.is_main:
+            self._promote(tmp, final)
+        self._barrier()
+        if not self.is_main and tmp.exists():  # a node without a shared filesystem: its own copy of the folder
+            self._promote(tmp, final)
         self._barrier()
         return final
 
+    @staticmethod
+    def _promote(tmp: Path, final: Path) -> None:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in final.parent.glob("checkpoint-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        """Rank 0 reads trainer_state.pt and sends it to the others (their node may have no copy); each rank reads its
+        own RNG file where it has one."""
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False) if self.is_main else None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
         with torch.no_grad():
             for a, ps in self.named_params.items():
                 saved = state["trainable"][a]
@@ -438,11 +511,14 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        critic = state.get("critic", {"fitted": True, "value_offset": 0.0, "fit": {}})
+        self.critic_fitted, self.value_offset, self.critic_fit = critic["fitted"], critic["value_offset"], critic["fit"]
         self.update, self.episodes = state["update"], state["episodes"]
         rng_file = path / f"rng_rank{self.rank}.pt"
         if state["world_size"] != self.world or not rng_file.exists():
-            print(f"warning: checkpoint {path.name} was written by {state['world_size']} process(es), this run has "
-                  f"{self.world}: training continues, but not bit-for-bit as an uninterrupted run would", file=sys.stderr)
+            print(f"warning: rank {self.rank}: checkpoint {path.name} was written by {state['world_size']} process(es), "
+                  f"this run has {self.world}{'' if rng_file.exists() else ', and this node has no RNG file for it'}: "
+                  "training continues, but not bit-for-bit as an uninterrupted run would", file=sys.stderr)
         if rng_file.exists():
             rng = torch.load(rng_file, weights_only=False)
             self.sample_gen.set_state(rng["sample"])
@@ -465,7 +541,7 @@ class PPOTrainer:
     def param_digest(self) -> str:
         h = hashlib.sha256()
         for p in self.params:
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included
         return h.hexdigest()[:16]
 
     def rank_digests(self) -> list[str]:
