@@ -75,7 +75,7 @@ def read_jsonl(path: Path) -> list[tuple[int, object]]:
             if not line.strip():
                 continue
             try:
-                rows.append((n, json.loads(line)))
+                rows.append((n, json.loads(line.rstrip("\r\n"))))
             except (json.JSONDecodeError, RecursionError) as err:
                 why = f"{err.msg}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else "nested too deeply"
                 raise ConfigError(f"{path} line {n} is not valid JSON ({why}): fix or remove that line") from None
