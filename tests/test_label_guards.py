@@ -60,7 +60,7 @@ BAD_PAIRS = {  # name -> (lines of the file, words the error must contain)
     "string prompt": ([pair(0, prompt="just a string")], ["line 1", "prompt must be a non-empty list of messages"]),
     "three responses": ([pair(0), pair(1, responses=["a", "b", "c"])], ["line 2", "exactly 2 texts"]),
     "duplicate pair_id": ([pair(0), pair(1), pair(0)], ["line 3", "'p0' was already used on line 1"]),
-    "broken line": ([pair(0), '{"pair_id": "p1", "prompt": [', pair(2)], ["line 2 is not valid JSON"]),
+    "broken line": ([pair(0), '{"pair_id": "p1", "prompt": [', pair(2)], ["line 2 is not valid JSON (Expecting value, column 30)"]),
     "missing key": ([{"pair_id": "p0", "prompt": [{"role": "user", "content": "q"}]}],
                     ["line 1", "missing key(s) ['responses']"]),
     "number pair_id": ([pair(0, pair_id=7)], ["line 1", "pair_id must be a non-empty string"]),
