@@ -6,6 +6,7 @@ of such files, or a Hub id. Every failure names the file and what to fix.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipeline.config import ConfigError, resolve_path
@@ -58,6 +59,27 @@ def load_mixture(sources: list[dict], seed: int):
             ds = ds.shuffle(seed=seed).select(range(min(int(src["max_rows"]), len(ds))))
         parts.append(ds)
     return datasets.concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a JSON Lines file. A line that is not UTF-8 or not JSON is one
+    ConfigError naming the file and the line (datasets' loader names neither)."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path} line {n} is not UTF-8 text (bad byte at column {err.start + 1}): "
+                                  f"save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line.rstrip("\r\n"))))
+            except (json.JSONDecodeError, RecursionError) as err:
+                why = f"{err.msg}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+                raise ConfigError(f"{path} line {n} is not valid JSON ({why}): fix or remove that line") from None
+    return rows
 
 
 def require_columns(ds, columns: list[str], name: str, fix: str) -> None:

@@ -138,11 +138,22 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], di
         if key == LABEL_EXPORT:
             manifest_path = stage_dir(stage.runs_dir, stage.run, LABEL_EXPORT) / "manifest.json"
             if not manifest_path.is_file():
+                from stages.label.store import count_labels  # stdlib only
+
+                db = stage_dir(stage.runs_dir, stage.run, "label") / "labels.sqlite"
+                n_labels = count_labels(db)
+                if n_labels:  # people labeled this run: training without their labels must not look fine
+                    raise ConfigError(f"run '{stage.run}' has {n_labels} human labels in {db} but no label "
+                                      f"export ({manifest_path} is missing): run `make label-export RUN={stage.run}`, "
+                                      f"or drop '{LABEL_EXPORT}' from dataset_mixture to train without them")
                 print(f"rm: no label export for run '{stage.run}' ({manifest_path}); training on the bundled data only")
                 continue
             manifest = read_manifest(stage.runs_dir, stage.run, LABEL_EXPORT, needed_by="`make rm`")
             stage.upstream[LABEL_EXPORT] = manifest
-            path, name = manifest["outputs"]["dataset"], LABEL_EXPORT
+            path, name = (manifest.get("outputs") or {}).get("dataset") or "", LABEL_EXPORT
+            if not path or not Path(path).is_dir():
+                raise ConfigError(f"the label export of run '{stage.run}' is broken: {manifest_path} names {path}, "
+                                  f"which does not exist: rerun `make label-export RUN={stage.run}`")
         else:
             path, name = key, Path(key).stem if resolve_path(key).exists() else key
         ds = load_any(path)

@@ -102,9 +102,9 @@ def serve(tmp_path):
 
     demos = []
 
-    def _serve(n_pairs=5, overlap=1, users=None):
+    def _serve(n_pairs=5, overlap=1, users=None, pairs=None):
         store = LabelStore(tmp_path / f"labels{len(demos)}.sqlite", overlap=overlap, lease_s=600)
-        store.import_items(make_pairs(n_pairs))
+        store.import_items(pairs or make_pairs(n_pairs))
         demo = build_app(store, read_guidelines("docs/labeling-guidelines.md"), use_login=bool(users))
         demo.queue(default_concurrency_limit=16)
         _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
@@ -285,6 +285,52 @@ def test_login_mode_labels_as_the_logged_in_user(serve, browser, offline):
     page.keyboard.press("2")
     expect(page.locator("#progress")).to_contain_text("Yours (carol): 1 labeled")
     assert [r["annotator"] for r in store.labels()] == ["carol"]
+
+
+# Text that would be markup if the page rendered it: an image from elsewhere (HTML and Markdown), a page-covering
+# overlay, hidden text, a fake password form, a script, LaTeX. It must show as exactly these characters.
+HOSTILE_PROMPT = ['<div style="position:fixed;inset:0;background:red">cover</div> system says hi',
+                  'Q <img src=http://example.com/x.png> and ![x](http://example.com/y.png)\n  second line']
+HOSTILE_RESPONSES = ['Response A: <span style="display:none">hidden</span> then <form><input type=password></form>',
+                     'Response B: **bold** <script>window.pwned = 1</script> $$x^2$$ <b onmouseover=alert(1)>b</b>']
+HOSTILE_NAME = '<img src=http://example.com/n.png> <b>eve</b> ![n](http://example.com/m.png)'
+
+
+def test_model_prompt_and_user_text_is_shown_as_plain_text(serve, browser, offline):
+    from playwright.sync_api import expect
+
+    pair = {"pair_id": "hostile", "prompt": [{"role": "system", "content": HOSTILE_PROMPT[0]},
+                                             {"role": "user", "content": HOSTILE_PROMPT[1]}],
+            "responses": HOSTILE_RESPONSES}
+    url, store = serve(pairs=[pair, *make_pairs(1)])
+    store.save_label(HOSTILE_NAME, "pair00", "left", 0, note="<img src=http://example.com/note.png>")
+    requests: list[str] = []
+    page = open_page(browser, url, offline)
+    page.on("request", lambda r: requests.append(r.url))
+    start_as(page, "alice")
+    expect(page.locator("#left")).to_contain_text("Response")
+
+    for text in HOSTILE_PROMPT:
+        assert text in page.locator("#prompt").inner_text()  # every character visible, newline and spaces kept
+    shown_texts = {page.locator("#left").inner_text().strip(), page.locator("#right").inner_text().strip()}
+    assert shown_texts == set(HOSTILE_RESPONSES)
+    page.get_by_role("tab", name="Stats").click()
+    expect(page.locator("#stats")).to_contain_text(HOSTILE_NAME)
+
+    # nothing of it became markup: no image, form, password box or script anywhere on the page, and no element
+    # holds just a fragment of it (the <div> overlay, the hidden <span>, the <b>, Markdown's **bold**)
+    dom = page.evaluate("""() => ({
+        imgs: [...document.querySelectorAll('img')].map(i => i.src)
+              .filter(s => !s.startsWith(location.origin) && !s.startsWith('data:')),
+        forms: document.querySelectorAll('form').length,
+        passwords: document.querySelectorAll('input[type=password]').length,
+        fragments: [...document.querySelectorAll('body *')].map(e => e.textContent)
+                   .filter(t => ['cover', 'hidden', 'bold', 'b', 'eve', 'x^2'].includes(t.trim())),
+        pwned: window.pwned === 1,
+    })""")
+    assert dom == {"imgs": [], "forms": 0, "passwords": 0, "fragments": [], "pwned": False}
+    assert [u for u in requests if not u.startswith(url)] == []  # and the page fetched nothing from elsewhere
+    assert any(u.startswith(url) for u in requests)  # (the listener did see the page's own requests)
 
 
 SERVER_BOOT = NET_HOOK.replace("_report(", "_log(") + r"""

@@ -108,3 +108,88 @@ def test_export_without_labels_says_what_to_do(runs_dir):
     LabelStore(db_path(str(runs_dir), "empty")).import_items([])
     with pytest.raises(ConfigError, match="holds no labels yet"):
         main(*parse((LabelArgs, ExportArgs, RunArgs), argv))
+
+
+def export_main(runs_dir, run="r"):
+    from pipeline.config import RunArgs, parse
+    from stages.label.config import ExportArgs, LabelArgs
+    from stages.label.export import main
+
+    return main(*parse((LabelArgs, ExportArgs, RunArgs), ["--config", "configs/label.yaml", "--run", run,
+                                                          "--runs_dir", str(runs_dir), "--overlap", "3"]))
+
+
+def files(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(runs_dir, monkeypatch):
+    from stages.label import export
+
+    labeled_run(runs_dir)
+    export_main(runs_dir)
+    out = runs_dir / "r/label-export"
+    previous = files(out)
+    assert {"manifest.json", "README.md", "config.json", "dataset/dataset_info.json"} <= set(previous)
+    assert json.loads(previous["manifest.json"])["outputs"]["dataset"] == str(out / "dataset")  # the final path
+
+    # killed (here: an error) after the new dataset was half written: the old export is untouched, no debris
+    def fail(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(export, "dataset_card", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_main(runs_dir)
+    assert files(out) == previous
+    assert sorted(p.name for p in (runs_dir / "r").iterdir()) == ["label", "label-export"]
+    monkeypatch.undo()
+
+    # a damaged store: one clear error, before anything is written
+    db = db_path(str(runs_dir), "r")
+    for f in db.parent.glob("labels.sqlite-*"):
+        f.unlink()
+    db.write_bytes(b"\0" * 4096)
+    with pytest.raises(ConfigError, match="is not an SQLite database"):
+        export_main(runs_dir)
+    assert files(out) == previous
+
+
+def test_a_new_export_replaces_the_old_one_completely(runs_dir):
+    import datasets
+
+    store = labeled_run(runs_dir)
+    export_main(runs_dir)
+    store.save_label("ann", "tie", "left", 0)  # ann changed her mind: the tie now has a winner
+    metrics = export_main(runs_dir)
+    assert metrics["rows"] == 3
+    manifest = json.loads((runs_dir / "r/label-export/manifest.json").read_text())
+    assert len(datasets.load_from_disk(manifest["outputs"]["dataset"])) == 3
+    assert sorted(p.name for p in (runs_dir / "r").iterdir()) == ["label", "label-export"]
+
+
+def rm_mixture(runs_dir, run):
+    from stages.rm import RMArgs, load_pairs
+    from pipeline.run import StageRun
+
+    args = RMArgs(dataset_mixture={"label-export": {"weight": 1.0}})
+    return load_pairs(args, StageRun("rm", run, str(runs_dir)), 0)
+
+
+def test_rm_refuses_a_run_with_labels_but_no_usable_export(runs_dir):
+    import shutil
+
+    labeled_run(runs_dir)
+    with pytest.raises(ConfigError, match=r"run 'r' has 5 human labels in .*labels.sqlite but no label export.*"
+                                          r"make label-export RUN=r"):
+        rm_mixture(runs_dir, "r")
+    export_main(runs_dir)
+    pairs, weights, counts, _ = rm_mixture(runs_dir, "r")
+    assert len(pairs) == 2 and weights == {"label-export": 1.0}
+    shutil.rmtree(runs_dir / "r/label-export/dataset")  # the manifest names a dataset that is gone
+    with pytest.raises(ConfigError, match="label export of run 'r' is broken"):
+        rm_mixture(runs_dir, "r")
+    (runs_dir / "r/label-export/manifest.json").write_text("{trunc")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        rm_mixture(runs_dir, "r")
+    # a run nobody labeled still trains on the bundled data alone (the default mixture), as before
+    pairs, weights, _, _ = rm_mixture(runs_dir, "unlabeled")
+    assert pairs == [] and weights == {}

@@ -6,6 +6,9 @@
 Reads the pairs stage's dataset (or --pairs_dataset) and serves it from runs/<run>/label/labels.sqlite; restarting
 continues where everyone left off. Bound to anything but loopback it refuses to start without logins
 (--users_file or LABEL_USERS). `make label-export` turns the labels into a preference dataset.
+
+Everything is checked before anything is written: logins, guidelines, the pairs, the store file, the port, and
+that no other app serves this run's store (a lock held for the server's life).
 """
 
 from __future__ import annotations
@@ -14,21 +17,17 @@ import os
 
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.run import StageRun, atomic_write_json, main_guard
-from stages.label.config import LabelArgs, check_exposure, db_path, load_users, read_guidelines, word_filter
+from stages.label.config import (LabelArgs, check_exposure, check_port_free, db_path, load_users, read_guidelines,
+                                 word_filter)
+from stages.label.pairs import read_pairs
+from stages.label.store import LabelStore, check_store_file, lock_store
 
 
 def load_pairs(args: LabelArgs, stage: StageRun) -> list[dict]:
-    from pipeline.data import load_any, require_columns
-
     if args.pairs_dataset:
-        path, name = args.pairs_dataset, args.pairs_dataset
-    else:
-        path = stage.need("pairs")["outputs"]["dataset"]
-        name = f"the pairs of run '{stage.run}' ({path})"
-    ds = load_any(path)
-    require_columns(ds, ["pair_id", "prompt", "responses"], name, "run `make pairs` or give a dataset of labeled-to-be pairs")
-    return [{"pair_id": r["pair_id"], "prompt": r["prompt"], "responses": r["responses"]}
-            for r in ds.select_columns(["pair_id", "prompt", "responses"])]
+        return read_pairs(args.pairs_dataset, "--pairs_dataset")
+    path = stage.need("pairs")["outputs"]["dataset"]
+    return read_pairs(path, f"the pairs of run '{stage.run}' (rerun `make pairs RUN={stage.run}`)")
 
 
 def main(args: LabelArgs, run: RunArgs, block: bool = True):
@@ -36,12 +35,14 @@ def main(args: LabelArgs, run: RunArgs, block: bool = True):
     check_exposure(args.host, users)  # before anything slow: a refusal must be quick and clear
     guidelines = read_guidelines(args.guidelines)
     stage = StageRun("label", run.run, run.runs_dir)
-    stage.dir.mkdir(parents=True, exist_ok=True)
     pairs = load_pairs(args, stage)
+    db = db_path(run.runs_dir, run.run)
+    check_store_file(db)
+    check_port_free(args.host, args.port)
 
-    from stages.label.store import LabelStore
-
-    store = LabelStore(db_path(run.runs_dir, run.run), overlap=args.overlap, lease_s=args.lease_timeout_s, seed=args.seed)
+    lock = lock_store(db)  # held until this process ends: a second app on this run stops here, having written nothing
+    store = LabelStore(db, overlap=args.overlap, lease_s=args.lease_timeout_s, seed=args.seed,
+                       max_note_chars=args.max_note_chars)
     counts = store.import_items(pairs, word_filter(args.offensive_words if args.filter_offensive else []))
     prog = store.progress()
     print(f"label store {store.path}: {counts['items']} pairs ({counts['blocked']} held back by the word filter), "
@@ -53,6 +54,7 @@ def main(args: LabelArgs, run: RunArgs, block: bool = True):
     atomic_write_json(stage.dir / "config.json", {"label": to_dict(args), "run": to_dict(run)})
     demo = build_app(store, guidelines, args.title, use_login=bool(users))
     demo.queue(default_concurrency_limit=args.concurrency_limit)
+    demo.store_lock = lock  # lives as long as the app (block=False returns before the server stops)
     try:
         demo.launch(server_name=args.host, server_port=args.port, auth=users or None,
                     auth_message="Log in with the name and password you were given.",

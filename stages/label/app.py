@@ -2,6 +2,11 @@
 
 The app keeps no state of its own: every click is one store call, and the UI shows "Saved" only after the
 label's transaction committed. Per-browser state is just who you are and which pair is on screen.
+
+Two trust rules:
+- With logins, who you are is the login (`request.username`) in every handler; a name sent by the page is ignored.
+- Prompts, responses, notes and names are data: they reach the page HTML-escaped, as plain visible text (no
+  Markdown, no HTML), so a response cannot draw a fake form, hide text or load an image from elsewhere.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import time
 
 import gradio as gr
 
-from stages.label.stats import summarize, to_markdown
-from stages.label.store import LabelStore
+from stages.label.stats import summarize, to_html
+from stages.label.store import LabelStore, NoteTooLong
 
 SHORTCUTS = [("1 or ←", "left is better"), ("2 or →", "right is better"), ("3 or T", "tie"), ("4 or B", "both bad"),
              ("Q / W", "strength: slightly / much better"), ("N", "write a note (Esc leaves it)"), ("S", "skip"),
@@ -50,11 +55,25 @@ HEAD = """<script>
 
 CSS = """
 #progress progress { width: 100%; height: 8px; margin: 2px 0 8px; accent-color: var(--color-accent); }
-#prompt button[aria-label="Clear"] { display: none; }
+.plain { white-space: pre-wrap; overflow-wrap: anywhere; }
+#prompt .msg { margin: 0 0 8px; padding: 6px 10px; border-radius: 8px; background: var(--background-fill-secondary); }
+#prompt .role { font-size: 0.8em; opacity: 0.7; }
+#left, #right { min-height: 110px; }
 """
 
 CHOICE_TEXT = {"left": "left is better", "right": "right is better", "tie": "tie", "both_bad": "both bad"}
 NAME_RE = re.compile(r"^[\w .@'-]{1,64}$")
+
+
+def text_html(text: str, tag: str = "div") -> str:
+    """Any text as inert, visible HTML: escaped, whitespace kept. The one way model/user text reaches the page."""
+    return f'<{tag} class="plain">{html.escape(text)}</{tag}>'
+
+
+def prompt_html(messages: list[dict]) -> str:
+    """The prompt as a plain-text chat: one box per message, its role above it."""
+    return "".join(f'<div class="msg"><div class="role">{html.escape(m["role"])}</div>{text_html(m["content"])}</div>'
+                   for m in messages)
 
 
 def clean_name(name: str | None) -> str | None:
@@ -87,26 +106,24 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         state = gr.State({})  # {"annotator", "pair_id", "shown_left", "editing"}
         saved_name = gr.BrowserState("", storage_key="rlhf-label-annotator", secret="rlhf-label-name")
-        gr.Markdown(f"## {html.escape(title)}")
+        gr.HTML(f"<h2>{html.escape(title)}</h2>", js_on_load=None)
         with gr.Row(visible=False) as who:
             name = gr.Textbox(label="Your name (stored with every label)", elem_id="name", scale=3)
             start = gr.Button("Start labeling", elem_id="btn-start", variant="primary", scale=1)
-        progress = gr.HTML(elem_id="progress")
-        status = gr.Markdown(elem_id="status")
+        progress = gr.HTML(elem_id="progress", js_on_load=None)
+        status = gr.HTML(elem_id="status", js_on_load=None)
         with gr.Tabs():
             with gr.Tab("Label", id="label"):
                 with gr.Column(visible=False, elem_id="item") as item_col:
-                    chat = gr.Chatbot(label="Prompt", elem_id="prompt", height=None, min_height=90, max_height=320,
-                                      feedback_options=None, buttons=[])
+                    gr.HTML("<b>Prompt</b>", js_on_load=None)
+                    chat = gr.HTML(elem_id="prompt", max_height=320, js_on_load=None)
                     with gr.Row():
                         with gr.Column():
-                            gr.Markdown("**Left** — key 1 or ←")
-                            left = gr.Markdown(elem_id="left", container=True, padding=True, min_height=110,
-                                               line_breaks=True)
+                            gr.HTML("<b>Left</b> — key 1 or ←", js_on_load=None)
+                            left = gr.HTML(elem_id="left", container=True, padding=True, js_on_load=None)
                         with gr.Column():
-                            gr.Markdown("**Right** — key 2 or →")
-                            right = gr.Markdown(elem_id="right", container=True, padding=True, min_height=110,
-                                                line_breaks=True)
+                            gr.HTML("<b>Right</b> — key 2 or →", js_on_load=None)
+                            right = gr.HTML(elem_id="right", container=True, padding=True, js_on_load=None)
                     with gr.Row():
                         b_left = gr.Button("◀ Left is better [1]", elem_id="btn-left", variant="primary")
                         b_tie = gr.Button("Tie [3]", elem_id="btn-tie")
@@ -116,31 +133,41 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                         strength = gr.Radio([("not said", ""), ("slightly better [Q]", "slightly"),
                                              ("much better [W]", "much")], value="", label="How much better? (optional)",
                                             elem_id="strength")
-                        note = gr.Textbox(label="Note (optional) [N]", lines=2, elem_id="note")
+                        note = gr.Textbox(label=f"Note (optional, up to {store.max_note_chars} characters) [N]", lines=2,
+                                          elem_id="note", max_length=store.max_note_chars)
                     b_skip = gr.Button("Skip this pair [S]", elem_id="btn-skip", size="sm")
-                done = gr.Markdown(visible=False, elem_id="done")
+                done = gr.HTML(visible=False, elem_id="done", js_on_load=None)
                 with gr.Row():
                     b_undo = gr.Button("Undo my last label [U]", elem_id="btn-undo", size="sm", visible=False)
                     b_switch = gr.Button("Switch annotator", elem_id="btn-switch", size="sm", visible=False)
                 with gr.Accordion("Guidelines [G]", open=False, elem_id="guidelines"):
-                    gr.Markdown(guidelines_md + "\n\n**Keyboard shortcuts**\n\n" + shortcuts_md)
+                    gr.Markdown(guidelines_md + "\n\n**Keyboard shortcuts**\n\n" + shortcuts_md)  # the project's own text
                 with gr.Accordion("Change an earlier label", open=False, elem_id="earlier", visible=False) as earlier_box:
                     earlier = gr.Dropdown(choices=[], label="Your labels, newest first", elem_id="earlier-list")
                     b_open = gr.Button("Open it", elem_id="btn-open", size="sm")
             with gr.Tab("Stats", id="stats") as stats_tab:
                 b_stats = gr.Button("Refresh", elem_id="btn-stats", size="sm")
-                stats_md = gr.Markdown(elem_id="stats")
+                stats_html = gr.HTML(elem_id="stats", js_on_load=None)
 
         view_outputs = [state, who, b_switch, item_col, done, b_undo, earlier_box, chat, left, right, strength, note,
                         progress, status, earlier]
+        note_output = view_outputs.index(note)
+
+        def session(st: dict, request: gr.Request) -> dict:
+            """This browser's state, with the annotator it may act as: with logins always the login, whatever the
+            page sent before (a state naming someone else is dropped, with its open pair)."""
+            if use_login and st.get("annotator") != request.username:
+                return {"annotator": request.username}
+            return st
 
         def view(st: dict, message: str = ""):
-            """Everything on screen for this annotator; claims the next pair (a lease) when none is open."""
+            """Everything on screen for this annotator; claims the next pair (a lease) when none is open.
+            `message` is HTML: callers escape what they put in it."""
             me = st.get("annotator")
             if not me:
                 return (st, gr.update(visible=not use_login), gr.update(visible=False), gr.update(visible=False),
                         gr.update(visible=False),
-                        gr.update(visible=False), gr.update(visible=False), [], "", "", "", "",
+                        gr.update(visible=False), gr.update(visible=False), "", "", "", "", "",
                         progress_html(store.progress()), message or "Type your name to start.", gr.update())
             item = store.reopen(me, st["pair_id"]) if st.get("editing") else None
             if item is None:
@@ -148,28 +175,26 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 item = store.next_item(me)
             mine = store.my_labels(me)
             choices = [(f"{time.strftime('%H:%M', time.localtime(m['updated_at']))} · {describe(m)} · "
-                        f"{m['prompt'][-1]['content'][:60]}", m["pair_id"]) for m in mine]
+                        f"{m['prompt'][-1]['content'][:60]}", m["pair_id"]) for m in mine]  # a dropdown shows text
             common = (gr.update(visible=False), gr.update(visible=not use_login), gr.update(visible=bool(mine)),
                       gr.update(visible=bool(mine)))
             prog = store.progress(me)
             if item is None:
                 held = f" {prog['held_by_others']} pair(s) are open with others; they come back here if not answered " \
                        f"within {store.lease_s / 60:.0f} min." if prog["held_by_others"] else ""
-                done_md = (f"### All done ✓\nNothing is left for you, {html.escape(me)}: you labeled {prog['mine']} "
-                           f"pair(s). Thank you!{held}")
+                done_html = (f"<h3>All done ✓</h3><p>Nothing is left for you, {html.escape(me)}: you labeled "
+                             f"{prog['mine']} pair(s). Thank you!{held}</p>")
                 return ({"annotator": me}, common[0], common[1], gr.update(visible=False),
-                        gr.update(value=done_md, visible=True), common[2], common[3], [], "", "", "", "",
+                        gr.update(value=done_html, visible=True), common[2], common[3], "", "", "", "", "",
                         progress_html(prog, me), message, gr.update(choices=choices, value=None))
             st = {**st, "pair_id": item.pair_id, "shown_left": item.shown_left}
             if item.label is not None:
-                message = (f"Changing your label on this pair (you chose: **{describe(item.label)}**). Choose again, "
+                message = (f"Changing your label on this pair (you chose: <b>{describe(item.label)}</b>). Choose again, "
                            f"or Skip to leave it as it is.")
-            messages = [m if m["role"] in ("user", "assistant") else {"role": "user", "content": f"*{m['role']}:* {m['content']}"}
-                        for m in item.prompt]
-            empty = "*(empty response)*"
+            empty = '<i class="plain">(empty response)</i>'
             return (st, common[0], common[1], gr.update(visible=True), gr.update(visible=False), common[2], common[3],
-                    messages,
-                    item.left or empty, item.right or empty,
+                    prompt_html(item.prompt),
+                    text_html(item.left) if item.left else empty, text_html(item.right) if item.right else empty,
                     (item.label or {}).get("strength") or "", (item.label or {}).get("note") or "",
                     progress_html(prog, me), message, gr.update(choices=choices, value=None))
 
@@ -177,26 +202,35 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             annotator = request.username if use_login else clean_name(saved)
             return view({"annotator": annotator} if annotator else {})
 
-        def on_start(typed: str, st: dict):
+        def on_start(typed: str, st: dict, request: gr.Request):
+            if use_login:  # the login is the name: a typed (or API-sent) one changes nothing
+                return (*view(session(st, request)), gr.update())
             annotator = clean_name(typed)
             if annotator is None:
                 return (*view(st, "⚠ Enter a name: letters, digits, spaces, . @ ' - (up to 64 characters)."), gr.update())
-            return (*view({"annotator": annotator}, f"Labeling as **{html.escape(annotator)}**."), annotator)
+            return (*view({"annotator": annotator}, f"Labeling as <b>{html.escape(annotator)}</b>."), annotator)
 
         def on_choice(choice: str):
-            def handler(strength_value: str, note_value: str, st: dict):
+            def handler(strength_value: str, note_value: str, st: dict, request: gr.Request):
+                st = session(st, request)
                 if not st.get("annotator") or not st.get("pair_id"):
                     return view(st, "Nothing to label right now.")
                 t0 = time.perf_counter()
-                row = store.save_label(st["annotator"], st["pair_id"], choice, st["shown_left"],
-                                       strength_value or None, note_value)
+                try:
+                    row = store.save_label(st["annotator"], st["pair_id"], choice, st["shown_left"],
+                                           strength_value or None, note_value)
+                except NoteTooLong as err:  # not saved: keep the pair and the typed note on screen to shorten it
+                    out = list(view(st, f"⚠ Not saved: {html.escape(str(err))}. Shorten the note."))
+                    out[note_output] = gr.update()
+                    return tuple(out)
                 verb = "Changed" if row["revision"] > 1 else "Saved"
                 msg = (f"✓ {verb} label #{row['id']}: {describe(row)} "
                        f"({(time.perf_counter() - t0) * 1000:.0f} ms)")
                 return view({"annotator": st["annotator"]}, msg)
             return handler
 
-        def on_skip(st: dict):
+        def on_skip(st: dict, request: gr.Request):
+            st = session(st, request)
             if st.get("editing"):
                 return view({"annotator": st["annotator"]}, "Left your earlier label as it was.")
             if st.get("annotator") and st.get("pair_id"):
@@ -204,8 +238,8 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 return view({"annotator": st["annotator"]}, "Skipped: that pair goes to someone else.")
             return view(st)
 
-        def on_undo(st: dict):
-            me = st.get("annotator")
+        def on_undo(st: dict, request: gr.Request):
+            me = session(st, request).get("annotator")
             if not me:
                 return view(st)
             pair_id = store.undo(me)
@@ -216,30 +250,34 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 return view({"annotator": me}, "↶ Undone: your last label was taken back. Label this pair again.")
             return view({"annotator": me}, f"↶ Undone: your change was reverted (back to: {describe(back.label)}).")
 
-        def on_open(pair_id: str | None, st: dict):
+        def on_open(pair_id: str | None, st: dict, request: gr.Request):
+            st = session(st, request)
             if not st.get("annotator") or not pair_id:
                 return view(st, "Pick one of your labels first.")
-            return view({"annotator": st["annotator"], "pair_id": pair_id, "editing": True})
+            return view({"annotator": st["annotator"], "pair_id": pair_id, "editing": True})  # reopen: own labels only
 
-        def on_switch(st: dict):
+        def on_switch(st: dict, request: gr.Request):
+            st = session(st, request)
+            if use_login:  # one login, one annotator: log out to change
+                return (*view(st, f"You are logged in as <b>{html.escape(request.username)}</b>."), gr.update())
             if st.get("annotator") and st.get("pair_id") and not st.get("editing"):
                 store.release(st["annotator"], st["pair_id"])  # hand the open pair back at once
             return (*view({}, "Type the name to label as."), "")
 
         def on_stats():
-            return to_markdown(summarize(store.labels()), store.overlap, store.progress()["blocked"])
+            return to_html(summarize(store.labels()), store.overlap, store.progress()["blocked"])
 
         demo.load(on_load, [saved_name], view_outputs)
-        start.click(on_start, [name, state], view_outputs + [saved_name])
-        name.submit(on_start, [name, state], view_outputs + [saved_name])
+        start.click(on_start, [name, state], view_outputs + [saved_name], api_name="start")
+        name.submit(on_start, [name, state], view_outputs + [saved_name], api_name="start_on_enter")
         for button, choice in ((b_left, "left"), (b_right, "right"), (b_tie, "tie"), (b_bad, "both_bad")):
-            button.click(on_choice(choice), [strength, note, state], view_outputs)
-        b_skip.click(on_skip, [state], view_outputs)
-        b_undo.click(on_undo, [state], view_outputs)
-        b_open.click(on_open, [earlier, state], view_outputs)
-        b_switch.click(on_switch, [state], view_outputs + [saved_name])
-        b_stats.click(on_stats, None, stats_md)
-        stats_tab.select(on_stats, None, stats_md)
+            button.click(on_choice(choice), [strength, note, state], view_outputs, api_name=f"label_{choice}")
+        b_skip.click(on_skip, [state], view_outputs, api_name="skip")
+        b_undo.click(on_undo, [state], view_outputs, api_name="undo")
+        b_open.click(on_open, [earlier, state], view_outputs, api_name="open")
+        b_switch.click(on_switch, [state], view_outputs + [saved_name], api_name="switch")
+        b_stats.click(on_stats, None, stats_html, api_name="stats")
+        stats_tab.select(on_stats, None, stats_html)
     return demo
 
 

@@ -38,6 +38,8 @@ class LabelArgs:
     # What annotators see
     title: str = "Which response is better?"
     guidelines: str = field(default="docs/labeling-guidelines.md", metadata={"help": "Markdown shown in the guidelines panel."})
+    max_note_chars: int = field(default=2000, metadata={
+        "help": "Longest note an annotator may store with a label; the store refuses longer ones."})
     filter_offensive: bool = field(default=True, metadata={"help": "Hold back pairs containing a word of offensive_words."})
     offensive_words: list[str] = field(default_factory=list, metadata={
         "help": "Whole words, case-insensitive, plural s/es included."})
@@ -50,6 +52,8 @@ class LabelArgs:
     def __post_init__(self):
         if self.overlap < 1:
             raise ValueError(f"overlap must be at least 1, got {self.overlap}")
+        if self.max_note_chars < 0:
+            raise ValueError(f"max_note_chars must be 0 or more, got {self.max_note_chars}")
         if self.ties not in TIE_POLICIES:
             raise ValueError(f"ties must be one of {TIE_POLICIES}, got '{self.ties}'")
         if self.both_bad not in BOTH_BAD_POLICIES:
@@ -131,6 +135,20 @@ def read_guidelines(path: str) -> str:
     if not p.is_file():
         raise ConfigError(f"guidelines file {p} does not exist: fix `guidelines` in configs/label.yaml")
     return p.read_text()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on, before the store is touched (Gradio would fail only after)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a just-closed port is free
+            s.bind((host, port))
+    except OSError as err:
+        raise ConfigError(f"cannot serve on {host}:{port} ({err.strerror or err}): another program (another "
+                          f"`make label`?) uses it; pick another port with --port N") from None
 
 
 def db_path(runs_dir: str, run: str) -> Path:

@@ -7,16 +7,20 @@ One row per labeled pair: `prompt` (messages), `chosen` / `rejected` (one assist
 `annotator` (everyone who labeled it), `n_annotators`, `strength` (slightly / much / ""), `agreement` (share of
 votes for the winning outcome), `is_tie`, `pair_id`. Several annotators on a pair: majority vote; no majority
 (e.g. one vote each way) drops the pair. Ties and "both bad" follow `ties` and `both_bad` in configs/label.yaml.
-Writes runs/<run>/label-export/: dataset/ (save_to_disk), README.md (the dataset card), manifest.json (last).
+Writes runs/<run>/label-export/: dataset/ (save_to_disk), README.md (the dataset card), manifest.json.
+All of it is written into a new folder next to it first, which replaces the previous export only once complete:
+an export that fails or is killed leaves the previous one as it was (`make rm` reads it).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.run import StageRun, main_guard, read_manifest
+from pipeline.run import StageRun, atomic_write_json, main_guard, read_manifest
 from stages.label.config import ExportArgs, LabelArgs, db_path
 from stages.label.stats import category, summarize
 
@@ -122,6 +126,16 @@ def push(ds, card_text: str, repo: str, private: bool) -> None:
     card.push_to_hub(repo, repo_type="dataset", commit_message="Dataset card: annotators, guidelines, agreement")
 
 
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the complete folder `new` in the place of `final`, by renames: readers see the old export or the new one.
+    (For the instant between the two renames there is none; `make rm` then refuses instead of training without it.)"""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     import datasets
 
@@ -134,37 +148,47 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     db = db_path(run.runs_dir, run.run)
     if not db.is_file():
         raise ConfigError(f"no label store at {db}: label some pairs first with `make label RUN={run.run}`")
-    stage.prepare(config)
 
-    labels = LabelStore(db, overlap=args.overlap).labels()
+    labels = LabelStore(db, overlap=args.overlap).labels()  # a damaged store stops here, the last export untouched
     if not labels:
         raise ConfigError(f"the label store {db} holds no labels yet: label some pairs with `make label RUN={run.run}`")
     rows, dropped = aggregate(labels, args.ties, args.both_bad, args.min_agreement)
     if not rows:
         raise ConfigError(f"all {len(labels)} labels were left out ({dict(dropped)}): label more pairs, or keep ties "
                           f"with --ties both_orders / --both_bad tie")
-    ds = datasets.Dataset.from_list(rows)
-    out = stage.dir / "dataset"
-    ds.save_to_disk(str(out))
-
+    guidelines = read_guidelines(args.guidelines)
     pairs_source = args.pairs_dataset or "the pairs stage of this run"
     try:
         pairs = read_manifest(run.runs_dir, run.run, "pairs", needed_by="label-export")
         pairs_source = f"sampled by `make pairs` from {pairs['metrics'].get('policy', 'the SFT policy')}"
     except ConfigError:
         pass
-    card = dataset_card(rows, labels, dropped, args, read_guidelines(args.guidelines), pairs_source)
-    (stage.dir / "README.md").write_text(card)
-    if export.push_to_hub:
-        push(ds, card, export.push_to_hub, export.hub_private)
 
-    s = summarize(labels)
-    metrics = {"rows": len(rows), "pairs": len({r["pair_id"] for r in rows}), "labels": len(labels),
-               "annotators": len(s["annotators"]), "dropped": dict(dropped),
-               "krippendorff_alpha": s["agreement"]["krippendorff_alpha"],
-               "left_share": s["position_bias"]["left_share"], "pushed_to": export.push_to_hub}
+    new = stage.dir.with_name(f".{stage.dir.name}.new-{os.getpid()}")  # becomes stage.dir once complete
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    try:
+        ds = datasets.Dataset.from_list(rows)
+        ds.save_to_disk(str(new / "dataset"))
+        card = dataset_card(rows, labels, dropped, args, guidelines, pairs_source)
+        (new / "README.md").write_text(card)
+        atomic_write_json(new / "config.json", config)
+        if export.push_to_hub:
+            push(ds, card, export.push_to_hub, export.hub_private)
+
+        s = summarize(labels)
+        metrics = {"rows": len(rows), "pairs": len({r["pair_id"] for r in rows}), "labels": len(labels),
+                   "annotators": len(s["annotators"]), "dropped": dict(dropped),
+                   "krippendorff_alpha": s["agreement"]["krippendorff_alpha"],
+                   "left_share": s["position_bias"]["left_share"], "pushed_to": export.push_to_hub}
+        stage.manifest_path = new / "manifest.json"  # the manifest travels with the folder; its paths name the final one
+        stage.finish({"dataset": stage.dir / "dataset", "card": stage.dir / "README.md", "labels_sqlite": db},
+                     metrics, config)
+        replace_folder(new, stage.dir)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     print_table("label-export", metrics)
-    stage.finish({"dataset": out, "card": stage.dir / "README.md", "labels_sqlite": db}, metrics, config)
     return metrics
 
 

@@ -6,6 +6,7 @@ clicked, since each annotator saw their own left/right order.
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from collections import Counter, defaultdict
@@ -115,38 +116,50 @@ def summarize(labels: list[dict], now: float | None = None) -> dict:
     }
 
 
-def to_markdown(s: dict, overlap: int, blocked: int = 0) -> str:
-    """The stats view."""
+def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    """An HTML table with every cell escaped: annotator names are logins or typed names, i.e. user text."""
+    def cell(tag, i, v):
+        align = ' style="text-align:right"' if i >= numeric_from else ""
+        return f"<{tag}{align}>{html.escape(str(v))}</{tag}>"
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def to_html(s: dict, overlap: int, blocked: int = 0) -> str:
+    """The stats view, as HTML whose only markup is ours (names and numbers are escaped)."""
     if not s["labels"]:
-        return "No labels yet."
-    lines = [f"**{s['labels']} labels** from {len(s['annotators'])} annotator(s).", "",
-             "| annotator | labels | labels / hour | in the last hour |", "|---|---:|---:|---:|"]
-    for name, a in s["annotators"].items():
-        rate = a["labels_per_hour"] if a["labels_per_hour"] is not None else "–"
-        lines.append(f"| {name} | {a['labels']} | {rate} | {a['last_hour']} |")
-    lines += ["", "**Labels per hour** (last 24 hours with labels)", "", "| hour | labels |", "|---|---:|"]
-    lines += [f"| {h} | {n} |" for h, n in s["per_hour"].items()]
+        return "<p>No labels yet.</p>"
+    e = html.escape
+    parts = [f"<p><b>{s['labels']} labels</b> from {len(s['annotators'])} annotator(s).</p>",
+             _table(["annotator", "labels", "labels / hour", "in the last hour"],
+                    [[name, a["labels"], a["labels_per_hour"] if a["labels_per_hour"] is not None else "–",
+                      a["last_hour"]] for name, a in s["annotators"].items()]),
+             "<p><b>Labels per hour</b> (last 24 hours with labels)</p>",
+             _table(["hour", "labels"], [[h, n] for h, n in s["per_hour"].items()])]
     total = s["labels"]
     names = {"left": "left better", "right": "right better", "tie": "tie", "both_bad": "both bad"}
-    lines += ["", "**Choices**", "", "| choice | labels | share |", "|---|---:|---:|"]
-    lines += [f"| {names[c]} | {n} | {n / total:.0%} |" for c, n in s["choices"].items()]
+    parts += ["<p><b>Choices</b></p>",
+              _table(["choice", "labels", "share"], [[names[c], n, f"{n / total:.0%}"] for c, n in s["choices"].items()])]
     pb = s["position_bias"]
     if pb["decided"]:
-        lines += ["", f"**Position bias**: the left side won {pb['left_wins']} of {pb['decided']} decided pairs "
-                      f"({pb['left_share']:.0%}; 50% expected, two-sided binomial p = {pb['p_value']})."]
+        parts.append(f"<p><b>Position bias</b>: the left side won {pb['left_wins']} of {pb['decided']} decided pairs "
+                     f"({pb['left_share']:.0%}; 50% expected, two-sided binomial p = {pb['p_value']}).</p>")
     ag = s["agreement"]
-    lines += ["", "**Agreement**"]
+    parts.append("<p><b>Agreement</b></p>")
     if overlap < 2 and ag["pairs_with_several_labels"] == 0:
-        lines.append("Overlap is 1 (each pair gets one annotator): set `overlap: 2` or more to measure agreement.")
+        parts.append("<p>Overlap is 1 (each pair gets one annotator): set <code>overlap: 2</code> or more to measure "
+                     "agreement.</p>")
     elif ag["pairs_with_several_labels"] == 0:
-        lines.append("No pair has two labels yet.")
+        parts.append("<p>No pair has two labels yet.</p>")
     else:
         alpha = ag["krippendorff_alpha"] if ag["krippendorff_alpha"] is not None else "undefined (no variation)"
-        lines.append(f"{ag['pairs_with_several_labels']} pairs with 2+ labels. Krippendorff's alpha (nominal): {alpha}. "
-                     f"Mean pairwise Cohen's kappa: {ag['mean_cohen_kappa'] if ag['mean_cohen_kappa'] is not None else '–'}.")
+        kappa = ag["mean_cohen_kappa"] if ag["mean_cohen_kappa"] is not None else "–"
+        parts.append(f"<p>{ag['pairs_with_several_labels']} pairs with 2+ labels. Krippendorff's alpha (nominal): "
+                     f"{e(str(alpha))}. Mean pairwise Cohen's kappa: {kappa}.</p>")
         if ag["cohen_kappa"]:
-            lines += ["", "| annotators | Cohen's kappa | shared pairs |", "|---|---:|---:|"]
-            lines += [f"| {k} | {v['kappa']} | {v['items']} |" for k, v in ag["cohen_kappa"].items()]
+            parts.append(_table(["annotators", "Cohen's kappa", "shared pairs"],
+                                [[k, v["kappa"], v["items"]] for k, v in ag["cohen_kappa"].items()]))
     if blocked:
-        lines += ["", f"{blocked} pair(s) are held back from annotators by the word filter."]
-    return "\n".join(lines)
+        parts.append(f"<p>{blocked} pair(s) are held back from annotators by the word filter.</p>")
+    return "\n".join(parts)

@@ -8,19 +8,26 @@ People spend hours on these labels, so the rules are strict:
 - UNIQUE(pair_id, annotator): a changed mind is an UPDATE (revision + 1); every version is kept in label_history.
 - Assignment by lease: a pair is handed to at most `overlap` annotators at once (labels + live leases), and a lease
   not answered within `lease_s` expires, so the pair goes back to the pool.
+- A file that is not an SQLite database (garbage, or 0 bytes: most likely truncated) is refused, never overwritten;
+  one app at a time serves a store (`lock_store`), and a note is at most `max_note_chars` long.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import IO, Callable, Iterable
 
+from pipeline.config import ConfigError
+
+SQLITE_HEADER = b"SQLite format 3\x00"
 CHOICES = ("left", "right", "tie", "both_bad")
 STRENGTHS = ("slightly", "much")
 
@@ -105,6 +112,102 @@ class Item:
         return self.responses[1 - self.shown_left]
 
 
+class NoteTooLong(ValueError):
+    """A note beyond the store's limit: refused, so one paste cannot grow the store (and its history) without bound."""
+
+
+def pair_problem(row) -> str | None:
+    """What makes a row unusable as a pair to label (None: usable): the one rule both the loader and the store apply."""
+    if not isinstance(row, dict):
+        return f"a pair must be a JSON object, got {type(row).__name__}"
+    missing = [k for k in ("pair_id", "prompt", "responses") if k not in row]
+    if missing:
+        return f"missing key(s) {missing}"
+    pair_id, prompt, responses = row["pair_id"], row["prompt"], row["responses"]
+    if not isinstance(pair_id, str) or not pair_id.strip():
+        return f"pair_id must be a non-empty string, got {_short(pair_id)}"
+    if not isinstance(prompt, list) or not prompt:
+        return f"prompt must be a non-empty list of messages ({{\"role\", \"content\"}}), got {_short(prompt)}"
+    for m in prompt:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"each prompt message must be {{\"role\": text, \"content\": text}}, got {_short(m)}"
+    if not isinstance(responses, list) or len(responses) != 2 or not all(isinstance(r, str) for r in responses):
+        return f"responses must be a list of exactly 2 texts (the UI compares two), got {_short(responses)}"
+    texts = [pair_id, *responses, *(m["role"] for m in prompt), *(m["content"] for m in prompt)]
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): neither SQLite nor the browser can hold it
+        return "a text holds an unpaired surrogate (\\udXXX escape), which is not valid Unicode"
+    return None
+
+
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=True, default=lambda o: type(o).__name__)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_store_file(path: Path) -> None:
+    """Refuse, before anything writes to it, a file at `path` that is not an SQLite database.
+
+    SQLite would take a 0-byte file as a new empty store (and start writing into it): a label store is never empty on
+    disk once created, so 0 bytes means a truncated copy or a failed restore, and people's labels may be elsewhere.
+    """
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ConfigError(f"label store {path} is not a file: move it away")
+    with open(path, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if not header:
+        raise ConfigError(f"label store {path} is empty (0 bytes): most likely a truncated copy. Restore it from a "
+                          f"backup, or delete it to start a new store")
+    if header != SQLITE_HEADER:
+        raise ConfigError(f"label store {path} is not an SQLite database (corrupted or another file): restore it from "
+                          f"a backup, or move it away to start a new store")
+
+
+def lock_store(path: Path) -> IO:
+    """Hold `<store>.lock` for as long as the returned file is open: one labeling app per store.
+
+    A second `make label` on the same run would otherwise re-import its pairs into the live store before failing
+    on the port. The lock is taken before anything is written, and the kernel drops it when the process dies.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock_path, "a+")  # no truncation: the holder's pid stays readable for the error message
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"another labeling app (pid {holder}) is serving {path}: use that one, or stop it first "
+                          f"(each run's label store is served by one app at a time)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def count_labels(path: Path) -> int:
+    """How many labels a store holds, read only (0 when there is no store). For stages that must not miss them."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    check_store_file(path)
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            has_table = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'").fetchone()
+            return con.execute("SELECT COUNT(*) FROM labels").fetchone()[0] if has_table else 0
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as err:
+        raise ConfigError(f"label store {path} cannot be read ({err}): restore it from a backup") from None
+
+
 def preferred_index(choice: str, shown_left: int) -> int | None:
     """Map the side clicked back to the response index: the one fact the export needs."""
     if choice == "left":
@@ -116,18 +219,26 @@ def preferred_index(choice: str, shown_left: int) -> int | None:
 
 class LabelStore:
     def __init__(self, path: str | Path, overlap: int = 1, lease_s: float = 900.0, seed: int = 0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, max_note_chars: int = 2000):
         if overlap < 1:
             raise ValueError(f"overlap must be at least 1, got {overlap}")
         self.path = Path(path)
         self.overlap, self.lease_s, self.seed, self.clock = overlap, lease_s, seed, clock
+        self.max_note_chars = max_note_chars
+        check_store_file(self.path)
+        existed = self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._connect()
         try:
-            con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
-            con.executescript(SCHEMA)
-        finally:
-            con.close()
+            con = self._connect()
+            try:
+                if existed and con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise sqlite3.DatabaseError("integrity check failed")
+                con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+                con.executescript(SCHEMA)
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as err:  # a valid header over damaged pages
+            raise ConfigError(f"label store {self.path} is damaged ({err}): restore it from a backup") from None
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -167,13 +278,22 @@ class LabelStore:
 
     # -- items ----------------------------------------------------------------------------------------------
     def import_items(self, rows: Iterable[dict], blocked: Callable[[dict], str | None] = lambda row: None) -> dict:
-        """Load the pairs the app serves. Pairs from an earlier pairs dataset stay (with their labels), inactive."""
+        """Load the pairs the app serves. Pairs from an earlier pairs dataset stay (with their labels), inactive.
+
+        Every row is checked before the transaction starts: a bad row or a repeated pair_id changes nothing.
+        """
+        rows, seen = list(rows), set()
+        for position, row in enumerate(rows):
+            problem = pair_problem(row)
+            if problem is None and row["pair_id"] in seen:
+                problem = f"pair_id {row['pair_id']!r} appears twice"
+            if problem:
+                raise ValueError(f"pair at position {position}: {problem}")
+            seen.add(row["pair_id"])
         now, n, n_blocked = self.clock(), 0, 0
         with self._tx() as con:
             con.execute("UPDATE items SET active = 0")
             for position, row in enumerate(rows):
-                if len(row["responses"]) != 2:
-                    raise ValueError(f"pair {row['pair_id']} has {len(row['responses'])} responses; the UI compares 2")
                 word = blocked(row)
                 n_blocked += word is not None
                 con.execute(
@@ -244,6 +364,9 @@ class LabelStore:
         if choice in ("tie", "both_bad"):
             strength = None  # "much better" says nothing about a tie
         now, preferred, note = self.clock(), preferred_index(choice, shown_left), (note or "").strip()
+        if len(note) > self.max_note_chars:
+            raise NoteTooLong(f"the note is {len(note)} characters long; the limit is {self.max_note_chars} "
+                              f"(max_note_chars in configs/label.yaml)")
         with self._tx() as con:
             if con.execute("SELECT 1 FROM items WHERE pair_id = ?", (pair_id,)).fetchone() is None:
                 raise KeyError(f"unknown pair {pair_id}")

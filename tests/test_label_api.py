@@ -1,0 +1,87 @@
+"""Who a label belongs to, checked through Gradio's own API (what any script can send, not just our page).
+
+With logins, the annotator is the login in every handler: a client logged in as alice that sends "bob" as its name
+(the hidden name box's endpoint) still labels, skips, undoes and switches as alice. And the store, not only the
+note box, refuses a note beyond `max_note_chars`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+pytestmark = [pytest.mark.slow]  # a Gradio server in a thread (gradio import ~6 s)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+USERS = [("alice", "pw-alice"), ("bob", "pw-bob")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def login_app(tmp_path):
+    from stages.label.app import build_app, launch_kwargs
+    from stages.label.store import LabelStore
+
+    store = LabelStore(tmp_path / "labels.sqlite", max_note_chars=20)
+    store.import_items([{"pair_id": f"p{i}", "prompt": [{"role": "user", "content": f"question {i}"}],
+                         "responses": [f"zero {i}", f"one {i}"]} for i in range(6)])
+    demo = build_app(store, "guidelines", use_login=True)
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            auth=USERS, **launch_kwargs())
+    yield url, store
+    demo.close()
+
+
+def client(url: str, user: str):
+    from gradio_client import Client
+
+    return Client(url, auth=(user, dict(USERS)[user]), verbose=False, download_files=False)
+
+
+def annotators(store) -> list[str]:
+    return sorted(lab["annotator"] for lab in store.labels())
+
+
+def test_a_login_cannot_label_under_another_name(login_app):
+    url, store = login_app
+    alice = client(url, "alice")
+    alice.predict("bob", api_name="/start")  # the hidden name box: "I am bob"
+    alice.predict("", "", api_name="/label_left")
+    alice.predict("bob", api_name="/start_on_enter")
+    alice.predict("much", "", api_name="/label_right")
+    assert annotators(store) == ["alice", "alice"]
+    assert [h["annotator"] for h in store.history()] == ["alice", "alice"]
+
+    bob = client(url, "bob")
+    bob.predict("alice", api_name="/start")  # and the other way round
+    bob.predict("", "", api_name="/label_tie")
+    assert annotators(store) == ["alice", "alice", "bob"]
+
+    # undo, skip and switch act on alice's own labels and pairs, whatever name she sent
+    alice.predict("bob", api_name="/start")
+    alice.predict(api_name="/undo")
+    assert annotators(store) == ["alice", "bob"]
+    alice.predict(api_name="/switch")
+    alice.predict("bob", api_name="/start")
+    alice.predict(api_name="/skip")
+    assert {h["annotator"] for h in store.history() if h["action"] in ("undo", "skip")} == {"alice"}
+    assert store.progress("bob")["mine"] == 1
+
+
+def test_a_note_beyond_the_limit_is_refused_and_nothing_is_stored(login_app):
+    url, store = login_app
+    alice = client(url, "alice")
+    alice.predict("", "", api_name="/start")
+    out = alice.predict("", "x" * 21, api_name="/label_left")  # over the API: the page's max_length is not in the way
+    assert any("Not saved" in str(part) and "limit is 20" in str(part) for part in out)
+    assert store.labels() == [] and store.history() == []
+    alice.predict("", "y" * 20, api_name="/label_left")  # at the limit: stored
+    assert [lab["note"] for lab in store.labels()] == ["y" * 20]

@@ -1,0 +1,239 @@
+"""Bad input on the label path, and the store's own limits: each refusal is one ConfigError (one `error:` line, exit 2)
+that names the file or flag, and leaves every file as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, RunArgs, parse
+from stages.label.config import LabelArgs, db_path
+from stages.label.store import LabelStore, NoteTooLong, count_labels, lock_store
+from tests.conftest import PYTHON, REPO
+
+
+def pair(i: int, **over) -> dict:
+    return {"pair_id": f"p{i}", "prompt": [{"role": "user", "content": f"question {i}"}],
+            "responses": [f"zero {i}", f"one {i}"], **over}
+
+
+def write_lines(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its bytes and mtime: 'nothing written' made checkable."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def label_main(runs: Path, *extra: str, run: str = "r"):
+    from stages.label.__main__ import main
+
+    return main(*parse((LabelArgs, RunArgs), ["--config", "configs/label.yaml", "--run", run, "--runs_dir", str(runs),
+                                              *extra]), block=False)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """A run whose label store already holds one label (so 'nothing written' means something)."""
+    runs = tmp_path / "runs"
+    store = LabelStore(db_path(str(runs), "r"))
+    store.import_items([pair(0), pair(1)])
+    store.save_label("ann", "p0", "left", 0)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- the pairs file
+BAD_PAIRS = {  # name -> (lines of the file, words the error must contain)
+    "string prompt": ([pair(0, prompt="just a string")], ["line 1", "prompt must be a non-empty list of messages"]),
+    "three responses": ([pair(0), pair(1, responses=["a", "b", "c"])], ["line 2", "exactly 2 texts"]),
+    "duplicate pair_id": ([pair(0), pair(1), pair(0)], ["line 3", "'p0' was already used on line 1"]),
+    "broken line": ([pair(0), '{"pair_id": "p1", "prompt": [', pair(2)], ["line 2 is not valid JSON (Expecting value, column 30)"]),
+    "missing key": ([{"pair_id": "p0", "prompt": [{"role": "user", "content": "q"}]}],
+                    ["line 1", "missing key(s) ['responses']"]),
+    "number pair_id": ([pair(0, pair_id=7)], ["line 1", "pair_id must be a non-empty string"]),
+    "message without content": ([pair(0, prompt=[{"role": "user"}])], ["line 1", "each prompt message"]),
+    "not an object": (["[1, 2]"], ["line 1", "must be a JSON object"]),
+    "empty file": ([], ["holds no pairs"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PAIRS))
+def test_a_bad_pairs_file_is_refused_by_line_and_writes_nothing(runs, tmp_path, case):
+    lines, words = BAD_PAIRS[case]
+    bad = write_lines(tmp_path / "pairs.jsonl", lines)
+    before = snapshot(runs)
+    with pytest.raises(ConfigError) as err:
+        label_main(runs, "--pairs_dataset", str(bad))
+    for w in ["--pairs_dataset", str(bad), *words]:
+        assert w in str(err.value), (w, str(err.value))
+    assert snapshot(runs) == before
+
+
+def test_non_utf8_and_missing_pairs_files_name_the_line_and_the_flag(runs, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes((json.dumps(pair(0)) + "\n").encode() + json.dumps(pair(1, responses=["caf\u00e9", "x"]),
+                                                                      ensure_ascii=False).encode("latin-1") + b"\n")
+    before = snapshot(runs)
+    with pytest.raises(ConfigError, match=r"--pairs_dataset: .*latin1.jsonl line 2 is not UTF-8 text"):
+        label_main(runs, "--pairs_dataset", str(bad))
+    with pytest.raises(ConfigError, match=r"--pairs_dataset: .*nowhere.jsonl does not exist") as err:
+        label_main(runs, "--pairs_dataset", str(tmp_path / "nowhere.jsonl"))
+    assert "--dataset_name" not in str(err.value)
+    assert snapshot(runs) == before
+
+
+def test_the_store_itself_refuses_bad_rows_before_writing(tmp_path):
+    store = LabelStore(tmp_path / "s.sqlite")
+    store.import_items([pair(0), pair(1)])
+    for rows in ([pair(2), pair(3), pair(2)], [pair(2), pair(3, responses=["a", "b", "c"])],
+                 [pair(2, responses=["\ud800", "b"])]):  # a lone surrogate: SQLite cannot store it as text
+        with pytest.raises(ValueError):
+            store.import_items(rows)
+        assert store.progress()["pairs"] == 2  # the earlier pairs are still the active ones: nothing half-imported
+
+
+# ---------------------------------------------------------------------------------------------- the store file
+def test_a_garbage_or_empty_store_is_refused_and_left_as_it_is(tmp_path):
+    pairs = write_lines(tmp_path / "pairs.jsonl", [pair(0)])
+    runs = tmp_path / "runs"
+    db = db_path(str(runs), "r")
+    db.parent.mkdir(parents=True)
+    garbage = random.Random(0).randbytes(3000)
+    for content, words in ((garbage, "is not an SQLite database"), (b"", r"is empty \(0 bytes\)")):
+        db.write_bytes(content)
+        before = snapshot(runs)
+        with pytest.raises(ConfigError, match=words):
+            label_main(runs, "--pairs_dataset", str(pairs))
+        with pytest.raises(ConfigError, match=words):
+            LabelStore(db)
+        with pytest.raises(ConfigError, match=words):
+            count_labels(db)
+        assert snapshot(runs) == before  # not even a lock file or a WAL next to it
+
+    good = LabelStore(tmp_path / "good.sqlite")  # a valid header over damaged pages: also one clear error
+    good.import_items([pair(i) for i in range(200)])
+    raw = bytearray((tmp_path / "good.sqlite").read_bytes())
+    raw[4096:12288] = random.Random(1).randbytes(8192)
+    (tmp_path / "good.sqlite").write_bytes(bytes(raw))
+    for f in tmp_path.glob("good.sqlite-*"):
+        f.unlink()
+    with pytest.raises(ConfigError, match="is damaged"):
+        LabelStore(tmp_path / "good.sqlite")
+
+
+def test_cli_refusal_is_one_error_line_and_exit_2(runs, tmp_path):
+    bad = write_lines(tmp_path / "pairs.jsonl", [pair(0), "{oops"])
+    before = snapshot(runs)
+    proc = subprocess.run([PYTHON, "-m", "stages.label", "--config", "configs/label.yaml", "--run", "r", "--runs_dir",
+                           str(runs), "--pairs_dataset", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --pairs_dataset: {bad} line 2 is not valid JSON "
+                                                f"(Expecting property name enclosed in double quotes, column 2): "
+                                                f"fix or remove that line"]
+    assert snapshot(runs) == before
+
+
+# ---------------------------------------------------------------------------------------------- one app per store
+def test_a_second_app_on_a_served_store_stops_before_writing(runs, tmp_path):
+    db = db_path(str(runs), "r")
+    other_pairs = write_lines(tmp_path / "other.jsonl", [pair(7)])
+    held = lock_store(db)  # as a running `make label` holds it
+    try:
+        before = snapshot(runs)
+        with pytest.raises(ConfigError, match=rf"another labeling app \(pid {os.getpid()}\) is serving .*labels.sqlite"):
+            label_main(runs, "--pairs_dataset", str(other_pairs), "--port", str(free_port()))
+        assert snapshot(runs) == before
+        assert LabelStore(db).progress()["pairs"] == 2  # the live app's pairs, not the other file's
+    finally:
+        held.close()
+    lock_store(db).close()  # released with its holder
+
+
+def test_a_taken_port_is_refused_before_the_run_folder_is_touched(tmp_path):
+    pairs = write_lines(tmp_path / "pairs.jsonl", [pair(0)])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ConfigError, match=rf"cannot serve on 127.0.0.1:{busy.getsockname()[1]}.*--port N"):
+            label_main(tmp_path / "runs", "--pairs_dataset", str(pairs), "--port", str(busy.getsockname()[1]))
+    assert not (tmp_path / "runs").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_second_make_label_on_a_live_run_leaves_the_live_app_alone(tmp_path):
+    """End to end: a real server on 9 pairs; `make label` again on the same run (same port, then another port) with
+    another pairs file exits 2 with one line, and the live app still serves its 9 pairs and its note limit."""
+    runs, port = tmp_path / "runs", free_port()
+    nine = write_lines(tmp_path / "nine.jsonl", [pair(i) for i in range(9)])
+    three = write_lines(tmp_path / "three.jsonl", [pair(i + 100) for i in range(3)])
+    cmd = [PYTHON, "-m", "stages.label", "--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen(cmd + ["--pairs_dataset", str(nine), "--port", str(port), "--max_note_chars", "5"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None and time.time() < deadline, "the first app did not come up"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        db = db_path(str(runs), "r")
+        before = {p.name: p.read_bytes() for p in db.parent.iterdir() if p.is_file()}
+        for second_port in (port, free_port()):
+            proc = subprocess.run(cmd + ["--pairs_dataset", str(three), "--port", str(second_port)], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: ")
+            assert ("another labeling app" in lines[0]) or (second_port == port and "cannot serve" in lines[0])
+        assert {p.name: p.read_bytes() for p in db.parent.iterdir() if p.is_file()} == before
+        assert LabelStore(db).progress()["pairs"] == 9
+
+        from gradio_client import Client  # the live app works on, with --max_note_chars from its command line
+
+        client = Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False)
+        client.predict("dora", api_name="/start")
+        out = client.predict("", "123456", api_name="/label_left")
+        assert any("limit is 5" in str(part) for part in out)
+        client.predict("", "12345", api_name="/label_left")
+        rows = sqlite3.connect(db).execute("SELECT annotator, note FROM labels").fetchall()
+        assert rows == [("dora", "12345")]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------- note size
+def test_the_store_refuses_a_note_over_the_limit(tmp_path):
+    store = LabelStore(tmp_path / "n.sqlite", max_note_chars=10)
+    store.import_items([pair(0), pair(1)])
+    with pytest.raises(NoteTooLong, match="11 characters long; the limit is 10"):
+        store.save_label("ann", "p0", "left", 0, note="x" * 11)
+    assert store.labels() == [] and store.history() == []
+    store.save_label("ann", "p0", "left", 0, note="  " + "x" * 10 + "\n")  # the limit counts the stored (stripped) note
+    with pytest.raises(NoteTooLong):  # a change of mind too
+        store.save_label("ann", "p0", "right", 0, note="y" * 11)
+    assert [(r["choice"], r["note"]) for r in store.labels()] == [("left", "x" * 10)]
+    assert LabelStore(tmp_path / "d.sqlite").max_note_chars == LabelArgs().max_note_chars == 2000
+    assert "max_note_chars: 2000" in (REPO / "configs/label.yaml").read_text()
