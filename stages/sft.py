@@ -97,8 +97,9 @@ def with_assistant_masks(ds, tokenizer, eot: str, data_name: str):
     return Dataset.from_list(rows)
 
 
-def trainable_dtypes(model) -> list[str]:
-    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+def param_dtypes(model, trainable: bool) -> list[str]:
+    """The dtypes of the trainable (LoRA: peft keeps them in float32) or frozen (the base: the profile's) tensors."""
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad == trainable})
 
 
 def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
@@ -162,7 +163,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
             "tokens_per_s": round(tokens / train_time, 1) if tokens else None,
             "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes,
-            "base_dtype": profile.dtype, "trainable_dtypes": trainable_dtypes(trainer.model),
+            "base_dtypes": param_dtypes(trainer.model, False), "trainable_dtypes": param_dtypes(trainer.model, True),
             "data": data_name,
         }
         print_table("SFT", {k: v for k, v in metrics.items() if k != "loss_curve"})
