@@ -29,8 +29,17 @@ def end_of_turn(tokenizer) -> str | None:
     Rendered twice, as the last turn and with a user turn after it: what both put right after the reply (compared
     token by token, without the whitespace between turns) is the turn's own ending. Phi-3 adds its EOS after the
     last turn only; the comparison leaves it out."""
+    import jinja2
+
     if not getattr(tokenizer, "chat_template", None):
         return None
+    try:
+        return _end_of_turn(tokenizer)
+    except jinja2.TemplateError:  # a template that refuses the probe conversation names no end-of-turn text
+        return None
+
+
+def _end_of_turn(tokenizer) -> str | None:
     user, reply = {"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}
     tails = []
     for messages in ([user, reply], [user, reply, {"role": "user", "content": _PROBE_NEXT}]):

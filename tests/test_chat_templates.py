@@ -234,3 +234,23 @@ def test_pairs_and_eval_count_a_response_ended_by_the_end_of_turn_token(stoppers
     m = eval_main(*eval_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
                               "--model_config", profile, "--max_new_tokens", "6"]))
     assert m["no_eos_sft"] == 0.0 and m["no_eos_ppo"] == 0.0 and m["length_sft_mean"] == m["length_ppo_mean"] == 1.0
+
+
+@pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn"])
+def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers):
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import require_end_of_turn, tokenize_with_assistant_mask
+    from pipeline.config import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(template_tokenizers["qwen2_5"])
+    turn = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    if case == "reorders_earlier_turns":  # the header counts the turns: earlier renders are not prefixes of later ones
+        tok.chat_template = "turns: {{ messages|length }}\n" + turn + "<|im_end|>\n{% endfor %}" \
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        with pytest.raises(ConfigError, match="renders the conversation before assistant turn 1 differently"):
+            tokenize_with_assistant_mask(tok, conversation("qwen2_5")[1:], "<|im_end|>")
+    else:  # turns run together with nothing that closes them: a model trained on it could not learn to stop
+        tok.chat_template = turn + "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        with pytest.raises(ConfigError, match="closes assistant turns with no end-of-turn text"):
+            require_end_of_turn(tok)

@@ -56,6 +56,7 @@ def test_bf16_stage_with_a_float32_head_passes_the_fresh_process_check(tiny_mode
     few hundredths on scores of several units, more than the old fixed 2e-2, which blamed a missing head."""
     import yaml
     from peft import PeftModel
+    from safetensors.torch import load_file, save_file
 
     from pipeline.models import load_base, load_tokenizer, profile_from
     from stages.rm import encode_pair, score
@@ -64,11 +65,8 @@ def test_bf16_stage_with_a_float32_head_passes_the_fresh_process_check(tiny_mode
     spec = yaml.safe_load(open(tiny_models_bf16["llama"]))
     adapter = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / "rm" / "adapter", seed=2,
                             task_type="SEQ_CLS")
-    with torch.no_grad():  # a head of several units' reach, as after training
-        from safetensors.torch import load_file, save_file
-
-        weights = load_file(adapter / "adapter_model.safetensors")
-        save_file({k: v * 40 if ".score." in k else v for k, v in weights.items()}, adapter / "adapter_model.safetensors")
+    weights = load_file(adapter / "adapter_model.safetensors")  # a head of several units' reach, as after training
+    save_file({k: v * 40 if ".score." in k else v for k, v in weights.items()}, adapter / "adapter_model.safetensors")
     pairs = [{"prompt": [{"role": "user", "content": f"Say something about the number {i}."}],
               "chosen": [{"role": "assistant", "content": "The cat sat on a mat " * (1 + i % 3)}],
               "rejected": [{"role": "assistant", "content": f"A little rabbit, {i}."}]} for i in range(12)]
