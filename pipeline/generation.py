@@ -1,8 +1,9 @@
 """Sampling responses from a (LoRA) policy: the one helper behind SFT's before/after samples, `make pairs`,
 PPO's rollouts and `make eval`.
 
-Left padding (the new tokens of every row start at the same column), KV cache, stop at EOS; everything after
-the first EOS is padding and masked out.
+Left padding (the new tokens of every row start at the same column), KV cache, stop at any stop token (the
+tokenizer's EOS, every EOS of the checkpoint's generation_config, the template's end-of-turn token); everything
+after the first stop token is padding and masked out.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Generations:
     response_ids: torch.Tensor  # [B, R] right-padded with pad after the first EOS (EOS kept)
     response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
     texts: list[str]
-    ended: torch.Tensor  # [B] bool: an EOS was produced within the limit
+    ended: torch.Tensor  # [B] bool: a stop token was produced within the limit
 
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -76,12 +77,31 @@ def chat_reward_inputs(tokenizer, prompts: list[list[dict]], texts: list[str]) -
     return right_pad(seqs, tokenizer.pad_token_id)
 
 
-def truncate_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Everything after the first EOS becomes pad; returns (ids, mask, ended)."""
-    is_eos = response_ids == eos_id
+def stop_token_ids(tokenizer, model_or_generation_config=None) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS, the generation_config's EOS ids (instruct checkpoints
+    list several: Llama 3 has <|eot_id|>, <|eom_id|> and <|end_of_text|>), and the chat template's end-of-turn
+    token when it is one special token (Gemma closes turns with <end_of_turn>, its EOS is <eos>)."""
+    from pipeline.chat import end_of_turn
+
+    config = getattr(model_or_generation_config, "generation_config", model_or_generation_config)
+    listed = getattr(config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed])]
+    eot = end_of_turn(tokenizer)
+    if eot:
+        eot_ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        if len(eot_ids) == 1 and (eot_ids[0] in tokenizer.all_special_ids or getattr(added.get(eot_ids[0]), "special", False)):
+            ids.append(eot_ids[0])
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_id: int | list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything after the first stop token (`eos_id`: one id or several) becomes pad; returns (ids, mask, ended)."""
+    stop = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=response_ids.dtype)
+    is_eos = torch.isin(response_ids, stop.to(response_ids.device))
     ended = is_eos.any(dim=1)
     first = torch.where(ended, is_eos.int().argmax(dim=1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long))
-    positions = torch.arange(response_ids.shape[1]).unsqueeze(0)
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device).unsqueeze(0)
     mask = (positions <= first.unsqueeze(1)).long()
     ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     return ids, mask, ended
@@ -94,7 +114,7 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stop_ids, pad_id = stop_token_ids(tokenizer, model), tokenizer.pad_token_id
     was_training = model.training
     model.eval()
     if generator_seed is not None:
@@ -108,7 +128,7 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
         sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) \
             if cfg.temperature > 0 else dict(do_sample=False)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, use_cache=True,
-                             eos_token_id=eos_id, pad_token_id=pad_id, **sampling)
+                             eos_token_id=stop_ids, pad_token_id=pad_id, **sampling)
         resp = out[:, ids.shape[1]:].cpu()
         if resp.shape[1] < cfg.max_new_tokens:  # every row stopped early
             resp = torch.cat([resp, torch.full((resp.shape[0], cfg.max_new_tokens - resp.shape[1]), pad_id)], dim=1)
@@ -119,6 +139,6 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
     width = max(p.shape[1] for p, _ in all_prompt)
     prompt_ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_id) for p, _ in all_prompt])
     prompt_mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for _, m in all_prompt])
-    response_ids, response_mask, ended = truncate_after_eos(torch.cat(all_resp), eos_id, pad_id)
+    response_ids, response_mask, ended = truncate_after_eos(torch.cat(all_resp), stop_ids, pad_id)
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response_ids, response_mask)]
     return Generations(prompt_ids, prompt_mask, response_ids, response_mask, texts, ended)

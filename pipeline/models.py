@@ -43,15 +43,44 @@ def dtype_of(profile: ModelProfile) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[profile.dtype]
 
 
+def template_text(value: str) -> str:
+    """A profile's `chat_template`: the Jinja text itself, or a .jinja file (repo-relative or absolute)."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = resolve_path(value)
+    if not path.is_file():
+        raise ConfigError(f"chat_template file {value} of the model profile does not exist: give a .jinja file (for "
+                          f"example one of trl/chat_templates/) or the template text itself")
+    return path.read_text()
+
+
 def load_tokenizer(profile: ModelProfile, path: str | None = None):
+    """The base's tokenizer, with the profile's chat template when the profile names one."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path or resolve_base(profile.name_or_path), trust_remote_code=profile.trust_remote_code)
     if profile.chat_template:
-        tok.chat_template = resolve_path(profile.chat_template).read_text()
+        tok.chat_template = template_text(profile.chat_template)
     if tok.pad_token is None:  # Llama-3 style bases ship without one; EOS as pad is TRL's convention too
         tok.pad_token = tok.eos_token
     return tok
+
+
+def require_chat_template(tokenizer, profile: ModelProfile) -> None:
+    """Stages that chat refuse a base without a template (most pretrained-only checkpoints) before they touch
+    their run folder, instead of failing deep inside TRL or generation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"the tokenizer of {profile.name_or_path} has no chat template: add `chat_template:` to the "
+                          f"model profile (--model_config / MODEL=...), a .jinja file such as one of "
+                          f"trl/chat_templates/ or the template text itself")
+
+
+def bnb_4bit_config():
+    """QLoRA's 4-bit base (Dettmers et al. 2023): NF4, double quantization, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_use_double_quant=True)
 
 
 def quantization_kwargs(profile: ModelProfile) -> dict:
@@ -59,10 +88,10 @@ def quantization_kwargs(profile: ModelProfile) -> dict:
         return {}
     if not torch.cuda.is_available():
         raise ConfigError("load_in_4bit needs a CUDA GPU and bitsandbytes: set load_in_4bit: false in the model profile")
-    from transformers import BitsAndBytesConfig
+    from accelerate import PartialState
 
-    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)}
+    # A 4-bit model cannot be moved after loading: load it straight onto this process's GPU.
+    return {"quantization_config": bnb_4bit_config(), "device_map": {"": PartialState().device}}
 
 
 def load_base(profile: ModelProfile, tokenizer, kind: str = "causal"):
@@ -82,7 +111,45 @@ def load_base(profile: ModelProfile, tokenizer, kind: str = "causal"):
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    check_lora_targets(profile, model, path)
     return model
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The distinct names of the model's leaf linear layers (nn.Linear, GPT-2's Conv1D): what LoRA can target."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if name and isinstance(m, (nn.Linear, Conv1D))})
+
+
+def check_lora_targets(profile: ModelProfile, model: nn.Module, base_name: str) -> None:
+    """Every target in the profile must name linear layers of this model (peft matches a name or a dotted suffix).
+    peft itself raises only when none matches, and then without saying what would."""
+    targets = profile.lora_target_modules
+    if isinstance(targets, str) and targets == "all-linear":
+        return
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    from transformers.pytorch_utils import Conv1D
+
+    linear = [name for name, m in model.named_modules() if name and isinstance(m, (nn.Linear, Conv1D))]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing or not targets:
+        what = f"LoRA target module(s) {missing} are not in" if missing else "no LoRA target modules are set for"
+        raise ConfigError(f"{what} {base_name} ({model.config.model_type}): set lora_target_modules in the model "
+                          f"profile to some of its linear layers: {linear_layer_names(model)}")
+
+
+def to_device(model: nn.Module, device=None) -> nn.Module:
+    """Put a model on this process's accelerator (accelerate's PartialState().device: a GPU when there is one). A
+    quantized model was loaded there and cannot be moved."""
+    if getattr(model, "is_quantized", False):
+        return model
+    if device is None:
+        from accelerate import PartialState
+
+        device = PartialState().device
+    return model.to(device)
 
 
 def fingerprint(config) -> dict:

@@ -26,7 +26,7 @@ import torch
 from pipeline.adapters import AdapterStack
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
-from pipeline.models import load_tokenizer, profile_from
+from pipeline.models import load_tokenizer, profile_from, require_chat_template, to_device
 from pipeline.report import finish_distributed, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard
 
@@ -87,15 +87,6 @@ def describe(xs: list[float]) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- model work
 
-def reward_inputs(tokenizer, prompts: list, texts: list[str], gens) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the reward model reads: the chat-templated conversation (prompt + the reply as an assistant turn), as
-    RewardTrainer trained it and as PPO scored its rollouts (reward_input: chat). Right-padded. Without a chat
-    template: the policy's own prompt + response tokens."""
-    if not getattr(tokenizer, "chat_template", None):
-        return torch.cat([gens.prompt_ids, gens.response_ids], 1), torch.cat([gens.prompt_mask, gens.response_mask], 1)
-    return chat_reward_inputs(tokenizer, prompts, texts)
-
-
 @torch.no_grad()
 def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_ids, sampling: SamplingConfig, seed: int,
             batch: int) -> dict:
@@ -103,7 +94,9 @@ def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_i
     stack.use(policy)
     gens = generate(stack.model, tokenizer, prompt_ids, sampling, generator_seed=seed)
     device = next(stack.model.parameters()).device
-    r_ids, r_mask = reward_inputs(tokenizer, prompts, gens.texts, gens)
+    # What the reward model reads: prompt + reply as an assistant turn, chat-templated as RewardTrainer trained it
+    # and as PPO scored its rollouts (reward_input: chat).
+    r_ids, r_mask = chat_reward_inputs(tokenizer, prompts, gens.texts)
     rewards = torch.cat([stack.scores("reward", r_ids[i:i + batch].to(device), r_mask[i:i + batch].to(device)).float().cpu()
                          for i in range(0, len(r_ids), batch)])
     return {"gens": gens, "rewards": rewards.tolist(), "texts": gens.texts,
@@ -339,17 +332,18 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         if theirs in trained and trained[theirs] != getattr(sampling, ours) and state.is_main_process:
             print(f"note: eval samples with {ours}={getattr(sampling, ours)}, PPO's rollouts used {theirs}={trained[theirs]}: "
                   f"length, no-EOS share and KL are not comparable with the training curves", file=sys.stderr)
+    profile = profile_from(run.model_config)
+    tokenizer = load_tokenizer(profile)
+    require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     if not state.is_main_process:  # a few hundred generations: one process does it, the others wait
         finish_distributed()
         return {}
     stage.prepare(config)
 
-    # 1. Tokenizer and the three adapters on one frozen base
-    profile = profile_from(run.model_config)
-    tokenizer = load_tokenizer(profile)
+    # 1. The three adapters on one frozen base, on this process's accelerator
     stack = AdapterStack.build(profile, tokenizer, {"ppo": ppo["outputs"]["adapter"], "sft": sft["outputs"]["adapter"],
                                                     "reward": rm["outputs"]["adapter"]})
-    stack.model.to(state.device)
+    to_device(stack.model, state.device)
     prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
 
     # 2. Sample and score both policies; KL of PPO to the reference on PPO's own responses

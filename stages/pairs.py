@@ -8,7 +8,7 @@ prompts (data/prompts/oasst_prompts.jsonl, Apache-2.0, see data/sources/) or --d
 `prompt`: messages or a string; or `messages`, whose last assistant turn is dropped).
 Writes runs/<run>/pairs/: dataset/ (save_to_disk), config.json, manifest.json (last). One row per pair:
 pair_id (hash of prompt + responses: stable across reruns, unlike an index), prompt_id, prompt (messages),
-responses [two strings], response_indices, ended (EOS reached), generation (settings + seed), policy (provenance).
+responses [two strings], response_indices, ended (a stop token reached: pipeline.generation.stop_token_ids), generation (settings + seed), policy (provenance).
 With K > 2 each prompt gives all K*(K-1)/2 pairs of its responses. Generation runs on the main process only.
 """
 
@@ -23,7 +23,7 @@ from itertools import combinations
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, prompt_of, require_columns
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import check_adapter, load_tokenizer, profile_from, resolve_base
+from pipeline.models import check_adapter, load_tokenizer, profile_from, require_chat_template, resolve_base, to_device
 from pipeline.report import print_table
 from pipeline.run import StageRun, main_guard
 
@@ -84,19 +84,21 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     if sampling.temperature <= 0:
         raise ConfigError("temperature 0 is greedy decoding: every response to a prompt would be the same; use > 0")
     sft = stage.need("sft")
+    profile = profile_from(run.model_config)
+    tokenizer = load_tokenizer(profile)
+    require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     stage.prepare(config, is_main=state.is_main_process)
     metrics: dict = {}
     if state.is_main_process:
         # 1. Prompts
         prompts, data_name = load_prompts(args)
 
-        # 2. Tokenizer and policy: the frozen base + the run's SFT adapter
-        profile = profile_from(run.model_config)
+        # 2. Policy: the frozen base + the run's SFT adapter, on this process's accelerator
         adapter = sft["outputs"]["adapter"]
-        tokenizer = load_tokenizer(profile)
         base = load_base(profile, tokenizer)
         check_adapter(adapter, base.config, what="SFT")
         stack = AdapterStack.build(profile, tokenizer, {"policy": adapter}, base_model=base)
+        to_device(stack.model, state.device)
         encoded = encode_prompts(tokenizer, prompts)
         keep = [i for i, ids in enumerate(encoded) if len(ids) <= args.max_prompt_tokens]
         n_long = len(encoded) - len(keep)

@@ -235,21 +235,66 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:
 
 # ---------------------------------------------------------------- the fresh-process reload check
 
-def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str = "float32", batch_size: str = "16"):
-    """Runs in a fresh process: stock peft + the tokenizer saved beside the adapter, nothing else of ours."""
+def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str = "float32", batch_size: str = "16",
+                  load_in_4bit: str = "0"):
+    """Runs in a fresh process: stock peft + the tokenizer saved beside the adapter, nothing else of ours. The base is
+    loaded as the stage loaded it: in the profile's dtype, and in 4-bit when the profile says so."""
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
+    from pipeline.models import bnb_4bit_config
+
+    quantized = load_in_4bit == "1"
+    extra = {"quantization_config": bnb_4bit_config(), "device_map": {"": "cuda"}} if quantized else {}
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=getattr(torch, dtype))
+    model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=getattr(torch, dtype),
+                                                                   **extra)
     if model.config.pad_token_id is None:  # bases without a pad id in config.json (STACK-NOTES 3)
         model.config.pad_token_id = tokenizer.pad_token_id
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not quantized:
         model.to("cuda")
     pairs = [json.loads(line) for line in open(pairs_file)]
     encoded = [encode_pair(tokenizer, p) for p in pairs]
     scores = score(model, [c for c, _ in encoded] + [r for _, r in encoded], tokenizer.pad_token_id, int(batch_size))
     atomic_write_json(Path(out_file), {"chosen": scores[: len(pairs)], "rejected": scores[len(pairs) :]})
+
+
+# How far a reloaded score may drift from the stage's (absolute, relative to the score): the same batches in the same
+# dtype agree to ~1e-6 in float32; bf16 keeps 8 bits of mantissa (relative steps of 2^-8 = 0.4%) and a 4-bit base
+# dequantizes on the fly, so rounding differences in a score head kept in another dtype show there.
+RELOAD_TOLERANCE = {"float32": (1e-4, 0.0), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 3e-2)}
+
+
+def reload_verdict(chosen: list[float], rejected: list[float], again_chosen: list[float], again_rejected: list[float],
+                   dtype: str = "float32", load_in_4bit: bool = False) -> dict:
+    """Do the reloaded scores reproduce the stage's? Within the dtype's tolerance, and no held-out pair changes order
+    unless its margin was within that tolerance. On failure, `problem` says why: scores that still follow the stage's
+    (correlation >= 0.99) point at the dtype; scores that do not point at a head that was not saved."""
+    precision = "bfloat16" if load_in_4bit and dtype == "float32" else dtype  # 4-bit computes in bf16
+    atol, rtol = RELOAD_TOLERANCE.get(precision, RELOAD_TOLERANCE["bfloat16"])
+    before, after = torch.tensor(chosen + rejected, dtype=torch.float64), torch.tensor(again_chosen + again_rejected, dtype=torch.float64)
+    allowed = atol + rtol * torch.maximum(before.abs(), after.abs())
+    diff = float((before - after).abs().max())
+    n = len(chosen)
+    margin, margin_again = before[:n] - before[n:], after[:n] - after[n:]
+    flipped = int((((margin > 0) != (margin_again > 0)) & (margin.abs() > 2 * allowed[:n].maximum(allowed[n:]))).sum())
+    ok = bool(((before - after).abs() <= allowed).all()) and flipped == 0
+    accuracy = (pair_metrics(chosen, rejected)["accuracy"], pair_metrics(again_chosen, again_rejected)["accuracy"])
+    verdict = {"eval_accuracy": accuracy[1], "max_abs_diff": diff, "dtype": precision + (" (4-bit base)" if load_in_4bit else ""),
+               "tolerance": {"atol": atol, "rtol": rtol}, "pairs_flipped": flipped, "ok": ok}
+    if ok:
+        return verdict
+    correlation = float(torch.corrcoef(torch.stack([before, after]))[0, 1]) if before.std() > 0 and after.std() > 0 else 0.0
+    if correlation >= 0.99:
+        verdict["problem"] = (f"its scores follow the stage's (correlation {correlation:.4f}, eval accuracy {accuracy[0]} -> "
+                              f"{accuracy[1]}) but differ by up to {diff:.3g}, more than {verdict['dtype']} rounding "
+                              f"allows (atol {atol}, rtol {rtol}): the head was saved; the reload computes in "
+                              f"{verdict['dtype']} and the stage's scores did not (a head or adapter kept in another "
+                              f"dtype while training); set dtype: float32 in the model profile to confirm")
+    else:
+        verdict["problem"] = (f"eval accuracy {accuracy[0]} -> {accuracy[1]}, max score difference {diff:.3g}, "
+                              f"correlation {correlation:.3f}: the score head was probably not saved with the adapter")
+    return verdict
 
 
 def require_saved_head(adapter_dir: Path, head: str) -> None:
@@ -262,27 +307,26 @@ def require_saved_head(adapter_dir: Path, head: str) -> None:
 
 
 def check_reload(adapter_dir: Path, pairs_file: Path, chosen: list[float], rejected: list[float], dtype: str = "float32",
-                 batch_size: int = 16) -> dict:
-    """Reload the saved adapter in a fresh process; the held-out scores must come back (the head was saved)."""
+                 batch_size: int = 16, load_in_4bit: bool = False) -> dict:
+    """Reload the saved adapter in a fresh process, in the profile's dtype (and 4-bit); the held-out scores must come
+    back (the head was saved)."""
     out_file = adapter_dir.parent / "reload_check.json"
     # A clean environment for the child: no torch.distributed variables from `accelerate launch`.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("ACCELERATE_")}
     t0 = time.time()
-    cmd = [sys.executable, "-m", "stages.rm", "--reload-check", adapter_dir, pairs_file, out_file, dtype, batch_size]
+    cmd = [sys.executable, "-m", "stages.rm", "--reload-check", adapter_dir, pairs_file, out_file, dtype, batch_size,
+           int(bool(load_in_4bit))]
     proc = subprocess.run([str(c) for c in cmd], cwd=resolve_path("."), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"reloading the reward adapter {adapter_dir} in a fresh process failed:\n{proc.stderr[-3000:]}")
     again = json.loads(out_file.read_text())
-    diff = max(abs(a - b) for a, b in zip(chosen + rejected, again["chosen"] + again["rejected"]))
-    before, after = pair_metrics(chosen, rejected)["accuracy"], pair_metrics(again["chosen"], again["rejected"])["accuracy"]
-    tolerance = 1e-4 if dtype == "float32" else 2e-2  # the same batches in the same dtype; bf16 is coarse
-    if diff > tolerance or before != after:
+    verdict = reload_verdict(chosen, rejected, again["chosen"], again["rejected"], dtype, load_in_4bit)
+    if not verdict["ok"]:
         raise RuntimeError(f"the reward adapter saved in {adapter_dir} does not reproduce its held-out scores when "
-                           f"reloaded in a fresh process (eval accuracy {before} -> {after}, max score difference "
-                           f"{diff:.3g}): the score head was probably not saved with the adapter")
-    return {"eval_accuracy": after, "max_abs_diff": diff, "seconds": round(time.time() - t0, 1)}
+                           f"reloaded in a fresh process: {verdict['problem']}")
+    return {k: verdict[k] for k in ("eval_accuracy", "max_abs_diff", "dtype", "pairs_flipped")} | {"seconds": round(time.time() - t0, 1)}
 
 
 # ---------------------------------------------------------------- the stage
@@ -403,7 +447,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
             for r in eval_rows:
                 f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected", "source", "margin")}) + "\n")
         reload = check_reload(adapter_dir, pairs_file, scores[:n], scores[n:], profile.dtype,
-                              train_cfg.per_device_eval_batch_size)
+                              train_cfg.per_device_eval_batch_size, profile.load_in_4bit)
 
         logs = trainer.state.log_history
         total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "too_long")}

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.chat import require_end_of_turn, tokenize_with_assistant_mask
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, load_mixture, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import load_base, load_tokenizer, lora_config, profile_from, resolve_base, save_fingerprint
+from pipeline.models import (load_base, load_tokenizer, lora_config, profile_from, require_chat_template, resolve_base,
+                             save_fingerprint, to_device)
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 
@@ -64,6 +66,42 @@ def load_data(args: SFTArgs, seed: int):
     return ds.select_columns(["messages"]), name
 
 
+def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):
+    """The train and held-out splits, as TRL will read them. With conversational rows and assistant_only_loss, they
+    are tokenized here with our own assistant mask instead of TRL's, which refuses every template it cannot patch
+    (Llama 3.1/3.2, SmolLM2's ChatML); TRL then takes the mask from the rows, so its own masking is switched off."""
+    train_ds, eval_ds = train_eval_split(ds, args.eval_fraction, train_cfg.seed)
+    if "messages" in ds.column_names and train_cfg.assistant_only_loss:
+        eot = require_end_of_turn(tokenizer)
+        train_ds, eval_ds = (with_assistant_masks(d, tokenizer, eot, data_name) for d in (train_ds, eval_ds))
+        train_cfg.assistant_only_loss = False
+    return train_ds, eval_ds
+
+
+def with_assistant_masks(ds, tokenizer, eot: str, data_name: str):
+    """Conversations -> token ids + a mask of the assistant's tokens (each reply and its end-of-turn token), for any
+    chat template (pipeline.chat). TRL builds its labels from the mask, truncates to max_length and drops rows left
+    with no assistant token."""
+    import jinja2
+    from datasets import Dataset
+
+    if ds is None:
+        return None
+    rows = []
+    for i, row in enumerate(ds):
+        try:
+            rows.append(tokenize_with_assistant_mask(tokenizer, row["messages"], eot))
+        except jinja2.TemplateError as err:
+            raise ConfigError(f"row {i} of {data_name}: the chat template refuses it ({err}): fix the row or the "
+                              f"template (model profile `chat_template:`)") from None
+    return Dataset.from_list(rows)
+
+
+def param_dtypes(model, trainable: bool) -> list[str]:
+    """The dtypes of the trainable (LoRA: peft keeps them in float32) or frozen (the base: the profile's) tensors."""
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad == trainable})
+
+
 def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
     from trl import SFTTrainer
@@ -76,18 +114,24 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
 
-    # 1. Data (checked before anything in the run folder is touched: bad input loses nothing already written)
+    # 1. Data, tokenizer and base model, all checked before anything in the run folder is touched (bad input loses
+    #    nothing already written)
     ds, data_name = load_data(args, train_cfg.seed)
-    train_ds, eval_ds = train_eval_split(ds, args.eval_fraction, train_cfg.seed)
+    tokenizer = load_tokenizer(profile)
+    if "messages" in ds.column_names:
+        require_chat_template(tokenizer, profile)
+    train_ds, eval_ds = split_and_tokenize(ds, tokenizer, train_cfg, args, data_name)
+    model = load_base(profile, tokenizer)  # also checks the profile's LoRA targets against the model
     stage.prepare(config, is_main=state.is_main_process)
 
-    # 2. Tokenizer and base model (frozen; LoRA on top)
-    tokenizer = load_tokenizer(profile)
-    model = load_base(profile, tokenizer)
+    # 2. Before training: samples on fixed prompts, on this process's accelerator
     prompts = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in FIXED_PROMPTS])
     # Sampled, not greedy, with a fixed seed: greedy decoding of a tiny model collapses to "\n" + EOS.
     sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.7, top_k=50)
-    before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts if state.is_main_process else []
+    before = []
+    if state.is_main_process:
+        to_device(model, state.device)
+        before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts
 
     # 3. Train
     trainer = SFTTrainer(model=model, args=train_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -119,6 +163,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
             "tokens_per_s": round(tokens / train_time, 1) if tokens else None,
             "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes,
+            "base_dtypes": param_dtypes(trainer.model, False), "trainable_dtypes": param_dtypes(trainer.model, True),
             "data": data_name,
         }
         print_table("SFT", {k: v for k, v in metrics.items() if k != "loss_curve"})

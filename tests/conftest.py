@@ -107,3 +107,124 @@ def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 
 def run_python(module: str, args: list[str], timeout: int = 600, env: dict | None = None):
     return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_models_bf16(tiny_models, tmp_path_factory):
+    """arch -> a model profile with `dtype: bfloat16` on the same tiny model folders as `tiny_models`."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("profiles_bf16")
+    profiles = {}
+    for arch, path in tiny_models.items():
+        spec = yaml.safe_load(Path(path).read_text())
+        profiles[arch] = root / f"{arch}.yaml"
+        profiles[arch].write_text(yaml.safe_dump({**spec, "dtype": "bfloat16"}))
+    return profiles
+
+
+# ---------------------------------------------------------------------------------------------------- real templates
+# Real chat templates (TRL ships the checkpoints' own files in trl/chat_templates/) on tokenizers trained here, with
+# the special tokens each family uses. `stop` is what the checkpoint's generation_config lists as eos_token_id.
+SMOLLM2_TEMPLATE = (  # HuggingFaceTB/SmolLM2-*-Instruct: ChatML that TRL does not know; pad == eos
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou "
+    "are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_TOKENS = dict(bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None,
+                     other=["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|end_of_text|>", "<|python_tag|>"],
+                     stop=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], end_of_turn="<|eot_id|>")
+QWEN_TOKENS = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", other=["<|im_start|>", "<think>", "</think>"],
+                   stop=["<|im_end|>", "<|endoftext|>"], end_of_turn="<|im_end|>")
+GEMMA_TOKENS = dict(bos="<bos>", eos="<eos>", pad="<pad>", other=["<start_of_turn>", "<end_of_turn>"],
+                    stop=["<eos>", "<end_of_turn>"], end_of_turn="<end_of_turn>")
+PHI3_TOKENS = dict(bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", other=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+                   stop=["<|endoftext|>", "<|assistant|>", "<|end|>"], end_of_turn="<|end|>")
+REAL_TEMPLATES = {
+    "llama3": dict(file="llama3.jinja", **LLAMA3_TOKENS),
+    "llama3_1": dict(file="llama3_1.jinja", **LLAMA3_TOKENS),
+    "llama3_2": dict(file="llama3_2.jinja", **LLAMA3_TOKENS),
+    "qwen2_5": dict(file="qwen2_5.jinja", **QWEN_TOKENS),
+    "qwen2_5_pad_is_eos": dict(file="qwen2_5.jinja", **{**QWEN_TOKENS, "pad": "<|im_end|>",
+                                                        "other": [*QWEN_TOKENS["other"], "<|endoftext|>"]}),
+    "qwen3": dict(file="qwen3.jinja", **QWEN_TOKENS),
+    "qwen3_instruct_2507": dict(file="qwen3_instruct_2507.jinja", **QWEN_TOKENS),
+    "smollm2_chatml": dict(file=None, **{**QWEN_TOKENS, "pad": "<|im_end|>", "stop": ["<|im_end|>"]}),
+    "gemma": dict(file="gemma.jinja", **GEMMA_TOKENS),
+    "gemma3": dict(file="gemma3.jinja", **GEMMA_TOKENS),
+    "phi3": dict(file="phi3.jinja", **PHI3_TOKENS),
+    "phi3_5": dict(file="phi3_5.jinja", **PHI3_TOKENS),
+}
+
+
+def template_text(name: str) -> str:
+    import trl
+
+    spec = REAL_TEMPLATES[name]
+    return SMOLLM2_TEMPLATE if spec["file"] is None else (Path(trl.__file__).parent / "chat_templates" / spec["file"]).read_text()
+
+
+def build_template_tokenizer(name: str, out: Path) -> Path:
+    """A byte-level BPE trained on one book, with this family's special tokens and its real chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.base import clean
+
+    spec = REAL_TEMPLATES[name]
+    roles = {k: spec[k] for k in ("bos", "eos", "pad") if spec[k]}
+    specials = list(dict.fromkeys([*roles.values(), *spec["other"]]))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([clean((REPO / "data/pretrain/texts/bunny.txt").read_text())],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **{f"{k}_token": v for k, v in roles.items()},
+                                      additional_special_tokens=[t for t in specials if t not in roles.values()])
+    wrapped.chat_template = template_text(name)
+    wrapped.save_pretrained(out)
+    return out
+
+
+def build_template_model(name: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A tiny random Llama for this tokenizer; generation_config lists the family's stop tokens, as real checkpoints do."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                               tie_word_embeddings=False, initializer_range=0.3, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=pad)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=pad,
+                                               eos_token_id=tok.convert_tokens_to_ids(REAL_TEMPLATES[name]["stop"]))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def template_tokenizers(tmp_path_factory):
+    """template name -> folder of a tokenizer carrying that real chat template."""
+    root = tmp_path_factory.mktemp("template_tokenizers")
+    return {name: build_template_tokenizer(name, root / name) for name in REAL_TEMPLATES}
+
+
+@pytest.fixture(scope="session")
+def template_models(tmp_path_factory, template_tokenizers):
+    """template name -> model profile of a tiny Llama with that tokenizer (built on first use of a name)."""
+    root = tmp_path_factory.mktemp("template_models")
+
+    class Profiles(dict):
+        def __missing__(self, name):
+            model_dir = build_template_model(name, template_tokenizers[name], root / name)
+            profile = root / f"{name}.yaml"
+            profile.write_text(f"name_or_path: {model_dir}\nlora_target_modules: {LLAMA_TARGETS}\n")
+            self[name] = profile
+            return profile
+
+    return Profiles()

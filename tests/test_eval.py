@@ -6,6 +6,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError
 from tests.fake_upstream import build_upstream, evaluated_run
@@ -126,3 +127,28 @@ def test_missing_ppo_stage_is_one_clear_error(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match="make ppo"):
         main(*parse_args(["--config", "configs/eval.yaml", "--run", "none", "--runs_dir", str(tmp_path),
                           "--model_config", str(tiny_models["llama"])]))
+
+
+def test_eval_on_a_bf16_base_on_the_accelerator(tmp_path, tiny_models_bf16, monkeypatch):
+    """A bf16 profile: the three adapters sit on a bf16 base (their LoRA weights float32), every figure is finite,
+    and the stack is moved to this process's accelerator (PartialState().device)."""
+    import math
+
+    from accelerate import PartialState
+
+    import stages.eval as ev
+
+    moved = []
+    real = ev.to_device
+    monkeypatch.setattr(ev, "to_device", lambda model, device=None: moved.append(model) or real(model, device))
+    runs = build_upstream(tmp_path / "runs", tiny_models_bf16["llama"])
+    m = ev.main(*ev.parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
+                                "--model_config", str(tiny_models_bf16["llama"]), "--max_new_tokens", "8"]))
+    (model,) = moved
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.device for p in model.parameters()} == {PartialState().device}
+    for key in ("reward_sft_mean", "reward_ppo_mean", "kl_mean", "win_rate", "length_ppo_mean"):
+        assert math.isfinite(m[key]), (key, m)
+    report = json.loads((runs / "t" / "eval" / "report.json").read_text())
+    assert all(math.isfinite(s["reward_sft"]) and math.isfinite(s["reward_ppo"]) and math.isfinite(s["kl"]) for s in report["samples"])

@@ -87,3 +87,34 @@ def test_pairs_refuses_greedy_and_missing_sft(tiny_models, runs_dir):
         main(*parse((PairsArgs, SamplingConfig, RunArgs), args))
     with pytest.raises(ConfigError, match="temperature 0"):
         main(*parse((PairsArgs, SamplingConfig, RunArgs), [*args, "--temperature", "0"]))
+
+
+def test_pairs_on_a_bf16_base_on_the_accelerator(tiny_models_bf16, runs_dir, monkeypatch):
+    """A bf16 profile: the base is bf16, the SFT adapter's LoRA weights stay float32, generation works; the policy is
+    moved to this process's accelerator (PartialState().device) before it samples."""
+    import datasets
+    from accelerate import PartialState
+
+    import stages.pairs as pairs
+    from pipeline.config import RunArgs, parse
+    from pipeline.generation import SamplingConfig
+
+    profile = str(tiny_models_bf16["llama"])
+    make_sft_run(runs_dir, "bf", profile)
+    moved, seen = [], []
+    real_to_device, real_generate = pairs.to_device, pairs.generate
+    monkeypatch.setattr(pairs, "to_device", lambda model, device=None: moved.append(model) or real_to_device(model, device))
+
+    def spy(model, *a, **k):
+        seen.append((model, {str(p.dtype) for n, p in model.named_parameters() if "lora_" in n},
+                     {str(p.dtype) for n, p in model.named_parameters() if "lora_" not in n}, next(model.parameters()).device))
+        return real_generate(model, *a, **k)
+
+    monkeypatch.setattr(pairs, "generate", spy)
+    metrics = pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), [
+        "--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "bf", "--model_config", profile, *TINY]))
+    model, lora, base, device = seen[0]
+    assert model is moved[0] and device == PartialState().device
+    assert lora == {"torch.float32"} and base == {"torch.bfloat16"}
+    ds = datasets.load_from_disk(str(runs_dir / "bf/pairs/dataset"))
+    assert metrics["pairs"] == len(ds) > 0 and all(isinstance(t, str) for r in ds["responses"] for t in r)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import ConfigError
 from stages.sft import main, parse_args
-from tests.conftest import ARCHS, REPO, run_module, run_python
+from tests.conftest import ARCHS, LLAMA_TARGETS, REPO, run_module, run_python
 
 SMALL_DATA = '{"data/sft/self_instruct.jsonl": 48}'
 
@@ -115,3 +116,99 @@ def test_bad_input_one_clear_error_and_no_manifest(case, tiny_models, runs_dir, 
 def test_config_error_in_process_for_empty_mixture(tiny_models, runs_dir):
     with pytest.raises(ConfigError, match="no SFT data"):
         main(*parse_args(tiny_args(tiny_models["llama"], runs_dir, "x", "--dataset_mixture", "{}")))
+
+
+# ---------------------------------------------------------------------------------------------------- real checkpoints
+
+def test_bf16_base_trains_fp32_lora_and_samples_on_the_accelerator(tiny_models_bf16, runs_dir, monkeypatch):
+    """A bf16 profile: the frozen base is bf16, the LoRA weights train (and are saved) in float32, the losses are
+    finite. The "before" samples run on this process's accelerator (accelerate's PartialState().device)."""
+    from accelerate import PartialState
+
+    import stages.sft as sft
+
+    moved, sampled_on = [], []
+    real_to_device, real_generate = sft.to_device, sft.generate
+    monkeypatch.setattr(sft, "to_device", lambda model, device=None: moved.append(model) or real_to_device(model, device))
+    monkeypatch.setattr(sft, "generate", lambda model, *a, **k: sampled_on.append((model, next(model.parameters()).device))
+                        or real_generate(model, *a, **k))
+    metrics = main(*parse_args(tiny_args(tiny_models_bf16["llama"], runs_dir, "bf16", "--max_steps", "6")))
+    assert metrics["base_dtypes"] == ["bfloat16"] and metrics["trainable_dtypes"] == ["float32"]
+    assert all(math.isfinite(x) for x in metrics["loss_curve"]) and math.isfinite(metrics["eval_loss"])
+    weights = load_file(runs_dir / "bf16" / "sft" / "adapter" / "adapter_model.safetensors")
+    assert weights and {w.dtype for w in weights.values()} == {torch.float32}
+    assert sampled_on[0][0] is moved[0] and {d for _, d in sampled_on} == {PartialState().device}
+
+
+def write_profile(path, **spec):
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def base_without_template(tiny_models, tmp_path):
+    """The llama fixture model with its chat template removed, as pretrained-only checkpoints ship."""
+    import shutil
+
+    import yaml
+
+    src = yaml.safe_load(open(tiny_models["llama"]))["name_or_path"]
+    dst = tmp_path / "no_template"
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").unlink()
+    return dst
+
+
+def test_base_without_chat_template_is_refused_before_the_run_folder(base_without_template, runs_dir, tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", name_or_path=str(base_without_template), lora_target_modules=LLAMA_TARGETS)
+    with pytest.raises(ConfigError, match="has no chat template: add `chat_template:` to the model profile"):
+        main(*parse_args(tiny_args(profile, runs_dir, "nt")))
+    assert not (runs_dir / "nt").exists()
+
+
+@pytest.mark.parametrize("how", ["file", "inline"])
+def test_profile_chat_template_serves_a_base_without_one(how, base_without_template, runs_dir, tmp_path):
+    from stages.base import CHAT_TEMPLATE
+
+    template = str(REPO / "models/tiny/chat_template.jinja") if how == "file" else CHAT_TEMPLATE
+    profile = write_profile(tmp_path / "p.yaml", name_or_path=str(base_without_template), lora_target_modules=LLAMA_TARGETS,
+                            chat_template=template)
+    from pipeline.models import load_tokenizer, profile_from
+
+    assert load_tokenizer(profile_from(str(profile))).chat_template == (REPO / "models/tiny/chat_template.jinja").read_text()
+    if how == "file":  # the whole stage once: it trains, and the adapter carries the template
+        from transformers import AutoTokenizer
+
+        main(*parse_args(tiny_args(profile, runs_dir, "pt", "--max_steps", "2")))
+        assert AutoTokenizer.from_pretrained(runs_dir / "pt" / "sft" / "adapter").chat_template == CHAT_TEMPLATE
+
+
+def test_missing_chat_template_file_is_one_clear_error(tiny_models, tmp_path):
+    from pipeline.models import load_tokenizer, profile_from
+
+    import yaml
+
+    profile = write_profile(tmp_path / "p.yaml", **{**yaml.safe_load(open(tiny_models["llama"])),
+                                                   "chat_template": str(tmp_path / "nope.jinja")})
+    with pytest.raises(ConfigError, match="nope.jinja of the model profile does not exist"):
+        load_tokenizer(profile_from(str(profile)))
+
+
+@pytest.mark.parametrize("targets", [None, ["c_attn", "q_prj"]])
+def test_wrong_lora_targets_name_the_models_linear_layers(targets, tiny_models, runs_dir, tmp_path):
+    """A GPT-2 profile without lora_target_modules (the Llama projections by default), or with a typo: one error
+    naming the layers GPT-2 has, before the run folder is touched (peft would raise NoMatchingPeftModuleError, or
+    silently skip the typo)."""
+    import yaml
+
+    spec = yaml.safe_load(open(tiny_models["gpt2"]))
+    spec = {"name_or_path": spec["name_or_path"], **({"lora_target_modules": targets} if targets else {})}
+    profile = write_profile(tmp_path / "gpt2.yaml", **spec)
+    missing = "q_prj" if targets else "q_proj"
+    with pytest.raises(ConfigError, match=rf"LoRA target module\(s\) \[.*'{missing}'.*\] are not in .*\(gpt2\): set "
+                                          r"lora_target_modules in the model profile to some of its linear layers: "
+                                          r"\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+        main(*parse_args(tiny_args(profile, runs_dir, "lt")))
+    assert not (runs_dir / "lt").exists()

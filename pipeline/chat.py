@@ -1,0 +1,101 @@
+"""Chat templates as the pipeline reads them: which text ends an assistant turn, and which tokens of a conversation
+are the assistant's (SFT's loss mask).
+
+Both are found by rendering the template, never by knowing its family, so any template works: the bundled tiny
+one, Llama 3.x, ChatML (Qwen2.5, Qwen3, SmolLM2), Gemma, Phi-3. TRL 1.16 can mask only templates that carry
+`{% generation %}` markers or that it knows how to patch; it refuses Llama 3.1/3.2 and any ChatML variant it has
+not stored (SmolLM2's), which is why SFT builds the mask here.
+
+The mask of assistant turn i: render messages[:i] with the generation prompt (P_i) and the whole conversation (S).
+S starts with P_i; the turn's tokens run from there to the end-of-turn text, which is included so the model learns
+to stop. Trailing whitespace between turns ('\\n' in ChatML) belongs to no one and is not trained.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import ConfigError
+
+_PROBE_USER, _PROBE_REPLY, _PROBE_NEXT = "Hi", "Hello", "Bye"
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The text a chat template writes after an assistant reply to close the turn ('<|eot_id|>', '<|im_end|>',
+    '<end_of_turn>', '</s>'); None without a template or when it writes none.
+
+    Rendered twice, as the last turn and with a user turn after it: what both put right after the reply (compared
+    token by token, without the whitespace between turns) is the turn's own ending. Phi-3 adds its EOS after the
+    last turn only; the comparison leaves it out."""
+    import jinja2
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return _end_of_turn(tokenizer)
+    except jinja2.TemplateError:  # a template that refuses the probe conversation names no end-of-turn text
+        return None
+
+
+def _end_of_turn(tokenizer) -> str | None:
+    user, reply = {"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}
+    tails = []
+    for messages in ([user, reply], [user, reply, {"role": "user", "content": _PROBE_NEXT}]):
+        text = render(tokenizer, messages)
+        prompt = render(tokenizer, [user], add_generation_prompt=True)
+        if not text.startswith(prompt) or _PROBE_REPLY not in text[len(prompt):]:
+            return None
+        turn = text[len(prompt):]
+        tails.append(tokenizer(turn[turn.index(_PROBE_REPLY) + len(_PROBE_REPLY):], add_special_tokens=False)["input_ids"])
+    common = []
+    for a, b in zip(*tails):
+        if a != b:
+            break
+        common.append(a)
+    return tokenizer.decode(common).rstrip() or None
+
+
+def assistant_spans(tokenizer, messages: list[dict], text: str, eot: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `text` (the rendered conversation), each ending with `eot`."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ConfigError("a conversation starts with an assistant turn: give each assistant turn a turn before it")
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        if not text.startswith(prompt):
+            raise ConfigError(
+                f"the chat template renders the conversation before assistant turn {i} differently once later turns "
+                f"follow, so SFT cannot tell which tokens are the assistant's: use a template that keeps earlier turns "
+                f"as they were (model profile `chat_template:`) or set assistant_only_loss: false")
+        start = len(prompt)
+        reply = (message.get("content") or "").strip()  # templates may trim the reply; it is still in the text
+        at = text.find(reply, start) if reply else -1
+        search_from = at + len(reply) if at >= 0 else start
+        end = text.find(eot, search_from)
+        if end < 0:
+            raise ConfigError(f"assistant turn {i} does not end with the template's end-of-turn text {eot!r}: "
+                              f"fix the chat template or set assistant_only_loss: false")
+        spans.append((start, end + len(eot)))
+    return spans
+
+
+def tokenize_with_assistant_mask(tokenizer, messages: list[dict], eot: str) -> dict:
+    """input_ids of the chat-templated conversation (exactly what apply_chat_template(tokenize=True) gives) and
+    assistant_masks: 1 on every token that overlaps an assistant turn (its reply and end-of-turn text)."""
+    text = render(tokenizer, messages)
+    spans = assistant_spans(tokenizer, messages, text, eot)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s < b and a < e for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return {"input_ids": list(enc["input_ids"]), "assistant_masks": mask}
+
+
+def require_end_of_turn(tokenizer) -> str:
+    eot = end_of_turn(tokenizer)
+    if not eot:
+        raise ConfigError("the chat template closes assistant turns with no end-of-turn text, so a model trained on "
+                          "it could not learn to stop: set a template that does (model profile `chat_template:`)")
+    return eot

@@ -1,0 +1,256 @@
+"""Real checkpoints' chat templates: SFT trains on the assistant's tokens only (each reply and its end-of-turn token),
+whatever the template; every stop token ends a response in SFT samples, pairs and eval.
+
+The templates are the checkpoints' own files (TRL ships them in trl/chat_templates/), on tokenizers trained here
+with each family's special tokens (tests/conftest.py REAL_TEMPLATES): no Hub access.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import LLAMA_TARGETS, REAL_TEMPLATES, REPO, build_template_tokenizer, template_text
+
+SYSTEM, REPLIES = "Be brief.", ["Hello, little rabbit.", "Yes: two lines,\nand a carrot."]
+
+
+def conversation(name: str) -> list[dict]:
+    """Two user/assistant rounds, with a system turn where the template takes one (Gemma 1/2 refuse it)."""
+    turns = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": REPLIES[0]},
+             {"role": "user", "content": "More?"}, {"role": "assistant", "content": REPLIES[1]}]
+    return turns if name == "gemma" else [{"role": "system", "content": SYSTEM}, *turns]
+
+
+def expected_assistant_text(name: str) -> list[str]:
+    eot = REAL_TEMPLATES[name]["end_of_turn"]
+    # Qwen3's template itself opens the final assistant turn (after the last user message) with an empty think block:
+    # that block is the start of what the model must write there, so it is trained with the reply.
+    last_prefix = "<think>\n\n</think>\n\n" if name == "qwen3" else ""
+    return [REPLIES[0] + eot, last_prefix + REPLIES[1] + eot]
+
+
+def runs_of(ids: torch.Tensor, keep: torch.Tensor) -> list[list[int]]:
+    out, cur = [], []
+    for i, k in zip(ids.tolist(), keep.tolist()):
+        if k:
+            cur.append(i)
+        elif cur:
+            out, cur = out + [cur], []
+    return out + [cur] if cur else out
+
+
+def tiny_llama(tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def sft_collated(tok, rows: list[dict], tmp_path, assistant_only_loss: bool = True, ours: bool = True):
+    """What the SFT stage hands TRL (stages.sft.split_and_tokenize), collated by TRL's own SFTTrainer. ours=False:
+    the raw conversations, as TRL alone would take them."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.sft import SFTArgs, split_and_tokenize
+
+    cfg = SFTConfig(output_dir=str(tmp_path / "o"), assistant_only_loss=assistant_only_loss, max_length=512, bf16=False,
+                    report_to="none", save_strategy="no")
+    train = Dataset.from_list(rows)
+    if ours:
+        train, _ = split_and_tokenize(train, tok, cfg, SFTArgs(eval_fraction=0.0), "test rows")
+    trainer = SFTTrainer(model=tiny_llama(tok), args=cfg, train_dataset=train, processing_class=tok)
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+
+
+@pytest.mark.parametrize("name", list(REAL_TEMPLATES))
+def test_sft_trains_exactly_each_reply_and_its_end_of_turn(name, template_tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.models import load_tokenizer, profile_from
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"name_or_path: {template_tokenizers[name]}\n")
+    tok = load_tokenizer(profile_from(str(profile)))  # pad = eos where the family has no pad (Llama 3)
+    messages = conversation(name)
+    batch = sft_collated(tok, [{"messages": messages}], tmp_path)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    trained = [tok.decode(run) for run in runs_of(ids, labels != -100)]
+    assert trained == expected_assistant_text(name)
+    # The sequence itself is the template's, token for token: only the mask is ours.
+    assert ids[batch["attention_mask"][0].bool()].tolist() == list(
+        AutoTokenizer.from_pretrained(template_tokenizers[name]).apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_mask_equals_trls_on_a_template_with_generation_markers(tiny_models, tmp_path):
+    """The pipeline's own template has {% generation %} markers, which TRL reads itself: on the bundled multi-turn
+    rows our mask gives TRL's labels exactly (so `make bench-sft` compares like with like)."""
+    from pipeline.models import load_tokenizer, profile_from
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    rows = [json.loads(line) for line in open(REPO / "data/sft/oasst.jsonl")]
+    rows = [r for r in rows if len(r["messages"]) >= 4][:6] + rows[:2]
+    ours, trls = sft_collated(tok, rows, tmp_path), sft_collated(tok, rows, tmp_path / "trl", ours=False)
+    assert torch.equal(ours["input_ids"], trls["input_ids"]) and torch.equal(ours["labels"], trls["labels"])
+    assert (ours["labels"] != -100).sum() > 100
+
+
+def test_full_sequence_loss_when_assistant_only_loss_is_off(template_tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(template_tokenizers["qwen2_5"])
+    batch = sft_collated(tok, [{"messages": conversation("qwen2_5")}], tmp_path, assistant_only_loss=False)
+    assert torch.equal(batch["labels"][0], batch["input_ids"][0])
+
+
+@pytest.mark.parametrize("name", ["llama3_2", "smollm2_chatml"])
+def test_sft_main_runs_on_templates_trl_cannot_patch(name, template_models, runs_dir):
+    """TRL 1.16 refuses both ("not training-compatible ... patching is not supported"): Llama 3.2's template, and
+    SmolLM2's ChatML with pad == eos."""
+    from stages.sft import main, parse_args
+    from tests.test_sft import tiny_args
+
+    metrics = main(*parse_args(tiny_args(template_models[name], runs_dir, name, "--max_steps", "8")))
+    curve = metrics["loss_curve"]
+    assert len(curve) == 8 and all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0], curve
+    assert (runs_dir / name / "sft" / "manifest.json").is_file()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(runs_dir / name / "sft" / "adapter").chat_template == template_text(name)
+
+
+# ---------------------------------------------------------------------------------------------------- stop tokens
+
+@pytest.mark.parametrize("name", list(REAL_TEMPLATES))
+def test_stop_ids_are_eos_generation_config_and_end_of_turn(name, template_tokenizers):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from pipeline.chat import end_of_turn
+    from pipeline.generation import stop_token_ids
+
+    spec, tok = REAL_TEMPLATES[name], AutoTokenizer.from_pretrained(template_tokenizers[name])
+    assert end_of_turn(tok) == spec["end_of_turn"]
+    listed = tok.convert_tokens_to_ids(spec["stop"])
+    expected = {tok.eos_token_id, *listed, tok.convert_tokens_to_ids(spec["end_of_turn"])}
+    assert sorted(stop_token_ids(tok, GenerationConfig(eos_token_id=listed))) == sorted(expected)
+    # No generation config: the tokenizer's EOS and the template's end-of-turn token (Gemma: <eos> and <end_of_turn>)
+    assert sorted(stop_token_ids(tok)) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids(spec["end_of_turn"])})
+
+
+def test_end_of_turn_of_the_pipelines_own_template(tiny_models):
+    from pipeline.chat import end_of_turn
+    from pipeline.generation import stop_token_ids
+    from pipeline.models import load_tokenizer, profile_from
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    assert end_of_turn(tok) == "</s>" and stop_token_ids(tok) == [tok.eos_token_id]
+
+
+def test_truncate_after_the_first_of_several_stop_ids():
+    from pipeline.generation import truncate_after_eos
+
+    responses = torch.tensor([[5, 7, 9, 3, 2], [5, 2, 9, 9, 9], [5, 6, 6, 6, 6]])
+    ids, mask, ended = truncate_after_eos(responses, [2, 9], pad_id=0)
+    assert ids.tolist() == [[5, 7, 9, 0, 0], [5, 2, 0, 0, 0], [5, 6, 6, 6, 6]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]] and ended.tolist() == [True, True, False]
+    ids, mask, ended = truncate_after_eos(responses, 2, pad_id=0)  # one id still works
+    assert ended.tolist() == [True, True, False] and mask[0].tolist() == [1, 1, 1, 1, 1]
+
+
+def stopper_model(tokenizer_dir, out, stop_token: str, generation_eos: list[str]):
+    """A tiny Llama that writes `stop_token` at every step: the last MLP's bias pushes the residual stream along one
+    direction, and only that token's output row reads it. generation_config lists `generation_eos`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, mlp_bias=True,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.bias.zero_()[0] = 1000.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tok.convert_tokens_to_ids(stop_token), 0] = 10.0
+    model.generation_config = GenerationConfig(eos_token_id=tok.convert_tokens_to_ids(generation_eos), pad_token_id=pad)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    profile = out.parent / f"{out.name}.yaml"
+    profile.write_text(f"name_or_path: {out}\nlora_target_modules: {LLAMA_TARGETS}\n")
+    return profile
+
+
+@pytest.fixture(scope="module")
+def stoppers(tmp_path_factory):
+    """Llama 3 writing <|eom_id|> (its tokenizer's EOS is <|eot_id|>; generation_config lists all three), and Gemma
+    writing <end_of_turn> (EOS <eos>, generation_config lists only <eos>: the template tells the rest)."""
+    root = tmp_path_factory.mktemp("stoppers")
+    llama = build_template_tokenizer("llama3_2", root / "tok_llama")
+    gemma = build_template_tokenizer("gemma", root / "tok_gemma")
+    return {"llama3_2": stopper_model(llama, root / "llama3_2", "<|eom_id|>", REAL_TEMPLATES["llama3_2"]["stop"]),
+            "gemma": stopper_model(gemma, root / "gemma", "<end_of_turn>", ["<eos>"])}
+
+
+@pytest.mark.parametrize("name", ["llama3_2", "gemma"])
+def test_generate_stops_at_a_stop_id_that_is_not_the_tokenizers_eos(name, stoppers):
+    from pipeline.generation import SamplingConfig, encode_prompts, generate
+    from pipeline.models import load_base, load_tokenizer, profile_from
+
+    profile = profile_from(str(stoppers[name]))
+    tok = load_tokenizer(profile)
+    model = load_base(profile, tok)
+    prompts = encode_prompts(tok, [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Tell me more."}]])
+    gens = generate(model, tok, prompts, SamplingConfig(max_new_tokens=6, temperature=0.7), generator_seed=0)
+    stop = tok.convert_tokens_to_ids({"llama3_2": "<|eom_id|>", "gemma": "<end_of_turn>"}[name])
+    assert stop != tok.eos_token_id
+    assert gens.ended.tolist() == [True, True] and gens.response_mask.tolist() == [[1, 0, 0, 0, 0, 0]] * 2
+    assert gens.response_ids[:, 0].tolist() == [stop, stop] and gens.texts == ["", ""]
+
+
+def test_pairs_and_eval_count_a_response_ended_by_the_end_of_turn_token(stoppers, runs_dir, tmp_path):
+    import datasets
+
+    from pipeline.config import RunArgs, parse
+    from pipeline.generation import SamplingConfig
+    from stages.eval import main as eval_main, parse_args as eval_args
+    from stages.pairs import PairsArgs, main as pairs_main
+    from tests.fake_upstream import build_upstream
+    from tests.test_pairs import make_sft_run
+
+    profile = str(stoppers["gemma"])
+    make_sft_run(runs_dir, "g", profile)
+    pairs_main(*parse((PairsArgs, SamplingConfig, RunArgs), [
+        "--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "g", "--model_config", profile,
+        "--max_prompts", "3", "--max_new_tokens", "6", "--drop_identical", "false"]))
+    ds = datasets.load_from_disk(str(runs_dir / "g/pairs/dataset"))
+    assert len(ds) == 3 and all(e == [True, True] for e in ds["ended"])
+
+    runs = build_upstream(tmp_path / "runs", stoppers["gemma"])
+    m = eval_main(*eval_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
+                              "--model_config", profile, "--max_new_tokens", "6"]))
+    assert m["no_eos_sft"] == 0.0 and m["no_eos_ppo"] == 0.0 and m["length_sft_mean"] == m["length_ppo_mean"] == 1.0
+
+
+@pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn"])
+def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers):
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import require_end_of_turn, tokenize_with_assistant_mask
+    from pipeline.config import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(template_tokenizers["qwen2_5"])
+    turn = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    if case == "reorders_earlier_turns":  # the header counts the turns: earlier renders are not prefixes of later ones
+        tok.chat_template = "turns: {{ messages|length }}\n" + turn + "<|im_end|>\n{% endfor %}" \
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        with pytest.raises(ConfigError, match="renders the conversation before assistant turn 1 differently"):
+            tokenize_with_assistant_mask(tok, conversation("qwen2_5")[1:], "<|im_end|>")
+    else:  # turns run together with nothing that closes them: a model trained on it could not learn to stop
+        tok.chat_template = turn + "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        with pytest.raises(ConfigError, match="closes assistant turns with no end-of-turn text"):
+            require_end_of_turn(tok)

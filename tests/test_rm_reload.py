@@ -1,0 +1,85 @@
+"""The reward stage's fresh-process reload check under bf16: judged at the tolerance of the dtype it computes in, and
+when it fails, its message names the cause (the dtype, or a head that was not saved)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from stages.rm import check_reload, reload_verdict
+
+BEFORE_CHOSEN, BEFORE_REJECTED = [4.0, 2.5, -1.0, 1.0], [-3.0, 0.5, -2.0, 0.999]
+
+
+def scaled(xs, factor):
+    return [x * factor for x in xs]
+
+
+def test_float32_tolerance_is_tight():
+    assert reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, [x + 5e-5 for x in BEFORE_CHOSEN], BEFORE_REJECTED)["ok"]
+    v = reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, [x + 2e-4 for x in BEFORE_CHOSEN], BEFORE_REJECTED)
+    assert not v["ok"] and "more than float32 rounding allows" in v["problem"]
+
+
+def test_bf16_rounding_passes_and_a_near_tie_may_flip():
+    # 1% off everywhere (bf16 keeps 8 mantissa bits) and the 1.0 / 0.999 near-tie swapped: still the same model
+    chosen, rejected = scaled(BEFORE_CHOSEN, 1.01), scaled(BEFORE_REJECTED, 1.01)
+    chosen[3], rejected[3] = 0.998, 1.0
+    v = reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, chosen, rejected, "bfloat16")
+    assert v["ok"] and v["pairs_flipped"] == 0 and v["dtype"] == "bfloat16"
+    assert v["max_abs_diff"] == pytest.approx(0.04)  # hand computed: 4.0 * 1%
+    # the same drift is far beyond float32's tolerance
+    assert not reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, chosen, rejected, "float32")["ok"]
+    # a 4-bit base computes in bf16 whatever the profile's dtype says
+    assert reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, chosen, rejected, "float32", load_in_4bit=True)["ok"]
+
+
+def test_bf16_drift_beyond_rounding_names_the_dtype_not_the_head():
+    v = reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, scaled(BEFORE_CHOSEN, 1.2), scaled(BEFORE_REJECTED, 1.2), "bfloat16")
+    assert not v["ok"] and "more than bfloat16 rounding allows" in v["problem"] and "the head was saved" in v["problem"]
+    assert "not saved" not in v["problem"]
+
+
+def test_scores_that_do_not_follow_blame_the_head():
+    rng = random.Random(0)
+    noise = [rng.uniform(-3, 3) for _ in range(8)]
+    v = reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, noise[:4], noise[4:], "bfloat16")
+    assert not v["ok"] and "score head was probably not saved" in v["problem"]
+
+
+def test_bf16_stage_with_a_float32_head_passes_the_fresh_process_check(tiny_models_bf16, tmp_path):
+    """What a bf16 reward stage sees when its score head trains in float32 (peft leaves modules_to_save in the base's
+    dtype, so the stage keeps the head in float32): the stock reload in bf16 rounds that head. The scores differ by a
+    few hundredths on scores of several units, more than the old fixed 2e-2, which blamed a missing head."""
+    import yaml
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.models import load_base, load_tokenizer, profile_from
+    from stages.rm import encode_pair, score
+    from tests.fake_upstream import _lora_adapter
+
+    spec = yaml.safe_load(open(tiny_models_bf16["llama"]))
+    adapter = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / "rm" / "adapter", seed=2,
+                            task_type="SEQ_CLS")
+    weights = load_file(adapter / "adapter_model.safetensors")  # a head of several units' reach, as after training
+    save_file({k: v * 40 if ".score." in k else v for k, v in weights.items()}, adapter / "adapter_model.safetensors")
+    pairs = [{"prompt": [{"role": "user", "content": f"Say something about the number {i}."}],
+              "chosen": [{"role": "assistant", "content": "The cat sat on a mat " * (1 + i % 3)}],
+              "rejected": [{"role": "assistant", "content": f"A little rabbit, {i}."}]} for i in range(12)]
+    pairs_file = tmp_path / "rm" / "eval_pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+
+    profile = profile_from(str(tiny_models_bf16["llama"]))
+    tok = load_tokenizer(profile)
+    model = PeftModel.from_pretrained(load_base(profile, tok, kind="score"), str(adapter)).eval()
+    head = model.base_model.model.score.modules_to_save["default"].float()
+    head.register_forward_pre_hook(lambda module, args: (args[0].float(),))
+    encoded = [encode_pair(tok, p) for p in pairs]
+    scores = score(model, [c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id, 16)
+    result = check_reload(adapter, pairs_file, scores[:12], scores[12:], "bfloat16")
+    assert result["dtype"] == "bfloat16" and result["pairs_flipped"] == 0
+    assert 2e-2 < result["max_abs_diff"] and max(abs(s) for s in scores) > 2, (result, scores)
