@@ -681,3 +681,23 @@ def test_two_ranks_equal_one_rank_with_both_batches(tiny_models, adapters, promp
     for c in ckpt:
         assert c["digests"][0] == c["digests"][1]
     assert ckpt[0]["digests"] == ckpt[1]["digests"]
+
+
+def test_every_stop_id_ends_a_response(tiny_models, adapters, prompts_file, tmp_path, no_grad):
+    """Instruct checkpoints list several EOS ids in generation_config (Llama 3: <|eot_id|>, <|eom_id|>, ...): any of
+    them ends a PPO response and counts as ended. Here every token but one is made a stop id, so each response is
+    exactly one token long and ended; with the tokenizer's EOS alone they run on."""
+    from stages.ppo.rollout import collect
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path)
+    lm, tok = trainer.lm, trainer.tokenizer
+    plain = collect(trainer.stack, tok, trainer.prompts[:6], trainer.prompt_ids[:6], trainer.cfg,
+                    torch.Generator().manual_seed(0))
+    assert plain.response_mask.sum(1).float().mean() > 2
+    spare = tok.convert_tokens_to_ids("he")
+    lm.generation_config.eos_token_id = [tok.eos_token_id] + [i for i in range(len(tok)) if i != spare]
+    ro = collect(trainer.stack, tok, trainer.prompts[:6], trainer.prompt_ids[:6], trainer.cfg,
+                 torch.Generator().manual_seed(0))
+    lengths = ro.response_mask.sum(1).tolist()
+    assert all(n == 1 or (n == 2 and r[0] == spare) for n, r in zip(lengths, ro.response_ids.tolist())), lengths
+    assert bool(ro.ended.all())

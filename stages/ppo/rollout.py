@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.adapters import adapter_of, head_output, last_token_index
-from pipeline.generation import chat_reward_inputs, left_pad, truncate_after_eos
+from pipeline.generation import chat_reward_inputs, left_pad, stop_token_ids, truncate_after_eos
 from pipeline.models import backbone
 
 from .losses import entropy_from_logits
@@ -195,11 +195,13 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 
 @torch.no_grad()
-def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, eos_id: int, pad_id: int,
+def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, stop_ids: list[int], pad_id: int,
            generator: torch.Generator, stop_at_eos: bool = True) -> Sampled:
-    """Sample up to max_new_tokens per left-padded prompt with a KV cache; stops when every row has ended."""
+    """Sample up to max_new_tokens per left-padded prompt with a KV cache; a row ends at its first stop token (any of
+    `stop_ids`: instruct checkpoints have several), and sampling stops when every row has ended."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     mask = torch.ones(B, P + max_new_tokens, dtype=prompt_mask.dtype, device=device)
     mask[:, :P] = prompt_mask
     pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
@@ -220,7 +222,7 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float,
         ents[:, t] = torch.where(live, -(probs * logp).sum(-1), 0.0)
         n = t + 1
         if stop_at_eos:
-            done = done | (tok == eos_id)
+            done = done | torch.isin(tok, stops)
         if n == max_new_tokens or bool(done.all()):
             break
         out = lm(input_ids=tok.unsqueeze(1), attention_mask=mask[:, : P + n], position_ids=next_pos,
@@ -228,11 +230,11 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float,
         next_pos = next_pos + 1
     tokens, logps, ents = tokens[:, :n], logps[:, :n], ents[:, :n]
     if stop_at_eos:
-        tokens, rmask, ended = truncate_after_eos(tokens.cpu(), eos_id, pad_id)
+        tokens, rmask, ended = truncate_after_eos(tokens.cpu(), list(stop_ids), pad_id)
         tokens, rmask, ended = tokens.to(device), rmask.to(device), ended.to(device)
     else:
         rmask = torch.ones_like(tokens)
-        ended = (tokens == eos_id).any(1)
+        ended = torch.isin(tokens, stops).any(1)
     return Sampled(tokens, rmask, logps * rmask, ents * rmask, ended)
 
 
@@ -277,7 +279,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
 
     lm = stack.causal_lm
     device = next(lm.parameters()).device
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stop_ids, pad_id = stop_token_ids(tokenizer, lm), tokenizer.pad_token_id
     lm.eval()
 
     t0 = time.perf_counter()
@@ -286,7 +288,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     for s in range(0, len(prompt_ids), cfg.generation_batch_size):
         q_ids, q_mask = left_pad(prompt_ids[s : s + cfg.generation_batch_size], pad_id)
         q_ids, q_mask = q_ids.to(device), q_mask.to(device)
-        parts.append((q_ids, q_mask, sample(lm, q_ids, q_mask, cfg.response_length, cfg.temperature, eos_id, pad_id,
+        parts.append((q_ids, q_mask, sample(lm, q_ids, q_mask, cfg.response_length, cfg.temperature, stop_ids, pad_id,
                                             generator, cfg.stop_at_eos)))
     query_ids, query_mask = _cat_left([p[0] for p in parts], pad_id), _cat_left([p[1] for p in parts], 0)
     cat = lambda name, fill: _cat_right([getattr(p[2], name) for p in parts], fill)  # noqa: E731
