@@ -103,6 +103,11 @@ def parse(classes: tuple, argv: list[str] | None = None):
         config_path = argv[i + 1]
         del argv[i : i + 2]
     yaml_values = read_yaml(config_path) if config_path else {}
+    if "base_config" in yaml_values:  # a variant YAML: the keys it names override its base file's (one level)
+        base_path = resolve_path(yaml_values.pop("base_config"))
+        base_values = read_yaml(base_path)
+        check_keys(base_values, classes, str(base_path))
+        yaml_values = {**base_values, **yaml_values}
     check_keys(yaml_values, classes, config_path or "<none>")
 
     parser = HfArgumentParser(classes)

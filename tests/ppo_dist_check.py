@@ -37,7 +37,7 @@ def build(profile, sft, rm, prompts, out_dir, *extra):
     train, ids, _, _ = load_prompts(cfg, tok)
     torch.manual_seed(0)
     Path(out_dir).mkdir(parents=True, exist_ok=True)  # what StageRun.prepare does for the stage
-    stack = build_stack(prof, tok, Path(sft), Path(rm), state.device, False)
+    stack = build_stack(prof, tok, Path(sft), Path(rm), state.device, False, with_value=cfg.has_critic)
     return PPOTrainer(cfg, stack, tok, train, ids, Path(out_dir), state, reward_stats=(0.3, 1.7)), state
 
 
@@ -79,9 +79,13 @@ def streams(args, out: Path) -> None:
     same_prompt = collect(trainer.stack, trainer.tokenizer, [trainer.prompts[0]] * 4, [trainer.prompt_ids[0]] * 4,
                           trainer.cfg, trainer.sample_gen)
     stream = [trainer._prompt_index(i) for i in range(8)]
+    grouped, _ = build(*args, out / "gr", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                       "--advantage_estimator", "rloo", "--num_samples_per_prompt", "2")
+    group_prompts, _ = grouped._local_prompts()
     (out / f"streams-rank{state.process_index}.json").write_text(json.dumps({
         "prompts": [json.dumps(p) for p in prompts], "global_first_8": [json.dumps(trainer.prompts[i]) for i in stream],
-        "samples_of_one_prompt": same_prompt.texts}))
+        "samples_of_one_prompt": same_prompt.texts, "group_prompts": [json.dumps(p) for p in group_prompts],
+        "global_first_4_groups": [json.dumps(grouped.prompts[grouped._prompt_index(i)]) for i in range(4)]}))
 
 
 def checkpoints(args, out: Path) -> None:

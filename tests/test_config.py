@@ -17,6 +17,7 @@ def stage_classes(name: str):
     """The dataclasses a stage parses, as its own parse function declares them."""
     import importlib
 
+    name = {"grpo": "ppo", "rloo": "ppo"}.get(name, name)  # the RL estimators' variants of the ppo stage
     module = importlib.import_module(f"stages.{name}")
     if hasattr(module, "CONFIG_CLASSES"):
         return module.CONFIG_CLASSES()
@@ -30,6 +31,9 @@ def test_stage_yaml_parses(path):
     assert len(parsed) == len(classes)
     # every key of the YAML reached a dataclass with the YAML's value
     values = read_yaml(path)
+    if "base_config" in values:  # a variant: its base's keys and its own overrides
+        base = read_yaml(REPO / values.pop("base_config"))
+        values = {**base, **values}
     for key, value in values.items():
         holders = [obj for obj in parsed if hasattr(obj, key)]
         assert holders, key

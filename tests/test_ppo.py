@@ -473,7 +473,7 @@ def _trainer(tiny_models, adapters, prompts_file, tmp_path, *extra, profile=None
     tok = load_tokenizer(prof)
     prompts, ids, _, _ = load_prompts(cfg, tok)
     torch.manual_seed(0)
-    stack = build_stack(prof, tok, sft_dir, rm_dir, torch.device("cpu"), False)
+    stack = build_stack(prof, tok, sft_dir, rm_dir, torch.device("cpu"), False, with_value=cfg.has_critic)
     return PPOTrainer(cfg, stack, tok, prompts, ids, tmp_path / "out", PartialState(), reward_stats=reward_stats,
                       reward_fn=reward_fn)
 
@@ -672,6 +672,10 @@ def test_two_ranks_equal_one_rank_with_both_batches(tiny_models, adapters, promp
     streams = [json.loads((out / f"streams-rank{r}.json").read_text()) for r in (0, 1)]
     assert streams[0]["prompts"] + streams[1]["prompts"] == streams[0]["global_first_8"]  # disjoint slices, in order
     assert streams[0]["samples_of_one_prompt"] != streams[1]["samples_of_one_prompt"], "ranks sample with one seed"
+    # groups of 2 answers per prompt: each rank holds whole groups, in the order of the global prompt stream
+    groups = [s["group_prompts"] for s in streams]
+    assert all(g[0::2] == g[1::2] for g in groups)
+    assert groups[0][0::2] + groups[1][0::2] == streams[0]["global_first_4_groups"]
 
     ckpt = [json.loads((out / f"ckpt-rank{r}.json").read_text()) for r in (0, 1)]
     assert "trainer_state.pt" in ckpt[0]["files"] and ckpt[1]["files"] == ["rng_rank1.pt"]
@@ -701,3 +705,47 @@ def test_every_stop_id_ends_a_response(tiny_models, adapters, prompts_file, tmp_
     lengths = ro.response_mask.sum(1).tolist()
     assert all(n == 1 or (n == 2 and r[0] == spare) for n, r in zip(lengths, ro.response_ids.tolist())), lengths
     assert bool(ro.ended.all())
+
+
+# ------------------------------------------------------------------------------------------------ critic-free estimators
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_build_no_value_adapter(estimator, tiny_models, adapters, prompts_file, runs_dir):
+    """grpo / rloo / reinforce_pp: three adapters (no value), their own run folder, no value outputs; the toy
+    reward's advantages are each group's (hand-checked formulas in test_ppo_losses.py) on whole groups."""
+    sft, rm = adapters("llama")
+    extra = ["--advantage_estimator", estimator, "--num_samples_per_prompt", "4", "--total_updates", "2"]
+    if estimator == "grpo":
+        extra += ["--use_kl_loss", "true"]
+    metrics = run_ppo(tiny_models["llama"], runs_dir, "cf", prompts_file, sft, rm, *extra,
+                      reward_fn=token_count_reward(7))
+    out = Path(runs_dir) / "cf" / estimator
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "value_adapter" not in manifest["outputs"] and not (out / "value_adapter").exists()
+    assert metrics["method"] == estimator and not (Path(runs_dir) / "cf/ppo").exists()
+    assert not (out / "checkpoints/checkpoint-000002/value").exists()
+    rows = read_metrics_of(out)
+    assert all(r["value_loss"] is None and r["explained_variance"] is None for r in rows)
+    if estimator == "grpo":
+        assert all(r["kl_loss"] is not None for r in rows)
+
+
+def read_metrics_of(stage_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_advantages_in_the_loop(estimator, tiny_models, adapters, prompts_file, tmp_path):
+    from stages.ppo import losses as L
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", estimator,
+                       "--num_samples_per_prompt", "4", "--use_kl_loss", "true", reward_fn=token_count_reward(7))
+    assert "value" not in trainer.stack.model.peft_config and trainer.trained == ("policy",)
+    ro = trainer.rollout()
+    assert [json.dumps(p) for p in ro.prompts[::4]] == [json.dumps(p) for p in ro.prompts[3::4]]  # groups of 4
+    assert len({json.dumps(p) for p in ro.prompts[:4]}) == 1
+    adv, returns, _ = trainer._advantages(ro)
+    expected = L.group_advantages(trainer._scores(ro), 4, estimator)  # KL is a loss term: rewards = shaped scores
+    mask = ro.response_mask.bool()
+    assert torch.allclose(adv[mask], expected[:, None].expand_as(adv)[mask])
+    assert trainer._optimise(ro, adv, returns)["value_loss"] is None

@@ -214,3 +214,42 @@ def test_global_statistics_across_ranks_equal_the_whole_batch():
     assert per_rank_mean[0] != pytest.approx(whole[0]) and per_rank_mean[1] != pytest.approx(whole[1])
     # a zero critic explains nothing: exactly 0
     assert L.explained_variance(torch.zeros_like(r), r, m) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_group_advantages_by_hand():
+    """Groups of 4: [1, 2, 3, 6] (mean 3, unbiased std sqrt(14/3)), and a group whose answers score the same."""
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    std = math.sqrt(((1 - 3) ** 2 + 1 + 0 + 9) / 3)
+    grpo = L.group_advantages(scores, 4, "grpo")
+    assert grpo[:4].tolist() == pytest.approx([-2 / std, -1 / std, 0.0, 3 / std], rel=1e-5)
+    assert grpo[4:].tolist() == [0.0] * 4
+    dr = L.group_advantages(scores, 4, "grpo", normalize_std=False)  # Dr. GRPO: centred only
+    assert dr.tolist() == [-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]
+    # RLOO: the first answer's baseline is the mean of the other three, (2 + 3 + 6) / 3 = 11/3 -> 1 - 11/3 = -8/3
+    rloo = L.group_advantages(scores, 4, "rloo")
+    assert rloo[:4].tolist() == pytest.approx([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3])
+    assert rloo[4:].tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        L.group_advantages(scores, 1, "grpo")
+
+
+def test_reinforce_pp_advantages_by_hand():
+    """Returns to the end (gamma 1), then whitened over the batch: [[0.5+2, 2, -], [1, -, -]] = [2.5, 2, 1]."""
+    rewards = torch.tensor([[0.5, 2.0, 7.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    adv = L.reinforce_pp_advantages(rewards, mask, 1.0)
+    mean, std = 5.5 / 3, math.sqrt(((2.5 - 5.5 / 3) ** 2 + (2 - 5.5 / 3) ** 2 + (1 - 5.5 / 3) ** 2) / 2)
+    assert adv[0, :2].tolist() == pytest.approx([(2.5 - mean) / std, (2 - mean) / std], rel=1e-5)
+    assert adv[1, 0].item() == pytest.approx((1 - mean) / std, rel=1e-5)
+    assert adv[0, 2].item() == 0.0
+
+
+def test_kl_loss_is_k3_mean_with_gradient():
+    lp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    ref = torch.tensor([-1.5, -2.0])
+    loss = L.kl_loss(lp, ref)
+    # k3 = e^(ref-lp) - 1 - (ref-lp): e^-0.5 - 1 + 0.5 = 0.10653 and 0 -> mean 0.053265
+    assert loss.item() == pytest.approx((math.exp(-0.5) - 0.5) / 2, rel=1e-5)
+    loss.backward()
+    # d/dlp [e^(ref-lp) - 1 - ref + lp] = 1 - e^(ref-lp): (1 - e^-0.5) / 2 for the first token
+    assert lp.grad.tolist() == pytest.approx([(1 - math.exp(-0.5)) / 2, 0.0], abs=1e-6)

@@ -128,7 +128,8 @@ def check_adapter_kinds(sft_dir: Path, rm_dir: Path) -> None:
             raise ConfigError(f"{what} adapter {folder} is not {kind}: its task_type is {task}")
 
 
-def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool):
+def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool,
+                with_value: bool = True):
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
 
@@ -137,8 +138,10 @@ def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradien
     if not profile.load_in_4bit:  # a 4-bit base is placed on its GPU when loaded
         base.to(device)
     try:
-        stack = AdapterStack.build(profile, tokenizer, {"policy": sft_dir, "reference": sft_dir, "value": rm_dir,
-                                                        "reward": rm_dir}, trainable=("policy", "value"), base_model=base)
+        adapters = {"policy": sft_dir, "reference": sft_dir, "value": rm_dir, "reward": rm_dir}
+        if not with_value:  # critic-free estimators (grpo, rloo, reinforce_pp): three adapters
+            del adapters["value"]
+        stack = AdapterStack.build(profile, tokenizer, adapters, trainable=("policy", "value"), base_model=base)
     except (RuntimeError, ValueError, KeyError) as err:  # size mismatches of an adapter made for another base
         raise ConfigError(f"could not put the sft adapter {sft_dir} and reward adapter {rm_dir} on base "
                           f"{profile.name_or_path}: {str(err).splitlines()[0]}") from None
@@ -217,7 +220,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without cpu=True, two CPU ranks
     # launched by torchrun would each come up as a lone process (STACK-NOTES item 2).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-    stage = StageRun("ppo", run.run, run.runs_dir)
+    stage = StageRun(cfg.stage_name, run.run, run.runs_dir)  # ppo, or grpo / rloo / reinforce_pp
     config = {"ppo": to_dict(cfg), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
@@ -273,7 +276,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
                                         + "\n" for p in heldout))
 
     # 2. One base, four adapters
-    stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing)
+    stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing,
+                        with_value=cfg.has_critic)
     trainer = PPOTrainer(cfg, stack, tokenizer, prompts, prompt_ids, stage.dir, state, reward_stats=reward_stats,
                          reward_fn=reward_fn, config=config, upstream=upstream)
     n_base = sum(p.numel() for p in stack.model.parameters() if not p.requires_grad)
@@ -282,10 +286,12 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
         print(f"note: {state.distributed_type.name} config: PPO does not shard; every rank holds the frozen base and the "
               "LoRA adapters, and the adapters' gradients are all-reduced (data parallel)", file=sys.stderr)
     if state.is_main_process:
-        print_table("PPO", {
+        print_table(cfg.stage_name.upper(), {
             "processes": state.num_processes, "episodes per update": cfg.local_batch_size * state.num_processes,
             "updates": cfg.total_updates, "prompts (train / held out)": f"{notes['prompts_train']} / {notes['prompts_heldout']}",
-            "frozen / trainable params": f"{n_base:,} / {n_train:,} (one base, 4 adapters)",
+            "frozen / trainable params": f"{n_base:,} / {n_train:,} (one base, {len(stack.model.peft_config)} adapters)",
+            "advantage estimator": cfg.advantage_estimator + (f", {cfg.num_samples_per_prompt} samples per prompt"
+                                                              if cfg.num_samples_per_prompt > 1 else ""),
             "reward": "reward_fn (test hook)" if reward_fn else f"{rm_dir} ({cfg.reward_input})",
             "resume from": resume_from or "-"})
 
@@ -302,10 +308,13 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # 4. Save: the policy adapter (what users publish) + the value adapter, then the manifest, last
     metrics = {}
     if state.is_main_process:
-        outputs = {"adapter": stage.dir / "adapter", "value_adapter": stage.dir / "value_adapter",
-                   "metrics_jsonl": trainer.metrics_path, "heldout_prompts": heldout_path,
+        outputs = {"adapter": stage.dir / "adapter", "metrics_jsonl": trainer.metrics_path, "heldout_prompts": heldout_path,
                    "samples": trainer.samples_path, "base_model": base_path}
-        for name, key in (("policy", "adapter"), ("value", "value_adapter")):
+        saved = [("policy", "adapter")]
+        if cfg.has_critic:
+            outputs["value_adapter"] = stage.dir / "value_adapter"
+            saved.append(("value", "value_adapter"))
+        for name, key in saved:
             stack.model.peft_config[name].base_model_name_or_path = base_path  # stock AutoPeftModel* loads it anywhere
             stack.save(name, outputs[key])
             tokenizer.save_pretrained(outputs[key])
@@ -314,8 +323,9 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
                    "model_copies": 1, "frozen_params": n_base, "trainable_params": n_train,
                    "rank_param_digests": digests, "ranks_in_sync": len(set(digests)) == 1,
                    "reward_source": "reward_fn" if reward_fn else "reward_adapter", **notes,
-                   "data": cfg.dataset_name or cfg.prompts_file}
-        print_table("PPO result", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
+                   "data": cfg.dataset_name or cfg.prompts_file, "advantage_estimator": cfg.advantage_estimator,
+                   "method": cfg.stage_name}
+        print_table(f"{cfg.stage_name.upper()} result", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
         if not metrics["ranks_in_sync"]:
             print(f"warning: ranks ended with different weights {digests}", file=sys.stderr)
         stage.finish(outputs, metrics, config)

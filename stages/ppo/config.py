@@ -18,7 +18,10 @@ CHOICES = {
     "optim": ("adamw", "sgd", "rmsprop"),
     "report_to": ("none", "tensorboard", "trackio"),
     "critic_init": ("fit", "rm"),
+    "advantage_estimator": ("gae", "grpo", "rloo", "reinforce_pp"),
 }
+# The run folder of each estimator: `make grpo` and `make ppo` keep their outputs apart.
+STAGE_NAMES = {"gae": "ppo", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
 
 
 @dataclass
@@ -64,6 +67,11 @@ class PPOConfig:
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus; entropy is always logged."})
+    # Advantage estimator (verl's names): gae = PPO with a critic; the others are critic-free (no value adapter)
+    advantage_estimator: str = field(default="gae", metadata={"help": "gae (PPO + critic) | grpo | rloo | reinforce_pp (critic-free)."})
+    num_samples_per_prompt: int = field(default=1, metadata={"help": "Responses sampled per prompt (a group); grpo and rloo need >= 2."})
+    grpo_normalize_std: bool = field(default=True, metadata={"help": "grpo: divide by the group's std; false = Dr. GRPO (Liu et al. 2025)."})
+    use_kl_loss: bool = field(default=False, metadata={"help": "KL to the reference as a loss term (k3, GRPO) instead of a penalty in the reward."})
     critic_init: str = field(default="fit", metadata={"help": "fit: the first rollout fits the value head (from the RM) to the shaped reward's scale by least squares; rm: the RM's raw scale, as is."})
     critic_warmup_updates: int = field(default=0, metadata={"help": "Updates that train only the value adapter (OpenRLHF freezing_actor_steps, verl critic_warmup)."})
     recompute_old_logprobs: bool | None = field(default=None, metadata={"help": "Old log-probs from a full forward instead of the sampling loop (OpenRLHF, verl); null = on when the base is not fp32."})
@@ -125,6 +133,17 @@ class PPOConfig:
             if (v < low if inclusive else v <= low) or (high is not None and v > high):
                 where = f"in [{low}, {high}]" if high is not None else (f">= {low}" if inclusive else f"> {low}")
                 raise ConfigError(f"{name} must be {where}, got {v}")
+        k = self.num_samples_per_prompt
+        if k < 1:
+            raise ConfigError(f"num_samples_per_prompt must be at least 1, got {k}")
+        if self.advantage_estimator in ("grpo", "rloo") and k < 2:
+            raise ConfigError(f"advantage_estimator {self.advantage_estimator} compares answers to the same prompt: "
+                              f"set num_samples_per_prompt to 2 or more (got {k})")
+        if k > 1 and (self.per_device_train_batch_size % k or self.local_batch_size % (k * self.num_mini_batches)):
+            raise ConfigError(f"num_samples_per_prompt={k} must divide per_device_train_batch_size "
+                              f"({self.per_device_train_batch_size}) and every mini-batch, so that groups stay whole")
+        if self.critic_warmup_updates and self.advantage_estimator != "gae":
+            raise ConfigError("critic_warmup_updates needs a critic: only advantage_estimator gae has one")
         if self.critic_warmup_updates >= self.total_updates:
             raise ConfigError(f"critic_warmup_updates ({self.critic_warmup_updates}) must be below total_updates "
                               f"({self.total_updates}): the policy would never train")
@@ -133,6 +152,14 @@ class PPOConfig:
     def local_batch_size(self) -> int:
         """Episodes per update on one process."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+
+    @property
+    def has_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    @property
+    def stage_name(self) -> str:
+        return STAGE_NAMES[self.advantage_estimator]
 
     @property
     def needs_reference(self) -> bool:

@@ -118,6 +118,35 @@ def fit_affine(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, reduce: Red
     return a, sy / n - a * sx / n
 
 
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, normalize_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages of [B] sequence scores, rows in consecutive groups of `group_size` answers to one prompt.
+
+    grpo (Shao et al. 2024, DeepSeekMath): (r - mean of the group) / (std of the group + eps); with
+      normalize_std=False it is Dr. GRPO (Liu et al. 2025): no division by the std, which favours easy prompts.
+    rloo (Ahmadian et al. 2024): r minus the mean of the *other* answers, = k / (k - 1) * (r - group mean).
+    A group whose answers all score the same gets 0 under both.
+    """
+    if group_size < 2:
+        raise ValueError(f"{estimator} needs at least 2 samples per prompt, got {group_size}")
+    g = scores.view(-1, group_size)
+    centred = g - g.mean(1, keepdim=True)
+    if estimator == "rloo":
+        adv = centred * group_size / (group_size - 1)
+    elif estimator == "grpo":
+        adv = centred / (g.std(1, keepdim=True) + eps) if normalize_std else centred
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}")
+    return adv.reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, reduce: Reduce = _identity
+                            ) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): the return of every token (per-token KL penalty plus the score at the end), whitened
+    over the whole global batch instead of against a critic or a group."""
+    return masked_whiten(discounted_returns(rewards, mask, gamma), mask, shift_mean=True, reduce=reduce)
+
+
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token log-ratio log pi(a|s) - log pi_ref(a|s): unbiased for KL(pi || ref) under samples of pi."""
     return logprobs - ref_logprobs
@@ -157,6 +186,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     with torch.no_grad():
         stats = {"clipfrac": (clipped > unclipped).float().mean(), "approx_kl": 0.5 * (log_ratio ** 2).mean()}
     return loss, stats
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, denom: float | torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """KL to the reference as a loss term (GRPO's use_kl_loss): the k3 estimator per token, summed / denom. Its
+    gradient flows through the current log-probs."""
+    denom = logprobs.numel() if denom is None else denom
+    return kl_k3(logprobs, ref_logprobs).sum() / denom
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float,

@@ -280,6 +280,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     lm = stack.causal_lm
     device = next(lm.parameters()).device
     stop_ids, pad_id = stop_token_ids(tokenizer, lm), tokenizer.pad_token_id
+    has_value = "value" in stack.model.peft_config
     lm.eval()
 
     t0 = time.perf_counter()
@@ -314,10 +315,13 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
         if ref is not None:
             stack.use("reference")
             ref[idx] = unflatten(token_logprobs(response_logits(lm, x), x.tokens, cfg.temperature), x.response_mask, R)
-        stack.use("value")
-        if top is None:
+        if not has_value:  # critic-free estimators: no value adapter, no value pass
+            pass
+        elif top is None:
+            stack.use("value")
             values[idx] = unflatten(token_values(lm, x), x.response_mask, R)
         else:
+            stack.use("value")
             store: list[torch.Tensor] = []
             with top.capture(store):
                 values[idx] = unflatten(token_values(lm, x), x.response_mask, R)

@@ -72,18 +72,21 @@ class PPOTrainer:
             n_layers = 0
             if self.is_main:
                 print(f"note: {err}; the value adapter trains all its layers", file=sys.stderr)
-        if 0 < cfg.value_trainable_layers < n_layers:
+        self.trained = ("policy", "value") if cfg.has_critic else ("policy",)  # critic-free: no value adapter at all
+        if cfg.has_critic and 0 < cfg.value_trainable_layers < n_layers:
             self.top = TopLayers(self.lm, cfg.value_trainable_layers)
             stack.freeze("value", self.top.frozen_modules())
             self.top.reward_shares_bottom = self.top.same_below("value", "reward")
         self.named_params = {a: [(n, p) for n, p in stack.adapter_parameters(a) if id(p) not in stack.frozen]
-                             for a in ("policy", "value")}
+                             for a in self.trained}
         for a, ps in self.named_params.items():
             if not ps:
                 raise ConfigError(f"the {a} adapter has no trainable parameters: check the sft/rm adapters")
-        self.params = [p for a in ("policy", "value") for _, p in self.named_params[a]]
-        groups = [{"params": [p for _, p in self.named_params["policy"]], "lr": cfg.learning_rate},
-                  {"params": [p for _, p in self.named_params["value"]], "lr": cfg.value_learning_rate or cfg.learning_rate}]
+        self.params = [p for a in self.trained for _, p in self.named_params[a]]
+        groups = [{"params": [p for _, p in self.named_params["policy"]], "lr": cfg.learning_rate}]
+        if cfg.has_critic:
+            groups.append({"params": [p for _, p in self.named_params["value"]],
+                           "lr": cfg.value_learning_rate or cfg.learning_rate})
         if cfg.optim == "adamw":  # eps 1e-5: Huang et al. 2024 (lm-human-preferences' Adam epsilon)
             self.optimizer = torch.optim.AdamW(groups, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         elif cfg.optim == "sgd":
@@ -105,7 +108,7 @@ class PPOTrainer:
         self.update, self.episodes = 0, 0
         # The value head starts as the RM's score head, on the RM's raw scale; the first rollout fits it to the shaped
         # reward's scale (critic_init: fit). value_offset is added to the head's output from then on.
-        self.critic_fitted = cfg.critic_init != "fit"
+        self.critic_fitted = cfg.critic_init != "fit" or not cfg.has_critic
         self.value_offset = 0.0
         self.critic_fit: dict = {}
         self.history: list[dict] = []
@@ -160,9 +163,12 @@ class PPOTrainer:
         return self._perm_cache[epoch][episode % n]
 
     def _local_prompts(self) -> tuple[list, list[list[int]]]:
-        B = self.cfg.local_batch_size
-        start = self.episodes + self.rank * B
-        idx = [self._prompt_index(i) for i in range(start, start + B)]
+        """This rank's prompts: its slice of the global prompt stream, each repeated num_samples_per_prompt times in
+        consecutive rows (a group stays on one rank)."""
+        k = self.cfg.num_samples_per_prompt
+        n_groups = self.cfg.local_batch_size // k
+        start = (self.episodes // k) + self.rank * n_groups
+        idx = [self._prompt_index(i) for i in range(start, start + n_groups) for _ in range(k)]
         return [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx]
 
     # ---------------------------------------------------------------- one update
@@ -199,14 +205,23 @@ class PPOTrainer:
             kl1 = L.kl_k1(ro.logprobs, ro.ref_logprobs) * mask
             kl3 = L.kl_k3(ro.logprobs, ro.ref_logprobs) * mask
         kl_coef = self.kl_ctl.value
-        rewards = L.per_token_rewards(scores, kl3 if cfg.kl_estimator == "k3" else kl1, kl_coef, mask)
+        kl_in_reward = None if cfg.use_kl_loss else (kl3 if cfg.kl_estimator == "k3" else kl1)
+        rewards = L.per_token_rewards(scores, kl_in_reward, kl_coef, mask)
         if cfg.whiten_rewards:
             rewards = L.masked_whiten(rewards, mask, shift_mean=False, reduce=g)
-        if not self.critic_fitted:
-            self._fit_critic(ro, rewards, mask)
-        adv, returns = L.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = L.masked_whiten(adv, mask, shift_mean=True, reduce=g)
+        if cfg.advantage_estimator == "gae":
+            if not self.critic_fitted:
+                self._fit_critic(ro, rewards, mask)
+            adv, returns = L.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = L.masked_whiten(adv, mask, shift_mean=True, reduce=g)
+        elif cfg.advantage_estimator == "reinforce_pp":
+            adv = L.reinforce_pp_advantages(rewards, mask, cfg.gamma, reduce=g)
+            returns = L.discounted_returns(rewards, mask, cfg.gamma)
+        else:  # grpo / rloo: one advantage per answer from its group; the KL penalty (if in the reward) per sequence
+            returns = L.discounted_returns(rewards, mask, cfg.gamma)
+            adv = L.group_advantages(rewards.sum(1), cfg.num_samples_per_prompt, cfg.advantage_estimator,
+                                     cfg.grpo_normalize_std)[:, None] * mask
         # Every statistic is over all ranks' episodes (global sums), so it means what it means on one process.
         rows = torch.ones_like(scores)
         stats = {
@@ -216,8 +231,8 @@ class PPOTrainer:
             "kl_k3": L.global_mean(kl3.sum(1), rows, g) if kl3 is not None else None,
             "kl_coef": kl_coef,
             "entropy": L.global_mean(ro.entropy, mask, g),
-            "explained_variance": L.explained_variance(ro.values, returns, mask, g),
-            "value_mean": L.global_mean(ro.values, mask, g),
+            "explained_variance": L.explained_variance(ro.values, returns, mask, g) if cfg.has_critic else None,
+            "value_mean": L.global_mean(ro.values, mask, g) if cfg.has_critic else None,
             "return_mean": L.global_mean(returns, mask, g),
             "response_length": L.global_mean(mask.sum(1), rows, g),
             "no_eos_fraction": L.global_mean((~ro.ended).float(), rows, g),
@@ -232,21 +247,24 @@ class PPOTrainer:
         train_policy = self.update >= cfg.critic_warmup_updates  # critic warm-up: the value learns alone at first
         # Token-weighted sums on this rank; summed across ranks once at the end.
         sums = dict.fromkeys(("policy_loss", "value_loss", "clipfrac_policy", "clipfrac_value", "approx_kl",
-                              "entropy_update", "tokens"), 0.0)
+                              "entropy_update", "kl_loss", "tokens"), 0.0)
         grad_norm, n_steps = 0.0, 0
         if cfg.gradient_checkpointing:
             lm.train()  # HF checkpoints only in train mode; dropout is off everywhere (disable_dropout)
+        k = cfg.num_samples_per_prompt  # rows move in whole groups (k = 1: single rows)
         for _ in range(cfg.num_ppo_epochs):
-            perm = torch.randperm(B, generator=self.perm_gen)
+            perm = (torch.randperm(B // k, generator=self.perm_gen)[:, None] * k + torch.arange(k)).reshape(-1)
             for m in range(cfg.num_mini_batches):
                 mb = perm[m * mb_size : (m + 1) * mb_size].to(self.device)
                 # The loss is a token mean over the *global* mini-batch (every rank's rows): each rank divides its
                 # token sum by the global count and the gradients are summed across ranks.
                 denom = self._all_sum(ro.response_mask[mb].sum().float()).clamp(min=1)
-                # How a mini-batch's rows are split into micro-batches changes nothing but padding: group similar lengths.
-                mb = mb[torch.argsort(ro.lengths[mb], stable=True)]
-                for k in range(0, mb_size, micro):
-                    idx = mb[k : k + micro]
+                # How a mini-batch's rows are split into micro-batches changes nothing but padding: group similar
+                # lengths (whole groups, by their longest row).
+                group_len = ro.lengths[mb].view(-1, k).max(1).values
+                mb = mb.view(-1, k)[torch.argsort(group_len, stable=True)].reshape(-1)
+                for j in range(0, mb_size, micro):
+                    idx = mb[j : j + micro]
                     x = ro.rows(idx)
                     width = x.response_mask.shape[1]
                     pick = lambda t: t[idx][:, :width][x.response_mask]  # noqa: E731  [N] real tokens
@@ -259,6 +277,10 @@ class PPOTrainer:
                         new_lp = token_logprobs(logits, x.tokens, cfg.temperature)
                         pg, pst = L.policy_loss(new_lp, old_lp, a, cfg.cliprange, denom)
                         loss = pg
+                        if cfg.use_kl_loss and ro.ref_logprobs is not None:  # GRPO: KL as a loss term, not a reward
+                            kl_term = L.kl_loss(new_lp, pick(ro.ref_logprobs), denom)
+                            loss = loss + self.kl_ctl.value * kl_term
+                            sums["kl_loss"] += kl_term.item()
                         if cfg.entropy_coef:  # optional bonus; the logged entropy is the sampling distribution's
                             ent = L.entropy_from_logits(logits / cfg.temperature)
                             loss = pg - cfg.entropy_coef * ent.sum() / denom
@@ -269,12 +291,13 @@ class PPOTrainer:
                         sums["clipfrac_policy"] += pst["clipfrac"].item() * nt
                         sums["approx_kl"] += pst["approx_kl"].item() * nt
 
-                    stack.use("value")
-                    new_v = token_values(lm, x, self.top, ro.cached_hidden(idx, x)) + self.value_offset
-                    vl, vst = L.value_loss(new_v, old_v, ret, cfg.cliprange_value, denom)
-                    (cfg.vf_coef * vl).backward()
-                    sums["value_loss"] += vl.item()
-                    sums["clipfrac_value"] += vst["clipfrac"].item() * nt
+                    if cfg.has_critic:
+                        stack.use("value")
+                        new_v = token_values(lm, x, self.top, ro.cached_hidden(idx, x)) + self.value_offset
+                        vl, vst = L.value_loss(new_v, old_v, ret, cfg.cliprange_value, denom)
+                        (cfg.vf_coef * vl).backward()
+                        sums["value_loss"] += vl.item()
+                        sums["clipfrac_value"] += vst["clipfrac"].item() * nt
                     sums["tokens"] += nt
                 self._sum_grads()
                 if cfg.max_grad_norm > 0:  # the gradients are global now: every rank computes the same norm
@@ -288,11 +311,13 @@ class PPOTrainer:
                                                           device=self.device)).tolist()))
         tokens = max(total["tokens"], 1.0)
         out = {"policy_loss": total["policy_loss"] / n_steps if train_policy else None,
-               "value_loss": total["value_loss"] / n_steps,
+               "value_loss": total["value_loss"] / n_steps if cfg.has_critic else None,
                "clipfrac_policy": total["clipfrac_policy"] / tokens if train_policy else None,
-               "clipfrac_value": total["clipfrac_value"] / tokens,
+               "clipfrac_value": total["clipfrac_value"] / tokens if cfg.has_critic else None,
                "approx_kl": total["approx_kl"] / tokens if train_policy else None,
                "grad_norm": grad_norm / n_steps}
+        if cfg.use_kl_loss:
+            out["kl_loss"] = total["kl_loss"] / n_steps
         if cfg.entropy_coef and train_policy:
             out["entropy_update"] = total["entropy_update"] / tokens
         return out
@@ -462,7 +487,8 @@ class PPOTrainer:
         if self.is_main:
             # PEFT folders: a checkpoint's adapters load like the final ones (handy to inspect a long run).
             self.stack.save("policy", tmp / "policy")
-            self.stack.save("value", tmp / "value")
+            if self.cfg.has_critic:
+                self.stack.save("value", tmp / "value")
             state = {
                 "update": self.update, "episodes": self.episodes, "world_size": self.world,
                 "trainable": {a: {n: p.detach().cpu().clone() for n, p in ps} for a, ps in self.named_params.items()},
