@@ -21,7 +21,7 @@ export ACCELERATE_USE_CPU = 1
 endif
 LAUNCH = $(VENV_BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) -m
 
-.PHONY: setup test base sft rm ppo pairs label label-export eval publish bench bench-sft bench-ppo clean-run
+.PHONY: setup test base sft rm ppo grpo rloo pairs label label-export eval publish bench bench-sft bench-ppo clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -52,6 +52,15 @@ $(RUNDIR)/rm/manifest.json: $(RUNDIR)/sft/manifest.json
 ppo: $(RUNDIR)/ppo/manifest.json
 $(RUNDIR)/ppo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
 	$(LAUNCH) stages.ppo --config configs/ppo.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+
+# The critic-free estimators: the same RL loop (stages/ppo/) with configs/grpo.yaml or rloo.yaml, own run folders.
+grpo: $(RUNDIR)/grpo/manifest.json
+$(RUNDIR)/grpo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
+	$(LAUNCH) stages.ppo --config configs/grpo.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+
+rloo: $(RUNDIR)/rloo/manifest.json
+$(RUNDIR)/rloo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
+	$(LAUNCH) stages.ppo --config configs/rloo.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 pairs: $(RUNDIR)/pairs/manifest.json
 $(RUNDIR)/pairs/manifest.json: $(RUNDIR)/sft/manifest.json
