@@ -238,7 +238,8 @@ def test_toy_reward_rises_and_kl_holds_the_policy_near_the_reference(tiny_models
 def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_models, adapters, prompts_file, runs_dir):
     sft, rm = adapters("llama")
     args = (tiny_models["llama"], runs_dir)
-    extra = ["--total_updates", "4", "--save_every", "0", "--adaptive_kl", "true", "--kl_target", "0.01"]
+    extra = ["--total_updates", "4", "--save_every", "0", "--adaptive_kl", "true", "--kl_target", "0.01",
+             "--keep_policy_every", "2"]
     run_ppo(*args, "straight", prompts_file, sft, rm, *extra)
     out = run_ppo(*args, "split", prompts_file, sft, rm, *extra, "--stop_after", "2")
     assert out == {"stopped": True, "update": 2}
@@ -257,6 +258,12 @@ def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_models, adapters, 
         a = (Path(runs_dir) / "straight/ppo" / name / "adapter_model.safetensors").read_bytes()
         b = (Path(runs_dir) / "split/ppo" / name / "adapter_model.safetensors").read_bytes()
         assert a == b, f"{name} differs after resume"
+    # the policy kept at update 2 (for make eval's curve), identical too; the final one is adapter/, not kept twice
+    kept = [sorted(p.name for p in (Path(runs_dir) / r / "ppo/policies").iterdir()) for r in ("straight", "split")]
+    assert kept == [["update-000002"]] * 2
+    a, b = ((Path(runs_dir) / r / "ppo/policies/update-000002/adapter_model.safetensors").read_bytes()
+            for r in ("straight", "split"))
+    assert a == b and (Path(runs_dir) / "split/ppo/policies/update-000002/pipeline_base.json").exists()
 
     # A killed run is simply started again (no --resume): it continues from its last checkpoint.
     run_ppo(*args, "killed", prompts_file, sft, rm, *extra, "--stop_after", "3")

@@ -268,6 +268,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     stage.prepare(config, is_main=state.is_main_process)
     if state.is_main_process and resume_from is None:
         shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(stage.dir / "policies", ignore_errors=True)  # kept policies of an earlier, other run
     state.wait_for_everyone()
     set_seed(cfg.seed)
     heldout_path = stage.dir / "heldout_prompts.jsonl"
@@ -280,6 +281,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
                         with_value=cfg.has_critic)
     trainer = PPOTrainer(cfg, stack, tokenizer, prompts, prompt_ids, stage.dir, state, reward_stats=reward_stats,
                          reward_fn=reward_fn, config=config, upstream=upstream)
+    trainer.on_keep = lambda folder: (tokenizer.save_pretrained(folder),
+                                      save_fingerprint(folder, stack.causal_lm.config, base_path))
     n_base = sum(p.numel() for p in stack.model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in trainer.params)
     if state.is_main_process and state.distributed_type.name in ("FSDP", "DEEPSPEED"):
@@ -310,6 +313,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     if state.is_main_process:
         outputs = {"adapter": stage.dir / "adapter", "metrics_jsonl": trainer.metrics_path, "heldout_prompts": heldout_path,
                    "samples": trainer.samples_path, "base_model": base_path}
+        if cfg.keep_policy_every:
+            outputs["policies"] = stage.dir / "policies"
         saved = [("policy", "adapter")]
         if cfg.has_critic:
             outputs["value_adapter"] = stage.dir / "value_adapter"

@@ -87,6 +87,7 @@ class PPOConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the joint policy+value gradient norm; 0 = off."})
     gradient_checkpointing: bool = False
     # Checkpoints, logging
+    keep_policy_every: int = field(default=0, metadata={"help": "Keep the policy adapter every N updates under policies/update-N/ (make eval's gold-vs-proxy curve); 0 = off."})
     save_every: int = field(default=10, metadata={"help": "Checkpoint every N updates (and at the end); 0 = only at the end."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint (error if there is none)."})
     auto_resume: bool = field(default=True, metadata={"help": "An interrupted run (checkpoint, no manifest) continues when restarted."})
@@ -121,7 +122,7 @@ class PPOConfig:
             "reward_clip": (0, None, True), "missing_eos_penalty": (0, None, True), "max_grad_norm": (0, None, True),
             "weight_decay": (0, None, True), "gamma": (0, 1, True), "lam": (0, 1, True),
             "kl_horizon": (1, None, True), "warmup_updates": (0, None, True), "critic_warmup_updates": (0, None, True),
-            "save_every": (0, None, True), "stop_after": (0, None, True), "sample_every": (0, None, True),
+            "save_every": (0, None, True), "keep_policy_every": (0, None, True), "stop_after": (0, None, True), "sample_every": (0, None, True),
             "num_samples": (0, None, True),
         }
         for name, (low, high, inclusive) in ranges.items():

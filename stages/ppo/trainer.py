@@ -57,6 +57,7 @@ class PPOTrainer:
         self.out_dir, self.state, self.reward_fn = Path(out_dir), state, reward_fn
         self.config = config or {"ppo": to_dict(cfg)}
         self.reward_stats = reward_stats
+        self.on_keep = None  # called with each kept policy folder (the stage adds the tokenizer and base fingerprint)
         self.upstream = upstream or {}  # digests of the sft/rm adapters: a checkpoint only resumes on the same ones
         self.world, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
         self.lm = stack.causal_lm
@@ -384,6 +385,8 @@ class PPOTrainer:
             done_now = self.update - start
             last = self.update == cfg.total_updates
             stopped = bool(cfg.stop_after) and done_now >= cfg.stop_after and not last
+            if cfg.keep_policy_every and self.update % cfg.keep_policy_every == 0 and not last:
+                self.keep_policy()
             if last or stopped or (cfg.save_every and self.update % cfg.save_every == 0):
                 self.save_checkpoint()
             if stopped:
@@ -463,6 +466,17 @@ class PPOTrainer:
         tqdm.write("\n".join(lines), file=sys.stderr)
 
     # ---------------------------------------------------------------- checkpoints
+    def keep_policy(self) -> Path:
+        """policies/update-N/: the policy now, as a stock PEFT folder (make eval plots gold and proxy score against
+        KL along these). The final policy is adapter/, so it is not kept twice."""
+        out = self.out_dir / "policies" / f"update-{self.update:06d}"
+        if self.is_main:
+            self.stack.save("policy", out)
+            if self.on_keep is not None:
+                self.on_keep(out)
+        self._barrier()
+        return out
+
     def _rng_state(self) -> dict:
         state = {"sample": self.sample_gen.get_state(), "perm": self.perm_gen.get_state(), "torch": torch.get_rng_state(),
                  "python": random.getstate(), "numpy": np.random.get_state()}
