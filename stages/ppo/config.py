@@ -18,6 +18,7 @@ CHOICES = {
     "optim": ("adamw", "sgd", "rmsprop"),
     "report_to": ("none", "tensorboard", "trackio"),
     "critic_init": ("fit", "rm"),
+    "shard_base": ("auto", "true", "false"),
 }
 
 
@@ -78,6 +79,7 @@ class PPOConfig:
     warmup_updates: int = 0
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the joint policy+value gradient norm; 0 = off."})
     gradient_checkpointing: bool = False
+    shard_base: str = field(default="auto", metadata={"help": "Shard the frozen base across processes with torch FSDP2: auto (when launched with an FSDP accelerate config) | true | false (every rank holds the whole base)."})
     # Checkpoints, logging
     save_every: int = field(default=10, metadata={"help": "Checkpoint every N updates (and at the end); 0 = only at the end."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint (error if there is none)."})
@@ -90,6 +92,8 @@ class PPOConfig:
     seed: int = 42
 
     def __post_init__(self):
+        if isinstance(self.shard_base, bool):  # YAML reads `shard_base: true` as a boolean
+            self.shard_base = "true" if self.shard_base else "false"
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, not '{getattr(self, name)}'")
