@@ -74,7 +74,7 @@ def _units(lm: nn.Module) -> list[list[nn.Module]]:
             units += [[layer] for layer in layers]
         elif any(True for _ in child.parameters()):
             units.append([child])
-    for name, child in lm.named_children():
+    for child in lm.children():
         if child is not body and any(True for _ in child.parameters()):
             units.append([child])
     # Tied weights: merge the units that hold the same tensor (GPT-2's wte / lm_head).
