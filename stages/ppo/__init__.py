@@ -13,6 +13,8 @@ config.json, manifest.json (last).
 One base, four adapters (pipeline.adapters.AdapterStack): policy (trainable, from SFT), reference (SFT, frozen),
 value (trainable, LoRA + scalar head initialised from the RM: Stiennon et al. 2020), reward (RM, frozen).
 rollout.py samples and scores, losses.py holds the PPO arithmetic, trainer.py the loop and checkpoints.
+Launched with an FSDP accelerate config (or --shard_base true), the frozen base is sharded across the processes
+with torch FSDP2 (sharding.py): each rank holds ~1/world of it, so a base larger than one GPU trains.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 
 from .config import PPOConfig
+from .sharding import base_numel, sharding_wanted, shard_base
 from .trainer import PPOTrainer, checkpoint_info, latest_checkpoint
 
 
@@ -129,13 +132,15 @@ def check_adapter_kinds(sft_dir: Path, rm_dir: Path) -> None:
 
 
 def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool,
-                with_value: bool = True):
+                shard: bool = False, with_value: bool = True):
+    """The base with its adapters (no value adapter for critic-free estimators). `shard`: FSDP2 over all ranks
+    (stages/ppo/sharding.py); the base then stays on the CPU until sharded, and only each rank's shard goes to `device`."""
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
 
     check_adapter_kinds(sft_dir, rm_dir)
     base = load_base(profile, tokenizer)
-    if not profile.load_in_4bit:  # a 4-bit base is placed on its GPU when loaded
+    if not profile.load_in_4bit and not shard:  # a 4-bit base is placed on its GPU when loaded
         base.to(device)
     try:
         adapters = {"policy": sft_dir, "reference": sft_dir, "value": rm_dir, "reward": rm_dir}
@@ -157,6 +162,8 @@ def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradien
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if shard:
+        shard_base(stack, device)
     return stack
 
 
@@ -245,6 +252,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     #    make eval and never trained on)
     tokenizer = load_tokenizer(profile)
     prompts, prompt_ids, heldout, notes = load_prompts(cfg, tokenizer)
+    shard = sharding_wanted(cfg, state.num_processes, profile)
     if cfg.reward_input == "chat" and (not getattr(tokenizer, "chat_template", None) or isinstance(prompts[0], str)):
         cfg.reward_input = "tokens"
         if state.is_main_process:
@@ -277,7 +285,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
                                         + "\n" for p in heldout))
 
     # 2. One base, four adapters
-    stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing,
+    stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing, shard,
                         with_value=cfg.has_critic)
     trainer = PPOTrainer(cfg, stack, tokenizer, prompts, prompt_ids, stage.dir, state, reward_stats=reward_stats,
                          reward_fn=reward_fn, config=config, upstream=upstream)
@@ -285,12 +293,16 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
                                       save_fingerprint(folder, stack.causal_lm.config, base_path))
     n_base = sum(p.numel() for p in stack.model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in trainer.params)
-    if state.is_main_process and state.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        print(f"note: {state.distributed_type.name} config: PPO does not shard; every rank holds the frozen base and the "
-              "LoRA adapters, and the adapters' gradients are all-reduced (data parallel)", file=sys.stderr)
+    base_full, base_mine = base_numel(stack)
+    base_per_rank = trainer.gather(base_mine)
+    if state.is_main_process and not shard and state.num_processes > 1 and state.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        print(f"note: {state.distributed_type.name} config with shard_base: {cfg.shard_base}: every rank holds the whole "
+              "frozen base (data parallel); PPO shards it with torch FSDP2 under an FSDP config or --shard_base true",
+              file=sys.stderr)
     if state.is_main_process:
         print_table(cfg.stage_name.upper(), {
             "processes": state.num_processes, "episodes per update": cfg.local_batch_size * state.num_processes,
+            "base": f"sharded (FSDP2): {base_mine:,} of {base_full:,} weights on rank 0" if shard else "whole on every rank",
             "updates": cfg.total_updates, "prompts (train / held out)": f"{notes['prompts_train']} / {notes['prompts_heldout']}",
             "frozen / trainable params": f"{n_base:,} / {n_train:,} (one base, {len(stack.model.peft_config)} adapters)",
             "advantage estimator": cfg.advantage_estimator + (f", {cfg.num_samples_per_prompt} samples per prompt"
@@ -325,7 +337,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
             tokenizer.save_pretrained(outputs[key])
             save_fingerprint(outputs[key], stack.causal_lm.config, base_path)
         metrics = {**trainer.summary(), "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes,
-                   "model_copies": 1, "frozen_params": n_base, "trainable_params": n_train,
+                   "model_copies": 1, "frozen_params": n_base, "trainable_params": n_train, "base_sharded": shard,
+                   "base_numel": base_full, "base_numel_per_rank": base_per_rank,
                    "rank_param_digests": digests, "ranks_in_sync": len(set(digests)) == 1,
                    "reward_source": "reward_fn" if reward_fn else "reward_adapter", **notes,
                    "data": cfg.dataset_name or cfg.prompts_file, "advantage_estimator": cfg.advantage_estimator,

@@ -19,6 +19,7 @@ CHOICES = {
     "report_to": ("none", "tensorboard", "trackio"),
     "critic_init": ("fit", "rm"),
     "advantage_estimator": ("gae", "grpo", "rloo", "reinforce_pp"),
+    "shard_base": ("auto", "true", "false"),
 }
 # The run folder of each estimator: `make grpo` and `make ppo` keep their outputs apart.
 STAGE_NAMES = {"gae": "ppo", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
@@ -86,6 +87,7 @@ class PPOConfig:
     warmup_updates: int = 0
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the joint policy+value gradient norm; 0 = off."})
     gradient_checkpointing: bool = False
+    shard_base: str = field(default="auto", metadata={"help": "Shard the frozen base across processes with torch FSDP2: auto (when launched with an FSDP accelerate config) | true | false (every rank holds the whole base)."})
     # Checkpoints, logging
     keep_policy_every: int = field(default=0, metadata={"help": "Keep the policy adapter every N updates under policies/update-N/ (make eval's gold-vs-proxy curve); 0 = off."})
     save_every: int = field(default=10, metadata={"help": "Checkpoint every N updates (and at the end); 0 = only at the end."})
@@ -99,6 +101,8 @@ class PPOConfig:
     seed: int = 42
 
     def __post_init__(self):
+        if isinstance(self.shard_base, bool):  # YAML reads `shard_base: true` as a boolean
+            self.shard_base = "true" if self.shard_base else "false"
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, not '{getattr(self, name)}'")

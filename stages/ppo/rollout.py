@@ -6,7 +6,7 @@ Speed (generation is most of PPO's wall time; DESIGN "hard parts"):
 - `sample` is a lean KV-cache loop on the un-merged LoRA model (no merge/unmerge: merging would drift the frozen
   base that the reference and reward adapters share). It records the log-prob of each sampled token under the
   temperature-scaled policy, so the update's "old" log-probs cost no extra forward pass, and it stops as soon as
-  every row has produced EOS.
+  every row has produced EOS (every row of every rank when the base is sharded: sharding.py).
 - Every forward trims the all-pad columns of its rows and asks the model for logits only at the positions that
   predict real response tokens (`logits_to_keep` with a boolean mask): no full-vocab logits over the prompt or
   the padding. The value and reward adapters skip the LM head entirely (trunk + scalar head).
@@ -30,6 +30,7 @@ from pipeline.generation import chat_reward_inputs, left_pad, stop_token_ids, tr
 from pipeline.models import backbone
 
 from .losses import entropy_from_logits
+from .sharding import every_rank
 
 
 @dataclass
@@ -196,9 +197,13 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 @torch.no_grad()
 def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, stop_ids: list[int], pad_id: int,
-           generator: torch.Generator, stop_at_eos: bool = True) -> Sampled:
+           generator: torch.Generator, stop_at_eos: bool = True, all_ranks_done=None) -> Sampled:
     """Sample up to max_new_tokens per left-padded prompt with a KV cache; a row ends at its first stop token (any of
-    `stop_ids`: instruct checkpoints have several), and sampling stops when every row has ended."""
+    `stop_ids`: instruct checkpoints have several), and sampling stops when every row has ended.
+
+    `all_ranks_done(local_done) -> bool` (a sharded base): every rank must run the same forwards, so the loop ends
+    when every rank's rows have ended; a rank that is done first keeps feeding the model (its all-gathers serve the
+    others) but samples nothing more, so it returns and draws from `generator` exactly what it would alone."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -211,21 +216,23 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float,
     logps = torch.zeros(B, max_new_tokens, device=device)
     ents = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    n = 0
+    n, finished = 0, False
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        probs = logp.exp()
-        tok = sample_from(probs, generator)
-        live = ~done
-        tokens[:, t] = torch.where(live, tok, pad_id)
-        logps[:, t] = torch.where(live, logp.gather(1, tok.unsqueeze(1)).squeeze(1), 0.0)
-        ents[:, t] = torch.where(live, -(probs * logp).sum(-1), 0.0)
-        n = t + 1
-        if stop_at_eos:
-            done = done | torch.isin(tok, stops)
-        if n == max_new_tokens or bool(done.all()):
+        if not finished:
+            logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+            probs = logp.exp()
+            tok = sample_from(probs, generator)
+            live = ~done
+            tokens[:, t] = torch.where(live, tok, pad_id)
+            logps[:, t] = torch.where(live, logp.gather(1, tok.unsqueeze(1)).squeeze(1), 0.0)
+            ents[:, t] = torch.where(live, -(probs * logp).sum(-1), 0.0)
+            n = t + 1
+            if stop_at_eos:
+                done = done | torch.isin(tok, stops)
+            finished = n == max_new_tokens or bool(done.all())
+        if finished if all_ranks_done is None else all_ranks_done(finished):
             break
-        out = lm(input_ids=tok.unsqueeze(1), attention_mask=mask[:, : P + n], position_ids=next_pos,
+        out = lm(input_ids=tok.unsqueeze(1), attention_mask=mask[:, : P + t + 1], position_ids=next_pos,
                  cache=out.cache, use_cache=True)
         next_pos = next_pos + 1
     tokens, logps, ents = tokens[:, :n], logps[:, :n], ents[:, :n]
@@ -282,6 +289,8 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     stop_ids, pad_id = stop_token_ids(tokenizer, lm), tokenizer.pad_token_id
     has_value = "value" in stack.model.peft_config
     lm.eval()
+    # A sharded base (stages/ppo/sharding.py): the sampling loops end together on every rank.
+    all_ranks_done = (lambda flag: every_rank(flag, device)) if getattr(stack, "sharded", False) else None  # noqa: E731
 
     t0 = time.perf_counter()
     stack.use("policy")
@@ -290,7 +299,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
         q_ids, q_mask = left_pad(prompt_ids[s : s + cfg.generation_batch_size], pad_id)
         q_ids, q_mask = q_ids.to(device), q_mask.to(device)
         parts.append((q_ids, q_mask, sample(lm, q_ids, q_mask, cfg.response_length, cfg.temperature, stop_ids, pad_id,
-                                            generator, cfg.stop_at_eos)))
+                                            generator, cfg.stop_at_eos, all_ranks_done)))
     query_ids, query_mask = _cat_left([p[0] for p in parts], pad_id), _cat_left([p[1] for p in parts], 0)
     cat = lambda name, fill: _cat_right([getattr(p[2], name) for p in parts], fill)  # noqa: E731
     response_ids, response_mask = cat("response_ids", pad_id), cat("response_mask", 0)

@@ -4,9 +4,11 @@
     summary = trainer.train(resume_from=None)       # or a checkpoint folder
 
 Distributed: every rank samples its own episodes (its own slice of the prompt stream, its own sampling seed);
-after each mini-batch the gradients of the trainable adapters are averaged across ranks with one all-reduce, so
-ranks stay identical without wrapping the adapter-switching model in DDP. Whitening statistics, the KL used by
-the adaptive controller and the logged metrics are global (all ranks agree on them).
+after each mini-batch the gradients of the trainable adapters are summed across ranks with one all-reduce (each
+rank's loss is already divided by the global token count), so ranks stay identical without wrapping the
+adapter-switching model in DDP. Whitening statistics, the KL used by the adaptive controller and the logged
+metrics are global (all ranks agree on them). With the base sharded (sharding.py: FSDP2 over the frozen base, the
+adapters whole on every rank) all of this is unchanged; only the base's weights are all-gathered per module.
 
 Exact resume: a checkpoint holds the trainable tensors, optimizer, scheduler, KL controller, every rank's RNG
 states and the episode counter (the data position: the prompt order is a pure function of seed and episode
@@ -584,15 +586,18 @@ class PPOTrainer:
             h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included
         return h.hexdigest()[:16]
 
-    def rank_digests(self) -> list[str]:
-        mine = self.param_digest()
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (on every rank)."""
         if self.world == 1:
-            return [mine]
+            return [obj]
         import torch.distributed as dist
 
         out = [None] * self.world
-        dist.all_gather_object(out, mine)
+        dist.all_gather_object(out, obj)
         return out
+
+    def rank_digests(self) -> list[str]:
+        return self.gather(self.param_digest())
 
     def summary(self) -> dict:
         h = self.history

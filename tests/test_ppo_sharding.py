@@ -1,0 +1,237 @@
+"""PPO with its frozen base sharded across ranks (torch FSDP2, stages/ppo/sharding.py).
+
+The slow test launches the stage as a user would, `accelerate launch --config_file configs/accelerate/fsdp.yaml`
+with two real CPU processes, and compares it with the same run as plain data parallel (configs/accelerate/cpu2.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, ModelProfile
+from stages.ppo import parse_args
+from stages.ppo.trainer import TIMING_KEYS
+from tests.conftest import ACCELERATE, REPO, run_module
+from tests.test_ppo import _upstream_manifests, adapters, no_grad, ppo_args, prompts_file, read_metrics  # noqa: F401
+
+
+def ppo_cfg(*extra):
+    return parse_args(["--config", "configs/ppo.yaml", *extra])[0]
+
+
+# ------------------------------------------------------------------------------------------------ when to shard
+
+@pytest.mark.parametrize("shard_base, fsdp_env, world, expected", [
+    ("auto", "true", 2, True),     # accelerate launch --config_file configs/accelerate/fsdp.yaml
+    ("auto", None, 2, False),      # a DDP config
+    ("false", "true", 2, False),   # an FSDP launch told not to shard
+    ("true", None, 2, True),       # any launch, told to shard
+    ("true", "true", 1, False),    # one process: nothing to shard across
+])
+def test_sharding_follows_shard_base_and_the_launch(shard_base, fsdp_env, world, expected, monkeypatch):
+    from stages.ppo.sharding import sharding_wanted
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    if fsdp_env:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", fsdp_env)
+    profile = ModelProfile(name_or_path="models/tiny")
+    assert sharding_wanted(ppo_cfg("--shard_base", shard_base), world, profile) is expected
+
+
+def test_shard_base_reads_yaml_booleans_and_refuses_other_values(tmp_path):
+    cfg_file = tmp_path / "ppo.yaml"
+    cfg_file.write_text((REPO / "configs/ppo.yaml").read_text().replace("shard_base: auto", "shard_base: false"))
+    assert parse_args(["--config", str(cfg_file)])[0].shard_base == "false"
+    with pytest.raises(ConfigError, match="shard_base must be one of"):
+        ppo_cfg("--shard_base", "yes")
+
+
+def test_a_4bit_base_is_refused_for_sharding(monkeypatch):
+    from stages.ppo.sharding import sharding_wanted
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="load_in_4bit"):
+        sharding_wanted(ppo_cfg(), 2, ModelProfile(name_or_path="models/tiny", load_in_4bit=True))
+
+
+# ------------------------------------------------------------------------------------------------ FSDP units
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_directly_called_module_is_its_own_unit(arch, tiny_models, adapters):
+    """The trunk, the decoder layers and the scalar head are called directly (values, rewards, TopLayers): each holds
+    its weights in its own unit. Tied weights (GPT-2's wte and lm_head) share one unit."""
+    from pipeline.models import backbone, load_tokenizer, profile_from
+    from stages.ppo import build_stack
+    from stages.ppo.rollout import decoder_layers
+    from stages.ppo.sharding import _units
+
+    profile = profile_from(str(tiny_models[arch]))
+    stack = build_stack(profile, load_tokenizer(profile), *adapters(arch), torch.device("cpu"), False)
+    lm = stack.causal_lm
+    units = _units(lm)
+    flat = [m for u in units for m in u]
+    assert len(flat) == len({id(m) for m in flat})
+    layers = decoder_layers(lm)
+    assert [u for u in units if u[0] in list(layers)] == [[layer] for layer in layers]
+    assert [lm.score] in units
+    held = {id(p) for m in flat for p in m.parameters()}
+    assert held == {id(p) for p in lm.parameters()}, "a weight outside every unit would be sharded by the root only"
+    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    assert tied == (arch == "gpt2")
+    embed_unit = next(u for u in units if lm.get_input_embeddings() in u)
+    assert (lm.get_output_embeddings() in embed_unit) == tied
+    assert all(m is not backbone(lm) for m in flat)
+
+
+# ------------------------------------------------------------------------------------------------ lockstep sampling
+
+def test_a_rank_done_first_keeps_stepping_but_samples_nothing_more(tiny_models, adapters, prompts_file, no_grad):
+    """Under sharding the sampling loop ends when every rank is done. A rank whose rows all ended keeps running
+    forwards for the others, yet returns exactly what it returns alone and draws nothing more from its generator."""
+    from pipeline.generation import left_pad
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack, load_prompts
+    from stages.ppo.rollout import sample
+
+    profile = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(profile)
+    stack = build_stack(profile, tok, *adapters("llama"), torch.device("cpu"), False)
+    cfg = ppo_cfg("--model_config", str(tiny_models["llama"]), "--dataset_name", str(prompts_file), "--max_prompt_length", "48")
+    _, ids, _, _ = load_prompts(cfg, tok)
+    q_ids, q_mask = left_pad(ids[:4], tok.pad_token_id)
+    lm = stack.causal_lm
+    stack.use("policy")
+    # Every token but one ends a response: the rows end after one token, long before response_length.
+    stops = [i for i in range(len(tok)) if i != 5]
+    calls = []
+    counting = lm.register_forward_hook(lambda *a: calls.append(1))
+    alone_gen, lock_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    alone = sample(lm, q_ids, q_mask, 12, 0.7, stops, tok.pad_token_id, alone_gen)
+    n_alone = len(calls)
+    votes = []
+    lock = sample(lm, q_ids, q_mask, 12, 0.7, stops, tok.pad_token_id, lock_gen,
+                  all_ranks_done=lambda done: votes.append(done) or len(votes) == 12)  # another rank runs to the end
+    counting.remove()
+    assert alone.response_ids.shape[1] < 12 and bool(alone.ended.all())
+    assert n_alone == alone.response_ids.shape[1]
+    assert len(calls) - n_alone == 12, "the lockstep rank runs the prompt forward and 11 decoding steps"
+    n = alone.response_ids.shape[1]
+    assert votes == [False] * (n - 1) + [True] * (13 - n), "each step asks once whether every rank is done"
+    for field in ("response_ids", "response_mask", "logprobs", "entropy", "ended"):
+        assert torch.equal(getattr(lock, field), getattr(alone, field)), field
+    assert torch.equal(lock_gen.get_state(), alone_gen.get_state()), "a finished rank drew more random numbers"
+
+
+def _vote(rank: int, port: int, votes: list[bool], out: str) -> None:
+    import torch.distributed as dist
+
+    from stages.ppo.sharding import every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results = [every_rank(v, torch.device("cpu")) for v in votes[rank::2]]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_is_true_only_when_all_ranks_say_so(tmp_path):
+    """The sampling loop's global exit: one rank done and the other not is 'not done' on both."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    votes = [True, True, True, False, False, True, False, False]  # (rank 0, rank 1) pairs
+    mp.spawn(_vote, args=(port, votes, str(tmp_path)), nprocs=2)
+    expected = [True, False, False, False]
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [expected, expected]
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+def launch_fsdp(module: str, args: list[str], timeout: int = 900):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` with two CPU processes: the config's FSDP
+    environment (ACCELERATE_USE_FSDP=true) reaches the stage; on CPU accelerate itself runs it as plain DDP."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [ACCELERATE, "launch", "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
+           "--main_process_port", str(port), "-m", module, *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.mark.slow
+def test_sharded_base_trains_like_ddp_and_resumes_exactly(tiny_models, adapters, prompts_file, runs_dir, tmp_path):
+    """Two ranks with the base sharded (FSDP config) against two data-parallel ranks, same seeds: each rank holds
+    half of the base, every metric matches, the adapters load in stock PEFT; the sharded run is stopped after one
+    update and resumed, and still matches the straight DDP run."""
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    from safetensors.torch import load_file
+
+    sft, rm = adapters("llama")
+    for run in ("ddp", "fsdp"):
+        _upstream_manifests(runs_dir, run, sft, rm)
+    ddp = run_module("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "ddp", prompts_file), processes=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    stopped = launch_fsdp("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "fsdp", prompts_file, None, None,
+                                                 "--stop_after", "1"))
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert not (Path(runs_dir) / "fsdp/ppo/manifest.json").exists()
+    resumed = launch_fsdp("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "fsdp", prompts_file))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+
+    m_ddp = json.loads((Path(runs_dir) / "ddp/ppo/manifest.json").read_text())["metrics"]
+    m_fsdp = json.loads((Path(runs_dir) / "fsdp/ppo/manifest.json").read_text())["metrics"]
+    assert m_fsdp["world_size"] == m_ddp["world_size"] == 2
+    assert m_fsdp["base_sharded"] is True and m_ddp["base_sharded"] is False
+    full = m_ddp["base_numel"]
+    assert m_fsdp["base_numel"] == full and m_ddp["base_numel_per_rank"] == [full, full]
+    per_rank = m_fsdp["base_numel_per_rank"]
+    assert sum(per_rank) == full and all(0.4 * full < n < 0.6 * full for n in per_rank), (per_rank, full)
+    assert m_fsdp["ranks_in_sync"], m_fsdp["rank_param_digests"]
+
+    # Same episodes, same updates: the metrics agree (stated tolerance: rel 1e-5; in practice they are equal).
+    a, b = strip(read_metrics(runs_dir, "ddp")), strip(read_metrics(runs_dir, "fsdp"))
+    assert [r["update"] for r in b] == [1, 2, 3]
+    assert a[0].keys() == b[0].keys()
+    for ra, rb in zip(a, b):
+        for key, va in ra.items():
+            if isinstance(va, float):
+                assert rb[key] == pytest.approx(va, rel=1e-5, abs=1e-7), (ra["update"], key)
+            else:
+                assert rb[key] == va, (ra["update"], key)
+    for name in ("adapter", "value_adapter"):
+        wa = load_file(str(Path(runs_dir) / "ddp/ppo" / name / "adapter_model.safetensors"))
+        wb = load_file(str(Path(runs_dir) / "fsdp/ppo" / name / "adapter_model.safetensors"))
+        assert wa.keys() == wb.keys() and len(wa) > 10
+        for k in wa:
+            assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), (name, k)
+
+    # The sharded run's outputs are complete PEFT folders: stock PEFT loads them from any working directory.
+    manifest = json.loads((Path(runs_dir) / "fsdp/ppo/manifest.json").read_text())
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        policy = AutoPeftModelForCausalLM.from_pretrained(manifest["outputs"]["adapter"])
+        value = AutoPeftModelForSequenceClassification.from_pretrained(manifest["outputs"]["value_adapter"], num_labels=1)
+    finally:
+        os.chdir(cwd)
+    saved = load_file(str(Path(manifest["outputs"]["adapter"]) / "adapter_model.safetensors"))
+    loaded = dict(policy.named_parameters())
+    for k, v in saved.items():
+        name = k[: -len(".weight")] + ".default.weight"
+        assert torch.equal(loaded[name].detach(), v), k
+    assert value.active_adapter == "default"
