@@ -229,7 +229,7 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     metrics = {
         "annotator": annotator, "judge": args.judge, "pairs": len(pairs), "labels_written": written, "labels": len(mine),
         **agreement_with_gold(mine, scores, args.tie_band),
-        "expected_agreement": round(expected_agreement(outside, temperature, args.position_bias), 4),
+        "expected_agreement": round(expected_agreement(outside, temperature, args.position_bias), 4) if outside else None,
         "temperature": temperature, "temperature_calibrated": args.temperature is None,
         "tie_share": round(sum(lab["choice"] == "tie" for lab in mine) / len(mine), 4) if mine else None,
         "left_share": round(sum(lab["choice"] == "left" for lab in decided) / len(decided), 4) if decided else None,
