@@ -201,3 +201,10 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: judge 'tests.judge_fixtures:nan_judge' gave nan") and not runs.exists()
+
+
+def test_a_given_temperature_is_used_as_is_and_a_wide_tie_band_makes_every_label_a_tie(tmp_path):
+    runs = tmp_path / "runs"
+    m = simulate(tmp_path, runs, "--temperature", "0.3", "--tie_band", "5")  # VADER differences are at most 2
+    assert m["temperature"] == 0.3 and not m["temperature_calibrated"] and m["tie_share"] == 1.0
+    assert m["expected_agreement"] is None and m["agreement_with_gold"] is None and m["decided_labels"] == 0
