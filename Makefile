@@ -1,6 +1,12 @@
 # The whole pipeline, one target a stage. `make sft rm ppo` runs what is not yet done:
 # each stage target depends on its manifest, written last, so a finished stage is not rerun.
-RUN ?= default
+# RECIPE picks the stage configs: story (default; configs/<stage>.yaml) or a folder of configs/recipes/, e.g.
+# RECIPE=assistant (configs/recipes/assistant/<stage>.yaml). A recipe other than story gets its own run folder.
+RECIPE ?= story
+RECIPE_DIR := $(if $(filter story,$(RECIPE)),configs,configs/recipes/$(RECIPE))
+$(if $(wildcard $(RECIPE_DIR)/*.yaml),,$(error RECIPE=$(RECIPE): no configs in $(RECIPE_DIR); use story or one of: $(notdir $(wildcard configs/recipes/*))))
+cfg = $(firstword $(wildcard $(RECIPE_DIR)/$(1).yaml) configs/$(1).yaml)
+RUN ?= $(if $(filter story,$(RECIPE)),default,$(RECIPE))
 ACCELERATE_CONFIG ?= configs/accelerate/cpu.yaml
 ARGS ?=
 MODEL ?=
@@ -21,7 +27,7 @@ export ACCELERATE_USE_CPU = 1
 endif
 LAUNCH = $(VENV_BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) -m
 
-.PHONY: setup test base sft rm ppo grpo rloo pairs label label-export eval publish bench bench-sft bench-ppo clean-run
+.PHONY: setup test base sft rm ppo grpo rloo pairs label label-export simulate eval publish bench bench-sft bench-ppo clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -40,31 +46,31 @@ base: setup
 
 sft: $(RUNDIR)/sft/manifest.json
 $(RUNDIR)/sft/manifest.json: | setup
-	$(LAUNCH) stages.sft --config configs/sft.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+	$(LAUNCH) stages.sft --config $(call cfg,sft) --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 clean-run:
 	rm -rf $(RUNDIR)
 
 rm: $(RUNDIR)/rm/manifest.json
 $(RUNDIR)/rm/manifest.json: $(RUNDIR)/sft/manifest.json
-	$(LAUNCH) stages.rm --config configs/rm.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+	$(LAUNCH) stages.rm --config $(call cfg,rm) --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 ppo: $(RUNDIR)/ppo/manifest.json
 $(RUNDIR)/ppo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
-	$(LAUNCH) stages.ppo --config configs/ppo.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+	$(LAUNCH) stages.ppo --config $(call cfg,ppo) --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 # The critic-free estimators: the same RL loop (stages/ppo/) with configs/grpo.yaml or rloo.yaml, own run folders.
 grpo: $(RUNDIR)/grpo/manifest.json
 $(RUNDIR)/grpo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
-	$(LAUNCH) stages.ppo --config configs/grpo.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+	$(LAUNCH) stages.ppo --config $(call cfg,grpo) --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 rloo: $(RUNDIR)/rloo/manifest.json
 $(RUNDIR)/rloo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
-	$(LAUNCH) stages.ppo --config configs/rloo.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+	$(LAUNCH) stages.ppo --config $(call cfg,rloo) --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 pairs: $(RUNDIR)/pairs/manifest.json
 $(RUNDIR)/pairs/manifest.json: $(RUNDIR)/sft/manifest.json
-	$(LAUNCH) stages.pairs --config configs/pairs.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+	$(LAUNCH) stages.pairs --config $(call cfg,pairs) --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 # The labeling UI is a server, not a batch job: it always runs (and resumes from the label store).
 # With ARGS="--pairs_dataset FILE" (e.g. eval's human_pairs.jsonl) it needs no pairs stage.
@@ -74,9 +80,23 @@ label: $(if $(findstring --pairs_dataset,$(ARGS)),,$(RUNDIR)/pairs/manifest.json
 label-export: | setup
 	$(PY) -m stages.label.export --config configs/label.yaml --run $(RUN) $(ARGS)
 
+# Simulated annotators label the pairs through the label store people use (stages/simulate.py); like
+# label-export it always runs, adding labels only for pairs it has not labeled yet.
+simulate: $(RUNDIR)/pairs/manifest.json
+	$(PY) -m stages.simulate --config $(call cfg,simulate) --run $(RUN) $(ARGS)
+
+# Story recipe: the reward model learns from this run's own labels. When people have labeled (make label), theirs
+# are exported; otherwise simulated annotators label the pairs first, so `make sft rm ppo` runs unattended.
+ifeq ($(RECIPE),story)
+$(RUNDIR)/rm/manifest.json: $(RUNDIR)/label-export/manifest.json
+endif
+$(RUNDIR)/label-export/manifest.json: $(RUNDIR)/pairs/manifest.json
+	$(PY) -m stages.simulate --config $(call cfg,simulate) --run $(RUN) --skip_if_people_labeled true
+	$(PY) -m stages.label.export --config $(call cfg,label) --run $(RUN)
+
 eval: $(RUNDIR)/eval/manifest.json
 $(RUNDIR)/eval/manifest.json: $(RUNDIR)/ppo/manifest.json
-	$(LAUNCH) stages.eval --config configs/eval.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+	$(LAUNCH) stages.eval --config $(call cfg,eval) --run $(RUN) $(MODEL_ARG) $(ARGS)
 
 publish: $(RUNDIR)/eval/manifest.json
 	$(PY) -m stages.publish --config configs/publish.yaml --run $(RUN) $(if $(REPO),--repo_id $(REPO)) $(ARGS)

@@ -9,6 +9,11 @@ reward adapter, PPO's metrics.jsonl and its heldout_prompts.jsonl. All three ada
 scores both with the reward model, and measures the PPO policy's KL to the SFT reference on its own response.
 Writes runs/<run>/eval/: report.md (numbers, flags, plots, samples), report.json (every figure and the samples
 they were computed from), plots/*.png, manifest.json (last, with the headline figures).
+
+With a gold judge (`gold_judge:`, pipeline/judges.py; never the run's own reward model) it also reports the gold mean
+of both policies, the gold win rate of PPO over SFT, how often the reward model orders held-out pairs as the gold
+does, and an over-optimisation curve: gold and proxy (reward model) score against sqrt(KL) for SFT, every PPO policy
+kept under runs/<run>/ppo/policies/update-N/, and the final policy. The proxy rising while the gold falls is flagged.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ class EvalArgs:
     hacking_kl: float = field(default=10.0, metadata={"help": "Flag a KL to the reference above this many nats per response."})
     # Optional human win rate, read from the label store when SFT-vs-PPO pairs were labeled
     label_store: str = field(default="", metadata={"help": "labels.sqlite to read human SFT-vs-PPO labels from ('' = runs/<run>/label/labels.sqlite)."})
+    # Gold judge: a measure of learning that is not the reward model PPO optimised (pipeline/judges.py)
+    gold_judge: str = field(default="", metadata={"help": "sentiment, rm:<adapter or checkpoint>, module:function; '' = none."})
+    gold_batch_size: int = field(default=64, metadata={"help": "Responses per gold judge call."})
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -200,6 +208,193 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
             "pairs": len({pid for pid, _ in rows}), "wins": wins, "ties_or_both_bad": ties}
 
 
+# ---------------------------------------------------------------------------------------------------- gold judge
+
+GOLD_DROP_Z = 2.0  # the gold "fell" when its paired drop exceeds 2 standard errors: 64 prompts make single means noisy
+
+
+def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float]) -> dict:
+    """How often the proxy (reward model) orders a pair as the gold judge does, over pairs whose gold scores differ;
+    a proxy tie counts half."""
+    pairs = [(pa - pb, ga - gb) for pa, pb, ga, gb in zip(proxy_a, proxy_b, gold_a, gold_b) if ga != gb]
+    agree = sum(1.0 if p * g > 0 else 0.5 if p == 0 else 0.0 for p, g in pairs)
+    low, high = wilson(agree, len(pairs))
+    return {"agreement": agree / len(pairs) if pairs else None, "ci_low": low, "ci_high": high, "pairs": len(pairs)}
+
+
+def read_rm_eval_pairs(rm: dict) -> list[dict]:
+    """The reward model's held-out preference pairs (rm stage's eval_pairs.jsonl): prompts it never trained on."""
+    path = rm.get("outputs", {}).get("eval_pairs")
+    if not path or not Path(path).is_file():
+        return []
+    text = lambda x: x if isinstance(x, str) else x[-1]["content"]  # noqa: E731 (a reply: text or [assistant message])
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [{"prompt": r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}],
+             "chosen": text(r["chosen"]), "rejected": text(r["rejected"])} for r in rows]
+
+
+@torch.no_grad()
+def reward_scores(stack: AdapterStack, tokenizer, prompts: list, texts: list[str], batch: int) -> list[float]:
+    device = next(stack.model.parameters()).device
+    ids, mask = chat_reward_inputs(tokenizer, prompts, texts)
+    return torch.cat([stack.scores("reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device)).float().cpu()
+                      for i in range(0, len(ids), batch)]).tolist()
+
+
+def policy_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
+    """PPO policies kept during training: runs/<run>/ppo/policies/update-N/ (stock PEFT folders), by update."""
+    found = []
+    for d in (ppo_dir / "policies").glob("update-*"):
+        tail = d.name.split("-", 1)[1]
+        if tail.isdigit() and (d / "adapter_config.json").is_file():
+            found.append((int(tail), d))
+    return sorted(found)
+
+
+def curve_point(update: int, label: str, rewards: list[float], gold: list[float], kl: list[float]) -> dict:
+    mean_kl = statistics.fmean(kl)
+    return {"update": update, "policy": label, "kl_mean": mean_kl, "sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
+            "proxy_mean": statistics.fmean(rewards), "gold_mean": statistics.fmean(gold), "proxy": rewards, "gold": gold}
+
+
+def overoptimisation_flag(points: list[dict]) -> str | None:
+    """Goodhart's sign (Gao et al. 2022): from the checkpoint where the gold was best to the last one, the proxy
+    rose while the gold fell by more than GOLD_DROP_Z paired standard errors (same prompts at every point)."""
+    points = sorted(points, key=lambda p: p["update"])
+    peak, last = max(points, key=lambda p: p["gold_mean"]), points[-1]
+    if peak is last:
+        return None
+    drops = [b - a for a, b in zip(peak["gold"], last["gold"])]
+    se = statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else 0.0
+    gold_fell = statistics.fmean(drops) < -GOLD_DROP_Z * se and statistics.fmean(drops) < 0
+    proxy_rose = last["proxy_mean"] > peak["proxy_mean"]
+    if not (gold_fell and proxy_rose):
+        return None
+    return (f"over-optimisation: from update {peak['update']} ({peak['policy']}) to update {last['update']} the reward "
+            f"model's score rose ({peak['proxy_mean']:.3f} -> {last['proxy_mean']:.3f}) while the gold judge's fell "
+            f"({peak['gold_mean']:.3f} -> {last['gold_mean']:.3f}, more than {GOLD_DROP_Z:g} standard errors): "
+            f"the policy is exploiting the reward model (reward hacking)")
+
+
+def checkpoint_curve(stack: AdapterStack, tokenizer, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
+                     judge, ppo_dir: Path, final_update: int, ends: tuple[dict, dict]) -> list[dict]:
+    """Gold and proxy score against sqrt(KL to SFT): SFT (update 0), each kept PPO policy, the final policy. `ends`:
+    the SFT and final points, already measured on these prompts."""
+    from pipeline.judges import judge_scores
+    from pipeline.models import check_adapter
+
+    points = [ends[0]]
+    for update, path in policy_checkpoints(ppo_dir):
+        if update == 0 or update >= final_update:  # SFT and the final policy are the two ends already measured
+            continue
+        name = f"update-{update}"
+        check_adapter(path, stack.causal_lm.config, what=f"PPO policy {path}")
+        stack.model.load_adapter(str(path), adapter_name=name)
+        ro = rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
+        kl = sequence_kl(stack, name, "sft", ro, args.score_batch_size, sampling.temperature)
+        gold = judge_scores(judge, prompts, ro["texts"], args.gold_batch_size)
+        points.append(curve_point(update, name, ro["rewards"], gold, kl))
+        stack.use("sft")
+        stack.model.delete_adapter(name)
+    return points + [ends[1]]
+
+
+def gold_report(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
+                rm: dict, ppo_dir: Path, final_update: int, ro_sft: dict, ro_ppo: dict, kl: list[float]) -> dict:
+    """Everything the gold judge says: gold scores of both policies' samples, the gold win rate, the reward model's
+    agreement with the gold, and the over-optimisation curve with its flag."""
+    from pipeline.judges import judge_scores
+
+    gold_sft = judge_scores(judge, prompts, ro_sft["texts"], args.gold_batch_size)
+    gold_ppo = judge_scores(judge, prompts, ro_ppo["texts"], args.gold_batch_size)
+    held = read_rm_eval_pairs(rm)
+    if held:
+        hp = [r["prompt"] for r in held]
+        rm_chosen = reward_scores(stack, tokenizer, hp, [r["chosen"] for r in held], args.score_batch_size)
+        rm_rejected = reward_scores(stack, tokenizer, hp, [r["rejected"] for r in held], args.score_batch_size)
+        g_chosen = judge_scores(judge, hp, [r["chosen"] for r in held], args.gold_batch_size)
+        g_rejected = judge_scores(judge, hp, [r["rejected"] for r in held], args.gold_batch_size)
+        rm_heldout = gold_agreement(rm_chosen, rm_rejected, g_chosen, g_rejected)
+    else:
+        rm_heldout = {"agreement": None, "pairs": 0, "note": "the rm stage kept no eval_pairs.jsonl"}
+    ends = (curve_point(0, "sft", ro_sft["rewards"], gold_sft, [0.0] * len(gold_sft)),
+            curve_point(final_update, "ppo (final)", ro_ppo["rewards"], gold_ppo, kl))
+    curve = checkpoint_curve(stack, tokenizer, prompts, prompt_ids, sampling, args, judge, ppo_dir, final_update, ends)
+    return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, tie_eps=0.0),
+            "rm_agreement_heldout_pairs": rm_heldout,
+            "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft),
+            "curve": curve, "flag": overoptimisation_flag(curve)}
+
+
+def load_gold_judge(args: EvalArgs, rm: dict, trained_config: dict, prompts: list):
+    """The configured gold judge, refusing the reward model PPO optimised, tried on two rows so that a judge that
+    fails says so before anything is written. None without one."""
+    from pipeline.judges import judge_scores, load_judge
+
+    if not args.gold_judge:
+        return None
+    own = [p for p in (rm.get("outputs", {}).get("adapter"), trained_config.get("reward_adapter")) if p]
+    judge = load_judge(args.gold_judge, forbidden_rm=[resolve_path(p) for p in own])
+    judge_scores(judge, prompts[:2], ["It was a lovely day.", "It was a dreadful day."][:len(prompts[:2])])
+    return judge
+
+
+def gold_figures(gold: dict) -> dict:
+    w = gold["win_rate"]
+    return {"gold_judge": gold["judge"], "gold_sft_mean": statistics.fmean(gold["sft"]),
+            "gold_ppo_mean": statistics.fmean(gold["ppo"]), "gold_win_rate": w["rate"],
+            "gold_win_rate_ci_low": w["ci_low"], "gold_win_rate_ci_high": w["ci_high"],
+            "rm_gold_agreement": gold["rm_agreement_heldout_pairs"]["agreement"],
+            "rm_gold_pairs": gold["rm_agreement_heldout_pairs"]["pairs"],
+            "rm_gold_agreement_policy_samples": gold["rm_agreement_policy_samples"]["agreement"],
+            "gold_curve_points": len(gold["curve"]), "overoptimisation_suspected": gold["flag"] is not None}
+
+
+def plot_overoptimisation(points: list[dict], path: Path) -> Path:
+    """Gold (left axis) and proxy (right axis: another scale) against sqrt(KL), as Gao et al. 2022 plot them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [p["sqrt_kl"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(x, [p["gold_mean"] for p in points], "o-", color="tab:green", label="gold judge")
+    ax.set_xlabel("sqrt(KL to SFT)  (sqrt nats)")
+    ax.set_ylabel("gold score (mean)", color="tab:green")
+    twin = ax.twinx()
+    twin.plot(x, [p["proxy_mean"] for p in points], "s--", color="tab:blue", label="reward model (proxy)")
+    twin.set_ylabel("reward-model score (mean)", color="tab:blue")
+    for p in points:
+        ax.annotate(str(p["update"]), (p["sqrt_kl"], p["gold_mean"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
+    ax.set_title("Over-optimisation: gold and proxy against KL (labels: PPO update)", fontsize=10)
+    fig.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def gold_markdown(gold: dict, figures: dict) -> list[str]:
+    w, rm_h, rm_p = gold["win_rate"], gold["rm_agreement_heldout_pairs"], gold["rm_agreement_policy_samples"]
+    pct = lambda v: f"{v:.1%}" if v is not None else "–"  # noqa: E731
+    lines = ["## Gold judge", "",
+             f"Judge `{gold['judge']}`: not the reward model PPO optimised, so it measures learning independently.", "",
+             "| | SFT | PPO |", "|---|---|---|",
+             f"| gold score (mean) | {figures['gold_sft_mean']:.3f} | {figures['gold_ppo_mean']:.3f} |", "",
+             f"**Gold win rate of PPO over SFT: {w['rate']:.1%}** (95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, "
+             f"Wilson; {w['wins']} wins, {w['ties']} ties counted half, {w['losses']} losses).", "",
+             f"Reward model agrees with the gold on {pct(rm_h['agreement'])} of its held-out pairs whose gold scores "
+             f"differ ({rm_h['pairs']} pairs), and on {pct(rm_p['agreement'])} of the SFT-vs-PPO pairs above "
+             f"({rm_p['pairs']} pairs).", "",
+             "| PPO update | policy | sqrt(KL) | reward model (proxy) | gold |", "|---|---|---|---|---|"]
+    lines += [f"| {p['update']} | {p['policy']} | {p['sqrt_kl']:.3f} | {p['proxy_mean']:.3f} | {p['gold_mean']:.3f} |"
+              for p in gold["curve"]]
+    lines += ["", "![over-optimisation](plots/overoptimisation.png)", ""]
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------- plots
 
 def plot_training(ax_list, rows: list[dict]) -> None:
@@ -264,6 +459,18 @@ def cell(text, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def sample_table(samples: list[dict]) -> list[str]:
+    """The samples with their reward-model scores, and the gold judge's beside them when there is one."""
+    gold = bool(samples) and "gold_sft" in samples[0]
+    lines = ["| prompt | SFT response | PPO response | reward SFT | reward PPO |" + (" gold SFT | gold PPO |" if gold else ""),
+             "|---|---|---|---|---|" + ("---|---|" if gold else "")]
+    for s in samples:
+        lines.append(f"| {cell(s['prompt_text'], 100)} | {cell(s['sft'])} | {cell(s['ppo'])} "
+                     f"| {s['reward_sft']:.3f} | {s['reward_ppo']:.3f} |"
+                     + (f" {s['gold_sft']:.3f} | {s['gold_ppo']:.3f} |" if gold else ""))
+    return lines
+
+
 def render_markdown(report: dict, n_rows: int) -> str:
     f, w, t = report["figures"], report["win_rate"], report["training"]
     lines = [f"# Evaluation of run `{report['run']}`", "",
@@ -286,6 +493,8 @@ def render_markdown(report: dict, n_rows: int) -> str:
               f"Win rate judged by people: none yet. To get one, label the SFT-vs-PPO pairs of human_pairs.jsonl "
               f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
               f"then delete runs/{report['run']}/eval/manifest.json and `make eval` again: it reads the labels back.", ""]
+    if report.get("gold"):
+        lines += gold_markdown(report["gold"], f)
     lines += ["## Reward hacking check", ""]
     lines += [f"- ⚠️ {flag}" for flag in report["flags"]] or ["No sign of it: the reward did not rise together with a "
                                                               "doubled length, and KL stayed below the threshold."]
@@ -297,10 +506,7 @@ def render_markdown(report: dict, n_rows: int) -> str:
                       "(means of the first and last tenth of the updates)."]
     lines += ["", "## Plots", "", "![training curves](plots/training_curves.png)", "",
               "![reward distribution](plots/reward_distribution.png)", "", "## Samples", "",
-              "| prompt | SFT response | PPO response | reward SFT | reward PPO |", "|---|---|---|---|---|"]
-    for s in report["samples"][:n_rows]:
-        lines.append(f"| {cell(s['prompt_text'], 100)} | {cell(s['sft'])} | {cell(s['ppo'])} "
-                     f"| {s['reward_sft']:.3f} | {s['reward_ppo']:.3f} |")
+              *sample_table(report["samples"][:n_rows])]
     lines += ["", f"All {len(report['samples'])} samples are in report.json."]
     return "\n".join(lines) + "\n"
 
@@ -338,6 +544,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     if not state.is_main_process:  # a few hundred generations: one process does it, the others wait
         finish_distributed()
         return {}
+    judge = load_gold_judge(args, rm, trained, prompts)  # checked before the run folder is touched
     stage.prepare(config)
 
     # 1. The three adapters on one frozen base, on this process's accelerator
@@ -366,15 +573,26 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
                "no_eos_sft": 1 - statistics.fmean(ro_sft["ended"]), "no_eos_ppo": 1 - statistics.fmean(ro_ppo["ended"])}
     train = training_summary(rows)
     flags = hacking_flags(train, figures, args)
+    gold = None
+    if judge is not None:  # the gold judge: learning measured by something PPO did not optimise
+        final_update = max([r["update"] for r in rows if isinstance(r.get("update"), int)] or [trained.get("total_updates", 1)])
+        gold = gold_report(stack, tokenizer, judge, prompts, prompt_ids, sampling, args, rm,
+                           stage.dir.parent / "ppo", final_update, ro_sft, ro_ppo, kl)
+        figures.update(gold_figures(gold))
+        flags += [gold["flag"]] if gold["flag"] else []
+        for sample, gs, gp in zip(samples, gold["sft"], gold["ppo"]):
+            sample.update(gold_sft=gs, gold_ppo=gp)
     store = resolve_path(args.label_store) if args.label_store else stage.dir.parent / "label" / "labels.sqlite"
     human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})
     figures.update(reward_hacking_suspected=bool(flags), human_win_rate=human["rate"] if human else None)
 
     # 4. Plots, report, the SFT-vs-PPO pairs for people to label (responses = [SFT, PPO]), manifest
     plots = save_plots(rows, ro_sft, ro_ppo, stage.dir / "plots")
+    if gold is not None:
+        plots["overoptimisation"] = plot_overoptimisation(gold["curve"], stage.dir / "plots" / "overoptimisation.png")
     report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "figures": figures, "win_rate": wr,
               "reward": {"sft": describe(ro_sft["rewards"]), "ppo": describe(ro_ppo["rewards"])}, "kl": describe(kl),
-              "training": train, "flags": flags, "human": human,
+              "training": train, "flags": flags, "human": human, "gold": gold,
               "plots": {k: str(v.relative_to(stage.dir)) for k, v in plots.items()}, "samples": samples}
     atomic_write_json(stage.dir / "report.json", report)
     (stage.dir / "report.md").write_text(render_markdown(report, args.report_samples))

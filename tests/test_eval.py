@@ -53,7 +53,7 @@ def test_plots_are_valid_pngs(eval_dir):
     from PIL import Image
 
     report = json.loads((eval_dir / "report.json").read_text())
-    assert set(report["plots"]) == {"training_curves", "reward_distribution", "overview"}
+    assert set(report["plots"]) == {"training_curves", "reward_distribution", "overview", "overoptimisation"}
     for rel in report["plots"].values():
         path = eval_dir / rel
         assert path.read_bytes()[:8] == PNG_MAGIC
@@ -89,6 +89,9 @@ def test_ppo_equal_to_sft_gives_zero_kl_and_all_ties(tmp_path, tiny_models, arch
     assert all(s["sft"] == s["ppo"] for s in report["samples"])
     assert m["kl_mean"] == pytest.approx(0.0, abs=1e-5) and m["win_rate"] == 0.5 and report["win_rate"]["ties"] == 6
     assert m["reward_sft_mean"] == pytest.approx(m["reward_ppo_mean"])
+    # the gold judge sees the same: a 0.5 win rate, inside its interval, and no over-optimisation
+    assert m["gold_win_rate"] == 0.5 and m["gold_win_rate_ci_low"] < 0.5 < m["gold_win_rate_ci_high"]
+    assert m["gold_sft_mean"] == m["gold_ppo_mean"] and m["overoptimisation_suspected"] is False
 
 
 def test_wilson_interval_and_ties_count_half():
@@ -152,3 +155,117 @@ def test_eval_on_a_bf16_base_on_the_accelerator(tmp_path, tiny_models_bf16, monk
         assert math.isfinite(m[key]), (key, m)
     report = json.loads((runs / "t" / "eval" / "report.json").read_text())
     assert all(math.isfinite(s["reward_sft"]) and math.isfinite(s["reward_ppo"]) and math.isfinite(s["kl"]) for s in report["samples"])
+
+
+# ------------------------------------------------------------------------------------------------ gold judge
+
+def test_gold_figures_are_the_judges_scores_of_the_samples(eval_dir):
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    report = json.loads((eval_dir / "report.json").read_text())
+    s, f = report["samples"], report["figures"]
+    assert f["gold_judge"] == "sentiment"  # configs/eval.yaml
+    for x in s:
+        assert x["gold_sft"] == vader.polarity_scores(x["sft"])["compound"]
+        assert x["gold_ppo"] == vader.polarity_scores(x["ppo"])["compound"]
+    assert f["gold_sft_mean"] == pytest.approx(statistics.fmean(x["gold_sft"] for x in s))
+    assert f["gold_ppo_mean"] == pytest.approx(statistics.fmean(x["gold_ppo"] for x in s))
+    wins = sum(x["gold_ppo"] > x["gold_sft"] for x in s)
+    ties = sum(x["gold_ppo"] == x["gold_sft"] for x in s)
+    assert f["gold_win_rate"] == pytest.approx((wins + 0.5 * ties) / len(s))
+    assert f["gold_win_rate_ci_low"] <= f["gold_win_rate"] <= f["gold_win_rate_ci_high"]
+    md = (eval_dir / "report.md").read_text()
+    assert "Gold win rate of PPO over SFT" in md and "| gold SFT | gold PPO |" in md
+    assert f"| {s[0]['gold_sft']:.3f} | {s[0]['gold_ppo']:.3f} |" in md
+    curve = report["gold"]["curve"]  # no kept policies: SFT and the final policy
+    assert [p["policy"] for p in curve] == ["sft", "ppo (final)"] and curve[0]["sqrt_kl"] == 0.0
+    assert curve[1]["sqrt_kl"] == pytest.approx(f["kl_mean"] ** 0.5)
+    assert json.loads((eval_dir / "manifest.json").read_text())["metrics"]["gold_win_rate"] == f["gold_win_rate"]
+
+
+def point(update, proxy, gold):
+    return {"update": update, "policy": f"u{update}", "sqrt_kl": update / 10, "proxy": proxy, "gold": gold,
+            "proxy_mean": statistics.fmean(proxy), "gold_mean": statistics.fmean(gold)}
+
+
+def test_proxy_rising_while_gold_falls_is_flagged():
+    from stages.eval import overoptimisation_flag
+
+    rising = [point(0, [0.0, 0.1, 0.2, 0.1], [0.1, 0.0, 0.2, 0.1]), point(8, [0.5, 0.6, 0.4, 0.5], [0.5, 0.6, 0.4, 0.6]),
+              point(16, [1.0, 1.2, 0.9, 1.1], [0.1, 0.2, 0.0, 0.2])]  # proxy keeps rising; gold peaks at 8, then falls
+    flag = overoptimisation_flag(rising)
+    assert flag and "update 8" in flag and "update 16" in flag and "reward hacking" in flag
+    assert overoptimisation_flag(list(reversed(rising))) == flag  # by update, not by list order
+    both_up = [rising[0], rising[1], point(16, [1.0, 1.2, 0.9, 1.1], [0.6, 0.7, 0.5, 0.7])]
+    assert overoptimisation_flag(both_up) is None  # gold still rising: learning, not hacking
+    both_down = [rising[0], rising[1], point(16, [0.3, 0.2, 0.3, 0.2], [0.1, 0.2, 0.0, 0.2])]
+    assert overoptimisation_flag(both_down) is None  # the proxy fell too: the policy just got worse
+    noisy = [rising[0], point(8, [0.5] * 4, [0.5, -0.5, 0.5, -0.4]), point(16, [1.0] * 4, [0.45, -0.5, 0.5, -0.45])]
+    assert overoptimisation_flag(noisy) is None  # a gold drop of 0.1 from update 0 against a standard error of 0.23
+
+
+def test_gold_agreement_by_hand():
+    from stages.eval import gold_agreement
+
+    g = gold_agreement([1.0, 0.0, 2.0, 0.5, 3.0], [0.0, 1.0, 2.0, 0.5, 1.0], [0.9, 0.1, 0.3, 0.2, 0.0], [0.1, 0.2, 0.1, 0.2, 0.4])
+    # pair 4 has equal gold scores: left out; agree, agree, proxy tie (half), disagree -> 2.5 / 4
+    assert g["pairs"] == 4 and g["agreement"] == pytest.approx(2.5 / 4) and g["ci_low"] < 0.625 < g["ci_high"]
+
+
+def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path, tiny_models):
+    """policies/update-4 is the SFT adapter and update-8 the final one: their points must equal the two ends. The
+    RM's held-out pairs are scored by the gold judge; agreement is recomputed with the RM loaded as a judge."""
+    import shutil
+
+    from pipeline.judges import judge_scores, load_judge
+    from stages.eval import gold_agreement, main, parse_args
+
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    t = runs / "t"
+    for update, src in ((4, t / "sft" / "adapter"), (8, t / "ppo" / "adapter"), (11, t / "sft" / "adapter")):
+        shutil.copytree(src, t / "ppo" / "policies" / f"update-{update}")  # 11 = the final update: not measured twice
+    held = [{"prompt": [{"role": "user", "content": f"Tell me story {i}."}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for i, (c, r) in enumerate([("A happy, lovely day.", "A sad, awful day."), ("The door.", "The wall."),
+                                        ("He died.", "She laughed with joy."), ("Good and kind.", "Cruel and bad.")])]
+    (t / "rm" / "eval_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    manifest = json.loads((t / "rm" / "manifest.json").read_text())
+    manifest["outputs"]["eval_pairs"] = str(t / "rm" / "eval_pairs.jsonl")
+    (t / "rm" / "manifest.json").write_text(json.dumps(manifest))
+    m = main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
+                          "--model_config", str(tiny_models["llama"]), "--max_new_tokens", "8"]))
+    report = json.loads((t / "eval" / "report.json").read_text())
+    curve = report["gold"]["curve"]
+    assert [p["update"] for p in curve] == [0, 4, 8, 11] and m["gold_curve_points"] == 4
+    sft, four, eight, final = curve
+    assert four["gold"] == sft["gold"] and four["proxy"] == pytest.approx(sft["proxy"], abs=1e-5)
+    assert four["sqrt_kl"] == pytest.approx(0.0, abs=1e-3)
+    assert eight["gold"] == final["gold"] and eight["kl_mean"] == pytest.approx(final["kl_mean"], rel=1e-4)
+    assert (t / "eval" / "plots" / "overoptimisation.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| 4 | update-4 |" in (t / "eval" / "report.md").read_text()
+
+    rm_judge = load_judge(f"rm:{t / 'rm' / 'adapter'}")  # stock peft: another path to the same scores
+    prompts = [r["prompt"] for r in held]
+    rm_c = judge_scores(rm_judge, prompts, [r["chosen"][0]["content"] for r in held])
+    rm_r = judge_scores(rm_judge, prompts, [r["rejected"][0]["content"] for r in held])
+    gold = load_judge("sentiment")
+    g_c = judge_scores(gold, prompts, [r["chosen"][0]["content"] for r in held])
+    g_r = judge_scores(gold, prompts, [r["rejected"][0]["content"] for r in held])
+    want = gold_agreement(rm_c, rm_r, g_c, g_r)
+    assert want["pairs"] == 3  # "The door." vs "The wall.": both 0 under VADER, left out
+    assert m["rm_gold_pairs"] == 3 and m["rm_gold_agreement"] == want["agreement"]
+
+
+def test_bad_gold_judge_is_one_error_before_anything_is_written(tmp_path, tiny_models):
+    from stages.eval import main, parse_args
+
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    base = ["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs), "--model_config", str(tiny_models["llama"])]
+    for judge, message in ((f"rm:{runs / 't' / 'rm' / 'adapter'}", "reward model this run's PPO optimised"),
+                           ("tests.judge_fixtures:raising_judge", "the grader is on holiday"),
+                           ("tests.judge_fixtures:short_judge", "returned 1 scores for a batch of 2"),
+                           ("vibes", "unknown judge")):
+        with pytest.raises(ConfigError, match=message):
+            main(*parse_args(base + ["--gold_judge", judge]))
+        assert not (runs / "t" / "eval").exists()

@@ -64,7 +64,7 @@ def fake_sft(profile, runs_dir, run: str):
 
 def rm_args(profile, runs_dir, run, *extra):
     return ["--config", str(REPO / "configs/rm.yaml"), "--model_config", str(profile), "--runs_dir", str(runs_dir),
-            "--run", run, "--eval_fraction", "0.2", "--num_train_epochs", "4",
+            "--run", run, "--eval_fraction", "0.2", "--num_train_epochs", "4", "--per_device_train_batch_size", "8",
             "--learning_rate", "1e-2", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--logging_steps", "4",
             *extra]
 
@@ -194,8 +194,8 @@ def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
         pairs, _, counts, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "bad.jsonl", rows))), None, 0)
         assert pairs == [] and counts["bad"]["equal"] + counts["bad"]["empty"] == len(rows)
 
-    # mixture from the real YAML: bundled files by source name, per-source weights on training rows
-    train_cfg, args, run = parse_args(["--config", str(REPO / "configs/rm.yaml")])
+    # mixture from the assistant recipe's YAML: bundled files by source name, per-source weights on training rows
+    train_cfg, args, run = parse_args(["--config", str(REPO / "configs/recipes/assistant/rm.yaml")])
     assert "label-export" in args.dataset_mixture and train_cfg.max_length
     stage = StageRun("rm", "nolabels", str(tmp_path / "runs"))
     pairs, weights, counts, name = load_pairs(args, stage, 0)

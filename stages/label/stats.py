@@ -66,6 +66,23 @@ def binomial_two_sided_p(k: int, n: int) -> float:
     return min(1.0, sum(p for p in probs if p <= probs[k] * (1 + 1e-9)))
 
 
+SIMULATED_PREFIX = "sim:"  # annotator names of simulated annotators (make simulate), e.g. sim:sentiment
+
+
+def human_vs_simulated(labels: list[dict]) -> dict | None:
+    """How often people and simulated annotators agree, on pairs that both labeled: the share of (person, simulator)
+    label pairs on the same pair that mean the same (same winner, or both tie, or both 'both bad'), and the pairs
+    that went into it. None when no pair has a label from each."""
+    per_pair: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for lab in labels:
+        per_pair[lab["pair_id"]][lab["annotator"].startswith(SIMULATED_PREFIX)].append(category(lab))
+    both = [(people, sims) for people, sims in per_pair.values() if people and sims]
+    if not both:
+        return None
+    same = [h == s for people, sims in both for h in people for s in sims]
+    return {"pairs": len(both), "comparisons": len(same), "agreement": round(sum(same) / len(same), 3)}
+
+
 def summarize(labels: list[dict], now: float | None = None) -> dict:
     """Everything the stats view shows, from the store's label rows."""
     now = time.time() if now is None else now
@@ -113,6 +130,7 @@ def summarize(labels: list[dict], now: float | None = None) -> dict:
             "cohen_kappa": kappas,
             "mean_cohen_kappa": round(sum(k["kappa"] for k in kappas.values()) / len(kappas), 3) if kappas else None,
         },
+        "human_vs_simulated": human_vs_simulated(labels),
     }
 
 
@@ -160,6 +178,11 @@ def to_html(s: dict, overlap: int, blocked: int = 0) -> str:
         if ag["cohen_kappa"]:
             parts.append(_table(["annotators", "Cohen's kappa", "shared pairs"],
                                 [[k, v["kappa"], v["items"]] for k, v in ag["cohen_kappa"].items()]))
+    hs = s.get("human_vs_simulated")
+    if hs:
+        parts.append(f"<p><b>People vs simulated annotators</b> (<code>{html.escape(SIMULATED_PREFIX)}...</code>): "
+                     f"{hs['agreement']:.0%} agreement on {hs['pairs']} pairs labeled by both "
+                     f"({hs['comparisons']} label pairs).</p>")
     if blocked:
         parts.append(f"<p>{blocked} pair(s) are held back from annotators by the word filter.</p>")
     return "\n".join(parts)

@@ -1,0 +1,152 @@
+"""Gold judges: a score for each (prompt, response) pair that is NOT the reward model PPO optimises.
+
+    judge = load_judge("sentiment")                      # VADER's compound score of the response, in [-1, 1]
+    judge = load_judge("rm:runs/big/rm/adapter")         # another reward model (PEFT adapter or full checkpoint)
+    judge = load_judge("mymodule:my_judge")              # your function(prompts, responses) -> list of floats
+    scores = judge_scores(judge, prompts, responses)     # batched, every batch checked
+
+A judge is named by one string in a config (`judge:` in configs/simulate.yaml, `gold_judge:` in configs/eval.yaml).
+The simulated annotators (stages/simulate.py) label pairs with it, and `make eval` measures the policies with it,
+so that learning can be verified by something other than the proxy reward model the policy was trained against.
+A function judge receives `prompts` (each a list of chat messages) and `responses` (strings) of one batch and must
+return one finite number per response. Everything a judge can get wrong (unknown name, an exception, NaN, the wrong
+count) is one ConfigError naming the judge.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import ConfigError, resolve_path
+
+BUILTIN = ("sentiment",)
+FORMS = "sentiment, rm:<reward adapter dir or checkpoint>, or module:function"
+
+
+@dataclass
+class Judge:
+    spec: str  # as written in the config
+    name: str  # short, for annotator names and report columns: sentiment, rm:<folder>, module:function
+    score_batch: Callable[[list, list[str]], list]
+
+
+def sentiment_judge() -> Callable:
+    """VADER (Hutto & Gilbert 2014; MIT; its lexicon ships in the wheel, so it works offline): the compound score
+    of the response alone, as Ziegler et al. 2019 scored their "positive continuation" task."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        raise ConfigError("judge 'sentiment' needs the vaderSentiment package: `make setup` installs it "
+                          "(pip install -c constraints.txt vaderSentiment)") from None
+    analyzer = SentimentIntensityAnalyzer()
+    return lambda prompts, responses: [analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+def same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
+    """A reward model as judge: a PEFT SEQ_CLS adapter (as `make rm` writes it) or a full sequence-classification
+    checkpoint with one output. It reads the chat-templated conversation, as RewardTrainer trained it."""
+    import torch
+
+    path = resolve_path(path_text)
+    for own in forbidden:  # PPO's own reward model grading PPO would report the proxy as the gold
+        if same_path(path, own) or (path.is_dir() and same_path(path, own.parent) and own.name == "adapter"):
+            raise ConfigError(f"judge 'rm:{path_text}' is the reward model this run's PPO optimised ({own}): a gold judge "
+                              f"must be independent of it; name another reward model, or use sentiment / module:function")
+    if not path.is_dir():
+        raise ConfigError(f"judge 'rm:{path_text}': {path} is not a folder; give a reward adapter folder (with "
+                          f"adapter_config.json) or a sequence-classification checkpoint")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        if (path / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForSequenceClassification
+
+            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"judge 'rm:{path_text}' could not be loaded: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id  # the adapter does not carry it (STACK-NOTES 3)
+    model.eval()
+
+    @torch.no_grad()
+    def score(prompts, responses):
+        from pipeline.generation import chat_reward_inputs
+
+        ids, mask = chat_reward_inputs(tokenizer, [as_messages(p) for p in prompts], list(responses))
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+
+    return score
+
+
+def function_judge(spec: str) -> Callable:
+    module_name, _, function_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"judge '{spec}': cannot import module '{module_name}' ({err}); judges are {FORMS}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"judge '{spec}': module '{module_name}' has no function '{function_name}'")
+    return function
+
+
+def load_judge(spec: str, forbidden_rm: list[str | Path] = ()) -> Judge:
+    """The judge a config names. `forbidden_rm`: the reward model(s) the run's PPO optimised; refused as judges."""
+    spec = (spec or "").strip()
+    if spec in BUILTIN:
+        return Judge(spec, spec, sentiment_judge())
+    if spec.startswith("rm:") and spec[3:].strip():
+        path = spec[3:].strip()
+        return Judge(spec, f"rm:{Path(path).name or path}", rm_judge(path, [Path(p) for p in forbidden_rm]))
+    module_name, colon, function_name = spec.partition(":")
+    if colon and module_name and function_name and all(part.isidentifier() for part in module_name.split(".")) \
+            and function_name.isidentifier():
+        return Judge(spec, spec, function_judge(spec))
+    raise ConfigError(f"unknown judge '{spec}': name one of {FORMS}")
+
+
+def as_messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def judge_scores(judge: Judge, prompts: list, responses: list[str], batch_size: int = 64) -> list[float]:
+    """Score every (prompt, response), `batch_size` at a time; a batch that raises, returns the wrong number of
+    scores, or a score that is not a finite number, is one ConfigError naming the judge and the first bad row."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    out: list[float] = []
+    for start in range(0, len(responses), batch_size):
+        batch_p, batch_r = prompts[start:start + batch_size], responses[start:start + batch_size]
+        try:
+            got = judge.score_batch(batch_p, batch_r)
+            got = list(got.tolist() if hasattr(got, "tolist") else got)
+        except ConfigError:
+            raise
+        except Exception as err:  # a user's function can fail in any way; say which judge and where
+            raise ConfigError(f"judge '{judge.spec}' failed on rows {start}-{start + len(batch_r) - 1}: "
+                              f"{type(err).__name__}: {err}") from None
+        if len(got) != len(batch_r):
+            raise ConfigError(f"judge '{judge.spec}' returned {len(got)} scores for a batch of {len(batch_r)} "
+                              f"responses (rows {start}-{start + len(batch_r) - 1}): it must return one per response")
+        for i, value in enumerate(got):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"judge '{judge.spec}' gave {value!r} for row {start + i}: every score must be a "
+                                  f"finite number")
+        out += [float(v) for v in got]
+    return out

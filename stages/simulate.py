@@ -1,0 +1,248 @@
+"""Stage: simulated annotators label the run's pairs through the same label store people use (`make label`).
+
+    make simulate                     # python -m stages.simulate --config configs/simulate.yaml --run $(RUN)
+    make simulate ARGS="--judge rm:runs/big/rm/adapter --position_bias 0.3"
+
+A simulated annotator stands in for people: it labels each pair of the pairs stage by a gold judge
+(pipeline/judges.py; VADER sentiment by default) with human-like noise, under the name `sim:<judge>`, through the
+store's own API (next_item, then save_label with the left/right order it was shown). Stats, agreement and
+`make label-export` then treat it like a person, and people can label the same store (`make label ARGS="--overlap 2"`
+to label pairs a simulator already did); the Stats tab shows how often people and simulators agree.
+
+Noise model (Bradley-Terry, as people's choices are modelled in RLHF reward training): with the judge's scores
+s_left, s_right of the two responses as shown, the annotator says "tie" when |s_left - s_right| < tie_band, else
+picks left with probability sigmoid((s_left - s_right) / temperature + position_bias). The draw for a pair is a
+hash of (seed, annotator, pair_id): the same labels whatever the order or the batch. temperature: null calibrates
+it so that the expected agreement with the gold ordering is target_agreement (0.73: trained labelers agreed with
+each other 72.6% of the time in Ouyang et al. 2022, 72-77% in Stiennon et al. 2020).
+
+Writes labels into runs/<run>/label/labels.sqlite, and runs/<run>/simulate/: gold_scores.jsonl (the judge's score of
+every response), config.json, manifest.json (last; metrics: agreement with the gold ordering achieved, and more).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigError, RunArgs, check_keys, parse, read_yaml, resolve_path, to_dict
+from pipeline.run import StageRun, main_guard, stage_dir
+
+
+@dataclass
+class SimulateArgs:
+    # Who
+    judge: str = field(default="sentiment", metadata={"help": "Gold judge: sentiment, rm:<adapter or checkpoint>, module:function."})
+    annotator: str = field(default="", metadata={"help": "Annotator name in the store; '' = sim:<judge name>. Must start with sim:."})
+    # Noise model
+    temperature: float | None = field(default=None, metadata={
+        "help": "Bradley-Terry temperature on the score difference (judge units); null = calibrate to target_agreement."})
+    target_agreement: float = field(default=0.73, metadata={
+        "help": "With temperature null: the expected share of decided labels that pick the judge's winner."})
+    tie_band: float = field(default=0.05, metadata={"help": "A score difference below this (judge units) is labeled a tie."})
+    position_bias: float = field(default=0.0, metadata={"help": "Added to the logit of choosing the left response (0 = none)."})
+    seed: int = field(default=0, metadata={"help": "Seeds every draw (with the annotator and pair id)."})
+    # Data
+    pairs_dataset: str | None = field(default=None, metadata={"help": "Pairs to label; default: this run's pairs stage."})
+    label_config: str = field(default="configs/label.yaml", metadata={
+        "help": "The labeling UI's config: the same word filter and left/right seed as people get."})
+    skip_if_people_labeled: bool = field(default=False, metadata={
+        "help": "Label nothing when the store already holds labels from people (the default chain of make rm)."})
+    batch_size: int = field(default=64, metadata={"help": "Responses per judge call."})
+
+    def __post_init__(self):
+        if self.temperature is not None and self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 (or null to calibrate it), got {self.temperature}")
+        if not 0.5 < self.target_agreement < 1:
+            raise ConfigError(f"target_agreement must be between 0.5 (a coin) and 1 (no noise), got {self.target_agreement}")
+        if self.tie_band < 0:
+            raise ConfigError(f"tie_band must be >= 0, got {self.tie_band}")
+        if self.annotator and not self.annotator.startswith("sim:"):
+            raise ConfigError(f"annotator '{self.annotator}' must start with 'sim:' so that stats and exports can tell "
+                              f"simulated labels from people's")
+
+
+# ---------------------------------------------------------------------------------------------------- noise model
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def uniform(seed: int, annotator: str, pair_id: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, annotator, pair): labels do not depend on the labeling order."""
+    digest = hashlib.sha256(f"{seed}\0{annotator}\0{pair_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def p_left(diff: float, temperature: float, position_bias: float) -> float:
+    """Bradley-Terry probability of picking the left response; diff = s_left - s_right."""
+    return sigmoid(diff / temperature + position_bias)
+
+
+def choose(diff: float, u: float, temperature: float, tie_band: float, position_bias: float) -> str:
+    """'left', 'right' or 'tie' for a pair whose left response scores `diff` more than the right one."""
+    if abs(diff) < tie_band:
+        return "tie"
+    return "left" if u < p_left(diff, temperature, position_bias) else "right"
+
+
+def expected_agreement(diffs: list[float], temperature: float, position_bias: float) -> float:
+    """Expected share of labels that pick the gold winner, over pairs outside the tie band (|diffs|), each pair shown
+    with the gold winner on the left or the right with even odds (the store's order is a hash of the pair)."""
+    probs = [(p_left(abs(d), temperature, position_bias) + p_left(abs(d), temperature, -position_bias)) / 2 for d in diffs]
+    return sum(probs) / len(probs)
+
+
+def calibrate_temperature(diffs: list[float], target: float, position_bias: float) -> float:
+    """The temperature whose expected agreement is `target` (bisection in log space: agreement falls as T rises)."""
+    if not diffs:
+        raise ConfigError("no pair has a score difference outside tie_band: the judge cannot tell these responses apart "
+                          "(lower tie_band, or give a temperature)")
+    lo, hi = math.log(1e-6), math.log(1e6)
+    if expected_agreement(diffs, math.exp(lo), position_bias) < target:
+        raise ConfigError(f"target_agreement {target} is out of reach with position_bias {position_bias}: lower one of them")
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if expected_agreement(diffs, math.exp(mid), position_bias) > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2)
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def agreement_with_gold(labels: list[dict], scores: dict[str, list[float]], tie_band: float) -> dict:
+    """Of the labels on pairs whose gold scores differ by tie_band or more, the share that picked the gold winner
+    (ties, both bad: not decided, counted apart). What people's agreement figures measure, here against the gold."""
+    decided = agree = ties = 0
+    for lab in labels:
+        s = scores.get(lab["pair_id"])
+        if s is None or abs(s[0] - s[1]) < max(tie_band, 1e-12):
+            continue
+        if lab["preferred"] is None:
+            ties += 1
+            continue
+        decided += 1
+        agree += lab["preferred"] == (0 if s[0] > s[1] else 1)
+    return {"agreement_with_gold": round(agree / decided, 4) if decided else None,
+            "agreement_with_gold_ci95": wilson(agree, decided), "decided_labels": decided, "tie_labels_on_unequal": ties}
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+def simulator_store(path, **kwargs):
+    """The label store, tuned for a machine that labels thousands of pairs a minute. People's labels must survive a
+    power cut (each commit fsyncs: synchronous=FULL); simulated ones are redrawn identically by a rerun. And the store
+    opens a connection per call: closing the last one checkpoints the WAL (more fsyncs), ~12 ms a label here. So the
+    simulator commits without the fsync and holds one extra connection open while it labels (`keepalive`; close it).
+    Everything else (schema, assignment, the label rows and their history) is the store's own."""
+    from stages.label.store import LabelStore
+
+    class SimulatorStore(LabelStore):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.keepalive = self._connect()
+
+        def _connect(self):
+            con = super()._connect()
+            con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: still atomic, and safe if the process dies
+            return con
+
+    return SimulatorStore(path, **kwargs)
+
+
+def load_label_args(path: str):
+    from stages.label.config import LabelArgs
+
+    data = read_yaml(resolve_path(path))
+    check_keys(data, [LabelArgs], path)
+    try:
+        return LabelArgs(**data)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid value in {path}: {err}") from None
+
+
+def people_labeled(db) -> bool:
+    from stages.label.stats import SIMULATED_PREFIX
+    from stages.label.store import LabelStore
+
+    return db.is_file() and any(not lab["annotator"].startswith(SIMULATED_PREFIX) for lab in LabelStore(db).labels())
+
+
+def main(args: SimulateArgs, run: RunArgs) -> dict:
+    from pipeline.judges import judge_scores, load_judge
+    from pipeline.report import print_table
+    from stages.label.__main__ import load_pairs
+    from stages.label.config import db_path, word_filter
+
+    stage = StageRun("simulate", run.run, run.runs_dir)
+    config = {"simulate": to_dict(args), "run": to_dict(run)}
+    db = db_path(run.runs_dir, run.run)
+    if args.skip_if_people_labeled and people_labeled(db):
+        print(f"simulate: {db} holds labels from people: they are used, no simulated labels added "
+              f"(`make simulate` adds them anyway)")
+        return {"skipped": "people labeled"}
+
+    # 1. Everything that can be wrong is checked before the store or the run folder is touched.
+    label_args = load_label_args(args.label_config)
+    label_args.pairs_dataset = args.pairs_dataset
+    pairs = load_pairs(label_args, stage)
+    judge = load_judge(args.judge, forbidden_rm=[stage_dir(run.runs_dir, run.run, "rm") / "adapter"])
+    annotator = args.annotator or f"sim:{judge.name}"
+    flat_prompts = [p["prompt"] for p in pairs for _ in (0, 1)]
+    flat_scores = judge_scores(judge, flat_prompts, [r for p in pairs for r in p["responses"]], args.batch_size)
+    scores = {p["pair_id"]: flat_scores[2 * i:2 * i + 2] for i, p in enumerate(pairs)}
+
+    # 2. The noise model's temperature: given, or calibrated on these pairs' score differences
+    outside = [abs(s[0] - s[1]) for s in scores.values() if abs(s[0] - s[1]) >= max(args.tie_band, 1e-12)]
+    temperature = args.temperature or calibrate_temperature(outside, args.target_agreement, args.position_bias)
+    stage.prepare(config)
+
+    # 3. Label like a person: ask the store for the next pair, answer in the order it was shown. A simulator labels
+    #    every pair once, however many people labeled it (overlap is for sharing work among people).
+    store = simulator_store(db, overlap=len(pairs) + 10**6, lease_s=label_args.lease_timeout_s, seed=label_args.seed)
+    store.import_items(pairs, word_filter(label_args.offensive_words if label_args.filter_offensive else []))
+    written = 0
+    while (item := store.next_item(annotator)) is not None:
+        s = scores[item.pair_id]
+        diff = s[item.shown_left] - s[1 - item.shown_left]
+        choice = choose(diff, uniform(args.seed, annotator, item.pair_id), temperature, args.tie_band, args.position_bias)
+        store.save_label(annotator, item.pair_id, choice, item.shown_left)
+        written += 1
+
+    # 4. What was achieved, from the store itself (a rerun that labels nothing new reports the same)
+    mine = [lab for lab in store.labels() if lab["annotator"] == annotator and lab["pair_id"] in scores]
+    store.keepalive.close()
+    with open(stage.dir / "gold_scores.jsonl", "w") as f:
+        for p in pairs:
+            f.write(json.dumps({"pair_id": p["pair_id"], "scores": scores[p["pair_id"]]}) + "\n")
+    decided = [lab for lab in mine if lab["choice"] in ("left", "right")]
+    metrics = {
+        "annotator": annotator, "judge": args.judge, "pairs": len(pairs), "labels_written": written, "labels": len(mine),
+        **agreement_with_gold(mine, scores, args.tie_band),
+        "expected_agreement": round(expected_agreement(outside, temperature, args.position_bias), 4) if outside else None,
+        "temperature": temperature, "temperature_calibrated": args.temperature is None,
+        "tie_share": round(sum(lab["choice"] == "tie" for lab in mine) / len(mine), 4) if mine else None,
+        "left_share": round(sum(lab["choice"] == "left" for lab in decided) / len(decided), 4) if decided else None,
+        "gold_mean": round(sum(flat_scores) / len(flat_scores), 4),
+    }
+    print_table("simulate", metrics)
+    stage.finish({"labels_sqlite": db, "gold_scores": stage.dir / "gold_scores.jsonl"}, metrics, config)
+    return metrics
+
+
+def CONFIG_CLASSES():
+    return (SimulateArgs, RunArgs)
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(*parse(CONFIG_CLASSES())))

@@ -1,0 +1,32 @@
+"""Judge functions for the tests of pipeline/judges.py (`module:function` judges): good ones and broken ones."""
+
+CALLS: list[int] = []  # batch sizes seen by counting_judge
+
+
+def length_judge(prompts, responses):
+    """One score per response: its length in characters."""
+    return [float(len(r)) for r in responses]
+
+
+def counting_judge(prompts, responses):
+    CALLS.append(len(responses))
+    return [float(len(p[-1]["content"])) for p in prompts]
+
+
+def raising_judge(prompts, responses):
+    raise RuntimeError("the grader is on holiday")
+
+
+def nan_judge(prompts, responses):
+    return [float("nan")] + [0.0] * (len(responses) - 1)
+
+
+def short_judge(prompts, responses):
+    return [1.0] * (len(responses) - 1)
+
+
+def text_judge(prompts, responses):
+    return ["good"] * len(responses)
+
+
+NOT_A_FUNCTION = 3

@@ -1,0 +1,96 @@
+"""Gold judges (pipeline/judges.py): the three kinds score like their references; bad judges are one ConfigError."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.judges import judge_scores, load_judge
+from tests import judge_fixtures
+
+PROMPTS = [[{"role": "user", "content": "Once upon a time there was a rabbit."}],
+           [{"role": "user", "content": "The storm had lasted all night."}],
+           [{"role": "user", "content": "Alice looked at the door."}]]
+TEXTS = ["She was so happy and glad, it was a wonderful day!", "He died alone in the terrible cold.",
+         "The door was brown."]
+
+
+def test_sentiment_is_vader_compound_of_the_response():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    judge = load_judge("sentiment")
+    got = judge_scores(judge, PROMPTS, TEXTS, batch_size=2)
+    analyzer = SentimentIntensityAnalyzer()
+    assert got == [analyzer.polarity_scores(t)["compound"] for t in TEXTS]
+    assert got[0] > 0.5 and got[1] < -0.5 and got[2] == 0.0  # happy, sad, neutral
+    assert judge.name == "sentiment"
+
+
+def test_function_judge_gets_batches_and_its_scores_come_back_in_order():
+    judge = load_judge("tests.judge_fixtures:length_judge")
+    assert judge_scores(judge, PROMPTS, TEXTS, batch_size=2) == [float(len(t)) for t in TEXTS]
+    judge_fixtures.CALLS.clear()
+    counted = judge_scores(load_judge("tests.judge_fixtures:counting_judge"), PROMPTS * 3, TEXTS * 3, batch_size=4)
+    assert judge_fixtures.CALLS == [4, 4, 1]  # batches of batch_size, the remainder last
+    assert counted == [float(len(p[-1]["content"])) for p in PROMPTS * 3]  # the prompt reaches the judge with its row
+
+
+def _rm_adapter(tiny_models, out):
+    from tests.fake_upstream import _lora_adapter
+
+    spec = yaml.safe_load(tiny_models["llama"].read_text())
+    return _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], out, seed=2, task_type="SEQ_CLS")
+
+
+def test_rm_judge_scores_like_the_pipelines_reward_path(tiny_models, tmp_path):
+    """rm:<adapter> reads the chat-templated conversation as PPO's and eval's reward adapter does: same scores."""
+    from pipeline.adapters import AdapterStack
+    from pipeline.generation import chat_reward_inputs
+    from pipeline.models import load_tokenizer, profile_from
+
+    rm_dir = _rm_adapter(tiny_models, tmp_path / "other" / "adapter")
+    judge = load_judge(f"rm:{rm_dir}")
+    got = judge_scores(judge, PROMPTS, TEXTS, batch_size=2)
+    profile = profile_from(str(tiny_models["llama"]))
+    tokenizer = load_tokenizer(profile)
+    stack = AdapterStack.build(profile, tokenizer, {"reward": rm_dir})
+    ids, mask = chat_reward_inputs(tokenizer, PROMPTS, TEXTS)
+    want = stack.scores("reward", ids, mask).tolist()
+    assert got == pytest.approx(want, abs=1e-5) and len({round(x, 4) for x in got}) == 3
+    assert judge.name == "rm:adapter"
+
+
+def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):
+    rm_dir = _rm_adapter(tiny_models, tmp_path / "rm" / "adapter")
+    for spec in (f"rm:{rm_dir}", f"rm:{rm_dir.parent}", f"rm:{rm_dir}/"):
+        with pytest.raises(ConfigError, match="reward model this run's PPO optimised"):
+            load_judge(spec, forbidden_rm=[rm_dir])
+    load_judge(f"rm:{rm_dir}", forbidden_rm=[tmp_path / "elsewhere" / "adapter"])  # another RM is a fine judge
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("vibes", "unknown judge 'vibes'"),
+    ("", "unknown judge ''"),
+    ("rm:", "unknown judge 'rm:'"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("tests.judge_fixtures:missing", "has no function 'missing'"),
+    ("tests.judge_fixtures:NOT_A_FUNCTION", "has no function 'NOT_A_FUNCTION'"),
+    ("rm:/no/such/folder", "is not a folder"),
+])
+def test_unknown_or_unloadable_judge_is_one_config_error(spec, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_judge(spec)
+
+
+@pytest.mark.parametrize("function, message", [
+    ("raising_judge", r"failed on rows 0-1: RuntimeError: the grader is on holiday"),
+    ("nan_judge", r"gave nan for row 0: every score must be a finite number"),
+    ("short_judge", r"returned 1 scores for a batch of 2 responses"),
+    ("text_judge", r"gave 'good' for row 0"),
+])
+def test_a_judge_that_misbehaves_is_one_config_error_naming_it(function, message):
+    judge = load_judge(f"tests.judge_fixtures:{function}")
+    with pytest.raises(ConfigError, match=message) as err:
+        judge_scores(judge, PROMPTS, TEXTS, batch_size=2)
+    assert f"tests.judge_fixtures:{function}" in str(err.value)

@@ -1,0 +1,148 @@
+"""The two recipes: the default story task (data/story/, configs/*.yaml) and the assistant recipe
+(configs/recipes/assistant/), picked by one Make variable; the story data's split and limits."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import parse, read_yaml
+from tests.conftest import REPO
+from tests.test_config import stage_classes
+
+RECIPE_CONFIGS = sorted((REPO / "configs" / "recipes").glob("*/*.yaml"))
+STORY = REPO / "data" / "story"
+
+
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_yaml_parses(path):
+    parsed = parse(stage_classes(path.stem), ["--config", str(path)])
+    for key, value in read_yaml(path).items():
+        got = getattr(next(obj for obj in parsed if hasattr(obj, key)), key)
+        got = got.value if hasattr(got, "value") else got
+        assert got == value or str(got) == str(value) or (value == "none" and got in ([], ["none"])), key
+
+
+def test_the_assistant_recipe_keeps_the_bundled_assistant_data():
+    sft = read_yaml(REPO / "configs/recipes/assistant/sft.yaml")["dataset_mixture"]
+    rm = read_yaml(REPO / "configs/recipes/assistant/rm.yaml")["dataset_mixture"]
+    assert set(sft) == {"data/sft/oasst.jsonl", "data/sft/self_instruct.jsonl", "data/sft/gsm8k.jsonl"}
+    assert set(rm) == {"label-export", "data/preferences/oasst.jsonl", "data/preferences/pandalm.jsonl",
+                       "data/preferences/tulu.jsonl"}
+    for stage in ("pairs", "ppo"):
+        assert read_yaml(REPO / f"configs/recipes/assistant/{stage}.yaml")["prompts_file"] == "data/prompts/oasst_prompts.jsonl"
+
+
+def test_the_default_recipe_is_the_story_task():
+    assert list(read_yaml(REPO / "configs/sft.yaml")["dataset_mixture"]) == ["data/story/sft.jsonl"]
+    assert list(read_yaml(REPO / "configs/rm.yaml")["dataset_mixture"]) == ["label-export"]  # labels only
+    assert read_yaml(REPO / "configs/pairs.yaml")["prompts_file"] == "data/story/pairs_prompts.jsonl"
+    assert read_yaml(REPO / "configs/ppo.yaml")["prompts_file"] == "data/story/ppo_prompts.jsonl"
+    assert read_yaml(REPO / "configs/eval.yaml")["gold_judge"] == "sentiment"
+    assert read_yaml(REPO / "configs/simulate.yaml")["judge"] == "sentiment"
+    ppo = read_yaml(REPO / "configs/ppo.yaml")
+    n = sum(1 for _ in open(STORY / "ppo_prompts.jsonl"))
+    assert int(n * ppo["heldout_fraction"]) >= 64  # eval's gold win rate needs at least 64 held-out prompts
+
+
+# ------------------------------------------------------------------------------------------------ the story data
+
+def rows(name):
+    return [json.loads(line) for line in open(STORY / name)]
+
+
+def books():
+    """Book name -> its text with whitespace joined, as build.py reads it."""
+    return {p.stem: re.sub(r"\s+", " ", p.read_text()) for p in (REPO / "data/pretrain/texts").glob("*.txt")}
+
+
+def test_story_rows_come_from_the_right_books_and_fit_the_limits():
+    from transformers import AutoTokenizer
+
+    heldout = set(read_yaml(REPO / "configs/base.yaml")["heldout_books"])
+    texts = books()
+    train_text = " ".join(t for name, t in texts.items() if name not in heldout)
+    heldout_text = " ".join(t for name, t in texts.items() if name in heldout)
+    sft, pair_prompts, ppo_prompts = rows("sft.jsonl"), rows("pairs_prompts.jsonl"), rows("ppo_prompts.jsonl")
+    assert len(sft) == 4000 and len(pair_prompts) == len(ppo_prompts) == 413
+    pair_texts = {r["prompt"][0]["content"] for r in pair_prompts}
+    ppo_texts = {r["prompt"][0]["content"] for r in ppo_prompts}
+    assert not pair_texts & ppo_texts  # eval's prompts (from PPO's) are new to the reward model
+    rng = random.Random(0)
+    for row in rng.sample(sft, 150):  # SFT: sentences of the books the base trained on (a heading between two is skipped)
+        user, reply = row["messages"]
+        assert user["role"] == "user" and reply["role"] == "assistant"
+        for sentence in re.split(r"(?<=[.!?’”\"])\s+(?=[A-Z‘“\"])", f"{user['content']} {reply['content']}"):
+            assert sentence in train_text, sentence
+        assert user["content"] not in heldout_text
+    for text in rng.sample(sorted(pair_texts | ppo_texts), 150):  # prompts: only from the held-out books
+        assert text in heldout_text and text not in train_text
+    tok = AutoTokenizer.from_pretrained(REPO / "models/tiny")
+    ppo_limit = read_yaml(REPO / "configs/ppo.yaml")["max_prompt_length"]
+    response_length = read_yaml(REPO / "configs/ppo.yaml")["response_length"]
+    for r in rng.sample(pair_prompts + ppo_prompts, 100):
+        assert len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)) <= ppo_limit
+    for r in rng.sample(sft, 100):
+        assert len(tok(r["messages"][1]["content"], add_special_tokens=False)["input_ids"]) < response_length  # + EOS
+
+
+def test_build_splits_books_and_filters_words(tmp_path):
+    sys.path.insert(0, str(STORY))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(STORY))
+    from stages.label.config import word_filter
+
+    (tmp_path / "kept.txt").write_text(
+        "CHAPTER I.\n\nThe cat sat down by the fire. It was warm and quiet there. The old dog\nbarked loudly at the door. "
+        "The end of the day came slowly. Mr. Brown smiled at them all.\n\nThen he left the little house. She waved "
+        "goodbye from the garden gate. The sun went down behind the hill. Night came over the quiet town. Everyone "
+        "slept soundly until morning.")
+    held = "Alice ran fast down the hill. She was very late for tea. The white rabbit waited by the tree. Then the queen shouted."
+    (tmp_path / "held.txt").write_text("The Held-out Book\n\n" + held)
+
+    def tok(text, add_special_tokens=False):  # one token per word: limits in words
+        return {"input_ids": text.split()}
+
+    files = build.build(tmp_path, ["held"], tok, word_filter(["dog"]))
+    assert build.sentences("Mr. Brown smiled. Then he left!") == ["Mr. Brown smiled.", "Then he left!"]
+    assert build.paragraphs("Title\nAuthor\n\nCHAPTER I. Down\n\nTHE END\n\nNo.\n\nA real\nline.") == ["No.", "A real line."]
+    # window 1 (3 sentences + 2) holds "dog": left out; window 2 is the next 3 sentences and the 2 after them
+    assert files["sft.jsonl"] == [{"messages": [
+        {"role": "user", "content": "Then he left the little house. She waved goodbye from the garden gate. The sun went "
+                                    "down behind the hill."},
+        {"role": "assistant", "content": "Night came over the quiet town. Everyone slept soundly until morning."}]}]
+    prompts = files["pairs_prompts.jsonl"] + files["ppo_prompts.jsonl"]  # the last sentence alone is under 10 tokens
+    assert [r["prompt"][0]["content"] for r in prompts] == [held.rsplit(" Then", 1)[0]]
+
+
+# ------------------------------------------------------------------------------------------------ the Makefile
+
+def make_dry_run(*args):
+    res = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    return res.returncode, [line for line in res.stdout.splitlines() if "-m stages." in line], res.stderr
+
+
+def test_make_default_chain_runs_simulated_labels_before_the_reward_model():
+    rc, lines, _ = make_dry_run("sft", "rm", "ppo", "RUN=dryrun-nonexistent")
+    assert rc == 0
+    stages = [re.search(r"-m (stages\.[\w.]+)", line).group(1) for line in lines]
+    assert stages == ["stages.sft", "stages.pairs", "stages.simulate", "stages.label.export", "stages.rm", "stages.ppo"]
+    assert "--skip_if_people_labeled true" in lines[2] and "--config configs/rm.yaml" in lines[4]
+
+
+def test_make_recipe_variable_picks_the_assistant_configs():
+    rc, lines, _ = make_dry_run("sft", "rm", "ppo", "eval", "RECIPE=assistant", "RUN=dryrun-nonexistent")
+    assert rc == 0 and len(lines) == 4  # no pairs or simulated labels: it trains on the bundled preferences
+    for stage, line in zip(("sft", "rm", "ppo", "eval"), lines):
+        assert f"--config configs/recipes/assistant/{stage}.yaml" in line and "--run dryrun-nonexistent" in line
+    rc, lines, _ = make_dry_run("sft", "RECIPE=assistant")
+    assert "--run assistant" in lines[0]  # its own run folder unless RUN says otherwise
+    rc, _, err = make_dry_run("sft", "RECIPE=nosuch")
+    assert rc != 0 and "RECIPE=nosuch" in err and "assistant" in err

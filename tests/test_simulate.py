@@ -1,0 +1,210 @@
+"""Simulated annotators (stages/simulate.py): the noise model, checked statistically; labels through the label store
+people use, exported like theirs; people-vs-simulator agreement in the stats."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline.config import ConfigError, RunArgs, parse
+from stages.simulate import (SimulateArgs, agreement_with_gold, calibrate_temperature, choose, expected_agreement, main,
+                             sigmoid, uniform)
+from tests.conftest import REPO, run_python
+
+N = 20000  # draws per statistical check: a share's standard error is at most 0.5 / sqrt(N) = 0.0035
+TOL = 4 * 0.5 / math.sqrt(N)  # 4 standard errors: a correct model fails this about once in 16,000 runs
+
+
+def shares(diff: float, temperature: float, tie_band: float, bias: float, seed: int = 0) -> dict:
+    picks = [choose(diff, uniform(seed, "sim:t", f"pair-{i}"), temperature, tie_band, bias) for i in range(N)]
+    return {c: picks.count(c) / N for c in ("left", "right", "tie")}
+
+
+@pytest.mark.parametrize("diff, temperature, bias", [(0.3, 0.2, 0.0), (-0.5, 0.25, 0.0), (0.0, 1.0, 0.8),
+                                                     (0.2, 0.4, -0.5)])
+def test_bradley_terry_choice_matches_its_probability(diff, temperature, bias):
+    got = shares(diff, temperature, tie_band=0.0, bias=bias)
+    want = sigmoid(diff / temperature + bias)  # e.g. sigmoid(1.5) = 0.8176 for the first case
+    assert abs(got["left"] - want) < TOL and got["tie"] == 0.0
+    assert got["left"] + got["right"] == pytest.approx(1.0)
+
+
+def test_tie_band_and_no_bias_means_no_position_preference():
+    assert shares(0.04, 0.1, tie_band=0.05, bias=2.0) == {"left": 0.0, "right": 0.0, "tie": 1.0}  # inside the band
+    assert shares(0.05, 0.1, tie_band=0.05, bias=0.0)["tie"] == 0.0  # the band is open: 0.05 is decided
+    assert abs(shares(0.0, 1.0, tie_band=0.0, bias=0.0)["left"] - 0.5) < TOL
+    assert sigmoid(0.0) == 0.5 and sigmoid(-800.0) == 0.0 and sigmoid(800.0) == 1.0  # no overflow either way
+
+
+def test_draws_are_fixed_by_seed_annotator_and_pair_not_by_order():
+    assert uniform(0, "sim:a", "p1") == uniform(0, "sim:a", "p1")
+    assert len({uniform(0, "sim:a", "p1"), uniform(1, "sim:a", "p1"), uniform(0, "sim:b", "p1"), uniform(0, "sim:a", "p2")}) == 4
+    draws = [uniform(3, "sim:a", f"p{i}") for i in range(N)]
+    assert all(0 <= u < 1 for u in draws) and abs(sum(draws) / N - 0.5) < 4 * math.sqrt(1 / 12 / N)
+
+
+def test_calibrated_temperature_gives_the_target_agreement():
+    diffs = [0.05 + 0.9 * i / 999 for i in range(1000)]  # |score differences| spread over VADER's range
+    for target, bias in ((0.73, 0.0), (0.9, 0.0), (0.73, 0.5)):
+        t = calibrate_temperature(diffs, target, bias)
+        assert expected_agreement(diffs, t, bias) == pytest.approx(target, abs=1e-6)
+    # and the draws achieve it: pairs with the gold winner shown left and right equally often
+    t = calibrate_temperature(diffs, 0.73, 0.0)
+    agree = sum(choose(d if i % 2 else -d, uniform(0, "sim:t", f"p{i}{j}"), t, 0.0, 0.0) == ("left" if i % 2 else "right")
+                for j in range(20) for i, d in enumerate(diffs)) / (20 * len(diffs))
+    assert abs(agree - 0.73) < TOL
+    with pytest.raises(ConfigError, match="out of reach"):
+        calibrate_temperature([1e-9], 0.73, 0.0)  # differences far below any temperature's resolution
+    with pytest.raises(ConfigError, match="outside tie_band"):
+        calibrate_temperature([], 0.73, 0.0)
+
+
+def test_agreement_with_gold_counts_decided_labels_on_unequal_pairs():
+    scores = {"a": [0.5, 0.0], "b": [0.0, 0.6], "c": [0.2, 0.2], "d": [0.9, 0.1], "e": [0.0, 0.3]}
+    labels = [{"pair_id": "a", "preferred": 0}, {"pair_id": "b", "preferred": 0}, {"pair_id": "c", "preferred": 1},
+              {"pair_id": "d", "preferred": 0}, {"pair_id": "e", "preferred": None}]
+    got = agreement_with_gold(labels, scores, tie_band=0.05)
+    # c: equal gold scores, left out; e: a tie label; a and d agree, b does not -> 2 of 3
+    assert got["agreement_with_gold"] == pytest.approx(2 / 3, abs=1e-4) and got["decided_labels"] == 3
+    assert got["tie_labels_on_unequal"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+HAPPY = ["It was a lovely, happy day and everyone laughed.", "She smiled, glad and grateful for her wonderful friends.",
+         "They won the prize and cheered with joy."]
+SAD = ["He died alone, hurt and afraid.", "The awful storm destroyed their home and they wept.",
+       "It was a terrible, miserable night of pain."]
+NEUTRAL = ["The door was brown.", "He walked to the table."]
+
+
+def pairs_file(tmp_path, n: int = 60):
+    """n pairs of a happy, a sad or a neutral continuation, in both orders."""
+    rows = []
+    for i in range(n):
+        a = [HAPPY, SAD, NEUTRAL][i % 3][i % 2] + f" ({i})"
+        b = [SAD, NEUTRAL, NEUTRAL][i % 3][(i + 1) % 2] + f" ({i})"
+        responses = [a, b] if i % 2 else [b, a]
+        rows.append({"pair_id": f"pair{i:03d}", "prompt": [{"role": "user", "content": f"Story {i} begins."}],
+                     "responses": responses})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def simulate(tmp_path, runs, *extra):
+    path, _ = pairs_file(tmp_path)
+    return main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
+                                                  "--run", "t", "--pairs_dataset", str(path), *extra]))
+
+
+def test_simulated_labels_go_through_the_store_and_export_like_peoples(tmp_path):
+    import datasets
+
+    from stages.label.config import ExportArgs, LabelArgs
+    from stages.label.export import main as export_main
+    from stages.label.store import LabelStore
+
+    runs = tmp_path / "runs"
+    metrics = simulate(tmp_path, runs)
+    _, rows = pairs_file(tmp_path)
+    store = LabelStore(runs / "t" / "label" / "labels.sqlite")
+    labels = store.labels()
+    assert metrics["annotator"] == "sim:sentiment" and metrics["labels_written"] == len(labels) == len(rows) == 60
+    assert {lab["annotator"] for lab in labels} == {"sim:sentiment"}
+    for lab in labels:  # each pair was served by next_item, in the order the store shows this annotator
+        assert lab["shown_left"] == store.shown_left(lab["pair_id"], "sim:sentiment")
+    history = store.history("sim:sentiment")
+    assert [h["action"] for h in history] == ["new"] * 60
+    # the manifest's agreement is the one recomputed from the store and the judge's scores
+    gold = {json.loads(line)["pair_id"]: json.loads(line)["scores"]
+            for line in (runs / "t" / "simulate" / "gold_scores.jsonl").read_text().splitlines()}
+    assert metrics["agreement_with_gold"] == agreement_with_gold(labels, gold, 0.05)["agreement_with_gold"]
+    assert metrics["temperature_calibrated"] and metrics["expected_agreement"] == pytest.approx(0.73, abs=1e-3)
+    neutral = [p["pair_id"] for p in rows if abs(gold[p["pair_id"]][0] - gold[p["pair_id"]][1]) < 0.05]
+    assert neutral and all(lab["choice"] == "tie" for lab in labels if lab["pair_id"] in neutral)
+    manifest = json.loads((runs / "t" / "simulate" / "manifest.json").read_text())
+    assert manifest["metrics"]["agreement_with_gold"] == metrics["agreement_with_gold"]
+
+    # a rerun labels nothing twice and reports the same
+    again = simulate(tmp_path, runs)
+    assert again["labels_written"] == 0 and again["agreement_with_gold"] == metrics["agreement_with_gold"]
+    assert len(store.labels()) == 60
+
+    # export: the simulator is an annotator like any other
+    out = export_main(*parse((LabelArgs, ExportArgs, RunArgs), ["--config", str(REPO / "configs/label.yaml"),
+                                                                "--runs_dir", str(runs), "--run", "t"]))
+    ds = datasets.load_from_disk(str(runs / "t" / "label-export" / "dataset"))
+    decided = [lab for lab in labels if lab["preferred"] is not None]
+    assert out["annotators"] == 1 and len(ds) == len(decided) and set(ds["annotator"]) == {"sim:sentiment"}
+    by_id = {lab["pair_id"]: lab for lab in decided}
+    for row in ds:
+        lab = by_id[row["pair_id"]]
+        assert row["chosen"][0]["content"] == lab["responses"][lab["preferred"]]
+        assert row["rejected"][0]["content"] == lab["responses"][1 - lab["preferred"]]
+
+
+def test_people_and_simulators_share_a_store_and_their_agreement_shows(tmp_path):
+    from stages.label.stats import human_vs_simulated, summarize, to_markdown
+    from stages.label.store import LabelStore
+
+    runs = tmp_path / "runs"
+    _, rows = pairs_file(tmp_path)
+    store = LabelStore(runs / "t" / "label" / "labels.sqlite", overlap=2)
+    store.import_items(rows)
+    for row in rows[:4]:  # a person says response 0 wins on four pairs
+        store.save_label("alice", row["pair_id"], "left", 0)
+    # the default chain leaves people's labels alone ...
+    assert simulate(tmp_path, runs, "--skip_if_people_labeled", "true") == {"skipped": "people labeled"}
+    assert {lab["annotator"] for lab in store.labels()} == {"alice"}
+    # ... while make simulate labels every pair, those people labeled included
+    simulate(tmp_path, runs)
+    labels = store.labels()
+    sim = {lab["pair_id"]: lab for lab in labels if lab["annotator"] == "sim:sentiment"}
+    assert len(sim) == 60
+    same = sum(sim[row["pair_id"]]["preferred"] == 0 for row in rows[:4])
+    got = human_vs_simulated(labels)
+    assert got == {"pairs": 4, "comparisons": 4, "agreement": round(same / 4, 3)}
+    assert summarize(labels)["human_vs_simulated"] == got
+    assert f"{got['agreement']:.0%} agreement on 4 pairs labeled by both" in to_markdown(summarize(labels), overlap=2)
+
+
+def test_human_vs_simulated_agreement_by_hand():
+    from stages.label.stats import human_vs_simulated
+
+    def lab(pair, who, preferred, choice="left"):
+        return {"pair_id": pair, "annotator": who, "preferred": preferred, "choice": choice}
+
+    labels = [lab("p1", "ann", 0), lab("p1", "sim:x", 0), lab("p1", "sim:y", 1),  # 1 of 2 agree
+              lab("p2", "bob", None, "tie"), lab("p2", "sim:x", None, "tie"),    # ties agree
+              lab("p3", "ann", 1), lab("p3", "bob", 1),                            # no simulator: left out
+              lab("p4", "sim:x", 0)]                                             # no person: left out
+    assert human_vs_simulated(labels) == {"pairs": 2, "comparisons": 3, "agreement": round(2 / 3, 3)}
+    assert human_vs_simulated(labels[5:]) is None
+
+
+def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
+    runs = tmp_path / "runs"
+    path, _ = pairs_file(tmp_path)
+    base = ["--config", "configs/simulate.yaml", "--runs_dir", str(runs), "--run", "t", "--pairs_dataset", str(path)]
+    for extra, message in ((["--judge", "tests.judge_fixtures:raising_judge"], "the grader is on holiday"),
+                           (["--judge", "vibes"], "unknown judge 'vibes'"),
+                           (["--annotator", "alice"], "must start with 'sim:'"),
+                           (["--target_agreement", "0.4"], "target_agreement must be between 0.5")):
+        with pytest.raises(ConfigError, match=message):
+            main(*parse((SimulateArgs, RunArgs), base + extra))
+    assert not runs.exists()  # neither the label store nor the stage folder
+    # as `make simulate` runs it: one error line, exit code 2
+    res = run_python("stages.simulate", base + ["--judge", "tests.judge_fixtures:nan_judge"], timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: judge 'tests.judge_fixtures:nan_judge' gave nan") and not runs.exists()
+
+
+def test_a_given_temperature_is_used_as_is_and_a_wide_tie_band_makes_every_label_a_tie(tmp_path):
+    runs = tmp_path / "runs"
+    m = simulate(tmp_path, runs, "--temperature", "0.3", "--tie_band", "5")  # VADER differences are at most 2
+    assert m["temperature"] == 0.3 and not m["temperature_calibrated"] and m["tie_share"] == 1.0
+    assert m["expected_agreement"] is None and m["agreement_with_gold"] is None and m["decided_labels"] == 0
