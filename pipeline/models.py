@@ -113,6 +113,8 @@ def load_base(profile: ModelProfile, tokenizer, kind: str = "causal", shard: boo
         model = auto.from_pretrained(path, **kwargs, **({"distributed_config": plan} if plan else {}))
     except OSError as err:
         raise ConfigError(f"could not load base model '{path}': {err}") from None
+    if shard and kind == "score":
+        sharding.keep_whole(model, score_head_name(model))  # peft deep-copies the head it trains; FSDP refuses that
     # The score is read at the last token != pad_token_id; the adapter does not carry it (STACK-NOTES 3).
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:

@@ -130,6 +130,32 @@ def shard_model(model: nn.Module, mesh=None) -> nn.Module:
     return model
 
 
+def keep_whole(model: nn.Module, name: str) -> nn.Module:
+    """Replace the sharded unit `name` (a direct child, e.g. a reward model's 1 x H `score` head) by a whole copy on
+    every rank. peft trains a head through `modules_to_save`, which deep-copies the module, and FSDP refuses that
+    ("FSDP does not support deepcopy"); the head is tiny, and the Trainer averages its gradient over the ranks like
+    the LoRA weights'. Every rank must call it (gathering is a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    def whole_tensor(t):
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+    sharded = model.get_submodule(name)
+    if not isinstance(sharded, nn.Linear):
+        raise ConfigError(f"the '{name}' head of {type(model).__name__} is a {type(sharded).__name__}, not a linear "
+                          f"layer: this reward model cannot be sharded (run it without the FSDP config)")
+    weight = whole_tensor(sharded.weight)
+    whole = nn.Linear(sharded.in_features, sharded.out_features, bias=sharded.bias is not None, dtype=weight.dtype,
+                      device=weight.device)
+    with torch.no_grad():
+        whole.weight.copy_(weight)
+        if sharded.bias is not None:
+            whole.bias.copy_(whole_tensor(sharded.bias))
+    whole.requires_grad_(sharded.weight.requires_grad)
+    setattr(model, name, whole)
+    return whole
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
