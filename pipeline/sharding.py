@@ -176,13 +176,16 @@ def reshard(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------------- measuring, saving
 
-def local_numel(model: nn.Module, frozen_only: bool = True) -> tuple[int, int]:
-    """(elements this rank holds, elements of the whole model) over the frozen weights (the base) by default."""
+def local_numel(model: nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole) over the frozen base: every parameter that belongs to no
+    adapter (LoRA matrices and peft's copies of heads stay whole on every rank, and are small) and is not trained."""
     from torch.distributed.tensor import DTensor
 
+    from pipeline.adapters import adapter_of
+
     local = full = 0
-    for p in model.parameters():
-        if frozen_only and p.requires_grad:
+    for name, p in model.named_parameters():
+        if p.requires_grad or adapter_of(name) is not None:
             continue
         full += p.numel()
         local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
