@@ -107,38 +107,55 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_id: int | list[int], pad_
     return ids, mask, ended
 
 
+def batch_seed(generator_seed: int, batch_index: int) -> int:
+    """Each batch samples from its own seed, so a batch gives the same tokens whichever process runs it and whatever
+    ran before it (one process, or the batches spread over ranks). Batch 0 keeps the seed itself."""
+    return generator_seed + 1_000_003 * batch_index
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingConfig,
              generator_seed: int | None = None, progress: bool = False) -> Generations:
-    """Generate for each prompt, in batches; pad every batch's responses to cfg.max_new_tokens so they stack."""
+    """Generate for each prompt, in batches of cfg.generation_batch_size; pad every batch's responses to
+    cfg.max_new_tokens so they stack. With several processes every rank calls this with the same prompts: the batches
+    are spread over the ranks and the result, in prompt order, comes back on every rank. On a sharded model
+    (pipeline.sharding) each forward is a collective: the ranks run the same number of batches, and within a batch
+    generation stops only when every rank's rows have ended (`synced_gpus`)."""
     from tqdm.auto import tqdm
+
+    from pipeline.sharding import is_sharded, rank_and_world, reshard, spread
 
     device = next(model.parameters()).device
     stop_ids, pad_id = stop_token_ids(tokenizer, model), tokenizer.pad_token_id
-    was_training = model.training
-    model.eval()
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
-    all_prompt, all_resp = [], []
-    starts = range(0, len(prompt_token_ids), cfg.generation_batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress, dynamic_ncols=True):
-        chunk = prompt_token_ids[start : start + cfg.generation_batch_size]
-        ids, mask = left_pad(chunk, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) \
-            if cfg.temperature > 0 else dict(do_sample=False)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, use_cache=True,
-                             eos_token_id=stop_ids, pad_token_id=pad_id, **sampling)
+    synced = is_sharded(model) and rank_and_world()[1] > 1
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) \
+        if cfg.temperature > 0 else dict(do_sample=False)
+    starts = list(range(0, len(prompt_token_ids), cfg.generation_batch_size))
+    bar = tqdm(total=len(starts), desc="generate", disable=not progress, dynamic_ncols=True)
+
+    def one_batch(b: int):
+        if generator_seed is not None:
+            torch.manual_seed(batch_seed(generator_seed, b))
+        ids, mask = left_pad(prompt_token_ids[starts[b]: starts[b] + cfg.generation_batch_size], pad_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                             use_cache=True, eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced, **sampling)
         resp = out[:, ids.shape[1]:].cpu()
         if resp.shape[1] < cfg.max_new_tokens:  # every row stopped early
             resp = torch.cat([resp, torch.full((resp.shape[0], cfg.max_new_tokens - resp.shape[1]), pad_id)], dim=1)
-        all_prompt.append((ids.cpu(), mask.cpu()))
-        all_resp.append(resp)
+        bar.update()
+        return ids, mask, resp
+
+    was_training = model.training
+    model.eval()
+    batches = spread(len(starts), one_batch)
+    bar.close()
+    if is_sharded(model):
+        reshard(model)  # leave the model as found: no head kept gathered into the next training step
     if was_training:
         model.train()
-    width = max(p.shape[1] for p, _ in all_prompt)
-    prompt_ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_id) for p, _ in all_prompt])
-    prompt_mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for _, m in all_prompt])
-    response_ids, response_mask, ended = truncate_after_eos(torch.cat(all_resp), stop_ids, pad_id)
+    width = max(p.shape[1] for p, _, _ in batches)
+    prompt_ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_id) for p, _, _ in batches])
+    prompt_mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for _, m, _ in batches])
+    response_ids, response_mask, ended = truncate_after_eos(torch.cat([r for _, _, r in batches]), stop_ids, pad_id)
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response_ids, response_mask)]
     return Generations(prompt_ids, prompt_mask, response_ids, response_mask, texts, ended)

@@ -94,19 +94,27 @@ def quantization_kwargs(profile: ModelProfile) -> dict:
     return {"quantization_config": bnb_4bit_config(), "device_map": {"": PartialState().device}}
 
 
-def load_base(profile: ModelProfile, tokenizer, kind: str = "causal"):
-    """The frozen base: a causal LM, or a sequence classifier with one output (`kind="score"`) for reward models."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def load_base(profile: ModelProfile, tokenizer, kind: str = "causal", shard: bool = False):
+    """The frozen base: a causal LM, or a sequence classifier with one output (`kind="score"`) for reward models.
+    `shard`: FSDP2 over every rank (pipeline.sharding): each rank reads and keeps only its shard of each weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipeline import sharding
 
     path = resolve_base(profile.name_or_path)
-    kwargs = dict(dtype=dtype_of(profile), trust_remote_code=profile.trust_remote_code, **quantization_kwargs(profile))
+    if shard and profile.load_in_4bit:
+        raise ConfigError("load_in_4bit cannot be combined with FSDP sharding: use one GPU (QLoRA) or a bf16 base "
+                          "under configs/accelerate/fsdp.yaml")
+    auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if kind == "score" else (AutoModelForCausalLM, {})
+    kwargs = dict(dtype=dtype_of(profile), trust_remote_code=profile.trust_remote_code, **quantization_kwargs(profile), **extra)
     try:
-        if kind == "score":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=profile.trust_remote_code, **extra) if shard else None
+        plan = sharding.distributed_config(lambda: auto.from_config(config, trust_remote_code=profile.trust_remote_code), shard)
+        model = auto.from_pretrained(path, **kwargs, **({"distributed_config": plan} if plan else {}))
     except OSError as err:
         raise ConfigError(f"could not load base model '{path}': {err}") from None
+    if shard and kind == "score":
+        sharding.keep_whole(model, score_head_name(model))  # peft deep-copies the head it trains; FSDP refuses that
     # The score is read at the last token != pad_token_id; the adapter does not carry it (STACK-NOTES 3).
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
@@ -142,8 +150,11 @@ def check_lora_targets(profile: ModelProfile, model: nn.Module, base_name: str) 
 
 def to_device(model: nn.Module, device=None) -> nn.Module:
     """Put a model on this process's accelerator (accelerate's PartialState().device: a GPU when there is one). A
-    quantized model was loaded there and cannot be moved."""
-    if getattr(model, "is_quantized", False):
+    quantized model was loaded there and cannot be moved; a sharded one (pipeline.sharding) was loaded onto this
+    process's device, and moving FSDP2-managed weights raises."""
+    from pipeline.sharding import is_sharded
+
+    if getattr(model, "is_quantized", False) or is_sharded(model):
         return model
     if device is None:
         from accelerate import PartialState

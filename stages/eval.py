@@ -31,9 +31,10 @@ import torch
 from pipeline.adapters import AdapterStack
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
-from pipeline.models import load_tokenizer, profile_from, require_chat_template, to_device
+from pipeline.models import load_base, load_tokenizer, profile_from, require_chat_template, to_device
 from pipeline.report import finish_distributed, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard
+from pipeline.sharding import is_sharded, process_state, reshard, sharding_report, spread, take_over_from_accelerate
 
 TRAINING_CURVES = [  # (metrics.jsonl keys, panel title): one panel each, first key solid, others dashed
     (("reward_raw", "reward"), "reward (RM score / shaped)"),
@@ -105,8 +106,8 @@ def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_i
     # What the reward model reads: prompt + reply as an assistant turn, chat-templated as RewardTrainer trained it
     # and as PPO scored its rollouts (reward_input: chat).
     r_ids, r_mask = chat_reward_inputs(tokenizer, prompts, gens.texts)
-    rewards = torch.cat([stack.scores("reward", r_ids[i:i + batch].to(device), r_mask[i:i + batch].to(device)).float().cpu()
-                         for i in range(0, len(r_ids), batch)])
+    rewards = torch.cat(on_every_rank(stack.model, len(r_ids), batch, lambda i: stack.scores(
+        "reward", r_ids[i:i + batch].to(device), r_mask[i:i + batch].to(device)).float().cpu()))
     return {"gens": gens, "rewards": rewards.tolist(), "texts": gens.texts,
             "lengths": gens.response_mask.sum(1).tolist(), "ended": gens.ended.tolist()}
 
@@ -123,14 +124,25 @@ def sequence_kl(stack: AdapterStack, policy: str, reference: str, ro: dict, batc
     start = gens.prompt_ids.shape[1]  # logits at start-1 .. T-2 predict the response tokens
     resp_mask = gens.response_mask
     t = temperature if temperature > 0 else 1.0
-    out = []
-    for i in range(0, len(all_ids), batch):
+
+    def one_batch(i: int) -> list[float]:
         ids, mask = all_ids[i:i + batch].to(device), all_mask[i:i + batch].to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate() used them
         logp = torch.log_softmax(stack.logits(policy, ids, mask, position_ids=pos)[:, start - 1:-1].float() / t, -1)
         logq = torch.log_softmax(stack.logits(reference, ids, mask, position_ids=pos)[:, start - 1:-1].float() / t, -1)
         per_token = (logp.exp() * (logp - logq)).sum(-1)
-        out += (per_token * resp_mask[i:i + batch].to(device)).sum(1).cpu().tolist()
+        return (per_token * resp_mask[i:i + batch].to(device)).sum(1).cpu().tolist()
+
+    return [kl for part in on_every_rank(stack.model, len(all_ids), batch, one_batch) for kl in part]
+
+
+def on_every_rank(model, n_rows: int, batch: int, run_rows) -> list:
+    """run_rows(first_row) for each batch of `batch` rows, spread over the ranks and gathered in order on every rank
+    (pipeline.sharding.spread); a sharded model is left resharded."""
+    starts = list(range(0, n_rows, batch))
+    out = spread(len(starts), lambda b: run_rows(starts[b]))
+    if is_sharded(model):
+        reshard(model)
     return out
 
 
@@ -524,9 +536,8 @@ def load_prompts(path: Path, max_prompts: int) -> list[list[dict]]:
 
 
 def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
+    shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("eval", run.run, run.runs_dir)
     config = {"eval": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}
     ppo = stage.need("ppo")  # first: the missing stage named in the error is the one `make eval` depends on
@@ -541,15 +552,14 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     profile = profile_from(run.model_config)
     tokenizer = load_tokenizer(profile)
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
-    if not state.is_main_process:  # a few hundred generations: one process does it, the others wait
-        finish_distributed()
-        return {}
     judge = load_gold_judge(args, rm, trained, prompts)  # checked before the run folder is touched
-    stage.prepare(config)
+    stage.prepare(config, is_main=state.is_main_process)
 
-    # 1. The three adapters on one frozen base, on this process's accelerator
+    # 1. The three adapters on one frozen base (sharded under the FSDP config), on this process's accelerator. Every
+    #    rank takes part from here: the batches of generation, scoring and KL are spread over the ranks.
     stack = AdapterStack.build(profile, tokenizer, {"ppo": ppo["outputs"]["adapter"], "sft": sft["outputs"]["adapter"],
-                                                    "reward": rm["outputs"]["adapter"]})
+                                                    "reward": rm["outputs"]["adapter"]},
+                               base_model=load_base(profile, tokenizer, shard=shard))
     to_device(stack.model, state.device)
     prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
 
@@ -557,6 +567,17 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     ro_sft = rollout(stack, "sft", tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
     ro_ppo = rollout(stack, "ppo", tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
     kl = sequence_kl(stack, "ppo", "sft", ro_ppo, args.score_batch_size, sampling.temperature)
+    sharding = sharding_report(stack.model)
+    if judge is not None and is_sharded(stack.model):
+        # The gold report's own forwards (RM-vs-gold agreement, kept policies) run on the main process only, which a
+        # sharded base cannot do alone: measure gold on an unsharded launch.
+        if state.is_main_process:
+            print("note: the gold report is skipped under FSDP (its forwards are main-process only); run make eval "
+                  "without the FSDP config for it", file=sys.stderr)
+        judge = None
+    if not state.is_main_process:  # the main process writes the report
+        finish_distributed()
+        return {}
 
     # 3. Figures, all computed from the per-prompt samples that report.json keeps
     samples = [{"pair_id": pair_id(p, s, q), "prompt": p, "prompt_text": p[-1]["content"], "sft": s, "ppo": q,
@@ -605,7 +626,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         print(f"warning: {flag}")
     stage.finish({"report": stage.dir / "report.md", "report_json": stage.dir / "report.json",
                   "human_pairs": stage.dir / "human_pairs.jsonl", **{f"plot_{k}": v for k, v in plots.items()}},
-                 figures, config)
+                 {**figures, "world_size": state.num_processes, "sharding": sharding}, config)
     finish_distributed()
     return figures
 

@@ -9,7 +9,8 @@ prompts (data/prompts/oasst_prompts.jsonl, Apache-2.0, see data/sources/) or --d
 Writes runs/<run>/pairs/: dataset/ (save_to_disk), config.json, manifest.json (last). One row per pair:
 pair_id (hash of prompt + responses: stable across reruns, unlike an index), prompt_id, prompt (messages),
 responses [two strings], response_indices, ended (a stop token reached: pipeline.generation.stop_token_ids), generation (settings + seed), policy (provenance).
-With K > 2 each prompt gives all K*(K-1)/2 pairs of its responses. Generation runs on the main process only.
+With K > 2 each prompt gives all K*(K-1)/2 pairs of its responses. With several processes the batches of prompts are
+spread over them (the main process writes); under the FSDP config the base is sharded over them (pipeline.sharding).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import check_adapter, load_tokenizer, profile_from, require_chat_template, resolve_base, to_device
 from pipeline.report import print_table
 from pipeline.run import StageRun, main_guard
+from pipeline.sharding import process_state, sharding_report, take_over_from_accelerate
 
 
 @dataclass
@@ -71,12 +73,12 @@ def load_prompts(args: PairsArgs) -> tuple[list[list[dict]], str]:
 
 
 def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
-    from accelerate import PartialState
-
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
+    from pipeline.report import finish_distributed
 
-    state = PartialState()
+    state = process_state()
+    shard = take_over_from_accelerate()
     stage = StageRun("pairs", run.run, run.runs_dir)
     config = {"pairs": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}
     if args.num_responses < 2:
@@ -88,32 +90,34 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     tokenizer = load_tokenizer(profile)
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     stage.prepare(config, is_main=state.is_main_process)
+    # 1. Prompts
+    prompts, data_name = load_prompts(args)
+
+    # 2. Policy: the frozen base (sharded under the FSDP config) + the run's SFT adapter, on this process's accelerator
+    adapter = sft["outputs"]["adapter"]
+    base = load_base(profile, tokenizer, shard=shard)
+    check_adapter(adapter, base.config, what="SFT")
+    stack = AdapterStack.build(profile, tokenizer, {"policy": adapter}, base_model=base)
+    to_device(stack.model, state.device)
+    encoded = encode_prompts(tokenizer, prompts)
+    keep = [i for i, ids in enumerate(encoded) if len(ids) <= args.max_prompt_tokens]
+    n_long = len(encoded) - len(keep)
+    prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
+    if not prompts:
+        raise ConfigError(f"all {n_long} prompts are longer than max_prompt_tokens={args.max_prompt_tokens}")
+
+    # 3. Generate: each prompt K times in a row, seeded per batch (same config + seed -> same pairs on CPU, with any
+    #    number of processes: every rank calls generate(), which spreads the batches and gathers the responses)
+    k = args.num_responses
+    t0 = time.time()
+    gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
+                    generator_seed=args.seed, progress=True)
+    gen_time = time.time() - t0
+    new_tokens = int(gens.response_mask.sum())
+    sharding = sharding_report(stack.model)
+
     metrics: dict = {}
     if state.is_main_process:
-        # 1. Prompts
-        prompts, data_name = load_prompts(args)
-
-        # 2. Policy: the frozen base + the run's SFT adapter, on this process's accelerator
-        adapter = sft["outputs"]["adapter"]
-        base = load_base(profile, tokenizer)
-        check_adapter(adapter, base.config, what="SFT")
-        stack = AdapterStack.build(profile, tokenizer, {"policy": adapter}, base_model=base)
-        to_device(stack.model, state.device)
-        encoded = encode_prompts(tokenizer, prompts)
-        keep = [i for i, ids in enumerate(encoded) if len(ids) <= args.max_prompt_tokens]
-        n_long = len(encoded) - len(keep)
-        prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
-        if not prompts:
-            raise ConfigError(f"all {n_long} prompts are longer than max_prompt_tokens={args.max_prompt_tokens}")
-
-        # 3. Generate: each prompt K times in a row, one seeded pass (same config + seed -> same pairs on CPU)
-        k = args.num_responses
-        t0 = time.time()
-        gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
-                        generator_seed=args.seed, progress=True)
-        gen_time = time.time() - t0
-        new_tokens = int(gens.response_mask.sum())
-
         # 4. Pairs
         generation = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                       "max_new_tokens": sampling.max_new_tokens, "seed": args.seed, "num_responses": k}
@@ -144,6 +148,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             "identical_dropped": identical, "no_eos_fraction": round(1 - float(gens.ended.float().mean()), 3),
             "generation_time_s": round(gen_time, 1), "new_tokens_per_s": round(new_tokens / gen_time, 1),
             "policy": f"{policy['base_model']} + {adapter}", "data": data_name,
+            "world_size": state.num_processes, "sharding": sharding,
         }
         print_table("pairs", metrics)
         for row in rows[:2]:
@@ -151,6 +156,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             for r in row["responses"]:
                 print(f"  - {r[:120]!r}")
         stage.finish({"dataset": out}, metrics, config)
+    finish_distributed()
     return metrics
 
 

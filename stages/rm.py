@@ -34,6 +34,7 @@ from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_conf
                              save_fingerprint, score_head_name)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard, read_manifest, stage_dir
+from pipeline.sharding import is_sharded, reshard, sharding_report, spread, take_over_from_accelerate
 
 LABEL_EXPORT = "label-export"  # mixture key for this run's own labels (runs/<run>/label-export/manifest.json)
 # Llama 2's small-margin scale (Touvron et al. 2023, table 28): "much better" 1, "slightly better" 1/3.
@@ -199,22 +200,30 @@ def weighted(rows: list[dict], weights: dict, seed: int) -> list[dict]:
 
 @torch.no_grad()
 def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 16) -> list[float]:
-    """Reward per token sequence, right-padded batches sorted by length (same batching in every process)."""
+    """Reward per token sequence, right-padded batches sorted by length (same batching in every process). With several
+    processes every rank calls it: the batches are spread over the ranks (pipeline.sharding.spread) and every rank
+    gets all the scores, so a sharded model runs the same forwards on every rank."""
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = [0.0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    starts = list(range(0, len(order), batch_size))
+
+    def one_batch(b: int) -> torch.Tensor:
+        idx = order[starts[b] : starts[b] + batch_size]
         width = max(len(sequences[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
             mask[row, : len(sequences[i])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()
-        for row, i in enumerate(idx):
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()
+
+    for b, logits in enumerate(spread(len(starts), one_batch)):
+        for row, i in enumerate(order[starts[b] : starts[b] + batch_size]):
             out[i] = logits[row].item()
+    if is_sharded(model):
+        reshard(model)
     return out
 
 
@@ -387,6 +396,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     from trl import RewardTrainer
 
     state = PartialState()
+    shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("rm", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")
     # Keep the `length` column for train_sampling_strategy=group_by_length (the sampler is built after unused columns
@@ -419,7 +429,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     from transformers import set_seed
 
     set_seed(train_cfg.seed)
-    model = load_base(profile, tokenizer, kind="score")
+    model = load_base(profile, tokenizer, kind="score", shard=shard)
     peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout, task_type="SEQ_CLS")
 
     # 3. Train (Bradley-Terry: -log sigmoid(r_chosen - r_rejected [- margin]) [+ centering])
@@ -431,17 +441,18 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
 
     # 4. Save adapter (+ score head) with the tokenizer and the base fingerprint beside it.
     adapter_dir = stage.dir / "adapter"
-    trainer.save_model(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # every rank: on a sharded base the Trainer gathers the adapter whole
+    # 5. Held-out scores, on every rank (a sharded base runs each forward on all ranks together; score() spreads the
+    #    batches and gathers the scores). Then, on the main process, the same scores from a fresh process.
+    n = len(eval_rows)
+    scores = score(trainer.model, [r["chosen_ids"] for r in eval_rows] + [r["rejected_ids"] for r in eval_rows],
+                   tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size)
+    sharding = sharding_report(trainer.model)
     metrics = {}
     if state.is_main_process:
         tokenizer.save_pretrained(adapter_dir)
         save_fingerprint(adapter_dir, model.config, base_path)
         require_saved_head(adapter_dir, score_head_name(model))
-
-        # 5. Held-out metrics, then the same scores again from a fresh process with stock peft, or the stage fails.
-        n = len(eval_rows)
-        scores = score(trainer.model, [r["chosen_ids"] for r in eval_rows] + [r["rejected_ids"] for r in eval_rows],
-                       tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size)
         pairs_file = stage.dir / "eval_pairs.jsonl"
         with open(pairs_file, "w") as f:
             for r in eval_rows:
@@ -459,7 +470,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
             "dropped_equal": total["equal"], "dropped_empty": total["empty"], "dropped_too_long": total["too_long"],
             "pairs_by_source": {k: dict(v) for k, v in sorted(counts.items())},
             "reload_check": reload, "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
-            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "data": data_name,
+            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding, "data": data_name,
         }
         print_table("RM", {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_by_source", "pairs_by_source")})
         for source, c in sorted(counts.items()):

@@ -24,6 +24,7 @@ from pipeline.models import (load_base, load_tokenizer, lora_config, profile_fro
                              save_fingerprint, to_device)
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
+from pipeline.sharding import sharding_report, take_over_from_accelerate
 
 FIXED_PROMPTS = [
     "Tell me a short story about a rabbit.",
@@ -107,6 +108,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     from trl import SFTTrainer
 
     state = PartialState()
+    shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("sft", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")
     train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
@@ -121,17 +123,16 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     if "messages" in ds.column_names:
         require_chat_template(tokenizer, profile)
     train_ds, eval_ds = split_and_tokenize(ds, tokenizer, train_cfg, args, data_name)
-    model = load_base(profile, tokenizer)  # also checks the profile's LoRA targets against the model
+    model = load_base(profile, tokenizer, shard=shard)  # also checks the profile's LoRA targets against the model
     stage.prepare(config, is_main=state.is_main_process)
 
-    # 2. Before training: samples on fixed prompts, on this process's accelerator
+    # 2. Before training: samples on fixed prompts, on this process's accelerator. Every rank takes part (a sharded
+    #    base runs each forward on all ranks together); generate() spreads the prompts and gathers the texts.
     prompts = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in FIXED_PROMPTS])
     # Sampled, not greedy, with a fixed seed: greedy decoding of a tiny model collapses to "\n" + EOS.
     sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.7, top_k=50)
-    before = []
-    if state.is_main_process:
-        to_device(model, state.device)
-        before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts
+    to_device(model, state.device)
+    before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts
 
     # 3. Train
     trainer = SFTTrainer(model=model, args=train_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -143,12 +144,13 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
 
     # 4. Save adapter + tokenizer side by side (AutoPeftModel looks for the tokenizer in the adapter folder).
     adapter_dir = stage.dir / "adapter"
-    trainer.save_model(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # every rank: on a sharded base the Trainer gathers the adapter whole
+    after = generate(trainer.model, tokenizer, prompts, sampling, generator_seed=0).texts  # every rank, as before
+    sharding = sharding_report(trainer.model)
     metrics = {}
     if state.is_main_process:
         tokenizer.save_pretrained(adapter_dir)
         save_fingerprint(adapter_dir, model.config, base_path)
-        after = generate(trainer.model, tokenizer, prompts, sampling, generator_seed=0).texts
         samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(FIXED_PROMPTS, before, after)]
         atomic_write_json(stage.dir / "samples.json", samples)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -162,7 +164,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
             "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
             "tokens_per_s": round(tokens / train_time, 1) if tokens else None,
-            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes,
+            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding,
             "base_dtypes": param_dtypes(trainer.model, False), "trainable_dtypes": param_dtypes(trainer.model, True),
             "data": data_name,
         }

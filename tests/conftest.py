@@ -88,9 +88,14 @@ def runs_dir(tmp_path):
     return tmp_path / "runs"
 
 
-def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 600, env: dict | None = None):
-    """Run a stage as the Makefile does: under `accelerate launch` (two real gloo processes when asked)."""
+def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 600, env: dict | None = None,
+               fsdp: bool = False):
+    """Run a stage as the Makefile does: under `accelerate launch` (two real gloo processes when asked; `fsdp`: two
+    processes under the FSDP2 config, configs/accelerate/fsdp_cpu2.yaml)."""
+    if fsdp:
+        processes = 2
     cfg = "configs/accelerate/cpu2.yaml" if processes == 2 else "configs/accelerate/cpu.yaml"
+    cfg = "configs/accelerate/fsdp_cpu2.yaml" if fsdp else cfg
     cmd = [ACCELERATE, "launch", "--config_file", cfg]
     if processes == 2:  # a free port per test: parallel or back-to-back runs must not collide
         import socket

@@ -1,0 +1,201 @@
+"""FSDP2 (pipeline.sharding): two real CPU processes under configs/accelerate/fsdp_cpu2.yaml.
+
+Each stage must (1) really shard: each rank holds about half of the frozen base, (2) give what DDP (or one process,
+for the inference stages) gives on the same data and seed, (3) write adapters that stock peft loads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import sharding
+from pipeline.config import ConfigError
+from tests.conftest import REPO, run_module
+
+# What "the same" means between an FSDP2 run and a DDP run of the same config: the same arithmetic on the same
+# batches (each rank computes its micro-batch with the gathered weights; gradients are averaged over the 2 ranks in
+# both). Seen: 0.0 on SFT and RM adapters. The bound leaves room for a different reduction order only.
+ADAPTER_ATOL = 1e-6
+
+
+def assert_really_sharded(metrics: dict) -> None:
+    s = metrics["sharding"]
+    assert metrics["world_size"] == 2 and s["engine"] == "fsdp2", s
+    per_rank, full = s["base_numel_per_rank"], s["base_numel_full"]
+    assert len(per_rank) == 2 and full > 10_000
+    # Each rank holds its own half of every sharded weight; only a reward model's 1 x H score head stays whole.
+    assert all(0.45 * full <= n <= 0.55 * full for n in per_rank), s
+    assert full <= sum(per_rank) <= full + 64, s
+
+
+def assert_same_adapter(dir_a: Path, dir_b: Path) -> None:
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (dir_a, dir_b))
+    assert sorted(a) == sorted(b) and a
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= ADAPTER_ATOL, worst
+    assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)  # trained: B starts at zero
+
+
+def manifest(runs_dir, run, stage) -> dict:
+    return json.loads((runs_dir / run / stage / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- fast: the rules
+
+def test_units_cover_every_weight_outside_the_root(tiny_models):
+    """Each decoder layer, the trunk's other children (embeddings, final norm) and the head are units: the root keeps
+    no weight, so a direct call of the trunk (reward and value heads) gathers what it uses."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.config import load_model_profile
+
+    expected = {"llama": {"model.embed_tokens": "free_full_weight", "model.layers.*": "free_full_weight",
+                          "model.norm": "free_full_weight", "lm_head": "keep_full_weight"},
+                "gpt2": {"transformer.wte": "free_full_weight", "transformer.wpe": "free_full_weight",
+                         "transformer.h.*": "free_full_weight", "transformer.ln_f": "free_full_weight",
+                         "lm_head": "keep_full_weight"}}
+    for arch, units in expected.items():
+        path = load_model_profile(tiny_models[arch]).name_or_path
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        assert sharding.fsdp_units(model) == units
+        covered = {id(p) for _, m, _ in sharding._expand(model, units) for p in m.parameters()}
+        assert {id(p) for p in model.parameters()} <= covered
+
+
+def test_fsdp_version_1_is_refused_and_accelerate_fsdp_switched_off(monkeypatch):
+    monkeypatch.delenv("PIPELINE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        sharding.take_over_from_accelerate()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert sharding.take_over_from_accelerate() is False  # one process: nothing to shard over
+    # accelerate must not build its own FSDP (a second wrap, its adapter-less SHARDED_STATE_DICT saving)
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false" and sharding.requested()
+    monkeypatch.delenv("PIPELINE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert not sharding.requested()
+
+
+def test_4bit_base_cannot_be_sharded(tiny_models, tmp_path):
+    from pipeline.models import load_base, load_tokenizer, profile_from
+
+    profile = tmp_path / "q.yaml"
+    profile.write_text(Path(tiny_models["llama"]).read_text() + "load_in_4bit: true\n")
+    prof = profile_from(str(profile))
+    with pytest.raises(ConfigError, match="load_in_4bit cannot be combined with FSDP"):
+        load_base(prof, load_tokenizer(prof), shard=True)
+
+
+def test_shipped_accelerate_configs_are_listed_in_the_readme_with_their_test():
+    """The README's hardware table lists exactly the shipped accelerate configs (no DeepSpeed: not supported)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Hardware"):]
+    section = section[: section.index("\n## ", 3)]
+    shipped = sorted(p.name for p in (REPO / "configs/accelerate").glob("*.yaml"))
+    listed = sorted(set(__import__("re").findall(r"`configs/accelerate/([\w.]+\.yaml)`", section)))
+    assert listed == shipped and not [n for n in shipped if "zero" in n]
+    for line in section.splitlines():
+        if line.startswith("| `configs/accelerate/"):
+            assert "tests/" in line, line  # each row names the test that shows it works
+
+
+def test_gpu_fsdp_config_is_fsdp2_full_shard_by_layer():
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs/accelerate/fsdp.yaml").read_text())
+    fsdp = cfg["fsdp_config"]
+    assert cfg["distributed_type"] == "FSDP" and fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["fsdp_reshard_after_forward"] is True
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" and fsdp["fsdp_cpu_ram_efficient_loading"] is False
+
+
+# ---------------------------------------------------------------------------------------------------- slow: 2 processes
+
+@pytest.mark.slow
+def test_sft_fsdp2_shards_the_base_and_matches_ddp(tiny_models, runs_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    from tests.test_sft import tiny_args
+
+    common = ["--max_steps", "3", "--eval_fraction", "0", "--learning_rate", "2e-3", "--per_device_train_batch_size", "4"]
+    fsdp = run_module("stages.sft", tiny_args(tiny_models["llama"], runs_dir, "fsdp", *common), fsdp=True)
+    assert fsdp.returncode == 0, fsdp.stderr[-4000:]
+    ddp = run_module("stages.sft", tiny_args(tiny_models["llama"], runs_dir, "ddp", *common), processes=2)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    m_fsdp, m_ddp = manifest(runs_dir, "fsdp", "sft")["metrics"], manifest(runs_dir, "ddp", "sft")["metrics"]
+    assert_really_sharded(m_fsdp)
+    assert m_ddp["sharding"]["engine"] == "none" and m_ddp["sharding"]["base_numel_per_rank"] == [m_ddp["sharding"]["base_numel_full"]] * 2
+    assert m_fsdp["loss_curve"] == m_ddp["loss_curve"]
+    adapter = runs_dir / "fsdp" / "sft" / "adapter"
+    assert_same_adapter(adapter, runs_dir / "ddp" / "sft" / "adapter")
+    # The before/after samples ran on the sharded model on both ranks: the same texts as DDP's
+    assert (runs_dir / "fsdp/sft/samples.json").read_text() == (runs_dir / "ddp/sft/samples.json").read_text()
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))  # stock peft, whole weights in the file
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+@pytest.mark.slow
+def test_rm_fsdp2_shards_the_base_and_matches_ddp(tiny_models, runs_dir, tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    from tests.test_rm import fake_sft, marker_rows, rm_args, write_jsonl
+
+    data = write_jsonl(tmp_path / "marker.jsonl", marker_rows(64))
+    common = ["--dataset_name", str(data), "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_fraction", "0.25"]
+    for run, kw in (("fsdp", {"fsdp": True}), ("ddp", {"processes": 2})):
+        fake_sft(tiny_models["llama"], runs_dir, run)
+        res = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, run, *common), **kw)
+        assert res.returncode == 0, res.stderr[-4000:]
+    m_fsdp, m_ddp = manifest(runs_dir, "fsdp", "rm")["metrics"], manifest(runs_dir, "ddp", "rm")["metrics"]
+    assert_really_sharded(m_fsdp)
+    assert m_fsdp["loss_curve"] == m_ddp["loss_curve"] and m_fsdp["eval_accuracy"] == m_ddp["eval_accuracy"]
+    # The held-out scores of the sharded model (all ranks) came back from a fresh stock-peft process
+    assert m_fsdp["reload_check"]["max_abs_diff"] <= 1e-4 and m_fsdp["reload_check"]["pairs_flipped"] == 0
+    adapter = runs_dir / "fsdp" / "rm" / "adapter"
+    assert_same_adapter(adapter, runs_dir / "ddp" / "rm" / "adapter")
+    assert "base_model.model.score.weight" in load_file(adapter / "adapter_model.safetensors")
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(adapter), num_labels=1)
+    assert model.base_model.model.score.modules_to_save["default"].weight.shape == (1, 32)
+
+
+@pytest.mark.slow
+def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir, tmp_path):
+    """Batches spread over the sharded ranks, an odd count (one rank repeats a batch to stay in lockstep), sampled
+    per-batch seeds: the same pairs and the same eval report as one process."""
+    import datasets
+
+    from stages.eval import main as eval_main, parse_args as eval_args
+    from stages.pairs import PairsArgs, main as pairs_main
+    from pipeline.config import RunArgs, parse
+    from pipeline.generation import SamplingConfig
+    from tests.fake_upstream import build_upstream
+
+    profile = str(tiny_models["llama"])
+    build_upstream(runs_dir, profile, "one")
+    build_upstream(runs_dir, profile, "two")
+    pairs = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--model_config", profile,
+             "--max_prompts", "5", "--max_new_tokens", "8", "--generation_batch_size", "4"]  # 10 rows: 3 batches
+    res = run_module("stages.pairs", [*pairs, "--run", "two"], fsdp=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    pairs_main(*parse((PairsArgs, SamplingConfig, RunArgs), [*pairs, "--run", "one"]))
+    one, two = (datasets.load_from_disk(str(runs_dir / r / "pairs/dataset")) for r in ("one", "two"))
+    assert len(two) > 0 and two["pair_id"] == one["pair_id"] and two["responses"] == one["responses"]
+    assert_really_sharded(manifest(runs_dir, "two", "pairs")["metrics"])
+
+    ev = ["--config", "configs/eval.yaml", "--runs_dir", str(runs_dir), "--model_config", profile,
+          "--max_new_tokens", "10", "--score_batch_size", "4"]  # 6 held-out prompts: 2 batches of each kind
+    res = run_module("stages.eval", [*ev, "--run", "two", "--generation_batch_size", "4"], fsdp=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    eval_main(*eval_args([*ev, "--run", "one", "--generation_batch_size", "4"]))
+    r1, r2 = (json.loads((runs_dir / r / "eval/report.json").read_text()) for r in ("one", "two"))
+    assert [(s["sft"], s["ppo"]) for s in r2["samples"]] == [(s["sft"], s["ppo"]) for s in r1["samples"]]
+    for key in ("reward_sft", "reward_ppo", "kl"):
+        assert max(abs(a[key] - b[key]) for a, b in zip(r1["samples"], r2["samples"])) < 1e-5, key
+    assert_really_sharded(manifest(runs_dir, "two", "eval")["metrics"])
