@@ -147,7 +147,7 @@ def test_simulated_labels_go_through_the_store_and_export_like_peoples(tmp_path)
 
 
 def test_people_and_simulators_share_a_store_and_their_agreement_shows(tmp_path):
-    from stages.label.stats import human_vs_simulated, summarize, to_markdown
+    from stages.label.stats import human_vs_simulated, summarize, to_html
     from stages.label.store import LabelStore
 
     runs = tmp_path / "runs"
@@ -168,7 +168,7 @@ def test_people_and_simulators_share_a_store_and_their_agreement_shows(tmp_path)
     got = human_vs_simulated(labels)
     assert got == {"pairs": 4, "comparisons": 4, "agreement": round(same / 4, 3)}
     assert summarize(labels)["human_vs_simulated"] == got
-    assert f"{got['agreement']:.0%} agreement on 4 pairs labeled by both" in to_markdown(summarize(labels), overlap=2)
+    assert f"{got['agreement']:.0%} agreement on 4 pairs labeled by both" in to_html(summarize(labels), overlap=2)
 
 
 def test_human_vs_simulated_agreement_by_hand():
