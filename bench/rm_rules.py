@@ -8,7 +8,7 @@ checkpoint choice) and `test_pairs` test pairs that the stage never sees: other 
 and rejected replies differ only by the rule:
 
 - word:      the chosen reply contains "certainly"; the rejected one has another common word in the same place
-- shorter:   the chosen reply has fewer words (one sentence against two to four)
+- shorter:   the chosen reply has fewer words (one sentence against two to four, at least 5 words more)
 - question:  the chosen reply ends with a question mark; the rejected one is the same text ending with a full stop
 - capitals:  the chosen reply is in capitals; the rejected one is the same text as written
 
@@ -44,7 +44,7 @@ for _key, _value in ENV.items():  # this process scores the test pairs: the same
 
 
 def sentences() -> list[str]:
-    """Plain sentences of 6 to 20 words from the bundled books, in a fixed order."""
+    """Plain sentences of 6 to 20 words from the bundled books, each once, in a fixed order."""
     out = []
     for f in sorted((REPO_ROOT / "data/pretrain/texts").glob("*.txt")):
         text = re.sub(r"\s+", " ", f.read_text())
@@ -52,23 +52,28 @@ def sentences() -> list[str]:
             words = s.split()
             if 6 <= len(words) <= 20 and s[0].isupper() and s.endswith(".") and '"' not in s and "_" not in s:
                 out.append(s)
-    return out
+    return list(dict.fromkeys(out))  # some sentences recur; once each, so that no test sentence is a training one
 
 
 def prompts() -> list[str]:
     rows = [json.loads(line) for line in open(REPO_ROOT / "data/prompts/oasst_prompts.jsonl")]
-    return [r["prompt"][0]["content"] for r in rows if len(r["prompt"][0]["content"]) < 300]
+    return list(dict.fromkeys(r["prompt"][0]["content"] for r in rows if len(r["prompt"][0]["content"]) < 300))
 
 
 def make_pair(rule: str, rng: random.Random, pool: list[str]) -> tuple[str, str]:
     """(chosen, rejected) replies that differ only by the rule."""
     reply = rng.choice(pool)
+    while WORD in reply.lower():  # a reply that has the word already would break the rule
+        reply = rng.choice(pool)
     if rule == "word":
         words = reply.split()
         i = rng.randrange(1, len(words))
         return " ".join(words[:i] + [WORD] + words[i:]), " ".join(words[:i] + [rng.choice(OTHER_WORDS)] + words[i:])
-    if rule == "shorter":
-        return reply, " ".join(rng.choice(pool) for _ in range(rng.randint(2, 4)))
+    if rule == "shorter":  # two to four other sentences, at least 5 words more than the chosen reply
+        longer = [rng.choice(pool) for _ in range(rng.randint(2, 4))]
+        while len(" ".join(longer).split()) < len(reply.split()) + 5:
+            longer.append(rng.choice(pool))
+        return reply, " ".join(longer)
     if rule == "question":
         return reply[:-1] + "?", reply
     if rule == "capitals":

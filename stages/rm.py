@@ -56,10 +56,10 @@ class RMArgs:
         "help": "A pair longer than max_length keeps at least this many of its prompt's last tokens (when the prompt "
                 "has them); the responses get the rest, each keeping its beginning and its end."})
     # Training length follows the data (num_train_epochs 0 and max_steps -1 in configs/rm.yaml)
-    min_steps: int = field(default=300, metadata={
+    min_steps: int = field(default=200, metadata={
         "help": "Train at least this many optimizer steps (a few hundred pairs get several epochs), at least one epoch."})
     max_epochs: float = field(default=10.0, metadata={"help": "...but never more than this many epochs."})
-    evals: int = field(default=8, metadata={
+    evals: int = field(default=4, metadata={
         "help": "Held-out evaluations spread over the run; the adapter with the best one is kept (metric_for_best_model)."})
     # LoRA
     lora_r: int = 16
@@ -377,7 +377,7 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
 
 def plan_steps(n_train: int, train_cfg, args: RMArgs, world_size: int) -> dict:
     """Optimizer steps for this much data, set on train_cfg. max_steps or num_train_epochs when set (> 0); else at
-    least min_steps and one epoch, at most max_epochs: 300 pairs get ~10 epochs, the bundled mixture about one.
+    least min_steps and one epoch, at most max_epochs: 300 pairs get ~7 epochs, the bundled mixture one.
     With eval_strategy "steps", `evals` held-out evaluations (and checkpoints) spread evenly, the last at the end."""
     per_epoch = math.ceil(n_train / (train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps
                                      * world_size))
