@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.models import lora_config, load_base, load_tokenizer, profile_from, save_fingerprint
-from pipeline.run import StageRun
+from pipeline.run import StageRun, manifest_digest
 from stages.rm import (RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, plan_steps, prepare_data,
                        truncate_pair, weighted)
 from tests.conftest import ARCHS, REPO, run_module, run_python
@@ -163,6 +163,8 @@ def test_two_processes(tiny_models, marker_data, tmp_path):
     assert m["world_size"] == 2
     assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_diff"] <= 1e-4, m
     assert set(m["eval_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
+    # what it read, for `make`: the label export's manifest digest (a new export makes this reward model out of date)
+    assert manifest["inputs"]["manifests"]["label-export"] == manifest_digest(json.loads((export.dir / "manifest.json").read_text()))
     eval_prompts = [json.loads(line)["prompt"][0]["content"] for line in open(runs_dir / "t" / "rm" / "eval_pairs.jsonl")]
     assert len(eval_prompts) == m["eval_pairs"] and not [p for p in eval_prompts if p.startswith("A tie")]
     assert m["pairs_by_source"]["label-export"]["read"] == 360
