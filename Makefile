@@ -1,5 +1,6 @@
-# The whole pipeline, one target a stage. `make sft rm ppo` runs what is not yet done:
-# each stage target depends on its manifest, written last, so a finished stage is not rerun.
+# The whole pipeline, one target a stage. `make sft rm ppo` runs what is not done yet or no longer current: a stage's
+# manifest records what it read (command line, config and data files, upstream manifests), and pipeline.launch skips
+# a stage whose inputs are all unchanged (one "up to date" line). FORCE=1 redoes the stages you name.
 # RECIPE picks the stage configs: story (default; configs/<stage>.yaml) or a folder of configs/recipes/, e.g.
 # RECIPE=assistant (configs/recipes/assistant/<stage>.yaml). A recipe other than story gets its own run folder.
 RECIPE ?= story
@@ -7,13 +8,19 @@ RECIPE_DIR := $(if $(filter story,$(RECIPE)),configs,configs/recipes/$(RECIPE))
 $(if $(wildcard $(RECIPE_DIR)/*.yaml),,$(error RECIPE=$(RECIPE): no configs in $(RECIPE_DIR); use story or one of: $(notdir $(wildcard configs/recipes/*))))
 cfg = $(firstword $(wildcard $(RECIPE_DIR)/$(1).yaml) configs/$(1).yaml)
 RUN ?= $(if $(filter story,$(RECIPE)),default,$(RECIPE))
+RUNS_DIR ?= runs
+# Story recipe: the reward model learns from this run's own labels. When people have labeled (make label), theirs are
+# exported; otherwise simulated annotators label the pairs first (stages/simulate.py), so `make sft rm ppo` runs
+# unattended. AUTO_LABELS= (empty) turns that off: rm then reads whatever label export the run has.
+AUTO_LABELS ?= $(if $(filter story,$(RECIPE)),1)
 ACCELERATE_CONFIG ?= configs/accelerate/cpu.yaml
 ARGS ?=
 MODEL ?=
 MODEL_ARG := $(if $(MODEL),--model_config $(MODEL))
 PY ?= .venv/bin/python
-VENV_BIN := $(abspath .venv/bin)
-RUNDIR := runs/$(RUN)
+RUNDIR := $(RUNS_DIR)/$(RUN)
+# The stage modules. Tests run this Makefile on fast fake stages (tests/fake_stages/).
+STAGE_PKG ?= stages
 # One thread per process: on a shared 2-core box torch's default threading is many times slower (STACK-NOTES).
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
@@ -25,9 +32,29 @@ export TOKENIZERS_PARALLELISM ?= false
 ifneq (,$(findstring cpu2.yaml,$(ACCELERATE_CONFIG)))
 export ACCELERATE_USE_CPU = 1
 endif
-LAUNCH = $(VENV_BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) -m
 
-.PHONY: setup test base sft rm ppo grpo rloo pairs label label-export simulate eval publish bench bench-sft bench-ppo clean-run
+# ARGS go to the one stage you name (`make rm ARGS=...`); every stage, named or reached through a chain, also gets
+# its own variable: `make sft rm ppo SFT_ARGS="--max_steps 50" PPO_ARGS="--total_updates 20"`.
+SFT_ARGS ?=
+RM_ARGS ?=
+PPO_ARGS ?=
+PAIRS_ARGS ?=
+EVAL_ARGS ?=
+GRPO_ARGS ?=
+RLOO_ARGS ?=
+DPO_ARGS ?=
+NAMED := $(filter base sft rm ppo grpo rloo dpo pairs label label-export simulate eval publish,$(MAKECMDGOALS))
+ifneq (,$(and $(strip $(ARGS)),$(word 2,$(NAMED))))
+$(error ARGS="$(ARGS)" would go to every one of $(NAMED): name one stage, or use SFT_ARGS, RM_ARGS, PPO_ARGS, GRPO_ARGS, RLOO_ARGS, DPO_ARGS, PAIRS_ARGS, EVAL_ARGS)
+endif
+args_for = $($(2)) $(if $(filter $(1),$(NAMED)),$(ARGS))
+# $(call stage,NAME,MODULE,ARGS_VARIABLE): run one stage under accelerate unless its manifest is current.
+stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED))),--force) \
+	--config_file $(ACCELERATE_CONFIG) -m $(STAGE_PKG).$(2) --config $(call cfg,$(1)) --run $(RUN) --runs_dir $(RUNS_DIR) \
+	$(MODEL_ARG) $(call args_for,$(1),$(3))
+
+.PHONY: setup test base sft rm ppo grpo rloo dpo pairs label label-export simulate labels eval publish bench bench-sft \
+	bench-ppo bench-rm clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -44,65 +71,61 @@ test: setup
 base: setup
 	$(PY) -m stages.base --config configs/base.yaml $(ARGS)
 
-sft: $(RUNDIR)/sft/manifest.json
-$(RUNDIR)/sft/manifest.json: | setup
-	$(LAUNCH) stages.sft --config $(call cfg,sft) --run $(RUN) $(MODEL_ARG) $(ARGS)
+sft: | setup
+	$(call stage,sft,sft,SFT_ARGS)
 
 clean-run:
 	rm -rf $(RUNDIR)
 
-rm: $(RUNDIR)/rm/manifest.json
-$(RUNDIR)/rm/manifest.json: $(RUNDIR)/sft/manifest.json
-	$(LAUNCH) stages.rm --config $(call cfg,rm) --run $(RUN) $(MODEL_ARG) $(ARGS)
+rm: sft $(if $(AUTO_LABELS),labels)
+	$(call stage,rm,rm,RM_ARGS)
 
-ppo: $(RUNDIR)/ppo/manifest.json
-$(RUNDIR)/ppo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
-	$(LAUNCH) stages.ppo --config $(call cfg,ppo) --run $(RUN) $(MODEL_ARG) $(ARGS)
+ppo: sft rm
+	$(call stage,ppo,ppo,PPO_ARGS)
 
 # The critic-free estimators: the same RL loop (stages/ppo/) with configs/grpo.yaml or rloo.yaml, own run folders.
-grpo: $(RUNDIR)/grpo/manifest.json
-$(RUNDIR)/grpo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
-	$(LAUNCH) stages.ppo --config $(call cfg,grpo) --run $(RUN) $(MODEL_ARG) $(ARGS)
+grpo: sft rm
+	$(call stage,grpo,ppo,GRPO_ARGS)
 
-rloo: $(RUNDIR)/rloo/manifest.json
-$(RUNDIR)/rloo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
-	$(LAUNCH) stages.ppo --config $(call cfg,rloo) --run $(RUN) $(MODEL_ARG) $(ARGS)
+rloo: sft rm
+	$(call stage,rloo,ppo,RLOO_ARGS)
 
-pairs: $(RUNDIR)/pairs/manifest.json
-$(RUNDIR)/pairs/manifest.json: $(RUNDIR)/sft/manifest.json
-	$(LAUNCH) stages.pairs --config $(call cfg,pairs) --run $(RUN) $(MODEL_ARG) $(ARGS)
+pairs: sft
+	$(call stage,pairs,pairs,PAIRS_ARGS)
 
 # The labeling UI is a server, not a batch job: it always runs (and resumes from the label store).
 # With ARGS="--pairs_dataset FILE" (e.g. eval's human_pairs.jsonl) it needs no pairs stage.
-label: $(if $(findstring --pairs_dataset,$(ARGS)),,$(RUNDIR)/pairs/manifest.json)
-	$(PY) -m stages.label --config configs/label.yaml --run $(RUN) $(ARGS)
+label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)
+	$(PY) -m $(STAGE_PKG).label --config $(call cfg,label) --run $(RUN) --runs_dir $(RUNS_DIR) $(ARGS)
 
+# Always exports when asked (the labels may have changed); the reward model and PPO then retrain on the next make.
 label-export: | setup
-	$(PY) -m stages.label.export --config configs/label.yaml --run $(RUN) $(ARGS)
+	$(PY) -m $(STAGE_PKG).label.export --config $(call cfg,label) --run $(RUN) --runs_dir $(RUNS_DIR) $(ARGS)
 
-# Simulated annotators label the pairs through the label store people use (stages/simulate.py); like
-# label-export it always runs, adding labels only for pairs it has not labeled yet.
-simulate: $(RUNDIR)/pairs/manifest.json
-	$(PY) -m stages.simulate --config $(call cfg,simulate) --run $(RUN) $(ARGS)
+# Simulated annotators label the pairs through the label store people use (stages/simulate.py); like label-export it
+# always runs when named, adding labels only for pairs it has not labeled yet.
+simulate: pairs
+	$(PY) -m $(STAGE_PKG).simulate --config $(call cfg,simulate) --run $(RUN) --runs_dir $(RUNS_DIR) $(ARGS)
 
-# Story recipe: the reward model learns from this run's own labels. When people have labeled (make label), theirs
-# are exported; otherwise simulated annotators label the pairs first, so `make sft rm ppo` runs unattended.
-ifeq ($(RECIPE),story)
-$(RUNDIR)/rm/manifest.json: $(RUNDIR)/label-export/manifest.json
-endif
-$(RUNDIR)/label-export/manifest.json: $(RUNDIR)/pairs/manifest.json
-	$(PY) -m stages.simulate --config $(call cfg,simulate) --run $(RUN) --skip_if_people_labeled true
-	$(PY) -m stages.label.export --config $(call cfg,label) --run $(RUN)
+# The story chain's labels: simulated (unless people labeled) and exported, again only when the pairs are newer than
+# the last export, so an unchanged run stays current.
+LABEL_EXPORT := $(RUNDIR)/label-export/manifest.json
+labels: pairs
+	@if [ ! -f $(LABEL_EXPORT) ] || [ $(RUNDIR)/pairs/manifest.json -nt $(LABEL_EXPORT) ]; then \
+	  $(PY) -m $(STAGE_PKG).simulate --config $(call cfg,simulate) --run $(RUN) --runs_dir $(RUNS_DIR) --skip_if_people_labeled true && \
+	  $(PY) -m $(STAGE_PKG).label.export --config $(call cfg,label) --run $(RUN) --runs_dir $(RUNS_DIR); \
+	else echo "labels: up to date, skipped (the label export is newer than the pairs)"; fi
 
-eval: $(RUNDIR)/eval/manifest.json
-$(RUNDIR)/eval/manifest.json: $(RUNDIR)/ppo/manifest.json
-	$(LAUNCH) stages.eval --config $(call cfg,eval) --run $(RUN) $(MODEL_ARG) $(ARGS)
+eval: ppo
+	$(call stage,eval,eval,EVAL_ARGS)
 
-publish: $(RUNDIR)/eval/manifest.json
-	$(PY) -m stages.publish --config configs/publish.yaml --run $(RUN) $(if $(REPO),--repo_id $(REPO)) $(ARGS)
+publish: eval
+	$(PY) -m $(STAGE_PKG).publish --config configs/publish.yaml --run $(RUN) --runs_dir $(RUNS_DIR) $(if $(REPO),--repo_id $(REPO)) $(ARGS)
 
-bench: bench-sft bench-ppo
+bench: bench-sft bench-ppo bench-rm
 bench-sft: setup
 	$(PY) -m bench.bench_sft
 bench-ppo: setup
 	$(PY) -m bench.bench_ppo
+bench-rm: setup
+	$(PY) -m bench.rm_rules

@@ -8,7 +8,10 @@ clear message instead of a wall of size-mismatch errors or, worse, silently rand
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -110,7 +113,13 @@ def load_base(profile: ModelProfile, tokenizer, kind: str = "causal", shard: boo
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=profile.trust_remote_code, **extra) if shard else None
         plan = sharding.distributed_config(lambda: auto.from_config(config, trust_remote_code=profile.trust_remote_code), shard)
-        model = auto.from_pretrained(path, **kwargs, **({"distributed_config": plan} if plan else {}))
+        plan_kwargs = {"distributed_config": plan} if plan else {}
+        if kind == "score":
+            with without_load_report():
+                model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs, **plan_kwargs)
+            explain_head_swap(model, info, path)
+        else:
+            model = auto.from_pretrained(path, **kwargs, **plan_kwargs)
     except OSError as err:
         raise ConfigError(f"could not load base model '{path}': {err}") from None
     if shard and kind == "score":
@@ -161,6 +170,48 @@ def to_device(model: nn.Module, device=None) -> nn.Module:
 
         device = PartialState().device
     return model.to(device)
+
+
+# ---------------------------------------------------------------- the load report of a causal LM loaded as a reward model
+
+LOAD_REPORT_MARK = "LOAD REPORT"
+_explained: set[str] = set()
+
+
+@contextmanager
+def without_load_report():
+    """Hold back transformers' LOAD REPORT table ("lm_head.weight UNEXPECTED, score.weight MISSING"), which reads like a
+    failure; explain_head_swap says the same in one line and still reports anything that is not the expected swap."""
+    class _DropReport(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return LOAD_REPORT_MARK not in record.getMessage()
+
+    logger, drop = logging.getLogger("transformers.modeling_utils"), _DropReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def explain_head_swap(model, info: dict, path: str) -> None:
+    """A causal LM loaded as a 1-output classifier leaves its LM head unused and starts a fresh score head: expected,
+    said once per process. Any other missing, unexpected or reshaped weight is a real problem and is listed."""
+    head, trunk = score_head_name(model), model.base_model_prefix + "."
+    fresh = sorted(k for k in info["missing_keys"] if k.split(".")[0] == head)
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(trunk))  # the LM head: outside the trunk
+    other_missing = sorted(set(info["missing_keys"]) - set(fresh))
+    other_unexpected = sorted(set(info["unexpected_keys"]) - set(unused))
+    mismatched = info.get("mismatched_keys") or []
+    if other_missing or other_unexpected or mismatched:
+        print(f"warning: loading {path} as a reward model: weights missing from the checkpoint {other_missing}, "
+              f"unused {other_unexpected}, reshaped {[k for k, *_ in mismatched]}; only the LM head (unused) and the "
+              f"score head (new) are expected to differ", file=sys.stderr)
+    elif path not in _explained:
+        _explained.add(path)
+        lm_head = f"language-model head ({', '.join(unused)})" if unused else "language-model head"
+        print(f"note: reward model on {path}: a new scalar head ({', '.join(fresh) or head}) is initialised and trained "
+              f"here, and the base's {lm_head} is not used, as expected", file=sys.stderr)
 
 
 def fingerprint(config) -> dict:

@@ -1,12 +1,17 @@
 """Run folders and manifests.
 
 Every stage writes under runs/<run>/<stage>/ and ends by writing manifest.json there, atomically and last:
-a manifest on disk means the stage finished. Later stages find their inputs through it, and Make targets
-depend on it, so a finished stage is not rerun.
+a manifest on disk means the stage finished. Later stages find their inputs through it.
+
+A manifest also records what the stage read (`inputs`): its command line, the digest of every file or folder its
+command line and resolved config name (YAML, data), and the digest of every upstream manifest (None for an optional
+one that was absent). `is_current` compares them with what is on disk now, so `make` reruns a stage exactly when
+one of them changed (pipeline/launch.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,6 +24,9 @@ from typing import Any
 
 from pipeline.config import REPO_ROOT, ConfigError, resolve_path
 
+# Files above this size (a real base checkpoint) are fingerprinted by size and modification time, not read:
+# hashing gigabytes on every `make` would take longer than the check is worth.
+HASH_LIMIT_BYTES = 64 * 2**20
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "huggingface_hub", "gradio")
 
 
@@ -71,6 +79,82 @@ def read_manifest(runs_dir: str, run: str, stage: str, needed_by: str) -> dict[s
         raise ConfigError(f"{path} is not valid JSON ({err}): rerun `make {stage} RUN={run}`") from None
 
 
+def file_digest(path: Path) -> str | None:
+    """sha256 of a file's bytes, or of a folder's file names and bytes; None when the path does not exist."""
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        size = f.stat().st_size
+        if size > HASH_LIMIT_BYTES:
+            h.update(f"{size}:{f.stat().st_mtime_ns}".encode())
+        else:
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def manifest_digest(manifest: dict | None) -> str | None:
+    return None if manifest is None else hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def paths_named_in(values: Any, own_dir: Path) -> set[str]:
+    """Every string in `values` (nested dicts, keys included, and lists) that names an existing file or folder and looks
+    like a path (a '/' or a suffix: not a bare word such as "data"), except the stage's own folder and anything around
+    or inside it (runs_dir, output_dir)."""
+    found: set[str] = set()
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack += list(v.keys()) + list(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack += list(v)
+        elif isinstance(v, str) and ("/" in v or Path(v).suffix) and "\n" not in v and len(v) < 1024:
+            try:
+                p = resolve_path(v).resolve()
+                if not p.exists() or p == own_dir or own_dir in p.parents or p in own_dir.parents:
+                    continue
+            except (OSError, ValueError):  # not a path at all
+                continue
+            found.add(v)
+    return found
+
+
+def _flag(argv: list[str], name: str, default: str) -> str:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+
+def is_current(stage: str, argv: list[str]) -> tuple[bool, str]:
+    """Would `stage` with this command line do exactly what its manifest records? (True, "") or (False, why not).
+
+    Same command line, same bytes in every file it named, same upstream manifests (a rerun upstream stage has a new
+    manifest, and an optional one that appeared, such as a first label export, counts as a change)."""
+    run, runs_dir = _flag(argv, "--run", "default"), _flag(argv, "--runs_dir", "runs")
+    path = stage_dir(runs_dir, run, stage) / "manifest.json"
+    if not path.is_file():
+        return False, "it has not run yet"
+    try:
+        inputs = json.loads(path.read_text()).get("inputs")
+    except json.JSONDecodeError:
+        return False, f"{path} is not valid JSON"
+    if not inputs:
+        return False, "its manifest does not record its inputs (written by an older version)"
+    if inputs["argv"] != argv:
+        return False, f"the command line changed (was: {' '.join(inputs['argv'])})"
+    for name, digest in inputs["files"].items():
+        if file_digest(resolve_path(name)) != digest:
+            return False, f"{name} changed"
+    for name, digest in inputs["manifests"].items():
+        upstream = stage_dir(runs_dir, run, name) / "manifest.json"
+        now = manifest_digest(json.loads(upstream.read_text())) if upstream.is_file() else None
+        if now != digest:
+            return False, (f"the {name} stage ran again" if now and digest else
+                           f"the {name} stage now exists" if now else f"the {name} stage is gone")
+    return True, ""
+
+
 class StageRun:
     """Bookkeeping for one stage: its folder, the saved config, the final manifest."""
 
@@ -80,6 +164,8 @@ class StageRun:
         self.manifest_path = self.dir / "manifest.json"
         self.started = time.time()
         self.upstream: dict[str, Any] = {}
+        self.optional: set[str] = set()  # upstream stages read when present: their absence is an input too
+        self.argv = sys.argv[1:]  # the stage's command line (`make` compares it with the next one)
 
     def prepare(self, config: dict[str, Any], is_main: bool = True) -> None:
         """Create the folder, drop a stale manifest (this run replaces it), save the resolved config."""
@@ -94,6 +180,18 @@ class StageRun:
         self.upstream[stage] = manifest
         return manifest
 
+    def may_read(self, stage: str) -> None:
+        """This stage reads `stage`'s manifest when it exists (into self.upstream): once it appears, rerun."""
+        self.optional.add(stage)
+
+    def inputs(self, config: dict[str, Any]) -> dict[str, Any]:
+        """What this stage read, as is_current compares it: command line, named files' digests, upstream manifests'."""
+        files = sorted(paths_named_in([self.argv, config], self.dir.resolve()))
+        manifests = {name: None for name in self.optional}
+        manifests.update({name: manifest_digest(m) for name, m in self.upstream.items()})
+        return {"argv": list(self.argv), "files": {f: file_digest(resolve_path(f)) for f in files},
+                "manifests": dict(sorted(manifests.items()))}
+
     def finish(self, outputs: dict[str, Any], metrics: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         manifest = {
             "stage": self.stage,
@@ -104,6 +202,7 @@ class StageRun:
                              "outputs": v.get("outputs", {}), "git_commit": v.get("git_commit")}
                          for k, v in self.upstream.items()},
             "config": config,
+            "inputs": self.inputs(config),
             "versions": package_versions(),
             "git_commit": git_commit(),
             "command": " ".join(sys.argv),

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,15 @@ class RMArgs:
     eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt in both halves)."})
     margin_scale: float = field(default=0.0, metadata={"help": "0: plain Bradley-Terry; >0: margin = scale x strength."})
     margin_column: str = field(default="strength", metadata={"help": "Label strength column (a number, or slightly/much)."})
+    max_prompt_length: int = field(default=64, metadata={
+        "help": "A pair longer than max_length keeps at least this many of its prompt's last tokens (when the prompt "
+                "has them); the responses get the rest, each keeping its beginning and its end."})
+    # Training length follows the data (num_train_epochs 0 and max_steps -1 in configs/rm.yaml)
+    min_steps: int = field(default=200, metadata={
+        "help": "Train at least this many optimizer steps (a few hundred pairs get several epochs), at least one epoch."})
+    max_epochs: float = field(default=10.0, metadata={"help": "...but never more than this many epochs."})
+    evals: int = field(default=4, metadata={
+        "help": "Held-out evaluations spread over the run; the adapter with the best one is kept (metric_for_best_model)."})
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32
@@ -66,6 +76,8 @@ class RMArgs:
                 raise ValueError(f"dataset_mixture['{key}'] has unknown key(s) {sorted(unknown)}: use weight, max_rows")
             if float((spec or {}).get("weight", 1.0)) < 0:
                 raise ValueError(f"dataset_mixture['{key}'] has a negative weight")
+        if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1:
+            raise ValueError("min_steps, max_epochs and evals must be positive")
 
 
 # ---------------------------------------------------------------- data: any TRL preference format -> explicit pairs
@@ -171,7 +183,10 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], di
 
 def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
     """prompt + response -> token ids, exactly as RewardTrainer tokenizes (conversational: chat template;
-    plain text: EOS appended). Shared by training, held-out scoring and the fresh-process reload check."""
+    plain text: EOS appended). Shared by training, held-out scoring and the fresh-process reload check. A pair that
+    carries its token ids (eval_pairs.jsonl: as scored, after truncate_pair) keeps them."""
+    if "chosen_ids" in pair:
+        return pair["chosen_ids"], pair["rejected_ids"]
     out = []
     for key in ("chosen", "rejected"):
         if isinstance(pair[key], str):
@@ -181,6 +196,46 @@ def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
             ids = tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"]
             out.append(ids)
     return out[0], out[1]
+
+
+# Of a response longer than its share of max_length, this share is taken from its end: how it ends (a question, a
+# sign-off, the EOS where the score is read) stays in view, as does its beginning.
+RESPONSE_END_SHARE = 0.25
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def cut_middle(ids: list[int], cap: int) -> list[int]:
+    if len(ids) <= cap:
+        return ids
+    end = max(1, int(cap * RESPONSE_END_SHARE))
+    return ids[: cap - end] + ids[len(ids) - end :]
+
+
+def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int,
+                  bos_token_id: int | None) -> tuple[list[int], list[int], bool, bool]:
+    """Fit a pair into max_length tokens instead of dropping it: (chosen, rejected, prompt_cut, response_cut).
+
+    The shared start of both sequences is the prompt (with the chat template's headers and any words both replies
+    begin with); what follows are the two responses. The prompt keeps its END (the question being answered) and at
+    least max_prompt_length tokens of it; each response is capped at what is left, losing the middle of its text, so
+    its beginning and its end (and EOS) are still seen. A leading BOS stays in place."""
+    if max(len(chosen), len(rejected)) <= max_length:
+        return chosen, rejected, False, False
+    n = common_prefix(chosen, rejected)
+    keep = 1 if n and chosen[0] == bos_token_id else 0
+    head, prompt = chosen[:keep], chosen[keep:n]
+    cap = max_length - keep - min(len(prompt), max_prompt_length)
+    c, r = cut_middle(chosen[n:], cap), cut_middle(rejected[n:], cap)
+    room = max_length - keep - max(len(c), len(r))
+    kept_prompt = prompt[len(prompt) - room :] if room < len(prompt) else prompt
+    response_cut = len(c) + len(r) < len(chosen) + len(rejected) - 2 * n
+    return head + kept_prompt + c, head + kept_prompt + r, len(kept_prompt) < len(prompt), response_cut
 
 
 def weighted(rows: list[dict], weights: dict, seed: int) -> list[dict]:
@@ -341,22 +396,35 @@ def check_reload(adapter_dir: Path, pairs_file: Path, chosen: list[float], rejec
 # ---------------------------------------------------------------- the stage
 
 def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
-    """Pairs -> token ids (once: training, held-out scoring and the reload check all use these) -> a split by prompt
-    -> per-source weights on the training half. Pairs over max_length are dropped and counted here, because
-    RewardTrainer would drop them silently."""
+    """Pairs -> token ids (once: training, held-out scoring and the reload check all use these) -> pairs over max_length
+    truncated (truncate_pair: prompt end, response beginnings and ends), counted per source -> a split by prompt ->
+    per-source weights on the training half."""
     from datasets import Dataset
 
+    if train_cfg.max_length and not 0 <= args.max_prompt_length <= train_cfg.max_length // 2:
+        raise ConfigError(f"max_prompt_length {args.max_prompt_length} must be between 0 and half of max_length "
+                          f"({train_cfg.max_length}): the responses need the rest")
     pairs, weights, counts, data_name = load_pairs(args, stage, train_cfg.seed)
+    if train_cfg.max_length:  # the whole pair is tokenized first, then cut to max_length here: no need to warn
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     kept = []
     for p in pairs:
-        p["chosen_ids"], p["rejected_ids"] = encode_pair(tokenizer, p)
-        if train_cfg.max_length and max(len(p["chosen_ids"]), len(p["rejected_ids"])) > train_cfg.max_length:
-            counts[p["source"]]["too_long"] += 1
-        else:
-            kept.append(p)
+        chosen, rejected = encode_pair(tokenizer, p)
+        p["full_lengths"] = [len(chosen), len(rejected)]  # before truncation: what "the longer reply wins" compares
+        c = counts[p["source"]]
+        if train_cfg.max_length:
+            chosen, rejected, prompt_cut, response_cut = truncate_pair(chosen, rejected, train_cfg.max_length,
+                                                                       args.max_prompt_length, tokenizer.bos_token_id)
+            c["prompt_cut"] += prompt_cut
+            c["response_cut"] += response_cut
+        if chosen == rejected:  # they differed only in a middle that was cut
+            c["equal_after_cut"] += 1
+            continue
+        p["chosen_ids"], p["rejected_ids"] = chosen, rejected
+        kept.append(p)
     if not kept:
         raise ConfigError(f"no usable preference pairs in {data_name}: read and dropped {json.dumps(counts)} (equal "
-                          f"chosen/rejected, empty responses, longer than max_length={train_cfg.max_length})")
+                          f"chosen/rejected, empty responses)")
     groups = [json.dumps(p["prompt"], sort_keys=True) if p["prompt"] else f"row {i}" for i, p in enumerate(kept)]
     index = Dataset.from_dict({"i": list(range(len(kept))), "group": groups})
     train_idx, eval_idx = train_eval_split(index, args.eval_fraction, train_cfg.seed, group_by=lambda r: r["group"])
@@ -371,22 +439,48 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
     return train_rows, eval_rows, counts, data_name
 
 
+def plan_steps(n_train: int, train_cfg, args: RMArgs, world_size: int) -> dict:
+    """Optimizer steps for this much data, set on train_cfg. max_steps or num_train_epochs when set (> 0); else at
+    least min_steps and one epoch, at most max_epochs: 300 pairs get ~7 epochs, the bundled mixture one.
+    With eval_strategy "steps", `evals` held-out evaluations (and checkpoints) spread evenly, the last at the end."""
+    per_epoch = math.ceil(n_train / (train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps
+                                     * world_size))
+    if train_cfg.max_steps > 0:
+        steps = train_cfg.max_steps
+    elif train_cfg.num_train_epochs > 0:
+        steps = math.ceil(train_cfg.num_train_epochs * per_epoch)
+    else:
+        steps = min(max(per_epoch, args.min_steps), math.ceil(args.max_epochs * per_epoch))
+    eval_steps = None
+    if train_cfg.eval_strategy == "steps":
+        eval_steps = max(1, math.ceil(steps / args.evals))
+        steps = eval_steps * math.ceil(steps / eval_steps)  # the last step is evaluated too
+        train_cfg.eval_steps = train_cfg.save_steps = eval_steps
+    train_cfg.max_steps = steps
+    return {"steps": steps, "steps_per_epoch": per_epoch, "epochs": round(steps / per_epoch, 2), "eval_steps": eval_steps}
+
+
+def longer_wins(rows: list[dict]) -> float:
+    """Accuracy of the rule "the longer reply (in tokens, before truncation) wins"; equal lengths count half."""
+    right = [(c > r) + 0.5 * (c == r) for c, r in (row["full_lengths"] for row in rows)]
+    return round(sum(right) / len(right), 4)
+
+
 def heldout_metrics(eval_rows: list[dict], chosen: list[float], rejected: list[float]) -> dict:
     overall, scores = pair_metrics(chosen, rejected), chosen + rejected
     by_source = {}
     for source in sorted({r["source"] for r in eval_rows}):
         idx = [i for i, r in enumerate(eval_rows) if r["source"] == source]
-        by_source[source] = pair_metrics([chosen[i] for i in idx], [rejected[i] for i in idx])
+        by_source[source] = {**pair_metrics([chosen[i] for i in idx], [rejected[i] for i in idx]),
+                             "longer_wins_accuracy": longer_wins([eval_rows[i] for i in idx])}
     mean = sum(scores) / len(scores)
-    longer = [(len(r["chosen_ids"]) > len(r["rejected_ids"])) + 0.5 * (len(r["chosen_ids"]) == len(r["rejected_ids"]))
-              for r in eval_rows]
     return {"eval_accuracy": overall["accuracy"], "eval_accuracy_ci95": overall["ci95"],
             "eval_mean_margin": overall["mean_margin"], "eval_loss": overall["loss"],  # plain Bradley-Terry loss
             # Over every held-out response, chosen and rejected: PPO normalizes its rewards with these.
             "reward_mean": round(mean, 4),
             "reward_std": round(math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)), 4),
             "eval_by_source": by_source,
-            "eval_longer_wins_accuracy": round(sum(longer) / len(longer), 4)}  # what "prefer the longer reply" scores
+            "eval_longer_wins_accuracy": longer_wins(eval_rows)}  # what "prefer the longer reply" scores
 
 
 def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
@@ -411,6 +505,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     check_adapter(sft["outputs"]["adapter"], AutoConfig.from_pretrained(base_path), what="SFT (policy)")
 
     # 1. Data and tokenizer, all checked before anything in the run folder is touched.
+    if not args.dataset_name and LABEL_EXPORT in args.dataset_mixture:
+        stage.may_read(LABEL_EXPORT)  # a label export that appears later makes this reward model out of date
     tokenizer = load_tokenizer(profile)
     train_rows, eval_rows, counts, data_name = prepare_data(args, train_cfg, stage, tokenizer)
     stage.prepare(config, is_main=state.is_main_process)
@@ -432,7 +528,10 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     model = load_base(profile, tokenizer, kind="score", shard=shard)
     peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout, task_type="SEQ_CLS")
 
-    # 3. Train (Bradley-Terry: -log sigmoid(r_chosen - r_rejected [- margin]) [+ centering])
+    # 3. Train (Bradley-Terry: -log sigmoid(r_chosen - r_rejected [- margin]) [+ centering]) for as many steps as the
+    #    data needs (plan_steps), evaluating on the held-out prompts along the way; the best adapter is kept
+    #    (load_best_model_at_end, metric_for_best_model in configs/rm.yaml).
+    plan = plan_steps(len(train_rows), train_cfg, args, state.num_processes)
     trainer = RewardTrainer(model=model, args=train_cfg, train_dataset=as_dataset(train_rows),
                             eval_dataset=as_dataset(eval_rows), processing_class=tokenizer, peft_config=peft_config)
     t0 = time.time()
@@ -450,36 +549,54 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     sharding = sharding_report(trainer.model)
     metrics = {}
     if state.is_main_process:
+        shutil.rmtree(train_cfg.output_dir, ignore_errors=True)  # the checkpoints: the best one is adapter/ now
         tokenizer.save_pretrained(adapter_dir)
         save_fingerprint(adapter_dir, model.config, base_path)
         require_saved_head(adapter_dir, score_head_name(model))
         pairs_file = stage.dir / "eval_pairs.jsonl"
-        with open(pairs_file, "w") as f:
+        with open(pairs_file, "w") as f:  # with the token ids as scored (truncated as trained)
             for r in eval_rows:
-                f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected", "source", "margin")}) + "\n")
+                keys = ("prompt", "chosen", "rejected", "source", "margin", "chosen_ids", "rejected_ids")
+                f.write(json.dumps({k: r[k] for k in keys}) + "\n")
         reload = check_reload(adapter_dir, pairs_file, scores[:n], scores[n:], profile.dtype,
                               train_cfg.per_device_eval_batch_size, profile.load_in_4bit)
-
-        logs = trainer.state.log_history
-        total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "too_long")}
-        metrics = {
-            **heldout_metrics(eval_rows, scores[:n], scores[n:]),
-            "train_loss": round(result.training_loss, 4), "loss_curve": [h["loss"] for h in logs if "loss" in h],
-            "train_accuracy_last": next((h["accuracy"] for h in reversed(logs) if "accuracy" in h), None),
-            "pairs_read": total["read"], "train_pairs": len(train_rows), "eval_pairs": n,
-            "dropped_equal": total["equal"], "dropped_empty": total["empty"], "dropped_too_long": total["too_long"],
-            "pairs_by_source": {k: dict(v) for k, v in sorted(counts.items())},
-            "reload_check": reload, "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
-            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding, "data": data_name,
-        }
-        print_table("RM", {k: v for k, v in metrics.items() if k not in ("loss_curve", "eval_by_source", "pairs_by_source")})
+        metrics = {**heldout_metrics(eval_rows, scores[:n], scores[n:]),
+                   **training_record(trainer.state, result, plan, train_cfg),
+                   **data_record(counts, len(train_rows), n),
+                   "reload_check": reload, "train_time_s": round(train_time, 1), "peak_memory_mb": peak_memory_mb(),
+                   "world_size": state.num_processes, "sharding": sharding, "data": data_name}
+        print_table("RM", {k: v for k, v in metrics.items()
+                           if k not in ("loss_curve", "eval_curve", "eval_by_source", "pairs_by_source", "sharding")})
         for source, c in sorted(counts.items()):
             m = metrics["eval_by_source"].get(source, {})
-            print(f"  {source:>14}: read {c['read']}, dropped {c['equal']} equal / {c['empty']} empty / {c['too_long']} "
-                  f"too long; train {c['train']}, eval {c['eval']}: accuracy {m.get('accuracy')} {m.get('ci95', '')}")
+            print(f"  {source:>14}: read {c['read']}, dropped {c['equal']} equal / {c['empty']} empty, cut {c['prompt_cut']} "
+                  f"prompts / {c['response_cut']} responses; train {c['train']}, eval {c['eval']}: accuracy "
+                  f"{m.get('accuracy')} {m.get('ci95', '')} (longer wins: {m.get('longer_wins_accuracy')})")
         stage.finish({"adapter": adapter_dir, "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
     finish_distributed()
     return metrics
+
+
+def training_record(state, result, plan: dict, train_cfg) -> dict:
+    """The training curve, the held-out evaluations along it, and which one was kept."""
+    logs = state.log_history
+    evals = [{"step": h["step"], "eval_loss": round(h["eval_loss"], 4), "eval_accuracy": round(h.get("eval_accuracy", 0), 4)}
+             for h in logs if "eval_loss" in h]
+    best = state.best_model_checkpoint
+    return {"train_loss": round(result.training_loss, 4), "loss_curve": [h["loss"] for h in logs if "loss" in h],
+            "train_accuracy_last": next((h["accuracy"] for h in reversed(logs) if "accuracy" in h), None),
+            "steps": state.global_step, **{f"plan_{k}": v for k, v in plan.items()}, "eval_curve": evals,
+            "best_step": int(best.rsplit("-", 1)[-1]) if best else None,
+            "best_metric": {train_cfg.metric_for_best_model: state.best_metric} if best else None}
+
+
+def data_record(counts: dict, n_train: int, n_eval: int) -> dict:
+    total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "equal_after_cut", "prompt_cut",
+                                                             "response_cut")}
+    return {"pairs_read": total["read"], "train_pairs": n_train, "eval_pairs": n_eval,
+            "dropped_equal": total["equal"] + total["equal_after_cut"], "dropped_empty": total["empty"],
+            "truncated_prompts": total["prompt_cut"], "truncated_responses": total["response_cut"],
+            "pairs_by_source": {k: dict(v) for k, v in sorted(counts.items())}}
 
 
 def CONFIG_CLASSES():

@@ -18,8 +18,9 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.models import lora_config, load_base, load_tokenizer, profile_from, save_fingerprint
-from pipeline.run import StageRun
-from stages.rm import RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, prepare_data, weighted
+from pipeline.run import StageRun, manifest_digest
+from stages.rm import (RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, plan_steps, prepare_data,
+                       truncate_pair, weighted)
 from tests.conftest import ARCHS, REPO, run_module, run_python
 
 WORDS = "the cat sat on a mat and ran to see her little friend in the big green garden by old tree".split()
@@ -162,6 +163,8 @@ def test_two_processes(tiny_models, marker_data, tmp_path):
     assert m["world_size"] == 2
     assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_diff"] <= 1e-4, m
     assert set(m["eval_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
+    # what it read, for `make`: the label export's manifest digest (a new export makes this reward model out of date)
+    assert manifest["inputs"]["manifests"]["label-export"] == manifest_digest(json.loads((export.dir / "manifest.json").read_text()))
     eval_prompts = [json.loads(line)["prompt"][0]["content"] for line in open(runs_dir / "t" / "rm" / "eval_pairs.jsonl")]
     assert len(eval_prompts) == m["eval_pairs"] and not [p for p in eval_prompts if p.startswith("A tie")]
     assert m["pairs_by_source"]["label-export"]["read"] == 360
@@ -282,3 +285,92 @@ def test_stock_reload_in_fresh_process_and_lost_head(trained, tmp_path):
               broken / "adapter_model.safetensors")
     with pytest.raises(RuntimeError, match="does not reproduce"):
         check_reload(broken, stage / "eval_pairs.jsonl", scores["chosen"], scores["rejected"])
+
+
+# ---------------------------------------------------------------- long pairs are cut, not dropped; training length
+
+def test_truncate_pair_keeps_prompt_end_and_response_ends():
+    """Hand-computed: BOS + a 10-token prompt, responses of 30 and 40 tokens, max_length 32, max_prompt_length 4.
+    The prompt keeps its last 4 tokens; each response is capped at 32 - 1 - 4 = 27 tokens: its first 21 and last 6
+    (a quarter of the cap), so its ending (here: the EOS-like last token) is still there."""
+    bos, prompt = [1], list(range(10, 20))
+    chosen, rejected = bos + prompt + list(range(100, 130)), bos + prompt + list(range(200, 240))
+    c, r, prompt_cut, response_cut = truncate_pair(chosen, rejected, 32, 4, bos_token_id=1)
+    assert c == [1, 16, 17, 18, 19] + list(range(100, 121)) + list(range(124, 130))
+    assert r == [1, 16, 17, 18, 19] + list(range(200, 221)) + list(range(234, 240))
+    assert prompt_cut and response_cut and len(c) == len(r) == 32
+    # short responses: only the prompt is cut (from the front), the responses stay whole
+    c, r, prompt_cut, response_cut = truncate_pair(bos + prompt + [7, 8], bos + prompt + [9], 8, 4, bos_token_id=1)
+    assert c == [1, 15, 16, 17, 18, 19, 7, 8] and r == [1, 15, 16, 17, 18, 19, 9] and prompt_cut and not response_cut
+    # a pair that fits is returned as it is
+    assert truncate_pair([1, 2, 3], [1, 2, 4], 3, 1, bos_token_id=1) == ([1, 2, 3], [1, 2, 4], False, False)
+
+
+def test_long_pairs_are_truncated_and_counted(tiny_models, tmp_path):
+    """The real tokenizer and chat template: a long pair is cut to max_length, still begins with the start of the
+    sequence and ends exactly as the whole one does (EOS and the template's closing newline); cuts are counted."""
+    prof = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(prof)
+    long_text = " ".join(WORDS * 12)
+    rows = marker_rows(6)
+    rows[0] = dict(rows[0], prompt=[{"role": "user", "content": long_text}])                                 # prompt
+    rows[1] = dict(rows[1], chosen=[{"role": "assistant", "content": long_text + " banana the end"}])      # response
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_name", str(data),
+                                     "--max_length", "64", "--max_prompt_length", "16", "--eval_fraction", "0.5"])
+    train_rows, eval_rows, counts, _ = prepare_data(args, train_cfg, None, tok)
+    assert len(train_rows) + len(eval_rows) == 6  # nothing dropped
+    # row 0: a long prompt; row 1: a long response, which leaves its (over 16-token) prompt only 16 tokens
+    assert counts["long"]["prompt_cut"] == 2 and counts["long"]["response_cut"] == 1
+    assert len(encode_pair(tok, rows[1])[0]) > 64 and len(encode_pair(tok, rows[2])[0]) <= 64
+    for row in train_rows + eval_rows:
+        whole_c, whole_r = encode_pair(tok, {k: row[k] for k in ("prompt", "chosen", "rejected")})
+        for cut, whole in ((row["chosen_ids"], whole_c), (row["rejected_ids"], whole_r)):
+            assert len(cut) <= 64 and cut[0] == whole[0] == tok.bos_token_id
+            assert cut[-4:] == whole[-4:] and tok.eos_token_id in cut[-3:]
+        assert row["full_lengths"] == [len(whole_c), len(whole_r)]
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_name", str(data),
+                                     "--max_length", "64", "--max_prompt_length", "40"])
+    with pytest.raises(ConfigError, match="max_prompt_length"):  # more than half: no room left for the responses
+        prepare_data(args, train_cfg, None, tok)
+
+
+def test_plan_steps_follows_the_data():
+    """At least min_steps and one epoch, at most max_epochs; evaluations spread so that the last step is one."""
+    def plan(n, *extra):
+        train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--min_steps", "300",
+                                         "--max_epochs", "10", "--evals", "8", *extra])
+        return plan_steps(n, train_cfg, args, world_size=1), train_cfg
+
+    p, cfg = plan(240)  # 30 steps an epoch: 300 steps (10 epochs), evaluated every 38 -> 304
+    assert p == {"steps": 304, "steps_per_epoch": 30, "epochs": 10.13, "eval_steps": 38}
+    assert cfg.max_steps == 304 and cfg.eval_steps == cfg.save_steps == 38
+    assert plan(40)[0]["steps"] == 56  # 5 an epoch: capped at 10 epochs = 50, evaluated every 7 -> 56
+    assert plan(4000)[0]["steps"] == 504  # 500 an epoch: one epoch, every 63 -> 504
+    assert plan(240, "--max_steps", "17", "--evals", "1")[0]["steps"] == 17  # given explicitly: as given
+    assert plan(240, "--num_train_epochs", "2", "--evals", "1")[0]["steps"] == 60
+    assert plan(240, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")[0]["steps_per_epoch"] == 30
+
+
+def test_best_checkpoint_is_the_one_saved(tiny_models, tmp_path):
+    """Labels at random (nothing to learn) and a high constant learning rate: the model memorises its training pairs
+    and the held-out loss gets worse, so the best evaluation is not the last one. The saved adapter is the best one:
+    its held-out loss, scored again by the stage after training, equals the best evaluation's, not the last's."""
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs_dir, "t")
+    rng = random.Random(3)
+    rows = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if rng.random() < 0.5 else r for r in marker_rows(80)]
+    data = write_jsonl(tmp_path / "noise.jsonl", rows)
+    m = main(*parse_args(["--config", str(REPO / "configs/rm.yaml"), "--model_config", str(tiny_models["llama"]),
+                          "--runs_dir", str(runs_dir), "--run", "t", "--dataset_name", str(data),
+                          "--learning_rate", "3e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+                          "--min_steps", "40", "--max_epochs", "10", "--evals", "4", "--logging_steps", "5"]))
+    # 64 training pairs, 8 steps an epoch: min_steps 40 (5 epochs), evaluated every 10 steps
+    assert (m["train_pairs"], m["plan_steps"], m["plan_eval_steps"], m["steps"]) == (64, 40, 10, 40)
+    losses = {e["step"]: e["eval_loss"] for e in m["eval_curve"]}
+    assert sorted(losses) == [10, 20, 30, 40]
+    best = min(losses, key=losses.get)
+    assert m["best_step"] == best and best != 40 and losses[40] > losses[best] + 1e-3, losses
+    assert m["eval_loss"] == pytest.approx(losses[best], abs=2e-4)
+    assert m["best_metric"] == {"eval_loss": pytest.approx(losses[best], abs=1e-4)}
+    assert not (runs_dir / "t" / "rm" / "trainer").exists()  # the checkpoints are gone; adapter/ is the best one

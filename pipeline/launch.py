@@ -1,0 +1,62 @@
+"""How `make <stage>` starts a stage: skip it when its manifest is current, else `accelerate launch` it.
+
+    python -m pipeline.launch STAGE [--force] [ACCELERATE_LAUNCH_ARGS...] -m MODULE [STAGE_ARGS...]
+    python -m pipeline.launch rm --config_file configs/accelerate/cpu.yaml -m stages.rm --config configs/rm.yaml --run default
+
+- Current (same command line, same files, same upstream manifests: pipeline.run.is_current): one "up to date" line,
+  exit 0, in well under a second (nothing heavy is imported). `--force` (make's FORCE=1, or in ARGS) runs it anyway.
+- Otherwise accelerate's own launcher runs, in this process, exactly as `accelerate launch ...` would. A stage that
+  stops on bad input has already printed its one `error:` line and exits 2 (pipeline.run.main_guard); the launcher
+  would add a CalledProcessError traceback of its own under it, which says nothing more, so for exit code 2 it is
+  left out. Any other failure (a real crash) keeps every traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from pipeline.run import is_current
+
+CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
+
+
+def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
+    try:
+        launch_command(args)
+    except subprocess.CalledProcessError as err:  # one process: the child's exit code
+        if err.returncode == CONFIG_ERROR_EXIT:
+            return CONFIG_ERROR_EXIT
+        raise
+    except Exception as err:  # several processes: torch.distributed.elastic's ChildFailedError, one entry per rank
+        failures = getattr(err, "failures", None)
+        if failures and all(f.exitcode == CONFIG_ERROR_EXIT for f in failures.values()):
+            return CONFIG_ERROR_EXIT
+        raise
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or "-m" not in argv[1:]:
+        print("usage: python -m pipeline.launch STAGE [--force] [ACCELERATE_ARGS...] -m MODULE [STAGE_ARGS...]",
+              file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    stage, rest = argv[0], argv[1:]
+    m = rest.index("-m")
+    ours, module, stage_args = rest[:m], rest[m + 1], rest[m + 2 :]
+    force = "--force" in ours or "--force" in stage_args
+    ours, stage_args = [a for a in ours if a != "--force"], [a for a in stage_args if a != "--force"]
+    if not force:
+        current, why = is_current(stage, stage_args)
+        if current:
+            print(f"{stage}: up to date, skipped (same command line, files and upstream stages; FORCE=1 redoes it)")
+            return 0
+        print(f"{stage}: running, because {why}", flush=True)
+    return launch(ours, module, stage_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

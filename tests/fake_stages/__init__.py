@@ -1,0 +1,39 @@
+"""Fast stand-ins for the stages, for tests of the Makefile and pipeline.launch (`make ... STAGE_PKG=tests.fake_stages`).
+
+Each reads its upstream manifests the way the real stage does (StageRun.need / may_read), appends its name to
+<runs_dir>/<run>/ran.txt, and writes its manifest with StageRun.finish, so that what `make` skips or reruns is decided
+by the real manifests' recorded inputs. `--fail` stops with a ConfigError (exit 2), `--crash` raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.config import ConfigError
+from pipeline.run import StageRun, main_guard, stage_dir
+
+
+def _flag(argv: list[str], name: str, default: str) -> str:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+
+def fake_stage(name: str, needs: tuple[str, ...] = (), may_read: tuple[str, ...] = ()) -> None:
+    def main():
+        argv = sys.argv[1:]
+        if "--fail" in argv:
+            raise ConfigError(f"{name}: --fail was given (a fake stage's bad input)")
+        if "--crash" in argv:
+            raise RuntimeError(f"{name}: --crash was given (a fake stage's bug)")
+        stage = StageRun(name, _flag(argv, "--run", "default"), _flag(argv, "--runs_dir", "runs"))
+        for upstream in needs:
+            stage.need(upstream)
+        for upstream in may_read:
+            stage.may_read(upstream)
+            if (stage_dir(stage.runs_dir, stage.run, upstream) / "manifest.json").is_file():
+                stage.need(upstream)
+        stage.prepare({})
+        with open(stage.dir.parent / "ran.txt", "a") as f:
+            f.write(name + "\n")
+        stage.finish({}, {}, {"argv": argv})
+
+    main_guard(main)

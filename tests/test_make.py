@@ -1,0 +1,182 @@
+"""The Makefile: ARGS reach the stage you name, a stage reruns exactly when what it read changed, one clear line on bad
+input. Real `make` on the real Makefile; the stages are fast stand-ins (tests/fake_stages/) except where noted."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.run import StageRun, file_digest, is_current, manifest_digest
+from tests.conftest import REPO
+
+PY = sys.executable
+
+
+def make(*args, dry_run=False, fake=True, runs_dir=None, timeout=300):
+    # -o .venv/.done: never (re)install the environment from a test; it is the one running the test.
+    cmd = ["make", "--no-print-directory", "-o", ".venv/.done", *(["-n"] if dry_run else []), *args, f"PY={PY}"]
+    if fake:
+        cmd.append("STAGE_PKG=tests.fake_stages")
+    if runs_dir:
+        cmd += [f"RUNS_DIR={runs_dir}", "RUN=t"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def launches(out: str) -> dict[str, list[str]]:
+    """stage -> the rest of its `python -m pipeline.launch STAGE ...` line, from `make -n` output."""
+    found = {}
+    for line in out.replace("\\\n", " ").splitlines():
+        m = re.search(r"-m pipeline\.launch (\S+) (.*)", line)
+        if m:
+            found[m.group(1)] = m.group(2).split()
+    return found
+
+
+def stage_args(words: list[str]) -> list[str]:
+    """What follows `--runs_dir DIR` on a launch line: the model profile and the stage's own ARGS."""
+    return words[words.index("--runs_dir") + 2 :]
+
+
+# ---------------------------------------------------------------- ARGS go to the stage you name
+
+def test_args_go_to_the_named_stage_only():
+    res = make("rm", "ARGS=--learning_rate 1e-4", dry_run=True)
+    assert res.returncode == 0, res.stderr
+    lines = launches(res.stdout)
+    assert list(lines) == ["sft", "rm"]  # rm triggers sft first
+    assert stage_args(lines["rm"]) == ["--learning_rate", "1e-4"]
+    assert stage_args(lines["sft"]) == []  # the SFT stage a chain triggers does not get rm's ARGS
+
+
+def test_per_stage_variables_reach_every_stage_of_a_chain():
+    res = make("sft", "rm", "ppo", "SFT_ARGS=--max_steps 5", "RM_ARGS=--min_steps 7", "PPO_ARGS=--total_updates 3",
+               dry_run=True)
+    assert res.returncode == 0, res.stderr
+    lines = launches(res.stdout)
+    assert stage_args(lines["sft"]) == ["--max_steps", "5"]
+    assert stage_args(lines["rm"]) == ["--min_steps", "7"]
+    assert stage_args(lines["ppo"]) == ["--total_updates", "3"]
+    # eval triggers the whole chain; each triggered stage gets its own variable, the named one also ARGS
+    lines = launches(make("eval", "RM_ARGS=--min_steps 7", "ARGS=--max_new_tokens 9", dry_run=True).stdout)
+    assert list(lines) == ["sft", "rm", "ppo", "eval"]
+    assert stage_args(lines["rm"]) == ["--min_steps", "7"] and stage_args(lines["eval"]) == ["--max_new_tokens", "9"]
+    assert stage_args(lines["ppo"]) == [] and stage_args(lines["sft"]) == []
+    # a model profile goes to every stage, before the stage's own arguments
+    lines = launches(make("rm", "MODEL=configs/models/x.yaml", "ARGS=--seed 1", dry_run=True).stdout)
+    assert stage_args(lines["sft"]) == ["--model_config", "configs/models/x.yaml"]
+    assert stage_args(lines["rm"]) == ["--model_config", "configs/models/x.yaml", "--seed", "1"]
+
+
+def test_args_with_several_named_stages_is_refused():
+    res = make("sft", "rm", "ARGS=--seed 1", dry_run=True)
+    assert res.returncode != 0 and not launches(res.stdout)
+    assert "RM_ARGS" in res.stderr and "sft rm" in res.stderr
+
+
+def test_force_applies_to_the_named_stage():
+    lines = launches(make("ppo", "FORCE=1", dry_run=True).stdout)
+    assert lines["ppo"][0] == "--force" and "--force" not in lines["sft"] + lines["rm"]
+
+
+# ---------------------------------------------------------------- a stage reruns when its inputs changed
+
+def ran(runs_dir) -> list[str]:
+    f = runs_dir / "t" / "ran.txt"
+    out = f.read_text().split() if f.is_file() else []
+    f.unlink(missing_ok=True)
+    return out
+
+
+def test_label_export_rm_ppo_chain(tmp_path):
+    runs = tmp_path / "runs"
+    res = make("ppo", runs_dir=runs)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert ran(runs) == ["sft", "rm", "ppo"]
+
+    res = make("ppo", runs_dir=runs)  # nothing changed: all three skipped, each with one line
+    assert res.returncode == 0 and ran(runs) == []
+    assert [line.split(":")[0] for line in res.stdout.splitlines() if "up to date" in line] == ["sft", "rm", "ppo"]
+
+    assert make("label-export", runs_dir=runs).returncode == 0 and ran(runs) == ["label-export"]
+    res = make("rm", runs_dir=runs)  # a first label export appeared: the reward model retrains, SFT does not rerun
+    assert ran(runs) == ["rm"] and "the label-export stage now exists" in res.stdout
+    res = make("ppo", runs_dir=runs)  # ...and PPO, whose reward model changed
+    assert ran(runs) == ["ppo"] and "the rm stage ran again" in res.stdout
+
+    assert make("label-export", runs_dir=runs).returncode == 0 and ran(runs) == ["label-export"]  # new labels
+    make("ppo", runs_dir=runs)  # one command retrains both
+    assert ran(runs) == ["rm", "ppo"]
+
+    make("ppo", "FORCE=1", runs_dir=runs)  # FORCE redoes the named stage only
+    assert ran(runs) == ["ppo"]
+    make("ppo", "ARGS=--force", runs_dir=runs)
+    assert ran(runs) == ["ppo"]
+
+
+def test_changed_data_file_or_command_line_reruns(tmp_path):
+    runs, data = tmp_path / "runs", tmp_path / "prefs.jsonl"
+    data.write_text('{"chosen": "a", "rejected": "b"}\n')
+    make("rm", f"ARGS=--dataset_name {data}", runs_dir=runs)
+    assert ran(runs) == ["sft", "rm"]
+    make("rm", f"ARGS=--dataset_name {data}", runs_dir=runs)
+    assert ran(runs) == []
+    data.write_text('{"chosen": "a", "rejected": "c"}\n')  # the file it read changed
+    res = make("rm", f"ARGS=--dataset_name {data}", runs_dir=runs)
+    assert ran(runs) == ["rm"] and f"{data} changed" in res.stdout
+    res = make("rm", runs_dir=runs)  # another command line
+    assert ran(runs) == ["rm"] and "the command line changed" in res.stdout
+
+
+def test_is_current_records(tmp_path, monkeypatch):
+    """The recorded inputs, hand-checked: argv, file digests (not the stage's own folder), upstream digests."""
+    runs, data = tmp_path / "runs", tmp_path / "d.jsonl"
+    data.write_text("x\n")
+    sft = StageRun("sft", "r", str(runs))
+    sft.argv = ["--run", "r", "--runs_dir", str(runs)]
+    sft.prepare({})
+    sft_manifest = sft.finish({}, {}, {})
+    rm = StageRun("rm", "r", str(runs))
+    rm.argv = ["--run", "r", "--runs_dir", str(runs), "--dataset_name", str(data)]
+    rm.need("sft")
+    rm.may_read("label-export")
+    rm.prepare({})
+    manifest = rm.finish({}, {}, {"train": {"output_dir": str(rm.dir / "trainer")}, "data": {str(data): 1}})
+    assert manifest["inputs"] == {"argv": rm.argv, "files": {str(data): file_digest(data)},
+                                  "manifests": {"label-export": None, "sft": manifest_digest(sft_manifest)}}
+    assert is_current("rm", rm.argv) == (True, "")
+    assert is_current("rm", rm.argv + ["--seed", "2"])[0] is False
+    assert is_current("rm", ["--run", "other", "--runs_dir", str(runs)]) == (False, "it has not run yet")
+    data.write_text("y\n")
+    assert is_current("rm", rm.argv) == (False, f"{data} changed")
+    data.write_text("x\n")
+    assert is_current("rm", rm.argv) == (True, "")
+    export = StageRun("label-export", "r", str(runs))
+    export.prepare({})
+    export.finish({}, {}, {})
+    assert is_current("rm", rm.argv) == (False, "the label-export stage now exists")
+
+
+# ---------------------------------------------------------------- one clear line on failure
+
+def test_bad_input_gives_one_line_through_make(tmp_path):
+    """The real SFT stage, a misspelled flag: its error line and make's one-line failure, no launcher traceback."""
+    res = make("sft", "ARGS=--learnin_rate 1e-4", fake=False, runs_dir=tmp_path / "runs")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "CalledProcessError" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--learning_rate" in errors[0]
+    assert re.search(r"make: \*\*\* \[Makefile:\d+: sft\] Error 2", res.stderr.strip().splitlines()[-1])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_crash_keeps_its_traceback(tmp_path):
+    res = make("sft", "ARGS=--crash", runs_dir=tmp_path / "runs")
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "RuntimeError: sft: --crash was given" in res.stderr
+    res = make("sft", "ARGS=--fail", runs_dir=tmp_path / "runs")  # the fake's ConfigError: one line, as the real one
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "error: sft: --fail was given" in res.stderr
