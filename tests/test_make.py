@@ -19,8 +19,8 @@ PY = sys.executable
 def make(*args, dry_run=False, fake=True, runs_dir=None, timeout=300):
     # -o .venv/.done: never (re)install the environment from a test; it is the one running the test.
     cmd = ["make", "--no-print-directory", "-o", ".venv/.done", *(["-n"] if dry_run else []), *args, f"PY={PY}"]
-    if fake:
-        cmd.append("STAGE_PKG=tests.fake_stages")
+    if fake:  # the fake stages have no simulated annotators: the story chain's automatic labels step is off
+        cmd += ["STAGE_PKG=tests.fake_stages", "AUTO_LABELS="]
     if runs_dir:
         cmd += [f"RUNS_DIR={runs_dir}", "RUN=t"]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
