@@ -110,7 +110,7 @@ def parse(classes: tuple, argv: list[str] | None = None):
         yaml_values = {**base_values, **yaml_values}
     check_keys(yaml_values, classes, config_path or "<none>")
 
-    parser = HfArgumentParser(classes)
+    parser = HfArgumentParser(classes, allow_abbrev=False)  # --learning_rat must not silently mean --learning_rate
     for action in parser._actions:  # dict-typed fields (mixtures, weights) take JSON on the command line
         if action.type is dict:
             action.type = _json_dict

@@ -97,3 +97,11 @@ def test_model_profile_unknown_key(tmp_path):
     p.write_text("name_or_path: x\nlora_targets: [q_proj]\n")
     with pytest.raises(ConfigError, match="lora_targets.*m.yaml|m.yaml.*lora_targets"):
         load_model_profile(p)
+
+
+def test_an_abbreviated_flag_is_refused_not_guessed():
+    """argparse would read --learning_rat as --learning_rate: a typo must not silently set another key."""
+    from stages.ppo import parse_args
+
+    with pytest.raises(ConfigError, match=r"unknown command-line argument.*did you mean '--learning_rate'"):
+        parse_args(["--config", "configs/ppo.yaml", "--learning_rat", "0.1"])
