@@ -127,6 +127,10 @@ def parse(classes: tuple, argv: list[str] | None = None):
             match = difflib.get_close_matches(flags[0][2:], sorted(known_dests), n=1)
             hint = f" (did you mean '--{match[0]}'?)" if match else ""
         raise ConfigError(f"unknown command-line argument(s) {remaining}{hint}")
+    for name in SECRET_KEYS:  # a secret in a config or on the command line ends up in manifests, logs, ps and history
+        if getattr(instances, name, None):
+            raise ConfigError(f"--{name} would be written into the run's manifest and saved training arguments: remove it "
+                              f"and set the HF_TOKEN environment variable or run `hf auth login` instead")
     out = []
     for cls in classes:
         values = {f.name: getattr(instances, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(instances, f.name)}
@@ -135,6 +139,9 @@ def parse(classes: tuple, argv: list[str] | None = None):
         except (ValueError, TypeError) as err:
             raise ConfigError(f"invalid value in {config_path or 'the command line'}: {err}") from None
     return out
+
+
+SECRET_KEYS = ("hub_token",)  # TrainingArguments fields that hold a credential
 
 
 def _json_dict(text: str) -> dict:

@@ -105,3 +105,12 @@ def test_an_abbreviated_flag_is_refused_not_guessed():
 
     with pytest.raises(ConfigError, match=r"unknown command-line argument.*did you mean '--learning_rate'"):
         parse_args(["--config", "configs/ppo.yaml", "--learning_rat", "0.1"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_a_token_on_the_command_line_is_refused_before_anything_is_written(stage, tmp_path):
+    """--hub_token would land verbatim in manifest.json's command and in adapter/training_args.bin."""
+    module = __import__(f"stages.{stage}", fromlist=["parse_args"])
+    with pytest.raises(ConfigError, match="--hub_token would be written .* HF_TOKEN"):
+        module.parse_args(["--config", f"configs/{stage}.yaml", "--hub_token", "hf_secret123", "--runs_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
