@@ -226,7 +226,8 @@ def test_pairs_and_eval_count_a_response_ended_by_the_end_of_turn_token(stoppers
     make_sft_run(runs_dir, "g", profile)
     pairs_main(*parse((PairsArgs, SamplingConfig, RunArgs), [
         "--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "g", "--model_config", profile,
-        "--max_prompts", "3", "--max_new_tokens", "6", "--drop_identical", "false"]))
+        "--max_prompts", "3", "--max_new_tokens", "6", "--drop_identical", "false", "--num_responses", "2",
+        "--max_prompt_tokens", "256"]))  # story prompts run long under the test tokenizer (as in test_pairs.py)
     ds = datasets.load_from_disk(str(runs_dir / "g/pairs/dataset"))
     assert len(ds) == 3 and all(e == [True, True] for e in ds["ended"])
 
