@@ -53,6 +53,12 @@ ppo: $(RUNDIR)/ppo/manifest.json
 $(RUNDIR)/ppo/manifest.json: $(RUNDIR)/sft/manifest.json $(RUNDIR)/rm/manifest.json
 	$(LAUNCH) stages.ppo --config configs/ppo.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
 
+# DPO straight from the SFT policy on the reward model's preference data (no reward model, no PPO).
+.PHONY: dpo
+dpo: $(RUNDIR)/dpo/manifest.json
+$(RUNDIR)/dpo/manifest.json: $(RUNDIR)/sft/manifest.json
+	$(LAUNCH) stages.dpo --config configs/dpo.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)
+
 pairs: $(RUNDIR)/pairs/manifest.json
 $(RUNDIR)/pairs/manifest.json: $(RUNDIR)/sft/manifest.json
 	$(LAUNCH) stages.pairs --config configs/pairs.yaml --run $(RUN) $(MODEL_ARG) $(ARGS)

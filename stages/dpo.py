@@ -37,6 +37,7 @@ RM_CONFIG = "configs/rm.yaml"  # where the preference mixture lives when dpo.yam
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
 # adapter reloaded on the raw base, in float32; merging and unmerging only reorders float32 sums (~1e-5 seen).
 RELOAD_ATOL_FP32 = 1e-3
+RELOAD_CHECK_PAIRS = 32  # a wrong combination changes every pair's log-probs; 32 pairs cost ~1/6 of a held-out pass
 
 
 @dataclass
@@ -120,17 +121,19 @@ def save_policy(trainer, sft_dir, adapter_dir, base_path: str):
 def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size: int, chosen: list[float],
                  rejected: list[float]) -> dict:
     """The saved adapter, loaded with stock peft on the raw base (as eval loads policies), must give the trained
-    policy's held-out log-probs. Checked in float32; other dtypes round the merged SFT weights, so only reported."""
+    policy's log-probs on the first held-out pairs. Checked in float32; in other dtypes the merged SFT weights were
+    rounded, so the difference is only reported."""
     from peft import PeftModel
 
+    n = min(RELOAD_CHECK_PAIRS, len(dataset))
     model = PeftModel.from_pretrained(load_base(profile, tokenizer), str(adapter_dir))
-    again = completion_logps(to_device(model), dataset, collator, batch_size)
-    diff = max(abs(a - b) for a, b in zip(chosen + rejected, again[0] + again[1]))
+    again = completion_logps(to_device(model), dataset.select(range(n)), collator, batch_size)
+    diff = max(abs(a - b) for a, b in zip(chosen[:n] + rejected[:n], again[0] + again[1]))
     if profile.dtype == "float32" and diff > RELOAD_ATOL_FP32:
         raise RuntimeError(f"the DPO policy saved in {adapter_dir} does not reproduce the trained policy on the raw base: "
-                           f"held-out log-probs differ by up to {diff:.3g} (> {RELOAD_ATOL_FP32}): the combination of "
-                           f"the SFT and DPO adapters is wrong")
-    return {"max_abs_logp_diff": diff, "dtype": profile.dtype, "checked": profile.dtype == "float32"}
+                           f"held-out log-probs differ by up to {diff:.3g} (> {RELOAD_ATOL_FP32}): the SFT and DPO "
+                           f"adapters were not combined into the policy that was trained")
+    return {"max_abs_logp_diff": diff, "pairs": n, "dtype": profile.dtype, "checked": profile.dtype == "float32"}
 
 
 def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
@@ -142,6 +145,9 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     state = PartialState()
     stage = StageRun("dpo", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")
+    # Keep the `length` column for train_sampling_strategy=group_by_length (as stages/rm.py); the preference collator
+    # reads only its own keys, so the other columns are harmless.
+    train_cfg.remove_unused_columns = False
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
     data_args = preference_args(args)
@@ -162,7 +168,8 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     stage.prepare(config, is_main=state.is_main_process)
 
     def as_dataset(rows):  # DPOTrainer tokenizes prompt / chosen / rejected itself (chat template or text + EOS)
-        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                  | {"length": max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows])
 
     # 2. Train: -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)), log-ratios against the SFT reference
     trainer = DPOTrainer(model=model, args=train_cfg, train_dataset=as_dataset(train_rows),

@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, read_yaml
 from pipeline.lora_combine import combine_loras, require_combinable, save_lora
 from pipeline.models import load_base, load_tokenizer, lora_config, profile_from, save_fingerprint
 from pipeline.run import StageRun
-from stages.dpo import main, parse_args, preference_args
+from stages.dpo import check_reload, completion_logps, main, parse_args, preference_args
 from tests.conftest import ARCHS, REPO, run_module, run_python
 from tests.test_rm import fake_sft, marker_rows, write_jsonl
 
@@ -133,6 +133,34 @@ def test_adapter_loads_with_stock_peft_on_raw_base(trained, tmp_path):
     torch.testing.assert_close(stock, recorded, atol=1e-4, rtol=0)
 
 
+def test_reload_check_fails_when_the_saved_adapter_is_not_the_policy(trained, tiny_models, tiny_models_bf16):
+    """The stage's last check: the saved adapter's log-probs must be the trained policy's (float32), else it fails."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    arch, run_dir, _ = trained
+    adapter = run_dir / "dpo" / "adapter"
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"prompt_ids": torch.randint(3, 400, (5 + i,), generator=gen).tolist(),
+             "chosen_ids": torch.randint(3, 400, (4,), generator=gen).tolist(),
+             "rejected_ids": torch.randint(3, 400, (6,), generator=gen).tolist()} for i in range(6)]
+    ds = Dataset.from_list(rows)
+    for profiles, dtype in ((tiny_models, "float32"), (tiny_models_bf16, "bfloat16")):
+        prof = profile_from(str(profiles[arch]))
+        tok = load_tokenizer(prof)
+        collator = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
+        chosen, rejected = completion_logps(PeftModel.from_pretrained(load_base(prof, tok), str(adapter)), ds, collator, 4)
+        ok = check_reload(adapter, prof, tok, ds, collator, 4, chosen, rejected)
+        assert ok["max_abs_logp_diff"] <= 1e-4 and ok["pairs"] == 6 and ok["checked"] == (dtype == "float32")
+        off = [c + 0.01 for c in chosen]  # a policy 0.01 nats away from the saved one
+        if dtype == "float32":
+            with pytest.raises(RuntimeError, match="does not reproduce the trained policy"):
+                check_reload(adapter, prof, tok, ds, collator, 4, off, rejected)
+        else:  # bf16 rounds the merged SFT weights: reported, not enforced
+            assert check_reload(adapter, prof, tok, ds, collator, 4, off, rejected)["max_abs_logp_diff"] >= 0.009
+
+
 def random_lora(model, targets, r, alpha, seed, **extra):
     from peft import LoraConfig, get_peft_model
 
@@ -232,7 +260,7 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     # 4. a 4-bit base cannot hold the merged SFT adapter exactly
     four_bit = tmp_path / "llama4bit.yaml"
     four_bit.write_text(llama.read_text() + "load_in_4bit: true\n")
-    with pytest.raises(ConfigError, match="4-bit"):
+    with pytest.raises(ConfigError, match="4-bit base cannot hold"):
         main(*parse_args(dpo_args(four_bit, runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
     assert sorted(p.name for p in (runs_dir / "t").iterdir()) == ["sft"]
 
