@@ -207,8 +207,8 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
                 f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected", "source")}
                                    | {"reward_chosen": c, "reward_rejected": j}) + "\n")
 
-        def curve(key):
-            return [round(h[key], 4) for h in logs if key in h and "eval_loss" not in h]
+        def curve(key):  # TRL logs its batch metrics with each training loss (the run's summary has no "loss")
+            return [round(h[key], 4) for h in logs if "loss" in h and key in h]
 
         total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "too_long")}
         metrics = {

@@ -56,6 +56,7 @@ def test_learns_marker_preference(trained):
     assert m["eval_accuracy"] >= 0.9, m  # held out by prompt; an untrained policy scores 0 (every reward is 0)
     assert m["eval_mean_margin"] > 0 and m["eval_loss"] < LN2 - 0.1
     assert m["loss_curve"][-1] < m["loss_curve"][0] and m["train_accuracy_curve"][-1] > m["train_accuracy_curve"][0]
+    assert m["steps"] == 32 and len(m["loss_curve"]) == len(m["train_margin_curve"]) == 32 // 4  # TRL's logs, every 4 steps
     # TRL's own held-out numbers (one batch of 32 pairs: its batch mean is the mean over pairs) equal ours per pair
     assert m["trl_eval"]["rewards/accuracies"] == m["eval_accuracy"]
     assert abs(m["trl_eval"]["rewards/margins"] - m["eval_mean_margin"]) <= 2e-4
@@ -278,13 +279,23 @@ def test_default_data_is_the_reward_models():
 
 
 @pytest.mark.slow
-def test_two_processes(tiny_models, marker_data, tmp_path):
+def test_two_processes_on_the_runs_label_export(tiny_models, tmp_path):
+    """Two real gloo processes, on this run's label export (found through its manifest, as `make rm` finds it)."""
+    import datasets
+
     runs_dir = tmp_path / "runs"
     fake_sft(tiny_models["qwen2"], runs_dir, "t")
-    res = run_module("stages.dpo", dpo_args(tiny_models["qwen2"], runs_dir, "t", "--dataset_name",
-                                            str(marker_data["conversational"]), "--per_device_train_batch_size", "4"),
-                     processes=2, timeout=500)
+    export = StageRun("label-export", "t", str(runs_dir))
+    export.prepare({})
+    rows = [dict(r, annotator="ann", strength="much", agreement=1.0, is_tie=False) for r in marker_rows(160, seed=1)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(export.dir / "dataset"))
+    export.finish({"dataset": export.dir / "dataset"}, {}, {})
+    mixture = json.dumps({"label-export": {"weight": 1.0}})
+    res = run_module("stages.dpo", dpo_args(tiny_models["qwen2"], runs_dir, "t", "--dataset_mixture", mixture,
+                                            "--per_device_train_batch_size", "4"), processes=2, timeout=500)
     assert res.returncode == 0, res.stderr[-4000:]
-    m = json.loads((runs_dir / "t" / "dpo" / "manifest.json").read_text())["metrics"]
-    assert m["world_size"] == 2
+    manifest = json.loads((runs_dir / "t" / "dpo" / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert m["world_size"] == 2 and m["steps"] == 2 * 128 // (2 * 4)  # 2 epochs of 128 pairs, 4 per process
     assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_logp_diff"] <= 1e-3, m
+    assert set(m["pairs_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
