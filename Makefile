@@ -93,6 +93,10 @@ rloo: sft rm
 pairs: sft
 	$(call stage,pairs,pairs,PAIRS_ARGS)
 
+# DPO straight from the SFT policy on the reward model's preference data (no reward model, no PPO).
+dpo: sft $(if $(AUTO_LABELS),labels)
+	$(call stage,dpo,dpo,DPO_ARGS)
+
 # The labeling UI is a server, not a batch job: it always runs (and resumes from the label store).
 # With ARGS="--pairs_dataset FILE" (e.g. eval's human_pairs.jsonl) it needs no pairs stage.
 label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)

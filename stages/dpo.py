@@ -1,0 +1,245 @@
+"""Stage: DPO (Rafailov et al. 2023) from the run's SFT policy, with TRL DPOTrainer and a LoRA adapter.
+
+    make dpo                                   # accelerate launch ... -m stages.dpo --config configs/dpo.yaml
+    make dpo ARGS="--beta 0.05 --dataset_name my_prefs.jsonl"
+
+Reads: the SFT manifest of the run, and the reward model's preference data: this run's label export when present,
+mixed with the bundled human preferences (configs/rm.yaml's mixture), loaded, filtered and split by stages/rm.py's own
+functions, so DPO and the reward model see the same pairs and hold out the same prompts. Writes runs/<run>/dpo/:
+adapter/ (the DPO policy: one stock PEFT LoRA on the raw base, tokenizer, pipeline_base.json), eval_pairs.jsonl (the
+held-out pairs with their implicit rewards), config.json, manifest.json (last).
+
+One model in memory: the base with the SFT LoRA merged in. DPOTrainer puts a fresh LoRA on it and computes the
+reference log-probs with that LoRA disabled: the reference is exactly the SFT policy. At the end both LoRAs become
+one LoRA of rank r_sft + r_dpo on the raw base (pipeline/lora_combine.py), which eval and publish read like PPO's
+policy; the stage reloads it with stock peft and fails if it does not give the trained policy's log-probs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.config import ConfigError, RunArgs, parse, read_yaml, resolve_path, to_dict
+from pipeline.lora_combine import combine_loras, require_combinable, save_lora
+from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
+                             save_fingerprint, to_device)
+from pipeline.report import finish_distributed, peak_memory_mb, print_table
+from pipeline.run import StageRun, main_guard
+from stages.rm import RMArgs, heldout_metrics, is_messages, prepare_data
+
+RM_CONFIG = "configs/rm.yaml"  # where the preference mixture lives when dpo.yaml leaves it empty
+# Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
+# adapter reloaded on the raw base, in float32; merging and unmerging only reorders float32 sums (~1e-5 seen).
+RELOAD_ATOL_FP32 = 1e-3
+RELOAD_CHECK_PAIRS = 32  # a wrong combination changes every pair's log-probs; 32 pairs cost ~1/6 of a held-out pass
+
+
+@dataclass
+class DPOArgs:
+    # Data
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Your own preference data (file, folder or Hub id) in any TRL preference format; replaces the mixture."})
+    dataset_mixture: dict = field(default_factory=dict, metadata={
+        "help": f"Source -> {{weight, max_rows}} as in {RM_CONFIG}; empty: {RM_CONFIG}'s mixture. JSON on the CLI."})
+    eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt in both halves)."})
+    # LoRA (DPO's own, on the SFT-merged base)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.dataset_mixture, str):
+            self.dataset_mixture = json.loads(self.dataset_mixture)
+
+
+def preference_args(args: DPOArgs) -> RMArgs:
+    """The reward model's data options for our data: same loader, same filters, same split by prompt."""
+    mixture = args.dataset_mixture or read_yaml(resolve_path(RM_CONFIG)).get("dataset_mixture") or {}
+    return RMArgs(dataset_name=args.dataset_name, dataset_mixture=mixture, eval_fraction=args.eval_fraction,
+                  margin_scale=0.0)  # DPO's loss has no margin term
+
+
+def require_one_format(rows: list[dict], data_name: str) -> None:
+    """DPOTrainer tokenizes the rows itself, from one table: conversational and plain-text pairs cannot share it."""
+    by_format: dict[str, set] = {}
+    for r in rows:
+        by_format.setdefault("conversational" if is_messages(r["chosen"]) else "plain text", set()).add(r["source"])
+    if len(by_format) > 1:
+        raise ConfigError(f"{data_name} mixes conversational pairs ({sorted(by_format['conversational'])}) and plain-text "
+                          f"pairs ({sorted(by_format['plain text'])}): DPO trains on one format; convert one source or "
+                          f"drop it from dataset_mixture")
+
+
+def sft_policy(profile, tokenizer, sft_dir):
+    """The base with the SFT LoRA merged in: DPO's starting policy, and its reference once DPO's LoRA is disabled."""
+    from peft import PeftModel
+
+    if profile.load_in_4bit:
+        raise ConfigError("dpo merges the SFT adapter into the base in memory, which a 4-bit base cannot hold exactly: "
+                          "set load_in_4bit: false in the model profile")
+    return PeftModel.from_pretrained(load_base(profile, tokenizer), str(sft_dir)).merge_and_unload()
+
+
+@torch.no_grad()
+def completion_logps(model, dataset, collator, batch_size: int) -> tuple[list[float], list[float]]:
+    """Sum of log pi(token) over each completion of DPOTrainer's tokenized pairs -> (chosen, rejected), in order."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    chosen, rejected = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        token_logps = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        seq = (token_logps * batch["completion_mask"][:, 1:].to(device)).sum(dim=1).cpu()
+        c, r = seq.chunk(2)
+        chosen += c.tolist()
+        rejected += r.tolist()
+    return chosen, rejected
+
+
+def save_policy(trainer, sft_dir, adapter_dir, base_path: str):
+    """SFT LoRA + DPO LoRA -> one stock LoRA on the raw base."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    dpo_state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    sft_config = json.loads((sft_dir / "adapter_config.json").read_text())
+    state, config = combine_loras(load_file(str(sft_dir / "adapter_model.safetensors")), sft_config, dpo_state,
+                                  model.peft_config["default"].to_dict())
+    return save_lora(adapter_dir, state, config, base_path)
+
+
+def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size: int, chosen: list[float],
+                 rejected: list[float]) -> dict:
+    """The saved adapter, loaded with stock peft on the raw base (as eval loads policies), must give the trained
+    policy's log-probs on the first held-out pairs. Checked in float32; in other dtypes the merged SFT weights were
+    rounded, so the difference is only reported."""
+    from peft import PeftModel
+
+    n = min(RELOAD_CHECK_PAIRS, len(dataset))
+    model = PeftModel.from_pretrained(load_base(profile, tokenizer), str(adapter_dir))
+    again = completion_logps(to_device(model), dataset.select(range(n)), collator, batch_size)
+    diff = max(abs(a - b) for a, b in zip(chosen[:n] + rejected[:n], again[0] + again[1]))
+    if profile.dtype == "float32" and diff > RELOAD_ATOL_FP32:
+        raise RuntimeError(f"the DPO policy saved in {adapter_dir} does not reproduce the trained policy on the raw base: "
+                           f"held-out log-probs differ by up to {diff:.3g} (> {RELOAD_ATOL_FP32}): the SFT and DPO "
+                           f"adapters were not combined into the policy that was trained")
+    return {"max_abs_logp_diff": diff, "pairs": n, "dtype": profile.dtype, "checked": profile.dtype == "float32"}
+
+
+def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
+    from accelerate import PartialState
+    from datasets import Dataset
+    from transformers import AutoConfig
+    from trl import DPOTrainer
+
+    state = PartialState()
+    stage = StageRun("dpo", run.run, run.runs_dir)
+    train_cfg.output_dir = str(stage.dir / "trainer")
+    # Keep the `length` column for train_sampling_strategy=group_by_length (as stages/rm.py); the preference collator
+    # reads only its own keys, so the other columns are harmless.
+    train_cfg.remove_unused_columns = False
+    profile = profile_from(run.model_config)
+    base_path = resolve_base(profile.name_or_path)
+    data_args = preference_args(args)
+    config = {"dpo": to_dict(args) | {"dataset_mixture": data_args.dataset_mixture}, "train": train_cfg.to_dict(),
+              "run": to_dict(run)}
+
+    # 0. Upstream: the SFT adapter, on this base, and combinable with DPO's LoRA (same targets, plain LoRA).
+    sft = stage.need("sft")
+    sft_dir = check_adapter(sft["outputs"]["adapter"], AutoConfig.from_pretrained(base_path), what="SFT (policy)")
+    require_combinable(sft_dir, list(profile.lora_target_modules), what="SFT (policy)")
+
+    # 1. Data (the reward model's loader, filters and split), tokenizer and model, all checked before the run folder
+    #    is touched.
+    tokenizer = load_tokenizer(profile)
+    train_rows, eval_rows, counts, data_name = prepare_data(data_args, train_cfg, stage, tokenizer)
+    require_one_format(train_rows + eval_rows, data_name)
+    model = sft_policy(profile, tokenizer, sft_dir)
+    stage.prepare(config, is_main=state.is_main_process)
+
+    def as_dataset(rows):  # DPOTrainer tokenizes prompt / chosen / rejected itself (chat template or text + EOS)
+        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                  | {"length": max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows])
+
+    # 2. Train: -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)), log-ratios against the SFT reference
+    trainer = DPOTrainer(model=model, args=train_cfg, train_dataset=as_dataset(train_rows),
+                         eval_dataset=as_dataset(eval_rows), processing_class=tokenizer,
+                         peft_config=lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout))
+    t0 = time.time()
+    result = trainer.train()
+    train_time = time.time() - t0
+    trl_eval = trainer.evaluate()  # every process: TRL's held-out loss, reward accuracy and margins
+
+    metrics = {}
+    if state.is_main_process:
+        # 3. Held-out implicit rewards beta * log(pi / pi_ref), per pair, from the trained policy and the reference.
+        policy, eval_ds, collator = trainer.accelerator.unwrap_model(trainer.model), trainer.eval_dataset, trainer.data_collator
+        batch = train_cfg.per_device_eval_batch_size
+        if len(eval_ds) != len(eval_rows):
+            raise RuntimeError(f"DPOTrainer kept {len(eval_ds)} of {len(eval_rows)} held-out pairs")
+        chosen, rejected = completion_logps(policy, eval_ds, collator, batch)
+        with policy.disable_adapter():
+            ref_chosen, ref_rejected = completion_logps(policy, eval_ds, collator, batch)
+        reward_chosen = [train_cfg.beta * (p - r) for p, r in zip(chosen, ref_chosen)]
+        reward_rejected = [train_cfg.beta * (p - r) for p, r in zip(rejected, ref_rejected)]
+
+        # 4. Save the policy as one LoRA on the raw base, then reload it with stock peft (after freeing the trained model).
+        adapter_dir = save_policy(trainer, sft_dir, stage.dir / "adapter", base_path)
+        tokenizer.save_pretrained(adapter_dir)
+        save_fingerprint(adapter_dir, policy.config, base_path)
+        logs, steps = trainer.state.log_history, trainer.state.global_step
+        del trainer, model, policy
+        gc.collect()
+        reload = check_reload(adapter_dir, profile, tokenizer, eval_ds, collator, batch, chosen, rejected)
+        pairs_file = stage.dir / "eval_pairs.jsonl"
+        with open(pairs_file, "w") as f:
+            for r, c, j in zip(eval_rows, reward_chosen, reward_rejected):
+                f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected", "source")}
+                                   | {"reward_chosen": c, "reward_rejected": j}) + "\n")
+
+        def curve(key):  # TRL logs its batch metrics with each training loss (the run's summary has no "loss")
+            return [round(h[key], 4) for h in logs if "loss" in h and key in h]
+
+        total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "too_long")}
+        metrics = {
+            **heldout_metrics(eval_rows, reward_chosen, reward_rejected),  # rewards here are beta * log(pi / pi_ref)
+            "trl_eval": {k.removeprefix("eval_"): round(v, 4) for k, v in trl_eval.items()
+                         if k.startswith(("eval_loss", "eval_rewards/", "eval_logps/"))},
+            "train_loss": round(result.training_loss, 4), "loss_curve": curve("loss"),
+            "train_accuracy_curve": curve("rewards/accuracies"), "train_margin_curve": curve("rewards/margins"),
+            "beta": train_cfg.beta, "pairs_read": total["read"], "train_pairs": len(train_rows),
+            "eval_pairs": len(eval_rows), "dropped_equal": total["equal"], "dropped_empty": total["empty"],
+            "dropped_too_long": total["too_long"], "pairs_by_source": {k: dict(v) for k, v in sorted(counts.items())},
+            "reload_check": reload, "steps": steps, "train_time_s": round(train_time, 1),
+            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "data": data_name,
+        }
+        print_table("DPO", {k: v for k, v in metrics.items()
+                            if k not in ("loss_curve", "train_accuracy_curve", "train_margin_curve", "eval_by_source",
+                                         "pairs_by_source")})
+        stage.finish({"adapter": adapter_dir, "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
+    finish_distributed()
+    return metrics
+
+
+def CONFIG_CLASSES():
+    from trl import DPOConfig
+
+    return (DPOConfig, DPOArgs, RunArgs)
+
+
+def parse_args(argv=None):
+    return parse(CONFIG_CLASSES(), argv)
+
+
+if __name__ == "__main__":
+    main_guard(lambda: main(*parse_args(sys.argv[1:])))

@@ -1,0 +1,301 @@
+"""DPO stage: the real main() on configs/dpo.yaml with tiny overrides, four architectures, two processes.
+
+The preference is the reward-model tests' synthetic one (tests/test_rm.py): the chosen reply has "banana" where the
+rejected one has "window". The SFT adapter is random and non-zero, so a reference that is the raw base instead of the
+SFT policy, or a saved adapter that is not the trained policy, shows up as different log-probs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, read_yaml
+from pipeline.lora_combine import combine_loras, require_combinable, save_lora
+from pipeline.models import load_base, load_tokenizer, lora_config, profile_from, save_fingerprint
+from pipeline.run import StageRun
+from stages.dpo import check_reload, completion_logps, main, parse_args, preference_args
+from tests.conftest import ARCHS, REPO, run_module, run_python
+from tests.test_rm import fake_sft, marker_rows, write_jsonl
+
+LN2 = math.log(2)  # the DPO loss of every pair at the start: DPO's fresh LoRA is zero, so pi = pi_ref
+
+
+def dpo_args(profile, runs_dir, run, *extra):
+    return ["--config", str(REPO / "configs/dpo.yaml"), "--model_config", str(profile), "--runs_dir", str(runs_dir),
+            "--run", run, "--lora_r", "8", "--lora_alpha", "16", "--num_train_epochs", "2", "--learning_rate", "1e-2",
+            "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--logging_steps", "4",
+            "--per_device_eval_batch_size", "32", *extra]
+
+
+@pytest.fixture(scope="module")
+def marker_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo_prefs")
+    return {"conversational": write_jsonl(root / "marker.jsonl", marker_rows(160)),
+            "plain": write_jsonl(root / "marker_plain.jsonl", marker_rows(160, plain=True))}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def trained(request, tiny_models, marker_data, tmp_path_factory):
+    """One real DPO run per architecture (GPT-NeoX on the plain-text implicit-prompt format)."""
+    arch, runs_dir = request.param, tmp_path_factory.mktemp(f"dpo_runs_{request.param}")
+    fake_sft(tiny_models[arch], runs_dir, "t")
+    data = marker_data["plain" if arch == "gpt_neox" else "conversational"]
+    metrics = main(*parse_args(dpo_args(tiny_models[arch], runs_dir, "t", "--dataset_name", str(data))))
+    return arch, runs_dir / "t", metrics
+
+
+def test_learns_marker_preference(trained):
+    arch, run_dir, m = trained
+    assert m["eval_pairs"] == 32 and m["train_pairs"] == 128 and m["world_size"] == 1
+    assert m["eval_accuracy"] >= 0.9, m  # held out by prompt; an untrained policy scores 0 (every reward is 0)
+    assert m["eval_mean_margin"] > 0 and m["eval_loss"] < LN2 - 0.1
+    assert m["loss_curve"][-1] < m["loss_curve"][0] and m["train_accuracy_curve"][-1] > m["train_accuracy_curve"][0]
+    assert m["steps"] == 32 and len(m["loss_curve"]) == len(m["train_margin_curve"]) == 32 // 4  # TRL's logs, every 4 steps
+    # TRL's own held-out numbers (one batch of 32 pairs: its batch mean is the mean over pairs) equal ours per pair
+    assert m["trl_eval"]["rewards/accuracies"] == m["eval_accuracy"]
+    assert abs(m["trl_eval"]["rewards/margins"] - m["eval_mean_margin"]) <= 2e-4
+    assert abs(m["trl_eval"]["loss"] - m["eval_loss"]) <= 2e-4
+    assert m["reload_check"]["checked"] and m["reload_check"]["max_abs_logp_diff"] <= 1e-3
+    manifest = json.loads((run_dir / "dpo" / "manifest.json").read_text())
+    assert manifest["outputs"]["adapter"] == str(run_dir / "dpo" / "adapter")
+    assert manifest["upstream"]["sft"]["outputs"]["adapter"] == str(run_dir / "sft" / "adapter")
+    assert manifest["config"]["train"]["beta"] == 0.1 and manifest["metrics"]["eval_accuracy"] == m["eval_accuracy"]
+    adapter = run_dir / "dpo" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    sft_cfg = json.loads((run_dir / "sft" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 + 8 and cfg["lora_alpha"] == 12 and cfg["base_model_name_or_path"] == sft_cfg["base_model_name_or_path"]
+    assert set(cfg["target_modules"]) == set(sft_cfg["target_modules"]) and cfg["task_type"] == "CAUSAL_LM"
+    assert (adapter / "tokenizer_config.json").is_file() and (adapter / "pipeline_base.json").is_file()
+    assert len((run_dir / "dpo" / "eval_pairs.jsonl").read_text().splitlines()) == 32
+
+
+STOCK_RELOAD = r"""
+import json, sys, torch
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+dpo_dir, sft_dir, pairs_file, beta = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(dpo_dir)
+policy = AutoPeftModelForCausalLM.from_pretrained(dpo_dir).eval()
+base = json.load(open(sft_dir + "/adapter_config.json"))["base_model_name_or_path"]
+reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), sft_dir).eval()
+
+def ids(prompt, reply):  # prompt and prompt + reply as token ids; the reply starts where they first differ
+    if isinstance(prompt, str):
+        reply = reply if reply.endswith(tok.eos_token) else reply + tok.eos_token
+        p, full = tok(prompt)["input_ids"], tok(prompt + reply)["input_ids"]
+    else:
+        p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        full = tok.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(p, full)) if a != b), min(len(p), len(full)))
+    return full, n
+
+# The Qwen2 fixture's tokenizer class adds <|endoftext|> (id 512) beyond the model's 512 embeddings, so
+# AutoPeftModelForCausalLM grows the embeddings and LM head by one random row; no text uses that id: score over the
+# base's own vocabulary.
+vocab = AutoConfig.from_pretrained(base).vocab_size
+
+@torch.no_grad()
+def logp(model, full, n):
+    logits = model(input_ids=torch.tensor([full])).logits[0, :-1, :vocab].float()
+    token = logits.log_softmax(-1).gather(-1, torch.tensor(full[1:]).unsqueeze(-1)).squeeze(-1)
+    return token[n - 1:].sum().item()
+
+out = []
+for line in open(pairs_file):
+    pair = json.loads(line)
+    rewards = [beta * (logp(policy, *ids(pair["prompt"], pair[k])) - logp(reference, *ids(pair["prompt"], pair[k])))
+               for k in ("chosen", "rejected")]
+    out.append(rewards)
+print(json.dumps(out))
+"""
+
+
+def test_adapter_loads_with_stock_peft_on_raw_base(trained, tmp_path):
+    """From another cwd, stock peft only: the DPO adapter on the raw base as the policy and the SFT adapter on the raw
+    base as the reference give, pair by pair, the implicit rewards the stage recorded from its one merged model."""
+    arch, run_dir, m = trained
+    script = tmp_path / "reload.py"
+    script.write_text(STOCK_RELOAD)
+    res = subprocess.run([sys.executable, str(script), str(run_dir / "dpo" / "adapter"), str(run_dir / "sft" / "adapter"),
+                          str(run_dir / "dpo" / "eval_pairs.jsonl"), "0.1"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stock = torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
+    recorded = torch.tensor([[p["reward_chosen"], p["reward_rejected"]]
+                             for p in map(json.loads, open(run_dir / "dpo" / "eval_pairs.jsonl"))])
+    assert recorded.abs().max() > 0.1  # the policy moved away from its reference
+    torch.testing.assert_close(stock, recorded, atol=1e-4, rtol=0)
+
+
+def test_reload_check_fails_when_the_saved_adapter_is_not_the_policy(trained, tiny_models, tiny_models_bf16):
+    """The stage's last check: the saved adapter's log-probs must be the trained policy's (float32), else it fails."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    arch, run_dir, _ = trained
+    adapter = run_dir / "dpo" / "adapter"
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"prompt_ids": torch.randint(3, 400, (5 + i,), generator=gen).tolist(),
+             "chosen_ids": torch.randint(3, 400, (4,), generator=gen).tolist(),
+             "rejected_ids": torch.randint(3, 400, (6,), generator=gen).tolist()} for i in range(6)]
+    ds = Dataset.from_list(rows)
+    for profiles, dtype in ((tiny_models, "float32"), (tiny_models_bf16, "bfloat16")):
+        prof = profile_from(str(profiles[arch]))
+        tok = load_tokenizer(prof)
+        collator = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
+        chosen, rejected = completion_logps(PeftModel.from_pretrained(load_base(prof, tok), str(adapter)), ds, collator, 4)
+        ok = check_reload(adapter, prof, tok, ds, collator, 4, chosen, rejected)
+        assert ok["max_abs_logp_diff"] <= 1e-4 and ok["pairs"] == 6 and ok["checked"] == (dtype == "float32")
+        off = [c + 0.01 for c in chosen]  # a policy 0.01 nats away from the saved one
+        if dtype == "float32":
+            with pytest.raises(RuntimeError, match="does not reproduce the trained policy"):
+                check_reload(adapter, prof, tok, ds, collator, 4, off, rejected)
+        else:  # bf16 rounds the merged SFT weights: reported, not enforced
+            assert check_reload(adapter, prof, tok, ds, collator, 4, off, rejected)["max_abs_logp_diff"] >= 0.009
+
+
+def random_lora(model, targets, r, alpha, seed, **extra):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=targets,
+                                             init_lora_weights=False, **extra))
+    with torch.no_grad():  # random A and B, B scaled to a trained adapter's size (peft's random B moves logits by ~10)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.1)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,rslora", [(torch.float32, False), (torch.float64, False), (torch.float64, True)],
+                         ids=["fp32", "fp64", "fp64-rslora"])
+def test_combined_adapter_equals_sft_merged_plus_dpo_adapter(arch, dtype, rslora, tiny_models, tmp_path):
+    """One LoRA of rank r_sft + r_dpo on the raw base == the DPO LoRA on the base with the SFT LoRA merged in.
+
+    float64 shows the algebra is exact (to 1e-10). float32 differs only as much as merging the SFT adapter alone does:
+    up to ~2e-5 on logits whose largest is ~7 (1e-6 relative to the logits' size), so there atol is 1e-5 x that size."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    prof = profile_from(str(tiny_models[arch]))
+    tok, targets = load_tokenizer(prof), list(prof.lora_target_modules)
+
+    def raw_base():
+        return AutoModelForCausalLM.from_pretrained(prof.name_or_path, dtype=dtype)
+
+    sft = random_lora(raw_base(), targets, r=4, alpha=8, seed=1, use_rslora=rslora)
+    sft.save_pretrained(tmp_path / "sft")
+    merged = PeftModel.from_pretrained(raw_base(), str(tmp_path / "sft")).merge_and_unload()
+    dpo = random_lora(merged, targets, r=3, alpha=5, seed=2).eval()  # other rank and scaling than the SFT's
+    sft_cfg = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
+    state, cfg = combine_loras(load_file(str(tmp_path / "sft" / "adapter_model.safetensors")), sft_cfg,
+                               get_peft_model_state_dict(dpo), dpo.peft_config["default"].to_dict())
+    save_lora(tmp_path / "combined", state, cfg, prof.name_or_path)
+    combined = PeftModel.from_pretrained(raw_base(), str(tmp_path / "combined")).eval()
+    assert combined.peft_config["default"].r == 7 and combined.peft_config["default"].lora_alpha == 7
+
+    ids = torch.randint(0, len(tok), (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = dpo(input_ids=ids).logits, combined(input_ids=ids).logits
+        with dpo.disable_adapter():
+            sft_only = dpo(input_ids=ids).logits
+    assert got.dtype == dtype and (expected - sft_only).abs().max() > 0.1  # the DPO LoRA moves the logits: teeth
+    scale = expected.abs().max().item()  # float32 rounding of the merged weights is relative to the logits' size
+    torch.testing.assert_close(got, expected, atol=(1e-5 * scale if dtype == torch.float32 else 1e-10), rtol=0)
+
+
+def test_uncombinable_sft_adapters_are_refused(tiny_models, marker_data, tmp_path):
+    """SFT on other target modules, or not a plain LoRA: one ConfigError, before the run folder is touched."""
+    from peft import LoraConfig, get_peft_model
+
+    prof = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(prof)
+    runs_dir = tmp_path / "runs"
+    stage = StageRun("sft", "t", str(runs_dir))
+    stage.prepare({})
+    model = get_peft_model(load_base(prof, tok), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(stage.dir / "adapter")
+    save_fingerprint(stage.dir / "adapter", model.config, prof.name_or_path)
+    stage.finish({"adapter": stage.dir / "adapter"}, {}, {})
+    with pytest.raises(ConfigError, match=r"targets \['q_proj', 'v_proj'\].*same target modules"):
+        main(*parse_args(dpo_args(tiny_models["llama"], runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
+    assert not (runs_dir / "t" / "dpo").exists()
+
+    dora = get_peft_model(load_base(prof, tok), lora_config(prof, 4, 8, 0.0, use_dora=True))
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(ConfigError, match="not a plain LoRA"):
+        require_combinable(tmp_path / "dora", list(prof.lora_target_modules), what="SFT")
+    require_combinable(runs_dir / "t" / "sft" / "adapter", ["q_proj", "v_proj"], what="SFT")  # its own targets: fine
+
+
+def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
+    runs_dir = tmp_path / "runs"
+    llama = tiny_models["llama"]
+    # 1. no SFT stage in this run
+    with pytest.raises(ConfigError, match="needs the sft stage.*make sft"):
+        main(*parse_args(dpo_args(llama, runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
+    assert not runs_dir.exists()
+    # 2. an empty preference file: one `error:` line and exit code 2 (the command line as `make dpo` runs it)
+    fake_sft(llama, runs_dir, "t")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = run_python("stages.dpo", dpo_args(llama, runs_dir, "t", "--dataset_name", str(empty)), timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "empty" in last and str(empty) in last and "Traceback" not in res.stderr
+    # 3. conversational and plain-text sources mixed: DPOTrainer tokenizes one format
+    plain = write_jsonl(tmp_path / "plain.jsonl", marker_rows(20, seed=3, plain=True))
+    mixture = json.dumps({str(marker_data["conversational"]): {}, str(plain): {}})
+    with pytest.raises(ConfigError, match=r"mixes conversational pairs \(\['marker'\]\) and plain-text pairs \(\['plain'\]\)"):
+        main(*parse_args(dpo_args(llama, runs_dir, "t", "--dataset_mixture", mixture)))
+    # 4. a 4-bit base cannot hold the merged SFT adapter exactly
+    four_bit = tmp_path / "llama4bit.yaml"
+    four_bit.write_text(llama.read_text() + "load_in_4bit: true\n")
+    with pytest.raises(ConfigError, match="4-bit base cannot hold"):
+        main(*parse_args(dpo_args(four_bit, runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
+    assert sorted(p.name for p in (runs_dir / "t").iterdir()) == ["sft"]
+
+
+def test_default_data_is_the_reward_models():
+    """An empty dataset_mixture in dpo.yaml means rm.yaml's; the split settings match, so both hold out the same prompts."""
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/dpo.yaml")])
+    rm = read_yaml(REPO / "configs/rm.yaml")
+    assert args.dataset_mixture == {} and preference_args(args).dataset_mixture == rm["dataset_mixture"]
+    assert (args.eval_fraction, train_cfg.max_length, train_cfg.seed) == (rm["eval_fraction"], rm["max_length"], rm["seed"])
+    assert preference_args(args).margin_scale == 0.0
+    own = json.dumps({"data/preferences/tulu.jsonl": {"weight": 1.0}})
+    _, args, _ = parse_args(["--config", str(REPO / "configs/dpo.yaml"), "--dataset_mixture", own])
+    assert preference_args(args).dataset_mixture == json.loads(own)
+
+
+@pytest.mark.slow
+def test_two_processes_on_the_runs_label_export(tiny_models, tmp_path):
+    """Two real gloo processes, on this run's label export (found through its manifest, as `make rm` finds it)."""
+    import datasets
+
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["qwen2"], runs_dir, "t")
+    export = StageRun("label-export", "t", str(runs_dir))
+    export.prepare({})
+    rows = [dict(r, annotator="ann", strength="much", agreement=1.0, is_tie=False) for r in marker_rows(160, seed=1)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(export.dir / "dataset"))
+    export.finish({"dataset": export.dir / "dataset"}, {}, {})
+    mixture = json.dumps({"label-export": {"weight": 1.0}})
+    res = run_module("stages.dpo", dpo_args(tiny_models["qwen2"], runs_dir, "t", "--dataset_mixture", mixture,
+                                            "--per_device_train_batch_size", "4"), processes=2, timeout=500)
+    assert res.returncode == 0, res.stderr[-4000:]
+    manifest = json.loads((runs_dir / "t" / "dpo" / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert m["world_size"] == 2 and m["steps"] == 2 * 128 // (2 * 4)  # 2 epochs of 128 pairs, 4 per process
+    assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_logp_diff"] <= 1e-3, m
+    assert set(m["pairs_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
