@@ -410,7 +410,8 @@ def test_two_processes_stay_in_sync_and_outputs_load(tiny_models, adapters, prom
     assert set(manifest["outputs"]) >= {"adapter", "value_adapter", "metrics_jsonl", "heldout_prompts"}
     assert manifest["upstream"]["sft"]["outputs"]["adapter"] == str(sft)
     held = [json.loads(l)["prompt"] for l in Path(manifest["outputs"]["heldout_prompts"]).read_text().splitlines()]
-    assert len(held) == int(len(PROMPTS) * 0.1) and all(p[-1]["content"] in PROMPTS for p in held)
+    fraction = parse_args(["--config", "configs/ppo.yaml"])[0].heldout_fraction
+    assert len(held) == int(len(PROMPTS) * fraction) and all(p[-1]["content"] in PROMPTS for p in held)
     assert m["prompts_train"] == len(PROMPTS) - len(held)
 
     # Stock PEFT loads both outputs from any working directory.

@@ -339,7 +339,8 @@ def test_plan_steps_follows_the_data():
     """At least min_steps and one epoch, at most max_epochs; evaluations spread so that the last step is one."""
     def plan(n, *extra):
         train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--min_steps", "300",
-                                         "--max_epochs", "10", "--evals", "8", *extra])
+                                         "--max_epochs", "10", "--evals", "8", "--per_device_train_batch_size", "8",
+                                         *extra])
         return plan_steps(n, train_cfg, args, world_size=1), train_cfg
 
     p, cfg = plan(240)  # 30 steps an epoch: 300 steps (10 epochs), evaluated every 38 -> 304
