@@ -105,8 +105,26 @@ def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 
             cmd += ["--main_process_port", str(s.getsockname()[1])]
     cmd += ["-m", module, *args]
     extra = {"ACCELERATE_USE_CPU": "1"} if processes == 2 else {}
+    # The launcher sets the FSDP variables from the config it is given: none may leak in from this process (a stage
+    # called in-process records its FSDP decision in os.environ).
+    base_env = {k: v for k, v in os.environ.items() if k not in FSDP_ENV}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **extra, **(env or {})})
+                          env={**base_env, **extra, **(env or {})})
+
+
+FSDP_ENV = ("PIPELINE_FSDP", "ACCELERATE_USE_FSDP", "FSDP_VERSION")
+
+
+@pytest.fixture(autouse=True)
+def _fsdp_env_restored():
+    """pipeline.sharding writes its FSDP decision into os.environ; no test may pass it on to the next one."""
+    saved = {k: os.environ.get(k) for k in FSDP_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def run_python(module: str, args: list[str], timeout: int = 600, env: dict | None = None):
