@@ -24,7 +24,7 @@ SHORTCUTS = [("1 or ←", "left is better"), ("2 or →", "right is better"), ("
              ("Q / W", "strength: slightly / much better"), ("N", "write a note (Esc leaves it)"), ("S", "skip"),
              ("U", "undo your last label"), ("G", "show / hide the guidelines")]
 
-# Gradio has no per-button hotkeys: one document listener clicks the buttons (../shared/browser/RECIPE.md).
+# Gradio has no per-button hotkeys: one document listener clicks the buttons.
 HEAD = """<script>
 (() => {
   const buttons = {"1": "btn-left", "arrowleft": "btn-left", "2": "btn-right", "arrowright": "btn-right",
