@@ -1,8 +1,8 @@
-"""Build the bundled datasets in data/ from the licensed sources in ../shared/data/ (a maintainer tool).
+"""Build the bundled datasets in data/ from snapshots of their licensed sources (a maintainer tool).
 
-    python data/prepare.py --shared ../shared/data
+    python data/prepare.py --shared DIR     # DIR: one folder per source, as data/sources/<name>/SOURCE.json describes
 
-The pipeline itself never reads ../shared: it reads the files this script writes (committed), each source's
+The pipeline itself never reads those snapshots: it reads the files this script writes (committed), each source's
 LICENSE, README and SOURCE.json sit in data/sources/<name>/. Outputs:
 
 - data/sft/{oasst,self_instruct,gsm8k}.jsonl   {"messages": [...]}          SFT mixture (configs/sft.yaml)
@@ -121,7 +121,7 @@ def tulu(src: Path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "data"))
+    ap.add_argument("--shared", required=True, help="folder of source snapshots (repository and commit: data/sources/*/SOURCE.json)")
     ap.add_argument("--gsm8k", type=int, default=300)
     args = ap.parse_args()
     shared = Path(args.shared)
