@@ -392,10 +392,22 @@ def _upstream_manifests(runs_dir: Path, run: str, sft: Path, rm: Path) -> None:
     r.finish({"adapter": rm}, {"eval_accuracy": 0.6, "reward_mean": 0.1, "reward_std": 2.0}, {})
 
 
-@pytest.mark.slow
-def test_two_processes_stay_in_sync_and_outputs_load(tiny_models, adapters, prompts_file, runs_dir, tmp_path):
+def load_with_stock_peft(manifest: dict, cwd: Path):
+    """The policy and value outputs of a PPO manifest, loaded by stock PEFT from another working directory."""
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        policy = AutoPeftModelForCausalLM.from_pretrained(manifest["outputs"]["adapter"])
+        value = AutoPeftModelForSequenceClassification.from_pretrained(manifest["outputs"]["value_adapter"], num_labels=1)
+    finally:
+        os.chdir(here)
+    return policy, value
+
+
+@pytest.mark.slow
+def test_two_processes_stay_in_sync_and_outputs_load(tiny_models, adapters, prompts_file, runs_dir, tmp_path):
     sft, rm = adapters("llama")
     _upstream_manifests(runs_dir, "ddp", sft, rm)
     res = run_module("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "ddp", prompts_file), processes=2)
@@ -414,14 +426,7 @@ def test_two_processes_stay_in_sync_and_outputs_load(tiny_models, adapters, prom
     assert len(held) == int(len(PROMPTS) * fraction) and all(p[-1]["content"] in PROMPTS for p in held)
     assert m["prompts_train"] == len(PROMPTS) - len(held)
 
-    # Stock PEFT loads both outputs from any working directory.
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        policy = AutoPeftModelForCausalLM.from_pretrained(manifest["outputs"]["adapter"])
-        value = AutoPeftModelForSequenceClassification.from_pretrained(manifest["outputs"]["value_adapter"], num_labels=1)
-    finally:
-        os.chdir(cwd)
+    policy, value = load_with_stock_peft(manifest, tmp_path)
     assert policy.active_adapter == "default" and value.active_adapter == "default"
 
 

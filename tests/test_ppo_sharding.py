@@ -19,7 +19,8 @@ from pipeline.config import ConfigError, ModelProfile
 from stages.ppo import parse_args
 from stages.ppo.trainer import TIMING_KEYS
 from tests.conftest import ACCELERATE, REPO, run_module
-from tests.test_ppo import _upstream_manifests, adapters, no_grad, ppo_args, prompts_file, read_metrics  # noqa: F401
+from tests.test_ppo import (_upstream_manifests, adapters, load_with_stock_peft, no_grad, ppo_args, prompts_file,  # noqa: F401
+                             read_metrics)
 
 
 def ppo_cfg(*extra):
@@ -177,7 +178,6 @@ def test_sharded_base_trains_like_ddp_and_resumes_exactly(tiny_models, adapters,
     """Two ranks with the base sharded (FSDP config) against two data-parallel ranks, same seeds: each rank holds
     half of the base, every metric matches, the adapters load in stock PEFT; the sharded run is stopped after one
     update and resumed, and still matches the straight DDP run."""
-    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
     from safetensors.torch import load_file
 
     sft, rm = adapters("llama")
@@ -222,13 +222,7 @@ def test_sharded_base_trains_like_ddp_and_resumes_exactly(tiny_models, adapters,
 
     # The sharded run's outputs are complete PEFT folders: stock PEFT loads them from any working directory.
     manifest = json.loads((Path(runs_dir) / "fsdp/ppo/manifest.json").read_text())
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        policy = AutoPeftModelForCausalLM.from_pretrained(manifest["outputs"]["adapter"])
-        value = AutoPeftModelForSequenceClassification.from_pretrained(manifest["outputs"]["value_adapter"], num_labels=1)
-    finally:
-        os.chdir(cwd)
+    policy, value = load_with_stock_peft(manifest, tmp_path)
     saved = load_file(str(Path(manifest["outputs"]["adapter"]) / "adapter_model.safetensors"))
     loaded = dict(policy.named_parameters())
     for k, v in saved.items():
