@@ -1,19 +1,23 @@
-"""Stage: did RLHF help? The PPO policy against the SFT policy on prompts PPO never trained on.
+"""Stage: did RLHF help, and which method helped most? Every policy of the run against SFT and each other, on prompts
+none of them trained on.
 
     make eval                        # accelerate launch ... -m stages.eval --config configs/eval.yaml --run $(RUN)
     make eval ARGS="--max_prompts 32 --temperature 0"
 
-Reads the run's sft, rm and ppo manifests: the SFT adapter (also the KL reference), the PPO policy adapter, the
-reward adapter, PPO's metrics.jsonl and its heldout_prompts.jsonl. All three adapters sit on one frozen base
-(pipeline.adapters.AdapterStack). For every held-out prompt it samples one response from each policy (same seed),
-scores both with the reward model, and measures the PPO policy's KL to the SFT reference on its own response.
-Writes runs/<run>/eval/: report.md (numbers, flags, plots, samples), report.json (every figure and the samples
-they were computed from), plots/*.png, manifest.json (last, with the headline figures).
+Reads the run's sft and rm manifests and every policy stage's that exists (ppo, grpo, rloo, reinforce_pp, dpo;
+stages/eval_compare.py), with the held-out prompts the RL stages set aside (identical across them, or refused). All
+adapters sit on one frozen base (pipeline.adapters.AdapterStack). For every held-out prompt it samples one response
+from each policy (same seed), scores it with the reward model and measures the policy's KL to the SFT reference on
+its own response. The comparison: each policy's proxy (reward model) and gold mean, KL, length and share without EOS,
+the pairwise win-rate matrices (Wilson intervals) and one plot of gold score against sqrt(KL) with a series per method
+(stages/eval_plots.py). With PPO it also writes the SFT-vs-PPO report of earlier versions: training curves, reward-
+hacking flags, the human win rate's pairs. Writes runs/<run>/eval/: report.md, report.json (every figure and the
+samples it was computed from), plots/*.png, manifest.json (last, with the headline figures).
 
-With a gold judge (`gold_judge:`, pipeline/judges.py; never the run's own reward model) it also reports the gold mean
-of both policies, the gold win rate of PPO over SFT, how often the reward model orders held-out pairs as the gold
-does, and an over-optimisation curve: gold and proxy (reward model) score against sqrt(KL) for SFT, every PPO policy
-kept under runs/<run>/ppo/policies/update-N/, and the final policy. The proxy rising while the gold falls is flagged.
+With a gold judge (`gold_judge:`, pipeline/judges.py; never a reward model the run optimised) it also reports the gold
+win rate of PPO over SFT, how often the reward model orders held-out pairs as the gold does, and over-optimisation
+curves: gold and proxy score against sqrt(KL) for SFT, every policy an RL stage kept under
+runs/<run>/<stage>/policies/update-N/, and its final policy. PPO's proxy rising while its gold falls is flagged.
 """
 
 from __future__ import annotations
@@ -35,14 +39,9 @@ from pipeline.models import load_base, load_tokenizer, profile_from, require_cha
 from pipeline.report import finish_distributed, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.sharding import is_sharded, process_state, reshard, sharding_report, spread, take_over_from_accelerate
-
-TRAINING_CURVES = [  # (metrics.jsonl keys, panel title): one panel each, first key solid, others dashed
-    (("reward_raw", "reward"), "reward (RM score / shaped)"),
-    (("kl", "kl_k3"), "KL to reference (nats)"),
-    (("entropy",), "entropy (nats/token)"),
-    (("response_length",), "response length (tokens)"),
-]
-
+from stages.eval_compare import (RL_STAGES, comparison_figures, comparison_markdown, describe, find_policy_stages,
+                                 policy_method, policy_row, shared_heldout_prompts, wilson, win_rate, win_rate_matrix)
+from stages.eval_plots import plot_gold_vs_kl, plot_overoptimisation, save_plots
 
 @dataclass
 class EvalArgs:
@@ -61,37 +60,6 @@ class EvalArgs:
     # Gold judge: a measure of learning that is not the reward model PPO optimised (pipeline/judges.py)
     gold_judge: str = field(default="", metadata={"help": "sentiment, rm:<adapter or checkpoint>, module:function; '' = none."})
     gold_batch_size: int = field(default=64, metadata={"help": "Responses per gold judge call."})
-
-
-# ---------------------------------------------------------------------------------------------------- statistics
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion (Wilson 1927): sane at 0, 1 and small n, unlike p +- z*se."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6) -> dict:
-    """PPO beats SFT on a prompt when its reward is higher; a tie (same text, same score) counts half."""
-    wins = sum(p > s + tie_eps for p, s in zip(ppo, sft))
-    losses = sum(p < s - tie_eps for p, s in zip(ppo, sft))
-    ties = len(ppo) - wins - losses
-    rate = (wins + 0.5 * ties) / len(ppo) if ppo else float("nan")
-    low, high = wilson(wins + 0.5 * ties, len(ppo))
-    return {"rate": rate, "ci_low": low, "ci_high": high, "ci": "Wilson 95%, ties counted half",
-            "wins": wins, "ties": ties, "losses": losses, "n": len(ppo)}
-
-
-def describe(xs: list[float]) -> dict:
-    if not xs:
-        return {"n": 0}
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"n": len(xs), "mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "min": min(xs),
-            "p25": q[0], "median": q[1], "p75": q[2], "max": max(xs)}
 
 
 # ---------------------------------------------------------------------------------------------------- model work
@@ -290,8 +258,8 @@ def overoptimisation_flag(points: list[dict]) -> str | None:
 
 def checkpoint_curve(stack: AdapterStack, tokenizer, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
                      judge, ppo_dir: Path, final_update: int, ends: tuple[dict, dict]) -> list[dict]:
-    """Gold and proxy score against sqrt(KL to SFT): SFT (update 0), each kept PPO policy, the final policy. `ends`:
-    the SFT and final points, already measured on these prompts."""
+    """Gold and proxy score against sqrt(KL to SFT): SFT (update 0), each policy an RL run kept (`ppo_dir`: its
+    stage folder, ppo, grpo, ...), the final policy. `ends`: the SFT and final points, already measured."""
     from pipeline.judges import judge_scores
     from pipeline.models import check_adapter
 
@@ -300,7 +268,7 @@ def checkpoint_curve(stack: AdapterStack, tokenizer, prompts, prompt_ids, sampli
         if update == 0 or update >= final_update:  # SFT and the final policy are the two ends already measured
             continue
         name = f"update-{update}"
-        check_adapter(path, stack.causal_lm.config, what=f"PPO policy {path}")
+        check_adapter(path, stack.causal_lm.config, what=f"kept policy {path}")
         stack.model.load_adapter(str(path), adapter_name=name)
         ro = rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
         kl = sequence_kl(stack, name, "sft", ro, args.score_batch_size, sampling.temperature)
@@ -312,13 +280,12 @@ def checkpoint_curve(stack: AdapterStack, tokenizer, prompts, prompt_ids, sampli
 
 
 def gold_report(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
-                rm: dict, ppo_dir: Path, final_update: int, ro_sft: dict, ro_ppo: dict, kl: list[float]) -> dict:
-    """Everything the gold judge says: gold scores of both policies' samples, the gold win rate, the reward model's
-    agreement with the gold, and the over-optimisation curve with its flag."""
+                rm: dict, ppo_dir: Path, final_update: int, ro_sft: dict, ro_ppo: dict, kl: list[float],
+                gold_sft: list[float], gold_ppo: list[float]) -> dict:
+    """Everything the gold judge says about PPO: gold scores of both policies' samples (given), the gold win rate,
+    the reward model's agreement with the gold, and the over-optimisation curve with its flag."""
     from pipeline.judges import judge_scores
 
-    gold_sft = judge_scores(judge, prompts, ro_sft["texts"], args.gold_batch_size)
-    gold_ppo = judge_scores(judge, prompts, ro_ppo["texts"], args.gold_batch_size)
     held = read_rm_eval_pairs(rm)
     if held:
         hp = [r["prompt"] for r in held]
@@ -338,14 +305,14 @@ def gold_report(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, samp
             "curve": curve, "flag": overoptimisation_flag(curve)}
 
 
-def load_gold_judge(args: EvalArgs, rm: dict, trained_config: dict, prompts: list):
-    """The configured gold judge, refusing the reward model PPO optimised, tried on two rows so that a judge that
-    fails says so before anything is written. None without one."""
+def load_gold_judge(args: EvalArgs, rm: dict, trained_configs: list[dict], prompts: list):
+    """The configured gold judge, refusing the reward model any RL stage optimised, tried on two rows so that a judge
+    that fails says so before anything is written. None without one."""
     from pipeline.judges import judge_scores, load_judge
 
     if not args.gold_judge:
         return None
-    own = [p for p in (rm.get("outputs", {}).get("adapter"), trained_config.get("reward_adapter")) if p]
+    own = [p for p in (rm.get("outputs", {}).get("adapter"), *(c.get("reward_adapter") for c in trained_configs)) if p]
     judge = load_judge(args.gold_judge, forbidden_rm=[resolve_path(p) for p in own])
     judge_scores(judge, prompts[:2], ["It was a lovely day.", "It was a dreadful day."][:len(prompts[:2])])
     return judge
@@ -360,32 +327,6 @@ def gold_figures(gold: dict) -> dict:
             "rm_gold_pairs": gold["rm_agreement_heldout_pairs"]["pairs"],
             "rm_gold_agreement_policy_samples": gold["rm_agreement_policy_samples"]["agreement"],
             "gold_curve_points": len(gold["curve"]), "overoptimisation_suspected": gold["flag"] is not None}
-
-
-def plot_overoptimisation(points: list[dict], path: Path) -> Path:
-    """Gold (left axis) and proxy (right axis: another scale) against sqrt(KL), as Gao et al. 2022 plot them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [p["sqrt_kl"] for p in points]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot(x, [p["gold_mean"] for p in points], "o-", color="tab:green", label="gold judge")
-    ax.set_xlabel("sqrt(KL to SFT)  (sqrt nats)")
-    ax.set_ylabel("gold score (mean)", color="tab:green")
-    twin = ax.twinx()
-    twin.plot(x, [p["proxy_mean"] for p in points], "s--", color="tab:blue", label="reward model (proxy)")
-    twin.set_ylabel("reward-model score (mean)", color="tab:blue")
-    for p in points:
-        ax.annotate(str(p["update"]), (p["sqrt_kl"], p["gold_mean"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
-    ax.set_title("Over-optimisation: gold and proxy against KL (labels: PPO update)", fontsize=10)
-    fig.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def gold_markdown(gold: dict, figures: dict) -> list[str]:
@@ -405,63 +346,6 @@ def gold_markdown(gold: dict, figures: dict) -> list[str]:
               for p in gold["curve"]]
     lines += ["", "![over-optimisation](plots/overoptimisation.png)", ""]
     return lines
-
-
-# ---------------------------------------------------------------------------------------------------- plots
-
-def plot_training(ax_list, rows: list[dict]) -> None:
-    x = [r.get("update", i) for i, r in enumerate(rows)]
-    for ax, (keys, title) in zip(ax_list, TRAINING_CURVES):
-        for j, key in enumerate(keys):
-            ys = [r.get(key) for r in rows]
-            if any(isinstance(y, (int, float)) for y in ys):
-                ax.plot(x, [y if isinstance(y, (int, float)) else float("nan") for y in ys],
-                        linestyle="-" if j == 0 else "--", label=key)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO update")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-
-
-def plot_hist(ax, sft: list[float], ppo: list[float], what: str = "reward", unit: str = "reward-model score") -> None:
-    lo, hi = min(sft + ppo), max(sft + ppo)
-    bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 10
-    ax.hist(sft, bins=bins, alpha=0.55, label=f"SFT (mean {statistics.fmean(sft):.3f})")
-    ax.hist(ppo, bins=bins, alpha=0.55, label=f"PPO (mean {statistics.fmean(ppo):.3f})")
-    ax.set_title(f"{what} on held-out prompts", fontsize=10)
-    ax.set_xlabel(unit)
-    ax.set_ylabel("responses")
-    ax.legend(fontsize=8)
-
-
-def save_plots(rows: list[dict], sft: dict, ppo: dict, out: Path) -> dict[str, Path]:
-    """`sft`, `ppo`: the rollouts (rewards and lengths per held-out prompt)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on training boxes
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"training_curves": out / "training_curves.png", "reward_distribution": out / "reward_distribution.png",
-             "overview": out / "overview.png"}
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    plot_training(axes.flat, rows)
-    fig.tight_layout()
-    fig.savefig(paths["training_curves"], dpi=110)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    plot_hist(ax, sft["rewards"], ppo["rewards"])
-    fig.tight_layout()
-    fig.savefig(paths["reward_distribution"], dpi=110)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))  # everything in one picture, for the README
-    plot_training([axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]], rows)
-    plot_hist(axes[0, 2], sft["rewards"], ppo["rewards"])
-    plot_hist(axes[1, 2], [float(x) for x in sft["lengths"]], [float(x) for x in ppo["lengths"]], "response length", "tokens")
-    fig.tight_layout()
-    fig.savefig(paths["overview"], dpi=80)
-    plt.close("all")
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -484,11 +368,18 @@ def sample_table(samples: list[dict]) -> list[str]:
 
 
 def render_markdown(report: dict, n_rows: int) -> str:
-    f, w, t = report["figures"], report["win_rate"], report["training"]
     lines = [f"# Evaluation of run `{report['run']}`", "",
-             f"{f['n_prompts']} held-out prompts (never used in PPO), one sampled response per policy "
+             f"{report['figures']['n_prompts']} held-out prompts (never trained on), one sampled response per policy "
              f"(temperature {report['sampling']['temperature']}, at most {report['sampling']['max_new_tokens']} new tokens, "
-             f"seed {report['seed']}), scored by the run's reward model.", "",
+             f"seed {report['seed']}), scored by the run's reward model.", "", *comparison_markdown(report["comparison"])]
+    if "win_rate" in report:  # the run has PPO
+        lines += ppo_markdown(report, n_rows)
+    return "\n".join(lines) + "\n"
+
+
+def ppo_markdown(report: dict, n_rows: int) -> list[str]:
+    f, w, t = report["figures"], report["win_rate"], report["training"]
+    lines = ["## PPO against SFT", "",
              "| | SFT | PPO |", "|---|---|---|",
              f"| reward (mean ± std) | {f['reward_sft_mean']:.3f} ± {report['reward']['sft']['std']:.3f} "
              f"| {f['reward_ppo_mean']:.3f} ± {report['reward']['ppo']['std']:.3f} |",
@@ -520,66 +411,30 @@ def render_markdown(report: dict, n_rows: int) -> str:
               "![reward distribution](plots/reward_distribution.png)", "", "## Samples", "",
               *sample_table(report["samples"][:n_rows])]
     lines += ["", f"All {len(report['samples'])} samples are in report.json."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
 
 def load_prompts(path: Path, max_prompts: int) -> list[list[dict]]:
-    if not path.is_file():
-        raise ConfigError(f"held-out prompts {path} are missing: rerun `make ppo`")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     prompts = [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}] for r in rows]
     if not prompts:
-        raise ConfigError(f"{path} holds no prompts: PPO set none aside (raise its held-out share) and rerun `make ppo`")
+        raise ConfigError(f"{path} holds no prompts: its RL stage set none aside (raise heldout_fraction) and rerun it")
     return prompts[:max_prompts] if max_prompts > 0 else prompts
 
 
-def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
-    state = process_state()
-    shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
-    stage = StageRun("eval", run.run, run.runs_dir)
-    config = {"eval": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}
-    ppo = stage.need("ppo")  # first: the missing stage named in the error is the one `make eval` depends on
-    sft, rm = stage.need("sft"), stage.need("rm")
-    prompts = load_prompts(Path(ppo["outputs"]["heldout_prompts"]), args.max_prompts)
-    rows = read_metrics(Path(ppo["outputs"]["metrics_jsonl"]))
-    trained = (ppo.get("config") or {}).get("ppo", {})
-    for ours, theirs in (("max_new_tokens", "response_length"), ("temperature", "temperature")):
-        if theirs in trained and trained[theirs] != getattr(sampling, ours) and state.is_main_process:
-            print(f"note: eval samples with {ours}={getattr(sampling, ours)}, PPO's rollouts used {theirs}={trained[theirs]}: "
-                  f"length, no-EOS share and KL are not comparable with the training curves", file=sys.stderr)
-    profile = profile_from(run.model_config)
-    tokenizer = load_tokenizer(profile)
-    require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
-    judge = load_gold_judge(args, rm, trained, prompts)  # checked before the run folder is touched
-    stage.prepare(config, is_main=state.is_main_process)
+def final_update(manifest: dict) -> int:
+    """The last update an RL stage logged (its final policy's place on the curve)."""
+    rows = read_metrics(Path(manifest["outputs"]["metrics_jsonl"]))
+    trained = (manifest.get("config") or {}).get("ppo", {})
+    return max([r["update"] for r in rows if isinstance(r.get("update"), int)] or [trained.get("total_updates", 1)])
 
-    # 1. The three adapters on one frozen base (sharded under the FSDP config), on this process's accelerator. Every
-    #    rank takes part from here: the batches of generation, scoring and KL are spread over the ranks.
-    stack = AdapterStack.build(profile, tokenizer, {"ppo": ppo["outputs"]["adapter"], "sft": sft["outputs"]["adapter"],
-                                                    "reward": rm["outputs"]["adapter"]},
-                               base_model=load_base(profile, tokenizer, shard=shard))
-    to_device(stack.model, state.device)
-    prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
 
-    # 2. Sample and score both policies; KL of PPO to the reference on PPO's own responses
-    ro_sft = rollout(stack, "sft", tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
-    ro_ppo = rollout(stack, "ppo", tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
-    kl = sequence_kl(stack, "ppo", "sft", ro_ppo, args.score_batch_size, sampling.temperature)
-    sharding = sharding_report(stack.model)
-    if judge is not None and is_sharded(stack.model):
-        # The gold report's own forwards (RM-vs-gold agreement, kept policies) run on the main process only, which a
-        # sharded base cannot do alone: measure gold on an unsharded launch.
-        if state.is_main_process:
-            print("note: the gold report is skipped under FSDP (its forwards are main-process only); run make eval "
-                  "without the FSDP config for it", file=sys.stderr)
-        judge = None
-    if not state.is_main_process:  # the main process writes the report
-        finish_distributed()
-        return {}
-
-    # 3. Figures, all computed from the per-prompt samples that report.json keeps
+def sft_vs_ppo(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
+               rm: dict, ppo: dict, ppo_dir: Path, ro_sft: dict, ro_ppo: dict, kl: list[float], gold: dict | None) -> dict:
+    """The PPO report: figures, reward-hacking flags, gold report with PPO's over-optimisation curve, samples and the
+    human win rate. `gold`: every policy's gold scores (None without a judge). Returns report.json's PPO keys."""
     samples = [{"pair_id": pair_id(p, s, q), "prompt": p, "prompt_text": p[-1]["content"], "sft": s, "ppo": q,
                 "reward_sft": rs, "reward_ppo": rp, "kl": k, "length_sft": ls, "length_ppo": lp,
                 "eos_sft": es, "eos_ppo": ep}
@@ -592,40 +447,143 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
                "kl_mean": statistics.fmean(kl),
                "length_sft_mean": statistics.fmean(ro_sft["lengths"]), "length_ppo_mean": statistics.fmean(ro_ppo["lengths"]),
                "no_eos_sft": 1 - statistics.fmean(ro_sft["ended"]), "no_eos_ppo": 1 - statistics.fmean(ro_ppo["ended"])}
+    rows = read_metrics(Path(ppo["outputs"]["metrics_jsonl"]))
     train = training_summary(rows)
     flags = hacking_flags(train, figures, args)
-    gold = None
-    if judge is not None:  # the gold judge: learning measured by something PPO did not optimise
-        final_update = max([r["update"] for r in rows if isinstance(r.get("update"), int)] or [trained.get("total_updates", 1)])
-        gold = gold_report(stack, tokenizer, judge, prompts, prompt_ids, sampling, args, rm,
-                           stage.dir.parent / "ppo", final_update, ro_sft, ro_ppo, kl)
-        figures.update(gold_figures(gold))
-        flags += [gold["flag"]] if gold["flag"] else []
+    gold_ppo = None
+    if gold is not None:  # the gold judge: learning measured by something PPO did not optimise
+        gold_ppo = gold_report(stack, tokenizer, judge, prompts, prompt_ids, sampling, args, rm, ppo_dir, final_update(ppo),
+                               ro_sft, ro_ppo, kl, gold["sft"], gold["ppo"])
+        figures.update(gold_figures(gold_ppo))
+        flags += [gold_ppo["flag"]] if gold_ppo["flag"] else []
         for sample, gs, gp in zip(samples, gold["sft"], gold["ppo"]):
             sample.update(gold_sft=gs, gold_ppo=gp)
-    store = resolve_path(args.label_store) if args.label_store else stage.dir.parent / "label" / "labels.sqlite"
+    store = resolve_path(args.label_store) if args.label_store else ppo_dir.parent / "label" / "labels.sqlite"
     human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})
     figures.update(reward_hacking_suspected=bool(flags), human_win_rate=human["rate"] if human else None)
+    return {"figures": figures, "win_rate": wr, "reward": {"sft": describe(ro_sft["rewards"]), "ppo": describe(ro_ppo["rewards"])},
+            "kl": describe(kl), "training": train, "flags": flags, "human": human, "gold": gold_ppo, "samples": samples,
+            "metrics_rows": rows}
 
-    # 4. Plots, report, the SFT-vs-PPO pairs for people to label (responses = [SFT, PPO]), manifest
-    plots = save_plots(rows, ro_sft, ro_ppo, stage.dir / "plots")
+
+def compare_policies(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
+                     policies: dict[str, dict], runs: Path, ro: dict, kl: dict, gold: dict | None,
+                     ppo_curve: list[dict] | None) -> dict:
+    """Every policy on the same prompts: the table, the win-rate matrices (proxy, and gold with a judge) and the
+    gold-vs-KL curves (an RL run's kept policies included; PPO's curve is `ppo_curve` when already measured)."""
+    names = ["sft", *policies]
+    methods = {"sft": "sft", **{n: policy_method(n, m) for n, m in policies.items()}}
+    comparison = {"policies": names, "n_prompts": len(prompts), "seed": args.seed,
+                  "gold_judge": judge.spec if judge is not None else None,
+                  "by_policy": {n: policy_row(methods[n], ro[n]["rewards"], gold[n] if gold else None, kl[n],
+                                              ro[n]["lengths"], ro[n]["ended"]) for n in names},
+                  "win_rate_proxy": win_rate_matrix({n: ro[n]["rewards"] for n in names}),
+                  "win_rate_gold": win_rate_matrix({n: gold[n] for n in names}, tie_eps=0.0) if gold else None,
+                  "samples": [{"prompt_text": p[-1]["content"], **{key: {n: vals[n][i] for n in names} for key, vals in
+                               (("responses", {n: ro[n]["texts"] for n in names}), ("proxy", {n: ro[n]["rewards"] for n in names}),
+                                ("gold", gold or {n: [None] * len(prompts) for n in names}), ("kl", kl))}}
+                              for i, p in enumerate(prompts)]}
     if gold is not None:
-        plots["overoptimisation"] = plot_overoptimisation(gold["curve"], stage.dir / "plots" / "overoptimisation.png")
-    report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "figures": figures, "win_rate": wr,
-              "reward": {"sft": describe(ro_sft["rewards"]), "ppo": describe(ro_ppo["rewards"])}, "kl": describe(kl),
-              "training": train, "flags": flags, "human": human, "gold": gold,
-              "plots": {k: str(v.relative_to(stage.dir)) for k, v in plots.items()}, "samples": samples}
+        sft_point = curve_point(0, "sft", ro["sft"]["rewards"], gold["sft"], kl["sft"])
+        curves = {"sft": [sft_point]}
+        for name, manifest in policies.items():
+            final = curve_point(final_update(manifest) if name in RL_STAGES else 1, f"{name} (final)", ro[name]["rewards"],
+                                gold[name], kl[name])
+            if name == "ppo" and ppo_curve is not None:
+                curves[name] = ppo_curve
+            elif name in RL_STAGES:
+                curves[name] = checkpoint_curve(stack, tokenizer, prompts, prompt_ids, sampling, args, judge, runs / name,
+                                                final["update"], (sft_point, final))
+            else:  # DPO keeps no policies along the way: its final one only
+                curves[name] = [final]
+        comparison["curves"] = {n: [{k: v for k, v in p.items() if k not in ("proxy", "gold")} for p in pts]
+                                for n, pts in curves.items()}
+    return comparison
+
+
+def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
+    state = process_state()
+    shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
+    stage = StageRun("eval", run.run, run.runs_dir)
+    config = {"eval": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}
+    policies = find_policy_stages(stage)  # first: with none, the error names `make ppo`, which `make eval` depends on
+    sft, rm = stage.need("sft"), stage.need("rm")
+    prompts = load_prompts(shared_heldout_prompts(policies), args.max_prompts)  # the same for every policy, or refused
+    ppo = policies.get("ppo")
+    trained = {n: (m.get("config") or {}).get("ppo", {}) for n, m in policies.items() if n in RL_STAGES}
+    for name, cfg in trained.items():
+        for ours, theirs in (("max_new_tokens", "response_length"), ("temperature", "temperature")):
+            if theirs in cfg and cfg[theirs] != getattr(sampling, ours) and state.is_main_process:
+                print(f"note: eval samples with {ours}={getattr(sampling, ours)}, {name}'s rollouts used {theirs}={cfg[theirs]}: "
+                      f"length, no-EOS share and KL are not comparable with the training curves", file=sys.stderr)
+    profile = profile_from(run.model_config)
+    tokenizer = load_tokenizer(profile)
+    require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
+    judge = load_gold_judge(args, rm, list(trained.values()), prompts)  # checked before the run folder is touched
+    stage.prepare(config, is_main=state.is_main_process)
+
+    # 1. Every policy adapter, the SFT adapter (also the KL reference) and the reward adapter on one frozen base (sharded
+    #    under the FSDP config), on this process's accelerator. Every rank takes part from here: the batches of
+    #    generation, scoring and KL are spread over the ranks.
+    adapters = {name: m["outputs"]["adapter"] for name, m in policies.items()}
+    stack = AdapterStack.build(profile, tokenizer, {**adapters, "sft": sft["outputs"]["adapter"], "reward": rm["outputs"]["adapter"]},
+                               base_model=load_base(profile, tokenizer, shard=shard))
+    to_device(stack.model, state.device)
+    prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
+
+    # 2. Sample and score every policy with the same seed; KL of each to the reference on its own responses
+    ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
+          for name in ["sft", *policies]}
+    kl = {"sft": [0.0] * len(prompts), **{name: sequence_kl(stack, name, "sft", ro[name], args.score_batch_size,
+                                                            sampling.temperature) for name in policies}}
+    sharding = sharding_report(stack.model)
+    if judge is not None and is_sharded(stack.model):
+        # The gold report's own forwards (RM-vs-gold agreement, kept policies) run on the main process only, which a
+        # sharded base cannot do alone: measure gold on an unsharded launch.
+        if state.is_main_process:
+            print("note: the gold report is skipped under FSDP (its forwards are main-process only); run make eval "
+                  "without the FSDP config for it", file=sys.stderr)
+        judge = None
+    if not state.is_main_process:  # the main process writes the report
+        finish_distributed()
+        return {}
+
+    # 3. Figures, all computed from the per-prompt samples that report.json keeps: PPO against SFT when the run has
+    #    PPO, then every policy against every other
+    from pipeline.judges import judge_scores
+
+    gold = {n: judge_scores(judge, prompts, ro[n]["texts"], args.gold_batch_size) for n in ro} if judge is not None else None
+    report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling)}
+    figures, plots, outputs = {}, {}, {}
+    if ppo:
+        report.update(sft_vs_ppo(stack, tokenizer, judge, prompts, prompt_ids, sampling, args, rm, ppo,
+                                 stage.dir.parent / "ppo", ro["sft"], ro["ppo"], kl["ppo"], gold))
+        figures = report["figures"]
+        plots = save_plots(report.pop("metrics_rows"), ro["sft"], ro["ppo"], stage.dir / "plots")
+        if report["gold"] is not None:
+            plots["overoptimisation"] = plot_overoptimisation(report["gold"]["curve"], stage.dir / "plots" / "overoptimisation.png")
+    comparison = compare_policies(stack, tokenizer, judge, prompts, prompt_ids, sampling, args, policies, stage.dir.parent,
+                                  ro, kl, gold, report["gold"]["curve"] if report.get("gold") else None)
+    if "curves" in comparison:
+        plots["gold_vs_kl"] = stage.dir / "plots" / "gold_vs_kl.png"
+        comparison["plot_series"] = plot_gold_vs_kl(comparison["curves"], plots["gold_vs_kl"])
+    figures = {**figures, "n_prompts": len(prompts), **comparison_figures(comparison)}
+    report.update(figures=figures, comparison=comparison, plots={k: str(v.relative_to(stage.dir)) for k, v in plots.items()})
+
+    # 4. Report, the SFT-vs-PPO pairs for people to label (responses = [SFT, PPO]), manifest
     atomic_write_json(stage.dir / "report.json", report)
     (stage.dir / "report.md").write_text(render_markdown(report, args.report_samples))
-    with open(stage.dir / "human_pairs.jsonl", "w") as f:
-        for s in samples:
-            f.write(json.dumps({"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]],
-                                "policies": ["sft", "ppo"]}) + "\n")
-    print_table("eval", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()})
-    for flag in flags:
+    if ppo:
+        outputs["human_pairs"] = stage.dir / "human_pairs.jsonl"
+        with open(outputs["human_pairs"], "w") as f:
+            for s in report["samples"]:
+                f.write(json.dumps({"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]],
+                                    "policies": ["sft", "ppo"]}) + "\n")
+    print_table("eval", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items() if k != "comparison"})
+    for flag in report.get("flags", []):
         print(f"warning: {flag}")
-    stage.finish({"report": stage.dir / "report.md", "report_json": stage.dir / "report.json",
-                  "human_pairs": stage.dir / "human_pairs.jsonl", **{f"plot_{k}": v for k, v in plots.items()}},
+    stage.finish({"report": stage.dir / "report.md", "report_json": stage.dir / "report.json", **outputs,
+                  **{f"plot_{k}": v for k, v in plots.items()}},
                  {**figures, "world_size": state.num_processes, "sharding": sharding}, config)
     finish_distributed()
     return figures

@@ -53,7 +53,7 @@ def test_plots_are_valid_pngs(eval_dir):
     from PIL import Image
 
     report = json.loads((eval_dir / "report.json").read_text())
-    assert set(report["plots"]) == {"training_curves", "reward_distribution", "overview", "overoptimisation"}
+    assert set(report["plots"]) == {"training_curves", "reward_distribution", "overview", "overoptimisation", "gold_vs_kl"}
     for rel in report["plots"].values():
         path = eval_dir / rel
         assert path.read_bytes()[:8] == PNG_MAGIC

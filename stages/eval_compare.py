@@ -1,0 +1,160 @@
+"""`make eval`'s comparison of every policy a run has: SFT, PPO, GRPO, RLOO, REINFORCE++ and DPO on the same held-out
+prompts with the same seed. Pure helpers (statistics, the win-rate matrix, the per-policy table, the markdown) plus
+the two that read the run folder: which policy stages exist, and which held-out prompts they share.
+
+The stage (stages/eval.py) samples and scores; everything here is computed from the per-prompt scores it hands over,
+so report.json's figures can be recomputed from its samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")  # the one RL loop (stages/ppo/): trained on prompts, some held out
+POLICY_STAGES = RL_STAGES + ("dpo",)  # every stage whose manifest holds a policy adapter on the run's base
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion (Wilson 1927): sane at 0, 1 and small n, unlike p +- z*se."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6) -> dict:
+    """The first policy beats the second on a prompt when its score is higher; a tie (same text, same score) counts
+    half. Named for its first use: PPO over SFT."""
+    wins = sum(p > s + tie_eps for p, s in zip(ppo, sft))
+    losses = sum(p < s - tie_eps for p, s in zip(ppo, sft))
+    ties = len(ppo) - wins - losses
+    rate = (wins + 0.5 * ties) / len(ppo) if ppo else float("nan")
+    low, high = wilson(wins + 0.5 * ties, len(ppo))
+    return {"rate": rate, "ci_low": low, "ci_high": high, "ci": "Wilson 95%, ties counted half",
+            "wins": wins, "ties": ties, "losses": losses, "n": len(ppo)}
+
+
+def win_rate_matrix(scores: dict[str, list[float]], tie_eps: float = 1e-6) -> dict[str, dict[str, dict]]:
+    """matrix[a][b]: the win rate of policy a over policy b on the same prompts (win_rate: Wilson 95%, ties half),
+    for every ordered pair a != b. matrix[a][b]["rate"] + matrix[b][a]["rate"] == 1, and a's wins over b are b's
+    losses to a."""
+    lengths = {len(v) for v in scores.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"policies scored on different numbers of prompts: { {k: len(v) for k, v in scores.items()} }")
+    return {a: {b: win_rate(scores[a], scores[b], tie_eps) for b in scores if b != a} for a in scores}
+
+
+def describe(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"n": len(xs), "mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "min": min(xs),
+            "p25": q[0], "median": q[1], "p75": q[2], "max": max(xs)}
+
+
+def policy_row(method: str, proxy: list[float], gold: list[float] | None, kl: list[float], lengths: list[float],
+               ended: list[bool]) -> dict:
+    """One line of the comparison table: means over the held-out prompts."""
+    kl_mean = statistics.fmean(kl)
+    return {"method": method, "proxy_mean": statistics.fmean(proxy), "gold_mean": statistics.fmean(gold) if gold else None,
+            "kl_mean": kl_mean, "sqrt_kl": math.sqrt(max(kl_mean, 0.0)), "length_mean": statistics.fmean(lengths),
+            "no_eos": 1 - statistics.fmean(ended)}
+
+
+# ---------------------------------------------------------------------------------------------------- the run folder
+
+def policy_method(stage: str, manifest: dict) -> str:
+    """What made the policy: the RL loop records its estimator's stage name as `method`; DPO's stage is its method."""
+    return (manifest.get("metrics") or {}).get("method") or stage
+
+
+def find_policy_stages(stage_run) -> dict[str, dict]:
+    """The manifests of the run's policy stages that hold an adapter, in POLICY_STAGES order. Every one is read when
+    present (StageRun.may_read), so one that appears later makes `make eval` run again."""
+    from pipeline.run import stage_dir
+
+    found = {}
+    for name in POLICY_STAGES:
+        stage_run.may_read(name)
+        if (stage_dir(stage_run.runs_dir, stage_run.run, name) / "manifest.json").is_file():
+            manifest = stage_run.need(name)
+            if (manifest.get("outputs") or {}).get("adapter"):
+                found[name] = manifest
+    if not found:
+        raise ConfigError(f"`make eval` needs a trained policy in run '{stage_run.run}', but it has none of "
+                          f"{', '.join(POLICY_STAGES)}: run `make ppo RUN={stage_run.run}` first (or make grpo, rloo, dpo)")
+    return found
+
+
+def read_prompt_rows(path: Path) -> list:
+    if not path.is_file():
+        raise ConfigError(f"held-out prompts {path} are missing: rerun the stage that wrote them (`make ppo`)")
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def shared_heldout_prompts(policies: dict[str, dict]) -> Path:
+    """The held-out prompts every policy is compared on: those the RL stages set aside. Several RL stages (ppo, grpo,
+    ...) read the same prompts file and split it with the same seed and share, so their held-out files hold the same
+    prompts; they are compared, and prompts that differ are refused (a policy trained on another's held-out prompts
+    would be compared on prompts it saw). DPO sets no prompts aside: it needs an RL stage beside it."""
+    rl = [name for name in RL_STAGES if name in policies]
+    if not rl:
+        raise ConfigError(f"`make eval` takes its held-out prompts from an RL stage ({', '.join(RL_STAGES)}), and the "
+                          f"run has only {', '.join(policies)}: run `make ppo` (or make grpo, rloo) first")
+    paths = {name: Path(policies[name]["outputs"]["heldout_prompts"]) for name in rl}
+    first = rl[0]
+    reference = read_prompt_rows(paths[first])
+    for name in rl[1:]:
+        if read_prompt_rows(paths[name]) != reference:
+            raise ConfigError(f"the held-out prompts of {first} ({paths[first]}) and {name} ({paths[name]}) differ, so "
+                              f"their policies cannot be compared on prompts neither trained on: train both with the "
+                              f"same prompts_file, seed and heldout_fraction, or move one run folder aside")
+    return paths[first]
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+
+def comparison_figures(comparison: dict) -> dict:
+    """The manifest's share: the policies and each one's means (the matrices stay in report.json)."""
+    return {"policies": comparison["policies"], "comparison": comparison["by_policy"]}
+
+
+def matrix_markdown(matrix: dict[str, dict[str, dict]], what: str) -> list[str]:
+    names = list(matrix)
+    lines = [f"Win rate of the row's policy over the column's, {what} (Wilson 95% interval; ties count half):", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = ["–" if a == b else f"{matrix[a][b]['rate']:.0%} ({matrix[a][b]['ci_low']:.0%}–{matrix[a][b]['ci_high']:.0%})"
+                 for b in names]
+        lines.append(f"| **{a}** | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def comparison_markdown(comparison: dict) -> list[str]:
+    num = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    lines = ["## Every policy of the run", "",
+             f"{comparison['n_prompts']} held-out prompts, one sampled response per policy with the same seed "
+             f"({comparison['seed']}); KL to the SFT reference on each policy's own responses.", "",
+             "| policy | method | reward model (proxy) | gold | KL to SFT (nats) | length (tokens) | share without EOS |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in comparison["by_policy"].items():
+        lines.append(f"| {name} | {row['method']} | {row['proxy_mean']:.3f} | {num(row['gold_mean'], '.3f')} "
+                     f"| {row['kl_mean']:.3f} | {row['length_mean']:.1f} | {row['no_eos']:.1%} |")
+    lines += [""]
+    if comparison.get("win_rate_gold"):
+        lines += matrix_markdown(comparison["win_rate_gold"], f"judged by the gold judge `{comparison['gold_judge']}`")
+    lines += matrix_markdown(comparison["win_rate_proxy"], "judged by the run's reward model")
+    if comparison.get("plot"):
+        lines += ["![gold score against KL](plots/gold_vs_kl.png)", ""]
+    else:
+        lines += ["No gold judge (`gold_judge:` in configs/eval.yaml): no gold-against-KL plot.", ""]
+    return lines
