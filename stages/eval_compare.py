@@ -153,7 +153,7 @@ def comparison_markdown(comparison: dict) -> list[str]:
     if comparison.get("win_rate_gold"):
         lines += matrix_markdown(comparison["win_rate_gold"], f"judged by the gold judge `{comparison['gold_judge']}`")
     lines += matrix_markdown(comparison["win_rate_proxy"], "judged by the run's reward model")
-    if comparison.get("plot"):
+    if comparison.get("curves"):
         lines += ["![gold score against KL](plots/gold_vs_kl.png)", ""]
     else:
         lines += ["No gold judge (`gold_judge:` in configs/eval.yaml): no gold-against-KL plot.", ""]

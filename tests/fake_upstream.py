@@ -127,3 +127,39 @@ def build_label_export(runs_dir: Path, run: str = "t") -> Path:
     datasets.Dataset.from_list(rows).save_to_disk(str(stage.dir / "dataset"))
     stage.finish({"dataset": stage.dir / "dataset"}, {"pairs": len(rows)}, {})
     return stage.dir / "dataset"
+
+
+def add_policy_stage(runs_dir: Path, profile: Path, stage: str, run: str = "t", adapter_from: Path | None = None,
+                     seed: int = 4, heldout: list[str] = HELDOUT, kept: dict[int, Path] | None = None) -> Path:
+    """Another policy stage beside build_upstream's PPO, written as its stage writes it: an RL stage of the same loop
+    (grpo, rloo, reinforce_pp: adapter, metrics.jsonl, heldout_prompts.jsonl, `method` in the metrics, kept policies
+    under policies/update-N/) or dpo (adapter only). `adapter_from`: copy that adapter (an identical policy) instead
+    of a fresh random one. Returns the stage folder."""
+    import shutil
+
+    spec = yaml.safe_load(Path(profile).read_text())
+    st = StageRun(stage, run, str(runs_dir))
+    st.prepare({})
+    st.need("sft")
+    if adapter_from is not None:
+        shutil.copytree(adapter_from, st.dir / "adapter")
+    else:
+        _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], st.dir / "adapter", seed=seed)
+    outputs = {"adapter": st.dir / "adapter", "base_model": spec["name_or_path"]}
+    if stage == "dpo":
+        st.finish(outputs, {"eval_accuracy": 0.6, "beta": 0.1}, {"dpo": {"beta": 0.1}})
+        return st.dir
+    st.need("rm")
+    for update, src in (kept or {}).items():
+        shutil.copytree(src, st.dir / "policies" / f"update-{update:06d}")
+    with open(st.dir / "metrics.jsonl", "w") as f:
+        for row in fake_metrics():
+            f.write(json.dumps(row) + "\n")
+    with open(st.dir / "heldout_prompts.jsonl", "w") as f:
+        for text in heldout:
+            f.write(json.dumps({"prompt": [{"role": "user", "content": text}]}) + "\n")
+    outputs.update(metrics_jsonl=st.dir / "metrics.jsonl", heldout_prompts=st.dir / "heldout_prompts.jsonl")
+    st.finish(outputs, {"reward_first": -1.0, "reward_last": 0.5, "updates": 12, "advantage_estimator": stage,
+                        "method": stage},
+              {"ppo": {"learning_rate": 1e-4, "kl_coef": 0.05, "advantage_estimator": stage, "num_samples_per_prompt": 4}})
+    return st.dir

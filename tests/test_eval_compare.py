@@ -1,0 +1,184 @@
+"""`make eval` compares every policy of the run: the real stage on a fake finished run with ppo, grpo and dpo
+(tests/fake_upstream.py), the win-rate matrix by hand, the held-out prompt rule, the gold-vs-KL plot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pytest
+
+from pipeline.config import ConfigError
+from tests.fake_upstream import HELDOUT, add_policy_stage, build_upstream
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_eval(runs, profile, *extra):
+    from stages.eval import main, parse_args
+
+    return main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
+                             "--model_config", str(profile), "--max_new_tokens", "8", *extra]))
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_models):
+    """ppo; grpo = the same adapter copied into its own folder (an identical policy), which kept the SFT adapter as
+    its update-2 policy; dpo = another random adapter."""
+    profile = tiny_models["llama"]
+    runs = build_upstream(tmp_path_factory.mktemp("runs"), profile)
+    t = runs / "t"
+    add_policy_stage(runs, profile, "grpo", adapter_from=t / "ppo" / "adapter", kept={2: t / "sft" / "adapter"})
+    add_policy_stage(runs, profile, "dpo", seed=5)
+    metrics = run_eval(runs, profile)
+    return t / "eval", metrics
+
+
+def test_the_report_lists_every_policy_of_the_run(compared):
+    eval_dir, metrics = compared
+    report = json.loads((eval_dir / "report.json").read_text())
+    c = report["comparison"]
+    assert c["policies"] == metrics["policies"] == ["sft", "ppo", "grpo", "dpo"]
+    assert {n: r["method"] for n, r in c["by_policy"].items()} == {"sft": "sft", "ppo": "ppo", "grpo": "grpo", "dpo": "dpo"}
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["comparison"] == c["by_policy"]
+    assert {"ppo", "grpo", "dpo", "sft", "rm"} <= set(manifest["upstream"])
+    md = (eval_dir / "report.md").read_text()
+    for name in ("ppo", "grpo", "dpo"):
+        assert f"| {name} | {name} |" in md and f"| **{name}** |" in md
+    assert "Win rate of PPO over SFT" in md  # the SFT-vs-PPO report stays
+
+
+def test_identical_policies_win_half_inside_the_interval(compared):
+    eval_dir, _ = compared
+    c = json.loads((eval_dir / "report.json").read_text())["comparison"]
+    assert all(s["responses"]["ppo"] == s["responses"]["grpo"] for s in c["samples"])
+    for matrix in (c["win_rate_proxy"], c["win_rate_gold"]):
+        for a, b in (("ppo", "grpo"), ("grpo", "ppo")):
+            w = matrix[a][b]
+            assert w["rate"] == 0.5 and w["ties"] == w["n"] == 6 and w["ci_low"] < 0.5 < w["ci_high"]
+    ppo, grpo = c["by_policy"]["ppo"], c["by_policy"]["grpo"]
+    assert {k: v for k, v in ppo.items() if k != "method"} == pytest.approx({k: v for k, v in grpo.items() if k != "method"})
+
+
+def test_the_matrix_is_antisymmetric_and_matches_the_samples(compared):
+    eval_dir, _ = compared
+    report = json.loads((eval_dir / "report.json").read_text())
+    c, s = report["comparison"], report["comparison"]["samples"]
+    for key, matrix, eps in (("proxy", c["win_rate_proxy"], 1e-6), ("gold", c["win_rate_gold"], 0.0)):
+        for a in c["policies"]:
+            for b in c["policies"]:
+                if a == b:
+                    assert b not in matrix[a]
+                    continue
+                w, v = matrix[a][b], matrix[b][a]
+                assert w["rate"] + v["rate"] == pytest.approx(1.0)
+                assert (w["wins"] + v["wins"] + w["ties"]) / w["n"] == pytest.approx(1.0) and w["wins"] == v["losses"]
+                wins = sum(x[key][a] > x[key][b] + eps for x in s)
+                ties = sum(abs(x[key][a] - x[key][b]) <= eps for x in s)
+                assert (w["wins"], w["ties"]) == (wins, ties), (key, a, b)
+    assert c["win_rate_proxy"]["dpo"]["sft"]["ties"] < 6  # the random DPO adapter really differs: not all ties
+    for name, row in c["by_policy"].items():
+        assert row["proxy_mean"] == pytest.approx(statistics.fmean(x["proxy"][name] for x in s))
+        assert row["gold_mean"] == pytest.approx(statistics.fmean(x["gold"][name] for x in s))
+        assert row["kl_mean"] == pytest.approx(statistics.fmean(x["kl"][name] for x in s))
+    f = report["figures"]  # the same samples as the SFT-vs-PPO figures
+    assert c["by_policy"]["ppo"]["proxy_mean"] == pytest.approx(f["reward_ppo_mean"])
+    assert c["by_policy"]["ppo"]["kl_mean"] == pytest.approx(f["kl_mean"])
+    assert c["by_policy"]["sft"]["kl_mean"] == 0 and c["by_policy"]["dpo"]["kl_mean"] > 0
+
+
+def test_one_series_per_method_with_the_kept_policies(compared):
+    eval_dir, _ = compared
+    report = json.loads((eval_dir / "report.json").read_text())
+    c = report["comparison"]
+    assert c["plot_series"] == ["sft", "ppo", "grpo", "dpo"]
+    assert (eval_dir / report["plots"]["gold_vs_kl"]).read_bytes()[:8] == PNG_MAGIC
+    md = (eval_dir / "report.md").read_text()
+    assert "![gold score against KL](plots/gold_vs_kl.png)" in md and "No gold judge" not in md
+    curves = c["curves"]
+    assert [p["update"] for p in curves["grpo"]] == [0, 2, 11] and [p["update"] for p in curves["ppo"]] == [0, 11]
+    assert len(curves["dpo"]) == 1 and len(curves["sft"]) == 1
+    sft, kept, final = curves["grpo"]  # update 2 is the SFT adapter: SFT's gold, KL 0
+    assert kept["gold_mean"] == sft["gold_mean"] and kept["sqrt_kl"] == pytest.approx(0.0, abs=1e-3)
+    assert final["gold_mean"] == c["by_policy"]["grpo"]["gold_mean"] == curves["ppo"][-1]["gold_mean"]
+
+
+def test_plot_draws_one_series_per_policy(tmp_path):
+    from PIL import Image
+
+    from stages.eval_plots import plot_gold_vs_kl
+
+    pt = lambda u, x, g: {"update": u, "sqrt_kl": x, "gold_mean": g}  # noqa: E731
+    curves = {"sft": [pt(0, 0.0, 0.1)], "ppo": [pt(0, 0.0, 0.1), pt(4, 1.0, 0.3), pt(8, 2.0, 0.2)],
+              "rloo": [pt(0, 0.0, 0.1), pt(8, 1.5, 0.4)], "dpo": [pt(1, 0.7, 0.25)]}
+    labels = plot_gold_vs_kl(curves, tmp_path / "p.png")
+    assert labels == ["sft", "ppo", "rloo", "dpo"]
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.size[0] > 300
+
+
+def test_win_rate_matrix_by_hand():
+    from stages.eval_compare import wilson, win_rate_matrix
+
+    m = win_rate_matrix({"a": [1.0, 2.0, 3.0, 0.0], "b": [0.0, 2.0, 4.0, 0.0], "c": [2.0, 2.0, 2.0, 2.0]})
+    # a-b: win, tie, loss, tie; a-c: loss, tie, win, loss; b-c: loss, tie, win, loss
+    assert (m["a"]["b"]["wins"], m["a"]["b"]["ties"], m["a"]["b"]["losses"], m["a"]["b"]["rate"]) == (1, 2, 1, 0.5)
+    assert m["a"]["c"]["rate"] == 0.375 and m["c"]["a"]["rate"] == 0.625 and m["b"]["c"]["rate"] == 0.375
+    assert (m["c"]["b"]["wins"], m["c"]["b"]["ties"], m["c"]["b"]["losses"]) == (2, 1, 1)
+    assert (m["a"]["c"]["ci_low"], m["a"]["c"]["ci_high"]) == wilson(1.5, 4)
+    assert set(m) == {"a", "b", "c"} and set(m["a"]) == {"b", "c"}
+    with pytest.raises(ValueError, match="different numbers of prompts"):
+        win_rate_matrix({"a": [1.0], "b": [1.0, 2.0]})
+
+
+def test_heldout_rule_shared_prompts_or_one_error(tmp_path):
+    from stages.eval_compare import shared_heldout_prompts
+
+    def held(name, texts):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": x}]}) + "\n" for x in texts))
+        return {"outputs": {"heldout_prompts": str(path), "adapter": "x"}}
+
+    same = {"grpo": held("grpo", HELDOUT), "ppo": held("ppo", HELDOUT), "dpo": {"outputs": {"adapter": "x"}}}
+    assert shared_heldout_prompts(same) == tmp_path / "ppo.jsonl"  # ppo's file when it has one
+    assert shared_heldout_prompts({"rloo": held("rloo", HELDOUT)}) == tmp_path / "rloo.jsonl"
+    with pytest.raises(ConfigError, match=r"held-out prompts of ppo .* and rloo .* differ"):
+        shared_heldout_prompts({"ppo": held("ppo", HELDOUT), "rloo": held("rloo", HELDOUT[:-1] + ["Another one."])})
+    with pytest.raises(ConfigError, match="from an RL stage"):
+        shared_heldout_prompts({"dpo": {"outputs": {"adapter": "x"}}})
+
+
+def test_differing_heldout_prompts_are_refused_before_anything_is_written(tmp_path, tiny_models):
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    add_policy_stage(runs, tiny_models["llama"], "rloo", heldout=list(reversed(HELDOUT)))
+    with pytest.raises(ConfigError, match="held-out prompts of ppo .* and rloo .* differ"):
+        run_eval(runs, tiny_models["llama"])
+    assert not (runs / "t" / "eval").exists()
+
+
+def test_a_run_without_ppo_is_compared_too(tmp_path, tiny_models):
+    """GRPO alone: the comparison of SFT and GRPO, no SFT-vs-PPO section, no human pairs (they are SFT-vs-PPO)."""
+    profile = tiny_models["llama"]
+    runs = build_upstream(tmp_path / "runs", profile)
+    t = runs / "t"
+    add_policy_stage(runs, profile, "grpo", seed=6)
+    shutil.rmtree(t / "ppo")
+    m = run_eval(runs, profile)
+    report = json.loads((t / "eval" / "report.json").read_text())
+    assert m["policies"] == ["sft", "grpo"] and "win_rate" not in m and "win_rate" not in report
+    assert report["comparison"]["plot_series"] == ["sft", "grpo"] and report["comparison"]["by_policy"]["grpo"]["kl_mean"] > 0
+    assert set(report["plots"]) == {"gold_vs_kl"} and not (t / "eval" / "human_pairs.jsonl").exists()
+    md = (t / "eval" / "report.md").read_text()
+    assert "| grpo | grpo |" in md and "PPO against SFT" not in md
+    assert "ppo" not in json.loads((t / "eval" / "manifest.json").read_text())["upstream"]
+
+
+def test_dpo_alone_has_no_heldout_prompts(tmp_path, tiny_models):
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    add_policy_stage(runs, tiny_models["llama"], "dpo")
+    shutil.rmtree(runs / "t" / "ppo")
+    with pytest.raises(ConfigError, match="held-out prompts from an RL stage"):
+        run_eval(runs, tiny_models["llama"])
+    assert not (runs / "t" / "eval").exists()
