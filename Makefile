@@ -120,7 +120,9 @@ labels: pairs
 	  $(PY) -m $(STAGE_PKG).label.export --config $(call cfg,label) --run $(RUN) --runs_dir $(RUNS_DIR); \
 	else echo "labels: up to date, skipped (the label export is newer than the pairs)"; fi
 
-eval: ppo
+# eval compares every policy the run has (each brought up to date first); a run with none trains PPO first.
+EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo dpo,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))))
+eval: $(or $(EVAL_POLICIES),ppo)
 	$(call stage,eval,eval,EVAL_ARGS)
 
 publish: eval

@@ -71,6 +71,15 @@ def test_per_stage_variables_reach_every_stage_of_a_chain():
     assert stage_args(lines["rm"]) == ["--model_config", "configs/models/x.yaml", "--seed", "1"]
 
 
+def test_eval_depends_on_the_policies_the_run_has(tmp_path):
+    """A run with a GRPO policy and no PPO: `make eval` brings GRPO up to date and trains no PPO; with none, PPO."""
+    assert list(launches(make("eval", dry_run=True, runs_dir=tmp_path).stdout)) == ["sft", "rm", "ppo", "eval"]
+    for stage in ("grpo", "dpo"):
+        (tmp_path / "t" / stage).mkdir(parents=True)
+        (tmp_path / "t" / stage / "manifest.json").write_text("{}")
+    assert list(launches(make("eval", dry_run=True, runs_dir=tmp_path).stdout)) == ["sft", "rm", "grpo", "dpo", "eval"]
+
+
 def test_args_with_several_named_stages_is_refused():
     res = make("sft", "rm", "ARGS=--seed 1", dry_run=True)
     assert res.returncode != 0 and not launches(res.stdout)
