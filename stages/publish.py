@@ -27,12 +27,22 @@ from pathlib import Path
 from pipeline.config import REPO_ROOT, ConfigError, RunArgs, parse, to_dict
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard
+from stages.eval_compare import POLICY_STAGES, policy_method
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 TRAIN_KEYS = ("learning_rate", "lr_scheduler_type", "optim", "weight_decay", "warmup_steps", "warmup_ratio", "max_steps",
               "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "beta",
               "bf16", "seed")  # the TrainingArguments worth a card line (the other ~120 are defaults)
-TAGS = ["trl", "rlhf", "ppo", "lora", "peft"]
+TAGS = ["trl", "rlhf", "lora", "peft"]  # and the method that made the policy (ppo, grpo, rloo, reinforce_pp, dpo)
+HOW_MADE = {  # the card's first sentence, by method (the `method` in the policy stage's manifest)
+    "ppo": "PPO against that reward with a KL penalty to the SFT policy",
+    "grpo": "GRPO against that reward (no critic: each answer's advantage is its score against the group of answers to "
+            "the same prompt) with a KL term to the SFT policy",
+    "rloo": "RLOO against that reward (no critic: each answer's baseline is the mean score of the other answers to the "
+            "same prompt) with a KL penalty to the SFT policy",
+    "reinforce_pp": "REINFORCE++ against that reward (no critic: returns normalised over the batch) with a KL penalty "
+                    "to the SFT policy",
+}
 NOT_HYPERPARAMETERS = {"save_every", "auto_resume", "resume", "report_to", "sample_every", "num_samples", "stop_after",
                        "generation_batch_size", "forward_batch_size", "logging_steps", "model_config"}  # bookkeeping
 
@@ -45,6 +55,7 @@ class PublishArgs:
     private: bool = field(default=False, metadata={"help": "Create the repo private (an existing repo keeps its visibility)."})
     dry_run: bool = field(default=False, metadata={"help": "Write and list the folder; no token, no network. Also --dry-run."})
     commit_message: str = "Upload RLHF policy (SFT -> reward model -> PPO, LoRA)"
+    policy: str = field(default="ppo", metadata={"help": "The run's policy to publish: ppo, grpo, rloo, reinforce_pp or dpo."})
     # What
     include_sft: bool = field(default=False, metadata={"help": "Add the SFT adapter (the PPO reference) as sft/."})
     include_reward: bool = field(default=False, metadata={"help": "Add the reward-model adapter (LoRA + score head) as reward/."})
@@ -183,40 +194,66 @@ def fmt(v) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
-               sources: list[dict], extras: list[str], dataset_repo: str | None) -> str:
-    from huggingface_hub import ModelCardData
-
-    local = is_local_base(base)
-    hub_ids = [args.hub_dataset_ids[s["name"]] for s in sources if s["name"] in args.hub_dataset_ids]
-    data = ModelCardData(base_model=(args.base_model_id or None) if local else base, library_name="peft", license=args.license,
-                         tags=TAGS, datasets=sorted(set(hub_ids + ([dataset_repo] if dataset_repo else []))) or None,
-                         pipeline_tag="text-generation")
-    ev, ppo = manifests["eval"]["metrics"], manifests["ppo"]["metrics"]
-    lines = [f"# {repo.split('/')[-1]}", "",
-             f"A LoRA policy adapter trained with RLHF in three stages: supervised fine-tuning (TRL `SFTTrainer`), a reward "
-             f"model trained on preference pairs (TRL `RewardTrainer`), then PPO against that reward with a KL penalty to the "
-             f"SFT policy. Run `{run}` of an open-source RLHF pipeline on the Hugging Face stack (transformers, TRL, peft, accelerate).", "",
-             f"- **Base model:** " + (f"[{base}](https://huggingface.co/{base})" if not local else
-                                      f"`{Path(base).name}`, a small local checkpoint, included in this repo under `base/`"),
-             f"- **Adapter:** LoRA on the base (the PPO policy), at the root of this repo"]
-    lines += [f"- **Also here:** {', '.join(extras)}" if extras else ""]
-    lines += ["", "## Results on held-out prompts", "",
-              f"{ev['n_prompts']} prompts PPO never trained on; one sampled response per policy, scored by the run's reward model.", "",
-              "| | SFT (reference) | PPO (this adapter) |", "|---|---|---|",
-              f"| reward-model score (mean) | {ev['reward_sft_mean']:.3f} | {ev['reward_ppo_mean']:.3f} |",
-              f"| response length (tokens) | {ev['length_sft_mean']:.1f} | {ev['length_ppo_mean']:.1f} |",
-              f"| share without EOS | {ev['no_eos_sft']:.1%} | {ev['no_eos_ppo']:.1%} |",
-              f"| KL to the SFT policy (nats/response) | 0 | {ev['kl_mean']:.3f} |", "",
-              f"**Win rate of PPO over SFT under the reward model: {ev['win_rate']:.1%}** "
-              f"(95% CI {ev['win_rate_ci_low']:.1%} – {ev['win_rate_ci_high']:.1%}, Wilson, ties counted half)."]
+def ppo_results(ev: dict) -> list[str]:
+    """The card's results for the PPO policy: eval's SFT-vs-PPO figures."""
+    lines = [f"{ev['n_prompts']} prompts PPO never trained on; one sampled response per policy, scored by the run's reward model.", "",
+             "| | SFT (reference) | PPO (this adapter) |", "|---|---|---|",
+             f"| reward-model score (mean) | {ev['reward_sft_mean']:.3f} | {ev['reward_ppo_mean']:.3f} |",
+             f"| response length (tokens) | {ev['length_sft_mean']:.1f} | {ev['length_ppo_mean']:.1f} |",
+             f"| share without EOS | {ev['no_eos_sft']:.1%} | {ev['no_eos_ppo']:.1%} |",
+             f"| KL to the SFT policy (nats/response) | 0 | {ev['kl_mean']:.3f} |", "",
+             f"**Win rate of PPO over SFT under the reward model: {ev['win_rate']:.1%}** "
+             f"(95% CI {ev['win_rate_ci_low']:.1%} – {ev['win_rate_ci_high']:.1%}, Wilson, ties counted half)."]
     if ev.get("human_win_rate") is not None:
         lines += ["", f"Win rate judged by people: {ev['human_win_rate']:.1%}."]
     if ev.get("reward_hacking_suspected"):
         lines += ["", "⚠️ The evaluation flagged likely reward hacking (see `eval/report.md`): read the samples before use."]
     lines += ["", "![training curves and reward distributions](eval/plots/overview.png)", "",
-              "Full report with samples: [`eval/report.md`](eval/report.md); every figure: `eval/report.json`.", "",
-              "## How to use", "", "```python"]
+              "Full report with samples: [`eval/report.md`](eval/report.md); every figure: `eval/report.json`."]
+    return lines
+
+
+def policy_results(ev: dict, policy: str) -> list[str]:
+    """The card's results for another policy: its line of eval's comparison beside SFT's."""
+    mine, sft = ev["comparison"][policy], ev["comparison"]["sft"]
+    num = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    return [f"{ev['n_prompts']} held-out prompts; one sampled response per policy with the same seed.", "",
+            f"| | SFT (reference) | {policy} (this adapter) |", "|---|---|---|",
+            f"| reward-model score (mean) | {sft['proxy_mean']:.3f} | {mine['proxy_mean']:.3f} |",
+            f"| gold judge score (mean) | {num(sft['gold_mean'])} | {num(mine['gold_mean'])} |",
+            f"| response length (tokens) | {sft['length_mean']:.1f} | {mine['length_mean']:.1f} |",
+            f"| share without EOS | {sft['no_eos']:.1%} | {mine['no_eos']:.1%} |",
+            f"| KL to the SFT policy (nats/response) | 0 | {mine['kl_mean']:.3f} |", "",
+            "The win rates of every policy of the run against every other, and the gold score against KL: "
+            "[`eval/report.md`](eval/report.md); every figure: `eval/report.json`."]
+
+
+def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
+               sources: list[dict], extras: list[str], dataset_repo: str | None) -> str:
+    from huggingface_hub import ModelCardData
+
+    local = is_local_base(base)
+    method = policy_method(args.policy, manifests[args.policy])
+    hub_ids = [args.hub_dataset_ids[s["name"]] for s in sources if s["name"] in args.hub_dataset_ids]
+    data = ModelCardData(base_model=(args.base_model_id or None) if local else base, library_name="peft", license=args.license,
+                         tags=TAGS[:2] + [method] + TAGS[2:], datasets=sorted(set(hub_ids + ([dataset_repo] if dataset_repo else []))) or None,
+                         pipeline_tag="text-generation")
+    ev, trained = manifests["eval"]["metrics"], manifests[args.policy]["metrics"]
+    how = ("two stages: supervised fine-tuning (TRL `SFTTrainer`), then DPO (TRL `DPOTrainer`) on preference pairs with "
+           "the SFT policy as the reference" if method == "dpo" else
+           f"three stages: supervised fine-tuning (TRL `SFTTrainer`), a reward model trained on preference pairs (TRL "
+           f"`RewardTrainer`), then {HOW_MADE.get(method, method)}")
+    lines = [f"# {repo.split('/')[-1]}", "",
+             f"A LoRA policy adapter trained with RLHF in {how}. Run `{run}` of an open-source RLHF pipeline on the "
+             f"Hugging Face stack (transformers, TRL, peft, accelerate).", "",
+             f"- **Method:** {method}",
+             f"- **Base model:** " + (f"[{base}](https://huggingface.co/{base})" if not local else
+                                      f"`{Path(base).name}`, a small local checkpoint, included in this repo under `base/`"),
+             f"- **Adapter:** LoRA on the base (the {method} policy), at the root of this repo"]
+    lines += [f"- **Also here:** {', '.join(extras)}" if extras else ""]
+    lines += ["", "## Results on held-out prompts", ""]
+    lines += ppo_results(ev) if args.policy == "ppo" else policy_results(ev, args.policy)
+    lines += ["", "## How to use", "", "```python"]
     if local:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f"base = AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"base\")",
@@ -238,12 +275,15 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     if "merged/" in extras:
         lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\")` (base and adapter merged).", ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", args.policy) if method == "dpo" else ("sft", "rm", args.policy):
         hp = hyperparameters(manifests[stage])
         lines.append(f"| {stage} | " + ("; ".join(f"`{k}`={fmt(v)}" for k, v in hp.items()).replace("|", "\\|") or "defaults") + " |")
-    lines += ["", f"PPO: {ppo.get('updates', '?')} updates, reward {fmt(ppo.get('reward_first'))} → {fmt(ppo.get('reward_last'))}, "
-                  f"final KL {fmt(ppo.get('kl_last'))}. Reward model: eval accuracy {fmt(manifests['rm']['metrics'].get('eval_accuracy'))}. "
-                  f"Software: " + ", ".join(f"{k} {v}" for k, v in manifests["ppo"].get("versions", {}).items()) + ".", "",
+    summary = (f"DPO: held-out preference accuracy {fmt(trained.get('eval_accuracy'))}." if method == "dpo" else
+               f"{method.upper()}: {trained.get('updates', '?')} updates, reward {fmt(trained.get('reward_first'))} → "
+               f"{fmt(trained.get('reward_last'))}, final KL {fmt(trained.get('kl_last'))}. Reward model: eval accuracy "
+               f"{fmt(manifests['rm']['metrics'].get('eval_accuracy'))}.")
+    lines += ["", summary + " Software: " + ", ".join(f"{k} {v}" for k, v in manifests[args.policy].get("versions", {}).items())
+              + ".", "",
               "## Data", "", "| data | used by | source | license |", "|---|---|---|---|"]
     for s in sources:
         lines.append(f"| `{s['name']}` | {', '.join(sorted(s['stages']))} | {s['url'] or '—'} | {s['license']} |")
@@ -262,7 +302,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
-def check_card(text: str, local: bool) -> None:
+def check_card(text: str, local: bool, method: str = "ppo") -> None:
     """Parse the card as the Hub's client does and check the metadata every card of ours must carry."""
     from huggingface_hub import ModelCard
 
@@ -270,8 +310,8 @@ def check_card(text: str, local: bool) -> None:
     meta = card.data.to_dict()
     missing = [k for k in ("library_name", "license", "tags") if not meta.get(k)] + \
               ([] if local or meta.get("base_model") else ["base_model"])
-    if missing or not set(TAGS) <= set(meta["tags"]):
-        raise ConfigError(f"generated model card lacks metadata {missing or TAGS}: this is a bug in stages/publish.py")
+    if missing or not set(TAGS + [method]) <= set(meta["tags"]):
+        raise ConfigError(f"generated model card lacks metadata {missing or TAGS + [method]}: this is a bug in stages/publish.py")
 
 
 # ---------------------------------------------------------------------------------------------------- the upload
@@ -339,11 +379,17 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     stage = StageRun("publish", run.run, run.runs_dir)
     if not args.repo_id and not args.dry_run:
         raise ConfigError("no repo to publish to: pass REPO=user/name (`--repo_id`), or --dry-run to only write the folder")
-    repo = args.repo_id or f"your-name/{run.run}-rlhf-ppo"
+    if args.policy not in POLICY_STAGES:
+        raise ConfigError(f"--policy {args.policy}: publish one of the run's policies: {', '.join(POLICY_STAGES)}")
+    repo = args.repo_id or f"your-name/{run.run}-rlhf-{args.policy}"
     if repo.count("/") != 1 or " " in repo:
         raise ConfigError(f"repo id '{repo}' is not of the form user/name")
     token = None if args.dry_run else get_token()  # before any work: a missing token should cost nothing
-    ppo, ev = stage.need("ppo"), stage.need("eval")
+    policy, ev = stage.need(args.policy), stage.need("eval")
+    evaluated = ev["metrics"].get("comparison") or ({"ppo": {}} if "win_rate" in ev["metrics"] else {})
+    if args.policy not in evaluated:  # the card's figures come from the eval report
+        raise ConfigError(f"the eval report of run '{run.run}' has no figures for its {args.policy} policy: run "
+                          f"`make eval RUN={run.run}` again (it evaluates every policy the run has), then publish")
     sft, rm = stage.need("sft"), stage.need("rm")
     label = stage.need("label-export") if args.include_dataset else None
     config = {"publish": to_dict(args), "run": to_dict(run)}
@@ -352,10 +398,10 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     # 1. The model folder, rebuilt from scratch so it holds exactly what is uploaded
     folder = stage.dir / "model"
     shutil.rmtree(folder, ignore_errors=True)
-    base = sft["outputs"].get("base_model") or json.loads((Path(ppo["outputs"]["adapter"]) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = sft["outputs"].get("base_model") or json.loads((Path(policy["outputs"]["adapter"]) / "adapter_config.json").read_text())["base_model_name_or_path"]
     local = is_local_base(base)
     base_ref = str(folder / "base") if local else base
-    copy_adapter(ppo["outputs"]["adapter"], folder, base_ref)
+    copy_adapter(policy["outputs"]["adapter"], folder, base_ref)
     if not (folder / "tokenizer_config.json").is_file():  # AutoPeftModel and users look for it beside the adapter
         for f in Path(sft["outputs"]["adapter"]).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
@@ -387,10 +433,10 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run)
 
     # 3. The card, from the manifests
-    manifests = {"sft": sft, "rm": rm, "ppo": ppo, "eval": ev}
+    manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
     sources = data_sources(data_files_used(manifests, base))
     card = model_card(args, repo, run.run, manifests, base, base_ref, sources, extras, dataset_repo)
-    check_card(card, local)
+    check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 
     # 4. List what goes where; upload unless --dry-run

@@ -303,3 +303,47 @@ def test_no_network_is_one_clear_error(runs):
     line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", env={"HF_ENDPOINT": f"http://127.0.0.1:{port}",
                                                                            "HF_TOKEN": TOKEN}))
     assert "cannot reach the Hugging Face Hub" in line and "network" in line
+
+
+# ---------------------------------------------------------------------------------------------------- which method
+
+def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
+    """A run with ppo, grpo and dpo, evaluated together: each published policy's folder holds its own adapter, and its
+    card names its method (from the manifest) in the text and the tags; a policy eval has no figures for is refused
+    before the publish folder is touched."""
+    from huggingface_hub import ModelCard
+
+    from pipeline.config import ConfigError, RunArgs
+    from stages.eval import main as eval_main, parse_args as eval_args
+    from stages.publish import PublishArgs, main
+    from tests.fake_upstream import add_policy_stage, build_upstream
+
+    profile = tiny_models["llama"]
+    runs = build_upstream(tmp_path / "runs", profile)
+    add_policy_stage(runs, profile, "grpo", seed=6)
+    add_policy_stage(runs, profile, "dpo", seed=7)
+    eval_main(*eval_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs), "--model_config",
+                          str(profile), "--max_new_tokens", "6", "--gold_judge", ""]))
+    run = RunArgs(run="t", runs_dir=str(runs))
+    comparison = json.loads((runs / "t" / "eval" / "manifest.json").read_text())["metrics"]["comparison"]
+    for policy, made_by, not_here in (("ppo", "then PPO against that reward", "GRPO"),
+                                      ("grpo", "then GRPO against that reward", "PPO against"),
+                                      ("dpo", "then DPO (TRL `DPOTrainer`)", "\n| rm | ")):
+        main(PublishArgs(dry_run=True, policy=policy), run)
+        folder = runs / "t" / "publish" / "model"
+        assert (folder / "adapter_model.safetensors").read_bytes() == \
+            (runs / "t" / policy / "adapter" / "adapter_model.safetensors").read_bytes()
+        card = ModelCard.load(folder / "README.md")
+        assert policy in card.data.tags and f"- **Method:** {policy}" in card.text and made_by in card.text
+        assert not_here not in card.text
+        assert {m for m in ("ppo", "grpo", "dpo") if m in card.data.tags} == {policy}
+        if policy != "ppo":  # its line of the comparison, beside SFT's
+            assert f"| reward-model score (mean) | {comparison['sft']['proxy_mean']:.3f} | " \
+                   f"{comparison[policy]['proxy_mean']:.3f} |" in card.text
+    shutil.rmtree(runs / "t" / "publish")
+    add_policy_stage(runs, profile, "rloo", seed=8)  # trained after the eval: no figures for it
+    with pytest.raises(ConfigError, match="no figures for its rloo policy"):
+        main(PublishArgs(dry_run=True, policy="rloo"), run)
+    with pytest.raises(ConfigError, match="--policy sft"):
+        main(PublishArgs(dry_run=True, policy="sft"), run)
+    assert not (runs / "t" / "publish").exists()
