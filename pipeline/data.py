@@ -7,6 +7,7 @@ of such files, or a Hub id. Every failure names the file and what to fix.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pipeline.config import ConfigError, resolve_path
@@ -114,6 +115,10 @@ def train_eval_split(ds, eval_fraction: float, seed: int, group_by=None):
     if eval_fraction <= 0:
         return ds, None
     if group_by is None:
+        n_eval = math.ceil(len(ds) * eval_fraction)  # as datasets rounds the held-out share
+        if n_eval >= len(ds):
+            raise ConfigError(f"{len(ds)} row(s) are too few to hold out eval_fraction={eval_fraction} and train on the "
+                              f"rest: give more rows, or set eval_fraction 0")
         parts = ds.train_test_split(test_size=eval_fraction, seed=seed)
         return parts["train"], parts["test"]
     import random
