@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,10 @@ def check_keys(keys, classes, source: str) -> None:
 
 
 def load_model_profile(path: str | Path) -> ModelProfile:
+    if not Path(path).is_file():
+        shipped = sorted(f"configs/models/{f.name}" for f in (REPO_ROOT / "configs/models").glob("*.yaml"))
+        raise ConfigError(f"model profile {path} does not exist: give MODEL= (or --model_config) one of "
+                          f"{', '.join(shipped)}, or a YAML file of your own with name_or_path: (see configs/models/)")
     data = read_yaml(path)
     check_keys(data, [ModelProfile], str(path))
     if "name_or_path" not in data:
@@ -103,12 +108,23 @@ def parse(classes: tuple, argv: list[str] | None = None):
         config_path = argv[i + 1]
         del argv[i : i + 2]
     yaml_values = read_yaml(config_path) if config_path else {}
+    yaml_file = {key: config_path for key in yaml_values}  # which file gave each key: errors name it
     if "base_config" in yaml_values:  # a variant YAML: the keys it names override its base file's (one level)
         base_path = resolve_path(yaml_values.pop("base_config"))
         base_values = read_yaml(base_path)
         check_keys(base_values, classes, str(base_path))
+        yaml_file = {**{key: str(base_path) for key in base_values}, **yaml_file}
         yaml_values = {**base_values, **yaml_values}
     check_keys(yaml_values, classes, config_path or "<none>")
+    cli_keys = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+    def source_of(key: str) -> str:
+        """Where the value of `key` came from: the command line wins over the YAML, as in parsing."""
+        if key in cli_keys:
+            return f"--{key} on the command line"
+        if key in yaml_values:
+            return f"'{key}' in {yaml_file[key]}"
+        return f"the default of {key}"
 
     parser = HfArgumentParser(classes, allow_abbrev=False)  # --learning_rat must not silently mean --learning_rate
     for action in parser._actions:  # dict-typed fields (mixtures, weights) take JSON on the command line
@@ -116,10 +132,12 @@ def parse(classes: tuple, argv: list[str] | None = None):
             action.type = _json_dict
     known_dests = {a.dest for a in parser._actions}
     parser.set_defaults(**{k: v for k, v in yaml_values.items() if k in known_dests})
-    try:
-        instances, remaining = parser.parse_known_args(argv)
-    except SystemExit as err:  # argparse already printed the problem
-        raise ConfigError(f"bad value in {config_path or 'the command line'} or in {argv} (argparse's message above)") from err
+
+    def refuse(message: str):  # instead of argparse's usage dump (130 lines for a TRL config) and exit
+        raise ConfigError(argparse_problem(message, source_of))
+
+    parser.error = refuse
+    instances, remaining = parser.parse_known_args(argv)
     if remaining:
         flags = [a for a in remaining if a.startswith("--")]
         hint = ""
@@ -136,9 +154,65 @@ def parse(classes: tuple, argv: list[str] | None = None):
         values = {f.name: getattr(instances, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(instances, f.name)}
         try:
             out.append(cls(**values))
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"invalid value in {config_path or 'the command line'}: {err}") from None
+        except (ValueError, TypeError) as err:  # the class's own checks (__post_init__): blame the key it names
+            named = [k for k in values if re.search(rf"(?<![\w-]){re.escape(k)}(?!\w)", str(err))]
+            given = [k for k in named if k in cli_keys] or [k for k in named if k in yaml_values]
+            where = source_of(given[0]) if given else f"{config_path or 'the defaults'} or the command line"
+            raise ConfigError(f"invalid value of {where}: {err}") from None
+        check_ranges(out[-1], source_of)
     return out
+
+
+# Sizes and rates no stage can run with, checked on every parsed config that has the field (TRL's and ours alike), so a
+# zero batch size or a negative learning rate stops here, named by its flag or YAML key, before anything is loaded or
+# written (TRL would fail deep in training, or train on). name: (low, high, low inclusive); None = no bound.
+RANGES = {
+    **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "max_new_tokens", "generation_batch_size", "sample_max_new_tokens", "score_batch_size",
+                     "gold_batch_size", "max_prompt_tokens", "max_length", "lora_r"), (1, None, True)),
+    **dict.fromkeys(("learning_rate", "lora_alpha"), (0, None, False)),
+    **dict.fromkeys(("num_train_epochs", "warmup_steps", "weight_decay", "max_prompts", "report_samples", "top_k",
+                     "temperature", "max_grad_norm"), (0, None, True)),
+    **dict.fromkeys(("eval_fraction", "lora_dropout"), (0, 1, True)),
+    "top_p": (0, 1, False),
+}
+
+
+def check_ranges(instance, source_of) -> None:
+    for name, (low, high, inclusive) in RANGES.items():
+        v = getattr(instance, name, None)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if v != v or (v < low if inclusive else v <= low) or (high is not None and (v >= high if name != "top_p" else v > high)):
+            if high is None:
+                want = f">= {low}" if inclusive else f"> {low}"
+            else:
+                want = f"in [{low}, {high})" if name != "top_p" else f"in ({low}, {high}]"
+            raise ConfigError(f"{source_of(name)} is {v}: it must be {want}")
+    steps = getattr(instance, "max_steps", None)
+    if isinstance(steps, int) and steps != -1 and steps < 1:  # TrainingArguments: -1 = train by num_train_epochs
+        raise ConfigError(f"{source_of('max_steps')} is {steps}: give a number of steps >= 1, or -1 to train for "
+                          f"num_train_epochs")
+
+
+ARGPARSE_TYPES = {"int": "a whole number", "float": "a number", "string_to_bool": "true or false",
+                  "_json_dict": "a JSON object such as '{\"data/x.jsonl\": 100}'"}
+
+
+def argparse_problem(message: str, source_of) -> str:
+    """argparse's complaint about one argument ("argument --lr/--learning-rate: invalid float value: 'abc'") as one line
+    naming the flag or YAML key it came from and the type expected."""
+    m = re.match(r"argument (--[\w-]+)\S*: (.*)", message)
+    if not m:
+        return f"{message}: see --help"
+    key, problem = m.group(1)[2:].replace("-", "_"), m.group(2)
+    bad = re.match(r"invalid (\w+) value: (.*)", problem)
+    if bad:
+        expected = ARGPARSE_TYPES.get(bad.group(1), f"a {bad.group(1)} value")
+        return f"{source_of(key)} is {bad.group(2)}, not {expected}: give {expected}"
+    if problem.startswith("expected one argument"):
+        return f"{source_of(key)} needs a value: give --{key} VALUE"
+    return f"{source_of(key)}: {problem}"
 
 
 SECRET_KEYS = ("hub_token",)  # TrainingArguments fields that hold a credential

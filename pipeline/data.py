@@ -7,6 +7,7 @@ of such files, or a Hub id. Every failure names the file and what to fix.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pipeline.config import ConfigError, resolve_path
@@ -26,6 +27,7 @@ def load_any(name_or_path: str, split: str = "train"):
                 raise ConfigError(f"dataset file {path} has an unsupported suffix: use .jsonl, .json, .parquet or .csv")
             if path.stat().st_size == 0 or (path.stat().st_size < 4096 and not path.read_bytes().strip()):
                 raise ConfigError(f"dataset {path} is empty: give a dataset with at least a few rows")
+            check_text_file(path)
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -38,6 +40,8 @@ def load_any(name_or_path: str, split: str = "train"):
             files = [f for f in sorted(path.rglob("*")) if f.suffix in SUFFIX_TO_BUILDER]
             if not files:
                 raise ConfigError(f"dataset folder {path} holds no .jsonl/.json/.parquet/.csv files and no saved dataset")
+            for f in files:
+                check_text_file(f)
             return datasets.load_dataset(SUFFIX_TO_BUILDER[files[0].suffix], data_files=[str(f) for f in files], split="train")
         if name_or_path.startswith((".", "/")) or name_or_path.endswith(tuple(SUFFIX_TO_BUILDER)) or name_or_path.count("/") > 1:
             raise ConfigError(f"dataset {name_or_path} does not exist: check the path given to --dataset_name")
@@ -59,6 +63,22 @@ def load_mixture(sources: list[dict], seed: int):
             ds = ds.shuffle(seed=seed).select(range(min(int(src["max_rows"]), len(ds))))
         parts.append(ds)
     return datasets.concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def check_text_file(path: Path) -> None:
+    """Before `datasets` reads a text file: it must be UTF-8 (pyarrow's JSON reader passes some invalid bytes through as
+    they are, and its errors name neither file nor line), and a JSON Lines file must hold one JSON object per line.
+    Either problem is one ConfigError naming the file and the line. Binary formats (.parquet) are left to `datasets`."""
+    if path.suffix == ".jsonl":
+        for n, row in read_jsonl(path):
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path} line {n} is a JSON {type(row).__name__}, not an object: give one "
+                                  f"{{\"column\": value, ...}} object per line")
+    elif path.suffix in (".json", ".csv"):
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text (bad byte at offset {err.start}): save the file as UTF-8") from None
 
 
 def read_jsonl(path: Path) -> list[tuple[int, object]]:
@@ -95,6 +115,10 @@ def train_eval_split(ds, eval_fraction: float, seed: int, group_by=None):
     if eval_fraction <= 0:
         return ds, None
     if group_by is None:
+        n_eval = math.ceil(len(ds) * eval_fraction)  # as datasets rounds the held-out share
+        if n_eval >= len(ds):
+            raise ConfigError(f"{len(ds)} row(s) are too few to hold out eval_fraction={eval_fraction} and train on the "
+                              f"rest: give more rows, or set eval_fraction 0")
         parts = ds.train_test_split(test_size=eval_fraction, seed=seed)
         return parts["train"], parts["test"]
     import random
@@ -110,13 +134,50 @@ def train_eval_split(ds, eval_fraction: float, seed: int, group_by=None):
 
 
 def prompt_of(row: dict):
-    """A row's prompt as given (`prompt`: messages or text), or its `messages` without the trailing assistant turns."""
-    if "prompt" in row:
-        return row["prompt"]
-    msgs = [dict(m) for m in row["messages"]]
-    while msgs and msgs[-1]["role"] == "assistant":
+    """A row's prompt as given (`prompt`: messages or text), or its `messages` without the trailing assistant turns.
+    Whatever it finds is returned as is: `prompt_problem` says whether it is usable."""
+    if row.get("prompt") is not None or not isinstance(row.get("messages"), list):
+        return row.get("prompt")
+    msgs = [dict(m) if isinstance(m, dict) else m for m in row["messages"]]
+    while msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
         msgs.pop()
     return msgs
+
+
+def text_problem(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no tokenizer or browser can hold it
+        return "a text holds an unpaired surrogate (\\udXXX escape), which is not valid Unicode"
+    return None
+
+
+def prompt_problem(prompt) -> str | None:
+    """Why `prompt` cannot be sampled from, or None: it must be a non-empty text, or a non-empty list of
+    {"role": text, "content": text} messages, not all of them empty."""
+    if isinstance(prompt, str):
+        return text_problem(prompt) or (None if prompt.strip() else "the prompt is empty")
+    if not isinstance(prompt, list) or not prompt:
+        return f"a prompt must be a text or a non-empty list of messages, not {json.dumps(prompt, default=str)[:60]}"
+    problem = messages_problem(prompt)
+    if problem:
+        return problem
+    if not any(m["content"].strip() for m in prompt):
+        return "every message of the prompt is empty"
+    return None
+
+
+def messages_problem(messages) -> str | None:
+    """Why `messages` is not a conversation (a non-empty list of {"role": text, "content": text}), or None."""
+    if not isinstance(messages, list) or not messages:
+        return f"a conversation must be a non-empty list of messages, not {json.dumps(messages, default=str)[:60]}"
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f'each message must be {{"role": text, "content": text}}, not {json.dumps(m, default=str)[:60]}'
+        problem = text_problem(m["role"]) or text_problem(m["content"])
+        if problem:
+            return problem
+    return None
 
 
 def first_existing(*paths: str | Path) -> Path | None:

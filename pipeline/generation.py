@@ -8,9 +8,12 @@ after the first stop token is padding and masked out.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
+
+from pipeline.config import ConfigError
 
 
 @dataclass
@@ -33,9 +36,16 @@ class Generations:
 
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of a chat-templated conversation (some tokenizers return a dict even with return_dict=False)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                        return_dict=False)
+    """Token ids of a chat-templated conversation (some tokenizers return a dict even with return_dict=False). A
+    conversation the template refuses (its raise_exception, e.g. roles out of order; an empty one) is a ConfigError."""
+    import jinja2
+
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                            return_dict=False)
+    except (jinja2.TemplateError, ValueError) as err:
+        raise ConfigError(f"the chat template refuses the conversation {json.dumps(messages, default=str)[:80]} "
+                          f"({type(err).__name__}: {err}): fix the conversation, or the model profile's chat_template") from None
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 

@@ -11,6 +11,7 @@ one of them changed (pipeline/launch.py).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -213,13 +214,46 @@ class StageRun:
         return manifest
 
 
+# A disk that refuses a write is the user's to fix, like bad input: one line naming the path and the fix.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_problem(err: BaseException) -> str | None:
+    """The one-line explanation of a disk fault anywhere in `err`'s chain (libraries wrap OSError in their own), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL + NOT_WRITABLE + (errno.ENOTDIR,):
+            path = err.filename or "the run folder"
+            if err.errno in DISK_FULL:
+                fix = ("free space on that disk, or point RUNS_DIR= (--runs_dir) at a disk with room, and run the "
+                       "same command again")
+            elif err.errno == errno.ENOTDIR:
+                fix = "a part of that path is a file, not a folder: move the file away or choose another RUNS_DIR= / RUN="
+            else:
+                fix = ("make it writable (chmod u+w, or remount the disk read-write), or point RUNS_DIR= (--runs_dir) "
+                       "at a writable folder, and run the same command again")
+            what = "no access to" if err.errno in (errno.EACCES, errno.EPERM) else "cannot write"
+            return f"{what} {path}: {err.strerror or os.strerror(err.errno)}: {fix}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main_guard(main_fn):
-    """Run a stage's main(); a ConfigError becomes one clear line on stderr and exit code 2, no traceback."""
+    """Run a stage's main(); a ConfigError, or a disk that refuses a write (full, read-only), becomes one clear line on
+    stderr and exit code 2, no traceback."""
     from pipeline.report import destroy_distributed
 
     try:
         main_fn()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        problem = disk_problem(err)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     destroy_distributed()

@@ -34,6 +34,7 @@ import torch
 
 from pipeline.adapters import AdapterStack
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
+from pipeline.data import prompt_problem, read_jsonl
 from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
 from pipeline.models import load_base, load_tokenizer, profile_from, require_chat_template, to_device
 from pipeline.report import finish_distributed, print_table
@@ -417,8 +418,16 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- the stage
 
 def load_prompts(path: Path, max_prompts: int) -> list[list[dict]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    prompts = [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}] for r in rows]
+    if not path.is_file():
+        raise ConfigError(f"held-out prompts {path} are missing: rerun the RL stage that wrote them (`make ppo`)")
+    prompts = []
+    for n, row in read_jsonl(path):  # PPO wrote it; a file edited or damaged since is refused line by line
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        problem = prompt_problem(prompt)
+        if problem:
+            raise ConfigError(f"{path} line {n}: {problem}: fix that line, or rerun `make ppo` to write the file again")
+        prompts.append([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                       else [{"role": m["role"], "content": m["content"]} for m in prompt])
     if not prompts:
         raise ConfigError(f"{path} holds no prompts: its RL stage set none aside (raise heldout_fraction) and rerun it")
     return prompts[:max_prompts] if max_prompts > 0 else prompts
@@ -520,6 +529,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     tokenizer = load_tokenizer(profile)
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     judge = load_gold_judge(args, rm, list(trained.values()), prompts)  # checked before the run folder is touched
+    prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)  # a prompt the template refuses: here too
     stage.prepare(config, is_main=state.is_main_process)
 
     # 1. Every policy adapter, the SFT adapter (also the KL reference) and the reward adapter on one frozen base (sharded
@@ -529,7 +539,6 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     stack = AdapterStack.build(profile, tokenizer, {**adapters, "sft": sft["outputs"]["adapter"], "reward": rm["outputs"]["adapter"]},
                                base_model=load_base(profile, tokenizer, shard=shard))
     to_device(stack.model, state.device)
-    prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
 
     # 2. Sample and score every policy with the same seed; KL of each to the reference on its own responses
     ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.data import load_any, prompt_of, require_columns
+from pipeline.data import load_any, prompt_of, prompt_problem, require_columns
 from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import check_adapter, load_tokenizer, profile_from, require_chat_template, resolve_base, to_device
 from pipeline.report import print_table
@@ -48,21 +48,28 @@ def sha(obj, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:n]
 
 
-def as_messages(row: dict) -> list[dict] | None:
-    p = prompt_of(row)
-    return ([{"role": "user", "content": p}] if isinstance(p, str) else [dict(m) for m in p]) or None
+def as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
 def load_prompts(args: PairsArgs) -> tuple[list[list[dict]], str]:
+    """Every prompt checked (a row that is not a usable prompt is one ConfigError naming it), repeats dropped."""
     name = args.dataset_name or args.prompts_file
     ds = load_any(name)
     if "prompt" not in ds.column_names:
         require_columns(ds, ["messages"], name, "give rows with a `prompt` (messages or text) or `messages`")
+    for i, row in enumerate(ds):
+        problem = prompt_problem(prompt_of(row))
+        if problem:
+            raise ConfigError(f"prompt set {name} row {i + 1}: {problem}: give a text or a list of "
+                              f'{{"role", "content"}} messages')
     ds = ds.shuffle(seed=args.seed)
     prompts, seen = [], set()
     for row in ds:
-        msgs = as_messages(row)
-        if msgs and sha(msgs) not in seen:  # the same prompt twice would give near-duplicate pairs
+        msgs = as_messages(prompt_of(row))
+        if sha(msgs) not in seen:  # the same prompt twice would give near-duplicate pairs
             seen.add(sha(msgs))
             prompts.append(msgs)
         if args.max_prompts and len(prompts) >= args.max_prompts:
@@ -89,9 +96,18 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     profile = profile_from(run.model_config)
     tokenizer = load_tokenizer(profile)
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
-    stage.prepare(config, is_main=state.is_main_process)
-    # 1. Prompts
+    # 1. Prompts, read, checked and encoded before the run folder is touched (bad input loses nothing already written)
     prompts, data_name = load_prompts(args)
+    try:
+        encoded = encode_prompts(tokenizer, prompts)
+    except ConfigError as err:
+        raise ConfigError(f"prompt set {data_name}: {err}") from None
+    keep = [i for i, ids in enumerate(encoded) if len(ids) <= args.max_prompt_tokens]
+    n_long = len(encoded) - len(keep)
+    prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
+    if not prompts:
+        raise ConfigError(f"all {n_long} prompts are longer than max_prompt_tokens={args.max_prompt_tokens}")
+    stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Policy: the frozen base (sharded under the FSDP config) + the run's SFT adapter, on this process's accelerator
     adapter = sft["outputs"]["adapter"]
@@ -99,12 +115,6 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     check_adapter(adapter, base.config, what="SFT")
     stack = AdapterStack.build(profile, tokenizer, {"policy": adapter}, base_model=base)
     to_device(stack.model, state.device)
-    encoded = encode_prompts(tokenizer, prompts)
-    keep = [i for i, ids in enumerate(encoded) if len(ids) <= args.max_prompt_tokens]
-    n_long = len(encoded) - len(keep)
-    prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
-    if not prompts:
-        raise ConfigError(f"all {n_long} prompts are longer than max_prompt_tokens={args.max_prompt_tokens}")
 
     # 3. Generate: each prompt K times in a row, seeded per batch (same config + seed -> same pairs on CPU, with any
     #    number of processes: every rank calls generate(), which spreads the batches and gathers the responses)

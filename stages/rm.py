@@ -27,10 +27,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import torch
 
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
-from pipeline.data import load_any, require_columns, train_eval_split
+from pipeline.data import load_any, messages_problem, require_columns, text_problem, train_eval_split
 from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
                              save_fingerprint, score_head_name)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
@@ -93,7 +94,8 @@ def strength_value(value, column: str) -> float:
         return 0.0
     if isinstance(value, (int, float)):
         return float(value)
-    word = str(value).strip().lower().split()[0]
+    words = str(value).strip().lower().split()
+    word = words[0] if words else ""
     if word not in STRENGTH_WORDS:
         raise ConfigError(f"label strength {value!r} in column '{column}' is neither a number nor one of "
                           f"{sorted(STRENGTH_WORDS)}")
@@ -102,6 +104,19 @@ def strength_value(value, column: str) -> float:
 
 def is_messages(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def preference_problem(row: dict) -> str | None:
+    """Why a row is not a preference pair, or None: chosen and rejected each a text or a conversation (a list of
+    {"role": text, "content": text}), the prompt (optional) too, all of one kind."""
+    for key in ("prompt", "chosen", "rejected"):
+        value = row.get(key)
+        if key == "prompt" and value is None:
+            continue
+        problem = text_problem(value) if isinstance(value, str) else messages_problem(value)
+        if problem:
+            return f"'{key}': {problem}"
+    return None
 
 
 def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = False) -> list[dict]:
@@ -113,6 +128,10 @@ def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = 
 
     pairs = []
     for i, row in enumerate(ds):
+        problem = preference_problem(row)
+        if problem:
+            raise ConfigError(f"{source} row {i + 1}: {problem}: give 'chosen' and 'rejected' (and optionally 'prompt') "
+                              f"as texts or as lists of {{'role', 'content'}} messages")
         name = str(row["source"]) if source_column else source
         counts[name]["read"] += 1
         if row["chosen"] == row["rejected"]:
@@ -193,7 +212,12 @@ def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
             text = pair[key] if pair[key].endswith(tokenizer.eos_token) else pair[key] + tokenizer.eos_token
             out.append(tokenizer(text=pair["prompt"] + text)["input_ids"])
         else:
-            ids = tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"]
+            try:
+                ids = tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"]
+            except (jinja2.TemplateError, ValueError) as err:  # e.g. the template's raise_exception on roles out of order
+                raise ConfigError(f"a pair of {pair.get('source', 'the data')} that the chat template refuses "
+                                  f"({type(err).__name__}: {err}): {json.dumps(pair['prompt'] + pair[key])[:80]}: fix "
+                                  f"the pair or the model profile's chat_template") from None
             out.append(ids)
     return out[0], out[1]
 
@@ -218,8 +242,9 @@ def cut_middle(ids: list[int], cap: int) -> list[int]:
 
 
 def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int,
-                  bos_token_id: int | None) -> tuple[list[int], list[int], bool, bool]:
-    """Fit a pair into max_length tokens instead of dropping it: (chosen, rejected, prompt_cut, response_cut).
+                  bos_token_id: int | None) -> tuple[list[int], list[int], bool, bool] | None:
+    """Fit a pair into max_length tokens instead of dropping it: (chosen, rejected, prompt_cut, response_cut), or None
+    when max_length leaves fewer than 2 tokens per response after the prompt's kept tokens.
 
     The shared start of both sequences is the prompt (with the chat template's headers and any words both replies
     begin with); what follows are the two responses. The prompt keeps its END (the question being answered) and at
@@ -231,6 +256,8 @@ def truncate_pair(chosen: list[int], rejected: list[int], max_length: int, max_p
     keep = 1 if n and chosen[0] == bos_token_id else 0
     head, prompt = chosen[:keep], chosen[keep:n]
     cap = max_length - keep - min(len(prompt), max_prompt_length)
+    if cap < 2:  # no room for a response's beginning and end (where the score is read): the pair does not fit
+        return None
     c, r = cut_middle(chosen[n:], cap), cut_middle(rejected[n:], cap)
     room = max_length - keep - max(len(c), len(r))
     kept_prompt = prompt[len(prompt) - room :] if room < len(prompt) else prompt
@@ -413,8 +440,11 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
         p["full_lengths"] = [len(chosen), len(rejected)]  # before truncation: what "the longer reply wins" compares
         c = counts[p["source"]]
         if train_cfg.max_length:
-            chosen, rejected, prompt_cut, response_cut = truncate_pair(chosen, rejected, train_cfg.max_length,
-                                                                       args.max_prompt_length, tokenizer.bos_token_id)
+            fitted = truncate_pair(chosen, rejected, train_cfg.max_length, args.max_prompt_length, tokenizer.bos_token_id)
+            if fitted is None:
+                c["no_room"] += 1
+                continue
+            chosen, rejected, prompt_cut, response_cut = fitted
             c["prompt_cut"] += prompt_cut
             c["response_cut"] += response_cut
         if chosen == rejected:  # they differed only in a middle that was cut
@@ -422,6 +452,11 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
             continue
         p["chosen_ids"], p["rejected_ids"] = chosen, rejected
         kept.append(p)
+    no_room = sum(c["no_room"] for c in counts.values())
+    if not kept and no_room:
+        raise ConfigError(f"max_length {train_cfg.max_length} is too small for {data_name}: {no_room} pair(s) leave "
+                          f"fewer than 2 tokens per response after the template and the prompt's kept tokens "
+                          f"(max_prompt_length {args.max_prompt_length}): raise max_length")
     if not kept:
         raise ConfigError(f"no usable preference pairs in {data_name}: read and dropped {json.dumps(counts)} (equal "
                           f"chosen/rejected, empty responses)")
@@ -592,9 +627,10 @@ def training_record(state, result, plan: dict, train_cfg) -> dict:
 
 def data_record(counts: dict, n_train: int, n_eval: int) -> dict:
     total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "equal_after_cut", "prompt_cut",
-                                                             "response_cut")}
+                                                             "response_cut", "no_room")}
     return {"pairs_read": total["read"], "train_pairs": n_train, "eval_pairs": n_eval,
             "dropped_equal": total["equal"] + total["equal_after_cut"], "dropped_empty": total["empty"],
+            "dropped_no_room": total["no_room"],
             "truncated_prompts": total["prompt_cut"], "truncated_responses": total["response_cut"],
             "pairs_by_source": {k: dict(v) for k, v in sorted(counts.items())}}
 

@@ -11,6 +11,7 @@ samples.json (before/after generations on fixed prompts), config.json, manifest.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import torch
 
 from pipeline.chat import require_end_of_turn, tokenize_with_assistant_mask
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.data import load_any, load_mixture, require_columns, train_eval_split
+from pipeline.data import load_any, load_mixture, messages_problem, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import (load_base, load_tokenizer, lora_config, profile_from, require_chat_template, resolve_base,
                              save_fingerprint, to_device)
@@ -64,7 +65,28 @@ def load_data(args: SFTArgs, seed: int):
     if "prompt" in ds.column_names and "completion" in ds.column_names:
         return ds, name
     require_columns(ds, ["messages"], name, "give conversational rows {'messages': [{'role', 'content'}, ...]}")
-    return ds.select_columns(["messages"]), name
+    return with_replies(ds.select_columns(["messages"]), name), name
+
+
+def with_replies(ds, name: str):
+    """The rows with something to learn: each row must be a conversation (else one ConfigError naming it); a row whose
+    assistant turns are all empty (or absent) would teach only "stop at once", so it is left out, with a note; none
+    left is an error."""
+    keep = []
+    for i, row in enumerate(ds):
+        problem = messages_problem(row["messages"])
+        if problem:
+            raise ConfigError(f"row {i + 1} of {name}: {problem}: give rows {{'messages': [{{'role', 'content'}}, ...]}}")
+        if any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
+            keep.append(i)
+    if not keep:
+        raise ConfigError(f"no row of {name} has an assistant reply with text ({len(ds)} rows, every assistant turn "
+                          f"empty or missing): SFT would have nothing to learn; give rows with assistant replies")
+    if len(keep) < len(ds):
+        print(f"note: {len(ds) - len(keep)} of {len(ds)} rows of {name} have no assistant reply with text: left out",
+              file=sys.stderr)
+        ds = ds.select(keep)
+    return ds
 
 
 def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):
@@ -74,15 +96,16 @@ def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):
     train_ds, eval_ds = train_eval_split(ds, args.eval_fraction, train_cfg.seed)
     if "messages" in ds.column_names and train_cfg.assistant_only_loss:
         eot = require_end_of_turn(tokenizer)
-        train_ds, eval_ds = (with_assistant_masks(d, tokenizer, eot, data_name) for d in (train_ds, eval_ds))
+        train_ds, eval_ds = (with_assistant_masks(d, tokenizer, eot, data_name, train_cfg.max_length)
+                             for d in (train_ds, eval_ds))
         train_cfg.assistant_only_loss = False
     return train_ds, eval_ds
 
 
-def with_assistant_masks(ds, tokenizer, eot: str, data_name: str):
+def with_assistant_masks(ds, tokenizer, eot: str, data_name: str, max_length: int | None = None):
     """Conversations -> token ids + a mask of the assistant's tokens (each reply and its end-of-turn token), for any
     chat template (pipeline.chat). TRL builds its labels from the mask, truncates to max_length and drops rows left
-    with no assistant token."""
+    with no assistant token: a max_length that leaves no row any is an error here, not a crash inside TRL."""
     import jinja2
     from datasets import Dataset
 
@@ -95,6 +118,12 @@ def with_assistant_masks(ds, tokenizer, eot: str, data_name: str):
         except jinja2.TemplateError as err:
             raise ConfigError(f"row {i} of {data_name}: the chat template refuses it ({err}): fix the row or the "
                               f"template (model profile `chat_template:`)") from None
+    starts = [r["assistant_masks"].index(1) for r in rows if 1 in r["assistant_masks"]]
+    if max_length and rows and not any(start < max_length for start in starts):
+        need = min(starts) + 1 if starts else None
+        raise ConfigError(f"max_length {max_length} is too small for {data_name}: no row has an assistant token within "
+                          f"its first {max_length} tokens, so every row would be dropped"
+                          + (f": raise max_length to at least {need}" if need else ""))
     return Dataset.from_list(rows)
 
 

@@ -39,12 +39,12 @@ from .trainer import PPOTrainer, checkpoint_info, latest_checkpoint
 
 def load_prompts(cfg: PPOConfig, tokenizer):
     """(train conversations, their token ids, held-out conversations, notes). Held-out = a seeded fixed share."""
-    from pipeline.data import load_any, prompt_of
+    from pipeline.data import load_any, prompt_of, prompt_problem
     from pipeline.generation import chat_ids
 
     source = cfg.dataset_name or cfg.prompts_file
     path = resolve_path(source)
-    if path.is_file() and path.suffix == ".jsonl" and not path.read_text().strip():
+    if path.is_file() and path.suffix == ".jsonl" and not path.read_bytes().strip():
         raise ConfigError(f"prompt set {source} is empty: give a file with at least one {{\"prompt\": ...}} row")
     ds = load_any(source)
     if len(ds) == 0:
@@ -56,16 +56,18 @@ def load_prompts(cfg: PPOConfig, tokenizer):
                           "give rows like {\"prompt\": [{\"role\": \"user\", \"content\": \"...\"}]} or {\"prompt\": \"...\"}")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     convs = []
-    for p in raw:
+    for i, p in enumerate(raw):
+        problem = prompt_problem(p)
+        if problem:
+            raise ConfigError(f"prompt set {source} row {i + 1}: {problem}: give a text or a list of "
+                              f"{{\"role\", \"content\"}} messages")
         if isinstance(p, str):
             convs.append([{"role": "user", "content": p}] if has_template else p)
-        elif isinstance(p, list) and p and all(isinstance(m, dict) and "content" in m for m in p):
+        else:
             if not has_template:
                 raise ConfigError("the tokenizer has no chat template, so conversational prompts cannot be encoded: "
                                   "set chat_template in the model profile, or give plain-text prompts")
-            convs.append(p)
-        else:
-            raise ConfigError(f"prompt set {source}: a prompt must be a string or a non-empty list of messages, got {p!r:.80}")
+            convs.append([{"role": m["role"], "content": m["content"]} for m in p])
 
     order = list(range(len(convs)))
     random.Random(cfg.seed).shuffle(order)
@@ -80,7 +82,10 @@ def load_prompts(cfg: PPOConfig, tokenizer):
         if isinstance(c, str):
             ids.append(list(tokenizer(c)["input_ids"]))
         else:
-            ids.append(chat_ids(tokenizer, c, add_generation_prompt=True))
+            try:
+                ids.append(chat_ids(tokenizer, c, add_generation_prompt=True))
+            except ConfigError as err:
+                raise ConfigError(f"prompt set {source}: {err}") from None
     limit = cfg.max_prompt_length
     long = [i for i, s in enumerate(ids) if len(s) > limit]
     notes = {"prompts_total": len(convs), "prompts_heldout": n_held, "prompts_long": len(long)}

@@ -1,0 +1,234 @@
+"""Bad input and disk faults (issue 13, "Trust"): each case is exactly one `error:` line on stderr and exit code 2, and
+the run folder is left as it was (an earlier run's files all still there, nothing new). The stages run in-process
+through pipeline.run.main_guard, as `python -m stages.X` runs them, on tiny models and a fake upstream run; a few
+cases also go through `make`, whose launcher must not add argparse's usage dump or a traceback."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import parse
+from pipeline.run import main_guard
+from tests.conftest import REPO
+from tests.fake_upstream import build_upstream
+from tests.test_make import make
+
+BAD_UTF8 = b'{"prompt": "caf\xe9", "messages": [{"role": "user", "content": "caf\xe9"}], "chosen": "a\xff", "rejected": "b"}\n'
+CHAT = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there, friend."}]
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def files(tmp: Path) -> dict[str, str]:
+    """The input files the cases point at."""
+    (tmp / "bad_utf8.jsonl").write_bytes(BAD_UTF8)
+    (tmp / "empty.jsonl").write_bytes(b"")
+    (tmp / "blank.jsonl").write_bytes(b"\n \n")
+    return {
+        "bad_utf8": str(tmp / "bad_utf8.jsonl"), "empty": str(tmp / "empty.jsonl"), "blank": str(tmp / "blank.jsonl"),
+        "chats": write_jsonl(tmp / "chats.jsonl", [{"messages": CHAT}] * 8),
+        "empty_chats": write_jsonl(tmp / "empty_chats.jsonl",
+                                   [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}] * 8),
+        "prefs": write_jsonl(tmp / "prefs.jsonl", [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+                                                    "chosen": [{"role": "assistant", "content": "A good answer."}],
+                                                    "rejected": [{"role": "assistant", "content": "Bad."}]} for i in range(8)]),
+        "empty_prompt": write_jsonl(tmp / "empty_prompt.jsonl", [{"prompt": "Fine."}, {"prompt": ""}]),
+    }
+
+
+SFT = ["--config", "configs/sft.yaml", "--dataset_name", "{chats}", "--max_steps", "1", "--per_device_train_batch_size", "2",
+       "--sample_max_new_tokens", "4"]
+RM = ["--config", "configs/rm.yaml", "--dataset_name", "{prefs}", "--max_steps", "1", "--per_device_train_batch_size", "2"]
+PAIRS = ["--config", "configs/pairs.yaml", "--max_new_tokens", "4", "--max_prompts", "2"]
+PPO = ["--config", "configs/ppo.yaml", "--total_updates", "1"]
+EVAL = ["--config", "configs/eval.yaml", "--max_new_tokens", "4"]
+
+# (id, stage module, arguments, words the error line must hold)
+CASES = [
+    ("sft-non-utf8", "stages.sft", SFT + ["--dataset_name", "{bad_utf8}"], ["bad_utf8.jsonl line 1", "UTF-8"]),
+    ("rm-non-utf8", "stages.rm", RM + ["--dataset_name", "{bad_utf8}"], ["bad_utf8.jsonl line 1", "UTF-8"]),
+    ("ppo-non-utf8", "stages.ppo", PPO + ["--dataset_name", "{bad_utf8}"], ["bad_utf8.jsonl line 1", "UTF-8"]),
+    ("pairs-non-utf8", "stages.pairs", PAIRS + ["--dataset_name", "{bad_utf8}"], ["bad_utf8.jsonl line 1", "UTF-8"]),
+    ("sft-batch-0", "stages.sft", SFT + ["--per_device_train_batch_size", "0"], ["--per_device_train_batch_size", ">= 1"]),
+    ("sft-lr-negative", "stages.sft", SFT + ["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
+    ("sft-grad-accum-0", "stages.sft", SFT + ["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),
+    ("sft-max-steps-negative", "stages.sft", SFT + ["--max_steps", "-5"], ["--max_steps", "-1"]),
+    ("sft-sample-tokens-0", "stages.sft", SFT + ["--sample_max_new_tokens", "0"], ["--sample_max_new_tokens"]),
+    ("sft-max-length-too-small", "stages.sft", SFT + ["--max_length", "2"], ["max_length 2 is too small", "chats.jsonl"]),
+    ("sft-all-empty-replies", "stages.sft", SFT + ["--dataset_name", "{empty_chats}"], ["no row", "assistant reply"]),
+    ("sft-one-row-with-eval-split", "stages.sft", SFT + ["--dataset_name", "{chats}", "--eval_fraction", "0.9"],
+     ["too few", "eval_fraction"]),
+    ("rm-batch-0", "stages.rm", RM + ["--per_device_train_batch_size", "0"], ["--per_device_train_batch_size"]),
+    ("rm-eval-batch-0", "stages.rm", RM + ["--per_device_eval_batch_size", "0"], ["--per_device_eval_batch_size"]),
+    ("rm-lr-0", "stages.rm", RM + ["--learning_rate", "0"], ["--learning_rate", "> 0"]),
+    ("rm-max-length-too-small", "stages.rm", RM + ["--max_length", "2", "--max_prompt_length", "1"],
+     ["max_length 2 is too small", "prefs.jsonl"]),
+    ("pairs-empty-file", "stages.pairs", PAIRS + ["--dataset_name", "{empty}"], ["empty.jsonl", "empty"]),
+    ("pairs-empty-prompt", "stages.pairs", PAIRS + ["--dataset_name", "{empty_prompt}"], ["row 2", "the prompt is empty"]),
+    ("pairs-max-new-tokens-0", "stages.pairs", PAIRS + ["--max_new_tokens", "0"], ["--max_new_tokens", ">= 1"]),
+    ("pairs-generation-batch-0", "stages.pairs", PAIRS + ["--generation_batch_size", "0"], ["--generation_batch_size"]),
+    ("pairs-num-responses-1", "stages.pairs", PAIRS + ["--num_responses", "1"], ["num_responses"]),
+    ("pairs-top-p-0", "stages.pairs", PAIRS + ["--top_p", "0"], ["--top_p", "(0, 1]"]),
+    ("ppo-empty-file", "stages.ppo", PPO + ["--dataset_name", "{blank}"], ["blank.jsonl is empty"]),
+    ("ppo-empty-prompt", "stages.ppo", PPO + ["--dataset_name", "{empty_prompt}"], ["row 2", "the prompt is empty"]),
+    ("eval-max-new-tokens-0", "stages.eval", EVAL + ["--max_new_tokens", "0"], ["--max_new_tokens", ">= 1"]),
+    ("eval-score-batch-0", "stages.eval", EVAL + ["--score_batch_size", "0"], ["--score_batch_size"]),
+    ("eval-generation-batch-0", "stages.eval", EVAL + ["--generation_batch_size", "0"], ["--generation_batch_size"]),
+    ("eval-max-prompts-negative", "stages.eval", EVAL + ["--max_prompts", "-1"], ["--max_prompts", ">= 0"]),
+    ("eval-temperature-negative", "stages.eval", EVAL + ["--temperature", "-1"], ["--temperature", ">= 0"]),
+    ("wrong-type-flag", "stages.sft", SFT + ["--learning_rate", "abc"], ["--learning_rate", "on the command line", "number"]),
+    ("wrong-type-int-flag", "stages.rm", RM + ["--per_device_train_batch_size", "1.5"],
+     ["--per_device_train_batch_size", "whole number"]),
+    ("missing-model-profile", "stages.sft", SFT + ["--model_config", "configs/models/nope.yaml"],
+     ["nope.yaml does not exist", "configs/models/tiny.yaml"]),
+]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, tiny_models):
+    """A run with sft, rm and ppo outputs (fake but loadable), built once; each case works on a copy."""
+    return build_upstream(tmp_path_factory.mktemp("upstream") / "runs", tiny_models["llama"])
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def run_stage(module: str, argv: list[str], capsys) -> tuple[int, list[str], str]:
+    mod = importlib.import_module(module)
+    parse_args = getattr(mod, "parse_args", None) or (lambda a: parse(mod.CONFIG_CLASSES(), a))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main_guard(lambda: mod.main(*parse_args(argv)))
+    err = capsys.readouterr().err
+    return stop.value.code, [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+@pytest.mark.parametrize("case, module, args, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_error_line_and_exit_2_with_the_run_folder_unchanged(case, module, args, words, upstream,
+                                                                               tiny_models, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(upstream, runs)
+    stage = {"stages.sft": "sft", "stages.rm": "rm", "stages.ppo": "ppo", "stages.pairs": "pairs", "stages.eval": "eval"}[module]
+    (runs / "t" / stage).mkdir(exist_ok=True)
+    (runs / "t" / stage / "manifest.json").write_text('{"stage": "an earlier run"}')  # must survive, as must the rest
+    before = tree(runs)
+    named = files(tmp_path)
+    argv = [a.format(**named) for a in args] + ["--run", "t", "--runs_dir", str(runs),
+                                                 "--model_config", str(tiny_models["llama"])]
+    if "--model_config" in args:  # the case's own profile comes last, so it wins
+        i = args.index("--model_config")
+        argv += ["--model_config", args[i + 1]]
+    code, errors, err = run_stage(module, argv, capsys)
+    assert code == 2, err[-2000:]
+    assert len(errors) == 1, err[-2000:]
+    assert all(w in errors[0] for w in words), errors[0]
+    assert "Traceback" not in err and "usage:" not in err
+    assert tree(runs) == before
+
+
+# ---------------------------------------------------------------- disk faults: one line naming the path and the fix
+
+def test_run_folder_under_a_regular_file_is_one_error_line(tiny_models, tmp_path, capsys):
+    """A real fault, also as root: the runs folder's parent is a file, so nothing can be created under it."""
+    (tmp_path / "not_a_folder").write_text("a file")
+    runs = tmp_path / "not_a_folder" / "runs"
+    chats = files(tmp_path)["chats"]
+    code, errors, err = run_stage("stages.sft", [a.format(chats=chats) for a in SFT] + [
+        "--run", "t", "--runs_dir", str(runs), "--model_config", str(tiny_models["llama"])], capsys)
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    assert str(runs) in errors[0] and "is a file, not a folder" in errors[0]
+    assert (tmp_path / "not_a_folder").read_text() == "a file"
+
+
+@pytest.mark.parametrize("fault", ["read-only", "disk-full"])
+def test_disk_fault_is_one_error_line_naming_the_path_and_the_fix(fault, tiny_models, tmp_path, capsys, monkeypatch):
+    """Read-only: a folder without write permission (as root, which chmod does not stop, the write raises EROFS as a
+    read-only mount would). Full: the write raises ENOSPC. Both reach main_guard as OSError, and leave one line."""
+    runs = tmp_path / "runs"
+    (runs / "t").mkdir(parents=True)
+    target = runs / "t" / "sft"
+    if fault == "read-only" and os.geteuid() != 0:
+        (runs / "t").chmod(0o555)
+    else:
+        code, text = (errno.EROFS, "Read-only file system") if fault == "read-only" else (errno.ENOSPC, "No space left on device")
+        real_mkdir = Path.mkdir
+
+        def failing_mkdir(self, *a, **k):
+            if self == target:
+                raise OSError(code, text, str(self))
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(Path, "mkdir", failing_mkdir)
+    chats = files(tmp_path)["chats"]
+    try:
+        code, errors, err = run_stage("stages.sft", [a.format(chats=chats) for a in SFT] + [
+            "--run", "t", "--runs_dir", str(runs), "--model_config", str(tiny_models["llama"])], capsys)
+    finally:
+        (runs / "t").chmod(0o755)
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    assert str(target) in errors[0] and "Traceback" not in err
+    fix = "free space" if fault == "disk-full" else "writable"
+    assert fix in errors[0] and "RUNS_DIR=" in errors[0], errors[0]
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------- through make: no usage dump, the flag or file named
+
+def make_errors(res) -> list[str]:
+    return [line for line in res.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_wrong_type_through_make_is_one_line_naming_the_flag_not_a_usage_dump(tmp_path):
+    res = make("sft", "ARGS=--per_device_train_batch_size two", fake=False, runs_dir=tmp_path / "runs")
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = make_errors(res)
+    assert len(errors) == 1 and "--per_device_train_batch_size on the command line is 'two'" in errors[0], res.stderr
+    assert "usage:" not in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_yaml_value_is_blamed_on_the_yaml_key_and_a_cli_value_on_the_flag(tmp_path, capsys):
+    """The same bad value, once from a YAML file, once from the command line: each names where it came from."""
+    yaml_file = tmp_path / "sft.yaml"
+    yaml_file.write_text((REPO / "configs/sft.yaml").read_text() + "\nlearning_rate: fast\n")
+    from stages.sft import parse_args
+
+    with pytest.raises(Exception) as from_yaml:
+        parse_args(["--config", str(yaml_file)])
+    assert f"'learning_rate' in {yaml_file}" in str(from_yaml.value) and "--learning_rate" not in str(from_yaml.value)
+    with pytest.raises(Exception) as from_cli:
+        parse_args(["--config", str(yaml_file), "--learning_rate", "quick"])
+    assert "--learning_rate on the command line is 'quick'" in str(from_cli.value)
+    # a class's own check (PPOConfig) is blamed on the flag given, not on the YAML
+    from stages.ppo import parse_args as ppo_args
+
+    with pytest.raises(Exception) as ppo_cli:
+        ppo_args(["--config", "configs/ppo.yaml", "--lam", "2"])
+    assert "--lam on the command line" in str(ppo_cli.value) and "configs/ppo.yaml" not in str(ppo_cli.value)
+    yaml_lam = tmp_path / "ppo.yaml"
+    yaml_lam.write_text((REPO / "configs/ppo.yaml").read_text() + "\nlam: 2\n")
+    with pytest.raises(Exception) as ppo_yaml:
+        ppo_args(["--config", str(yaml_lam)])
+    assert f"'lam' in {yaml_lam}" in str(ppo_yaml.value)
+
+
+def test_missing_model_profile_through_make_names_it_and_lists_the_shipped_ones(tmp_path):
+    res = make("sft", "MODEL=configs/models/nope.yaml", fake=False, runs_dir=tmp_path / "runs")
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = make_errors(res)
+    assert len(errors) == 1 and "configs/models/nope.yaml does not exist" in errors[0], res.stderr
+    assert "configs/models/tiny.yaml" in errors[0] and "--config" not in errors[0]
+    assert not (tmp_path / "runs").exists()
