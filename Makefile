@@ -43,9 +43,10 @@ EVAL_ARGS ?=
 GRPO_ARGS ?=
 RLOO_ARGS ?=
 DPO_ARGS ?=
+SIMULATE_ARGS ?=
 NAMED := $(filter base sft rm ppo grpo rloo dpo pairs label label-export simulate eval publish,$(MAKECMDGOALS))
 ifneq (,$(and $(strip $(ARGS)),$(word 2,$(NAMED))))
-$(error ARGS="$(ARGS)" would go to every one of $(NAMED): name one stage, or use SFT_ARGS, RM_ARGS, PPO_ARGS, GRPO_ARGS, RLOO_ARGS, DPO_ARGS, PAIRS_ARGS, EVAL_ARGS)
+$(error ARGS="$(ARGS)" would go to every one of $(NAMED): name one stage, or use SFT_ARGS, RM_ARGS, PPO_ARGS, GRPO_ARGS, RLOO_ARGS, DPO_ARGS, PAIRS_ARGS, SIMULATE_ARGS, EVAL_ARGS)
 endif
 args_for = $($(2)) $(if $(filter $(1),$(NAMED)),$(ARGS))
 # $(call stage,NAME,MODULE,ARGS_VARIABLE): run one stage under accelerate unless its manifest is current.
@@ -54,7 +55,7 @@ stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED)
 	$(MODEL_ARG) $(call args_for,$(1),$(3))
 
 .PHONY: setup test base sft rm ppo grpo rloo dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rm clean-run
+	bench-ppo bench-rm bench-story clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -109,14 +110,14 @@ label-export: | setup
 # Simulated annotators label the pairs through the label store people use (stages/simulate.py); like label-export it
 # always runs when named, adding labels only for pairs it has not labeled yet.
 simulate: pairs
-	$(PY) -m $(STAGE_PKG).simulate --config $(call cfg,simulate) --run $(RUN) --runs_dir $(RUNS_DIR) $(ARGS)
+	$(PY) -m $(STAGE_PKG).simulate --config $(call cfg,simulate) --run $(RUN) --runs_dir $(RUNS_DIR) $(call args_for,simulate,SIMULATE_ARGS)
 
 # The story chain's labels: simulated (unless people labeled) and exported, again only when the pairs are newer than
 # the last export, so an unchanged run stays current.
 LABEL_EXPORT := $(RUNDIR)/label-export/manifest.json
 labels: pairs
 	@if [ ! -f $(LABEL_EXPORT) ] || [ $(RUNDIR)/pairs/manifest.json -nt $(LABEL_EXPORT) ]; then \
-	  $(PY) -m $(STAGE_PKG).simulate --config $(call cfg,simulate) --run $(RUN) --runs_dir $(RUNS_DIR) --skip_if_people_labeled true && \
+	  $(PY) -m $(STAGE_PKG).simulate --config $(call cfg,simulate) --run $(RUN) --runs_dir $(RUNS_DIR) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
 	  $(PY) -m $(STAGE_PKG).label.export --config $(call cfg,label) --run $(RUN) --runs_dir $(RUNS_DIR); \
 	else echo "labels: up to date, skipped (the label export is newer than the pairs)"; fi
 
@@ -135,3 +136,6 @@ bench-ppo: setup
 	$(PY) -m bench.bench_ppo
 bench-rm: setup
 	$(PY) -m bench.rm_rules
+# The default story run under seeds 1-3 (make sft rm ppo eval each): gold gain, win rate, wall time -> bench/results/story.json
+bench-story: setup
+	$(PY) -m bench.story_seeds

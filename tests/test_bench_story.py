@@ -1,0 +1,31 @@
+"""bench/story_seeds.py: the seed summary (hand-computed) and the make call it builds for a seed."""
+import subprocess
+
+import pytest
+
+from bench import story_seeds
+
+
+def test_gain_summary_mean_and_standard_error_by_hand():
+    s = story_seeds.gain_summary([0.1, 0.3, 0.2])
+    assert s["gold_gain_mean"] == pytest.approx(0.2)
+    assert s["gold_gain_se"] == pytest.approx(0.1 / 3 ** 0.5)  # sample std 0.1
+    assert s["every_seed_positive"] is True
+    assert story_seeds.gain_summary([0.1, -0.01, 0.2])["every_seed_positive"] is False
+    assert story_seeds.gain_summary([0.0, 0.1])["every_seed_positive"] is False  # no gain is not a gain
+
+
+def test_every_training_stage_gets_the_seed(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(story_seeds.subprocess, "run", fake_run)
+    story_seeds.make(["sft", "rm", "ppo"], "seed-7", tmp_path, 7)
+    cmd = seen["cmd"]
+    assert cmd[:4] == ["make", "sft", "rm", "ppo"]
+    for var in ("SFT_ARGS", "PAIRS_ARGS", "SIMULATE_ARGS", "RM_ARGS", "PPO_ARGS"):
+        assert f"{var}=--seed 7" in cmd
+    assert "RUN=seed-7" in cmd and f"RUNS_DIR={tmp_path}" in cmd
