@@ -31,23 +31,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.harness import env, logger, meta, run_child, speed_memory_ratio, summarise
 from pipeline.config import REPO_ROOT
-from pipeline.run import atomic_write_json, git_commit, package_versions
+from pipeline.run import atomic_write_json
 
 BENCH = REPO_ROOT / "bench"
 PEER_DIR = BENCH / "peer"
 OUT = BENCH / "out"
 VENV = BENCH / ".venv-trl112"
 PEER_PINS = ["trl==1.12.0", "peft==0.21.2", "transformers==5.24.0", "accelerate==1.15.0", "datasets==5.2.0"]
-ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_DISABLE_TELEMETRY": "1"}
 # Per scale: episodes per update, micro-batch, updates, default rounds.
 SCALES = {
     "tiny": dict(batch_size=32, per_device_batch=8, updates=12, rounds=2),
@@ -57,17 +54,7 @@ SCALES = {
 COMMON = dict(ppo_epochs=4, response_length=32, temperature=0.7, lr=3e-6, kl_coef=0.05, seed=42, lora_r=16, precision="fp32")
 TARGETS = {"episodes_per_s_ratio_min": 1.5, "peak_rss_ratio_max_125m": 0.6, "reward_gain": ">= peer"}
 METRICS = ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "reward_gain", "reward_gain_se")
-
-
-def log(msg: str) -> None:
-    print(f"[bench-ppo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    for k, v in ENV_DEFAULTS.items():
-        e.setdefault(k, v)
-    return e
+log = logger("bench-ppo")
 
 
 def ensure_peer_venv(python: str | None) -> str:
@@ -86,22 +73,6 @@ def ensure_peer_venv(python: str | None) -> str:
     subprocess.run(pip + PEER_PINS, check=True)
     subprocess.run(check, env=env(), check=True)
     return str(py)
-
-
-def run_child(cmd: list[str], logfile: Path, want_json: bool = True) -> tuple[dict, float, float]:
-    """Run one side; (its last-line JSON, its peak RSS in MB from wait4, wall s). Output goes to logfile."""
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(logfile, "w") as f:
-        p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT)
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        tail = "".join(logfile.read_text().splitlines(True)[-25:])
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (rc {p.returncode}); see {logfile}:\n{tail}")
-    lines = [ln for ln in logfile.read_text().splitlines() if ln.startswith("{")] if want_json else []
-    return (json.loads(lines[-1]) if lines else {}), ru.ru_maxrss / 1024.0, wall
 
 
 def build_models(scale: str) -> Path:
@@ -194,15 +165,6 @@ def run_peer(scale: str, peer_dir: Path, s: dict, rnd: int, python: str) -> dict
     return side_result(*run_child(cmd, OUT / "logs" / f"{scale}-peer-r{rnd}.log"))
 
 
-def summarise(runs: list[dict]) -> dict:
-    out = {}
-    for k in METRICS:
-        vals = [r[k] for r in runs if r.get(k) is not None]
-        out[k] = round(statistics.median(vals), 4) if vals else None
-    out["runs"] = runs
-    return out
-
-
 def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: bool) -> dict:
     s = SCALES[scale]
     model_dir = build_models(scale)
@@ -227,15 +189,12 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
                 "policy_params": info["policy_params"], "peer_reward_params": info["reward_params"],
                 "arch": {k: info[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                               "num_attention_heads", "vocab_size")}}
-    res = {"settings": settings, "ours": summarise(ours)}
+    res = {"settings": settings, "ours": summarise(ours, METRICS)}
     if not ours_only:
-        res["peer"] = summarise(peer)
+        res["peer"] = summarise(peer, METRICS)
         res["peer"]["name"] = "trl 1.12.0 trl.experimental.ppo.PPOTrainer, peft_config=LoRA (policy, value, reward)"
         res["ours"]["name"] = "stages.ppo (one frozen base, 4 LoRA adapters)"
-        ratio = {}
-        for k in ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb"):
-            a, b = res["ours"][k], res["peer"][k]
-            ratio[k] = round(a / b, 3) if a and b else None
+        ratio = speed_memory_ratio(res["ours"], res["peer"])
         a, b = res["ours"]["reward_gain"], res["peer"]["reward_gain"]
         ratio["reward_gain_diff"] = round(a - b, 4) if a is not None and b is not None else None
         ratio["meets_episodes_per_s_target"] = ratio["episodes_per_s"] is not None and ratio["episodes_per_s"] >= 1.5
@@ -281,15 +240,7 @@ def main(argv=None) -> dict:
     for sc in scales:
         rounds = a.rounds if (a.rounds and sc == "tiny") else SCALES[sc]["rounds"]
         result[sc] = bench_scale(sc, rounds, peer_python, a.ours_only)
-    result["meta"] = {
-        "targets": TARGETS, "wall_s": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_1m_5m_15m_end": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(),
-        "machine": platform.platform(), "env": {k: env()[k] for k in ENV_DEFAULTS},
-        "versions_ours": package_versions(), "versions_peer": peer_versions, "git_commit": git_commit(),
-        "ours_only": a.ours_only, "peer_python": peer_python,
-        "measurement": "episodes/s and gen tokens/s over training wall time (no imports/loading); peak_rss_mb = child "
-                       "ru_maxrss via os.wait4; medians over rounds; rounds alternate which side goes first",
-    }
+    result["meta"] = meta(TARGETS, t0, versions_peer=peer_versions, ours_only=a.ours_only, peer_python=peer_python)
     atomic_write_json(Path(a.output), result)
     log(f"wrote {a.output} in {result['meta']['wall_s']} s")
     for sc in scales:
