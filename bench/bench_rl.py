@@ -41,8 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import (gain_over_rounds, gain_verdict, gold_gain, gold_scores, logger, meta, run_child,
-                           speed_memory_ratio, summarise)
+from bench.harness import (GoldEval, add_gold, gain_verdict, gold_summary, logger, meta, run_child,
+                           speed_memory_ratio)
+from bench.story import base_of
 from pipeline.config import REPO_ROOT
 from pipeline.run import atomic_write_json
 
@@ -67,16 +68,9 @@ def build_models(scale: str) -> Path:
     return work
 
 
-def gold_of(work: Path, s: dict, policies: dict[str, tuple[Path, Path | None]], name: str) -> dict[str, list[float]]:
-    cmd = [sys.executable, "-m", "bench.gold", "--prompts", str(work / "heldout.jsonl"), "--samples", str(s["gold_samples"]),
-           "--seed", str(COMMON["gold_seed"]), "--max-new-tokens", str(COMMON["response_length"]),
-           "--temperature", str(COMMON["temperature"]), "--judge", COMMON["gold_judge"]]
-    return gold_scores(cmd, policies, OUT / "gold" / f"{name}.json", OUT / "logs" / f"gold-{name}.log")
-
-
 def side_result(res: dict, rss: float, wall: float, policy: tuple[Path, Path]) -> dict:
     """One side's run, measured the same way for both: speed from its JSON line, memory from wait4; the trained
-    policy is gold-evaluated by the harness afterwards."""
+    policy (base, adapter) is gold-evaluated by the harness afterwards (harness.add_gold)."""
     return {"episodes_per_s": res["episodes_per_s"], "gen_tokens_per_s": res.get("gen_tokens_per_s"),
             "peak_rss_mb": round(rss, 1), "world_size": res.get("world_size"), "process_wall_s": round(wall, 2),
             "policy": [str(p) for p in policy], "detail": res}
@@ -104,36 +98,10 @@ def run_side(side: str, method: str, work: Path, s: dict, rnd: int) -> dict:
     return side_result(res, rss, wall, policy)
 
 
-def base_of(work: Path) -> Path:
-    return Path(json.loads((work / "BUILD_INFO.json").read_text())["base"])
-
-
-def add_gold(runs: dict[str, list[dict]], work: Path, s: dict, method: str) -> list[float]:
-    """Every trained policy of the method and the SFT start, gold-scored in one process with one seed; each run
-    gets its gold gain (bench/harness.py gold_gain). Returns the SFT policy's scores."""
-    policies = {"sft": (base_of(work), work / "sft")}
-    for side, rs in runs.items():
-        for r in rs:
-            policies[f"{side}-r{r['round']}"] = tuple(Path(p) for p in r["policy"])
-    scores = gold_of(work, s, policies, f"{work.name}-{method}")
-    for side, rs in runs.items():
-        for r in rs:
-            r.update(gold_gain(scores["sft"], scores[f"{side}-r{r['round']}"]))
-            log(f"  {method} {side} round {r['round']}: gold {r['gold_before']} -> {r['gold_after']} "
-                f"(gain {r['gold_gain']} +- {r['gold_gain_paired_se']})")
-    return scores["sft"]
-
-
 def rm_accuracy(work: Path) -> float | None:
     """The story reward model's held-out accuracy on its simulated labels (None for micro's random one)."""
     manifest = work / "runs" / "bench" / "rm" / "manifest.json"
     return json.loads(manifest.read_text())["metrics"].get("eval_accuracy") if manifest.exists() else None
-
-
-def summary(runs: list[dict]) -> dict:
-    out = summarise(runs, METRICS)
-    out.update({k: v for k, v in gain_over_rounds([r["gold_gain"] for r in runs]).items() if k != "gold_gain"})
-    return out
 
 
 def bench_method(method: str, scale: str, work: Path, s: dict) -> dict:
@@ -146,7 +114,7 @@ def bench_method(method: str, scale: str, work: Path, s: dict) -> dict:
             r["round"], r["load_1m_start"], r["load_1m_end"] = rnd, load, round(os.getloadavg()[0], 2)
             log(f"  {side}: {r['episodes_per_s']} ep/s, {r['peak_rss_mb']} MB, {r['process_wall_s']} s")
             runs[side].append(r)
-    before = add_gold(runs, work, s, method)
+    before = add_gold(runs, GoldEval(work, s["gold_samples"], COMMON), OUT, f"{work.name}-{method}", log)
     res = {"settings": {"scale": scale, "method": method, "config": METHODS[method], **s, **COMMON,
                         "episodes_per_run": s["batch_size"] * s["updates"],
                         "prompts_per_update": s["batch_size"] // s["samples_per_prompt"],
@@ -161,7 +129,7 @@ def bench_method(method: str, scale: str, work: Path, s: dict) -> dict:
                         "rm_eval_accuracy": rm_accuracy(work),
                         "heldout_prompts": len((work / "heldout.jsonl").read_text().splitlines()),
                         "gold_before": round(sum(before) / len(before), 4)},
-           "ours": summary(runs["ours"]), "peer": summary(runs["peer"])}
+           "ours": gold_summary(runs["ours"], METRICS), "peer": gold_summary(runs["peer"], METRICS)}
     res["ours"]["name"] = f"stages.ppo advantage_estimator={method} (one frozen base, 3 LoRA adapters)"
     res["peer"]["name"] = f"trl {method.upper()}Trainer 1.16, peft_config=LoRA, reward_funcs=merged reward model"
     ratio = speed_memory_ratio(res["ours"], res["peer"])

@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import REPO_ROOT
@@ -100,6 +101,13 @@ def gain_over_rounds(gains: list[float]) -> dict:
             "gold_gain_se": round(se, 4) if se is not None else None, "rounds": len(gains)}
 
 
+def gold_summary(runs: list[dict], metrics: tuple[str, ...]) -> dict:
+    """summarise(), plus the gold gain's mean and SE over rounds."""
+    out = summarise(runs, metrics)
+    out.update({k: v for k, v in gain_over_rounds([r["gold_gain"] for r in runs]).items() if k != "gold_gain"})
+    return out
+
+
 def gain_verdict(ours: dict, peer: dict) -> dict:
     """Is our gold gain at least the peer's within SE? Ours passes unless it lies below the peer's by more than the
     standard error of the difference of the two means (sqrt(se_ours^2 + se_peer^2)); no SE (one round): no verdict."""
@@ -110,6 +118,39 @@ def gain_verdict(ours: dict, peer: dict) -> dict:
     se = math.sqrt(sa ** 2 + sb ** 2) if sa is not None and sb is not None else None
     return {"gold_gain_diff": round(a - b, 4), "gold_gain_diff_se": round(se, 4) if se is not None else None,
             "meets_gold_gain_target": (a - b >= -se) if se is not None else None}
+
+
+@dataclass
+class GoldEval:
+    """How the gold is measured: a built story work folder (bench/story.py: heldout.jsonl, sft/), samples per
+    held-out prompt, and the sampling settings (response_length, temperature, gold_seed, gold_judge)."""
+    work: Path
+    samples: int
+    common: dict
+
+    def command(self) -> list[str]:
+        c = self.common
+        return [sys.executable, "-m", "bench.gold", "--prompts", str(self.work / "heldout.jsonl"),
+                "--samples", str(self.samples), "--seed", str(c["gold_seed"]), "--max-new-tokens",
+                str(c["response_length"]), "--temperature", str(c["temperature"]), "--judge", c["gold_judge"]]
+
+
+def add_gold(runs: dict[str, list[dict]], gold: GoldEval, out: Path, name: str, log) -> list[float]:
+    """Every trained policy (each run's "policy": [base, adapter]) and the SFT start, gold-scored in one process
+    with one seed; each run gets its gold gain (gold_gain). Returns the SFT policy's scores."""
+    from bench.story import base_of
+
+    policies = {"sft": (base_of(gold.work), gold.work / "sft")}
+    for side, rs in runs.items():
+        for r in rs:
+            policies[f"{side}-r{r['round']}"] = tuple(Path(p) for p in r["policy"])
+    scores = gold_scores(gold.command(), policies, out / "gold" / f"{name}.json", out / "logs" / f"gold-{name}.log")
+    for side, rs in runs.items():
+        for r in rs:
+            r.update(gold_gain(scores["sft"], scores[f"{side}-r{r['round']}"]))
+            log(f"  {name} {side} round {r['round']}: gold {r['gold_before']} -> {r['gold_after']} "
+                f"(gain {r['gold_gain']} +- {r['gold_gain_paired_se']})")
+    return scores["sft"]
 
 
 def gold_scores(cmd_prefix: list[str], policies: dict[str, tuple[Path, Path | None]], out: Path,

@@ -1,4 +1,6 @@
-"""Our side of `make bench-ppo`: stages.ppo on the peer workload (bench/peer/peer_common.py models and prompts).
+"""Our side of `make bench-ppo` and `make bench-rl`: stages.ppo on the peer workload (bench/peer/peer_common.py
+models and prompts), or on the story task's folder (bench/story.py writes the same layout; --config picks ppo, grpo
+or rloo).
 
     python -m bench.run_ours prepare --model-dir bench/out/models/tiny --work bench/out/ours/tiny
     python -m bench.run_ours run --model-dir ... --work ... --run r1 [--updates 12 --batch-size 32 ...]

@@ -135,6 +135,11 @@ def merged(base_dir: Path, adapter: Path, out: Path, kind: str, probe: list[list
     tok.save_pretrained(out)
 
 
+def base_of(work: Path) -> Path:
+    """The base model folder the sft and rm adapters of a built work folder sit on."""
+    return Path(json.loads((work / "BUILD_INFO.json").read_text())["base"])
+
+
 def build(scale: str, work: Path) -> None:
     if (work / "DONE").exists():
         return
@@ -164,13 +169,50 @@ def build(scale: str, work: Path) -> None:
     (work / "DONE").write_text("ok\n")
 
 
+def n_params(safetensors_file: Path) -> int:
+    from math import prod
+
+    from safetensors import safe_open
+
+    with safe_open(str(safetensors_file), "pt") as f:
+        return sum(prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def ppo_peer_folder(work: Path, peer: Path) -> None:
+    """The folder TRL 1.12's PPO peer (bench/peer/peer_ppo_trl112.py) reads, for make bench-ppo's story scale: the
+    merged SFT policy, the merged reward model as its reward and value model, and the training prompts
+    chat-templated into text (it tokenizes plain strings without special tokens; the template's <s> and role
+    headers are special tokens of the tokenizer, so the ids are the chat template's)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    peer.mkdir(parents=True, exist_ok=True)
+    for name, target in (("policy", "peer_policy"), ("reward", "peer_reward"), ("value", "peer_reward")):
+        link = peer / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to((work / target).resolve())
+    tok = AutoTokenizer.from_pretrained(work / "peer_policy")
+    rows = [json.loads(ln)["prompt"] for ln in (work / "prompts.jsonl").read_text().splitlines() if ln.strip()]
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in rows]
+    (peer / "prompts.json").write_text(json.dumps(texts, indent=0))
+    cfg = AutoConfig.from_pretrained(work / "peer_policy")
+    arch = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                         "vocab_size")}
+    counts = {f"{d}_params": n_params(work / f"peer_{d}" / "model.safetensors") for d in ("policy", "reward")}
+    (peer / "BUILD_INFO.json").write_text(json.dumps({"scale": "story", **arch, **counts}, indent=1))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("cmd", choices=["build"])
-    ap.add_argument("--scale", choices=["story", "micro"], required=True)
+    ap.add_argument("cmd", choices=["build", "ppo-peer"])
+    ap.add_argument("--scale", choices=["story", "micro"], default="story")
     ap.add_argument("--work", required=True)
+    ap.add_argument("--peer", help="ppo-peer: the folder to write")
     a = ap.parse_args(argv)
-    build(a.scale, Path(a.work).resolve())
+    if a.cmd == "build":
+        build(a.scale, Path(a.work).resolve())
+    else:
+        ppo_peer_folder(Path(a.work).resolve(), Path(a.peer).resolve())
 
 
 if __name__ == "__main__":
