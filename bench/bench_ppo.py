@@ -41,8 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import (GoldEval, add_gold, env, gain_verdict, gold_summary, logger, meta, run_child,
-                           speed_memory_ratio, summarise)
+from bench.harness import (GoldEval, add_gold, env, gain_verdict, gold_summary, logger, meta, paired_ratios,
+                           run_child, speed_memory_ratio, summarise)
 from bench.story import base_of
 from pipeline.config import REPO_ROOT
 from pipeline.run import atomic_write_json
@@ -233,6 +233,8 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
         res["peer"]["name"] = "trl 1.12.0 trl.experimental.ppo.PPOTrainer, peft_config=LoRA (policy, value, reward)"
         res["ours"]["name"] = "stages.ppo (one frozen base, 4 LoRA adapters)"
         ratio = speed_memory_ratio(res["ours"], res["peer"])
+        for key in ("episodes_per_s", "peak_rss_mb"):
+            ratio.update(paired_ratios(ours, peer, key))
         a, b = res["ours"]["reward_gain"], res["peer"]["reward_gain"]
         ratio["reward_gain_diff"] = round(a - b, 4) if a is not None and b is not None else None
         ratio["meets_episodes_per_s_target"] = ratio["episodes_per_s"] is not None and ratio["episodes_per_s"] >= 1.5

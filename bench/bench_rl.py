@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import (GoldEval, add_gold, gain_verdict, gold_summary, logger, meta, run_child,
+from bench.harness import (GoldEval, add_gold, gain_verdict, gold_summary, logger, meta, paired_ratios, run_child,
                            speed_memory_ratio)
 from bench.story import base_of
 from pipeline.config import REPO_ROOT
@@ -133,6 +133,8 @@ def bench_method(method: str, scale: str, work: Path, s: dict) -> dict:
     res["ours"]["name"] = f"stages.ppo advantage_estimator={method} (one frozen base, 3 LoRA adapters)"
     res["peer"]["name"] = f"trl {method.upper()}Trainer 1.16, peft_config=LoRA, reward_funcs=merged reward model"
     ratio = speed_memory_ratio(res["ours"], res["peer"])
+    for key in ("episodes_per_s", "peak_rss_mb"):
+        ratio.update(paired_ratios(runs["ours"], runs["peer"], key))
     ratio["meets_episodes_per_s_target"] = ratio["episodes_per_s"] is not None and ratio["episodes_per_s"] >= 1.5
     ratio["meets_peak_rss_target"] = ratio["peak_rss_mb"] is not None and ratio["peak_rss_mb"] <= 0.7
     res["ratio"] = {**ratio, **gain_verdict(res["ours"], res["peer"])}

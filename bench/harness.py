@@ -71,6 +71,14 @@ def speed_memory_ratio(ours: dict, peer: dict, keys=("episodes_per_s", "gen_toke
     return ratio
 
 
+def paired_ratios(ours: list[dict], peer: list[dict], key: str) -> dict:
+    """ours / peer of `key` within each round (the two ran back to back, under about the same load from other jobs),
+    and their median: steadier than the ratio of the two medians when the machine's load swings between rounds."""
+    by_round = {r["round"]: r[key] for r in peer if r.get(key)}
+    ratios = [round(r[key] / by_round[r["round"]], 3) for r in ours if r.get(key) and r["round"] in by_round]
+    return {f"{key}_per_round": ratios, f"{key}_median_of_rounds": round(statistics.median(ratios), 3) if ratios else None}
+
+
 def meta(targets: dict, t0: float, **extra) -> dict:
     return {"targets": targets, "wall_s": round(time.perf_counter() - t0, 1),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench.harness import gain_over_rounds, gain_verdict, gold_gain
+from bench.harness import gain_over_rounds, gain_verdict, gold_gain, paired_ratios
 from tests.conftest import run_python
 
 
@@ -40,6 +40,13 @@ def test_gain_verdict_within_se():
     assert v["gold_gain_diff"] == 0.1 and v["meets_gold_gain_target"] is None  # one round: no verdict
 
 
+def test_paired_ratios_by_round():
+    ours = [{"round": 1, "x": 4.0}, {"round": 2, "x": 9.0}, {"round": 3, "x": 6.0}]
+    peer = [{"round": 2, "x": 3.0}, {"round": 1, "x": 2.0}, {"round": 3, "x": 6.0}]  # matched by round, not order
+    assert paired_ratios(ours, peer, "x") == {"x_per_round": [2.0, 3.0, 1.0], "x_median_of_rounds": 2.0}
+    assert paired_ratios(ours, [], "x") == {"x_per_round": [], "x_median_of_rounds": None}
+
+
 @pytest.mark.slow
 def test_bench_rl_micro(tmp_path):
     """Micro scale, GRPO, 1 round of 2 updates: both sides run, on one process each, on equal batches; the gold
@@ -68,4 +75,6 @@ def test_bench_rl_micro(tmp_path):
         assert {k: run[k] for k in ("gold_before", "gold_after", "gold_gain", "gold_gain_paired_se")} == \
             gold_gain(gold["sft"]["scores"], gold[f"{side}-r1"]["scores"])
     assert len(gold["sft"]["scores"]) == 8 * 2  # 8 held-out prompts x 2 samples
+    assert g["ratio"]["episodes_per_s_per_round"] == [round(g["ours"]["runs"][0]["episodes_per_s"]
+                                                            / g["peer"]["runs"][0]["episodes_per_s"], 3)]
     assert g["ratio"]["episodes_per_s"] == round(g["ours"]["episodes_per_s"] / g["peer"]["episodes_per_s"], 3)
