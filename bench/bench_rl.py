@@ -23,7 +23,10 @@ generation feeds exactly one optimizer step (TRL's _step counts micro-batches an
 steps_per_generation x num_iterations of them); num_iterations 1 = num_ppo_epochs 1; num_generations =
 num_samples_per_prompt; max_steps = updates.
 Not equal by design: TRL's RLOO takes a sequence-level ratio and averages the loss per sequence; ours, and TRL's
-GRPO (loss_type "dapo"), average per token over the batch.
+GRPO (loss_type "dapo"), average per token over the batch. The peer's LoRA is fresh (B = 0) on the merged SFT
+model; ours trains the SFT adapter itself (as `make grpo` does), so it moves further per step. TRL re-templates the
+decoded completion for the reward model as is; ours strips surrounding whitespace first (pipeline.generation), so
+a reply that starts with a space gets one token fewer in the reward model's input.
 
 Gold gain: the harness samples 4 responses for each held-out prompt (82 story prompts neither side trained on)
 from the SFT policy and from each trained policy, with one fixed seed, in its own process (bench/gold.py), and
