@@ -78,3 +78,14 @@ def test_bench_rl_micro(tmp_path):
     assert g["ratio"]["episodes_per_s_per_round"] == [round(g["ours"]["runs"][0]["episodes_per_s"]
                                                             / g["peer"]["runs"][0]["episodes_per_s"], 3)]
     assert g["ratio"]["episodes_per_s"] == round(g["ours"]["episodes_per_s"] / g["peer"]["episodes_per_s"], 3)
+
+
+def test_make_bench_rl_target():
+    """`make bench-rl` runs this harness, and `make bench` includes it."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    for target in ("bench-rl", "bench"):
+        out = subprocess.run(["make", "-n", target, "PY=python"], cwd=REPO, capture_output=True, text=True).stdout
+        assert "python -m bench.bench_rl" in out, (target, out)
