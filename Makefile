@@ -55,7 +55,7 @@ stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED)
 	$(MODEL_ARG) $(call args_for,$(1),$(3))
 
 .PHONY: setup test base sft rm ppo grpo rloo dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rm bench-story clean-run
+	bench-ppo bench-rl bench-rm bench-story clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -129,11 +129,14 @@ eval: $(or $(EVAL_POLICIES),ppo)
 publish: eval
 	$(PY) -m $(STAGE_PKG).publish --config configs/publish.yaml --run $(RUN) --runs_dir $(RUNS_DIR) $(if $(REPO),--repo_id $(REPO)) $(ARGS)
 
-bench: bench-sft bench-ppo bench-rm
+bench: bench-sft bench-ppo bench-rl bench-rm
 bench-sft: setup
 	$(PY) -m bench.bench_sft
 bench-ppo: setup
 	$(PY) -m bench.bench_ppo
+# GRPO and RLOO (stages/ppo) against TRL 1.16's GRPOTrainer and RLOOTrainer on the story task: bench/results/rl.json.
+bench-rl: setup
+	$(PY) -m bench.bench_rl
 bench-rm: setup
 	$(PY) -m bench.rm_rules
 # The default story run under seeds 1-3 (make sft rm ppo eval each): gold gain, win rate, wall time -> bench/results/story.json

@@ -1,6 +1,7 @@
 """PPO benchmark: our stage (stages/ppo) against TRL 1.12's PPOTrainer (LoRA path), same models and workload.
 
-    make bench-ppo                                   # tiny (2 rounds x 12 updates) + 125m (1 round x 2 updates)
+    make bench-ppo                                   # tiny (2 rounds x 12 updates), 125m (1 x 2), story (3 x 8)
+    python -m bench.bench_ppo --scales story --rounds 3 --output /tmp/ppo.json       # the gold gain only
     python -m bench.bench_ppo --scales tiny --rounds 3 --output /tmp/ppo.json
     python -m bench.bench_ppo --ours-only --scales micro --output /tmp/x.json     # harness smoke test, no TRL venv
 
@@ -17,6 +18,10 @@ Same reward function: our reward model is a seeded LoRA SEQ_CLS adapter on the p
 model's `score` head); the peer gets that very model merged into a standalone one (bench/run_ours.py checks the two
 score alike) as its reward model and as its value model's start. reward_gain = the least-squares slope of the
 per-update mean score x (updates - 1), computed here from each side's per-update scores.
+story scale (issue 11): the story task's models of bench-rl (bench/story.py: models/tiny, SFT and reward adapters
+from the real stages; the peer gets them merged, and the prompts chat-templated), lr 1e-3; each trained policy's
+gold gain on the held-out story prompts is measured by the harness as in bench-rl (bench/harness.py add_gold:
+sentiment judge, before = the SFT policy, paired samples, SE over rounds).
 Not equal by design: TRL 1.12 holds separate full value and reward models (value fully trained); ours is one frozen
 base with four LoRA adapters (policy, reference, value, reward), the value adapter training its top layer.
 
@@ -31,43 +36,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.harness import (GoldEval, add_gold, env, gain_verdict, gold_summary, logger, meta, paired_ratios,
+                           run_child, speed_memory_ratio, summarise)
+from bench.story import base_of
 from pipeline.config import REPO_ROOT
-from pipeline.run import atomic_write_json, git_commit, package_versions
+from pipeline.run import atomic_write_json
 
 BENCH = REPO_ROOT / "bench"
 PEER_DIR = BENCH / "peer"
 OUT = BENCH / "out"
 VENV = BENCH / ".venv-trl112"
 PEER_PINS = ["trl==1.12.0", "peft==0.21.2", "transformers==5.24.0", "accelerate==1.15.0", "datasets==5.2.0"]
-ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_DISABLE_TELEMETRY": "1"}
 # Per scale: episodes per update, micro-batch, updates, default rounds.
 SCALES = {
     "tiny": dict(batch_size=32, per_device_batch=8, updates=12, rounds=2),
     "125m": dict(batch_size=8, per_device_batch=8, updates=2, rounds=1),  # "a few updates are enough for memory"
     "micro": dict(batch_size=8, per_device_batch=4, updates=2, rounds=1),  # harness smoke test only
+    # The story task (bench/story.py, shared with bench-rl): gold gain over seeds (issue 11), at the bench lr 1e-3
+    "story": dict(batch_size=32, per_device_batch=8, updates=8, rounds=3, gold_samples=4, lr=1e-3),
 }
+GOLD = dict(response_length=32, temperature=0.7, gold_seed=1234, gold_judge="sentiment")
 COMMON = dict(ppo_epochs=4, response_length=32, temperature=0.7, lr=3e-6, kl_coef=0.05, seed=42, lora_r=16, precision="fp32")
 TARGETS = {"episodes_per_s_ratio_min": 1.5, "peak_rss_ratio_max_125m": 0.6, "reward_gain": ">= peer"}
 METRICS = ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "reward_gain", "reward_gain_se")
-
-
-def log(msg: str) -> None:
-    print(f"[bench-ppo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    for k, v in ENV_DEFAULTS.items():
-        e.setdefault(k, v)
-    return e
+log = logger("bench-ppo")
 
 
 def ensure_peer_venv(python: str | None) -> str:
@@ -88,20 +85,16 @@ def ensure_peer_venv(python: str | None) -> str:
     return str(py)
 
 
-def run_child(cmd: list[str], logfile: Path, want_json: bool = True) -> tuple[dict, float, float]:
-    """Run one side; (its last-line JSON, its peak RSS in MB from wait4, wall s). Output goes to logfile."""
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(logfile, "w") as f:
-        p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT)
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        tail = "".join(logfile.read_text().splitlines(True)[-25:])
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (rc {p.returncode}); see {logfile}:\n{tail}")
-    lines = [ln for ln in logfile.read_text().splitlines() if ln.startswith("{")] if want_json else []
-    return (json.loads(lines[-1]) if lines else {}), ru.ru_maxrss / 1024.0, wall
+def story_dirs() -> tuple[Path, Path]:
+    """The story task's work folder (built once by bench/story.py, shared with bench-rl: models/tiny, the SFT and
+    reward adapters from the real stages) and the peer's folder made from it (merged SFT policy; merged reward model
+    as reward and value model; the training prompts chat-templated)."""
+    work, peer = OUT / "rl" / "story", OUT / "models" / "story-peer"
+    run_child([sys.executable, "-m", "bench.story", "build", "--scale", "story", "--work", str(work)],
+              OUT / "logs" / "story-build.log", want_json=False)
+    run_child([sys.executable, "-m", "bench.story", "ppo-peer", "--work", str(work), "--peer", str(peer)],
+              OUT / "logs" / "story-ppo-peer.log", want_json=False)
+    return work, peer
 
 
 def build_models(scale: str) -> Path:
@@ -115,10 +108,11 @@ def build_models(scale: str) -> Path:
 
 def side_args(s: dict, rnd: int) -> list[str]:
     """Round r runs both sides with seed 42 + r - 1: the reward gain is a median over different samples."""
+    lr = s.get("lr", COMMON["lr"])
     return ["--updates", str(s["updates"]), "--batch-size", str(s["batch_size"]),
             "--per-device-batch", str(s["per_device_batch"]), "--ppo-epochs", str(COMMON["ppo_epochs"]),
             "--response-length", str(COMMON["response_length"]), "--temperature", str(COMMON["temperature"]),
-            "--lr", str(COMMON["lr"]), "--kl-coef", str(COMMON["kl_coef"]), "--seed", str(COMMON["seed"] + rnd - 1)]
+            "--lr", str(lr), "--kl-coef", str(COMMON["kl_coef"]), "--seed", str(COMMON["seed"] + rnd - 1)]
 
 
 def _line(scores: list[float]) -> tuple[float, float]:
@@ -165,10 +159,12 @@ def prepare_ours(scale: str, model_dir: Path) -> Path:
     return work
 
 
-def run_ours(scale: str, model_dir: Path, s: dict, rnd: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.run_ours", "run", "--model-dir", str(model_dir), "--work", str(OUT / "ours" / scale),
-           "--run", f"r{rnd}"] + side_args(s, rnd)
-    return side_result(*run_child(cmd, OUT / "logs" / f"{scale}-ours-r{rnd}.log"))
+def run_ours(scale: str, work: Path, s: dict, rnd: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.run_ours", "run", "--model-dir", str(work), "--work", str(work),
+           "--run", f"ppo-r{rnd}"] + side_args(s, rnd)
+    r = side_result(*run_child(cmd, OUT / "logs" / f"{scale}-ours-r{rnd}.log"))
+    r["policy"] = [str(base_of(work)), r["detail"]["adapter"]] if scale == "story" else None
+    return r
 
 
 def peer_model_dir(scale: str, model_dir: Path) -> Path:
@@ -189,26 +185,24 @@ def peer_model_dir(scale: str, model_dir: Path) -> Path:
 
 
 def run_peer(scale: str, peer_dir: Path, s: dict, rnd: int, python: str) -> dict:
+    saved = OUT / "peer_trl112" / f"{scale}-policy-r{rnd}"
     cmd = [python, str(PEER_DIR / "peer_ppo_trl112.py"), "--lora", "--model-dir", str(peer_dir),
-           "--out-dir", str(OUT / "peer_trl112" / scale)] + side_args(s, rnd)
-    return side_result(*run_child(cmd, OUT / "logs" / f"{scale}-peer-r{rnd}.log"))
-
-
-def summarise(runs: list[dict]) -> dict:
-    out = {}
-    for k in METRICS:
-        vals = [r[k] for r in runs if r.get(k) is not None]
-        out[k] = round(statistics.median(vals), 4) if vals else None
-    out["runs"] = runs
-    return out
+           "--out-dir", str(OUT / "peer_trl112" / scale), "--save-policy", str(saved)] + side_args(s, rnd)
+    r = side_result(*run_child(cmd, OUT / "logs" / f"{scale}-peer-r{rnd}.log"))
+    r["policy"] = [str(peer_dir / "policy"), str(saved)]
+    return r
 
 
 def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: bool) -> dict:
     s = SCALES[scale]
-    model_dir = build_models(scale)
+    if scale == "story":
+        work, model_dir = story_dirs()
+        peer_dir = model_dir
+    else:
+        model_dir = build_models(scale)
+        work = prepare_ours(scale, model_dir)
+        peer_dir = None if ours_only else peer_model_dir(scale, model_dir)
     info = json.loads((model_dir / "BUILD_INFO.json").read_text())
-    prepare_ours(scale, model_dir)
-    peer_dir = None if ours_only else peer_model_dir(scale, model_dir)
     ours, peer = [], []
     for rnd in range(1, rounds + 1):
         order = ["ours", "peer"] if rnd % 2 else ["peer", "ours"]
@@ -217,28 +211,35 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
                 continue
             load = round(os.getloadavg()[0], 2)
             log(f"{scale} round {rnd}/{rounds}: {side} (load {load})")
-            r = run_ours(scale, model_dir, s, rnd) if side == "ours" else run_peer(scale, peer_dir, s, rnd, peer_python)
+            r = run_ours(scale, work, s, rnd) if side == "ours" else run_peer(scale, peer_dir, s, rnd, peer_python)
             r["round"], r["load_1m_start"], r["load_1m_end"] = rnd, load, round(os.getloadavg()[0], 2)
             log(f"  {side}: {r['episodes_per_s']} ep/s, {r['gen_tokens_per_s']} gen tok/s, {r['peak_rss_mb']} MB, "
                 f"reward gain {r['reward_gain']}, {r['process_wall_s']} s")
             (ours if side == "ours" else peer).append(r)
-    settings = {**s, "rounds": rounds, **COMMON, "episodes_per_run": s["batch_size"] * s["updates"],
+    metrics = METRICS
+    if scale == "story":  # gold gain of every trained policy on the held-out story prompts (bench/harness.py)
+        sides = {"ours": ours} if ours_only else {"ours": ours, "peer": peer}
+        add_gold(sides, GoldEval(work, s["gold_samples"], GOLD), OUT, "story-ppo", log)
+        metrics = METRICS + ("gold_gain",)
+    settings = {**COMMON, **s, "rounds": rounds, "episodes_per_run": s["batch_size"] * s["updates"],
                 "grad_accum": s["batch_size"] // s["per_device_batch"], "num_mini_batches": 1, "stop_token": None,
                 "policy_params": info["policy_params"], "peer_reward_params": info["reward_params"],
                 "arch": {k: info[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                               "num_attention_heads", "vocab_size")}}
-    res = {"settings": settings, "ours": summarise(ours)}
+    summary = (lambda runs: gold_summary(runs, metrics)) if scale == "story" else (lambda runs: summarise(runs, metrics))
+    res = {"settings": settings, "ours": summary(ours)}
     if not ours_only:
-        res["peer"] = summarise(peer)
+        res["peer"] = summary(peer)
         res["peer"]["name"] = "trl 1.12.0 trl.experimental.ppo.PPOTrainer, peft_config=LoRA (policy, value, reward)"
         res["ours"]["name"] = "stages.ppo (one frozen base, 4 LoRA adapters)"
-        ratio = {}
-        for k in ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb"):
-            a, b = res["ours"][k], res["peer"][k]
-            ratio[k] = round(a / b, 3) if a and b else None
+        ratio = speed_memory_ratio(res["ours"], res["peer"])
+        for key in ("episodes_per_s", "peak_rss_mb"):
+            ratio.update(paired_ratios(ours, peer, key))
         a, b = res["ours"]["reward_gain"], res["peer"]["reward_gain"]
         ratio["reward_gain_diff"] = round(a - b, 4) if a is not None and b is not None else None
         ratio["meets_episodes_per_s_target"] = ratio["episodes_per_s"] is not None and ratio["episodes_per_s"] >= 1.5
+        if scale == "story":
+            ratio.update(gain_verdict(res["ours"], res["peer"]))
         if scale == "125m":
             ratio["meets_peak_rss_target"] = ratio["peak_rss_mb"] is not None and ratio["peak_rss_mb"] <= 0.6
         res["ratio"] = ratio
@@ -247,8 +248,9 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
 
 def parse_bench_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scales", default="tiny,125m", help="Comma list of tiny, 125m, micro.")
-    p.add_argument("--rounds", type=int, default=None, help="Rounds at tiny (default 2); 125m and micro run 1.")
+    p.add_argument("--scales", default="tiny,125m,story", help="Comma list of tiny, 125m, story, micro.")
+    p.add_argument("--rounds", type=int, default=None, help="Rounds at tiny and story (default 2, 3); 125m and micro run 1.")
+    p.add_argument("--updates", type=int, default=None, help="Updates per run at every scale (default: the scale's).")
     p.add_argument("--ours-only", action="store_true", help="Skip the peer (and its venv): harness smoke test.")
     p.add_argument("--peer_python", default=None, help="A python with trl==1.12.0 (default: bench/.venv-trl112, made once).")
     p.add_argument("--lr", type=float, default=None, help=f"Learning rate for both sides (default {COMMON['lr']}).")
@@ -279,17 +281,11 @@ def main(argv=None) -> dict:
         peer_versions = json.loads(subprocess.run([peer_python, "-c", code], env=env(), capture_output=True, text=True,
                                                   check=True).stdout.strip().splitlines()[-1])
     for sc in scales:
-        rounds = a.rounds if (a.rounds and sc == "tiny") else SCALES[sc]["rounds"]
+        if a.updates:
+            SCALES[sc]["updates"] = a.updates
+        rounds = a.rounds if (a.rounds and sc in ("tiny", "story")) else SCALES[sc]["rounds"]
         result[sc] = bench_scale(sc, rounds, peer_python, a.ours_only)
-    result["meta"] = {
-        "targets": TARGETS, "wall_s": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_1m_5m_15m_end": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(),
-        "machine": platform.platform(), "env": {k: env()[k] for k in ENV_DEFAULTS},
-        "versions_ours": package_versions(), "versions_peer": peer_versions, "git_commit": git_commit(),
-        "ours_only": a.ours_only, "peer_python": peer_python,
-        "measurement": "episodes/s and gen tokens/s over training wall time (no imports/loading); peak_rss_mb = child "
-                       "ru_maxrss via os.wait4; medians over rounds; rounds alternate which side goes first",
-    }
+    result["meta"] = meta(TARGETS, t0, versions_peer=peer_versions, ours_only=a.ours_only, peer_python=peer_python)
     atomic_write_json(Path(a.output), result)
     log(f"wrote {a.output} in {result['meta']['wall_s']} s")
     for sc in scales:

@@ -1,4 +1,6 @@
-"""Our side of `make bench-ppo`: stages.ppo on the peer workload (bench/peer/peer_common.py models and prompts).
+"""Our side of `make bench-ppo` and `make bench-rl`: stages.ppo on the peer workload (bench/peer/peer_common.py
+models and prompts), or on the story task's folder (bench/story.py writes the same layout; --config picks ppo, grpo
+or rloo).
 
     python -m bench.run_ours prepare --model-dir bench/out/models/tiny --work bench/out/ours/tiny
     python -m bench.run_ours run --model-dir ... --work ... --run r1 [--updates 12 --batch-size 32 ...]
@@ -80,16 +82,18 @@ def prepare(model_dir: Path, work: Path, seed: int = 0) -> None:
 
 def stage_args(a) -> list[str]:
     w = Path(a.work).resolve()
-    return ["--config", "configs/ppo.yaml", "--run", a.run, "--runs_dir", str(w / "runs"),
+    extra = [] if a.samples_per_prompt is None else ["--num_samples_per_prompt", str(a.samples_per_prompt)]
+    return ["--config", a.config, "--run", a.run, "--runs_dir", str(w / "runs"),
             "--model_config", str(w / "profile.yaml"), "--sft_adapter", str(w / "sft"), "--reward_adapter", str(w / "rm"),
             "--dataset_name", str(w / "prompts.jsonl"), "--heldout_fraction", "0", "--max_prompt_length", "64",
             "--per_device_train_batch_size", str(a.per_device_batch),
             "--gradient_accumulation_steps", str(a.batch_size // a.per_device_batch), "--num_mini_batches", "1",
             "--num_ppo_epochs", str(a.ppo_epochs), "--total_updates", str(a.updates),
-            "--response_length", str(a.response_length), "--stop_at_eos", "false", "--temperature", str(a.temperature),
-            "--learning_rate", str(a.lr), "--kl_coef", str(a.kl_coef), "--normalize_reward", "false",
-            "--missing_eos_penalty", "0", "--save_every", "0", "--sample_every", "0", "--progress_bar", "false",
-            "--seed", str(a.seed), "--auto_resume", "false"]
+            "--response_length", str(a.response_length), "--temperature", str(a.temperature),
+            "--learning_rate", str(a.lr), "--kl_coef", str(a.kl_coef), "--normalize_reward", "false", "--reward_clip", "0",
+            "--stop_at_eos", str(a.stop_at_eos).lower(), "--missing_eos_penalty", "0", "--save_every", "0",
+            "--sample_every", "0", "--keep_policy_every", "0", "--progress_bar", "false", "--seed", str(a.seed),
+            "--auto_resume", "false", *extra]
 
 
 def run(a) -> dict:
@@ -103,10 +107,13 @@ def run(a) -> dict:
            "total_wall_s": round(time.perf_counter() - T0, 3), "torch_threads": torch.get_num_threads()}
     for k in ("episodes", "updates", "episodes_per_s", "gen_tokens_per_s", "gen_only_tokens_per_s", "train_wall_s",
               "time_generate_s", "time_score_s", "time_train_s", "reward_first", "reward_last", "reward_gain",
-              "reward_window_updates", "kl_last", "peak_memory_mb", "model_copies", "frozen_params", "trainable_params"):
+              "reward_window_updates", "kl_last", "peak_memory_mb", "model_copies", "frozen_params", "trainable_params",
+              "world_size", "advantage_estimator", "method"):
         v = m.get(k)
         res[k] = round(v, 4) if isinstance(v, float) else v
-    metrics_jsonl = Path(a.work).resolve() / "runs" / a.run / "ppo" / "metrics.jsonl"
+    stage_dir = Path(a.work).resolve() / "runs" / a.run / m["method"]
+    res["adapter"] = str(stage_dir / "adapter")  # the trained policy, for the harness's gold evaluation
+    metrics_jsonl = stage_dir / "metrics.jsonl"
     res["scores"] = [json.loads(l)["reward_raw"] for l in metrics_jsonl.read_text().splitlines() if l.strip()]
     return res
 
@@ -126,6 +133,9 @@ def main_cli(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=3e-6)
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--config", default="configs/ppo.yaml", help="The stage config: ppo, grpo or rloo (bench-rl).")
+    ap.add_argument("--samples-per-prompt", type=int, default=None, help="num_samples_per_prompt (default: the config's).")
+    ap.add_argument("--stop-at-eos", action="store_true", help="Stop responses at EOS (bench-ppo's peer never stops).")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         prepare(Path(a.model_dir), Path(a.work))

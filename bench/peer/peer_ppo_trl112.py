@@ -1,6 +1,7 @@
 # Copied from the shared peer scripts (bench/ of the peer-baselines workspace, see PEERS.md there) for make bench-ppo;
 # changes: the JSON line also carries `scores` (objective/scores of every update), from which bench/bench_ppo.py
-# fits the reward gain the same way for both sides. Run by bench/bench_ppo.py with --model-dir/--out-dir under bench/out/.
+# fits the reward gain the same way for both sides; --save-policy keeps the trained LoRA policy (story scale: the
+# harness gold-evaluates it). Run by bench/bench_ppo.py with --model-dir/--out-dir under bench/out/.
 """Peer baseline: TRL 1.12.0's PPOTrainer (trl.experimental.ppo) on tiny, locally built Llama-style models, CPU.
 
 Run in .venv-trl112 (torch 2.13.0 CPU, trl 1.12.0). Prints one JSON object as its last line.
@@ -45,6 +46,7 @@ def parse():
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--model-dir", default=str(pc.DEFAULT_MODEL_DIR))
     ap.add_argument("--out-dir", default=str(pc.HERE / "out" / "ppo_trl112"))
+    ap.add_argument("--save-policy", default=None, help="save the trained policy (its LoRA adapter) here")
     return ap.parse_args()
 
 
@@ -117,6 +119,8 @@ def main():
     trainer.train()
     t_train = time.perf_counter() - t_setup
     cpu_train = pc.cpu_seconds() - c0
+    if a.save_policy:
+        trainer.model.policy.save_pretrained(a.save_policy)
 
     episodes = trainer.state.episode
     updates = trainer.state.global_step

@@ -1,0 +1,91 @@
+"""bench/bench_rl.py (make bench-rl) and the gold-gain arithmetic it shares with the other benchmarks (bench/harness.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench.harness import gain_over_rounds, gain_verdict, gold_gain, paired_ratios
+from tests.conftest import run_python
+
+
+def test_gold_gain_by_hand():
+    g = gold_gain(before=[0.0, 0.5, 1.0, -0.5], after=[0.5, 0.5, 2.0, 0.5])
+    # paired differences 0.5, 0, 1, 1: mean 0.625; sd sqrt(0.6875 / 3), SE = sd / sqrt(4)
+    assert g == {"gold_before": 0.25, "gold_after": 0.875, "gold_gain": 0.625,
+                 "gold_gain_paired_se": round(math.sqrt(0.6875 / 3) / 2, 4)}
+    assert gold_gain([0.1, 0.2], [0.1, 0.2])["gold_gain"] == 0.0  # the same samples: no gain, no spread
+    with pytest.raises(ValueError):
+        gold_gain([0.1, 0.2, 0.3], [0.1, 0.2])  # unpaired: refused, not truncated
+
+
+def test_gain_over_rounds_by_hand():
+    r = gain_over_rounds([0.1, 0.3, 0.2, 0.6])
+    assert r["gold_gain"] == 0.25 and r["gold_gain_mean"] == 0.3 and r["rounds"] == 4  # median of 4 = mid-pair mean
+    sd = math.sqrt((0.04 + 0.0 + 0.01 + 0.09) / 3)
+    assert r["gold_gain_se"] == round(sd / 2, 4)
+    assert gain_over_rounds([0.2])["gold_gain_se"] is None  # one round: no spread over seeds to measure
+    assert gain_over_rounds([])["gold_gain"] is None
+
+
+def test_gain_verdict_within_se():
+    # difference -0.05, SE of the difference sqrt(0.03^2 + 0.04^2) = 0.05: just within
+    v = gain_verdict({"gold_gain_mean": 0.10, "gold_gain_se": 0.03}, {"gold_gain_mean": 0.15, "gold_gain_se": 0.04})
+    assert v == {"gold_gain_diff": -0.05, "gold_gain_diff_se": 0.05, "meets_gold_gain_target": True}
+    v = gain_verdict({"gold_gain_mean": 0.09, "gold_gain_se": 0.03}, {"gold_gain_mean": 0.15, "gold_gain_se": 0.04})
+    assert v["meets_gold_gain_target"] is False
+    v = gain_verdict({"gold_gain_mean": 0.1, "gold_gain_se": None}, {"gold_gain_mean": 0.0, "gold_gain_se": None})
+    assert v["gold_gain_diff"] == 0.1 and v["meets_gold_gain_target"] is None  # one round: no verdict
+
+
+def test_paired_ratios_by_round():
+    ours = [{"round": 1, "x": 4.0}, {"round": 2, "x": 9.0}, {"round": 3, "x": 6.0}]
+    peer = [{"round": 2, "x": 3.0}, {"round": 1, "x": 2.0}, {"round": 3, "x": 6.0}]  # matched by round, not order
+    assert paired_ratios(ours, peer, "x") == {"x_per_round": [2.0, 3.0, 1.0], "x_median_of_rounds": 2.0}
+    assert paired_ratios(ours, [], "x") == {"x_per_round": [], "x_median_of_rounds": None}
+
+
+@pytest.mark.slow
+def test_bench_rl_micro(tmp_path):
+    """Micro scale, GRPO, 1 round of 2 updates: both sides run, on one process each, on equal batches; the gold
+    gain of each run is gold_gain() of the logged before/after gold scores."""
+    out, work = tmp_path / "rl.json", tmp_path / "work"
+    res = run_python("bench.bench_rl", ["--scale", "micro", "--methods", "grpo", "--output", str(out),
+                                        "--work_dir", str(work)], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data) == {"grpo", "meta"} and set(data["grpo"]) == {"settings", "ours", "peer", "ratio"}
+    g = data["grpo"]
+    for side in ("ours", "peer"):
+        for k in ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "gold_gain", "gold_gain_mean", "gold_gain_se"):
+            assert k in g[side], (side, k)
+        assert g[side]["episodes_per_s"] > 0 and g[side]["peak_rss_mb"] > 100
+        run = g[side]["runs"][0]
+        assert run["world_size"] == 1 and run["detail"]["episodes"] == 16  # 2 updates x 8 episodes
+    assert g["ours"]["runs"][0]["detail"]["advantage_estimator"] == "grpo"
+    peer = g["peer"]["runs"][0]["detail"]
+    assert peer["trl"] == "1.16.0" and peer["updates"] == 2 and peer["generate_calls"] == 2  # one generation an update
+    assert peer["config"]["generation_batch_size"] == 8 and peer["config"]["num_generations"] == 2
+    assert g["settings"]["trl_mapping"]["steps_per_generation"] == peer["config"]["steps_per_generation"] == 2
+    gold = json.loads((work / "gold" / "micro-grpo.json").read_text())
+    for side in ("ours", "peer"):
+        run = g[side]["runs"][0]
+        assert {k: run[k] for k in ("gold_before", "gold_after", "gold_gain", "gold_gain_paired_se")} == \
+            gold_gain(gold["sft"]["scores"], gold[f"{side}-r1"]["scores"])
+    assert len(gold["sft"]["scores"]) == 8 * 2  # 8 held-out prompts x 2 samples
+    assert g["ratio"]["episodes_per_s_per_round"] == [round(g["ours"]["runs"][0]["episodes_per_s"]
+                                                            / g["peer"]["runs"][0]["episodes_per_s"], 3)]
+    assert g["ratio"]["episodes_per_s"] == round(g["ours"]["episodes_per_s"] / g["peer"]["episodes_per_s"], 3)
+
+
+def test_make_bench_rl_target():
+    """`make bench-rl` runs this harness, and `make bench` includes it."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    for target in ("bench-rl", "bench"):
+        out = subprocess.run(["make", "-n", target, "PY=python"], cwd=REPO, capture_output=True, text=True).stdout
+        assert "python -m bench.bench_rl" in out, (target, out)
