@@ -5,7 +5,7 @@
 
 A simulated annotator stands in for people: it labels each pair of the pairs stage by a gold judge
 (pipeline/judges.py; VADER sentiment by default) with human-like noise, under the name `sim:<judge>`, through the
-store's own API (next_item, then save_label with the left/right order it was shown). Stats, agreement and
+store's own API (save_label, with the left/right order the store shows that annotator). Stats, agreement and
 `make label-export` then treat it like a person, and people can label the same store (`make label ARGS="--overlap 2"`
 to label pairs a simulator already did); the Stats tab shows how often people and simulators agree.
 
@@ -15,6 +15,9 @@ picks left with probability sigmoid((s_left - s_right) / temperature + position_
 hash of (seed, annotator, pair_id): the same labels whatever the order or the batch. temperature: null calibrates
 it so that the expected agreement with the gold ordering is target_agreement (0.73: trained labelers agreed with
 each other 72.6% of the time in Ouyang et al. 2022, 72-77% in Stiennon et al. 2020).
+
+annotators: N > 1 simulated annotators (sim:<judge>-1 ... -N) label every pair, each with its own draws: the overlap a
+labeling team uses to catch noise. label-export then keeps the majority's choice, as it does for people.
 
 Writes labels into runs/<run>/label/labels.sqlite, and runs/<run>/simulate/: gold_scores.jsonl (the judge's score of
 every response), config.json, manifest.json (last; metrics: agreement with the gold ordering achieved, and more).
@@ -36,6 +39,8 @@ class SimulateArgs:
     # Who
     judge: str = field(default="sentiment", metadata={"help": "Gold judge: sentiment, rm:<adapter or checkpoint>, module:function."})
     annotator: str = field(default="", metadata={"help": "Annotator name in the store; '' = sim:<judge name>. Must start with sim:."})
+    annotators: int = field(default=1, metadata={
+        "help": "Simulated annotators per pair (N > 1: <name>-1 ... <name>-N, independent draws; export takes the majority)."})
     # Noise model
     temperature: float | None = field(default=None, metadata={
         "help": "Bradley-Terry temperature on the score difference (judge units); null = calibrate to target_agreement."})
@@ -57,6 +62,8 @@ class SimulateArgs:
             raise ConfigError(f"temperature must be > 0 (or null to calibrate it), got {self.temperature}")
         if not 0.5 < self.target_agreement < 1:
             raise ConfigError(f"target_agreement must be between 0.5 (a coin) and 1 (no noise), got {self.target_agreement}")
+        if self.annotators < 1:
+            raise ConfigError(f"annotators must be >= 1, got {self.annotators}")
         if self.tie_band < 0:
             raise ConfigError(f"tie_band must be >= 0, got {self.tie_band}")
         if self.annotator and not self.annotator.startswith("sim:"):
@@ -137,6 +144,24 @@ def agreement_with_gold(labels: list[dict], scores: dict[str, list[float]], tie_
             "agreement_with_gold_ci95": wilson(agree, decided), "decided_labels": decided, "tie_labels_on_unequal": ties}
 
 
+def majority_agreement_with_gold(labels: list[dict], scores: dict[str, list[float]], tie_band: float) -> dict:
+    """With several annotators on a pair: how often the strict majority of their decided votes (what label-export
+    keeps) picks the gold winner, over pairs whose gold scores differ by tie_band or more that have a majority."""
+    votes: dict[str, list[int]] = {}
+    for lab in labels:
+        if lab["preferred"] is not None:
+            votes.setdefault(lab["pair_id"], []).append(lab["preferred"])
+    decided = agree = 0
+    for pair_id, prefs in votes.items():
+        s = scores.get(pair_id)
+        if s is None or abs(s[0] - s[1]) < max(tie_band, 1e-12) or 2 * prefs.count(0) == len(prefs):
+            continue
+        decided += 1
+        agree += (0 if 2 * prefs.count(0) > len(prefs) else 1) == (0 if s[0] > s[1] else 1)
+    return {"majority_agreement_with_gold": round(agree / decided, 4) if decided else None,
+            "majority_agreement_with_gold_ci95": wilson(agree, decided), "majority_decided_pairs": decided}
+
+
 # ---------------------------------------------------------------------------------------------------- the stage
 
 def simulator_store(path, **kwargs):
@@ -207,28 +232,33 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     temperature = args.temperature or calibrate_temperature(outside, args.target_agreement, args.position_bias)
     stage.prepare(config)
 
-    # 3. Label like a person: ask the store for the next pair, answer in the order it was shown. A simulator labels
-    #    every pair once, however many people labeled it (overlap is for sharing work among people).
+    # 3. Label like a person: each pair the store serves (word filter included), answered in the left/right order the
+    #    store shows this annotator. A simulator labels every pair once, however many people labeled it (overlap is
+    #    for sharing work among people); a rerun labels only the pairs it has not.
     store = simulator_store(db, overlap=len(pairs) + 10**6, lease_s=label_args.lease_timeout_s, seed=label_args.seed)
     store.import_items(pairs, word_filter(label_args.offensive_words if label_args.filter_offensive else []))
+    names = [annotator] if args.annotators == 1 else [f"{annotator}-{i}" for i in range(1, args.annotators + 1)]
     written = 0
-    while (item := store.next_item(annotator)) is not None:
-        s = scores[item.pair_id]
-        diff = s[item.shown_left] - s[1 - item.shown_left]
-        choice = choose(diff, uniform(args.seed, annotator, item.pair_id), temperature, args.tie_band, args.position_bias)
-        store.save_label(annotator, item.pair_id, choice, item.shown_left)
-        written += 1
+    for name in names:
+        for pair_id in store.unlabeled_pairs(name):
+            left = store.shown_left(pair_id, name)
+            diff = scores[pair_id][left] - scores[pair_id][1 - left]
+            choice = choose(diff, uniform(args.seed, name, pair_id), temperature, args.tie_band, args.position_bias)
+            store.save_label(name, pair_id, choice, left)
+            written += 1
 
     # 4. What was achieved, from the store itself (a rerun that labels nothing new reports the same)
-    mine = [lab for lab in store.labels() if lab["annotator"] == annotator and lab["pair_id"] in scores]
+    mine = [lab for lab in store.labels() if lab["annotator"] in names and lab["pair_id"] in scores]
     store.keepalive.close()
     with open(stage.dir / "gold_scores.jsonl", "w") as f:
         for p in pairs:
             f.write(json.dumps({"pair_id": p["pair_id"], "scores": scores[p["pair_id"]]}) + "\n")
     decided = [lab for lab in mine if lab["choice"] in ("left", "right")]
     metrics = {
-        "annotator": annotator, "judge": args.judge, "pairs": len(pairs), "labels_written": written, "labels": len(mine),
+        "annotator": annotator, "annotators": len(names), "judge": args.judge, "pairs": len(pairs),
+        "labels_written": written, "labels": len(mine),
         **agreement_with_gold(mine, scores, args.tie_band),
+        **(majority_agreement_with_gold(mine, scores, args.tie_band) if len(names) > 1 else {}),
         "expected_agreement": round(expected_agreement(outside, temperature, args.position_bias), 4) if outside else None,
         "temperature": temperature, "temperature_calibrated": args.temperature is None,
         "tie_share": round(sum(lab["choice"] == "tie" for lab in mine) / len(mine), 4) if mine else None,

@@ -208,3 +208,35 @@ def test_a_given_temperature_is_used_as_is_and_a_wide_tie_band_makes_every_label
     m = simulate(tmp_path, runs, "--temperature", "0.3", "--tie_band", "5")  # VADER differences are at most 2
     assert m["temperature"] == 0.3 and not m["temperature_calibrated"] and m["tie_share"] == 1.0
     assert m["expected_agreement"] is None and m["agreement_with_gold"] is None and m["decided_labels"] == 0
+
+
+def test_majority_agreement_with_gold_by_hand():
+    from stages.simulate import majority_agreement_with_gold
+
+    scores = {"a": [0.9, 0.1], "b": [0.0, 0.5], "c": [0.2, 0.2], "d": [0.8, 0.0]}
+    lab = lambda pair, pref: {"pair_id": pair, "preferred": pref}  # noqa: E731
+    labels = [lab("a", 0), lab("a", 0), lab("a", 1),      # majority 0 = gold winner
+              lab("b", 0), lab("b", 0), lab("b", None),   # majority 0, gold winner is 1
+              lab("c", 0), lab("c", 0), lab("c", 0),      # gold tie: not counted
+              lab("d", 0), lab("d", 1), lab("d", None)]   # 1-1: no majority, not counted
+    out = majority_agreement_with_gold(labels, scores, tie_band=0.05)
+    assert out["majority_agreement_with_gold"] == 0.5 and out["majority_decided_pairs"] == 2
+
+
+def test_several_simulated_annotators_label_every_pair_with_their_own_draws(tmp_path):
+    from stages.label.store import LabelStore
+
+    runs = tmp_path / "runs"
+    metrics = simulate(tmp_path, runs, "--annotators", "3")
+    _, rows = pairs_file(tmp_path)
+    labels = LabelStore(runs / "t" / "label" / "labels.sqlite").labels()
+    names = {"sim:sentiment-1", "sim:sentiment-2", "sim:sentiment-3"}
+    assert {lab["annotator"] for lab in labels} == names and len(labels) == 3 * len(rows) == metrics["labels_written"]
+    for name in names:
+        assert sorted(lab["pair_id"] for lab in labels if lab["annotator"] == name) == sorted(r["pair_id"] for r in rows)
+    by_pair = {}
+    for lab in labels:
+        by_pair.setdefault(lab["pair_id"], set()).add(lab["choice"])
+    assert any(len(choices) > 1 for choices in by_pair.values())  # independent draws: the annotators disagree somewhere
+    assert metrics["annotators"] == 3 and metrics["majority_decided_pairs"] > 0
+    assert simulate(tmp_path, runs, "--annotators", "3")["labels_written"] == 0  # a rerun labels nothing twice
