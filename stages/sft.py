@@ -62,31 +62,39 @@ def load_data(args: SFTArgs, seed: int):
         ds = load_mixture([{"path": p, "max_rows": n} for p, n in args.dataset_mixture.items()], seed)
         name = "the bundled mixture (" + ", ".join(args.dataset_mixture) + ")"
     # TRL also takes prompt/completion rows; conversational `messages` is what the pipeline ships and tests.
-    if "prompt" in ds.column_names and "completion" in ds.column_names:
-        return ds, name
+    if "prompt" in ds.column_names and "completion" in ds.column_names and "messages" not in ds.column_names:
+        return ds, name  # a file mixing both formats is read as conversations: every row must then be one
     require_columns(ds, ["messages"], name, "give conversational rows {'messages': [{'role', 'content'}, ...]}")
     return with_replies(ds.select_columns(["messages"]), name), name
 
 
 def with_replies(ds, name: str):
-    """The rows with something to learn: each row must be a conversation (else one ConfigError naming it); a row whose
-    assistant turns are all empty (or absent) would teach only "stop at once", so it is left out, with a note; none
-    left is an error."""
+    """The rows with something to learn, as plain conversations: each row must be one (else one ConfigError naming
+    it); a row whose assistant turns are all empty (or absent) would teach only "stop at once", so it is left out, with
+    a note; none left is an error. The rows are rebuilt from the checked Python objects: a JSON file whose rows mix
+    shapes comes out of Arrow with columns merged and padded, and what trains must be what was checked."""
+    import pyarrow
+    from datasets import Dataset
+
+    try:
+        rows = ds.to_list()
+    except (ValueError, TypeError, pyarrow.ArrowException) as err:  # e.g. messages with duplicate keys
+        raise ConfigError(f"{name}: its rows cannot be read back as conversations ({type(err).__name__}: {err}): give "
+                          f"every row {{'messages': [{{'role', 'content'}}, ...]}}") from None
     keep = []
-    for i, row in enumerate(ds):
+    for i, row in enumerate(rows):
         problem = messages_problem(row["messages"])
         if problem:
             raise ConfigError(f"row {i + 1} of {name}: {problem}: give rows {{'messages': [{{'role', 'content'}}, ...]}}")
         if any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
-            keep.append(i)
+            keep.append({"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]})
     if not keep:
-        raise ConfigError(f"no row of {name} has an assistant reply with text ({len(ds)} rows, every assistant turn "
+        raise ConfigError(f"no row of {name} has an assistant reply with text ({len(rows)} rows, every assistant turn "
                           f"empty or missing): SFT would have nothing to learn; give rows with assistant replies")
-    if len(keep) < len(ds):
-        print(f"note: {len(ds) - len(keep)} of {len(ds)} rows of {name} have no assistant reply with text: left out",
+    if len(keep) < len(rows):
+        print(f"note: {len(rows) - len(keep)} of {len(rows)} rows of {name} have no assistant reply with text: left out",
               file=sys.stderr)
-        ds = ds.select(keep)
-    return ds
+    return Dataset.from_list(keep)
 
 
 def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):

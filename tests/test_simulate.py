@@ -95,7 +95,9 @@ def pairs_file(tmp_path, n: int = 60):
 
 
 def simulate(tmp_path, runs, *extra):
+    """The stage on the fixture pairs; one annotator (`sim:sentiment`) unless the test asks for more (the config has 3)."""
     path, _ = pairs_file(tmp_path)
+    extra = extra if "--annotators" in extra else ("--annotators", "1", *extra)
     return main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
                                                   "--run", "t", "--pairs_dataset", str(path), *extra]))
 
