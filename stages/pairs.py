@@ -79,6 +79,28 @@ def load_prompts(args: PairsArgs) -> tuple[list[list[dict]], str]:
     return prompts, name
 
 
+def pair_rows(prompts: list, texts: list[str], ended: list[bool], k: int, drop_identical: bool, extra: dict):
+    """All K*(K-1)/2 pairs of each prompt's K responses (texts[p*k:(p+1)*k]). A pair whose two texts are equal is left
+    out (drop_identical), and so is a repeat of a pair already made for the prompt, in either order: two equal samples
+    among the K would otherwise give the same pair twice, under one pair_id, which the label store refuses.
+    Returns (rows, {"identical": n, "repeated": n})."""
+    rows, dropped, seen = [], {"identical": 0, "repeated": 0}, set()
+    for p, msgs in enumerate(prompts):
+        for i, j in combinations(range(k), 2):
+            a, b = texts[p * k + i], texts[p * k + j]
+            if drop_identical and a == b:
+                dropped["identical"] += 1
+                continue
+            if (p, min(a, b), max(a, b)) in seen:
+                dropped["repeated"] += 1
+                continue
+            seen.add((p, min(a, b), max(a, b)))
+            rows.append({"pair_id": sha({"prompt": msgs, "responses": [a, b]}), "prompt_id": sha(msgs), "prompt": msgs,
+                         "responses": [a, b], "response_indices": [i, j], "ended": [ended[p * k + i], ended[p * k + j]],
+                         **extra})
+    return rows, dropped
+
+
 def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
@@ -133,18 +155,8 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
                       "max_new_tokens": sampling.max_new_tokens, "seed": args.seed, "num_responses": k}
         policy = {"base_model": resolve_base(profile.name_or_path), "adapter": str(adapter),
                   "sft_git_commit": str(sft.get("git_commit")), "model_config": run.model_config}
-        rows, identical = [], 0
-        for p, msgs in enumerate(prompts):
-            texts = gens.texts[p * k:(p + 1) * k]
-            ended = gens.ended[p * k:(p + 1) * k].tolist()
-            for i, j in combinations(range(k), 2):
-                if args.drop_identical and texts[i] == texts[j]:
-                    identical += 1
-                    continue
-                rows.append({"pair_id": sha({"prompt": msgs, "responses": [texts[i], texts[j]]}),
-                             "prompt_id": sha(msgs), "prompt": msgs, "responses": [texts[i], texts[j]],
-                             "response_indices": [i, j], "ended": [ended[i], ended[j]],
-                             "generation": generation, "policy": policy})
+        rows, dropped = pair_rows(prompts, gens.texts, gens.ended.tolist(), k, args.drop_identical,
+                                  {"generation": generation, "policy": policy})
         if not rows:
             raise ConfigError("every pair had two identical responses: raise temperature or max_new_tokens")
 
@@ -155,7 +167,8 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         datasets.Dataset.from_list(rows).save_to_disk(str(out))
         metrics = {
             "pairs": len(rows), "prompts": len(prompts), "prompts_too_long": n_long,
-            "identical_dropped": identical, "no_eos_fraction": round(1 - float(gens.ended.float().mean()), 3),
+            "identical_dropped": dropped["identical"], "repeated_dropped": dropped["repeated"],
+            "no_eos_fraction": round(1 - float(gens.ended.float().mean()), 3),
             "generation_time_s": round(gen_time, 1), "new_tokens_per_s": round(new_tokens / gen_time, 1),
             "policy": f"{policy['base_model']} + {adapter}", "data": data_name,
             "world_size": state.num_processes, "sharding": sharding,

@@ -121,3 +121,19 @@ def test_pairs_on_a_bf16_base_on_the_accelerator(tiny_models_bf16, runs_dir, mon
     assert lora == {"torch.float32"} and base == {"torch.bfloat16"}
     ds = datasets.load_from_disk(str(runs_dir / "bf/pairs/dataset"))
     assert metrics["pairs"] == len(ds) > 0 and all(isinstance(t, str) for r in ds["responses"] for t in r)
+
+
+def test_pair_rows_drop_identical_and_repeated_pairs_so_every_pair_id_is_unique():
+    from stages.pairs import pair_rows
+
+    prompts = [[{"role": "user", "content": "once"}], [{"role": "user", "content": "twice"}]]
+    # prompt 0: x y x z -> (x,y) (x,x)=identical (x,z) (y,x)=repeat of (x,y) (y,z) (x,z)=repeat; prompt 1: all distinct
+    texts = ["x", "y", "x", "z", "a", "b", "c", "d"]
+    rows, dropped = pair_rows(prompts, texts, [True] * 8, 4, True, {"tag": 1})
+    assert dropped == {"identical": 1, "repeated": 2}
+    assert [r["responses"] for r in rows[:3]] == [["x", "y"], ["x", "z"], ["y", "z"]] and len(rows) == 3 + 6
+    assert len({r["pair_id"] for r in rows}) == len(rows) and all(r["tag"] == 1 for r in rows)
+    assert rows[3]["response_indices"] == [0, 1] and rows[3]["prompt"] == prompts[1]
+    # without drop_identical an equal pair is kept once; its repeat is still dropped
+    rows, dropped = pair_rows(prompts[:1], ["x", "x", "x", "y"], [True] * 4, 4, False, {})
+    assert dropped == {"identical": 0, "repeated": 4} and [r["responses"] for r in rows] == [["x", "x"], ["x", "y"]]
