@@ -145,19 +145,20 @@ def agreement_with_gold(labels: list[dict], scores: dict[str, list[float]], tie_
 
 
 def majority_agreement_with_gold(labels: list[dict], scores: dict[str, list[float]], tie_band: float) -> dict:
-    """With several annotators on a pair: how often the strict majority of their decided votes (what label-export
-    keeps) picks the gold winner, over pairs whose gold scores differ by tie_band or more that have a majority."""
-    votes: dict[str, list[int]] = {}
-    for lab in labels:
-        if lab["preferred"] is not None:
-            votes.setdefault(lab["pair_id"], []).append(lab["preferred"])
+    """With several annotators on a pair: how often the majority label-export keeps (its own aggregate(): ties and
+    both-bad outcomes dropped, no majority dropped) picks the gold winner, over pairs whose gold scores differ by
+    tie_band or more."""
+    from stages.label.export import aggregate
+
+    rows, _ = aggregate(labels)
+    responses = {lab["pair_id"]: lab["responses"] for lab in labels}
     decided = agree = 0
-    for pair_id, prefs in votes.items():
-        s = scores.get(pair_id)
-        if s is None or abs(s[0] - s[1]) < max(tie_band, 1e-12) or 2 * prefs.count(0) == len(prefs):
+    for row in rows:
+        s = scores.get(row["pair_id"])
+        if s is None or abs(s[0] - s[1]) < max(tie_band, 1e-12):
             continue
         decided += 1
-        agree += (0 if 2 * prefs.count(0) > len(prefs) else 1) == (0 if s[0] > s[1] else 1)
+        agree += (0 if row["chosen"][0]["content"] == responses[row["pair_id"]][0] else 1) == (0 if s[0] > s[1] else 1)
     return {"majority_agreement_with_gold": round(agree / decided, 4) if decided else None,
             "majority_agreement_with_gold_ci95": wilson(agree, decided), "majority_decided_pairs": decided}
 

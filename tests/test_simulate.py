@@ -215,12 +215,19 @@ def test_a_given_temperature_is_used_as_is_and_a_wide_tie_band_makes_every_label
 def test_majority_agreement_with_gold_by_hand():
     from stages.simulate import majority_agreement_with_gold
 
-    scores = {"a": [0.9, 0.1], "b": [0.0, 0.5], "c": [0.2, 0.2], "d": [0.8, 0.0]}
-    lab = lambda pair, pref: {"pair_id": pair, "preferred": pref}  # noqa: E731
+    scores = {"a": [0.9, 0.1], "b": [0.0, 0.5], "c": [0.2, 0.2], "d": [0.8, 0.0], "e": [0.7, 0.1]}
+    votes = {}
+
+    def lab(pair, pref):  # a store row as label-export reads it; None = a tie vote
+        votes[pair] = votes.get(pair, 0) + 1
+        return {"pair_id": pair, "preferred": pref, "choice": "tie" if pref is None else ("left", "right")[pref],
+                "annotator": f"sim:x-{votes[pair]}", "strength": None, "prompt": [{"role": "user", "content": pair}],
+                "responses": [f"{pair} first", f"{pair} second"]}
     labels = [lab("a", 0), lab("a", 0), lab("a", 1),      # majority 0 = gold winner
               lab("b", 0), lab("b", 0), lab("b", None),   # majority 0, gold winner is 1
               lab("c", 0), lab("c", 0), lab("c", 0),      # gold tie: not counted
-              lab("d", 0), lab("d", 1), lab("d", None)]   # 1-1: no majority, not counted
+              lab("d", 0), lab("d", 1), lab("d", None),   # 1-1-1: no majority, not counted
+              lab("e", 0), lab("e", None), lab("e", None)]  # a tie majority: export drops it, not counted
     out = majority_agreement_with_gold(labels, scores, tie_band=0.05)
     assert out["majority_agreement_with_gold"] == 0.5 and out["majority_decided_pairs"] == 2
 
