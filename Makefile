@@ -42,11 +42,12 @@ PAIRS_ARGS ?=
 EVAL_ARGS ?=
 GRPO_ARGS ?=
 RLOO_ARGS ?=
+REINFORCE_PP_ARGS ?=
 DPO_ARGS ?=
 SIMULATE_ARGS ?=
-NAMED := $(filter base sft rm ppo grpo rloo dpo pairs label label-export simulate eval publish,$(MAKECMDGOALS))
+NAMED := $(filter base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate eval publish,$(MAKECMDGOALS))
 ifneq (,$(and $(strip $(ARGS)),$(word 2,$(NAMED))))
-$(error ARGS="$(ARGS)" would go to every one of $(NAMED): name one stage, or use SFT_ARGS, RM_ARGS, PPO_ARGS, GRPO_ARGS, RLOO_ARGS, DPO_ARGS, PAIRS_ARGS, SIMULATE_ARGS, EVAL_ARGS)
+$(error ARGS="$(ARGS)" would go to every one of $(NAMED): name one stage, or use SFT_ARGS, RM_ARGS, PPO_ARGS, GRPO_ARGS, RLOO_ARGS, REINFORCE_PP_ARGS, DPO_ARGS, PAIRS_ARGS, SIMULATE_ARGS, EVAL_ARGS)
 endif
 args_for = $($(2)) $(if $(filter $(1),$(NAMED)),$(ARGS))
 # $(call stage,NAME,MODULE,ARGS_VARIABLE): run one stage under accelerate unless its manifest is current.
@@ -54,7 +55,7 @@ stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED)
 	--config_file $(ACCELERATE_CONFIG) -m $(STAGE_PKG).$(2) --config $(call cfg,$(1)) --run $(RUN) --runs_dir $(RUNS_DIR) \
 	$(MODEL_ARG) $(call args_for,$(1),$(3))
 
-.PHONY: setup test base sft rm ppo grpo rloo dpo pairs label label-export simulate labels eval publish bench bench-sft \
+.PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
 	bench-ppo bench-rl bench-rm bench-story clean-run
 
 setup: .venv/.done
@@ -84,12 +85,16 @@ rm: sft $(if $(AUTO_LABELS),labels)
 ppo: sft rm
 	$(call stage,ppo,ppo,PPO_ARGS)
 
-# The critic-free estimators: the same RL loop (stages/ppo/) with configs/grpo.yaml or rloo.yaml, own run folders.
+# The critic-free estimators: the same RL loop (stages/ppo/) with configs/grpo.yaml, rloo.yaml or reinforce_pp.yaml,
+# each in its own run folder.
 grpo: sft rm
 	$(call stage,grpo,ppo,GRPO_ARGS)
 
 rloo: sft rm
 	$(call stage,rloo,ppo,RLOO_ARGS)
+
+reinforce_pp: sft rm
+	$(call stage,reinforce_pp,ppo,REINFORCE_PP_ARGS)
 
 pairs: sft
 	$(call stage,pairs,pairs,PAIRS_ARGS)
@@ -122,7 +127,7 @@ labels: pairs
 	else echo "labels: up to date, skipped (the label export is newer than the pairs)"; fi
 
 # eval compares every policy the run has (each brought up to date first); a run with none trains PPO first.
-EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo dpo,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))))
+EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))))
 eval: $(or $(EVAL_POLICIES),ppo)
 	$(call stage,eval,eval,EVAL_ARGS)
 

@@ -17,7 +17,7 @@ def stage_classes(name: str):
     """The dataclasses a stage parses, as its own parse function declares them."""
     import importlib
 
-    name = {"grpo": "ppo", "rloo": "ppo"}.get(name, name)  # the RL estimators' variants of the ppo stage
+    name = {"grpo": "ppo", "rloo": "ppo", "reinforce_pp": "ppo"}.get(name, name)  # the RL estimators' variants of the ppo stage
     module = importlib.import_module(f"stages.{name}")
     if hasattr(module, "CONFIG_CLASSES"):
         return module.CONFIG_CLASSES()

@@ -78,6 +78,26 @@ def test_eval_depends_on_the_policies_the_run_has(tmp_path):
         (tmp_path / "t" / stage).mkdir(parents=True)
         (tmp_path / "t" / stage / "manifest.json").write_text("{}")
     assert list(launches(make("eval", dry_run=True, runs_dir=tmp_path).stdout)) == ["sft", "rm", "grpo", "dpo", "eval"]
+    (tmp_path / "t" / "reinforce_pp").mkdir()
+    (tmp_path / "t" / "reinforce_pp" / "manifest.json").write_text("{}")
+    assert list(launches(make("eval", dry_run=True, runs_dir=tmp_path).stdout)) == [
+        "sft", "rm", "grpo", "reinforce_pp", "dpo", "eval"]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_each_critic_free_estimator_has_a_target_with_its_own_config_and_args(estimator):
+    """`make grpo|rloo|reinforce_pp`: the RL loop (stages.ppo) with configs/<estimator>.yaml, whose estimator is the
+    target's (so the outputs land in runs/<RUN>/<estimator>/), and its own <ESTIMATOR>_ARGS variable."""
+    from pipeline.config import read_yaml
+    from tests.conftest import REPO
+
+    var = f"{estimator.upper()}_ARGS=--total_updates 3"
+    lines = launches(make(estimator, var, dry_run=True).stdout)
+    assert list(lines) == ["sft", "rm", estimator]
+    assert stage_args(lines[estimator]) == ["--total_updates", "3"]
+    words = lines[estimator]
+    assert words[words.index("-m") + 1].endswith(".ppo") and words[words.index("--config") + 1] == f"configs/{estimator}.yaml"
+    assert read_yaml(REPO / "configs" / f"{estimator}.yaml")["advantage_estimator"] == estimator
 
 
 def test_args_with_several_named_stages_is_refused():
