@@ -210,3 +210,29 @@ def test_a_crash_keeps_its_traceback(tmp_path):
     res = make("sft", "ARGS=--fail", runs_dir=tmp_path / "runs")  # the fake's ConfigError: one line, as the real one
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "error: sft: --fail was given" in res.stderr
+
+
+# ---------------------------------------------------------------- CPU threads per process
+
+def make_variable(name: str, *args, env_drop=("OMP_NUM_THREADS", "OMP_WAIT_POLICY")) -> str:
+    """The value the Makefile gives `name` (what the stages' processes inherit), with the caller's environment."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.done", "-f", "Makefile", "-f", "-", "show-var",
+                          *args], cwd=REPO, input=f"show-var:\n\t@echo $({name})\n", capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_threads_per_process_share_out_the_cores_and_wait_passively():
+    """One process gets every core; the 2-process config half each (at least 1); waiting threads sleep (PASSIVE), so a
+    busy neighbour does not make the extra threads spin; the caller's OMP_NUM_THREADS wins."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert make_variable("OMP_NUM_THREADS") == str(cores)
+    assert make_variable("OMP_NUM_THREADS", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml") == str(max(1, cores // 2))
+    assert make_variable("OMP_WAIT_POLICY") == "PASSIVE"
+    assert make_variable("OMP_NUM_THREADS", env_drop=()) == os.environ.get("OMP_NUM_THREADS", str(cores))
