@@ -64,10 +64,10 @@ TARGETS = {"episodes_per_s_ratio_min": 1.5, "peak_rss_ratio_max": 0.7, "gold_gai
 METRICS = ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "gold_gain")
 
 
-def build_models(scale: str) -> Path:
+def build_models(scale: str, from_run: str | None = None) -> Path:
     work = OUT / scale
-    run_child([sys.executable, "-m", "bench.story", "build", "--scale", scale, "--work", str(work)],
-              OUT / "logs" / f"{scale}-build.log", want_json=False)
+    run_child([sys.executable, "-m", "bench.story", "build", "--scale", scale, "--work", str(work),
+               *(["--from_run", from_run] if from_run else [])], OUT / "logs" / f"{scale}-build.log", want_json=False)
     return work
 
 
@@ -103,7 +103,7 @@ def run_side(side: str, method: str, work: Path, s: dict, rnd: int) -> dict:
 
 def rm_accuracy(work: Path) -> float | None:
     """The story reward model's held-out accuracy on its simulated labels (None for micro's random one)."""
-    manifest = work / "runs" / "bench" / "rm" / "manifest.json"
+    manifest = Path(json.loads((work / "BUILD_INFO.json").read_text())["rm_adapter"]).parent / "manifest.json"
     return json.loads(manifest.read_text())["metrics"].get("eval_accuracy") if manifest.exists() else None
 
 
@@ -152,6 +152,8 @@ def parse_bench_args(argv=None):
     p.add_argument("--updates", type=int, default=None, help="Updates per run (default: the scale's).")
     p.add_argument("--output", default=str(BENCH / "results" / "rl.json"))
     p.add_argument("--work_dir", default=str(OUT), help="Models, logs and run folders (default bench/out/rl, git-ignored).")
+    p.add_argument("--from_run", default=None, help="story: the SFT policy and reward model of a finished run "
+                   "(e.g. runs/default after `make sft rm`) instead of training them again (~7 min).")
     return p.parse_args(argv)
 
 
@@ -165,7 +167,7 @@ def main(argv=None) -> dict:
     OUT = Path(a.work_dir).resolve()
     t0 = time.perf_counter()
     s = {**SCALES[a.scale], **({"rounds": a.rounds} if a.rounds else {}), **({"updates": a.updates} if a.updates else {})}
-    work = build_models(a.scale)
+    work = build_models(a.scale, a.from_run)
     result = {m: bench_method(m, a.scale, work, s) for m in methods}
     result["meta"] = meta(TARGETS, t0, peer="trl (this venv)", methods=methods, scale=a.scale)
     atomic_write_json(Path(a.output), result)

@@ -52,6 +52,25 @@ def load_any(name_or_path: str, split: str = "train"):
         raise ConfigError(f"could not load dataset '{name_or_path}': {type(err).__name__}: {err}") from None
 
 
+def load_rows(name_or_path: str) -> tuple[list[dict], list[str]]:
+    """(rows as dicts, column names). A local .jsonl file is read and checked line by line here, without importing
+    `datasets` (pyarrow and pandas hold ~100 MB for the life of a process: the RL stages only need the rows);
+    anything else goes through load_any."""
+    path = resolve_path(name_or_path)
+    if not (path.is_file() and path.suffix == ".jsonl"):
+        ds = load_any(name_or_path)
+        return list(ds), list(ds.column_names)
+    rows = []
+    for n, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path} line {n} is a JSON {type(row).__name__}, not an object: give one "
+                              f"{{\"column\": value, ...}} object per line")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"dataset {path} is empty: give a dataset with at least a few rows")
+    return rows, list(dict.fromkeys(key for row in rows for key in row))
+
+
 def load_mixture(sources: list[dict], seed: int):
     """Bundled mixture: a list of {path, max_rows (optional)}; rows shuffled with the seed, then concatenated."""
     import datasets

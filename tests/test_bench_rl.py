@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,39 @@ def test_make_bench_rl_target():
     for target in ("bench-rl", "bench"):
         out = subprocess.run(["make", "-n", target, "PY=python"], cwd=REPO, capture_output=True, text=True).stdout
         assert "python -m bench.bench_rl" in out, (target, out)
+
+
+def test_story_build_from_a_finished_run_uses_its_models_and_rebuilds_only_when_asked_for_another(tmp_path):
+    """bench.story build --from_run RUN: the bench's SFT policy and reward model are the run's (from its manifests),
+    nothing is trained; the same run again keeps the build; another run replaces it; a run without an rm stage is
+    one error naming it, before anything is written."""
+    from bench import story
+    from pipeline.config import REPO_ROOT
+
+    base = REPO_ROOT / "models" / "tiny"
+
+    def fake_run(name: str) -> Path:
+        run = tmp_path / "runs" / name
+        sft, rm = story.micro_adapters(tmp_path / f"adapters-{name}", base)
+        for stage, adapter in (("sft", sft), ("rm", rm)):
+            (run / stage).mkdir(parents=True)
+            (run / stage / "manifest.json").write_text(json.dumps({"outputs": {"adapter": str(adapter)}, "metrics": {}}))
+        return run
+
+    work, run_a, run_b = tmp_path / "work", fake_run("a"), fake_run("b")
+    story.build("story", work, from_run=run_a)
+    info = json.loads((work / "BUILD_INFO.json").read_text())
+    assert info["from_run"] == str(run_a) and info["stage_args"] is None and not (work / "runs").exists()
+    assert info["sft_adapter"] == str(run_a.parent.parent / "adapters-a" / "sft_adapter")
+    assert info["rm_adapter"] == str(run_a.parent.parent / "adapters-a" / "rm_adapter")
+    assert (work / "peer_policy" / "model.safetensors").is_file() and (work / "peer_reward" / "model.safetensors").is_file()
+    stamp = (work / "DONE").stat().st_mtime_ns
+    story.build("story", work, from_run=run_a)  # the same run: kept as built
+    assert (work / "DONE").stat().st_mtime_ns == stamp
+    story.build("story", work, from_run=run_b)  # another run: rebuilt from it
+    assert json.loads((work / "BUILD_INFO.json").read_text())["rm_adapter"].endswith("adapters-b/rm_adapter")
+
+    (run_a / "rm" / "manifest.json").unlink()
+    with pytest.raises(SystemExit, match=r"no finished rm stage.*make sft rm"):
+        story.build("story", tmp_path / "work2", from_run=run_a)
+    assert not (tmp_path / "work2").exists()

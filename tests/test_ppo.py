@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -741,6 +743,29 @@ def test_critic_free_estimators_build_no_value_adapter(estimator, tiny_models, a
     assert all(r["value_loss"] is None and r["explained_variance"] is None for r in rows)
     if estimator == "grpo":
         assert all(r["kl_loss"] is not None for r in rows)
+
+
+def test_a_jsonl_prompt_file_is_read_without_importing_datasets(tmp_path):
+    """The RL stages read a .jsonl prompt file themselves: `datasets` (with pyarrow and pandas, ~100 MB resident for
+    the process's life: the GRPO run's peak 760 -> ~670 MB) is never imported, and the rows are those datasets gives."""
+    from tests.conftest import REPO
+
+    script = (
+        "import sys, json\n"
+        "from transformers import AutoTokenizer\n"
+        "from stages.ppo import PPOConfig, load_prompts\n"
+        "tok = AutoTokenizer.from_pretrained('models/tiny')\n"
+        "train, ids, held, notes = load_prompts(PPOConfig(prompts_file='data/story/ppo_prompts.jsonl', heldout_fraction=0.2), tok)\n"
+        "print(json.dumps({'datasets': 'datasets' in sys.modules, 'train': train, 'held': held}))\n")
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["datasets"] is False
+    import datasets
+
+    rows = datasets.load_dataset("json", data_files=str(REPO / "data/story/ppo_prompts.jsonl"), split="train")
+    as_text = lambda conv: json.dumps([[m["role"], m["content"]] for m in conv])  # noqa: E731
+    assert sorted(map(as_text, got["train"] + got["held"])) == sorted(as_text(r["prompt"]) for r in rows)
 
 
 def read_metrics_of(stage_dir: Path) -> list[dict]:

@@ -39,20 +39,20 @@ from .trainer import PPOTrainer, checkpoint_info, latest_checkpoint
 
 def load_prompts(cfg: PPOConfig, tokenizer):
     """(train conversations, their token ids, held-out conversations, notes). Held-out = a seeded fixed share."""
-    from pipeline.data import load_any, prompt_of, prompt_problem
+    from pipeline.data import load_rows, prompt_of, prompt_problem
     from pipeline.generation import chat_ids
 
     source = cfg.dataset_name or cfg.prompts_file
     path = resolve_path(source)
     if path.is_file() and path.suffix == ".jsonl" and not path.read_bytes().strip():
         raise ConfigError(f"prompt set {source} is empty: give a file with at least one {{\"prompt\": ...}} row")
-    ds = load_any(source)
-    if len(ds) == 0:
+    rows, columns = load_rows(source)
+    if not rows:
         raise ConfigError(f"prompt set {source} is empty: give at least one prompt")
-    if "prompt" in ds.column_names or "messages" in ds.column_names:
-        raw = [prompt_of(row) for row in ds]  # conversations: the prompt is everything before the last assistant turn
+    if "prompt" in columns or "messages" in columns:
+        raw = [prompt_of(row) for row in rows]  # conversations: the prompt is everything before the last assistant turn
     else:
-        raise ConfigError(f"prompt set {source} has no 'prompt' (or 'messages') column, only {ds.column_names}: "
+        raise ConfigError(f"prompt set {source} has no 'prompt' (or 'messages') column, only {columns}: "
                           "give rows like {\"prompt\": [{\"role\": \"user\", \"content\": \"...\"}]} or {\"prompt\": \"...\"}")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     convs = []
