@@ -14,22 +14,13 @@ import statistics
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.stats import wilson
 
 RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")  # the one RL loop (stages/ppo/): trained on prompts, some held out
 POLICY_STAGES = RL_STAGES + ("dpo",)  # every stage whose manifest holds a policy adapter on the run's base
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion (Wilson 1927): sane at 0, 1 and small n, unlike p +- z*se."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
 
 def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6) -> dict:
     """The first policy beats the second on a prompt when its score is higher; a tie (same text, same score) counts

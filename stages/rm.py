@@ -34,6 +34,7 @@ from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.data import load_any, messages_problem, require_columns, text_problem, train_eval_split
 from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
                              save_fingerprint, score_head_name)
+from pipeline import stats
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard, read_manifest, stage_dir
 from pipeline.sharding import is_sharded, reshard, sharding_report, spread, take_over_from_accelerate
@@ -309,10 +310,9 @@ def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int 
     return out
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+def wilson(k: int, n: int) -> list[float]:
     """95% interval of an accuracy measured on n pairs: a few dozen held-out pairs give +-0.1 or more."""
-    centre, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
-    return [round(centre - half, 3), round(centre + half, 3)]
+    return [round(x, 3) for x in stats.wilson(k, n)]
 
 
 def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:

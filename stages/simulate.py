@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, RunArgs, check_keys, parse, read_yaml, resolve_path, to_dict
+from pipeline import stats
 from pipeline.run import StageRun, main_guard, stage_dir
 
 
@@ -119,12 +120,8 @@ def calibrate_temperature(diffs: list[float], target: float, position_bias: floa
     return math.exp((lo + hi) / 2)
 
 
-def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+def wilson(k: float, n: int) -> list[float]:
+    return [round(x, 4) for x in stats.wilson(k, n)]
 
 
 def agreement_with_gold(labels: list[dict], scores: dict[str, list[float]], tie_band: float) -> dict:

@@ -95,7 +95,8 @@ def test_ppo_equal_to_sft_gives_zero_kl_and_all_ties(tmp_path, tiny_models, arch
 
 
 def test_wilson_interval_and_ties_count_half():
-    from stages.eval import wilson, win_rate
+    from pipeline.stats import wilson
+    from stages.eval import win_rate
 
     low, high = wilson(8, 10)  # hand computed: centre 0.7167, half width 0.2266
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
