@@ -31,7 +31,7 @@ from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_conf
                              save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
-from stages.rm import RMArgs, heldout_metrics, is_messages, prepare_data
+from stages.rm import RMArgs, checked_mixture, heldout_metrics, is_messages, prepare_data
 
 RM_CONFIG = "configs/rm.yaml"  # where the preference mixture lives when dpo.yaml leaves it empty
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
@@ -54,8 +54,7 @@ class DPOArgs:
     lora_dropout: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.dataset_mixture, str):
-            self.dataset_mixture = json.loads(self.dataset_mixture)
+        self.dataset_mixture = checked_mixture(self.dataset_mixture)  # the reward model's rules: one error at parse
 
 
 def preference_args(args: DPOArgs) -> RMArgs:

@@ -70,16 +70,23 @@ class RMArgs:
     lora_dropout: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.dataset_mixture, str):
-            self.dataset_mixture = json.loads(self.dataset_mixture)
-        for key, spec in self.dataset_mixture.items():
-            unknown = set(spec or {}) - {"weight", "max_rows"}
-            if unknown:
-                raise ValueError(f"dataset_mixture['{key}'] has unknown key(s) {sorted(unknown)}: use weight, max_rows")
-            if float((spec or {}).get("weight", 1.0)) < 0:
-                raise ValueError(f"dataset_mixture['{key}'] has a negative weight")
+        self.dataset_mixture = checked_mixture(self.dataset_mixture)
         if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1:
             raise ValueError("min_steps, max_epochs and evals must be positive")
+
+
+def checked_mixture(mixture: dict | str) -> dict:
+    """dataset_mixture (a dict, or JSON from the command line) with only known keys and no negative weight; a
+    ValueError the argument parser turns into one line naming the flag or the YAML key. DPO shares it."""
+    if isinstance(mixture, str):
+        mixture = json.loads(mixture)
+    for key, spec in mixture.items():
+        unknown = set(spec or {}) - {"weight", "max_rows"}
+        if unknown:
+            raise ValueError(f"dataset_mixture['{key}'] has unknown key(s) {sorted(unknown)}: use weight, max_rows")
+        if float((spec or {}).get("weight", 1.0)) < 0:
+            raise ValueError(f"dataset_mixture['{key}'] has a negative weight")
+    return mixture
 
 
 # ---------------------------------------------------------------- data: any TRL preference format -> explicit pairs

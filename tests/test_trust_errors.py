@@ -90,6 +90,10 @@ CASES = [
     ("wrong-type-flag", "stages.sft", SFT + ["--learning_rate", "abc"], ["--learning_rate", "on the command line", "number"]),
     ("wrong-type-int-flag", "stages.rm", RM + ["--per_device_train_batch_size", "1.5"],
      ["--per_device_train_batch_size", "whole number"]),
+    ("dpo-mixture-unknown-key", "stages.dpo", ["--config", "configs/dpo.yaml", "--dataset_mixture", '{{"a.jsonl": {{"wieght": 1}}}}'],  # {{ }}: the args are str.format()ed
+     ["--dataset_mixture", "on the command line", "unknown key(s) ['wieght']"]),
+    ("dpo-mixture-bad-json", "stages.dpo", ["--config", "configs/dpo.yaml", "--dataset_mixture", "{{bad"],
+     ["--dataset_mixture", "on the command line", "JSON object"]),
     ("missing-model-profile", "stages.sft", SFT + ["--model_config", "configs/models/nope.yaml"],
      ["nope.yaml does not exist", "configs/models/tiny.yaml"]),
 ]
@@ -121,7 +125,8 @@ def test_bad_input_is_one_error_line_and_exit_2_with_the_run_folder_unchanged(ca
                                                                                tiny_models, tmp_path, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(upstream, runs)
-    stage = {"stages.sft": "sft", "stages.rm": "rm", "stages.ppo": "ppo", "stages.pairs": "pairs", "stages.eval": "eval"}[module]
+    stage = {"stages.sft": "sft", "stages.rm": "rm", "stages.ppo": "ppo", "stages.pairs": "pairs", "stages.eval": "eval",
+             "stages.dpo": "dpo"}[module]
     (runs / "t" / stage).mkdir(exist_ok=True)
     (runs / "t" / stage / "manifest.json").write_text('{"stage": "an earlier run"}')  # must survive, as must the rest
     before = tree(runs)
