@@ -98,7 +98,10 @@ def main(argv=None) -> dict:
             "sft_rm_ppo_wall_s_median": statistics.median(s["wall_s"]["sft_rm_ppo_s"] for s in per_seed),
         },
         "meta": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-                 "date": time.strftime("%Y-%m-%d")},
+                 "date": time.strftime("%Y-%m-%d"),
+                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "the Makefile's: cores / processes"),
+                 "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                              text=True).stdout.strip()},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
