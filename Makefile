@@ -74,8 +74,9 @@ setup: .venv/.done
 	.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# One thread per test process: the suite starts many processes, some of them two at once.
 test: setup
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 base: setup
 	$(PY) -m stages.base --config configs/base.yaml $(ARGS)
