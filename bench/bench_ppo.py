@@ -85,13 +85,16 @@ def ensure_peer_venv(python: str | None) -> str:
     return str(py)
 
 
+FROM_RUN: str | None = None  # --from_run: the story models of a finished run (bench.story build --from_run)
+
+
 def story_dirs() -> tuple[Path, Path]:
     """The story task's work folder (built once by bench/story.py, shared with bench-rl: models/tiny, the SFT and
     reward adapters from the real stages) and the peer's folder made from it (merged SFT policy; merged reward model
     as reward and value model; the training prompts chat-templated)."""
     work, peer = OUT / "rl" / "story", OUT / "models" / "story-peer"
-    run_child([sys.executable, "-m", "bench.story", "build", "--scale", "story", "--work", str(work)],
-              OUT / "logs" / "story-build.log", want_json=False)
+    run_child([sys.executable, "-m", "bench.story", "build", "--scale", "story", "--work", str(work),
+               *(["--from_run", FROM_RUN] if FROM_RUN else [])], OUT / "logs" / "story-build.log", want_json=False)
     run_child([sys.executable, "-m", "bench.story", "ppo-peer", "--work", str(work), "--peer", str(peer)],
               OUT / "logs" / "story-ppo-peer.log", want_json=False)
     return work, peer
@@ -255,14 +258,17 @@ def parse_bench_args(argv=None):
     p.add_argument("--peer_python", default=None, help="A python with trl==1.12.0 (default: bench/.venv-trl112, made once).")
     p.add_argument("--lr", type=float, default=None, help=f"Learning rate for both sides (default {COMMON['lr']}).")
     p.add_argument("--output", default=str(BENCH / "results" / "ppo.json"))
+    p.add_argument("--from_run", default=None, help="story: the SFT policy and reward model of a finished run "
+                   "(e.g. runs/default after `make sft rm`) instead of training them again (as bench-rl's).")
     p.add_argument("--work_dir", default=str(OUT), help="Models, logs and run folders (default bench/out, git-ignored).")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    global OUT
+    global OUT, FROM_RUN
     a = parse_bench_args(argv)
     OUT = Path(a.work_dir).resolve()
+    FROM_RUN = str(Path(a.from_run).resolve()) if a.from_run else None
     if a.lr is not None:
         COMMON["lr"] = a.lr
     t0 = time.perf_counter()
