@@ -60,12 +60,7 @@ def load_rows(name_or_path: str) -> tuple[list[dict], list[str]]:
     if not (path.is_file() and path.suffix == ".jsonl"):
         ds = load_any(name_or_path)
         return list(ds), list(ds.column_names)
-    rows = []
-    for n, row in read_jsonl(path):
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path} line {n} is a JSON {type(row).__name__}, not an object: give one "
-                              f"{{\"column\": value, ...}} object per line")
-        rows.append(row)
+    rows = jsonl_objects(path)
     if not rows:
         raise ConfigError(f"dataset {path} is empty: give a dataset with at least a few rows")
     return rows, list(dict.fromkeys(key for row in rows for key in row))
@@ -89,15 +84,23 @@ def check_text_file(path: Path) -> None:
     they are, and its errors name neither file nor line), and a JSON Lines file must hold one JSON object per line.
     Either problem is one ConfigError naming the file and the line. Binary formats (.parquet) are left to `datasets`."""
     if path.suffix == ".jsonl":
-        for n, row in read_jsonl(path):
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path} line {n} is a JSON {type(row).__name__}, not an object: give one "
-                                  f"{{\"column\": value, ...}} object per line")
+        jsonl_objects(path)
     elif path.suffix in (".json", ".csv"):
         try:
             path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path} is not UTF-8 text (bad byte at offset {err.start}): save the file as UTF-8") from None
+
+
+def jsonl_objects(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file, each one a JSON object (else one ConfigError naming the file and the line)."""
+    rows = []
+    for n, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path} line {n} is a JSON {type(row).__name__}, not an object: give one "
+                              f"{{\"column\": value, ...}} object per line")
+        rows.append(row)
+    return rows
 
 
 def read_jsonl(path: Path) -> list[tuple[int, object]]:
