@@ -155,12 +155,11 @@ def build(scale: str, work: Path, from_run: Path | None = None) -> None:
         if all(info.get(k) == v for k, v in wanted.items()):
             return
         shutil.rmtree(work)  # built from another run or with other stage arguments: rebuild as asked
-    if from_run is not None:
-        run_adapters(from_run)  # its error before anything is written
+    taken = run_adapters(from_run) if from_run else None  # a run without them: its error before anything is written
     work.mkdir(parents=True, exist_ok=True)
     if scale == "story":
         base_dir = REPO_ROOT / "models" / "tiny"
-        sft, rm = run_adapters(from_run) if from_run else run_stages(work)
+        sft, rm = taken or run_stages(work)
         split_prompts(work)
     else:
         base_dir = micro_base(work)
