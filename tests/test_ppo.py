@@ -787,3 +787,122 @@ def test_group_advantages_in_the_loop(estimator, tiny_models, adapters, prompts_
     mask = ro.response_mask.bool()
     assert torch.allclose(adv[mask], expected[:, None].expand_as(adv)[mask])
     assert trainer._optimise(ro, adv, returns)["value_loss"] is None
+
+
+# ------------------------------------------------------------------------------------------------ shared prompts
+
+def _grouped_rows(vocab: int, pad_id: int, k: int = 4):
+    """Three prompts of different lengths (left-padded), each with k answers of lengths 1..12 (right-padded)."""
+    from pipeline.generation import left_pad
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (9, 4, 14)]
+    q_ids, q_mask = left_pad([p for p in prompts for _ in range(k)], pad_id)
+    lengths = torch.tensor([1, 5, 12, 3, 7, 12, 2, 9, 4, 11, 6, 1][: len(prompts) * k])
+    R = int(lengths.max())
+    r_mask = (torch.arange(R)[None] < lengths[:, None]).long()
+    r_ids = torch.where(r_mask.bool(), torch.randint(5, vocab, (len(lengths), R), generator=g), pad_id)
+    return q_ids, q_mask, r_ids, r_mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_groups_prompt_runs_once_with_the_same_numbers(arch, tiny_models, adapters):
+    """pack(group=k): each prompt runs once and its k answers continue from its KV cache. Log-probs, their
+    gradients, rewards and values equal the row-by-row forward (stated tolerance 1e-5), for answers of 1..12
+    tokens after left-padded prompts of three lengths; rows that are not whole groups are refused."""
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack
+    from stages.ppo.rollout import pack, response_logits, sequence_scores, token_logprobs, token_values
+
+    sft_dir, rm_dir = adapters(arch)
+    profile = profile_from(tiny_models[arch])
+    tok = load_tokenizer(profile)
+    stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False, with_value=True)
+    lm = stack.causal_lm
+    rows = _grouped_rows(lm.config.vocab_size, tok.pad_token_id)
+    single, shared = pack(*rows), pack(*rows, group=4)
+    assert shared.group == 4 and torch.equal(single.tokens, shared.tokens)
+
+    stack.use("policy")
+    params = [p for n, p in stack.model.named_parameters() if p.requires_grad and ".policy." in n]
+    assert params
+    results = []
+    for x in (single, shared):
+        lp = token_logprobs(response_logits(lm, x), x.tokens, 0.7)
+        stack.model.zero_grad()
+        (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
+        grads = [p.grad.clone() for p in params]
+        with torch.no_grad():
+            stack.use("reward")
+            scores = sequence_scores(lm, x)
+            stack.use("value")
+            values = token_values(lm, x)
+            stack.use("policy")
+        results.append((lp.detach(), grads, scores, values))
+    (lp1, g1, s1, v1), (lp2, g2, s2, v2) = results
+    assert lp1.shape == lp2.shape == (int(rows[3].sum()),)
+    assert torch.allclose(lp1, lp2, atol=1e-5), (lp1 - lp2).abs().max()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    assert torch.allclose(s1, s2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
+
+    q_ids, q_mask, r_ids, r_mask = rows
+    with pytest.raises(ValueError, match="not whole groups"):
+        pack(q_ids[1:9], q_mask[1:9], r_ids[1:9], r_mask[1:9], group=4)
+
+
+def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters, prompts_file, tmp_path):
+    """The loop uses the shared-prompt forward: after sampling, every scoring and update forward that sees a
+    prompt sees each group's prompt once (a quarter of the rows); PPO with a critic (whole rows for its cached top
+    layers) and gradient checkpointing (HF drops the KV cache there) keep row-by-row forwards, with the same
+    numbers as the shared path."""
+    def varied(prompts, response_ids, response_mask, texts):  # a score that differs within groups (GRPO divides by its std)
+        return ((response_ids % 5 == 0) & response_mask.bool()).sum(1).float()
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo",
+                       "--num_samples_per_prompt", "4", reward_fn=varied)
+    embed = trainer.lm.get_input_embeddings()
+    seen: list[tuple[int, int, bool]] = []
+    hook = embed.register_forward_hook(lambda m, inp, out: seen.append((*inp[0].shape, torch.is_grad_enabled())))
+    ro = trainer.rollout()
+    B = ro.response_ids.shape[0]
+    scoring = [s for s in seen if s[1] > 1][1:]  # the sampling prefill is the first multi-token forward
+    adv, returns, _ = trainer._advantages(ro)
+    seen.clear()
+    trainer._optimise(ro, adv, returns)
+    hook.remove()
+    micro = trainer.cfg.per_device_train_batch_size
+    assert scoring and {rows for rows, _, _ in scoring} == {B // 4, B}, scoring
+    assert {(rows, grad) for rows, _, grad in seen} == {(micro // 4, True), (micro, True)}, seen
+
+    gc = _trainer(tiny_models, adapters, prompts_file, tmp_path / "gc", "--advantage_estimator", "grpo",
+                  "--num_samples_per_prompt", "4", "--gradient_checkpointing", "true", reward_fn=varied)
+    fresh = _trainer(tiny_models, adapters, prompts_file, tmp_path / "sh", "--advantage_estimator", "grpo",
+                     "--num_samples_per_prompt", "4", reward_fn=varied)
+    assert gc.cfg.prompt_group == 1 and fresh.cfg.prompt_group == 4
+    assert _trainer(tiny_models, adapters, prompts_file, tmp_path / "ppo").cfg.prompt_group == 1
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
+    a, b = strip(fresh.step()[0]), strip(gc.step()[0])
+    assert a.keys() == b.keys()
+    for key, va in a.items():
+        assert b[key] == (pytest.approx(va, rel=1e-4, abs=1e-5) if isinstance(va, float) else va), key
+
+
+def test_the_entropy_bonus_keeps_the_kl_loss_term(tiny_models, adapters, prompts_file, tmp_path):
+    """GRPO's KL loss term with the optional entropy bonus: both enter the loss. Update 1 starts at the reference
+    (the k3 term's gradient is 0 there), so two runs that differ only in kl_coef part from update 2 on."""
+    def varied(prompts, response_ids, response_mask, texts):
+        return ((response_ids % 5 == 0) & response_mask.bool()).sum(1).float()
+
+    snapshots = []
+    for kl_coef in ("0.2", "5.0"):
+        trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path / kl_coef, "--advantage_estimator", "grpo",
+                           "--num_samples_per_prompt", "4", "--use_kl_loss", "true", "--entropy_coef", "0.01",
+                           "--num_ppo_epochs", "1", "--kl_coef", kl_coef, reward_fn=varied)
+        weights = lambda: torch.cat([p.detach().flatten() for _, p in trainer.named_params["policy"]])  # noqa: E731
+        trainer.step()
+        after_one = weights()
+        trainer.step()
+        snapshots.append((after_one, weights()))
+    (one_a, two_a), (one_b, two_b) = snapshots
+    assert (one_a - one_b).abs().max() < 1e-4  # only float noise: policy == reference during update 1
+    assert (two_a - two_b).abs().max() > 1e-3

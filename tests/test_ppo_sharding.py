@@ -229,3 +229,28 @@ def test_sharded_base_trains_like_ddp_and_resumes_exactly(tiny_models, adapters,
         name = k[: -len(".weight")] + ".default.weight"
         assert torch.equal(loaded[name].detach(), v), k
     assert value.active_adapter == "default"
+
+
+@pytest.mark.slow
+def test_sharded_grpo_runs_each_prompt_once_like_ddp(tiny_models, adapters, prompts_file, runs_dir):
+    """GRPO on a sharded base: the scoring and update forwards run each group's prompt once and continue its answers
+    on the KV cache (two forwards of the sharded modules per pass). Two FSDP ranks match two DDP ranks."""
+    sft, rm = adapters("llama")
+    grpo = ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "4", "--use_kl_loss", "true",
+            "--total_updates", "2"]
+    for run in ("ddp", "fsdp"):
+        _upstream_manifests(runs_dir, run, sft, rm)
+    ddp = run_module("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "ddp", prompts_file, None, None, *grpo),
+                     processes=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fsdp = launch_fsdp("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "fsdp", prompts_file, None, None, *grpo))
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    m_ddp = json.loads((Path(runs_dir) / "ddp/grpo/manifest.json").read_text())["metrics"]
+    m_fsdp = json.loads((Path(runs_dir) / "fsdp/grpo/manifest.json").read_text())["metrics"]
+    assert m_fsdp["world_size"] == m_ddp["world_size"] == 2 and m_fsdp["base_sharded"] is True
+    a, b = (strip([json.loads(l) for l in (Path(runs_dir) / run / "grpo/metrics.jsonl").read_text().splitlines()])
+            for run in ("ddp", "fsdp"))
+    assert [r["update"] for r in b] == [1, 2] and a[0]["reward_std"] > 0
+    for ra, rb in zip(a, b):
+        for key, va in ra.items():
+            assert rb[key] == (pytest.approx(va, rel=1e-5, abs=1e-6) if isinstance(va, float) else va), (ra["update"], key)

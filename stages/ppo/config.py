@@ -163,6 +163,14 @@ class PPOConfig:
         return self.advantage_estimator == "gae"
 
     @property
+    def prompt_group(self) -> int:
+        """Answers that share one prompt forward in the scoring and update passes (rollout.pack's group): a group of
+        the critic-free estimators. 1 with a critic (its top layers cache whole rows) or with gradient checkpointing
+        (HF drops the KV cache there)."""
+        k = self.num_samples_per_prompt
+        return k if k > 1 and not self.has_critic and not self.gradient_checkpointing else 1
+
+    @property
     def stage_name(self) -> str:
         return STAGE_NAMES[self.advantage_estimator]
 

@@ -44,14 +44,20 @@ class Packed:
     response_mask: torch.Tensor  # [b, R'] bool, R' = longest response in these rows
     tokens: torch.Tensor  # [N] the real response tokens, row-major (the order of keep's True entries)
     cols: slice = field(default_factory=lambda: slice(None))  # these columns of the rollout's [query ++ response] layout (for cached hidden states)
+    group: int = 1  # > 1: rows come in groups of `group` answers to one prompt, which every forward runs once
+    prompt_width: int = 0  # the prompt columns of ids (the answers start there)
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
 
 
-def pack(query_ids, query_mask, response_ids, response_mask) -> Packed:
-    """Left-padded prompts + right-padded responses -> one trimmed batch (drop columns that are pad in every row)."""
+def pack(query_ids, query_mask, response_ids, response_mask, group: int = 1) -> Packed:
+    """Left-padded prompts + right-padded responses -> one trimmed batch (drop columns that are pad in every row).
+
+    `group` > 1: consecutive rows are groups of that many answers to one prompt (GRPO, RLOO); the forwards then run
+    each prompt once and its answers on its KV cache (`response_logits`, `trunk_hidden`): same numbers, about half
+    the tokens when prompts are as long as the answers."""
     P = query_ids.shape[1]
     first = P - int(query_mask.sum(1).max())  # leading columns that are pad in every row
     r_eff = max(int(response_mask.sum(1).max()), 1)
@@ -62,7 +68,18 @@ def pack(query_ids, query_mask, response_ids, response_mask) -> Packed:
     keep = torch.zeros_like(attn, dtype=torch.bool)
     p = P - first
     keep[:, p - 1 : p - 1 + r_eff] = resp_mask
-    return Packed(ids, attn, pos, keep, resp_mask, response_ids[:, :r_eff][resp_mask], slice(first, P + r_eff))
+    if group > 1:
+        head = ids[:, :p].reshape(-1, group, p)
+        if ids.shape[0] % group or not torch.equal(head, head[:, :1].expand_as(head)):
+            raise ValueError(f"pack(group={group}): the rows are not whole groups of {group} answers to one prompt")
+    return Packed(ids, attn, pos, keep, resp_mask, response_ids[:, :r_eff][resp_mask], slice(first, P + r_eff),
+                  group, p)
+
+
+def by_group_length(lengths: torch.Tensor, group: int) -> torch.Tensor:
+    """Row order that puts groups of similar length together (by their longest row) and keeps each group whole."""
+    longest = lengths.view(-1, group).max(1).values
+    return (torch.argsort(longest, stable=True)[:, None] * group + torch.arange(group, device=lengths.device)).reshape(-1)
 
 
 def unflatten(flat: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -74,9 +91,31 @@ def unflatten(flat: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tenso
 
 def response_logits(lm, x: Packed) -> torch.Tensor:
     """[N, V] float logits at the positions predicting the real response tokens (no other vocab projections)."""
-    out = lm(input_ids=x.ids, attention_mask=x.attention_mask, position_ids=x.position_ids, use_cache=False,
-             logits_to_keep=x.keep)
-    return out.logits.float()
+    if x.group == 1:
+        out = lm(input_ids=x.ids, attention_mask=x.attention_mask, position_ids=x.position_ids, use_cache=False,
+                 logits_to_keep=x.keep)
+        return out.logits.float()
+    head, cache = _prompt_pass(lm, x, logits_to_keep=1)
+    p = x.prompt_width
+    tail = lm(input_ids=x.ids[:, p:], attention_mask=x.attention_mask, position_ids=x.position_ids[:, p:], cache=cache,
+              use_cache=True, logits_to_keep=x.keep[:, p:])
+    # x.keep's row-major order: column p - 1 (the prompt's last position, predicting an answer's first token) comes
+    # from its group's prompt pass, every later column from the answers' pass.
+    b, g = x.ids.shape[0], x.ids.shape[0] // x.group
+    source = torch.zeros(x.keep.shape, dtype=torch.long, device=x.ids.device)
+    source[:, p - 1] = torch.arange(b, device=x.ids.device) // x.group
+    tail_keep = x.keep[:, p:]
+    source[:, p:][tail_keep] = g + torch.arange(int(tail_keep.sum()), device=x.ids.device)
+    return torch.cat([head.logits[:, -1], tail.logits]).float()[source[x.keep]]
+
+
+def _prompt_pass(module, x: Packed, **kw):
+    """Each group's prompt once; returns the output and its KV cache repeated for the group's answers."""
+    k, p = x.group, x.prompt_width
+    out = module(input_ids=x.ids[::k, :p], attention_mask=x.attention_mask[::k, :p], position_ids=x.position_ids[::k, :p],
+                 use_cache=True, **kw)
+    out.cache.batch_repeat_interleave(k)
+    return out, out.cache
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -86,8 +125,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def trunk_hidden(lm, x: Packed) -> torch.Tensor:
-    return backbone(lm)(input_ids=x.ids, attention_mask=x.attention_mask, position_ids=x.position_ids,
-                        use_cache=False).last_hidden_state
+    """[b, L, H] last hidden states of x's layout (with x.group > 1: each prompt's once, repeated for its answers)."""
+    body = backbone(lm)
+    if x.group == 1:
+        return body(input_ids=x.ids, attention_mask=x.attention_mask, position_ids=x.position_ids,
+                    use_cache=False).last_hidden_state
+    head, cache = _prompt_pass(body, x)
+    p = x.prompt_width
+    tail = body(input_ids=x.ids[:, p:], attention_mask=x.attention_mask, position_ids=x.position_ids[:, p:], cache=cache,
+                use_cache=True).last_hidden_state
+    return torch.cat([head.last_hidden_state.repeat_interleave(x.group, 0), tail], 1)
 
 
 def token_values(lm, x: Packed, top: "TopLayers | None" = None, cached: torch.Tensor | None = None) -> torch.Tensor:
@@ -270,8 +317,8 @@ class Rollout:
         """[B] real tokens per row (prompt + response)."""
         return self.query_mask.sum(1) + self.response_mask.sum(1)
 
-    def rows(self, idx: torch.Tensor) -> Packed:
-        return pack(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx])
+    def rows(self, idx: torch.Tensor, group: int = 1) -> Packed:
+        return pack(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx], group)
 
     def cached_hidden(self, idx: torch.Tensor, x: Packed) -> torch.Tensor | None:
         return None if self.value_hidden is None else self.value_hidden[idx][:, x.cols]
@@ -313,11 +360,14 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     ref = torch.zeros(B, R, device=device) if cfg.needs_reference else None
     values, scores = torch.zeros(B, R, device=device), torch.zeros(B, device=device)
     value_hidden = None
-    # Chunks of rows of similar length: less padding in every forward (the results go back to their rows).
-    order = torch.argsort(query_mask.sum(1) + response_mask.sum(1), stable=True)
-    for s in range(0, B, cfg.forward_batch_size):
-        idx = order[s : s + cfg.forward_batch_size]
-        x = pack(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx])
+    # Chunks of rows of similar length: less padding in every forward (the results go back to their rows). Groups of
+    # answers to one prompt stay whole, so that each prompt runs once (cfg.prompt_group).
+    k = cfg.prompt_group
+    order = by_group_length(query_mask.sum(1) + response_mask.sum(1), k)
+    chunk = max(k, cfg.forward_batch_size // k * k)
+    for s in range(0, B, chunk):
+        idx = order[s : s + chunk]
+        x = pack(query_ids[idx], query_mask[idx], response_ids[idx], response_mask[idx], k)
         if cfg.recompute_old_logprobs:  # the update's own forward path: in bf16 the KV-cache loop differs from it
             stack.use("policy")
             logprobs[idx] = unflatten(token_logprobs(response_logits(lm, x), x.tokens, cfg.temperature), x.response_mask, R)
@@ -367,5 +417,5 @@ def _cat_right(tensors: list[torch.Tensor], fill) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
 
 
-__all__ = ["Packed", "Rollout", "TopLayers", "collect", "decoder_layers", "entropy_from_logits", "pack", "response_logits", "sample",
+__all__ = ["Packed", "Rollout", "TopLayers", "by_group_length", "collect", "decoder_layers", "entropy_from_logits", "pack", "response_logits", "sample",
            "sequence_scores", "token_logprobs", "token_values", "unflatten"]

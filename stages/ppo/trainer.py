@@ -33,7 +33,7 @@ from pipeline.config import ConfigError, to_dict
 from pipeline.run import atomic_write_json
 
 from . import losses as L
-from .rollout import Rollout, TopLayers, collect, decoder_layers, response_logits, token_logprobs, token_values
+from .rollout import Rollout, TopLayers, by_group_length, collect, decoder_layers, response_logits, token_logprobs, token_values
 
 # Keys whose values depend on the machine's speed; everything else in metrics.jsonl is reproducible.
 TIMING_KEYS = ("episodes_per_s", "gen_tokens_per_s", "time_generate_s", "time_score_s", "time_train_s", "time_update_s")
@@ -264,11 +264,10 @@ class PPOTrainer:
                 denom = self._all_sum(ro.response_mask[mb].sum().float()).clamp(min=1)
                 # How a mini-batch's rows are split into micro-batches changes nothing but padding: group similar
                 # lengths (whole groups, by their longest row).
-                group_len = ro.lengths[mb].view(-1, k).max(1).values
-                mb = mb.view(-1, k)[torch.argsort(group_len, stable=True)].reshape(-1)
+                mb = mb[by_group_length(ro.lengths[mb], k)]
                 for j in range(0, mb_size, micro):
                     idx = mb[j : j + micro]
-                    x = ro.rows(idx)
+                    x = ro.rows(idx, cfg.prompt_group)
                     width = x.response_mask.shape[1]
                     pick = lambda t: t[idx][:, :width][x.response_mask]  # noqa: E731  [N] real tokens
                     old_lp, a, ret, old_v = pick(ro.logprobs), pick(adv), pick(returns), pick(ro.values)
@@ -286,7 +285,7 @@ class PPOTrainer:
                             sums["kl_loss"] += kl_term.item()
                         if cfg.entropy_coef:  # optional bonus; the logged entropy is the sampling distribution's
                             ent = L.entropy_from_logits(logits / cfg.temperature)
-                            loss = pg - cfg.entropy_coef * ent.sum() / denom
+                            loss = loss - cfg.entropy_coef * ent.sum() / denom
                             sums["entropy_update"] += ent.detach().sum().item()
                         loss.backward()
                         del logits, loss
