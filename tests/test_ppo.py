@@ -812,7 +812,7 @@ def test_a_groups_prompt_runs_once_with_the_same_numbers(arch, tiny_models, adap
     tokens after left-padded prompts of three lengths; rows that are not whole groups are refused."""
     from pipeline.models import load_tokenizer, profile_from
     from stages.ppo import build_stack
-    from stages.ppo.rollout import pack, response_logits, sequence_scores, token_logprobs, token_values
+    from stages.ppo.rollout import pack, response_logits, sample, sequence_scores, token_logprobs, token_values
 
     sft_dir, rm_dir = adapters(arch)
     profile = profile_from(tiny_models[arch])
@@ -849,10 +849,19 @@ def test_a_groups_prompt_runs_once_with_the_same_numbers(arch, tiny_models, adap
     with pytest.raises(ValueError, match="not whole groups"):
         pack(q_ids[1:9], q_mask[1:9], r_ids[1:9], r_mask[1:9], group=4)
 
+    # Sampling: the prefill runs each prompt once; same draws from the same generator, same log-probs.
+    with torch.no_grad():
+        drawn = [sample(lm, q_ids, q_mask, 12, 0.7, [tok.eos_token_id], tok.pad_token_id,
+                        torch.Generator().manual_seed(3), group=g) for g in (1, 4)]
+        with pytest.raises(ValueError, match="not whole groups"):
+            sample(lm, q_ids[2:10], q_mask[2:10], 4, 0.7, [tok.eos_token_id], tok.pad_token_id, torch.Generator(), group=4)
+    assert torch.equal(drawn[0].response_ids, drawn[1].response_ids)
+    assert torch.allclose(drawn[0].logprobs, drawn[1].logprobs, atol=1e-5)
+
 
 def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters, prompts_file, tmp_path):
-    """The loop uses the shared-prompt forward: after sampling, every scoring and update forward that sees a
-    prompt sees each group's prompt once (a quarter of the rows); PPO with a critic (whole rows for its cached top
+    """The loop uses the shared-prompt forward: the sampling prefill and every scoring and update forward that sees a
+    prompt see each group's prompt once (a quarter of the rows); PPO with a critic (whole rows for its cached top
     layers) and gradient checkpointing (HF drops the KV cache there) keep row-by-row forwards, with the same
     numbers as the shared path."""
     def varied(prompts, response_ids, response_mask, texts):  # a score that differs within groups (GRPO divides by its std)
@@ -865,13 +874,13 @@ def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters,
     hook = embed.register_forward_hook(lambda m, inp, out: seen.append((*inp[0].shape, torch.is_grad_enabled())))
     ro = trainer.rollout()
     B = ro.response_ids.shape[0]
-    scoring = [s for s in seen if s[1] > 1][1:]  # the sampling prefill is the first multi-token forward
+    prefill, *scoring = [s for s in seen if s[1] > 1]  # the sampling prefill is the first multi-token forward
     adv, returns, _ = trainer._advantages(ro)
     seen.clear()
     trainer._optimise(ro, adv, returns)
     hook.remove()
     micro = trainer.cfg.per_device_train_batch_size
-    assert scoring and {rows for rows, _, _ in scoring} == {B // 4, B}, scoring
+    assert prefill[0] == B // 4 and scoring and {rows for rows, _, _ in scoring} == {B // 4, B}, (prefill, scoring)
     assert {(rows, grad) for rows, _, grad in seen} == {(micro // 4, True), (micro, True)}, seen
 
     gc = _trainer(tiny_models, adapters, prompts_file, tmp_path / "gc", "--advantage_estimator", "grpo",

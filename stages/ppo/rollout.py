@@ -10,6 +10,9 @@ Speed (generation is most of PPO's wall time; DESIGN "hard parts"):
 - Every forward trims the all-pad columns of its rows and asks the model for logits only at the positions that
   predict real response tokens (`logits_to_keep` with a boolean mask): no full-vocab logits over the prompt or
   the padding. The value and reward adapters skip the LM head entirely (trunk + scalar head).
+- The critic-free estimators sample a group of answers per prompt; their scoring and update forwards run each
+  group's prompt once and continue its answers on the prompt's KV cache (`pack(..., group=k)`): the same numbers,
+  about half the tokens (GRPO on the story task: 3.6 -> 3.0 s per update, peak memory 688 -> 553 MB).
 - The reference forward is skipped when no KL term is used.
 - The value adapter trains only its top layers (`TopLayers`, config value_trainable_layers): the rollout's value
   pass keeps the hidden states entering them, and every update pass replays those instead of recomputing the
@@ -69,11 +72,18 @@ def pack(query_ids, query_mask, response_ids, response_mask, group: int = 1) -> 
     p = P - first
     keep[:, p - 1 : p - 1 + r_eff] = resp_mask
     if group > 1:
-        head = ids[:, :p].reshape(-1, group, p)
-        if ids.shape[0] % group or not torch.equal(head, head[:, :1].expand_as(head)):
-            raise ValueError(f"pack(group={group}): the rows are not whole groups of {group} answers to one prompt")
+        check_groups(ids[:, :p], group)
     return Packed(ids, attn, pos, keep, resp_mask, response_ids[:, :r_eff][resp_mask], slice(first, P + r_eff),
                   group, p)
+
+
+def check_groups(prompt_ids: torch.Tensor, group: int) -> None:
+    """Consecutive rows must be whole groups of `group` copies of one prompt (a forward runs each prompt once)."""
+    if prompt_ids.shape[0] % group:
+        raise ValueError(f"{prompt_ids.shape[0]} rows are not whole groups of {group} answers to one prompt")
+    head = prompt_ids.reshape(-1, group, prompt_ids.shape[1])
+    if not torch.equal(head, head[:, :1].expand_as(head)):
+        raise ValueError(f"the rows are not whole groups of {group} answers to one prompt")
 
 
 def by_group_length(lengths: torch.Tensor, group: int) -> torch.Tensor:
@@ -244,20 +254,29 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 @torch.no_grad()
 def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float, stop_ids: list[int], pad_id: int,
-           generator: torch.Generator, stop_at_eos: bool = True, all_ranks_done=None) -> Sampled:
+           generator: torch.Generator, stop_at_eos: bool = True, all_ranks_done=None, group: int = 1) -> Sampled:
     """Sample up to max_new_tokens per left-padded prompt with a KV cache; a row ends at its first stop token (any of
     `stop_ids`: instruct checkpoints have several), and sampling stops when every row has ended.
 
     `all_ranks_done(local_done) -> bool` (a sharded base): every rank must run the same forwards, so the loop ends
     when every rank's rows have ended; a rank that is done first keeps feeding the model (its all-gathers serve the
-    others) but samples nothing more, so it returns and draws from `generator` exactly what it would alone."""
+    others) but samples nothing more, so it returns and draws from `generator` exactly what it would alone.
+
+    `group` > 1: consecutive rows are groups of that many copies of one prompt; the prefill runs each prompt once."""
     B, P = prompt_ids.shape
     device = prompt_ids.device
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     mask = torch.ones(B, P + max_new_tokens, dtype=prompt_mask.dtype, device=device)
     mask[:, :P] = prompt_mask
     pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    if group > 1:
+        check_groups(prompt_ids, group)
+        out = lm(input_ids=prompt_ids[::group], attention_mask=prompt_mask[::group], position_ids=pos[::group],
+                 use_cache=True, logits_to_keep=1)
+        out.cache.batch_repeat_interleave(group)
+        out.logits = out.logits.repeat_interleave(group, 0)
+    else:
+        out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     next_pos = pos[:, -1:] + 1
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(B, max_new_tokens, device=device)
@@ -342,11 +361,13 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     t0 = time.perf_counter()
     stack.use("policy")
     parts = []
-    for s in range(0, len(prompt_ids), cfg.generation_batch_size):
-        q_ids, q_mask = left_pad(prompt_ids[s : s + cfg.generation_batch_size], pad_id)
+    k = cfg.prompt_group  # rows come in groups of k copies of one prompt: every forward runs the prompt once
+    chunk = max(k, cfg.generation_batch_size // k * k)
+    for s in range(0, len(prompt_ids), chunk):
+        q_ids, q_mask = left_pad(prompt_ids[s : s + chunk], pad_id)
         q_ids, q_mask = q_ids.to(device), q_mask.to(device)
         parts.append((q_ids, q_mask, sample(lm, q_ids, q_mask, cfg.response_length, cfg.temperature, stop_ids, pad_id,
-                                            generator, cfg.stop_at_eos, all_ranks_done)))
+                                            generator, cfg.stop_at_eos, all_ranks_done, k)))
     query_ids, query_mask = _cat_left([p[0] for p in parts], pad_id), _cat_left([p[1] for p in parts], 0)
     cat = lambda name, fill: _cat_right([getattr(p[2], name) for p in parts], fill)  # noqa: E731
     response_ids, response_mask = cat("response_ids", pad_id), cat("response_mask", 0)
@@ -361,8 +382,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     values, scores = torch.zeros(B, R, device=device), torch.zeros(B, device=device)
     value_hidden = None
     # Chunks of rows of similar length: less padding in every forward (the results go back to their rows). Groups of
-    # answers to one prompt stay whole, so that each prompt runs once (cfg.prompt_group).
-    k = cfg.prompt_group
+    # answers to one prompt stay whole, so that each prompt runs once.
     order = by_group_length(query_mask.sum(1) + response_mask.sum(1), k)
     chunk = max(k, cfg.forward_batch_size // k * k)
     for s in range(0, B, chunk):
