@@ -218,8 +218,19 @@ def read_rm_eval_pairs(rm: dict) -> list[dict]:
 def reward_scores(stack: AdapterStack, tokenizer, prompts: list, texts: list[str], batch: int) -> list[float]:
     device = next(stack.model.parameters()).device
     ids, mask = chat_reward_inputs(tokenizer, prompts, texts)
-    return torch.cat([stack.scores("reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device)).float().cpu()
-                      for i in range(0, len(ids), batch)]).tolist()
+    return torch.cat(on_every_rank(stack.model, len(ids), batch, lambda i: stack.scores(
+        "reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device)).float().cpu())).tolist()
+
+
+def heldout_pair_rewards(stack: AdapterStack, tokenizer, rm: dict, batch: int) -> tuple[list[dict], list[float], list[float]]:
+    """The reward model's held-out pairs (rm stage's eval_pairs.jsonl) and its scores of their chosen and rejected
+    replies: the model work of the RM-vs-gold agreement, done by every rank."""
+    held = read_rm_eval_pairs(rm)
+    if not held:
+        return [], [], []
+    prompts = [r["prompt"] for r in held]
+    return (held, reward_scores(stack, tokenizer, prompts, [r["chosen"] for r in held], batch),
+            reward_scores(stack, tokenizer, prompts, [r["rejected"] for r in held], batch))
 
 
 def policy_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
@@ -257,41 +268,48 @@ def overoptimisation_flag(points: list[dict]) -> str | None:
             f"the policy is exploiting the reward model (reward hacking)")
 
 
-def checkpoint_curve(stack: AdapterStack, tokenizer, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
-                     judge, ppo_dir: Path, final_update: int, ends: tuple[dict, dict]) -> list[dict]:
-    """Gold and proxy score against sqrt(KL to SFT): SFT (update 0), each policy an RL run kept (`ppo_dir`: its
-    stage folder, ppo, grpo, ...), the final policy. `ends`: the SFT and final points, already measured."""
-    from pipeline.judges import judge_scores
+def kept_policy_samples(stack: AdapterStack, tokenizer, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
+                        stage_dir: Path, final_update: int) -> list[tuple[int, str, dict, list[float]]]:
+    """(update, name, samples, KL to SFT) of each policy an RL stage kept (`stage_dir`: ppo, grpo, ...) between SFT and
+    its final policy: the model work of its over-optimisation curve, done by every rank."""
     from pipeline.models import check_adapter
 
-    points = [ends[0]]
-    for update, path in policy_checkpoints(ppo_dir):
-        if update == 0 or update >= final_update:  # SFT and the final policy are the two ends already measured
+    kept = []
+    for update, path in policy_checkpoints(stage_dir):
+        if update == 0 or update >= final_update:  # SFT and the final policy are the two ends, measured already
             continue
         name = f"update-{update}"
         check_adapter(path, stack.causal_lm.config, what=f"kept policy {path}")
-        stack.model.load_adapter(str(path), adapter_name=name)
+        stack.model.load_adapter(str(path), adapter_name=name)  # on a sharded base: whole on every rank, as the others
         ro = rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
-        kl = sequence_kl(stack, name, "sft", ro, args.score_batch_size, sampling.temperature)
-        gold = judge_scores(judge, prompts, ro["texts"], args.gold_batch_size)
-        points.append(curve_point(update, name, ro["rewards"], gold, kl))
+        kept.append((update, name, ro, sequence_kl(stack, name, "sft", ro, args.score_batch_size, sampling.temperature)))
         stack.use("sft")
         stack.model.delete_adapter(name)
-    return points + [ends[1]]
+    return kept
 
 
-def gold_report(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
-                rm: dict, ppo_dir: Path, final_update: int, ro_sft: dict, ro_ppo: dict, kl: list[float],
-                gold_sft: list[float], gold_ppo: list[float]) -> dict:
-    """Everything the gold judge says about PPO: gold scores of both policies' samples (given), the gold win rate,
-    the reward model's agreement with the gold, and the over-optimisation curve with its flag."""
+def checkpoint_curve(judge, prompts, args: EvalArgs, kept: list[tuple[int, str, dict, list[float]]],
+                     ends: tuple[dict, dict]) -> list[dict]:
+    """Gold and proxy score against sqrt(KL to SFT): SFT (update 0), each kept policy (kept_policy_samples), the final
+    policy. `ends`: the SFT and final points, already measured."""
     from pipeline.judges import judge_scores
 
-    held = read_rm_eval_pairs(rm)
+    points = [curve_point(update, name, ro["rewards"], judge_scores(judge, prompts, ro["texts"], args.gold_batch_size), kl)
+              for update, name, ro, kl in kept]
+    return [ends[0], *points, ends[1]]
+
+
+def gold_report(judge, prompts, args: EvalArgs, heldout: tuple[list[dict], list[float], list[float]],
+                kept: list, final_update: int, ro_sft: dict, ro_ppo: dict, kl: list[float],
+                gold_sft: list[float], gold_ppo: list[float]) -> dict:
+    """Everything the gold judge says about PPO: gold scores of both policies' samples (given), the gold win rate,
+    the reward model's agreement with the gold on its held-out pairs (`heldout`: heldout_pair_rewards), and the
+    over-optimisation curve over PPO's kept policies (`kept`: kept_policy_samples) with its flag."""
+    from pipeline.judges import judge_scores
+
+    held, rm_chosen, rm_rejected = heldout
     if held:
         hp = [r["prompt"] for r in held]
-        rm_chosen = reward_scores(stack, tokenizer, hp, [r["chosen"] for r in held], args.score_batch_size)
-        rm_rejected = reward_scores(stack, tokenizer, hp, [r["rejected"] for r in held], args.score_batch_size)
         g_chosen = judge_scores(judge, hp, [r["chosen"] for r in held], args.gold_batch_size)
         g_rejected = judge_scores(judge, hp, [r["rejected"] for r in held], args.gold_batch_size)
         rm_heldout = gold_agreement(rm_chosen, rm_rejected, g_chosen, g_rejected)
@@ -299,7 +317,7 @@ def gold_report(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, samp
         rm_heldout = {"agreement": None, "pairs": 0, "note": "the rm stage kept no eval_pairs.jsonl"}
     ends = (curve_point(0, "sft", ro_sft["rewards"], gold_sft, [0.0] * len(gold_sft)),
             curve_point(final_update, "ppo (final)", ro_ppo["rewards"], gold_ppo, kl))
-    curve = checkpoint_curve(stack, tokenizer, prompts, prompt_ids, sampling, args, judge, ppo_dir, final_update, ends)
+    curve = checkpoint_curve(judge, prompts, args, kept, ends)
     return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, tie_eps=0.0),
             "rm_agreement_heldout_pairs": rm_heldout,
             "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft),
@@ -440,10 +458,11 @@ def final_update(manifest: dict) -> int:
     return max([r["update"] for r in rows if isinstance(r.get("update"), int)] or [trained.get("total_updates", 1)])
 
 
-def sft_vs_ppo(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
-               rm: dict, ppo: dict, ppo_dir: Path, ro_sft: dict, ro_ppo: dict, kl: list[float], gold: dict | None) -> dict:
+def sft_vs_ppo(judge, prompts, args: EvalArgs, ppo: dict, ppo_dir: Path, ro_sft: dict, ro_ppo: dict, kl: list[float],
+               gold: dict | None, heldout: tuple, kept: list) -> dict:
     """The PPO report: figures, reward-hacking flags, gold report with PPO's over-optimisation curve, samples and the
-    human win rate. `gold`: every policy's gold scores (None without a judge). Returns report.json's PPO keys."""
+    human win rate. `gold`: every policy's gold scores (None without a judge); `heldout`, `kept`: the gold report's
+    model work (heldout_pair_rewards, kept_policy_samples). Returns report.json's PPO keys."""
     samples = [{"pair_id": pair_id(p, s, q), "prompt": p, "prompt_text": p[-1]["content"], "sft": s, "ppo": q,
                 "reward_sft": rs, "reward_ppo": rp, "kl": k, "length_sft": ls, "length_ppo": lp,
                 "eos_sft": es, "eos_ppo": ep}
@@ -461,8 +480,8 @@ def sft_vs_ppo(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampl
     flags = hacking_flags(train, figures, args)
     gold_ppo = None
     if gold is not None:  # the gold judge: learning measured by something PPO did not optimise
-        gold_ppo = gold_report(stack, tokenizer, judge, prompts, prompt_ids, sampling, args, rm, ppo_dir, final_update(ppo),
-                               ro_sft, ro_ppo, kl, gold["sft"], gold["ppo"])
+        gold_ppo = gold_report(judge, prompts, args, heldout, kept, final_update(ppo), ro_sft, ro_ppo, kl, gold["sft"],
+                               gold["ppo"])
         figures.update(gold_figures(gold_ppo))
         flags += [gold_ppo["flag"]] if gold_ppo["flag"] else []
         for sample, gs, gp in zip(samples, gold["sft"], gold["ppo"]):
@@ -475,11 +494,11 @@ def sft_vs_ppo(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampl
             "metrics_rows": rows}
 
 
-def compare_policies(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
-                     policies: dict[str, dict], runs: Path, ro: dict, kl: dict, gold: dict | None,
-                     ppo_curve: list[dict] | None) -> dict:
+def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], ro: dict, kl: dict, gold: dict | None,
+                     kept: dict[str, list], ppo_curve: list[dict] | None) -> dict:
     """Every policy on the same prompts: the table, the win-rate matrices (proxy, and gold with a judge) and the
-    gold-vs-KL curves (an RL run's kept policies included; PPO's curve is `ppo_curve` when already measured)."""
+    gold-vs-KL curves (an RL run's kept policies included, `kept`: kept_policy_samples by stage; PPO's curve is
+    `ppo_curve` when already measured)."""
     names = ["sft", *policies]
     methods = {"sft": "sft", **{n: policy_method(n, m) for n, m in policies.items()}}
     comparison = {"policies": names, "n_prompts": len(prompts), "seed": args.seed,
@@ -501,8 +520,7 @@ def compare_policies(stack: AdapterStack, tokenizer, judge, prompts, prompt_ids,
             if name == "ppo" and ppo_curve is not None:
                 curves[name] = ppo_curve
             elif name in RL_STAGES:
-                curves[name] = checkpoint_curve(stack, tokenizer, prompts, prompt_ids, sampling, args, judge, runs / name,
-                                                final["update"], (sft_point, final))
+                curves[name] = checkpoint_curve(judge, prompts, args, kept[name], (sft_point, final))
             else:  # DPO keeps no policies along the way: its final one only
                 curves[name] = [final]
         comparison["curves"] = {n: [{k: v for k, v in p.items() if k not in ("proxy", "gold")} for p in pts]
@@ -545,14 +563,15 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
           for name in ["sft", *policies]}
     kl = {"sft": [0.0] * len(prompts), **{name: sequence_kl(stack, name, "sft", ro[name], args.score_batch_size,
                                                             sampling.temperature) for name in policies}}
+    # The gold report's model work, on every rank (a sharded base needs them all in lockstep): the reward model's
+    # scores of its held-out pairs and the policies each RL stage kept along the way. The judge runs on the main process.
+    heldout, kept = ([], [], []), {}
+    if judge is not None:
+        if ppo:
+            heldout = heldout_pair_rewards(stack, tokenizer, rm, args.score_batch_size)
+        kept = {name: kept_policy_samples(stack, tokenizer, prompts, prompt_ids, sampling, args, stage.dir.parent / name,
+                                          final_update(m)) for name, m in policies.items() if name in RL_STAGES}
     sharding = sharding_report(stack.model)
-    if judge is not None and is_sharded(stack.model):
-        # The gold report's own forwards (RM-vs-gold agreement, kept policies) run on the main process only, which a
-        # sharded base cannot do alone: measure gold on an unsharded launch.
-        if state.is_main_process:
-            print("note: the gold report is skipped under FSDP (its forwards are main-process only); run make eval "
-                  "without the FSDP config for it", file=sys.stderr)
-        judge = None
     if not state.is_main_process:  # the main process writes the report
         finish_distributed()
         return {}
@@ -565,14 +584,14 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling)}
     figures, plots, outputs = {}, {}, {}
     if ppo:
-        report.update(sft_vs_ppo(stack, tokenizer, judge, prompts, prompt_ids, sampling, args, rm, ppo,
-                                 stage.dir.parent / "ppo", ro["sft"], ro["ppo"], kl["ppo"], gold))
+        report.update(sft_vs_ppo(judge, prompts, args, ppo, stage.dir.parent / "ppo", ro["sft"], ro["ppo"], kl["ppo"], gold,
+                                 heldout, kept.get("ppo", [])))
         figures = report["figures"]
         plots = save_plots(report.pop("metrics_rows"), ro["sft"], ro["ppo"], stage.dir / "plots")
         if report["gold"] is not None:
             plots["overoptimisation"] = plot_overoptimisation(report["gold"]["curve"], stage.dir / "plots" / "overoptimisation.png")
-    comparison = compare_policies(stack, tokenizer, judge, prompts, prompt_ids, sampling, args, policies, stage.dir.parent,
-                                  ro, kl, gold, report["gold"]["curve"] if report.get("gold") else None)
+    comparison = compare_policies(judge, prompts, args, policies, ro, kl, gold, kept,
+                                  report["gold"]["curve"] if report.get("gold") else None)
     if "curves" in comparison:
         plots["gold_vs_kl"] = stage.dir / "plots" / "gold_vs_kl.png"
         comparison["plot_series"] = plot_gold_vs_kl(comparison["curves"], plots["gold_vs_kl"])

@@ -214,16 +214,10 @@ def test_gold_agreement_by_hand():
     assert g["pairs"] == 4 and g["agreement"] == pytest.approx(2.5 / 4) and g["ci_low"] < 0.625 < g["ci_high"]
 
 
-def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path, tiny_models):
-    """policies/update-4 is the SFT adapter and update-8 the final one: their points must equal the two ends. The
-    RM's held-out pairs are scored by the gold judge; agreement is recomputed with the RM loaded as a judge."""
+def add_kept_policies_and_rm_pairs(t: Path) -> list[dict]:
+    """PPO kept policies update-4 (= SFT), 8 (= final), 11 (the final update) and 4 RM held-out pairs, in run `t`."""
     import shutil
 
-    from pipeline.judges import judge_scores, load_judge
-    from stages.eval import gold_agreement, main, parse_args
-
-    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
-    t = runs / "t"
     for update, src in ((4, t / "sft" / "adapter"), (8, t / "ppo" / "adapter"), (11, t / "sft" / "adapter")):
         shutil.copytree(src, t / "ppo" / "policies" / f"update-{update}")  # 11 = the final update: not measured twice
     held = [{"prompt": [{"role": "user", "content": f"Tell me story {i}."}], "chosen": [{"role": "assistant", "content": c}],
@@ -234,6 +228,20 @@ def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path,
     manifest = json.loads((t / "rm" / "manifest.json").read_text())
     manifest["outputs"]["eval_pairs"] = str(t / "rm" / "eval_pairs.jsonl")
     (t / "rm" / "manifest.json").write_text(json.dumps(manifest))
+    return held
+
+
+def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path, tiny_models):
+    """policies/update-4 is the SFT adapter and update-8 the final one: their points must equal the two ends. The
+    RM's held-out pairs are scored by the gold judge; agreement is recomputed with the RM loaded as a judge."""
+    import shutil
+
+    from pipeline.judges import judge_scores, load_judge
+    from stages.eval import gold_agreement, main, parse_args
+
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    t = runs / "t"
+    held = add_kept_policies_and_rm_pairs(t)
     m = main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
                           "--model_config", str(tiny_models["llama"]), "--max_new_tokens", "8"]))
     report = json.loads((t / "eval" / "report.json").read_text())

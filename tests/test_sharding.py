@@ -176,6 +176,7 @@ def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir,
     from pipeline.config import RunArgs, parse
     from pipeline.generation import SamplingConfig
     from tests.fake_upstream import build_upstream
+    from tests.test_eval import add_kept_policies_and_rm_pairs
 
     profile = str(tiny_models["llama"])
     build_upstream(runs_dir, profile, "one")
@@ -191,6 +192,8 @@ def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir,
 
     ev = ["--config", "configs/eval.yaml", "--runs_dir", str(runs_dir), "--model_config", profile,
           "--max_new_tokens", "10", "--score_batch_size", "4"]  # 6 held-out prompts: 2 batches of each kind
+    for run in ("one", "two"):  # the gold report's own forwards: kept policies and the RM's held-out pairs
+        add_kept_policies_and_rm_pairs(runs_dir / run)
     res = run_module("stages.eval", [*ev, "--run", "two", "--generation_batch_size", "4"], fsdp=True)
     assert res.returncode == 0, res.stderr[-4000:]
     eval_main(*eval_args([*ev, "--run", "one", "--generation_batch_size", "4"]))
@@ -198,4 +201,12 @@ def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir,
     assert [(s["sft"], s["ppo"]) for s in r2["samples"]] == [(s["sft"], s["ppo"]) for s in r1["samples"]]
     for key in ("reward_sft", "reward_ppo", "kl"):
         assert max(abs(a[key] - b[key]) for a, b in zip(r1["samples"], r2["samples"])) < 1e-5, key
+    # The gold report under FSDP: the same curve over the kept policies and the same RM-vs-gold agreement.
+    g1, g2 = r1["gold"], r2["gold"]
+    assert g2 is not None and [p["update"] for p in g2["curve"]] == [p["update"] for p in g1["curve"]] == [0, 4, 8, 11]
+    for a, b in zip(g1["curve"], g2["curve"]):
+        assert b["gold"] == a["gold"] and b["proxy"] == pytest.approx(a["proxy"], abs=1e-5)
+        assert b["kl_mean"] == pytest.approx(a["kl_mean"], abs=1e-5)
+    h1, h2 = g1["rm_agreement_heldout_pairs"], g2["rm_agreement_heldout_pairs"]
+    assert h2["pairs"] == h1["pairs"] == 3 and h2["agreement"] == h1["agreement"]
     assert_really_sharded(manifest(runs_dir, "two", "eval")["metrics"])
