@@ -85,16 +85,13 @@ def ensure_peer_venv(python: str | None) -> str:
     return str(py)
 
 
-FROM_RUN: str | None = None  # --from_run: the story models of a finished run (bench.story build --from_run)
-
-
-def story_dirs() -> tuple[Path, Path]:
+def story_dirs(from_run: str | None = None) -> tuple[Path, Path]:
     """The story task's work folder (built once by bench/story.py, shared with bench-rl: models/tiny, the SFT and
-    reward adapters from the real stages) and the peer's folder made from it (merged SFT policy; merged reward model
-    as reward and value model; the training prompts chat-templated)."""
+    reward adapters from the real stages, or `from_run`'s) and the peer's folder made from it (merged SFT policy;
+    merged reward model as reward and value model; the training prompts chat-templated)."""
     work, peer = OUT / "rl" / "story", OUT / "models" / "story-peer"
     run_child([sys.executable, "-m", "bench.story", "build", "--scale", "story", "--work", str(work),
-               *(["--from_run", FROM_RUN] if FROM_RUN else [])], OUT / "logs" / "story-build.log", want_json=False)
+               *(["--from_run", from_run] if from_run else [])], OUT / "logs" / "story-build.log", want_json=False)
     run_child([sys.executable, "-m", "bench.story", "ppo-peer", "--work", str(work), "--peer", str(peer)],
               OUT / "logs" / "story-ppo-peer.log", want_json=False)
     return work, peer
@@ -196,10 +193,10 @@ def run_peer(scale: str, peer_dir: Path, s: dict, rnd: int, python: str) -> dict
     return r
 
 
-def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: bool) -> dict:
+def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: bool, from_run: str | None = None) -> dict:
     s = SCALES[scale]
     if scale == "story":
-        work, model_dir = story_dirs()
+        work, model_dir = story_dirs(from_run)
         peer_dir = model_dir
     else:
         model_dir = build_models(scale)
@@ -265,10 +262,10 @@ def parse_bench_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    global OUT, FROM_RUN
+    global OUT
     a = parse_bench_args(argv)
     OUT = Path(a.work_dir).resolve()
-    FROM_RUN = str(Path(a.from_run).resolve()) if a.from_run else None
+    from_run = str(Path(a.from_run).resolve()) if a.from_run else None
     if a.lr is not None:
         COMMON["lr"] = a.lr
     t0 = time.perf_counter()
@@ -290,7 +287,7 @@ def main(argv=None) -> dict:
         if a.updates:
             SCALES[sc]["updates"] = a.updates
         rounds = a.rounds if (a.rounds and sc in ("tiny", "story")) else SCALES[sc]["rounds"]
-        result[sc] = bench_scale(sc, rounds, peer_python, a.ours_only)
+        result[sc] = bench_scale(sc, rounds, peer_python, a.ours_only, from_run)
     result["meta"] = meta(TARGETS, t0, versions_peer=peer_versions, ours_only=a.ours_only, peer_python=peer_python)
     atomic_write_json(Path(a.output), result)
     log(f"wrote {a.output} in {result['meta']['wall_s']} s")

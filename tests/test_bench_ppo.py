@@ -48,3 +48,30 @@ def test_fitted_gain_by_hand():
     assert fitted_gain([5.0]) is None and fitted_gain(None) is None
     assert fitted_gain_se([0.0, 1.0, 2.0, 3.0]) == 0.0  # on the line: no noise
     assert fitted_gain_se([0.0, 3.0, 0.0, 3.0]) == pytest.approx(3 * (7.2 / 2 / 5) ** 0.5, abs=1e-4)
+
+
+def test_from_run_reaches_the_story_build(tmp_path, monkeypatch):
+    """--from_run: bench-ppo's story scale builds from that run's models (bench.story build --from_run), as
+    bench-rl's does; without it the build trains them."""
+    from bench import bench_ppo
+
+    calls = []
+    monkeypatch.setattr(bench_ppo, "run_child", lambda cmd, log, want_json=True: calls.append(cmd))
+    monkeypatch.setattr(bench_ppo, "OUT", tmp_path)
+    bench_ppo.story_dirs(str(tmp_path / "runs/default"))
+    bench_ppo.story_dirs()
+    with_run, without = calls[0], calls[2]
+    assert with_run[with_run.index("--from_run") + 1] == str(tmp_path / "runs/default")
+    assert "--from_run" not in without and "build" in without
+
+    class Measured(Exception):  # stop main() at the measurement, with what it was given
+        pass
+
+    def bench_scale(scale, rounds, peer_python, ours_only, from_run=None):
+        raise Measured(scale, from_run)
+
+    monkeypatch.setattr(bench_ppo, "bench_scale", bench_scale)
+    with pytest.raises(Measured) as got:
+        bench_ppo.main(["--scales", "story", "--ours-only", "--from_run", str(tmp_path / "runs/default"),
+                        "--output", str(tmp_path / "ppo.json"), "--work_dir", str(tmp_path)])
+    assert got.value.args == ("story", str((tmp_path / "runs/default").resolve()))
