@@ -43,10 +43,7 @@ def load_prompts(cfg: PPOConfig, tokenizer):
     from pipeline.generation import chat_ids
 
     source = cfg.dataset_name or cfg.prompts_file
-    path = resolve_path(source)
-    if path.is_file() and path.suffix == ".jsonl" and not path.read_bytes().strip():
-        raise ConfigError(f"prompt set {source} is empty: give a file with at least one {{\"prompt\": ...}} row")
-    rows, columns = load_rows(source)
+    rows, columns = load_rows(source)  # an empty .jsonl file: one error there
     if not rows:
         raise ConfigError(f"prompt set {source} is empty: give at least one prompt")
     if "prompt" in columns or "messages" in columns:
