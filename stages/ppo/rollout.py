@@ -105,10 +105,10 @@ def response_logits(lm, x: Packed) -> torch.Tensor:
         out = lm(input_ids=x.ids, attention_mask=x.attention_mask, position_ids=x.position_ids, use_cache=False,
                  logits_to_keep=x.keep)
         return out.logits.float()
-    head, cache = _prompt_pass(lm, x, logits_to_keep=1)
     p = x.prompt_width
-    tail = lm(input_ids=x.ids[:, p:], attention_mask=x.attention_mask, position_ids=x.position_ids[:, p:], cache=cache,
-              use_cache=True, logits_to_keep=x.keep[:, p:])
+    head = prompt_once(lm, x.ids[:, :p], x.attention_mask[:, :p], x.position_ids[:, :p], x.group, logits_to_keep=1)
+    tail = lm(input_ids=x.ids[:, p:], attention_mask=x.attention_mask, position_ids=x.position_ids[:, p:],
+              cache=head.cache, use_cache=True, logits_to_keep=x.keep[:, p:])
     # x.keep's row-major order: column p - 1 (the prompt's last position, predicting an answer's first token) comes
     # from its group's prompt pass, every later column from the answers' pass.
     b, g = x.ids.shape[0], x.ids.shape[0] // x.group
@@ -119,13 +119,12 @@ def response_logits(lm, x: Packed) -> torch.Tensor:
     return torch.cat([head.logits[:, -1], tail.logits]).float()[source[x.keep]]
 
 
-def _prompt_pass(module, x: Packed, **kw):
-    """Each group's prompt once; returns the output and its KV cache repeated for the group's answers."""
-    k, p = x.group, x.prompt_width
-    out = module(input_ids=x.ids[::k, :p], attention_mask=x.attention_mask[::k, :p], position_ids=x.position_ids[::k, :p],
-                 use_cache=True, **kw)
-    out.cache.batch_repeat_interleave(k)
-    return out, out.cache
+def prompt_once(module, ids, mask, pos, group: int, **kw):
+    """One forward over the first row of each group of `group` rows that share a prompt (check_groups); its KV cache
+    (`.cache`) is repeated for every row of the group, ready for the answers' tokens."""
+    out = module(input_ids=ids[::group], attention_mask=mask[::group], position_ids=pos[::group], use_cache=True, **kw)
+    out.cache.batch_repeat_interleave(group)
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -140,10 +139,10 @@ def trunk_hidden(lm, x: Packed) -> torch.Tensor:
     if x.group == 1:
         return body(input_ids=x.ids, attention_mask=x.attention_mask, position_ids=x.position_ids,
                     use_cache=False).last_hidden_state
-    head, cache = _prompt_pass(body, x)
     p = x.prompt_width
-    tail = body(input_ids=x.ids[:, p:], attention_mask=x.attention_mask, position_ids=x.position_ids[:, p:], cache=cache,
-                use_cache=True).last_hidden_state
+    head = prompt_once(body, x.ids[:, :p], x.attention_mask[:, :p], x.position_ids[:, :p], x.group)
+    tail = body(input_ids=x.ids[:, p:], attention_mask=x.attention_mask, position_ids=x.position_ids[:, p:],
+                cache=head.cache, use_cache=True).last_hidden_state
     return torch.cat([head.last_hidden_state.repeat_interleave(x.group, 0), tail], 1)
 
 
@@ -271,9 +270,7 @@ def sample(lm, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float,
     pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     if group > 1:
         check_groups(prompt_ids, group)
-        out = lm(input_ids=prompt_ids[::group], attention_mask=prompt_mask[::group], position_ids=pos[::group],
-                 use_cache=True, logits_to_keep=1)
-        out.cache.batch_repeat_interleave(group)
+        out = prompt_once(lm, prompt_ids, prompt_mask, pos, group, logits_to_keep=1)
         out.logits = out.logits.repeat_interleave(group, 0)
     else:
         out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
