@@ -234,8 +234,6 @@ def add_kept_policies_and_rm_pairs(t: Path) -> list[dict]:
 def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path, tiny_models):
     """policies/update-4 is the SFT adapter and update-8 the final one: their points must equal the two ends. The
     RM's held-out pairs are scored by the gold judge; agreement is recomputed with the RM loaded as a judge."""
-    import shutil
-
     from pipeline.judges import judge_scores, load_judge
     from stages.eval import gold_agreement, main, parse_args
 

@@ -87,6 +87,11 @@ def token_count_reward(token_id: int):
     return reward_fn
 
 
+def varied_reward(prompts, response_ids, response_mask, texts):
+    """Toy reward that differs between answers to one prompt (GRPO divides by the group's std): tokens divisible by 5."""
+    return ((response_ids % 5 == 0) & response_mask.bool()).sum(1).float()
+
+
 def zero_head_copy(rm_dir: Path, out: Path) -> Path:
     """The reward adapter with its score head zeroed: a critic that starts at 0, on the toy reward's scale (a random
     RM's per-token values would swamp a reward of a few tokens; a real RM is trained and normalised)."""
@@ -864,11 +869,8 @@ def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters,
     prompt see each group's prompt once (a quarter of the rows); PPO with a critic (whole rows for its cached top
     layers) and gradient checkpointing (HF drops the KV cache there) keep row-by-row forwards, with the same
     numbers as the shared path."""
-    def varied(prompts, response_ids, response_mask, texts):  # a score that differs within groups (GRPO divides by its std)
-        return ((response_ids % 5 == 0) & response_mask.bool()).sum(1).float()
-
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo",
-                       "--num_samples_per_prompt", "4", reward_fn=varied)
+                       "--num_samples_per_prompt", "4", reward_fn=varied_reward)
     embed = trainer.lm.get_input_embeddings()
     seen: list[tuple[int, int, bool]] = []
     hook = embed.register_forward_hook(lambda m, inp, out: seen.append((*inp[0].shape, torch.is_grad_enabled())))
@@ -884,9 +886,9 @@ def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters,
     assert {(rows, grad) for rows, _, grad in seen} == {(micro // 4, True), (micro, True)}, seen
 
     gc = _trainer(tiny_models, adapters, prompts_file, tmp_path / "gc", "--advantage_estimator", "grpo",
-                  "--num_samples_per_prompt", "4", "--gradient_checkpointing", "true", reward_fn=varied)
+                  "--num_samples_per_prompt", "4", "--gradient_checkpointing", "true", reward_fn=varied_reward)
     fresh = _trainer(tiny_models, adapters, prompts_file, tmp_path / "sh", "--advantage_estimator", "grpo",
-                     "--num_samples_per_prompt", "4", reward_fn=varied)
+                     "--num_samples_per_prompt", "4", reward_fn=varied_reward)
     assert gc.cfg.prompt_group == 1 and fresh.cfg.prompt_group == 4
     assert _trainer(tiny_models, adapters, prompts_file, tmp_path / "ppo").cfg.prompt_group == 1
     strip = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
@@ -899,14 +901,11 @@ def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters,
 def test_the_entropy_bonus_keeps_the_kl_loss_term(tiny_models, adapters, prompts_file, tmp_path):
     """GRPO's KL loss term with the optional entropy bonus: both enter the loss. Update 1 starts at the reference
     (the k3 term's gradient is 0 there), so two runs that differ only in kl_coef part from update 2 on."""
-    def varied(prompts, response_ids, response_mask, texts):
-        return ((response_ids % 5 == 0) & response_mask.bool()).sum(1).float()
-
     snapshots = []
     for kl_coef in ("0.2", "5.0"):
         trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path / kl_coef, "--advantage_estimator", "grpo",
                            "--num_samples_per_prompt", "4", "--use_kl_loss", "true", "--entropy_coef", "0.01",
-                           "--num_ppo_epochs", "1", "--kl_coef", kl_coef, reward_fn=varied)
+                           "--num_ppo_epochs", "1", "--kl_coef", kl_coef, reward_fn=varied_reward)
         weights = lambda: torch.cat([p.detach().flatten() for _, p in trainer.named_params["policy"]])  # noqa: E731
         trainer.step()
         after_one = weights()

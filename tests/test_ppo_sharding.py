@@ -20,7 +20,7 @@ from stages.ppo import parse_args
 from stages.ppo.trainer import TIMING_KEYS
 from tests.conftest import ACCELERATE, REPO, run_module
 from tests.test_ppo import (_upstream_manifests, adapters, load_with_stock_peft, no_grad, ppo_args, prompts_file,  # noqa: F401
-                             read_metrics)
+                             read_metrics, read_metrics_of)
 
 
 def ppo_cfg(*extra):
@@ -248,8 +248,7 @@ def test_sharded_grpo_runs_each_prompt_once_like_ddp(tiny_models, adapters, prom
     m_ddp = json.loads((Path(runs_dir) / "ddp/grpo/manifest.json").read_text())["metrics"]
     m_fsdp = json.loads((Path(runs_dir) / "fsdp/grpo/manifest.json").read_text())["metrics"]
     assert m_fsdp["world_size"] == m_ddp["world_size"] == 2 and m_fsdp["base_sharded"] is True
-    a, b = (strip([json.loads(l) for l in (Path(runs_dir) / run / "grpo/metrics.jsonl").read_text().splitlines()])
-            for run in ("ddp", "fsdp"))
+    a, b = (strip(read_metrics_of(Path(runs_dir) / run / "grpo")) for run in ("ddp", "fsdp"))
     assert [r["update"] for r in b] == [1, 2] and a[0]["reward_std"] > 0
     for ra, rb in zip(a, b):
         for key, va in ra.items():
