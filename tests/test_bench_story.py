@@ -29,3 +29,21 @@ def test_every_training_stage_gets_the_seed(monkeypatch, tmp_path):
     for var in ("SFT_ARGS", "PAIRS_ARGS", "SIMULATE_ARGS", "RM_ARGS", "PPO_ARGS"):
         assert f"{var}=--seed 7" in cmd
     assert "RUN=seed-7" in cmd and f"RUNS_DIR={tmp_path}" in cmd
+
+
+def test_a_seed_starts_from_an_empty_run_folder(monkeypatch, tmp_path):
+    """A seed's folder left by an earlier bench would make `make sft rm ppo` skip its stages as up to date, and the
+    recorded wall time would leave them out: the bench deletes it before the first make call."""
+    stale = tmp_path / "seed-5" / "sft" / "manifest.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    seen = []
+
+    def fake_make(targets, run, runs_dir, seed):
+        seen.append(((runs_dir / run).exists(), targets))
+        raise SystemExit("stop after the first call")
+
+    monkeypatch.setattr(story_seeds, "make", fake_make)
+    with pytest.raises(SystemExit):
+        story_seeds.one_seed(5, tmp_path, samples=1)
+    assert seen == [(False, ["sft", "rm", "ppo"])]
