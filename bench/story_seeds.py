@@ -63,7 +63,7 @@ def gain_summary(gains: list[float]) -> dict:
 def one_seed(seed: int, runs_dir: Path, samples: int) -> dict:
     run = f"seed-{seed}"
     run_dir = runs_dir / run
-    # A fresh folder: an earlier bench's stages would count as up to date and leave out of the wall time.
+    # A fresh folder: stages an earlier bench left would count as up to date and be missing from the wall time.
     shutil.rmtree(run_dir, ignore_errors=True)
     load_before = os.getloadavg()[0]
     wall = {"sft_rm_ppo_s": make(["sft", "rm", "ppo"], run, runs_dir, seed)}
