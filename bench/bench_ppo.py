@@ -16,7 +16,9 @@ LoRA r=16/alpha 32 on all 7 projections for the policy, same number of updates; 
 both sides.
 Same reward function: our reward model is a seeded LoRA SEQ_CLS adapter on the policy base (carrying the peer reward
 model's `score` head); the peer gets that very model merged into a standalone one (bench/run_ours.py checks the two
-score alike) as its reward model and as its value model's start. reward_gain = the least-squares slope of the
+score alike) as its reward model and as its value model's start; both read the prompt's and the policy's token ids
+(ours with reward_input tokens: re-templating the decoded reply would also score the text after an EOS, which the
+gold never reads since its samples stop there). reward_gain = the least-squares slope of the
 per-update mean score x (updates - 1), computed here from each side's per-update scores.
 story scale (issue 11): the story task's models of bench-rl (bench/story.py: models/tiny, SFT and reward adapters
 from the real stages; the peer gets them merged, and the prompts chat-templated), lr 1e-3; each trained policy's
@@ -160,8 +162,10 @@ def prepare_ours(scale: str, model_dir: Path) -> Path:
 
 
 def run_ours(scale: str, work: Path, s: dict, rnd: int) -> dict:
+    # The reward model reads the policy's tokens, as the peer's does (query + all 32 response tokens, no stop):
+    # reading the decoded reply re-templated instead, ours scored text after an EOS that the gold never reads.
     cmd = [sys.executable, "-m", "bench.run_ours", "run", "--model-dir", str(work), "--work", str(work),
-           "--run", f"ppo-r{rnd}"] + side_args(s, rnd)
+           "--run", f"ppo-r{rnd}", "--reward-input", "tokens"] + side_args(s, rnd)
     r = side_result(*run_child(cmd, OUT / "logs" / f"{scale}-ours-r{rnd}.log"))
     r["policy"] = [str(base_of(work)), r["detail"]["adapter"]] if scale == "story" else None
     return r

@@ -93,7 +93,7 @@ def stage_args(a) -> list[str]:
             "--learning_rate", str(a.lr), "--kl_coef", str(a.kl_coef), "--normalize_reward", "false", "--reward_clip", "0",
             "--stop_at_eos", str(a.stop_at_eos).lower(), "--missing_eos_penalty", "0", "--save_every", "0",
             "--sample_every", "0", "--keep_policy_every", "0", "--progress_bar", "false", "--seed", str(a.seed),
-            "--auto_resume", "false", *extra]
+            "--auto_resume", "false", "--reward_input", a.reward_input, *extra]
 
 
 def run(a) -> dict:
@@ -136,6 +136,10 @@ def main_cli(argv=None) -> None:
     ap.add_argument("--config", default="configs/ppo.yaml", help="The stage config: ppo, grpo or rloo (bench-rl).")
     ap.add_argument("--samples-per-prompt", type=int, default=None, help="num_samples_per_prompt (default: the config's).")
     ap.add_argument("--stop-at-eos", action="store_true", help="Stop responses at EOS (bench-ppo's peer never stops).")
+    ap.add_argument("--reward-input", choices=["chat", "tokens"], default="chat",
+                    help="What the reward model reads (the stage's reward_input): chat = the decoded reply re-templated, "
+                         "as TRL 1.16's GRPO/RLOO do (bench-rl); tokens = the policy's own token ids, as TRL 1.12's "
+                         "PPOTrainer does (bench-ppo). A chat-template-free prompt (tiny, 125m) always reads tokens.")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         prepare(Path(a.model_dir), Path(a.work))

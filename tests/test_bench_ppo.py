@@ -37,6 +37,27 @@ def test_bench_ppo_ours_only_micro(tmp_path):
     assert json.loads((peer / "reward" / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
     # reward_gain: the fitted line over every update's mean score, the same arithmetic for both sides
     assert ours["runs"][0]["reward_gain"] == bp.fitted_gain(run["scores"]) and len(run["scores"]) == 2
+    # The reward model reads the policy's token ids, as the peer's PPOTrainer does (not the decoded reply re-templated)
+    assert run["stage_args"][run["stage_args"].index("--reward_input") + 1] == "tokens"
+
+
+def test_run_ours_reward_input_reaches_the_stage():
+    """bench-rl's side keeps the stage's chat default (its TRL 1.16 peer re-templates the reply too); bench-ppo
+    asks for tokens."""
+    from bench.run_ours import main_cli, stage_args
+    import argparse
+
+    seen = []
+    for extra in ([], ["--reward-input", "tokens"]):
+        ns = argparse.Namespace(work="w", config="configs/ppo.yaml", run="r", per_device_batch=8, batch_size=32,
+                                ppo_epochs=4, updates=2, response_length=32, temperature=0.7, lr=1e-3, kl_coef=0.05,
+                                stop_at_eos=False, seed=1, samples_per_prompt=None,
+                                reward_input=("tokens" if extra else "chat"))
+        args = stage_args(ns)
+        seen.append(args[args.index("--reward_input") + 1])
+    assert seen == ["chat", "tokens"]
+    with pytest.raises(SystemExit):
+        main_cli(["run", "--model-dir", "m", "--work", "w", "--reward-input", "text"])
 
 
 def test_fitted_gain_by_hand():
