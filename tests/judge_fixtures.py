@@ -25,6 +25,10 @@ def short_judge(prompts, responses):
     return [1.0] * (len(responses) - 1)
 
 
+def long_judge(prompts, responses):
+    return [1.0] * (len(responses) + 1)
+
+
 def text_judge(prompts, responses):
     return ["good"] * len(responses)
 

@@ -87,6 +87,7 @@ def test_unknown_or_unloadable_judge_is_one_config_error(spec, message):
     ("raising_judge", r"failed on rows 0-1: RuntimeError: the grader is on holiday"),
     ("nan_judge", r"gave nan for row 0: every score must be a finite number"),
     ("short_judge", r"returned 1 scores for a batch of 2 responses"),
+    ("long_judge", r"returned 3 scores for a batch of 2 responses"),  # extra scores would shift every later row
     ("text_judge", r"gave 'good' for row 0"),
 ])
 def test_a_judge_that_misbehaves_is_one_config_error_naming_it(function, message):

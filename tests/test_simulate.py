@@ -50,11 +50,13 @@ def test_calibrated_temperature_gives_the_target_agreement():
     for target, bias in ((0.73, 0.0), (0.9, 0.0), (0.73, 0.5)):
         t = calibrate_temperature(diffs, target, bias)
         assert expected_agreement(diffs, t, bias) == pytest.approx(target, abs=1e-6)
-    # and the draws achieve it: pairs with the gold winner shown left and right equally often
-    t = calibrate_temperature(diffs, 0.73, 0.0)
-    agree = sum(choose(d if i % 2 else -d, uniform(0, "sim:t", f"p{i}{j}"), t, 0.0, 0.0) == ("left" if i % 2 else "right")
-                for j in range(20) for i, d in enumerate(diffs)) / (20 * len(diffs))
-    assert abs(agree - 0.73) < TOL
+    # and the draws achieve it: pairs with the gold winner shown left and right equally often (with a position bias
+    # too: the left-favouring annotator gains on half the pairs what it loses on the other half, not the same)
+    for bias in (0.0, 0.5):
+        t = calibrate_temperature(diffs, 0.73, bias)
+        agree = sum(choose(d if i % 2 else -d, uniform(0, "sim:t", f"p{i}{j}"), t, 0.0, bias) == ("left" if i % 2 else "right")
+                    for j in range(20) for i, d in enumerate(diffs)) / (20 * len(diffs))
+        assert abs(agree - 0.73) < TOL
     with pytest.raises(ConfigError, match="out of reach"):
         calibrate_temperature([1e-9], 0.73, 0.0)  # differences far below any temperature's resolution
     with pytest.raises(ConfigError, match="outside tie_band"):
@@ -203,6 +205,17 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: judge 'tests.judge_fixtures:nan_judge' gave nan") and not runs.exists()
+
+
+def test_the_seed_fixes_the_labels(tmp_path):
+    from stages.label.store import LabelStore
+
+    def choices(runs, *extra):
+        simulate(tmp_path, runs, *extra)
+        return {lab["pair_id"]: lab["choice"] for lab in LabelStore(runs / "t" / "label" / "labels.sqlite").labels()}
+
+    first, again, other = choices(tmp_path / "a"), choices(tmp_path / "b"), choices(tmp_path / "c", "--seed", "1")
+    assert first == again and first.keys() == other.keys() and first != other
 
 
 def test_a_given_temperature_is_used_as_is_and_a_wide_tie_band_makes_every_label_a_tie(tmp_path):
