@@ -94,6 +94,37 @@ def test_ppo_equal_to_sft_gives_zero_kl_and_all_ties(tmp_path, tiny_models, arch
     assert m["gold_sft_mean"] == m["gold_ppo_mean"] and m["overoptimisation_suspected"] is False
 
 
+def test_sequence_kl_by_hand():
+    """Eval's KL is KL(policy || reference) at the sampling temperature, exact over the vocabulary at each response
+    position, summed over the response's real tokens: checked against a loop over made-up logits."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from stages.eval import sequence_kl
+
+    torch.manual_seed(0)
+    B, P, R, V, T = 3, 2, 4, 5, 0.7
+    made_up = {"policy": torch.randn(B, P + R, V) * 2, "reference": torch.randn(B, P + R, V) * 2}
+    stack = SimpleNamespace(model=torch.nn.Linear(1, 1),
+                            logits=lambda name, ids, mask, position_ids=None: made_up[name][: len(ids)])
+    response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    gens = SimpleNamespace(prompt_ids=torch.zeros(B, P, dtype=torch.long), prompt_mask=torch.ones(B, P, dtype=torch.long),
+                           response_ids=torch.zeros(B, R, dtype=torch.long), response_mask=response_mask)
+    got = sequence_kl(stack, "policy", "reference", {"gens": gens}, batch=B, temperature=T)
+    want = []
+    for b in range(B):
+        total = 0.0
+        for t in range(R):  # the logits at position P - 1 + t predict response token t
+            if response_mask[b, t]:
+                p = torch.softmax(made_up["policy"][b, P - 1 + t] / T, -1).tolist()
+                q = torch.softmax(made_up["reference"][b, P - 1 + t] / T, -1).tolist()
+                total += sum(pv * math.log(pv / qv) for pv, qv in zip(p, q))
+        want.append(total)
+    assert got == pytest.approx(want, rel=1e-5) and all(w > 0 for w in want)
+
+
 def test_wilson_interval_and_ties_count_half():
     from pipeline.stats import wilson
     from stages.eval import win_rate
