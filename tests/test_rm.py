@@ -107,6 +107,32 @@ def test_learns_marker_preference_and_reloads(trained):
     assert len(eval_prompts) == 64
 
 
+def test_heldout_metrics_and_weights_by_hand():
+    """The held-out figures from made-up scores: a tie counts as wrong, equal lengths half for "longer wins", the
+    reward statistics PPO normalises with are over every held-out reply (population std); a weight of 1.5 keeps
+    every row once and a random half of them again."""
+    import math
+
+    from stages.rm import heldout_metrics
+
+    rows = [{"source": "a", "full_lengths": (5, 3)}, {"source": "a", "full_lengths": (2, 2)},
+            {"source": "b", "full_lengths": (1, 4)}, {"source": "b", "full_lengths": (3, 3)}]
+    chosen, rejected = [2.0, 1.0, 0.5, 0.0], [0.0, 1.0, 1.5, -1.0]  # right, tie (wrong), wrong, right
+    m = heldout_metrics(rows, chosen, rejected)
+    assert m["eval_accuracy"] == 0.5 and m["eval_mean_margin"] == 0.5  # margins 2, 0, -1, 1
+    loss = (-math.log(1 / (1 + math.exp(-2))) + math.log(2) - math.log(1 / (1 + math.exp(1))) - math.log(1 / (1 + math.exp(-1)))) / 4
+    assert m["eval_loss"] == pytest.approx(loss, abs=1e-4)
+    # every reply: 2, 1, .5, 0, 0, 1, 1.5, -1; mean 5 / 8, squared deviations sum to 6.375
+    assert m["reward_mean"] == 0.625 and m["reward_std"] == pytest.approx(math.sqrt(6.375 / 8), abs=1e-4)
+    assert m["eval_longer_wins_accuracy"] == 0.5  # right, tie, wrong, tie
+    assert m["eval_by_source"]["a"]["accuracy"] == 0.5 and m["eval_by_source"]["a"]["longer_wins_accuracy"] == 0.75
+    assert m["eval_by_source"]["b"]["accuracy"] == 0.5 and m["eval_by_source"]["b"]["longer_wins_accuracy"] == 0.25
+    rows = [{"source": "x", "i": i} for i in range(10)] + [{"source": "y", "i": i} for i in range(4)]
+    out = weighted(rows, {"x": 1.5, "y": 0.5}, seed=0)
+    xs, ys = [r["i"] for r in out if r["source"] == "x"], [r["i"] for r in out if r["source"] == "y"]
+    assert len(xs) == 15 and set(xs) == set(range(10)) and len(ys) == 2 and len(set(ys)) == 2
+
+
 def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_models):
     """PPO's model (one base; reference, policy and reward adapters) gives the standalone reward model's scores."""
     from peft import PeftModel
