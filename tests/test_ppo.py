@@ -547,6 +547,22 @@ def test_critic_warmup_trains_only_the_value(tiny_models, adapters, prompts_file
     assert any(not torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
 
 
+def test_vf_coef_scales_the_value_step(tiny_models, adapters, prompts_file, tmp_path):
+    """The value loss enters the gradient times vf_coef. Under Adam that scale cancels (the policy and value adapters
+    share no parameter), so plain SGD shows it: one step (critic warm-up: the policy stays put, and both runs sample
+    the same rollout; critic_init rm: no least-squares refit of the head) moves the value adapter three times as far
+    at vf_coef 0.3 as at 0.1."""
+    steps = []
+    for coef in ("0.1", "0.3"):
+        trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path / coef, "--optim", "sgd", "--max_grad_norm", "0",
+                           "--num_ppo_epochs", "1", "--critic_warmup_updates", "1", "--critic_init", "rm", "--vf_coef", coef)
+        before = [p.detach().clone() for _, p in trainer.named_params["value"]]
+        trainer.step()
+        steps.append(torch.cat([(p.detach() - b).flatten() for b, (_, p) in zip(before, trainer.named_params["value"])]))
+    assert steps[0].abs().max() > 1e-4  # far above the rounding allowed below
+    torch.testing.assert_close(steps[1], 3 * steps[0], rtol=1e-3, atol=1e-7)  # float32 weights near 1: steps round at ~6e-8
+
+
 @pytest.fixture
 def bf16_profile(tiny_models, tmp_path):
     import yaml
@@ -896,6 +912,17 @@ def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters,
     assert a.keys() == b.keys()
     for key, va in a.items():
         assert b[key] == (pytest.approx(va, rel=1e-4, abs=1e-5) if isinstance(va, float) else va), key
+
+
+def test_the_entropy_bonus_raises_the_entropy(tiny_models, adapters, prompts_file, tmp_path):
+    """With every answer scoring the same, GRPO's advantages are 0 and the entropy bonus is the whole loss: the
+    sampling entropy rises over updates (a bonus with its sign lost would lower it)."""
+    same = lambda prompts, ids, mask, texts: torch.zeros(len(ids))  # noqa: E731
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo",
+                       "--num_samples_per_prompt", "4", "--use_kl_loss", "false", "--kl_coef", "0",
+                       "--entropy_coef", "1.0", "--learning_rate", "1e-2", "--num_ppo_epochs", "2", reward_fn=same)
+    entropy = [trainer.step()[0]["entropy"] for _ in range(3)]
+    assert entropy[2] > entropy[0] + 0.05, entropy
 
 
 def test_the_entropy_bonus_keeps_the_kl_loss_term(tiny_models, adapters, prompts_file, tmp_path):
