@@ -63,7 +63,7 @@ stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED)
 	$(MODEL_ARG) $(call args_for,$(1),$(3))
 
 .PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rl bench-rm bench-story clean-run
+	bench-ppo bench-rl bench-rm bench-story mutants clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -157,3 +157,7 @@ bench-rm: setup
 # The default story run under seeds 1-3 (make sft rm ppo eval each): gold gain, win rate, wall time -> bench/results/story.json
 bench-story: setup
 	$(PY) -m bench.story_seeds
+# Does the suite catch a broken rule? Hand-made mutants of the arithmetic, each against its tests (tools/mutants.py):
+# bench/results/mutants.json, exit 1 naming any mutant the tests pass.
+mutants: setup
+	$(PY) -m tools.mutants

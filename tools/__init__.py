@@ -1,0 +1,1 @@
+"""Developer tools: tools/mutants.py checks that the suite catches broken rules."""

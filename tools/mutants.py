@@ -1,0 +1,175 @@
+"""Does the suite catch a broken rule? Hand-made mutants of the arithmetic the results rest on, each run against the
+tests that guard it (`make mutants`, ~6 minutes on 2 CPU cores; writes bench/results/mutants.json).
+
+    python -m tools.mutants                        # every mutant
+    python -m tools.mutants loss-k3 eval-kl-dir    # some of them
+
+Each mutant is one textual change to one file (a sign flipped, a temperature dropped, a mean turned into a sum, a
+rank's sum kept local) in a throw-away git worktree of HEAD; the tests it names run with -x. A mutant the tests pass
+is a hole in the suite: the run exits 1 and names it. The selected tests first run unmutated, so a failure means
+the mutant, not a broken checkout. tests/test_mutants.py keeps the list honest: every `old` text must occur exactly
+once in its file, so a refactor cannot turn a mutant into a silent no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+EVAL = "tests/test_eval.py tests/test_eval_compare.py"
+SIMULATE = "tests/test_simulate.py"
+LOSSES = "tests/test_ppo_losses.py"
+JUDGES = "tests/test_judges.py"
+BENCH = "tests/test_bench_rl.py"
+RM = "tests/test_rm.py -k 'by_hand or truncate or data_formats'"
+PPO_UPDATE = "tests/test_ppo.py -k 'vf_coef or entropy or four_adapters or sampling_distribution'"
+PPO_RANKS = "tests/test_ppo.py -k 'two_ranks_equal_one_rank'"
+
+# (name, file, old text, new text, the tests that guard the rule)
+MUTANTS: list[tuple[str, str, str, str, str]] = [
+    # PPO's arithmetic (stages/ppo/losses.py)
+    ("loss-gae-lam", "stages/ppo/losses.py", "last = delta + gamma * lam * last", "last = delta + gamma * last", LOSSES),
+    ("loss-k3", "stages/ppo/losses.py", "return torch.expm1(log_r) - log_r", "return torch.expm1(log_r) + log_r", LOSSES),
+    ("loss-clip-min", "stages/ppo/losses.py", "loss = torch.max(unclipped, clipped).sum() / denom",
+     "loss = torch.min(unclipped, clipped).sum() / denom", LOSSES),
+    ("loss-vf-half", "stages/ppo/losses.py", "loss = 0.5 * torch.max(err, err_clipped).sum() / denom",
+     "loss = 1.0 * torch.max(err, err_clipped).sum() / denom", LOSSES),
+    ("loss-rloo-scale", "stages/ppo/losses.py", "adv = centred * group_size / (group_size - 1)", "adv = centred", LOSSES),
+    ("loss-grpo-std", "stages/ppo/losses.py",
+     "adv = centred / (g.std(1, keepdim=True) + eps) if normalize_std else centred", "adv = centred", LOSSES),
+    ("loss-eos-penalty", "stages/ppo/losses.py", "scores - missing_eos_penalty * (~ended.bool())",
+     "scores - missing_eos_penalty * (ended.bool())", LOSSES),
+    ("loss-kl-sign", "stages/ppo/losses.py", "rewards = -kl_coef * kl * mask", "rewards = kl_coef * kl * mask", LOSSES),
+    ("loss-whiten-unbiased", "stages/ppo/losses.py", "var = ss / (sums[1] - 1).clamp(min=1)",
+     "var = ss / sums[1].clamp(min=1)", LOSSES),
+    ("loss-fit-intercept", "stages/ppo/losses.py", "return a, sy / n - a * sx / n", "return a, sy / n", LOSSES),
+    ("loss-explained-variance", "stages/ppo/losses.py",
+     "return float(1.0 - global_std(returns - values, mask, reduce) ** 2 / var_returns)",
+     "return float(1.0 - global_std(returns - values, mask, reduce) / var_returns)", LOSSES),
+    ("loss-reward-norm", "stages/ppo/losses.py", "scores = (scores - mean) / max(std, 1e-8)", "scores = (scores - mean)",
+     LOSSES),
+    ("loss-reward-clip", "stages/ppo/losses.py", "scores = scores.clamp(-clip, clip)",
+     "scores = scores.clamp(-clip, 2 * clip)", LOSSES),
+    # PPO's update loop and rollout
+    ("rollout-temperature", "stages/ppo/rollout.py", "    logits = logits / temperature\n    return logits.gather",
+     "    return logits.gather", PPO_UPDATE),
+    ("update-vf-coef", "stages/ppo/trainer.py", "(cfg.vf_coef * vl).backward()", "vl.backward()", PPO_UPDATE),
+    ("update-entropy-sign", "stages/ppo/trainer.py", "loss = loss - cfg.entropy_coef * ent.sum() / denom",
+     "loss = loss + cfg.entropy_coef * ent.sum() / denom", PPO_UPDATE),
+    ("update-denom-local", "stages/ppo/trainer.py",
+     "denom = self._all_sum(ro.response_mask[mb].sum().float()).clamp(min=1)",
+     "denom = ro.response_mask[mb].sum().float().clamp(min=1)", PPO_RANKS),
+    # eval: gold figures, KL, the over-optimisation flag
+    ("eval-agree-proxy-tie", "stages/eval.py", "1.0 if p * g > 0", "1.0 if p * g >= 0", EVAL),
+    ("eval-agree-gold-ties", "stages/eval.py",
+     "for pa, pb, ga, gb in zip(proxy_a, proxy_b, gold_a, gold_b) if ga != gb]",
+     "for pa, pb, ga, gb in zip(proxy_a, proxy_b, gold_a, gold_b)]", EVAL),
+    ("eval-flag-proxy", "stages/eval.py", 'proxy_rose = last["proxy_mean"] > peak["proxy_mean"]',
+     'proxy_rose = last["proxy_mean"] < peak["proxy_mean"]', EVAL),
+    ("eval-flag-z", "stages/eval.py", "GOLD_DROP_Z = 2.0", "GOLD_DROP_Z = 0.0", EVAL),
+    ("eval-flag-sign", "stages/eval.py", "statistics.fmean(drops) < -GOLD_DROP_Z * se",
+     "statistics.fmean(drops) > -GOLD_DROP_Z * se", EVAL),
+    ("eval-kl-temperature", "stages/eval.py", "    t = temperature if temperature > 0 else 1.0\n", "    t = 1.0\n", EVAL),
+    ("eval-kl-direction", "stages/eval.py", "per_token = (logp.exp() * (logp - logq)).sum(-1)",
+     "per_token = (logq.exp() * (logq - logp)).sum(-1)", EVAL),
+    ("winrate-ties-half", "stages/eval_compare.py", "rate = (wins + 0.5 * ties) / len(ppo)",
+     "rate = (wins + 1.0 * ties) / len(ppo)", EVAL),
+    ("winrate-interval-ties", "stages/eval_compare.py", "low, high = wilson(wins + 0.5 * ties, len(ppo))",
+     "low, high = wilson(wins, len(ppo))", EVAL),
+    # simulated annotators
+    ("sim-temperature", "stages/simulate.py", "return sigmoid(diff / temperature + position_bias)",
+     "return sigmoid(diff * temperature + position_bias)", SIMULATE),
+    ("sim-bias-sign", "stages/simulate.py", "return sigmoid(diff / temperature + position_bias)",
+     "return sigmoid(diff / temperature - position_bias)", SIMULATE),
+    ("sim-tie-band", "stages/simulate.py", "if abs(diff) < tie_band:", "if abs(diff) < 2 * tie_band:", SIMULATE),
+    ("sim-expected-bias", "stages/simulate.py", "p_left(abs(d), temperature, -position_bias)) / 2",
+     "p_left(abs(d), temperature, position_bias)) / 2", SIMULATE),
+    ("sim-calibration", "stages/simulate.py",
+     "if expected_agreement(diffs, math.exp(mid), position_bias) > target:",
+     "if expected_agreement(diffs, math.exp(mid), position_bias) < target:", SIMULATE),
+    ("sim-seed", "stages/simulate.py", "uniform(args.seed, name, pair_id)", "uniform(0, name, pair_id)", SIMULATE),
+    # gold judges
+    ("judge-non-finite", "pipeline/judges.py", "or not math.isfinite(value):", "or False:", JUDGES),
+    ("judge-count", "pipeline/judges.py", "if len(got) != len(batch_r):", "if len(got) < len(batch_r):", JUDGES),
+    # reward model figures
+    ("rm-accuracy-tie", "stages/rm.py", "right = sum(d > 0 for d in diffs)", "right = sum(d >= 0 for d in diffs)", RM),
+    ("rm-longer-wins-half", "stages/rm.py", "right = [(c > r) + 0.5 * (c == r)", "right = [(c > r) + 1.0 * (c == r)", RM),
+    ("rm-reward-std", "stages/rm.py", "for s in scores) / len(scores)), 4)", "for s in scores) / (len(scores) - 1)), 4)",
+     RM),
+    ("rm-truncate-bos", "stages/rm.py", "keep = 1 if n and chosen[0] == bos_token_id else 0", "keep = 0", RM),
+    ("rm-truncate-end", "stages/rm.py", "return ids[: cap - end] + ids[len(ids) - end :]", "return ids[:cap]", RM),
+    ("rm-weight-fraction", "stages/rm.py",
+     "out += group * int(w) + rng.sample(group, round((w - int(w)) * len(group)))", "out += group * int(w)", RM),
+    # the benchmarks' verdicts
+    ("bench-gain-se", "bench/harness.py", "round(statistics.stdev(diffs) / math.sqrt(len(diffs)), 4)",
+     "round(statistics.stdev(diffs), 4)", BENCH),
+    ("bench-verdict", "bench/harness.py", '"meets_gold_gain_target": (a - b >= -se)', '"meets_gold_gain_target": (a - b >= se)',
+     BENCH),
+    ("bench-verdict-se", "bench/harness.py", "se = math.sqrt(sa ** 2 + sb ** 2)", "se = sa + sb", BENCH),
+]
+
+
+def pytest(worktree: Path, selection: str) -> tuple[int, str, float]:
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(selection)],
+                         cwd=worktree, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = (res.stdout.strip().splitlines() or [""])[-1]
+    return res.returncode, last, round(time.perf_counter() - t0, 1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help="Mutants to run (default: all).")
+    ap.add_argument("--output", default=str(REPO / "bench" / "results" / "mutants.json"))
+    a = ap.parse_args(argv)
+    unknown = set(a.names) - {m[0] for m in MUTANTS}
+    if unknown:
+        print(f"error: unknown mutants {sorted(unknown)}: see tools/mutants.py", file=sys.stderr)
+        return 2
+    chosen = [m for m in MUTANTS if not a.names or m[0] in a.names]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    results, t0 = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), "HEAD"], cwd=REPO, check=True)
+        try:
+            for selection in dict.fromkeys(m[4] for m in chosen):  # the tests pass as they are
+                rc, last, _ = pytest(tree, selection)
+                if rc:
+                    print(f"error: the unmutated tests fail ({selection}): {last}", file=sys.stderr)
+                    return 2
+            for name, rel, old, new, selection in chosen:
+                path = tree / rel
+                source = path.read_text()
+                if source.count(old) != 1:
+                    print(f"error: mutant {name}: its text occurs {source.count(old)} times in {rel}", file=sys.stderr)
+                    return 2
+                path.write_text(source.replace(old, new))
+                try:
+                    rc, last, seconds = pytest(tree, selection)
+                finally:
+                    path.write_text(source)
+                verdict = "killed" if rc else "SURVIVED"
+                print(f"{name:26s} {verdict:9s} {seconds:6.1f} s  {last}", flush=True)
+                results.append({"mutant": name, "file": rel, "tests": selection, "killed": bool(rc), "seconds": seconds})
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+    survivors = [r["mutant"] for r in results if not r["killed"]]
+    out = {"git_commit": commit, "wall_s": round(time.perf_counter() - t0, 1), "mutants": len(results),
+           "killed": len(results) - len(survivors), "survived": survivors, "results": results}
+    Path(a.output).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{out['killed']} of {len(results)} mutants killed in {out['wall_s']} s; wrote {a.output}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
