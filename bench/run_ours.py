@@ -118,7 +118,7 @@ def run(a) -> dict:
     return res
 
 
-def main_cli(argv=None) -> None:
+def cli_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cmd", choices=["prepare", "run"])
     ap.add_argument("--model-dir", required=True)
@@ -140,7 +140,11 @@ def main_cli(argv=None) -> None:
                     help="What the reward model reads (the stage's reward_input): chat = the decoded reply re-templated, "
                          "as TRL 1.16's GRPO/RLOO do (bench-rl); tokens = the policy's own token ids, as TRL 1.12's "
                          "PPOTrainer does (bench-ppo). A chat-template-free prompt (tiny, 125m) always reads tokens.")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main_cli(argv=None) -> None:
+    a = cli_parser().parse_args(argv)
     if a.cmd == "prepare":
         prepare(Path(a.model_dir), Path(a.work))
         return

@@ -43,21 +43,16 @@ def test_bench_ppo_ours_only_micro(tmp_path):
 
 def test_run_ours_reward_input_reaches_the_stage():
     """bench-rl's side keeps the stage's chat default (its TRL 1.16 peer re-templates the reply too); bench-ppo
-    asks for tokens."""
-    from bench.run_ours import main_cli, stage_args
-    import argparse
+    asks for tokens (its TRL 1.12 peer scores the token ids)."""
+    from bench.run_ours import cli_parser, stage_args
 
-    seen = []
-    for extra in ([], ["--reward-input", "tokens"]):
-        ns = argparse.Namespace(work="w", config="configs/ppo.yaml", run="r", per_device_batch=8, batch_size=32,
-                                ppo_epochs=4, updates=2, response_length=32, temperature=0.7, lr=1e-3, kl_coef=0.05,
-                                stop_at_eos=False, seed=1, samples_per_prompt=None,
-                                reward_input=("tokens" if extra else "chat"))
-        args = stage_args(ns)
-        seen.append(args[args.index("--reward_input") + 1])
-    assert seen == ["chat", "tokens"]
+    def reward_input(*extra):
+        args = stage_args(cli_parser().parse_args(["run", "--model-dir", "m", "--work", "w", *extra]))
+        return args[args.index("--reward_input") + 1]
+
+    assert reward_input() == "chat" and reward_input("--reward-input", "tokens") == "tokens"
     with pytest.raises(SystemExit):
-        main_cli(["run", "--model-dir", "m", "--work", "w", "--reward-input", "text"])
+        cli_parser().parse_args(["run", "--model-dir", "m", "--work", "w", "--reward-input", "text"])
 
 
 def test_fitted_gain_by_hand():
