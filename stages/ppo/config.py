@@ -39,7 +39,7 @@ class PPOConfig:
     # Rollout
     response_length: int = field(default=48, metadata={"help": "max_new_tokens of each response."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for rollouts (and in the log-probs)."})
-    stop_at_eos: bool = field(default=True, metadata={"help": "Stop a response at EOS (false: always response_length tokens)."})
+    stop_at_eos: bool = field(default=True, metadata={"help": "Stop a response at EOS (false: always response_length tokens, and whatever follows an EOS is part of the reply the reward model scores, as in TRL with stop_token None)."})
     generation_batch_size: int = field(default=64, metadata={"help": "Prompts per sampling call."})
     forward_batch_size: int = field(default=64, metadata={"help": "Rows per no-grad scoring forward (ref, value, reward)."})
     # Batch arithmetic
