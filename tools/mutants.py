@@ -2,7 +2,7 @@
 tests that guard it (`make mutants`, ~11 minutes on 2 CPU cores; writes bench/results/mutants.json).
 
     python -m tools.mutants                        # every mutant
-    python -m tools.mutants loss-k3 eval-kl-dir    # some of them
+    python -m tools.mutants loss-k3 eval-kl-direction    # some of them
 
 Each mutant is one textual change to one file (a sign flipped, a temperature dropped, a mean turned into a sum, a
 rank's sum kept local) in a throw-away git worktree of HEAD; the tests it names run with -x. A mutant the tests pass
