@@ -30,6 +30,7 @@ SIMULATE = "tests/test_simulate.py"
 LOSSES = "tests/test_ppo_losses.py"
 JUDGES = "tests/test_judges.py"
 BENCH = "tests/test_bench_rl.py"
+RM_LIMIT = "tests/test_bench_rm_limit.py"
 RM = "tests/test_rm.py -k 'by_hand or truncate or data_formats'"
 PPO_UPDATE = "tests/test_ppo.py -k 'vf_coef or entropy or four_adapters or sampling_distribution'"
 PPO_RANKS = "tests/test_ppo.py -k 'two_ranks_equal_one_rank'"
@@ -115,6 +116,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("bench-verdict", "bench/harness.py", '"meets_gold_gain_target": (a - b >= -se)', '"meets_gold_gain_target": (a - b >= se)',
      BENCH),
     ("bench-verdict-se", "bench/harness.py", "se = math.sqrt(sa ** 2 + sb ** 2)", "se = sa + sb", BENCH),
+    # the reward-model limit bench (bench/rm_limit.py)
+    ("limit-ensemble-sum", "bench/rm_limit.py", "return [sum(col) / len(col) for col in zip(*scaled)]",
+     "return [sum(col) for col in zip(*scaled)]", RM_LIMIT),
+    ("limit-ensemble-unscaled", "bench/rm_limit.py", "scaled = [standardised(m) for m in members]", "scaled = members",
+     RM_LIMIT),
+    ("limit-gold-order", "bench/rm_limit.py", '"rejected": r["chosen"]} if gc < gr else dict(r)',
+     '"rejected": r["chosen"]} if gc <= gr else dict(r)', RM_LIMIT),
 ]
 
 
