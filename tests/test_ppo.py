@@ -829,8 +829,9 @@ def _grouped_rows(vocab: int, pad_id: int, k: int = 4):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_groups_prompt_runs_once_with_the_same_numbers(arch, tiny_models, adapters):
     """pack(group=k): each prompt runs once and its k answers continue from its KV cache. Log-probs, their
-    gradients, rewards and values equal the row-by-row forward (stated tolerance 1e-5), for answers of 1..12
-    tokens after left-padded prompts of three lengths; rows that are not whole groups are refused."""
+    gradients, rewards and values equal the row-by-row forward (stated tolerance 1e-5; gradients relative to their
+    norm), for answers of 1..12 tokens after left-padded prompts of three lengths; rows that are not whole groups are
+    refused."""
     from pipeline.models import load_tokenizer, profile_from
     from stages.ppo import build_stack
     from stages.ppo.rollout import pack, response_logits, sample, sequence_scores, token_logprobs, token_values
@@ -863,7 +864,10 @@ def test_a_groups_prompt_runs_once_with_the_same_numbers(arch, tiny_models, adap
     (lp1, g1, s1, v1), (lp2, g2, s2, v2) = results
     assert lp1.shape == lp2.shape == (int(rows[3].sum()),)
     assert torch.allclose(lp1, lp2, atol=1e-5), (lp1 - lp2).abs().max()
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    # Gradients reach 10 here: a float32 sum in another order rounds at ~1e-6 of that, so they are compared to their
+    # norm (on one CPU the largest element differed by 2.2e-5 at a relative 1.3e-6)
+    assert all((a - b).norm() <= 1e-5 * a.norm() for a, b in zip(g1, g2)), \
+        [((a - b).norm() / a.norm()).item() for a, b in zip(g1, g2)]
     assert torch.allclose(s1, s2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
 
     q_ids, q_mask, r_ids, r_mask = rows
