@@ -31,18 +31,24 @@ import random
 import sys
 from pathlib import Path
 
-from bench.rm_rules import no_op_sft, run_stage
+from bench.rm_rules import no_op_sft, run_stage, saved_adapter_scores
 from pipeline.config import REPO_ROOT
 from pipeline.run import atomic_write_json, git_commit, package_versions
 
 
+def prompt_key(row: dict) -> str:
+    return json.dumps(row["prompt"], sort_keys=True)
+
+
 def split_by_prompt(rows: list[dict], test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, test) rows; every prompt's pairs land on one side. Prompts sorted, then shuffled by the seed."""
-    keys = sorted({json.dumps(r["prompt"], sort_keys=True) for r in rows})
-    random.Random(seed).shuffle(keys)
-    test_keys = set(keys[: max(1, round(len(keys) * test_fraction))])
-    test = [r for r in rows if json.dumps(r["prompt"], sort_keys=True) in test_keys]
-    return [r for r in rows if json.dumps(r["prompt"], sort_keys=True) not in test_keys], test
+    """(train, test) rows; every prompt's pairs land on one side: `make rm`'s own split (train_eval_split by prompt)."""
+    from datasets import Dataset
+
+    from pipeline.data import train_eval_split
+
+    index = Dataset.from_dict({"i": list(range(len(rows))), "group": [prompt_key(r) for r in rows]})
+    train, test = train_eval_split(index, test_fraction, seed, group_by=lambda r: r["group"])
+    return [rows[i] for i in train["i"]], [rows[i] for i in test["i"]]
 
 
 def reply_text(reply) -> str:
@@ -57,10 +63,10 @@ def gold_ordered(rows: list[dict], gold_chosen: list[float], gold_rejected: list
 
 def half_of_prompts(rows: list[dict], seed: int) -> list[dict]:
     """The pairs of a seeded half of the prompts (rounded down)."""
-    keys = sorted({json.dumps(r["prompt"], sort_keys=True) for r in rows})
+    keys = sorted({prompt_key(r) for r in rows})
     random.Random(seed).shuffle(keys)
     kept = set(keys[: len(keys) // 2])
-    return [r for r in rows if json.dumps(r["prompt"], sort_keys=True) in kept]
+    return [r for r in rows if prompt_key(r) in kept]
 
 
 def standardised(scores: list[float]) -> list[float]:
@@ -88,23 +94,6 @@ def label_agreement(rows: list[dict], gold_chosen: list[float], gold_rejected: l
     """How often the training labels' `chosen` is the gold's winner, over pairs the gold scores differently."""
     decided = [(gc > gr) for gc, gr in zip(gold_chosen, gold_rejected) if gc != gr]
     return {"agreement": round(sum(decided) / len(decided), 4) if decided else None, "pairs": len(decided)}
-
-
-def test_scores(adapter_dir: Path, rows: list[dict]) -> list[float]:
-    """The saved reward adapter's scores of every test row's chosen, then every rejected reply (stock peft load)."""
-    import torch
-    from peft import AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
-
-    from pipeline.models import without_load_report
-    from stages.rm import encode_pair, score
-
-    tok = AutoTokenizer.from_pretrained(adapter_dir)
-    with without_load_report():
-        model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tok.pad_token_id
-    encoded = [encode_pair(tok, r) for r in rows]
-    return score(model, [c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id)
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], str]:
@@ -168,7 +157,7 @@ def main(argv=None) -> int:
             if rc != 0:
                 print(f"{name}, seed {seed}: the stage failed ({rc}):\n{err}", file=sys.stderr)
                 return 1
-            s = test_scores(runs_dir / run / "rm" / "adapter", test)
+            s = saved_adapter_scores(runs_dir / run / "rm" / "adapter", test)
             labels_scores += [s] if name == "labels" else []
             per_seed[seed] = {"wall_s": wall, **gold_agreement(s[: len(test)], s[len(test):], *gold["test"])}
             print(f"{name}, seed {seed}: {json.dumps(per_seed[seed])}", flush=True)

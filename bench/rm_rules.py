@@ -119,13 +119,14 @@ def no_op_sft(runs_dir: Path, run: str, model_config: str) -> None:
     stage.finish({"adapter": stage.dir / "adapter"}, {}, {"note": "bench.rm_rules: a no-op SFT adapter"})
 
 
-def test_accuracy(adapter_dir: Path, rows: list[dict]) -> dict:
-    """Accuracy of the saved reward adapter on pairs it never saw, loaded as a user would (stock peft)."""
+def saved_adapter_scores(adapter_dir: Path, rows: list[dict]) -> list[float]:
+    """The saved reward adapter, loaded as a user would (stock peft), scores every row's chosen reply, then every
+    rejected one."""
     import torch
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
-    from stages.rm import encode_pair, pair_metrics, score
+    from stages.rm import encode_pair, score
 
     from pipeline.models import without_load_report
 
@@ -134,7 +135,14 @@ def test_accuracy(adapter_dir: Path, rows: list[dict]) -> dict:
         model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     encoded = [encode_pair(tok, r) for r in rows]
-    scores = score(model, [c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id)
+    return score(model, [c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id)
+
+
+def test_accuracy(adapter_dir: Path, rows: list[dict]) -> dict:
+    """Accuracy of the saved reward adapter on pairs it never saw."""
+    from stages.rm import pair_metrics
+
+    scores = saved_adapter_scores(adapter_dir, rows)
     return pair_metrics(scores[: len(rows)], scores[len(rows) :])
 
 
