@@ -13,6 +13,7 @@ active adapter picks its own. Without the slot, `load_adapter` silently drops th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -32,6 +33,27 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_
         keep = keep & (input_ids != pad_token_id)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     return (positions * keep).argmax(dim=1)
+
+
+def ensemble_score(member_scores: torch.Tensor, member_stats: list[tuple[float, float]]) -> torch.Tensor:
+    """[M, B] scores of M reward models -> [B]. One model: its own score, unchanged. Several: the mean of their
+    standardised scores, (s_i - mean_i) / std_i with each member's held-out mean and std, so that no member weighs
+    more for a wider scale (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization", mean)."""
+    if len(member_scores) == 1:
+        return member_scores[0]
+    mean = member_scores.new_tensor([m for m, _ in member_stats]).unsqueeze(1)
+    std = member_scores.new_tensor([s for _, s in member_stats]).unsqueeze(1)
+    return ((member_scores - mean) / std).mean(dim=0)
+
+
+def reward_members(rm_manifest: dict) -> tuple[dict[str, str], list[tuple[float, float]]]:
+    """The reward models of an rm stage's manifest: {"reward": first adapter, "reward-1": second, ...} and each one's
+    held-out (reward_mean, reward_std). An rm manifest of older versions lists no members: its one adapter."""
+    listed = rm_manifest["outputs"].get("members")  # a JSON list (manifest outputs are strings)
+    dirs = json.loads(listed) if listed else [rm_manifest["outputs"]["adapter"]]
+    rows = rm_manifest.get("metrics", {}).get("members") or [{}]
+    names = {("reward" if i == 0 else f"reward-{i}"): d for i, d in enumerate(dirs)}
+    return names, [(r.get("reward_mean", 0.0), r.get("reward_std", 1.0)) for r in rows]
 
 
 def head_output(lm, hidden: torch.Tensor) -> torch.Tensor:
@@ -61,6 +83,12 @@ class AdapterStack:
         self.trainable = tuple(trainable)
         self.frozen: set[int] = set()  # ids of adapter parameters kept frozen although their adapter trains (freeze())
         self.active = None
+        self.ensembles: dict[str, tuple[list[str], list[tuple[float, float]]]] = {}
+
+    def add_ensemble(self, name: str, members: list[str], member_stats: list[tuple[float, float]]) -> None:
+        """From now on scores(name) is ensemble_score over these loaded adapters (name itself may be one of them)."""
+        if len(members) > 1:
+            self.ensembles[name] = (list(members), list(member_stats))
 
     @classmethod
     def build(cls, profile, tokenizer, adapters: dict[str, str | Path], trainable: tuple[str, ...] = (),
@@ -126,7 +154,15 @@ class AdapterStack:
         return head_output(self.causal_lm, self.hidden(name, input_ids, attention_mask))
 
     def scores(self, name: str, input_ids, attention_mask) -> torch.Tensor:
-        """Sequence score [B] read at the last real token, as *ForSequenceClassification does."""
+        """Sequence score [B] read at the last real token, as *ForSequenceClassification does; for an ensemble
+        (add_ensemble), ensemble_score of its members' scores."""
+        if name in self.ensembles:
+            members, stats = self.ensembles[name]
+            each = torch.stack([self._one_score(m, input_ids, attention_mask) for m in members])
+            return ensemble_score(each, stats)
+        return self._one_score(name, input_ids, attention_mask)
+
+    def _one_score(self, name: str, input_ids, attention_mask) -> torch.Tensor:
         per_token = self.values(name, input_ids, attention_mask)
         index = last_token_index(input_ids, attention_mask, self.causal_lm.config.pad_token_id)
         return per_token.gather(1, index.unsqueeze(1)).squeeze(1)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.adapters import AdapterStack
+from pipeline.adapters import AdapterStack, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.data import prompt_problem, read_jsonl
 from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
@@ -331,7 +331,8 @@ def load_gold_judge(args: EvalArgs, rm: dict, trained_configs: list[dict], promp
 
     if not args.gold_judge:
         return None
-    own = [p for p in (rm.get("outputs", {}).get("adapter"), *(c.get("reward_adapter") for c in trained_configs)) if p]
+    members = list(reward_members(rm)[0].values()) if rm.get("outputs", {}).get("adapter") else []
+    own = [p for p in (*members, *(c.get("reward_adapter") for c in trained_configs)) if p]
     judge = load_judge(args.gold_judge, forbidden_rm=[resolve_path(p) for p in own])
     judge_scores(judge, prompts[:2], ["It was a lovely day.", "It was a dreadful day."][:len(prompts[:2])])
     return judge
@@ -554,8 +555,10 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     #    under the FSDP config), on this process's accelerator. Every rank takes part from here: the batches of
     #    generation, scoring and KL are spread over the ranks.
     adapters = {name: m["outputs"]["adapter"] for name, m in policies.items()}
-    stack = AdapterStack.build(profile, tokenizer, {**adapters, "sft": sft["outputs"]["adapter"], "reward": rm["outputs"]["adapter"]},
+    rewards, reward_stats = reward_members(rm)  # one reward model, or an ensemble scored as PPO scored it
+    stack = AdapterStack.build(profile, tokenizer, {**adapters, "sft": sft["outputs"]["adapter"], **rewards},
                                base_model=load_base(profile, tokenizer, shard=shard))
+    stack.add_ensemble("reward", list(rewards), reward_stats)
     to_device(stack.model, state.device)
 
     # 2. Sample and score every policy with the same seed; KL of each to the reference on its own responses

@@ -24,6 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.adapters import reward_members
 from pipeline.config import REPO_ROOT, ConfigError, RunArgs, parse, to_dict
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard
@@ -58,7 +59,7 @@ class PublishArgs:
     policy: str = field(default="ppo", metadata={"help": "The run's policy to publish: ppo, grpo, rloo, reinforce_pp or dpo."})
     # What
     include_sft: bool = field(default=False, metadata={"help": "Add the SFT adapter (the PPO reference) as sft/."})
-    include_reward: bool = field(default=False, metadata={"help": "Add the reward-model adapter (LoRA + score head) as reward/."})
+    include_reward: bool = field(default=False, metadata={"help": "Add the reward-model adapter (LoRA + score head) as reward/ (an ensemble's others as reward-1/, ...)."})
     merged: bool = field(default=False, metadata={"help": "Add merged/: base + PPO adapter merged into one plain model."})
     include_dataset: bool = field(default=False, metadata={"help": "Publish the label-export preference dataset to a dataset repo."})
     dataset_repo_id: str = field(default="", metadata={"help": "Dataset repo for --include_dataset; '' = <repo_id>-preferences."})
@@ -412,9 +413,10 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     if args.include_sft:
         copy_adapter(sft["outputs"]["adapter"], folder / "sft", base_ref)
         extras.append("sft/")
-    if args.include_reward:
-        copy_adapter(rm["outputs"]["adapter"], folder / "reward", base_ref)
-        extras.append("reward/")
+    if args.include_reward:  # an ensemble's other members beside the first: reward-1/, reward-2/, ...
+        for name, path in reward_members(rm)[0].items():
+            copy_adapter(path, folder / name, base_ref)
+            extras.append(f"{name}/")
     if args.merged:
         merge(base, folder, folder, folder / "merged")
         extras.append("merged/")

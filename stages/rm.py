@@ -15,6 +15,7 @@ scores (e.g. a head that was not saved), the stage fails.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from pipeline.data import load_any, messages_problem, require_columns, text_prob
 from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
                              save_fingerprint, score_head_name)
 from pipeline import stats
+from pipeline.adapters import ensemble_score
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard, read_manifest, stage_dir
 from pipeline.sharding import is_sharded, reshard, sharding_report, spread, take_over_from_accelerate
@@ -64,6 +66,9 @@ class RMArgs:
     max_epochs: float = field(default=10.0, metadata={"help": "...but never more than this many epochs."})
     evals: int = field(default=4, metadata={
         "help": "Held-out evaluations spread over the run; the adapter with the best one is kept (metric_for_best_model)."})
+    ensemble: int = field(default=1, metadata={
+        "help": "Reward models to train, with seeds seed, seed+1, ... on the same pairs and held-out prompts; PPO and "
+                "eval then use the mean of their standardised scores (Coste et al. 2023). 1: one model."})
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32
@@ -71,8 +76,8 @@ class RMArgs:
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)
-        if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1:
-            raise ValueError("min_steps, max_epochs and evals must be positive")
+        if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1 or self.ensemble < 1:
+            raise ValueError("min_steps, max_epochs, evals and ensemble must be positive")
 
 
 def checked_mixture(mixture: dict | str) -> dict:
@@ -529,7 +534,6 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
     from transformers import AutoConfig
-    from trl import RewardTrainer
 
     state = PartialState()
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
@@ -562,61 +566,96 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
 
     # 2. Model: the policy's base as a 1-output sequence classifier, LoRA on the profile's layers. Task SEQ_CLS makes
     #    peft put the `score` head in modules_to_save: trained in full and saved with the LoRA weights.
-    #    The head is freshly initialised at load time, before the Trainer seeds anything: seed first, or every run of
-    #    the same config starts from a different head and ends with different metrics.
-    from transformers import set_seed
-
-    set_seed(train_cfg.seed)
-    model = load_base(profile, tokenizer, kind="score", shard=shard)
-    peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout, task_type="SEQ_CLS")
-
     # 3. Train (Bradley-Terry: -log sigmoid(r_chosen - r_rejected [- margin]) [+ centering]) for as many steps as the
     #    data needs (plan_steps), evaluating on the held-out prompts along the way; the best adapter is kept
-    #    (load_best_model_at_end, metric_for_best_model in configs/rm.yaml).
+    #    (load_best_model_at_end, metric_for_best_model in configs/rm.yaml). With `ensemble` > 1, the same again with
+    #    seeds seed+1, seed+2, ...: same pairs, same held-out prompts, another head init and batch order.
     plan = plan_steps(len(train_rows), train_cfg, args, state.num_processes)
-    trainer = RewardTrainer(model=model, args=train_cfg, train_dataset=as_dataset(train_rows),
-                            eval_dataset=as_dataset(eval_rows), processing_class=tokenizer, peft_config=peft_config)
-    t0 = time.time()
-    result = trainer.train()
-    train_time = time.time() - t0
+    peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout, task_type="SEQ_CLS")
+    train_set, eval_set = as_dataset(train_rows), as_dataset(eval_rows)
+    n, seed, trainer_root = len(eval_rows), train_cfg.seed, Path(train_cfg.output_dir)
+    members = []
+    for i in range(args.ensemble):
+        train_cfg.seed, train_cfg.output_dir = seed + i, str(trainer_root / f"member-{i}")
+        adapter_dir = stage.dir / "adapter" if i == 0 else stage.dir / f"member-{i}" / "adapter"
+        members.append(train_member(train_cfg, plan, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
+                                    adapter_dir))
+    train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)
 
-    # 4. Save adapter (+ score head) with the tokenizer and the base fingerprint beside it.
-    adapter_dir = stage.dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # every rank: on a sharded base the Trainer gathers the adapter whole
-    # 5. Held-out scores, on every rank (a sharded base runs each forward on all ranks together; score() spreads the
-    #    batches and gathers the scores). Then, on the main process, the same scores from a fresh process.
-    n = len(eval_rows)
-    scores = score(trainer.model, [r["chosen_ids"] for r in eval_rows] + [r["rejected_ids"] for r in eval_rows],
-                   tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size)
-    sharding = sharding_report(trainer.model)
+    # 5. On the main process: the held-out pairs, each member's reload check (the same scores from a fresh process)
+    #    and the figures of the ensemble's score (one member: its own score), the score PPO gets.
     metrics = {}
     if state.is_main_process:
-        shutil.rmtree(train_cfg.output_dir, ignore_errors=True)  # the checkpoints: the best one is adapter/ now
-        tokenizer.save_pretrained(adapter_dir)
-        save_fingerprint(adapter_dir, model.config, base_path)
-        require_saved_head(adapter_dir, score_head_name(model))
+        shutil.rmtree(trainer_root, ignore_errors=True)  # the checkpoints: the best ones are the adapters now
         pairs_file = stage.dir / "eval_pairs.jsonl"
         with open(pairs_file, "w") as f:  # with the token ids as scored (truncated as trained)
             for r in eval_rows:
                 keys = ("prompt", "chosen", "rejected", "source", "margin", "chosen_ids", "rejected_ids")
                 f.write(json.dumps({k: r[k] for k in keys}) + "\n")
-        reload = check_reload(adapter_dir, pairs_file, scores[:n], scores[n:], profile.dtype,
-                              train_cfg.per_device_eval_batch_size, profile.load_in_4bit)
-        metrics = {**heldout_metrics(eval_rows, scores[:n], scores[n:]),
-                   **training_record(trainer.state, result, plan, train_cfg),
+        member_rows = []
+        for i, m in enumerate(members):
+            tokenizer.save_pretrained(m["adapter"])
+            save_fingerprint(m["adapter"], m["config"], base_path)
+            require_saved_head(m["adapter"], m["head"])
+            s = m["scores"]
+            reload = check_reload(m["adapter"], pairs_file, s[:n], s[n:], profile.dtype,
+                                  train_cfg.per_device_eval_batch_size, profile.load_in_4bit)
+            own = heldout_metrics(eval_rows, s[:n], s[n:])
+            member_rows.append({"adapter": str(m["adapter"]), "seed": seed + i,
+                                **{k: own[k] for k in ("eval_accuracy", "eval_loss", "reward_mean", "reward_std")},
+                                "best_step": m["record"]["best_step"], "train_time_s": round(m["train_time"], 1),
+                                "reload_check": reload})
+        joint = ensemble_score(torch.tensor([m["scores"] for m in members]),
+                               [(r["reward_mean"], r["reward_std"]) for r in member_rows]).tolist()
+        metrics = {**heldout_metrics(eval_rows, joint[:n], joint[n:]),
+                   **members[0]["record"],  # the first member's training curve
                    **data_record(counts, len(train_rows), n),
-                   "reload_check": reload, "train_time_s": round(train_time, 1), "peak_memory_mb": peak_memory_mb(),
-                   "world_size": state.num_processes, "sharding": sharding, "data": data_name}
+                   "reload_check": member_rows[0]["reload_check"], "ensemble": len(members), "members": member_rows,
+                   "train_time_s": round(sum(m["train_time"] for m in members), 1), "peak_memory_mb": peak_memory_mb(),
+                   "world_size": state.num_processes, "sharding": members[0]["sharding"], "data": data_name}
         print_table("RM", {k: v for k, v in metrics.items()
-                           if k not in ("loss_curve", "eval_curve", "eval_by_source", "pairs_by_source", "sharding")})
+                           if k not in ("loss_curve", "eval_curve", "eval_by_source", "pairs_by_source", "sharding", "members")})
+        for r in member_rows if len(member_rows) > 1 else []:
+            print(f"  member seed {r['seed']}: held-out accuracy {r['eval_accuracy']}, best step {r['best_step']}, "
+                  f"{r['train_time_s']} s")
         for source, c in sorted(counts.items()):
             m = metrics["eval_by_source"].get(source, {})
             print(f"  {source:>14}: read {c['read']}, dropped {c['equal']} equal / {c['empty']} empty, cut {c['prompt_cut']} "
                   f"prompts / {c['response_cut']} responses; train {c['train']}, eval {c['eval']}: accuracy "
                   f"{m.get('accuracy')} {m.get('ci95', '')} (longer wins: {m.get('longer_wins_accuracy')})")
-        stage.finish({"adapter": adapter_dir, "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
+        stage.finish({"adapter": members[0]["adapter"], "members": json.dumps([str(m["adapter"]) for m in members]),
+                      "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
     finish_distributed()
     return metrics
+
+
+def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
+                 adapter_dir: Path) -> dict:
+    """One reward model: train, save its adapter (every rank: on a sharded base the Trainer gathers it whole), then
+    its held-out scores (every rank: score() spreads the batches and gathers the scores), chosen then rejected."""
+    from transformers import set_seed
+    from trl import RewardTrainer
+
+    # The head is freshly initialised at load time, before the Trainer seeds anything: seed first, or every run of
+    # the same config starts from a different head and ends with different metrics.
+    set_seed(train_cfg.seed)
+    model = load_base(profile, tokenizer, kind="score", shard=shard)
+    trainer = RewardTrainer(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=peft_config)
+    t0 = time.time()
+    result = trainer.train()
+    train_time = time.time() - t0
+    trainer.save_model(str(adapter_dir))
+    scores = score(trainer.model, [r["chosen_ids"] for r in eval_rows] + [r["rejected_ids"] for r in eval_rows],
+                   tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size)
+    kept = {"adapter": adapter_dir, "scores": scores, "train_time": train_time, "config": trainer.model.config,
+            "head": score_head_name(trainer.model), "sharding": sharding_report(trainer.model),
+            "record": training_record(trainer.state, result, plan, train_cfg)}
+    del trainer, model  # the next member loads its own base: free this one first
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return kept
 
 
 def training_record(state, result, plan: dict, train_cfg) -> dict:

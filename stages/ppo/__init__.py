@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.adapters import reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
@@ -134,9 +135,11 @@ def check_adapter_kinds(sft_dir: Path, rm_dir: Path) -> None:
 
 
 def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool,
-                shard: bool = False, with_value: bool = True):
+                shard: bool = False, with_value: bool = True, reward_members=None):
     """The base with its adapters (no value adapter for critic-free estimators). `shard`: FSDP2 over all ranks
-    (stages/ppo/sharding.py); the base then stays on the CPU until sharded, and only each rank's shard goes to `device`."""
+    (stages/ppo/sharding.py); the base then stays on the CPU until sharded, and only each rank's shard goes to `device`.
+    `reward_members` (adapters.reward_members of the rm manifest): an ensemble's other members are loaded too, and
+    stack.scores("reward") is then their ensemble_score; the value starts from rm_dir, the first member."""
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
 
@@ -145,10 +148,13 @@ def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradien
     if not profile.load_in_4bit and not shard:  # a 4-bit base is placed on its GPU when loaded
         base.to(device)
     try:
-        adapters = {"policy": sft_dir, "reference": sft_dir, "value": rm_dir, "reward": rm_dir}
-        if not with_value:  # critic-free estimators (grpo, rloo, reinforce_pp): three adapters
+        members, member_stats = reward_members or ({"reward": rm_dir}, [(0.0, 1.0)])
+        adapters = {"policy": sft_dir, "reference": sft_dir, "value": rm_dir, "reward": rm_dir,
+                    **{name: path for name, path in members.items() if name != "reward"}}
+        if not with_value:  # critic-free estimators (grpo, rloo, reinforce_pp): three adapters (+ reward members)
             del adapters["value"]
         stack = AdapterStack.build(profile, tokenizer, adapters, trainable=("policy", "value"), base_model=base)
+        stack.add_ensemble("reward", list(members), member_stats)
     except (RuntimeError, ValueError, KeyError) as err:  # size mismatches of an adapter made for another base
         raise ConfigError(f"could not put the sft adapter {sft_dir} and reward adapter {rm_dir} on base "
                           f"{profile.name_or_path}: {str(err).splitlines()[0]}") from None
@@ -239,9 +245,11 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     rm_metrics = {}
     if cfg.reward_adapter:
         rm_dir = resolve_path(cfg.reward_adapter)
-    else:
+        rewards, reward_member_stats = {"reward": rm_dir}, [(0.0, 1.0)]
+    else:  # the rm stage's reward model: one adapter, or an ensemble of them (its `ensemble` setting)
         rm = stage.need("rm")
         rm_dir, rm_metrics = Path(rm["outputs"]["adapter"]), rm.get("metrics", {})
+        rewards, reward_member_stats = reward_members(rm)
     reward_stats = None
     if cfg.normalize_reward and reward_fn is None:
         if rm_metrics.get("reward_mean") is not None and rm_metrics.get("reward_std"):
@@ -264,8 +272,11 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # Resume: --resume, or a run that was interrupted (checkpoint, no manifest) and is simply started again, but only
     # from a checkpoint trained from these same sft and rm adapters. Rank 0 decides for all (on nodes without a shared
     # filesystem the others may hold no trainer state).
-    check_adapter_kinds(sft_dir, rm_dir)
+    for member in rewards.values():
+        check_adapter_kinds(sft_dir, Path(member))
     upstream = {"sft": adapter_digest(sft_dir), "rm": adapter_digest(rm_dir)}
+    if len(rewards) > 1:  # resume only onto the very same ensemble
+        upstream["rm_members"] = [adapter_digest(Path(d)) for d in rewards.values()]
     decision = None
     if state.is_main_process:
         try:
@@ -288,7 +299,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
 
     # 2. One base, four adapters
     stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing, shard,
-                        with_value=cfg.has_critic)
+                        with_value=cfg.has_critic, reward_members=(rewards, reward_member_stats))
     trainer = PPOTrainer(cfg, stack, tokenizer, prompts, prompt_ids, stage.dir, state, reward_stats=reward_stats,
                          reward_fn=reward_fn, config=config, upstream=upstream)
     trainer.on_keep = lambda folder: (tokenizer.save_pretrained(folder),
@@ -309,7 +320,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
             "frozen / trainable params": f"{n_base:,} / {n_train:,} (one base, {len(stack.model.peft_config)} adapters)",
             "advantage estimator": cfg.advantage_estimator + (f", {cfg.num_samples_per_prompt} samples per prompt"
                                                               if cfg.num_samples_per_prompt > 1 else ""),
-            "reward": "reward_fn (test hook)" if reward_fn else f"{rm_dir} ({cfg.reward_input})",
+            "reward": "reward_fn (test hook)" if reward_fn else f"{rm_dir} ({cfg.reward_input})" + (
+                f", mean of an ensemble of {len(rewards)}" if len(rewards) > 1 else ""),
             "resume from": resume_from or "-"})
 
     # 3. Train

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.adapters import adapter_of, head_output, last_token_index
+from pipeline.adapters import adapter_of, ensemble_score, head_output, last_token_index
 from pipeline.generation import chat_reward_inputs, left_pad, stop_token_ids, truncate_after_eos
 from pipeline.models import backbone
 
@@ -404,17 +404,21 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             if value_hidden is None:
                 value_hidden = store[0].new_zeros(B, query_ids.shape[1] + R, store[0].shape[-1])
             value_hidden[idx, x.cols] = store[0]
-        if reward_fn is None:
-            stack.use("reward")
-            if top is not None and top.reward_shares_bottom and cfg.reward_input == "tokens":
-                with top.replay(store[0]):  # same tokens, same frozen layers: only the reward's top layers run
-                    scores[idx] = sequence_scores(lm, x)
-            elif cfg.reward_input == "chat":
-                rows = idx.tolist()
-                r_ids, r_mask = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
-                scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device)).float()
-            else:
-                scores[idx] = sequence_scores(lm, x)
+        if reward_fn is None and cfg.reward_input == "chat":
+            rows = idx.tolist()
+            r_ids, r_mask = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
+            scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device)).float()
+        elif reward_fn is None:  # the policy's own tokens, scored by each member of the reward model
+            members, member_stats = stack.ensembles.get("reward", (["reward"], [(0.0, 1.0)]))
+            each = []
+            for member in members:
+                stack.use(member)
+                if member == "reward" and top is not None and top.reward_shares_bottom:
+                    with top.replay(store[0]):  # same tokens, same frozen layers: only the reward's top layers run
+                        each.append(sequence_scores(lm, x))
+                else:
+                    each.append(sequence_scores(lm, x))
+            scores[idx] = ensemble_score(torch.stack(each), member_stats)
     if reward_fn is not None:
         scores = torch.as_tensor(reward_fn(prompts, response_ids, response_mask, texts), dtype=torch.float32, device=device)
     t2 = time.perf_counter()
