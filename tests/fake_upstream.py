@@ -60,8 +60,9 @@ def fake_metrics(n: int = 12) -> list[dict]:
     return rows
 
 
-def build_upstream(runs_dir: Path, profile: Path, run: str = "t") -> Path:
-    """Write runs_dir/run/{sft,rm,ppo}/ as the real stages would; returns runs_dir."""
+def build_upstream(runs_dir: Path, profile: Path, run: str = "t", reward_members: int = 1) -> Path:
+    """Write runs_dir/run/{sft,rm,ppo}/ as the real stages would (an rm stage of `ensemble: reward_members`); returns
+    runs_dir."""
     spec = yaml.safe_load(Path(profile).read_text())
     model_dir, targets = spec["name_or_path"], spec["lora_target_modules"]
 
@@ -76,9 +77,12 @@ def build_upstream(runs_dir: Path, profile: Path, run: str = "t") -> Path:
     rm = StageRun("rm", run, str(runs_dir))
     rm.prepare({})
     rm.need("sft")
-    _lora_adapter(model_dir, targets, rm.dir / "adapter", seed=2, task_type="SEQ_CLS")
-    rm.finish({"adapter": rm.dir / "adapter"}, {"eval_accuracy": 0.61, "eval_mean_margin": 0.2, "reward_mean": 0.0,
-                                                "reward_std": 1.0},
+    members = [rm.dir / "adapter"] + [rm.dir / f"member-{i}" / "adapter" for i in range(1, reward_members)]
+    for i, folder in enumerate(members):
+        _lora_adapter(model_dir, targets, folder, seed=2 + 10 * i, task_type="SEQ_CLS")
+    rm.finish({"adapter": rm.dir / "adapter", "members": json.dumps([str(m) for m in members])},
+              {"eval_accuracy": 0.61, "eval_mean_margin": 0.2, "reward_mean": 0.0, "reward_std": 1.0,
+               "members": [{"reward_mean": 0.1 * i, "reward_std": 1.0 + i} for i in range(reward_members)]},
               {"rm": {"dataset_mixture": {"data/preferences/oasst.jsonl": 0, "data/preferences/pandalm.jsonl": 0}},
                "train": {"learning_rate": 1e-3}})
 

@@ -298,9 +298,10 @@ def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path,
 def test_bad_gold_judge_is_one_error_before_anything_is_written(tmp_path, tiny_models):
     from stages.eval import main, parse_args
 
-    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"], reward_members=2)
     base = ["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs), "--model_config", str(tiny_models["llama"])]
     for judge, message in ((f"rm:{runs / 't' / 'rm' / 'adapter'}", "reward model this run's PPO optimised"),
+                           (f"rm:{runs / 't' / 'rm' / 'member-1' / 'adapter'}", "reward model this run's PPO optimised"),
                            ("tests.judge_fixtures:raising_judge", "the grader is on holiday"),
                            ("tests.judge_fixtures:short_judge", "returned 1 scores for a batch of 2"),
                            ("vibes", "unknown judge")):

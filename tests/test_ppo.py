@@ -945,3 +945,69 @@ def test_the_entropy_bonus_keeps_the_kl_loss_term(tiny_models, adapters, prompts
     (one_a, two_a), (one_b, two_b) = snapshots
     assert (one_a - one_b).abs().max() < 1e-4  # only float noise: policy == reference during update 1
     assert (two_a - two_b).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ reward ensembles
+
+def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models, adapters, prompts_file, runs_dir,
+                                                                    tmp_path, no_grad):
+    """With an rm stage of two members, the rollout's raw reward is (s0 - m0) / sd0 + (s1 - m1) / sd1, halved, where
+    s_i is what each reward model alone gives, on the chat-formatted text and on the policy's own tokens; the
+    stage trains from such a manifest and will resume only onto the same members."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.adapters import reward_members
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack, load_prompts
+    from stages.ppo.rollout import collect
+
+    sft, rm = adapters("llama")
+    other = _lora_adapter(yaml_model_dir(tiny_models["llama"]), ["q_proj", "v_proj"], tmp_path / "rm-b", seed=5,
+                          task_type="SEQ_CLS")
+    stats = [(0.5, 2.0), (-1.0, 0.5)]
+    members = {"reward": rm, "reward-1": other}
+    cfg, run = parse_args(ppo_args(tiny_models["llama"], tmp_path, "x", prompts_file))
+    profile = profile_from(run.model_config)
+    tok = load_tokenizer(profile)
+    prompts, ids, _, _ = load_prompts(cfg, tok)
+    stack = build_stack(profile, tok, sft, rm, torch.device("cpu"), False, reward_members=(members, stats))
+    alone = []
+    for d in (rm, other):
+        base = AutoModelForSequenceClassification.from_pretrained(profile.name_or_path, num_labels=1)
+        base.config.pad_token_id = tok.pad_token_id
+        alone.append(PeftModel.from_pretrained(base, str(d)).eval())
+
+    def by_hand(seqs):
+        each = [torch.tensor([m(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs]) for m in alone]
+        return ((each[0] - 0.5) / 2.0 + (each[1] + 1.0) / 0.5) / 2
+
+    ro = collect(stack, tok, prompts[:5], ids[:5], cfg, torch.Generator().manual_seed(0))
+    chats = [list(tok.apply_chat_template(p + [{"role": "assistant", "content": t}], tokenize=True, return_dict=False))
+             for p, t in zip(ro.prompts, ro.texts)]
+    torch.testing.assert_close(ro.scores_raw, by_hand(chats), atol=1e-5, rtol=1e-5)
+    cfg.reward_input = "tokens"
+    ro = collect(stack, tok, prompts[:5], ids[:5], cfg, torch.Generator().manual_seed(0))
+    own = [ro.query_ids[i][ro.query_mask[i].bool()].tolist() + ro.response_ids[i][ro.response_mask[i].bool()].tolist()
+           for i in range(5)]
+    torch.testing.assert_close(ro.scores_raw, by_hand(own), atol=1e-5, rtol=1e-5)
+
+    # The stage, from an rm manifest that lists both members
+    def upstream(second: Path):
+        _upstream_manifests(runs_dir, "ens", sft, rm)
+        r = StageRun("rm", "ens", str(runs_dir))
+        r.prepare({})
+        r.finish({"adapter": rm, "members": json.dumps([str(rm), str(second)])},
+                 {"reward_mean": 0.1, "reward_std": 2.0,
+                  "members": [{"reward_mean": m, "reward_std": s} for m, s in stats]}, {})
+        return json.loads((r.dir / "manifest.json").read_text())
+
+    assert reward_members(upstream(other)) == ({"reward": str(rm), "reward-1": str(other)}, stats)
+    run_ppo(tiny_models["llama"], runs_dir, "ens", prompts_file, None, None, "--stop_after", "1")
+    ckpt = Path(runs_dir) / "ens/ppo/checkpoints/checkpoint-000001"
+    assert len(json.loads((ckpt / "checkpoint.json").read_text())["upstream"]["rm_members"]) == 2
+    third = _lora_adapter(yaml_model_dir(tiny_models["llama"]), ["q_proj", "v_proj"], tmp_path / "rm-c", seed=6,
+                          task_type="SEQ_CLS")
+    upstream(third)  # member 1 retrained, member 0 the same: not the reward this checkpoint was trained on
+    with pytest.raises(ConfigError, match="trained from other sft/rm adapters"):
+        run_ppo(tiny_models["llama"], runs_dir, "ens", prompts_file, None, None, "--resume")

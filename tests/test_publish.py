@@ -319,7 +319,7 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
     from tests.fake_upstream import add_policy_stage, build_upstream
 
     profile = tiny_models["llama"]
-    runs = build_upstream(tmp_path / "runs", profile)
+    runs = build_upstream(tmp_path / "runs", profile, reward_members=2)  # an ensemble of two reward models
     add_policy_stage(runs, profile, "grpo", seed=6)
     add_policy_stage(runs, profile, "dpo", seed=7)
     eval_main(*eval_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs), "--model_config",
@@ -340,6 +340,11 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
         if policy != "ppo":  # its line of the comparison, beside SFT's
             assert f"| reward-model score (mean) | {comparison['sft']['proxy_mean']:.3f} | " \
                    f"{comparison[policy]['proxy_mean']:.3f} |" in card.text
+    main(PublishArgs(dry_run=True, include_reward=True), run)  # every member of the ensemble: reward/, reward-1/
+    for name, member in (("reward", "adapter"), ("reward-1", "member-1/adapter")):
+        assert (folder / name / "adapter_model.safetensors").read_bytes() == \
+            (runs / "t" / "rm" / member / "adapter_model.safetensors").read_bytes()
+    assert not (folder / "reward-2").exists()
     shutil.rmtree(runs / "t" / "publish")
     add_policy_stage(runs, profile, "rloo", seed=8)  # trained after the eval: no figures for it
     with pytest.raises(ConfigError, match="no figures for its rloo policy"):

@@ -401,3 +401,73 @@ def test_best_checkpoint_is_the_one_saved(tiny_models, tmp_path):
     assert m["eval_loss"] == pytest.approx(losses[best], abs=2e-4)
     assert m["best_metric"] == {"eval_loss": pytest.approx(losses[best], abs=1e-4)}
     assert not (runs_dir / "t" / "rm" / "trainer").exists()  # the checkpoints are gone; adapter/ is the best one
+
+
+def test_ensemble_score_and_members_by_hand():
+    """An ensemble's score is the mean of its members' standardised scores; one member's score is left as it is."""
+    from pipeline.adapters import ensemble_score, reward_members
+
+    scores = torch.tensor([[1.0, 3.0, 5.0], [2.0, 6.0, 0.0]])
+    stats = [(1.0, 2.0), (2.0, 4.0)]
+    # member 0: (1-1)/2, (3-1)/2, (5-1)/2 = 0, 1, 2; member 1: (2-2)/4, (6-2)/4, (0-2)/4 = 0, 1, -0.5
+    assert ensemble_score(scores, stats).tolist() == [0.0, 1.0, 0.75]
+    assert ensemble_score(scores[:1], stats[:1]).tolist() == [1.0, 3.0, 5.0]  # one model: its raw score
+    old = {"outputs": {"adapter": "/r/rm/adapter"}, "metrics": {"reward_mean": 0.3, "reward_std": 2.0}}
+    assert reward_members(old) == ({"reward": "/r/rm/adapter"}, [(0.0, 1.0)])
+    new = {"outputs": {"adapter": "/r/rm/adapter", "members": json.dumps(["/r/rm/adapter", "/r/rm/member-1/adapter"])},
+           "metrics": {"members": [{"reward_mean": 0.5, "reward_std": 2.0}, {"reward_mean": -1.0, "reward_std": 0.5}]}}
+    assert reward_members(new) == ({"reward": "/r/rm/adapter", "reward-1": "/r/rm/member-1/adapter"},
+                                   [(0.5, 2.0), (-1.0, 0.5)])
+
+
+def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_data, tmp_path):
+    """`ensemble: 2`: member 0 is exactly the reward model of `ensemble: 1` (same seed, same pairs), member 1 another
+    one (seed + 1) on the same held-out prompts; the stage's held-out figures are those of the mean of the members'
+    standardised scores, as PPO's adapter stack computes it from the saved adapters."""
+    from safetensors.torch import load_file
+
+    from pipeline.adapters import AdapterStack, reward_members
+    from stages.rm import heldout_metrics
+
+    runs_dir, arch = tmp_path / "runs", "qwen2"
+    extra = ("--dataset_name", str(marker_data["conversational"]), "--max_steps", "6", "--evals", "1")
+    for run, n in (("one", "1"), ("two", "2")):
+        fake_sft(tiny_models[arch], runs_dir, run)
+        main(*parse_args(rm_args(tiny_models[arch], runs_dir, run, *extra, "--ensemble", n)))
+    one = json.loads((runs_dir / "one" / "rm" / "manifest.json").read_text())
+    two = json.loads((runs_dir / "two" / "rm" / "manifest.json").read_text())
+    members, stats = reward_members(two)
+    assert list(members) == ["reward", "reward-1"] and two["metrics"]["ensemble"] == 2
+    assert [r["seed"] for r in two["metrics"]["members"]] == [42, 43]
+    first, second, single = (load_file(f"{d}/adapter_model.safetensors")
+                             for d in (members["reward"], members["reward-1"], one["outputs"]["adapter"]))
+    assert all(torch.equal(first[k], single[k]) for k in single)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert two["metrics"]["members"][0]["eval_accuracy"] == one["metrics"]["eval_accuracy"]
+    assert all(r["reload_check"]["max_abs_diff"] <= 1e-4 for r in two["metrics"]["members"])
+    assert (runs_dir / "two" / "rm" / "member-1" / "adapter" / "pipeline_base.json").is_file()
+
+    prof = profile_from(str(tiny_models[arch]))
+    tok = load_tokenizer(prof)
+    rows = [json.loads(line) for line in open(runs_dir / "two" / "rm" / "eval_pairs.jsonl")]
+    assert rows == [json.loads(line) for line in open(runs_dir / "one" / "rm" / "eval_pairs.jsonl")]
+    seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    sft = runs_dir / "two" / "sft" / "adapter"
+    stack = AdapterStack.build(prof, tok, {"policy": sft, **members})
+    with torch.no_grad():
+        each = [stack.scores(name, ids, mask) for name in members]
+        stack.add_ensemble("reward", list(members), stats)
+        joint = stack.scores("reward", ids, mask)
+    by_hand = ((each[0] - stats[0][0]) / stats[0][1] + (each[1] - stats[1][0]) / stats[1][1]) / 2
+    torch.testing.assert_close(joint, by_hand)
+    n, m = len(rows), two["metrics"]
+    rows = [dict(r, full_lengths=(1, 1)) for r in rows]  # "longer wins" is not what this compares
+    want = heldout_metrics(rows, by_hand[:n].tolist(), by_hand[n:].tolist())
+    assert m["eval_accuracy"] == want["eval_accuracy"]
+    assert m["reward_mean"] == pytest.approx(want["reward_mean"], abs=2e-4)
+    assert m["reward_std"] == pytest.approx(want["reward_std"], abs=2e-4)
+    for row, scores in zip(m["members"], each):  # each member's own statistics, which standardise it
+        assert row["reward_std"] == pytest.approx(heldout_metrics(rows, scores[:n].tolist(), scores[n:].tolist())["reward_std"], abs=2e-4)

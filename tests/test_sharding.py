@@ -148,7 +148,8 @@ def test_rm_fsdp2_shards_the_base_and_matches_ddp(tiny_models, runs_dir, tmp_pat
     from tests.test_rm import fake_sft, marker_rows, rm_args, write_jsonl
 
     data = write_jsonl(tmp_path / "marker.jsonl", marker_rows(64))
-    common = ["--dataset_name", str(data), "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_fraction", "0.25"]
+    common = ["--dataset_name", str(data), "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_fraction", "0.25",
+              "--ensemble", "2"]  # the second member loads its own sharded base once the first is freed
     for run, kw in (("fsdp", {"fsdp": True}), ("ddp", {"processes": 2})):
         fake_sft(tiny_models["llama"], runs_dir, run)
         res = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, run, *common), **kw)
@@ -160,6 +161,9 @@ def test_rm_fsdp2_shards_the_base_and_matches_ddp(tiny_models, runs_dir, tmp_pat
     assert m_fsdp["reload_check"]["max_abs_diff"] <= 1e-4 and m_fsdp["reload_check"]["pairs_flipped"] == 0
     adapter = runs_dir / "fsdp" / "rm" / "adapter"
     assert_same_adapter(adapter, runs_dir / "ddp" / "rm" / "adapter")
+    assert_same_adapter(runs_dir / "fsdp" / "rm" / "member-1" / "adapter", runs_dir / "ddp" / "rm" / "member-1" / "adapter")
+    assert [r["eval_accuracy"] for r in m_fsdp["members"]] == [r["eval_accuracy"] for r in m_ddp["members"]]
+    assert [r["reload_check"]["max_abs_diff"] <= 1e-4 for r in m_fsdp["members"]] == [True, True]
     assert "base_model.model.score.weight" in load_file(adapter / "adapter_model.safetensors")
     model = AutoPeftModelForSequenceClassification.from_pretrained(str(adapter), num_labels=1)
     assert model.base_model.model.score.modules_to_save["default"].weight.shape == (1, 32)

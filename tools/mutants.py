@@ -34,6 +34,7 @@ RM_LIMIT = "tests/test_bench_rm_limit.py"
 RM = "tests/test_rm.py -k 'by_hand or truncate or data_formats'"
 PPO_UPDATE = "tests/test_ppo.py -k 'vf_coef or entropy or four_adapters or sampling_distribution'"
 PPO_RANKS = "tests/test_ppo.py -k 'two_ranks_equal_one_rank'"
+ENSEMBLE = "tests/test_rm.py tests/test_ppo.py -k ensemble"
 
 # (name, file, old text, new text, the tests that guard the rule)
 MUTANTS: list[tuple[str, str, str, str, str]] = [
@@ -110,6 +111,17 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("rm-truncate-end", "stages/rm.py", "return ids[: cap - end] + ids[len(ids) - end :]", "return ids[:cap]", RM),
     ("rm-weight-fraction", "stages/rm.py",
      "out += group * int(w) + rng.sample(group, round((w - int(w)) * len(group)))", "out += group * int(w)", RM),
+    # reward-model ensembles (pipeline/adapters.py, make rm's members, PPO's rollout and resume guard)
+    ("ensemble-sum", "pipeline/adapters.py", "return ((member_scores - mean) / std).mean(dim=0)",
+     "return ((member_scores - mean) / std).sum(dim=0)", ENSEMBLE),
+    ("ensemble-unscaled", "pipeline/adapters.py", "return ((member_scores - mean) / std).mean(dim=0)",
+     "return (member_scores - mean).mean(dim=0)", ENSEMBLE),
+    ("ensemble-member-seed", "stages/rm.py", "train_cfg.seed, train_cfg.output_dir = seed + i,",
+     "train_cfg.seed, train_cfg.output_dir = seed,", ENSEMBLE),
+    ("ensemble-tokens-first-only", "stages/ppo/rollout.py", "scores[idx] = ensemble_score(torch.stack(each), member_stats)",
+     "scores[idx] = each[0]", ENSEMBLE),
+    ("ensemble-resume-guard", "stages/ppo/__init__.py", "upstream[\"rm_members\"] = [adapter_digest(Path(d)) for d in rewards.values()]",
+     "pass", ENSEMBLE),
     # the benchmarks' verdicts
     ("bench-gain-se", "bench/harness.py", "round(statistics.stdev(diffs) / math.sqrt(len(diffs)), 4)",
      "round(statistics.stdev(diffs), 4)", BENCH),
