@@ -16,7 +16,6 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm

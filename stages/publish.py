@@ -248,7 +248,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
              f"A LoRA policy adapter trained with RLHF in {how}. Run `{run}` of an open-source RLHF pipeline on the "
              f"Hugging Face stack (transformers, TRL, peft, accelerate).", "",
              f"- **Method:** {method}",
-             f"- **Base model:** " + (f"[{base}](https://huggingface.co/{base})" if not local else
+             "- **Base model:** " + (f"[{base}](https://huggingface.co/{base})" if not local else
                                       f"`{Path(base).name}`, a small local checkpoint, included in this repo under `base/`"),
              f"- **Adapter:** LoRA on the base (the {method} policy), at the root of this repo"]
     lines += [f"- **Also here:** {', '.join(extras)}" if extras else ""]

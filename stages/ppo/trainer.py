@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, to_dict
-from pipeline.run import atomic_write_json
 
 from . import losses as L
 from .rollout import Rollout, TopLayers, by_group_length, collect, decoder_layers, response_logits, token_logprobs, token_values
