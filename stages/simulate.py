@@ -219,7 +219,8 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     label_args = load_label_args(args.label_config)
     label_args.pairs_dataset = args.pairs_dataset
     pairs = load_pairs(label_args, stage)
-    judge = load_judge(args.judge, forbidden_rm=[stage_dir(run.runs_dir, run.run, "rm") / "adapter"])
+    rm_dir = stage_dir(run.runs_dir, run.run, "rm")  # the run's reward model, every member of an ensemble
+    judge = load_judge(args.judge, forbidden_rm=[rm_dir / "adapter", *sorted(rm_dir.glob("member-*/adapter"))])
     annotator = args.annotator or f"sim:{judge.name}"
     flat_prompts = [p["prompt"] for p in pairs for _ in (0, 1)]
     flat_scores = judge_scores(judge, flat_prompts, [r for p in pairs for r in p["responses"]], args.batch_size)

@@ -262,3 +262,13 @@ def test_several_simulated_annotators_label_every_pair_with_their_own_draws(tmp_
     assert any(len(choices) > 1 for choices in by_pair.values())  # independent draws: the annotators disagree somewhere
     assert metrics["annotators"] == 3 and metrics["majority_decided_pairs"] > 0
     assert simulate(tmp_path, runs, "--annotators", "3")["labels_written"] == 0  # a rerun labels nothing twice
+
+
+def test_no_member_of_the_runs_reward_model_ensemble_may_judge(tmp_path):
+    runs = tmp_path / "runs"
+    for member in ("adapter", "member-1/adapter", "member-2/adapter"):
+        (runs / "t" / "rm" / member).mkdir(parents=True)
+    for member in ("adapter", "member-2/adapter"):
+        with pytest.raises(ConfigError, match="reward model this run's PPO optimised"):
+            simulate(tmp_path, runs, "--judge", f"rm:{runs / 't' / 'rm' / member}")
+    assert sorted(p.name for p in (runs / "t").iterdir()) == ["rm"]  # no label store, no simulate stage
