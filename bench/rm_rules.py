@@ -151,7 +151,8 @@ def run_stage(data_file: Path, runs_dir: Path, run: str, model_config: str, over
 
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", "configs/accelerate/cpu.yaml", "-m", "stages.rm",
            "--config", "configs/rm.yaml", "--run", run, "--runs_dir", str(runs_dir), "--model_config", model_config,
-           *(["--dataset_name", str(data_file)] if data_file else []), *overrides]
+           *(["--dataset_name", str(data_file)] if data_file else []),
+           "--ensemble", "1", *overrides]  # one reward model per run (these benches score each model alone)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, **ENV})
     return proc.returncode, round(time.time() - t0, 1), proc.stderr[-3000:]

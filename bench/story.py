@@ -34,7 +34,10 @@ SPLIT_SEED = 42
 # The story chain as `make sft rm` runs it (configs/*.yaml as they are): the bench's reward model is the default run's.
 # A smaller chain (SFT 60 steps, pairs on 160 prompts, RM 120 steps) left the reward model at chance on its held-out
 # labels (0.47), so the gold gains measured how far each side moved, not what it learnt. Keys are the stages' flags.
-STORY_STAGE_ARGS: dict[str, list[str]] = {"sft": [], "pairs": [], "simulate": [], "label.export": [], "rm": []}
+# One reward model, not make rm's ensemble: both sides of a bench are rewarded by the same single model (the peer's
+# reward_funcs is it merged), and --from_run takes a run's first member.
+STORY_STAGE_ARGS: dict[str, list[str]] = {"sft": [], "pairs": [], "simulate": [], "label.export": [],
+                                          "rm": ["--ensemble", "1"]}
 STAGE_CONFIGS = {"sft": "sft", "pairs": "pairs", "simulate": "simulate", "label.export": "label", "rm": "rm"}
 
 
@@ -63,7 +66,8 @@ def run_stages(work: Path) -> tuple[Path, Path]:
 
 
 def run_adapters(run_dir: Path) -> tuple[Path, Path]:
-    """(sft adapter, rm adapter) of a story run folder, from its manifests; one clear error when it has none."""
+    """(sft adapter, rm adapter) of a story run folder, from its manifests (an ensemble's first member); one clear
+    error when it has none."""
     paths = []
     for stage in ("sft", "rm"):
         manifest = run_dir / stage / "manifest.json"
