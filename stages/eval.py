@@ -391,7 +391,9 @@ def render_markdown(report: dict, n_rows: int) -> str:
     lines = [f"# Evaluation of run `{report['run']}`", "",
              f"{report['figures']['n_prompts']} held-out prompts (never trained on), one sampled response per policy "
              f"(temperature {report['sampling']['temperature']}, at most {report['sampling']['max_new_tokens']} new tokens, "
-             f"seed {report['seed']}), scored by the run's reward model.", "", *comparison_markdown(report["comparison"])]
+             f"seed {report['seed']}), scored by the run's reward model"
+             + (f" (the mean of its {report['reward_models']} members' standardised scores, as PPO was rewarded)"
+                if report.get("reward_models", 1) > 1 else "") + ".", "", *comparison_markdown(report["comparison"])]
     if "win_rate" in report:  # the run has PPO
         lines += ppo_markdown(report, n_rows)
     return "\n".join(lines) + "\n"
@@ -584,7 +586,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     from pipeline.judges import judge_scores
 
     gold = {n: judge_scores(judge, prompts, ro[n]["texts"], args.gold_batch_size) for n in ro} if judge is not None else None
-    report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling)}
+    report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "reward_models": len(rewards)}
     figures, plots, outputs = {}, {}, {}
     if ppo:
         report.update(sft_vs_ppo(judge, prompts, args, ppo, stage.dir.parent / "ppo", ro["sft"], ro["ppo"], kl["ppo"], gold,

@@ -325,6 +325,7 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
     eval_main(*eval_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs), "--model_config",
                           str(profile), "--max_new_tokens", "6", "--gold_judge", ""]))
     run = RunArgs(run="t", runs_dir=str(runs))
+    assert "the mean of its 2 members' standardised scores" in (runs / "t" / "eval" / "report.md").read_text()
     comparison = json.loads((runs / "t" / "eval" / "manifest.json").read_text())["metrics"]["comparison"]
     for policy, made_by, not_here in (("ppo", "then PPO against that reward", "GRPO"),
                                       ("grpo", "then GRPO against that reward", "PPO against"),
