@@ -76,8 +76,10 @@ class RMArgs:
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)
-        if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1 or self.ensemble < 1:
-            raise ValueError("min_steps, max_epochs, evals and ensemble must be positive")
+        if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1:
+            raise ValueError("min_steps, max_epochs and evals must be positive")
+        if self.ensemble < 1:
+            raise ValueError(f"--ensemble {self.ensemble}: the number of reward models to train must be at least 1")
 
 
 def checked_mixture(mixture: dict | str) -> dict:

@@ -67,7 +67,7 @@ def rm_args(profile, runs_dir, run, *extra):
     return ["--config", str(REPO / "configs/rm.yaml"), "--model_config", str(profile), "--runs_dir", str(runs_dir),
             "--run", run, "--eval_fraction", "0.2", "--num_train_epochs", "4", "--per_device_train_batch_size", "8",
             "--learning_rate", "1e-2", "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--logging_steps", "4",
-            *extra]
+            "--ensemble", "1", *extra]  # one reward model unless a test asks for more (configs/rm.yaml trains 3)
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +391,8 @@ def test_best_checkpoint_is_the_one_saved(tiny_models, tmp_path):
     m = main(*parse_args(["--config", str(REPO / "configs/rm.yaml"), "--model_config", str(tiny_models["llama"]),
                           "--runs_dir", str(runs_dir), "--run", "t", "--dataset_name", str(data),
                           "--learning_rate", "3e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-                          "--min_steps", "40", "--max_epochs", "10", "--evals", "4", "--logging_steps", "5"]))
+                          "--min_steps", "40", "--max_epochs", "10", "--evals", "4", "--logging_steps", "5",
+                          "--ensemble", "1"]))
     # 64 training pairs, 8 steps an epoch: min_steps 40 (5 epochs), evaluated every 10 steps
     assert (m["train_pairs"], m["plan_steps"], m["plan_eval_steps"], m["steps"]) == (64, 40, 10, 40)
     losses = {e["step"]: e["eval_loss"] for e in m["eval_curve"]}

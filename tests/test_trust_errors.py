@@ -72,6 +72,7 @@ CASES = [
     ("rm-batch-0", "stages.rm", RM + ["--per_device_train_batch_size", "0"], ["--per_device_train_batch_size"]),
     ("rm-eval-batch-0", "stages.rm", RM + ["--per_device_eval_batch_size", "0"], ["--per_device_eval_batch_size"]),
     ("rm-lr-0", "stages.rm", RM + ["--learning_rate", "0"], ["--learning_rate", "> 0"]),
+    ("rm-ensemble-0", "stages.rm", RM + ["--ensemble", "0"], ["--ensemble 0", "at least 1"]),
     ("rm-max-length-too-small", "stages.rm", RM + ["--max_length", "2", "--max_prompt_length", "1"],
      ["max_length 2 is too small", "prefs.jsonl"]),
     ("pairs-empty-file", "stages.pairs", PAIRS + ["--dataset_name", "{empty}"], ["empty.jsonl", "empty"]),
