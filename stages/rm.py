@@ -580,6 +580,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     for i in range(args.ensemble):
         train_cfg.seed, train_cfg.output_dir = seed + i, str(trainer_root / f"member-{i}")
         adapter_dir = stage.dir / "adapter" if i == 0 else stage.dir / f"member-{i}" / "adapter"
+        if args.ensemble > 1 and state.is_main_process:
+            print(f"reward model {i + 1} of {args.ensemble} (seed {seed + i}) -> {adapter_dir}", flush=True)
         members.append(train_member(train_cfg, plan, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
                                     adapter_dir))
     train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)

@@ -421,7 +421,7 @@ def test_ensemble_score_and_members_by_hand():
                                    [(0.5, 2.0), (-1.0, 0.5)])
 
 
-def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_data, tmp_path):
+def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_data, tmp_path, capsys):
     """`ensemble: 2`: member 0 is exactly the reward model of `ensemble: 1` (same seed, same pairs), member 1 another
     one (seed + 1) on the same held-out prompts; the stage's held-out figures are those of the mean of the members'
     standardised scores, as PPO's adapter stack computes it from the saved adapters."""
@@ -435,6 +435,7 @@ def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_da
     for run, n in (("one", "1"), ("two", "2")):
         fake_sft(tiny_models[arch], runs_dir, run)
         main(*parse_args(rm_args(tiny_models[arch], runs_dir, run, *extra, "--ensemble", n)))
+    assert "reward model 2 of 2 (seed 43)" in capsys.readouterr().out
     one = json.loads((runs_dir / "one" / "rm" / "manifest.json").read_text())
     two = json.loads((runs_dir / "two" / "rm" / "manifest.json").read_text())
     members, stats = reward_members(two)
