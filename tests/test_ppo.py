@@ -390,13 +390,17 @@ def test_value_trains_all_layers_when_the_layer_list_is_unknown(tiny_models, ada
 
 # ------------------------------------------------------------------------------------------------ two processes
 
-def _upstream_manifests(runs_dir: Path, run: str, sft: Path, rm: Path) -> None:
+def _upstream_manifests(runs_dir: Path, run: str, sft: Path, rm: Path, more_rms: tuple[Path, ...] = ()) -> None:
+    """Finished sft and rm stages; `more_rms`: the rm stage is an ensemble of rm and these (made-up member stats)."""
     s = StageRun("sft", run, str(runs_dir))
     s.prepare({})
     s.finish({"adapter": sft}, {"train_loss": 1.0}, {})
     r = StageRun("rm", run, str(runs_dir))
     r.prepare({})
-    r.finish({"adapter": rm}, {"eval_accuracy": 0.6, "reward_mean": 0.1, "reward_std": 2.0}, {})
+    members = [rm, *more_rms]
+    r.finish({"adapter": rm, **({"members": json.dumps([str(m) for m in members])} if more_rms else {})},
+             {"eval_accuracy": 0.6, "reward_mean": 0.1, "reward_std": 2.0,
+              "members": [{"reward_mean": 0.1 * i, "reward_std": 1.0 + i} for i in range(len(members))]}, {})
 
 
 def load_with_stock_peft(manifest: dict, cwd: Path):

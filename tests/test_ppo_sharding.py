@@ -19,8 +19,9 @@ from pipeline.config import ConfigError, ModelProfile
 from stages.ppo import parse_args
 from stages.ppo.trainer import TIMING_KEYS
 from tests.conftest import ACCELERATE, REPO, run_module
+from tests.fake_upstream import _lora_adapter
 from tests.test_ppo import (_upstream_manifests, adapters, load_with_stock_peft, no_grad, ppo_args, prompts_file,  # noqa: F401
-                             read_metrics, read_metrics_of)
+                             read_metrics, read_metrics_of, yaml_model_dir)
 
 
 def ppo_cfg(*extra):
@@ -234,17 +235,21 @@ def test_sharded_base_trains_like_ddp_and_resumes_exactly(tiny_models, adapters,
 @pytest.mark.slow
 def test_sharded_grpo_runs_each_prompt_once_like_ddp(tiny_models, adapters, prompts_file, runs_dir):
     """GRPO on a sharded base: the scoring and update forwards run each group's prompt once and continue its answers
-    on the KV cache (two forwards of the sharded modules per pass). Two FSDP ranks match two DDP ranks."""
+    on the KV cache (two forwards of the sharded modules per pass). Two FSDP ranks match two DDP ranks. The reward
+    is an ensemble of two reward models: each member's forward runs on every rank in lockstep."""
     sft, rm = adapters("llama")
+    other = _lora_adapter(yaml_model_dir(tiny_models["llama"]), ["q_proj", "v_proj"], Path(runs_dir) / "rm-b-adapter",
+                          seed=5, task_type="SEQ_CLS")
     grpo = ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "4", "--use_kl_loss", "true",
             "--total_updates", "2"]
     for run in ("ddp", "fsdp"):
-        _upstream_manifests(runs_dir, run, sft, rm)
+        _upstream_manifests(runs_dir, run, sft, rm, (other,))
     ddp = run_module("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "ddp", prompts_file, None, None, *grpo),
                      processes=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     fsdp = launch_fsdp("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "fsdp", prompts_file, None, None, *grpo))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "mean of an ensemble of 2" in ddp.stdout + ddp.stderr and "mean of an ensemble of 2" in fsdp.stdout + fsdp.stderr
     m_ddp = json.loads((Path(runs_dir) / "ddp/grpo/manifest.json").read_text())["metrics"]
     m_fsdp = json.loads((Path(runs_dir) / "fsdp/grpo/manifest.json").read_text())["metrics"]
     assert m_fsdp["world_size"] == m_ddp["world_size"] == 2 and m_fsdp["base_sharded"] is True
