@@ -586,7 +586,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
                                     adapter_dir))
     train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)
 
-    # 5. On the main process: the held-out pairs, each member's reload check (the same scores from a fresh process)
+    # 4. On the main process: the held-out pairs, each member's reload check (the same scores from a fresh process)
     #    and the figures of the ensemble's score (one member: its own score), the score PPO gets.
     metrics = {}
     if state.is_main_process:
@@ -596,19 +596,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
             for r in eval_rows:
                 keys = ("prompt", "chosen", "rejected", "source", "margin", "chosen_ids", "rejected_ids")
                 f.write(json.dumps({k: r[k] for k in keys}) + "\n")
-        member_rows = []
-        for i, m in enumerate(members):
-            tokenizer.save_pretrained(m["adapter"])
-            save_fingerprint(m["adapter"], m["config"], base_path)
-            require_saved_head(m["adapter"], m["head"])
-            s = m["scores"]
-            reload = check_reload(m["adapter"], pairs_file, s[:n], s[n:], profile.dtype,
-                                  train_cfg.per_device_eval_batch_size, profile.load_in_4bit)
-            own = heldout_metrics(eval_rows, s[:n], s[n:])
-            member_rows.append({"adapter": str(m["adapter"]), "seed": seed + i,
-                                **{k: own[k] for k in ("eval_accuracy", "eval_loss", "reward_mean", "reward_std")},
-                                "best_step": m["record"]["best_step"], "train_time_s": round(m["train_time"], 1),
-                                "reload_check": reload})
+        member_rows = [finish_member(m, seed + i, tokenizer, base_path, pairs_file, eval_rows, profile,
+                                     train_cfg.per_device_eval_batch_size) for i, m in enumerate(members)]
         joint = ensemble_score(torch.tensor([m["scores"] for m in members]),
                                [(r["reward_mean"], r["reward_std"]) for r in member_rows]).tolist()
         metrics = {**heldout_metrics(eval_rows, joint[:n], joint[n:]),
@@ -660,6 +649,22 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return kept
+
+
+def finish_member(member: dict, seed: int, tokenizer, base_path, pairs_file: Path, eval_rows: list[dict], profile,
+                  batch_size: int) -> dict:
+    """A trained member's folder completed (tokenizer, base fingerprint, its head checked) and reloaded in a fresh
+    process; its row of the manifest: held-out figures, the statistics that standardise it in an ensemble, timing."""
+    adapter, s, n = member["adapter"], member["scores"], len(eval_rows)
+    tokenizer.save_pretrained(adapter)
+    save_fingerprint(adapter, member["config"], base_path)
+    require_saved_head(adapter, member["head"])
+    reload = check_reload(adapter, pairs_file, s[:n], s[n:], profile.dtype, batch_size, profile.load_in_4bit)
+    own = heldout_metrics(eval_rows, s[:n], s[n:])
+    return {"adapter": str(adapter), "seed": seed,
+            **{k: own[k] for k in ("eval_accuracy", "eval_loss", "reward_mean", "reward_std")},
+            "best_step": member["record"]["best_step"], "train_time_s": round(member["train_time"], 1),
+            "reload_check": reload}
 
 
 def training_record(state, result, plan: dict, train_cfg) -> dict:
