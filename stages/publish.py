@@ -229,6 +229,15 @@ def policy_results(ev: dict, policy: str) -> list[str]:
             "[`eval/report.md`](eval/report.md); every figure: `eval/report.json`."]
 
 
+def reward_made(rm: dict) -> str:
+    """How the card names the reward: one reward model, or make rm's ensemble of them."""
+    n = int(rm.get("metrics", {}).get("ensemble", 1) or 1)
+    if n == 1:
+        return "a reward model trained on preference pairs (TRL `RewardTrainer`)"
+    return (f"an ensemble of {n} reward models trained on the same preference pairs with different seeds (TRL "
+            f"`RewardTrainer`; the reward is the mean of their standardised scores)")
+
+
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
                sources: list[dict], extras: list[str], dataset_repo: str | None) -> str:
     from huggingface_hub import ModelCardData
@@ -242,8 +251,8 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     ev, trained = manifests["eval"]["metrics"], manifests[args.policy]["metrics"]
     how = ("two stages: supervised fine-tuning (TRL `SFTTrainer`), then DPO (TRL `DPOTrainer`) on preference pairs with "
            "the SFT policy as the reference" if method == "dpo" else
-           f"three stages: supervised fine-tuning (TRL `SFTTrainer`), a reward model trained on preference pairs (TRL "
-           f"`RewardTrainer`), then {HOW_MADE.get(method, method)}")
+           f"three stages: supervised fine-tuning (TRL `SFTTrainer`), {reward_made(manifests['rm'])}, then "
+           f"{HOW_MADE.get(method, method)}")
     lines = [f"# {repo.split('/')[-1]}", "",
              f"A LoRA policy adapter trained with RLHF in {how}. Run `{run}` of an open-source RLHF pipeline on the "
              f"Hugging Face stack (transformers, TRL, peft, accelerate).", "",

@@ -82,6 +82,7 @@ def build_upstream(runs_dir: Path, profile: Path, run: str = "t", reward_members
         _lora_adapter(model_dir, targets, folder, seed=2 + 10 * i, task_type="SEQ_CLS")
     rm.finish({"adapter": rm.dir / "adapter", "members": json.dumps([str(m) for m in members])},
               {"eval_accuracy": 0.61, "eval_mean_margin": 0.2, "reward_mean": 0.0, "reward_std": 1.0,
+               "ensemble": reward_members,
                "members": [{"reward_mean": 0.1 * i, "reward_std": 1.0 + i} for i in range(reward_members)]},
               {"rm": {"dataset_mixture": {"data/preferences/oasst.jsonl": 0, "data/preferences/pandalm.jsonl": 0}},
                "train": {"learning_rate": 1e-3}})

@@ -71,7 +71,8 @@ def test_dry_run_writes_and_lists_exactly_the_folder(runs, dry_run):
                  "base/model.safetensors", "sft/adapter_config.json", "reward/adapter_model.safetensors",
                  "merged/model.safetensors", "eval/report.md", "eval/plots/overview.png"):
         assert name in model, name
-    assert "training_args.bin" not in " ".join(model)
+    assert "training_args.bin" not in " ".join(model) and "reward-1/adapter_config.json" not in model
+    assert "a reward model trained on preference pairs (TRL `RewardTrainer`)" in model["README.md"].decode()
     assert set(files_of(keep / "dataset")) == {"README.md", "data/train-00000-of-00001.parquet"}
     # every adapter names the base copied into the folder, not this checkout's runs/ or models/
     for cfg in ("adapter_config.json", "sft/adapter_config.json", "reward/adapter_config.json"):
@@ -336,6 +337,7 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
             (runs / "t" / policy / "adapter" / "adapter_model.safetensors").read_bytes()
         card = ModelCard.load(folder / "README.md")
         assert policy in card.data.tags and f"- **Method:** {policy}" in card.text and made_by in card.text
+        assert ("an ensemble of 2 reward models" in card.text) == (policy != "dpo")
         assert not_here not in card.text
         assert {m for m in ("ppo", "grpo", "dpo") if m in card.data.tags} == {policy}
         if policy != "ppo":  # its line of the comparison, beside SFT's
