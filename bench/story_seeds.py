@@ -30,11 +30,12 @@ EVAL_KEYS = ("n_prompts", "gold_sft_mean", "gold_ppo_mean", "gold_win_rate", "go
              "length_sft_mean", "length_ppo_mean", "no_eos_sft", "no_eos_ppo")
 
 
-def make(targets: list[str], run: str, runs_dir: Path, seed: int) -> float:
-    """One make call; returns its wall seconds. Raises with make's last lines when it fails."""
+def make(targets: list[str], run: str, runs_dir: Path, seed: int, rm_args: str = "", ppo_args: str = "") -> float:
+    """One make call; returns its wall seconds. Raises with make's last lines when it fails. `rm_args`, `ppo_args`:
+    more flags for those stages (a variant of the default run, e.g. "--ensemble 1" and "--kl_coef 0.15")."""
     seeded = f"--seed {seed}"
     cmd = ["make", *targets, f"RUN={run}", f"RUNS_DIR={runs_dir}", f"SFT_ARGS={seeded}", f"PAIRS_ARGS={seeded}",
-           f"SIMULATE_ARGS={seeded}", f"RM_ARGS={seeded}", f"PPO_ARGS={seeded}"]
+           f"SIMULATE_ARGS={seeded}", f"RM_ARGS={seeded} {rm_args}".strip(), f"PPO_ARGS={seeded} {ppo_args}".strip()]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -60,13 +61,13 @@ def gain_summary(gains: list[float]) -> dict:
     return {"gold_gain_mean": mean, "gold_gain_se": se, "every_seed_positive": all(g > 0 for g in gains)}
 
 
-def one_seed(seed: int, runs_dir: Path, samples: int) -> dict:
+def one_seed(seed: int, runs_dir: Path, samples: int, rm_args: str = "", ppo_args: str = "") -> dict:
     run = f"seed-{seed}"
     run_dir = runs_dir / run
     # A fresh folder: stages an earlier bench left would count as up to date and be missing from the wall time.
     shutil.rmtree(run_dir, ignore_errors=True)
     load_before = os.getloadavg()[0]
-    wall = {"sft_rm_ppo_s": make(["sft", "rm", "ppo"], run, runs_dir, seed)}
+    wall = {"sft_rm_ppo_s": make(["sft", "rm", "ppo"], run, runs_dir, seed, rm_args, ppo_args)}
     wall["eval_s"] = make(["eval"], run, runs_dir, seed)
     ev = metrics_of(run_dir, "eval")
     rm, sim = metrics_of(run_dir, "rm"), metrics_of(run_dir, "simulate")
@@ -85,13 +86,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "runs" / "bench-story")
     parser.add_argument("--samples", type=int, default=4, help="before/after samples kept per seed")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "story.json")
+    parser.add_argument("--rm_args", default="", help='more make rm flags, e.g. "--ensemble 1"')
+    parser.add_argument("--ppo_args", default="", help='more make ppo flags, e.g. "--kl_coef 0.15"')
     args = parser.parse_args(argv)
     per_seed = []
     for seed in args.seeds:
-        per_seed.append(one_seed(seed, args.runs_dir.resolve(), args.samples))
+        per_seed.append(one_seed(seed, args.runs_dir.resolve(), args.samples, args.rm_args, args.ppo_args))
         print(json.dumps({k: v for k, v in per_seed[-1].items() if k != "samples"}), flush=True)
     result = {
         "task": "story (default recipe): gold = VADER sentiment of the continuation; PPO against SFT on held-out prompts",
+        "stage_args": {"rm": args.rm_args, "ppo": args.ppo_args},  # beyond the seed: "" is the default run
         "seeds": per_seed,
         "summary": {
             **gain_summary([s["gold_gain"] for s in per_seed]),

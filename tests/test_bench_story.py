@@ -29,6 +29,8 @@ def test_every_training_stage_gets_the_seed(monkeypatch, tmp_path):
     for var in ("SFT_ARGS", "PAIRS_ARGS", "SIMULATE_ARGS", "RM_ARGS", "PPO_ARGS"):
         assert f"{var}=--seed 7" in cmd
     assert "RUN=seed-7" in cmd and f"RUNS_DIR={tmp_path}" in cmd
+    story_seeds.make(["sft", "rm", "ppo"], "seed-7", tmp_path, 7, rm_args="--ensemble 1", ppo_args="--kl_coef 0.15")
+    assert "RM_ARGS=--seed 7 --ensemble 1" in seen["cmd"] and "PPO_ARGS=--seed 7 --kl_coef 0.15" in seen["cmd"]
 
 
 def test_a_seed_starts_from_an_empty_run_folder(monkeypatch, tmp_path):
@@ -39,7 +41,7 @@ def test_a_seed_starts_from_an_empty_run_folder(monkeypatch, tmp_path):
     stale.write_text("{}")
     seen = []
 
-    def fake_make(targets, run, runs_dir, seed):
+    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args=""):
         seen.append(((runs_dir / run).exists(), targets))
         raise SystemExit("stop after the first call")
 
