@@ -68,7 +68,8 @@ def one_seed(seed: int, runs_dir: Path, samples: int, rm_args: str = "", ppo_arg
     shutil.rmtree(run_dir, ignore_errors=True)
     load_before = os.getloadavg()[0]
     wall = {"sft_rm_ppo_s": make(["sft", "rm", "ppo"], run, runs_dir, seed, rm_args, ppo_args)}
-    wall["eval_s"] = make(["eval"], run, runs_dir, seed)
+    # The same stage flags again: make reruns a stage whose flags differ from the ones its manifest records.
+    wall["eval_s"] = make(["eval"], run, runs_dir, seed, rm_args, ppo_args)
     ev = metrics_of(run_dir, "eval")
     rm, sim = metrics_of(run_dir, "rm"), metrics_of(run_dir, "simulate")
     return {

@@ -49,3 +49,19 @@ def test_a_seed_starts_from_an_empty_run_folder(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         story_seeds.one_seed(5, tmp_path, samples=1)
     assert seen == [(False, ["sft", "rm", "ppo"])]
+
+
+def test_a_variants_stage_flags_go_to_every_make_call(monkeypatch, tmp_path):
+    """`make eval` would retrain a stage whose flags differ from its manifest's: the variant's flags go to both calls."""
+    calls = []
+
+    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args=""):
+        calls.append((targets, rm_args, ppo_args))
+        if targets == ["eval"]:
+            raise SystemExit("stop after the eval call")
+        return 1.0
+
+    monkeypatch.setattr(story_seeds, "make", fake_make)
+    with pytest.raises(SystemExit):
+        story_seeds.one_seed(5, tmp_path, samples=1, rm_args="--ensemble 1", ppo_args="--kl_coef 0.15")
+    assert calls == [(["sft", "rm", "ppo"], "--ensemble 1", "--kl_coef 0.15"), (["eval"], "--ensemble 1", "--kl_coef 0.15")]
