@@ -975,7 +975,7 @@ def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models,
     profile = profile_from(run.model_config)
     tok = load_tokenizer(profile)
     prompts, ids, _, _ = load_prompts(cfg, tok)
-    stack = build_stack(profile, tok, sft, rm, torch.device("cpu"), False, reward_members=(members, stats))
+    stack = build_stack(profile, tok, sft, rm, torch.device("cpu"), False, reward_ensemble=(members, stats))
     alone = []
     for d in (rm, other):
         base = AutoModelForSequenceClassification.from_pretrained(profile.name_or_path, num_labels=1)

@@ -135,10 +135,10 @@ def check_adapter_kinds(sft_dir: Path, rm_dir: Path) -> None:
 
 
 def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool,
-                shard: bool = False, with_value: bool = True, reward_members=None):
+                shard: bool = False, with_value: bool = True, reward_ensemble=None):
     """The base with its adapters (no value adapter for critic-free estimators). `shard`: FSDP2 over all ranks
     (stages/ppo/sharding.py); the base then stays on the CPU until sharded, and only each rank's shard goes to `device`.
-    `reward_members` (adapters.reward_members of the rm manifest): an ensemble's other members are loaded too, and
+    `reward_ensemble` (adapters.reward_members of the rm manifest): an ensemble's other members are loaded too, and
     stack.scores("reward") is then their ensemble_score; the value starts from rm_dir, the first member."""
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
@@ -148,7 +148,7 @@ def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradien
     if not profile.load_in_4bit and not shard:  # a 4-bit base is placed on its GPU when loaded
         base.to(device)
     try:
-        members, member_stats = reward_members or ({"reward": rm_dir}, [(0.0, 1.0)])
+        members, member_stats = reward_ensemble or ({"reward": rm_dir}, [(0.0, 1.0)])
         adapters = {"policy": sft_dir, "reference": sft_dir, "value": rm_dir, "reward": rm_dir,
                     **{name: path for name, path in members.items() if name != "reward"}}
         if not with_value:  # critic-free estimators (grpo, rloo, reinforce_pp): three adapters (+ reward members)
@@ -299,7 +299,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
 
     # 2. One base, four adapters
     stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing, shard,
-                        with_value=cfg.has_critic, reward_members=(rewards, reward_member_stats))
+                        with_value=cfg.has_critic, reward_ensemble=(rewards, reward_member_stats))
     trainer = PPOTrainer(cfg, stack, tokenizer, prompts, prompt_ids, stage.dir, state, reward_stats=reward_stats,
                          reward_fn=reward_fn, config=config, upstream=upstream)
     trainer.on_keep = lambda folder: (tokenizer.save_pretrained(folder),
