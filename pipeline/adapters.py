@@ -153,14 +153,16 @@ class AdapterStack:
         """Per-token scalar head output [B, T] (the value function)."""
         return head_output(self.causal_lm, self.hidden(name, input_ids, attention_mask))
 
+    def ensemble_of(self, name: str) -> tuple[list[str], list[tuple[float, float]]]:
+        """The adapters whose scores make up `name`'s, with their statistics: an ensemble's members (add_ensemble),
+        else `name` alone (whose score ensemble_score leaves as it is)."""
+        return self.ensembles.get(name, ([name], [(0.0, 1.0)]))
+
     def scores(self, name: str, input_ids, attention_mask) -> torch.Tensor:
         """Sequence score [B] read at the last real token, as *ForSequenceClassification does; for an ensemble
         (add_ensemble), ensemble_score of its members' scores."""
-        if name in self.ensembles:
-            members, stats = self.ensembles[name]
-            each = torch.stack([self._one_score(m, input_ids, attention_mask) for m in members])
-            return ensemble_score(each, stats)
-        return self._one_score(name, input_ids, attention_mask)
+        members, stats = self.ensemble_of(name)
+        return ensemble_score(torch.stack([self._one_score(m, input_ids, attention_mask) for m in members]), stats)
 
     def _one_score(self, name: str, input_ids, attention_mask) -> torch.Tensor:
         per_token = self.values(name, input_ids, attention_mask)

@@ -409,7 +409,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             r_ids, r_mask = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
             scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device)).float()
         elif reward_fn is None:  # the policy's own tokens, scored by each member of the reward model
-            members, member_stats = stack.ensembles.get("reward", (["reward"], [(0.0, 1.0)]))
+            members, member_stats = stack.ensemble_of("reward")
             each = []
             for member in members:
                 stack.use(member)
