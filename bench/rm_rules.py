@@ -120,20 +120,22 @@ def no_op_sft(runs_dir: Path, run: str, model_config: str) -> None:
 
 
 def saved_adapter_scores(adapter_dir: Path, rows: list[dict]) -> list[float]:
-    """The saved reward adapter, loaded as a user would (stock peft), scores every row's chosen reply, then every
-    rejected one."""
+    """The saved reward adapter, loaded as a user would (stock peft, with the pooling it names), scores every row's
+    chosen reply, then every rejected one."""
     import torch
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
     from stages.rm import encode_pair, score
 
+    from pipeline.adapters import pool_in_forward, read_pooling
     from pipeline.models import without_load_report
 
     tok = AutoTokenizer.from_pretrained(adapter_dir)
     with without_load_report():  # the expected LM head / score head swap
         model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
+    pool_in_forward(model, read_pooling(adapter_dir))
     encoded = [encode_pair(tok, r) for r in rows]
     return score(model, [c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id)
 

@@ -35,6 +35,83 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_
     return (positions * keep).argmax(dim=1)
 
 
+# How a reward model turns its head's output at every token into one score (`pooling:` in configs/rm.yaml; `make rm`
+# writes it beside each adapter in score_pooling.json, and everything that scores reads it from there):
+#   last: the head at the last real token, as *ForSequenceClassification reads it (stock transformers and peft);
+#   sum:  the sum of the head over every real token up to that one, divided by SUM_DIVISOR. Within a pair the
+#         prompt's terms cancel exactly (causal attention: the prompt's states do not see the reply), so a pair is
+#         ordered by its replies' sums. A property that adds up over words (the story task's lexicon gold) is then
+#         the head's per-token job instead of something one token's state must summarise (README, "Reward pooling").
+POOLINGS = ("last", "sum")
+POOLING_FILE = "score_pooling.json"
+# A fixed temperature on the sum: a raw sum (~60 terms) saturates the Bradley-Terry loss on noisy labels within an
+# epoch; /16 ordered 0.76 of held-out story pairs as the gold does, the raw sum 0.64-0.70 (README).
+SUM_DIVISOR = 16.0
+
+
+def pool_scores(per_token: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pad_token_id: int | None, pooling: str) -> torch.Tensor:
+    """[B, T] head outputs -> [B] scores by `pooling` (POOLINGS). Left or right padding: masked tokens never count."""
+    index = last_token_index(input_ids, attention_mask, pad_token_id)
+    if pooling == "last":
+        return per_token.gather(1, index.unsqueeze(1)).squeeze(1)
+    if pooling != "sum":
+        raise ValueError(f"unknown score pooling {pooling!r}: one of {', '.join(POOLINGS)}")
+    positions = torch.arange(per_token.shape[1], device=per_token.device)
+    counted = (positions.unsqueeze(0) <= index.unsqueeze(1)) & attention_mask.bool()
+    return (per_token.float() * counted).sum(dim=1) / SUM_DIVISOR
+
+
+def read_pooling(adapter_dir: str | Path) -> str:
+    """The pooling a reward adapter was trained with; 'last' for adapters without score_pooling.json (any stock
+    reward model, and ours from before the file existed)."""
+    path = Path(adapter_dir) / POOLING_FILE
+    if not path.is_file():
+        return "last"
+    pooling = json.loads(path.read_text()).get("pooling")
+    if pooling not in POOLINGS:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"{path}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    return pooling
+
+
+def write_pooling(adapter_dir: str | Path, pooling: str) -> None:
+    (Path(adapter_dir) / POOLING_FILE).write_text(json.dumps(
+        {"pooling": pooling, "sum_divisor": SUM_DIVISOR if pooling == "sum" else None,
+         "rule": "score = sum of the score head over the real tokens up to the last one / sum_divisor" if pooling == "sum"
+         else "score = the score head at the last real token (stock *ForSequenceClassification)"}, indent=1) + "\n")
+
+
+def pool_in_forward(model, pooling: str):
+    """Make a *ForSequenceClassification (peft-wrapped or not) return `pooling`'s score from its own forward, so that
+    RewardTrainer's loss, a sharded forward and a stock reload all score as pool_scores does. Two hooks: one keeps
+    the forward's attention mask, one turns the head's [B, T, 1] output into its running masked sum / SUM_DIVISOR,
+    which transformers then reads at the last real token. 'last' leaves the model as it is."""
+    if pooling == "last":
+        return model
+    if pooling != "sum":
+        raise ValueError(f"unknown score pooling {pooling!r}: one of {', '.join(POOLINGS)}")
+    from pipeline.models import score_head_name
+
+    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(classifier, score_head_name(classifier))
+    seen: dict = {}
+
+    def keep_mask(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        seen["mask"] = mask if mask is not None else torch.ones_like(ids)
+
+    def running_sum(module, args, output):
+        mask = seen["mask"].to(output.device).unsqueeze(-1)
+        return ((output.float() * mask).cumsum(dim=1) / SUM_DIVISOR).to(output.dtype)
+
+    classifier.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    head.register_forward_hook(running_sum)
+    return model
+
+
 def ensemble_score(member_scores: torch.Tensor, member_stats: list[tuple[float, float]]) -> torch.Tensor:
     """[M, B] scores of M reward models -> [B]. One model: its own score, unchanged. Several: the mean of their
     standardised scores, (s_i - mean_i) / std_i with each member's held-out mean and std, so that no member weighs
@@ -84,6 +161,7 @@ class AdapterStack:
         self.frozen: set[int] = set()  # ids of adapter parameters kept frozen although their adapter trains (freeze())
         self.active = None
         self.ensembles: dict[str, tuple[list[str], list[tuple[float, float]]]] = {}
+        self.pooling: dict[str, str] = {}  # adapter -> its score pooling (score_pooling.json; 'last' without one)
 
     def add_ensemble(self, name: str, members: list[str], member_stats: list[tuple[float, float]]) -> None:
         """From now on scores(name) is ensemble_score over these loaded adapters (name itself may be one of them)."""
@@ -107,6 +185,7 @@ class AdapterStack:
         for name in names[1:]:
             pm.load_adapter(str(adapters[name]), adapter_name=name, is_trainable=name in trainable)
         stack = cls(pm, trainable)
+        stack.pooling = {name: read_pooling(adapters[name]) for name in names}
         stack.use(names[0])
         return stack
 
@@ -159,15 +238,14 @@ class AdapterStack:
         return self.ensembles.get(name, ([name], [(0.0, 1.0)]))
 
     def scores(self, name: str, input_ids, attention_mask) -> torch.Tensor:
-        """Sequence score [B] read at the last real token, as *ForSequenceClassification does; for an ensemble
-        (add_ensemble), ensemble_score of its members' scores."""
+        """Sequence score [B] by the adapter's pooling (pool_scores; 'last' reads the last real token, as
+        *ForSequenceClassification does); for an ensemble (add_ensemble), ensemble_score of its members' scores."""
         members, stats = self.ensemble_of(name)
         return ensemble_score(torch.stack([self._one_score(m, input_ids, attention_mask) for m in members]), stats)
 
     def _one_score(self, name: str, input_ids, attention_mask) -> torch.Tensor:
-        per_token = self.values(name, input_ids, attention_mask)
-        index = last_token_index(input_ids, attention_mask, self.causal_lm.config.pad_token_id)
-        return per_token.gather(1, index.unsqueeze(1)).squeeze(1)
+        return pool_scores(self.values(name, input_ids, attention_mask), input_ids, attention_mask,
+                           self.causal_lm.config.pad_token_id, self.pooling.get(name, "last"))
 
     def save(self, name: str, out_dir: str | Path) -> Path:
         """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name)."""

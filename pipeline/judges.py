@@ -69,6 +69,8 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
                           f"adapter_config.json) or a sequence-classification checkpoint")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from pipeline.adapters import pool_in_forward, read_pooling
+
     try:
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForSequenceClassification
@@ -82,6 +84,7 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the adapter does not carry it (STACK-NOTES 3)
+    pool_in_forward(model, read_pooling(path))  # as `make rm` trained it (score_pooling.json; stock: last token)
     model.eval()
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.adapters import reward_members
+from pipeline.adapters import read_pooling, reward_members
 from pipeline.config import REPO_ROOT, ConfigError, RunArgs, parse, to_dict
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard
@@ -232,10 +232,13 @@ def policy_results(ev: dict, policy: str) -> list[str]:
 def reward_made(rm: dict) -> str:
     """How the card names the reward: one reward model, or make rm's ensemble of them."""
     n = int(rm.get("metrics", {}).get("ensemble", 1) or 1)
-    if n == 1:
-        return "a reward model trained on preference pairs (TRL `RewardTrainer`)"
-    return (f"an ensemble of {n} reward models trained on the same preference pairs with different seeds (TRL "
+    made = ("a reward model trained on preference pairs (TRL `RewardTrainer`)" if n == 1 else
+            f"an ensemble of {n} reward models trained on the same preference pairs with different seeds (TRL "
             f"`RewardTrainer`; the reward is the mean of their standardised scores)")
+    if read_pooling(rm["outputs"]["adapter"]) == "sum":
+        made += (" that scores a reply by the sum of its head over the tokens divided by 16, not by the last token "
+                 "(`score_pooling.json` beside the adapter; `pipeline.adapters.pool_in_forward` applies it)")
+    return made
 
 
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,

@@ -36,7 +36,7 @@ from pipeline.data import load_any, messages_problem, require_columns, text_prob
 from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
                              save_fingerprint, score_head_name)
 from pipeline import stats
-from pipeline.adapters import ensemble_score
+from pipeline.adapters import POOLINGS, ensemble_score, pool_in_forward, read_pooling, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard, read_manifest, stage_dir
 from pipeline.sharding import is_sharded, reshard, sharding_report, spread, take_over_from_accelerate
@@ -69,6 +69,9 @@ class RMArgs:
     ensemble: int = field(default=1, metadata={
         "help": "Reward models to train, with seeds seed, seed+1, ... on the same pairs and held-out prompts; PPO and "
                 "eval then use the mean of their standardised scores (Coste et al. 2023). 1: one model."})
+    pooling: str = field(default="last", metadata={
+        "help": "How the head's per-token outputs become the score: last (the last real token, stock "
+                "*ForSequenceClassification) or sum (over the tokens, / 16; pipeline.adapters.pool_scores)."})
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32
@@ -80,6 +83,8 @@ class RMArgs:
             raise ValueError("min_steps, max_epochs and evals must be positive")
         if self.ensemble < 1:
             raise ValueError(f"--ensemble {self.ensemble}: the number of reward models to train must be at least 1")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"--pooling {self.pooling}: one of {', '.join(POOLINGS)}")
 
 
 def checked_mixture(mixture: dict | str) -> dict:
@@ -342,8 +347,9 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict:
 
 def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str = "float32", batch_size: str = "16",
                   load_in_4bit: str = "0"):
-    """Runs in a fresh process: stock peft + the tokenizer saved beside the adapter, nothing else of ours. The base is
-    loaded as the stage loaded it: in the profile's dtype, and in 4-bit when the profile says so."""
+    """Runs in a fresh process: stock peft + the tokenizer saved beside the adapter + the pooling its
+    score_pooling.json names (pipeline.adapters.pool_in_forward), nothing else of ours. The base is loaded as the stage
+    loaded it: in the profile's dtype, and in 4-bit when the profile says so."""
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
@@ -356,6 +362,7 @@ def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str =
                                                                    **extra)
     if model.config.pad_token_id is None:  # bases without a pad id in config.json (STACK-NOTES 3)
         model.config.pad_token_id = tokenizer.pad_token_id
+    pool_in_forward(model, read_pooling(adapter_dir))
     if torch.cuda.is_available() and not quantized:
         model.to("cuda")
     pairs = [json.loads(line) for line in open(pairs_file)]
@@ -583,7 +590,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
         if args.ensemble > 1 and state.is_main_process:
             print(f"reward model {i + 1} of {args.ensemble} (seed {seed + i}) -> {adapter_dir}", flush=True)
         members.append(train_member(train_cfg, plan, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
-                                    adapter_dir))
+                                    adapter_dir, args.pooling))
     train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)
 
     # 4. On the main process: the held-out pairs, each member's reload check (the same scores from a fresh process)
@@ -623,7 +630,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
 
 
 def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
-                 adapter_dir: Path) -> dict:
+                 adapter_dir: Path, pooling: str) -> dict:
     """One reward model: train, save its adapter (every rank: on a sharded base the Trainer gathers it whole), then
     its held-out scores (every rank: score() spreads the batches and gathers the scores), chosen then rejected."""
     from transformers import set_seed
@@ -635,13 +642,14 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     model = load_base(profile, tokenizer, kind="score", shard=shard)
     trainer = RewardTrainer(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=peft_config)
+    pool_in_forward(trainer.model, pooling)  # the loss, the held-out passes and score() all read the pooled score
     t0 = time.time()
     result = trainer.train()
     train_time = time.time() - t0
     trainer.save_model(str(adapter_dir))
     scores = score(trainer.model, [r["chosen_ids"] for r in eval_rows] + [r["rejected_ids"] for r in eval_rows],
                    tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size)
-    kept = {"adapter": adapter_dir, "scores": scores, "train_time": train_time, "config": trainer.model.config,
+    kept = {"adapter": adapter_dir, "scores": scores, "pooling": pooling, "train_time": train_time, "config": trainer.model.config,
             "head": score_head_name(trainer.model), "sharding": sharding_report(trainer.model),
             "record": training_record(trainer.state, result, plan, train_cfg)}
     del trainer, model  # the next member loads its own base: free this one first
@@ -659,6 +667,7 @@ def finish_member(member: dict, seed: int, tokenizer, base_path, pairs_file: Pat
     tokenizer.save_pretrained(adapter)
     save_fingerprint(adapter, member["config"], base_path)
     require_saved_head(adapter, member["head"])
+    write_pooling(adapter, member["pooling"])
     reload = check_reload(adapter, pairs_file, s[:n], s[n:], profile.dtype, batch_size, profile.load_in_4bit)
     own = heldout_metrics(eval_rows, s[:n], s[n:])
     return {"adapter": str(adapter), "seed": seed,

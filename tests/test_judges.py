@@ -45,7 +45,7 @@ def _rm_adapter(tiny_models, out):
 
 def test_rm_judge_scores_like_the_pipelines_reward_path(tiny_models, tmp_path):
     """rm:<adapter> reads the chat-templated conversation as PPO's and eval's reward adapter does: same scores."""
-    from pipeline.adapters import AdapterStack
+    from pipeline.adapters import AdapterStack, write_pooling
     from pipeline.generation import chat_reward_inputs
     from pipeline.models import load_tokenizer, profile_from
 
@@ -59,6 +59,12 @@ def test_rm_judge_scores_like_the_pipelines_reward_path(tiny_models, tmp_path):
     want = stack.scores("reward", ids, mask).tolist()
     assert got == pytest.approx(want, abs=1e-5) and len({round(x, 4) for x in got}) == 3
     assert judge.name == "rm:adapter"
+    # a reward model `make rm --pooling sum` saved: the judge sums its head as the stack does, not the last token
+    write_pooling(rm_dir, "sum")
+    summed = judge_scores(load_judge(f"rm:{rm_dir}"), PROMPTS, TEXTS, batch_size=2)
+    stack = AdapterStack.build(profile, tokenizer, {"reward": rm_dir})
+    assert summed == pytest.approx(stack.scores("reward", ids, mask).tolist(), abs=1e-5)
+    assert min(abs(a - b) for a, b in zip(summed, got)) > 1e-3
 
 
 def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):

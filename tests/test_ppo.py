@@ -860,7 +860,7 @@ def test_a_groups_prompt_runs_once_with_the_same_numbers(arch, tiny_models, adap
         grads = [p.grad.clone() for p in params]
         with torch.no_grad():
             stack.use("reward")
-            scores = sequence_scores(lm, x)
+            scores = torch.stack([sequence_scores(lm, x), sequence_scores(lm, x, "sum")])
             stack.use("value")
             values = token_values(lm, x)
             stack.use("policy")
@@ -956,12 +956,13 @@ def test_the_entropy_bonus_keeps_the_kl_loss_term(tiny_models, adapters, prompts
 def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models, adapters, prompts_file, runs_dir,
                                                                     tmp_path, no_grad):
     """With an rm stage of two members, the rollout's raw reward is (s0 - m0) / sd0 + (s1 - m1) / sd1, halved, where
-    s_i is what each reward model alone gives, on the chat-formatted text and on the policy's own tokens; the
-    stage trains from such a manifest and will resume only onto the same members."""
+    s_i is what each reward model alone gives by its own pooling (member 0 the last token, member 1 the sum), on
+    the chat-formatted text and on the policy's own tokens (left-padded prompts); the stage trains from such a
+    manifest and will resume only onto the same members."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.adapters import reward_members
+    from pipeline.adapters import pool_in_forward, read_pooling, reward_members, write_pooling
     from pipeline.models import load_tokenizer, profile_from
     from stages.ppo import build_stack, load_prompts
     from stages.ppo.rollout import collect
@@ -969,6 +970,7 @@ def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models,
     sft, rm = adapters("llama")
     other = _lora_adapter(yaml_model_dir(tiny_models["llama"]), ["q_proj", "v_proj"], tmp_path / "rm-b", seed=5,
                           task_type="SEQ_CLS")
+    write_pooling(other, "sum")
     stats = [(0.5, 2.0), (-1.0, 0.5)]
     members = {"reward": rm, "reward-1": other}
     cfg, run = parse_args(ppo_args(tiny_models["llama"], tmp_path, "x", prompts_file))
@@ -980,7 +982,8 @@ def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models,
     for d in (rm, other):
         base = AutoModelForSequenceClassification.from_pretrained(profile.name_or_path, num_labels=1)
         base.config.pad_token_id = tok.pad_token_id
-        alone.append(PeftModel.from_pretrained(base, str(d)).eval())
+        alone.append(pool_in_forward(PeftModel.from_pretrained(base, str(d)).eval(), read_pooling(d)))
+    assert stack.pooling == {"reference": "last", "policy": "last", "reward": "last", "reward-1": "sum", "value": "last"}
 
     def by_hand(seqs):
         each = [torch.tensor([m(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs]) for m in alone]

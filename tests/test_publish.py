@@ -314,6 +314,7 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
     before the publish folder is touched."""
     from huggingface_hub import ModelCard
 
+    from pipeline.adapters import read_pooling, write_pooling
     from pipeline.config import ConfigError, RunArgs
     from stages.eval import main as eval_main, parse_args as eval_args
     from stages.publish import PublishArgs, main
@@ -343,10 +344,15 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
         if policy != "ppo":  # its line of the comparison, beside SFT's
             assert f"| reward-model score (mean) | {comparison['sft']['proxy_mean']:.3f} | " \
                    f"{comparison[policy]['proxy_mean']:.3f} |" in card.text
+    assert "the sum of its head" not in card.text  # these reward models read the last token (no score_pooling.json)
+    for member in ("adapter", "member-1/adapter"):  # as `make rm --pooling sum` saves them
+        write_pooling(runs / "t" / "rm" / member, "sum")
     main(PublishArgs(dry_run=True, include_reward=True), run)  # every member of the ensemble: reward/, reward-1/
     for name, member in (("reward", "adapter"), ("reward-1", "member-1/adapter")):
         assert (folder / name / "adapter_model.safetensors").read_bytes() == \
             (runs / "t" / "rm" / member / "adapter_model.safetensors").read_bytes()
+        assert read_pooling(folder / name) == "sum"  # the rule travels with the adapter
+    assert "by the sum of its head over the tokens divided by 16" in ModelCard.load(folder / "README.md").text
     assert not (folder / "reward-2").exists()
     shutil.rmtree(runs / "t" / "publish")
     add_policy_stage(runs, profile, "rloo", seed=8)  # trained after the eval: no figures for it

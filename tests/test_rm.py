@@ -21,6 +21,7 @@ from pipeline.models import lora_config, load_base, load_tokenizer, profile_from
 from pipeline.run import StageRun, manifest_digest
 from stages.rm import (RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, plan_steps, prepare_data,
                        truncate_pair, weighted)
+from pipeline.adapters import SUM_DIVISOR, pool_in_forward, pool_scores, read_pooling, write_pooling
 from tests.conftest import ARCHS, REPO, run_module, run_python
 
 WORDS = "the cat sat on a mat and ran to see her little friend in the big green garden by old tree".split()
@@ -145,6 +146,9 @@ def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_mo
     sft = stage.parent / "sft" / "adapter"
     stack = AdapterStack.build(prof, tok, {"reference": sft, "policy": sft, "reward": stage / "adapter"}, trainable=("policy",))
     alone = PeftModel.from_pretrained(load_base(prof, tok, kind="score"), str(stage / "adapter")).eval()
+    last_token = PeftModel.from_pretrained(load_base(prof, tok, kind="score"), str(stage / "adapter")).eval()
+    assert read_pooling(stage / "adapter") == "sum" == stack.pooling["reward"]  # configs/rm.yaml's pooling, saved
+    pool_in_forward(alone, "sum")
 
     pairs = [json.loads(line) for line in open(stage / "eval_pairs.jsonl")][:8]
     seqs = [ids for p in pairs for ids in encode_pair(tok, p)]
@@ -154,9 +158,11 @@ def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_mo
     with torch.no_grad():
         stacked = stack.scores("reward", ids, mask)
         standalone = alone(input_ids=ids, attention_mask=mask).logits[:, 0]
+        stock = last_token(input_ids=ids, attention_mask=mask).logits[:, 0]
         policy_logits = stack.logits("policy", ids, mask)  # switching away and back changes nothing
         again = stack.scores("reward", ids, mask)
     torch.testing.assert_close(stacked, standalone, atol=1e-5, rtol=1e-5)
+    assert (stacked - stock).abs().max() > 1e-2  # the pooling is read from the folder: the last token alone differs
     torch.testing.assert_close(again, stacked)
     assert policy_logits.shape[-1] == stack.causal_lm.config.vocab_size
     assert (stacked[0::2] > stacked[1::2]).float().mean() >= 0.9  # chosen above rejected, as trained
@@ -258,7 +264,12 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     # 3. the run's SFT adapter was trained on another base: the reward model would not stack with the policy
     with pytest.raises(ConfigError, match="trained on base"):
         main(*parse_args(rm_args(tiny_models["gpt2"], runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
-    # 4. no SFT stage in this run
+    # 4. a pooling that does not exist: one error line naming the flag, nothing written
+    res = run_python("stages.rm", rm_args(tiny_models["llama"], runs_dir, "t", "--dataset_name",
+                                          str(marker_data["conversational"]), "--pooling", "mean"), timeout=300)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "--pooling mean" in res.stderr and "last, sum" in res.stderr and "Traceback" not in res.stderr
+    # 5. no SFT stage in this run
     with pytest.raises(ConfigError, match="make sft"):
         main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "nosft", "--dataset_name", str(marker_data["conversational"]))))
     assert not list(runs_dir.glob("*/rm/manifest.json"))
@@ -275,7 +286,7 @@ def test_reward_adapter_for_another_base_is_refused(trained, tiny_models):
 
 
 STOCK_RELOAD = """
-import json, sys, torch
+import json, os, sys, torch
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
 adapter, pairs_file = sys.argv[1:]
@@ -283,8 +294,16 @@ tok = AutoTokenizer.from_pretrained(adapter)
 model = AutoPeftModelForSequenceClassification.from_pretrained(adapter, num_labels=1).eval()
 pairs = [json.loads(line) for line in open(pairs_file)]
 texts = [tok.apply_chat_template(p["prompt"] + p[k], tokenize=False) for k in ("chosen", "rejected") for p in pairs]
+batch = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+rule = json.load(open(os.path.join(adapter, "score_pooling.json")))
 with torch.no_grad():
-    print(json.dumps(model(**tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")).logits[:, 0].tolist()))
+    stock = model(**batch).logits[:, 0]
+    if rule["pooling"] == "sum":  # as the adapter's score_pooling.json says, with nothing of ours
+        classifier = model.get_base_model()
+        per_token = classifier.score(getattr(classifier, classifier.base_model_prefix)(**batch).last_hidden_state)[..., 0]
+        mask = batch["attention_mask"]  # right-padded, no pad id inside: the real tokens are the masked-in ones
+        stock = (per_token * mask).sum(1) / rule["sum_divisor"]
+print(json.dumps(stock.tolist()))
 """
 
 
@@ -473,3 +492,59 @@ def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_da
     assert m["reward_std"] == pytest.approx(want["reward_std"], abs=2e-4)
     for row, scores in zip(m["members"], each):  # each member's own statistics, which standardise it
         assert row["reward_std"] == pytest.approx(heldout_metrics(rows, scores[:n].tolist(), scores[n:].tolist())["reward_std"], abs=2e-4)
+
+
+# ---------------------------------------------------------------- score pooling
+
+def test_pool_scores_by_hand(tmp_path):
+    """'last': the head at the last real token; 'sum': the head summed over the real tokens up to it, / 16. Right
+    padding, left padding, and pad == eos (the final EOS is not read, as transformers reads it; one inside counts)."""
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0],
+                              [1.0, 2.0, 3.0, 4.0, 5.0],
+                              [1.0, 2.0, 3.0, 4.0, 5.0]])
+    pad = 0
+    ids = torch.tensor([[7, 8, 9, pad, pad],    # right-padded: tokens 0-2
+                        [pad, pad, 7, 8, 9],    # left-padded: tokens 2-4
+                        [7, pad, 8, 9, pad]])   # pad == eos: one inside (masked in), the final one (masked in)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert pool_scores(per_token, ids, mask, pad, "last").tolist() == [3.0, 5.0, 4.0]
+    assert SUM_DIVISOR == 16.0
+    assert pool_scores(per_token, ids, mask, pad, "sum").tolist() == [6 / 16, 12 / 16, 10 / 16]
+    with pytest.raises(ValueError, match="unknown score pooling 'mean'"):
+        pool_scores(per_token, ids, mask, pad, "mean")
+    assert read_pooling(tmp_path) == "last"  # no score_pooling.json: a stock reward model
+    write_pooling(tmp_path, "sum")
+    assert read_pooling(tmp_path) == "sum" and json.loads((tmp_path / "score_pooling.json").read_text())["sum_divisor"] == 16
+    (tmp_path / "score_pooling.json").write_text('{"pooling": "max"}')
+    with pytest.raises(ConfigError, match="score_pooling.json: pooling 'max'"):
+        read_pooling(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pooled_forward_is_pool_scores(tiny_models, arch):
+    """pool_in_forward (what RewardTrainer, the stage's scoring, the reload check and an rm: judge run) gives
+    pool_scores over the head's per-token outputs (what PPO's adapter stack and rollout compute), padded on either
+    side; 'last' leaves the stock forward as it is."""
+    from pipeline.models import backbone, score_head_name
+
+    prof = profile_from(str(tiny_models[arch]))
+    tok = load_tokenizer(prof)
+    torch.manual_seed(0)
+    model = load_base(prof, tok, kind="score").eval()
+    pad = model.config.pad_token_id
+    ids = torch.randint(5, 60, (3, 9))
+    mask = torch.ones_like(ids)
+    ids[0, 6:], mask[0, 6:] = pad, 0  # right padding
+    ids[1, :3], mask[1, :3] = pad, 0  # left padding
+    with torch.no_grad():
+        hidden = backbone(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+        per_token = getattr(model, score_head_name(model))(hidden)[..., 0]
+        stock = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        assert pool_in_forward(model, "last") is model
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[:, 0], stock)
+        torch.testing.assert_close(stock, pool_scores(per_token, ids, mask, pad, "last"), atol=1e-5, rtol=1e-5)
+        pool_in_forward(model, "sum")
+        summed = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    torch.testing.assert_close(summed, pool_scores(per_token, ids, mask, pad, "sum"), atol=1e-5, rtol=1e-5)
+    by_hand = torch.stack([per_token[0, :6].sum(), per_token[1, 3:].sum(), per_token[2].sum()]) / 16
+    torch.testing.assert_close(summed, by_hand, atol=1e-5, rtol=1e-5)

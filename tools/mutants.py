@@ -35,6 +35,7 @@ RM = "tests/test_rm.py -k 'by_hand or truncate or data_formats'"
 PPO_UPDATE = "tests/test_ppo.py -k 'vf_coef or entropy or four_adapters or sampling_distribution'"
 PPO_RANKS = "tests/test_ppo.py -k 'two_ranks_equal_one_rank'"
 ENSEMBLE = "tests/test_rm.py tests/test_ppo.py -k ensemble"
+POOLING = "tests/test_rm.py tests/test_judges.py -k 'pool or pipelines_reward'"
 
 # (name, file, old text, new text, the tests that guard the rule)
 MUTANTS: list[tuple[str, str, str, str, str]] = [
@@ -122,6 +123,18 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "scores[idx] = each[0]", ENSEMBLE),
     ("ensemble-resume-guard", "stages/ppo/__init__.py", "upstream[\"rm_members\"] = [adapter_digest(Path(d)) for d in rewards.values()]",
      "pass", ENSEMBLE),
+    # reward pooling (pipeline/adapters.py: the rule, its in-forward twin; the stack, the rollout and make rm using it)
+    ("pool-no-divisor", "pipeline/adapters.py", "return (per_token.float() * counted).sum(dim=1) / SUM_DIVISOR",
+     "return (per_token.float() * counted).sum(dim=1)", POOLING),
+    ("pool-unmasked", "pipeline/adapters.py", "counted = (positions.unsqueeze(0) <= index.unsqueeze(1)) & attention_mask.bool()",
+     "counted = positions.unsqueeze(0) <= index.unsqueeze(1)", POOLING),
+    ("pool-forward-unmasked", "pipeline/adapters.py", "return ((output.float() * mask).cumsum(dim=1) / SUM_DIVISOR)",
+     "return (output.float().cumsum(dim=1) / SUM_DIVISOR)", POOLING),
+    ("pool-stack-last", "pipeline/adapters.py", 'self.causal_lm.config.pad_token_id, self.pooling.get(name, "last"))',
+     'self.causal_lm.config.pad_token_id, "last")', POOLING),
+    ("pool-rollout-last", "stages/ppo/rollout.py", 'pooling = stack.pooling.get(member, "last")', 'pooling = "last"', ENSEMBLE),
+    ("pool-not-trained", "stages/rm.py", "pool_in_forward(trainer.model, pooling)  #", "pass  #", ENSEMBLE),
+    ("pool-not-reloaded", "stages/rm.py", "    pool_in_forward(model, read_pooling(adapter_dir))\n", "", ENSEMBLE),
     # the benchmarks' verdicts
     ("bench-gain-se", "bench/harness.py", "round(statistics.stdev(diffs) / math.sqrt(len(diffs)), 4)",
      "round(statistics.stdev(diffs), 4)", BENCH),

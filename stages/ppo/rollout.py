@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.adapters import adapter_of, ensemble_score, head_output, last_token_index
+from pipeline.adapters import adapter_of, ensemble_score, head_output, pool_scores
 from pipeline.generation import chat_reward_inputs, left_pad, stop_token_ids, truncate_after_eos
 from pipeline.models import backbone
 
@@ -225,13 +225,10 @@ class TopLayers:
                 del layer.forward
 
 
-def sequence_scores(lm, x: Packed) -> torch.Tensor:
-    """[b] scalar head where *ForSequenceClassification reads it (rightmost non-pad token; before a final EOS
-    when pad == eos, as the reward model was trained)."""
-    hidden = trunk_hidden(lm, x)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    index = last_token_index(x.ids, x.attention_mask, lm.config.pad_token_id)
-    return head_output(lm, hidden[rows, index])
+def sequence_scores(lm, x: Packed, pooling: str = "last") -> torch.Tensor:
+    """[b] the active reward adapter's score of x's rows by its pooling (pipeline.adapters.pool_scores: 'last' reads
+    the rightmost non-pad token, before a final EOS when pad == eos, as the reward model was trained)."""
+    return pool_scores(head_output(lm, trunk_hidden(lm, x)), x.ids, x.attention_mask, lm.config.pad_token_id, pooling)
 
 
 @dataclass
@@ -413,11 +410,12 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             each = []
             for member in members:
                 stack.use(member)
+                pooling = stack.pooling.get(member, "last")
                 if member == "reward" and top is not None and top.reward_shares_bottom:
                     with top.replay(store[0]):  # same tokens, same frozen layers: only the reward's top layers run
-                        each.append(sequence_scores(lm, x))
+                        each.append(sequence_scores(lm, x, pooling))
                 else:
-                    each.append(sequence_scores(lm, x))
+                    each.append(sequence_scores(lm, x, pooling))
             scores[idx] = ensemble_score(torch.stack(each), member_stats)
     if reward_fn is not None:
         scores = torch.as_tensor(reward_fn(prompts, response_ids, response_mask, texts), dtype=torch.float32, device=device)
