@@ -126,7 +126,7 @@ def saved_adapter_scores(adapter_dir: Path, rows: list[dict]) -> list[float]:
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
-    from stages.rm import encode_pair, score
+    from stages.rm import encode_pair, pair_scores, reply_start
 
     from pipeline.adapters import pool_in_forward, read_pooling
     from pipeline.models import without_load_report
@@ -135,9 +135,13 @@ def saved_adapter_scores(adapter_dir: Path, rows: list[dict]) -> list[float]:
     with without_load_report():  # the expected LM head / score head swap
         model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
-    pool_in_forward(model, read_pooling(adapter_dir))
-    encoded = [encode_pair(tok, r) for r in rows]
-    return score(model, [c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id)
+    pooling = read_pooling(adapter_dir)
+    pool_in_forward(model, pooling)
+    encoded = []
+    for r in rows:
+        chosen, rejected = encode_pair(tok, r)
+        encoded.append({"chosen_ids": chosen, "rejected_ids": rejected, "reply_start": reply_start(tok, r, chosen, rejected)})
+    return pair_scores(model, encoded, tok.pad_token_id, 16, pooling)
 
 
 def test_accuracy(adapter_dir: Path, rows: list[dict]) -> dict:

@@ -134,7 +134,7 @@ def merged(base_dir: Path, adapter: Path, out: Path, kind: str, probe: list[list
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(model, adapter).eval()
-    ids, mask = chat_reward_inputs(tok, probe, ["Once upon a time they were happy."] * len(probe))
+    ids, mask, _ = chat_reward_inputs(tok, probe, ["Once upon a time they were happy."] * len(probe))
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
         model = model.merge_and_unload()

@@ -38,10 +38,13 @@ def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_
 # How a reward model turns its head's output at every token into one score (`pooling:` in configs/rm.yaml; `make rm`
 # writes it beside each adapter in score_pooling.json, and everything that scores reads it from there):
 #   last: the head at the last real token, as *ForSequenceClassification reads it (stock transformers and peft);
-#   sum:  the sum of the head over every real token up to that one, divided by SUM_DIVISOR. Within a pair the
-#         prompt's terms cancel exactly (causal attention: the prompt's states do not see the reply), so a pair is
-#         ordered by its replies' sums. A property that adds up over words (the story task's lexicon gold) is then
-#         the head's per-token job instead of something one token's state must summarise (README, "Reward pooling").
+#   sum:  the sum of the head over the reply's tokens (from the first token after the templated prompt and its
+#         generation prompt to the last real one), divided by SUM_DIVISOR. A property that adds up over words (the
+#         story task's lexicon gold) is then the head's per-token job instead of something one token's state must
+#         summarise (README, "Reward pooling"). The prompt's tokens are left out so that the score carries no
+#         per-prompt offset (on the default run they made up most of the scores' spread across prompts, and PPO's
+#         normalised reward shrank by as much); in training they cancel within a pair anyway (causal attention: the
+#         prompt's states never see the reply), so RewardTrainer may sum every token.
 POOLINGS = ("last", "sum")
 POOLING_FILE = "score_pooling.json"
 # A fixed temperature on the sum: a raw sum (~60 terms) saturates the Bradley-Terry loss on noisy labels within an
@@ -50,16 +53,29 @@ SUM_DIVISOR = 16.0
 
 
 def pool_scores(per_token: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pad_token_id: int | None, pooling: str) -> torch.Tensor:
-    """[B, T] head outputs -> [B] scores by `pooling` (POOLINGS). Left or right padding: masked tokens never count."""
+                pad_token_id: int | None, pooling: str, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] head outputs -> [B] scores by `pooling` (POOLINGS). `starts` [B]: each row's first reply position
+    (sum counts from there; None: from the first token). Left or right padding: masked tokens never count."""
     index = last_token_index(input_ids, attention_mask, pad_token_id)
     if pooling == "last":
         return per_token.gather(1, index.unsqueeze(1)).squeeze(1)
     if pooling != "sum":
         raise ValueError(f"unknown score pooling {pooling!r}: one of {', '.join(POOLINGS)}")
-    positions = torch.arange(per_token.shape[1], device=per_token.device)
-    counted = (positions.unsqueeze(0) <= index.unsqueeze(1)) & attention_mask.bool()
+    positions = torch.arange(per_token.shape[1], device=per_token.device).unsqueeze(0)
+    counted = (positions <= index.unsqueeze(1)) & attention_mask.bool()
+    if starts is not None:
+        counted &= positions >= starts.to(per_token.device).unsqueeze(1)
     return (per_token.float() * counted).sum(dim=1) / SUM_DIVISOR
+
+
+def prompt_part(input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: torch.Tensor,
+                pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows cut to their first `starts` tokens. With pool_in_forward's sum, a stock model's score of
+    the whole row minus its score of this is the reply's sum (pool_scores with starts): causal attention."""
+    keep = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) < starts.unsqueeze(1)
+    keep &= attention_mask.bool()
+    width = max(int(keep.sum(1).max()), 1)
+    return torch.where(keep, input_ids, pad_token_id)[:, :width], keep.long()[:, :width]
 
 
 def read_pooling(adapter_dir: str | Path) -> str:
@@ -237,15 +253,16 @@ class AdapterStack:
         else `name` alone (whose score ensemble_score leaves as it is)."""
         return self.ensembles.get(name, ([name], [(0.0, 1.0)]))
 
-    def scores(self, name: str, input_ids, attention_mask) -> torch.Tensor:
+    def scores(self, name: str, input_ids, attention_mask, starts=None) -> torch.Tensor:
         """Sequence score [B] by the adapter's pooling (pool_scores; 'last' reads the last real token, as
-        *ForSequenceClassification does); for an ensemble (add_ensemble), ensemble_score of its members' scores."""
+        *ForSequenceClassification does; 'sum' the reply's tokens from `starts`); for an ensemble (add_ensemble),
+        ensemble_score of its members' scores."""
         members, stats = self.ensemble_of(name)
-        return ensemble_score(torch.stack([self._one_score(m, input_ids, attention_mask) for m in members]), stats)
+        return ensemble_score(torch.stack([self._one_score(m, input_ids, attention_mask, starts) for m in members]), stats)
 
-    def _one_score(self, name: str, input_ids, attention_mask) -> torch.Tensor:
+    def _one_score(self, name: str, input_ids, attention_mask, starts) -> torch.Tensor:
         return pool_scores(self.values(name, input_ids, attention_mask), input_ids, attention_mask,
-                           self.causal_lm.config.pad_token_id, self.pooling.get(name, "last"))
+                           self.causal_lm.config.pad_token_id, self.pooling.get(name, "last"), starts)
 
     def save(self, name: str, out_dir: str | Path) -> Path:
         """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name)."""

@@ -80,11 +80,24 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def chat_reward_inputs(tokenizer, prompts: list[list[dict]], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def chat_reward_inputs(tokenizer, prompts: list[list[dict]], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a reward model reads: prompt + reply as an assistant turn, chat-templated exactly as RewardTrainer
-    trained it, right-padded. PPO's rollouts and `make eval` both score through this one function."""
-    seqs = [chat_ids(tokenizer, list(m) + [{"role": "assistant", "content": t}]) for m, t in zip(prompts, texts)]
-    return right_pad(seqs, tokenizer.pad_token_id)
+    trained it, right-padded; and where each reply starts (after the prompt and its generation prompt: the tokens a
+    `sum`-pooled reward model adds up from). PPO's rollouts and `make eval` both score through this one function."""
+    seqs, starts = [], []
+    for m, t in zip(prompts, texts):
+        seqs.append(chat_ids(tokenizer, list(m) + [{"role": "assistant", "content": t}]))
+        starts.append(common_prefix(seqs[-1], chat_ids(tokenizer, list(m), add_generation_prompt=True)))
+    ids, mask = right_pad(seqs, tokenizer.pad_token_id)
+    return ids, mask, torch.tensor(starts, dtype=torch.long)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two id lists share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def stop_token_ids(tokenizer, model_or_generation_config=None) -> list[int]:

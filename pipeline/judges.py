@@ -69,7 +69,7 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
                           f"adapter_config.json) or a sequence-classification checkpoint")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.adapters import pool_in_forward, read_pooling
+    from pipeline.adapters import pool_in_forward, prompt_part, read_pooling
 
     try:
         if (path / "adapter_config.json").is_file():
@@ -84,15 +84,20 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the adapter does not carry it (STACK-NOTES 3)
-    pool_in_forward(model, read_pooling(path))  # as `make rm` trained it (score_pooling.json; stock: last token)
+    pooling = read_pooling(path)  # as `make rm` trained it (score_pooling.json; stock: last token)
+    pool_in_forward(model, pooling)
     model.eval()
 
     @torch.no_grad()
     def score(prompts, responses):
         from pipeline.generation import chat_reward_inputs
 
-        ids, mask = chat_reward_inputs(tokenizer, [as_messages(p) for p in prompts], list(responses))
-        return model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+        ids, mask, starts = chat_reward_inputs(tokenizer, [as_messages(p) for p in prompts], list(responses))
+        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+        if pooling == "sum":  # the reply's sum: the whole conversation's less the prompt's (pipeline.adapters.prompt_part)
+            prompt_ids, prompt_mask = prompt_part(ids, mask, starts, tokenizer.pad_token_id)
+            scores -= model(input_ids=prompt_ids, attention_mask=prompt_mask).logits[:, 0].float()
+        return scores.tolist()
 
     return score
 

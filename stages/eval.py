@@ -74,9 +74,9 @@ def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_i
     device = next(stack.model.parameters()).device
     # What the reward model reads: prompt + reply as an assistant turn, chat-templated as RewardTrainer trained it
     # and as PPO scored its rollouts (reward_input: chat).
-    r_ids, r_mask = chat_reward_inputs(tokenizer, prompts, gens.texts)
+    r_ids, r_mask, r_starts = chat_reward_inputs(tokenizer, prompts, gens.texts)
     rewards = torch.cat(on_every_rank(stack.model, len(r_ids), batch, lambda i: stack.scores(
-        "reward", r_ids[i:i + batch].to(device), r_mask[i:i + batch].to(device)).float().cpu()))
+        "reward", r_ids[i:i + batch].to(device), r_mask[i:i + batch].to(device), r_starts[i:i + batch]).float().cpu()))
     return {"gens": gens, "rewards": rewards.tolist(), "texts": gens.texts,
             "lengths": gens.response_mask.sum(1).tolist(), "ended": gens.ended.tolist()}
 
@@ -217,9 +217,9 @@ def read_rm_eval_pairs(rm: dict) -> list[dict]:
 @torch.no_grad()
 def reward_scores(stack: AdapterStack, tokenizer, prompts: list, texts: list[str], batch: int) -> list[float]:
     device = next(stack.model.parameters()).device
-    ids, mask = chat_reward_inputs(tokenizer, prompts, texts)
+    ids, mask, starts = chat_reward_inputs(tokenizer, prompts, texts)
     return torch.cat(on_every_rank(stack.model, len(ids), batch, lambda i: stack.scores(
-        "reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device)).float().cpu())).tolist()
+        "reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device), starts[i:i + batch]).float().cpu())).tolist()
 
 
 def heldout_pair_rewards(stack: AdapterStack, tokenizer, rm: dict, batch: int) -> tuple[list[dict], list[float], list[float]]:
@@ -393,7 +393,9 @@ def render_markdown(report: dict, n_rows: int) -> str:
              f"(temperature {report['sampling']['temperature']}, at most {report['sampling']['max_new_tokens']} new tokens, "
              f"seed {report['seed']}), scored by the run's reward model"
              + (f" (the mean of its {report['reward_models']} members' standardised scores, as PPO was rewarded)"
-                if report.get("reward_models", 1) > 1 else "") + ".", "", *comparison_markdown(report["comparison"])]
+                if report.get("reward_models", 1) > 1 else "")
+             + (", each summing its head over the tokens (pooling `sum`)" if report.get("reward_pooling") == "sum" else "")
+             + ".", "", *comparison_markdown(report["comparison"])]
     if "win_rate" in report:  # the run has PPO
         lines += ppo_markdown(report, n_rows)
     return "\n".join(lines) + "\n"
@@ -586,7 +588,8 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     from pipeline.judges import judge_scores
 
     gold = {n: judge_scores(judge, prompts, ro[n]["texts"], args.gold_batch_size) for n in ro} if judge is not None else None
-    report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "reward_models": len(rewards)}
+    report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "reward_models": len(rewards),
+              "reward_pooling": stack.pooling["reward"]}
     figures, plots, outputs = {}, {}, {}
     if ppo:
         report.update(sft_vs_ppo(judge, prompts, args, ppo, stage.dir.parent / "ppo", ro["sft"], ro["ppo"], kl["ppo"], gold,

@@ -36,6 +36,7 @@ from pipeline.data import load_any, messages_problem, require_columns, text_prob
 from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
                              save_fingerprint, score_head_name)
 from pipeline import stats
+from pipeline.generation import chat_ids, common_prefix
 from pipeline.adapters import POOLINGS, ensemble_score, pool_in_forward, read_pooling, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard, read_manifest, stage_dir
@@ -247,11 +248,19 @@ def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
 RESPONSE_END_SHARE = 0.25
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def reply_start(tokenizer, pair: dict, chosen: list[int], rejected: list[int]) -> int:
+    """Where a pair's replies begin in its token ids: after the prompt as templated with its generation prompt (where
+    PPO and eval start a `sum`-pooled reply), never past where chosen and rejected part. A prompt cut by
+    truncate_pair matches less: its kept part then counts in both scores alike."""
+    shared = common_prefix(chosen, rejected)
+    prompt = pair.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    elif isinstance(prompt, str) and prompt:
+        prompt_ids = tokenizer(text=prompt)["input_ids"]
+    else:  # implicit prompt: what both sequences share
+        return shared
+    return min(common_prefix(chosen, prompt_ids), shared)
 
 
 def cut_middle(ids: list[int], cap: int) -> list[int]:
@@ -299,6 +308,17 @@ def weighted(rows: list[dict], weights: dict, seed: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- scoring and metrics
+
+def pair_scores(model, rows: list[dict], pad_token_id: int, batch_size: int, pooling: str) -> list[float]:
+    """Every row's chosen score, then every rejected one, from a model whose forward pools (pool_in_forward). With
+    `sum` the reply's own: the whole sequence's less its first reply_start tokens' (causal attention)."""
+    seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    scores = score(model, seqs, pad_token_id, batch_size)
+    if pooling != "sum":
+        return scores
+    prompts = [s[: r["reply_start"]] for s, r in zip(seqs, rows + rows)]
+    return [a - b for a, b in zip(scores, score(model, prompts, pad_token_id, batch_size))]
+
 
 @torch.no_grad()
 def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 16) -> list[float]:
@@ -362,12 +382,16 @@ def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str =
                                                                    **extra)
     if model.config.pad_token_id is None:  # bases without a pad id in config.json (STACK-NOTES 3)
         model.config.pad_token_id = tokenizer.pad_token_id
-    pool_in_forward(model, read_pooling(adapter_dir))
+    pooling = read_pooling(adapter_dir)
+    pool_in_forward(model, pooling)
     if torch.cuda.is_available() and not quantized:
         model.to("cuda")
     pairs = [json.loads(line) for line in open(pairs_file)]
-    encoded = [encode_pair(tokenizer, p) for p in pairs]
-    scores = score(model, [c for c, _ in encoded] + [r for _, r in encoded], tokenizer.pad_token_id, int(batch_size))
+    for p in pairs:  # the stage's eval_pairs.jsonl carries the ids as scored; other pair files are encoded here
+        if "reply_start" not in p:
+            p["chosen_ids"], p["rejected_ids"] = encode_pair(tokenizer, p)
+            p["reply_start"] = reply_start(tokenizer, p, p["chosen_ids"], p["rejected_ids"])
+    scores = pair_scores(model, pairs, tokenizer.pad_token_id, int(batch_size), pooling)
     atomic_write_json(Path(out_file), {"chosen": scores[: len(pairs)], "rejected": scores[len(pairs) :]})
 
 
@@ -472,6 +496,7 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
             c["equal_after_cut"] += 1
             continue
         p["chosen_ids"], p["rejected_ids"] = chosen, rejected
+        p["reply_start"] = reply_start(tokenizer, p, chosen, rejected)
         kept.append(p)
     no_room = sum(c["no_room"] for c in counts.values())
     if not kept and no_room:
@@ -601,7 +626,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
         pairs_file = stage.dir / "eval_pairs.jsonl"
         with open(pairs_file, "w") as f:  # with the token ids as scored (truncated as trained)
             for r in eval_rows:
-                keys = ("prompt", "chosen", "rejected", "source", "margin", "chosen_ids", "rejected_ids")
+                keys = ("prompt", "chosen", "rejected", "source", "margin", "chosen_ids", "rejected_ids", "reply_start")
                 f.write(json.dumps({k: r[k] for k in keys}) + "\n")
         member_rows = [finish_member(m, seed + i, tokenizer, base_path, pairs_file, eval_rows, profile,
                                      train_cfg.per_device_eval_batch_size) for i, m in enumerate(members)]
@@ -647,8 +672,7 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     result = trainer.train()
     train_time = time.time() - t0
     trainer.save_model(str(adapter_dir))
-    scores = score(trainer.model, [r["chosen_ids"] for r in eval_rows] + [r["rejected_ids"] for r in eval_rows],
-                   tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size)
+    scores = pair_scores(trainer.model, eval_rows, tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size, pooling)
     kept = {"adapter": adapter_dir, "scores": scores, "pooling": pooling, "train_time": train_time, "config": trainer.model.config,
             "head": score_head_name(trainer.model), "sharding": sharding_report(trainer.model),
             "record": training_record(trainer.state, result, plan, train_cfg)}

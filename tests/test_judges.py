@@ -55,16 +55,17 @@ def test_rm_judge_scores_like_the_pipelines_reward_path(tiny_models, tmp_path):
     profile = profile_from(str(tiny_models["llama"]))
     tokenizer = load_tokenizer(profile)
     stack = AdapterStack.build(profile, tokenizer, {"reward": rm_dir})
-    ids, mask = chat_reward_inputs(tokenizer, PROMPTS, TEXTS)
+    ids, mask, starts = chat_reward_inputs(tokenizer, PROMPTS, TEXTS)
     want = stack.scores("reward", ids, mask).tolist()
     assert got == pytest.approx(want, abs=1e-5) and len({round(x, 4) for x in got}) == 3
     assert judge.name == "rm:adapter"
-    # a reward model `make rm --pooling sum` saved: the judge sums its head as the stack does, not the last token
+    # a reward model `make rm --pooling sum` saved: the judge sums its head over the reply as the stack does
     write_pooling(rm_dir, "sum")
     summed = judge_scores(load_judge(f"rm:{rm_dir}"), PROMPTS, TEXTS, batch_size=2)
     stack = AdapterStack.build(profile, tokenizer, {"reward": rm_dir})
-    assert summed == pytest.approx(stack.scores("reward", ids, mask).tolist(), abs=1e-5)
-    assert min(abs(a - b) for a, b in zip(summed, got)) > 1e-3
+    assert summed == pytest.approx(stack.scores("reward", ids, mask, starts).tolist(), abs=1e-5)
+    everything = stack.scores("reward", ids, mask).tolist()  # the prompt's tokens too: not what the judge gives
+    assert min(abs(a - b) for a, b in zip(summed, got)) > 1e-3 and min(abs(a - b) for a, b in zip(summed, everything)) > 1e-3
 
 
 def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):

@@ -985,19 +985,27 @@ def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models,
         alone.append(pool_in_forward(PeftModel.from_pretrained(base, str(d)).eval(), read_pooling(d)))
     assert stack.pooling == {"reference": "last", "policy": "last", "reward": "last", "reward-1": "sum", "value": "last"}
 
-    def by_hand(seqs):
-        each = [torch.tensor([m(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs]) for m in alone]
+    def by_hand(seqs, prompt_lengths):
+        """Each model alone, one unpadded sequence at a time; the summing member's score is the reply's: the whole
+        sequence's less its prompt's (causal attention)."""
+        one = lambda m, s: m(input_ids=torch.tensor([s])).logits[0, 0].item()  # noqa: E731
+        each = [torch.tensor([one(alone[0], s) for s in seqs]),
+                torch.tensor([one(alone[1], s) - one(alone[1], s[:n]) for s, n in zip(seqs, prompt_lengths)])]
         return ((each[0] - 0.5) / 2.0 + (each[1] + 1.0) / 0.5) / 2
 
     ro = collect(stack, tok, prompts[:5], ids[:5], cfg, torch.Generator().manual_seed(0))
     chats = [list(tok.apply_chat_template(p + [{"role": "assistant", "content": t}], tokenize=True, return_dict=False))
              for p, t in zip(ro.prompts, ro.texts)]
-    torch.testing.assert_close(ro.scores_raw, by_hand(chats), atol=1e-5, rtol=1e-5)
+    headers = [len(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for p in ro.prompts]
+    assert all(c[:n] == list(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for c, n, p in zip(chats, headers, ro.prompts))  # this template: the prompt is a prefix of the chat
+    torch.testing.assert_close(ro.scores_raw, by_hand(chats, headers), atol=1e-5, rtol=1e-5)
     cfg.reward_input = "tokens"
     ro = collect(stack, tok, prompts[:5], ids[:5], cfg, torch.Generator().manual_seed(0))
-    own = [ro.query_ids[i][ro.query_mask[i].bool()].tolist() + ro.response_ids[i][ro.response_mask[i].bool()].tolist()
-           for i in range(5)]
-    torch.testing.assert_close(ro.scores_raw, by_hand(own), atol=1e-5, rtol=1e-5)
+    queries = [ro.query_ids[i][ro.query_mask[i].bool()].tolist() for i in range(5)]
+    own = [q + ro.response_ids[i][ro.response_mask[i].bool()].tolist() for i, q in enumerate(queries)]
+    torch.testing.assert_close(ro.scores_raw, by_hand(own, [len(q) for q in queries]), atol=1e-5, rtol=1e-5)
 
     # The stage, from an rm manifest that lists both members
     def upstream(second: Path):

@@ -316,7 +316,7 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
 
     from pipeline.adapters import read_pooling, write_pooling
     from pipeline.config import ConfigError, RunArgs
-    from stages.eval import main as eval_main, parse_args as eval_args
+    from stages.eval import main as eval_main, parse_args as eval_args, render_markdown
     from stages.publish import PublishArgs, main
     from tests.fake_upstream import add_policy_stage, build_upstream
 
@@ -328,6 +328,9 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
                           str(profile), "--max_new_tokens", "6", "--gold_judge", ""]))
     run = RunArgs(run="t", runs_dir=str(runs))
     assert "the mean of its 2 members' standardised scores" in (runs / "t" / "eval" / "report.md").read_text()
+    report = json.loads((runs / "t" / "eval" / "report.json").read_text())
+    assert report["reward_pooling"] == "last" and "pooling `sum`" not in (runs / "t" / "eval" / "report.md").read_text()
+    assert "each summing its head over the tokens (pooling `sum`)" in render_markdown({**report, "reward_pooling": "sum"}, 3)
     comparison = json.loads((runs / "t" / "eval" / "manifest.json").read_text())["metrics"]["comparison"]
     for policy, made_by, not_here in (("ppo", "then PPO against that reward", "GRPO"),
                                       ("grpo", "then GRPO against that reward", "PPO against"),

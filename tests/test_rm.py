@@ -21,7 +21,7 @@ from pipeline.models import lora_config, load_base, load_tokenizer, profile_from
 from pipeline.run import StageRun, manifest_digest
 from stages.rm import (RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, plan_steps, prepare_data,
                        truncate_pair, weighted)
-from pipeline.adapters import SUM_DIVISOR, pool_in_forward, pool_scores, read_pooling, write_pooling
+from pipeline.adapters import SUM_DIVISOR, pool_in_forward, pool_scores, prompt_part, read_pooling, write_pooling
 from tests.conftest import ARCHS, REPO, run_module, run_python
 
 WORDS = "the cat sat on a mat and ran to see her little friend in the big green garden by old tree".split()
@@ -296,13 +296,26 @@ pairs = [json.loads(line) for line in open(pairs_file)]
 texts = [tok.apply_chat_template(p["prompt"] + p[k], tokenize=False) for k in ("chosen", "rejected") for p in pairs]
 batch = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
 rule = json.load(open(os.path.join(adapter, "score_pooling.json")))
+def shared(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 with torch.no_grad():
     stock = model(**batch).logits[:, 0]
-    if rule["pooling"] == "sum":  # as the adapter's score_pooling.json says, with nothing of ours
+    if rule["pooling"] == "sum":  # as the adapter's score_pooling.json says, with nothing of ours: the reply's tokens
         classifier = model.get_base_model()
         per_token = classifier.score(getattr(classifier, classifier.base_model_prefix)(**batch).last_hidden_state)[..., 0]
-        mask = batch["attention_mask"]  # right-padded, no pad id inside: the real tokens are the masked-in ones
-        stock = (per_token * mask).sum(1) / rule["sum_divisor"]
+        ids, n = batch["input_ids"].tolist(), len(pairs)
+        starts = []
+        for i, p in enumerate(pairs):  # the reply starts after the prompt and its generation prompt
+            prompt = tok(tok.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
+            starts.append(min(shared(ids[i], prompt), shared(ids[i], ids[n + i])))
+        reply = torch.zeros_like(batch["attention_mask"])
+        for row, start in enumerate(starts + starts):  # right-padded, no pad id inside
+            reply[row, start:] = batch["attention_mask"][row, start:]
+        stock = (per_token * reply).sum(1) / rule["sum_divisor"]
 print(json.dumps(stock.tolist()))
 """
 
@@ -478,10 +491,11 @@ def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_da
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
     sft = runs_dir / "two" / "sft" / "adapter"
     stack = AdapterStack.build(prof, tok, {"policy": sft, **members})
+    starts = torch.tensor([r["reply_start"] for r in rows] * 2)  # the replies' sums (configs/rm.yaml: pooling sum)
     with torch.no_grad():
-        each = [stack.scores(name, ids, mask) for name in members]
+        each = [stack.scores(name, ids, mask, starts) for name in members]
         stack.add_ensemble("reward", list(members), stats)
-        joint = stack.scores("reward", ids, mask)
+        joint = stack.scores("reward", ids, mask, starts)
     by_hand = ((each[0] - stats[0][0]) / stats[0][1] + (each[1] - stats[1][0]) / stats[1][1]) / 2
     torch.testing.assert_close(joint, by_hand)
     n, m = len(rows), two["metrics"]
@@ -510,6 +524,11 @@ def test_pool_scores_by_hand(tmp_path):
     assert pool_scores(per_token, ids, mask, pad, "last").tolist() == [3.0, 5.0, 4.0]
     assert SUM_DIVISOR == 16.0
     assert pool_scores(per_token, ids, mask, pad, "sum").tolist() == [6 / 16, 12 / 16, 10 / 16]
+    starts = torch.tensor([1, 3, 2])  # the replies: tokens 1-2, 3-4, 2-3
+    assert pool_scores(per_token, ids, mask, pad, "sum", starts).tolist() == [5 / 16, 9 / 16, 7 / 16]
+    assert pool_scores(per_token, ids, mask, pad, "last", starts).tolist() == [3.0, 5.0, 4.0]  # starts: sum only
+    prompt_ids, prompt_mask = prompt_part(ids[[0, 2]], mask[[0, 2]], starts[[0, 2]], pad)  # right-padded rows
+    assert prompt_ids.tolist() == [[7, pad], [7, pad]] and prompt_mask.tolist() == [[1, 0], [1, 1]]
     with pytest.raises(ValueError, match="unknown score pooling 'mean'"):
         pool_scores(per_token, ids, mask, pad, "mean")
     assert read_pooling(tmp_path) == "last"  # no score_pooling.json: a stock reward model
@@ -548,3 +567,13 @@ def test_pooled_forward_is_pool_scores(tiny_models, arch):
     torch.testing.assert_close(summed, pool_scores(per_token, ids, mask, pad, "sum"), atol=1e-5, rtol=1e-5)
     by_hand = torch.stack([per_token[0, :6].sum(), per_token[1, 3:].sum(), per_token[2].sum()]) / 16
     torch.testing.assert_close(summed, by_hand, atol=1e-5, rtol=1e-5)
+    # the reply's sum from a stock forward: the whole row's score less its first `starts` tokens' (right padding)
+    starts = torch.tensor([2, 4])
+    rows = ids[[0, 2]], mask[[0, 2]]
+    with torch.no_grad():
+        whole = model(input_ids=rows[0], attention_mask=rows[1]).logits[:, 0]
+        prompt_ids, prompt_mask = prompt_part(*rows, starts, pad)
+        reply = whole - model(input_ids=prompt_ids, attention_mask=prompt_mask).logits[:, 0]
+    torch.testing.assert_close(reply, pool_scores(per_token[[0, 2]], *rows, pad, "sum", starts), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reply, torch.stack([per_token[0, 2:6].sum(), per_token[2, 4:].sum()]) / 16,
+                               atol=1e-5, rtol=1e-5)

@@ -227,8 +227,11 @@ class TopLayers:
 
 def sequence_scores(lm, x: Packed, pooling: str = "last") -> torch.Tensor:
     """[b] the active reward adapter's score of x's rows by its pooling (pipeline.adapters.pool_scores: 'last' reads
-    the rightmost non-pad token, before a final EOS when pad == eos, as the reward model was trained)."""
-    return pool_scores(head_output(lm, trunk_hidden(lm, x)), x.ids, x.attention_mask, lm.config.pad_token_id, pooling)
+    the rightmost non-pad token, before a final EOS when pad == eos, as the reward model was trained; 'sum' adds up
+    the response, which starts at column x.prompt_width in every row)."""
+    starts = torch.full((x.ids.shape[0],), x.prompt_width, dtype=torch.long)
+    return pool_scores(head_output(lm, trunk_hidden(lm, x)), x.ids, x.attention_mask, lm.config.pad_token_id, pooling,
+                       starts)
 
 
 @dataclass
@@ -403,8 +406,8 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             value_hidden[idx, x.cols] = store[0]
         if reward_fn is None and cfg.reward_input == "chat":
             rows = idx.tolist()
-            r_ids, r_mask = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
-            scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device)).float()
+            r_ids, r_mask, r_starts = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
+            scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device), r_starts).float()
         elif reward_fn is None:  # the policy's own tokens, scored by each member of the reward model
             members, member_stats = stack.ensemble_of("reward")
             each = []
