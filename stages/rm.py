@@ -72,7 +72,7 @@ class RMArgs:
                 "eval then use the mean of their standardised scores (Coste et al. 2023). 1: one model."})
     pooling: str = field(default="last", metadata={
         "help": "How the head's per-token outputs become the score: last (the last real token, stock "
-                "*ForSequenceClassification) or sum (over the tokens, / 16; pipeline.adapters.pool_scores)."})
+                "*ForSequenceClassification) or sum (over the reply's tokens, / 16; pipeline.adapters.pool_scores)."})
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32
