@@ -95,7 +95,8 @@ def read_pooling(adapter_dir: str | Path) -> str:
 def write_pooling(adapter_dir: str | Path, pooling: str) -> None:
     (Path(adapter_dir) / POOLING_FILE).write_text(json.dumps(
         {"pooling": pooling, "sum_divisor": SUM_DIVISOR if pooling == "sum" else None,
-         "rule": "score = sum of the score head over the real tokens up to the last one / sum_divisor" if pooling == "sum"
+         "rule": "score = sum of the score head over the reply's tokens (after the templated prompt and its generation "
+                  "prompt, up to the last real one) / sum_divisor" if pooling == "sum"
          else "score = the score head at the last real token (stock *ForSequenceClassification)"}, indent=1) + "\n")
 
 

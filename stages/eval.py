@@ -394,7 +394,7 @@ def render_markdown(report: dict, n_rows: int) -> str:
              f"seed {report['seed']}), scored by the run's reward model"
              + (f" (the mean of its {report['reward_models']} members' standardised scores, as PPO was rewarded)"
                 if report.get("reward_models", 1) > 1 else "")
-             + (", each summing its head over the tokens (pooling `sum`)" if report.get("reward_pooling") == "sum" else "")
+             + (", each summing its head over the reply's tokens (pooling `sum`)" if report.get("reward_pooling") == "sum" else "")
              + ".", "", *comparison_markdown(report["comparison"])]
     if "win_rate" in report:  # the run has PPO
         lines += ppo_markdown(report, n_rows)

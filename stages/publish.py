@@ -236,7 +236,7 @@ def reward_made(rm: dict) -> str:
             f"an ensemble of {n} reward models trained on the same preference pairs with different seeds (TRL "
             f"`RewardTrainer`; the reward is the mean of their standardised scores)")
     if read_pooling(rm["outputs"]["adapter"]) == "sum":
-        made += (" that scores a reply by the sum of its head over the tokens divided by 16, not by the last token "
+        made += (" that scores a reply by the sum of its head over the reply's tokens divided by 16, not by the last token "
                  "(`score_pooling.json` beside the adapter; `pipeline.adapters.pool_in_forward` applies it)")
     return made
 

@@ -330,7 +330,7 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
     assert "the mean of its 2 members' standardised scores" in (runs / "t" / "eval" / "report.md").read_text()
     report = json.loads((runs / "t" / "eval" / "report.json").read_text())
     assert report["reward_pooling"] == "last" and "pooling `sum`" not in (runs / "t" / "eval" / "report.md").read_text()
-    assert "each summing its head over the tokens (pooling `sum`)" in render_markdown({**report, "reward_pooling": "sum"}, 3)
+    assert "each summing its head over the reply's tokens (pooling `sum`)" in render_markdown({**report, "reward_pooling": "sum"}, 3)
     comparison = json.loads((runs / "t" / "eval" / "manifest.json").read_text())["metrics"]["comparison"]
     for policy, made_by, not_here in (("ppo", "then PPO against that reward", "GRPO"),
                                       ("grpo", "then GRPO against that reward", "PPO against"),
@@ -355,7 +355,7 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
         assert (folder / name / "adapter_model.safetensors").read_bytes() == \
             (runs / "t" / "rm" / member / "adapter_model.safetensors").read_bytes()
         assert read_pooling(folder / name) == "sum"  # the rule travels with the adapter
-    assert "by the sum of its head over the tokens divided by 16" in ModelCard.load(folder / "README.md").text
+    assert "by the sum of its head over the reply's tokens divided by 16" in ModelCard.load(folder / "README.md").text
     assert not (folder / "reward-2").exists()
     shutil.rmtree(runs / "t" / "publish")
     add_policy_stage(runs, profile, "rloo", seed=8)  # trained after the eval: no figures for it
