@@ -6,13 +6,14 @@
 story: models/tiny as the base, and a real SFT policy and reward model made by the pipeline's own stages on the
 story recipe (configs/sft.yaml, pairs.yaml, simulate.yaml, label.yaml, rm.yaml) with fewer steps and prompts
 (STORY_STAGE_ARGS), into <work>/runs/bench/. micro: a 2-layer random Llama with the tiny model's tokenizer and chat
-template, a seeded LoRA SFT adapter and a seeded SEQ_CLS reward adapter (harness checks only; nothing is learnt).
+template, a seeded LoRA SFT adapter and a seeded SEQ_CLS reward adapter, summing as configs/rm.yaml's (harness checks
+only; nothing is learnt).
 
 Either way the folder ends in the layout bench/run_ours.py reads (profile.yaml, sft/, rm/, prompts.jsonl) plus
 what the peer and the gold evaluation need: heldout.jsonl (story prompts neither side trains on), peer_policy/
 (the SFT adapter merged into a standalone causal LM: the peer's starting policy and, adapter disabled, its
 reference) and peer_reward/ (the reward adapter merged into a standalone sequence classifier, the peer's
-reward_funcs). Merging is checked: the merged models must give the adapters' logits.
+reward_funcs, with the adapter's score_pooling.json: peer_common.pool_reward_model applies it). Merging is checked: the merged models must give the adapters' logits.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def micro_adapters(work: Path, base_dir: Path) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from pipeline.adapters import write_pooling
     from pipeline.models import save_fingerprint
 
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -116,6 +118,7 @@ def micro_adapters(work: Path, base_dir: Path) -> tuple[Path, Path]:
         peft.save_pretrained(out[name])
         tok.save_pretrained(out[name])
         save_fingerprint(out[name], model.config, str(base_dir))
+    write_pooling(out["rm"], "sum")  # as configs/rm.yaml trains them: the peers must score the same way
     return out["sft"], out["rm"]
 
 
@@ -125,6 +128,7 @@ def merged(base_dir: Path, adapter: Path, out: Path, kind: str, probe: list[list
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from pipeline.adapters import read_pooling, write_pooling
     from pipeline.generation import chat_reward_inputs
 
     tok = AutoTokenizer.from_pretrained(adapter)
@@ -143,6 +147,8 @@ def merged(base_dir: Path, adapter: Path, out: Path, kind: str, probe: list[list
         raise SystemExit(f"merging {adapter} changed its outputs (max diff {(before - after).abs().max():.2e})")
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    if kind == "reward":  # how the head's per-token outputs become one score: the peers read it (peer_common)
+        write_pooling(out, read_pooling(adapter))
 
 
 def base_of(work: Path) -> Path:

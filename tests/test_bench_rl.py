@@ -67,6 +67,7 @@ def test_bench_rl_micro(tmp_path):
         assert run["world_size"] == 1 and run["detail"]["episodes"] == 16  # 2 updates x 8 episodes
     assert g["ours"]["runs"][0]["detail"]["advantage_estimator"] == "grpo"
     peer = g["peer"]["runs"][0]["detail"]
+    assert peer["reward_pooling"] == "sum"  # the micro reward adapter sums, as configs/rm.yaml's do
     assert peer["trl"] == "1.16.0" and peer["updates"] == 2 and peer["generate_calls"] == 2  # one generation an update
     assert peer["config"]["generation_batch_size"] == 8 and peer["config"]["num_generations"] == 2
     assert g["settings"]["trl_mapping"]["steps_per_generation"] == peer["config"]["steps_per_generation"] == 2
@@ -126,3 +127,87 @@ def test_story_build_from_a_finished_run_uses_its_models_and_rebuilds_only_when_
     with pytest.raises(SystemExit, match=r"no finished rm stage.*make sft rm"):
         story.build("story", tmp_path / "work2", from_run=run_a)
     assert not (tmp_path / "work2").exists()
+
+
+def _trl112_get_reward(model, query_responses, pad_token_id, context_length):
+    """TRL 1.12's trl.experimental.utils.get_reward, as it is (its venv is the bench's own, bench/.venv-trl112)."""
+    import torch
+
+    attention_mask = query_responses != pad_token_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    lm_backbone = getattr(model, model.base_model_prefix)
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    output = lm_backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         return_dict=True, output_hidden_states=True, use_cache=False)
+    reward_logits = model.score(output.hidden_states[-1])
+    is_pad = query_responses[:, context_length:] == pad_token_id
+    first_pad = torch.min(is_pad.shape[-1] * (~is_pad).long() + torch.arange(is_pad.shape[-1]), dim=-1).values
+    sequence_lengths = first_pad - 1 + context_length
+    return (reward_logits, reward_logits[torch.arange(reward_logits.size(0)), sequence_lengths].squeeze(-1),
+            sequence_lengths)
+
+
+def test_the_peers_score_as_our_summing_reward_adapter(tmp_path):
+    """A reward adapter trained with pooling sum, merged for the peers (bench/story.py), scores by that pooling in
+    their processes too (bench/peer/peer_common.py): TRL 1.16's reward_funcs forward gives our reply score plus the
+    prompt's part, the same for every reply of a prompt, so group-centred rewards (GRPO's and RLOO's baselines) are
+    ours exactly; TRL 1.12's get_reward on left-padded queries, through reply_only_reward, is ours. Read at the last
+    token as stock, the peer would optimise another reward."""
+    import sys
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bench import story
+    from pipeline.adapters import pool_scores, read_pooling
+    from pipeline.config import REPO_ROOT
+    from pipeline.generation import chat_reward_inputs
+
+    sys.path.insert(0, str(REPO_ROOT / "bench" / "peer"))
+    import peer_common as pc
+
+    base = story.micro_base(tmp_path)
+    _, rm = story.micro_adapters(tmp_path, base)  # pooling sum
+    prompts = [[{"role": "user", "content": "Once upon a time there was a rabbit."}]] * 3 + \
+              [[{"role": "user", "content": "The fox ran home."}]] * 3
+    replies = ["They were happy.", "It rained all day and all night long", "No.", "He was glad to be back",
+               "The fox came back.", "Sad"]
+    assert read_pooling(rm) == "sum"
+    story.merged(base, rm, tmp_path / "peer_reward", "reward", prompts[:1])
+    tok = AutoTokenizer.from_pretrained(rm)
+    pad = tok.pad_token_id
+    ids, mask, starts = chat_reward_inputs(tok, prompts, replies)
+
+    ours_model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    ours_model.config.pad_token_id = pad
+    ours_model = PeftModel.from_pretrained(ours_model, rm).eval().get_base_model()
+    with torch.no_grad():
+        per_token = ours_model.score(ours_model.model(input_ids=ids, attention_mask=mask).last_hidden_state)[..., 0]
+    ours = pool_scores(per_token, ids, mask, pad, "sum", starts)
+
+    peer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "peer_reward", num_labels=1).eval()
+    with torch.no_grad():
+        stock_last = peer(input_ids=ids, attention_mask=mask).logits[:, 0]
+        assert pc.pool_reward_model(peer, tmp_path / "peer_reward") == "sum"
+        trl116 = peer(input_ids=ids, attention_mask=mask).logits[:, 0]  # what 1.16 does with reward_funcs=model
+
+    def centred(x):
+        return x.view(2, 3) - x.view(2, 3).mean(dim=1, keepdim=True)
+
+    torch.testing.assert_close(centred(trl116), centred(ours), atol=1e-5, rtol=0)
+    assert (trl116 - ours).abs().min() > 1e-3  # the prompt's part is in 1.16's rewards, and the baselines cancel it
+    assert (centred(stock_last) - centred(ours)).abs().max() > 1e-2
+
+    # TRL 1.12: [left-padded templated prompt | reply | right padding], the prompt ending at context_length.
+    lengths = mask.sum(1)
+    context_length = int(starts.max())
+    rows = torch.full((len(replies), context_length + int((lengths - starts).max()) + 2), pad)
+    for i in range(len(replies)):
+        rows[i, context_length - starts[i]:context_length] = ids[i, :starts[i]]
+        rows[i, context_length:context_length + lengths[i] - starts[i]] = ids[i, starts[i]:lengths[i]]
+    with torch.no_grad():
+        _, trl112, _ = pc.reply_only_reward(_trl112_get_reward)(peer, rows, pad, context_length)
+        _, value_like, _ = pc.reply_only_reward(_trl112_get_reward)(ours_model, rows, pad, context_length)
+    torch.testing.assert_close(trl112, ours, atol=1e-5, rtol=0)
+    assert not hasattr(ours_model, "score_includes_prompt") and (value_like - ours).abs().max() > 1e-2  # unhooked: as is

@@ -1,5 +1,6 @@
 # Copied from the shared peer scripts (bench/ of the peer-baselines workspace, see PEERS.md there) for make bench-ppo;
-# changes: ARCHS + build(scale=...) / --scale for the 125m and micro scales; nothing else.
+# changes: ARCHS + build(scale=...) / --scale for the 125m and micro scales; pool_reward_model and reply_only_reward
+# (the story scale's reward model sums its head over the reply, as our reward adapter was trained to).
 """Shared, offline set-up for the peer RL benchmarks (peer_ppo_trl112.py, peer_rloo_trl116.py).
 
 Builds, with no network access:
@@ -155,6 +156,46 @@ def cpu_seconds() -> float:
 
 def load_1m() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+# Written beside our reward adapter (and copied beside the merged peer_reward/ by bench/story.py): how its head's
+# per-token outputs become one score. The peers cannot import our pipeline (TRL 1.12 has its own venv), so the rule
+# of pipeline/adapters.py (pool_in_forward) is restated here; tests/test_bench_rl.py holds the two equal.
+POOLING_FILE = "score_pooling.json"
+
+
+def pool_reward_model(model, model_dir: Path) -> str:
+    """Make a stock *ForSequenceClassification score by the pooling in model_dir's score_pooling.json (none: the
+    stock last token). 'sum': the score head's output becomes its running sum over the positions / sum_divisor, so
+    that what TRL reads at the last real token, through the model's forward (1.16's reward_funcs) or through the
+    backbone and `score` called one after the other (1.12's get_reward), is the sum up to there. No mask is needed:
+    1.16 pads on the right, after the token it reads; 1.12's left padding sits in both running sums that
+    reply_only_reward subtracts. Our reward sums the reply only; the prompt's part is the same for every completion
+    of a prompt (causal attention), so GRPO's and RLOO's group baselines cancel it, and reply_only_reward removes it
+    for PPO."""
+    path = Path(model_dir) / POOLING_FILE
+    spec = json.loads(path.read_text()) if path.is_file() else {"pooling": "last"}
+    if spec["pooling"] == "last":
+        return "last"
+    if spec["pooling"] != "sum":
+        raise SystemExit(f"{path}: pooling {spec['pooling']!r} is not one the peers know (last, sum)")
+    divisor = float(spec["sum_divisor"])
+    model.score.register_forward_hook(lambda module, args, output: output.cumsum(dim=1) / divisor)
+    model.score_includes_prompt = True  # reply_only_reward's mark
+    return "sum"
+
+
+def reply_only_reward(get_reward):
+    """TRL 1.12's get_reward(model, query_responses, pad_token_id, context_length) -> (per-token logits, score,
+    sequence lengths), made to score a model prepared by pool_reward_model on the response only: its per-token
+    logits are running sums, and the queries are left-padded to context_length, so the prompt's part is the running
+    sum at context_length - 1. Other models (the value model) pass through unchanged."""
+    def wrapped(model, query_responses, pad_token_id, context_length):
+        logits, score, lengths = get_reward(model, query_responses, pad_token_id, context_length)
+        if getattr(model, "score_includes_prompt", False):
+            score = score - logits[:, context_length - 1].squeeze(-1)
+        return logits, score, lengths
+    return wrapped
 
 
 class GenCounter:

@@ -69,6 +69,12 @@ def main():
     policy = AutoModelForCausalLM.from_pretrained(model_dir / "policy")
     value = AutoModelForSequenceClassification.from_pretrained(model_dir / "value", num_labels=1)
     reward = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward", num_labels=1)
+    # The story scale's reward model sums its head over the reply (score_pooling.json): score the response only.
+    pooling = pc.pool_reward_model(reward, model_dir / "reward")
+    if pooling == "sum":
+        import trl.experimental.ppo.ppo_trainer as ppo_module
+
+        ppo_module.get_reward = pc.reply_only_reward(ppo_module.get_reward)
 
     prompts = pc.load_prompts(model_dir)
     ds = Dataset.from_dict({"input_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]})
@@ -159,7 +165,7 @@ def main():
         "score_last": logs[-1].get("objective/scores") if logs else None,
         "kl_last": logs[-1].get("objective/kl") if logs else None,
         "scores": [l["objective/scores"] for l in logs if "objective/scores" in l],  # per update (bench_ppo's gain)
-        "seed": a.seed,
+        "seed": a.seed, "reward_pooling": pooling,
     }
     print(json.dumps(res), flush=True)
 

@@ -67,7 +67,7 @@ def main(argv=None):
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
     transformers.set_seed(a.seed)
     Trainer, Config = (trl.GRPOTrainer, trl.GRPOConfig) if a.method == "grpo" else (trl.RLOOTrainer, trl.RLOOConfig)
@@ -96,8 +96,13 @@ def main(argv=None):
             if logs is not None:
                 history.append(dict(logs))
 
-    trainer = Trainer(model=policy, reward_funcs=str(work / "peer_reward"), args=cfg, train_dataset=ds,
-                      processing_class=tok, peft_config=peft_config, callbacks=[Keep()])
+    # Our reward model merged, scoring by the pooling it was trained with (pc.pool_reward_model: with 'sum' TRL's
+    # rewards add the prompt's part, which each group's baseline cancels, so the advantages are ours).
+    reward = AutoModelForSequenceClassification.from_pretrained(work / "peer_reward", num_labels=1)
+    pooling = pc.pool_reward_model(reward, work / "peer_reward")
+    reward_tok = AutoTokenizer.from_pretrained(work / "peer_reward")
+    trainer = Trainer(model=policy, reward_funcs=reward, reward_processing_classes=reward_tok, args=cfg,
+                      train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=[Keep()])
     gen = pc.GenCounter()
     gen.wrap(trainer.model)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -129,7 +134,7 @@ def main(argv=None):
                                                  "temperature", "learning_rate", "adam_epsilon", *method_args)},
         "kl_last": steps[-1].get("kl") if steps else None,
         "scores": [h["reward"] for h in steps],  # mean reward of each update's generation
-        "seed": a.seed, "torch_threads": torch.get_num_threads(), "world_size": trainer.accelerator.num_processes,
+        "reward_pooling": pooling, "seed": a.seed, "torch_threads": torch.get_num_threads(), "world_size": trainer.accelerator.num_processes,
     }
     print(json.dumps(res), flush=True)
 
