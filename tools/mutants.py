@@ -36,6 +36,7 @@ PPO_UPDATE = "tests/test_ppo.py -k 'vf_coef or entropy or four_adapters or sampl
 PPO_RANKS = "tests/test_ppo.py -k 'two_ranks_equal_one_rank'"
 ENSEMBLE = "tests/test_rm.py tests/test_ppo.py -k ensemble"
 POOLING = "tests/test_rm.py tests/test_judges.py -k 'pool or pipelines_reward'"
+PEER_POOLING = "tests/test_bench_rl.py -k peers"
 
 # (name, file, old text, new text, the tests that guard the rule)
 MUTANTS: list[tuple[str, str, str, str, str]] = [
@@ -143,6 +144,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("pool-rollout-last", "stages/ppo/rollout.py", 'pooling = stack.pooling.get(member, "last")', 'pooling = "last"', ENSEMBLE),
     ("pool-not-trained", "stages/rm.py", "pool_in_forward(trainer.model, pooling)  #", "pass  #", ENSEMBLE),
     ("pool-not-reloaded", "stages/rm.py", "    pool_in_forward(model, pooling)\n    if torch.cuda", "    if torch.cuda", ENSEMBLE),
+    # the benchmarks' peers score with the reward model's pooling (bench/peer/peer_common.py, bench/story.py)
+    ("peer-pool-no-divisor", "bench/peer/peer_common.py", "output.cumsum(dim=1) / divisor)", "output.cumsum(dim=1))",
+     PEER_POOLING),
+    ("peer-pool-prompt-kept", "bench/peer/peer_common.py", "score = score - logits[:, context_length - 1].squeeze(-1)",
+     "score = score", PEER_POOLING),
+    ("peer-pool-not-copied", "bench/story.py", "        write_pooling(out, read_pooling(adapter))", "        pass",
+     PEER_POOLING),
     # the benchmarks' verdicts
     ("bench-gain-se", "bench/harness.py", "round(statistics.stdev(diffs) / math.sqrt(len(diffs)), 4)",
      "round(statistics.stdev(diffs), 4)", BENCH),
