@@ -41,7 +41,8 @@ from pipeline.report import finish_distributed, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.sharding import is_sharded, process_state, reshard, sharding_report, spread, take_over_from_accelerate
 from stages.eval_compare import (RL_STAGES, comparison_figures, comparison_markdown, describe, find_policy_stages,
-                                 policy_method, policy_row, shared_heldout_prompts, wilson, win_rate, win_rate_matrix)
+                                 overoptimisation_flag, policy_flags, policy_method, policy_row, shared_heldout_prompts,
+                                 wilson, win_rate, win_rate_matrix)
 from stages.eval_plots import plot_gold_vs_kl, plot_overoptimisation, save_plots
 
 @dataclass
@@ -191,7 +192,6 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------- gold judge
 
-GOLD_DROP_Z = 2.0  # the gold "fell" when its paired drop exceeds 2 standard errors: 64 prompts make single means noisy
 
 
 def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float]) -> dict:
@@ -247,25 +247,6 @@ def curve_point(update: int, label: str, rewards: list[float], gold: list[float]
     mean_kl = statistics.fmean(kl)
     return {"update": update, "policy": label, "kl_mean": mean_kl, "sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
             "proxy_mean": statistics.fmean(rewards), "gold_mean": statistics.fmean(gold), "proxy": rewards, "gold": gold}
-
-
-def overoptimisation_flag(points: list[dict]) -> str | None:
-    """Goodhart's sign (Gao et al. 2022): from the checkpoint where the gold was best to the last one, the proxy
-    rose while the gold fell by more than GOLD_DROP_Z paired standard errors (same prompts at every point)."""
-    points = sorted(points, key=lambda p: p["update"])
-    peak, last = max(points, key=lambda p: p["gold_mean"]), points[-1]
-    if peak is last:
-        return None
-    drops = [b - a for a, b in zip(peak["gold"], last["gold"])]
-    se = statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else 0.0
-    gold_fell = statistics.fmean(drops) < -GOLD_DROP_Z * se and statistics.fmean(drops) < 0
-    proxy_rose = last["proxy_mean"] > peak["proxy_mean"]
-    if not (gold_fell and proxy_rose):
-        return None
-    return (f"over-optimisation: from update {peak['update']} ({peak['policy']}) to update {last['update']} the reward "
-            f"model's score rose ({peak['proxy_mean']:.3f} -> {last['proxy_mean']:.3f}) while the gold judge's fell "
-            f"({peak['gold_mean']:.3f} -> {last['gold_mean']:.3f}, more than {GOLD_DROP_Z:g} standard errors): "
-            f"the policy is exploiting the reward model (reward hacking)")
 
 
 def kept_policy_samples(stack: AdapterStack, tokenizer, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
@@ -530,6 +511,8 @@ def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], 
                 curves[name] = [final]
         comparison["curves"] = {n: [{k: v for k, v in p.items() if k not in ("proxy", "gold")} for p in pts]
                                 for n, pts in curves.items()}
+    comparison["flags"] = policy_flags(comparison["by_policy"], args.hacking_kl, args.hacking_length_ratio,
+                                       curves if gold is not None else {})
     return comparison
 
 

@@ -182,3 +182,44 @@ def test_dpo_alone_has_no_heldout_prompts(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match="held-out prompts from an RL stage"):
         run_eval(runs, tiny_models["llama"])
     assert not (runs / "t" / "eval").exists()
+
+
+def test_policy_flags_by_hand():
+    """Every policy's held-out signs against SFT's row: KL above the threshold (not at it), a higher proxy reached
+    with responses at least length_ratio times as long (not with a lower proxy, not 1.9x)."""
+    from stages.eval_compare import policy_flags
+
+    from stages.eval_compare import overoptimisation_flag
+    from tests.test_eval import point
+
+    row = lambda proxy, kl, length: {"proxy_mean": proxy, "kl_mean": kl, "length_mean": length}  # noqa: E731
+    by_policy = {"sft": row(0.0, 0.0, 10.0), "ppo": row(1.0, 10.0, 19.0), "grpo": row(1.0, 10.01, 20.0),
+                 "rloo": row(-0.1, 3.0, 25.0), "dpo": row(0.5, 0.5, 9.0)}
+    hacked = [point(0, [0.0, 0.1, 0.2, 0.1], [0.1, 0.0, 0.2, 0.1]), point(8, [0.5, 0.6, 0.4, 0.5], [0.5, 0.6, 0.4, 0.6]),
+              point(16, [1.0, 1.2, 0.9, 1.1], [0.1, 0.2, 0.0, 0.2])]  # the proxy rises on, the gold falls after 8
+    learning = hacked[:2]
+    curves = {"sft": hacked[:1], "ppo": learning, "rloo": hacked, "dpo": hacked[2:]}  # dpo: one point, no curve
+    flags = policy_flags(by_policy, hacking_kl=10.0, length_ratio=2.0, curves=curves)
+    assert set(flags) == {"ppo", "grpo", "rloo", "dpo"}
+    assert flags["ppo"] == [] and flags["dpo"] == []
+    assert flags["grpo"] == ["mean KL to the reference 10.01 nats (threshold 10)",
+                             "a higher reward-model score with responses 2.0x as long as SFT's (10.0 -> 20.0 tokens)"]
+    assert flags["rloo"] == [overoptimisation_flag(hacked)] and "update 16" in flags["rloo"][0]
+    assert policy_flags(by_policy, 10.0, 2.0, curves={})["rloo"] == []  # no gold judge, no curves
+
+
+def test_the_comparison_names_each_flagged_policy(compared):
+    """The fixture's policies are random LoRA adapters, more than 10 nats from SFT: each is flagged, in report.json,
+    in the manifest's list and under the report's table; a comparison without a flag says none."""
+    from stages.eval_compare import comparison_markdown
+
+    eval_dir, metrics = compared
+    c = json.loads((eval_dir / "report.json").read_text())["comparison"]
+    md = (eval_dir / "report.md").read_text()
+    assert set(c["flags"]) == {"ppo", "grpo", "dpo"} and metrics["flagged_policies"] == ["dpo", "grpo", "ppo"]
+    for name in ("ppo", "grpo", "dpo"):
+        flag = f"mean KL to the reference {c['by_policy'][name]['kl_mean']:.2f} nats (threshold 10)"
+        assert c["by_policy"][name]["kl_mean"] > 10 and c["flags"][name] == [flag]
+        assert f"- **{name}**: {flag}" in md
+    c["flags"] = {n: [] for n in c["flags"]}
+    assert "the gold fell): none." in "\n".join(comparison_markdown(c))
