@@ -102,9 +102,15 @@ def run_side(side: str, method: str, work: Path, s: dict, rnd: int) -> dict:
 
 
 def rm_accuracy(work: Path) -> float | None:
-    """The story reward model's held-out accuracy on its simulated labels (None for micro's random one)."""
-    manifest = Path(json.loads((work / "BUILD_INFO.json").read_text())["rm_adapter"]).parent / "manifest.json"
-    return json.loads(manifest.read_text())["metrics"].get("eval_accuracy") if manifest.exists() else None
+    """The story reward model's held-out accuracy on its simulated labels (None for micro's random one): its own
+    member's when its rm stage trained an ensemble (the stage's eval_accuracy is then the ensemble's)."""
+    adapter = json.loads((work / "BUILD_INFO.json").read_text())["rm_adapter"]
+    manifest = Path(adapter).parent / "manifest.json"
+    if not manifest.exists():
+        return None
+    metrics = json.loads(manifest.read_text())["metrics"]
+    own = [m for m in metrics.get("members") or [] if m.get("adapter") == adapter]
+    return own[0]["eval_accuracy"] if own else metrics.get("eval_accuracy")
 
 
 def bench_method(method: str, scale: str, work: Path, s: dict) -> dict:

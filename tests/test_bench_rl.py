@@ -211,3 +211,18 @@ def test_the_peers_score_as_our_summing_reward_adapter(tmp_path):
         _, value_like, _ = pc.reply_only_reward(_trl112_get_reward)(ours_model, rows, pad, context_length)
     torch.testing.assert_close(trl112, ours, atol=1e-5, rtol=0)
     assert not hasattr(ours_model, "score_includes_prompt") and (value_like - ours).abs().max() > 1e-2  # unhooked: as is
+
+
+def test_rm_accuracy_is_the_benched_members_own(tmp_path):
+    """bench-rl's reward model is an ensemble's first member: the accuracy it reports is that member's, not the
+    ensemble's; a single model's is the stage's."""
+    from bench.bench_rl import rm_accuracy
+
+    rm = tmp_path / "rm"
+    (rm / "adapter").mkdir(parents=True)
+    (tmp_path / "BUILD_INFO.json").write_text(json.dumps({"rm_adapter": str(rm / "adapter")}))
+    members = [{"adapter": str(rm / "adapter"), "eval_accuracy": 0.66}, {"adapter": str(rm / "m1"), "eval_accuracy": 0.68}]
+    (rm / "manifest.json").write_text(json.dumps({"metrics": {"eval_accuracy": 0.69, "members": members}}))
+    assert rm_accuracy(tmp_path) == 0.66
+    (rm / "manifest.json").write_text(json.dumps({"metrics": {"eval_accuracy": 0.61}}))
+    assert rm_accuracy(tmp_path) == 0.61
