@@ -52,7 +52,7 @@ def test_args_go_to_the_named_stage_only():
     assert stage_args(lines["sft"]) == []  # the SFT stage a chain triggers does not get rm's ARGS
 
 
-def test_per_stage_variables_reach_every_stage_of_a_chain():
+def test_per_stage_variables_reach_every_stage_of_a_chain(tmp_path):
     res = make("sft", "rm", "ppo", "SFT_ARGS=--max_steps 5", "RM_ARGS=--min_steps 7", "PPO_ARGS=--total_updates 3",
                dry_run=True)
     assert res.returncode == 0, res.stderr
@@ -60,8 +60,10 @@ def test_per_stage_variables_reach_every_stage_of_a_chain():
     assert stage_args(lines["sft"]) == ["--max_steps", "5"]
     assert stage_args(lines["rm"]) == ["--min_steps", "7"]
     assert stage_args(lines["ppo"]) == ["--total_updates", "3"]
-    # eval triggers the whole chain; each triggered stage gets its own variable, the named one also ARGS
-    lines = launches(make("eval", "RM_ARGS=--min_steps 7", "ARGS=--max_new_tokens 9", dry_run=True).stdout)
+    # eval triggers the whole chain; each triggered stage gets its own variable, the named one also ARGS (in an empty
+    # runs folder: eval also brings every RL policy the run already has up to date)
+    lines = launches(make("eval", "RM_ARGS=--min_steps 7", "ARGS=--max_new_tokens 9", dry_run=True,
+                          runs_dir=tmp_path).stdout)
     assert list(lines) == ["sft", "rm", "ppo", "eval"]
     assert stage_args(lines["rm"]) == ["--min_steps", "7"] and stage_args(lines["eval"]) == ["--max_new_tokens", "9"]
     assert stage_args(lines["ppo"]) == [] and stage_args(lines["sft"]) == []
