@@ -13,7 +13,8 @@ Either way the folder ends in the layout bench/run_ours.py reads (profile.yaml, 
 what the peer and the gold evaluation need: heldout.jsonl (story prompts neither side trains on), peer_policy/
 (the SFT adapter merged into a standalone causal LM: the peer's starting policy and, adapter disabled, its
 reference) and peer_reward/ (the reward adapter merged into a standalone sequence classifier, the peer's
-reward_funcs, with the adapter's score_pooling.json: peer_common.pool_reward_model applies it). Merging is checked: the merged models must give the adapters' logits.
+reward_funcs, with the adapter's score_pooling.json: peer_common.pool_reward_model applies it). Merging is checked:
+the merged models must give the adapters' logits.
 """
 
 from __future__ import annotations

@@ -192,8 +192,6 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------- gold judge
 
-
-
 def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float]) -> dict:
     """How often the proxy (reward model) orders a pair as the gold judge does, over pairs whose gold scores differ;
     a proxy tie counts half."""

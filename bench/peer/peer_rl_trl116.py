@@ -134,7 +134,8 @@ def main(argv=None):
                                                  "temperature", "learning_rate", "adam_epsilon", *method_args)},
         "kl_last": steps[-1].get("kl") if steps else None,
         "scores": [h["reward"] for h in steps],  # mean reward of each update's generation
-        "reward_pooling": pooling, "seed": a.seed, "torch_threads": torch.get_num_threads(), "world_size": trainer.accelerator.num_processes,
+        "reward_pooling": pooling, "seed": a.seed, "torch_threads": torch.get_num_threads(),
+        "world_size": trainer.accelerator.num_processes,
     }
     print(json.dumps(res), flush=True)
 
