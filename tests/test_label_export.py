@@ -35,7 +35,8 @@ def test_export_reads_into_reward_and_dpo_trainers(tiny_models, runs_dir, tmp_pa
 
     labeled_run(runs_dir)
     metrics = main(*parse((LabelArgs, ExportArgs, RunArgs), ["--config", "configs/label.yaml", "--run", "r",
-                                                              "--runs_dir", str(runs_dir), "--overlap", "3"]))
+                                                              "--runs_dir", str(runs_dir), "--overlap", "3",
+                                                              "--ties", "drop"]))
     assert metrics["rows"] == 2 and metrics["dropped"] == {"tie": 1}
     manifest = json.loads((runs_dir / "r/label-export/manifest.json").read_text())
     ds = datasets.load_from_disk(manifest["outputs"]["dataset"])
