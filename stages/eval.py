@@ -495,9 +495,10 @@ def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], 
                                (("responses", {n: ro[n]["texts"] for n in names}), ("proxy", {n: ro[n]["rewards"] for n in names}),
                                 ("gold", gold or {n: [None] * len(prompts) for n in names}), ("kl", kl))}}
                               for i, p in enumerate(prompts)]}
+    curves: dict[str, list[dict]] = {}  # with a gold judge: each policy's gold-vs-KL points, per-prompt scores kept
     if gold is not None:
         sft_point = curve_point(0, "sft", ro["sft"]["rewards"], gold["sft"], kl["sft"])
-        curves = {"sft": [sft_point]}
+        curves["sft"] = [sft_point]
         for name, manifest in policies.items():
             final = curve_point(final_update(manifest) if name in RL_STAGES else 1, f"{name} (final)", ro[name]["rewards"],
                                 gold[name], kl[name])
@@ -509,8 +510,7 @@ def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], 
                 curves[name] = [final]
         comparison["curves"] = {n: [{k: v for k, v in p.items() if k not in ("proxy", "gold")} for p in pts]
                                 for n, pts in curves.items()}
-    comparison["flags"] = policy_flags(comparison["by_policy"], args.hacking_kl, args.hacking_length_ratio,
-                                       curves if gold is not None else {})
+    comparison["flags"] = policy_flags(comparison["by_policy"], args.hacking_kl, args.hacking_length_ratio, curves)
     return comparison
 
 
