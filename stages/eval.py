@@ -139,8 +139,9 @@ def training_summary(rows: list[dict]) -> dict:
     return out
 
 
-def hacking_flags(train: dict, figures: dict, args: EvalArgs) -> list[str]:
-    """Signs that the policy found a way to please the reward model rather than to answer better."""
+def training_flags(train: dict, args: EvalArgs) -> list[str]:
+    """Signs in PPO's training curves that the policy found a way to please the reward model rather than to answer
+    better. The held-out signs are the comparison's (eval_compare.policy_flags), one rule for every policy."""
     flags = []
     r0, r1 = train.get("reward_raw_first", train.get("reward_first")), train.get("reward_raw_last", train.get("reward_last"))
     l0, l1 = train.get("response_length_first"), train.get("response_length_last")
@@ -150,12 +151,6 @@ def hacking_flags(train: dict, figures: dict, args: EvalArgs) -> list[str]:
     if train.get("kl_max") is not None and train["kl_max"] > args.hacking_kl:
         flags.append(f"training: KL to the reference reached {train['kl_max']:.2f} nats (threshold {args.hacking_kl}): "
                      f"the policy drifted far from SFT; read the samples before trusting the reward")
-    ls, lp = figures["length_sft_mean"], figures["length_ppo_mean"]
-    if figures["reward_ppo_mean"] > figures["reward_sft_mean"] and ls > 0 and lp >= args.hacking_length_ratio * ls:
-        flags.append(f"held-out: PPO scores higher but its responses are {lp / ls:.1f}x as long as SFT's "
-                     f"({ls:.1f} -> {lp:.1f} tokens): likely reward hacking through length")
-    if figures["kl_mean"] > args.hacking_kl:
-        flags.append(f"held-out: mean KL to the reference is {figures['kl_mean']:.2f} nats (threshold {args.hacking_kl})")
     return flags
 
 
@@ -461,18 +456,17 @@ def sft_vs_ppo(judge, prompts, args: EvalArgs, ppo: dict, ppo_dir: Path, ro_sft:
                "no_eos_sft": 1 - statistics.fmean(ro_sft["ended"]), "no_eos_ppo": 1 - statistics.fmean(ro_ppo["ended"])}
     rows = read_metrics(Path(ppo["outputs"]["metrics_jsonl"]))
     train = training_summary(rows)
-    flags = hacking_flags(train, figures, args)
+    flags = training_flags(train, args)  # main adds the held-out ones from the comparison
     gold_ppo = None
     if gold is not None:  # the gold judge: learning measured by something PPO did not optimise
         gold_ppo = gold_report(judge, prompts, args, heldout, kept, final_update(ppo), ro_sft, ro_ppo, kl, gold["sft"],
                                gold["ppo"])
         figures.update(gold_figures(gold_ppo))
-        flags += [gold_ppo["flag"]] if gold_ppo["flag"] else []
         for sample, gs, gp in zip(samples, gold["sft"], gold["ppo"]):
             sample.update(gold_sft=gs, gold_ppo=gp)
     store = resolve_path(args.label_store) if args.label_store else ppo_dir.parent / "label" / "labels.sqlite"
     human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})
-    figures.update(reward_hacking_suspected=bool(flags), human_win_rate=human["rate"] if human else None)
+    figures.update(human_win_rate=human["rate"] if human else None)
     return {"figures": figures, "win_rate": wr, "reward": {"sft": describe(ro_sft["rewards"]), "ppo": describe(ro_ppo["rewards"])},
             "kl": describe(kl), "training": train, "flags": flags, "human": human, "gold": gold_ppo, "samples": samples,
             "metrics_rows": rows}
@@ -581,6 +575,9 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             plots["overoptimisation"] = plot_overoptimisation(report["gold"]["curve"], stage.dir / "plots" / "overoptimisation.png")
     comparison = compare_policies(judge, prompts, args, policies, ro, kl, gold, kept,
                                   report["gold"]["curve"] if report.get("gold") else None)
+    if ppo:  # PPO's held-out signs (KL, length, its gold curve) are the comparison's: one rule for every policy
+        report["flags"] += [f"held-out: {flag}" for flag in comparison["flags"]["ppo"]]
+        figures["reward_hacking_suspected"] = bool(report["flags"])
     if "curves" in comparison:
         plots["gold_vs_kl"] = stage.dir / "plots" / "gold_vs_kl.png"
         comparison["plot_series"] = plot_gold_vs_kl(comparison["curves"], plots["gold_vs_kl"])

@@ -221,5 +221,10 @@ def test_the_comparison_names_each_flagged_policy(compared):
         flag = f"mean KL to the reference {c['by_policy'][name]['kl_mean']:.2f} nats (threshold 10)"
         assert c["by_policy"][name]["kl_mean"] > 10 and c["flags"][name] == [flag]
         assert f"- **{name}**: {flag}" in md
+    # the PPO section's held-out signs are the comparison's, once, beside its training-curve ones
+    report = json.loads((eval_dir / "report.json").read_text())
+    held_out = [f for f in report["flags"] if f.startswith("held-out: ")]
+    assert held_out == [f"held-out: {flag}" for flag in c["flags"]["ppo"]] and len(held_out) == 1
+    assert report["figures"]["reward_hacking_suspected"] is True and f"- ⚠️ {held_out[0]}" in md
     c["flags"] = {n: [] for n in c["flags"]}
     assert "the gold fell): none." in "\n".join(comparison_markdown(c))

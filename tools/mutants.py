@@ -86,6 +86,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      EVAL),
     ("eval-flag-every-curve", "stages/eval_compare.py", "        if sign:\n            flags[name].append(sign)",
      "        pass", EVAL),
+    ("eval-ppo-heldout-flags", "stages/eval.py", 'report["flags"] += [f"held-out: {flag}" for flag in comparison["flags"]["ppo"]]',
+     "pass", EVAL),
     ("eval-kl-temperature", "stages/eval.py", "    t = temperature if temperature > 0 else 1.0\n", "    t = 1.0\n", EVAL),
     ("eval-kl-direction", "stages/eval.py", "per_token = (logp.exp() * (logp - logq)).sum(-1)",
      "per_token = (logq.exp() * (logq - logp)).sum(-1)", EVAL),
