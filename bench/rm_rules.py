@@ -126,7 +126,8 @@ def saved_adapter_scores(adapter_dir: Path, rows: list[dict]) -> list[float]:
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
-    from stages.rm import encode_pair, pair_scores, reply_start
+    from stages.rm_data import encode_pair, reply_start
+    from stages.rm_scoring import pair_scores
 
     from pipeline.adapters import pool_in_forward, read_pooling
     from pipeline.models import without_load_report
@@ -146,7 +147,7 @@ def saved_adapter_scores(adapter_dir: Path, rows: list[dict]) -> list[float]:
 
 def test_accuracy(adapter_dir: Path, rows: list[dict]) -> dict:
     """Accuracy of the saved reward adapter on pairs it never saw."""
-    from stages.rm import pair_metrics
+    from stages.rm_scoring import pair_metrics
 
     scores = saved_adapter_scores(adapter_dir, rows)
     return pair_metrics(scores[: len(rows)], scores[len(rows) :])

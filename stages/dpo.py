@@ -4,10 +4,10 @@
     make dpo ARGS="--beta 0.05 --dataset_name my_prefs.jsonl"
 
 Reads: the SFT manifest of the run, and the reward model's preference data: this run's label export when present,
-mixed with the bundled human preferences (configs/rm.yaml's mixture), loaded, filtered and split by stages/rm.py's own
-functions, so DPO and the reward model see the same pairs and hold out the same prompts. Writes runs/<run>/dpo/:
-adapter/ (the DPO policy: one stock PEFT LoRA on the raw base, tokenizer, pipeline_base.json), eval_pairs.jsonl (the
-held-out pairs with their implicit rewards), config.json, manifest.json (last).
+mixed with the bundled human preferences (configs/rm.yaml's mixture), loaded, filtered and split by
+stages/rm_data.py's own functions, so DPO and the reward model see the same pairs and hold out the same prompts.
+Writes runs/<run>/dpo/: adapter/ (the DPO policy: one stock PEFT LoRA on the raw base, tokenizer, pipeline_base.json),
+eval_pairs.jsonl (the held-out pairs with their implicit rewards), config.json, manifest.json (last).
 
 One model in memory: the base with the SFT LoRA merged in. DPOTrainer puts a fresh LoRA on it and computes the
 reference log-probs with that LoRA disabled: the reference is exactly the SFT policy. At the end both LoRAs become
@@ -31,7 +31,9 @@ from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_conf
                              save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
-from stages.rm import RMArgs, checked_mixture, heldout_metrics, is_messages, prepare_data
+from stages.rm import RMArgs
+from stages.rm_data import checked_mixture, is_messages, prepare_data
+from stages.rm_scoring import heldout_metrics
 
 RM_CONFIG = "configs/rm.yaml"  # where the preference mixture lives when dpo.yaml leaves it empty
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved

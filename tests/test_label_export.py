@@ -168,7 +168,8 @@ def test_a_new_export_replaces_the_old_one_completely(runs_dir):
 
 
 def rm_mixture(runs_dir, run):
-    from stages.rm import RMArgs, load_pairs
+    from stages.rm import RMArgs
+    from stages.rm_data import load_pairs
     from pipeline.run import StageRun
 
     args = RMArgs(dataset_mixture={"label-export": {"weight": 1.0}})

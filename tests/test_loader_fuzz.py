@@ -91,7 +91,8 @@ def sft_loader(path: Path, tokenizer, stage: StageRun):
 
 
 def rm_loader(path: Path, tokenizer, stage: StageRun):
-    from stages.rm import RMArgs, prepare_data
+    from stages.rm import RMArgs
+    from stages.rm_data import prepare_data
 
     prepare_data(RMArgs(dataset_name=str(path), margin_scale=1.0, eval_fraction=0.2, max_prompt_length=16),
                  SimpleNamespace(seed=0, max_length=64), stage, tokenizer)
@@ -99,7 +100,7 @@ def rm_loader(path: Path, tokenizer, stage: StageRun):
 
 def dpo_loader(path: Path, tokenizer, stage: StageRun):
     from stages.dpo import DPOArgs, preference_args, require_one_format
-    from stages.rm import prepare_data
+    from stages.rm_data import prepare_data
 
     train, held, _, name = prepare_data(preference_args(DPOArgs(dataset_name=str(path))),
                                         SimpleNamespace(seed=0, max_length=256), stage, tokenizer)

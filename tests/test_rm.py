@@ -19,8 +19,9 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.models import lora_config, load_base, load_tokenizer, profile_from, save_fingerprint
 from pipeline.run import StageRun, manifest_digest
-from stages.rm import (RMArgs, check_reload, encode_pair, load_pairs, main, parse_args, plan_steps, prepare_data,
-                       truncate_pair, weighted)
+from stages.rm import RMArgs, main, parse_args, plan_steps
+from stages.rm_scoring import check_reload
+from stages.rm_data import encode_pair, load_pairs, prepare_data, truncate_pair, weighted
 from pipeline.adapters import SUM_DIVISOR, pool_in_forward, pool_scores, prompt_part, read_pooling, write_pooling
 from tests.conftest import ARCHS, REPO, run_module, run_python
 
@@ -114,7 +115,7 @@ def test_heldout_metrics_and_weights_by_hand():
     every row once and a random half of them again."""
     import math
 
-    from stages.rm import heldout_metrics
+    from stages.rm_scoring import heldout_metrics
 
     rows = [{"source": "a", "full_lengths": (5, 3)}, {"source": "a", "full_lengths": (2, 2)},
             {"source": "b", "full_lengths": (1, 4)}, {"source": "b", "full_lengths": (3, 3)}]
@@ -460,7 +461,7 @@ def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_da
     from safetensors.torch import load_file
 
     from pipeline.adapters import AdapterStack, reward_members
-    from stages.rm import heldout_metrics
+    from stages.rm_scoring import heldout_metrics
 
     runs_dir, arch = tmp_path / "runs", "qwen2"
     extra = ("--dataset_name", str(marker_data["conversational"]), "--max_steps", "6", "--evals", "1")

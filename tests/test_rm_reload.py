@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from stages.rm import check_reload, reload_verdict
+from stages.rm_scoring import check_reload, reload_verdict
 
 BEFORE_CHOSEN, BEFORE_REJECTED = [4.0, 2.5, -1.0, 1.0], [-3.0, 0.5, -2.0, 0.999]
 
@@ -59,7 +59,8 @@ def test_bf16_stage_with_a_float32_head_passes_the_fresh_process_check(tiny_mode
     from safetensors.torch import load_file, save_file
 
     from pipeline.models import load_base, load_tokenizer, profile_from
-    from stages.rm import encode_pair, score
+    from stages.rm_data import encode_pair
+    from stages.rm_scoring import score
     from tests.fake_upstream import _lora_adapter
 
     spec = yaml.safe_load(open(tiny_models_bf16["llama"]))
