@@ -122,7 +122,7 @@ def parse_bench_args(argv=None):
 
 def main(argv=None) -> int:
     from pipeline.judges import judge_scores, load_judge
-    from stages.eval import gold_agreement
+    from stages.eval_ppo import gold_agreement
 
     args, overrides = parse_bench_args(argv)
     run_dir = REPO_ROOT / args.from_run

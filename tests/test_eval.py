@@ -127,7 +127,7 @@ def test_sequence_kl_by_hand():
 
 def test_wilson_interval_and_ties_count_half():
     from pipeline.stats import wilson
-    from stages.eval import win_rate
+    from stages.eval_compare import win_rate
 
     low, high = wilson(8, 10)  # hand computed: centre 0.7167, half width 0.2266
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
@@ -137,7 +137,7 @@ def test_wilson_interval_and_ties_count_half():
 
 def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
     """human_pairs.jsonl goes into the labeling stage's real store; the labels come back as a win rate."""
-    from stages.eval import human_win_rate
+    from stages.eval_ppo import human_win_rate
     from stages.label.store import LabelStore
 
     samples = json.loads((eval_dir / "report.json").read_text())["samples"]
@@ -222,7 +222,7 @@ def point(update, proxy, gold):
 
 
 def test_proxy_rising_while_gold_falls_is_flagged():
-    from stages.eval import overoptimisation_flag
+    from stages.eval_compare import overoptimisation_flag
 
     rising = [point(0, [0.0, 0.1, 0.2, 0.1], [0.1, 0.0, 0.2, 0.1]), point(8, [0.5, 0.6, 0.4, 0.5], [0.5, 0.6, 0.4, 0.6]),
               point(16, [1.0, 1.2, 0.9, 1.1], [0.1, 0.2, 0.0, 0.2])]  # proxy keeps rising; gold peaks at 8, then falls
@@ -238,7 +238,7 @@ def test_proxy_rising_while_gold_falls_is_flagged():
 
 
 def test_gold_agreement_by_hand():
-    from stages.eval import gold_agreement
+    from stages.eval_ppo import gold_agreement
 
     g = gold_agreement([1.0, 0.0, 2.0, 0.5, 3.0], [0.0, 1.0, 2.0, 0.5, 1.0], [0.9, 0.1, 0.3, 0.2, 0.0], [0.1, 0.2, 0.1, 0.2, 0.4])
     # pair 4 has equal gold scores: left out; agree, agree, proxy tie (half), disagree -> 2.5 / 4
@@ -266,7 +266,8 @@ def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path,
     """policies/update-4 is the SFT adapter and update-8 the final one: their points must equal the two ends. The
     RM's held-out pairs are scored by the gold judge; agreement is recomputed with the RM loaded as a judge."""
     from pipeline.judges import judge_scores, load_judge
-    from stages.eval import gold_agreement, main, parse_args
+    from stages.eval_ppo import gold_agreement
+    from stages.eval import main, parse_args
 
     runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
     t = runs / "t"

@@ -73,8 +73,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "denom = self._all_sum(ro.response_mask[mb].sum().float()).clamp(min=1)",
      "denom = ro.response_mask[mb].sum().float().clamp(min=1)", PPO_RANKS),
     # eval: gold figures, KL, the over-optimisation flag
-    ("eval-agree-proxy-tie", "stages/eval.py", "1.0 if p * g > 0", "1.0 if p * g >= 0", EVAL),
-    ("eval-agree-gold-ties", "stages/eval.py",
+    ("eval-agree-proxy-tie", "stages/eval_ppo.py", "1.0 if p * g > 0", "1.0 if p * g >= 0", EVAL),
+    ("eval-agree-gold-ties", "stages/eval_ppo.py",
      "for pa, pb, ga, gb in zip(proxy_a, proxy_b, gold_a, gold_b) if ga != gb]",
      "for pa, pb, ga, gb in zip(proxy_a, proxy_b, gold_a, gold_b)]", EVAL),
     ("eval-flag-proxy", "stages/eval_compare.py", 'proxy_rose = last["proxy_mean"] > peak["proxy_mean"]',

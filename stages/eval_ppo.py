@@ -1,0 +1,266 @@
+"""`make eval`'s SFT-vs-PPO report, computed from the samples and scores the stage hands over (no model work here):
+the win rate under the reward model, PPO's training curves and their reward-hacking signs, the human win rate read
+from the label store, the gold judge's figures (gold win rate, the reward model's agreement with the gold, the
+over-optimisation curve over the policies PPO kept) and the report's markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.config import ConfigError, resolve_path
+from stages.eval_compare import describe, overoptimisation_flag, wilson, win_rate
+
+if TYPE_CHECKING:
+    from stages.eval import EvalArgs
+
+
+# ---------------------------------------------------------------------------------------------------- training curves
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"PPO metrics file {path} is missing: rerun `make ppo`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_summary(rows: list[dict]) -> dict:
+    """First and last values of the curves, each the mean of a tenth of the updates (one update is noisy)."""
+    if not rows:
+        return {"updates": 0}
+    k = max(1, len(rows) // 10)
+    out = {"updates": len(rows)}
+    for key in ("reward_raw", "reward", "kl", "entropy", "response_length", "no_eos_fraction"):
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if vals:
+            out[f"{key}_first"] = statistics.fmean(vals[:k])
+            out[f"{key}_last"] = statistics.fmean(vals[-k:])
+            out[f"{key}_max"] = max(vals)
+    return out
+
+
+def training_flags(train: dict, args: EvalArgs) -> list[str]:
+    """Signs in PPO's training curves that the policy found a way to please the reward model rather than to answer
+    better. The held-out signs are the comparison's (eval_compare.policy_flags), one rule for every policy."""
+    flags = []
+    r0, r1 = train.get("reward_raw_first", train.get("reward_first")), train.get("reward_raw_last", train.get("reward_last"))
+    l0, l1 = train.get("response_length_first"), train.get("response_length_last")
+    if None not in (r0, r1, l0, l1) and r1 > r0 and l0 > 0 and l1 >= args.hacking_length_ratio * l0:
+        flags.append(f"training: the reward rose ({r0:.3f} -> {r1:.3f}) while responses grew {l1 / l0:.1f}x "
+                     f"({l0:.1f} -> {l1:.1f} tokens): likely reward hacking through length")
+    if train.get("kl_max") is not None and train["kl_max"] > args.hacking_kl:
+        flags.append(f"training: KL to the reference reached {train['kl_max']:.2f} nats (threshold {args.hacking_kl}): "
+                     f"the policy drifted far from SFT; read the samples before trusting the reward")
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------------- human labels
+
+def pair_id(prompt, sft: str, ppo: str) -> str:
+    """Stable id of one SFT-vs-PPO pair, so labels given to exactly these texts can be found again."""
+    import hashlib
+
+    return "eval-" + hashlib.sha1(json.dumps([prompt, sft, ppo]).encode()).hexdigest()[:16]
+
+
+def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
+    """Win rate of PPO judged by people: labels in the label store on our pairs (responses = [SFT, PPO]).
+    `pairs` maps pair_id -> index of the PPO response. Ties and 'both bad' count half. None when nobody labeled."""
+    if not store.is_file() or not pairs:
+        return None
+    con = sqlite3.connect(store, timeout=30.0)  # read only; the labeling app may be writing (WAL)
+    try:
+        marks = ",".join("?" * len(pairs))
+        rows = con.execute(f"SELECT pair_id, preferred FROM labels WHERE pair_id IN ({marks})", list(pairs)).fetchall()
+    except sqlite3.Error:
+        return None
+    finally:
+        con.close()
+    if not rows:
+        return None
+    wins = sum(p is not None and p == pairs[pid] for pid, p in rows)
+    ties = sum(p is None for _, p in rows)
+    low, high = wilson(wins + 0.5 * ties, len(rows))
+    return {"rate": (wins + 0.5 * ties) / len(rows), "ci_low": low, "ci_high": high, "labels": len(rows),
+            "pairs": len({pid for pid, _ in rows}), "wins": wins, "ties_or_both_bad": ties}
+
+
+# ---------------------------------------------------------------------------------------------------- gold judge
+
+def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float]) -> dict:
+    """How often the proxy (reward model) orders a pair as the gold judge does, over pairs whose gold scores differ;
+    a proxy tie counts half."""
+    pairs = [(pa - pb, ga - gb) for pa, pb, ga, gb in zip(proxy_a, proxy_b, gold_a, gold_b) if ga != gb]
+    agree = sum(1.0 if p * g > 0 else 0.5 if p == 0 else 0.0 for p, g in pairs)
+    low, high = wilson(agree, len(pairs))
+    return {"agreement": agree / len(pairs) if pairs else None, "ci_low": low, "ci_high": high, "pairs": len(pairs)}
+
+
+def curve_point(update: int, label: str, rewards: list[float], gold: list[float], kl: list[float]) -> dict:
+    mean_kl = statistics.fmean(kl)
+    return {"update": update, "policy": label, "kl_mean": mean_kl, "sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
+            "proxy_mean": statistics.fmean(rewards), "gold_mean": statistics.fmean(gold), "proxy": rewards, "gold": gold}
+
+def checkpoint_curve(judge, prompts, args: EvalArgs, kept: list[tuple[int, str, dict, list[float]]],
+                     ends: tuple[dict, dict]) -> list[dict]:
+    """Gold and proxy score against sqrt(KL to SFT): SFT (update 0), each kept policy (kept_policy_samples), the final
+    policy. `ends`: the SFT and final points, already measured."""
+    from pipeline.judges import judge_scores
+
+    points = [curve_point(update, name, ro["rewards"], judge_scores(judge, prompts, ro["texts"], args.gold_batch_size), kl)
+              for update, name, ro, kl in kept]
+    return [ends[0], *points, ends[1]]
+
+
+def gold_report(judge, prompts, args: EvalArgs, heldout: tuple[list[dict], list[float], list[float]],
+                kept: list, final_update: int, ro_sft: dict, ro_ppo: dict, kl: list[float],
+                gold_sft: list[float], gold_ppo: list[float]) -> dict:
+    """Everything the gold judge says about PPO: gold scores of both policies' samples (given), the gold win rate,
+    the reward model's agreement with the gold on its held-out pairs (`heldout`: heldout_pair_rewards), and the
+    over-optimisation curve over PPO's kept policies (`kept`: kept_policy_samples) with its flag."""
+    from pipeline.judges import judge_scores
+
+    held, rm_chosen, rm_rejected = heldout
+    if held:
+        hp = [r["prompt"] for r in held]
+        g_chosen = judge_scores(judge, hp, [r["chosen"] for r in held], args.gold_batch_size)
+        g_rejected = judge_scores(judge, hp, [r["rejected"] for r in held], args.gold_batch_size)
+        rm_heldout = gold_agreement(rm_chosen, rm_rejected, g_chosen, g_rejected)
+    else:
+        rm_heldout = {"agreement": None, "pairs": 0, "note": "the rm stage kept no eval_pairs.jsonl"}
+    ends = (curve_point(0, "sft", ro_sft["rewards"], gold_sft, [0.0] * len(gold_sft)),
+            curve_point(final_update, "ppo (final)", ro_ppo["rewards"], gold_ppo, kl))
+    curve = checkpoint_curve(judge, prompts, args, kept, ends)
+    return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, tie_eps=0.0),
+            "rm_agreement_heldout_pairs": rm_heldout,
+            "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft),
+            "curve": curve, "flag": overoptimisation_flag(curve)}
+
+def gold_figures(gold: dict) -> dict:
+    w = gold["win_rate"]
+    return {"gold_judge": gold["judge"], "gold_sft_mean": statistics.fmean(gold["sft"]),
+            "gold_ppo_mean": statistics.fmean(gold["ppo"]), "gold_win_rate": w["rate"],
+            "gold_win_rate_ci_low": w["ci_low"], "gold_win_rate_ci_high": w["ci_high"],
+            "rm_gold_agreement": gold["rm_agreement_heldout_pairs"]["agreement"],
+            "rm_gold_pairs": gold["rm_agreement_heldout_pairs"]["pairs"],
+            "rm_gold_agreement_policy_samples": gold["rm_agreement_policy_samples"]["agreement"],
+            "gold_curve_points": len(gold["curve"]), "overoptimisation_suspected": gold["flag"] is not None}
+
+
+def gold_markdown(gold: dict, figures: dict) -> list[str]:
+    w, rm_h, rm_p = gold["win_rate"], gold["rm_agreement_heldout_pairs"], gold["rm_agreement_policy_samples"]
+    pct = lambda v: f"{v:.1%}" if v is not None else "–"  # noqa: E731
+    lines = ["## Gold judge", "",
+             f"Judge `{gold['judge']}`: not the reward model PPO optimised, so it measures learning independently.", "",
+             "| | SFT | PPO |", "|---|---|---|",
+             f"| gold score (mean) | {figures['gold_sft_mean']:.3f} | {figures['gold_ppo_mean']:.3f} |", "",
+             f"**Gold win rate of PPO over SFT: {w['rate']:.1%}** (95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, "
+             f"Wilson; {w['wins']} wins, {w['ties']} ties counted half, {w['losses']} losses).", "",
+             f"Reward model agrees with the gold on {pct(rm_h['agreement'])} of its held-out pairs whose gold scores "
+             f"differ ({rm_h['pairs']} pairs), and on {pct(rm_p['agreement'])} of the SFT-vs-PPO pairs above "
+             f"({rm_p['pairs']} pairs).", "",
+             "| PPO update | policy | sqrt(KL) | reward model (proxy) | gold |", "|---|---|---|---|---|"]
+    lines += [f"| {p['update']} | {p['policy']} | {p['sqrt_kl']:.3f} | {p['proxy_mean']:.3f} | {p['gold_mean']:.3f} |"
+              for p in gold["curve"]]
+    lines += ["", "![over-optimisation](plots/overoptimisation.png)", ""]
+    return lines
+
+# ---------------------------------------------------------------------------------------------------- report
+
+def cell(text, limit: int = 160) -> str:
+    text = str(text).replace("\n", " ").replace("|", "\\|").strip()
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def sample_table(samples: list[dict]) -> list[str]:
+    """The samples with their reward-model scores, and the gold judge's beside them when there is one."""
+    gold = bool(samples) and "gold_sft" in samples[0]
+    lines = ["| prompt | SFT response | PPO response | reward SFT | reward PPO |" + (" gold SFT | gold PPO |" if gold else ""),
+             "|---|---|---|---|---|" + ("---|---|" if gold else "")]
+    for s in samples:
+        lines.append(f"| {cell(s['prompt_text'], 100)} | {cell(s['sft'])} | {cell(s['ppo'])} "
+                     f"| {s['reward_sft']:.3f} | {s['reward_ppo']:.3f} |"
+                     + (f" {s['gold_sft']:.3f} | {s['gold_ppo']:.3f} |" if gold else ""))
+    return lines
+
+def ppo_markdown(report: dict, n_rows: int) -> list[str]:
+    f, w, t = report["figures"], report["win_rate"], report["training"]
+    lines = ["## PPO against SFT", "",
+             "| | SFT | PPO |", "|---|---|---|",
+             f"| reward (mean ± std) | {f['reward_sft_mean']:.3f} ± {report['reward']['sft']['std']:.3f} "
+             f"| {f['reward_ppo_mean']:.3f} ± {report['reward']['ppo']['std']:.3f} |",
+             f"| reward (median) | {report['reward']['sft']['median']:.3f} | {report['reward']['ppo']['median']:.3f} |",
+             f"| response length (tokens, mean) | {f['length_sft_mean']:.1f} | {f['length_ppo_mean']:.1f} |",
+             f"| share without EOS | {f['no_eos_sft']:.1%} | {f['no_eos_ppo']:.1%} |",
+             f"| KL to the SFT reference (nats/response) | 0 | {f['kl_mean']:.3f} |", "",
+             f"**Win rate of PPO over SFT under the reward model: {w['rate']:.1%}** "
+             f"(95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, Wilson; {w['wins']} wins, {w['ties']} ties counted half, "
+             f"{w['losses']} losses).", ""]
+    h = report.get("human")
+    lines += [f"**Win rate judged by people: {h['rate']:.1%}** (95% CI {h['ci_low']:.1%} – {h['ci_high']:.1%}; "
+              f"{h['labels']} labels on {h['pairs']} pairs)." if h else
+              f"Win rate judged by people: none yet. To get one, label the SFT-vs-PPO pairs of human_pairs.jsonl "
+              f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
+              f"then delete runs/{report['run']}/eval/manifest.json and `make eval` again: it reads the labels back.", ""]
+    if report.get("gold"):
+        lines += gold_markdown(report["gold"], f)
+    lines += ["## Reward hacking check", ""]
+    lines += [f"- ⚠️ {flag}" for flag in report["flags"]] or ["No sign of it: the reward did not rise together with a "
+                                                              "doubled length, and KL stayed below the threshold."]
+    if t.get("updates"):
+        lines += ["", f"Training ({t['updates']} updates): reward {t.get('reward_raw_first', t.get('reward_first', float('nan'))):.3f} → "
+                      f"{t.get('reward_raw_last', t.get('reward_last', float('nan'))):.3f}, "
+                      f"KL {t.get('kl_first', float('nan')):.3f} → {t.get('kl_last', float('nan')):.3f}, "
+                      f"length {t.get('response_length_first', float('nan')):.1f} → {t.get('response_length_last', float('nan')):.1f} "
+                      "(means of the first and last tenth of the updates)."]
+    lines += ["", "## Plots", "", "![training curves](plots/training_curves.png)", "",
+              "![reward distribution](plots/reward_distribution.png)", "", "## Samples", "",
+              *sample_table(report["samples"][:n_rows])]
+    lines += ["", f"All {len(report['samples'])} samples are in report.json."]
+    return lines
+
+# ---------------------------------------------------------------------------------------------------- the PPO section
+
+def final_update(manifest: dict) -> int:
+    """The last update an RL stage logged (its final policy's place on the curve)."""
+    rows = read_metrics(Path(manifest["outputs"]["metrics_jsonl"]))
+    trained = (manifest.get("config") or {}).get("ppo", {})
+    return max([r["update"] for r in rows if isinstance(r.get("update"), int)] or [trained.get("total_updates", 1)])
+
+
+def sft_vs_ppo(judge, prompts, args: EvalArgs, ppo: dict, ppo_dir: Path, ro_sft: dict, ro_ppo: dict, kl: list[float],
+               gold: dict | None, heldout: tuple, kept: list) -> dict:
+    """The PPO report: figures, reward-hacking flags, gold report with PPO's over-optimisation curve, samples and the
+    human win rate. `gold`: every policy's gold scores (None without a judge); `heldout`, `kept`: the gold report's
+    model work (heldout_pair_rewards, kept_policy_samples). Returns report.json's PPO keys."""
+    samples = [{"pair_id": pair_id(p, s, q), "prompt": p, "prompt_text": p[-1]["content"], "sft": s, "ppo": q,
+                "reward_sft": rs, "reward_ppo": rp, "kl": k, "length_sft": ls, "length_ppo": lp,
+                "eos_sft": es, "eos_ppo": ep}
+               for p, s, q, rs, rp, k, ls, lp, es, ep in zip(prompts, ro_sft["texts"], ro_ppo["texts"], ro_sft["rewards"],
+                                                              ro_ppo["rewards"], kl, ro_sft["lengths"], ro_ppo["lengths"],
+                                                              ro_sft["ended"], ro_ppo["ended"])]
+    wr = win_rate(ro_ppo["rewards"], ro_sft["rewards"])
+    figures = {"n_prompts": len(samples), "win_rate": wr["rate"], "win_rate_ci_low": wr["ci_low"], "win_rate_ci_high": wr["ci_high"],
+               "reward_sft_mean": statistics.fmean(ro_sft["rewards"]), "reward_ppo_mean": statistics.fmean(ro_ppo["rewards"]),
+               "kl_mean": statistics.fmean(kl),
+               "length_sft_mean": statistics.fmean(ro_sft["lengths"]), "length_ppo_mean": statistics.fmean(ro_ppo["lengths"]),
+               "no_eos_sft": 1 - statistics.fmean(ro_sft["ended"]), "no_eos_ppo": 1 - statistics.fmean(ro_ppo["ended"])}
+    rows = read_metrics(Path(ppo["outputs"]["metrics_jsonl"]))
+    train = training_summary(rows)
+    flags = training_flags(train, args)  # main adds the held-out ones from the comparison
+    gold_ppo = None
+    if gold is not None:  # the gold judge: learning measured by something PPO did not optimise
+        gold_ppo = gold_report(judge, prompts, args, heldout, kept, final_update(ppo), ro_sft, ro_ppo, kl, gold["sft"],
+                               gold["ppo"])
+        figures.update(gold_figures(gold_ppo))
+        for sample, gs, gp in zip(samples, gold["sft"], gold["ppo"]):
+            sample.update(gold_sft=gs, gold_ppo=gp)
+    store = resolve_path(args.label_store) if args.label_store else ppo_dir.parent / "label" / "labels.sqlite"
+    human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})
+    figures.update(human_win_rate=human["rate"] if human else None)
+    return {"figures": figures, "win_rate": wr, "reward": {"sft": describe(ro_sft["rewards"]), "ppo": describe(ro_ppo["rewards"])},
+            "kl": describe(kl), "training": train, "flags": flags, "human": human, "gold": gold_ppo, "samples": samples,
+            "metrics_rows": rows}
