@@ -154,7 +154,8 @@ def test_card_for_a_hub_base_names_it(runs):
     """A Hub base: base_model metadata and a one-line AutoPeftModel snippet (card built without loading anything)."""
     from huggingface_hub import ModelCard
 
-    from stages.publish import PublishArgs, check_card, model_card
+    from stages.publish import PublishArgs
+    from stages.publish_card import check_card, model_card
 
     t = runs / "t"
     manifests = {s: json.loads((t / s / "manifest.json").read_text()) for s in ("sft", "rm", "ppo", "eval")}
