@@ -224,7 +224,7 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
     if scale == "story":  # gold gain of every trained policy on the held-out story prompts (bench/harness.py)
         sides = {"ours": ours} if ours_only else {"ours": ours, "peer": peer}
         add_gold(sides, GoldEval(work, s["gold_samples"], GOLD), OUT, "story-ppo", log)
-        metrics = METRICS + ("gold_gain",)
+        metrics = METRICS + ("gold_gain", "kl_to_sft")
     settings = {**COMMON, **s, "rounds": rounds, "episodes_per_run": s["batch_size"] * s["updates"],
                 "grad_accum": s["batch_size"] // s["per_device_batch"], "num_mini_batches": 1, "stop_token": None,
                 "policy_params": info["policy_params"], "peer_reward_params": info["reward_params"],

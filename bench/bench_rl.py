@@ -31,7 +31,9 @@ a reply that starts with a space gets one token fewer in the reward model's inpu
 Gold gain: the harness samples 4 responses for each held-out prompt (82 story prompts neither side trained on)
 from the SFT policy and from each trained policy, with one fixed seed, in its own process (bench/gold.py), and
 scores them with the sentiment judge (VADER; pipeline/judges.py). gold_gain = mean(after) - mean(before), paired
-by sample slot; medians over rounds, with the SE over rounds (seeds). Speed and memory: as bench-ppo
+by sample slot; medians over rounds, with the SE over rounds (seeds). kl_to_sft: the trained policy's KL to the SFT
+policy on those samples, as `make eval` measures it (nats per response; the same measure for both sides, where the
+trainers' own logs differ: TRL's `kl` is a per-token mean). Speed and memory: as bench-ppo
 (bench/harness.py): episodes/s over training wall time, peak RSS = the child's ru_maxrss from os.wait4.
 """
 
@@ -61,7 +63,7 @@ SCALES = {
 COMMON = dict(response_length=32, temperature=0.7, lr=1e-3, kl_coef=0.05, seed=42, lora_r=16, lora_alpha=32,
               adam_epsilon=1e-5, num_iterations=1, gold_seed=1234, gold_judge="sentiment", precision="fp32")
 TARGETS = {"episodes_per_s_ratio_min": 1.5, "peak_rss_ratio_max": 0.7, "gold_gain": ">= peer within SE"}
-METRICS = ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "gold_gain")
+METRICS = ("episodes_per_s", "gen_tokens_per_s", "peak_rss_mb", "gold_gain", "kl_to_sft")
 
 
 def build_models(scale: str, from_run: str | None = None) -> Path:

@@ -145,27 +145,31 @@ class GoldEval:
 
 def add_gold(runs: dict[str, list[dict]], gold: GoldEval, out: Path, name: str, log) -> list[float]:
     """Every trained policy (each run's "policy": [base, adapter]) and the SFT start, gold-scored in one process
-    with one seed; each run gets its gold gain (gold_gain). Returns the SFT policy's scores."""
+    with one seed; each run gets its gold gain (gold_gain) and its mean KL to the SFT start on those samples
+    (kl_to_sft, nats per response): how far it moved for the gain. Returns the SFT policy's scores."""
     from bench.story import base_of
 
     policies = {"sft": (base_of(gold.work), gold.work / "sft")}
     for side, rs in runs.items():
         for r in rs:
             policies[f"{side}-r{r['round']}"] = tuple(Path(p) for p in r["policy"])
-    scores = gold_scores(gold.command(), policies, out / "gold" / f"{name}.json", out / "logs" / f"gold-{name}.log")
+    measured = gold_scores(gold.command() + ["--reference", "sft"], policies, out / "gold" / f"{name}.json",
+                           out / "logs" / f"gold-{name}.log")
     for side, rs in runs.items():
         for r in rs:
-            r.update(gold_gain(scores["sft"], scores[f"{side}-r{r['round']}"]))
+            policy = measured[f"{side}-r{r['round']}"]
+            r.update(gold_gain(measured["sft"]["scores"], policy["scores"]))
+            r["kl_to_sft"] = round(statistics.fmean(policy["kl"]), 4)
             log(f"  {name} {side} round {r['round']}: gold {r['gold_before']} -> {r['gold_after']} "
-                f"(gain {r['gold_gain']} +- {r['gold_gain_paired_se']})")
-    return scores["sft"]
+                f"(gain {r['gold_gain']} +- {r['gold_gain_paired_se']}) at KL {r['kl_to_sft']}")
+    return measured["sft"]["scores"]
 
 
 def gold_scores(cmd_prefix: list[str], policies: dict[str, tuple[Path, Path | None]], out: Path,
-                logfile: Path) -> dict[str, list[float]]:
-    """Gold scores of each policy (name -> (base, adapter or None)) on the held-out prompts, from one process of
-    bench/gold.py: its memory and time never count towards a side's figures."""
+                logfile: Path) -> dict[str, dict]:
+    """Gold scores (and with --reference, KL) of each policy (name -> (base, adapter or None)) on the held-out
+    prompts, from one process of bench/gold.py: its memory and time never count towards a side's figures."""
     args = [a for name, (base, adapter) in policies.items()
             for a in ("--policy", f"{name}={base}" + (f",{adapter}" if adapter else ""))]
     run_child(cmd_prefix + args + ["--out", str(out)], logfile, want_json=False)
-    return {name: res["scores"] for name, res in json.loads(out.read_text()).items()}
+    return json.loads(out.read_text())

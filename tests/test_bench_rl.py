@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,11 @@ def test_bench_rl_micro(tmp_path):
         assert {k: run[k] for k in ("gold_before", "gold_after", "gold_gain", "gold_gain_paired_se")} == \
             gold_gain(gold["sft"]["scores"], gold[f"{side}-r1"]["scores"])
     assert len(gold["sft"]["scores"]) == 8 * 2  # 8 held-out prompts x 2 samples
+    for side in ("ours", "peer"):  # each trained policy's KL to the SFT start, on its own gold samples
+        kl = gold[f"{side}-r1"]["kl"]
+        assert len(kl) == 16 and g[side]["runs"][0]["kl_to_sft"] == round(statistics.fmean(kl), 4) > 0
+        assert g[side]["kl_to_sft"] == g[side]["runs"][0]["kl_to_sft"]
+    assert "kl" not in gold["sft"]
     assert g["ratio"]["episodes_per_s_per_round"] == [round(g["ours"]["runs"][0]["episodes_per_s"]
                                                             / g["peer"]["runs"][0]["episodes_per_s"], 3)]
     assert g["ratio"]["episodes_per_s"] == round(g["ours"]["episodes_per_s"] / g["peer"]["episodes_per_s"], 3)
@@ -226,3 +232,41 @@ def test_rm_accuracy_is_the_benched_members_own(tmp_path):
     assert rm_accuracy(tmp_path) == 0.66
     (rm / "manifest.json").write_text(json.dumps({"metrics": {"eval_accuracy": 0.61}}))
     assert rm_accuracy(tmp_path) == 0.61
+
+
+def test_the_gold_processes_kl_is_the_policys_to_its_reference_at_the_sampling_temperature(tmp_path, tiny_models):
+    """bench/gold.py's KL of a policy's gold samples: KL(policy || reference) at the sampling temperature, on the
+    policy's own samples (stages.eval.sequence_kl on regenerated samples agrees; the other direction or T = 1 does not);
+    a policy against itself: 0."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.gold import TwoPolicies, score_policy
+    from pipeline.generation import SamplingConfig, encode_prompts, generate
+    from pipeline.judges import load_judge
+    from stages.eval import sequence_kl
+
+    base = yaml.safe_load(tiny_models["llama"].read_text())["name_or_path"]
+    tok = AutoTokenizer.from_pretrained(base)
+    policy, reference = AutoModelForCausalLM.from_pretrained(base).eval(), AutoModelForCausalLM.from_pretrained(base).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = [[{"role": "user", "content": t}] for t in ("Once upon a time", "The dog ran", "It rained all day")]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    judge = load_judge("sentiment")
+    got = score_policy(policy, tok, str(prompts_file), 2, 7, 8, 0.7, judge, reference=reference)
+    gens = generate(policy, tok, encode_prompts(tok, [p for p in prompts for _ in range(2)]),
+                    SamplingConfig(max_new_tokens=8, temperature=0.7, generation_batch_size=64), generator_seed=7)
+    assert got["texts"] == gens.texts
+    pair = TwoPolicies({"policy": policy, "reference": reference})
+    want = sequence_kl(pair, "policy", "reference", {"gens": gens}, 16, 0.7)
+    assert got["kl"] == pytest.approx(want, abs=1e-5) and min(want) > 0
+    assert got["kl"] != pytest.approx(sequence_kl(pair, "reference", "policy", {"gens": gens}, 16, 0.7), abs=1e-3)
+    assert got["kl"] != pytest.approx(sequence_kl(pair, "policy", "reference", {"gens": gens}, 16, 1.0), abs=1e-3)
+    itself = score_policy(reference, tok, str(prompts_file), 2, 7, 8, 0.7, judge, reference=reference)
+    assert itself["kl"] == pytest.approx([0.0] * 6, abs=1e-6)
+    assert "kl" not in score_policy(policy, tok, str(prompts_file), 2, 7, 8, 0.7, judge)

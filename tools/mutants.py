@@ -163,6 +163,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("bench-verdict", "bench/harness.py", '"meets_gold_gain_target": (a - b >= -se)', '"meets_gold_gain_target": (a - b >= se)',
      BENCH),
     ("bench-verdict-se", "bench/harness.py", "se = math.sqrt(sa ** 2 + sb ** 2)", "se = sa + sb", BENCH),
+    # how far each side moved: the trained policy's KL to the SFT start on its gold samples (bench/gold.py)
+    ("bench-kl-temperature", "bench/gold.py", '{"gens": gens}, 16, temperature)', '{"gens": gens}, 16, 1.0)', BENCH),
+    ("bench-kl-direction", "bench/gold.py", 'sequence_kl(pair, "policy", "reference",', 'sequence_kl(pair, "reference", "policy",',
+     BENCH),
+    ("bench-kl-mean", "bench/harness.py", 'round(statistics.fmean(policy["kl"]), 4)', 'round(sum(policy["kl"]), 4)', BENCH),
     # the reward-model limit bench (bench/rm_limit.py)
     ("limit-ensemble-sum", "bench/rm_limit.py", "return [sum(col) / len(col) for col in zip(*scaled)]",
      "return [sum(col) for col in zip(*scaled)]", RM_LIMIT),
