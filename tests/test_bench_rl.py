@@ -270,3 +270,10 @@ def test_the_gold_processes_kl_is_the_policys_to_its_reference_at_the_sampling_t
     itself = score_policy(reference, tok, str(prompts_file), 2, 7, 8, 0.7, judge, reference=reference)
     assert itself["kl"] == pytest.approx([0.0] * 6, abs=1e-6)
     assert "kl" not in score_policy(policy, tok, str(prompts_file), 2, 7, 8, 0.7, judge)
+
+
+def test_the_lr_probe_needs_bench_rls_built_models(tmp_path):
+    from bench.rl_lr_probe import main
+
+    with pytest.raises(SystemExit, match="no built story models"):
+        main(["peer", "grpo", "3e-3", "--work_dir", str(tmp_path)])

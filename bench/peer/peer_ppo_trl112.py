@@ -56,7 +56,6 @@ def main():
         raise SystemExit("--batch-size must be a multiple of --per-device-batch")
     model_dir = pc.ensure_models(Path(a.model_dir))
 
-    import torch
     import transformers
     import trl
     from datasets import Dataset
