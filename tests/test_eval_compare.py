@@ -187,9 +187,7 @@ def test_dpo_alone_has_no_heldout_prompts(tmp_path, tiny_models):
 def test_policy_flags_by_hand():
     """Every policy's held-out signs against SFT's row: KL above the threshold (not at it), a higher proxy reached
     with responses at least length_ratio times as long (not with a lower proxy, not 1.9x)."""
-    from stages.eval_compare import policy_flags
-
-    from stages.eval_compare import overoptimisation_flag
+    from stages.eval_compare import overoptimisation_flag, policy_flags
     from tests.test_eval import point
 
     row = lambda proxy, kl, length: {"proxy_mean": proxy, "kl_mean": kl, "length_mean": length}  # noqa: E731
