@@ -231,6 +231,7 @@ def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], 
     names = ["sft", *policies]
     methods = {"sft": "sft", **{n: policy_method(n, m) for n, m in policies.items()}}
     comparison = {"policies": names, "n_prompts": len(prompts), "seed": args.seed,
+                  "hacking_kl": args.hacking_kl, "hacking_length_ratio": args.hacking_length_ratio,
                   "gold_judge": judge.spec if judge is not None else None,
                   "by_policy": {n: policy_row(methods[n], ro[n]["rewards"], gold[n] if gold else None, kl[n],
                                               ro[n]["lengths"], ro[n]["ended"]) for n in names},

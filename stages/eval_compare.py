@@ -187,8 +187,9 @@ def comparison_markdown(comparison: dict) -> list[str]:
         lines.append(f"| {name} | {row['method']} | {row['proxy_mean']:.3f} | {num(row['gold_mean'], '.3f')} "
                      f"| {row['kl_mean']:.3f} | {row['length_mean']:.1f} | {row['no_eos']:.1%} |")
     flagged = {n: f for n, f in comparison["flags"].items() if f}
-    lines += ["", "Signs of reward hacking (a mean KL above the threshold, a higher reward with responses twice as long, "
-              "the reward model's score rising along an RL run while the gold fell): " + ("none." if not flagged else ""), ""]
+    lines += ["", f"Signs of reward hacking (a mean KL above {comparison['hacking_kl']:g} nats, a higher reward with responses "
+              f"{comparison['hacking_length_ratio']:g}x as long as SFT's, the reward model's score rising along an RL run "
+              "while the gold fell): " + ("none." if not flagged else ""), ""]
     lines += [f"- **{n}**: " + "; ".join(f) for n, f in flagged.items()] + ([""] if flagged else [])
     if comparison.get("win_rate_gold"):
         lines += matrix_markdown(comparison["win_rate_gold"], f"judged by the gold judge `{comparison['gold_judge']}`")

@@ -224,5 +224,8 @@ def test_the_comparison_names_each_flagged_policy(compared):
     held_out = [f for f in report["flags"] if f.startswith("held-out: ")]
     assert held_out == [f"held-out: {flag}" for flag in c["flags"]["ppo"]] and len(held_out) == 1
     assert report["figures"]["reward_hacking_suspected"] is True and f"- ⚠️ {held_out[0]}" in md
+    assert "a mean KL above 10 nats, a higher reward with responses 2x as long as SFT's" in md
     c["flags"] = {n: [] for n in c["flags"]}
-    assert "the gold fell): none." in "\n".join(comparison_markdown(c))
+    c["hacking_kl"], c["hacking_length_ratio"] = 7.5, 1.5  # the heading names the thresholds the flags used
+    text = "\n".join(comparison_markdown(c))
+    assert "the gold fell): none." in text and "above 7.5 nats" in text and "1.5x as long" in text
