@@ -150,6 +150,21 @@ def test_end_of_turn_of_the_pipelines_own_template(tiny_models):
     assert end_of_turn(tok) == "</s>" and stop_token_ids(tok) == [tok.eos_token_id]
 
 
+def test_an_end_of_turn_that_is_an_ordinary_token_does_not_stop_generation(tiny_models):
+    """A template that closes each turn with '.' (one ordinary token): stopping at it would cut every reply at its
+    first full stop, so only special tokens join the stop ids."""
+    from pipeline.chat import end_of_turn
+    from pipeline.generation import stop_token_ids
+    from pipeline.models import load_tokenizer, profile_from
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}.\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    dot = tok(".", add_special_tokens=False)["input_ids"]
+    assert end_of_turn(tok) == "." and len(dot) == 1 and dot[0] not in tok.all_special_ids
+    assert stop_token_ids(tok) == [tok.eos_token_id]
+
+
 def test_truncate_after_the_first_of_several_stop_ids():
     from pipeline.generation import truncate_after_eos
 

@@ -1,0 +1,107 @@
+"""pipeline.generation.generate, the sampler behind SFT's samples, `make pairs` and `make eval`: exact where its rule is
+exact (greedy decoding, padding, where the response starts, each batch's own seed, the model's mode left as found),
+statistical where the rule is a distribution (the temperature), with the tolerance stated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    from pipeline.models import load_base, load_tokenizer, profile_from
+
+    profile = profile_from(str(tiny_models["llama"]))
+    tokenizer = load_tokenizer(profile)
+    return load_base(profile, tokenizer), tokenizer
+
+
+def prompt_ids(tokenizer, texts):
+    from pipeline.generation import encode_prompts
+
+    return encode_prompts(tokenizer, [[{"role": "user", "content": t}] for t in texts])
+
+
+@torch.no_grad()
+def greedy_by_hand(model, ids: list[int], steps: int, stop: set[int]) -> list[int]:
+    """Greedy decoding one prompt at a time, no padding, no cache: the reference."""
+    out = []
+    for _ in range(steps):
+        token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+        out.append(token)
+        if token in stop:
+            break
+    return out
+
+
+def test_greedy_responses_start_after_the_prompt_and_prompts_are_left_padded(llama):
+    """Temperature 0, one prompt per batch (so the batches have different widths): each response is the hand-rolled
+    greedy continuation of its own prompt, from the first new token on, masked up to and including its stop token; each
+    prompt sits at the right of its row, padded on the left."""
+    from pipeline.generation import SamplingConfig, generate, stop_token_ids
+
+    model, tok = llama
+    prompts = prompt_ids(tok, ["Once upon a time", "The rabbit ran into the garden and hid under a leaf.", "Hi"])
+    assert len({len(p) for p in prompts}) == 3
+    gens = generate(model, tok, prompts, SamplingConfig(max_new_tokens=6, temperature=0, generation_batch_size=1))
+    stop = set(stop_token_ids(tok, model))
+    width = max(len(p) for p in prompts)
+    assert gens.prompt_ids.shape == (3, width) and gens.response_ids.shape == (3, 6)
+    for i, p in enumerate(prompts):
+        assert gens.prompt_ids[i, width - len(p):].tolist() == p
+        assert gens.prompt_mask[i].tolist() == [0] * (width - len(p)) + [1] * len(p)
+        expected = greedy_by_hand(model, p, 6, stop)
+        n = len(expected)
+        assert gens.response_ids[i, :n].tolist() == expected
+        assert gens.response_mask[i].tolist() == [1] * n + [0] * (6 - n)
+        assert bool(gens.ended[i]) == (expected[-1] in stop)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.5])
+def test_samples_follow_the_softmax_at_the_configured_temperature(llama, temperature):
+    """2,000 one-token samples of one prompt: their mean log-probability under softmax(logits / T') is highest at the
+    configured T among T/2, T and 2T (cross-entropy is smallest where the distributions match; greedy decoding, or a
+    temperature lost, would pick another). Tolerance: the margin must exceed 4 standard errors of the difference."""
+    from pipeline.generation import SamplingConfig, generate
+
+    model, tok = llama
+    p = prompt_ids(tok, ["Once upon a time"])[0]
+    n = 2000
+    gens = generate(model, tok, [p] * n, SamplingConfig(max_new_tokens=1, temperature=temperature,
+                                                         generation_batch_size=n), generator_seed=0)
+    tokens = gens.response_ids[:, 0]
+    with torch.no_grad():
+        logits = model(torch.tensor([p])).logits[0, -1].float()
+    loglik = {t: torch.log_softmax(logits / t, -1)[tokens] for t in (temperature / 2, temperature, 2 * temperature)}
+    for other in (temperature / 2, 2 * temperature):
+        diff = loglik[temperature] - loglik[other]
+        assert diff.mean() > 4 * diff.std() / n ** 0.5, (temperature, other, float(diff.mean()), float(diff.std()))
+
+
+def test_each_batch_samples_from_its_own_seed(llama):
+    """Four copies of one prompt in batches of two: the second batch does not repeat the first, and equals what the
+    second batch's own seed gives alone (so a batch's tokens do not depend on which rank runs it)."""
+    from pipeline.generation import SamplingConfig, batch_seed, generate
+
+    model, tok = llama
+    p = prompt_ids(tok, ["Once upon a time"])[0]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, generation_batch_size=2)
+    four = generate(model, tok, [p] * 4, cfg, generator_seed=5)
+    second = generate(model, tok, [p] * 2, cfg, generator_seed=batch_seed(5, 1))
+    assert batch_seed(5, 0) == 5 and batch_seed(5, 1) != 5
+    assert four.response_ids[2:].tolist() != four.response_ids[:2].tolist()
+    assert four.response_ids[2:].tolist() == second.response_ids.tolist()
+    assert generate(model, tok, [p] * 4, cfg, generator_seed=5).texts == four.texts  # seeded: repeatable
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_model_is_left_in_the_mode_it_was_found_in(llama, training):
+    """SFT samples before and after training: generate() switches to eval mode (no dropout) and must switch back."""
+    from pipeline.generation import SamplingConfig, generate
+
+    model, tok = llama
+    model.train(training)
+    generate(model, tok, prompt_ids(tok, ["Hi"]), SamplingConfig(max_new_tokens=2, temperature=0))
+    assert model.training is training
+    model.eval()
