@@ -137,3 +137,58 @@ def test_pair_rows_drop_identical_and_repeated_pairs_so_every_pair_id_is_unique(
     # without drop_identical an equal pair is kept once; its repeat is still dropped
     rows, dropped = pair_rows(prompts[:1], ["x", "x", "x", "y"], [True] * 4, 4, False, {})
     assert dropped == {"identical": 0, "repeated": 4} and [r["responses"] for r in rows] == [["x", "x"], ["x", "y"]]
+
+
+def test_pair_rows_key_repeats_by_prompt_and_carry_each_responses_own_end():
+    """The same two texts under two prompts are two pairs with two ids (the id hashes the prompt too); each response
+    keeps its own `ended`."""
+    from stages.pairs import pair_rows
+
+    prompts = [[{"role": "user", "content": "once"}], [{"role": "user", "content": "twice"}]]
+    rows, dropped = pair_rows(prompts, ["x", "y", "x", "y"], [True, False, False, True], 2, True, {})
+    assert dropped == {"identical": 0, "repeated": 0} and [r["responses"] for r in rows] == [["x", "y"], ["x", "y"]]
+    assert rows[0]["pair_id"] != rows[1]["pair_id"] and [r["prompt"] for r in rows] == prompts
+    assert [r["ended"] for r in rows] == [[True, False], [False, True]]
+
+
+def test_each_pair_holds_two_responses_to_its_own_prompt(tiny_models, runs_dir, tmp_path, monkeypatch):
+    """The stage asks for each prompt K times in a row and cuts the responses back into the prompt's K: with a
+    generate() that answers each prompt with its own index, every pair's two responses name the pair's prompt. A
+    repeated prompt is sampled once; no_eos_fraction is the share of responses without a stop token."""
+    import datasets
+    import torch
+
+    import stages.pairs as pairs
+    from pipeline.config import RunArgs, parse
+    from pipeline.generation import Generations, SamplingConfig
+
+    profile = str(tiny_models["llama"])
+    make_sft_run(runs_dir, "order", profile)
+    texts = ["a fox", "a hen", "a fox", "a dog", "an owl"]  # "a fox" twice: one prompt
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    asked = []
+
+    def by_prompt(model, tokenizer, prompt_ids, sampling, generator_seed=None, progress=False):
+        asked.extend(prompt_ids)
+        n, content = len(prompt_ids), [tokenizer.decode(ids) for ids in prompt_ids]
+        names = [next(t for t in texts if t in c) for c in content]
+        ended = torch.tensor([i % 4 != 0 for i in range(n)])  # 1 in 4 without a stop token
+        return Generations(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
+                           torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long),
+                           [f"{name} #{i}" for i, name in enumerate(names)], ended)
+
+    monkeypatch.setattr(pairs, "generate", by_prompt)
+    metrics = pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), [
+        "--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "order", "--model_config", profile,
+        "--prompts_file", str(prompts_file), "--num_responses", "3", "--max_prompt_tokens", "256"]))
+    ds = datasets.load_from_disk(str(runs_dir / "order/pairs/dataset"))
+    assert metrics["prompts"] == 4 and len(asked) == 12 and metrics["pairs"] == len(ds) == 4 * 3
+    for row in ds:
+        name = row["prompt"][0]["content"]
+        assert all(r.startswith(name + " #") for r in row["responses"]), row
+        i, j = row["response_indices"]
+        first = int(row["responses"][0].split("#")[1]) - i  # the prompt's first response's index in the batch
+        assert int(row["responses"][1].split("#")[1]) == first + j and row["ended"] == [(first + i) % 4 != 0,
+                                                                                        (first + j) % 4 != 0]
+    assert metrics["no_eos_fraction"] == 0.25
