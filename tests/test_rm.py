@@ -578,3 +578,51 @@ def test_pooled_forward_is_pool_scores(tiny_models, arch):
     torch.testing.assert_close(reply, pool_scores(per_token[[0, 2]], *rows, pad, "sum", starts), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reply, torch.stack([per_token[0, 2:6].sum(), per_token[2, 4:].sum()]) / 16,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_reply_start_is_where_ppo_and_eval_start_a_summed_reply(tiny_models):
+    """A summing reward model trains on the tokens after the prompt and its generation prompt: reply_start on the
+    stage's token ids equals the start chat_reward_inputs gives PPO and eval for the same prompt and reply. It never
+    passes the point where chosen and rejected part."""
+    from pipeline.generation import chat_ids, chat_reward_inputs
+    from stages.rm_data import reply_start
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    for row in marker_rows(3):
+        chosen, rejected = encode_pair(tok, row)
+        text = row["chosen"][0]["content"]
+        assert reply_start(tok, row, chosen, rejected) == int(chat_reward_inputs(tok, [row["prompt"]], [text])[2][0])
+        with_header = chat_ids(tok, row["prompt"], add_generation_prompt=True)
+        assert reply_start(tok, row, chosen, rejected) == len(with_header) > len(chat_ids(tok, row["prompt"]))
+    prompt_ids = chat_ids(tok, marker_rows(1)[0]["prompt"], add_generation_prompt=True)
+    assert reply_start(tok, marker_rows(1)[0], prompt_ids + [7, 8], prompt_ids[:3] + [9, 9]) == 3
+
+
+def test_label_strength_margin_and_ties_by_hand(tmp_path):
+    """Llama 2's margin: margin_scale x strength, from the label's first word ("much better" 1, "slightly better" 1/3,
+    a number as is); an exported tie keeps its flag; without margin_scale the margin is 0."""
+    rows = [dict(r, strength=s) for r, s in zip(marker_rows(4), ["much better", "slightly better", 0.5, ""])]
+    rows[3]["is_tie"] = True
+    path = write_jsonl(tmp_path / "strength.jsonl", rows)
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(path), margin_scale=3.0), None, 0)
+    assert [round(p["margin"], 6) for p in pairs] == [3.0, 1.0, 1.5, 0.0]
+    assert [p["tie"] for p in pairs] == [False, False, False, True]
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(path)), None, 0)
+    assert [p["margin"] for p in pairs] == [0.0] * 4
+
+
+def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_path):
+    """A tie (exported in both orders) trains the rewards together but has no right answer to score: it never counts
+    in the held-out accuracy. A plain-text reply that already ends in EOS gets no second one. A source's max_rows
+    keeps exactly that many pairs."""
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    rows = [dict(r, is_tie=(i % 2 == 0)) for i, r in enumerate(marker_rows(40))]
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_name",
+                                     str(write_jsonl(tmp_path / "ties.jsonl", rows)), "--eval_fraction", "0.5"])
+    train_rows, eval_rows, _, _ = prepare_data(args, train_cfg, None, tok)
+    assert eval_rows and not any(r["tie"] for r in eval_rows) and any(r["tie"] for r in train_rows)
+    c, _ = encode_pair(tok, {"prompt": "Q: hi.", "chosen": " yes" + tok.eos_token, "rejected": " no"})
+    assert c[-1] == tok.eos_token_id and c.count(tok.eos_token_id) == 1
+    mixture = json.dumps({str(write_jsonl(tmp_path / "m.jsonl", marker_rows(9))): {"max_rows": 4}})
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_mixture=mixture), StageRun("rm", "mix", str(tmp_path / "runs")), 0)
+    assert len(pairs) == 4
