@@ -156,6 +156,116 @@ def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
     assert human_win_rate(tmp_path / "missing.sqlite", {i: 1 for i in ids}) is None
 
 
+def ppo_section(tmp_path, ended_sft, ended_ppo, gold=None):
+    """sft_vs_ppo on four made-up prompts (no model work): PPO beats SFT under the reward model on the first three,
+    the training curves are tests/fake_upstream.py's, the label store is the run's default one (label/labels.sqlite
+    beside the ppo folder)."""
+    from types import SimpleNamespace
+
+    from stages.eval import EvalArgs
+    from stages.eval_ppo import sft_vs_ppo
+    from tests.fake_upstream import fake_metrics
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fake_metrics()))
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(4)]
+    ro_sft = {"texts": [f"sft answer {i}" for i in range(4)], "rewards": [0.0, 0.0, 0.0, 1.0],
+              "lengths": [5, 6, 7, 8], "ended": ended_sft}
+    ro_ppo = {"texts": [f"ppo answer {i}" for i in range(4)], "rewards": [1.0, 2.0, 3.0, 0.0],
+              "lengths": [9, 10, 11, 12], "ended": ended_ppo}
+    return sft_vs_ppo(SimpleNamespace(spec="made-up gold"), prompts, EvalArgs(), {"outputs": {"metrics_jsonl":
+                      str(tmp_path / "metrics.jsonl")}}, tmp_path / "ppo", ro_sft, ro_ppo, [1.0, 1.0, 1.0, 1.0], gold,
+                      ([], [], []), [])
+
+
+def test_no_eos_figures_are_the_shares_without_eos(tmp_path):
+    """no_eos_sft / no_eos_ppo = the share of samples that did not end with EOS: 1 of 4 for SFT, 3 of 4 for PPO."""
+    out = ppo_section(tmp_path, ended_sft=[True, True, True, False], ended_ppo=[True, False, False, False])
+    f = out["figures"]
+    assert f["no_eos_sft"] == 0.25 and f["no_eos_ppo"] == 0.75
+    assert [s["eos_ppo"] for s in out["samples"]] == [True, False, False, False]
+    assert f["win_rate"] == 0.75 and f["human_win_rate"] is None and out["human"] is None  # no label store yet
+
+
+def test_human_win_rate_counts_a_ppo_preference_as_a_ppo_win(tmp_path):
+    """sft_vs_ppo reads the labels on its pairs (responses = [SFT, PPO], as human_pairs.jsonl writes them) from the
+    run's label store: PPO (response 1) preferred on 3 pairs, SFT (response 0) on 1 -> a human win rate of 3/4."""
+    from stages.label.store import LabelStore
+
+    ended = [True] * 4
+    samples = ppo_section(tmp_path, ended, ended)["samples"]
+    store = LabelStore(tmp_path / "label" / "labels.sqlite")
+    store.import_items([{"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]]}
+                        for s in samples])
+    ids = [s["pair_id"] for s in samples]
+    # PPO shown left and clicked left, PPO shown right and clicked right, PPO shown left, then SFT shown left and clicked
+    for pid, choice, shown_left in ((ids[0], "left", 1), (ids[1], "right", 0), (ids[2], "left", 1), (ids[3], "left", 0)):
+        store.save_label("ann", pid, choice, shown_left)
+    out = ppo_section(tmp_path, ended, ended)
+    h = out["human"]
+    assert (h["labels"], h["wins"], h["ties_or_both_bad"]) == (4, 3, 0) and h["rate"] == 0.75
+    assert out["figures"]["human_win_rate"] == 0.75
+
+
+def test_rm_gold_agreement_on_the_policy_samples_by_hand(tmp_path):
+    """The reward model's agreement with the gold on the SFT-vs-PPO pairs: over the pairs whose gold scores differ,
+    the share where the proxy orders PPO against SFT as the gold does. Proxy PPO - SFT = 1, 2, 3, -1; gold PPO - SFT
+    = 0.5, 0.5, -0.5, 0 (left out): agree, agree, disagree -> 2/3 on 3 pairs."""
+    ended = [True] * 4
+    out = ppo_section(tmp_path, ended, ended, gold={"sft": [0.0, 0.0, 0.0, 0.3], "ppo": [0.5, 0.5, -0.5, 0.3]})
+    g, f = out["gold"], out["figures"]
+    assert g["rm_agreement_policy_samples"]["pairs"] == 3
+    assert g["rm_agreement_policy_samples"]["agreement"] == f["rm_gold_agreement_policy_samples"] == pytest.approx(2 / 3)
+    assert f["rm_gold_agreement"] is None and f["rm_gold_pairs"] == 0  # the made-up run kept no RM held-out pairs
+    assert f["gold_win_rate"] == 0.625 and [p["update"] for p in g["curve"]] == [0, 11]  # 2 wins, 1 tie, 1 loss
+
+
+def summary_rows(n: int = 20, **curves) -> list[dict]:
+    """n training rows: every curve constant at 1.0 unless given as a function of the update."""
+    keys = ("reward_raw", "reward", "kl", "entropy", "response_length", "no_eos_fraction")
+    return [{"update": i, **{k: float(curves[k](i)) if k in curves else 1.0 for k in keys}} for i in range(n)]
+
+
+def test_training_summary_first_and_last_are_means_of_a_tenth():
+    """first / last = the mean of the first / last tenth of the updates (len // 10, at least one), max over all:
+    20 rows of reward_raw = update -> first (0 + 1) / 2, last (18 + 19) / 2, max 19."""
+    from stages.eval_ppo import training_summary
+
+    t = training_summary(summary_rows(20, reward_raw=lambda i: i))
+    assert t["updates"] == 20
+    assert (t["reward_raw_first"], t["reward_raw_last"], t["reward_raw_max"]) == (0.5, 18.5, 19.0)
+    t = training_summary(summary_rows(5, reward_raw=lambda i: i))  # fewer than 10: one row each
+    assert (t["reward_raw_first"], t["reward_raw_last"]) == (0.0, 4.0)
+    assert training_summary([]) == {"updates": 0}
+
+
+def test_training_flags_by_hand():
+    """The training-curve signs: the raw reward (not the KL-shaped one) rose while the length grew at least
+    hacking_length_ratio times (exactly 2x flags, 1.99x does not); the KL's maximum over the run (a spike mid-run
+    counts, though the first and last tenths are calm) above hacking_kl."""
+    from stages.eval import EvalArgs
+    from stages.eval_ppo import training_flags, training_summary
+
+    args = EvalArgs(hacking_length_ratio=2.0, hacking_kl=10.0)
+    train = lambda r0, r1, l0, l1: {"reward_raw_first": r0, "reward_raw_last": r1,  # noqa: E731
+                                    "response_length_first": l0, "response_length_last": l1}
+    exactly = training_flags(train(0.0, 1.0, 10.0, 20.0), args)
+    assert len(exactly) == 1 and "reward rose (0.000 -> 1.000)" in exactly[0] and "2.0x" in exactly[0]
+    assert training_flags(train(0.0, 1.0, 10.0, 19.9), args) == []
+    assert training_flags(train(1.0, 0.0, 10.0, 30.0), args) == []  # the reward fell: no length hacking
+    # the raw reward rises (0 -> 19) while the shaped one falls (0 -> -19), and the length grows 10 -> 29: flagged
+    rows = summary_rows(20, reward_raw=lambda i: i, reward=lambda i: -i, response_length=lambda i: 10 + i)
+    t = training_summary(rows)
+    assert t["reward_first"] > t["reward_last"] and t["response_length_last"] >= 2 * t["response_length_first"]
+    (flag,) = training_flags(t, args)
+    assert "reward rose (0.500 -> 18.500)" in flag
+    # KL 0 except 50 nats at update 9: the first and last tenths are 0, the maximum flags
+    t = training_summary(summary_rows(20, kl=lambda i: 50.0 if i == 9 else 0.0))
+    assert (t["kl_first"], t["kl_last"], t["kl_max"]) == (0.0, 0.0, 50.0)
+    assert training_flags(t, args) == ["training: KL to the reference reached 50.00 nats (threshold 10.0): the "
+                                       "policy drifted far from SFT; read the samples before trusting the reward"]
+    assert training_flags(training_summary(summary_rows(20, kl=lambda i: 10.0)), args) == []  # at the threshold
+
+
 def test_missing_ppo_stage_is_one_clear_error(tmp_path, tiny_models):
     from stages.eval import main, parse_args
 

@@ -229,3 +229,80 @@ def test_the_comparison_names_each_flagged_policy(compared):
     c["hacking_kl"], c["hacking_length_ratio"] = 7.5, 1.5  # the heading names the thresholds the flags used
     text = "\n".join(comparison_markdown(c))
     assert "the gold fell): none." in text and "above 7.5 nats" in text and "1.5x as long" in text
+
+
+def test_describe_and_policy_row_by_hand():
+    """describe's std is the population one (pstdev: [0, 2] -> 1, not sqrt 2); a policy row's sqrt_kl is the square
+    root of the mean KL (KL 1 and 9 -> sqrt 5, not the mean of the roots, 2), no_eos the share of responses that did
+    not end (1 of 4 ended -> 0.75)."""
+    import math
+
+    from stages.eval_compare import describe, policy_row
+
+    d = describe([0.0, 2.0])
+    assert (d["n"], d["mean"], d["std"], d["min"], d["max"]) == (2, 1.0, 1.0, 0.0, 2.0)
+    assert describe([0.0, 0.0, 3.0, 3.0])["std"] == 1.5 and describe([]) == {"n": 0}
+    row = policy_row("grpo", [1.0, 2.0], [0.5, -0.5], [1.0, 9.0], [10, 20], [True, False, False, False])
+    assert row == {"method": "grpo", "proxy_mean": 1.5, "gold_mean": 0.0, "kl_mean": 5.0, "sqrt_kl": math.sqrt(5.0),
+                   "length_mean": 15.0, "no_eos": 0.75}
+    assert policy_row("ppo", [0.0], None, [4.0, 4.0], [1], [True])["sqrt_kl"] == 2.0
+    assert policy_row("ppo", [0.0], None, [-0.5, -0.5], [1], [True])["sqrt_kl"] == 0.0  # a negative estimate: 0
+
+
+def two_point_curve(drops):
+    """SFT (update 0, gold 1 on each prompt, proxy 0) and the final policy (update 8, gold 1 + drop, proxy 1)."""
+    from tests.test_eval import point
+
+    return [point(0, [0.0] * len(drops), [1.0] * len(drops)), point(8, [1.0] * len(drops), [1.0 + d for d in drops])]
+
+
+def test_gold_drop_is_measured_in_standard_errors_of_the_mean():
+    """The gold fell when its mean paired drop exceeds GOLD_DROP_Z standard errors, sd / sqrt(n): drops 0, -1, -1, -2
+    have mean -1, sd sqrt(2/3) = 0.816 and standard error 0.408; 1 > 2 * 0.408 flags (though 1 < 2 * sd). With the
+    same spread about a mean drop of 0.75 < 2 * 0.408 it does not."""
+    from stages.eval_compare import overoptimisation_flag
+
+    flag = overoptimisation_flag(two_point_curve([0.0, -1.0, -1.0, -2.0]))
+    assert flag and "from update 0 (u0) to update 8" in flag and "(0.000 -> 1.000)" in flag and "(1.000 -> 0.000" in flag
+    assert overoptimisation_flag(two_point_curve([0.25, -0.75, -0.75, -1.75])) is None
+
+
+def test_a_two_point_curve_is_a_curve():
+    """policy_flags reads overoptimisation_flag on any curve of two points or more: SFT and the final policy alone
+    (an RL stage that kept no policy) already show the proxy rising while the gold fell; one point is no curve."""
+    from stages.eval_compare import overoptimisation_flag, policy_flags
+
+    row = {"proxy_mean": 0.0, "kl_mean": 0.0, "length_mean": 10.0}
+    curve = two_point_curve([0.0, -1.0, -1.0, -2.0])
+    flags = policy_flags({"sft": row, "rloo": row, "dpo": row}, 10.0, 2.0, curves={"rloo": curve, "dpo": curve[1:]})
+    assert flags == {"rloo": [overoptimisation_flag(curve)], "dpo": []} and flags["rloo"][0]
+
+
+def test_policy_method_is_the_manifests_method():
+    """The method is the manifest's metrics.method when it names one (the RL loop records its estimator), else the
+    stage's name."""
+    from stages.eval_compare import policy_method
+
+    assert policy_method("ppo", {"metrics": {"method": "grpo"}}) == "grpo"
+    assert policy_method("dpo", {"metrics": {"beta": 0.1}}) == "dpo" and policy_method("dpo", {"metrics": None}) == "dpo"
+
+
+def test_policy_stages_without_an_adapter_are_skipped(tmp_path):
+    """find_policy_stages keeps the policy stages whose manifest names an adapter, in POLICY_STAGES order; a manifest
+    without one is no policy (skipped); a run with none is one error naming `make ppo`."""
+    from pipeline.run import StageRun
+    from stages.eval_compare import POLICY_STAGES, find_policy_stages
+
+    def write(stage, outputs):
+        st = StageRun(stage, "t", str(tmp_path))
+        st.prepare({})
+        return st.finish(outputs, {}, {})
+
+    write("grpo", {"metrics_jsonl": tmp_path / "m.jsonl"})  # a stage without an adapter
+    with pytest.raises(ConfigError, match=r"needs a trained policy in run 't'.*make ppo RUN=t"):
+        find_policy_stages(StageRun("eval", "t", str(tmp_path)))
+    dpo, ppo = write("dpo", {"adapter": tmp_path / "dpo"}), write("ppo", {"adapter": tmp_path / "ppo"})
+    eval_run = StageRun("eval", "t", str(tmp_path))
+    found = find_policy_stages(eval_run)
+    assert list(found) == ["ppo", "dpo"] and found == {"ppo": ppo, "dpo": dpo}
+    assert eval_run.optional == set(POLICY_STAGES)  # every one read when present: one appearing later reruns eval
