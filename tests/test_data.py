@@ -1,0 +1,53 @@
+"""pipeline.data's rules by hand: the split by prompt, what counts as a prompt, JSON Lines with a BOM, a bundled
+mixture's max_rows."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_a_split_by_prompt_holds_out_round_n_times_fraction_prompts_and_at_least_one():
+    """10 prompts (3 rows each) at 0.2: exactly 2 prompts held out, whole; at 0.01 still one; at 0: no split."""
+    from datasets import Dataset
+
+    from pipeline.data import train_eval_split
+
+    ds = Dataset.from_dict({"prompt": [f"p{i // 3}" for i in range(30)], "i": list(range(30))})
+    for fraction, prompts in ((0.2, 2), (0.01, 1), (0.5, 5)):
+        train, held = train_eval_split(ds, fraction, seed=0, group_by=lambda r: r["prompt"])
+        assert len(set(held["prompt"])) == prompts and len(held) == 3 * prompts and len(train) == 30 - 3 * prompts
+        assert not set(train["prompt"]) & set(held["prompt"])
+    assert train_eval_split(ds, 0, seed=0) == (ds, None)
+
+
+def test_what_counts_as_a_prompt():
+    """A conversation's prompt is its messages without every trailing assistant turn; a prompt is usable when at
+    least one of its messages has text (an empty system message beside a question is fine)."""
+    from pipeline.data import prompt_of, prompt_problem
+
+    user = {"role": "user", "content": "Tell me a story."}
+    row = {"messages": [user, {"role": "assistant", "content": "Once"}, {"role": "assistant", "content": "upon"}]}
+    assert prompt_of(row) == [user] and prompt_of({"prompt": "Hi", "messages": row["messages"]}) == "Hi"
+    assert prompt_problem([{"role": "system", "content": ""}, user]) is None
+    assert prompt_problem([{"role": "system", "content": " "}, {"role": "user", "content": ""}]) == \
+        "every message of the prompt is empty"
+
+
+def test_a_jsonl_file_saved_with_a_byte_order_mark_reads(tmp_path):
+    from pipeline.data import read_jsonl
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert read_jsonl(path) == [(1, {"prompt": "a"}), (2, {"prompt": "b"})]
+
+
+def test_a_mixture_source_keeps_max_rows_rows(tmp_path):
+    """max_rows 4 of 10 keeps 4 distinct rows of that source, and the concatenation is shuffled with the seed."""
+    from pipeline.data import load_mixture
+
+    for name, n in (("a", 10), ("b", 3)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name}{i}"}) + "\n" for i in range(n)))
+    mixed = load_mixture([{"path": str(tmp_path / "a.jsonl"), "max_rows": 4}, {"path": str(tmp_path / "b.jsonl")}], 0)
+    texts = mixed["text"]
+    assert len(texts) == 7 and sum(t.startswith("a") for t in texts) == 4 and len(set(texts)) == 7
+    assert [t[0] for t in texts] != ["a"] * 4 + ["b"] * 3  # shuffled after concatenation: the sources interleave
