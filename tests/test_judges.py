@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError
-from pipeline.judges import judge_scores, load_judge
+from pipeline.judges import Judge, as_messages, judge_scores, load_judge
 from tests import judge_fixtures
 
 PROMPTS = [[{"role": "user", "content": "Once upon a time there was a rabbit."}],
@@ -74,6 +74,78 @@ def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):
         with pytest.raises(ConfigError, match="reward model this run's PPO optimised"):
             load_judge(spec, forbidden_rm=[rm_dir])
     load_judge(f"rm:{rm_dir}", forbidden_rm=[tmp_path / "elsewhere" / "adapter"])  # another RM is a fine judge
+
+
+def test_the_runs_own_reward_model_is_refused_by_any_path_that_leads_to_it(tmp_path, monkeypatch):
+    """Paths are compared as the files they name (resolved, or the same file), not as text: the run's reward model
+    reached through a symlink, a repo-relative path, a `..`, or named relative to the working directory is still it.
+    (Refused before anything is loaded, so empty folders stand in for the adapters.)"""
+    import os
+
+    from pipeline.config import REPO_ROOT
+
+    own = tmp_path / "runs" / "t" / "rm" / "adapter"
+    own.mkdir(parents=True)
+    (tmp_path / "to-adapter").symlink_to(own)
+    (tmp_path / "to-rm").symlink_to(own.parent)
+    for spec in (f"rm:{tmp_path / 'to-adapter'}", f"rm:{tmp_path / 'to-rm'}", f"rm:{os.path.relpath(own, REPO_ROOT)}",
+                 f"rm:{own.parent}/../rm/adapter"):
+        with pytest.raises(ConfigError, match="reward model this run's PPO optimised"):
+            load_judge(spec, forbidden_rm=[own])
+    monkeypatch.chdir(tmp_path)  # as main passes it: the rm stage's folder under a runs_dir relative to the cwd
+    with pytest.raises(ConfigError, match="reward model this run's PPO optimised"):
+        load_judge(f"rm:{own}", forbidden_rm=["runs/t/rm/adapter"])
+
+
+def test_a_string_prompt_reaches_the_reward_model_as_one_user_message(tiny_models, tmp_path, monkeypatch):
+    """A prompt given as plain text is the conversation [{"role": "user", "content": text}]: the rm judge templates
+    exactly that (and so scores it as it scores the same prompt given as a user message); message lists pass as
+    they are."""
+    import pipeline.generation
+
+    assert as_messages("Hi there.") == [{"role": "user", "content": "Hi there."}]
+    assert as_messages(PROMPTS[0]) == PROMPTS[0] and as_messages(PROMPTS[0])[0] is not PROMPTS[0][0]  # a copy
+    rm_dir = _rm_adapter(tiny_models, tmp_path / "other" / "adapter")
+    judge = load_judge(f"rm:{rm_dir}")
+    seen = []
+    real = pipeline.generation.chat_reward_inputs
+
+    def spy(tokenizer, prompts, texts):
+        seen.extend(prompts)
+        return real(tokenizer, prompts, texts)
+
+    monkeypatch.setattr(pipeline.generation, "chat_reward_inputs", spy)
+    plain = [p[0]["content"] for p in PROMPTS]
+    got = judge_scores(judge, plain, TEXTS, batch_size=2)
+    assert seen == PROMPTS  # each [{"role": "user", "content": ...}]
+    assert got == pytest.approx(judge_scores(judge, PROMPTS, TEXTS, batch_size=2), abs=1e-6)
+
+
+def test_a_judge_spec_is_read_without_surrounding_whitespace():
+    """load_judge strips the spec as a config may write it (" sentiment ", a trailing newline): the same judge."""
+    judge = load_judge(" sentiment ")
+    assert (judge.spec, judge.name) == ("sentiment", "sentiment")
+    assert judge_scores(judge, PROMPTS, TEXTS) == judge_scores(load_judge("sentiment"), PROMPTS, TEXTS)
+    judge = load_judge("\ttests.judge_fixtures:length_judge \n")
+    assert judge.name == "tests.judge_fixtures:length_judge"
+    assert judge_scores(judge, PROMPTS, TEXTS) == [float(len(t)) for t in TEXTS]
+
+
+def test_bool_scores_and_mismatched_rows_are_refused():
+    """A bool is not a score (True would silently count as 1.0): ConfigError naming the row. And prompts and responses
+    must pair up one to one: 1 prompt for 2 responses is a ValueError before the judge is called."""
+    bools = Judge("bool_judge", "bool_judge", lambda prompts, responses: [True, False])
+    with pytest.raises(ConfigError, match=r"judge 'bool_judge' gave True for row 0: every score must be a finite"):
+        judge_scores(bools, PROMPTS[:2], TEXTS[:2])
+    ints = Judge("ints", "ints", lambda p, r: [1, 0])
+    assert judge_scores(ints, PROMPTS[:2], TEXTS[:2]) == [1.0, 0.0]  # ints are numbers: fine
+    calls = []
+    counting = Judge("c", "c", lambda p, r: calls.append(len(r)) or [0.0] * len(r))
+    with pytest.raises(ValueError, match="1 prompts but 2 responses"):
+        judge_scores(counting, PROMPTS[:1], TEXTS[:2])
+    with pytest.raises(ValueError, match="3 prompts but 2 responses"):
+        judge_scores(counting, PROMPTS, TEXTS[:2])
+    assert calls == []
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -73,6 +73,18 @@ def test_agreement_with_gold_counts_decided_labels_on_unequal_pairs():
     assert got["tie_labels_on_unequal"] == 1
 
 
+def test_expected_agreement_by_hand():
+    """expected_agreement is the mean over pairs of (p_left(|d|, T, b) + p_left(|d|, T, -b)) / 2: the gold winner shown
+    left or right with even odds; a difference's sign does not matter (the winner is whichever scores more)."""
+    # T = 0.4, no bias: sigmoid(0.2 / 0.4) = 0.6224593, sigmoid(0.6 / 0.4) = 0.8175745 -> mean 0.7200169
+    assert expected_agreement([0.2, 0.6], 0.4, 0.0) == pytest.approx(0.7200169037, abs=1e-9)
+    assert expected_agreement([-0.2, 0.6], 0.4, 0.0) == pytest.approx(0.7200169037, abs=1e-9)
+    # bias 0.5: d = 0.2 -> (sigmoid(1.0) + sigmoid(0.0)) / 2 = 0.6155293; d = 0.6 -> (sigmoid(2.0) + sigmoid(1.0)) / 2
+    # = 0.8059278; mean 0.7107286
+    assert expected_agreement([0.2, -0.6], 0.4, 0.5) == pytest.approx(0.7107285588, abs=1e-9)
+    assert expected_agreement([0.3], 0.1, 0.0) == pytest.approx(0.9525741268, abs=1e-9)  # one pair: sigmoid(3)
+
+
 # ------------------------------------------------------------------------------------------------ the stage
 
 HAPPY = ["It was a lovely, happy day and everyone laughed.", "She smiled, glad and grateful for her wonderful friends.",
@@ -245,6 +257,28 @@ def test_majority_agreement_with_gold_by_hand():
     assert out["majority_agreement_with_gold"] == 0.5 and out["majority_decided_pairs"] == 2
 
 
+def test_majority_agreement_with_gold_counts_which_response_the_majority_chose():
+    """The majority's pick is the response label-export keeps as chosen (0 or 1, whatever the order shown); it agrees
+    when that is the response with the higher gold score. Asymmetric: 2 of 3 pairs agree, so a flipped side gives
+    1/3."""
+    from stages.simulate import majority_agreement_with_gold
+
+    scores = {"a": [0.9, 0.1], "b": [0.0, 0.5], "f": [0.1, 0.6]}
+    votes = {}
+
+    def lab(pair, pref):
+        votes[pair] = votes.get(pair, 0) + 1
+        return {"pair_id": pair, "preferred": pref, "choice": ("left", "right")[pref],
+                "annotator": f"sim:x-{votes[pair]}", "strength": None, "prompt": [{"role": "user", "content": pair}],
+                "responses": [f"{pair} first", f"{pair} second"]}
+    labels = [lab("a", 0), lab("a", 0), lab("a", 1),   # majority 0 = gold winner 0: agrees
+              lab("b", 0), lab("b", 0), lab("b", 1),   # majority 0, gold winner 1: disagrees
+              lab("f", 1), lab("f", 1), lab("f", 0)]   # majority 1 = gold winner 1: agrees
+    out = majority_agreement_with_gold(labels, scores, tie_band=0.05)
+    assert out["majority_agreement_with_gold"] == round(2 / 3, 4) and out["majority_decided_pairs"] == 3
+    assert majority_agreement_with_gold(labels[6:], scores, 0.05)["majority_agreement_with_gold"] == 1.0  # f alone
+
+
 def test_several_simulated_annotators_label_every_pair_with_their_own_draws(tmp_path):
     from stages.label.store import LabelStore
 
@@ -272,3 +306,46 @@ def test_no_member_of_the_runs_reward_model_ensemble_may_judge(tmp_path):
         with pytest.raises(ConfigError, match="reward model this run's PPO optimised"):
             simulate(tmp_path, runs, "--judge", f"rm:{runs / 't' / 'rm' / member}")
     assert sorted(p.name for p in (runs / "t").iterdir()) == ["rm"]  # no label store, no simulate stage
+
+
+def test_gold_scores_are_each_pairs_own_and_a_cold_annotator_always_picks_the_gold_winner(tmp_path):
+    """gold_scores.jsonl holds, for each pair, the judge's (VADER's) scores of THAT pair's two responses, in order.
+    With a tiny temperature sigmoid(diff / T) is 0 or 1: every pair outside the tie band is labeled with the response
+    the gold judge scores higher, whichever side the store shows it on; inside the band, a tie. So agreement_with_gold
+    is 1, left_share = (decided labels with the gold winner shown left) / (decided labels), ties not counted, and
+    tie_share = ties / all labels. At the calibrated temperature (expected 0.73) the achieved agreement is near it."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from stages.label.store import LabelStore
+
+    runs = tmp_path / "cold"
+    metrics = simulate(tmp_path, runs, "--temperature", "1e-6")
+    _, rows = pairs_file(tmp_path)
+    analyzer = SentimentIntensityAnalyzer()
+    gold = {json.loads(line)["pair_id"]: json.loads(line)["scores"]
+            for line in (runs / "t" / "simulate" / "gold_scores.jsonl").read_text().splitlines()}
+    assert gold == {r["pair_id"]: [analyzer.polarity_scores(x)["compound"] for x in r["responses"]] for r in rows}
+    assert len({tuple(s) for s in gold.values()}) > 3  # the fixture's pairs are not all scored alike
+    assert metrics["gold_mean"] == round(sum(sum(s) for s in gold.values()) / (2 * len(rows)), 4)
+
+    store = LabelStore(runs / "t" / "label" / "labels.sqlite")
+    labels = store.labels()
+    assert len(labels) == 60
+    ties = winner_left = decided = 0
+    for lab in labels:
+        s = gold[lab["pair_id"]]
+        if abs(s[0] - s[1]) < 0.05:
+            assert lab["choice"] == "tie"
+            ties += 1
+            continue
+        winner = 0 if s[0] > s[1] else 1
+        shown_left = store.shown_left(lab["pair_id"], "sim:sentiment")
+        assert lab["preferred"] == winner and lab["choice"] == ("left" if shown_left == winner else "right")
+        decided += 1
+        winner_left += shown_left == winner
+    assert 0 < ties < 60 and 0 < winner_left < decided  # both sides and ties occur: the shares below are not trivial
+    assert metrics["agreement_with_gold"] == 1.0 and metrics["decided_labels"] == decided
+    assert metrics["left_share"] == round(winner_left / decided, 4) and metrics["tie_share"] == round(ties / 60, 4)
+
+    calibrated = simulate(tmp_path, tmp_path / "calibrated")
+    assert calibrated["expected_agreement"] == pytest.approx(0.73, abs=1e-3) and calibrated["agreement_with_gold"] > 0.6
