@@ -242,3 +242,49 @@ def test_auth_guard_and_users(tmp_path):
     users.write_text("alice\n")
     with pytest.raises(ConfigError, match="line 1"):
         load_users(str(users), env={})
+
+
+def test_export_strength_comes_from_the_winning_votes():
+    """Five votes, three for response 0 (slightly, slightly, much) and two for response 1 (much, much): the pair's
+    strength is the winners' most common one, 'slightly'; the losers' words do not count."""
+    def lab(who, pref, strength):
+        return {"pair_id": "p", "annotator": who, "choice": "left", "preferred": pref, "strength": strength,
+                "prompt": [{"role": "user", "content": "q"}], "responses": ["r0", "r1"]}
+    labels = [lab("a", 0, "slightly"), lab("b", 0, "slightly"), lab("c", 0, "much"), lab("d", 1, "much"),
+              lab("e", 1, "much")]
+    (row,), _ = aggregate(labels)
+    assert row["chosen"][0]["content"] == "r0" and row["strength"] == "slightly" and row["agreement"] == 0.6
+
+
+def test_binomial_p_of_a_large_count_and_the_rate_of_a_short_session():
+    """Over 1000 labels the two-sided p is the normal approximation (sd sqrt(n / 4)), close to the exact sum; an
+    annotator whose labels span under a minute has no labels-per-hour figure, two labels 2 minutes apart 60 an hour."""
+    import math
+
+    exact = 2 * sum(math.comb(1100, i) for i in range(600, 1101)) / 2**1100
+    assert binomial_two_sided_p(600, 1100) == pytest.approx(exact, rel=0.15)
+    assert binomial_two_sided_p(550, 1100) == pytest.approx(1.0)
+
+    def lab(t):
+        return {"pair_id": f"p{t}", "annotator": "ann", "choice": "left", "preferred": 0, "created_at": t}
+    assert summarize([lab(0), lab(30)], now=60)["annotators"]["ann"]["labels_per_hour"] is None
+    assert summarize([lab(0), lab(120)], now=130)["annotators"]["ann"]["labels_per_hour"] == 60.0
+
+
+def test_pairs_others_started_come_first_and_a_reload_renews_the_lease(tmp_path):
+    """Overlap 2: once alice has labeled p000, bob is served p000 (finish started sets first), not p001. Overlap 1: a
+    reload renews the lease, so a pair held 45 s, reloaded, then held 45 s more is still not served to anyone else."""
+    s = LabelStore(tmp_path / "o2.sqlite", overlap=2, lease_s=60, clock=Clock())
+    s.import_items(pairs(3))
+    first = s.next_item("alice")
+    s.save_label("alice", first.pair_id, "left", first.shown_left)
+    assert first.pair_id == "p000" and s.next_item("alice").pair_id == "p001"
+    assert s.next_item("bob").pair_id == "p000"
+
+    s = LabelStore(tmp_path / "o1.sqlite", overlap=1, lease_s=60, clock=Clock())
+    s.import_items(pairs(2))
+    held = s.next_item("alice")
+    s.clock.t += 45
+    assert s.next_item("alice").pair_id == held.pair_id  # the reload
+    s.clock.t += 45  # 90 s after the first lease began, 45 s after the renewal
+    assert s.next_item("bob").pair_id != held.pair_id
