@@ -212,3 +212,20 @@ def test_wrong_lora_targets_name_the_models_linear_layers(targets, tiny_models, 
                                           r"\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
         main(*parse_args(tiny_args(profile, runs_dir, "lt")))
     assert not (runs_dir / "lt").exists()
+
+
+def test_rows_without_an_assistant_reply_with_text_are_left_out(capsys):
+    """A row whose assistant turns are empty or whitespace would teach only "stop at once": left out, with a note;
+    the rest come back as plain conversations; none left is one clear error."""
+    from datasets import Dataset
+
+    from stages.sft import with_replies
+
+    user = {"role": "user", "content": "Go on."}
+    rows = [[user, {"role": "assistant", "content": "The cat sat."}], [user, {"role": "assistant", "content": " \n "}],
+            [user], [user, {"role": "assistant", "content": ""}, {"role": "assistant", "content": "Yes."}]]
+    kept = with_replies(Dataset.from_list([{"messages": m} for m in rows]), "rows.jsonl")
+    assert kept.to_list() == [{"messages": rows[0]}, {"messages": rows[3]}]
+    assert "2 of 4 rows of rows.jsonl have no assistant reply with text: left out" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no row of none.jsonl has an assistant reply with text"):
+        with_replies(Dataset.from_list([{"messages": m} for m in rows[1:3]]), "none.jsonl")
