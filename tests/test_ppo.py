@@ -1026,3 +1026,273 @@ def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models,
     upstream(third)  # member 1 retrained, member 0 the same: not the reward this checkpoint was trained on
     with pytest.raises(ConfigError, match="trained from other sft/rm adapters"):
         run_ppo(tiny_models["llama"], runs_dir, "ens", prompts_file, None, None, "--resume")
+
+
+# ------------------------------------------------------------------------------------------------ update rules
+
+def _move_off_the_reference(trainer, scale: float = 0.5, seed: int = 0) -> None:
+    """Perturb the policy adapter's weights (relative noise), so that the policy differs from the reference: a fresh
+    trainer starts at the reference, where every KL is 0 and the k3 term's gradient vanishes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in trainer.named_params["policy"]:
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g))
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().double().flatten() for p in params])
+
+
+def test_the_kl_loss_term_pulls_the_policy_towards_the_reference(tiny_models, adapters, prompts_file, tmp_path):
+    """GRPO's use_kl_loss: the loss is the clipped surrogate + kl_coef * L.kl_loss (k3 summed / tokens). With every
+    answer scoring the same the advantages are 0 and the surrogate gives no gradient, so one plain SGD step (its first
+    step is the gradient itself; no clipping; one epoch, one mini-batch) moves the policy by exactly
+    -lr * kl_coef * grad L.kl_loss(policy log-probs, reference log-probs, token count) on the rollout, i.e. down the
+    KL; the logged kl_loss is that term's value. The policy starts off the reference (there the gradient is 0)."""
+    from stages.ppo import losses as L
+    from stages.ppo.rollout import response_logits, token_logprobs
+
+    same = lambda prompts, ids, mask, texts: torch.zeros(len(ids))  # noqa: E731
+    lr, kl_coef = 1e-2, 2.0
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo",
+                       "--num_samples_per_prompt", "4", "--use_kl_loss", "true", "--kl_coef", str(kl_coef),
+                       "--optim", "sgd", "--max_grad_norm", "0", "--num_ppo_epochs", "1", "--learning_rate", str(lr),
+                       reward_fn=same)
+    _move_off_the_reference(trainer)
+    params = [p for _, p in trainer.named_params["policy"]]
+    ro = trainer.rollout()
+    adv, returns, _ = trainer._advantages(ro)
+    assert not adv.any()
+    x = ro.rows(torch.arange(ro.response_ids.shape[0]), trainer.cfg.prompt_group)
+    width = x.response_mask.shape[1]
+    trainer.stack.use("policy")
+    with torch.enable_grad():
+        new_lp = token_logprobs(response_logits(trainer.lm, x), x.tokens, trainer.cfg.temperature)
+        term = L.kl_loss(new_lp, ro.ref_logprobs[:, :width][x.response_mask], x.num_tokens)
+        grads = torch.autograd.grad(term, params, allow_unused=True)
+    expected = -lr * kl_coef * torch.cat([(torch.zeros_like(p) if g is None else g).double().flatten()
+                                          for g, p in zip(grads, params)])
+    assert term.item() > 0.05 and expected.norm() > 1e-4  # really off the reference
+    before = _flat(params)
+    out = trainer._optimise(ro, adv, returns)
+    step = _flat(params) - before
+    assert (step - expected).norm() <= 1e-3 * expected.norm(), ((step - expected).norm(), expected.norm())
+    assert out["kl_loss"] == pytest.approx(term.item(), rel=1e-4)
+
+
+def test_the_value_update_adds_the_fitted_offset(tiny_models, adapters, prompts_file, tmp_path):
+    """critic_init fit: the first rollout's least-squares fit scales the head by a and adds b (value_offset) to its
+    output from then on, in the rollout and in the update alike. At the first mini-batch nothing has moved yet, so the
+    update's predictions are the rollout's values: with one epoch and one mini-batch the logged value loss equals
+    L.value_loss(values, values, returns) over the rollout's tokens."""
+    from stages.ppo import losses as L
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--num_ppo_epochs", "1",
+                       reward_fn=varied_reward)
+    ro = trainer.rollout()
+    adv, returns, _ = trainer._advantages(ro)
+    assert abs(trainer.value_offset) > 0.1, trainer.value_offset  # an offset that matters
+    m = ro.response_mask.bool()
+    expected, _ = L.value_loss(ro.values[m], ro.values[m], returns[m], trainer.cfg.cliprange_value)
+    out = trainer._optimise(ro, adv, returns)
+    assert out["value_loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+
+
+def test_critic_free_advantages_sum_each_answers_token_rewards(tiny_models, adapters, prompts_file, tmp_path):
+    """rloo / grpo with the KL penalty in the reward (use_kl_loss false): an answer's sequence score is the *sum* of
+    its per-token rewards, shaped score - kl_coef * sum_t k1_t (longer answers pay more KL), and its advantage is
+    L.group_advantages of those sums, on every real token. The logged kl is k1 summed per answer and averaged over
+    the answers (kl_k3 the same of k3)."""
+    from stages.ppo import losses as L
+
+    kl_coef = 0.5
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "rloo",
+                       "--num_samples_per_prompt", "4", "--use_kl_loss", "false", "--kl_coef", str(kl_coef),
+                       reward_fn=varied_reward)
+    _move_off_the_reference(trainer)
+    tok = trainer.tokenizer  # every 7th token id also ends an answer: answers of many lengths
+    trainer.lm.generation_config.eos_token_id = [tok.eos_token_id] + list(range(7, len(tok), 7))
+    ro = trainer.rollout()
+    m = ro.response_mask.float()
+    k1 = ((ro.logprobs - ro.ref_logprobs) * m).sum(1)
+    k3 = (L.kl_k3(ro.logprobs, ro.ref_logprobs) * m).sum(1)
+    lengths = m.sum(1).view(-1, 4)
+    assert (lengths.max(1).values > lengths.min(1).values).any() and k1.abs().mean() > 0.1  # the rule matters here
+    for estimator in ("rloo", "grpo"):
+        trainer.cfg.advantage_estimator = estimator
+        adv, _, stats = trainer._advantages(ro)
+        expected = L.group_advantages(trainer._scores(ro) - kl_coef * k1, 4, estimator)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(adv, expected[:, None] * m, atol=1e-5, rtol=1e-5)
+        assert stats["kl"] == pytest.approx(k1.mean().item(), rel=1e-5)
+        assert stats["kl_k3"] == pytest.approx(k3.mean().item(), rel=1e-5)
+
+
+def test_whitened_gae_advantages_have_mean_0_and_std_1(tiny_models, adapters, prompts_file, tmp_path):
+    """whiten_advantages: the GAE advantages are (A - mean) / std over the response tokens (unbiased std), so they
+    have mean 0 and std 1 there, and 0 on padding. critic_init rm (the raw RM head, not refitted) keeps the raw
+    advantages' mean clearly away from 0."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--critic_init", "rm", reward_fn=varied_reward)
+    ro = trainer.rollout()
+    adv, _, _ = trainer._advantages(ro)
+    trainer.cfg.whiten_advantages = False
+    raw, _, _ = trainer._advantages(ro)
+    m = ro.response_mask.bool()
+    assert abs(raw[m].mean()) > 0.05, raw[m].mean()
+    torch.testing.assert_close(adv[m], (raw[m] - raw[m].mean()) / raw[m].std(), atol=1e-4, rtol=1e-4)
+    assert abs(adv[m].mean()) < 1e-5 and abs(adv[m].std() - 1) < 1e-4 and not adv[~m].any()
+
+
+def test_the_adaptive_kl_controller_follows_the_logged_k1_kl(tiny_models, adapters, prompts_file, tmp_path):
+    """adaptive_kl: after an update beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * episodes / horizon), KL the
+    update's logged kl: the k1 log-ratio summed per answer, averaged over the rollout (not k3's). The target is set
+    near the rollout's KL, so the error is not clipped and k1 and k3 give different coefficients."""
+    from stages.ppo import losses as L
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--adaptive_kl", "true", "--kl_coef", "0.1",
+                       "--kl_horizon", "100", "--num_ppo_epochs", "1", reward_fn=varied_reward)
+    _move_off_the_reference(trainer)
+    ro = trainer.rollout()
+    m = ro.response_mask.float()
+    k1 = ((ro.logprobs - ro.ref_logprobs) * m).sum(1).mean().item()
+    k3 = (L.kl_k3(ro.logprobs, ro.ref_logprobs) * m).sum(1).mean().item()
+    target = k1 * 1.1
+    assert k1 > 0.1 and abs(k3 - k1) > 0.02 * k1, (k1, k3)
+    trainer.kl_ctl.target = target
+    trainer.rollout = lambda: ro  # this update trains on the rollout measured above
+    metrics, _ = trainer.step()
+    assert metrics["kl"] == pytest.approx(k1, rel=1e-6)
+    n = trainer.cfg.local_batch_size
+    assert trainer.kl_ctl.value == pytest.approx(0.1 * (1 + max(min(k1 / target - 1, 0.2), -0.2) * n / 100), rel=1e-6)
+
+
+def test_the_missing_eos_penalty_needs_stop_at_eos(tiny_models, adapters, prompts_file, tmp_path):
+    """stop_at_eos false: every response runs response_length tokens and there is no end to miss, so the shaped
+    score has no missing-EOS penalty; with stop_at_eos true a response without a stop token pays it."""
+    from stages.ppo import losses as L
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--stop_at_eos", "false",
+                       "--missing_eos_penalty", "1.0", reward_fn=varied_reward)
+    cfg = trainer.cfg
+    ro = trainer.rollout()
+    assert (ro.response_mask.sum(1) == cfg.response_length).all() and (~ro.ended).any()
+    assert torch.equal(trainer._scores(ro), L.shape_scores(ro.scores_raw, ro.ended, None, cfg.reward_clip, 0.0))
+    cfg.stop_at_eos = True
+    penalised = L.shape_scores(ro.scores_raw, ro.ended, None, cfg.reward_clip, 0.0) - (~ro.ended).float()
+    assert torch.equal(trainer._scores(ro), penalised)
+
+
+def test_the_value_adapter_has_its_own_learning_rate(tiny_models, adapters, prompts_file, tmp_path):
+    """value_learning_rate: the optimizer's second parameter group holds exactly the value adapter's trainable
+    tensors at that rate; the first holds the policy's at learning_rate (and without it, the value uses learning_rate)."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--learning_rate", "3e-3",
+                       "--value_learning_rate", "2e-4")
+    policy, value = trainer.optimizer.param_groups
+    assert [id(p) for p in policy["params"]] == [id(p) for _, p in trainer.named_params["policy"]]
+    assert [id(p) for p in value["params"]] == [id(p) for _, p in trainer.named_params["value"]]
+    assert policy["lr"] == 3e-3 and value["lr"] == 2e-4
+    same = _trainer(tiny_models, adapters, prompts_file, tmp_path / "same", "--learning_rate", "3e-3")
+    assert [g["lr"] for g in same.optimizer.param_groups] == [3e-3, 3e-3]
+
+
+def test_the_joint_gradient_is_clipped_to_max_grad_norm(tiny_models, adapters, prompts_file, tmp_path):
+    """max_grad_norm clips the joint policy + value gradient: with plain SGD (first step = the gradient), one epoch
+    and one mini-batch, a gradient far above the limit moves all trainable tensors together by exactly
+    lr * max_grad_norm (L2), and the logged grad_norm is the norm before clipping."""
+    lr, limit = 1.0, 0.02
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--optim", "sgd", "--learning_rate", str(lr),
+                       "--max_grad_norm", str(limit), "--num_ppo_epochs", "1", reward_fn=varied_reward)
+    ro = trainer.rollout()
+    adv, returns, _ = trainer._advantages(ro)  # the critic fit rescales the head: before the snapshot
+    before = _flat(trainer.params)
+    out = trainer._optimise(ro, adv, returns)
+    assert out["grad_norm"] > 20 * limit, out["grad_norm"]
+    assert (_flat(trainer.params) - before).norm().item() == pytest.approx(lr * limit, rel=1e-3)
+
+
+def test_each_pass_over_the_prompts_has_its_own_permutation(tiny_models, adapters, prompts_file, tmp_path):
+    """Episode i's prompt is randperm(n, seed + pass)[i mod n] with pass = i // n: each pass visits every prompt
+    once, in a new order."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path)
+    n = len(trainer.prompt_ids)
+    got = [trainer._prompt_index(i) for i in range(3 * n)]
+    for e in range(3):
+        expected = torch.randperm(n, generator=torch.Generator().manual_seed(trainer.cfg.seed + e)).tolist()
+        assert got[e * n : (e + 1) * n] == expected
+    assert got[:n] != got[n : 2 * n]
+
+
+def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters, prompts_file, tmp_path):
+    """num_mini_batches > 1: every epoch draws a permutation of the batch (torch.randperm from the trainer's
+    permutation generator) and mini-batch m trains rows perm[m * size : (m + 1) * size], so each row is trained once
+    per epoch, in a different split every epoch."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--gradient_accumulation_steps", "1",
+                       "--num_mini_batches", "2", "--num_ppo_epochs", "2", reward_fn=varied_reward)
+    ro = trainer.rollout()
+    adv, returns, _ = trainer._advantages(ro)
+    B, micro = ro.response_ids.shape[0], trainer.cfg.per_device_train_batch_size
+    gen = torch.Generator()
+    gen.set_state(trainer.perm_gen.get_state())
+    expected = []
+    for _ in range(2):
+        perm = torch.randperm(B, generator=gen).tolist()
+        expected += [sorted(perm[: B // 2]), sorted(perm[B // 2 :])]
+    seen: list[list[int]] = []
+    rows = ro.rows
+    ro.rows = lambda idx, group=1: seen.append(idx.tolist()) or rows(idx, group)  # noqa: E731
+    trainer._optimise(ro, adv, returns)
+    assert B // 2 == micro and len(seen) == 4  # one micro-batch per mini-batch: seen[i] is mini-batch i
+    assert [sorted(s) for s in seen] == expected
+    assert expected[0] != expected[2] or expected[1] != expected[3]  # the seed gives different splits per epoch
+
+
+def test_chunks_with_different_prompt_widths_stay_left_padded(tiny_models, adapters, prompts_file, tmp_path, no_grad):
+    """Sampling in chunks (generation_batch_size) whose prompts have different widths: the rollout's queries are left
+    padded to the widest, exactly as one left_pad of all prompts, and the reference (= policy here) log-probs of that
+    layout equal the sampling ones."""
+    from pipeline.generation import left_pad
+    from stages.ppo.rollout import _cat_left, collect
+
+    a, b = torch.tensor([[1, 2]]), torch.tensor([[3, 4, 5, 6]])
+    assert _cat_left([a, b], 0).tolist() == [[0, 0, 1, 2], [3, 4, 5, 6]]
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--generation_batch_size", "2")
+    ids = trainer.prompt_ids[:6]
+    assert len({max(len(p) for p in ids[s : s + 2]) for s in (0, 2, 4)}) > 1  # chunks of different widths
+    ro = collect(trainer.stack, trainer.tokenizer, trainer.prompts[:6], ids, trainer.cfg, torch.Generator().manual_seed(0))
+    q_ids, q_mask = left_pad(ids, trainer.tokenizer.pad_token_id)
+    assert torch.equal(ro.query_ids, q_ids) and torch.equal(ro.query_mask, q_mask)
+    assert torch.allclose(ro.ref_logprobs, ro.logprobs, atol=1e-4)
+
+
+def test_the_reward_replays_the_value_layers_only_when_they_are_the_same(tiny_models, adapters, prompts_file,
+                                                                          tmp_path, no_grad):
+    """value_trainable_layers with reward_input tokens: the reward pass replays the value's frozen bottom layers only
+    if the reward adapter's weights there are identical (TopLayers.same_below). Once the reward's bottom layer
+    differs, the trainer must not replay, and the rollout's scores equal a full reward forward."""
+    from accelerate import PartialState
+
+    from pipeline.adapters import adapter_of
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack, load_prompts
+    from stages.ppo.rollout import collect
+    from stages.ppo.trainer import PPOTrainer
+
+    sft_dir, rm_dir = adapters("llama")
+    cfg, run = parse_args(ppo_args(tiny_models["llama"], tmp_path, "x", prompts_file, None, None,
+                                   "--value_trainable_layers", "1", "--reward_input", "tokens"))
+    profile = profile_from(run.model_config)
+    tok = load_tokenizer(profile)
+    prompts, ids, _, _ = load_prompts(cfg, tok)
+    stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False)
+    bottom = [p for n, p in stack.model.named_parameters() if adapter_of(n) == "reward" and ".layers.0." in n]
+    assert bottom
+    g = torch.Generator().manual_seed(0)
+    for p in bottom:
+        p.add_(0.5 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    trainer = PPOTrainer(cfg, stack, tok, prompts, ids, tmp_path, PartialState(), reward_fn=None)
+    assert trainer.top is not None and not trainer.top.same_below("value", "reward")
+    assert not trainer.top.reward_shares_bottom
+    with_top = collect(stack, tok, prompts[:6], ids[:6], cfg, torch.Generator().manual_seed(2), None, trainer.top)
+    full = collect(stack, tok, prompts[:6], ids[:6], cfg, torch.Generator().manual_seed(2))
+    assert torch.equal(with_top.response_ids, full.response_ids)
+    assert torch.allclose(with_top.scores_raw, full.scores_raw, atol=1e-5), with_top.scores_raw - full.scores_raw
