@@ -37,6 +37,13 @@ PPO_RANKS = "tests/test_ppo.py -k 'two_ranks_equal_one_rank'"
 ENSEMBLE = "tests/test_rm.py tests/test_ppo.py -k ensemble"
 POOLING = "tests/test_rm.py tests/test_judges.py -k 'pool or pipelines_reward'"
 PEER_POOLING = "tests/test_bench_rl.py -k peers"
+GENERATION = "tests/test_generation.py"
+PAIRS = "tests/test_pairs.py -k 'own_prompt or key_repeats'"
+RM_DATA = "tests/test_rm.py -k 'reply_start_is or strength_margin or leave_ties'"
+LABELS = "tests/test_label_store.py"
+EVAL_BY_HAND = "tests/test_eval.py -k 'human_win_rate_counts or no_eos_figures or training_flags_by_hand'"
+PPO_LOOP = ("tests/test_ppo.py -k 'kl_loss_term_pulls or value_update_adds or critic_free_advantages_sum' "
+            "-m 'not slow'")
 
 # (name, file, old text, new text, the tests that guard the rule)
 MUTANTS: list[tuple[str, str, str, str, str]] = [
@@ -175,6 +182,39 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      RM_LIMIT),
     ("limit-gold-order", "bench/rm_limit.py", '"rejected": r["chosen"]} if gc < gr else dict(r)',
      '"rejected": r["chosen"]} if gc <= gr else dict(r)', RM_LIMIT),
+    # the sampler behind SFT's samples, make pairs and make eval (pipeline/generation.py)
+    ("gen-temperature", "pipeline/generation.py", "sampling = dict(do_sample=True, temperature=cfg.temperature,",
+     "sampling = dict(do_sample=True, temperature=1.0,", GENERATION),
+    ("gen-response-start", "pipeline/generation.py", "resp = out[:, ids.shape[1]:].cpu()",
+     "resp = out[:, ids.shape[1] - 1:].cpu()", GENERATION),
+    ("gen-batch-seed", "pipeline/generation.py", "return generator_seed + 1_000_003 * batch_index",
+     "return generator_seed", GENERATION),
+    # the data people and simulated annotators label (stages/pairs.py, stages/simulate.py, stages/label/)
+    ("pairs-interleaved", "stages/pairs.py", "[ids for ids in encoded for _ in range(k)]",
+     "[ids for _ in range(k) for ids in encoded]", PAIRS),
+    ("sim-gold-loser", "stages/simulate.py", "diff = scores[pair_id][left] - scores[pair_id][1 - left]",
+     "diff = scores[pair_id][1 - left] - scores[pair_id][left]", SIMULATE),
+    ("sim-scores-shifted", "stages/simulate.py", "flat_scores[2 * i:2 * i + 2]", "flat_scores[i:i + 2]", SIMULATE),
+    ("export-strength-losers", "stages/label/export.py", 'if v == outcome and lab["strength"])', 'if lab["strength"])',
+     LABELS),
+    ("judge-own-rm-by-name", "pipeline/judges.py",
+     "return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))", "return a == b", JUDGES),
+    # the reward model's data (stages/rm_data.py)
+    ("rm-reply-start-header", "stages/rm_data.py", "prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)",
+     "prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=False)", RM_DATA),
+    ("rm-margin-unscaled", "stages/rm_data.py", '"margin": args.margin_scale * strength,', '"margin": strength,', RM_DATA),
+    ("rm-ties-held-out", "stages/rm_data.py", 'eval_rows = [kept[i] for i in eval_idx["i"] if not kept[i]["tie"]]',
+     'eval_rows = [kept[i] for i in eval_idx["i"]]', RM_DATA),
+    # eval's PPO section and the RL loop's less travelled options
+    ("eval-human-sft-index", "stages/eval_ppo.py", 'human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})',
+     'human = human_win_rate(store, {s["pair_id"]: 0 for s in samples})', EVAL_BY_HAND),
+    ("update-kl-loss-sign", "stages/ppo/trainer.py", "loss = loss + self.kl_ctl.value * kl_term",
+     "loss = loss - self.kl_ctl.value * kl_term", PPO_LOOP),
+    ("update-value-offset", "stages/ppo/trainer.py",
+     "new_v = token_values(lm, x, self.top, ro.cached_hidden(idx, x)) + self.value_offset",
+     "new_v = token_values(lm, x, self.top, ro.cached_hidden(idx, x))", PPO_LOOP),
+    ("update-group-mean", "stages/ppo/trainer.py", "adv = L.group_advantages(rewards.sum(1),",
+     "adv = L.group_advantages(rewards.mean(1),", PPO_LOOP),
 ]
 
 
