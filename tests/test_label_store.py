@@ -288,3 +288,22 @@ def test_pairs_others_started_come_first_and_a_reload_renews_the_lease(tmp_path)
     assert s.next_item("alice").pair_id == held.pair_id  # the reload
     s.clock.t += 45  # 90 s after the first lease began, 45 s after the renewal
     assert s.next_item("bob").pair_id != held.pair_id
+
+
+def test_boundaries_of_the_export_filter_kappa_and_open_pairs(tmp_path):
+    """A 2-of-3 majority meets min_agreement 2/3 (kept: the bar is "at least"); two annotators who share exactly two
+    pairs get a kappa; a pair others have filled (overlap 1) is not open to me."""
+    def lab(pair, who, pref):
+        return {"pair_id": pair, "annotator": who, "choice": "left", "preferred": pref, "strength": None,
+                "created_at": 0, "prompt": [{"role": "user", "content": "q"}], "responses": ["r0", "r1"]}
+    votes = [lab("p", "a", 0), lab("p", "b", 0), lab("p", "c", 1)]
+    rows, dropped = aggregate(votes, min_agreement=2 / 3)
+    assert len(rows) == 1 and not dropped
+    two = [lab("p0", "a", 0), lab("p0", "b", 0), lab("p1", "a", 1), lab("p1", "b", 0)]
+    assert summarize(two, now=1)["agreement"]["cohen_kappa"]["a / b"]["items"] == 2
+
+    s = LabelStore(tmp_path / "open.sqlite", overlap=1, lease_s=60, clock=Clock())
+    s.import_items(pairs(3))
+    item = s.next_item("bob")
+    s.save_label("bob", item.pair_id, "left", item.shown_left)
+    assert s.progress("alice")["open_to_me"] == 2

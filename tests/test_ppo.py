@@ -1296,3 +1296,28 @@ def test_the_reward_replays_the_value_layers_only_when_they_are_the_same(tiny_mo
     full = collect(stack, tok, prompts[:6], ids[:6], cfg, torch.Generator().manual_seed(2))
     assert torch.equal(with_top.response_ids, full.response_ids)
     assert torch.allclose(with_top.scores_raw, full.scores_raw, atol=1e-5), with_top.scores_raw - full.scores_raw
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampled_logprobs_of_left_padded_prompts_equal_an_unpadded_forward(arch, tiny_models):
+    """sample() on prompts of different lengths (left-padded in one batch): each recorded log-prob is what one forward
+    of that prompt alone + its sampled tokens gives at the sampling temperature. GPT-2's positions are absolute, so the
+    padded rows must count their positions from their first real token."""
+    from pipeline.generation import encode_prompts, left_pad
+    from pipeline.models import load_base, load_tokenizer, profile_from
+    from stages.ppo.rollout import sample
+
+    profile = profile_from(str(tiny_models[arch]))
+    tok = load_tokenizer(profile)
+    lm = load_base(profile, tok).eval()
+    prompts = encode_prompts(tok, [[{"role": "user", "content": t}] for t in
+                                   ("Hi", "The rabbit ran into the garden and hid under a big green leaf.")])
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    out = sample(lm, ids, mask, 6, 0.7, [tok.eos_token_id], tok.pad_token_id, torch.Generator().manual_seed(0),
+                 stop_at_eos=False)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            seq = torch.tensor([p + out.response_ids[i].tolist()])
+            logits = lm(seq).logits[0, len(p) - 1: -1].float() / 0.7
+            expected = torch.log_softmax(logits, -1).gather(1, out.response_ids[i].unsqueeze(1)).squeeze(1)
+            torch.testing.assert_close(out.logprobs[i], expected, atol=1e-4, rtol=1e-4)
