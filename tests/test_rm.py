@@ -361,6 +361,17 @@ def test_truncate_pair_keeps_prompt_end_and_response_ends():
     # short responses: only the prompt is cut (from the front), the responses stay whole
     c, r, prompt_cut, response_cut = truncate_pair(bos + prompt + [7, 8], bos + prompt + [9], 8, 4, bos_token_id=1)
     assert c == [1, 15, 16, 17, 18, 19, 7, 8] and r == [1, 15, 16, 17, 18, 19, 9] and prompt_cut and not response_cut
+    # a prompt shorter than max_prompt_length leaves the responses the rest: cap 20 - 1 - 2 = 17 (13 + the last 4),
+    # and the prompt is not cut
+    short = [10, 11]
+    c, r, prompt_cut, response_cut = truncate_pair(bos + short + list(range(100, 130)), bos + short + list(range(200, 240)),
+                                                   20, 4, bos_token_id=1)
+    assert c == [1, 10, 11] + list(range(100, 113)) + list(range(126, 130)) and len(r) == 20
+    assert not prompt_cut and response_cut
+    # a cap of 3 still keeps each response's last token (its EOS): first 2 + last 1
+    c, r, _, _ = truncate_pair(bos + short + list(range(100, 110)), bos + short + list(range(200, 210)), 6, 2,
+                               bos_token_id=1)
+    assert c == [1, 10, 11, 100, 101, 109] and r == [1, 10, 11, 200, 201, 209]
     # a pair that fits is returned as it is
     assert truncate_pair([1, 2, 3], [1, 2, 4], 3, 1, bos_token_id=1) == ([1, 2, 3], [1, 2, 4], False, False)
 
