@@ -268,7 +268,7 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
             chosen, rejected, prompt_cut, response_cut = fitted
             c["prompt_cut"] += prompt_cut
             c["response_cut"] += response_cut
-        if chosen == rejected:  # they differed only in a middle that was cut
+        if chosen == rejected:  # defensive: truncate_pair keeps where the two replies part
             c["equal_after_cut"] += 1
             continue
         p["chosen_ids"], p["rejected_ids"] = chosen, rejected
