@@ -192,12 +192,16 @@ def test_kappa_alpha_and_position_bias_by_hand():
     assert binomial_two_sided_p(9, 10) == pytest.approx(22 / 1024)
 
 
+def lab(pair, who, choice, pref, strength=None, t=0):
+    """A label-store row as stats and export read it (responses "<pair>-r0", "<pair>-r1")."""
+    return {"pair_id": pair, "annotator": who, "choice": choice, "preferred": pref, "strength": strength,
+            "created_at": t, "prompt": [{"role": "user", "content": pair}], "responses": [f"{pair}-r0", f"{pair}-r1"]}
+
+
 def test_summarize_counts_choices_rates_and_agreement():
-    def lab(pair, who, choice, pref, t):
-        return {"pair_id": pair, "annotator": who, "choice": choice, "preferred": pref, "created_at": t}
-    labels = [lab("p0", "ann", "left", 0, 0), lab("p0", "bob", "right", 0, 60),   # same meaning, other sides
-              lab("p1", "ann", "left", 1, 1800), lab("p1", "bob", "left", 0, 1860),
-              lab("p2", "ann", "tie", None, 3600), lab("p2", "bob", "tie", None, 3660)]
+    labels = [lab("p0", "ann", "left", 0, t=0), lab("p0", "bob", "right", 0, t=60),   # same meaning, other sides
+              lab("p1", "ann", "left", 1, t=1800), lab("p1", "bob", "left", 0, t=1860),
+              lab("p2", "ann", "tie", None, t=3600), lab("p2", "bob", "tie", None, t=3660)]
     s = summarize(labels, now=3700)
     assert s["choices"] == {"left": 3, "right": 1, "tie": 2, "both_bad": 0}
     assert s["position_bias"]["left_share"] == 0.75
@@ -208,9 +212,6 @@ def test_summarize_counts_choices_rates_and_agreement():
 
 
 def test_export_vote_majority_ties_and_both_bad():
-    def lab(pair, who, choice, pref, strength=None):
-        return {"pair_id": pair, "annotator": who, "choice": choice, "preferred": pref, "strength": strength,
-                "prompt": [{"role": "user", "content": pair}], "responses": [f"{pair}-r0", f"{pair}-r1"]}
     labels = [lab("maj", "a", "left", 1, "much"), lab("maj", "b", "right", 1, "much"), lab("maj", "c", "left", 0),
               lab("tie", "a", "tie", None), lab("split", "a", "left", 0), lab("split", "b", "left", 1),
               lab("bad", "a", "both_bad", None)]
@@ -247,13 +248,10 @@ def test_auth_guard_and_users(tmp_path):
 def test_export_strength_comes_from_the_winning_votes():
     """Five votes, three for response 0 (slightly, slightly, much) and two for response 1 (much, much): the pair's
     strength is the winners' most common one, 'slightly'; the losers' words do not count."""
-    def lab(who, pref, strength):
-        return {"pair_id": "p", "annotator": who, "choice": "left", "preferred": pref, "strength": strength,
-                "prompt": [{"role": "user", "content": "q"}], "responses": ["r0", "r1"]}
-    labels = [lab("a", 0, "slightly"), lab("b", 0, "slightly"), lab("c", 0, "much"), lab("d", 1, "much"),
-              lab("e", 1, "much")]
+    labels = [lab("p", who, "left", pref, strength) for who, pref, strength in
+              (("a", 0, "slightly"), ("b", 0, "slightly"), ("c", 0, "much"), ("d", 1, "much"), ("e", 1, "much"))]
     (row,), _ = aggregate(labels)
-    assert row["chosen"][0]["content"] == "r0" and row["strength"] == "slightly" and row["agreement"] == 0.6
+    assert row["chosen"][0]["content"] == "p-r0" and row["strength"] == "slightly" and row["agreement"] == 0.6
 
 
 def test_binomial_p_of_a_large_count_and_the_rate_of_a_short_session():
@@ -265,10 +263,9 @@ def test_binomial_p_of_a_large_count_and_the_rate_of_a_short_session():
     assert binomial_two_sided_p(600, 1100) == pytest.approx(exact, rel=0.15)
     assert binomial_two_sided_p(550, 1100) == pytest.approx(1.0)
 
-    def lab(t):
-        return {"pair_id": f"p{t}", "annotator": "ann", "choice": "left", "preferred": 0, "created_at": t}
-    assert summarize([lab(0), lab(30)], now=60)["annotators"]["ann"]["labels_per_hour"] is None
-    assert summarize([lab(0), lab(120)], now=130)["annotators"]["ann"]["labels_per_hour"] == 60.0
+    at = lambda t: lab(f"p{t}", "ann", "left", 0, t=t)  # noqa: E731
+    assert summarize([at(0), at(30)], now=60)["annotators"]["ann"]["labels_per_hour"] is None
+    assert summarize([at(0), at(120)], now=130)["annotators"]["ann"]["labels_per_hour"] == 60.0
 
 
 def test_pairs_others_started_come_first_and_a_reload_renews_the_lease(tmp_path):
@@ -293,13 +290,10 @@ def test_pairs_others_started_come_first_and_a_reload_renews_the_lease(tmp_path)
 def test_boundaries_of_the_export_filter_kappa_and_open_pairs(tmp_path):
     """A 2-of-3 majority meets min_agreement 2/3 (kept: the bar is "at least"); two annotators who share exactly two
     pairs get a kappa; a pair others have filled (overlap 1) is not open to me."""
-    def lab(pair, who, pref):
-        return {"pair_id": pair, "annotator": who, "choice": "left", "preferred": pref, "strength": None,
-                "created_at": 0, "prompt": [{"role": "user", "content": "q"}], "responses": ["r0", "r1"]}
-    votes = [lab("p", "a", 0), lab("p", "b", 0), lab("p", "c", 1)]
+    votes = [lab("p", "a", "left", 0), lab("p", "b", "left", 0), lab("p", "c", "left", 1)]
     rows, dropped = aggregate(votes, min_agreement=2 / 3)
     assert len(rows) == 1 and not dropped
-    two = [lab("p0", "a", 0), lab("p0", "b", 0), lab("p1", "a", 1), lab("p1", "b", 0)]
+    two = [lab("p0", "a", "left", 0), lab("p0", "b", "left", 0), lab("p1", "a", "left", 1), lab("p1", "b", "left", 0)]
     assert summarize(two, now=1)["agreement"]["cohen_kappa"]["a / b"]["items"] == 2
 
     s = LabelStore(tmp_path / "open.sqlite", overlap=1, lease_s=60, clock=Clock())

@@ -1030,13 +1030,25 @@ def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models,
 
 # ------------------------------------------------------------------------------------------------ update rules
 
-def _move_off_the_reference(trainer, scale: float = 0.5, seed: int = 0) -> None:
-    """Perturb the policy adapter's weights (relative noise), so that the policy differs from the reference: a fresh
-    trainer starts at the reference, where every KL is 0 and the k3 term's gradient vanishes."""
+def _perturb(params, scale: float = 0.5, seed: int = 0) -> None:
+    """Relative noise on adapter weights: each tensor moves by scale x its mean magnitude x N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in trainer.named_params["policy"]:
+        for p in params:
             p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g))
+
+
+def _move_off_the_reference(trainer) -> None:
+    """A fresh trainer's policy is the reference, where every KL is 0 and the k3 term's gradient vanishes."""
+    _perturb(p for _, p in trainer.named_params["policy"])
+
+
+def _kl_per_answer(ro) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each answer's k1 (log-ratio) and k3 KL estimates to the reference, summed over its tokens."""
+    from stages.ppo import losses as L
+
+    m = ro.response_mask.float()
+    return ((ro.logprobs - ro.ref_logprobs) * m).sum(1), (L.kl_k3(ro.logprobs, ro.ref_logprobs) * m).sum(1)
 
 
 def _flat(params) -> torch.Tensor:
@@ -1114,8 +1126,7 @@ def test_critic_free_advantages_sum_each_answers_token_rewards(tiny_models, adap
     trainer.lm.generation_config.eos_token_id = [tok.eos_token_id] + list(range(7, len(tok), 7))
     ro = trainer.rollout()
     m = ro.response_mask.float()
-    k1 = ((ro.logprobs - ro.ref_logprobs) * m).sum(1)
-    k3 = (L.kl_k3(ro.logprobs, ro.ref_logprobs) * m).sum(1)
+    k1, k3 = _kl_per_answer(ro)
     lengths = m.sum(1).view(-1, 4)
     assert (lengths.max(1).values > lengths.min(1).values).any() and k1.abs().mean() > 0.1  # the rule matters here
     for estimator in ("rloo", "grpo"):
@@ -1147,15 +1158,11 @@ def test_the_adaptive_kl_controller_follows_the_logged_k1_kl(tiny_models, adapte
     """adaptive_kl: after an update beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * episodes / horizon), KL the
     update's logged kl: the k1 log-ratio summed per answer, averaged over the rollout (not k3's). The target is set
     near the rollout's KL, so the error is not clipped and k1 and k3 give different coefficients."""
-    from stages.ppo import losses as L
-
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--adaptive_kl", "true", "--kl_coef", "0.1",
                        "--kl_horizon", "100", "--num_ppo_epochs", "1", reward_fn=varied_reward)
     _move_off_the_reference(trainer)
     ro = trainer.rollout()
-    m = ro.response_mask.float()
-    k1 = ((ro.logprobs - ro.ref_logprobs) * m).sum(1).mean().item()
-    k3 = (L.kl_k3(ro.logprobs, ro.ref_logprobs) * m).sum(1).mean().item()
+    k1, k3 = (k.mean().item() for k in _kl_per_answer(ro))
     target = k1 * 1.1
     assert k1 > 0.1 and abs(k3 - k1) > 0.02 * k1, (k1, k3)
     trainer.kl_ctl.target = target
@@ -1286,9 +1293,7 @@ def test_the_reward_replays_the_value_layers_only_when_they_are_the_same(tiny_mo
     stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False)
     bottom = [p for n, p in stack.model.named_parameters() if adapter_of(n) == "reward" and ".layers.0." in n]
     assert bottom
-    g = torch.Generator().manual_seed(0)
-    for p in bottom:
-        p.add_(0.5 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    _perturb(bottom)
     trainer = PPOTrainer(cfg, stack, tok, prompts, ids, tmp_path, PartialState(), reward_fn=None)
     assert trainer.top is not None and not trainer.top.same_below("value", "reward")
     assert not trainer.top.reward_shares_bottom

@@ -237,22 +237,28 @@ def test_a_given_temperature_is_used_as_is_and_a_wide_tie_band_makes_every_label
     assert m["expected_agreement"] is None and m["agreement_with_gold"] is None and m["decided_labels"] == 0
 
 
+def votes(*pairs_and_prefs) -> list[dict]:
+    """Label-store rows as label-export reads them, one per (pair, preferred) vote, each by the pair's next
+    simulated annotator; preferred None = a tie."""
+    seen: dict[str, int] = {}
+    rows = []
+    for pair, pref in pairs_and_prefs:
+        seen[pair] = seen.get(pair, 0) + 1
+        rows.append({"pair_id": pair, "preferred": pref, "choice": "tie" if pref is None else ("left", "right")[pref],
+                     "annotator": f"sim:x-{seen[pair]}", "strength": None,
+                     "prompt": [{"role": "user", "content": pair}], "responses": [f"{pair} first", f"{pair} second"]})
+    return rows
+
+
 def test_majority_agreement_with_gold_by_hand():
     from stages.simulate import majority_agreement_with_gold
 
     scores = {"a": [0.9, 0.1], "b": [0.0, 0.5], "c": [0.2, 0.2], "d": [0.8, 0.0], "e": [0.7, 0.1]}
-    votes = {}
-
-    def lab(pair, pref):  # a store row as label-export reads it; None = a tie vote
-        votes[pair] = votes.get(pair, 0) + 1
-        return {"pair_id": pair, "preferred": pref, "choice": "tie" if pref is None else ("left", "right")[pref],
-                "annotator": f"sim:x-{votes[pair]}", "strength": None, "prompt": [{"role": "user", "content": pair}],
-                "responses": [f"{pair} first", f"{pair} second"]}
-    labels = [lab("a", 0), lab("a", 0), lab("a", 1),      # majority 0 = gold winner
-              lab("b", 0), lab("b", 0), lab("b", None),   # majority 0, gold winner is 1
-              lab("c", 0), lab("c", 0), lab("c", 0),      # gold tie: not counted
-              lab("d", 0), lab("d", 1), lab("d", None),   # 1-1-1: no majority, not counted
-              lab("e", 0), lab("e", None), lab("e", None)]  # a tie majority: export drops it, not counted
+    labels = votes(("a", 0), ("a", 0), ("a", 1),      # majority 0 = gold winner
+                   ("b", 0), ("b", 0), ("b", None),   # majority 0, gold winner is 1
+                   ("c", 0), ("c", 0), ("c", 0),      # gold tie: not counted
+                   ("d", 0), ("d", 1), ("d", None),   # 1-1-1: no majority, not counted
+                   ("e", 0), ("e", None), ("e", None))  # a tie majority: export drops it, not counted
     out = majority_agreement_with_gold(labels, scores, tie_band=0.05)
     assert out["majority_agreement_with_gold"] == 0.5 and out["majority_decided_pairs"] == 2
 
@@ -264,16 +270,9 @@ def test_majority_agreement_with_gold_counts_which_response_the_majority_chose()
     from stages.simulate import majority_agreement_with_gold
 
     scores = {"a": [0.9, 0.1], "b": [0.0, 0.5], "f": [0.1, 0.6]}
-    votes = {}
-
-    def lab(pair, pref):
-        votes[pair] = votes.get(pair, 0) + 1
-        return {"pair_id": pair, "preferred": pref, "choice": ("left", "right")[pref],
-                "annotator": f"sim:x-{votes[pair]}", "strength": None, "prompt": [{"role": "user", "content": pair}],
-                "responses": [f"{pair} first", f"{pair} second"]}
-    labels = [lab("a", 0), lab("a", 0), lab("a", 1),   # majority 0 = gold winner 0: agrees
-              lab("b", 0), lab("b", 0), lab("b", 1),   # majority 0, gold winner 1: disagrees
-              lab("f", 1), lab("f", 1), lab("f", 0)]   # majority 1 = gold winner 1: agrees
+    labels = votes(("a", 0), ("a", 0), ("a", 1),   # majority 0 = gold winner 0: agrees
+                   ("b", 0), ("b", 0), ("b", 1),   # majority 0, gold winner 1: disagrees
+                   ("f", 1), ("f", 1), ("f", 0))   # majority 1 = gold winner 1: agrees
     out = majority_agreement_with_gold(labels, scores, tie_band=0.05)
     assert out["majority_agreement_with_gold"] == round(2 / 3, 4) and out["majority_decided_pairs"] == 3
     assert majority_agreement_with_gold(labels[6:], scores, 0.05)["majority_agreement_with_gold"] == 1.0  # f alone
