@@ -63,7 +63,7 @@ stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED)
 	$(MODEL_ARG) $(call args_for,$(1),$(3))
 
 .PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rl bench-rm bench-rm-limit bench-story mutants clean-run
+	bench-ppo bench-rl bench-rm bench-rm-limit bench-valence-probe bench-story mutants clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -158,6 +158,10 @@ bench-rm: setup
 # on the default run's pairs and labels: bench/results/rm_limit.json. Needs `make sft rm` first.
 bench-rm-limit: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.rm_limit
+# Does the base know which words are happy? A linear probe of its layers for VADER's word valences (seconds):
+# bench/results/valence_probe.json.
+bench-valence-probe: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.valence_probe
 # The default story run under seeds 1-3 (make sft rm ppo eval each): gold gain, win rate, wall time -> bench/results/story.json
 bench-story: setup
 	$(PY) -m bench.story_seeds
