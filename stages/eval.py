@@ -140,9 +140,15 @@ def heldout_pair_rewards(stack: AdapterStack, tokenizer, rm: dict, batch: int) -
     held = read_rm_eval_pairs(rm)
     if not held:
         return [], [], []
-    prompts = [r["prompt"] for r in held]
-    return (held, reward_scores(stack, tokenizer, prompts, [r["chosen"] for r in held], batch),
-            reward_scores(stack, tokenizer, prompts, [r["rejected"] for r in held], batch))
+    # Each distinct (prompt, reply) once: K responses a prompt sit in K-1 pairs each.
+    asked = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in held]
+    where: dict[str, int] = {}
+    for prompt, reply in asked:
+        where.setdefault(json.dumps([prompt, reply]), len(where))
+    distinct = [json.loads(key) for key in where]
+    scores = reward_scores(stack, tokenizer, [p for p, _ in distinct], [t for _, t in distinct], batch)
+    scored = [scores[where[json.dumps([prompt, reply])]] for prompt, reply in asked]
+    return held, scored[:len(held)], scored[len(held):]
 
 
 def policy_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:

@@ -26,11 +26,20 @@ def pair_scores(model, rows: list[dict], pad_token_id: int, batch_size: int, poo
     """Every row's chosen score, then every rejected one, from a model whose forward pools (pool_in_forward). With
     `sum` the reply's own: the whole sequence's less its first reply_start tokens' (causal attention)."""
     seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-    scores = score(model, seqs, pad_token_id, batch_size)
+    scores = score_distinct(model, seqs, pad_token_id, batch_size)
     if pooling != "sum":
         return scores
     prompts = [s[: r["reply_start"]] for s, r in zip(seqs, rows + rows)]
-    return [a - b for a, b in zip(scores, score(model, prompts, pad_token_id, batch_size))]
+    return [a - b for a, b in zip(scores, score_distinct(model, prompts, pad_token_id, batch_size))]
+
+
+def score_distinct(model, sequences: list[list[int]], pad_token_id: int, batch_size: int) -> list[float]:
+    """score() of each distinct sequence once: K responses a prompt make K-1 pairs per response and one prompt."""
+    where: dict[tuple, int] = {}
+    for s in sequences:
+        where.setdefault(tuple(s), len(where))
+    scores = score(model, [list(s) for s in where], pad_token_id, batch_size)
+    return [scores[where[tuple(s)]] for s in sequences]
 
 
 @torch.no_grad()

@@ -419,3 +419,25 @@ def test_bad_gold_judge_is_one_error_before_anything_is_written(tmp_path, tiny_m
         with pytest.raises(ConfigError, match=message):
             main(*parse_args(base + ["--gold_judge", judge]))
         assert not (runs / "t" / "eval").exists()
+
+
+def test_held_out_pair_rewards_score_each_distinct_reply_once(tmp_path, monkeypatch):
+    """RM-gold's held-out scores: each pair's chosen and rejected score as before, each distinct (prompt, reply) scored
+    once (K responses a prompt sit in K-1 pairs each)."""
+    import stages.eval as ev
+
+    calls = []
+
+    def fake_scores(stack, tokenizer, prompts, texts, batch):
+        calls.append(list(zip([json.dumps(p) for p in prompts], texts)))
+        return [len(p[0]["content"]) + 10.0 * len(t) for p, t in zip(prompts, texts)]
+
+    monkeypatch.setattr(ev, "reward_scores", fake_scores)
+    rows = [("A", "xx", "y"), ("A", "zzz", "xx"), ("B", "xx", "y"), ("A", "y", "zzz")]
+    pairs = tmp_path / "eval_pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}], "chosen": c, "rejected": r}) + "\n"
+                             for p, c, r in rows))
+    held, chosen, rejected = ev.heldout_pair_rewards(None, None, {"outputs": {"eval_pairs": str(pairs)}}, 8)
+    assert [r["chosen"] for r in held] == ["xx", "zzz", "xx", "y"]
+    assert chosen == [21.0, 31.0, 21.0, 11.0] and rejected == [11.0, 21.0, 11.0, 31.0]
+    assert len(calls) == 1 and len(calls[0]) == len(set(calls[0])) == 5  # A: xx, zzz, y; B: xx, y
