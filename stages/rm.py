@@ -34,6 +34,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, pool_in_forward, write_p
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
+from stages.rm_groups import GroupCollator, group_by_prompt, grouped_reward_trainer
 from stages.rm_data import LABEL_EXPORT, checked_mixture, data_record, prepare_data
 from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
 
@@ -60,6 +61,9 @@ class RMArgs:
     ensemble: int = field(default=1, metadata={
         "help": "Reward models to train, with seeds seed, seed+1, ... on the same pairs and held-out prompts; PPO and "
                 "eval then use the mean of their standardised scores (Coste et al. 2023). 1: one model."})
+    batch_by_prompt: bool = field(default=False, metadata={
+        "help": "Batch whole prompts: each distinct response scored once, all the prompt's pairs in the loss (InstructGPT; "
+                "stages/rm_groups.py). per_device_train_batch_size then counts prompts."})
     pooling: str = field(default="last", metadata={
         "help": "How the head's per-token outputs become the score: last (the last real token, stock "
                 "*ForSequenceClassification) or sum (over the reply's tokens, / 16; pipeline.adapters.pool_scores)."})
@@ -127,6 +131,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     stage.prepare(config, is_main=state.is_main_process)
 
     def as_dataset(rows):  # already tokenized: RewardTrainer only pads and batches
+        if args.batch_by_prompt:
+            return Dataset.from_list(group_by_prompt(rows))
         cols = {"chosen_ids": [r["chosen_ids"] for r in rows], "rejected_ids": [r["rejected_ids"] for r in rows],
                 "length": [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]}
         if args.margin_scale:  # RewardTrainer subtracts a `margin` column inside the log-sigmoid
@@ -139,9 +145,9 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     #    data needs (plan_steps), evaluating on the held-out prompts along the way; the best adapter is kept
     #    (load_best_model_at_end, metric_for_best_model in configs/rm.yaml). With `ensemble` > 1, the same again with
     #    seeds seed+1, seed+2, ...: same pairs, same held-out prompts, another head init and batch order.
-    plan = plan_steps(len(train_rows), train_cfg, args, state.num_processes)
     peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout, task_type="SEQ_CLS")
     train_set, eval_set = as_dataset(train_rows), as_dataset(eval_rows)
+    plan = plan_steps(len(train_set), train_cfg, args, state.num_processes)  # pairs, or prompts with batch_by_prompt
     n, seed, trainer_root = len(eval_rows), train_cfg.seed, Path(train_cfg.output_dir)
     members = []
     for i in range(args.ensemble):
@@ -150,7 +156,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
         if args.ensemble > 1 and state.is_main_process:
             print(f"reward model {i + 1} of {args.ensemble} (seed {seed + i}) -> {adapter_dir}", flush=True)
         members.append(train_member(train_cfg, plan, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
-                                    adapter_dir, args.pooling))
+                                    adapter_dir, args))
     train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)
 
     # 4. On the main process: the held-out pairs, each member's reload check (the same scores from a fresh process)
@@ -190,7 +196,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
 
 
 def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
-                 adapter_dir: Path, pooling: str) -> dict:
+                 adapter_dir: Path, args: RMArgs) -> dict:
     """One reward model: train, save its adapter (every rank: on a sharded base the Trainer gathers it whole), then
     its held-out scores (every rank: score() spreads the batches and gathers the scores), chosen then rejected."""
     from transformers import set_seed
@@ -200,15 +206,20 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     # the same config starts from a different head and ends with different metrics.
     set_seed(train_cfg.seed)
     model = load_base(profile, tokenizer, kind="score", shard=shard)
-    trainer = RewardTrainer(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
-                            processing_class=tokenizer, peft_config=peft_config)
-    pool_in_forward(trainer.model, pooling)  # the loss, the held-out passes and score() all read the pooled score
+    trainer_class, collator = RewardTrainer, None
+    if args.batch_by_prompt:
+        trainer_class = grouped_reward_trainer()
+        collator = GroupCollator(tokenizer.pad_token_id, with_margin=bool(args.margin_scale))
+    trainer = trainer_class(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=peft_config, data_collator=collator)
+    pool_in_forward(trainer.model, args.pooling)  # the loss, the held-out passes and score() all read the pooled score
     t0 = time.time()
     result = trainer.train()
     train_time = time.time() - t0
     trainer.save_model(str(adapter_dir))
-    scores = pair_scores(trainer.model, eval_rows, tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size, pooling)
-    kept = {"adapter": adapter_dir, "scores": scores, "pooling": pooling, "train_time": train_time, "config": trainer.model.config,
+    scores = pair_scores(trainer.model, eval_rows, tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size,
+                         args.pooling)
+    kept = {"adapter": adapter_dir, "scores": scores, "pooling": args.pooling, "train_time": train_time, "config": trainer.model.config,
             "head": score_head_name(trainer.model), "sharding": sharding_report(trainer.model),
             "record": training_record(trainer.state, result, plan, train_cfg)}
     del trainer, model  # the next member loads its own base: free this one first

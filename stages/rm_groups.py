@@ -1,0 +1,118 @@
+"""Reward-model batches by prompt: each distinct response scored once, every labelled pair of it in the loss.
+
+`make pairs` samples K responses a prompt and labels all K(K-1)/2 pairs of them, so in pairwise batches every response
+is scored K-1 times an epoch (3 times at K = 4, 7 at K = 8). InstructGPT (Ouyang et al. 2022, section 3.5) trains on
+all of a prompt's comparisons as one batch element instead: one forward pass per response, and the loss over the
+prompt's pairs. The loss of a batch is the mean of -log sigmoid(r_winner - r_loser [- margin]) over its pairs: the
+pairwise loss of the same pairs, for a fraction of the compute (`batch_by_prompt` in configs/rm.yaml). With it a
+batch is `per_device_train_batch_size` *prompts*, however many pairs they hold.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+
+def prompt_key(row: dict, index: int) -> str:
+    """Rows of one prompt share a group; a row without a prompt (plain-text pairs) is a group of its own."""
+    return json.dumps(row["prompt"], sort_keys=True) if row.get("prompt") else f"row {index}"
+
+
+def group_by_prompt(rows: list[dict]) -> list[dict]:
+    """Tokenized pairs (rm_data.prepare_data rows) -> one row per prompt: its distinct token sequences once each, in
+    first-seen order, and its pairs as indices into them (`winners[i]` beat `losers[i]`), with their margins. A pair
+    that appears twice (a mixture weight > 1) stays twice. `length` (the longest sequence) serves group_by_length."""
+    groups: dict[str, dict] = {}
+    for i, r in enumerate(rows):
+        g = groups.setdefault(prompt_key(r, i), {"sequences": [], "winners": [], "losers": [], "margins": [], "where": {}})
+        ends = []
+        for ids in (r["chosen_ids"], r["rejected_ids"]):
+            key = tuple(ids)
+            if key not in g["where"]:
+                g["where"][key] = len(g["sequences"])
+                g["sequences"].append(list(ids))
+            ends.append(g["where"][key])
+        g["winners"].append(ends[0])
+        g["losers"].append(ends[1])
+        g["margins"].append(float(r.get("margin", 0.0)))
+    return [{"sequences": g["sequences"], "winners": g["winners"], "losers": g["losers"], "margins": g["margins"],
+             "length": max(len(s) for s in g["sequences"])} for g in groups.values()]
+
+
+def group_pair_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
+                    margins: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Bradley-Terry loss over pairs given as indices into `rewards` [N]: RewardTrainer's loss, pair by pair."""
+    diff = rewards[winners] - rewards[losers]
+    if margins is not None:
+        diff = diff - margins
+    return -F.logsigmoid(diff).mean()
+
+
+class GroupCollator:
+    """Groups -> one right-padded batch of all their sequences, each group's pair indices offset to its rows."""
+
+    def __init__(self, pad_token_id: int, with_margin: bool):
+        self.pad_token_id, self.with_margin = pad_token_id, with_margin
+
+    def __call__(self, groups: list[dict]) -> dict:
+        sequences, winners, losers, margins = [], [], [], []
+        for g in groups:
+            offset = len(sequences)
+            sequences += g["sequences"]
+            winners += [offset + i for i in g["winners"]]
+            losers += [offset + i for i in g["losers"]]
+            margins += g["margins"]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, s in enumerate(sequences):
+            input_ids[row, :len(s)] = torch.tensor(s)
+            attention_mask[row, :len(s)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "winners": torch.tensor(winners), "losers": torch.tensor(losers)}
+        if self.with_margin:
+            batch["margin"] = torch.tensor(margins, dtype=torch.float)
+        return batch
+
+
+def grouped_reward_trainer():
+    """TRL's RewardTrainer taking GroupCollator batches: its own loss and logged figures, over the batch's pairs."""
+    from trl import RewardTrainer
+
+    class GroupedRewardTrainer(RewardTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already grouped token ids (group_by_prompt), cut to max_length by rm_data
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            winners, losers, margins = inputs.pop("winners"), inputs.pop("losers"), inputs.pop("margin", None)
+            outputs = model(**inputs, use_cache=False)
+            rewards = outputs.logits.squeeze(-1)
+            loss = group_pair_loss(rewards, winners, losers, margins)
+            if self.args.center_rewards_coefficient is not None:  # RewardTrainer's: each pair's reward sum, squared
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards[winners] + rewards[losers]) ** 2)
+            if mode == "train":
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._total_train_tokens += tokens // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            with torch.no_grad():  # ranks hold different numbers of responses: gather per-rank figures, not rewards
+                diff = rewards[winners] - rewards[losers]
+                local = torch.stack([rewards.min(), rewards.mean(), rewards.max(), (diff > 0).float().mean(), diff.mean()])
+                every = self.accelerator.gather(local.unsqueeze(0))  # one row a rank, none dropped at the end
+                low, mean, high = every[:, 0].min(), every[:, 1].mean(), every[:, 2].max()
+                for name, value in (("min_reward", low), ("mean_reward", mean), ("max_reward", high),
+                                    ("accuracy", every[:, 3].mean()), ("margin", every[:, 4].mean())):
+                    self._metrics[mode][name].append(value.item())
+            return (loss, outputs) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            """The held-out loss only (it picks the checkpoint): a group's scores are no per-row prediction."""
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+    return GroupedRewardTrainer

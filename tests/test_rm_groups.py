@@ -1,0 +1,188 @@
+"""Reward-model batches by prompt (stages/rm_groups.py): the same pairs, each response scored once, the same loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.adapters import pool_in_forward
+from pipeline.models import load_base, load_tokenizer, profile_from
+from stages.rm_groups import GroupCollator, group_by_prompt, group_pair_loss, grouped_reward_trainer
+from tests.conftest import ARCHS
+from tests.test_rm import marker_data  # noqa: F401 (a fixture)
+
+
+def pair(prompt, chosen, rejected, margin=0.0):
+    return {"prompt": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "margin": margin}
+
+
+def flattened(groups: list[dict]) -> list[tuple]:
+    """Every group's pairs back as (winner ids, loser ids, margin), group by group."""
+    return [(tuple(g["sequences"][w]), tuple(g["sequences"][l]), m)
+            for g in groups for w, l, m in zip(g["winners"], g["losers"], g["margins"])]
+
+
+def test_group_by_prompt_keeps_every_pair_and_each_response_once():
+    a, b = [{"role": "user", "content": "A"}], [{"role": "user", "content": "B"}]
+    rows = [pair(a, [1, 2, 3], [1, 2, 4], 0.5), pair(b, [1, 9], [1, 8, 8, 8]), pair(a, [1, 2, 5], [1, 2, 3]),
+            pair(a, [1, 2, 4], [1, 2, 5], 1.0), pair(a, [1, 2, 3], [1, 2, 4], 0.5),  # the first pair again (weight 2)
+            pair("", [7, 7], [6]), pair("", [7, 7], [6])]  # no prompt: a group each, however alike
+    groups = group_by_prompt(rows)
+    assert len(groups) == 4
+    first = groups[0]
+    assert first["sequences"] == [[1, 2, 3], [1, 2, 4], [1, 2, 5]]  # three responses, each once, first seen first
+    assert (first["winners"], first["losers"], first["margins"]) == ([0, 2, 1, 0], [1, 0, 2, 1], [0.5, 0.0, 1.0, 0.5])
+    assert groups[1]["length"] == 4 and first["length"] == 3
+    by_group = [rows[0], rows[2], rows[3], rows[4], rows[1], rows[5], rows[6]]
+    assert flattened(groups) == [(tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), r["margin"]) for r in by_group]
+
+
+def test_group_pair_loss_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 2.0])
+    winners, losers = torch.tensor([0, 2, 1]), torch.tensor([1, 1, 2])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    by_hand = -(math.log(sig(1.0)) + math.log(sig(2.0)) + math.log(sig(-2.0))) / 3  # a mean over pairs, not a sum
+    assert group_pair_loss(rewards, winners, losers).item() == pytest.approx(by_hand, rel=1e-6)
+    margins = torch.tensor([0.5, 0.0, 1.0])
+    with_margin = -(math.log(sig(0.5)) + math.log(sig(2.0)) + math.log(sig(-3.0))) / 3
+    assert group_pair_loss(rewards, winners, losers, margins).item() == pytest.approx(with_margin, rel=1e-6)
+
+
+def test_collator_offsets_each_groups_pairs_to_its_rows():
+    groups = [{"sequences": [[5, 6, 7], [5, 8]], "winners": [1], "losers": [0], "margins": [0.25]},
+              {"sequences": [[9], [3, 3], [4, 4, 4, 4]], "winners": [0, 2], "losers": [2, 1], "margins": [0.0, 1.0]}]
+    batch = GroupCollator(pad_token_id=0, with_margin=True)(groups)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 8, 0, 0], [9, 0, 0, 0], [3, 3, 0, 0], [4, 4, 4, 4]]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 2, 1, 2, 4]
+    assert batch["winners"].tolist() == [1, 2, 4] and batch["losers"].tolist() == [0, 4, 3]
+    assert batch["margin"].tolist() == [0.25, 0.0, 1.0]
+    assert "margin" not in GroupCollator(pad_token_id=0, with_margin=False)(groups)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pooling", ["sum", "last"])
+def test_grouped_trainer_loss_and_gradient_equal_the_pairwise_trainers(tiny_models, tmp_path, arch, pooling):
+    """TRL's RewardTrainer on every pair of two prompts' responses, and ours on the two prompts' groups: the same loss
+    (margins and reward centering included) and the same gradient, from 5 forward rows instead of 12."""
+    from trl import RewardConfig, RewardTrainer
+
+    prof = profile_from(str(tiny_models[arch]))
+    tok = load_tokenizer(prof)
+    torch.manual_seed(0)
+    model = pool_in_forward(load_base(prof, tok, kind="score"), pooling)
+    g = torch.Generator().manual_seed(1)
+    head = [int(t) for t in torch.randint(5, 60, (4,), generator=g)]
+    replies = [[int(t) for t in torch.randint(5, 60, (n,), generator=g)] for n in (3, 5, 2)]
+    rows = [pair("a", head + replies[0], head + replies[1], 0.5), pair("a", head + replies[2], head + replies[0], 0.0),
+            pair("a", head + replies[1], head + replies[2], 1.0), pair("b", [3, 4, 5], [3, 6], 0.25),
+            pair("a", head + replies[0], head + replies[1], 0.5), pair("b", [3, 6], [3, 4, 5], 0.0)]
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", center_rewards_coefficient=0.01,
+                        per_device_train_batch_size=8, bf16=False)
+    pairs = [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"], "margin": r["margin"]} for r in rows]
+    stock = RewardTrainer(model=model, args=args, train_dataset=_dataset(pairs), processing_class=tok)
+    ours = grouped_reward_trainer()(model=model, args=args, train_dataset=_dataset(group_by_prompt(rows)),
+                                    processing_class=tok, data_collator=GroupCollator(tok.pad_token_id, with_margin=True))
+    losses, grads = [], []
+    for trainer, batch in ((stock, stock.data_collator(pairs)),
+                           (ours, ours.data_collator(group_by_prompt(rows)))):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert ours.data_collator(group_by_prompt(rows))["input_ids"].shape[0] == 5  # 3 + 2 distinct responses
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+def _dataset(rows):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+def test_held_out_scoring_scores_each_distinct_sequence_once(monkeypatch):
+    """pair_scores (the stage's held-out figures and its reload check): every pair's scores as before, each distinct
+    sequence (a response in K-1 pairs, a prompt in all of its pairs) through the model once."""
+    import stages.rm_scoring as scoring
+
+    seen = []
+
+    def fake_score(model, sequences, pad_token_id, batch_size=16):
+        seen.append([tuple(s) for s in sequences])
+        return [float(sum(s) + 0.5 * len(s)) for s in sequences]  # any per-sequence function
+
+    monkeypatch.setattr(scoring, "score", fake_score)
+    rows = [{"chosen_ids": [1, 2, 3], "rejected_ids": [1, 2, 4], "reply_start": 2},
+            {"chosen_ids": [1, 2, 5], "rejected_ids": [1, 2, 3], "reply_start": 2},
+            {"chosen_ids": [1, 2, 4], "rejected_ids": [1, 2, 5], "reply_start": 2}]
+    value = lambda s: sum(s) + 0.5 * len(s)  # noqa: E731
+    whole = [value(r["chosen_ids"]) for r in rows] + [value(r["rejected_ids"]) for r in rows]
+    assert scoring.pair_scores(None, rows, 0, 4, "last") == whole
+    assert seen == [[(1, 2, 3), (1, 2, 5), (1, 2, 4)]]
+    seen.clear()
+    assert scoring.pair_scores(None, rows, 0, 4, "sum") == [w - value([1, 2]) for w in whole]
+    assert seen == [[(1, 2, 3), (1, 2, 5), (1, 2, 4)], [(1, 2)]]  # the prompt once, not six times
+
+
+# ---------------------------------------------------------------- the stage with batch_by_prompt
+
+def k_response_rows(n_prompts: int, k: int = 4, seed: int = 0) -> list[dict]:
+    """K replies a prompt holding 0..K-1 times the word 'banana', every pair of them labelled: more bananas win."""
+    import random
+
+    from tests.test_rm import WORDS
+
+    rng, rows = random.Random(seed), []
+    for p in range(n_prompts):
+        prompt = [{"role": "user", "content": f"Tell me about the {rng.choice(WORDS)}, number {p}."}]
+        replies = [" ".join(rng.sample(WORDS, 5) + ["banana"] * n) for n in range(k)]
+        for i in range(k):
+            for j in range(i):
+                rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": replies[i]}],
+                             "rejected": [{"role": "assistant", "content": replies[j]}]})
+    return rows
+
+
+def test_one_pair_a_prompt_trains_exactly_as_pairwise(tiny_models, marker_data, tmp_path):
+    """With one pair a prompt a group is a pair: the same batches in the same order, the same loss, so the same
+    reward model as TRL's pairwise RewardTrainer, weight for weight."""
+    from safetensors.torch import load_file
+
+    from stages.rm import main, parse_args
+    from tests.test_rm import fake_sft, rm_args
+
+    runs_dir, arch, done = tmp_path / "runs", "llama", {}
+    for flag in ("false", "true"):
+        fake_sft(tiny_models[arch], runs_dir, flag)
+        done[flag] = main(*parse_args(rm_args(tiny_models[arch], runs_dir, flag, "--dataset_name",
+                                              str(marker_data["conversational"]), "--max_steps", "8", "--evals", "2",
+                                              "--center_rewards_coefficient", "0.01", "--batch_by_prompt", flag)))
+    pairwise, grouped = done["false"], done["true"]
+    assert grouped["plan_steps_per_epoch"] == pairwise["plan_steps_per_epoch"] == 32  # 256 pairs = 256 prompts, 8 a batch
+    weights = [load_file(runs_dir / flag / "rm" / "adapter" / "adapter_model.safetensors") for flag in ("false", "true")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=2e-5, rtol=1e-4)
+    assert grouped["eval_accuracy"] == pairwise["eval_accuracy"]
+    assert [e["eval_loss"] for e in grouped["eval_curve"]] == pytest.approx([e["eval_loss"] for e in pairwise["eval_curve"]],
+                                                                              abs=1e-4)
+
+
+def test_k_responses_a_prompt_train_on_every_pair_by_prompt(tiny_models, tmp_path):
+    """Four replies a prompt, all six pairs labelled: a batch is prompts (steps per epoch = prompts / batch), every
+    pair still counts as one, and the reward model learns the rule on held-out prompts."""
+    from stages.rm import main, parse_args
+    from tests.test_rm import fake_sft, rm_args, write_jsonl
+
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["qwen2"], runs_dir, "t")
+    data = write_jsonl(tmp_path / "k4.jsonl", k_response_rows(100))
+    m = main(*parse_args(rm_args(tiny_models["qwen2"], runs_dir, "t", "--dataset_name", str(data), "--batch_by_prompt",
+                                 "true", "--per_device_train_batch_size", "4", "--num_train_epochs", "3")))
+    assert (m["train_pairs"], m["eval_pairs"]) == (480, 120)  # 80 and 20 prompts, 6 pairs each
+    assert (m["plan_steps_per_epoch"], m["plan_steps"]) == (20, 60)  # 80 prompts, 4 a batch, 3 epochs
+    assert m["eval_accuracy"] >= 0.9, m
+    assert m["reload_check"]["max_abs_diff"] <= 1e-4
