@@ -109,7 +109,7 @@ def zero_head_copy(rm_dir: Path, out: Path) -> Path:
 
 def test_yaml_parses_and_rejects_unknown_keys(tmp_path):
     cfg, run = parse_args(["--config", "configs/ppo.yaml"])
-    assert cfg.kl_coef == 0.18 and cfg.num_ppo_epochs == 4 and run.model_config == "configs/models/tiny.yaml"
+    assert cfg.kl_coef == 0.25 and cfg.num_ppo_epochs == 4 and run.model_config == "configs/models/tiny.yaml"
     assert cfg.local_batch_size == cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     bad = tmp_path / "ppo.yaml"
     bad.write_text((REPO / "configs/ppo.yaml").read_text() + "\nkl_coeff: 0.1\n")

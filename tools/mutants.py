@@ -40,6 +40,7 @@ PEER_POOLING = "tests/test_bench_rl.py -k peers"
 GENERATION = "tests/test_generation.py"
 PAIRS = "tests/test_pairs.py -k 'own_prompt or key_repeats'"
 RM_DATA = "tests/test_rm.py -k 'reply_start_is or strength_margin or leave_ties'"
+RM_GROUPS = "tests/test_rm_groups.py -k 'not trains'"
 LABELS = "tests/test_label_store.py"
 EVAL_BY_HAND = "tests/test_eval.py -k 'human_win_rate_counts or no_eos_figures or training_flags_by_hand'"
 PPO_LOOP = ("tests/test_ppo.py -k 'kl_loss_term_pulls or value_update_adds or critic_free_advantages_sum' "
@@ -152,10 +153,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      ENSEMBLE),
     ("pool-tokens-from-0", "stages/ppo/rollout.py", "starts = torch.full((x.ids.shape[0],), x.prompt_width,",
      "starts = torch.full((x.ids.shape[0],), 0,", ENSEMBLE),
-    ("pool-stage-with-prompt", "stages/rm_scoring.py", "return [a - b for a, b in zip(scores, score(model, prompts, pad_token_id, batch_size))]",
+    ("pool-stage-with-prompt", "stages/rm_scoring.py", "return [a - b for a, b in zip(scores, score_distinct(model, prompts, pad_token_id, batch_size))]",
      "return scores", ENSEMBLE),
     ("pool-rollout-last", "stages/ppo/rollout.py", 'pooling = stack.pooling.get(member, "last")', 'pooling = "last"', ENSEMBLE),
-    ("pool-not-trained", "stages/rm.py", "pool_in_forward(trainer.model, pooling)  #", "pass  #", ENSEMBLE),
+    ("pool-not-trained", "stages/rm.py", "pool_in_forward(trainer.model, args.pooling)  #", "pass  #", ENSEMBLE),
     ("pool-not-reloaded", "stages/rm_scoring.py", "    pool_in_forward(model, pooling)\n    if torch.cuda", "    if torch.cuda", ENSEMBLE),
     # the benchmarks' peers score with the reward model's pooling (bench/peer/peer_common.py, bench/story.py)
     ("peer-pool-no-divisor", "bench/peer/peer_common.py", "output.cumsum(dim=1) / divisor)", "output.cumsum(dim=1))",
@@ -205,6 +206,17 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("rm-margin-unscaled", "stages/rm_data.py", '"margin": args.margin_scale * strength,', '"margin": strength,', RM_DATA),
     ("rm-ties-held-out", "stages/rm_data.py", 'eval_rows = [kept[i] for i in eval_idx["i"] if not kept[i]["tie"]]',
      'eval_rows = [kept[i] for i in eval_idx["i"]]', RM_DATA),
+    # the reward model's batches by prompt and its scoring of each distinct sequence once (stages/rm_groups.py)
+    ("rm-group-offset-lost", "stages/rm_groups.py", 'winners += [offset + i for i in g["winners"]]',
+     'winners += [i for i in g["winners"]]', RM_GROUPS),
+    ("rm-group-loss-sum", "stages/rm_groups.py", "return -F.logsigmoid(diff).mean()", "return -F.logsigmoid(diff).sum()",
+     RM_GROUPS),
+    ("rm-group-winner-loser", "stages/rm_groups.py", 'g["winners"].append(ends[0])', 'g["winners"].append(ends[1])',
+     RM_GROUPS),
+    ("rm-group-center-each", "stages/rm_groups.py", "torch.mean((rewards[winners] + rewards[losers]) ** 2)",
+     "torch.mean(rewards ** 2)", RM_GROUPS),
+    ("rm-distinct-first-score", "stages/rm_scoring.py", "where.setdefault(tuple(s), len(where))",
+     "where[tuple(s)] = len(where)", RM_GROUPS),
     # eval's PPO section and the RL loop's less travelled options
     ("eval-human-sft-index", "stages/eval_ppo.py", 'human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})',
      'human = human_win_rate(store, {s["pair_id"]: 0 for s in samples})', EVAL_BY_HAND),
