@@ -243,6 +243,12 @@ def weighted(rows: list[dict], weights: dict, seed: int) -> list[dict]:
     return out
 
 
+def prompt_key(row: dict, index: int) -> str:
+    """Rows of one prompt share a key (the held-out split, batches by prompt); a row without a prompt (plain-text
+    pairs) is a group of its own."""
+    return json.dumps(row["prompt"], sort_keys=True) if row.get("prompt") else f"row {index}"
+
+
 def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
     """Pairs -> token ids (once: training, held-out scoring and the reload check all use these) -> pairs over max_length
     truncated (truncate_pair: prompt end, response beginnings and ends), counted per source -> a split by prompt ->
@@ -282,7 +288,7 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
     if not kept:
         raise ConfigError(f"no usable preference pairs in {data_name}: read and dropped {json.dumps(counts)} (equal "
                           f"chosen/rejected, empty responses)")
-    groups = [json.dumps(p["prompt"], sort_keys=True) if p["prompt"] else f"row {i}" for i, p in enumerate(kept)]
+    groups = [prompt_key(p, i) for i, p in enumerate(kept)]
     index = Dataset.from_dict({"i": list(range(len(kept))), "group": groups})
     train_idx, eval_idx = train_eval_split(index, args.eval_fraction, train_cfg.seed, group_by=lambda r: r["group"])
     eval_rows = [kept[i] for i in eval_idx["i"] if not kept[i]["tie"]] if eval_idx is not None else []

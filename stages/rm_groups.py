@@ -10,15 +10,10 @@ batch is `per_device_train_batch_size` *prompts*, however many pairs they hold.
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
 
-
-def prompt_key(row: dict, index: int) -> str:
-    """Rows of one prompt share a group; a row without a prompt (plain-text pairs) is a group of its own."""
-    return json.dumps(row["prompt"], sort_keys=True) if row.get("prompt") else f"row {index}"
+from stages.rm_data import prompt_key
 
 
 def group_by_prompt(rows: list[dict]) -> list[dict]:
