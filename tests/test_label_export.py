@@ -195,3 +195,86 @@ def test_rm_refuses_a_run_with_labels_but_no_usable_export(runs_dir):
     # a run nobody labeled still trains on the bundled data alone (the default mixture), as before
     pairs, weights, _, _ = rm_mixture(runs_dir, "unlabeled")
     assert pairs == [] and weights == {}
+
+
+def pair(pair_id: str) -> dict:
+    return {"pair_id": pair_id, "prompt": [{"role": "user", "content": f"Tell me about {pair_id}."}],
+            "responses": [f"{pair_id} zero", f"{pair_id} one"]}
+
+
+def sample_pairs(runs_dir, run: str, pair_ids: list[str], tag: str) -> None:
+    """The run's pairs stage as `make pairs` leaves it: a dataset and a manifest naming it (`tag` makes it new)."""
+    import datasets
+
+    from pipeline.run import StageRun
+
+    stage = StageRun("pairs", run, str(runs_dir))
+    stage.prepare({"tag": tag})
+    datasets.Dataset.from_list([pair(p) for p in pair_ids]).save_to_disk(str(stage.dir / f"dataset-{tag}"))
+    stage.finish({"dataset": stage.dir / f"dataset-{tag}"}, {"policy": f"policy {tag}"}, {"tag": tag})
+
+
+def test_labels_of_pairs_from_an_earlier_pairs_dataset_stay_out_unless_kept(runs_dir, monkeypatch):
+    """`make pairs` again: the store keeps the old pairs' labels, the export holds only the current pairs' labels (by
+    the run's pairs dataset, even before `make label` has loaded it), unless --earlier_pairs keep; and the new pairs
+    make the export out of date."""
+    import datasets
+
+    from pipeline.run import is_current
+    from stages.label.pairs import read_pairs
+
+    sample_pairs(runs_dir, "r", ["a", "b"], "v1")
+    store = LabelStore(db_path(str(runs_dir), "r"))
+    store.import_items(read_pairs(str(runs_dir / "r/pairs/dataset-v1"), "pairs"))  # what `make label` serves
+    store.save_label("ann", "a", "left", 0)
+    store.save_label("ann", "b", "right", 0)
+    argv = ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir)]
+    monkeypatch.setattr("sys.argv", ["export", *argv])
+
+    def export(*extra):
+        from pipeline.config import RunArgs, parse
+        from stages.label.config import ExportArgs, LabelArgs
+        from stages.label.export import main
+
+        metrics = main(*parse((LabelArgs, ExportArgs, RunArgs), [*argv, *extra]))
+        rows = datasets.load_from_disk(str(runs_dir / "r/label-export/dataset")).to_list()
+        return metrics, sorted((r["pair_id"], r["chosen"][0]["content"]) for r in rows)
+
+    metrics, rows = export()
+    assert rows == [("a", "a zero"), ("b", "b one")] and metrics["earlier_pairs_labels"] == 0
+    assert is_current("label-export", argv) == (True, "")
+
+    sample_pairs(runs_dir, "r", ["b", "c"], "v2")  # sampled again; b comes back (same pair_id), a does not
+    assert is_current("label-export", argv) == (False, "the pairs stage ran again")
+    metrics, rows = export()
+    assert rows == [("b", "b one")] and metrics["earlier_pairs_labels"] == 1 and metrics["earlier_pairs"] == "drop"
+    assert "Labels of pairs from earlier pairs datasets: 1, left out" in (runs_dir / "r/label-export/README.md").read_text()
+    metrics, rows = export("--earlier_pairs", "keep")
+    assert rows == [("a", "a zero"), ("b", "b one")] and metrics["earlier_pairs_labels"] == 1
+
+    sample_pairs(runs_dir, "r", ["c"], "v3")  # none of the labels is of a current pair: one clear error, nothing touched
+    before = files(runs_dir / "r/label-export")
+    with pytest.raises(ConfigError, match=r"all 2 labels in .* are of pairs from an earlier pairs dataset: label the "
+                                          r"current pairs with `make label RUN=r`, or .* --earlier_pairs keep"):
+        export()
+    assert files(runs_dir / "r/label-export") == before
+    with pytest.raises(ValueError, match="earlier_pairs must be one of"):
+        export("--earlier_pairs", "some")
+
+
+def test_without_a_pairs_stage_the_pairs_the_store_loaded_last_are_the_current_ones(runs_dir, monkeypatch):
+    from pipeline.run import is_current
+
+    argv = ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir), "--overlap", "3"]
+    monkeypatch.setattr("sys.argv", ["export", *argv])
+    store = LabelStore(db_path(str(runs_dir), "r"))
+    store.import_items([pair("a"), pair("b")])
+    store.save_label("ann", "a", "left", 0)
+    store.save_label("ann", "b", "left", 0)
+    store.import_items([pair("b"), pair("c")])  # `make label` on new pairs: a stays in the store, inactive
+    assert [(lab["pair_id"], lab["current"]) for lab in store.labels()] == [("a", False), ("b", True)]
+    metrics = export_main(runs_dir)
+    assert metrics["pairs"] == 1 and metrics["earlier_pairs_labels"] == 1
+    assert is_current("label-export", argv) == (True, "")
+    sample_pairs(runs_dir, "r", ["c"], "v1")  # a pairs stage that appears later decides from then on
+    assert is_current("label-export", argv) == (False, "the pairs stage now exists")

@@ -16,6 +16,7 @@ from pipeline.config import ConfigError, resolve_path
 USERS_ENV = "LABEL_USERS"
 TIE_POLICIES = ("drop", "both_orders")
 BOTH_BAD_POLICIES = ("drop", "tie")
+EARLIER_PAIRS_POLICIES = ("drop", "keep")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class LabelArgs:
         "help": "drop: leave ties out; both_orders: keep a tie as two rows (A>B and B>A), which pull the rewards together."})
     both_bad: str = field(default="drop", metadata={"help": "drop, or tie: count 'both bad' as a tie."})
     min_agreement: float = field(default=0.0, metadata={"help": "Drop pairs whose majority share is below this (0..1)."})
+    earlier_pairs: str = field(default="drop", metadata={
+        "help": "Labels of pairs from an earlier pairs dataset (the store keeps them when `make pairs` runs again): "
+                "drop leaves them out of the export, keep exports them with the current pairs' labels."})
 
     def __post_init__(self):
         if self.overlap < 1:
@@ -58,6 +62,8 @@ class LabelArgs:
             raise ValueError(f"ties must be one of {TIE_POLICIES}, got '{self.ties}'")
         if self.both_bad not in BOTH_BAD_POLICIES:
             raise ValueError(f"both_bad must be one of {BOTH_BAD_POLICIES}, got '{self.both_bad}'")
+        if self.earlier_pairs not in EARLIER_PAIRS_POLICIES:
+            raise ValueError(f"earlier_pairs must be one of {EARLIER_PAIRS_POLICIES}, got '{self.earlier_pairs}'")
         if not 0 <= self.min_agreement <= 1:
             raise ValueError(f"min_agreement must be between 0 and 1, got {self.min_agreement}")
 

@@ -3,7 +3,8 @@
     python -m stages.label.export --config configs/label.yaml --run default [--push_to_hub user/name]
     make label-export ARGS="--ties both_orders --both_bad tie"
 
-One row per labeled pair: `prompt` (messages), `chosen` / `rejected` (one assistant message each), plus
+One row per labeled pair of the current pairs dataset (`earlier_pairs: keep` adds the labels of pairs from earlier
+ones, which the store keeps): `prompt` (messages), `chosen` / `rejected` (one assistant message each), plus
 `annotator` (everyone who labeled it), `n_annotators`, `strength` (slightly / much / ""), `agreement` (share of
 votes for the winning outcome), `is_tie`, `pair_id`. Several annotators on a pair: majority vote; no majority
 (e.g. one vote each way) drops the pair. Ties and "both bad" follow `ties` and `both_bad` in configs/label.yaml.
@@ -20,7 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.run import StageRun, atomic_write_json, main_guard, read_manifest
+from pipeline.run import StageRun, atomic_write_json, main_guard
 from stages.label.config import ExportArgs, LabelArgs, db_path
 from stages.label.stats import category, summarize
 
@@ -70,7 +71,7 @@ def aggregate(labels: list[dict], ties: str = "drop", both_bad: str = "drop", mi
 
 
 def dataset_card(rows: list[dict], labels: list[dict], dropped: Counter, args: LabelArgs, guidelines: str,
-                 pairs_source: str) -> str:
+                 pairs_source: str, n_earlier: int = 0) -> str:
     s = summarize(labels)
     ag = s["agreement"]
     people = "\n".join(f"| {name} | {a['labels']} |" for name, a in s["annotators"].items())
@@ -90,7 +91,7 @@ Pairs of model responses labeled by people in this project's Gradio labeling UI 
 - **Agreement**: {ag['pairs_with_several_labels']} pairs with 2+ labels; Krippendorff's alpha (nominal) {ag['krippendorff_alpha']},
   mean pairwise Cohen's kappa {ag['mean_cohen_kappa']}.
 - **Position bias**: the left side won {s['position_bias']['left_share']} of decided labels (left/right order was randomized per annotator).
-- **Pairs**: {pairs_source}.
+- **Pairs**: {pairs_source}. Labels of pairs from earlier pairs datasets: {n_earlier}, {"kept" if args.earlier_pairs == "keep" else "left out"} (`earlier_pairs: {args.earlier_pairs}`).
 
 Columns: `annotator` (everyone who labeled the pair, comma-separated), `n_annotators`, `strength` (slightly / much /
 empty, the majority among the winning votes), `agreement` (share of votes for the winning outcome), `is_tie`,
@@ -126,6 +127,18 @@ def push(ds, card_text: str, repo: str, private: bool) -> None:
     card.push_to_hub(repo, repo_type="dataset", commit_message="Dataset card: annotators, guidelines, agreement")
 
 
+def current_pair_ids(args: LabelArgs, stage: StageRun) -> set[str] | None:
+    """The pair_ids of the pairs the labels are for now: --pairs_dataset, else the run's pairs stage, as `make label`
+    would serve them (even before it has). None when the run has neither: the store's record of the pairs it last
+    loaded decides."""
+    from stages.label.__main__ import load_pairs
+
+    stage.may_read("pairs")  # pairs sampled again make the export out of date
+    if not args.pairs_dataset and not (stage.dir.parent / "pairs" / "manifest.json").is_file():
+        return None
+    return {pair["pair_id"] for pair in load_pairs(args, stage)}
+
+
 def replace_folder(new: Path, final: Path) -> None:
     """Put the complete folder `new` in the place of `final`, by renames: readers see the old export or the new one.
     (For the instant between the two renames there is none; `make rm` then refuses instead of training without it.)"""
@@ -152,17 +165,25 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     labels = LabelStore(db, overlap=args.overlap).labels()  # a damaged store stops here, the last export untouched
     if not labels:
         raise ConfigError(f"the label store {db} holds no labels yet: label some pairs with `make label RUN={run.run}`")
+    # Pairs of an earlier pairs dataset keep their labels in the store; by default only the current pairs' labels are
+    # exported, so that sampling pairs again does not mix labels of other responses into the reward model unnoticed.
+    current = current_pair_ids(args, stage)
+    is_current = (lambda lab: lab["pair_id"] in current) if current is not None else (lambda lab: lab["current"])
+    n_earlier = sum(not is_current(lab) for lab in labels)
+    if args.earlier_pairs == "drop":
+        labels = [lab for lab in labels if is_current(lab)]
+        if not labels:
+            raise ConfigError(f"all {n_earlier} labels in {db} are of pairs from an earlier pairs dataset: label the "
+                              f"current pairs with `make label RUN={run.run}`, or export the earlier ones with "
+                              "--earlier_pairs keep")
     rows, dropped = aggregate(labels, args.ties, args.both_bad, args.min_agreement)
     if not rows:
         raise ConfigError(f"all {len(labels)} labels were left out ({dict(dropped)}): label more pairs, or keep ties "
                           f"with --ties both_orders / --both_bad tie")
     guidelines = read_guidelines(args.guidelines)
     pairs_source = args.pairs_dataset or "the pairs stage of this run"
-    try:
-        pairs = read_manifest(run.runs_dir, run.run, "pairs", needed_by="label-export")
-        pairs_source = f"sampled by `make pairs` from {pairs['metrics'].get('policy', 'the SFT policy')}"
-    except ConfigError:
-        pass
+    if "pairs" in stage.upstream:
+        pairs_source = f"sampled by `make pairs` from {stage.upstream['pairs']['metrics'].get('policy', 'the SFT policy')}"
 
     new = stage.dir.with_name(f".{stage.dir.name}.new-{os.getpid()}")  # becomes stage.dir once complete
     shutil.rmtree(new, ignore_errors=True)
@@ -170,7 +191,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     try:
         ds = datasets.Dataset.from_list(rows)
         ds.save_to_disk(str(new / "dataset"))
-        card = dataset_card(rows, labels, dropped, args, guidelines, pairs_source)
+        card = dataset_card(rows, labels, dropped, args, guidelines, pairs_source, n_earlier)
         (new / "README.md").write_text(card)
         atomic_write_json(new / "config.json", config)
         if export.push_to_hub:
@@ -179,6 +200,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         s = summarize(labels)
         metrics = {"rows": len(rows), "pairs": len({r["pair_id"] for r in rows}), "labels": len(labels),
                    "annotators": len(s["annotators"]), "dropped": dict(dropped),
+                   "earlier_pairs_labels": n_earlier, "earlier_pairs": args.earlier_pairs,
                    "krippendorff_alpha": s["agreement"]["krippendorff_alpha"],
                    "left_share": s["position_bias"]["left_share"], "pushed_to": export.push_to_hub}
         stage.manifest_path = new / "manifest.json"  # the manifest travels with the folder; its paths name the final one

@@ -446,11 +446,13 @@ class LabelStore:
 
     # -- reading --------------------------------------------------------------------------------------------
     def labels(self) -> list[dict]:
-        """Every current label with its pair's prompt and responses (what export and stats read)."""
+        """Every current label with its pair's prompt and responses (what export and stats read), and `current`: whether
+        the pair is in the pairs dataset last loaded (false: a pair of an earlier dataset, kept with its labels)."""
         with self._read() as con:
-            rows = con.execute("SELECT l.*, i.prompt, i.responses FROM labels l JOIN items i USING (pair_id) "
+            rows = con.execute("SELECT l.*, i.prompt, i.responses, i.active FROM labels l JOIN items i USING (pair_id) "
                                "ORDER BY l.id").fetchall()
-        return [{**dict(r), "prompt": json.loads(r["prompt"]), "responses": json.loads(r["responses"])} for r in rows]
+        return [{**{k: r[k] for k in r.keys() if k != "active"}, "prompt": json.loads(r["prompt"]),
+                 "responses": json.loads(r["responses"]), "current": bool(r["active"])} for r in rows]
 
     def my_labels(self, annotator: str, limit: int = 50) -> list[dict]:
         with self._read() as con:
