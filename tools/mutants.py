@@ -38,6 +38,7 @@ ENSEMBLE = "tests/test_rm.py tests/test_ppo.py -k ensemble"
 POOLING = "tests/test_rm.py tests/test_judges.py -k 'pool or pipelines_reward'"
 PEER_POOLING = "tests/test_bench_rl.py -k peers"
 GENERATION = "tests/test_generation.py"
+EXPORT = "tests/test_label_export.py -k 'earlier or store_loaded'"
 PAIRS = "tests/test_pairs.py -k 'own_prompt or key_repeats'"
 RM_DATA = "tests/test_rm.py -k 'reply_start_is or strength_margin or leave_ties'"
 RM_GROUPS = "tests/test_rm_groups.py -k 'not trains'"
@@ -217,6 +218,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "torch.mean(rewards ** 2)", RM_GROUPS),
     ("rm-distinct-first-score", "stages/rm_scoring.py", "where.setdefault(tuple(s), len(where))",
      "where[tuple(s)] = len(where)", RM_GROUPS),
+    # the label export's current pairs (stages/label/export.py)
+    ("export-earlier-pairs-kept", "stages/label/export.py", "labels = [lab for lab in labels if is_current(lab)]",
+     "labels = list(labels)", EXPORT),
+    ("export-store-current-ignored", "stages/label/export.py",
+     'if current is not None else (lambda lab: lab["current"])', 'if current is not None else (lambda lab: True)', EXPORT),
+    ("export-new-pairs-unseen", "stages/label/export.py", 'stage.may_read("pairs")', "None", EXPORT),
     # eval's PPO section and the RL loop's less travelled options
     ("eval-human-sft-index", "stages/eval_ppo.py", 'human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})',
      'human = human_win_rate(store, {s["pair_id"]: 0 for s in samples})', EVAL_BY_HAND),
