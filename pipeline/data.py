@@ -207,3 +207,15 @@ def first_existing(*paths: str | Path) -> Path | None:
         if p and Path(p).exists():
             return Path(p)
     return None
+
+
+def score_each_once(items: list, score_many, key=repr) -> list[float]:
+    """score_many's score for every item, asking it for each distinct item (by key) once, in first-seen order: a
+    prompt's K responses sit in K-1 pairs each, and a score does not depend on the pair."""
+    where: dict = {}
+    distinct = []
+    for item in items:
+        if where.setdefault(key(item), len(distinct)) == len(distinct):
+            distinct.append(item)
+    scores = score_many(distinct)
+    return [scores[where[key(item)]] for item in items]

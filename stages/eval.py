@@ -31,7 +31,7 @@ import torch
 
 from pipeline.adapters import AdapterStack, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
-from pipeline.data import prompt_problem, read_jsonl
+from pipeline.data import prompt_problem, read_jsonl, score_each_once
 from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
 from pipeline.models import load_base, load_tokenizer, profile_from, require_chat_template, to_device
 from pipeline.report import finish_distributed, print_table
@@ -140,14 +140,9 @@ def heldout_pair_rewards(stack: AdapterStack, tokenizer, rm: dict, batch: int) -
     held = read_rm_eval_pairs(rm)
     if not held:
         return [], [], []
-    # Each distinct (prompt, reply) once: K responses a prompt sit in K-1 pairs each.
     asked = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in held]
-    where: dict[str, int] = {}
-    for prompt, reply in asked:
-        where.setdefault(json.dumps([prompt, reply]), len(where))
-    distinct = [json.loads(key) for key in where]
-    scores = reward_scores(stack, tokenizer, [p for p, _ in distinct], [t for _, t in distinct], batch)
-    scored = [scores[where[json.dumps([prompt, reply])]] for prompt, reply in asked]
+    scored = score_each_once(asked, lambda distinct: reward_scores(stack, tokenizer, [p for p, _ in distinct],
+                                                                   [t for _, t in distinct], batch), key=json.dumps)
     return held, scored[:len(held)], scored[len(held):]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import resolve_path
+from pipeline.data import score_each_once
 from pipeline import stats
 from pipeline.adapters import pool_in_forward, read_pooling
 from pipeline.run import atomic_write_json
@@ -35,11 +36,7 @@ def pair_scores(model, rows: list[dict], pad_token_id: int, batch_size: int, poo
 
 def score_distinct(model, sequences: list[list[int]], pad_token_id: int, batch_size: int) -> list[float]:
     """score() of each distinct sequence once: K responses a prompt make K-1 pairs per response and one prompt."""
-    where: dict[tuple, int] = {}
-    for s in sequences:
-        where.setdefault(tuple(s), len(where))
-    scores = score(model, [list(s) for s in where], pad_token_id, batch_size)
-    return [scores[where[tuple(s)]] for s in sequences]
+    return score_each_once(sequences, lambda distinct: score(model, distinct, pad_token_id, batch_size), key=tuple)
 
 
 @torch.no_grad()

@@ -51,3 +51,19 @@ def test_a_mixture_source_keeps_max_rows_rows(tmp_path):
     texts = mixed["text"]
     assert len(texts) == 7 and sum(t.startswith("a") for t in texts) == 4 and len(set(texts)) == 7
     assert [t[0] for t in texts] != ["a"] * 4 + ["b"] * 3  # shuffled after concatenation: the sources interleave
+
+
+def test_score_each_distinct_item_once_spreads_the_scores_back_in_order():
+    from pipeline.data import score_each_once
+
+    asked = []
+
+    def score_many(items):
+        asked.append(list(items))
+        return [float(len(item[1]) * 10 + i) for i, item in enumerate(items)]  # the i-th distinct item's own score
+
+    items = [("p", "ab"), ("q", "c"), ("p", "ab"), ("p", "xyz"), ("q", "c")]
+    scores = score_each_once(items, score_many, key=json.dumps)
+    assert asked == [[("p", "ab"), ("q", "c"), ("p", "xyz")]]  # each distinct item once, first-seen order
+    assert scores == [20.0, 11.0, 20.0, 32.0, 11.0]
+    assert score_each_once([], lambda items: [], key=tuple) == []

@@ -216,8 +216,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      RM_GROUPS),
     ("rm-group-center-each", "stages/rm_groups.py", "torch.mean((rewards[winners] + rewards[losers]) ** 2)",
      "torch.mean(rewards ** 2)", RM_GROUPS),
-    ("rm-distinct-first-score", "stages/rm_scoring.py", "where.setdefault(tuple(s), len(where))",
-     "where[tuple(s)] = len(where)", RM_GROUPS),
+    ("rm-distinct-first-score", "pipeline/data.py", "return [scores[where[key(item)]] for item in items]",
+     "return [scores[min(i, len(scores) - 1)] for i in range(len(items))]",
+     "tests/test_data.py tests/test_rm_groups.py tests/test_eval.py -k distinct"),
     # the label export's current pairs (stages/label/export.py)
     ("export-earlier-pairs-kept", "stages/label/export.py", "labels = [lab for lab in labels if is_current(lab)]",
      "labels = list(labels)", EXPORT),
