@@ -63,7 +63,7 @@ stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED)
 	$(MODEL_ARG) $(call args_for,$(1),$(3))
 
 .PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rl bench-rm bench-rm-limit bench-valence-probe bench-story mutants clean-run
+	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-ceiling bench-valence-probe bench-story mutants clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -162,6 +162,10 @@ bench-rm-limit: setup
 # bench/results/valence_probe.json.
 bench-valence-probe: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.valence_probe
+# How much can the run's labels teach? Bag-of-words learners on the reward model's own held-out pairs, knowing no word
+# or told VADER's words, on the labels and noise-free (about 2 minutes): bench/results/rm_ceiling.json.
+bench-rm-ceiling: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.rm_ceiling
 # The default story run under seeds 1-3 (make sft rm ppo eval each): gold gain, win rate, wall time -> bench/results/story.json
 bench-story: setup
 	$(PY) -m bench.story_seeds

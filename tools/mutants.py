@@ -38,6 +38,7 @@ ENSEMBLE = "tests/test_rm.py tests/test_ppo.py -k ensemble"
 POOLING = "tests/test_rm.py tests/test_judges.py -k 'pool or pipelines_reward'"
 PEER_POOLING = "tests/test_bench_rl.py -k peers"
 GENERATION = "tests/test_generation.py"
+CEILING = "tests/test_bench_rm_ceiling.py"
 EXPORT = "tests/test_label_export.py -k 'earlier or store_loaded'"
 PAIRS = "tests/test_pairs.py -k 'own_prompt or key_repeats'"
 RM_DATA = "tests/test_rm.py -k 'reply_start_is or strength_margin or leave_ties'"
@@ -219,6 +220,14 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("rm-distinct-first-score", "pipeline/data.py", "return [scores[where[key(item)]] for item in items]",
      "return [scores[min(i, len(scores) - 1)] for i in range(len(items))]",
      "tests/test_data.py tests/test_rm_groups.py tests/test_eval.py -k distinct"),
+    # the bag-of-words ceiling bench (bench/rm_ceiling.py)
+    ("ceiling-loss-sign", "bench/rm_ceiling.py", "loss = torch.nn.functional.softplus(-(x @ w)).sum()",
+     "loss = torch.nn.functional.softplus(x @ w).sum()", CEILING),
+    ("ceiling-gold-order-lost", "bench/rm_ceiling.py", "diff[flip] *= -1", "diff[flip] *= 1", CEILING),
+    ("ceiling-heldout-trained", "bench/rm_ceiling.py",
+     "train_rows = [r for i, r in enumerate(rows) if prompt_key(r, i) not in held_prompts]", "train_rows = rows", CEILING),
+    ("ceiling-penalty-max", "bench/rm_ceiling.py", "return min(PENALTIES, key=cv_loss)", "return max(PENALTIES, key=cv_loss)",
+     CEILING),
     # the label export's current pairs (stages/label/export.py)
     ("export-earlier-pairs-kept", "stages/label/export.py", "labels = [lab for lab in labels if is_current(lab)]",
      "labels = list(labels)", EXPORT),
