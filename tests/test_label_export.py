@@ -255,7 +255,7 @@ def test_labels_of_pairs_from_an_earlier_pairs_dataset_stay_out_unless_kept(runs
     sample_pairs(runs_dir, "r", ["c"], "v3")  # none of the labels is of a current pair: one clear error, nothing touched
     before = files(runs_dir / "r/label-export")
     with pytest.raises(ConfigError, match=r"all 2 labels in .* are of pairs from an earlier pairs dataset: label the "
-                                          r"current pairs with `make label RUN=r`, or .* --earlier_pairs keep"):
+                                          r"current pairs with `make label RUN=r`, or .*`earlier_pairs: keep` in configs/label.yaml"):
         export()
     assert files(runs_dir / "r/label-export") == before
     with pytest.raises(ValueError, match="earlier_pairs must be one of"):

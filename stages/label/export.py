@@ -174,8 +174,8 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         labels = [lab for lab in labels if is_current(lab)]
         if not labels:
             raise ConfigError(f"all {n_earlier} labels in {db} are of pairs from an earlier pairs dataset: label the "
-                              f"current pairs with `make label RUN={run.run}`, or export the earlier ones with "
-                              "--earlier_pairs keep")
+                              f"current pairs with `make label RUN={run.run}`, or export the earlier ones too with "
+                              "`earlier_pairs: keep` in configs/label.yaml (or --earlier_pairs keep)")
     rows, dropped = aggregate(labels, args.ties, args.both_bad, args.min_agreement)
     if not rows:
         raise ConfigError(f"all {len(labels)} labels were left out ({dict(dropped)}): label more pairs, or keep ties "
