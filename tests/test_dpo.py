@@ -65,7 +65,7 @@ def test_learns_marker_preference(trained):
     manifest = json.loads((run_dir / "dpo" / "manifest.json").read_text())
     assert manifest["outputs"]["adapter"] == str(run_dir / "dpo" / "adapter")
     assert manifest["upstream"]["sft"]["outputs"]["adapter"] == str(run_dir / "sft" / "adapter")
-    assert manifest["config"]["train"]["beta"] == 0.1 and manifest["metrics"]["eval_accuracy"] == m["eval_accuracy"]
+    assert manifest["config"]["train"]["beta"] == 0.2 and manifest["metrics"]["eval_accuracy"] == m["eval_accuracy"]
     adapter = run_dir / "dpo" / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     sft_cfg = json.loads((run_dir / "sft" / "adapter" / "adapter_config.json").read_text())
@@ -123,9 +123,10 @@ def test_adapter_loads_with_stock_peft_on_raw_base(trained, tmp_path):
     arch, run_dir, m = trained
     script = tmp_path / "reload.py"
     script.write_text(STOCK_RELOAD)
+    beta = json.loads((run_dir / "dpo" / "manifest.json").read_text())["config"]["train"]["beta"]  # the one it trained with
     res = subprocess.run([sys.executable, str(script), str(run_dir / "dpo" / "adapter"), str(run_dir / "sft" / "adapter"),
-                          str(run_dir / "dpo" / "eval_pairs.jsonl"), "0.1"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+                          str(run_dir / "dpo" / "eval_pairs.jsonl"), str(beta)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     stock = torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
     recorded = torch.tensor([[p["reward_chosen"], p["reward_rejected"]]

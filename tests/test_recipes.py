@@ -22,7 +22,10 @@ STORY = REPO / "data" / "story"
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_recipe_yaml_parses(path):
     parsed = parse(stage_classes(path.stem), ["--config", str(path)])
-    for key, value in read_yaml(path).items():
+    values = read_yaml(path)
+    if "base_config" in values:  # a variant: its base's keys and its own overrides
+        values = {**read_yaml(REPO / values.pop("base_config")), **values}
+    for key, value in values.items():
         got = getattr(next(obj for obj in parsed if hasattr(obj, key)), key)
         got = got.value if hasattr(got, "value") else got
         assert got == value or str(got) == str(value) or (value == "none" and got in ([], ["none"])), key
@@ -146,3 +149,11 @@ def test_make_recipe_variable_picks_the_assistant_configs():
     assert "--run assistant" in lines[0]  # its own run folder unless RUN says otherwise
     rc, _, err = make_dry_run("sft", "RECIPE=nosuch")
     assert rc != 0 and "RECIPE=nosuch" in err and "assistant" in err
+
+
+def test_dpo_keeps_the_papers_beta_in_the_assistant_recipe():
+    """The story recipe's beta was chosen for the 3M base; the assistant recipe (real checkpoints) keeps 0.1."""
+    rc, lines, _ = make_dry_run("dpo", "RECIPE=assistant", "RUN=dryrun-nonexistent")
+    assert rc == 0 and "--config configs/recipes/assistant/dpo.yaml" in lines[-1]
+    beta = lambda path: next(c.beta for c in parse(stage_classes("dpo"), ["--config", path]) if hasattr(c, "beta"))  # noqa: E731
+    assert beta("configs/recipes/assistant/dpo.yaml") == 0.1 and beta("configs/dpo.yaml") == 0.2
