@@ -1,10 +1,10 @@
 """What limits the reward model's agreement with the gold judge? The same held-out pairs, four kinds of training data.
 
     make sft rm                                   # a run with pairs and labels (the default chain makes them)
-    make bench-rm-limit                           # -> bench/results/rm_limit.json (about 13 minutes on 2 CPU cores)
+    make bench-rm-limit                           # -> bench/results/rm_limit.json (about 16 minutes on 2 CPU cores)
     python -m bench.rm_limit --from_run runs/default --seeds 1 2 3 --output /tmp/rm_limit.json [stage overrides]
 
-Issue 11 asks the reward model to order 85% of held-out pairs as the gold judge does; it reaches about 70%. This
+Issue 11 asks the reward model to order 85% of held-out pairs as the gold judge does; it reaches about 74%. This
 bench tells the candidate causes apart on a run's own pairs and labels (its label export):
 
 - labels:    the run's labels as exported (the annotators' majority);
