@@ -114,23 +114,18 @@ def learner(vocab: list[str], train: dict, test: dict, gold_order: bool) -> dict
 def read_pairs(run_dir: Path) -> tuple[dict, dict, str]:
     """The reward model's training pairs (the label export minus its held-out prompts, ties left out as the reward model
     leaves them out of its held-out pairs) and its held-out pairs, as reply texts with prompt groups; the run's judge."""
-    from datasets import load_from_disk
-
+    from bench.rm_limit import read_run, reply_text
     from stages.rm_data import prompt_key
 
-    export = json.loads((run_dir / "label-export" / "manifest.json").read_text())
+    rows, judge = read_run(run_dir)  # the label export without ties, and the judge its annotators used
     held = [json.loads(line) for line in (run_dir / "rm" / "eval_pairs.jsonl").read_text().splitlines() if line.strip()]
     held_prompts = {prompt_key(r, i) for i, r in enumerate(held)}
-    rows = [r for r in load_from_disk(export["outputs"]["dataset"]) if not r.get("is_tie")]
     train_rows = [r for i, r in enumerate(rows) if prompt_key(r, i) not in held_prompts]
-    reply = lambda m: m if isinstance(m, str) else m[-1]["content"]  # noqa: E731
 
     def as_pairs(part: list[dict]) -> dict:
         return {"prompts": [r["prompt"] for r in part], "groups": [prompt_key(r, i) for i, r in enumerate(part)],
-                "chosen": [reply(r["chosen"]) for r in part], "rejected": [reply(r["rejected"]) for r in part]}
+                "chosen": [reply_text(r["chosen"]) for r in part], "rejected": [reply_text(r["rejected"]) for r in part]}
 
-    simulate = run_dir / "simulate" / "manifest.json"
-    judge = json.loads(simulate.read_text())["config"]["simulate"]["judge"] if simulate.is_file() else "sentiment"
     return as_pairs(train_rows), as_pairs(held), judge
 
 
