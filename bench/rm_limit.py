@@ -34,10 +34,7 @@ from pathlib import Path
 from bench.rm_rules import no_op_sft, run_stage, saved_adapter_scores
 from pipeline.config import REPO_ROOT
 from pipeline.run import atomic_write_json, git_commit, package_versions
-
-
-def prompt_key(row: dict) -> str:
-    return json.dumps(row["prompt"], sort_keys=True)
+from stages.rm_data import prompt_key
 
 
 def split_by_prompt(rows: list[dict], test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -46,7 +43,7 @@ def split_by_prompt(rows: list[dict], test_fraction: float, seed: int) -> tuple[
 
     from pipeline.data import train_eval_split
 
-    index = Dataset.from_dict({"i": list(range(len(rows))), "group": [prompt_key(r) for r in rows]})
+    index = Dataset.from_dict({"i": list(range(len(rows))), "group": [prompt_key(r, i) for i, r in enumerate(rows)]})
     train, test = train_eval_split(index, test_fraction, seed, group_by=lambda r: r["group"])
     return [rows[i] for i in train["i"]], [rows[i] for i in test["i"]]
 
@@ -63,10 +60,10 @@ def gold_ordered(rows: list[dict], gold_chosen: list[float], gold_rejected: list
 
 def half_of_prompts(rows: list[dict], seed: int) -> list[dict]:
     """The pairs of a seeded half of the prompts (rounded down)."""
-    keys = sorted({prompt_key(r) for r in rows})
+    keys = sorted({prompt_key(r, i) for i, r in enumerate(rows)})
     random.Random(seed).shuffle(keys)
     kept = set(keys[: len(keys) // 2])
-    return [r for r in rows if prompt_key(r) in kept]
+    return [r for i, r in enumerate(rows) if prompt_key(r, i) in kept]
 
 
 def standardised(scores: list[float]) -> list[float]:
