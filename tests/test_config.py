@@ -24,16 +24,21 @@ def stage_classes(name: str):
     raise AssertionError(f"stages/{name} does not declare CONFIG_CLASSES")
 
 
+def resolved_yaml(path) -> dict:
+    """A stage YAML's keys as the stage sees them: a variant (base_config) is its base's keys with its own overrides."""
+    values = read_yaml(path)
+    if "base_config" in values:
+        values = {**read_yaml(REPO / values.pop("base_config")), **values}
+    return values
+
+
 @pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: p.name)
 def test_stage_yaml_parses(path):
     classes = stage_classes(path.stem)
     parsed = parse(classes, ["--config", str(path)])
     assert len(parsed) == len(classes)
     # every key of the YAML reached a dataclass with the YAML's value
-    values = read_yaml(path)
-    if "base_config" in values:  # a variant: its base's keys and its own overrides
-        base = read_yaml(REPO / values.pop("base_config"))
-        values = {**base, **values}
+    values = resolved_yaml(path)
     for key, value in values.items():
         holders = [obj for obj in parsed if hasattr(obj, key)]
         assert holders, key

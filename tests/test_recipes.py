@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.config import parse, read_yaml
 from tests.conftest import REPO
-from tests.test_config import stage_classes
+from tests.test_config import resolved_yaml, stage_classes
 
 RECIPE_CONFIGS = sorted((REPO / "configs" / "recipes").glob("*/*.yaml"))
 STORY = REPO / "data" / "story"
@@ -22,10 +22,7 @@ STORY = REPO / "data" / "story"
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_recipe_yaml_parses(path):
     parsed = parse(stage_classes(path.stem), ["--config", str(path)])
-    values = read_yaml(path)
-    if "base_config" in values:  # a variant: its base's keys and its own overrides
-        values = {**read_yaml(REPO / values.pop("base_config")), **values}
-    for key, value in values.items():
+    for key, value in resolved_yaml(path).items():
         got = getattr(next(obj for obj in parsed if hasattr(obj, key)), key)
         got = got.value if hasattr(got, "value") else got
         assert got == value or str(got) == str(value) or (value == "none" and got in ([], ["none"])), key
