@@ -10,7 +10,7 @@ bench tells the candidate causes apart on a run's own pairs and labels (its labe
 - labels:    the run's labels as exported (the annotators' majority);
 - gold:      the same pairs ordered by the gold judge itself: what noise-free labels would give;
 - half:      the labels of a seeded half of the training prompts: what halving the data costs, so what doubling it
-             might buy;
+             might buy; quarter (not in the default `--conditions`): a seeded quarter, the curve's third point;
 - ensemble:  the mean of the `labels` reward models' standardised scores (Coste et al. 2023's reward-model ensemble).
 
 Each of labels, gold and half trains one reward model per seed (its init, batch order and checkpoint split), reported
@@ -58,11 +58,16 @@ def gold_ordered(rows: list[dict], gold_chosen: list[float], gold_rejected: list
             for r, gc, gr in zip(rows, gold_chosen, gold_rejected)]
 
 
-def half_of_prompts(rows: list[dict], seed: int) -> list[dict]:
-    """The pairs of a seeded half of the prompts (rounded down)."""
+# The conditions that train on a seeded share of the training prompts, and that share: a learning curve on one test set
+SHARES = {"half": 0.5, "quarter": 0.25}
+CONDITIONS = ("labels", "gold", *SHARES)
+
+
+def share_of_prompts(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """The pairs of a seeded share of the prompts (their count rounded down)."""
     keys = sorted({prompt_key(r, i) for i, r in enumerate(rows)})
     random.Random(seed).shuffle(keys)
-    kept = set(keys[: len(keys) // 2])
+    kept = set(keys[: int(len(keys) * share)])
     return [r for i, r in enumerate(rows) if prompt_key(r, i) in kept]
 
 
@@ -114,6 +119,9 @@ def parse_bench_args(argv=None):
     p.add_argument("--model_config", default="configs/models/tiny.yaml")
     p.add_argument("--work_dir", default="bench/out/rm_limit")
     p.add_argument("--output", default="bench/results/rm_limit.json")
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=["labels", "gold", "half"],
+                   help="What to train on: the run's labels, the gold's order, or the labels of a share of the prompts "
+                        "(half, quarter).")
     return p.parse_known_args(argv)
 
 
@@ -134,7 +142,9 @@ def main(argv=None) -> int:
         prompts = [r["prompt"] for r in part]
         gold[name] = (judge_scores(judge, prompts, [reply_text(r["chosen"]) for r in part]),
                       judge_scores(judge, prompts, [reply_text(r["rejected"]) for r in part]))
-    data = {"labels": train, "gold": gold_ordered(train, *gold["train"]), "half": half_of_prompts(train, args.split_seed)}
+    every = {"labels": train, "gold": gold_ordered(train, *gold["train"]),
+             **{name: share_of_prompts(train, share, args.split_seed) for name, share in SHARES.items()}}
+    data = {name: every[name] for name in args.conditions}
 
     work, runs_dir = REPO_ROOT / args.work_dir, REPO_ROOT / args.work_dir / "runs"
     result = {"settings": {**vars(args), "overrides": overrides, "judge": judge_spec},

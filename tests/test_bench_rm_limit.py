@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.rm_limit import (ensemble_mean, gold_ordered, half_of_prompts, label_agreement, main, mean_and_se,
-                            split_by_prompt, standardised)
+from bench.rm_limit import (ensemble_mean, gold_ordered, label_agreement, main, mean_and_se, share_of_prompts, split_by_prompt,
+                            standardised)
 
 
 def rows_for(n_prompts: int, per_prompt: int) -> list[dict]:
@@ -38,11 +38,13 @@ def test_gold_ordered_puts_the_gold_winner_first_and_keeps_gold_ties():
     assert rows[1]["chosen"][0]["content"] == "a1-0"  # the input is not changed in place
 
 
-def test_half_of_prompts_keeps_whole_prompts():
+def test_a_share_of_prompts_keeps_whole_prompts_and_the_quarter_lies_in_the_half():
     rows = rows_for(21, 2)
-    half = half_of_prompts(rows, seed=3)
-    assert len(prompts_of(half)) == 10 and len(half) == 20
-    assert half == half_of_prompts(rows, seed=3) and prompts_of(half) != prompts_of(half_of_prompts(rows, seed=4))
+    half, quarter = share_of_prompts(rows, 0.5, seed=3), share_of_prompts(rows, 0.25, seed=3)
+    assert len(prompts_of(half)) == 10 and len(half) == 20  # 21 prompts: 10.5 rounded down, both pairs of each
+    assert len(prompts_of(quarter)) == 5 and len(quarter) == 10
+    assert prompts_of(quarter) < prompts_of(half)  # one seeded order of prompts: the curve's points are nested
+    assert half == share_of_prompts(rows, 0.5, seed=3) and prompts_of(half) != prompts_of(share_of_prompts(rows, 0.5, seed=4))
 
 
 def test_standardised_and_ensemble_mean_by_hand():
