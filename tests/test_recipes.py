@@ -91,12 +91,17 @@ def test_story_rows_come_from_the_right_books_and_fit_the_limits():
         assert len(tok(r["messages"][1]["content"], add_special_tokens=False)["input_ids"]) < response_length  # + EOS
 
 
-def test_build_splits_books_and_filters_words(tmp_path):
+def story_build():
     sys.path.insert(0, str(STORY))
     try:
         import build
     finally:
         sys.path.remove(str(STORY))
+    return build
+
+
+def test_build_splits_books_and_filters_words(tmp_path, monkeypatch):
+    build = story_build()
     from stages.label.config import word_filter
 
     (tmp_path / "kept.txt").write_text(
@@ -120,6 +125,21 @@ def test_build_splits_books_and_filters_words(tmp_path):
         {"role": "assistant", "content": "Night came over the quiet town. Everyone slept soundly until morning."}]}]
     prompts = files["pairs_prompts.jsonl"] + files["ppo_prompts.jsonl"]  # the last sentence alone is under 10 tokens
     assert [r["prompt"][0]["content"] for r in prompts] == [held.rsplit(" Then", 1)[0]]
+    assert files["spare"] == []  # SFT takes its one window
+    monkeypatch.setattr(build, "SFT_ROWS", 0)  # SFT takes none: its window's opening is spare, as a prompt
+    assert build.build(tmp_path, ["held"], tok, word_filter(["dog"]))["spare"] == [
+        {"prompt": files["sft.jsonl"][0]["messages"][:1]}]
+
+
+def test_more_pairs_prompts_are_the_own_openings_then_spare_ones_in_order():
+    build = story_build()
+    opening = lambda text: {"prompt": [{"role": "user", "content": text}]}  # noqa: E731
+    own, spare = [opening("a"), opening("b")], [opening(t) for t in "cdefg"]
+    files = {"pairs_prompts.jsonl": own, "spare": spare}
+    assert build.more_pairs_prompts(files, 2) == own + spare[:2]
+    assert build.more_pairs_prompts(files, 3) == own + spare[:4]
+    with pytest.raises(SystemExit, match=r"--more_pairs_prompts 4: only 5 spare openings, 6 needed; ask for at most 3"):
+        build.more_pairs_prompts(files, 4)
 
 
 # ------------------------------------------------------------------------------------------------ the Makefile

@@ -1,6 +1,7 @@
 """Build the story-continuation task in data/story/ from the bundled children's books (data/pretrain/texts/).
 
     python data/story/build.py            # writes sft.jsonl, pairs_prompts.jsonl, ppo_prompts.jsonl (committed)
+    python data/story/build.py --more_pairs_prompts 4 --output /tmp/pairs_prompts_x4.jsonl   # not committed: below
 
 The default recipe's task is Ziegler et al. 2019's "continue the story, happily" on our own base:
 - sft.jsonl: {"messages": [user: a story opening (a few sentences), assistant: the next sentence or two]}, cut from
@@ -8,6 +9,11 @@ The default recipe's task is Ziegler et al. 2019's "continue the story, happily"
 - pairs_prompts.jsonl, ppo_prompts.jsonl: {"prompt": [user: a story opening]}, from the books the base model
   never saw (`heldout_books` in configs/base.yaml): the pairs stage (simulated or human labels for the reward
   model) and PPO (whose held-out share `make eval` uses) get disjoint halves, so eval prompts are new to the RM too.
+
+--more_pairs_prompts N writes N times pairs_prompts.jsonl's openings: its own, then openings of training-book windows
+that sft.jsonl does not use (the base saw those books, SFT never saw these openings). `make pairs PAIRS_ARGS=
+"--prompts_file FILE"` then samples pairs of them: how far more labelled openings lift the reward model (README,
+`bench.rm_limit --conditions labels half quarter`).
 
 Lengths are measured with the base's own tokenizer, so every prompt fits PPO's max_prompt_length after the chat
 template and every reply fits its response_length. Openings and replies holding a word of configs/label.yaml's
@@ -119,23 +125,52 @@ def build(books_dir: Path, heldout: list[str], tokenizer, blocked) -> dict[str, 
     rng.shuffle(sft)
     rng.shuffle(prompts)
     half = len(prompts) // 2
-    return {"sft.jsonl": sft[:SFT_ROWS], "pairs_prompts.jsonl": prompts[:half], "ppo_prompts.jsonl": prompts[half:]}
+    return {"sft.jsonl": sft[:SFT_ROWS], "pairs_prompts.jsonl": prompts[:half], "ppo_prompts.jsonl": prompts[half:],
+            "spare": [{"prompt": row["messages"][:1]} for row in sft[SFT_ROWS:]]}  # the windows SFT leaves unused
 
 
-def main() -> None:
+def more_pairs_prompts(files: dict[str, list[dict]], times: int) -> list[dict]:
+    """`times` x as many openings as pairs_prompts.jsonl: its own first, then the spare training-book openings in order."""
+    own = files["pairs_prompts.jsonl"]
+    extra = (times - 1) * len(own)
+    if extra > len(files["spare"]):
+        raise SystemExit(f"error: --more_pairs_prompts {times}: only {len(files['spare'])} spare openings, "
+                         f"{extra} needed; ask for at most {1 + len(files['spare']) // len(own)}")
+    return own + files["spare"][:extra]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main(argv=None) -> None:
+    import argparse
+
     from transformers import AutoTokenizer
 
     from stages.label.config import word_filter
 
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--more_pairs_prompts", type=int, default=0, metavar="N",
+                   help="Write N x pairs_prompts.jsonl's openings to --output instead of the committed files.")
+    p.add_argument("--output", type=Path, help="Where --more_pairs_prompts writes (a .jsonl path).")
+    args = p.parse_args(argv)
+    if args.more_pairs_prompts and (args.more_pairs_prompts < 2 or not args.output):
+        p.error("--more_pairs_prompts takes N >= 2 and an --output path")
     base_cfg = yaml.safe_load((REPO / "configs/base.yaml").read_text())
     label_cfg = yaml.safe_load((REPO / "configs/label.yaml").read_text())
     tokenizer = AutoTokenizer.from_pretrained(REPO / "models/tiny")
     files = build(REPO / base_cfg["text_dir"], base_cfg["heldout_books"], tokenizer, word_filter(label_cfg["offensive_words"]))
-    for name, rows in files.items():
-        with open(HERE / name, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        print(f"data/story/{name}: {len(rows)} rows")
+    if args.more_pairs_prompts:
+        rows = more_pairs_prompts(files, args.more_pairs_prompts)
+        write_jsonl(args.output, rows)
+        print(f"{args.output}: {len(rows)} rows")
+        return
+    for name in ("sft.jsonl", "pairs_prompts.jsonl", "ppo_prompts.jsonl"):
+        write_jsonl(HERE / name, files[name])
+        print(f"data/story/{name}: {len(files[name])} rows")
 
 
 if __name__ == "__main__":
