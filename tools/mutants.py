@@ -221,8 +221,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "return [scores[min(i, len(scores) - 1)] for i in range(len(items))]",
      "tests/test_data.py tests/test_rm_groups.py tests/test_eval.py -k distinct"),
     # the bag-of-words ceiling bench (bench/rm_ceiling.py)
-    ("ceiling-loss-sign", "bench/rm_ceiling.py", "loss = torch.nn.functional.softplus(-(x @ w)).sum()",
-     "loss = torch.nn.functional.softplus(x @ w).sum()", CEILING),
+    ("ceiling-loss-sign", "bench/rm_ceiling.py", "softplus(-torch.sparse.mm(x, w[:, None]).squeeze(1))",
+     "softplus(torch.sparse.mm(x, w[:, None]).squeeze(1))", CEILING),
     ("ceiling-gold-order-lost", "bench/rm_ceiling.py", "diff[flip] *= -1", "diff[flip] *= 1", CEILING),
     ("ceiling-heldout-trained", "bench/rm_ceiling.py",
      "train_rows = [r for i, r in enumerate(rows) if prompt_key(r, i) not in held_prompts]", "train_rows = rows", CEILING),
