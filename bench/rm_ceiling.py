@@ -58,7 +58,8 @@ def fit(diff: np.ndarray, penalty: float) -> np.ndarray:
     import torch
 
     # Sparse: a pair's counts touch a few dozen words of thousands, so each of LBFGS's products costs its nonzeros, not
-    # pairs x words (the same w to 1e-13; on a run with 4x the default's pairs the dense fit took most of an hour)
+    # pairs x words (the same w to 1e-13, 9x faster on 3,000 random pairs of 2,000 words; the default run's figures to
+    # the digit)
     x = torch.tensor(diff, dtype=torch.float64).to_sparse()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
