@@ -551,6 +551,32 @@ def test_critic_warmup_trains_only_the_value(tiny_models, adapters, prompts_file
     assert any(not torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
 
 
+def test_critic_warmup_under_ranks_leaves_adamw_policy_state_alone(tiny_models, adapters, prompts_file, tmp_path):
+    """Under several ranks the warm-up must step the policy's AdamW as one process does: not at all. A zero gradient
+    summed across ranks would count as a step (weight decay moves the weights, bias correction shrinks the first real
+    step). The rank sum is stood in for by identity (every rank holding the same rows: the global token mean is this
+    rank's), so world 2 must give exactly world 1's parameters after a warm-up update and a real one."""
+    from stages.ppo.rollout import collect
+
+    args = ("--critic_warmup_updates", "1", "--optim", "adamw", "--weight_decay", "0.1", "--num_ppo_epochs", "1",
+            "--critic_init", "rm")
+    params = {}
+    for world in (1, 2):
+        trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path / str(world), *args)
+        trainer.world, trainer._all_sum = world, lambda t: t.clone()
+        ro = collect(trainer.stack, trainer.tokenizer, trainer.prompts[:4], trainer.prompt_ids[:4], trainer.cfg,
+                     torch.Generator().manual_seed(0), None, trainer.top)
+        policy0 = [p.detach().clone() for _, p in trainer.named_params["policy"]]
+        for update in (0, 1):
+            trainer.update = update
+            trainer._optimise(ro, *trainer._advantages(ro)[:2])
+            if update == 0:
+                assert all(torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
+        assert any(not torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
+        params[world] = [p.detach().clone() for p in trainer.params]
+    assert all(torch.equal(a, b) for a, b in zip(params[1], params[2]))
+
+
 def test_vf_coef_scales_the_value_step(tiny_models, adapters, prompts_file, tmp_path):
     """The value loss enters the gradient times vf_coef. Under Adam that scale cancels (the policy and value adapters
     share no parameter), so plain SGD shows it: one step (critic warm-up: the policy stays put, and both runs sample

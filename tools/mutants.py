@@ -82,6 +82,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("update-denom-local", "stages/ppo/trainer.py",
      "denom = self._all_sum(ro.response_mask[mb].sum().float()).clamp(min=1)",
      "denom = ro.response_mask[mb].sum().float().clamp(min=1)", PPO_RANKS),
+    ("update-warmup-zero-grads", "stages/ppo/trainer.py", "self._sum_grads(trained_now)", "self._sum_grads(self.params)",
+     "tests/test_ppo.py -k critic_warmup_under_ranks"),
     # eval: gold figures, KL, the over-optimisation flag
     ("eval-agree-proxy-tie", "stages/eval_ppo.py", "1.0 if p * g > 0", "1.0 if p * g >= 0", EVAL),
     ("eval-agree-gold-ties", "stages/eval_ppo.py",

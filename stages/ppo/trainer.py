@@ -138,17 +138,19 @@ class PPOTrainer:
         vec = self._all_sum(vec) / self.world
         return {k: (None if math.isnan(v) else v) for k, v in zip(keys, vec.tolist())}
 
-    def _sum_grads(self) -> None:
-        """Sum the adapters' gradients across ranks. Every rank's loss is already divided by the token count of the
-        *global* mini-batch, so the sum is the gradient of the global token mean: 2 ranks x B == 1 rank x 2B."""
+    def _sum_grads(self, params: list[torch.Tensor]) -> None:
+        """Sum the gradients of the adapters trained this step across ranks. Every rank's loss is already divided by
+        the token count of the *global* mini-batch, so the sum is the gradient of the global token mean: 2 ranks x B ==
+        1 rank x 2B. Only `params` (the same on every rank): a parameter left at grad None is one the optimizer skips,
+        as on one process; a zero gradient would count as an AdamW step (bias correction, weight decay)."""
         if self.world == 1:
             return
-        for p in self.params:
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = self._all_sum(torch.cat([p.grad.reshape(-1) for p in self.params]))
+        flat = self._all_sum(torch.cat([p.grad.reshape(-1) for p in params]))
         offset = 0
-        for p in self.params:
+        for p in params:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
@@ -247,6 +249,7 @@ class PPOTrainer:
         B = ro.response_ids.shape[0]
         mb_size, micro = B // cfg.num_mini_batches, cfg.per_device_train_batch_size
         train_policy = self.update >= cfg.critic_warmup_updates  # critic warm-up: the value learns alone at first
+        trained_now = self.params if train_policy else [p for _, p in self.named_params["value"]]
         # Token-weighted sums on this rank; summed across ranks once at the end.
         sums = dict.fromkeys(("policy_loss", "value_loss", "clipfrac_policy", "clipfrac_value", "approx_kl",
                               "entropy_update", "kl_loss", "tokens"), 0.0)
@@ -300,9 +303,9 @@ class PPOTrainer:
                         sums["value_loss"] += vl.item()
                         sums["clipfrac_value"] += vst["clipfrac"].item() * nt
                     sums["tokens"] += nt
-                self._sum_grads()
+                self._sum_grads(trained_now)
                 if cfg.max_grad_norm > 0:  # the gradients are global now: every rank computes the same norm
-                    grad_norm += float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                    grad_norm += float(torch.nn.utils.clip_grad_norm_(trained_now, cfg.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_steps += 1
