@@ -265,6 +265,9 @@ def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_models, adapters, 
         a = (Path(runs_dir) / "straight/ppo" / name / "adapter_model.safetensors").read_bytes()
         b = (Path(runs_dir) / "split/ppo" / name / "adapter_model.safetensors").read_bytes()
         assert a == b, f"{name} differs after resume"
+    # the critic's fitted offset (its head has no bias) travels with the value adapter, and survives the resume
+    offsets = [json.loads((Path(runs_dir) / r / "ppo/value_adapter/value_offset.json").read_text()) for r in ("straight", "split")]
+    assert offsets[0] == offsets[1] and offsets[0]["value_offset"] == offsets[0]["critic_fit"]["offset"] != 0.0
     # the policy kept at update 2 (for make eval's curve), identical too; the final one is adapter/, not kept twice
     kept = [sorted(p.name for p in (Path(runs_dir) / r / "ppo/policies").iterdir()) for r in ("straight", "split")]
     assert kept == [["update-000002"]] * 2

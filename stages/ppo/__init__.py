@@ -350,6 +350,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
             stack.save(name, outputs[key])
             tokenizer.save_pretrained(outputs[key])
             save_fingerprint(outputs[key], stack.causal_lm.config, base_path)
+        if cfg.has_critic:
+            trainer.write_value_offset(outputs["value_adapter"])
         metrics = {**trainer.summary(), "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes,
                    "model_copies": 1, "frozen_params": n_base, "trainable_params": n_train, "base_sharded": shard,
                    "base_numel": base_full, "base_numel_per_rank": base_per_rank,

@@ -36,6 +36,7 @@ from .rollout import Rollout, TopLayers, by_group_length, collect, decoder_layer
 
 # Keys whose values depend on the machine's speed; everything else in metrics.jsonl is reproducible.
 TIMING_KEYS = ("episodes_per_s", "gen_tokens_per_s", "time_generate_s", "time_score_s", "time_train_s", "time_update_s")
+VALUE_OFFSET_FILE = "value_offset.json"  # beside a saved value adapter: what its head output needs added
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -487,6 +488,13 @@ class PPOTrainer:
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    def write_value_offset(self, folder: Path) -> None:
+        """The critic's value is its head's output plus value_offset (critic_init: fit; the head has no bias to fold
+        it into), so a saved value adapter carries the offset beside it."""
+        (folder / VALUE_OFFSET_FILE).write_text(json.dumps(
+            {"value_offset": self.value_offset, "critic_fit": self.critic_fit,
+             "note": "value = the value adapter's score head output + value_offset"}, indent=1) + "\n")
+
     def save_checkpoint(self) -> Path:
         """checkpoint-N/: policy/ and value/ (PEFT folders), trainer_state.pt (rank 0: trainable tensors, optimizer,
         scheduler, KL controller, critic fit), checkpoint.json (what it was trained from) and rng_rank<r>.pt (one per
@@ -506,6 +514,7 @@ class PPOTrainer:
             self.stack.save("policy", tmp / "policy")
             if self.cfg.has_critic:
                 self.stack.save("value", tmp / "value")
+                self.write_value_offset(tmp / "value")
             state = {
                 "update": self.update, "episodes": self.episodes, "world_size": self.world,
                 "trainable": {a: {n: p.detach().cpu().clone() for n, p in ps} for a, ps in self.named_params.items()},
