@@ -169,8 +169,10 @@ def parse(classes: tuple, argv: list[str] | None = None):
 RANGES = {
     **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "max_new_tokens", "generation_batch_size", "sample_max_new_tokens", "score_batch_size",
-                     "gold_batch_size", "max_prompt_tokens", "max_length", "lora_r"), (1, None, True)),
-    **dict.fromkeys(("learning_rate", "lora_alpha"), (0, None, False)),
+                     "gold_batch_size", "max_prompt_tokens", "max_length", "lora_r", "batch_size",
+                     "concurrency_limit"), (1, None, True)),
+    **dict.fromkeys(("learning_rate", "lora_alpha", "lease_timeout_s"), (0, None, False)),
+    "port": (1, 65536, True),
     **dict.fromkeys(("num_train_epochs", "warmup_steps", "weight_decay", "max_prompts", "report_samples", "top_k",
                      "temperature", "max_grad_norm"), (0, None, True)),
     **dict.fromkeys(("eval_fraction", "lora_dropout"), (0, 1, True)),

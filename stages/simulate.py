@@ -206,6 +206,7 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     from pipeline.report import print_table
     from stages.label.__main__ import load_pairs
     from stages.label.config import db_path, word_filter
+    from stages.label.store import lock_store
 
     stage = StageRun("simulate", run.run, run.runs_dir)
     config = {"simulate": to_dict(args), "run": to_dict(run)}
@@ -229,6 +230,8 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     # 2. The noise model's temperature: given, or calibrated on these pairs' score differences
     outside = [abs(s[0] - s[1]) for s in scores.values() if abs(s[0] - s[1]) >= max(args.tie_band, 1e-12)]
     temperature = args.temperature or calibrate_temperature(outside, args.target_agreement, args.position_bias)
+    lock = lock_store(db, then="stop it before `make simulate` (the simulators import the run's pairs into the "
+                               "store, which would take other pairs away from the people labeling)")
     stage.prepare(config)
 
     # 3. Label like a person: each pair the store serves (word filter included), answered in the left/right order the
@@ -249,6 +252,7 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     # 4. What was achieved, from the store itself (a rerun that labels nothing new reports the same)
     mine = [lab for lab in store.labels() if lab["annotator"] in names and lab["pair_id"] in scores]
     store.keepalive.close()
+    lock.close()
     with open(stage.dir / "gold_scores.jsonl", "w") as f:
         for p in pairs:
             f.write(json.dumps({"pair_id": p["pair_id"], "scores": scores[p["pair_id"]]}) + "\n")

@@ -162,6 +162,19 @@ def test_a_second_app_on_a_served_store_stops_before_writing(runs, tmp_path):
     lock_store(db).close()  # released with its holder
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--port", "70000", r"--port on the command line is 70000: it must be in \[1, 65536\)"), ("--port", "0", r"--port on the command line is 0:"),
+    ("--lease_timeout_s", "0", "--lease_timeout_s on the command line is 0.0: it must be > 0"),
+    ("--concurrency_limit", "0", "--concurrency_limit on the command line is 0: it must be >= 1")])
+def test_settings_the_app_cannot_serve_with_are_refused_by_flag(tmp_path, flag, value, message):
+    """A lease of 0 s would hand an open pair to a second annotator at once (two labels at overlap 1); a concurrency
+    limit of 0 runs no click; a port past 65535 crashed in bind()."""
+    pairs = write_lines(tmp_path / "pairs.jsonl", [pair(0)])
+    with pytest.raises(ConfigError, match=message):
+        label_main(tmp_path / "runs", "--pairs_dataset", str(pairs), flag, value)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_taken_port_is_refused_before_the_run_folder_is_touched(tmp_path):
     pairs = write_lines(tmp_path / "pairs.jsonl", [pair(0)])
     with socket.socket() as busy:

@@ -208,7 +208,8 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
     for extra, message in ((["--judge", "tests.judge_fixtures:raising_judge"], "the grader is on holiday"),
                            (["--judge", "vibes"], "unknown judge 'vibes'"),
                            (["--annotator", "alice"], "must start with 'sim:'"),
-                           (["--target_agreement", "0.4"], "target_agreement must be between 0.5")):
+                           (["--target_agreement", "0.4"], "target_agreement must be between 0.5"),
+                           (["--batch_size", "0"], "--batch_size on the command line is 0: it must be >= 1")):
         with pytest.raises(ConfigError, match=message):
             main(*parse((SimulateArgs, RunArgs), base + extra))
     assert not runs.exists()  # neither the label store nor the stage folder
@@ -217,6 +218,24 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: judge 'tests.judge_fixtures:nan_judge' gave nan") and not runs.exists()
+
+
+def test_simulate_waits_for_no_live_labeling_app(tmp_path):
+    """A labeling app serving the run's store holds its lock: `make simulate` stops before writing (importing its
+    pairs would take the app's pairs away from the people labeling), and runs once the app has stopped."""
+    from stages.label.config import db_path
+    from stages.label.store import LabelStore, lock_store
+
+    runs = tmp_path / "runs"
+    served = lock_store(db_path(str(runs), "t"))
+    try:
+        with pytest.raises(ConfigError, match=r"another labeling app \(pid \d+\) is serving .* stop it before `make simulate`"):
+            simulate(tmp_path, runs)
+        assert not (runs / "t" / "simulate").exists() and not db_path(str(runs), "t").exists()
+    finally:
+        served.close()
+    assert simulate(tmp_path, runs)["labels_written"] == 60
+    assert len(LabelStore(db_path(str(runs), "t")).labels()) == 60
 
 
 def test_the_seed_fixes_the_labels(tmp_path):

@@ -167,11 +167,13 @@ def check_store_file(path: Path) -> None:
                           f"a backup, or move it away to start a new store")
 
 
-def lock_store(path: Path) -> IO:
-    """Hold `<store>.lock` for as long as the returned file is open: one labeling app per store.
+def lock_store(path: Path, then: str = "use that one, or stop it first (each run's label store is served by one "
+                                       "app at a time)") -> IO:
+    """Hold `<store>.lock` for as long as the returned file is open: one labeling app (or simulator) per store.
 
     A second `make label` on the same run would otherwise re-import its pairs into the live store before failing
-    on the port. The lock is taken before anything is written, and the kernel drops it when the process dies.
+    on the port; `make simulate` would re-import its pairs under the annotators' feet. The lock is taken before
+    anything is written, and the kernel drops it when the process dies. `then`: what the refusal tells the user.
     """
     lock_path = path.with_name(path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +184,7 @@ def lock_store(path: Path) -> IO:
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        raise ConfigError(f"another labeling app (pid {holder}) is serving {path}: use that one, or stop it first "
-                          f"(each run's label store is served by one app at a time)") from None
+        raise ConfigError(f"another labeling app (pid {holder}) is serving {path}: {then}") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
