@@ -4,8 +4,9 @@
     make dpo ARGS="--beta 0.05 --dataset_name my_prefs.jsonl"
 
 Reads: the SFT manifest of the run, and the reward model's preference data: this run's label export when present,
-mixed with the bundled human preferences (configs/rm.yaml's mixture), loaded, filtered and split by
-stages/rm_data.py's own functions, so DPO and the reward model see the same pairs and hold out the same prompts.
+mixed with the bundled human preferences (the recipe's rm.yaml's mixture: rm_config), loaded, filtered, cut to
+max_length and split by stages/rm_data.py's own functions, so DPO and the reward model see the same token ids and
+hold out the same prompts.
 Writes runs/<run>/dpo/: adapter/ (the DPO policy: one stock PEFT LoRA on the raw base, tokenizer, pipeline_base.json),
 eval_pairs.jsonl (the held-out pairs with their implicit rewards), config.json, manifest.json (last).
 
@@ -32,10 +33,9 @@ from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_conf
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from stages.rm import RMArgs
-from stages.rm_data import checked_mixture, is_messages, prepare_data
+from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import heldout_metrics
 
-RM_CONFIG = "configs/rm.yaml"  # where the preference mixture lives when dpo.yaml leaves it empty
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
 # adapter reloaded on the raw base, in float32; merging and unmerging only reorders float32 sums (~1e-5 seen).
 RELOAD_ATOL_FP32 = 1e-3
@@ -48,7 +48,9 @@ class DPOArgs:
     dataset_name: str | None = field(default=None, metadata={
         "help": "Your own preference data (file, folder or Hub id) in any TRL preference format; replaces the mixture."})
     dataset_mixture: dict = field(default_factory=dict, metadata={
-        "help": f"Source -> {{weight, max_rows}} as in {RM_CONFIG}; empty: {RM_CONFIG}'s mixture. JSON on the CLI."})
+        "help": "Source -> {weight, max_rows} as in rm.yaml; empty: rm_config's mixture. JSON on the CLI."})
+    rm_config: str = field(default="configs/rm.yaml", metadata={
+        "help": "The recipe's reward-model config, whose dataset_mixture an empty dataset_mixture means."})
     eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt in both halves)."})
     # LoRA (DPO's own, on the SFT-merged base)
     lora_r: int = 16
@@ -61,20 +63,34 @@ class DPOArgs:
 
 def preference_args(args: DPOArgs) -> RMArgs:
     """The reward model's data options for our data: same loader, same filters, same split by prompt."""
-    mixture = args.dataset_mixture or read_yaml(resolve_path(RM_CONFIG)).get("dataset_mixture") or {}
+    mixture = args.dataset_mixture or read_yaml(resolve_path(args.rm_config)).get("dataset_mixture") or {}
     return RMArgs(dataset_name=args.dataset_name, dataset_mixture=mixture, eval_fraction=args.eval_fraction,
                   margin_scale=0.0)  # DPO's loss has no margin term
 
 
-def require_one_format(rows: list[dict], data_name: str) -> None:
-    """DPOTrainer tokenizes the rows itself, from one table: conversational and plain-text pairs cannot share it."""
-    by_format: dict[str, set] = {}
-    for r in rows:
-        by_format.setdefault("conversational" if is_messages(r["chosen"]) else "plain text", set()).add(r["source"])
-    if len(by_format) > 1:
-        raise ConfigError(f"{data_name} mixes conversational pairs ({sorted(by_format['conversational'])}) and plain-text "
-                          f"pairs ({sorted(by_format['plain text'])}): DPO trains on one format; convert one source or "
-                          f"drop it from dataset_mixture")
+def as_token_ids(rows: list[dict]):
+    """The pairs as the reward model's loader tokenized and cut them (rm_data.prepare_data: chat template or text +
+    EOS, truncate_pair into max_length), split at reply_start into DPOTrainer's prompt / chosen / rejected ids."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt_ids": r["chosen_ids"][:r["reply_start"]],
+                               "chosen_ids": r["chosen_ids"][r["reply_start"]:],
+                               "rejected_ids": r["rejected_ids"][r["reply_start"]:],
+                               "length": max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows])
+
+
+def trainer_on_token_ids():
+    """DPOTrainer that trains on the token ids it is given. Its own preparation would tokenize the text again and drop
+    every pair whose prompt alone fills max_length (and cut long replies' ends, EOS included), where the reward model
+    keeps them cut by truncate_pair: DPO would then learn from other pairs than the reward model, and fewer than the
+    manifest says. On pairs that fit, the ids are TRL's own (tests/test_dpo.py)."""
+    from trl import DPOTrainer
+
+    class DPOTrainerOnTokenIds(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return DPOTrainerOnTokenIds
 
 
 def sft_policy(profile, tokenizer, sft_dir):
@@ -139,9 +155,7 @@ def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size:
 
 def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
-    from datasets import Dataset
     from transformers import AutoConfig
-    from trl import DPOTrainer
 
     state = PartialState()
     stage = StageRun("dpo", run.run, run.runs_dir)
@@ -164,18 +178,13 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     #    is touched.
     tokenizer = load_tokenizer(profile)
     train_rows, eval_rows, counts, data_name = prepare_data(data_args, train_cfg, stage, tokenizer)
-    require_one_format(train_rows + eval_rows, data_name)
     model = sft_policy(profile, tokenizer, sft_dir)
     stage.prepare(config, is_main=state.is_main_process)
 
-    def as_dataset(rows):  # DPOTrainer tokenizes prompt / chosen / rejected itself (chat template or text + EOS)
-        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
-                                  | {"length": max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows])
-
     # 2. Train: -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)), log-ratios against the SFT reference
-    trainer = DPOTrainer(model=model, args=train_cfg, train_dataset=as_dataset(train_rows),
-                         eval_dataset=as_dataset(eval_rows), processing_class=tokenizer,
-                         peft_config=lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout))
+    trainer = trainer_on_token_ids()(model=model, args=train_cfg, train_dataset=as_token_ids(train_rows),
+                                     eval_dataset=as_token_ids(eval_rows), processing_class=tokenizer,
+                                     peft_config=lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout))
     t0 = time.time()
     result = trainer.train()
     train_time = time.time() - t0
@@ -186,8 +195,6 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
         # 3. Held-out implicit rewards beta * log(pi / pi_ref), per pair, from the trained policy and the reference.
         policy, eval_ds, collator = trainer.accelerator.unwrap_model(trainer.model), trainer.eval_dataset, trainer.data_collator
         batch = train_cfg.per_device_eval_batch_size
-        if len(eval_ds) != len(eval_rows):
-            raise RuntimeError(f"DPOTrainer kept {len(eval_ds)} of {len(eval_rows)} held-out pairs")
         chosen, rejected = completion_logps(policy, eval_ds, collator, batch)
         with policy.disable_adapter():
             ref_chosen, ref_rejected = completion_logps(policy, eval_ds, collator, batch)
@@ -211,16 +218,13 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
         def curve(key):  # TRL logs its batch metrics with each training loss (the run's summary has no "loss")
             return [round(h[key], 4) for h in logs if "loss" in h and key in h]
 
-        total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "too_long")}
         metrics = {
             **heldout_metrics(eval_rows, reward_chosen, reward_rejected),  # rewards here are beta * log(pi / pi_ref)
             "trl_eval": {k.removeprefix("eval_"): round(v, 4) for k, v in trl_eval.items()
                          if k.startswith(("eval_loss", "eval_rewards/", "eval_logps/"))},
             "train_loss": round(result.training_loss, 4), "loss_curve": curve("loss"),
             "train_accuracy_curve": curve("rewards/accuracies"), "train_margin_curve": curve("rewards/margins"),
-            "beta": train_cfg.beta, "pairs_read": total["read"], "train_pairs": len(train_rows),
-            "eval_pairs": len(eval_rows), "dropped_equal": total["equal"], "dropped_empty": total["empty"],
-            "dropped_too_long": total["too_long"], "pairs_by_source": {k: dict(v) for k, v in sorted(counts.items())},
+            "beta": train_cfg.beta, **data_record(counts, len(train_rows), len(eval_rows)),
             "reload_check": reload, "steps": steps, "train_time_s": round(train_time, 1),
             "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "data": data_name,
         }

@@ -254,12 +254,7 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "empty" in last and str(empty) in last and "Traceback" not in res.stderr
-    # 3. conversational and plain-text sources mixed: DPOTrainer tokenizes one format
-    plain = write_jsonl(tmp_path / "plain.jsonl", marker_rows(20, seed=3, plain=True))
-    mixture = json.dumps({str(marker_data["conversational"]): {}, str(plain): {}})
-    with pytest.raises(ConfigError, match=r"mixes conversational pairs \(\['marker'\]\) and plain-text pairs \(\['plain'\]\)"):
-        main(*parse_args(dpo_args(llama, runs_dir, "t", "--dataset_mixture", mixture)))
-    # 4. a 4-bit base cannot hold the merged SFT adapter exactly
+    # 3. a 4-bit base cannot hold the merged SFT adapter exactly
     four_bit = tmp_path / "llama4bit.yaml"
     four_bit.write_text(llama.read_text() + "load_in_4bit: true\n")
     with pytest.raises(ConfigError, match="4-bit base cannot hold"):
@@ -267,12 +262,62 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     assert sorted(p.name for p in (runs_dir / "t").iterdir()) == ["sft"]
 
 
-def test_default_data_is_the_reward_models():
-    """An empty dataset_mixture in dpo.yaml means rm.yaml's; the split settings match, so both hold out the same prompts."""
-    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/dpo.yaml")])
-    rm = read_yaml(REPO / "configs/rm.yaml")
-    assert args.dataset_mixture == {} and preference_args(args).dataset_mixture == rm["dataset_mixture"]
-    assert (args.eval_fraction, train_cfg.max_length, train_cfg.seed) == (rm["eval_fraction"], rm["max_length"], rm["seed"])
+@pytest.mark.parametrize("fmt", ["conversational", "plain"])
+def test_token_ids_are_trls_own_on_pairs_that_fit(fmt, tiny_models, marker_data, tmp_path):
+    """DPO trains on the reward model's token ids (as_token_ids) instead of letting TRL tokenize the text again; on
+    pairs that fit max_length these are exactly the ids TRL's own preparation makes, prompt split included."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from stages.dpo import as_token_ids
+    from stages.rm_data import prepare_data
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    train_cfg, args, _ = parse_args(dpo_args(tiny_models["llama"], tmp_path, "t", "--dataset_name", str(marker_data[fmt])))
+    train, held, _, _ = prepare_data(preference_args(args), train_cfg, StageRun("dpo", "t", str(tmp_path)), tok)
+    rows = train + held
+    ours = as_token_ids(rows)
+    text = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    theirs = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), text, tok, SimpleNamespace(
+        dataset_num_proc=None, max_length=train_cfg.max_length, truncation_mode="keep_start"), "marker")
+    assert len(theirs) == len(ours) == 160
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[key] == theirs[key], key
+
+
+def test_pairs_over_max_length_are_cut_as_the_reward_models_and_formats_mix(tiny_models, marker_data, tmp_path):
+    """Pairs whose prompt alone passes max_length, which TRL's own preparation would silently drop (and then the
+    stage stopped after training, or trained on fewer pairs than it reported), are kept, cut as the reward model cuts
+    them; conversational and plain-text sources train together. Every pair counted is trained on: 2 epochs of
+    ceil(train_pairs / 8) steps."""
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs_dir, "t")
+    long = [{**r, "prompt": [{"role": "user", "content": r["prompt"][0]["content"] + " and so on" * 60}]}
+            for r in marker_rows(40, seed=5)]
+    plain = write_jsonl(tmp_path / "plain.jsonl", marker_rows(40, seed=3, plain=True))
+    mixture = json.dumps({str(marker_data["conversational"]): {}, str(write_jsonl(tmp_path / "long.jsonl", long)): {},
+                          str(plain): {}})
+    m = main(*parse_args(dpo_args(tiny_models["llama"], runs_dir, "t", "--dataset_mixture", mixture,
+                                  "--per_device_train_batch_size", "8")))
+    assert m["train_pairs"] + m["eval_pairs"] == m["pairs_read"] == 240
+    assert m["truncated_prompts"] == 40 and m["dropped_no_room"] == 0
+    assert m["steps"] == 2 * math.ceil(m["train_pairs"] / 8)
+    assert m["reload_check"]["checked"] and len((runs_dir / "t" / "dpo" / "eval_pairs.jsonl").read_text().splitlines()) == m["eval_pairs"]
+
+
+@pytest.mark.parametrize("recipe", ["configs", "configs/recipes/assistant"])
+def test_default_data_is_the_reward_models(recipe):
+    """An empty dataset_mixture in a recipe's dpo.yaml means that recipe's rm.yaml's; the cut and split settings match,
+    so both learn from the same token ids and hold out the same prompts."""
+    from stages.rm import parse_args as rm_parse_args
+
+    train_cfg, args, _ = parse_args(["--config", str(REPO / recipe / "dpo.yaml")])
+    rm_cfg, rm, _ = rm_parse_args(["--config", str(REPO / recipe / "rm.yaml")])
+    assert args.dataset_mixture == {} and preference_args(args).dataset_mixture == rm.dataset_mixture
+    assert (args.eval_fraction, train_cfg.max_length, train_cfg.seed, preference_args(args).max_prompt_length) == (
+        rm.eval_fraction, rm_cfg.max_length, rm_cfg.seed, rm.max_prompt_length)
     assert preference_args(args).margin_scale == 0.0
     own = json.dumps({"data/preferences/tulu.jsonl": {"weight": 1.0}})
     _, args, _ = parse_args(["--config", str(REPO / "configs/dpo.yaml"), "--dataset_mixture", own])

@@ -99,12 +99,12 @@ def rm_loader(path: Path, tokenizer, stage: StageRun):
 
 
 def dpo_loader(path: Path, tokenizer, stage: StageRun):
-    from stages.dpo import DPOArgs, preference_args, require_one_format
+    from stages.dpo import DPOArgs, as_token_ids, preference_args
     from stages.rm_data import prepare_data
 
-    train, held, _, name = prepare_data(preference_args(DPOArgs(dataset_name=str(path))),
-                                        SimpleNamespace(seed=0, max_length=256), stage, tokenizer)
-    require_one_format(train + held, name)
+    train, held, _, _ = prepare_data(preference_args(DPOArgs(dataset_name=str(path))),
+                                     SimpleNamespace(seed=0, max_length=256), stage, tokenizer)
+    as_token_ids(train + held)
 
 
 def ppo_loader(path: Path, tokenizer, stage: StageRun):
