@@ -97,11 +97,30 @@ def with_replies(ds, name: str):
     return Dataset.from_list(keep)
 
 
+def conversation_root(row: dict) -> str:
+    """What the rows of one conversation tree share: its messages up to the first user turn (OASST holds sibling
+    replies and follow-ups of one root prompt as separate rows), or the row's prompt, or its text."""
+    if isinstance(row.get("messages"), list):
+        msgs = row["messages"]
+        first_user = next((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"), len(msgs) - 1)
+        return json.dumps(msgs[: first_user + 1], sort_keys=True)
+    return json.dumps(row.get("prompt") if row.get("prompt") is not None else row.get("text"), sort_keys=True)
+
+
+def held_out_split(ds, eval_fraction: float, seed: int):
+    """Held-out rows whose conversation root no training row has, so eval_loss is not measured on replies (or whole
+    turns) seen in training. Data whose roots are all distinct (the story recipe's) splits by row, as it always has."""
+    roots = [conversation_root(row) for row in ds]
+    if len(set(roots)) == len(roots):
+        return train_eval_split(ds, eval_fraction, seed)
+    return train_eval_split(ds, eval_fraction, seed, group_by=conversation_root)
+
+
 def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):
     """The train and held-out splits, as TRL will read them. With conversational rows and assistant_only_loss, they
     are tokenized here with our own assistant mask instead of TRL's, which refuses every template it cannot patch
     (Llama 3.1/3.2, SmolLM2's ChatML); TRL then takes the mask from the rows, so its own masking is switched off."""
-    train_ds, eval_ds = train_eval_split(ds, args.eval_fraction, train_cfg.seed)
+    train_ds, eval_ds = held_out_split(ds, args.eval_fraction, train_cfg.seed)
     if "messages" in ds.column_names and train_cfg.assistant_only_loss:
         eot = require_end_of_turn(tokenizer)
         train_ds, eval_ds = (with_assistant_masks(d, tokenizer, eot, data_name, train_cfg.max_length)

@@ -229,3 +229,32 @@ def test_rows_without_an_assistant_reply_with_text_are_left_out(capsys):
     assert "2 of 4 rows of rows.jsonl have no assistant reply with text: left out" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no row of none.jsonl has an assistant reply with text"):
         with_replies(Dataset.from_list([{"messages": m} for m in rows[1:3]]), "none.jsonl")
+
+
+def test_held_out_rows_share_no_conversation_root_with_training():
+    """OASST keeps sibling replies and follow-ups of one root prompt as separate rows: held-out rows must not share a
+    root with a training row (eval_loss would be measured on replies seen in training). Rows whose roots are all
+    distinct (the story recipe's openings) split by row exactly as before: the default run's SFT is unchanged."""
+    from datasets import Dataset
+
+    from pipeline.data import train_eval_split
+    from stages.sft import conversation_root, held_out_split
+
+    def conv(root: int, reply: str, follow_up: bool = False):
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"question {root}"},
+                {"role": "assistant", "content": reply}]
+        return {"messages": msgs + ([{"role": "user", "content": "and?"}, {"role": "assistant", "content": "more"}]
+                                    if follow_up else [])}
+
+    tree = Dataset.from_list([conv(i // 4, f"reply {i}", follow_up=i % 4 == 3) for i in range(80)])  # 20 roots x 4 rows
+    assert len({conversation_root(r) for r in tree}) == 20
+    train, held = held_out_split(tree, 0.2, seed=3)
+    train_roots, held_roots = ({conversation_root(r) for r in d} for d in (train, held))
+    assert len(held_roots) == 4 and not train_roots & held_roots and len(train) + len(held) == 80
+    # the plain row split would have put roots on both sides
+    row_train, row_held = train_eval_split(tree, 0.2, 3)
+    assert {conversation_root(r) for r in row_train} & {conversation_root(r) for r in row_held}
+
+    distinct = Dataset.from_list([conv(i, f"reply {i}") for i in range(50)])
+    assert [held_out_split(distinct, 0.2, 3)[k]["messages"] for k in (0, 1)] == \
+        [train_eval_split(distinct, 0.2, 3)[k]["messages"] for k in (0, 1)]
