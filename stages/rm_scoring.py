@@ -43,10 +43,11 @@ def score_distinct(model, sequences: list[list[int]], pad_token_id: int, batch_s
 def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 16) -> list[float]:
     """Reward per token sequence, right-padded batches sorted by length (same batching in every process). With several
     processes every rank calls it: the batches are spread over the ranks (pipeline.sharding.spread) and every rank
-    gets all the scores, so a sharded model runs the same forwards on every rank."""
+    gets all the scores, so a sharded model runs the same forwards on every rank. An empty sequence scores 0 without a
+    forward: the empty prompt of a plain-text pair (no prompt, no BOS) that `sum` pooling subtracts sums over nothing."""
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    order = sorted((i for i in range(len(sequences)) if sequences[i]), key=lambda i: len(sequences[i]))
     out = [0.0] * len(sequences)
     starts = list(range(0, len(order), batch_size))
 

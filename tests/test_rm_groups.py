@@ -127,6 +127,21 @@ def test_held_out_scoring_scores_each_distinct_sequence_once(monkeypatch):
     assert seen == [[(1, 2, 3), (1, 2, 5), (1, 2, 4)], [(1, 2)]]  # the prompt once, not six times
 
 
+def test_an_empty_sequence_scores_zero_without_a_forward(tiny_models):
+    """A plain-text pair without a prompt, on a tokenizer without BOS, starts its reply at token 0: `sum` pooling
+    subtracts the empty prefix's score, which is 0 (a batch of width 0 crashed the forward)."""
+    from pipeline.models import load_base, load_tokenizer, profile_from
+    from stages.rm_scoring import pair_scores, score
+
+    prof = profile_from(str(tiny_models["gpt2"]))
+    tok = load_tokenizer(prof)
+    model = load_base(prof, tok, kind="score").eval()
+    alone = score(model, [[5, 6, 7]], tok.pad_token_id, 2)
+    assert score(model, [[5, 6, 7], [], []], tok.pad_token_id, 2) == alone + [0.0, 0.0]
+    rows = [{"chosen_ids": [5, 6, 7], "rejected_ids": [8, 9], "reply_start": 0}]
+    assert pair_scores(model, rows, tok.pad_token_id, 2, "sum") == score(model, [[5, 6, 7], [8, 9]], tok.pad_token_id, 2)
+
+
 # ---------------------------------------------------------------- the stage with batch_by_prompt
 
 def k_response_rows(n_prompts: int, k: int = 4, seed: int = 0) -> list[dict]:
