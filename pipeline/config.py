@@ -201,6 +201,21 @@ ARGPARSE_TYPES = {"int": "a whole number", "float": "a number", "string_to_bool"
                   "_json_dict": "a JSON object such as '{\"data/x.jsonl\": 100}'"}
 
 
+def check_hub_repo_id(repo: str, flag: str) -> None:
+    """A Hub repo id as the Hub checks it (user/name; letters, digits, '-', '_', '.'; at most 96 characters), before any
+    work: the upload would refuse it only after the folder was built."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problem = None if repo.count("/") == 1 else "give it as user/name"
+    if problem is None:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as err:
+            problem = str(err).split(":")[0].rstrip(".")
+    if problem:
+        raise ConfigError(f"{flag} '{repo}' is not a Hub repo id: {problem}")
+
+
 def argparse_problem(message: str, source_of) -> str:
     """argparse's complaint about one argument ("argument --lr/--learning-rate: invalid float value: 'abc'") as one line
     naming the flag or YAML key it came from and the type expected."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.adapters import reward_members
-from pipeline.config import ConfigError, RunArgs, parse, to_dict
+from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard
 from stages.eval_compare import POLICY_STAGES, policy_method
@@ -176,8 +176,9 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     if args.policy not in POLICY_STAGES:
         raise ConfigError(f"--policy {args.policy}: publish one of the run's policies: {', '.join(POLICY_STAGES)}")
     repo = args.repo_id or f"your-name/{run.run}-rlhf-{args.policy}"
-    if repo.count("/") != 1 or " " in repo:
-        raise ConfigError(f"repo id '{repo}' is not of the form user/name")
+    check_hub_repo_id(repo, "--repo_id")
+    if args.include_dataset:
+        check_hub_repo_id(args.dataset_repo_id or f"{repo}-preferences", "--dataset_repo_id")
     token = None if args.dry_run else get_token()  # before any work: a missing token should cost nothing
     policy, ev = stage.need(args.policy), stage.need("eval")
     evaluated = ev["metrics"].get("comparison") or ({"ppo": {}} if "win_rate" in ev["metrics"] else {})

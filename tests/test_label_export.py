@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -78,6 +79,14 @@ def test_export_cli_keeps_ties_when_asked_and_pushes_with_a_card(runs_dir, monke
     ds = datasets.load_from_disk(str(runs_dir / "r/label-export/dataset"))
     ties = [r for r in ds if r["is_tie"]]
     assert len(ds) == 4 and {r["chosen"][0]["content"] for r in ties} == {"tie answer zero", "tie answer one"}
+
+    # a repo id the Hub would refuse: one error line, exit 2, the export as it was
+    before = {p: p.read_bytes() for p in (runs_dir / "r/label-export").rglob("*") if p.is_file()}
+    bad = run_python("stages.label.export", ["--config", "configs/label.yaml", "--run", "r", "--runs_dir",
+                                             str(runs_dir), "--push_to_hub", "me/my labels"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: --push_to_hub 'me/my labels' is not a Hub repo id: Repo id must use alphanumeric chars")
+    assert {p: p.read_bytes() for p in (runs_dir / "r/label-export").rglob("*") if p.is_file()} == before
 
     # --push_to_hub: refused offline with the command to use; online, data then card (Hub calls faked here)
     from stages.label import export
@@ -278,3 +287,31 @@ def test_without_a_pairs_stage_the_pairs_the_store_loaded_last_are_the_current_o
     assert is_current("label-export", argv) == (True, "")
     sample_pairs(runs_dir, "r", ["c"], "v1")  # a pairs stage that appears later decides from then on
     assert is_current("label-export", argv) == (False, "the pairs stage now exists")
+
+
+NAMES_THAT_LOOK_LIKE_MARKUP = ["_eve_", "<img src=https://evil.example/x.png>", "a | b", "**bold**", "[link](http://a)",
+                               "back\\slash `code`", "&amp;", "# head", "sim:sentiment-1"]
+
+
+def test_the_dataset_card_shows_annotator_names_as_they_are(runs_dir):
+    """Names are data, never markup: a login may be anything a users file holds. Rendered as Markdown (CommonMark with
+    tables, as the Hub renders cards), each name's cell holds exactly the name, and no tag or emphasis appears."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from stages.label.config import LabelArgs
+    from stages.label.export import aggregate, dataset_card
+
+    store = LabelStore(db_path(str(runs_dir), "r"), overlap=len(NAMES_THAT_LOOK_LIKE_MARKUP))
+    store.import_items([{"pair_id": "p", "prompt": [{"role": "user", "content": "Hi."}], "responses": ["a", "b"]}])
+    for name in NAMES_THAT_LOOK_LIKE_MARKUP:
+        store.save_label(name, "p", "left", 0)
+    labels = store.labels()
+    rows, dropped = aggregate(labels, "drop", "drop", 0.0)
+    page = MarkdownIt("commonmark").enable("table").render(dataset_card(rows, labels, dropped, LabelArgs(), "", "x"))
+    table = page[page.index("<tbody>", page.index("Who labeled")):]
+    cells = [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+             for row in re.findall(r"<tr>(.*?)</tr>", table.split("</tbody>")[0], re.S)]
+    assert sorted(c[0] for c in cells) == sorted(NAMES_THAT_LOOK_LIKE_MARKUP) and all(len(c) == 2 for c in cells)
+    assert not re.search(r"<(img|em|strong|a|h1)\b", table)

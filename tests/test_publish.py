@@ -364,4 +364,11 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
         main(PublishArgs(dry_run=True, policy="rloo"), run)
     with pytest.raises(ConfigError, match="--policy sft"):
         main(PublishArgs(dry_run=True, policy="sft"), run)
+    # repo ids the Hub would refuse only after the folder was built: refused first, by flag
+    for given, message in (({"repo_id": "me/na#me"}, "--repo_id 'me/na#me' is not a Hub repo id: Repo id must use"),
+                           ({"repo_id": "a/b/c"}, "--repo_id 'a/b/c' is not a Hub repo id: give it as user/name"),
+                           ({"repo_id": "me/" + "x" * 90, "include_dataset": True},
+                            r"--dataset_repo_id 'me/x+-preferences' is not a Hub repo id.*maximum length is 96")):
+        with pytest.raises(ConfigError, match=message):
+            main(PublishArgs(dry_run=True, **given), run)
     assert not (runs / "t" / "publish").exists()

@@ -20,7 +20,7 @@ import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunArgs, parse, to_dict
+from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from stages.label.config import ExportArgs, LabelArgs, db_path
 from stages.label.stats import category, summarize
@@ -70,11 +70,20 @@ def aggregate(labels: list[dict], ties: str = "drop", both_bad: str = "drop", mi
     return rows, dropped
 
 
+MARKDOWN_SPECIALS = "\\`*_[]()|#!~<>&"
+
+
+def markdown_literal(text: str) -> str:
+    """Text shown as itself in Markdown (a table cell included): every character Markdown or HTML could read as markup
+    escaped, so a login like `<img src=...>` or `_eve_` is a name, not an image or italics."""
+    return "".join(f"&#{ord(c)};" if c in "<>&" else ("\\" + c if c in MARKDOWN_SPECIALS else c) for c in text)
+
+
 def dataset_card(rows: list[dict], labels: list[dict], dropped: Counter, args: LabelArgs, guidelines: str,
                  pairs_source: str, n_earlier: int = 0) -> str:
     s = summarize(labels)
     ag = s["agreement"]
-    people = "\n".join(f"| {name} | {a['labels']} |" for name, a in s["annotators"].items())
+    people = "\n".join(f"| {markdown_literal(name)} | {a['labels']} |" for name, a in s["annotators"].items())
     dropped_text = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(dropped.items())) or "none"
     return f"""---
 tags: [trl, preference, human-feedback, rlhf]
@@ -158,6 +167,8 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
 
     stage = StageRun("label-export", run.run, run.runs_dir)
     config = {"label": to_dict(args), "export": to_dict(export), "run": to_dict(run)}
+    if export.push_to_hub:
+        check_hub_repo_id(export.push_to_hub, "--push_to_hub")
     db = db_path(run.runs_dir, run.run)
     if not db.is_file():
         raise ConfigError(f"no label store at {db}: label some pairs first with `make label RUN={run.run}`")
