@@ -32,6 +32,7 @@ from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_conf
                              save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
+from pipeline.sharding import requested as sharding_requested
 from stages.rm import RMArgs
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import heldout_metrics
@@ -157,6 +158,9 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
     from transformers import AutoConfig
 
+    if sharding_requested():  # accelerate would wrap it with its own FSDP (on a GPU it saved LoRA adapters empty)
+        raise ConfigError("dpo does not shard its base (it merges the SFT adapter into a whole copy of it): launch it "
+                          "with a DDP config (ACCELERATE_CONFIG=configs/accelerate/multi_gpu.yaml) or on one process")
     state = PartialState()
     stage = StageRun("dpo", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")

@@ -259,6 +259,11 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     four_bit.write_text(llama.read_text() + "load_in_4bit: true\n")
     with pytest.raises(ConfigError, match="4-bit base cannot hold"):
         main(*parse_args(dpo_args(four_bit, runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
+    # 4. an FSDP launch: DPO does not shard (accelerate's own FSDP would wrap it instead)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(ConfigError, match="dpo does not shard its base.*multi_gpu.yaml"):
+            main(*parse_args(dpo_args(llama, runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
     assert sorted(p.name for p in (runs_dir / "t").iterdir()) == ["sft"]
 
 

@@ -170,6 +170,7 @@ def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_mo
     assert (stacked[0::2] > stacked[1::2]).float().mean() >= 0.9  # chosen above rejected, as trained
 
 
+@pytest.mark.slow
 def test_two_processes(tiny_models, marker_data, tmp_path):
     """Two real gloo processes, on this run's label export, with label strength as the margin and reward centering."""
     import datasets
