@@ -131,6 +131,7 @@ def parse(classes: tuple, argv: list[str] | None = None):
         if action.type is dict:
             action.type = _json_dict
     known_dests = {a.dest for a in parser._actions}
+    check_yaml_types(parser, {k: v for k, v in yaml_values.items() if k not in cli_keys}, source_of)
     parser.set_defaults(**{k: v for k, v in yaml_values.items() if k in known_dests})
 
     def refuse(message: str):  # instead of argparse's usage dump (130 lines for a TRL config) and exit
@@ -171,7 +172,9 @@ RANGES = {
                      "max_new_tokens", "generation_batch_size", "sample_max_new_tokens", "score_batch_size",
                      "gold_batch_size", "max_prompt_tokens", "max_length", "lora_r", "batch_size",
                      "concurrency_limit"), (1, None, True)),
-    **dict.fromkeys(("learning_rate", "lora_alpha", "lease_timeout_s"), (0, None, False)),
+    **dict.fromkeys(("learning_rate", "lora_alpha", "lease_timeout_s", "beta", "logging_steps", "save_steps"),
+                    (0, None, False)),
+    "seed": (0, 2**32, True),  # numpy's and transformers' set_seed refuse others, after the run folder is prepared
     "port": (1, 65536, True),
     **dict.fromkeys(("num_train_epochs", "warmup_steps", "weight_decay", "max_prompts", "report_samples", "top_k",
                      "temperature", "max_grad_norm"), (0, None, True)),
@@ -199,6 +202,45 @@ def check_ranges(instance, source_of) -> None:
 
 ARGPARSE_TYPES = {"int": "a whole number", "float": "a number", "string_to_bool": "true or false",
                   "_json_dict": "a JSON object such as '{\"data/x.jsonl\": 100}'"}
+
+
+def yaml_type_problem(action, value) -> str | None:
+    """What a YAML value should have been for its argparse action, or None. argparse converts (and refuses) text
+    itself, but passes a YAML number, list or mapping through as it is: 16.5 for a batch size, a list for a rate."""
+    from transformers.hf_argparser import string_to_bool
+
+    if value is None:
+        return None
+    if action.type is _json_dict:
+        return None if isinstance(value, (dict, str)) else "a mapping of key: value"
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            return "a list"
+        items = value
+    else:
+        if isinstance(value, list):
+            return "a single value, not a list"
+        items = [value]
+    for v in items:
+        if isinstance(v, str):
+            continue
+        if isinstance(v, (dict, list)):
+            return "a single value, not a mapping" if isinstance(v, dict) else "a list of single values"
+        if action.type is int and (isinstance(v, bool) or not isinstance(v, int)):
+            return "a whole number"
+        if action.type is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return "a number"
+        if action.type is string_to_bool and not isinstance(v, bool):
+            return "true or false"
+    return None
+
+
+def check_yaml_types(parser, yaml_values: dict, source_of) -> None:
+    by_dest = {a.dest: a for a in parser._actions}
+    for key, value in yaml_values.items():
+        problem = yaml_type_problem(by_dest[key], value) if key in by_dest else None
+        if problem:
+            raise ConfigError(f"{source_of(key)} is {value!r}: it must be {problem}")
 
 
 def check_hub_repo_id(repo: str, flag: str) -> None:

@@ -30,7 +30,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from pipeline.config import ConfigError, RunArgs, check_keys, parse, read_yaml, resolve_path, to_dict
+from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline import stats
 from pipeline.run import StageRun, main_guard, stage_dir
 
@@ -186,12 +186,8 @@ def simulator_store(path, **kwargs):
 def load_label_args(path: str):
     from stages.label.config import LabelArgs
 
-    data = read_yaml(resolve_path(path))
-    check_keys(data, [LabelArgs], path)
-    try:
-        return LabelArgs(**data)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"invalid value in {path}: {err}") from None
+    (label_args,) = parse((LabelArgs,), ["--config", str(resolve_path(path))])  # its keys, types and ranges, as `make label`'s
+    return label_args
 
 
 def people_labeled(db) -> bool:

@@ -73,6 +73,43 @@ def test_unknown_key_names_key_and_file(tmp_path):
     assert "learning_rat" in str(err.value) and str(bad) in str(err.value) and "learning_rate" in str(err.value)
 
 
+@pytest.mark.parametrize("stage,line,message", [
+    ("sft", "per_device_train_batch_size: 16.5", "'per_device_train_batch_size' in .* is 16.5: it must be a whole number"),
+    ("sft", "learning_rate: [0.002]", r"'learning_rate' in .* is \[0.002\]: it must be a single value, not a list"),
+    ("sft", "lora_r: true", "'lora_r' in .* is True: it must be a whole number"),
+    ("sft", "dataset_mixture: [data/story/sft.jsonl]", "'dataset_mixture' in .* it must be a mapping of key: value"),
+    ("ppo", "response_length: 2.5", "'response_length' in .* is 2.5: it must be a whole number"),
+    ("ppo", "whiten_rewards: 5", "'whiten_rewards' in .* is 5: it must be true or false"),
+    ("label", "offensive_words: 5", "'offensive_words' in .* is 5: it must be a list"),
+    ("label", "overlap: 1.5", "'overlap' in .* is 1.5: it must be a whole number"),
+])
+def test_a_yaml_value_of_the_wrong_type_names_its_key_and_file(stage, line, message, tmp_path):
+    """argparse converts text itself, but a YAML number, list or mapping reaches the config as it is: checked against
+    the field's type, named by key and file, before anything runs. The same key on the command line wins unchecked."""
+    src = REPO / "configs" / f"{stage}.yaml"
+    bad = tmp_path / f"{stage}.yaml"
+    bad.write_text(src.read_text() + f"\n{line}\n")
+    with pytest.raises(ConfigError, match=message):
+        parse(stage_classes(stage), ["--config", str(bad)])
+    key = line.split(":")[0]
+    value = {"dataset_mixture": '{"data/story/sft.jsonl": 1}', "whiten_rewards": "false", "offensive_words": "x",
+             "learning_rate": "0.002", "lora_r": "4"}.get(key, "2")
+    parse(stage_classes(stage), ["--config", str(bad), f"--{key}", value])
+
+
+@pytest.mark.parametrize("stage,flag,value,message", [
+    ("sft", "--seed", "-1", r"--seed on the command line is -1: it must be in \[0, 4294967296\)"),
+    ("ppo", "--seed", str(2**32), r"--seed on the command line is 4294967296: it must be in \[0, 4294967296\)"),
+    ("dpo", "--beta", "0", "--beta on the command line is 0.0: it must be > 0"),
+    ("sft", "--logging_steps", "-3", "--logging_steps on the command line is -3.0: it must be > 0"),
+])
+def test_values_no_stage_can_run_with_are_refused_at_parse(stage, flag, value, message):
+    """A negative seed failed in set_seed after the run folder was prepared (deleting the last manifest); a DPO beta of
+    0 or less trained silently (no preference signal, or the wrong sign)."""
+    with pytest.raises(ConfigError, match=message):
+        parse(stage_classes(stage), ["--config", str(REPO / "configs" / f"{stage}.yaml"), flag, value])
+
+
 def test_unknown_cli_flag_is_an_error():
     with pytest.raises(ConfigError, match="lerning_rate"):
         parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--lerning_rate", "1"])

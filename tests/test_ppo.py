@@ -681,6 +681,7 @@ def yaml_model_dir(profile) -> str:
     ("--missing_eos_penalty", "-1", "missing_eos_penalty must be >= 0"), ("--max_grad_norm", "-1", "max_grad_norm must be >= 0"),
     ("--value_learning_rate", "0", "value_learning_rate must be > 0"), ("--critic_warmup_updates", "3",
                                                                         "critic_warmup_updates .* must be below total_updates"),
+    ("--lr_scheduler_type", "bogus", "lr_scheduler_type 'bogus' is not a transformers scheduler: use one of linear, cosine"),
 ])
 def test_out_of_range_hyperparameters_are_refused(flag, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -205,7 +205,10 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
     runs = tmp_path / "runs"
     path, _ = pairs_file(tmp_path)
     base = ["--config", "configs/simulate.yaml", "--runs_dir", str(runs), "--run", "t", "--pairs_dataset", str(path)]
-    for extra, message in ((["--judge", "tests.judge_fixtures:raising_judge"], "the grader is on holiday"),
+    label_yaml = tmp_path / "label.yaml"
+    label_yaml.write_text((REPO / "configs/label.yaml").read_text() + "\noffensive_words: 5\n")
+    for extra, message in ((["--label_config", str(label_yaml)], "'offensive_words' in .*label.yaml is 5: it must be a list"),
+                           (["--judge", "tests.judge_fixtures:raising_judge"], "the grader is on holiday"),
                            (["--judge", "vibes"], "unknown judge 'vibes'"),
                            (["--annotator", "alice"], "must start with 'sim:'"),
                            (["--target_agreement", "0.4"], "target_agreement must be between 0.5"),

@@ -152,6 +152,12 @@ class PPOConfig:
         if self.critic_warmup_updates >= self.total_updates:
             raise ConfigError(f"critic_warmup_updates ({self.critic_warmup_updates}) must be below total_updates "
                               f"({self.total_updates}): the policy would never train")
+        from transformers import SchedulerType
+
+        names = [t.value for t in SchedulerType]
+        if self.lr_scheduler_type not in names:  # here, not when the trainer builds it after the run folder is prepared
+            raise ConfigError(f"lr_scheduler_type '{self.lr_scheduler_type}' is not a transformers scheduler: use one "
+                              f"of {', '.join(names)}")
 
     @property
     def local_batch_size(self) -> int:
