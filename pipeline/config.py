@@ -36,6 +36,9 @@ class RunArgs:
     )
 
 
+PROFILE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelProfile:
     """One base checkpoint and how to put LoRA on it: a file in configs/models/."""
@@ -52,6 +55,18 @@ class ModelProfile:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the frozen base in 4-bit (GPU + bitsandbytes)."})
     trust_remote_code: bool = False
     description: str = ""
+
+    def __post_init__(self):
+        types = {"name_or_path": (str,), "chat_template": (str, type(None)), "dtype": (str,), "load_in_4bit": (bool,),
+                 "trust_remote_code": (bool,), "description": (str,)}
+        for name, allowed in types.items():
+            if not isinstance(getattr(self, name), allowed):
+                raise ValueError(f"{name} is {getattr(self, name)!r}: it must be "
+                                 f"{'true or false' if bool in allowed else 'text'}")
+        if not isinstance(self.lora_target_modules, list) or not all(isinstance(m, str) for m in self.lora_target_modules):
+            raise ValueError(f"lora_target_modules is {self.lora_target_modules!r}: it must be a list of module names")
+        if self.dtype not in PROFILE_DTYPES:
+            raise ValueError(f"dtype is '{self.dtype}': it must be one of {', '.join(PROFILE_DTYPES)}")
 
 
 def _field_names(cls) -> set[str]:
@@ -89,7 +104,10 @@ def load_model_profile(path: str | Path) -> ModelProfile:
     check_keys(data, [ModelProfile], str(path))
     if "name_or_path" not in data:
         raise ConfigError(f"model profile {path} has no 'name_or_path': name the base checkpoint (folder or Hub id)")
-    return ModelProfile(**data)
+    try:
+        return ModelProfile(**data)
+    except ValueError as err:
+        raise ConfigError(f"model profile {path}: {err}") from None
 
 
 def parse(classes: tuple, argv: list[str] | None = None):

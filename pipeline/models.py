@@ -61,7 +61,13 @@ def load_tokenizer(profile: ModelProfile, path: str | None = None):
     """The base's tokenizer, with the profile's chat template when the profile names one."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path or resolve_base(profile.name_or_path), trust_remote_code=profile.trust_remote_code)
+    where = path or resolve_base(profile.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=profile.trust_remote_code)
+    except (OSError, ValueError) as err:  # a folder without a model's files, or a Hub id that is not a model
+        raise ConfigError(f"no tokenizer loads from {where} ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+                          f"name_or_path in the model profile must be a model folder (config.json and tokenizer files) "
+                          f"or a Hub model id") from None
     if profile.chat_template:
         tok.chat_template = template_text(profile.chat_template)
     if tok.pad_token is None:  # Llama-3 style bases ship without one; EOS as pad is TRL's convention too

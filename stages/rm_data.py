@@ -33,6 +33,12 @@ def checked_mixture(mixture: dict | str) -> dict:
     if isinstance(mixture, str):
         mixture = json.loads(mixture)
     for key, spec in mixture.items():
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError(f"dataset_mixture['{key}'] is {spec!r}: give {{weight: W, max_rows: N}} (or {{}} for "
+                             f"weight 1, every row)")
+        for name, value in (spec or {}).items():
+            if name in ("weight", "max_rows") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"dataset_mixture['{key}'] has {name} {value!r}: it must be a number")
         unknown = set(spec or {}) - {"weight", "max_rows"}
         if unknown:
             raise ValueError(f"dataset_mixture['{key}'] has unknown key(s) {sorted(unknown)}: use weight, max_rows")

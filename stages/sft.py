@@ -51,6 +51,10 @@ class SFTArgs:
     def __post_init__(self):
         if isinstance(self.dataset_mixture, str):
             self.dataset_mixture = json.loads(self.dataset_mixture)
+        for path, rows in self.dataset_mixture.items():
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+                raise ValueError(f"dataset_mixture['{path}'] is {rows!r}: give the rows to take from it, a whole "
+                                 f"number (0 = all)")
 
 
 def load_data(args: SFTArgs, seed: int):

@@ -141,6 +141,30 @@ def test_model_profile_unknown_key(tmp_path):
         load_model_profile(p)
 
 
+@pytest.mark.parametrize("lines,message", [
+    ("dtype: fp16", "dtype is 'fp16': it must be one of float32, bfloat16, float16"),
+    ("chat_template: 5", "chat_template is 5: it must be text"),
+    ("load_in_4bit: 1", "load_in_4bit is 1: it must be true or false"),
+    ("lora_target_modules: q_proj", "lora_target_modules is 'q_proj': it must be a list of module names"),
+])
+def test_a_model_profile_value_of_the_wrong_type_is_one_clear_error(lines, message, tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text(f"name_or_path: models/tiny\n{lines}\n")
+    with pytest.raises(ConfigError, match=f"model profile {p}: {message}"):
+        load_model_profile(p)
+    p.write_text("name_or_path: [models/tiny]\n")
+    with pytest.raises(ConfigError, match=r"name_or_path is \['models/tiny'\]: it must be text"):
+        load_model_profile(p)
+
+
+def test_a_folder_without_a_model_is_one_clear_error(tmp_path):
+    from pipeline.models import load_tokenizer
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ConfigError, match=f"no tokenizer loads from {tmp_path} .*must be a model folder"):
+        load_tokenizer(ModelProfile(name_or_path=str(tmp_path)))
+
+
 def test_an_abbreviated_flag_is_refused_not_guessed():
     """argparse would read --learning_rat as --learning_rate: a typo must not silently set another key."""
     from stages.ppo import parse_args

@@ -44,7 +44,14 @@ def files(tmp: Path) -> dict[str, str]:
                                                     "chosen": [{"role": "assistant", "content": "A good answer."}],
                                                     "rejected": [{"role": "assistant", "content": "Bad."}]} for i in range(8)]),
         "empty_prompt": write_jsonl(tmp / "empty_prompt.jsonl", [{"prompt": "Fine."}, {"prompt": ""}]),
+        "fp16_profile": write_text(tmp / "fp16.yaml", "name_or_path: models/tiny\ndtype: fp16\n"),
+        "sft_lora_float": write_text(tmp / "sft.yaml", (REPO / "configs/sft.yaml").read_text() + "\nlora_r: 2.5\n"),
     }
+
+
+def write_text(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
 
 
 SFT = ["--config", "configs/sft.yaml", "--dataset_name", "{chats}", "--max_steps", "1", "--per_device_train_batch_size", "2",
@@ -97,6 +104,17 @@ CASES = [
      ["--dataset_mixture", "on the command line", "JSON object"]),
     ("missing-model-profile", "stages.sft", SFT + ["--model_config", "configs/models/nope.yaml"],
      ["nope.yaml does not exist", "configs/models/tiny.yaml"]),
+    ("model-profile-dtype", "stages.sft", SFT + ["--model_config", "{fp16_profile}"],
+     ["fp16.yaml", "dtype is 'fp16'", "float32, bfloat16, float16"]),
+    ("yaml-float-for-int", "stages.sft", ["--config", "{sft_lora_float}"] + SFT[2:], ["'lora_r' in", "whole number"]),
+    ("sft-mixture-rows-text", "stages.sft", SFT + ["--dataset_mixture", '{{"data/story/sft.jsonl": "abc"}}'],
+     ["--dataset_mixture", "whole number"]),
+    ("rm-mixture-not-a-mapping", "stages.rm", RM + ["--dataset_mixture", '{{"label-export": 5}}'],
+     ["--dataset_mixture", "weight: W"]),
+    ("sft-seed-negative", "stages.sft", SFT + ["--seed", "-1"], ["--seed", "[0, 4294967296)"]),
+    ("ppo-seed-negative", "stages.ppo", PPO + ["--seed", "-1"], ["--seed", "[0, 4294967296)"]),
+    ("ppo-scheduler-unknown", "stages.ppo", PPO + ["--lr_scheduler_type", "bogus"], ["lr_scheduler_type 'bogus'"]),
+    ("dpo-beta-0", "stages.dpo", ["--config", "configs/dpo.yaml", "--beta", "0"], ["--beta", "> 0"]),
 ]
 
 
@@ -136,7 +154,7 @@ def test_bad_input_is_one_error_line_and_exit_2_with_the_run_folder_unchanged(ca
                                                  "--model_config", str(tiny_models["llama"])]
     if "--model_config" in args:  # the case's own profile comes last, so it wins
         i = args.index("--model_config")
-        argv += ["--model_config", args[i + 1]]
+        argv += ["--model_config", args[i + 1].format(**named)]
     code, errors, err = run_stage(module, argv, capsys)
     assert code == 2, err[-2000:]
     assert len(errors) == 1, err[-2000:]
