@@ -4,8 +4,10 @@
 # RECIPE picks the stage configs: story (default; configs/<stage>.yaml) or a folder of configs/recipes/, e.g.
 # RECIPE=assistant (configs/recipes/assistant/<stage>.yaml). A recipe other than story gets its own run folder.
 RECIPE ?= story
+# Bad make variables get what bad stage input gets: one `error:` line on stderr, exit 2 (make adds "*** stopped").
+refuse = $(file >/dev/stderr,error: $(1))$(error stopped)
 RECIPE_DIR := $(if $(filter story,$(RECIPE)),configs,configs/recipes/$(RECIPE))
-$(if $(wildcard $(RECIPE_DIR)/*.yaml),,$(error RECIPE=$(RECIPE): no configs in $(RECIPE_DIR); use story or one of: $(notdir $(wildcard configs/recipes/*))))
+$(if $(wildcard $(RECIPE_DIR)/*.yaml),,$(call refuse,RECIPE=$(RECIPE): no configs in $(RECIPE_DIR); use story or one of: $(notdir $(wildcard configs/recipes/*))))
 cfg = $(firstword $(wildcard $(RECIPE_DIR)/$(1).yaml) configs/$(1).yaml)
 RUN ?= $(if $(filter story,$(RECIPE)),default,$(RECIPE))
 RUNS_DIR ?= runs
@@ -54,7 +56,8 @@ DPO_ARGS ?=
 SIMULATE_ARGS ?=
 NAMED := $(filter base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate eval publish,$(MAKECMDGOALS))
 ifneq (,$(and $(strip $(ARGS)),$(word 2,$(NAMED))))
-$(error ARGS="$(ARGS)" would go to every one of $(NAMED): name one stage, or use SFT_ARGS, RM_ARGS, PPO_ARGS, GRPO_ARGS, RLOO_ARGS, REINFORCE_PP_ARGS, DPO_ARGS, PAIRS_ARGS, SIMULATE_ARGS, EVAL_ARGS)
+ARGS_TO_EVERY_STAGE := ARGS="$(ARGS)" would go to every one of $(NAMED): name one stage, or use SFT_ARGS, RM_ARGS, PPO_ARGS, GRPO_ARGS, RLOO_ARGS, REINFORCE_PP_ARGS, DPO_ARGS, PAIRS_ARGS, SIMULATE_ARGS, EVAL_ARGS
+$(call refuse,$(ARGS_TO_EVERY_STAGE))
 endif
 args_for = $($(2)) $(if $(filter $(1),$(NAMED)),$(ARGS))
 # $(call stage,NAME,MODULE,ARGS_VARIABLE): run one stage under accelerate unless its manifest is current.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from pipeline.run import is_current
 
@@ -49,6 +50,13 @@ def main(argv: list[str]) -> int:
     ours, module, stage_args = rest[:m], rest[m + 1], rest[m + 2 :]
     force = "--force" in ours or "--force" in stage_args
     ours, stage_args = [a for a in ours if a != "--force"], [a for a in stage_args if a != "--force"]
+    if "--config_file" in ours[:-1]:
+        config_file = Path(ours[ours.index("--config_file") + 1])
+        if not config_file.is_file():
+            shipped = ", ".join(sorted(str(p) for p in Path("configs/accelerate").glob("*.yaml")))
+            print(f"error: ACCELERATE_CONFIG={config_file} does not exist: give one of {shipped}, or your own "
+                  f"`accelerate config` file", file=sys.stderr)
+            return CONFIG_ERROR_EXIT
     if not force:
         current, why = is_current(stage, stage_args)
         if current:

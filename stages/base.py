@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import RunArgs, parse, resolve_path, to_dict
+from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.run import StageRun, atomic_write_json, main_guard
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -61,6 +61,35 @@ class BaseConfig:
     eval_every: int = 200
     eval_batches: int = 20
     seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.num_attention_heads < 1 or self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
+                             f"{self.num_attention_heads} (each head gets hidden_size / heads dimensions)")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "block_size", "eval_every",
+                     "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+OPTIMIZERS = ("adamw", "sgd", "rmsprop")
+
+
+def book_files(cfg: BaseConfig) -> list:
+    """The corpus: every .txt file of text_dir, with the held-out books among them (checked before anything is written)."""
+    folder = resolve_path(cfg.text_dir)
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise ConfigError(f"text_dir {cfg.text_dir} holds no .txt files: point --text_dir at a folder of plain-text books")
+    missing = sorted(set(cfg.heldout_books) - {f.stem for f in files})
+    if missing:
+        raise ConfigError(f"heldout_books {missing} are not in {cfg.text_dir} (books: {', '.join(f.stem for f in files)}): "
+                          f"name books of text_dir, without .txt")
+    if len(files) == len(set(cfg.heldout_books)):
+        raise ConfigError(f"every book of {cfg.text_dir} is held out (heldout_books): leave some to train on")
+    return files
 
 
 def clean(text: str) -> str:
@@ -116,12 +145,12 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     stage = StageRun("base", run.run, run.runs_dir)
+    files = book_files(cfg)
     stage.prepare({"base": to_dict(cfg), "run": to_dict(run)})
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     # 1. Data: every book cleaned; two books held out whole.
-    files = sorted(resolve_path(cfg.text_dir).glob("*.txt"))
     books = {f.stem: clean(f.read_text(encoding="utf-8")) for f in files}
     train_texts = [t for name, t in books.items() if name not in cfg.heldout_books]
     heldout_texts = [t for name, t in books.items() if name in cfg.heldout_books]

@@ -205,6 +205,20 @@ def test_bad_input_gives_one_line_through_make(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("variables,words", [
+    (["RECIPE=bogus"], ["RECIPE=bogus: no configs in configs/recipes/bogus", "use story or one of: assistant"]),
+    (["rm", "ARGS=--x 1"], ['ARGS="--x 1" would go to every one of sft rm', "RM_ARGS, PPO_ARGS"]),
+    (["ACCELERATE_CONFIG=/nonexistent/acc.yaml"], ["ACCELERATE_CONFIG=/nonexistent/acc.yaml does not exist",
+                                                   "configs/accelerate/cpu.yaml"]),
+])
+def test_bad_make_variables_give_one_error_line_and_exit_2(variables, words, tmp_path):
+    res = make("sft", *variables, runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert all(w in errors[0] for w in words), errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_crash_keeps_its_traceback(tmp_path):
     res = make("sft", "ARGS=--crash", runs_dir=tmp_path / "runs")
     assert res.returncode != 0
