@@ -60,6 +60,24 @@ ARGS_TO_EVERY_STAGE := ARGS="$(ARGS)" would go to every one of $(NAMED): name on
 $(call refuse,$(ARGS_TO_EVERY_STAGE))
 endif
 args_for = $($(2)) $(if $(filter $(1),$(NAMED)),$(ARGS))
+# Flags given to a stage are parsed before any stage runs (pipeline.launch --check: unknown flags, types, ranges), so a
+# bad flag in PPO_ARGS is one error line at once, not after SFT and the reward models have trained. Once .venv exists.
+# $(call check_stage,NAME,MODULE,CONFIG,FLAGS,MORE): nothing when FLAGS is empty.
+check_stage = $(if $(and $(strip $(4)),$(wildcard $(PY))),$(shell $(PY) -m pipeline.launch $(1) --check \
+	-m $(STAGE_PKG).$(2) --config $(3) --run $(RUN) --runs_dir $(RUNS_DIR) $(5) $(4))$(if $(filter-out 0,$(.SHELLSTATUS)),$(error stopped)))
+$(call check_stage,sft,sft,$(call cfg,sft),$(call args_for,sft,SFT_ARGS),$(MODEL_ARG))
+$(call check_stage,pairs,pairs,$(call cfg,pairs),$(call args_for,pairs,PAIRS_ARGS),$(MODEL_ARG))
+$(call check_stage,simulate,simulate,$(call cfg,simulate),$(call args_for,simulate,SIMULATE_ARGS))
+$(call check_stage,rm,rm,$(call cfg,rm),$(call args_for,rm,RM_ARGS),$(MODEL_ARG))
+$(call check_stage,ppo,ppo,$(call cfg,ppo),$(call args_for,ppo,PPO_ARGS),$(MODEL_ARG))
+$(call check_stage,grpo,ppo,$(call cfg,grpo),$(call args_for,grpo,GRPO_ARGS),$(MODEL_ARG))
+$(call check_stage,rloo,ppo,$(call cfg,rloo),$(call args_for,rloo,RLOO_ARGS),$(MODEL_ARG))
+$(call check_stage,reinforce_pp,ppo,$(call cfg,reinforce_pp),$(call args_for,reinforce_pp,REINFORCE_PP_ARGS),$(MODEL_ARG))
+$(call check_stage,dpo,dpo,$(call cfg,dpo),$(call args_for,dpo,DPO_ARGS),$(MODEL_ARG))
+$(call check_stage,eval,eval,$(call cfg,eval),$(call args_for,eval,EVAL_ARGS),$(MODEL_ARG))
+$(call check_stage,label,label,$(call cfg,label),$(if $(filter label,$(NAMED)),$(ARGS)))
+$(call check_stage,label-export,label.export,$(call cfg,label),$(if $(filter label-export,$(NAMED)),$(ARGS)))
+$(call check_stage,publish,publish,configs/publish.yaml,$(if $(filter publish,$(NAMED)),$(ARGS)))
 # $(call stage,NAME,MODULE,ARGS_VARIABLE): run one stage under accelerate unless its manifest is current.
 stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED))),--force) \
 	--config_file $(ACCELERATE_CONFIG) -m $(STAGE_PKG).$(2) --config $(call cfg,$(1)) --run $(RUN) --runs_dir $(RUNS_DIR) \

@@ -1,6 +1,7 @@
 """How `make <stage>` starts a stage: skip it when its manifest is current, else `accelerate launch` it.
 
     python -m pipeline.launch STAGE [--force] [ACCELERATE_LAUNCH_ARGS...] -m MODULE [STAGE_ARGS...]
+    python -m pipeline.launch STAGE --check -m MODULE [STAGE_ARGS...]      # parse the stage's flags only
     python -m pipeline.launch rm --config_file configs/accelerate/cpu.yaml -m stages.rm --config configs/rm.yaml --run default
 
 - Current (same command line, same files, same upstream manifests: pipeline.run.is_current): one "up to date" line,
@@ -40,6 +41,27 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> in
     return 0
 
 
+def check(module: str, stage_args: list[str]) -> int:
+    """Parse a stage's command line and nothing more (unknown flags, types, ranges, each config's own rules): make
+    runs this for the stages it is named with before any stage runs, so that a bad flag is one line at once, not after
+    the upstream stages have trained. A module without CONFIG_CLASSES is not checked here (it checks itself)."""
+    import importlib
+
+    from pipeline.config import ConfigError, parse
+
+    mod = importlib.import_module(module)
+    if not hasattr(mod, "CONFIG_CLASSES") and hasattr(mod, "__path__"):  # a package whose __main__ parses (stages.label)
+        mod = importlib.import_module(module + ".__main__")
+    if not hasattr(mod, "CONFIG_CLASSES"):
+        return 0
+    try:
+        parse(mod.CONFIG_CLASSES(), stage_args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or "-m" not in argv[1:]:
         print("usage: python -m pipeline.launch STAGE [--force] [ACCELERATE_ARGS...] -m MODULE [STAGE_ARGS...]",
@@ -48,6 +70,8 @@ def main(argv: list[str]) -> int:
     stage, rest = argv[0], argv[1:]
     m = rest.index("-m")
     ours, module, stage_args = rest[:m], rest[m + 1], rest[m + 2 :]
+    if "--check" in ours:
+        return check(module, stage_args)
     force = "--force" in ours or "--force" in stage_args
     ours, stage_args = [a for a in ours if a != "--force"], [a for a in stage_args if a != "--force"]
     if "--config_file" in ours[:-1]:

@@ -194,12 +194,16 @@ def test_is_current_records(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- one clear line on failure
 
 def test_bad_input_gives_one_line_through_make(tmp_path):
-    """The real SFT stage, a misspelled flag: its error line and make's one-line failure, no launcher traceback."""
+    """The real SFT stage, a data file that is not there (past the flag check): its error line and make's one-line
+    failure, no launcher traceback. A misspelled flag stops in the check before it, with one line too."""
     res = make("sft", "ARGS=--learnin_rate 1e-4", fake=False, runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and "--learning_rate" in errors[0], res.stderr
+    res = make("sft", f"ARGS=--dataset_name {tmp_path / 'none.jsonl'}", fake=False, runs_dir=tmp_path / "runs")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "CalledProcessError" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "--learning_rate" in errors[0]
+    assert len(errors) == 1 and "none.jsonl" in errors[0], errors
     # make[1]: under `make test` (CI) this make runs nested
     assert re.search(r"make(\[\d+\])?: \*\*\* \[Makefile:\d+: sft\] Error 2", res.stderr.strip().splitlines()[-1])
     assert not (tmp_path / "runs").exists()
@@ -217,6 +221,16 @@ def test_bad_make_variables_give_one_error_line_and_exit_2(variables, words, tmp
     assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
     assert all(w in errors[0] for w in words), errors[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
+    """`make ppo PPO_ARGS=...` on a fresh run: the flag is parsed before SFT, pairs, labels and the reward models run
+    (they would take minutes, and write the run folder, before PPO refused it)."""
+    res = make("ppo", "PPO_ARGS=--learning_rate abc", fake=False, runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and errors == ["error: --learning_rate on the command line is 'abc', not a number: give "
+                                              "a number"], res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
 
 def test_a_crash_keeps_its_traceback(tmp_path):

@@ -64,5 +64,9 @@ def main(args: LabelArgs, run: RunArgs, block: bool = True):
     return demo
 
 
+def CONFIG_CLASSES():
+    return (LabelArgs, RunArgs)
+
+
 if __name__ == "__main__":
-    main_guard(lambda: main(*parse((LabelArgs, RunArgs))))
+    main_guard(lambda: main(*parse(CONFIG_CLASSES())))

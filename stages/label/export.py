@@ -118,11 +118,15 @@ empty, the majority among the winning votes), `agreement` (share of votes for th
 """
 
 
-def push(ds, card_text: str, repo: str, private: bool) -> None:
-    """Push the data, then our card on top of the one `push_to_hub` wrote (keeping its config/dataset_info YAML)."""
+def check_online(repo: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ConfigError("--push_to_hub needs the Hub but HF_HUB_OFFLINE=1 (the Makefile's default): run "
                           f"`HF_HUB_OFFLINE=0 make label-export ARGS='--push_to_hub {repo}'` after `hf auth login`")
+
+
+def push(ds, card_text: str, repo: str, private: bool) -> None:
+    """Push the data, then our card on top of the one `push_to_hub` wrote (keeping its config/dataset_info YAML)."""
+    check_online(repo)
     from huggingface_hub import DatasetCard
 
     ds.push_to_hub(repo, private=private)
@@ -169,6 +173,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     config = {"label": to_dict(args), "export": to_dict(export), "run": to_dict(run)}
     if export.push_to_hub:
         check_hub_repo_id(export.push_to_hub, "--push_to_hub")
+        check_online(export.push_to_hub)
     db = db_path(run.runs_dir, run.run)
     if not db.is_file():
         raise ConfigError(f"no label store at {db}: label some pairs first with `make label RUN={run.run}`")
@@ -225,5 +230,9 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     return metrics
 
 
+def CONFIG_CLASSES():
+    return (LabelArgs, ExportArgs, RunArgs)
+
+
 if __name__ == "__main__":
-    main_guard(lambda: main(*parse((LabelArgs, ExportArgs, RunArgs))))
+    main_guard(lambda: main(*parse(CONFIG_CLASSES())))
