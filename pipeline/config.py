@@ -179,7 +179,28 @@ def parse(classes: tuple, argv: list[str] | None = None):
             where = source_of(given[0]) if given else f"{config_path or 'the defaults'} or the command line"
             raise ConfigError(f"invalid value of {where}: {err}") from None
         check_ranges(out[-1], source_of)
+        check_report_to(out[-1], source_of)
     return out
+
+
+def check_report_to(instance, source_of) -> None:
+    """A Trainer's report_to names integrations whose packages are installed: otherwise the Trainer fails when it is
+    built, after the run folder is prepared."""
+    report_to = getattr(instance, "report_to", None)
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [n for n in names if n not in ("none", "all")]
+    if not names:
+        return
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"{source_of('report_to')} names '{name}', which is not a transformers integration: use "
+                              f"none or one of {', '.join(INTEGRATION_TO_CALLBACK)}")
+        if name not in get_available_reporting_integrations():
+            raise ConfigError(f"{source_of('report_to')} names '{name}', whose package is not installed: install it "
+                              f"into .venv (.venv/bin/pip install {name}), or use report_to none")
 
 
 # Sizes and rates no stage can run with, checked on every parsed config that has the field (TRL's and ours alike), so a

@@ -97,6 +97,18 @@ def test_a_yaml_value_of_the_wrong_type_names_its_key_and_file(stage, line, mess
     parse(stage_classes(stage), ["--config", str(bad), f"--{key}", value])
 
 
+def test_report_to_an_integration_that_is_not_installed_is_refused_at_parse():
+    """SFT's Trainer would fail building its callback after the run folder was prepared (the manifest deleted)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    assert "wandb" not in get_available_reporting_integrations()  # not in the pinned stack
+    with pytest.raises(ConfigError, match="--report_to on the command line names 'wandb', whose package is not installed"):
+        parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--report_to", "wandb"])
+    with pytest.raises(ConfigError, match="names 'wandbb', which is not a transformers integration"):
+        parse(stage_classes("rm"), ["--config", str(REPO / "configs/rm.yaml"), "--report_to", "wandbb"])
+    parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--report_to", "none"])
+
+
 @pytest.mark.parametrize("stage,flag,value,message", [
     ("sft", "--seed", "-1", r"--seed on the command line is -1: it must be in \[0, 4294967296\)"),
     ("ppo", "--seed", str(2**32), r"--seed on the command line is 4294967296: it must be in \[0, 4294967296\)"),
