@@ -133,9 +133,19 @@ def load_base(profile: ModelProfile, tokenizer, kind: str = "causal", shard: boo
     # The score is read at the last token != pad_token_id; the adapter does not carry it (STACK-NOTES 3).
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config = plain_sampling_config(model.generation_config, tokenizer.pad_token_id)
     check_lora_targets(profile, model, path)
     return model
+
+
+def plain_sampling_config(loaded, pad_token_id: int):
+    """The checkpoint's generation_config with only its special tokens kept. Every sampler here draws from
+    softmax(logits / T) with the stage's own top_p / top_k, as PPO's sampler does and the KL figures assume; a
+    checkpoint's sampling defaults (Qwen's repetition_penalty 1.1, a no_repeat_ngram_size, min_new_tokens) would
+    otherwise apply to pairs and eval, silently, since generate() fills every field it is not given from them."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id, pad_token_id=pad_token_id)
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:

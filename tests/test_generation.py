@@ -118,3 +118,43 @@ def test_a_long_prompt_keeps_its_end_and_padding_goes_on_the_left(llama):
                           max_prompt_tokens=5) == [full[-5:]]
     ids, mask = left_pad([[7, 8, 9], [5], []], pad_id=0)
     assert ids.tolist() == [[7, 8, 9], [0, 0, 5], [0, 0, 0]] and mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_a_checkpoints_own_sampling_defaults_are_not_applied(tiny_models, tmp_path):
+    """A checkpoint whose generation_config.json asks for a repetition penalty and no repeated token (as instruct
+    checkpoints ship sampling defaults): the pipeline's greedy decoding still is the plain argmax of the logits, token
+    for token, as PPO's sampler and the KL figures assume. Its EOS ids are kept."""
+    import json
+    import shutil
+
+    import yaml
+
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.generation import SamplingConfig, generate, stop_token_ids
+    from pipeline.models import load_base, load_tokenizer, profile_from
+
+    spec = yaml.safe_load(open(tiny_models["llama"]))
+    folder = tmp_path / "llama-with-defaults"
+    shutil.copytree(spec["name_or_path"], folder)
+    config = json.loads((folder / "generation_config.json").read_text()) if (folder / "generation_config.json").is_file() else {}
+    eos = config.get("eos_token_id", 2)
+    config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, eos_token_id=[eos, 7])
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    profile_path = tmp_path / "profile.yaml"
+    profile_path.write_text(yaml.safe_dump({**spec, "name_or_path": str(folder)}))
+    profile = profile_from(str(profile_path))
+    tok = load_tokenizer(profile)
+    model = load_base(profile, tok)
+    assert 7 in stop_token_ids(tok, model)
+    stop = set(stop_token_ids(tok, model))
+    prompts = prompt_ids(tok, ["Once upon a time", "The rabbit ran"])
+    sampling = SamplingConfig(max_new_tokens=40, temperature=0, generation_batch_size=1)
+    gens = generate(model, tok, prompts, sampling)
+    by_hand = [greedy_by_hand(model, p, 40, stop) for p in prompts]
+    for i, expected in enumerate(by_hand):
+        assert gens.response_ids[i, :len(expected)].tolist() == expected
+    # the same weights with the checkpoint's defaults in force decode otherwise: the check above has teeth
+    with_defaults = AutoModelForCausalLM.from_pretrained(folder)
+    with_defaults.generation_config.pad_token_id = tok.pad_token_id
+    assert generate(with_defaults, tok, prompts, sampling).response_ids.tolist() != gens.response_ids.tolist()

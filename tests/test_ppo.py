@@ -477,6 +477,22 @@ def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file,
     assert m["prompts_long"] > 0 and m["prompts_train"] == m["prompts_total"] - m["prompts_heldout"]
 
 
+def test_a_repeated_prompt_is_never_both_trained_on_and_held_out(tiny_models, tmp_path):
+    """A conversation dataset with three replies to each prompt: the held-out prompts (what eval scores the policies
+    on) are split from the distinct prompts, so none of them is also a training prompt."""
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import load_prompts
+
+    path = tmp_path / "convs.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
+                            + "\n" for r in ("Yes.", "No.", "Maybe.") for p in PROMPTS))
+    cfg, _ = parse_args(["--config", "configs/ppo.yaml", "--dataset_name", str(path), "--heldout_fraction", "0.25"])
+    train, _, heldout, notes = load_prompts(cfg, load_tokenizer(profile_from(str(tiny_models["llama"]))))
+    key = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
+    assert (notes["prompts_total"], notes["prompts_repeated"], len(heldout), len(train)) == (24, 48, 6, 18)
+    assert not {key(c) for c in heldout} & {key(c) for c in train}
+
+
 def test_cli_error_is_one_line_with_exit_code_2(tiny_models, adapters, prompts_file, runs_dir):
     sft, rm = adapters("llama")
     res = run_python("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "cli", prompts_file, sft, rm, "--resume"))

@@ -67,6 +67,10 @@ def load_prompts(cfg: PPOConfig, tokenizer):
                                   "set chat_template in the model profile, or give plain-text prompts")
             convs.append([{"role": m["role"], "content": m["content"]} for m in p])
 
+    # A prompt given several times (a conversation dataset with several replies to one prompt) is one prompt: split
+    # after removing the repeats, or the held-out prompts eval scores would also be training prompts.
+    distinct = list({json.dumps(c, sort_keys=True): c for c in convs}.values())
+    repeats, convs = len(convs) - len(distinct), distinct
     order = list(range(len(convs)))
     random.Random(cfg.seed).shuffle(order)
     n_held = int(len(convs) * cfg.heldout_fraction)
@@ -86,7 +90,8 @@ def load_prompts(cfg: PPOConfig, tokenizer):
                 raise ConfigError(f"prompt set {source}: {err}") from None
     limit = cfg.max_prompt_length
     long = [i for i, s in enumerate(ids) if len(s) > limit]
-    notes = {"prompts_total": len(convs), "prompts_heldout": n_held, "prompts_long": len(long)}
+    notes = {"prompts_total": len(convs), "prompts_heldout": n_held, "prompts_long": len(long),
+             "prompts_repeated": repeats}
     if long:
         what = (f"{len(long)} of {len(ids)} training prompts are longer than max_prompt_length={limit} tokens "
                 f"(longest {max(len(ids[i]) for i in long)})")
