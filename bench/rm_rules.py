@@ -56,7 +56,8 @@ def sentences() -> list[str]:
 
 
 def prompts() -> list[str]:
-    rows = [json.loads(line) for line in open(REPO_ROOT / "data/prompts/oasst_prompts.jsonl")]
+    rows = [json.loads(line) for name in ("oasst_pairs_prompts", "oasst_ppo_prompts")
+            for line in open(REPO_ROOT / f"data/prompts/{name}.jsonl")]
     return list(dict.fromkeys(r["prompt"][0]["content"] for r in rows if len(r["prompt"][0]["content"]) < 300))
 
 

@@ -6,7 +6,8 @@ The pipeline itself never reads those snapshots: it reads the files this script 
 LICENSE, README and SOURCE.json sit in data/sources/<name>/. Outputs:
 
 - data/sft/{oasst,self_instruct,gsm8k}.jsonl   {"messages": [...]}          SFT mixture (configs/sft.yaml)
-- data/prompts/oasst_prompts.jsonl             {"prompt": [user message]}    pairs / PPO / eval prompts
+- data/prompts/oasst_{pairs,ppo}_prompts.jsonl  {"prompt": [user message]}    pairs; PPO / eval prompts (disjoint
+  halves, so the prompts PPO and eval use are new to the reward model, as the story recipe's)
 - data/preferences/{oasst,pandalm,tulu}.jsonl  {"prompt","chosen","rejected"} TRL conversational preference format
 """
 
@@ -119,6 +120,14 @@ def tulu(src: Path):
     return rows
 
 
+def halves(rows: list, seed: int) -> tuple[list, list]:
+    """A seeded half of the rows and the other half, each in the source's order."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    first = set(order[: len(rows) // 2])
+    return [r for i, r in enumerate(rows) if i in first], [r for i, r in enumerate(rows) if i not in first]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", required=True, help="folder of source snapshots (repository and commit: data/sources/*/SOURCE.json)")
@@ -129,7 +138,9 @@ def main():
     write_jsonl(HERE / "sft" / "oasst.jsonl", sft)
     write_jsonl(HERE / "sft" / "self_instruct.jsonl", self_instruct(shared / "instructions_self_instruct_human"))
     write_jsonl(HERE / "sft" / "gsm8k.jsonl", gsm8k(shared / "instructions_gsm8k", args.gsm8k, seed=0))
-    write_jsonl(HERE / "prompts" / "oasst_prompts.jsonl", prompts)
+    pairs_prompts, ppo_prompts = halves(prompts, seed=0)
+    write_jsonl(HERE / "prompts" / "oasst_pairs_prompts.jsonl", pairs_prompts)
+    write_jsonl(HERE / "prompts" / "oasst_ppo_prompts.jsonl", ppo_prompts)
     write_jsonl(HERE / "preferences" / "oasst.jsonl", prefs)
     write_jsonl(HERE / "preferences" / "pandalm.jsonl", pandalm(shared / "preferences_pandalm_human_testset"))
     write_jsonl(HERE / "preferences" / "tulu.jsonl", tulu(shared / "preferences_tulu1_human_eval"))

@@ -4,7 +4,7 @@
     make pairs ARGS="--num_responses 3 --temperature 1.0 --dataset_name my_prompts.jsonl"
 
 Reads: the SFT manifest of the run (outputs.adapter, on the base of the model profile) and the bundled OASST
-prompts (data/prompts/oasst_prompts.jsonl, Apache-2.0, see data/sources/) or --dataset_name (rows with a
+prompts (data/prompts/oasst_pairs_prompts.jsonl, Apache-2.0, see data/sources/) or --dataset_name (rows with a
 `prompt`: messages or a string; or `messages`, whose last assistant turn is dropped).
 Writes runs/<run>/pairs/: dataset/ (save_to_disk), config.json, manifest.json (last). One row per pair:
 pair_id (hash of prompt + responses: stable across reruns, unlike an index), prompt_id, prompt (messages),
@@ -34,7 +34,7 @@ from pipeline.sharding import process_state, sharding_report, take_over_from_acc
 class PairsArgs:
     # Data
     dataset_name: str | None = field(default=None, metadata={"help": "Your own prompts (file, folder or Hub id)."})
-    prompts_file: str = field(default="data/prompts/oasst_prompts.jsonl", metadata={"help": "Bundled prompts."})
+    prompts_file: str = field(default="data/prompts/oasst_pairs_prompts.jsonl", metadata={"help": "Bundled prompts."})
     max_prompts: int = field(default=0, metadata={"help": "Use the first N prompts after shuffling (0 = all)."})
     max_prompt_tokens: int = field(default=192, metadata={
         "help": "Longer prompts are left out (not cut: annotators must see the prompt the model saw)."})

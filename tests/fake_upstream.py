@@ -100,7 +100,7 @@ def build_upstream(runs_dir: Path, profile: Path, run: str = "t", reward_members
     ppo.finish({"adapter": ppo.dir / "adapter", "value_adapter": rm.dir / "adapter", "metrics_jsonl": ppo.dir / "metrics.jsonl",
                 "heldout_prompts": ppo.dir / "heldout_prompts.jsonl"},
                {"reward_first": -1.0, "reward_last": 0.65, "reward_gain": 1.65, "kl_last": 0.55, "updates": 12},
-               {"ppo": {"learning_rate": 1e-4, "kl_coef": 0.05, "prompts": "data/prompts/oasst_prompts.jsonl"}})
+               {"ppo": {"learning_rate": 1e-4, "kl_coef": 0.05, "prompts": "data/prompts/oasst_ppo_prompts.jsonl"}})
     return runs_dir
 
 

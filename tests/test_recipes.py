@@ -34,8 +34,11 @@ def test_the_assistant_recipe_keeps_the_bundled_assistant_data():
     assert set(sft) == {"data/sft/oasst.jsonl", "data/sft/self_instruct.jsonl", "data/sft/gsm8k.jsonl"}
     assert set(rm) == {"label-export", "data/preferences/oasst.jsonl", "data/preferences/pandalm.jsonl",
                        "data/preferences/tulu.jsonl"}
-    for stage in ("pairs", "ppo"):
-        assert read_yaml(REPO / f"configs/recipes/assistant/{stage}.yaml")["prompts_file"] == "data/prompts/oasst_prompts.jsonl"
+    files = {stage: read_yaml(REPO / f"configs/recipes/assistant/{stage}.yaml")["prompts_file"] for stage in ("pairs", "ppo")}
+    assert files == {"pairs": "data/prompts/oasst_pairs_prompts.jsonl", "ppo": "data/prompts/oasst_ppo_prompts.jsonl"}
+    # the prompts PPO trains on and eval holds out are new to the reward model, whose labels come from the pairs' prompts
+    read = lambda f: {json.dumps(json.loads(line)["prompt"]) for line in open(REPO / f)}  # noqa: E731
+    assert len(read(files["pairs"])) == len(read(files["ppo"])) == 125 and not read(files["pairs"]) & read(files["ppo"])
 
 
 def test_the_default_recipe_is_the_story_task():

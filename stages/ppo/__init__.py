@@ -5,7 +5,7 @@
     make ppo ARGS="--resume"          # continue from the last checkpoint (a killed run also continues by itself)
 
 Reads: runs/<run>/sft/manifest.json (policy + reference adapter), runs/<run>/rm/manifest.json (reward adapter +
-score head, and its reward_mean/reward_std), the bundled prompts data/prompts/oasst_prompts.jsonl (or
+score head, and its reward_mean/reward_std), the bundled prompts data/prompts/oasst_ppo_prompts.jsonl (or
 --dataset_name). Writes runs/<run>/ppo/: adapter/ (the policy: stock PEFT + tokenizer + pipeline_base.json),
 value_adapter/, metrics.jsonl (one line per update), samples.jsonl, heldout_prompts.jsonl, checkpoints/,
 config.json, manifest.json (last).
