@@ -148,6 +148,10 @@ def train_eval_split(ds, eval_fraction: float, seed: int, group_by=None):
     keys = sorted({group_by(row) for row in ds})
     random.Random(seed).shuffle(keys)
     n_eval = max(1, int(round(len(keys) * eval_fraction)))
+    if n_eval >= len(keys):
+        raise ConfigError(f"{len(keys)} distinct prompt(s) are too few to hold out eval_fraction={eval_fraction} and "
+                          f"train on the rest (rows of one prompt stay on one side): give more rows, or set "
+                          f"eval_fraction 0")
     eval_keys = set(keys[:n_eval])
     flags = [group_by(row) in eval_keys for row in ds]
     eval_idx = [i for i, f in enumerate(flags) if f]

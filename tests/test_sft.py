@@ -255,6 +255,10 @@ def test_held_out_rows_share_no_conversation_root_with_training():
     row_train, row_held = train_eval_split(tree, 0.2, 3)
     assert {conversation_root(r) for r in row_train} & {conversation_root(r) for r in row_held}
 
+    one_tree = Dataset.from_list([conv(0, f"reply {i}") for i in range(5)])  # nothing can be held out whole
+    with pytest.raises(ConfigError, match="1 distinct prompt.* too few to hold out eval_fraction=0.2"):
+        held_out_split(one_tree, 0.2, seed=3)
+
     distinct = Dataset.from_list([conv(i, f"reply {i}") for i in range(50)])
     assert [held_out_split(distinct, 0.2, 3)[k]["messages"] for k in (0, 1)] == \
         [train_eval_split(distinct, 0.2, 3)[k]["messages"] for k in (0, 1)]

@@ -37,7 +37,8 @@ def files(tmp: Path) -> dict[str, str]:
     (tmp / "blank.jsonl").write_bytes(b"\n \n")
     return {
         "bad_utf8": str(tmp / "bad_utf8.jsonl"), "empty": str(tmp / "empty.jsonl"), "blank": str(tmp / "blank.jsonl"),
-        "chats": write_jsonl(tmp / "chats.jsonl", [{"messages": CHAT}] * 8),
+        "chats": write_jsonl(tmp / "chats.jsonl", [{"messages": [{**CHAT[0], "content": f"Say hi, {i}."}, CHAT[1]]}
+                                                   for i in range(8)]),  # 8 prompts: SFT holds out whole prompts
         "empty_chats": write_jsonl(tmp / "empty_chats.jsonl",
                                    [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}] * 8),
         "prefs": write_jsonl(tmp / "prefs.jsonl", [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
