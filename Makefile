@@ -59,29 +59,30 @@ ifneq (,$(and $(strip $(ARGS)),$(word 2,$(NAMED))))
 ARGS_TO_EVERY_STAGE := ARGS="$(ARGS)" would go to every one of $(NAMED): name one stage, or use SFT_ARGS, RM_ARGS, PPO_ARGS, GRPO_ARGS, RLOO_ARGS, REINFORCE_PP_ARGS, DPO_ARGS, PAIRS_ARGS, SIMULATE_ARGS, EVAL_ARGS
 $(call refuse,$(ARGS_TO_EVERY_STAGE))
 endif
-args_for = $($(2)) $(if $(filter $(1),$(NAMED)),$(ARGS))
+# Every stage once: NAME:MODULE:CONFIG:ARGS-VARIABLE:MODEL. CONFIG is read through the recipe ($(call cfg,CONFIG)); "-"
+# means no ARGS variable of its own (ARGS only when the stage is named), "model" that MODEL= applies. The check below
+# and the stage rules both read this table, so what is checked is what runs.
+STAGES := sft:sft:sft:SFT_ARGS:model pairs:pairs:pairs:PAIRS_ARGS:model simulate:simulate:simulate:SIMULATE_ARGS:- \
+	rm:rm:rm:RM_ARGS:model ppo:ppo:ppo:PPO_ARGS:model grpo:ppo:grpo:GRPO_ARGS:model rloo:ppo:rloo:RLOO_ARGS:model \
+	reinforce_pp:ppo:reinforce_pp:REINFORCE_PP_ARGS:model dpo:dpo:dpo:DPO_ARGS:model eval:eval:eval:EVAL_ARGS:model \
+	label:label:label:-:- label-export:label.export:label:-:- publish:publish:publish:PUBLISH_REPO:-
+PUBLISH_REPO = $(if $(REPO),--repo_id $(REPO))
+stage_field = $(word $(2),$(subst :, ,$(filter $(1):%,$(STAGES))))
+# What a stage is given: its module, config, MODEL_ARG where it takes one, its own variable and ARGS when named.
+stage_opts = -m $(STAGE_PKG).$(call stage_field,$(1),2) --config $(call cfg,$(call stage_field,$(1),3)) --run $(RUN) \
+	--runs_dir $(RUNS_DIR) $(if $(filter model,$(call stage_field,$(1),5)),$(MODEL_ARG))
+stage_args = $($(call stage_field,$(1),4)) $(if $(filter $(1),$(NAMED)),$(ARGS))
 # Flags given to a stage are parsed before any stage runs (pipeline.launch --check: unknown flags, types, ranges), so a
-# bad flag in PPO_ARGS is one error line at once, not after SFT and the reward models have trained. Once .venv exists.
-# $(call check_stage,NAME,MODULE,CONFIG,FLAGS,MORE): nothing when FLAGS is empty.
-check_stage = $(if $(and $(strip $(4)),$(wildcard $(PY))),$(shell $(PY) -m pipeline.launch $(1) --check \
-	-m $(STAGE_PKG).$(2) --config $(3) --run $(RUN) --runs_dir $(RUNS_DIR) $(5) $(4))$(if $(filter-out 0,$(.SHELLSTATUS)),$(error stopped)))
-$(call check_stage,sft,sft,$(call cfg,sft),$(call args_for,sft,SFT_ARGS),$(MODEL_ARG))
-$(call check_stage,pairs,pairs,$(call cfg,pairs),$(call args_for,pairs,PAIRS_ARGS),$(MODEL_ARG))
-$(call check_stage,simulate,simulate,$(call cfg,simulate),$(call args_for,simulate,SIMULATE_ARGS))
-$(call check_stage,rm,rm,$(call cfg,rm),$(call args_for,rm,RM_ARGS),$(MODEL_ARG))
-$(call check_stage,ppo,ppo,$(call cfg,ppo),$(call args_for,ppo,PPO_ARGS),$(MODEL_ARG))
-$(call check_stage,grpo,ppo,$(call cfg,grpo),$(call args_for,grpo,GRPO_ARGS),$(MODEL_ARG))
-$(call check_stage,rloo,ppo,$(call cfg,rloo),$(call args_for,rloo,RLOO_ARGS),$(MODEL_ARG))
-$(call check_stage,reinforce_pp,ppo,$(call cfg,reinforce_pp),$(call args_for,reinforce_pp,REINFORCE_PP_ARGS),$(MODEL_ARG))
-$(call check_stage,dpo,dpo,$(call cfg,dpo),$(call args_for,dpo,DPO_ARGS),$(MODEL_ARG))
-$(call check_stage,eval,eval,$(call cfg,eval),$(call args_for,eval,EVAL_ARGS),$(MODEL_ARG))
-$(call check_stage,label,label,$(call cfg,label),$(if $(filter label,$(NAMED)),$(ARGS)))
-$(call check_stage,label-export,label.export,$(call cfg,label),$(if $(filter label-export,$(NAMED)),$(ARGS)))
-$(call check_stage,publish,publish,configs/publish.yaml,$(if $(filter publish,$(NAMED)),$(ARGS)))
-# $(call stage,NAME,MODULE,ARGS_VARIABLE): run one stage under accelerate unless its manifest is current.
+# bad flag in PPO_ARGS is one error line at once, not after SFT and the reward models have trained. Once .venv exists;
+# nothing to check for a stage given no flags, except publish when named: it needs a repo (REPO=) or --dry-run.
+check_stage = $(if $(and $(or $(strip $(call stage_args,$(1))),$(filter publish,$(filter $(1),$(NAMED)))),$(wildcard $(PY))),$(shell $(PY) -m pipeline.launch $(1) --check \
+	$(call stage_opts,$(1)) $(call stage_args,$(1)))$(if $(filter-out 0,$(.SHELLSTATUS)),$(error stopped)))
+$(foreach s,$(STAGES),$(call check_stage,$(firstword $(subst :, ,$(s)))))
+# $(call stage,NAME): run one stage under accelerate unless its manifest is current.
 stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED))),--force) \
-	--config_file $(ACCELERATE_CONFIG) -m $(STAGE_PKG).$(2) --config $(call cfg,$(1)) --run $(RUN) --runs_dir $(RUNS_DIR) \
-	$(MODEL_ARG) $(call args_for,$(1),$(3))
+	--config_file $(ACCELERATE_CONFIG) $(call stage_opts,$(1)) $(call stage_args,$(1))
+# $(call direct,NAME): a stage that runs in this process, not under accelerate (the labeling server, exports, publish).
+direct = $(PY) $(call stage_opts,$(1)) $(call stage_args,$(1))
 
 .PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
 	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-ceiling bench-valence-probe bench-story mutants clean-run
@@ -103,65 +104,65 @@ base: setup
 	$(PY) -m stages.base --config configs/base.yaml $(ARGS)
 
 sft: | setup
-	$(call stage,sft,sft,SFT_ARGS)
+	$(call stage,sft)
 
 clean-run:
 	rm -rf $(RUNDIR)
 
 rm: sft $(if $(AUTO_LABELS),labels)
-	$(call stage,rm,rm,RM_ARGS)
+	$(call stage,rm)
 
 ppo: sft rm
-	$(call stage,ppo,ppo,PPO_ARGS)
+	$(call stage,ppo)
 
 # The critic-free estimators: the same RL loop (stages/ppo/) with configs/grpo.yaml, rloo.yaml or reinforce_pp.yaml,
 # each in its own run folder.
 grpo: sft rm
-	$(call stage,grpo,ppo,GRPO_ARGS)
+	$(call stage,grpo)
 
 rloo: sft rm
-	$(call stage,rloo,ppo,RLOO_ARGS)
+	$(call stage,rloo)
 
 reinforce_pp: sft rm
-	$(call stage,reinforce_pp,ppo,REINFORCE_PP_ARGS)
+	$(call stage,reinforce_pp)
 
 pairs: sft
-	$(call stage,pairs,pairs,PAIRS_ARGS)
+	$(call stage,pairs)
 
 # DPO straight from the SFT policy on the reward model's preference data (no reward model, no PPO).
 dpo: sft $(if $(AUTO_LABELS),labels)
-	$(call stage,dpo,dpo,DPO_ARGS)
+	$(call stage,dpo)
 
 # The labeling UI is a server, not a batch job: it always runs (and resumes from the label store).
 # With ARGS="--pairs_dataset FILE" (e.g. eval's human_pairs.jsonl) it needs no pairs stage.
 label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)
-	$(PY) -m $(STAGE_PKG).label --config $(call cfg,label) --run $(RUN) --runs_dir $(RUNS_DIR) $(ARGS)
+	$(call direct,label)
 
 # Always exports when asked (the labels may have changed); the reward model and PPO then retrain on the next make.
 label-export: | setup
-	$(PY) -m $(STAGE_PKG).label.export --config $(call cfg,label) --run $(RUN) --runs_dir $(RUNS_DIR) $(ARGS)
+	$(call direct,label-export)
 
 # Simulated annotators label the pairs through the label store people use (stages/simulate.py); like label-export it
 # always runs when named, adding labels only for pairs it has not labeled yet.
 simulate: pairs
-	$(PY) -m $(STAGE_PKG).simulate --config $(call cfg,simulate) --run $(RUN) --runs_dir $(RUNS_DIR) $(call args_for,simulate,SIMULATE_ARGS)
+	$(call direct,simulate)
 
 # The story chain's labels: simulated (unless people labeled) and exported, again only when the pairs are newer than
 # the last export, so an unchanged run stays current.
 LABEL_EXPORT := $(RUNDIR)/label-export/manifest.json
 labels: pairs
 	@if [ ! -f $(LABEL_EXPORT) ] || [ $(RUNDIR)/pairs/manifest.json -nt $(LABEL_EXPORT) ]; then \
-	  $(PY) -m $(STAGE_PKG).simulate --config $(call cfg,simulate) --run $(RUN) --runs_dir $(RUNS_DIR) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
-	  $(PY) -m $(STAGE_PKG).label.export --config $(call cfg,label) --run $(RUN) --runs_dir $(RUNS_DIR); \
+	  $(PY) $(call stage_opts,simulate) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
+	  $(PY) $(call stage_opts,label-export); \
 	else echo "labels: up to date, skipped (the label export is newer than the pairs)"; fi
 
 # eval compares every policy the run has (each brought up to date first); a run with none trains PPO first.
 EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))))
 eval: $(or $(EVAL_POLICIES),ppo)
-	$(call stage,eval,eval,EVAL_ARGS)
+	$(call stage,eval)
 
 publish: eval
-	$(PY) -m $(STAGE_PKG).publish --config configs/publish.yaml --run $(RUN) --runs_dir $(RUNS_DIR) $(if $(REPO),--repo_id $(REPO)) $(ARGS)
+	$(call direct,publish)
 
 # The peer benchmarks run one thread per process on both sides (as their recorded results); bench-story measures the
 # default run as a user gets it, with the threads above.

@@ -44,7 +44,8 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> in
 def check(module: str, stage_args: list[str]) -> int:
     """Parse a stage's command line and nothing more (unknown flags, types, ranges, each config's own rules): make
     runs this for the stages it is named with before any stage runs, so that a bad flag is one line at once, not after
-    the upstream stages have trained. A module without CONFIG_CLASSES is not checked here (it checks itself)."""
+    the upstream stages have trained; then the module's `check_args(*parsed)`, where it has one. A module without
+    CONFIG_CLASSES is not checked here (it checks itself)."""
     import importlib
 
     from pipeline.config import ConfigError, parse
@@ -55,7 +56,9 @@ def check(module: str, stage_args: list[str]) -> int:
     if not hasattr(mod, "CONFIG_CLASSES"):
         return 0
     try:
-        parse(mod.CONFIG_CLASSES(), stage_args)
+        parsed = parse(mod.CONFIG_CLASSES(), stage_args)
+        if hasattr(mod, "check_args"):  # the stage's own checks of its flags together (stages.publish: a repo id)
+            mod.check_args(*parsed)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT

@@ -169,8 +169,9 @@ def upload(folders: list[tuple[Path, str, str]], args: PublishArgs, token: str) 
 
 # ---------------------------------------------------------------------------------------------------- the stage
 
-def main(args: PublishArgs, run: RunArgs) -> dict:
-    stage = StageRun("publish", run.run, run.runs_dir)
+def check_args(args: PublishArgs, run: RunArgs) -> str:
+    """What the flags alone can tell (make runs this before the stages publish depends on: `make publish` on a fresh
+    run would otherwise train the whole pipeline first). Returns the model repo id."""
     if not args.repo_id and not args.dry_run:
         raise ConfigError("no repo to publish to: pass REPO=user/name (`--repo_id`), or --dry-run to only write the folder")
     if args.policy not in POLICY_STAGES:
@@ -179,6 +180,12 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     check_hub_repo_id(repo, "--repo_id")
     if args.include_dataset:
         check_hub_repo_id(args.dataset_repo_id or f"{repo}-preferences", "--dataset_repo_id")
+    return repo
+
+
+def main(args: PublishArgs, run: RunArgs) -> dict:
+    stage = StageRun("publish", run.run, run.runs_dir)
+    repo = check_args(args, run)
     token = None if args.dry_run else get_token()  # before any work: a missing token should cost nothing
     policy, ev = stage.need(args.policy), stage.need("eval")
     evaluated = ev["metrics"].get("comparison") or ({"ppo": {}} if "win_rate" in ev["metrics"] else {})

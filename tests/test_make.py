@@ -233,6 +233,28 @@ def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("variables,error", [
+    ([], "error: no repo to publish to: pass REPO=user/name (`--repo_id`), or --dry-run to only write the folder"),
+    (["REPO=me//x"], "error: --repo_id 'me//x' is not a Hub repo id: give it as user/name"),
+    (["ARGS=--policy sft"], "error: no repo to publish to"),
+    (["REPO=me/x", "ARGS=--policy sft"], "error: --policy sft: publish one of the run's policies"),
+])
+def test_publish_without_a_usable_repo_stops_before_the_pipeline_runs(variables, error, tmp_path):
+    """`make publish` on a fresh run brings every stage up to date first: without a repo (or with one the Hub would
+    refuse) the stage refused only after SFT, the reward models, PPO and eval had run."""
+    res = make("publish", *variables, fake=False, runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and errors[0].startswith(error), res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+
+def test_publish_gets_its_repo_and_args():
+    res = make("publish", "REPO=me/x", "ARGS=--private", dry_run=True, fake=False)
+    assert res.returncode == 0, res.stderr
+    line = [w for w in res.stdout.splitlines() if "-m stages.publish" in w][-1].split()
+    assert line[line.index("--runs_dir") + 2:] == ["--repo_id", "me/x", "--private"]
+
+
 def test_a_crash_keeps_its_traceback(tmp_path):
     res = make("sft", "ARGS=--crash", runs_dir=tmp_path / "runs")
     assert res.returncode != 0
