@@ -25,9 +25,13 @@ BAD_UTF8 = b'{"prompt": "caf\xe9", "messages": [{"role": "user", "content": "caf
 CHAT = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there, friend."}]
 
 
-def write_jsonl(path: Path, rows: list) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def write_text(path: Path, text: str) -> str:
+    path.write_text(text)
     return str(path)
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def files(tmp: Path) -> dict[str, str]:
@@ -48,11 +52,6 @@ def files(tmp: Path) -> dict[str, str]:
         "fp16_profile": write_text(tmp / "fp16.yaml", "name_or_path: models/tiny\ndtype: fp16\n"),
         "sft_lora_float": write_text(tmp / "sft.yaml", (REPO / "configs/sft.yaml").read_text() + "\nlora_r: 2.5\n"),
     }
-
-
-def write_text(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
 
 
 SFT = ["--config", "configs/sft.yaml", "--dataset_name", "{chats}", "--max_steps", "1", "--per_device_train_batch_size", "2",
