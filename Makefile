@@ -143,7 +143,8 @@ label-export: | setup
 	$(call direct,label-export)
 
 # Simulated annotators label the pairs through the label store people use (stages/simulate.py); like label-export it
-# always runs when named, adding labels only for pairs it has not labeled yet.
+# always runs when named. The store then holds the labels of these settings (unchanged ones are not rewritten);
+# `make label-export rm` retrains on them.
 simulate: pairs
 	$(call direct,simulate)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
@@ -232,20 +233,28 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
 
     # 3. Label like a person: each pair the store serves (word filter included), answered in the left/right order the
     #    store shows this annotator. A simulator labels every pair once, however many people labeled it (overlap is
-    #    for sharing work among people); a rerun labels only the pairs it has not.
+    #    for sharing work among people). The store holds the labels of the settings given last: a rerun with the same
+    #    ones writes nothing (every draw is fixed by seed, annotator and pair), one with other noise settings redraws
+    #    the labels they change, and one with fewer or other annotators of this name removes the ones not named now.
     store = simulator_store(db, overlap=len(pairs) + 10**6, lease_s=label_args.lease_timeout_s, seed=label_args.seed)
     store.import_items(pairs, word_filter(label_args.offensive_words if label_args.filter_offensive else []))
     names = [annotator] if args.annotators == 1 else [f"{annotator}-{i}" for i in range(1, args.annotators + 1)]
-    written = 0
+    stored = {(lab["annotator"], lab["pair_id"]): (lab["choice"], lab["shown_left"]) for lab in store.labels()}
+    removed = sum(store.remove_simulated(other) for other in sorted({a for a, _ in stored} - set(names))
+                  if other == annotator or re.fullmatch(re.escape(annotator) + r"-\d+", other))
+    written = changed = 0
     for name in names:
-        for pair_id in store.unlabeled_pairs(name):
+        for pair_id in store.servable_pairs():
             left = store.shown_left(pair_id, name)
             diff = scores[pair_id][left] - scores[pair_id][1 - left]
             choice = choose(diff, uniform(args.seed, name, pair_id), temperature, args.tie_band, args.position_bias)
-            store.save_label(name, pair_id, choice, left)
-            written += 1
+            before = stored.get((name, pair_id))
+            if before != (choice, left):
+                store.save_label(name, pair_id, choice, left)
+                written += before is None
+                changed += before is not None
 
-    # 4. What was achieved, from the store itself (a rerun that labels nothing new reports the same)
+    # 4. What was achieved, from the store itself (a rerun with the same settings reports the same)
     mine = [lab for lab in store.labels() if lab["annotator"] in names and lab["pair_id"] in scores]
     store.keepalive.close()
     lock.close()
@@ -255,7 +264,7 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     decided = [lab for lab in mine if lab["choice"] in ("left", "right")]
     metrics = {
         "annotator": annotator, "annotators": len(names), "judge": args.judge, "pairs": len(pairs),
-        "labels_written": written, "labels": len(mine),
+        "labels_written": written, "labels_redrawn": changed, "labels_removed": removed, "labels": len(mine),
         **agreement_with_gold(mine, scores, args.tie_band),
         **(majority_agreement_with_gold(mine, scores, args.tie_band) if len(names) > 1 else {}),
         "expected_agreement": round(expected_agreement(outside, temperature, args.position_bias), 4) if outside else None,

@@ -319,6 +319,40 @@ def test_several_simulated_annotators_label_every_pair_with_their_own_draws(tmp_
     assert simulate(tmp_path, runs, "--annotators", "3")["labels_written"] == 0  # a rerun labels nothing twice
 
 
+def test_a_rerun_with_other_settings_leaves_the_labels_a_fresh_run_with_them_would(tmp_path):
+    """The store holds the labels of the settings given last: new noise settings redraw what they change, fewer or
+    other annotators of the name remove the rest, and nobody else's labels are touched (a person's, another judge's)."""
+    from stages.label.store import LabelStore
+
+    def labels_of(runs) -> dict:
+        return {(lab["annotator"], lab["pair_id"]): (lab["choice"], lab["shown_left"])
+                for lab in LabelStore(runs / "t" / "label" / "labels.sqlite").labels()}
+
+    runs = tmp_path / "runs"
+    _, rows = pairs_file(tmp_path)
+    store = LabelStore(runs / "t" / "label" / "labels.sqlite")
+    store.import_items(rows)
+    store.save_label("alice", rows[0]["pair_id"], "left", 0)
+    simulate(tmp_path, runs, "--annotator", "sim:other", "--seed", "7")
+    others = {k: v for k, v in labels_of(runs).items() if k[0] in ("alice", "sim:other")}
+    simulate(tmp_path, runs)
+    for settings, removed in ((("--position_bias", "1.0", "--seed", "5", "--tie_band", "0.02"), 0),
+                              (("--annotators", "3"), 60), (("--annotators", "2"), 60)):
+        got = simulate(tmp_path, runs, *settings)
+        fresh = tmp_path / f"fresh{len(settings)}"
+        simulate(tmp_path, fresh, *settings)
+        mine = {k: v for k, v in labels_of(runs).items() if k[0] not in ("alice", "sim:other")}
+        assert mine == labels_of(fresh), settings
+        assert got["labels_removed"] == removed and got["labels"] == len(labels_of(fresh))
+        assert {k: v for k, v in labels_of(runs).items() if k[0] in ("alice", "sim:other")} == others
+    assert got["labels_written"] == 0 and got["labels_redrawn"] == 0  # 2 of the 3 annotators: nothing to draw anew
+    again = simulate(tmp_path, runs, "--annotators", "2", "--position_bias", "1.0")
+    assert again["labels_redrawn"] > 0 and again["left_share"] > 0.6  # the bias the manifest reports is in the labels
+    assert simulate(tmp_path, runs, "--annotators", "2", "--position_bias", "1.0")["labels_redrawn"] == 0
+    with pytest.raises(ValueError, match="only simulated annotators"):
+        store.remove_simulated("alice")
+
+
 def test_no_member_of_the_runs_reward_model_ensemble_may_judge(tmp_path):
     runs = tmp_path / "runs"
     for member in ("adapter", "member-1/adapter", "member-2/adapter"):

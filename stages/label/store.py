@@ -352,6 +352,27 @@ class LabelStore:
                 (annotator,)).fetchall()
         return [r["pair_id"] for r in rows]
 
+    def servable_pairs(self) -> list[str]:
+        """Every pair the app can serve (active, not blocked by the word filter), in the order it serves them."""
+        with self._read() as con:
+            rows = con.execute("SELECT pair_id FROM items WHERE active = 1 AND blocked IS NULL ORDER BY position").fetchall()
+        return [r["pair_id"] for r in rows]
+
+    def remove_simulated(self, annotator: str) -> int:
+        """Delete a simulated annotator's labels (a `make simulate` rerun whose annotators changed); people's labels
+        cannot be removed this way. Returns how many there were; the history keeps a 'remove' row for each."""
+        from stages.label.stats import SIMULATED_PREFIX
+
+        if not annotator.startswith(SIMULATED_PREFIX):
+            raise ValueError(f"only simulated annotators' labels can be removed, not {annotator!r}'s")
+        now = self.clock()
+        with self._tx() as con:
+            pairs = [r["pair_id"] for r in con.execute("SELECT pair_id FROM labels WHERE annotator = ?", (annotator,))]
+            con.execute("DELETE FROM labels WHERE annotator = ?", (annotator,))
+            for pair_id in pairs:
+                self._history(con, "remove", pair_id, annotator, now)
+        return len(pairs)
+
     def release(self, annotator: str, pair_id: str) -> None:
         """Give an opened pair back to the pool now (the annotator leaves), instead of at the lease timeout."""
         with self._tx() as con:
