@@ -68,13 +68,17 @@ def pair_id(prompt, sft: str, ppo: str) -> str:
 
 def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
     """Win rate of PPO judged by people: labels in the label store on our pairs (responses = [SFT, PPO]).
-    `pairs` maps pair_id -> index of the PPO response. Ties and 'both bad' count half. None when nobody labeled."""
+    `pairs` maps pair_id -> index of the PPO response. Ties and 'both bad' count half. None when nobody labeled.
+    Simulated annotators' labels (make simulate on these pairs) are not people's: left out."""
+    from stages.label.stats import SIMULATED_PREFIX
+
     if not store.is_file() or not pairs:
         return None
     con = sqlite3.connect(store, timeout=30.0)  # read only; the labeling app may be writing (WAL)
     try:
         marks = ",".join("?" * len(pairs))
-        rows = con.execute(f"SELECT pair_id, preferred FROM labels WHERE pair_id IN ({marks})", list(pairs)).fetchall()
+        rows = con.execute(f"SELECT pair_id, preferred FROM labels WHERE pair_id IN ({marks}) AND "
+                           f"substr(annotator, 1, ?) != ?", [*pairs, len(SIMULATED_PREFIX), SIMULATED_PREFIX]).fetchall()
     except sqlite3.Error:
         return None
     finally:

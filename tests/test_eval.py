@@ -151,6 +151,8 @@ def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
     for pid, choice, shown_left in ((ids[0], "left", 1), (ids[1], "right", 0), (ids[2], "left", 0), (ids[3], "tie", 0),
                                     ("other", "left", 1)):
         store.save_label("ann", pid, choice, shown_left)
+    for pid in ids[:4]:  # a simulated annotator on the same pairs is not a person
+        store.save_label("sim:sentiment", pid, "left", 1)
     h = human_win_rate(store.path, {i: 1 for i in ids})
     assert h["labels"] == 4 and h["rate"] == pytest.approx(2.5 / 4) and h["ci_low"] < h["rate"] < h["ci_high"]
     assert human_win_rate(tmp_path / "missing.sqlite", {i: 1 for i in ids}) is None
