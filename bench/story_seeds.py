@@ -61,6 +61,12 @@ def gain_summary(gains: list[float]) -> dict:
     return {"gold_gain_mean": mean, "gold_gain_se": se, "every_seed_positive": all(g > 0 for g in gains)}
 
 
+def median_given(values) -> float | None:
+    """The median of the values a seed has (a run whose reward model kept no held-out pairs has no agreement)."""
+    given = [v for v in values if v is not None]
+    return statistics.median(given) if given else None
+
+
 def one_seed(seed: int, runs_dir: Path, samples: int, rm_args: str = "", ppo_args: str = "") -> dict:
     run = f"seed-{seed}"
     run_dir = runs_dir / run
@@ -100,9 +106,9 @@ def main(argv=None) -> dict:
         "seeds": per_seed,
         "summary": {
             **gain_summary([s["gold_gain"] for s in per_seed]),
-            "gold_win_rate_median": statistics.median(s["gold_win_rate"] for s in per_seed),
-            "rm_gold_agreement_median": statistics.median(s["rm_gold_agreement"] for s in per_seed),
-            "kl_mean_median": statistics.median(s["kl_mean"] for s in per_seed),
+            "gold_win_rate_median": median_given(s["gold_win_rate"] for s in per_seed),
+            "rm_gold_agreement_median": median_given(s["rm_gold_agreement"] for s in per_seed),
+            "kl_mean_median": median_given(s["kl_mean"] for s in per_seed),
             "sft_rm_ppo_wall_s_median": statistics.median(s["wall_s"]["sft_rm_ppo_s"] for s in per_seed),
         },
         "meta": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),

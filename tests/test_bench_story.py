@@ -15,6 +15,11 @@ def test_gain_summary_mean_and_standard_error_by_hand():
     assert story_seeds.gain_summary([0.0, 0.1])["every_seed_positive"] is False  # no gain is not a gain
 
 
+def test_a_seed_without_a_figure_leaves_it_out_of_the_median():
+    assert story_seeds.median_given([0.7, None, 0.8, 0.75]) == 0.75
+    assert story_seeds.median_given([None, None]) is None
+
+
 def test_every_training_stage_gets_the_seed(monkeypatch, tmp_path):
     seen = {}
 
