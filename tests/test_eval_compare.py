@@ -267,6 +267,41 @@ def test_gold_drop_is_measured_in_standard_errors_of_the_mean():
     assert overoptimisation_flag(two_point_curve([0.25, -0.75, -0.75, -1.75])) is None
 
 
+def test_the_threshold_counts_the_checkpoints_the_peak_was_picked_from():
+    """The peak is the best of the earlier points, so with more of them the drop must be larger: Bonferroni over the
+    points - 1 candidates (2.0 standard errors for two points, 2.67 for seven). A drop of 2.3 standard errors flags a
+    two-point curve, and the same drop after five flat checkpoints does not."""
+    from stages.eval_compare import gold_drop_z, overoptimisation_flag
+
+    assert gold_drop_z(2) == pytest.approx(2.0) and gold_drop_z(7) == pytest.approx(2.6701, abs=1e-4)
+    drops = [0.0, -1.0, -1.0, -2.0]  # mean -1, standard error 0.408: 2.45 standard errors
+    two = two_point_curve(drops)
+    assert overoptimisation_flag(two) and "more than 2.00 standard errors" in overoptimisation_flag(two)
+    flat = [{**two[0], "update": -u, "policy": f"flat{u}"} for u in range(1, 6)]  # the same scores, earlier
+    assert overoptimisation_flag(flat + two) is None
+
+
+def test_a_flat_gold_curve_is_flagged_at_the_stated_rate():
+    """Statistically: 82 prompts, seven checkpoints whose gold is the same on average (noise only), the proxy rising.
+    The flag must fire about as often as one comparison at 2 standard errors (2.3%), not 4 times that (the best of six
+    noisy means picked as the peak, then tested as if it were the only one). 2,000 curves: the rate's standard error
+    is 0.0034, so 0.035 is 2.5 of them above 0.026."""
+    import random
+
+    from stages.eval_compare import overoptimisation_flag
+
+    rng = random.Random(0)
+    fired = 0
+    for _ in range(2000):
+        curve = []
+        for k in range(7):
+            gold = [rng.gauss(0.0, 0.3) for _ in range(82)]
+            curve.append({"update": k, "policy": f"u{k}", "proxy": [float(k)] * 82, "gold": gold,
+                          "proxy_mean": float(k), "gold_mean": statistics.fmean(gold)})
+        fired += overoptimisation_flag(curve) is not None
+    assert 0.010 < fired / 2000 < 0.035, fired / 2000
+
+
 def test_a_two_point_curve_is_a_curve():
     """policy_flags reads overoptimisation_flag on any curve of two points or more: SFT and the final policy alone
     (an RL stage that kept no policy) already show the proxy rising while the gold fell; one point is no curve."""
