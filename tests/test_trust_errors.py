@@ -163,6 +163,38 @@ def test_bad_input_is_one_error_line_and_exit_2_with_the_run_folder_unchanged(ca
     assert tree(runs) == before
 
 
+
+
+def test_ppo_refusing_a_reward_adapter_of_another_base_leaves_the_finished_run_as_it_was(upstream, tiny_models,
+                                                                                         tmp_path, capsys):
+    """The adapters are checked against the base only when the stack is built (AdapterStack.build): that must come
+    before the stage drops the earlier run's manifest, its checkpoints (what a crashed run resumes from) and its kept
+    policies."""
+    from pipeline.models import FINGERPRINT_FILE
+
+    runs = tmp_path / "runs"
+    shutil.copytree(upstream, runs)
+    ppo = runs / "t" / "ppo"
+    for kept in (ppo / "checkpoints" / "checkpoint-000001", ppo / "policies" / "update-000001"):
+        shutil.copytree(ppo / "adapter", kept)
+    (ppo / "checkpoints" / "checkpoint-000001" / "trainer_state.pt").write_bytes(b"optimizer state")
+    (ppo / "checkpoints" / "checkpoint-000001" / "checkpoint.json").write_text('{"update": 1}')
+    other = shutil.copytree(runs / "t" / "rm" / "adapter", tmp_path / "other_base_rm")  # outside the run folder
+    fp = json.loads((other / FINGERPRINT_FILE).read_text())
+    fp["fingerprint"]["hidden_size"] = 999
+    (other / FINGERPRINT_FILE).write_text(json.dumps(fp))
+    before = tree(runs)
+    assert {"t/ppo/manifest.json", "t/ppo/checkpoints/checkpoint-000001/trainer_state.pt",
+            "t/ppo/policies/update-000001/adapter_model.safetensors"} <= set(before)
+
+    argv = PPO + ["--reward_adapter", str(other), "--run", "t", "--runs_dir", str(runs),
+                  "--model_config", str(tiny_models["llama"])]
+    code, errors, err = run_stage("stages.ppo", argv, capsys)
+    assert code == 2, err[-2000:]
+    assert len(errors) == 1, err[-2000:]
+    assert str(other) in errors[0] and "hidden_size: adapter 999" in errors[0], errors[0]
+    assert "Traceback" not in err
+    assert tree(runs) == before
 # ---------------------------------------------------------------- disk faults: one line naming the path and the fix
 
 def test_run_folder_under_a_regular_file_is_one_error_line(tiny_models, tmp_path, capsys):

@@ -291,24 +291,28 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     kind, resume_from = broadcast(state, decision)
     if kind == "error":
         raise ConfigError(resume_from)
-    stage.prepare(config, is_main=state.is_main_process)
-    if state.is_main_process and resume_from is None:
-        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
-        shutil.rmtree(stage.dir / "policies", ignore_errors=True)  # kept policies of an earlier, other run
-    state.wait_for_everyone()
-    set_seed(cfg.seed)
-    heldout_path = stage.dir / "heldout_prompts.jsonl"
-    if state.is_main_process:
-        heldout_path.write_text("".join(json.dumps({"prompt": p if isinstance(p, list) else [{"role": "user", "content": p}]})
-                                        + "\n" for p in heldout))
 
-    # 2. One base, four adapters
+    # 2. One base, four adapters, built before the run folder is touched too: an adapter made for another base, or a
+    #    reward adapter without a score head, is refused here (ConfigError) and must not cost the last finished run
+    set_seed(cfg.seed)
     stack = build_stack(profile, tokenizer, sft_dir, rm_dir, state.device, cfg.gradient_checkpointing, shard,
                         with_value=cfg.has_critic, reward_ensemble=(rewards, reward_member_stats))
     trainer = PPOTrainer(cfg, stack, tokenizer, prompts, prompt_ids, stage.dir, state, reward_stats=reward_stats,
                          reward_fn=reward_fn, config=config, upstream=upstream)
     trainer.on_keep = lambda folder: (tokenizer.save_pretrained(folder),
                                       save_fingerprint(folder, stack.causal_lm.config, base_path))
+
+    # Only now the run folder: this run replaces the earlier one's manifest, checkpoints and kept policies (unless it
+    # resumes from them)
+    stage.prepare(config, is_main=state.is_main_process)
+    if state.is_main_process and resume_from is None:
+        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(stage.dir / "policies", ignore_errors=True)  # kept policies of an earlier, other run
+    state.wait_for_everyone()
+    heldout_path = stage.dir / "heldout_prompts.jsonl"
+    if state.is_main_process:
+        heldout_path.write_text("".join(json.dumps({"prompt": p if isinstance(p, list) else [{"role": "user", "content": p}]})
+                                        + "\n" for p in heldout))
     n_base = sum(p.numel() for p in stack.model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in trainer.params)
     base_full, base_mine = base_numel(stack)
