@@ -1,6 +1,7 @@
 # The whole pipeline, one target a stage. `make sft rm ppo` runs what is not done yet or no longer current: a stage's
-# manifest records what it read (command line, config and data files, upstream manifests), and pipeline.launch skips
-# a stage whose inputs are all unchanged (one "up to date" line). FORCE=1 redoes the stages you name.
+# manifest records what it read (command line, accelerate config, config and data files, upstream manifests), and
+# pipeline.launch skips a stage whose inputs are all unchanged (one "up to date" line). FORCE=1 redoes the stages you
+# name.
 # RECIPE picks the stage configs: story (default; configs/<stage>.yaml) or a folder of configs/recipes/, e.g.
 # RECIPE=assistant (configs/recipes/assistant/<stage>.yaml). A recipe other than story gets its own run folder.
 RECIPE ?= story

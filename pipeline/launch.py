@@ -4,8 +4,9 @@
     python -m pipeline.launch STAGE --check -m MODULE [STAGE_ARGS...]      # parse the stage's flags only
     python -m pipeline.launch rm --config_file configs/accelerate/cpu.yaml -m stages.rm --config configs/rm.yaml --run default
 
-- Current (same command line, same files, same upstream manifests: pipeline.run.is_current): one "up to date" line,
-  exit 0, in well under a second (nothing heavy is imported). `--force` (make's FORCE=1, or in ARGS) runs it anyway.
+- Current (same command line and accelerate config, same files, same upstream manifests: pipeline.run.is_current):
+  one "up to date" line, exit 0, in well under a second (nothing heavy is imported). `--force` (make's FORCE=1, or in
+  ARGS) runs it anyway.
 - Otherwise accelerate's own launcher runs, in this process, exactly as `accelerate launch ...` would. A stage that
   stops on bad input has already printed its one `error:` line and exits 2 (pipeline.run.main_guard); the launcher
   would add a CalledProcessError traceback of its own under it, which says nothing more, so for exit code 2 it is
@@ -14,11 +15,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.run import is_current
+from pipeline.run import LAUNCH_ENV, is_current
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
 
@@ -27,6 +30,7 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> in
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
+    os.environ[LAUNCH_ENV] = json.dumps(accelerate_args)  # the stage records it (pipeline.run.launch_args)
     try:
         launch_command(args)
     except subprocess.CalledProcessError as err:  # one process: the child's exit code
@@ -85,9 +89,9 @@ def main(argv: list[str]) -> int:
                   f"`accelerate config` file", file=sys.stderr)
             return CONFIG_ERROR_EXIT
     if not force:
-        current, why = is_current(stage, stage_args)
+        current, why = is_current(stage, stage_args, ours)
         if current:
-            print(f"{stage}: up to date, skipped (same command line, files and upstream stages; FORCE=1 redoes it)")
+            print(f"{stage}: up to date, skipped (same command line, launch, files and upstream stages; FORCE=1 redoes it)")
             return 0
         print(f"{stage}: running, because {why}", flush=True)
     return launch(ours, module, stage_args)

@@ -127,11 +127,35 @@ def _flag(argv: list[str], name: str, default: str) -> str:
     return argv[argv.index(name) + 1] if name in argv[:-1] else default
 
 
-def is_current(stage: str, argv: list[str]) -> tuple[bool, str]:
+# pipeline.launch puts accelerate's arguments (--config_file ...) here for the stage to record: the number of processes,
+# sharding and mixed precision change what a stage computes, so another launch config is another run.
+LAUNCH_ENV = "PIPELINE_LAUNCH_ARGS"
+
+
+def launch_args() -> list[str] | None:
+    """The accelerate arguments this stage was launched with by pipeline.launch (`make`); None when started otherwise."""
+    return json.loads(os.environ[LAUNCH_ENV]) if LAUNCH_ENV in os.environ else None
+
+
+def base_configs(argv: list[str]) -> list[str]:
+    """The base file a variant YAML (--config) names with `base_config:`: its keys are read too (pipeline.config.parse)."""
+    import yaml
+
+    config = _flag(argv, "--config", "")
+    try:
+        values = yaml.safe_load(resolve_path(config).read_text()) if config else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    return [values["base_config"]] if isinstance(values, dict) and isinstance(values.get("base_config"), str) else []
+
+
+def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> tuple[bool, str]:
     """Would `stage` with this command line do exactly what its manifest records? (True, "") or (False, why not).
 
-    Same command line, same bytes in every file it named, same upstream manifests (a rerun upstream stage has a new
-    manifest, and an optional one that appeared, such as a first label export, counts as a change)."""
+    Same command line and accelerate launch arguments (`launch`: pipeline.launch's; their config file is one of the
+    files), same bytes in every file it named (a variant YAML's base config too), same upstream manifests (a rerun
+    upstream stage has a new manifest, and an optional one that appeared, such as a first label export, counts as a
+    change)."""
     run, runs_dir = _flag(argv, "--run", "default"), _flag(argv, "--runs_dir", "runs")
     path = stage_dir(runs_dir, run, stage) / "manifest.json"
     if not path.is_file():
@@ -144,6 +168,9 @@ def is_current(stage: str, argv: list[str]) -> tuple[bool, str]:
         return False, "its manifest does not record its inputs (written by an older version)"
     if inputs["argv"] != argv:
         return False, f"the command line changed (was: {' '.join(inputs['argv'])})"
+    if inputs.get("launch") != launch:
+        was = inputs.get("launch")
+        return False, f"the accelerate launch changed (was: {' '.join(was) if was is not None else 'not recorded'})"
     for name, digest in inputs["files"].items():
         if file_digest(resolve_path(name)) != digest:
             return False, f"{name} changed"
@@ -186,11 +213,13 @@ class StageRun:
         self.optional.add(stage)
 
     def inputs(self, config: dict[str, Any]) -> dict[str, Any]:
-        """What this stage read, as is_current compares it: command line, named files' digests, upstream manifests'."""
-        files = sorted(paths_named_in([self.argv, config], self.dir.resolve()))
+        """What this stage read, as is_current compares it: command line, accelerate launch, named files' digests,
+        upstream manifests'."""
+        launch = launch_args()
+        files = sorted(paths_named_in([self.argv, config, base_configs(self.argv), launch or []], self.dir.resolve()))
         manifests = {name: None for name in self.optional}
         manifests.update({name: manifest_digest(m) for name, m in self.upstream.items()})
-        return {"argv": list(self.argv), "files": {f: file_digest(resolve_path(f)) for f in files},
+        return {"argv": list(self.argv), "launch": launch, "files": {f: file_digest(resolve_path(f)) for f in files},
                 "manifests": dict(sorted(manifests.items()))}
 
     def finish(self, outputs: dict[str, Any], metrics: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def test_is_current_records(tmp_path, monkeypatch):
     rm.may_read("label-export")
     rm.prepare({})
     manifest = rm.finish({}, {}, {"train": {"output_dir": str(rm.dir / "trainer")}, "data": {str(data): 1}})
-    assert manifest["inputs"] == {"argv": rm.argv, "files": {str(data): file_digest(data)},
+    assert manifest["inputs"] == {"argv": rm.argv, "launch": None, "files": {str(data): file_digest(data)},
                                   "manifests": {"label-export": None, "sft": manifest_digest(sft_manifest)}}
     assert is_current("rm", rm.argv) == (True, "")
     assert is_current("rm", rm.argv + ["--seed", "2"])[0] is False
@@ -189,6 +189,38 @@ def test_is_current_records(tmp_path, monkeypatch):
     export.prepare({})
     export.finish({}, {}, {})
     assert is_current("rm", rm.argv) == (False, "the label-export stage now exists")
+
+
+def test_another_accelerate_config_reruns_and_its_file_is_an_input(tmp_path):
+    """Processes, sharding and precision change what a stage computes: the launch arguments and the accelerate config
+    file's bytes are inputs like the stage's own (through real make and pipeline.launch, on a fake stage)."""
+    runs, acc = tmp_path / "runs", tmp_path / "acc.yaml"
+    acc.write_text((REPO / "configs/accelerate/cpu.yaml").read_text())
+    make("sft", runs_dir=runs)
+    assert ran(runs) == ["sft"]
+    res = make("sft", f"ACCELERATE_CONFIG={acc}", runs_dir=runs)
+    assert ran(runs) == ["sft"] and "the accelerate launch changed (was: --config_file configs/accelerate/cpu.yaml)" \
+        in res.stdout
+    make("sft", f"ACCELERATE_CONFIG={acc}", runs_dir=runs)
+    assert ran(runs) == []
+    acc.write_text(acc.read_text() + "mixed_precision: 'no'\n")
+    res = make("sft", f"ACCELERATE_CONFIG={acc}", runs_dir=runs)
+    assert ran(runs) == ["sft"] and f"{acc} changed" in res.stdout
+
+
+def test_a_variant_configs_base_config_is_an_input(tmp_path, monkeypatch):
+    """grpo.yaml and friends take most keys from ppo.yaml (`base_config:`): an edit there makes the variant stale."""
+    runs, base, variant = tmp_path / "runs", tmp_path / "base.yaml", tmp_path / "variant.yaml"
+    base.write_text("learning_rate: 0.001\n")
+    variant.write_text(f"base_config: {base}\nseed: 3\n")
+    stage = StageRun("grpo", "r", str(runs))
+    stage.argv = ["--config", str(variant), "--run", "r", "--runs_dir", str(runs)]
+    stage.prepare({})
+    manifest = stage.finish({}, {}, {})
+    assert set(manifest["inputs"]["files"]) == {str(variant), str(base)}
+    assert is_current("grpo", stage.argv) == (True, "")
+    base.write_text("learning_rate: 0.05\n")
+    assert is_current("grpo", stage.argv) == (False, f"{base} changed")
 
 
 # ---------------------------------------------------------------- one clear line on failure
