@@ -150,9 +150,27 @@ def reward_members(rm_manifest: dict) -> tuple[dict[str, str], list[tuple[float,
     return names, [(r.get("reward_mean", 0.0), r.get("reward_std", 1.0)) for r in rows]
 
 
+def fp32_head(head: nn.Module) -> nn.Module:
+    """A scalar score head (a peft `modules_to_save` wrapper with its copies, or a plain Linear) in fp32 whatever the
+    base's dtype, its input cast to its dtype by a forward pre-hook: the score is computed in fp32. peft upcasts LoRA
+    weights to fp32 (autocast_adapter_dtype) but not `modules_to_save` heads, and on a bf16 base a small AdamW step on
+    a bf16 head rounds away (tiny base, 4 steps at lr 2e-5: at most a third of its weights moved). An fp32 head is
+    left as it is, bit for bit. The rm stage trains its head so, PPO its value head (and scores with its reward head
+    so)."""
+    head.float()
+    if not getattr(head, "_input_to_head_dtype", False):
+        def input_to_head_dtype(module, args):
+            if args and torch.is_tensor(args[0]):
+                return (args[0].to(next(module.parameters()).dtype), *args[1:])
+
+        head.register_forward_pre_hook(input_to_head_dtype)
+        head._input_to_head_dtype = True
+    return head
+
+
 def head_output(lm, hidden: torch.Tensor) -> torch.Tensor:
     """The active adapter's scalar `score` head on hidden states, [..., H] -> [...] float. The heads may be fp32 on a
-    bf16 base (PPO trains its value head in fp32), so the hidden state is cast to the head's dtype first."""
+    bf16 base (fp32_head; the stack's slot), so the hidden state is cast to the head's dtype first."""
     dtype = next(lm.score.parameters()).dtype
     return lm.score(hidden.to(dtype)).squeeze(-1).float()
 
@@ -194,7 +212,10 @@ class AdapterStack:
         base = base_model if base_model is not None else load_base(profile, tokenizer)
         hidden = base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd
         first = next(base.parameters())  # the slot lives where the base does (a GPU for a 4-bit base)
-        base.score = nn.Linear(hidden, 1, bias=False, dtype=first.dtype, device=first.device)
+        # In fp32 whatever the base's dtype: every adapter's copy of the head is made from the slot and loaded into it,
+        # and the rm stage saves heads trained in fp32 (fp32_head); a bf16 slot would round them. head_output casts
+        # the hidden state up to it.
+        base.score = nn.Linear(hidden, 1, bias=False, dtype=torch.float32, device=first.device)
         names = list(adapters)
         for name in names:
             check_adapter(adapters[name], base.config, what=name)

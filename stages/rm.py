@@ -30,7 +30,7 @@ import torch
 from pipeline.config import RunArgs, parse, to_dict
 from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
                              save_fingerprint, score_head_name)
-from pipeline.adapters import POOLINGS, ensemble_score, pool_in_forward, write_pooling
+from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
@@ -213,6 +213,10 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     trainer = trainer_class(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=peft_config, data_collator=collator)
     pool_in_forward(trainer.model, args.pooling)  # the loss, the held-out passes and score() all read the pooled score
+    # The head in fp32 (peft leaves it in the base's dtype: on a bf16 base small AdamW steps round away), its input
+    # cast up to it: trained, saved and scored in fp32. An fp32 base is unchanged.
+    classifier = trainer.model.get_base_model()
+    fp32_head(getattr(classifier, score_head_name(classifier)))
     t0 = time.time()
     result = trainer.train()
     train_time = time.time() - t0

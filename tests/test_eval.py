@@ -277,8 +277,8 @@ def test_missing_ppo_stage_is_one_clear_error(tmp_path, tiny_models):
 
 
 def test_eval_on_a_bf16_base_on_the_accelerator(tmp_path, tiny_models_bf16, monkeypatch):
-    """A bf16 profile: the three adapters sit on a bf16 base (their LoRA weights float32), every figure is finite,
-    and the stack is moved to this process's accelerator (PartialState().device)."""
+    """A bf16 profile: the three adapters sit on a bf16 base (their LoRA weights and score heads float32), every
+    figure is finite, and the stack is moved to this process's accelerator (PartialState().device)."""
     import math
 
     from accelerate import PartialState
@@ -293,7 +293,8 @@ def test_eval_on_a_bf16_base_on_the_accelerator(tmp_path, tiny_models_bf16, monk
                                 "--model_config", str(tiny_models_bf16["llama"]), "--max_new_tokens", "8"]))
     (model,) = moved
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
-    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n and ".score." not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if ".score." in n} == {torch.float32}  # the stack's head slot
     assert {p.device for p in model.parameters()} == {PartialState().device}
     for key in ("reward_sft_mean", "reward_ppo_mean", "kl_mean", "win_rate", "length_ppo_mean"):
         assert math.isfinite(m[key]), (key, m)

@@ -450,6 +450,62 @@ def test_best_checkpoint_is_the_one_saved(tiny_models, tmp_path):
     assert not (runs_dir / "t" / "rm" / "trainer").exists()  # the checkpoints are gone; adapter/ is the best one
 
 
+def test_bf16_base_trains_the_score_head_in_float32(tiny_models_bf16, tmp_path, monkeypatch):
+    """peft upcasts LoRA weights to fp32 but leaves the `modules_to_save` score head in the base's dtype: on a bf16
+    base small AdamW steps on it rounded away (here, 4 steps at lr 2e-5 moved none of its elements). The stage trains
+    the head in fp32, every element moves; the saved fp32 head scores as the trained model did in a stock bf16 reload
+    (the stage's own check) and in the adapter stack PPO and eval use, where it is kept exactly."""
+    from safetensors.torch import load_file
+    from transformers import set_seed
+
+    import stages.rm as rm
+    from pipeline.adapters import AdapterStack
+    from stages.rm_scoring import reload_verdict
+
+    profile, runs_dir = tiny_models_bf16["llama"], tmp_path / "runs"
+    fake_sft(profile, runs_dir, "t")
+    data = write_jsonl(tmp_path / "marker.jsonl", marker_rows(40))
+    seen, real_pair_scores = [], rm.pair_scores
+
+    def pair_scores(model, *args, **kwargs):  # the trained model in memory and its held-out scores
+        scores = real_pair_scores(model, *args, **kwargs)
+        seen.append((model, scores))
+        return scores
+
+    monkeypatch.setattr(rm, "pair_scores", pair_scores)
+    metrics = main(*parse_args(rm_args(profile, runs_dir, "t", "--dataset_name", str(data), "--learning_rate", "2e-5",
+                                       "--max_steps", "4", "--evals", "1")))
+    assert metrics["steps"] == 4 and metrics["reload_check"]["dtype"] == "bfloat16"
+    (model, scores), = seen
+    prof = profile_from(str(profile))
+    tok = load_tokenizer(prof)
+    set_seed(42)  # configs/rm.yaml's seed: the head as the stage initialised it
+    start = load_base(prof, tok, kind="score").score.weight.detach()
+    assert start.dtype == torch.bfloat16
+    head = model.get_base_model().score.modules_to_save["default"].weight.detach()
+    assert head.dtype == torch.float32
+    assert (head != start.float()).all(), f"{int((head == start.float()).sum())} of {head.numel()} elements never moved"
+
+    adapter = runs_dir / "t" / "rm" / "adapter"
+    saved = [v for k, v in load_file(adapter / "adapter_model.safetensors").items() if ".score." in k]
+    assert len(saved) == 1 and saved[0].dtype == torch.float32
+    torch.testing.assert_close(saved[0], head, atol=0, rtol=0)
+
+    # PPO's and eval's adapter stack on the bf16 base: the head exactly as saved, the held-out scores as trained
+    stack = AdapterStack.build(prof, tok, {"reward": adapter})
+    torch.testing.assert_close(stack.causal_lm.score.modules_to_save["reward"].weight.detach(), head, atol=0, rtol=0)
+    rows = [json.loads(line) for line in open(runs_dir / "t" / "rm" / "eval_pairs.jsonl")]
+    seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        again = stack.scores("reward", ids, mask, torch.tensor([r["reply_start"] for r in rows + rows])).tolist()
+    n = len(rows)
+    verdict = reload_verdict(scores[:n], scores[n:], again[:n], again[n:], "bfloat16")
+    assert verdict["ok"], (verdict, scores, again)
+
+
 def test_ensemble_score_and_members_by_hand():
     """An ensemble's score is the mean of its members' standardised scores; one member's score is left as it is."""
     from pipeline.adapters import ensemble_score, reward_members

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.adapters import reward_members
+from pipeline.adapters import fp32_head, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
@@ -122,8 +122,8 @@ def disable_dropout(model) -> None:
 def upcast_trainable(stack) -> None:
     """Every trainable tensor in fp32, whatever the base dtype: peft upcasts LoRA weights but not `modules_to_save`
     heads, and on a bf16 base a small AdamW step on a bf16 head rounds away (STACK-NOTES 8). The scalar heads
-    (reward's too) run in fp32: the hidden state is cast up to them (pipeline.adapters.head_output)."""
-    stack.causal_lm.score.float()
+    (reward's too) run in fp32: the hidden state is cast up to them (pipeline.adapters.fp32_head, head_output)."""
+    fp32_head(stack.causal_lm.score)
     for name in stack.trainable:
         for _, p in stack.adapter_parameters(name):
             p.data = p.data.float()
