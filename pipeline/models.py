@@ -24,6 +24,17 @@ FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layer
                     "intermediate_size", "n_embd", "n_layer", "n_head")
 
 
+def hub_cached(repo_id: str) -> bool:
+    """Is this Hub model in the local cache (`hf download`, an earlier online run)? Offline, transformers loads it from
+    there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 def resolve_base(name_or_path: str) -> str:
     """A repo-relative folder becomes absolute (so adapters record a path that works from any cwd); a Hub id stays."""
     p = resolve_path(name_or_path)
@@ -32,9 +43,10 @@ def resolve_base(name_or_path: str) -> str:
     if Path(name_or_path).is_absolute() or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
         raise ConfigError(f"base model folder {name_or_path} does not exist: fix name_or_path in the model profile "
                           f"(or run `make base` to rebuild the embedded tiny model)")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ConfigError(f"base model '{name_or_path}' is neither a local folder nor available offline "
-                          f"(HF_HUB_OFFLINE=1): download it first or point name_or_path at a local folder")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not hub_cached(name_or_path):
+        raise ConfigError(f"base model '{name_or_path}' is neither a local folder nor in the Hub cache, and the Hub is "
+                          f"offline (HF_HUB_OFFLINE=1): download it first (`hf download {name_or_path}`) or point "
+                          f"name_or_path at a local folder")
     return name_or_path  # a Hub id
 
 
@@ -84,11 +96,13 @@ def require_chat_template(tokenizer, profile: ModelProfile) -> None:
                           f"trl/chat_templates/ or the template text itself")
 
 
-def bnb_4bit_config():
-    """QLoRA's 4-bit base (Dettmers et al. 2023): NF4, double quantization, bf16 compute."""
+def bnb_4bit_config(dtype: str = "bfloat16"):
+    """QLoRA's 4-bit base (Dettmers et al. 2023): NF4, double quantization, computing in bf16, or in fp16 for a
+    `dtype: float16` profile (GPUs without bf16, such as the T4 and V100, where the rest of the model is fp16 too)."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+    compute = torch.float16 if dtype == "float16" else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                               bnb_4bit_use_double_quant=True)
 
 
@@ -100,7 +114,7 @@ def quantization_kwargs(profile: ModelProfile) -> dict:
     from accelerate import PartialState
 
     # A 4-bit model cannot be moved after loading: load it straight onto this process's GPU.
-    return {"quantization_config": bnb_4bit_config(), "device_map": {"": PartialState().device}}
+    return {"quantization_config": bnb_4bit_config(profile.dtype), "device_map": {"": PartialState().device}}
 
 
 def load_base(profile: ModelProfile, tokenizer, kind: str = "causal", shard: bool = False):

@@ -119,7 +119,7 @@ def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str =
     from pipeline.models import bnb_4bit_config
 
     quantized = load_in_4bit == "1"
-    extra = {"quantization_config": bnb_4bit_config(), "device_map": {"": "cuda"}} if quantized else {}
+    extra = {"quantization_config": bnb_4bit_config(dtype), "device_map": {"": "cuda"}} if quantized else {}
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=getattr(torch, dtype),
                                                                    **extra)
@@ -149,7 +149,7 @@ def reload_verdict(chosen: list[float], rejected: list[float], again_chosen: lis
     """Do the reloaded scores reproduce the stage's? Within the dtype's tolerance, and no held-out pair changes order
     unless its margin was within that tolerance. On failure, `problem` says why: scores that still follow the stage's
     (correlation >= 0.99) point at the dtype; scores that do not point at a head that was not saved."""
-    precision = "bfloat16" if load_in_4bit and dtype == "float32" else dtype  # 4-bit computes in bf16
+    precision = "bfloat16" if load_in_4bit and dtype == "float32" else dtype  # 4-bit computes in bf16 (fp16: fp16)
     atol, rtol = RELOAD_TOLERANCE.get(precision, RELOAD_TOLERANCE["bfloat16"])
     before, after = torch.tensor(chosen + rejected, dtype=torch.float64), torch.tensor(again_chosen + again_rejected, dtype=torch.float64)
     allowed = atol + rtol * torch.maximum(before.abs(), after.abs())

@@ -192,3 +192,34 @@ def test_a_token_on_the_command_line_is_refused_before_anything_is_written(stage
     with pytest.raises(ConfigError, match="--hub_token would be written .* HF_TOKEN"):
         module.parse_args(["--config", f"configs/{stage}.yaml", "--hub_token", "hf_secret123", "--runs_dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_an_offline_hub_id_in_the_cache_is_used_and_one_not_there_is_refused(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 (the Makefile's): a Hub model downloaded earlier (`hf download`) loads from the cache, as
+    transformers itself would load it; one that is not there is one error naming the download command."""
+    from huggingface_hub import constants
+
+    from pipeline.models import resolve_base
+
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text('{"model_type": "llama"}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_base("someorg/tiny") == "someorg/tiny"
+    with pytest.raises(ConfigError, match=r"'someorg/other' is neither a local folder nor in the Hub cache.*"
+                                          r"`hf download someorg/other`"):
+        resolve_base("someorg/other")
+
+
+def test_qlora_computes_in_the_profiles_half_precision():
+    """A float16 profile (T4, V100: no bf16) computes its 4-bit matmuls in fp16, like the rest of its model."""
+    import torch
+
+    from pipeline.models import bnb_4bit_config
+
+    assert bnb_4bit_config("float16").bnb_4bit_compute_dtype == torch.float16
+    assert bnb_4bit_config("bfloat16").bnb_4bit_compute_dtype == torch.bfloat16
+    assert bnb_4bit_config("float32").bnb_4bit_compute_dtype == torch.bfloat16  # 4-bit never computes in fp32
