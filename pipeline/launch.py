@@ -26,11 +26,30 @@ from pipeline.run import LAUNCH_ENV, is_current
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
 
 
+def processes_for_all_gpus(config_file: str | Path, gpus: int) -> list[str]:
+    """A one-machine config with `gpu_ids: all` (multi_gpu.yaml, fsdp.yaml) means one process per GPU of this machine,
+    whatever its num_processes says (8, the largest common machine): accelerate would start that many, and the ranks
+    beyond the GPUs would fail. The extra launch arguments that say so; none when they agree or there is no GPU."""
+    import yaml
+
+    config = yaml.safe_load(Path(config_file).read_text()) or {}
+    if str(config.get("gpu_ids")) != "all" or config.get("num_machines", 1) != 1 or gpus < 1:
+        return []
+    return [] if config.get("num_processes") == gpus else ["--num_processes", str(gpus)]
+
+
 def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> int:
+    import torch
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
     os.environ[LAUNCH_ENV] = json.dumps(accelerate_args)  # the stage records it (pipeline.run.launch_args)
+    if "--config_file" in accelerate_args[:-1] and "--num_processes" not in accelerate_args:
+        config_file = accelerate_args[accelerate_args.index("--config_file") + 1]
+        extra = processes_for_all_gpus(config_file, torch.cuda.device_count())
+        if extra:
+            print(f"launch: {extra[1]} GPUs here: {extra[1]} processes ({config_file} asks for all of them)", flush=True)
+        accelerate_args = [*accelerate_args, *extra]
+    args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
     try:
         launch_command(args)
     except subprocess.CalledProcessError as err:  # one process: the child's exit code

@@ -214,3 +214,17 @@ def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir,
     h1, h2 = g1["rm_agreement_heldout_pairs"], g2["rm_agreement_heldout_pairs"]
     assert h2["pairs"] == h1["pairs"] == 3 and h2["agreement"] == h1["agreement"]
     assert_really_sharded(manifest(runs_dir, "two", "eval")["metrics"])
+
+
+def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine():
+    """multi_gpu.yaml and fsdp.yaml say "all GPUs of one machine" (gpu_ids: all) but must give accelerate some
+    num_processes (8): on a machine with fewer or more GPUs, pipeline.launch starts one process per GPU instead."""
+    from pipeline.launch import processes_for_all_gpus
+
+    for name in ("multi_gpu.yaml", "fsdp.yaml"):
+        config = REPO / "configs" / "accelerate" / name
+        assert processes_for_all_gpus(config, 4) == ["--num_processes", "4"]
+        assert processes_for_all_gpus(config, 16) == ["--num_processes", "16"]
+        assert processes_for_all_gpus(config, 8) == [] and processes_for_all_gpus(config, 0) == []
+    for name in ("cpu.yaml", "cpu2.yaml", "fsdp_cpu2.yaml"):  # a fixed number of processes, GPUs or not
+        assert processes_for_all_gpus(REPO / "configs" / "accelerate" / name, 4) == []
