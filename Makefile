@@ -67,7 +67,7 @@ STAGES := sft:sft:sft:SFT_ARGS:model pairs:pairs:pairs:PAIRS_ARGS:model simulate
 	rm:rm:rm:RM_ARGS:model ppo:ppo:ppo:PPO_ARGS:model grpo:ppo:grpo:GRPO_ARGS:model rloo:ppo:rloo:RLOO_ARGS:model \
 	reinforce_pp:ppo:reinforce_pp:REINFORCE_PP_ARGS:model dpo:dpo:dpo:DPO_ARGS:model eval:eval:eval:EVAL_ARGS:model \
 	label:label:label:-:- label-export:label.export:label:-:- publish:publish:publish:PUBLISH_REPO:-
-PUBLISH_REPO = $(if $(REPO),--repo_id $(REPO))
+PUBLISH_REPO = $(if $(and $(REPO),$(filter publish,$(NAMED))),--repo_id $(REPO))
 stage_field = $(word $(2),$(subst :, ,$(filter $(1):%,$(STAGES))))
 # What a stage is given: its module, config, MODEL_ARG where it takes one, its own variable and ARGS when named.
 stage_opts = -m $(STAGE_PKG).$(call stage_field,$(1),2) --config $(call cfg,$(call stage_field,$(1),3)) --run $(RUN) \

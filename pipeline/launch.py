@@ -20,35 +20,43 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pipeline.run import LAUNCH_ENV, is_current
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
 
 
-def processes_for_all_gpus(config_file: str | Path, gpus: int) -> list[str]:
-    """A one-machine config with `gpu_ids: all` (multi_gpu.yaml, fsdp.yaml) means one process per GPU of this machine,
-    whatever its num_processes says (8, the largest common machine): accelerate would start that many, and the ranks
-    beyond the GPUs would fail. The extra launch arguments that say so; none when they agree or there is no GPU."""
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def gpus_here() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def processes_for_all_gpus(config_file: str | Path, count_gpus: Callable[[], int] = gpus_here) -> list[str]:
+    """The shipped configs for all GPUs of one machine (`gpu_ids: all`: multi_gpu.yaml, fsdp.yaml) start one process
+    per GPU of this machine, whatever their num_processes says (8: accelerate would start that many, and the ranks
+    beyond the GPUs would fail). A config of your own keeps its num_processes. The extra launch arguments; none when
+    they agree, or with no GPU."""
     import yaml
 
-    config = yaml.safe_load(Path(config_file).read_text()) or {}
-    if str(config.get("gpu_ids")) != "all" or config.get("num_machines", 1) != 1 or gpus < 1:
+    path = Path(config_file).resolve()
+    if path.parent != SHIPPED_CONFIGS:
         return []
-    return [] if config.get("num_processes") == gpus else ["--num_processes", str(gpus)]
+    config = yaml.safe_load(path.read_text()) or {}
+    if str(config.get("gpu_ids")) != "all" or config.get("num_machines", 1) != 1:
+        return []
+    gpus = count_gpus()
+    return [] if gpus < 1 or config.get("num_processes") == gpus else ["--num_processes", str(gpus)]
 
 
 def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> int:
-    import torch
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     os.environ[LAUNCH_ENV] = json.dumps(accelerate_args)  # the stage records it (pipeline.run.launch_args)
-    if "--config_file" in accelerate_args[:-1] and "--num_processes" not in accelerate_args:
-        config_file = accelerate_args[accelerate_args.index("--config_file") + 1]
-        extra = processes_for_all_gpus(config_file, torch.cuda.device_count())
-        if extra:
-            print(f"launch: {extra[1]} GPUs here: {extra[1]} processes ({config_file} asks for all of them)", flush=True)
-        accelerate_args = [*accelerate_args, *extra]
     args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
     try:
         launch_command(args)
@@ -107,6 +115,11 @@ def main(argv: list[str]) -> int:
             print(f"error: ACCELERATE_CONFIG={config_file} does not exist: give one of {shipped}, or your own "
                   f"`accelerate config` file", file=sys.stderr)
             return CONFIG_ERROR_EXIT
+        if "--num_processes" not in ours:  # the process count is part of the launch: another count is another run
+            extra = processes_for_all_gpus(config_file)
+            if extra:
+                print(f"launch: {extra[1]} GPUs here: {extra[1]} processes ({config_file} asks for all of them)")
+            ours = [*ours, *extra]
     if not force:
         current, why = is_current(stage, stage_args, ours)
         if current:

@@ -168,9 +168,9 @@ def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> 
         return False, "its manifest does not record its inputs (written by an older version)"
     if inputs["argv"] != argv:
         return False, f"the command line changed (was: {' '.join(inputs['argv'])})"
-    if inputs.get("launch") != launch:
-        was = inputs.get("launch")
-        return False, f"the accelerate launch changed (was: {' '.join(was) if was is not None else 'not recorded'})"
+    if "launch" in inputs and inputs["launch"] != launch:  # not recorded (an older manifest): taken as the same
+        was = inputs["launch"]
+        return False, f"the accelerate launch changed (was: {' '.join(was) if was is not None else 'none'})"
     for name, digest in inputs["files"].items():
         if file_digest(resolve_path(name)) != digest:
             return False, f"{name} changed"

@@ -223,3 +223,14 @@ def test_qlora_computes_in_the_profiles_half_precision():
     assert bnb_4bit_config("float16").bnb_4bit_compute_dtype == torch.float16
     assert bnb_4bit_config("bfloat16").bnb_4bit_compute_dtype == torch.bfloat16
     assert bnb_4bit_config("float32").bnb_4bit_compute_dtype == torch.bfloat16  # 4-bit never computes in fp32
+
+
+def test_a_4bit_profile_loads_with_its_own_compute_dtype(monkeypatch):
+    """What load_base passes to from_pretrained for a 4-bit float16 profile (as on a GPU: CUDA stood in for here)."""
+    import torch
+
+    from pipeline.models import quantization_kwargs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    profile = ModelProfile(name_or_path="models/tiny", dtype="float16", load_in_4bit=True)
+    assert quantization_kwargs(profile)["quantization_config"].bnb_4bit_compute_dtype == torch.float16

@@ -189,6 +189,12 @@ def test_is_current_records(tmp_path, monkeypatch):
     export.prepare({})
     export.finish({}, {}, {})
     assert is_current("rm", rm.argv) == (False, "the label-export stage now exists")
+    # a launch by make is another launch than none; a manifest from before launches were recorded is taken as current
+    assert is_current("sft", sft.argv, ["--config_file", "c.yaml"]) == (False, "the accelerate launch changed (was: none)")
+    older = json.loads(sft.manifest_path.read_text())
+    del older["inputs"]["launch"]
+    sft.manifest_path.write_text(json.dumps(older))
+    assert is_current("sft", sft.argv, ["--config_file", "c.yaml"]) == (True, "")
 
 
 def test_another_accelerate_config_reruns_and_its_file_is_an_input(tmp_path):
@@ -285,6 +291,8 @@ def test_publish_gets_its_repo_and_args():
     assert res.returncode == 0, res.stderr
     line = [w for w in res.stdout.splitlines() if "-m stages.publish" in w][-1].split()
     assert line[line.index("--runs_dir") + 2:] == ["--repo_id", "me/x", "--private"]
+    res = make("sft", "REPO=/home/me/not-a-hub-id", dry_run=True)  # REPO is publish's only: other targets ignore it
+    assert res.returncode == 0 and "error" not in res.stderr, res.stderr
 
 
 def test_a_crash_keeps_its_traceback(tmp_path):

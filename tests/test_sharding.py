@@ -216,15 +216,30 @@ def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir,
     assert_really_sharded(manifest(runs_dir, "two", "eval")["metrics"])
 
 
-def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine():
+def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, monkeypatch):
     """multi_gpu.yaml and fsdp.yaml say "all GPUs of one machine" (gpu_ids: all) but must give accelerate some
-    num_processes (8): on a machine with fewer or more GPUs, pipeline.launch starts one process per GPU instead."""
-    from pipeline.launch import processes_for_all_gpus
+    num_processes (8): on a machine with fewer or more GPUs, pipeline.launch starts one process per GPU instead, and
+    that count is part of the launch a manifest records. A config of the user's own keeps its num_processes."""
+    from pipeline import launch
 
     for name in ("multi_gpu.yaml", "fsdp.yaml"):
         config = REPO / "configs" / "accelerate" / name
-        assert processes_for_all_gpus(config, 4) == ["--num_processes", "4"]
-        assert processes_for_all_gpus(config, 16) == ["--num_processes", "16"]
-        assert processes_for_all_gpus(config, 8) == [] and processes_for_all_gpus(config, 0) == []
+        assert launch.processes_for_all_gpus(config, lambda: 4) == ["--num_processes", "4"]
+        assert launch.processes_for_all_gpus(config, lambda: 16) == ["--num_processes", "16"]
+        assert launch.processes_for_all_gpus(config, lambda: 8) == []
+        assert launch.processes_for_all_gpus(config, lambda: 0) == []
     for name in ("cpu.yaml", "cpu2.yaml", "fsdp_cpu2.yaml"):  # a fixed number of processes, GPUs or not
-        assert processes_for_all_gpus(REPO / "configs" / "accelerate" / name, 4) == []
+        assert launch.processes_for_all_gpus(REPO / "configs" / "accelerate" / name, lambda: 4) == []
+    own = tmp_path / "mine.yaml"
+    own.write_text((REPO / "configs/accelerate/multi_gpu.yaml").read_text().replace("num_processes: 8", "num_processes: 2"))
+    assert launch.processes_for_all_gpus(own, lambda: 8) == []
+
+    # what make runs: the stage is launched, and checked for being current, with one process per GPU
+    launched, compared = [], []
+    monkeypatch.setattr(launch, "gpus_here", lambda: 4)
+    monkeypatch.setattr(launch.processes_for_all_gpus, "__defaults__", (launch.gpus_here,))
+    monkeypatch.setattr(launch, "launch", lambda ours, module, stage_args: launched.append(ours) or 0)
+    monkeypatch.setattr(launch, "is_current", lambda stage, argv, ours: compared.append(ours) or (False, "test"))
+    monkeypatch.chdir(REPO)
+    assert launch.main(["sft", "--config_file", "configs/accelerate/multi_gpu.yaml", "-m", "tests.fake_stages.sft"]) == 0
+    assert launched == compared == [["--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "4"]]

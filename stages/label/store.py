@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS labels (
 );
 CREATE TABLE IF NOT EXISTS label_history (
     id          INTEGER PRIMARY KEY,
-    action      TEXT NOT NULL,                -- new | change | undo | skip
+    action      TEXT NOT NULL,                -- new | change | undo | skip | remove (a simulator's, on rerun)
     pair_id     TEXT NOT NULL,
     annotator   TEXT NOT NULL,
     choice      TEXT, shown_left INTEGER, preferred INTEGER, strength TEXT, note TEXT,
@@ -340,17 +340,6 @@ class LabelStore:
             con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
                         (row["pair_id"], annotator, left, now, now + self.lease_s))
             return self._item(con, row["pair_id"], left)
-
-    def unlabeled_pairs(self, annotator: str) -> list[str]:
-        """Every servable pair (active, not blocked by the word filter) this annotator has not labeled, in the order
-        the app serves them. For a simulated annotator, which labels every pair once whatever the overlap: one query
-        instead of next_item's per-pair search of the whole pool (quadratic in the number of pairs)."""
-        with self._read() as con:
-            rows = con.execute(
-                "SELECT i.pair_id FROM items i WHERE i.active = 1 AND i.blocked IS NULL AND NOT EXISTS "
-                "(SELECT 1 FROM labels l WHERE l.pair_id = i.pair_id AND l.annotator = ?) ORDER BY i.position",
-                (annotator,)).fetchall()
-        return [r["pair_id"] for r in rows]
 
     def servable_pairs(self) -> list[str]:
         """Every pair the app can serve (active, not blocked by the word filter), in the order it serves them."""
