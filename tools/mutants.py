@@ -126,7 +126,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("sim-rerun-keeps-others", "stages/simulate.py", "removed = sum(store.remove_simulated(other) for other",
      "removed = sum(0 for other", SIMULATE),
     # make's rerun rule
-    ("make-launch-ignored", "pipeline/run.py", 'if inputs.get("launch") != launch:', "if False:",
+    ("make-launch-ignored", "pipeline/run.py", 'if "launch" in inputs and inputs["launch"] != launch:', "if False:",
      "tests/test_make.py -k 'accelerate_config_reruns'"),
     # gold judges
     ("judge-non-finite", "pipeline/judges.py", "or not math.isfinite(value):", "or False:", JUDGES),
