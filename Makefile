@@ -144,18 +144,21 @@ label-export: | setup
 	$(call direct,label-export)
 
 # Simulated annotators label the pairs through the label store people use (stages/simulate.py); like label-export it
-# always runs when named. The store then holds the labels of these settings (unchanged ones are not rewritten);
-# `make label-export rm` retrains on them.
+# always runs when named. The store then holds the labels of these settings (unchanged ones are not rewritten), and
+# the next `make rm` exports them and retrains.
 simulate: pairs
 	$(call direct,simulate)
 
 # The story chain's labels: simulated (unless people labeled) and exported, again only when the pairs are newer than
-# the last export, so an unchanged run stays current.
+# the last export, so an unchanged run stays current. A `make simulate` since the last export (other settings) is
+# exported as it is, not simulated again.
 LABEL_EXPORT := $(RUNDIR)/label-export/manifest.json
 labels: pairs
 	@if [ ! -f $(LABEL_EXPORT) ] || [ $(RUNDIR)/pairs/manifest.json -nt $(LABEL_EXPORT) ]; then \
 	  $(PY) $(call stage_opts,simulate) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
 	  $(PY) $(call stage_opts,label-export); \
+	elif [ $(RUNDIR)/simulate/manifest.json -nt $(LABEL_EXPORT) ]; then \
+	  echo "labels: make simulate ran after the last export: exporting its labels" && $(PY) $(call stage_opts,label-export); \
 	else echo "labels: up to date, skipped (the label export is newer than the pairs)"; fi
 
 # eval compares every policy the run has (each brought up to date first); a run with none trains PPO first.

@@ -148,6 +148,31 @@ def test_label_export_rm_ppo_chain(tmp_path):
     assert ran(runs) == ["ppo"]
 
 
+def test_labels_export_what_make_simulate_wrote_since_the_last_export(tmp_path):
+    """`make simulate SIMULATE_ARGS=...` then `make rm`: the chain's labels step exports the new labels (it does not
+    simulate again with the default settings), so the reward model retrains on them; an unchanged run stays current."""
+    import os
+    import time
+
+    runs = tmp_path / "runs"
+    assert make("pairs", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "pairs"]
+    export, simulate = runs / "t" / "label-export" / "manifest.json", runs / "t" / "simulate" / "manifest.json"
+    for manifest in (export, simulate):
+        manifest.parent.mkdir(parents=True)
+        manifest.write_text("{}")
+    now = time.time()
+    os.utime(runs / "t" / "pairs" / "manifest.json", (now - 180, now - 180))  # pairs, simulated, then exported
+    os.utime(simulate, (now - 120, now - 120))
+    os.utime(export, (now - 60, now - 60))
+    res = make("labels", runs_dir=runs)
+    assert res.returncode == 0 and ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
+    os.utime(simulate, (now - 30, now - 30))  # make simulate ran since the export
+    res = make("labels", runs_dir=runs)
+    assert res.returncode == 0 and ran(runs) == ["label-export"] and "make simulate ran after the last export" in res.stdout
+    res = make("labels", runs_dir=runs)
+    assert ran(runs) == [] and "labels: up to date" in res.stdout
+
+
 def test_changed_data_file_or_command_line_reruns(tmp_path):
     runs, data = tmp_path / "runs", tmp_path / "prefs.jsonl"
     data.write_text('{"chosen": "a", "rejected": "b"}\n')
