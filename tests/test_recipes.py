@@ -156,8 +156,11 @@ def test_make_default_chain_runs_simulated_labels_before_the_reward_model():
     rc, lines, _ = make_dry_run("sft", "rm", "ppo", "RUN=dryrun-nonexistent")
     assert rc == 0
     stages = [re.search(r"-m (stages\.[\w.]+)", line).group(1) for line in lines]
-    assert stages == ["stages.sft", "stages.pairs", "stages.simulate", "stages.label.export", "stages.rm", "stages.ppo"]
-    assert "--skip_if_people_labeled true" in lines[2] and "--config configs/rm.yaml" in lines[4]
+    # the labels step: simulate and export new pairs; or export what a `make simulate` wrote since the last export
+    assert stages == ["stages.sft", "stages.pairs", "stages.simulate", "stages.label.export", "stages.label.export",
+                      "stages.rm", "stages.ppo"]
+    assert "--skip_if_people_labeled true" in lines[2] and "make simulate ran after the last export" in lines[4]
+    assert "--config configs/rm.yaml" in lines[5]
 
 
 def test_make_recipe_variable_picks_the_assistant_configs():
