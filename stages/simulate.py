@@ -242,9 +242,10 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     stored = {(lab["annotator"], lab["pair_id"]): (lab["choice"], lab["shown_left"]) for lab in store.labels()}
     removed = sum(store.remove_simulated(other) for other in sorted({a for a, _ in stored} - set(names))
                   if other == annotator or re.fullmatch(re.escape(annotator) + r"-\d+", other))
+    servable = store.servable_pairs()
     written = changed = 0
     for name in names:
-        for pair_id in store.servable_pairs():
+        for pair_id in servable:
             left = store.shown_left(pair_id, name)
             diff = scores[pair_id][left] - scores[pair_id][1 - left]
             choice = choose(diff, uniform(args.seed, name, pair_id), temperature, args.tie_band, args.position_bias)
