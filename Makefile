@@ -149,17 +149,19 @@ label-export: | setup
 simulate: pairs
 	$(call direct,simulate)
 
-# The story chain's labels: simulated (unless people labeled) and exported, again only when the pairs are newer than
-# the last export, so an unchanged run stays current. A `make simulate` since the last export (other settings) is
-# exported as it is, not simulated again.
+# The story chain's labels: simulated (unless people labeled) and exported when the pairs are newer than the last
+# export; exported again, without simulating, when the label store changed since (people labeled with `make label`,
+# or `make simulate` ran with other settings), so the reward model retrains on them. An unchanged run stays current.
 LABEL_EXPORT := $(RUNDIR)/label-export/manifest.json
 labels: pairs
 	@if [ ! -f $(LABEL_EXPORT) ] || [ $(RUNDIR)/pairs/manifest.json -nt $(LABEL_EXPORT) ]; then \
 	  $(PY) $(call stage_opts,simulate) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
 	  $(PY) $(call stage_opts,label-export); \
-	elif [ $(RUNDIR)/simulate/manifest.json -nt $(LABEL_EXPORT) ]; then \
-	  echo "labels: make simulate ran after the last export: exporting its labels" && $(PY) $(call stage_opts,label-export); \
-	else echo "labels: up to date, skipped (the label export is newer than the pairs)"; fi
+	else $(PY) -m stages.label.fresh_export $(RUNDIR); fresh=$$?; \
+	  if [ $$fresh = 1 ]; then echo "labels: the label store changed since the last export: exporting it" && \
+	    $(PY) $(call stage_opts,label-export); \
+	  elif [ $$fresh = 0 ]; then echo "labels: up to date, skipped (the export holds the store's labels)"; \
+	  else exit $$fresh; fi; fi
 
 # eval compares every policy the run has (each brought up to date first); a run with none trains PPO first.
 EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))))

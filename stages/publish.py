@@ -84,24 +84,48 @@ def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
 
 
-def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str) -> None:
-    """The label-export preferences as one parquet file (the Hub's viewer reads it) and a DatasetCard."""
+# What the dataset card says of the labels, by whose they are (stages.label.export.sources_of): tags, and a phrase.
+DATASET_SOURCES = {
+    "people": (["human-feedback"], "human preference pairs collected with the pipeline's labeling UI "
+                                   "(`make pairs label label-export`)"),
+    "simulated": (["synthetic"], "preference pairs labeled by simulated annotators, not people (`make pairs simulate "
+                                 "label-export`: a gold judge's scores with Bradley-Terry noise)"),
+    "all": (["human-feedback", "synthetic"], "preference pairs labeled by people in the pipeline's labeling UI and by "
+                                             "simulated annotators (`sim:...`), one vote each"),
+}
+
+
+def size_category(n: int) -> str:
+    """The Hub's size_categories value for n rows."""
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < bound:
+            return name
+    return "1M<n<10M"
+
+
+def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str) -> str:
+    """The label-export preferences as one parquet file (the Hub's viewer reads it) and a DatasetCard. Returns whose
+    labels they are (people, simulated, all)."""
     import datasets
     from huggingface_hub import DatasetCard, DatasetCardData
 
+    from stages.label.export import sources_of
+
     ds = datasets.load_from_disk(dataset_dir)
     ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    sources = sources_of(ds["annotator"])
+    tags, what = DATASET_SOURCES[sources]
     (out / "data").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
-    data = DatasetCardData(license=args.dataset_license, tags=["rlhf", "preference", "human-feedback", "dpo", "reward-modeling"],
-                           task_categories=["text-generation"], size_categories=["n<1K"] if len(ds) < 1000 else ["1K<n<10K"],
+    data = DatasetCardData(license=args.dataset_license, tags=["rlhf", "preference", *tags, "dpo", "reward-modeling"],
+                           task_categories=["text-generation"], size_categories=[size_category(len(ds))],
                            configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}])
-    body = (f"\n# Preference labels of run `{run}`\n\n{len(ds)} human preference pairs collected with the pipeline's labeling "
-            f"UI (`make pairs label label-export`), in TRL's conversational preference format: columns "
+    body = (f"\n# Preference labels of run `{run}`\n\n{len(ds)} {what}, in TRL's conversational preference format: columns "
             f"{', '.join(f'`{c}`' for c in ds.column_names)}. They trained the reward model of [{repo}](https://huggingface.co/{repo}).\n\n"
             "```python\nfrom datasets import load_dataset\n"
             f"ds = load_dataset(\"{args.dataset_repo_id or repo + '-preferences'}\", split=\"train\")\n```\n")
     DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}").save(out / "README.md")
+    return sources
 
 
 def list_folder(folder: Path) -> list[tuple[str, int]]:
@@ -228,17 +252,17 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     shutil.copytree(eval_dir / "plots", folder / "eval" / "plots")
 
     # 2. The preference dataset, for its own dataset repo
-    dataset_folder, dataset_repo = None, None
+    dataset_folder, dataset_repo, dataset_sources = None, None, None
     shutil.rmtree(stage.dir / "dataset", ignore_errors=True)  # an earlier --include_dataset run's folder is not uploaded now
     if label:
         dataset_repo = args.dataset_repo_id or f"{repo}-preferences"
         dataset_folder = stage.dir / "dataset"
-        export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run)
+        dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run)
 
     # 3. The card, from the manifests
     manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
     sources = data_sources(data_files_used(manifests, base))
-    card = model_card(args, repo, run.run, manifests, base, base_ref, sources, extras, dataset_repo)
+    card = model_card(args, repo, run.run, manifests, base, base_ref, sources, extras, dataset_repo, dataset_sources)
     check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 

@@ -152,8 +152,12 @@ def reward_made(rm: dict) -> str:
     return made
 
 
+DATASET_WHO = {"people": "human labels", "simulated": "simulated annotators' labels (not people's)",
+               "all": "human and simulated annotators' labels"}
+
+
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
-               sources: list[dict], extras: list[str], dataset_repo: str | None) -> str:
+               sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None) -> str:
     from huggingface_hub import ModelCardData
 
     local = is_local_base(base)
@@ -212,7 +216,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     for s in sources:
         lines.append(f"| `{s['name']}` | {', '.join(sorted(s['stages']))} | {s['url'] or '—'} | {s['license']} |")
     if dataset_repo:
-        lines.append(f"| [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}) | rm | human labels of this run | {args.dataset_license} |")
+        lines.append(f"| [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}) | rm | {DATASET_WHO[dataset_sources or 'people']} of this run | {args.dataset_license} |")
     lines += ["", "## Intended use and limits", "",
               "For research on and demonstrations of RLHF: comparing policies, studying reward models and PPO. Not for "
               "decisions about people or for unsupervised use in products. The policy is optimised against a learned reward "

@@ -315,3 +315,79 @@ def test_the_dataset_card_shows_annotator_names_as_they_are(runs_dir):
              for row in re.findall(r"<tr>(.*?)</tr>", table.split("</tbody>")[0], re.S)]
     assert sorted(c[0] for c in cells) == sorted(NAMES_THAT_LOOK_LIKE_MARKUP) and all(len(c) == 2 for c in cells)
     assert not re.search(r"<(img|em|strong|a|h1)\b", table)
+
+
+def test_people_labels_are_exported_instead_of_simulated_ones_unless_asked(runs_dir):
+    """A store with people's and simulated annotators' labels: `sources: auto` exports people's alone (three
+    simulated votes would outvote a person on every pair), and the card says whose labels they are; `simulated` and
+    `all` export those; `people` on a store without people's labels is one clear error that writes nothing."""
+    import datasets
+
+    from pipeline.config import RunArgs, parse
+    from stages.label.config import ExportArgs, LabelArgs
+    from stages.label.export import main
+    from stages.label.fresh_export import export_is_current
+
+    def export(run, *flags):
+        argv = ["--config", "configs/label.yaml", "--run", run, "--runs_dir", str(runs_dir), "--overlap", "4", *flags]
+        metrics = main(*parse((LabelArgs, ExportArgs, RunArgs), argv))
+        out = runs_dir / run / "label-export"
+        ds = datasets.load_from_disk(str(out / "dataset"))
+        return metrics, {r["pair_id"]: (r["chosen"][0]["content"], r["annotator"]) for r in ds}, (out / "README.md").read_text()
+
+    store = LabelStore(db_path(str(runs_dir), "r"), overlap=4)
+    store.import_items([{"pair_id": p, "prompt": [{"role": "user", "content": p}], "responses": [f"{p} zero", f"{p} one"]}
+                        for p in ("p1", "p2")])
+    for sim in ("sim:sentiment-1", "sim:sentiment-2", "sim:sentiment-3"):
+        store.save_label(sim, "p1", "left", 0)   # response 0
+        store.save_label(sim, "p2", "left", 0)
+    store.save_label("alice", "p1", "right", 0)  # alice: response 1, on p1 only
+
+    metrics, rows, card = export("r")
+    assert metrics["sources"] == "people" and metrics["other_sources_labels"] == 6 and metrics["labels"] == 1
+    assert export_is_current(runs_dir / "r")  # the record is of the whole store, not of the labels exported
+    assert rows == {"p1": ("p1 one", "alice")}
+    assert "# Human preference labels" in card and "human-feedback" in card and "6 labels of other annotators" in card
+
+    metrics, rows, card = export("r", "--sources", "simulated")
+    assert metrics["sources"] == "simulated" and metrics["other_sources_labels"] == 1
+    sims = "sim:sentiment-1,sim:sentiment-2,sim:sentiment-3"
+    assert rows == {"p1": ("p1 zero", sims), "p2": ("p2 zero", sims)}
+    assert "# Simulated preference labels" in card and "human-feedback" not in card and "not by people" in card
+
+    metrics, rows, card = export("r", "--sources", "all")  # one vote each: 3 simulated against alice on p1
+    assert metrics["sources"] == "all" and rows["p1"] == ("p1 zero", "alice," + sims) and len(rows) == 2
+    assert "# Preference labels from people and simulated annotators" in card
+
+    only_sim = LabelStore(db_path(str(runs_dir), "s"), overlap=4)
+    only_sim.import_items([{"pair_id": "p", "prompt": [{"role": "user", "content": "p"}], "responses": ["a", "b"]}])
+    only_sim.save_label("sim:sentiment", "p", "left", 0)
+    assert export("s")[0]["sources"] == "simulated"  # auto, nobody labeled: the simulators stand in
+    before = files(runs_dir / "s")
+    with pytest.raises(ConfigError, match=r"none of the 1 labels in .* is from people \(sources: people\)"):
+        export("s", "--sources", "people")
+    assert files(runs_dir / "s") == before
+
+
+def test_the_export_records_the_store_it_read(runs_dir):
+    """`make rm` exports again exactly when the store's labels are no longer the ones the export read: what the export
+    records and what stages.label.fresh_export reads from the store are the same digest."""
+    from stages.label.fresh_export import export_is_current
+
+    store = labeled_run(runs_dir)
+    run_dir = runs_dir / "r"
+    assert not export_is_current(run_dir)  # no export yet
+    export_main(runs_dir)
+    assert export_is_current(run_dir)
+    store.skip("cat", "solo")  # a skip changes no label
+    assert export_is_current(run_dir)
+    for change in (lambda: store.save_label("cat", "solo", "tie", 0), lambda: store.undo("cat"),
+                   lambda: store.save_label("ann", "maj", "right", 0, "slightly")):  # the strength alone
+        change()
+        assert not export_is_current(run_dir)
+        export_main(runs_dir)
+        assert export_is_current(run_dir)
+    store.save_label("ann", "maj", "right", 0, "slightly", "a note")  # saved again as it was: the export is the same
+    assert export_is_current(run_dir)
+    store.import_items([])  # `make label` on another pairs dataset: the labeled pairs are no longer current
+    assert not export_is_current(run_dir)

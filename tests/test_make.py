@@ -148,29 +148,47 @@ def test_label_export_rm_ppo_chain(tmp_path):
     assert ran(runs) == ["ppo"]
 
 
-def test_labels_export_what_make_simulate_wrote_since_the_last_export(tmp_path):
-    """`make simulate SIMULATE_ARGS=...` then `make rm`: the chain's labels step exports the new labels (it does not
-    simulate again with the default settings), so the reward model retrains on them; an unchanged run stays current."""
+def test_labels_export_again_when_the_store_changed_since_the_last_export(tmp_path):
+    """`make label` (people) or `make simulate SIMULATE_ARGS=...` after a finished chain, then `make rm`: the chain's
+    labels step exports the store again (it does not simulate again), so the reward model retrains on those labels;
+    a store unchanged since the export stays current, whatever the files' times."""
     import os
     import time
 
+    from stages.label.store import LabelStore
+
     runs = tmp_path / "runs"
     assert make("pairs", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "pairs"]
-    export, simulate = runs / "t" / "label-export" / "manifest.json", runs / "t" / "simulate" / "manifest.json"
-    for manifest in (export, simulate):
-        manifest.parent.mkdir(parents=True)
-        manifest.write_text("{}")
+    store = LabelStore(runs / "t" / "label" / "labels.sqlite")
+    store.import_items([{"pair_id": p, "prompt": [{"role": "user", "content": p}], "responses": [f"{p} a", f"{p} b"]}
+                        for p in ("p1", "p2")])
+    store.save_label("sim:sentiment", "p1", "left", 0)
+    assert make("label-export", runs_dir=runs).returncode == 0 and ran(runs) == ["label-export"]
+    export = runs / "t" / "label-export" / "manifest.json"
     now = time.time()
-    os.utime(runs / "t" / "pairs" / "manifest.json", (now - 180, now - 180))  # pairs, simulated, then exported
-    os.utime(simulate, (now - 120, now - 120))
+    os.utime(runs / "t" / "pairs" / "manifest.json", (now - 180, now - 180))
     os.utime(export, (now - 60, now - 60))
+    os.utime(store.path, (now, now))  # a newer store file alone (a server started, a lease) changes no label
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
-    os.utime(simulate, (now - 30, now - 30))  # make simulate ran since the export
+
+    for change in (lambda: store.save_label("alice", "p2", "right", 0),      # a person labels
+                   lambda: store.save_label("alice", "p2", "left", 0),       # ... changes her mind
+                   lambda: store.undo("alice"),                              # ... takes it back
+                   lambda: store.remove_simulated("sim:sentiment")):         # a simulate rerun drops an annotator
+        change()
+        res = make("labels", runs_dir=runs)
+        assert res.returncode == 0 and ran(runs) == ["label-export"], res.stdout + res.stderr
+        assert "the label store changed since the last export" in res.stdout
+        res = make("labels", runs_dir=runs)
+        assert ran(runs) == [] and "labels: up to date" in res.stdout
+
+    # a store that cannot be read: one error line, nothing exported
+    for f in store.path.parent.glob("labels.sqlite-*"):
+        f.unlink()
+    store.path.write_bytes(b"garbage" * 100)
     res = make("labels", runs_dir=runs)
-    assert res.returncode == 0 and ran(runs) == ["label-export"] and "make simulate ran after the last export" in res.stdout
-    res = make("labels", runs_dir=runs)
-    assert ran(runs) == [] and "labels: up to date" in res.stdout
+    assert res.returncode != 0 and ran(runs) == [] and "error: label store" in res.stderr, res.stdout + res.stderr
 
 
 def test_changed_data_file_or_command_line_reruns(tmp_path):

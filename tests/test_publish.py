@@ -148,6 +148,45 @@ def test_card_parses_with_the_hub_metadata(runs, dry_run):
     assert "/tmp" not in text.split("## How to use")[0]  # no local paths in the description
     ds_card = DatasetCard.load(keep / "dataset" / "README.md")
     assert ds_card.data.to_dict()["license"] == "apache-2.0"
+    # the fixture's labels are a person's ("ann"): said so on both cards
+    assert "human-feedback" in ds_card.data.to_dict()["tags"] and "5 human preference pairs" in ds_card.text
+    assert "| rm | human labels of this run |" in text
+
+
+def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
+    """The default run's labels come from simulated annotators: the dataset card and the model card say so, and the
+    dataset is not tagged human-feedback. Mixed labels say both."""
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    from stages.label.export import sources_of
+    from stages.publish import PublishArgs, export_dataset, size_category
+    from stages.publish_card import model_card
+
+    manifests = {s: json.loads((runs / "t" / s / "manifest.json").read_text()) for s in ("sft", "rm", "ppo", "eval")}
+    base = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    assert sources_of(["alice", "bob,carol"]) == "people" and sources_of(["sim:a-1,sim:a-2"]) == "simulated"
+    assert sources_of(["sim:a-1", "alice,sim:a-2"]) == "all" and sources_of(["alice", "sim:x"]) == "all"
+    assert [size_category(n) for n in (999, 1000, 9999, 10_000, 99_999, 100_000)] == \
+        ["n<1K", "1K<n<10K", "1K<n<10K", "10K<n<100K", "10K<n<100K", "100K<n<1M"]
+    for annotators, tag, phrase, who in (
+            (["sim:sentiment-1,sim:sentiment-2"] * 3, "synthetic", "3 preference pairs labeled by simulated annotators, not people",
+             "simulated annotators' labels (not people's) of this run"),
+            (["alice", "sim:sentiment-1"] * 2, "synthetic", "4 preference pairs labeled by people in the pipeline's labeling UI and by simulated",
+             "human and simulated annotators' labels of this run")):
+        rows = [{"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "assistant", "content": "b"}], "annotator": a} for a in annotators]
+        src = tmp_path / f"export-{len(rows)}"
+        datasets.Dataset.from_list(rows).save_to_disk(str(src))
+        out = tmp_path / f"out-{len(rows)}"
+        sources = export_dataset(str(src), out, PublishArgs(), "me/x", "default")
+        card = DatasetCard.load(out / "README.md")
+        tags = card.data.to_dict()["tags"]
+        assert tag in tags and phrase in card.text
+        assert ("human-feedback" in tags) == (sources == "all")
+        text = model_card(PublishArgs(), "me/x", "t", manifests, base, base, [], [], "me/x-preferences", sources)
+        assert f"| [me/x-preferences](https://huggingface.co/datasets/me/x-preferences) | rm | {who} |" in text
 
 
 def test_card_for_a_hub_base_names_it(runs):

@@ -245,6 +245,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("export-store-current-ignored", "stages/label/export.py",
      'if current is not None else (lambda lab: lab["current"])', 'if current is not None else (lambda lab: True)', EXPORT),
     ("export-new-pairs-unseen", "stages/label/export.py", 'stage.may_read("pairs")', "None", EXPORT),
+    # whose labels the export holds, and when `make rm` exports again (stages/label/, the Makefile's labels step)
+    ("export-sources-outvoted", "stages/label/export.py", 'sources = "people" if people else "simulated"',
+     'sources = "all"', "tests/test_label_export.py -k people_labels"),
+    ("export-digest-current-lost", "stages/label/store.py", '"strength", "current")', '"strength")',
+     "tests/test_label_export.py -k records_the_store"),
+    ("make-labels-store-ignored", "Makefile", "if [ $$fresh = 1 ]", "if [ $$fresh = 9 ]",
+     "tests/test_make.py -k labels_export_again"),
     # eval's PPO section and the RL loop's less travelled options
     ("eval-human-sft-index", "stages/eval_ppo.py", 'human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})',
      'human = human_win_rate(store, {s["pair_id"]: 0 for s in samples})', EVAL_BY_HAND),

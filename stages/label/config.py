@@ -17,6 +17,7 @@ USERS_ENV = "LABEL_USERS"
 TIE_POLICIES = ("drop", "both_orders")
 BOTH_BAD_POLICIES = ("drop", "tie")
 EARLIER_PAIRS_POLICIES = ("drop", "keep")
+SOURCES = ("auto", "people", "simulated", "all")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class LabelArgs:
     earlier_pairs: str = field(default="drop", metadata={
         "help": "Labels of pairs from an earlier pairs dataset (the store keeps them when `make pairs` runs again): "
                 "drop leaves them out of the export, keep exports them with the current pairs' labels."})
+    sources: str = field(default="auto", metadata={
+        "help": "Whose labels the export holds: auto (people's when the store holds any of theirs, else the simulated "
+                "annotators'), people, simulated (make simulate's sim:... annotators), or all (one vote each)."})
 
     def __post_init__(self):
         if self.overlap < 1:
@@ -64,6 +68,8 @@ class LabelArgs:
             raise ValueError(f"both_bad must be one of {BOTH_BAD_POLICIES}, got '{self.both_bad}'")
         if self.earlier_pairs not in EARLIER_PAIRS_POLICIES:
             raise ValueError(f"earlier_pairs must be one of {EARLIER_PAIRS_POLICIES}, got '{self.earlier_pairs}'")
+        if self.sources not in SOURCES:
+            raise ValueError(f"sources must be one of {SOURCES}, got '{self.sources}'")
         if not 0 <= self.min_agreement <= 1:
             raise ValueError(f"min_agreement must be between 0 and 1, got {self.min_agreement}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from stages.label.config import ExportArgs, LabelArgs, db_path
-from stages.label.stats import category, summarize
+from stages.label.stats import SIMULATED_PREFIX, category, summarize
 
 
 def _assistant(text: str) -> list[dict]:
@@ -70,6 +70,24 @@ def aggregate(labels: list[dict], ties: str = "drop", both_bad: str = "drop", mi
     return rows, dropped
 
 
+SOURCE_WORDS = {"people": "from people", "simulated": "from simulated annotators",
+                "all": "from people and simulated annotators"}
+
+
+def pick_sources(labels: list[dict], sources: str) -> tuple[list[dict], str]:
+    """The labels of the annotators `sources` names, and which those are ("people", "simulated" or "all").
+    auto: people's when there are any, else the simulated annotators'. The simulators stand in for people, so once
+    people have labeled, their votes are not outvoted by three simulated ones on the same pair."""
+    people = [lab for lab in labels if not lab["annotator"].startswith(SIMULATED_PREFIX)]
+    if sources == "auto":
+        sources = "people" if people else "simulated"
+    if sources == "people":
+        return people, sources
+    if sources == "simulated":
+        return [lab for lab in labels if lab["annotator"].startswith(SIMULATED_PREFIX)], sources
+    return labels, sources
+
+
 MARKDOWN_SPECIALS = "\\`*_[]()|#!~<>&"
 
 
@@ -79,24 +97,44 @@ def markdown_literal(text: str) -> str:
     return "".join(f"&#{ord(c)};" if c in "<>&" else ("\\" + c if c in MARKDOWN_SPECIALS else c) for c in text)
 
 
+# The card says whose labels these are: a dataset of simulated labels pushed to the Hub must not pass for human feedback.
+CARD_HEADS = {
+    "people": ("[trl, preference, human-feedback, rlhf]", "Human preference labels",
+               "Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`)"),
+    "simulated": ("[trl, preference, synthetic, rlhf]", "Simulated preference labels",
+                  "Pairs of model responses labeled by simulated annotators (`make simulate`: a gold judge's scores "
+                  "with Bradley-Terry noise, standing in for people), not by people"),
+    "all": ("[trl, preference, human-feedback, synthetic, rlhf]", "Preference labels from people and simulated annotators",
+            "Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`) and by "
+            "simulated annotators (`make simulate`, annotators named `sim:...`), one vote each"),
+}
+
+
+def sources_of(annotator_cells) -> str:
+    """Whose labels an exported dataset holds ("people", "simulated" or "all"), from its `annotator` column."""
+    simulated = {name.startswith(SIMULATED_PREFIX) for cell in annotator_cells for name in cell.split(",")}
+    return "all" if len(simulated) == 2 else "simulated" if simulated == {True} else "people"
+
+
 def dataset_card(rows: list[dict], labels: list[dict], dropped: Counter, args: LabelArgs, guidelines: str,
-                 pairs_source: str, n_earlier: int = 0) -> str:
+                 pairs_source: str, n_earlier: int = 0, sources: str = "people", n_other: int = 0) -> str:
     s = summarize(labels)
+    tags, title, who = CARD_HEADS[sources]
     ag = s["agreement"]
     people = "\n".join(f"| {markdown_literal(name)} | {a['labels']} |" for name, a in s["annotators"].items())
     dropped_text = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(dropped.items())) or "none"
     return f"""---
-tags: [trl, preference, human-feedback, rlhf]
+tags: {tags}
 ---
-# Human preference labels
+# {title}
 
-Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`), exported with
-`make label-export`. Format: TRL conversational preference (`prompt`, `chosen`, `rejected`), read unchanged by
+{who}, exported with `make label-export`. Format: TRL conversational preference (`prompt`, `chosen`, `rejected`), read unchanged by
 `RewardTrainer` and `DPOTrainer`.
 
 - **Rows**: {len(rows)} from {len({r['pair_id'] for r in rows})} pairs ({s['labels']} labels in all).
 - **Pairs left out**: {dropped_text}. Ties: `{args.ties}`; both bad: `{args.both_bad}`; min agreement: {args.min_agreement}.
-- **Overlap** (annotators per pair): {args.overlap}. Majority vote where several people labeled a pair.
+- **Whose labels**: {SOURCE_WORDS[sources]} (`sources: {args.sources}`); {n_other} labels of other annotators in the store left out.
+- **Overlap** (annotators per pair): {args.overlap}. Majority vote where several annotators labeled a pair.
 - **Agreement**: {ag['pairs_with_several_labels']} pairs with 2+ labels; Krippendorff's alpha (nominal) {ag['krippendorff_alpha']},
   mean pairwise Cohen's kappa {ag['mean_cohen_kappa']}.
 - **Position bias**: the left side won {s['position_bias']['left_share']} of decided labels (left/right order was randomized per annotator).
@@ -167,7 +205,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
 
     from pipeline.report import print_table
     from stages.label.config import read_guidelines
-    from stages.label.store import LabelStore
+    from stages.label.store import LabelStore, labels_digest
 
     stage = StageRun("label-export", run.run, run.runs_dir)
     config = {"label": to_dict(args), "export": to_dict(export), "run": to_dict(run)}
@@ -179,6 +217,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         raise ConfigError(f"no label store at {db}: label some pairs first with `make label RUN={run.run}`")
 
     labels = LabelStore(db, overlap=args.overlap).labels()  # a damaged store stops here, the last export untouched
+    digest = labels_digest(labels)  # `make rm` exports again when the store's digest is no longer this one
     if not labels:
         raise ConfigError(f"the label store {db} holds no labels yet: label some pairs with `make label RUN={run.run}`")
     # Pairs of an earlier pairs dataset keep their labels in the store; by default only the current pairs' labels are
@@ -192,6 +231,12 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
             raise ConfigError(f"all {n_earlier} labels in {db} are of pairs from an earlier pairs dataset: label the "
                               f"current pairs with `make label RUN={run.run}`, or export the earlier ones too with "
                               "`earlier_pairs: keep` in configs/label.yaml (or --earlier_pairs keep)")
+    n_read = len(labels)
+    labels, sources = pick_sources(labels, args.sources)
+    if not labels:
+        raise ConfigError(f"none of the {n_read} labels in {db} is {SOURCE_WORDS[sources]} (sources: {args.sources}): "
+                          f"label with `make label RUN={run.run}` or `make simulate RUN={run.run}`, or export the "
+                          f"others with --sources auto or all")
     rows, dropped = aggregate(labels, args.ties, args.both_bad, args.min_agreement)
     if not rows:
         raise ConfigError(f"all {len(labels)} labels were left out ({dict(dropped)}): label more pairs, or keep ties "
@@ -207,7 +252,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     try:
         ds = datasets.Dataset.from_list(rows)
         ds.save_to_disk(str(new / "dataset"))
-        card = dataset_card(rows, labels, dropped, args, guidelines, pairs_source, n_earlier)
+        card = dataset_card(rows, labels, dropped, args, guidelines, pairs_source, n_earlier, sources, n_read - len(labels))
         (new / "README.md").write_text(card)
         atomic_write_json(new / "config.json", config)
         if export.push_to_hub:
@@ -217,6 +262,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         metrics = {"rows": len(rows), "pairs": len({r["pair_id"] for r in rows}), "labels": len(labels),
                    "annotators": len(s["annotators"]), "dropped": dict(dropped),
                    "earlier_pairs_labels": n_earlier, "earlier_pairs": args.earlier_pairs,
+                   "sources": sources, "other_sources_labels": n_read - len(labels), "store_digest": digest,
                    "krippendorff_alpha": s["agreement"]["krippendorff_alpha"],
                    "left_share": s["position_bias"]["left_share"], "pushed_to": export.push_to_hub}
         stage.manifest_path = new / "manifest.json"  # the manifest travels with the folder; its paths name the final one

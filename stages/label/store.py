@@ -209,6 +209,41 @@ def count_labels(path: Path) -> int:
         raise ConfigError(f"label store {path} cannot be read ({err}): restore it from a backup") from None
 
 
+# What a label export depends on in the store: every label's pair, annotator, choice, side and strength,
+# and whether its pair is current. Equal digests: an export of the store now would hold the same rows.
+DIGEST_FIELDS = ("pair_id", "annotator", "choice", "shown_left", "strength", "current")
+
+
+def labels_digest(labels: Iterable[dict]) -> str:
+    """A digest of the labels as `LabelStore.labels()` returns them (the export records it, `store_digest` reads it
+    back without loading prompts), in the store's order."""
+    h = hashlib.sha256()
+    for lab in labels:
+        h.update(json.dumps([lab[k] for k in DIGEST_FIELDS]).encode())
+    return h.hexdigest()
+
+
+def store_digest(path: Path) -> str:
+    """`labels_digest` of the store at `path`, read only (the empty digest when there is no store or no label yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return labels_digest([])
+    check_store_file(path)
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        con.row_factory = sqlite3.Row
+        try:
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'").fetchone():
+                return labels_digest([])
+            rows = con.execute("SELECT l.pair_id, l.annotator, l.choice, l.shown_left, l.strength, "
+                               "i.active FROM labels l JOIN items i USING (pair_id) ORDER BY l.id").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as err:
+        raise ConfigError(f"label store {path} cannot be read ({err}): restore it from a backup") from None
+    return labels_digest({**dict(r), "current": bool(r["active"])} for r in rows)
+
+
 def preferred_index(choice: str, shown_left: int) -> int | None:
     """Map the side clicked back to the response index: the one fact the export needs."""
     if choice == "left":
