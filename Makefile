@@ -151,15 +151,16 @@ simulate: pairs
 
 # The story chain's labels: simulated (unless people labeled) and exported when the pairs are newer than the last
 # export; exported again, without simulating, when the label store changed since (people labeled with `make label`,
-# or `make simulate` ran with other settings), so the reward model retrains on them. An unchanged run stays current.
+# or `make simulate` ran with other settings), so the reward model retrains on them. An unchanged store, or a change
+# that leaves the export's rows as they were (labels of eval's pairs, a skip), leaves the run current.
 LABEL_EXPORT := $(RUNDIR)/label-export/manifest.json
 labels: pairs
 	@if [ ! -f $(LABEL_EXPORT) ] || [ $(RUNDIR)/pairs/manifest.json -nt $(LABEL_EXPORT) ]; then \
 	  $(PY) $(call stage_opts,simulate) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
 	  $(PY) $(call stage_opts,label-export); \
 	else $(PY) -m stages.label.fresh_export $(RUNDIR); fresh=$$?; \
-	  if [ $$fresh = 1 ]; then echo "labels: the label store changed since the last export: exporting it" && \
-	    $(PY) $(call stage_opts,label-export); \
+	  if [ $$fresh = 3 ]; then echo "labels: the label store changed since the last export: exporting it" && \
+	    $(PY) $(call stage_opts,label-export) --only_if_changed true; \
 	  elif [ $$fresh = 0 ]; then echo "labels: up to date, skipped (the export holds the store's labels)"; \
 	  else exit $$fresh; fi; fi
 

@@ -391,3 +391,41 @@ def test_the_export_records_the_store_it_read(runs_dir):
     assert export_is_current(run_dir)
     store.import_items([])  # `make label` on another pairs dataset: the labeled pairs are no longer current
     assert not export_is_current(run_dir)
+
+
+def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeypatch):
+    """`make rm`'s labels step exports with --only_if_changed: people labeling eval's pairs (`make label
+    --pairs_dataset`), or a simulated annotator on a run where people labeled, change the store but not the rows, so
+    the export is left byte for byte (and the reward model that read it stays current), with the store's new state
+    recorded; a label of one of the run's pairs rewrites it."""
+    from stages.label.fresh_export import export_is_current
+    from stages.label.pairs import read_pairs
+
+    sample_pairs(runs_dir, "r", ["a", "b"], "v1")
+    store = LabelStore(db_path(str(runs_dir), "r"))
+    store.import_items(read_pairs(str(runs_dir / "r/pairs/dataset-v1"), "pairs"))
+    store.save_label("ann", "a", "left", 0)
+    argv = ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir)]
+    monkeypatch.setattr("sys.argv", ["export", *argv])
+
+    def export(*extra):
+        from pipeline.config import RunArgs, parse
+        from stages.label.config import ExportArgs, LabelArgs
+        from stages.label.export import main
+
+        return main(*parse((LabelArgs, ExportArgs, RunArgs), [*argv, *extra]))
+
+    export()
+    out, run_dir = runs_dir / "r/label-export", runs_dir / "r"
+    before = {k: v for k, v in files(out).items() if k != "store_digest.json"}
+    store.import_items([pair("e1")])        # make label on eval's pairs: the run's pairs are no longer active ...
+    store.save_label("ann", "e1", "right", 0)
+    store.save_label("sim:sentiment", "b", "left", 0)  # ... and a simulated label where people labeled (auto: people's)
+    assert not export_is_current(run_dir)
+    metrics = export("--only_if_changed", "true")
+    assert metrics["rows"] == 1 and {k: v for k, v in files(out).items() if k != "store_digest.json"} == before
+    assert export_is_current(run_dir)  # the next make rm: up to date, without calling the export
+    store.save_label("ann", "b", "right", 0)  # a label of the run's pairs: rewritten
+    assert not export_is_current(run_dir)
+    assert export("--only_if_changed", "true")["rows"] == 2 and files(out) != before
+    assert export_is_current(run_dir)

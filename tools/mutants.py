@@ -250,7 +250,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      'sources = "all"', "tests/test_label_export.py -k people_labels"),
     ("export-digest-current-lost", "stages/label/store.py", '"strength", "current")', '"strength")',
      "tests/test_label_export.py -k records_the_store"),
-    ("make-labels-store-ignored", "Makefile", "if [ $$fresh = 1 ]", "if [ $$fresh = 9 ]",
+    ("export-rewrites-unchanged", "stages/label/export.py",
+     'if export.only_if_changed and recorded(stage.manifest_path, "rows_digest") == rows_state:', "if False:",
+     "tests/test_label_export.py -k rows_leaves"),
+    ("export-unchanged-unrecorded", "stages/label/export.py", "        write_store_record(stage.dir, store_state)\n", "\n",
+     "tests/test_label_export.py -k rows_leaves"),
+    ("make-labels-store-ignored", "Makefile", "if [ $$fresh = 3 ]", "if [ $$fresh = 9 ]",
      "tests/test_make.py -k labels_export_again"),
     # eval's PPO section and the RL loop's less travelled options
     ("eval-human-sft-index", "stages/eval_ppo.py", 'human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})',

@@ -78,6 +78,9 @@ class LabelArgs:
 class ExportArgs:
     push_to_hub: str | None = field(default=None, metadata={"help": "Also push the dataset + card to this Hub repo (user/name)."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset as private."})
+    only_if_changed: bool = field(default=False, metadata={
+        "help": "Leave the export as it is when its rows would be the same (make rm's labels step: the reward model is "
+                "then not retrained because people labeled other pairs)."})
 
 
 def is_loopback(host: str) -> bool:

@@ -15,6 +15,8 @@ an export that fails or is killed leaves the previous one as it was (`make rm` r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from collections import Counter, defaultdict
@@ -200,6 +202,26 @@ def replace_folder(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# Beside the manifest, not in it: the store state the export is known to hold. Rewriting it when the store changed but
+# the rows did not leaves the manifest, and so the reward model that read it, current.
+STORE_RECORD = "store_digest.json"
+
+
+def rows_digest(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def recorded(manifest_path: Path, metric: str):
+    try:
+        return json.loads(manifest_path.read_text())["metrics"].get(metric)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def write_store_record(export_dir: Path, store_state: str) -> None:
+    atomic_write_json(export_dir / STORE_RECORD, {"store_digest": store_state})
+
+
 def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     import datasets
 
@@ -217,7 +239,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         raise ConfigError(f"no label store at {db}: label some pairs first with `make label RUN={run.run}`")
 
     labels = LabelStore(db, overlap=args.overlap).labels()  # a damaged store stops here, the last export untouched
-    digest = labels_digest(labels)  # `make rm` exports again when the store's digest is no longer this one
+    store_state = labels_digest(labels)  # `make rm`'s labels step calls the export again once the store is not in it
     if not labels:
         raise ConfigError(f"the label store {db} holds no labels yet: label some pairs with `make label RUN={run.run}`")
     # Pairs of an earlier pairs dataset keep their labels in the store; by default only the current pairs' labels are
@@ -241,6 +263,12 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     if not rows:
         raise ConfigError(f"all {len(labels)} labels were left out ({dict(dropped)}): label more pairs, or keep ties "
                           f"with --ties both_orders / --both_bad tie")
+    rows_state = rows_digest(rows)
+    if export.only_if_changed and recorded(stage.manifest_path, "rows_digest") == rows_state:
+        # e.g. people labeled eval's pairs, or skipped one: the reward model's data is the same, so it is not retrained
+        write_store_record(stage.dir, store_state)
+        print(f"label-export: the store changed, the export's {len(rows)} rows did not: left as it is")
+        return json.loads(stage.manifest_path.read_text())["metrics"]
     guidelines = read_guidelines(args.guidelines)
     pairs_source = args.pairs_dataset or "the pairs stage of this run"
     if "pairs" in stage.upstream:
@@ -262,12 +290,13 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         metrics = {"rows": len(rows), "pairs": len({r["pair_id"] for r in rows}), "labels": len(labels),
                    "annotators": len(s["annotators"]), "dropped": dict(dropped),
                    "earlier_pairs_labels": n_earlier, "earlier_pairs": args.earlier_pairs,
-                   "sources": sources, "other_sources_labels": n_read - len(labels), "store_digest": digest,
+                   "sources": sources, "other_sources_labels": n_read - len(labels), "rows_digest": rows_state,
                    "krippendorff_alpha": s["agreement"]["krippendorff_alpha"],
                    "left_share": s["position_bias"]["left_share"], "pushed_to": export.push_to_hub}
         stage.manifest_path = new / "manifest.json"  # the manifest travels with the folder; its paths name the final one
         stage.finish({"dataset": stage.dir / "dataset", "card": stage.dir / "README.md", "labels_sqlite": db},
                      metrics, config)
+        write_store_record(new, store_state)
         replace_folder(new, stage.dir)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)

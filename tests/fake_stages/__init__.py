@@ -17,7 +17,7 @@ def _flag(argv: list[str], name: str, default: str) -> str:
     return argv[argv.index(name) + 1] if name in argv[:-1] else default
 
 
-def fake_stage(name: str, needs: tuple[str, ...] = (), may_read: tuple[str, ...] = (), metrics=lambda stage: {}) -> None:
+def fake_stage(name: str, needs: tuple[str, ...] = (), may_read: tuple[str, ...] = ()) -> None:
     def main():
         argv = sys.argv[1:]
         if "--fail" in argv:
@@ -34,6 +34,6 @@ def fake_stage(name: str, needs: tuple[str, ...] = (), may_read: tuple[str, ...]
         stage.prepare({})
         with open(stage.dir.parent / "ran.txt", "a") as f:
             f.write(name + "\n")
-        stage.finish({}, metrics(stage), {"argv": argv})
+        stage.finish({}, {}, {"argv": argv})
 
     main_guard(main)

@@ -1,6 +1,13 @@
+import sys
+
+from pipeline.run import stage_dir
+from stages.label.export import write_store_record
 from stages.label.store import store_digest
-from tests.fake_stages import fake_stage
+from tests.fake_stages import _flag, fake_stage
 
 if __name__ == "__main__":
-    # like the real export, it records the digest of the store it exported (what `make rm`'s labels step compares)
-    fake_stage("label-export", metrics=lambda stage: {"store_digest": store_digest(stage.dir.parent / "label" / "labels.sqlite")})
+    fake_stage("label-export")
+    # like the real export, it records the store state it exported (what `make rm`'s labels step compares)
+    argv = sys.argv[1:]
+    run_dir = stage_dir(_flag(argv, "--runs_dir", "runs"), _flag(argv, "--run", "default"), "label").parent
+    write_store_record(run_dir / "label-export", store_digest(run_dir / "label" / "labels.sqlite"))
