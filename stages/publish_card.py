@@ -83,8 +83,11 @@ def data_sources(used: dict[str, set[str]]) -> list[dict]:
     folders = sorted((REPO_ROOT / "data" / "sources").iterdir()) if (REPO_ROOT / "data" / "sources").is_dir() else []
     found: dict[str, dict] = {}
     for path, stages in sorted(used.items()):
+        own = (REPO_ROOT / path).parent  # a folder that documents its own source (data/pretrain, data/story)
         if path.startswith("data/pretrain"):
             src = REPO_ROOT / "data" / "pretrain"
+        elif (own / "SOURCE.json").is_file():
+            src = own
         else:
             stem = Path(path).stem
             src = next((f for f in folders if stem in f.name), None) or next((f for f in folders if stem.split("_")[0] in f.name), None)
@@ -108,14 +111,26 @@ def fmt(v) -> str:
 
 def ppo_results(ev: dict) -> list[str]:
     """The card's results for the PPO policy: eval's SFT-vs-PPO figures."""
-    lines = [f"{ev['n_prompts']} prompts PPO never trained on; one sampled response per policy, scored by the run's reward model.", "",
+    gold = ev.get("gold_win_rate") is not None
+    judged = (f"scored by the gold judge `{ev['gold_judge']}`, which PPO never saw, and by the run's reward model, which it "
+              "optimised" if gold else "scored by the run's reward model")
+    lines = [f"{ev['n_prompts']} prompts PPO never trained on; one sampled response per policy, {judged}.", "",
              "| | SFT (reference) | PPO (this adapter) |", "|---|---|---|",
+             *([f"| gold judge score (mean) | {ev['gold_sft_mean']:.3f} | {ev['gold_ppo_mean']:.3f} |"] if gold else []),
              f"| reward-model score (mean) | {ev['reward_sft_mean']:.3f} | {ev['reward_ppo_mean']:.3f} |",
              f"| response length (tokens) | {ev['length_sft_mean']:.1f} | {ev['length_ppo_mean']:.1f} |",
              f"| share without EOS | {ev['no_eos_sft']:.1%} | {ev['no_eos_ppo']:.1%} |",
              f"| KL to the SFT policy (nats/response) | 0 | {ev['kl_mean']:.3f} |", "",
-             f"**Win rate of PPO over SFT under the reward model: {ev['win_rate']:.1%}** "
-             f"(95% CI {ev['win_rate_ci_low']:.1%} – {ev['win_rate_ci_high']:.1%}, Wilson, ties counted half)."]
+             *([f"**Win rate of PPO over SFT judged by the gold judge: {ev['gold_win_rate']:.1%}** (95% CI "
+                f"{ev['gold_win_rate_ci_low']:.1%} – {ev['gold_win_rate_ci_high']:.1%}, Wilson, ties counted half)."
+                + (f" The reward model orders {ev['rm_gold_agreement']:.1%} of {ev['rm_gold_pairs']} held-out pairs as "
+                   "the gold judge does." if ev.get("rm_gold_agreement") is not None else ""), ""] if gold else []),
+             f"{'Under the reward model PPO optimised' if gold else '**Under the reward model**'}: win rate of PPO over "
+             f"SFT {ev['win_rate']:.1%}{'' if gold else '**'} (95% CI {ev['win_rate_ci_low']:.1%} – "
+             f"{ev['win_rate_ci_high']:.1%}, Wilson, ties counted half)."]
+    if ev.get("overoptimisation_suspected"):
+        lines += ["", "⚠️ The evaluation flagged over-optimisation: the reward model's score rose while the gold judge's "
+                  "fell (see `eval/report.md`)."]
     if ev.get("human_win_rate") is not None:
         lines += ["", f"Win rate judged by people: {ev['human_win_rate']:.1%}."]
     if ev.get("reward_hacking_suspected"):

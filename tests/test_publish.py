@@ -189,6 +189,42 @@ def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
         assert f"| [me/x-preferences](https://huggingface.co/datasets/me/x-preferences) | rm | {who} |" in text
 
 
+def test_card_credits_each_data_file_to_its_own_source():
+    """The story recipe's files are cut from the public-domain books, not from OASST (the file named sft.jsonl once
+    matched the OASST source folder by name); the assistant recipe's keep theirs."""
+    from stages.publish_card import data_sources
+
+    found = {s["name"]: s for s in data_sources({"data/story/sft.jsonl": {"sft"}, "data/story/ppo_prompts.jsonl": {"ppo"},
+                                                 "data/sft/oasst.jsonl": {"sft"}, "data/sft/gsm8k.jsonl": {"sft"},
+                                                 "data/prompts/oasst_ppo_prompts.jsonl": {"ppo"}})}
+    assert set(found) == {"story", "sft_and_preferences_oasst_en100", "instructions_gsm8k"}
+    assert found["story"]["files"] == ["data/story/ppo_prompts.jsonl", "data/story/sft.jsonl"]
+    assert found["story"]["license"] == "LicenseRef-Public-Domain" and found["story"]["stages"] == {"sft", "ppo"}
+    assert found["sft_and_preferences_oasst_en100"]["files"] == ["data/prompts/oasst_ppo_prompts.jsonl", "data/sft/oasst.jsonl"]
+
+
+def test_card_leads_with_the_gold_judge_when_eval_has_one():
+    """A run with a gold judge: the card's headline is the win rate the gold judge gives (PPO never saw it), with the
+    reward model's agreement with it; the reward model's own win rate follows, named as the one PPO optimised. Without
+    a gold judge the reward model's win rate is the headline. Hand-made figures."""
+    from stages.publish_card import ppo_results
+
+    ev = {"n_prompts": 82, "reward_sft_mean": -0.058, "reward_ppo_mean": 2.311, "length_sft_mean": 20.2,
+          "length_ppo_mean": 23.2, "no_eos_sft": 0.122, "no_eos_ppo": 0.171, "kl_mean": 6.068, "win_rate": 0.89,
+          "win_rate_ci_low": 0.804, "win_rate_ci_high": 0.941}
+    gold = {"gold_judge": "sentiment", "gold_sft_mean": 0.1487, "gold_ppo_mean": 0.6385037, "gold_win_rate": 0.84146,
+            "gold_win_rate_ci_low": 0.7474, "gold_win_rate_ci_high": 0.9049, "rm_gold_agreement": 0.7376, "rm_gold_pairs": 1818}
+    text = "\n".join(ppo_results({**ev, **gold}))
+    assert "| gold judge score (mean) | 0.149 | 0.639 |" in text and "by the gold judge `sentiment`, which PPO never saw" in text
+    assert "**Win rate of PPO over SFT judged by the gold judge: 84.1%** (95% CI 74.7% – 90.5%" in text
+    assert "orders 73.8% of 1818 held-out pairs as the gold judge does" in text
+    assert "Under the reward model PPO optimised: win rate of PPO over SFT 89.0% (95% CI 80.4% – 94.1%" in text
+    assert text.index("judged by the gold judge") < text.index("Under the reward model") and "over-optimisation" not in text
+    assert "over-optimisation" in "\n".join(ppo_results({**ev, **gold, "overoptimisation_suspected": True}))
+    plain = "\n".join(ppo_results({**ev, "gold_win_rate": None}))
+    assert "gold" not in plain and "**Under the reward model**: win rate of PPO over SFT 89.0%** (95% CI" in plain
+
+
 def test_card_for_a_hub_base_names_it(runs):
     """A Hub base: base_model metadata and a one-line AutoPeftModel snippet (card built without loading anything)."""
     from huggingface_hub import ModelCard
