@@ -160,7 +160,7 @@ labels: pairs
 	  $(PY) $(call stage_opts,label-export); \
 	else $(PY) -m stages.label.fresh_export $(RUNDIR); fresh=$$?; \
 	  if [ $$fresh = 3 ]; then echo "labels: the label store changed since the last export: exporting it" && \
-	    $(PY) $(call stage_opts,label-export) --only_if_changed true; \
+	    $(PY) $(call stage_opts,label-export) --refresh true; \
 	  elif [ $$fresh = 0 ]; then echo "labels: up to date, skipped (the export holds the store's labels)"; \
 	  else exit $$fresh; fi; fi
 

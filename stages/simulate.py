@@ -191,11 +191,14 @@ def load_label_args(path: str):
     return label_args
 
 
-def people_labeled(db) -> bool:
+def people_labeled(db, pair_ids: set[str]) -> bool:
+    """Whether people labeled any of these pairs: the export's `sources: auto` then takes theirs. Labels of other pairs
+    (eval's SFT-vs-PPO pairs, an earlier pairs dataset) do not count: the export leaves them out."""
     from stages.label.stats import SIMULATED_PREFIX
     from stages.label.store import LabelStore
 
-    return db.is_file() and any(not lab["annotator"].startswith(SIMULATED_PREFIX) for lab in LabelStore(db).labels())
+    return db.is_file() and any(not lab["annotator"].startswith(SIMULATED_PREFIX) and lab["pair_id"] in pair_ids
+                                for lab in LabelStore(db).labels())
 
 
 def main(args: SimulateArgs, run: RunArgs) -> dict:
@@ -208,15 +211,15 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     stage = StageRun("simulate", run.run, run.runs_dir)
     config = {"simulate": to_dict(args), "run": to_dict(run)}
     db = db_path(run.runs_dir, run.run)
-    if args.skip_if_people_labeled and people_labeled(db):
-        print(f"simulate: {db} holds labels from people: they are used, no simulated labels added "
-              f"(`make simulate` adds them anyway)")
-        return {"skipped": "people labeled"}
 
     # 1. Everything that can be wrong is checked before the store or the run folder is touched.
     label_args = load_label_args(args.label_config)
     label_args.pairs_dataset = args.pairs_dataset
     pairs = load_pairs(label_args, stage)
+    if args.skip_if_people_labeled and people_labeled(db, {p["pair_id"] for p in pairs}):
+        print(f"simulate: {db} holds labels from people on these pairs: they are used, no simulated labels added "
+              f"(`make simulate` adds them anyway)")
+        return {"skipped": "people labeled"}
     rm_dir = stage_dir(run.runs_dir, run.run, "rm")  # the run's reward model, every member of an ensemble
     judge = load_judge(args.judge, forbidden_rm=[rm_dir / "adapter", *sorted(rm_dir.glob("member-*/adapter"))])
     annotator = args.annotator or f"sim:{judge.name}"

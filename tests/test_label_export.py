@@ -394,7 +394,7 @@ def test_the_export_records_the_store_it_read(runs_dir):
 
 
 def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeypatch):
-    """`make rm`'s labels step exports with --only_if_changed: people labeling eval's pairs (`make label
+    """`make rm`'s labels step exports with --refresh: people labeling eval's pairs (`make label
     --pairs_dataset`), or a simulated annotator on a run where people labeled, change the store but not the rows, so
     the export is left byte for byte (and the reward model that read it stays current), with the store's new state
     recorded; a label of one of the run's pairs rewrites it."""
@@ -422,10 +422,54 @@ def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeyp
     store.save_label("ann", "e1", "right", 0)
     store.save_label("sim:sentiment", "b", "left", 0)  # ... and a simulated label where people labeled (auto: people's)
     assert not export_is_current(run_dir)
-    metrics = export("--only_if_changed", "true")
+    metrics = export("--refresh", "true")
     assert metrics["rows"] == 1 and {k: v for k, v in files(out).items() if k != "store_digest.json"} == before
     assert export_is_current(run_dir)  # the next make rm: up to date, without calling the export
     store.save_label("ann", "b", "right", 0)  # a label of the run's pairs: rewritten
     assert not export_is_current(run_dir)
-    assert export("--only_if_changed", "true")["rows"] == 2 and files(out) != before
+    assert export("--refresh", "true")["rows"] == 2 and files(out) != before
     assert export_is_current(run_dir)
+
+
+def test_the_labels_step_exports_as_the_last_export_did_and_sees_its_config_change(runs_dir, tmp_path, monkeypatch):
+    """`make label-export ARGS="--sources all"`, then people label and `make rm` runs: the labels step's export
+    (--refresh) keeps `--sources all` (it replays the last export's flags, not its --push_to_hub) and records them
+    again for the next one; an edit of the config file makes the export stale, and the refresh reads the new file."""
+    import shutil
+
+    from stages.label.export import command_line_main
+    from stages.label.fresh_export import export_is_current
+
+    config = tmp_path / "label.yaml"
+    shutil.copy("configs/label.yaml", config)
+    store = LabelStore(db_path(str(runs_dir), "r"), overlap=4)
+    store.import_items([pair("p1"), pair("p2")])
+    store.save_label("sim:sentiment", "p1", "left", 0)
+    store.save_label("alice", "p2", "left", 0)
+    base = ["export", "--config", str(config), "--run", "r", "--runs_dir", str(runs_dir)]
+
+    def run(*flags):
+        monkeypatch.setattr("sys.argv", [*base, *flags])
+        return command_line_main()
+
+    assert run("--sources", "all")["sources"] == "all"
+    store.save_label("alice", "p1", "right", 0)
+    assert not export_is_current(runs_dir / "r")
+    metrics = run("--refresh", "true")
+    assert metrics["sources"] == "all" and metrics["labels"] == 3
+    argv = json.loads((runs_dir / "r/label-export/manifest.json").read_text())["inputs"]["argv"]
+    assert argv == base[1:] + ["--sources", "all"]
+    assert export_is_current(runs_dir / "r")
+
+    monkeypatch.setattr("stages.label.export.check_online", lambda repo: None)
+    pushed = []
+    monkeypatch.setattr("stages.label.export.push", lambda ds, card, repo, private: pushed.append(repo))
+    run("--push_to_hub", "me/prefs")
+    assert pushed == ["me/prefs"]
+    store.save_label("alice", "p1", "left", 0)
+    assert run("--refresh", "true")["pushed_to"] is None and pushed == ["me/prefs"]
+
+    config.write_text(config.read_text().replace("sources: auto", "sources: simulated"))
+    assert not export_is_current(runs_dir / "r")  # the config changed, the store did not
+    assert run("--refresh", "true")["sources"] == "simulated"
+    assert export_is_current(runs_dir / "r")

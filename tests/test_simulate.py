@@ -170,11 +170,15 @@ def test_people_and_simulators_share_a_store_and_their_agreement_shows(tmp_path)
     _, rows = pairs_file(tmp_path)
     store = LabelStore(runs / "t" / "label" / "labels.sqlite", overlap=2)
     store.import_items(rows)
+    store.import_items([{"pair_id": "eval-1", "prompt": [{"role": "user", "content": "x"}], "responses": ["a", "b"]}])
+    store.save_label("alice", "eval-1", "left", 0)  # people's labels of other pairs (eval's) do not stop the simulators
+    assert simulate(tmp_path, runs, "--skip_if_people_labeled", "true")["labels_written"] == 60
+    store.remove_simulated("sim:sentiment")
     for row in rows[:4]:  # a person says response 0 wins on four pairs
         store.save_label("alice", row["pair_id"], "left", 0)
     # the default chain leaves people's labels alone ...
     assert simulate(tmp_path, runs, "--skip_if_people_labeled", "true") == {"skipped": "people labeled"}
-    assert {lab["annotator"] for lab in store.labels()} == {"alice"}
+    assert {lab["annotator"] for lab in store.labels()} == {"alice"} and len(store.labels()) == 5
     # ... while make simulate labels every pair, those people labeled included
     simulate(tmp_path, runs)
     labels = store.labels()

@@ -78,9 +78,10 @@ class LabelArgs:
 class ExportArgs:
     push_to_hub: str | None = field(default=None, metadata={"help": "Also push the dataset + card to this Hub repo (user/name)."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset as private."})
-    only_if_changed: bool = field(default=False, metadata={
-        "help": "Leave the export as it is when its rows would be the same (make rm's labels step: the reward model is "
-                "then not retrained because people labeled other pairs)."})
+    refresh: bool = field(default=False, metadata={
+        "help": "make rm's labels step: export again as the last export did (the flags of its command line over the "
+                "config file, read again; no --push_to_hub), and leave the export as it is when its rows would be the "
+                "same, so people labeling other pairs retrains nothing."})
 
 
 def is_loopback(host: str) -> bool:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -218,8 +219,27 @@ def recorded(manifest_path: Path, metric: str):
         return None
 
 
-def write_store_record(export_dir: Path, store_state: str) -> None:
-    atomic_write_json(export_dir / STORE_RECORD, {"store_digest": store_state})
+def write_store_record(export_dir: Path, store_state: str, files: dict[str, str | None]) -> None:
+    """The store state and the files (config, guidelines) the export in `export_dir` holds: what fresh_export compares."""
+    atomic_write_json(export_dir / STORE_RECORD, {"store_digest": store_state, "files": files})
+
+
+def last_command_line(argv: list[str]) -> list[str]:
+    """--refresh: the command line of the run's last export (its flags, over the config file, which parse reads again)
+    instead of this one, without a push to the Hub and without --refresh itself; this one when there is none."""
+    run = parse(CONFIG_CLASSES(), argv)[2]
+    try:
+        last = json.loads((StageRun("label-export", run.run, run.runs_dir).manifest_path).read_text())["inputs"]["argv"]
+    except (OSError, ValueError, KeyError, TypeError):
+        last = argv
+    out, i = [], 0
+    while i < len(last):
+        if last[i] in ("--push_to_hub", "--hub_private", "--refresh"):
+            i += 2
+            continue
+        out.append(last[i])
+        i += 1
+    return out
 
 
 def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
@@ -259,14 +279,18 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         raise ConfigError(f"none of the {n_read} labels in {db} is {SOURCE_WORDS[sources]} (sources: {args.sources}): "
                           f"label with `make label RUN={run.run}` or `make simulate RUN={run.run}`, or export the "
                           f"others with --sources auto or all")
+    if len(labels) < n_read:  # e.g. the first people's labels on a run the simulated annotators labeled: say so
+        print(f"label-export: the {len(labels)} labels {SOURCE_WORDS[sources]} are exported, the {n_read - len(labels)} "
+              f"of other annotators left out (sources: {args.sources}; --sources all exports both, one vote each)")
     rows, dropped = aggregate(labels, args.ties, args.both_bad, args.min_agreement)
     if not rows:
         raise ConfigError(f"all {len(labels)} labels were left out ({dict(dropped)}): label more pairs, or keep ties "
                           f"with --ties both_orders / --both_bad tie")
     rows_state = rows_digest(rows)
-    if export.only_if_changed and recorded(stage.manifest_path, "rows_digest") == rows_state:
+    read_files = stage.inputs(config)["files"]
+    if export.refresh and recorded(stage.manifest_path, "rows_digest") == rows_state:
         # e.g. people labeled eval's pairs, or skipped one: the reward model's data is the same, so it is not retrained
-        write_store_record(stage.dir, store_state)
+        write_store_record(stage.dir, store_state, read_files)
         print(f"label-export: the store changed, the export's {len(rows)} rows did not: left as it is")
         return json.loads(stage.manifest_path.read_text())["metrics"]
     guidelines = read_guidelines(args.guidelines)
@@ -296,7 +320,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         stage.manifest_path = new / "manifest.json"  # the manifest travels with the folder; its paths name the final one
         stage.finish({"dataset": stage.dir / "dataset", "card": stage.dir / "README.md", "labels_sqlite": db},
                      metrics, config)
-        write_store_record(new, store_state)
+        write_store_record(new, store_state, read_files)
         replace_folder(new, stage.dir)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
@@ -309,5 +333,16 @@ def CONFIG_CLASSES():
     return (LabelArgs, ExportArgs, RunArgs)
 
 
+def command_line_main() -> dict:
+    argv = sys.argv[1:]
+    if parse(CONFIG_CLASSES(), argv)[1].refresh:
+        argv = last_command_line(argv)
+        sys.argv[1:] = argv  # what the manifest records: the next refresh replays it again
+        label, export, run = parse(CONFIG_CLASSES(), argv)
+        export.refresh = True
+        return main(label, export, run)
+    return main(*parse(CONFIG_CLASSES(), argv))
+
+
 if __name__ == "__main__":
-    main_guard(lambda: main(*parse(CONFIG_CLASSES())))
+    main_guard(command_line_main)

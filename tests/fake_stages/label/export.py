@@ -10,4 +10,4 @@ if __name__ == "__main__":
     # like the real export, it records the store state it exported (what `make rm`'s labels step compares)
     argv = sys.argv[1:]
     run_dir = stage_dir(_flag(argv, "--runs_dir", "runs"), _flag(argv, "--run", "default"), "label").parent
-    write_store_record(run_dir / "label-export", store_digest(run_dir / "label" / "labels.sqlite"))
+    write_store_record(run_dir / "label-export", store_digest(run_dir / "label" / "labels.sqlite"), {})
