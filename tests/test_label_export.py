@@ -430,6 +430,16 @@ def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeyp
     assert export("--refresh", "true")["rows"] == 2 and files(out) != before
     assert export_is_current(run_dir)
 
+    # an export of an earlier version (no rows digest, no store record): its dataset's rows are compared
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["metrics"]["rows_digest"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "store_digest.json").unlink()
+    before = {k: v for k, v in files(out).items() if k != "store_digest.json"}
+    assert not export_is_current(run_dir)
+    export("--refresh", "true")
+    assert {k: v for k, v in files(out).items() if k != "store_digest.json"} == before and export_is_current(run_dir)
+
 
 def test_the_labels_step_exports_as_the_last_export_did_and_sees_its_config_change(runs_dir, tmp_path, monkeypatch):
     """`make label-export ARGS="--sources all"`, then people label and `make rm` runs: the labels step's export
@@ -473,3 +483,20 @@ def test_the_labels_step_exports_as_the_last_export_did_and_sees_its_config_chan
     assert not export_is_current(runs_dir / "r")  # the config changed, the store did not
     assert run("--refresh", "true")["sources"] == "simulated"
     assert export_is_current(runs_dir / "r")
+
+
+def test_a_refresh_replays_the_last_exports_flags_in_this_run(runs_dir):
+    """The run's own --config, --run and --runs_dir (a run folder copied under another name exports itself), every
+    other flag of the last export's command line, flags without a value and lists included, never a push."""
+    from stages.label.export import last_command_line
+
+    manifest = runs_dir / "r/label-export/manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"inputs": {"argv": [
+        "--config", "old.yaml", "--run", "old", "--runs_dir", "elsewhere", "--sources", "all", "--hub_private",
+        "--push_to_hub", "me/p", "--offensive_words", "a", "b", "--ties", "both_orders", "--refresh", "true"]}}))
+    now = ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir), "--refresh", "true"]
+    assert last_command_line(now) == ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir),
+                                      "--sources", "all", "--offensive_words", "a", "b", "--ties", "both_orders"]
+    manifest.unlink()  # no export yet: this command line without --refresh
+    assert last_command_line(now) == now[:-2]

@@ -251,7 +251,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("export-digest-current-lost", "stages/label/store.py", '"strength", "current")', '"strength")',
      "tests/test_label_export.py -k records_the_store"),
     ("export-rewrites-unchanged", "stages/label/export.py",
-     'if export.refresh and recorded(stage.manifest_path, "rows_digest") == rows_state:', "if False:",
+     'if export.refresh and last_rows_digest(stage) == rows_state:', "if False:",
      "tests/test_label_export.py -k rows_leaves"),
     ("export-unchanged-unrecorded", "stages/label/export.py", "        write_store_record(stage.dir, store_state, read_files)\n", "\n",
      "tests/test_label_export.py -k rows_leaves"),

@@ -27,6 +27,7 @@ from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_d
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from stages.label.config import ExportArgs, LabelArgs, db_path
 from stages.label.stats import SIMULATED_PREFIX, category, summarize
+from stages.label.store import STORE_RECORD
 
 
 def _assistant(text: str) -> list[dict]:
@@ -203,9 +204,6 @@ def replace_folder(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# Beside the manifest, not in it: the store state the export is known to hold. Rewriting it when the store changed but
-# the rows did not leaves the manifest, and so the reward model that read it, current.
-STORE_RECORD = "store_digest.json"
 
 
 def rows_digest(rows: list[dict]) -> str:
@@ -219,27 +217,47 @@ def recorded(manifest_path: Path, metric: str):
         return None
 
 
+def last_rows_digest(stage: StageRun) -> str | None:
+    """The rows digest of the run's export: recorded, or of its dataset for an export from before the record (so that
+    a run exported by an earlier version is not retrained for nothing)."""
+    import datasets
+
+    digest = recorded(stage.manifest_path, "rows_digest")
+    if digest is None and (stage.dir / "dataset").is_dir():
+        try:
+            digest = rows_digest(datasets.load_from_disk(str(stage.dir / "dataset")).to_list())
+        except Exception:  # unreadable: exported again
+            return None
+    return digest
+
+
 def write_store_record(export_dir: Path, store_state: str, files: dict[str, str | None]) -> None:
     """The store state and the files (config, guidelines) the export in `export_dir` holds: what fresh_export compares."""
     atomic_write_json(export_dir / STORE_RECORD, {"store_digest": store_state, "files": files})
 
 
+OWN_FLAGS = ("--config", "--run", "--runs_dir")  # a refresh keeps its own: the run folder may have been moved
+NOT_REPLAYED = ("--push_to_hub", "--hub_private", "--refresh")
+
+
 def last_command_line(argv: list[str]) -> list[str]:
-    """--refresh: the command line of the run's last export (its flags, over the config file, which parse reads again)
-    instead of this one, without a push to the Hub and without --refresh itself; this one when there is none."""
+    """--refresh: this command line's config file and run, with the other flags of the run's last export (a push to
+    the Hub and --refresh itself left out); without a last export, this command line without --refresh."""
+    def flags(words: list[str], keep) -> list[str]:  # each flag with the words up to the next flag (none, one, a list)
+        groups: list[list[str]] = []
+        for w in words:
+            if w.startswith("--") or not groups:
+                groups.append([w])
+            else:
+                groups[-1].append(w)
+        return [w for group in groups if keep(group[0]) for w in group]
+
     run = parse(CONFIG_CLASSES(), argv)[2]
     try:
         last = json.loads((StageRun("label-export", run.run, run.runs_dir).manifest_path).read_text())["inputs"]["argv"]
     except (OSError, ValueError, KeyError, TypeError):
-        last = argv
-    out, i = [], 0
-    while i < len(last):
-        if last[i] in ("--push_to_hub", "--hub_private", "--refresh"):
-            i += 2
-            continue
-        out.append(last[i])
-        i += 1
-    return out
+        last = []
+    return [*flags(argv, lambda f: f in OWN_FLAGS), *flags(last, lambda f: f not in OWN_FLAGS + NOT_REPLAYED)]
 
 
 def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
@@ -288,7 +306,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
                           f"with --ties both_orders / --both_bad tie")
     rows_state = rows_digest(rows)
     read_files = stage.inputs(config)["files"]
-    if export.refresh and recorded(stage.manifest_path, "rows_digest") == rows_state:
+    if export.refresh and last_rows_digest(stage) == rows_state:
         # e.g. people labeled eval's pairs, or skipped one: the reward model's data is the same, so it is not retrained
         write_store_record(stage.dir, store_state, read_files)
         print(f"label-export: the store changed, the export's {len(rows)} rows did not: left as it is")

@@ -13,8 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.run import main_guard
-
 STALE = 3  # not 1: an unexpected exception exits 1, and must not read as "export again"
 
 
@@ -22,8 +20,7 @@ def export_is_current(run_dir: Path) -> bool:
     """Whether the store's labels, and the files the export read (configs/label.yaml, the guidelines), are those the
     export last read (the export writes the record; `--refresh` rewrites it when they changed but its rows did not)."""
     from pipeline.run import file_digest, resolve_path
-    from stages.label.export import STORE_RECORD
-    from stages.label.store import store_digest
+    from stages.label.store import STORE_RECORD, store_digest
 
     try:
         record = json.loads((run_dir / "label-export" / STORE_RECORD).read_text())
@@ -35,4 +32,11 @@ def export_is_current(run_dir: Path) -> bool:
 
 
 if __name__ == "__main__":
-    main_guard(lambda: sys.exit(0 if export_is_current(Path(sys.argv[1])) else STALE))
+    from pipeline.config import ConfigError
+
+    try:  # not pipeline.run.main_guard: it imports torch, seconds on every `make rm`
+        current = export_is_current(Path(sys.argv[1]))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0 if current else STALE)

@@ -209,6 +209,10 @@ def count_labels(path: Path) -> int:
         raise ConfigError(f"label store {path} cannot be read ({err}): restore it from a backup") from None
 
 
+# Beside the export's manifest, not in it: the store state (and the files) the export is known to hold. Rewriting it
+# when the store changed but the rows did not leaves the manifest, and so the reward model that read it, current.
+STORE_RECORD = "store_digest.json"
+
 # What a label export depends on in the store: every label's pair, annotator, choice, side and strength,
 # and whether its pair is current. Equal digests: an export of the store now would hold the same rows.
 DIGEST_FIELDS = ("pair_id", "annotator", "choice", "shown_left", "strength", "current")
