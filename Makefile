@@ -149,20 +149,20 @@ label-export: | setup
 simulate: pairs
 	$(call direct,simulate)
 
-# The story chain's labels: simulated (unless people labeled) and exported when the pairs are newer than the last
-# export; exported again, without simulating, when the label store changed since (people labeled with `make label`,
-# or `make simulate` ran with other settings), so the reward model retrains on them. An unchanged store, or a change
-# that leaves the export's rows as they were (labels of eval's pairs, a skip), leaves the run current.
-LABEL_EXPORT := $(RUNDIR)/label-export/manifest.json
+# The story chain's labels, when the export no longer holds the run's pairs and the store's labels
+# (stages/label/fresh_export.py): new pairs (or no export yet) are simulated first (unless people labeled them); a
+# changed store (people labeled with `make label`, or `make simulate` ran with other settings) or label config is
+# exported again as it was last exported (--refresh), so the reward model retrains on it. A change that leaves the
+# export's rows as they were (labels of eval's pairs, a skip) leaves the run current.
 labels: pairs
-	@if [ ! -f $(LABEL_EXPORT) ] || [ $(RUNDIR)/pairs/manifest.json -nt $(LABEL_EXPORT) ]; then \
+	@$(PY) -m stages.label.fresh_export $(RUNDIR); fresh=$$?; \
+	if [ $$fresh = 4 ]; then \
 	  $(PY) $(call stage_opts,simulate) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
-	  $(PY) $(call stage_opts,label-export); \
-	else $(PY) -m stages.label.fresh_export $(RUNDIR); fresh=$$?; \
-	  if [ $$fresh = 3 ]; then echo "labels: the label store changed since the last export: exporting it" && \
-	    $(PY) $(call stage_opts,label-export) --refresh true; \
-	  elif [ $$fresh = 0 ]; then echo "labels: up to date, skipped (the export holds the store's labels)"; \
-	  else exit $$fresh; fi; fi
+	  $(PY) $(call stage_opts,label-export) --refresh true; \
+	elif [ $$fresh = 3 ]; then echo "labels: the label store or the label config changed since the last export: exporting" && \
+	  $(PY) $(call stage_opts,label-export) --refresh true; \
+	elif [ $$fresh = 0 ]; then echo "labels: up to date, skipped (the export holds the run's pairs and the store's labels)"; \
+	else exit $$fresh; fi
 
 # eval compares every policy the run has (each brought up to date first); a run with none trains PPO first.
 EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))))

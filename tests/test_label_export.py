@@ -398,6 +398,8 @@ def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeyp
     --pairs_dataset`), or a simulated annotator on a run where people labeled, change the store but not the rows, so
     the export is left byte for byte (and the reward model that read it stays current), with the store's new state
     recorded; a label of one of the run's pairs rewrites it."""
+    import datasets
+
     from stages.label.fresh_export import export_is_current
     from stages.label.pairs import read_pairs
 
@@ -429,6 +431,18 @@ def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeyp
     assert not export_is_current(run_dir)
     assert export("--refresh", "true")["rows"] == 2 and files(out) != before
     assert export_is_current(run_dir)
+    after = files(out)["manifest.json"]
+
+    from stages.label.export import rows_digest  # rows in another order (a label undone and made again): the same set
+    rows = datasets.load_from_disk(str(out / "dataset")).to_list()
+    assert rows_digest(rows) == rows_digest(rows[::-1]) != rows_digest(rows[:1])
+
+    from stages.label.fresh_export import NEW_PAIRS, export_state
+
+    sample_pairs(runs_dir, "r", ["a", "b"], "v2")  # sampled again, the same pairs: new pairs for the chain, same rows
+    assert export_state(run_dir) == NEW_PAIRS
+    export("--refresh", "true")
+    assert files(out)["manifest.json"] == after and export_is_current(run_dir)
 
     # an export of an earlier version (no rows digest, no store record): its dataset's rows are compared
     manifest = json.loads((out / "manifest.json").read_text())
@@ -494,7 +508,8 @@ def test_a_refresh_replays_the_last_exports_flags_in_this_run(runs_dir):
     manifest.parent.mkdir(parents=True)
     manifest.write_text(json.dumps({"inputs": {"argv": [
         "--config", "old.yaml", "--run", "old", "--runs_dir", "elsewhere", "--sources", "all", "--hub_private",
-        "--push_to_hub", "me/p", "--offensive_words", "a", "b", "--ties", "both_orders", "--refresh", "true"]}}))
+        "--push_to_hub", "me/p", "--offensive_words", "a", "b", "--ties", "both_orders", "--refresh", "true",
+        "--push_to_hub=me/q", "--hub_private=true", "--run=other", "--refresh=true"]}}))
     now = ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir), "--refresh", "true"]
     assert last_command_line(now) == ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir),
                                       "--sources", "all", "--offensive_words", "a", "b", "--ties", "both_orders"]

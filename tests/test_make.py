@@ -148,10 +148,10 @@ def test_label_export_rm_ppo_chain(tmp_path):
     assert ran(runs) == ["ppo"]
 
 
-def test_labels_export_again_when_the_store_changed_since_the_last_export(tmp_path):
-    """`make label` (people) or `make simulate SIMULATE_ARGS=...` after a finished chain, then `make rm`: the chain's
-    labels step exports the store again (it does not simulate again), so the reward model retrains on those labels;
-    a store unchanged since the export stays current, whatever the files' times."""
+def test_labels_export_again_when_the_pairs_or_the_store_changed_since_the_last_export(tmp_path):
+    """The story chain's labels step: new pairs are simulated and exported; `make label` (people) or `make simulate
+    SIMULATE_ARGS=...` after a finished chain, then `make rm`, exports the store again without simulating, so the
+    reward model retrains on those labels; an unchanged run stays current, whatever its files' times."""
     import os
     import time
 
@@ -163,12 +163,12 @@ def test_labels_export_again_when_the_store_changed_since_the_last_export(tmp_pa
     store.import_items([{"pair_id": p, "prompt": [{"role": "user", "content": p}], "responses": [f"{p} a", f"{p} b"]}
                         for p in ("p1", "p2")])
     store.save_label("sim:sentiment", "p1", "left", 0)
-    assert make("label-export", runs_dir=runs).returncode == 0 and ran(runs) == ["label-export"]
-    export = runs / "t" / "label-export" / "manifest.json"
+    res = make("labels", runs_dir=runs)  # no export yet: simulated, then exported
+    assert res.returncode == 0 and ran(runs) == ["simulate", "label-export"], res.stdout + res.stderr
     now = time.time()
-    os.utime(runs / "t" / "pairs" / "manifest.json", (now - 180, now - 180))
-    os.utime(export, (now - 60, now - 60))
-    os.utime(store.path, (now, now))  # a newer store file alone (a server started, a lease) changes no label
+    for f in (runs / "t").rglob("*"):  # a copied run: every file's time is new, in any order; the pairs' newest
+        os.utime(f, (now - 60, now - 60))
+    os.utime(runs / "t" / "pairs" / "manifest.json", (now, now))
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
 
@@ -179,9 +179,13 @@ def test_labels_export_again_when_the_store_changed_since_the_last_export(tmp_pa
         change()
         res = make("labels", runs_dir=runs)
         assert res.returncode == 0 and ran(runs) == ["label-export"], res.stdout + res.stderr
-        assert "the label store changed since the last export" in res.stdout
+        assert "the label store or the label config changed since the last export" in res.stdout
         res = make("labels", runs_dir=runs)
         assert ran(runs) == [] and "labels: up to date" in res.stdout
+
+    assert make("pairs", "FORCE=1", runs_dir=runs).returncode == 0 and ran(runs) == ["pairs"]  # sampled again
+    res = make("labels", runs_dir=runs)
+    assert res.returncode == 0 and ran(runs) == ["simulate", "label-export"], res.stdout + res.stderr
 
     # a store that cannot be read: one error line, nothing exported
     for f in store.path.parent.glob("labels.sqlite-*"):

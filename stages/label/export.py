@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
-from pipeline.run import StageRun, atomic_write_json, main_guard
+from pipeline.run import StageRun, atomic_write_json, main_guard, manifest_digest
 from stages.label.config import ExportArgs, LabelArgs, db_path
 from stages.label.stats import SIMULATED_PREFIX, category, summarize
 from stages.label.store import STORE_RECORD
@@ -207,7 +207,8 @@ def replace_folder(new: Path, final: Path) -> None:
 
 
 def rows_digest(rows: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    """Of the rows as a set: an undo and the same label again reorders them and changes nothing."""
+    return hashlib.sha256("\n".join(sorted(json.dumps(r, sort_keys=True) for r in rows)).encode()).hexdigest()
 
 
 def recorded(manifest_path: Path, metric: str):
@@ -231,9 +232,10 @@ def last_rows_digest(stage: StageRun) -> str | None:
     return digest
 
 
-def write_store_record(export_dir: Path, store_state: str, files: dict[str, str | None]) -> None:
-    """The store state and the files (config, guidelines) the export in `export_dir` holds: what fresh_export compares."""
-    atomic_write_json(export_dir / STORE_RECORD, {"store_digest": store_state, "files": files})
+def write_store_record(export_dir: Path, store_state: str, files: dict[str, str | None], pairs: str | None) -> None:
+    """What the export in `export_dir` holds: the store state, the files it read (config, guidelines) and the run's
+    pairs manifest (its digest; None without a pairs stage). stages.label.fresh_export compares them."""
+    atomic_write_json(export_dir / STORE_RECORD, {"store_digest": store_state, "files": files, "pairs": pairs})
 
 
 OWN_FLAGS = ("--config", "--run", "--runs_dir")  # a refresh keeps its own: the run folder may have been moved
@@ -257,7 +259,9 @@ def last_command_line(argv: list[str]) -> list[str]:
         last = json.loads((StageRun("label-export", run.run, run.runs_dir).manifest_path).read_text())["inputs"]["argv"]
     except (OSError, ValueError, KeyError, TypeError):
         last = []
-    return [*flags(argv, lambda f: f in OWN_FLAGS), *flags(last, lambda f: f not in OWN_FLAGS + NOT_REPLAYED)]
+    name = lambda flag: flag.split("=", 1)[0]  # noqa: E731  (--push_to_hub=me/x is --push_to_hub)
+    return [*flags(argv, lambda f: name(f) in OWN_FLAGS),
+            *flags(last, lambda f: name(f) not in OWN_FLAGS + NOT_REPLAYED)]
 
 
 def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
@@ -306,10 +310,12 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
                           f"with --ties both_orders / --both_bad tie")
     rows_state = rows_digest(rows)
     read_files = stage.inputs(config)["files"]
+    pairs_state = manifest_digest(stage.upstream.get("pairs"))
     if export.refresh and last_rows_digest(stage) == rows_state:
-        # e.g. people labeled eval's pairs, or skipped one: the reward model's data is the same, so it is not retrained
-        write_store_record(stage.dir, store_state, read_files)
-        print(f"label-export: the store changed, the export's {len(rows)} rows did not: left as it is")
+        # e.g. people labeled eval's pairs, or the pairs were sampled again alike: the reward model's data is the same,
+        # so it is not retrained
+        write_store_record(stage.dir, store_state, read_files, pairs_state)
+        print(f"label-export: the export's {len(rows)} rows would be the same: left as it is")
         return json.loads(stage.manifest_path.read_text())["metrics"]
     guidelines = read_guidelines(args.guidelines)
     pairs_source = args.pairs_dataset or "the pairs stage of this run"
@@ -338,7 +344,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         stage.manifest_path = new / "manifest.json"  # the manifest travels with the folder; its paths name the final one
         stage.finish({"dataset": stage.dir / "dataset", "card": stage.dir / "README.md", "labels_sqlite": db},
                      metrics, config)
-        write_store_record(new, store_state, read_files)
+        write_store_record(new, store_state, read_files, pairs_state)
         replace_folder(new, stage.dir)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
@@ -356,7 +362,11 @@ def command_line_main() -> dict:
     if parse(CONFIG_CLASSES(), argv)[1].refresh:
         argv = last_command_line(argv)
         sys.argv[1:] = argv  # what the manifest records: the next refresh replays it again
-        label, export, run = parse(CONFIG_CLASSES(), argv)
+        try:
+            label, export, run = parse(CONFIG_CLASSES(), argv)
+        except (ConfigError, ValueError) as err:
+            raise ConfigError(f"the flags of the run's last label export no longer apply ({err}): export once with "
+                              "`make label-export` (configs/label.yaml alone, or your ARGS), then `make rm` again") from None
         export.refresh = True
         return main(label, export, run)
     return main(*parse(CONFIG_CLASSES(), argv))
