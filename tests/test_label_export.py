@@ -433,7 +433,7 @@ def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeyp
     assert export_is_current(run_dir)
     after = files(out)["manifest.json"]
 
-    from stages.label.export import rows_digest  # rows in another order (a label undone and made again): the same set
+    from stages.label.fresh_export import rows_digest  # rows in another order (a label undone and made again): the same set
     rows = datasets.load_from_disk(str(out / "dataset")).to_list()
     assert rows_digest(rows) == rows_digest(rows[::-1]) != rows_digest(rows[:1])
 
@@ -502,7 +502,7 @@ def test_the_labels_step_exports_as_the_last_export_did_and_sees_its_config_chan
 def test_a_refresh_replays_the_last_exports_flags_in_this_run(runs_dir):
     """The run's own --config, --run and --runs_dir (a run folder copied under another name exports itself), every
     other flag of the last export's command line, flags without a value and lists included, never a push."""
-    from stages.label.export import last_command_line
+    from stages.label.fresh_export import last_command_line
 
     manifest = runs_dir / "r/label-export/manifest.json"
     manifest.parent.mkdir(parents=True)

@@ -15,7 +15,6 @@ an export that fails or is killed leaves the previous one as it was (`make rm` r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_d
 from pipeline.run import StageRun, atomic_write_json, main_guard, manifest_digest
 from stages.label.config import ExportArgs, LabelArgs, db_path
 from stages.label.stats import SIMULATED_PREFIX, category, summarize
-from stages.label.store import STORE_RECORD
+from stages.label.fresh_export import last_command_line, last_rows_digest, rows_digest, write_store_record
 
 
 def _assistant(text: str) -> list[dict]:
@@ -202,66 +201,6 @@ def replace_folder(new: Path, final: Path) -> None:
         os.rename(final, old)
     os.rename(new, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-
-
-def rows_digest(rows: list[dict]) -> str:
-    """Of the rows as a set: an undo and the same label again reorders them and changes nothing."""
-    return hashlib.sha256("\n".join(sorted(json.dumps(r, sort_keys=True) for r in rows)).encode()).hexdigest()
-
-
-def recorded(manifest_path: Path, metric: str):
-    try:
-        return json.loads(manifest_path.read_text())["metrics"].get(metric)
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-
-
-def last_rows_digest(stage: StageRun) -> str | None:
-    """The rows digest of the run's export: recorded, or of its dataset for an export from before the record (so that
-    a run exported by an earlier version is not retrained for nothing)."""
-    import datasets
-
-    digest = recorded(stage.manifest_path, "rows_digest")
-    if digest is None and (stage.dir / "dataset").is_dir():
-        try:
-            digest = rows_digest(datasets.load_from_disk(str(stage.dir / "dataset")).to_list())
-        except Exception:  # unreadable: exported again
-            return None
-    return digest
-
-
-def write_store_record(export_dir: Path, store_state: str, files: dict[str, str | None], pairs: str | None) -> None:
-    """What the export in `export_dir` holds: the store state, the files it read (config, guidelines) and the run's
-    pairs manifest (its digest; None without a pairs stage). stages.label.fresh_export compares them."""
-    atomic_write_json(export_dir / STORE_RECORD, {"store_digest": store_state, "files": files, "pairs": pairs})
-
-
-OWN_FLAGS = ("--config", "--run", "--runs_dir")  # a refresh keeps its own: the run folder may have been moved
-NOT_REPLAYED = ("--push_to_hub", "--hub_private", "--refresh")
-
-
-def last_command_line(argv: list[str]) -> list[str]:
-    """--refresh: this command line's config file and run, with the other flags of the run's last export (a push to
-    the Hub and --refresh itself left out); without a last export, this command line without --refresh."""
-    def flags(words: list[str], keep) -> list[str]:  # each flag with the words up to the next flag (none, one, a list)
-        groups: list[list[str]] = []
-        for w in words:
-            if w.startswith("--") or not groups:
-                groups.append([w])
-            else:
-                groups[-1].append(w)
-        return [w for group in groups if keep(group[0]) for w in group]
-
-    run = parse(CONFIG_CLASSES(), argv)[2]
-    try:
-        last = json.loads((StageRun("label-export", run.run, run.runs_dir).manifest_path).read_text())["inputs"]["argv"]
-    except (OSError, ValueError, KeyError, TypeError):
-        last = []
-    name = lambda flag: flag.split("=", 1)[0]  # noqa: E731  (--push_to_hub=me/x is --push_to_hub)
-    return [*flags(argv, lambda f: name(f) in OWN_FLAGS),
-            *flags(last, lambda f: name(f) not in OWN_FLAGS + NOT_REPLAYED)]
 
 
 def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:

@@ -6,10 +6,14 @@ export did, rewriting only when its rows differ. So people's labels from `make l
 settings, reach the reward model without a separate `make label-export`.
 
     python -m stages.label.fresh_export runs/default
+
+Also here: what the export records for that check (`write_store_record`, `rows_digest`) and the command line a
+refresh replays (`last_command_line`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -43,6 +47,73 @@ def export_state(run_dir: Path) -> int:
 
 def export_is_current(run_dir: Path) -> bool:
     return export_state(run_dir) == CURRENT
+
+
+# ------------------------------------------------------------------ what the export records and replays (stages.label.export)
+
+def rows_digest(rows: list[dict]) -> str:
+    """Of the rows as a set: an undo and the same label again reorders them and changes nothing."""
+    return hashlib.sha256("\n".join(sorted(json.dumps(r, sort_keys=True) for r in rows)).encode()).hexdigest()
+
+
+def recorded(manifest_path: Path, metric: str):
+    try:
+        return json.loads(manifest_path.read_text())["metrics"].get(metric)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def last_rows_digest(stage) -> str | None:
+    """The rows digest of the run's export: recorded, or of its dataset for an export from before the record (so that
+    a run exported by an earlier version is not retrained for nothing)."""
+    import datasets
+
+    digest = recorded(stage.manifest_path, "rows_digest")
+    if digest is None and (stage.dir / "dataset").is_dir():
+        try:
+            digest = rows_digest(datasets.load_from_disk(str(stage.dir / "dataset")).to_list())
+        except Exception:  # unreadable: exported again
+            return None
+    return digest
+
+
+def write_store_record(export_dir: Path, store_state: str, files: dict[str, str | None], pairs: str | None) -> None:
+    """What the export in `export_dir` holds: the store state, the files it read (config, guidelines) and the run's
+    pairs manifest (its digest; None without a pairs stage): what export_state compares."""
+    from pipeline.run import atomic_write_json
+    from stages.label.store import STORE_RECORD
+
+    atomic_write_json(export_dir / STORE_RECORD, {"store_digest": store_state, "files": files, "pairs": pairs})
+
+
+OWN_FLAGS = ("--config", "--run", "--runs_dir")  # a refresh keeps its own: the run folder may have been moved
+NOT_REPLAYED = ("--push_to_hub", "--hub_private", "--refresh")
+
+
+def last_command_line(argv: list[str]) -> list[str]:
+    """--refresh: this command line's config file and run, with the other flags of the run's last export (a push to
+    the Hub and --refresh itself left out); without a last export, this command line without --refresh."""
+    def flags(words: list[str], keep) -> list[str]:  # each flag with the words up to the next flag (none, one, a list)
+        groups: list[list[str]] = []
+        for w in words:
+            if w.startswith("--") or not groups:
+                groups.append([w])
+            else:
+                groups[-1].append(w)
+        return [w for group in groups if keep(group[0]) for w in group]
+
+    from pipeline.config import parse
+    from pipeline.run import stage_dir
+    from stages.label.export import CONFIG_CLASSES
+
+    run = parse(CONFIG_CLASSES(), argv)[2]
+    try:
+        last = json.loads((stage_dir(run.runs_dir, run.run, "label-export") / "manifest.json").read_text())["inputs"]["argv"]
+    except (OSError, ValueError, KeyError, TypeError):
+        last = []
+    name = lambda flag: flag.split("=", 1)[0]  # noqa: E731  (--push_to_hub=me/x is --push_to_hub)
+    return [*flags(argv, lambda f: name(f) in OWN_FLAGS),
+            *flags(last, lambda f: name(f) not in OWN_FLAGS + NOT_REPLAYED)]
 
 
 if __name__ == "__main__":

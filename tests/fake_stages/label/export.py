@@ -2,7 +2,7 @@ import json
 import sys
 
 from pipeline.run import manifest_digest, stage_dir
-from stages.label.export import write_store_record
+from stages.label.fresh_export import write_store_record
 from stages.label.store import store_digest
 from tests.fake_stages import _flag, fake_stage
 
