@@ -171,16 +171,23 @@ def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> 
     if "launch" in inputs and inputs["launch"] != launch:  # not recorded (an older manifest): taken as the same
         was = inputs["launch"]
         return False, f"the accelerate launch changed (was: {' '.join(was) if was is not None else 'none'})"
-    for name, digest in inputs["files"].items():
+    changed = inputs_changed(inputs["files"], inputs["manifests"], runs_dir, run)
+    return (False, changed) if changed else (True, "")
+
+
+def inputs_changed(files: dict[str, str | None], manifests: dict[str, str | None], runs_dir: str, run: str) -> str | None:
+    """The first recorded input that is no longer as recorded, in words ("configs/x.yaml changed", "the pairs stage ran
+    again"); None when every file and upstream manifest of the run is as its digest says."""
+    for name, digest in files.items():
         if file_digest(resolve_path(name)) != digest:
-            return False, f"{name} changed"
-    for name, digest in inputs["manifests"].items():
+            return f"{name} changed"
+    for name, digest in manifests.items():
         upstream = stage_dir(runs_dir, run, name) / "manifest.json"
         now = manifest_digest(json.loads(upstream.read_text())) if upstream.is_file() else None
         if now != digest:
-            return False, (f"the {name} stage ran again" if now and digest else
-                           f"the {name} stage now exists" if now else f"the {name} stage is gone")
-    return True, ""
+            return (f"the {name} stage ran again" if now and digest else
+                    f"the {name} stage now exists" if now else f"the {name} stage is gone")
+    return None
 
 
 class StageRun:

@@ -258,7 +258,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("export-refresh-not-replayed", "stages/label/export.py", "argv = last_command_line(argv)", "argv = list(argv)",
      "tests/test_label_export.py -k last_export_did"),
     ("fresh-export-files-ignored", "stages/label/fresh_export.py",
-     "all(file_digest(resolve_path(name)) == digest for name, digest in files.items())", "True",
+     "not inputs_changed(files, {}, str(run_dir.parent), run_dir.name)", "True",
      "tests/test_label_export.py -k last_export_did"),
     ("fresh-export-pairs-ignored", "stages/label/fresh_export.py", "        return NEW_PAIRS\n    same =",
      "        pass\n    same =", "tests/test_label_export.py -k rows_leaves"),

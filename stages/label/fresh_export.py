@@ -26,9 +26,11 @@ def export_state(run_dir: Path) -> int:
     pairs are those the export last read; NEW_PAIRS when the pairs changed (or there is no export yet): the chain
     simulates the new pairs first; STALE when the store or a file changed. The export writes the record beside its
     manifest; `--refresh` rewrites it when they changed but its rows did not."""
-    from pipeline.run import file_digest, manifest_digest, resolve_path
+    from pipeline.config import resolve_path
+    from pipeline.run import inputs_changed
     from stages.label.store import STORE_RECORD, store_digest
 
+    run_dir = resolve_path(run_dir)  # as the stages resolve RUNS_DIR: from the repository, whatever the working directory
     export_dir, pairs = run_dir / "label-export", run_dir / "pairs" / "manifest.json"
     if not (export_dir / "manifest.json").is_file():
         return NEW_PAIRS
@@ -38,10 +40,10 @@ def export_state(run_dir: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError):  # an export of an earlier version: as its `make` judged it
         newer = pairs.is_file() and pairs.stat().st_mtime > (export_dir / "manifest.json").stat().st_mtime
         return NEW_PAIRS if newer else STALE
-    if pairs_then != (manifest_digest(json.loads(pairs.read_text())) if pairs.is_file() else None):
+    if inputs_changed({}, {"pairs": pairs_then}, str(run_dir.parent), run_dir.name):
         return NEW_PAIRS
     same = stored == store_digest(run_dir / "label" / "labels.sqlite") and \
-        all(file_digest(resolve_path(name)) == digest for name, digest in files.items())
+        not inputs_changed(files, {}, str(run_dir.parent), run_dir.name)
     return CURRENT if same else STALE
 
 
