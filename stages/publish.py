@@ -84,17 +84,6 @@ def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
 
 
-# What the dataset card says of the labels, by whose they are (stages.label.export.sources_of): tags, and a phrase.
-DATASET_SOURCES = {
-    "people": (["human-feedback"], "human preference pairs collected with the pipeline's labeling UI "
-                                   "(`make pairs label label-export`)"),
-    "simulated": (["synthetic"], "preference pairs labeled by simulated annotators, not people (`make pairs simulate "
-                                 "label-export`: a gold judge's scores with Bradley-Terry noise)"),
-    "all": (["human-feedback", "synthetic"], "preference pairs labeled by people in the pipeline's labeling UI and by "
-                                             "simulated annotators (`sim:...`), one vote each"),
-}
-
-
 def size_category(n: int) -> str:
     """The Hub's size_categories value for n rows."""
     for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
@@ -109,18 +98,18 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
     import datasets
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from stages.label.export import sources_of
+    from stages.label.export import WHOSE, sources_of
 
     ds = datasets.load_from_disk(dataset_dir)
     ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
     sources = sources_of(ds["annotator"])
-    tags, what = DATASET_SOURCES[sources]
+    whose = WHOSE[sources]
     (out / "data").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
-    data = DatasetCardData(license=args.dataset_license, tags=["rlhf", "preference", *tags, "dpo", "reward-modeling"],
+    data = DatasetCardData(license=args.dataset_license, tags=["rlhf", "preference", *whose.tags, "dpo", "reward-modeling"],
                            task_categories=["text-generation"], size_categories=[size_category(len(ds))],
                            configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}])
-    body = (f"\n# Preference labels of run `{run}`\n\n{len(ds)} {what}, in TRL's conversational preference format: columns "
+    body = (f"\n# Preference labels of run `{run}`\n\n{len(ds)} {whose.pairs}, in TRL's conversational preference format: columns "
             f"{', '.join(f'`{c}`' for c in ds.column_names)}. They trained the reward model of [{repo}](https://huggingface.co/{repo}).\n\n"
             "```python\nfrom datasets import load_dataset\n"
             f"ds = load_dataset(\"{args.dataset_repo_id or repo + '-preferences'}\", split=\"train\")\n```\n")

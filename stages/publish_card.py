@@ -167,13 +167,11 @@ def reward_made(rm: dict) -> str:
     return made
 
 
-DATASET_WHO = {"people": "human labels", "simulated": "simulated annotators' labels (not people's)",
-               "all": "human and simulated annotators' labels"}
-
-
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
                sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None) -> str:
     from huggingface_hub import ModelCardData
+
+    from stages.label.export import WHOSE
 
     local = is_local_base(base)
     method = policy_method(args.policy, manifests[args.policy])
@@ -231,7 +229,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     for s in sources:
         lines.append(f"| `{s['name']}` | {', '.join(sorted(s['stages']))} | {s['url'] or '—'} | {s['license']} |")
     if dataset_repo:
-        lines.append(f"| [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}) | rm | {DATASET_WHO[dataset_sources or 'people']} of this run | {args.dataset_license} |")
+        lines.append(f"| [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}) | rm | {WHOSE[dataset_sources or 'people'].short} of this run | {args.dataset_license} |")
     lines += ["", "## Intended use and limits", "",
               "For research on and demonstrations of RLHF: comparing policies, studying reward models and PPO. Not for "
               "decisions about people or for unsupervised use in products. The policy is optimised against a learned reward "

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
@@ -73,8 +74,36 @@ def aggregate(labels: list[dict], ties: str = "drop", both_bad: str = "drop", mi
     return rows, dropped
 
 
-SOURCE_WORDS = {"people": "from people", "simulated": "from simulated annotators",
-                "all": "from people and simulated annotators"}
+@dataclass(frozen=True)
+class Whose:
+    """How everything that describes an export (its card, `make publish`'s dataset and model cards, errors) says whose
+    labels it holds: a dataset of simulated labels must never pass for human feedback."""
+    tags: tuple[str, ...]  # the Hub tags that say it
+    title: str             # the export card's heading
+    who: str               # the export card's first sentence
+    pairs: str             # publish's dataset card: "<N> <pairs>"
+    short: str             # the model card's data row: "<short> of this run"
+    from_whom: str         # "the labels <from_whom>"
+
+
+WHOSE = {
+    "people": Whose(("human-feedback",), "Human preference labels",
+                    "Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`)",
+                    "human preference pairs collected with the pipeline's labeling UI (`make pairs label label-export`)",
+                    "human labels", "from people"),
+    "simulated": Whose(("synthetic",), "Simulated preference labels",
+                       "Pairs of model responses labeled by simulated annotators (`make simulate`: a gold judge's scores "
+                       "with Bradley-Terry noise, standing in for people), not by people",
+                       "preference pairs labeled by simulated annotators, not people (`make pairs simulate "
+                       "label-export`: a gold judge's scores with Bradley-Terry noise)",
+                       "simulated annotators' labels (not people's)", "from simulated annotators"),
+    "all": Whose(("human-feedback", "synthetic"), "Preference labels from people and simulated annotators",
+                 "Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`) and by "
+                 "simulated annotators (`make simulate`, annotators named `sim:...`), one vote each",
+                 "preference pairs labeled by people in the pipeline's labeling UI and by simulated annotators "
+                 "(`sim:...`), one vote each", "human and simulated annotators' labels",
+                 "from people and simulated annotators"),
+}
 
 
 def pick_sources(labels: list[dict], sources: str) -> tuple[list[dict], str]:
@@ -100,19 +129,6 @@ def markdown_literal(text: str) -> str:
     return "".join(f"&#{ord(c)};" if c in "<>&" else ("\\" + c if c in MARKDOWN_SPECIALS else c) for c in text)
 
 
-# The card says whose labels these are: a dataset of simulated labels pushed to the Hub must not pass for human feedback.
-CARD_HEADS = {
-    "people": ("[trl, preference, human-feedback, rlhf]", "Human preference labels",
-               "Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`)"),
-    "simulated": ("[trl, preference, synthetic, rlhf]", "Simulated preference labels",
-                  "Pairs of model responses labeled by simulated annotators (`make simulate`: a gold judge's scores "
-                  "with Bradley-Terry noise, standing in for people), not by people"),
-    "all": ("[trl, preference, human-feedback, synthetic, rlhf]", "Preference labels from people and simulated annotators",
-            "Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`) and by "
-            "simulated annotators (`make simulate`, annotators named `sim:...`), one vote each"),
-}
-
-
 def sources_of(annotator_cells) -> str:
     """Whose labels an exported dataset holds ("people", "simulated" or "all"), from its `annotator` column."""
     simulated = {name.startswith(SIMULATED_PREFIX) for cell in annotator_cells for name in cell.split(",")}
@@ -122,21 +138,21 @@ def sources_of(annotator_cells) -> str:
 def dataset_card(rows: list[dict], labels: list[dict], dropped: Counter, args: LabelArgs, guidelines: str,
                  pairs_source: str, n_earlier: int = 0, sources: str = "people", n_other: int = 0) -> str:
     s = summarize(labels)
-    tags, title, who = CARD_HEADS[sources]
+    whose = WHOSE[sources]
     ag = s["agreement"]
     people = "\n".join(f"| {markdown_literal(name)} | {a['labels']} |" for name, a in s["annotators"].items())
     dropped_text = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(dropped.items())) or "none"
     return f"""---
-tags: {tags}
+tags: [{", ".join(("trl", "preference", *whose.tags, "rlhf"))}]
 ---
-# {title}
+# {whose.title}
 
-{who}, exported with `make label-export`. Format: TRL conversational preference (`prompt`, `chosen`, `rejected`), read unchanged by
+{whose.who}, exported with `make label-export`. Format: TRL conversational preference (`prompt`, `chosen`, `rejected`), read unchanged by
 `RewardTrainer` and `DPOTrainer`.
 
 - **Rows**: {len(rows)} from {len({r['pair_id'] for r in rows})} pairs ({s['labels']} labels in all).
 - **Pairs left out**: {dropped_text}. Ties: `{args.ties}`; both bad: `{args.both_bad}`; min agreement: {args.min_agreement}.
-- **Whose labels**: {SOURCE_WORDS[sources]} (`sources: {args.sources}`); {n_other} labels of other annotators in the store left out.
+- **Whose labels**: {WHOSE[sources].from_whom} (`sources: {args.sources}`); {n_other} labels of other annotators in the store left out.
 - **Overlap** (annotators per pair): {args.overlap}. Majority vote where several annotators labeled a pair.
 - **Agreement**: {ag['pairs_with_several_labels']} pairs with 2+ labels; Krippendorff's alpha (nominal) {ag['krippendorff_alpha']},
   mean pairwise Cohen's kappa {ag['mean_cohen_kappa']}.
@@ -237,11 +253,11 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     n_read = len(labels)
     labels, sources = pick_sources(labels, args.sources)
     if not labels:
-        raise ConfigError(f"none of the {n_read} labels in {db} is {SOURCE_WORDS[sources]} (sources: {args.sources}): "
+        raise ConfigError(f"none of the {n_read} labels in {db} is {WHOSE[sources].from_whom} (sources: {args.sources}): "
                           f"label with `make label RUN={run.run}` or `make simulate RUN={run.run}`, or export the "
                           f"others with --sources auto or all")
     if len(labels) < n_read:  # e.g. the first people's labels on a run the simulated annotators labeled: say so
-        print(f"label-export: the {len(labels)} labels {SOURCE_WORDS[sources]} are exported, the {n_read - len(labels)} "
+        print(f"label-export: the {len(labels)} labels {WHOSE[sources].from_whom} are exported, the {n_read - len(labels)} "
               f"of other annotators left out (sources: {args.sources}; --sources all exports both, one vote each)")
     rows, dropped = aggregate(labels, args.ties, args.both_bad, args.min_agreement)
     if not rows:
