@@ -70,7 +70,7 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
     """Win rate of PPO judged by people: labels in the label store on our pairs (responses = [SFT, PPO]).
     `pairs` maps pair_id -> index of the PPO response. Ties and 'both bad' count half. None when nobody labeled.
     Simulated annotators' labels (make simulate on these pairs) are not people's: left out."""
-    from stages.label.stats import SIMULATED_PREFIX
+    from stages.label.store import SIMULATED_PREFIX
 
     if not store.is_file() or not pairs:
         return None

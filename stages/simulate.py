@@ -194,10 +194,9 @@ def load_label_args(path: str):
 def people_labeled(db, pair_ids: set[str]) -> bool:
     """Whether people labeled any of these pairs: the export's `sources: auto` then takes theirs. Labels of other pairs
     (eval's SFT-vs-PPO pairs, an earlier pairs dataset) do not count: the export leaves them out."""
-    from stages.label.stats import SIMULATED_PREFIX
-    from stages.label.store import LabelStore
+    from stages.label.store import LabelStore, is_simulated
 
-    return db.is_file() and any(not lab["annotator"].startswith(SIMULATED_PREFIX) and lab["pair_id"] in pair_ids
+    return db.is_file() and any(not is_simulated(lab["annotator"]) and lab["pair_id"] in pair_ids
                                 for lab in LabelStore(db).labels())
 
 

@@ -245,6 +245,19 @@ def test_auth_guard_and_users(tmp_path):
         load_users(str(users), env={})
 
 
+def test_people_cannot_take_a_simulated_annotators_name():
+    """A simulator's labels are exported, removed and counted apart from people's by the `sim:` prefix alone, so no
+    person may carry it: a typed name with ':' is refused, and a login is what comes before a users line's ':'."""
+    from stages.label.app import clean_name
+    from stages.label.store import is_simulated
+
+    assert clean_name("  Ann   Lee ") == "Ann Lee"
+    assert clean_name("sim:sentiment") is None and clean_name("sim:sentiment-1") is None
+    (name, password), = load_users(None, env={"LABEL_USERS": "sim:sentiment:pw"})
+    assert (name, password) == ("sim", "sentiment:pw") and not is_simulated(name)
+    assert is_simulated("sim:sentiment-2") and not is_simulated("Sim:sentiment") and not is_simulated("simon")
+
+
 def test_export_strength_comes_from_the_winning_votes():
     """Five votes, three for response 0 (slightly, slightly, much) and two for response 1 (much, much): the pair's
     strength is the winners' most common one, 'slightly'; the losers' words do not count."""

@@ -26,7 +26,8 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
 from pipeline.run import StageRun, atomic_write_json, main_guard, manifest_digest
 from stages.label.config import ExportArgs, LabelArgs, db_path
-from stages.label.stats import SIMULATED_PREFIX, category, summarize
+from stages.label.stats import category, summarize
+from stages.label.store import is_simulated
 from stages.label.fresh_export import last_command_line, last_rows_digest, rows_digest, write_store_record
 
 
@@ -110,13 +111,13 @@ def pick_sources(labels: list[dict], sources: str) -> tuple[list[dict], str]:
     """The labels of the annotators `sources` names, and which those are ("people", "simulated" or "all").
     auto: people's when there are any, else the simulated annotators'. The simulators stand in for people, so once
     people have labeled, their votes are not outvoted by three simulated ones on the same pair."""
-    people = [lab for lab in labels if not lab["annotator"].startswith(SIMULATED_PREFIX)]
+    people = [lab for lab in labels if not is_simulated(lab["annotator"])]
     if sources == "auto":
         sources = "people" if people else "simulated"
     if sources == "people":
         return people, sources
     if sources == "simulated":
-        return [lab for lab in labels if lab["annotator"].startswith(SIMULATED_PREFIX)], sources
+        return [lab for lab in labels if is_simulated(lab["annotator"])], sources
     return labels, sources
 
 
@@ -131,7 +132,7 @@ def markdown_literal(text: str) -> str:
 
 def sources_of(annotator_cells) -> str:
     """Whose labels an exported dataset holds ("people", "simulated" or "all"), from its `annotator` column."""
-    simulated = {name.startswith(SIMULATED_PREFIX) for cell in annotator_cells for name in cell.split(",")}
+    simulated = {is_simulated(name) for cell in annotator_cells for name in cell.split(",")}
     return "all" if len(simulated) == 2 else "simulated" if simulated == {True} else "people"
 
 

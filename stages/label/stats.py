@@ -12,6 +12,8 @@ import time
 from collections import Counter, defaultdict
 from itertools import combinations
 
+from stages.label.store import SIMULATED_PREFIX, is_simulated
+
 
 def category(label: dict) -> str:
     """'0' or '1' (the winning response), 'tie' or 'both_bad'."""
@@ -66,16 +68,13 @@ def binomial_two_sided_p(k: int, n: int) -> float:
     return min(1.0, sum(p for p in probs if p <= probs[k] * (1 + 1e-9)))
 
 
-SIMULATED_PREFIX = "sim:"  # annotator names of simulated annotators (make simulate), e.g. sim:sentiment
-
-
 def human_vs_simulated(labels: list[dict]) -> dict | None:
     """How often people and simulated annotators agree, on pairs that both labeled: the share of (person, simulator)
     label pairs on the same pair that mean the same (same winner, or both tie, or both 'both bad'), and the pairs
     that went into it. None when no pair has a label from each."""
     per_pair: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
     for lab in labels:
-        per_pair[lab["pair_id"]][lab["annotator"].startswith(SIMULATED_PREFIX)].append(category(lab))
+        per_pair[lab["pair_id"]][is_simulated(lab["annotator"])].append(category(lab))
     both = [(people, sims) for people, sims in per_pair.values() if people and sims]
     if not both:
         return None

@@ -30,6 +30,13 @@ from pipeline.config import ConfigError
 SQLITE_HEADER = b"SQLite format 3\x00"
 CHOICES = ("left", "right", "tie", "both_bad")
 STRENGTHS = ("slightly", "much")
+# Simulated annotators (make simulate) are named sim:<judge>[-k]. People's names cannot hold ':' (the app's name rule;
+# a login is the part of a `name:password` line before the ':'), so nobody labels under a simulator's name.
+SIMULATED_PREFIX = "sim:"
+
+
+def is_simulated(annotator: str) -> bool:
+    return annotator.startswith(SIMULATED_PREFIX)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -389,9 +396,7 @@ class LabelStore:
     def remove_simulated(self, annotator: str) -> int:
         """Delete a simulated annotator's labels (a `make simulate` rerun whose annotators changed); people's labels
         cannot be removed this way. Returns how many there were; the history keeps a 'remove' row for each."""
-        from stages.label.stats import SIMULATED_PREFIX
-
-        if not annotator.startswith(SIMULATED_PREFIX):
+        if not is_simulated(annotator):
             raise ValueError(f"only simulated annotators' labels can be removed, not {annotator!r}'s")
         now = self.clock()
         with self._tx() as con:
