@@ -6,8 +6,8 @@
 A simulated annotator stands in for people: it labels each pair of the pairs stage by a gold judge
 (pipeline/judges.py; VADER sentiment by default) with human-like noise, under the name `sim:<judge>`, through the
 store's own API (save_label, with the left/right order the store shows that annotator). Stats, agreement and
-`make label-export` then treat it like a person, and people can label the same store (`make label ARGS="--overlap 2"`
-to label pairs a simulator already did); the Stats tab shows how often people and simulators agree.
+`make label-export` then treat it like a person, and people can label the same store (`make label`: a simulator's
+labels take no person's place in `overlap`); the Stats tab shows how often people and simulators agree.
 
 Noise model (Bradley-Terry, as people's choices are modelled in RLHF reward training): with the judge's scores
 s_left, s_right of the two responses as shown, the annotator says "tie" when |s_left - s_right| < tie_band, else

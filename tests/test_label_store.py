@@ -115,6 +115,29 @@ def test_overlap_two_completes_sets_and_skip_passes_the_pair_on(tmp_path):
     assert s.next_item("alice").pair_id == "p002"  # p000 is never shown to alice again
 
 
+def test_simulated_labels_take_no_person_s_place_in_overlap(tmp_path):
+    """The default chain's `make simulate` has three simulated annotators label every pair; `make label` (overlap 1)
+    must still serve people every pair, count their progress alone, and fill a pair with people's labels only."""
+    clock = Clock()
+    db = tmp_path / "labels.sqlite"
+    simulators = LabelStore(db, overlap=10**6, clock=clock)  # as stages/simulate.py opens it
+    simulators.import_items(pairs(3))
+    for name in ("sim:sentiment-1", "sim:sentiment-2", "sim:sentiment-3"):
+        for pair_id in simulators.servable_pairs():
+            simulators.save_label(name, pair_id, "left", simulators.shown_left(pair_id, name))
+    people = LabelStore(db, overlap=1, lease_s=60, clock=clock)
+    people.import_items(pairs(3))
+    assert people.progress("alice") | {"held_by_others": 0} == {
+        "pairs": 3, "blocked": 0, "labels": 0, "pairs_done": 0, "overlap": 1, "mine": 0, "open_to_me": 3,
+        "held_by_others": 0}
+    held = people.next_item("alice")
+    assert held.pair_id == "p000" and people.next_item("bob").pair_id == "p001"  # alice's lease keeps bob off p000
+    people.save_label("alice", held.pair_id, "right", held.shown_left)
+    assert people.next_item("alice").pair_id == "p002"  # p000 is full with her label, p001 is bob's
+    p = people.progress("carol")
+    assert (p["labels"], p["pairs_done"], p["open_to_me"]) == (1, 1, 2)
+
+
 def test_word_filter_holds_pairs_back(tmp_path):
     blocked = word_filter(["faggot", "jap"])
     assert blocked({"prompt": [{"role": "user", "content": "He carried two Faggots of wood"}], "responses": ["", ""]}) == "faggot"

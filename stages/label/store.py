@@ -88,17 +88,21 @@ CREATE TABLE IF NOT EXISTS skips (
 );
 """
 
+# `overlap` shares pairs out among people: a label row `l` of a simulated annotator (make simulate labels every pair)
+# takes no person's place, so it counts towards no pair's overlap.
+PERSON = f"substr(l.annotator, 1, {len(SIMULATED_PREFIX)}) != '{SIMULATED_PREFIX}'"
+
 # A pair this annotator may get: not blocked, not labeled or skipped by them, and fewer than `overlap` people
 # on it (labels + live leases of others). Pairs already started by others come first, so overlap sets complete.
-CANDIDATES = """
+CANDIDATES = f"""
 SELECT i.pair_id FROM items i
 WHERE i.active = 1 AND i.blocked IS NULL
   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = i.pair_id AND l.annotator = :me)
   AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.pair_id = i.pair_id AND s.annotator = :me)
-  AND (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id)
+  AND (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id AND {PERSON})
     + (SELECT COUNT(*) FROM assignments a WHERE a.pair_id = i.pair_id AND a.annotator != :me
          AND a.expires_at > :now) < :overlap
-ORDER BY (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id) DESC, i.position
+ORDER BY (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id AND {PERSON}) DESC, i.position
 """
 
 
@@ -369,7 +373,8 @@ class LabelStore:
             con.execute("DELETE FROM assignments WHERE expires_at <= ?", (now,))
             # A lease on a pair that others have filled meanwhile (a late answer after a timeout) is no use any more.
             con.execute("DELETE FROM assignments WHERE annotator = ? AND (SELECT COUNT(*) FROM labels l WHERE "
-                        "l.pair_id = assignments.pair_id AND l.annotator != ?) >= ?", (annotator, annotator, self.overlap))
+                        f"l.pair_id = assignments.pair_id AND l.annotator != ? AND {PERSON}) >= ?",
+                        (annotator, annotator, self.overlap))
             held = con.execute(
                 "SELECT a.pair_id, a.shown_left FROM assignments a JOIN items i USING (pair_id) "
                 "WHERE a.annotator = ? AND i.active = 1 AND i.blocked IS NULL AND NOT EXISTS "
@@ -524,16 +529,18 @@ class LabelStore:
             return [dict(r) for r in con.execute(sql + " ORDER BY id", args)]
 
     def progress(self, annotator: str | None = None) -> dict:
-        """Yours: labeled, and still possible for you; overall: pairs with `overlap` labels, of all servable pairs."""
+        """Yours: labeled, and still possible for you; overall: pairs with `overlap` people's labels, of all servable pairs,
+        and people's labels (simulated annotators' are in the Stats tab)."""
         now = self.clock()
         with self._read() as con:
             one = lambda sql, *a: con.execute(sql, a).fetchone()[0]  # noqa: E731
             out = {
                 "pairs": one("SELECT COUNT(*) FROM items WHERE active = 1 AND blocked IS NULL"),
                 "blocked": one("SELECT COUNT(*) FROM items WHERE active = 1 AND blocked IS NOT NULL"),
-                "labels": one("SELECT COUNT(*) FROM labels l JOIN items i USING (pair_id) WHERE i.active = 1"),
+                "labels": one(f"SELECT COUNT(*) FROM labels l JOIN items i USING (pair_id) WHERE i.active = 1 AND {PERSON}"),
                 "pairs_done": one("SELECT COUNT(*) FROM items i WHERE active = 1 AND blocked IS NULL AND "
-                                  "(SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id) >= ?", self.overlap),
+                                  f"(SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id AND {PERSON}) >= ?",
+                                  self.overlap),
                 "overlap": self.overlap,
             }
             if annotator is not None:
@@ -544,7 +551,7 @@ class LabelStore:
                     "SELECT COUNT(*) FROM items i WHERE i.active = 1 AND i.blocked IS NULL "
                     "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = i.pair_id AND l.annotator = ?) "
                     "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.pair_id = i.pair_id AND s.annotator = ?) "
-                    "AND (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id) < ?",
+                    f"AND (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id AND {PERSON}) < ?",
                     annotator, annotator, self.overlap)
                 out["held_by_others"] = one(
                     "SELECT COUNT(DISTINCT a.pair_id) FROM assignments a WHERE a.annotator != ? AND a.expires_at > ?",
