@@ -221,6 +221,29 @@ def lab(pair, who, choice, pref, strength=None, t=0):
             "created_at": t, "prompt": [{"role": "user", "content": pair}], "responses": [f"{pair}-r0", f"{pair}-r1"]}
 
 
+def test_stats_tab_shows_people_s_position_bias_beside_simulated_labels():
+    """30 of 30 clicks for the left side by a person is a textbook position bias (p = 2 / 2**30); beside 600 balanced
+    labels of make simulate's annotators, pooled figures would read 330 of 630 (p = 0.25). The tab shows people's."""
+    from stages.label.stats import stats_view, to_html
+
+    def lab(i, who, choice):
+        return {"pair_id": f"p{i}", "annotator": who, "choice": choice, "preferred": int(choice == "right"),
+                "strength": None, "created_at": 1000.0 + i}
+
+    labels = [lab(i, f"sim:sentiment-{k}", ("left", "right")[(i + k) % 2]) for i in range(200) for k in (1, 2)]
+    labels += [lab(i, "sim:sentiment-3", ("left", "right")[i % 2]) for i in range(200)]
+    labels += [lab(i, "alice", "left") for i in range(30)]
+    s = stats_view(labels, now=5000)
+    assert s["position_bias"] == {"left_wins": 30, "decided": 30, "left_share": 1.0, "p_value": 0.0}
+    assert s["labels"] == 30 and list(s["annotators"]) == ["alice"] and s["choices"]["left"] == 30
+    assert s["simulated"] == {"labels": 600, "annotators": ["sim:sentiment-1", "sim:sentiment-2", "sim:sentiment-3"]}
+    assert s["human_vs_simulated"]["pairs"] == 30
+    shown = to_html(s, overlap=1)
+    assert "the left side won 30 of 30 decided pairs" in shown
+    assert "(sim:sentiment-1, sim:sentiment-2, sim:sentiment-3): 600 labels, not counted above" in shown
+    assert to_html(stats_view(labels[:600]), overlap=1).startswith("<p>No labels from people yet.</p>")
+
+
 def test_summarize_counts_choices_rates_and_agreement():
     labels = [lab("p0", "ann", "left", 0, t=0), lab("p0", "bob", "right", 0, t=60),   # same meaning, other sides
               lab("p1", "ann", "left", 1, t=1800), lab("p1", "bob", "left", 0, t=1860),

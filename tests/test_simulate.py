@@ -163,7 +163,7 @@ def test_simulated_labels_go_through_the_store_and_export_like_peoples(tmp_path)
 
 
 def test_people_and_simulators_share_a_store_and_their_agreement_shows(tmp_path):
-    from stages.label.stats import human_vs_simulated, summarize, to_html
+    from stages.label.stats import human_vs_simulated, stats_view, summarize, to_html
     from stages.label.store import LabelStore
 
     runs = tmp_path / "runs"
@@ -188,7 +188,9 @@ def test_people_and_simulators_share_a_store_and_their_agreement_shows(tmp_path)
     got = human_vs_simulated(labels)
     assert got == {"pairs": 4, "comparisons": 4, "agreement": round(same / 4, 3)}
     assert summarize(labels)["human_vs_simulated"] == got
-    assert f"{got['agreement']:.0%} agreement on 4 pairs labeled by both" in to_html(summarize(labels), overlap=2)
+    shown = to_html(stats_view(labels), overlap=2)  # the Stats tab
+    assert f"{got['agreement']:.0%} agreement on 4 pairs labeled by both" in shown
+    assert "<b>5 labels</b> from 1 annotator(s)" in shown and "(sim:sentiment): 60 labels, not counted above" in shown
 
 
 def test_human_vs_simulated_agreement_by_hand():

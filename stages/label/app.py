@@ -17,7 +17,7 @@ import time
 
 import gradio as gr
 
-from stages.label.stats import summarize, to_html
+from stages.label.stats import stats_view, to_html
 from stages.label.store import LabelStore, NoteTooLong
 
 SHORTCUTS = [("1 or ←", "left is better"), ("2 or →", "right is better"), ("3 or T", "tie"), ("4 or B", "both bad"),
@@ -265,7 +265,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             return (*view({}, "Type the name to label as."), "")
 
         def on_stats():
-            return to_html(summarize(store.labels()), store.overlap, store.progress()["blocked"])
+            return to_html(stats_view(store.labels()), store.overlap, store.progress()["blocked"])
 
         demo.load(on_load, [saved_name], view_outputs)
         start.click(on_start, [name, state], view_outputs + [saved_name], api_name="start")
