@@ -205,7 +205,7 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     from pipeline.report import print_table
     from stages.label.__main__ import load_pairs
     from stages.label.config import db_path, word_filter
-    from stages.label.store import lock_store
+    from stages.label.store import LabelStore, lock_store
 
     stage = StageRun("simulate", run.run, run.runs_dir)
     config = {"simulate": to_dict(args), "run": to_dict(run)}
@@ -215,6 +215,8 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     label_args = load_label_args(args.label_config)
     label_args.pairs_dataset = args.pairs_dataset
     pairs = load_pairs(label_args, stage)
+    if db.is_file():
+        LabelStore(db).check_labeled_text(pairs)
     if args.skip_if_people_labeled and people_labeled(db, {p["pair_id"] for p in pairs}):
         print(f"simulate: {db} holds labels from people on these pairs: they are used, no simulated labels added "
               f"(`make simulate` adds them anyway)")

@@ -138,6 +138,28 @@ def test_simulated_labels_take_no_person_s_place_in_overlap(tmp_path):
     assert (p["labels"], p["pairs_done"], p["open_to_me"]) == (1, 1, 2)
 
 
+def test_a_labeled_pair_s_id_cannot_take_other_text_and_an_unlabeled_one_takes_the_new(store):
+    """A pairs file of your own ids, a typo fixed and the app restarted: a labeled pair keeps the text its labels were
+    given on (the file is refused, naming the pair, and the store is unchanged); a pair nobody labeled serves the new."""
+    from pipeline.config import ConfigError
+
+    store.save_label("alice", "p000", "left", 0)
+    before = (store.labels(), store.progress(), store.my_labels("alice"))
+    fixed = pairs(4)
+    fixed[0]["responses"] = ["answer 0 zero (fixed)", "answer 0 one"]
+    with pytest.raises(ConfigError, match=r"pair 'p000' \(position 0 of the pairs\) has another prompt or responses .* "
+                                          r"holds 1 label\(s\) given on the old text: give a changed pair a new pair_id"):
+        store.import_items(fixed)
+    assert (store.labels(), store.progress(), store.my_labels("alice")) == before
+    fixed = pairs(4)
+    fixed[1]["prompt"] = [{"role": "user", "content": "question 1, fixed"}]
+    store.import_items(fixed)
+    item = store.next_item("bob")
+    assert item.pair_id == "p001" and item.prompt == fixed[1]["prompt"]
+    store.import_items(pairs(4))  # the labeled pair's own text again: accepted
+    assert store.labels() == before[0]
+
+
 def test_word_filter_holds_pairs_back(tmp_path):
     blocked = word_filter(["faggot", "jap"])
     assert blocked({"prompt": [{"role": "user", "content": "He carried two Faggots of wood"}], "responses": ["", ""]}) == "faggot"

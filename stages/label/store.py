@@ -341,19 +341,36 @@ class LabelStore:
             if problem:
                 raise ValueError(f"pair at position {position}: {problem}")
             seen.add(row["pair_id"])
+        self.check_labeled_text(rows)
         now, n, n_blocked = self.clock(), 0, 0
         with self._tx() as con:
             con.execute("UPDATE items SET active = 0")
             for position, row in enumerate(rows):
                 word = blocked(row)
                 n_blocked += word is not None
-                con.execute(
+                con.execute(  # a pair nobody labeled takes the file's text (check_labeled_text: a labeled one has it)
                     "INSERT INTO items (pair_id, position, prompt, responses, active, blocked, added_at) "
-                    "VALUES (?, ?, ?, ?, 1, ?, ?) ON CONFLICT (pair_id) DO UPDATE SET "
-                    "position = excluded.position, active = 1, blocked = excluded.blocked",
+                    "VALUES (?, ?, ?, ?, 1, ?, ?) ON CONFLICT (pair_id) DO UPDATE SET position = excluded.position, "
+                    "prompt = excluded.prompt, responses = excluded.responses, active = 1, blocked = excluded.blocked",
                     (row["pair_id"], position, json.dumps(row["prompt"]), json.dumps(list(row["responses"])), word, now))
                 n += 1
         return {"items": n, "blocked": n_blocked}
+
+    def check_labeled_text(self, rows: list[dict]) -> None:
+        """Refuse a pairs file that gives a labeled pair's id to other text (a typo fixed in a file of your own ids):
+        its labels were given on the old text, and the app and the export would otherwise serve the old text on."""
+        with self._read() as con:
+            labeled = {r["pair_id"]: r for r in con.execute(
+                "SELECT i.pair_id, i.prompt, i.responses, COUNT(*) AS n FROM items i JOIN labels l USING (pair_id) "
+                "GROUP BY i.pair_id")}
+        for position, row in enumerate(rows):
+            old = labeled.get(row["pair_id"])
+            if old is not None and (json.loads(old["prompt"]), json.loads(old["responses"])) != (
+                    row["prompt"], list(row["responses"])):
+                raise ConfigError(
+                    f"pair {row['pair_id']!r} (position {position} of the pairs) has another prompt or responses than "
+                    f"the pair of that id in {self.path}, which holds {old['n']} label(s) given on the old text: give "
+                    f"a changed pair a new pair_id")
 
     def shown_left(self, pair_id: str, annotator: str) -> int:
         """Left/right order per (pair, annotator): random-looking but fixed, so a reload shows the same layout."""
