@@ -313,6 +313,29 @@ def test_auth_guard_and_users(tmp_path):
         load_users(str(users), env={})
 
 
+def test_users_and_guidelines_files_are_read_as_utf8_and_a_login_given_twice_is_refused(tmp_path):
+    """Notepad's "UTF-8 with BOM" made the first login '\\ufeffalice' (alice could not log in); a Latin-1 file was a
+    traceback; a name given twice kept the last password without a word (Gradio's auth is a dict)."""
+    from pipeline.config import ConfigError
+    from stages.label.config import read_guidelines
+
+    users = tmp_path / "users.txt"
+    users.write_bytes(b"\xef\xbb\xbfalice:pw1\r\nbob:p\xc3\xa4ss\r\n")
+    assert load_users(str(users), env={}) == [("alice", "pw1"), ("bob", "p\u00e4ss")]
+    users.write_bytes(b"alice:pw1\nbob:p\xe4ss\n")
+    with pytest.raises(ConfigError, match=rf"users file {users} is not UTF-8 text \(line 2\): save it as UTF-8"):
+        load_users(str(users), env={})
+    users.write_text("alice:pw1\nbob:pw2\n")
+    with pytest.raises(ConfigError, match="login 'bob' is given more than once"):
+        load_users(str(users), env={"LABEL_USERS": "carol:x,bob:pw3"})
+    guidelines = tmp_path / "guidelines.md"
+    guidelines.write_bytes(b"\xef\xbb\xbf# Guidelines\n")
+    assert read_guidelines(str(guidelines)) == "# Guidelines\n"
+    guidelines.write_bytes(b"# Guidelines \x96 Latin-1\n")
+    with pytest.raises(ConfigError, match=r"guidelines file .* is not UTF-8 text \(line 1\)"):
+        read_guidelines(str(guidelines))
+
+
 def test_people_cannot_take_a_simulated_annotators_name():
     """A simulator's labels are exported, removed and counted apart from people's by the `sim:` prefix alone, so no
     person may carry it: a typed name with ':' is refused, and a login is what comes before a users line's ':'."""

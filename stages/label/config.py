@@ -101,14 +101,27 @@ def load_users(users_file: str | None, env: dict | None = None) -> list[tuple[st
         path = resolve_path(users_file)
         if not path.is_file():
             raise ConfigError(f"users file {path} does not exist: create it with one `name:password` line per annotator")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_utf8(path, "the users file").splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             users.append(_user(line, f"{path} line {n}"))
     if env.get(USERS_ENV):
         users += [_user(entry.strip(), f"${USERS_ENV}") for entry in env[USERS_ENV].split(",") if entry.strip()]
+    twice = sorted({name for name, _ in users if [n for n, _ in users].count(name) > 1})
+    if twice:  # Gradio would keep the last password of a name without a word
+        raise ConfigError(f"login {twice[0]!r} is given more than once in the users file and ${USERS_ENV}: one line "
+                          f"per annotator")
     return users
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """A text file as UTF-8; a byte-order mark (Notepad's "UTF-8 with BOM") is not part of the first line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path} is not UTF-8 text (line {line}): save it as UTF-8") from None
 
 
 def _user(entry: str, where: str) -> tuple[str, str]:
@@ -150,7 +163,7 @@ def read_guidelines(path: str) -> str:
     p = resolve_path(path)
     if not p.is_file():
         raise ConfigError(f"guidelines file {p} does not exist: fix `guidelines` in configs/label.yaml")
-    return p.read_text()
+    return read_utf8(p, "the guidelines file")
 
 
 def check_port_free(host: str, port: int) -> None:
