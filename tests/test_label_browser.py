@@ -294,13 +294,15 @@ HOSTILE_PROMPT = ['<div style="position:fixed;inset:0;background:red">cover</div
 HOSTILE_RESPONSES = ['Response A: <span style="display:none">hidden</span> then <form><input type=password></form>',
                      'Response B: **bold** <script>window.pwned = 1</script> $$x^2$$ <b onmouseover=alert(1)>b</b>']
 HOSTILE_NAME = '<img src=http://example.com/n.png> <b>eve</b> ![n](http://example.com/m.png)'
+HOSTILE_ROLE = '<b>tool</b> <img src=http://example.com/r.png>'  # a pairs file of your own may name any role
 
 
 def test_model_prompt_and_user_text_is_shown_as_plain_text(serve, browser, offline):
     from playwright.sync_api import expect
 
     pair = {"pair_id": "hostile", "prompt": [{"role": "system", "content": HOSTILE_PROMPT[0]},
-                                             {"role": "user", "content": HOSTILE_PROMPT[1]}],
+                                             {"role": "user", "content": HOSTILE_PROMPT[1]},
+                                             {"role": HOSTILE_ROLE, "content": "tool output"}],
             "responses": HOSTILE_RESPONSES}
     url, store = serve(pairs=[pair, *make_pairs(1)])
     store.save_label(HOSTILE_NAME, "pair00", "left", 0, note="<img src=http://example.com/note.png>")
@@ -310,7 +312,7 @@ def test_model_prompt_and_user_text_is_shown_as_plain_text(serve, browser, offli
     start_as(page, "alice")
     expect(page.locator("#left")).to_contain_text("Response")
 
-    for text in HOSTILE_PROMPT:
+    for text in [*HOSTILE_PROMPT, HOSTILE_ROLE]:
         assert text in page.locator("#prompt").inner_text()  # every character visible, newline and spaces kept
     shown_texts = {page.locator("#left").inner_text().strip(), page.locator("#right").inner_text().strip()}
     assert shown_texts == set(HOSTILE_RESPONSES)
@@ -325,7 +327,7 @@ def test_model_prompt_and_user_text_is_shown_as_plain_text(serve, browser, offli
         forms: document.querySelectorAll('form').length,
         passwords: document.querySelectorAll('input[type=password]').length,
         fragments: [...document.querySelectorAll('body *')].map(e => e.textContent)
-                   .filter(t => ['cover', 'hidden', 'bold', 'b', 'eve', 'x^2'].includes(t.trim())),
+                   .filter(t => ['cover', 'hidden', 'bold', 'b', 'eve', 'x^2', 'tool'].includes(t.trim())),
         pwned: window.pwned === 1,
     })""")
     assert dom == {"imgs": [], "forms": 0, "passwords": 0, "fragments": [], "pwned": False}
