@@ -67,14 +67,29 @@ def test_undo_reverts_a_change_then_deletes_and_serves_the_pair_again(store):
     store.save_label("alice", "p001", "tie", 0)
     store.save_label("alice", "p001", "both_bad", 0)
     assert store.next_item("alice").pair_id == "p002"  # alice now holds p002
-    assert store.undo("alice") == "p001"  # the change is reverted to the tie
+    assert store.undo("alice") == ("p001", "change")  # the change is reverted to the tie
     assert store.reopen("alice", "p001").label["choice"] == "tie"
-    assert store.undo("alice") == "p001"  # then the tie itself goes
+    assert store.undo("alice") == ("p001", "new")  # then the tie itself goes
     assert store.reopen("alice", "p001") is None
     back = store.next_item("alice")
     assert back.pair_id == "p001" and back.shown_left == 0  # the undone pair first, in the order it was shown
-    assert store.undo("alice") == "p000" and store.undo("alice") is None
+    assert store.undo("alice") == ("p000", "new") and store.undo("alice") is None
     assert store.labels() == []
+
+
+def test_undo_takes_back_a_skip_and_the_pair_comes_back_unless_others_filled_it(store):
+    store.save_label("alice", "p000", "left", 1)
+    held = store.next_item("alice")
+    store.skip("alice", held.pair_id)
+    assert held.pair_id == "p001" and store.next_item("alice").pair_id == "p002"
+    assert store.undo("alice") == ("p001", "skip")  # a stray S: the latest action, before the label of p000
+    assert store.next_item("alice") == held and store.progress("alice")["open_to_me"] == 3
+    store.skip("alice", "p001")
+    store.save_label("bob", "p001", "tie", 0)  # overlap 1: bob fills it meanwhile
+    assert store.undo("alice") == ("p001", "skip")
+    assert store.next_item("alice").pair_id == "p002"  # p001 is full: not served to alice beyond overlap
+    assert store.undo("alice") == ("p000", "new") and store.undo("alice") is None
+    assert [h["action"] for h in store.history("alice")] == ["new", "skip", "undo", "skip", "undo", "undo"]
 
 
 def test_left_right_order_is_random_per_annotator_but_stable(tmp_path):

@@ -242,9 +242,12 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             me = session(st, request).get("annotator")
             if not me:
                 return view(st)
-            pair_id = store.undo(me)
-            if pair_id is None:
+            undone = store.undo(me)
+            if undone is None:
                 return view({"annotator": me}, "Nothing to undo.")
+            pair_id, action = undone
+            if action == "skip":
+                return view({"annotator": me}, "↶ Undone: your skip was taken back. Here is that pair again.")
             back = store.reopen(me, pair_id)
             if back is None:
                 return view({"annotator": me}, "↶ Undone: your last label was taken back. Label this pair again.")

@@ -484,15 +484,17 @@ class LabelStore:
             con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
             self._history(con, "skip", pair_id, annotator, now)
 
-    def undo(self, annotator: str) -> str | None:
-        """Take back this annotator's latest label (a new one is deleted, a change reverts to the version before).
+    def undo(self, annotator: str) -> tuple[str, str] | None:
+        """Take back this annotator's latest label or skip: a new label is deleted, a change reverts to the version
+        before, a skip is forgotten (one stray S would otherwise keep the pair from them for good).
 
-        The pair comes back to them at once (a lease in their name). Returns its pair_id, or None if nothing to undo.
+        The pair comes back to them at once (a lease in their name). Returns (pair_id, what was taken back: "new",
+        "change" or "skip"), or None if there is nothing to undo.
         """
         now = self.clock()
         with self._tx() as con:
             last = con.execute(
-                "SELECT * FROM label_history WHERE annotator = ? AND action IN ('new', 'change') AND undone = 0 "
+                "SELECT * FROM label_history WHERE annotator = ? AND action IN ('new', 'change', 'skip') AND undone = 0 "
                 "ORDER BY id DESC LIMIT 1", (annotator,)).fetchone()
             if last is None:
                 return None
@@ -501,7 +503,11 @@ class LabelStore:
             before = con.execute(
                 "SELECT * FROM label_history WHERE annotator = ? AND pair_id = ? AND action IN ('new', 'change') "
                 "AND undone = 0 AND id < ? ORDER BY id DESC LIMIT 1", (annotator, pair_id, last["id"])).fetchone()
-            if before is None:
+            if last["action"] == "skip":
+                con.execute("DELETE FROM skips WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
+                con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
+                            (pair_id, annotator, self.shown_left(pair_id, annotator), now, now + self.lease_s))
+            elif before is None:
                 con.execute("DELETE FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
                 con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
                             (pair_id, annotator, last["shown_left"], now, now + self.lease_s))
@@ -512,7 +518,7 @@ class LabelStore:
                              before["note"], now, pair_id, annotator))
             self._history(con, "undo", pair_id, annotator, now, last["choice"], last["shown_left"], last["preferred"],
                           last["strength"], last["note"])
-            return pair_id
+            return pair_id, last["action"]
 
     @staticmethod
     def _history(con, action, pair_id, annotator, at, choice=None, shown_left=None, preferred=None, strength=None,
