@@ -351,6 +351,24 @@ def test_users_and_guidelines_files_are_read_as_utf8_and_a_login_given_twice_is_
         read_guidelines(str(guidelines))
 
 
+def test_earlier_labels_of_one_prompt_are_told_apart_by_their_responses(tmp_path):
+    """The story recipe asks 28 pairs of each opening: the "change an earlier label" list names each label by its
+    responses too, as its annotator saw them (left, right), not by the prompt alone."""
+    import time
+
+    from stages.label.app import earlier_label_text
+
+    s = LabelStore(tmp_path / "labels.sqlite", clock=lambda: 1_000_000.0)
+    q = [{"role": "user", "content": "Once upon a time\nthere was a very long opening of a story, cut here"}]
+    s.import_items([{"pair_id": f"p{i}", "prompt": q, "responses": [f"Happy {i}", f"Sad {i}"]} for i in range(2)])
+    s.save_label("ann", "p0", "left", 1, strength="much")
+    s.save_label("ann", "p1", "tie", 0)
+    hhmm = time.strftime("%H:%M", time.localtime(1_000_000.0))
+    assert [earlier_label_text(m) for m in s.my_labels("ann")] == [
+        f"{hhmm} · tie · Once upon a time there was a very long o · left: Happy 1 | right: Sad 1",
+        f"{hhmm} · left is better (much) · Once upon a time there was a very long o · left: Sad 0 | right: Happy 0"]
+
+
 def test_people_cannot_take_a_simulated_annotators_name():
     """A simulator's labels are exported, removed and counted apart from people's by the `sim:` prefix alone, so no
     person may carry it: a typed name with ':' is refused, and a login is what comes before a users line's ':'."""

@@ -86,6 +86,16 @@ def describe(label: dict) -> str:
     return f"{text} ({label['strength']})" if label.get("strength") else text
 
 
+def earlier_label_text(m: dict) -> str:
+    """A label in the "change an earlier label" list (a dropdown shows text, not markup): time, choice, the prompt's
+    start, and the two responses' starts as that annotator saw them, since the story recipe asks 28 pairs of each
+    prompt and the prompt alone would not tell them apart."""
+    left, right = m["responses"][m["shown_left"]], m["responses"][1 - m["shown_left"]]
+    cut = lambda text, n: " ".join(text.split())[:n]  # noqa: E731
+    return (f"{time.strftime('%H:%M', time.localtime(m['updated_at']))} · {describe(m)} · "
+            f"{cut(m['prompt'][-1]['content'], 40)} · left: {cut(left, 30)} | right: {cut(right, 30)}")
+
+
 def progress_html(p: dict, annotator: str | None = None) -> str:
     mine = p.get("mine", 0)
     mine_total = mine + p.get("open_to_me", 0)
@@ -174,8 +184,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 st = {"annotator": me}
                 item = store.next_item(me)
             mine = store.my_labels(me)
-            choices = [(f"{time.strftime('%H:%M', time.localtime(m['updated_at']))} · {describe(m)} · "
-                        f"{m['prompt'][-1]['content'][:60]}", m["pair_id"]) for m in mine]  # a dropdown shows text
+            choices = [(earlier_label_text(m), m["pair_id"]) for m in mine]
             common = (gr.update(visible=False), gr.update(visible=not use_login), gr.update(visible=bool(mine)),
                       gr.update(visible=bool(mine)))
             prog = store.progress(me)

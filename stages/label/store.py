@@ -539,10 +539,11 @@ class LabelStore:
 
     def my_labels(self, annotator: str, limit: int = 50) -> list[dict]:
         with self._read() as con:
-            rows = con.execute("SELECT l.pair_id, l.choice, l.strength, l.updated_at, i.prompt FROM labels l "
+            rows = con.execute("SELECT l.pair_id, l.choice, l.strength, l.updated_at, l.shown_left, i.prompt, "
+                               "i.responses FROM labels l "
                                "JOIN items i USING (pair_id) WHERE l.annotator = ? ORDER BY l.updated_at DESC, l.id DESC "
                                "LIMIT ?", (annotator, limit)).fetchall()
-        return [{**dict(r), "prompt": json.loads(r["prompt"])} for r in rows]
+        return [{**dict(r), "prompt": json.loads(r["prompt"]), "responses": json.loads(r["responses"])} for r in rows]
 
     def history(self, annotator: str | None = None) -> list[dict]:
         with self._read() as con:
