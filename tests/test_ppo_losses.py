@@ -253,3 +253,14 @@ def test_kl_loss_is_k3_mean_with_gradient():
     loss.backward()
     # d/dlp [e^(ref-lp) - 1 - ref + lp] = 1 - e^(ref-lp): (1 - e^-0.5) / 2 for the first token
     assert lp.grad.tolist() == pytest.approx([(1 - math.exp(-0.5)) / 2, 0.0], abs=1e-6)
+
+
+def test_kl_loss_clamps_a_token_the_reference_rates_far_above_the_policy():
+    """verl's low_var_kl: one token at log(ref / pi) = 9.5 has k3 = e^9.5 - 10.5 = 13,349, clamped to 10 with no
+    gradient; the other tokens keep their k3 and gradient. Below the clamp (2.0: k3 = e^2 - 3 = 4.389) nothing changes."""
+    lp = torch.tensor([-10.5, -1.0, -3.0], requires_grad=True)
+    ref = torch.tensor([-1.0, -1.5, -1.0])
+    loss = L.kl_loss(lp, ref, denom=3)
+    assert loss.item() == pytest.approx((10.0 + math.exp(-0.5) - 0.5 + math.exp(2.0) - 3.0) / 3, rel=1e-6)
+    loss.backward()
+    assert lp.grad.tolist() == pytest.approx([0.0, (1 - math.exp(-0.5)) / 3, (1 - math.exp(2.0)) / 3], abs=1e-6)

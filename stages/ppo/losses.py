@@ -191,9 +191,12 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, denom: float | torch.Tensor | None = None
             ) -> torch.Tensor:
     """KL to the reference as a loss term (GRPO's use_kl_loss): the k3 estimator per token, summed / denom. Its
-    gradient flows through the current log-probs."""
+    gradient flows through the current log-probs. Each token's term is clamped to at most 10 (and the log-ratio to
+    +-20), as verl's low_var_kl and OpenRLHF's k3 do: exp(log_r) is unbounded, and one token the reference rates 10
+    nats above the policy (a term of ~2e4 x the others) would take the whole clipped gradient norm of the step."""
     denom = logprobs.numel() if denom is None else denom
-    return kl_k3(logprobs, ref_logprobs).sum() / denom
+    log_r = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
+    return torch.clamp(torch.expm1(log_r) - log_r, max=10.0).sum() / denom
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float,
