@@ -468,6 +468,31 @@ def test_bad_inputs_are_refused_clearly(tiny_models, adapters, prompts_file, run
         run_ppo(llama, runs_dir, "f", prompts_file)
 
 
+def test_plain_text_prompts_record_the_reward_input_that_ran(tiny_models, adapters, tmp_path, runs_dir, capsys):
+    """A tokenizer without a chat template (plain-text prompts) switches reward_input chat -> tokens; config.json and
+    the manifest record what ran."""
+    import shutil
+
+    import yaml
+
+    spec = yaml.safe_load(Path(tiny_models["llama"]).read_text())
+    model = shutil.copytree(spec["name_or_path"], tmp_path / "no-template")
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    profile = tmp_path / "no-template.yaml"
+    profile.write_text(yaml.safe_dump({**spec, "name_or_path": str(model)}))
+    prompts = tmp_path / "plain.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    sft, rm = adapters("llama")
+    run_ppo(profile, runs_dir, "plain", prompts, sft, rm, "--total_updates", "1")
+    assert "reward_input: tokens" in capsys.readouterr().err
+    out = Path(runs_dir) / "plain" / "ppo"
+    assert json.loads((out / "config.json").read_text())["ppo"]["reward_input"] == "tokens"
+    assert json.loads((out / "manifest.json").read_text())["config"]["ppo"]["reward_input"] == "tokens"
+
+
 def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file, runs_dir, capsys):
     sft, rm = adapters("llama")
     m = run_ppo(tiny_models["llama"], runs_dir, "trunc", prompts_file, sft, rm, "--max_prompt_length", "12",

@@ -241,7 +241,6 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # launched by torchrun would each come up as a lone process (STACK-NOTES item 2).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     stage = StageRun(cfg.stage_name, run.run, run.runs_dir)  # ppo, or grpo / rloo / reinforce_pp
-    config = {"ppo": to_dict(cfg), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
 
@@ -273,6 +272,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
         if state.is_main_process:
             print("note: no chat template / plain-text prompts: the reward model reads the policy's tokens "
                   "(reward_input: tokens)", file=sys.stderr)
+    config = {"ppo": to_dict(cfg), "run": to_dict(run)}  # as run: reward_input after the switch above
 
     # Resume: --resume, or a run that was interrupted (checkpoint, no manifest) and is simply started again, but only
     # from a checkpoint trained from these same sft and rm adapters. Rank 0 decides for all (on nodes without a shared
