@@ -65,7 +65,8 @@ class PPOConfig:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
-    whiten_advantages: bool = True
+    whiten_advantages: bool = field(default=True, metadata={"help": "gae only: whiten the advantages over the batch. "
+                                   "grpo and rloo normalise within each group, reinforce_pp whitens the batch itself."})
     whiten_rewards: bool = False
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus; entropy is always logged."})
     # Advantage estimator (verl's names): gae = PPO with a critic; the others are critic-free (no value adapter)
