@@ -38,6 +38,7 @@ ENSEMBLE = "tests/test_rm.py tests/test_ppo.py -k ensemble"
 POOLING = "tests/test_rm.py tests/test_judges.py -k 'pool or pipelines_reward'"
 PEER_POOLING = "tests/test_bench_rl.py -k peers"
 GENERATION = "tests/test_generation.py"
+WIRING = "tests/test_ppo_wiring.py"
 CEILING = "tests/test_bench_rm_ceiling.py"
 EXPORT = "tests/test_label_export.py -k 'earlier or store_loaded'"
 PAIRS = "tests/test_pairs.py -k 'own_prompt or key_repeats'"
@@ -274,6 +275,26 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "new_v = token_values(lm, x, self.top, ro.cached_hidden(idx, x))", PPO_LOOP),
     ("update-group-mean", "stages/ppo/trainer.py", "adv = L.group_advantages(rewards.sum(1),",
      "adv = L.group_advantages(rewards.mean(1),", PPO_LOOP),
+    # how the loop passes its options to the losses (tests/test_ppo_wiring.py)
+    ("wiring-kl-estimator", "stages/ppo/trainer.py", '(kl3 if cfg.kl_estimator == "k3" else kl1)', "(kl1)", WIRING),
+    ("wiring-whiten-rewards-shift", "stages/ppo/trainer.py",
+     "rewards = L.masked_whiten(rewards, mask, shift_mean=False, reduce=g)",
+     "rewards = L.masked_whiten(rewards, mask, shift_mean=True, reduce=g)", WIRING),
+    ("wiring-entropy-temperature", "stages/ppo/trainer.py", "ent = L.entropy_from_logits(logits / cfg.temperature)",
+     "ent = L.entropy_from_logits(logits)", WIRING),
+    ("wiring-entropy-local-mean", "stages/ppo/trainer.py", "loss = loss - cfg.entropy_coef * ent.sum() / denom",
+     "loss = loss - cfg.entropy_coef * ent.mean()", WIRING),
+    ("wiring-dr-grpo", "stages/ppo/trainer.py", "cfg.grpo_normalize_std)[:, None] * mask", "True)[:, None] * mask",
+     WIRING),
+    ("wiring-gae-lam", "stages/ppo/trainer.py", "L.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)",
+     "L.gae(rewards, ro.values, mask, cfg.gamma, 1.0)", WIRING),
+    ("wiring-value-clip", "stages/ppo/trainer.py", "L.value_loss(new_v, old_v, ret, cfg.cliprange_value, denom)",
+     "L.value_loss(new_v, old_v, ret, cfg.cliprange, denom)", WIRING),
+    ("wiring-policy-clip", "stages/ppo/trainer.py", "L.policy_loss(new_lp, old_lp, a, cfg.cliprange, denom)",
+     "L.policy_loss(new_lp, old_lp, a, cfg.cliprange_value, denom)", WIRING),
+    ("wiring-adaptive-kl-world", "stages/ppo/trainer.py",
+     'self.kl_ctl.update(stats["kl"], cfg.local_batch_size * self.world)',
+     'self.kl_ctl.update(stats["kl"], cfg.local_batch_size)', WIRING),
 ]
 
 

@@ -1,0 +1,111 @@
+"""How the RL loop wires its options into the losses (tests/test_ppo*.py check the losses and the loop's outcomes):
+each test fails under the one-line mutant of stages/ppo/trainer.py named in its docstring (tools/mutants.py)."""
+import pytest
+import torch
+
+from stages.ppo import losses as L
+from tests.test_ppo import (_flat, _kl_per_answer, _move_off_the_reference, _trainer, adapters, prompts_file,  # noqa: F401
+                            varied_reward)
+
+
+def test_dr_grpo_flag_reaches_the_loop(tiny_models, adapters, prompts_file, tmp_path):
+    """grpo_normalize_std false (Dr. GRPO): centred scores, no division by the group std.
+    Mutant: trainer passes True instead of cfg.grpo_normalize_std."""
+    t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo", "--num_samples_per_prompt",
+                 "4", "--use_kl_loss", "true", "--grpo_normalize_std", "false", reward_fn=varied_reward)
+    ro = t.rollout()
+    adv, _, _ = t._advantages(ro)
+    expected = L.group_advantages(t._scores(ro), 4, "grpo", normalize_std=False)
+    assert expected.abs().max() > 0.5
+    torch.testing.assert_close(adv, expected[:, None] * ro.response_mask.float())
+
+
+def test_kl_estimator_k3_goes_into_the_reward(tiny_models, adapters, prompts_file, tmp_path):
+    """kl_estimator k3: the per-token penalty in the reward is k3, not k1. Mutant: always k1."""
+    coef = 0.5
+    t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "rloo", "--num_samples_per_prompt",
+                 "4", "--use_kl_loss", "false", "--kl_coef", str(coef), "--kl_estimator", "k3", reward_fn=varied_reward)
+    _move_off_the_reference(t)
+    ro = t.rollout()
+    k1, k3 = _kl_per_answer(ro)
+    assert (k1 - k3).abs().max() > 0.05
+    adv, _, _ = t._advantages(ro)
+    expected = L.group_advantages(t._scores(ro) - coef * k3, 4, "rloo")
+    torch.testing.assert_close(adv, expected[:, None] * ro.response_mask.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("whiten_rewards", [False, True])
+def test_gae_in_the_loop_is_losses_gae_with_the_configured_gamma_lam(whiten_rewards, tiny_models, adapters, prompts_file,
+                                                                    tmp_path):
+    """The loop's advantages are L.gae(rewards, values, mask, gamma, lam) of its per-token rewards (whitened with
+    shift_mean=False when whiten_rewards). Mutants: lam (or gamma) not passed; whiten_rewards shifting the mean."""
+    gamma, lam, coef = 0.9, 0.5, 0.3
+    t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--gamma", str(gamma), "--lam", str(lam), "--kl_coef",
+                 str(coef), "--whiten_advantages", "false", "--whiten_rewards", str(whiten_rewards).lower(),
+                 "--critic_init", "rm", reward_fn=varied_reward)
+    _move_off_the_reference(t)
+    ro = t.rollout()
+    m = ro.response_mask.float()
+    rewards = L.per_token_rewards(t._scores(ro), L.kl_k1(ro.logprobs, ro.ref_logprobs) * m, coef, m)
+    if whiten_rewards:
+        rewards = L.masked_whiten(rewards, m, shift_mean=False)
+    exp_adv, exp_ret = L.gae(rewards, ro.values, m, gamma, lam)
+    adv, ret, _ = t._advantages(ro)
+    torch.testing.assert_close(adv, exp_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret, exp_ret, atol=1e-5, rtol=1e-5)
+    other, _ = L.gae(rewards, ro.values, m, gamma, 1.0)
+    assert (other - exp_adv).abs().max() > 1e-2  # lam matters on this batch
+
+
+def test_each_clip_range_reaches_its_own_loss(tiny_models, adapters, prompts_file, tmp_path, monkeypatch):
+    """cliprange clips the policy ratio and cliprange_value the value change. Both default to 0.2, so a swap passes
+    every other test. Mutants: value_loss given cfg.cliprange, or policy_loss given cfg.cliprange_value."""
+    seen = {}
+    pl, vl = L.policy_loss, L.value_loss
+    monkeypatch.setattr(L, "policy_loss", lambda *a, **k: (seen.setdefault("policy", a[3]), pl(*a, **k))[1])
+    monkeypatch.setattr(L, "value_loss", lambda *a, **k: (seen.setdefault("value", a[3]), vl(*a, **k))[1])
+    t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--cliprange", "0.3", "--cliprange_value", "0.05",
+                 "--num_ppo_epochs", "1", reward_fn=varied_reward)
+    t.step()
+    assert seen == {"policy": 0.3, "value": 0.05}
+
+
+def test_entropy_bonus_is_the_sampling_distributions_token_mean(tiny_models, adapters, prompts_file, tmp_path):
+    """With equal scores and no KL the advantages are 0, so one plain SGD step is -lr * grad(-coef * token mean of the
+    entropy of softmax(logits / T)) over the mini-batch. Mutants: entropy of logits without T; ent.mean() per micro."""
+    from stages.ppo.rollout import response_logits
+
+    same = lambda prompts, ids, mask, texts: torch.zeros(len(ids))  # noqa: E731
+    lr, coef = 1e-2, 0.5
+    t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo", "--num_samples_per_prompt",
+                 "4", "--use_kl_loss", "false", "--kl_coef", "0", "--entropy_coef", str(coef), "--optim", "sgd",
+                 "--max_grad_norm", "0", "--num_ppo_epochs", "1", "--learning_rate", str(lr), "--temperature", "0.5",
+                 reward_fn=same)
+    params = [p for _, p in t.named_params["policy"]]
+    ro = t.rollout()
+    adv, returns, _ = t._advantages(ro)
+    assert not adv.any()
+    x = ro.rows(torch.arange(ro.response_ids.shape[0]), t.cfg.prompt_group)
+    t.stack.use("policy")
+    with torch.enable_grad():
+        ent = L.entropy_from_logits(response_logits(t.lm, x) / t.cfg.temperature)
+        grads = torch.autograd.grad(-coef * ent.sum() / x.num_tokens, params, allow_unused=True)
+    expected = -lr * torch.cat([(torch.zeros_like(p) if g is None else g).double().flatten() for g, p in zip(grads, params)])
+    before = _flat(params)
+    t._optimise(ro, adv, returns)
+    step = _flat(params) - before
+    assert expected.norm() > 1e-5
+    assert (step - expected).norm() <= 1e-3 * expected.norm(), ((step - expected).norm(), expected.norm())
+
+
+def test_adaptive_kl_counts_every_ranks_episodes(tiny_models, adapters, prompts_file, tmp_path):
+    """n_steps of the adaptive controller is the global batch. Stood in for by world 2 with an identity rank sum (both
+    ranks hold the same rows). Mutant: cfg.local_batch_size alone."""
+    t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--adaptive_kl", "true", "--kl_coef", "0.1",
+                 "--kl_horizon", "100", "--num_ppo_epochs", "1", reward_fn=varied_reward)
+    t.world, t._all_sum = 2, (lambda x: x.clone())
+    _move_off_the_reference(t)
+    metrics, _ = t.step()
+    kl, n = metrics["kl"], 2 * t.cfg.local_batch_size
+    err = max(min(kl / t.cfg.kl_target - 1, 0.2), -0.2)
+    assert t.kl_ctl.value == pytest.approx(0.1 * (1 + err * n / 100), rel=1e-9)
