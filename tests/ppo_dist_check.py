@@ -5,7 +5,7 @@ same episodes. Writes <out>/<mode>-rank<r>.json (and .pt tensors) for the test t
 
 - equivalence: every process makes the same rollout of 8 episodes; with 2 ranks, rank r keeps rows 4r..4r+3. One
   SGD update (1 epoch, 1 mini-batch, no clipping of the gradient norm) then gives parameter deltas, advantages and
-  logged statistics that must equal the single process's.
+  logged statistics that must equal the single process's: PPO's (eq-*), and each critic-free estimator's.
 - streams: each rank's prompts (its slice of the global episode stream) and its sampling generator.
 - checkpoints on nodes without a shared filesystem: each rank writes under its own folder <out>/node<r>; a run
   stopped after 1 update and resumed equals a straight 2-update run.
@@ -49,26 +49,43 @@ def rows_of(ro, idx: torch.Tensor):
     return out
 
 
-def equivalence(args, out: Path) -> None:
+def equivalence(args, out: Path, tag: str = "eq", *extra: str) -> None:
+    """One update on 8 episodes; `extra` picks the estimator. The critic-free ones first move the policy off the
+    reference (seeded), so that their KL terms (in the reward, or GRPO's loss term) are not zero."""
     from stages.ppo.rollout import collect
 
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     accum = "2" if world == 1 else "1"  # 8 episodes per update either way: 1 x (4 x 2) or 2 x (4 x 1)
-    trainer, state = build(*args, out / "eq", "--optim", "sgd", "--learning_rate", "0.05", "--num_ppo_epochs", "1",
+    trainer, state = build(*args, out / tag, "--optim", "sgd", "--learning_rate", "0.05", "--num_ppo_epochs", "1",
                            "--num_mini_batches", "1", "--max_grad_norm", "0", "--per_device_train_batch_size", "4",
-                           "--gradient_accumulation_steps", accum, "--kl_coef", "0.1")
-    full = collect(trainer.stack, trainer.tokenizer, trainer.prompts[:8], trainer.prompt_ids[:8], trainer.cfg,
+                           "--gradient_accumulation_steps", accum, "--kl_coef", "0.1", *extra)
+    adapters = [a for a in ("policy", "value") if a in trainer.named_params]
+    if not trainer.cfg.has_critic:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(5)
+            for _, p in trainer.named_params["policy"]:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    k = trainer.cfg.num_samples_per_prompt  # whole groups: 8 / k prompts, each k times in a row
+    full = collect(trainer.stack, trainer.tokenizer, [trainer.prompts[i // k] for i in range(8)],
+                   [trainer.prompt_ids[i // k] for i in range(8)], trainer.cfg,
                    torch.Generator().manual_seed(123), None, trainer.top)
     idx = torch.arange(8) if world == 1 else torch.arange(4 * state.process_index, 4 * state.process_index + 4)
     ro = rows_of(full, idx)
-    before = {n: p.detach().clone() for a in ("policy", "value") for n, p in trainer.named_params[a]}
+    before = {n: p.detach().clone() for a in adapters for n, p in trainer.named_params[a]}
     adv, returns, stats = trainer._advantages(ro)
     stats.update(trainer._optimise(ro, adv, returns))
-    deltas = {n: (p.detach() - before[n]) for a in ("policy", "value") for n, p in trainer.named_params[a]}
-    tag = f"eq{world}-rank{state.process_index}"
+    deltas = {n: (p.detach() - before[n]) for a in adapters for n, p in trainer.named_params[a]}
+    name = f"{tag}{world}-rank{state.process_index}"
     torch.save({"rows": idx, "adv": adv, "returns": returns, "mask": ro.response_mask, "deltas": deltas},
-               out / f"{tag}.pt")
-    (out / f"{tag}.json").write_text(json.dumps({k: v for k, v in stats.items() if "time" not in k}))
+               out / f"{name}.pt")
+    (out / f"{name}.json").write_text(json.dumps({k: v for k, v in stats.items() if "time" not in k}))
+
+
+CRITIC_FREE = {  # tag: the estimator's flags (KL in the reward for reinforce_pp and rloo, a loss term for grpo)
+    "reinforce_pp": ["--advantage_estimator", "reinforce_pp"],
+    "grpo": ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "2", "--use_kl_loss", "true", "--kl_coef", "0.5"],
+    "rloo": ["--advantage_estimator", "rloo", "--num_samples_per_prompt", "2", "--use_kl_loss", "false", "--kl_coef", "0.5"],
+}
 
 
 def streams(args, out: Path) -> None:
@@ -115,6 +132,8 @@ if __name__ == "__main__":
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     equivalence(args, out)
+    for tag, flags in CRITIC_FREE.items():
+        equivalence(args, out, tag, *flags)
     if int(__import__("os").environ.get("WORLD_SIZE", "1")) == 2:
         streams(args, out)
         checkpoints(args, out)

@@ -295,6 +295,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("wiring-adaptive-kl-world", "stages/ppo/trainer.py",
      'self.kl_ctl.update(stats["kl"], cfg.local_batch_size * self.world)',
      'self.kl_ctl.update(stats["kl"], cfg.local_batch_size)', WIRING),
+    ("ranks-reinforce-pp-local", "stages/ppo/trainer.py",
+     "adv = L.reinforce_pp_advantages(rewards, mask, cfg.gamma, reduce=g)",
+     "adv = L.reinforce_pp_advantages(rewards, mask, cfg.gamma)", PPO_RANKS),
 ]
 
 
