@@ -84,7 +84,7 @@ class RMArgs:
 
 def plan_steps(n_train: int, train_cfg, args: RMArgs, world_size: int) -> dict:
     """Optimizer steps for this much data, set on train_cfg. max_steps or num_train_epochs when set (> 0); else at
-    least min_steps and one epoch, at most max_epochs: 300 pairs get ~7 epochs, the bundled mixture one.
+    least min_steps and one epoch, at most max_epochs: 300 pairs get ~3 epochs at min_steps 100, the bundled mixture one.
     With eval_strategy "steps", `evals` held-out evaluations (and checkpoints) spread evenly, the last at the end."""
     per_epoch = math.ceil(n_train / (train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps
                                      * world_size))

@@ -1,4 +1,4 @@
-"""The labeling UI in a real browser: Playwright driving Debian's Chromium, headless (../shared/browser/RECIPE.md).
+"""The labeling UI in a real browser: Playwright driving Debian's Chromium, headless (`apt-get install chromium`, as .ci/run does).
 
 Every test checks that nothing leaves the machine: the browser's requests to anything but the app are aborted
 and recorded, and a Python audit hook records non-loopback connects/lookups of the app (in this process, or in
