@@ -38,6 +38,7 @@ SIMULATED_PREFIX = "sim:"
 def is_simulated(annotator: str) -> bool:
     return annotator.startswith(SIMULATED_PREFIX)
 
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     pair_id    TEXT PRIMARY KEY,
