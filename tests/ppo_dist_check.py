@@ -5,7 +5,7 @@ same episodes. Writes <out>/<mode>-rank<r>.json (and .pt tensors) for the test t
 
 - equivalence: every process makes the same rollout of 8 episodes; with 2 ranks, rank r keeps rows 4r..4r+3. One
   SGD update (1 epoch, 1 mini-batch, no clipping of the gradient norm) then gives parameter deltas, advantages and
-  logged statistics that must equal the single process's: PPO's (eq-*), and each critic-free estimator's.
+  logged statistics that must equal the single process's: PPO's (eq-*), and each of VARIANTS'.
 - streams: each rank's prompts (its slice of the global episode stream) and its sampling generator.
 - checkpoints on nodes without a shared filesystem: each rank writes under its own folder <out>/node<r>; a run
   stopped after 1 update and resumed equals a straight 2-update run.
@@ -81,7 +81,9 @@ def equivalence(args, out: Path, tag: str = "eq", *extra: str) -> None:
     (out / f"{name}.json").write_text(json.dumps({k: v for k, v in stats.items() if "time" not in k}))
 
 
-CRITIC_FREE = {  # tag: the estimator's flags (KL in the reward for reinforce_pp and rloo, a loss term for grpo)
+VARIANTS = {  # tag: flags. The critic-free estimators (KL in the reward for reinforce_pp and rloo, a loss term for
+    # grpo), and PPO whitening its rewards (over every rank's tokens, as its advantages)
+    "whiten_rewards": ["--whiten_rewards", "true"],
     "reinforce_pp": ["--advantage_estimator", "reinforce_pp"],
     "grpo": ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "2", "--use_kl_loss", "true", "--kl_coef", "0.5"],
     "rloo": ["--advantage_estimator", "rloo", "--num_samples_per_prompt", "2", "--use_kl_loss", "false", "--kl_coef", "0.5"],
@@ -132,7 +134,7 @@ if __name__ == "__main__":
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     equivalence(args, out)
-    for tag, flags in CRITIC_FREE.items():
+    for tag, flags in VARIANTS.items():
         equivalence(args, out, tag, *flags)
     if int(__import__("os").environ.get("WORLD_SIZE", "1")) == 2:
         streams(args, out)
