@@ -76,11 +76,18 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
             from peft import AutoPeftModelForSequenceClassification
 
             model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+            untrained = [] if adapter_has_head(path) else ["score"]
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+            model, info = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
+                                                                             output_loading_info=True)
+            untrained = [k for k in info["missing_keys"] if k.split(".")[0] in HEAD_NAMES]
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"judge 'rm:{path_text}' could not be loaded: {str(err).splitlines()[0]}") from None
+    if untrained:  # a causal LM (the base, a merged policy) loads with a freshly drawn head: a random judge
+        raise ConfigError(f"judge 'rm:{path_text}' has no trained score head ({', '.join(untrained)} would be drawn at "
+                          f"random on every load): give a reward model (the rm stage's adapter folder, or a "
+                          f"sequence-classification checkpoint)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the adapter does not carry it (STACK-NOTES 3)
@@ -102,12 +109,29 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
     return score
 
 
+HEAD_NAMES = ("score", "classifier")  # a sequence-classification model's head, by the name transformers gives it
+
+
+def adapter_has_head(folder: Path) -> bool:
+    """Whether a peft adapter carries its own score head (modules_to_save, as `make rm` saves it)."""
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return True  # a .bin adapter: not inspected here (peft loads it, or fails with its own error)
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return any(part in HEAD_NAMES for key in f.keys() for part in key.split("."))
+
+
 def function_judge(spec: str) -> Callable:
     module_name, _, function_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(f"judge '{spec}': cannot import module '{module_name}' ({err}); judges are {FORMS}") from None
+    except Exception as err:  # the module itself fails as it is imported (a missing key, a syntax error)
+        raise ConfigError(f"judge '{spec}': importing module '{module_name}' failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ConfigError(f"judge '{spec}': module '{module_name}' has no function '{function_name}'")

@@ -121,9 +121,15 @@ def read_rm_eval_pairs(rm: dict) -> list[dict]:
     if not path or not Path(path).is_file():
         return []
     text = lambda x: x if isinstance(x, str) else x[-1]["content"]  # noqa: E731 (a reply: text or [assistant message])
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [{"prompt": r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}],
-             "chosen": text(r["chosen"]), "rejected": text(r["rejected"])} for r in rows]
+    pairs = []
+    for n, r in read_jsonl(Path(path)):  # a damaged line: one ConfigError naming the file and the line
+        try:
+            pairs.append({"prompt": r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}],
+                          "chosen": text(r["chosen"]), "rejected": text(r["rejected"])})
+        except (KeyError, IndexError, TypeError):
+            raise ConfigError(f"the reward model's held-out pairs {path} line {n} is not a preference pair: rerun "
+                              f"`make rm`") from None
+    return pairs
 
 
 @torch.no_grad()
@@ -176,6 +182,22 @@ def kept_policy_samples(stack: AdapterStack, tokenizer, prompts, prompt_ids, sam
     return kept
 
 
+def optimised_reward(rm: dict, trained: dict[str, dict]) -> tuple[dict, list, str | None]:
+    """The reward model the RL stages optimised, which eval scores with (its "proxy"): the rm stage's (one model, or
+    its ensemble scored as PPO scored it), or the `reward_adapter` they were given instead (unnormalised, as PPO takes
+    it). Returns (adapters, their score stats, that reward_adapter or None). Stages rewarded by different models
+    cannot share one reward column: refused."""
+    given = {name: cfg.get("reward_adapter") or None for name, cfg in trained.items()}
+    if len(set(given.values())) > 1:
+        raise ConfigError("the run's RL stages were rewarded by different reward models ("
+                          + ", ".join(f"{n}: {a or 'the rm stage'}" for n, a in given.items()) + "): eval scores them all "
+                          "with one, so evaluate them in separate runs, or retrain them with the same reward")
+    adapter = next(iter(given.values()), None)
+    if adapter:
+        return {"reward": resolve_path(adapter)}, [(0.0, 1.0)], adapter
+    return (*reward_members(rm), None)
+
+
 def load_gold_judge(args: EvalArgs, rm: dict, trained_configs: list[dict], prompts: list):
     """The configured gold judge, refusing the reward model any RL stage optimised, tried on two rows so that a judge
     that fails says so before anything is written. None without one."""
@@ -196,7 +218,9 @@ def render_markdown(report: dict, n_rows: int) -> str:
     lines = [f"# Evaluation of run `{report['run']}`", "",
              f"{report['figures']['n_prompts']} held-out prompts (never trained on), one sampled response per policy "
              f"(temperature {report['sampling']['temperature']}, at most {report['sampling']['max_new_tokens']} new tokens, "
-             f"seed {report['seed']}), scored by the run's reward model"
+             f"seed {report['seed']}), scored by "
+             + (f"the reward model the RL stages were given (`{report['reward_adapter']}`)" if report.get("reward_adapter")
+                else "the run's reward model")
              + (f" (the mean of its {report['reward_models']} members' standardised scores, as PPO was rewarded)"
                 if report.get("reward_models", 1) > 1 else "")
              + (", each summing its head over the reply's tokens (pooling `sum`)" if report.get("reward_pooling") == "sum" else "")
@@ -271,6 +295,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     prompts = load_prompts(shared_heldout_prompts(policies), args.max_prompts)  # the same for every policy, or refused
     ppo = policies.get("ppo")
     trained = {n: (m.get("config") or {}).get("ppo", {}) for n, m in policies.items() if n in RL_STAGES}
+    rewards, reward_stats, reward_adapter = optimised_reward(rm, trained)  # what the RL stages optimised: eval's proxy
     for name, cfg in trained.items():
         for ours, theirs in (("max_new_tokens", "response_length"), ("temperature", "temperature")):
             if theirs in cfg and cfg[theirs] != getattr(sampling, ours) and state.is_main_process:
@@ -281,13 +306,12 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     judge = load_gold_judge(args, rm, list(trained.values()), prompts)  # checked before the run folder is touched
     prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)  # a prompt the template refuses: here too
-    stage.prepare(config, is_main=state.is_main_process)
+    final = {name: final_update(m) for name, m in policies.items() if name in RL_STAGES}  # their metrics files: read
 
     # 1. Every policy adapter, the SFT adapter (also the KL reference) and the reward adapter on one frozen base (sharded
     #    under the FSDP config), on this process's accelerator. Every rank takes part from here: the batches of
     #    generation, scoring and KL are spread over the ranks.
     adapters = {name: m["outputs"]["adapter"] for name, m in policies.items()}
-    rewards, reward_stats = reward_members(rm)  # one reward model, or an ensemble scored as PPO scored it
     stack = AdapterStack.build(profile, tokenizer, {**adapters, "sft": sft["outputs"]["adapter"], **rewards},
                                base_model=load_base(profile, tokenizer, shard=shard))
     stack.add_ensemble("reward", list(rewards), reward_stats)
@@ -305,7 +329,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         if ppo:
             heldout = heldout_pair_rewards(stack, tokenizer, rm, args.score_batch_size)
         kept = {name: kept_policy_samples(stack, tokenizer, prompts, prompt_ids, sampling, args, stage.dir.parent / name,
-                                          final_update(m)) for name, m in policies.items() if name in RL_STAGES}
+                                          final[name]) for name in final}
     sharding = sharding_report(stack.model)
     if not state.is_main_process:  # the main process writes the report
         finish_distributed()
@@ -317,17 +341,22 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
 
     gold = {n: judge_scores(judge, prompts, ro[n]["texts"], args.gold_batch_size) for n in ro} if judge is not None else None
     report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "reward_models": len(rewards),
+              "reward_adapter": reward_adapter,
               "reward_pooling": stack.pooling["reward"]}
     figures, plots, outputs = {}, {}, {}
     if ppo:
         report.update(sft_vs_ppo(judge, prompts, args, ppo, stage.dir.parent / "ppo", ro["sft"], ro["ppo"], kl["ppo"], gold,
                                  heldout, kept.get("ppo", [])))
         figures = report["figures"]
+    comparison = compare_policies(judge, prompts, args, policies, ro, kl, gold, kept,
+                                  report["gold"]["curve"] if report.get("gold") else None)
+    # Every figure is in: only now is the run folder touched, so that a judge failing on the real samples (not the
+    # two rows load_gold_judge tries) or a damaged upstream file leaves the last finished eval as it was.
+    stage.prepare(config)
+    if ppo:
         plots = save_plots(report.pop("metrics_rows"), ro["sft"], ro["ppo"], stage.dir / "plots")
         if report["gold"] is not None:
             plots["overoptimisation"] = plot_overoptimisation(report["gold"]["curve"], stage.dir / "plots" / "overoptimisation.png")
-    comparison = compare_policies(judge, prompts, args, policies, ro, kl, gold, kept,
-                                  report["gold"]["curve"] if report.get("gold") else None)
     if ppo:  # PPO's held-out signs (KL, length, its gold curve) are the comparison's: one rule for every policy
         report["flags"] += [f"held-out: {flag}" for flag in comparison["flags"]["ppo"]]
         figures["reward_hacking_suspected"] = bool(report["flags"])

@@ -8,13 +8,13 @@ so report.json's figures can be recomputed from its samples.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from statistics import NormalDist
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.data import read_jsonl
 from pipeline.stats import wilson
 
 RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")  # the one RL loop (stages/ppo/): trained on prompts, some held out
@@ -144,7 +144,12 @@ def find_policy_stages(stage_run) -> dict[str, dict]:
 def read_prompt_rows(path: Path) -> list:
     if not path.is_file():
         raise ConfigError(f"held-out prompts {path} are missing: rerun the stage that wrote them (`make ppo`)")
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, row in read_jsonl(path):  # a damaged line: one ConfigError naming the file and the line
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ConfigError(f"held-out prompts {path} line {n} has no 'prompt': rerun the stage that wrote them")
+        rows.append(row["prompt"])
+    return rows
 
 
 def shared_heldout_prompts(policies: dict[str, dict]) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, resolve_path
+from pipeline.data import read_jsonl
 from stages.eval_compare import describe, overoptimisation_flag, wilson, win_rate
 
 if TYPE_CHECKING:
@@ -24,7 +25,11 @@ if TYPE_CHECKING:
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"PPO metrics file {path} is missing: rerun `make ppo`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)  # a damaged line: one ConfigError naming the file and the line
+    bad = [n for n, row in rows if not isinstance(row, dict)]
+    if bad:
+        raise ConfigError(f"PPO metrics file {path} line {bad[0]} is not a metrics row: rerun `make ppo`")
+    return [row for _, row in rows]
 
 
 def training_summary(rows: list[dict]) -> dict:
