@@ -118,7 +118,19 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
 
 
 def list_folder(folder: Path) -> list[tuple[str, int]]:
-    return sorted((str(f.relative_to(folder)), f.stat().st_size) for f in folder.rglob("*") if f.is_file())
+    """The files upload_folder sends (it never sends what huggingface_hub's DEFAULT_IGNORE_PATTERNS name), with sizes."""
+    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*") if f.is_file()}
+    return sorted((name, files[name]) for name in filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+
+
+# What a local base folder may hold that is not the model: training state (a base saved by a Trainer), and what
+# upload_folder never sends (huggingface_hub's DEFAULT_IGNORE_PATTERNS: a git clone's .git/, which may hold a remote URL
+# with a token, and `hf download --local-dir`'s .cache/huggingface/). Weights saved as pytorch_model*.bin are the model.
+NOT_PART_OF_A_BASE = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
+                      "__pycache__", ".git", ".cache")
 
 
 # ---------------------------------------------------------------------------------------------------- the upload
@@ -223,7 +235,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
                 shutil.copy2(f, folder / f.name)
     extras = []
     if local:
-        shutil.copytree(base, folder / "base", ignore=shutil.ignore_patterns("*.bin", "__pycache__"))
+        shutil.copytree(base, folder / "base", ignore=shutil.ignore_patterns(*NOT_PART_OF_A_BASE))
     if args.include_sft:
         copy_adapter(sft["outputs"]["adapter"], folder / "sft", base_ref)
         extras.append("sft/")
@@ -238,7 +250,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     (folder / "eval").mkdir()
     for name in ("report.md", "report.json"):
         shutil.copy2(eval_dir / name, folder / "eval" / name)
-    shutil.copytree(eval_dir / "plots", folder / "eval" / "plots")
+    if (eval_dir / "plots").is_dir():  # none for a run without PPO and without a gold judge
+        shutil.copytree(eval_dir / "plots", folder / "eval" / "plots")
 
     # 2. The preference dataset, for its own dataset repo
     dataset_folder, dataset_repo, dataset_sources = None, None, None

