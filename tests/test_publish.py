@@ -249,7 +249,7 @@ class FakeHub:
     every file is answered "regular" at preupload, so it arrives base64 inside the commit's NDJSON."""
 
     def __init__(self, mode: str = "ok"):
-        self.mode, self.commits, self.calls, self.auth, self.unknown = mode, {}, [], set(), []
+        self.mode, self.commits, self.calls, self.auth, self.unknown, self.created = mode, {}, [], set(), [], []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -286,6 +286,7 @@ class FakeHub:
                     if hub.mode == "forbidden":
                         return self.reply(403, {"error": "You don't have the rights to create a model under this namespace"})
                     req = json.loads(body)
+                    hub.created.append((req.get("type", "model"), f"{req['organization']}/{req['name']}", req.get("visibility")))
                     return self.reply(200, {"url": f"{hub.url}/{req['organization']}/{req['name']}", "name": req["name"]})
                 if len(parts) >= 6 and parts[0] == "api" and parts[4] in ("preupload", "commit", "branch"):
                     kind, repo, rev = parts[1][:-1], f"{parts[2]}/{parts[3]}", "/".join(parts[5:])
@@ -338,6 +339,7 @@ def test_upload_end_to_end_every_file_arrives_and_the_token_never_leaks(runs, dr
     assert hub.commits[("model", "tester/tiny-rlhf", "dev")] == files_of(keep / "model")  # the dry run, byte for byte
     assert hub.commits[("dataset", "tester/tiny-rlhf-preferences", "dev")] == files_of(keep / "dataset")
     assert ("POST", "/api/models/tester/tiny-rlhf/branch/dev") in hub.calls
+    assert sorted(hub.created) == [("dataset", "tester/tiny-rlhf-preferences", "private"), ("model", "tester/tiny-rlhf", "private")]
     assert hub.auth == {f"Bearer {TOKEN}"}  # the token was used for every call...
     manifest = json.loads((runs / "t" / "publish" / "manifest.json").read_text())
     assert len(manifest["metrics"]["commits"]) == 2 and manifest["metrics"]["dry_run"] is False

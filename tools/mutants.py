@@ -295,6 +295,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("wiring-adaptive-kl-world", "stages/ppo/trainer.py",
      'self.kl_ctl.update(stats["kl"], cfg.local_batch_size * self.world)',
      'self.kl_ctl.update(stats["kl"], cfg.local_batch_size)', WIRING),
+    ("publish-private-dropped", "stages/publish.py", "private=True if args.private else None", "private=None",
+     "tests/test_publish.py -k upload_end_to_end"),
     ("ranks-whiten-rewards-local", "stages/ppo/trainer.py",
      "rewards = L.masked_whiten(rewards, mask, shift_mean=False, reduce=g)",
      "rewards = L.masked_whiten(rewards, mask, shift_mean=False)", PPO_RANKS),
