@@ -80,7 +80,7 @@ check_stage = $(if $(and $(or $(strip $(call stage_args,$(1))),$(filter publish,
 	$(call stage_opts,$(1)) $(call stage_args,$(1)))$(if $(filter-out 0,$(.SHELLSTATUS)),$(error stopped)))
 $(foreach s,$(STAGES),$(call check_stage,$(firstword $(subst :, ,$(s)))))
 # $(call stage,NAME): run one stage under accelerate unless its manifest is current.
-stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED))),--force) \
+stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED))),--force) $(if $(filter $(1),$(NAMED)),,--chained) \
 	--config_file $(ACCELERATE_CONFIG) $(call stage_opts,$(1)) $(call stage_args,$(1))
 # $(call direct,NAME): a stage that runs in this process, not under accelerate (the labeling server, exports, publish).
 direct = $(PY) $(call stage_opts,$(1)) $(call stage_args,$(1))

@@ -98,7 +98,7 @@ def check(module: str, stage_args: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or "-m" not in argv[1:]:
-        print("usage: python -m pipeline.launch STAGE [--force] [ACCELERATE_ARGS...] -m MODULE [STAGE_ARGS...]",
+        print("usage: python -m pipeline.launch STAGE [--force] [--chained] [ACCELERATE_ARGS...] -m MODULE [STAGE_ARGS...]",
               file=sys.stderr)
         return CONFIG_ERROR_EXIT
     stage, rest = argv[0], argv[1:]
@@ -107,7 +107,8 @@ def main(argv: list[str]) -> int:
     if "--check" in ours:
         return check(module, stage_args)
     force = "--force" in ours or "--force" in stage_args
-    ours, stage_args = [a for a in ours if a != "--force"], [a for a in stage_args if a != "--force"]
+    chained = "--chained" in ours  # make runs it only because a stage named after it needs it
+    ours, stage_args = [a for a in ours if a not in ("--force", "--chained")], [a for a in stage_args if a != "--force"]
     if "--config_file" in ours[:-1]:
         config_file = Path(ours[ours.index("--config_file") + 1])
         if not config_file.is_file():
@@ -125,6 +126,14 @@ def main(argv: list[str]) -> int:
         if current:
             print(f"{stage}: up to date, skipped (same command line, launch, files and upstream stages; FORCE=1 redoes it)")
             return 0
+        if chained and why.startswith("the command line changed"):
+            # Reached through the chain only (`make ppo` needs sft): its last run's flags (own data, MODEL=, ...) are not
+            # retrained away by a command that did not ask for that stage. Files and upstream stages still rerun it.
+            print(f"error: {stage} ran with another command line than `make` would give it now ({why.split('(', 1)[1][:-1]}"
+                  f"): it is not named here, so it is not retrained with other flags; name it with the flags you want "
+                  f"(`make {stage} ...`; MODEL= and ARGS= too), or keep them in its own variable for every "
+                  f"`make` ({stage.upper().replace('-', '_')}_ARGS=...)", file=sys.stderr)
+            return CONFIG_ERROR_EXIT
         print(f"{stage}: running, because {why}", flush=True)
     return launch(ours, module, stage_args)
 

@@ -209,6 +209,30 @@ def test_changed_data_file_or_command_line_reruns(tmp_path):
     assert ran(runs) == ["rm"] and "the command line changed" in res.stdout
 
 
+def test_a_stage_reached_through_the_chain_keeps_its_last_flags(tmp_path):
+    """`make rm ARGS="--dataset_name mine"`, then `make ppo`: rm is not named, so make does not retrain it on the config's
+    data (the own-data run was lost that way): one error line, exit 2, nothing run. Named with its flags, or its own
+    variable, it is up to date; a changed file of its still reruns it through the chain."""
+    runs, data = tmp_path / "runs", tmp_path / "prefs.jsonl"
+    data.write_text('{"chosen": "a", "rejected": "b"}\n')
+    make("rm", f"ARGS=--dataset_name {data}", runs_dir=runs)
+    assert ran(runs) == ["sft", "rm"]
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    res = make("ppo", runs_dir=runs)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert errors[0].startswith(f"error: rm ran with another command line than `make` would give it now (was: ")
+    assert f"--dataset_name {data}" in errors[0] and "(`make rm ...`" in errors[0] and "RM_ARGS=..." in errors[0]
+    assert ran(runs) == [] and sorted(p.relative_to(runs) for p in runs.rglob("*")) == before
+    make("ppo", f"RM_ARGS=--dataset_name {data}", runs_dir=runs)  # its own variable: rm is current, ppo runs
+    assert ran(runs) == ["ppo"]
+    data.write_text('{"chosen": "a", "rejected": "c"}\n')  # a file it read changed: rerun, through the chain too
+    make("ppo", f"RM_ARGS=--dataset_name {data}", runs_dir=runs)
+    assert ran(runs) == ["rm", "ppo"]
+    res = make("rm", runs_dir=runs)  # named: another command line reruns it, as asked
+    assert ran(runs) == ["rm"] and "the command line changed" in res.stdout
+
+
 def test_is_current_records(tmp_path, monkeypatch):
     """The recorded inputs, hand-checked: argv, file digests (not the stage's own folder), upstream digests."""
     runs, data = tmp_path / "runs", tmp_path / "d.jsonl"
