@@ -200,7 +200,10 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     lines += ["", "## How to use", "", "```python"]
     if local:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f"base = AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"base\")",
+                  "# adapter_kwargs: the adapter_config.json at the repo's root is not this folder's (transformers would "
+                  "follow it)",
+                  f"base = AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"base\", "
+                  f"adapter_kwargs={{\"subfolder\": \"base\"}})",
                   f"model = PeftModel.from_pretrained(base, \"{repo}\")",
                   f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")"]
     else:
@@ -217,7 +220,8 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
                   "`AutoPeftModelForCausalLM.from_pretrained(folder)` from any directory); from the Hub, load the base from "
                   "`subfolder=\"base\"` as above.", ""]
     if "merged/" in extras:
-        lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\")` (base and adapter merged).", ""]
+        lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\", "
+                  f"adapter_kwargs={{\"subfolder\": \"merged\"}})` (base and adapter merged).", ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
     for stage in ("sft", args.policy) if method == "dpo" else ("sft", "rm", args.policy):
         hp = hyperparameters(manifests[stage])

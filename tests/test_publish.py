@@ -146,6 +146,14 @@ def test_card_parses_with_the_hub_metadata(runs, dry_run):
                    "## Intended use and limits", "| sft |", "| ppo |", "Apache-2.0", "MIT", "learning_rate"):
         assert needle in text, needle
     assert "/tmp" not in text.split("## How to use")[0]  # no local paths in the description
+    # the card's own loading lines work: run on the folder as it would be downloaded (the repo id -> its path)
+    code = text.split("## How to use")[1].split("```python")[1].split("```")[0].split("messages =")[0]
+    merged = text.split("Without peft: `")[1].split("`")[0]
+    script = (code + f"\nmerged = {merged}\nprint(type(model).__name__, type(merged).__name__)").replace(
+        '"tester/tiny-rlhf"', repr(str(keep / "model")))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0 and "PeftModelForCausalLM" in res.stdout, res.stderr[-2000:]
     ds_card = DatasetCard.load(keep / "dataset" / "README.md")
     assert ds_card.data.to_dict()["license"] == "apache-2.0"
     # the fixture's labels are a person's ("ann"): said so on both cards
