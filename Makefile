@@ -12,6 +12,9 @@ $(if $(wildcard $(RECIPE_DIR)/*.yaml),,$(call refuse,RECIPE=$(RECIPE): no config
 cfg = $(firstword $(wildcard $(RECIPE_DIR)/$(1).yaml) configs/$(1).yaml)
 RUN ?= $(if $(filter story,$(RECIPE)),default,$(RECIPE))
 RUNS_DIR ?= runs
+# A run is one folder under RUNS_DIR, so that no stage writes, and `make clean-run` deletes, anything outside it.
+RUN_PROBLEM := $(if $(filter-out 1,$(words $(RUN))),is not one word,$(if $(or $(findstring /,$(RUN)),$(findstring \,$(RUN))),holds a path separator,$(if $(filter . ..,$(RUN)),is not a folder name)))
+$(if $(RUN_PROBLEM),$(call refuse,RUN=$(RUN) $(RUN_PROBLEM): name the run with letters digits . _ - only (e.g. RUN=mine)))
 # Story recipe: the reward model learns from this run's own labels. When people have labeled (make label), theirs are
 # exported; otherwise simulated annotators label the pairs first (stages/simulate.py), so `make sft rm ppo` runs
 # unattended. AUTO_LABELS= (empty) turns that off: rm then reads whatever label export the run has.

@@ -332,6 +332,18 @@ def test_bad_make_variables_give_one_error_line_and_exit_2(variables, words, tmp
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("run,problem", [("../escape", "holds a path separator"), ("a/b", "holds a path separator"),
+                                         ("..", "is not a folder name"), ("my run", "is not one word"), ("", "is not one word")])
+@pytest.mark.parametrize("target", ["sft", "clean-run"])
+def test_a_run_name_that_is_not_one_folder_is_refused(run, problem, target, tmp_path):
+    """RUN=../escape wrote outside the runs folder, and `make clean-run RUN=..` would have deleted the checkout."""
+    res = make(target, f"RUNS_DIR={tmp_path / 'runs'}", f"RUN={run}")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and errors == [f"error: RUN={run} {problem}: name the run with letters digits . _ - only "
+                                              f"(e.g. RUN=mine)"], res.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escape").exists() and (REPO / "Makefile").is_file()
+
+
 def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
     """`make ppo PPO_ARGS=...` on a fresh run: the flag is parsed before SFT, pairs, labels and the reward models run
     (they would take minutes, and write the run folder, before PPO refused it)."""
