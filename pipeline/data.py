@@ -15,8 +15,8 @@ from pipeline.config import ConfigError, resolve_path
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_any(name_or_path: str, split: str = "train"):
-    """One `datasets.Dataset` from wherever the user points."""
+def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_name"):
+    """One `datasets.Dataset` from wherever the user points (`flag`: where it was given, for the error)."""
     import datasets
 
     path = resolve_path(name_or_path)
@@ -44,7 +44,7 @@ def load_any(name_or_path: str, split: str = "train"):
                 check_text_file(f)
             return datasets.load_dataset(SUFFIX_TO_BUILDER[files[0].suffix], data_files=[str(f) for f in files], split="train")
         if name_or_path.startswith((".", "/")) or name_or_path.endswith(tuple(SUFFIX_TO_BUILDER)) or name_or_path.count("/") > 1:
-            raise ConfigError(f"dataset {name_or_path} does not exist: check the path given to --dataset_name")
+            raise ConfigError(f"dataset {name_or_path} does not exist: check the path given to {flag}")
         return datasets.load_dataset(name_or_path, split=split)
     except ConfigError:
         raise

@@ -57,7 +57,7 @@ def as_messages(prompt) -> list[dict]:
 def load_prompts(args: PairsArgs) -> tuple[list[list[dict]], str]:
     """Every prompt checked (a row that is not a usable prompt is one ConfigError naming it), repeats dropped."""
     name = args.dataset_name or args.prompts_file
-    ds = load_any(name)
+    ds = load_any(name, flag="--dataset_name" if args.dataset_name else "--prompts_file")
     if "prompt" not in ds.column_names:
         require_columns(ds, ["messages"], name, "give rows with a `prompt` (messages or text) or `messages`")
     for i, row in enumerate(ds):
@@ -128,7 +128,9 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     n_long = len(encoded) - len(keep)
     prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
     if not prompts:
-        raise ConfigError(f"all {n_long} prompts are longer than max_prompt_tokens={args.max_prompt_tokens}")
+        raise ConfigError(f"all {n_long} prompts of {data_name} are longer than max_prompt_tokens="
+                          f"{args.max_prompt_tokens} tokens (with the chat template): raise --max_prompt_tokens, or give "
+                          f"shorter prompts")
     stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Policy: the frozen base (sharded under the FSDP config) + the run's SFT adapter, on this process's accelerator

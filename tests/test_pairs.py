@@ -90,6 +90,12 @@ def test_pairs_refuses_greedy_and_missing_sft(tiny_models, runs_dir):
         main(*parse((PairsArgs, SamplingConfig, RunArgs), args))
     with pytest.raises(ConfigError, match="temperature 0"):
         main(*parse((PairsArgs, SamplingConfig, RunArgs), [*args, "--temperature", "0"]))
+    from stages.pairs import load_prompts
+
+    with pytest.raises(ConfigError, match=r"nope\.jsonl does not exist: check the path given to --prompts_file$"):
+        load_prompts(PairsArgs(prompts_file="nope.jsonl"))
+    with pytest.raises(ConfigError, match=r"nope\.jsonl does not exist: check the path given to --dataset_name$"):
+        load_prompts(PairsArgs(dataset_name="nope.jsonl"))
 
 
 def test_pairs_on_a_bf16_base_on_the_accelerator(tiny_models_bf16, runs_dir, monkeypatch):
