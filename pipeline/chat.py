@@ -94,8 +94,17 @@ def tokenize_with_assistant_mask(tokenizer, messages: list[dict], eot: str) -> d
 
 
 def require_end_of_turn(tokenizer) -> str:
+    """The template's end-of-turn text; refused: a template that writes none, or whose generation prompt adds nothing
+    (SFT would then train the model to write the assistant header itself, while pairs, PPO and eval sample after prompts
+    that end without it)."""
     eot = end_of_turn(tokenizer)
     if not eot:
         raise ConfigError("the chat template closes assistant turns with no end-of-turn text, so a model trained on "
                           "it could not learn to stop: set a template that does (model profile `chat_template:`)")
+    user = [{"role": "user", "content": _PROBE_USER}]
+    if tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == \
+            tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False):
+        raise ConfigError("the chat template adds nothing for add_generation_prompt=True (no assistant header before a "
+                          "reply), so the prompts sampled from would not end where SFT's replies start: set a template "
+                          "that writes one (model profile `chat_template:`)")
     return eot

@@ -252,7 +252,7 @@ def test_pairs_and_eval_count_a_response_ended_by_the_end_of_turn_token(stoppers
     assert m["no_eos_sft"] == 0.0 and m["no_eos_ppo"] == 0.0 and m["length_sft_mean"] == m["length_ppo_mean"] == 1.0
 
 
-@pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn"])
+@pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn", "no_generation_prompt"])
 def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers):
     from transformers import AutoTokenizer
 
@@ -266,6 +266,10 @@ def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers
                             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
         with pytest.raises(ConfigError, match="renders the conversation before assistant turn 1 differently"):
             tokenize_with_assistant_mask(tok, conversation("qwen2_5")[1:], "<|im_end|>")
+    elif case == "no_generation_prompt":  # ChatML without its generation prompt: SFT would train the header as reply
+        tok.chat_template = turn + "<|im_end|>\n{% endfor %}"
+        with pytest.raises(ConfigError, match="adds nothing for add_generation_prompt=True"):
+            require_end_of_turn(tok)
     else:  # turns run together with nothing that closes them: a model trained on it could not learn to stop
         tok.chat_template = turn + "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
         with pytest.raises(ConfigError, match="closes assistant turns with no end-of-turn text"):
