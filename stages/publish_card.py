@@ -47,12 +47,23 @@ def flat(d, prefix: str = "") -> dict:
     return out
 
 
+REPLACED_BY_DATASET_NAME = ("dataset_mixture", "prompts_file")  # a stage given --dataset_name did not read these
+
+
+def own_dataset(values: dict) -> str | None:
+    """The --dataset_name a stage's config section was given (your own data, in place of its bundled files)."""
+    name = values.get("dataset_name")
+    return name if isinstance(name, str) and name else None
+
+
 def hyperparameters(manifest: dict) -> dict:
     """A stage's own settings (its small dataclasses) plus the TrainingArguments that matter; no paths of this box."""
     rows = {}
     for section, values in (manifest.get("config") or {}).items():
         if section == "run" or not isinstance(values, dict):
             continue
+        if own_dataset(values):
+            values = {k: v for k, v in values.items() if k not in REPLACED_BY_DATASET_NAME}
         for k, v in flat(values).items():
             local_path = isinstance(v, str) and (v.startswith("/") or "dir" in k or "path" in k)  # this box's paths
             if (section != "train" or k in TRAIN_KEYS) and v not in (None, "", [], {}) and not local_path \
@@ -61,12 +72,20 @@ def hyperparameters(manifest: dict) -> dict:
     return rows
 
 
+OWN_DATA = "your own data: "
+
+
 def data_files_used(manifests: dict[str, dict], base: str) -> dict[str, set[str]]:
     """Bundled data file (repo-relative) -> stages that read it, from the resolved configs; pretraining data of the
     embedded base from its training_report.json."""
     used: dict[str, set[str]] = {}
     for stage, m in manifests.items():
-        for v in flat(m.get("config")).values():
+        config = dict(m.get("config") or {})
+        for section, values in config.items():
+            if isinstance(values, dict) and own_dataset(values):  # your own data, not the bundled files it replaced
+                used.setdefault(OWN_DATA + Path(own_dataset(values)).name, set()).add(stage)
+                config[section] = {k: v for k, v in values.items() if k not in (*REPLACED_BY_DATASET_NAME, "dataset_name")}
+        for v in flat(config).values():
             for item in (v if isinstance(v, (list, dict)) else [v]):
                 if isinstance(item, str) and "data/" in item and not item.startswith("runs/"):
                     used.setdefault(item[item.index("data/"):], set()).add(stage)
@@ -83,6 +102,10 @@ def data_sources(used: dict[str, set[str]]) -> list[dict]:
     folders = sorted((REPO_ROOT / "data" / "sources").iterdir()) if (REPO_ROOT / "data" / "sources").is_dir() else []
     found: dict[str, dict] = {}
     for path, stages in sorted(used.items()):
+        if path.startswith(OWN_DATA):
+            found[path] = {"name": path, "license": "see the dataset's own terms", "url": "", "stages": set(stages),
+                           "files": []}
+            continue
         own = (REPO_ROOT / path).parent  # a folder that documents its own source (data/pretrain, data/story)
         if path.startswith("data/pretrain"):
             src = REPO_ROOT / "data" / "pretrain"

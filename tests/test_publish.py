@@ -211,6 +211,27 @@ def test_card_credits_each_data_file_to_its_own_source():
     assert found["sft_and_preferences_oasst_en100"]["files"] == ["data/prompts/oasst_ppo_prompts.jsonl", "data/sft/oasst.jsonl"]
 
 
+def test_card_credits_your_own_data_not_the_bundled_files_it_replaced():
+    """SFT given --dataset_name, the reward model and PPO too: their configs still name the bundled mixture and prompts
+    file, which the card credited (public-domain books, a wrong license and provenance) while your files were nowhere."""
+    from stages.publish_card import data_files_used, data_sources, hyperparameters
+
+    manifests = {
+        "sft": {"config": {"sft": {"dataset_mixture": {"data/story/sft.jsonl": 0}, "dataset_name": "/home/me/my_chats.jsonl"}}},
+        "rm": {"config": {"rm": {"dataset_mixture": {"label-export": {"weight": 1.0}}, "dataset_name": "my_prefs.jsonl"}}},
+        "ppo": {"config": {"ppo": {"prompts_file": "data/story/ppo_prompts.jsonl", "dataset_name": "p/my_prompts.jsonl",
+                                   "kl_coef": 0.25}}},
+        "pairs": {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl"}}}}
+    used = data_files_used(manifests, "org/base")
+    assert used == {"your own data: my_chats.jsonl": {"sft"}, "your own data: my_prefs.jsonl": {"rm"},
+                    "your own data: my_prompts.jsonl": {"ppo"}, "data/story/pairs_prompts.jsonl": {"pairs"}}
+    found = {s["name"]: s for s in data_sources(used)}
+    assert found["your own data: my_chats.jsonl"]["license"] == "see the dataset's own terms"
+    assert found["story"]["files"] == ["data/story/pairs_prompts.jsonl"] and found["story"]["stages"] == {"pairs"}
+    assert hyperparameters(manifests["ppo"]) == {"dataset_name": "p/my_prompts.jsonl", "kl_coef": 0.25}
+    assert hyperparameters(manifests["sft"]) == {}  # an absolute path of this box is not shown either
+
+
 def test_card_leads_with_the_gold_judge_when_eval_has_one():
     """A run with a gold judge: the card's headline is the win rate the gold judge gives (PPO never saw it), with the
     reward model's agreement with it; the reward model's own win rate follows, named as the one PPO optimised. Without
