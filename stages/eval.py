@@ -249,10 +249,10 @@ def load_prompts(path: Path, max_prompts: int) -> list[list[dict]]:
 
 
 def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], ro: dict, kl: dict, gold: dict | None,
-                     kept: dict[str, list], ppo_curve: list[dict] | None) -> dict:
+                     kept: dict[str, list], ppo_curve: list[dict] | None, final_updates: dict[str, int]) -> dict:
     """Every policy on the same prompts: the table, the win-rate matrices (proxy, and gold with a judge) and the
     gold-vs-KL curves (an RL run's kept policies included, `kept`: kept_policy_samples by stage; PPO's curve is
-    `ppo_curve` when already measured)."""
+    `ppo_curve` when already measured; `final_updates`: each RL stage's last update, where its final policy sits)."""
     names = ["sft", *policies]
     methods = {"sft": "sft", **{n: policy_method(n, m) for n, m in policies.items()}}
     comparison = {"policies": names, "n_prompts": len(prompts), "seed": args.seed,
@@ -270,8 +270,8 @@ def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], 
     if gold is not None:
         sft_point = curve_point(0, "sft", ro["sft"]["rewards"], gold["sft"], kl["sft"])
         curves["sft"] = [sft_point]
-        for name, manifest in policies.items():
-            final = curve_point(final_update(manifest) if name in RL_STAGES else 1, f"{name} (final)", ro[name]["rewards"],
+        for name in policies:
+            final = curve_point(final_updates.get(name, 1), f"{name} (final)", ro[name]["rewards"],
                                 gold[name], kl[name])
             if name == "ppo" and ppo_curve is not None:
                 curves[name] = ppo_curve
@@ -349,7 +349,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
                                  heldout, kept.get("ppo", [])))
         figures = report["figures"]
     comparison = compare_policies(judge, prompts, args, policies, ro, kl, gold, kept,
-                                  report["gold"]["curve"] if report.get("gold") else None)
+                                  report["gold"]["curve"] if report.get("gold") else None, final)
     # Every figure is in: only now is the run folder touched, so that a judge failing on the real samples (not the
     # two rows load_gold_judge tries) or a damaged upstream file leaves the last finished eval as it was.
     stage.prepare(config)

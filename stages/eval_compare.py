@@ -14,7 +14,7 @@ from statistics import NormalDist
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.data import read_jsonl
+from pipeline.data import jsonl_objects
 from pipeline.stats import wilson
 
 RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")  # the one RL loop (stages/ppo/): trained on prompts, some held out
@@ -144,12 +144,11 @@ def find_policy_stages(stage_run) -> dict[str, dict]:
 def read_prompt_rows(path: Path) -> list:
     if not path.is_file():
         raise ConfigError(f"held-out prompts {path} are missing: rerun the stage that wrote them (`make ppo`)")
-    rows = []
-    for n, row in read_jsonl(path):  # a damaged line: one ConfigError naming the file and the line
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise ConfigError(f"held-out prompts {path} line {n} has no 'prompt': rerun the stage that wrote them")
-        rows.append(row["prompt"])
-    return rows
+    rows = jsonl_objects(path)  # a damaged line: one ConfigError naming the file and the line
+    missing = [n for n, row in enumerate(rows, 1) if "prompt" not in row]
+    if missing:
+        raise ConfigError(f"held-out prompts {path}: row {missing[0]} has no 'prompt': rerun the stage that wrote them")
+    return [row["prompt"] for row in rows]
 
 
 def shared_heldout_prompts(policies: dict[str, dict]) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, resolve_path
-from pipeline.data import read_jsonl
+from pipeline.data import jsonl_objects
 from stages.eval_compare import describe, overoptimisation_flag, wilson, win_rate
 
 if TYPE_CHECKING:
@@ -25,11 +25,7 @@ if TYPE_CHECKING:
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"PPO metrics file {path} is missing: rerun `make ppo`")
-    rows = read_jsonl(path)  # a damaged line: one ConfigError naming the file and the line
-    bad = [n for n, row in rows if not isinstance(row, dict)]
-    if bad:
-        raise ConfigError(f"PPO metrics file {path} line {bad[0]} is not a metrics row: rerun `make ppo`")
-    return [row for _, row in rows]
+    return jsonl_objects(path)  # a damaged line: one ConfigError naming the file and the line
 
 
 def training_summary(rows: list[dict]) -> dict:
@@ -75,15 +71,15 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
     """Win rate of PPO judged by people: labels in the label store on our pairs (responses = [SFT, PPO]).
     `pairs` maps pair_id -> index of the PPO response. Ties and 'both bad' count half. None when nobody labeled.
     Simulated annotators' labels (make simulate on these pairs) are not people's: left out."""
-    from stages.label.store import SIMULATED_PREFIX
+    from stages.label.store import PERSON  # a label row `l` of a person's
 
     if not store.is_file() or not pairs:
         return None
     con = sqlite3.connect(store, timeout=30.0)  # read only; the labeling app may be writing (WAL)
     try:
         marks = ",".join("?" * len(pairs))
-        rows = con.execute(f"SELECT pair_id, preferred FROM labels WHERE pair_id IN ({marks}) AND "
-                           f"substr(annotator, 1, ?) != ?", [*pairs, len(SIMULATED_PREFIX), SIMULATED_PREFIX]).fetchall()
+        rows = con.execute(f"SELECT pair_id, preferred FROM labels l WHERE pair_id IN ({marks}) AND {PERSON}",
+                           list(pairs)).fetchall()
     except sqlite3.Error:
         return None
     finally:
