@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def load_users(users_file: str | None, env: dict | None = None) -> list[tuple[st
             users.append(_user(line, f"{path} line {n}"))
     if env.get(USERS_ENV):
         users += [_user(entry.strip(), f"${USERS_ENV}") for entry in env[USERS_ENV].split(",") if entry.strip()]
-    twice = sorted({name for name, _ in users if [n for n, _ in users].count(name) > 1})
+    twice = sorted(name for name, n in Counter(name for name, _ in users).items() if n > 1)
     if twice:  # Gradio would keep the last password of a name without a word
         raise ConfigError(f"login {twice[0]!r} is given more than once in the users file and ${USERS_ENV}: one line "
                           f"per annotator")
