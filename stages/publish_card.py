@@ -102,12 +102,10 @@ def data_sources(used: dict[str, set[str]]) -> list[dict]:
     folders = sorted((REPO_ROOT / "data" / "sources").iterdir()) if (REPO_ROOT / "data" / "sources").is_dir() else []
     found: dict[str, dict] = {}
     for path, stages in sorted(used.items()):
-        if path.startswith(OWN_DATA):
-            found[path] = {"name": path, "license": "see the dataset's own terms", "url": "", "stages": set(stages),
-                           "files": []}
-            continue
         own = (REPO_ROOT / path).parent  # a folder that documents its own source (data/pretrain, data/story)
-        if path.startswith("data/pretrain"):
+        if path.startswith(OWN_DATA):  # no bundled source: "see the dataset's own terms" below
+            src = None
+        elif path.startswith("data/pretrain"):
             src = REPO_ROOT / "data" / "pretrain"
         elif (own / "SOURCE.json").is_file():
             src = own
