@@ -41,9 +41,9 @@ class PublishArgs:
     # Where
     repo_id: str = field(default="", metadata={"help": "Hub model repo, user/name (`make publish REPO=...`)."})
     revision: str = field(default="", metadata={"help": "Branch to commit to (created if missing); '' = main."})
-    private: bool = field(default=False, metadata={"help": "Create the repo private (an existing repo keeps its visibility)."})
+    private: bool = field(default=False, metadata={"help": "Create the repo private; an existing public repo is refused (publishing never changes a repo's visibility)."})
     dry_run: bool = field(default=False, metadata={"help": "Write and list the folder; no token, no network. Also --dry-run."})
-    commit_message: str = "Upload RLHF policy (SFT -> reward model -> PPO, LoRA)"
+    commit_message: str = field(default="", metadata={"help": "'' = what made the policy, e.g. 'Upload RLHF policy (SFT -> reward model -> GRPO, LoRA)'."})
     policy: str = field(default="ppo", metadata={"help": "The run's policy to publish: ppo, grpo, rloo, reinforce_pp or dpo."})
     # What
     include_sft: bool = field(default=False, metadata={"help": "Add the SFT adapter (the PPO reference) as sft/."})
@@ -135,6 +135,29 @@ NOT_PART_OF_A_BASE = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_
 
 # ---------------------------------------------------------------------------------------------------- the upload
 
+def commit_message(args: PublishArgs, method: str) -> str:
+    """The user's message, else the chain that made the published policy (DPO has no reward model in it)."""
+    chain = "SFT -> DPO" if method == "dpo" else f"SFT -> reward model -> {method.upper().replace('_PP', '++')}"
+    return args.commit_message or f"Upload RLHF policy ({chain}, LoRA)"
+
+
+def check_private(api, folders: list[tuple[Path, str, str]]) -> None:
+    """--private on a repo that exists and is public: create_repo(exist_ok=True) leaves an existing repo as it is, so
+    the upload would be public. Refused before anything is created or uploaded."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    for _, repo, repo_type in folders:
+        try:
+            public = not api.repo_info(repo, repo_type=repo_type).private
+        except RepositoryNotFoundError:  # a new repo: create_repo makes it private
+            continue
+        if public:
+            kind = "--type dataset " if repo_type == "dataset" else ""
+            raise ConfigError(f"--private: the {repo_type} repo '{repo}' already exists and is public, and publishing "
+                              f"never changes a repo's visibility: make it private first (`hf repos settings {repo} "
+                              f"{kind}--private`) or publish without --private. Nothing was uploaded.")
+
+
 def get_token() -> str:
     from huggingface_hub import get_token as hub_token
 
@@ -145,7 +168,7 @@ def get_token() -> str:
     return token
 
 
-def upload(folders: list[tuple[Path, str, str]], args: PublishArgs, token: str) -> list[str]:
+def upload(folders: list[tuple[Path, str, str]], args: PublishArgs, token: str, message: str) -> list[str]:
     """One commit per repo: (folder, repo_id, repo_type) in order. Returns the commit URLs.
 
     Every failure becomes one ConfigError that says what is on the Hub now: a commit either happened whole or
@@ -168,12 +191,14 @@ def upload(folders: list[tuple[Path, str, str]], args: PublishArgs, token: str) 
         if (who.get("auth", {}).get("accessToken", {}) or {}).get("role") == "read":
             raise ConfigError(f"the Hugging Face token of '{who.get('name')}' is read-only: create a write token "
                               "(https://huggingface.co/settings/tokens) and set HF_TOKEN or run `hf auth login`")
+        if args.private:
+            check_private(api, folders)
         for folder, repo, repo_type in folders:
             api.create_repo(repo, repo_type=repo_type, private=True if args.private else None, exist_ok=True)
             if args.revision and args.revision != "main":
                 api.create_branch(repo, branch=args.revision, repo_type=repo_type, exist_ok=True)
             info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type=repo_type,
-                                     revision=args.revision or None, commit_message=args.commit_message)
+                                     revision=args.revision or None, commit_message=message)
             done.append(info.commit_url)
             print(f"uploaded {folder} -> {info.commit_url}")
     except (httpx2.TransportError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as err:
@@ -277,11 +302,12 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
               f"{sum(s for _, s in files) / 1e6:.2f} MB, from {path}")
         for name, size in files:
             print(f"  {name:<60} {size:>12,}")
-    commits = [] if args.dry_run else upload(targets, args, token)
+    message = commit_message(args, policy_method(args.policy, policy))
+    commits = [] if args.dry_run else upload(targets, args, token, message)
     if args.dry_run:
         print("\ndry run: nothing uploaded. To publish: make publish REPO=user/name")
     metrics = {"repo_id": repo, "dry_run": args.dry_run, "files": len(list_folder(folder)), "commits": commits,
-               "dataset_repo_id": dataset_repo}
+               "commit_message": message, "dataset_repo_id": dataset_repo}
     outputs = {"folder": folder, **({"dataset_folder": dataset_folder} if dataset_folder else {})}
     stage.finish(outputs, metrics, config)
     return metrics

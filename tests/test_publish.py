@@ -277,8 +277,10 @@ class FakeHub:
     """Just enough of the Hub API for HfApi.whoami/create_repo/create_branch/upload_folder (huggingface_hub 2.4):
     every file is answered "regular" at preupload, so it arrives base64 inside the commit's NDJSON."""
 
-    def __init__(self, mode: str = "ok"):
+    def __init__(self, mode: str = "ok", existing: dict | None = None):
         self.mode, self.commits, self.calls, self.auth, self.unknown, self.created = mode, {}, [], set(), [], []
+        self.existing = existing or {}  # (kind, repo) -> private, for repos already on the Hub
+        self.messages = {}  # (kind, repo, revision) -> the commit's summary
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -301,6 +303,10 @@ class FakeHub:
                 if self.path.startswith("/api/whoami-v2"):
                     return self.reply(200, {"name": "tester", "type": "user", "orgs": [],
                                             "auth": {"type": "access_token", "accessToken": {"displayName": "t", "role": "write"}}})
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) == 4 and parts[0] == "api" and (parts[1][:-1], f"{parts[2]}/{parts[3]}") in hub.existing:
+                    repo = f"{parts[2]}/{parts[3]}"
+                    return self.reply(200, {"id": repo, "private": hub.existing[(parts[1][:-1], repo)], "sha": "b" * 40})
                 self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
 
             def do_POST(self):
@@ -332,6 +338,8 @@ class FakeHub:
                         item = json.loads(line)
                         if item["key"] == "file":
                             received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] == "header":
+                            hub.messages[(kind, repo, rev)] = item["value"]["summary"]
                         elif item["key"] != "header":
                             hub.unknown.append(item["key"])
                     hub.commits[(kind, repo, rev)] = received
@@ -368,6 +376,7 @@ def test_upload_end_to_end_every_file_arrives_and_the_token_never_leaks(runs, dr
     assert hub.commits[("model", "tester/tiny-rlhf", "dev")] == files_of(keep / "model")  # the dry run, byte for byte
     assert hub.commits[("dataset", "tester/tiny-rlhf-preferences", "dev")] == files_of(keep / "dataset")
     assert ("POST", "/api/models/tester/tiny-rlhf/branch/dev") in hub.calls
+    assert set(hub.messages.values()) == {"Upload RLHF policy (SFT -> reward model -> PPO, LoRA)"}
     assert sorted(hub.created) == [("dataset", "tester/tiny-rlhf-preferences", "private"), ("model", "tester/tiny-rlhf", "private")]
     assert hub.auth == {f"Bearer {TOKEN}"}  # the token was used for every call...
     manifest = json.loads((runs / "t" / "publish" / "manifest.json").read_text())
@@ -402,6 +411,38 @@ def test_no_write_permission_is_one_clear_error_and_nothing_is_committed(runs):
     line = error_line(proc)
     assert "cannot write to 'someone-else/their-model'" in line and "Nothing of this failed upload was committed" in line
     assert server.commits == {} and TOKEN not in proc.stdout + proc.stderr
+
+
+def test_private_refuses_an_existing_public_repo_before_anything_is_created(runs):
+    """create_repo(exist_ok=True) leaves an existing repo's visibility as it is: --private on a public repo would
+    publish in public. Refused, naming the repo and how to make it private; a private one, or no --private, goes on."""
+    server = FakeHub(existing={("model", "tester/tiny-rlhf"): False, ("dataset", "tester/tiny-rlhf-preferences"): True})
+    try:
+        env = {"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN}
+        line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--private", "--include_dataset", env=env))
+        assert "'tester/tiny-rlhf' already exists and is public" in line and "hf repos settings tester/tiny-rlhf --private" in line
+        assert server.commits == {} and server.created == []  # the dataset repo (private) was not touched either
+        server.existing = {("dataset", "tester/d"): False}
+        line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--private", "--include_dataset",
+                                  "--dataset_repo_id", "tester/d", env=env))
+        assert "dataset repo 'tester/d' already exists and is public" in line and "--type dataset --private" in line
+        assert server.commits == {} and server.created == []
+        server.existing = {("model", "tester/tiny-rlhf"): True}  # private already: --private publishes
+        assert publish(runs, "--repo_id", "tester/tiny-rlhf", "--private", env=env).returncode == 0
+        server.existing = {("model", "tester/other"): False}  # public, and public asked for
+        assert publish(runs, "--repo_id", "tester/other", env=env).returncode == 0
+        assert set(server.commits) == {("model", "tester/tiny-rlhf", "main"), ("model", "tester/other", "main")}
+    finally:
+        server.close()
+
+
+def test_commit_message_names_the_method_that_made_the_policy():
+    from stages.publish import PublishArgs, commit_message
+
+    assert commit_message(PublishArgs(), "grpo") == "Upload RLHF policy (SFT -> reward model -> GRPO, LoRA)"
+    assert commit_message(PublishArgs(), "reinforce_pp") == "Upload RLHF policy (SFT -> reward model -> REINFORCE++, LoRA)"
+    assert commit_message(PublishArgs(), "dpo") == "Upload RLHF policy (SFT -> DPO, LoRA)"
+    assert commit_message(PublishArgs(commit_message="v2: more labels"), "ppo") == "v2: more labels"
 
 
 def test_no_network_is_one_clear_error(runs):
@@ -442,7 +483,10 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
     for policy, made_by, not_here in (("ppo", "then PPO against that reward", "GRPO"),
                                       ("grpo", "then GRPO against that reward", "PPO against"),
                                       ("dpo", "then DPO (TRL `DPOTrainer`)", "\n| rm | ")):
-        main(PublishArgs(dry_run=True, policy=policy), run)
+        message = main(PublishArgs(dry_run=True, policy=policy), run)["commit_message"]
+        assert message == {"ppo": "Upload RLHF policy (SFT -> reward model -> PPO, LoRA)",
+                           "grpo": "Upload RLHF policy (SFT -> reward model -> GRPO, LoRA)",
+                           "dpo": "Upload RLHF policy (SFT -> DPO, LoRA)"}[policy]
         folder = runs / "t" / "publish" / "model"
         assert (folder / "adapter_model.safetensors").read_bytes() == \
             (runs / "t" / policy / "adapter" / "adapter_model.safetensors").read_bytes()
