@@ -13,6 +13,16 @@ from pathlib import Path
 from pipeline.config import ConfigError, resolve_path
 
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DATA_FLAGS = ("dataset_name", "prompts_file", "pairs_dataset")  # the stages' flags that name a dataset to load
+
+
+def check_dataset_exists(name_or_path: str, flag: str) -> None:
+    """A name that can only be a local path (./x, /x, a data file's suffix, more than one '/') must exist; anything
+    else may be a Hub id. `make` runs this for every stage given flags before any stage runs (pipeline.launch)."""
+    looks_local = name_or_path.startswith((".", "/")) or name_or_path.endswith(tuple(SUFFIX_TO_BUILDER)) \
+        or name_or_path.count("/") > 1
+    if looks_local and not resolve_path(name_or_path).exists():
+        raise ConfigError(f"dataset {name_or_path} does not exist: check the path given to {flag}")
 
 
 def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_name"):
@@ -43,8 +53,7 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
             for f in files:
                 check_text_file(f)
             return datasets.load_dataset(SUFFIX_TO_BUILDER[files[0].suffix], data_files=[str(f) for f in files], split="train")
-        if name_or_path.startswith((".", "/")) or name_or_path.endswith(tuple(SUFFIX_TO_BUILDER)) or name_or_path.count("/") > 1:
-            raise ConfigError(f"dataset {name_or_path} does not exist: check the path given to {flag}")
+        check_dataset_exists(name_or_path, flag)
         return datasets.load_dataset(name_or_path, split=split)
     except ConfigError:
         raise

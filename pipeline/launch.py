@@ -73,13 +73,14 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> in
 
 
 def check(module: str, stage_args: list[str]) -> int:
-    """Parse a stage's command line and nothing more (unknown flags, types, ranges, each config's own rules): make
-    runs this for the stages it is named with before any stage runs, so that a bad flag is one line at once, not after
-    the upstream stages have trained; then the module's `check_args(*parsed)`, where it has one. A module without
-    CONFIG_CLASSES is not checked here (it checks itself)."""
+    """Parse a stage's command line and nothing more (unknown flags, types, ranges, each config's own rules, dataset
+    paths that do not exist): make runs this for the stages it is named with before any stage runs, so that a bad
+    flag is one line at once, not after the upstream stages have trained; then the module's `check_args(*parsed)`,
+    where it has one. A module without CONFIG_CLASSES is not checked here (it checks itself)."""
     import importlib
 
     from pipeline.config import ConfigError, parse
+    from pipeline.data import DATA_FLAGS, check_dataset_exists
 
     mod = importlib.import_module(module)
     if not hasattr(mod, "CONFIG_CLASSES") and hasattr(mod, "__path__"):  # a package whose __main__ parses (stages.label)
@@ -88,6 +89,10 @@ def check(module: str, stage_args: list[str]) -> int:
         return 0
     try:
         parsed = parse(mod.CONFIG_CLASSES(), stage_args)
+        for cfg in parsed:  # a dataset path that does not exist, before the upstream stages spend minutes
+            for flag in DATA_FLAGS:
+                if isinstance(getattr(cfg, flag, None), str) and getattr(cfg, flag):
+                    check_dataset_exists(getattr(cfg, flag), f"--{flag}")
         if hasattr(mod, "check_args"):  # the stage's own checks of its flags together (stages.publish: a repo id)
             mod.check_args(*parsed)
     except ConfigError as err:

@@ -354,6 +354,19 @@ def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("variables", [["PPO_ARGS=--prompts_file data/story/missing.jsonl"],
+                                       ["RM_ARGS=--dataset_name my/prefs/missing"],
+                                       ["ARGS=--dataset_name ./missing"]])
+def test_a_missing_dataset_of_a_later_stage_stops_before_any_stage_runs(variables, tmp_path):
+    """A dataset path that does not exist was found only when its stage started: `make ppo` on a fresh run trained
+    SFT, sampled pairs and trained the reward models (over ten minutes) first."""
+    res = make("ppo", *variables, fake=False, runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    name, flag = variables[0].split("--")[1].split()[1], "--" + variables[0].split("--")[1].split()[0]
+    assert res.returncode == 2 and errors == [f"error: dataset {name} does not exist: check the path given to {flag}"], res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("variables,error", [
     ([], "error: no repo to publish to: pass REPO=user/name (`--repo_id`), or --dry-run to only write the folder"),
     (["REPO=me//x"], "error: --repo_id 'me//x' is not a Hub repo id: give it as user/name"),

@@ -298,6 +298,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      'self.kl_ctl.update(stats["kl"], cfg.local_batch_size)', WIRING),
     ("publish-private-dropped", "stages/publish.py", "private=True if args.private else None", "private=None",
      "tests/test_publish.py -k upload_end_to_end"),
+    ("launch-dataset-unchecked", "pipeline/launch.py", "                    check_dataset_exists(getattr(cfg, flag), f\"--{flag}\")",
+     "                    pass", "tests/test_make.py -k missing_dataset"),
     ("publish-private-public-repo", "stages/publish.py", "            check_private(api, folders)", "            pass",
      "tests/test_publish.py -k existing_public_repo"),
     ("publish-message-ppo-always", "stages/publish.py", "    message = commit_message(args, policy_method(args.policy, policy))",
