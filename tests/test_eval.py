@@ -444,3 +444,67 @@ def test_held_out_pair_rewards_score_each_distinct_reply_once(tmp_path, monkeypa
     assert [r["chosen"] for r in held] == ["xx", "zzz", "xx", "y"]
     assert chosen == [21.0, 31.0, 21.0, 11.0] and rejected == [11.0, 21.0, 11.0, 31.0]
     assert len(calls) == 1 and len(calls[0]) == len(set(calls[0])) == 5  # A: xx, zzz, y; B: xx, y
+
+
+def test_report_md_states_the_intervals_report_json_holds(eval_dir):
+    """Each win rate's line in report.md shows its own Wilson interval, low end first: the interval of (wins + ties/2)
+    of n, from report.json's counts."""
+    from pipeline.stats import wilson
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    md = (eval_dir / "report.md").read_text()
+    n = report["figures"]["n_prompts"]
+    for label, w in (("Win rate of PPO over SFT under the reward model", report["win_rate"]),
+                     ("Gold win rate of PPO over SFT", report["gold"]["win_rate"])):
+        low, high = wilson(w["wins"] + 0.5 * w["ties"], n)
+        assert (w["ci_low"], w["ci_high"]) == (low, high) and low < w["rate"] < high
+        assert f"**{label}: {w['rate']:.1%}** (95% CI {low:.1%} – {high:.1%}, Wilson; {w['wins']} wins, " \
+               f"{w['ties']} ties counted half, {w['losses']} losses)." in md
+
+
+def test_report_samples_sets_the_table_rows_and_report_json_keeps_all(eval_dir):
+    from stages.eval import render_markdown
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    samples = report["samples"]
+    for n_rows in (2, 8):
+        table = render_markdown(report, n_rows).split("## Samples")[1]
+        rows = [x for x in table.splitlines() if x.startswith("| ") and not x.startswith("| prompt |")]
+        assert len(rows) == min(n_rows, len(samples)) == len(samples[:n_rows])
+        assert all(f"| {s['reward_sft']:.3f} | {s['reward_ppo']:.3f} |" in row for s, row in zip(samples, rows))
+        assert f"All {len(samples)} samples are in report.json." in table
+
+
+def test_max_prompts_takes_the_first_prompts_of_the_held_out_file(tmp_path):
+    from stages.eval import load_prompts
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Opening {i}."}) + "\n" for i in range(5)))
+    assert [p[0]["content"] for p in load_prompts(path, 2)] == ["Opening 0.", "Opening 1."]
+    assert len(load_prompts(path, 0)) == 5 and len(load_prompts(path, 9)) == 5
+
+
+def test_label_store_flag_reads_the_human_labels_from_that_store(tmp_path):
+    """--label_store points eval at another store (a team's shared one): its labels, not the run's, give the rate."""
+    from types import SimpleNamespace
+
+    from stages.eval import EvalArgs
+    from stages.eval_ppo import sft_vs_ppo
+    from stages.label.store import LabelStore
+
+    ended = [True] * 4
+    samples = ppo_section(tmp_path, ended, ended)["samples"]
+    for path, choice in ((tmp_path / "label" / "labels.sqlite", "right"), (tmp_path / "team.sqlite", "left")):
+        store = LabelStore(path)  # the run's store says SFT on every pair, the team's store PPO
+        store.import_items([{"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]]}
+                            for s in samples])
+        for s in samples:
+            store.save_label("ann", s["pair_id"], choice, 1)  # PPO shown left
+    assert ppo_section(tmp_path, ended, ended)["human"]["rate"] == 0.0
+    ro = {"texts": [s["sft"] for s in samples], "rewards": [0.0] * 4, "lengths": [5] * 4, "ended": ended}
+    ro_ppo = {**ro, "texts": [s["ppo"] for s in samples]}
+    out = sft_vs_ppo(SimpleNamespace(spec="made-up gold"), [s["prompt"] for s in samples],
+                     EvalArgs(label_store=str(tmp_path / "team.sqlite")),
+                     {"outputs": {"metrics_jsonl": str(tmp_path / "metrics.jsonl")}}, tmp_path / "ppo", ro, ro_ppo,
+                     [1.0] * 4, None, ([], [], []), [])
+    assert out["human"]["rate"] == 1.0 and out["human"]["labels"] == 4
