@@ -360,7 +360,7 @@ def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
 def test_a_missing_dataset_of_a_later_stage_stops_before_any_stage_runs(variables, tmp_path):
     """A dataset path that does not exist was found only when its stage started: `make ppo` on a fresh run trained
     SFT, sampled pairs and trained the reward models (over ten minutes) first."""
-    res = make("ppo", *variables, fake=False, runs_dir=tmp_path / "runs")
+    res = make("ppo", *variables, fake=False, runs_dir=tmp_path / "runs", timeout=120)  # else SFT runs: minutes
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     name, flag = variables[0].split("--")[1].split()[1], "--" + variables[0].split("--")[1].split()[0]
     assert res.returncode == 2 and errors == [f"error: dataset {name} does not exist: check the path given to {flag}"], res.stderr
