@@ -94,13 +94,25 @@ def tokenize_with_assistant_mask(tokenizer, messages: list[dict], eot: str) -> d
 
 
 def require_end_of_turn(tokenizer) -> str:
-    """The template's end-of-turn text; refused: a template that writes none, or whose generation prompt adds nothing
-    (SFT would then train the model to write the assistant header itself, while pairs, PPO and eval sample after prompts
-    that end without it)."""
+    """The template's end-of-turn text; refused: a template that writes none, one whose end-of-turn does not end in a
+    token generation stops at (a TRL template's '<|im_end|>' on a GPT-2 tokenizer is eight ordinary tokens: the model
+    would learn to write them and go on), or one whose generation prompt adds nothing (SFT would then train the model
+    to write the assistant header itself, while pairs, PPO and eval sample after prompts that end without it)."""
+    from pipeline.generation import stop_token_ids
+
     eot = end_of_turn(tokenizer)
     if not eot:
         raise ConfigError("the chat template closes assistant turns with no end-of-turn text, so a model trained on "
                           "it could not learn to stop: set a template that does (model profile `chat_template:`)")
+    eot_ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
+    stops = stop_token_ids(tokenizer)
+    if not eot_ids or eot_ids[-1] not in stops:
+        names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in stops)
+        raise ConfigError(f"the chat template ends assistant turns with {eot!r}, which this tokenizer writes as "
+                          f"{len(eot_ids)} token(s) ending in no stop token (stops: {names}), so generation would never "
+                          f"end at a turn's end: use a template that closes each assistant turn with the tokenizer's EOS "
+                          f"{tokenizer.eos_token!r} (model profile `chat_template:`), or a tokenizer that has {eot!r} "
+                          f"as a special token")
     user = [{"role": "user", "content": _PROBE_USER}]
     if tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == \
             tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False):

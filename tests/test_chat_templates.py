@@ -252,6 +252,26 @@ def test_pairs_and_eval_count_a_response_ended_by_the_end_of_turn_token(stoppers
     assert m["no_eos_sft"] == 0.0 and m["no_eos_ppo"] == 0.0 and m["length_sft_mean"] == m["length_ppo_mean"] == 1.0
 
 
+def test_an_end_of_turn_the_tokenizer_cannot_stop_at_is_refused():
+    """A TRL template on a tokenizer without its special tokens (GPT-2 or Pythia given qwen2_5.jinja): '<|im_end|>' is
+    ordinary tokens, none of them a stop, so SFT would teach a model to write it and carry on to the token cap. The
+    same tokenizer with a template that closes turns with its EOS, and the real Qwen tokenizer, are accepted."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import require_end_of_turn
+    from pipeline.config import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")  # EOS '</s>'; no '<|im_end|>' among its tokens
+    assert require_end_of_turn(tok) == "</s>"
+    chatml = template_text("qwen2_5")
+    tok.chat_template = chatml
+    with pytest.raises(ConfigError, match=r"ends assistant turns with '<\|im_end\|>', which this tokenizer writes as "
+                                          r"\d+ token\(s\) ending in no stop token \(stops: '</s>'\)"):
+        require_end_of_turn(tok)
+    tok.chat_template = chatml.replace("<|im_end|>", "</s>")  # turns closed by the EOS itself
+    assert require_end_of_turn(tok) == "</s>"
+
+
 @pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn", "no_generation_prompt"])
 def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers):
     from transformers import AutoTokenizer
