@@ -693,6 +693,34 @@ def test_resume_only_from_the_same_upstream(tiny_models, adapters, prompts_file,
     assert [r["update"] for r in read_metrics(runs_dir, "up")] == [1, 2, 3]
 
 
+def test_resume_only_with_the_same_settings_and_prompts(tiny_models, adapters, prompts_file, runs_dir, tmp_path, capsys):
+    """An interrupted run started again with another kl_coef used to continue from the checkpoint, whose optimizer and
+    KL controller kept the old values, while the manifest recorded the new ones. Now it starts over (and --resume is
+    refused), as with other prompts; a change of how long it runs continues."""
+    from stages.ppo import RESUME_SAFE, resume_mismatch
+
+    sft, rm = adapters("llama")
+    args = (tiny_models["llama"], runs_dir, "set", prompts_file, sft, rm)
+    run_ppo(*args, "--stop_after", "1", "--kl_coef", "0.25")
+    with pytest.raises(ConfigError, match=r"--resume: checkpoint checkpoint-000001 was trained with other settings "
+                                          r"\(kl_coef: 0.25 -> 0.05\)"):
+        run_ppo(*args, "--kl_coef", "0.05", "--resume")
+    capsys.readouterr()
+    run_ppo(*args, "--kl_coef", "0.05")
+    assert "was trained with other settings (kl_coef: 0.25 -> 0.05): starting over" in capsys.readouterr().err
+    rows = read_metrics(runs_dir, "set")
+    assert [r["update"] for r in rows] == [1, 2, 3] and {r["kl_coef"] for r in rows} == {0.05}
+    # the same settings with a longer run: continues (total_updates is in RESUME_SAFE)
+    assert "total_updates" in RESUME_SAFE and "kl_coef" not in RESUME_SAFE and "seed" not in RESUME_SAFE
+    before = json.loads((Path(runs_dir) / "set/ppo/checkpoints").glob("checkpoint-*").__next__().joinpath(
+        "checkpoint.json").read_text())["upstream"]
+    assert resume_mismatch(before, before) is None
+    assert resume_mismatch(before, {**before, "prompts": "0" * 16}) == \
+        "was trained on other prompts (the prompt file's rows changed)"
+    assert resume_mismatch({k: v for k, v in before.items() if k != "settings"}, before) == \
+        "does not record the settings it was trained with"
+
+
 def test_killed_after_the_last_checkpoint_writes_outputs_without_retraining(tiny_models, adapters, prompts_file,
                                                                            runs_dir, capsys):
     sft, rm = adapters("llama")

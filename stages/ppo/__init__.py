@@ -191,20 +191,53 @@ def adapter_digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# Settings a run may change and still continue from its checkpoint: how long it runs and what it logs. Any other change
+# (a rate, kl_coef, the seed, the prompts, keep_policy_every) would leave the checkpoint's optimizer, KL controller and
+# data order in charge while the manifest records the new values: such a run starts over instead.
+RESUME_SAFE = ("total_updates", "stop_after", "resume", "auto_resume", "save_every", "sample_every", "progress_bar",
+               "report_to")
+
+
+def trained_from(upstream: dict, config: dict, prompts: list) -> dict:
+    """What a checkpoint records and a resume must match: the sft/rm adapters' digests, the settings that shape
+    training (config["ppo"] less RESUME_SAFE, and the model profile) and the training prompts' digest."""
+    settings = {k: v for k, v in config["ppo"].items() if k not in RESUME_SAFE}
+    settings["model_config"] = config["run"].get("model_config")
+    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]
+    return {**upstream, "settings": settings, "prompts": digest}
+
+
+def resume_mismatch(before: dict | None, now: dict) -> str | None:
+    """Why a checkpoint trained from `before` (checkpoint.json's "upstream") cannot continue as `now`; None if it can."""
+    if not before:
+        return "does not record what it was trained from"
+    if any(before.get(k) != now.get(k) for k in ("sft", "rm", "rm_members")):
+        adapters = lambda u: {k: u.get(k) for k in ("sft", "rm")}  # noqa: E731
+        return f"was trained from other sft/rm adapters ({adapters(before)} vs now {adapters(now)})"
+    old, new = before.get("settings"), now["settings"]
+    if old is None:
+        return "does not record the settings it was trained with"
+    changed = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        return f"was trained with other settings ({', '.join(changed)})"
+    if before.get("prompts") != now["prompts"]:
+        return "was trained on other prompts (the prompt file's rows changed)"
+    return None
+
+
 def choose_resume(cfg: PPOConfig, stage: StageRun, upstream: dict) -> Path | None:
-    """The checkpoint to continue from, or None to start over (with a note saying why)."""
+    """The checkpoint to continue from, or None to start over (with a note saying why). `upstream`: trained_from()."""
     ckpt = latest_checkpoint(stage.dir)
     if ckpt is None:
         if cfg.resume:
             raise ConfigError(f"--resume: there is no checkpoint under {stage.dir / 'checkpoints'} to continue from; "
                               f"run without --resume to start training")
         return None
-    trained_from = checkpoint_info(ckpt).get("upstream")
-    if trained_from != upstream:
-        why = (f"checkpoint {ckpt.name} was trained from other sft/rm adapters ({trained_from} vs now {upstream})"
-               if trained_from else f"checkpoint {ckpt.name} does not record which sft/rm adapters it was trained from")
+    mismatch = resume_mismatch(checkpoint_info(ckpt).get("upstream"), upstream)
+    if mismatch:
+        why = f"checkpoint {ckpt.name} {mismatch}"
         if cfg.resume:
-            raise ConfigError(f"--resume: {why}; run without --resume to start over on the current adapters")
+            raise ConfigError(f"--resume: {why}; run without --resume to start over, or resume with its settings")
         if cfg.auto_resume and not stage.manifest_path.exists():
             print(f"note: {why}: starting over instead of resuming", file=sys.stderr)
         return None
@@ -282,6 +315,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     upstream = {"sft": adapter_digest(sft_dir), "rm": adapter_digest(rm_dir)}
     if len(rewards) > 1:  # resume only onto the very same ensemble
         upstream["rm_members"] = [adapter_digest(Path(d)) for d in rewards.values()]
+    upstream = trained_from(upstream, config, prompts)
     decision = None
     if state.is_main_process:
         try:

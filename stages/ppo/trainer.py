@@ -45,7 +45,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def checkpoint_info(path: Path) -> dict:
-    """What a checkpoint was trained from: {"update": N, "upstream": {"sft": digest, "rm": digest}} ({} if unknown)."""
+    """What a checkpoint was trained from: {"update": N, "upstream": {"sft": digest, "rm": digest, "settings": {...},
+    "prompts": digest}} (stages.ppo.trained_from; {} if unknown)."""
     f = Path(path) / "checkpoint.json"
     return json.loads(f.read_text()) if f.exists() else {}
 
@@ -580,12 +581,6 @@ class PPOTrainer:
             np.random.set_state(rng["numpy"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-        changed = {k: (v, self.config["ppo"].get(k)) for k, v in state["config"].get("ppo", {}).items()
-                   if self.config["ppo"].get(k) != v and k not in ("total_updates", "resume", "auto_resume", "stop_after",
-                                                                    "progress_bar", "report_to", "save_every")}
-        if changed and self.is_main:
-            print(f"warning: resuming with a changed config ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())})",
-                  file=sys.stderr)
         if self.is_main:
             print(f"resumed from {path} (update {self.update}, {self.episodes} episodes)", file=sys.stderr)
 
