@@ -35,7 +35,7 @@ from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
 from stages.rm_groups import GroupCollator, group_by_prompt, grouped_reward_trainer
-from stages.rm_data import LABEL_EXPORT, checked_mixture, data_record, prepare_data
+from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
 
 
@@ -124,8 +124,6 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     check_adapter(sft["outputs"]["adapter"], AutoConfig.from_pretrained(base_path), what="SFT (policy)")
 
     # 1. Data and tokenizer, all checked before anything in the run folder is touched.
-    if not args.dataset_name and LABEL_EXPORT in args.dataset_mixture:
-        stage.may_read(LABEL_EXPORT)  # a label export that appears later makes this reward model out of date
     tokenizer = load_tokenizer(profile)
     train_rows, eval_rows, counts, data_name = prepare_data(args, train_cfg, stage, tokenizer)
     stage.prepare(config, is_main=state.is_main_process)

@@ -264,6 +264,8 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
     if train_cfg.max_length and not 0 <= args.max_prompt_length <= train_cfg.max_length // 2:
         raise ConfigError(f"max_prompt_length {args.max_prompt_length} must be between 0 and half of max_length "
                           f"({train_cfg.max_length}): the responses need the rest")
+    if not args.dataset_name and LABEL_EXPORT in args.dataset_mixture:  # reward model and DPO alike:
+        stage.may_read(LABEL_EXPORT)  # a label export that appears later makes the stage out of date
     pairs, weights, counts, data_name = load_pairs(args, stage, train_cfg.seed)
     if train_cfg.max_length:  # the whole pair is tokenized first, then cut to max_length here: no need to warn
         tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True

@@ -350,3 +350,14 @@ def test_two_processes_on_the_runs_label_export(tiny_models, tmp_path):
     assert m["world_size"] == 2 and m["steps"] == 2 * 128 // (2 * 4)  # 2 epochs of 128 pairs, 4 per process
     assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_logp_diff"] <= 1e-3, m
     assert set(m["pairs_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
+
+
+def test_a_label_export_that_appears_later_makes_dpo_out_of_date(tiny_models, marker_data, tmp_path):
+    """DPO on a mixture that names the run's label export, before there is one: like the reward model, its manifest
+    records that it would read it, so an export made afterwards reruns `make dpo` (it stayed "up to date")."""
+    runs = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs, "t")
+    mixture = json.dumps({"label-export": {"weight": 1.0}, str(marker_data["conversational"]): {"weight": 1.0}})
+    main(*parse_args(dpo_args(tiny_models["llama"], runs, "t", "--dataset_mixture", mixture, "--num_train_epochs", "1")))
+    manifest = json.loads((runs / "t" / "dpo" / "manifest.json").read_text())
+    assert manifest["inputs"]["manifests"] == {"label-export": None, "sft": manifest["inputs"]["manifests"]["sft"]}
