@@ -16,10 +16,15 @@ from __future__ import annotations
 from pipeline.config import ConfigError
 
 _PROBE_USER, _PROBE_REPLY, _PROBE_NEXT = "Hi", "Hello", "Bye"
+# Every render of a template gets these. Llama 3.1/3.2's templates write "Today Date:" from the clock unless given
+# date_string: the same conversation would then be other tokens on another day (and a reward model trained on one
+# date scores another's). This is the date those templates fall back to themselves.
+TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **TEMPLATE_KWARGS)
 
 
 def end_of_turn(tokenizer) -> str | None:
@@ -114,8 +119,7 @@ def require_end_of_turn(tokenizer) -> str:
                           f"{tokenizer.eos_token!r} (model profile `chat_template:`), or a tokenizer that has {eot!r} "
                           f"as a special token")
     user = [{"role": "user", "content": _PROBE_USER}]
-    if tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == \
-            tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False):
+    if render(tokenizer, user, add_generation_prompt=True) == render(tokenizer, user):
         raise ConfigError("the chat template adds nothing for add_generation_prompt=True (no assistant header before a "
                           "reply), so the prompts sampled from would not end where SFT's replies start: set a template "
                           "that writes one (model profile `chat_template:`)")

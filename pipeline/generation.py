@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.chat import TEMPLATE_KWARGS
 from pipeline.config import ConfigError
 
 
@@ -42,7 +43,7 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
 
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                            return_dict=False)
+                                            return_dict=False, **TEMPLATE_KWARGS)
     except (jinja2.TemplateError, ValueError) as err:
         raise ConfigError(f"the chat template refuses the conversation {json.dumps(messages, default=str)[:80]} "
                           f"({type(err).__name__}: {err}): fix the conversation, or the model profile's chat_template") from None

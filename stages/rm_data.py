@@ -15,6 +15,7 @@ import jinja2
 
 from pipeline.config import ConfigError, resolve_path
 from pipeline.data import load_any, messages_problem, require_columns, text_problem, train_eval_split
+from pipeline.chat import TEMPLATE_KWARGS
 from pipeline.generation import chat_ids, common_prefix
 from pipeline.run import StageRun, read_manifest, stage_dir
 
@@ -176,7 +177,8 @@ def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
             out.append(tokenizer(text=pair["prompt"] + text)["input_ids"])
         else:
             try:
-                ids = tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True)["input_ids"]
+                ids = tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True,
+                                                    **TEMPLATE_KWARGS)["input_ids"]
             except (jinja2.TemplateError, ValueError) as err:  # e.g. the template's raise_exception on roles out of order
                 raise ConfigError(f"a pair of {pair.get('source', 'the data')} that the chat template refuses "
                                   f"({type(err).__name__}: {err}): {json.dumps(pair['prompt'] + pair[key])[:80]}: fix "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.chat import require_end_of_turn, tokenize_with_assistant_mask
+from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_assistant_mask
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, load_mixture, messages_problem, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
@@ -130,6 +130,9 @@ def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):
         train_ds, eval_ds = (with_assistant_masks(d, tokenizer, eot, data_name, train_cfg.max_length)
                              for d in (train_ds, eval_ds))
         train_cfg.assistant_only_loss = False
+    elif "messages" in ds.column_names:  # TRL renders the template: with the same fixed kwargs as every other render
+        train_ds, eval_ds = (d.add_column("chat_template_kwargs", [TEMPLATE_KWARGS] * len(d)) if d is not None else None
+                             for d in (train_ds, eval_ds))
     return train_ds, eval_ds
 
 

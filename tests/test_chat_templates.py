@@ -83,7 +83,8 @@ def test_sft_trains_exactly_each_reply_and_its_end_of_turn(name, template_tokeni
     assert trained == expected_assistant_text(name)
     # The sequence itself is the template's, token for token: only the mask is ours.
     assert ids[batch["attention_mask"][0].bool()].tolist() == list(
-        AutoTokenizer.from_pretrained(template_tokenizers[name]).apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        AutoTokenizer.from_pretrained(template_tokenizers[name]).apply_chat_template(
+            messages, tokenize=True, return_dict=True, date_string="26 Jul 2024")["input_ids"])  # TEMPLATE_KWARGS
 
 
 def test_mask_equals_trls_on_a_template_with_generation_markers(tiny_models, tmp_path):
@@ -294,3 +295,30 @@ def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers
         tok.chat_template = turn + "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
         with pytest.raises(ConfigError, match="closes assistant turns with no end-of-turn text"):
             require_end_of_turn(tok)
+
+
+def test_llama3_renders_carry_a_fixed_date_not_the_clocks(template_tokenizers, tmp_path):
+    """Llama 3.2's template writes "Today Date:" from the clock unless given date_string: the same conversation was
+    other tokens on another day (a reward model trained one day scored another day's prompts). Every render the
+    pipeline makes (chat.render, chat_ids for sampling and scoring, the reward model's and DPO's pairs, TRL's own
+    SFT rendering through the rows' chat_template_kwargs) gets the template's own fallback date."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import render
+    from pipeline.generation import chat_ids
+    from stages.rm_data import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(template_tokenizers["llama3_2"])
+    user = [{"role": "user", "content": "Hi"}]
+    fixed = "Today Date: 26 Jul 2024"
+    assert fixed in tok.apply_chat_template(user, tokenize=False, date_string="26 Jul 2024")
+    assert fixed not in tok.apply_chat_template(user, tokenize=False)  # the clock's date, without the fix
+    assert fixed in render(tok, user, add_generation_prompt=True)
+    assert fixed in tok.decode(chat_ids(tok, user, add_generation_prompt=True))
+    chosen, rejected = encode_pair(tok, {"prompt": user, "chosen": [{"role": "assistant", "content": "Hello"}],
+                                         "rejected": [{"role": "assistant", "content": "Go"}]})
+    assert fixed in tok.decode(chosen) and fixed in tok.decode(rejected)
+    for only_replies in (True, False):  # our own tokenization, or TRL's (the rows carry the kwargs)
+        batch = sft_collated(tok, [{"messages": user + [{"role": "assistant", "content": "Hello"}]}],
+                             tmp_path / str(only_replies), assistant_only_loss=only_replies)
+        assert fixed in tok.decode(batch["input_ids"][0]), only_replies
