@@ -233,6 +233,30 @@ def test_a_stage_reached_through_the_chain_keeps_its_last_flags(tmp_path):
     assert ran(runs) == ["rm"] and "the command line changed" in res.stdout
 
 
+def test_a_file_edited_while_the_stage_runs_is_recorded_as_it_was_read(tmp_path, capsys):
+    """The digests are taken when the stage starts (prepare): a data file edited during training made the manifest
+    record the new bytes, and `make` called the stage up to date."""
+    runs, data = tmp_path / "runs", tmp_path / "d.jsonl"
+    data.write_text("x\n")
+    stage = StageRun("rm", "r", str(runs))
+    stage.argv = ["--run", "r", "--runs_dir", str(runs), "--dataset_name", str(data)]
+    stage.prepare({})
+    data.write_text("y\n")  # edited mid-run
+    manifest = stage.finish({}, {}, {})
+    assert manifest["inputs"]["files"] == {str(data): file_digest_of(b"x\n", tmp_path)}
+    assert is_current("rm", stage.argv) == (False, f"{data} changed")
+    assert f"note: {data} changed while the rm stage ran" in capsys.readouterr().err
+    stage.prepare({})  # run again: nothing edited during it, current
+    stage.finish({}, {}, {})
+    assert is_current("rm", stage.argv) == (True, "")
+
+
+def file_digest_of(content: bytes, tmp_path) -> str:
+    path = tmp_path / "digest_of"
+    path.write_bytes(content)
+    return file_digest(path)
+
+
 def test_is_current_records(tmp_path, monkeypatch):
     """The recorded inputs, hand-checked: argv, file digests (not the stage's own folder), upstream digests."""
     runs, data = tmp_path / "runs", tmp_path / "d.jsonl"
@@ -303,16 +327,17 @@ def test_a_variant_configs_base_config_is_an_input(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- one clear line on failure
 
 def test_bad_input_gives_one_line_through_make(tmp_path):
-    """The real SFT stage, a data file that is not there (past the flag check): its error line and make's one-line
-    failure, no launcher traceback. A misspelled flag stops in the check before it, with one line too."""
+    """The real SFT stage, an empty data file (past the flag check, which finds only missing ones): its error line and
+    make's one-line failure, no launcher traceback. A misspelled flag stops in the check before it, with one line too."""
     res = make("sft", "ARGS=--learnin_rate 1e-4", fake=False, runs_dir=tmp_path / "runs")
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and len(errors) == 1 and "--learning_rate" in errors[0], res.stderr
-    res = make("sft", f"ARGS=--dataset_name {tmp_path / 'none.jsonl'}", fake=False, runs_dir=tmp_path / "runs")
+    (tmp_path / "empty.jsonl").write_text("")
+    res = make("sft", f"ARGS=--dataset_name {tmp_path / 'empty.jsonl'}", fake=False, runs_dir=tmp_path / "runs")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "CalledProcessError" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "none.jsonl" in errors[0], errors
+    assert len(errors) == 1 and "empty.jsonl" in errors[0] and "is empty" in errors[0], errors
     # make[1]: under `make test` (CI) this make runs nested
     assert re.search(r"make(\[\d+\])?: \*\*\* \[Makefile:\d+: sft\] Error 2", res.stderr.strip().splitlines()[-1])
     assert not (tmp_path / "runs").exists()
