@@ -50,14 +50,22 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+def keep_end(ids: list[int], limit: int, bos_token_id: int | None) -> list[int]:
+    """A prompt cut to `limit` tokens: its end (the latest turn and the assistant header), and a leading BOS kept in
+    front, as the model always saw one there (the reward model's pairs are cut the same way: rm_data.truncate_pair)."""
+    if len(ids) <= limit:
+        return list(ids)
+    if limit > 1 and bos_token_id is not None and ids[0] == bos_token_id:
+        return [ids[0], *ids[len(ids) - limit + 1:]]
+    return list(ids[len(ids) - limit:])
+
+
 def encode_prompts(tokenizer, prompts: list[list[dict]], max_prompt_tokens: int | None = None) -> list[list[int]]:
     """Chat-template each conversation and add the assistant header (`add_generation_prompt`)."""
     out = []
     for messages in prompts:
         ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            ids = ids[-max_prompt_tokens:]  # keep the end: the assistant header and the latest turn
-        out.append(list(ids))
+        out.append(keep_end(ids, max_prompt_tokens, tokenizer.bos_token_id) if max_prompt_tokens is not None else list(ids))
     return out
 
 

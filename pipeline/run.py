@@ -55,15 +55,19 @@ def git_commit() -> str | None:
         return None
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def read_manifest(runs_dir: str, run: str, stage: str, needed_by: str) -> dict[str, Any]:
@@ -201,9 +205,12 @@ class StageRun:
         self.upstream: dict[str, Any] = {}
         self.optional: set[str] = set()  # upstream stages read when present: their absence is an input too
         self.argv = sys.argv[1:]  # the stage's command line (`make` compares it with the next one)
+        self.read_files: dict[str, str | None] = {}  # file -> digest when the stage started (prepare)
 
     def prepare(self, config: dict[str, Any], is_main: bool = True) -> None:
-        """Create the folder, drop a stale manifest (this run replaces it), save the resolved config."""
+        """Create the folder, drop a stale manifest (this run replaces it), save the resolved config. The files the
+        stage named are digested now, as they were read: one edited while it trains is recorded as it was."""
+        self.read_files = self.inputs(config)["files"]
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             if self.manifest_path.exists():
@@ -229,6 +236,18 @@ class StageRun:
         return {"argv": list(self.argv), "launch": launch, "files": {f: file_digest(resolve_path(f)) for f in files},
                 "manifests": dict(sorted(manifests.items()))}
 
+    def inputs_as_read(self, config: dict[str, Any]) -> dict[str, Any]:
+        """inputs(), with each file digested at prepare() as it was then: a config or data file edited while the stage
+        ran (another branch checked out, a YAML tuned for the next run) must make `make` run the stage again, not
+        record the new bytes as trained on."""
+        inputs = self.inputs(config)
+        for name, digest in inputs["files"].items():
+            if name in self.read_files and self.read_files[name] != digest:
+                print(f"note: {name} changed while the {self.stage} stage ran: it is recorded as it was read, so "
+                      f"`make` runs {self.stage} again", file=sys.stderr)
+                inputs["files"][name] = self.read_files[name]
+        return inputs
+
     def finish(self, outputs: dict[str, Any], metrics: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         manifest = {
             "stage": self.stage,
@@ -239,7 +258,7 @@ class StageRun:
                              "outputs": v.get("outputs", {}), "git_commit": v.get("git_commit")}
                          for k, v in self.upstream.items()},
             "config": config,
-            "inputs": self.inputs(config),
+            "inputs": self.inputs_as_read(config),
             "versions": package_versions(),
             "git_commit": git_commit(),
             "command": " ".join(sys.argv),

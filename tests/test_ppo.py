@@ -502,6 +502,25 @@ def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file,
     assert m["prompts_long"] > 0 and m["prompts_train"] == m["prompts_total"] - m["prompts_heldout"]
 
 
+def test_a_cut_prompt_keeps_its_bos(tiny_models, prompts_file):
+    """Cutting a long prompt to its end dropped the BOS the model always sees first (Llama 3's <|begin_of_text|>):
+    PPO's long_prompts: truncate and eval's prompt limit now keep it in front, as the reward model's pairs do."""
+    from pipeline.generation import chat_ids, encode_prompts, keep_end
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import PPOConfig, load_prompts
+
+    assert keep_end([1, 5, 6, 7, 8], 3, 1) == [1, 7, 8] and keep_end([5, 6, 7, 8], 3, 1) == [6, 7, 8]
+    assert keep_end([1, 5], 3, 1) == [1, 5] and keep_end([1, 5, 6, 7], 3, None) == [5, 6, 7]
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    conv = [{"role": "user", "content": "a long question about rabbits and their burrows " * 4}]
+    full = chat_ids(tok, conv, add_generation_prompt=True)
+    assert full[0] == tok.bos_token_id and len(full) > 12
+    assert encode_prompts(tok, [conv], 12)[0] == [tok.bos_token_id, *full[-11:]]
+    _, ids, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=12,
+                                              long_prompts="truncate"), tok)
+    assert notes["prompts_long"] > 0 and all(len(s) <= 12 and s[0] == tok.bos_token_id for s in ids)
+
+
 def test_a_repeated_prompt_is_never_both_trained_on_and_held_out(tiny_models, tmp_path):
     """A conversation dataset with three replies to each prompt: the held-out prompts (what eval scores the policies
     on) are split from the distinct prompts, so none of them is also a training prompt."""
@@ -719,6 +738,24 @@ def test_resume_only_with_the_same_settings_and_prompts(tiny_models, adapters, p
         "was trained on other prompts (the prompt file's rows changed)"
     assert resume_mismatch({k: v for k, v in before.items() if k != "settings"}, before) == \
         "does not record the settings it was trained with"
+
+
+def test_a_log_line_cut_by_a_kill_does_not_stop_the_resume(tiny_models, adapters, prompts_file, runs_dir):
+    """Killed while writing metrics.jsonl: its last line is half a row. The restarted run resumed into a JSONDecodeError
+    traceback; now the cut line (past the checkpoint anyway) is dropped and the run ends as an uninterrupted one logs."""
+    from stages.ppo.trainer import logged_rows
+
+    sft, rm = adapters("llama")
+    args = (tiny_models["llama"], runs_dir, "torn", prompts_file, sft, rm)
+    run_ppo(*args, "--stop_after", "1")
+    log = Path(runs_dir) / "torn/ppo/metrics.jsonl"
+    with log.open("a") as f:
+        f.write('{"update": 2, "reward_raw": 0.1')
+    run_ppo(*args)
+    assert [r["update"] for r in read_metrics(runs_dir, "torn")] == [1, 2, 3]
+    log.write_text('{"update": 1}\n{"upd\n{"update": 2}\n')  # damage before the last line is not a kill's: refused
+    with pytest.raises(ConfigError, match="metrics.jsonl line 2 is not JSON"):
+        logged_rows(log)
 
 
 def test_killed_after_the_last_checkpoint_writes_outputs_without_retraining(tiny_models, adapters, prompts_file,

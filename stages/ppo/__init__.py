@@ -30,6 +30,7 @@ import torch
 
 from pipeline.adapters import fp32_head, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
+from pipeline.generation import keep_end
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 
@@ -98,7 +99,7 @@ def load_prompts(cfg: PPOConfig, tokenizer):
         if cfg.long_prompts == "error":
             raise ConfigError(f"{what}: raise max_prompt_length, or set long_prompts to drop or truncate")
         if cfg.long_prompts == "truncate":
-            ids = [s[-limit:] if len(s) > limit else s for s in ids]  # keep the end: latest turn + assistant header
+            ids = [keep_end(s, limit, tokenizer.bos_token_id) for s in ids]  # latest turn + assistant header
             print(f"note: {what}; they were truncated to their last {limit} tokens (long_prompts: truncate)", file=sys.stderr)
         else:
             keep = [i for i in range(len(ids)) if i not in set(long)]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, to_dict
+from pipeline.run import atomic_write_text
 
 from . import losses as L
 from .rollout import Rollout, TopLayers, by_group_length, collect, decoder_layers, response_logits, token_logprobs, token_values
@@ -49,6 +50,21 @@ def checkpoint_info(path: Path) -> dict:
     "prompts": digest}} (stages.ppo.trained_from; {} if unknown)."""
     f = Path(path) / "checkpoint.json"
     return json.loads(f.read_text()) if f.exists() else {}
+
+
+def logged_rows(path: Path) -> list[dict]:
+    """The rows of a metrics or samples log. A last line cut short (the run was killed while writing it) is dropped:
+    it lies past the checkpoint a resume continues from. A damaged line before it is refused."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ConfigError(f"{path} line {n} is not JSON: restore the file, or start over with --auto_resume "
+                                  f"false") from None
+    return rows
 
 
 class PPOTrainer:
@@ -407,9 +423,8 @@ class PPOTrainer:
         # Keep the lines of updates we resumed past; a killed run may have logged beyond its last checkpoint.
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
-                rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-                rows = [r for r in rows if r["update"] <= self.update]
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                rows = [r for r in logged_rows(path) if r["update"] <= self.update]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # a kill now loses no line
         if self.metrics_path.exists():
             self.history = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
         if self.cfg.report_to == "tensorboard":
