@@ -244,10 +244,10 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     store.import_items(pairs, word_filter(label_args.offensive_words if label_args.filter_offensive else []))
     names = [annotator] if args.annotators == 1 else [f"{annotator}-{i}" for i in range(1, args.annotators + 1)]
     stored = {(lab["annotator"], lab["pair_id"]): (lab["choice"], lab["shown_left"]) for lab in store.labels()}
-    removed = sum(store.remove_simulated(other) for other in sorted({a for a, _ in stored} - set(names))
-                  if other == annotator or re.fullmatch(re.escape(annotator) + r"-\d+", other))
+    gone = [other for other in sorted({a for a, _ in stored} - set(names))
+            if other == annotator or re.fullmatch(re.escape(annotator) + r"-\d+", other)]
     servable = store.servable_pairs()
-    written = changed = 0
+    labels, written, changed = [], 0, 0
     for name in names:
         for pair_id in servable:
             left = store.shown_left(pair_id, name)
@@ -255,9 +255,10 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
             choice = choose(diff, uniform(args.seed, name, pair_id), temperature, args.tie_band, args.position_bias)
             before = stored.get((name, pair_id))
             if before != (choice, left):
-                store.save_label(name, pair_id, choice, left)
+                labels.append((name, pair_id, choice, left))
                 written += before is None
                 changed += before is not None
+    removed = store.save_simulated(gone, labels)  # one transaction: a run killed before it changes nothing
 
     # 4. What was achieved, from the store itself (a rerun with the same settings reports the same)
     mine = [lab for lab in store.labels() if lab["annotator"] in names and lab["pair_id"] in scores]

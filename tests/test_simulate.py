@@ -410,3 +410,31 @@ def test_gold_scores_are_each_pairs_own_and_a_cold_annotator_always_picks_the_go
 
     calibrated = simulate(tmp_path, tmp_path / "calibrated")
     assert calibrated["expected_agreement"] == pytest.approx(0.73, abs=1e-3) and calibrated["agreement_with_gold"] > 0.6
+
+
+def test_a_simulate_run_killed_midway_leaves_the_store_as_it_was(tmp_path, monkeypatch):
+    """Killed while redrawing labels with other settings: the store held some labels of each setting, and `make rm`
+    exported and trained on the mix. All of a run's writes are one transaction now: a kill changes nothing."""
+    from stages.label.store import LabelStore
+
+    runs = tmp_path / "runs"
+    simulate(tmp_path, runs, "--annotators", "3")
+    store = LabelStore(runs / "t" / "label" / "labels.sqlite")
+    before = sorted((lab["annotator"], lab["pair_id"], lab["choice"], lab["shown_left"]) for lab in store.labels())
+    saved = []
+    real = LabelStore._save_label
+
+    def killed_after_five(self, con, *args, **kwargs):
+        if len(saved) == 5:
+            raise KeyboardInterrupt
+        saved.append(args)
+        return real(self, con, *args, **kwargs)
+
+    monkeypatch.setattr(LabelStore, "_save_label", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):  # other noise and fewer annotators: removals and redraws, cut short
+        simulate(tmp_path, runs, "--annotators", "2", "--seed", "9", "--position_bias", "1.0")
+    assert len(saved) == 5
+    after = sorted((lab["annotator"], lab["pair_id"], lab["choice"], lab["shown_left"]) for lab in store.labels())
+    assert after == before and len(before) == 180
+    with pytest.raises(ValueError, match="simulated annotators' labels only"):
+        store.save_simulated([], [("alice", "pair000", "left", 0)])

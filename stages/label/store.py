@@ -421,12 +421,15 @@ class LabelStore:
         cannot be removed this way. Returns how many there were; the history keeps a 'remove' row for each."""
         if not is_simulated(annotator):
             raise ValueError(f"only simulated annotators' labels can be removed, not {annotator!r}'s")
-        now = self.clock()
         with self._tx() as con:
-            pairs = [r["pair_id"] for r in con.execute("SELECT pair_id FROM labels WHERE annotator = ?", (annotator,))]
-            con.execute("DELETE FROM labels WHERE annotator = ?", (annotator,))
-            for pair_id in pairs:
-                self._history(con, "remove", pair_id, annotator, now)
+            return self._remove_labels(con, annotator)
+
+    def _remove_labels(self, con, annotator: str) -> int:
+        now = self.clock()
+        pairs = [r["pair_id"] for r in con.execute("SELECT pair_id FROM labels WHERE annotator = ?", (annotator,))]
+        con.execute("DELETE FROM labels WHERE annotator = ?", (annotator,))
+        for pair_id in pairs:
+            self._history(con, "remove", pair_id, annotator, now)
         return len(pairs)
 
     def release(self, annotator: str, pair_id: str) -> None:
@@ -446,6 +449,23 @@ class LabelStore:
     def save_label(self, annotator: str, pair_id: str, choice: str, shown_left: int,
                    strength: str | None = None, note: str = "") -> dict:
         """Insert or change this annotator's label for the pair, in one transaction. Returns the stored row."""
+        with self._tx() as con:
+            return self._save_label(con, annotator, pair_id, choice, shown_left, strength, note)
+
+    def save_simulated(self, remove: list[str], labels: list[tuple[str, str, str, int]]) -> int:
+        """A `make simulate` run's writes, all in one transaction: the simulated annotators no longer named removed,
+        then each (annotator, pair_id, choice, shown_left) saved. A run killed midway leaves the store as it was,
+        never half redrawn with other noise settings. Returns how many labels `remove` took away."""
+        if not all(is_simulated(a) for a in [*remove, *(lab[0] for lab in labels)]):
+            raise ValueError("save_simulated writes simulated annotators' labels only")
+        with self._tx() as con:
+            removed = sum(self._remove_labels(con, annotator) for annotator in remove)
+            for annotator, pair_id, choice, shown_left in labels:
+                self._save_label(con, annotator, pair_id, choice, shown_left)
+        return removed
+
+    def _save_label(self, con, annotator: str, pair_id: str, choice: str, shown_left: int,
+                    strength: str | None = None, note: str = "") -> dict:
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
         if strength not in (None, *STRENGTHS):
@@ -456,26 +476,25 @@ class LabelStore:
         if len(note) > self.max_note_chars:
             raise NoteTooLong(f"the note is {len(note)} characters long; the limit is {self.max_note_chars} "
                               f"(max_note_chars in configs/label.yaml)")
-        with self._tx() as con:
-            if con.execute("SELECT 1 FROM items WHERE pair_id = ?", (pair_id,)).fetchone() is None:
-                raise KeyError(f"unknown pair {pair_id}")
-            old = con.execute("SELECT id FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)).fetchone()
-            if old is None:
-                con.execute(
-                    "INSERT INTO labels (pair_id, annotator, choice, shown_left, preferred, strength, note, created_at, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (pair_id, annotator, choice, shown_left, preferred, strength, note, now, now))
-            else:
-                con.execute(
-                    "UPDATE labels SET choice = ?, shown_left = ?, preferred = ?, strength = ?, note = ?, "
-                    "revision = revision + 1, updated_at = ? WHERE id = ?",
-                    (choice, shown_left, preferred, strength, note, now, old["id"]))
-            self._history(con, "new" if old is None else "change", pair_id, annotator, now,
-                          choice, shown_left, preferred, strength, note)
-            con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
-            con.execute("DELETE FROM skips WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
-            row = con.execute("SELECT * FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)).fetchone()
-            return dict(row)
+        if con.execute("SELECT 1 FROM items WHERE pair_id = ?", (pair_id,)).fetchone() is None:
+            raise KeyError(f"unknown pair {pair_id}")
+        old = con.execute("SELECT id FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)).fetchone()
+        if old is None:
+            con.execute(
+                "INSERT INTO labels (pair_id, annotator, choice, shown_left, preferred, strength, note, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (pair_id, annotator, choice, shown_left, preferred, strength, note, now, now))
+        else:
+            con.execute(
+                "UPDATE labels SET choice = ?, shown_left = ?, preferred = ?, strength = ?, note = ?, "
+                "revision = revision + 1, updated_at = ? WHERE id = ?",
+                (choice, shown_left, preferred, strength, note, now, old["id"]))
+        self._history(con, "new" if old is None else "change", pair_id, annotator, now,
+                      choice, shown_left, preferred, strength, note)
+        con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
+        con.execute("DELETE FROM skips WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
+        row = con.execute("SELECT * FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)).fetchone()
+        return dict(row)
 
     def skip(self, annotator: str, pair_id: str) -> None:
         """Not for me: the pair goes back to the pool for others and is not shown to this annotator again."""
