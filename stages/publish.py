@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class PublishArgs:
     include_sft: bool = field(default=False, metadata={"help": "Add the SFT adapter (the PPO reference) as sft/."})
     include_reward: bool = field(default=False, metadata={"help": "Add the reward-model adapter (LoRA + score head) as reward/ (an ensemble's others as reward-1/, ...)."})
     merged: bool = field(default=False, metadata={"help": "Add merged/: base + PPO adapter merged into one plain model."})
+    merged_dtype: str = field(default="auto", metadata={"help": "merged/'s dtype: auto (the base's; a bf16 base loses an update below bf16's resolution, and publish says how much) or float32 (all of it, twice the size)."})
     include_dataset: bool = field(default=False, metadata={"help": "Publish the label-export preference dataset to a dataset repo."})
     dataset_repo_id: str = field(default="", metadata={"help": "Dataset repo for --include_dataset; '' = <repo_id>-preferences."})
     # Card
@@ -74,14 +76,28 @@ def copy_adapter(src: str | Path, dst: Path, base_ref: str) -> Path:
     return dst
 
 
-def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path) -> None:
-    """Base + PPO LoRA folded into plain weights: loads with AutoModelForCausalLM alone, no peft needed."""
+def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path, dtype: str = "auto") -> float:
+    """Base + PPO LoRA folded into plain weights: loads with AutoModelForCausalLM alone, no peft needed. Merged in
+    float32, saved in the base's own dtype ("auto") or float32. Returns the relative error of the update as saved,
+    ||stored(W + dW) - (W + dW)|| / ||dW|| over the adapted layers: 0 in float32; in bf16, an update smaller than the
+    weights' resolution rounds away (a PPO update that moves weights by a thousandth of their size loses about half)."""
+    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"), str(adapter))
-    model.merge_and_unload().save_pretrained(out)
+    target = torch.float32 if dtype == "float32" else (AutoConfig.from_pretrained(base).dtype or torch.float32)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter))
+    error = norm = 0.0
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+                delta = module.get_delta_weight("default").float()
+                merged = module.get_base_layer().weight.float() + delta
+                error += float((merged.to(target).float() - merged).pow(2).sum())
+                norm += float(delta.pow(2).sum())
+    model.merge_and_unload().to(target).save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return (error / norm) ** 0.5 if norm else 0.0
 
 
 def size_category(n: int) -> str:
@@ -224,6 +240,8 @@ def check_args(args: PublishArgs, run: RunArgs) -> str:
     run would otherwise train the whole pipeline first). Returns the model repo id."""
     if not args.repo_id and not args.dry_run:
         raise ConfigError("no repo to publish to: pass REPO=user/name (`--repo_id`), or --dry-run to only write the folder")
+    if args.merged_dtype not in ("auto", "float32"):
+        raise ConfigError(f"--merged_dtype {args.merged_dtype}: give auto (the base's dtype) or float32")
     if args.policy not in POLICY_STAGES:
         raise ConfigError(f"--policy {args.policy}: publish one of the run's policies: {', '.join(POLICY_STAGES)}")
     repo = args.repo_id or f"your-name/{run.run}-rlhf-{args.policy}"
@@ -268,9 +286,14 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         for name, path in reward_members(rm)[0].items():
             copy_adapter(path, folder / name, base_ref)
             extras.append(f"{name}/")
+    merged_error = None
     if args.merged:
-        merge(base, folder, folder, folder / "merged")
+        merged_error = merge(base, folder, folder, folder / "merged", args.merged_dtype)
         extras.append("merged/")
+        if merged_error > 0.1:
+            print(f"warning: merged/ stores the {args.policy} update with a relative error of {merged_error:.0%} (the "
+                  f"base's 16-bit weights cannot hold changes that small): the adapter at the repo's root is exact; "
+                  f"--merged_dtype float32 keeps all of it in merged/", file=sys.stderr)
     eval_dir = Path(ev["outputs"]["report"]).parent
     (folder / "eval").mkdir()
     for name in ("report.md", "report.json"):
@@ -307,7 +330,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     if args.dry_run:
         print("\ndry run: nothing uploaded. To publish: make publish REPO=user/name")
     metrics = {"repo_id": repo, "dry_run": args.dry_run, "files": len(list_folder(folder)), "commits": commits,
-               "commit_message": message, "dataset_repo_id": dataset_repo}
+               "commit_message": message, "dataset_repo_id": dataset_repo, "merged_update_error": merged_error}
     outputs = {"folder": folder, **({"dataset_folder": dataset_folder} if dataset_folder else {})}
     stage.finish(outputs, metrics, config)
     return metrics

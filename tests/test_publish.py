@@ -522,3 +522,36 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
         with pytest.raises(ConfigError, match=message):
             main(PublishArgs(dry_run=True, **given), run)
     assert not (runs / "t" / "publish").exists()
+
+
+def test_merged_bf16_base_says_how_much_of_the_update_it_keeps(tiny_models, tmp_path):
+    """A bf16 checkpoint merged in bf16 rounds away an update smaller than the weights' resolution: the published
+    merged/ then differs from the adapter eval measured. merge() reports the update's relative error as stored, and
+    --merged_dtype float32 stores it exactly: W + dW, by hand."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from stages.publish import merge
+    from tests.test_ppo import yaml_model_dir
+
+    src = yaml_model_dir(tiny_models["llama"])
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(base)  # stored in bf16
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # dW = B A of about a thousandth of the weights' size
+                p.copy_(torch.randn_like(p) * (0.02 if "lora_A" in name else 0.001))
+    model.save_pretrained(tmp_path / "adapter")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    want = (layer.get_base_layer().weight + layer.get_delta_weight("default")).detach()
+    error16 = merge(str(base), tmp_path / "adapter", src, tmp_path / "m16")
+    error32 = merge(str(base), tmp_path / "adapter", src, tmp_path / "m32", "float32")
+    w16, w32 = (load_file(tmp_path / m / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"] for m in ("m16", "m32"))
+    assert w16.dtype == torch.bfloat16 and w32.dtype == torch.float32
+    assert error32 == 0.0 and torch.allclose(w32, want, atol=1e-7)
+    assert error16 > 0.1  # most of an update this small is lost in bf16, and merge says so
