@@ -498,7 +498,7 @@ def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file,
     m = run_ppo(tiny_models["llama"], runs_dir, "trunc", prompts_file, sft, rm, "--max_prompt_length", "12",
                 "--long_prompts", "truncate", "--total_updates", "1")
     err = capsys.readouterr().err
-    assert "longer than max_prompt_length=12 tokens" in err and "truncated to their last 12 tokens" in err
+    assert "longer than max_prompt_length=12 tokens" in err and "cut to 12 tokens: their end, after a leading BOS" in err
     assert m["prompts_long"] > 0 and m["prompts_train"] == m["prompts_total"] - m["prompts_heldout"]
 
 

@@ -100,7 +100,8 @@ def load_prompts(cfg: PPOConfig, tokenizer):
             raise ConfigError(f"{what}: raise max_prompt_length, or set long_prompts to drop or truncate")
         if cfg.long_prompts == "truncate":
             ids = [keep_end(s, limit, tokenizer.bos_token_id) for s in ids]  # latest turn + assistant header
-            print(f"note: {what}; they were truncated to their last {limit} tokens (long_prompts: truncate)", file=sys.stderr)
+            print(f"note: {what}; they were cut to {limit} tokens: their end, after a leading BOS (long_prompts: "
+                  f"truncate)", file=sys.stderr)
         else:
             keep = [i for i in range(len(ids)) if i not in set(long)]
             if not keep:
