@@ -108,14 +108,15 @@ def test_the_model_is_left_in_the_mode_it_was_found_in(llama, training):
 
 
 def test_a_long_prompt_keeps_its_end_and_padding_goes_on_the_left(llama):
-    """encode_prompts cuts a prompt to its last max_prompt_tokens ids (the assistant header and the latest turn);
-    left_pad puts each sequence at the right of its row, masked exactly there."""
+    """encode_prompts cuts a prompt to its last max_prompt_tokens ids (the assistant header and the latest turn),
+    keeping a leading BOS; left_pad puts each sequence at the right of its row, masked exactly there."""
     from pipeline.generation import encode_prompts, left_pad
 
     _, tok = llama
     full = prompt_ids(tok, ["The rabbit ran into the garden and hid under a leaf."])[0]
+    assert full[0] == tok.bos_token_id and len(full) > 5
     assert encode_prompts(tok, [[{"role": "user", "content": "The rabbit ran into the garden and hid under a leaf."}]],
-                          max_prompt_tokens=5) == [full[-5:]]
+                          max_prompt_tokens=5) == [[tok.bos_token_id] + full[-4:]]
     ids, mask = left_pad([[7, 8, 9], [5], []], pad_id=0)
     assert ids.tolist() == [[7, 8, 9], [0, 0, 5], [0, 0, 0]] and mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
 
