@@ -102,7 +102,7 @@ setup: .venv/.done
 
 # One thread per test process: the suite starts many processes, some of them two at once.
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=25 tests
 
 base: setup
 	$(PY) -m stages.base --config configs/base.yaml $(ARGS)
