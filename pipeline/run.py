@@ -28,6 +28,7 @@ from pipeline.config import REPO_ROOT, ConfigError, resolve_path
 # Files above this size (a real base checkpoint) are fingerprinted by size and modification time, not read:
 # hashing gigabytes on every `make` would take longer than the check is worth.
 HASH_LIMIT_BYTES = 64 * 2**20
+JUDGE_RM_PREFIX = "rm:"  # pipeline/judges.py: `rm:<adapter dir>` names a reward model as a judge
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "huggingface_hub", "gradio")
 
 
@@ -117,6 +118,7 @@ def paths_named_in(values: Any, own_dir: Path) -> set[str]:
         elif isinstance(v, (list, tuple)):
             stack += list(v)
         elif isinstance(v, str) and ("/" in v or Path(v).suffix) and "\n" not in v and len(v) < 1024:
+            v = v.removeprefix(JUDGE_RM_PREFIX)  # a reward model as judge: its folder is what is read
             try:
                 p = resolve_path(v).resolve()
                 if not p.exists() or p == own_dir or own_dir in p.parents or p in own_dir.parents:
@@ -124,6 +126,22 @@ def paths_named_in(values: Any, own_dir: Path) -> set[str]:
             except (OSError, ValueError):  # not a path at all
                 continue
             found.add(v)
+    return found
+
+
+def named_in_yamls(paths: set[str], own_dir: Path) -> set[str]:
+    """The paths named inside the YAML files among `paths`, one level down: a model profile names the base checkpoint
+    and chat template that every stage loads, so new weights at the same place (`make base`) make the stages stale."""
+    import yaml
+
+    found: set[str] = set()
+    for name in paths:
+        path = resolve_path(name)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            try:
+                found |= paths_named_in(yaml.safe_load(path.read_text()), own_dir)
+            except (OSError, ValueError, yaml.YAMLError):
+                continue
     return found
 
 
@@ -230,7 +248,8 @@ class StageRun:
         """What this stage read, as is_current compares it: command line, accelerate launch, named files' digests,
         upstream manifests'."""
         launch = launch_args()
-        files = sorted(paths_named_in([self.argv, config, base_configs(self.argv), launch or []], self.dir.resolve()))
+        named = paths_named_in([self.argv, config, base_configs(self.argv), launch or []], self.dir.resolve())
+        files = sorted(named | named_in_yamls(named, self.dir.resolve()))
         manifests = {name: None for name in self.optional}
         manifests.update({name: manifest_digest(m) for name, m in self.upstream.items()})
         return {"argv": list(self.argv), "launch": launch, "files": {f: file_digest(resolve_path(f)) for f in files},

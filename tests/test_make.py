@@ -324,6 +324,31 @@ def test_a_variant_configs_base_config_is_an_input(tmp_path, monkeypatch):
     assert is_current("grpo", stage.argv) == (False, f"{base} changed")
 
 
+def test_the_base_checkpoint_a_profile_names_and_a_judges_reward_model_are_inputs(tmp_path):
+    """A stage reads the base checkpoint through the model profile (`make base` writes new weights to the same folder)
+    and a gold judge's reward model through `rm:<dir>`: new bytes in either make the stage stale, like its own files."""
+    runs, base, judge, template = tmp_path / "runs", tmp_path / "base", tmp_path / "judge", tmp_path / "chat.jinja"
+    base.mkdir(), judge.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    (judge / "adapter_model.safetensors").write_bytes(b"reward")
+    template.write_text("{{ messages }}")
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(f"name_or_path: {base}\nchat_template: {template}\n")
+    stage = StageRun("eval", "r", str(runs))
+    stage.argv = ["--run", "r", "--runs_dir", str(runs)]
+    config = {"run": {"model_config": str(profile)}, "eval": {"gold_judge": f"rm:{judge}"}}
+    stage.prepare(config)
+    manifest = stage.finish({}, {}, config)
+    assert set(manifest["inputs"]["files"]) == {str(profile), str(base), str(template), str(judge)}
+    assert is_current("eval", stage.argv) == (True, "")
+    for changed in (base / "model.safetensors", judge / "adapter_model.safetensors", template):
+        before = changed.read_bytes()
+        changed.write_bytes(before + b"!")
+        assert is_current("eval", stage.argv) == (False, f"{changed.parent if changed != template else changed} changed")
+        changed.write_bytes(before)
+        assert is_current("eval", stage.argv) == (True, "")
+
+
 # ---------------------------------------------------------------- one clear line on failure
 
 def test_bad_input_gives_one_line_through_make(tmp_path):
