@@ -29,7 +29,7 @@ from pathlib import Path
 from pipeline.adapters import reward_members
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
 from pipeline.models import FINGERPRINT_FILE
-from pipeline.run import StageRun, main_guard
+from pipeline.run import StageRun, main_guard, manifest_digest
 from stages.eval_compare import POLICY_STAGES, policy_method
 from stages.publish_card import check_card, data_files_used, data_sources, is_local_base, model_card
 
@@ -251,6 +251,15 @@ def check_args(args: PublishArgs, run: RunArgs) -> str:
     return repo
 
 
+def stage_rerun_since(ev: dict, upstream: dict[str, dict]) -> str | None:
+    """The first of `upstream` (name -> manifest now) that is not the manifest the eval report read, or None (also
+    when the report does not record what it read: written by an older version)."""
+    read = (ev.get("inputs") or {}).get("manifests")
+    if read is None:
+        return None
+    return next((name for name, manifest in upstream.items() if read.get(name) != manifest_digest(manifest)), None)
+
+
 def main(args: PublishArgs, run: RunArgs) -> dict:
     stage = StageRun("publish", run.run, run.runs_dir)
     repo = check_args(args, run)
@@ -261,6 +270,11 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         raise ConfigError(f"the eval report of run '{run.run}' has no figures for its {args.policy} policy: run "
                           f"`make eval RUN={run.run}` again (it evaluates every policy the run has), then publish")
     sft, rm = stage.need("sft"), stage.need("rm")
+    rerun = stage_rerun_since(ev, {"sft": sft, "rm": rm, args.policy: policy})
+    if rerun:  # `make publish` reruns eval first; a direct run would publish another policy's figures
+        raise ConfigError(f"the {rerun} stage of run '{run.run}' ran again after its eval report was made, so the "
+                          f"report's figures are not this {args.policy} policy's: run `make eval RUN={run.run}`, then "
+                          f"publish")
     label = stage.need("label-export") if args.include_dataset else None
     config = {"publish": to_dict(args), "run": to_dict(run)}
     stage.prepare(config)

@@ -397,6 +397,20 @@ def error_line(proc) -> str:
     return lines[0]
 
 
+def test_a_policy_trained_again_after_eval_is_not_published_with_the_old_figures(runs, tmp_path):
+    """`make publish` reruns eval first; run directly after PPO ran again, publish refuses (the card's figures would be
+    another policy's) before writing anything."""
+    copy = tmp_path / "runs"
+    shutil.copytree(runs / "t", copy / "t", ignore=shutil.ignore_patterns("publish"))
+    ppo_manifest = copy / "t" / "ppo" / "manifest.json"
+    manifest = json.loads(ppo_manifest.read_text())
+    manifest["finished_at"] = "a later run"
+    ppo_manifest.write_text(json.dumps(manifest))
+    line = error_line(publish(copy, "--repo_id", "tester/tiny-rlhf", "--dry-run"))
+    assert "the ppo stage of run 't' ran again after its eval report was made" in line and "make eval RUN=t" in line
+    assert not (copy / "t" / "publish").exists()
+
+
 def test_missing_token_is_one_clear_error(runs):
     line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf"))
     assert "no Hugging Face token" in line and "HF_TOKEN" in line and "hf auth login" in line

@@ -350,6 +350,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "tests/test_make.py -k base_checkpoint"),
     ("inputs-judge-rm-unread", "pipeline/run.py", "            v = v.removeprefix(JUDGE_RM_PREFIX)", "            v = v",
      "tests/test_make.py -k base_checkpoint"),
+    ("publish-stale-eval-figures", "stages/publish.py", "    if rerun:  # `make publish` reruns eval first",
+     "    if False:  # `make publish` reruns eval first", "tests/test_publish.py -k after_eval"),
 ]
 
 
