@@ -131,7 +131,8 @@ def paths_named_in(values: Any, own_dir: Path) -> set[str]:
 
 def named_in_yamls(paths: set[str], own_dir: Path) -> set[str]:
     """The paths named inside the YAML files among `paths`, one level down: a model profile names the base checkpoint
-    and chat template that every stage loads, so new weights at the same place (`make base`) make the stages stale."""
+    and chat template that every stage loads, so new weights at the same place (`make base`) make the stages stale; a
+    variant config (grpo.yaml) names the `base_config` whose keys it takes."""
     import yaml
 
     found: set[str] = set()
@@ -157,18 +158,6 @@ LAUNCH_ENV = "PIPELINE_LAUNCH_ARGS"
 def launch_args() -> list[str] | None:
     """The accelerate arguments this stage was launched with by pipeline.launch (`make`); None when started otherwise."""
     return json.loads(os.environ[LAUNCH_ENV]) if LAUNCH_ENV in os.environ else None
-
-
-def base_configs(argv: list[str]) -> list[str]:
-    """The base file a variant YAML (--config) names with `base_config:`: its keys are read too (pipeline.config.parse)."""
-    import yaml
-
-    config = _flag(argv, "--config", "")
-    try:
-        values = yaml.safe_load(resolve_path(config).read_text()) if config else None
-    except (OSError, ValueError, yaml.YAMLError):
-        return []
-    return [values["base_config"]] if isinstance(values, dict) and isinstance(values.get("base_config"), str) else []
 
 
 def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> tuple[bool, str]:
@@ -248,8 +237,9 @@ class StageRun:
         """What this stage read, as is_current compares it: command line, accelerate launch, named files' digests,
         upstream manifests'."""
         launch = launch_args()
-        named = paths_named_in([self.argv, config, base_configs(self.argv), launch or []], self.dir.resolve())
-        files = sorted(named | named_in_yamls(named, self.dir.resolve()))
+        own_dir = self.dir.resolve()
+        named = paths_named_in([self.argv, config, launch or []], own_dir)
+        files = sorted(named | named_in_yamls(named, own_dir))  # a variant's base_config too
         manifests = {name: None for name in self.optional}
         manifests.update({name: manifest_digest(m) for name, m in self.upstream.items()})
         return {"argv": list(self.argv), "launch": launch, "files": {f: file_digest(resolve_path(f)) for f in files},

@@ -346,7 +346,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "adv = L.reinforce_pp_advantages(rewards, mask, cfg.gamma, reduce=g)",
      "adv = L.reinforce_pp_advantages(rewards, mask, cfg.gamma)", PPO_RANKS),
     ("inputs-profile-contents-unread", "pipeline/run.py",
-     "        files = sorted(named | named_in_yamls(named, self.dir.resolve()))", "        files = sorted(named)",
+     "        files = sorted(named | named_in_yamls(named, own_dir))", "        files = sorted(named)",
      "tests/test_make.py -k base_checkpoint"),
     ("inputs-judge-rm-unread", "pipeline/run.py", "            v = v.removeprefix(JUDGE_RM_PREFIX)", "            v = v",
      "tests/test_make.py -k base_checkpoint"),
