@@ -273,7 +273,8 @@ def test_an_end_of_turn_the_tokenizer_cannot_stop_at_is_refused():
     assert require_end_of_turn(tok) == "</s>"
 
 
-@pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn", "no_generation_prompt"])
+@pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn", "no_generation_prompt",
+                                  "starts_with_an_assistant_turn"])
 def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers):
     from transformers import AutoTokenizer
 
@@ -287,6 +288,16 @@ def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers
                             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
         with pytest.raises(ConfigError, match="renders the conversation before assistant turn 1 differently"):
             tokenize_with_assistant_mask(tok, conversation("qwen2_5")[1:], "<|im_end|>")
+    elif case == "starts_with_an_assistant_turn":  # nothing before it to render as its prompt (transformers refuses
+        # an empty conversation with a bare ValueError): one ConfigError, from the SFT stage's own tokenizing
+        from datasets import Dataset
+
+        from stages.sft import with_assistant_masks
+
+        rows = Dataset.from_list([{"messages": conversation("qwen2_5")[1:]},
+                                  {"messages": conversation("qwen2_5")[2:]}])  # the second row opens with a reply
+        with pytest.raises(ConfigError, match="a conversation starts with an assistant turn: give each assistant turn"):
+            with_assistant_masks(rows, tok, "<|im_end|>", "rows.jsonl")
     elif case == "no_generation_prompt":  # ChatML without its generation prompt: SFT would train the header as reply
         tok.chat_template = turn + "<|im_end|>\n{% endfor %}"
         with pytest.raises(ConfigError, match="adds nothing for add_generation_prompt=True"):

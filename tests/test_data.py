@@ -7,17 +7,36 @@ import json
 
 
 def test_a_split_by_prompt_holds_out_round_n_times_fraction_prompts_and_at_least_one():
-    """10 prompts (3 rows each) at 0.2: exactly 2 prompts held out, whole; at 0.01 still one; at 0: no split."""
+    """10 prompts (3 rows each) at 0.2: exactly 2 prompts held out, whole; at 0.01 still one; at 0.27 round(2.7) = 3,
+    not 2; at 0: no split."""
     from datasets import Dataset
 
     from pipeline.data import train_eval_split
 
     ds = Dataset.from_dict({"prompt": [f"p{i // 3}" for i in range(30)], "i": list(range(30))})
-    for fraction, prompts in ((0.2, 2), (0.01, 1), (0.5, 5)):
+    for fraction, prompts in ((0.2, 2), (0.01, 1), (0.5, 5), (0.27, 3)):
         train, held = train_eval_split(ds, fraction, seed=0, group_by=lambda r: r["prompt"])
         assert len(set(held["prompt"])) == prompts and len(held) == 3 * prompts and len(train) == 30 - 3 * prompts
         assert not set(train["prompt"]) & set(held["prompt"])
     assert train_eval_split(ds, 0, seed=0) == (ds, None)
+
+
+def test_a_row_split_that_leaves_no_row_to_train_on_is_one_config_error():
+    """Without a key, the held-out share is ceil(rows x fraction), as datasets rounds it: 3 rows at 0.5 hold out 2 and
+    train on 1; 3 rows at 0.7, or 1 row at 0.05, would train on none: one ConfigError saying so (not datasets'
+    ValueError from inside train_test_split)."""
+    import pytest
+    from datasets import Dataset
+
+    from pipeline.config import ConfigError
+    from pipeline.data import train_eval_split
+
+    ds = Dataset.from_dict({"text": ["a", "b", "c"]})
+    train, held = train_eval_split(ds, 0.5, seed=0)
+    assert (len(train), len(held)) == (1, 2) and sorted([*train["text"], *held["text"]]) == ["a", "b", "c"]
+    for n, fraction in ((3, 0.7), (1, 0.05)):
+        with pytest.raises(ConfigError, match=rf"^{n} row\(s\) are too few to hold out eval_fraction={fraction} and train"):
+            train_eval_split(ds.select(range(n)), fraction, seed=0)
 
 
 def test_what_counts_as_a_prompt():
@@ -41,6 +60,22 @@ def test_a_jsonl_file_saved_with_a_byte_order_mark_reads(tmp_path):
     assert read_jsonl(path) == [(1, {"prompt": "a"}), (2, {"prompt": "b"})]
 
 
+def test_blank_lines_of_a_jsonl_file_are_skipped_and_still_counted(tmp_path):
+    """Blank lines (CRLF, spaces, a trailing one) hold no row; an error further on still names its line as an editor
+    numbers it."""
+    import pytest
+
+    from pipeline.config import ConfigError
+    from pipeline.data import read_jsonl
+
+    path = tmp_path / "gaps.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\r\n\r\n   \n{"prompt": "b"}\n\n')
+    assert read_jsonl(path) == [(1, {"prompt": "a"}), (4, {"prompt": "b"})]
+    path.write_bytes(b'{"prompt": "a"}\n\n{"prompt": \n')
+    with pytest.raises(ConfigError, match=r"gaps\.jsonl line 3 is not valid JSON"):
+        read_jsonl(path)
+
+
 def test_a_mixture_source_keeps_max_rows_rows(tmp_path):
     """max_rows 4 of 10 keeps 4 distinct rows of that source, and the concatenation is shuffled with the seed."""
     from pipeline.data import load_mixture
@@ -51,6 +86,21 @@ def test_a_mixture_source_keeps_max_rows_rows(tmp_path):
     texts = mixed["text"]
     assert len(texts) == 7 and sum(t.startswith("a") for t in texts) == 4 and len(set(texts)) == 7
     assert [t[0] for t in texts] != ["a"] * 4 + ["b"] * 3  # shuffled after concatenation: the sources interleave
+
+
+def test_max_rows_is_a_sample_drawn_with_the_seed(tmp_path):
+    """max_rows 4 of 20 keeps the first 4 rows of the source shuffled with the seed (datasets' own shuffle), not the
+    file's first 4 rows (a file sorted by topic or source would give one topic): another seed draws other rows."""
+    from pipeline.data import load_any, load_mixture
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": f"a{i}"}) + "\n" for i in range(20)))
+    drawn = {}
+    for seed in (0, 1):
+        mixed = load_mixture([{"path": str(path), "max_rows": 4}], seed)
+        assert sorted(mixed["text"]) == sorted(load_any(str(path)).shuffle(seed=seed)["text"][:4])
+        drawn[seed] = set(mixed["text"])
+    assert drawn[0] != drawn[1] and {f"a{i}" for i in range(4)} not in drawn.values()
 
 
 def test_score_each_distinct_item_once_spreads_the_scores_back_in_order():

@@ -324,6 +324,8 @@ def test_default_data_is_the_reward_models(recipe):
     assert (args.eval_fraction, train_cfg.max_length, train_cfg.seed, preference_args(args).max_prompt_length) == (
         rm.eval_fraction, rm_cfg.max_length, rm_cfg.seed, rm.max_prompt_length)
     assert preference_args(args).margin_scale == 0.0
+    _, args, _ = parse_args(["--config", str(REPO / recipe / "dpo.yaml"), "--eval_fraction", "0.1"])
+    assert preference_args(args).eval_fraction == 0.1  # the split DPO is told to make is the one it makes
     own = json.dumps({"data/preferences/tulu.jsonl": {"weight": 1.0}})
     _, args, _ = parse_args(["--config", str(REPO / "configs/dpo.yaml"), "--dataset_mixture", own])
     assert preference_args(args).dataset_mixture == json.loads(own)

@@ -79,6 +79,28 @@ def test_samples_follow_the_softmax_at_the_configured_temperature(llama, tempera
         assert diff.mean() > 4 * diff.std() / n ** 0.5, (temperature, other, float(diff.mean()), float(diff.std()))
 
 
+def test_samples_stay_in_the_configured_top_k_and_nucleus(llama):
+    """2,000 one-token samples of one prompt with top_k=3, then with top_p set between the 3rd and 4th cumulative
+    probability of softmax(logits / T) (HF's order: temperature first): the tokens drawn are exactly the 3 most
+    probable ones, no other (a top_k or top_p not passed to generate() would draw from the whole vocabulary, where
+    this prompt leaves most of the mass outside those 3), and each of the 3 is drawn."""
+    from pipeline.generation import SamplingConfig, generate
+
+    model, tok = llama
+    p = prompt_ids(tok, ["Once upon a time"])[0]
+    temperature, n = 0.9, 2000
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([p])).logits[0, -1].float() / temperature, -1)
+    top, order = probs.sort(descending=True)
+    cum = top.cumsum(0)
+    assert float(cum[2]) < 0.5 and float(top[2] / cum[2]) > 0.05, top[:4]  # teeth: most mass outside; each of 3 drawn
+    three = set(order[:3].tolist())
+    for top_k, top_p in ((3, 1.0), (0, float(cum[1] + cum[2]) / 2)):
+        cfg = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, generation_batch_size=n)
+        drawn = set(generate(model, tok, [p] * n, cfg, generator_seed=0).response_ids[:, 0].tolist())
+        assert drawn == three, (top_k, top_p, sorted(drawn - three), sorted(three - drawn))
+
+
 def test_each_batch_samples_from_its_own_seed(llama):
     """Four copies of one prompt in batches of two: the second batch does not repeat the first, and equals what the
     second batch's own seed gives alone (so a batch's tokens do not depend on which rank runs it)."""

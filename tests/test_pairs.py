@@ -90,6 +90,8 @@ def test_pairs_refuses_greedy_and_missing_sft(tiny_models, runs_dir):
         main(*parse((PairsArgs, SamplingConfig, RunArgs), args))
     with pytest.raises(ConfigError, match="temperature 0"):
         main(*parse((PairsArgs, SamplingConfig, RunArgs), [*args, "--temperature", "0"]))
+    with pytest.raises(ConfigError, match="num_responses must be at least 2 to make pairs, got 1"):  # one makes no pair
+        main(*parse((PairsArgs, SamplingConfig, RunArgs), [*args, "--num_responses", "1"]))
     from stages.pairs import load_prompts
 
     with pytest.raises(ConfigError, match=r"nope\.jsonl does not exist: check the path given to --prompts_file$"):
@@ -199,3 +201,53 @@ def test_each_pair_holds_two_responses_to_its_own_prompt(tiny_models, runs_dir, 
         assert int(row["responses"][1].split("#")[1]) == first + j and row["ended"] == [(first + i) % 4 != 0,
                                                                                         (first + j) % 4 != 0]
     assert metrics["no_eos_fraction"] == 0.25
+
+
+def test_the_runs_seed_draws_the_prompts_and_the_samples_and_a_prompt_of_max_prompt_tokens_is_kept(
+        tiny_models, runs_dir, tmp_path, monkeypatch):
+    """--seed draws the prompts (max_prompts takes the first of datasets' shuffle with that seed: another seed takes
+    others) and seeds the sampler; max_prompt_tokens is inclusive: a prompt exactly that long (with the chat template)
+    is kept, a longer one is left out and counted."""
+    import datasets
+    import torch
+
+    import stages.pairs as pairs
+    from pipeline.config import RunArgs, parse
+    from pipeline.data import load_any
+    from pipeline.generation import Generations, SamplingConfig, encode_prompts
+    from pipeline.models import load_tokenizer, profile_from
+
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"prompt": f"prompt number {i}"}) + "\n" for i in range(12)))
+    taken = {}
+    for seed in (7, 8):
+        got, _ = pairs.load_prompts(pairs.PairsArgs(prompts_file=str(many), max_prompts=3, seed=seed))
+        assert got == [pairs.as_messages(r["prompt"]) for r in load_any(str(many)).shuffle(seed=seed)][:3]
+        taken[seed] = got
+    assert taken[7] != taken[8]
+
+    profile = str(tiny_models["llama"])
+    make_sft_run(runs_dir, "lim", profile)
+    texts = ["a fox", "a fox and a hen", "a fox and a hen and a dog by the old mill"]
+    lengths = [len(ids) for ids in encode_prompts(load_tokenizer(profile_from(profile)),
+                                                  [[{"role": "user", "content": t}] for t in texts])]
+    assert lengths[0] < lengths[1] < lengths[2]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    seeds = []
+
+    def numbered(model, tokenizer, prompt_ids, sampling, generator_seed=None, progress=False):
+        seeds.append(generator_seed)
+        n = len(prompt_ids)
+        return Generations(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
+                           torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long),
+                           [f"reply {i}" for i in range(n)], torch.ones(n, dtype=torch.bool))
+
+    monkeypatch.setattr(pairs, "generate", numbered)
+    metrics = pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), [
+        "--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "lim", "--model_config", profile,
+        "--prompts_file", str(prompts_file), "--seed", "7", "--max_prompt_tokens", str(lengths[1])]))
+    ds = datasets.load_from_disk(str(runs_dir / "lim/pairs/dataset"))
+    assert seeds == [7] and ds[0]["generation"]["seed"] == 7
+    assert metrics["prompts"] == 2 and metrics["prompts_too_long"] == 1
+    assert sorted({row["prompt"][0]["content"] for row in ds}) == texts[:2]

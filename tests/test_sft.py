@@ -122,7 +122,9 @@ def test_config_error_in_process_for_empty_mixture(tiny_models, runs_dir):
 
 def test_bf16_base_trains_fp32_lora_and_samples_on_the_accelerator(tiny_models_bf16, runs_dir, monkeypatch):
     """A bf16 profile: the frozen base is bf16, the LoRA weights train (and are saved) in float32, the losses are
-    finite. The "before" samples run on this process's accelerator (accelerate's PartialState().device)."""
+    finite. The "before" samples run on this process's accelerator (accelerate's PartialState().device). Before and
+    after are sampled alike, so they compare: the same settings (sampled, not greedy: greedy decoding of a tiny
+    model collapses to "\\n" + EOS; --sample_max_new_tokens new tokens) and the same fixed seed."""
     from accelerate import PartialState
 
     import stages.sft as sft
@@ -130,14 +132,17 @@ def test_bf16_base_trains_fp32_lora_and_samples_on_the_accelerator(tiny_models_b
     moved, sampled_on = [], []
     real_to_device, real_generate = sft.to_device, sft.generate
     monkeypatch.setattr(sft, "to_device", lambda model, device=None: moved.append(model) or real_to_device(model, device))
-    monkeypatch.setattr(sft, "generate", lambda model, *a, **k: sampled_on.append((model, next(model.parameters()).device))
-                        or real_generate(model, *a, **k))
+    monkeypatch.setattr(sft, "generate", lambda model, tok, prompts, cfg, **k: sampled_on.append(
+        (model, next(model.parameters()).device, cfg, k.get("generator_seed"))) or real_generate(model, tok, prompts, cfg, **k))
     metrics = main(*parse_args(tiny_args(tiny_models_bf16["llama"], runs_dir, "bf16", "--max_steps", "6")))
     assert metrics["base_dtypes"] == ["bfloat16"] and metrics["trainable_dtypes"] == ["float32"]
     assert all(math.isfinite(x) for x in metrics["loss_curve"]) and math.isfinite(metrics["eval_loss"])
     weights = load_file(runs_dir / "bf16" / "sft" / "adapter" / "adapter_model.safetensors")
     assert weights and {w.dtype for w in weights.values()} == {torch.float32}
-    assert sampled_on[0][0] is moved[0] and {d for _, d in sampled_on} == {PartialState().device}
+    assert sampled_on[0][0] is moved[0] and {d for _, d, _, _ in sampled_on} == {PartialState().device}
+    (_, _, before, before_seed), (_, _, after, after_seed) = sampled_on
+    assert before == after and before.temperature > 0 and before.max_new_tokens == 8  # tiny_args' sample_max_new_tokens
+    assert before_seed == after_seed is not None
 
 
 def write_profile(path, **spec):
@@ -262,3 +267,45 @@ def test_held_out_rows_share_no_conversation_root_with_training():
     distinct = Dataset.from_list([conv(i, f"reply {i}") for i in range(50)])
     assert [held_out_split(distinct, 0.2, 3)[k]["messages"] for k in (0, 1)] == \
         [train_eval_split(distinct, 0.2, 3)[k]["messages"] for k in (0, 1)]
+
+
+def test_the_held_out_rows_are_drawn_with_the_runs_seed():
+    """split_and_tokenize holds out the rows held_out_split draws with the run's seed (train_cfg.seed: --seed,
+    which the benchmarks vary): seeds 1 and 2 hold out other rows, 4 of 40 at 0.1 each."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from stages.sft import SFTArgs, held_out_split, split_and_tokenize
+
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": f"question {i}"},
+                                            {"role": "assistant", "content": f"reply {i}"}]} for i in range(40)])
+    held = {}
+    for seed in (1, 2):
+        cfg = SimpleNamespace(seed=seed, assistant_only_loss=False)  # TRL renders: no tokenizer needed here
+        train, ev = split_and_tokenize(rows, None, cfg, SFTArgs(eval_fraction=0.1), "rows.jsonl")
+        assert ev["messages"] == held_out_split(rows, 0.1, seed)[1]["messages"] and (len(train), len(ev)) == (36, 4)
+        held[seed] = ev["messages"]
+    assert held[1] != held[2]
+
+
+def test_a_max_length_that_cuts_every_assistant_token_is_refused_at_its_boundary():
+    """TRL cuts each row to max_length and drops rows left without an assistant token. A max_length equal to the
+    earliest assistant token's index keeps none of them (indices 0..max_length-1): one ConfigError naming the least
+    max_length that works (index + 1); at that length the rows go through whole, TRL cuts them."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import require_end_of_turn
+    from stages.sft import with_assistant_masks
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
+    eot = require_end_of_turn(tok)
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Tell me about the rabbit" + " and the hen" * k},
+                                            {"role": "assistant", "content": "It hid."}]} for k in (1, 4)])
+    full = with_assistant_masks(rows, tok, eot, "rows.jsonl")
+    first = min(mask.index(1) for mask in full["assistant_masks"])
+    assert first > 5 and with_assistant_masks(rows, tok, eot, "rows.jsonl", first + 1).to_list() == full.to_list()
+    with pytest.raises(ConfigError, match=rf"max_length {first} is too small for rows.jsonl: no row has an assistant "
+                                          rf"token within its first {first} tokens.*raise max_length to at least {first + 1}$"):
+        with_assistant_masks(rows, tok, eot, "rows.jsonl", first)
