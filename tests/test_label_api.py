@@ -85,3 +85,29 @@ def test_a_note_beyond_the_limit_is_refused_and_nothing_is_stored(login_app):
     assert store.labels() == [] and store.history() == []
     alice.predict("", "y" * 20, api_name="/label_left")  # at the limit: stored
     assert [lab["note"] for lab in store.labels()] == ["y" * 20]
+
+
+def test_on_load_a_login_is_the_annotator_and_its_name_is_shown_as_text(tmp_path):
+    """The page's first call (`demo.load`) sends the name this browser saved before (a no-login session on a shared
+    machine): with logins it is ignored, the login is who labels. And a login is whatever a users line holds before its
+    ':' (`<b>eve</b>:pw` is one): the progress line and the "All done" screen show it escaped."""
+    import html
+    from types import SimpleNamespace
+
+    from stages.label.app import build_app
+    from stages.label.store import LabelStore
+
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.import_items([{"pair_id": "p0", "prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b"]}])
+    on_load, = [f.fn for f in build_app(store, "guidelines", use_login=True).fns.values()
+                if getattr(f.fn, "__name__", "") == "on_load"]
+    state = on_load("mallory", SimpleNamespace(username="alice"))[0]
+    assert state == {"annotator": "alice", "pair_id": "p0", "shown_left": store.shown_left("p0", "alice")}
+
+    eve = '<img src=http://example.com/e.png> <b>eve</b>'
+    store.save_label(eve, "p0", "left", 0)
+    out = on_load("", SimpleNamespace(username=eve))
+    shown = "".join(str(part.get("value", "")) if isinstance(part, dict) else str(part) for part in out)
+    assert out[0] == {"annotator": eve} and "<img" not in shown and "<b>eve" not in shown
+    assert f"Nothing is left for you, {html.escape(eve)}: you labeled 1 pair(s)" in shown
+    assert f"Yours ({html.escape(eve)}): <b>1 labeled</b>" in shown

@@ -438,3 +438,104 @@ def test_boundaries_of_the_export_filter_kappa_and_open_pairs(tmp_path):
     item = s.next_item("bob")
     s.save_label("bob", item.pair_id, "left", item.shown_left)
     assert s.progress("alice")["open_to_me"] == 2
+
+
+def test_undo_takes_back_only_my_label_and_never_returns_to_a_version_already_undone(tmp_path):
+    """Overlap 2: alice's undo of her label on p000 leaves bob's label on it. And undo walks back over what is still
+    in force: left, changed to right, undone (back to left), changed to tie, undone: left again, not the undone right."""
+    s = LabelStore(tmp_path / "o2.sqlite", overlap=2, lease_s=60, clock=Clock())
+    s.import_items(pairs(2))
+    s.save_label("alice", "p000", "left", 0)
+    s.save_label("bob", "p000", "right", 1, "much")
+    assert s.undo("alice") == ("p000", "new")
+    assert [(lab["annotator"], lab["choice"], lab["preferred"], lab["strength"]) for lab in s.labels()] == [
+        ("bob", "right", 0, "much")]
+    assert s.undo("alice") is None and [h["annotator"] for h in s.history("bob")] == ["bob"]
+
+    s.save_label("alice", "p001", "left", 1)
+    s.save_label("alice", "p001", "right", 1)
+    assert s.undo("alice") == ("p001", "change") and s.reopen("alice", "p001").label["choice"] == "left"
+    s.save_label("alice", "p001", "tie", 1)
+    assert s.undo("alice") == ("p001", "change")
+    back = s.reopen("alice", "p001").label
+    assert (back["choice"], back["preferred"]) == ("left", 1)
+    assert s.undo("alice") == ("p001", "new") and s.reopen("alice", "p001") is None
+
+
+def test_progress_counts_people_s_labels_of_the_current_pairs_only(tmp_path):
+    """`make pairs` again: p000 is no longer served (its label stays in the store, inactive). The progress line counts
+    the labels of the pairs served now: alice's label of p001, not that of p000; done 1 of the 3 current pairs."""
+    s = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=60, clock=Clock())
+    s.import_items(pairs(2))
+    s.save_label("alice", "p000", "left", 0)
+    s.save_label("alice", "p001", "left", 0)
+    s.import_items(pairs(4)[1:])  # p001, p002, p003
+    p = s.progress("alice")
+    assert (p["pairs"], p["labels"], p["pairs_done"], p["mine"], p["open_to_me"]) == (3, 1, 1, 1, 2)
+    assert len(s.labels()) == 2
+
+
+def test_mean_kappa_is_the_mean_over_annotator_pairs_and_the_hours_are_the_last_24():
+    """Three annotators on three pairs: a and b agree throughout (kappa 1); c says response 0 where they say 1.
+    kappa(a, c): p_o = 2/3, p_e = (1*2 + 1*0 + 1*1) / 9 = 1/3, so (2/3 - 1/3) / (2/3) = 1/2; the same for (b, c).
+    The mean is (1 + 1/2 + 1/2) / 3 = 2/3. Labels in 30 distinct hours: the per-hour table keeps the latest 24."""
+    import time
+
+    labels = [lab(p, who, "left", pref) for who, prefs in (("a", (0, 1)), ("b", (0, 1)), ("c", (0, 0)))
+              for p, pref in zip(("p0", "p1"), prefs)]
+    labels += [lab("p2", who, "tie", None) for who in ("a", "b", "c")]
+    ag = summarize(labels, now=0)["agreement"]
+    assert {k: v["kappa"] for k, v in ag["cohen_kappa"].items()} == {"a / b": 1.0, "a / c": 0.5, "b / c": 0.5}
+    assert ag["mean_cohen_kappa"] == 0.667
+
+    hour0 = 1_699_999_200  # a whole hour
+    hourly = [lab(f"h{h}", "a", "left", 0, t=hour0 + 3600 * h) for h in range(30)]
+    per_hour = summarize(hourly, now=hour0 + 3600 * 30)["per_hour"]
+    assert list(per_hour) == [time.strftime("%Y-%m-%d %H:00", time.localtime(hour0 + 3600 * h)) for h in range(6, 30)]
+    assert set(per_hour.values()) == {1}
+
+
+HOSTILE = '<img src=http://example.com/n.png> <b>eve</b>'
+
+
+def test_names_reach_the_stats_and_progress_html_escaped():
+    """A login is whatever a users line holds before its ':' (`<b>eve</b>:pw` is one), and a simulator is named after
+    its judge: in the Stats tab and the progress line a name is text, never markup."""
+    import html
+
+    from stages.label.app import progress_html
+    from stages.label.stats import stats_view, to_html
+
+    labels = [lab("p0", HOSTILE, "left", 0), lab("p0", "sim:" + HOSTILE, "left", 0)]
+    shown = to_html(stats_view(labels, now=1), overlap=1)
+    assert "<img" not in shown and "<b>eve" not in shown
+    assert f"<td>{html.escape(HOSTILE)}</td>" in shown and f"(sim:{html.escape(HOSTILE)}): 1 labels" in shown
+    p = {"pairs": 2, "pairs_done": 1, "labels": 1, "overlap": 1, "mine": 1, "open_to_me": 1}
+    line = progress_html(p, HOSTILE)
+    assert "<img" not in line and f"Yours ({html.escape(HOSTILE)}): <b>1 labeled</b>" in line
+
+
+def test_a_hostname_is_not_loopback_and_a_login_needs_a_password():
+    """Only 127.0.0.0/8, ::1 and 'localhost' serve without logins: a hostname may resolve to any interface. A users
+    entry with an empty password (`alice:`) is refused, not a login anyone can use."""
+    from pipeline.config import ConfigError
+    from stages.label.config import is_loopback
+
+    assert is_loopback("localhost") and is_loopback("127.0.0.2") and is_loopback("::1")
+    for host in ("labeler.example.org", "my-laptop", "0.0.0.0", "10.0.0.5"):
+        assert not is_loopback(host)
+        with pytest.raises(ConfigError, match=f"refusing to start the labeling UI on {host} without authentication"):
+            check_exposure(host, [])
+    for entry in ("alice:", "alice: ,bob:pw"):
+        with pytest.raises(ConfigError, match=r"bad user entry in \$LABEL_USERS: write `name:password` \(got 'alice'"):
+            load_users(None, env={"LABEL_USERS": entry})
+
+
+def test_min_agreement_outside_0_1_is_refused():
+    """A majority share is at most 1: min_agreement 1.5 would drop every pair and export nothing, without a word."""
+    from stages.label.config import LabelArgs
+
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=f"min_agreement must be between 0 and 1, got {bad}"):
+            LabelArgs(min_agreement=bad)
+    assert LabelArgs(min_agreement=1.0).min_agreement == 1.0 and LabelArgs(min_agreement=0).min_agreement == 0

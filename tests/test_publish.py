@@ -254,6 +254,57 @@ def test_card_leads_with_the_gold_judge_when_eval_has_one():
     assert "gold" not in plain and "**Under the reward model**: win rate of PPO over SFT 89.0%** (95% CI" in plain
 
 
+def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
+    """Every figure of the card's tables and summary is the one the eval report and the policy's manifest give for it,
+    in its own column (hand-made figures, each distinct); the flags show when the report raised them and only then;
+    the labels' row carries the labels' license, not the model's."""
+    from stages.publish import PublishArgs
+    from stages.publish_card import model_card, policy_results, ppo_results
+
+    ev = {"n_prompts": 82, "reward_sft_mean": -0.058, "reward_ppo_mean": 2.311, "length_sft_mean": 20.2,
+          "length_ppo_mean": 23.7, "no_eos_sft": 0.122, "no_eos_ppo": 0.171, "kl_mean": 6.068, "win_rate": 0.89,
+          "win_rate_ci_low": 0.804, "win_rate_ci_high": 0.941}
+    text = "\n".join(ppo_results(ev))
+    for row in ("| reward-model score (mean) | -0.058 | 2.311 |", "| response length (tokens) | 20.2 | 23.7 |",
+                "| share without EOS | 12.2% | 17.1% |", "| KL to the SFT policy (nats/response) | 0 | 6.068 |"):
+        assert row in text, row
+    assert "reward hacking" not in text and "judged by people" not in text
+    flagged = "\n".join(ppo_results({**ev, "reward_hacking_suspected": True, "human_win_rate": 0.625}))
+    assert "flagged likely reward hacking" in flagged and "Win rate judged by people: 62.5%." in flagged
+
+    comparison = {"sft": {"proxy_mean": 0.1, "gold_mean": 0.25, "length_mean": 20.0, "no_eos": 0.05, "kl_mean": 0.0},
+                  "grpo": {"proxy_mean": 1.5, "gold_mean": None, "length_mean": 31.5, "no_eos": 0.3, "kl_mean": 4.5}}
+    rows = "\n".join(policy_results({"n_prompts": 9, "comparison": comparison}, "grpo"))
+    for row in ("| reward-model score (mean) | 0.100 | 1.500 |", "| gold judge score (mean) | 0.250 | – |",
+                "| response length (tokens) | 20.0 | 31.5 |", "| share without EOS | 5.0% | 30.0% |",
+                "| KL to the SFT policy (nats/response) | 0 | 4.500 |"):
+        assert row in rows, row
+    assert "flagged" not in rows
+    assert "⚠️ The evaluation flagged grpo" in "\n".join(
+        policy_results({"n_prompts": 9, "comparison": comparison, "flagged_policies": ["grpo"]}, "grpo"))
+
+    manifests = {"sft": {"config": {}, "metrics": {}}, "eval": {"metrics": ev},
+                 "rm": {"config": {}, "metrics": {"eval_accuracy": 0.71}, "outputs": {"adapter": str(tmp_path)}},
+                 "ppo": {"config": {}, "versions": {"trl": "1.0"},
+                         "metrics": {"updates": 40, "reward_first": -0.5, "reward_last": 1.25, "kl_last": 3.5}}}
+    card = model_card(PublishArgs(license="mit", dataset_license="cc-by-4.0"), "me/x", "t", manifests, "org/base",
+                      "org/base", [], [], "me/x-preferences", "people")
+    assert "PPO: 40 updates, reward -0.5 → 1.25, final KL 3.5. Reward model: eval accuracy 0.71." in card
+    assert "| rm | human labels of this run | cc-by-4.0 |" in card and "license: mit" in card
+
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    from stages.publish import export_dataset
+
+    row = {"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}], "annotator": "alice"}
+    datasets.Dataset.from_list([row]).save_to_disk(str(tmp_path / "export"))
+    export_dataset(str(tmp_path / "export"), tmp_path / "out", PublishArgs(license="mit", dataset_license="cc-by-4.0"),
+                   "me/x", "t")
+    assert DatasetCard.load(tmp_path / "out" / "README.md").data.to_dict()["license"] == "cc-by-4.0"
+
+
 def test_card_for_a_hub_base_names_it(runs):
     """A Hub base: base_model metadata and a one-line AutoPeftModel snippet (card built without loading anything)."""
     from huggingface_hub import ModelCard
@@ -302,7 +353,8 @@ class FakeHub:
                 hub.calls.append(("GET", self.path))
                 if self.path.startswith("/api/whoami-v2"):
                     return self.reply(200, {"name": "tester", "type": "user", "orgs": [],
-                                            "auth": {"type": "access_token", "accessToken": {"displayName": "t", "role": "write"}}})
+                                            "auth": {"type": "access_token", "accessToken": {
+                                                "displayName": "t", "role": "read" if hub.mode == "read" else "write"}}})
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if len(parts) == 4 and parts[0] == "api" and (parts[1][:-1], f"{parts[2]}/{parts[3]}") in hub.existing:
                     repo = f"{parts[2]}/{parts[3]}"
@@ -425,6 +477,17 @@ def test_no_write_permission_is_one_clear_error_and_nothing_is_committed(runs):
     line = error_line(proc)
     assert "cannot write to 'someone-else/their-model'" in line and "Nothing of this failed upload was committed" in line
     assert server.commits == {} and TOKEN not in proc.stdout + proc.stderr
+
+
+def test_a_read_only_token_is_one_clear_error_before_any_repo_is_created(runs):
+    server = FakeHub(mode="read")
+    try:
+        proc = publish(runs, "--repo_id", "tester/tiny-rlhf", env={"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN})
+    finally:
+        server.close()
+    line = error_line(proc)
+    assert "the Hugging Face token of 'tester' is read-only: create a write token" in line
+    assert server.created == [] and server.commits == {} and TOKEN not in proc.stdout + proc.stderr
 
 
 def test_private_refuses_an_existing_public_repo_before_anything_is_created(runs):

@@ -436,5 +436,6 @@ def test_a_simulate_run_killed_midway_leaves_the_store_as_it_was(tmp_path, monke
     assert len(saved) == 5
     after = sorted((lab["annotator"], lab["pair_id"], lab["choice"], lab["shown_left"]) for lab in store.labels())
     assert after == before and len(before) == 180
+    monkeypatch.undo()  # a person's label must be refused by the guard, not by the simulated kill above
     with pytest.raises(ValueError, match="simulated annotators' labels only"):
         store.save_simulated([], [("alice", "pair000", "left", 0)])
