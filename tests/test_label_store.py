@@ -442,7 +442,8 @@ def test_boundaries_of_the_export_filter_kappa_and_open_pairs(tmp_path):
 
 def test_undo_takes_back_only_my_label_and_never_returns_to_a_version_already_undone(tmp_path):
     """Overlap 2: alice's undo of her label on p000 leaves bob's label on it. And undo walks back over what is still
-    in force: left, changed to right, undone (back to left), changed to tie, undone: left again, not the undone right."""
+    in force: left, changed to right, undone (back to left), changed to tie, undone: left again, not the undone
+    right."""
     s = LabelStore(tmp_path / "o2.sqlite", overlap=2, lease_s=60, clock=Clock())
     s.import_items(pairs(2))
     s.save_label("alice", "p000", "left", 0)

@@ -354,7 +354,8 @@ class FakeHub:
                 if self.path.startswith("/api/whoami-v2"):
                     return self.reply(200, {"name": "tester", "type": "user", "orgs": [],
                                             "auth": {"type": "access_token", "accessToken": {
-                                                "displayName": "t", "role": "read" if hub.mode == "read" else "write"}}})
+                                                "displayName": "t",
+                                                "role": "read" if hub.mode == "read" else "write"}}})
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if len(parts) == 4 and parts[0] == "api" and (parts[1][:-1], f"{parts[2]}/{parts[3]}") in hub.existing:
                     repo = f"{parts[2]}/{parts[3]}"
