@@ -33,3 +33,61 @@ def test_make_base_refusal_is_one_error_line_and_exit_2(tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr and "--optimizer" in errors[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_tiny_base_trains_on_its_schedule_its_own_books_and_records_its_special_tokens(tmp_path, monkeypatch):
+    """The real main() on three small books (one held out) and a 6-step run: the learning rate follows the warmup +
+    cosine schedule computed by hand, weight decay applies to matrices only (never to norms), the tokens trained on
+    are the training books' alone, and the saved config carries the tokenizer's pad/bos/eos ids (reward models read
+    their score at the last token that is not pad_token_id)."""
+    import math
+
+    import stages.base as base
+    from transformers import AutoConfig, AutoTokenizer
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in ("bunny", "flopsy", "mice"):  # three short Beatrix Potter books
+        (texts / f"{name}.txt").write_text((REPO / "data/pretrain/texts" / f"{name}.txt").read_text())
+    seen = {}
+    real = base.make_optimizer
+
+    def recording(name, groups, lr, weight_decay):
+        opt = real(name, groups, lr, weight_decay)
+        seen["groups"], seen["lrs"], step = opt.param_groups, [], opt.step
+
+        def recorded_step(*args, **kwargs):
+            seen["lrs"].append([g["lr"] for g in opt.param_groups])
+            return step(*args, **kwargs)
+
+        opt.step = recorded_step
+        return opt
+
+    monkeypatch.setattr(base, "make_optimizer", recording)
+    out = tmp_path / "tiny"
+    cfg, run = parse(base.CONFIG_CLASSES(), base_args(
+        tmp_path / "runs", "--text_dir", str(texts), "--heldout_books", "mice", "--output_dir", str(out),
+        "--vocab_size", "300", "--hidden_size", "16", "--intermediate_size", "32", "--num_hidden_layers", "2",
+        "--num_attention_heads", "2", "--block_size", "32", "--batch_size", "2", "--max_steps", "6",
+        "--warmup_steps", "2", "--learning_rate", "1e-2", "--min_lr_ratio", "0.1", "--eval_every", "3",
+        "--eval_batches", "2"))
+    metrics = base.main(cfg, run)
+
+    c = math.cos(math.pi / 4)  # cosine over steps 2..5: progress 0, 1/4, 2/4, 3/4 of the 4 steps after warmup
+    expected = [5e-3, 1e-2, 1e-2, 1e-2 * (0.1 + 0.45 * (1 + c)), 1e-2 * 0.55, 1e-2 * (0.1 + 0.45 * (1 - c))]
+    assert [lrs[0] for lrs in seen["lrs"]] == pytest.approx(expected, rel=1e-12)
+    assert all(len(set(lrs)) == 1 for lrs in seen["lrs"])  # both groups on the same schedule
+    decay, no_decay = seen["groups"]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    # 2 layers x (q, k, v, o, gate, up, down) + embeddings + LM head; 2 layers x 2 norms + the final norm
+    assert len(decay["params"]) == 2 * 7 + 2 and all(p.dim() == 2 for p in decay["params"])
+    assert len(no_decay["params"]) == 2 * 2 + 1 and all(p.dim() == 1 for p in no_decay["params"])
+
+    tok = AutoTokenizer.from_pretrained(out)
+    train_ids = sum(1 + len(tok(base.clean((texts / f"{n}.txt").read_text()), add_special_tokens=False)["input_ids"]) + 1
+                    for n in ("bunny", "flopsy"))
+    assert metrics["train_tokens_available"] == train_ids  # the held-out book is not trained on
+    assert metrics["tokens_seen"] == 6 * 2 * 32
+    config = AutoConfig.from_pretrained(out)
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)  # <pad>, <s>, </s>: SPECIAL_TOKENS' order

@@ -333,3 +333,33 @@ def test_llama3_renders_carry_a_fixed_date_not_the_clocks(template_tokenizers, t
         batch = sft_collated(tok, [{"messages": user + [{"role": "assistant", "content": "Hello"}]}],
                              tmp_path / str(only_replies), assistant_only_loss=only_replies)
         assert fixed in tok.decode(batch["input_ids"][0]), only_replies
+
+
+def test_a_base_without_a_pad_token_pads_with_eos_and_its_reward_model_reads_there(tmp_path):
+    """Llama-3 ships no pad token and no pad_token_id in its config: the tokenizer pads with EOS (TRL's convention), and
+    the model loaded as a reward model gets that id as pad_token_id, so transformers reads the score at the last token
+    before the padding, not at position 0 or the last pad."""
+    import yaml
+
+    from pipeline.models import load_base, load_tokenizer, profile_from
+    from tests.conftest import build_template_model
+
+    tok_dir = build_template_tokenizer("llama3", tmp_path / "tok")
+    model_dir = build_template_model("llama3", tok_dir, tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))
+    profile = tmp_path / "llama3.yaml"
+    profile.write_text(yaml.safe_dump({"name_or_path": str(model_dir), "lora_target_modules": LLAMA_TARGETS}))
+    prof = profile_from(str(profile))
+    tok = load_tokenizer(prof)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert tok.pad_token == tok.eos_token == "<|eot_id|>" and tok.pad_token_id == eot != tok.bos_token_id
+    model = load_base(prof, tok, kind="score")
+    assert model.config.pad_token_id == eot
+    causal = load_base(prof, tok)  # the sampler pads with it too
+    assert causal.config.pad_token_id == causal.generation_config.pad_token_id == eot
+    ids = torch.tensor([[5, 6, 7, eot, eot], [5, 6, eot, eot, eot]])
+    with torch.no_grad():
+        scores = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, 0]
+        per_token = model.score(model.model(input_ids=ids).last_hidden_state)[..., 0]
+    torch.testing.assert_close(scores, torch.stack([per_token[0, 2], per_token[1, 1]]))

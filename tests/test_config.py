@@ -234,3 +234,33 @@ def test_a_4bit_profile_loads_with_its_own_compute_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     profile = ModelProfile(name_or_path="models/tiny", dtype="float16", load_in_4bit=True)
     assert quantization_kwargs(profile)["quantization_config"].bnb_4bit_compute_dtype == torch.float16
+
+
+@pytest.mark.parametrize("stage,flag,value,message", [
+    ("sft", "--learning_rate", "nan", "--learning_rate on the command line is nan: it must be > 0"),
+    ("pairs", "--top_p", "0", r"--top_p on the command line is 0.0: it must be in \(0, 1\]"),
+    ("sft", "--max_steps", "0", "--max_steps on the command line is 0: give a number of steps >= 1, or -1"),
+])
+def test_a_nan_rate_a_zero_top_p_and_zero_steps_are_refused_and_their_edges_kept(stage, flag, value, message):
+    """NaN compares false with every bound (a NaN learning rate would train to NaN weights); top_p 0 keeps no token
+    (top_p's range is (0, 1], open at 0); max_steps 0 trains nothing, while -1 means 'by num_train_epochs'."""
+    config = ["--config", str(REPO / "configs" / f"{stage}.yaml")]
+    with pytest.raises(ConfigError, match=message):
+        parse(stage_classes(stage), [*config, flag, value])
+    edge = {"--learning_rate": "1e-9", "--top_p": "1", "--max_steps": "-1"}[flag]
+    parsed = parse(stage_classes(stage), [*config, flag, edge])
+    assert any(getattr(obj, flag[2:], None) == float(edge) for obj in parsed)
+
+
+def test_a_bad_value_in_a_variants_base_file_names_the_base_file(tmp_path):
+    """grpo.yaml takes most keys from ppo.yaml (base_config): a bad value read from the base file is blamed on the base
+    file, and the variant's own key on the variant, so the user edits the file that holds it."""
+    base = tmp_path / "base.yaml"
+    base.write_text((REPO / "configs/ppo.yaml").read_text() + "\nresponse_length: 2.5\n")
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(f"base_config: {base}\nseed: 3\n")
+    with pytest.raises(ConfigError, match=rf"'response_length' in {base}\b is 2.5: it must be a whole number"):
+        parse(stage_classes("ppo"), ["--config", str(variant)])
+    variant.write_text(f"base_config: {base}\nseed: 3\nresponse_length: 4\nnum_ppo_epochs: 1.5\n")
+    with pytest.raises(ConfigError, match=rf"'num_ppo_epochs' in {variant} is 1.5: it must be a whole number"):
+        parse(stage_classes("ppo"), ["--config", str(variant)])

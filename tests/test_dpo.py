@@ -363,3 +363,49 @@ def test_a_label_export_that_appears_later_makes_dpo_out_of_date(tiny_models, ma
     main(*parse_args(dpo_args(tiny_models["llama"], runs, "t", "--dataset_mixture", mixture, "--num_train_epochs", "1")))
     manifest = json.loads((runs / "t" / "dpo" / "manifest.json").read_text())
     assert manifest["inputs"]["manifests"] == {"label-export": None, "sft": manifest["inputs"]["manifests"]["sft"]}
+
+
+def test_combined_lora_by_hand_keeps_the_adapters_dtype():
+    """One module, hand-sized: SFT r=1, alpha 2 (scaling 2); DPO r=2, alpha 1 with rsLoRA (scaling 1/sqrt 2). The
+    combined A stacks the As, B holds the scaled Bs side by side, rank 3 at alpha 3 (scaling 1): in float32, the
+    adapters' dtype (the float64 arithmetic is rounded once, not saved)."""
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    a1, b1 = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]])
+    a2, b2 = torch.tensor([[5.0, 6.0], [7.0, 8.0]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    sft_cfg = {"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["q_proj"]}
+    dpo_cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 1, "use_rslora": True, "target_modules": ["q_proj"]}
+    state, cfg = combine_loras({f"{key}.lora_A.weight": a1, f"{key}.lora_B.weight": b1}, sft_cfg,
+                               {f"{key}.lora_A.weight": a2, f"{key}.lora_B.weight": b2}, dpo_cfg)
+    s2 = 1 / math.sqrt(2)
+    a, b = state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"]
+    assert a.dtype == b.dtype == torch.float32 and sorted(state) == [f"{key}.lora_A.weight", f"{key}.lora_B.weight"]
+    assert torch.equal(a, torch.tensor([[1.0, 2.0], [5.0, 6.0], [7.0, 8.0]]))
+    assert torch.equal(b, torch.tensor([[6.0, s2, 2 * s2], [8.0, 3 * s2, 4 * s2]], dtype=torch.float64).float())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]) == (3, 3, False)
+    x = torch.tensor([0.5, -1.0])  # the combined update is the sum of the two: 2 B1 A1 x + s2 B2 A2 x
+    torch.testing.assert_close(b.double() @ (a.double() @ x.double()),
+                               2 * b1.double() @ (a1.double() @ x.double()) + s2 * b2.double() @ (a2.double() @ x.double()))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"bias": "lora_only"}, "not a plain LoRA"),
+    ({"extra_weight": "base_model.model.model.embed_tokens.weight"}, "holds weights other than LoRA A/B matrices"),
+    ({}, None),
+], ids=["trained-bias", "saved-embeddings", "plain"])
+def test_an_sft_adapter_with_a_trained_bias_or_other_weights_does_not_combine(change, message, tmp_path):
+    """A LoRA that trained biases (bias: lora_only), or that was saved with other weights (save_embedding_layers: the
+    embeddings), holds more than B A: combining its A and B alone would silently drop the rest."""
+    from safetensors.torch import save_file
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    config = {"peft_type": "LORA", "bias": change.get("bias", "none"), "target_modules": ["q_proj"]}
+    weights = {f"{key}.lora_A.weight": torch.ones(1, 2), f"{key}.lora_B.weight": torch.ones(2, 1)}
+    if "extra_weight" in change:
+        weights[change["extra_weight"]] = torch.ones(3, 2)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(weights, str(tmp_path / "adapter_model.safetensors"))
+    if message is None:
+        require_combinable(tmp_path, ["q_proj"], what="SFT")
+    else:
+        with pytest.raises(ConfigError, match=message):
+            require_combinable(tmp_path, ["q_proj"], what="SFT")

@@ -201,6 +201,20 @@ def test_missing_chat_template_file_is_one_clear_error(tiny_models, tmp_path):
         load_tokenizer(profile_from(str(profile)))
 
 
+def test_a_lora_target_matches_a_whole_module_name_not_the_end_of_one(tiny_models):
+    """peft matches a target by the module's name or its last dotted parts (`attn.c_attn` ends in `.c_attn`), never by
+    a bare suffix: `attn` wraps nothing in GPT-2 (its attention block is no linear layer), so the profile is refused
+    although `c_attn` ends in "attn"."""
+    from pipeline.config import ModelProfile
+    from pipeline.models import check_lora_targets, load_base, load_tokenizer, profile_from
+
+    path = profile_from(str(tiny_models["gpt2"])).name_or_path
+    ok = ModelProfile(name_or_path=path, lora_target_modules=["c_attn", "attn.c_proj"])
+    model = load_base(ok, load_tokenizer(ok))  # a dotted suffix of whole names matches
+    with pytest.raises(ConfigError, match=r"LoRA target module\(s\) \['attn', 'proj'\] are not in"):
+        check_lora_targets(ModelProfile(name_or_path=path, lora_target_modules=["c_attn", "attn", "proj"]), model, path)
+
+
 @pytest.mark.parametrize("targets", [None, ["c_attn", "q_prj"]])
 def test_wrong_lora_targets_name_the_models_linear_layers(targets, tiny_models, runs_dir, tmp_path):
     """A GPT-2 profile without lora_target_modules (the Llama projections by default), or with a typo: one error

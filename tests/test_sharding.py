@@ -83,6 +83,49 @@ def test_fsdp_version_1_is_refused_and_accelerate_fsdp_switched_off(monkeypatch)
     assert not sharding.requested()
 
 
+@pytest.mark.parametrize("world,n_batches,ran", [
+    (2, 5, [[0, 2, 4], [1, 3, 4]]),         # rank 1 runs batch 4 again, only to stay in lockstep
+    (3, 7, [[0, 3, 6], [1, 4, 6], [2, 5, 6]]),
+    (3, 2, [[0], [1], [1]]),                # fewer batches than ranks: rank 2 repeats the last one
+], ids=["2x5", "3x7", "3x2"])
+def test_spread_runs_batch_b_on_rank_b_mod_n_and_keeps_no_repeat(world, n_batches, ran, monkeypatch):
+    """pipeline.sharding.spread over `world` ranks (threads, with all_gather_object done by hand): batch b runs on rank
+    b % world, every rank runs as many batches (a repeat of the last past the end), and every rank gets each batch's
+    own result back in order, never a repeat's."""
+    import threading
+
+    import torch.distributed as dist
+
+    local, barrier, parts = threading.local(), threading.Barrier(world, timeout=30), {}
+
+    def all_gather_object(out, obj):
+        parts[local.rank] = obj
+        barrier.wait()
+        out[:] = [parts[r] for r in range(world)]
+        barrier.wait()
+
+    monkeypatch.setattr(sharding, "rank_and_world", lambda: (local.rank, world))
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    seen, results, errors = {r: [] for r in range(world)}, {}, []
+
+    def rank_main(rank):
+        local.rank = rank
+        try:
+            results[rank] = sharding.spread(n_batches, lambda b: seen[rank].append(b) or (b, rank))
+        except Exception as err:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert [seen[r] for r in range(world)] == ran
+    assert all(results[r] == [(b, b % world) for b in range(n_batches)] for r in range(world)), results
+
+
 def test_4bit_base_cannot_be_sharded(tiny_models, tmp_path):
     from pipeline.models import load_base, load_tokenizer, profile_from
 

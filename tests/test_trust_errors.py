@@ -197,6 +197,27 @@ def test_ppo_refusing_a_reward_adapter_of_another_base_leaves_the_finished_run_a
     assert tree(runs) == before
 # ---------------------------------------------------------------- disk faults: one line naming the path and the fix
 
+@pytest.mark.parametrize("key,theirs", [("vocab_size", 600), ("hidden_size", 64), ("num_hidden_layers", 3),
+                                        ("num_attention_heads", 8), ("intermediate_size", 128)])
+def test_an_adapter_of_a_base_with_another_shape_is_refused_naming_what_differs(key, theirs, tiny_models, tmp_path):
+    """A LoRA on the attention projections loads onto a base with another vocabulary without a size mismatch (it holds
+    no embedding), and then scores other tokens: every shape of the base is part of its fingerprint."""
+    from transformers import AutoConfig
+
+    from pipeline.config import ConfigError, load_model_profile
+    from pipeline.models import check_adapter, save_fingerprint
+
+    base = AutoConfig.from_pretrained(load_model_profile(tiny_models["llama"]).name_or_path)
+    other = AutoConfig.from_pretrained(load_model_profile(tiny_models["llama"]).name_or_path, **{key: theirs})
+    (tmp_path / "adapter_config.json").write_text("{}")
+    save_fingerprint(tmp_path, other, "other-base")
+    with pytest.raises(ConfigError, match=rf"reward adapter {tmp_path} was trained on base 'other-base', which differs "
+                                          rf"from the base in use \({key}: adapter {theirs} vs base {getattr(base, key)}\)"):
+        check_adapter(tmp_path, base, "reward")
+    save_fingerprint(tmp_path, base, "same-base")
+    assert check_adapter(tmp_path, base, "reward") == tmp_path
+
+
 def test_run_folder_under_a_regular_file_is_one_error_line(tiny_models, tmp_path, capsys):
     """A real fault, also as root: the runs folder's parent is a file, so nothing can be created under it."""
     (tmp_path / "not_a_folder").write_text("a file")
