@@ -152,6 +152,8 @@ def with_assistant_masks(ds, tokenizer, eot: str, data_name: str, max_length: in
         except jinja2.TemplateError as err:
             raise ConfigError(f"row {i} of {data_name}: the chat template refuses it ({err}): fix the row or the "
                               f"template (model profile `chat_template:`)") from None
+        except ConfigError as err:  # a row the mask cannot be built for: say which, in which file
+            raise ConfigError(f"row {i} of {data_name}: {err}") from None
     starts = [r["assistant_masks"].index(1) for r in rows if 1 in r["assistant_masks"]]
     if max_length and rows and not any(start < max_length for start in starts):
         need = min(starts) + 1 if starts else None

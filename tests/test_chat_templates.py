@@ -296,7 +296,8 @@ def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers
 
         rows = Dataset.from_list([{"messages": conversation("qwen2_5")[1:]},
                                   {"messages": conversation("qwen2_5")[2:]}])  # the second row opens with a reply
-        with pytest.raises(ConfigError, match="a conversation starts with an assistant turn: give each assistant turn"):
+        with pytest.raises(ConfigError, match="^row 1 of rows.jsonl: a conversation starts with an assistant turn: "
+                                              "give each assistant turn"):
             with_assistant_masks(rows, tok, "<|im_end|>", "rows.jsonl")
     elif case == "no_generation_prompt":  # ChatML without its generation prompt: SFT would train the header as reply
         tok.chat_template = turn + "<|im_end|>\n{% endfor %}"

@@ -388,6 +388,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('data-jsonl-blank-line-refused', 'pipeline/data.py', '            if not line.strip():\n                continue\n', '', 'tests/test_data.py -k blank_lines'),
     ('data-jsonl-line-numbers-from-0', 'pipeline/data.py', 'for n, raw in enumerate(f, 1):', 'for n, raw in enumerate(f):', 'tests/test_data.py -k byte_order_mark'),
     ('dpo-eval-fraction-ignored', 'stages/dpo.py', 'eval_fraction=args.eval_fraction,', 'eval_fraction=0.2,', 'tests/test_dpo.py -k default_data'),
+    ('sft-bad-row-unnamed', 'stages/sft.py', '            raise ConfigError(f"row {i} of {data_name}: {err}") from None',
+     '            raise', "tests/test_chat_templates.py -k cannot_mask"),
     # the label store, its stats and app, logins, and publishing
     ('store-undo-deletes-others', 'stages/label/store.py', 'con.execute("DELETE FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))', 'con.execute("DELETE FROM labels WHERE pair_id = ?", (pair_id,))', 'tests/test_label_store.py -k undo'),
     ('store-undo-reverts-to-undone', 'stages/label/store.py', '"AND undone = 0 AND id < ? ORDER BY id DESC LIMIT 1"', '"AND id < ? ORDER BY id DESC LIMIT 1"', 'tests/test_label_store.py -k undo'),
