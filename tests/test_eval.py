@@ -158,7 +158,7 @@ def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
     assert human_win_rate(tmp_path / "missing.sqlite", {i: 1 for i in ids}) is None
 
 
-def ppo_section(tmp_path, ended_sft, ended_ppo, gold=None):
+def ppo_section(tmp_path, ended_sft, ended_ppo, gold=None, kl=(1.0, 1.0, 1.0, 1.0)):
     """sft_vs_ppo on four made-up prompts (no model work): PPO beats SFT under the reward model on the first three,
     the training curves are tests/fake_upstream.py's, the label store is the run's default one (label/labels.sqlite
     beside the ppo folder)."""
@@ -175,7 +175,7 @@ def ppo_section(tmp_path, ended_sft, ended_ppo, gold=None):
     ro_ppo = {"texts": [f"ppo answer {i}" for i in range(4)], "rewards": [1.0, 2.0, 3.0, 0.0],
               "lengths": [9, 10, 11, 12], "ended": ended_ppo}
     return sft_vs_ppo(SimpleNamespace(spec="made-up gold"), prompts, EvalArgs(), {"outputs": {"metrics_jsonl":
-                      str(tmp_path / "metrics.jsonl")}}, tmp_path / "ppo", ro_sft, ro_ppo, [1.0, 1.0, 1.0, 1.0], gold,
+                      str(tmp_path / "metrics.jsonl")}}, tmp_path / "ppo", ro_sft, ro_ppo, list(kl), gold,
                       ([], [], []), [])
 
 
@@ -356,6 +356,9 @@ def test_gold_agreement_by_hand():
     g = gold_agreement([1.0, 0.0, 2.0, 0.5, 3.0], [0.0, 1.0, 2.0, 0.5, 1.0], [0.9, 0.1, 0.3, 0.2, 0.0], [0.1, 0.2, 0.1, 0.2, 0.4])
     # pair 4 has equal gold scores: left out; agree, agree, proxy tie (half), disagree -> 2.5 / 4
     assert g["pairs"] == 4 and g["agreement"] == pytest.approx(2.5 / 4) and g["ci_low"] < 0.625 < g["ci_high"]
+    from pipeline.stats import wilson
+
+    assert (g["ci_low"], g["ci_high"]) == wilson(2.5, 4)  # the interval of the 4 pairs counted, not of all 5
 
 
 def add_kept_policies_and_rm_pairs(t: Path) -> list[dict]:
@@ -508,3 +511,119 @@ def test_label_store_flag_reads_the_human_labels_from_that_store(tmp_path):
                      {"outputs": {"metrics_jsonl": str(tmp_path / "metrics.jsonl")}}, tmp_path / "ppo", ro, ro_ppo,
                      [1.0] * 4, None, ([], [], []), [])
     assert out["human"]["rate"] == 1.0 and out["human"]["labels"] == 4
+
+
+def test_human_win_rate_interval_is_of_wins_and_half_the_ties(tmp_path):
+    """People's win rate and its Wilson interval count a tie (or 'both bad') half, as the rate does: PPO preferred on
+    one pair, a tie and 'both bad' on two, SFT on one -> (1 + 2/2) / 4 = 0.5, interval wilson(2, 4)."""
+    from pipeline.stats import wilson
+    from stages.label.store import LabelStore
+
+    ended = [True] * 4
+    samples = ppo_section(tmp_path, ended, ended)["samples"]
+    store = LabelStore(tmp_path / "label" / "labels.sqlite")
+    store.import_items([{"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]]}
+                        for s in samples])
+    ids = [s["pair_id"] for s in samples]
+    for pid, choice, shown_left in ((ids[0], "left", 1), (ids[1], "tie", 1), (ids[2], "both_bad", 0), (ids[3], "left", 0)):
+        store.save_label("ann", pid, choice, shown_left)
+    h = ppo_section(tmp_path, ended, ended)["human"]
+    assert (h["wins"], h["ties_or_both_bad"], h["labels"], h["rate"]) == (1, 2, 4, 0.5)
+    assert (h["ci_low"], h["ci_high"]) == wilson(2, 4) and h["ci_low"] < 0.5 < h["ci_high"]
+
+
+def test_the_ppo_sections_tables_by_hand(tmp_path):
+    """report.md's PPO section from ppo_section's four made-up prompts (KL 4 nats each): every SFT column holds
+    SFT's figure and every PPO column PPO's; the gold curve's x is sqrt(KL) (2, not 4); each sample row shows its
+    rewards then its gold scores, SFT first."""
+    from stages.eval_ppo import ppo_markdown
+
+    ended = [True] * 4
+    out = ppo_section(tmp_path, ended, [True, False, True, True], gold={"sft": [0.0, 0.0, 0.0, 0.3],
+                                                                         "ppo": [0.5, 0.5, -0.5, 0.3]}, kl=[4.0] * 4)
+    lines = ppo_markdown({**out, "run": "t"}, 8)
+    # rewards SFT 0, 0, 0, 1 (mean 0.25, pstdev 0.433, median 0); PPO 1, 2, 3, 0 (mean 1.5, pstdev 1.118, median 1.5)
+    for row in ("| reward (mean ± std) | 0.250 ± 0.433 | 1.500 ± 1.118 |", "| reward (median) | 0.000 | 1.500 |",
+                "| response length (tokens, mean) | 6.5 | 10.5 |", "| share without EOS | 0.0% | 25.0% |",
+                "| KL to the SFT reference (nats/response) | 0 | 4.000 |", "| gold score (mean) | 0.075 | 0.200 |",
+                "| 0 | sft | 0.000 | 0.250 | 0.075 |", "| 11 | ppo (final) | 2.000 | 1.500 | 0.200 |"):
+        assert row in lines, row
+    rows = [x for x in lines if x.startswith("| Question ")]
+    assert [x.split(" | ", 3)[3] for x in rows] == ["0.000 | 1.000 | 0.000 | 0.500 |", "0.000 | 2.000 | 0.000 | 0.500 |",
+                                                    "0.000 | 3.000 | 0.000 | -0.500 |", "1.000 | 0.000 | 0.300 | 0.300 |"]
+
+
+def test_kept_policies_are_ordered_by_update_number(tmp_path):
+    """policies/update-N/ folders are read in the order of N as a number (update-10 after update-9, not before it as
+    its name sorts); a folder without adapter_config.json (half written) or whose tail is not a number is no policy."""
+    from stages.eval import policy_checkpoints
+
+    for name, config in (("update-10", True), ("update-9", True), ("update-2", True), ("update-3", False),
+                         ("update-x", True), ("update-100", True)):
+        (tmp_path / "policies" / name).mkdir(parents=True)
+        if config:
+            (tmp_path / "policies" / name / "adapter_config.json").write_text("{}")
+    assert policy_checkpoints(tmp_path) == [(u, tmp_path / "policies" / f"update-{u}") for u in (2, 9, 10, 100)]
+
+
+def drawn(monkeypatch) -> list[tuple]:
+    """Every line and histogram matplotlib draws from here on: (axes, kind, x, y or None, label)."""
+    from matplotlib.axes import Axes
+
+    calls = []
+    real_plot, real_hist = Axes.plot, Axes.hist
+
+    def plot(self, x, y, *args, **kw):
+        calls.append((self, "plot", [float(v) for v in x], [float(v) for v in y], kw.get("label")))
+        return real_plot(self, x, y, *args, **kw)
+
+    def hist(self, x, *args, **kw):
+        calls.append((self, "hist", [float(v) for v in x], None, kw.get("label")))
+        return real_hist(self, x, *args, **kw)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    monkeypatch.setattr(Axes, "hist", hist)
+    return calls
+
+
+def test_the_plots_draw_each_series_from_its_own_figures(tmp_path, monkeypatch):
+    """The training curves against the logged update (not the row's index: a resumed run starts at update 5), the
+    histograms with SFT's values under SFT's label and PPO's under PPO's, and the over-optimisation plot with the gold
+    on the gold axis and the proxy on the proxy axis, both against sqrt(KL)."""
+    import math
+
+    from stages.eval_plots import plot_overoptimisation, save_plots
+
+    calls = drawn(monkeypatch)
+    rows = [{"update": u, "reward_raw": 0.1 * u, "kl": 0.01 * u, "entropy": 3.0 - 0.1 * u, "response_length": 10.0 + u}
+            for u in (5, 6, 7)]
+    sft = {"rewards": [0.0, 1.0, 2.0], "lengths": [3, 4, 5]}
+    ppo = {"rewards": [5.0, 6.0, 7.0], "lengths": [8, 9, 10]}
+    save_plots(rows, sft, ppo, tmp_path / "plots")
+    lines = {(ax.get_title(), label): (x, y) for ax, kind, x, y, label in calls if kind == "plot"}
+    assert lines[("reward (RM score / shaped)", "reward_raw")] == ([5.0, 6.0, 7.0], pytest.approx([0.5, 0.6, 0.7]))
+    assert lines[("response length (tokens)", "response_length")] == ([5.0, 6.0, 7.0], [15.0, 16.0, 17.0])
+    hists = [(ax.get_xlabel(), x, label.split(" ")[0]) for ax, kind, x, _, label in calls if kind == "hist"]
+    assert ("reward-model score", [0.0, 1.0, 2.0], "SFT") in hists and ("reward-model score", [5.0, 6.0, 7.0], "PPO") in hists
+    assert ("tokens", [3.0, 4.0, 5.0], "SFT") in hists and ("tokens", [8.0, 9.0, 10.0], "PPO") in hists
+    assert len(hists) == 6  # reward_distribution.png, and reward and length in overview.png
+
+    calls.clear()
+    points = [{"update": u, "sqrt_kl": math.sqrt(kl), "proxy_mean": proxy, "gold_mean": gold}
+              for u, kl, proxy, gold in ((0, 0.0, 0.1, 0.2), (4, 1.0, 0.5, 0.4), (8, 4.0, 0.9, 0.3))]
+    plot_overoptimisation(points, tmp_path / "o.png")
+    by_axis = {ax.get_ylabel(): (x, y) for ax, _, x, y, _ in calls}
+    assert by_axis == {"gold score (mean)": ([0.0, 1.0, 2.0], [0.2, 0.4, 0.3]),
+                       "reward-model score (mean)": ([0.0, 1.0, 2.0], [0.1, 0.5, 0.9])}
+
+
+def test_the_reward_adapter_the_rl_stages_were_given_is_refused_as_gold_judge(tmp_path):
+    """An RL stage trained with `reward_adapter:` optimised that model, not the rm stage's: it cannot be the gold judge
+    either (refused before anything is loaded, so an empty folder stands in for it)."""
+    from stages.eval import EvalArgs, load_gold_judge
+
+    given = tmp_path / "other_rm" / "adapter"
+    given.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"reward model this run's PPO optimised"):
+        load_gold_judge(EvalArgs(gold_judge=f"rm:{given}"), {"outputs": {}}, [{}, {"reward_adapter": str(given)}],
+                        [[{"role": "user", "content": "Hi."}]])

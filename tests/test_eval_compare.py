@@ -265,6 +265,8 @@ def test_gold_drop_is_measured_in_standard_errors_of_the_mean():
     flag = overoptimisation_flag(two_point_curve([0.0, -1.0, -1.0, -2.0]))
     assert flag and "from update 0 (u0) to update 8" in flag and "(0.000 -> 1.000)" in flag and "(1.000 -> 0.000" in flag
     assert overoptimisation_flag(two_point_curve([0.25, -0.75, -0.75, -1.75])) is None
+    # mean -0.9 with the same spread: 2.2 standard errors (sd / sqrt(n), not sd / sqrt(n - 1) = 0.471: 1.9 of those)
+    assert overoptimisation_flag(two_point_curve([0.1, -0.9, -0.9, -1.9]))
 
 
 def test_the_threshold_counts_the_checkpoints_the_peak_was_picked_from():
@@ -341,3 +343,33 @@ def test_policy_stages_without_an_adapter_are_skipped(tmp_path):
     found = find_policy_stages(eval_run)
     assert list(found) == ["ppo", "dpo"] and found == {"ppo": ppo, "dpo": dpo}
     assert eval_run.optional == set(POLICY_STAGES)  # every one read when present: one appearing later reruns eval
+
+
+def test_plot_draws_each_policy_at_its_sqrt_kl_and_gold(tmp_path, monkeypatch):
+    """Gao et al.'s axes: sqrt(KL to SFT) across, the gold score up, each series from its own policy's points."""
+    from stages.eval_plots import plot_gold_vs_kl
+    from tests.test_eval import drawn
+
+    calls = drawn(monkeypatch)
+    pt = lambda u, x, g: {"update": u, "sqrt_kl": x, "gold_mean": g}  # noqa: E731
+    curves = {"sft": [pt(0, 0.0, 0.1)], "ppo": [pt(0, 0.0, 0.1), pt(4, 1.0, 0.3), pt(8, 2.0, 0.2)],
+              "dpo": [pt(1, 0.7, 0.25)]}
+    plot_gold_vs_kl(curves, tmp_path / "p.png")
+    assert [(label, x, y) for _, _, x, y, label in calls] == [("sft", [0.0], [0.1]), ("ppo", [0.0, 1.0, 2.0], [0.1, 0.3, 0.2]),
+                                                               ("dpo", [0.7], [0.25])]
+    axes = {c[0] for c in calls}
+    assert len(axes) == 1
+    ax = axes.pop()
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("sqrt(KL to SFT)  (sqrt nats)", "gold score (mean)")
+
+
+def test_the_win_rate_table_reads_row_over_column(tmp_path):
+    """matrix_markdown's cell (row a, column b) is a's win rate over b with that rate's own interval: a beats c on one
+    of four prompts and ties one (37.5%), c beats a on two and ties one (62.5%)."""
+    from stages.eval_compare import matrix_markdown, win_rate_matrix
+
+    m = win_rate_matrix({"a": [1.0, 2.0, 3.0, 0.0], "c": [2.0, 2.0, 2.0, 2.0]})
+    pct = lambda w: f"{w['rate']:.0%} ({w['ci_low']:.0%}–{w['ci_high']:.0%})"  # noqa: E731
+    lines = matrix_markdown(m, "by hand")
+    assert f"| **a** | – | {pct(m['a']['c'])} |" in lines and f"| **c** | {pct(m['c']['a'])} | – |" in lines
+    assert pct(m["a"]["c"]).startswith("38% (") and pct(m["c"]["a"]).startswith("62% (")

@@ -174,3 +174,18 @@ def test_a_judge_that_misbehaves_is_one_config_error_naming_it(function, message
     with pytest.raises(ConfigError, match=message) as err:
         judge_scores(judge, PROMPTS, TEXTS, batch_size=2)
     assert f"tests.judge_fixtures:{function}" in str(err.value)
+
+
+def test_a_bad_score_or_a_failing_batch_names_its_row_in_the_whole_list():
+    """Rows are counted over all the responses, not within a batch: with batches of 2, the third response is row 2."""
+    third = lambda p, r: [float("nan") if t == TEXTS[2] else 0.0 for t in r]  # noqa: E731
+    with pytest.raises(ConfigError, match=r"judge 'third' gave nan for row 2: every score must be a finite number"):
+        judge_scores(Judge("third", "third", third), PROMPTS, TEXTS, batch_size=2)
+
+    def fails_late(prompts, responses):
+        if TEXTS[2] in responses:
+            raise RuntimeError("no")
+        return [0.0] * len(responses)
+
+    with pytest.raises(ConfigError, match=r"judge 'late' failed on rows 2-2: RuntimeError: no"):
+        judge_scores(Judge("late", "late", fails_late), PROMPTS, TEXTS, batch_size=2)
