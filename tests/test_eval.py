@@ -627,3 +627,36 @@ def test_the_reward_adapter_the_rl_stages_were_given_is_refused_as_gold_judge(tm
     with pytest.raises(ConfigError, match=r"reward model this run's PPO optimised"):
         load_gold_judge(EvalArgs(gold_judge=f"rm:{given}"), {"outputs": {}}, [{}, {"reward_adapter": str(given)}],
                         [[{"role": "user", "content": "Hi."}]])
+
+
+def test_sequence_kl_of_a_row_is_the_same_left_padded_or_alone(tmp_path, tiny_models):
+    """A response's KL does not depend on the rows batched with it: a short prompt left-padded beside a long one is
+    read at the positions generate() gave it (gpt2: absolute positions, so a shift would change every logit), and its
+    KL equals the KL of the same row alone, unpadded."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from pipeline.adapters import AdapterStack
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.eval import sequence_kl
+    from tests.fake_upstream import _lora_adapter
+
+    spec = yaml.safe_load(tiny_models["gpt2"].read_text())
+    adapters = {name: _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / name, seed=seed)
+                for name, seed in (("policy", 1), ("sft", 2))}
+    profile = profile_from(str(tiny_models["gpt2"]))
+    tokenizer = load_tokenizer(profile)
+    stack = AdapterStack.build(profile, tokenizer, adapters)
+    pad = tokenizer.pad_token_id
+    short, long_ = [5, 6, 7], [8, 9, 10, 11, 12, 13]
+    response = torch.tensor([[20, 21, 22, 23], [24, 25, 26, 27]])
+    response_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    both = SimpleNamespace(prompt_ids=torch.tensor([[pad] * 3 + short, long_]),
+                           prompt_mask=torch.tensor([[0] * 3 + [1] * 3, [1] * 6]),
+                           response_ids=response, response_mask=response_mask)
+    alone = SimpleNamespace(prompt_ids=torch.tensor([short]), prompt_mask=torch.ones(1, 3, dtype=torch.long),
+                            response_ids=response[:1], response_mask=response_mask[:1])
+    padded = sequence_kl(stack, "policy", "sft", {"gens": both}, batch=2, temperature=0.7)
+    (single,) = sequence_kl(stack, "policy", "sft", {"gens": alone}, batch=1, temperature=0.7)
+    assert single > 1e-4 and padded[0] == pytest.approx(single, rel=1e-4, abs=1e-6)
