@@ -130,6 +130,10 @@ def test_heldout_metrics_and_weights_by_hand():
     assert m["eval_longer_wins_accuracy"] == 0.5  # right, tie, wrong, tie
     assert m["eval_by_source"]["a"]["accuracy"] == 0.5 and m["eval_by_source"]["a"]["longer_wins_accuracy"] == 0.75
     assert m["eval_by_source"]["b"]["accuracy"] == 0.5 and m["eval_by_source"]["b"]["longer_wins_accuracy"] == 0.25
+    # the 95% interval is of the pairs scored right (Wilson, z = 1.96): 3 of 4 -> centre (0.75 + 0.4802) / 1.9604 =
+    # 0.6275, half-width 1.96 * sqrt(0.046875 + 0.060025) / 1.9604 = 0.3269, so [0.301, 0.954] (wrong count: [0.046, 0.699])
+    m = heldout_metrics([{"source": "a", "full_lengths": (1, 1)}] * 4, [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0])
+    assert m["eval_accuracy"] == 0.75 and m["eval_accuracy_ci95"] == [0.301, 0.954] == m["eval_by_source"]["a"]["ci95"]
     rows = [{"source": "x", "i": i} for i in range(10)] + [{"source": "y", "i": i} for i in range(4)]
     out = weighted(rows, {"x": 1.5, "y": 0.5}, seed=0)
     xs, ys = [r["i"] for r in out if r["source"] == "x"], [r["i"] for r in out if r["source"] == "y"]
@@ -376,6 +380,10 @@ def test_truncate_pair_keeps_prompt_end_and_response_ends():
     assert c == [1, 10, 11, 100, 101, 109] and r == [1, 10, 11, 200, 201, 209]
     # a pair that fits is returned as it is
     assert truncate_pair([1, 2, 3], [1, 2, 4], 3, 1, bos_token_id=1) == ([1, 2, 3], [1, 2, 4], False, False)
+    # a cap of 1 (6 - BOS - 4 prompt tokens) leaves no room for a response's beginning and end: the pair does not fit
+    assert truncate_pair(chosen, rejected, 6, 4, bos_token_id=1) is None
+    assert truncate_pair(chosen, rejected, 7, 4, bos_token_id=1) == ([1, 16, 17, 18, 19, 100, 129],
+                                                                     [1, 16, 17, 18, 19, 200, 239], True, True)
 
 
 def test_long_pairs_are_truncated_and_counted(tiny_models, tmp_path):
@@ -423,6 +431,16 @@ def test_plan_steps_follows_the_data():
     assert plan(240, "--max_steps", "17", "--evals", "1")[0]["steps"] == 17  # given explicitly: as given
     assert plan(240, "--num_train_epochs", "2", "--evals", "1")[0]["steps"] == 60
     assert plan(240, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")[0]["steps_per_epoch"] == 30
+    # a last, partial batch is a step of the epoch: 244 pairs are 31 steps of 8 (30 would leave 4 pairs unseen), and
+    # 12 pairs with min_steps 1 still get their one epoch, 2 steps
+    assert plan(244)[0]["steps_per_epoch"] == 31
+    assert plan(12, "--min_steps", "1", "--evals", "1")[0]["steps"] == 2
+    # every process takes its own batch of a step: 2 processes x 8 = 16 pairs a step, 240 pairs 15 steps an epoch;
+    # 300 steps capped at 10 epochs = 150, evaluated every 19 -> 152
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--min_steps", "300", "--max_epochs",
+                                     "10", "--evals", "8", "--per_device_train_batch_size", "8"])
+    assert plan_steps(240, train_cfg, args, world_size=2) == {"steps": 152, "steps_per_epoch": 15, "epochs": 10.13,
+                                                              "eval_steps": 19}
 
 
 def test_best_checkpoint_is_the_one_saved(tiny_models, tmp_path):
@@ -680,10 +698,31 @@ def test_label_strength_margin_and_ties_by_hand(tmp_path):
     assert [p["margin"] for p in pairs] == [0.0] * 4
 
 
+@pytest.mark.parametrize("by_prompt", ["false", "true"])
+def test_label_strength_is_the_margin_the_training_loss_subtracts(tiny_models, tmp_path, by_prompt):
+    """Llama 2's margin loss, -log sigmoid(r_chosen - r_rejected - margin), in pairwise batches and in batches by
+    prompt. One pair a batch, the first step's loss (logged before any update): without margin_scale it is
+    softplus(-d), which gives d; the same run (same seed, same first pair) with every pair "much better" and
+    margin_scale 3 must log softplus(3 - d)."""
+    import math
+
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs_dir, "t")
+    data = write_jsonl(tmp_path / "much.jsonl", [dict(r, strength="much better") for r in marker_rows(10)])
+    first = {}
+    for scale in ("0", "3"):
+        m = main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "t", "--dataset_name", str(data), "--margin_scale",
+                                     scale, "--batch_by_prompt", by_prompt, "--per_device_train_batch_size", "1",
+                                     "--max_steps", "1", "--evals", "1", "--logging_steps", "1")))
+        first[scale] = m["loss_curve"][0]
+    d = -math.log(math.expm1(first["0"]))  # softplus(-d) = log(1 + e^-d)
+    assert first["3"] == pytest.approx(math.log1p(math.exp(3 - d)), abs=2e-3)
+
+
 def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_path):
     """A tie (exported in both orders) trains the rewards together but has no right answer to score: it never counts
     in the held-out accuracy. A plain-text reply that already ends in EOS gets no second one. A source's max_rows
-    keeps exactly that many pairs."""
+    keeps exactly that many pairs, a sample drawn by the seed rather than the file's first rows."""
     tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
     rows = [dict(r, is_tie=(i % 2 == 0)) for i, r in enumerate(marker_rows(40))]
     train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_name",
@@ -693,5 +732,9 @@ def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_p
     c, _ = encode_pair(tok, {"prompt": "Q: hi.", "chosen": " yes" + tok.eos_token, "rejected": " no"})
     assert c[-1] == tok.eos_token_id and c.count(tok.eos_token_id) == 1
     mixture = json.dumps({str(write_jsonl(tmp_path / "m.jsonl", marker_rows(9))): {"max_rows": 4}})
-    pairs, _, _, _ = load_pairs(RMArgs(dataset_mixture=mixture), StageRun("rm", "mix", str(tmp_path / "runs")), 0)
-    assert len(pairs) == 4
+    kept = [[p["prompt"] for p in load_pairs(RMArgs(dataset_mixture=mixture), StageRun("rm", "mix", str(tmp_path / "runs")),
+                                             seed)[0]] for seed in range(4)]
+    assert all(len(k) == 4 for k in kept)
+    # a random sample fixed by the seed, not the file's first rows (a file sorted by topic or date would be cut to one)
+    first = [r["prompt"] for r in marker_rows(9)[:4]]
+    assert any(k != first for k in kept) and len({json.dumps(k) for k in kept}) > 1

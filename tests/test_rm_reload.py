@@ -84,3 +84,30 @@ def test_bf16_stage_with_a_float32_head_passes_the_fresh_process_check(tiny_mode
     result = check_reload(adapter, pairs_file, scores[:12], scores[12:], "bfloat16")
     assert result["dtype"] == "bfloat16" and result["pairs_flipped"] == 0
     assert 2e-2 < result["max_abs_diff"] and max(abs(s) for s in scores) > 2, (result, scores)
+
+
+def test_bf16_tolerance_is_rounding_not_more():
+    """bf16 allows 0.05 + 3% of the score: every score 0.04 higher passes; every score 0.2 higher does not, since the
+    largest score (4.0 -> 4.2) allows only 0.05 + 0.03 * 4.2 = 0.176. The message names the dtype (the scores follow)."""
+    assert reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, [x + 0.04 for x in BEFORE_CHOSEN],
+                          [x + 0.04 for x in BEFORE_REJECTED], "bfloat16")["ok"]
+    v = reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, [x + 0.2 for x in BEFORE_CHOSEN], [x + 0.2 for x in BEFORE_REJECTED],
+                       "bfloat16")
+    assert not v["ok"] and v["pairs_flipped"] == 0 and "more than bfloat16 rounding allows" in v["problem"]
+    assert v["max_abs_diff"] == pytest.approx(0.2)
+
+
+def test_an_adapter_file_without_the_score_head_is_refused(tmp_path):
+    """The stage's own check of the saved file: LoRA weights alone (the head left out) are refused by name; the same
+    file with the head's weight passes."""
+    from safetensors.torch import save_file
+
+    from stages.rm_scoring import require_saved_head
+
+    lora = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 4)}
+    save_file(lora, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(RuntimeError, match=f"{tmp_path} holds LoRA weights but no 'score' head"):
+        require_saved_head(tmp_path, "score")
+    save_file({**lora, "base_model.model.score.weight": torch.zeros(1, 8)}, tmp_path / "adapter_model.safetensors")
+    require_saved_head(tmp_path, "score")

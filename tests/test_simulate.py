@@ -325,6 +325,34 @@ def test_several_simulated_annotators_label_every_pair_with_their_own_draws(tmp_
     assert simulate(tmp_path, runs, "--annotators", "3")["labels_written"] == 0  # a rerun labels nothing twice
 
 
+def test_every_label_is_its_own_annotators_draw_at_the_temperature_calibrated_outside_the_band(tmp_path):
+    """Three annotators, recomputed label by label: each sees the pair in the store's order for its own name and
+    answers with its own draw, choose(s_left - s_right, uniform(seed, its name, pair), T, tie_band, bias). T is the
+    temperature calibrated on the pairs outside the tie band only: a pair inside it is a tie whatever T is, and
+    counting its zero difference would make the decided labels agree with the gold more often than the target."""
+    from stages.label.store import LabelStore
+
+    runs = tmp_path / "runs"
+    metrics = simulate(tmp_path, runs, "--annotators", "3")
+    gold = {json.loads(line)["pair_id"]: json.loads(line)["scores"]
+            for line in (runs / "t" / "simulate" / "gold_scores.jsonl").read_text().splitlines()}
+    outside = [abs(s[0] - s[1]) for s in gold.values() if abs(s[0] - s[1]) >= 0.05]
+    assert 0 < len(outside) < len(gold)  # the fixture has pairs inside the band (two neutral sentences score 0)
+    assert metrics["temperature"] == pytest.approx(calibrate_temperature(outside, 0.73, 0.0), rel=1e-9)
+    store = LabelStore(runs / "t" / "label" / "labels.sqlite")
+    labels = store.labels()
+    assert len(labels) == 3 * len(gold)
+    for lab in labels:
+        left = store.shown_left(lab["pair_id"], lab["annotator"])
+        s = gold[lab["pair_id"]]
+        want = choose(s[left] - s[1 - left], uniform(0, lab["annotator"], lab["pair_id"]), metrics["temperature"], 0.05, 0.0)
+        assert (lab["shown_left"], lab["choice"]) == (left, want), lab
+    orders = {}
+    for lab in labels:
+        orders.setdefault(lab["pair_id"], set()).add(lab["shown_left"])
+    assert any(len(o) == 2 for o in orders.values())  # the annotators' orders differ: each one's own is checked
+
+
 def test_a_rerun_with_other_settings_leaves_the_labels_a_fresh_run_with_them_would(tmp_path):
     """The store holds the labels of the settings given last: new noise settings redraw what they change, fewer or
     other annotators of the name remove the rest, and nobody else's labels are touched (a person's, another judge's)."""
