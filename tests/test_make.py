@@ -474,3 +474,106 @@ def test_threads_per_process_share_out_the_cores_and_wait_passively():
     assert make_variable("OMP_NUM_THREADS", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml") == str(max(1, cores // 2))
     assert make_variable("OMP_WAIT_POLICY") == "PASSIVE"
     assert make_variable("OMP_NUM_THREADS", env_drop=()) == os.environ.get("OMP_NUM_THREADS", str(cores))
+
+
+def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path):
+    """multi_gpu.yaml and fsdp.yaml (gpu_ids: all) start one process per GPU of this machine, whatever their
+    num_processes says; a config of your own, or one not for all GPUs, keeps its num_processes; no GPU: no change."""
+    from pipeline.launch import processes_for_all_gpus
+
+    shipped = REPO / "configs/accelerate/multi_gpu.yaml"
+    assert processes_for_all_gpus(shipped, lambda: 2) == ["--num_processes", "2"]
+    assert processes_for_all_gpus(REPO / "configs/accelerate/fsdp.yaml", lambda: 3) == ["--num_processes", "3"]
+    assert processes_for_all_gpus(shipped, lambda: 8) == []  # it already asks for 8
+    assert processes_for_all_gpus(shipped, lambda: 0) == []  # no GPU here
+    assert processes_for_all_gpus(REPO / "configs/accelerate/cpu2.yaml", lambda: 2) == []  # not gpu_ids: all
+    own = tmp_path / "multi_gpu.yaml"
+    own.write_text(shipped.read_text())
+    assert processes_for_all_gpus(own, lambda: 2) == []  # your own file: its num_processes is what you asked for
+
+
+def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(monkeypatch):
+    """Exit code 2 (one `error:` line) only when every rank stopped on bad input; one rank that crashed is a real
+    failure, and its error propagates."""
+    from types import SimpleNamespace
+
+    import accelerate.commands.launch as accelerate_launch
+
+    from pipeline.launch import CONFIG_ERROR_EXIT, launch
+    from pipeline.run import LAUNCH_ENV
+
+    class ChildFailed(Exception):
+        def __init__(self, codes):
+            super().__init__(codes)
+            self.failures = {rank: SimpleNamespace(exitcode=c) for rank, c in enumerate(codes)}
+
+    def failing(codes):
+        def launch_command(args):
+            raise ChildFailed(codes) if len(codes) > 1 else subprocess.CalledProcessError(codes[0], ["python"])
+        return launch_command
+
+    monkeypatch.setenv(LAUNCH_ENV, "[]")  # launch() sets it for the stage: restored after the test
+    args = ["--num_processes", "2"]
+    monkeypatch.setattr(accelerate_launch, "launch_command", failing([2, 2]))
+    assert launch(args, "stages.sft", []) == CONFIG_ERROR_EXIT
+    monkeypatch.setattr(accelerate_launch, "launch_command", failing([2, 1]))
+    with pytest.raises(ChildFailed):
+        launch(args, "stages.sft", [])
+    monkeypatch.setattr(accelerate_launch, "launch_command", failing([2]))
+    assert launch([], "stages.sft", []) == CONFIG_ERROR_EXIT
+    monkeypatch.setattr(accelerate_launch, "launch_command", failing([1]))
+    with pytest.raises(subprocess.CalledProcessError):
+        launch([], "stages.sft", [])
+
+
+def test_a_rerun_drops_the_old_manifest_when_it_starts(tmp_path):
+    """A manifest on disk means the stage finished: a rerun removes the old one when it starts (prepare), so that a
+    rerun that dies midway leaves no manifest that later stages, `make` and PPO's auto-resume take as finished."""
+    from pipeline.config import ConfigError
+    from pipeline.run import read_manifest
+
+    runs = tmp_path / "runs"
+    sft = StageRun("sft", "r", str(runs))
+    sft.argv = ["--run", "r", "--runs_dir", str(runs)]
+    sft.prepare({})
+    sft.finish({"adapter": "a"}, {}, {})
+    assert read_manifest(str(runs), "r", "sft", "test")["outputs"] == {"adapter": "a"}
+    again = StageRun("sft", "r", str(runs))
+    again.argv = ["--run", "r", "--runs_dir", str(runs), "--seed", "2"]
+    again.prepare({"seed": 2})  # ... and the process dies here, before finish()
+    assert not again.manifest_path.exists()
+    assert is_current("sft", sft.argv) == (False, "it has not run yet")
+    with pytest.raises(ConfigError, match="needs the sft stage of run 'r'"):
+        read_manifest(str(runs), "r", "sft", "`make rm`")
+
+
+def test_a_big_file_rewritten_at_the_same_size_is_a_change(tmp_path, monkeypatch):
+    """Files over HASH_LIMIT_BYTES (a real base checkpoint) are fingerprinted by size and modification time, not read:
+    `make base` writing new weights of the same size (the same architecture) must still make the stages stale."""
+    import os
+
+    import pipeline.run as run_mod
+
+    monkeypatch.setattr(run_mod, "HASH_LIMIT_BYTES", 8)
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"0123456789abcdef")
+    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
+    before = file_digest(weights.parent)
+    assert file_digest(weights.parent) == before  # not re-read: the same size and time give the same digest
+    weights.write_bytes(b"fedcba9876543210")  # retrained: same size, new bytes, written later
+    os.utime(weights, ns=(2_000_000_000, 2_000_000_000))
+    assert file_digest(weights.parent) != before
+
+
+def test_a_folders_digest_covers_its_file_names(tmp_path):
+    """A data folder whose file was renamed (train.jsonl -> test.jsonl: the rows change split) is another input,
+    though every byte is the same."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": "a"}\n')
+    before = file_digest(data)
+    (data / "train.jsonl").rename(data / "test.jsonl")
+    assert file_digest(data) != before
+    (data / "test.jsonl").rename(data / "train.jsonl")
+    assert file_digest(data) == before

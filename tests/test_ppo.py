@@ -1483,3 +1483,149 @@ def test_sampled_logprobs_of_left_padded_prompts_equal_an_unpadded_forward(arch,
             logits = lm(seq).logits[0, len(p) - 1: -1].float() / 0.7
             expected = torch.log_softmax(logits, -1).gather(1, out.response_ids[i].unsqueeze(1)).squeeze(1)
             torch.testing.assert_close(out.logprobs[i], expected, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ mutation holes (f)
+
+def test_a_checkpoint_resumes_only_on_the_same_model_profile_and_adapter_bytes(tiny_models, adapters, tmp_path,
+                                                                               bf16_profile):
+    """What a checkpoint records and a resume compares: the model profile (a bf16 profile of the same base is another
+    run), and the adapters' weights, not only their configs (a retrained RM keeps its adapter_config.json)."""
+    import shutil
+
+    from stages.ppo import adapter_digest, resume_mismatch, trained_from
+
+    sft, rm = adapters("llama")
+    retrained = zero_head_copy(rm, tmp_path / "rm-retrained")  # same adapter_config.json, other weights
+    copy = shutil.copytree(rm, tmp_path / "rm-copy")
+    assert (retrained / "adapter_config.json").read_bytes() == (rm / "adapter_config.json").read_bytes()
+    assert adapter_digest(copy) == adapter_digest(rm) != adapter_digest(retrained)
+
+    def upstream(profile, rm_dir):
+        cfg, run = parse_args(["--config", "configs/ppo.yaml", "--model_config", str(profile)])
+        from pipeline.config import to_dict
+
+        return trained_from({"sft": adapter_digest(sft), "rm": adapter_digest(rm_dir)},
+                            {"ppo": to_dict(cfg), "run": to_dict(run)}, PROMPTS)
+
+    before = upstream(tiny_models["llama"], rm)
+    assert resume_mismatch(before, upstream(tiny_models["llama"], copy)) is None
+    assert resume_mismatch(before, upstream(bf16_profile, rm)) == \
+        f"was trained with other settings (model_config: {tiny_models['llama']} -> {bf16_profile})"
+    assert resume_mismatch(before, upstream(tiny_models["llama"], retrained)).startswith(
+        "was trained from other sft/rm adapters")
+
+
+def test_a_fresh_run_removes_the_policies_an_earlier_run_kept(tiny_models, adapters, prompts_file, runs_dir):
+    """make eval plots every policies/update-N/ of the run folder: a run that starts over (no checkpoint to resume)
+    must not leave an earlier run's kept policies among its own."""
+    sft, rm = adapters("llama")
+    stale = Path(runs_dir) / "fresh/ppo/policies/update-000009"
+    stale.mkdir(parents=True)
+    (stale / "adapter_config.json").write_text("{}")
+    m = run_ppo(tiny_models["llama"], runs_dir, "fresh", prompts_file, sft, rm, "--total_updates", "2",
+                "--keep_policy_every", "1")
+    assert m["updates"] == 2
+    kept = sorted(p.name for p in (Path(runs_dir) / "fresh/ppo/policies").iterdir())
+    assert kept == ["update-000001"]
+
+
+def test_each_rank_takes_its_own_slice_of_the_prompt_stream():
+    """2 ranks x B == 1 rank x 2B: rank r's groups are the global prompt stream's groups [r * B/k, (r + 1) * B/k) of
+    this update, so the ranks' prompts together are one process's with the doubled batch, update after update."""
+    from types import SimpleNamespace
+
+    from stages.ppo.trainer import PPOTrainer
+
+    prompts = [f"p{i}" for i in range(40)]
+
+    def take(world_rank, local_batch, k, episodes):
+        fake = SimpleNamespace(cfg=SimpleNamespace(num_samples_per_prompt=k, local_batch_size=local_batch),
+                               episodes=episodes, rank=world_rank, _prompt_index=lambda i: (7 * i) % len(prompts),
+                               prompts=prompts, prompt_ids=[[i] for i in range(len(prompts))])
+        return PPOTrainer._local_prompts(fake)[0]
+
+    for k in (1, 2):
+        for update in range(3):
+            one = take(0, 8, k, episodes=update * 8)
+            two = take(0, 4, k, episodes=update * 8) + take(1, 4, k, episodes=update * 8)
+            assert two == one, (k, update)
+            assert all(len(set(one[g : g + k])) == 1 for g in range(0, 8, k))  # a group: k copies of one prompt
+        assert take(0, 4, k, 0) != take(1, 4, k, 0)
+
+
+def test_a_prompt_exactly_max_prompt_length_long_is_kept(tiny_models, prompts_file):
+    """max_prompt_length is the longest prompt allowed: a prompt of exactly that many tokens trains, one token more
+    does not."""
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import PPOConfig, load_prompts
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    _, ids, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=1000,
+                                              heldout_fraction=0.0), tok)
+    longest = max(len(s) for s in ids)
+    n_longest = sum(len(s) == longest for s in ids)
+    _, at, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=longest,
+                                             heldout_fraction=0.0), tok)
+    assert notes["prompts_long"] == 0 and at == ids
+    _, below, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=longest - 1,
+                                                heldout_fraction=0.0), tok)
+    assert notes["prompts_long"] == n_longest and len(below) == len(ids) - n_longest
+
+
+def test_every_later_rollout_carries_the_fitted_value_offset(tiny_models, adapters, prompts_file, tmp_path):
+    """The fitted offset b is part of the critic's value in every rollout, not only the first (where the fit adds it):
+    at the first mini-batch of update 2 nothing has moved since its rollout, so with one epoch the logged value loss
+    equals L.value_loss(values, values, returns) over that rollout, and its values are the head's output + b."""
+    from stages.ppo import losses as L
+    from stages.ppo.rollout import token_values
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--num_ppo_epochs", "1",
+                       reward_fn=varied_reward)
+    trainer.step()
+    assert trainer.critic_fitted and abs(trainer.value_offset) > 0.1, trainer.value_offset
+    ro = trainer.rollout()
+    m = ro.response_mask.bool()
+    x = ro.rows(torch.arange(len(ro.texts)))
+    trainer.stack.use("value")
+    with torch.no_grad():
+        head = token_values(trainer.lm, x)
+    assert torch.allclose(ro.values[:, : x.response_mask.shape[1]][x.response_mask], head + trainer.value_offset,
+                          atol=1e-5)
+    adv, returns, _ = trainer._advantages(ro)
+    expected, _ = L.value_loss(ro.values[m], ro.values[m], returns[m], trainer.cfg.cliprange_value)
+    out = trainer._optimise(ro, adv, returns)
+    assert out["value_loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+
+
+def test_dropout_is_off_even_when_the_model_trains(tiny_models, adapters):
+    """PPO's ratio compares two forwards of the same weights: with gradient checkpointing the update runs in train
+    mode, so the stack's dropout (GPT-2's 0.1 here) must be 0, or two forwards of the same rows differ."""
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack
+
+    sft_dir, rm_dir = adapters("gpt2")
+    profile = profile_from(str(tiny_models["gpt2"]))
+    tok = load_tokenizer(profile)
+    stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False)
+    lm = stack.causal_lm
+    assert lm.config.resid_pdrop > 0  # the fixture's model has dropout to turn off
+    ids = torch.tensor([tok("Tell me about rabbits and the sea.")["input_ids"]] * 2)
+    lm.train()
+    stack.use("policy")
+    with torch.no_grad():
+        a, b = lm(input_ids=ids).logits, lm(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert all(m.p == 0.0 for m in lm.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_the_logged_length_and_no_eos_share_by_hand(tiny_models, adapters, prompts_file, tmp_path):
+    """metrics.jsonl's response_length and no_eos_fraction (the manifest's *_last, what tells a missing EOS penalty
+    at work) are this batch's mean response tokens and share of responses without EOS."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--response_length", "6")
+    ro = trainer.rollout()
+    ro.ended = torch.tensor([True, False, False, False, True, False, False, False])  # 2 of 8 ended (the tiny random
+    # model rarely samples EOS by itself)
+    stats = trainer._advantages(ro)[2]
+    assert stats["no_eos_fraction"] == pytest.approx(0.75)
+    assert stats["response_length"] == pytest.approx(ro.response_mask.sum(1).float().mean().item())
