@@ -773,6 +773,13 @@ def test_killed_after_the_last_checkpoint_writes_outputs_without_retraining(tiny
     assert read_metrics(runs_dir, "late") == rows and (out / "adapter/adapter_model.safetensors").read_bytes() == adapter
 
 
+def test_the_edges_of_the_ranges_are_accepted():
+    """The ranges are closed where the value still means something: no KL penalty, no discount, one-step GAE."""
+    for flag, value in (("--kl_coef", "0"), ("--gamma", "1"), ("--gamma", "0"), ("--lam", "0"), ("--vf_coef", "0")):
+        cfg = parse_args(["--config", "configs/ppo.yaml", f"{flag}={value}", "--total_updates", "3"])[0]
+        assert getattr(cfg, flag[2:]) == float(value), flag
+
+
 def yaml_model_dir(profile) -> str:
     import yaml
 
@@ -783,6 +790,7 @@ def yaml_model_dir(profile) -> str:
     ("--learning_rate", "-1e-3", "learning_rate must be > 0"), ("--kl_coef", "-0.1", "kl_coef must be >= 0"),
     ("--cliprange", "-0.2", "cliprange must be > 0"), ("--cliprange_value", "0", "cliprange_value must be > 0"),
     ("--vf_coef", "-1", "vf_coef must be >= 0"), ("--gamma", "-0.5", r"gamma must be in \[0, 1\]"),
+    ("--gamma", "1.5", r"gamma must be in \[0, 1\]"),
     ("--lam", "1.5", r"lam must be in \[0, 1\]"), ("--reward_clip", "-1", "reward_clip must be >= 0"),
     ("--missing_eos_penalty", "-1", "missing_eos_penalty must be >= 0"), ("--max_grad_norm", "-1", "max_grad_norm must be >= 0"),
     ("--value_learning_rate", "0", "value_learning_rate must be > 0"), ("--critic_warmup_updates", "3",
