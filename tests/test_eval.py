@@ -188,9 +188,9 @@ def test_no_eos_figures_are_the_shares_without_eos(tmp_path):
     assert f["win_rate"] == 0.75 and f["human_win_rate"] is None and out["human"] is None  # no label store yet
 
 
-def test_human_win_rate_counts_a_ppo_preference_as_a_ppo_win(tmp_path):
-    """sft_vs_ppo reads the labels on its pairs (responses = [SFT, PPO], as human_pairs.jsonl writes them) from the
-    run's label store: PPO (response 1) preferred on 3 pairs, SFT (response 0) on 1 -> a human win rate of 3/4."""
+def ppo_section_labelled(tmp_path, votes: list[tuple[str, int]]) -> dict:
+    """ppo_section after one person labeled its four SFT-vs-PPO pairs in the run's store: votes[i] = (choice,
+    shown_left) on pair i, whose responses are [SFT, PPO]."""
     from stages.label.store import LabelStore
 
     ended = [True] * 4
@@ -198,11 +198,16 @@ def test_human_win_rate_counts_a_ppo_preference_as_a_ppo_win(tmp_path):
     store = LabelStore(tmp_path / "label" / "labels.sqlite")
     store.import_items([{"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]]}
                         for s in samples])
-    ids = [s["pair_id"] for s in samples]
+    for s, (choice, shown_left) in zip(samples, votes, strict=True):
+        store.save_label("ann", s["pair_id"], choice, shown_left)
+    return ppo_section(tmp_path, ended, ended)
+
+
+def test_human_win_rate_counts_a_ppo_preference_as_a_ppo_win(tmp_path):
+    """sft_vs_ppo reads the labels on its pairs (responses = [SFT, PPO], as human_pairs.jsonl writes them) from the
+    run's label store: PPO (response 1) preferred on 3 pairs, SFT (response 0) on 1 -> a human win rate of 3/4."""
     # PPO shown left and clicked left, PPO shown right and clicked right, PPO shown left, then SFT shown left and clicked
-    for pid, choice, shown_left in ((ids[0], "left", 1), (ids[1], "right", 0), (ids[2], "left", 1), (ids[3], "left", 0)):
-        store.save_label("ann", pid, choice, shown_left)
-    out = ppo_section(tmp_path, ended, ended)
+    out = ppo_section_labelled(tmp_path, [("left", 1), ("right", 0), ("left", 1), ("left", 0)])
     h = out["human"]
     assert (h["labels"], h["wins"], h["ties_or_both_bad"]) == (4, 3, 0) and h["rate"] == 0.75
     assert out["figures"]["human_win_rate"] == 0.75
@@ -517,17 +522,8 @@ def test_human_win_rate_interval_is_of_wins_and_half_the_ties(tmp_path):
     """People's win rate and its Wilson interval count a tie (or 'both bad') half, as the rate does: PPO preferred on
     one pair, a tie and 'both bad' on two, SFT on one -> (1 + 2/2) / 4 = 0.5, interval wilson(2, 4)."""
     from pipeline.stats import wilson
-    from stages.label.store import LabelStore
 
-    ended = [True] * 4
-    samples = ppo_section(tmp_path, ended, ended)["samples"]
-    store = LabelStore(tmp_path / "label" / "labels.sqlite")
-    store.import_items([{"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]]}
-                        for s in samples])
-    ids = [s["pair_id"] for s in samples]
-    for pid, choice, shown_left in ((ids[0], "left", 1), (ids[1], "tie", 1), (ids[2], "both_bad", 0), (ids[3], "left", 0)):
-        store.save_label("ann", pid, choice, shown_left)
-    h = ppo_section(tmp_path, ended, ended)["human"]
+    h = ppo_section_labelled(tmp_path, [("left", 1), ("tie", 1), ("both_bad", 0), ("left", 0)])["human"]
     assert (h["wins"], h["ties_or_both_bad"], h["labels"], h["rate"]) == (1, 2, 4, 0.5)
     assert (h["ci_low"], h["ci_high"]) == wilson(2, 4) and h["ci_low"] < 0.5 < h["ci_high"]
 
