@@ -410,6 +410,14 @@ class FakeHub:
         self.server.server_close()
 
 
+def publish_once(server: FakeHub, runs_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """One publish against `server` with the test token; the server is closed after it (its record stays readable)."""
+    try:
+        return publish(runs_dir, *args, env={"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN})
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def hub():
     server = FakeHub()
@@ -471,10 +479,7 @@ def test_missing_token_is_one_clear_error(runs):
 
 def test_no_write_permission_is_one_clear_error_and_nothing_is_committed(runs):
     server = FakeHub(mode="forbidden")
-    try:
-        proc = publish(runs, "--repo_id", "someone-else/their-model", env={"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN})
-    finally:
-        server.close()
+    proc = publish_once(server, runs, "--repo_id", "someone-else/their-model")
     line = error_line(proc)
     assert "cannot write to 'someone-else/their-model'" in line and "Nothing of this failed upload was committed" in line
     assert server.commits == {} and TOKEN not in proc.stdout + proc.stderr
@@ -482,10 +487,7 @@ def test_no_write_permission_is_one_clear_error_and_nothing_is_committed(runs):
 
 def test_a_read_only_token_is_one_clear_error_before_any_repo_is_created(runs):
     server = FakeHub(mode="read")
-    try:
-        proc = publish(runs, "--repo_id", "tester/tiny-rlhf", env={"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN})
-    finally:
-        server.close()
+    proc = publish_once(server, runs, "--repo_id", "tester/tiny-rlhf")
     line = error_line(proc)
     assert "the Hugging Face token of 'tester' is read-only: create a write token" in line
     assert server.created == [] and server.commits == {} and TOKEN not in proc.stdout + proc.stderr
