@@ -1493,7 +1493,7 @@ def test_sampled_logprobs_of_left_padded_prompts_equal_an_unpadded_forward(arch,
             torch.testing.assert_close(out.logprobs[i], expected, atol=1e-4, rtol=1e-4)
 
 
-# ------------------------------------------------------------------------------------------------ mutation holes (f)
+# ------------------------------------------------- resume digests, kept policies, rank slices, offsets, dropout, logs
 
 def test_a_checkpoint_resumes_only_on_the_same_model_profile_and_adapter_bytes(tiny_models, adapters, tmp_path,
                                                                                bf16_profile):
@@ -1569,16 +1569,18 @@ def test_a_prompt_exactly_max_prompt_length_long_is_kept(tiny_models, prompts_fi
     from stages.ppo import PPOConfig, load_prompts
 
     tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
-    _, ids, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=1000,
-                                              heldout_fraction=0.0), tok)
+
+    def kept(limit: int):  # the prompts' token ids that train, and how many were too long
+        _, ids, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=limit,
+                                                  heldout_fraction=0.0), tok)
+        return ids, notes["prompts_long"]
+
+    ids, _ = kept(1000)
     longest = max(len(s) for s in ids)
     n_longest = sum(len(s) == longest for s in ids)
-    _, at, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=longest,
-                                             heldout_fraction=0.0), tok)
-    assert notes["prompts_long"] == 0 and at == ids
-    _, below, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=longest - 1,
-                                                heldout_fraction=0.0), tok)
-    assert notes["prompts_long"] == n_longest and len(below) == len(ids) - n_longest
+    assert kept(longest) == (ids, 0)
+    below, too_long = kept(longest - 1)
+    assert too_long == n_longest and len(below) == len(ids) - n_longest
 
 
 def test_every_later_rollout_carries_the_fitted_value_offset(tiny_models, adapters, prompts_file, tmp_path):
