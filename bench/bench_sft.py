@@ -140,6 +140,21 @@ def final_metrics(output: str) -> dict:
     return {k: float(v) for k, v in ast.literal_eval(found[-1]).items()}
 
 
+def summary(rounds: list[dict]) -> dict:
+    """The figures and the verdict over rounds: each side's median tokens/s, their ratio (ours / trl) and the median
+    of the per-round ratios; the target is judged only when both sides did the same work (the same tokens in every
+    run, the same train loss on both sides of each round), else None."""
+    ours = statistics.median(e["ours"]["tokens_per_s"] for e in rounds)
+    trl = statistics.median(e["trl"]["tokens_per_s"] for e in rounds)
+    ratio = round(ours / trl, 4)
+    same_tokens = len({e[s]["num_input_tokens_seen"] for e in rounds for s in ("ours", "trl")}) == 1
+    same_loss = all(e["ours"]["train_loss"] == e["trl"]["train_loss"] for e in rounds)
+    return {"ours_tokens_per_s": ours, "trl_tokens_per_s": trl, "ratio": ratio,
+            "meets_target": ratio >= TARGET_RATIO if same_tokens and same_loss else None,
+            "median_of_round_ratios": round(statistics.median(e["ratio"] for e in rounds), 4),
+            "same_tokens_every_run": same_tokens, "same_train_loss_each_round": same_loss}
+
+
 def run_side(name: str, cmd: list[str], env: dict, timeout: int) -> dict:
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -217,12 +232,9 @@ def main(argv=None) -> dict:
         if not bench.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
-    ours = statistics.median(e["ours"]["tokens_per_s"] for e in rounds)
-    trl = statistics.median(e["trl"]["tokens_per_s"] for e in rounds)
-    ratio = round(ours / trl, 4)
-    # Equal work: the same tokens in every run and the same train loss on both sides of each round.
-    same_tokens = len({e[s]["num_input_tokens_seen"] for e in rounds for s in ("ours", "trl")}) == 1
-    same_loss = all(e["ours"]["train_loss"] == e["trl"]["train_loss"] for e in rounds)
+    verdict = summary(rounds)
+    ours, trl, ratio = verdict["ours_tokens_per_s"], verdict["trl_tokens_per_s"], verdict["ratio"]
+    same_tokens, same_loss = verdict["same_tokens_every_run"], verdict["same_train_loss_each_round"]
     train_cfg = resolved["train_cfg"]
     result = {
         "benchmark": "sft: stages/sft.py (make sft) against `trl sft`, same model, data and hyper-parameters",
@@ -231,13 +243,7 @@ def main(argv=None) -> dict:
                    f"{cfg['include_num_input_tokens_seen']!r}: every input_ids position of each padded batch; "
                    "train_runtime covers train() only). Median over rounds."),
         "target_ratio": TARGET_RATIO,
-        "ours_tokens_per_s": ours,
-        "trl_tokens_per_s": trl,
-        "ratio": ratio,
-        "meets_target": ratio >= TARGET_RATIO if same_tokens and same_loss else None,
-        "median_of_round_ratios": round(statistics.median(e["ratio"] for e in rounds), 4),
-        "same_tokens_every_run": same_tokens,
-        "same_train_loss_each_round": same_loss,
+        **verdict,
         "rounds": rounds,
         "settings": {
             "rounds": bench.rounds,

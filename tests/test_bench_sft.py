@@ -46,3 +46,40 @@ def test_bench_sft_smoke(tiny_models, tmp_path):
     assert trl["assistant_only_loss"] is True and trl["use_peft"] is True and trl["lora_r"] == 16
     assert trl["model_name_or_path"] == r["settings"]["base_model"] and r["settings"]["train_rows"] > 0
     assert r["versions"]["trl"] and len(r["machine"]["loadavg_start"]) == 3
+
+
+def _round(ours: float, trl: float, tokens=(500, 500), loss=(1.5, 1.5)) -> dict:
+    return {"ours": {"tokens_per_s": ours, "num_input_tokens_seen": tokens[0], "train_loss": loss[0]},
+            "trl": {"tokens_per_s": trl, "num_input_tokens_seen": tokens[1], "train_loss": loss[1]},
+            "ratio": round(ours / trl, 4)}
+
+
+def test_summary_medians_ratio_and_verdict_by_hand():
+    """Medians over rounds (not means) of each side's tokens/s; ratio = ours / trl, the target met at 0.95 itself;
+    no verdict when the two sides did different work (tokens or train loss)."""
+    from bench.bench_sft import summary
+
+    s = summary([_round(95.0, 100.0), _round(90.0, 100.0), _round(200.0, 100.0)])
+    assert (s["ours_tokens_per_s"], s["trl_tokens_per_s"], s["ratio"]) == (95.0, 100.0, 0.95)
+    assert s["meets_target"] is True and s["median_of_round_ratios"] == 0.95
+    assert s["same_tokens_every_run"] is True and s["same_train_loss_each_round"] is True
+    assert summary([_round(94.0, 100.0)])["meets_target"] is False
+    other_loss = summary([_round(95.0, 100.0), _round(95.0, 100.0, loss=(1.5, 1.6))])
+    assert other_loss["same_train_loss_each_round"] is False and other_loss["meets_target"] is None
+    other_tokens = summary([_round(95.0, 100.0), _round(95.0, 100.0, tokens=(500, 501))])
+    assert other_tokens["same_tokens_every_run"] is False and other_tokens["meets_target"] is None
+
+
+def test_run_side_tokens_per_s_is_over_the_trainers_runtime_not_the_commands_wall():
+    import os
+    import sys
+
+    from bench.bench_sft import run_side
+
+    line = "{'train_runtime': '2.0', 'train_loss': '1.5', 'num_input_tokens_seen': 300}"
+    cmd = [sys.executable, "-c", f"import time; time.sleep(0.3); print({line!r})"]
+    r = run_side("fake", cmd, dict(os.environ), timeout=60)
+    assert r["tokens_per_s"] == 150.0 and r["num_input_tokens_seen"] == 300 and r["train_loss"] == 1.5
+    assert r["train_runtime_s"] == 2.0 and r["wall_s"] >= 0.3
+    with pytest.raises(SystemExit, match="fake failed"):
+        run_side("fake", [sys.executable, "-c", "print('no metrics')"], dict(os.environ), timeout=60)
