@@ -55,6 +55,23 @@ def test_run_ours_reward_input_reaches_the_stage():
         cli_parser().parse_args(["run", "--model-dir", "m", "--work", "w", "--reward-input", "text"])
 
 
+def test_run_ours_gives_the_stage_the_peers_batch_and_raw_reward():
+    """Our side's stage flags: episodes per update = per-device batch x grad-accum (one mini-batch), the raw reward
+    (no normalisation, clipping or EOS penalty), no held-out split, and --stop-at-eos carried as the flag says."""
+    from bench.run_ours import cli_parser, stage_args
+
+    def flags(*extra):
+        args = stage_args(cli_parser().parse_args(["run", "--model-dir", "m", "--work", "w", "--batch-size", "32",
+                                                   "--per-device-batch", "8", "--seed", "7", *extra]))
+        return dict(zip(args[::2], args[1::2]))
+
+    f = flags()
+    assert f["--per_device_train_batch_size"] == "8" and f["--gradient_accumulation_steps"] == "4"
+    assert f["--num_mini_batches"] == "1" and f["--seed"] == "7" and f["--heldout_fraction"] == "0"
+    assert (f["--normalize_reward"], f["--reward_clip"], f["--missing_eos_penalty"]) == ("false", "0", "0")
+    assert f["--stop_at_eos"] == "false" and flags("--stop-at-eos")["--stop_at_eos"] == "true"
+
+
 def test_fitted_gain_by_hand():
     from bench.bench_ppo import fitted_gain, fitted_gain_se
 
@@ -91,3 +108,79 @@ def test_from_run_reaches_the_story_build(tmp_path, monkeypatch):
         bench_ppo.main(["--scales", "story", "--ours-only", "--from_run", str(tmp_path / "runs/default"),
                         "--output", str(tmp_path / "ppo.json"), "--work_dir", str(tmp_path)])
     assert got.value.args == ("story", str((tmp_path / "runs/default").resolve()))
+
+
+def test_side_args_seed_each_round_and_take_the_scales_lr():
+    """Round r runs with seed 42 + r - 1; the story scale trains at its own lr (1e-3), the others at COMMON's."""
+    from bench.bench_ppo import COMMON, SCALES, side_args
+
+    def flags(scale, rnd):
+        args = side_args(SCALES[scale], rnd)
+        return dict(zip(args[::2], args[1::2]))
+
+    assert flags("tiny", 1)["--seed"] == "42" and flags("tiny", 3)["--seed"] == "44"
+    assert flags("story", 1)["--lr"] == "0.001" and flags("tiny", 1)["--lr"] == str(COMMON["lr"])
+    assert flags("tiny", 1)["--updates"] == "12" and flags("tiny", 1)["--batch-size"] == "32"
+
+
+def test_side_result_figures_by_hand():
+    from bench.bench_ppo import side_result
+
+    r = side_result({"episodes_per_s": 2.0, "gen_tokens_per_s": 64.0, "scores": [1.0, 0.0, 2.0, 4.0]}, 512.04, 3.0)
+    assert r["reward_last_minus_first"] == 3.0 and r["peak_rss_mb"] == 512.0
+    assert r["reward_gain"] == 3.3  # slope 1.1 over 3 steps
+
+
+def _fake_ppo_bench(monkeypatch, tmp_path, scale: str, figures: dict) -> tuple[dict, list]:
+    """bench_ppo.bench_scale with the models and each side's runs faked (figures[side][key]: one value per round), and
+    at the story scale the gold evaluation too (figures[side]["gold"]). Returns (the result, the run order)."""
+    from bench import bench_ppo
+
+    info = {"policy_params": 1, "reward_params": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
+            "num_attention_heads": 1, "vocab_size": 1}
+    (tmp_path / "BUILD_INFO.json").write_text(json.dumps(info))
+    order = []
+
+    def side(name):
+        def run(scale, folder, s, rnd, *python):
+            order.append((name, rnd))
+            f = figures[name]
+            return {"episodes_per_s": f["eps"][rnd - 1], "gen_tokens_per_s": 1.0, "peak_rss_mb": f["rss"][rnd - 1],
+                    "reward_gain": f["gain"][rnd - 1], "reward_gain_se": 0.1, "process_wall_s": 1.0}
+        return run
+
+    def fake_add_gold(runs, gold, out, name, log):
+        for s, rs in runs.items():
+            for r in rs:
+                r["gold_gain"], r["kl_to_sft"] = figures[s]["gold"][r["round"] - 1], 1.0
+        return [0.0]
+
+    monkeypatch.setattr(bench_ppo, "build_models", lambda scale: tmp_path)
+    monkeypatch.setattr(bench_ppo, "prepare_ours", lambda scale, model_dir: tmp_path)
+    monkeypatch.setattr(bench_ppo, "peer_model_dir", lambda scale, model_dir: tmp_path)
+    monkeypatch.setattr(bench_ppo, "story_dirs", lambda from_run=None: (tmp_path, tmp_path))
+    monkeypatch.setattr(bench_ppo, "run_ours", side("ours"))
+    monkeypatch.setattr(bench_ppo, "run_peer", side("peer"))
+    monkeypatch.setattr(bench_ppo, "add_gold", fake_add_gold)
+    return bench_ppo.bench_scale(scale, len(figures["ours"]["eps"]), "python", False), order
+
+
+def test_bench_ppo_alternates_the_sides_and_judges_its_targets(monkeypatch, tmp_path):
+    """Rounds alternate which side goes first; reward_gain_diff is ours minus the peer's (medians over rounds); the
+    speed target is a ratio of at least 1.5, 125m's memory target at most 0.6; the story scale adds the gold verdict."""
+    figures = {"ours": {"eps": [3.0, 3.0, 3.0], "rss": [60.0, 60.0, 60.0], "gain": [0.5, 0.1, 0.2]},
+               "peer": {"eps": [2.0, 2.0, 2.0], "rss": [100.0, 100.0, 100.0], "gain": [0.4, 0.9, 0.5]}}
+    res, order = _fake_ppo_bench(monkeypatch, tmp_path, "125m", figures)
+    assert order == [("ours", 1), ("peer", 1), ("peer", 2), ("ours", 2), ("ours", 3), ("peer", 3)]
+    r = res["ratio"]
+    assert r["reward_gain_diff"] == -0.3  # medians 0.2 and 0.5
+    assert (r["episodes_per_s"], r["peak_rss_mb"]) == (1.5, 0.6)
+    assert r["meets_episodes_per_s_target"] is True and r["meets_peak_rss_target"] is True
+    assert "meets_gold_gain_target" not in r
+    figures["ours"].update(eps=[2.9] * 3, rss=[61.0] * 3)
+    r = _fake_ppo_bench(monkeypatch, tmp_path, "125m", figures)[0]["ratio"]
+    assert (r["episodes_per_s"], r["peak_rss_mb"]) == (1.45, 0.61)
+    assert r["meets_episodes_per_s_target"] is False and r["meets_peak_rss_target"] is False
+    figures["ours"]["gold"], figures["peer"]["gold"] = [0.1, 0.2, 0.3], [0.3, 0.4, 0.5]
+    r = _fake_ppo_bench(monkeypatch, tmp_path, "story", figures)[0]["ratio"]
+    assert r["gold_gain_diff"] == -0.2 and r["meets_gold_gain_target"] is False

@@ -277,3 +277,170 @@ def test_the_lr_probe_needs_bench_rls_built_models(tmp_path):
 
     with pytest.raises(SystemExit, match="no built story models"):
         main(["peer", "grpo", "3e-3", "--work_dir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------ the harness's figures and verdicts, by hand
+def test_summarise_is_the_median_of_the_rounds_that_have_the_figure():
+    """summarise(): the median over rounds, not the mean; a round without the figure (None) is left out, and a
+    figure of 0.0 is a figure (a run that gained nothing counts)."""
+    from bench.harness import summarise
+
+    runs = [{"x": 1.0, "g": 0.0}, {"x": 2.0, "g": 0.0}, {"x": 9.0, "g": 0.3}, {"x": None, "g": None}]
+    out = summarise(runs, ("x", "g", "missing"))
+    assert out["x"] == 2.0 and out["g"] == 0.0 and out["missing"] is None and out["runs"] is runs
+
+
+def test_speed_memory_ratio_is_ours_over_the_peers():
+    from bench.harness import speed_memory_ratio
+
+    got = speed_memory_ratio({"episodes_per_s": 3.0, "gen_tokens_per_s": None, "peak_rss_mb": 700.0},
+                             {"episodes_per_s": 2.0, "gen_tokens_per_s": 5.0, "peak_rss_mb": 1000.0})
+    assert got == {"episodes_per_s": 1.5, "gen_tokens_per_s": None, "peak_rss_mb": 0.7}
+
+
+def test_paired_ratios_median_is_not_the_mean():
+    ours = [{"round": 1, "x": 1.0}, {"round": 2, "x": 2.0}, {"round": 3, "x": 9.0}]
+    peer = [{"round": 1, "x": 1.0}, {"round": 2, "x": 1.0}, {"round": 3, "x": 1.0}]
+    assert paired_ratios(ours, peer, "x") == {"x_per_round": [1.0, 2.0, 9.0], "x_median_of_rounds": 2.0}
+
+
+def test_gold_summary_is_over_the_rounds_gold_gains():
+    from bench.harness import gold_summary
+
+    runs = [{"round": r, "gold_gain": g, "gold_after": a} for r, g, a in ((1, 0.1, 0.9), (2, 0.3, 0.5), (3, 0.2, 0.1))]
+    out = gold_summary(runs, ("gold_gain",))
+    assert out["gold_gain"] == 0.2 and out["gold_gain_mean"] == 0.2 and out["rounds"] == 3
+    assert out["gold_gain_se"] == round(0.1 / math.sqrt(3), 4)  # sd of 0.1, 0.3, 0.2 is 0.1
+
+
+def test_gain_verdict_passes_at_exactly_one_standard_error_below():
+    """'At least the peer's within SE': ours lying exactly one SE below the peer's still passes (binary-exact values)."""
+    v = gain_verdict({"gold_gain_mean": 0.25, "gold_gain_se": 0.0}, {"gold_gain_mean": 0.5, "gold_gain_se": 0.25})
+    assert v == {"gold_gain_diff": -0.25, "gold_gain_diff_se": 0.25, "meets_gold_gain_target": True}
+    v = gain_verdict({"gold_gain_mean": 0.25, "gold_gain_se": 0.0}, {"gold_gain_mean": 0.5, "gold_gain_se": 0.125})
+    assert v["meets_gold_gain_target"] is False
+
+
+def test_add_gold_gains_are_after_minus_the_sft_start(monkeypatch, tmp_path):
+    """add_gold: every run's gold gain is its policy's scores minus the SFT policy's, slot by slot; its kl_to_sft the
+    mean of its samples' KL; the SFT start and every run's policy are scored in the one gold process."""
+    import bench.story
+    from bench import harness
+
+    seen = {}
+
+    def fake_gold_scores(cmd, policies, out, logfile):
+        seen["cmd"], seen["policies"] = cmd, policies
+        return {"sft": {"scores": [0.0, 1.0, 0.0, 1.0]},
+                "ours-r1": {"scores": [1.0, 1.0, 1.0, 2.0], "kl": [1.0, 2.0, 3.0, 6.0]},
+                "peer-r1": {"scores": [0.0, 0.0, 0.0, 1.0], "kl": [0.5, 0.5, 0.5, 0.5]}}
+
+    monkeypatch.setattr(harness, "gold_scores", fake_gold_scores)
+    monkeypatch.setattr(bench.story, "base_of", lambda work: Path("/base"))
+    runs = {"ours": [{"round": 1, "policy": ["/b", "/ours"]}], "peer": [{"round": 1, "policy": ["/p", "/peer"]}]}
+    gold = harness.GoldEval(tmp_path, 1, {"gold_seed": 7, "response_length": 12, "temperature": 1.3,
+                                          "gold_judge": "sentiment"})
+    before = harness.add_gold(runs, gold, tmp_path, "x", lambda msg: None)
+    assert before == [0.0, 1.0, 0.0, 1.0]
+    ours, peer = runs["ours"][0], runs["peer"][0]
+    assert (ours["gold_before"], ours["gold_after"], ours["gold_gain"], ours["kl_to_sft"]) == (0.5, 1.25, 0.75, 3.0)
+    assert (peer["gold_before"], peer["gold_after"], peer["gold_gain"], peer["kl_to_sft"]) == (0.5, 0.25, -0.25, 0.5)
+    assert seen["policies"] == {"sft": (Path("/base"), tmp_path / "sft"), "ours-r1": (Path("/b"), Path("/ours")),
+                                "peer-r1": (Path("/p"), Path("/peer"))}
+    assert seen["cmd"][-2:] == ["--reference", "sft"]
+
+
+def test_gold_eval_command_carries_the_sampling_settings(tmp_path):
+    """The gold process samples as the sides trained: their response length and temperature, the gold seed, judge."""
+    from bench.harness import GoldEval
+
+    cmd = GoldEval(tmp_path, 3, {"gold_seed": 7, "response_length": 12, "temperature": 1.3,
+                                 "gold_judge": "sentiment"}).command()
+    assert cmd[1:3] == ["-m", "bench.gold"]
+    assert dict(zip(cmd[3::2], cmd[4::2])) == {"--prompts": str(tmp_path / "heldout.jsonl"), "--samples": "3",
+                                               "--seed": "7", "--max-new-tokens": "12", "--temperature": "1.3",
+                                               "--judge": "sentiment"}
+
+
+def test_run_child_reads_its_last_json_line_and_its_peak_rss_in_mb(tmp_path):
+    """run_child: the child's last JSON line (not its first), and its peak RSS in MB (wait4's ru_maxrss is in kB on
+    Linux: the child's own VmHWM from /proc says the same)."""
+    import sys
+
+    from bench.harness import run_child
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc (Linux)")
+    code = ("import json; print(json.dumps({'first': 1})); print('not json'); block = bytearray(64 * 2**20); "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print(json.dumps({'hwm_kb': int(hwm)}))")
+    res, rss, wall = run_child([sys.executable, "-c", code], tmp_path / "log.txt")
+    assert set(res) == {"hwm_kb"} and wall > 0
+    assert rss == pytest.approx(res["hwm_kb"] / 1024, rel=0.2) and rss > 64
+
+
+def _fake_rl_bench(monkeypatch, tmp_path, figures: dict) -> tuple[dict, list]:
+    """bench_rl.bench_method with each side's run and the gold evaluation faked: figures[side][key] is one value per
+    round. Returns (the result, the (side, round) order the runs went in)."""
+    from bench import bench_rl
+
+    (tmp_path / "BUILD_INFO.json").write_text(json.dumps({"rm_adapter": str(tmp_path / "rm" / "adapter")}))
+    (tmp_path / "heldout.jsonl").write_text("{}\n{}\n")
+    order = []
+
+    def fake_run_side(side, method, work, s, rnd):
+        order.append((side, rnd))
+        f = figures[side]
+        return {"episodes_per_s": f["eps"][rnd - 1], "gen_tokens_per_s": 1.0, "peak_rss_mb": f["rss"][rnd - 1],
+                "process_wall_s": 1.0, "world_size": 1}
+
+    def fake_add_gold(runs, gold, out, name, log):
+        for side, rs in runs.items():
+            for r in rs:
+                r["gold_gain"], r["kl_to_sft"] = figures[side]["gain"][r["round"] - 1], 1.0
+        return [0.0, 1.0]
+
+    monkeypatch.setattr(bench_rl, "run_side", fake_run_side)
+    monkeypatch.setattr(bench_rl, "add_gold", fake_add_gold)
+    s = {**bench_rl.SCALES["micro"], "rounds": len(figures["ours"]["eps"])}
+    return bench_rl.bench_method("grpo", "micro", tmp_path, s), order
+
+
+def test_bench_rl_alternates_the_sides_and_judges_its_targets(monkeypatch, tmp_path):
+    """Rounds alternate which side goes first; the speed target is ours/peer episodes/s at least 1.5, the memory target
+    ours/peer peak RSS at most 0.7 (ratios of the medians over rounds); the gold verdict is ours against the peer's."""
+    at = {"ours": {"eps": [3.0, 3.0, 3.0], "rss": [70.0, 70.0, 70.0], "gain": [0.1, 0.2, 0.3]},
+          "peer": {"eps": [2.0, 2.0, 2.0], "rss": [100.0, 100.0, 100.0], "gain": [0.3, 0.4, 0.5]}}
+    res, order = _fake_rl_bench(monkeypatch, tmp_path, at)
+    assert order == [("ours", 1), ("peer", 1), ("peer", 2), ("ours", 2), ("ours", 3), ("peer", 3)]
+    r = res["ratio"]
+    assert (r["episodes_per_s"], r["peak_rss_mb"]) == (1.5, 0.7)
+    assert r["meets_episodes_per_s_target"] is True and r["meets_peak_rss_target"] is True
+    assert r["gold_gain_diff"] == -0.2 and r["meets_gold_gain_target"] is False  # 0.2 below, SE of the diff 0.0816
+    assert res["ours"]["gold_gain"] == 0.2 and res["peer"]["gold_gain"] == 0.4
+    just_missed = {"ours": {**at["ours"], "eps": [2.9] * 3, "rss": [71.0] * 3, "gain": [0.3, 0.4, 0.5]},
+                   "peer": {**at["peer"], "gain": [0.1, 0.2, 0.3]}}
+    r = _fake_rl_bench(monkeypatch, tmp_path, just_missed)[0]["ratio"]
+    assert (r["episodes_per_s"], r["peak_rss_mb"]) == (1.45, 0.71)
+    assert r["meets_episodes_per_s_target"] is False and r["meets_peak_rss_target"] is False
+    assert r["gold_gain_diff"] == 0.2 and r["meets_gold_gain_target"] is True
+
+
+def test_bench_rl_rounds_seed_both_sides_alike(monkeypatch, tmp_path):
+    """Round r runs both sides with seed 42 + r - 1 and the same updates, batch and sampling settings."""
+    from bench import bench_rl
+
+    cmds = {}
+
+    def fake_run_child(cmd, logfile, want_json=True):
+        cmds[cmd[cmd.index("--method") + 1] if "--method" in cmd else "ours"] = cmd
+        return {"episodes_per_s": 1.0, "adapter": str(tmp_path / "a")}, 100.0, 1.0
+
+    monkeypatch.setattr(bench_rl, "run_child", fake_run_child)
+    monkeypatch.setattr(bench_rl, "base_of", lambda work: tmp_path / "base")
+    for side in ("ours", "peer"):
+        bench_rl.run_side(side, "grpo", tmp_path, bench_rl.SCALES["micro"], 2)
+    shared = ("--seed", "--updates", "--batch-size", "--per-device-batch", "--response-length", "--temperature", "--lr",
+              "--kl-coef", "--samples-per-prompt")
+    got = {side: {k: cmd[cmd.index(k) + 1] for k in shared} for side, cmd in (("ours", cmds["ours"]), ("peer", cmds["grpo"]))}
+    assert got["ours"] == got["peer"] and got["ours"]["--seed"] == "43" and got["ours"]["--updates"] == "2"

@@ -70,3 +70,43 @@ def test_a_variants_stage_flags_go_to_every_make_call(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         story_seeds.one_seed(5, tmp_path, samples=1, rm_args="--ensemble 1", ppo_args="--kl_coef 0.15")
     assert calls == [(["sft", "rm", "ppo"], "--ensemble 1", "--kl_coef 0.15"), (["eval"], "--ensemble 1", "--kl_coef 0.15")]
+
+
+def test_one_seeds_gold_gain_is_ppo_minus_sft(monkeypatch, tmp_path):
+    """A seed's gold gain is eval's PPO gold mean minus its SFT one; its samples are the first n of the report's."""
+    import json
+
+    ev = {"gold_sft_mean": 0.25, "gold_ppo_mean": 0.75, "gold_win_rate": 0.6}
+
+    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args=""):
+        if targets == ["eval"]:
+            for stage, metrics in (("eval", ev), ("rm", {"eval_accuracy": 0.7}), ("simulate", {"agreement_with_gold": 0.8})):
+                (runs_dir / run / stage).mkdir(parents=True, exist_ok=True)
+                (runs_dir / run / stage / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+            rows = [{"prompt_text": f"p{i}", "gold_ppo": i} for i in range(3)]
+            (runs_dir / run / "eval" / "report.json").write_text(json.dumps({"samples": rows}))
+        return 1.0
+
+    monkeypatch.setattr(story_seeds, "make", fake_make)
+    got = story_seeds.one_seed(5, tmp_path, samples=2)
+    assert got["gold_gain"] == 0.5 and got["rm_heldout_accuracy"] == 0.7 and got["gold_win_rate"] == 0.6
+    assert [s["prompt_text"] for s in got["samples"]] == ["p0", "p1"]
+
+
+def test_split_prompts_holds_out_a_seeded_fifth_nothing_trains_on(tmp_path):
+    """bench/story.py: one seeded split (the same every build), a fifth held out, disjoint from the training prompts
+    and together all of them; --limit shortens the held-out file only."""
+    from bench.story import split_prompts
+
+    source = tmp_path / "prompts.jsonl"
+    rows = [f'{{"prompt": "p{i}"}}' for i in range(50)]
+    source.write_text("\n".join(rows) + "\n")
+    splits = []
+    for name, limit in (("a", None), ("b", None), ("c", 3)):
+        (tmp_path / name).mkdir()
+        split_prompts(tmp_path / name, source, limit)
+        splits.append([(tmp_path / name / f).read_text().splitlines() for f in ("heldout.jsonl", "prompts.jsonl")])
+    (held, train), again, (short, train_c) = splits
+    assert len(held) == 10 and len(train) == 40 and not set(held) & set(train) and sorted(held + train) == sorted(rows)
+    assert again == [held, train] and held != rows[:10] and held != rows[-10:]
+    assert short == held[:3] and train_c == train

@@ -135,6 +135,37 @@ def test_wilson_interval_and_ties_count_half():
     assert (w["wins"], w["ties"], w["losses"]) == (1, 2, 1) and w["rate"] == 0.5
 
 
+def test_wilson_of_no_trials_is_the_whole_interval():
+    from pipeline.stats import wilson
+
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_peak_memory_mb_is_the_processes_peak_rss_in_mb(monkeypatch):
+    """pipeline.report.peak_memory_mb on CPU: ru_maxrss (kB on Linux) in MB, as /proc's VmHWM of this process says."""
+    from pathlib import Path
+
+    from pipeline.report import peak_memory_mb
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc (Linux)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hwm_kb = int([line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")][0].split()[1])
+    assert peak_memory_mb() == pytest.approx(hwm_kb / 1024, rel=0.05) and peak_memory_mb() > 50
+
+
+def test_optimised_reward_refuses_stages_rewarded_by_different_models(tmp_path):
+    """One reward column for every policy: RL stages given different reward models are one ConfigError naming them;
+    stages all given one reward_adapter are scored with it, unnormalised."""
+    from stages.eval import optimised_reward
+
+    given = str(tmp_path / "other_rm")
+    with pytest.raises(ConfigError, match=r"rewarded by different reward models \(ppo: .*other_rm, grpo: the rm stage\)"):
+        optimised_reward({}, {"ppo": {"reward_adapter": given}, "grpo": {}})
+    adapters, stats, adapter = optimised_reward({}, {"ppo": {"reward_adapter": given}, "grpo": {"reward_adapter": given}})
+    assert adapter == given and stats == [(0.0, 1.0)] and list(adapters) == ["reward"]
+
+
 def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
     """human_pairs.jsonl goes into the labeling stage's real store; the labels come back as a win rate."""
     from stages.eval_ppo import human_win_rate
