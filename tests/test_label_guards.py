@@ -66,6 +66,7 @@ BAD_PAIRS = {  # name -> (lines of the file, words the error must contain)
     "number pair_id": ([pair(0, pair_id=7)], ["line 1", "pair_id must be a non-empty string"]),
     "message without content": ([pair(0, prompt=[{"role": "user"}])], ["line 1", "each prompt message"]),
     "not an object": (["[1, 2]"], ["line 1", "must be a JSON object"]),
+    "blank pair_id": ([pair(0, pair_id="  ")], ["line 1", "pair_id must be a non-empty string, got \"  \""]),
     "empty file": ([], ["holds no pairs"]),
 }
 
@@ -235,6 +236,40 @@ def test_second_make_label_on_a_live_run_leaves_the_live_app_alone(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_app_gets_the_logins_and_the_store_gets_the_flags(runs, tmp_path, monkeypatch):
+    """What `make label` hands on (the app stubbed: no server): with a users file the login is the annotator and the
+    server asks for it; --overlap, --lease_timeout_s, --seed and --max_note_chars reach the store; with
+    --filter_offensive false a pair holding an offensive word is served."""
+    import sys
+    import types
+
+    built = {}
+
+    class Demo:
+        def queue(self, **kwargs):
+            pass
+
+        def launch(self, **kwargs):
+            built["launch"] = kwargs
+
+    def build_app(store, guidelines, title, use_login):
+        built.update(store=store, use_login=use_login)
+        return Demo()
+
+    monkeypatch.setitem(sys.modules, "stages.label.app", types.SimpleNamespace(build_app=build_app, launch_kwargs=dict))
+    users = tmp_path / "users.txt"
+    users.write_text("alice:pw\n")
+    pairs = write_lines(tmp_path / "pairs.jsonl", [pair(0), pair(1, responses=["a zebra", "one 1"])])
+    demo = label_main(runs, "--pairs_dataset", str(pairs), "--users_file", str(users), "--port", str(free_port()),
+                      "--overlap", "2", "--lease_timeout_s", "30", "--seed", "5", "--max_note_chars", "7",
+                      "--offensive_words", "zebra", "--filter_offensive", "false")
+    demo.store_lock.close()
+    store = built["store"]
+    assert built["use_login"] is True and built["launch"]["auth"] == [("alice", "pw")]
+    assert (store.overlap, store.lease_s, store.seed, store.max_note_chars) == (2, 30.0, 5, 7)
+    assert store.progress()["blocked"] == 0 and store.servable_pairs() == ["p0", "p1"]
 
 
 # ---------------------------------------------------------------------------------------------- note size

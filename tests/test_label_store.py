@@ -82,6 +82,7 @@ def test_undo_takes_back_a_skip_and_the_pair_comes_back_unless_others_filled_it(
     held = store.next_item("alice")
     store.skip("alice", held.pair_id)
     assert held.pair_id == "p001" and store.next_item("alice").pair_id == "p002"
+    assert store.progress("alice")["open_to_me"] == 2  # p000 labeled, p001 skipped
     assert store.undo("alice") == ("p001", "skip")  # a stray S: the latest action, before the label of p000
     assert store.next_item("alice") == held and store.progress("alice")["open_to_me"] == 3
     store.skip("alice", "p001")
@@ -99,6 +100,17 @@ def test_left_right_order_is_random_per_annotator_but_stable(tmp_path):
     assert any(s.shown_left(f"p{i}", "alice") != s.shown_left(f"p{i}", "bob") for i in range(20))
     again = LabelStore(tmp_path / "a.sqlite", seed=3)
     assert orders == [again.shown_left(f"p{i}", who) for i in range(200) for who in ("alice", "bob")]
+
+
+def test_every_connection_fsyncs_its_commits_and_the_seed_picks_the_orders(tmp_path):
+    """synchronous=FULL on every connection: the WAL is fsynced at each commit, so an acknowledged label survives a power
+    loss, not only a kill -9. And `seed` picks the left/right orders: another seed flips about half of them."""
+    s = LabelStore(tmp_path / "a.sqlite", seed=3)
+    with s._read() as con:
+        assert con.execute("PRAGMA synchronous").fetchone()[0] == 2  # 2 = FULL
+    other = LabelStore(tmp_path / "a.sqlite", seed=4)
+    flips = sum(s.shown_left(f"p{i}", "alice") != other.shown_left(f"p{i}", "alice") for i in range(200))
+    assert 60 < flips < 140
 
 
 def test_overlap_one_never_double_serves_and_a_timed_out_lease_is_released(store):
@@ -241,6 +253,22 @@ def test_kill9_while_writing_loses_no_acknowledged_label(tmp_path):
     assert again.next_item("w0").pair_id not in {p for p, _ in stored}
 
 
+def test_the_store_digest_sees_the_side_clicked_and_the_order_shown(tmp_path):
+    """`make rm` exports again when a label changes: the store digest fresh_export compares changes with the side
+    clicked alone (left -> right) and with the order shown alone (which response was on the left), since either
+    changes the winner; a note alone changes no exported row, and not the digest."""
+    from stages.label.store import labels_digest, store_digest
+
+    s = LabelStore(tmp_path / "labels.sqlite")
+    s.import_items(pairs(1))
+    digests = []
+    for choice, shown_left in (("left", 0), ("right", 0), ("right", 1)):
+        s.save_label("ann", "p000", choice, shown_left)
+        digests.append(store_digest(s.path))
+    s.save_label("ann", "p000", "right", 1, note="on second thought")
+    assert len(set(digests)) == 3 and store_digest(s.path) == digests[-1] == labels_digest(s.labels())
+
+
 def test_kappa_alpha_and_position_bias_by_hand():
     # rater 1: a b a, rater 2: a b b -> p_o = 2/3, p_e = 2/9 + 2/9 = 4/9, kappa = (2/9) / (5/9) = 0.4
     assert cohen_kappa(list("aba"), list("abb")) == pytest.approx(0.4)
@@ -369,6 +397,17 @@ def test_earlier_labels_of_one_prompt_are_told_apart_by_their_responses(tmp_path
         f"{hhmm} · left is better (much) · Once upon a time there was a very long o · left: Sad 0 | right: Happy 0"]
 
 
+def test_my_labels_list_the_latest_changed_first(store):
+    """The "change an earlier label" list is newest first by the last change: a label changed now comes before one
+    made after it was first given."""
+    store.save_label("alice", "p000", "left", 0)
+    store.clock.t += 10
+    store.save_label("alice", "p001", "left", 0)
+    store.clock.t += 10
+    store.save_label("alice", "p000", "right", 0)
+    assert [m["pair_id"] for m in store.my_labels("alice")] == ["p000", "p001"]
+
+
 def test_people_cannot_take_a_simulated_annotators_name():
     """A simulator's labels are exported, removed and counted apart from people's by the `sim:` prefix alone, so no
     person may carry it: a typed name with ':' is refused, and a login is what comes before a users line's ':'."""
@@ -403,6 +442,7 @@ def test_binomial_p_of_a_large_count_and_the_rate_of_a_short_session():
     at = lambda t: lab(f"p{t}", "ann", "left", 0, t=t)  # noqa: E731
     assert summarize([at(0), at(30)], now=60)["annotators"]["ann"]["labels_per_hour"] is None
     assert summarize([at(0), at(120)], now=130)["annotators"]["ann"]["labels_per_hour"] == 60.0
+    assert summarize([at(0)], now=3600)["annotators"]["ann"]["last_hour"] == 1  # an hour ago: in the last hour
 
 
 def test_pairs_others_started_come_first_and_a_reload_renews_the_lease(tmp_path):
@@ -422,6 +462,15 @@ def test_pairs_others_started_come_first_and_a_reload_renews_the_lease(tmp_path)
     assert s.next_item("alice").pair_id == held.pair_id  # the reload
     s.clock.t += 45  # 90 s after the first lease began, 45 s after the renewal
     assert s.next_item("bob").pair_id != held.pair_id
+
+
+def test_a_lease_ends_at_its_expiry_time_for_its_holder_too(store):
+    """lease_s 60: at 60 s the pair is back in the pool; bob gets it, and alice, asking at that same moment, gets
+    another pair (overlap 1: never both of them)."""
+    held = store.next_item("alice")
+    store.clock.t += 60
+    assert store.next_item("bob").pair_id == held.pair_id
+    assert store.next_item("alice").pair_id != held.pair_id
 
 
 def test_boundaries_of_the_export_filter_kappa_and_open_pairs(tmp_path):
@@ -461,6 +510,14 @@ def test_undo_takes_back_only_my_label_and_never_returns_to_a_version_already_un
     back = s.reopen("alice", "p001").label
     assert (back["choice"], back["preferred"]) == ("left", 1)
     assert s.undo("alice") == ("p001", "new") and s.reopen("alice", "p001") is None
+
+
+def test_undo_of_a_change_brings_back_the_earlier_strength_and_note(store):
+    store.save_label("alice", "p000", "left", 0, "much", "first thoughts")
+    store.save_label("alice", "p000", "left", 0, "slightly", "second thoughts")
+    assert store.undo("alice") == ("p000", "change")
+    back = store.reopen("alice", "p000").label
+    assert (back["choice"], back["strength"], back["note"], back["revision"]) == ("left", "much", "first thoughts", 3)
 
 
 def test_progress_counts_people_s_labels_of_the_current_pairs_only(tmp_path):
@@ -516,6 +573,73 @@ def test_names_reach_the_stats_and_progress_html_escaped():
     assert "<img" not in line and f"Yours ({html.escape(HOSTILE)}): <b>1 labeled</b>" in line
 
 
+def app_handlers(store, use_login):
+    """The app's click handlers by API name, called directly (no server): what a browser or a script would send."""
+    from stages.label.app import build_app
+
+    return {f.api_name: f.fn for f in build_app(store, "guidelines", use_login=use_login).fns.values()}
+
+
+def test_with_logins_a_click_labels_as_the_login_with_the_side_shown_and_the_strength(tmp_path):
+    """A page state naming bob, sent by alice's login, labels nothing; alice's own click of "right is better, much"
+    on the pair she was shown stores her label of the response shown on the right, with its strength."""
+    from types import SimpleNamespace
+
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.import_items(pairs(2))
+    # an annotator shown p000 with response 1 on the left: a click mapped as if 0 were on the left would store the loser
+    me = next(n for n in ("alice", "bob", "carol", "dave", "erin", "fred") if store.shown_left("p000", n) == 1)
+    login = SimpleNamespace(username=me)
+    api = app_handlers(store, use_login=True)
+    st = api["on_load"]("", login)[0]
+    assert st == {"annotator": me, "pair_id": "p000", "shown_left": 1}
+    api["label_left"]("", "", {**st, "annotator": "mallory"}, login)
+    assert store.labels() == [] and store.history() == []
+    api["label_right"]("much", "close", st, login)
+    (row,) = store.labels()
+    assert (row["annotator"], row["pair_id"], row["choice"], row["shown_left"], row["preferred"], row["strength"],
+            row["note"]) == (me, "p000", "right", 1, 0, "much", "close")
+
+
+def test_skip_while_changing_an_earlier_label_keeps_it_and_switch_hands_the_open_pair_back(tmp_path):
+    """Skip on a reopened label leaves it as it was (no skip is stored, so an undo takes back the label, not a skip);
+    "Switch annotator" gives the pair on screen back to the pool at once, not at the lease's end."""
+    from types import SimpleNamespace
+
+    store = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=60, clock=Clock())
+    store.import_items(pairs(2))
+    api, page = app_handlers(store, use_login=False), SimpleNamespace(username=None)
+    st = api["start"]("ann", {}, page)[0]
+    st = api["label_left"]("", "", st, page)[0]
+    assert st["pair_id"] == "p001"
+    st = api["open"]("p000", st, page)[0]
+    assert st["editing"] and st["pair_id"] == "p000"
+    st = api["skip"](st, page)[0]
+    assert [h["action"] for h in store.history("ann")] == ["new"] and st["pair_id"] == "p001"
+    api["switch"](st, page)
+    assert store.next_item("bob").pair_id == "p001"
+
+
+def test_the_progress_line_s_bars_by_hand():
+    """Mine: 2 labeled of 2 + 1 still open; overall: 1 of 4 pairs done (25%), whatever the 3 labels (overlap 2)."""
+    from stages.label.app import progress_html
+
+    line = progress_html({"pairs": 4, "pairs_done": 1, "labels": 3, "overlap": 2, "mine": 2, "open_to_me": 1}, "ann")
+    assert '<progress max="3" value="2"></progress>' in line
+    assert "1 of 4 pairs done</b> (25%) · 3 labels · overlap 2" in line and '<progress max="4" value="1">' in line
+
+
+def test_prompts_and_responses_reach_the_page_as_text():
+    """A response or prompt is data: its markup is shown, escaped, never drawn (the browser test shows it on a page)."""
+    import html
+
+    from stages.label.app import prompt_html, text_html
+
+    assert text_html(HOSTILE) == f'<div class="plain">{html.escape(HOSTILE)}</div>'
+    shown = prompt_html([{"role": "user", "content": HOSTILE}])
+    assert "<img" not in shown and "<b>eve" not in shown and html.escape(HOSTILE) in shown
+
+
 def test_a_hostname_is_not_loopback_and_a_login_needs_a_password():
     """Only 127.0.0.0/8, ::1 and 'localhost' serve without logins: a hostname may resolve to any interface. A users
     entry with an empty password (`alice:`) is refused, not a login anyone can use."""
@@ -540,3 +664,12 @@ def test_min_agreement_outside_0_1_is_refused():
         with pytest.raises(ValueError, match=f"min_agreement must be between 0 and 1, got {bad}"):
             LabelArgs(min_agreement=bad)
     assert LabelArgs(min_agreement=1.0).min_agreement == 1.0 and LabelArgs(min_agreement=0).min_agreement == 0
+
+
+def test_export_policies_outside_their_choices_are_refused():
+    """A typo in ties, both_bad, earlier_pairs or sources is one clear error, not a policy silently read as another."""
+    from stages.label.config import LabelArgs
+
+    for field, bad in (("ties", "keep"), ("both_bad", "keep"), ("earlier_pairs", "all"), ("sources", "humans")):
+        with pytest.raises(ValueError, match=f"{field} must be one of .*, got '{bad}'"):
+            LabelArgs(**{field: bad})
