@@ -103,8 +103,8 @@ def test_left_right_order_is_random_per_annotator_but_stable(tmp_path):
 
 
 def test_every_connection_fsyncs_its_commits_and_the_seed_picks_the_orders(tmp_path):
-    """synchronous=FULL on every connection: the WAL is fsynced at each commit, so an acknowledged label survives a power
-    loss, not only a kill -9. And `seed` picks the left/right orders: another seed flips about half of them."""
+    """synchronous=FULL on every connection: the WAL is fsynced at each commit, so an acknowledged label survives a
+    power loss, not only a kill -9. And `seed` picks the left/right orders: another seed flips about half of them."""
     s = LabelStore(tmp_path / "a.sqlite", seed=3)
     with s._read() as con:
         assert con.execute("PRAGMA synchronous").fetchone()[0] == 2  # 2 = FULL
