@@ -111,6 +111,13 @@ def test_yaml_parses_and_rejects_unknown_keys(tmp_path):
     cfg, run = parse_args(["--config", "configs/ppo.yaml"])
     assert cfg.kl_coef == 0.25 and cfg.num_ppo_epochs == 4 and run.model_config == "configs/models/tiny.yaml"
     assert cfg.local_batch_size == cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    sizes = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_mini_batches", "3"]
+    assert parse_args(["--config", "configs/ppo.yaml", *sizes])[0].local_batch_size == 4 * 2 * 3
+    # a group of answers to one prompt must fit whole in a micro-batch, not only in the mini-batch (2 x 4 = 8 rows)
+    group = ["--num_samples_per_prompt", "4", "--advantage_estimator", "grpo", "--gradient_accumulation_steps", "4"]
+    assert parse_args(["--config", "configs/ppo.yaml", *group, "--per_device_train_batch_size", "4"])[0].prompt_group == 4
+    with pytest.raises(ConfigError, match=r"num_samples_per_prompt=4 must divide per_device_train_batch_size \(2\)"):
+        parse_args(["--config", "configs/ppo.yaml", *group, "--per_device_train_batch_size", "2"])
     bad = tmp_path / "ppo.yaml"
     bad.write_text((REPO / "configs/ppo.yaml").read_text() + "\nkl_coeff: 0.1\n")
     with pytest.raises(ConfigError, match="kl_coeff.*did you mean 'kl_coef'"):
@@ -246,13 +253,13 @@ def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_models, adapters, 
     sft, rm = adapters("llama")
     args = (tiny_models["llama"], runs_dir)
     extra = ["--total_updates", "4", "--save_every", "0", "--adaptive_kl", "true", "--kl_target", "0.01",
-             "--keep_policy_every", "2"]
-    run_ppo(*args, "straight", prompts_file, sft, rm, *extra)
+             "--keep_policy_every", "2", "--sample_every", "3", "--num_samples", "2"]
+    summary = run_ppo(*args, "straight", prompts_file, sft, rm, *extra)
     out = run_ppo(*args, "split", prompts_file, sft, rm, *extra, "--stop_after", "2")
     assert out == {"stopped": True, "update": 2}
     assert not (Path(runs_dir) / "split/ppo/manifest.json").exists()
     assert len(read_metrics(runs_dir, "split")) == 2
-    run_ppo(*args, "split", prompts_file, sft, rm, *extra, "--resume")
+    resumed = run_ppo(*args, "split", prompts_file, sft, rm, *extra, "--resume")
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
@@ -261,6 +268,13 @@ def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_models, adapters, 
     assert [r["update"] for r in split] == [1, 2, 3, 4]
     assert split == straight  # exact: same floats, including the adaptive KL coefficient and the LR schedule
     assert len({r["kl_coef"] for r in straight}) > 1, "adaptive KL should have moved the coefficient"
+    # the manifest's summary covers every update, those before the resume too
+    same = ("reward_first", "reward_last", "reward_gain", "kl_last", "updates", "episodes", "response_length_last")
+    assert {k: resumed[k] for k in same} == {k: summary[k] for k in same}
+    # sample tables: the first update's, then every sample_every-th, num_samples rows each; kept across the resume
+    samples = [[json.loads(l) for l in (Path(runs_dir) / r / "ppo/samples.jsonl").read_text().splitlines()]
+               for r in ("straight", "split")]
+    assert [s["update"] for s in samples[0]] == [1, 1, 3, 3] and samples[1] == samples[0]
     for name in ("adapter", "value_adapter"):
         a = (Path(runs_dir) / "straight/ppo" / name / "adapter_model.safetensors").read_bytes()
         b = (Path(runs_dir) / "split/ppo" / name / "adapter_model.safetensors").read_bytes()
@@ -524,6 +538,8 @@ def test_a_cut_prompt_keeps_its_bos(tiny_models, prompts_file):
 def test_a_repeated_prompt_is_never_both_trained_on_and_held_out(tiny_models, tmp_path):
     """A conversation dataset with three replies to each prompt: the held-out prompts (what eval scores the policies
     on) are split from the distinct prompts, so none of them is also a training prompt."""
+    from dataclasses import replace
+
     from pipeline.models import load_tokenizer, profile_from
     from stages.ppo import load_prompts
 
@@ -531,10 +547,14 @@ def test_a_repeated_prompt_is_never_both_trained_on_and_held_out(tiny_models, tm
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
                             + "\n" for r in ("Yes.", "No.", "Maybe.") for p in PROMPTS))
     cfg, _ = parse_args(["--config", "configs/ppo.yaml", "--dataset_name", str(path), "--heldout_fraction", "0.25"])
-    train, _, heldout, notes = load_prompts(cfg, load_tokenizer(profile_from(str(tiny_models["llama"]))))
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    train, _, heldout, notes = load_prompts(cfg, tok)
     key = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
     assert (notes["prompts_total"], notes["prompts_repeated"], len(heldout), len(train)) == (24, 48, 6, 18)
     assert not {key(c) for c in heldout} & {key(c) for c in train}
+    # the held-out share is drawn by the seed: the same seed holds out the same prompts, another seed others
+    again, other = load_prompts(cfg, tok)[2], load_prompts(replace(cfg, seed=cfg.seed + 1), tok)[2]
+    assert again == heldout and len(other) == 6 and {key(c) for c in other} != {key(c) for c in heldout}
 
 
 def test_cli_error_is_one_line_with_exit_code_2(tiny_models, adapters, prompts_file, runs_dir):
@@ -740,6 +760,33 @@ def test_resume_only_with_the_same_settings_and_prompts(tiny_models, adapters, p
         "does not record the settings it was trained with"
 
 
+def test_which_checkpoint_a_run_continues_from(tmp_path):
+    """choose_resume: an interrupted run (a checkpoint, no manifest) continues when auto_resume is on, and starts
+    over when it is off; a finished run (manifest written) starts over unless --resume; --resume onto a checkpoint
+    trained from something else is refused, and without --resume that checkpoint is not used."""
+    from types import SimpleNamespace
+
+    from stages.ppo import PPOConfig, choose_resume
+
+    stage = SimpleNamespace(dir=tmp_path, manifest_path=tmp_path / "manifest.json")
+    upstream = {"sft": "s" * 16, "rm": "r" * 16, "settings": {"kl_coef": 0.05}, "prompts": "p" * 16}
+    ckpt = tmp_path / "checkpoints/checkpoint-000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.pt").write_bytes(b"")
+    (ckpt / "checkpoint.json").write_text(json.dumps({"update": 2, "upstream": upstream}))
+    cfg = lambda **kw: PPOConfig(total_updates=3, **kw)  # noqa: E731
+    assert choose_resume(cfg(), stage, upstream) == ckpt
+    assert choose_resume(cfg(auto_resume=False), stage, upstream) is None
+    assert choose_resume(cfg(auto_resume=False, resume=True), stage, upstream) == ckpt
+    other = {**upstream, "rm": "o" * 16}
+    assert choose_resume(cfg(), stage, other) is None
+    with pytest.raises(ConfigError, match="--resume: checkpoint checkpoint-000002 was trained from other sft/rm"):
+        choose_resume(cfg(resume=True), stage, other)
+    stage.manifest_path.write_text("{}")  # the run finished: a plain start trains afresh
+    assert choose_resume(cfg(), stage, upstream) is None
+    assert choose_resume(cfg(resume=True), stage, upstream) == ckpt
+
+
 def test_a_log_line_cut_by_a_kill_does_not_stop_the_resume(tiny_models, adapters, prompts_file, runs_dir):
     """Killed while writing metrics.jsonl: its last line is half a row. The restarted run resumed into a JSONDecodeError
     traceback; now the cut line (past the checkpoint anyway) is dropped and the run ends as an uninterrupted one logs."""
@@ -795,6 +842,8 @@ def yaml_model_dir(profile) -> str:
     ("--missing_eos_penalty", "-1", "missing_eos_penalty must be >= 0"), ("--max_grad_norm", "-1", "max_grad_norm must be >= 0"),
     ("--value_learning_rate", "0", "value_learning_rate must be > 0"), ("--critic_warmup_updates", "3",
                                                                         "critic_warmup_updates .* must be below total_updates"),
+    ("--heldout_fraction", "1", r"heldout_fraction must be in \[0, 1\)"), ("--temperature", "0", "temperature must be > 0"),
+    ("--advantage_estimator", "rloo", "compares answers to the same prompt: set num_samples_per_prompt to 2 or more"),
     ("--lr_scheduler_type", "bogus", "lr_scheduler_type 'bogus' is not a transformers scheduler: use one of linear, cosine"),
 ])
 def test_out_of_range_hyperparameters_are_refused(flag, value, message):
@@ -1394,10 +1443,12 @@ def test_each_pass_over_the_prompts_has_its_own_permutation(tiny_models, adapter
     assert got[:n] != got[n : 2 * n]
 
 
-def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters, prompts_file, tmp_path):
+def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters, prompts_file, tmp_path, monkeypatch):
     """num_mini_batches > 1: every epoch draws a permutation of the batch (torch.randperm from the trainer's
     permutation generator) and mini-batch m trains rows perm[m * size : (m + 1) * size], so each row is trained once
-    per epoch, in a different split every epoch."""
+    per epoch, in a different split every epoch. The logged policy loss and grad norm are means over the optimizer
+    steps (4 here), not sums."""
+    from stages.ppo import losses as L
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--gradient_accumulation_steps", "1",
                        "--num_mini_batches", "2", "--num_ppo_epochs", "2", reward_fn=varied_reward)
     ro = trainer.rollout()
@@ -1412,8 +1463,14 @@ def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters,
     seen: list[list[int]] = []
     rows = ro.rows
     ro.rows = lambda idx, group=1: seen.append(idx.tolist()) or rows(idx, group)  # noqa: E731
-    trainer._optimise(ro, adv, returns)
+    norms, losses = [], []
+    clip, policy_loss = torch.nn.utils.clip_grad_norm_, L.policy_loss
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: norms.append(float(clip(*a, **k))) or norms[-1])
+    monkeypatch.setattr(L, "policy_loss", lambda *a, **k: losses.append(policy_loss(*a, **k)) or losses[-1])
+    out = trainer._optimise(ro, adv, returns)
     assert B // 2 == micro and len(seen) == 4  # one micro-batch per mini-batch: seen[i] is mini-batch i
+    assert len(norms) == len(losses) == 4 and out["grad_norm"] == pytest.approx(sum(norms) / 4)
+    assert out["policy_loss"] == pytest.approx(sum(pg.item() for pg, _ in losses) / 4)
     assert [sorted(s) for s in seen] == expected
     assert expected[0] != expected[2] or expected[1] != expected[3]  # the seed gives different splits per epoch
 
@@ -1493,6 +1550,41 @@ def test_sampled_logprobs_of_left_padded_prompts_equal_an_unpadded_forward(arch,
             torch.testing.assert_close(out.logprobs[i], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_row_stays_ended_and_the_update_forward_sees_the_sampling_positions(tiny_models):
+    """Three rules of sample() and pack(), on GPT-2 (absolute positions): a row that produced a stop token stays
+    ended while the others run on, so the loop stops at the step the last row ends; with stop_at_eos false, `ended`
+    says whether a stop token appears anywhere in the row; and pack()'s update-time forward gives back the sampled
+    log-probs of left-padded prompts (its positions count from each row's first real token, as sampling's do).
+    The stop ids are tokens of a free-running sample with the same seed: stop ids change nothing before a row ends."""
+    from pipeline.generation import encode_prompts, left_pad
+    from pipeline.models import load_base, load_tokenizer, profile_from
+    from stages.ppo.rollout import pack, response_logits, sample, token_logprobs
+
+    profile = profile_from(str(tiny_models["gpt2"]))
+    tok = load_tokenizer(profile)
+    lm = load_base(profile, tok).eval()
+    prompts = encode_prompts(tok, [[{"role": "user", "content": t}] for t in
+                                   ("Hi", "The rabbit ran into the garden and hid under a big green leaf.")])
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    draw = lambda stops, at_eos: sample(lm, ids, mask, 8, 0.7, stops, tok.pad_token_id,  # noqa: E731
+                                        torch.Generator().manual_seed(0), stop_at_eos=at_eos)
+    free = draw([tok.eos_token_id], False)
+    rows = free.response_ids.tolist()
+    with torch.no_grad():
+        x = pack(ids, mask, free.response_ids, free.response_mask)
+        again = token_logprobs(response_logits(lm, x), x.tokens, 0.7)
+    torch.testing.assert_close(again, free.logprobs[free.response_mask.bool()], atol=1e-4, rtol=1e-4)
+
+    stop = [rows[0][1], rows[1][4]]  # row 0 has a stop by step 1, row 1 by step 4
+    first = [min(t for t, tok_id in enumerate(r) if tok_id in stop) for r in rows]
+    assert first[0] <= 1 and first[1] <= 4 and first[0] < first[1], (rows, stop)
+    ended = draw(stop, True)
+    assert ended.response_ids.shape[1] == max(first) + 1  # the loop ran until the last row ended, no longer
+    assert ended.response_mask.sum(1).tolist() == [n + 1 for n in first] and bool(ended.ended.all())
+    assert ended.response_ids[0, : first[0] + 1].tolist() == rows[0][: first[0] + 1]
+    assert draw([rows[0][0]], False).ended.tolist() == [True, rows[0][0] in rows[1]]  # the token stays in the reply
+
+
 # ------------------------------------------------- resume digests, kept policies, rank slices, offsets, dropout, logs
 
 def test_a_checkpoint_resumes_only_on_the_same_model_profile_and_adapter_bytes(tiny_models, adapters, tmp_path,
@@ -1560,6 +1652,57 @@ def test_each_rank_takes_its_own_slice_of_the_prompt_stream():
             assert two == one, (k, update)
             assert all(len(set(one[g : g + k])) == 1 for g in range(0, 8, k))  # a group: k copies of one prompt
         assert take(0, 4, k, 0) != take(1, 4, k, 0)
+        # each update continues the stream where the last one stopped: update u takes groups [u * 8/k, (u + 1) * 8/k)
+        n = 8 // k
+        for update in range(3):
+            expected = [prompts[(7 * i) % 40] for i in range(update * n, (update + 1) * n) for _ in range(k)]
+            assert take(0, 8, k, episodes=update * 8) == expected, (k, update)
+
+
+def test_the_newest_complete_checkpoint_resumes_and_a_promoted_one_replaces_the_others(tmp_path):
+    """latest_checkpoint: the highest update among complete checkpoints (trainer_state.pt, written last, marks one
+    complete); _promote renames the finished temporary folder and removes every other checkpoint (one kept)."""
+    from stages.ppo.trainer import PPOTrainer, latest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(tmp_path) is None
+    for n in (2, 10, 4):
+        (root / f"checkpoint-{n:06d}").mkdir(parents=True)
+        (root / f"checkpoint-{n:06d}/trainer_state.pt").write_bytes(b"old")
+    (root / "checkpoint-000012").mkdir()  # killed before its trainer_state.pt was written
+    assert latest_checkpoint(tmp_path) == root / "checkpoint-000010"
+    tmp = root / ".tmp-checkpoint-000014"
+    tmp.mkdir()
+    (tmp / "trainer_state.pt").write_bytes(b"new")
+    PPOTrainer._promote(tmp, root / "checkpoint-000014")
+    assert [p.name for p in root.iterdir()] == ["checkpoint-000014"]
+    assert latest_checkpoint(tmp_path) == root / "checkpoint-000014"
+    assert (root / "checkpoint-000014/trainer_state.pt").read_bytes() == b"new"
+
+
+def test_the_run_summary_by_hand():
+    """The manifest's summary of metrics.jsonl: the reward averaged over the first and last tenth of the updates,
+    rates as totals over totals (episodes and tokens over wall time, not a mean of per-update rates), the
+    generation-only token rate over generation time, and the last update's KL and lengths."""
+    from types import SimpleNamespace
+
+    from stages.ppo.trainer import PPOTrainer
+
+    rows = []
+    for u in range(1, 21):
+        wall = 2.0 if u % 2 else 1.0  # odd updates take twice as long
+        rows.append({"update": u, "episodes": 8 * u, "reward_raw": float(u), "kl": 0.1 * u, "kl_coef": 0.05,
+                     "time_update_s": wall, "episodes_per_s": 8 / wall, "gen_tokens_per_s": 40 / wall,
+                     "time_generate_s": 0.5, "time_score_s": 0.25, "time_train_s": 1.0, "response_length": 5.0 + u,
+                     "no_eos_fraction": 0.5})
+    s = PPOTrainer.summary(SimpleNamespace(history=rows))
+    assert s["reward_window_updates"] == 2  # a tenth of 20 updates
+    assert (s["reward_first"], s["reward_last"], s["reward_gain"]) == (1.5, 19.5, 18.0)  # (1 + 2) / 2, (19 + 20) / 2
+    assert s["train_wall_s"] == 30.0 and s["episodes_per_s"] == pytest.approx(160 / 30)  # mean of rates: 6
+    assert s["gen_tokens_per_s"] == pytest.approx(800 / 30) and s["gen_only_tokens_per_s"] == pytest.approx(800 / 10)
+    assert (s["kl_last"], s["updates"], s["episodes"], s["response_length_last"]) == (pytest.approx(2.0), 20, 160, 25.0)
+    assert (s["time_generate_s"], s["time_score_s"], s["time_train_s"]) == (10.0, 5.0, 20.0)
+    assert PPOTrainer.summary(SimpleNamespace(history=rows[:3]))["reward_first"] == 1.0  # under 10 updates: 1 each
 
 
 def test_a_prompt_exactly_max_prompt_length_long_is_kept(tiny_models, prompts_file):
@@ -1581,6 +1724,10 @@ def test_a_prompt_exactly_max_prompt_length_long_is_kept(tiny_models, prompts_fi
     assert kept(longest) == (ids, 0)
     below, too_long = kept(longest - 1)
     assert too_long == n_longest and len(below) == len(ids) - n_longest
+    with pytest.raises(ConfigError, match=f"{n_longest} of {len(ids)} training prompts are longer than "
+                                          f"max_prompt_length={longest - 1} tokens .*: raise max_prompt_length"):
+        load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=longest - 1, heldout_fraction=0.0,
+                               long_prompts="error"), tok)  # error: refused, though drop would keep the others
 
 
 def test_every_later_rollout_carries_the_fitted_value_offset(tiny_models, adapters, prompts_file, tmp_path):
@@ -1592,7 +1739,9 @@ def test_every_later_rollout_carries_the_fitted_value_offset(tiny_models, adapte
 
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--num_ppo_epochs", "1",
                        reward_fn=varied_reward)
-    trainer.step()
+    metrics, _ = trainer.step()
+    # the LR schedule (linear, no warm-up, 3 updates) steps once per update: update 1 logs 3e-3, update 2 runs at 2e-3
+    assert metrics["lr"] == 3e-3 and [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([2e-3] * 2)
     assert trainer.critic_fitted and abs(trainer.value_offset) > 0.1, trainer.value_offset
     ro = trainer.rollout()
     m = ro.response_mask.bool()
