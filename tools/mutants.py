@@ -46,6 +46,10 @@ RM_DATA = "tests/test_rm.py -k 'reply_start_is or strength_margin or leave_ties'
 RM_GROUPS = "tests/test_rm_groups.py -k 'not trains'"
 LABELS = "tests/test_label_store.py"
 EVAL_BY_HAND = "tests/test_eval.py -k 'human_win_rate_counts or no_eos_figures or training_flags_by_hand'"
+PPO_UNITS = ("tests/test_ppo.py -k 'own_slice or newest_complete or summary_by_hand or which_checkpoint or yaml_parses "
+             "or out_of_range'")
+PPO_STEPS = "tests/test_ppo.py -k 'later_rollout_carries or mini_batches_of_an_epoch'"
+PPO_PROMPTS = "tests/test_ppo.py -k 'repeated_prompt or exactly_max_prompt_length'"
 PPO_LOOP = ("tests/test_ppo.py -k 'kl_loss_term_pulls or value_update_adds or critic_free_advantages_sum' "
             "-m 'not slow'")
 
@@ -596,6 +600,38 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('stats-last-hour-open', 'stages/label/stats.py', '"last_hour": sum(now - t <= 3600 for t in times)', '"last_hour": sum(now - t < 3600 for t in times)', 'tests/test_label_store.py -k short_session'),
     ('fresh-no-export-is-stale', 'stages/label/fresh_export.py', '        return NEW_PAIRS\n    try:', '        return STALE\n    try:', 'tests/test_label_export.py -k records_the_store'),
     ('fresh-flag-equals-form', 'stages/label/fresh_export.py', 'name = lambda flag: flag.split("=", 1)[0]', 'name = lambda flag: flag', 'tests/test_label_export.py -k last_exports_flags'),
+    # PPO's sampling loop, prompt stream, checkpoints, summary, schedule, resume choice and config guards
+    ('ppo-pack-positions-from-1', 'stages/ppo/rollout.py', 'pos = (attn.cumsum(1) - 1).clamp(min=0)', 'pos = attn.cumsum(1).clamp(min=0)', "tests/test_ppo.py -k a_row_stays_ended"),
+    ('ppo-sample-done-forgets', 'stages/ppo/rollout.py', 'done = done | torch.isin(tok, stops)', 'done = torch.isin(tok, stops)', "tests/test_ppo.py -k a_row_stays_ended"),
+    ('ppo-no-stop-ended-false', 'stages/ppo/rollout.py', 'ended = torch.isin(tokens, stops).any(1)', 'ended = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)', "tests/test_ppo.py -k a_row_stays_ended"),
+    ('ppo-pack-keep-shifted', 'stages/ppo/rollout.py', 'keep[:, p - 1 : p - 1 + r_eff] = resp_mask', 'keep[:, p : p + r_eff] = resp_mask', "tests/test_ppo.py -k 'one_base_four_adapters or first_update_reproduces'"),
+    ('ppo-sample-positions-stall', 'stages/ppo/rollout.py', 'next_pos = next_pos + 1', 'next_pos = next_pos', "tests/test_ppo.py -k sampled_logprobs_of_left_padded"),
+    ('ppo-reward-replays-other-bottom', 'stages/ppo/rollout.py', 'if other is None or not torch.equal(p, other):', 'if other is None:', "tests/test_ppo.py -k reward_replays_the_value_layers_only"),
+    ('ppo-group-start-in-episodes', 'stages/ppo/trainer.py', 'start = (self.episodes // k) + self.rank * n_groups', 'start = self.episodes + self.rank * n_groups', PPO_UNITS),
+    ('ppo-latest-checkpoint-oldest', 'stages/ppo/trainer.py', 'return done[-1].parent if done else None', 'return done[0].parent if done else None', PPO_UNITS),
+    ('ppo-promote-keeps-old', 'stages/ppo/trainer.py', '            if old != final:\n', '            if False:\n', PPO_UNITS),
+    ('ppo-summary-window-one', 'stages/ppo/trainer.py', 'w = max(1, len(h) // 10)', 'w = 1', PPO_UNITS),
+    ('ppo-summary-rate-mean', 'stages/ppo/trainer.py', '"episodes_per_s": episodes / wall,', '"episodes_per_s": sum(r["episodes_per_s"] for r in h) / len(h),', PPO_UNITS),
+    ('ppo-summary-gen-rate-over-wall', 'stages/ppo/trainer.py', 'gen_tokens / gen_time if gen_time else None', 'gen_tokens / wall if gen_time else None', PPO_UNITS),
+    ('ppo-auto-resume-ignored', 'stages/ppo/__init__.py', 'return ckpt if cfg.auto_resume and unfinished else None', 'return ckpt if unfinished else None', PPO_UNITS),
+    ('ppo-finished-run-resumed', 'stages/ppo/__init__.py', '<= cfg.total_updates and not stage.manifest_path.exists()', '<= cfg.total_updates', PPO_UNITS),
+    ('ppo-resume-flag-ignored', 'stages/ppo/__init__.py', '    if cfg.resume:\n        return ckpt\n', '', PPO_UNITS),
+    ('ppo-heldout-fraction-1-accepted', 'stages/ppo/config.py', 'if not 0 <= self.heldout_fraction < 1:', 'if not 0 <= self.heldout_fraction <= 1:', PPO_UNITS),
+    ('ppo-temperature-zero-accepted', 'stages/ppo/config.py', 'if self.temperature <= 0:', 'if self.temperature < 0:', PPO_UNITS),
+    ('ppo-grpo-one-sample-accepted', 'stages/ppo/config.py', 'in ("grpo", "rloo") and k < 2', 'in ("grpo", "rloo") and k < 1', PPO_UNITS),
+    ('ppo-group-split-by-micro-batch', 'stages/ppo/config.py', '(self.per_device_train_batch_size % k or ', '(', PPO_UNITS),
+    ('ppo-local-batch-no-minibatches', 'stages/ppo/config.py', 'self.gradient_accumulation_steps * self.num_mini_batches', 'self.gradient_accumulation_steps', PPO_UNITS),
+    ('ppo-first-samples-not-kept', 'stages/ppo/trainer.py', ' or self.update == 1)', ')', "tests/test_ppo.py -k resume_gives"),
+    ('ppo-samples-num-ignored', 'stages/ppo/trainer.py', 'range(min(self.cfg.num_samples, len(ro.texts)))', 'range(len(ro.texts))', "tests/test_ppo.py -k resume_gives"),
+    ('ppo-history-not-reloaded', 'stages/ppo/trainer.py', 'self.history = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]', 'self.history = []', "tests/test_ppo.py -k resume_gives"),
+    ('ppo-resume-sample-rng-dropped', 'stages/ppo/trainer.py', '            self.sample_gen.set_state(rng["sample"])\n', '', "tests/test_ppo.py -k resume_gives"),
+    ('ppo-scheduler-not-stepped', 'stages/ppo/trainer.py', '        self.scheduler.step()\n', '', PPO_STEPS),
+    ('ppo-grad-norm-summed', 'stages/ppo/trainer.py', '"grad_norm": grad_norm / n_steps}', '"grad_norm": grad_norm}', PPO_STEPS),
+    ('ppo-policy-loss-summed', 'stages/ppo/trainer.py', '"policy_loss": total["policy_loss"] / n_steps if train_policy', '"policy_loss": total["policy_loss"] if train_policy', PPO_STEPS),
+    ('ppo-heldout-seed-ignored', 'stages/ppo/__init__.py', 'random.Random(cfg.seed).shuffle(order)', 'random.Random(0).shuffle(order)', PPO_PROMPTS),
+    ('ppo-heldout-also-trained', 'stages/ppo/__init__.py', 'train = [convs[i] for i in sorted(order[n_held:])]', 'train = [convs[i] for i in sorted(order)]', PPO_PROMPTS),
+    ('ppo-long-prompts-error-ignored', 'stages/ppo/__init__.py', 'if cfg.long_prompts == "error":', 'if False:', PPO_PROMPTS),
+    ('ppo-drop-keeps-long', 'stages/ppo/__init__.py', 'keep = [i for i in range(len(ids)) if i not in set(long)]', 'keep = list(range(len(ids)))', PPO_PROMPTS),
 ]
 
 
