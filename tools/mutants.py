@@ -1,5 +1,6 @@
 """Does the suite catch a broken rule? Hand-made mutants of the arithmetic the results rest on, each run against the
-tests that guard it (`make mutants`, 6-13 minutes on 2 CPU cores; writes bench/results/mutants.json).
+tests that guard it (`make mutants`: about two hours on 2 CPU cores for the whole list, 14-24 s a mutant in its
+last runs; name some to run only those; writes bench/results/mutants.json).
 
     python -m tools.mutants                              # every mutant
     python -m tools.mutants loss-k3 eval-kl-direction    # some of them
