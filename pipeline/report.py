@@ -5,11 +5,11 @@ from __future__ import annotations
 import resource
 import sys
 
-import torch
-
 
 def peak_memory_mb() -> float:
     """GPU: peak allocated by torch. CPU: peak resident set size of this process."""
+    import torch
+
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -34,9 +34,12 @@ def finish_distributed() -> None:
 
 def destroy_distributed() -> None:
     """Tear down the process group: without it a gloo rank can SIGABRT at exit (STACK-NOTES item 2). Call it only
-    after every object holding the group is gone: a DDP reducer freed after the group joins a gloo thread forever."""
+    after every object holding the group is gone: a DDP reducer freed after the group joins a gloo thread forever.
+    A process that never imported torch has no group: it is not imported here (3 s of a light stage's start)."""
     import gc
 
+    if "torch" not in sys.modules:
+        return
     import torch.distributed as dist
 
     gc.collect()
