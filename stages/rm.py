@@ -2,13 +2,13 @@
 
     make rm                                    # accelerate launch ... -m stages.rm --config configs/rm.yaml
     make rm ARGS="--dataset_name my_prefs.jsonl --learning_rate 1e-4"
-    python -m stages.rm --reload-check ADAPTER_DIR EVAL_PAIRS.jsonl OUT.json [DTYPE BATCH]   # the stage's last check
+    python -m stages.rm --reload-check EVAL_PAIRS.jsonl DTYPE BATCH 4BIT ADAPTER_DIR...   # the stage's last check
 
 Reads: the SFT manifest of the run (the reward model must sit on the policy's base, so that PPO can stack both
 adapters on one model), this run's label export when present, and the bundled human preferences in
 data/preferences/ (or --dataset_name, any TRL preference format). Writes runs/<run>/rm/: adapter/ (PEFT SEQ_CLS:
 LoRA + `score` head, tokenizer, pipeline_base.json), eval_pairs.jsonl (the held-out pairs), reload_check.json,
-config.json, manifest.json (last). The stage ends by reloading the adapter with stock
+config.json, manifest.json (last). The stage ends by reloading the adapter (each member's, in one process) with stock
 `AutoPeftModelForSequenceClassification` in a fresh process; if that copy does not reproduce the held-out
 scores (e.g. a head that was not saved), the stage fails. The data steps are in stages/rm_data.py, the scoring and
 the reload check in stages/rm_scoring.py.
@@ -167,14 +167,19 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
             for r in eval_rows:
                 keys = ("prompt", "chosen", "rejected", "source", "margin", "chosen_ids", "rejected_ids", "reply_start")
                 f.write(json.dumps({k: r[k] for k in keys}) + "\n")
-        member_rows = [finish_member(m, seed + i, tokenizer, base_path, pairs_file, eval_rows, profile,
-                                     train_cfg.per_device_eval_batch_size) for i, m in enumerate(members)]
+        for m in members:
+            complete_folder(m, tokenizer, base_path)
+        reloads, reload_seconds = check_reload([m["adapter"] for m in members], pairs_file,
+                                               [(m["scores"][:n], m["scores"][n:]) for m in members], profile.dtype,
+                                               train_cfg.per_device_eval_batch_size, profile.load_in_4bit)
+        member_rows = [member_row(m, seed + i, eval_rows, reload) for i, (m, reload) in enumerate(zip(members, reloads))]
         joint = ensemble_score(torch.tensor([m["scores"] for m in members]),
                                [(r["reward_mean"], r["reward_std"]) for r in member_rows]).tolist()
         metrics = {**heldout_metrics(eval_rows, joint[:n], joint[n:]),
                    **members[0]["record"],  # the first member's training curve
                    **data_record(counts, len(train_rows), n),
-                   "reload_check": member_rows[0]["reload_check"], "ensemble": len(members), "members": member_rows,
+                   "reload_check": member_rows[0]["reload_check"], "reload_check_s": reload_seconds,
+                   "ensemble": len(members), "members": member_rows,
                    "train_time_s": round(sum(m["train_time"] for m in members), 1), "peak_memory_mb": peak_memory_mb(),
                    "world_size": state.num_processes, "sharding": members[0]["sharding"], "data": data_name}
         print_table("RM", {k: v for k, v in metrics.items()
@@ -231,18 +236,21 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     return kept
 
 
-def finish_member(member: dict, seed: int, tokenizer, base_path, pairs_file: Path, eval_rows: list[dict], profile,
-                  batch_size: int) -> dict:
-    """A trained member's folder completed (tokenizer, base fingerprint, its head checked) and reloaded in a fresh
-    process; its row of the manifest: held-out figures, the statistics that standardise it in an ensemble, timing."""
-    adapter, s, n = member["adapter"], member["scores"], len(eval_rows)
+def complete_folder(member: dict, tokenizer, base_path) -> None:
+    """A trained member's folder completed: tokenizer, base fingerprint, pooling; its head checked."""
+    adapter = member["adapter"]
     tokenizer.save_pretrained(adapter)
     save_fingerprint(adapter, member["config"], base_path)
     require_saved_head(adapter, member["head"])
     write_pooling(adapter, member["pooling"])
-    reload = check_reload(adapter, pairs_file, s[:n], s[n:], profile.dtype, batch_size, profile.load_in_4bit)
+
+
+def member_row(member: dict, seed: int, eval_rows: list[dict], reload: dict) -> dict:
+    """A member's row of the manifest: held-out figures, the statistics that standardise it in an ensemble, timing,
+    its reload check (the same scores from a fresh process)."""
+    s, n = member["scores"], len(eval_rows)
     own = heldout_metrics(eval_rows, s[:n], s[n:])
-    return {"adapter": str(adapter), "seed": seed,
+    return {"adapter": str(member["adapter"]), "seed": seed,
             **{k: own[k] for k in ("eval_accuracy", "eval_loss", "reward_mean", "reward_std")},
             "best_step": member["record"]["best_step"], "train_time_s": round(member["train_time"], 1),
             "reload_check": reload}

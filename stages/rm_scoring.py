@@ -108,17 +108,26 @@ def heldout_metrics(eval_rows: list[dict], chosen: list[float], rejected: list[f
 
 # ---------------------------------------------------------------- the fresh-process reload check
 
-def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str = "float32", batch_size: str = "16",
-                  load_in_4bit: str = "0"):
-    """Runs in a fresh process: stock peft + the tokenizer saved beside the adapter + the pooling its
-    score_pooling.json names (pipeline.adapters.pool_in_forward), nothing else of ours. The base is loaded as the stage
-    loaded it: in the profile's dtype, and in 4-bit when the profile says so."""
+def reload_scores(pairs_file: str, dtype: str = "float32", batch_size: str = "16", load_in_4bit: str = "0",
+                  *adapter_dirs: str):
+    """Runs in a fresh process: each adapter folder in turn (an ensemble's members share the process and its imports),
+    its scores written to reload_check.json beside the folder."""
+    for adapter_dir in adapter_dirs:
+        pairs = [json.loads(line) for line in open(pairs_file)]
+        scores = reloaded_pair_scores(adapter_dir, pairs, dtype, int(batch_size), load_in_4bit == "1")
+        atomic_write_json(Path(adapter_dir).parent / "reload_check.json",
+                          {"chosen": scores[: len(pairs)], "rejected": scores[len(pairs) :]})
+
+
+def reloaded_pair_scores(adapter_dir: str, pairs: list[dict], dtype: str, batch_size: int, quantized: bool) -> list[float]:
+    """Stock peft + the tokenizer saved beside the adapter + the pooling its score_pooling.json names
+    (pipeline.adapters.pool_in_forward), nothing else of ours. The base is loaded as the stage loaded it: in the
+    profile's dtype, and in 4-bit when the profile says so."""
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
     from pipeline.models import bnb_4bit_config
 
-    quantized = load_in_4bit == "1"
     extra = {"quantization_config": bnb_4bit_config(dtype), "device_map": {"": "cuda"}} if quantized else {}
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=getattr(torch, dtype),
@@ -129,13 +138,11 @@ def reload_scores(adapter_dir: str, pairs_file: str, out_file: str, dtype: str =
     pool_in_forward(model, pooling)
     if torch.cuda.is_available() and not quantized:
         model.to("cuda")
-    pairs = [json.loads(line) for line in open(pairs_file)]
     for p in pairs:  # the stage's eval_pairs.jsonl carries the ids as scored; other pair files are encoded here
         if "reply_start" not in p:
             p["chosen_ids"], p["rejected_ids"] = encode_pair(tokenizer, p)
             p["reply_start"] = reply_start(tokenizer, p, p["chosen_ids"], p["rejected_ids"])
-    scores = pair_scores(model, pairs, tokenizer.pad_token_id, int(batch_size), pooling)
-    atomic_write_json(Path(out_file), {"chosen": scores[: len(pairs)], "rejected": scores[len(pairs) :]})
+    return pair_scores(model, pairs, tokenizer.pad_token_id, batch_size, pooling)
 
 
 # How far a reloaded score may drift from the stage's (absolute, relative to the score): the same batches in the same
@@ -185,24 +192,27 @@ def require_saved_head(adapter_dir: Path, head: str) -> None:
             raise RuntimeError(f"{adapter_dir} holds LoRA weights but no '{head}' head: it would score at random")
 
 
-def check_reload(adapter_dir: Path, pairs_file: Path, chosen: list[float], rejected: list[float], dtype: str = "float32",
-                 batch_size: int = 16, load_in_4bit: bool = False) -> dict:
-    """Reload the saved adapter in a fresh process, in the profile's dtype (and 4-bit); the held-out scores must come
-    back (the head was saved)."""
-    out_file = adapter_dir.parent / "reload_check.json"
+def check_reload(adapter_dirs: list[Path], pairs_file: Path, scores: list[tuple[list[float], list[float]]],
+                 dtype: str = "float32", batch_size: int = 16, load_in_4bit: bool = False) -> tuple[list[dict], float]:
+    """Reload each saved adapter in one fresh process, in the profile's dtype (and 4-bit); each one's held-out scores
+    (chosen, rejected) must come back (the head was saved). Each one's verdict, and the process's seconds."""
     # A clean environment for the child: no torch.distributed variables from `accelerate launch`.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("ACCELERATE_")}
     t0 = time.time()
-    cmd = [sys.executable, "-m", "stages.rm", "--reload-check", adapter_dir, pairs_file, out_file, dtype, batch_size,
-           int(bool(load_in_4bit))]
+    cmd = [sys.executable, "-m", "stages.rm", "--reload-check", pairs_file, dtype, batch_size, int(bool(load_in_4bit)),
+           *adapter_dirs]
     proc = subprocess.run([str(c) for c in cmd], cwd=resolve_path("."), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"reloading the reward adapter {adapter_dir} in a fresh process failed:\n{proc.stderr[-3000:]}")
-    again = json.loads(out_file.read_text())
-    verdict = reload_verdict(chosen, rejected, again["chosen"], again["rejected"], dtype, load_in_4bit)
-    if not verdict["ok"]:
-        raise RuntimeError(f"the reward adapter saved in {adapter_dir} does not reproduce its held-out scores when "
-                           f"reloaded in a fresh process: {verdict['problem']}")
-    return {k: verdict[k] for k in ("eval_accuracy", "max_abs_diff", "dtype", "pairs_flipped")} | {"seconds": round(time.time() - t0, 1)}
+        raise RuntimeError(f"reloading the reward adapters {', '.join(map(str, adapter_dirs))} in a fresh process "
+                           f"failed:\n{proc.stderr[-3000:]}")
+    verdicts = []
+    for adapter_dir, (chosen, rejected) in zip(adapter_dirs, scores, strict=True):
+        again = json.loads((adapter_dir.parent / "reload_check.json").read_text())
+        verdict = reload_verdict(chosen, rejected, again["chosen"], again["rejected"], dtype, load_in_4bit)
+        if not verdict["ok"]:
+            raise RuntimeError(f"the reward adapter saved in {adapter_dir} does not reproduce its held-out scores when "
+                               f"reloaded in a fresh process: {verdict['problem']}")
+        verdicts.append({k: verdict[k] for k in ("eval_accuracy", "max_abs_diff", "dtype", "pairs_flipped")})
+    return verdicts, round(time.time() - t0, 1)

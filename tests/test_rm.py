@@ -349,7 +349,7 @@ def test_stock_reload_in_fresh_process_and_lost_head(trained, tmp_path):
     save_file({k: torch.randn_like(v) * 0.02 if ".score." in k else v for k, v in weights.items()},  # a fresh head
               broken / "adapter_model.safetensors")
     with pytest.raises(RuntimeError, match="does not reproduce"):
-        check_reload(broken, stage / "eval_pairs.jsonl", scores["chosen"], scores["rejected"])
+        check_reload([broken], stage / "eval_pairs.jsonl", [(scores["chosen"], scores["rejected"])])
 
 
 # ---------------------------------------------------------------- long pairs are cut, not dropped; training length

@@ -81,7 +81,7 @@ def test_bf16_stage_with_a_float32_head_passes_the_fresh_process_check(tiny_mode
     head.register_forward_pre_hook(lambda module, args: (args[0].float(),))
     encoded = [encode_pair(tok, p) for p in pairs]
     scores = score(model, [c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id, 16)
-    result = check_reload(adapter, pairs_file, scores[:12], scores[12:], "bfloat16")
+    [result], _ = check_reload([adapter], pairs_file, [(scores[:12], scores[12:])], "bfloat16")
     assert result["dtype"] == "bfloat16" and result["pairs_flipped"] == 0
     assert 2e-2 < result["max_abs_diff"] and max(abs(s) for s in scores) > 2, (result, scores)
 

@@ -158,6 +158,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "scores[idx] = each[0]", ENSEMBLE),
     ("ensemble-resume-guard", "stages/ppo/__init__.py", "upstream[\"rm_members\"] = [adapter_digest(Path(d)) for d in rewards.values()]",
      "pass", ENSEMBLE),
+    ("ensemble-reload-first-only", "stages/rm_scoring.py", "    for adapter_dir in adapter_dirs:\n",
+     "    for adapter_dir in adapter_dirs[:1]:\n", ENSEMBLE),
+    ("ensemble-reload-against-first", "stages/rm_scoring.py", "zip(adapter_dirs, scores, strict=True)",
+     "zip(adapter_dirs, [scores[0]] * len(scores), strict=True)", ENSEMBLE),
     # reward pooling (pipeline/adapters.py: the rule, its in-forward twin; the stack, the rollout and make rm using it)
     ("pool-no-divisor", "pipeline/adapters.py", "return (per_token.float() * counted).sum(dim=1) / SUM_DIVISOR",
      "return (per_token.float() * counted).sum(dim=1)", POOLING),
