@@ -127,6 +127,16 @@ def _fsdp_env_restored():
             os.environ[k] = v
 
 
+def guarded_exit(main_fn, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of main_fn run through pipeline.run.main_guard in this process, as a stage's `__main__`
+    runs it (`main_guard(lambda: main(*parse_args()))`): a fresh process adds only the imports."""
+    from pipeline.run import main_guard
+
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(main_fn)
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def run_python(module: str, args: list[str], timeout: int = 600, env: dict | None = None):
     return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})

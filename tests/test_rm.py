@@ -23,7 +23,7 @@ from stages.rm import RMArgs, main, parse_args, plan_steps
 from stages.rm_scoring import check_reload
 from stages.rm_data import encode_pair, load_pairs, prepare_data, truncate_pair, weighted
 from pipeline.adapters import SUM_DIVISOR, pool_in_forward, pool_scores, prompt_part, read_pooling, write_pooling
-from tests.conftest import ARCHS, REPO, run_module, run_python
+from tests.conftest import ARCHS, REPO, guarded_exit, run_module, run_python
 
 WORDS = "the cat sat on a mat and ran to see her little friend in the big green garden by old tree".split()
 
@@ -255,7 +255,7 @@ def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
     assert counts["pandalm"]["eval"] == len(eval_rows) and counts["pandalm"]["empty"] == 52
 
 
-def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
+def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path, capsys):
     runs_dir = tmp_path / "runs"
     fake_sft(tiny_models["llama"], runs_dir, "t")
     # 1. no chosen/rejected: one line on stderr, exit code 2, no manifest (the command line as `make rm` runs it)
@@ -272,10 +272,11 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     with pytest.raises(ConfigError, match="trained on base"):
         main(*parse_args(rm_args(tiny_models["gpt2"], runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
     # 4. a pooling that does not exist: one error line naming the flag, nothing written
-    res = run_python("stages.rm", rm_args(tiny_models["llama"], runs_dir, "t", "--dataset_name",
-                                          str(marker_data["conversational"]), "--pooling", "mean"), timeout=300)
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "--pooling mean" in res.stderr and "last, sum" in res.stderr and "Traceback" not in res.stderr
+    bad_pooling = rm_args(tiny_models["llama"], runs_dir, "t", "--dataset_name", str(marker_data["conversational"]),
+                          "--pooling", "mean")
+    code, stderr = guarded_exit(lambda: main(*parse_args(bad_pooling)), capsys)  # as the stage's __main__ runs it
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "--pooling mean" in stderr and "last, sum" in stderr and "Traceback" not in stderr
     # 5. no SFT stage in this run
     with pytest.raises(ConfigError, match="make sft"):
         main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "nosft", "--dataset_name", str(marker_data["conversational"]))))

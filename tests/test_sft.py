@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import ConfigError
 from stages.sft import main, parse_args
-from tests.conftest import ARCHS, LLAMA_TARGETS, REPO, run_module, run_python
+from tests.conftest import ARCHS, LLAMA_TARGETS, REPO, guarded_exit, run_module, run_python
 
 SMALL_DATA = '{"data/sft/self_instruct.jsonl": 48}'
 
@@ -90,7 +90,7 @@ def write_jsonl(path, rows):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "no_messages", "empty", "missing_base", "bad_key"])
-def test_bad_input_one_clear_error_and_no_manifest(case, tiny_models, runs_dir, tmp_path):
+def test_bad_input_one_clear_error_and_no_manifest(case, tiny_models, runs_dir, tmp_path, capsys):
     extra, expect = [], None
     if case == "missing_file":
         extra, expect = ["--dataset_name", str(tmp_path / "nope.jsonl")], "does not exist"
@@ -105,11 +105,16 @@ def test_bad_input_one_clear_error_and_no_manifest(case, tiny_models, runs_dir, 
         extra, expect = ["--model_config", str(prof)], "does not exist"
     elif case == "bad_key":
         extra, expect = ["--lora_rr", "4"], "lora_rr"
-    res = run_python("stages.sft", tiny_args(tiny_models["llama"], runs_dir, "bad", *extra))
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr, res.stderr[-2000:]
-    err_lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(err_lines) == 1 and expect in err_lines[0], res.stderr[-2000:]
+    args = tiny_args(tiny_models["llama"], runs_dir, "bad", *extra)
+    if case == "missing_file":  # one case as `make sft` runs it: a fresh process and its exit code
+        res = run_python("stages.sft", args)
+        code, stderr = res.returncode, res.stderr
+    else:  # the others through the same guard in this process
+        code, stderr = guarded_exit(lambda: main(*parse_args(args)), capsys)
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    err_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and expect in err_lines[0], stderr[-2000:]
     assert not (runs_dir / "bad" / "sft" / "manifest.json").exists()
 
 
