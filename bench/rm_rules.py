@@ -36,7 +36,6 @@ from pipeline.run import StageRun, atomic_write_json, git_commit, package_versio
 RULES = ("word", "shorter", "question", "capitals")
 WORD = "certainly"
 OTHER_WORDS = "then also still just quite only even soon here there now once again always never often".split()
-BIN = Path(sys.executable).parent
 # One thread per process: on the shared 2-core box torch's default threading is many times slower (STACK-NOTES).
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 for _key, _value in ENV.items():  # this process scores the test pairs: the same settings as the stage's
@@ -157,7 +156,7 @@ def test_accuracy(adapter_dir: Path, rows: list[dict]) -> dict:
 def run_stage(data_file: Path, runs_dir: Path, run: str, model_config: str, overrides: list[str]) -> tuple[int, float, str]:
     import subprocess
 
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "configs/accelerate/cpu.yaml", "-m", "stages.rm",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml", "-m", "stages.rm",
            "--config", "configs/rm.yaml", "--run", run, "--runs_dir", str(runs_dir), "--model_config", model_config,
            *(["--dataset_name", str(data_file)] if data_file else []),
            "--ensemble", "1", *overrides]  # one reward model per run (these benches score each model alone)

@@ -22,7 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# accelerate's own launcher, as `make` runs it (pipeline.launch calls the same launch_command): `python -m` skips the
+# `accelerate` CLI's imports of its other commands (3 s a launch).
+ACCELERATE_LAUNCH = [PYTHON, "-m", "accelerate.commands.launch"]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCH_TARGETS = {
@@ -96,7 +98,7 @@ def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 
         processes = 2
     cfg = "configs/accelerate/cpu2.yaml" if processes == 2 else "configs/accelerate/cpu.yaml"
     cfg = "configs/accelerate/fsdp_cpu2.yaml" if fsdp else cfg
-    cmd = [ACCELERATE, "launch", "--config_file", cfg]
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", cfg]
     if processes == 2:  # a free port per test: parallel or back-to-back runs must not collide
         import socket
 

@@ -18,7 +18,7 @@ import torch
 from pipeline.config import ConfigError, ModelProfile
 from stages.ppo import parse_args
 from stages.ppo.trainer import TIMING_KEYS
-from tests.conftest import ACCELERATE, REPO, run_module
+from tests.conftest import ACCELERATE_LAUNCH, REPO, run_module
 from tests.fake_upstream import _lora_adapter
 from tests.test_ppo import (_upstream_manifests, adapters, load_with_stock_peft, no_grad, ppo_args, prompts_file,  # noqa: F401
                              read_metrics, read_metrics_of, yaml_model_dir)
@@ -164,7 +164,7 @@ def launch_fsdp(module: str, args: list[str], timeout: int = 900):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [ACCELERATE, "launch", "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
            "--main_process_port", str(port), "-m", module, *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1"})
