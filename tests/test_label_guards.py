@@ -83,6 +83,23 @@ def test_a_bad_pairs_file_is_refused_by_line_and_writes_nothing(runs, tmp_path, 
     assert snapshot(runs) == before
 
 
+def test_a_bad_row_of_a_dataset_folder_or_parquet_file_is_named_by_its_row_from_1(runs, tmp_path):
+    """Pairs that are not .jsonl (the pairs stage's save_to_disk folder, a .parquet file) have rows, not lines:
+    the error counts them from 1, as the .jsonl error counts lines."""
+    import datasets
+
+    folder = tmp_path / "pairs_folder"
+    datasets.Dataset.from_list([pair(0), pair(1), pair(0)]).save_to_disk(str(folder))
+    parquet = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_list([pair(0), pair(1, responses=["a", "b", "c"])]).to_parquet(str(parquet))
+    before = snapshot(runs)
+    with pytest.raises(ConfigError, match=r"row 3: pair_id 'p0' was already used on row 1"):
+        label_main(runs, "--pairs_dataset", str(folder))
+    with pytest.raises(ConfigError, match=r"pairs.parquet row 2: .*exactly 2 texts"):
+        label_main(runs, "--pairs_dataset", str(parquet))
+    assert snapshot(runs) == before
+
+
 def test_non_utf8_and_missing_pairs_files_name_the_line_and_the_flag(runs, tmp_path):
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes((json.dumps(pair(0)) + "\n").encode() + json.dumps(pair(1, responses=["caf\u00e9", "x"]),

@@ -92,6 +92,24 @@ def test_every_directly_called_module_is_its_own_unit(arch, tiny_models, adapter
     assert all(m is not backbone(lm) for m in flat)
 
 
+def test_base_numel_is_the_frozen_base_alone(tiny_models, adapters):
+    """base_numel, what the manifest reports as the base each rank holds: the checkpoint's weights plus the frozen
+    original of the score head (1 x hidden), and none of the adapters' tensors (LoRA, the heads' trained copies).
+    Unsharded, this rank holds all of it."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack
+    from stages.ppo.sharding import base_numel
+
+    profile = profile_from(str(tiny_models["llama"]))
+    stack = build_stack(profile, load_tokenizer(profile), *adapters("llama"), torch.device("cpu"), False)
+    checkpoint = AutoModelForCausalLM.from_pretrained(profile.name_or_path).num_parameters()
+    expected = checkpoint + 32  # hidden_size 32
+    assert base_numel(stack) == (expected, expected)
+    assert sum(p.numel() for p in stack.model.parameters()) > expected  # the adapters exist, and are not counted
+
+
 # ------------------------------------------------------------------------------------------------ lockstep sampling
 
 def test_a_rank_done_first_keeps_stepping_but_samples_nothing_more(tiny_models, adapters, prompts_file, no_grad):

@@ -437,6 +437,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('fsdp-local-numel-whole', 'pipeline/sharding.py', 'local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()', 'local += p.numel()', 'tests/test_sharding.py -k sft_fsdp2'),
     ('ppo-shard-auto-without-launch', 'stages/ppo/sharding.py', '(cfg.shard_base == "auto" and fsdp_launch())', '(cfg.shard_base == "auto")', "tests/test_ppo_sharding.py -m 'not slow'"),
     ('ppo-shard-one-process', 'stages/ppo/sharding.py', 'if world_size < 2:', 'if world_size < 1:', "tests/test_ppo_sharding.py -m 'not slow'"),
+    ('ppo-base-numel-adapters', 'stages/ppo/sharding.py', 'base = [p for n, p in stack.model.named_parameters() if adapter_of(n) is None]', 'base = list(stack.model.parameters())', "tests/test_ppo_sharding.py -m 'not slow'"),
     ('ppo-shard-tied-split', 'stages/ppo/sharding.py', 'shared = next((owner[i] for i in ids if i in owner), None)', 'shared = None', "tests/test_ppo_sharding.py -m 'not slow'"),
     ('ppo-every-rank-any', 'stages/ppo/sharding.py', 'return int(t.item()) == 0', 'return int(t.item()) < 2', 'tests/test_ppo_sharding.py -k every_rank_is_true'),
     ('combine-rslora-dropped', 'pipeline/lora_combine.py', 'return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r', 'return alpha / r', "tests/test_dpo.py -k 'combined_adapter or uncombinable or by_hand_keeps or trained_bias'"),
@@ -573,6 +574,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('peak-rss-linux-as-darwin', 'pipeline/report.py', '2**20 if sys.platform == "darwin" else 2**10', '2**20', 'tests/test_eval.py -k peak_memory_mb'),
     ('eval-different-rewards-accepted', 'stages/eval.py', 'if len(set(given.values())) > 1:', 'if False:', 'tests/test_eval.py -k optimised_reward'),
     # the label store's rules, the app's handlers and `make label`'s wiring (stages/label/)
+    ('label-pairs-rows-from-0', 'stages/label/pairs.py', 'numbered = [(f"row {i + 1}", row)', 'numbered = [(f"row {i}", row)', 'tests/test_label_guards.py -k row_from_1'),
     ('store-synchronous-normal', 'stages/label/store.py', 'con.execute("PRAGMA synchronous=FULL")', 'con.execute("PRAGMA synchronous=NORMAL")', 'tests/test_label_store.py -k fsyncs'),
     ('store-begin-deferred', 'stages/label/store.py', 'con.execute("BEGIN IMMEDIATE")', 'con.execute("BEGIN")', 'tests/test_label_store.py -k many_annotators'),
     ('store-seed-ignored', 'stages/label/store.py', 'f"{self.seed}\\0{pair_id}\\0{annotator}"', 'f"{pair_id}\\0{annotator}"', 'tests/test_label_store.py -k fsyncs'),
