@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import REPO_ROOT
+from pipeline.launch import ACCELERATE_LAUNCH
 from pipeline.run import StageRun, atomic_write_json, git_commit, package_versions
 
 RULES = ("word", "shorter", "question", "capitals")
@@ -156,7 +157,7 @@ def test_accuracy(adapter_dir: Path, rows: list[dict]) -> dict:
 def run_stage(data_file: Path, runs_dir: Path, run: str, model_config: str, overrides: list[str]) -> tuple[int, float, str]:
     import subprocess
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml", "-m", "stages.rm",
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", "configs/accelerate/cpu.yaml", "-m", "stages.rm",
            "--config", "configs/rm.yaml", "--run", run, "--runs_dir", str(runs_dir), "--model_config", model_config,
            *(["--dataset_name", str(data_file)] if data_file else []),
            "--ensemble", "1", *overrides]  # one reward model per run (these benches score each model alone)

@@ -28,6 +28,10 @@ CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
 
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+# accelerate's launcher as a command, for code that starts a stage in a child process (benches, tests): the same
+# launch_command that launch() below calls in process. `python -m` skips the `accelerate` CLI's imports of its
+# other commands (3 s a launch).
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def gpus_here() -> int:

@@ -112,8 +112,9 @@ def reload_scores(pairs_file: str, dtype: str = "float32", batch_size: str = "16
                   *adapter_dirs: str):
     """Runs in a fresh process: each adapter folder in turn (an ensemble's members share the process and its imports),
     its scores written to reload_check.json beside the folder."""
+    read = [json.loads(line) for line in open(pairs_file)]
     for adapter_dir in adapter_dirs:
-        pairs = [json.loads(line) for line in open(pairs_file)]
+        pairs = [dict(p) for p in read]  # each adapter's own tokenizer encodes the pairs that carry no ids
         scores = reloaded_pair_scores(adapter_dir, pairs, dtype, int(batch_size), load_in_4bit == "1")
         atomic_write_json(Path(adapter_dir).parent / "reload_check.json",
                           {"chosen": scores[: len(pairs)], "rejected": scores[len(pairs) :]})

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.launch import ACCELERATE_LAUNCH
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -22,9 +24,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-# accelerate's own launcher, as `make` runs it (pipeline.launch calls the same launch_command): `python -m` skips the
-# `accelerate` CLI's imports of its other commands (3 s a launch).
-ACCELERATE_LAUNCH = [PYTHON, "-m", "accelerate.commands.launch"]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCH_TARGETS = {

@@ -18,7 +18,8 @@ import torch
 from pipeline.config import ConfigError, ModelProfile
 from stages.ppo import parse_args
 from stages.ppo.trainer import TIMING_KEYS
-from tests.conftest import ACCELERATE_LAUNCH, REPO, run_module
+from pipeline.launch import ACCELERATE_LAUNCH
+from tests.conftest import REPO, run_module
 from tests.fake_upstream import _lora_adapter
 from tests.test_ppo import (_upstream_manifests, adapters, load_with_stock_peft, no_grad, ppo_args, prompts_file,  # noqa: F401
                              read_metrics, read_metrics_of, yaml_model_dir)
