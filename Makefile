@@ -89,7 +89,7 @@ stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED)
 direct = $(PY) $(call stage_opts,$(1)) $(call stage_args,$(1))
 
 .PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-ceiling bench-valence-probe bench-story mutants clean-run
+	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-prefix bench-rm-ceiling bench-valence-probe bench-story mutants clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -193,6 +193,10 @@ bench-rm: setup
 # on the default run's pairs and labels: bench/results/rm_limit.json. Needs `make sft rm` first.
 bench-rm-limit: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.rm_limit
+# What running a prompt's shared tokens once (share_prefix in configs/rm.yaml) saves the reward model, on the default
+# run's labels: bench/results/rm_prefix.json. Needs `make sft rm` first.
+bench-rm-prefix: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.rm_prefix
 # Does the base know which words are happy? A linear probe of its layers for VADER's word valences (seconds):
 # bench/results/valence_probe.json.
 bench-valence-probe: setup

@@ -118,7 +118,8 @@ def pool_in_forward(model, pooling: str):
     def keep_mask(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        seen["mask"] = mask if mask is not None else torch.ones_like(ids)
+        # With a cache (a shared prefix) the mask covers the cached tokens too: the head sees the last columns only.
+        seen["mask"] = mask[:, -ids.shape[1]:] if mask is not None else torch.ones_like(ids)
 
     def running_sum(module, args, output):
         mask = seen["mask"].to(output.device).unsqueeze(-1)

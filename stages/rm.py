@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,6 +65,9 @@ class RMArgs:
     batch_by_prompt: bool = field(default=False, metadata={
         "help": "Batch whole prompts: each distinct response scored once, all the prompt's pairs in the loss (InstructGPT; "
                 "stages/rm_groups.py). per_device_train_batch_size then counts prompts."})
+    share_prefix: bool = field(default=True, metadata={
+        "help": "With batch_by_prompt: the tokens all of a prompt's responses begin with (prompt, template) run once, "
+                "each response after them from their cache: the same loss and gradients for less compute."})
     pooling: str = field(default="last", metadata={
         "help": "How the head's per-token outputs become the score: last (the last real token, stock "
                 "*ForSequenceClassification) or sum (over the reply's tokens, / 16; pipeline.adapters.pool_scores)."})
@@ -211,8 +215,8 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     model = load_base(profile, tokenizer, kind="score", shard=shard)
     trainer_class, collator = RewardTrainer, None
     if args.batch_by_prompt:
-        trainer_class = grouped_reward_trainer()
-        collator = GroupCollator(tokenizer.pad_token_id, with_margin=bool(args.margin_scale))
+        trainer_class = partial(grouped_reward_trainer(), score_pooling=args.pooling)
+        collator = GroupCollator(tokenizer.pad_token_id, with_margin=bool(args.margin_scale), share_prefix=args.share_prefix)
     trainer = trainer_class(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=peft_config, data_collator=collator)
     pool_in_forward(trainer.model, args.pooling)  # the loss, the held-out passes and score() all read the pooled score

@@ -6,6 +6,10 @@ all of a prompt's comparisons as one batch element instead: one forward pass per
 prompt's pairs. The loss of a batch is the mean of -log sigmoid(r_winner - r_loser [- margin]) over its pairs: the
 pairwise loss of the same pairs, for a fraction of the compute (`batch_by_prompt` in configs/rm.yaml). With it a
 batch is `per_device_train_batch_size` *prompts*, however many pairs they hold.
+
+A prompt's responses all begin with the same tokens (the prompt, the template's assistant header). With `share_prefix`
+those run once a prompt, and each response runs after them from their keys and values (the cache generation uses):
+the same scores and gradients, from the prompt's tokens once instead of K times (shared_prefix_rewards).
 """
 
 from __future__ import annotations
@@ -46,51 +50,107 @@ def group_pair_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.
     return -F.logsigmoid(diff).mean()
 
 
-class GroupCollator:
-    """Groups -> one right-padded batch of all their sequences, each group's pair indices offset to its rows."""
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many first tokens all of a group's sequences have in common, leaving each at least one of its own."""
+    first, limit = sequences[0], min(len(s) for s in sequences) - 1
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
-    def __init__(self, pad_token_id: int, with_margin: bool):
-        self.pad_token_id, self.with_margin = pad_token_id, with_margin
+
+def right_padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        input_ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[row, :len(s)] = 1
+    return input_ids, attention_mask
+
+
+class GroupCollator:
+    """Groups -> one right-padded batch of all their sequences, each group's pair indices offset to its rows. With
+    share_prefix, and every group's sequences sharing a first token, each group's shared tokens once (`prefix_ids`,
+    `prefix_mask`, a row a group) and the sequences' own tokens after them (`input_ids`, `attention_mask`), with
+    `prefix_index`: each row's group."""
+
+    def __init__(self, pad_token_id: int, with_margin: bool, share_prefix: bool = False):
+        self.pad_token_id, self.with_margin, self.share_prefix = pad_token_id, with_margin, share_prefix
 
     def __call__(self, groups: list[dict]) -> dict:
-        sequences, winners, losers, margins = [], [], [], []
-        for g in groups:
+        sequences, winners, losers, margins, prefix_index = [], [], [], [], []
+        for index, g in enumerate(groups):
             offset = len(sequences)
             sequences += g["sequences"]
             winners += [offset + i for i in g["winners"]]
             losers += [offset + i for i in g["losers"]]
             margins += g["margins"]
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, s in enumerate(sequences):
-            input_ids[row, :len(s)] = torch.tensor(s)
-            attention_mask[row, :len(s)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "winners": torch.tensor(winners), "losers": torch.tensor(losers)}
+            prefix_index += [index] * len(g["sequences"])
+        cuts = [shared_prefix_length(g["sequences"]) for g in groups] if self.share_prefix else [0]
+        batch = {}
+        if min(cuts) > 0:  # a group without a shared first token (no template, no BOS) runs the batch whole
+            batch["prefix_ids"], batch["prefix_mask"] = right_padded(
+                [g["sequences"][0][:cut] for g, cut in zip(groups, cuts)], self.pad_token_id)
+            batch["prefix_index"] = torch.tensor(prefix_index)
+            sequences = [s[cuts[prefix_index[row]]:] for row, s in enumerate(sequences)]
+        batch["input_ids"], batch["attention_mask"] = right_padded(sequences, self.pad_token_id)
+        batch["winners"], batch["losers"] = torch.tensor(winners), torch.tensor(losers)
         if self.with_margin:
             batch["margin"] = torch.tensor(margins, dtype=torch.float)
         return batch
 
 
+def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,
+                          prefix_mask: torch.Tensor, prefix_index: torch.Tensor, add_prefix_score: bool) -> torch.Tensor:
+    """Each row's reward from a GroupCollator batch with shared prefixes: the prefixes through the model once, their
+    keys and values copied to each of their rows (gradients flow back to the one pass), then the rows' own tokens
+    after them at positions that continue their prefix. `add_prefix_score`: the score is a sum over tokens (`sum`
+    pooling counts the prefix's tokens too), so the prefix's part is added; `last` reads the row's last token alone."""
+    shared = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
+    cache = shared.cache
+    cache.reorder_cache(prefix_index)
+    prefix_lengths = prefix_mask.sum(1)[prefix_index]
+    positions = prefix_lengths.unsqueeze(1) + (attention_mask.cumsum(1) - 1).clamp(min=0)
+    own = model(input_ids=input_ids, attention_mask=torch.cat([prefix_mask[prefix_index], attention_mask], dim=1),
+                position_ids=positions, cache=cache, use_cache=True)
+    rewards = own.logits.squeeze(-1)
+    if add_prefix_score:
+        rewards = rewards + shared.logits.squeeze(-1)[prefix_index]
+    return rewards
+
+
 def grouped_reward_trainer():
-    """TRL's RewardTrainer taking GroupCollator batches: its own loss and logged figures, over the batch's pairs."""
+    """TRL's RewardTrainer taking GroupCollator batches: its own loss and logged figures, over the batch's pairs.
+    `score_pooling` (a keyword of the trainer): the model's pooling (pool_in_forward), which shared prefixes need."""
     from trl import RewardTrainer
 
     class GroupedRewardTrainer(RewardTrainer):
+        def __init__(self, *args, score_pooling: str = "last", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.score_pooling = score_pooling
+
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # already grouped token ids (group_by_prompt), cut to max_length by rm_data
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
             winners, losers, margins = inputs.pop("winners"), inputs.pop("losers"), inputs.pop("margin", None)
-            outputs = model(**inputs, use_cache=False)
-            rewards = outputs.logits.squeeze(-1)
+            prefix = {k: inputs.pop(k) for k in ("prefix_ids", "prefix_mask", "prefix_index") if k in inputs}
+            if prefix:
+                rewards = shared_prefix_rewards(model, **inputs, **prefix, add_prefix_score=self.score_pooling == "sum")
+                outputs = {"rewards": rewards}
+            else:
+                outputs = model(**inputs, use_cache=False)
+                rewards = outputs.logits.squeeze(-1)
             loss = group_pair_loss(rewards, winners, losers, margins)
             if self.args.center_rewards_coefficient is not None:  # RewardTrainer's: each pair's reward sum, squared
                 loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards[winners] + rewards[losers]) ** 2)
             if mode == "train":
-                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                seen = inputs["attention_mask"].sum()  # every row's tokens, its shared prefix's included
+                if prefix:
+                    seen = seen + prefix["prefix_mask"].sum(1)[prefix["prefix_index"]].sum()
+                tokens = self.accelerator.gather_for_metrics(seen).sum().item()
                 self._total_train_tokens += tokens // self._tp_size
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             with torch.no_grad():  # ranks hold different numbers of responses: gather per-rank figures, not rewards

@@ -61,11 +61,28 @@ def test_collator_offsets_each_groups_pairs_to_its_rows():
     assert "margin" not in GroupCollator(pad_token_id=0, with_margin=False)(groups)
 
 
+def test_collator_runs_each_groups_shared_tokens_once():
+    """share_prefix: a group's common first tokens once (each sequence keeping at least one of its own), the rest
+    after them; a batch with a group that shares no first token is collated whole."""
+    groups = [{"sequences": [[5, 6, 7, 1], [5, 6, 8], [5, 6, 7]], "winners": [1], "losers": [0], "margins": [0.0]},
+              {"sequences": [[9, 2], [9, 2, 3]], "winners": [0], "losers": [1], "margins": [0.0]}]
+    batch = GroupCollator(pad_token_id=0, with_margin=False, share_prefix=True)(groups)
+    assert batch["prefix_ids"].tolist() == [[5, 6], [9, 0]] and batch["prefix_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["prefix_index"].tolist() == [0, 0, 0, 1, 1]
+    assert batch["input_ids"].tolist() == [[7, 1], [8, 0], [7, 0], [2, 0], [2, 3]]
+    assert batch["winners"].tolist() == [1, 3] and batch["losers"].tolist() == [0, 4]
+    unshared = groups + [{"sequences": [[4, 4], [3]], "winners": [0], "losers": [1], "margins": [0.0]}]
+    whole = GroupCollator(pad_token_id=0, with_margin=False, share_prefix=True)(unshared)
+    assert "prefix_ids" not in whole and whole["input_ids"].shape == (7, 4)
+    assert whole["input_ids"].tolist() == GroupCollator(pad_token_id=0, with_margin=False)(unshared)["input_ids"].tolist()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("pooling", ["sum", "last"])
 def test_grouped_trainer_loss_and_gradient_equal_the_pairwise_trainers(tiny_models, tmp_path, arch, pooling):
     """TRL's RewardTrainer on every pair of two prompts' responses, and ours on the two prompts' groups: the same loss
-    (margins and reward centering included) and the same gradient, from 5 forward rows instead of 12."""
+    (margins and reward centering included) and the same gradient, from 5 forward rows instead of 12; and again with
+    each prompt's shared tokens run once (prefixes of 4 and 1 tokens: padding inside the prefix batch)."""
     from trl import RewardConfig, RewardTrainer
 
     prof = profile_from(str(tiny_models[arch]))
@@ -84,17 +101,23 @@ def test_grouped_trainer_loss_and_gradient_equal_the_pairwise_trainers(tiny_mode
     stock = RewardTrainer(model=model, args=args, train_dataset=_dataset(pairs), processing_class=tok)
     ours = grouped_reward_trainer()(model=model, args=args, train_dataset=_dataset(group_by_prompt(rows)),
                                     processing_class=tok, data_collator=GroupCollator(tok.pad_token_id, with_margin=True))
+    shared = grouped_reward_trainer()(model=model, args=args, train_dataset=_dataset(group_by_prompt(rows)),
+                                      processing_class=tok, score_pooling=pooling,
+                                      data_collator=GroupCollator(tok.pad_token_id, with_margin=True, share_prefix=True))
+    shared_batch = shared.data_collator(group_by_prompt(rows))
+    assert shared_batch["prefix_mask"].sum(1).tolist() == [4, 1] and shared_batch["prefix_index"].tolist() == [0, 0, 0, 1, 1]
     losses, grads = [], []
     for trainer, batch in ((stock, stock.data_collator(pairs)),
-                           (ours, ours.data_collator(group_by_prompt(rows)))):
+                           (ours, ours.data_collator(group_by_prompt(rows))), (shared, shared_batch)):
         model.zero_grad()
         loss = trainer.compute_loss(model, batch)
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert ours.data_collator(group_by_prompt(rows))["input_ids"].shape[0] == 5  # 3 + 2 distinct responses
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    for loss, grad in zip(losses[1:], grads[1:]):
+        torch.testing.assert_close(loss, losses[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grad, grads[0], atol=1e-6, rtol=1e-4)
 
 
 def _dataset(rows):
