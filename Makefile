@@ -33,8 +33,10 @@ STAGE_PKG ?= stages
 # with 2; SFT, 40 steps beside a process holding one core: 43.5 s with 1 thread, 65.4 s with 2 spinning, 42.4 s with
 # 2 passive (quiet: 36.7 s, 27.5 s, 28.7 s). Set OMP_NUM_THREADS=1 to keep one core free for something else.
 CPU_COUNT := $(shell nproc 2>/dev/null || echo 1)
-PROCESSES := $(or $(shell sed -n 's/^num_processes: *\([0-9][0-9]*\).*/\1/p' $(ACCELERATE_CONFIG) 2>/dev/null),1)
-export OMP_NUM_THREADS ?= $(shell n=$$(( $(CPU_COUNT) / $(PROCESSES) )); [ $$n -ge 1 ] && echo $$n || echo 1)
+processes_of = $(or $(shell sed -n 's/^num_processes: *\([0-9][0-9]*\).*/\1/p' $(1) 2>/dev/null),1)
+threads_for = $(shell n=$$(( $(CPU_COUNT) / $(1) )); [ $$n -ge 1 ] && echo $$n || echo 1)
+THREADS_FROM_CALLER := $(filter environment% command%,$(origin OMP_NUM_THREADS))
+export OMP_NUM_THREADS ?= $(call threads_for,$(call processes_of,$(ACCELERATE_CONFIG)))
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
@@ -45,6 +47,18 @@ export TOKENIZERS_PARALLELISM ?= false
 ifneq (,$(findstring cpu2.yaml,$(ACCELERATE_CONFIG)))
 export ACCELERATE_USE_CPU = 1
 endif
+# Sampling (`make pairs`) on the CPU default: a process a core, in two processes. Sampling is a chain of small steps
+# that a second thread barely speeds up; two processes split its batches, and every batch has its own seed, so the
+# pairs are the same, byte for byte (tests/test_make.py). Measured on 2 cores, the default run: one process of 2
+# threads 139 s (generating 133 s), two of one thread 79 s (65 s). Any other ACCELERATE_CONFIG samples under itself;
+# SAMPLING_ACCELERATE_CONFIG=configs/accelerate/cpu.yaml keeps one process.
+SAMPLING_ACCELERATE_CONFIG ?= $(if $(and $(filter configs/accelerate/cpu.yaml,$(ACCELERATE_CONFIG)),$(filter-out 0 1,$(CPU_COUNT))),configs/accelerate/cpu2.yaml,$(ACCELERATE_CONFIG))
+stage_config = $(if $(filter pairs,$(1)),$(SAMPLING_ACCELERATE_CONFIG),$(ACCELERATE_CONFIG))
+# A stage under another config than ACCELERATE_CONFIG: that config's threads a process (unless the caller set
+# OMP_NUM_THREADS), and CPU ranks for cpu2.yaml.
+stage_env = $(if $(filter-out $(ACCELERATE_CONFIG),$(call stage_config,$(1))),env \
+	$(if $(findstring cpu2.yaml,$(call stage_config,$(1))),ACCELERATE_USE_CPU=1) \
+	$(if $(THREADS_FROM_CALLER),,OMP_NUM_THREADS=$(call threads_for,$(call processes_of,$(call stage_config,$(1))))))
 
 # ARGS go to the one stage you name (`make rm ARGS=...`); every stage, named or reached through a chain, also gets
 # its own variable: `make sft rm ppo SFT_ARGS="--max_steps 50" PPO_ARGS="--total_updates 20"`.
@@ -83,8 +97,8 @@ check_stage = $(if $(and $(or $(strip $(call stage_args,$(1))),$(filter publish,
 	$(call stage_opts,$(1)) $(call stage_args,$(1)))$(if $(filter-out 0,$(.SHELLSTATUS)),$(error stopped)))
 $(foreach s,$(STAGES),$(call check_stage,$(firstword $(subst :, ,$(s)))))
 # $(call stage,NAME): run one stage under accelerate unless its manifest is current.
-stage = $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED))),--force) $(if $(filter $(1),$(NAMED)),,--chained) \
-	--config_file $(ACCELERATE_CONFIG) $(call stage_opts,$(1)) $(call stage_args,$(1))
+stage = $(call stage_env,$(1)) $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED))),--force) \
+	$(if $(filter $(1),$(NAMED)),,--chained) --config_file $(call stage_config,$(1)) $(call stage_opts,$(1)) $(call stage_args,$(1))
 # $(call direct,NAME): a stage that runs in this process, not under accelerate (the labeling server, exports, publish).
 direct = $(PY) $(call stage_opts,$(1)) $(call stage_args,$(1))
 

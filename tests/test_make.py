@@ -476,6 +476,42 @@ def test_threads_per_process_share_out_the_cores_and_wait_passively():
     assert make_variable("OMP_NUM_THREADS", env_drop=()) == os.environ.get("OMP_NUM_THREADS", str(cores))
 
 
+def launch_lines(*args, env_drop=("OMP_NUM_THREADS",)) -> dict[str, str]:
+    """stage -> its whole `make -n` command line (environment prefix included), with the caller's environment."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.done", "-n", *args, f"PY={PY}"], cwd=REPO,
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return {m.group(1): line for line in res.stdout.replace("\\\n", " ").splitlines()
+            if (m := re.search(r"-m pipeline\.launch (\S+) ", line))}
+
+
+def test_sampling_runs_a_process_a_core_on_the_cpu_default_only():
+    """make pairs on the default one-process CPU config, with two cores or more: two CPU processes (cpu2.yaml), each
+    its share of the cores; every other stage keeps one process. Another ACCELERATE_CONFIG, SAMPLING_ACCELERATE_CONFIG,
+    or OMP_NUM_THREADS=1 from the caller (nproc then counts one core) keep pairs under the one config."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    lines = launch_lines("pairs")
+    if cores >= 2:
+        assert lines["pairs"].startswith(f"env ACCELERATE_USE_CPU=1 OMP_NUM_THREADS={cores // 2} ")
+        assert "--config_file configs/accelerate/cpu2.yaml" in lines["pairs"]
+    else:
+        assert "--config_file configs/accelerate/cpu.yaml" in lines["pairs"] and not lines["pairs"].startswith("env")
+    assert "--config_file configs/accelerate/cpu.yaml" in lines["sft"] and not lines["sft"].startswith("env")
+    for args in (["ACCELERATE_CONFIG=configs/accelerate/multi_gpu.yaml"],
+                 ["SAMPLING_ACCELERATE_CONFIG=configs/accelerate/multi_gpu.yaml"]):
+        line = launch_lines("pairs", *args)["pairs"]
+        assert "--config_file configs/accelerate/multi_gpu.yaml" in line and "ACCELERATE_USE_CPU" not in line
+    one = launch_lines("pairs", "SAMPLING_ACCELERATE_CONFIG=configs/accelerate/cpu.yaml")["pairs"]
+    assert "--config_file configs/accelerate/cpu.yaml" in one and not one.startswith("env")
+    caller = launch_lines("pairs", env_drop=())["pairs"] if os.environ.get("OMP_NUM_THREADS") == "1" else None
+    assert caller is None or "--config_file configs/accelerate/cpu.yaml" in caller
+
+
 def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path):
     """multi_gpu.yaml and fsdp.yaml (gpu_ids: all) start one process per GPU of this machine, whatever their
     num_processes says; a config of your own, or one not for all GPUs, keeps its num_processes; no GPU: no change."""

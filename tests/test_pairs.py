@@ -40,6 +40,7 @@ def make_sft_run(runs_dir, run: str, profile_yaml) -> str:
     return str(adapter)
 
 
+@pytest.mark.slow
 def test_make_pairs_on_tiny_model(tiny_models, runs_dir):
     import datasets
 
@@ -51,11 +52,12 @@ def test_make_pairs_on_tiny_model(tiny_models, runs_dir):
     adapter = make_sft_run(runs_dir, "r", profile)
     base_args = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--model_config", profile, *TINY]
 
-    # The Makefile's way: accelerate launch -m stages.pairs
-    proc = run_module("stages.pairs", [*base_args, "--run", "r"])
+    # The Makefile's way on a CPU of two cores or more: accelerate launch -m stages.pairs, two processes
+    proc = run_module("stages.pairs", [*base_args, "--run", "r"], processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((runs_dir / "r/pairs/manifest.json").read_text())
     assert manifest["metrics"]["pairs"] == 6 and manifest["upstream"]["sft"]["outputs"]["adapter"] == adapter
+    assert manifest["metrics"]["world_size"] == 2
     ds = datasets.load_from_disk(manifest["outputs"]["dataset"])
     assert {"pair_id", "prompt_id", "prompt", "responses", "generation", "policy", "ended"} <= set(ds.column_names)
     row = ds[0]
@@ -67,7 +69,7 @@ def test_make_pairs_on_tiny_model(tiny_models, runs_dir):
     bundled = {json.loads(line)["prompt"][0]["content"] for line in open(REPO / prompts_file)}
     assert all(r["prompt"][0]["content"] in bundled for r in ds)
 
-    # Same config and seed in-process: the same pairs, so the ids (hash of prompt + responses) match.
+    # Same config and seed in one process: the same pairs, so the ids (hash of prompt + responses) match.
     make_sft_run(runs_dir, "again", profile)
     main(*parse((PairsArgs, SamplingConfig, RunArgs), [*base_args, "--run", "again"]))
     again = datasets.load_from_disk(str(runs_dir / "again/pairs/dataset"))
