@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.generation import right_pad
 from stages.rm_data import prompt_key
 
 
@@ -59,16 +60,6 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
     return n
 
 
-def right_padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        input_ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[row, :len(s)] = 1
-    return input_ids, attention_mask
-
-
 class GroupCollator:
     """Groups -> one right-padded batch of all their sequences, each group's pair indices offset to its rows. With
     share_prefix, and every group's sequences sharing a first token, each group's shared tokens once (`prefix_ids`,
@@ -90,11 +81,11 @@ class GroupCollator:
         cuts = [shared_prefix_length(g["sequences"]) for g in groups] if self.share_prefix else [0]
         batch = {}
         if min(cuts) > 0:  # a group without a shared first token (no template, no BOS) runs the batch whole
-            batch["prefix_ids"], batch["prefix_mask"] = right_padded(
+            batch["prefix_ids"], batch["prefix_mask"] = right_pad(
                 [g["sequences"][0][:cut] for g, cut in zip(groups, cuts)], self.pad_token_id)
             batch["prefix_index"] = torch.tensor(prefix_index)
             sequences = [s[cuts[prefix_index[row]]:] for row, s in enumerate(sequences)]
-        batch["input_ids"], batch["attention_mask"] = right_padded(sequences, self.pad_token_id)
+        batch["input_ids"], batch["attention_mask"] = right_pad(sequences, self.pad_token_id)
         batch["winners"], batch["losers"] = torch.tensor(winners), torch.tensor(losers)
         if self.with_margin:
             batch["margin"] = torch.tensor(margins, dtype=torch.float)
