@@ -47,9 +47,9 @@ export TOKENIZERS_PARALLELISM ?= false
 ifneq (,$(findstring cpu2.yaml,$(ACCELERATE_CONFIG)))
 export ACCELERATE_USE_CPU = 1
 endif
-# Sampling (`make pairs`) on the CPU default: a process a core, in two processes. Sampling is a chain of small steps
-# that a second thread barely speeds up; two processes split its batches, and every batch has its own seed, so the
-# pairs are the same, byte for byte (tests/test_make.py). Measured on 2 cores, the default run: one process of 2
+# Sampling (`make pairs`) on the CPU default: two processes of one thread each (cpu2.yaml). Sampling is a chain of
+# small steps that a second thread barely speeds up; two processes split its batches, and every batch has its own
+# seed, so the pairs are the same, byte for byte (tests/test_pairs.py; the launch line: tests/test_make.py). Measured on 2 cores, the default run: one process of 2
 # threads 139 s (generating 133 s), two of one thread 79 s (65 s). Any other ACCELERATE_CONFIG samples under itself;
 # SAMPLING_ACCELERATE_CONFIG=configs/accelerate/cpu.yaml keeps one process.
 SAMPLING_ACCELERATE_CONFIG ?= $(if $(and $(filter configs/accelerate/cpu.yaml,$(ACCELERATE_CONFIG)),$(filter-out 0 1,$(CPU_COUNT))),configs/accelerate/cpu2.yaml,$(ACCELERATE_CONFIG))

@@ -8,7 +8,8 @@ Any further `--key value` is a stage override (as in `make sft ARGS=...`); it re
 How the two sides are made equal:
 - ours runs under accelerate's own launcher, as the Makefile runs it (`python -m accelerate.commands.launch
   --config_file configs/accelerate/cpu.yaml -m stages.sft --config configs/sft.yaml --run ...`); `trl sft` gets
-  `--accelerate_config` with the same file. configs/sft.yaml and the model profile are copied once at the start and every run reads the copies (the repo may change meanwhile).
+  `--accelerate_config` with the same file. configs/sft.yaml and the model profile are copied once at the start and
+  every run reads the copies (the repo may change meanwhile).
 - TRL's config is derived from the stage's *resolved* config: every SFTConfig key set in configs/sft.yaml or on the
   command line (lr, scheduler, warmup, batch, steps, max_length, assistant_only_loss, optim, seed, ...), the LoRA
   r/alpha/dropout and target modules of the model profile, and the base model and dtype.
