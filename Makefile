@@ -47,13 +47,14 @@ export TOKENIZERS_PARALLELISM ?= false
 ifneq (,$(findstring cpu2.yaml,$(ACCELERATE_CONFIG)))
 export ACCELERATE_USE_CPU = 1
 endif
-# Sampling (`make pairs`) on the CPU default: two processes of one thread each (cpu2.yaml). Sampling is a chain of
-# small steps that a second thread barely speeds up; two processes split its batches, and every batch has its own
-# seed, so the pairs are the same, byte for byte (tests/test_pairs.py; the launch line: tests/test_make.py). Measured on 2 cores, the default run: one process of 2
-# threads 139 s (generating 133 s), two of one thread 79 s (65 s). Any other ACCELERATE_CONFIG samples under itself;
-# SAMPLING_ACCELERATE_CONFIG=configs/accelerate/cpu.yaml keeps one process.
+# The sampling stages (`make pairs`, `make eval`) on the CPU default: two processes of one thread each (cpu2.yaml).
+# Sampling is a chain of small steps that a second thread barely speeds up; two processes split its batches, and
+# every batch has its own seed, so the pairs and the eval report are the same, byte for byte (tests/test_pairs.py,
+# tests/test_sharding.py; the launch line: tests/test_make.py). Measured on 2 cores, the default run: pairs 139 s in
+# one process of 2 threads, 79 s in two of one thread; eval 77 s and 54 s. Any other ACCELERATE_CONFIG samples under
+# itself; SAMPLING_ACCELERATE_CONFIG=configs/accelerate/cpu.yaml keeps one process.
 SAMPLING_ACCELERATE_CONFIG ?= $(if $(and $(filter configs/accelerate/cpu.yaml,$(ACCELERATE_CONFIG)),$(filter-out 0 1,$(CPU_COUNT))),configs/accelerate/cpu2.yaml,$(ACCELERATE_CONFIG))
-stage_config = $(if $(filter pairs,$(1)),$(SAMPLING_ACCELERATE_CONFIG),$(ACCELERATE_CONFIG))
+stage_config = $(if $(filter pairs eval,$(1)),$(SAMPLING_ACCELERATE_CONFIG),$(ACCELERATE_CONFIG))
 # A stage under another config than ACCELERATE_CONFIG: that config's threads a process (unless the caller set
 # OMP_NUM_THREADS), and CPU ranks for cpu2.yaml.
 stage_env = $(if $(filter-out $(ACCELERATE_CONFIG),$(call stage_config,$(1))),env \

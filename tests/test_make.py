@@ -489,19 +489,22 @@ def launch_lines(*args, env_drop=("OMP_NUM_THREADS",)) -> dict[str, str]:
 
 
 def test_sampling_runs_a_process_a_core_on_the_cpu_default_only():
-    """make pairs on the default one-process CPU config, with two cores or more: two CPU processes (cpu2.yaml), each
-    its share of the cores; every other stage keeps one process. Another ACCELERATE_CONFIG, SAMPLING_ACCELERATE_CONFIG,
-    or OMP_NUM_THREADS=1 from the caller (nproc then counts one core) keep pairs under the one config."""
+    """make pairs and make eval on the default one-process CPU config, with two cores or more: two CPU processes
+    (cpu2.yaml), each its share of the cores; every other stage keeps one process. Another ACCELERATE_CONFIG,
+    SAMPLING_ACCELERATE_CONFIG, or OMP_NUM_THREADS=1 from the caller (nproc then counts one core) keep pairs under the
+    one config."""
     import os
 
     cores = len(os.sched_getaffinity(0))
-    lines = launch_lines("pairs")
-    if cores >= 2:
-        assert lines["pairs"].startswith(f"env ACCELERATE_USE_CPU=1 OMP_NUM_THREADS={cores // 2} ")
-        assert "--config_file configs/accelerate/cpu2.yaml" in lines["pairs"]
-    else:
-        assert "--config_file configs/accelerate/cpu.yaml" in lines["pairs"] and not lines["pairs"].startswith("env")
-    assert "--config_file configs/accelerate/cpu.yaml" in lines["sft"] and not lines["sft"].startswith("env")
+    lines = launch_lines("eval")  # eval pulls in every stage before it, pairs included
+    for sampling in ("pairs", "eval"):
+        if cores >= 2:
+            assert lines[sampling].startswith(f"env ACCELERATE_USE_CPU=1 OMP_NUM_THREADS={cores // 2} ")
+            assert "--config_file configs/accelerate/cpu2.yaml" in lines[sampling]
+        else:
+            assert "--config_file configs/accelerate/cpu.yaml" in lines[sampling] and not lines[sampling].startswith("env")
+    for training in ("sft", "rm", "ppo"):
+        assert "--config_file configs/accelerate/cpu.yaml" in lines[training] and not lines[training].startswith("env")
     for args in (["ACCELERATE_CONFIG=configs/accelerate/multi_gpu.yaml"],
                  ["SAMPLING_ACCELERATE_CONFIG=configs/accelerate/multi_gpu.yaml"]):
         line = launch_lines("pairs", *args)["pairs"]

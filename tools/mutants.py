@@ -240,8 +240,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("rm-group-center-each", "stages/rm_groups.py", "torch.mean((rewards[winners] + rewards[losers]) ** 2)",
      "torch.mean(rewards ** 2)", RM_GROUPS),
     # make pairs on the CPU default: two processes of one thread (the Makefile's SAMPLING_ACCELERATE_CONFIG)
-    ("make-sampling-config-unused", "Makefile", "stage_config = $(if $(filter pairs,$(1)),",
+    ("make-sampling-config-unused", "Makefile", "stage_config = $(if $(filter pairs eval,$(1)),",
      "stage_config = $(if $(filter none,$(1)),", "tests/test_make.py -k sampling"),
+    ("make-sampling-eval-one-process", "Makefile", "stage_config = $(if $(filter pairs eval,$(1)),",
+     "stage_config = $(if $(filter pairs,$(1)),", "tests/test_make.py -k sampling"),
     ("make-sampling-threads-whole", "Makefile",
      "OMP_NUM_THREADS=$(call threads_for,$(call processes_of,$(call stage_config,$(1)))))",
      "OMP_NUM_THREADS=$(CPU_COUNT))", "tests/test_make.py -k sampling"),
