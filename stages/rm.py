@@ -35,7 +35,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forwa
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.rm_groups import GroupCollator, group_by_prompt, grouped_reward_trainer
+from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
 
@@ -216,7 +216,7 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     trainer_class, collator = RewardTrainer, None
     if args.batch_by_prompt:
         trainer_class = partial(grouped_reward_trainer(), score_pooling=args.pooling)
-        collator = GroupCollator(tokenizer.pad_token_id, with_margin=bool(args.margin_scale), share_prefix=args.share_prefix)
+        collator = group_collator(model, tokenizer.pad_token_id, bool(args.margin_scale), args.share_prefix)
     trainer = trainer_class(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=peft_config, data_collator=collator)
     pool_in_forward(trainer.model, args.pooling)  # the loss, the held-out passes and score() all read the pooled score

@@ -14,6 +14,8 @@ the same scores and gradients, from the prompt's tokens once instead of K times 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -90,6 +92,22 @@ class GroupCollator:
         if self.with_margin:
             batch["margin"] = torch.tensor(margins, dtype=torch.float)
         return batch
+
+
+def takes_cache(model) -> bool:
+    """Whether the model's forward takes a `cache` (shared_prefix_rewards passes one): every transformers model does;
+    older remote code (trust_remote_code) takes `past_key_values` instead."""
+    return "cache" in inspect.signature(model.forward).parameters
+
+
+def group_collator(model, pad_token_id: int, with_margin: bool, share_prefix: bool) -> GroupCollator:
+    """The collator for `model`: shared prefixes only when asked for and the model can take them from a cache; a
+    model that cannot runs whole sequences (the same loss and gradients, more compute), and says so."""
+    if share_prefix and not takes_cache(model):
+        print(f"note: {type(model).__name__}.forward takes no `cache`: whole sequences, not shared prefixes "
+              "(share_prefix: false gives the same without this note)")
+        share_prefix = False
+    return GroupCollator(pad_token_id, with_margin, share_prefix)
 
 
 def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.adapters import pool_in_forward
 from pipeline.models import load_base, load_tokenizer, profile_from
-from stages.rm_groups import GroupCollator, group_by_prompt, group_pair_loss, grouped_reward_trainer
+from stages.rm_groups import GroupCollator, group_by_prompt, group_collator, group_pair_loss, grouped_reward_trainer
 from tests.conftest import ARCHS
 from tests.test_rm import marker_data  # noqa: F401 (a fixture)
 
@@ -75,6 +75,26 @@ def test_collator_runs_each_groups_shared_tokens_once():
     whole = GroupCollator(pad_token_id=0, with_margin=False, share_prefix=True)(unshared)
     assert "prefix_ids" not in whole and whole["input_ids"].shape == (7, 4)
     assert whole["input_ids"].tolist() == GroupCollator(pad_token_id=0, with_margin=False)(unshared)["input_ids"].tolist()
+
+
+def test_a_model_that_takes_no_cache_runs_whole_sequences(tiny_models, capsys):
+    """Shared prefixes pass the model a `cache`: every architecture's score model takes one and gets them; a forward
+    without one (old remote code: `past_key_values`) gets whole sequences and a note, not a TypeError mid-training."""
+    groups = [{"sequences": [[5, 6, 7], [5, 6, 8]], "winners": [0], "losers": [1], "margins": [0.0]}]
+    for arch in ARCHS:
+        prof = profile_from(str(tiny_models[arch]))
+        model = load_base(prof, load_tokenizer(prof), kind="score")
+        assert "prefix_ids" in group_collator(model, 0, False, share_prefix=True)(groups), arch
+        assert "prefix_ids" not in group_collator(model, 0, False, share_prefix=False)(groups), arch
+    assert capsys.readouterr().out == ""
+
+    class RemoteCode(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    batch = group_collator(RemoteCode(), 0, False, share_prefix=True)(groups)
+    assert "prefix_ids" not in batch and batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 8]]
+    assert "RemoteCode.forward takes no `cache`" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("arch", ARCHS)

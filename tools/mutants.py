@@ -248,6 +248,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "OMP_NUM_THREADS=$(call threads_for,$(call processes_of,$(call stage_config,$(1)))))",
      "OMP_NUM_THREADS=$(CPU_COUNT))", "tests/test_make.py -k sampling"),
     # a prompt's shared tokens run once (share_prefix): the same rewards and gradients as whole sequences
+    ("rm-prefix-cache-not-checked", "stages/rm_groups.py", "if share_prefix and not takes_cache(model):",
+     "if False:", RM_GROUPS),
     ("rm-prefix-positions-restart", "stages/rm_groups.py",
      "positions = prefix_lengths.unsqueeze(1) + (attention_mask.cumsum(1) - 1).clamp(min=0)",
      "positions = (attention_mask.cumsum(1) - 1).clamp(min=0)", RM_GROUPS),
