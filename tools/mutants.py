@@ -516,7 +516,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-plan-no-epoch-floor', 'stages/rm.py', 'steps = min(max(per_epoch, args.min_steps),', 'steps = min(args.min_steps,', 'tests/test_rm.py -k plan_steps'),
     ('rm-plan-evals-floor', 'stages/rm.py', 'eval_steps = max(1, math.ceil(steps / args.evals))', 'eval_steps = max(1, steps // args.evals)', 'tests/test_rm.py -k plan_steps'),
     ('rm-margin-not-trained', 'stages/rm.py', 'if args.margin_scale:  # RewardTrainer subtracts', 'if False:  # RewardTrainer subtracts', "tests/test_rm.py -k 'margin_the_training_loss and false'"),
-    ('rm-group-margin-not-trained', 'stages/rm.py', 'with_margin=bool(args.margin_scale), share_prefix', 'with_margin=False, share_prefix', "tests/test_rm.py -k 'margin_the_training_loss and true'"),
+    ('rm-group-margin-not-trained', 'stages/rm.py', 'tokenizer.pad_token_id, bool(args.margin_scale), args.share_prefix', 'tokenizer.pad_token_id, False, args.share_prefix', "tests/test_rm.py -k 'margin_the_training_loss and true'"),
     ('rm-ci95-wrong-count', 'stages/rm_scoring.py', '"ci95": wilson(right, len(diffs))', '"ci95": wilson(len(diffs) - right, len(diffs))', 'tests/test_rm.py -k heldout_metrics_and_weights'),
     ('rm-reload-bf16-loose', 'stages/rm_scoring.py', '"bfloat16": (5e-2, 3e-2)', '"bfloat16": (5e-1, 3e-2)', 'tests/test_rm_reload.py -k tolerance_is_rounding'),
     ('rm-reload-flip-any', 'stages/rm_scoring.py', '& (margin.abs() > 2 * allowed[:n].maximum(allowed[n:]))', '& (margin.abs() > 0)', "tests/test_rm_reload.py -k 'not fresh_process'"),
