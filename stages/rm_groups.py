@@ -19,7 +19,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from pipeline.generation import right_pad
+from pipeline.generation import left_pad, right_pad
 from stages.rm_data import prompt_key
 
 
@@ -83,7 +83,9 @@ class GroupCollator:
         cuts = [shared_prefix_length(g["sequences"]) for g in groups] if self.share_prefix else [0]
         batch = {}
         if min(cuts) > 0:  # a group without a shared first token (no template, no BOS) runs the batch whole
-            batch["prefix_ids"], batch["prefix_mask"] = right_pad(
+            # Left-padded, so that each row's real tokens run on without a gap from its prefix into its own: a
+            # sliding-window layer measures its window in cache columns, and pad columns between them would count.
+            batch["prefix_ids"], batch["prefix_mask"] = left_pad(
                 [g["sequences"][0][:cut] for g, cut in zip(groups, cuts)], self.pad_token_id)
             batch["prefix_index"] = torch.tensor(prefix_index)
             sequences = [s[cuts[prefix_index[row]]:] for row, s in enumerate(sequences)]
@@ -116,7 +118,8 @@ def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     keys and values copied to each of their rows (gradients flow back to the one pass), then the rows' own tokens
     after them at positions that continue their prefix. `add_prefix_score`: the score is a sum over tokens (`sum`
     pooling counts the prefix's tokens too), so the prefix's part is added; `last` reads the row's last token alone."""
-    shared = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
+    shared = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0),
+                   use_cache=True)
     cache = shared.cache
     cache.reorder_cache(prefix_index)
     prefix_lengths = prefix_mask.sum(1)[prefix_index]

@@ -71,6 +71,28 @@ def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0) -
     return out
 
 
+# Architectures whose attention can see only the last `sliding_window` positions (Mistral v0.1, Qwen2 with
+# use_sliding_window, Gemma2's local layers): caches and padding must not let a window count pad columns.
+SLIDING_WINDOW_ARCHS = ["gemma2", "mistral", "qwen2"]
+
+
+def sliding_window_model(arch: str, kind: str, window: int):
+    """A random 2-layer `kind` ("causal" LM or "score" model) of a SLIDING_WINDOW_ARCHS architecture (vocabulary 64,
+    pad 0), every layer windowed to `window` positions, in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    extra = {"qwen2": {"use_sliding_window": True, "max_window_layers": 0}, "gemma2": {"head_dim": 8}}.get(arch, {})
+    if arch == "gemma2":  # its layers alternate local (windowed) and global: make them all local
+        extra["layer_types"] = ["sliding_attention", "sliding_attention"]
+    cfg = AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0,
+                               sliding_window=window, attn_implementation="eager", **extra)
+    torch.manual_seed(0)
+    auto = AutoModelForSequenceClassification if kind == "score" else AutoModelForCausalLM
+    return auto.from_config(cfg).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tokenizer_dir):
     """arch -> model profile YAML path, for a tiny random model of that architecture."""

@@ -20,7 +20,7 @@ from pipeline.config import ConfigError
 from pipeline.run import StageRun
 from stages.ppo import main, parse_args
 from stages.ppo.trainer import TIMING_KEYS
-from tests.conftest import ARCHS, REPO, run_module, run_python
+from tests.conftest import ARCHS, REPO, SLIDING_WINDOW_ARCHS, run_module, run_python, sliding_window_model
 from tests.fake_upstream import METRIC_KEYS, _lora_adapter
 
 PROMPTS = ["Tell me about rabbits.", "What is two plus two?", "Name a colour.", "Say hello.", "Why is the sky blue?",
@@ -1548,6 +1548,31 @@ def test_sampled_logprobs_of_left_padded_prompts_equal_an_unpadded_forward(arch,
             logits = lm(seq).logits[0, len(p) - 1: -1].float() / 0.7
             expected = torch.log_softmax(logits, -1).gather(1, out.response_ids[i].unsqueeze(1)).squeeze(1)
             torch.testing.assert_close(out.logprobs[i], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("arch", SLIDING_WINDOW_ARCHS)
+def test_sampling_and_the_update_forward_of_sliding_window_models_equal_unpadded_forwards(arch, group):
+    """A window of 3 positions, a prompt of 7 tokens and one of 2 (left-padded), 6 sampled tokens, and with group 2
+    each prompt run once for its two answers: the log-probs sample() records, and those the update's forward
+    (pack, response_logits) gives, are each row's own unpadded forward's, where the window sees real tokens only."""
+    from pipeline.generation import left_pad
+    from stages.ppo.rollout import pack, response_logits, sample, token_logprobs, unflatten
+
+    lm = sliding_window_model(arch, "causal", window=3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [[int(t) for t in torch.randint(5, 60, (n,), generator=g)] for n in (7, 2)]
+    prompts = [p for p in prompts for _ in range(group)]
+    ids, mask = left_pad(prompts, 0)
+    out = sample(lm, ids, mask, 6, 0.7, [1], 0, torch.Generator().manual_seed(3), stop_at_eos=False, group=group)
+    x = pack(ids, mask, out.response_ids, out.response_mask, group=group)
+    with torch.no_grad():
+        update = unflatten(token_logprobs(response_logits(lm, x), x.tokens, 0.7), x.response_mask, 6)
+        for i, p in enumerate(prompts):
+            logits = lm(torch.tensor([p + out.response_ids[i].tolist()])).logits[0, len(p) - 1: -1].float() / 0.7
+            expected = torch.log_softmax(logits, -1).gather(1, out.response_ids[i].unsqueeze(1)).squeeze(1)
+            torch.testing.assert_close(out.logprobs[i], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(update[i], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_row_stays_ended_and_the_update_forward_sees_the_sampling_positions(tiny_models):

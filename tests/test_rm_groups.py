@@ -10,7 +10,7 @@ import torch
 from pipeline.adapters import pool_in_forward
 from pipeline.models import load_base, load_tokenizer, profile_from
 from stages.rm_groups import GroupCollator, group_by_prompt, group_collator, group_pair_loss, grouped_reward_trainer
-from tests.conftest import ARCHS
+from tests.conftest import ARCHS, SLIDING_WINDOW_ARCHS, sliding_window_model
 from tests.test_rm import marker_data  # noqa: F401 (a fixture)
 
 
@@ -67,7 +67,8 @@ def test_collator_runs_each_groups_shared_tokens_once():
     groups = [{"sequences": [[5, 6, 7, 1], [5, 6, 8], [5, 6, 7]], "winners": [1], "losers": [0], "margins": [0.0]},
               {"sequences": [[9, 2], [9, 2, 3]], "winners": [0], "losers": [1], "margins": [0.0]}]
     batch = GroupCollator(pad_token_id=0, with_margin=False, share_prefix=True)(groups)
-    assert batch["prefix_ids"].tolist() == [[5, 6], [9, 0]] and batch["prefix_mask"].tolist() == [[1, 1], [1, 0]]
+    # left-padded: a row's prefix runs straight on into its own tokens (see the sliding-window test)
+    assert batch["prefix_ids"].tolist() == [[5, 6], [0, 9]] and batch["prefix_mask"].tolist() == [[1, 1], [0, 1]]
     assert batch["prefix_index"].tolist() == [0, 0, 0, 1, 1]
     assert batch["input_ids"].tolist() == [[7, 1], [8, 0], [7, 0], [2, 0], [2, 3]]
     assert batch["winners"].tolist() == [1, 3] and batch["losers"].tolist() == [0, 4]
@@ -75,6 +76,31 @@ def test_collator_runs_each_groups_shared_tokens_once():
     whole = GroupCollator(pad_token_id=0, with_margin=False, share_prefix=True)(unshared)
     assert "prefix_ids" not in whole and whole["input_ids"].shape == (7, 4)
     assert whole["input_ids"].tolist() == GroupCollator(pad_token_id=0, with_margin=False)(unshared)["input_ids"].tolist()
+
+
+@pytest.mark.parametrize("pooling", ["sum", "last"])
+@pytest.mark.parametrize("arch", SLIDING_WINDOW_ARCHS)
+def test_shared_prefixes_score_sliding_window_models_as_whole_sequences(arch, pooling):
+    """A window of 3 positions, a group whose prefix (9 tokens) outgrows it and one whose prefix (2 tokens) is padded
+    in the prefix batch: each row's reward from shared prefixes equals its whole sequence's. (Prefixes right-padded,
+    the short group's rows differed by up to 0.09: a window counted in cache columns took in the pad columns.)"""
+    from stages.rm_groups import shared_prefix_rewards
+
+    model = pool_in_forward(sliding_window_model(arch, "score", window=3), pooling)
+    g = torch.Generator().manual_seed(1)
+    draw = lambda n: [int(t) for t in torch.randint(5, 60, (n,), generator=g)]  # noqa: E731
+    long_head, short_head = draw(9), draw(2)
+    a, b = [long_head + draw(n) for n in (3, 5, 2)], [short_head + draw(n) for n in (4, 2)]
+    rows = [pair("a", a[0], a[1]), pair("a", a[2], a[0]), pair("b", b[0], b[1])]
+    groups = group_by_prompt(rows)
+    whole = GroupCollator(0, with_margin=False)(groups)
+    shared = GroupCollator(0, with_margin=False, share_prefix=True)(groups)
+    assert shared["prefix_mask"].sum(1).tolist() == [9, 2]
+    with torch.no_grad():
+        expected = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"], use_cache=False).logits
+        got = shared_prefix_rewards(model, shared["input_ids"], shared["attention_mask"], shared["prefix_ids"],
+                                    shared["prefix_mask"], shared["prefix_index"], add_prefix_score=pooling == "sum")
+    torch.testing.assert_close(got, expected.squeeze(-1), atol=1e-6, rtol=1e-5)
 
 
 def test_a_model_that_takes_no_cache_runs_whole_sequences(tiny_models, capsys):
