@@ -18,6 +18,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 
 from pipeline.generation import left_pad, right_pad
 from stages.rm_data import prompt_key
@@ -106,10 +107,16 @@ def group_collator(model, pad_token_id: int, with_margin: bool, share_prefix: bo
     """The collator for `model`: shared prefixes only when asked for and the model can take them from a cache; a
     model that cannot runs whole sequences (the same loss and gradients, more compute), and says so."""
     if share_prefix and not takes_cache(model):
-        print(f"note: {type(model).__name__}.forward takes no `cache`: whole sequences, not shared prefixes "
-              "(share_prefix: false gives the same without this note)")
+        name = type(model).__name__
+        if name not in _NOTED and PartialState().is_main_process:  # once a run, not once a rank and ensemble member
+            print(f"note: {name}.forward takes no `cache`: whole sequences, not shared prefixes "
+                  "(share_prefix: false gives the same without this note)")
+        _NOTED.add(name)
         share_prefix = False
     return GroupCollator(pad_token_id, with_margin, share_prefix)
+
+
+_NOTED: set[str] = set()  # the model classes group_collator has said it runs whole
 
 
 def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,

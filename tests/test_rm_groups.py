@@ -103,9 +103,13 @@ def test_shared_prefixes_score_sliding_window_models_as_whole_sequences(arch, po
     torch.testing.assert_close(got, expected.squeeze(-1), atol=1e-6, rtol=1e-5)
 
 
-def test_a_model_that_takes_no_cache_runs_whole_sequences(tiny_models, capsys):
+def test_a_model_that_takes_no_cache_runs_whole_sequences(tiny_models, capsys, monkeypatch):
     """Shared prefixes pass the model a `cache`: every architecture's score model takes one and gets them; a forward
-    without one (old remote code: `past_key_values`) gets whole sequences and a note, not a TypeError mid-training."""
+    without one (old remote code: `past_key_values`) gets whole sequences and a note, not a TypeError mid-training;
+    the note once a run, not again for the next ensemble member."""
+    import stages.rm_groups
+
+    monkeypatch.setattr(stages.rm_groups, "_NOTED", set())
     groups = [{"sequences": [[5, 6, 7], [5, 6, 8]], "winners": [0], "losers": [1], "margins": [0.0]}]
     for arch in ARCHS:
         prof = profile_from(str(tiny_models[arch]))
@@ -120,7 +124,9 @@ def test_a_model_that_takes_no_cache_runs_whole_sequences(tiny_models, capsys):
 
     batch = group_collator(RemoteCode(), 0, False, share_prefix=True)(groups)
     assert "prefix_ids" not in batch and batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 8]]
-    assert "RemoteCode.forward takes no `cache`" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("RemoteCode.forward takes no `cache`") == 1
+    assert "prefix_ids" not in group_collator(RemoteCode(), 0, False, share_prefix=True)(groups)
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("arch", ARCHS)
