@@ -54,12 +54,19 @@ def group_pair_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.
     return -F.logsigmoid(diff).mean()
 
 
-def shared_prefix_length(sequences: list[list[int]]) -> int:
-    """How many first tokens all of a group's sequences have in common, leaving each at least one of its own."""
-    first, limit = sequences[0], min(len(s) for s in sequences) - 1
+def shared_prefix_length(sequences: list[list[int]], pad_token_id: int | None = None) -> int:
+    """How many first tokens all of a group's sequences have in common, leaving each at least one of its own: the
+    token its score is read at (the last one that is not pad: with pad == eos, the one before a final EOS), so that
+    a *ForSequenceClassification reads each row's own pass where it reads the whole sequence."""
+    def scored(s):
+        return next((i for i in range(len(s) - 1, -1, -1) if s[i] != pad_token_id), len(s) - 1)
+
+    first, limit = sequences[0], min(scored(s) for s in sequences)
     n = 0
     while n < limit and all(s[n] == first[n] for s in sequences):
         n += 1
+    while n > 0 and first[n - 1] == pad_token_id:  # the prefix pass reads its score at its last non-pad token
+        n -= 1
     return n
 
 
@@ -81,7 +88,7 @@ class GroupCollator:
             losers += [offset + i for i in g["losers"]]
             margins += g["margins"]
             prefix_index += [index] * len(g["sequences"])
-        cuts = [shared_prefix_length(g["sequences"]) for g in groups] if self.share_prefix else [0]
+        cuts = [shared_prefix_length(g["sequences"], self.pad_token_id) for g in groups] if self.share_prefix else [0]
         batch = {}
         if min(cuts) > 0:  # a group without a shared first token (no template, no BOS) runs the batch whole
             # Left-padded, so that each row's real tokens run on without a gap from its prefix into its own: a

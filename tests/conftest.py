@@ -76,18 +76,25 @@ def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0) -
 SLIDING_WINDOW_ARCHS = ["gemma2", "mistral", "qwen2"]
 
 
-def sliding_window_model(arch: str, kind: str, window: int):
-    """A random 2-layer `kind` ("causal" LM or "score" model) of a SLIDING_WINDOW_ARCHS architecture (vocabulary 64,
-    pad 0), every layer windowed to `window` positions, in eval mode."""
+def random_model(arch: str, kind: str, sliding_window: int | None = None, pad_token_id: int = 0,
+                 eos_token_id: int | None = None):
+    """A random 2-layer `kind` ("causal" LM or "score" model, vocabulary 64) of `arch`, in eval mode, with weights
+    drawn wide (initializer_range 0.3) so that a wrong token or position moves the output visibly. `sliding_window`
+    (SLIDING_WINDOW_ARCHS): every layer windowed to that many positions."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    extra = {"qwen2": {"use_sliding_window": True, "max_window_layers": 0}, "gemma2": {"head_dim": 8}}.get(arch, {})
-    if arch == "gemma2":  # its layers alternate local (windowed) and global: make them all local
-        extra["layer_types"] = ["sliding_attention", "sliding_attention"]
+    extra = {}
+    if sliding_window is not None:
+        extra = {"qwen2": {"use_sliding_window": True, "max_window_layers": 0},
+                 "gemma2": {"layer_types": ["sliding_attention"] * 2}}.get(arch, {})  # Gemma2: all layers local
+        extra["sliding_window"] = sliding_window
+    if arch.startswith("gemma"):
+        extra["head_dim"] = 8
     cfg = AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0,
-                               sliding_window=window, attn_implementation="eager", **extra)
+                               num_attention_heads=4, num_key_value_heads=2, num_labels=1, initializer_range=0.3,
+                               pad_token_id=pad_token_id, eos_token_id=eos_token_id, attn_implementation="eager",
+                               **extra)
     torch.manual_seed(0)
     auto = AutoModelForSequenceClassification if kind == "score" else AutoModelForCausalLM
     return auto.from_config(cfg).eval()

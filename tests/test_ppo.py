@@ -20,7 +20,7 @@ from pipeline.config import ConfigError
 from pipeline.run import StageRun
 from stages.ppo import main, parse_args
 from stages.ppo.trainer import TIMING_KEYS
-from tests.conftest import ARCHS, REPO, SLIDING_WINDOW_ARCHS, run_module, run_python, sliding_window_model
+from tests.conftest import ARCHS, REPO, SLIDING_WINDOW_ARCHS, random_model, run_module, run_python
 from tests.fake_upstream import METRIC_KEYS, _lora_adapter
 
 PROMPTS = ["Tell me about rabbits.", "What is two plus two?", "Name a colour.", "Say hello.", "Why is the sky blue?",
@@ -1559,7 +1559,7 @@ def test_sampling_and_the_update_forward_of_sliding_window_models_equal_unpadded
     from pipeline.generation import left_pad
     from stages.ppo.rollout import pack, response_logits, sample, token_logprobs, unflatten
 
-    lm = sliding_window_model(arch, "causal", window=3)
+    lm = random_model(arch, "causal", sliding_window=3)
     g = torch.Generator().manual_seed(1)
     prompts = [[int(t) for t in torch.randint(5, 60, (n,), generator=g)] for n in (7, 2)]
     prompts = [p for p in prompts for _ in range(group)]

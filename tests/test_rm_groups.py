@@ -10,7 +10,7 @@ import torch
 from pipeline.adapters import pool_in_forward
 from pipeline.models import load_base, load_tokenizer, profile_from
 from stages.rm_groups import GroupCollator, group_by_prompt, group_collator, group_pair_loss, grouped_reward_trainer
-from tests.conftest import ARCHS, SLIDING_WINDOW_ARCHS, sliding_window_model
+from tests.conftest import ARCHS, SLIDING_WINDOW_ARCHS, random_model
 from tests.test_rm import marker_data  # noqa: F401 (a fixture)
 
 
@@ -86,7 +86,7 @@ def test_shared_prefixes_score_sliding_window_models_as_whole_sequences(arch, po
     the short group's rows differed by up to 0.09: a window counted in cache columns took in the pad columns.)"""
     from stages.rm_groups import shared_prefix_rewards
 
-    model = pool_in_forward(sliding_window_model(arch, "score", window=3), pooling)
+    model = pool_in_forward(random_model(arch, "score", sliding_window=3), pooling)
     g = torch.Generator().manual_seed(1)
     draw = lambda n: [int(t) for t in torch.randint(5, 60, (n,), generator=g)]  # noqa: E731
     long_head, short_head = draw(9), draw(2)
@@ -101,6 +101,34 @@ def test_shared_prefixes_score_sliding_window_models_as_whole_sequences(arch, po
         got = shared_prefix_rewards(model, shared["input_ids"], shared["attention_mask"], shared["prefix_ids"],
                                     shared["prefix_mask"], shared["prefix_index"], add_prefix_score=pooling == "sum")
     torch.testing.assert_close(got, expected.squeeze(-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "last"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefixes_score_as_whole_sequences_when_pad_is_eos(arch, pooling):
+    """pad == eos (Llama-3, Mistral and GPT-2 bases: load_tokenizer pads with the EOS), where a model reads a score
+    at the last token that is not pad, the one before the final EOS. A reply that another reply starts with ("Yes."
+    and "Yes. Because..."), an empty reply, and a prefix that ends in an EOS: each row's shared-prefix score is its
+    whole sequence's. (Sharing all but the EOS, the short reply's own part was pad alone, read at the EOS: up to 6
+    off in 'last'; an EOS ending the prefix dropped out of its 'sum'.)"""
+    from stages.rm_groups import shared_prefix_length, shared_prefix_rewards
+
+    eos = 1
+    model = pool_in_forward(random_model(arch, "score", pad_token_id=eos, eos_token_id=eos), pooling)
+    prompt, separated = [5, 17, 23, 9], [5, 6, eos]
+    yes, because, empty = prompt + [30, eos], prompt + [30, 41, 12, eos], prompt + [eos]
+    rows = [pair("a", because, yes), pair("a", empty, because), pair("b", separated + [7, 8, eos], separated + [9, eos])]
+    assert shared_prefix_length([yes, because], eos) == 4  # "30", where the short one is scored, stays its own
+    assert shared_prefix_length([separated + [7, eos], separated + [9, eos]], eos) == 2  # not the separating EOS
+    groups = group_by_prompt(rows)
+    whole = GroupCollator(eos, with_margin=False)(groups)
+    shared = GroupCollator(eos, with_margin=False, share_prefix=True)(groups)
+    assert shared["prefix_mask"].sum(1).tolist() == [3, 2]
+    with torch.no_grad():
+        expected = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"], use_cache=False).logits
+        got = shared_prefix_rewards(model, shared["input_ids"], shared["attention_mask"], shared["prefix_ids"],
+                                    shared["prefix_mask"], shared["prefix_index"], add_prefix_score=pooling == "sum")
+    torch.testing.assert_close(got, expected.squeeze(-1), atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_that_takes_no_cache_runs_whole_sequences(tiny_models, capsys, monkeypatch):
