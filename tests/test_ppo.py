@@ -1813,3 +1813,15 @@ def test_the_logged_length_and_no_eos_share_by_hand(tiny_models, adapters, promp
     stats = trainer._advantages(ro)[2]
     assert stats["no_eos_fraction"] == pytest.approx(0.75)
     assert stats["response_length"] == pytest.approx(ro.response_mask.sum(1).float().mean().item())
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "opt"])
+def test_decoder_layers_are_the_trunks_outermost_list_of_layers(arch):
+    """TopLayers and the sharding units find the decoder blocks: `model.layers`, `transformer.h`, `gpt_neox.layers`,
+    and OPT's one level down (`model.decoder.layers`), not a list inside a block."""
+    from stages.ppo.rollout import decoder_layers
+
+    lm = random_model(arch, "causal")
+    expected = {"gpt2": lambda: lm.transformer.h, "gpt_neox": lambda: lm.gpt_neox.layers,
+                "opt": lambda: lm.model.decoder.layers}.get(arch, lambda: lm.model.layers)()
+    assert decoder_layers(lm) is expected and len(expected) == 2
