@@ -78,29 +78,35 @@ def test_collator_runs_each_groups_shared_tokens_once():
     assert whole["input_ids"].tolist() == GroupCollator(pad_token_id=0, with_margin=False)(unshared)["input_ids"].tolist()
 
 
+def shared_and_whole_rewards(model, rows: list[dict], pad_token_id: int, pooling: str):
+    """The rows' grouped sequences scored with shared prefixes and whole: (shared, whole, the prefixes' lengths)."""
+    from stages.rm_groups import shared_prefix_rewards
+
+    groups = group_by_prompt(rows)
+    whole = GroupCollator(pad_token_id, with_margin=False)(groups)
+    shared = GroupCollator(pad_token_id, with_margin=False, share_prefix=True)(groups)
+    with torch.no_grad():
+        expected = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"], use_cache=False).logits
+        got = shared_prefix_rewards(model, shared["input_ids"], shared["attention_mask"], shared["prefix_ids"],
+                                    shared["prefix_mask"], shared["prefix_index"], add_prefix_score=pooling == "sum")
+    return got, expected.squeeze(-1), shared["prefix_mask"].sum(1).tolist()
+
+
 @pytest.mark.parametrize("pooling", ["sum", "last"])
 @pytest.mark.parametrize("arch", SLIDING_WINDOW_ARCHS)
 def test_shared_prefixes_score_sliding_window_models_as_whole_sequences(arch, pooling):
     """A window of 3 positions, a group whose prefix (9 tokens) outgrows it and one whose prefix (2 tokens) is padded
     in the prefix batch: each row's reward from shared prefixes equals its whole sequence's. (Prefixes right-padded,
     the short group's rows differed by up to 0.09: a window counted in cache columns took in the pad columns.)"""
-    from stages.rm_groups import shared_prefix_rewards
-
     model = pool_in_forward(random_model(arch, "score", sliding_window=3), pooling)
     g = torch.Generator().manual_seed(1)
     draw = lambda n: [int(t) for t in torch.randint(5, 60, (n,), generator=g)]  # noqa: E731
     long_head, short_head = draw(9), draw(2)
     a, b = [long_head + draw(n) for n in (3, 5, 2)], [short_head + draw(n) for n in (4, 2)]
     rows = [pair("a", a[0], a[1]), pair("a", a[2], a[0]), pair("b", b[0], b[1])]
-    groups = group_by_prompt(rows)
-    whole = GroupCollator(0, with_margin=False)(groups)
-    shared = GroupCollator(0, with_margin=False, share_prefix=True)(groups)
-    assert shared["prefix_mask"].sum(1).tolist() == [9, 2]
-    with torch.no_grad():
-        expected = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"], use_cache=False).logits
-        got = shared_prefix_rewards(model, shared["input_ids"], shared["attention_mask"], shared["prefix_ids"],
-                                    shared["prefix_mask"], shared["prefix_index"], add_prefix_score=pooling == "sum")
-    torch.testing.assert_close(got, expected.squeeze(-1), atol=1e-6, rtol=1e-5)
+    got, expected, prefix_lengths = shared_and_whole_rewards(model, rows, pad_token_id=0, pooling=pooling)
+    assert prefix_lengths == [9, 2]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pooling", ["sum", "last"])
@@ -111,7 +117,7 @@ def test_shared_prefixes_score_as_whole_sequences_when_pad_is_eos(arch, pooling)
     and "Yes. Because..."), an empty reply, and a prefix that ends in an EOS: each row's shared-prefix score is its
     whole sequence's. (Sharing all but the EOS, the short reply's own part was pad alone, read at the EOS: up to 6
     off in 'last'; an EOS ending the prefix dropped out of its 'sum'.)"""
-    from stages.rm_groups import shared_prefix_length, shared_prefix_rewards
+    from stages.rm_groups import shared_prefix_length
 
     eos = 1
     model = pool_in_forward(random_model(arch, "score", pad_token_id=eos, eos_token_id=eos), pooling)
@@ -120,15 +126,9 @@ def test_shared_prefixes_score_as_whole_sequences_when_pad_is_eos(arch, pooling)
     rows = [pair("a", because, yes), pair("a", empty, because), pair("b", separated + [7, 8, eos], separated + [9, eos])]
     assert shared_prefix_length([yes, because], eos) == 4  # "30", where the short one is scored, stays its own
     assert shared_prefix_length([separated + [7, eos], separated + [9, eos]], eos) == 2  # not the separating EOS
-    groups = group_by_prompt(rows)
-    whole = GroupCollator(eos, with_margin=False)(groups)
-    shared = GroupCollator(eos, with_margin=False, share_prefix=True)(groups)
-    assert shared["prefix_mask"].sum(1).tolist() == [3, 2]
-    with torch.no_grad():
-        expected = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"], use_cache=False).logits
-        got = shared_prefix_rewards(model, shared["input_ids"], shared["attention_mask"], shared["prefix_ids"],
-                                    shared["prefix_mask"], shared["prefix_index"], add_prefix_score=pooling == "sum")
-    torch.testing.assert_close(got, expected.squeeze(-1), atol=1e-5, rtol=1e-5)
+    got, expected, prefix_lengths = shared_and_whole_rewards(model, rows, pad_token_id=eos, pooling=pooling)
+    assert prefix_lengths == [3, 2]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_that_takes_no_cache_runs_whole_sequences(tiny_models, capsys, monkeypatch):
