@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 
+from pipeline.adapters import last_token_index
 from pipeline.generation import left_pad, right_pad
 from stages.rm_data import prompt_key
 
@@ -54,14 +55,12 @@ def group_pair_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.
     return -F.logsigmoid(diff).mean()
 
 
-def shared_prefix_length(sequences: list[list[int]], pad_token_id: int | None = None) -> int:
-    """How many first tokens all of a group's sequences have in common, leaving each at least one of its own: the
-    token its score is read at (the last one that is not pad: with pad == eos, the one before a final EOS), so that
+def shared_prefix_length(sequences: list[list[int]], pad_token_id: int) -> int:
+    """How many first tokens all of a group's sequences have in common, leaving each the token its score is read at
+    as its own (last_token_index: the last one that is not pad; with pad == eos, the one before a final EOS), so that
     a *ForSequenceClassification reads each row's own pass where it reads the whole sequence."""
-    def scored(s):
-        return next((i for i in range(len(s) - 1, -1, -1) if s[i] != pad_token_id), len(s) - 1)
-
-    first, limit = sequences[0], min(scored(s) for s in sequences)
+    ids, mask = right_pad(sequences, pad_token_id)
+    first, limit = sequences[0], int(last_token_index(ids, mask, pad_token_id).min())
     n = 0
     while n < limit and all(s[n] == first[n] for s in sequences):
         n += 1
