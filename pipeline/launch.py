@@ -5,24 +5,26 @@
     python -m pipeline.launch rm --config_file configs/accelerate/cpu.yaml -m stages.rm --config configs/rm.yaml --run default
 
 - Current (same command line and accelerate config, same files, same upstream manifests: pipeline.run.is_current):
-  one "up to date" line, exit 0, in well under a second (nothing heavy is imported). `--force` (make's FORCE=1, or in
+  one "up to date" line, exit 0, in well under a second (nothing heavy is imported), and a note when the project's
+  code it ran has changed since (pipeline.run.code_changed: not a reason to redo it). `--force` (make's FORCE=1, or in
   ARGS) runs it anyway.
 - Otherwise accelerate's own launcher runs, in this process, exactly as `accelerate launch ...` would. A stage that
   stops on bad input has already printed its one `error:` line and exits 2 (pipeline.run.main_guard); the launcher
   would add a CalledProcessError traceback of its own under it, which says nothing more, so for exit code 2 it is
-  left out. Any other failure (a real crash) keeps every traceback.
+  left out (with several processes: one rank's exit 2, the others' too or the launcher's SIGTERM to them). Any other failure (a real crash) keeps every traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.run import LAUNCH_ENV, is_current
+from pipeline.run import LAUNCH_ENV, code_changed, is_current
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
 
@@ -69,8 +71,10 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> in
             return CONFIG_ERROR_EXIT
         raise
     except Exception as err:  # several processes: torch.distributed.elastic's ChildFailedError, one entry per rank
-        failures = getattr(err, "failures", None)
-        if failures and all(f.exitcode == CONFIG_ERROR_EXIT for f in failures.values()):
+        codes = [f.exitcode for f in (getattr(err, "failures", None) or {}).values()]
+        # bad input: a rank said so (exit 2), and every other rank either said so too or was stopped by the launcher
+        # (SIGTERM) while it waited to (pipeline.run.refuse). Any other exit is a crash and keeps its traceback.
+        if CONFIG_ERROR_EXIT in codes and all(c in (CONFIG_ERROR_EXIT, -signal.SIGTERM) for c in codes):
             return CONFIG_ERROR_EXIT
         raise
     return 0
@@ -134,6 +138,11 @@ def main(argv: list[str]) -> int:
         current, why = is_current(stage, stage_args, ours)
         if current:
             print(f"{stage}: up to date, skipped (same command line, launch, files and upstream stages; FORCE=1 redoes it)")
+            changed = code_changed(stage, stage_args)
+            if changed:
+                shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+                print(f"note: the pipeline's code changed since {stage} ran ({shown}): its outputs are from the old code; "
+                      f"`make` does not redo a stage for a code change; FORCE=1 does", file=sys.stderr)
             return 0
         if chained and why.startswith("the command line changed"):
             # Reached through the chain only (`make ppo` needs sft): its last run's flags (own data, MODEL=, ...) are not

@@ -150,6 +150,35 @@ def _flag(argv: list[str], name: str, default: str) -> str:
     return argv[argv.index(name) + 1] if name in argv[:-1] else default
 
 
+CODE_PACKAGES = ("pipeline", "stages")  # the project's own code that a stage runs (tests.fake_stages imports pipeline)
+
+
+def code_digests() -> dict[str, str | None]:
+    """The project's modules this process has imported (CODE_PACKAGES), path in the repo -> digest: what a stage's
+    manifest records as the code that made its outputs."""
+    found = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.partition(".")[0] in CODE_PACKAGES and path:
+            try:
+                found[str(Path(path).resolve().relative_to(REPO_ROOT))] = file_digest(Path(path))
+            except ValueError:  # installed elsewhere than this checkout: nothing `make` here could compare it with
+                continue
+    return dict(sorted(found.items()))
+
+
+def code_changed(stage: str, argv: list[str]) -> list[str]:
+    """The code files the stage's manifest records that are no longer as they were when it ran (edited by an upgrade or
+    by hand, or gone); [] for a manifest that records none. `make` does not rerun a stage for these (a base trained for
+    hours is not redone for a refactor): pipeline.launch says so beside its "up to date" line."""
+    path = stage_dir(_flag(argv, "--runs_dir", "runs"), _flag(argv, "--run", "default"), stage) / "manifest.json"
+    try:
+        code = json.loads(path.read_text()).get("code") or {}
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [name for name, digest in code.items() if file_digest(REPO_ROOT / name) != digest]
+
+
 # pipeline.launch puts accelerate's arguments (--config_file ...) here for the stage to record: the number of processes,
 # sharding and mixed precision change what a stage computes, so another launch config is another run.
 LAUNCH_ENV = "PIPELINE_LAUNCH_ARGS"
@@ -213,11 +242,13 @@ class StageRun:
         self.optional: set[str] = set()  # upstream stages read when present: their absence is an input too
         self.argv = sys.argv[1:]  # the stage's command line (`make` compares it with the next one)
         self.read_files: dict[str, str | None] = {}  # file -> digest when the stage started (prepare)
+        self.code: dict[str, str | None] = {}  # the project's modules imported by then (code_digests), as read
 
     def prepare(self, config: dict[str, Any], is_main: bool = True) -> None:
         """Create the folder, drop a stale manifest (this run replaces it), save the resolved config. The files the
         stage named are digested now, as they were read: one edited while it trains is recorded as it was."""
         self.read_files = self.inputs(config)["files"]
+        self.code = code_digests()
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             if self.manifest_path.exists():
@@ -269,6 +300,8 @@ class StageRun:
             "config": config,
             "inputs": self.inputs_as_read(config),
             "versions": package_versions(),
+            # modules first imported after prepare() are digested now, the rest as they were when the stage started
+            "code": {**code_digests(), **self.code},
             "git_commit": git_commit(),
             "command": " ".join(sys.argv),
             "wall_time_s": round(time.time() - self.started, 2),
@@ -312,12 +345,26 @@ def main_guard(main_fn):
     try:
         main_fn()
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        refuse(str(err))
     except Exception as err:
         problem = disk_problem(err)
         if problem is None:
             raise
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        refuse(problem)
     destroy_distributed()
+
+
+# How long a rank other than 0 waits before it reports bad input: long enough for rank 0, which usually meets the same
+# input at the same moment, to report it and exit, short enough not to matter when a rank met it alone.
+OTHER_RANKS_WAIT_S = 5.0
+
+
+def refuse(problem: str) -> None:
+    """One `error:` line for the whole launch, and exit 2. The ranks of a multi-process stage (`make pairs` and `make
+    eval` run two on the CPU) meet the same bad input together: each printed it, and the launcher stopped the slower
+    one with SIGTERM (pipeline.launch then read a crash). Rank 0 says it at once; another rank waits first, and is
+    stopped by the launcher once rank 0 has exited. A rank that met it alone (its own share of the data) still says it."""
+    if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(OTHER_RANKS_WAIT_S)
+    print(f"error: {problem}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -292,6 +292,32 @@ def test_is_current_records(tmp_path, monkeypatch):
     assert is_current("sft", sft.argv, ["--config_file", "c.yaml"]) == (True, "")
 
 
+def test_a_stage_whose_code_changed_since_it_ran_is_kept_with_a_note(tmp_path):
+    """The manifest records the digest of every module of the project the stage imported. `make` does not redo an
+    up-to-date stage for a code change (an upgrade's refactor is not worth a base retrained for hours), but says so
+    beside its "up to date" line, naming the files; FORCE=1 redoes it, and the note goes."""
+    runs = tmp_path / "runs"
+    assert make("sft", runs_dir=runs).returncode == 0 and ran(runs) == ["sft"]
+    path = runs / "t" / "sft" / "manifest.json"
+    code = json.loads(path.read_text())["code"]
+    assert {"pipeline/run.py", "pipeline/config.py"} <= set(code)  # what the (fake) stage ran: pipeline's modules
+    assert all(name.startswith(("pipeline/", "stages/")) for name in code)  # not the tests', not .venv's
+    assert all(digest == file_digest(REPO / name) for name, digest in code.items())
+    res = make("sft", runs_dir=runs)
+    assert ran(runs) == [] and "sft: up to date" in res.stdout and "note:" not in res.stderr
+    older = json.loads(path.read_text())  # as if made by an older version of two of its files
+    older["code"].update({"pipeline/run.py": "0" * 64, "pipeline/config.py": "1" * 64})
+    path.write_text(json.dumps(older))
+    res = make("sft", runs_dir=runs)
+    assert res.returncode == 0 and ran(runs) == [] and "sft: up to date" in res.stdout
+    notes = [line for line in res.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the pipeline's code changed since sft ran (pipeline/config.py, pipeline/run.py): its "
+                     "outputs are from the old code; `make` does not redo a stage for a code change; FORCE=1 does"]
+    res = make("sft", "FORCE=1", runs_dir=runs)
+    assert ran(runs) == ["sft"] and json.loads(path.read_text())["code"] == code
+    assert "note:" not in make("sft", runs_dir=runs).stderr
+
+
 def test_another_accelerate_config_reruns_and_its_file_is_an_input(tmp_path):
     """Processes, sharding and precision change what a stage computes: the launch arguments and the accelerate config
     file's bytes are inputs like the stage's own (through real make and pipeline.launch, on a fake stage)."""
@@ -555,14 +581,32 @@ def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(
     args = ["--num_processes", "2"]
     monkeypatch.setattr(accelerate_launch, "launch_command", failing([2, 2]))
     assert launch(args, "stages.sft", []) == CONFIG_ERROR_EXIT
-    monkeypatch.setattr(accelerate_launch, "launch_command", failing([2, 1]))
-    with pytest.raises(ChildFailed):
-        launch(args, "stages.sft", [])
+    monkeypatch.setattr(accelerate_launch, "launch_command", failing([2, -15]))  # the other rank stopped by the launcher
+    assert launch(args, "stages.sft", []) == CONFIG_ERROR_EXIT
+    for codes in ([2, 1], [1, -15], [-15, -15], [2, -9]):  # a crash, or a kill that is not the launcher's SIGTERM
+        monkeypatch.setattr(accelerate_launch, "launch_command", failing(codes))
+        with pytest.raises(ChildFailed):
+            launch(args, "stages.sft", [])
     monkeypatch.setattr(accelerate_launch, "launch_command", failing([2]))
     assert launch([], "stages.sft", []) == CONFIG_ERROR_EXIT
     monkeypatch.setattr(accelerate_launch, "launch_command", failing([1]))
     with pytest.raises(subprocess.CalledProcessError):
         launch([], "stages.sft", [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail", ["--fail", "--fail_on_rank 1"])
+def test_bad_input_in_a_two_process_stage_is_one_line_and_exit_2(fail, tmp_path):
+    """`make pairs` and `make eval` run two processes on the CPU. Both ranks meeting the same bad input printed the
+    line twice, and the launcher's SIGTERM to the slower rank read as a crash (a traceback, make's Error 1) about half
+    the time. Now one line, exit 2, no traceback: when both ranks meet it, and when rank 1 meets it alone while rank 0
+    waits (had rank 0 not been stopped, it would have finished its stage: the two processes are real)."""
+    runs = tmp_path / "runs"
+    res = make("sft", f"ARGS={fail}", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml", runs_dir=runs)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: sft: --fail"), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "sft] Error 2" in res.stderr  # the launcher itself exited 2
+    assert not (runs / "t" / "sft" / "manifest.json").exists() and ran(runs) == []
 
 
 def test_a_rerun_drops_the_old_manifest_when_it_starts(tmp_path):

@@ -2,12 +2,15 @@
 
 Each reads its upstream manifests the way the real stage does (StageRun.need / may_read), appends its name to
 <runs_dir>/<run>/ran.txt, and writes its manifest with StageRun.finish, so that what `make` skips or reruns is decided
-by the real manifests' recorded inputs. `--fail` stops with a ConfigError (exit 2), `--crash` raises RuntimeError.
+by the real manifests' recorded inputs. `--fail` stops with a ConfigError (exit 2), `--fail_on_rank R` on rank R alone (the other ranks wait a
+minute), `--crash` raises RuntimeError.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 from pipeline.config import ConfigError
 from pipeline.run import StageRun, main_guard, stage_dir
@@ -22,6 +25,10 @@ def fake_stage(name: str, needs: tuple[str, ...] = (), may_read: tuple[str, ...]
         argv = sys.argv[1:]
         if "--fail" in argv:
             raise ConfigError(f"{name}: --fail was given (a fake stage's bad input)")
+        if "--fail_on_rank" in argv:  # bad input that one rank meets alone; the others wait, as on a collective
+            if os.environ.get("RANK", "0") == _flag(argv, "--fail_on_rank", "0"):
+                raise ConfigError(f"{name}: --fail_on_rank was given (one rank's bad input)")
+            time.sleep(60)
         if "--crash" in argv:
             raise RuntimeError(f"{name}: --crash was given (a fake stage's bug)")
         stage = StageRun(name, _flag(argv, "--run", "default"), _flag(argv, "--runs_dir", "runs"))
