@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -125,12 +126,16 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     except ConfigError as err:
         raise ConfigError(f"prompt set {data_name}: {err}") from None
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= args.max_prompt_tokens]
-    n_long = len(encoded) - len(keep)
+    n_long, longest = len(encoded) - len(keep), max(map(len, encoded), default=0)
     prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
     if not prompts:
         raise ConfigError(f"all {n_long} prompts of {data_name} are longer than max_prompt_tokens="
                           f"{args.max_prompt_tokens} tokens (with the chat template): raise --max_prompt_tokens, or give "
                           f"shorter prompts")
+    if n_long and state.is_main_process:  # said, not only counted in the summary: a template's long system prompt
+        print(f"note: {n_long} of {n_long + len(prompts)} prompts of {data_name} are longer than max_prompt_tokens="
+              f"{args.max_prompt_tokens} tokens (with the chat template; longest {longest}): they "
+              f"were left out; raise --max_prompt_tokens to keep them", file=sys.stderr)
     stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Policy: the frozen base (sharded under the FSDP config) + the run's SFT adapter, on this process's accelerator

@@ -163,6 +163,14 @@ def with_assistant_masks(ds, tokenizer, eot: str, data_name: str, max_length: in
     return Dataset.from_list(rows)
 
 
+def rows_over(ds, max_length: int | None) -> int | None:
+    """How many rows tokenized here (with_assistant_masks) are longer than max_length, which TRL cuts to it; None
+    for rows TRL tokenizes itself (text, or conversations without assistant_only_loss): not counted."""
+    if "input_ids" not in ds.column_names:
+        return None
+    return sum(len(ids) > max_length for ids in ds["input_ids"]) if max_length else 0
+
+
 def param_dtypes(model, trainable: bool) -> list[str]:
     """The dtypes of the trainable (LoRA: peft keeps them in float32) or frozen (the base: the profile's) tensors."""
     return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad == trainable})
@@ -188,6 +196,11 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     if "messages" in ds.column_names:
         require_chat_template(tokenizer, profile)
     train_ds, eval_ds = split_and_tokenize(ds, tokenizer, train_cfg, args, data_name)
+    rows_cut = rows_over(train_ds, train_cfg.max_length)
+    if rows_cut and state.is_main_process:
+        print(f"note: {rows_cut} of {len(train_ds)} training rows of {data_name} are longer than max_length="
+              f"{train_cfg.max_length} tokens (with the chat template): TRL cuts their ends, the reply's end-of-turn "
+              f"token with them, so the model learns less of when to stop; raise --max_length", file=sys.stderr)
     model = load_base(profile, tokenizer, shard=shard)  # also checks the profile's LoRA targets against the model
     stage.prepare(config, is_main=state.is_main_process)
 
@@ -231,7 +244,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "tokens_per_s": round(tokens / train_time, 1) if tokens else None,
             "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding,
             "base_dtypes": param_dtypes(trainer.model, False), "trainable_dtypes": param_dtypes(trainer.model, True),
-            "data": data_name,
+            "data": data_name, "rows_over_max_length": rows_cut,
         }
         print_table("SFT", {k: v for k, v in metrics.items() if k != "loss_curve"})
         for s in samples:

@@ -364,3 +364,48 @@ def test_a_base_without_a_pad_token_pads_with_eos_and_its_reward_model_reads_the
         scores = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, 0]
         per_token = model.score(model.model(input_ids=ids).last_hidden_state)[..., 0]
     torch.testing.assert_close(scores, torch.stack([per_token[0, 2], per_token[1, 1]]))
+
+
+def tiny_tokenizer_with(name: str, tmp_path):
+    """The tiny model's tokenizer, a BPE of the books the story data comes from (about as few tokens a word as a real
+    checkpoint's, more for the templates' dates), with this family's special tokens and its real chat template."""
+    from transformers import AutoTokenizer
+
+    spec = REAL_TEMPLATES[name]
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
+    specials = [t for t in (spec["bos"], spec["eos"], spec["pad"], *spec["other"]) if t]
+    tok.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(specials))})
+    tok.eos_token, tok.chat_template = spec["eos"], template_text(name)
+    tok.save_pretrained(tmp_path / name)
+    return AutoTokenizer.from_pretrained(tmp_path / name)
+
+
+STORY_LENGTHS = {"llama3_1": (109, 138), "llama3_2": (109, 138), "qwen2_5": (91, 121), "qwen3": (59, 95),
+                 "gemma3": (60, 90), "phi3_5": (54, 85)}  # longest opening with its generation prompt, longest SFT row
+
+
+@pytest.mark.parametrize("name", list(STORY_LENGTHS))
+def test_every_story_row_fits_the_story_configs_under_real_templates(name, tmp_path):
+    """A real checkpoint's template adds its system prompt (Llama 3.x: the knowledge and today's dates; Qwen2.5: "You
+    are Qwen..."). The story configs' limits keep every opening and SFT row whole under each family's template: at the
+    old 64, `make pairs` and PPO left out every opening under Llama 3.x and 91% under Qwen2.5, and SFT's 128 cut the
+    end-of-turn token off 669 of Llama 3.x's 4,000 rows."""
+    from pipeline.chat import require_end_of_turn, tokenize_with_assistant_mask
+    from pipeline.config import read_yaml
+    from pipeline.generation import encode_prompts
+
+    tok = tiny_tokenizer_with(name, tmp_path)
+    story = REPO / "data" / "story"
+    openings = [json.loads(line)["prompt"] for f in ("pairs_prompts.jsonl", "ppo_prompts.jsonl")
+                for line in (story / f).read_text().splitlines()]
+    rows = [json.loads(line)["messages"] for line in (story / "sft.jsonl").read_text().splitlines()]
+    longest_prompt = max(map(len, encode_prompts(tok, openings)))
+    eot = require_end_of_turn(tok)
+    longest_row = max(len(tokenize_with_assistant_mask(tok, m, eot)["input_ids"]) for m in rows)
+    assert (longest_prompt, longest_row) == STORY_LENGTHS[name]
+    cfg = {stage: read_yaml(REPO / "configs" / f"{stage}.yaml") for stage in ("sft", "pairs", "ppo", "rm", "dpo")}
+    assert longest_prompt <= cfg["pairs"]["max_prompt_tokens"] and longest_prompt <= cfg["ppo"]["max_prompt_length"]
+    assert longest_row <= cfg["sft"]["max_length"]
+    # a pair: the longest prompt pairs keeps, a reply of max_new_tokens, its end-of-turn token and the template's tail
+    pair = cfg["pairs"]["max_prompt_tokens"] + cfg["pairs"]["max_new_tokens"] + 2
+    assert pair <= cfg["rm"]["max_length"] and pair <= cfg["dpo"]["max_length"]

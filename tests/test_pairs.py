@@ -206,10 +206,11 @@ def test_each_pair_holds_two_responses_to_its_own_prompt(tiny_models, runs_dir, 
 
 
 def test_the_runs_seed_draws_the_prompts_and_the_samples_and_a_prompt_of_max_prompt_tokens_is_kept(
-        tiny_models, runs_dir, tmp_path, monkeypatch):
+        tiny_models, runs_dir, tmp_path, monkeypatch, capsys):
     """--seed draws the prompts (max_prompts takes the first of datasets' shuffle with that seed: another seed takes
     others) and seeds the sampler; max_prompt_tokens is inclusive: a prompt exactly that long (with the chat template)
-    is kept, a longer one is left out and counted."""
+    is kept, a longer one is left out, counted and named in a note (a real template's system prompt once left most of
+    the story openings out, and only the summary table said so)."""
     import datasets
     import torch
 
@@ -252,4 +253,7 @@ def test_the_runs_seed_draws_the_prompts_and_the_samples_and_a_prompt_of_max_pro
     ds = datasets.load_from_disk(str(runs_dir / "lim/pairs/dataset"))
     assert seeds == [7] and ds[0]["generation"]["seed"] == 7
     assert metrics["prompts"] == 2 and metrics["prompts_too_long"] == 1
+    assert (f"note: 1 of 3 prompts of {prompts_file} are longer than max_prompt_tokens={lengths[1]} tokens (with the chat "
+            f"template; longest {lengths[2]}): they were left out; raise --max_prompt_tokens to keep them"
+            ) in capsys.readouterr().err
     assert sorted({row["prompt"][0]["content"] for row in ds}) == texts[:2]

@@ -328,3 +328,15 @@ def test_a_max_length_that_cuts_every_assistant_token_is_refused_at_its_boundary
     with pytest.raises(ConfigError, match=rf"max_length {first} is too small for rows.jsonl: no row has an assistant "
                                           rf"token within its first {first} tokens.*raise max_length to at least {first + 1}$"):
         with_assistant_masks(rows, tok, eot, "rows.jsonl", first)
+
+
+def test_rows_over_counts_the_rows_tokenized_here_that_max_length_cuts():
+    """What SFT's note and its `rows_over_max_length` metric count: rows strictly longer than max_length (TRL keeps a
+    row of exactly max_length whole); None for rows TRL tokenizes itself, which are not counted here."""
+    from datasets import Dataset
+
+    from stages.sft import rows_over
+
+    ds = Dataset.from_dict({"input_ids": [[1] * 3, [1] * 4, [1] * 5], "assistant_masks": [[1] * 3, [1] * 4, [1] * 5]})
+    assert (rows_over(ds, 4), rows_over(ds, 3), rows_over(ds, 5), rows_over(ds, None)) == (1, 2, 0, 0)
+    assert rows_over(Dataset.from_dict({"text": ["a b"]}), 4) is None
