@@ -409,3 +409,21 @@ def test_every_story_row_fits_the_story_configs_under_real_templates(name, tmp_p
     # a pair: the longest prompt pairs keeps, a reply of max_new_tokens, its end-of-turn token and the template's tail
     pair = cfg["pairs"]["max_prompt_tokens"] + cfg["pairs"]["max_new_tokens"] + 2
     assert pair <= cfg["rm"]["max_length"] and pair <= cfg["dpo"]["max_length"]
+
+
+@pytest.mark.parametrize("name", ["llama3_2", "qwen2_5", "gemma3"])
+def test_the_assistant_recipe_keeps_its_prompts_under_real_templates(name, tmp_path):
+    """The assistant recipe is the one for real checkpoints. Its PPO prompt limit was 64 tokens, which kept 1 of its 125
+    prompts under Llama 3.x's template (the tiny tokenizer's count) and 45 under Qwen2.5's: PPO trained on almost
+    nothing, with a note. Now PPO and pairs keep all but at most 1 of each prompt set."""
+    from pipeline.config import read_yaml
+    from pipeline.generation import encode_prompts
+
+    tok = tiny_tokenizer_with(name, tmp_path)
+    recipe = REPO / "configs" / "recipes" / "assistant"
+    for stage, key in (("ppo", "max_prompt_length"), ("pairs", "max_prompt_tokens")):
+        cfg = read_yaml(recipe / f"{stage}.yaml")
+        rows = [json.loads(line)["prompt"] for line in (REPO / cfg["prompts_file"]).read_text().splitlines()]
+        prompts = [r if isinstance(r, list) else [{"role": "user", "content": r}] for r in rows]
+        left_out = sum(len(ids) > cfg[key] for ids in encode_prompts(tok, prompts))
+        assert left_out <= 1, (stage, left_out, len(prompts))
