@@ -5,7 +5,7 @@
 
 Reads: the base model named by the model profile (configs/models/tiny.yaml by default) and the bundled
 conversational mixture in data/sft/ (or --dataset_name). Writes runs/<run>/sft/: adapter/ (PEFT + tokenizer),
-samples.json (before/after generations on fixed prompts), config.json, manifest.json (last).
+samples.json (before/after generations on fixed prompts, `sample_prompts`), config.json, manifest.json (last).
 """
 
 from __future__ import annotations
@@ -46,9 +46,13 @@ class SFTArgs:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     # Samples before/after
+    sample_prompts: list[str] = field(default_factory=lambda: list(FIXED_PROMPTS), metadata={
+        "help": "User turns that SFT answers before and after training (samples.json): pick ones of your task."})
     sample_max_new_tokens: int = 48
 
     def __post_init__(self):
+        if not self.sample_prompts:
+            raise ValueError("sample_prompts is empty: give at least one user turn to sample before and after training")
         if isinstance(self.dataset_mixture, str):
             self.dataset_mixture = json.loads(self.dataset_mixture)
         for path, rows in self.dataset_mixture.items():
@@ -206,7 +210,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
 
     # 2. Before training: samples on fixed prompts, on this process's accelerator. Every rank takes part (a sharded
     #    base runs each forward on all ranks together); generate() spreads the prompts and gathers the texts.
-    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in FIXED_PROMPTS])
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in args.sample_prompts])
     # Sampled, not greedy, with a fixed seed: greedy decoding of a tiny model collapses to "\n" + EOS.
     sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.7, top_k=50)
     to_device(model, state.device)
@@ -229,7 +233,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     if state.is_main_process:
         tokenizer.save_pretrained(adapter_dir)
         save_fingerprint(adapter_dir, model.config, base_path)
-        samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(FIXED_PROMPTS, before, after)]
+        samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(args.sample_prompts, before, after)]
         atomic_write_json(stage.dir / "samples.json", samples)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         tokens = trainer.state.num_input_tokens_seen or 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, read_yaml
 from stages.sft import main, parse_args
 from tests.conftest import ARCHS, LLAMA_TARGETS, REPO, guarded_exit, run_module, run_python
 
@@ -36,7 +36,10 @@ def test_sft_trains_each_architecture(arch, tiny_models, runs_dir):
     assert manifest["outputs"]["adapter"] == str(stage / "adapter")
     assert manifest["metrics"]["eval_loss"] is not None and manifest["metrics"]["tokens_per_s"] > 0
     assert manifest["versions"]["trl"] and manifest["config"]["train"]["learning_rate"] == 3e-2
-    assert (stage / "config.json").is_file() and (stage / "samples.json").is_file()
+    assert (stage / "config.json").is_file()
+    samples = json.loads((stage / "samples.json").read_text())  # the YAML's sample prompts: story openings
+    assert [s["prompt"] for s in samples] == read_yaml(REPO / "configs/sft.yaml")["sample_prompts"]
+    assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in samples)
     weights = load_file(stage / "adapter" / "adapter_model.safetensors")
     lora_b = [w for k, w in weights.items() if "lora_B" in k]
     assert lora_b and all(torch.count_nonzero(w) > 0 for w in lora_b)  # B starts at zero: nonzero means it trained
