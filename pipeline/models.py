@@ -224,9 +224,15 @@ def without_load_report():
         logger.removeFilter(drop)
 
 
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def explain_head_swap(model, info: dict, path: str) -> None:
     """A causal LM loaded as a 1-output classifier leaves its LM head unused and starts a fresh score head: expected,
-    said once per process. Any other missing, unexpected or reshaped weight is a real problem and is listed."""
+    said once, by the main process. Any other missing, unexpected or reshaped weight is a real problem and is listed."""
     head, trunk = score_head_name(model), model.base_model_prefix + "."
     fresh = sorted(k for k in info["missing_keys"] if k.split(".")[0] == head)
     unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(trunk))  # the LM head: outside the trunk
@@ -237,7 +243,7 @@ def explain_head_swap(model, info: dict, path: str) -> None:
         print(f"warning: loading {path} as a reward model: weights missing from the checkpoint {other_missing}, "
               f"unused {other_unexpected}, reshaped {[k for k, *_ in mismatched]}; only the LM head (unused) and the "
               f"score head (new) are expected to differ", file=sys.stderr)
-    elif path not in _explained:
+    elif path not in _explained and is_main_process():  # said once a launch, not once a rank
         _explained.add(path)
         lm_head = f"language-model head ({', '.join(unused)})" if unused else "language-model head"
         print(f"note: reward model on {path}: a new scalar head ({', '.join(fresh) or head}) is initialised and trained "

@@ -209,7 +209,7 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
               f"{h['labels']} labels on {h['pairs']} pairs)." if h else
               f"Win rate judged by people: none yet. To get one, label the SFT-vs-PPO pairs of human_pairs.jsonl "
               f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
-              f"then delete runs/{report['run']}/eval/manifest.json and `make eval` again: it reads the labels back.", ""]
+              f"then `make eval RUN={report['run']} FORCE=1`: it reads the labels back.", ""]
     if report.get("gold"):
         lines += gold_markdown(report["gold"], f)
     lines += ["## Reward hacking check", ""]

@@ -23,6 +23,10 @@ def test_one_line_instead_of_the_load_report(tiny_models, capfd, monkeypatch, ar
     assert "LOAD REPORT" not in err and "MISSING" not in err and "UNEXPECTED" not in err
     notes = [line for line in err.splitlines() if line.startswith("note: reward model on")]
     assert len(notes) == 1 and "score.weight" in notes[0] and lm_head in notes[0]
+    monkeypatch.setattr(models, "_explained", set())
+    monkeypatch.setattr(models, "is_main_process", lambda: False)  # another rank of the launch: the main one says it
+    load_base(prof, tok, kind="score")
+    assert "note: reward model on" not in capfd.readouterr().err
 
 
 def test_other_load_problems_are_still_reported(tiny_models, tmp_path, capfd, monkeypatch):
