@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from typing import Callable
 from pipeline.run import LAUNCH_ENV, code_changed, is_current
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
+ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"
 
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
@@ -63,6 +65,9 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> in
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     os.environ[LAUNCH_ENV] = json.dumps(accelerate_args)  # the stage records it (pipeline.run.launch_args)
+    # torch's launcher logs a line when it stops the other ranks (SIGTERM) and one for the rank that exited: beside bad
+    # input's one `error:` line they are noise, and for a crash the ChildFailedError below says the same and more.
+    logging.getLogger(ELASTIC_LOGGER).setLevel(logging.CRITICAL)
     args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
     try:
         launch_command(args)

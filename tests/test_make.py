@@ -600,12 +600,15 @@ def test_bad_input_in_a_two_process_stage_is_one_line_and_exit_2(fail, tmp_path)
     """`make pairs` and `make eval` run two processes on the CPU. Both ranks meeting the same bad input printed the
     line twice, and the launcher's SIGTERM to the slower rank read as a crash (a traceback, make's Error 1) about half
     the time. Now one line, exit 2, no traceback: when both ranks meet it, and when rank 1 meets it alone while rank 0
-    waits (had rank 0 not been stopped, it would have finished its stage: the two processes are real)."""
+    waits (had rank 0 not been stopped, it would have finished its stage: the two processes are real). And no more
+    lines: torch's launcher logged one for the rank it stopped and one for the rank that exited."""
     runs = tmp_path / "runs"
     res = make("sft", f"ARGS={fail}", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml", runs_dir=runs)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: sft: --fail"), res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "sft] Error 2" in res.stderr  # the launcher itself exited 2
+    lines = res.stderr.strip().splitlines()  # nothing else: not torch's launcher's lines on the ranks it stopped
+    assert len(lines) == 2 and lines[0] == errors[0] and lines[1].endswith("sft] Error 2"), lines
     assert not (runs / "t" / "sft" / "manifest.json").exists() and ran(runs) == []
 
 
