@@ -76,10 +76,15 @@ def load_tokenizer(profile: ModelProfile, path: str | None = None):
     where = path or resolve_base(profile.name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=profile.trust_remote_code)
-    except (OSError, ValueError) as err:  # a folder without a model's files, or a Hub id that is not a model
-        raise ConfigError(f"no tokenizer loads from {where} ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
-                          f"name_or_path in the model profile must be a model folder (config.json and tokenizer files) "
-                          f"or a Hub model id") from None
+    except (OSError, ValueError) as err:  # a folder without a model's files, or a Hub id that did not download
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        if Path(where).is_dir():
+            raise ConfigError(f"no tokenizer loads from {where} ({why}): name_or_path in the model profile must be a "
+                              f"model folder (config.json and tokenizer files) or a Hub model id") from None
+        raise ConfigError(f"no tokenizer loads from the Hub id {where} ({why}): check the id, the network (HF_ENDPOINT, "
+                          f"a proxy) and, for a gated model such as Llama, its license on the Hub and `hf auth login`; "
+                          f"or `hf download {where}` where there is a network and point name_or_path at that folder"
+                          ) from None
     if profile.chat_template:
         tok.chat_template = template_text(profile.chat_template)
     if tok.pad_token is None:  # Llama-3 style bases ship without one; EOS as pad is TRL's convention too

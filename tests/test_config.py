@@ -177,6 +177,28 @@ def test_a_folder_without_a_model_is_one_clear_error(tmp_path):
         load_tokenizer(ModelProfile(name_or_path=str(tmp_path)))
 
 
+def test_a_hub_id_that_does_not_download_says_what_to_check(monkeypatch):
+    """A Hub id that cannot be fetched (no network, a gated model, a typo) was told to be "a model folder or a Hub
+    model id", which it is: the error now names what to check instead."""
+    import transformers
+
+    from pipeline.models import load_tokenizer
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.\nCheck your connection.")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(ConfigError) as err:
+        load_tokenizer(ModelProfile(name_or_path="someone/some-model"))
+    assert str(err.value) == (
+        "no tokenizer loads from the Hub id someone/some-model (OSError: We couldn't connect to 'https://huggingface.co' "
+        "to load the files, and couldn't find them in the cached files.): check the id, the network (HF_ENDPOINT, a "
+        "proxy) and, for a gated model such as Llama, its license on the Hub and `hf auth login`; or `hf download "
+        "someone/some-model` where there is a network and point name_or_path at that folder")
+
+
 def test_an_abbreviated_flag_is_refused_not_guessed():
     """argparse would read --learning_rat as --learning_rate: a typo must not silently set another key."""
     from stages.ppo import parse_args

@@ -590,6 +590,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sft-samples-fixed-prompts', 'stages/sft.py', 'zip(args.sample_prompts, before, after)', 'zip(FIXED_PROMPTS, before, after)', 'tests/test_sft.py -k each_architecture'),
     ('models-head-note-every-rank', 'pipeline/models.py', 'elif path not in _explained and is_main_process():', 'elif path not in _explained:', 'tests/test_load_report.py'),
     ('launch-elastic-logs-kept', 'pipeline/launch.py', '    logging.getLogger(ELASTIC_LOGGER).setLevel(logging.CRITICAL)\n', '', 'tests/test_make.py -k two_process_stage'),
+    ('models-hub-id-told-it-is-a-folder', 'pipeline/models.py', '        if Path(where).is_dir():\n            raise ConfigError(f"no tokenizer loads from {where}', '        if True:\n            raise ConfigError(f"no tokenizer loads from {where}', 'tests/test_config.py -k "hub_id or folder_without"'),
     ('adapters-prompt-part-inclusive', 'pipeline/adapters.py', '.unsqueeze(0) < starts.unsqueeze(1)', '.unsqueeze(0) <= starts.unsqueeze(1)', 'tests/test_rm.py -k pool_scores_by_hand'),
     ('ppo-no-eos-fraction-inverted', 'stages/ppo/trainer.py', '"no_eos_fraction": L.global_mean((~ro.ended).float(), rows, g)', '"no_eos_fraction": L.global_mean((ro.ended).float(), rows, g)', 'tests/test_ppo.py -k no_eos_share'),
     # the benchmarks' figures and verdicts (bench/harness.py, bench_ppo.py, bench_rl.py, bench_sft.py, story*.py,
