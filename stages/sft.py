@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,7 @@ from pipeline.models import (load_base, load_tokenizer, lora_config, profile_fro
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
+from stages.resume import checkpoint_to_resume, drop_checkpoints, tokens_seen_by
 
 FIXED_PROMPTS = [
     "Tell me a short story about a rabbit.",
@@ -216,11 +218,16 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     to_device(model, state.device)
     before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts
 
-    # 3. Train
+    # 3. Train; an interrupted run of the same command continues from its last checkpoint (save_strategy: steps)
     trainer = SFTTrainer(model=model, args=train_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout))
+    resume_from = None
+    if train_cfg.save_strategy != "no":
+        resume_from = checkpoint_to_resume(Path(train_cfg.output_dir), {**stage.inputs(config), "config": config},
+                                           state.is_main_process)
+        state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
     t0 = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_time = time.time() - t0
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
@@ -236,7 +243,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
         samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(args.sample_prompts, before, after)]
         atomic_write_json(stage.dir / "samples.json", samples)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        tokens = trainer.state.num_input_tokens_seen or 0
+        # tokens this run trained on (a resumed run's state counts those before the checkpoint too)
+        tokens = (trainer.state.num_input_tokens_seen or 0) - (tokens_seen_by(resume_from) if resume_from else 0)
         metrics = {
             "train_loss": round(result.training_loss, 4),
             "first_logged_loss": losses[0] if losses else None,
@@ -249,12 +257,14 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding,
             "base_dtypes": param_dtypes(trainer.model, False), "trainable_dtypes": param_dtypes(trainer.model, True),
             "data": data_name, "rows_over_max_length": rows_cut,
+            "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
         }
         print_table("SFT", {k: v for k, v in metrics.items() if k != "loss_curve"})
         for s in samples:
             print(f"\n>>> {s['prompt']}\n  before: {s['before'][:120]!r}\n  after:  {s['after'][:120]!r}")
         stage.finish({"adapter": adapter_dir, "samples": stage.dir / "samples.json", "base_model": base_path},
                      metrics, config)
+        drop_checkpoints(Path(train_cfg.output_dir))
     finish_distributed()
     return metrics
 

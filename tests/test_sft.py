@@ -343,3 +343,67 @@ def test_rows_over_counts_the_rows_tokenized_here_that_max_length_cuts():
     ds = Dataset.from_dict({"input_ids": [[1] * 3, [1] * 4, [1] * 5], "assistant_masks": [[1] * 3, [1] * 4, [1] * 5]})
     assert (rows_over(ds, 4), rows_over(ds, 3), rows_over(ds, 5), rows_over(ds, None)) == (1, 2, 0, 0)
     assert rows_over(Dataset.from_dict({"text": ["a b"]}), 4) is None
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+        tiny_models, runs_dir, monkeypatch, capsys):
+    """resume == no resume: SFT killed at step 7, after its step-3 and step-6 checkpoints, and run again with the same
+    command trains steps 7-10 only, from the newest checkpoint, and ends with the uninterrupted run's adapter and loss
+    curve; its checkpoints are gone once it has finished. Another command line after a crash starts over, with a
+    note, after deleting the other run's checkpoints, and ends as a fresh run does."""
+    import trl
+    from transformers import TrainerCallback
+
+    steps_run, crash_at = [], []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, train_args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+            if state.global_step in crash_at:
+                raise RuntimeError(f"killed at step {state.global_step}")
+
+    class WatchedTrainer(trl.SFTTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.add_callback(Watch())
+
+    monkeypatch.setattr(trl, "SFTTrainer", WatchedTrainer)
+
+    def run(name, *extra, crash=None):
+        steps_run.clear()
+        crash_at[:] = [crash] if crash else []
+        argv = tiny_args(tiny_models["llama"], runs_dir, name, "--save_strategy", "steps", "--save_steps", "3",
+                         "--max_steps", "10", *extra)
+        if crash:
+            with pytest.raises(RuntimeError, match=f"killed at step {crash}"):
+                main(*parse_args(argv))
+            assert not (runs_dir / name / "sft" / "manifest.json").exists()
+            return None
+        return main(*parse_args(argv))
+
+    def adapter(name):
+        return load_file(runs_dir / name / "sft" / "adapter" / "adapter_model.safetensors")
+
+    whole = run("whole")
+    trainer_dir = runs_dir / "cut" / "sft" / "trainer"
+    run("cut", crash=7)
+    assert [p.name for p in sorted(trainer_dir.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
+    capsys.readouterr()
+    resumed = run("cut")
+    assert f"note: resuming from {trainer_dir / 'checkpoint-6'}" in capsys.readouterr().err
+    assert steps_run == [7, 8, 9, 10] and resumed["resumed_from_step"] == 6 and whole["resumed_from_step"] is None
+    assert resumed["loss_curve"] == whole["loss_curve"] and resumed["steps"] == whole["steps"] == 10
+    a, b = adapter("whole"), adapter("cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(trainer_dir.glob("checkpoint-*")) and not (trainer_dir / "resume_key.json").exists()
+
+    other_dir = runs_dir / "other" / "sft" / "trainer"
+    run("other", crash=7)  # checkpoints 3 and 6 at the config's learning rate
+    capsys.readouterr()
+    run("other", "--learning_rate", "1e-2", crash=5)  # another learning rate starts over (and is killed too)
+    assert "starting over" in capsys.readouterr().err and steps_run == [1, 2, 3, 4, 5]
+    # the first run's step-6 checkpoint is gone: resuming from it would train on from another learning rate's weights
+    assert [p.name for p in other_dir.glob("checkpoint-*")] == ["checkpoint-3"]
+    other = run("other", "--learning_rate", "1e-2")
+    assert other["resumed_from_step"] == 3 and steps_run == [4, 5, 6, 7, 8, 9, 10]
+    assert other["loss_curve"] == run("fresh", "--learning_rate", "1e-2")["loss_curve"]

@@ -1,0 +1,62 @@
+"""Continue an interrupted Trainer stage (SFT with `save_strategy: steps`) from its last checkpoint, as PPO does.
+
+Only the same run continues: the checkpoints' folder records what `make` compares to call a stage up to date (its
+command line, accelerate launch and the digests of the files it read: pipeline.run.StageRun.inputs) and the resolved
+config it trains with. Run the same
+command again after a crash and it resumes; change a flag or a data file and it starts over, with a note, after the
+main process has cleared the other run's checkpoints (the Trainer's rotation would otherwise take them for this run's).
+A finished stage deletes its checkpoints: its adapter is the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline.run import atomic_write_json
+
+RESUME_KEY = "resume_key.json"  # beside the checkpoints: what the run that wrote them read
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The Trainer's complete checkpoints, oldest first (one killed while it was written has no trainer_state.json)."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in found if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def checkpoint_to_resume(output_dir: Path, key: dict, is_main: bool) -> Path | None:
+    """The newest checkpoint when the run that wrote it read what this one reads (`key`); else None, and the main
+    process clears the other run's checkpoints (with a note) and records this run's key. Every rank calls it."""
+    key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
+    found = checkpoints(output_dir)
+    recorded = output_dir / RESUME_KEY
+    same_run = found and recorded.is_file() and json.loads(recorded.read_text()) == key
+    if same_run:
+        if is_main:
+            print(f"note: resuming from {found[-1]} (the same command line, launch and files as the run that wrote "
+                  f"it; FORCE=1 does not start over: delete {output_dir} for that)", file=sys.stderr)
+        return found[-1]
+    if is_main:
+        stale = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
+        if stale:
+            print(f"note: the checkpoints under {output_dir} were written by another command line, launch or data: "
+                  f"starting over (they are deleted)", file=sys.stderr)
+        for p in stale:
+            shutil.rmtree(p)
+        atomic_write_json(recorded, key)
+    return None
+
+
+def drop_checkpoints(output_dir: Path) -> None:
+    """After the stage's outputs and manifest are written: the checkpoints are no longer needed to continue it."""
+    for p in output_dir.glob("checkpoint-*"):
+        if p.is_dir():
+            shutil.rmtree(p)
+    (output_dir / RESUME_KEY).unlink(missing_ok=True)
+
+
+def tokens_seen_by(checkpoint: Path) -> int:
+    """The input tokens the run had trained on when it wrote `checkpoint` (Trainer's num_input_tokens_seen)."""
+    return json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0
