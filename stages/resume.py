@@ -21,19 +21,28 @@ RESUME_KEY = "resume_key.json"  # beside the checkpoints: what the run that wrot
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """The Trainer's complete checkpoints, oldest first (one killed while it was written has no trainer_state.json)."""
+    """The Trainer's checkpoints a run can continue from, oldest first: complete (one killed while it was written has
+    no trainer_state.json) and holding the optimizer's state (`save_only_model: true` leaves it out, and a resume
+    with fresh Adam moments takes larger steps than the run it continues)."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted((p for p in found if (p / "trainer_state.json").is_file()), key=lambda p: int(p.name.split("-")[-1]))
+    return sorted((p for p in found if (p / "trainer_state.json").is_file() and any(p.glob("optimizer*"))), key=step_of)
 
 
-def checkpoint_to_resume(output_dir: Path, key: dict, is_main: bool) -> Path | None:
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def checkpoint_to_resume(output_dir: Path, key: dict, is_main: bool, max_steps: int) -> Path | None:
     """The newest checkpoint when the run that wrote it read what this one reads (`key`); else None, and the main
-    process clears the other run's checkpoints (with a note) and records this run's key. Every rank calls it."""
+    process clears the other run's checkpoints (with a note) and records this run's key. Every rank calls it.
+
+    A checkpoint at max_steps is passed over for the one before it: transformers checks max_steps only after a step,
+    so resuming from the last step in the middle of an epoch trains one step more than the run it continues."""
     key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
-    found = checkpoints(output_dir)
+    found = [c for c in checkpoints(output_dir) if max_steps <= 0 or step_of(c) < max_steps]
     recorded = output_dir / RESUME_KEY
-    same_run = found and recorded.is_file() and json.loads(recorded.read_text()) == key
-    if same_run:
+    same_run = recorded.is_file() and json.loads(recorded.read_text()) == key
+    if same_run and found:
         if is_main:
             print(f"note: resuming from {found[-1]} (the same command line, launch and files as the run that wrote "
                   f"it; FORCE=1 does not start over: delete {output_dir} for that)", file=sys.stderr)
@@ -41,8 +50,9 @@ def checkpoint_to_resume(output_dir: Path, key: dict, is_main: bool) -> Path | N
     if is_main:
         stale = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
         if stale:
-            print(f"note: the checkpoints under {output_dir} were written by another command line, launch or data: "
-                  f"starting over (they are deleted)", file=sys.stderr)
+            why = ("holds no checkpoint before the last step with the optimizer's state" if same_run else
+                   "holds checkpoints of another command line, launch or data")
+            print(f"note: {output_dir} {why}: starting over (they are deleted)", file=sys.stderr)
         for p in stale:
             shutil.rmtree(p)
         atomic_write_json(recorded, key)

@@ -35,6 +35,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forwa
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
+from stages.resume import checkpoint_to_resume
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
@@ -151,6 +152,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     train_set, eval_set = as_dataset(train_rows), as_dataset(eval_rows)
     plan = plan_steps(len(train_set), train_cfg, args, state.num_processes)  # pairs, or prompts with batch_by_prompt
     n, seed, trainer_root = len(eval_rows), train_cfg.seed, Path(train_cfg.output_dir)
+    run_key = {**stage.inputs(config), "config": config}  # an interrupted run of the same command resumes each member
     members = []
     for i in range(args.ensemble):
         train_cfg.seed, train_cfg.output_dir = seed + i, str(trainer_root / f"member-{i}")
@@ -158,7 +160,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
         if args.ensemble > 1 and state.is_main_process:
             print(f"reward model {i + 1} of {args.ensemble} (seed {seed + i}) -> {adapter_dir}", flush=True)
         members.append(train_member(train_cfg, plan, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
-                                    adapter_dir, args))
+                                    adapter_dir, args, {**run_key, "member": i}))
     train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)
 
     # 4. On the main process: the held-out pairs, each member's reload check (the same scores from a fresh process)
@@ -203,9 +205,11 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
 
 
 def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
-                 adapter_dir: Path, args: RMArgs) -> dict:
-    """One reward model: train, save its adapter (every rank: on a sharded base the Trainer gathers it whole), then
-    its held-out scores (every rank: score() spreads the batches and gathers the scores), chosen then rejected."""
+                 adapter_dir: Path, args: RMArgs, resume_key: dict) -> dict:
+    """One reward model: train (from its newest checkpoint when an interrupted run of the same command left one:
+    stages/resume.py), save its adapter (every rank: on a sharded base the Trainer gathers it whole), then its
+    held-out scores (every rank: score() spreads the batches and gathers the scores), chosen then rejected."""
+    from accelerate import PartialState
     from transformers import set_seed
     from trl import RewardTrainer
 
@@ -224,15 +228,20 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     # cast up to it: trained, saved and scored in fp32. An fp32 base is unchanged.
     classifier = trainer.model.get_base_model()
     fp32_head(getattr(classifier, score_head_name(classifier)))
+    state = PartialState()
+    resume_from = checkpoint_to_resume(Path(train_cfg.output_dir), resume_key, state.is_main_process,
+                                       train_cfg.max_steps)
+    state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
     t0 = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_time = time.time() - t0
     trainer.save_model(str(adapter_dir))
     scores = pair_scores(trainer.model, eval_rows, tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size,
                          args.pooling)
     kept = {"adapter": adapter_dir, "scores": scores, "pooling": args.pooling, "train_time": train_time, "config": trainer.model.config,
             "head": score_head_name(trainer.model), "sharding": sharding_report(trainer.model),
-            "record": training_record(trainer.state, result, plan, train_cfg)}
+            "record": training_record(trainer.state, result, plan, train_cfg),
+            "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None}
     del trainer, model  # the next member loads its own base: free this one first
     gc.collect()
     if torch.cuda.is_available():
@@ -257,7 +266,7 @@ def member_row(member: dict, seed: int, eval_rows: list[dict], reload: dict) -> 
     return {"adapter": str(member["adapter"]), "seed": seed,
             **{k: own[k] for k in ("eval_accuracy", "eval_loss", "reward_mean", "reward_std")},
             "best_step": member["record"]["best_step"], "train_time_s": round(member["train_time"], 1),
-            "reload_check": reload}
+            "resumed_from_step": member["resumed_from_step"], "reload_check": reload}
 
 
 def training_record(state, result, plan: dict, train_cfg) -> dict:

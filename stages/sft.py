@@ -224,7 +224,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     resume_from = None
     if train_cfg.save_strategy != "no":
         resume_from = checkpoint_to_resume(Path(train_cfg.output_dir), {**stage.inputs(config), "config": config},
-                                           state.is_main_process)
+                                           state.is_main_process, train_cfg.max_steps)
         state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

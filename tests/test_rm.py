@@ -12,6 +12,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -739,3 +740,51 @@ def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_p
     # a random sample fixed by the seed, not the file's first rows (a file sorted by topic or date would be cut to one)
     first = [r["prompt"] for r in marker_rows(9)[:4]]
     assert any(k != first for k in kept) and len({json.dumps(k) for k in kept}) > 1
+
+
+def test_an_interrupted_reward_model_run_resumes_each_member_and_ends_as_an_uninterrupted_one(
+        tiny_models, marker_data, tmp_path, monkeypatch, capsys):
+    """resume == no resume, for an ensemble of two killed in its second member's step 5 (after its step-4
+    checkpoint): the same command again takes the first member from its newest checkpoint before its last step (a
+    resume at the last step would train a step too many) and the second from step 4, and ends with the uninterrupted
+    run's adapters and held-out figures."""
+    from safetensors.torch import load_file
+    from transformers.trainer_callback import CallbackHandler
+
+    runs_dir, arch = tmp_path / "runs", "llama"
+    extra = ("--dataset_name", str(marker_data["conversational"]), "--max_steps", "8", "--evals", "4",
+             "--ensemble", "2")
+    original, steps_run = CallbackHandler.on_step_end, []
+
+    def killed_in_member_1(self, train_args, state, control):
+        steps_run.append((Path(train_args.output_dir).name, state.global_step))
+        if kill and train_args.output_dir.endswith("member-1") and state.global_step == 5:
+            raise RuntimeError("killed in member 1 at step 5")
+        return original(self, train_args, state, control)
+
+    monkeypatch.setattr(CallbackHandler, "on_step_end", killed_in_member_1)
+    for run in ("whole", "cut"):
+        fake_sft(tiny_models[arch], runs_dir, run)
+    kill = False
+    whole = main(*parse_args(rm_args(tiny_models[arch], runs_dir, "whole", *extra)))
+    kill = True
+    with pytest.raises(RuntimeError, match="killed in member 1"):
+        main(*parse_args(rm_args(tiny_models[arch], runs_dir, "cut", *extra)))
+    assert not (runs_dir / "cut" / "rm" / "manifest.json").exists()
+    kill, steps_run[:] = False, []
+    capsys.readouterr()
+    cut = main(*parse_args(rm_args(tiny_models[arch], runs_dir, "cut", *extra)))
+    assert "note: resuming from" in capsys.readouterr().err
+    first, second = (r["resumed_from_step"] for r in cut["members"])
+    assert [r["resumed_from_step"] for r in whole["members"]] == [None, None] and second == 4
+    # member 0 finished: its checkpoints are the best and the last (save_total_limit 1); it resumes from one before
+    # step 8, or starts over when the best is the last, and never trains past step 8
+    assert first is None or first < 8
+    assert steps_run == [("member-0", s) for s in range((first or 0) + 1, 9)] + [("member-1", s) for s in (5, 6, 7, 8)]
+    for key in ("eval_accuracy", "eval_loss", "reward_mean", "reward_std", "best_step"):
+        assert [r[key] for r in cut["members"]] == [r[key] for r in whole["members"]], key
+    assert cut["eval_curve"] == whole["eval_curve"] and cut["loss_curve"] == whole["loss_curve"]
+    for member in ("adapter", "member-1/adapter"):
+        a, b = (load_file(runs_dir / run / "rm" / member / "adapter_model.safetensors") for run in ("whole", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), member
+    assert not (runs_dir / "cut" / "rm" / "trainer").exists()
