@@ -35,7 +35,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forwa
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.resume import checkpoint_to_resume
+from stages.resume import checkpoint_to_resume, step_of
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
@@ -241,7 +241,7 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     kept = {"adapter": adapter_dir, "scores": scores, "pooling": args.pooling, "train_time": train_time, "config": trainer.model.config,
             "head": score_head_name(trainer.model), "sharding": sharding_report(trainer.model),
             "record": training_record(trainer.state, result, plan, train_cfg),
-            "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None}
+            "resumed_from_step": step_of(resume_from) if resume_from else None}
     del trainer, model  # the next member loads its own base: free this one first
     gc.collect()
     if torch.cuda.is_available():

@@ -27,7 +27,7 @@ from pipeline.models import (load_base, load_tokenizer, lora_config, profile_fro
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.resume import checkpoint_to_resume, drop_checkpoints, tokens_seen_by
+from stages.resume import checkpoint_to_resume, drop_checkpoints, step_of, tokens_seen_by
 
 FIXED_PROMPTS = [
     "Tell me a short story about a rabbit.",
@@ -257,7 +257,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding,
             "base_dtypes": param_dtypes(trainer.model, False), "trainable_dtypes": param_dtypes(trainer.model, True),
             "data": data_name, "rows_over_max_length": rows_cut,
-            "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
+            "resumed_from_step": step_of(resume_from) if resume_from else None,
         }
         print_table("SFT", {k: v for k, v in metrics.items() if k != "loss_curve"})
         for s in samples:
