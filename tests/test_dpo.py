@@ -409,3 +409,38 @@ def test_an_sft_adapter_with_a_trained_bias_or_other_weights_does_not_combine(ch
     else:
         with pytest.raises(ConfigError, match=message):
             require_combinable(tmp_path, ["q_proj"], what="SFT")
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+        tiny_models, marker_data, tmp_path, monkeypatch):
+    """resume == no resume for DPO too: killed at step 5, after its step-4 checkpoint, the same command trains steps
+    5-8 only and ends with the uninterrupted run's policy, loss curve and held-out figures."""
+    from safetensors.torch import load_file
+    from transformers.trainer_callback import CallbackHandler
+
+    original, steps_run, kill = CallbackHandler.on_step_end, [], [False]
+
+    def watched(self, train_args, state, control):
+        steps_run.append(state.global_step)
+        if kill[0] and state.global_step == 5:
+            raise RuntimeError("killed at step 5")
+        return original(self, train_args, state, control)
+
+    monkeypatch.setattr(CallbackHandler, "on_step_end", watched)
+    runs_dir, arch = tmp_path / "runs", "llama"
+    extra = ("--dataset_name", str(marker_data["conversational"]), "--max_steps", "8", "--save_strategy", "steps",
+             "--save_steps", "4")
+    for run in ("whole", "cut"):
+        fake_sft(tiny_models[arch], runs_dir, run)
+    whole = main(*parse_args(dpo_args(tiny_models[arch], runs_dir, "whole", *extra)))
+    kill[0] = True
+    with pytest.raises(RuntimeError, match="killed at step 5"):
+        main(*parse_args(dpo_args(tiny_models[arch], runs_dir, "cut", *extra)))
+    kill[0], steps_run[:] = False, []
+    cut = main(*parse_args(dpo_args(tiny_models[arch], runs_dir, "cut", *extra)))
+    assert steps_run == [5, 6, 7, 8] and cut["resumed_from_step"] == 4 and whole["resumed_from_step"] is None
+    for key in ("loss_curve", "eval_accuracy", "reward_mean", "trl_eval", "steps"):
+        assert cut[key] == whole[key], key
+    a, b = (load_file(runs_dir / run / "dpo" / "adapter" / "adapter_model.safetensors") for run in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((runs_dir / "cut" / "dpo" / "trainer").glob("checkpoint-*"))
