@@ -1,11 +1,11 @@
-"""Continue an interrupted Trainer stage (SFT with `save_strategy: steps`) from its last checkpoint, as PPO does.
+"""Continue an interrupted Trainer stage (SFT, the reward models, DPO) from its newest checkpoint, as PPO does.
 
 Only the same run continues: the checkpoints' folder records what `make` compares to call a stage up to date (its
-command line, accelerate launch and the digests of the files it read: pipeline.run.StageRun.inputs) and the resolved
-config it trains with. Run the same
-command again after a crash and it resumes; change a flag or a data file and it starts over, with a note, after the
-main process has cleared the other run's checkpoints (the Trainer's rotation would otherwise take them for this run's).
-A finished stage deletes its checkpoints: its adapter is the result.
+command line, accelerate launch, the digests of the files it read and of its upstream manifests:
+pipeline.run.StageRun.inputs) and the resolved config it trains with. Run the same command again after a crash and
+it resumes; change a flag or a data file and it starts over, with a note, after the main process has cleared the
+other run's checkpoints (the Trainer's rotation would otherwise take them for this run's). A finished stage deletes
+its checkpoints: its adapter is the result.
 """
 
 from __future__ import annotations
