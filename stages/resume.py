@@ -28,6 +28,16 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted((p for p in found if (p / "trainer_state.json").is_file() and any(p.glob("optimizer*"))), key=step_of)
 
 
+def model_only_when_sharded(train_cfg, sharded: bool, is_main: bool) -> None:
+    """transformers saves no optimizer state for a base sharded at load time (our FSDP2), and refuses a Trainer asked
+    to: such a run's checkpoints hold the model only (`save_only_model`), and an interrupted one starts over."""
+    if sharded and train_cfg.save_strategy != "no" and not train_cfg.save_only_model:
+        train_cfg.save_only_model = True
+        if is_main:
+            print("note: the base is sharded (FSDP2): its checkpoints hold the model only (transformers saves no "
+                  "optimizer state for it), so an interrupted run starts over instead of resuming", file=sys.stderr)
+
+
 def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[-1])
 

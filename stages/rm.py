@@ -35,7 +35,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forwa
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.resume import checkpoint_to_resume, step_of
+from stages.resume import checkpoint_to_resume, model_only_when_sharded, step_of
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
@@ -120,6 +120,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     # Keep the `length` column for train_sampling_strategy=group_by_length (the sampler is built after unused columns
     # are removed); the preference collator reads only its own keys, so extra columns are harmless.
     train_cfg.remove_unused_columns = False
+    model_only_when_sharded(train_cfg, shard, state.is_main_process)
     config = {"rm": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)

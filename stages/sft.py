@@ -27,7 +27,7 @@ from pipeline.models import (load_base, load_tokenizer, lora_config, profile_fro
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.resume import checkpoint_to_resume, drop_checkpoints, step_of, tokens_seen_by
+from stages.resume import checkpoint_to_resume, drop_checkpoints, model_only_when_sharded, step_of, tokens_seen_by
 
 FIXED_PROMPTS = [
     "Tell me a short story about a rabbit.",
@@ -191,6 +191,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     stage = StageRun("sft", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")
     train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
+    model_only_when_sharded(train_cfg, shard, state.is_main_process)
     config = {"sft": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)

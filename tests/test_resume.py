@@ -55,3 +55,17 @@ def test_another_run_starts_over_and_the_main_process_deletes_the_old_checkpoint
     assert "holds no checkpoint before the last step" in capsys.readouterr().err
     drop_checkpoints(tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_sharded_base_checkpoints_the_model_only(capsys):
+    """transformers refuses a Trainer on a base sharded at load time that would save its optimizer state: the
+    checkpoints of a sharded run hold the model only (and say so); an unsharded run, or one that saves none, is left."""
+    from types import SimpleNamespace
+
+    from stages.resume import model_only_when_sharded
+
+    for sharded, strategy, want in ((True, "steps", True), (False, "steps", False), (True, "no", False)):
+        cfg = SimpleNamespace(save_strategy=strategy, save_only_model=False)
+        model_only_when_sharded(cfg, sharded, is_main=True)
+        assert cfg.save_only_model is want
+        assert ("checkpoints hold the model only" in capsys.readouterr().err) is want
