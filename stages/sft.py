@@ -192,6 +192,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     train_cfg.output_dir = str(stage.dir / "trainer")
     train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
     model_only_when_sharded(train_cfg, shard, state.is_main_process)
+    if 1 <= train_cfg.max_steps < train_cfg.logging_steps:  # a short run would log no loss at all (first/last: None)
+        train_cfg.logging_steps = train_cfg.max_steps
     config = {"sft": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)

@@ -407,3 +407,14 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     other = run("other", "--learning_rate", "1e-2")
     assert other["resumed_from_step"] == 3 and steps_run == [4, 5, 6, 7, 8, 9, 10]
     assert other["loss_curve"] == run("fresh", "--learning_rate", "1e-2")["loss_curve"]
+
+
+def test_a_run_shorter_than_logging_steps_still_logs_its_loss(tiny_models, runs_dir):
+    """max_steps 3 with logging_steps 10 logged no loss, and the summary's first and last logged loss were None: the
+    stage logs at the last step of such a run instead."""
+    metrics = main(*parse_args(tiny_args(tiny_models["llama"], runs_dir, "short", "--max_steps", "3",
+                                         "--logging_steps", "10")))
+    assert len(metrics["loss_curve"]) == 1 and metrics["steps"] == 3
+    assert metrics["first_logged_loss"] == metrics["last_logged_loss"] == metrics["loss_curve"][0]
+    config = json.loads((runs_dir / "short" / "sft" / "config.json").read_text())
+    assert config["train"]["logging_steps"] == 3

@@ -606,6 +606,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('dpo-resume-ignored', 'stages/dpo.py', 'trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)', 'trainer.train(resume_from_checkpoint=None)', 'tests/test_dpo.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-saves-optimizer', 'stages/resume.py', 'if sharded and train_cfg.save_strategy != "no" and not train_cfg.save_only_model:', 'if False:', 'tests/test_resume.py'),
+    ('sft-short-run-logs-nothing', 'stages/sft.py', '    if 1 <= train_cfg.max_steps < train_cfg.logging_steps:', '    if False:', 'tests/test_sft.py -k shorter_than_logging'),
     ('adapters-prompt-part-inclusive', 'pipeline/adapters.py', '.unsqueeze(0) < starts.unsqueeze(1)', '.unsqueeze(0) <= starts.unsqueeze(1)', 'tests/test_rm.py -k pool_scores_by_hand'),
     ('ppo-no-eos-fraction-inverted', 'stages/ppo/trainer.py', '"no_eos_fraction": L.global_mean((~ro.ended).float(), rows, g)', '"no_eos_fraction": L.global_mean((ro.ended).float(), rows, g)', 'tests/test_ppo.py -k no_eos_share'),
     # the benchmarks' figures and verdicts (bench/harness.py, bench_ppo.py, bench_rl.py, bench_sft.py, story*.py,
