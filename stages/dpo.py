@@ -34,7 +34,7 @@ from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_conf
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import requested as sharding_requested
-from stages.resume import checkpoint_to_resume, drop_checkpoints, step_of
+from stages.resume import drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import heldout_metrics
@@ -191,13 +191,8 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     trainer = trainer_on_token_ids()(model=model, args=train_cfg, train_dataset=as_token_ids(train_rows),
                                      eval_dataset=as_token_ids(eval_rows), processing_class=tokenizer,
                                      peft_config=lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout))
-    resume_from = None  # an interrupted run of the same command continues from its last checkpoint (stages/resume.py)
-    if train_cfg.save_strategy != "no":
-        resume_from = checkpoint_to_resume(Path(train_cfg.output_dir), {**stage.inputs(config), "config": config},
-                                           state.is_main_process, train_cfg.max_steps)
-        state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    t0 = time.time()  # an interrupted run of the same command continues from its last checkpoint (stages/resume.py)
+    result, resume_from = train_resuming(trainer, {**stage.inputs(config), "config": config})
     train_time = time.time() - t0
     trl_eval = trainer.evaluate()  # every process: TRL's held-out loss, reward accuracy and margins
 

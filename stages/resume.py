@@ -69,6 +69,20 @@ def checkpoint_to_resume(output_dir: Path, key: dict, is_main: bool, max_steps: 
     return None
 
 
+def train_resuming(trainer, key: dict):
+    """trainer.train(), from the newest checkpoint of an interrupted run of the same command when there is one
+    (checkpoint_to_resume; a run that saves none has none). Every rank calls it. (train's result, that checkpoint or
+    None)."""
+    from accelerate import PartialState
+
+    args, state = trainer.args, PartialState()
+    resume_from = None
+    if args.save_strategy != "no":
+        resume_from = checkpoint_to_resume(Path(args.output_dir), key, state.is_main_process, args.max_steps)
+        state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
+    return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None), resume_from
+
+
 def drop_checkpoints(output_dir: Path) -> None:
     """After the stage's outputs and manifest are written: the checkpoints are no longer needed to continue it."""
     for p in output_dir.glob("checkpoint-*"):

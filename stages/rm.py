@@ -35,7 +35,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forwa
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.resume import checkpoint_to_resume, model_only_when_sharded, step_of
+from stages.resume import model_only_when_sharded, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
@@ -210,7 +210,6 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     """One reward model: train (from its newest checkpoint when an interrupted run of the same command left one:
     stages/resume.py), save its adapter (every rank: on a sharded base the Trainer gathers it whole), then its
     held-out scores (every rank: score() spreads the batches and gathers the scores), chosen then rejected."""
-    from accelerate import PartialState
     from transformers import set_seed
     from trl import RewardTrainer
 
@@ -229,12 +228,8 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     # cast up to it: trained, saved and scored in fp32. An fp32 base is unchanged.
     classifier = trainer.model.get_base_model()
     fp32_head(getattr(classifier, score_head_name(classifier)))
-    state = PartialState()
-    resume_from = checkpoint_to_resume(Path(train_cfg.output_dir), resume_key, state.is_main_process,
-                                       train_cfg.max_steps)
-    state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    result, resume_from = train_resuming(trainer, resume_key)
     train_time = time.time() - t0
     trainer.save_model(str(adapter_dir))
     scores = pair_scores(trainer.model, eval_rows, tokenizer.pad_token_id, train_cfg.per_device_eval_batch_size,

@@ -27,7 +27,7 @@ from pipeline.models import (load_base, load_tokenizer, lora_config, profile_fro
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.resume import checkpoint_to_resume, drop_checkpoints, model_only_when_sharded, step_of, tokens_seen_by
+from stages.resume import drop_checkpoints, model_only_when_sharded, step_of, tokens_seen_by, train_resuming
 
 FIXED_PROMPTS = [
     "Tell me a short story about a rabbit.",
@@ -224,13 +224,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     # 3. Train; an interrupted run of the same command continues from its last checkpoint (save_strategy: steps)
     trainer = SFTTrainer(model=model, args=train_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout))
-    resume_from = None
-    if train_cfg.save_strategy != "no":
-        resume_from = checkpoint_to_resume(Path(train_cfg.output_dir), {**stage.inputs(config), "config": config},
-                                           state.is_main_process, train_cfg.max_steps)
-        state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    result, resume_from = train_resuming(trainer, {**stage.inputs(config), "config": config})
     train_time = time.time() - t0
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
