@@ -42,9 +42,10 @@ def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[-1])
 
 
-def checkpoint_to_resume(output_dir: Path, key: dict, is_main: bool, max_steps: int) -> Path | None:
-    """The newest checkpoint when the run that wrote it read what this one reads (`key`); else None, and the main
-    process clears the other run's checkpoints (with a note) and records this run's key. Every rank calls it.
+def checkpoint_to_resume(output_dir: Path, key: dict, max_steps: int) -> tuple[Path | None, str | None]:
+    """(the newest checkpoint, None) when the run that wrote it read what this one reads (`key`); else (None, why this
+    run starts over, or None when there is nothing to clear). Reads only: every rank calls it, and none may call it
+    after the main process has started over (train_resuming waits for every rank between the two).
 
     A checkpoint at max_steps is passed over for the one before it: transformers checks max_steps only after a step,
     so resuming from the last step in the middle of an epoch trains one step more than the run it continues."""
@@ -53,20 +54,22 @@ def checkpoint_to_resume(output_dir: Path, key: dict, is_main: bool, max_steps: 
     recorded = output_dir / RESUME_KEY
     same_run = recorded.is_file() and json.loads(recorded.read_text()) == key
     if same_run and found:
-        if is_main:
-            print(f"note: resuming from {found[-1]} (the same command line, launch and files as the run that wrote "
-                  f"it; FORCE=1 does not start over: delete {output_dir} for that)", file=sys.stderr)
-        return found[-1]
-    if is_main:
-        stale = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
-        if stale:
-            why = ("holds no checkpoint before the last step with the optimizer's state" if same_run else
-                   "holds checkpoints of another command line, launch or data")
-            print(f"note: {output_dir} {why}: starting over (they are deleted)", file=sys.stderr)
-        for p in stale:
-            shutil.rmtree(p)
-        atomic_write_json(recorded, key)
-    return None
+        return found[-1], None
+    if not any(p.is_dir() for p in output_dir.glob("checkpoint-*")):
+        return None, None
+    return None, ("holds no checkpoint before the last step with the optimizer's state" if same_run else
+                  "holds checkpoints of another command line, launch or data")
+
+
+def start_over(output_dir: Path, key: dict, why: str | None) -> None:
+    """The main process, once every rank has chosen not to resume: clear the other run's checkpoints (the Trainer's
+    rotation would otherwise take them for this run's), with a note saying why, and record this run's key."""
+    stale = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
+    if stale:
+        print(f"note: {output_dir} {why}: starting over (they are deleted)", file=sys.stderr)
+    for p in stale:
+        shutil.rmtree(p)
+    atomic_write_json(output_dir / RESUME_KEY, json.loads(json.dumps(key, default=str)))
 
 
 def train_resuming(trainer, key: dict):
@@ -78,7 +81,16 @@ def train_resuming(trainer, key: dict):
     args, state = trainer.args, PartialState()
     resume_from = None
     if args.save_strategy != "no":
-        resume_from = checkpoint_to_resume(Path(args.output_dir), key, state.is_main_process, args.max_steps)
+        output_dir = Path(args.output_dir)
+        resume_from, why = checkpoint_to_resume(output_dir, key, args.max_steps)
+        # Every rank has chosen before the main process deletes or records anything: a rank still reading would
+        # otherwise see the new key beside the old run's checkpoints and continue from one of them alone.
+        state.wait_for_everyone()
+        if state.is_main_process and resume_from:
+            print(f"note: resuming from {resume_from} (the same command line, launch and files as the run that wrote "
+                  f"it; FORCE=1 does not start over: delete {output_dir} for that)", file=sys.stderr)
+        elif state.is_main_process:
+            start_over(output_dir, key, why)
         state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
     return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None), resume_from
 

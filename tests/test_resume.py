@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from stages.resume import RESUME_KEY, checkpoint_to_resume, checkpoints, drop_checkpoints
+from stages.resume import RESUME_KEY, checkpoint_to_resume, checkpoints, drop_checkpoints, start_over
 
 KEY = {"argv": ["--run", "r"], "config": {"lr": 0.1}}
 
@@ -30,31 +30,88 @@ def test_a_checkpoint_counts_when_complete_and_holding_the_optimizers_state(tmp_
     assert checkpoints(tmp_path) == [c9, c10]
 
 
-def test_the_same_run_resumes_from_its_newest_checkpoint_before_the_last_step(tmp_path, capsys):
+def test_the_same_run_resumes_from_its_newest_checkpoint_before_the_last_step(tmp_path):
     c3, c6 = checkpoint(tmp_path, 3), checkpoint(tmp_path, 6)
     checkpoint(tmp_path, 8)
     (tmp_path / RESUME_KEY).write_text(json.dumps(KEY))
-    assert checkpoint_to_resume(tmp_path, KEY, True, max_steps=8) == c6  # not 8: one step too many would follow
-    assert checkpoint_to_resume(tmp_path, KEY, True, max_steps=0) == tmp_path / "checkpoint-8"  # epochs: no limit
-    assert checkpoint_to_resume(tmp_path, KEY, False, max_steps=7) == c6  # every rank picks the same one
-    assert "note: resuming from" in capsys.readouterr().err
-    assert checkpoint_to_resume(tmp_path, KEY, True, max_steps=4) == c3
+    assert checkpoint_to_resume(tmp_path, KEY, max_steps=8) == (c6, None)  # not 8: one step too many would follow
+    assert checkpoint_to_resume(tmp_path, KEY, max_steps=0) == (tmp_path / "checkpoint-8", None)  # epochs: no limit
+    assert checkpoint_to_resume(tmp_path, KEY, max_steps=4) == (c3, None)
+    assert checkpoint_to_resume(tmp_path, {**KEY, "config": {"lr": 0.2}}, max_steps=8)[0] is None
 
 
 def test_another_run_starts_over_and_the_main_process_deletes_the_old_checkpoints(tmp_path, capsys):
     checkpoint(tmp_path, 3)
     (tmp_path / RESUME_KEY).write_text(json.dumps(KEY))
     other = {**KEY, "config": {"lr": 0.2}}
-    assert checkpoint_to_resume(tmp_path, other, False, max_steps=8) is None  # not the main process: only reads
+    resume_from, why = checkpoint_to_resume(tmp_path, other, max_steps=8)  # choosing only reads
+    assert resume_from is None and "holds checkpoints of another command line" in why
     assert (tmp_path / "checkpoint-3").is_dir() and json.loads((tmp_path / RESUME_KEY).read_text()) == KEY
-    assert checkpoint_to_resume(tmp_path, other, True, max_steps=8) is None
-    assert "holds checkpoints of another command line" in capsys.readouterr().err
+    start_over(tmp_path, other, why)
+    assert f"note: {tmp_path} holds checkpoints of another command line" in capsys.readouterr().err
     assert not list(tmp_path.glob("checkpoint-*")) and json.loads((tmp_path / RESUME_KEY).read_text()) == other
     checkpoint(tmp_path, 8)  # the same run, with only a last-step checkpoint: starts over too, and says why
-    assert checkpoint_to_resume(tmp_path, other, True, max_steps=8) is None
-    assert "holds no checkpoint before the last step" in capsys.readouterr().err
+    resume_from, why = checkpoint_to_resume(tmp_path, other, max_steps=8)
+    assert resume_from is None and why == "holds no checkpoint before the last step with the optimizer's state"
     drop_checkpoints(tmp_path)
     assert not list(tmp_path.iterdir())
+    assert checkpoint_to_resume(tmp_path, other, max_steps=8) == (None, None)  # nothing to clear, nothing to say
+
+
+def test_no_rank_chooses_after_the_main_process_has_started_over(tmp_path, monkeypatch):
+    """Two ranks (threads, a real barrier) meet another run's checkpoints. Rank 1 is slow to look: the main process
+    must not delete them, nor record the new run's key, before it has looked, or rank 1 would see the new key beside
+    the old checkpoints and resume alone. Both start over, and the old checkpoint is gone after."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import accelerate
+
+    import stages.resume as resume
+
+    checkpoint(tmp_path, 3)
+    (tmp_path / RESUME_KEY).write_text(json.dumps(KEY))
+    other = {**KEY, "config": {"lr": 0.2}}
+    barrier, rank_of, seen_by_rank_1, results = threading.Barrier(2, timeout=30), {}, [], {}
+
+    class State:
+        @property
+        def is_main_process(self):
+            return rank_of[threading.get_ident()] == 0
+
+        def wait_for_everyone(self):
+            barrier.wait()
+
+    real_checkpoints = resume.checkpoints
+
+    def slow_for_rank_1(output_dir):
+        if rank_of[threading.get_ident()] == 1:
+            time.sleep(0.5)  # the main process has long passed its own look by now
+            seen_by_rank_1.append(((tmp_path / "checkpoint-3").is_dir(), json.loads((tmp_path / RESUME_KEY).read_text())))
+        return real_checkpoints(output_dir)
+
+    monkeypatch.setattr(accelerate, "PartialState", State)
+    monkeypatch.setattr(resume, "checkpoints", slow_for_rank_1)
+
+    class Trainer:
+        args = SimpleNamespace(save_strategy="steps", output_dir=str(tmp_path), max_steps=8)
+
+        def train(self, resume_from_checkpoint=None):
+            return resume_from_checkpoint
+
+    def rank(r):
+        rank_of[threading.get_ident()] = r
+        results[r] = resume.train_resuming(Trainer(), other)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen_by_rank_1 == [(True, KEY)]  # what rank 1 saw: the old run, untouched
+    assert results == {0: (None, None), 1: (None, None)}
+    assert not (tmp_path / "checkpoint-3").exists() and json.loads((tmp_path / RESUME_KEY).read_text()) == other
 
 
 def test_a_sharded_base_checkpoints_the_model_only(capsys):
