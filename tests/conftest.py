@@ -250,6 +250,20 @@ def build_template_tokenizer(name: str, out: Path) -> Path:
     return out
 
 
+def tiny_tokenizer_with(name: str, tmp_path):
+    """The tiny model's tokenizer, a BPE of the books the story data comes from (about as few tokens a word as a real
+    checkpoint's, more for the templates' dates), with this family's special tokens and its real chat template."""
+    from transformers import AutoTokenizer
+
+    spec = REAL_TEMPLATES[name]
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
+    specials = [t for t in (spec["bos"], spec["eos"], spec["pad"], *spec["other"]) if t]
+    tok.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(specials))})
+    tok.eos_token, tok.chat_template = spec["eos"], template_text(name)
+    tok.save_pretrained(tmp_path / name)
+    return AutoTokenizer.from_pretrained(tmp_path / name)
+
+
 def build_template_model(name: str, tokenizer_dir: Path, out: Path) -> Path:
     """A tiny random Llama for this tokenizer; generation_config lists the family's stop tokens, as real checkpoints do."""
     import torch

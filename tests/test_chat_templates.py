@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import LLAMA_TARGETS, REAL_TEMPLATES, REPO, build_template_tokenizer, template_text
+from tests.conftest import (LLAMA_TARGETS, REAL_TEMPLATES, REPO, build_template_tokenizer, template_text,
+                            tiny_tokenizer_with)
 
 SYSTEM, REPLIES = "Be brief.", ["Hello, little rabbit.", "Yes: two lines,\nand a carrot."]
 
@@ -364,20 +365,6 @@ def test_a_base_without_a_pad_token_pads_with_eos_and_its_reward_model_reads_the
         scores = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, 0]
         per_token = model.score(model.model(input_ids=ids).last_hidden_state)[..., 0]
     torch.testing.assert_close(scores, torch.stack([per_token[0, 2], per_token[1, 1]]))
-
-
-def tiny_tokenizer_with(name: str, tmp_path):
-    """The tiny model's tokenizer, a BPE of the books the story data comes from (about as few tokens a word as a real
-    checkpoint's, more for the templates' dates), with this family's special tokens and its real chat template."""
-    from transformers import AutoTokenizer
-
-    spec = REAL_TEMPLATES[name]
-    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
-    specials = [t for t in (spec["bos"], spec["eos"], spec["pad"], *spec["other"]) if t]
-    tok.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(specials))})
-    tok.eos_token, tok.chat_template = spec["eos"], template_text(name)
-    tok.save_pretrained(tmp_path / name)
-    return AutoTokenizer.from_pretrained(tmp_path / name)
 
 
 STORY_LENGTHS = {"llama3_1": (109, 138), "llama3_2": (109, 138), "qwen2_5": (91, 121), "qwen3": (59, 95),
