@@ -91,19 +91,20 @@ def test_two_processes_match_one_process(tiny_models, runs_dir):
 def test_two_processes_resume_an_interrupted_run_and_end_as_an_uninterrupted_one(tiny_models, runs_dir):
     """resume == no resume under DDP: two processes killed after step 7 (tests/killed_stage.py), then the same
     command again, end with the uninterrupted two-process run's adapter, to the bit, and its loss curve. LoRA dropout
-    on: each rank's random state comes back from the checkpoint too."""
+    on: each rank's random state comes back from the checkpoint too. (Ranks that resume from different steps fall out
+    of step and wait on each other until the timeout.)"""
     def args(name):
         return tiny_args(tiny_models["llama"], runs_dir, name, "--save_strategy", "steps", "--save_steps", "3",
                          "--max_steps", "10", "--eval_fraction", "0", "--lora_dropout", "0.1")
 
-    whole = run_module("stages.sft", args("whole"), processes=2)
+    whole = run_module("stages.sft", args("whole"), processes=2, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run_module("tests.killed_stage", ["stages.sft", "7", *args("cut")], processes=2)
+    killed = run_module("tests.killed_stage", ["stages.sft", "7", *args("cut")], processes=2, timeout=300)
     assert killed.returncode != 0 and "killed at step 7" in killed.stderr, killed.stderr[-3000:]
     trainer_dir = runs_dir / "cut" / "sft" / "trainer"
     assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert {p.name for p in (trainer_dir / "checkpoint-6").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    resumed = run_module("stages.sft", args("cut"), processes=2)
+    resumed = run_module("stages.sft", args("cut"), processes=2, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count(f"note: resuming from {trainer_dir / 'checkpoint-6'}") == 1  # the main process says it
     m_whole, m_cut = (json.loads((runs_dir / n / "sft/manifest.json").read_text())["metrics"] for n in ("whole", "cut"))
