@@ -147,12 +147,14 @@ def batch_seed(generator_seed: int, batch_index: int) -> int:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingConfig,
-             generator_seed: int | None = None, progress: bool = False) -> Generations:
+             generator_seed: int | None = None, progress: bool = False, batches_store=None) -> Generations:
     """Generate for each prompt, in batches of cfg.generation_batch_size; pad every batch's responses to
     cfg.max_new_tokens so they stack. With several processes every rank calls this with the same prompts: the batches
     are spread over the ranks and the result, in prompt order, comes back on every rank. On a sharded model
     (pipeline.sharding) each forward is a collective: the ranks run the same number of batches, and within a batch
-    generation stops only when every rank's rows have ended (`synced_gpus`)."""
+    generation stops only when every rank's rows have ended (`synced_gpus`). `batches_store` (stages.resume.
+    SampledBatches; not on a sharded model, whose ranks must run every forward together) keeps each finished batch
+    and hands back those an interrupted run of the same command had finished."""
     from tqdm.auto import tqdm
 
     from pipeline.sharding import is_sharded, rank_and_world, reshard, spread
@@ -160,12 +162,18 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
     device = next(model.parameters()).device
     stop_ids, pad_id = stop_token_ids(tokenizer, model), tokenizer.pad_token_id
     synced = is_sharded(model) and rank_and_world()[1] > 1
+    if batches_store is not None and is_sharded(model):
+        raise ValueError("a sharded model's ranks sample every batch together: no batches can be reused")
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) \
         if cfg.temperature > 0 else dict(do_sample=False)
     starts = list(range(0, len(prompt_token_ids), cfg.generation_batch_size))
     bar = tqdm(total=len(starts), desc="generate", disable=not progress, dynamic_ncols=True)
 
     def one_batch(b: int):
+        kept = batches_store.get(b) if batches_store is not None else None
+        if kept is not None:
+            bar.update()
+            return kept
         if generator_seed is not None:
             torch.manual_seed(batch_seed(generator_seed, b))
         ids, mask = left_pad(prompt_token_ids[starts[b]: starts[b] + cfg.generation_batch_size], pad_id)
@@ -174,6 +182,8 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
         resp = out[:, ids.shape[1]:].cpu()
         if resp.shape[1] < cfg.max_new_tokens:  # every row stopped early
             resp = torch.cat([resp, torch.full((resp.shape[0], cfg.max_new_tokens - resp.shape[1]), pad_id)], dim=1)
+        if batches_store is not None:
+            batches_store.put(b, (ids, mask, resp))
         bar.update()
         return ids, mask, resp
 

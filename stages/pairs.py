@@ -28,7 +28,8 @@ from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import check_adapter, load_tokenizer, profile_from, require_chat_template, resolve_base, to_device
 from pipeline.report import print_table
 from pipeline.run import StageRun, main_guard
-from pipeline.sharding import process_state, sharding_report, take_over_from_accelerate
+from pipeline.sharding import is_sharded, process_state, sharding_report, take_over_from_accelerate
+from stages.resume import SampledBatches
 
 
 @dataclass
@@ -147,10 +148,19 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
 
     # 3. Generate: each prompt K times in a row, seeded per batch (same config + seed -> same pairs on CPU, with any
     #    number of processes: every rank calls generate(), which spreads the batches and gathers the responses)
+    #    An interrupted run of the same command keeps the batches it had finished (stages/resume.py), except on a
+    #    sharded base, whose ranks sample every batch together.
     k = args.num_responses
+    store = None
+    if is_sharded(stack.model):
+        if state.is_main_process:
+            print("note: the base is sharded (FSDP2): an interrupted `make pairs` samples every batch again",
+                  file=sys.stderr)
+    else:
+        store = SampledBatches(stage.dir / "sampled", {**stage.inputs(config), "config": config}, state)
     t0 = time.time()
     gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
-                    generator_seed=args.seed, progress=True)
+                    generator_seed=args.seed, progress=True, batches_store=store)
     gen_time = time.time() - t0
     new_tokens = int(gens.response_mask.sum())
     sharding = sharding_report(stack.model)
@@ -179,6 +189,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             "generation_time_s": round(gen_time, 1), "new_tokens_per_s": round(new_tokens / gen_time, 1),
             "policy": f"{policy['base_model']} + {adapter}", "data": data_name,
             "world_size": state.num_processes, "sharding": sharding,
+            "batches_kept_from_an_interrupted_run": store.kept if store else 0,
         }
         print_table("pairs", metrics)
         for row in rows[:2]:
@@ -186,6 +197,8 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             for r in row["responses"]:
                 print(f"  - {r[:120]!r}")
         stage.finish({"dataset": out}, metrics, config)
+        if store:
+            store.drop()
     finish_distributed()
     return metrics
 

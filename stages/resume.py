@@ -106,3 +106,62 @@ def drop_checkpoints(output_dir: Path) -> None:
 def tokens_seen_by(checkpoint: Path) -> int:
     """The input tokens the run had trained on when it wrote `checkpoint` (Trainer's num_input_tokens_seen)."""
     return json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0
+
+
+class SampledBatches:
+    """The finished batches of an interrupted sampling stage (`make pairs`), kept in `folder` as they are sampled, so
+    that the same command run again samples only the batches it had not finished. Every batch has its own seed
+    (pipeline.generation.generate), so the result is the one an uninterrupted run gives, byte for byte. Only the same
+    run continues (`key`, as for checkpoints); another command line, launch or data starts over, with a note. Every
+    rank builds it; each rank reads and writes the batches it samples."""
+
+    def __init__(self, folder: Path, key: dict, state):
+        self.folder, self.reused = folder, 0
+        self.rank, self.world = state.process_index, state.num_processes
+        key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
+        recorded = folder / RESUME_KEY
+        same_run = recorded.is_file() and json.loads(recorded.read_text()) == key
+        kept = sorted(folder.glob("batch-*.pt"))
+        self.kept = len(kept) if same_run else 0
+        state.wait_for_everyone()  # every rank has read the key before the main process replaces it
+        if state.is_main_process:
+            if same_run and kept:
+                print(f"note: {len(kept)} batches sampled by an interrupted run of the same command are kept "
+                      f"({folder}); the rest are sampled now", file=sys.stderr)
+            elif not same_run:
+                if kept:
+                    print(f"note: {folder} holds batches of another command line, launch or data: starting over "
+                          f"(they are deleted)", file=sys.stderr)
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                atomic_write_json(recorded, key)
+        state.wait_for_everyone()
+
+    def path(self, batch: int) -> Path:
+        return self.folder / f"batch-{batch:06d}.pt"
+
+    def mine(self, batch: int) -> bool:
+        """Batch b is rank b % N's (pipeline.sharding.spread); another rank that runs it again only keeps in step."""
+        return batch % self.world == self.rank
+
+    def get(self, batch: int):
+        """The batch's tensors when an earlier run of the same command finished it, else None."""
+        import torch
+
+        if not self.mine(batch) or not self.path(batch).is_file():
+            return None
+        self.reused += 1
+        return tuple(torch.load(self.path(batch), weights_only=True))
+
+    def put(self, batch: int, tensors: tuple) -> None:
+        import torch
+
+        if not self.mine(batch):
+            return
+        part = self.path(batch).with_suffix(".part")  # a kill mid-write leaves no batch file behind
+        torch.save(list(tensors), part)
+        part.replace(self.path(batch))
+
+    def drop(self) -> None:
+        """Once the stage's outputs are written."""
+        shutil.rmtree(self.folder, ignore_errors=True)

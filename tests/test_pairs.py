@@ -180,7 +180,7 @@ def test_each_pair_holds_two_responses_to_its_own_prompt(tiny_models, runs_dir, 
     prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     asked = []
 
-    def by_prompt(model, tokenizer, prompt_ids, sampling, generator_seed=None, progress=False):
+    def by_prompt(model, tokenizer, prompt_ids, sampling, generator_seed=None, progress=False, batches_store=None):
         asked.extend(prompt_ids)
         n, content = len(prompt_ids), [tokenizer.decode(ids) for ids in prompt_ids]
         names = [next(t for t in texts if t in c) for c in content]
@@ -239,7 +239,7 @@ def test_the_runs_seed_draws_the_prompts_and_the_samples_and_a_prompt_of_max_pro
     prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     seeds = []
 
-    def numbered(model, tokenizer, prompt_ids, sampling, generator_seed=None, progress=False):
+    def numbered(model, tokenizer, prompt_ids, sampling, generator_seed=None, progress=False, batches_store=None):
         seeds.append(generator_seed)
         n = len(prompt_ids)
         return Generations(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
@@ -257,3 +257,77 @@ def test_the_runs_seed_draws_the_prompts_and_the_samples_and_a_prompt_of_max_pro
             f"template; longest {lengths[2]}): they were left out; raise --max_prompt_tokens to keep them"
             ) in capsys.readouterr().err
     assert sorted({row["prompt"][0]["content"] for row in ds}) == texts[:2]
+
+
+def test_an_interrupted_run_keeps_its_sampled_batches_and_ends_as_an_uninterrupted_one(tiny_models, runs_dir,
+                                                                                        monkeypatch, capsys):
+    """resume == no resume: `make pairs` killed after 3 of its 6 batches, run again with the same command, samples
+    batches 3-5 only and gives the uninterrupted run's pairs, to the byte; its kept batches are gone once it has
+    finished. Another command line after a kill starts over, with a note."""
+    import datasets
+
+    import stages.resume as resume
+    from pipeline.config import RunArgs, parse
+    from pipeline.generation import SamplingConfig
+    from stages.pairs import PairsArgs, main
+
+    profile = str(tiny_models["llama"])
+    put, sampled = resume.SampledBatches.put, []
+
+    def run(name, *extra, kill_after=None):
+        sampled.clear()
+
+        def watched_put(self, batch, tensors):
+            put(self, batch, tensors)
+            sampled.append(batch)
+            if len(sampled) == kill_after:
+                raise RuntimeError(f"killed after {kill_after} batches")
+
+        monkeypatch.setattr(resume.SampledBatches, "put", watched_put)
+        args = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", name, "--model_config", profile,
+                *TINY, "--generation_batch_size", "2", *extra]
+        return main(*parse((PairsArgs, SamplingConfig, RunArgs), args))
+
+    def pairs_of(name):
+        ds = datasets.load_from_disk(str(runs_dir / name / "pairs" / "dataset"))
+        return [(r["pair_id"], r["prompt"], r["responses"], r["ended"]) for r in ds]
+
+    for name in ("whole", "cut", "other"):
+        make_sft_run(runs_dir, name, profile)  # the same adapter each time (seed 0)
+    whole = run("whole")
+    assert sampled == [0, 1, 2, 3, 4, 5] and whole["batches_kept_from_an_interrupted_run"] == 0
+    with pytest.raises(RuntimeError, match="killed after 3 batches"):
+        run("cut", kill_after=3)
+    kept_dir = runs_dir / "cut" / "pairs" / "sampled"
+    assert sorted(p.name for p in kept_dir.glob("batch-*")) == ["batch-000000.pt", "batch-000001.pt", "batch-000002.pt"]
+    capsys.readouterr()
+    cut = run("cut")
+    assert "note: 3 batches sampled by an interrupted run of the same command are kept" in capsys.readouterr().err
+    assert sampled == [3, 4, 5] and cut["batches_kept_from_an_interrupted_run"] == 3
+    assert pairs_of("cut") == pairs_of("whole") and cut["pairs"] == whole["pairs"] > 0
+    assert not kept_dir.exists()
+
+    with pytest.raises(RuntimeError, match="killed after 2 batches"):
+        run("other", kill_after=2)
+    capsys.readouterr()
+    other = run("other", "--temperature", "0.9")  # another command line: every batch sampled at its own settings
+    assert "holds batches of another command line, launch or data: starting over" in capsys.readouterr().err
+    assert sampled == [0, 1, 2, 3, 4, 5] and other["batches_kept_from_an_interrupted_run"] == 0
+
+
+def test_each_rank_keeps_and_reuses_only_its_own_batches(tmp_path):
+    """With N processes batch b is rank b % N's (pipeline.sharding.spread); a rank that runs another's batch again,
+    to keep in step, neither writes nor reads it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from stages.resume import SampledBatches
+
+    state = SimpleNamespace(process_index=1, num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
+    store = SampledBatches(tmp_path / "sampled", {"argv": []}, state)
+    t = (torch.arange(3), torch.ones(2))
+    store.put(0, t)
+    store.put(3, t)
+    assert [p.name for p in (tmp_path / "sampled").glob("batch-*")] == ["batch-000003.pt"]
+    assert store.get(0) is None and all(torch.equal(a, b) for a, b in zip(store.get(3), t)) and store.reused == 1
