@@ -337,11 +337,24 @@ def disk_problem(err: BaseException) -> str | None:
     return None
 
 
+# Warnings the libraries give on every run that nobody running a stage can act on: PEFT reads transformers' deprecated
+# `is_gradient_checkpointing` on every forward set-up, and the Trainer asks for pinned memory on a machine without an
+# accelerator (where it is simply not used). Left in, they are most of a stage's output.
+LIBRARY_NOISE = [
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
+]
+
+
 def main_guard(main_fn):
     """Run a stage's main(); a ConfigError, or a disk that refuses a write (full, read-only), becomes one clear line on
     stderr and exit code 2, no traceback."""
+    import warnings
+
     from pipeline.report import destroy_distributed
 
+    for category, message in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
     try:
         main_fn()
     except ConfigError as err:

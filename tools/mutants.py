@@ -607,6 +607,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('pairs-kept-batches-of-another-run', 'stages/resume.py', '            elif not same_run:\n', '            elif False:\n', 'tests/test_pairs.py -k interrupted'),
     ('pairs-kept-batches-left', 'stages/pairs.py', '        if store:\n            store.drop()\n', '', 'tests/test_pairs.py -k interrupted'),
     ('pairs-batches-of-another-rank', 'stages/resume.py', '        return batch % self.world == self.rank\n', '        return True\n', 'tests/test_pairs.py -k own_batches'),
+    ('library-noise-shown', 'pipeline/run.py', '    for category, message in LIBRARY_NOISE:\n', '    for category, message in []:\n', 'tests/test_journey.py'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-saves-optimizer', 'stages/resume.py', 'if sharded and train_cfg.save_strategy != "no" and not train_cfg.save_only_model:', 'if False:', 'tests/test_resume.py'),
