@@ -1,34 +1,37 @@
-"""A stage killed at a training step, in a real launch: `python -m tests.killed_stage STAGE_MODULE STEP ARGS...` runs
-STAGE_MODULE's `__main__` with ARGS, and every rank's Trainer raises once it has finished step STEP (after that step's
-checkpoint, if it saves one), as a crash or a kill would end it. For the multi-process resume tests."""
+"""A stage killed at a training step, in a real launch: `python -m tests.killed_stage STAGE_MODULE [FOLDER:]STEP ARGS...`
+runs STAGE_MODULE's `__main__` with ARGS, and every rank's Trainer (only one whose output folder is named FOLDER, e.g.
+a reward-model ensemble's `member-1`) raises once it has finished step STEP, after that step's checkpoint if it saves
+one, as a crash or a kill would end it. For the multi-process resume tests."""
 
 import runpy
 import sys
+from pathlib import Path
 
 import transformers
 
 
 class KilledAt(transformers.TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, folder: str | None):
+        self.step, self.folder = step, folder
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
+        if state.global_step == self.step and self.folder in (None, Path(args.output_dir).name):
             raise RuntimeError(f"killed at step {self.step}")
 
 
-def kill_every_trainer_at(step: int) -> None:
+def kill_every_trainer_at(step: int, folder: str | None = None) -> None:
     init = transformers.Trainer.__init__
 
     def init_then_watch(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        self.add_callback(KilledAt(step))
+        self.add_callback(KilledAt(step, folder))
 
     transformers.Trainer.__init__ = init_then_watch
 
 
 if __name__ == "__main__":
-    module, step, *stage_args = sys.argv[1:]
-    kill_every_trainer_at(int(step))
+    module, where, *stage_args = sys.argv[1:]
+    folder, _, step = where.rpartition(":")
+    kill_every_trainer_at(int(step), folder or None)
     sys.argv = [module, *stage_args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
