@@ -138,8 +138,23 @@ def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 
     # The launcher sets the FSDP variables from the config it is given: none may leak in from this process (a stage
     # called in-process records its FSDP decision in os.environ).
     base_env = {k: v for k, v in os.environ.items() if k not in FSDP_ENV}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**base_env, **extra, **(env or {})})
+    return run_as_group(cmd, timeout, {**base_env, **extra, **(env or {})})
+
+
+def run_as_group(cmd: list[str], timeout: int, env: dict) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on a timeout the launcher and every rank it started are killed (killing
+    the launcher alone leaves two hung ranks spinning through the rest of the suite)."""
+    import signal
+
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 FSDP_ENV = ("PIPELINE_FSDP", "ACCELERATE_USE_FSDP", "FSDP_VERSION")
