@@ -41,6 +41,7 @@ from stages.eval_compare import (RL_STAGES, comparison_figures, comparison_markd
                                  policy_method, policy_row, shared_heldout_prompts, win_rate_matrix)
 from stages.eval_plots import plot_gold_vs_kl, plot_overoptimisation, save_plots
 from stages.eval_ppo import checkpoint_curve, curve_point, final_update, ppo_markdown, sft_vs_ppo
+from stages.resume import drop_sampled_batches, sampled_batches
 
 @dataclass
 class EvalArgs:
@@ -65,10 +66,11 @@ class EvalArgs:
 
 @torch.no_grad()
 def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_ids, sampling: SamplingConfig, seed: int,
-            batch: int) -> dict:
-    """Sample one response per prompt from `policy`, then score it with the reward adapter."""
+            batch: int, batches_store=None) -> dict:
+    """Sample one response per prompt from `policy` (the batches an interrupted run kept: `batches_store`,
+    stages.resume.SampledBatches), then score it with the reward adapter."""
     stack.use(policy)
-    gens = generate(stack.model, tokenizer, prompt_ids, sampling, generator_seed=seed)
+    gens = generate(stack.model, tokenizer, prompt_ids, sampling, generator_seed=seed, batches_store=batches_store)
     device = next(stack.model.parameters()).device
     # What the reward model reads: prompt + reply as an assistant turn, chat-templated as RewardTrainer trained it
     # and as PPO scored its rollouts (reward_input: chat).
@@ -163,9 +165,10 @@ def policy_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
 
 
 def kept_policy_samples(stack: AdapterStack, tokenizer, prompts, prompt_ids, sampling: SamplingConfig, args: EvalArgs,
-                        stage_dir: Path, final_update: int) -> list[tuple[int, str, dict, list[float]]]:
+                        stage_dir: Path, final_update: int, keep=lambda name: None) -> list[tuple[int, str, dict, list[float]]]:
     """(update, name, samples, KL to SFT) of each policy an RL stage kept (`stage_dir`: ppo, grpo, ...) between SFT and
-    its final policy: the model work of its over-optimisation curve, done by every rank."""
+    its final policy: the model work of its over-optimisation curve, done by every rank. `keep`: name -> where that
+    policy's sampled batches are kept (rollout)."""
     from pipeline.models import check_adapter
 
     kept = []
@@ -175,7 +178,8 @@ def kept_policy_samples(stack: AdapterStack, tokenizer, prompts, prompt_ids, sam
         name = f"update-{update}"
         check_adapter(path, stack.causal_lm.config, what=f"kept policy {path}")
         stack.model.load_adapter(str(path), adapter_name=name)  # on a sharded base: whole on every rank, as the others
-        ro = rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
+        ro = rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size,
+                     keep(f"{stage_dir.name}-{name}"))
         kept.append((update, name, ro, sequence_kl(stack, name, "sft", ro, args.score_batch_size, sampling.temperature)))
         stack.use("sft")
         stack.model.delete_adapter(name)
@@ -317,8 +321,15 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     stack.add_ensemble("reward", list(rewards), reward_stats)
     to_device(stack.model, state.device)
 
-    # 2. Sample and score every policy with the same seed; KL of each to the reference on its own responses
-    ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size)
+    # 2. Sample and score every policy with the same seed; KL of each to the reference on its own responses. An
+    #    interrupted run of the same command keeps the batches each policy had sampled (stages/resume.py).
+    stores = []
+
+    def keep(name: str):
+        stores.append(sampled_batches(stage, config, state, stack.model, name))
+        return stores[-1]
+
+    ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size, keep(name))
           for name in ["sft", *policies]}
     kl = {"sft": [0.0] * len(prompts), **{name: sequence_kl(stack, name, "sft", ro[name], args.score_batch_size,
                                                             sampling.temperature) for name in policies}}
@@ -329,7 +340,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         if ppo:
             heldout = heldout_pair_rewards(stack, tokenizer, rm, args.score_batch_size)
         kept = {name: kept_policy_samples(stack, tokenizer, prompts, prompt_ids, sampling, args, stage.dir.parent / name,
-                                          final[name]) for name in final}
+                                          final[name], keep) for name in final}
     sharding = sharding_report(stack.model)
     if not state.is_main_process:  # the main process writes the report
         finish_distributed()
@@ -380,7 +391,9 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         print(f"warning: {flag}")
     stage.finish({"report": stage.dir / "report.md", "report_json": stage.dir / "report.json", **outputs,
                   **{f"plot_{k}": v for k, v in plots.items()}},
-                 {**figures, "world_size": state.num_processes, "sharding": sharding}, config)
+                 {**figures, "world_size": state.num_processes, "sharding": sharding,
+                  "batches_kept_from_an_interrupted_run": sum(s.kept for s in stores if s)}, config)
+    drop_sampled_batches(stage.dir)
     finish_distributed()
     return figures
 

@@ -28,8 +28,8 @@ from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import check_adapter, load_tokenizer, profile_from, require_chat_template, resolve_base, to_device
 from pipeline.report import print_table
 from pipeline.run import StageRun, main_guard
-from pipeline.sharding import is_sharded, process_state, sharding_report, take_over_from_accelerate
-from stages.resume import SampledBatches
+from pipeline.sharding import process_state, sharding_report, take_over_from_accelerate
+from stages.resume import sampled_batches
 
 
 @dataclass
@@ -151,13 +151,9 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     #    An interrupted run of the same command keeps the batches it had finished (stages/resume.py), except on a
     #    sharded base, whose ranks sample every batch together.
     k = args.num_responses
-    store = None
-    if is_sharded(stack.model):
-        if state.is_main_process:
-            print("note: the base is sharded (FSDP2): an interrupted `make pairs` samples every batch again",
-                  file=sys.stderr)
-    else:
-        store = SampledBatches(stage.dir / "sampled", {**stage.inputs(config), "config": config}, state)
+    store = sampled_batches(stage, config, state, stack.model)
+    if store is None and state.is_main_process:
+        print("note: the base is sharded (FSDP2): an interrupted `make pairs` samples every batch again", file=sys.stderr)
     t0 = time.time()
     gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
                     generator_seed=args.seed, progress=True, batches_store=store)

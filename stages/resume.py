@@ -165,3 +165,20 @@ class SampledBatches:
     def drop(self) -> None:
         """Once the stage's outputs are written."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def sampled_batches(stage, config: dict, state, model, name: str = "") -> SampledBatches | None:
+    """The SampledBatches of a sampling stage's run (`stage`: pipeline.run.StageRun), in stage.dir/sampled/NAME (eval
+    keeps each policy's apart), keyed as a Trainer stage's checkpoints are; None on a sharded model, whose ranks sample
+    every batch together."""
+    from pipeline.sharding import is_sharded
+
+    if is_sharded(model):
+        return None
+    key = {**stage.inputs(config), "config": config, "sampled": name}
+    return SampledBatches(stage.dir / "sampled" / name if name else stage.dir / "sampled", key, state)
+
+
+def drop_sampled_batches(stage_dir: Path) -> None:
+    """Once the stage's outputs are written: every SampledBatches folder of its run (sampled_batches)."""
+    shutil.rmtree(stage_dir / "sampled", ignore_errors=True)

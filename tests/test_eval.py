@@ -448,6 +448,52 @@ def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path,
     assert m["rm_gold_pairs"] == 3 and m["rm_gold_agreement"] == want["agreement"]
 
 
+def test_an_interrupted_eval_keeps_its_sampled_batches_and_ends_as_an_uninterrupted_one(tmp_path, tiny_models,
+                                                                                         monkeypatch, capsys):
+    """resume == no resume: `make eval` on a run with kept policies (SFT, PPO, then PPO's updates 4 and 8: 3 batches
+    each) killed after 5 batches, run again with the same command, samples the other 7 only and writes the
+    uninterrupted run's samples and figures; its kept batches are gone once the report is written."""
+    import stages.resume as resume
+    from stages.eval import main, parse_args
+
+    put, sampled = resume.SampledBatches.put, []
+
+    def run(runs, kill_after=None):
+        sampled.clear()
+
+        def watched_put(self, batch, tensors):
+            put(self, batch, tensors)
+            sampled.append((self.folder.name, batch))
+            if len(sampled) == kill_after:
+                raise RuntimeError(f"killed after {kill_after} batches")
+
+        monkeypatch.setattr(resume.SampledBatches, "put", watched_put)
+        main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
+                          "--model_config", str(tiny_models["llama"]), "--max_new_tokens", "8",
+                          "--generation_batch_size", "2"]))
+        return json.loads((runs / "t" / "eval" / "manifest.json").read_text())["metrics"]
+
+    runs = {}
+    for name in ("whole", "cut"):
+        runs[name] = build_upstream(tmp_path / name, tiny_models["llama"])
+        add_kept_policies_and_rm_pairs(runs[name] / "t")
+    whole = run(runs["whole"])
+    order = ["sft", "ppo", "ppo-update-4", "ppo-update-8"]
+    assert sampled == [(p, b) for p in order for b in range(3)] and whole["batches_kept_from_an_interrupted_run"] == 0
+    with pytest.raises(RuntimeError, match="killed after 5 batches"):
+        run(runs["cut"], kill_after=5)
+    capsys.readouterr()
+    cut = run(runs["cut"])
+    assert "note: 2 batches sampled by an interrupted run of the same command are kept" in capsys.readouterr().err
+    assert sampled == [("ppo", 2)] + [(p, b) for p in order[2:] for b in range(3)]
+    assert cut["batches_kept_from_an_interrupted_run"] == 5
+    report = {n: json.loads((runs[n] / "t" / "eval" / "report.json").read_text()) for n in runs}
+    assert report["cut"]["samples"] == report["whole"]["samples"] and report["cut"]["gold"] == report["whole"]["gold"]
+    assert {k: v for k, v in cut.items() if k != "batches_kept_from_an_interrupted_run"} == \
+        {k: v for k, v in whole.items() if k != "batches_kept_from_an_interrupted_run"}
+    assert not (runs["cut"] / "t" / "eval" / "sampled").exists()
+
+
 def test_bad_gold_judge_is_one_error_before_anything_is_written(tmp_path, tiny_models):
     from stages.eval import main, parse_args
 
