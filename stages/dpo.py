@@ -37,7 +37,7 @@ from pipeline.sharding import requested as sharding_requested
 from stages.resume import drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
 from stages.rm_data import checked_mixture, data_record, prepare_data
-from stages.rm_scoring import heldout_metrics
+from stages.rm_scoring import MIXED_PRECISION_DTYPE, heldout_metrics
 
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
 # adapter reloaded on the raw base, in float32; merging and unmerging only reorders float32 sums (~1e-5 seen).
@@ -139,21 +139,25 @@ def save_policy(trainer, sft_dir, adapter_dir, base_path: str):
 
 
 def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size: int, chosen: list[float],
-                 rejected: list[float]) -> dict:
+                 rejected: list[float], mixed_precision: str = "no") -> dict:
     """The saved adapter, loaded with stock peft on the raw base (as eval loads policies), must give the trained
     policy's log-probs on the first held-out pairs. Checked in float32; in other dtypes the merged SFT weights were
-    rounded, so the difference is only reported."""
+    rounded, and under the launch's `mixed_precision` (bf16 autocast: configs/accelerate/multi_gpu.yaml) the trained
+    policy's log-probs were, so the difference is only reported."""
     from peft import PeftModel
 
     n = min(RELOAD_CHECK_PAIRS, len(dataset))
     model = PeftModel.from_pretrained(load_base(profile, tokenizer), str(adapter_dir))
     again = completion_logps(to_device(model), dataset.select(range(n)), collator, batch_size)
     diff = max(abs(a - b) for a, b in zip(chosen[:n] + rejected[:n], again[0] + again[1]))
-    if profile.dtype == "float32" and diff > RELOAD_ATOL_FP32:
+    autocast = MIXED_PRECISION_DTYPE.get(mixed_precision)
+    checked = profile.dtype == "float32" and autocast is None
+    if checked and diff > RELOAD_ATOL_FP32:
         raise RuntimeError(f"the DPO policy saved in {adapter_dir} does not reproduce the trained policy on the raw base: "
                            f"held-out log-probs differ by up to {diff:.3g} (> {RELOAD_ATOL_FP32}): the SFT and DPO "
                            f"adapters were not combined into the policy that was trained")
-    return {"max_abs_logp_diff": diff, "pairs": n, "dtype": profile.dtype, "checked": profile.dtype == "float32"}
+    dtype = f"{autocast} (mixed precision)" if profile.dtype == "float32" and autocast else profile.dtype
+    return {"max_abs_logp_diff": diff, "pairs": n, "dtype": dtype, "checked": checked}
 
 
 def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
@@ -214,7 +218,8 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
         logs, steps = trainer.state.log_history, trainer.state.global_step
         del trainer, model, policy
         gc.collect()
-        reload = check_reload(adapter_dir, profile, tokenizer, eval_ds, collator, batch, chosen, rejected)
+        reload = check_reload(adapter_dir, profile, tokenizer, eval_ds, collator, batch, chosen, rejected,
+                              train_cfg.mixed_precision)
         pairs_file = stage.dir / "eval_pairs.jsonl"
         with open(pairs_file, "w") as f:
             for r, c, j in zip(eval_rows, reward_chosen, reward_rejected):

@@ -323,7 +323,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
 
     # 2. Sample and score every policy with the same seed; KL of each to the reference on its own responses. An
     #    interrupted run of the same command keeps the batches each policy had sampled (stages/resume.py).
-    stores = []
+    stores, made_eval_folder = [], not stage.dir.exists()
 
     def keep(name: str):
         stores.append(sampled_batches(stage, config, state, stack.model, name))
@@ -350,17 +350,21 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     #    PPO, then every policy against every other
     from pipeline.judges import judge_scores
 
-    gold = {n: judge_scores(judge, prompts, ro[n]["texts"], args.gold_batch_size) for n in ro} if judge is not None else None
-    report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "reward_models": len(rewards),
-              "reward_adapter": reward_adapter,
-              "reward_pooling": stack.pooling["reward"]}
-    figures, plots, outputs = {}, {}, {}
-    if ppo:
-        report.update(sft_vs_ppo(judge, prompts, args, ppo, stage.dir.parent / "ppo", ro["sft"], ro["ppo"], kl["ppo"], gold,
-                                 heldout, kept.get("ppo", [])))
-        figures = report["figures"]
-    comparison = compare_policies(judge, prompts, args, policies, ro, kl, gold, kept,
-                                  report["gold"]["curve"] if report.get("gold") else None, final)
+    try:  # the judge meets the real samples here: a judge that fails on them is bad input, which writes nothing
+        gold = {n: judge_scores(judge, prompts, ro[n]["texts"], args.gold_batch_size) for n in ro} if judge is not None else None
+        report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "reward_models": len(rewards),
+                  "reward_adapter": reward_adapter,
+                  "reward_pooling": stack.pooling["reward"]}
+        figures, plots, outputs = {}, {}, {}
+        if ppo:
+            report.update(sft_vs_ppo(judge, prompts, args, ppo, stage.dir.parent / "ppo", ro["sft"], ro["ppo"], kl["ppo"], gold,
+                                     heldout, kept.get("ppo", [])))
+            figures = report["figures"]
+        comparison = compare_policies(judge, prompts, args, policies, ro, kl, gold, kept,
+                                      report["gold"]["curve"] if report.get("gold") else None, final)
+    except ConfigError:  # not even the batches kept for a rerun, which the fix would not reuse
+        drop_sampled_batches(stage.dir, made_eval_folder)
+        raise
     # Every figure is in: only now is the run folder touched, so that a judge failing on the real samples (not the
     # two rows load_gold_judge tries) or a damaged upstream file leaves the last finished eval as it was.
     stage.prepare(config)

@@ -109,7 +109,7 @@ def tokens_seen_by(checkpoint: Path) -> int:
 
 
 class SampledBatches:
-    """The finished batches of an interrupted sampling stage (`make pairs`), kept in `folder` as they are sampled, so
+    """The finished batches of an interrupted sampling stage (`make pairs`, `make eval`), kept in `folder` as sampled, so
     that the same command run again samples only the batches it had not finished. Every batch has its own seed
     (pipeline.generation.generate), so the result is the one an uninterrupted run gives, byte for byte. Only the same
     run continues (`key`, as for checkpoints); another command line, launch or data starts over, with a note. Every
@@ -179,6 +179,9 @@ def sampled_batches(stage, config: dict, state, model, name: str = "") -> Sample
     return SampledBatches(stage.dir / "sampled" / name if name else stage.dir / "sampled", key, state)
 
 
-def drop_sampled_batches(stage_dir: Path) -> None:
-    """Once the stage's outputs are written: every SampledBatches folder of its run (sampled_batches)."""
+def drop_sampled_batches(stage_dir: Path, made_stage_folder: bool = False) -> None:
+    """Every SampledBatches folder of the stage's run (sampled_batches): once its outputs are written, or when it
+    stops on bad input, then with the stage's folder too if keeping them had made it."""
     shutil.rmtree(stage_dir / "sampled", ignore_errors=True)
+    if made_stage_folder and stage_dir.is_dir() and not any(stage_dir.iterdir()):
+        stage_dir.rmdir()

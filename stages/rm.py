@@ -178,7 +178,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
             complete_folder(m, tokenizer, base_path)
         reloads, reload_seconds = check_reload([m["adapter"] for m in members], pairs_file,
                                                [(m["scores"][:n], m["scores"][n:]) for m in members], profile.dtype,
-                                               train_cfg.per_device_eval_batch_size, profile.load_in_4bit)
+                                               train_cfg.per_device_eval_batch_size, profile.load_in_4bit,
+                                               train_cfg.mixed_precision)
         member_rows = [member_row(m, seed + i, eval_rows, reload) for i, (m, reload) in enumerate(zip(members, reloads))]
         joint = ensemble_score(torch.tensor([m["scores"] for m in members]),
                                [(r["reward_mean"], r["reward_std"]) for r in member_rows]).tolist()

@@ -152,13 +152,22 @@ def reloaded_pair_scores(adapter_dir: str, pairs: list[dict], dtype: str, batch_
 RELOAD_TOLERANCE = {"float32": (1e-4, 0.0), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 3e-2)}
 
 
+MIXED_PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}  # accelerate's mixed_precision -> autocast dtype
+
+
 def reload_verdict(chosen: list[float], rejected: list[float], again_chosen: list[float], again_rejected: list[float],
-                   dtype: str = "float32", load_in_4bit: bool = False) -> dict:
-    """Do the reloaded scores reproduce the stage's? Within the dtype's tolerance, and no held-out pair changes order
-    unless its margin was within that tolerance. On failure, `problem` says why: scores that still follow the stage's
-    (correlation >= 0.99) point at the dtype; scores that do not point at a head that was not saved."""
+                   dtype: str = "float32", load_in_4bit: bool = False, mixed_precision: str = "no") -> dict:
+    """Do the reloaded scores reproduce the stage's? Within the tolerance of the coarser of the dtype the reload
+    computes in and the one the stage did (`mixed_precision`: the launch's autocast, e.g. bf16 under
+    configs/accelerate/multi_gpu.yaml), and no held-out pair changes order unless its margin was within that
+    tolerance. On failure, `problem` says why: scores that still follow the stage's (correlation >= 0.99) point at the
+    dtype; scores that do not point at a head that was not saved."""
     precision = "bfloat16" if load_in_4bit and dtype == "float32" else dtype  # 4-bit computes in bf16 (fp16: fp16)
-    atol, rtol = RELOAD_TOLERANCE.get(precision, RELOAD_TOLERANCE["bfloat16"])
+    autocast = MIXED_PRECISION_DTYPE.get(mixed_precision)
+    tolerance = lambda p: RELOAD_TOLERANCE.get(p, RELOAD_TOLERANCE["bfloat16"])  # noqa: E731
+    mixed = autocast is not None and tolerance(autocast)[0] > tolerance(precision)[0]
+    precision = autocast if mixed else precision
+    atol, rtol = tolerance(precision)
     before, after = torch.tensor(chosen + rejected, dtype=torch.float64), torch.tensor(again_chosen + again_rejected, dtype=torch.float64)
     allowed = atol + rtol * torch.maximum(before.abs(), after.abs())
     diff = float((before - after).abs().max())
@@ -167,7 +176,8 @@ def reload_verdict(chosen: list[float], rejected: list[float], again_chosen: lis
     flipped = int((((margin > 0) != (margin_again > 0)) & (margin.abs() > 2 * allowed[:n].maximum(allowed[n:]))).sum())
     ok = bool(((before - after).abs() <= allowed).all()) and flipped == 0
     accuracy = (pair_metrics(chosen, rejected)["accuracy"], pair_metrics(again_chosen, again_rejected)["accuracy"])
-    verdict = {"eval_accuracy": accuracy[1], "max_abs_diff": diff, "dtype": precision + (" (4-bit base)" if load_in_4bit else ""),
+    verdict = {"eval_accuracy": accuracy[1], "max_abs_diff": diff,
+               "dtype": precision + (" (mixed precision)" if mixed else " (4-bit base)" if load_in_4bit else ""),
                "tolerance": {"atol": atol, "rtol": rtol}, "pairs_flipped": flipped, "ok": ok}
     if ok:
         return verdict
@@ -194,9 +204,11 @@ def require_saved_head(adapter_dir: Path, head: str) -> None:
 
 
 def check_reload(adapter_dirs: list[Path], pairs_file: Path, scores: list[tuple[list[float], list[float]]],
-                 dtype: str = "float32", batch_size: int = 16, load_in_4bit: bool = False) -> tuple[list[dict], float]:
+                 dtype: str = "float32", batch_size: int = 16, load_in_4bit: bool = False,
+                 mixed_precision: str = "no") -> tuple[list[dict], float]:
     """Reload each saved adapter in one fresh process, in the profile's dtype (and 4-bit); each one's held-out scores
-    (chosen, rejected) must come back (the head was saved). Each one's verdict, and the process's seconds."""
+    (chosen, rejected; computed under the launch's `mixed_precision`) must come back (the head was saved). Each one's
+    verdict, and the process's seconds."""
     # A clean environment for the child: no torch.distributed variables from `accelerate launch`.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -211,7 +223,7 @@ def check_reload(adapter_dirs: list[Path], pairs_file: Path, scores: list[tuple[
     verdicts = []
     for adapter_dir, (chosen, rejected) in zip(adapter_dirs, scores, strict=True):
         again = json.loads((adapter_dir.parent / "reload_check.json").read_text())
-        verdict = reload_verdict(chosen, rejected, again["chosen"], again["rejected"], dtype, load_in_4bit)
+        verdict = reload_verdict(chosen, rejected, again["chosen"], again["rejected"], dtype, load_in_4bit, mixed_precision)
         if not verdict["ok"]:
             raise RuntimeError(f"the reward adapter saved in {adapter_dir} does not reproduce its held-out scores when "
                                f"reloaded in a fresh process: {verdict['problem']}")

@@ -157,6 +157,15 @@ def run_as_group(cmd: list[str], timeout: int, env: dict) -> subprocess.Complete
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def on_device(devices, device) -> bool:
+    """Every one of `devices` is `device`, as torch places tensors: PartialState().device on a GPU is `cuda`, and a
+    tensor moved there is on `cuda:0`."""
+    import torch
+
+    want = torch.device(device)
+    return all(torch.device(d).type == want.type and (torch.device(d).index or 0) == (want.index or 0) for d in devices)
+
+
 FSDP_ENV = ("PIPELINE_FSDP", "ACCELERATE_USE_FSDP", "FSDP_VERSION")
 
 

@@ -444,3 +444,16 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     a, b = (load_file(runs_dir / run / "dpo" / "adapter" / "adapter_model.safetensors") for run in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((runs_dir / "cut" / "dpo" / "trainer").glob("checkpoint-*"))
+
+
+def test_the_reload_check_under_the_launchs_mixed_precision(tiny_models, marker_data, tmp_path, monkeypatch):
+    """Under `mixed_precision: bf16` (configs/accelerate/multi_gpu.yaml and fsdp.yaml) the trained policy's held-out
+    log-probs come from bf16 autocast and the reload's from float32: they differ by bf16 rounding, which is reported,
+    not enforced (as on a bf16 base), and the stage finishes."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs_dir, "t")
+    metrics = main(*parse_args(dpo_args(tiny_models["llama"], runs_dir, "t", "--dataset_name",
+                                        str(marker_data["conversational"]), "--max_steps", "4")))
+    check = metrics["reload_check"]
+    assert check["checked"] is False and check["dtype"] == "bfloat16 (mixed precision)", check

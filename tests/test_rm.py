@@ -502,7 +502,7 @@ def test_bf16_base_trains_the_score_head_in_float32(tiny_models_bf16, tmp_path, 
     set_seed(42)  # configs/rm.yaml's seed: the head as the stage initialised it
     start = load_base(prof, tok, kind="score").score.weight.detach()
     assert start.dtype == torch.bfloat16
-    head = model.get_base_model().score.modules_to_save["default"].weight.detach()
+    head = model.get_base_model().score.modules_to_save["default"].weight.detach().cpu()  # trained on the accelerator
     assert head.dtype == torch.float32
     assert (head != start.float()).all(), f"{int((head == start.float()).sum())} of {head.numel()} elements never moved"
 
@@ -818,3 +818,32 @@ def test_an_interrupted_reward_model_run_resumes_each_member_and_ends_as_an_unin
         a, b = (load_file(runs_dir / run / "rm" / member / "adapter_model.safetensors") for run in ("whole", "cut"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), member
     assert not (runs_dir / "cut" / "rm" / "trainer").exists()
+
+
+def test_the_reload_check_allows_for_the_launchs_mixed_precision(tiny_models, tmp_path, monkeypatch):
+    """configs/accelerate/multi_gpu.yaml and fsdp.yaml launch with `mixed_precision: bf16`: the stage's held-out
+    scores come from bf16 autocast, the reload from the profile's float32. On a GPU (an H200) `make rm` on the tiny
+    default stopped there: 0.011 apart, against float32's atol 1e-4. The check compares at bf16's tolerance when the
+    launch computed in bf16 (here on the CPU, the same autocast), and says so."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs_dir, "t")
+    data = write_jsonl(tmp_path / "marker.jsonl", marker_rows(40))
+    metrics = main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "t", "--dataset_name", str(data),
+                                       "--max_steps", "4", "--evals", "1")))
+    check = metrics["reload_check"]
+    assert check["dtype"] == "bfloat16 (mixed precision)" and check["max_abs_diff"] > 1e-4, check
+
+
+def test_reload_verdict_at_the_launchs_mixed_precision_by_hand():
+    """Differences of 0.01-0.02 pass at bf16's tolerance (atol 5e-2, rtol 3e-2) when the stage computed under bf16
+    autocast, fail at float32's without it; scores unrelated to the stage's still fail, as a head that was not saved."""
+    from stages.rm_scoring import reload_verdict
+
+    close = ([1.0, 2.0, -0.5], [0.5, 0.2, -1.5], [1.01, 2.02, -0.49], [0.49, 0.21, -1.52])
+    assert reload_verdict(*close, "float32", False, "bf16")["ok"]
+    assert reload_verdict(*close, "float32", False, "bf16")["dtype"] == "bfloat16 (mixed precision)"
+    assert not reload_verdict(*close, "float32", False, "no")["ok"]
+    assert reload_verdict(*close, "bfloat16", False, "bf16")["dtype"] == "bfloat16"  # the reload's own dtype already
+    unrelated = reload_verdict(close[0], close[1], [0.3, -1.0, 0.9], [1.2, 0.4, -0.6], "float32", False, "bf16")
+    assert not unrelated["ok"] and "not saved" in unrelated["problem"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, read_yaml
 from stages.sft import main, parse_args
-from tests.conftest import ARCHS, LLAMA_TARGETS, REPO, guarded_exit, run_module, run_python
+from tests.conftest import ARCHS, LLAMA_TARGETS, REPO, guarded_exit, on_device, run_module, run_python
 
 SMALL_DATA = '{"data/sft/self_instruct.jsonl": 48}'
 
@@ -178,7 +178,7 @@ def test_bf16_base_trains_fp32_lora_and_samples_on_the_accelerator(tiny_models_b
     assert all(math.isfinite(x) for x in metrics["loss_curve"]) and math.isfinite(metrics["eval_loss"])
     weights = load_file(runs_dir / "bf16" / "sft" / "adapter" / "adapter_model.safetensors")
     assert weights and {w.dtype for w in weights.values()} == {torch.float32}
-    assert sampled_on[0][0] is moved[0] and {d for _, d, _, _ in sampled_on} == {PartialState().device}
+    assert sampled_on[0][0] is moved[0] and on_device({d for _, d, _, _ in sampled_on}, PartialState().device)
     (_, _, before, before_seed), (_, _, after, after_seed) = sampled_on
     assert before == after and before.temperature > 0 and before.max_new_tokens == 8  # tiny_args' sample_max_new_tokens
     assert before_seed == after_seed is not None
