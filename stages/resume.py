@@ -20,6 +20,17 @@ from pipeline.run import atomic_write_json
 RESUME_KEY = "resume_key.json"  # beside the checkpoints: what the run that wrote them read
 
 
+def as_recorded(key: dict) -> dict:
+    """`key` as it reads back from RESUME_KEY (paths and other objects as text)."""
+    return json.loads(json.dumps(key, default=str))
+
+
+def recorded_key_is(folder: Path, key: dict) -> bool:
+    """The run that wrote `folder`'s checkpoints or batches read what this one reads (`key`)."""
+    recorded = folder / RESUME_KEY
+    return recorded.is_file() and json.loads(recorded.read_text()) == as_recorded(key)
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     """The Trainer's checkpoints a run can continue from, oldest first: complete (one killed while it was written has
     no trainer_state.json) and holding the optimizer's state (`save_only_model: true` leaves it out, and a resume
@@ -49,10 +60,8 @@ def checkpoint_to_resume(output_dir: Path, key: dict, max_steps: int) -> tuple[P
 
     A checkpoint at max_steps is passed over for the one before it: transformers checks max_steps only after a step,
     so resuming from the last step in the middle of an epoch trains one step more than the run it continues."""
-    key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
     found = [c for c in checkpoints(output_dir) if max_steps <= 0 or step_of(c) < max_steps]
-    recorded = output_dir / RESUME_KEY
-    same_run = recorded.is_file() and json.loads(recorded.read_text()) == key
+    same_run = recorded_key_is(output_dir, key)
     if same_run and found:
         return found[-1], None
     if not any(p.is_dir() for p in output_dir.glob("checkpoint-*")):
@@ -69,7 +78,7 @@ def start_over(output_dir: Path, key: dict, why: str | None) -> None:
         print(f"note: {output_dir} {why}: starting over (they are deleted)", file=sys.stderr)
     for p in stale:
         shutil.rmtree(p)
-    atomic_write_json(output_dir / RESUME_KEY, json.loads(json.dumps(key, default=str)))
+    atomic_write_json(output_dir / RESUME_KEY, as_recorded(key))
 
 
 def train_resuming(trainer, key: dict):
@@ -118,9 +127,7 @@ class SampledBatches:
     def __init__(self, folder: Path, key: dict, state):
         self.folder, self.reused = folder, 0
         self.rank, self.world = state.process_index, state.num_processes
-        key = json.loads(json.dumps(key, default=str))  # as it reads back from the file
-        recorded = folder / RESUME_KEY
-        same_run = recorded.is_file() and json.loads(recorded.read_text()) == key
+        same_run = recorded_key_is(folder, key)
         kept = sorted(folder.glob("batch-*.pt"))
         self.kept = len(kept) if same_run else 0
         state.wait_for_everyone()  # every rank has read the key before the main process replaces it
@@ -134,7 +141,7 @@ class SampledBatches:
                           f"(they are deleted)", file=sys.stderr)
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
-                atomic_write_json(recorded, key)
+                atomic_write_json(folder / RESUME_KEY, as_recorded(key))
         state.wait_for_everyone()
 
     def path(self, batch: int) -> Path:
