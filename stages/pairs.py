@@ -29,7 +29,7 @@ from pipeline.models import check_adapter, load_tokenizer, profile_from, require
 from pipeline.report import print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import process_state, sharding_report, take_over_from_accelerate
-from stages.resume import sampled_batches
+from stages.resume import drop_sampled_batches, sampled_batches
 
 
 @dataclass
@@ -193,8 +193,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             for r in row["responses"]:
                 print(f"  - {r[:120]!r}")
         stage.finish({"dataset": out}, metrics, config)
-        if store:
-            store.drop()
+        drop_sampled_batches(stage.dir)
     finish_distributed()
     return metrics
 

@@ -169,10 +169,6 @@ class SampledBatches:
         torch.save(list(tensors), part)
         part.replace(self.path(batch))
 
-    def drop(self) -> None:
-        """Once the stage's outputs are written."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-
 
 def sampled_batches(stage, config: dict, state, model, name: str = "") -> SampledBatches | None:
     """The SampledBatches of a sampling stage's run (`stage`: pipeline.run.StageRun), in stage.dir/sampled/NAME (eval
@@ -183,7 +179,7 @@ def sampled_batches(stage, config: dict, state, model, name: str = "") -> Sample
     if is_sharded(model):
         return None
     key = {**stage.inputs(config), "config": config, "sampled": name}
-    return SampledBatches(stage.dir / "sampled" / name if name else stage.dir / "sampled", key, state)
+    return SampledBatches(stage.dir / "sampled" / name, key, state)  # name "": stage.dir/sampled itself
 
 
 def drop_sampled_batches(stage_dir: Path, made_stage_folder: bool = False) -> None:

@@ -605,7 +605,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('resume-chosen-after-start-over', 'stages/resume.py', '        state.wait_for_everyone()\n        if state.is_main_process and resume_from:', '        if state.is_main_process and resume_from:', 'tests/test_resume.py'),
     ('pairs-kept-batches-ignored', 'pipeline/generation.py', 'kept = batches_store.get(b) if batches_store is not None else None', 'kept = None', 'tests/test_pairs.py -k interrupted'),
     ('pairs-kept-batches-of-another-run', 'stages/resume.py', '            elif not same_run:\n', '            elif False:\n', 'tests/test_pairs.py -k interrupted'),
-    ('pairs-kept-batches-left', 'stages/pairs.py', '        if store:\n            store.drop()\n', '', 'tests/test_pairs.py -k interrupted'),
+    ('pairs-kept-batches-left', 'stages/pairs.py', '        drop_sampled_batches(stage.dir)\n', '', 'tests/test_pairs.py -k interrupted'),
     ('pairs-batches-of-another-rank', 'stages/resume.py', '        return batch % self.world == self.rank\n', '        return True\n', 'tests/test_pairs.py -k own_batches'),
     ('library-noise-shown', 'pipeline/run.py', '    for category, message in LIBRARY_NOISE:\n', '    for category, message in []:\n', 'tests/test_journey.py'),
     ('eval-kept-batches-left', 'stages/eval.py', '    drop_sampled_batches(stage.dir)\n', '', 'tests/test_eval.py -k interrupted_eval'),
