@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 
 from pipeline.run import LIBRARY_NOISE
-from tests.conftest import REPO, tiny_tokenizer_with
+from tests.conftest import tiny_tokenizer_with
+from tests.test_make import make
 
 STAGES = ["sft", "pairs", "simulate", "label-export", "rm", "ppo", "eval"]
 SMALL = [  # a few steps each; the story recipe's configs otherwise
@@ -47,21 +46,20 @@ def qwen_bf16_profile(root):
     return profile
 
 
-def make(runs_dir, profile, *goals):
-    cmd = ["make", "--no-print-directory", "-o", ".venv/.done", *goals, f"PY={sys.executable}",
-           f"RUNS_DIR={runs_dir}", "RUN=j", f"MODEL={profile}", *SMALL]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+def make_journey(runs_dir, profile):
+    """`make sft rm ppo eval` as tests/test_make.py runs make, on the real stages, run `t`."""
+    return make("sft", "rm", "ppo", "eval", f"MODEL={profile}", *SMALL, fake=False, runs_dir=runs_dir, timeout=900)
 
 
 @pytest.mark.slow
 def test_make_sft_rm_ppo_eval_on_a_bf16_checkpoint_with_its_own_template(tmp_path):
     runs_dir = tmp_path / "runs"
     profile = qwen_bf16_profile(tmp_path)
-    first = make(runs_dir, profile, "sft", "rm", "ppo", "eval")
+    first = make_journey(runs_dir, profile)
     assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-5000:])
     for _, noise in LIBRARY_NOISE:  # the libraries' warnings nobody can act on are not shown (pipeline.run)
         assert noise.strip("`'") not in first.stderr, noise
-    run = runs_dir / "j"
+    run = runs_dir / "t"
     manifests = {s: json.loads((run / s / "manifest.json").read_text()) for s in STAGES}
 
     # the base the user named, in its own dtype, under every training stage
@@ -85,7 +83,7 @@ def test_make_sft_rm_ppo_eval_on_a_bf16_checkpoint_with_its_own_template(tmp_pat
     assert "Gold win rate of PPO over SFT" in (run / "eval" / "report.md").read_text()
     assert [p.name for p in (run / "ppo" / "policies").iterdir()] == ["update-000001"]
 
-    again = make(runs_dir, profile, "sft", "rm", "ppo", "eval")
+    again = make_journey(runs_dir, profile)
     assert again.returncode == 0, again.stderr[-3000:]
     up_to_date = [line.split(":")[0] for line in again.stdout.splitlines() if "up to date, skipped" in line]
     assert up_to_date == ["sft", "pairs", "labels", "rm", "ppo", "eval"], again.stdout[-3000:]  # labels: simulate + export
