@@ -39,14 +39,31 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted((p for p in found if (p / "trainer_state.json").is_file() and any(p.glob("optimizer*"))), key=step_of)
 
 
-def model_only_when_sharded(train_cfg, sharded: bool, is_main: bool) -> None:
-    """transformers saves no optimizer state for a base sharded at load time (our FSDP2), and refuses a Trainer asked
-    to: such a run's checkpoints hold the model only (`save_only_model`), and an interrupted one starts over."""
-    if sharded and train_cfg.save_strategy != "no" and not train_cfg.save_only_model:
+def build_trainer(build, train_cfg, sharded: bool):
+    """`build()` (the stage's Trainer), such that its checkpoints hold the optimizer's state on a sharded base too.
+
+    transformers refuses a Trainer on a base sharded at load time (our FSDP2) that would save its optimizer: in general
+    a sharded trained weight has a sharded optimizer state, which its torch.save of one rank's state would not hold.
+    Here only whole weights train (the LoRA matrices and peft's copies of heads stay whole on every rank:
+    pipeline.sharding), so their optimizer state is the same on every rank, and the main process's file is all of it,
+    as under DDP. So the Trainer is built with `save_only_model` on, to pass that check, and then saves the optimizer
+    again: an interrupted sharded run resumes. Were a sharded weight trained after all, its checkpoints keep the model
+    only and an interrupted run starts over, with a note."""
+    from accelerate import PartialState
+    from torch.distributed.tensor import DTensor
+
+    wants_optimizer = sharded and train_cfg.save_strategy != "no" and not train_cfg.save_only_model
+    if wants_optimizer:
         train_cfg.save_only_model = True
-        if is_main:
-            print("note: the base is sharded (FSDP2): its checkpoints hold the model only (transformers saves no "
-                  "optimizer state for it), so an interrupted run starts over instead of resuming", file=sys.stderr)
+    trainer = build()
+    if wants_optimizer:
+        sharded_trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad and isinstance(p, DTensor)]
+        # train_cfg too: the reward models build a Trainer per member from it
+        train_cfg.save_only_model = trainer.args.save_only_model = bool(sharded_trained)
+        if sharded_trained and PartialState().is_main_process:
+            print(f"note: {sharded_trained[0]} is sharded and trained: the checkpoints hold the model only "
+                  f"(transformers saves no sharded optimizer state), so an interrupted run starts over", file=sys.stderr)
+    return trainer
 
 
 def step_of(checkpoint: Path) -> int:

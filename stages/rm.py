@@ -35,7 +35,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forwa
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.resume import model_only_when_sharded, step_of, train_resuming
+from stages.resume import build_trainer, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
@@ -120,7 +120,6 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     # Keep the `length` column for train_sampling_strategy=group_by_length (the sampler is built after unused columns
     # are removed); the preference collator reads only its own keys, so extra columns are harmless.
     train_cfg.remove_unused_columns = False
-    model_only_when_sharded(train_cfg, shard, state.is_main_process)
     config = {"rm": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
@@ -222,8 +221,9 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     if args.batch_by_prompt:
         trainer_class = partial(grouped_reward_trainer(), score_pooling=args.pooling)
         collator = group_collator(model, tokenizer.pad_token_id, bool(args.margin_scale), args.share_prefix)
-    trainer = trainer_class(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
-                            processing_class=tokenizer, peft_config=peft_config, data_collator=collator)
+    trainer = build_trainer(lambda: trainer_class(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
+                                                  processing_class=tokenizer, peft_config=peft_config, data_collator=collator),
+                            train_cfg, shard)
     pool_in_forward(trainer.model, args.pooling)  # the loss, the held-out passes and score() all read the pooled score
     # The head in fp32 (peft leaves it in the base's dtype: on a bf16 base small AdamW steps round away), its input
     # cast up to it: trained, saved and scored in fp32. An fp32 base is unchanged.

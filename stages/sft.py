@@ -27,7 +27,7 @@ from pipeline.models import (load_base, load_tokenizer, lora_config, profile_fro
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
-from stages.resume import drop_checkpoints, model_only_when_sharded, step_of, tokens_seen_by, train_resuming
+from stages.resume import build_trainer, drop_checkpoints, step_of, tokens_seen_by, train_resuming
 
 FIXED_PROMPTS = [
     "Tell me a short story about a rabbit.",
@@ -191,7 +191,6 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     stage = StageRun("sft", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")
     train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
-    model_only_when_sharded(train_cfg, shard, state.is_main_process)
     if 1 <= train_cfg.max_steps < train_cfg.logging_steps:  # a short run would log no loss at all (first/last: None)
         train_cfg.logging_steps = train_cfg.max_steps
     config = {"sft": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
@@ -222,8 +221,10 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts
 
     # 3. Train; an interrupted run of the same command continues from its last checkpoint (save_strategy: steps)
-    trainer = SFTTrainer(model=model, args=train_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout))
+    peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout)
+    trainer = build_trainer(lambda: SFTTrainer(model=model, args=train_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
+                                               processing_class=tokenizer, peft_config=peft_config),
+                            train_cfg, shard)
     t0 = time.time()
     result, resume_from = train_resuming(trainer, {**stage.inputs(config), "config": config})
     train_time = time.time() - t0

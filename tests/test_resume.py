@@ -114,15 +114,36 @@ def test_no_rank_chooses_after_the_main_process_has_started_over(tmp_path, monke
     assert not (tmp_path / "checkpoint-3").exists() and json.loads((tmp_path / RESUME_KEY).read_text()) == other
 
 
-def test_a_sharded_base_checkpoints_the_model_only(capsys):
-    """transformers refuses a Trainer on a base sharded at load time that would save its optimizer state: the
-    checkpoints of a sharded run hold the model only (and say so); an unsharded run, or one that saves none, is left."""
+def test_a_sharded_base_checkpoints_the_optimizer_of_its_whole_trained_weights(capsys, monkeypatch):
+    """transformers refuses a Trainer on a base sharded at load time that would save its optimizer state: build_trainer
+    builds it with `save_only_model` on, then turns it off again when every trained weight is whole (LoRA, heads), so
+    the checkpoints hold the optimizer and a sharded run resumes (tests/test_sft.py, two_processes_resume, fsdp). A
+    trained weight that is sharded keeps the model only, and says so; an unsharded run, or one that saves none, is
+    left as it was."""
     from types import SimpleNamespace
 
-    from stages.resume import model_only_when_sharded
+    import torch.distributed.tensor
+    from torch import nn
 
-    for sharded, strategy, want in ((True, "steps", True), (False, "steps", False), (True, "no", False)):
+    from stages.resume import build_trainer
+
+    class ShardedWeight(nn.Parameter):  # stands for a DTensor: the check is by type
+        pass
+
+    monkeypatch.setattr(torch.distributed.tensor, "DTensor", ShardedWeight)
+    for sharded, strategy, trained_shard, want_at_init, want_after in (
+            (True, "steps", False, True, False), (True, "steps", True, True, True),
+            (False, "steps", False, False, False), (True, "no", False, False, False)):
         cfg = SimpleNamespace(save_strategy=strategy, save_only_model=False)
-        model_only_when_sharded(cfg, sharded, is_main=True)
-        assert cfg.save_only_model is want
-        assert ("checkpoints hold the model only" in capsys.readouterr().err) is want
+        model = nn.Linear(2, 2)
+        if trained_shard:
+            model.weight = ShardedWeight(model.weight.detach())
+        seen_at_init = []
+
+        def build():
+            seen_at_init.append(cfg.save_only_model)  # what transformers' Trainer.__init__ checks
+            return SimpleNamespace(args=cfg, model=model)
+
+        assert build_trainer(build, cfg, sharded).args is cfg
+        assert seen_at_init == [want_at_init] and cfg.save_only_model is want_after
+        assert ("the checkpoints hold the model only" in capsys.readouterr().err) is trained_shard

@@ -743,10 +743,12 @@ def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_p
 
 
 @pytest.mark.slow
-def test_two_processes_resume_an_interrupted_ensemble_and_end_as_an_uninterrupted_one(tiny_models, marker_data, tmp_path):
-    """resume == no resume under DDP: an ensemble of two on two processes, killed in its second member's step 5
-    (tests/killed_stage.py), then the same command again, ends with the uninterrupted two-process run's adapters, to
-    the bit, and its held-out figures."""
+@pytest.mark.parametrize("launch", ["ddp", "fsdp"])
+def test_two_processes_resume_an_interrupted_ensemble_and_end_as_an_uninterrupted_one(launch, tiny_models, marker_data,
+                                                                                       tmp_path):
+    """resume == no resume under DDP and on a base sharded by FSDP2: an ensemble of two on two processes, killed in
+    its second member's step 5 (tests/killed_stage.py), then the same command again, ends with the uninterrupted
+    two-process run's adapters, to the bit, and its held-out figures."""
     from safetensors.torch import load_file
 
     runs_dir = tmp_path / "runs"
@@ -754,15 +756,17 @@ def test_two_processes_resume_an_interrupted_ensemble_and_end_as_an_uninterrupte
              "--per_device_train_batch_size", "4")
     for run in ("whole", "cut"):
         fake_sft(tiny_models["llama"], runs_dir, run)
-    whole = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "whole", *extra), processes=2, timeout=300)
+    two = {"fsdp": True} if launch == "fsdp" else {"processes": 2}
+    whole = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "whole", *extra), timeout=300, **two)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = run_module("tests.killed_stage", ["stages.rm", "member-1:5", *rm_args(tiny_models["llama"], runs_dir, "cut", *extra)],
-                        processes=2, timeout=300)
+                        timeout=300, **two)
     assert killed.returncode != 0 and "killed at step 5" in killed.stderr, killed.stderr[-3000:]
-    resumed = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "cut", *extra), processes=2, timeout=300)
+    resumed = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "cut", *extra), timeout=300, **two)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     m_whole, m_cut = (json.loads((runs_dir / r / "rm" / "manifest.json").read_text())["metrics"] for r in ("whole", "cut"))
     assert m_whole["world_size"] == m_cut["world_size"] == 2
+    assert {m_whole["sharding"]["engine"], m_cut["sharding"]["engine"]} == {"fsdp2" if launch == "fsdp" else "none"}
     assert [r["resumed_from_step"] for r in m_cut["members"]][1] == 4
     assert resumed.stderr.count(f"note: resuming from {runs_dir / 'cut' / 'rm' / 'trainer' / 'member-1' / 'checkpoint-4'}") == 1
     for key in ("eval_accuracy", "eval_loss", "reward_mean", "reward_std", "best_step"):

@@ -88,27 +88,30 @@ def test_two_processes_match_one_process(tiny_models, runs_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_resume_an_interrupted_run_and_end_as_an_uninterrupted_one(tiny_models, runs_dir):
-    """resume == no resume under DDP: two processes killed after step 7 (tests/killed_stage.py), then the same
-    command again, end with the uninterrupted two-process run's adapter, to the bit, and its loss curve. LoRA dropout
-    on: each rank's random state comes back from the checkpoint too. (Ranks that resume from different steps fall out
-    of step and wait on each other until the timeout.)"""
+@pytest.mark.parametrize("launch", ["ddp", "fsdp"])
+def test_two_processes_resume_an_interrupted_run_and_end_as_an_uninterrupted_one(launch, tiny_models, runs_dir):
+    """resume == no resume under DDP and on a base sharded by FSDP2: two processes killed after step 7
+    (tests/killed_stage.py), then the same command again, end with the uninterrupted two-process run's adapter, to the
+    bit, and its loss curve. LoRA dropout on: each rank's random state comes back from the checkpoint too. (Ranks that
+    resume from different steps fall out of step and wait on each other until the timeout.)"""
     def args(name):
         return tiny_args(tiny_models["llama"], runs_dir, name, "--save_strategy", "steps", "--save_steps", "3",
                          "--max_steps", "10", "--eval_fraction", "0", "--lora_dropout", "0.1")
 
-    whole = run_module("stages.sft", args("whole"), processes=2, timeout=300)
+    two = {"fsdp": True} if launch == "fsdp" else {"processes": 2}
+    whole = run_module("stages.sft", args("whole"), timeout=300, **two)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run_module("tests.killed_stage", ["stages.sft", "7", *args("cut")], processes=2, timeout=300)
+    killed = run_module("tests.killed_stage", ["stages.sft", "7", *args("cut")], timeout=300, **two)
     assert killed.returncode != 0 and "killed at step 7" in killed.stderr, killed.stderr[-3000:]
     trainer_dir = runs_dir / "cut" / "sft" / "trainer"
     assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert {p.name for p in (trainer_dir / "checkpoint-6").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    resumed = run_module("stages.sft", args("cut"), processes=2, timeout=300)
+    resumed = run_module("stages.sft", args("cut"), timeout=300, **two)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count(f"note: resuming from {trainer_dir / 'checkpoint-6'}") == 1  # the main process says it
     m_whole, m_cut = (json.loads((runs_dir / n / "sft/manifest.json").read_text())["metrics"] for n in ("whole", "cut"))
     assert m_whole["world_size"] == m_cut["world_size"] == 2
+    assert {m_whole["sharding"]["engine"], m_cut["sharding"]["engine"]} == {"fsdp2" if launch == "fsdp" else "none"}
     assert m_cut["resumed_from_step"] == 6 and m_whole["resumed_from_step"] is None
     assert m_cut["loss_curve"] == m_whole["loss_curve"] and len(m_cut["loss_curve"]) == 10
     # the Trainer's log lines: steps 7-10 trained again, not 1-10 (the curve above comes partly from the checkpoint)
