@@ -58,6 +58,31 @@ def dtype_of(profile: ModelProfile) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[profile.dtype]
 
 
+def launch_mixed_precision() -> str:
+    """The launch's `mixed_precision`: the accelerate config's, which `accelerate launch` passes on as
+    ACCELERATE_MIXED_PRECISION ("no", "bf16" or "fp16"; configs/accelerate/multi_gpu.yaml and fsdp.yaml say bf16)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def launch_autocast(device: torch.device, what: str, training: bool = False):
+    """For forwards that run outside a Trainer (PPO's rollouts and updates; sampling and scoring in pairs and eval):
+    the launch's mixed precision as torch.autocast, as accelerate gives the Trainer stages; nothing under "no". fp16
+    autocast in training needs a loss scaler, which PPO's loop does not have: refused, naming bf16 (`what`: the
+    stage, for the error)."""
+    from contextlib import nullcontext
+
+    mixed = launch_mixed_precision()
+    if mixed in ("no", ""):
+        return nullcontext()
+    if mixed == "fp16" and training:
+        raise ConfigError(f"{what} cannot train under fp16 mixed precision (it has no loss scaler): set "
+                          f"`mixed_precision: bf16` or `no` in the accelerate config")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed not in dtypes:
+        raise ConfigError(f"mixed_precision '{mixed}' in the accelerate config: {what} runs 'bf16', 'fp16' or 'no'")
+    return torch.autocast(device.type, dtype=dtypes[mixed])
+
+
 def template_text(value: str) -> str:
     """A profile's `chat_template`: the Jinja text itself, or a .jinja file (repo-relative or absolute)."""
     if "{{" in value or "{%" in value:

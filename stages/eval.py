@@ -33,7 +33,8 @@ from pipeline.adapters import AdapterStack, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.data import prompt_problem, read_jsonl, score_each_once
 from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
-from pipeline.models import load_base, load_tokenizer, profile_from, require_chat_template, to_device
+from pipeline.models import (launch_autocast, load_base, load_tokenizer, profile_from, require_chat_template,
+                             to_device)
 from pipeline.report import finish_distributed, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.sharding import is_sharded, process_state, reshard, sharding_report, spread, take_over_from_accelerate
@@ -329,18 +330,20 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         stores.append(sampled_batches(stage, config, state, stack.model, name))
         return stores[-1]
 
-    ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size, keep(name))
-          for name in ["sft", *policies]}
-    kl = {"sft": [0.0] * len(prompts), **{name: sequence_kl(stack, name, "sft", ro[name], args.score_batch_size,
-                                                            sampling.temperature) for name in policies}}
-    # The gold report's model work, on every rank (a sharded base needs them all in lockstep): the reward model's
-    # scores of its held-out pairs and the policies each RL stage kept along the way. The judge runs on the main process.
-    heldout, kept = ([], [], []), {}
-    if judge is not None:
-        if ppo:
-            heldout = heldout_pair_rewards(stack, tokenizer, rm, args.score_batch_size)
-        kept = {name: kept_policy_samples(stack, tokenizer, prompts, prompt_ids, sampling, args, stage.dir.parent / name,
-                                          final[name], keep) for name in final}
+    with launch_autocast(state.device, "eval"):  # the launch's mixed precision, as the Trainer stages get it
+        ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size,
+                            keep(name)) for name in ["sft", *policies]}
+        kl = {"sft": [0.0] * len(prompts), **{name: sequence_kl(stack, name, "sft", ro[name], args.score_batch_size,
+                                                                sampling.temperature) for name in policies}}
+        # The gold report's model work, on every rank (a sharded base needs them all in lockstep): the reward model's
+        # scores of its held-out pairs and the policies each RL stage kept along the way. The judge runs on the main
+        # process.
+        heldout, kept = ([], [], []), {}
+        if judge is not None:
+            if ppo:
+                heldout = heldout_pair_rewards(stack, tokenizer, rm, args.score_batch_size)
+            kept = {name: kept_policy_samples(stack, tokenizer, prompts, prompt_ids, sampling, args,
+                                              stage.dir.parent / name, final[name], keep) for name in final}
     sharding = sharding_report(stack.model)
     if not state.is_main_process:  # the main process writes the report
         finish_distributed()

@@ -25,7 +25,8 @@ from itertools import combinations
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, prompt_of, prompt_problem, require_columns
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import check_adapter, load_tokenizer, profile_from, require_chat_template, resolve_base, to_device
+from pipeline.models import (check_adapter, launch_autocast, load_tokenizer, profile_from, require_chat_template,
+                             resolve_base, to_device)
 from pipeline.report import print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import process_state, sharding_report, take_over_from_accelerate
@@ -116,6 +117,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         raise ConfigError(f"num_responses must be at least 2 to make pairs, got {args.num_responses}")
     if sampling.temperature <= 0:
         raise ConfigError("temperature 0 is greedy decoding: every response to a prompt would be the same; use > 0")
+    autocast = launch_autocast(state.device, "pairs")  # the launch's mixed precision, as the Trainer stages get it
     sft = stage.need("sft")
     profile = profile_from(run.model_config)
     tokenizer = load_tokenizer(profile)
@@ -155,8 +157,9 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     if store is None and state.is_main_process:
         print("note: the base is sharded (FSDP2): an interrupted `make pairs` samples every batch again", file=sys.stderr)
     t0 = time.time()
-    gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
-                    generator_seed=args.seed, progress=True, batches_store=store)
+    with autocast:
+        gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
+                        generator_seed=args.seed, progress=True, batches_store=store)
     gen_time = time.time() - t0
     new_tokens = int(gens.response_mask.sum())
     sharding = sharding_report(stack.model)

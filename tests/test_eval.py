@@ -449,6 +449,35 @@ def test_checkpoint_curve_and_rm_agreement_on_a_run_with_kept_policies(tmp_path,
     assert m["rm_gold_pairs"] == 3 and m["rm_gold_agreement"] == want["agreement"]
 
 
+def test_eval_samples_and_scores_under_the_launch_mixed_precision(tmp_path, tiny_models, monkeypatch):
+    """The accelerate config's `mixed_precision: bf16` (configs/accelerate/multi_gpu.yaml), which the Trainer stages
+    get from accelerate: every model pass of eval (sampling, KL, the reward model's held-out pairs, kept policies)
+    runs under bf16 autocast."""
+    import stages.eval as ev
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    add_kept_policies_and_rm_pairs(runs / "t")
+    seen = {}
+
+    def spied(name):
+        real = getattr(ev, name)
+
+        def spy(*a, **k):
+            on = torch.is_autocast_enabled("cpu")
+            seen.setdefault(name, set()).add(torch.get_autocast_dtype("cpu") if on else None)
+            return real(*a, **k)
+        monkeypatch.setattr(ev, name, spy)
+
+    for name in ("rollout", "sequence_kl", "heldout_pair_rewards", "kept_policy_samples"):
+        spied(name)
+    m = ev.main(*ev.parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
+                                "--model_config", str(tiny_models["llama"]), "--max_new_tokens", "8"]))
+    assert seen == {name: {torch.bfloat16} for name in ("rollout", "sequence_kl", "heldout_pair_rewards",
+                                                        "kept_policy_samples")}
+    assert m["gold_curve_points"] == 4 and m["rm_gold_pairs"] == 3
+
+
 def test_an_interrupted_eval_keeps_its_sampled_batches_and_ends_as_an_uninterrupted_one(tmp_path, tiny_models,
                                                                                          monkeypatch, capsys):
     """resume == no resume: `make eval` on a run with kept policies (SFT, PPO, then PPO's updates 4 and 8: 3 batches

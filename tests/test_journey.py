@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 
 from pipeline.run import LIBRARY_NOISE
-from tests.conftest import tiny_tokenizer_with
+from tests.conftest import REPO, tiny_tokenizer_with
 from tests.test_make import make
 
 STAGES = ["sft", "pairs", "simulate", "label-export", "rm", "ppo", "eval"]
@@ -28,7 +28,7 @@ SMALL = [  # a few steps each; the story recipe's configs otherwise
 ]
 
 
-def qwen_bf16_profile(root):
+def qwen_profile(root, dtype: str = "bfloat16"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,23 +39,38 @@ def qwen_bf16_profile(root):
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(model_dir)
+    AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).save_pretrained(model_dir)
     profile = root / "qwen.yaml"
-    profile.write_text(f"name_or_path: {model_dir}\ndtype: bfloat16\n"
+    profile.write_text(f"name_or_path: {model_dir}\ndtype: {dtype}\n"
                        "lora_target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]\n")
     return profile
 
 
-def make_journey(runs_dir, profile):
+def make_journey(runs_dir, profile, *launch):
     """`make sft rm ppo eval` as tests/test_make.py runs make, on the real stages, run `t`."""
-    return make("sft", "rm", "ppo", "eval", f"MODEL={profile}", *SMALL, fake=False, runs_dir=runs_dir, timeout=900)
+    return make("sft", "rm", "ppo", "eval", f"MODEL={profile}", *SMALL, *launch, fake=False, runs_dir=runs_dir,
+                timeout=900)
+
+
+def cpu_config_with_bf16_autocast(root):
+    """configs/accelerate/cpu.yaml with the GPU configs' `mixed_precision: bf16` (multi_gpu.yaml, fsdp.yaml)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs/accelerate/cpu.yaml").read_text())
+    path = root / "cpu_bf16_autocast.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "mixed_precision": "bf16"}))
+    return path
 
 
 @pytest.mark.slow
-def test_make_sft_rm_ppo_eval_on_a_bf16_checkpoint_with_its_own_template(tmp_path):
+@pytest.mark.parametrize("checkpoint, mixed_precision", [("bfloat16", "no"), ("float32", "bf16")])
+def test_make_sft_rm_ppo_eval_on_a_checkpoint_with_its_own_template(checkpoint, mixed_precision, tmp_path):
+    """A bf16 checkpoint under the default launch; an fp32 one under bf16 autocast, as the GPU configs launch it (on
+    an H200 that stopped `make rm` at its reload check, fixed since)."""
     runs_dir = tmp_path / "runs"
-    profile = qwen_bf16_profile(tmp_path)
-    first = make_journey(runs_dir, profile)
+    profile = qwen_profile(tmp_path, checkpoint)
+    launch = [f"ACCELERATE_CONFIG={cpu_config_with_bf16_autocast(tmp_path)}"] if mixed_precision == "bf16" else []
+    first = make_journey(runs_dir, profile, *launch)
     assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-5000:])
     for _, noise in LIBRARY_NOISE:  # the libraries' warnings nobody can act on are not shown (pipeline.run)
         assert noise.strip("`'") not in first.stderr, noise
@@ -65,7 +80,11 @@ def test_make_sft_rm_ppo_eval_on_a_bf16_checkpoint_with_its_own_template(tmp_pat
     # the base the user named, in its own dtype, under every training stage
     for stage in ("sft", "ppo"):
         assert manifests[stage]["config"]["run"]["model_config"] == str(profile), stage
-    assert set(manifests["sft"]["metrics"]["base_dtypes"]) == {"bfloat16"}, manifests["sft"]["metrics"]
+    assert set(manifests["sft"]["metrics"]["base_dtypes"]) == {checkpoint}, manifests["sft"]["metrics"]
+    # the launch's mixed precision in every stage: the reward model's reload check at its precision, PPO's forwards
+    assert manifests["ppo"]["metrics"]["mixed_precision"] == mixed_precision
+    reload_dtype = "bfloat16 (mixed precision)" if mixed_precision == "bf16" else checkpoint
+    assert {m["reload_check"]["dtype"] for m in manifests["rm"]["metrics"]["members"]} == {reload_dtype}
     # each stage read the one before it: pairs sampled from the SFT policy, labelled by the simulated annotators,
     # exported, the reward model trained on that export, PPO on the SFT policy and that reward model, eval on all
     assert manifests["pairs"]["metrics"]["policy"].endswith(manifests["sft"]["outputs"]["adapter"])
@@ -83,7 +102,7 @@ def test_make_sft_rm_ppo_eval_on_a_bf16_checkpoint_with_its_own_template(tmp_pat
     assert "Gold win rate of PPO over SFT" in (run / "eval" / "report.md").read_text()
     assert [p.name for p in (run / "ppo" / "policies").iterdir()] == ["update-000001"]
 
-    again = make_journey(runs_dir, profile)
+    again = make_journey(runs_dir, profile, *launch)
     assert again.returncode == 0, again.stderr[-3000:]
     up_to_date = [line.split(":")[0] for line in again.stdout.splitlines() if "up to date, skipped" in line]
     assert up_to_date == ["sft", "pairs", "labels", "rm", "ppo", "eval"], again.stdout[-3000:]  # labels: simulate + export

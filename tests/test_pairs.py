@@ -134,6 +134,48 @@ def test_pairs_on_a_bf16_base_on_the_accelerator(tiny_models_bf16, runs_dir, mon
     assert metrics["pairs"] == len(ds) > 0 and all(isinstance(t, str) for r in ds["responses"] for t in r)
 
 
+@pytest.mark.parametrize("mixed, autocast", [("no", None), ("bf16", "torch.bfloat16")])
+def test_pairs_samples_under_the_launch_mixed_precision(mixed, autocast, tiny_models, runs_dir, monkeypatch):
+    """The accelerate config's `mixed_precision` (bf16 in configs/accelerate/multi_gpu.yaml), which the Trainer
+    stages get from accelerate: pairs samples under that autocast, and without one under "no"."""
+    import torch
+
+    import stages.pairs as pairs
+    from pipeline.config import RunArgs, parse
+    from pipeline.generation import SamplingConfig
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", mixed)
+    profile = str(tiny_models["llama"])
+    make_sft_run(runs_dir, "mp", profile)
+    seen, real_generate = [], pairs.generate
+
+    def spy(model, *a, **k):
+        on = torch.is_autocast_enabled("cpu")
+        seen.append(str(torch.get_autocast_dtype("cpu")) if on else None)
+        return real_generate(model, *a, **k)
+
+    monkeypatch.setattr(pairs, "generate", spy)
+    metrics = pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), [
+        "--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "mp", "--model_config", profile, *TINY]))
+    assert seen == [autocast] and metrics["pairs"] > 0
+
+
+def test_a_mixed_precision_it_cannot_run_is_one_error_before_the_run_folder(tiny_models, runs_dir, monkeypatch):
+    import stages.pairs as pairs
+    from pipeline.config import ConfigError, RunArgs, parse
+    from pipeline.generation import SamplingConfig
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    profile = str(tiny_models["llama"])
+    make_sft_run(runs_dir, "mp", profile)
+    with pytest.raises(ConfigError, match=r"^mixed_precision 'fp8' in the accelerate config: pairs runs 'bf16', 'fp16' "
+                                          r"or 'no'$"):
+        pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), [
+            "--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "mp", "--model_config", profile,
+            *TINY]))
+    assert not (runs_dir / "mp" / "pairs").exists()
+
+
 def test_pair_rows_drop_identical_and_repeated_pairs_so_every_pair_id_is_unique():
     from stages.pairs import pair_rows
 

@@ -713,6 +713,55 @@ def test_bf16_profile_runs_to_the_end(tiny_models, adapters, prompts_file, runs_
     assert all(math.isfinite(r["reward_raw"]) and math.isfinite(r["value_loss"]) for r in read_metrics(runs_dir, "bf16"))
 
 
+def lm_head_output_dtypes(trainer) -> set:
+    """Every dtype the policy's LM head gave while `trainer` ran one update (rollout, scoring, update)."""
+    seen = set()
+    handle = trainer.lm.get_output_embeddings().register_forward_hook(lambda _m, _a, out: seen.add(out.dtype))
+    try:
+        metrics, _ = trainer.step()
+    finally:
+        handle.remove()
+    return seen, metrics
+
+
+def test_the_launch_mixed_precision_runs_every_forward_under_bf16_autocast(tiny_models, adapters, prompts_file,
+                                                                         tmp_path, monkeypatch):
+    """The accelerate config's `mixed_precision: bf16` (configs/accelerate/multi_gpu.yaml), which the Trainer stages
+    get from accelerate: PPO runs its rollout, scoring and update forwards under torch.autocast too. On the fp32 base,
+    the LM head then gives bf16 logits (fp32 without it), the trained weights stay fp32 and move, and the old log-probs
+    come from the update's own forward (recompute_old_logprobs), so with policy == reference the KL is exactly 0."""
+    plain = _trainer(tiny_models, adapters, prompts_file, tmp_path / "no")
+    assert lm_head_output_dtypes(plain)[0] == {torch.float32} and plain.cfg.recompute_old_logprobs is False
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path / "bf16")
+    assert trainer.lm.get_input_embeddings().weight.dtype == torch.float32  # the base itself stays fp32
+    before = [p.detach().clone() for p in trainer.params]
+    seen, metrics = lm_head_output_dtypes(trainer)
+    assert seen == {torch.bfloat16} and trainer.cfg.recompute_old_logprobs is True
+    assert metrics["kl"] == 0.0 and math.isfinite(metrics["policy_loss"]) and math.isfinite(metrics["value_loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+
+
+def test_fp16_mixed_precision_is_refused_before_the_run_folder(tiny_models, adapters, prompts_file, runs_dir,
+                                                                monkeypatch):
+    """fp16 autocast in training needs a loss scaler, which PPO's loop does not have: one error naming the fix, and
+    nothing written."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    sft, rm = adapters("llama")
+    with pytest.raises(ConfigError, match=r"fp16 mixed precision .*set `mixed_precision: bf16` or `no`"):
+        run_ppo(tiny_models["llama"], runs_dir, "fp16", prompts_file, sft, rm, "--total_updates", "1")
+    assert not (Path(runs_dir) / "fp16").exists()
+
+
+def test_bf16_mixed_precision_runs_to_the_end_and_says_so(tiny_models, adapters, prompts_file, runs_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    sft, rm = adapters("llama")
+    metrics = run_ppo(tiny_models["llama"], runs_dir, "mixed", prompts_file, sft, rm, "--total_updates", "2")
+    assert metrics["updates"] == 2 and metrics["mixed_precision"] == "bf16"
+    assert all(math.isfinite(r["reward_raw"]) and math.isfinite(r["value_loss"]) for r in read_metrics(runs_dir, "mixed"))
+
+
 # ------------------------------------------------------------------------------------------------ resume safety
 
 def test_resume_only_from_the_same_upstream(tiny_models, adapters, prompts_file, runs_dir, tmp_path, capsys):
@@ -1639,6 +1688,10 @@ def test_a_checkpoint_resumes_only_on_the_same_model_profile_and_adapter_bytes(t
         f"was trained with other settings (model_config: {tiny_models['llama']} -> {bf16_profile})"
     assert resume_mismatch(before, upstream(tiny_models["llama"], retrained)).startswith(
         "was trained from other sft/rm adapters")
+    with pytest.MonkeyPatch.context() as mp:  # the same run under another launch's mixed precision
+        mp.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        assert resume_mismatch(before, upstream(tiny_models["llama"], rm)) == \
+            "was trained with other settings (mixed_precision: no -> bf16)"
 
 
 def test_a_fresh_run_removes_the_policies_an_earlier_run_kept(tiny_models, adapters, prompts_file, runs_dir):

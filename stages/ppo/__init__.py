@@ -31,6 +31,7 @@ import torch
 from pipeline.adapters import fp32_head, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.generation import keep_end
+from pipeline.models import launch_mixed_precision
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 
@@ -205,6 +206,7 @@ def trained_from(upstream: dict, config: dict, prompts: list) -> dict:
     training (config["ppo"] less RESUME_SAFE, and the model profile) and the training prompts' digest."""
     settings = {k: v for k, v in config["ppo"].items() if k not in RESUME_SAFE}
     settings["model_config"] = config["run"].get("model_config")
+    settings["mixed_precision"] = launch_mixed_precision()  # the launch's autocast changes every forward
     digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]
     return {**upstream, "settings": settings, "prompts": digest}
 
@@ -403,7 +405,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
                    "rank_param_digests": digests, "ranks_in_sync": len(set(digests)) == 1,
                    "reward_source": "reward_fn" if reward_fn else "reward_adapter", **notes,
                    "data": cfg.dataset_name or cfg.prompts_file, "advantage_estimator": cfg.advantage_estimator,
-                   "method": cfg.stage_name}
+                   "method": cfg.stage_name, "mixed_precision": trainer.mixed_precision}
         print_table(f"{cfg.stage_name.upper()} result", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
         if not metrics["ranks_in_sync"]:
             print(f"warning: ranks ended with different weights {digests}", file=sys.stderr)

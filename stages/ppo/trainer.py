@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, to_dict
+from pipeline.models import launch_autocast, launch_mixed_precision
 from pipeline.run import atomic_write_text
 
 from . import losses as L
@@ -81,8 +82,11 @@ class PPOTrainer:
         self.world, self.rank, self.is_main = state.num_processes, state.process_index, state.is_main_process
         self.lm = stack.causal_lm
         self.device = next(self.lm.parameters()).device
+        self.mixed_precision = launch_mixed_precision()
+        launch_autocast(self.device, cfg.stage_name, training=True)  # refuses what it cannot run, before any update
         if cfg.recompute_old_logprobs is None:  # auto: the sampling loop's log-probs are exact enough only in fp32
-            cfg.recompute_old_logprobs = self.lm.get_input_embeddings().weight.dtype != torch.float32
+            cfg.recompute_old_logprobs = (self.lm.get_input_embeddings().weight.dtype != torch.float32
+                                          or self.mixed_precision != "no")
 
         # The value adapter may train only its top layers (TopLayers): freeze the rest before collecting parameters.
         self.top = None
@@ -345,7 +349,13 @@ class PPOTrainer:
         return out
 
     def step(self) -> tuple[dict, Rollout]:
-        """One PPO update: rollout, advantages, optimisation. Returns the (global) metrics of this update."""
+        """One PPO update: rollout, advantages, optimisation, under the launch's mixed precision (torch.autocast, as
+        accelerate gives the Trainer stages; bf16 in configs/accelerate/multi_gpu.yaml). Returns the (global) metrics
+        of this update."""
+        with launch_autocast(self.device, self.cfg.stage_name, training=True):
+            return self._update()
+
+    def _update(self) -> tuple[dict, Rollout]:
         cfg = self.cfg
         t0 = time.perf_counter()
         ro = self.rollout()
