@@ -179,12 +179,14 @@ def test_every_rank_is_true_only_when_all_ranks_say_so(tmp_path):
 
 def launch_fsdp(module: str, args: list[str], timeout: int = 900):
     """`accelerate launch --config_file configs/accelerate/fsdp.yaml` with two CPU processes: the config's FSDP
-    environment (ACCELERATE_USE_FSDP=true) reaches the stage; on CPU accelerate itself runs it as plain DDP."""
+    environment (ACCELERATE_USE_FSDP=true) reaches the stage; on CPU accelerate itself runs it as plain DDP. Without
+    the config's bf16 autocast, which PPO follows (tests/test_ppo.py, mixed_precision): these tests compare sharding
+    with DDP's fp32 numbers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [*ACCELERATE_LAUNCH, "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
-           "--main_process_port", str(port), "-m", module, *args]
+           "--mixed_precision", "no", "--main_process_port", str(port), "-m", module, *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1"})
 

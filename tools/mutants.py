@@ -610,7 +610,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('library-noise-shown', 'pipeline/run.py', '    for category, message in LIBRARY_NOISE:\n', '    for category, message in []:\n', 'tests/test_journey.py'),
     ('eval-kept-batches-left', 'stages/eval.py', '    drop_sampled_batches(stage.dir)\n', '', 'tests/test_eval.py -k interrupted_eval'),
     ('eval-kept-policies-share-a-folder', 'stages/eval.py', 'keep(f"{stage_dir.name}-{name}")', 'keep(stage_dir.name)', 'tests/test_eval.py -k interrupted_eval'),
-    ('eval-kept-batches-ignored', 'stages/eval.py', 'args.score_batch_size, keep(name))', 'args.score_batch_size, None)', 'tests/test_eval.py -k interrupted_eval'),
+    ('eval-kept-batches-ignored', 'stages/eval.py', 'args.score_batch_size,\n                            keep(name))', 'args.score_batch_size,\n                            None)', 'tests/test_eval.py -k interrupted_eval'),
     ('eval-bad-judge-keeps-batches', 'stages/eval.py', '        drop_sampled_batches(stage.dir, made_eval_folder)\n        raise\n', '        raise\n', 'tests/test_eval_publish_guards.py -k judge_failing_on_the_samples'),
     ('rm-reload-ignores-mixed-precision', 'stages/rm_scoring.py', '    precision = autocast if mixed else precision\n', '', 'tests/test_rm.py -k mixed_precision'),
     ('dpo-reload-ignores-mixed-precision', 'stages/dpo.py', '    checked = profile.dtype == "float32" and autocast is None\n', '    checked = profile.dtype == "float32"\n', 'tests/test_dpo.py -k mixed_precision'),
