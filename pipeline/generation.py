@@ -153,17 +153,16 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
     are spread over the ranks and the result, in prompt order, comes back on every rank. On a sharded model
     (pipeline.sharding) each forward is a collective: the ranks run the same number of batches, and within a batch
     generation stops only when every rank's rows have ended (`synced_gpus`). `batches_store` (stages.resume.
-    SampledBatches; not on a sharded model, whose ranks must run every forward together) keeps each finished batch
-    and hands back those an interrupted run of the same command had finished."""
+    SampledBatches) keeps each finished batch and hands back those an interrupted run of the same command had
+    finished; on a sharded model only a round whose batches every rank kept is skipped (they run every forward
+    together)."""
     from tqdm.auto import tqdm
 
-    from pipeline.sharding import is_sharded, rank_and_world, reshard, spread
+    from pipeline.sharding import is_sharded, on_every_rank, rank_and_world, reshard, spread
 
     device = next(model.parameters()).device
     stop_ids, pad_id = stop_token_ids(tokenizer, model), tokenizer.pad_token_id
     synced = is_sharded(model) and rank_and_world()[1] > 1
-    if batches_store is not None and is_sharded(model):
-        raise ValueError("a sharded model's ranks sample every batch together: no batches can be reused")
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) \
         if cfg.temperature > 0 else dict(do_sample=False)
     starts = list(range(0, len(prompt_token_ids), cfg.generation_batch_size))
@@ -171,6 +170,8 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
 
     def one_batch(b: int):
         kept = batches_store.get(b) if batches_store is not None else None
+        if synced and batches_store is not None and not on_every_rank(kept is not None, device):
+            kept = None  # another rank samples this round: every rank takes part in its forwards, and keeps its own
         if kept is not None:
             bar.update()
             return kept

@@ -249,6 +249,15 @@ def spread(n_batches: int, run_batch) -> list:
     return [merged[b] for b in range(n_batches)]
 
 
+def on_every_rank(flag: bool, device) -> bool:
+    """Is `flag` true on every rank? A collective: every rank must call it."""
+    import torch.distributed as dist
+
+    agreed = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
+
+
 def process_state():
     """accelerate's PartialState, with the CPU ranks of ACCELERATE_USE_CPU=1 counted: PartialState() alone ignores
     the variable (only AcceleratorState reads it), and without cpu=True two CPU ranks both call themselves rank 0 of 1.

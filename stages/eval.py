@@ -327,7 +327,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     stores, made_eval_folder = [], not stage.dir.exists()
 
     def keep(name: str):
-        stores.append(sampled_batches(stage, config, state, stack.model, name))
+        stores.append(sampled_batches(stage, config, state, name))
         return stores[-1]
 
     with launch_autocast(state.device, "eval"):  # the launch's mixed precision, as the Trainer stages get it
@@ -399,7 +399,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     stage.finish({"report": stage.dir / "report.md", "report_json": stage.dir / "report.json", **outputs,
                   **{f"plot_{k}": v for k, v in plots.items()}},
                  {**figures, "world_size": state.num_processes, "sharding": sharding,
-                  "batches_kept_from_an_interrupted_run": sum(s.kept for s in stores if s)}, config)
+                  "batches_kept_from_an_interrupted_run": sum(s.kept for s in stores)}, config)
     drop_sampled_batches(stage.dir)
     finish_distributed()
     return figures

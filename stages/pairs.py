@@ -150,12 +150,9 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
 
     # 3. Generate: each prompt K times in a row, seeded per batch (same config + seed -> same pairs on CPU, with any
     #    number of processes: every rank calls generate(), which spreads the batches and gathers the responses)
-    #    An interrupted run of the same command keeps the batches it had finished (stages/resume.py), except on a
-    #    sharded base, whose ranks sample every batch together.
+    #    An interrupted run of the same command keeps the batches it had finished (stages/resume.py).
     k = args.num_responses
-    store = sampled_batches(stage, config, state, stack.model)
-    if store is None and state.is_main_process:
-        print("note: the base is sharded (FSDP2): an interrupted `make pairs` samples every batch again", file=sys.stderr)
+    store = sampled_batches(stage, config, state)
     t0 = time.time()
     with autocast:
         gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
@@ -188,7 +185,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             "generation_time_s": round(gen_time, 1), "new_tokens_per_s": round(new_tokens / gen_time, 1),
             "policy": f"{policy['base_model']} + {adapter}", "data": data_name,
             "world_size": state.num_processes, "sharding": sharding,
-            "batches_kept_from_an_interrupted_run": store.kept if store else 0,
+            "batches_kept_from_an_interrupted_run": store.kept,
         }
         print_table("pairs", metrics)
         for row in rows[:2]:

@@ -187,14 +187,9 @@ class SampledBatches:
         part.replace(self.path(batch))
 
 
-def sampled_batches(stage, config: dict, state, model, name: str = "") -> SampledBatches | None:
+def sampled_batches(stage, config: dict, state, name: str = "") -> SampledBatches:
     """The SampledBatches of a sampling stage's run (`stage`: pipeline.run.StageRun), in stage.dir/sampled/NAME (eval
-    keeps each policy's apart), keyed as a Trainer stage's checkpoints are; None on a sharded model, whose ranks sample
-    every batch together."""
-    from pipeline.sharding import is_sharded
-
-    if is_sharded(model):
-        return None
+    keeps each policy's apart), keyed as a Trainer stage's checkpoints are."""
     key = {**stage.inputs(config), "config": config, "sampled": name}
     return SampledBatches(stage.dir / "sampled" / name, key, state)  # name "": stage.dir/sampled itself
 

@@ -1,7 +1,8 @@
 """A stage killed at a training step, in a real launch: `python -m tests.killed_stage STAGE_MODULE [FOLDER:]STEP ARGS...`
 runs STAGE_MODULE's `__main__` with ARGS, and every rank's Trainer (only one whose output folder is named FOLDER, e.g.
 a reward-model ensemble's `member-1`) raises once it has finished step STEP, after that step's checkpoint if it saves
-one, as a crash or a kill would end it. For the multi-process resume tests."""
+one, as a crash or a kill would end it. `batches:K` instead: every rank of a sampling stage (pairs, eval) raises once
+it has kept its K-th sampled batch (stages.resume.SampledBatches). For the multi-process resume tests."""
 
 import runpy
 import sys
@@ -29,9 +30,26 @@ def kill_every_trainer_at(step: int, folder: str | None = None) -> None:
     transformers.Trainer.__init__ = init_then_watch
 
 
+def kill_every_rank_after_batches(k: int) -> None:
+    import stages.resume
+
+    put, kept = stages.resume.SampledBatches.put, []
+
+    def put_then_watch(self, batch, tensors):
+        put(self, batch, tensors)
+        kept.append(batch)
+        if len(kept) == k:
+            raise RuntimeError(f"killed after {k} batches")
+
+    stages.resume.SampledBatches.put = put_then_watch
+
+
 if __name__ == "__main__":
     module, where, *stage_args = sys.argv[1:]
-    folder, _, step = where.rpartition(":")
-    kill_every_trainer_at(int(step), folder or None)
+    folder, _, count = where.rpartition(":")
+    if folder == "batches":
+        kill_every_rank_after_batches(int(count))
+    else:
+        kill_every_trainer_at(int(count), folder or None)
     sys.argv = [module, *stage_args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

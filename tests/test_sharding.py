@@ -261,6 +261,43 @@ def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir,
     assert_really_sharded(manifest(runs_dir, "two", "eval")["metrics"])
 
 
+@pytest.mark.slow
+def test_pairs_fsdp2_killed_keeps_its_batches_and_ends_as_an_uninterrupted_one(tiny_models, runs_dir):
+    """resume == no resume on a sharded base: two FSDP2 ranks killed once each has kept 2 of its 3 batches
+    (tests/killed_stage.py; 6 batches, 3 rounds), rank 1's second batch then lost (as when a rank dies first), and the
+    same command again: round 0 is skipped by both ranks together, round 1 sampled by both (every forward is a
+    collective: rank 0 alone skipping it would leave rank 1 waiting), and the pairs are the uninterrupted sharded
+    run's, to the byte."""
+    import datasets
+
+    from tests.fake_upstream import build_upstream
+
+    profile = str(tiny_models["llama"])
+    for run in ("whole", "cut"):
+        build_upstream(runs_dir, profile, run)
+
+    def args(run):  # 6 prompts x 2 responses in batches of 2: 6 batches, each rank's b % 2
+        return ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--model_config", profile, "--run", run,
+                "--max_prompts", "6", "--num_responses", "2", "--max_new_tokens", "8", "--generation_batch_size", "2"]
+
+    whole = run_module("stages.pairs", args("whole"), fsdp=True)
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    killed = run_module("tests.killed_stage", ["stages.pairs", "batches:2", *args("cut")], fsdp=True)
+    assert killed.returncode != 0 and "killed after 2 batches" in killed.stderr, killed.stderr[-4000:]
+    kept_dir = runs_dir / "cut" / "pairs" / "sampled"
+    assert sorted(p.name for p in kept_dir.glob("batch-*")) == [f"batch-{b:06d}.pt" for b in range(4)]
+    (kept_dir / "batch-000003.pt").unlink()
+    resumed = run_module("stages.pairs", args("cut"), fsdp=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.stderr.count("note: 3 batches sampled by an interrupted run of the same command are kept") == 1
+    m_whole, m_cut = (manifest(runs_dir, r, "pairs")["metrics"] for r in ("whole", "cut"))
+    assert_really_sharded(m_cut)
+    assert m_cut["batches_kept_from_an_interrupted_run"] == 3 and m_whole["batches_kept_from_an_interrupted_run"] == 0
+    one, two = (datasets.load_from_disk(str(runs_dir / r / "pairs/dataset")) for r in ("whole", "cut"))
+    assert len(one) > 0 and two["pair_id"] == one["pair_id"] and two["responses"] == one["responses"]
+    assert not kept_dir.exists()
+
+
 def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, monkeypatch):
     """multi_gpu.yaml and fsdp.yaml say "all GPUs of one machine" (gpu_ids: all) but must give accelerate some
     num_processes (8): on a machine with fewer or more GPUs, pipeline.launch starts one process per GPU instead, and
