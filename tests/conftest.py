@@ -142,16 +142,25 @@ def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 
 
 
 def run_as_group(cmd: list[str], timeout: int, env: dict) -> subprocess.CompletedProcess:
-    """subprocess.run in a session of its own: on a timeout the launcher and every rank it started are killed (killing
-    the launcher alone leaves two hung ranks spinning through the rest of the suite)."""
+    """subprocess.run in a session of its own: on a timeout the launcher and every process below it are killed.
+    torch's launcher starts each rank in a session of its own, so killing the launcher's group alone would leave two
+    hung ranks holding the output pipes: the test would then wait for them forever."""
     import signal
+
+    import psutil
 
     with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            below = psutil.Process(proc.pid).children(recursive=True)  # found before the launcher dies and they move
             os.killpg(proc.pid, signal.SIGKILL)
+            for child in below:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -453,8 +453,11 @@ def test_eval_samples_and_scores_under_the_launch_mixed_precision(tmp_path, tiny
     """The accelerate config's `mixed_precision: bf16` (configs/accelerate/multi_gpu.yaml), which the Trainer stages
     get from accelerate: every model pass of eval (sampling, KL, the reward model's held-out pairs, kept policies)
     runs under bf16 autocast."""
+    from accelerate import PartialState
+
     import stages.eval as ev
 
+    device = PartialState().device.type  # where eval puts the models: the accelerator's, on a GPU machine
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
     add_kept_policies_and_rm_pairs(runs / "t")
@@ -464,8 +467,8 @@ def test_eval_samples_and_scores_under_the_launch_mixed_precision(tmp_path, tiny
         real = getattr(ev, name)
 
         def spy(*a, **k):
-            on = torch.is_autocast_enabled("cpu")
-            seen.setdefault(name, set()).add(torch.get_autocast_dtype("cpu") if on else None)
+            on = torch.is_autocast_enabled(device)
+            seen.setdefault(name, set()).add(torch.get_autocast_dtype(device) if on else None)
             return real(*a, **k)
         monkeypatch.setattr(ev, name, spy)
 

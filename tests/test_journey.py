@@ -63,13 +63,23 @@ def cpu_config_with_bf16_autocast(root):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint, mixed_precision", [("bfloat16", "no"), ("float32", "bf16")])
-def test_make_sft_rm_ppo_eval_on_a_checkpoint_with_its_own_template(checkpoint, mixed_precision, tmp_path):
-    """A bf16 checkpoint under the default launch; an fp32 one under bf16 autocast, as the GPU configs launch it (on
-    an H200 that stopped `make rm` at its reload check, fixed since)."""
+@pytest.mark.parametrize("checkpoint, bf16_autocast", [("bfloat16", False), ("float32", True)],
+                         ids=["bf16-checkpoint", "fp32-checkpoint-under-bf16-autocast"])
+def test_make_sft_rm_ppo_eval_on_a_checkpoint_with_its_own_template(checkpoint, bf16_autocast, tmp_path):
+    """A bf16 checkpoint under the caller's launch (ACCELERATE_CONFIG, by default configs/accelerate/cpu.yaml); an
+    fp32 one under bf16 autocast, as the GPU configs launch it (on an H200 that stopped `make rm` at its reload
+    check, fixed since)."""
+    import os
+
+    import yaml
+
     runs_dir = tmp_path / "runs"
     profile = qwen_profile(tmp_path, checkpoint)
-    launch = [f"ACCELERATE_CONFIG={cpu_config_with_bf16_autocast(tmp_path)}"] if mixed_precision == "bf16" else []
+    config = (cpu_config_with_bf16_autocast(tmp_path) if bf16_autocast else
+              REPO / os.environ.get("ACCELERATE_CONFIG", "configs/accelerate/cpu.yaml"))
+    launch = [f"ACCELERATE_CONFIG={config}"] if bf16_autocast else []
+    mixed_precision = yaml.safe_load(config.read_text()).get("mixed_precision", "no")
+    mixed_precision = {False: "no"}.get(mixed_precision, mixed_precision)  # YAML reads a bare `no` as False
     first = make_journey(runs_dir, profile, *launch)
     assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-5000:])
     for _, noise in LIBRARY_NOISE:  # the libraries' warnings nobody can act on are not shown (pipeline.run)
@@ -83,7 +93,7 @@ def test_make_sft_rm_ppo_eval_on_a_checkpoint_with_its_own_template(checkpoint, 
     assert set(manifests["sft"]["metrics"]["base_dtypes"]) == {checkpoint}, manifests["sft"]["metrics"]
     # the launch's mixed precision in every stage: the reward model's reload check at its precision, PPO's forwards
     assert manifests["ppo"]["metrics"]["mixed_precision"] == mixed_precision
-    reload_dtype = "bfloat16 (mixed precision)" if mixed_precision == "bf16" else checkpoint
+    reload_dtype = "bfloat16 (mixed precision)" if checkpoint == "float32" and mixed_precision == "bf16" else checkpoint
     assert {m["reload_check"]["dtype"] for m in manifests["rm"]["metrics"]["members"]} == {reload_dtype}
     # each stage read the one before it: pairs sampled from the SFT policy, labelled by the simulated annotators,
     # exported, the reward model trained on that export, PPO on the SFT policy and that reward model, eval on all

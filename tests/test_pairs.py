@@ -150,8 +150,8 @@ def test_pairs_samples_under_the_launch_mixed_precision(mixed, autocast, tiny_mo
     seen, real_generate = [], pairs.generate
 
     def spy(model, *a, **k):
-        on = torch.is_autocast_enabled("cpu")
-        seen.append(str(torch.get_autocast_dtype("cpu")) if on else None)
+        device = next(model.parameters()).device.type  # the accelerator's, on a GPU machine
+        seen.append(str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None)
         return real_generate(model, *a, **k)
 
     monkeypatch.setattr(pairs, "generate", spy)

@@ -147,3 +147,37 @@ def test_a_sharded_base_checkpoints_the_optimizer_of_its_whole_trained_weights(c
         assert build_trainer(build, cfg, sharded).args is cfg
         assert seen_at_init == [want_at_init] and cfg.save_only_model is want_after
         assert ("the checkpoints hold the model only" in capsys.readouterr().err) is trained_shard
+
+
+def test_a_launch_that_times_out_is_killed_with_the_ranks_it_started_in_their_own_sessions(tmp_path):
+    """tests.conftest.run_as_group, which every multi-process test launches through: torch's launcher starts each rank
+    in a session of its own. A launch past its timeout must raise, with every process below it killed; killing the
+    launcher's group alone left the ranks holding the output pipes, and the test waiting for them forever."""
+    import subprocess
+    import sys
+    import threading
+
+    import psutil
+
+    from tests.conftest import run_as_group
+
+    rank_pid = tmp_path / "rank.pid"
+    launcher = ("import subprocess, sys, time\n"  # as torch's launcher: a rank in its own session, sharing stdout
+                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+                f"open({str(rank_pid)!r}, 'w').write(str(p.pid))\n"
+                "print('started', flush=True)\n"
+                "time.sleep(600)\n")
+    outcome = []
+
+    def launch():
+        try:
+            run_as_group([sys.executable, "-c", launcher], timeout=3, env={})
+        except subprocess.TimeoutExpired:
+            outcome.append("timed out")
+
+    waiter = threading.Thread(target=launch, daemon=True)
+    waiter.start()
+    waiter.join(timeout=60)
+    rank = int(rank_pid.read_text())
+    assert not waiter.is_alive() and outcome == ["timed out"]
+    assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE

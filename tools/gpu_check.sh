@@ -32,7 +32,7 @@ print({k: m.get(k) for k in ('gold_win_rate', 'gold_win_rate_ci_low', 'kl_mean',
         tests/test_sft.py tests/test_rm.py tests/test_dpo.py -k "accelerator or bf16_base_trains or mixed_precision" -m "not slow" ;;
     journey)  # tests/test_journey.py under the GPU configs (-s: its progress survives a timeout)
       for cfg in multi_gpu fsdp; do
-        ACCELERATE_CONFIG=configs/accelerate/$cfg.yaml step journey_$cfg 300 python3 -m pytest -x -s -q -p no:cacheprovider tests/test_journey.py
+        ACCELERATE_CONFIG=configs/accelerate/$cfg.yaml step journey_$cfg 300 python3 -m pytest -x -s -q -p no:cacheprovider tests/test_journey.py -k bf16-checkpoint
       done ;;
   esac
 done
