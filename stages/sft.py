@@ -22,8 +22,8 @@ from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_as
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, load_mixture, messages_problem, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import (load_base, load_tokenizer, lora_config, profile_from, require_chat_template, resolve_base,
-                             save_fingerprint, to_device)
+from pipeline.models import (launch_autocast, load_base, load_tokenizer, lora_config, profile_from, require_chat_template,
+                             resolve_base, save_fingerprint, to_device)
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
@@ -210,6 +210,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
               f"{train_cfg.max_length} tokens (with the chat template): TRL cuts their ends, the reply's end-of-turn "
               f"token with them, so the model learns less of when to stop; raise --max_length", file=sys.stderr)
     model = load_base(profile, tokenizer, shard=shard)  # also checks the profile's LoRA targets against the model
+    launch_autocast(state.device, "sft")  # a mixed precision the samples cannot run under: refused before the folder
     stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Before training: samples on fixed prompts, on this process's accelerator. Every rank takes part (a sharded
@@ -218,7 +219,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     # Sampled, not greedy, with a fixed seed: greedy decoding of a tiny model collapses to "\n" + EOS.
     sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.7, top_k=50)
     to_device(model, state.device)
-    before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts
+    with launch_autocast(state.device, "sft"):  # the launch's mixed precision, as the training gets it
+        before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts
 
     # 3. Train; an interrupted run of the same command continues from its last checkpoint (save_strategy: steps)
     peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout)
@@ -233,7 +235,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     # 4. Save adapter + tokenizer side by side (AutoPeftModel looks for the tokenizer in the adapter folder).
     adapter_dir = stage.dir / "adapter"
     trainer.save_model(str(adapter_dir))  # every rank: on a sharded base the Trainer gathers the adapter whole
-    after = generate(trainer.model, tokenizer, prompts, sampling, generator_seed=0).texts  # every rank, as before
+    with launch_autocast(state.device, "sft"):
+        after = generate(trainer.model, tokenizer, prompts, sampling, generator_seed=0).texts  # every rank, as before
     sharding = sharding_report(trainer.model)
     metrics = {}
     if state.is_main_process:

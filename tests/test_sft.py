@@ -187,6 +187,24 @@ def test_bf16_base_trains_fp32_lora_and_samples_on_the_accelerator(tiny_models_b
     assert before_seed == after_seed is not None
 
 
+def test_before_and_after_samples_run_under_the_launch_mixed_precision(tiny_models, runs_dir, monkeypatch):
+    """The accelerate config's `mixed_precision: bf16` (configs/accelerate/multi_gpu.yaml): the training gets it from
+    accelerate, and the before/after samples run under the same autocast, so the two compare."""
+    import stages.sft as sft
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    seen, real_generate = [], sft.generate
+
+    def spy(model, *a, **k):
+        device = next(model.parameters()).device.type  # the accelerator's, on a GPU machine
+        seen.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        return real_generate(model, *a, **k)
+
+    monkeypatch.setattr(sft, "generate", spy)
+    main(*parse_args(tiny_args(tiny_models["llama"], runs_dir, "mixed", "--max_steps", "2")))
+    assert seen == [torch.bfloat16, torch.bfloat16]
+
+
 def write_profile(path, **spec):
     import yaml
 

@@ -624,6 +624,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('generate-sharded-round-skipped-alone', 'pipeline/generation.py', '        if synced and batches_store is not None and not on_every_rank(kept is not None, device):\n', '        if False:\n', 'tests/test_sharding.py -k killed_keeps'),
     ('on-every-rank-any', 'pipeline/sharding.py', 'op=dist.ReduceOp.MIN)', 'op=dist.ReduceOp.MAX)', 'tests/test_sharding.py -k killed_keeps'),
     ('tests-timeout-leaves-ranks', 'tests/conftest.py', '            for child in below:\n', '            for child in []:\n', 'tests/test_resume.py -k times_out'),
+    ('sft-before-samples-ignore-mixed-precision', 'stages/sft.py', '    with launch_autocast(state.device, "sft"):  # the launch', '    if True:  # the launch', 'tests/test_sft.py -k mixed_precision'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
