@@ -30,18 +30,22 @@ def kill_every_trainer_at(step: int, folder: str | None = None) -> None:
     transformers.Trainer.__init__ = init_then_watch
 
 
+def dying_put(put, kill_after: int | None, seen: list, record=lambda store, batch: batch):
+    """SampledBatches.put (`put`) that also appends record(store, batch) to `seen` for each batch it keeps, and raises
+    once `seen` holds `kill_after` of them (None: never), as a crash would end the stage."""
+    def put_then_watch(self, batch, tensors):
+        put(self, batch, tensors)
+        seen.append(record(self, batch))
+        if len(seen) == kill_after:
+            raise RuntimeError(f"killed after {kill_after} batches")
+
+    return put_then_watch
+
+
 def kill_every_rank_after_batches(k: int) -> None:
     import stages.resume
 
-    put, kept = stages.resume.SampledBatches.put, []
-
-    def put_then_watch(self, batch, tensors):
-        put(self, batch, tensors)
-        kept.append(batch)
-        if len(kept) == k:
-            raise RuntimeError(f"killed after {k} batches")
-
-    stages.resume.SampledBatches.put = put_then_watch
+    stages.resume.SampledBatches.put = dying_put(stages.resume.SampledBatches.put, k, [])
 
 
 if __name__ == "__main__":

@@ -488,19 +488,14 @@ def test_an_interrupted_eval_keeps_its_sampled_batches_and_ends_as_an_uninterrup
     uninterrupted run's samples and figures; its kept batches are gone once the report is written."""
     import stages.resume as resume
     from stages.eval import main, parse_args
+    from tests.killed_stage import dying_put
 
     put, sampled = resume.SampledBatches.put, []
 
     def run(runs, kill_after=None):
         sampled.clear()
-
-        def watched_put(self, batch, tensors):
-            put(self, batch, tensors)
-            sampled.append((self.folder.name, batch))
-            if len(sampled) == kill_after:
-                raise RuntimeError(f"killed after {kill_after} batches")
-
-        monkeypatch.setattr(resume.SampledBatches, "put", watched_put)
+        monkeypatch.setattr(resume.SampledBatches, "put",
+                            dying_put(put, kill_after, sampled, lambda store, batch: (store.folder.name, batch)))
         main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
                           "--model_config", str(tiny_models["llama"]), "--max_new_tokens", "8",
                           "--generation_batch_size", "2"]))

@@ -312,20 +312,14 @@ def test_an_interrupted_run_keeps_its_sampled_batches_and_ends_as_an_uninterrupt
     from pipeline.config import RunArgs, parse
     from pipeline.generation import SamplingConfig
     from stages.pairs import PairsArgs, main
+    from tests.killed_stage import dying_put
 
     profile = str(tiny_models["llama"])
     put, sampled = resume.SampledBatches.put, []
 
     def run(name, *extra, kill_after=None):
         sampled.clear()
-
-        def watched_put(self, batch, tensors):
-            put(self, batch, tensors)
-            sampled.append(batch)
-            if len(sampled) == kill_after:
-                raise RuntimeError(f"killed after {kill_after} batches")
-
-        monkeypatch.setattr(resume.SampledBatches, "put", watched_put)
+        monkeypatch.setattr(resume.SampledBatches, "put", dying_put(put, kill_after, sampled))
         args = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", name, "--model_config", profile,
                 *TINY, "--generation_batch_size", "2", *extra]
         return main(*parse((PairsArgs, SamplingConfig, RunArgs), args))
