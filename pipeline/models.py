@@ -58,6 +58,9 @@ def dtype_of(profile: ModelProfile) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[profile.dtype]
 
 
+MIXED_PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}  # accelerate's mixed_precision -> autocast dtype
+
+
 def launch_mixed_precision() -> str:
     """The launch's `mixed_precision`: the accelerate config's, which `accelerate launch` passes on as
     ACCELERATE_MIXED_PRECISION ("no", "bf16" or "fp16"; configs/accelerate/multi_gpu.yaml and fsdp.yaml say bf16)."""
@@ -77,10 +80,9 @@ def launch_autocast(device: torch.device, what: str, training: bool = False):
     if mixed == "fp16" and training:
         raise ConfigError(f"{what} cannot train under fp16 mixed precision (it has no loss scaler): set "
                           f"`mixed_precision: bf16` or `no` in the accelerate config")
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if mixed not in dtypes:
+    if mixed not in MIXED_PRECISION_DTYPE:
         raise ConfigError(f"mixed_precision '{mixed}' in the accelerate config: {what} runs 'bf16', 'fp16' or 'no'")
-    return torch.autocast(device.type, dtype=dtypes[mixed])
+    return torch.autocast(device.type, dtype=getattr(torch, MIXED_PRECISION_DTYPE[mixed]))
 
 
 def template_text(value: str) -> str:

@@ -29,15 +29,15 @@ import torch
 
 from pipeline.config import ConfigError, RunArgs, parse, read_yaml, resolve_path, to_dict
 from pipeline.lora_combine import combine_loras, require_combinable, save_lora
-from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
-                             save_fingerprint, to_device)
+from pipeline.models import (MIXED_PRECISION_DTYPE, check_adapter, load_base, load_tokenizer, lora_config, profile_from,
+                             resolve_base, save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import requested as sharding_requested
 from stages.resume import drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
 from stages.rm_data import checked_mixture, data_record, prepare_data
-from stages.rm_scoring import MIXED_PRECISION_DTYPE, heldout_metrics
+from stages.rm_scoring import heldout_metrics
 
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
 # adapter reloaded on the raw base, in float32; merging and unmerging only reorders float32 sums (~1e-5 seen).

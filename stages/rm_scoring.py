@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import resolve_path
+from pipeline.models import MIXED_PRECISION_DTYPE
 from pipeline.data import score_each_once
 from pipeline import stats
 from pipeline.adapters import pool_in_forward, read_pooling
@@ -150,9 +151,6 @@ def reloaded_pair_scores(adapter_dir: str, pairs: list[dict], dtype: str, batch_
 # dtype agree to ~1e-6 in float32; bf16 keeps 8 bits of mantissa (relative steps of 2^-8 = 0.4%) and a 4-bit base
 # dequantizes on the fly, so rounding differences in a score head kept in another dtype show there.
 RELOAD_TOLERANCE = {"float32": (1e-4, 0.0), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 3e-2)}
-
-
-MIXED_PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}  # accelerate's mixed_precision -> autocast dtype
 
 
 def reload_verdict(chosen: list[float], rejected: list[float], again_chosen: list[float], again_rejected: list[float],

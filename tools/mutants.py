@@ -620,7 +620,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-resume-ignores-mixed-precision', 'stages/ppo/__init__.py', '    settings["mixed_precision"] = launch_mixed_precision()', '    pass', 'tests/test_ppo.py -k model_profile_and_adapter_bytes'),
     ('pairs-ignores-mixed-precision', 'stages/pairs.py', '    with autocast:\n', '    if True:\n', 'tests/test_pairs.py -k mixed_precision'),
     ('eval-ignores-mixed-precision', 'stages/eval.py', '    with launch_autocast(state.device, "eval"):', '    if True:', 'tests/test_eval.py -k mixed_precision'),
-    ('mixed-precision-unknown-unchecked', 'pipeline/models.py', '    if mixed not in dtypes:\n', '    if False:\n', 'tests/test_pairs.py -k mixed_precision'),
+    ('mixed-precision-unknown-unchecked', 'pipeline/models.py', '    if mixed not in MIXED_PRECISION_DTYPE:\n', '    if False:\n', 'tests/test_pairs.py -k mixed_precision'),
     ('generate-sharded-round-skipped-alone', 'pipeline/generation.py', '        if synced and batches_store is not None and not on_every_rank(kept is not None, device):\n', '        if False:\n', 'tests/test_sharding.py -k killed_keeps'),
     ('on-every-rank-any', 'pipeline/sharding.py', 'op=dist.ReduceOp.MIN)', 'op=dist.ReduceOp.MAX)', 'tests/test_sharding.py -k killed_keeps'),
     ('tests-timeout-leaves-ranks', 'tests/conftest.py', '            for child in below:\n', '            for child in []:\n', 'tests/test_resume.py -k times_out'),
