@@ -807,6 +807,14 @@ def test_resume_only_with_the_same_settings_and_prompts(tiny_models, adapters, p
         "was trained on other prompts (the prompt file's rows changed)"
     assert resume_mismatch({k: v for k, v in before.items() if k != "settings"}, before) == \
         "does not record the settings it was trained with"
+    # a checkpoint of the version before the launch's mixed precision was recorded: it trained without autocast
+    older = {**before, "settings": {k: v for k, v in before["settings"].items() if k != "mixed_precision"}}
+    assert before["settings"]["mixed_precision"] == "no" and resume_mismatch(older, before) is None
+    assert resume_mismatch(older, {**before, "settings": {**before["settings"], "mixed_precision": "bf16"}}) == \
+        "was trained with other settings (mixed_precision: no -> bf16)"
+    bf16 = {**before, "settings": {**before["settings"], "mixed_precision": "bf16"}}
+    assert resume_mismatch(bf16, bf16) is None and resume_mismatch(bf16, before) == \
+        "was trained with other settings (mixed_precision: bf16 -> no)"
 
 
 def test_which_checkpoint_a_run_continues_from(tmp_path):

@@ -625,6 +625,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('on-every-rank-any', 'pipeline/sharding.py', 'op=dist.ReduceOp.MIN)', 'op=dist.ReduceOp.MAX)', 'tests/test_sharding.py -k killed_keeps'),
     ('tests-timeout-leaves-ranks', 'tests/conftest.py', '            for child in below:\n', '            for child in []:\n', 'tests/test_resume.py -k times_out'),
     ('sft-before-samples-ignore-mixed-precision', 'stages/sft.py', '    with launch_autocast(state.device, "sft"):  # the launch', '    if True:  # the launch', 'tests/test_sft.py -k mixed_precision'),
+    ('ppo-resume-older-checkpoint-mixed-precision-unknown', 'stages/ppo/__init__.py', '    old = {"mixed_precision": "no", **old}\n', '', 'tests/test_ppo.py -k same_settings_and_prompts'),
+    ('ppo-resume-older-checkpoint-mixed-precision-wins', 'stages/ppo/__init__.py', '{"mixed_precision": "no", **old}', '{**old, "mixed_precision": "no"}', 'tests/test_ppo.py -k same_settings_and_prompts'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
