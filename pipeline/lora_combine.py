@@ -95,3 +95,22 @@ def save_lora(out_dir: str | Path, state: dict[str, torch.Tensor], config: dict,
     peft_config.save_pretrained(str(out_dir))
     save_file(state, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
+
+
+def merge_into_base(peft_model):
+    """The base with the adapter merged in, as peft's `merge_and_unload()` (W += B A s per module, same arithmetic),
+    also where the base is sharded by FSDP2: peft adds the whole update to each weight, which a DTensor refuses, so
+    the update is sharded like the weight first (each rank adds its rows). Plain LoRA only (require_combinable)."""
+    from peft.tuners.lora import LoraLayer
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight
+            for name in module.active_adapters:
+                update = module.get_delta_weight(name).to(weight.dtype)
+                if isinstance(weight, DTensor):
+                    update = distribute_tensor(update, weight.device_mesh, weight.placements)
+                with torch.no_grad():
+                    weight.add_(update)
+    return peft_model.unload()

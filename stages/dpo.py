@@ -11,7 +11,8 @@ Writes runs/<run>/dpo/: adapter/ (the DPO policy: one stock PEFT LoRA on the raw
 eval_pairs.jsonl (the held-out pairs with their implicit rewards), config.json, manifest.json (last).
 
 One model in memory: the base with the SFT LoRA merged in. DPOTrainer puts a fresh LoRA on it and computes the
-reference log-probs with that LoRA disabled: the reference is exactly the SFT policy. At the end both LoRAs become
+reference log-probs with that LoRA disabled: the reference is exactly the SFT policy. Under an FSDP accelerate config
+the base is loaded sharded over the ranks (pipeline.sharding) and the SFT LoRA merged into each rank's shard. At the end both LoRAs become
 one LoRA of rank r_sft + r_dpo on the raw base (pipeline/lora_combine.py), which eval and publish read like PPO's
 policy; the stage reloads it with stock peft and fails if it does not give the trained policy's log-probs.
 """
@@ -28,13 +29,13 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, RunArgs, parse, read_yaml, resolve_path, to_dict
-from pipeline.lora_combine import combine_loras, require_combinable, save_lora
+from pipeline.lora_combine import combine_loras, merge_into_base, require_combinable, save_lora
 from pipeline.models import (MIXED_PRECISION_DTYPE, check_adapter, load_base, load_tokenizer, lora_config, profile_from,
                              resolve_base, save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
-from pipeline.sharding import requested as sharding_requested
-from stages.resume import drop_checkpoints, step_of, train_resuming
+from pipeline.sharding import sharding_report, take_over_from_accelerate
+from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
 from stages.rm_data import checked_mixture, data_record, prepare_data
 from stages.rm_scoring import heldout_metrics
@@ -96,14 +97,15 @@ def trainer_on_token_ids():
     return DPOTrainerOnTokenIds
 
 
-def sft_policy(profile, tokenizer, sft_dir):
-    """The base with the SFT LoRA merged in: DPO's starting policy, and its reference once DPO's LoRA is disabled."""
+def sft_policy(profile, tokenizer, sft_dir, shard: bool = False):
+    """The base with the SFT LoRA merged in: DPO's starting policy, and its reference once DPO's LoRA is disabled.
+    `shard`: the base sharded over every rank (FSDP2), the SFT update merged into each rank's shard."""
     from peft import PeftModel
 
     if profile.load_in_4bit:
         raise ConfigError("dpo merges the SFT adapter into the base in memory, which a 4-bit base cannot hold exactly: "
                           "set load_in_4bit: false in the model profile")
-    return PeftModel.from_pretrained(load_base(profile, tokenizer), str(sft_dir)).merge_and_unload()
+    return merge_into_base(PeftModel.from_pretrained(load_base(profile, tokenizer, shard=shard), str(sft_dir)))
 
 
 @torch.no_grad()
@@ -125,16 +127,21 @@ def completion_logps(model, dataset, collator, batch_size: int) -> tuple[list[fl
     return chosen, rejected
 
 
-def save_policy(trainer, sft_dir, adapter_dir, base_path: str):
-    """SFT LoRA + DPO LoRA -> one stock LoRA on the raw base."""
+def dpo_lora(policy) -> tuple[dict, dict]:
+    """DPO's trained LoRA (state dict on the CPU, config). Every rank: on a sharded base peft gathers it (a collective)."""
     from peft import get_peft_model_state_dict
+
+    return ({k: v.detach().cpu() for k, v in get_peft_model_state_dict(policy).items()},
+            policy.peft_config["default"].to_dict())
+
+
+def save_policy(dpo_state: dict, dpo_config: dict, sft_dir, adapter_dir, base_path: str):
+    """SFT LoRA + DPO LoRA -> one stock LoRA on the raw base."""
     from safetensors.torch import load_file
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    dpo_state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
     sft_config = json.loads((sft_dir / "adapter_config.json").read_text())
     state, config = combine_loras(load_file(str(sft_dir / "adapter_model.safetensors")), sft_config, dpo_state,
-                                  model.peft_config["default"].to_dict())
+                                  dpo_config)
     return save_lora(adapter_dir, state, config, base_path)
 
 
@@ -164,9 +171,7 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
     from transformers import AutoConfig
 
-    if sharding_requested():  # accelerate would wrap it with its own FSDP (on a GPU it saved LoRA adapters empty)
-        raise ConfigError("dpo does not shard its base (it merges the SFT adapter into a whole copy of it): launch it "
-                          "with a DDP config (ACCELERATE_CONFIG=configs/accelerate/multi_gpu.yaml) or on one process")
+    shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     state = PartialState()
     stage = StageRun("dpo", run.run, run.runs_dir)
     train_cfg.output_dir = str(stage.dir / "trainer")
@@ -188,31 +193,38 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     #    is touched.
     tokenizer = load_tokenizer(profile)
     train_rows, eval_rows, counts, data_name = prepare_data(data_args, train_cfg, stage, tokenizer)
-    model = sft_policy(profile, tokenizer, sft_dir)
+    model = sft_policy(profile, tokenizer, sft_dir, shard)
     stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Train: -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)), log-ratios against the SFT reference
-    trainer = trainer_on_token_ids()(model=model, args=train_cfg, train_dataset=as_token_ids(train_rows),
-                                     eval_dataset=as_token_ids(eval_rows), processing_class=tokenizer,
-                                     peft_config=lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout))
+    peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout)
+    trainer = build_trainer(lambda: trainer_on_token_ids()(model=model, args=train_cfg,
+                                                           train_dataset=as_token_ids(train_rows),
+                                                           eval_dataset=as_token_ids(eval_rows),
+                                                           processing_class=tokenizer, peft_config=peft_config),
+                            train_cfg, shard)
     t0 = time.time()  # an interrupted run of the same command continues from its last checkpoint (stages/resume.py)
     result, resume_from = train_resuming(trainer, {**stage.inputs(config), "config": config})
     train_time = time.time() - t0
     trl_eval = trainer.evaluate()  # every process: TRL's held-out loss, reward accuracy and margins
 
+    # 3. Held-out implicit rewards beta * log(pi / pi_ref), per pair, from the trained policy and the reference: on the
+    #    main process, or on every rank of a sharded base (each forward gathers the weights from every rank).
     metrics = {}
-    if state.is_main_process:
-        # 3. Held-out implicit rewards beta * log(pi / pi_ref), per pair, from the trained policy and the reference.
-        policy, eval_ds, collator = trainer.accelerator.unwrap_model(trainer.model), trainer.eval_dataset, trainer.data_collator
-        batch = train_cfg.per_device_eval_batch_size
+    policy, eval_ds, collator = trainer.accelerator.unwrap_model(trainer.model), trainer.eval_dataset, trainer.data_collator
+    batch = train_cfg.per_device_eval_batch_size
+    if shard or state.is_main_process:
         chosen, rejected = completion_logps(policy, eval_ds, collator, batch)
         with policy.disable_adapter():
             ref_chosen, ref_rejected = completion_logps(policy, eval_ds, collator, batch)
+    sharding = sharding_report(policy)  # every rank (it gathers each rank's share; it reshards the model too)
+    dpo_state, dpo_config = dpo_lora(policy)
+    if state.is_main_process:
         reward_chosen = [train_cfg.beta * (p - r) for p, r in zip(chosen, ref_chosen)]
         reward_rejected = [train_cfg.beta * (p - r) for p, r in zip(rejected, ref_rejected)]
 
         # 4. Save the policy as one LoRA on the raw base, then reload it with stock peft (after freeing the trained model).
-        adapter_dir = save_policy(trainer, sft_dir, stage.dir / "adapter", base_path)
+        adapter_dir = save_policy(dpo_state, dpo_config, sft_dir, stage.dir / "adapter", base_path)
         tokenizer.save_pretrained(adapter_dir)
         save_fingerprint(adapter_dir, policy.config, base_path)
         logs, steps = trainer.state.log_history, trainer.state.global_step
@@ -238,11 +250,11 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
             "beta": train_cfg.beta, **data_record(counts, len(train_rows), len(eval_rows)),
             "reload_check": reload, "steps": steps, "train_time_s": round(train_time, 1),
             "resumed_from_step": step_of(resume_from) if resume_from else None,
-            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "data": data_name,
+            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding, "data": data_name,
         }
         print_table("DPO", {k: v for k, v in metrics.items()
                             if k not in ("loss_curve", "train_accuracy_curve", "train_margin_curve", "eval_by_source",
-                                         "pairs_by_source")})
+                                         "pairs_by_source", "sharding")})
         stage.finish({"adapter": adapter_dir, "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
         drop_checkpoints(Path(train_cfg.output_dir))
     finish_distributed()

@@ -259,10 +259,11 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     four_bit.write_text(llama.read_text() + "load_in_4bit: true\n")
     with pytest.raises(ConfigError, match="4-bit base cannot hold"):
         main(*parse_args(dpo_args(four_bit, runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
-    # 4. an FSDP launch: DPO does not shard (accelerate's own FSDP would wrap it instead)
+    # 4. an FSDP launch of FSDP1: the pipeline shards with FSDP2 only
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACCELERATE_USE_FSDP", "true")
-        with pytest.raises(ConfigError, match="dpo does not shard its base.*multi_gpu.yaml"):
+        mp.setenv("FSDP_VERSION", "1")
+        with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
             main(*parse_args(dpo_args(llama, runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
     assert sorted(p.name for p in (runs_dir / "t").iterdir()) == ["sft"]
 
@@ -332,26 +333,39 @@ def test_default_data_is_the_reward_models(recipe):
 
 
 @pytest.mark.slow
-def test_two_processes_on_the_runs_label_export(tiny_models, tmp_path):
-    """Two real gloo processes, on this run's label export (found through its manifest, as `make rm` finds it)."""
+def test_two_processes_on_the_runs_label_export_ddp_and_sharded_alike(tiny_models, tmp_path):
+    """Two real gloo processes, on this run's label export (found through its manifest, as `make rm` finds it): as DDP,
+    and on a base sharded by FSDP2 (configs/accelerate/fsdp_cpu2.yaml), where each rank holds half the base with the
+    SFT update merged into its half. The two train the same policy: the same losses and adapter, to float rounding."""
     import datasets
+    from safetensors.torch import load_file
 
     runs_dir = tmp_path / "runs"
-    fake_sft(tiny_models["qwen2"], runs_dir, "t")
-    export = StageRun("label-export", "t", str(runs_dir))
-    export.prepare({})
-    rows = [dict(r, annotator="ann", strength="much", agreement=1.0, is_tie=False) for r in marker_rows(160, seed=1)]
-    datasets.Dataset.from_list(rows).save_to_disk(str(export.dir / "dataset"))
-    export.finish({"dataset": export.dir / "dataset"}, {}, {})
-    mixture = json.dumps({"label-export": {"weight": 1.0}})
-    res = run_module("stages.dpo", dpo_args(tiny_models["qwen2"], runs_dir, "t", "--dataset_mixture", mixture,
-                                            "--per_device_train_batch_size", "4"), processes=2, timeout=500)
-    assert res.returncode == 0, res.stderr[-4000:]
-    manifest = json.loads((runs_dir / "t" / "dpo" / "manifest.json").read_text())
-    m = manifest["metrics"]
-    assert m["world_size"] == 2 and m["steps"] == 2 * 128 // (2 * 4)  # 2 epochs of 128 pairs, 4 per process
-    assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_logp_diff"] <= 1e-3, m
-    assert set(m["pairs_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
+    for launch in ("ddp", "fsdp"):
+        fake_sft(tiny_models["qwen2"], runs_dir, launch)  # seeded: the same SFT adapter for both
+        export = StageRun("label-export", launch, str(runs_dir))
+        export.prepare({})
+        rows = [dict(r, annotator="ann", strength="much", agreement=1.0, is_tie=False) for r in marker_rows(160, seed=1)]
+        datasets.Dataset.from_list(rows).save_to_disk(str(export.dir / "dataset"))
+        export.finish({"dataset": export.dir / "dataset"}, {}, {})
+        mixture = json.dumps({"label-export": {"weight": 1.0}})
+        res = run_module("stages.dpo", dpo_args(tiny_models["qwen2"], runs_dir, launch, "--dataset_mixture", mixture,
+                                                "--per_device_train_batch_size", "4"),
+                         timeout=500, **({"fsdp": True} if launch == "fsdp" else {"processes": 2}))
+        assert res.returncode == 0, res.stderr[-4000:]
+        manifest = json.loads((runs_dir / launch / "dpo" / "manifest.json").read_text())
+        m = manifest["metrics"]
+        assert m["world_size"] == 2 and m["steps"] == 2 * 128 // (2 * 4)  # 2 epochs of 128 pairs, 4 per process
+        assert m["eval_accuracy"] >= 0.9 and m["reload_check"]["max_abs_logp_diff"] <= 1e-3, m
+        assert set(m["pairs_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
+    ddp, fsdp = (json.loads((runs_dir / n / "dpo/manifest.json").read_text())["metrics"] for n in ("ddp", "fsdp"))
+    assert ddp["sharding"]["engine"] == "none" and fsdp["sharding"]["engine"] == "fsdp2"
+    full = fsdp["sharding"]["base_numel_full"]
+    assert sum(fsdp["sharding"]["base_numel_per_rank"]) == full and max(fsdp["sharding"]["base_numel_per_rank"]) < full
+    assert ddp["loss_curve"] == pytest.approx(fsdp["loss_curve"], abs=1e-4)
+    assert ddp["eval_accuracy"] == fsdp["eval_accuracy"] and ddp["eval_loss"] == pytest.approx(fsdp["eval_loss"], abs=1e-4)
+    a, b = (load_file(runs_dir / n / "dpo/adapter/adapter_model.safetensors") for n in ("ddp", "fsdp"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_a_label_export_that_appears_later_makes_dpo_out_of_date(tiny_models, marker_data, tmp_path):
@@ -409,6 +423,39 @@ def test_an_sft_adapter_with_a_trained_bias_or_other_weights_does_not_combine(ch
     else:
         with pytest.raises(ConfigError, match=message):
             require_combinable(tmp_path, ["q_proj"], what="SFT")
+
+
+@pytest.mark.slow
+def test_two_sharded_ranks_resume_an_interrupted_run_and_end_as_an_uninterrupted_one(tiny_models, marker_data, tmp_path):
+    """resume == no resume on a base sharded by FSDP2 over two CPU ranks: killed after step 5 (tests/killed_stage.py),
+    after its step-4 checkpoint, the same command resumes from step 4 and ends with the uninterrupted sharded run's
+    policy, to the bit, and its loss curve."""
+    from safetensors.torch import load_file
+
+    runs_dir = tmp_path / "runs"
+
+    def args(run):
+        return dpo_args(tiny_models["llama"], runs_dir, run, "--dataset_name", str(marker_data["conversational"]),
+                        "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4")
+
+    for run in ("whole", "cut"):
+        fake_sft(tiny_models["llama"], runs_dir, run)
+    whole = run_module("stages.dpo", args("whole"), fsdp=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run_module("tests.killed_stage", ["stages.dpo", "5", *args("cut")], fsdp=True, timeout=300)
+    assert killed.returncode != 0 and "killed at step 5" in killed.stderr, killed.stderr[-3000:]
+    trainer_dir = runs_dir / "cut" / "dpo" / "trainer"
+    assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-4"]
+    resumed = run_module("stages.dpo", args("cut"), fsdp=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count(f"note: resuming from {trainer_dir / 'checkpoint-4'}") == 1
+    m_whole, m_cut = (json.loads((runs_dir / n / "dpo/manifest.json").read_text())["metrics"] for n in ("whole", "cut"))
+    assert m_whole["world_size"] == m_cut["world_size"] == 2
+    assert m_whole["sharding"]["engine"] == m_cut["sharding"]["engine"] == "fsdp2"
+    assert m_cut["resumed_from_step"] == 4 and m_whole["resumed_from_step"] is None
+    assert m_cut["loss_curve"] == m_whole["loss_curve"] and m_cut["eval_accuracy"] == m_whole["eval_accuracy"]
+    a, b = (load_file(runs_dir / n / "dpo/adapter/adapter_model.safetensors") for n in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
