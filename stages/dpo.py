@@ -12,9 +12,10 @@ eval_pairs.jsonl (the held-out pairs with their implicit rewards), config.json, 
 
 One model in memory: the base with the SFT LoRA merged in. DPOTrainer puts a fresh LoRA on it and computes the
 reference log-probs with that LoRA disabled: the reference is exactly the SFT policy. Under an FSDP accelerate config
-the base is loaded sharded over the ranks (pipeline.sharding) and the SFT LoRA merged into each rank's shard. At the end both LoRAs become
-one LoRA of rank r_sft + r_dpo on the raw base (pipeline/lora_combine.py), which eval and publish read like PPO's
-policy; the stage reloads it with stock peft and fails if it does not give the trained policy's log-probs.
+the base is loaded sharded over the ranks (pipeline.sharding) and the SFT LoRA merged into each rank's shard. At the
+end both LoRAs become one LoRA of rank r_sft + r_dpo on the raw base (pipeline/lora_combine.py), which eval and
+publish read like PPO's policy; the stage reloads it with stock peft and fails if it does not give the trained
+policy's log-probs.
 """
 
 from __future__ import annotations
