@@ -222,7 +222,7 @@ def resume_mismatch(before: dict | None, now: dict) -> str | None:
     if old is None:
         return "does not record the settings it was trained with"
     # Checkpoints written before the launch's mixed precision was recorded ran without autocast: PPO ignored it then.
-    old = {"mixed_precision": "no", **old}
+    old, new = ({"mixed_precision": "no", **settings} for settings in (old, new))
     changed = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
         return f"was trained with other settings ({', '.join(changed)})"
