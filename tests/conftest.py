@@ -154,6 +154,9 @@ def run_as_group(cmd: list[str], timeout: int, env: dict) -> subprocess.Complete
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # Stopped first, so that no rank can start between the search below and the kill (a rank started then
+            # survived, in a session of its own: seen once in a full suite under load).
+            os.killpg(proc.pid, signal.SIGSTOP)
             below = psutil.Process(proc.pid).children(recursive=True)  # found before the launcher dies and they move
             os.killpg(proc.pid, signal.SIGKILL)
             for child in below:
