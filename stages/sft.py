@@ -210,7 +210,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
               f"{train_cfg.max_length} tokens (with the chat template): TRL cuts their ends, the reply's end-of-turn "
               f"token with them, so the model learns less of when to stop; raise --max_length", file=sys.stderr)
     model = load_base(profile, tokenizer, shard=shard)  # also checks the profile's LoRA targets against the model
-    launch_autocast(state.device, "sft")  # a mixed precision the samples cannot run under: refused before the folder
+    autocast = launch_autocast(state.device, "sft")  # a mixed precision it cannot run under: refused before the folder
     stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Before training: samples on fixed prompts, on this process's accelerator. Every rank takes part (a sharded
@@ -219,7 +219,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     # Sampled, not greedy, with a fixed seed: greedy decoding of a tiny model collapses to "\n" + EOS.
     sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.7, top_k=50)
     to_device(model, state.device)
-    with launch_autocast(state.device, "sft"):  # the launch's mixed precision, as the training gets it
+    with autocast:  # the launch's mixed precision, as the training gets it
         before = generate(model, tokenizer, prompts, sampling, generator_seed=0).texts
 
     # 3. Train; an interrupted run of the same command continues from its last checkpoint (save_strategy: steps)
@@ -235,7 +235,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     # 4. Save adapter + tokenizer side by side (AutoPeftModel looks for the tokenizer in the adapter folder).
     adapter_dir = stage.dir / "adapter"
     trainer.save_model(str(adapter_dir))  # every rank: on a sharded base the Trainer gathers the adapter whole
-    with launch_autocast(state.device, "sft"):
+    with autocast:
         after = generate(trainer.model, tokenizer, prompts, sampling, generator_seed=0).texts  # every rank, as before
     sharding = sharding_report(trainer.model)
     metrics = {}

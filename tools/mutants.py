@@ -624,7 +624,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('generate-sharded-round-skipped-alone', 'pipeline/generation.py', '        if synced and batches_store is not None and not on_every_rank(kept is not None, device):\n', '        if False:\n', 'tests/test_sharding.py -k killed_keeps'),
     ('on-every-rank-any', 'pipeline/sharding.py', 'op=dist.ReduceOp.MIN)', 'op=dist.ReduceOp.MAX)', 'tests/test_sharding.py -k killed_keeps'),
     ('tests-timeout-leaves-ranks', 'tests/conftest.py', '            for child in below:\n', '            for child in []:\n', 'tests/test_resume.py -k times_out'),
-    ('sft-before-samples-ignore-mixed-precision', 'stages/sft.py', '    with launch_autocast(state.device, "sft"):  # the launch', '    if True:  # the launch', 'tests/test_sft.py -k mixed_precision'),
+    ('sft-before-samples-ignore-mixed-precision', 'stages/sft.py', '    with autocast:  # the launch', '    if True:  # the launch', 'tests/test_sft.py -k mixed_precision'),
     ('ppo-resume-older-checkpoint-mixed-precision-unknown', 'stages/ppo/__init__.py', '    old, new = ({"mixed_precision": "no", **settings} for settings in (old, new))\n', '', 'tests/test_ppo.py -k same_settings_and_prompts'),
     ('ppo-resume-older-checkpoint-mixed-precision-wins', 'stages/ppo/__init__.py', '{"mixed_precision": "no", **settings}', '{**settings, "mixed_precision": "no"}', 'tests/test_ppo.py -k same_settings_and_prompts'),
     ('merge-sharded-update-whole', 'pipeline/lora_combine.py', '                if isinstance(weight, DTensor):\n', '                if False:\n', 'tests/test_dpo.py -k ddp_and_sharded'),
