@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,8 +166,23 @@ def run_as_group(cmd: list[str], timeout: int, env: dict) -> subprocess.Complete
                 except psutil.NoSuchProcess:
                     pass
             proc.communicate()
+            # A killed process reads as running until the kernel has torn it down, after it closed the pipes: under
+            # load the caller could still see it (seen once in CI). Those whose parent died are reaped by init, or
+            # stay zombies where init does not reap: either way dead.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(_alive(child) for child in below):
+                time.sleep(0.05)
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def on_device(devices, device) -> bool:
