@@ -614,7 +614,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('eval-bad-judge-keeps-batches', 'stages/eval.py', '        drop_sampled_batches(stage.dir, made_eval_folder)\n        raise\n', '        raise\n', 'tests/test_eval_publish_guards.py -k judge_failing_on_the_samples'),
     ('rm-reload-ignores-mixed-precision', 'stages/rm_scoring.py', '    precision = autocast if mixed else precision\n', '', 'tests/test_rm.py -k mixed_precision'),
     ('dpo-reload-ignores-mixed-precision', 'stages/dpo.py', '    checked = profile.dtype == "float32" and autocast is None\n', '    checked = profile.dtype == "float32"\n', 'tests/test_dpo.py -k mixed_precision'),
-    ('ppo-ignores-mixed-precision', 'stages/ppo/trainer.py', '        with launch_autocast(self.device, self.cfg.stage_name, training=True):\n            return self._update()\n', '        return self._update()\n', 'tests/test_ppo.py -k mixed_precision'),
+    ('ppo-ignores-mixed-precision', 'stages/ppo/trainer.py', '        with self.autocast:\n            return self._update()\n', '        return self._update()\n', 'tests/test_ppo.py -k mixed_precision'),
     ('ppo-recompute-ignores-mixed-precision', 'stages/ppo/trainer.py', '\n                                          or self.mixed_precision != "no")', ')', 'tests/test_ppo.py -k mixed_precision'),
     ('ppo-fp16-trains-unscaled', 'pipeline/models.py', 'if mixed == "fp16" and training:', 'if False:', 'tests/test_ppo.py -k fp16'),
     ('ppo-resume-ignores-mixed-precision', 'stages/ppo/__init__.py', '    settings["mixed_precision"] = launch_mixed_precision()', '    pass', 'tests/test_ppo.py -k model_profile_and_adapter_bytes'),

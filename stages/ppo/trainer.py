@@ -83,7 +83,8 @@ class PPOTrainer:
         self.lm = stack.causal_lm
         self.device = next(self.lm.parameters()).device
         self.mixed_precision = launch_mixed_precision()
-        launch_autocast(self.device, cfg.stage_name, training=True)  # refuses what it cannot run, before any update
+        # torch.autocast, or nothing under 'no'; built here so that what it cannot run is refused before any update
+        self.autocast = launch_autocast(self.device, cfg.stage_name, training=True)
         if cfg.recompute_old_logprobs is None:  # auto: the sampling loop's log-probs are exact enough only in fp32
             cfg.recompute_old_logprobs = (self.lm.get_input_embeddings().weight.dtype != torch.float32
                                           or self.mixed_precision != "no")
@@ -352,7 +353,7 @@ class PPOTrainer:
         """One PPO update: rollout, advantages, optimisation, under the launch's mixed precision (torch.autocast, as
         accelerate gives the Trainer stages; bf16 in configs/accelerate/multi_gpu.yaml). Returns the (global) metrics
         of this update."""
-        with launch_autocast(self.device, self.cfg.stage_name, training=True):
+        with self.autocast:
             return self._update()
 
     def _update(self) -> tuple[dict, Rollout]:
