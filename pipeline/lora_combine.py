@@ -108,7 +108,9 @@ def merge_into_base(peft_model):
         if isinstance(module, LoraLayer):
             weight = module.get_base_layer().weight
             for name in module.active_adapters:
-                update = module.get_delta_weight(name).to(weight.dtype)
+                # In the adapter's dtype (peft loads it in fp32): added as it is, the sum rounds once to a bf16 base's
+                # dtype, as in peft's merge; cast first, it would round twice
+                update = module.get_delta_weight(name)
                 if isinstance(weight, DTensor):
                     update = distribute_tensor(update, weight.device_mesh, weight.placements)
                 with torch.no_grad():

@@ -35,7 +35,7 @@ from pipeline.models import (MIXED_PRECISION_DTYPE, check_adapter, load_base, lo
                              resolve_base, save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
-from pipeline.sharding import sharding_report, take_over_from_accelerate
+from pipeline.sharding import is_sharded, sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
 from stages.rm_data import checked_mixture, data_record, prepare_data
@@ -129,7 +129,8 @@ def completion_logps(model, dataset, collator, batch_size: int) -> tuple[list[fl
 
 
 def dpo_lora(policy) -> tuple[dict, dict]:
-    """DPO's trained LoRA (state dict on the CPU, config). Every rank: on a sharded base peft gathers it (a collective)."""
+    """DPO's trained LoRA (state dict on the CPU, config). Called on every rank, so that nothing in a sharded model's
+    state_dict() runs on one rank alone (the LoRA matrices themselves are whole on each rank: pipeline.sharding)."""
     from peft import get_peft_model_state_dict
 
     return ({k: v.detach().cpu() for k, v in get_peft_model_state_dict(policy).items()},
@@ -147,16 +148,17 @@ def save_policy(dpo_state: dict, dpo_config: dict, sft_dir, adapter_dir, base_pa
 
 
 def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size: int, chosen: list[float],
-                 rejected: list[float], mixed_precision: str = "no") -> dict:
+                 rejected: list[float], mixed_precision: str = "no", shard: bool = False) -> dict:
     """The saved adapter, loaded with stock peft on the raw base (as eval loads policies), must give the trained
     policy's log-probs on the first held-out pairs. Checked in float32; in other dtypes the merged SFT weights were
     rounded, and under the launch's `mixed_precision` (bf16 autocast: configs/accelerate/multi_gpu.yaml) the trained
-    policy's log-probs were, so the difference is only reported."""
+    policy's log-probs were, so the difference is only reported. `shard`: on a base sharded over every rank, as it
+    trained (every rank calls it): a base that needs sharding may not fit on one device whole."""
     from peft import PeftModel
 
     n = min(RELOAD_CHECK_PAIRS, len(dataset))
-    model = PeftModel.from_pretrained(load_base(profile, tokenizer), str(adapter_dir))
-    again = completion_logps(to_device(model), dataset.select(range(n)), collator, batch_size)
+    model = PeftModel.from_pretrained(load_base(profile, tokenizer, shard=shard), str(adapter_dir))
+    again = completion_logps(model if shard else to_device(model), dataset.select(range(n)), collator, batch_size)
     diff = max(abs(a - b) for a, b in zip(chosen[:n] + rejected[:n], again[0] + again[1]))
     autocast = MIXED_PRECISION_DTYPE.get(mixed_precision)
     checked = profile.dtype == "float32" and autocast is None
@@ -165,7 +167,7 @@ def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size:
                            f"held-out log-probs differ by up to {diff:.3g} (> {RELOAD_ATOL_FP32}): the SFT and DPO "
                            f"adapters were not combined into the policy that was trained")
     dtype = f"{autocast} (mixed precision)" if profile.dtype == "float32" and autocast else profile.dtype
-    return {"max_abs_logp_diff": diff, "pairs": n, "dtype": dtype, "checked": checked}
+    return {"max_abs_logp_diff": diff, "pairs": n, "dtype": dtype, "checked": checked, "sharded": is_sharded(model)}
 
 
 def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
@@ -220,19 +222,24 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
             ref_chosen, ref_rejected = completion_logps(policy, eval_ds, collator, batch)
     sharding = sharding_report(policy)  # every rank (it gathers each rank's share; it reshards the model too)
     dpo_state, dpo_config = dpo_lora(policy)
+
+    # 4. Save the policy as one LoRA on the raw base, then reload it with stock peft (after freeing the trained model):
+    #    on the main process, or on every rank of a sharded base, sharded again.
+    adapter_dir = stage.dir / "adapter"
+    if state.is_main_process:
+        save_policy(dpo_state, dpo_config, sft_dir, adapter_dir, base_path)
+        tokenizer.save_pretrained(adapter_dir)
+        save_fingerprint(adapter_dir, policy.config, base_path)
+    logs, steps = trainer.state.log_history, trainer.state.global_step
+    del trainer, model, policy
+    gc.collect()
+    state.wait_for_everyone()  # the adapter is saved before a rank reads it
+    if shard or state.is_main_process:
+        reload = check_reload(adapter_dir, profile, tokenizer, eval_ds, collator, batch, chosen, rejected,
+                              train_cfg.mixed_precision, shard)
     if state.is_main_process:
         reward_chosen = [train_cfg.beta * (p - r) for p, r in zip(chosen, ref_chosen)]
         reward_rejected = [train_cfg.beta * (p - r) for p, r in zip(rejected, ref_rejected)]
-
-        # 4. Save the policy as one LoRA on the raw base, then reload it with stock peft (after freeing the trained model).
-        adapter_dir = save_policy(dpo_state, dpo_config, sft_dir, stage.dir / "adapter", base_path)
-        tokenizer.save_pretrained(adapter_dir)
-        save_fingerprint(adapter_dir, policy.config, base_path)
-        logs, steps = trainer.state.log_history, trainer.state.global_step
-        del trainer, model, policy
-        gc.collect()
-        reload = check_reload(adapter_dir, profile, tokenizer, eval_ds, collator, batch, chosen, rejected,
-                              train_cfg.mixed_precision)
         pairs_file = stage.dir / "eval_pairs.jsonl"
         with open(pairs_file, "w") as f:
             for r, c, j in zip(eval_rows, reward_chosen, reward_rejected):

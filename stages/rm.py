@@ -38,7 +38,8 @@ from pipeline.sharding import sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import checked_mixture, data_record, prepare_data
-from stages.rm_scoring import check_reload, heldout_metrics, pair_scores, reload_scores, require_saved_head
+from stages.rm_scoring import (check_reload, check_reload_sharded, heldout_metrics, pair_scores, reload_scores,
+                               require_saved_head)
 
 
 @dataclass
@@ -163,22 +164,28 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
                                     adapter_dir, args, {**run_key, "member": i}))
     train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)
 
-    # 4. On the main process: the held-out pairs, each member's reload check (the same scores from a fresh process)
-    #    and the figures of the ensemble's score (one member: its own score), the score PPO gets.
-    metrics = {}
+    # 4. The held-out pairs, each member's reload check (the same scores from a fresh process; on a sharded base from
+    #    every rank, the base sharded again: a base that needs sharding may not fit whole on one device) and, on the
+    #    main process, the figures of the ensemble's score (one member: its own score), the score PPO gets.
+    metrics, pairs_file = {}, stage.dir / "eval_pairs.jsonl"
+    adapters, scores = [m["adapter"] for m in members], [(m["scores"][:n], m["scores"][n:]) for m in members]
     if state.is_main_process:
         shutil.rmtree(trainer_root, ignore_errors=True)  # the checkpoints: the best ones are the adapters now
-        pairs_file = stage.dir / "eval_pairs.jsonl"
         with open(pairs_file, "w") as f:  # with the token ids as scored (truncated as trained)
             for r in eval_rows:
                 keys = ("prompt", "chosen", "rejected", "source", "margin", "chosen_ids", "rejected_ids", "reply_start")
                 f.write(json.dumps({k: r[k] for k in keys}) + "\n")
         for m in members:
             complete_folder(m, tokenizer, base_path)
-        reloads, reload_seconds = check_reload([m["adapter"] for m in members], pairs_file,
-                                               [(m["scores"][:n], m["scores"][n:]) for m in members], profile.dtype,
+    state.wait_for_everyone()  # the folders are complete before a rank reads them
+    if shard:
+        reloads, reload_seconds = check_reload_sharded(adapters, profile, tokenizer, eval_rows, scores,
+                                                       train_cfg.per_device_eval_batch_size, train_cfg.mixed_precision)
+    elif state.is_main_process:
+        reloads, reload_seconds = check_reload(adapters, pairs_file, scores, profile.dtype,
                                                train_cfg.per_device_eval_batch_size, profile.load_in_4bit,
                                                train_cfg.mixed_precision)
+    if state.is_main_process:
         member_rows = [member_row(m, seed + i, eval_rows, reload) for i, (m, reload) in enumerate(zip(members, reloads))]
         joint = ensemble_score(torch.tensor([m["scores"] for m in members]),
                                [(r["reward_mean"], r["reward_std"]) for r in member_rows]).tolist()

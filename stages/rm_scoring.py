@@ -221,9 +221,42 @@ def check_reload(adapter_dirs: list[Path], pairs_file: Path, scores: list[tuple[
     verdicts = []
     for adapter_dir, (chosen, rejected) in zip(adapter_dirs, scores, strict=True):
         again = json.loads((adapter_dir.parent / "reload_check.json").read_text())
-        verdict = reload_verdict(chosen, rejected, again["chosen"], again["rejected"], dtype, load_in_4bit, mixed_precision)
-        if not verdict["ok"]:
-            raise RuntimeError(f"the reward adapter saved in {adapter_dir} does not reproduce its held-out scores when "
-                               f"reloaded in a fresh process: {verdict['problem']}")
-        verdicts.append({k: verdict[k] for k in ("eval_accuracy", "max_abs_diff", "dtype", "pairs_flipped")})
+        verdicts.append(reload_verdict_or_raise(adapter_dir, chosen, rejected, again["chosen"], again["rejected"], dtype,
+                                                load_in_4bit, mixed_precision, "in a fresh process") | {"sharded": False})
     return verdicts, round(time.time() - t0, 1)
+
+
+def check_reload_sharded(adapter_dirs: list[Path], profile, tokenizer, rows: list[dict],
+                         scores: list[tuple[list[float], list[float]]], batch_size: int = 16,
+                         mixed_precision: str = "no") -> tuple[list[dict], float]:
+    """check_reload where the base is sharded: a base that needs sharding may not fit whole on one device, so every
+    rank (each must call this) loads the base sharded again and each saved adapter on it with stock peft, pooled as
+    its folder says, and scores the held-out pairs (`rows`, with their token ids). In the stage's processes, not a
+    fresh one: the model is new, built from the saved files alone."""
+    from peft import PeftModel
+
+    from pipeline.models import load_base
+
+    t0 = time.time()
+    verdicts, n = [], len(rows)
+    for adapter_dir, (chosen, rejected) in zip(adapter_dirs, scores, strict=True):
+        model = PeftModel.from_pretrained(load_base(profile, tokenizer, kind="score", shard=True), str(adapter_dir))
+        pooling = read_pooling(adapter_dir)
+        pool_in_forward(model, pooling)
+        again = pair_scores(model, rows, tokenizer.pad_token_id, batch_size, pooling)
+        sharded = is_sharded(model)
+        del model
+        verdicts.append(reload_verdict_or_raise(adapter_dir, chosen, rejected, again[:n], again[n:], profile.dtype,
+                                                profile.load_in_4bit, mixed_precision, "on a base sharded again")
+                        | {"sharded": sharded})
+    return verdicts, round(time.time() - t0, 1)
+
+
+def reload_verdict_or_raise(adapter_dir, chosen, rejected, again_chosen, again_rejected, dtype: str, load_in_4bit: bool,
+                            mixed_precision: str, where: str) -> dict:
+    """reload_verdict's figures for the manifest, or a RuntimeError saying why the reload does not reproduce them."""
+    verdict = reload_verdict(chosen, rejected, again_chosen, again_rejected, dtype, load_in_4bit, mixed_precision)
+    if not verdict["ok"]:
+        raise RuntimeError(f"the reward adapter saved in {adapter_dir} does not reproduce its held-out scores when "
+                           f"reloaded {where}: {verdict['problem']}")
+    return {k: verdict[k] for k in ("eval_accuracy", "max_abs_diff", "dtype", "pairs_flipped")}

@@ -215,6 +215,56 @@ def test_combined_adapter_equals_sft_merged_plus_dpo_adapter(arch, dtype, rslora
     torch.testing.assert_close(got, expected, atol=(1e-5 * scale if dtype == torch.float32 else 1e-10), rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merged_sft_policy_is_peft_merge_and_unload_to_the_bit(arch, dtype, tiny_models, tmp_path):
+    """merge_into_base, which gives DPO its SFT policy and reference (the sharded path needs it), is peft's own
+    merge_and_unload: the same weights to the bit, in bf16 too, where peft adds the fp32 update and rounds once."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.lora_combine import merge_into_base
+
+    prof = profile_from(str(tiny_models[arch]))
+
+    def raw_base():
+        return AutoModelForCausalLM.from_pretrained(prof.name_or_path, dtype=dtype)
+
+    random_lora(raw_base(), list(prof.lora_target_modules), r=4, alpha=8, seed=1).save_pretrained(tmp_path / "sft")
+    ours = merge_into_base(PeftModel.from_pretrained(raw_base(), str(tmp_path / "sft"))).state_dict()
+    peft_merged = PeftModel.from_pretrained(raw_base(), str(tmp_path / "sft")).merge_and_unload().state_dict()
+    raw = raw_base().state_dict()
+    assert ours.keys() == peft_merged.keys() == raw.keys()
+    moved = [k for k in raw if not torch.equal(peft_merged[k], raw[k])]
+    assert moved and all(ours[k].dtype == dtype for k in moved)  # the SFT update is in: teeth
+    assert [k for k in ours if not torch.equal(ours[k], peft_merged[k])] == []
+
+
+@pytest.mark.slow
+def test_two_sharded_ranks_merge_the_sft_policy_as_peft_merges_the_whole_base(tiny_models_bf16, tmp_path):
+    """The same rule where DPO needs merge_into_base: a bf16 base sharded over two ranks, each adding its rows of the
+    update, gathers to peft's merge_and_unload of the whole base, to the bit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prof = profile_from(str(tiny_models_bf16["llama"]))
+
+    def raw_base():
+        return AutoModelForCausalLM.from_pretrained(prof.name_or_path, dtype=torch.bfloat16)
+
+    random_lora(raw_base(), list(prof.lora_target_modules), r=4, alpha=8, seed=1).save_pretrained(tmp_path / "sft")
+    res = run_module("tests.merge_sharded_check", [str(tiny_models_bf16["llama"]), str(tmp_path / "sft"),
+                                                   str(tmp_path / "merged.pt")], fsdp=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "merged.pt")
+    assert got["world"] == 2 and got["sharded"]
+    expected = PeftModel.from_pretrained(raw_base(), str(tmp_path / "sft")).merge_and_unload().state_dict()
+    raw = raw_base().state_dict()
+    assert got["weights"].keys() == expected.keys()
+    assert any(not torch.equal(expected[k], raw[k]) for k in raw)  # the SFT update is in: teeth
+    assert [k for k in expected if not torch.equal(got["weights"][k], expected[k])] == []
+
+
 def test_uncombinable_sft_adapters_are_refused(tiny_models, marker_data, tmp_path):
     """SFT on other target modules, or not a plain LoRA: one ConfigError, before the run folder is touched."""
     from peft import LoraConfig, get_peft_model
@@ -360,6 +410,9 @@ def test_two_processes_on_the_runs_label_export_ddp_and_sharded_alike(tiny_model
         assert set(m["pairs_by_source"]) == {"label-export"} and "label-export" in manifest["upstream"]
     ddp, fsdp = (json.loads((runs_dir / n / "dpo/manifest.json").read_text())["metrics"] for n in ("ddp", "fsdp"))
     assert ddp["sharding"]["engine"] == "none" and fsdp["sharding"]["engine"] == "fsdp2"
+    # The reload check on the base sharded again (it may not fit whole on one device), checked in fp32 as under DDP
+    assert (ddp["reload_check"]["sharded"], fsdp["reload_check"]["sharded"]) == (False, True)
+    assert ddp["reload_check"]["checked"] and fsdp["reload_check"]["checked"]
     full = fsdp["sharding"]["base_numel_full"]
     assert sum(fsdp["sharding"]["base_numel_per_rank"]) == full and max(fsdp["sharding"]["base_numel_per_rank"]) < full
     assert ddp["loss_curve"] == pytest.approx(fsdp["loss_curve"], abs=1e-4)
