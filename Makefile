@@ -12,8 +12,12 @@ $(if $(wildcard $(RECIPE_DIR)/*.yaml),,$(call refuse,RECIPE=$(RECIPE): no config
 cfg = $(firstword $(wildcard $(RECIPE_DIR)/$(1).yaml) configs/$(1).yaml)
 RUN ?= $(if $(filter story,$(RECIPE)),default,$(RECIPE))
 RUNS_DIR ?= runs
-# A run is one folder under RUNS_DIR, so that no stage writes, and `make clean-run` deletes, anything outside it.
-RUN_PROBLEM := $(if $(filter-out 1,$(words $(RUN))),is not one word,$(if $(or $(findstring /,$(RUN)),$(findstring \,$(RUN))),holds a path separator,$(if $(filter . ..,$(RUN)),is not a folder name)))
+# A run is one folder under RUNS_DIR, so that no stage writes, and `make clean-run` deletes, anything outside it; and
+# nothing in its name that the recipes' shell would read (RUN=x;cmd would run cmd).
+RUN_CHARS := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X Y Z \
+	0 1 2 3 4 5 6 7 8 9 . _ -
+drop_chars = $(if $(2),$(call drop_chars,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words $(2)),$(2))),$(1))
+RUN_PROBLEM := $(if $(filter-out 1,$(words $(RUN))),is not one word,$(if $(or $(findstring /,$(RUN)),$(findstring \,$(RUN))),holds a path separator,$(if $(filter . ..,$(RUN)),is not a folder name,$(if $(call drop_chars,$(RUN),$(RUN_CHARS)),holds other characters,$(if $(filter -% .%,$(RUN)),does not start with a letter or digit)))))
 $(if $(RUN_PROBLEM),$(call refuse,RUN=$(RUN) $(RUN_PROBLEM): name the run with letters digits . _ - only (e.g. RUN=mine)))
 # Story recipe: the reward model learns from this run's own labels. When people have labeled (make label), theirs are
 # exported; otherwise simulated annotators label the pairs first (stages/simulate.py), so `make sft rm ppo` runs

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """Bad user input: a file, key or value that the user has to fix. Stages print it without a traceback."""
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 @dataclass
 class RunArgs:
     """Where a stage writes: runs/<run>/<stage>/."""
@@ -34,6 +37,12 @@ class RunArgs:
         default="configs/models/tiny.yaml",
         metadata={"help": "Model profile YAML (base checkpoint, LoRA targets, chat template). `make ... MODEL=...`."},
     )
+
+    def __post_init__(self):
+        # A folder name under runs_dir: no path (a `..` would write outside it), nothing a shell or make reads
+        if not RUN_NAME.fullmatch(self.run) or self.run in (".", ".."):
+            raise ValueError(f"run name {self.run!r}: name the run with letters, digits, . _ - only, starting with a "
+                             f"letter or digit (e.g. --run mine; make: RUN=mine)")
 
 
 PROFILE_DTYPES = ("float32", "bfloat16", "float16")
@@ -78,12 +87,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass --config with a path to a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} is not): save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}: fix it there") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty: give it the stage's key: value lines (as configs/ has them)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(data).__name__}")
     return data
+
+
+def yaml_problem(err) -> str:
+    """pyyaml's error in one line: what, at which line and column (its own text spans several lines)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    return f"{problem}{f' ({context})' if context else ''} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def check_keys(keys, classes, source: str) -> None:

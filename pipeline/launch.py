@@ -157,8 +157,46 @@ def main(argv: list[str]) -> int:
                   f"(`make {stage} ...`; MODEL= and ARGS= too), or keep them in its own variable for every "
                   f"`make` ({stage.upper().replace('-', '_')}_ARGS=...)", file=sys.stderr)
             return CONFIG_ERROR_EXIT
+    if "--config_file" in ours[:-1]:  # checked only now: it imports accelerate (and torch), as the launch does
+        config_file = ours[ours.index("--config_file") + 1]
+        problem = accelerate_config_problem(config_file)
+        if problem:
+            print(f"error: ACCELERATE_CONFIG={config_file} {problem}: fix the file (`accelerate config` writes one), or "
+                  f"give one of configs/accelerate/", file=sys.stderr)
+            return CONFIG_ERROR_EXIT
+    if not force:
         print(f"{stage}: running, because {why}", flush=True)
     return launch(ours, module, stage_args)
+
+
+def accelerate_config_problem(config_file: str | Path) -> str | None:
+    """What in an accelerate config file accelerate's launcher would stop on with a traceback of its own (YAML it
+    cannot read, an unknown key or value, a number given as text), in a few words; None when it is fine."""
+    import dataclasses
+    import typing
+
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from pipeline.config import yaml_problem
+
+    try:
+        config = load_config_from_file(str(config_file))
+    except yaml.YAMLError as err:
+        return f"is not valid YAML: {yaml_problem(err)}"
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        return f"is not an accelerate config: {' '.join(str(err).split())}"
+    for f in dataclasses.fields(config):
+        value, kinds = getattr(config, f.name), set(typing.get_args(f.type) or (f.type,)) - {type(None)}
+        if value is None:
+            continue
+        if kinds == {int} and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"has {f.name}: {value!r}, not a whole number"
+        if kinds == {bool} and not isinstance(value, bool):
+            return f"has {f.name}: {value!r}, not true or false"
+    if str(config.mixed_precision) not in ("no", "fp16", "bf16", "fp8"):
+        return f"has mixed_precision: {config.mixed_precision!r}: give no, bf16, fp16 or fp8"
+    return None
 
 
 if __name__ == "__main__":

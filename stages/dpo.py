@@ -64,6 +64,9 @@ class DPOArgs:
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)  # the reward model's rules: one error at parse
+        if not self.dataset_mixture and not resolve_path(self.rm_config).is_file():  # read for its mixture
+            raise ValueError(f"rm_config {self.rm_config} does not exist: give the recipe's reward-model config (its "
+                             f"dataset_mixture is DPO's data), or --dataset_mixture")
 
 
 def preference_args(args: DPOArgs) -> RMArgs:

@@ -62,6 +62,11 @@ class EvalArgs:
     gold_judge: str = field(default="", metadata={"help": "sentiment, rm:<adapter or checkpoint>, module:function; '' = none."})
     gold_batch_size: int = field(default=64, metadata={"help": "Responses per gold judge call."})
 
+    def __post_init__(self):
+        if self.label_store and not resolve_path(self.label_store).is_file():  # named, so the human win rate is wanted
+            raise ValueError(f"label_store {self.label_store} does not exist: give the labels.sqlite that `make label` "
+                             f"wrote, or leave it empty for the run's own")
+
 
 # ---------------------------------------------------------------------------------------------------- model work
 

@@ -59,8 +59,11 @@ def test_model_profiles_parse(path):
 def test_accelerate_configs_load_with_accelerate(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
+    from pipeline.launch import accelerate_config_problem
+
     cfg = load_config_from_file(str(path))
     assert cfg.distributed_type is not None and cfg.num_processes >= 1
+    assert accelerate_config_problem(path) is None  # the launch's own check lets every shipped config through
     if path.name == "cpu2.yaml":
         assert cfg.num_processes == 2 and str(cfg.distributed_type).endswith("MULTI_GPU")
 
@@ -114,10 +117,16 @@ def test_report_to_an_integration_that_is_not_installed_is_refused_at_parse():
     ("ppo", "--seed", str(2**32), r"--seed on the command line is 4294967296: it must be in \[0, 4294967296\)"),
     ("dpo", "--beta", "0", "--beta on the command line is 0.0: it must be > 0"),
     ("sft", "--logging_steps", "-3", "--logging_steps on the command line is -3.0: it must be > 0"),
+    ("eval", "--label_store", "nowhere/labels.sqlite", "invalid value of --label_store on the command line: label_store "
+     "nowhere/labels.sqlite does not exist: give the labels.sqlite that `make label` wrote, or leave it empty"),
+    ("dpo", "--rm_config", "nowhere/rm.yaml", "invalid value of --rm_config on the command line: rm_config "
+     "nowhere/rm.yaml does not exist: give the recipe's reward-model config"),
 ])
 def test_values_no_stage_can_run_with_are_refused_at_parse(stage, flag, value, message):
     """A negative seed failed in set_seed after the run folder was prepared (deleting the last manifest); a DPO beta of
-    0 or less trained silently (no preference signal, or the wrong sign)."""
+    0 or less trained silently (no preference signal, or the wrong sign). A label store named but not there gave a
+    report without the human win rate, after minutes of sampling; DPO's missing rm_config was blamed on --config, once
+    SFT had trained."""
     with pytest.raises(ConfigError, match=message):
         parse(stage_classes(stage), ["--config", str(REPO / "configs" / f"{stage}.yaml"), flag, value])
 
@@ -144,6 +153,33 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     listy.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="mapping"):
         parse((RunArgs,), ["--config", str(listy)])
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"a: 1\nfoo: [1, 2\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow "
+                            "sequence) at line 3, column 1: fix it there"),
+    (b"\x00\xff\xfe garbage\n", "is not UTF-8 text (byte 1 is not): save it as UTF-8"),
+    (b"", "is empty: give it the stage's key: value lines (as configs/ has them)"),
+    (b"# only a comment\n", "is empty: give it the stage's key: value lines (as configs/ has them)"),
+], ids=["broken", "not-utf8", "empty", "comment-only"])
+def test_a_config_file_that_is_not_yaml_of_keys_is_one_line_naming_it(content, message, tmp_path):
+    """pyyaml's own message spans several lines; a non-UTF-8 file was a traceback; an empty one gave every default,
+    and then transformers' error about a bf16 GPU."""
+    path = tmp_path / "sft.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        parse((RunArgs,), ["--config", str(path)])
+    assert str(err.value) == f"config file {path} {message}" and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("run", ["../escape", "x;echo", "-rf", "..", ".", "a b", ""])
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused_by_every_stage(run):
+    """`make` checks RUN=, but ARGS="--run ../escape" reached the stage, which wrote ../escape/sft/ outside runs/."""
+    with pytest.raises(ConfigError) as err:
+        parse((RunArgs,), [f"--run={run}"])
+    assert str(err.value) == (f"invalid value of --run on the command line: run name {run!r}: name the run with letters, "
+                              f"digits, . _ - only, starting with a letter or digit (e.g. --run mine; make: RUN=mine)")
+    assert parse((RunArgs,), ["--run", "my-run_2.b"])[0].run == "my-run_2.b"
 
 
 def test_model_profile_unknown_key(tmp_path):

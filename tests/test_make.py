@@ -408,16 +408,47 @@ def test_bad_make_variables_give_one_error_line_and_exit_2(variables, words, tmp
     assert not (tmp_path / "runs").exists()
 
 
+ACCELERATE_HEAD = "compute_environment: LOCAL_MACHINE\nuse_cpu: true\n"
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("foo: [1, 2\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence) "
+                     "at line 2, column 1"),
+    (ACCELERATE_HEAD + "distributed_type: BOGUS\nnum_processes: 1\n",
+     "is not an accelerate config: 'BOGUS' is not a valid DistributedType"),
+    (ACCELERATE_HEAD + "distributed_type: 'NO'\nnum_processes: 1\nbogus_key: 1\n",
+     "is not an accelerate config: The config file at"),
+    (ACCELERATE_HEAD + "distributed_type: 'NO'\nnum_processes: two\n", "has num_processes: 'two', not a whole number"),
+    (ACCELERATE_HEAD + "distributed_type: 'NO'\nnum_processes: 1\ndebug: maybe\n", "has debug: 'maybe', not true or false"),
+    (ACCELERATE_HEAD + "distributed_type: 'NO'\nnum_processes: 1\nmixed_precision: bf32\n",
+     "has mixed_precision: 'bf32': give no, bf16, fp16 or fp8"),
+], ids=["yaml", "value", "key", "int", "bool", "mixed-precision"])
+def test_an_accelerate_config_accelerate_cannot_read_is_one_error_line(text, problem, tmp_path):
+    """accelerate's launcher stopped on each of these with a traceback of its own (exit 1)."""
+    acc = tmp_path / "acc.yaml"
+    acc.write_text(text)
+    res = make("sft", f"ACCELERATE_CONFIG={acc}", runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert errors[0].startswith(f"error: ACCELERATE_CONFIG={acc} {problem}") and errors[0].endswith(
+        ": fix the file (`accelerate config` writes one), or give one of configs/accelerate/"), errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("run,problem", [("../escape", "holds a path separator"), ("a/b", "holds a path separator"),
-                                         ("..", "is not a folder name"), ("my run", "is not one word"), ("", "is not one word")])
+                                         ("..", "is not a folder name"), ("my run", "is not one word"), ("", "is not one word"),
+                                         ("x;touch_escape", "holds other characters"), ("x|cat", "holds other characters"),
+                                         ("-rf", "does not start with a letter or digit")])
 @pytest.mark.parametrize("target", ["sft", "clean-run"])
 def test_a_run_name_that_is_not_one_folder_is_refused(run, problem, target, tmp_path):
-    """RUN=../escape wrote outside the runs folder, and `make clean-run RUN=..` would have deleted the checkout."""
+    """RUN=../escape wrote outside the runs folder, and `make clean-run RUN=..` would have deleted the checkout;
+    RUN=x;cmd ran cmd in the recipe's shell."""
     res = make(target, f"RUNS_DIR={tmp_path / 'runs'}", f"RUN={run}")
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and errors == [f"error: RUN={run} {problem}: name the run with letters digits . _ - only "
                                               f"(e.g. RUN=mine)"], res.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "escape").exists() and (REPO / "Makefile").is_file()
+    assert not (REPO / "touch_escape").exists()
 
 
 def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
