@@ -185,7 +185,8 @@ def parse(classes: tuple, argv: list[str] | None = None):
         if flags:
             match = difflib.get_close_matches(flags[0][2:], sorted(known_dests), n=1)
             hint = f" (did you mean '--{match[0]}'?)" if match else ""
-        raise ConfigError(f"unknown command-line argument(s) {remaining}{hint}")
+        raise ConfigError(f"unknown command-line argument(s) {remaining}{hint}: a stage's flags are the keys of its "
+                          f"config (configs/<stage>.yaml); `python -m stages.<stage> --help` lists them all")
     for name in SECRET_KEYS:  # a secret in a config or on the command line ends up in manifests, logs, ps and history
         if getattr(instances, name, None):
             raise ConfigError(f"--{name} would be written into the run's manifest and saved training arguments: remove it "

@@ -134,6 +134,10 @@ def test_values_no_stage_can_run_with_are_refused_at_parse(stage, flag, value, m
 def test_unknown_cli_flag_is_an_error():
     with pytest.raises(ConfigError, match="lerning_rate"):
         parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--lerning_rate", "1"])
+    with pytest.raises(ConfigError) as err:  # no near name: the error still says where the flags are
+        parse(stage_classes("pairs"), ["--config", str(REPO / "configs/pairs.yaml"), "--bogus", "1"])
+    assert str(err.value) == ("unknown command-line argument(s) ['--bogus', '1']: a stage's flags are the keys of its "
+                              "config (configs/<stage>.yaml); `python -m stages.<stage> --help` lists them all")
 
 
 def test_cli_overrides_yaml():
