@@ -89,8 +89,8 @@ def test_a_note_beyond_the_limit_is_refused_and_nothing_is_stored(login_app):
 
 def test_on_load_a_login_is_the_annotator_and_its_name_is_shown_as_text(tmp_path):
     """The page's first call (`demo.load`) sends the name this browser saved before (a no-login session on a shared
-    machine): with logins it is ignored, the login is who labels. And a login is whatever a users line holds before its
-    ':' (`<b>eve</b>:pw` is one): the progress line and the "All done" screen show it escaped."""
+    machine): with logins it is ignored, the login is who labels. And whatever name a login carries (load_users refuses
+    `<b>eve</b>`, but the page does not rely on it), the progress line and the "All done" screen show it escaped."""
     import html
     from types import SimpleNamespace
 

@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from pipeline.config import ConfigError
 from stages.label.config import check_exposure, load_users, word_filter
 from stages.label.export import aggregate
 from stages.label.stats import binomial_two_sided_p, cohen_kappa, krippendorff_alpha, summarize
@@ -392,9 +393,11 @@ def test_earlier_labels_of_one_prompt_are_told_apart_by_their_responses(tmp_path
     s.save_label("ann", "p0", "left", 1, strength="much")
     s.save_label("ann", "p1", "tie", 0)
     hhmm = time.strftime("%H:%M", time.localtime(1_000_000.0))
+    i = lambda text: f"\u2068{text}\u2069"  # noqa: E731  each piece isolated from the others' direction
     assert [earlier_label_text(m) for m in s.my_labels("ann")] == [
-        f"{hhmm} · tie · Once upon a time there was a very long o · left: Happy 1 | right: Sad 1",
-        f"{hhmm} · left is better (much) · Once upon a time there was a very long o · left: Sad 0 | right: Happy 0"]
+        f"{hhmm} · tie · {i('Once upon a time there was a very long o')} · left: {i('Happy 1')} | right: {i('Sad 1')}",
+        f"{hhmm} · left is better (much) · {i('Once upon a time there was a very long o')} · left: {i('Sad 0')} | "
+        f"right: {i('Happy 0')}"]
 
 
 def test_my_labels_list_the_latest_changed_first(store):
@@ -406,6 +409,39 @@ def test_my_labels_list_the_latest_changed_first(store):
     store.clock.t += 10
     store.save_label("alice", "p000", "right", 0)
     assert [m["pair_id"] for m in store.my_labels("alice")] == ["p000", "p001"]
+
+
+def test_text_reaches_the_page_with_its_control_characters_visible_and_roles_keep_their_whitespace():
+    """The browser drops a NUL and hides other control characters: they show as their Unicode pictures; tabs, line
+    breaks and carriage returns stay. A role (a pairs file may name any) keeps its spaces and line breaks as the
+    content does (it lacked the `plain` class: `tool  x` showed as `tool x`)."""
+    from stages.label.app import prompt_html, text_html
+
+    assert text_html("a\x00b\x1bc\x7fd\te\nf\rg <h>") == '<div class="plain">a\u2400b\u241bc\u2421d\te\nf\rg &lt;h&gt;</div>'
+    assert prompt_html([{"role": "tool  x\n y", "content": " c"}]) == (
+        '<div class="msg"><div class="role plain">tool  x\n y</div><div class="plain"> c</div></div>')
+
+
+def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the_rest_around(tmp_path):
+    from stages.label.app import earlier_label_text
+
+    s = LabelStore(tmp_path / "labels.sqlite", clock=lambda: 1_000_000.0)
+    s.import_items([{"pair_id": "p0", "prompt": [{"role": "user", "content": "q"}], "responses": ["\u202eabc def", "x"]}])
+    s.save_label("ann", "p0", "tie", 0)
+    shown = earlier_label_text(s.my_labels("ann")[0])
+    assert "\u2068\u202eabc def\u2069" in shown and shown.count("\u2068") == shown.count("\u2069") == 3
+
+
+@pytest.mark.parametrize("login", ["ann  lee", "\u202eecila", "<b>eve</b>", "tab\there", "x" * 65])
+def test_a_login_name_that_could_look_like_another_is_refused(login):
+    """A login is the identity: `ann  lee` showed as `ann lee` (another login), and a direction override reversed the
+    progress line around it. Logins follow the typed names' rule; one error line, naming the source, not the password."""
+    with pytest.raises(ConfigError) as err:
+        load_users(None, env={"LABEL_USERS": f"{login}:secretpw,bob:pw2"})
+    assert str(err.value).startswith(f"login name {login!r} in $LABEL_USERS: use letters, digits, single spaces")
+    assert "secretpw" not in str(err.value)
+    assert load_users(None, env={"LABEL_USERS": " Ann Lee:pw1, j.o'neil-2@lab.org:pw2,Zoë:pw3"}) == [
+        ("Ann Lee", "pw1"), ("j.o'neil-2@lab.org", "pw2"), ("Zoë", "pw3")]
 
 
 def test_people_cannot_take_a_simulated_annotators_name():

@@ -17,6 +17,7 @@ import time
 
 import gradio as gr
 
+from stages.label.config import clean_name
 from stages.label.stats import stats_view, to_html
 from stages.label.store import LabelStore, NoteTooLong
 
@@ -62,23 +63,23 @@ CSS = """
 """
 
 CHOICE_TEXT = {"left": "left is better", "right": "right is better", "tie": "tie", "both_bad": "both bad"}
-NAME_RE = re.compile(r"^[\w .@'-]{1,64}$")
 
 
-def text_html(text: str, tag: str = "div") -> str:
-    """Any text as inert, visible HTML: escaped, whitespace kept. The one way model/user text reaches the page."""
-    return f'<{tag} class="plain">{html.escape(text)}</{tag}>'
+# Control characters a browser drops or hides (NUL, ESC, ...) shown as their Unicode pictures (U+2400...): tabs, line
+# breaks and carriage returns stay themselves
+CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20) if chr(c) not in "\t\n\r"} | {0x7F: 0x2421}
+
+
+def text_html(text: str, tag: str = "div", classes: str = "plain") -> str:
+    """Any text as inert, visible HTML: escaped, whitespace kept, control characters visible. The one way model/user
+    text reaches the page."""
+    return f'<{tag} class="{classes}">{html.escape(text.translate(CONTROL_PICTURES))}</{tag}>'
 
 
 def prompt_html(messages: list[dict]) -> str:
     """The prompt as a plain-text chat: one box per message, its role above it."""
-    return "".join(f'<div class="msg"><div class="role">{html.escape(m["role"])}</div>{text_html(m["content"])}</div>'
+    return "".join(f'<div class="msg">{text_html(m["role"], classes="role plain")}{text_html(m["content"])}</div>'
                    for m in messages)
-
-
-def clean_name(name: str | None) -> str | None:
-    name = " ".join((name or "").split())
-    return name if name and NAME_RE.match(name) else None
 
 
 def describe(label: dict) -> str:
@@ -91,7 +92,8 @@ def earlier_label_text(m: dict) -> str:
     start, and the two responses' starts as that annotator saw them, since the story recipe asks 28 pairs of each
     prompt and the prompt alone would not tell them apart."""
     left, right = m["responses"][m["shown_left"]], m["responses"][1 - m["shown_left"]]
-    cut = lambda text, n: " ".join(text.split())[:n]  # noqa: E731
+    # Each piece isolated (U+2068 ... U+2069): a direction override in one must not reverse the rest of the line
+    cut = lambda text, n: "\u2068" + " ".join(text.split())[:n] + "\u2069"  # noqa: E731
     return (f"{time.strftime('%H:%M', time.localtime(m['updated_at']))} · {describe(m)} · "
             f"{cut(m['prompt'][-1]['content'], 40)} · left: {cut(left, 30)} | right: {cut(right, 30)}")
 

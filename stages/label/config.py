@@ -125,10 +125,23 @@ def read_utf8(path: Path, what: str) -> str:
         raise ConfigError(f"{what} {path} is not UTF-8 text (line {line}): save it as UTF-8") from None
 
 
+# An annotator's name, typed or a login: letters, digits, single spaces, . @ ' - (no ':', which marks a simulator; no
+# control or direction characters): as it is shown, stored and exported, so two people never look alike.
+NAME_RE = re.compile(r"^[\w .@'-]{1,64}$")
+
+
+def clean_name(name: str | None) -> str | None:
+    name = " ".join((name or "").split())
+    return name if name and NAME_RE.match(name) else None
+
+
 def _user(entry: str, where: str) -> tuple[str, str]:
     name, sep, password = entry.partition(":")
     if not sep or not name.strip() or not password:
         raise ConfigError(f"bad user entry in {where}: write `name:password` (got {entry.split(':')[0]!r}...)")
+    if clean_name(name) != name.strip():  # `ann  lee` would show as `ann lee`, another login's name
+        raise ConfigError(f"login name {name.strip()!r} in {where}: use letters, digits, single spaces and . @ ' - "
+                          f"only, up to 64 characters (as a typed name), so that no two logins look alike")
     return name.strip(), password
 
 
