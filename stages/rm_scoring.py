@@ -4,6 +4,7 @@ give the same held-out scores (`python -m stages.rm --reload-check ...` runs rel
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -245,7 +246,10 @@ def check_reload_sharded(adapter_dirs: list[Path], profile, tokenizer, rows: lis
         pool_in_forward(model, pooling)
         again = pair_scores(model, rows, tokenizer.pad_token_id, batch_size, pooling)
         sharded = is_sharded(model)
-        del model
+        del model  # the next member loads its own base: free this one first (as stages/rm.py train_member)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         verdicts.append(reload_verdict_or_raise(adapter_dir, chosen, rejected, again[:n], again[n:], profile.dtype,
                                                 profile.load_in_4bit, mixed_precision, "on a base sharded again")
                         | {"sharded": sharded})
