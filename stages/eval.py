@@ -270,8 +270,10 @@ def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], 
                   "gold_judge": judge.spec if judge is not None else None,
                   "by_policy": {n: policy_row(methods[n], ro[n]["rewards"], gold[n] if gold else None, kl[n],
                                               ro[n]["lengths"], ro[n]["ended"]) for n in names},
-                  "win_rate_proxy": win_rate_matrix({n: ro[n]["rewards"] for n in names}),
-                  "win_rate_gold": win_rate_matrix({n: gold[n] for n in names}, tie_eps=0.0) if gold else None,
+                  "win_rate_proxy": win_rate_matrix({n: ro[n]["rewards"] for n in names},
+                                                    texts={n: ro[n]["texts"] for n in names}),
+                  "win_rate_gold": win_rate_matrix({n: gold[n] for n in names}, 0.0,
+                                                   {n: ro[n]["texts"] for n in names}) if gold else None,
                   "samples": [{"prompt_text": p[-1]["content"], **{key: {n: vals[n][i] for n in names} for key, vals in
                                (("responses", {n: ro[n]["texts"] for n in names}), ("proxy", {n: ro[n]["rewards"] for n in names}),
                                 ("gold", gold or {n: [None] * len(prompts) for n in names}), ("kl", kl))}}

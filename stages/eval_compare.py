@@ -23,11 +23,13 @@ POLICY_STAGES = RL_STAGES + ("dpo",)  # every stage whose manifest holds a polic
 
 # ---------------------------------------------------------------------------------------------------- statistics
 
-def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6) -> dict:
-    """The first policy beats the second on a prompt when its score is higher; a tie (same text, same score) counts
-    half. Named for its first use: PPO over SFT."""
-    wins = sum(p > s + tie_eps for p, s in zip(ppo, sft))
-    losses = sum(p < s - tie_eps for p, s in zip(ppo, sft))
+def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6, same_text: list[bool] | None = None) -> dict:
+    """The first policy beats the second on a prompt when its score is higher; a tie (scores within tie_eps, or the
+    same text: `same_text`, whose scores a batch's padding can move by ~1e-7) counts half. Named for its first use:
+    PPO over SFT."""
+    same = same_text or [False] * len(ppo)
+    wins = sum(p > s + tie_eps and not t for p, s, t in zip(ppo, sft, same))
+    losses = sum(p < s - tie_eps and not t for p, s, t in zip(ppo, sft, same))
     ties = len(ppo) - wins - losses
     rate = (wins + 0.5 * ties) / len(ppo) if ppo else float("nan")
     low, high = wilson(wins + 0.5 * ties, len(ppo))
@@ -35,14 +37,19 @@ def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6) -> dict:
             "wins": wins, "ties": ties, "losses": losses, "n": len(ppo)}
 
 
-def win_rate_matrix(scores: dict[str, list[float]], tie_eps: float = 1e-6) -> dict[str, dict[str, dict]]:
-    """matrix[a][b]: the win rate of policy a over policy b on the same prompts (win_rate: Wilson 95%, ties half),
-    for every ordered pair a != b. matrix[a][b]["rate"] + matrix[b][a]["rate"] == 1, and a's wins over b are b's
-    losses to a."""
+def win_rate_matrix(scores: dict[str, list[float]], tie_eps: float = 1e-6,
+                    texts: dict[str, list[str]] | None = None) -> dict[str, dict[str, dict]]:
+    """matrix[a][b]: the win rate of policy a over policy b on the same prompts (win_rate: Wilson 95%, ties half; the
+    same text is a tie when `texts` are given), for every ordered pair a != b. matrix[a][b]["rate"] +
+    matrix[b][a]["rate"] == 1, and a's wins over b are b's losses to a."""
     lengths = {len(v) for v in scores.values()}
     if len(lengths) > 1:
         raise ValueError(f"policies scored on different numbers of prompts: { {k: len(v) for k, v in scores.items()} }")
-    return {a: {b: win_rate(scores[a], scores[b], tie_eps) for b in scores if b != a} for a in scores}
+
+    def same(a, b):
+        return [x == y for x, y in zip(texts[a], texts[b])] if texts else None
+
+    return {a: {b: win_rate(scores[a], scores[b], tie_eps, same(a, b)) for b in scores if b != a} for a in scores}
 
 
 def describe(xs: list[float]) -> dict:

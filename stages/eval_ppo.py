@@ -95,6 +95,11 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------- gold judge
 
+def same_texts(ro_a: dict, ro_b: dict) -> list[bool]:
+    """Per prompt: did the two policies write the same reply? (win_rate counts that a tie, whatever the scores.)"""
+    return [a == b for a, b in zip(ro_a["texts"], ro_b["texts"])]
+
+
 def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float]) -> dict:
     """How often the proxy (reward model) orders a pair as the gold judge does, over pairs whose gold scores differ;
     a proxy tie counts half."""
@@ -139,7 +144,7 @@ def gold_report(judge, prompts, args: EvalArgs, heldout: tuple[list[dict], list[
     ends = (curve_point(0, "sft", ro_sft["rewards"], gold_sft, [0.0] * len(gold_sft)),
             curve_point(final_update, "ppo (final)", ro_ppo["rewards"], gold_ppo, kl))
     curve = checkpoint_curve(judge, prompts, args, kept, ends)
-    return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, tie_eps=0.0),
+    return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, 0.0, same_texts(ro_ppo, ro_sft)),
             "rm_agreement_heldout_pairs": rm_heldout,
             "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft),
             "curve": curve, "flag": overoptimisation_flag(curve)}
@@ -213,8 +218,11 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
     if report.get("gold"):
         lines += gold_markdown(report["gold"], f)
     lines += ["## Reward hacking check", ""]
-    lines += [f"- ⚠️ {flag}" for flag in report["flags"]] or ["No sign of it: the reward did not rise together with a "
-                                                              "doubled length, and KL stayed below the threshold."]
+    c = report.get("comparison", {})
+    ratio = f"{c['hacking_length_ratio']:g} times the" if "hacking_length_ratio" in c else "a multiplied"
+    kl = f" ({c['hacking_kl']:g} nats)" if "hacking_kl" in c else ""
+    lines += [f"- ⚠️ {flag}" for flag in report["flags"]] or [f"No sign of it: the reward did not rise together with "
+                                                              f"{ratio} length, and KL stayed below the threshold{kl}."]
     if t.get("updates"):
         lines += ["", f"Training ({t['updates']} updates): reward {t.get('reward_raw_first', t.get('reward_first', float('nan'))):.3f} → "
                       f"{t.get('reward_raw_last', t.get('reward_last', float('nan'))):.3f}, "
@@ -247,7 +255,7 @@ def sft_vs_ppo(judge, prompts, args: EvalArgs, ppo: dict, ppo_dir: Path, ro_sft:
                for p, s, q, rs, rp, k, ls, lp, es, ep in zip(prompts, ro_sft["texts"], ro_ppo["texts"], ro_sft["rewards"],
                                                               ro_ppo["rewards"], kl, ro_sft["lengths"], ro_ppo["lengths"],
                                                               ro_sft["ended"], ro_ppo["ended"])]
-    wr = win_rate(ro_ppo["rewards"], ro_sft["rewards"])
+    wr = win_rate(ro_ppo["rewards"], ro_sft["rewards"], same_text=same_texts(ro_ppo, ro_sft))
     figures = {"n_prompts": len(samples), "win_rate": wr["rate"], "win_rate_ci_low": wr["ci_low"], "win_rate_ci_high": wr["ci_high"],
                "reward_sft_mean": statistics.fmean(ro_sft["rewards"]), "reward_ppo_mean": statistics.fmean(ro_ppo["rewards"]),
                "kl_mean": statistics.fmean(kl),

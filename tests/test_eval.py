@@ -66,6 +66,17 @@ def test_plots_are_valid_pngs(eval_dir):
     assert "plots/training_curves.png" in md and "Win rate of PPO over SFT" in md and "| prompt |" in md
 
 
+def test_the_no_flag_line_names_the_runs_own_thresholds(eval_dir):
+    """report.md said "a doubled length" whatever --hacking_length_ratio was."""
+    from stages.eval_ppo import ppo_markdown
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    quiet = {**report, "flags": [], "comparison": {**report["comparison"], "hacking_length_ratio": 3.0, "hacking_kl": 7.5}}
+    md = "\n".join(ppo_markdown(quiet, 4))
+    assert ("No sign of it: the reward did not rise together with 3 times the length, and KL stayed below the "
+            "threshold (7.5 nats).") in md
+
+
 def test_reward_hacking_is_flagged(eval_dir):
     """The fake training curves: reward up while the length went from 10 to ~23 tokens."""
     report = json.loads((eval_dir / "report.json").read_text())

@@ -511,7 +511,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # eval's intervals, tables, plots and KL; the judges' row numbers
     ('eval-curve-point-kl-not-sqrt', 'stages/eval_ppo.py', '"sqrt_kl": math.sqrt(max(mean_kl, 0.0)),', '"sqrt_kl": max(mean_kl, 0.0),', 'tests/test_eval.py -k gold_figures_are_the_judges'),
     ('eval-kept-final-measured-twice', 'stages/eval.py', 'if update == 0 or update >= final_update:', 'if update == 0 or update > final_update:', 'tests/test_eval.py -k checkpoint_curve_and_rm_agreement'),
-    ('winrate-tie-as-loss', 'stages/eval_compare.py', 'losses = sum(p < s - tie_eps for p, s in zip(ppo, sft))', 'losses = sum(p < s + tie_eps for p, s in zip(ppo, sft))', 'tests/test_eval.py -k wilson_interval_and_ties'),
+    ('winrate-tie-as-loss', 'stages/eval_compare.py', 'losses = sum(p < s - tie_eps and not t for', 'losses = sum(p < s + tie_eps and not t for', 'tests/test_eval.py -k wilson_interval_and_ties'),
     ('human-interval-ties-dropped', 'stages/eval_ppo.py', 'low, high = wilson(wins + 0.5 * ties, len(rows))', 'low, high = wilson(wins, len(rows))', 'tests/test_eval.py -k interval_is_of_wins'),
     ('agreement-interval-counts-gold-ties', 'stages/eval_ppo.py', 'low, high = wilson(agree, len(pairs))', 'low, high = wilson(agree, len(proxy_a))', 'tests/test_eval.py -k gold_agreement_by_hand'),
     ('kept-policies-by-folder-name', 'stages/eval.py', '    return sorted(found)\n', '    return sorted(found, key=lambda f: f[1].name)\n', 'tests/test_eval.py -k ordered_by_update'),
@@ -650,6 +650,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('label-role-whitespace-collapsed', 'stages/label/app.py', 'classes="role plain"', 'classes="role"', 'tests/test_label_store.py -k control_characters'),
     ('label-earlier-pieces-not-isolated', 'stages/label/app.py', '"\\u2068" + " ".join(text.split())[:n] + "\\u2069"', '" ".join(text.split())[:n]', 'tests/test_label_store.py -k "direction_override or earlier"'),
     ('label-login-names-unchecked', 'stages/label/config.py', '    if clean_name(name) != name.strip():', '    if False:', 'tests/test_label_store.py -k login_name_that_could'),
+    ('eval-same-reply-not-a-tie', 'stages/eval_compare.py', '    wins = sum(p > s + tie_eps and not t for', '    wins = sum(p > s + tie_eps or t and p > s for', 'tests/test_eval_compare.py -k same_reply'),
+    ('eval-matrix-ignores-texts', 'stages/eval_compare.py', "return [x == y for x, y in zip(texts[a], texts[b])] if texts else None", "return None", 'tests/test_eval_compare.py -k same_reply'),
+    ('eval-no-flag-line-fixed-ratio', 'stages/eval_ppo.py', "ratio = f\"{c['hacking_length_ratio']:g} times the\" if", "ratio = f\"2 times the\" if", 'tests/test_eval.py -k no_flag_line'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
