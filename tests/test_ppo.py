@@ -634,6 +634,24 @@ def test_critic_warmup_trains_only_the_value(tiny_models, adapters, prompts_file
     assert any(not torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
 
 
+def test_critic_warmup_holds_the_policys_lr_schedule_and_kl_controller_until_the_policy_trains(
+        tiny_models, adapters, prompts_file, tmp_path):
+    """The policy's linear decay runs over the updates it trains in (4 - 1 here), the value's over all 4; a frozen
+    policy's KL (~0) does not move the adaptive controller. Before, one schedule stepped both groups from update 0."""
+    lr = 1e-3
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--critic_warmup_updates", "1", "--total_updates",
+                       "4", "--learning_rate", str(lr), "--lr_scheduler_type", "linear", "--warmup_updates", "0",
+                       "--adaptive_kl", "true", "--kl_coef", "0.1")
+    policy_lrs, value_lrs, kl_coefs = [], [], []
+    for _ in range(3):
+        policy_lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        value_lrs.append(trainer.optimizer.param_groups[1]["lr"])
+        trainer.step()
+        kl_coefs.append(trainer.kl_ctl.value)
+    assert policy_lrs == pytest.approx([lr, lr, lr * 2 / 3]) and value_lrs == pytest.approx([lr, lr * 3 / 4, lr / 2])
+    assert kl_coefs[0] == 0.1 and kl_coefs[1] != 0.1  # held during the warm-up, adapting once the policy trains
+
+
 def test_critic_warmup_under_ranks_leaves_adamw_policy_state_alone(tiny_models, adapters, prompts_file, tmp_path):
     """Under several ranks the warm-up must step the policy's AdamW as one process does: not at all. A zero gradient
     summed across ranks would count as a step (weight decay moves the weights, bias correction shrinks the first real

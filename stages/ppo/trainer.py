@@ -125,6 +125,8 @@ class PPOTrainer:
                                            num_training_steps=cfg.total_updates)
         except ValueError as err:
             raise ConfigError(f"lr_scheduler_type '{cfg.lr_scheduler_type}': {err}") from None
+        if cfg.critic_warmup_updates:  # the policy's schedule (its warm-up, its decay) starts when the policy does
+            self.scheduler = self._policy_schedule_after_critic_warmup(get_scheduler)
         self.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else L.FixedKLController(cfg.kl_coef))
         # Each rank samples differently; the minibatch order only needs to be reproducible.
@@ -266,6 +268,28 @@ class PPOTrainer:
         }
         return adv, returns, stats
 
+    def _policy_schedule_after_critic_warmup(self, get_scheduler):
+        """One LR schedule per parameter group: the value's over every update, the policy's over the updates after the
+        critic warm-up (as verl's actor scheduler, which does not step while the actor is frozen), so that the
+        policy's warm-up and decay are not spent before it trains."""
+        from torch.optim.lr_scheduler import LambdaLR
+
+        cfg, wait = self.cfg, self.cfg.critic_warmup_updates
+
+        def multiplier(total: int):  # the schedule's LR factor by step, as transformers builds it for `total` steps
+            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            built = get_scheduler(cfg.lr_scheduler_type, probe, num_warmup_steps=cfg.warmup_updates,
+                                  num_training_steps=total)
+            if not isinstance(built, LambdaLR):
+                raise ConfigError(f"lr_scheduler_type '{cfg.lr_scheduler_type}' cannot be combined with "
+                                  f"critic_warmup_updates: give linear, cosine, constant or another per-step schedule")
+            return built.lr_lambdas[0]
+
+        policy, value = multiplier(cfg.total_updates - wait), multiplier(cfg.total_updates)
+        # Param groups: the policy's, then the value's (a critic warm-up needs a critic). Each group keeps the base LR
+        # the first scheduler recorded (initial_lr), so this one starts from it.
+        return LambdaLR(self.optimizer, [lambda step: policy(max(0, step - wait)), value])
+
     @torch.enable_grad()
     def _optimise(self, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         cfg, lm, stack = self.cfg, self.lm, self.stack
@@ -368,7 +392,7 @@ class PPOTrainer:
         stats.update(self._optimise(ro, adv, returns))
         time_train = time.perf_counter() - t_train0
         gen_tokens = float(self._all_sum(ro.response_mask.sum().double()))
-        if stats["kl"] is not None:
+        if stats["kl"] is not None and self.update >= cfg.critic_warmup_updates:  # a frozen policy's KL says nothing
             self.kl_ctl.update(stats["kl"], cfg.local_batch_size * self.world)
         self.scheduler.step()
         self.update += 1
