@@ -23,6 +23,11 @@ POLICY_STAGES = RL_STAGES + ("dpo",)  # every stage whose manifest holds a polic
 
 # ---------------------------------------------------------------------------------------------------- statistics
 
+def same_replies(a: list[str], b: list[str]) -> list[bool]:
+    """Per prompt: did the two policies write the same reply? (win_rate counts that a tie, whatever the scores.)"""
+    return [x == y for x, y in zip(a, b)]
+
+
 def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6, same_text: list[bool] | None = None) -> dict:
     """The first policy beats the second on a prompt when its score is higher; a tie (scores within tie_eps, or the
     same text: `same_text`, whose scores a batch's padding can move by ~1e-7) counts half. Named for its first use:
@@ -45,11 +50,8 @@ def win_rate_matrix(scores: dict[str, list[float]], tie_eps: float = 1e-6,
     lengths = {len(v) for v in scores.values()}
     if len(lengths) > 1:
         raise ValueError(f"policies scored on different numbers of prompts: { {k: len(v) for k, v in scores.items()} }")
-
-    def same(a, b):
-        return [x == y for x, y in zip(texts[a], texts[b])] if texts else None
-
-    return {a: {b: win_rate(scores[a], scores[b], tie_eps, same(a, b)) for b in scores if b != a} for a in scores}
+    return {a: {b: win_rate(scores[a], scores[b], tie_eps, same_replies(texts[a], texts[b]) if texts else None)
+                for b in scores if b != a} for a in scores}
 
 
 def describe(xs: list[float]) -> dict:

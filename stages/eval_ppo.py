@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, resolve_path
 from pipeline.data import jsonl_objects
-from stages.eval_compare import describe, overoptimisation_flag, wilson, win_rate
+from stages.eval_compare import describe, overoptimisation_flag, same_replies, wilson, win_rate
 
 if TYPE_CHECKING:
     from stages.eval import EvalArgs
@@ -95,11 +95,6 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------- gold judge
 
-def same_texts(ro_a: dict, ro_b: dict) -> list[bool]:
-    """Per prompt: did the two policies write the same reply? (win_rate counts that a tie, whatever the scores.)"""
-    return [a == b for a, b in zip(ro_a["texts"], ro_b["texts"])]
-
-
 def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float]) -> dict:
     """How often the proxy (reward model) orders a pair as the gold judge does, over pairs whose gold scores differ;
     a proxy tie counts half."""
@@ -144,7 +139,7 @@ def gold_report(judge, prompts, args: EvalArgs, heldout: tuple[list[dict], list[
     ends = (curve_point(0, "sft", ro_sft["rewards"], gold_sft, [0.0] * len(gold_sft)),
             curve_point(final_update, "ppo (final)", ro_ppo["rewards"], gold_ppo, kl))
     curve = checkpoint_curve(judge, prompts, args, kept, ends)
-    return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, 0.0, same_texts(ro_ppo, ro_sft)),
+    return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, 0.0, same_replies(ro_ppo["texts"], ro_sft["texts"])),
             "rm_agreement_heldout_pairs": rm_heldout,
             "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft),
             "curve": curve, "flag": overoptimisation_flag(curve)}
@@ -255,7 +250,7 @@ def sft_vs_ppo(judge, prompts, args: EvalArgs, ppo: dict, ppo_dir: Path, ro_sft:
                for p, s, q, rs, rp, k, ls, lp, es, ep in zip(prompts, ro_sft["texts"], ro_ppo["texts"], ro_sft["rewards"],
                                                               ro_ppo["rewards"], kl, ro_sft["lengths"], ro_ppo["lengths"],
                                                               ro_sft["ended"], ro_ppo["ended"])]
-    wr = win_rate(ro_ppo["rewards"], ro_sft["rewards"], same_text=same_texts(ro_ppo, ro_sft))
+    wr = win_rate(ro_ppo["rewards"], ro_sft["rewards"], same_text=same_replies(ro_ppo["texts"], ro_sft["texts"]))
     figures = {"n_prompts": len(samples), "win_rate": wr["rate"], "win_rate_ci_low": wr["ci_low"], "win_rate_ci_high": wr["ci_high"],
                "reward_sft_mean": statistics.fmean(ro_sft["rewards"]), "reward_ppo_mean": statistics.fmean(ro_ppo["rewards"]),
                "kl_mean": statistics.fmean(kl),

@@ -136,13 +136,12 @@ def test_win_rate_matrix_by_hand():
 def test_the_same_reply_is_a_tie_whatever_its_scores_say():
     """A reply scored in two batches (each policy's) can come back ~1e-7 apart from its padding alone, more than a
     tie_eps of 0 (the gold) and, in bf16, than 1e-6: the same text is a tie. Other texts keep their scores' verdict."""
-    from stages.eval_compare import win_rate, win_rate_matrix
-    from stages.eval_ppo import same_texts
+    from stages.eval_compare import same_replies, win_rate, win_rate_matrix
 
     a = {"texts": ["x", "y", "z", "w"], "rewards": [0.5000001, 1.0, 0.2, 0.3]}
     b = {"texts": ["x", "y2", "z2", "w"], "rewards": [0.5, 0.0, 0.4, 0.3000002]}
-    assert same_texts(a, b) == [True, False, False, True]
-    w = win_rate(a["rewards"], b["rewards"], 0.0, same_texts(a, b))
+    assert same_replies(a["texts"], b["texts"]) == [True, False, False, True]
+    w = win_rate(a["rewards"], b["rewards"], 0.0, same_replies(a["texts"], b["texts"]))
     assert (w["wins"], w["ties"], w["losses"], w["rate"]) == (1, 2, 1, 0.5)
     assert win_rate(a["rewards"], b["rewards"], 0.0)["wins"] == 2  # by scores alone, the padding's difference wins
     m = win_rate_matrix({"a": a["rewards"], "b": b["rewards"]}, 0.0, {"a": a["texts"], "b": b["texts"]})

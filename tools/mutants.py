@@ -651,7 +651,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('label-earlier-pieces-not-isolated', 'stages/label/app.py', '"\\u2068" + " ".join(text.split())[:n] + "\\u2069"', '" ".join(text.split())[:n]', 'tests/test_label_store.py -k "direction_override or earlier"'),
     ('label-login-names-unchecked', 'stages/label/config.py', '    if clean_name(name) != name.strip():', '    if False:', 'tests/test_label_store.py -k login_name_that_could'),
     ('eval-same-reply-not-a-tie', 'stages/eval_compare.py', '    wins = sum(p > s + tie_eps and not t for', '    wins = sum(p > s + tie_eps or t and p > s for', 'tests/test_eval_compare.py -k same_reply'),
-    ('eval-matrix-ignores-texts', 'stages/eval_compare.py', "return [x == y for x, y in zip(texts[a], texts[b])] if texts else None", "return None", 'tests/test_eval_compare.py -k same_reply'),
+    ('eval-matrix-ignores-texts', 'stages/eval_compare.py', "same_replies(texts[a], texts[b]) if texts else None)", "None)", 'tests/test_eval_compare.py -k same_reply'),
     ('eval-no-flag-line-fixed-ratio', 'stages/eval_ppo.py', "ratio = f\"{c['hacking_length_ratio']:g} times the\" if", "ratio = f\"2 times the\" if", 'tests/test_eval.py -k no_flag_line'),
     ('ppo-critic-warmup-one-schedule', 'stages/ppo/trainer.py', '        if cfg.critic_warmup_updates:  # the policy\'s schedule', '        if False:  # the policy\'s schedule', 'tests/test_ppo.py -k critic_warmup_holds'),
     ('ppo-critic-warmup-policy-schedule-unshifted', 'stages/ppo/trainer.py', 'lambda step: policy(max(0, step - wait))', 'lambda step: policy(step)', 'tests/test_ppo.py -k critic_warmup_holds'),

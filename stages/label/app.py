@@ -12,7 +12,6 @@ Two trust rules:
 from __future__ import annotations
 
 import html
-import re
 import time
 
 import gradio as gr
