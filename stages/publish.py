@@ -23,8 +23,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from huggingface_hub import HfApi
 
 from pipeline.adapters import reward_members
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
@@ -157,12 +160,12 @@ def commit_message(args: PublishArgs, method: str) -> str:
     return args.commit_message or f"Upload RLHF policy ({chain}, LoRA)"
 
 
-def check_private(api, folders: list[tuple[Path, str, str]]) -> None:
+def check_private(api, repos: list[tuple[str, str]]) -> None:
     """--private on a repo that exists and is public: create_repo(exist_ok=True) leaves an existing repo as it is, so
     the upload would be public. Refused before anything is created or uploaded."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    for _, repo, repo_type in folders:
+    for repo, repo_type in repos:
         try:
             public = not api.repo_info(repo, repo_type=repo_type).private
         except RepositoryNotFoundError:  # a new repo: create_repo makes it private
@@ -184,44 +187,30 @@ def get_token() -> str:
     return token
 
 
-def upload(folders: list[tuple[Path, str, str]], args: PublishArgs, token: str, message: str) -> list[str]:
-    """One commit per repo: (folder, repo_id, repo_type) in order. Returns the commit URLs.
-
-    Every failure becomes one ConfigError that says what is on the Hub now: a commit either happened whole or
-    not at all, so at most an empty repo or an earlier repo's full commit is left, and the message names it."""
+@contextmanager
+def hub_errors(api, done: list[str], at: dict):
+    """Online for its body, and every failure talking to the Hub becomes one ConfigError that says what is on the
+    Hub now: a commit either happened whole or not at all, so at most an empty repo or an earlier repo's full commit
+    (`done`) is left, and the message names it. `at["repo"]` is the repo being worked on."""
     import httpx2
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
-
-    constants.HF_HUB_OFFLINE = False  # the Makefile sets HF_HUB_OFFLINE=1 for the training stages; publishing is online
-    api = HfApi(token=token)
-    done: list[str] = []
 
     def state() -> str:
         return (f" Already committed: {', '.join(done)}." if done else "") + \
                " Nothing of this failed upload was committed (one commit per repo); rerun to retry."
 
-    repo = None
+    # The Makefile sets HF_HUB_OFFLINE=1 for the training stages; publishing is online, but only here: the folder is
+    # built offline (transformers writes local_files_only into a saved tokenizer_config.json), as a dry run builds it.
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, False
     try:
-        who = api.whoami()
-        if (who.get("auth", {}).get("accessToken", {}) or {}).get("role") == "read":
-            raise ConfigError(f"the Hugging Face token of '{who.get('name')}' is read-only: create a write token "
-                              "(https://huggingface.co/settings/tokens) and set HF_TOKEN or run `hf auth login`")
-        if args.private:
-            check_private(api, folders)
-        for folder, repo, repo_type in folders:
-            api.create_repo(repo, repo_type=repo_type, private=True if args.private else None, exist_ok=True)
-            if args.revision and args.revision != "main":
-                api.create_branch(repo, branch=args.revision, repo_type=repo_type, exist_ok=True)
-            info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type=repo_type,
-                                     revision=args.revision or None, commit_message=message)
-            done.append(info.commit_url)
-            print(f"uploaded {folder} -> {info.commit_url}")
+        yield
     except (httpx2.TransportError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as err:
         raise ConfigError(f"cannot reach the Hugging Face Hub at {api.endpoint} ({type(err).__name__}): check the network "
                           f"connection (and HF_ENDPOINT if set).{state()}") from None
     except HfHubHTTPError as err:
         status = err.response.status_code if getattr(err, "response", None) is not None else None
+        repo = at.get("repo")
         if status == 401:
             msg = "the Hugging Face token was rejected (invalid or expired): run `hf auth login` again or set a valid HF_TOKEN."
         elif status == 403 or isinstance(err, RepositoryNotFoundError):
@@ -230,6 +219,36 @@ def upload(folders: list[tuple[Path, str, str]], args: PublishArgs, token: str, 
         else:
             msg = f"the Hub refused the upload to '{repo}' (HTTP {status}): {str(err).splitlines()[0]}."
         raise ConfigError(msg + state()) from None
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def check_hub(api, args: PublishArgs, repos: list[tuple[str, str]]) -> None:
+    """What the Hub can tell before any work, so that a bad token or a public repo under --private writes nothing:
+    the token is valid and may write, and no (repo, repo_type) that --private targets is public."""
+    with hub_errors(api, [], {}):
+        who = api.whoami()
+        if (who.get("auth", {}).get("accessToken", {}) or {}).get("role") == "read":
+            raise ConfigError(f"the Hugging Face token of '{who.get('name')}' is read-only: create a write token "
+                              "(https://huggingface.co/settings/tokens) and set HF_TOKEN or run `hf auth login`")
+        if args.private:
+            check_private(api, repos)
+
+
+def upload(api, folders: list[tuple[Path, str, str]], args: PublishArgs, message: str) -> list[str]:
+    """One commit per repo: (folder, repo_id, repo_type) in order. Returns the commit URLs."""
+    done: list[str] = []
+    at: dict = {}
+    with hub_errors(api, done, at):
+        for folder, repo, repo_type in folders:
+            at["repo"] = repo
+            api.create_repo(repo, repo_type=repo_type, private=True if args.private else None, exist_ok=True)
+            if args.revision and args.revision != "main":
+                api.create_branch(repo, branch=args.revision, repo_type=repo_type, exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type=repo_type,
+                                     revision=args.revision or None, commit_message=message)
+            done.append(info.commit_url)
+            print(f"uploaded {folder} -> {info.commit_url}")
     return done
 
 
@@ -276,6 +295,11 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
                           f"report's figures are not this {args.policy} policy's: run `make eval RUN={run.run}`, then "
                           f"publish")
     label = stage.need("label-export") if args.include_dataset else None
+    dataset_repo = (args.dataset_repo_id or f"{repo}-preferences") if args.include_dataset else None
+    api = None
+    if not args.dry_run:  # a rejected token or a public repo under --private: before the run folder is touched
+        api = HfApi(token=token)
+        check_hub(api, args, ([(dataset_repo, "dataset")] if dataset_repo else []) + [(repo, "model")])
     config = {"publish": to_dict(args), "run": to_dict(run)}
     stage.prepare(config)
 
@@ -316,10 +340,9 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         shutil.copytree(eval_dir / "plots", folder / "eval" / "plots")
 
     # 2. The preference dataset, for its own dataset repo
-    dataset_folder, dataset_repo, dataset_sources = None, None, None
+    dataset_folder, dataset_sources = None, None
     shutil.rmtree(stage.dir / "dataset", ignore_errors=True)  # an earlier --include_dataset run's folder is not uploaded now
     if label:
-        dataset_repo = args.dataset_repo_id or f"{repo}-preferences"
         dataset_folder = stage.dir / "dataset"
         dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run)
 
@@ -340,7 +363,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         for name, size in files:
             print(f"  {name:<60} {size:>12,}")
     message = commit_message(args, policy_method(args.policy, policy))
-    commits = [] if args.dry_run else upload(targets, args, token, message)
+    commits = [] if args.dry_run else upload(api, targets, args, message)
     if args.dry_run:
         print("\ndry run: nothing uploaded. To publish: make publish REPO=user/name")
     metrics = {"repo_id": repo, "dry_run": args.dry_run, "files": len(list_folder(folder)), "commits": commits,

@@ -352,6 +352,8 @@ class FakeHub:
                 hub.auth.add(self.headers.get("Authorization"))
                 hub.calls.append(("GET", self.path))
                 if self.path.startswith("/api/whoami-v2"):
+                    if hub.mode == "rejected":
+                        return self.reply(401, {"error": "Invalid credentials in Authorization header"})
                     return self.reply(200, {"name": "tester", "type": "user", "orgs": [],
                                             "auth": {"type": "access_token", "accessToken": {
                                                 "displayName": "t",
@@ -472,6 +474,12 @@ def test_a_policy_trained_again_after_eval_is_not_published_with_the_old_figures
     assert not (copy / "t" / "publish").exists()
 
 
+def run_folder_state(runs: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under the run's publish/ with its bytes and mtime: a folder rebuilt with the same bytes differs."""
+    folder = runs / "t" / "publish"
+    return {str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns) for f in folder.rglob("*") if f.is_file()}
+
+
 def test_missing_token_is_one_clear_error(runs):
     line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf"))
     assert "no Hugging Face token" in line and "HF_TOKEN" in line and "hf auth login" in line
@@ -485,23 +493,39 @@ def test_no_write_permission_is_one_clear_error_and_nothing_is_committed(runs):
     assert server.commits == {} and TOKEN not in proc.stdout + proc.stderr
 
 
-def test_a_read_only_token_is_one_clear_error_before_any_repo_is_created(runs):
+def test_a_read_only_token_is_one_clear_error_before_any_repo_is_created(runs, dry_run):
+    """Found before the run folder is touched: the earlier dry run's publish/ is left as it was, to the mtime."""
+    before = run_folder_state(runs)
     server = FakeHub(mode="read")
     proc = publish_once(server, runs, "--repo_id", "tester/tiny-rlhf")
     line = error_line(proc)
     assert "the Hugging Face token of 'tester' is read-only: create a write token" in line
     assert server.created == [] and server.commits == {} and TOKEN not in proc.stdout + proc.stderr
+    assert before and run_folder_state(runs) == before
 
 
-def test_private_refuses_an_existing_public_repo_before_anything_is_created(runs):
+def test_a_rejected_token_is_one_clear_error_and_writes_nothing(runs, dry_run):
+    before = run_folder_state(runs)
+    server = FakeHub(mode="rejected")
+    proc = publish_once(server, runs, "--repo_id", "tester/tiny-rlhf", "--include_dataset")
+    line = error_line(proc)
+    assert "the Hugging Face token was rejected (invalid or expired): run `hf auth login` again" in line
+    assert server.calls == [("GET", "/api/whoami-v2")] and TOKEN not in proc.stdout + proc.stderr
+    assert before and run_folder_state(runs) == before
+
+
+def test_private_refuses_an_existing_public_repo_before_anything_is_created(runs, dry_run):
     """create_repo(exist_ok=True) leaves an existing repo's visibility as it is: --private on a public repo would
-    publish in public. Refused, naming the repo and how to make it private; a private one, or no --private, goes on."""
+    publish in public. Refused, naming the repo and how to make it private, before the run folder is touched; a
+    private one, or no --private, goes on."""
     server = FakeHub(existing={("model", "tester/tiny-rlhf"): False, ("dataset", "tester/tiny-rlhf-preferences"): True})
     try:
         env = {"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN}
+        before = run_folder_state(runs)
         line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--private", "--include_dataset", env=env))
         assert "'tester/tiny-rlhf' already exists and is public" in line and "hf repos settings tester/tiny-rlhf --private" in line
         assert server.commits == {} and server.created == []  # the dataset repo (private) was not touched either
+        assert before and run_folder_state(runs) == before
         server.existing = {("dataset", "tester/d"): False}
         line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--private", "--include_dataset",
                                   "--dataset_repo_id", "tester/d", env=env))
@@ -525,13 +549,15 @@ def test_commit_message_names_the_method_that_made_the_policy():
     assert commit_message(PublishArgs(commit_message="v2: more labels"), "ppo") == "v2: more labels"
 
 
-def test_no_network_is_one_clear_error(runs):
+def test_no_network_is_one_clear_error(runs, dry_run):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    before = run_folder_state(runs)
     line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", env={"HF_ENDPOINT": f"http://127.0.0.1:{port}",
                                                                            "HF_TOKEN": TOKEN}))
     assert "cannot reach the Hugging Face Hub" in line and "network" in line
+    assert before and run_folder_state(runs) == before
 
 
 # ---------------------------------------------------------------------------------------------------- which method
