@@ -87,6 +87,9 @@ VARIANTS = {  # tag: flags. The critic-free estimators (KL in the reward for rei
     "reinforce_pp": ["--advantage_estimator", "reinforce_pp"],
     "grpo": ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "2", "--use_kl_loss", "true", "--kl_coef", "0.5"],
     "rloo": ["--advantage_estimator", "rloo", "--num_samples_per_prompt", "2", "--use_kl_loss", "false", "--kl_coef", "0.5"],
+    # Dr. GRPO: its loss divides by every rank's rows x response_length
+    "dr_grpo": ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "2", "--grpo_normalize_std", "false",
+                "--loss_agg_mode", "seq-mean-token-sum-norm", "--use_kl_loss", "true", "--kl_coef", "0.5"],
 }
 
 

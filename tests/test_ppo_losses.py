@@ -264,3 +264,31 @@ def test_kl_loss_clamps_a_token_the_reference_rates_far_above_the_policy():
     assert loss.item() == pytest.approx((10.0 + math.exp(-0.5) - 0.5 + math.exp(2.0) - 3.0) / 3, rel=1e-6)
     loss.backward()
     assert lp.grad.tolist() == pytest.approx([0.0, (1 - math.exp(-0.5)) / 3, (1 - math.exp(2.0)) / 3], abs=1e-6)
+
+
+def test_loss_denominators_by_hand():
+    """Rows of 2 and 4 response tokens in a mini-batch of 3 rows and 10 tokens (a rank's share), responses up to 8."""
+    lengths = torch.tensor([2, 4])
+    den = lambda mode: L.loss_denominators(lengths, mode, rows=3, tokens=10, max_len=8).tolist()  # noqa: E731
+    assert den("token-mean") == [10, 10]
+    assert den("seq-mean-token-mean") == [6, 12]  # 3 rows x each row's length
+    assert den("seq-mean-token-sum-norm") == [24, 24]  # 3 rows x 8
+    with pytest.raises(ValueError, match="unknown loss_agg_mode"):
+        den("token-sum")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_each_loss_agg_mode_weighs_answers_as_its_paper_says(mode):
+    """Two answers of 1 and 3 tokens, each token's surrogate -A r at ratio 1 = -A. The gradient each token gets:
+    token-mean 1/4 each; GRPO's per-answer mean 1/(2 x its length); Dr. GRPO 1/(2 x 8) whatever the lengths."""
+    lengths = torch.tensor([1, 3])
+    per_token = L.loss_denominators(lengths, mode, rows=2, tokens=4, max_len=8).repeat_interleave(lengths)
+    new = torch.zeros(4, requires_grad=True)
+    loss, _ = L.policy_loss(new, torch.zeros(4), torch.ones(4), cliprange=0.2, denom=per_token)
+    loss.backward()
+    expected = {"token-mean": [1 / 4] * 4, "seq-mean-token-mean": [1 / 2, 1 / 6, 1 / 6, 1 / 6],
+                "seq-mean-token-sum-norm": [1 / 16] * 4}[mode]
+    assert (-new.grad).tolist() == pytest.approx(expected)
+    # Each answer's total weight: equal under GRPO's mean; proportional to its length under the others
+    totals = [-new.grad[:1].sum().item(), -new.grad[1:].sum().item()]
+    assert totals[1] / totals[0] == pytest.approx(1.0 if mode == "seq-mean-token-mean" else 3.0)

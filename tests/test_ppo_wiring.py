@@ -109,3 +109,43 @@ def test_adaptive_kl_counts_every_ranks_episodes(tiny_models, adapters, prompts_
     kl, n = metrics["kl"], 2 * t.cfg.local_batch_size
     err = max(min(kl / t.cfg.kl_target - 1, 0.2), -0.2)
     assert t.kl_ctl.value == pytest.approx(0.1 * (1 + err * n / 100), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_loss_agg_mode_sets_each_tokens_weight_in_the_update(mode, tiny_models, adapters, prompts_file, tmp_path):
+    """One plain SGD step at ratio 1 is -lr * grad of sum(-A r / d) over the mini-batch, with d by hand: the token
+    count; the row count x the row's length (GRPO's paper); the row count x response_length (Dr. GRPO). Mutants:
+    the mode not passed (token-mean always); the longest answer for response_length; tokens for rows."""
+    from stages.ppo.rollout import response_logits, token_logprobs
+
+    lr, length = 1e-2, 12
+    t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo", "--num_samples_per_prompt",
+                 "4", "--use_kl_loss", "false", "--kl_coef", "0", "--optim", "sgd", "--max_grad_norm", "0",
+                 "--num_ppo_epochs", "1", "--learning_rate", str(lr), "--response_length", str(length),
+                 "--loss_agg_mode", mode, reward_fn=varied_reward)
+    params = [p for _, p in t.named_params["policy"]]
+    ro = t.rollout()
+    B = ro.response_ids.shape[0]
+    # The tiny policy seldom says EOS: cut the answers to lengths 1, 6, 11, 5, ... below response_length (the modes
+    # differ only when lengths do; Dr. GRPO's constant is response_length, not the longest answer)
+    cut = 1 + (torch.arange(B) * 5) % (length - 1)
+    ro.response_mask &= torch.arange(ro.response_mask.shape[1]) < cut[:, None]
+    adv, returns, _ = t._advantages(ro)
+    x = ro.rows(torch.arange(B), t.cfg.prompt_group)
+    m = x.response_mask
+    lengths = m.sum(1).double()
+    assert lengths.min() < lengths.max()  # the modes differ only when the answers' lengths do
+    den = {"token-mean": lengths.sum().expand(B), "seq-mean-token-mean": B * lengths,
+           "seq-mean-token-sum-norm": torch.full((B,), float(B * length), dtype=torch.float64)}[mode]
+    t.stack.use("policy")
+    with torch.enable_grad():
+        lp = token_logprobs(response_logits(t.lm, x), x.tokens, t.cfg.temperature)
+        ratio = torch.exp(lp - ro.logprobs[:, :m.shape[1]][m])
+        surrogate = (-adv[:, :m.shape[1]][m] * ratio / den[:, None].expand_as(m)[m]).sum()
+        grads = torch.autograd.grad(surrogate, params, allow_unused=True)
+    expected = -lr * torch.cat([(torch.zeros_like(p) if g is None else g).double().flatten() for g, p in zip(grads, params)])
+    before = _flat(params)
+    t._optimise(ro, adv, returns)
+    step = _flat(params) - before
+    assert expected.norm() > 1e-5
+    assert (step - expected).norm() <= 1e-3 * expected.norm(), ((step - expected).norm(), expected.norm())

@@ -19,6 +19,7 @@ CHOICES = {
     "report_to": ("none", "tensorboard", "trackio"),
     "critic_init": ("fit", "rm"),
     "advantage_estimator": ("gae", "grpo", "rloo", "reinforce_pp"),
+    "loss_agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "shard_base": ("auto", "true", "false"),
 }
 # The run folder of each estimator: `make grpo` and `make ppo` keep their outputs apart.
@@ -72,7 +73,8 @@ class PPOConfig:
     # Advantage estimator (verl's names): gae = PPO with a critic; the others are critic-free (no value adapter)
     advantage_estimator: str = field(default="gae", metadata={"help": "gae (PPO + critic) | grpo | rloo | reinforce_pp (critic-free)."})
     num_samples_per_prompt: int = field(default=1, metadata={"help": "Responses sampled per prompt (a group); grpo and rloo need >= 2."})
-    grpo_normalize_std: bool = field(default=True, metadata={"help": "grpo: divide by the group's std; false = Dr. GRPO (Liu et al. 2025)."})
+    grpo_normalize_std: bool = field(default=True, metadata={"help": "grpo: divide by the group's std; false with loss_agg_mode seq-mean-token-sum-norm = Dr. GRPO (Liu et al. 2025)."})
+    loss_agg_mode: str = field(default="token-mean", metadata={"help": "How the policy loss sums its tokens (verl's names): token-mean (every token alike, DAPO) | seq-mean-token-mean (every answer alike, GRPO's paper) | seq-mean-token-sum-norm (/ rows x response_length, Dr. GRPO). The value loss is a token mean."})
     use_kl_loss: bool = field(default=False, metadata={"help": "KL to the reference as a loss term (k3, GRPO) instead of a penalty in the reward."})
     critic_init: str = field(default="fit", metadata={"help": "fit: the first rollout fits the value head (from the RM) to the shaped reward's scale by least squares; rm: the RM's raw scale, as is."})
     critic_warmup_updates: int = field(default=0, metadata={"help": "Updates that train only the value adapter (OpenRLHF freezing_actor_steps, verl critic_warmup)."})

@@ -169,12 +169,33 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor | None, kl_coef: fl
     return rewards
 
 
+def loss_denominators(response_lengths: torch.Tensor, mode: str, rows: float | torch.Tensor,
+                      tokens: float | torch.Tensor, max_len: int) -> torch.Tensor:
+    """The denominator of each row's token terms in the policy loss, [n] from the rows' response lengths [n]: the loss
+    is sum over tokens of term / denominator, over the whole mini-batch of `rows` rows and `tokens` tokens (every
+    rank's). The modes are verl's loss_agg_mode:
+      token-mean: tokens. Every token weighs the same (DAPO; TRL's "dapo"/"bnpo").
+      seq-mean-token-mean: rows x the row's length. Each row's token mean, averaged over rows: every answer weighs the
+        same, a long one's tokens less each (GRPO as DeepSeekMath wrote it; TRL's "grpo").
+      seq-mean-token-sum-norm: rows x max_len, one constant: no length normalisation at all (Dr. GRPO, Liu et al.
+        2025; TRL's "dr_grpo" divides by batch size x max_completion_length)."""
+    lengths = response_lengths.to(torch.float32)
+    if mode == "token-mean":
+        return torch.full_like(lengths, float(tokens))
+    if mode == "seq-mean-token-mean":
+        return float(rows) * lengths.clamp(min=1)
+    if mode == "seq-mean-token-sum-norm":
+        return torch.full_like(lengths, float(rows) * max_len)
+    raise ValueError(f"unknown loss_agg_mode {mode!r}")
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, cliprange: float,
                 denom: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate (Schulman et al. 2017) on flat token vectors: sum(max(-A r, -A clip(r))) / denom.
+    """Clipped surrogate (Schulman et al. 2017) on flat token vectors: sum(max(-A r, -A clip(r)) / denom).
 
-    `denom` defaults to the number of tokens; the update loop passes the token count of the whole mini-batch so
-    that summing micro-batch gradients gives the mini-batch's token mean, however it is split.
+    `denom` defaults to the number of tokens; the update loop passes each token's denominator over the whole
+    mini-batch (`loss_denominators`: the mini-batch's token count by default), so that summing micro-batch gradients
+    gives the mini-batch's loss, however it is split.
     Returns the loss and detached stats: clipped fraction and approx_kl = 0.5 * mean((log r)^2).
     """
     denom = logprobs.numel() if denom is None else denom
@@ -182,7 +203,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = torch.max(unclipped, clipped).sum() / denom
+    loss = (torch.max(unclipped, clipped) / denom).sum()
     with torch.no_grad():
         stats = {"clipfrac": (clipped > unclipped).float().mean(), "approx_kl": 0.5 * (log_ratio ** 2).mean()}
     return loss, stats
@@ -190,13 +211,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, denom: float | torch.Tensor | None = None
             ) -> torch.Tensor:
-    """KL to the reference as a loss term (GRPO's use_kl_loss): the k3 estimator per token, summed / denom. Its
+    """KL to the reference as a loss term (GRPO's use_kl_loss): the k3 estimator per token, sum(k3 / denom). Its
     gradient flows through the current log-probs. Each token's term is clamped to at most 10 (and the log-ratio to
     +-20), as verl's low_var_kl and OpenRLHF's k3 do: exp(log_r) is unbounded, and one token the reference rates 10
     nats above the policy (a term of ~2e4 x the others) would take the whole clipped gradient norm of the step."""
     denom = logprobs.numel() if denom is None else denom
     log_r = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
-    return torch.clamp(torch.expm1(log_r) - log_r, max=10.0).sum() / denom
+    return (torch.clamp(torch.expm1(log_r) - log_r, max=10.0) / denom).sum()
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float,

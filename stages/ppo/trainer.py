@@ -304,13 +304,20 @@ class PPOTrainer:
         if cfg.gradient_checkpointing:
             lm.train()  # HF checkpoints only in train mode; dropout is off everywhere (disable_dropout)
         k = cfg.num_samples_per_prompt  # rows move in whole groups (k = 1: single rows)
+        row_denom = torch.ones(B, device=self.device)  # each row's policy-loss denominator in its mini-batch
+        token_denom = row_denom[:, None].expand_as(ro.response_mask)  # a view: filled in with row_denom
         for _ in range(cfg.num_ppo_epochs):
             perm = (torch.randperm(B // k, generator=self.perm_gen)[:, None] * k + torch.arange(k)).reshape(-1)
             for m in range(cfg.num_mini_batches):
                 mb = perm[m * mb_size : (m + 1) * mb_size].to(self.device)
-                # The loss is a token mean over the *global* mini-batch (every rank's rows): each rank divides its
-                # token sum by the global count and the gradients are summed across ranks.
-                denom = self._all_sum(ro.response_mask[mb].sum().float()).clamp(min=1)
+                # The losses are over the *global* mini-batch (every rank's rows): each rank divides its tokens'
+                # terms by global denominators and the gradients are summed across ranks. The value loss is a token
+                # mean; the policy's terms are aggregated as loss_agg_mode says.
+                tokens, rows = self._all_sum(torch.stack([ro.response_mask[mb].sum().float(),
+                                                          torch.tensor(float(len(mb)), device=self.device)]))
+                denom = tokens.clamp(min=1)
+                row_denom[mb] = L.loss_denominators(ro.response_mask[mb].sum(1), cfg.loss_agg_mode, rows, denom,
+                                                    cfg.response_length)
                 # How a mini-batch's rows are split into micro-batches changes nothing but padding: group similar
                 # lengths (whole groups, by their longest row).
                 mb = mb[by_group_length(ro.lengths[mb], k)]
@@ -320,21 +327,22 @@ class PPOTrainer:
                     width = x.response_mask.shape[1]
                     pick = lambda t: t[idx][:, :width][x.response_mask]  # noqa: E731  [N] real tokens
                     old_lp, a, ret, old_v = pick(ro.logprobs), pick(adv), pick(returns), pick(ro.values)
+                    d = pick(token_denom)
                     nt = x.num_tokens
 
                     if train_policy:
                         stack.use("policy")
                         logits = response_logits(lm, x)
                         new_lp = token_logprobs(logits, x.tokens, cfg.temperature)
-                        pg, pst = L.policy_loss(new_lp, old_lp, a, cfg.cliprange, denom)
+                        pg, pst = L.policy_loss(new_lp, old_lp, a, cfg.cliprange, d)
                         loss = pg
                         if cfg.use_kl_loss and ro.ref_logprobs is not None:  # GRPO: KL as a loss term, not a reward
-                            kl_term = L.kl_loss(new_lp, pick(ro.ref_logprobs), denom)
+                            kl_term = L.kl_loss(new_lp, pick(ro.ref_logprobs), d)
                             loss = loss + self.kl_ctl.value * kl_term
                             sums["kl_loss"] += kl_term.item()
                         if cfg.entropy_coef:  # optional bonus; the logged entropy is the sampling distribution's
                             ent = L.entropy_from_logits(logits / cfg.temperature)
-                            loss = loss - cfg.entropy_coef * ent.sum() / denom
+                            loss = loss - cfg.entropy_coef * (ent / d).sum()
                             sums["entropy_update"] += ent.detach().sum().item()
                         loss.backward()
                         del logits, loss
