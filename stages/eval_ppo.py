@@ -70,7 +70,10 @@ def pair_id(prompt, sft: str, ppo: str) -> str:
 def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
     """Win rate of PPO judged by people: labels in the label store on our pairs (responses = [SFT, PPO]).
     `pairs` maps pair_id -> index of the PPO response. Ties and 'both bad' count half. None when nobody labeled.
-    Simulated annotators' labels (make simulate on these pairs) are not people's: left out."""
+    Simulated annotators' labels (make simulate on these pairs) are not people's: left out.
+    Each pair counts once, as the mean of its labels: people labeling the same pair agree more than pairs do, so
+    the rate is over prompts and the Wilson interval counts pairs, not labels (three people on 20 pairs are 20
+    trials, not 60)."""
     from stages.label.store import PERSON  # a label row `l` of a person's
 
     if not store.is_file() or not pairs:
@@ -86,11 +89,14 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
         con.close()
     if not rows:
         return None
-    wins = sum(p is not None and p == pairs[pid] for pid, p in rows)
-    ties = sum(p is None for _, p in rows)
-    low, high = wilson(wins + 0.5 * ties, len(rows))
-    return {"rate": (wins + 0.5 * ties) / len(rows), "ci_low": low, "ci_high": high, "labels": len(rows),
-            "pairs": len({pid for pid, _ in rows}), "wins": wins, "ties_or_both_bad": ties}
+    by_pair: dict[str, list[float]] = {}
+    for pid, p in rows:
+        by_pair.setdefault(pid, []).append(0.5 if p is None else float(p == pairs[pid]))
+    won = sum(statistics.fmean(scores) for scores in by_pair.values())  # each pair's share of its labels' win
+    low, high = wilson(won, len(by_pair))
+    return {"rate": won / len(by_pair), "ci_low": low, "ci_high": high, "labels": len(rows), "pairs": len(by_pair),
+            "wins": sum(p is not None and p == pairs[pid] for pid, p in rows),
+            "ties_or_both_bad": sum(p is None for _, p in rows)}
 
 
 # ---------------------------------------------------------------------------------------------------- gold judge
@@ -206,7 +212,7 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
              f"{w['losses']} losses).", ""]
     h = report.get("human")
     lines += [f"**Win rate judged by people: {h['rate']:.1%}** (95% CI {h['ci_low']:.1%} – {h['ci_high']:.1%}; "
-              f"{h['labels']} labels on {h['pairs']} pairs)." if h else
+              f"{h['pairs']} pairs, each counted once: the mean of its labels, {h['labels']} in all)." if h else
               f"Win rate judged by people: none yet. To get one, label the SFT-vs-PPO pairs of human_pairs.jsonl "
               f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
               f"then `make eval RUN={report['run']} FORCE=1`: it reads the labels back.", ""]

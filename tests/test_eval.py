@@ -644,6 +644,34 @@ def test_human_win_rate_interval_is_of_wins_and_half_the_ties(tmp_path):
     assert (h["ci_low"], h["ci_high"]) == wilson(2, 4) and h["ci_low"] < 0.5 < h["ci_high"]
 
 
+def test_human_win_rate_counts_each_pair_once_however_many_people_labeled_it(tmp_path):
+    """Three people on pair 0 (PPO, PPO, SFT: 2/3), one on pair 1 (PPO: 1), one tie on pair 2 (1/2), nobody on pair 3:
+    the rate is the pairs' mean (2/3 + 1 + 1/2) / 3, not the labels' (3.5 / 5), and the interval is of 3 trials."""
+    from pipeline.stats import wilson
+    from stages.label.store import LabelStore
+
+    ended = [True] * 4
+    samples = ppo_section(tmp_path, ended, ended)["samples"]
+    store = LabelStore(tmp_path / "label" / "labels.sqlite")
+    store.import_items([{"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]]}
+                        for s in samples])
+    ids = [s["pair_id"] for s in samples]
+    for who, pid, choice, shown_left in (("ann", ids[0], "left", 1), ("bo", ids[0], "right", 0),
+                                         ("cy", ids[0], "right", 1), ("ann", ids[1], "left", 1),
+                                         ("bo", ids[2], "tie", 0)):
+        store.save_label(who, pid, choice, shown_left)
+    from stages.eval_ppo import ppo_markdown
+
+    out = ppo_section(tmp_path, ended, ended)
+    h = out["human"]
+    won = 2 / 3 + 1 + 1 / 2
+    assert f"**Win rate judged by people: {won / 3:.1%}** (95% CI {wilson(won, 3)[0]:.1%} – {wilson(won, 3)[1]:.1%}; " \
+           "3 pairs, each counted once: the mean of its labels, 5 in all)." in ppo_markdown({**out, "run": "t"}, 8)
+    assert (h["labels"], h["pairs"], h["wins"], h["ties_or_both_bad"]) == (5, 3, 3, 1)
+    assert h["rate"] == pytest.approx(won / 3)
+    assert (h["ci_low"], h["ci_high"]) == pytest.approx(wilson(won, 3))
+
+
 def test_the_ppo_sections_tables_by_hand(tmp_path):
     """report.md's PPO section from ppo_section's four made-up prompts (KL 4 nats each): every SFT column holds
     SFT's figure and every PPO column PPO's; the gold curve's x is sqrt(KL) (2, not 4); each sample row shows its
