@@ -48,7 +48,7 @@ class PPOConfig:
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per mini-batch (one optimizer step)."})
     num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per epoch over the rollout batch."})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
-    total_updates: int = field(default=40, metadata={"help": "PPO updates (rollout + optimisation rounds)."})
+    total_updates: int = field(default=48, metadata={"help": "PPO updates (rollout + optimisation rounds)."})
     # Reward
     reward_input: str = field(default="chat", metadata={"help": "chat: RM reads the chat-templated conversation, as it was trained; tokens: the policy's tokens."})
     normalize_reward: bool = field(default=True, metadata={"help": "(score - reward_mean) / reward_std with the rm manifest's stats."})
