@@ -95,12 +95,18 @@ stage_field = $(word $(2),$(subst :, ,$(filter $(1):%,$(STAGES))))
 stage_opts = -m $(STAGE_PKG).$(call stage_field,$(1),2) --config $(call cfg,$(call stage_field,$(1),3)) --run $(RUN) \
 	--runs_dir $(RUNS_DIR) $(if $(filter model,$(call stage_field,$(1),5)),$(MODEL_ARG))
 stage_args = $($(call stage_field,$(1),4)) $(if $(filter $(1),$(NAMED)),$(ARGS))
-# Flags given to a stage are parsed before any stage runs (pipeline.launch --check: unknown flags, types, ranges), so a
-# bad flag in PPO_ARGS is one error line at once, not after SFT and the reward models have trained. Once .venv exists;
-# nothing to check for a stage given no flags, except publish when named: it needs a repo (REPO=) or --dry-run.
-check_stage = $(if $(and $(or $(strip $(call stage_args,$(1))),$(filter publish,$(filter $(1),$(NAMED)))),$(wildcard $(PY))),$(shell $(PY) -m pipeline.launch $(1) --check \
-	$(call stage_opts,$(1)) $(call stage_args,$(1)))$(if $(filter-out 0,$(.SHELLSTATUS)),$(error stopped)))
-$(foreach s,$(STAGES),$(call check_stage,$(firstword $(subst :, ,$(s)))))
+# Every stage named on the command line and every stage given flags is parsed before any stage runs (pipeline.launch
+# --check: its YAML, unknown flags, types, ranges, dataset paths; publish's repo), all in one process (the imports once,
+# ~2 s), so a bad flag in PPO_ARGS or a typo in a recipe's ppo.yaml is one error line at once, not after SFT and the
+# reward models have trained. A stage that runs only as another's prerequisite is checked when it starts. Once .venv exists.
+stage_names := $(foreach s,$(STAGES),$(firstword $(subst :, ,$(s))))
+CHECKED := $(foreach s,$(stage_names),$(if $(or $(filter $(s),$(NAMED)),$(strip $(call stage_args,$(s)))),$(s)))
+ifneq (,$(and $(CHECKED),$(wildcard $(PY))))
+checked := $(shell $(PY) -m pipeline.launch --check $(foreach s,$(CHECKED),:: $(s) $(call stage_opts,$(s)) $(call stage_args,$(s))))
+ifneq (0,$(.SHELLSTATUS))
+$(error stopped)
+endif
+endif
 # $(call stage,NAME): run one stage under accelerate unless its manifest is current.
 stage = $(call stage_env,$(1)) $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE),$(filter $(1),$(NAMED))),--force) \
 	$(if $(filter $(1),$(NAMED)),,--chained) --config_file $(call stage_config,$(1)) $(call stage_opts,$(1)) $(call stage_args,$(1))

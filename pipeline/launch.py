@@ -1,7 +1,7 @@
 """How `make <stage>` starts a stage: skip it when its manifest is current, else `accelerate launch` it.
 
     python -m pipeline.launch STAGE [--force] [ACCELERATE_LAUNCH_ARGS...] -m MODULE [STAGE_ARGS...]
-    python -m pipeline.launch STAGE --check -m MODULE [STAGE_ARGS...]      # parse the stage's flags only
+    python -m pipeline.launch --check :: STAGE -m MODULE [STAGE_ARGS...] [:: STAGE -m MODULE ...]   # parse only
     python -m pipeline.launch rm --config_file configs/accelerate/cpu.yaml -m stages.rm --config configs/rm.yaml --run default
 
 - Current (same command line and accelerate config, same files, same upstream manifests: pipeline.run.is_current):
@@ -114,7 +114,25 @@ def check(module: str, stage_args: list[str]) -> int:
     return 0
 
 
+def check_stages(argv: list[str]) -> int:
+    """make's check of several stages in one process (their imports once): `:: STAGE -m MODULE ARGS...` each, in
+    order; the first error stops it."""
+    segments: list[list[str]] = []
+    for arg in argv:
+        if arg == "::":
+            segments.append([])
+        elif segments:
+            segments[-1].append(arg)
+    for _stage, _m, module, *stage_args in segments:
+        rc = check(module, stage_args)
+        if rc:
+            return rc
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--check"]:
+        return check_stages(argv[1:])
     if len(argv) < 3 or "-m" not in argv[1:]:
         print("usage: python -m pipeline.launch STAGE [--force] [--chained] [ACCELERATE_ARGS...] -m MODULE [STAGE_ARGS...]",
               file=sys.stderr)
@@ -122,8 +140,6 @@ def main(argv: list[str]) -> int:
     stage, rest = argv[0], argv[1:]
     m = rest.index("-m")
     ours, module, stage_args = rest[:m], rest[m + 1], rest[m + 2 :]
-    if "--check" in ours:
-        return check(module, stage_args)
     force = "--force" in ours or "--force" in stage_args
     chained = "--chained" in ours  # make runs it only because a stage named after it needs it
     ours, stage_args = [a for a in ours if a not in ("--force", "--chained")], [a for a in stage_args if a != "--force"]

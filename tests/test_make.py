@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -458,6 +459,28 @@ def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and errors == ["error: --learning_rate on the command line is 'abc', not a number: give "
                                               "a number"], res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("targets", [["ppo"], ["sft", "rm", "ppo"]])
+def test_a_typo_in_a_named_stages_yaml_stops_before_any_stage_runs(targets, tmp_path):
+    """A recipe whose ppo.yaml has a bad value, no flags given: `make ppo` (and `make sft rm ppo`) parsed PPO's YAML
+    only when PPO started, after SFT, pairs, labels and the reward models had trained and written the run folder.
+    The checkout is a copy (its configs/ holds the broken recipe; the rest are links), so the real one is untouched."""
+    work = tmp_path / "checkout"
+    work.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in ("configs", "runs", ".git"):
+            (work / entry.name).symlink_to(entry)
+    shutil.copytree(REPO / "configs", work / "configs")
+    (work / "configs" / "recipes" / "typo").mkdir()
+    (work / "configs" / "recipes" / "typo" / "ppo.yaml").write_text("base_config: configs/ppo.yaml\nkl_coef: -0.5\n")
+    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.done", *targets, "RECIPE=typo",
+                          f"RUNS_DIR={tmp_path / 'runs'}", f"PY={PY}"], cwd=work, capture_output=True, text=True,
+                         timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr
+    assert "kl_coef must be >= 0, got -0.5" in errors[0] and "configs/recipes/typo/ppo.yaml" in errors[0], errors
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
 
