@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -202,6 +203,7 @@ def parse(classes: tuple, argv: list[str] | None = None):
             where = source_of(given[0]) if given else f"{config_path or 'the defaults'} or the command line"
             raise ConfigError(f"invalid value of {where}: {err}") from None
         check_ranges(out[-1], source_of)
+        check_finite(out[-1], source_of)
         check_report_to(out[-1], source_of)
     return out
 
@@ -260,6 +262,15 @@ def check_ranges(instance, source_of) -> None:
     if isinstance(steps, int) and steps != -1 and steps < 1:  # TrainingArguments: -1 = train by num_train_epochs
         raise ConfigError(f"{source_of('max_steps')} is {steps}: give a number of steps >= 1, or -1 to train for "
                           f"num_train_epochs")
+
+
+def check_finite(instance, source_of) -> None:
+    """Every number in a config is finite, ranged (RANGES) or not: NaN compares false with every bound a stage checks
+    (a NaN position_bias made every simulated label 'right', a NaN hacking_kl switched eval's KL flag off)."""
+    for f in dataclasses.fields(instance):
+        v = getattr(instance, f.name, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{source_of(f.name)} is {v}: give a finite number")
 
 
 ARGPARSE_TYPES = {"int": "a whole number", "float": "a number", "string_to_bool": "true or false",

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from transformers import AutoConfig
+
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, prompt_of, prompt_problem, require_columns
 from pipeline.generation import SamplingConfig, encode_prompts, generate
@@ -120,6 +122,8 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     autocast = launch_autocast(state.device, "pairs")  # the launch's mixed precision, as the Trainer stages get it
     sft = stage.need("sft")
     profile = profile_from(run.model_config)
+    adapter = sft["outputs"]["adapter"]  # on this very base, checked before the run folder is touched
+    check_adapter(adapter, AutoConfig.from_pretrained(resolve_base(profile.name_or_path)), what="SFT")
     tokenizer = load_tokenizer(profile)
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     # 1. Prompts, read, checked and encoded before the run folder is touched (bad input loses nothing already written)
@@ -142,9 +146,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Policy: the frozen base (sharded under the FSDP config) + the run's SFT adapter, on this process's accelerator
-    adapter = sft["outputs"]["adapter"]
     base = load_base(profile, tokenizer, shard=shard)
-    check_adapter(adapter, base.config, what="SFT")
     stack = AdapterStack.build(profile, tokenizer, {"policy": adapter}, base_model=base)
     to_device(stack.model, state.device)
 

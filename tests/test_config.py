@@ -314,6 +314,18 @@ def test_a_nan_rate_a_zero_top_p_and_zero_steps_are_refused_and_their_edges_kept
     assert any(getattr(obj, flag[2:], None) == float(edge) for obj in parsed)
 
 
+@pytest.mark.parametrize("stage,flag,value", [("simulate", "--position_bias", "nan"), ("simulate", "--tie_band", "nan"),
+                                              ("eval", "--hacking_kl", "nan"), ("eval", "--hacking_length_ratio", "inf"),
+                                              ("ppo", "--temperature", "inf")])
+def test_a_number_that_is_not_finite_is_refused_in_every_config(stage, flag, value):
+    """No range names these, and NaN passes every comparison their own checks make: a NaN position_bias made every
+    simulated label 'right', a NaN tie_band no pair a tie, a NaN hacking_kl switched eval's KL flag off."""
+    config = ["--config", str(REPO / "configs" / f"{stage}.yaml")]
+    with pytest.raises(ConfigError, match=rf"^{flag} on the command line is {value}: give a finite number$"):
+        parse(stage_classes(stage), [*config, flag, value])
+    assert any(getattr(obj, flag[2:], None) == 0.25 for obj in parse(stage_classes(stage), [*config, flag, "0.25"]))
+
+
 def test_a_bad_value_in_a_variants_base_file_names_the_base_file(tmp_path):
     """grpo.yaml takes most keys from ppo.yaml (base_config): a bad value read from the base file is blamed on the base
     file, and the variant's own key on the variant, so the user edits the file that holds it."""

@@ -79,6 +79,11 @@ def test_export_cli_keeps_ties_when_asked_and_pushes_with_a_card(runs_dir, monke
     ds = datasets.load_from_disk(str(runs_dir / "r/label-export/dataset"))
     ties = [r for r in ds if r["is_tie"]]
     assert len(ds) == 4 and {r["chosen"][0]["content"] for r in ties} == {"tie answer zero", "tie answer one"}
+    # the card says how many annotators the exported labels have per pair ('maj' 3, 'tie' and 'solo' 1), not the
+    # `overlap` people are served with (configs/label.yaml's)
+    card = (runs_dir / "r/label-export/README.md").read_text()
+    assert "- **Annotators per pair**: 1 on 2 pairs, 3 on 1 pair (people are served each pair up to `overlap: 1` " \
+           "times)." in card
 
     # a repo id the Hub would refuse: one error line, exit 2, the export as it was
     before = {p: p.read_bytes() for p in (runs_dir / "r/label-export").rglob("*") if p.is_file()}

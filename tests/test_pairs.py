@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -174,6 +175,26 @@ def test_a_mixed_precision_it_cannot_run_is_one_error_before_the_run_folder(tiny
             "--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "mp", "--model_config", profile,
             *TINY]))
     assert not (runs_dir / "mp" / "pairs").exists()
+
+
+def test_a_broken_sft_adapter_is_one_error_and_the_finished_pairs_stay(tiny_models, runs_dir):
+    """The SFT adapter was checked after the run folder was prepared: the finished pairs' manifest was gone (and make
+    label, simulate and label-export refused the run) before the error. Now nothing under pairs/ changes."""
+    import stages.pairs as pairs
+    from pipeline.config import ConfigError, RunArgs, parse
+    from pipeline.generation import SamplingConfig
+    from tests.test_label_guards import snapshot
+
+    profile = str(tiny_models["llama"])
+    adapter = Path(make_sft_run(runs_dir, "broken", profile))
+    args = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "broken", "--model_config", profile,
+            *TINY, "--max_prompts", "2"]
+    pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), args))
+    before = snapshot(runs_dir / "broken" / "pairs")
+    (adapter / "adapter_config.json").unlink()
+    with pytest.raises(ConfigError, match="SFT adapter"):
+        pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), [*args, "--seed", "7"]))
+    assert snapshot(runs_dir / "broken" / "pairs") == before and (runs_dir / "broken/pairs/manifest.json").is_file()
 
 
 def test_pair_rows_drop_identical_and_repeated_pairs_so_every_pair_id_is_unique():

@@ -803,7 +803,8 @@ def test_resume_only_with_the_same_settings_and_prompts(tiny_models, adapters, p
     """An interrupted run started again with another kl_coef used to continue from the checkpoint, whose optimizer and
     KL controller kept the old values, while the manifest recorded the new ones. Now it starts over (and --resume is
     refused), as with other prompts; a change of how long it runs continues."""
-    from stages.ppo import RESUME_SAFE, resume_mismatch
+    from pipeline.config import to_dict
+    from stages.ppo import RESUME_SAFE, resume_mismatch, trained_from
 
     sft, rm = adapters("llama")
     args = (tiny_models["llama"], runs_dir, "set", prompts_file, sft, rm)
@@ -816,11 +817,21 @@ def test_resume_only_with_the_same_settings_and_prompts(tiny_models, adapters, p
     assert "was trained with other settings (kl_coef: 0.25 -> 0.05): starting over" in capsys.readouterr().err
     rows = read_metrics(runs_dir, "set")
     assert [r["update"] for r in rows] == [1, 2, 3] and {r["kl_coef"] for r in rows} == {0.05}
-    # the same settings with a longer run: continues (total_updates is in RESUME_SAFE)
+    # a longer run continues under a schedule that does not span total_updates; under linear (the default) the rate
+    # would jump to the longer schedule's mid-run, so it starts over
     assert "total_updates" in RESUME_SAFE and "kl_coef" not in RESUME_SAFE and "seed" not in RESUME_SAFE
     before = json.loads((Path(runs_dir) / "set/ppo/checkpoints").glob("checkpoint-*").__next__().joinpath(
         "checkpoint.json").read_text())["upstream"]
     assert resume_mismatch(before, before) is None
+    cfg, run = parse_args(ppo_args(*args[:4], *args[4:]))
+    config = {"ppo": to_dict(cfg), "run": to_dict(run)}
+    upstream = {k: before[k] for k in ("sft", "rm", "rm_members") if k in before}
+    longer = lambda schedule, total: trained_from(upstream, {**config, "ppo": {**config["ppo"], "total_updates": total,  # noqa: E731
+                                                            "lr_scheduler_type": schedule}}, [])
+    assert resume_mismatch(longer("linear", 3), longer("linear", 6)) == \
+        "was trained with other settings (total_updates: 3 -> 6)"
+    assert resume_mismatch(longer("constant", 3), longer("constant", 6)) is None
+    assert resume_mismatch(longer("constant_with_warmup", 3), longer("constant_with_warmup", 6)) is None
     assert resume_mismatch(before, {**before, "prompts": "0" * 16}) == \
         "was trained on other prompts (the prompt file's rows changed)"
     assert resume_mismatch({k: v for k, v in before.items() if k != "settings"}, before) == \
@@ -919,7 +930,10 @@ def yaml_model_dir(profile) -> str:
                                                                         "critic_warmup_updates .* must be below total_updates"),
     ("--heldout_fraction", "1", r"heldout_fraction must be in \[0, 1\)"), ("--temperature", "0", "temperature must be > 0"),
     ("--advantage_estimator", "rloo", "compares answers to the same prompt: set num_samples_per_prompt to 2 or more"),
-    ("--lr_scheduler_type", "bogus", "lr_scheduler_type 'bogus' is not a transformers scheduler: use one of linear, cosine"),
+    ("--lr_scheduler_type", "bogus", "lr_scheduler_type 'bogus' is not a transformers scheduler PPO can step once per "
+                                     r"update \(with no metric and no settings of its own\): use one of linear, cosine"),
+    ("--lr_scheduler_type", "reduce_lr_on_plateau", "'reduce_lr_on_plateau' is not a transformers scheduler PPO can"),
+    ("--lr_scheduler_type", "warmup_stable_decay", "'warmup_stable_decay' is not a transformers scheduler PPO can"),
 ])
 def test_out_of_range_hyperparameters_are_refused(flag, value, message):
     with pytest.raises(ConfigError, match=message):

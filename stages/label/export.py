@@ -143,6 +143,9 @@ def dataset_card(rows: list[dict], labels: list[dict], dropped: Counter, args: L
     ag = s["agreement"]
     people = "\n".join(f"| {markdown_literal(name)} | {a['labels']} |" for name, a in s["annotators"].items())
     dropped_text = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(dropped.items())) or "none"
+    # What the exported labels hold (3 simulated annotators label every pair), not the `overlap` people are served with
+    per_pair = Counter(Counter(lab["pair_id"] for lab in labels).values())
+    annotators = ", ".join(f"{k} on {n} pair{'s' * (n != 1)}" for k, n in sorted(per_pair.items())) or "none"
     return f"""---
 tags: [{", ".join(("trl", "preference", *whose.tags, "rlhf"))}]
 ---
@@ -154,7 +157,7 @@ tags: [{", ".join(("trl", "preference", *whose.tags, "rlhf"))}]
 - **Rows**: {len(rows)} from {len({r['pair_id'] for r in rows})} pairs ({s['labels']} labels in all).
 - **Pairs left out**: {dropped_text}. Ties: `{args.ties}`; both bad: `{args.both_bad}`; min agreement: {args.min_agreement}.
 - **Whose labels**: {WHOSE[sources].from_whom} (`sources: {args.sources}`); {n_other} labels of other annotators in the store left out.
-- **Overlap** (annotators per pair): {args.overlap}. Majority vote where several annotators labeled a pair.
+- **Annotators per pair**: {annotators} (people are served each pair up to `overlap: {args.overlap}` times). Majority vote where several annotators labeled a pair.
 - **Agreement**: {ag['pairs_with_several_labels']} pairs with 2+ labels; Krippendorff's alpha (nominal) {ag['krippendorff_alpha']},
   mean pairwise Cohen's kappa {ag['mean_cohen_kappa']}.
 - **Position bias**: the left side won {s['position_bias']['left_share']} of decided labels (left/right order was randomized per annotator).

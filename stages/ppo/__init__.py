@@ -35,7 +35,7 @@ from pipeline.models import launch_mixed_precision
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 
-from .config import PPOConfig
+from .config import SCHEDULERS_OVER_TOTAL, PPOConfig
 from .sharding import base_numel, sharding_wanted, shard_base
 from .trainer import PPOTrainer, checkpoint_info, latest_checkpoint
 
@@ -196,7 +196,9 @@ def adapter_digest(folder: Path) -> str:
 
 # Settings a run may change and still continue from its checkpoint: how long it runs and what it logs. Any other change
 # (a rate, kl_coef, the seed, the prompts, keep_policy_every) would leave the checkpoint's optimizer, KL controller and
-# data order in charge while the manifest records the new values: such a run starts over instead.
+# data order in charge while the manifest records the new values: such a run starts over instead. total_updates is
+# safe only under a schedule that does not span it (constant, ...): the default linear decay rebuilt over another total
+# would jump to the new schedule's rate mid-run (update 25 of 48 at 0.5x learning_rate -> 0.74x of 96).
 RESUME_SAFE = ("total_updates", "stop_after", "resume", "auto_resume", "save_every", "sample_every", "progress_bar",
                "report_to")
 
@@ -205,6 +207,8 @@ def trained_from(upstream: dict, config: dict, prompts: list) -> dict:
     """What a checkpoint records and a resume must match: the sft/rm adapters' digests, the settings that shape
     training (config["ppo"] less RESUME_SAFE, and the model profile) and the training prompts' digest."""
     settings = {k: v for k, v in config["ppo"].items() if k not in RESUME_SAFE}
+    if config["ppo"]["lr_scheduler_type"] in SCHEDULERS_OVER_TOTAL:
+        settings["total_updates"] = config["ppo"]["total_updates"]
     settings["model_config"] = config["run"].get("model_config")
     settings["mixed_precision"] = launch_mixed_precision()  # the launch's autocast changes every forward
     digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,6 +22,11 @@ CHOICES = {
     "loss_agg_mode": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "shard_base": ("auto", "true", "false"),
 }
+# The transformers schedulers stepped once per update: reduce_lr_on_plateau and greedy step on a metric, and
+# warmup_stable_decay and the min_lr cosines need settings of their own. The first four span total_updates.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+SCHEDULERS_OVER_TOTAL = SCHEDULERS[:4]
 # The run folder of each estimator: `make grpo` and `make ppo` keep their outputs apart.
 STAGE_NAMES = {"gae": "ppo", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
 
@@ -86,7 +91,7 @@ class PPOConfig:
     value_learning_rate: float | None = field(default=None, metadata={"help": "Default: learning_rate."})
     adam_epsilon: float = 1e-5
     weight_decay: float = 0.0
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name, stepped once per update."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Stepped once per update: linear | cosine | cosine_with_restarts | polynomial (these span total_updates) | constant | constant_with_warmup | inverse_sqrt."})
     warmup_updates: int = 0
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the joint policy+value gradient norm; 0 = off."})
     gradient_checkpointing: bool = False
@@ -155,12 +160,10 @@ class PPOConfig:
         if self.critic_warmup_updates >= self.total_updates:
             raise ConfigError(f"critic_warmup_updates ({self.critic_warmup_updates}) must be below total_updates "
                               f"({self.total_updates}): the policy would never train")
-        from transformers import SchedulerType
-
-        names = [t.value for t in SchedulerType]
-        if self.lr_scheduler_type not in names:  # here, not when the trainer builds it after the run folder is prepared
-            raise ConfigError(f"lr_scheduler_type '{self.lr_scheduler_type}' is not a transformers scheduler: use one "
-                              f"of {', '.join(names)}")
+        if self.lr_scheduler_type not in SCHEDULERS:  # here, not when the trainer steps it after the first update
+            raise ConfigError(f"lr_scheduler_type '{self.lr_scheduler_type}' is not a transformers scheduler PPO can "
+                              f"step once per update (with no metric and no settings of its own): use one of "
+                              f"{', '.join(SCHEDULERS)}")
 
     @property
     def local_batch_size(self) -> int:

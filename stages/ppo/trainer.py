@@ -120,11 +120,8 @@ class PPOTrainer:
             self.optimizer = torch.optim.RMSprop(groups, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         from transformers import get_scheduler
 
-        try:
-            self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_updates,
-                                           num_training_steps=cfg.total_updates)
-        except ValueError as err:
-            raise ConfigError(f"lr_scheduler_type '{cfg.lr_scheduler_type}': {err}") from None
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_updates,
+                                       num_training_steps=cfg.total_updates)
         if cfg.critic_warmup_updates:  # the policy's schedule (its warm-up, its decay) starts when the policy does
             self.scheduler = self._policy_schedule_after_critic_warmup(get_scheduler)
         self.kl_ctl = (L.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
