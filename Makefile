@@ -120,7 +120,9 @@ setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
 	test -d .venv || python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
-	# torch first and pinned: left free, pip would pull a multi-GB CUDA build.
+	# torch first and pinned, so that the wheel pip's configuration offers for 2.13.0 is the one taken (a local CPU
+	# wheel on our CI machines; from PyPI on Linux x86_64 the CUDA build, for GPUs). Left free, the packages after it
+	# would pull another torch: a multi-GB CUDA build on a CPU machine.
 	.venv/bin/pip install -q torch==2.13.0
 	.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
@@ -194,9 +196,10 @@ labels: pairs
 	elif [ $$fresh = 0 ]; then echo "labels: up to date, skipped (the export holds the run's pairs and the store's labels)"; \
 	else exit $$fresh; fi
 
-# eval compares every policy the run has (each brought up to date first); a run with none trains PPO first.
+# eval compares every policy the run has (each brought up to date first); a run with none trains PPO first. It scores
+# with the reward models too, which a DPO-only run has not brought up to date.
 EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))))
-eval: $(or $(EVAL_POLICIES),ppo)
+eval: $(or $(EVAL_POLICIES),ppo) rm
 	$(call stage,eval)
 
 publish: eval

@@ -147,7 +147,15 @@ def named_in_yamls(paths: set[str], own_dir: Path) -> set[str]:
 
 
 def _flag(argv: list[str], name: str, default: str) -> str:
-    return argv[argv.index(name) + 1] if name in argv[:-1] else default
+    """The value the stage's parser gives `name`: its last occurrence (`make` puts `--run $(RUN)` before ARGS, so
+    ARGS="--run try2" wins), as `--name value` or `--name=value`."""
+    value = default
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+    return value
 
 
 CODE_PACKAGES = ("pipeline", "stages")  # the project's own code that a stage runs (tests.fake_stages imports pipeline)
@@ -241,13 +249,26 @@ class StageRun:
         self.upstream: dict[str, Any] = {}
         self.optional: set[str] = set()  # upstream stages read when present: their absence is an input too
         self.argv = sys.argv[1:]  # the stage's command line (`make` compares it with the next one)
+        # The files the command line names (its YAMLs and the files they name), digested now, as the stage starts:
+        # eval reads them, samples and scores for a minute, and only then prepares its folder.
+        self.first_seen = self._digests(self._named([self.argv, launch_args() or []]))
         self.read_files: dict[str, str | None] = {}  # file -> digest when the stage started (prepare)
         self.code: dict[str, str | None] = {}  # the project's modules imported by then (code_digests), as read
 
+    def _named(self, sources: list) -> list[str]:
+        own_dir = self.dir.resolve()
+        named = paths_named_in(sources, own_dir)
+        return sorted(named | named_in_yamls(named, own_dir))  # a variant's base_config too
+
+    @staticmethod
+    def _digests(files: list[str]) -> dict[str, str | None]:
+        return {f: file_digest(resolve_path(f)) for f in files}
+
     def prepare(self, config: dict[str, Any], is_main: bool = True) -> None:
         """Create the folder, drop a stale manifest (this run replaces it), save the resolved config. The files the
-        stage named are digested now, as they were read: one edited while it trains is recorded as it was."""
-        self.read_files = self.inputs(config)["files"]
+        stage named are digested now, as they were read (those the command line names, when the stage started): one
+        edited while it trains is recorded as it was."""
+        self.read_files = {f: self.first_seen.get(f, digest) for f, digest in self.inputs(config)["files"].items()}
         self.code = code_digests()
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -268,12 +289,10 @@ class StageRun:
         """What this stage read, as is_current compares it: command line, accelerate launch, named files' digests,
         upstream manifests'."""
         launch = launch_args()
-        own_dir = self.dir.resolve()
-        named = paths_named_in([self.argv, config, launch or []], own_dir)
-        files = sorted(named | named_in_yamls(named, own_dir))  # a variant's base_config too
+        files = self._named([self.argv, config, launch or []])
         manifests = {name: None for name in self.optional}
         manifests.update({name: manifest_digest(m) for name, m in self.upstream.items()})
-        return {"argv": list(self.argv), "launch": launch, "files": {f: file_digest(resolve_path(f)) for f in files},
+        return {"argv": list(self.argv), "launch": launch, "files": self._digests(files),
                 "manifests": dict(sorted(manifests.items()))}
 
     def inputs_as_read(self, config: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ runs/<run>/<stage>/policies/update-N/, and its final policy. PPO's proxy rising 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,6 +379,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     # Every figure is in: only now is the run folder touched, so that a judge failing on the real samples (not the
     # two rows load_gold_judge tries) or a damaged upstream file leaves the last finished eval as it was.
     stage.prepare(config)
+    shutil.rmtree(stage.dir / "plots", ignore_errors=True)  # an earlier eval's (another judge, a policy gone) would be published
     if ppo:
         plots = save_plots(report.pop("metrics_rows"), ro["sft"], ro["ppo"], stage.dir / "plots")
         if report["gold"] is not None:

@@ -295,6 +295,15 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
                           f"report's figures are not this {args.policy} policy's: run `make eval RUN={run.run}`, then "
                           f"publish")
     label = stage.need("label-export") if args.include_dataset else None
+    # Every upstream output the folder is built from, before the last publish folder is deleted
+    needed = [(args.policy, policy["outputs"]["adapter"]), ("sft", sft["outputs"]["adapter"]),
+              ("eval", ev["outputs"]["report"]), ("eval", Path(ev["outputs"]["report"]).with_suffix(".json"))]
+    needed += [("rm", path) for path in reward_members(rm)[0].values()] if args.include_reward else []
+    needed += [("label-export", label["outputs"]["dataset"])] if label else []
+    for name, path in needed:
+        if not Path(path).exists():
+            raise ConfigError(f"{path}, an output of the {name} stage of run '{run.run}', is missing: run `make "
+                              f"{name} RUN={run.run} FORCE=1`, then publish")
     dataset_repo = (args.dataset_repo_id or f"{repo}-preferences") if args.include_dataset else None
     api = None
     if not args.dry_run:  # a rejected token or a public repo under --private: before the run folder is touched

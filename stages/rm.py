@@ -170,7 +170,6 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     metrics, pairs_file = {}, stage.dir / "eval_pairs.jsonl"
     adapters, scores = [m["adapter"] for m in members], [(m["scores"][:n], m["scores"][n:]) for m in members]
     if state.is_main_process:
-        shutil.rmtree(trainer_root, ignore_errors=True)  # the checkpoints: the best ones are the adapters now
         with open(pairs_file, "w") as f:  # with the token ids as scored (truncated as trained)
             for r in eval_rows:
                 keys = ("prompt", "chosen", "rejected", "source", "margin", "chosen_ids", "rejected_ids", "reply_start")
@@ -208,6 +207,9 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
                   f"{m.get('accuracy')} {m.get('ci95', '')} (longer wins: {m.get('longer_wins_accuracy')})")
         stage.finish({"adapter": members[0]["adapter"], "members": json.dumps([str(m["adapter"]) for m in members]),
                       "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
+        # The checkpoints, once the manifest is written (the best ones are the adapters now): a crash in the reload
+        # check or before the manifest still resumes every member from them instead of training it again.
+        shutil.rmtree(trainer_root, ignore_errors=True)
     finish_distributed()
     return metrics
 

@@ -66,6 +66,23 @@ def test_plots_are_valid_pngs(eval_dir):
     assert "plots/training_curves.png" in md and "Win rate of PPO over SFT" in md and "| prompt |" in md
 
 
+def test_a_new_eval_leaves_no_plot_of_the_last_one(eval_dir, tiny_models, tmp_path):
+    """An eval without a gold judge after one with it kept the old gold_vs_kl.png and overoptimisation.png in plots/,
+    and publish uploaded them beside a report without a gold judge. plots/ now holds exactly the report's plots."""
+    import shutil
+
+    from stages.eval import main, parse_args
+
+    runs = tmp_path / "runs"
+    shutil.copytree(eval_dir.parent, runs / "t")
+    assert {"gold_vs_kl.png", "overoptimisation.png"} <= {p.name for p in (runs / "t" / "eval" / "plots").iterdir()}
+    main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs), "--model_config",
+                      str(tiny_models["llama"]), "--max_new_tokens", "12", "--gold_judge", ""]))
+    report = json.loads((runs / "t" / "eval" / "report.json").read_text())
+    assert sorted(report["plots"].values()) == sorted(f"plots/{p.name}" for p in (runs / "t" / "eval" / "plots").iterdir())
+    assert "overoptimisation" not in report["plots"]
+
+
 def test_the_no_flag_line_names_the_runs_own_thresholds(eval_dir):
     """report.md said "a doubled length" whatever --hacking_length_ratio was."""
     from stages.eval_ppo import ppo_markdown

@@ -123,6 +123,32 @@ def ran(runs_dir) -> list[str]:
     return out
 
 
+def test_eval_of_a_dpo_only_run_brings_the_reward_models_up_to_date(tmp_path):
+    """eval scores every policy with the reward models: a run with DPO alone evaluated with a stale reward model, or
+    stopped for a missing one."""
+    runs = tmp_path / "runs"
+    assert make("dpo", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "dpo"]
+    res = make("eval", runs_dir=runs)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ran(runs) == ["rm", "eval"]
+
+
+def test_a_run_named_again_in_args_is_the_one_make_checks(tmp_path):
+    """`make sft ARGS="--run try2"`: the stage's parser takes the last --run (try2), `make`'s up-to-date check took
+    the first (the default run's), so the stage ran every time."""
+    from pipeline.run import _flag
+
+    argv = ["--config", "c.yaml", "--run", "default", "--runs_dir", "runs", "--run", "try2"]
+    assert _flag(argv, "--run", "x") == "try2" and _flag(argv, "--runs_dir", "x") == "runs"
+    assert _flag(["--run=try3", "--runs_dir=elsewhere"], "--run", "x") == "try3"
+    assert _flag(["--run=try3", "--runs_dir=elsewhere"], "--runs_dir", "x") == "elsewhere"
+    assert _flag(["--run"], "--run", "x") == "x" and _flag(["--running", "y"], "--run", "x") == "x"
+    runs = tmp_path / "runs"
+    assert make("sft", "ARGS=--run try2", runs_dir=runs).returncode == 0 and ran(runs) == []  # ran in try2, not t
+    res = make("sft", "ARGS=--run try2", runs_dir=runs)
+    assert res.returncode == 0 and "up to date" in res.stdout and (runs / "try2" / "sft" / "manifest.json").is_file()
+
+
 def test_label_export_rm_ppo_chain(tmp_path):
     runs = tmp_path / "runs"
     res = make("ppo", runs_dir=runs)
@@ -250,6 +276,21 @@ def test_a_file_edited_while_the_stage_runs_is_recorded_as_it_was_read(tmp_path,
     stage.prepare({})  # run again: nothing edited during it, current
     stage.finish({}, {}, {})
     assert is_current("rm", stage.argv) == (True, "")
+
+
+def test_a_file_the_command_line_names_is_recorded_as_it_was_when_the_stage_started(tmp_path, monkeypatch):
+    """eval reads its YAML, samples and scores for a minute, and only then prepares its folder: a YAML edited in that
+    minute was recorded with its new bytes, and `make eval` called the old report up to date."""
+    runs, cfg = tmp_path / "runs", tmp_path / "eval.yaml"
+    cfg.write_text("max_prompts: 8\n")
+    argv = ["--config", str(cfg), "--run", "r", "--runs_dir", str(runs)]
+    monkeypatch.setattr(sys, "argv", ["stages.eval", *argv])
+    stage = StageRun("eval", "r", str(runs))  # the stage starts
+    cfg.write_text("max_prompts: 16\n")  # edited while it samples, before prepare
+    stage.prepare({})
+    manifest = stage.finish({}, {}, {})
+    assert manifest["inputs"]["files"][str(cfg)] == file_digest_of(b"max_prompts: 8\n", tmp_path)
+    assert is_current("eval", argv) == (False, f"{cfg} changed")
 
 
 def file_digest_of(content: bytes, tmp_path) -> str:

@@ -480,6 +480,22 @@ def run_folder_state(runs: Path) -> dict[str, tuple[bytes, int]]:
     return {str(f.relative_to(folder)): (f.read_bytes(), f.stat().st_mtime_ns) for f in folder.rglob("*") if f.is_file()}
 
 
+@pytest.mark.parametrize("stage,output", [("sft", "adapter"), ("eval", "report")])
+def test_a_missing_upstream_output_is_one_clear_error_and_writes_nothing(runs, dry_run, stage, output):
+    """An upstream folder deleted by hand: publish deleted the last publish folder, then crashed with a traceback."""
+    path = Path(json.loads((runs / "t" / stage / "manifest.json").read_text())["outputs"][output])
+    before = run_folder_state(runs)
+    aside = path.with_name(path.name + ".aside")
+    path.rename(aside)
+    try:
+        line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_sft"))
+    finally:
+        aside.rename(path)
+    assert line == (f"error: {path}, an output of the {stage} stage of run 't', is missing: run `make {stage} RUN=t "
+                    f"FORCE=1`, then publish")
+    assert before and run_folder_state(runs) == before
+
+
 def test_missing_token_is_one_clear_error(runs):
     line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf"))
     assert "no Hugging Face token" in line and "HF_TOKEN" in line and "hf auth login" in line

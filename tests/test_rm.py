@@ -824,6 +824,26 @@ def test_an_interrupted_reward_model_run_resumes_each_member_and_ends_as_an_unin
     assert not (runs_dir / "cut" / "rm" / "trainer").exists()
 
 
+def test_a_crash_after_training_keeps_the_checkpoints_for_the_rerun(tiny_models, marker_data, tmp_path, monkeypatch):
+    """The checkpoints were deleted before the reload check and the manifest: a crash there (a killed process, a full
+    disk) left neither, and the rerun could resume no member (stages/resume.py resumes from a member's best checkpoint
+    before its last step). Now they go once the manifest is written."""
+    import stages.rm as rm
+
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs_dir, "r")
+    args = rm_args(tiny_models["llama"], runs_dir, "r", "--dataset_name", str(marker_data["conversational"]),
+                   "--max_steps", "4", "--evals", "2")
+    with monkeypatch.context() as m:
+        m.setattr(rm, "check_reload", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed in the reload check")))
+        with pytest.raises(RuntimeError, match="killed in the reload check"):
+            main(*parse_args(args))
+    trainer = runs_dir / "r" / "rm" / "trainer"
+    assert not (runs_dir / "r" / "rm" / "manifest.json").exists() and list(trainer.rglob("checkpoint-*"))
+    main(*parse_args(args))
+    assert (runs_dir / "r" / "rm" / "manifest.json").is_file() and not trainer.exists()
+
+
 def test_the_reload_check_allows_for_the_launchs_mixed_precision(tiny_models, tmp_path, monkeypatch):
     """configs/accelerate/multi_gpu.yaml and fsdp.yaml launch with `mixed_precision: bf16`: the stage's held-out
     scores come from bf16 autocast, the reload from the profile's float32. On a GPU (an H200) `make rm` on the tiny

@@ -217,7 +217,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 return (*view(session(st, request)), gr.update())
             annotator = clean_name(typed)
             if annotator is None:
-                return (*view(st, "⚠ Enter a name: letters, digits, spaces, . @ ' - (up to 64 characters)."), gr.update())
+                return (*view(st, "⚠ Enter a name: letters of one script, digits, spaces, . @ ' - (up to 64 characters)."), gr.update())
             return (*view({"annotator": annotator}, f"Labeling as <b>{html.escape(annotator)}</b>."), annotator)
 
         def on_choice(choice: str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,11 +129,25 @@ def read_utf8(path: Path, what: str) -> str:
 # An annotator's name, typed or a login: letters, digits, single spaces, . @ ' - (no ':', which marks a simulator; no
 # control or direction characters): as it is shown, stored and exported, so two people never look alike.
 NAME_RE = re.compile(r"^[\w .@'-]{1,64}$")
+# The scripts one name may mix, as browsers allow in a domain name (Chromium's IDN policy): Japanese, Korean and Chinese
+# with Han and Latin. Latin with Cyrillic or Greek is refused: `аlice` with a Cyrillic `а` looks like `alice`.
+SCRIPT_MIXES = ({"CJK", "HIRAGANA", "KATAKANA", "LATIN"}, {"HANGUL", "CJK", "LATIN"}, {"BOPOMOFO", "CJK", "LATIN"})
+
+
+def name_scripts(name: str) -> set[str]:
+    """The scripts of a name's letters, by their Unicode names' first word (LATIN, CYRILLIC, GREEK, CJK, ...)."""
+    return {unicodedata.name(c, "?").split()[0] for c in name if c.isalpha()}
 
 
 def clean_name(name: str | None) -> str | None:
+    """The name with its spaces made single, or None if it breaks the rule: NAME_RE's characters, in Unicode's
+    normal form (NFKC: no full-width `ａ` or ligature `ﬁ` standing in for `a` or `fi`), letters of one script or of a
+    mix in SCRIPT_MIXES."""
     name = " ".join((name or "").split())
-    return name if name and NAME_RE.match(name) else None
+    if not name or not NAME_RE.match(name) or unicodedata.normalize("NFKC", name) != name:
+        return None
+    scripts = name_scripts(name)
+    return name if len(scripts) <= 1 or any(scripts <= mix for mix in SCRIPT_MIXES) else None
 
 
 def _user(entry: str, where: str) -> tuple[str, str]:
@@ -140,8 +155,8 @@ def _user(entry: str, where: str) -> tuple[str, str]:
     if not sep or not name.strip() or not password:
         raise ConfigError(f"bad user entry in {where}: write `name:password` (got {entry.split(':')[0]!r}...)")
     if clean_name(name) != name.strip():  # `ann  lee` would show as `ann lee`, another login's name
-        raise ConfigError(f"login name {name.strip()!r} in {where}: use letters, digits, single spaces and . @ ' - "
-                          f"only, up to 64 characters (as a typed name), so that no two logins look alike")
+        raise ConfigError(f"login name {name.strip()!r} in {where}: use letters of one script, digits, single spaces "
+                          f"and . @ ' - only, up to 64 characters (as a typed name), so that no two logins look alike")
     return name.strip(), password
 
 

@@ -13,11 +13,7 @@ import sys
 import time
 
 from pipeline.config import ConfigError
-from pipeline.run import StageRun, main_guard, stage_dir
-
-
-def _flag(argv: list[str], name: str, default: str) -> str:
-    return argv[argv.index(name) + 1] if name in argv[:-1] else default
+from pipeline.run import StageRun, _flag, main_guard, stage_dir  # _flag: a flag's value as the real stages' parser
 
 
 def fake_stage(name: str, needs: tuple[str, ...] = (), may_read: tuple[str, ...] = ()) -> None:
