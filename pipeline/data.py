@@ -47,9 +47,7 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
                         raise ConfigError(f"dataset folder {path} has splits {list(ds)}, not '{split}'")
                     ds = ds[split]
                 return ds
-            files = [f for f in sorted(path.rglob("*")) if f.suffix in SUFFIX_TO_BUILDER]
-            if not files:
-                raise ConfigError(f"dataset folder {path} holds no .jsonl/.json/.parquet/.csv files and no saved dataset")
+            files = split_files(path, split)
             for f in files:
                 check_text_file(f)
             return datasets.load_dataset(SUFFIX_TO_BUILDER[files[0].suffix], data_files=[str(f) for f in files], split="train")
@@ -59,6 +57,27 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
         raise
     except Exception as err:  # datasets raises many kinds; the user needs the name and the reason
         raise ConfigError(f"could not load dataset '{name_or_path}': {type(err).__name__}: {err}") from None
+
+
+def split_files(folder: Path, split: str) -> list[Path]:
+    """The data files of one split of a folder, by the Hub's file-name rules (`train.jsonl`, `data/test-0000.parquet`,
+    ...: datasets' get_data_patterns); a folder whose names say no split is all one `train` split. Every file of the
+    folder used to be read as training data, a downloaded dataset's test split included."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    data = [f for f in sorted(folder.rglob("*")) if f.suffix in SUFFIX_TO_BUILDER]
+    if not data:
+        raise ConfigError(f"dataset folder {folder} holds no .jsonl/.json/.parquet/.csv files and no saved dataset")
+    by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    files = [Path(f) for f in by_split.get(split, []) if Path(f).suffix in SUFFIX_TO_BUILDER]
+    if not files:
+        raise ConfigError(f"dataset folder {folder} has files of the splits {sorted(map(str, by_split))}, none of "
+                          f"'{split}': name the training files train*.jsonl (or give the file itself)")
+    builders = sorted({SUFFIX_TO_BUILDER[f.suffix] for f in files})
+    if len(builders) > 1:
+        raise ConfigError(f"dataset folder {folder} mixes {' and '.join(builders)} files in its '{split}' split: keep "
+                          f"one format")
+    return files
 
 
 def load_rows(name_or_path: str) -> tuple[list[dict], list[str]]:

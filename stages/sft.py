@@ -71,11 +71,34 @@ def load_data(args: SFTArgs, seed: int):
             raise ConfigError("no SFT data: set dataset_mixture in configs/sft.yaml or pass --dataset_name")
         ds = load_mixture([{"path": p, "max_rows": n} for p, n in args.dataset_mixture.items()], seed)
         name = "the bundled mixture (" + ", ".join(args.dataset_mixture) + ")"
-    # TRL also takes prompt/completion rows; conversational `messages` is what the pipeline ships and tests.
     if "prompt" in ds.column_names and "completion" in ds.column_names and "messages" not in ds.column_names:
-        return ds, name  # a file mixing both formats is read as conversations: every row must then be one
-    require_columns(ds, ["messages"], name, "give conversational rows {'messages': [{'role', 'content'}, ...]}")
+        ds = prompt_completion_as_messages(ds, name)  # (a file with both formats is read as conversations)
+    require_columns(ds, ["messages"], name, "give conversational rows {'messages': [{'role', 'content'}, ...]} or "
+                                            "{'prompt', 'completion'}")
     return with_replies(ds.select_columns(["messages"]), name), name
+
+
+def prompt_completion_as_messages(ds, name: str):
+    """TRL's prompt-completion rows as conversations: the prompt (text: a user turn; or a list of messages), then the
+    completion (text: an assistant turn; or a list of messages). Passed to TRL as they were, plain text trained
+    without the chat template that pairs, PPO and eval prompt with, and with assistant_only_loss TRL refused them
+    (after the run folder was prepared); as conversations they train like every other row, through the template and
+    our assistant mask."""
+    from datasets import Dataset
+
+    rows = []
+    for i, row in enumerate(ds.select_columns(["prompt", "completion"]).to_list()):
+        turns = []
+        for key, role in (("prompt", "user"), ("completion", "assistant")):
+            value = row[key]
+            if isinstance(value, str):
+                value = [{"role": role, "content": value}]
+            if not isinstance(value, list):
+                raise ConfigError(f"row {i + 1} of {name}: its {key} is {type(value).__name__}: give text or a list "
+                                  f"of messages {{'role', 'content'}}")
+            turns += value
+        rows.append({"messages": turns})
+    return Dataset.from_list(rows)
 
 
 def with_replies(ds, name: str):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_a_split_by_prompt_holds_out_round_n_times_fraction_prompts_and_at_least_one():
     """10 prompts (3 rows each) at 0.2: exactly 2 prompts held out, whole; at 0.01 still one; at 0.27 round(2.7) = 3,
@@ -117,3 +119,28 @@ def test_score_each_distinct_item_once_spreads_the_scores_back_in_order():
     assert asked == [[("p", "ab"), ("q", "c"), ("p", "xyz")]]  # each distinct item once, first-seen order
     assert scores == [20.0, 11.0, 20.0, 32.0, 11.0]
     assert score_each_once([], lambda items: [], key=tuple) == []
+
+
+def test_a_dataset_folder_reads_its_train_split_by_the_hubs_file_names(tmp_path):
+    """A downloaded dataset folder (data/train.jsonl and data/test.jsonl) was read whole: its test rows trained. Now
+    the split comes from the file names as on the Hub; a folder whose names say no split is one train split."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_any
+
+    def write(path, xs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"x": x}) + "\n" for x in xs))
+
+    write(tmp_path / "hub" / "data" / "train.jsonl", [1, 2])
+    write(tmp_path / "hub" / "data" / "test.jsonl", [3])
+    assert sorted(load_any(str(tmp_path / "hub"))["x"]) == [1, 2]
+    write(tmp_path / "plain" / "one.jsonl", [4])
+    write(tmp_path / "plain" / "two.jsonl", [5])
+    assert sorted(load_any(str(tmp_path / "plain"))["x"]) == [4, 5]
+    write(tmp_path / "only_test" / "test.jsonl", [6])
+    with pytest.raises(ConfigError, match=r"has files of the splits \['test'\], none of 'train': name the training"):
+        load_any(str(tmp_path / "only_test"))
+    write(tmp_path / "mixed" / "a.jsonl", [7])
+    (tmp_path / "mixed" / "b.csv").write_text("x\n8\n")
+    with pytest.raises(ConfigError, match="mixes csv and json files in its 'train' split: keep one format"):
+        load_any(str(tmp_path / "mixed"))

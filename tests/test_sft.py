@@ -310,6 +310,39 @@ def test_rows_without_an_assistant_reply_with_text_are_left_out(capsys):
         with_replies(Dataset.from_list([{"messages": m} for m in rows[1:3]]), "none.jsonl")
 
 
+def test_prompt_completion_rows_train_as_conversations(tmp_path):
+    """TRL's prompt-completion format (text, or lists of messages): before, plain text trained without the chat
+    template (pairs, PPO and eval prompt with it) and assistant_only_loss made TRL refuse it after the run folder was
+    prepared. Now each row is the conversation prompt then completion, checked and masked like every other."""
+    from stages.sft import SFTArgs, load_data
+
+    rows = [{"prompt": "What is 2 plus 2?", "completion": "It is 4."},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+             "completion": [{"role": "assistant", "content": "Hello."}]},
+            {"prompt": "Say nothing.", "completion": "  "}]
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds, name = load_data(SFTArgs(dataset_name=str(data)), 0)
+    assert ds.to_list() == [
+        {"messages": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                      {"role": "assistant", "content": "Hello."}]}]  # the third has no reply with text: left out
+    data.write_text(json.dumps({"prompt": "Hi?", "completion": 7}) + "\n")
+    with pytest.raises(ConfigError, match=r"^row 1 of .*pc\.jsonl: its completion is int: give text or a list of "):
+        load_data(SFTArgs(dataset_name=str(data)), 0)
+
+
+def test_prompt_completion_data_trains_through_the_chat_template(tiny_models, runs_dir, tmp_path):
+    """The stage end to end on prompt-completion text rows with the default assistant_only_loss: it trains (TRL
+    refused the rows, after the run folder was prepared)."""
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(40)]
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = tiny_args(tiny_models["llama"], runs_dir, "pc", "--dataset_name", str(data), "--max_steps", "2")
+    metrics = main(*parse_args(args))
+    assert metrics["train_loss"] > 0 and (runs_dir / "pc" / "sft" / "manifest.json").is_file()
+
+
 def test_held_out_rows_share_no_conversation_root_with_training():
     """OASST keeps sibling replies and follow-ups of one root prompt as separate rows: held-out rows must not share a
     root with a training row (eval_loss would be measured on replies seen in training). Rows whose roots are all

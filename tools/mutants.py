@@ -679,6 +679,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('make-eval-without-rm', 'Makefile', 'eval: $(or $(EVAL_POLICIES),ppo) rm', 'eval: $(or $(EVAL_POLICIES),ppo)', 'tests/test_make.py -k dpo_only'),
     ('run-flag-first-occurrence', 'pipeline/run.py', '            value = argv[i + 1]', '            return argv[i + 1]', 'tests/test_make.py -k run_named_again'),
     ('publish-upstream-unchecked', 'stages/publish.py', '        if not Path(path).exists():', '        if False:', 'tests/test_publish.py -k missing_upstream'),
+    ('sft-prompt-completion-passed-through', 'stages/sft.py', '        ds = prompt_completion_as_messages(ds, name)  # (a file', '        return ds, name  # (a file', 'tests/test_sft.py -k prompt_completion'),
+    ('data-folder-every-split', 'pipeline/data.py', '    files = [Path(f) for f in by_split.get(split, []) if', '    files = [Path(f) for f in sorted(sum(map(list, by_split.values()), [])) if', 'tests/test_data.py -k folder'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
