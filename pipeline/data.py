@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from pipeline.config import ConfigError, resolve_path
@@ -37,6 +38,9 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
                 raise ConfigError(f"dataset file {path} has an unsupported suffix: use .jsonl, .json, .parquet or .csv")
             if path.stat().st_size == 0 or (path.stat().st_size < 4096 and not path.read_bytes().strip()):
                 raise ConfigError(f"dataset {path} is empty: give a dataset with at least a few rows")
+            if split != "train":
+                raise ConfigError(f"dataset file {path} is one split: --dataset_split {split} picks a split of a "
+                                  f"folder or a Hub id")
             check_text_file(path)
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
@@ -70,9 +74,12 @@ def split_files(folder: Path, split: str) -> list[Path]:
         raise ConfigError(f"dataset folder {folder} holds no .jsonl/.json/.parquet/.csv files and no saved dataset")
     by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
     files = [Path(f) for f in by_split.get(split, []) if Path(f).suffix in SUFFIX_TO_BUILDER]
+    if not files:  # a split the Hub's rules do not name (train_sft.jsonl): the files named after it
+        files = [f for f in data if re.match(rf"{re.escape(split)}([-._ 0-9]|$)", f.stem)]
     if not files:
         raise ConfigError(f"dataset folder {folder} has files of the splits {sorted(map(str, by_split))}, none of "
-                          f"'{split}': name the training files train*.jsonl (or give the file itself)")
+                          f"'{split}': name its files by split (train*.jsonl, test*.jsonl), or pick one with "
+                          f"--dataset_split")
     builders = sorted({SUFFIX_TO_BUILDER[f.suffix] for f in files})
     if len(builders) > 1:
         raise ConfigError(f"dataset folder {folder} mixes {' and '.join(builders)} files in its '{split}' split: keep "

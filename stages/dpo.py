@@ -52,6 +52,7 @@ class DPOArgs:
     # Data
     dataset_name: str | None = field(default=None, metadata={
         "help": "Your own preference data (file, folder or Hub id) in any TRL preference format; replaces the mixture."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to read (a Hub id's, e.g. train_sft, or a folder's by its files' names)."})
     dataset_mixture: dict = field(default_factory=dict, metadata={
         "help": "Source -> {weight, max_rows} as in rm.yaml; empty: rm_config's mixture. JSON on the CLI."})
     rm_config: str = field(default="configs/rm.yaml", metadata={
@@ -72,7 +73,8 @@ class DPOArgs:
 def preference_args(args: DPOArgs) -> RMArgs:
     """The reward model's data options for our data: same loader, same filters, same split by prompt."""
     mixture = args.dataset_mixture or read_yaml(resolve_path(args.rm_config)).get("dataset_mixture") or {}
-    return RMArgs(dataset_name=args.dataset_name, dataset_mixture=mixture, eval_fraction=args.eval_fraction,
+    return RMArgs(dataset_name=args.dataset_name, dataset_split=args.dataset_split, dataset_mixture=mixture,
+                  eval_fraction=args.eval_fraction,
                   margin_scale=0.0)  # DPO's loss has no margin term
 
 

@@ -47,6 +47,7 @@ class RMArgs:
     # Data
     dataset_name: str | None = field(default=None, metadata={
         "help": "Your own preference data (file, folder or Hub id) in any TRL preference format; replaces the mixture."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to read (a Hub id's, e.g. train_sft, or a folder's by its files' names)."})
     dataset_mixture: dict = field(default_factory=dict, metadata={
         "help": "Source -> {weight, max_rows}; 'label-export' is this run's labels, when present. JSON on the CLI."})
     eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt in both halves)."})

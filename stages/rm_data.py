@@ -121,7 +121,7 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], di
     fix = "give preference rows with 'chosen' and 'rejected' (and optionally 'prompt') in a TRL preference format"
     counts: dict = defaultdict(Counter)
     if args.dataset_name:
-        ds = load_any(args.dataset_name)
+        ds = load_any(args.dataset_name, args.dataset_split)
         require_columns(ds, ["chosen", "rejected"], args.dataset_name, fix)
         name = Path(args.dataset_name).stem if resolve_path(args.dataset_name).exists() else args.dataset_name
         pairs = to_pairs(ds, name, args, counts, source_column="source" in ds.column_names)

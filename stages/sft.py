@@ -41,6 +41,7 @@ FIXED_PROMPTS = [
 class SFTArgs:
     # Data
     dataset_name: str | None = field(default=None, metadata={"help": "Your own data (file, folder or Hub id); replaces the mixture."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to read (a Hub id's, e.g. train_sft, or a folder's by its files' names)."})
     dataset_mixture: dict = field(default_factory=dict, metadata={"help": "Bundled files -> max rows (0 = all); JSON on the CLI."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share for eval loss (overfitting shows here)."})
     # LoRA
@@ -65,7 +66,7 @@ class SFTArgs:
 
 def load_data(args: SFTArgs, seed: int):
     if args.dataset_name:
-        ds, name = load_any(args.dataset_name), args.dataset_name
+        ds, name = load_any(args.dataset_name, args.dataset_split), args.dataset_name
     else:
         if not args.dataset_mixture:
             raise ConfigError("no SFT data: set dataset_mixture in configs/sft.yaml or pass --dataset_name")

@@ -138,9 +138,37 @@ def test_a_dataset_folder_reads_its_train_split_by_the_hubs_file_names(tmp_path)
     write(tmp_path / "plain" / "two.jsonl", [5])
     assert sorted(load_any(str(tmp_path / "plain"))["x"]) == [4, 5]
     write(tmp_path / "only_test" / "test.jsonl", [6])
-    with pytest.raises(ConfigError, match=r"has files of the splits \['test'\], none of 'train': name the training"):
+    with pytest.raises(ConfigError, match=r"has files of the splits \['test'\], none of 'train': name its files by "):
         load_any(str(tmp_path / "only_test"))
+    assert load_any(str(tmp_path / "only_test"), "test")["x"] == [6] and load_any(str(tmp_path / "hub"), "test")["x"] == [3]
+    with pytest.raises(ConfigError, match=r"is one split: --dataset_split test picks a split of a folder or a Hub id"):
+        load_any(str(tmp_path / "plain" / "one.jsonl"), "test")
     write(tmp_path / "mixed" / "a.jsonl", [7])
     (tmp_path / "mixed" / "b.csv").write_text("x\n8\n")
     with pytest.raises(ConfigError, match="mixes csv and json files in its 'train' split: keep one format"):
         load_any(str(tmp_path / "mixed"))
+
+
+def test_dataset_split_reaches_sft_reward_model_and_dpo_data(tmp_path):
+    """--dataset_split picks the split SFT, the reward models and DPO read (a Hub id's train_sft or train_prefs, or
+    a folder's by its files' names): every stage read 'train' whatever the dataset called its splits."""
+    from stages.dpo import DPOArgs, preference_args
+    from stages.rm import RMArgs
+    from stages.rm_data import load_pairs
+    from stages.sft import SFTArgs, load_data
+
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    for split, reply in (("train_sft", "From train_sft."), ("test_sft", "From test_sft.")):
+        (chats / f"{split}.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                                                       {"role": "assistant", "content": reply}]}) + "\n")
+    ds, _ = load_data(SFTArgs(dataset_name=str(chats), dataset_split="test_sft"), 0)
+    assert ds[0]["messages"][1]["content"] == "From test_sft."
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    for split in ("train_prefs", "test_prefs"):
+        (prefs / f"{split}.jsonl").write_text(json.dumps({"prompt": "Hi?", "chosen": f"{split} yes",
+                                                          "rejected": f"{split} no"}) + "\n")
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(prefs), dataset_split="test_prefs"), None, 0)
+    assert [p["chosen"] for p in pairs] == ["test_prefs yes"]
+    assert preference_args(DPOArgs(dataset_name=str(prefs), dataset_split="test_prefs")).dataset_split == "test_prefs"
