@@ -70,6 +70,17 @@ def test_each_clip_range_reaches_its_own_loss(tiny_models, adapters, prompts_fil
     assert seen == {"policy": 0.3, "value": 0.05}
 
 
+def assert_the_update_is_one_sgd_step(t, ro, adv, returns, params, grads, lr: float) -> None:
+    """t._optimise moves `params` by -lr x `grads`, the gradient of the loss the test computed by hand (plain SGD, one
+    epoch, one mini-batch, no clipping)."""
+    expected = -lr * torch.cat([(torch.zeros_like(p) if g is None else g).double().flatten() for g, p in zip(grads, params)])
+    before = _flat(params)
+    t._optimise(ro, adv, returns)
+    step = _flat(params) - before
+    assert expected.norm() > 1e-5
+    assert (step - expected).norm() <= 1e-3 * expected.norm(), ((step - expected).norm(), expected.norm())
+
+
 def test_entropy_bonus_is_the_sampling_distributions_token_mean(tiny_models, adapters, prompts_file, tmp_path):
     """With equal scores and no KL the advantages are 0, so one plain SGD step is -lr * grad(-coef * token mean of the
     entropy of softmax(logits / T)) over the mini-batch. Mutants: entropy of logits without T; ent.mean() per micro."""
@@ -90,12 +101,7 @@ def test_entropy_bonus_is_the_sampling_distributions_token_mean(tiny_models, ada
     with torch.enable_grad():
         ent = L.entropy_from_logits(response_logits(t.lm, x) / t.cfg.temperature)
         grads = torch.autograd.grad(-coef * ent.sum() / x.num_tokens, params, allow_unused=True)
-    expected = -lr * torch.cat([(torch.zeros_like(p) if g is None else g).double().flatten() for g, p in zip(grads, params)])
-    before = _flat(params)
-    t._optimise(ro, adv, returns)
-    step = _flat(params) - before
-    assert expected.norm() > 1e-5
-    assert (step - expected).norm() <= 1e-3 * expected.norm(), ((step - expected).norm(), expected.norm())
+    assert_the_update_is_one_sgd_step(t, ro, adv, returns, params, grads, lr)
 
 
 def test_adaptive_kl_counts_every_ranks_episodes(tiny_models, adapters, prompts_file, tmp_path):
@@ -143,9 +149,4 @@ def test_loss_agg_mode_sets_each_tokens_weight_in_the_update(mode, tiny_models, 
         ratio = torch.exp(lp - ro.logprobs[:, :m.shape[1]][m])
         surrogate = (-adv[:, :m.shape[1]][m] * ratio / den[:, None].expand_as(m)[m]).sum()
         grads = torch.autograd.grad(surrogate, params, allow_unused=True)
-    expected = -lr * torch.cat([(torch.zeros_like(p) if g is None else g).double().flatten() for g, p in zip(grads, params)])
-    before = _flat(params)
-    t._optimise(ro, adv, returns)
-    step = _flat(params) - before
-    assert expected.norm() > 1e-5
-    assert (step - expected).norm() <= 1e-3 * expected.norm(), ((step - expected).norm(), expected.norm())
+    assert_the_update_is_one_sgd_step(t, ro, adv, returns, params, grads, lr)
