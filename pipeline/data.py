@@ -87,13 +87,13 @@ def split_files(folder: Path, split: str) -> list[Path]:
     return files
 
 
-def load_rows(name_or_path: str) -> tuple[list[dict], list[str]]:
+def load_rows(name_or_path: str, split: str = "train") -> tuple[list[dict], list[str]]:
     """(rows as dicts, column names). A local .jsonl file is read and checked line by line here, without importing
     `datasets` (pyarrow and pandas hold ~100 MB for the life of a process: the RL stages only need the rows);
-    anything else goes through load_any."""
+    anything else goes through load_any (`split`: of a folder or a Hub id)."""
     path = resolve_path(name_or_path)
-    if not (path.is_file() and path.suffix == ".jsonl"):
-        ds = load_any(name_or_path)
+    if not (path.is_file() and path.suffix == ".jsonl") or split != "train":
+        ds = load_any(name_or_path, split)
         return list(ds), list(ds.column_names)
     rows = jsonl_objects(path)
     if not rows:

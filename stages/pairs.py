@@ -39,6 +39,7 @@ from stages.resume import drop_sampled_batches, sampled_batches
 class PairsArgs:
     # Data
     dataset_name: str | None = field(default=None, metadata={"help": "Your own prompts (file, folder or Hub id)."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to read (a Hub id's, or a folder's by its files' names)."})
     prompts_file: str = field(default="data/prompts/oasst_pairs_prompts.jsonl", metadata={"help": "Bundled prompts."})
     max_prompts: int = field(default=0, metadata={"help": "Use the first N prompts after shuffling (0 = all)."})
     max_prompt_tokens: int = field(default=192, metadata={
@@ -62,7 +63,8 @@ def as_messages(prompt) -> list[dict]:
 def load_prompts(args: PairsArgs) -> tuple[list[list[dict]], str]:
     """Every prompt checked (a row that is not a usable prompt is one ConfigError naming it), repeats dropped."""
     name = args.dataset_name or args.prompts_file
-    ds = load_any(name, flag="--dataset_name" if args.dataset_name else "--prompts_file")
+    ds = load_any(name, args.dataset_split if args.dataset_name else "train",
+                  flag="--dataset_name" if args.dataset_name else "--prompts_file")
     if "prompt" not in ds.column_names:
         require_columns(ds, ["messages"], name, "give rows with a `prompt` (messages or text) or `messages`")
     for i, row in enumerate(ds):

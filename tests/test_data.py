@@ -172,3 +172,29 @@ def test_dataset_split_reaches_sft_reward_model_and_dpo_data(tmp_path):
     pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(prefs), dataset_split="test_prefs"), None, 0)
     assert [p["chosen"] for p in pairs] == ["test_prefs yes"]
     assert preference_args(DPOArgs(dataset_name=str(prefs), dataset_split="test_prefs")).dataset_split == "test_prefs"
+
+
+def test_dataset_split_reaches_the_prompts_of_pairs_and_ppo(tmp_path, tiny_models):
+    """`make pairs` and `make ppo` read a split of their --dataset_name too (prompts_file is always one file)."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_rows
+    from stages.pairs import PairsArgs, load_prompts
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"prompt": f"A {split} prompt."}) + "\n")
+    prompts, _ = load_prompts(PairsArgs(dataset_name=str(folder), dataset_split="test"))
+    assert prompts == [[{"role": "user", "content": "A test prompt."}]]
+    rows, _ = load_rows(str(folder), "test")
+    assert rows == [{"prompt": "A test prompt."}]
+    with pytest.raises(ConfigError, match="is one split: --dataset_split test picks a split"):
+        load_rows(str(folder / "train.jsonl"), "test")
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import load_prompts as ppo_prompts
+    from stages.ppo.config import PPOConfig
+
+    tokenizer = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    train, _, heldout, _ = ppo_prompts(PPOConfig(dataset_name=str(folder), dataset_split="test", heldout_fraction=0.0),
+                                       tokenizer)
+    assert train + heldout == [[{"role": "user", "content": "A test prompt."}]]

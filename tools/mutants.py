@@ -684,6 +684,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sft-dataset-split-ignored', 'stages/sft.py', 'load_any(args.dataset_name, args.dataset_split)', 'load_any(args.dataset_name)', 'tests/test_data.py -k dataset_split'),
     ('rm-dataset-split-ignored', 'stages/rm_data.py', 'load_any(args.dataset_name, args.dataset_split)', 'load_any(args.dataset_name)', 'tests/test_data.py -k dataset_split'),
     ('dpo-dataset-split-dropped', 'stages/dpo.py', 'dataset_split=args.dataset_split, ', '', 'tests/test_data.py -k dataset_split'),
+    ('ppo-dataset-split-ignored', 'stages/ppo/__init__.py', 'load_rows(source, cfg.dataset_split if cfg.dataset_name else "train")', 'load_rows(source)', 'tests/test_data.py -k prompts_of_pairs'),
+    ('pairs-dataset-split-ignored', 'stages/pairs.py', 'ds = load_any(name, args.dataset_split if args.dataset_name else "train",', 'ds = load_any(name, "train",', 'tests/test_data.py -k prompts_of_pairs'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -46,7 +46,7 @@ def load_prompts(cfg: PPOConfig, tokenizer):
     from pipeline.generation import chat_ids
 
     source = cfg.dataset_name or cfg.prompts_file
-    rows, columns = load_rows(source)  # an empty .jsonl file: one error there
+    rows, columns = load_rows(source, cfg.dataset_split if cfg.dataset_name else "train")  # an empty .jsonl: one error
     if not rows:
         raise ConfigError(f"prompt set {source} is empty: give at least one prompt")
     if "prompt" in columns or "messages" in columns:

@@ -38,6 +38,7 @@ class PPOConfig:
     reward_adapter: str | None = field(default=None, metadata={"help": "Reward/value adapter (SEQ_CLS); default: outputs.adapter of runs/<run>/rm."})
     # Data
     dataset_name: str | None = field(default=None, metadata={"help": "Your prompts (file, folder or Hub id) with a 'prompt' column; replaces prompts_file."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to read (a Hub id's, or a folder's by its files' names)."})
     prompts_file: str = field(default="data/prompts/oasst_ppo_prompts.jsonl", metadata={"help": "Bundled prompt set."})
     heldout_fraction: float = field(default=0.1, metadata={"help": "Share of prompts never trained on (for make eval)."})
     max_prompt_length: int = field(default=128, metadata={"help": "Prompt limit in tokens (after the chat template)."})
