@@ -219,6 +219,16 @@ def check_lora_targets(profile: ModelProfile, model: nn.Module, base_name: str) 
                           f"profile to some of its linear layers: {linear_layer_names(model)}")
 
 
+def free_memory() -> None:
+    """After `del` of the last reference to a model: collect it now and give the accelerator's cached memory back, so
+    that the next model this process loads (another ensemble member, a reload check's base) fits beside nothing."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def to_device(model: nn.Module, device=None) -> nn.Module:
     """Put a model on this process's accelerator (accelerate's PartialState().device: a GPU when there is one). A
     quantized model was loaded there and cannot be moved; a sharded one (pipeline.sharding) was loaded onto this

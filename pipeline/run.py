@@ -261,14 +261,16 @@ class StageRun:
         return sorted(named | named_in_yamls(named, own_dir))  # a variant's base_config too
 
     @staticmethod
-    def _digests(files: list[str]) -> dict[str, str | None]:
-        return {f: file_digest(resolve_path(f)) for f in files}
+    def _digests(files: list[str], known: dict[str, str | None] | None = None) -> dict[str, str | None]:
+        """Each file's digest; one in `known` (digested earlier) is taken from there, not read again."""
+        known = known or {}
+        return {f: known[f] if f in known else file_digest(resolve_path(f)) for f in files}
 
     def prepare(self, config: dict[str, Any], is_main: bool = True) -> None:
         """Create the folder, drop a stale manifest (this run replaces it), save the resolved config. The files the
         stage named are digested now, as they were read (those the command line names, when the stage started): one
         edited while it trains is recorded as it was."""
-        self.read_files = {f: self.first_seen.get(f, digest) for f, digest in self.inputs(config)["files"].items()}
+        self.read_files = self._digests(self._named([self.argv, config, launch_args() or []]), self.first_seen)
         self.code = code_digests()
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)

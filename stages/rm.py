@@ -16,7 +16,6 @@ the reload check in stages/rm_scoring.py.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import shutil
@@ -29,8 +28,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunArgs, parse, to_dict
-from pipeline.models import (check_adapter, load_base, load_tokenizer, lora_config, profile_from, resolve_base,
-                             save_fingerprint, score_head_name)
+from pipeline.models import (check_adapter, free_memory, load_base, load_tokenizer, lora_config, profile_from,
+                             resolve_base, save_fingerprint, score_head_name)
 from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
@@ -250,9 +249,7 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
             "record": training_record(trainer.state, result, plan, train_cfg),
             "resumed_from_step": step_of(resume_from) if resume_from else None}
     del trainer, model  # the next member loads its own base: free this one first
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return kept
 
 

@@ -4,7 +4,6 @@ give the same held-out scores (`python -m stages.rm --reload-check ...` runs rel
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -236,7 +235,7 @@ def check_reload_sharded(adapter_dirs: list[Path], profile, tokenizer, rows: lis
     fresh one: the model is new, built from the saved files alone."""
     from peft import PeftModel
 
-    from pipeline.models import load_base
+    from pipeline.models import free_memory, load_base
 
     t0 = time.time()
     verdicts, n = [], len(rows)
@@ -246,10 +245,8 @@ def check_reload_sharded(adapter_dirs: list[Path], profile, tokenizer, rows: lis
         pool_in_forward(model, pooling)
         again = pair_scores(model, rows, tokenizer.pad_token_id, batch_size, pooling)
         sharded = is_sharded(model)
-        del model  # the next member loads its own base: free this one first (as stages/rm.py train_member)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        del model  # the next member loads its own base: free this one first
+        free_memory()
         verdicts.append(reload_verdict_or_raise(adapter_dir, chosen, rejected, again[:n], again[n:], profile.dtype,
                                                 profile.load_in_4bit, mixed_precision, "on a base sharded again")
                         | {"sharded": sharded})

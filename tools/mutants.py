@@ -673,7 +673,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-scheduler-needing-a-metric', 'stages/ppo/config.py', '"constant_with_warmup",\n              "inverse_sqrt")', '"constant_with_warmup",\n              "inverse_sqrt", "reduce_lr_on_plateau", "warmup_stable_decay")', 'tests/test_ppo.py -k out_of_range'),
     ('label-login-mixed-scripts', 'stages/label/config.py', '    return name if len(scripts) <= 1 or any(scripts <= mix for mix in SCRIPT_MIXES) else None', '    return name', 'tests/test_label_store.py -k login_name'),
     ('label-login-not-nfkc', 'stages/label/config.py', ' or unicodedata.normalize("NFKC", name) != name:', ':', 'tests/test_label_store.py -k login_name'),
-    ('run-snapshot-at-prepare', 'pipeline/run.py', 'self.read_files = {f: self.first_seen.get(f, digest) for f, digest in', 'self.read_files = {f: digest for f, digest in', 'tests/test_make.py -k command_line_names_is_recorded'),
+    ('run-snapshot-at-prepare', 'pipeline/run.py', 'launch_args() or []]), self.first_seen)', 'launch_args() or []]))', 'tests/test_make.py -k command_line_names_is_recorded'),
     ('rm-checkpoints-dropped-before-finish', 'stages/rm.py', '    if state.is_main_process:\n        with open(pairs_file, "w") as f:', '    if state.is_main_process:\n        shutil.rmtree(trainer_root, ignore_errors=True)\n        with open(pairs_file, "w") as f:', 'tests/test_rm.py -k crash_after_training'),
     ('eval-stale-plots-kept', 'stages/eval.py', '    shutil.rmtree(stage.dir / "plots", ignore_errors=True)', '    pass', 'tests/test_eval.py -k leaves_no_plot'),
     ('make-eval-without-rm', 'Makefile', 'eval: $(or $(EVAL_POLICIES),ppo) rm', 'eval: $(or $(EVAL_POLICIES),ppo)', 'tests/test_make.py -k dpo_only'),
