@@ -157,8 +157,8 @@ def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):
     train_ds, eval_ds = held_out_split(ds, args.eval_fraction, train_cfg.seed)
     if "messages" in ds.column_names and train_cfg.assistant_only_loss:
         eot = require_end_of_turn(tokenizer)
-        train_ds, eval_ds = (with_assistant_masks(d, tokenizer, eot, data_name, train_cfg.max_length)
-                             for d in (train_ds, eval_ds))
+        train_ds, eval_ds = (with_assistant_masks(d, tokenizer, eot, data_name, train_cfg.max_length,
+                                                  train_cfg.truncation_mode) for d in (train_ds, eval_ds))
         train_cfg.assistant_only_loss = False
     elif "messages" in ds.column_names:  # TRL renders the template: with the same fixed kwargs as every other render
         train_ds, eval_ds = (d.add_column("chat_template_kwargs", [TEMPLATE_KWARGS] * len(d)) if d is not None else None
@@ -166,10 +166,12 @@ def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):
     return train_ds, eval_ds
 
 
-def with_assistant_masks(ds, tokenizer, eot: str, data_name: str, max_length: int | None = None):
+def with_assistant_masks(ds, tokenizer, eot: str, data_name: str, max_length: int | None = None,
+                         truncation_mode: str = "keep_start"):
     """Conversations -> token ids + a mask of the assistant's tokens (each reply and its end-of-turn token), for any
-    chat template (pipeline.chat). TRL builds its labels from the mask, truncates to max_length and drops rows left
-    with no assistant token: a max_length that leaves no row any is an error here, not a crash inside TRL."""
+    chat template (pipeline.chat). TRL builds its labels from the mask, truncates to max_length (keeping each row's
+    first or, with truncation_mode keep_end, last max_length tokens) and drops rows left with no assistant token: a
+    max_length that leaves no row any is an error here, not a crash inside TRL."""
     import jinja2
     from datasets import Dataset
 
@@ -184,13 +186,27 @@ def with_assistant_masks(ds, tokenizer, eot: str, data_name: str, max_length: in
                               f"template (model profile `chat_template:`)") from None
         except ConfigError as err:  # a row the mask cannot be built for: say which, in which file
             raise ConfigError(f"row {i} of {data_name}: {err}") from None
-    starts = [r["assistant_masks"].index(1) for r in rows if 1 in r["assistant_masks"]]
-    if max_length and rows and not any(start < max_length for start in starts):
-        need = min(starts) + 1 if starts else None
+    if max_length and rows and not any(1 in kept(r["assistant_masks"], max_length, truncation_mode) for r in rows):
+        need = min((n for r in rows if (n := tokens_to_keep_a_reply(r["assistant_masks"], truncation_mode))),
+                   default=None)
         raise ConfigError(f"max_length {max_length} is too small for {data_name}: no row has an assistant token within "
-                          f"its first {max_length} tokens, so every row would be dropped"
-                          + (f": raise max_length to at least {need}" if need else ""))
+                          f"its {'last' if truncation_mode == 'keep_end' else 'first'} {max_length} tokens, so every row "
+                          f"would be dropped" + (f": raise max_length to at least {need}" if need else ""))
     return Dataset.from_list(rows)
+
+
+def kept(tokens: list, max_length: int, truncation_mode: str) -> list:
+    """What TRL keeps of a row longer than max_length: its start (keep_start, the default) or its end (keep_end)."""
+    return tokens[-max_length:] if truncation_mode == "keep_end" else tokens[:max_length]
+
+
+def tokens_to_keep_a_reply(assistant_mask: list[int], truncation_mode: str) -> int | None:
+    """The shortest max_length that keeps one assistant token of this row; None for a row without any."""
+    if 1 not in assistant_mask:
+        return None
+    if truncation_mode == "keep_end":
+        return len(assistant_mask) - max(i for i, bit in enumerate(assistant_mask) if bit)
+    return assistant_mask.index(1) + 1
 
 
 def rows_over(ds, max_length: int | None) -> int | None:
@@ -231,8 +247,11 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     rows_cut = rows_over(train_ds, train_cfg.max_length)
     if rows_cut and state.is_main_process:
         print(f"note: {rows_cut} of {len(train_ds)} training rows of {data_name} are longer than max_length="
-              f"{train_cfg.max_length} tokens (with the chat template): TRL cuts their ends, the reply's end-of-turn "
-              f"token with them, so the model learns less of when to stop; raise --max_length", file=sys.stderr)
+              f"{train_cfg.max_length} tokens (with the chat template): " + (
+                  "TRL cuts their starts (truncation_mode keep_end), the prompts' openings with them, so replies are "
+                  "learned without all they answer" if train_cfg.truncation_mode == "keep_end" else
+                  "TRL cuts their ends, the reply's end-of-turn token with them, so the model learns less of when to "
+                  "stop") + "; raise --max_length", file=sys.stderr)
     model = load_base(profile, tokenizer, shard=shard)  # also checks the profile's LoRA targets against the model
     autocast = launch_autocast(state.device, "sft")  # a mixed precision it cannot run under: refused before the folder
     stage.prepare(config, is_main=state.is_main_process)

@@ -418,6 +418,47 @@ def test_a_max_length_that_cuts_every_assistant_token_is_refused_at_its_boundary
         with_assistant_masks(rows, tok, eot, "rows.jsonl", first)
 
 
+def test_the_max_length_check_follows_trls_truncation_mode():
+    """With truncation_mode keep_end TRL keeps each row's last max_length tokens: a max_length below the first reply's
+    start keeps the reply (no error), and the least max_length that works counts back from the row's last assistant
+    token. Hand-made masks, then rows of the tiny model's template (a reply, its end-of-turn, one token after it)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import require_end_of_turn
+    from stages.sft import kept, tokens_to_keep_a_reply, with_assistant_masks
+
+    mask = [0, 0, 0, 1, 1, 0]
+    assert (kept(mask, 2, "keep_start"), kept(mask, 2, "keep_end")) == ([0, 0], [1, 0])
+    assert (tokens_to_keep_a_reply(mask, "keep_start"), tokens_to_keep_a_reply(mask, "keep_end")) == (4, 2)
+    assert tokens_to_keep_a_reply([0, 0], "keep_end") is None
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
+    eot = require_end_of_turn(tok)
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Tell me about the rabbit" + " and the hen" * k},
+                                            {"role": "assistant", "content": "It hid."}]} for k in (1, 4)])
+    full = with_assistant_masks(rows, tok, eot, "rows.jsonl")
+    first = min(mask.index(1) for mask in full["assistant_masks"])
+    after = min(len(m) - 1 - max(i for i, bit in enumerate(m) if bit) for m in full["assistant_masks"])
+    assert first > 5 and after >= 1
+    assert with_assistant_masks(rows, tok, eot, "rows.jsonl", first, "keep_end").to_list() == full.to_list()
+    assert with_assistant_masks(rows, tok, eot, "rows.jsonl", after + 1, "keep_end").to_list() == full.to_list()
+    with pytest.raises(ConfigError, match=rf"max_length {after} is too small for rows.jsonl: no row has an assistant "
+                                          rf"token within its last {after} tokens.*at least {after + 1}$"):
+        with_assistant_masks(rows, tok, eot, "rows.jsonl", after, "keep_end")
+    # The stage passes its training config's mode on: at max_length `first` keep_end trains, keep_start is refused
+    from types import SimpleNamespace
+
+    from stages.sft import split_and_tokenize
+
+    def cfg(mode):
+        return SimpleNamespace(seed=0, assistant_only_loss=True, max_length=first, truncation_mode=mode)
+    train, _ = split_and_tokenize(rows, tok, cfg("keep_end"), SimpleNamespace(eval_fraction=0), "rows.jsonl")
+    assert train.to_list() == full.to_list()
+    with pytest.raises(ConfigError, match="within its first"):
+        split_and_tokenize(rows, tok, cfg("keep_start"), SimpleNamespace(eval_fraction=0), "rows.jsonl")
+
+
 def test_rows_over_counts_the_rows_tokenized_here_that_max_length_cuts():
     """What SFT's note and its `rows_over_max_length` metric count: rows strictly longer than max_length (TRL keeps a
     row of exactly max_length whole); None for rows TRL tokenizes itself, which are not counted here."""
