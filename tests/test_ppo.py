@@ -1476,20 +1476,24 @@ def test_the_adaptive_kl_controller_follows_the_logged_k1_kl(tiny_models, adapte
     assert trainer.kl_ctl.value == pytest.approx(0.1 * (1 + max(min(k1 / target - 1, 0.2), -0.2) * n / 100), rel=1e-6)
 
 
-def test_the_missing_eos_penalty_needs_stop_at_eos(tiny_models, adapters, prompts_file, tmp_path):
-    """stop_at_eos false: every response runs response_length tokens and there is no end to miss, so the shaped
-    score has no missing-EOS penalty; with stop_at_eos true a response without a stop token pays it."""
+def test_the_missing_eos_penalty_holds_with_and_without_stop_at_eos(tiny_models, adapters, prompts_file, tmp_path):
+    """stop_at_eos false: every response runs response_length tokens, and one with no stop token anywhere in them pays
+    missing_eos_penalty, as in TRL (`scores[~contain_eos_token] -= missing_eos_penalty`); with stop_at_eos true, one
+    that never stopped pays it."""
+    from pipeline.generation import stop_token_ids
     from stages.ppo import losses as L
 
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--stop_at_eos", "false",
-                       "--missing_eos_penalty", "1.0", reward_fn=varied_reward)
+                       "--missing_eos_penalty", "0.75", reward_fn=varied_reward)
     cfg = trainer.cfg
     ro = trainer.rollout()
     assert (ro.response_mask.sum(1) == cfg.response_length).all() and (~ro.ended).any()
-    assert torch.equal(trainer._scores(ro), L.shape_scores(ro.scores_raw, ro.ended, None, cfg.reward_clip, 0.0))
+    stop_ids = torch.tensor(stop_token_ids(trainer.tokenizer, trainer.lm))
+    assert torch.equal(ro.ended, torch.isin(ro.response_ids, stop_ids).any(1))
+    unpenalised = L.shape_scores(ro.scores_raw, ro.ended, None, cfg.reward_clip, 0.0)
+    assert torch.equal(trainer._scores(ro), unpenalised - 0.75 * (~ro.ended).float())
     cfg.stop_at_eos = True
-    penalised = L.shape_scores(ro.scores_raw, ro.ended, None, cfg.reward_clip, 0.0) - (~ro.ended).float()
-    assert torch.equal(trainer._scores(ro), penalised)
+    assert torch.equal(trainer._scores(ro), unpenalised - 0.75 * (~ro.ended).float())
 
 
 def test_the_value_adapter_has_its_own_learning_rate(tiny_models, adapters, prompts_file, tmp_path):

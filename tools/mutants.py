@@ -689,6 +689,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sft-keep-end-keeps-the-start', 'stages/sft.py', 'return tokens[-max_length:] if truncation_mode == "keep_end" else tokens[:max_length]', 'return tokens[:max_length]', 'tests/test_sft.py -k truncation_mode'),
     ('sft-keep-end-need-from-the-start', 'stages/sft.py', 'return len(assistant_mask) - max(i for i, bit in enumerate(assistant_mask) if bit)', 'return len(assistant_mask) - max(i for i, bit in enumerate(assistant_mask) if bit) - 1', 'tests/test_sft.py -k truncation_mode'),
     ('sft-truncation-mode-not-passed', 'stages/sft.py', '                                                  train_cfg.truncation_mode) for d in (train_ds, eval_ds))', '                                                  ) for d in (train_ds, eval_ds))', 'tests/test_sft.py -k truncation_mode'),
+    ('ppo-missing-eos-penalty-needs-stop-at-eos', 'stages/ppo/trainer.py', 'cfg.reward_clip, cfg.missing_eos_penalty)', 'cfg.reward_clip, cfg.missing_eos_penalty if cfg.stop_at_eos else 0.0)', 'tests/test_ppo.py -k missing_eos_penalty_holds'),
+    ('ppo-ended-without-stop-is-the-last-token', 'stages/ppo/rollout.py', '        ended = torch.isin(tokens, stops).any(1)', '        ended = torch.isin(tokens[:, -1], stops)', 'tests/test_ppo.py -k missing_eos_penalty_holds'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

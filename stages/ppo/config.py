@@ -59,7 +59,8 @@ class PPOConfig:
     reward_input: str = field(default="chat", metadata={"help": "chat: RM reads the chat-templated conversation, as it was trained; tokens: the policy's tokens."})
     normalize_reward: bool = field(default=True, metadata={"help": "(score - reward_mean) / reward_std with the rm manifest's stats."})
     reward_clip: float = field(default=5.0, metadata={"help": "Clip the (normalised) score to +-this; 0 = off."})
-    missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of responses without EOS; 0 = off."})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of responses without a stop token (with stop_at_eos false: none anywhere in its "
+                "response_length tokens, as TRL's missing_eos_penalty); 0 = off."})
     # KL
     kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty coefficient (initial value if adaptive)."})
     kl_estimator: str = field(default="k1", metadata={"help": "Estimator in the reward: k1 (log-ratio) or k3. Both are logged."})

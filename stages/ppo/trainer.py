@@ -201,7 +201,7 @@ class PPOTrainer:
     def _scores(self, ro: Rollout) -> torch.Tensor:
         cfg = self.cfg
         return L.shape_scores(ro.scores_raw, ro.ended, self.reward_stats if cfg.normalize_reward else None,
-                              cfg.reward_clip, cfg.missing_eos_penalty if cfg.stop_at_eos else 0.0)
+                              cfg.reward_clip, cfg.missing_eos_penalty)
 
     def _value_head(self) -> torch.nn.Module:
         return self.lm.score.modules_to_save["value"]
