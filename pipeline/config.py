@@ -172,7 +172,7 @@ def parse(classes: tuple, argv: list[str] | None = None):
         if action.type is dict:
             action.type = _json_dict
     known_dests = {a.dest for a in parser._actions}
-    check_yaml_types(parser, {k: v for k, v in yaml_values.items() if k not in cli_keys}, source_of)
+    check_yaml_types(parser, classes, {k: v for k, v in yaml_values.items() if k not in cli_keys}, source_of)
     parser.set_defaults(**{k: v for k, v in yaml_values.items() if k in known_dests})
 
     def refuse(message: str):  # instead of argparse's usage dump (130 lines for a TRL config) and exit
@@ -277,13 +277,40 @@ ARGPARSE_TYPES = {"int": "a whole number", "float": "a number", "string_to_bool"
                   "_json_dict": "a JSON object such as '{\"data/x.jsonl\": 100}'"}
 
 
-def yaml_type_problem(action, value) -> str | None:
+def field_types(classes: tuple) -> dict[str, tuple[Any, Any]]:
+    """Each field's resolved type and default, by name (the first class's, when several share a key)."""
+    import typing
+
+    out: dict[str, tuple[Any, Any]] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, (hints.get(f.name, Any), f.default))
+    return out
+
+
+def takes_none(hint, default) -> bool:
+    """An empty YAML value (`seed:`) is None: allowed where the field's type admits it or None is its own default."""
+    import typing
+
+    return default is None or hint is Any or type(None) in typing.get_args(hint)
+
+
+def yaml_type_problem(action, value, hint=Any, default=None) -> str | None:
     """What a YAML value should have been for its argparse action, or None. argparse converts (and refuses) text
-    itself, but passes a YAML number, list or mapping through as it is: 16.5 for a batch size, a list for a rate."""
+    itself, but passes a YAML number, list or mapping through as it is: 16.5 for a batch size, a list for a rate.
+    An empty value is None, which argparse passes on too: `seed:` left sampling unseeded. YAML reads `no` and `off` as
+    false, and a bare number as a number: a text field (a judge's name) refuses both, so quoting it says what it is."""
+    import types
+    import typing
+
     from transformers.hf_argparser import string_to_bool
 
     if value is None:
-        return None
+        return None if takes_none(hint, default) else "a value, not empty"
+    if hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                       and set(typing.get_args(hint)) == {str, type(None)}):
+        return None if isinstance(value, str) else "text: put it in quotes"
     if action.type is _json_dict:
         return None if isinstance(value, (dict, str)) else "a mapping of key: value"
     if action.nargs in ("+", "*"):
@@ -308,10 +335,11 @@ def yaml_type_problem(action, value) -> str | None:
     return None
 
 
-def check_yaml_types(parser, yaml_values: dict, source_of) -> None:
+def check_yaml_types(parser, classes: tuple, yaml_values: dict, source_of) -> None:
     by_dest = {a.dest: a for a in parser._actions}
+    types = field_types(classes)
     for key, value in yaml_values.items():
-        problem = yaml_type_problem(by_dest[key], value) if key in by_dest else None
+        problem = yaml_type_problem(by_dest[key], value, *types.get(key, (Any, None))) if key in by_dest else None
         if problem:
             raise ConfigError(f"{source_of(key)} is {value!r}: it must be {problem}")
 

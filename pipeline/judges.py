@@ -167,12 +167,16 @@ def judge_scores(judge: Judge, prompts: list, responses: list[str], batch_size: 
         batch_p, batch_r = prompts[start:start + batch_size], responses[start:start + batch_size]
         try:
             got = judge.score_batch(batch_p, batch_r)
-            got = list(got.tolist() if hasattr(got, "tolist") else got)
         except ConfigError:
             raise
         except Exception as err:  # a user's function can fail in any way; say which judge and where
             raise ConfigError(f"judge '{judge.spec}' failed on rows {start}-{start + len(batch_r) - 1}: "
                               f"{type(err).__name__}: {err}") from None
+        if hasattr(got, "tolist"):  # a tensor or an array
+            got = got.tolist()
+        if not isinstance(got, (list, tuple)):  # a dict would give its keys, a set an order of its own
+            raise ConfigError(f"judge '{judge.spec}' returned a {type(got).__name__} for rows {start}-"
+                              f"{start + len(batch_r) - 1}: it must return a list of scores, one per response, in order")
         if len(got) != len(batch_r):
             raise ConfigError(f"judge '{judge.spec}' returned {len(got)} scores for a batch of {len(batch_r)} "
                               f"responses (rows {start}-{start + len(batch_r) - 1}): it must return one per response")

@@ -33,6 +33,21 @@ def text_judge(prompts, responses):
     return ["good"] * len(responses)
 
 
+def dict_judge(prompts, responses):
+    """Scores keyed by row: list() of it would be the keys 0, 1, ..., numbers that pass every other check."""
+    return {i: 0.9 for i in range(len(responses))}
+
+
+def set_judge(prompts, responses):
+    return {float(i) for i in range(len(responses))}
+
+
+def array_judge(prompts, responses):
+    import numpy as np
+
+    return np.array([len(r) for r in responses], dtype=np.float32)
+
+
 NOT_A_FUNCTION = 3
 
 

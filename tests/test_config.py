@@ -85,6 +85,11 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("ppo", "whiten_rewards: 5", "'whiten_rewards' in .* is 5: it must be true or false"),
     ("label", "offensive_words: 5", "'offensive_words' in .* is 5: it must be a list"),
     ("label", "overlap: 1.5", "'overlap' in .* is 1.5: it must be a whole number"),
+    ("eval", "seed:", "'seed' in .* is None: it must be a value, not empty"),
+    ("eval", "hacking_kl:", "'hacking_kl' in .* is None: it must be a value, not empty"),
+    ("eval", "gold_judge: no", "'gold_judge' in .* is False: it must be text: put it in quotes"),
+    ("eval", "gold_judge: 5", "'gold_judge' in .* is 5: it must be text: put it in quotes"),
+    ("label", "title: 2024", "'title' in .* is 2024: it must be text: put it in quotes"),
 ])
 def test_a_yaml_value_of_the_wrong_type_names_its_key_and_file(stage, line, message, tmp_path):
     """argparse converts text itself, but a YAML number, list or mapping reaches the config as it is: checked against
@@ -96,8 +101,22 @@ def test_a_yaml_value_of_the_wrong_type_names_its_key_and_file(stage, line, mess
         parse(stage_classes(stage), ["--config", str(bad)])
     key = line.split(":")[0]
     value = {"dataset_mixture": '{"data/story/sft.jsonl": 1}', "whiten_rewards": "false", "offensive_words": "x",
-             "learning_rate": "0.002", "lora_r": "4"}.get(key, "2")
+             "learning_rate": "0.002", "lora_r": "4", "gold_judge": "sentiment", "title": "Which?"}.get(key, "2")
     parse(stage_classes(stage), ["--config", str(bad), f"--{key}", value])
+
+
+def test_an_empty_yaml_value_stays_allowed_where_the_field_takes_none(tmp_path):
+    """`key:` is None: refused for a field that needs a value (above), taken for an optional one (simulate's
+    temperature: none means calibrate it; sft's dataset_name: none means the mixture), and not taken for eval's
+    gold_judge, a text whose 'no judge' is '' (empty text, not an empty value)."""
+    bad = tmp_path / "simulate.yaml"
+    bad.write_text((REPO / "configs/simulate.yaml").read_text() + "\ntemperature:\npairs_dataset:\n")
+    sim = parse(stage_classes("simulate"), ["--config", str(bad)])[0]
+    assert sim.temperature is None and sim.pairs_dataset is None
+    bad = tmp_path / "eval.yaml"
+    bad.write_text((REPO / "configs/eval.yaml").read_text() + "\ngold_judge:\n")
+    with pytest.raises(ConfigError, match="'gold_judge' in .* is None: it must be a value, not empty"):
+        parse(stage_classes("eval"), ["--config", str(bad)])
 
 
 def test_report_to_an_integration_that_is_not_installed_is_refused_at_parse():

@@ -168,12 +168,19 @@ def test_unknown_or_unloadable_judge_is_one_config_error(spec, message):
     ("short_judge", r"returned 1 scores for a batch of 2 responses"),
     ("long_judge", r"returned 3 scores for a batch of 2 responses"),  # extra scores would shift every later row
     ("text_judge", r"gave 'good' for row 0"),
+    ("dict_judge", r"returned a dict for rows 0-1: it must return a list of scores, one per response, in order"),
+    ("set_judge", r"returned a set for rows 0-1"),
 ])
 def test_a_judge_that_misbehaves_is_one_config_error_naming_it(function, message):
     judge = load_judge(f"tests.judge_fixtures:{function}")
     with pytest.raises(ConfigError, match=message) as err:
         judge_scores(judge, PROMPTS, TEXTS, batch_size=2)
     assert f"tests.judge_fixtures:{function}" in str(err.value)
+
+
+def test_an_array_or_a_tensor_of_scores_is_taken_in_order():
+    judge = load_judge("tests.judge_fixtures:array_judge")
+    assert judge_scores(judge, PROMPTS, TEXTS, batch_size=2) == [float(len(t)) for t in TEXTS]
 
 
 def test_a_bad_score_or_a_failing_batch_names_its_row_in_the_whole_list():
