@@ -338,20 +338,25 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         stores.append(sampled_batches(stage, config, state, name))
         return stores[-1]
 
-    with launch_autocast(state.device, "eval"):  # the launch's mixed precision, as the Trainer stages get it
-        ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size,
-                            keep(name)) for name in ["sft", *policies]}
-        kl = {"sft": [0.0] * len(prompts), **{name: sequence_kl(stack, name, "sft", ro[name], args.score_batch_size,
-                                                                sampling.temperature) for name in policies}}
-        # The gold report's model work, on every rank (a sharded base needs them all in lockstep): the reward model's
-        # scores of its held-out pairs and the policies each RL stage kept along the way. The judge runs on the main
-        # process.
-        heldout, kept = ([], [], []), {}
-        if judge is not None:
-            if ppo:
-                heldout = heldout_pair_rewards(stack, tokenizer, rm, args.score_batch_size)
-            kept = {name: kept_policy_samples(stack, tokenizer, prompts, prompt_ids, sampling, args,
-                                              stage.dir.parent / name, final[name], keep) for name in final}
+    try:  # a damaged upstream file met during the model work (the RM's held-out pairs, a kept policy's adapter)
+        with launch_autocast(state.device, "eval"):  # the launch's mixed precision, as the Trainer stages get it
+            ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size,
+                                keep(name)) for name in ["sft", *policies]}
+            kl = {"sft": [0.0] * len(prompts), **{name: sequence_kl(stack, name, "sft", ro[name], args.score_batch_size,
+                                                                    sampling.temperature) for name in policies}}
+            # The gold report's model work, on every rank (a sharded base needs them all in lockstep): the reward model's
+            # scores of its held-out pairs and the policies each RL stage kept along the way. The judge runs on the main
+            # process.
+            heldout, kept = ([], [], []), {}
+            if judge is not None:
+                if ppo:
+                    heldout = heldout_pair_rewards(stack, tokenizer, rm, args.score_batch_size)
+                kept = {name: kept_policy_samples(stack, tokenizer, prompts, prompt_ids, sampling, args,
+                                                  stage.dir.parent / name, final[name], keep) for name in final}
+    except ConfigError:  # is bad input too: the batches this command kept go, and an eval folder it made (every
+        if state.is_main_process:  # rank meets the same file: one of them removes the folder)
+            drop_sampled_batches(stage.dir, made_eval_folder)
+        raise
     sharding = sharding_report(stack.model)
     if not state.is_main_process:  # the main process writes the report
         finish_distributed()

@@ -101,10 +101,13 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------- gold judge
 
-def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float]) -> dict:
-    """How often the proxy (reward model) orders a pair as the gold judge does, over pairs whose gold scores differ;
-    a proxy tie counts half."""
-    pairs = [(pa - pb, ga - gb) for pa, pb, ga, gb in zip(proxy_a, proxy_b, gold_a, gold_b) if ga != gb]
+def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float],
+                   same_text: list[bool] | None = None) -> dict:
+    """How often the proxy (reward model) orders a pair as the gold judge does, over pairs whose gold scores differ
+    and whose two replies differ (`same_text`: one reply has no order, though an `rm:` judge's scores of it can differ
+    by a batch's padding); a proxy tie counts half."""
+    same = same_text or [False] * len(proxy_a)
+    pairs = [(pa - pb, ga - gb) for pa, pb, ga, gb, t in zip(proxy_a, proxy_b, gold_a, gold_b, same) if ga != gb and not t]
     agree = sum(1.0 if p * g > 0 else 0.5 if p == 0 else 0.0 for p, g in pairs)
     low, high = wilson(agree, len(pairs))
     return {"agreement": agree / len(pairs) if pairs else None, "ci_low": low, "ci_high": high, "pairs": len(pairs)}
@@ -147,7 +150,8 @@ def gold_report(judge, prompts, args: EvalArgs, heldout: tuple[list[dict], list[
     curve = checkpoint_curve(judge, prompts, args, kept, ends)
     return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, 0.0, same_replies(ro_ppo["texts"], ro_sft["texts"])),
             "rm_agreement_heldout_pairs": rm_heldout,
-            "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft),
+            "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft,
+                                                          same_replies(ro_ppo["texts"], ro_sft["texts"])),
             "curve": curve, "flag": overoptimisation_flag(curve)}
 
 def gold_figures(gold: dict) -> dict:

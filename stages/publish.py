@@ -30,11 +30,11 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from pipeline.adapters import reward_members
-from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
+from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, resolve_path, to_dict
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest
 from stages.eval_compare import POLICY_STAGES, policy_method
-from stages.publish_card import check_card, data_files_used, data_sources, is_local_base, model_card
+from stages.publish_card import check_card, data_files_used, data_sources, given_reward, is_local_base, model_card
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 
@@ -279,6 +279,14 @@ def stage_rerun_since(ev: dict, upstream: dict[str, dict]) -> str | None:
     return next((name for name, manifest in upstream.items() if read.get(name) != manifest_digest(manifest)), None)
 
 
+def published_rewards(rm: dict, policy: dict) -> dict[str, str]:
+    """--include_reward's folders: the reward model the policy optimised, which is the rm stage's (its ensemble as
+    reward/, reward-1/, ...) unless the RL stage was given another (`reward_adapter:`). DPO has none of its own: the rm
+    stage's."""
+    given = given_reward(policy)
+    return {"reward": str(resolve_path(given))} if given else reward_members(rm)[0]
+
+
 def main(args: PublishArgs, run: RunArgs) -> dict:
     stage = StageRun("publish", run.run, run.runs_dir)
     repo = check_args(args, run)
@@ -298,7 +306,11 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     # Every upstream output the folder is built from, before the last publish folder is deleted
     needed = [(args.policy, policy["outputs"]["adapter"]), ("sft", sft["outputs"]["adapter"]),
               ("eval", ev["outputs"]["report"]), ("eval", Path(ev["outputs"]["report"]).with_suffix(".json"))]
-    needed += [("rm", path) for path in reward_members(rm)[0].values()] if args.include_reward else []
+    rewards = published_rewards(rm, policy) if args.include_reward else {}
+    if given_reward(policy) and not Path(rewards.get("reward", ".")).exists():
+        raise ConfigError(f"{rewards['reward']}, the reward model the {args.policy} stage of run '{run.run}' was given "
+                          f"(reward_adapter), is missing: put it back, or publish without --include_reward")
+    needed += [("rm", path) for path in rewards.values()] if not given_reward(policy) else []
     needed += [("label-export", label["outputs"]["dataset"])] if label else []
     for name, path in needed:
         if not Path(path).exists():
@@ -329,10 +341,9 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     if args.include_sft:
         copy_adapter(sft["outputs"]["adapter"], folder / "sft", base_ref)
         extras.append("sft/")
-    if args.include_reward:  # an ensemble's other members beside the first: reward-1/, reward-2/, ...
-        for name, path in reward_members(rm)[0].items():
-            copy_adapter(path, folder / name, base_ref)
-            extras.append(f"{name}/")
+    for name, path in rewards.items():  # an ensemble's other members beside the first: reward-1/, reward-2/, ...
+        copy_adapter(path, folder / name, base_ref)
+        extras.append(f"{name}/")
     merged_error = None
     if args.merged:
         merged_error = merge(base, folder, folder, folder / "merged", args.merged_dtype)

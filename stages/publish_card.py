@@ -179,8 +179,17 @@ def policy_results(ev: dict, policy: str) -> list[str]:
             "[`eval/report.md`](eval/report.md); every figure: `eval/report.json`."]
 
 
-def reward_made(rm: dict) -> str:
-    """How the card names the reward: one reward model, or make rm's ensemble of them."""
+def given_reward(policy: dict) -> str | None:
+    """The reward model an RL stage was given instead of the rm stage's (`reward_adapter:` in configs/ppo.yaml), from
+    its manifest's config, as eval takes it: what the policy optimised."""
+    return ((policy.get("config") or {}).get("ppo") or {}).get("reward_adapter") or None
+
+
+def reward_made(rm: dict, given: str | None = None) -> str:
+    """How the card names the reward: one reward model, make rm's ensemble of them, or the one the RL stage was given."""
+    if given:
+        return (f"a reward model given to it (`reward_adapter`, `{Path(given).name}`: trained outside this run, not by its "
+                f"rm stage; taken as it scores)")
     n = int(rm.get("metrics", {}).get("ensemble", 1) or 1)
     made = ("a reward model trained on preference pairs (TRL `RewardTrainer`)" if n == 1 else
             f"an ensemble of {n} reward models trained on the same preference pairs with different seeds (TRL "
@@ -204,9 +213,10 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
                          tags=TAGS[:2] + [method] + TAGS[2:], datasets=sorted(set(hub_ids + ([dataset_repo] if dataset_repo else []))) or None,
                          pipeline_tag="text-generation")
     ev, trained = manifests["eval"]["metrics"], manifests[args.policy]["metrics"]
+    given = given_reward(manifests[args.policy])
     how = ("two stages: supervised fine-tuning (TRL `SFTTrainer`), then DPO (TRL `DPOTrainer`) on preference pairs with "
            "the SFT policy as the reference" if method == "dpo" else
-           f"three stages: supervised fine-tuning (TRL `SFTTrainer`), {reward_made(manifests['rm'])}, then "
+           f"three stages: supervised fine-tuning (TRL `SFTTrainer`), {reward_made(manifests['rm'], given)}, then "
            f"{HOW_MADE.get(method, method)}")
     lines = [f"# {repo.split('/')[-1]}", "",
              f"A LoRA policy adapter trained with RLHF in {how}. Run `{run}` of an open-source RLHF pipeline on the "
@@ -244,13 +254,14 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\", "
                   f"adapter_kwargs={{\"subfolder\": \"merged\"}})` (base and adapter merged).", ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
-    for stage in ("sft", args.policy) if method == "dpo" else ("sft", "rm", args.policy):
+    for stage in ("sft", args.policy) if method == "dpo" or given else ("sft", "rm", args.policy):
         hp = hyperparameters(manifests[stage])
         lines.append(f"| {stage} | " + ("; ".join(f"`{k}`={fmt(v)}" for k, v in hp.items()).replace("|", "\\|") or "defaults") + " |")
     summary = (f"DPO: held-out preference accuracy {fmt(trained.get('eval_accuracy'))}." if method == "dpo" else
                f"{method.upper()}: {trained.get('updates', '?')} updates, reward {fmt(trained.get('reward_first'))} → "
-               f"{fmt(trained.get('reward_last'))}, final KL {fmt(trained.get('kl_last'))}. Reward model: eval accuracy "
-               f"{fmt(manifests['rm']['metrics'].get('eval_accuracy'))}.")
+               f"{fmt(trained.get('reward_last'))}, final KL {fmt(trained.get('kl_last'))}. Reward model: "
+               + (f"`{Path(given).name}`, given as `reward_adapter`." if given else
+                  f"eval accuracy {fmt(manifests['rm']['metrics'].get('eval_accuracy'))}."))
     lines += ["", summary + " Software: " + ", ".join(f"{k} {v}" for k, v in manifests[args.policy].get("versions", {}).items())
               + ".", "",
               "## Data", "", "| data | used by | source | license |", "|---|---|---|---|"]

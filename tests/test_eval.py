@@ -424,6 +424,26 @@ def test_gold_agreement_by_hand():
     from pipeline.stats import wilson
 
     assert (g["ci_low"], g["ci_high"]) == wilson(2.5, 4)  # the interval of the 4 pairs counted, not of all 5
+    # the same reply on both sides (pair 1) has no order, whatever its two scores: left out too -> 1.5 / 3
+    same = gold_agreement([1.0, 0.0, 2.0, 0.5, 3.0], [0.0, 1.0, 2.0, 0.5, 1.0], [0.9, 0.1, 0.3, 0.2, 0.0],
+                          [0.1, 0.2, 0.1, 0.2, 0.4], [True, False, False, False, False])
+    assert same["pairs"] == 3 and same["agreement"] == pytest.approx(1.5 / 3)
+
+
+def test_the_policy_samples_agreement_leaves_out_prompts_where_both_policies_wrote_the_same_reply():
+    """An `rm:` judge scores one reply twice with ~1e-7 between the scores (a batch's padding): that is no ordering
+    for the reward model to agree with. Two prompts, the first answered alike by SFT and PPO."""
+    from types import SimpleNamespace
+
+    from stages.eval_ppo import gold_report
+
+    ro_sft = {"texts": ["same", "sft"], "rewards": [0.0, 0.0]}
+    ro_ppo = {"texts": ["same", "ppo"], "rewards": [1.0, 1.0]}  # the proxy prefers PPO on both
+    judge = SimpleNamespace(spec="test")
+    gold = gold_report(judge, [], SimpleNamespace(gold_batch_size=8), ([], [], []), [], 4, ro_sft, ro_ppo, [0.0, 0.0],
+                       [0.0 + 1e-7, 0.0], [0.0, 1.0])
+    assert gold["rm_agreement_policy_samples"]["pairs"] == 1 and gold["rm_agreement_policy_samples"]["agreement"] == 1.0
+    assert gold["win_rate"]["ties"] == 1
 
 
 def add_kept_policies_and_rm_pairs(t: Path) -> list[dict]:

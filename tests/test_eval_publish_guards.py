@@ -55,6 +55,30 @@ def test_a_judge_failing_on_the_samples_leaves_the_run_folder_alone(tmp_path, ti
     assert not (runs / "t" / "eval").exists()
 
 
+@pytest.mark.parametrize("damage", ["rm_eval_pairs", "kept_policy"])
+def test_a_damaged_upstream_file_met_while_sampling_leaves_the_run_folder_alone(damage, tmp_path, tiny_models):
+    """Two upstream files are first read during the model work, after eval has kept its sampled batches: the reward
+    model's held-out pairs and a policy PPO kept along the way. Either, damaged, is one ConfigError, and a first eval
+    leaves no eval/ folder (no sampled batches, no resume key)."""
+    from stages.eval import main
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    t = runs / "t"
+    if damage == "rm_eval_pairs":
+        (t / "rm" / "eval_pairs.jsonl").write_text('{"prompt": "x", "chosen": "a"}\n')
+        manifest = json.loads((t / "rm" / "manifest.json").read_text())
+        manifest["outputs"]["eval_pairs"] = str(t / "rm" / "eval_pairs.jsonl")
+        (t / "rm" / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        kept = t / "ppo" / "policies" / "update-4"
+        shutil.copytree(t / "sft" / "adapter", kept)
+        record = json.loads((kept / "pipeline_base.json").read_text())
+        record["fingerprint"]["hidden_size"] = 999
+        (kept / "pipeline_base.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="eval_pairs|hidden_size"):
+        main(*eval_args(runs, tiny_models["llama"]))
+    assert not (t / "eval").exists()
+
+
 def test_proxy_is_the_reward_model_ppo_optimised(tmp_path, tiny_models):
     """PPO trained with `reward_adapter: <another RM>` (configs/ppo.yaml); eval still scores with the rm stage's
     reward model, yet report.md says 'as PPO was rewarded' and the card 'Under the reward model PPO optimised'."""
@@ -78,6 +102,20 @@ def test_proxy_is_the_reward_model_ppo_optimised(tmp_path, tiny_models):
     assert [x["reward_ppo"] for x in s] == pytest.approx(optimised, abs=1e-4)
     assert report["reward_adapter"] == str(other)
     assert f"scored by the reward model the RL stages were given (`{other}`)" in (runs / "t" / "eval" / "report.md").read_text()
+    # publish ships and names that reward model too: its bytes as reward/, not the rm stage's, and no rm accuracy
+    from pipeline.config import RunArgs
+    from stages.publish import PublishArgs
+    from stages.publish import main as publish
+
+    publish(PublishArgs(dry_run=True, include_reward=True), RunArgs(run="t", runs_dir=str(runs)))
+    folder = runs / "t" / "publish" / "model"
+    shipped = (folder / "reward" / "adapter_model.safetensors").read_bytes()
+    assert shipped == (other / "adapter_model.safetensors").read_bytes()
+    assert shipped != (runs / "t" / "rm" / "adapter" / "adapter_model.safetensors").read_bytes()
+    card = (folder / "README.md").read_text()
+    assert "a reward model given to it (`reward_adapter`, `adapter`: trained outside this run" in card
+    assert "Reward model: `adapter`, given as `reward_adapter`." in card and "trained on preference pairs" not in card
+    assert "\n| rm |" not in card
     # a GRPO stage beside it, rewarded by the rm stage's model: one reward column cannot serve both
     from tests.fake_upstream import add_policy_stage
 
