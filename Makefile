@@ -19,6 +19,9 @@ RUN_CHARS := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H
 drop_chars = $(if $(2),$(call drop_chars,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words $(2)),$(2))),$(1))
 RUN_PROBLEM := $(if $(filter-out 1,$(words $(RUN))),is not one word,$(if $(or $(findstring /,$(RUN)),$(findstring \,$(RUN))),holds a path separator,$(if $(filter . ..,$(RUN)),is not a folder name,$(if $(call drop_chars,$(RUN),$(RUN_CHARS)),holds other characters,$(if $(filter -% .%,$(RUN)),does not start with a letter or digit)))))
 $(if $(RUN_PROBLEM),$(call refuse,RUN=$(RUN) $(RUN_PROBLEM): name the run with letters digits . _ - only (e.g. RUN=mine)))
+# RUNS_DIR goes into the same shell lines (and `make clean-run`'s rm -rf): a path of those characters and / only.
+RUNS_DIR_PROBLEM := $(if $(filter-out 1,$(words $(RUNS_DIR))),is not one word,$(if $(call drop_chars,$(RUNS_DIR),$(RUN_CHARS) /),holds other characters))
+$(if $(RUNS_DIR_PROBLEM),$(call refuse,RUNS_DIR=$(RUNS_DIR) $(RUNS_DIR_PROBLEM): give a folder path of letters digits . _ - / only))
 # Story recipe: the reward model learns from this run's own labels. When people have labeled (make label), theirs are
 # exported; otherwise simulated annotators label the pairs first (stages/simulate.py), so `make sft rm ppo` runs
 # unattended. AUTO_LABELS= (empty) turns that off: rm then reads whatever label export the run has.
@@ -36,7 +39,8 @@ STAGE_PKG ?= stages
 # neighbour costs no more than with one thread. Measured on 2 cores: `make sft rm ppo` 667 s with 1 thread, 446 s
 # with 2; SFT, 40 steps beside a process holding one core: 43.5 s with 1 thread, 65.4 s with 2 spinning, 42.4 s with
 # 2 passive (quiet: 36.7 s, 27.5 s, 28.7 s). Set OMP_NUM_THREADS=1 to keep one core free for something else.
-CPU_COUNT := $(shell nproc 2>/dev/null || echo 1)
+# The machine's cores, not the caller's OMP_NUM_THREADS (which nproc would report): that is read on its own below.
+CPU_COUNT := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 processes_of = $(or $(shell sed -n 's/^num_processes: *\([0-9][0-9]*\).*/\1/p' $(1) 2>/dev/null),1)
 threads_for = $(shell n=$$(( $(CPU_COUNT) / $(1) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 THREADS_FROM_CALLER := $(filter environment% command%,$(origin OMP_NUM_THREADS))
@@ -57,7 +61,9 @@ endif
 # tests/test_sharding.py; the launch line: tests/test_make.py). Measured on 2 cores, the default run: pairs 139 s in
 # one process of 2 threads, 79 s in two of one thread; eval 77 s and 54 s. Any other ACCELERATE_CONFIG samples under
 # itself; SAMPLING_ACCELERATE_CONFIG=configs/accelerate/cpu.yaml keeps one process.
-SAMPLING_ACCELERATE_CONFIG ?= $(if $(and $(filter configs/accelerate/cpu.yaml,$(ACCELERATE_CONFIG)),$(filter-out 0 1,$(CPU_COUNT))),configs/accelerate/cpu2.yaml,$(ACCELERATE_CONFIG))
+# The caller's OMP_NUM_THREADS=1, in the environment or on the command line, is one core: one process.
+SAMPLING_CORES := $(if $(THREADS_FROM_CALLER),$(OMP_NUM_THREADS),$(CPU_COUNT))
+SAMPLING_ACCELERATE_CONFIG ?= $(if $(and $(filter configs/accelerate/cpu.yaml,$(ACCELERATE_CONFIG)),$(filter-out 0 1,$(SAMPLING_CORES))),configs/accelerate/cpu2.yaml,$(ACCELERATE_CONFIG))
 stage_config = $(if $(filter pairs eval,$(1)),$(SAMPLING_ACCELERATE_CONFIG),$(ACCELERATE_CONFIG))
 # A stage under another config than ACCELERATE_CONFIG: that config's threads a process (unless the caller set
 # OMP_NUM_THREADS), and CPU ranks for cpu2.yaml.
@@ -134,7 +140,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 base: setup
-	$(PY) -m stages.base --config configs/base.yaml $(ARGS)
+	$(PY) -m stages.base --config configs/base.yaml --run $(RUN) --runs_dir $(RUNS_DIR) $(ARGS)
 
 sft: | setup
 	$(call stage,sft)
@@ -198,7 +204,8 @@ labels: pairs
 
 # eval compares every policy the run has (each brought up to date first); a run with none trains PPO first. It scores
 # with the reward models too, which a DPO-only run has not brought up to date.
-EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))))
+# A policy stage named beside eval (`make grpo eval` on a fresh run) is one it evaluates, and PPO is then not trained.
+EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(or $(wildcard $(RUNDIR)/$(s)/manifest.json),$(filter $(s),$(MAKECMDGOALS))),$(s))))
 eval: $(or $(EVAL_POLICIES),ppo) rm
 	$(call stage,eval)
 

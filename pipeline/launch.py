@@ -124,7 +124,7 @@ def check_stages(argv: list[str]) -> int:
         elif segments:
             segments[-1].append(arg)
     for _stage, _m, module, *stage_args in segments:
-        rc = check(module, stage_args)
+        rc = check(module, [a for a in stage_args if a != "--force"])  # --force in ARGS is the launch's, as below
         if rc:
             return rc
     return 0

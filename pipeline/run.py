@@ -231,7 +231,10 @@ def inputs_changed(files: dict[str, str | None], manifests: dict[str, str | None
             return f"{name} changed"
     for name, digest in manifests.items():
         upstream = stage_dir(runs_dir, run, name) / "manifest.json"
-        now = manifest_digest(json.loads(upstream.read_text())) if upstream.is_file() else None
+        try:
+            now = manifest_digest(json.loads(upstream.read_text())) if upstream.is_file() else None
+        except json.JSONDecodeError:  # the stage then runs and says which file, in one line (read_manifest)
+            return f"{upstream} is not valid JSON"
         if now != digest:
             return (f"the {name} stage ran again" if now and digest else
                     f"the {name} stage now exists" if now else f"the {name} stage is gone")

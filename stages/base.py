@@ -69,7 +69,7 @@ class BaseConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
                              f"{self.num_attention_heads} (each head gets hidden_size / heads dimensions)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "block_size", "eval_every",
-                     "eval_batches"):
+                     "eval_batches", "max_steps"):  # max_steps -1 is not TrainingArguments' "epochs" here: no training
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

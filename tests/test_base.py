@@ -16,6 +16,7 @@ def base_args(runs, *extra):
     (["--optimizer", "bogus"], "optimizer must be one of adamw, sgd, rmsprop, not 'bogus'"),
     (["--hidden_size", "100"], "hidden_size 100 must be a multiple of num_attention_heads 6"),
     (["--eval_every", "0"], "eval_every must be at least 1, got 0"),
+    (["--max_steps", "-1"], "max_steps must be at least 1, got -1"),  # zero steps: a random base over models/tiny
     (["--text_dir", "{tmp}/nowhere"], "text_dir .*nowhere holds no .txt files"),
     (["--heldout_books", "alice", "zebra"], r"heldout_books \['zebra'\] are not in data/pretrain/texts"),
 ])

@@ -75,8 +75,12 @@ def test_per_stage_variables_reach_every_stage_of_a_chain(tmp_path):
 
 
 def test_eval_depends_on_the_policies_the_run_has(tmp_path):
-    """A run with a GRPO policy and no PPO: `make eval` brings GRPO up to date and trains no PPO; with none, PPO."""
+    """A run with a GRPO policy and no PPO: `make eval` brings GRPO up to date and trains no PPO; with none, PPO; on a
+    fresh run, `make grpo eval` evaluates the GRPO policy it asked for and trains no PPO either."""
     assert list(launches(make("eval", dry_run=True, runs_dir=tmp_path).stdout)) == ["sft", "rm", "ppo", "eval"]
+    assert list(launches(make("grpo", "eval", dry_run=True, runs_dir=tmp_path).stdout)) == ["sft", "rm", "grpo", "eval"]
+    assert list(launches(make("ppo", "rloo", "eval", dry_run=True, runs_dir=tmp_path).stdout)) == [
+        "sft", "rm", "ppo", "rloo", "eval"]
     for stage in ("grpo", "dpo"):
         (tmp_path / "t" / stage).mkdir(parents=True)
         (tmp_path / "t" / stage / "manifest.json").write_text("{}")
@@ -112,6 +116,22 @@ def test_args_with_several_named_stages_is_refused():
 def test_force_applies_to_the_named_stage():
     lines = launches(make("ppo", "FORCE=1", dry_run=True).stdout)
     assert lines["ppo"][0] == "--force" and "--force" not in lines["sft"] + lines["rm"]
+
+
+def test_make_base_writes_its_record_into_the_run_it_is_given():
+    """`make base RUN=mine` wrote runs/default/base/ whatever RUN and RUNS_DIR said."""
+    out = make("base", "RUN=mine", "RUNS_DIR=/tmp/elsewhere", "ARGS=--max_steps 5", dry_run=True).stdout
+    assert "-m stages.base --config configs/base.yaml --run mine --runs_dir /tmp/elsewhere --max_steps 5" in out, out
+
+
+def test_force_in_args_passes_makes_check_of_the_stages_flags(capsys):
+    """The launch takes --force from ARGS too (`make eval ARGS=--force`); make's check of every named stage's flags
+    parsed it as a stage flag and stopped with "unknown command-line argument(s) ['--force']"."""
+    from pipeline.launch import check_stages
+
+    stage = ["::", "eval", "-m", "stages.eval", "--config", "configs/eval.yaml"]
+    assert check_stages(stage + ["--force"]) == 0, capsys.readouterr().err
+    assert check_stages(stage + ["--forc"]) == 2 and "unknown command-line argument(s) ['--forc']" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- a stage reruns when its inputs changed
@@ -322,6 +342,10 @@ def test_is_current_records(tmp_path, monkeypatch):
     assert is_current("rm", rm.argv) == (False, f"{data} changed")
     data.write_text("x\n")
     assert is_current("rm", rm.argv) == (True, "")
+    kept = sft.manifest_path.read_text()  # a damaged upstream manifest: not current (the stage then says which file)
+    sft.manifest_path.write_text("{cut off")
+    assert is_current("rm", rm.argv) == (False, f"{sft.manifest_path} is not valid JSON")
+    sft.manifest_path.write_text(kept)
     export = StageRun("label-export", "r", str(runs))
     export.prepare({})
     export.finish({}, {}, {})
@@ -493,6 +517,20 @@ def test_a_run_name_that_is_not_one_folder_is_refused(run, problem, target, tmp_
     assert not (REPO / "touch_escape").exists()
 
 
+@pytest.mark.parametrize("runs_dir,problem", [("junk runs", "is not one word"), ("x;touch_escape", "holds other characters"),
+                                              ("a|cat", "holds other characters")])
+@pytest.mark.parametrize("target", ["sft", "clean-run"])
+def test_a_runs_dir_the_shell_would_read_is_refused(runs_dir, problem, target):
+    """RUNS_DIR goes into every recipe line unquoted: `make clean-run RUNS_DIR="junk runs"` ran `rm -rf junk
+    runs/default`, and RUNS_DIR=x;cmd ran cmd. A path (/ allowed) of the run name's characters passes."""
+    res = make(target, f"RUNS_DIR={runs_dir}")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and errors == [f"error: RUNS_DIR={runs_dir} {problem}: give a folder path of letters "
+                                              f"digits . _ - / only"], res.stderr
+    assert not (REPO / "touch_escape").exists() and not (REPO / "junk").exists()
+    assert make("clean-run", "RUNS_DIR=/tmp/a-b_c.d/runs", dry_run=True).returncode == 0
+
+
 def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
     """`make ppo PPO_ARGS=...` on a fresh run: the flag is parsed before SFT, pairs, labels and the reward models run
     (they would take minutes, and write the run folder, before PPO refused it)."""
@@ -595,6 +633,11 @@ def test_threads_per_process_share_out_the_cores_and_wait_passively():
     assert make_variable("OMP_NUM_THREADS", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml") == str(max(1, cores // 2))
     assert make_variable("OMP_WAIT_POLICY") == "PASSIVE"
     assert make_variable("OMP_NUM_THREADS", env_drop=()) == os.environ.get("OMP_NUM_THREADS", str(cores))
+    os.environ["OMP_NUM_THREADS"], saved = "1", os.environ.get("OMP_NUM_THREADS")
+    try:  # the caller's OMP_NUM_THREADS=1 is not the machine's core count (nproc alone would say 1)
+        assert make_variable("CPU_COUNT", env_drop=()) == str(cores)
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if saved is None else os.environ.__setitem__("OMP_NUM_THREADS", saved)
 
 
 def launch_lines(*args, env_drop=("OMP_NUM_THREADS",)) -> dict[str, str]:
@@ -632,8 +675,14 @@ def test_sampling_runs_a_process_a_core_on_the_cpu_default_only():
         assert "--config_file configs/accelerate/multi_gpu.yaml" in line and "ACCELERATE_USE_CPU" not in line
     one = launch_lines("pairs", "SAMPLING_ACCELERATE_CONFIG=configs/accelerate/cpu.yaml")["pairs"]
     assert "--config_file configs/accelerate/cpu.yaml" in one and not one.startswith("env")
-    caller = launch_lines("pairs", env_drop=())["pairs"] if os.environ.get("OMP_NUM_THREADS") == "1" else None
-    assert caller is None or "--config_file configs/accelerate/cpu.yaml" in caller
+    # the caller's OMP_NUM_THREADS=1, in the environment or on make's command line, is one core: one process
+    os.environ["OMP_NUM_THREADS"], saved = "1", os.environ.get("OMP_NUM_THREADS")
+    try:
+        from_env = launch_lines("pairs", env_drop=())["pairs"]
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if saved is None else os.environ.__setitem__("OMP_NUM_THREADS", saved)
+    for line in (from_env, launch_lines("pairs", "OMP_NUM_THREADS=1")["pairs"]):
+        assert "--config_file configs/accelerate/cpu.yaml" in line
 
 
 def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path):
