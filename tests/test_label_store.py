@@ -94,6 +94,46 @@ def test_undo_takes_back_a_skip_and_the_pair_comes_back_unless_others_filled_it(
     assert [h["action"] for h in store.history("alice")] == ["new", "skip", "undo", "skip", "undo", "undo"]
 
 
+def test_an_undo_never_puts_a_second_person_on_a_full_pair(store):
+    """overlap 1. Alice skips p000 and bob takes it: alice's undo takes her skip back, but not the pair while bob's live
+    lease fills it, so both saving leaves p000 with bob's label alone; once bob hands it back, it is open to her again.
+    A late answer undone (alice's lease ran out, bob took p003, alice saved it anyway) does not come back either."""
+    assert store.next_item("alice").pair_id == "p000"
+    store.skip("alice", "p000")
+    assert store.next_item("bob").pair_id == "p000"
+    assert store.undo("alice") == ("p000", "skip")
+    assert store.next_item("bob").pair_id == "p000"  # bob's reload keeps his pair: no lease of alice's took it
+    mine = store.next_item("alice")
+    assert mine.pair_id == "p001"
+    store.save_label("alice", mine.pair_id, "left", mine.shown_left)
+    store.save_label("bob", "p000", "left", store.shown_left("p000", "bob"))
+    assert sorted((lab["pair_id"], lab["annotator"]) for lab in store.labels()) == [("p000", "bob"), ("p001", "alice")]
+    store.undo("bob")  # bob takes his label back (his lease on p000 returns), then leaves the pair
+    store.release("bob", "p000")
+    assert store.next_item("alice").pair_id == "p000"  # alice's skip of p000 is gone
+    store.release("alice", "p000")
+
+    late = store.next_item("carol")
+    store.clock.t += 61
+    assert late.pair_id == "p000" and store.next_item("dave").pair_id == "p000"
+    store.save_label("carol", "p000", "tie", late.shown_left)  # late, but accepted
+    assert store.undo("carol") == ("p000", "new")
+    assert store.next_item("dave").pair_id == "p000"  # dave keeps his pair
+    assert store.next_item("carol").pair_id == "p002"  # dave's live lease fills p000
+
+
+def test_a_held_lease_gives_way_when_others_live_leases_fill_the_pair(tmp_path):
+    """alice and bob hold p000 at overlap 2, then the app restarts with overlap 1: bob's live lease fills p000, so
+    alice's lease gives way at her next call (she is served p001), and bob keeps his."""
+    db, clock = tmp_path / "labels.sqlite", Clock()
+    two = LabelStore(db, overlap=2, lease_s=60, clock=clock)
+    two.import_items(pairs(2))
+    assert two.next_item("alice").pair_id == two.next_item("bob").pair_id == "p000"
+    one = LabelStore(db, overlap=1, lease_s=60, clock=clock)
+    assert one.next_item("alice").pair_id == "p001"
+    assert one.next_item("bob").pair_id == "p000"
+
+
 def test_left_right_order_is_random_per_annotator_but_stable(tmp_path):
     s = LabelStore(tmp_path / "a.sqlite", seed=3)
     orders = [s.shown_left(f"p{i}", who) for i in range(200) for who in ("alice", "bob")]
@@ -662,6 +702,26 @@ def test_skip_while_changing_an_earlier_label_keeps_it_and_switch_hands_the_open
     assert [h["action"] for h in store.history("ann")] == ["new"] and st["pair_id"] == "p001"
     api["switch"](st, page)
     assert store.next_item("bob").pair_id == "p001"
+
+
+def test_the_undo_message_says_whether_the_pair_came_back(tmp_path):
+    """An undone skip says "Here is that pair again" only when it is: with bob on p000 (overlap 1), alice's undo says
+    the pair is with others and shows her p001."""
+    from types import SimpleNamespace
+
+    store = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=60, clock=Clock())
+    store.import_items(pairs(2))
+    api, page = app_handlers(store, use_login=False), SimpleNamespace(username=None)
+    st = api["start"]("ann", {}, page)[0]
+    st = api["skip"](st, page)[0]
+    assert st["pair_id"] == "p001"
+    out = api["undo"](st, page)
+    assert out[0]["pair_id"] == "p000" and "Here is that pair again." in out[13]
+    st = api["skip"](out[0], page)[0]
+    assert store.next_item("bob").pair_id == "p000"
+    out = api["undo"](st, page)
+    assert out[0]["pair_id"] == "p001" and out[13] == ("↶ Undone: your skip was taken back. That pair is with others "
+                                                       "now (overlap 1): it comes back to you if they leave it.")
 
 
 def test_the_progress_line_s_bars_by_hand():

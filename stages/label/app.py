@@ -256,11 +256,16 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             if undone is None:
                 return view({"annotator": me}, "Nothing to undo.")
             pair_id, action = undone
-            if action == "skip":
-                return view({"annotator": me}, "↶ Undone: your skip was taken back. Here is that pair again.")
-            back = store.reopen(me, pair_id)
-            if back is None:
-                return view({"annotator": me}, "↶ Undone: your last label was taken back. Label this pair again.")
+            back = None if action == "skip" else store.reopen(me, pair_id)
+            if back is None:  # a skip or a new label taken back: the pair is served again only if others left room
+                taken = "↶ Undone: your skip was taken back." if action == "skip" else \
+                    "↶ Undone: your last label was taken back."
+                served = store.next_item(me)  # the lease the undo took, if any: view() serves the same one
+                if served is not None and served.pair_id == pair_id:
+                    again = "Here is that pair again." if action == "skip" else "Label this pair again."
+                    return view({"annotator": me}, f"{taken} {again}")
+                return view({"annotator": me}, f"{taken} That pair is with others now (overlap {store.overlap}): it "
+                                               f"comes back to you if they leave it.")
             return view({"annotator": me}, f"↶ Undone: your change was reverted (back to: {describe(back.label)}).")
 
         def on_open(pair_id: str | None, st: dict, request: gr.Request):

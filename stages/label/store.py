@@ -93,6 +93,15 @@ CREATE TABLE IF NOT EXISTS skips (
 # takes no person's place, so it counts towards no pair's overlap.
 PERSON = f"substr(l.annotator, 1, {len(SIMULATED_PREFIX)}) != '{SIMULATED_PREFIX}'"
 
+
+def others_on(pair: str) -> str:
+    """SQL: how many people other than :me are on `pair` now (their labels + their live leases), the count that
+    `overlap` caps together with :me's own lease or label."""
+    return (f"((SELECT COUNT(*) FROM labels l WHERE l.pair_id = {pair} AND l.annotator != :me AND {PERSON})"
+            f" + (SELECT COUNT(*) FROM assignments a WHERE a.pair_id = {pair} AND a.annotator != :me"
+            f" AND a.expires_at > :now))")
+
+
 # A pair this annotator may get: not blocked, not labeled or skipped by them, and fewer than `overlap` people
 # on it (labels + live leases of others). Pairs already started by others come first, so overlap sets complete.
 CANDIDATES = f"""
@@ -389,10 +398,10 @@ class LabelStore:
         now = self.clock()
         with self._tx() as con:
             con.execute("DELETE FROM assignments WHERE expires_at <= ?", (now,))
-            # A lease on a pair that others have filled meanwhile (a late answer after a timeout) is no use any more.
-            con.execute("DELETE FROM assignments WHERE annotator = ? AND (SELECT COUNT(*) FROM labels l WHERE "
-                        f"l.pair_id = assignments.pair_id AND l.annotator != ? AND {PERSON}) >= ?",
-                        (annotator, annotator, self.overlap))
+            # A lease on a pair that others fill meanwhile (their labels and live leases: a late answer after a
+            # timeout, a lower overlap since a restart) is no use any more: it would put one person too many on it.
+            con.execute(f"DELETE FROM assignments WHERE annotator = :me AND {others_on('assignments.pair_id')} >= :overlap",
+                        {"me": annotator, "now": now, "overlap": self.overlap})
             held = con.execute(
                 "SELECT a.pair_id, a.shown_left FROM assignments a JOIN items i USING (pair_id) "
                 "WHERE a.annotator = ? AND i.active = 1 AND i.blocked IS NULL AND NOT EXISTS "
@@ -508,7 +517,8 @@ class LabelStore:
         """Take back this annotator's latest label or skip: a new label is deleted, a change reverts to the version
         before, a skip is forgotten (one stray S would otherwise keep the pair from them for good).
 
-        The pair comes back to them at once (a lease in their name). Returns (pair_id, what was taken back: "new",
+        The pair comes back to them at once (a lease in their name) if it has room: fewer than `overlap` others on it
+        (labels + live leases), else it stays with those others. Returns (pair_id, what was taken back: "new",
         "change" or "skip"), or None if there is nothing to undo.
         """
         now = self.clock()
@@ -523,14 +533,19 @@ class LabelStore:
             before = con.execute(
                 "SELECT * FROM label_history WHERE annotator = ? AND pair_id = ? AND action IN ('new', 'change') "
                 "AND undone = 0 AND id < ? ORDER BY id DESC LIMIT 1", (annotator, pair_id, last["id"])).fetchone()
+            # The pair comes back only while it has room: others may have filled it since (a skip hands it on)
+            room = con.execute(f"SELECT {others_on(':pair')} < :overlap", {
+                "me": annotator, "pair": pair_id, "now": now, "overlap": self.overlap}).fetchone()[0]
             if last["action"] == "skip":
                 con.execute("DELETE FROM skips WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
-                con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
-                            (pair_id, annotator, self.shown_left(pair_id, annotator), now, now + self.lease_s))
+                if room:
+                    con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
+                                (pair_id, annotator, self.shown_left(pair_id, annotator), now, now + self.lease_s))
             elif before is None:
                 con.execute("DELETE FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
-                con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
-                            (pair_id, annotator, last["shown_left"], now, now + self.lease_s))
+                if room:
+                    con.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?, ?)",
+                                (pair_id, annotator, last["shown_left"], now, now + self.lease_s))
             else:
                 con.execute("UPDATE labels SET choice = ?, shown_left = ?, preferred = ?, strength = ?, note = ?, "
                             "revision = revision + 1, updated_at = ? WHERE pair_id = ? AND annotator = ?",
