@@ -462,6 +462,28 @@ def test_text_reaches_the_page_with_its_control_characters_visible_and_roles_kee
         '<div class="msg"><div class="role plain">tool  x\n y</div><div class="plain"> c</div></div>')
 
 
+def test_every_control_and_format_character_reaches_the_page_visible_not_acting():
+    """Beyond C0 and DEL (their pictures), every Unicode control (Cc: the C1 block) and format character (Cf: zero-width
+    space, word joiner, byte-order mark, soft hyphen, Arabic number sign, tag characters, direction controls) shows as
+    its escape; tab, line break and carriage return stay, and other text (accents, CJK, emoji, Hebrew) is unchanged."""
+    import sys
+    import unicodedata
+
+    from stages.label.app import text_html
+
+    assert text_html("a\x85b\x9bc\u200bd\u2060e\ufefff\u00adg\u0600h\U000e0041i\U000e007fj") == (
+        '<div class="plain">a\\u0085b\\u009bc\\u200bd\\u2060e\\ufefff\\u00adg\\u0600h\\U000e0041i\\U000e007fj</div>')
+    assert text_html("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c") == (
+        '<div class="plain">\\u202a\\u202b\\u202c\\u202d\\u202e\\u2066\\u2067\\u2068\\u2069\\u200e\\u200f'
+        '\\u061c</div>')
+    assert text_html("\t\n\r\u00e9 \u4e2d \U0001f44d \u05d0\u05d1 e\u0301") == (
+        '<div class="plain">\t\n\r\u00e9 \u4e2d \U0001f44d \u05d0\u05d1 e\u0301</div>')
+    hidden = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cf")
+              and chr(c) not in "\t\n\r"]
+    assert len(hidden) > 200 and not [c for c in hidden
+                                      if any(unicodedata.category(shown) in ("Cc", "Cf") for shown in text_html(chr(c)))]
+
+
 def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the_rest_around(tmp_path):
     from stages.label.app import earlier_label_text
 

@@ -12,7 +12,9 @@ Two trust rules:
 from __future__ import annotations
 
 import html
+import sys
 import time
+import unicodedata
 
 import gradio as gr
 
@@ -64,9 +66,22 @@ CSS = """
 CHOICE_TEXT = {"left": "left is better", "right": "right is better", "tie": "tie", "both_bad": "both bad"}
 
 
-# Control characters a browser drops or hides (NUL, ESC, ...) shown as their Unicode pictures (U+2400...): tabs, line
-# breaks and carriage returns stay themselves
-CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20) if chr(c) not in "\t\n\r"} | {0x7F: 0x2421}
+def _picture(c: int) -> str:
+    """How a character that acts without being seen is shown: a C0 control or DEL as its Unicode picture (U+2400...),
+    any other as its escape (`\\u200b`, `\\U000e0041`)."""
+    if c < 0x20:
+        return chr(0x2400 + c)
+    if c == 0x7F:
+        return "\u2421"
+    return f"\\u{c:04x}" if c <= 0xFFFF else f"\\U{c:08x}"
+
+
+# Characters a browser drops, hides or obeys unseen: Unicode's controls (Cc: NUL, ESC, DEL, the C1 controls) and format
+# characters (Cf: zero-width spaces and joiners, the byte-order mark, tag characters, and the direction controls that
+# would reverse the text around them), shown as their `_picture`. Tabs, line breaks and carriage returns stay
+# themselves: the page lays the text out with them.
+CONTROL_PICTURES = {c: _picture(c) for c in range(sys.maxunicode + 1)
+                    if unicodedata.category(chr(c)) in ("Cc", "Cf") and chr(c) not in "\t\n\r"}
 
 
 def text_html(text: str, tag: str = "div", classes: str = "plain") -> str:
