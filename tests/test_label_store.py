@@ -485,13 +485,24 @@ def test_every_control_and_format_character_reaches_the_page_visible_not_acting(
 
 
 def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the_rest_around(tmp_path):
+    """Each piece's own direction controls are shown as escapes: a response's PDI (U+2069) cannot close the isolate
+    around it and its RLO (U+202E) then reverse the rest of the line, and an RLI the 30-character cut leaves open (the
+    right response's) stays open nowhere. The line's only format characters are the three isolates the app puts; the
+    cut counts the characters shown, escapes included."""
+    import time
+    import unicodedata
+
     from stages.label.app import earlier_label_text
 
     s = LabelStore(tmp_path / "labels.sqlite", clock=lambda: 1_000_000.0)
-    s.import_items([{"pair_id": "p0", "prompt": [{"role": "user", "content": "q"}], "responses": ["\u202eabc def", "x"]}])
+    s.import_items([{"pair_id": "p0", "prompt": [{"role": "user", "content": "q\u200f\u061c"}],
+                     "responses": ["ok\u2069\u202eevil \u202a\u202b\u202c\u202d\u2066\u200e", "\u2067" + "y" * 40]}])
     s.save_label("ann", "p0", "tie", 0)
     shown = earlier_label_text(s.my_labels("ann")[0])
-    assert "\u2068\u202eabc def\u2069" in shown and shown.count("\u2068") == shown.count("\u2069") == 3
+    hhmm = time.strftime("%H:%M", time.localtime(1_000_000.0))
+    assert shown == (f"{hhmm} · tie · \u2068q\\u200f\\u061c\u2069 · left: \u2068ok\\u2069\\u202eevil \\u202a\\u202"
+                     f"\u2069 | right: \u2068\\u2067{'y' * 24}\u2069")
+    assert [c for c in shown if unicodedata.category(c) == "Cf"] == ["\u2068", "\u2069"] * 3
 
 
 @pytest.mark.parametrize("login", ["ann  lee", "\u202eecila", "<b>eve</b>", "tab\there", "x" * 65,

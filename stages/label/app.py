@@ -105,11 +105,14 @@ def earlier_label_text(m: dict) -> str:
     """A label in the "change an earlier label" list (a dropdown shows text, not markup): time, choice, the prompt's
     start, and the two responses' starts as that annotator saw them, since the story recipe asks 28 pairs of each
     prompt and the prompt alone would not tell them apart."""
-    left, right = m["responses"][m["shown_left"]], m["responses"][1 - m["shown_left"]]
-    # Each piece isolated (U+2068 ... U+2069): a direction override in one must not reverse the rest of the line
+    # A piece's own direction controls shown, not obeyed (CONTROL_PICTURES): a text cannot close the isolate around it
+    # (U+2069) and then reverse the rest of the line, nor leave an override or isolate open where the cut falls
+    prompt, left, right = (text.translate(CONTROL_PICTURES) for text in (
+        m["prompt"][-1]["content"], m["responses"][m["shown_left"]], m["responses"][1 - m["shown_left"]]))
+    # Each piece isolated (U+2068 ... U+2069): a right-to-left text in one must not reorder the rest of the line
     cut = lambda text, n: "\u2068" + " ".join(text.split())[:n] + "\u2069"  # noqa: E731
     return (f"{time.strftime('%H:%M', time.localtime(m['updated_at']))} · {describe(m)} · "
-            f"{cut(m['prompt'][-1]['content'], 40)} · left: {cut(left, 30)} | right: {cut(right, 30)}")
+            f"{cut(prompt, 40)} · left: {cut(left, 30)} | right: {cut(right, 30)}")
 
 
 def progress_html(p: dict, annotator: str | None = None) -> str:
