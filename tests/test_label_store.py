@@ -516,13 +516,34 @@ def test_a_login_name_that_could_look_like_another_is_refused(login):
 
     with pytest.raises(ConfigError) as err:
         load_users(None, env={"LABEL_USERS": f"{login}:secretpw,bob:pw2"})
-    assert str(err.value).startswith(f"login name {login!r} in $LABEL_USERS: use letters of one script, digits, single")
-    assert "secretpw" not in str(err.value)
+    assert str(err.value) == ("bad login name (entry 1 of $LABEL_USERS): use letters of one script, digits, single "
+                              "spaces and . @ ' - only, up to 64 characters (as a typed name), so that no two logins "
+                              "look alike")
     if len(login.split()) == 1:  # a typed name, the same (a typed name's spaces are made single, not refused)
         assert clean_name(login) is None
     names = ["Ann Lee", "j.o'neil-2@lab.org", "Zoë", "Олег", "Ελένη", "山田たろう", "김민준", "Kenji 山田"]
     assert load_users(None, env={"LABEL_USERS": ",".join(f" {n}:pw{i}" for i, n in enumerate(names))}) == [
         (n, f"pw{i}") for i, n in enumerate(names)]
+
+
+def test_a_bad_login_entry_names_its_place_never_its_text(tmp_path):
+    """`LABEL_USERS='alice:pw1,bob:se,cretpart'` (a password with a comma) printed 'cretpart', and a users file's
+    `alice hunter2` (a space for the ':') printed 'alice hunter2': an error names the entry's place only (and, for
+    $LABEL_USERS, that a password there cannot hold a comma), whatever part of it is a password."""
+    with pytest.raises(ConfigError) as err:
+        load_users(None, env={"LABEL_USERS": "alice:pw1,,bob:se,cretpart"})
+    assert str(err.value) == (
+        "bad user entry (entry 4 of $LABEL_USERS): write `name:password`, a name and a password; a password in "
+        "$LABEL_USERS cannot hold a comma (it parts the entries): give such a password in a users file (--users_file)")
+    users = tmp_path / "users.txt"
+    for text, problem in (("# team\nbob:pw2\n\nalice hunter2\n", "bad user entry"),
+                          ("# team\nbob:pw2\n\nalice\thunter2:x\n", "bad login name"),
+                          ("# team\nbob:pw2\n\n:hunter2\n", "bad user entry")):
+        users.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_users(str(users), env={})
+        assert str(err.value).startswith(f"{problem} (line 4 of the users file {users}): ")
+        assert "hunter2" not in str(err.value) and "alice" not in str(err.value) and "$LABEL_USERS" not in str(err.value)
 
 
 def test_people_cannot_take_a_simulated_annotators_name():
@@ -789,7 +810,8 @@ def test_a_hostname_is_not_loopback_and_a_login_needs_a_password():
         with pytest.raises(ConfigError, match=f"refusing to start the labeling UI on {host} without authentication"):
             check_exposure(host, [])
     for entry in ("alice:", "alice: ,bob:pw"):
-        with pytest.raises(ConfigError, match=r"bad user entry in \$LABEL_USERS: write `name:password` \(got 'alice'"):
+        with pytest.raises(ConfigError, match=r"^bad user entry \(entry 1 of \$LABEL_USERS\): write `name:password`, "
+                                              r"a name and a password;"):
             load_users(None, env={"LABEL_USERS": entry})
 
 

@@ -37,7 +37,7 @@ class LabelArgs:
     host: str = field(default="127.0.0.1", metadata={"help": "Bind address; anything but loopback needs users (auth)."})
     port: int = 7860
     users_file: str | None = field(default=None, metadata={
-        "help": f"File of `name:password` lines; turns on login. Or set {USERS_ENV}=name:pw,name2:pw2."})
+        "help": f"File of `name:password` lines; turns on login. Or set {USERS_ENV}=name:pw,name2:pw2 (passwords without commas)."})
     concurrency_limit: int = field(default=16, metadata={"help": "Label clicks handled at once (SQLite serialises writes)."})
     # What annotators see
     title: str = "Which response is better?"
@@ -107,9 +107,10 @@ def load_users(users_file: str | None, env: dict | None = None) -> list[tuple[st
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            users.append(_user(line, f"{path} line {n}"))
-    if env.get(USERS_ENV):
-        users += [_user(entry.strip(), f"${USERS_ENV}") for entry in env[USERS_ENV].split(",") if entry.strip()]
+            users.append(_user(line, f"line {n} of the users file {path}"))
+    if env.get(USERS_ENV):  # entry K: the K-th between commas, blank ones counted, as a person counts them
+        users += [_user(entry.strip(), f"entry {k} of ${USERS_ENV}", COMMA_HINT)
+                  for k, entry in enumerate(env[USERS_ENV].split(","), 1) if entry.strip()]
     twice = sorted(name for name, n in Counter(name for name, _ in users).items() if n > 1)
     if twice:  # Gradio would keep the last password of a name without a word
         raise ConfigError(f"login {twice[0]!r} is given more than once in the users file and ${USERS_ENV}: one line "
@@ -150,13 +151,20 @@ def clean_name(name: str | None) -> str | None:
     return name if len(scripts) <= 1 or any(scripts <= mix for mix in SCRIPT_MIXES) else None
 
 
-def _user(entry: str, where: str) -> tuple[str, str]:
+# What a bad $LABEL_USERS entry may be: a password cut in two at its comma (`bob:se,cret` gives the entry `cret`).
+COMMA_HINT = (f"; a password in ${USERS_ENV} cannot hold a comma (it parts the entries): give such a password in a users "
+              f"file (--users_file)")
+
+
+def _user(entry: str, where: str, hint: str = "") -> tuple[str, str]:
+    """One `name:password` login. An error names where the entry is, never its text, which may be a password or hold
+    one (`alice hunter2`, a space for the ':'; the `cret` of `bob:se,cret` in $LABEL_USERS)."""
     name, sep, password = entry.partition(":")
     if not sep or not name.strip() or not password:
-        raise ConfigError(f"bad user entry in {where}: write `name:password` (got {entry.split(':')[0]!r}...)")
+        raise ConfigError(f"bad user entry ({where}): write `name:password`, a name and a password{hint}")
     if clean_name(name) != name.strip():  # `ann  lee` would show as `ann lee`, another login's name
-        raise ConfigError(f"login name {name.strip()!r} in {where}: use letters of one script, digits, single spaces "
-                          f"and . @ ' - only, up to 64 characters (as a typed name), so that no two logins look alike")
+        raise ConfigError(f"bad login name ({where}): use letters of one script, digits, single spaces and . @ ' - "
+                          f"only, up to 64 characters (as a typed name), so that no two logins look alike")
     return name.strip(), password
 
 
