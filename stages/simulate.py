@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
@@ -205,7 +204,7 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     from pipeline.report import print_table
     from stages.label.__main__ import load_pairs
     from stages.label.config import db_path, word_filter
-    from stages.label.store import LabelStore, lock_store
+    from stages.label.store import LabelStore, is_simulated, lock_store
 
     stage = StageRun("simulate", run.run, run.runs_dir)
     config = {"simulate": to_dict(args), "run": to_dict(run)}
@@ -239,13 +238,14 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     #    store shows this annotator. A simulator labels every pair once, however many people labeled it (overlap is
     #    for sharing work among people). The store holds the labels of the settings given last: a rerun with the same
     #    ones writes nothing (every draw is fixed by seed, annotator and pair), one with other noise settings redraws
-    #    the labels they change, and one with fewer or other annotators of this name removes the ones not named now.
+    #    the labels they change, and one with fewer or other annotators (another name, another judge) removes every
+    #    simulated annotator's labels not named now, since the export would count them in one majority with these.
+    #    People's labels are never touched.
     store = simulator_store(db, overlap=len(pairs) + 10**6, lease_s=label_args.lease_timeout_s, seed=label_args.seed)
     store.import_items(pairs, word_filter(label_args.offensive_words if label_args.filter_offensive else []))
     names = [annotator] if args.annotators == 1 else [f"{annotator}-{i}" for i in range(1, args.annotators + 1)]
     stored = {(lab["annotator"], lab["pair_id"]): (lab["choice"], lab["shown_left"]) for lab in store.labels()}
-    gone = [other for other in sorted({a for a, _ in stored} - set(names))
-            if other == annotator or re.fullmatch(re.escape(annotator) + r"-\d+", other)]
+    gone = sorted({other for other, _ in stored if is_simulated(other)} - set(names))
     servable = store.servable_pairs()
     labels, written, changed = [], 0, 0
     for name in names:
