@@ -380,6 +380,30 @@ def test_export_vote_majority_ties_and_both_bad():
     assert rows == [] and dropped["low_agreement"] == 1
 
 
+def test_export_keeps_a_majority_not_a_plurality():
+    """An outcome needs more than half the votes. A, B, B, tie: B has the most votes but 2 of 4, so the pair is
+    dropped (it was exported as B, agreement 0.5); B, B, B, A, tie keeps B at 3/5. Three voters (the default
+    simulation) as before: 2 of 3 or 3 of 3 wins, one each is no majority; one voter wins, two split voters do not.
+    With both_bad: tie, "both bad" joins the tie votes: tie, both bad, A is a tie at 2/3; tie, both bad, A, B is not."""
+    A, B, TIE, BAD = ("left", 0), ("left", 1), ("tie", None), ("both_bad", None)
+
+    def votes(pair, *outcomes):
+        return [lab(pair, f"v{i}", choice, pref) for i, (choice, pref) in enumerate(outcomes)]
+
+    labels = (votes("abbt", A, B, B, TIE) + votes("bbbat", B, B, B, A, TIE) + votes("aab", A, A, B)
+              + votes("aaa", A, A, A) + votes("abt", A, B, TIE) + votes("abx", A, B, BAD) + votes("a", A)
+              + votes("ab", A, B) + votes("aa", A, A))
+    rows, dropped = aggregate(labels)
+    assert [(r["pair_id"], r["chosen"][0]["content"], r["agreement"]) for r in rows] == [
+        ("bbbat", "bbbat-r1", 0.6), ("aab", "aab-r0", 0.6667), ("aaa", "aaa-r0", 1.0), ("a", "a-r0", 1.0),
+        ("aa", "aa-r0", 1.0)]
+    assert dropped == Counter(no_majority=4)
+    rows, dropped = aggregate(votes("tba", TIE, BAD, A) + votes("tbab", TIE, BAD, A, B), ties="both_orders",
+                              both_bad="tie")
+    assert [(r["pair_id"], r["is_tie"], r["agreement"]) for r in rows] == [("tba", True, 0.6667)] * 2
+    assert dropped == Counter(no_majority=1)
+
+
 def test_auth_guard_and_users(tmp_path):
     from pipeline.config import ConfigError
 

@@ -6,8 +6,8 @@
 One row per labeled pair of the current pairs dataset (`earlier_pairs: keep` adds the labels of pairs from earlier
 ones, which the store keeps): `prompt` (messages), `chosen` / `rejected` (one assistant message each), plus
 `annotator` (everyone who labeled it), `n_annotators`, `strength` (slightly / much / ""), `agreement` (share of
-votes for the winning outcome), `is_tie`, `pair_id`. Several annotators on a pair: majority vote; no majority
-(e.g. one vote each way) drops the pair. Ties and "both bad" follow `ties` and `both_bad` in configs/label.yaml.
+votes for the winning outcome), `is_tie`, `pair_id`. Several annotators on a pair: majority vote; no majority (more
+than half the votes for one outcome: one vote each way, or 2 of 4 as in A, B, B, tie) drops the pair. Ties and "both bad" follow `ties` and `both_bad` in configs/label.yaml.
 Writes runs/<run>/label-export/: dataset/ (save_to_disk), README.md (the dataset card), manifest.json.
 All of it is written into a new folder next to it first, which replaces the previous export only once complete:
 an export that fails or is killed leaves the previous one as it was (`make rm` reads it).
@@ -36,7 +36,8 @@ def _assistant(text: str) -> list[dict]:
 
 
 def aggregate(labels: list[dict], ties: str = "drop", both_bad: str = "drop", min_agreement: float = 0.0):
-    """Majority vote per pair. Returns (rows, dropped counts by reason)."""
+    """Majority vote per pair: an outcome needs more than half the pair's votes. Returns (rows, dropped counts by
+    reason)."""
     by_pair: dict[str, list[dict]] = defaultdict(list)
     for lab in labels:
         by_pair[lab["pair_id"]].append(lab)
@@ -47,7 +48,7 @@ def aggregate(labels: list[dict], ties: str = "drop", both_bad: str = "drop", mi
             votes = ["tie" if v == "both_bad" else v for v in votes]
         ranked = Counter(votes).most_common()
         outcome, n_top = ranked[0]
-        if len(ranked) > 1 and ranked[1][1] == n_top:
+        if 2 * n_top <= len(votes):  # the most votes is not a majority: B of A, B, B, tie has half, A and tie the rest
             dropped["no_majority"] += 1
             continue
         agreement = n_top / len(votes)
