@@ -520,3 +520,14 @@ def test_a_refresh_replays_the_last_exports_flags_in_this_run(runs_dir):
                                       "--sources", "all", "--offensive_words", "a", "b", "--ties", "both_orders"]
     manifest.unlink()  # no export yet: this command line without --refresh
     assert last_command_line(now) == now[:-2]
+
+
+def test_the_freshness_check_without_its_run_folder_is_a_usage_error(runs_dir):
+    """`python -m stages.label.fresh_export` alone was an IndexError traceback: it is one error line naming what to
+    give, exit 2 (as a store that cannot be read), and so is a second argument; with the folder it answers (4: no
+    export yet)."""
+    for args in ([], [str(runs_dir / "r"), "extra"]):
+        proc = run_python("stages.label.fresh_export", args)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (
+            2, "", "error: give the run folder: python -m stages.label.fresh_export runs/<RUN>\n"), args
+    assert run_python("stages.label.fresh_export", [str(runs_dir / "r")]).returncode == 4

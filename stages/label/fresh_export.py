@@ -121,6 +121,9 @@ def last_command_line(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     from pipeline.config import ConfigError
 
+    if len(sys.argv) != 2:
+        print("error: give the run folder: python -m stages.label.fresh_export runs/<RUN>", file=sys.stderr)
+        sys.exit(2)
     try:  # not pipeline.run.main_guard: it imports torch, seconds on every `make rm`
         state = export_state(Path(sys.argv[1]))
     except ConfigError as err:
