@@ -186,7 +186,11 @@ def simulator_store(path, **kwargs):
 def load_label_args(path: str):
     from stages.label.config import LabelArgs
 
-    (label_args,) = parse((LabelArgs,), ["--config", str(resolve_path(path))])  # its keys, types and ranges, as `make label`'s
+    config = resolve_path(path)
+    if not config.is_file():  # parse's own error would name --config, the flag of this stage's own config
+        raise ConfigError(f"label config {config} does not exist: pass --label_config with a path to a YAML file "
+                          f"(configs/label.yaml by default)")
+    (label_args,) = parse((LabelArgs,), ["--config", str(config)])  # its keys, types and ranges, as `make label`'s
     return label_args
 
 

@@ -214,6 +214,9 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
     label_yaml = tmp_path / "label.yaml"
     label_yaml.write_text((REPO / "configs/label.yaml").read_text() + "\noffensive_words: 5\n")
     for extra, message in ((["--label_config", str(label_yaml)], "'offensive_words' in .*label.yaml is 5: it must be a list"),
+                           (["--label_config", str(tmp_path / "nope.yaml")], rf"^label config {tmp_path / 'nope.yaml'} "
+                            r"does not exist: pass --label_config with a path to a YAML file \(configs/label.yaml by "
+                            r"default\)$"),
                            (["--judge", "tests.judge_fixtures:raising_judge"], "the grader is on holiday"),
                            (["--judge", "vibes"], "unknown judge 'vibes'"),
                            (["--annotator", "alice"], "must start with 'sim:'"),
