@@ -266,6 +266,16 @@ def test_kl_loss_clamps_a_token_the_reference_rates_far_above_the_policy():
     assert lp.grad.tolist() == pytest.approx([0.0, (1 - math.exp(-0.5)) / 3, (1 - math.exp(2.0)) / 3], abs=1e-6)
 
 
+def test_k3_bounded_by_hand():
+    """The reward's k3 penalty and the KL loss share one bound: log-ratio +-20, term <= 10. log(ref / pi) = 7.5 gives
+    k3 = e^7.5 - 8.5 = 1,799 -> 10; 2.0 gives e^2 - 3 = 4.389, kept; -30 (the policy far above the reference) clamps
+    the log-ratio to -20: e^-20 + 19 = 19.0 -> 10."""
+    lp = torch.tensor([-8.5, -3.0, 0.0])
+    ref = torch.tensor([-1.0, -1.0, -30.0])
+    assert L.kl_k3_bounded(lp, ref).tolist() == pytest.approx([10.0, math.exp(2.0) - 3.0, 10.0], rel=1e-6)
+    assert L.kl_k3(lp, ref)[0].item() == pytest.approx(math.exp(7.5) - 8.5, rel=1e-5)  # the logged estimate: unbounded
+
+
 def test_loss_denominators_by_hand():
     """Rows of 2 and 4 response tokens in a mini-batch of 3 rows and 10 tokens (a rank's share), responses up to 8."""
     lengths = torch.tensor([2, 4])

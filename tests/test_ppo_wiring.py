@@ -1,5 +1,7 @@
 """How the RL loop wires its options into the losses (tests/test_ppo*.py check the losses and the loop's outcomes):
 each test fails under the one-line mutant of stages/ppo/trainer.py named in its docstring (tools/mutants.py)."""
+import math
+
 import pytest
 import torch
 
@@ -32,6 +34,14 @@ def test_kl_estimator_k3_goes_into_the_reward(tiny_models, adapters, prompts_fil
     adv, _, _ = t._advantages(ro)
     expected = L.group_advantages(t._scores(ro) - coef * k3, 4, "rloo")
     torch.testing.assert_close(adv, expected[:, None] * ro.response_mask.float(), atol=1e-5, rtol=1e-5)
+    # one token the reference rates 7.5 nats above the policy: its k3 (e^7.5 - 8.5 = 1,799) enters the reward as 10
+    ro.ref_logprobs[0, 0] = ro.logprobs[0, 0] + 7.5
+    k1, k3 = _kl_per_answer(ro)
+    bounded = k3.clone()
+    bounded[0] += 10.0 - (math.exp(7.5) - 8.5)
+    adv, _, _ = t._advantages(ro)
+    expected = L.group_advantages(t._scores(ro) - coef * bounded, 4, "rloo")
+    torch.testing.assert_close(adv, expected[:, None] * ro.response_mask.float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("whiten_rewards", [False, True])

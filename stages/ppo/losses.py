@@ -158,6 +158,15 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_r) - log_r
 
 
+def kl_k3_bounded(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 with the log-ratio clamped to +-20 and each token's term to at most 10, as verl's low_var_kl (in its reward
+    penalty and its KL loss alike) and OpenRLHF's k3: exp(log_r) is unbounded, and one token the reference rates 7.5
+    nats above the policy (k3 ~ 1,800) would be a reward of -450 at kl_coef 0.25, against scores clipped to +-5: GAE
+    carries it back through the answer and whitening then squashes every other advantage of the batch."""
+    log_r = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
+    return torch.clamp(torch.expm1(log_r) - log_r, max=10.0)
+
+
 def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor | None, kl_coef: float, mask: torch.Tensor
                       ) -> torch.Tensor:
     """-kl_coef * KL on every response token, plus the sequence score on its last real token (Ziegler et al. 2019)."""
@@ -211,13 +220,11 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, denom: float | torch.Tensor | None = None
             ) -> torch.Tensor:
-    """KL to the reference as a loss term (GRPO's use_kl_loss): the k3 estimator per token, sum(k3 / denom). Its
-    gradient flows through the current log-probs. Each token's term is clamped to at most 10 (and the log-ratio to
-    +-20), as verl's low_var_kl and OpenRLHF's k3 do: exp(log_r) is unbounded, and one token the reference rates 10
-    nats above the policy (a term of ~2e4 x the others) would take the whole clipped gradient norm of the step."""
+    """KL to the reference as a loss term (GRPO's use_kl_loss): the bounded k3 estimator per token (kl_k3_bounded),
+    sum(k3 / denom). Its gradient flows through the current log-probs; a token at the bound has none: one token the
+    reference rates 10 nats above the policy (a term of ~2e4 x the others) would take the whole clipped gradient norm."""
     denom = logprobs.numel() if denom is None else denom
-    log_r = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
-    return (torch.clamp(torch.expm1(log_r) - log_r, max=10.0) / denom).sum()
+    return (kl_k3_bounded(logprobs, ref_logprobs) / denom).sum()
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float,
