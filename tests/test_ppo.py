@@ -1729,7 +1729,23 @@ def test_a_checkpoint_resumes_only_on_the_same_model_profile_and_adapter_bytes(t
     before = upstream(tiny_models["llama"], rm)
     assert resume_mismatch(before, upstream(tiny_models["llama"], copy)) is None
     assert resume_mismatch(before, upstream(bf16_profile, rm)) == \
-        f"was trained with other settings (model_config: {tiny_models['llama']} -> {bf16_profile})"
+        f"was trained with other settings (model_config: {tiny_models['llama']} -> {bf16_profile}, " \
+        f"model_profile.dtype: float32 -> bfloat16)"
+    # the same profile file edited in place: its dtype, then a chat template file of its own, then that file's text
+    edited = tmp_path / "profile.yaml"
+    edited.write_text(Path(tiny_models["llama"]).read_text())
+    here = upstream(edited, rm)
+    edited.write_text(Path(bf16_profile).read_text())
+    assert resume_mismatch(here, upstream(edited, rm)) == \
+        "was trained with other settings (model_profile.dtype: float32 -> bfloat16)"
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    edited.write_text(Path(tiny_models["llama"]).read_text() + f"\nchat_template: {template}\n")
+    with_template = upstream(edited, rm)
+    assert "model_profile.chat_template: None ->" in resume_mismatch(here, with_template)
+    template.write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")
+    assert resume_mismatch(with_template, upstream(edited, rm)).startswith(
+        "was trained with other settings (model_profile.chat_template_digest: ")
     assert resume_mismatch(before, upstream(tiny_models["llama"], retrained)).startswith(
         "was trained from other sft/rm adapters")
     with pytest.MonkeyPatch.context() as mp:  # the same run under another launch's mixed precision

@@ -210,9 +210,27 @@ def trained_from(upstream: dict, config: dict, prompts: list) -> dict:
     if config["ppo"]["lr_scheduler_type"] in SCHEDULERS_OVER_TOTAL:
         settings["total_updates"] = config["ppo"]["total_updates"]
     settings["model_config"] = config["run"].get("model_config")
+    settings["model_profile"] = profile_record(config["run"].get("model_config"))
     settings["mixed_precision"] = launch_mixed_precision()  # the launch's autocast changes every forward
     digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]
     return {**upstream, "settings": settings, "prompts": digest}
+
+
+def profile_record(path: str | None) -> dict | None:
+    """The model profile's contents, not only its path: a profile edited in place (dtype, base, chat template) makes
+    another run. A chat template file counts by its digest."""
+    if not path:
+        return None
+    from dataclasses import asdict
+
+    from pipeline.models import profile_from
+    from pipeline.run import file_digest
+
+    record = asdict(profile_from(path))
+    record.pop("description", None)  # words about the base, not the base
+    if record.get("chat_template"):
+        record["chat_template_digest"] = file_digest(resolve_path(record["chat_template"]))
+    return record
 
 
 def resume_mismatch(before: dict | None, now: dict) -> str | None:
@@ -227,6 +245,9 @@ def resume_mismatch(before: dict | None, now: dict) -> str | None:
         return "does not record the settings it was trained with"
     # Checkpoints written before the launch's mixed precision was recorded ran without autocast: PPO ignored it then.
     old, new = ({"mixed_precision": "no", **settings} for settings in (old, new))
+    flat = lambda settings: {**{k: v for k, v in settings.items() if k != "model_profile"},  # noqa: E731
+                             **{f"model_profile.{k}": v for k, v in (settings.get("model_profile") or {}).items()}}
+    old, new = flat(old), flat(new)  # a profile's changes name its fields, not the whole record
     changed = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
         return f"was trained with other settings ({', '.join(changed)})"
