@@ -166,6 +166,14 @@ def fp32_head(head: nn.Module) -> nn.Module:
 
         head.register_forward_pre_hook(input_to_head_dtype)
         head._input_to_head_dtype = True
+        forward = head.forward
+
+        def forward_without_autocast(*args, **kwargs):  # a launch's bf16 autocast would run the fp32 Linear in bf16
+            device = args[0].device.type if args and torch.is_tensor(args[0]) else "cpu"
+            with torch.autocast(device, enabled=False):
+                return forward(*args, **kwargs)
+
+        head.forward = forward_without_autocast
     return head
 
 

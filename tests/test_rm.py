@@ -871,3 +871,24 @@ def test_reload_verdict_at_the_launchs_mixed_precision_by_hand():
     assert reload_verdict(*close, "bfloat16", False, "bf16")["dtype"] == "bfloat16"  # the reload's own dtype already
     unrelated = reload_verdict(close[0], close[1], [0.3, -1.0, 0.9], [1.2, 0.4, -0.6], "float32", False, "bf16")
     assert not unrelated["ok"] and "not saved" in unrelated["problem"]
+
+
+def test_an_fp32_head_scores_in_fp32_under_a_launchs_bf16_autocast():
+    """fp32_head's promise, under the GPU configs' mixed precision (torch.autocast bf16): the Linear ran in bf16,
+    rounding a score of ~0.4 by up to 4e-3. The head's output is the fp32 computation, to the bit, with autocast on or
+    off; a bf16 hidden state is cast to the head's dtype first. The same for a peft modules_to_save wrapper's copy."""
+    import torch
+    from peft.utils import ModulesToSaveWrapper
+
+    from pipeline.adapters import fp32_head
+
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 64).to(torch.bfloat16)
+    for head in (torch.nn.Linear(64, 1), ModulesToSaveWrapper(torch.nn.Linear(64, 1), "reward")):
+        head = fp32_head(head.to(torch.bfloat16))
+        active = head.modules_to_save["reward"] if isinstance(head, ModulesToSaveWrapper) else head
+        want = torch.nn.functional.linear(hidden.float(), active.weight, active.bias)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = head(hidden)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert torch.equal(head(hidden), want)
