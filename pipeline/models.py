@@ -54,6 +54,20 @@ def profile_from(path: str) -> ModelProfile:
     return load_model_profile(resolve_path(path))
 
 
+def check_context(profile: ModelProfile, longest_prompt: int, new_tokens: int, flag: str, prompt_flag: str) -> None:
+    """A prompt and its reply must fit the base's positions: past them an absolute-position model (GPT-2) fails with an
+    index error mid-sampling, after the run folder was prepared, and a rotary one reads positions it never trained on."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_base(profile.name_or_path), trust_remote_code=profile.trust_remote_code)
+    limit = next((v for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                  if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+    if limit is not None and longest_prompt + new_tokens > limit:
+        raise ConfigError(f"the longest prompt ({longest_prompt} tokens with the chat template) and {flag} {new_tokens} "
+                          f"make {longest_prompt + new_tokens} positions, more than the base model's {limit}: lower "
+                          f"{flag} or {prompt_flag}")
+
+
 def dtype_of(profile: ModelProfile) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[profile.dtype]
 

@@ -115,6 +115,13 @@ CASES = [
     ("ppo-seed-negative", "stages.ppo", PPO + ["--seed", "-1"], ["--seed", "[0, 4294967296)"]),
     ("ppo-scheduler-unknown", "stages.ppo", PPO + ["--lr_scheduler_type", "bogus"], ["lr_scheduler_type 'bogus'"]),
     ("dpo-beta-0", "stages.dpo", ["--config", "configs/dpo.yaml", "--beta", "0"], ["--beta", "> 0"]),
+    # a prompt and its reply past the base's 512 positions (the tiny models'): GPT-2 fails mid-sampling, after prepare
+    ("pairs-past-the-positions", "stages.pairs", PAIRS + ["--max_new_tokens", "600"],
+     ["--max_new_tokens 600 make", "more than the base model's 512", "--max_prompt_tokens"]),
+    ("ppo-past-the-positions", "stages.ppo", PPO + ["--response_length", "600"],
+     ["--response_length 600 make", "more than the base model's 512", "--max_prompt_length"]),
+    ("eval-past-the-positions", "stages.eval", EVAL + ["--max_new_tokens", "600"],
+     ["--max_new_tokens 600 make", "more than the base model's 512", "--max_prompt_tokens"]),
 ]
 
 
