@@ -83,8 +83,16 @@ def preference_problem(row: dict) -> str | None:
     return None
 
 
-def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = False) -> list[dict]:
+def conversation_holds(prompt: list, text: str) -> bool:
+    """Whether a text prompt is a user turn of the conversations' shared start (HuggingFaceH4/ultrafeedback_binarized:
+    a `prompt` text beside whole conversations), so that TRL's extracted prompt loses nothing."""
+    return any(m["role"] == "user" and m["content"].strip() == text.strip() for m in prompt)
+
+
+def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = False,
+             origin: str | None = None) -> list[dict]:
     """Rows -> {prompt, chosen, rejected, source, margin, tie}; equal or empty pairs dropped, counted per source.
+    `origin`: the file or Hub id the rows came from, for the errors (default: `source`).
 
     Implicit-prompt rows (chosen/rejected hold the whole conversation or text) get their shared prefix as the
     prompt, as TRL does, so that every pair has a prompt to split on."""
@@ -92,23 +100,38 @@ def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = 
 
     pairs = []
     for i, row in enumerate(ds):
+        where = f"{origin or source} row {i + 1}"
         problem = preference_problem(row)
         if problem:
-            raise ConfigError(f"{source} row {i + 1}: {problem}: give 'chosen' and 'rejected' (and optionally 'prompt') "
+            raise ConfigError(f"{where}: {problem}: give 'chosen' and 'rejected' (and optionally 'prompt') "
                               f"as texts or as lists of {{'role', 'content'}} messages")
         name = str(row["source"]) if source_column else source
         counts[name]["read"] += 1
         if row["chosen"] == row["rejected"]:
             counts[name]["equal"] += 1
             continue
-        ex = maybe_extract_prompt({k: row[k] for k in ("prompt", "chosen", "rejected") if row.get(k) is not None})
-        if is_empty(ex["chosen"]) or is_empty(ex["rejected"]):
+        # Before TRL's extract_prompt, which fails on an empty text (UnboundLocalError) and makes a blank one look full.
+        if is_empty(row["chosen"]) or is_empty(row["rejected"]):
             counts[name]["empty"] += 1
             continue
-        fields = [ex["chosen"], ex["rejected"]] + ([ex["prompt"]] if ex["prompt"] else [])
-        if len({is_messages(f) for f in fields}) > 1:
-            raise ConfigError(f"{source} row {i} mixes plain-text and conversational fields: give prompt, chosen and "
-                              f"rejected all as strings or all as lists of {{'role', 'content'}} messages")
+        given = {k: row[k] for k in ("prompt", "chosen", "rejected") if row.get(k) is not None}
+        # The kinds as given: TRL's maybe_extract_prompt drops a prompt of the other kind than the replies and takes the
+        # replies' shared start instead, which is nothing when they are the assistant turns alone.
+        if len({is_messages(v) for v in given.values()}) > 1:
+            replies = is_messages(row["chosen"]) and is_messages(row["rejected"])
+            kept = maybe_extract_prompt(given)["prompt"] if replies else []
+            if not (isinstance(row.get("prompt"), str) and conversation_holds(kept, row["prompt"])):
+                raise ConfigError(f"{where} mixes plain-text and conversational fields: give prompt, chosen and "
+                                  f"rejected all as strings or all as lists of {{'role', 'content'}} messages (a text "
+                                  f"prompt as [{{'role': 'user', 'content': ...}}])")
+        if isinstance(row["chosen"], str) and "prompt" not in given and row["chosen"][0] != row["rejected"][0]:
+            # Nothing shared. TRL's extract_prompt would look at chosen[-1] here: "Yes " vs "No" became " " vs "o".
+            ex = {"prompt": "", "chosen": row["chosen"], "rejected": row["rejected"]}
+        else:
+            ex = maybe_extract_prompt(given)
+        if is_empty(ex["chosen"]) or is_empty(ex["rejected"]):  # a conversation whose differing part is blank
+            counts[name]["empty"] += 1
+            continue
         strength = strength_value(row.get(args.margin_column), args.margin_column) if args.margin_scale else 0.0
         # A tie exported in both orders (label-export's is_tie) trains the rewards together; it has no right answer.
         pairs.append({"prompt": ex["prompt"], "chosen": ex["chosen"], "rejected": ex["rejected"], "source": name,
@@ -124,7 +147,8 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], di
         ds = load_any(args.dataset_name, args.dataset_split)
         require_columns(ds, ["chosen", "rejected"], args.dataset_name, fix)
         name = Path(args.dataset_name).stem if resolve_path(args.dataset_name).exists() else args.dataset_name
-        pairs = to_pairs(ds, name, args, counts, source_column="source" in ds.column_names)
+        pairs = to_pairs(ds, name, args, counts, source_column="source" in ds.column_names,
+                         origin=args.dataset_name)
         return pairs, {}, counts, args.dataset_name
     if not args.dataset_mixture:
         raise ConfigError("no preference data: set dataset_mixture in configs/rm.yaml or pass --dataset_name")
@@ -154,7 +178,7 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], di
             path, name = key, Path(key).stem if resolve_path(key).exists() else key
         ds = load_any(path)
         require_columns(ds, ["chosen", "rejected"], path, fix)
-        rows = to_pairs(ds, name, args, counts)
+        rows = to_pairs(ds, name, args, counts, origin=path)
         if spec.get("max_rows"):
             random.Random(seed).shuffle(rows)
             rows = rows[: int(spec["max_rows"])]

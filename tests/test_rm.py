@@ -256,6 +256,32 @@ def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
     assert counts["pandalm"]["eval"] == len(eval_rows) and counts["pandalm"]["empty"] == 52
 
 
+def test_prompt_kinds_and_empty_replies(tmp_path):
+    """A prompt of the other kind than its replies is refused before TRL's maybe_extract_prompt drops it (a text
+    prompt beside assistant turns alone came out as prompt []), unless the conversations hold it as a user turn
+    (ultrafeedback_binarized's layout); an empty text reply is dropped as empty (TRL's extract_prompt raised
+    UnboundLocalError), and a reply ending in a space is not empty."""
+    user, bot = ({"role": role, "content": text} for role, text in (("user", "Capital of France?"), ("assistant", "Paris.")))
+    rome = {"role": "assistant", "content": "Rome."}
+    mixed = {"text_prompt": {"prompt": "Capital of France?", "chosen": [bot], "rejected": [rome]},
+             "messages_prompt": {"prompt": [user], "chosen": "Paris.", "rejected": "Rome."}}
+    for name, row in mixed.items():
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [row])
+        with pytest.raises(ConfigError, match=f"^{path} row 1 mixes plain-text and conversational fields: give prompt, "
+                                              f"chosen and rejected all as strings or all as lists"):
+            load_pairs(RMArgs(dataset_name=str(path)), None, 0)
+    whole = write_jsonl(tmp_path / "whole.jsonl", [{"prompt": "Capital of France?", "chosen": [user, bot],
+                                                    "rejected": [user, rome]}])
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(whole)), None, 0)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [([user], [bot], [rome])]
+
+    rows = [{"chosen": "", "rejected": "Something."}, {"chosen": "Yes ", "rejected": "No"},
+            {"chosen": "Sure.", "rejected": "  "}]
+    pairs, _, counts, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "blank.jsonl", rows))), None, 0)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("", "Yes ", "No")]
+    assert dict(counts) == {"blank": {"read": 3, "empty": 2}}
+
+
 def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path, capsys):
     runs_dir = tmp_path / "runs"
     fake_sft(tiny_models["llama"], runs_dir, "t")
