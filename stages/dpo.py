@@ -194,7 +194,9 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
 
     # 0. Upstream: the SFT adapter, on this base, and combinable with DPO's LoRA (same targets, plain LoRA).
     sft = stage.need("sft")
-    sft_dir = check_adapter(sft["outputs"]["adapter"], AutoConfig.from_pretrained(base_path), what="SFT (policy)")
+    sft_dir = check_adapter(sft["outputs"]["adapter"],
+                            AutoConfig.from_pretrained(base_path, trust_remote_code=profile.trust_remote_code),
+                            what="SFT (policy)")
     require_combinable(sft_dir, list(profile.lora_target_modules), what="SFT (policy)")
 
     # 1. Data (the reward model's loader, filters and split), tokenizer and model, all checked before the run folder

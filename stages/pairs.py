@@ -125,7 +125,8 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     sft = stage.need("sft")
     profile = profile_from(run.model_config)
     adapter = sft["outputs"]["adapter"]  # on this very base, checked before the run folder is touched
-    check_adapter(adapter, AutoConfig.from_pretrained(resolve_base(profile.name_or_path)), what="SFT")
+    check_adapter(adapter, AutoConfig.from_pretrained(resolve_base(profile.name_or_path),
+                                                      trust_remote_code=profile.trust_remote_code), what="SFT")
     tokenizer = load_tokenizer(profile)
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     # 1. Prompts, read, checked and encoded before the run folder is touched (bad input loses nothing already written)

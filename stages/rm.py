@@ -2,7 +2,7 @@
 
     make rm                                    # accelerate launch ... -m stages.rm --config configs/rm.yaml
     make rm ARGS="--dataset_name my_prefs.jsonl --learning_rate 1e-4"
-    python -m stages.rm --reload-check EVAL_PAIRS.jsonl DTYPE BATCH 4BIT ADAPTER_DIR...   # the stage's last check
+    python -m stages.rm --reload-check EVAL_PAIRS.jsonl DTYPE BATCH 4BIT TRUST ADAPTER_DIR...   # the stage's last check
 
 Reads: the SFT manifest of the run (the reward model must sit on the policy's base, so that PPO can stack both
 adapters on one model), this run's label export when present, and the bundled human preferences in
@@ -127,7 +127,9 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
 
     # 0. Upstream: the SFT adapter must sit on this very base (PPO stacks policy and reward adapters on one model).
     sft = stage.need("sft")
-    check_adapter(sft["outputs"]["adapter"], AutoConfig.from_pretrained(base_path), what="SFT (policy)")
+    check_adapter(sft["outputs"]["adapter"],
+                  AutoConfig.from_pretrained(base_path, trust_remote_code=profile.trust_remote_code),
+                  what="SFT (policy)")
 
     # 1. Data and tokenizer, all checked before anything in the run folder is touched.
     tokenizer = load_tokenizer(profile)
@@ -183,7 +185,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     elif state.is_main_process:
         reloads, reload_seconds = check_reload(adapters, pairs_file, scores, profile.dtype,
                                                train_cfg.per_device_eval_batch_size, profile.load_in_4bit,
-                                               train_cfg.mixed_precision)
+                                               train_cfg.mixed_precision, profile.trust_remote_code)
     if state.is_main_process:
         member_rows = [member_row(m, seed + i, eval_rows, reload) for i, (m, reload) in enumerate(zip(members, reloads))]
         joint = ensemble_score(torch.tensor([m["scores"] for m in members]),

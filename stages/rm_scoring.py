@@ -110,30 +110,32 @@ def heldout_metrics(eval_rows: list[dict], chosen: list[float], rejected: list[f
 # ---------------------------------------------------------------- the fresh-process reload check
 
 def reload_scores(pairs_file: str, dtype: str = "float32", batch_size: str = "16", load_in_4bit: str = "0",
-                  *adapter_dirs: str):
+                  trust_remote_code: str = "0", *adapter_dirs: str):
     """Runs in a fresh process: each adapter folder in turn (an ensemble's members share the process and its imports),
     its scores written to reload_check.json beside the folder."""
     read = [json.loads(line) for line in open(pairs_file)]
     for adapter_dir in adapter_dirs:
         pairs = [dict(p) for p in read]  # each adapter's own tokenizer encodes the pairs that carry no ids
-        scores = reloaded_pair_scores(adapter_dir, pairs, dtype, int(batch_size), load_in_4bit == "1")
+        scores = reloaded_pair_scores(adapter_dir, pairs, dtype, int(batch_size), load_in_4bit == "1",
+                                      trust_remote_code == "1")
         atomic_write_json(Path(adapter_dir).parent / "reload_check.json",
                           {"chosen": scores[: len(pairs)], "rejected": scores[len(pairs) :]})
 
 
-def reloaded_pair_scores(adapter_dir: str, pairs: list[dict], dtype: str, batch_size: int, quantized: bool) -> list[float]:
+def reloaded_pair_scores(adapter_dir: str, pairs: list[dict], dtype: str, batch_size: int, quantized: bool,
+                         trust_remote_code: bool = False) -> list[float]:
     """Stock peft + the tokenizer saved beside the adapter + the pooling its score_pooling.json names
     (pipeline.adapters.pool_in_forward), nothing else of ours. The base is loaded as the stage loaded it: in the
-    profile's dtype, and in 4-bit when the profile says so."""
+    profile's dtype, in 4-bit when the profile says so, with its code when the profile trusts it."""
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
     from pipeline.models import bnb_4bit_config
 
     extra = {"quantization_config": bnb_4bit_config(dtype), "device_map": {"": "cuda"}} if quantized else {}
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
     model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=getattr(torch, dtype),
-                                                                   **extra)
+                                                                   trust_remote_code=trust_remote_code, **extra)
     if model.config.pad_token_id is None:  # bases without a pad id in config.json (STACK-NOTES 3)
         model.config.pad_token_id = tokenizer.pad_token_id
     pooling = read_pooling(adapter_dir)
@@ -203,17 +205,17 @@ def require_saved_head(adapter_dir: Path, head: str) -> None:
 
 def check_reload(adapter_dirs: list[Path], pairs_file: Path, scores: list[tuple[list[float], list[float]]],
                  dtype: str = "float32", batch_size: int = 16, load_in_4bit: bool = False,
-                 mixed_precision: str = "no") -> tuple[list[dict], float]:
-    """Reload each saved adapter in one fresh process, in the profile's dtype (and 4-bit); each one's held-out scores
-    (chosen, rejected; computed under the launch's `mixed_precision`) must come back (the head was saved). Each one's
-    verdict, and the process's seconds."""
+                 mixed_precision: str = "no", trust_remote_code: bool = False) -> tuple[list[dict], float]:
+    """Reload each saved adapter in one fresh process, in the profile's dtype (and 4-bit; its code run when the profile
+    says trust_remote_code); each one's held-out scores (chosen, rejected; computed under the launch's
+    `mixed_precision`) must come back (the head was saved). Each one's verdict, and the process's seconds."""
     # A clean environment for the child: no torch.distributed variables from `accelerate launch`.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("ACCELERATE_")}
     t0 = time.time()
     cmd = [sys.executable, "-m", "stages.rm", "--reload-check", pairs_file, dtype, batch_size, int(bool(load_in_4bit)),
-           *adapter_dirs]
+           int(bool(trust_remote_code)), *adapter_dirs]
     proc = subprocess.run([str(c) for c in cmd], cwd=resolve_path("."), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"reloading the reward adapters {', '.join(map(str, adapter_dirs))} in a fresh process "

@@ -238,6 +238,55 @@ def tiny_models_bf16(tiny_models, tmp_path_factory):
     return profiles
 
 
+# A Llama whose config.json names a model type transformers does not know, with its classes in the folder (auto_map):
+# as a Hub checkpoint with its own code, it loads only with trust_remote_code.
+CUSTOM_CONFIG_PY = """from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "tiny_custom"
+"""
+CUSTOM_MODELING_PY = """from transformers import AutoModel, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyModel(LlamaModel):
+    config_class = TinyConfig
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+
+
+class TinyForSequenceClassification(LlamaForSequenceClassification):
+    config_class = TinyConfig
+
+    def __init__(self, config):  # its body comes from AutoModel, which knows no config class of a remote module
+        AutoModel.register(type(config), TinyModel, exist_ok=True)
+        super().__init__(config)
+"""
+
+
+@pytest.fixture(scope="session")
+def custom_code_model(tokenizer_dir, tmp_path_factory):
+    """A model profile (trust_remote_code: true) on a tiny Llama that carries its own modeling code."""
+    import json
+
+    root = tmp_path_factory.mktemp("custom_code")
+    model_dir = build_tiny_model("llama", tokenizer_dir, root / "tiny_custom")
+    (model_dir / "configuration_tiny.py").write_text(CUSTOM_CONFIG_PY)
+    (model_dir / "modeling_tiny.py").write_text(CUSTOM_MODELING_PY)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["model_type"] = "tiny_custom"
+    config["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+                          "AutoModelForSequenceClassification": "modeling_tiny.TinyForSequenceClassification"}
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    profile = root / "tiny_custom.yaml"
+    profile.write_text(f"name_or_path: {model_dir}\nlora_target_modules: {LLAMA_TARGETS}\ntrust_remote_code: true\n")
+    return profile
+
+
 # ---------------------------------------------------------------------------------------------------- real templates
 # Real chat templates (TRL ships the checkpoints' own files in trl/chat_templates/) on tokenizers trained here, with
 # the special tokens each family uses. `stop` is what the checkpoint's generation_config lists as eos_token_id.

@@ -289,6 +289,16 @@ def test_uncombinable_sft_adapters_are_refused(tiny_models, marker_data, tmp_pat
     require_combinable(runs_dir / "t" / "sft" / "adapter", ["q_proj", "v_proj"], what="SFT")  # its own targets: fine
 
 
+def test_a_base_with_its_own_code(custom_code_model, tmp_path):
+    """The profile's trust_remote_code reaches the SFT adapter's check against the base's config (it raised "contains
+    custom code" without it)."""
+    runs_dir = tmp_path / "runs"
+    fake_sft(custom_code_model, runs_dir, "t")
+    data = write_jsonl(tmp_path / "marker.jsonl", marker_rows(40))
+    m = main(*parse_args(dpo_args(custom_code_model, runs_dir, "t", "--dataset_name", str(data), "--num_train_epochs", "1")))
+    assert m["eval_pairs"] == 8 and m["train_pairs"] == 32
+
+
 def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     runs_dir = tmp_path / "runs"
     llama = tiny_models["llama"]

@@ -197,6 +197,20 @@ def test_a_broken_sft_adapter_is_one_error_and_the_finished_pairs_stay(tiny_mode
     assert snapshot(runs_dir / "broken" / "pairs") == before and (runs_dir / "broken/pairs/manifest.json").is_file()
 
 
+def test_pairs_on_a_base_with_its_own_code(custom_code_model, runs_dir):
+    """The profile's trust_remote_code reaches the SFT adapter's check against the base's config (it raised "contains
+    custom code" without it)."""
+    import stages.pairs as pairs
+    from pipeline.config import RunArgs, parse
+    from pipeline.generation import SamplingConfig
+
+    profile = str(custom_code_model)
+    make_sft_run(runs_dir, "r", profile)
+    args = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "r", "--model_config", profile,
+            *TINY, "--max_prompts", "2"]
+    assert pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), args))["pairs"] == 2
+
+
 def test_pair_rows_drop_identical_and_repeated_pairs_so_every_pair_id_is_unique():
     from stages.pairs import pair_rows
 

@@ -310,6 +310,16 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path, capsys):
     assert not list(runs_dir.glob("*/rm/manifest.json"))
 
 
+def test_a_base_with_its_own_code_trains_and_reloads(custom_code_model, tmp_path):
+    """The profile's trust_remote_code reaches every load of the base: the SFT adapter's check against the base's
+    config and the fresh-process reload check both refused it ("contains custom code") without the flag."""
+    runs_dir = tmp_path / "runs"
+    fake_sft(custom_code_model, runs_dir, "t")
+    data = write_jsonl(tmp_path / "marker.jsonl", marker_rows(40))
+    m = main(*parse_args(rm_args(custom_code_model, runs_dir, "t", "--dataset_name", str(data), "--num_train_epochs", "1")))
+    assert m["eval_pairs"] == 8 and m["train_pairs"] == 32 and m["reload_check"]["max_abs_diff"] <= 1e-4
+
+
 def test_reward_adapter_for_another_base_is_refused(trained, tiny_models):
     from pipeline.adapters import AdapterStack
 
