@@ -50,6 +50,10 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
                     if split not in ds:
                         raise ConfigError(f"dataset folder {path} has splits {list(ds)}, not '{split}'")
                     ds = ds[split]
+                elif split != "train":  # as a file: one split, read whatever --dataset_split says (it read train rows)
+                    raise ConfigError(f"dataset folder {path} holds one saved Dataset, one split: drop --dataset_split "
+                                      f"{split} (it picks a split of a saved DatasetDict, a folder of data files or a "
+                                      f"Hub id)")
                 return ds
             files = split_files(path, split)
             for f in files:

@@ -124,6 +124,8 @@ def test_score_each_distinct_item_once_spreads_the_scores_back_in_order():
 def test_a_dataset_folder_reads_its_train_split_by_the_hubs_file_names(tmp_path):
     """A downloaded dataset folder (data/train.jsonl and data/test.jsonl) was read whole: its test rows trained. Now
     the split comes from the file names as on the Hub; a folder whose names say no split is one train split."""
+    import datasets
+
     from pipeline.config import ConfigError
     from pipeline.data import load_any
 
@@ -143,6 +145,14 @@ def test_a_dataset_folder_reads_its_train_split_by_the_hubs_file_names(tmp_path)
     assert load_any(str(tmp_path / "only_test"), "test")["x"] == [6] and load_any(str(tmp_path / "hub"), "test")["x"] == [3]
     with pytest.raises(ConfigError, match=r"is one split: --dataset_split test picks a split of a folder or a Hub id"):
         load_any(str(tmp_path / "plain" / "one.jsonl"), "test")
+    # a folder of one saved Dataset is one split too (--dataset_split test read its rows as if they were the test split)
+    datasets.Dataset.from_dict({"x": [9]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_any(str(tmp_path / "saved"))["x"] == [9]
+    with pytest.raises(ConfigError, match=rf"^dataset folder {tmp_path / 'saved'} holds one saved Dataset, one split: "
+                                          rf"drop --dataset_split test \(it picks a split of a saved DatasetDict"):
+        load_any(str(tmp_path / "saved"), "test")
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"x": [10]})}).save_to_disk(str(tmp_path / "saved_dict"))
+    assert load_any(str(tmp_path / "saved_dict"), "test")["x"] == [10]
     write(tmp_path / "mixed" / "a.jsonl", [7])
     (tmp_path / "mixed" / "b.csv").write_text("x\n8\n")
     with pytest.raises(ConfigError, match="mixes csv and json files in its 'train' split: keep one format"):
