@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, RunArgs, parse, read_yaml, resolve_path, to_dict
+from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.lora_combine import combine_loras, merge_into_base, require_combinable, save_lora
 from pipeline.models import (MIXED_PRECISION_DTYPE, check_adapter, load_base, load_tokenizer, lora_config, profile_from,
                              resolve_base, save_fingerprint, to_device)
@@ -56,7 +56,8 @@ class DPOArgs:
     dataset_mixture: dict = field(default_factory=dict, metadata={
         "help": "Source -> {weight, max_rows} as in rm.yaml; empty: rm_config's mixture. JSON on the CLI."})
     rm_config: str = field(default="configs/rm.yaml", metadata={
-        "help": "The recipe's reward-model config, whose dataset_mixture an empty dataset_mixture means."})
+        "help": "The recipe's reward-model config: its max_prompt_length cuts DPO's pairs, and an empty dataset_mixture "
+                "means its dataset_mixture."})
     eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt in both halves)."})
     # LoRA (DPO's own, on the SFT-merged base)
     lora_r: int = 16
@@ -65,16 +66,22 @@ class DPOArgs:
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)  # the reward model's rules: one error at parse
-        if not self.dataset_mixture and not resolve_path(self.rm_config).is_file():  # read for its mixture
+        if not resolve_path(self.rm_config).is_file():  # read for its max_prompt_length and mixture
             raise ValueError(f"rm_config {self.rm_config} does not exist: give the recipe's reward-model config (its "
-                             f"dataset_mixture is DPO's data), or --dataset_mixture")
+                             f"max_prompt_length cuts DPO's pairs, its dataset_mixture is DPO's data unless "
+                             f"--dataset_mixture is given)")
 
 
 def preference_args(args: DPOArgs) -> RMArgs:
-    """The reward model's data options for our data: same loader, same filters, same split by prompt."""
-    mixture = args.dataset_mixture or read_yaml(resolve_path(args.rm_config)).get("dataset_mixture") or {}
+    """The reward model's data options for our data: same loader, same filters, same split by prompt, same cut (its
+    max_prompt_length). rm_config is parsed as `make rm` parses it: a variant's base_config: counts (read as plain
+    YAML, a variant holding only max_length gave no mixture, and every prompt was cut at the default 64 tokens)."""
+    from stages.rm import parse_args as rm_parse_args
+
+    rm = rm_parse_args(["--config", str(resolve_path(args.rm_config))])[1]
+    mixture = args.dataset_mixture or rm.dataset_mixture
     return RMArgs(dataset_name=args.dataset_name, dataset_split=args.dataset_split, dataset_mixture=mixture,
-                  eval_fraction=args.eval_fraction,
+                  eval_fraction=args.eval_fraction, max_prompt_length=rm.max_prompt_length,
                   margin_scale=0.0)  # DPO's loss has no margin term
 
 
@@ -189,8 +196,9 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
     data_args = preference_args(args)
-    config = {"dpo": to_dict(args) | {"dataset_mixture": data_args.dataset_mixture}, "train": train_cfg.to_dict(),
-              "run": to_dict(run)}
+    config = {"dpo": to_dict(args) | {"dataset_mixture": data_args.dataset_mixture,  # as read from rm_config
+                                      "max_prompt_length": data_args.max_prompt_length},
+              "train": train_cfg.to_dict(), "run": to_dict(run)}
 
     # 0. Upstream: the SFT adapter, on this base, and combinable with DPO's LoRA (same targets, plain LoRA).
     sft = stage.need("sft")

@@ -392,6 +392,33 @@ def test_default_data_is_the_reward_models(recipe):
     assert preference_args(args).dataset_mixture == json.loads(own)
 
 
+def test_rm_config_is_read_as_make_rm_reads_it(tiny_models, tmp_path):
+    """DPO takes rm_config as `make rm` parses it: a variant holding base_config: and one key, read as plain YAML, gave
+    no mixture ("no preference data"), and its max_prompt_length was never taken (DPO kept 64 prompt tokens)."""
+    from pipeline.generation import common_prefix
+    from stages.rm_data import prepare_data
+
+    variant = tmp_path / "rm_variant.yaml"
+    variant.write_text("base_config: configs/rm.yaml\nmax_length: 256\nmax_prompt_length: 40\n")
+    _, args, _ = parse_args(["--config", str(REPO / "configs/dpo.yaml"), "--rm_config", str(variant)])
+    assert preference_args(args).dataset_mixture == {"label-export": {"weight": 1.0}}  # configs/rm.yaml's
+    # Pairs whose prompt and replies are each longer than max_length: each reply keeps max_length - 40 tokens (less a
+    # BOS), the prompt the last 40 tokens before them, which is where the two sequences part.
+    long = " ".join(["the cat sat on a mat"] * 30)
+    rows = [{"prompt": [{"role": "user", "content": f"Number {i}. {long}"}],
+             "chosen": [{"role": "assistant", "content": f"Banana {long}"}],
+             "rejected": [{"role": "assistant", "content": f"Window {long}"}]} for i in range(5)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/dpo.yaml"), "--rm_config", str(variant),
+                                     "--dataset_name", str(data), "--max_length", "128"])
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    train_rows, eval_rows, _, _ = prepare_data(preference_args(args), train_cfg, None, tok)
+    for r in train_rows + eval_rows:
+        bos = int(r["chosen_ids"][0] == tok.bos_token_id)
+        assert len(r["chosen_ids"]) == len(r["rejected_ids"]) == 128
+        assert common_prefix(r["chosen_ids"], r["rejected_ids"]) == bos + 40
+
+
 @pytest.mark.slow
 def test_two_processes_on_the_runs_label_export_ddp_and_sharded_alike(tiny_models, tmp_path):
     """Two real gloo processes, on this run's label export (found through its manifest, as `make rm` finds it): as DDP,
