@@ -142,6 +142,23 @@ def require_chat_template(tokenizer, profile: ModelProfile) -> None:
                           f"trl/chat_templates/ or the template text itself")
 
 
+def refuse_tokenizer_options(train_cfg, stage: str, model_config: str) -> None:
+    """TRL's chat_template_path and eos_token (SFTConfig, RewardConfig) change the tokenizer inside the trainer's
+    __init__, after the stage has tokenized its data with the model profile's tokenizer: the data, the tokenizer saved
+    beside the adapter and the other stages (which load the profile's) would disagree. Refused before anything runs."""
+    template, eos = getattr(train_cfg, "chat_template_path", None), getattr(train_cfg, "eos_token", None)
+    if template:
+        raise ConfigError(f"--chat_template_path {template}: `make {stage}` tokenizes its data with the model "
+                          f"profile's chat template before TRL would switch to this one, and the other stages use the "
+                          f"profile's: remove it and set chat_template: {template} in the model profile "
+                          f"({model_config}) instead (a .jinja file or the template text)")
+    if eos:
+        raise ConfigError(f"--eos_token {eos}: `make {stage}` tokenizes its data with the model profile's tokenizer "
+                          f"(its turns end as its chat template ends them) before TRL would make {eos} the EOS, and "
+                          f"the other stages use the profile's: remove it; to end turns with another token, give the "
+                          f"model profile ({model_config}) a chat_template: that ends them with it")
+
+
 def bnb_4bit_config(dtype: str = "bfloat16"):
     """QLoRA's 4-bit base (Dettmers et al. 2023): NF4, double quantization, computing in bf16, or in fp16 for a
     `dtype: float16` profile (GPUs without bf16, such as the T4 and V100, where the rest of the model is fp16 too)."""

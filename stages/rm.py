@@ -29,7 +29,7 @@ import torch
 
 from pipeline.config import RunArgs, parse, to_dict
 from pipeline.models import (check_adapter, free_memory, load_base, load_tokenizer, lora_config, profile_from,
-                             resolve_base, save_fingerprint, score_head_name)
+                             refuse_tokenizer_options, resolve_base, save_fingerprint, score_head_name)
 from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
@@ -121,6 +121,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     # Keep the `length` column for train_sampling_strategy=group_by_length (the sampler is built after unused columns
     # are removed); the preference collator reads only its own keys, so extra columns are harmless.
     train_cfg.remove_unused_columns = False
+    refuse_tokenizer_options(train_cfg, "rm", run.model_config)
     config = {"rm": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)

@@ -22,8 +22,8 @@ from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_as
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, load_mixture, messages_problem, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import (launch_autocast, load_base, load_tokenizer, lora_config, profile_from, require_chat_template,
-                             resolve_base, save_fingerprint, to_device)
+from pipeline.models import (launch_autocast, load_base, load_tokenizer, lora_config, profile_from,
+                             refuse_tokenizer_options, require_chat_template, resolve_base, save_fingerprint, to_device)
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
@@ -233,6 +233,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
     if 1 <= train_cfg.max_steps < train_cfg.logging_steps:  # a short run would log no loss at all (first/last: None)
         train_cfg.logging_steps = train_cfg.max_steps
+    refuse_tokenizer_options(train_cfg, "sft", run.model_config)
     config = {"sft": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)

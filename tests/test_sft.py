@@ -155,6 +155,31 @@ def test_bad_input_one_clear_error_and_no_manifest(case, tiny_models, runs_dir, 
     assert not (runs_dir / "bad" / "sft" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+@pytest.mark.parametrize("flag,value,fix", [
+    ("--chat_template_path", "my_template.jinja", "remove it and set chat_template: my_template.jinja in the model "
+                                                  "profile ({profile}) instead (a .jinja file or the template text)"),
+    ("--eos_token", "<|im_end|>", "remove it; to end turns with another token, give the model profile ({profile}) a "
+                                  "chat_template: that ends them with it")])
+def test_trl_tokenizer_options_are_refused_for_the_profiles(stage, flag, value, fix, tiny_models, runs_dir, capsys):
+    """TRL's SFTConfig/RewardConfig chat_template_path and eos_token change the tokenizer inside the trainer, after the
+    stage has tokenized its data with the profile's: the data and the saved tokenizer disagreed. One error line naming
+    the flag and the profile, before the run folder exists."""
+    from stages import rm
+
+    profile = tiny_models["llama"]
+    argv = tiny_args(profile, runs_dir, "bad", flag, value) if stage == "sft" else [
+        "--config", str(REPO / "configs/rm.yaml"), "--model_config", str(profile), "--runs_dir", str(runs_dir),
+        "--run", "bad", flag, value]
+    run_main = (lambda: main(*parse_args(argv))) if stage == "sft" else (lambda: rm.main(*rm.parse_args(argv)))
+    code, stderr = guarded_exit(run_main, capsys)
+    err_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err_lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert err_lines[0].startswith(f"error: {flag} {value}: `make {stage}` tokenizes its data with the model profile's")
+    assert err_lines[0].endswith(fix.format(profile=profile)), err_lines[0]
+    assert not runs_dir.exists()
+
+
 def test_config_error_in_process_for_empty_mixture(tiny_models, runs_dir):
     with pytest.raises(ConfigError, match="no SFT data"):
         main(*parse_args(tiny_args(tiny_models["llama"], runs_dir, "x", "--dataset_mixture", "{}")))
