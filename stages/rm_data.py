@@ -43,6 +43,10 @@ def checked_mixture(mixture: dict | str) -> dict:
         unknown = set(spec or {}) - {"weight", "max_rows"}
         if unknown:
             raise ValueError(f"dataset_mixture['{key}'] has unknown key(s) {sorted(unknown)}: use weight, max_rows")
+        rows = (spec or {}).get("max_rows", 0)
+        if not isinstance(rows, int) or rows < 0:  # -5 kept all but 5 pairs, 0.5 none (rows[:0]); SFTArgs' rule
+            raise ValueError(f"dataset_mixture['{key}'] has max_rows {rows!r}: give the pairs to keep from it, a whole "
+                             f"number (0 = all)")
         if float((spec or {}).get("weight", 1.0)) < 0:
             raise ValueError(f"dataset_mixture['{key}'] has a negative weight")
     return mixture

@@ -282,6 +282,26 @@ def test_prompt_kinds_and_empty_replies(tmp_path):
     assert dict(counts) == {"blank": {"read": 3, "empty": 2}}
 
 
+@pytest.mark.parametrize("rows", [-5, 0.5])
+def test_a_mixtures_max_rows_is_a_whole_number(rows, tmp_path):
+    """max_rows -5 kept all but 5 of a source's pairs and 0.5 none (rows[:0]): one error naming the file (or the flag)
+    and the source. A whole number keeps that many, 0 all."""
+    source = "data/preferences/tulu.jsonl"
+    variant = tmp_path / "rm.yaml"
+    variant.write_text(f"base_config: configs/rm.yaml\ndataset_mixture: {{{source}: {{max_rows: {rows}}}}}\n")
+    problem = f"dataset_mixture\\['{source}'\\] has max_rows {rows}: give the pairs to keep from it, a whole number \\(0 = all\\)$"
+    with pytest.raises(ConfigError, match=f"^invalid value of 'dataset_mixture' in {variant}: {problem}"):
+        parse_args(["--config", str(variant)])
+    with pytest.raises(ConfigError, match=f"^invalid value of --dataset_mixture on the command line: {problem}"):
+        parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_mixture", json.dumps({source: {"max_rows": rows}})])
+    for n in (3, 0):  # the file's 774 rows, less its equal and empty pairs, are usable
+        _, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_mixture",
+                                 json.dumps({source: {"max_rows": n}})])
+        pairs, _, counts, _ = load_pairs(args, None, 0)
+        usable = 774 - counts["tulu"]["equal"] - counts["tulu"]["empty"]
+        assert counts["tulu"]["read"] == 774 and usable > 3 and len(pairs) == (n or usable)
+
+
 def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path, capsys):
     runs_dir = tmp_path / "runs"
     fake_sft(tiny_models["llama"], runs_dir, "t")
