@@ -49,10 +49,16 @@ def group_by_prompt(rows: list[dict]) -> list[dict]:
 def group_pair_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
                     margins: torch.Tensor | None = None) -> torch.Tensor:
     """Mean Bradley-Terry loss over pairs given as indices into `rewards` [N]: RewardTrainer's loss, pair by pair."""
+    return pair_losses(rewards, winners, losers, margins).mean()
+
+
+def pair_losses(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
+                margins: torch.Tensor | None = None) -> torch.Tensor:
+    """-log sigmoid(r_winner - r_loser [- margin]) of each pair."""
     diff = rewards[winners] - rewards[losers]
     if margins is not None:
         diff = diff - margins
-    return -F.logsigmoid(diff).mean()
+    return -F.logsigmoid(diff)
 
 
 def shared_prefix_length(sequences: list[list[int]], pad_token_id: int) -> int:
@@ -154,6 +160,14 @@ def grouped_reward_trainer():
         def __init__(self, *args, score_pooling: str = "last", **kwargs):
             super().__init__(*args, **kwargs)
             self.score_pooling = score_pooling
+            self.loss_is_scaled_for_ga = True  # compute_loss divides by the optimizer step's pairs itself
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            """The pairs of one optimizer step: in each micro-batch of its gradient accumulation, on every rank. Groups
+            hold different numbers of pairs, so the mean over each micro-batch's pairs, averaged over micro-batches and
+            ranks, weighted a prompt of few pairs above one of many: not the step's mean over its pairs."""
+            pairs = torch.tensor(sum(len(b["winners"]) for b in batch_samples), device=device)
+            return self.accelerator.gather(pairs.reshape(1)).sum() if self.accelerator.num_processes > 1 else pairs
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # already grouped token ids (group_by_prompt), cut to max_length by rm_data
@@ -168,9 +182,13 @@ def grouped_reward_trainer():
             else:
                 outputs = model(**inputs, use_cache=False)
                 rewards = outputs.logits.squeeze(-1)
-            loss = group_pair_loss(rewards, winners, losers, margins)
+            losses = pair_losses(rewards, winners, losers, margins)
             if self.args.center_rewards_coefficient is not None:  # RewardTrainer's: each pair's reward sum, squared
-                loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards[winners] + rewards[losers]) ** 2)
+                losses = losses + self.args.center_rewards_coefficient * (rewards[winners] + rewards[losers]) ** 2
+            if num_items_in_batch is None:  # held out: the batch's mean
+                loss = losses.mean()
+            else:  # training: this micro-batch's share of the step's mean over all its pairs; the ranks' gradients
+                loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch  # are averaged, hence x ranks
             if mode == "train":
                 seen = inputs["attention_mask"].sum()  # every row's tokens, its shared prefix's included
                 if prefix:

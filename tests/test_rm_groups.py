@@ -200,6 +200,36 @@ def test_grouped_trainer_loss_and_gradient_equal_the_pairwise_trainers(tiny_mode
         torch.testing.assert_close(grad, grads[0], atol=1e-6, rtol=1e-4)
 
 
+def test_a_step_is_the_mean_over_its_pairs_however_its_prompts_are_accumulated(tiny_models):
+    """Prompts of 1 and 3 pairs in one batch, or one a micro-batch over 2 accumulation steps: the same update and
+    loss (the step's mean over its 4 pairs). Each micro-batch's own pair mean, averaged, weighted the 1-pair prompt
+    as much as the other three pairs (loss 0.88 against 0.68 on the same weights)."""
+    from tests.rm_group_step_check import one_step
+
+    whole, loss, _ = one_step(str(tiny_models["llama"]), batch=2, accumulation=1)
+    accumulated, loss_accumulated, _ = one_step(str(tiny_models["llama"]), batch=1, accumulation=2)
+    assert whole.abs().max() > 1e-3  # the step moved the weights: teeth
+    torch.testing.assert_close(accumulated, whole, atol=1e-6, rtol=1e-5)
+    assert loss_accumulated == pytest.approx(loss, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_step_on_two_ranks_is_the_mean_over_all_their_pairs(tiny_models, tmp_path):
+    """One prompt a rank (1 pair and 3 pairs): the update of one process given both prompts in one batch, where the
+    average of the ranks' own pair means weighted the 1-pair prompt as much as the other three pairs."""
+    from tests.conftest import run_module
+    from tests.rm_group_step_check import one_step
+
+    res = run_module("tests.rm_group_step_check", [str(tiny_models["llama"]), "1", "1", str(tmp_path / "step.pt")],
+                     processes=2, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "step.pt")
+    whole, loss, _ = one_step(str(tiny_models["llama"]), batch=2, accumulation=1)
+    assert got["world"] == 2 and whole.abs().max() > 1e-3
+    torch.testing.assert_close(got["update"], whole, atol=1e-6, rtol=1e-5)
+    assert got["loss"] == pytest.approx(loss, abs=1e-6)
+
+
 def _dataset(rows):
     from datasets import Dataset
 
