@@ -277,15 +277,16 @@ ARGPARSE_TYPES = {"int": "a whole number", "float": "a number", "string_to_bool"
                   "_json_dict": "a JSON object such as '{\"data/x.jsonl\": 100}'"}
 
 
-def field_types(classes: tuple) -> dict[str, tuple[Any, Any]]:
-    """Each field's resolved type and default, by name (the first class's, when several share a key)."""
+def field_types(classes: tuple) -> dict[str, tuple[Any, Any, bool]]:
+    """Each field's resolved type, default, and whether YAML's true/false are among its texts (the class's
+    YAML_BOOL_TEXT: PPO's shard_base is auto | true | false), by name (the first class's, when several share a key)."""
     import typing
 
-    out: dict[str, tuple[Any, Any]] = {}
+    out: dict[str, tuple[Any, Any, bool]] = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            out.setdefault(f.name, (hints.get(f.name, Any), f.default))
+            out.setdefault(f.name, (hints.get(f.name, Any), f.default, f.name in getattr(cls, "YAML_BOOL_TEXT", ())))
     return out
 
 
@@ -296,7 +297,7 @@ def takes_none(hint, default) -> bool:
     return default is None or hint is Any or type(None) in typing.get_args(hint)
 
 
-def yaml_type_problem(action, value, hint=Any, default=None) -> str | None:
+def yaml_type_problem(action, value, hint=Any, default=None, yaml_bool: bool = False) -> str | None:
     """What a YAML value should have been for its argparse action, or None. argparse converts (and refuses) text
     itself, but passes a YAML number, list or mapping through as it is: 16.5 for a batch size, a list for a rate.
     An empty value is None, which argparse passes on too: `seed:` left sampling unseeded. YAML reads `no` and `off` as
@@ -310,7 +311,7 @@ def yaml_type_problem(action, value, hint=Any, default=None) -> str | None:
         return None if takes_none(hint, default) else "a value, not empty"
     if hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
                        and set(typing.get_args(hint)) == {str, type(None)}):
-        return None if isinstance(value, str) else "text: put it in quotes"
+        return None if isinstance(value, str) or (yaml_bool and isinstance(value, bool)) else "text: put it in quotes"
     if action.type is _json_dict:
         return None if isinstance(value, (dict, str)) else "a mapping of key: value"
     if action.nargs in ("+", "*"):
@@ -339,7 +340,7 @@ def check_yaml_types(parser, classes: tuple, yaml_values: dict, source_of) -> No
     by_dest = {a.dest: a for a in parser._actions}
     types = field_types(classes)
     for key, value in yaml_values.items():
-        problem = yaml_type_problem(by_dest[key], value, *types.get(key, (Any, None))) if key in by_dest else None
+        problem = yaml_type_problem(by_dest[key], value, *types.get(key, (Any, None, False))) if key in by_dest else None
         if problem:
             raise ConfigError(f"{source_of(key)} is {value!r}: it must be {problem}")
 

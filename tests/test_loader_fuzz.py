@@ -87,7 +87,7 @@ def sft_loader(path: Path, tokenizer, stage: StageRun):
 
     args = SFTArgs(dataset_name=str(path), eval_fraction=0.05)
     ds, name = load_data(args, 0)
-    split_and_tokenize(ds, tokenizer, SimpleNamespace(seed=0, assistant_only_loss=True, max_length=128), args, name)
+    split_and_tokenize(ds, tokenizer, SimpleNamespace(seed=0, assistant_only_loss=True, max_length=128, truncation_mode="keep_start"), args, name)
 
 
 def rm_loader(path: Path, tokenizer, stage: StageRun):

@@ -33,6 +33,7 @@ STAGE_NAMES = {"gae": "ppo", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "re
 
 @dataclass
 class PPOConfig:
+    YAML_BOOL_TEXT = ("shard_base",)  # texts that YAML reads as booleans (`shard_base: true`): pipeline.config takes them
     # Upstream (default: the sft and rm manifests of the run)
     sft_adapter: str | None = field(default=None, metadata={"help": "Policy/reference adapter; default: outputs.adapter of runs/<run>/sft."})
     reward_adapter: str | None = field(default=None, metadata={"help": "Reward/value adapter (SEQ_CLS); default: outputs.adapter of runs/<run>/rm."})
