@@ -421,10 +421,9 @@ def test_the_held_out_rows_are_drawn_with_the_runs_seed():
     assert held[1] != held[2]
 
 
-def test_a_max_length_that_cuts_every_assistant_token_is_refused_at_its_boundary():
-    """TRL cuts each row to max_length and drops rows left without an assistant token. A max_length equal to the
-    earliest assistant token's index keeps none of them (indices 0..max_length-1): one ConfigError naming the least
-    max_length that works (index + 1); at that length the rows go through whole, TRL cuts them."""
+def two_chats_and_their_masks():
+    """The tiny model's tokenizer and end-of-turn token, two chats whose replies start at different tokens, and their
+    rows with assistant masks (no max_length)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -435,7 +434,16 @@ def test_a_max_length_that_cuts_every_assistant_token_is_refused_at_its_boundary
     eot = require_end_of_turn(tok)
     rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Tell me about the rabbit" + " and the hen" * k},
                                             {"role": "assistant", "content": "It hid."}]} for k in (1, 4)])
-    full = with_assistant_masks(rows, tok, eot, "rows.jsonl")
+    return tok, eot, rows, with_assistant_masks(rows, tok, eot, "rows.jsonl")
+
+
+def test_a_max_length_that_cuts_every_assistant_token_is_refused_at_its_boundary():
+    """TRL cuts each row to max_length and drops rows left without an assistant token. A max_length equal to the
+    earliest assistant token's index keeps none of them (indices 0..max_length-1): one ConfigError naming the least
+    max_length that works (index + 1); at that length the rows go through whole, TRL cuts them."""
+    from stages.sft import with_assistant_masks
+
+    tok, eot, rows, full = two_chats_and_their_masks()
     first = min(mask.index(1) for mask in full["assistant_masks"])
     assert first > 5 and with_assistant_masks(rows, tok, eot, "rows.jsonl", first + 1).to_list() == full.to_list()
     with pytest.raises(ConfigError, match=rf"max_length {first} is too small for rows.jsonl: no row has an assistant "
@@ -447,10 +455,6 @@ def test_the_max_length_check_follows_trls_truncation_mode():
     """With truncation_mode keep_end TRL keeps each row's last max_length tokens: a max_length below the first reply's
     start keeps the reply (no error), and the least max_length that works counts back from the row's last assistant
     token. Hand-made masks, then rows of the tiny model's template (a reply, its end-of-turn, one token after it)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    from pipeline.chat import require_end_of_turn
     from stages.sft import kept, tokens_to_keep_a_reply, with_assistant_masks
 
     mask = [0, 0, 0, 1, 1, 0]
@@ -458,11 +462,7 @@ def test_the_max_length_check_follows_trls_truncation_mode():
     assert (tokens_to_keep_a_reply(mask, "keep_start"), tokens_to_keep_a_reply(mask, "keep_end")) == (4, 2)
     assert tokens_to_keep_a_reply([0, 0], "keep_end") is None
 
-    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
-    eot = require_end_of_turn(tok)
-    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Tell me about the rabbit" + " and the hen" * k},
-                                            {"role": "assistant", "content": "It hid."}]} for k in (1, 4)])
-    full = with_assistant_masks(rows, tok, eot, "rows.jsonl")
+    tok, eot, rows, full = two_chats_and_their_masks()
     first = min(mask.index(1) for mask in full["assistant_masks"])
     after = min(len(m) - 1 - max(i for i, bit in enumerate(m) if bit) for m in full["assistant_masks"])
     assert first > 5 and after >= 1
