@@ -889,6 +889,10 @@ def test_a_log_line_cut_by_a_kill_does_not_stop_the_resume(tiny_models, adapters
     log.write_text('{"update": 1}\n{"upd\n{"update": 2}\n')  # damage before the last line is not a kill's: refused
     with pytest.raises(ConfigError, match="metrics.jsonl line 2 is not JSON"):
         logged_rows(log)
+    manifest = Path(runs_dir) / "torn/ppo/manifest.json"  # and by --resume before the finished run's manifest goes
+    with pytest.raises(ConfigError, match="metrics.jsonl line 2 is not JSON"):
+        run_ppo(*args, "--resume")
+    assert manifest.is_file()
 
 
 def test_killed_after_the_last_checkpoint_writes_outputs_without_retraining(tiny_models, adapters, prompts_file,

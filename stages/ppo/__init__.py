@@ -257,7 +257,20 @@ def resume_mismatch(before: dict | None, now: dict) -> str | None:
 
 
 def choose_resume(cfg: PPOConfig, stage: StageRun, upstream: dict) -> Path | None:
-    """The checkpoint to continue from, or None to start over (with a note saying why). `upstream`: trained_from()."""
+    """The checkpoint to continue from, or None to start over (with a note saying why). `upstream`: trained_from().
+    The logs a resume keeps are read here too: a damaged one is refused before the run folder is touched (the trainer
+    reads them only after, when a finished run's manifest is gone)."""
+    from .trainer import logged_rows
+
+    chosen = checkpoint_to_resume(cfg, stage, upstream)
+    if chosen is not None:
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            if (stage.dir / log).exists():
+                logged_rows(stage.dir / log)
+    return chosen
+
+
+def checkpoint_to_resume(cfg: PPOConfig, stage: StageRun, upstream: dict) -> Path | None:
     ckpt = latest_checkpoint(stage.dir)
     if ckpt is None:
         if cfg.resume:
