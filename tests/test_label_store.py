@@ -94,6 +94,18 @@ def test_undo_takes_back_a_skip_and_the_pair_comes_back_unless_others_filled_it(
     assert [h["action"] for h in store.history("alice")] == ["new", "skip", "undo", "skip", "undo", "undo"]
 
 
+def test_a_stale_tabs_skip_of_an_answered_pair_records_nothing(store):
+    """Two tabs under one login: alice labels p000 in one, then presses Skip on p000 in the other, which still shows it.
+    No skip is recorded (nor a second one of a pair already skipped), so her undo takes back her label, as she expects."""
+    store.save_label("alice", "p000", "left", 0)
+    store.skip("alice", "p000")
+    store.skip("alice", "p001")
+    store.skip("alice", "p001")
+    assert [(h["action"], h["pair_id"]) for h in store.history("alice")] == [("new", "p000"), ("skip", "p001")]
+    assert store.undo("alice") == ("p001", "skip") and store.undo("alice") == ("p000", "new")
+    assert store.labels() == [] and store.undo("alice") is None
+
+
 def test_an_undo_never_puts_a_second_person_on_a_full_pair(store):
     """overlap 1. Alice skips p000 and bob takes it: alice's undo takes her skip back, but not the pair while bob's live
     lease fills it, so both saving leaves p000 with bob's label alone; once bob hands it back, it is open to her again.

@@ -506,9 +506,16 @@ class LabelStore:
         return dict(row)
 
     def skip(self, annotator: str, pair_id: str) -> None:
-        """Not for me: the pair goes back to the pool for others and is not shown to this annotator again."""
+        """Not for me: the pair goes back to the pool for others and is not shown to this annotator again. A pair they
+        have labelled or skipped already is left as it is: a second tab still showing it would otherwise record a
+        skip that the next undo takes back instead of their label."""
         now = self.clock()
         with self._tx() as con:
+            answered = con.execute("SELECT 1 FROM labels WHERE pair_id = ? AND annotator = ? UNION ALL "
+                                   "SELECT 1 FROM skips WHERE pair_id = ? AND annotator = ?",
+                                   (pair_id, annotator, pair_id, annotator)).fetchone()
+            if answered:
+                return
             con.execute("INSERT OR IGNORE INTO skips VALUES (?, ?, ?)", (pair_id, annotator, now))
             con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
             self._history(con, "skip", pair_id, annotator, now)
