@@ -79,7 +79,8 @@ def copy_adapter(src: str | Path, dst: Path, base_ref: str) -> Path:
     return dst
 
 
-def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path, dtype: str = "auto") -> float:
+def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path, dtype: str = "auto",
+          trust_remote_code: bool = False) -> float:
     """Base + PPO LoRA folded into plain weights: loads with AutoModelForCausalLM alone, no peft needed. Merged in
     float32, saved in the base's own dtype ("auto") or float32. Returns the relative error of the update as saved,
     ||stored(W + dW) - (W + dW)|| / ||dW|| over the adapted layers: 0 in float32; in bf16, an update smaller than the
@@ -88,8 +89,10 @@ def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path, dtype: str =
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target = torch.float32 if dtype == "float32" else (AutoConfig.from_pretrained(base).dtype or torch.float32)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter))
+    code = {"trust_remote_code": trust_remote_code}  # a base with its own modeling code, as its model profile says
+    target = torch.float32 if dtype == "float32" else (AutoConfig.from_pretrained(base, **code).dtype or torch.float32)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **code),
+                                      str(adapter))
     error = norm = 0.0
     with torch.no_grad():
         for module in model.modules():
@@ -99,7 +102,7 @@ def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path, dtype: str =
                 error += float((merged.to(target).float() - merged).pow(2).sum())
                 norm += float(delta.pow(2).sum())
     model.merge_and_unload().to(target).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir, **code).save_pretrained(out)
     return (error / norm) ** 0.5 if norm else 0.0
 
 
@@ -279,6 +282,14 @@ def stage_rerun_since(ev: dict, upstream: dict[str, dict]) -> str | None:
     return next((name for name, manifest in upstream.items() if read.get(name) != manifest_digest(manifest)), None)
 
 
+def trusts_its_code(sft: dict) -> bool:
+    """The model profile's trust_remote_code, for the merge's load of the base: the profile the SFT stage ran with."""
+    from pipeline.config import load_model_profile
+
+    profile = ((sft.get("config") or {}).get("run") or {}).get("model_config")
+    return bool(profile) and resolve_path(profile).is_file() and load_model_profile(resolve_path(profile)).trust_remote_code
+
+
 def published_rewards(rm: dict, policy: dict) -> dict[str, str]:
     """--include_reward's folders: the reward model the policy optimised, which is the rm stage's (its ensemble as
     reward/, reward-1/, ...) unless the RL stage was given another (`reward_adapter:`). DPO has none of its own: the rm
@@ -346,7 +357,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         extras.append(f"{name}/")
     merged_error = None
     if args.merged:
-        merged_error = merge(base, folder, folder, folder / "merged", args.merged_dtype)
+        merged_error = merge(base, folder, folder, folder / "merged", args.merged_dtype, trusts_its_code(sft))
         extras.append("merged/")
         if merged_error > 0.1:
             print(f"warning: merged/ stores the {args.policy} update with a relative error of {merged_error:.0%} (the "

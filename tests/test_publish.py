@@ -677,3 +677,50 @@ def test_merged_bf16_base_says_how_much_of_the_update_it_keeps(tiny_models, tmp_
     assert w16.dtype == torch.bfloat16 and w32.dtype == torch.float32
     assert error32 == 0.0 and torch.allclose(w32, want, atol=1e-7)
     assert error16 > 0.1  # most of an update this small is lost in bf16, and merge says so
+
+
+def test_merged_takes_the_model_profiles_trust_remote_code(custom_code_model, tiny_models, tmp_path, monkeypatch):
+    """--merged loads the base again: a base with its own modeling code (profile trust_remote_code: true) was refused
+    there. merge() takes the flag (the custom base merges: W + dW by hand), and publish passes the profile's, read from
+    the profile the SFT stage ran with."""
+    import json
+
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import stages.publish as publish
+    from pipeline.config import RunArgs
+    from tests.fake_upstream import build_upstream
+
+    base = yaml.safe_load(custom_code_model.read_text())["name_or_path"]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    want = (layer.get_base_layer().weight + layer.get_delta_weight("default")).detach()
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        publish.merge(base, tmp_path / "adapter", base, tmp_path / "refused")
+    assert publish.merge(base, tmp_path / "adapter", base, tmp_path / "merged", trust_remote_code=True) == 0.0
+    got = load_file(tmp_path / "merged" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.allclose(got, want, atol=1e-7)
+
+    from stages.eval import main as evaluate
+    from stages.eval import parse_args
+
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    seen = []
+    monkeypatch.setattr(publish, "merge", lambda *a, **k: seen.append(a[4:]) or 0.0)
+    for trusted in (True, False):  # the SFT stage's profile, then eval (its report must be newer), then publish
+        profile = tmp_path / f"trusted-{trusted}.yaml"
+        profile.write_text(Path(tiny_models["llama"]).read_text() + f"\ntrust_remote_code: {str(trusted).lower()}\n")
+        manifest = runs / "t" / "sft" / "manifest.json"
+        m = json.loads(manifest.read_text())
+        m.setdefault("config", {})["run"] = {"model_config": str(profile)}
+        manifest.write_text(json.dumps(m))
+        evaluate(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs), "--model_config",
+                              str(tiny_models["llama"]), "--max_new_tokens", "4", "--gold_judge", ""]))
+        publish.main(publish.PublishArgs(dry_run=True, merged=True), RunArgs(run="t", runs_dir=str(runs)))
+    assert seen == [("auto", True), ("auto", False)]

@@ -749,6 +749,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-groups-ranks-not-counted', 'stages/rm_groups.py', 'loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch', 'loss = losses.sum() / num_items_in_batch', 'tests/test_rm_groups.py -k a_step_on_two_ranks'),
     ('ppo-resume-logs-read-after-prepare', 'stages/ppo/__init__.py', '                logged_rows(stage.dir / log)', '                pass', 'tests/test_ppo.py -k log_line_cut'),
     ('store-stale-skip-recorded', 'stages/label/store.py', '            if answered:\n                return\n', '', 'tests/test_label_store.py -k stale_tabs_skip'),
+    ('publish-merge-ignores-trust', 'stages/publish.py', '    code = {"trust_remote_code": trust_remote_code}', '    code = {}', 'tests/test_publish.py -k trust_remote_code'),
+    ('publish-merge-trust-not-passed', 'stages/publish.py', 'args.merged_dtype, trusts_its_code(sft))', 'args.merged_dtype)', 'tests/test_publish.py -k trust_remote_code'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
