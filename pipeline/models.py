@@ -54,12 +54,18 @@ def profile_from(path: str) -> ModelProfile:
     return load_model_profile(resolve_path(path))
 
 
-def check_context(profile: ModelProfile, longest_prompt: int, new_tokens: int, flag: str, prompt_flag: str) -> None:
-    """A prompt and its reply must fit the base's positions: past them an absolute-position model (GPT-2) fails with an
-    index error mid-sampling, after the run folder was prepared, and a rotary one reads positions it never trained on."""
+def base_config(profile: ModelProfile):
+    """The base checkpoint's config, read as the profile says (its own code run when it trusts it): what the stages
+    check an upstream adapter and the prompts' length against before they touch the run folder."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_base(profile.name_or_path), trust_remote_code=profile.trust_remote_code)
+    return AutoConfig.from_pretrained(resolve_base(profile.name_or_path), trust_remote_code=profile.trust_remote_code)
+
+
+def check_context(config, longest_prompt: int, new_tokens: int, flag: str, prompt_flag: str) -> None:
+    """A prompt and its reply must fit the base's positions (`config`: base_config): past them an absolute-position
+    model (GPT-2) fails with an index error mid-sampling, after the run folder was prepared, and a rotary one reads
+    positions it never trained on."""
     limit = next((v for k in ("max_position_embeddings", "n_positions", "n_ctx")
                   if isinstance(v := getattr(config, k, None), int) and v > 0), None)
     if limit is not None and longest_prompt + new_tokens > limit:

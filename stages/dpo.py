@@ -31,7 +31,7 @@ import torch
 
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.lora_combine import combine_loras, merge_into_base, require_combinable, save_lora
-from pipeline.models import (MIXED_PRECISION_DTYPE, check_adapter, load_base, load_tokenizer, lora_config, profile_from,
+from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, load_base, load_tokenizer, lora_config, profile_from,
                              resolve_base, save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
@@ -184,7 +184,6 @@ def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size:
 
 def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
-    from transformers import AutoConfig
 
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     state = PartialState()
@@ -202,9 +201,7 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
 
     # 0. Upstream: the SFT adapter, on this base, and combinable with DPO's LoRA (same targets, plain LoRA).
     sft = stage.need("sft")
-    sft_dir = check_adapter(sft["outputs"]["adapter"],
-                            AutoConfig.from_pretrained(base_path, trust_remote_code=profile.trust_remote_code),
-                            what="SFT (policy)")
+    sft_dir = check_adapter(sft["outputs"]["adapter"], base_config(profile), what="SFT (policy)")
     require_combinable(sft_dir, list(profile.lora_target_modules), what="SFT (policy)")
 
     # 1. Data (the reward model's loader, filters and split), tokenizer and model, all checked before the run folder

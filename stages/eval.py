@@ -34,7 +34,7 @@ from pipeline.adapters import AdapterStack, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.data import prompt_problem, read_jsonl, score_each_once
 from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
-from pipeline.models import (check_context, launch_autocast, load_base, load_tokenizer, profile_from, require_chat_template,
+from pipeline.models import (base_config, check_context, launch_autocast, load_base, load_tokenizer, profile_from, require_chat_template,
                              to_device)
 from pipeline.report import finish_distributed, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard
@@ -319,7 +319,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     judge = load_gold_judge(args, rm, list(trained.values()), prompts)  # checked before the run folder is touched
     prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)  # a prompt the template refuses: here too
-    check_context(profile, max(map(len, prompt_ids)), sampling.max_new_tokens, "--max_new_tokens", "--max_prompt_tokens")
+    check_context(base_config(profile), max(map(len, prompt_ids)), sampling.max_new_tokens, "--max_new_tokens", "--max_prompt_tokens")
     final = {name: final_update(m) for name, m in policies.items() if name in RL_STAGES}  # their metrics files: read
 
     # 1. Every policy adapter, the SFT adapter (also the KL reference) and the reward adapter on one frozen base (sharded

@@ -22,12 +22,10 @@ import time
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from transformers import AutoConfig
-
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, prompt_of, prompt_problem, require_columns
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import (check_adapter, check_context, launch_autocast, load_tokenizer, profile_from, require_chat_template,
+from pipeline.models import (base_config, check_adapter, check_context, launch_autocast, load_tokenizer, profile_from, require_chat_template,
                              resolve_base, to_device)
 from pipeline.report import print_table
 from pipeline.run import StageRun, main_guard
@@ -125,8 +123,8 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     sft = stage.need("sft")
     profile = profile_from(run.model_config)
     adapter = sft["outputs"]["adapter"]  # on this very base, checked before the run folder is touched
-    check_adapter(adapter, AutoConfig.from_pretrained(resolve_base(profile.name_or_path),
-                                                      trust_remote_code=profile.trust_remote_code), what="SFT")
+    base = base_config(profile)  # the SFT adapter checked against it here, the prompts' length below
+    check_adapter(adapter, base, what="SFT")
     tokenizer = load_tokenizer(profile)
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     # 1. Prompts, read, checked and encoded before the run folder is touched (bad input loses nothing already written)
@@ -146,7 +144,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         print(f"note: {n_long} of {n_long + len(prompts)} prompts of {data_name} are longer than max_prompt_tokens="
               f"{args.max_prompt_tokens} tokens (with the chat template; longest {longest}): they "
               f"were left out; raise --max_prompt_tokens to keep them", file=sys.stderr)
-    check_context(profile, max(map(len, encoded)), sampling.max_new_tokens, "--max_new_tokens", "--max_prompt_tokens")
+    check_context(base, max(map(len, encoded)), sampling.max_new_tokens, "--max_new_tokens", "--max_prompt_tokens")
     stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Policy: the frozen base (sharded under the FSDP config) + the run's SFT adapter, on this process's accelerator

@@ -284,17 +284,16 @@ def stage_rerun_since(ev: dict, upstream: dict[str, dict]) -> str | None:
 
 def trusts_its_code(sft: dict) -> bool:
     """The model profile's trust_remote_code, for the merge's load of the base: the profile the SFT stage ran with."""
-    from pipeline.config import load_model_profile
+    from pipeline.models import profile_from
 
     profile = ((sft.get("config") or {}).get("run") or {}).get("model_config")
-    return bool(profile) and resolve_path(profile).is_file() and load_model_profile(resolve_path(profile)).trust_remote_code
+    return bool(profile) and resolve_path(profile).is_file() and profile_from(profile).trust_remote_code
 
 
-def published_rewards(rm: dict, policy: dict) -> dict[str, str]:
+def published_rewards(rm: dict, given: str | None) -> dict[str, str]:
     """--include_reward's folders: the reward model the policy optimised, which is the rm stage's (its ensemble as
-    reward/, reward-1/, ...) unless the RL stage was given another (`reward_adapter:`). DPO has none of its own: the rm
-    stage's."""
-    given = given_reward(policy)
+    reward/, reward-1/, ...) unless the RL stage was given another (`given`: given_reward). DPO has none of its own:
+    the rm stage's."""
     return {"reward": str(resolve_path(given))} if given else reward_members(rm)[0]
 
 
@@ -317,11 +316,12 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     # Every upstream output the folder is built from, before the last publish folder is deleted
     needed = [(args.policy, policy["outputs"]["adapter"]), ("sft", sft["outputs"]["adapter"]),
               ("eval", ev["outputs"]["report"]), ("eval", Path(ev["outputs"]["report"]).with_suffix(".json"))]
-    rewards = published_rewards(rm, policy) if args.include_reward else {}
-    if given_reward(policy) and not Path(rewards.get("reward", ".")).exists():
+    given = given_reward(policy)
+    rewards = published_rewards(rm, given) if args.include_reward else {}
+    if given and args.include_reward and not resolve_path(given).exists():
         raise ConfigError(f"{rewards['reward']}, the reward model the {args.policy} stage of run '{run.run}' was given "
                           f"(reward_adapter), is missing: put it back, or publish without --include_reward")
-    needed += [("rm", path) for path in rewards.values()] if not given_reward(policy) else []
+    needed += [("rm", path) for path in rewards.values()] if not given else []
     needed += [("label-export", label["outputs"]["dataset"])] if label else []
     for name, path in needed:
         if not Path(path).exists():

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunArgs, parse, to_dict
-from pipeline.models import (check_adapter, free_memory, load_base, load_tokenizer, lora_config, profile_from,
+from pipeline.models import (base_config, check_adapter, free_memory, load_base, load_tokenizer, lora_config, profile_from,
                              refuse_tokenizer_options, resolve_base, save_fingerprint, score_head_name)
 from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
@@ -112,7 +112,6 @@ def plan_steps(n_train: int, train_cfg, args: RMArgs, world_size: int) -> dict:
 def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
-    from transformers import AutoConfig
 
     state = PartialState()
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
@@ -128,9 +127,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
 
     # 0. Upstream: the SFT adapter must sit on this very base (PPO stacks policy and reward adapters on one model).
     sft = stage.need("sft")
-    check_adapter(sft["outputs"]["adapter"],
-                  AutoConfig.from_pretrained(base_path, trust_remote_code=profile.trust_remote_code),
-                  what="SFT (policy)")
+    check_adapter(sft["outputs"]["adapter"], base_config(profile), what="SFT (policy)")
 
     # 1. Data and tokenizer, all checked before anything in the run folder is touched.
     tokenizer = load_tokenizer(profile)

@@ -310,7 +310,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     from accelerate import PartialState
     from transformers import set_seed
 
-    from pipeline.models import check_context, load_tokenizer, profile_from, resolve_base, save_fingerprint
+    from pipeline.models import base_config, check_context, load_tokenizer, profile_from, resolve_base, save_fingerprint
 
     from accelerate.utils import parse_flag_from_env
 
@@ -343,7 +343,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     #    make eval and never trained on)
     tokenizer = load_tokenizer(profile)
     prompts, prompt_ids, heldout, notes = load_prompts(cfg, tokenizer)
-    check_context(profile, max(map(len, prompt_ids)), cfg.response_length, "--response_length", "--max_prompt_length")
+    check_context(base_config(profile), max(map(len, prompt_ids)), cfg.response_length, "--response_length", "--max_prompt_length")
     shard = sharding_wanted(cfg, state.num_processes, profile)
     if cfg.reward_input == "chat" and (not getattr(tokenizer, "chat_template", None) or isinstance(prompts[0], str)):
         cfg.reward_input = "tokens"
