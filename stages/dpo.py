@@ -72,13 +72,17 @@ class DPOArgs:
                              f"--dataset_mixture is given)")
 
 
-def preference_args(args: DPOArgs) -> RMArgs:
+def preference_args(args: DPOArgs, max_length: int | None = None) -> RMArgs:
     """The reward model's data options for our data: same loader, same filters, same split by prompt, same cut (its
     max_prompt_length). rm_config is parsed as `make rm` parses it: a variant's base_config: counts (read as plain
     YAML, a variant holding only max_length gave no mixture, and every prompt was cut at the default 64 tokens)."""
     from stages.rm import parse_args as rm_parse_args
 
     rm = rm_parse_args(["--config", str(resolve_path(args.rm_config))])[1]
+    if max_length and not 0 <= rm.max_prompt_length <= max_length // 2:  # rm_data would name neither file
+        raise ConfigError(f"max_prompt_length {rm.max_prompt_length} (from rm_config {args.rm_config}) must be between "
+                          f"0 and half of DPO's max_length ({max_length}): lower it there, raise --max_length, or give "
+                          f"another --rm_config")
     mixture = args.dataset_mixture or rm.dataset_mixture
     return RMArgs(dataset_name=args.dataset_name, dataset_split=args.dataset_split, dataset_mixture=mixture,
                   eval_fraction=args.eval_fraction, max_prompt_length=rm.max_prompt_length,
@@ -194,7 +198,7 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     train_cfg.remove_unused_columns = False
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
-    data_args = preference_args(args)
+    data_args = preference_args(args, train_cfg.max_length)
     config = {"dpo": to_dict(args) | {"dataset_mixture": data_args.dataset_mixture,  # as read from rm_config
                                       "max_prompt_length": data_args.max_prompt_length},
               "train": train_cfg.to_dict(), "run": to_dict(run)}

@@ -594,3 +594,15 @@ def test_the_reload_check_under_the_launchs_mixed_precision(tiny_models, marker_
                                         str(marker_data["conversational"]), "--max_steps", "4")))
     check = metrics["reload_check"]
     assert check["checked"] is False and check["dtype"] == "bfloat16 (mixed precision)", check
+
+
+def test_rm_configs_prompt_cut_too_long_for_dpo_names_rm_config(tmp_path):
+    """rm_config's max_prompt_length is checked against DPO's own max_length, and the error names rm_config: the
+    reward model's loader said only "max_prompt_length 100 must be ... half of max_length (128)", a setting found in
+    neither of the files the user gave."""
+    variant = tmp_path / "rm_variant.yaml"
+    variant.write_text("base_config: configs/rm.yaml\nmax_length: 512\nmax_prompt_length: 100\n")
+    _, args, _ = parse_args(["--config", str(REPO / "configs/dpo.yaml"), "--rm_config", str(variant)])
+    assert preference_args(args, 200).max_prompt_length == 100  # 100 <= 200 // 2
+    with pytest.raises(ConfigError, match=rf"max_prompt_length 100 \(from rm_config {variant}\) .* DPO's max_length \(199\)"):
+        preference_args(args, 199)

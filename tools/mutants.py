@@ -749,6 +749,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('store-stale-skip-recorded', 'stages/label/store.py', '            if answered:\n                return\n', '', 'tests/test_label_store.py -k stale_tabs_skip'),
     ('publish-merge-ignores-trust', 'stages/publish.py', '    code = {"trust_remote_code": trust_remote_code}', '    code = {}', 'tests/test_publish.py -k trust_remote_code'),
     ('publish-merge-trust-not-passed', 'stages/publish.py', 'args.merged_dtype, trusts_its_code(sft))', 'args.merged_dtype)', 'tests/test_publish.py -k trust_remote_code'),
+    ('dpo-rm-prompt-cut-unchecked', 'stages/dpo.py', 'if max_length and not 0 <= rm.max_prompt_length <= max_length // 2:', 'if False:', 'tests/test_dpo.py -k too_long_for_dpo'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
