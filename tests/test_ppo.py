@@ -944,6 +944,16 @@ def test_out_of_range_hyperparameters_are_refused(flag, value, message):
         parse_args(["--config", "configs/ppo.yaml", f"{flag}={value}", "--total_updates", "3"])
 
 
+@pytest.mark.parametrize("config", ["configs/grpo.yaml", "configs/rloo.yaml", "configs/reinforce_pp.yaml"])
+def test_whiten_rewards_is_refused_without_a_critic(config):
+    """Unshifted reward whitening leaves every zero-reward token at mu (1 - 1/sigma): a critic-free estimator sums (or
+    discounts) them, so a longer answer got a larger return and a group of equal scores non-zero advantages (k = 2:
+    always +-1/sqrt(2)). Refused outside gae, which it is for (verl and TRL whiten only PPO's rewards)."""
+    with pytest.raises(ConfigError, match="whiten_rewards needs a critic: only advantage_estimator gae has one"):
+        parse_args(["--config", config, "--whiten_rewards", "true"])
+    assert parse_args(["--config", "configs/ppo.yaml", "--whiten_rewards", "true"])[0].whiten_rewards
+
+
 def test_bad_prompts_touch_nothing_of_an_earlier_run(tiny_models, adapters, prompts_file, runs_dir, tmp_path):
     sft, rm = adapters("llama")
     run_ppo(tiny_models["llama"], runs_dir, "keep", prompts_file, sft, rm, "--stop_after", "1")
@@ -1526,6 +1536,15 @@ def test_the_joint_gradient_is_clipped_to_max_grad_norm(tiny_models, adapters, p
     out = trainer._optimise(ro, adv, returns)
     assert out["grad_norm"] > 20 * limit, out["grad_norm"]
     assert (_flat(trainer.params) - before).norm().item() == pytest.approx(lr * limit, rel=1e-3)
+    # max_grad_norm 0 (no clipping): the whole gradient is the step, and grad_norm still logs its norm (it read 0)
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path / "off", "--optim", "sgd", "--learning_rate",
+                       str(lr), "--max_grad_norm", "0", "--num_ppo_epochs", "1", reward_fn=varied_reward)
+    ro = trainer.rollout()
+    adv, returns, _ = trainer._advantages(ro)
+    before = _flat(trainer.params)
+    out = trainer._optimise(ro, adv, returns)
+    assert out["grad_norm"] > 20 * limit
+    assert (_flat(trainer.params) - before).norm().item() == pytest.approx(lr * out["grad_norm"], rel=1e-3)
 
 
 def test_each_pass_over_the_prompts_has_its_own_permutation(tiny_models, adapters, prompts_file, tmp_path):

@@ -750,6 +750,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('publish-merge-ignores-trust', 'stages/publish.py', '    code = {"trust_remote_code": trust_remote_code}', '    code = {}', 'tests/test_publish.py -k trust_remote_code'),
     ('publish-merge-trust-not-passed', 'stages/publish.py', 'args.merged_dtype, trusts_its_code(sft))', 'args.merged_dtype)', 'tests/test_publish.py -k trust_remote_code'),
     ('dpo-rm-prompt-cut-unchecked', 'stages/dpo.py', 'if max_length and not 0 <= rm.max_prompt_length <= max_length // 2:', 'if False:', 'tests/test_dpo.py -k too_long_for_dpo'),
+    ('ppo-whiten-rewards-without-critic', 'stages/ppo/config.py', 'if self.whiten_rewards and self.advantage_estimator != "gae":', 'if False:', 'tests/test_ppo.py -k whiten_rewards_is_refused'),
+    ('ppo-grad-norm-unlogged-without-clipping', 'stages/ppo/trainer.py', 'cfg.max_grad_norm or math.inf))', 'cfg.max_grad_norm or math.inf)) if cfg.max_grad_norm else 0.0', 'tests/test_ppo.py -k joint_gradient_is_clipped'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -48,7 +48,7 @@ class PPOConfig:
     response_length: int = field(default=48, metadata={"help": "max_new_tokens of each response."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for rollouts (and in the log-probs)."})
     stop_at_eos: bool = field(default=True, metadata={"help": "Stop a response at EOS (false: always response_length tokens, and whatever follows an EOS is part of the reply the reward model scores, as in TRL with stop_token None)."})
-    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per sampling call."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Rows (answers) per sampling call: each prompt is repeated num_samples_per_prompt times first."})
     forward_batch_size: int = field(default=64, metadata={"help": "Rows per no-grad scoring forward (ref, value, reward)."})
     # Batch arithmetic
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch of the update passes."})
@@ -158,6 +158,12 @@ class PPOConfig:
         if k > 1 and (self.per_device_train_batch_size % k or self.local_batch_size % (k * self.num_mini_batches)):
             raise ConfigError(f"num_samples_per_prompt={k} must divide per_device_train_batch_size "
                               f"({self.per_device_train_batch_size}) and every mini-batch, so that groups stay whole")
+        if self.whiten_rewards and self.advantage_estimator != "gae":  # unshifted whitening leaves zero-reward
+            # tokens non-zero: a row's summed (or discounted) reward then grows with its length, and the group
+            # comparison turns equal scores into advantages (verl and TRL whiten rewards only for PPO's critic)
+            raise ConfigError(f"whiten_rewards needs a critic: only advantage_estimator gae has one (got "
+                              f"{self.advantage_estimator}, whose advantages normalise the scores themselves); set "
+                              f"whiten_rewards: false")
         if self.critic_warmup_updates and self.advantage_estimator != "gae":
             raise ConfigError("critic_warmup_updates needs a critic: only advantage_estimator gae has one")
         if self.critic_warmup_updates >= self.total_updates:

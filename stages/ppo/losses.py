@@ -123,7 +123,8 @@ def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, norm
     """Critic-free advantages of [B] sequence scores, rows in consecutive groups of `group_size` answers to one prompt.
 
     grpo (Shao et al. 2024, DeepSeekMath): (r - mean of the group) / (std of the group + eps); with
-      normalize_std=False it is Dr. GRPO (Liu et al. 2025): no division by the std, which favours easy prompts.
+      normalize_std=False it is Dr. GRPO (Liu et al. 2025): no division by the std, which
+      up-weights the groups whose scores barely differ (too easy or too hard prompts).
     rloo (Ahmadian et al. 2024): r minus the mean of the *other* answers, = k / (k - 1) * (r - group mean).
     A group whose answers all score the same gets 0 under both.
     """

@@ -357,8 +357,9 @@ class PPOTrainer:
                         sums["clipfrac_value"] += vst["clipfrac"].item() * nt
                     sums["tokens"] += nt
                 self._sum_grads(trained_now)
-                if cfg.max_grad_norm > 0:  # the gradients are global now: every rank computes the same norm
-                    grad_norm += float(torch.nn.utils.clip_grad_norm_(trained_now, cfg.max_grad_norm))
+                # The gradients are global now: every rank computes the same norm. max_grad_norm 0 (no clipping)
+                # still measures it: an infinite limit scales nothing.
+                grad_norm += float(torch.nn.utils.clip_grad_norm_(trained_now, cfg.max_grad_norm or math.inf))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_steps += 1
