@@ -56,6 +56,7 @@ def build_trainer(build, train_cfg, sharded: bool):
     if wants_optimizer:
         train_cfg.save_only_model = True
     trainer = build()
+    seed_length_grouped_epochs(trainer)
     if wants_optimizer:
         sharded_trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad and isinstance(p, DTensor)]
         # train_cfg too: the reward models build a Trainer per member from it
@@ -64,6 +65,34 @@ def build_trainer(build, train_cfg, sharded: bool):
             print(f"note: {sharded_trained[0]} is sharded and trained: the checkpoints hold the model only "
                   f"(transformers saves no sharded optimizer state), so an interrupted run starts over", file=sys.stderr)
     return trainer
+
+
+def seed_length_grouped_epochs(trainer) -> None:
+    """train_sampling_strategy group_by_length draws each epoch's order from a generator seeded with seed + epoch, as
+    accelerate's seedable sampler does for `random`. transformers' LengthGroupedSampler draws it from the global RNG:
+    a run resumed inside epoch 1 never made epoch 0's draw, so it took epoch 0's order again (some rows trained twice,
+    others not at all) and did not end where the uninterrupted run ends."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        def __iter__(self):
+            # The epoch from the Trainer's state (restored on resume; a whole number at each epoch's start), not
+            # set_epoch: accelerate does not pass that through a resumed run's SkipBatchSampler over its
+            # BatchSamplerShard, so two ranks resumed inside epoch 1 drew epoch 0's order.
+            epoch = int(trainer.state.epoch or 0)
+            self.generator = torch.Generator().manual_seed(trainer.args.seed + epoch)
+            return super().__iter__()
+
+    build_sampler = trainer._get_train_sampler
+
+    def train_sampler(*args, **kwargs):
+        sampler = build_sampler(*args, **kwargs)
+        if type(sampler) is LengthGroupedSampler:
+            sampler.__class__ = EpochSeededLengthGroupedSampler
+        return sampler
+
+    trainer._get_train_sampler = train_sampler
 
 
 def step_of(checkpoint: Path) -> int:

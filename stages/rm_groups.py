@@ -172,8 +172,9 @@ def grouped_reward_trainer():
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # already grouped token ids (group_by_prompt), cut to max_length by rm_data
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mode = "train" if self.model.training else "eval"
+        def pair_losses(self, model, inputs):
+            """(each pair's loss, every row's reward, winner rows, loser rows, the model's outputs, the shared-prefix
+            inputs) of one batch. `inputs` loses the keys that are not the model's."""
             winners, losers, margins = inputs.pop("winners"), inputs.pop("losers"), inputs.pop("margin", None)
             prefix = {k: inputs.pop(k) for k in ("prefix_ids", "prefix_mask", "prefix_index") if k in inputs}
             if prefix:
@@ -185,32 +186,63 @@ def grouped_reward_trainer():
             losses = pair_losses(rewards, winners, losers, margins)
             if self.args.center_rewards_coefficient is not None:  # RewardTrainer's: each pair's reward sum, squared
                 losses = losses + self.args.center_rewards_coefficient * (rewards[winners] + rewards[losers]) ** 2
-            if num_items_in_batch is None:  # held out: the batch's mean
+            return losses, rewards, winners, losers, outputs, prefix
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Training: this micro-batch's share of the optimizer step's mean over all its pairs (every rank's);
+            called alone (no num_items_in_batch), the batch's mean."""
+            losses, rewards, winners, losers, outputs, prefix = self.pair_losses(model, inputs)
+            if num_items_in_batch is None:
                 loss = losses.mean()
-            else:  # training: this micro-batch's share of the step's mean over all its pairs; the ranks' gradients
-                loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch  # are averaged, hence x ranks
-            if mode == "train":
-                seen = inputs["attention_mask"].sum()  # every row's tokens, its shared prefix's included
-                if prefix:
-                    seen = seen + prefix["prefix_mask"].sum(1)[prefix["prefix_index"]].sum()
-                tokens = self.accelerator.gather_for_metrics(seen).sum().item()
-                self._total_train_tokens += tokens // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-            with torch.no_grad():  # ranks hold different numbers of responses: gather per-rank figures, not rewards
-                diff = rewards[winners] - rewards[losers]
-                local = torch.stack([rewards.min(), rewards.mean(), rewards.max(), (diff > 0).float().mean(), diff.mean()])
+            else:  # the ranks' gradients are averaged, hence x ranks
+                loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
+            seen = inputs["attention_mask"].sum()  # every row's tokens, its shared prefix's included
+            if prefix:
+                seen = seen + prefix["prefix_mask"].sum(1)[prefix["prefix_index"]].sum()
+            tokens = self.accelerator.gather_for_metrics(seen).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            with torch.no_grad():  # ranks hold different numbers of responses and pairs: gather sums and counts
+                r, diff = rewards.float(), (rewards[winners] - rewards[losers]).float()
+                local = torch.stack([r.min(), r.max(), r.sum(), r.new_tensor(r.numel()), (diff > 0).sum().float(),
+                                     diff.sum(), r.new_tensor(diff.numel())])
                 every = self.accelerator.gather(local.unsqueeze(0))  # one row a rank, none dropped at the end
-                low, mean, high = every[:, 0].min(), every[:, 1].mean(), every[:, 2].max()
-                for name, value in (("min_reward", low), ("mean_reward", mean), ("max_reward", high),
-                                    ("accuracy", every[:, 3].mean()), ("margin", every[:, 4].mean())):
-                    self._metrics[mode][name].append(value.item())
+                low, high = every[:, 0].min(), every[:, 1].max()
+                reward_sum, responses, correct, diff_sum, pairs = every[:, 2:].sum(0)
+                for name, value in (("min_reward", low), ("mean_reward", reward_sum / responses), ("max_reward", high),
+                                    ("accuracy", correct / pairs), ("margin", diff_sum / pairs)):
+                    self._metrics["train"][name].append(value.item())
             return (loss, outputs) if return_outputs else loss
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            """The held-out loss only (it picks the checkpoint): a group's scores are no per-row prediction."""
-            inputs = self._prepare_inputs(inputs)
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """The held-out loss and accuracy over every held-out pair, on one rank or several: eval_loss picks the
+            kept checkpoint (metric_for_best_model). The Trainer's loop averaged each batch's own mean, so a prompt of
+            one pair weighed as much as a batch of twenty, and one batch a rank as much as another. Every rank runs
+            the same number of batches (a sharded base's forward is collective): one with none left scores its
+            first again, weighted 0."""
+            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+            acc, size = self.accelerator, self.args.per_device_eval_batch_size
+            batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
+            mine = batches[acc.process_index::acc.num_processes]
+            rounds = -(-len(batches) // acc.num_processes)
+            sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # pair losses, pairs ordered right, pairs
+            training = self.model.training
+            self.model.eval()
             with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+                for r in range(rounds):
+                    batch = mine[r] if r < len(mine) else batches[0]
+                    inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in batch]))
+                    losses, rewards, winners, losers, _, _ = self.pair_losses(self.model, inputs)
+                    right = (rewards[winners] > rewards[losers]).sum()  # a tie is wrong, as in rm_scoring
+                    sums += float(r < len(mine)) * torch.stack([losses.double().sum(), right.double(),
+                                                                 losses.new_tensor(len(losses), dtype=torch.float64)])
+            self.model.train(training)
+            sums = acc.reduce(sums, "sum") if acc.num_processes > 1 else sums
+            loss, right, pairs = sums.tolist()
+            metrics = {f"{metric_key_prefix}_loss": loss / pairs if pairs else float("nan"),
+                       f"{metric_key_prefix}_accuracy": right / pairs if pairs else float("nan")}
+            self.log(dict(metrics))
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
 
     return GroupedRewardTrainer

@@ -1,8 +1,9 @@
 """One optimizer step of the reward model's trainer on batches by prompt (stages.rm_groups), as tests/test_rm_groups.py
-runs it in-process and under `accelerate launch` on two ranks: the step's update of every weight, saved by the main
-process, for the test to compare across batch layouts.
+runs it in-process and under `accelerate launch` on two ranks: the step's update of every weight, and the logged
+training and held-out figures after it (the same two prompts held out), saved by the main process, for the test to
+compare across batch layouts.
 
-    python -m tests.rm_group_step_check PROFILE PER_DEVICE_BATCH GRAD_ACCUMULATION OUT.pt
+    python -m tests.rm_group_step_check PROFILE PER_DEVICE_BATCH GRAD_ACCUMULATION OUT.pt [EVAL_BATCH]
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ def step_rows() -> list[dict]:
     return [pair("a", [3, 4, 5], [3, 6])] + [pair("b", [7, 8, c], [7, 9, r]) for c, r in ((10, 11), (12, 13), (14, 15))]
 
 
-def one_step(profile: str, batch: int, accumulation: int) -> tuple[torch.Tensor, float, int]:
-    """(every weight's update, the logged training loss, the processes) after one SGD step at learning rate 1."""
+def one_step(profile: str, batch: int, accumulation: int, eval_batch: int | None = None
+             ) -> tuple[torch.Tensor, float, int, dict]:
+    """(every weight's update, the logged training loss, the processes, the logged training figures and the held-out
+    ones after the step) after one SGD step at learning rate 1."""
     from datasets import Dataset
     from trl import RewardConfig
 
@@ -35,7 +38,8 @@ def one_step(profile: str, batch: int, accumulation: int) -> tuple[torch.Tensor,
     model = load_base(prof, tok, kind="score")
     before = [p.detach().clone() for p in model.parameters()]
     args = RewardConfig(output_dir=tempfile.mkdtemp(), report_to="none", per_device_train_batch_size=batch,
-                        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+                        gradient_accumulation_steps=accumulation, max_steps=1,
+                        per_device_eval_batch_size=eval_batch or batch, learning_rate=1.0, optim="sgd",
                         lr_scheduler_type="constant", warmup_steps=0, train_sampling_strategy="sequential", bf16=False,
                         remove_unused_columns=False, save_strategy="no", logging_steps=1, disable_tqdm=True)
     groups = Dataset.from_list(group_by_prompt(step_rows()))
@@ -43,15 +47,17 @@ def one_step(profile: str, batch: int, accumulation: int) -> tuple[torch.Tensor,
                                        data_collator=GroupCollator(tok.pad_token_id, with_margin=False))
     loss = trainer.train().training_loss
     update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])  # trained in place
-    return update, loss, trainer.accelerator.num_processes
+    logged = next(h for h in trainer.state.log_history if "accuracy" in h)
+    figures = {k: logged[k] for k in ("accuracy", "margin", "mean_reward")} | trainer.evaluate(groups)
+    return update, loss, trainer.accelerator.num_processes, figures
 
 
-def main(profile: str, batch: str, accumulation: str, out: str) -> None:
+def main(profile: str, batch: str, accumulation: str, out: str, eval_batch: str = "0") -> None:
     from accelerate import PartialState
 
-    update, loss, world = one_step(profile, int(batch), int(accumulation))
+    update, loss, world, figures = one_step(profile, int(batch), int(accumulation), int(eval_batch) or None)
     if PartialState().is_main_process:
-        torch.save({"update": update, "loss": loss, "world": world}, out)
+        torch.save({"update": update, "loss": loss, "world": world, "figures": figures}, out)
 
 
 if __name__ == "__main__":

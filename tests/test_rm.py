@@ -803,33 +803,69 @@ def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_p
 def test_two_processes_resume_an_interrupted_ensemble_and_end_as_an_uninterrupted_one(launch, tiny_models, marker_data,
                                                                                        tmp_path):
     """resume == no resume under DDP and on a base sharded by FSDP2: an ensemble of two on two processes, killed in
-    its second member's step 5 (tests/killed_stage.py), then the same command again, ends with the uninterrupted
-    two-process run's adapters, to the bit, and its held-out figures."""
+    its second member's step 7 (tests/killed_stage.py; 4 steps an epoch: inside the second epoch, whose order
+    group_by_length draws from seed + epoch), then the same command again, ends with the uninterrupted two-process
+    run's adapters, to the bit, and its held-out figures."""
     from safetensors.torch import load_file
 
     runs_dir = tmp_path / "runs"
-    extra = ("--dataset_name", str(marker_data["conversational"]), "--max_steps", "8", "--evals", "4", "--ensemble", "2",
+    data = write_jsonl(tmp_path / "marker40.jsonl", marker_rows(40))
+    extra = ("--dataset_name", str(data), "--max_steps", "8", "--evals", "4", "--ensemble", "2",
              "--per_device_train_batch_size", "4")
     for run in ("whole", "cut"):
         fake_sft(tiny_models["llama"], runs_dir, run)
     two = {"fsdp": True} if launch == "fsdp" else {"processes": 2}
     whole = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "whole", *extra), timeout=300, **two)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run_module("tests.killed_stage", ["stages.rm", "member-1:5", *rm_args(tiny_models["llama"], runs_dir, "cut", *extra)],
+    killed = run_module("tests.killed_stage", ["stages.rm", "member-1:7", *rm_args(tiny_models["llama"], runs_dir, "cut", *extra)],
                         timeout=300, **two)
-    assert killed.returncode != 0 and "killed at step 5" in killed.stderr, killed.stderr[-3000:]
+    assert killed.returncode != 0 and "killed at step 7" in killed.stderr, killed.stderr[-3000:]
     resumed = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "cut", *extra), timeout=300, **two)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     m_whole, m_cut = (json.loads((runs_dir / r / "rm" / "manifest.json").read_text())["metrics"] for r in ("whole", "cut"))
     assert m_whole["world_size"] == m_cut["world_size"] == 2
     assert {m_whole["sharding"]["engine"], m_cut["sharding"]["engine"]} == {"fsdp2" if launch == "fsdp" else "none"}
-    assert [r["resumed_from_step"] for r in m_cut["members"]][1] == 4
-    assert resumed.stderr.count(f"note: resuming from {runs_dir / 'cut' / 'rm' / 'trainer' / 'member-1' / 'checkpoint-4'}") == 1
+    assert m_whole["plan_steps_per_epoch"] == 4 and [r["resumed_from_step"] for r in m_cut["members"]][1] == 6
+    assert resumed.stderr.count(f"note: resuming from {runs_dir / 'cut' / 'rm' / 'trainer' / 'member-1' / 'checkpoint-6'}") == 1
     for key in ("eval_accuracy", "eval_loss", "reward_mean", "reward_std", "best_step"):
         assert [r[key] for r in m_cut["members"]] == [r[key] for r in m_whole["members"]], key
     for member in ("adapter", "member-1/adapter"):
         a, b = (load_file(runs_dir / run / "rm" / member / "adapter_model.safetensors") for run in ("whole", "cut"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), member
+
+
+@pytest.mark.parametrize("batch_by_prompt", ["true", "false"])
+def test_a_run_resumed_inside_its_second_epoch_ends_as_an_uninterrupted_one(batch_by_prompt, tiny_models, tmp_path,
+                                                                               monkeypatch):
+    """group_by_length (configs/rm.yaml) draws each epoch's order from seed + epoch: transformers' sampler drew it from
+    the global RNG, so a run resumed inside epoch 1 (4 steps an epoch, killed at step 7, resumed from step 6) took
+    epoch 0's order again and ended 5e-3 away from the uninterrupted run."""
+    from safetensors.torch import load_file
+    from transformers.trainer_callback import CallbackHandler
+
+    runs_dir, data = tmp_path / "runs", write_jsonl(tmp_path / "marker40.jsonl", marker_rows(40))
+    extra = ("--dataset_name", str(data), "--max_steps", "8", "--evals", "4", "--ensemble", "1",
+             "--per_device_train_batch_size", "8", "--batch_by_prompt", batch_by_prompt)
+    original = CallbackHandler.on_step_end
+
+    def killed_at_step_7(self, train_args, state, control):
+        if kill and state.global_step == 7:
+            raise RuntimeError("killed at step 7")
+        return original(self, train_args, state, control)
+
+    monkeypatch.setattr(CallbackHandler, "on_step_end", killed_at_step_7)
+    for run in ("whole", "cut"):
+        fake_sft(tiny_models["llama"], runs_dir, run)
+    kill = False
+    whole = main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "whole", *extra)))
+    kill = True
+    with pytest.raises(RuntimeError, match="killed at step 7"):
+        main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "cut", *extra)))
+    kill = False
+    cut = main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "cut", *extra)))
+    assert whole["plan_steps_per_epoch"] == 4 and cut["members"][0]["resumed_from_step"] == 6
+    a, b = (load_file(runs_dir / run / "rm" / "adapter" / "adapter_model.safetensors") for run in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_an_interrupted_reward_model_run_resumes_each_member_and_ends_as_an_uninterrupted_one(

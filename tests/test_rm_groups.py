@@ -206,11 +206,16 @@ def test_a_step_is_the_mean_over_its_pairs_however_its_prompts_are_accumulated(t
     as much as the other three pairs (loss 0.88 against 0.68 on the same weights)."""
     from tests.rm_group_step_check import one_step
 
-    whole, loss, _ = one_step(str(tiny_models["llama"]), batch=2, accumulation=1)
-    accumulated, loss_accumulated, _ = one_step(str(tiny_models["llama"]), batch=1, accumulation=2)
+    whole, loss, _, figures = one_step(str(tiny_models["llama"]), batch=2, accumulation=1)
+    accumulated, loss_accumulated, _, _ = one_step(str(tiny_models["llama"]), batch=1, accumulation=2)
     assert whole.abs().max() > 1e-3  # the step moved the weights: teeth
     torch.testing.assert_close(accumulated, whole, atol=1e-6, rtol=1e-5)
     assert loss_accumulated == pytest.approx(loss, abs=1e-6)
+    # Held out one prompt a batch: the loss and accuracy over all 4 pairs (the loss picks the kept checkpoint), as in
+    # one batch of both; the Trainer's loop averaged the batches' own means (1-pair prompt = 3-pair prompt).
+    _, _, _, one_a_batch = one_step(str(tiny_models["llama"]), batch=2, accumulation=1, eval_batch=1)
+    assert one_a_batch["eval_loss"] == pytest.approx(figures["eval_loss"], abs=1e-6)
+    assert one_a_batch["eval_accuracy"] == figures["eval_accuracy"] and figures["eval_accuracy"] in (0, .25, .5, .75, 1)
 
 
 @pytest.mark.slow
@@ -224,10 +229,15 @@ def test_a_step_on_two_ranks_is_the_mean_over_all_their_pairs(tiny_models, tmp_p
                      processes=2, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "step.pt")
-    whole, loss, _ = one_step(str(tiny_models["llama"]), batch=2, accumulation=1)
+    whole, loss, _, figures = one_step(str(tiny_models["llama"]), batch=2, accumulation=1)
     assert got["world"] == 2 and whole.abs().max() > 1e-3
     torch.testing.assert_close(got["update"], whole, atol=1e-6, rtol=1e-5)
     assert got["loss"] == pytest.approx(loss, abs=1e-6)
+    # the logged training figures and the held-out loss and accuracy are over all 4 pairs too, not each rank's own
+    # mean averaged (accuracy 0.5 against 0.25, held-out loss 0.97 against 1.28, in a reviewer's case)
+    assert got["figures"].keys() == figures.keys()
+    for key, value in figures.items():
+        assert got["figures"][key] == pytest.approx(value, abs=1e-5), key
 
 
 def _dataset(rows):
