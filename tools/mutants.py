@@ -743,7 +743,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-tokenizer-options-unchecked', 'stages/rm.py', '    refuse_tokenizer_options(train_cfg, "rm", run.model_config)\n', '', "tests/test_sft.py -k 'tokenizer_options and rm'"),
     ('rm-mixture-max-rows-negative', 'stages/rm_data.py', 'if not isinstance(rows, int) or rows < 0:', 'if not isinstance(rows, int):', 'tests/test_rm.py -k max_rows_is'),
     ('rm-mixture-max-rows-fraction', 'stages/rm_data.py', 'if not isinstance(rows, int) or rows < 0:', 'if rows < 0:', 'tests/test_rm.py -k max_rows_is'),
-    ('rm-groups-step-mean-per-micro-batch', 'stages/rm_groups.py', 'if num_items_in_batch is None:  # held out', 'if True:  # held out', 'tests/test_rm_groups.py -k a_step_is_the_mean'),
+    ('rm-groups-step-mean-per-micro-batch', 'stages/rm_groups.py', 'if num_items_in_batch is None:\n                loss = losses.mean()', 'if True:\n                loss = losses.mean()', 'tests/test_rm_groups.py -k a_step_is_the_mean'),
     ('rm-groups-ranks-not-counted', 'stages/rm_groups.py', 'loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch', 'loss = losses.sum() / num_items_in_batch', 'tests/test_rm_groups.py -k a_step_on_two_ranks'),
     ('ppo-resume-logs-read-after-prepare', 'stages/ppo/__init__.py', '                logged_rows(stage.dir / log)', '                pass', 'tests/test_ppo.py -k log_line_cut'),
     ('store-stale-skip-recorded', 'stages/label/store.py', '            if answered:\n                return\n', '', 'tests/test_label_store.py -k stale_tabs_skip'),
