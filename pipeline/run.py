@@ -379,6 +379,7 @@ def main_guard(main_fn):
 
     for category, message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    count_cpu_ranks()
     try:
         main_fn()
     except ConfigError as err:
@@ -389,6 +390,18 @@ def main_guard(main_fn):
             raise
         refuse(problem)
     destroy_distributed()
+
+
+def count_cpu_ranks() -> None:
+    """Several processes on a machine with no GPU are CPU ranks of one run, whatever the launch said: accelerate counts
+    them only under ACCELERATE_USE_CPU=1, which make sets. `accelerate launch --config_file configs/accelerate/cpu2.yaml`
+    without it started two processes that each called themselves rank 0 of 1: each trained on all the data, both
+    wrote the manifest, which said world size 1. Set before the stage parses its arguments (TrainingArguments)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "1"
 
 
 # How long a rank other than 0 waits before it reports bad input: long enough for rank 0, which usually meets the same

@@ -68,13 +68,16 @@ def test_adapter_loads_with_stock_autopeft_in_fresh_process(tiny_models, runs_di
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tiny_models, runs_dir):
-    """Same global batch (1x8 against 2x4): the per-step loss curves agree."""
+    """Same global batch (1x8 against 2x4): the per-step loss curves agree. The two processes are launched with
+    ACCELERATE_USE_CPU=0, as a plain `accelerate launch --config_file configs/accelerate/cpu2.yaml` is (make sets 1):
+    on a machine with no GPU they are counted as two CPU ranks all the same (each trained alone on all the data)."""
     profile = tiny_models["llama"]
     # A moderate learning rate: at 3e-2 Adam turns last-bit differences in near-zero gradients into full-size steps.
     common = ["--max_steps", "6", "--eval_fraction", "0", "--learning_rate", "2e-3"]
     one = run_module("stages.sft", tiny_args(profile, runs_dir, "one", *common, "--per_device_train_batch_size", "8"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_module("stages.sft", tiny_args(profile, runs_dir, "two", *common, "--per_device_train_batch_size", "4"), processes=2)
+    two = run_module("stages.sft", tiny_args(profile, runs_dir, "two", *common, "--per_device_train_batch_size", "4"),
+                     processes=2, env={"ACCELERATE_USE_CPU": "0"})
     assert two.returncode == 0, two.stderr[-3000:]
     m1 = json.loads((runs_dir / "one/sft/manifest.json").read_text())["metrics"]
     m2 = json.loads((runs_dir / "two/sft/manifest.json").read_text())["metrics"]

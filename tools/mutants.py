@@ -755,6 +755,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('resume-length-grouped-global-rng', 'stages/resume.py', 'self.generator = torch.Generator().manual_seed(trainer.args.seed + epoch)', 'self.generator = None', 'tests/test_rm.py -k second_epoch'),
     ('rm-groups-eval-mean-of-batch-means', 'stages/rm_groups.py', 'losses.new_tensor(len(losses), dtype=torch.float64)', 'losses.new_tensor(1, dtype=torch.float64)', 'tests/test_rm_groups.py -k however_its_prompts'),
     ('rm-groups-train-accuracy-rank-mean', 'stages/rm_groups.py', '("accuracy", correct / pairs)', '("accuracy", (every[:, 4] / every[:, 6]).mean())', 'tests/test_rm_groups.py -k a_step_on_two_ranks'),
+    ('cpu-ranks-uncounted', 'pipeline/run.py', '    count_cpu_ranks()\n    try:', '    try:', 'tests/test_sft.py -k two_processes_match_one'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
