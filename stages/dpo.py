@@ -269,7 +269,7 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
             **heldout_metrics(eval_rows, reward_chosen, reward_rejected),  # rewards here are beta * log(pi / pi_ref)
             "trl_eval": {k.removeprefix("eval_"): round(v, 4) for k, v in trl_eval.items()
                          if k.startswith(("eval_loss", "eval_rewards/", "eval_logps/"))},
-            "train_loss": round(result.training_loss, 4), "loss_curve": curve("loss"),
+            "train_loss": result.training_loss, "loss_curve": curve("loss"),
             "train_accuracy_curve": curve("rewards/accuracies"), "train_margin_curve": curve("rewards/margins"),
             "beta": train_cfg.beta, **data_record(counts, len(train_rows), len(eval_rows)),
             "reload_check": reload, "steps": steps, "train_time_s": round(train_time, 1),

@@ -52,6 +52,7 @@ def build_trainer(build, train_cfg, sharded: bool):
     from accelerate import PartialState
     from torch.distributed.tensor import DTensor
 
+    align_logging_with_checkpoints(train_cfg)
     wants_optimizer = sharded and train_cfg.save_strategy != "no" and not train_cfg.save_only_model
     if wants_optimizer:
         train_cfg.save_only_model = True
@@ -65,6 +66,36 @@ def build_trainer(build, train_cfg, sharded: bool):
             print(f"note: {sharded_trained[0]} is sharded and trained: the checkpoints hold the model only "
                   f"(transformers saves no sharded optimizer state), so an interrupted run starts over", file=sys.stderr)
     return trainer
+
+
+def align_logging_with_checkpoints(train_cfg) -> None:
+    """Checkpoints on logging steps: logging_steps becomes a divisor of save_steps (their greatest common divisor).
+    A resumed run logs its first loss over the steps since its checkpoint, and the losses of the steps between the
+    last log and the checkpoint are in no checkpoint: the resumed loss curve and train_loss then differed from the
+    uninterrupted run's (steps 7-8 logged in place of 5-8)."""
+    import math
+
+    save, log = train_cfg.save_steps, train_cfg.logging_steps
+    if (train_cfg.save_strategy == "steps" and train_cfg.logging_strategy == "steps" and save >= 1 and log >= 1
+            and save == int(save) and log == int(log) and save % log):
+        train_cfg.logging_steps = math.gcd(int(save), int(log))
+
+
+def whole_run_loss(trainer, result, resumed_from: Path | None) -> float | None:
+    """The mean training loss over all the run's steps (4 decimals). transformers' training_loss covers the steps of this call only,
+    so a resumed run reported the mean of its last steps (0.008 against 0.159). The steps up to the checkpoint come
+    from the logged losses it restored, each a mean over its steps; they cover those steps exactly because
+    checkpoints fall on logging steps (align_logging_with_checkpoints). None where they do not (logging by epoch)."""
+    if resumed_from is None:
+        return round(result.training_loss, 4)
+    start, done, last = step_of(resumed_from), 0.0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and entry["step"] <= start:
+            done, last = done + entry["loss"] * (entry["step"] - last), entry["step"]
+    steps = trainer.state.global_step
+    if last != start or steps <= start:
+        return None
+    return round((done + result.training_loss * (steps - start)) / steps, 4)
 
 
 def seed_length_grouped_epochs(trainer) -> None:
@@ -147,7 +178,8 @@ def train_resuming(trainer, key: dict):
         elif state.is_main_process:
             start_over(output_dir, key, why)
         state.wait_for_everyone()  # another run's checkpoints are gone before this one writes its own
-    return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None), resume_from
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return result._replace(training_loss=whole_run_loss(trainer, result, resume_from)), resume_from
 
 
 def drop_checkpoints(output_dir: Path) -> None:

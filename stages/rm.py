@@ -279,7 +279,7 @@ def training_record(state, result, plan: dict, train_cfg) -> dict:
     evals = [{"step": h["step"], "eval_loss": round(h["eval_loss"], 4), "eval_accuracy": round(h.get("eval_accuracy", 0), 4)}
              for h in logs if "eval_loss" in h]
     best = state.best_model_checkpoint
-    return {"train_loss": round(result.training_loss, 4), "loss_curve": [h["loss"] for h in logs if "loss" in h],
+    return {"train_loss": result.training_loss, "loss_curve": [h["loss"] for h in logs if "loss" in h],
             "train_accuracy_last": next((h["accuracy"] for h in reversed(logs) if "accuracy" in h), None),
             "steps": state.global_step, **{f"plan_{k}": v for k, v in plan.items()}, "eval_curve": evals,
             "best_step": int(best.rsplit("-", 1)[-1]) if best else None,

@@ -292,7 +292,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
         # tokens this run trained on (a resumed run's state counts those before the checkpoint too)
         tokens = (trainer.state.num_input_tokens_seen or 0) - (tokens_seen_by(resume_from) if resume_from else 0)
         metrics = {
-            "train_loss": round(result.training_loss, 4),
+            "train_loss": result.training_loss,
             "first_logged_loss": losses[0] if losses else None,
             "last_logged_loss": losses[-1] if losses else None,
             "loss_curve": losses,

@@ -839,7 +839,9 @@ def test_a_run_resumed_inside_its_second_epoch_ends_as_an_uninterrupted_one(batc
                                                                                monkeypatch):
     """group_by_length (configs/rm.yaml) draws each epoch's order from seed + epoch: transformers' sampler drew it from
     the global RNG, so a run resumed inside epoch 1 (4 steps an epoch, killed at step 7, resumed from step 6) took
-    epoch 0's order again and ended 5e-3 away from the uninterrupted run."""
+    epoch 0's order again and ended 5e-3 away from the uninterrupted run. Its loss curve and train_loss are the
+    uninterrupted run's too: logging_steps 4 becomes 2, the checkpoints' interval (a resumed run logged steps 7-8
+    where the whole run logged 5-8), and train_loss is over all 8 steps, not the 2 after the resume."""
     from safetensors.torch import load_file
     from transformers.trainer_callback import CallbackHandler
 
@@ -864,6 +866,8 @@ def test_a_run_resumed_inside_its_second_epoch_ends_as_an_uninterrupted_one(batc
     kill = False
     cut = main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "cut", *extra)))
     assert whole["plan_steps_per_epoch"] == 4 and cut["members"][0]["resumed_from_step"] == 6
+    assert cut["loss_curve"] == whole["loss_curve"] and len(whole["loss_curve"]) == 4
+    assert cut["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)
     a, b = (load_file(runs_dir / run / "rm" / "adapter" / "adapter_model.safetensors") for run in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

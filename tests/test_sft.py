@@ -547,6 +547,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     assert f"note: resuming from {trainer_dir / 'checkpoint-6'}" in capsys.readouterr().err
     assert steps_run == [7, 8, 9, 10] and resumed["resumed_from_step"] == 6 and whole["resumed_from_step"] is None
     assert resumed["loss_curve"] == whole["loss_curve"] and resumed["steps"] == whole["steps"] == 10
+    # the mean over all 10 steps, not over the 4 trained after the resume (transformers' training_loss)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)
     a, b = adapter("whole"), adapter("cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(trainer_dir.glob("checkpoint-*")) and not (trainer_dir / "resume_key.json").exists()

@@ -756,6 +756,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-groups-eval-mean-of-batch-means', 'stages/rm_groups.py', 'losses.new_tensor(len(losses), dtype=torch.float64)', 'losses.new_tensor(1, dtype=torch.float64)', 'tests/test_rm_groups.py -k however_its_prompts'),
     ('rm-groups-train-accuracy-rank-mean', 'stages/rm_groups.py', '("accuracy", correct / pairs)', '("accuracy", (every[:, 4] / every[:, 6]).mean())', 'tests/test_rm_groups.py -k a_step_on_two_ranks'),
     ('cpu-ranks-uncounted', 'pipeline/run.py', '    count_cpu_ranks()\n    try:', '    try:', 'tests/test_sft.py -k two_processes_match_one'),
+    ('resume-logging-unaligned', 'stages/resume.py', '        train_cfg.logging_steps = math.gcd(int(save), int(log))', '        pass', 'tests/test_rm.py -k second_epoch'),
+    ('resume-train-loss-this-call', 'stages/resume.py', 'training_loss=whole_run_loss(trainer, result, resume_from)', 'training_loss=round(result.training_loss, 4)', 'tests/test_sft.py -k resumes_from_its_checkpoint'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
