@@ -197,7 +197,8 @@ def parse(classes: tuple, argv: list[str] | None = None):
         values = {f.name: getattr(instances, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(instances, f.name)}
         try:
             out.append(cls(**values))
-        except (ValueError, TypeError) as err:  # the class's own checks (__post_init__): blame the key it names
+        except (ValueError, TypeError, ImportError) as err:  # the class's own checks (__post_init__; a --deepspeed
+            # config without the package): blame the key it names
             named = [k for k in values if re.search(rf"(?<![\w-]){re.escape(k)}(?!\w)", str(err))]
             given = [k for k in named if k in cli_keys] or [k for k in named if k in yaml_values]
             where = source_of(given[0]) if given else f"{config_path or 'the defaults'} or the command line"
@@ -205,7 +206,39 @@ def parse(classes: tuple, argv: list[str] | None = None):
         check_ranges(out[-1], source_of)
         check_finite(out[-1], source_of)
         check_report_to(out[-1], source_of)
+        check_optimizer(out[-1], source_of)
     return out
+
+
+def check_optimizer(instance, source_of) -> None:
+    """A Trainer config's optimizer and learning-rate schedule, built here on one throw-away weight: an optimizer whose
+    package is missing (adamw_bnb_8bit), a schedule that needs lr_scheduler_kwargs (cosine_with_min_lr) failed only when
+    the Trainer built them, with a traceback, after the run folder was prepared (the stage's manifest gone). Optimizers
+    that need the model itself (GaLore, APOLLO, LOMO) are left to the Trainer."""
+    from transformers import TrainingArguments
+
+    if not isinstance(instance, TrainingArguments):
+        return
+    import torch
+    from transformers import Trainer
+    from transformers.optimization import get_scheduler
+
+    try:
+        optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(instance)
+        optimizer = optimizer_class([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+    except (ValueError, TypeError, ImportError, RuntimeError) as err:
+        if "pass a model" in str(err) or "pass a `model`" in str(err):
+            return
+        raise ConfigError(f"{source_of('optim')} is '{getattr(instance.optim, 'value', instance.optim)}', which cannot be built here: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    try:
+        get_scheduler(instance.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10,
+                      scheduler_specific_kwargs=instance.lr_scheduler_kwargs)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{source_of('lr_scheduler_type')} is "
+                          f"'{getattr(instance.lr_scheduler_type, 'value', instance.lr_scheduler_type)}', whose schedule cannot "
+                          f"be built from lr_scheduler_kwargs {instance.lr_scheduler_kwargs or {}}: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
 def check_report_to(instance, source_of) -> None:
@@ -242,7 +275,8 @@ RANGES = {
     "port": (1, 65536, True),
     **dict.fromkeys(("num_train_epochs", "warmup_steps", "weight_decay", "max_prompts", "report_samples", "top_k",
                      "temperature", "max_grad_norm"), (0, None, True)),
-    **dict.fromkeys(("eval_fraction", "lora_dropout"), (0, 1, True)),
+    **dict.fromkeys(("eval_fraction", "lora_dropout", "adam_beta1", "adam_beta2"), (0, 1, True)),
+    **dict.fromkeys(("adam_epsilon", "dataloader_num_workers"), (0, None, True)),
     "top_p": (0, 1, False),
 }
 

@@ -119,6 +119,8 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         raise ConfigError(f"num_responses must be at least 2 to make pairs, got {args.num_responses}")
     if sampling.temperature <= 0:
         raise ConfigError("temperature 0 is greedy decoding: every response to a prompt would be the same; use > 0")
+    if sampling.top_k == 1:
+        raise ConfigError("top_k 1 is greedy decoding: every response to a prompt would be the same; use 0 (off) or > 1")
     autocast = launch_autocast(state.device, "pairs")  # the launch's mixed precision, as the Trainer stages get it
     sft = stage.need("sft")
     profile = profile_from(run.model_config)
@@ -175,7 +177,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         rows, dropped = pair_rows(prompts, gens.texts, gens.ended.tolist(), k, args.drop_identical,
                                   {"generation": generation, "policy": policy})
         if not rows:
-            raise ConfigError("every pair had two identical responses: raise temperature or max_new_tokens")
+            raise ConfigError("every pair had two identical responses: raise temperature, top_k, top_p or max_new_tokens")
 
         # 5. Save
         import datasets

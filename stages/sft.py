@@ -222,9 +222,20 @@ def param_dtypes(model, trainable: bool) -> list[str]:
     return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad == trainable})
 
 
+def check_args(train_cfg, args: SFTArgs, run: RunArgs) -> None:
+    """What the flags alone can tell (make runs it before any stage): the Trainer refused an evaluation with nothing
+    held out only once the run folder was prepared."""
+    if args.eval_fraction == 0 and str(getattr(train_cfg.eval_strategy, "value", train_cfg.eval_strategy)) != "no":
+        raise ConfigError(f"eval_strategy {getattr(train_cfg.eval_strategy, 'value', train_cfg.eval_strategy)} "
+                          f"evaluates held-out rows, but eval_fraction is 0: hold some out (--eval_fraction 0.05) or "
+                          f"set --eval_strategy no")
+
+
 def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
     from trl import SFTTrainer
+
+    check_args(train_cfg, args, run)
 
     state = PartialState()
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)

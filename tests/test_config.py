@@ -149,6 +149,36 @@ def test_values_no_stage_can_run_with_are_refused_at_parse(stage, flag, value, m
     with pytest.raises(ConfigError, match=message):
         parse(stage_classes(stage), ["--config", str(REPO / "configs" / f"{stage}.yaml"), flag, value])
 
+@pytest.mark.parametrize("stage,flags,message", [
+    ("sft", ["--adam_beta1", "5"], r"--adam_beta1 on the command line is 5.0: it must be in \[0, 1\)"),
+    ("rm", ["--adam_beta2", "1"], r"--adam_beta2 on the command line is 1.0: it must be in \[0, 1\)"),
+    ("dpo", ["--adam_epsilon", "-1"], "--adam_epsilon on the command line is -1.0: it must be >= 0"),
+    ("sft", ["--dataloader_num_workers", "-1"], "--dataloader_num_workers on the command line is -1: it must be >= 0"),
+    ("rm", ["--optim", "adamw_bnb_8bit"], "--optim on the command line is 'adamw_bnb_8bit', which cannot be built "
+                                          "here: You need to install `bitsandbytes`"),
+    ("sft", ["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type on the command line is "
+     r"'cosine_with_min_lr', whose schedule cannot be built from lr_scheduler_kwargs \{\}: One of min_lr or min_lr_rate"),
+])
+def test_a_trainers_optimizer_and_schedule_are_checked_at_parse(stage, flags, message):
+    """Adam's betas and epsilon, the data loader's workers, an optimizer whose package is missing and a schedule that
+    needs lr_scheduler_kwargs failed when the Trainer built them, with a traceback, after the run folder was prepared
+    (the stage's last manifest deleted); each is one error at parse now, and the settings that work still parse."""
+    config = ["--config", str(REPO / "configs" / f"{stage}.yaml")]
+    with pytest.raises(ConfigError, match=message):
+        parse(stage_classes(stage), [*config, *flags])
+    train = parse(stage_classes(stage), [*config, "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs",
+                                         '{"min_lr_rate": 0.1}', "--optim", "sgd", "--adam_beta2", "0"])[0]
+    assert (train.lr_scheduler_kwargs, train.adam_beta2) == ({"min_lr_rate": 0.1}, 0.0)
+
+
+def test_sft_evaluating_with_nothing_held_out_is_refused_before_any_stage():
+    from pipeline.launch import check
+
+    argv = ["--config", str(REPO / "configs/sft.yaml"), "--eval_fraction", "0"]
+    assert check("stages.sft", [*argv, "--eval_strategy", "steps"]) == 2
+    assert check("stages.sft", argv) == 0
+
+
 
 def test_unknown_cli_flag_is_an_error():
     with pytest.raises(ConfigError, match="lerning_rate"):

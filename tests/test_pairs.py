@@ -93,6 +93,8 @@ def test_pairs_refuses_greedy_and_missing_sft(tiny_models, runs_dir):
         main(*parse((PairsArgs, SamplingConfig, RunArgs), args))
     with pytest.raises(ConfigError, match="temperature 0"):
         main(*parse((PairsArgs, SamplingConfig, RunArgs), [*args, "--temperature", "0"]))
+    with pytest.raises(ConfigError, match="top_k 1 is greedy decoding"):  # the pairs were sampled, then refused
+        main(*parse((PairsArgs, SamplingConfig, RunArgs), [*args, "--top_k", "1"]))
     with pytest.raises(ConfigError, match="num_responses must be at least 2 to make pairs, got 1"):  # one makes no pair
         main(*parse((PairsArgs, SamplingConfig, RunArgs), [*args, "--num_responses", "1"]))
     from stages.pairs import load_prompts
