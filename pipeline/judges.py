@@ -64,9 +64,7 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
         if same_path(path, own) or (path.is_dir() and same_path(path, own.parent) and own.name == "adapter"):
             raise ConfigError(f"judge 'rm:{path_text}' is the reward model this run's PPO optimised ({own}): a gold judge "
                               f"must be independent of it; name another reward model, or use sentiment / module:function")
-    if not path.is_dir():
-        raise ConfigError(f"judge 'rm:{path_text}': {path} is not a folder; give a reward adapter folder (with "
-                          f"adapter_config.json) or a sequence-classification checkpoint")
+    require_folder(path_text)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from pipeline.adapters import pool_in_forward, prompt_part, read_pooling
@@ -138,19 +136,42 @@ def function_judge(spec: str) -> Callable:
     return function
 
 
-def load_judge(spec: str, forbidden_rm: list[str | Path] = ()) -> Judge:
-    """The judge a config names. `forbidden_rm`: the reward model(s) the run's PPO optimised; refused as judges."""
+def require_folder(path_text: str) -> None:
+    path = resolve_path(path_text)
+    if not path.is_dir():
+        raise ConfigError(f"judge 'rm:{path_text}': {path} is not a folder; give a reward adapter folder (with "
+                          f"adapter_config.json) or a sequence-classification checkpoint")
+
+
+def judge_kind(spec: str) -> tuple[str, str]:
+    """(sentiment | rm | function, what follows) for a judge's spec, without loading anything; unknown forms refused."""
     spec = (spec or "").strip()
     if spec in BUILTIN:
-        return Judge(spec, spec, sentiment_judge())
+        return spec, spec
     if spec.startswith("rm:") and spec[3:].strip():
-        path = spec[3:].strip()
-        return Judge(spec, f"rm:{Path(path).name or path}", rm_judge(path, [Path(p) for p in forbidden_rm]))
+        return "rm", spec[3:].strip()
     module_name, colon, function_name = spec.partition(":")
     if colon and module_name and function_name and all(part.isidentifier() for part in module_name.split(".")) \
             and function_name.isidentifier():
-        return Judge(spec, spec, function_judge(spec))
+        return "function", spec
     raise ConfigError(f"unknown judge '{spec}': name one of {FORMS}")
+
+
+def check_judge_spec(spec: str) -> None:
+    """What a spec alone can tell (make checks it before any stage runs): its form, and an rm: judge's folder."""
+    kind, rest = judge_kind(spec)
+    if kind == "rm":
+        require_folder(rest)
+
+
+def load_judge(spec: str, forbidden_rm: list[str | Path] = ()) -> Judge:
+    """The judge a config names. `forbidden_rm`: the reward model(s) the run's PPO optimised; refused as judges."""
+    kind, rest = judge_kind(spec)
+    if kind == "rm":
+        return Judge(spec.strip(), f"rm:{Path(rest).name or rest}", rm_judge(rest, [Path(p) for p in forbidden_rm]))
+    if kind == "function":
+        return Judge(rest, rest, function_judge(rest))
+    return Judge(rest, rest, sentiment_judge())
 
 
 def as_messages(prompt) -> list[dict]:

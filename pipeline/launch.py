@@ -106,12 +106,32 @@ def check(module: str, stage_args: list[str]) -> int:
             for flag in DATA_FLAGS:
                 if isinstance(getattr(cfg, flag, None), str) and getattr(cfg, flag):
                     check_dataset_exists(getattr(cfg, flag), f"--{flag}")
+            check_files_named(cfg)
         if hasattr(mod, "check_args"):  # the stage's own checks of its flags together (stages.publish: a repo id)
             mod.check_args(*parsed)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     return 0
+
+
+def check_files_named(cfg) -> None:
+    """The other files a config names that its stage would refuse only once it runs, after the upstream stages have
+    trained: the model profile (read as the stage reads it), a label config, adapters given by path, judges' specs."""
+    from pipeline.config import ConfigError, load_model_profile, resolve_path
+    from pipeline.judges import check_judge_spec
+
+    if getattr(cfg, "model_config", None):
+        load_model_profile(resolve_path(cfg.model_config))
+    if getattr(cfg, "label_config", None) and not resolve_path(cfg.label_config).is_file():
+        raise ConfigError(f"label config {cfg.label_config} does not exist: check the path given to --label_config")
+    for flag in ("sft_adapter", "reward_adapter"):
+        if getattr(cfg, flag, None) and not resolve_path(getattr(cfg, flag)).is_dir():
+            raise ConfigError(f"--{flag} {getattr(cfg, flag)} is not a folder: give an adapter folder (with "
+                              f"adapter_config.json), or leave it out for the run's own")
+    for flag in ("judge", "gold_judge"):
+        if isinstance(getattr(cfg, flag, None), str) and getattr(cfg, flag).strip():
+            check_judge_spec(getattr(cfg, flag))
 
 
 def check_stages(argv: list[str]) -> int:

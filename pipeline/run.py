@@ -207,7 +207,13 @@ def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> 
     run, runs_dir = _flag(argv, "--run", "default"), _flag(argv, "--runs_dir", "runs")
     path = stage_dir(runs_dir, run, stage) / "manifest.json"
     if not path.is_file():
-        return False, "it has not run yet"
+        try:
+            started = json.loads((path.parent / STARTED).read_text())["argv"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False, "it has not run yet"
+        if started != argv:
+            return False, f"the command line changed (was: {' '.join(map(str, started))}, interrupted)"
+        return False, "its last run, with this command line, was interrupted"
     try:
         inputs = json.loads(path.read_text()).get("inputs")
     except json.JSONDecodeError:
@@ -239,6 +245,9 @@ def inputs_changed(files: dict[str, str | None], manifests: dict[str, str | None
             return (f"the {name} stage ran again" if now and digest else
                     f"the {name} stage now exists" if now else f"the {name} stage is gone")
     return None
+
+
+STARTED = "started.json"  # a stage's command line while it runs: removed when its manifest is written
 
 
 class StageRun:
@@ -277,6 +286,9 @@ class StageRun:
         self.code = code_digests()
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            # Recorded before the manifest goes: a run killed from here on leaves it, and `make` then knows which
+            # command line the stage last ran with (is_current): a chain does not retrain it with other flags.
+            atomic_write_json(self.dir / STARTED, {"argv": list(self.argv), "launch": launch_args()})
             if self.manifest_path.exists():
                 self.manifest_path.unlink()
             atomic_write_json(self.dir / "config.json", config)
@@ -332,6 +344,7 @@ class StageRun:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_json(self.manifest_path, manifest)
+        (self.dir / STARTED).unlink(missing_ok=True)
         return manifest
 
 

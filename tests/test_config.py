@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,28 @@ def test_a_trainers_optimizer_and_schedule_are_checked_at_parse(stage, flags, me
     train = parse(stage_classes(stage), [*config, "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs",
                                          '{"min_lr_rate": 0.1}', "--optim", "sgd", "--adam_beta2", "0"])[0]
     assert (train.lr_scheduler_kwargs, train.adam_beta2) == ({"min_lr_rate": 0.1}, 0.0)
+
+
+@pytest.mark.parametrize("stage,flags,message", [
+    ("simulate", ["--label_config", "configs/lable.yaml"], "label config configs/lable.yaml does not exist"),
+    ("simulate", ["--judge", "nosuch"], "unknown judge 'nosuch': name one of sentiment"),
+    ("eval", ["--gold_judge", "rm:nowhere/rm"], "judge 'rm:nowhere/rm': .*nowhere/rm is not a folder"),
+    ("ppo", ["--reward_adapter", "nowhere/adapter"], "--reward_adapter nowhere/adapter is not a folder"),
+    ("ppo", ["--sft_adapter", "nowhere/adapter"], "--sft_adapter nowhere/adapter is not a folder"),
+    ("sft", ["--model_config", "configs/models/nope.yaml"], "model profile .*configs/models/nope.yaml does not exist"),
+])
+def test_files_a_stage_names_are_checked_before_any_stage_runs(stage, flags, message, capsys):
+    """make's check of the stages it is named with: a mistyped label config, judge, adapter folder or model profile was
+    refused only when its stage ran, after the stages before it had trained (30 s to an hour)."""
+    from pipeline.launch import check
+
+    module = {"ppo": "stages.ppo"}.get(stage, f"stages.{stage}")
+    argv = ["--config", str(REPO / "configs" / f"{stage}.yaml")]
+    assert check(module, argv) == 0
+    capsys.readouterr()
+    assert check(module, [*argv, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
 
 
 def test_sft_evaluating_with_nothing_held_out_is_refused_before_any_stage():

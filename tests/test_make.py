@@ -280,6 +280,28 @@ def test_a_stage_reached_through_the_chain_keeps_its_last_flags(tmp_path):
     assert ran(runs) == ["rm"] and "the command line changed" in res.stdout
 
 
+def test_a_stage_killed_mid_run_keeps_its_flags_through_the_chain(tmp_path):
+    """A run of rm with its own flags killed after its folder was prepared (its manifest gone): `make ppo` read "rm has
+    not run yet" and retrained it with the config's flags. The killed run's command line is recorded (started.json)
+    until its manifest is written: the chain refuses, and the same command line runs it again (it resumes)."""
+    runs, data = tmp_path / "runs", tmp_path / "prefs.jsonl"
+    data.write_text('{"chosen": "a", "rejected": "b"}\n')
+    make("rm", f"ARGS=--dataset_name {data}", runs_dir=runs)
+    res = make("rm", f"ARGS=--dataset_name {data} --crash_after_prepare", runs_dir=runs)
+    assert res.returncode != 0 and (runs / "t/rm/started.json").is_file() and not (runs / "t/rm/manifest.json").exists()
+    res = make("ppo", runs_dir=runs)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert errors[0].startswith("error: rm ran with another command line than `make` would give it now (was: ")
+    assert "--crash_after_prepare, interrupted)" in errors[0] and ran(runs) == ["sft", "rm"]
+    res = make("rm", runs_dir=runs)  # named: its last run, interrupted, had other flags
+    assert res.returncode == 0 and "the command line changed" in res.stdout and "interrupted" in res.stdout
+    assert not (runs / "t/rm/started.json").exists() and (runs / "t/rm/manifest.json").is_file()
+    res = make("rm", "ARGS=--crash_after_prepare", runs_dir=runs)
+    res = make("rm", "ARGS=--crash_after_prepare", runs_dir=runs)  # the same command line again: it runs (resumes)
+    assert "rm: running, because its last run, with this command line, was interrupted" in res.stdout
+
+
 def test_a_file_edited_while_the_stage_runs_is_recorded_as_it_was_read(tmp_path, capsys):
     """The digests are taken when the stage starts (prepare): a data file edited during training made the manifest
     record the new bytes, and `make` called the stage up to date."""
@@ -772,7 +794,9 @@ def test_a_rerun_drops_the_old_manifest_when_it_starts(tmp_path):
     again.argv = ["--run", "r", "--runs_dir", str(runs), "--seed", "2"]
     again.prepare({"seed": 2})  # ... and the process dies here, before finish()
     assert not again.manifest_path.exists()
-    assert is_current("sft", sft.argv) == (False, "it has not run yet")
+    # the interrupted run's command line is known (started.json): not "it has not run yet"
+    assert is_current("sft", sft.argv) == (False, f"the command line changed (was: {' '.join(again.argv)}, interrupted)")
+    assert is_current("sft", again.argv) == (False, "its last run, with this command line, was interrupted")
     with pytest.raises(ConfigError, match="needs the sft stage of run 'r'"):
         read_manifest(str(runs), "r", "sft", "`make rm`")
 

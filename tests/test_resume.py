@@ -67,6 +67,7 @@ def test_no_rank_chooses_after_the_main_process_has_started_over(tmp_path, monke
     from types import SimpleNamespace
 
     import accelerate
+    from transformers.trainer_utils import TrainOutput
 
     import stages.resume as resume
 
@@ -98,11 +99,12 @@ def test_no_rank_chooses_after_the_main_process_has_started_over(tmp_path, monke
         args = SimpleNamespace(save_strategy="steps", output_dir=str(tmp_path), max_steps=8)
 
         def train(self, resume_from_checkpoint=None):
-            return resume_from_checkpoint
+            return TrainOutput(0, 0.0, {"resume_from_checkpoint": resume_from_checkpoint})
 
     def rank(r):
         rank_of[threading.get_ident()] = r
-        results[r] = resume.train_resuming(Trainer(), other)
+        out, resumed_from = resume.train_resuming(Trainer(), other)
+        results[r] = (out.metrics["resume_from_checkpoint"], resumed_from)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -134,7 +136,8 @@ def test_a_sharded_base_checkpoints_the_optimizer_of_its_whole_trained_weights(c
     for sharded, strategy, trained_shard, want_at_init, want_after in (
             (True, "steps", False, True, False), (True, "steps", True, True, True),
             (False, "steps", False, False, False), (True, "no", False, False, False)):
-        cfg = SimpleNamespace(save_strategy=strategy, save_only_model=False)
+        cfg = SimpleNamespace(save_strategy=strategy, save_only_model=False, save_steps=3, logging_steps=3,
+                              logging_strategy="steps")
         model = nn.Linear(2, 2)
         if trained_shard:
             model.weight = ShardedWeight(model.weight.detach())
@@ -142,7 +145,7 @@ def test_a_sharded_base_checkpoints_the_optimizer_of_its_whole_trained_weights(c
 
         def build():
             seen_at_init.append(cfg.save_only_model)  # what transformers' Trainer.__init__ checks
-            return SimpleNamespace(args=cfg, model=model)
+            return SimpleNamespace(args=cfg, model=model, _get_train_sampler=lambda *a: None)
 
         assert build_trainer(build, cfg, sharded).args is cfg
         assert seen_at_init == [want_at_init] and cfg.save_only_model is want_after
