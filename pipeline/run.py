@@ -105,18 +105,34 @@ def manifest_digest(manifest: dict | None) -> str | None:
     return None if manifest is None else hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Files of passwords (the labeling UI's logins): named in configs and command lines, never digested into a manifest.
+# A fast unsalted digest of a short `name:password` file, beside the annotator names in the export, is the password to
+# a dictionary attack.
+SECRET_FILE_KEYS = ("users_file",)
+
+
+def secret_file_values(argv: list) -> set[int]:
+    """The positions in a command line that hold a SECRET_FILE_KEYS flag's value (`--users_file F`, `--users_file=F`)."""
+    found = set()
+    for i, arg in enumerate(argv):
+        if isinstance(arg, str) and arg.startswith("--") and arg[2:].split("=", 1)[0] in SECRET_FILE_KEYS:
+            found.add(i if "=" in arg else i + 1)
+    return found
+
+
 def paths_named_in(values: Any, own_dir: Path) -> set[str]:
     """Every string in `values` (nested dicts, keys included, and lists) that names an existing file or folder and looks
     like a path (a '/' or a suffix: not a bare word such as "data"), except the stage's own folder and anything around
-    or inside it (runs_dir, output_dir)."""
+    or inside it (runs_dir, output_dir), and the files of passwords (SECRET_FILE_KEYS)."""
     found: set[str] = set()
     stack = [values]
     while stack:
         v = stack.pop()
         if isinstance(v, dict):
-            stack += list(v.keys()) + list(v.values())
+            stack += list(v.keys()) + [value for key, value in v.items() if key not in SECRET_FILE_KEYS]
         elif isinstance(v, (list, tuple)):
-            stack += list(v)
+            secret = secret_file_values(list(v))
+            stack += [item for i, item in enumerate(v) if i not in secret]
         elif isinstance(v, str) and ("/" in v or Path(v).suffix) and "\n" not in v and len(v) < 1024:
             v = v.removeprefix(JUDGE_RM_PREFIX)  # a reward model as judge: its folder is what is read
             try:

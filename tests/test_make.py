@@ -302,6 +302,25 @@ def test_a_stage_killed_mid_run_keeps_its_flags_through_the_chain(tmp_path):
     assert "rm: running, because its last run, with this command line, was interrupted" in res.stdout
 
 
+@pytest.mark.parametrize("form", ["flag value", "flag=value"])
+def test_a_file_of_passwords_is_named_but_never_digested(form, tmp_path):
+    """label-export recorded the users file's sha256 (of `alice:hunter2`) in its manifest and store record, beside the
+    annotator names it exports: a dictionary attack away from the passwords. A users_file, on the command line, in the
+    resolved config or in a YAML the stage read, is now left out of every digest; the YAML itself is still one."""
+    users, label_yaml, runs = tmp_path / "users.txt", tmp_path / "label.yaml", tmp_path / "runs"
+    users.write_text("alice:hunter2\n")
+    label_yaml.write_text(f"users_file: {users}\n")
+    stage = StageRun("label-export", "r", str(runs))
+    flag = [f"--users_file={users}"] if form == "flag=value" else ["--users_file", str(users)]
+    stage.argv = ["--config", str(label_yaml), "--run", "r", "--runs_dir", str(runs), *flag]
+    config = {"label": {"users_file": str(users)}}
+    stage.prepare(config)
+    manifest = stage.finish({}, {}, config)
+    assert str(label_yaml) in manifest["inputs"]["files"] and str(users) not in manifest["inputs"]["files"]
+    written = "".join(f.read_text() for f in runs.rglob("*") if f.is_file())
+    assert file_digest(label_yaml) in written and file_digest(users) not in written
+
+
 def test_a_file_edited_while_the_stage_runs_is_recorded_as_it_was_read(tmp_path, capsys):
     """The digests are taken when the stage starts (prepare): a data file edited during training made the manifest
     record the new bytes, and `make` called the stage up to date."""
