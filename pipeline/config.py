@@ -97,6 +97,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is empty: give it the stage's key: value lines (as configs/ has them)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(data).__name__}")
+    odd = next((k for k in data if not isinstance(k, str)), None)
+    if odd is not None or None in data:
+        raise ConfigError(f"config file {path} has the key {odd!r}, which is not a name: every key is a setting's name "
+                          f"(as configs/ has them)")
     return data
 
 
@@ -151,6 +155,9 @@ def parse(classes: tuple, argv: list[str] | None = None):
     yaml_values = read_yaml(config_path) if config_path else {}
     yaml_file = {key: config_path for key in yaml_values}  # which file gave each key: errors name it
     if "base_config" in yaml_values:  # a variant YAML: the keys it names override its base file's (one level)
+        if not isinstance(yaml_values["base_config"], str) or not yaml_values["base_config"].strip():
+            raise ConfigError(f"'base_config' in {config_path} is {yaml_values['base_config']!r}: give the path of the "
+                              f"YAML file whose keys this one overrides (as configs/grpo.yaml does)")
         base_path = resolve_path(yaml_values.pop("base_config"))
         base_values = read_yaml(base_path)
         check_keys(base_values, classes, str(base_path))

@@ -163,6 +163,11 @@ def main(argv: list[str]) -> int:
     force = "--force" in ours or "--force" in stage_args
     chained = "--chained" in ours  # make runs it only because a stage named after it needs it
     ours, stage_args = [a for a in ours if a not in ("--force", "--chained")], [a for a in stage_args if a != "--force"]
+    if ours[-1:] == ["--config_file"]:  # `make ... ACCELERATE_CONFIG=` (empty): accelerate printed its whole usage
+        shipped = ", ".join(sorted(str(p) for p in Path("configs/accelerate").glob("*.yaml")))
+        print(f"error: ACCELERATE_CONFIG is empty: give one of {shipped}, or your own `accelerate config` file",
+              file=sys.stderr)
+        return CONFIG_ERROR_EXIT
     if "--config_file" in ours[:-1]:
         config_file = Path(ours[ours.index("--config_file") + 1])
         if not config_file.is_file():

@@ -113,7 +113,11 @@ def template_text(value: str) -> str:
     if not path.is_file():
         raise ConfigError(f"chat_template file {value} of the model profile does not exist: give a .jinja file (for "
                           f"example one of trl/chat_templates/) or the template text itself")
-    return path.read_text()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"chat_template file {value} of the model profile is not UTF-8 text ({err.reason} at byte "
+                          f"{err.start}): save it as UTF-8") from None
 
 
 def load_tokenizer(profile: ModelProfile, path: str | None = None):

@@ -210,7 +210,16 @@ LAUNCH_ENV = "PIPELINE_LAUNCH_ARGS"
 
 def launch_args() -> list[str] | None:
     """The accelerate arguments this stage was launched with by pipeline.launch (`make`); None when started otherwise."""
-    return json.loads(os.environ[LAUNCH_ENV]) if LAUNCH_ENV in os.environ else None
+    if LAUNCH_ENV not in os.environ:
+        return None
+    try:
+        launch = json.loads(os.environ[LAUNCH_ENV])
+    except ValueError:
+        launch = None
+    if not (isinstance(launch, list) and all(isinstance(a, str) for a in launch)):
+        raise ConfigError(f"the environment variable {LAUNCH_ENV} is set to {os.environ[LAUNCH_ENV][:60]!r}, which "
+                          f"`make` did not write (pipeline.launch sets it to the accelerate arguments): unset it")
+    return launch
 
 
 def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> tuple[bool, str]:

@@ -237,7 +237,9 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     (b"\x00\xff\xfe garbage\n", "is not UTF-8 text (byte 1 is not): save it as UTF-8"),
     (b"", "is empty: give it the stage's key: value lines (as configs/ has them)"),
     (b"# only a comment\n", "is empty: give it the stage's key: value lines (as configs/ has them)"),
-], ids=["broken", "not-utf8", "empty", "comment-only"])
+    (b"run: x\n1: foo\n", "has the key 1, which is not a name: every key is a setting's name (as configs/ has them)"),
+    (b"null: 3\n", "has the key None, which is not a name: every key is a setting's name (as configs/ has them)"),
+], ids=["broken", "not-utf8", "empty", "comment-only", "number-key", "null-key"])
 def test_a_config_file_that_is_not_yaml_of_keys_is_one_line_naming_it(content, message, tmp_path):
     """pyyaml's own message spans several lines; a non-UTF-8 file was a traceback; an empty one gave every default,
     and then transformers' error about a bf16 GPU."""
@@ -410,3 +412,42 @@ def test_a_bad_value_in_a_variants_base_file_names_the_base_file(tmp_path):
     variant.write_text(f"base_config: {base}\nseed: 3\nresponse_length: 4\nnum_ppo_epochs: 1.5\n")
     with pytest.raises(ConfigError, match=rf"'num_ppo_epochs' in {variant} is 1.5: it must be a whole number"):
         parse(stage_classes("ppo"), ["--config", str(variant)])
+
+
+@pytest.mark.parametrize("value", ["5", "[a]", "''"])
+def test_a_base_config_that_is_not_a_path_is_one_line(value, tmp_path):
+    """`base_config: 5` was a 32-line TypeError from inside the loader."""
+    variant = tmp_path / "v.yaml"
+    variant.write_text(f"base_config: {value}\n")
+    with pytest.raises(ConfigError, match=rf"'base_config' in {re.escape(str(variant))} is .*: give the path of the YAML"):
+        parse((RunArgs,), ["--config", str(variant)])
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_one_line(tmp_path):
+    from pipeline.models import template_text
+
+    path = tmp_path / "t.jinja"
+    path.write_bytes(b"{{ messages }}\xff\n")
+    with pytest.raises(ConfigError, match=r"chat_template file .*t.jinja of the model profile is not UTF-8 text "
+                                          r"\(invalid start byte at byte 14\): save it as UTF-8"):
+        template_text(str(path))
+
+
+def test_a_launch_variable_make_did_not_write_is_one_line(monkeypatch):
+    from pipeline.run import LAUNCH_ENV, launch_args
+
+    monkeypatch.setenv(LAUNCH_ENV, '["--config_file", "configs/accelerate/cpu.yaml"]')
+    assert launch_args() == ["--config_file", "configs/accelerate/cpu.yaml"]
+    for odd in ("x", '{"a": 1}', "[1]"):
+        monkeypatch.setenv(LAUNCH_ENV, odd)
+        with pytest.raises(ConfigError, match=f"the environment variable {LAUNCH_ENV} is set to .*: unset it"):
+            launch_args()
+
+
+def test_an_empty_accelerate_config_is_one_line(capsys):
+    """`make sft ACCELERATE_CONFIG=` gave accelerate's 116-line usage."""
+    from pipeline.launch import main
+
+    assert main(["sft", "--config_file", "-m", "stages.sft", "--config", "configs/sft.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ACCELERATE_CONFIG is empty: give one of configs/accelerate/")
