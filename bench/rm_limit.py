@@ -85,11 +85,12 @@ def ensemble_mean(members: list[list[float]]) -> list[float]:
 
 
 def mean_and_se(values: list[float]) -> dict:
-    """Mean over seeds with its standard error (sample std / sqrt(n); 0 for one seed)."""
+    """Mean over seeds with its standard error (sample std / sqrt(n); None for one seed: not measured, where 0.0 read
+    as exact)."""
     n = len(values)
     mean = sum(values) / n
-    se = (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
-    return {"mean": round(mean, 4), "se": round(se, 4)}
+    se = round((sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5, 4) if n > 1 else None
+    return {"mean": round(mean, 4), "se": se}
 
 
 def label_agreement(rows: list[dict], gold_chosen: list[float], gold_rejected: list[float]) -> dict:

@@ -23,6 +23,7 @@ runs/<run>/<stage>/policies/update-N/, and its final policy. PPO's proxy rising 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -84,8 +85,18 @@ def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_i
     r_ids, r_mask, r_starts = chat_reward_inputs(tokenizer, prompts, gens.texts)
     rewards = torch.cat(on_every_rank(stack.model, len(r_ids), batch, lambda i: stack.scores(
         "reward", r_ids[i:i + batch].to(device), r_mask[i:i + batch].to(device), r_starts[i:i + batch]).float().cpu()))
-    return {"gens": gens, "rewards": rewards.tolist(), "texts": gens.texts,
-            "lengths": gens.response_mask.sum(1).tolist(), "ended": gens.ended.tolist()}
+    return {"gens": gens, "rewards": finite(rewards.tolist(), f"the reward model's score of {policy}'s response"),
+            "texts": gens.texts, "lengths": gens.response_mask.sum(1).tolist(), "ended": gens.ended.tolist()}
+
+
+def finite(values: list[float], what: str) -> list[float]:
+    """`values`, each a finite number: a NaN compared as a tie in every win rate and agreement, and switched the KL
+    and over-optimisation flags off, under a report of normal-looking numbers."""
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise ConfigError(f"{what} {bad} is {values[bad]}: the adapters that computed it are broken (a diverged "
+                          f"training run, or an overflow in half precision): retrain them, or evaluate in float32")
+    return values
 
 
 @torch.no_grad()
@@ -99,7 +110,7 @@ def sequence_kl(stack: AdapterStack, policy: str, reference: str, ro: dict, batc
     all_mask = torch.cat([gens.prompt_mask, gens.response_mask], dim=1)
     start = gens.prompt_ids.shape[1]  # logits at start-1 .. T-2 predict the response tokens
     resp_mask = gens.response_mask
-    t = temperature if temperature > 0 else 1.0
+    t = temperature if temperature > 0 else 1.0  # greedy: no sampling distribution; the report says so (GREEDY_KL_NOTE)
 
     def one_batch(i: int) -> list[float]:
         ids, mask = all_ids[i:i + batch].to(device), all_mask[i:i + batch].to(device)
@@ -109,7 +120,8 @@ def sequence_kl(stack: AdapterStack, policy: str, reference: str, ro: dict, batc
         per_token = (logp.exp() * (logp - logq)).sum(-1)
         return (per_token * resp_mask[i:i + batch].to(device)).sum(1).cpu().tolist()
 
-    return [kl for part in on_every_rank(stack.model, len(all_ids), batch, one_batch) for kl in part]
+    return finite([kl for part in on_every_rank(stack.model, len(all_ids), batch, one_batch) for kl in part],
+                  f"the KL of {policy} to {reference} on response")
 
 
 def on_every_rank(model, n_rows: int, batch: int, run_rows) -> list:
@@ -158,6 +170,7 @@ def heldout_pair_rewards(stack: AdapterStack, tokenizer, rm: dict, batch: int) -
     asked = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in held]
     scored = score_each_once(asked, lambda distinct: reward_scores(stack, tokenizer, [p for p, _ in distinct],
                                                                    [t for _, t in distinct], batch), key=json.dumps)
+    finite(scored, "the reward model's score of held-out reply")
     return held, scored[:len(held)], scored[len(held):]
 
 
@@ -225,6 +238,10 @@ def load_gold_judge(args: EvalArgs, rm: dict, trained_configs: list[dict], promp
 
 # ---------------------------------------------------------------------------------------------------- report
 
+GREEDY_KL_NOTE = ("Greedy decoding (temperature 0) samples from no distribution: the KL figures here are those of the "
+                  "temperature-1 distributions, summed along the greedy responses, not the KL the policy trained under.")
+
+
 def render_markdown(report: dict, n_rows: int) -> str:
     lines = [f"# Evaluation of run `{report['run']}`", "",
              f"{report['figures']['n_prompts']} held-out prompts (never trained on), one sampled response per policy "
@@ -235,7 +252,10 @@ def render_markdown(report: dict, n_rows: int) -> str:
              + (f" (the mean of its {report['reward_models']} members' standardised scores, as PPO was rewarded)"
                 if report.get("reward_models", 1) > 1 else "")
              + (", each summing its head over the reply's tokens (pooling `sum`)" if report.get("reward_pooling") == "sum" else "")
-             + ".", "", *comparison_markdown(report["comparison"])]
+             + ".", ""]
+    if report["sampling"]["temperature"] == 0:
+        lines += [GREEDY_KL_NOTE, ""]
+    lines += comparison_markdown(report["comparison"])
     if "win_rate" in report:  # the run has PPO
         lines += ppo_markdown(report, n_rows)
     return "\n".join(lines) + "\n"

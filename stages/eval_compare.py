@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.data import jsonl_objects
-from pipeline.stats import wilson
+from pipeline.stats import student_t_isf, wilson
 
 RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")  # the one RL loop (stages/ppo/): trained on prompts, some held out
 POLICY_STAGES = RL_STAGES + ("dpo",)  # every stage whose manifest holds a policy adapter on the run's base
@@ -74,12 +74,15 @@ def policy_row(method: str, proxy: list[float], gold: list[float] | None, kl: li
 GOLD_DROP_Z = 2.0  # the gold "fell" when its paired drop exceeds 2 standard errors: 64 prompts make single means noisy
 
 
-def gold_drop_z(points: int) -> float:
-    """The threshold for a curve of `points`: the peak is the best of the points - 1 before the last, and the best of
-    several noisy means falls back by chance more often than one does. Bonferroni over them keeps a flat gold curve's
-    chance of a flag at one comparison's at GOLD_DROP_Z (2.3%): 2.0 for two points, 2.67 for seven."""
-    one = NormalDist()
-    return one.inv_cdf(1 - (1 - one.cdf(GOLD_DROP_Z)) / max(points - 1, 1))
+def gold_drop_z(points: int, prompts: int) -> float:
+    """The threshold for a curve of `points` measured on `prompts` prompts: the peak is the best of the points - 1
+    before the last, and the best of several noisy means falls back by chance more often than one does. Bonferroni
+    over them keeps a flat gold curve's chance of a flag at one comparison's at GOLD_DROP_Z under a normal (2.3%), and
+    the standard error, estimated from the prompts' paired drops, makes it Student's t on prompts - 1 degrees of
+    freedom: 2.03 for two points on the default's 82 prompts, 2.74 for seven; 3.31 for two on 4 prompts (the normal's
+    2.0 flagged a flat curve of 3 prompts 9.5% of the time)."""
+    tail = (1 - NormalDist().cdf(GOLD_DROP_Z)) / max(points - 1, 1)
+    return student_t_isf(tail, prompts - 1)
 
 
 def overoptimisation_flag(points: list[dict]) -> str | None:
@@ -89,9 +92,11 @@ def overoptimisation_flag(points: list[dict]) -> str | None:
     peak, last = max(points, key=lambda p: p["gold_mean"]), points[-1]
     if peak is last:
         return None
-    z = gold_drop_z(len(points))
     drops = [b - a for a, b in zip(peak["gold"], last["gold"])]
-    se = statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else 0.0
+    if len(drops) < 2:  # one prompt: no standard error to measure a drop in (any drop at all was flagged)
+        return None
+    z = gold_drop_z(len(points), len(drops))
+    se = statistics.stdev(drops) / math.sqrt(len(drops))
     gold_fell = statistics.fmean(drops) < -z * se and statistics.fmean(drops) < 0
     proxy_rose = last["proxy_mean"] > peak["proxy_mean"]
     if not (gold_fell and proxy_rose):

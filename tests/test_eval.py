@@ -636,6 +636,17 @@ def test_report_samples_sets_the_table_rows_and_report_json_keeps_all(eval_dir):
         assert f"All {len(samples)} samples are in report.json." in table
 
 
+def test_a_greedy_report_says_what_its_kl_is(eval_dir):
+    """Under temperature 0 the KL is that of the temperature-1 distributions along the greedy replies (greedy
+    sampling has no distribution): the report says so, and only then."""
+    from stages.eval import GREEDY_KL_NOTE, render_markdown
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert report["sampling"]["temperature"] > 0 and GREEDY_KL_NOTE not in render_markdown(report, 2)
+    greedy = {**report, "sampling": {**report["sampling"], "temperature": 0.0}}
+    assert render_markdown(greedy, 2).count(GREEDY_KL_NOTE) == 1
+
+
 def test_max_prompts_takes_the_first_prompts_of_the_held_out_file(tmp_path):
     from stages.eval import load_prompts
 
@@ -837,3 +848,15 @@ def test_sequence_kl_of_a_row_is_the_same_left_padded_or_alone(tmp_path, tiny_mo
     padded = sequence_kl(stack, "policy", "sft", {"gens": both}, batch=2, temperature=0.7)
     (single,) = sequence_kl(stack, "policy", "sft", {"gens": alone}, batch=1, temperature=0.7)
     assert single > 1e-4 and padded[0] == pytest.approx(single, rel=1e-4, abs=1e-6)
+
+
+def test_a_score_or_kl_that_is_not_a_number_stops_eval():
+    """A NaN reward-model score counted as a tie in every win rate (4 NaN scores: 0.5 with '4 ties counted half'), a
+    NaN KL switched the KL flag off: eval refuses them, naming what and which response."""
+    from stages.eval import finite
+
+    assert finite([0.5, -2.0], "x") == [0.5, -2.0]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ConfigError, match=rf"the KL of ppo to sft on response 1 is {bad}: the adapters that "
+                                              r"computed it are broken"):
+            finite([0.1, bad, 0.2], "the KL of ppo to sft on response")

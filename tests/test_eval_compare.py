@@ -271,36 +271,76 @@ def two_point_curve(drops):
     return [point(0, [0.0] * len(drops), [1.0] * len(drops)), point(8, [1.0] * len(drops), [1.0 + d for d in drops])]
 
 
+SPREAD = [0.5, -0.5] * 8  # 16 prompts' paired drops about their mean: sd 0.516, standard error 0.129
+
+
 def test_gold_drop_is_measured_in_standard_errors_of_the_mean():
-    """The gold fell when its mean paired drop exceeds GOLD_DROP_Z standard errors, sd / sqrt(n): drops 0, -1, -1, -2
-    have mean -1, sd sqrt(2/3) = 0.816 and standard error 0.408; 1 > 2 * 0.408 flags (though 1 < 2 * sd). With the
-    same spread about a mean drop of 0.75 < 2 * 0.408 it does not."""
-    from stages.eval_compare import overoptimisation_flag
-
-    flag = overoptimisation_flag(two_point_curve([0.0, -1.0, -1.0, -2.0]))
-    assert flag and "from update 0 (u0) to update 8" in flag and "(0.000 -> 1.000)" in flag and "(1.000 -> 0.000" in flag
-    assert overoptimisation_flag(two_point_curve([0.25, -0.75, -0.75, -1.75])) is None
-    # mean -0.9 with the same spread: 2.2 standard errors (sd / sqrt(n), not sd / sqrt(n - 1) = 0.471: 1.9 of those)
-    assert overoptimisation_flag(two_point_curve([0.1, -0.9, -0.9, -1.9]))
-
-
-def test_the_threshold_counts_the_checkpoints_the_peak_was_picked_from():
-    """The peak is the best of the earlier points, so with more of them the drop must be larger: Bonferroni over the
-    points - 1 candidates (2.0 standard errors for two points, 2.67 for seven). A drop of 2.3 standard errors flags a
-    two-point curve, and the same drop after five flat checkpoints does not."""
+    """The gold fell when its mean paired drop exceeds gold_drop_z standard errors, sd / sqrt(n): 16 drops of +-0.5
+    about a mean m flag with m just past -z * 0.129, not just short of it (with sd / sqrt(n - 1) = 0.133, or with the
+    sd itself, the first would not flag)."""
     from stages.eval_compare import gold_drop_z, overoptimisation_flag
 
-    assert gold_drop_z(2) == pytest.approx(2.0) and gold_drop_z(7) == pytest.approx(2.6701, abs=1e-4)
-    drops = [0.0, -1.0, -1.0, -2.0]  # mean -1, standard error 0.408: 2.45 standard errors
-    two = two_point_curve(drops)
-    assert overoptimisation_flag(two) and "more than 2.00 standard errors" in overoptimisation_flag(two)
+    se, z = statistics.stdev(SPREAD) / 4, gold_drop_z(2, 16)
+    flag = overoptimisation_flag(two_point_curve([d - 1.01 * z * se for d in SPREAD]))
+    assert flag and "from update 0 (u0) to update 8" in flag and "(0.000 -> 1.000)" in flag
+    assert f"more than {z:.2f} standard errors" in flag
+    assert overoptimisation_flag(two_point_curve([d - 0.99 * z * se for d in SPREAD])) is None
+
+
+def test_the_threshold_is_students_t_on_the_prompts_and_counts_the_checkpoints():
+    """Student's t on prompts - 1 degrees of freedom (the standard error is estimated from the prompts' drops), and
+    Bonferroni over the points - 1 checkpoints the peak was picked from: 2.03 for two points on 82 prompts, 2.74 for
+    seven; 3.31 for two on 4 prompts. A drop of 1.2 two-point thresholds flags a two-point curve, and the same drop
+    after five flat checkpoints does not."""
+    from statistics import NormalDist
+
+    from pipeline.stats import student_t_isf, student_t_sf
+    from stages.eval_compare import gold_drop_z, overoptimisation_flag
+
+    for df, quantile in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (10, 2.2281), (30, 2.0423)):  # t tables, 97.5%
+        assert student_t_isf(0.025, df) == pytest.approx(quantile, abs=1e-4)
+    assert student_t_sf(0.0, 5) == 0.5 and student_t_sf(-2.0, 7) == pytest.approx(1 - student_t_sf(2.0, 7))
+    tail = 1 - NormalDist().cdf(2.0)
+    assert gold_drop_z(2, 82) == pytest.approx(student_t_isf(tail, 81)) == pytest.approx(2.0313, abs=1e-4)
+    assert gold_drop_z(7, 82) == pytest.approx(student_t_isf(tail / 6, 81)) == pytest.approx(2.7387, abs=1e-4)
+    assert gold_drop_z(2, 4) == pytest.approx(3.3068, abs=1e-4) and gold_drop_z(2, 5001) == pytest.approx(2.0, abs=1e-3)
+    se = statistics.stdev(SPREAD) / 4
+    two = two_point_curve([d - 1.2 * gold_drop_z(2, 16) * se for d in SPREAD])
+    assert overoptimisation_flag(two)
     flat = [{**two[0], "update": -u, "policy": f"flat{u}"} for u in range(1, 6)]  # the same scores, earlier
     assert overoptimisation_flag(flat + two) is None
 
 
+def test_one_prompt_measures_no_drop():
+    """One prompt has no standard error: any drop at all (0.6 -> 0.5999) was flagged as reward hacking."""
+    from stages.eval_compare import overoptimisation_flag
+
+    assert overoptimisation_flag(two_point_curve([-0.0001])) is None
+    assert overoptimisation_flag(two_point_curve([-1.0, -1.0001]))  # two prompts: a standard error, and a drop
+
+
+def test_a_flat_gold_curve_of_few_prompts_is_flagged_at_the_stated_rate():
+    """Statistically: 3 prompts, two points whose gold is the same on average (noise only), the proxy rising. Under
+    the t threshold a flat curve is flagged as often as one comparison at 2 normal standard errors (2.3%); the normal's
+    2.0 flagged 9.5%. 4,000 curves: the rate's standard error is 0.0024, so 0.013-0.033 is 4 of them either side."""
+    import random
+
+    from stages.eval_compare import overoptimisation_flag
+
+    rng, fired = random.Random(1), 0
+    for _ in range(4000):
+        curve = []
+        for k in range(2):
+            gold = [rng.gauss(0.0, 0.3) for _ in range(3)]
+            curve.append({"update": k, "policy": f"u{k}", "proxy": [float(k)] * 3, "gold": gold,
+                          "proxy_mean": float(k), "gold_mean": statistics.fmean(gold)})
+        fired += overoptimisation_flag(curve) is not None
+    assert 0.013 < fired / 4000 < 0.033, fired / 4000
+
+
 def test_a_flat_gold_curve_is_flagged_at_the_stated_rate():
     """Statistically: 82 prompts, seven checkpoints whose gold is the same on average (noise only), the proxy rising.
-    The flag must fire about as often as one comparison at 2 standard errors (2.3%), not 4 times that (the best of six
+    The flag must fire about as often as one comparison at 2 normal standard errors (2.3%), not 4 times that (the best of six
     noisy means picked as the peak, then tested as if it were the only one). 2,000 curves: the rate's standard error
     is 0.0034, so 0.035 is 2.5 of them above 0.026."""
     import random
@@ -325,7 +365,7 @@ def test_a_two_point_curve_is_a_curve():
     from stages.eval_compare import overoptimisation_flag, policy_flags
 
     row = {"proxy_mean": 0.0, "kl_mean": 0.0, "length_mean": 10.0}
-    curve = two_point_curve([0.0, -1.0, -1.0, -2.0])
+    curve = two_point_curve([d - 1.0 for d in SPREAD])
     flags = policy_flags({"sft": row, "rloo": row, "dpo": row}, 10.0, 2.0, curves={"rloo": curve, "dpo": curve[1:]})
     assert flags == {"rloo": [overoptimisation_flag(curve)], "dpo": []} and flags["rloo"][0]
 
