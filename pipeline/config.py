@@ -146,6 +146,12 @@ def parse(classes: tuple, argv: list[str] | None = None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = None
+    argv = [part for a in argv for part in (["--config", a[9:]] if a.startswith("--config=") else [a])]
+    if argv.count("--config") > 1:
+        given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+        raise ConfigError(f"--config is given more than once ({', '.join(given)}): `make` gives the "
+                          f"recipe's own; for configs of your own, put them in configs/recipes/NAME/ and run `make ... "
+                          f"RECIPE=NAME`, or change single keys with ARGS=\"--key value\"")
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -214,6 +220,10 @@ def parse(classes: tuple, argv: list[str] | None = None):
         check_finite(out[-1], source_of)
         check_report_to(out[-1], source_of)
         check_optimizer(out[-1], source_of)
+        if getattr(out[-1], "resume_from_checkpoint", None):  # TrainingArguments': accepted, and never read
+            raise ConfigError(f"{source_of('resume_from_checkpoint')}: the training stages resume by themselves, from "
+                              f"the newest checkpoint of an interrupted run of the same command: remove it and run "
+                              f"the same command again")
     return out
 
 

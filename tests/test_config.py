@@ -194,6 +194,22 @@ def test_files_a_stage_names_are_checked_before_any_stage_runs(stage, flags, mes
     assert len(err) == 1 and re.search(message, err[0]), err
 
 
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_resume_from_checkpoint_is_refused_not_ignored(stage):
+    """The Trainer's --resume_from_checkpoint was accepted and never read (the stages resume by themselves)."""
+    with pytest.raises(ConfigError, match="--resume_from_checkpoint on the command line: the training stages resume by "
+                                          "themselves"):
+        parse(stage_classes(stage), ["--config", str(REPO / "configs" / f"{stage}.yaml"), "--resume_from_checkpoint",
+                                     "runs/x/sft/trainer/checkpoint-3"])
+
+
+def test_a_second_config_names_recipes():
+    """`make sft ARGS="--config my.yaml"`: the second --config was an unknown flag ("did you mean '--fsdp_config'?")."""
+    with pytest.raises(ConfigError, match=r"--config is given more than once \(configs/sft.yaml, my.yaml\): `make` gives "
+                                          r"the recipe's own; for configs of your own, put them in configs/recipes/NAME/"):
+        parse(stage_classes("sft"), ["--config", "configs/sft.yaml", "--run", "x", "--config", "my.yaml"])
+
+
 def test_sft_evaluating_with_nothing_held_out_is_refused_before_any_stage():
     from pipeline.launch import check
 

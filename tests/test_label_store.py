@@ -357,7 +357,7 @@ def test_stats_tab_shows_people_s_position_bias_beside_simulated_labels():
     assert s["simulated"] == {"labels": 600, "annotators": ["sim:sentiment-1", "sim:sentiment-2", "sim:sentiment-3"]}
     assert s["human_vs_simulated"]["pairs"] == 30
     shown = to_html(s, overlap=1)
-    assert "the left side won 30 of 30 decided pairs" in shown
+    assert "the left side won 30 of 30 decided labels" in shown
     assert "(sim:sentiment-1, sim:sentiment-2, sim:sentiment-3): 600 labels, not counted above" in shown
     assert to_html(stats_view(labels[:600]), overlap=1).startswith("<p>No labels from people yet.</p>")
 

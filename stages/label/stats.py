@@ -173,7 +173,7 @@ def to_html(s: dict, overlap: int, blocked: int = 0) -> str:
               _table(["choice", "labels", "share"], [[names[c], n, f"{n / total:.0%}"] for c, n in s["choices"].items()])]
     pb = s["position_bias"]
     if pb["decided"]:
-        parts.append(f"<p><b>Position bias</b>: the left side won {pb['left_wins']} of {pb['decided']} decided pairs "
+        parts.append(f"<p><b>Position bias</b>: the left side won {pb['left_wins']} of {pb['decided']} decided labels "
                      f"({pb['left_share']:.0%}; 50% expected, two-sided binomial p = {pb['p_value']}).</p>")
     ag = s["agreement"]
     parts.append("<p><b>Agreement</b></p>")
