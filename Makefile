@@ -225,13 +225,13 @@ bench-rl: setup
 bench-rm: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.rm_rules
 # What limits the reward model's agreement with the gold (labels, seeds, ensemble, noise-free labels, half the data),
-# on the default run's pairs and labels: bench/results/rm_limit.json. Needs `make sft rm` first.
+# on the run's pairs and labels (RUN=, default: the default run): bench/results/rm_limit.json. Needs `make sft rm` first.
 bench-rm-limit: setup
-	OMP_NUM_THREADS=1 $(PY) -m bench.rm_limit
+	OMP_NUM_THREADS=1 $(PY) -m bench.rm_limit --from_run $(RUNDIR) $(ARGS)
 # What running a prompt's shared tokens once (share_prefix in configs/rm.yaml) saves the reward model, on the default
 # run's labels: bench/results/rm_prefix.json. Needs `make sft rm` first.
 bench-rm-prefix: setup
-	OMP_NUM_THREADS=1 $(PY) -m bench.rm_prefix
+	OMP_NUM_THREADS=1 $(PY) -m bench.rm_prefix --from_run $(RUNDIR) $(ARGS)
 # Does the base know which words are happy? A linear probe of its layers for VADER's word valences (seconds):
 # bench/results/valence_probe.json.
 bench-valence-probe: setup
@@ -239,7 +239,7 @@ bench-valence-probe: setup
 # How much can the run's labels teach? Bag-of-words learners on the reward model's own held-out pairs, knowing no word
 # or told VADER's words, on the labels and noise-free (about 2 minutes): bench/results/rm_ceiling.json.
 bench-rm-ceiling: setup
-	OMP_NUM_THREADS=1 $(PY) -m bench.rm_ceiling
+	OMP_NUM_THREADS=1 $(PY) -m bench.rm_ceiling --from_run $(RUNDIR) $(ARGS)
 # The default story run under seeds 1-3 (make sft rm ppo eval each): gold gain, win rate, wall time -> bench/results/story.json
 bench-story: setup
 	$(PY) -m bench.story_seeds

@@ -850,3 +850,13 @@ def test_a_folders_digest_covers_its_file_names(tmp_path):
     assert file_digest(data) != before
     (data / "test.jsonl").rename(data / "train.jsonl")
     assert file_digest(data) == before
+
+
+@pytest.mark.parametrize("target,module", [("bench-rm-limit", "rm_limit"), ("bench-rm-prefix", "rm_prefix"),
+                                           ("bench-rm-ceiling", "rm_ceiling")])
+def test_the_run_benches_read_the_run_make_names(target, module, tmp_path):
+    """They read runs/default whatever RUN= said (and measured, then overwrote the results of, the wrong run)."""
+    res = make(target, "RUN=mine", f"RUNS_DIR={tmp_path}", "ARGS=--seeds 1", dry_run=True)
+    assert res.returncode == 0, res.stderr
+    line = next(x for x in res.stdout.splitlines() if f"-m bench.{module}" in x)
+    assert line.endswith(f"-m bench.{module} --from_run {tmp_path}/mine --seeds 1"), line

@@ -781,6 +781,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('bench-single-seed-se-zero', 'bench/rm_limit.py', 'if n > 1 else None', 'if n > 1 else 0.0', 'tests/test_bench_rm_limit.py -k mean_and_se'),
     ('config-resume-from-checkpoint-ignored', 'pipeline/config.py', 'if getattr(out[-1], "resume_from_checkpoint", None):', 'if False:', 'tests/test_config.py -k resume_from_checkpoint_is_refused'),
     ('config-second-config-unexplained', 'pipeline/config.py', '    if argv.count("--config") > 1:', '    if False:', 'tests/test_config.py -k second_config'),
+    ('make-bench-reads-default-run', 'Makefile', '-m bench.rm_limit --from_run $(RUNDIR) $(ARGS)', '-m bench.rm_limit', 'tests/test_make.py -k run_benches'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
