@@ -92,6 +92,13 @@ def book_files(cfg: BaseConfig) -> list:
     return files
 
 
+def read_book(path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
+
+
 def clean(text: str) -> str:
     """Join hard-wrapped lines into paragraphs; keep paragraph breaks."""
     paragraphs = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
@@ -146,12 +153,11 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
 
     stage = StageRun("base", run.run, run.runs_dir)
     files = book_files(cfg)
-    stage.prepare({"base": to_dict(cfg), "run": to_dict(run)})
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # 1. Data: every book cleaned; two books held out whole.
-    books = {f.stem: clean(f.read_text(encoding="utf-8")) for f in files}
+    # 1. Data: every book cleaned; two books held out whole. All of it checked before the run folder is touched.
+    books = {f.stem: clean(read_book(f)) for f in files}
     train_texts = [t for name, t in books.items() if name not in cfg.heldout_books]
     heldout_texts = [t for name, t in books.items() if name in cfg.heldout_books]
 
@@ -167,6 +173,11 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
     train_ids, heldout_ids = encode(train_texts), encode(heldout_texts)
     train_data = blocks(train_ids, cfg.block_size)
     heldout_data = blocks(heldout_ids, cfg.block_size)
+    for what, data, ids in (("training", train_data, train_ids), ("held-out", heldout_data, heldout_ids)):
+        if len(data) == 0:
+            raise ConfigError(f"the {what} books hold {len(ids)} tokens, less than one block of block_size "
+                              f"{cfg.block_size}: give longer books (heldout_books, text_dir) or a smaller --block_size")
+    stage.prepare({"base": to_dict(cfg), "run": to_dict(run)})
     print(f"train tokens {len(train_ids):,}, held-out tokens {len(heldout_ids):,}, vocab {len(tokenizer)}")
 
     # 3. Model

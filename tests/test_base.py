@@ -29,6 +29,27 @@ def test_settings_make_base_cannot_run_with_are_one_error_before_writing(extra, 
     assert not runs.exists()
 
 
+@pytest.mark.parametrize("case", ["not-utf8", "short-heldout"])
+def test_books_make_base_cannot_read_are_one_error_before_writing(case, tmp_path):
+    """A Latin-1 book was a UnicodeDecodeError traceback after the run folder was prepared; a held-out book shorter
+    than one block a ZeroDivisionError after 200 training steps."""
+    from stages.base import CONFIG_CLASSES, main
+
+    texts, runs = tmp_path / "texts", tmp_path / "runs"
+    texts.mkdir()
+    (texts / "bunny.txt").write_text((REPO / "data/pretrain/texts/bunny.txt").read_text())
+    if case == "not-utf8":
+        (texts / "odd.txt").write_bytes("Caf\xe9 au lait.\n".encode("latin-1"))
+        held, message = "bunny", r"odd.txt is not UTF-8 text \(invalid continuation byte at byte 3\): save it as UTF-8"
+    else:
+        (texts / "odd.txt").write_text("A tiny book.\n")
+        held, message = "odd", r"the held-out books hold \d+ tokens, less than one block of block_size 64"
+    with pytest.raises(ConfigError, match=message):
+        main(*parse(CONFIG_CLASSES(), base_args(runs, "--text_dir", str(texts), "--heldout_books", held,
+                                                "--block_size", "64", "--vocab_size", "300")))
+    assert not runs.exists()
+
+
 def test_make_base_refusal_is_one_error_line_and_exit_2(tmp_path):
     res = run_python("stages.base", base_args(tmp_path / "runs", "--optimizer", "bogus"), timeout=120)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]

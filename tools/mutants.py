@@ -782,6 +782,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('config-resume-from-checkpoint-ignored', 'pipeline/config.py', 'if getattr(out[-1], "resume_from_checkpoint", None):', 'if False:', 'tests/test_config.py -k resume_from_checkpoint_is_refused'),
     ('config-second-config-unexplained', 'pipeline/config.py', '    if argv.count("--config") > 1:', '    if False:', 'tests/test_config.py -k second_config'),
     ('make-bench-reads-default-run', 'Makefile', '-m bench.rm_limit --from_run $(RUNDIR) $(ARGS)', '-m bench.rm_limit', 'tests/test_make.py -k run_benches'),
+    ('base-short-books-unchecked', 'stages/base.py', '        if len(data) == 0:', '        if False:', 'tests/test_base.py -k books_make_base'),
+    ('base-book-not-utf8-traceback', 'stages/base.py', '    except UnicodeDecodeError as err:\n        raise ConfigError(f"{path} is not UTF-8', '    except ImportError as err:\n        raise ConfigError(f"{path} is not UTF-8', 'tests/test_base.py -k books_make_base'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
