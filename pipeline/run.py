@@ -112,12 +112,10 @@ SECRET_FILE_KEYS = ("users_file",)
 
 
 def secret_file_values(argv: list) -> set[int]:
-    """The positions in a command line that hold a SECRET_FILE_KEYS flag's value (`--users_file F`, `--users_file=F`)."""
-    found = set()
-    for i, arg in enumerate(argv):
-        if isinstance(arg, str) and arg.startswith("--") and arg[2:].split("=", 1)[0] in SECRET_FILE_KEYS:
-            found.add(i if "=" in arg else i + 1)
-    return found
+    """The positions in a command line that hold a SECRET_FILE_KEYS flag's value (`--users_file F`; `--users_file=F`
+    is one word that names no file)."""
+    return {i + 1 for i, arg in enumerate(argv) if isinstance(arg, str) and arg.startswith("--")
+            and arg[2:] in SECRET_FILE_KEYS}
 
 
 def paths_named_in(values: Any, own_dir: Path) -> set[str]:

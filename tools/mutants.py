@@ -767,7 +767,6 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('make-interrupted-run-forgotten', 'pipeline/run.py', '            started = json.loads((path.parent / STARTED).read_text())["argv"]', '            raise OSError', 'tests/test_make.py -k killed_mid_run'),
     ('secret-file-digested-from-config', 'pipeline/run.py', '[value for key, value in v.items() if key not in SECRET_FILE_KEYS]', 'list(v.values())', 'tests/test_make.py -k passwords'),
     ('secret-file-digested-from-argv', 'pipeline/run.py', 'stack += [item for i, item in enumerate(v) if i not in secret]', 'stack += list(v)', 'tests/test_make.py -k passwords'),
-    ('secret-file-flag-equals-form', 'pipeline/run.py', 'found.add(i if "=" in arg else i + 1)', 'found.add(i + 1)', 'tests/test_make.py -k passwords'),
     ('config-non-name-key-passes', 'pipeline/config.py', 'if odd is not None or None in data:', 'if False:', 'tests/test_config.py -k not_yaml_of_keys'),
     ('config-base-config-not-a-path', 'pipeline/config.py', 'if not isinstance(yaml_values["base_config"], str) or not yaml_values["base_config"].strip():', 'if False:', 'tests/test_config.py -k base_config_that_is_not'),
     ('chat-template-not-utf8-traceback', 'pipeline/models.py', '    except UnicodeDecodeError as err:\n        raise ConfigError(f"chat_template file', '    except ImportError as err:\n        raise ConfigError(f"chat_template file', 'tests/test_config.py -k chat_template_file_that'),
