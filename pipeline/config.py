@@ -246,14 +246,15 @@ def check_optimizer(instance, source_of) -> None:
     except (ValueError, TypeError, ImportError, RuntimeError) as err:
         if "pass a model" in str(err) or "pass a `model`" in str(err):
             return
-        raise ConfigError(f"{source_of('optim')} is '{getattr(instance.optim, 'value', instance.optim)}', which cannot be built here: "
+        optim = getattr(instance.optim, "value", instance.optim)
+        raise ConfigError(f"{source_of('optim')} is '{optim}', which cannot be built here: "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     try:
         get_scheduler(instance.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10,
                       scheduler_specific_kwargs=instance.lr_scheduler_kwargs)
     except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(f"{source_of('lr_scheduler_type')} is "
-                          f"'{getattr(instance.lr_scheduler_type, 'value', instance.lr_scheduler_type)}', whose schedule cannot "
+        schedule = getattr(instance.lr_scheduler_type, "value", instance.lr_scheduler_type)
+        raise ConfigError(f"{source_of('lr_scheduler_type')} is '{schedule}', whose schedule cannot "
                           f"be built from lr_scheduler_kwargs {instance.lr_scheduler_kwargs or {}}: "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 

@@ -430,8 +430,8 @@ def main_guard(main_fn):
 
 def count_cpu_ranks() -> None:
     """Several processes on a machine with no GPU are CPU ranks of one run, whatever the launch said: accelerate counts
-    them only under ACCELERATE_USE_CPU=1, which make sets. `accelerate launch --config_file configs/accelerate/cpu2.yaml`
-    without it started two processes that each called themselves rank 0 of 1: each trained on all the data, both
+    them only under ACCELERATE_USE_CPU=1, which make sets. `accelerate launch --config_file
+    configs/accelerate/cpu2.yaml` without it started two processes that each called themselves rank 0 of 1: each trained on all the data, both
     wrote the manifest, which said world size 1. Set before the stage parses its arguments (TrainingArguments)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch

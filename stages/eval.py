@@ -238,8 +238,9 @@ def load_gold_judge(args: EvalArgs, rm: dict, trained_configs: list[dict], promp
 
 # ---------------------------------------------------------------------------------------------------- report
 
-GREEDY_KL_NOTE = ("Greedy decoding (temperature 0) samples from no distribution: the KL figures here are those of the "
-                  "temperature-1 distributions, summed along the greedy responses, not the KL the policy trained under.")
+GREEDY_KL_NOTE = ("Greedy decoding (temperature 0) samples from no distribution: the KL figures here are those of "
+                  "the temperature-1 distributions, summed along the greedy responses, not the KL the policy trained "
+                  "under.")
 
 
 def render_markdown(report: dict, n_rows: int) -> str:

@@ -82,10 +82,11 @@ def align_logging_with_checkpoints(train_cfg) -> None:
 
 
 def whole_run_loss(trainer, result, resumed_from: Path | None) -> float | None:
-    """The mean training loss over all the run's steps (4 decimals). transformers' training_loss covers the steps of this call only,
-    so a resumed run reported the mean of its last steps (0.008 against 0.159). The steps up to the checkpoint come
-    from the logged losses it restored, each a mean over its steps; they cover those steps exactly because
-    checkpoints fall on logging steps (align_logging_with_checkpoints). None where they do not (logging by epoch)."""
+    """The mean training loss over all the run's steps (4 decimals). transformers' training_loss covers the steps of
+    this call only, so a resumed run reported the mean of its last steps (0.008 against 0.159). The steps up to the
+    checkpoint come from the logged losses it restored, each a mean over its steps; they cover those steps exactly
+    because checkpoints fall on logging steps (align_logging_with_checkpoints). None where they do not (logging by
+    epoch)."""
     if resumed_from is None:
         return round(result.training_loss, 4)
     start, done, last = step_of(resumed_from), 0.0, 0

@@ -323,40 +323,35 @@ def test_a_flat_gold_curve_of_few_prompts_is_flagged_at_the_stated_rate():
     """Statistically: 3 prompts, two points whose gold is the same on average (noise only), the proxy rising. Under
     the t threshold a flat curve is flagged as often as one comparison at 2 normal standard errors (2.3%); the normal's
     2.0 flagged 9.5%. 4,000 curves: the rate's standard error is 0.0024, so 0.013-0.033 is 4 of them either side."""
+    rate = flat_curve_flag_rate(curves=4000, points=2, prompts=3, seed=1)
+    assert 0.013 < rate < 0.033, rate
+
+
+def flat_curve_flag_rate(curves: int, points: int, prompts: int, seed: int) -> float:
+    """The share of `curves` flagged, each of `points` checkpoints whose gold is noise about one mean on every prompt,
+    the proxy rising."""
     import random
 
     from stages.eval_compare import overoptimisation_flag
 
-    rng, fired = random.Random(1), 0
-    for _ in range(4000):
+    rng, fired = random.Random(seed), 0
+    for _ in range(curves):
         curve = []
-        for k in range(2):
-            gold = [rng.gauss(0.0, 0.3) for _ in range(3)]
-            curve.append({"update": k, "policy": f"u{k}", "proxy": [float(k)] * 3, "gold": gold,
+        for k in range(points):
+            gold = [rng.gauss(0.0, 0.3) for _ in range(prompts)]
+            curve.append({"update": k, "policy": f"u{k}", "proxy": [float(k)] * prompts, "gold": gold,
                           "proxy_mean": float(k), "gold_mean": statistics.fmean(gold)})
         fired += overoptimisation_flag(curve) is not None
-    assert 0.013 < fired / 4000 < 0.033, fired / 4000
+    return fired / curves
 
 
 def test_a_flat_gold_curve_is_flagged_at_the_stated_rate():
     """Statistically: 82 prompts, seven checkpoints whose gold is the same on average (noise only), the proxy rising.
-    The flag must fire about as often as one comparison at 2 normal standard errors (2.3%), not 4 times that (the best of six
-    noisy means picked as the peak, then tested as if it were the only one). 2,000 curves: the rate's standard error
+    The flag must fire about as often as one comparison at 2 normal standard errors (2.3%), not 4 times that (the best
+    of six noisy means picked as the peak, then tested as if it were the only one). 2,000 curves: the rate's standard error
     is 0.0034, so 0.035 is 2.5 of them above 0.026."""
-    import random
-
-    from stages.eval_compare import overoptimisation_flag
-
-    rng = random.Random(0)
-    fired = 0
-    for _ in range(2000):
-        curve = []
-        for k in range(7):
-            gold = [rng.gauss(0.0, 0.3) for _ in range(82)]
-            curve.append({"update": k, "policy": f"u{k}", "proxy": [float(k)] * 82, "gold": gold,
-                          "proxy_mean": float(k), "gold_mean": statistics.fmean(gold)})
-        fired += overoptimisation_flag(curve) is not None
-    assert 0.010 < fired / 2000 < 0.035, fired / 2000
+    rate = flat_curve_flag_rate(curves=2000, points=7, prompts=82, seed=0)
+    assert 0.010 < rate < 0.035, rate
 
 
 def test_a_two_point_curve_is_a_curve():

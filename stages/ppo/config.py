@@ -48,7 +48,8 @@ class PPOConfig:
     response_length: int = field(default=48, metadata={"help": "max_new_tokens of each response."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for rollouts (and in the log-probs)."})
     stop_at_eos: bool = field(default=True, metadata={"help": "Stop a response at EOS (false: always response_length tokens, and whatever follows an EOS is part of the reply the reward model scores, as in TRL with stop_token None)."})
-    generation_batch_size: int = field(default=64, metadata={"help": "Rows (answers) per sampling call: each prompt is repeated num_samples_per_prompt times first."})
+    generation_batch_size: int = field(default=64, metadata={
+        "help": "Rows (answers) per sampling call: each prompt is repeated num_samples_per_prompt times first."})
     forward_batch_size: int = field(default=64, metadata={"help": "Rows per no-grad scoring forward (ref, value, reward)."})
     # Batch arithmetic
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch of the update passes."})
