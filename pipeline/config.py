@@ -83,6 +83,14 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def read_utf8(path: Path, name: str) -> str:
+    """The text of a file a user gave (`name`: how errors call it); not UTF-8 is one ConfigError, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{name} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -144,9 +152,9 @@ def parse(classes: tuple, argv: list[str] | None = None):
     """
     from transformers import HfArgumentParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [part for a in (sys.argv[1:] if argv is None else argv)  # --config=FILE reads as --config FILE
+            for part in (["--config", a[9:]] if a.startswith("--config=") else [a])]
     config_path = None
-    argv = [part for a in argv for part in (["--config", a[9:]] if a.startswith("--config=") else [a])]
     if argv.count("--config") > 1:
         given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
         raise ConfigError(f"--config is given more than once ({', '.join(given)}): `make` gives the "
@@ -247,16 +255,19 @@ def check_optimizer(instance, source_of) -> None:
         if "pass a model" in str(err) or "pass a `model`" in str(err):
             return
         optim = getattr(instance.optim, "value", instance.optim)
-        raise ConfigError(f"{source_of('optim')} is '{optim}', which cannot be built here: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise ConfigError(f"{source_of('optim')} is '{optim}', which cannot be built here: {first_line(err)}") from None
     try:
         get_scheduler(instance.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10,
                       scheduler_specific_kwargs=instance.lr_scheduler_kwargs)
     except (ValueError, TypeError, KeyError) as err:
         schedule = getattr(instance.lr_scheduler_type, "value", instance.lr_scheduler_type)
-        raise ConfigError(f"{source_of('lr_scheduler_type')} is '{schedule}', whose schedule cannot "
-                          f"be built from lr_scheduler_kwargs {instance.lr_scheduler_kwargs or {}}: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise ConfigError(f"{source_of('lr_scheduler_type')} is '{schedule}', whose schedule cannot be built from "
+                          f"lr_scheduler_kwargs {instance.lr_scheduler_kwargs or {}}: {first_line(err)}") from None
+
+
+def first_line(err: Exception) -> str:
+    """A library error in one line: its message's first, or its type's name when it has none."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def check_report_to(instance, source_of) -> None:

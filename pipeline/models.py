@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, ModelProfile, load_model_profile, resolve_path
+from pipeline.config import ConfigError, ModelProfile, load_model_profile, read_utf8, resolve_path
 
 FINGERPRINT_FILE = "pipeline_base.json"
 FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -113,11 +113,7 @@ def template_text(value: str) -> str:
     if not path.is_file():
         raise ConfigError(f"chat_template file {value} of the model profile does not exist: give a .jinja file (for "
                           f"example one of trl/chat_templates/) or the template text itself")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"chat_template file {value} of the model profile is not UTF-8 text ({err.reason} at byte "
-                          f"{err.start}): save it as UTF-8") from None
+    return read_utf8(path, f"chat_template file {value} of the model profile")
 
 
 def load_tokenizer(profile: ModelProfile, path: str | None = None):

@@ -204,6 +204,7 @@ def code_changed(stage: str, argv: list[str]) -> list[str]:
 # pipeline.launch puts accelerate's arguments (--config_file ...) here for the stage to record: the number of processes,
 # sharding and mixed precision change what a stage computes, so another launch config is another run.
 LAUNCH_ENV = "PIPELINE_LAUNCH_ARGS"
+STARTED = "started.json"  # a stage's command line while it runs: removed when its manifest is written
 
 
 def launch_args() -> list[str] | None:
@@ -268,9 +269,6 @@ def inputs_changed(files: dict[str, str | None], manifests: dict[str, str | None
             return (f"the {name} stage ran again" if now and digest else
                     f"the {name} stage now exists" if now else f"the {name} stage is gone")
     return None
-
-
-STARTED = "started.json"  # a stage's command line while it runs: removed when its manifest is written
 
 
 class StageRun:
@@ -431,8 +429,9 @@ def main_guard(main_fn):
 def count_cpu_ranks() -> None:
     """Several processes on a machine with no GPU are CPU ranks of one run, whatever the launch said: accelerate counts
     them only under ACCELERATE_USE_CPU=1, which make sets. `accelerate launch --config_file
-    configs/accelerate/cpu2.yaml` without it started two processes that each called themselves rank 0 of 1: each trained on all the data, both
-    wrote the manifest, which said world size 1. Set before the stage parses its arguments (TrainingArguments)."""
+    configs/accelerate/cpu2.yaml` without it started two processes that each called themselves rank 0 of 1: each
+    trained on all the data, both wrote the manifest, which said world size 1. Set before the stage parses its
+    arguments (TrainingArguments)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
 

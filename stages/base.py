@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
+from pipeline.config import ConfigError, RunArgs, parse, read_utf8, resolve_path, to_dict
 from pipeline.run import StageRun, atomic_write_json, main_guard
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -92,13 +92,6 @@ def book_files(cfg: BaseConfig) -> list:
     return files
 
 
-def read_book(path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
-
-
 def clean(text: str) -> str:
     """Join hard-wrapped lines into paragraphs; keep paragraph breaks."""
     paragraphs = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
@@ -157,7 +150,7 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
     torch.manual_seed(cfg.seed)
 
     # 1. Data: every book cleaned; two books held out whole. All of it checked before the run folder is touched.
-    books = {f.stem: clean(read_book(f)) for f in files}
+    books = {f.stem: clean(read_utf8(f, str(f))) for f in files}
     train_texts = [t for name, t in books.items() if name not in cfg.heldout_books]
     heldout_texts = [t for name, t in books.items() if name in cfg.heldout_books]
 

@@ -237,7 +237,7 @@ def grouped_reward_trainer():
                     sums += float(r < len(mine)) * torch.stack([losses.double().sum(), right.double(),
                                                                  losses.new_tensor(len(losses), dtype=torch.float64)])
             self.model.train(training)
-            sums = acc.reduce(sums, "sum") if acc.num_processes > 1 else sums
+            sums = acc.reduce(sums, "sum")  # one process: as it is
             loss, right, pairs = sums.tolist()
             metrics = {f"{metric_key_prefix}_loss": loss / pairs if pairs else float("nan"),
                        f"{metric_key_prefix}_accuracy": right / pairs if pairs else float("nan")}
