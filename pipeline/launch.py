@@ -22,10 +22,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.run import LAUNCH_ENV, code_changed, is_current
+from pipeline.run import LAUNCH_ENV, code_changed, is_current, stage_folder
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
 ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"
@@ -205,9 +206,42 @@ def main(argv: list[str]) -> int:
             print(f"error: ACCELERATE_CONFIG={config_file} {problem}: fix the file (`accelerate config` writes one), or "
                   f"give one of configs/accelerate/", file=sys.stderr)
             return CONFIG_ERROR_EXIT
+    folder = stage_folder(stage, stage_args)
+    lock, holder = hold_stage_folder(folder)  # held until this process ends (a kill too): nothing to release
+    if lock is None:
+        print(f"error: {folder} is being written by another run of `{stage}` ({holder}): wait for it to end, or give "
+              f"this one its own run folder (make {stage} RUN=another)", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
     if not force:
         print(f"{stage}: running, because {why}", flush=True)
     return launch(ours, module, stage_args)
+
+
+def hold_stage_folder(folder: Path) -> tuple[object | None, str]:
+    """An exclusive lock on a stage's folder for this launch: two `make ppo` of one run at once (two terminals, a
+    second make while the first trains) would both write its checkpoints and adapters. (the open lock file, "") when
+    taken; (None, who holds it) when another process does. The lock file lives in the temp folder, keyed by the
+    folder's absolute path, so the run folder gets nothing before the stage has checked its input; the operating
+    system releases it when its process ends, killed or not, so a crash leaves no stale lock."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    locks = Path(tempfile.gettempdir()) / f"rlhf-pipeline-locks-{os.getuid()}"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    lock = open(locks / f"{key}.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process"
+        lock.close()
+        return None, holder
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}")
+    lock.flush()
+    return lock, ""
 
 
 def accelerate_config_problem(config_file: str | Path) -> str | None:

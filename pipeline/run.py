@@ -172,6 +172,11 @@ def _flag(argv: list[str], name: str, default: str) -> str:
     return value
 
 
+def stage_folder(stage: str, argv: list[str]) -> Path:
+    """The folder a stage's command line writes: its --runs_dir and --run, as its parser reads them."""
+    return stage_dir(_flag(argv, "--runs_dir", "runs"), _flag(argv, "--run", "default"), stage)
+
+
 CODE_PACKAGES = ("pipeline", "stages")  # the project's own code that a stage runs (tests.fake_stages imports pipeline)
 
 
@@ -193,7 +198,7 @@ def code_changed(stage: str, argv: list[str]) -> list[str]:
     """The code files the stage's manifest records that are no longer as they were when it ran (edited by an upgrade or
     by hand, or gone); [] for a manifest that records none. `make` does not rerun a stage for these (a base trained for
     hours is not redone for a refactor): pipeline.launch says so beside its "up to date" line."""
-    path = stage_dir(_flag(argv, "--runs_dir", "runs"), _flag(argv, "--run", "default"), stage) / "manifest.json"
+    path = stage_folder(stage, argv) / "manifest.json"
     try:
         code = json.loads(path.read_text()).get("code") or {}
     except (OSError, json.JSONDecodeError):

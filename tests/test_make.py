@@ -4,6 +4,7 @@ input. Real `make` on the real Makefile; the stages are fast stand-ins (tests/fa
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -540,6 +541,27 @@ def test_an_accelerate_config_accelerate_cannot_read_is_one_error_line(text, pro
     assert errors[0].startswith(f"error: ACCELERATE_CONFIG={acc} {problem}") and errors[0].endswith(
         ": fix the file (`accelerate config` writes one), or give one of configs/accelerate/"), errors[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_stage_folder_another_launch_is_writing_is_refused_until_it_ends(tmp_path):
+    """Two `make sft` of one run at once would both write its checkpoints and adapters: the second is one error line,
+    exit 2, naming the folder and who holds it, and writes nothing; once the first ends (its lock goes with its
+    process), the stage runs. Another run's folder is not held. Mutant: the lock not taken (flock skipped)."""
+    from pipeline.launch import hold_stage_folder
+
+    runs = tmp_path / "runs"
+    lock, _ = hold_stage_folder(runs / "t" / "sft")  # the first launch, still training
+    res = make("sft", runs_dir=runs)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert errors[0] == (f"error: {runs / 't' / 'sft'} is being written by another run of `sft` (pid {os.getpid()}, since "
+                         f"{errors[0].split('since ')[1][:8]}): wait for it to end, or give this one its own run "
+                         f"folder (make sft RUN=another)")
+    assert not runs.exists()
+    assert make("sft", "RUN=other", f"RUNS_DIR={runs}", fake=True).returncode == 0  # another folder: not held
+    lock.close()
+    res = make("sft", runs_dir=runs)
+    assert res.returncode == 0 and ran(runs) == ["sft"], res.stderr
 
 
 @pytest.mark.parametrize("run,problem", [("../escape", "holds a path separator"), ("a/b", "holds a path separator"),

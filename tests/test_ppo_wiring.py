@@ -160,3 +160,19 @@ def test_loss_agg_mode_sets_each_tokens_weight_in_the_update(mode, tiny_models, 
         surrogate = (-adv[:, :m.shape[1]][m] * ratio / den[:, None].expand_as(m)[m]).sum()
         grads = torch.autograd.grad(surrogate, params, allow_unused=True)
     assert_the_update_is_one_sgd_step(t, ro, adv, returns, params, grads, lr)
+
+
+def test_rank_sum_of_gradients_leaves_a_parameter_no_rank_reached_at_none():
+    """2 ranks: a parameter with no gradient on any rank stays at grad None (AdamW skips it, as on one process: a zero
+    would count as a step); one with a gradient on one rank only gets that rank's. The other rank's flat gradient
+    vector (and its has-gradient flags) is added by hand. Mutant: the None not restored after the sum."""
+    from types import SimpleNamespace
+
+    from stages.ppo.trainer import PPOTrainer
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (2, 3, 1))
+    a.grad = torch.tensor([1.0, 2.0])
+    other_rank = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0, 0.0, 1.0, 1.0, 0.0])  # a's and b's gradients; flags 1, 1, 0
+    ranks = SimpleNamespace(world=2, _all_sum=lambda t: t + other_rank)
+    PPOTrainer._sum_grads(ranks, [a, b, c])
+    assert a.grad.tolist() == [11.0, 22.0] and b.grad.tolist() == [30.0, 40.0, 50.0] and c.grad is None

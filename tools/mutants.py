@@ -782,6 +782,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('config-second-config-unexplained', 'pipeline/config.py', '    if argv.count("--config") > 1:', '    if False:', 'tests/test_config.py -k second_config'),
     ('make-bench-reads-default-run', 'Makefile', '-m bench.rm_limit --from_run $(RUNDIR) $(ARGS)', '-m bench.rm_limit', 'tests/test_make.py -k run_benches'),
     ('base-short-books-unchecked', 'stages/base.py', '        if len(data) == 0:', '        if False:', 'tests/test_base.py -k books_make_base'),
+    ('ppo-rank-sum-zero-grad-kept', 'stages/ppo/trainer.py', '            if ranks_with_grad == 0:', '            if ranks_with_grad < 0:', 'tests/test_ppo_wiring.py -k rank_sum_of_gradients'),
+    ('launch-stage-folder-unlocked', 'pipeline/launch.py', '        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)', '        pass', 'tests/test_make.py -k another_launch_is_writing'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

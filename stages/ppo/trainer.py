@@ -163,18 +163,23 @@ class PPOTrainer:
     def _sum_grads(self, params: list[torch.Tensor]) -> None:
         """Sum the gradients of the adapters trained this step across ranks. Every rank's loss is already divided by
         the token count of the *global* mini-batch, so the sum is the gradient of the global token mean: 2 ranks x B ==
-        1 rank x 2B. Only `params` (the same on every rank): a parameter left at grad None is one the optimizer skips,
-        as on one process; a zero gradient would count as an AdamW step (bias correction, weight decay)."""
+        1 rank x 2B. Only `params` (the same on every rank). A parameter no rank gave a gradient stays at grad None, the
+        optimizer skipping it as on one process (a zero gradient would count as an AdamW step: bias correction, weight
+        decay); one some rank left at None counts zero there."""
         if self.world == 1:
             return
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = self._all_sum(torch.cat([p.grad.reshape(-1) for p in params]))
+        flat = self._all_sum(torch.cat([p.grad.reshape(-1) for p in params] + [has_grad.to(params[0].grad.dtype)]))
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
+        for p, ranks_with_grad in zip(params, flat[offset:].tolist()):
+            if ranks_with_grad == 0:
+                p.grad = None
 
     def _barrier(self) -> None:
         self.state.wait_for_everyone()
