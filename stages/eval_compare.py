@@ -79,7 +79,7 @@ def gold_drop_z(points: int, prompts: int) -> float:
     before the last, and the best of several noisy means falls back by chance more often than one does. Bonferroni
     over them keeps a flat gold curve's chance of a flag at one comparison's at GOLD_DROP_Z under a normal (2.3%), and
     the standard error, estimated from the prompts' paired drops, makes it Student's t on prompts - 1 degrees of
-    freedom: 2.03 for two points on the default's 82 prompts, 2.74 for seven; 3.31 for two on 4 prompts (the normal's
+    freedom: 2.03 for two points on the default's 82 prompts, 2.84 for its nine; 3.31 for two on 4 prompts (the normal's
     2.0 flagged a flat curve of 3 prompts 9.5% of the time)."""
     tail = (1 - NormalDist().cdf(GOLD_DROP_Z)) / max(points - 1, 1)
     return student_t_isf(tail, prompts - 1)

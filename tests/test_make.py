@@ -144,14 +144,20 @@ def ran(runs_dir) -> list[str]:
     return out
 
 
-def test_eval_of_a_dpo_only_run_brings_the_reward_models_up_to_date(tmp_path):
-    """eval scores every policy with the reward models: a run with DPO alone evaluated with a stale reward model, or
-    stopped for a missing one."""
+def test_eval_of_a_dpo_only_run_trains_ppo_and_brings_the_reward_models_up_to_date(tmp_path):
+    """eval scores every policy with the reward models, on the prompts an RL stage set aside: a run with DPO alone was
+    evaluated with a stale reward model, or stopped for a missing one, and then stopped for want of held-out prompts
+    (stages/eval_compare.py shared_heldout_prompts). `make dpo eval` on a fresh run does the same. A run with an RL
+    policy beside DPO trains no PPO."""
     runs = tmp_path / "runs"
     assert make("dpo", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "dpo"]
     res = make("eval", runs_dir=runs)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert ran(runs) == ["rm", "eval"]
+    assert ran(runs) == ["rm", "ppo", "eval"]
+    fresh = tmp_path / "fresh"
+    assert make("dpo", "eval", runs_dir=fresh).returncode == 0 and ran(fresh) == ["sft", "dpo", "rm", "ppo", "eval"]
+    assert list(launches(make("dpo", "grpo", "eval", dry_run=True, runs_dir=tmp_path / "grpo").stdout)) == [
+        "sft", "dpo", "rm", "grpo", "eval"]
 
 
 def test_a_run_named_again_in_args_is_the_one_make_checks(tmp_path):
