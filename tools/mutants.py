@@ -677,7 +677,6 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('run-snapshot-at-prepare', 'pipeline/run.py', 'launch_args() or []]), self.first_seen)', 'launch_args() or []]))', 'tests/test_make.py -k command_line_names_is_recorded'),
     ('rm-checkpoints-dropped-before-finish', 'stages/rm.py', '    if state.is_main_process:\n        with open(pairs_file, "w") as f:', '    if state.is_main_process:\n        shutil.rmtree(trainer_root, ignore_errors=True)\n        with open(pairs_file, "w") as f:', 'tests/test_rm.py -k crash_after_training'),
     ('eval-stale-plots-kept', 'stages/eval.py', '    shutil.rmtree(stage.dir / "plots", ignore_errors=True)', '    pass', 'tests/test_eval.py -k leaves_no_plot'),
-    ('make-eval-without-rm', 'Makefile', ',,ppo) $(EVAL_POLICIES) rm\n', ',,ppo) $(EVAL_POLICIES)\n', 'tests/test_make.py -k dpo_only'),
     ('run-flag-first-occurrence', 'pipeline/run.py', '            value = argv[i + 1]', '            return argv[i + 1]', 'tests/test_make.py -k run_named_again'),
     ('publish-upstream-unchecked', 'stages/publish.py', '        if not Path(path).exists():', '        if False:', 'tests/test_publish.py -k missing_upstream'),
     ('sft-prompt-completion-passed-through', 'stages/sft.py', '        ds = prompt_completion_as_messages(ds, name)  # (a file', '        return ds, name  # (a file', 'tests/test_sft.py -k prompt_completion'),
