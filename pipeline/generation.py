@@ -200,5 +200,13 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
     prompt_ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_id) for p, _, _ in batches])
     prompt_mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for _, m, _ in batches])
     response_ids, response_mask, ended = truncate_after_eos(torch.cat([r for _, _, r in batches]), stop_ids, pad_id)
-    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response_ids, response_mask)]
-    return Generations(prompt_ids, prompt_mask, response_ids, response_mask, texts, ended)
+    return Generations(prompt_ids, prompt_mask, response_ids, response_mask,
+                       response_texts(tokenizer, response_ids, response_mask), ended)
+
+
+def response_texts(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """The replies as text, as every reward model and judge reads them, in PPO's rollouts and in eval alike: the
+    special tokens (EOS, end of turn) left out: a reward model's chat input puts the template's own end of turn after
+    the reply, and a judge reads words."""
+    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+            for r, m in zip(response_ids.cpu(), response_mask.cpu())]

@@ -21,6 +21,10 @@ def test_a_split_by_prompt_holds_out_round_n_times_fraction_prompts_and_at_least
         assert len(set(held["prompt"])) == prompts and len(held) == 3 * prompts and len(train) == 30 - 3 * prompts
         assert not set(train["prompt"]) & set(held["prompt"])
     assert train_eval_split(ds, 0, seed=0) == (ds, None)
+    # the run's seed picks the held-out prompts: the same for the same seed, others for others
+    held_by_seed = [tuple(sorted(set(train_eval_split(ds, 0.2, seed=s, group_by=lambda r: r["prompt"])[1]["prompt"])))
+                    for s in (0, 0, 1, 2, 3)]
+    assert held_by_seed[0] == held_by_seed[1] and len(set(held_by_seed)) > 1
 
 
 def test_a_row_split_that_leaves_no_row_to_train_on_is_one_config_error():

@@ -181,3 +181,17 @@ def test_a_checkpoints_own_sampling_defaults_are_not_applied(tiny_models, tmp_pa
     with_defaults = AutoModelForCausalLM.from_pretrained(folder)
     with_defaults.generation_config.pad_token_id = tok.pad_token_id
     assert generate(with_defaults, tok, prompts, sampling).response_ids.tolist() != gens.response_ids.tolist()
+
+
+def test_reply_texts_leave_out_the_stop_token_in_rollouts_and_eval_alike(llama):
+    """The text a reward model or judge reads, from PPO's rollouts (stages/ppo/rollout.collect) and from eval's and
+    pairs' samples (generate), is the reply's words: an EOS kept in it would be scored as text ("...day.</s>") in
+    training and not in eval. Mutant: skip_special_tokens off."""
+    from pipeline.generation import response_texts
+
+    _, tok = llama
+    words = tok.encode("It was a sunny day.", add_special_tokens=False)
+    ids = torch.tensor([words + [tok.eos_token_id, tok.pad_token_id], words + words[:2]])
+    mask = torch.tensor([[1] * (len(words) + 1) + [0], [1] * (len(words) + 2)])
+    assert tok.eos_token and tok.decode([tok.eos_token_id]) == tok.eos_token
+    assert response_texts(tok, ids, mask) == [tok.decode(words).strip(), tok.decode(words + words[:2]).strip()]

@@ -1514,8 +1514,9 @@ def test_the_value_adapter_has_its_own_learning_rate(tiny_models, adapters, prom
     """value_learning_rate: the optimizer's second parameter group holds exactly the value adapter's trainable
     tensors at that rate; the first holds the policy's at learning_rate (and without it, the value uses learning_rate)."""
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--learning_rate", "3e-3",
-                       "--value_learning_rate", "2e-4")
+                       "--value_learning_rate", "2e-4", "--adam_epsilon", "1e-3")
     policy, value = trainer.optimizer.param_groups
+    assert policy["eps"] == value["eps"] == 1e-3  # the config's adam_epsilon (1e-5 by default), not torch's 1e-8
     assert [id(p) for p in policy["params"]] == [id(p) for _, p in trainer.named_params["policy"]]
     assert [id(p) for p in value["params"]] == [id(p) for _, p in trainer.named_params["value"]]
     assert policy["lr"] == 3e-3 and value["lr"] == 2e-4
@@ -1579,14 +1580,22 @@ def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters,
     seen: list[list[int]] = []
     rows = ro.rows
     ro.rows = lambda idx, group=1: seen.append(idx.tolist()) or rows(idx, group)  # noqa: E731
-    norms, losses = [], []
-    clip, policy_loss = torch.nn.utils.clip_grad_norm_, L.policy_loss
+    norms, losses, value_losses, tokens = [], [], [], []
+    clip, policy_loss, value_loss = torch.nn.utils.clip_grad_norm_, L.policy_loss, L.value_loss
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: norms.append(float(clip(*a, **k))) or norms[-1])
-    monkeypatch.setattr(L, "policy_loss", lambda *a, **k: losses.append(policy_loss(*a, **k)) or losses[-1])
+    monkeypatch.setattr(L, "policy_loss", lambda *a, **k: tokens.append(a[0].numel()) or losses.append(policy_loss(*a, **k))
+                        or losses[-1])
+    monkeypatch.setattr(L, "value_loss", lambda *a, **k: value_losses.append(value_loss(*a, **k)) or value_losses[-1])
     out = trainer._optimise(ro, adv, returns)
     assert B // 2 == micro and len(seen) == 4  # one micro-batch per mini-batch: seen[i] is mini-batch i
-    assert len(norms) == len(losses) == 4 and out["grad_norm"] == pytest.approx(sum(norms) / 4)
+    assert len(norms) == len(losses) == len(value_losses) == 4 and out["grad_norm"] == pytest.approx(sum(norms) / 4)
     assert out["policy_loss"] == pytest.approx(sum(pg.item() for pg, _ in losses) / 4)
+    assert out["value_loss"] == pytest.approx(sum(vl.item() for vl, _ in value_losses) / 4)
+    # the clip fractions are token means over the update's micro-batches
+    assert any(s["clipfrac"] > 0 for _, s in losses[1:])
+    for key, recorded in (("clipfrac_policy", losses), ("clipfrac_value", value_losses)):
+        by_hand = sum(s["clipfrac"].item() * n for (_, s), n in zip(recorded, tokens)) / sum(tokens)
+        assert out[key] == pytest.approx(by_hand, rel=1e-9, abs=1e-12)
     assert [sorted(s) for s in seen] == expected
     assert expected[0] != expected[2] or expected[1] != expected[3]  # the seed gives different splits per epoch
 
@@ -1899,10 +1908,11 @@ def test_every_later_rollout_carries_the_fitted_value_offset(tiny_models, adapte
     from stages.ppo.rollout import token_values
 
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--num_ppo_epochs", "1",
-                       reward_fn=varied_reward)
+                       "--value_learning_rate", "6e-3", reward_fn=varied_reward)
     metrics, _ = trainer.step()
-    # the LR schedule (linear, no warm-up, 3 updates) steps once per update: update 1 logs 3e-3, update 2 runs at 2e-3
-    assert metrics["lr"] == 3e-3 and [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([2e-3] * 2)
+    # the LR schedule (linear, no warm-up, 3 updates) steps once per update: update 1 logs the policy's 3e-3 (not the
+    # value's 6e-3), update 2 runs at 2e-3 and 4e-3
+    assert metrics["lr"] == 3e-3 and [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([2e-3, 4e-3])
     assert trainer.critic_fitted and abs(trainer.value_offset) > 0.1, trainer.value_offset
     ro = trainer.rollout()
     m = ro.response_mask.bool()
@@ -1961,3 +1971,19 @@ def test_decoder_layers_are_the_trunks_outermost_list_of_layers(arch):
     expected = {"gpt2": lambda: lm.transformer.h, "gpt_neox": lambda: lm.gpt_neox.layers,
                 "opt": lambda: lm.model.decoder.layers}.get(arch, lambda: lm.model.layers)()
     assert decoder_layers(lm) is expected and len(expected) == 2
+
+
+def test_the_logged_reward_std_is_the_raw_scores_sample_std(tiny_models, adapters, prompts_file, tmp_path):
+    """metrics.jsonl's reward_std sits beside reward_raw: the spread of the reward model's raw scores (n - 1 in the
+    denominator), not of the normalised and clipped ones PPO maximises. Scores set by hand, reward stats (1, 2)."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--num_ppo_epochs", "1", reward_stats=(1.0, 2.0),
+                       reward_fn=varied_reward)
+    ro = trainer.rollout()
+    raw = [0.5 * i - 1.0 for i in range(ro.scores_raw.shape[0])]
+    ro.scores_raw = torch.tensor(raw)
+    _, _, stats = trainer._advantages(ro)
+    mean = sum(raw) / len(raw)
+    by_hand = (sum((x - mean) ** 2 for x in raw) / (len(raw) - 1)) ** 0.5
+    assert stats["reward_std"] == pytest.approx(by_hand, rel=1e-6)
+    assert stats["reward_raw"] == pytest.approx(mean, rel=1e-6, abs=1e-9)
+    assert float(trainer._scores(ro).std()) == pytest.approx(by_hand / 2, rel=1e-5)  # the shaped ones: a std of 2 apart

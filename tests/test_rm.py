@@ -131,6 +131,9 @@ def test_heldout_metrics_and_weights_by_hand():
     assert m["eval_longer_wins_accuracy"] == 0.5  # right, tie, wrong, tie
     assert m["eval_by_source"]["a"]["accuracy"] == 0.5 and m["eval_by_source"]["a"]["longer_wins_accuracy"] == 0.75
     assert m["eval_by_source"]["b"]["accuracy"] == 0.5 and m["eval_by_source"]["b"]["longer_wins_accuracy"] == 0.25
+    # each source's pairs, chosen against their own rejected: a's margins 2, 0; b's -1, 1 (b's chosen against a's
+    # rejected would give 0.5, -1)
+    assert m["eval_by_source"]["a"]["mean_margin"] == 1.0 and m["eval_by_source"]["b"]["mean_margin"] == 0.0
     # the 95% interval is of the pairs scored right (Wilson, z = 1.96): 3 of 4 -> centre (0.75 + 0.4802) / 1.9604 =
     # 0.6275, half-width 1.96 * sqrt(0.046875 + 0.060025) / 1.9604 = 0.3269, so [0.301, 0.954] (wrong count: [0.046, 0.699])
     m = heldout_metrics([{"source": "a", "full_lengths": (1, 1)}] * 4, [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0])
@@ -139,6 +142,10 @@ def test_heldout_metrics_and_weights_by_hand():
     out = weighted(rows, {"x": 1.5, "y": 0.5}, seed=0)
     xs, ys = [r["i"] for r in out if r["source"] == "x"], [r["i"] for r in out if r["source"] == "y"]
     assert len(xs) == 15 and set(xs) == set(range(10)) and len(ys) == 2 and len(set(ys)) == 2
+    # the run's seed draws the sampled share and the order: the same seed the same rows, other seeds others
+    assert weighted(rows, {"x": 1.5, "y": 0.5}, seed=0) == out
+    draws = {tuple(r["i"] for r in weighted(rows, {"x": 1.5, "y": 0.5}, seed=s) if r["source"] == "y") for s in range(6)}
+    assert len(draws) > 1
 
 
 def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_models):

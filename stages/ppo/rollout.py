@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.adapters import adapter_of, ensemble_score, head_output, pool_scores
-from pipeline.generation import chat_reward_inputs, left_pad, stop_token_ids, truncate_after_eos
+from pipeline.generation import chat_reward_inputs, left_pad, response_texts, stop_token_ids, truncate_after_eos
 from pipeline.models import backbone
 
 from .losses import entropy_from_logits
@@ -373,8 +373,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     response_ids, response_mask = cat("response_ids", pad_id), cat("response_mask", 0)
     logprobs, entropy = cat("logprobs", 0.0), cat("entropy", 0.0)
     ended = torch.cat([p[2].ended for p in parts])
-    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in
-             zip(response_ids.cpu(), response_mask.cpu())]
+    texts = response_texts(tokenizer, response_ids, response_mask)
     t1 = time.perf_counter()
 
     B, R = response_ids.shape
