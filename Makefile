@@ -96,6 +96,7 @@ STAGES := sft:sft:sft:SFT_ARGS:model pairs:pairs:pairs:PAIRS_ARGS:model simulate
 	reinforce_pp:ppo:reinforce_pp:REINFORCE_PP_ARGS:model dpo:dpo:dpo:DPO_ARGS:model eval:eval:eval:EVAL_ARGS:model \
 	label:label:label:-:- label-export:label.export:label:-:- publish:publish:publish:PUBLISH_REPO:-
 PUBLISH_REPO = $(if $(and $(REPO),$(filter publish,$(NAMED))),--repo_id $(REPO))
+$(if $(filter-out 0 1,$(words $(REPO))),$(call refuse,REPO=$(REPO) is not one word: give the Hub repo id as user/name))
 stage_field = $(word $(2),$(subst :, ,$(filter $(1):%,$(STAGES))))
 # What a stage is given: its module, config, MODEL_ARG where it takes one, its own variable and ARGS when named.
 stage_opts = -m $(STAGE_PKG).$(call stage_field,$(1),2) --config $(call cfg,$(call stage_field,$(1),3)) --run $(RUN) \
@@ -148,7 +149,10 @@ sft: | setup
 clean-run:
 	rm -rf $(RUNDIR)
 
-rm: sft $(if $(AUTO_LABELS),labels)
+# The run's labels are brought up to date first, unless the stage is given its own preferences (--dataset_name), which
+# replace the label export: sampling and labeling pairs it would not read is minutes of work, hours on a real model.
+labels_for = $(if $(and $(AUTO_LABELS),$(if $(findstring --dataset_name,$(call stage_args,$(1))),,1)),labels)
+rm: sft $(call labels_for,rm)
 	$(call stage,rm)
 
 ppo: sft rm
@@ -169,7 +173,7 @@ pairs: sft
 	$(call stage,pairs)
 
 # DPO straight from the SFT policy on the reward model's preference data (no reward model, no PPO).
-dpo: sft $(if $(AUTO_LABELS),labels)
+dpo: sft $(call labels_for,dpo)
 	$(call stage,dpo)
 
 # The labeling UI is a server, not a batch job: it always runs (and resumes from the label store).

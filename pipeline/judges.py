@@ -73,7 +73,10 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForSequenceClassification
 
-            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+            from pipeline.models import without_load_report
+
+            with without_load_report():  # "score.weight MISSING": the base's; the adapter holds the trained head
+                model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
             untrained = [] if adapter_has_head(path) else ["score"]
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,

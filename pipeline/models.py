@@ -38,8 +38,18 @@ def hub_cached(repo_id: str) -> bool:
 def resolve_base(name_or_path: str) -> str:
     """A repo-relative folder becomes absolute (so adapters record a path that works from any cwd); a Hub id stays."""
     p = resolve_path(name_or_path)
+    if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        try:
+            under = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            under = None
+        raise ConfigError(f"base model folder {name_or_path} is a LoRA adapter, not a base model: point name_or_path in "
+                          f"the model profile at the base it was trained on" + (f" ({under})" if under else ""))
     if p.is_dir():
         return str(p)
+    if p.exists():
+        raise ConfigError(f"base model folder {name_or_path} is a file, not a folder: point name_or_path in the model "
+                          f"profile at the folder that holds config.json and the weights")
     if Path(name_or_path).is_absolute() or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
         raise ConfigError(f"base model folder {name_or_path} does not exist: fix name_or_path in the model profile "
                           f"(or run `make base` to rebuild the embedded tiny model)")
@@ -62,16 +72,33 @@ def base_config(profile: ModelProfile):
     return AutoConfig.from_pretrained(resolve_base(profile.name_or_path), trust_remote_code=profile.trust_remote_code)
 
 
+def position_limit(config) -> int | None:
+    """The base's positions (`config`: base_config), by whichever name its architecture gives them; None if none."""
+    return next((v for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                 if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+
+
 def check_context(config, longest_prompt: int, new_tokens: int, flag: str, prompt_flag: str) -> None:
     """A prompt and its reply must fit the base's positions (`config`: base_config): past them an absolute-position
     model (GPT-2) fails with an index error mid-sampling, after the run folder was prepared, and a rotary one reads
     positions it never trained on."""
-    limit = next((v for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                  if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+    limit = position_limit(config)
     if limit is not None and longest_prompt + new_tokens > limit:
         raise ConfigError(f"the longest prompt ({longest_prompt} tokens with the chat template) and {flag} {new_tokens} "
                           f"make {longest_prompt + new_tokens} positions, more than the base model's {limit}: lower "
                           f"{flag} or {prompt_flag}")
+
+
+def check_training_length(config, max_length: int | None, longest: int | None) -> None:
+    """A training row must fit the base's positions, as a sampled one must (check_context): past them a learned-
+    position base (GPT-2) fails with an index error mid-training, after the run folder was prepared, and a rotary one
+    trains on positions it never saw. `longest`: the longest row as tokenized before the trainer (cut to max_length
+    there); None where the trainer tokenizes or packs the rows itself, when max_length alone is checked."""
+    limit = position_limit(config)
+    length = max_length if longest is None else min(longest, max_length or longest)
+    if limit is not None and length is not None and length > limit:
+        raise ConfigError(f"training rows of up to {length} tokens (with the chat template; max_length {max_length}) do "
+                          f"not fit the base model's {limit} positions: set --max_length {limit} or less")
 
 
 def dtype_of(profile: ModelProfile) -> torch.dtype:

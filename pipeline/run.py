@@ -402,10 +402,13 @@ def disk_problem(err: BaseException) -> str | None:
 
 # Warnings the libraries give on every run that nobody running a stage can act on: PEFT reads transformers' deprecated
 # `is_gradient_checkpointing` on every forward set-up, and the Trainer asks for pinned memory on a machine without an
-# accelerator (where it is simply not used). Left in, they are most of a stage's output.
+# accelerator (where it is simply not used), and under FSDP2 on CPU ranks (gloo) torch says that DTensor's random
+# operators may not be fully supported on a CPU mesh (GPU meshes do not hear it). Left in, they are most of a stage's
+# output.
 LIBRARY_NOISE = [
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
+    (UserWarning, r"DTensor random operators may not have complete support on cpu device mesh"),
 ]
 
 

@@ -31,14 +31,14 @@ import torch
 
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.lora_combine import combine_loras, merge_into_base, require_combinable, save_lora
-from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, load_base, load_tokenizer, lora_config, profile_from,
+from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, check_training_length, load_base, load_tokenizer, lora_config, profile_from,
                              resolve_base, save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import is_sharded, sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
-from stages.rm_data import checked_mixture, data_record, prepare_data
+from stages.rm_data import checked_mixture, data_record, longest_pair, prepare_data
 from stages.rm_scoring import heldout_metrics
 
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
@@ -204,14 +204,15 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
               "train": train_cfg.to_dict(), "run": to_dict(run)}
 
     # 0. Upstream: the SFT adapter, on this base, and combinable with DPO's LoRA (same targets, plain LoRA).
-    sft = stage.need("sft")
-    sft_dir = check_adapter(sft["outputs"]["adapter"], base_config(profile), what="SFT (policy)")
+    sft, base = stage.need("sft"), base_config(profile)
+    sft_dir = check_adapter(sft["outputs"]["adapter"], base, what="SFT (policy)")
     require_combinable(sft_dir, list(profile.lora_target_modules), what="SFT (policy)")
 
     # 1. Data (the reward model's loader, filters and split), tokenizer and model, all checked before the run folder
     #    is touched.
     tokenizer = load_tokenizer(profile)
     train_rows, eval_rows, counts, data_name = prepare_data(data_args, train_cfg, stage, tokenizer)
+    check_training_length(base, train_cfg.max_length, longest_pair(train_rows + eval_rows))
     model = sft_policy(profile, tokenizer, sft_dir, shard)
     stage.prepare(config, is_main=state.is_main_process)
 

@@ -34,7 +34,7 @@ from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, reso
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest
 from stages.eval_compare import POLICY_STAGES, policy_method
-from stages.publish_card import check_card, data_files_used, data_sources, given_reward, is_local_base, model_card
+from stages.publish_card import check_card, data_files_used, data_sources, given_reward, model_card, ships_base
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 
@@ -59,7 +59,9 @@ class PublishArgs:
     # Card
     license: str = field(default="apache-2.0", metadata={"help": "Card license; must allow the base's and the data's licenses."})
     dataset_license: str = field(default="apache-2.0", metadata={"help": "License of your preference labels (--include_dataset)."})
-    base_model_id: str = field(default="", metadata={"help": "Hub id for the card's base_model when the base is a local folder."})
+    base_model_id: str = field(default="", metadata={
+        "help": "A local base's Hub id (a checkpoint downloaded from the Hub, unchanged): the repo names it as its base "
+                "instead of shipping the base's weights under base/."})
     hub_dataset_ids: dict = field(default_factory=dict, metadata={"help": "Bundled source folder -> the Hub dataset it comes from (card `datasets`)."})
 
 
@@ -77,6 +79,17 @@ def copy_adapter(src: str | Path, dst: Path, base_ref: str) -> Path:
             data[key] = base_ref
             (dst / name).write_text(json.dumps(data, indent=2) + "\n")
     return dst
+
+
+MERGED_ERROR_WARNING = 0.1  # above this share of the update lost, merged/ is not the policy eval measured
+
+
+def merged_error_line(policy: str, error: float) -> str:
+    """What a 16-bit merged/ kept of the update: a note, or a warning past MERGED_ERROR_WARNING."""
+    kind = "warning" if error > MERGED_ERROR_WARNING else "note"
+    return (f"{kind}: merged/ stores the {policy} update with a relative error of {error:.0%} (the base's 16-bit "
+            f"weights cannot hold changes that small): the adapter at the repo's root is exact; --merged_dtype float32 "
+            f"keeps all of it in merged/")
 
 
 def merge(base: str, adapter: Path, tokenizer_dir: Path, out: Path, dtype: str = "auto",
@@ -339,8 +352,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     folder = stage.dir / "model"
     shutil.rmtree(folder, ignore_errors=True)
     base = sft["outputs"].get("base_model") or json.loads((Path(policy["outputs"]["adapter"]) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    local = is_local_base(base)
-    base_ref = str(folder / "base") if local else base
+    local = ships_base(base, args)
+    base_ref = str(folder / "base") if local else args.base_model_id or base
     copy_adapter(policy["outputs"]["adapter"], folder, base_ref)
     if not (folder / "tokenizer_config.json").is_file():  # AutoPeftModel and users look for it beside the adapter
         for f in Path(sft["outputs"]["adapter"]).iterdir():
@@ -359,10 +372,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     if args.merged:
         merged_error = merge(base, folder, folder, folder / "merged", args.merged_dtype, trusts_its_code(sft))
         extras.append("merged/")
-        if merged_error > 0.1:
-            print(f"warning: merged/ stores the {args.policy} update with a relative error of {merged_error:.0%} (the "
-                  f"base's 16-bit weights cannot hold changes that small): the adapter at the repo's root is exact; "
-                  f"--merged_dtype float32 keeps all of it in merged/", file=sys.stderr)
+        if merged_error > 0:
+            print(merged_error_line(args.policy, merged_error), file=sys.stderr)
     eval_dir = Path(ev["outputs"]["report"]).parent
     (folder / "eval").mkdir()
     for name in ("report.md", "report.json"):

@@ -37,6 +37,12 @@ def is_local_base(base: str) -> bool:
     return Path(base).is_absolute() and Path(base).is_dir()
 
 
+def ships_base(base: str, args: PublishArgs) -> bool:
+    """A local base ships with the adapters under base/, unless --base_model_id names it on the Hub (a checkpoint
+    downloaded from there: its gigabytes are not uploaded again, and the repo names the id as its base)."""
+    return is_local_base(base) and not args.base_model_id
+
+
 def flat(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -206,10 +212,12 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
 
     from stages.label.export import WHOSE
 
-    local = is_local_base(base)
+    local = ships_base(base, args)
+    if is_local_base(base) and not local:
+        base = args.base_model_id  # the Hub's name for the local folder the run trained on
     method = policy_method(args.policy, manifests[args.policy])
     hub_ids = [args.hub_dataset_ids[s["name"]] for s in sources if s["name"] in args.hub_dataset_ids]
-    data = ModelCardData(base_model=(args.base_model_id or None) if local else base, library_name="peft", license=args.license,
+    data = ModelCardData(base_model=None if local else base, library_name="peft", license=args.license,
                          tags=TAGS[:2] + [method] + TAGS[2:], datasets=sorted(set(hub_ids + ([dataset_repo] if dataset_repo else []))) or None,
                          pipeline_tag="text-generation")
     ev, trained = manifests["eval"]["metrics"], manifests[args.policy]["metrics"]

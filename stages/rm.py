@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunArgs, parse, to_dict
-from pipeline.models import (base_config, check_adapter, free_memory, load_base, load_tokenizer, lora_config, profile_from,
+from pipeline.models import (base_config, check_adapter, check_training_length, free_memory, load_base, load_tokenizer, lora_config, profile_from,
                              refuse_tokenizer_options, resolve_base, save_fingerprint, score_head_name)
 from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
@@ -36,7 +36,7 @@ from pipeline.run import StageRun, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
-from stages.rm_data import checked_mixture, data_record, prepare_data
+from stages.rm_data import checked_mixture, data_record, longest_pair, prepare_data
 from stages.rm_scoring import (check_reload, check_reload_sharded, heldout_metrics, pair_scores, reload_scores,
                                require_saved_head)
 
@@ -126,12 +126,13 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     base_path = resolve_base(profile.name_or_path)
 
     # 0. Upstream: the SFT adapter must sit on this very base (PPO stacks policy and reward adapters on one model).
-    sft = stage.need("sft")
-    check_adapter(sft["outputs"]["adapter"], base_config(profile), what="SFT (policy)")
+    sft, base = stage.need("sft"), base_config(profile)
+    check_adapter(sft["outputs"]["adapter"], base, what="SFT (policy)")
 
     # 1. Data and tokenizer, all checked before anything in the run folder is touched.
     tokenizer = load_tokenizer(profile)
     train_rows, eval_rows, counts, data_name = prepare_data(args, train_cfg, stage, tokenizer)
+    check_training_length(base, train_cfg.max_length, longest_pair(train_rows + eval_rows))
     stage.prepare(config, is_main=state.is_main_process)
 
     def as_dataset(rows):  # already tokenized: RewardTrainer only pads and batches

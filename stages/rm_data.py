@@ -339,6 +339,11 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
             counts[r["source"]][split] += 1
     return train_rows, eval_rows, counts, data_name
 
+def longest_pair(rows: list[dict]) -> int:
+    """The longest sequence the trainer will see: a pair's chosen or rejected ids, as cut to max_length."""
+    return max(max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
+
+
 def data_record(counts: dict, n_train: int, n_eval: int) -> dict:
     total = {k: sum(c[k] for c in counts.values()) for k in ("read", "equal", "empty", "equal_after_cut", "prompt_cut",
                                                              "response_cut", "no_room")}

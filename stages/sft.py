@@ -22,7 +22,7 @@ from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_as
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, load_mixture, messages_problem, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import (launch_autocast, load_base, load_tokenizer, lora_config, profile_from,
+from pipeline.models import (base_config, check_training_length, launch_autocast, load_base, load_tokenizer, lora_config, profile_from,
                              refuse_tokenizer_options, require_chat_template, resolve_base, save_fingerprint, to_device)
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
@@ -209,6 +209,14 @@ def tokens_to_keep_a_reply(assistant_mask: list[int], truncation_mode: str) -> i
     return assistant_mask.index(1) + 1
 
 
+def longest_row(train_ds, eval_ds, packing: bool) -> int | None:
+    """The longest row tokenized here (with_assistant_masks); None where TRL tokenizes the rows, or packs them into
+    rows of max_length."""
+    if packing or "input_ids" not in train_ds.column_names:
+        return None
+    return max(len(ids) for d in (train_ds, eval_ds) if d is not None for ids in d["input_ids"])
+
+
 def rows_over(ds, max_length: int | None) -> int | None:
     """How many rows tokenized here (with_assistant_masks) are longer than max_length, which TRL cuts to it; None
     for rows TRL tokenizes itself (text, or conversations without assistant_only_loss): not counted."""
@@ -256,6 +264,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     if "messages" in ds.column_names:
         require_chat_template(tokenizer, profile)
     train_ds, eval_ds = split_and_tokenize(ds, tokenizer, train_cfg, args, data_name)
+    check_training_length(base_config(profile), train_cfg.max_length, longest_row(train_ds, eval_ds, train_cfg.packing))
     rows_cut = rows_over(train_ds, train_cfg.max_length)
     if rows_cut and state.is_main_process:
         print(f"note: {rows_cut} of {len(train_ds)} training rows of {data_name} are longer than max_length="

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import REPO_ROOT, ConfigError
 from pipeline.judges import Judge, as_messages, judge_scores, load_judge
 from tests import judge_fixtures
 
@@ -44,13 +47,17 @@ def _rm_adapter(tiny_models, out):
 
 
 def test_rm_judge_scores_like_the_pipelines_reward_path(tiny_models, tmp_path):
-    """rm:<adapter> reads the chat-templated conversation as PPO's and eval's reward adapter does: same scores."""
+    """rm:<adapter> reads the chat-templated conversation as PPO's and eval's reward adapter does: same scores. Its
+    load prints no "score.weight MISSING" table: the adapter holds the head (transformers' report said otherwise)."""
     from pipeline.adapters import AdapterStack, write_pooling
     from pipeline.generation import chat_reward_inputs
     from pipeline.models import load_tokenizer, profile_from
 
     rm_dir = _rm_adapter(tiny_models, tmp_path / "other" / "adapter")
     judge = load_judge(f"rm:{rm_dir}")
+    printed = subprocess.run([sys.executable, "-c", f"from pipeline.judges import load_judge; load_judge('rm:{rm_dir}')"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # transformers' own stderr
+    assert printed.returncode == 0 and "LOAD REPORT" not in printed.stderr and "MISSING" not in printed.stderr, printed
     got = judge_scores(judge, PROMPTS, TEXTS, batch_size=2)
     profile = profile_from(str(tiny_models["llama"]))
     tokenizer = load_tokenizer(profile)

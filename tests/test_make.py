@@ -160,6 +160,26 @@ def test_eval_of_a_dpo_only_run_trains_ppo_and_brings_the_reward_models_up_to_da
         "sft", "dpo", "rm", "grpo", "eval"]
 
 
+def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path):
+    """`make rm ARGS="--dataset_name FILE"` (or RM_ARGS, and DPO alike) trains on the file, not the label export: the
+    story chain's labels step (pairs sampled, simulated annotators, an export) would be work it never reads. Without
+    the flag, or for another stage's flag, the step stays. Mutant: the labels step whatever the flags."""
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    runs = tmp_path / "runs"
+
+    def labels_step(*args):
+        res = make(*args, dry_run=True, fake=False, runs_dir=runs)
+        assert res.returncode == 0, res.stderr
+        return "stages.label.fresh_export" in res.stdout
+
+    assert labels_step("rm") and labels_step("dpo")
+    assert not labels_step("rm", f"ARGS=--dataset_name {prefs}")
+    assert not labels_step("rm", f"RM_ARGS=--dataset_name={prefs}")
+    assert not labels_step("dpo", f"ARGS=--dataset_name {prefs}")
+    assert labels_step("dpo", f"RM_ARGS=--dataset_name {prefs}")  # RM's own data: DPO still reads the run's labels
+
+
 def test_a_run_named_again_in_args_is_the_one_make_checks(tmp_path):
     """`make sft ARGS="--run try2"`: the stage's parser takes the last --run (try2), `make`'s up-to-date check took
     the first (the default run's), so the stage ran every time."""
@@ -513,6 +533,7 @@ def test_bad_input_gives_one_line_through_make(tmp_path):
     (["rm", "ARGS=--x 1"], ['ARGS="--x 1" would go to every one of sft rm', "RM_ARGS, PPO_ARGS"]),
     (["ACCELERATE_CONFIG=/nonexistent/acc.yaml"], ["ACCELERATE_CONFIG=/nonexistent/acc.yaml does not exist",
                                                    "configs/accelerate/cpu.yaml"]),
+    (["publish", "REPO=not a repo"], ["REPO=not a repo is not one word: give the Hub repo id as user/name"]),
 ])
 def test_bad_make_variables_give_one_error_line_and_exit_2(variables, words, tmp_path):
     res = make("sft", *variables, runs_dir=tmp_path / "runs")

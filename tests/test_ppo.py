@@ -1987,3 +1987,21 @@ def test_the_logged_reward_std_is_the_raw_scores_sample_std(tiny_models, adapter
     assert stats["reward_std"] == pytest.approx(by_hand, rel=1e-6)
     assert stats["reward_raw"] == pytest.approx(mean, rel=1e-6, abs=1e-9)
     assert float(trainer._scores(ro).std()) == pytest.approx(by_hand / 2, rel=1e-5)  # the shaped ones: a std of 2 apart
+
+
+@pytest.mark.parametrize("mode", ["truncate", "drop"])
+def test_the_long_prompts_note_comes_from_the_main_process_only(mode, tiny_models, prompts_file, capsys, monkeypatch):
+    """Every rank reads the prompts: the note about long ones is printed by the main process, once, not once a rank
+    (it came twice under two processes). Mutant: printed on every rank."""
+    import stages.ppo as ppo
+    from pipeline.models import load_tokenizer, profile_from
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    lengths = sorted(len(s) for s in ppo.load_prompts(ppo.PPOConfig(prompts_file=str(prompts_file)), tok)[1])
+    limit = lengths[len(lengths) // 2]  # half of them are longer: some dropped, some kept
+    cfg = ppo.PPOConfig(prompts_file=str(prompts_file), max_prompt_length=limit, long_prompts=mode)
+    for main, notes in ((True, 1), (False, 0)):
+        monkeypatch.setattr(ppo, "is_main_process", lambda: main)
+        capsys.readouterr()
+        ppo.load_prompts(cfg, tok)
+        assert capsys.readouterr().err.count(f"longer than max_prompt_length={limit} tokens") == notes

@@ -322,6 +322,27 @@ def test_card_for_a_hub_base_names_it(runs):
     assert 'AutoPeftModelForCausalLM.from_pretrained("tester/smol-rlhf")' in card.text
 
 
+def test_a_local_base_downloaded_from_the_hub_is_named_not_shipped(runs, tmp_path):
+    """--base_model_id on a local base (a checkpoint downloaded from the Hub): the repo names the id as its base in
+    every adapter_config.json and in the card, and does not upload the base's weights again under base/. Mutant: the
+    base shipped whatever --base_model_id says."""
+    from huggingface_hub import ModelCard
+
+    own = tmp_path / "runs"
+    shutil.copytree(runs, own)
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    proc = publish(own, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_sft", "--base_model_id", hub_id,
+                   env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = files_of(own / "t" / "publish" / "model")
+    assert not any(name.startswith("base/") for name in model), sorted(model)
+    for cfg in ("adapter_config.json", "sft/adapter_config.json"):
+        assert json.loads(model[cfg])["base_model_name_or_path"] == hub_id
+    card = ModelCard(model["README.md"].decode())
+    assert card.data.base_model == hub_id and "under `base/`" not in card.text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("tester/tiny-rlhf")  # downloads the base, ' + hub_id in card.text
+
+
 # ---------------------------------------------------------------------------------------------------- a fake Hub
 
 class FakeHub:
@@ -677,6 +698,15 @@ def test_merged_bf16_base_says_how_much_of_the_update_it_keeps(tiny_models, tmp_
     assert w16.dtype == torch.bfloat16 and w32.dtype == torch.float32
     assert error32 == 0.0 and torch.allclose(w32, want, atol=1e-7)
     assert error16 > 0.1  # most of an update this small is lost in bf16, and merge says so
+
+
+def test_publish_says_how_much_of_the_update_a_16_bit_merge_lost_and_warns_past_a_tenth():
+    """Every 16-bit merge's loss is printed (8% is a note: the README promises the figure), past 10% as a warning."""
+    from stages.publish import merged_error_line
+
+    assert merged_error_line("ppo", 0.08).startswith("note: merged/ stores the ppo update with a relative error of 8% ")
+    assert merged_error_line("dpo", 0.1).startswith("note: merged/ stores the dpo update with a relative error of 10% ")
+    assert merged_error_line("ppo", 0.45).startswith("warning: merged/ stores the ppo update with a relative error of 45%")
 
 
 def test_merged_takes_the_model_profiles_trust_remote_code(custom_code_model, tiny_models, tmp_path, monkeypatch):

@@ -39,6 +39,8 @@ def files(tmp: Path) -> dict[str, str]:
     (tmp / "bad_utf8.jsonl").write_bytes(BAD_UTF8)
     (tmp / "empty.jsonl").write_bytes(b"")
     (tmp / "blank.jsonl").write_bytes(b"\n \n")
+    (tmp / "adapter").mkdir(exist_ok=True)  # a LoRA folder given as the base
+    (tmp / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "/models/my-base"}')
     return {
         "bad_utf8": str(tmp / "bad_utf8.jsonl"), "empty": str(tmp / "empty.jsonl"), "blank": str(tmp / "blank.jsonl"),
         "chats": write_jsonl(tmp / "chats.jsonl", [{"messages": [{**CHAT[0], "content": f"Say hi, {i}."}, CHAT[1]]}
@@ -50,7 +52,17 @@ def files(tmp: Path) -> dict[str, str]:
                                                     "rejected": [{"role": "assistant", "content": "Bad."}]} for i in range(8)]),
         "empty_prompt": write_jsonl(tmp / "empty_prompt.jsonl", [{"prompt": "Fine."}, {"prompt": ""}]),
         "fp16_profile": write_text(tmp / "fp16.yaml", "name_or_path: models/tiny\ndtype: fp16\n"),
+        "adapter_profile": write_text(tmp / "adapter.yaml", f"name_or_path: {tmp / 'adapter'}\n"),
+        "file_profile": write_text(tmp / "file.yaml", f"name_or_path: {tmp / 'adapter' / 'adapter_config.json'}\n"),
         "sft_lora_float": write_text(tmp / "sft.yaml", (REPO / "configs/sft.yaml").read_text() + "\nlora_r: 2.5\n"),
+        # replies of 700 words, past the tiny bases' 512 positions
+        "long_chats": write_jsonl(tmp / "long_chats.jsonl", [{"messages": [{**CHAT[0], "content": f"Say hi, {i}."},
+                                                                          {**CHAT[1], "content": "hi " * 700}]}
+                                                             for i in range(8)]),
+        "long_prefs": write_jsonl(tmp / "long_prefs.jsonl", [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+                                                              "chosen": [{"role": "assistant", "content": "yes " * 700}],
+                                                              "rejected": [{"role": "assistant", "content": "Bad."}]}
+                                                             for i in range(8)]),
     }
 
 
@@ -104,6 +116,10 @@ CASES = [
      ["--dataset_mixture", "on the command line", "JSON object"]),
     ("missing-model-profile", "stages.sft", SFT + ["--model_config", "configs/models/nope.yaml"],
      ["nope.yaml does not exist", "configs/models/tiny.yaml"]),
+    ("model-profile-an-adapter", "stages.sft", SFT + ["--model_config", "{adapter_profile}"],
+     ["adapter is a LoRA adapter, not a base model", "the base it was trained on (/models/my-base)"]),
+    ("model-profile-a-file", "stages.sft", SFT + ["--model_config", "{file_profile}"],
+     ["adapter_config.json is a file, not a folder", "holds config.json"]),
     ("model-profile-dtype", "stages.sft", SFT + ["--model_config", "{fp16_profile}"],
      ["fp16.yaml", "dtype is 'fp16'", "float32, bfloat16, float16"]),
     ("yaml-float-for-int", "stages.sft", ["--config", "{sft_lora_float}"] + SFT[2:], ["'lora_r' in", "whole number"]),
@@ -122,6 +138,14 @@ CASES = [
      ["--response_length 600 make", "more than the base model's 512", "--max_prompt_length"]),
     ("eval-past-the-positions", "stages.eval", EVAL + ["--max_new_tokens", "600"],
      ["--max_new_tokens 600 make", "more than the base model's 512", "--max_prompt_tokens"]),
+    # training rows past them: GPT-2 failed mid-training, after prepare (cut to a max_length that fits, they train)
+    ("sft-past-the-positions", "stages.sft", SFT + ["--dataset_name", "{long_chats}", "--max_length", "900"],
+     ["training rows of up to ", "max_length 900", "the base model's 512 positions", "--max_length 512 or less"]),
+    ("rm-past-the-positions", "stages.rm", RM + ["--dataset_name", "{long_prefs}", "--max_length", "900"],
+     ["training rows of up to ", "max_length 900", "the base model's 512 positions", "--max_length 512 or less"]),
+    ("dpo-past-the-positions", "stages.dpo", ["--config", "configs/dpo.yaml", "--dataset_name", "{long_prefs}",
+                                              "--max_length", "900", "--max_steps", "1"],
+     ["training rows of up to ", "max_length 900", "the base model's 512 positions", "--max_length 512 or less"]),
 ]
 
 
@@ -316,3 +340,21 @@ def test_missing_model_profile_through_make_names_it_and_lists_the_shipped_ones(
     assert len(errors) == 1 and "configs/models/nope.yaml does not exist" in errors[0], res.stderr
     assert "configs/models/tiny.yaml" in errors[0] and "--config" not in errors[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_training_row_is_checked_against_the_bases_positions_as_the_trainer_will_cut_it():
+    """check_training_length by hand, on a GPT-2-like config of 512 positions: a row longer than them is refused
+    unless max_length cuts it to fit; max_length alone is checked where the trainer tokenizes or packs (longest None);
+    a base that names no positions is not checked. Mutant: the row's length taken before max_length's cut."""
+    from types import SimpleNamespace
+
+    from pipeline.config import ConfigError
+    from pipeline.models import check_training_length
+
+    gpt2 = SimpleNamespace(n_positions=512)
+    for max_length, longest in ((900, 700), (600, None), (None, 600), (513, 513)):
+        with pytest.raises(ConfigError, match=r"the base model's 512 positions: set --max_length 512 or less$"):
+            check_training_length(gpt2, max_length, longest)
+    for max_length, longest in ((400, 700), (900, 300), (512, 900), (None, None), (None, 512)):
+        check_training_length(gpt2, max_length, longest)
+    check_training_length(SimpleNamespace(), 5000, 5000)

@@ -31,13 +31,19 @@ import torch
 from pipeline.adapters import fp32_head, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.generation import keep_end
-from pipeline.models import launch_mixed_precision
+from pipeline.models import is_main_process, launch_mixed_precision
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 
 from .config import SCHEDULERS_OVER_TOTAL, PPOConfig
 from .sharding import base_numel, sharding_wanted, shard_base
 from .trainer import PPOTrainer, checkpoint_info, latest_checkpoint
+
+
+def print_once(note: str) -> None:
+    """A note about the prompts, which every rank reads alike: from the main process only."""
+    if is_main_process():
+        print(note, file=sys.stderr)
 
 
 def load_prompts(cfg: PPOConfig, tokenizer):
@@ -101,14 +107,14 @@ def load_prompts(cfg: PPOConfig, tokenizer):
             raise ConfigError(f"{what}: raise max_prompt_length, or set long_prompts to drop or truncate")
         if cfg.long_prompts == "truncate":
             ids = [keep_end(s, limit, tokenizer.bos_token_id) for s in ids]  # latest turn + assistant header
-            print(f"note: {what}; they were cut to {limit} tokens: their end, after a leading BOS (long_prompts: "
-                  f"truncate)", file=sys.stderr)
+            print_once(f"note: {what}; they were cut to {limit} tokens: their end, after a leading BOS (long_prompts: "
+                       f"truncate)")
         else:
             keep = [i for i in range(len(ids)) if i not in set(long)]
             if not keep:
                 raise ConfigError(f"{what}: none is left to train on; raise max_prompt_length or set long_prompts: truncate")
             train, ids = [train[i] for i in keep], [ids[i] for i in keep]
-            print(f"note: {what}; they were dropped (long_prompts: drop; truncate keeps their end instead)", file=sys.stderr)
+            print_once(f"note: {what}; they were dropped (long_prompts: drop; truncate keeps their end instead)")
     notes["prompts_train"] = len(ids)
     return train, ids, heldout, notes
 
