@@ -208,8 +208,8 @@ labels: pairs
 
 # eval compares every policy the run has (each brought up to date first). Its held-out prompts are those an RL stage
 # set aside: a run with no RL policy (none, or DPO alone) trains PPO first. It scores with the reward models too, which
-# every RL stage brings up to date first (a DPO-only run had not). A policy stage named beside eval (`make grpo eval` on a fresh run) is one
-# it evaluates, and PPO is then not trained.
+# every RL stage brings up to date first (a DPO-only run had not). A policy stage named beside eval (`make grpo eval`
+# on a fresh run) is one it evaluates, and PPO is then not trained.
 EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(or $(wildcard $(RUNDIR)/$(s)/manifest.json),$(filter $(s),$(MAKECMDGOALS))),$(s))))
 eval: $(if $(filter-out dpo,$(EVAL_POLICIES)),,ppo) $(EVAL_POLICIES)
 	$(call stage,eval)

@@ -31,8 +31,8 @@ import torch
 
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.lora_combine import combine_loras, merge_into_base, require_combinable, save_lora
-from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, check_training_length, load_base, load_tokenizer, lora_config, profile_from,
-                             resolve_base, save_fingerprint, to_device)
+from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, check_training_length, load_base,
+                             load_tokenizer, lora_config, profile_from, resolve_base, save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import is_sharded, sharding_report, take_over_from_accelerate

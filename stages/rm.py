@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunArgs, parse, to_dict
-from pipeline.models import (base_config, check_adapter, check_training_length, free_memory, load_base, load_tokenizer, lora_config, profile_from,
-                             refuse_tokenizer_options, resolve_base, save_fingerprint, score_head_name)
+from pipeline.models import (base_config, check_adapter, check_training_length, free_memory, load_base, load_tokenizer,
+                             lora_config, profile_from, refuse_tokenizer_options, resolve_base, save_fingerprint,
+                             score_head_name)
 from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard

@@ -22,8 +22,9 @@ from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_as
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, load_mixture, messages_problem, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import (base_config, check_training_length, launch_autocast, load_base, load_tokenizer, lora_config, profile_from,
-                             refuse_tokenizer_options, require_chat_template, resolve_base, save_fingerprint, to_device)
+from pipeline.models import (base_config, check_training_length, launch_autocast, load_base, load_tokenizer, lora_config,
+                             profile_from, refuse_tokenizer_options, require_chat_template, resolve_base,
+                             save_fingerprint, to_device)
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
