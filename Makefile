@@ -151,7 +151,7 @@ clean-run:
 
 # The run's labels are brought up to date first, unless the stage is given its own preferences (--dataset_name), which
 # replace the label export: sampling and labeling pairs it would not read is minutes of work, hours on a real model.
-labels_for = $(if $(and $(AUTO_LABELS),$(if $(findstring --dataset_name,$(call stage_args,$(1))),,1)),labels)
+labels_for = $(if $(and $(AUTO_LABELS),$(if $(filter --dataset_name --dataset_name=%,$(call stage_args,$(1))),,1)),labels)
 rm: sft $(call labels_for,rm)
 	$(call stage,rm)
 

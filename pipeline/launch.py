@@ -181,6 +181,14 @@ def main(argv: list[str]) -> int:
             if extra:
                 print(f"launch: {extra[1]} GPUs here: {extra[1]} processes ({config_file} asks for all of them)")
             ours = [*ours, *extra]
+    # Before the up-to-date check: a stage another launch is rewriting still has its old manifest (until that launch
+    # prepares its folder) and would read as up to date, or as interrupted.
+    folder = stage_folder(stage, stage_args)
+    lock, holder = hold_stage_folder(folder)  # held until this process ends (a kill too): nothing to release
+    if lock is None:
+        print(f"error: {folder} is being written by another run of `{stage}` ({holder}): wait for it to end, or give "
+              f"this one its own run folder (make {stage} RUN=another)", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
     if not force:
         current, why = is_current(stage, stage_args, ours)
         if current:
@@ -206,12 +214,6 @@ def main(argv: list[str]) -> int:
             print(f"error: ACCELERATE_CONFIG={config_file} {problem}: fix the file (`accelerate config` writes one), or "
                   f"give one of configs/accelerate/", file=sys.stderr)
             return CONFIG_ERROR_EXIT
-    folder = stage_folder(stage, stage_args)
-    lock, holder = hold_stage_folder(folder)  # held until this process ends (a kill too): nothing to release
-    if lock is None:
-        print(f"error: {folder} is being written by another run of `{stage}` ({holder}): wait for it to end, or give "
-              f"this one its own run folder (make {stage} RUN=another)", file=sys.stderr)
-        return CONFIG_ERROR_EXIT
     if not force:
         print(f"{stage}: running, because {why}", flush=True)
     return launch(ours, module, stage_args)

@@ -173,7 +173,8 @@ def _flag(argv: list[str], name: str, default: str) -> str:
 
 
 def stage_folder(stage: str, argv: list[str]) -> Path:
-    """The folder a stage's command line writes: its --runs_dir and --run, as its parser reads them."""
+    """The folder of `stage` (make's name for it) under a command line's --runs_dir and --run, as its parser reads
+    them."""
     return stage_dir(_flag(argv, "--runs_dir", "runs"), _flag(argv, "--run", "default"), stage)
 
 

@@ -34,7 +34,7 @@ from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, reso
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest
 from stages.eval_compare import POLICY_STAGES, policy_method
-from stages.publish_card import check_card, data_files_used, data_sources, given_reward, model_card, ships_base
+from stages.publish_card import check_card, data_files_used, data_sources, given_reward, hub_base, model_card, ships_base
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 
@@ -87,7 +87,7 @@ MERGED_ERROR_WARNING = 0.1  # above this share of the update lost, merged/ is no
 def merged_error_line(policy: str, error: float) -> str:
     """What a 16-bit merged/ kept of the update: a note, or a warning past MERGED_ERROR_WARNING."""
     kind = "warning" if error > MERGED_ERROR_WARNING else "note"
-    return (f"{kind}: merged/ stores the {policy} update with a relative error of {error:.0%} (the base's 16-bit "
+    return (f"{kind}: merged/ stores the {policy} update with a relative error of {100 * error:.2g}% (the base's 16-bit "
             f"weights cannot hold changes that small): the adapter at the repo's root is exact; --merged_dtype float32 "
             f"keeps all of it in merged/")
 
@@ -353,7 +353,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     base = sft["outputs"].get("base_model") or json.loads((Path(policy["outputs"]["adapter"]) / "adapter_config.json").read_text())["base_model_name_or_path"]
     local = ships_base(base, args)
-    base_ref = str(folder / "base") if local else args.base_model_id or base
+    base_ref = str(folder / "base") if local else hub_base(base, args)
     copy_adapter(policy["outputs"]["adapter"], folder, base_ref)
     if not (folder / "tokenizer_config.json").is_file():  # AutoPeftModel and users look for it beside the adapter
         for f in Path(sft["outputs"]["adapter"]).iterdir():

@@ -43,6 +43,12 @@ def ships_base(base: str, args: PublishArgs) -> bool:
     return is_local_base(base) and not args.base_model_id
 
 
+def hub_base(base: str, args: PublishArgs) -> str:
+    """The base as the published repo names it: a Hub base's own id (--base_model_id is for a local base only), a
+    local base's --base_model_id."""
+    return args.base_model_id if is_local_base(base) and args.base_model_id else base
+
+
 def flat(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -213,8 +219,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     from stages.label.export import WHOSE
 
     local = ships_base(base, args)
-    if is_local_base(base) and not local:
-        base = args.base_model_id  # the Hub's name for the local folder the run trained on
+    base = base if local else hub_base(base, args)
     method = policy_method(args.policy, manifests[args.policy])
     hub_ids = [args.hub_dataset_ids[s["name"]] for s in sources if s["name"] in args.hub_dataset_ids]
     data = ModelCardData(base_model=None if local else base, library_name="peft", license=args.license,

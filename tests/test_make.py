@@ -573,22 +573,28 @@ def test_an_accelerate_config_accelerate_cannot_read_is_one_error_line(text, pro
 def test_a_stage_folder_another_launch_is_writing_is_refused_until_it_ends(tmp_path):
     """Two `make sft` of one run at once would both write its checkpoints and adapters: the second is one error line,
     exit 2, naming the folder and who holds it, and writes nothing; once the first ends (its lock goes with its
-    process), the stage runs. Another run's folder is not held. Mutant: the lock not taken (flock skipped)."""
+    process), the stage runs. The lock is checked before the up-to-date check: a stage being rewritten still has its
+    old manifest, and would read as up to date. Another run's folder is not held. Mutants: the lock not taken (flock
+    skipped); taken after the up-to-date check."""
     from pipeline.launch import hold_stage_folder
 
     runs = tmp_path / "runs"
-    lock, _ = hold_stage_folder(runs / "t" / "sft")  # the first launch, still training
-    res = make("sft", runs_dir=runs)
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert errors[0] == (f"error: {runs / 't' / 'sft'} is being written by another run of `sft` (pid {os.getpid()}, since "
-                         f"{errors[0].split('since ')[1][:8]}): wait for it to end, or give this one its own run "
-                         f"folder (make sft RUN=another)")
-    assert not runs.exists()
-    assert make("sft", "RUN=other", f"RUNS_DIR={runs}", fake=True).returncode == 0  # another folder: not held
-    lock.close()
-    res = make("sft", runs_dir=runs)
-    assert res.returncode == 0 and ran(runs) == ["sft"], res.stderr
+    for fresh in (True, False):  # nothing there yet; a finished, current sft (FORCE=1 rewriting it in the first launch)
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        lock, _ = hold_stage_folder(runs / "t" / "sft")  # the first launch, still training
+        res = make("sft", runs_dir=runs)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+        assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert errors[0] == (f"error: {runs / 't' / 'sft'} is being written by another run of `sft` (pid {os.getpid()}, "
+                             f"since {errors[0].split('since ')[1][:8]}): wait for it to end, or give this one its own "
+                             f"run folder (make sft RUN=another)")
+        assert "up to date" not in res.stdout and sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+        if fresh:
+            assert make("sft", "RUN=other", f"RUNS_DIR={runs}").returncode == 0  # another folder: not held
+        lock.close()
+        res = make("sft", runs_dir=runs)
+        assert res.returncode == 0 and ran(runs) == (["sft"] if fresh else []), res.stderr
+        assert fresh or "sft: up to date" in res.stdout
 
 
 @pytest.mark.parametrize("run,problem", [("../escape", "holds a path separator"), ("a/b", "holds a path separator"),

@@ -315,7 +315,9 @@ def test_card_for_a_hub_base_names_it(runs):
     t = runs / "t"
     manifests = {s: json.loads((t / s / "manifest.json").read_text()) for s in ("sft", "rm", "ppo", "eval")}
     base = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    text = model_card(PublishArgs(), "tester/smol-rlhf", "t", manifests, base, base, [], [], None)
+    # --base_model_id names a local base: a Hub base keeps its own id
+    text = model_card(PublishArgs(base_model_id="someone/else"), "tester/smol-rlhf", "t", manifests, base, base, [], [],
+                      None)
     check_card(text, local=False)
     card = ModelCard(text)
     assert card.data.base_model == base and card.data.library_name == "peft"
@@ -705,6 +707,7 @@ def test_publish_says_how_much_of_the_update_a_16_bit_merge_lost_and_warns_past_
     from stages.publish import merged_error_line
 
     assert merged_error_line("ppo", 0.08).startswith("note: merged/ stores the ppo update with a relative error of 8% ")
+    assert "relative error of 0.031% " in merged_error_line("ppo", 0.00031)  # not rounded to 0%
     assert merged_error_line("dpo", 0.1).startswith("note: merged/ stores the dpo update with a relative error of 10% ")
     assert merged_error_line("ppo", 0.45).startswith("warning: merged/ stores the ppo update with a relative error of 45%")
 
