@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.run import LAUNCH_ENV, code_changed, is_current, stage_folder
+from pipeline.run import LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, check_launched_folder, code_changed, is_current, stage_folder
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
 ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"
@@ -62,10 +62,12 @@ def processes_for_all_gpus(config_file: str | Path, count_gpus: Callable[[], int
     return [] if gpus < 1 or config.get("num_processes") == gpus else ["--num_processes", str(gpus)]
 
 
-def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> int:
+def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage: str = "") -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     os.environ[LAUNCH_ENV] = json.dumps(accelerate_args)  # the stage records it (pipeline.run.launch_args)
+    os.environ[STAGE_ENV] = stage  # the folder it writes must be this one (pipeline.run.check_launched_folder)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # its processes end with this one (pipeline.run.end_with_launcher)
     # torch's launcher logs a line when it stops the other ranks (SIGTERM) and one for the rank that exited: beside bad
     # input's one `error:` line they are noise, and for a crash the ChildFailedError below says the same and more.
     logging.getLogger(ELASTIC_LOGGER).setLevel(logging.CRITICAL)
@@ -86,7 +88,7 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str]) -> in
     return 0
 
 
-def check(module: str, stage_args: list[str]) -> int:
+def check(module: str, stage_args: list[str], stage: str = "") -> int:
     """Parse a stage's command line and nothing more (unknown flags, types, ranges, each config's own rules, dataset
     paths that do not exist): make runs this for the stages it is named with before any stage runs, so that a bad
     flag is one line at once, not after the upstream stages have trained; then the module's `check_args(*parsed)`,
@@ -108,6 +110,8 @@ def check(module: str, stage_args: list[str]) -> int:
                 if isinstance(getattr(cfg, flag, None), str) and getattr(cfg, flag):
                     check_dataset_exists(getattr(cfg, flag), f"--{flag}")
             check_files_named(cfg)
+            if getattr(cfg, "stage_folder_setting", None):  # a config that picks its folder picks make's `stage`
+                check_launched_folder(cfg.stage_name, cfg.stage_folder_setting, stage)
         if hasattr(mod, "check_args"):  # the stage's own checks of its flags together (stages.publish: a repo id)
             mod.check_args(*parsed)
     except ConfigError as err:
@@ -144,8 +148,8 @@ def check_stages(argv: list[str]) -> int:
             segments.append([])
         elif segments:
             segments[-1].append(arg)
-    for _stage, _m, module, *stage_args in segments:
-        rc = check(module, [a for a in stage_args if a != "--force"])  # --force in ARGS is the launch's, as below
+    for stage, _m, module, *stage_args in segments:
+        rc = check(module, [a for a in stage_args if a != "--force"], stage)  # --force in ARGS is the launch's, as below
         if rc:
             return rc
     return 0
@@ -216,7 +220,7 @@ def main(argv: list[str]) -> int:
             return CONFIG_ERROR_EXIT
     if not force:
         print(f"{stage}: running, because {why}", flush=True)
-    return launch(ours, module, stage_args)
+    return launch(ours, module, stage_args, stage)
 
 
 def hold_stage_folder(folder: Path) -> tuple[object | None, str]:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -211,6 +212,20 @@ def code_changed(stage: str, argv: list[str]) -> list[str]:
 # sharding and mixed precision change what a stage computes, so another launch config is another run.
 LAUNCH_ENV = "PIPELINE_LAUNCH_ARGS"
 STARTED = "started.json"  # a stage's command line while it runs: removed when its manifest is written
+# pipeline.launch puts make's name of the stage here: the folder it locked and checked for being up to date.
+STAGE_ENV = "PIPELINE_STAGE"
+
+
+def check_launched_folder(folder_name: str, why: str, stage: str | None = None) -> None:
+    """A stage whose config picks its folder (stages.ppo: ppo, grpo, rloo or reinforce_pp by its advantage estimator)
+    writes the folder `make` launched it as (`stage`, or STAGE_ENV's; None: not launched by make), which make locked
+    and checked: `make ppo PPO_ARGS="--advantage_estimator grpo"` would write grpo/ under ppo/'s lock. `why`: the
+    setting that picked `folder_name`, as the error names it."""
+    stage = stage if stage is not None else os.environ.get(STAGE_ENV)
+    if stage and stage != folder_name:
+        raise ConfigError(f"{why} writes the run's {folder_name}/ folder, but this is `make {stage}`, whose folder is "
+                          f"{stage}/: run `make {folder_name}` for it, or leave {why.split()[0]} as {stage}'s config "
+                          f"sets it")
 
 
 def launch_args() -> list[str] | None:
@@ -422,6 +437,7 @@ def main_guard(main_fn):
 
     for category, message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    end_with_launcher()
     count_cpu_ranks()
     try:
         main_fn()
@@ -433,6 +449,32 @@ def main_guard(main_fn):
             raise
         refuse(problem)
     destroy_distributed()
+
+
+# pipeline.launch puts its process id here: the stage processes it starts end when it does (end_with_launcher).
+LAUNCHER_PID_ENV = "PIPELINE_LAUNCHER_PID"
+
+
+def end_with_launcher() -> None:
+    """A stage process that pipeline.launch started ends when the launcher does, however that ends: a SIGKILLed
+    launcher (`kill -9`, a scheduler's hard stop) left its stage training on, writing the folder whose lock went with
+    the launcher, so that a second `make` could start beside it. Linux's parent-death signal (SIGTERM; the launcher is
+    the parent of the one process accelerate starts, and of torch's ranks); in case the launcher ended before it was
+    asked for, this process ends at once. Elsewhere, or started otherwise: nothing."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if not (launcher.isdigit() and sys.platform.startswith("linux")):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)  # when this process's parent ends
+    if os.getppid() != int(launcher):  # reparented, if the launcher ended before that was asked for
+        try:
+            os.kill(int(launcher), 0)
+        except ProcessLookupError:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except PermissionError:  # alive, as another user's
+            pass
 
 
 def count_cpu_ranks() -> None:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -597,6 +598,46 @@ def test_a_stage_folder_another_launch_is_writing_is_refused_until_it_ends(tmp_p
         assert fresh or "sft: up to date" in res.stdout
 
 
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("config, ranks", [("cpu.yaml", 1), pytest.param("cpu2.yaml", 2, marks=pytest.mark.slow)])
+def test_a_killed_launcher_takes_its_stage_processes_with_it(config, ranks, tmp_path):
+    """`kill -9` of pipeline.launch (a scheduler's hard stop) left the stage it started training on, writing a folder
+    whose lock had gone with the launcher: a second `make` could start beside it. Its processes (one, or two ranks)
+    now end within seconds. Mutant: the parent-death signal not asked for."""
+    held = tmp_path / "held"
+    held.mkdir()
+    launcher = subprocess.Popen([PY, "-m", "pipeline.launch", "sft", "--config_file", f"configs/accelerate/{config}",
+                                 "-m", "tests.fake_stages.sft", "--run", "t", "--runs_dir", str(tmp_path / "runs"),
+                                 "--hold", str(held)], cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(list(held.glob("*.pid"))) < ranks and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in held.glob("*.pid")]
+        assert len(pids) == ranks and all(alive(p) for p in pids), (pids, launcher.poll())
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 15
+        while any(alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids), "the stage outlived its launcher"
+    finally:
+        launcher.kill()
+        for p in held.glob("*.pid"):
+            try:
+                os.kill(int(p.read_text()), 9)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.parametrize("run,problem", [("../escape", "holds a path separator"), ("a/b", "holds a path separator"),
                                          ("..", "is not a folder name"), ("my run", "is not one word"), ("", "is not one word"),
                                          ("x;touch_escape", "holds other characters"), ("x|cat", "holds other characters"),
@@ -634,6 +675,20 @@ def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and errors == ["error: --learning_rate on the command line is 'abc', not a number: give "
                                               "a number"], res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("variables,folder,target", [(["PPO_ARGS=--advantage_estimator reinforce_pp"], "ppo", "reinforce_pp"),
+                                                      (["ARGS=--advantage_estimator=gae"], "grpo", "ppo")])
+def test_an_estimator_that_writes_another_stages_folder_is_refused_before_any_stage_runs(variables, folder, target,
+                                                                                        tmp_path):
+    """The RL loop's folder follows its advantage estimator: `make ppo PPO_ARGS="--advantage_estimator grpo"` wrote
+    grpo/ while make's lock and up-to-date check looked at ppo/ (and eval read ppo/'s old policy)."""
+    res = make(folder, *variables, fake=False, runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr
+    assert f"writes the run's {target}/ folder, but this is `make {folder}`" in errors[0], errors
+    assert f"run `make {target}`" in errors[0], errors
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
 
@@ -805,7 +860,7 @@ def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(
     import accelerate.commands.launch as accelerate_launch
 
     from pipeline.launch import CONFIG_ERROR_EXIT, launch
-    from pipeline.run import LAUNCH_ENV
+    from pipeline.run import LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV
 
     class ChildFailed(Exception):
         def __init__(self, codes):
@@ -817,7 +872,8 @@ def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(
             raise ChildFailed(codes) if len(codes) > 1 else subprocess.CalledProcessError(codes[0], ["python"])
         return launch_command
 
-    monkeypatch.setenv(LAUNCH_ENV, "[]")  # launch() sets it for the stage: restored after the test
+    for name in (LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV):  # launch() sets them for the stage: restored after the test
+        monkeypatch.setenv(name, "")
     args = ["--num_processes", "2"]
     monkeypatch.setattr(accelerate_launch, "launch_command", failing([2, 2]))
     assert launch(args, "stages.sft", []) == CONFIG_ERROR_EXIT

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import parse
-from pipeline.run import main_guard
+from pipeline.run import check_launched_folder, main_guard
 from tests.conftest import REPO
 from tests.fake_upstream import build_upstream
 from tests.test_make import make
@@ -194,6 +194,27 @@ def test_bad_input_is_one_error_line_and_exit_2_with_the_run_folder_unchanged(ca
     assert tree(runs) == before
 
 
+
+
+@pytest.mark.parametrize("launched_as, config", [("ppo", "configs/grpo.yaml"), ("grpo", "configs/ppo.yaml")])
+def test_an_rl_stage_launched_as_another_estimators_folder_is_refused(launched_as, config, upstream,
+                                                                      tiny_models, tmp_path, capsys, monkeypatch):
+    """pipeline.launch locks and checks the folder make named (PIPELINE_STAGE): the stage refuses to write another
+    (a recipe's ppo.yaml that picks grpo, reached through a chain, is not parsed by make's check). Started without
+    make (no PIPELINE_STAGE, or make's check of a stage module it does not launch) it writes its estimator's own."""
+    runs = tmp_path / "runs"
+    shutil.copytree(upstream, runs)
+    before = tree(runs)
+    monkeypatch.setenv("PIPELINE_STAGE", launched_as)
+    argv = ["--config", config, "--total_updates", "1", "--run", "t", "--runs_dir", str(runs),
+            "--model_config", str(tiny_models["llama"])]
+    code, errors, err = run_stage("stages.ppo", argv, capsys)
+    assert code == 2 and len(errors) == 1 and f"this is `make {launched_as}`" in errors[0], err[-2000:]
+    assert tree(runs) == before
+    check_launched_folder("grpo", "advantage_estimator grpo", "grpo")  # its own folder
+    for unset in ("", None):
+        monkeypatch.setenv("PIPELINE_STAGE", unset) if unset is not None else monkeypatch.delenv("PIPELINE_STAGE")
+        check_launched_folder("grpo", "advantage_estimator grpo")
 
 
 def test_ppo_refusing_a_reward_adapter_of_another_base_leaves_the_finished_run_as_it_was(upstream, tiny_models,

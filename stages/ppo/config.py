@@ -197,5 +197,10 @@ class PPOConfig:
         return STAGE_NAMES[self.advantage_estimator]
 
     @property
+    def stage_folder_setting(self) -> str:
+        """The setting that picks stage_name, as an error names it (pipeline.run.check_launched_folder)."""
+        return f"advantage_estimator {self.advantage_estimator}"
+
+    @property
     def needs_reference(self) -> bool:
         return self.kl_coef > 0 or self.adaptive_kl

@@ -3,7 +3,8 @@
 Each reads its upstream manifests the way the real stage does (StageRun.need / may_read), appends its name to
 <runs_dir>/<run>/ran.txt, and writes its manifest with StageRun.finish, so that what `make` skips or reruns is decided
 by the real manifests' recorded inputs. `--fail` stops with a ConfigError (exit 2), `--fail_on_rank R` on rank R alone (the other ranks wait a
-minute), `--crash` raises RuntimeError, `--crash_after_prepare` too, once the stage folder is prepared.
+minute), `--crash` raises RuntimeError, `--crash_after_prepare` too, once the stage folder is prepared;
+`--hold DIR` writes DIR/<rank>.pid once prepared and sleeps two minutes (a stage training).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def fake_stage(name: str, needs: tuple[str, ...] = (), may_read: tuple[str, ...]
         stage.prepare({})
         if "--crash_after_prepare" in argv:  # killed mid-run: the run folder prepared, no manifest written
             raise RuntimeError(f"{name}: --crash_after_prepare was given (a run killed while it trains)")
+        if "--hold" in argv:
+            held = _flag(argv, "--hold", "")
+            with open(os.path.join(held, f"{os.environ.get('RANK', '0')}.pid.tmp"), "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(f.name, f.name[: -len(".tmp")])
+            time.sleep(120)
         with open(stage.dir.parent / "ran.txt", "a") as f:
             f.write(name + "\n")
         stage.finish({}, {}, {"argv": argv})
