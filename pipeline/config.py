@@ -228,11 +228,25 @@ def parse(classes: tuple, argv: list[str] | None = None):
         check_finite(out[-1], source_of)
         check_report_to(out[-1], source_of)
         check_optimizer(out[-1], source_of)
+        check_datasets_named(out[-1], source_of)
         if getattr(out[-1], "resume_from_checkpoint", None):  # TrainingArguments': accepted, and never read
             raise ConfigError(f"{source_of('resume_from_checkpoint')}: the training stages resume by themselves, from "
                               f"the newest checkpoint of an interrupted run of the same command: remove it and run "
                               f"the same command again")
     return out
+
+
+def check_datasets_named(instance, source_of) -> None:
+    """A dataset flag given as empty text (`RM_ARGS='--dataset_name ""'`) read as not given: the stage took its
+    config's data (the reward model the run's label export), while `make` had skipped what makes that data (the labels
+    step: it is left out for a stage given its own preferences)."""
+    from pipeline.data import DATA_FLAGS
+
+    for name in DATA_FLAGS:
+        value = getattr(instance, name, None)
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{source_of(name)} is empty: give a file, folder or Hub id, or leave it out for the "
+                              f"config's own data")
 
 
 def check_optimizer(instance, source_of) -> None:

@@ -51,7 +51,8 @@ class SFTArgs:
     lora_dropout: float = 0.05
     # Samples before/after
     sample_prompts: list[str] = field(default_factory=lambda: list(FIXED_PROMPTS), metadata={
-        "help": "User turns that SFT answers before and after training (samples.json): pick ones of your task."})
+        "help": "User turns that SFT answers before and after training (samples.json). A --dataset_name given on the "
+                "command line without them: the openings of its first held-out conversations."})
     sample_max_new_tokens: int = 48
 
     def __post_init__(self):
@@ -280,7 +281,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
 
     # 2. Before training: samples on fixed prompts, on this process's accelerator. Every rank takes part (a sharded
     #    base runs each forward on all ranks together); generate() spreads the prompts and gathers the texts.
-    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in args.sample_prompts])
+    conversations = sample_conversations(args, ds, args.eval_fraction, train_cfg.seed)
+    prompts = encode_prompts(tokenizer, conversations)
     # Sampled, not greedy, with a fixed seed: greedy decoding of a tiny model collapses to "\n" + EOS.
     sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.7, top_k=50)
     to_device(model, state.device)
@@ -307,7 +309,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     if state.is_main_process:
         tokenizer.save_pretrained(adapter_dir)
         save_fingerprint(adapter_dir, model.config, base_path)
-        samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(args.sample_prompts, before, after)]
+        samples = [{"prompt": c[-1]["content"], **({"conversation": c} if len(c) > 1 else {}), "before": b, "after": a}
+                   for c, b, a in zip(conversations, before, after)]
         atomic_write_json(stage.dir / "samples.json", samples)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         # tokens this run trained on (a resumed run's state counts those before the checkpoint too)
@@ -343,7 +346,37 @@ def CONFIG_CLASSES():
 
 
 def parse_args(argv=None):
-    return parse(CONFIG_CLASSES(), argv)
+    train_cfg, args, run = parse(CONFIG_CLASSES(), argv)
+    given = sys.argv[1:] if argv is None else argv
+    if on_command_line(given, "dataset_name") and not on_command_line(given, "sample_prompts"):
+        args.sample_prompts = []  # your data's own openings (sample_conversations), not the config's story openings
+    return train_cfg, args, run
+
+
+def on_command_line(argv: list[str], key: str) -> bool:
+    return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
+
+
+SAMPLES_FROM_DATA = 4
+
+
+def sample_conversations(args: SFTArgs, ds, eval_fraction: float, seed: int) -> list[list[dict]]:
+    """What samples.json answers before and after training: each of `sample_prompts` as a user turn; with none (your
+    --dataset_name on the command line, no --sample_prompts: the config's prompts are of its own task, the story
+    recipe's book openings), the openings of the data's first held-out conversations (their turns before the first
+    reply), or of its first rows when nothing is held out."""
+    if args.sample_prompts:
+        return [[{"role": "user", "content": p}] for p in args.sample_prompts]
+    _, held_out = held_out_split(ds, eval_fraction, seed)
+    rows = held_out if held_out is not None and len(held_out) else ds
+    openings = []
+    for row in rows.select(range(min(len(rows), 4 * SAMPLES_FROM_DATA))):
+        first_reply = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        if first_reply:
+            openings.append(row["messages"][:first_reply])
+        if len(openings) == SAMPLES_FROM_DATA:
+            break
+    return openings or [[{"role": "user", "content": p}] for p in FIXED_PROMPTS]  # rows that open with a reply
 
 
 if __name__ == "__main__":

@@ -727,6 +727,16 @@ def test_a_missing_dataset_of_a_later_stage_stops_before_any_stage_runs(variable
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
 
+def test_an_empty_dataset_flag_is_refused_before_the_labels_step_is_skipped(tmp_path):
+    """`RM_ARGS='--dataset_name ""'`: make skipped the labels step (the stage was given its own preferences) while the
+    stage read the empty value as none given and trained on the run's label export, stale or missing."""
+    res = make("rm", 'RM_ARGS=--dataset_name ""', fake=False, runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and errors == ["error: --dataset_name on the command line is empty: give a file, folder "
+                                              "or Hub id, or leave it out for the config's own data"], res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("variables,error", [
     ([], "error: no repo to publish to: pass REPO=user/name (`--repo_id`), or --dry-run to only write the folder"),
     (["REPO=me//x"], "error: --repo_id 'me//x' is not a Hub repo id: give it as user/name"),

@@ -371,6 +371,39 @@ def test_prompt_completion_data_trains_through_the_chat_template(tiny_models, ru
     assert metrics["train_loss"] > 0 and (runs_dir / "pc" / "sft" / "manifest.json").is_file()
 
 
+def test_your_own_data_is_sampled_on_its_own_held_out_openings(tiny_models, runs_dir, tmp_path):
+    """samples.json answered the config's sample prompts (the story recipe's book openings) whatever the data: with
+    your --dataset_name on the command line it answers your data's first held-out conversations (the turns before the
+    first reply, a system turn too); with --sample_prompts given as well, those; a recipe YAML that names its own data
+    keeps its own prompts. Mutant: the config's prompts kept."""
+    from datasets import Dataset
+
+    from stages.sft import held_out_split, sample_conversations
+
+    rows = [{"messages": [{"role": "system", "content": f"You count {i}."}, {"role": "user", "content": f"Count to {i}."},
+                          {"role": "assistant", "content": " ".join(str(k) for k in range(1, i % 5 + 2))}]}
+            for i in range(40)]
+    data = tmp_path / "count.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = tiny_args(tiny_models["llama"], runs_dir, "own", "--dataset_name", str(data), "--max_steps", "1",
+                     "--eval_fraction", "0.25")
+    metrics = main(*parse_args(args))
+    samples = json.loads((runs_dir / "own" / "sft" / "samples.json").read_text())
+    held_out = held_out_split(Dataset.from_list(rows), 0.25, 42)[1]  # tiny_args leaves the seed at the default's 42
+    assert metrics["train_loss"] > 0 and [s["conversation"] for s in samples] == [r["messages"][:2] for r in held_out][:4]
+    assert [s["prompt"] for s in samples] == [r["messages"][1]["content"] for r in held_out][:4]
+    # nothing held out: the first rows, in the file's order
+    _, sft_args, _ = parse_args(args[:-2] + ["--eval_fraction", "0"])
+    assert sft_args.sample_prompts == []
+    assert sample_conversations(sft_args, Dataset.from_list(rows), 0.0, 42) == [r["messages"][:2] for r in rows[:4]]
+    # your own prompts on the command line; a recipe's YAML that names its data: the prompts it gives
+    own = ["Count to 3.", "Count to 4."]
+    assert parse_args(args + ["--sample_prompts", *own])[1].sample_prompts == own
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"base_config: {REPO / 'configs/sft.yaml'}\ndataset_name: {data}\n")
+    assert parse_args(["--config", str(recipe)])[1].sample_prompts == read_yaml(REPO / "configs/sft.yaml")["sample_prompts"]
+
+
 def test_held_out_rows_share_no_conversation_root_with_training():
     """OASST keeps sibling replies and follow-ups of one root prompt as separate rows: held-out rows must not share a
     root with a training row (eval_loss would be measured on replies seen in training). Rows whose roots are all

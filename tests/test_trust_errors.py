@@ -94,6 +94,8 @@ CASES = [
     ("rm-ensemble-0", "stages.rm", RM + ["--ensemble", "0"], ["--ensemble 0", "at least 1"]),
     ("rm-max-length-too-small", "stages.rm", RM + ["--max_length", "2", "--max_prompt_length", "1"],
      ["max_length 2 is too small", "prefs.jsonl"]),
+    ("rm-dataset-empty", "stages.rm", RM + ["--dataset_name", ""], ["--dataset_name on the command line is empty"]),
+    ("ppo-prompts-file-empty", "stages.ppo", PPO + ["--prompts_file", " "], ["--prompts_file on the command line is empty"]),
     ("pairs-empty-file", "stages.pairs", PAIRS + ["--dataset_name", "{empty}"], ["empty.jsonl", "empty"]),
     ("pairs-empty-prompt", "stages.pairs", PAIRS + ["--dataset_name", "{empty_prompt}"], ["row 2", "the prompt is empty"]),
     ("pairs-max-new-tokens-0", "stages.pairs", PAIRS + ["--max_new_tokens", "0"], ["--max_new_tokens", ">= 1"]),
