@@ -805,7 +805,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-prompt-note-on-every-rank', 'stages/ppo/__init__.py', '    if is_main_process():\n        print(note, file=sys.stderr)', '    if True:\n        print(note, file=sys.stderr)', 'tests/test_ppo.py -k main_process_only'),
     ('dpo-training-length-unchecked', 'stages/dpo.py', '    check_training_length(base, train_cfg.max_length, longest_pair(train_rows + eval_rows))\n', '', 'tests/test_trust_errors.py -k dpo-past-the-positions'),
     ('publish-hub-base-renamed', 'stages/publish_card.py', 'return args.base_model_id if is_local_base(base) and args.base_model_id else base', 'return args.base_model_id or base', 'tests/test_publish.py -k hub_base_names_it'),
-    ('rl-stage-folder-unchecked-at-launch', 'pipeline/launch.py', '                check_launched_folder(cfg.stage_name, cfg.stage_folder_setting, stage)\n', '', 'tests/test_make.py -k estimator_that_writes'),
+    ('rl-stage-folder-unchecked-at-launch', 'pipeline/launch.py', '                check_launched_folder(cfg.stage_name, cfg.stage_folder_setting, stage)\n', '                pass\n', 'tests/test_make.py -k estimator_that_writes'),
     ('rl-stage-folder-unchecked-in-stage', 'stages/ppo/__init__.py', '    check_launched_folder(cfg.stage_name, cfg.stage_folder_setting)  #', '    pass  #', 'tests/test_trust_errors.py -k estimators_folder'),
     ('stage-outlives-its-launcher', 'pipeline/run.py', '    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)', '    pass', 'tests/test_make.py -k killed_launcher'),
     ('sft-own-data-sampled-on-config-prompts', 'stages/sft.py', '        args.sample_prompts = []  #', '        pass  #', 'tests/test_sft.py -k own_data_is_sampled'),
