@@ -684,7 +684,7 @@ def test_an_estimator_that_writes_another_stages_folder_is_refused_before_any_st
                                                                                         tmp_path):
     """The RL loop's folder follows its advantage estimator: `make ppo PPO_ARGS="--advantage_estimator grpo"` wrote
     grpo/ while make's lock and up-to-date check looked at ppo/ (and eval read ppo/'s old policy)."""
-    res = make(folder, *variables, fake=False, runs_dir=tmp_path / "runs")
+    res = make(folder, *variables, fake=False, runs_dir=tmp_path / "runs", timeout=120)  # else SFT runs: minutes
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and len(errors) == 1, res.stderr
     assert f"writes the run's {target}/ folder, but this is `make {folder}`" in errors[0], errors
