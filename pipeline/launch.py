@@ -228,7 +228,10 @@ def hold_stage_folder(folder: Path) -> tuple[object | None, str]:
     second make while the first trains) would both write its checkpoints and adapters. (the open lock file, "") when
     taken; (None, who holds it) when another process does. The lock file lives in the temp folder, keyed by the
     folder's absolute path, so the run folder gets nothing before the stage has checked its input; the operating
-    system releases it when its process ends, killed or not, so a crash leaves no stale lock."""
+    system releases it when its process ends, killed or not, so a crash leaves no stale lock. The file is deleted as
+    this process exits, still locked, so that launches leave none behind (a killed one leaves its file, which the next
+    launch takes and deletes); a launch that locked a file just deleted so takes the new one instead."""
+    import atexit
     import fcntl
     import hashlib
     import tempfile
@@ -236,18 +239,37 @@ def hold_stage_folder(folder: Path) -> tuple[object | None, str]:
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
     locks = Path(tempfile.gettempdir()) / f"rlhf-pipeline-locks-{os.getuid()}"
     locks.mkdir(mode=0o700, exist_ok=True)
-    lock = open(locks / f"{key}.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "a process"
-        lock.close()
-        return None, holder
+    path = locks / f"{key}.lock"
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process"
+            lock.close()
+            return None, holder
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()  # its holder deleted it between our open and our lock: lock the file now at that path
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}")
     lock.flush()
+    atexit.register(release_stage_folder, lock, path)
     return lock, ""
+
+
+def release_stage_folder(lock, path: Path) -> None:
+    """Delete the lock file while still holding it, then let it go (hold_stage_folder)."""
+    if not lock.closed:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        lock.close()
 
 
 def accelerate_config_problem(config_file: str | Path) -> str | None:

@@ -810,6 +810,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('stage-outlives-its-launcher', 'pipeline/run.py', '    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)', '    pass', 'tests/test_make.py -k killed_launcher'),
     ('sft-own-data-sampled-on-config-prompts', 'stages/sft.py', '        args.sample_prompts = []  #', '        pass  #', 'tests/test_sft.py -k own_data_is_sampled'),
     ('empty-dataset-flag-accepted', 'pipeline/config.py', '        check_datasets_named(out[-1], source_of)\n', '', 'tests/test_trust_errors.py -k dataset-empty'),
+    ('stage-lock-file-left-behind', 'pipeline/launch.py', '    atexit.register(release_stage_folder, lock, path)', '    pass', 'tests/test_make.py -k lock_file'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
