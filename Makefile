@@ -149,9 +149,11 @@ sft: | setup
 clean-run:
 	rm -rf $(RUNDIR)
 
-# The run's labels are brought up to date first, unless the stage is given its own preferences (--dataset_name), which
-# replace the label export: sampling and labeling pairs it would not read is minutes of work, hours on a real model.
-labels_for = $(if $(and $(AUTO_LABELS),$(if $(filter --dataset_name --dataset_name=%,$(call stage_args,$(1))),,1)),labels)
+# The run's labels are brought up to date first, unless the stage is given its own preferences (--dataset_name, or a
+# --dataset_mixture that leaves out label-export), which replace the label export: sampling and labeling pairs it
+# would not read is minutes of work, hours on a real model.
+own_preferences = $(or $(filter --dataset_name --dataset_name=%,$(1)),$(and $(filter --dataset_mixture --dataset_mixture=%,$(1)),$(if $(findstring label-export,$(1)),,1)))
+labels_for = $(if $(and $(AUTO_LABELS),$(if $(call own_preferences,$(call stage_args,$(1))),,1)),labels)
 rm: sft $(call labels_for,rm)
 	$(call stage,rm)
 

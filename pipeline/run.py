@@ -253,11 +253,15 @@ def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> 
     path = stage_dir(runs_dir, run, stage) / "manifest.json"
     if not path.is_file():
         try:
-            started = json.loads((path.parent / STARTED).read_text())["argv"]
-        except (OSError, ValueError, KeyError, TypeError):
+            started = json.loads((path.parent / STARTED).read_text())
+            started_argv, started_launch = started["argv"], started.get("launch", launch)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False, "it has not run yet"
-        if started != argv:
-            return False, f"the command line changed (was: {' '.join(map(str, started))}, interrupted)"
+        if started_argv != argv:
+            return False, f"the command line changed (was: {' '.join(map(str, started_argv))}, interrupted)"
+        if started_launch != launch:
+            was = ' '.join(map(str, started_launch)) if isinstance(started_launch, list) else 'none'
+            return False, f"the accelerate launch changed (was: {was}, interrupted)"
         return False, "its last run, with this command line, was interrupted"
     try:
         inputs = json.loads(path.read_text()).get("inputs")

@@ -14,12 +14,19 @@ import tempfile
 import torch
 
 
+def pair(prompt, chosen, rejected):
+    return {"prompt": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "margin": 0.0}
+
+
 def step_rows() -> list[dict]:
     """Two prompts, one of 1 pair and one of 3: a micro-batch's pair mean is not the step's when they are apart."""
-    def pair(prompt, chosen, rejected):
-        return {"prompt": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "margin": 0.0}
-
     return [pair("a", [3, 4, 5], [3, 6])] + [pair("b", [7, 8, c], [7, 9, r]) for c, r in ((10, 11), (12, 13), (14, 15))]
+
+
+def held_out_rows() -> list[dict]:
+    """The two training prompts and a third of one pair: held out a prompt a batch, three batches, which two ranks
+    share as two rounds (the second rank's second round scores a padding batch, weighted 0)."""
+    return step_rows() + [pair("c", [16, 17, 18], [16, 19])]
 
 
 def one_step(profile: str, batch: int, accumulation: int, eval_batch: int | None = None
@@ -48,7 +55,8 @@ def one_step(profile: str, batch: int, accumulation: int, eval_batch: int | None
     loss = trainer.train().training_loss
     update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])  # trained in place
     logged = next(h for h in trainer.state.log_history if "accuracy" in h)
-    figures = {k: logged[k] for k in ("accuracy", "margin", "mean_reward")} | trainer.evaluate(groups)
+    figures = {k: logged[k] for k in ("accuracy", "margin", "mean_reward")} | trainer.evaluate(
+        Dataset.from_list(group_by_prompt(held_out_rows())))
     return update, loss, trainer.accelerator.num_processes, figures
 
 

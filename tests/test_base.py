@@ -29,7 +29,7 @@ def test_settings_make_base_cannot_run_with_are_one_error_before_writing(extra, 
     assert not runs.exists()
 
 
-@pytest.mark.parametrize("case", ["not-utf8", "short-heldout"])
+@pytest.mark.parametrize("case", ["not-utf8", "short-heldout", "short-training"])
 def test_books_make_base_cannot_read_are_one_error_before_writing(case, tmp_path):
     """A Latin-1 book was a UnicodeDecodeError traceback after the run folder was prepared; a held-out book shorter
     than one block a ZeroDivisionError after 200 training steps."""
@@ -41,9 +41,12 @@ def test_books_make_base_cannot_read_are_one_error_before_writing(case, tmp_path
     if case == "not-utf8":
         (texts / "odd.txt").write_bytes("Caf\xe9 au lait.\n".encode("latin-1"))
         held, message = "bunny", r"odd.txt is not UTF-8 text \(invalid continuation byte at byte 3\): save it as UTF-8"
-    else:
+    elif case == "short-heldout":
         (texts / "odd.txt").write_text("A tiny book.\n")
         held, message = "odd", r"the held-out books hold \d+ tokens, less than one block of block_size 64"
+    else:  # the long book held out, the tiny one left to train on
+        (texts / "odd.txt").write_text("A tiny book.\n")
+        held, message = "bunny", r"the training books hold \d+ tokens, less than one block of block_size 64"
     with pytest.raises(ConfigError, match=message):
         main(*parse(CONFIG_CLASSES(), base_args(runs, "--text_dir", str(texts), "--heldout_books", held,
                                                 "--block_size", "64", "--vocab_size", "300")))

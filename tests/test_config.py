@@ -208,6 +208,14 @@ def test_a_second_config_names_recipes():
     with pytest.raises(ConfigError, match=r"--config is given more than once \(configs/sft.yaml, my.yaml\): `make` gives "
                                           r"the recipe's own; for configs of your own, put them in configs/recipes/NAME/"):
         parse(stage_classes("sft"), ["--config", "configs/sft.yaml", "--run", "x", "--config", "my.yaml"])
+    with pytest.raises(ConfigError, match=r"--config is given more than once \(configs/sft.yaml, my.yaml\)"):
+        parse(stage_classes("sft"), ["--config", "configs/sft.yaml", "--config=my.yaml"])
+
+
+def test_config_equals_file_reads_the_file():
+    """`--config=FILE` is `--config FILE` (argparse's two spellings)."""
+    train, args, _ = parse(stage_classes("sft"), ["--config=configs/sft.yaml"])
+    assert train.learning_rate == read_yaml(REPO / "configs/sft.yaml")["learning_rate"] and args.sample_prompts
 
 
 def test_sft_evaluating_with_nothing_held_out_is_refused_before_any_stage():

@@ -860,3 +860,41 @@ def test_a_score_or_kl_that_is_not_a_number_stops_eval():
         with pytest.raises(ConfigError, match=rf"the KL of ppo to sft on response 1 is {bad}: the adapters that "
                                               r"computed it are broken"):
             finite([0.1, bad, 0.2], "the KL of ppo to sft on response")
+
+
+def test_each_score_and_kl_eval_computes_is_checked_for_a_number(monkeypatch, tmp_path):
+    """The three places eval computes numbers each refuse a NaN: the reward model's score of a sampled response, of a
+    held-out pair's reply, and a response's KL. A stand-in adapter stack whose every output is NaN."""
+    from types import SimpleNamespace
+
+    import stages.eval as E
+
+    nan = float("nan")
+
+    class NaNStack:
+        model = torch.nn.Linear(1, 1)
+
+        def use(self, name):
+            pass
+
+        def scores(self, name, ids, mask, starts):
+            return torch.full((len(ids),), nan)
+
+        def logits(self, name, ids, mask, position_ids=None):
+            return torch.full((*ids.shape, 5), nan)
+
+    ids, mask = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    gens = SimpleNamespace(texts=["a", "b"], prompt_ids=ids, prompt_mask=mask, response_ids=ids, response_mask=mask,
+                           ended=torch.ones(2, dtype=torch.bool))
+    monkeypatch.setattr(E, "generate", lambda *a, **k: gens)
+    monkeypatch.setattr(E, "chat_reward_inputs", lambda tokenizer, prompts, texts: (ids[:len(texts)], mask[:len(texts)],
+                                                                                    [1] * len(texts)))
+    prompts = [[{"role": "user", "content": "x"}]] * 2
+    with pytest.raises(ConfigError, match="the reward model's score of ppo's response 0 is nan"):
+        E.rollout(NaNStack(), "ppo", None, prompts, ids, None, seed=0, batch=2)
+    with pytest.raises(ConfigError, match="the KL of ppo to sft on response 0 is nan"):
+        E.sequence_kl(NaNStack(), "ppo", "sft", {"gens": gens}, batch=2, temperature=1.0)
+    pairs = tmp_path / "eval_pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ConfigError, match="the reward model's score of held-out reply 0 is nan"):
+        E.heldout_pair_rewards(NaNStack(), None, {"outputs": {"eval_pairs": str(pairs)}}, batch=2)

@@ -180,6 +180,9 @@ def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path):
     assert not labels_step("rm", f"RM_ARGS=--dataset_name={prefs}")
     assert not labels_step("dpo", f"ARGS=--dataset_name {prefs}")
     assert labels_step("dpo", f"RM_ARGS=--dataset_name {prefs}")  # RM's own data: DPO still reads the run's labels
+    # a mixture of your own files, or one that keeps the run's labels beside them
+    assert not labels_step("rm", f"""RM_ARGS=--dataset_mixture '{{"{prefs}": {{"weight": 1}}}}'""")
+    assert labels_step("rm", f"""RM_ARGS=--dataset_mixture '{{"{prefs}": {{"weight": 1}}, "label-export": {{}}}}'""")
 
 
 def test_a_run_named_again_in_args_is_the_one_make_checks(tmp_path):
@@ -329,6 +332,14 @@ def test_a_stage_killed_mid_run_keeps_its_flags_through_the_chain(tmp_path):
     res = make("rm", "ARGS=--crash_after_prepare", runs_dir=runs)
     res = make("rm", "ARGS=--crash_after_prepare", runs_dir=runs)  # the same command line again: it runs (resumes)
     assert "rm: running, because its last run, with this command line, was interrupted" in res.stdout
+    res = make("rm", "ARGS=--crash_after_prepare", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml", runs_dir=runs)
+    assert "rm: running, because the accelerate launch changed (was: --config_file configs/accelerate/cpu.yaml, " \
+           "interrupted)" in res.stdout, res.stdout
+    started = runs / "t/rm/started.json"
+    for damaged in ("not json", '{"launch": []}', "[]"):  # an unreadable record: as if it had not run
+        started.write_text(damaged)
+        res = make("rm", "ARGS=--crash_after_prepare", runs_dir=runs)
+        assert "rm: running, because it has not run yet" in res.stdout and "is_current" not in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("form", ["flag value", "flag=value"])
@@ -536,6 +547,7 @@ def test_bad_input_gives_one_line_through_make(tmp_path):
     (["ACCELERATE_CONFIG=/nonexistent/acc.yaml"], ["ACCELERATE_CONFIG=/nonexistent/acc.yaml does not exist",
                                                    "configs/accelerate/cpu.yaml"]),
     (["publish", "REPO=not a repo"], ["REPO=not a repo is not one word: give the Hub repo id as user/name"]),
+    (["publish", "REPO=me/x --private"], ["REPO=me/x --private is not one word: give the Hub repo id as user/name"]),
 ])
 def test_bad_make_variables_give_one_error_line_and_exit_2(variables, words, tmp_path):
     res = make("sft", *variables, runs_dir=tmp_path / "runs")
@@ -593,6 +605,11 @@ def test_a_stage_folder_another_launch_is_writing_is_refused_until_it_ends(tmp_p
         assert "up to date" not in res.stdout and sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
         if fresh:
             assert make("sft", "RUN=other", f"RUNS_DIR={runs}").returncode == 0  # another folder: not held
+            # the same folder by another path (a link to the runs folder, a `..`): held
+            (tmp_path / "link").symlink_to(runs, target_is_directory=True)
+            for other_path in (tmp_path / "link", tmp_path / "runs" / ".." / "runs"):
+                res = make("sft", "RUN=t", f"RUNS_DIR={other_path}")
+                assert res.returncode == 2 and "is being written by another run of `sft`" in res.stderr, res.stderr
         lock.close()
         res = make("sft", runs_dir=runs)
         assert res.returncode == 0 and ran(runs) == (["sft"] if fresh else []), res.stderr

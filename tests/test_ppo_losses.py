@@ -274,6 +274,11 @@ def test_k3_bounded_by_hand():
     ref = torch.tensor([-1.0, -1.0, -30.0])
     assert L.kl_k3_bounded(lp, ref).tolist() == pytest.approx([10.0, math.exp(2.0) - 3.0, 10.0], rel=1e-6)
     assert L.kl_k3(lp, ref)[0].item() == pytest.approx(math.exp(7.5) - 8.5, rel=1e-5)  # the logged estimate: unbounded
+    # the clamp of the log-ratio keeps the gradient finite where the term's own cap would not: at 94 nats exp() is inf,
+    # and the capped term's zero gradient times inf is NaN
+    far = torch.tensor([-95.0], requires_grad=True)
+    L.kl_k3_bounded(far, torch.tensor([-1.0])).sum().backward()
+    assert far.grad.tolist() == [0.0]
 
 
 def test_loss_denominators_by_hand():

@@ -710,12 +710,15 @@ def test_publish_says_how_much_of_the_update_a_16_bit_merge_lost_and_warns_past_
     assert "relative error of 0.031% " in merged_error_line("ppo", 0.00031)  # not rounded to 0%
     assert merged_error_line("dpo", 0.1).startswith("note: merged/ stores the dpo update with a relative error of 10% ")
     assert merged_error_line("ppo", 0.45).startswith("warning: merged/ stores the ppo update with a relative error of 45%")
+    assert merged_error_line("ppo", 0.11).startswith("warning: merged/ stores the ppo update with a relative error of 11%")
 
 
-def test_merged_takes_the_model_profiles_trust_remote_code(custom_code_model, tiny_models, tmp_path, monkeypatch):
+def test_merged_takes_the_model_profiles_trust_remote_code(custom_code_model, tiny_models, tmp_path, monkeypatch,
+                                                            capsys):
     """--merged loads the base again: a base with its own modeling code (profile trust_remote_code: true) was refused
     there. merge() takes the flag (the custom base merges: W + dW by hand), and publish passes the profile's, read from
-    the profile the SFT stage ran with."""
+    the profile the SFT stage ran with; it prints the merge's loss when there is one (a 16-bit base's: a note under
+    10%), and nothing for an exact merge."""
     import json
 
     import torch
@@ -742,10 +745,11 @@ def test_merged_takes_the_model_profiles_trust_remote_code(custom_code_model, ti
 
     from stages.eval import main as evaluate
     from stages.eval import parse_args
+    from stages.publish import merged_error_line
 
     runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
     seen = []
-    monkeypatch.setattr(publish, "merge", lambda *a, **k: seen.append(a[4:]) or 0.0)
+    monkeypatch.setattr(publish, "merge", lambda *a, **k: seen.append(a[4:]) or (0.05 if a[5] else 0.0))
     for trusted in (True, False):  # the SFT stage's profile, then eval (its report must be newer), then publish
         profile = tmp_path / f"trusted-{trusted}.yaml"
         profile.write_text(Path(tiny_models["llama"]).read_text() + f"\ntrust_remote_code: {str(trusted).lower()}\n")
@@ -755,5 +759,8 @@ def test_merged_takes_the_model_profiles_trust_remote_code(custom_code_model, ti
         manifest.write_text(json.dumps(m))
         evaluate(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs), "--model_config",
                               str(tiny_models["llama"]), "--max_new_tokens", "4", "--gold_judge", ""]))
+        capsys.readouterr()
         publish.main(publish.PublishArgs(dry_run=True, merged=True), RunArgs(run="t", runs_dir=str(runs)))
+        noted = [line for line in capsys.readouterr().err.splitlines() if "merged/ stores" in line]
+        assert noted == ([merged_error_line("ppo", 0.05)] if trusted else []), noted
     assert seen == [("auto", True), ("auto", False)]

@@ -184,3 +184,47 @@ def test_a_launch_that_times_out_is_killed_with_the_ranks_it_started_in_their_ow
     rank = int(rank_pid.read_text())
     assert not waiter.is_alive() and outcome == ["timed out"]
     assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_resumed_runs_loss_is_the_mean_over_every_step_by_hand():
+    """whole_run_loss: logged means of 1.0 (steps 1-2) and 0.5 (steps 3-4) before the checkpoint at step 4, then this
+    call's 0.2 over steps 5-6: (2 x 1.0 + 2 x 0.5 + 2 x 0.2) / 6. Logs that stop short of the checkpoint (logging by
+    epoch, or steps off the checkpoints) cover some of its steps only: None, not a wrong mean."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from stages.resume import whole_run_loss
+
+    def trainer(logged, steps):
+        return SimpleNamespace(state=SimpleNamespace(log_history=[{"loss": v, "step": s} for s, v in logged],
+                                                     global_step=steps))
+
+    result = SimpleNamespace(training_loss=0.2)
+    checkpoint = Path("trainer/checkpoint-4")
+    assert whole_run_loss(trainer([(2, 1.0), (4, 0.5), (6, 0.2)], 6), result, checkpoint) == round(3.4 / 6, 4)
+    assert whole_run_loss(trainer([(2, 1.0), (4, 0.5)], 6), result, None) == 0.2  # not resumed: this call's own
+    assert whole_run_loss(trainer([(3, 1.0)], 6), result, checkpoint) is None  # steps 4 not covered
+    assert whole_run_loss(trainer([(2, 1.0), (4, 0.5)], 4), result, checkpoint) is None  # nothing trained since
+
+
+def test_each_epoch_of_length_grouped_batches_has_its_own_order_from_the_seed():
+    """seed_length_grouped_epochs: epoch e's order is drawn from seed + e, so epochs differ from each other, and the
+    same epoch (a resumed run's) has the same order again."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from stages.resume import seed_length_grouped_epochs
+
+    lengths = [5, 9, 3, 7, 1, 8, 2, 6, 4, 10, 11, 12] * 4
+    trainer = SimpleNamespace(args=SimpleNamespace(seed=42), state=SimpleNamespace(epoch=0.0),
+                              _get_train_sampler=lambda *a, **k: LengthGroupedSampler(4, lengths=lengths))
+    seed_length_grouped_epochs(trainer)
+    orders = {}
+    for epoch in (0.0, 1.0, 0.0):
+        trainer.state.epoch = epoch
+        order = list(trainer._get_train_sampler())
+        assert sorted(order) == list(range(len(lengths)))
+        orders.setdefault(epoch, order)
+        assert orders[epoch] == order
+    assert orders[0.0] != orders[1.0]

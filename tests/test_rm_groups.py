@@ -218,6 +218,28 @@ def test_a_step_is_the_mean_over_its_pairs_however_its_prompts_are_accumulated(t
     assert one_a_batch["eval_accuracy"] == figures["eval_accuracy"] and figures["eval_accuracy"] in (0, .25, .5, .75, 1)
 
 
+def test_the_logged_training_figures_by_hand(tiny_models):
+    """The step's logged mean reward (over its 8 distinct responses), margin and accuracy (over its 4 pairs), from the
+    same fresh model's score of each sequence alone."""
+    from pipeline.models import load_base, load_tokenizer, profile_from
+    from tests.rm_group_step_check import one_step, step_rows
+
+    _, _, _, figures = one_step(str(tiny_models["llama"]), batch=2, accumulation=1)
+    profile = profile_from(str(tiny_models["llama"]))
+    torch.manual_seed(0)  # one_step's fresh head
+    model = load_base(profile, load_tokenizer(profile), kind="score").eval()
+    with torch.no_grad():
+        score = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, 0].item()  # noqa: E731
+        rows = step_rows()
+        responses = {tuple(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")}
+        diffs = [score(r["chosen_ids"]) - score(r["rejected_ids"]) for r in rows]
+        mean_reward = sum(score(list(x)) for x in responses) / len(responses)
+    assert len(responses) == 8 and len(diffs) == 4
+    assert figures["mean_reward"] == pytest.approx(mean_reward, abs=1e-5)
+    assert figures["margin"] == pytest.approx(sum(diffs) / 4, abs=1e-5)
+    assert figures["accuracy"] == sum(d > 0 for d in diffs) / 4
+
+
 @pytest.mark.slow
 def test_a_step_on_two_ranks_is_the_mean_over_all_their_pairs(tiny_models, tmp_path):
     """One prompt a rank (1 pair and 3 pairs): the update of one process given both prompts in one batch, where the
@@ -233,7 +255,8 @@ def test_a_step_on_two_ranks_is_the_mean_over_all_their_pairs(tiny_models, tmp_p
     assert got["world"] == 2 and whole.abs().max() > 1e-3
     torch.testing.assert_close(got["update"], whole, atol=1e-6, rtol=1e-5)
     assert got["loss"] == pytest.approx(loss, abs=1e-6)
-    # the logged training figures and the held-out loss and accuracy are over all 4 pairs too, not each rank's own
+    # the logged training figures (4 pairs) and the held-out loss and accuracy (5 pairs in 3 batches: the second rank
+    # scores a padding batch, weighted 0) are over all the pairs too, not each rank's own
     # mean averaged (accuracy 0.5 against 0.25, held-out loss 0.97 against 1.28, in a reviewer's case)
     assert got["figures"].keys() == figures.keys()
     for key, value in figures.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import parse
+from pipeline.config import ConfigError, parse
 from pipeline.run import check_launched_folder, main_guard
 from tests.conftest import REPO
 from tests.fake_upstream import build_upstream
@@ -59,11 +59,39 @@ def files(tmp: Path) -> dict[str, str]:
         "long_chats": write_jsonl(tmp / "long_chats.jsonl", [{"messages": [{**CHAT[0], "content": f"Say hi, {i}."},
                                                                           {**CHAT[1], "content": "hi " * 700}]}
                                                              for i in range(8)]),
+        # long in held-out rows only, and in the rejected reply: the checks read both splits and both replies
+        "long_held_out_chats": write_jsonl(tmp / "long_held_out_chats.jsonl", held_out_long_chats()),
+        "long_held_out_prefs": write_jsonl(tmp / "long_held_out_prefs.jsonl", held_out_long_prefs()),
         "long_prefs": write_jsonl(tmp / "long_prefs.jsonl", [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
                                                               "chosen": [{"role": "assistant", "content": "yes " * 700}],
                                                               "rejected": [{"role": "assistant", "content": "Bad."}]}
                                                              for i in range(8)]),
     }
+
+
+def held_out_long_chats() -> list[dict]:
+    """16 conversations, of which the 4 that SFT holds out (eval_fraction 0.25, seed 42: datasets' seeded split by row)
+    have a reply of 700 words."""
+    from datasets import Dataset
+
+    rows = [{"messages": [{**CHAT[0], "content": f"Say hi, {i}."}, CHAT[1]]} for i in range(16)]
+    held_out = {r["messages"][0]["content"] for r in
+                Dataset.from_list(rows).train_test_split(test_size=0.25, seed=42)["test"]}
+    return [{"messages": [r["messages"][0], {**CHAT[1], "content": "hi " * 700}]}
+            if r["messages"][0]["content"] in held_out else r for r in rows]
+
+
+def held_out_long_prefs() -> list[dict]:
+    """16 prompts' pairs, of which the 4 prompts the reward model and DPO hold out (eval_fraction 0.25, seed 42: the
+    prompts' JSON sorted, shuffled by random.Random(42), the first quarter) have a rejected reply of 700 words."""
+    import random
+
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(16)]
+    keys = sorted(json.dumps(p, sort_keys=True) for p in prompts)
+    random.Random(42).shuffle(keys)
+    return [{"prompt": p, "chosen": [{"role": "assistant", "content": "A good answer."}],
+             "rejected": [{"role": "assistant", "content": "no " * 700 if json.dumps(p, sort_keys=True) in keys[:4]
+                           else "Bad."}]} for p in prompts]
 
 
 SFT = ["--config", "configs/sft.yaml", "--dataset_name", "{chats}", "--max_steps", "1", "--per_device_train_batch_size", "2",
@@ -79,6 +107,8 @@ CASES = [
     ("rm-non-utf8", "stages.rm", RM + ["--dataset_name", "{bad_utf8}"], ["bad_utf8.jsonl line 1", "UTF-8"]),
     ("ppo-non-utf8", "stages.ppo", PPO + ["--dataset_name", "{bad_utf8}"], ["bad_utf8.jsonl line 1", "UTF-8"]),
     ("pairs-non-utf8", "stages.pairs", PAIRS + ["--dataset_name", "{bad_utf8}"], ["bad_utf8.jsonl line 1", "UTF-8"]),
+    ("sft-eval-with-nothing-held-out", "stages.sft", SFT + ["--eval_fraction", "0", "--eval_strategy", "steps"],
+     ["eval_strategy steps evaluates held-out rows, but eval_fraction is 0"]),
     ("sft-batch-0", "stages.sft", SFT + ["--per_device_train_batch_size", "0"], ["--per_device_train_batch_size", ">= 1"]),
     ("sft-lr-negative", "stages.sft", SFT + ["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
     ("sft-grad-accum-0", "stages.sft", SFT + ["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),
@@ -145,6 +175,16 @@ CASES = [
      ["training rows of up to ", "max_length 900", "the base model's 512 positions", "--max_length 512 or less"]),
     ("rm-past-the-positions", "stages.rm", RM + ["--dataset_name", "{long_prefs}", "--max_length", "900"],
      ["training rows of up to ", "max_length 900", "the base model's 512 positions", "--max_length 512 or less"]),
+    ("sft-held-out-past-the-positions", "stages.sft", SFT + ["--dataset_name", "{long_held_out_chats}", "--max_length",
+                                                             "900", "--eval_fraction", "0.25"],
+     ["training rows of up to ", "max_length 900", "the base model's 512 positions"]),
+    ("rm-held-out-past-the-positions", "stages.rm", RM + ["--dataset_name", "{long_held_out_prefs}", "--max_length",
+                                                          "900", "--eval_fraction", "0.25"],
+     ["training rows of up to ", "max_length 900", "the base model's 512 positions"]),
+    ("dpo-held-out-past-the-positions", "stages.dpo", ["--config", "configs/dpo.yaml", "--dataset_name",
+                                                       "{long_held_out_prefs}", "--max_length", "900", "--max_steps", "1",
+                                                       "--eval_fraction", "0.25"],
+     ["training rows of up to ", "max_length 900", "the base model's 512 positions"]),
     ("dpo-past-the-positions", "stages.dpo", ["--config", "configs/dpo.yaml", "--dataset_name", "{long_prefs}",
                                               "--max_length", "900", "--max_steps", "1"],
      ["training rows of up to ", "max_length 900", "the base model's 512 positions", "--max_length 512 or less"]),
@@ -258,7 +298,7 @@ def test_an_adapter_of_a_base_with_another_shape_is_refused_naming_what_differs(
     no embedding), and then scores other tokens: every shape of the base is part of its fingerprint."""
     from transformers import AutoConfig
 
-    from pipeline.config import ConfigError, load_model_profile
+    from pipeline.config import load_model_profile
     from pipeline.models import check_adapter, save_fingerprint
 
     base = AutoConfig.from_pretrained(load_model_profile(tiny_models["llama"]).name_or_path)
@@ -372,7 +412,7 @@ def test_a_training_row_is_checked_against_the_bases_positions_as_the_trainer_wi
     from types import SimpleNamespace
 
     from pipeline.config import ConfigError
-    from pipeline.models import check_training_length
+    from pipeline.models import check_context, check_training_length
 
     gpt2 = SimpleNamespace(n_positions=512)
     for max_length, longest in ((900, 700), (600, None), (None, 600), (513, 513)):
@@ -381,3 +421,7 @@ def test_a_training_row_is_checked_against_the_bases_positions_as_the_trainer_wi
     for max_length, longest in ((400, 700), (900, 300), (512, 900), (None, None), (None, 512)):
         check_training_length(gpt2, max_length, longest)
     check_training_length(SimpleNamespace(), 5000, 5000)
+    # a sampled prompt and its reply: 512 positions (0-511) fit, 513 do not
+    check_context(gpt2, 500, 12, "--max_new_tokens", "--max_prompt_tokens")
+    with pytest.raises(ConfigError, match="make 513 positions, more than the base model's 512"):
+        check_context(gpt2, 500, 13, "--max_new_tokens", "--max_prompt_tokens")
