@@ -391,7 +391,25 @@ class StageRun:
         }
         atomic_write_json(self.manifest_path, manifest)
         (self.dir / STARTED).unlink(missing_ok=True)
+        print(finished_line(self.stage, self.dir, manifest["outputs"], manifest["wall_time_s"]), flush=True)
         return manifest
+
+
+def finished_line(stage: str, folder: Path, outputs: dict[str, str], wall_s: float) -> str:
+    """The stage's last console line: where its outputs are (the console named none: a user looked for the adapter,
+    and for eval's report, in the manifest). Each output under the stage's folder, by its first part there (a plot
+    folder once); the rest (the base, the label store) are inputs it names."""
+    names = []
+    for value in outputs.values():
+        try:
+            rel = Path(value).relative_to(folder)
+        except ValueError:
+            continue
+        name = rel.parts[0] + ("/" if len(rel.parts) > 1 or (folder / rel).is_dir() else "") if rel.parts else ""
+        if name and name not in names:
+            names.append(name)
+    shown = os.path.relpath(folder) if folder.resolve().is_relative_to(Path.cwd().resolve()) else str(folder)
+    return f"{stage}: done in {wall_s:.0f} s; outputs in {shown}/" + (f": {', '.join(names)}" if names else "")
 
 
 # A disk that refuses a write is the user's to fix, like bad input: one line naming the path and the fix.

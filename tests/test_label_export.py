@@ -225,7 +225,8 @@ def sample_pairs(runs_dir, run: str, pair_ids: list[str], tag: str) -> None:
     stage = StageRun("pairs", run, str(runs_dir))
     stage.prepare({"tag": tag})
     datasets.Dataset.from_list([pair(p) for p in pair_ids]).save_to_disk(str(stage.dir / f"dataset-{tag}"))
-    stage.finish({"dataset": stage.dir / f"dataset-{tag}"}, {"policy": f"policy {tag}"}, {"tag": tag})
+    stage.finish({"dataset": stage.dir / f"dataset-{tag}"}, {"policy": f"/home/me/models/base-{tag} + /home/me/runs/sft"},
+                 {"tag": tag})
 
 
 def test_labels_of_pairs_from_an_earlier_pairs_dataset_stay_out_unless_kept(runs_dir, monkeypatch):
@@ -256,6 +257,9 @@ def test_labels_of_pairs_from_an_earlier_pairs_dataset_stay_out_unless_kept(runs
 
     metrics, rows = export()
     assert rows == [("a", "a zero"), ("b", "b one")] and metrics["earlier_pairs_labels"] == 0
+    card = (runs_dir / "r/label-export/README.md").read_text()  # the Hub's copy names no path of this machine
+    assert "- **Pairs**: sampled by `make pairs` from this run's SFT policy (base: `base-v1`)." in card
+    assert "/home/me" not in card
     assert is_current("label-export", argv) == (True, "")
 
     sample_pairs(runs_dir, "r", ["b", "c"], "v2")  # sampled again; b comes back (same pair_id), a does not
@@ -320,6 +324,32 @@ def test_the_dataset_card_shows_annotator_names_as_they_are(runs_dir):
              for row in re.findall(r"<tr>(.*?)</tr>", table.split("</tbody>")[0], re.S)]
     assert sorted(c[0] for c in cells) == sorted(NAMES_THAT_LOOK_LIKE_MARKUP) and all(len(c) == 2 for c in cells)
     assert not re.search(r"<(img|em|strong|a|h1)\b", table)
+
+
+def test_the_dataset_card_says_what_simulated_annotators_are_and_shows_people_their_guidelines(runs_dir):
+    """Three sentiment judges' labels went out under "Guidelines shown to annotators" and people's helpful / honest /
+    harmless guidelines: simulated annotators were shown none, and the card now says what they are; a store with
+    people's labels too keeps the guidelines people saw."""
+    from stages.label.config import LabelArgs
+    from stages.label.export import aggregate, dataset_card
+
+    store = LabelStore(db_path(str(runs_dir), "c"), overlap=4)
+    store.import_items([{"pair_id": "p", "prompt": [{"role": "user", "content": "Hi."}], "responses": ["a", "b"]}])
+    for name in ("sim:sentiment-1", "sim:sentiment-2", "sim:sentiment-3"):
+        store.save_label(name, "p", "left", 0)
+
+    def card():
+        labels = store.labels()
+        rows, dropped = aggregate(labels, "drop", "drop", 0.0)
+        return dataset_card(rows, labels, dropped, LabelArgs(), "Be kind.", "x")
+
+    simulated = card()
+    assert "## Guidelines shown to annotators" not in simulated and "Be kind." not in simulated
+    assert "## Simulated annotators\n\nThe `sim:` annotators are not people: `make simulate` labels each pair with a " \
+           "gold judge (sentiment: VADER's compound sentiment of the reply, from -1 to 1)" in simulated
+    store.save_label("alice", "p", "right", 0)
+    both = card()
+    assert "## Simulated annotators" in both and both.endswith("## Guidelines shown to annotators\n\nBe kind.\n")
 
 
 def test_people_labels_are_exported_instead_of_simulated_ones_unless_asked(runs_dir):

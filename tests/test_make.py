@@ -633,6 +633,24 @@ def test_a_launch_leaves_no_lock_file_behind(tmp_path):
     assert res.returncode == 0 and ran(runs) == ["sft"] and not lock_file.exists(), res.stderr
 
 
+def test_each_stage_ends_by_naming_where_its_outputs_are(tmp_path, monkeypatch):
+    """The console never said where a stage's outputs went (the adapter, eval's report): its last line names the
+    stage's folder (relative to where make runs) and each output in it, once (a folder of plots once); paths outside
+    it (the base, the label store) are inputs, not listed."""
+    from pipeline.run import finished_line
+
+    res = make("sft", runs_dir=tmp_path / "runs")
+    assert res.returncode == 0 and re.search(rf"^sft: done in \d+ s; outputs in {tmp_path}/runs/t/sft/$", res.stdout,
+                                              re.M), res.stdout
+    folder = tmp_path / "runs" / "t" / "eval"
+    (folder / "plots").mkdir(parents=True)
+    outputs = {"report": folder / "report.md", "plot_a": folder / "plots" / "a.png", "plot_b": folder / "plots" / "b.png",
+               "base_model": tmp_path / "models" / "tiny", "members": '["x"]', "report_json": folder / "report.json"}
+    monkeypatch.chdir(tmp_path)
+    assert finished_line("eval", folder, {k: str(v) for k, v in outputs.items()}, 41.4) == (
+        "eval: done in 41 s; outputs in runs/t/eval/: report.md, plots/, report.json")
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -174,10 +174,25 @@ empty, the majority among the winning votes), `agreement` (share of votes for th
 |---|---:|
 {people}
 
-## Guidelines shown to annotators
+{guidelines_section(s["annotators"], guidelines)}"""
 
-{guidelines}
-"""
+
+def guidelines_section(annotators, guidelines: str) -> str:
+    """The guidelines people were shown; simulated annotators (`sim:<judge>[-k]`) were shown none: the card says what
+    they stand in for instead (it listed people's helpful/honest/harmless guidelines for three sentiment judges)."""
+    judges = sorted({name[len("sim:"):].rsplit("-", 1)[0] if name[len("sim:"):].rsplit("-", 1)[-1].isdigit()
+                     else name[len("sim:"):] for name in annotators if is_simulated(name)})
+    simulated = ""
+    if judges:
+        simulated = (f"## Simulated annotators\n\nThe `sim:` annotators are not people: `make simulate` labels each pair "
+                     f"with a gold judge ({', '.join(markdown_literal(j) for j in judges)}"
+                     f"{': VADER' + chr(39) + 's compound sentiment of the reply, from -1 to 1' if judges == ['sentiment'] else ''}"
+                     f"), preferring the reply it scores higher through a "
+                     f"noisy Bradley-Terry choice (configs/simulate.yaml; by default calibrated to agree with the judge "
+                     f"about as often as people agree with each other). They are shown no guidelines.\n")
+    if all(is_simulated(name) for name in annotators) and annotators:
+        return simulated
+    return simulated + ("\n" if simulated else "") + f"## Guidelines shown to annotators\n\n{guidelines}\n"
 
 
 def check_online(repo: str) -> None:
@@ -279,8 +294,10 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         return json.loads(stage.manifest_path.read_text())["metrics"]
     guidelines = read_guidelines(args.guidelines)
     pairs_source = args.pairs_dataset or "the pairs stage of this run"
-    if "pairs" in stage.upstream:
-        pairs_source = f"sampled by `make pairs` from {stage.upstream['pairs']['metrics'].get('policy', 'the SFT policy')}"
+    if "pairs" in stage.upstream:  # the base by name, not the path it has here (the card goes to the Hub)
+        base = str(stage.upstream["pairs"]["metrics"].get("policy", "")).split(" + ")[0]
+        shown = Path(base).name if base and os.path.isabs(base) else base
+        pairs_source = "sampled by `make pairs` from this run's SFT policy" + (f" (base: `{shown}`)" if shown else "")
 
     new = stage.dir.with_name(f".{stage.dir.name}.new-{os.getpid()}")  # becomes stage.dir once complete
     shutil.rmtree(new, ignore_errors=True)
