@@ -50,6 +50,11 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Progress bars into a log (make ... 2>&1 | tee log, CI): tqdm redraws each bar up to ten times a second, and a log
+# keeps every redraw (80% of a default run's log). There, one redraw each 10 s (and the last); a terminal as tqdm has it.
+ifeq (,$(TQDM_MININTERVAL)$(shell [ -t 2 ] && echo terminal))
+export TQDM_MININTERVAL = 10
+endif
 
 # Two CPU processes: accelerate's multi-GPU launcher with every rank on the CPU (configs/accelerate/cpu2.yaml).
 ifneq (,$(findstring cpu2.yaml,$(ACCELERATE_CONFIG)))

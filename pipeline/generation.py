@@ -166,7 +166,12 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) \
         if cfg.temperature > 0 else dict(do_sample=False)
     starts = list(range(0, len(prompt_token_ids), cfg.generation_batch_size))
-    bar = tqdm(total=len(starts), desc="generate", disable=not progress, dynamic_ncols=True)
+    # One bar, the main process's, of the batches it runs (spread: ceil(n / world) each): every rank's bar of all the
+    # batches, on one line of a log, stopped at 26/52 and read as generation stuck half way.
+    rank, world = rank_and_world()
+    total = -(-len(starts) // world)
+    bar = tqdm(total=total, desc="generate" if world == 1 else f"generate (rank 0's {total} of {len(starts)} batches)",
+               disable=not progress or rank != 0, dynamic_ncols=True)
 
     def one_batch(b: int):
         kept = batches_store.get(b) if batches_store is not None else None

@@ -35,6 +35,17 @@ class Judge:
     score_batch: Callable[[list, list[str]], list]
 
 
+def describe_judge(spec: str) -> str:
+    """What a judge's scores are, in a few words, for the reports that show them (a gold mean of 0.675 says little
+    without its scale)."""
+    spec = spec.strip()
+    if spec == "sentiment":
+        return "VADER's compound sentiment of the reply, from -1, negative, to 1, positive"
+    if spec.startswith("rm:"):
+        return f"the score the reward model {spec[3:]} gives the reply, on its own scale"
+    return f"the score your function {spec} gives the reply"
+
+
 def sentiment_judge() -> Callable:
     """VADER (Hutto & Gilbert 2014; MIT; its lexicon ships in the wheel, so it works offline): the compound score
     of the response alone, as Ziegler et al. 2019 scored their "positive continuation" task."""

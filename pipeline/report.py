@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 
@@ -17,10 +18,12 @@ def peak_memory_mb() -> float:
 
 
 def print_table(title: str, rows: dict) -> None:
+    """A stage's figures on the console, numbers to 5 significant digits (the manifest keeps them whole)."""
     width = max(len(k) for k in rows)
     print(f"\n== {title} ==")
     for k, v in rows.items():
-        print(f"  {k.ljust(width)}  {v}")
+        shown = float(f"{v:.5g}") if isinstance(v, float) and math.isfinite(v) and abs(v) < 1e15 else v
+        print(f"  {k.ljust(width)}  {shown}")
 
 
 def finish_distributed() -> None:

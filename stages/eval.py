@@ -429,7 +429,10 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             for s in report["samples"]:
                 f.write(json.dumps({"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]],
                                     "policies": ["sft", "ppo"]}) + "\n")
-    print_table("eval", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items() if k != "comparison"})
+    # the gold figures first (the measure PPO did not optimise; `win_rate` is the reward model's), none left empty
+    shown = sorted((k for k, v in figures.items() if k != "comparison" and v is not None),
+                   key=lambda k: not k.startswith("gold"))
+    print_table("eval", {k: (round(figures[k], 4) if isinstance(figures[k], float) else figures[k]) for k in shown})
     for flag in report.get("flags", []):
         print(f"warning: {flag}")
     stage.finish({"report": stage.dir / "report.md", "report_json": stage.dir / "report.json", **outputs,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, resolve_path
 from pipeline.data import jsonl_objects
+from pipeline.judges import describe_judge
 from stages.eval_compare import describe, overoptimisation_flag, same_replies, wilson, win_rate
 
 if TYPE_CHECKING:
@@ -165,15 +166,23 @@ def gold_figures(gold: dict) -> dict:
             "gold_curve_points": len(gold["curve"]), "overoptimisation_suspected": gold["flag"] is not None}
 
 
+def counts_text(w: dict) -> str:
+    """A win rate's counts in words: "81 wins, 1 loss", and its ties only when there are some."""
+    plural = lambda n, one, many: f"{n} {one if n == 1 else many}"  # noqa: E731
+    return ", ".join([plural(w["wins"], "win", "wins"), plural(w["losses"], "loss", "losses")]
+                     + ([plural(w["ties"], "tie", "ties") + " counted half"] if w["ties"] else []))
+
+
 def gold_markdown(gold: dict, figures: dict) -> list[str]:
     w, rm_h, rm_p = gold["win_rate"], gold["rm_agreement_heldout_pairs"], gold["rm_agreement_policy_samples"]
     pct = lambda v: f"{v:.1%}" if v is not None else "–"  # noqa: E731
     lines = ["## Gold judge", "",
-             f"Judge `{gold['judge']}`: not the reward model PPO optimised, so it measures learning independently.", "",
+             f"Judge `{gold['judge']}` ({describe_judge(gold['judge'])}): not the reward model PPO optimised, so it "
+             f"measures learning independently.", "",
              "| | SFT | PPO |", "|---|---|---|",
              f"| gold score (mean) | {figures['gold_sft_mean']:.3f} | {figures['gold_ppo_mean']:.3f} |", "",
              f"**Gold win rate of PPO over SFT: {w['rate']:.1%}** (95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, "
-             f"Wilson; {w['wins']} wins, {w['ties']} ties counted half, {w['losses']} losses).", "",
+             f"Wilson; {counts_text(w)}).", "",
              f"Reward model agrees with the gold on {pct(rm_h['agreement'])} of its held-out pairs whose gold scores "
              f"differ ({rm_h['pairs']} pairs), and on {pct(rm_p['agreement'])} of the SFT-vs-PPO pairs above "
              f"({rm_p['pairs']} pairs).", "",
@@ -210,18 +219,21 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
              f"| reward (median) | {report['reward']['sft']['median']:.3f} | {report['reward']['ppo']['median']:.3f} |",
              f"| response length (tokens, mean) | {f['length_sft_mean']:.1f} | {f['length_ppo_mean']:.1f} |",
              f"| share without EOS | {f['no_eos_sft']:.1%} | {f['no_eos_ppo']:.1%} |",
-             f"| KL to the SFT reference (nats/response) | 0 | {f['kl_mean']:.3f} |", "",
-             f"**Win rate of PPO over SFT under the reward model: {w['rate']:.1%}** "
-             f"(95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, Wilson; {w['wins']} wins, {w['ties']} ties counted half, "
-             f"{w['losses']} losses).", ""]
+             f"| KL to the SFT reference (nats/response) | 0.000 | {f['kl_mean']:.3f} |", ""]
+    if report.get("gold"):  # the measure PPO did not optimise first; the reward model's own verdict after it
+        lines += gold_markdown(report["gold"], f)
+    if report.get("gold"):
+        lines += ["## Under the reward model", ""]
+    lines += [f"**Win rate of PPO over SFT under the reward model: {w['rate']:.1%}** "
+              f"(95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, Wilson; {counts_text(w)})"
+              + (": the proxy PPO was trained to raise, so high by construction; the gold win rate above is the "
+                 "measure of learning." if report.get("gold") else "."), ""]
     h = report.get("human")
     lines += [f"**Win rate judged by people: {h['rate']:.1%}** (95% CI {h['ci_low']:.1%} – {h['ci_high']:.1%}; "
               f"{h['pairs']} pairs, each counted once: the mean of its labels, {h['labels']} in all)." if h else
               f"Win rate judged by people: none yet. To get one, label the SFT-vs-PPO pairs of human_pairs.jsonl "
               f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
               f"then `make eval RUN={report['run']} FORCE=1`: it reads the labels back.", ""]
-    if report.get("gold"):
-        lines += gold_markdown(report["gold"], f)
     lines += ["## Reward hacking check", ""]
     c = report.get("comparison", {})
     ratio = f"{c['hacking_length_ratio']:g} times the" if "hacking_length_ratio" in c else "a multiplied"

@@ -32,7 +32,7 @@ from huggingface_hub import HfApi
 from pipeline.adapters import reward_members
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, resolve_path, to_dict
 from pipeline.models import FINGERPRINT_FILE
-from pipeline.run import StageRun, main_guard, manifest_digest
+from pipeline.run import StageRun, main_guard, manifest_digest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
 from stages.publish_card import check_card, data_files_used, data_sources, given_reward, hub_base, model_card, ships_base
 
@@ -388,7 +388,11 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         dataset_folder = stage.dir / "dataset"
         dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run)
 
-    # 3. The card, from the manifests
+    # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
+    if dataset_sources is None and "label-export" in rm.get("upstream", {}):
+        exported = stage_dir(run.runs_dir, run.run, "label-export") / "manifest.json"
+        if exported.is_file():
+            dataset_sources = json.loads(exported.read_text()).get("metrics", {}).get("sources")
     manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
     sources = data_sources(data_files_used(manifests, base))
     card = model_card(args, repo, run.run, manifests, base, base_ref, sources, extras, dataset_repo, dataset_sources)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.adapters import read_pooling
 from pipeline.config import REPO_ROOT, ConfigError
+from pipeline.judges import describe_judge
 from stages.eval_compare import policy_method
 
 if TYPE_CHECKING:
@@ -142,11 +143,14 @@ def fmt(v) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
+EXAMPLE_PROMPT = "Tell me a short story about a rabbit."
+
+
 def ppo_results(ev: dict) -> list[str]:
     """The card's results for the PPO policy: eval's SFT-vs-PPO figures."""
     gold = ev.get("gold_win_rate") is not None
-    judged = (f"scored by the gold judge `{ev['gold_judge']}`, which PPO never saw, and by the run's reward model, which it "
-              "optimised" if gold else "scored by the run's reward model")
+    judged = (f"scored by the gold judge `{ev['gold_judge']}` ({describe_judge(ev['gold_judge'])}), which PPO never saw, "
+              "and by the run's reward model, which it optimised" if gold else "scored by the run's reward model")
     lines = [f"{ev['n_prompts']} prompts PPO never trained on; one sampled response per policy, {judged}.", "",
              "| | SFT (reference) | PPO (this adapter) |", "|---|---|---|",
              *([f"| gold judge score (mean) | {ev['gold_sft_mean']:.3f} | {ev['gold_ppo_mean']:.3f} |"] if gold else []),
@@ -254,7 +258,9 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
                   f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo}\")  # downloads the base, {base}",
                   f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")"]
-    lines += ["messages = [{\"role\": \"user\", \"content\": \"Tell me a short story about a rabbit.\"}]",
+    # a prompt of the task it was trained for (SFT's first sample prompt: the story recipe's opening of a book)
+    example = ((manifests["sft"].get("config") or {}).get("sft", {}).get("sample_prompts") or [EXAMPLE_PROMPT])[0]
+    lines += [f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(example, ensure_ascii=False)}}}]",
               "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
               "out = model.generate(**ids, max_new_tokens=64, do_sample=True, temperature=0.7)",
               "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", ""]
@@ -272,9 +278,11 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines.append(f"| {stage} | " + ("; ".join(f"`{k}`={fmt(v)}" for k, v in hp.items()).replace("|", "\\|") or "defaults") + " |")
     summary = (f"DPO: held-out preference accuracy {fmt(trained.get('eval_accuracy'))}." if method == "dpo" else
                f"{method.upper()}: {trained.get('updates', '?')} updates, reward {fmt(trained.get('reward_first'))} → "
-               f"{fmt(trained.get('reward_last'))}, final KL {fmt(trained.get('kl_last'))}. Reward model: "
-               + (f"`{Path(given).name}`, given as `reward_adapter`." if given else
-                  f"eval accuracy {fmt(manifests['rm']['metrics'].get('eval_accuracy'))}."))
+               f"{fmt(trained.get('reward_last'))} (the reward model's, means of the first and last tenth of the "
+               f"updates), KL {fmt(trained.get('kl_last'))} at the last update (held out: the table above). Reward "
+               f"model: " + (f"`{Path(given).name}`, given as `reward_adapter`." if given else
+                             f"accuracy {fmt(manifests['rm']['metrics'].get('eval_accuracy'))} on the held-out pairs of "
+                             f"its own labels."))
     lines += ["", summary + " Software: " + ", ".join(f"{k} {v}" for k, v in manifests[args.policy].get("versions", {}).items())
               + ".", "",
               "## Data", "", "| data | used by | source | license |", "|---|---|---|---|"]
@@ -282,6 +290,9 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines.append(f"| `{s['name']}` | {', '.join(sorted(s['stages']))} | {s['url'] or '—'} | {s['license']} |")
     if dataset_repo:
         lines.append(f"| [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}) | rm | {WHOSE[dataset_sources or 'people'].short} of this run | {args.dataset_license} |")
+    elif dataset_sources in WHOSE:  # the reward model's labels, not published (--include_dataset publishes them)
+        lines.append(f"| this run's preference labels (`make label-export`; not published) | rm | "
+                     f"{WHOSE[dataset_sources].short} of this run | — |")
     lines += ["", "## Intended use and limits", "",
               "For research on and demonstrations of RLHF: comparing policies, studying reward models and PPO. Not for "
               "decisions about people or for unsupervised use in products. The policy is optimised against a learned reward "

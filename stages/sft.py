@@ -331,7 +331,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
         }
         print_table("SFT", {k: v for k, v in metrics.items() if k != "loss_curve"})
         for s in samples:
-            print(f"\n>>> {s['prompt']}\n  before: {s['before'][:120]!r}\n  after:  {s['after'][:120]!r}")
+            cut = lambda t: repr(t[:120]) + (" …" if len(t) > 120 else "")  # noqa: E731 (samples.json has them whole)
+            print(f"\n>>> {s['prompt']}\n  before: {cut(s['before'])}\n  after:  {cut(s['after'])}")
         stage.finish({"adapter": adapter_dir, "samples": stage.dir / "samples.json", "base_model": base_path},
                      metrics, config)
         drop_checkpoints(Path(train_cfg.output_dir))

@@ -611,6 +611,7 @@ def test_report_md_states_the_intervals_report_json_holds(eval_dir):
     """Each win rate's line in report.md shows its own Wilson interval, low end first: the interval of (wins + ties/2)
     of n, from report.json's counts."""
     from pipeline.stats import wilson
+    from stages.eval_ppo import counts_text
 
     report = json.loads((eval_dir / "report.json").read_text())
     md = (eval_dir / "report.md").read_text()
@@ -619,8 +620,19 @@ def test_report_md_states_the_intervals_report_json_holds(eval_dir):
                      ("Gold win rate of PPO over SFT", report["gold"]["win_rate"])):
         low, high = wilson(w["wins"] + 0.5 * w["ties"], n)
         assert (w["ci_low"], w["ci_high"]) == (low, high) and low < w["rate"] < high
-        assert f"**{label}: {w['rate']:.1%}** (95% CI {low:.1%} – {high:.1%}, Wilson; {w['wins']} wins, " \
-               f"{w['ties']} ties counted half, {w['losses']} losses)." in md
+        assert f"**{label}: {w['rate']:.1%}** (95% CI {low:.1%} – {high:.1%}, Wilson; {counts_text(w)})" in md
+    # the gold first, its judge's scale said; the reward model's own verdict after it, called the proxy
+    assert md.index("**Gold win rate") < md.index("**Win rate of PPO over SFT under the reward model")
+    assert "Judge `sentiment` (VADER's compound sentiment of the reply, from -1, negative, to 1, positive)" in md
+    assert "the proxy PPO was trained to raise" in md
+
+
+def test_a_win_rates_counts_read_as_words():
+    from stages.eval_ppo import counts_text
+
+    assert counts_text({"wins": 81, "ties": 0, "losses": 1}) == "81 wins, 1 loss"
+    assert counts_text({"wins": 1, "ties": 1, "losses": 2}) == "1 win, 2 losses, 1 tie counted half"
+    assert counts_text({"wins": 72, "ties": 3, "losses": 0}) == "72 wins, 0 losses, 3 ties counted half"
 
 
 def test_report_samples_sets_the_table_rows_and_report_json_keeps_all(eval_dir):
@@ -733,7 +745,7 @@ def test_the_ppo_sections_tables_by_hand(tmp_path):
     # rewards SFT 0, 0, 0, 1 (mean 0.25, pstdev 0.433, median 0); PPO 1, 2, 3, 0 (mean 1.5, pstdev 1.118, median 1.5)
     for row in ("| reward (mean ± std) | 0.250 ± 0.433 | 1.500 ± 1.118 |", "| reward (median) | 0.000 | 1.500 |",
                 "| response length (tokens, mean) | 6.5 | 10.5 |", "| share without EOS | 0.0% | 25.0% |",
-                "| KL to the SFT reference (nats/response) | 0 | 4.000 |", "| gold score (mean) | 0.075 | 0.200 |",
+                "| KL to the SFT reference (nats/response) | 0.000 | 4.000 |", "| gold score (mean) | 0.075 | 0.200 |",
                 "| 0 | sft | 0.000 | 0.250 | 0.075 |", "| 11 | ppo (final) | 2.000 | 1.500 | 0.200 |"):
         assert row in lines, row
     rows = [x for x in lines if x.startswith("| Question ")]

@@ -854,6 +854,25 @@ def test_threads_per_process_share_out_the_cores_and_wait_passively():
         os.environ.pop("OMP_NUM_THREADS") if saved is None else os.environ.__setitem__("OMP_NUM_THREADS", saved)
 
 
+def test_progress_bars_into_a_log_redraw_each_ten_seconds_and_in_a_terminal_as_tqdm_has_them():
+    """A log of the default run was 80% progress-bar redraws (tqdm's 0.1 s): with stderr not a terminal (this test's,
+    a pipe), make sets one redraw each 10 s; a terminal, or the caller's own setting, is left as it is."""
+    import pty
+
+    assert make_variable("TQDM_MININTERVAL", env_drop=("TQDM_MININTERVAL",)) == "10"
+    assert make_variable("TQDM_MININTERVAL", "TQDM_MININTERVAL=0.5") == "0.5"
+    leader, follower = pty.openpty()  # stderr a terminal
+    try:
+        res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.done", "-f", "Makefile", "-f", "-",
+                              "show-var"], cwd=REPO, input="show-var:\n\t@echo [$(TQDM_MININTERVAL)]\n",
+                             stdout=subprocess.PIPE, stderr=follower, text=True, timeout=60,
+                             env={k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"})
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert res.returncode == 0 and res.stdout.strip() == "[]"
+
+
 def launch_lines(*args, env_drop=("OMP_NUM_THREADS",)) -> dict[str, str]:
     """stage -> its whole `make -n` command line (environment prefix included), with the caller's environment."""
     import os

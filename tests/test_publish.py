@@ -244,7 +244,7 @@ def test_card_leads_with_the_gold_judge_when_eval_has_one():
     gold = {"gold_judge": "sentiment", "gold_sft_mean": 0.1487, "gold_ppo_mean": 0.6385037, "gold_win_rate": 0.84146,
             "gold_win_rate_ci_low": 0.7474, "gold_win_rate_ci_high": 0.9049, "rm_gold_agreement": 0.7376, "rm_gold_pairs": 1818}
     text = "\n".join(ppo_results({**ev, **gold}))
-    assert "| gold judge score (mean) | 0.149 | 0.639 |" in text and "by the gold judge `sentiment`, which PPO never saw" in text
+    assert "| gold judge score (mean) | 0.149 | 0.639 |" in text and "by the gold judge `sentiment` (VADER's compound sentiment of the reply, from -1, negative, to 1, positive), which PPO never saw" in text
     assert "**Win rate of PPO over SFT judged by the gold judge: 84.1%** (95% CI 74.7% – 90.5%" in text
     assert "orders 73.8% of 1818 held-out pairs as the gold judge does" in text
     assert "Under the reward model PPO optimised: win rate of PPO over SFT 89.0% (95% CI 80.4% – 94.1%" in text
@@ -289,8 +289,17 @@ def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
                          "metrics": {"updates": 40, "reward_first": -0.5, "reward_last": 1.25, "kl_last": 3.5}}}
     card = model_card(PublishArgs(license="mit", dataset_license="cc-by-4.0"), "me/x", "t", manifests, "org/base",
                       "org/base", [], [], "me/x-preferences", "people")
-    assert "PPO: 40 updates, reward -0.5 → 1.25, final KL 3.5. Reward model: eval accuracy 0.71." in card
+    assert "PPO: 40 updates, reward -0.5 → 1.25 (the reward model's, means of the first and last tenth of the " \
+           "updates), KL 3.5 at the last update (held out: the table above). Reward model: accuracy 0.71 on the " \
+           "held-out pairs of its own labels." in card
     assert "| rm | human labels of this run | cc-by-4.0 |" in card and "license: mit" in card
+    # the labels not published: the row still says whose they were; the example prompt is the task's
+    manifests["sft"]["config"] = {"sft": {"sample_prompts": ['Once upon a time, "Tom" said']}}
+    card = model_card(PublishArgs(license="mit"), "me/x", "t", manifests, "org/base", "org/base", [], [], None,
+                      "simulated")
+    assert "| this run's preference labels (`make label-export`; not published) | rm | simulated annotators' labels " \
+           "(not people's) of this run | — |" in card
+    assert 'messages = [{"role": "user", "content": "Once upon a time, \\"Tom\\" said"}]' in card
 
     import datasets
     from huggingface_hub import DatasetCard
