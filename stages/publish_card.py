@@ -31,7 +31,8 @@ HOW_MADE = {  # the card's first sentence, by method (the `method` in the policy
                     "to the SFT policy",
 }
 NOT_HYPERPARAMETERS = {"save_every", "auto_resume", "resume", "report_to", "sample_every", "num_samples", "stop_after",
-                       "generation_batch_size", "forward_batch_size", "logging_steps", "model_config"}  # bookkeeping
+                       "generation_batch_size", "forward_batch_size", "logging_steps", "model_config", "sample_prompts",
+                       "sample_max_new_tokens", "progress_bar"}  # bookkeeping
 
 
 def is_local_base(base: str) -> bool:
@@ -82,6 +83,13 @@ def hyperparameters(manifest: dict) -> dict:
             if (section != "train" or k in TRAIN_KEYS) and v not in (None, "", [], {}) and not local_path \
                     and k not in NOT_HYPERPARAMETERS:
                 rows[k] = v
+    # the Trainer's length settings as they acted: max_steps > 0 overrides the epochs; -1 and 0 are "not set" (the
+    # reward models' own min_steps and max_epochs say how long they trained)
+    if isinstance(rows.get("max_steps"), int) and rows["max_steps"] > 0:
+        rows.pop("num_train_epochs", None)
+    for k in ("max_steps", "num_train_epochs"):
+        if rows.get(k) in (-1, 0):
+            rows.pop(k)
     return rows
 
 

@@ -232,6 +232,20 @@ def test_card_credits_your_own_data_not_the_bundled_files_it_replaced():
     assert hyperparameters(manifests["sft"]) == {}  # an absolute path of this box is not shown either
 
 
+def test_card_hyperparameters_are_the_settings_that_acted():
+    """max_steps > 0 overrides the epochs (SFT showed num_train_epochs=1 for 0.42 of an epoch); -1 and 0 are "not
+    set" (the reward model's, which trains by min_steps and max_epochs); sample prompts are not hyper-parameters."""
+    from stages.publish_card import hyperparameters
+
+    sft = {"config": {"sft": {"lora_r": 16, "sample_prompts": ["Once"], "sample_max_new_tokens": 48},
+                      "train": {"max_steps": 100, "num_train_epochs": 1, "learning_rate": 0.002}}}
+    rm = {"config": {"rm": {"min_steps": 100, "max_epochs": 10}, "train": {"max_steps": -1, "num_train_epochs": 0}}}
+    epochs = {"config": {"train": {"max_steps": -1, "num_train_epochs": 3}}}
+    assert hyperparameters(sft) == {"lora_r": 16, "max_steps": 100, "learning_rate": 0.002}
+    assert hyperparameters(rm) == {"min_steps": 100, "max_epochs": 10}
+    assert hyperparameters(epochs) == {"num_train_epochs": 3}
+
+
 def test_card_leads_with_the_gold_judge_when_eval_has_one():
     """A run with a gold judge: the card's headline is the win rate the gold judge gives (PPO never saw it), with the
     reward model's agreement with it; the reward model's own win rate follows, named as the one PPO optimised. Without

@@ -843,6 +843,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('card-unpublished-labels-unsaid', 'stages/publish_card.py', '    elif dataset_sources in WHOSE:', '    elif False:', 'tests/test_publish.py -k card_figures_each'),
     ('report-judge-scale-unsaid', 'stages/eval_ppo.py', 'f"Judge `{gold[\'judge\']}` ({describe_judge(gold[\'judge\'])}): not', 'f"Judge `{gold[\'judge\']}`: not', 'tests/test_eval.py -k intervals_report_json'),
     ('make-bars-redrawn-into-logs', 'Makefile', '$(shell [ -t 2 ] && echo terminal))', '$(shell echo terminal))', 'tests/test_make.py -k progress_bars_into_a_log'),
+    ('card-epochs-beside-max-steps', 'stages/publish_card.py', '        rows.pop("num_train_epochs", None)\n', '        pass\n', 'tests/test_publish.py -k settings_that_acted'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
