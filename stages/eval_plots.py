@@ -7,11 +7,14 @@ import statistics
 from pathlib import Path
 
 TRAINING_CURVES = [  # (metrics.jsonl keys, panel title): one panel each, first key solid, others dashed
-    (("reward_raw", "reward"), "reward (RM score / shaped)"),
-    (("kl", "kl_k3"), "KL to reference (nats)"),
+    (("reward_raw", "reward"), "reward (per response, batch mean)"),
+    (("kl", "kl_k3"), "KL to reference (nats/response)"),
     (("entropy",), "entropy (nats/token)"),
     (("response_length",), "response length (tokens)"),
 ]
+# What each logged key is, in the legend (a user read `reward` as the KL-shaped reward; it is the normalised score)
+CURVE_LABELS = {"reward_raw": "reward model's score", "reward": "as PPO used it (normalised, clipped, EOS penalty)",
+                "kl": "KL (k1)", "kl_k3": "KL (k3)"}
 
 
 def plot_training(ax_list, rows: list[dict]) -> None:
@@ -21,7 +24,7 @@ def plot_training(ax_list, rows: list[dict]) -> None:
             ys = [r.get(key) for r in rows]
             if any(isinstance(y, (int, float)) for y in ys):
                 ax.plot(x, [y if isinstance(y, (int, float)) else float("nan") for y in ys],
-                        linestyle="-" if j == 0 else "--", label=key)
+                        linestyle="-" if j == 0 else "--", label=CURVE_LABELS.get(key, key))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO update")
         if ax.get_legend_handles_labels()[0]:

@@ -197,7 +197,9 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
                    "ensemble": len(members), "members": member_rows,
                    "train_time_s": round(sum(m["train_time"] for m in members), 1), "peak_memory_mb": peak_memory_mb(),
                    "world_size": state.num_processes, "sharding": members[0]["sharding"], "data": data_name}
-        print_table("RM", {k: v for k, v in metrics.items()
+        title = "RM" if len(members) == 1 else (f"RM: an ensemble of {len(members)}; the held-out eval_ figures are the "
+                                                 f"ensemble's, the training ones (loss, accuracy, best) its first member's")
+        print_table(title, {k: v for k, v in metrics.items()
                            if k not in ("loss_curve", "eval_curve", "eval_by_source", "pairs_by_source", "sharding", "members")})
         for r in member_rows if len(member_rows) > 1 else []:
             print(f"  member seed {r['seed']}: held-out accuracy {r['eval_accuracy']}, best step {r['best_step']}, "

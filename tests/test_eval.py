@@ -801,7 +801,7 @@ def test_the_plots_draw_each_series_from_its_own_figures(tmp_path, monkeypatch):
     ppo = {"rewards": [5.0, 6.0, 7.0], "lengths": [8, 9, 10]}
     save_plots(rows, sft, ppo, tmp_path / "plots")
     lines = {(ax.get_title(), label): (x, y) for ax, kind, x, y, label in calls if kind == "plot"}
-    assert lines[("reward (RM score / shaped)", "reward_raw")] == ([5.0, 6.0, 7.0], pytest.approx([0.5, 0.6, 0.7]))
+    assert lines[("reward (per response, batch mean)", "reward model's score")] == ([5.0, 6.0, 7.0], pytest.approx([0.5, 0.6, 0.7]))
     assert lines[("response length (tokens)", "response_length")] == ([5.0, 6.0, 7.0], [15.0, 16.0, 17.0])
     hists = [(ax.get_xlabel(), x, label.split(" ")[0]) for ax, kind, x, _, label in calls if kind == "hist"]
     assert ("reward-model score", [0.0, 1.0, 2.0], "SFT") in hists and ("reward-model score", [5.0, 6.0, 7.0], "PPO") in hists
