@@ -298,14 +298,20 @@ class AdapterStack:
     def save(self, name: str, out_dir: str | Path) -> Path:
         """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name)."""
         import shutil
-        import tempfile
 
         out_dir = Path(out_dir)
-        with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
-            self.model.save_pretrained(tmp, selected_adapters=[name])
-            src = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # A fixed name beside the folder (the main process saves, one launch a stage folder): a save killed midway left
+        # a random tmpXXXX folder in the run for good; the next save clears it.
+        tmp = out_dir.parent / f".{out_dir.name}.saving"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.model.save_pretrained(str(tmp), selected_adapters=[name])
+            src = tmp / name if (tmp / name).is_dir() else tmp
             out_dir.mkdir(parents=True, exist_ok=True)
             for f in src.iterdir():
                 if f.is_file():
                     shutil.copy2(f, out_dir / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return out_dir

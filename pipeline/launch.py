@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.run import LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, check_launched_folder, code_changed, is_current, stage_folder
+from pipeline.run import (INTERRUPTED_EXIT, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, check_launched_folder, code_changed,
+                          is_current, stage_folder)
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
 ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+ELASTIC_AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"
 
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
@@ -71,14 +73,21 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
     # torch's launcher logs a line when it stops the other ranks (SIGTERM) and one for the rank that exited: beside bad
     # input's one `error:` line they are noise, and for a crash the ChildFailedError below says the same and more.
     logging.getLogger(ELASTIC_LOGGER).setLevel(logging.CRITICAL)
+    import torch.distributed.elastic.agent.server.api  # noqa: F401 (its import sets its logger's level: then ours)
+
+    logging.getLogger(ELASTIC_AGENT_LOGGER).setLevel(logging.ERROR)  # "Received 2 death signal" beside Ctrl-C's line
     args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
     try:
         launch_command(args)
+    except KeyboardInterrupt:  # Ctrl-C reaches the stage too, which says so in one line (pipeline.run.main_guard)
+        return INTERRUPTED_EXIT
     except subprocess.CalledProcessError as err:  # one process: the child's exit code
-        if err.returncode == CONFIG_ERROR_EXIT:
-            return CONFIG_ERROR_EXIT
+        if err.returncode in (CONFIG_ERROR_EXIT, INTERRUPTED_EXIT):
+            return err.returncode
         raise
     except Exception as err:  # several processes: torch.distributed.elastic's ChildFailedError, one entry per rank
+        if type(err).__name__ == "SignalException" and getattr(err, "sigval", None) == signal.SIGINT:
+            return INTERRUPTED_EXIT  # Ctrl-C: torch's launcher stopped the ranks, which each said so
         codes = [f.exitcode for f in (getattr(err, "failures", None) or {}).values()]
         # bad input: a rank said so (exit 2), and every other rank either said so too or was stopped by the launcher
         # (SIGTERM) while it waited to (pipeline.run.refuse). Any other exit is a crash and keeps its traceback.

@@ -450,6 +450,9 @@ LIBRARY_NOISE = [
 ]
 
 
+INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
+
+
 def main_guard(main_fn):
     """Run a stage's main(); a ConfigError, or a disk that refuses a write (full, read-only), becomes one clear line on
     stderr and exit code 2, no traceback."""
@@ -463,6 +466,11 @@ def main_guard(main_fn):
     count_cpu_ranks()
     try:
         main_fn()
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback of the library frames it landed in (26 to 38)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("interrupted: run the same command again to continue (the training stages resume from their last "
+                  "checkpoint, the sampling stages keep their finished batches)", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT)
     except ConfigError as err:
         refuse(str(err))
     except Exception as err:

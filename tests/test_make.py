@@ -651,6 +651,34 @@ def test_each_stage_ends_by_naming_where_its_outputs_are(tmp_path, monkeypatch):
         "eval: done in 41 s; outputs in runs/t/eval/: report.md, plots/, report.json")
 
 
+@pytest.mark.parametrize("config, ranks", [("cpu.yaml", 1), pytest.param("cpu2.yaml", 2, marks=pytest.mark.slow)])
+def test_ctrl_c_is_one_line_saying_how_to_continue(config, ranks, tmp_path):
+    """Ctrl-C (SIGINT to make's process group) printed the stage's traceback, 26 to 38 frames of library code, and
+    with two ranks torch's launcher's own: now one line saying how to continue, and exit 130 (SIGINT's)."""
+    import signal
+
+    held = tmp_path / "held"
+    held.mkdir()
+    proc = subprocess.Popen(["make", "--no-print-directory", "-o", ".venv/.done", "sft", "STAGE_PKG=tests.fake_stages",
+                             "AUTO_LABELS=", f"RUNS_DIR={tmp_path / 'runs'}", "RUN=t", f"PY={PY}",
+                             f"ACCELERATE_CONFIG=configs/accelerate/{config}", f"ARGS=--hold {held}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(list(held.glob("*.pid"))) < ranks and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(list(held.glob("*.pid"))) == ranks
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = err.strip().splitlines()
+    assert lines[:-1] == ["interrupted: run the same command again to continue (the training stages resume from their "
+                          "last checkpoint, the sampling stages keep their finished batches)"], err
+    assert re.search(r"\*\*\* \[Makefile:\d+: sft\] Error 130", lines[-1]), err
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
