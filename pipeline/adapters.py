@@ -296,7 +296,9 @@ class AdapterStack:
                            self.causal_lm.config.pad_token_id, self.pooling.get(name, "last"), starts)
 
     def save(self, name: str, out_dir: str | Path) -> Path:
-        """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name)."""
+        """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name), replacing the folder whole: a
+        rewrite killed midway leaves the old folder or none, never the old run's files beside the new one's (its files
+        were copied in one by one)."""
         import shutil
 
         out_dir = Path(out_dir)
@@ -308,10 +310,8 @@ class AdapterStack:
         try:
             self.model.save_pretrained(str(tmp), selected_adapters=[name])
             src = tmp / name if (tmp / name).is_dir() else tmp
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for f in src.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, out_dir / f.name)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            src.rename(out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out_dir

@@ -262,8 +262,9 @@ def test_an_rl_stage_launched_as_another_estimators_folder_is_refused(launched_a
 
 def test_an_adapter_save_killed_midway_leaves_nothing_the_next_save_does_not_clear(upstream, tiny_models, tmp_path):
     """PPO's adapters are written into a temporary folder beside their own, then copied: `kill -9` during that left a
-    tmpXXXX folder in the run for good. Its name is now fixed, so the next save (the rerun's) clears it. The kill is
-    real: a process that exits at once after the library wrote the files."""
+    tmpXXXX folder in the run for good. Its name is now fixed, so the next save (the rerun's) clears it; and the new
+    folder replaces the old one whole (files were copied in one by one, beside an earlier run's). The kill is real: a
+    process that exits at once after the library wrote the files."""
     import sys
     import textwrap
 
@@ -279,12 +280,14 @@ def test_an_adapter_save_killed_midway_leaves_nothing_the_next_save_does_not_cle
             type(stack.model).save_pretrained = lambda self, *a, **k: (save(self, *a, **k), os._exit(9))
         stack.save("policy", {str(out)!r})
     """)
+    out.mkdir(parents=True)
+    (out / "adapter_model.bin").write_text("an earlier run's")  # a rewrite replaces the folder whole
     killed = subprocess.run([sys.executable, "-c", script, "kill"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 9 and any((tmp_path / "ppo").iterdir()), killed.stderr[-2000:]
     saved = subprocess.run([sys.executable, "-c", script, "save"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert saved.returncode == 0, saved.stderr[-2000:]
     assert [p.name for p in (tmp_path / "ppo").iterdir()] == ["adapter"]
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
 
 
 def test_ppo_refusing_a_reward_adapter_of_another_base_leaves_the_finished_run_as_it_was(upstream, tiny_models,
