@@ -80,6 +80,7 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
     try:
         launch_command(args)
     except KeyboardInterrupt:  # Ctrl-C reaches the stage too, which says so in one line (pipeline.run.main_guard)
+        wait_for_children()  # before this process ends, which would end the stage midway (end_with_launcher)
         return INTERRUPTED_EXIT
     except subprocess.CalledProcessError as err:  # one process: the child's exit code
         if err.returncode in (CONFIG_ERROR_EXIT, INTERRUPTED_EXIT):
@@ -95,6 +96,20 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
             return CONFIG_ERROR_EXIT
         raise
     return 0
+
+
+def wait_for_children(timeout_s: float = 60.0) -> None:
+    """Wait for this process's children (the stage accelerate started) to end, at most `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # none left
+            return
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+            return
+        if pid == 0:
+            time.sleep(0.05)
 
 
 def check(module: str, stage_args: list[str], stage: str = "") -> int:

@@ -644,7 +644,8 @@ def test_each_stage_ends_by_naming_where_its_outputs_are(tmp_path, monkeypatch):
                                               re.M), res.stdout
     folder = tmp_path / "runs" / "t" / "eval"
     (folder / "plots").mkdir(parents=True)
-    outputs = {"report": folder / "report.md", "plot_a": folder / "plots" / "a.png", "plot_b": folder / "plots" / "b.png",
+    outputs = {"report": folder / "report.md", "plot_a": folder / "plots" / "a.png",
+               "plot_b": folder / "plots" / "b.png",
                "base_model": tmp_path / "models" / "tiny", "members": '["x"]', "report_json": folder / "report.json"}
     monkeypatch.chdir(tmp_path)
     assert finished_line("eval", folder, {k: str(v) for k, v in outputs.items()}, 41.4) == (
@@ -654,14 +655,16 @@ def test_each_stage_ends_by_naming_where_its_outputs_are(tmp_path, monkeypatch):
 @pytest.mark.parametrize("config, ranks", [("cpu.yaml", 1), pytest.param("cpu2.yaml", 2, marks=pytest.mark.slow)])
 def test_ctrl_c_is_one_line_saying_how_to_continue(config, ranks, tmp_path):
     """Ctrl-C (SIGINT to make's process group) printed the stage's traceback, 26 to 38 frames of library code, and
-    with two ranks torch's launcher's own: now one line saying how to continue, and exit 130 (SIGINT's)."""
+    with two ranks torch's launcher's own: now one line saying how to continue, and exit 130 (SIGINT's). The stage
+    takes 2 s to stop: the launcher waits for it (ending first, it ended the stage before its line:
+    end_with_launcher)."""
     import signal
 
     held = tmp_path / "held"
     held.mkdir()
     proc = subprocess.Popen(["make", "--no-print-directory", "-o", ".venv/.done", "sft", "STAGE_PKG=tests.fake_stages",
                              "AUTO_LABELS=", f"RUNS_DIR={tmp_path / 'runs'}", "RUN=t", f"PY={PY}",
-                             f"ACCELERATE_CONFIG=configs/accelerate/{config}", f"ARGS=--hold {held}"],
+                             f"ACCELERATE_CONFIG=configs/accelerate/{config}", f"ARGS=--hold {held} --interrupt_takes 2"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120

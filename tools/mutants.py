@@ -848,6 +848,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ctrl-c-traceback', 'pipeline/run.py', '    except KeyboardInterrupt:  # Ctrl-C: one line', '    except ZeroDivisionError:  # Ctrl-C: one line', 'tests/test_make.py -k ctrl_c'),
     ('ctrl-c-agent-warning', 'pipeline/launch.py', 'logging.getLogger(ELASTIC_AGENT_LOGGER).setLevel(logging.ERROR)', 'logging.getLogger(ELASTIC_AGENT_LOGGER).setLevel(logging.WARNING)', 'tests/test_make.py -k ctrl_c'),
     ('adapter-save-beside-old-files', 'pipeline/adapters.py', '            shutil.rmtree(out_dir, ignore_errors=True)\n            src.rename(out_dir)\n', '            out_dir.mkdir(parents=True, exist_ok=True)\n            [shutil.copy2(f, out_dir / f.name) for f in src.iterdir() if f.is_file()]\n', 'tests/test_trust_errors.py -k save_killed_midway'),
+    ('ctrl-c-launcher-leaves-first', 'pipeline/launch.py', '        wait_for_children()  # before', '        pass  # before', 'tests/test_make.py -k ctrl_c'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

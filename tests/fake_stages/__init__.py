@@ -4,7 +4,8 @@ Each reads its upstream manifests the way the real stage does (StageRun.need / m
 <runs_dir>/<run>/ran.txt, and writes its manifest with StageRun.finish, so that what `make` skips or reruns is decided
 by the real manifests' recorded inputs. `--fail` stops with a ConfigError (exit 2), `--fail_on_rank R` on rank R alone (the other ranks wait a
 minute), `--crash` raises RuntimeError, `--crash_after_prepare` too, once the stage folder is prepared;
-`--hold DIR` writes DIR/<rank>.pid once prepared and sleeps two minutes (a stage training).
+`--hold DIR` writes DIR/<rank>.pid once prepared and sleeps two minutes (a stage training; Ctrl-C then takes
+`--interrupt_takes S` seconds to stop it).
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def fake_stage(name: str, needs: tuple[str, ...] = (), may_read: tuple[str, ...]
             with open(os.path.join(held, f"{os.environ.get('RANK', '0')}.pid.tmp"), "w") as f:
                 f.write(str(os.getpid()))
             os.replace(f.name, f.name[: -len(".tmp")])
-            time.sleep(120)
+            try:
+                time.sleep(120)
+            except KeyboardInterrupt:  # a stage that takes a while to stop (closing files, a collective)
+                time.sleep(float(_flag(argv, "--interrupt_takes", "0")))
+                raise
         with open(stage.dir.parent / "ran.txt", "a") as f:
             f.write(name + "\n")
         stage.finish({}, {}, {"argv": argv})
