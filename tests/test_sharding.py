@@ -323,7 +323,7 @@ def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, mon
     launched, compared = [], []
     monkeypatch.setattr(launch, "gpus_here", lambda: 4)
     monkeypatch.setattr(launch.processes_for_all_gpus, "__defaults__", (launch.gpus_here,))
-    monkeypatch.setattr(launch, "launch", lambda ours, module, stage_args: launched.append(ours) or 0)
+    monkeypatch.setattr(launch, "launch", lambda ours, module, stage_args, stage: launched.append(ours) or 0)
     monkeypatch.setattr(launch, "is_current", lambda stage, argv, ours: compared.append(ours) or (False, "test"))
     monkeypatch.chdir(REPO)
     assert launch.main(["sft", "--config_file", "configs/accelerate/multi_gpu.yaml", "-m", "tests.fake_stages.sft"]) == 0
