@@ -155,9 +155,12 @@ clean-run:
 	rm -rf $(RUNDIR)
 
 # The run's labels are brought up to date first, unless the stage is given its own preferences (--dataset_name, or a
-# --dataset_mixture that leaves out label-export), which replace the label export: sampling and labeling pairs it
-# would not read is minutes of work, hours on a real model.
-own_preferences = $(or $(filter --dataset_name --dataset_name=%,$(1)),$(and $(filter --dataset_mixture --dataset_mixture=%,$(1)),$(if $(findstring label-export,$(1)),,1)))
+# --dataset_mixture that leaves out label-export; an empty one, {}, is DPO's "rm_config's mixture", which holds it),
+# which replace the label export: sampling and labeling pairs it would not read is minutes of work, hours on a real
+# model.
+mixture_of_own = $(and $(filter --dataset_mixture --dataset_mixture=%,$(1)),\
+	$(if $(or $(findstring label-export,$(1)),$(findstring {},$(1))),,1))
+own_preferences = $(or $(filter --dataset_name --dataset_name=%,$(1)),$(mixture_of_own))
 labels_for = $(if $(and $(AUTO_LABELS),$(if $(call own_preferences,$(call stage_args,$(1))),,1)),labels)
 rm: sft $(call labels_for,rm)
 	$(call stage,rm)

@@ -296,22 +296,25 @@ class AdapterStack:
                            self.causal_lm.config.pad_token_id, self.pooling.get(name, "last"), starts)
 
     def save(self, name: str, out_dir: str | Path) -> Path:
-        """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name), replacing the folder whole: a
-        rewrite killed midway leaves the old folder or none, never the old run's files beside the new one's (its files
-        were copied in one by one)."""
+        """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name), replacing the folder whole by
+        renames: a rewrite killed midway leaves the old folder (or it beside, as .NAME.old) or the new one, never the
+        old run's files beside the new one's (they were copied in one by one)."""
         import shutil
 
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         # A fixed name beside the folder (the main process saves, one launch a stage folder): a save killed midway left
         # a random tmpXXXX folder in the run for good; the next save clears it.
-        tmp = out_dir.parent / f".{out_dir.name}.saving"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp, old = out_dir.parent / f".{out_dir.name}.saving", out_dir.parent / f".{out_dir.name}.old"
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
         try:
             self.model.save_pretrained(str(tmp), selected_adapters=[name])
             src = tmp / name if (tmp / name).is_dir() else tmp
-            shutil.rmtree(out_dir, ignore_errors=True)
+            if out_dir.exists():
+                out_dir.rename(old)
             src.rename(out_dir)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in (tmp, old):
+                shutil.rmtree(leftover, ignore_errors=True)
         return out_dir

@@ -88,7 +88,7 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
         raise
     except Exception as err:  # several processes: torch.distributed.elastic's ChildFailedError, one entry per rank
         if type(err).__name__ == "SignalException" and getattr(err, "sigval", None) == signal.SIGINT:
-            return INTERRUPTED_EXIT  # Ctrl-C: torch's launcher stopped the ranks, which each said so
+            return INTERRUPTED_EXIT  # Ctrl-C: torch's launcher stopped the ranks (rank 0 said so)
         codes = [f.exitcode for f in (getattr(err, "failures", None) or {}).values()]
         # bad input: a rank said so (exit 2), and every other rank either said so too or was stopped by the launcher
         # (SIGTERM) while it waited to (pipeline.run.refuse). Any other exit is a crash and keeps its traceback.
@@ -212,7 +212,7 @@ def main(argv: list[str]) -> int:
     # Before the up-to-date check: a stage another launch is rewriting still has its old manifest (until that launch
     # prepares its folder) and would read as up to date, or as interrupted.
     folder = stage_folder(stage, stage_args)
-    lock, holder = hold_stage_folder(folder)  # held until this process ends (a kill too): nothing to release
+    lock, holder = hold_stage_folder(folder)  # held until this process ends, a kill too (its file goes at exit)
     if lock is None:
         print(f"error: {folder} is being written by another run of `{stage}` ({holder}): wait for it to end, or give "
               f"this one its own run folder (make {stage} RUN=another)", file=sys.stderr)
@@ -327,4 +327,7 @@ def accelerate_config_problem(config_file: str | Path) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C before the stage started (the imports, the up-to-date check): nothing to say
+        sys.exit(INTERRUPTED_EXIT)

@@ -255,7 +255,7 @@ def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> 
         try:
             started = json.loads((path.parent / STARTED).read_text())
             started_argv, started_launch = started["argv"], started.get("launch", launch)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError):
             return False, "it has not run yet"
         if started_argv != argv:
             return False, f"the command line changed (was: {' '.join(map(str, started_argv))}, interrupted)"
@@ -370,7 +370,10 @@ class StageRun:
                 inputs["files"][name] = self.read_files[name]
         return inputs
 
-    def finish(self, outputs: dict[str, Any], metrics: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, outputs: dict[str, Any], metrics: dict[str, Any], config: dict[str, Any],
+               announce: bool = True) -> dict[str, Any]:
+        """Write the manifest (last: its presence says the stage is done), and unless `announce` is False (a stage
+        that moves its folder into place after, and says so then) its closing console line (finished_line)."""
         manifest = {
             "stage": self.stage,
             "run": self.run,
@@ -391,7 +394,8 @@ class StageRun:
         }
         atomic_write_json(self.manifest_path, manifest)
         (self.dir / STARTED).unlink(missing_ok=True)
-        print(finished_line(self.stage, self.dir, manifest["outputs"], manifest["wall_time_s"]), flush=True)
+        if announce:
+            print(finished_line(self.stage, self.dir, manifest["outputs"], manifest["wall_time_s"]), flush=True)
         return manifest
 
 

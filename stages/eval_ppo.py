@@ -220,20 +220,20 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
              f"| response length (tokens, mean) | {f['length_sft_mean']:.1f} | {f['length_ppo_mean']:.1f} |",
              f"| share without EOS | {f['no_eos_sft']:.1%} | {f['no_eos_ppo']:.1%} |",
              f"| KL to the SFT reference (nats/response) | 0.000 | {f['kl_mean']:.3f} |", ""]
-    if report.get("gold"):  # the measure PPO did not optimise first; the reward model's own verdict after it
-        lines += gold_markdown(report["gold"], f)
-    if report.get("gold"):
-        lines += ["## Under the reward model", ""]
+    h = report.get("human")
+    human = ([f"**Win rate judged by people: {h['rate']:.1%}** (95% CI {h['ci_low']:.1%} – {h['ci_high']:.1%}; "
+              f"{h['pairs']} pairs, each counted once: the mean of its labels, {h['labels']} in all)." if h else
+              f"Win rate judged by people: none yet. To get one, label the SFT-vs-PPO pairs of human_pairs.jsonl "
+              f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
+              f"then `make eval RUN={report['run']} FORCE=1`: it reads the labels back.", ""])
+    if report.get("gold"):  # the measures PPO did not optimise first; the reward model's own verdict after them
+        lines += gold_markdown(report["gold"], f) + human + ["## Under the reward model", ""]
     lines += [f"**Win rate of PPO over SFT under the reward model: {w['rate']:.1%}** "
               f"(95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, Wilson; {counts_text(w)})"
               + (": the proxy PPO was trained to raise, so high by construction; the gold win rate above is the "
                  "measure of learning." if report.get("gold") else "."), ""]
-    h = report.get("human")
-    lines += [f"**Win rate judged by people: {h['rate']:.1%}** (95% CI {h['ci_low']:.1%} – {h['ci_high']:.1%}; "
-              f"{h['pairs']} pairs, each counted once: the mean of its labels, {h['labels']} in all)." if h else
-              f"Win rate judged by people: none yet. To get one, label the SFT-vs-PPO pairs of human_pairs.jsonl "
-              f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
-              f"then `make eval RUN={report['run']} FORCE=1`: it reads the labels back.", ""]
+    if not report.get("gold"):
+        lines += human
     lines += ["## Reward hacking check", ""]
     c = report.get("comparison", {})
     ratio = f"{c['hacking_length_ratio']:g} times the" if "hacking_length_ratio" in c else "a multiplied"

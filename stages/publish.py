@@ -270,6 +270,17 @@ def upload(api, folders: list[tuple[Path, str, str]], args: PublishArgs, message
 
 # ---------------------------------------------------------------------------------------------------- the stage
 
+def labels_the_reward_model_read(rm: dict, run: RunArgs) -> str | None:
+    """Whose labels ("people", "simulated", "all") the run's label export held when the reward model read it; None when
+    it read none, or the export was made again since (its labels may be others')."""
+    read = (rm.get("inputs") or {}).get("manifests", {}).get("label-export")
+    exported = stage_dir(run.runs_dir, run.run, "label-export") / "manifest.json"
+    if not read or not exported.is_file():
+        return None
+    manifest = json.loads(exported.read_text())
+    return manifest.get("metrics", {}).get("sources") if manifest_digest(manifest) == read else None
+
+
 def check_args(args: PublishArgs, run: RunArgs) -> str:
     """What the flags alone can tell (make runs this before the stages publish depends on: `make publish` on a fresh
     run would otherwise train the whole pipeline first). Returns the model repo id."""
@@ -389,10 +400,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run)
 
     # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
-    if dataset_sources is None and "label-export" in rm.get("upstream", {}):
-        exported = stage_dir(run.runs_dir, run.run, "label-export") / "manifest.json"
-        if exported.is_file():
-            dataset_sources = json.loads(exported.read_text()).get("metrics", {}).get("sources")
+    dataset_sources = dataset_sources or labels_the_reward_model_read(rm, run)
     manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
     sources = data_sources(data_files_used(manifests, base))
     card = model_card(args, repo, run.run, manifests, base, base_ref, sources, extras, dataset_repo, dataset_sources)

@@ -154,6 +154,15 @@ def fmt(v) -> str:
 EXAMPLE_PROMPT = "Tell me a short story about a rabbit."
 
 
+def example_prompt(sft: dict) -> str:
+    """A prompt of the task the policy was trained for: the first SFT sampled before and after training (samples.json:
+    the story recipe's opening of a book, or your own data's held-out opening)."""
+    try:
+        return json.loads(Path(sft["outputs"]["samples"]).read_text())[0]["prompt"]
+    except (KeyError, IndexError, TypeError, OSError, ValueError):
+        return ((sft.get("config") or {}).get("sft", {}).get("sample_prompts") or [EXAMPLE_PROMPT])[0]
+
+
 def ppo_results(ev: dict) -> list[str]:
     """The card's results for the PPO policy: eval's SFT-vs-PPO figures."""
     gold = ev.get("gold_win_rate") is not None
@@ -266,8 +275,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
                   f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo}\")  # downloads the base, {base}",
                   f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")"]
-    # a prompt of the task it was trained for (SFT's first sample prompt: the story recipe's opening of a book)
-    example = ((manifests["sft"].get("config") or {}).get("sft", {}).get("sample_prompts") or [EXAMPLE_PROMPT])[0]
+    example = example_prompt(manifests["sft"])
     lines += [f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(example, ensure_ascii=False)}}}]",
               "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
               "out = model.generate(**ids, max_new_tokens=64, do_sample=True, temperature=0.7)",

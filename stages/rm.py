@@ -33,7 +33,7 @@ from pipeline.models import (base_config, check_adapter, check_training_length, 
                              score_head_name)
 from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
-from pipeline.run import StageRun, main_guard
+from pipeline.run import StageRun, end_with_launcher, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
@@ -302,6 +302,7 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--reload-check"]:
+        end_with_launcher()  # started by the stage: it ends with the stage, which ends with the launcher
         reload_scores(*sys.argv[2:])
     else:
         main_guard(lambda: main(*parse_args()))

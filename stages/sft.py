@@ -22,9 +22,9 @@ from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_as
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.data import load_any, load_mixture, messages_problem, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
-from pipeline.models import (base_config, check_training_length, launch_autocast, load_base, load_tokenizer, lora_config,
-                             profile_from, refuse_tokenizer_options, require_chat_template, resolve_base,
-                             save_fingerprint, to_device)
+from pipeline.models import (base_config, check_context, check_training_length, launch_autocast, load_base,
+                             load_tokenizer, lora_config, position_limit, profile_from, refuse_tokenizer_options,
+                             require_chat_template, resolve_base, save_fingerprint, to_device)
 from pipeline.run import StageRun, atomic_write_json, main_guard
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
@@ -267,6 +267,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
         require_chat_template(tokenizer, profile)
     train_ds, eval_ds = split_and_tokenize(ds, tokenizer, train_cfg, args, data_name)
     check_training_length(base_config(profile), train_cfg.max_length, longest_row(train_ds, eval_ds, train_cfg.packing))
+    conversations, prompts = sample_prompts_that_fit(args, ds, tokenizer, base_config(profile), train_cfg.seed)
     rows_cut = rows_over(train_ds, train_cfg.max_length)
     if rows_cut and state.is_main_process:
         print(f"note: {rows_cut} of {len(train_ds)} training rows of {data_name} are longer than max_length="
@@ -281,8 +282,6 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
 
     # 2. Before training: samples on fixed prompts, on this process's accelerator. Every rank takes part (a sharded
     #    base runs each forward on all ranks together); generate() spreads the prompts and gathers the texts.
-    conversations = sample_conversations(args, ds, args.eval_fraction, train_cfg.seed)
-    prompts = encode_prompts(tokenizer, conversations)
     # Sampled, not greedy, with a fixed seed: greedy decoding of a tiny model collapses to "\n" + EOS.
     sampling = SamplingConfig(max_new_tokens=args.sample_max_new_tokens, temperature=0.7, top_k=50)
     to_device(model, state.device)
@@ -330,8 +329,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "resumed_from_step": step_of(resume_from) if resume_from else None,
         }
         print_table("SFT", {k: v for k, v in metrics.items() if k != "loss_curve"})
+        cut = lambda t: repr(t[:120]) + (" …" if len(t) > 120 else "")  # noqa: E731 (samples.json has them whole)
         for s in samples:
-            cut = lambda t: repr(t[:120]) + (" …" if len(t) > 120 else "")  # noqa: E731 (samples.json has them whole)
             print(f"\n>>> {s['prompt']}\n  before: {cut(s['before'])}\n  after:  {cut(s['after'])}")
         stage.finish({"adapter": adapter_dir, "samples": stage.dir / "samples.json", "base_model": base_path},
                      metrics, config)
@@ -359,25 +358,39 @@ def on_command_line(argv: list[str], key: str) -> bool:
 
 
 SAMPLES_FROM_DATA = 4
+ROWS_SCANNED = 4 * SAMPLES_FROM_DATA  # rows that open with a reply, or too long to sample, are passed over
 
 
-def sample_conversations(args: SFTArgs, ds, eval_fraction: float, seed: int) -> list[list[dict]]:
+def sample_conversations(args: SFTArgs, ds, eval_fraction: float, seed: int, fits=lambda opening: True
+                         ) -> list[list[dict]]:
     """What samples.json answers before and after training: each of `sample_prompts` as a user turn; with none (your
     --dataset_name on the command line, no --sample_prompts: the config's prompts are of its own task, the story
     recipe's book openings), the openings of the data's first held-out conversations (their turns before the first
-    reply), or of its first rows when nothing is held out."""
+    reply) that `fits`, or of its first rows when nothing is held out."""
     if args.sample_prompts:
         return [[{"role": "user", "content": p}] for p in args.sample_prompts]
     _, held_out = held_out_split(ds, eval_fraction, seed)
     rows = held_out if held_out is not None and len(held_out) else ds
     openings = []
-    for row in rows.select(range(min(len(rows), 4 * SAMPLES_FROM_DATA))):
+    for row in rows.select(range(min(len(rows), ROWS_SCANNED))):
         first_reply = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        if first_reply:
+        if first_reply and fits(row["messages"][:first_reply]):
             openings.append(row["messages"][:first_reply])
         if len(openings) == SAMPLES_FROM_DATA:
             break
-    return openings or [[{"role": "user", "content": p}] for p in FIXED_PROMPTS]  # rows that open with a reply
+    return openings or [[{"role": "user", "content": p}] for p in FIXED_PROMPTS]
+
+
+def sample_prompts_that_fit(args: SFTArgs, ds, tokenizer, config, seed: int) -> tuple[list[list[dict]], list[list[int]]]:
+    """samples.json's conversations and their token ids, checked against the base's positions before the run folder
+    is touched (past them a GPT-2 base fails mid-sampling): openings from your data that do not fit with
+    sample_max_new_tokens are passed over; prompts you gave are refused (check_context)."""
+    limit, new = position_limit(config), args.sample_max_new_tokens
+    fits = lambda opening: limit is None or len(encode_prompts(tokenizer, [opening])[0]) + new <= limit  # noqa: E731
+    conversations = sample_conversations(args, ds, args.eval_fraction, seed, fits)
+    prompts = encode_prompts(tokenizer, conversations)
+    check_context(config, max(len(p) for p in prompts), new, "--sample_max_new_tokens", "--sample_prompts")
+    return conversations, prompts
 
 
 if __name__ == "__main__":

@@ -627,6 +627,18 @@ def test_report_md_states_the_intervals_report_json_holds(eval_dir):
     assert "the proxy PPO was trained to raise" in md
 
 
+def test_console_tables_show_numbers_to_five_significant_digits(capsys):
+    """A stage's console table: 0.7873908519744873 read as noise; floats to 5 significant digits (the manifest keeps
+    them whole), a large one in exponent form rather than a made-up exact 12346000.0; other values as they are."""
+    from pipeline.report import print_table
+
+    print_table("x", {"accuracy": 0.7873908519744873, "tokens_per_s": 2759.31, "lr": 1e-05, "big": 12345678.9,
+                      "steps": 100, "judge": "sentiment"})
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "  accuracy      0.78739", "  tokens_per_s  2759.3", "  lr            1e-05", "  big           1.2346e+07",
+        "  steps         100", "  judge         sentiment"]
+
+
 def test_a_win_rates_counts_read_as_words():
     from stages.eval_ppo import counts_text
 

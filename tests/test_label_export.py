@@ -74,6 +74,9 @@ def test_export_cli_keeps_ties_when_asked_and_pushes_with_a_card(runs_dir, monke
     proc = run_python("stages.label.export", ["--config", "configs/label.yaml", "--run", "r", "--runs_dir",
                                               str(runs_dir), "--ties", "both_orders"])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # its closing line comes last, once the folder is in place (a first export: `dataset/` a folder there too)
+    assert re.fullmatch(rf"label-export: done in \d+ s; outputs in {re.escape(str(runs_dir))}/r/label-export/: "
+                        r"dataset/, README.md", proc.stdout.strip().splitlines()[-1]), proc.stdout[-1000:]
     import datasets
 
     ds = datasets.load_from_disk(str(runs_dir / "r/label-export/dataset"))
@@ -346,7 +349,8 @@ def test_the_dataset_card_says_what_simulated_annotators_are_and_shows_people_th
     simulated = card()
     assert "## Guidelines shown to annotators" not in simulated and "Be kind." not in simulated
     assert "## Simulated annotators\n\nThe `sim:` annotators are not people: `make simulate` labels each pair with a " \
-           "gold judge (sentiment: VADER's compound sentiment of the reply, from -1 to 1)" in simulated
+           "gold judge (configs/simulate.yaml's `judge`; the story recipe's is `sentiment`, VADER's compound " \
+           "sentiment of the reply, from -1, negative, to 1, positive)" in simulated
     store.save_label("alice", "p", "right", 0)
     both = card()
     assert "## Simulated annotators" in both and both.endswith("## Guidelines shown to annotators\n\nBe kind.\n")

@@ -183,6 +183,7 @@ def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path):
     # a mixture of your own files, or one that keeps the run's labels beside them
     assert not labels_step("rm", f"""RM_ARGS=--dataset_mixture '{{"{prefs}": {{"weight": 1}}}}'""")
     assert labels_step("rm", f"""RM_ARGS=--dataset_mixture '{{"{prefs}": {{"weight": 1}}, "label-export": {{}}}}'""")
+    assert labels_step("dpo", "DPO_ARGS=--dataset_mixture '{}'")  # DPO's empty mixture: rm_config's, the labels' too
 
 
 def test_a_run_named_again_in_args_is_the_one_make_checks(tmp_path):
@@ -633,6 +634,36 @@ def test_a_launch_leaves_no_lock_file_behind(tmp_path):
     assert res.returncode == 0 and ran(runs) == ["sft"] and not lock_file.exists(), res.stderr
 
 
+def test_a_lock_file_replaced_between_open_and_lock_is_not_taken(tmp_path, monkeypatch):
+    """The lock file is deleted at exit: a launch that opened it just before another launch deleted it and locked a new
+    one would lock the deleted file and write beside that launch. It checks, once locked, that the path is still its
+    file, and otherwise tries the new one (held: refused, naming its holder)."""
+    import fcntl
+
+    from pipeline.launch import hold_stage_folder
+
+    real, other = fcntl.flock, []
+
+    def racing(f, op):
+        if not other:  # between our open and our lock: another launch deletes the file and locks a new one
+            Path(f.name).unlink()
+            theirs = open(f.name, "a+")
+            real(theirs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            theirs.write("pid other, since 00:00:00")
+            theirs.flush()
+            other.append(theirs)
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", racing)
+    try:
+        lock, holder = hold_stage_folder(tmp_path / "runs" / "t" / "sft")
+        assert lock is None and holder == "pid other, since 00:00:00"
+    finally:
+        for theirs in other:
+            Path(theirs.name).unlink(missing_ok=True)
+            theirs.close()
+
+
 def test_each_stage_ends_by_naming_where_its_outputs_are(tmp_path, monkeypatch):
     """The console never said where a stage's outputs went (the adapter, eval's report): its last line names the
     stage's folder (relative to where make runs) and each output in it, once (a folder of plots once); paths outside
@@ -640,8 +671,8 @@ def test_each_stage_ends_by_naming_where_its_outputs_are(tmp_path, monkeypatch):
     from pipeline.run import finished_line
 
     res = make("sft", runs_dir=tmp_path / "runs")
-    assert res.returncode == 0 and re.search(rf"^sft: done in \d+ s; outputs in {tmp_path}/runs/t/sft/$", res.stdout,
-                                              re.M), res.stdout
+    assert res.returncode == 0 and re.search(rf"^sft: done in \d+ s; outputs in {re.escape(str(tmp_path))}/runs/t/sft/$",
+                                              res.stdout, re.M), res.stdout
     folder = tmp_path / "runs" / "t" / "eval"
     (folder / "plots").mkdir(parents=True)
     outputs = {"report": folder / "report.md", "plot_a": folder / "plots" / "a.png",
@@ -716,10 +747,8 @@ def test_a_killed_launcher_takes_its_stage_processes_with_it(config, ranks, tmp_
     finally:
         launcher.kill()
         for p in held.glob("*.pid"):
-            try:
+            if alive(int(p.read_text())):  # left by a failed assertion (an ended one's pid may be another's now)
                 os.kill(int(p.read_text()), 9)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.mark.parametrize("run,problem", [("../escape", "holds a path separator"), ("a/b", "holds a path separator"),

@@ -232,6 +232,23 @@ def test_card_credits_your_own_data_not_the_bundled_files_it_replaced():
     assert hyperparameters(manifests["sft"]) == {}  # an absolute path of this box is not shown either
 
 
+def test_the_card_names_whose_labels_the_reward_model_read_not_a_later_exports(tmp_path):
+    from pipeline.config import RunArgs
+    from pipeline.run import manifest_digest
+    from stages.publish import labels_the_reward_model_read
+
+    run = RunArgs(run="t", runs_dir=str(tmp_path))
+    folder = tmp_path / "t" / "label-export"
+    folder.mkdir(parents=True)
+    exported = {"stage": "label-export", "metrics": {"sources": "simulated"}}
+    (folder / "manifest.json").write_text(json.dumps(exported))
+    rm = {"inputs": {"manifests": {"label-export": manifest_digest(exported)}}}
+    assert labels_the_reward_model_read(rm, run) == "simulated"
+    (folder / "manifest.json").write_text(json.dumps({**exported, "metrics": {"sources": "people"}}))  # exported since
+    assert labels_the_reward_model_read(rm, run) is None
+    assert labels_the_reward_model_read({"inputs": {"manifests": {"label-export": None}}}, run) is None  # read none
+
+
 def test_card_hyperparameters_are_the_settings_that_acted():
     """max_steps > 0 overrides the epochs (SFT showed num_train_epochs=1 for 0.42 of an epoch); -1 and 0 are "not
     set" (the reward model's, which trains by min_steps and max_epochs); sample prompts are not hyper-parameters."""

@@ -404,6 +404,31 @@ def test_your_own_data_is_sampled_on_its_own_held_out_openings(tiny_models, runs
     assert parse_args(["--config", str(recipe)])[1].sample_prompts == read_yaml(REPO / "configs/sft.yaml")["sample_prompts"]
 
 
+def test_openings_past_the_bases_positions_are_passed_over(tiny_models):
+    """An opening from your data that, with sample_max_new_tokens, does not fit the base's positions is passed over for
+    the next (a GPT-2 base failed mid-sampling, after the run folder was prepared); prompts you give are refused."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.sft import SFTArgs, sample_prompts_that_fit
+
+    tokenizer = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    rows = [{"messages": [{"role": "user", "content": ("word " * 40 if i % 2 == 0 else f"Count to {i}.")},
+                          {"role": "assistant", "content": "1 2"}]} for i in range(12)]
+    args = SFTArgs(sample_max_new_tokens=8, eval_fraction=0.0)
+    args.sample_prompts = []  # as parse_args leaves them for your --dataset_name
+    conversations, prompts = sample_prompts_that_fit(args, Dataset.from_list(rows), tokenizer,
+                                                     SimpleNamespace(max_position_embeddings=40), 42)
+    assert [c[0]["content"] for c in conversations] == [f"Count to {i}." for i in (1, 3, 5, 7)]
+    assert all(len(p) + 8 <= 40 for p in prompts)
+    with pytest.raises(ConfigError, match="more than the base model's 40: lower --sample_max_new_tokens or "
+                                          "--sample_prompts"):
+        sample_prompts_that_fit(SFTArgs(sample_prompts=["word " * 40], sample_max_new_tokens=8),
+                                Dataset.from_list(rows), tokenizer, SimpleNamespace(max_position_embeddings=40), 42)
+
+
 def test_held_out_rows_share_no_conversation_root_with_training():
     """OASST keeps sibling replies and follow-ups of one root prompt as separate rows: held-out rows must not share a
     root with a training row (eval_loss would be measured on replies seen in training). Rows whose roots are all

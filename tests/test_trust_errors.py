@@ -110,6 +110,8 @@ CASES = [
     ("pairs-non-utf8", "stages.pairs", PAIRS + ["--dataset_name", "{bad_utf8}"], ["bad_utf8.jsonl line 1", "UTF-8"]),
     ("sft-eval-with-nothing-held-out", "stages.sft", SFT + ["--eval_fraction", "0", "--eval_strategy", "steps"],
      ["eval_strategy steps evaluates held-out rows, but eval_fraction is 0"]),
+    ("sft-sample-past-the-positions", "stages.sft", SFT + ["--sample_prompts", "hi " * 600],
+     ["--sample_max_new_tokens 4 make", "more than the base model's 512", "--sample_prompts"]),
     ("sft-batch-0", "stages.sft", SFT + ["--per_device_train_batch_size", "0"], ["--per_device_train_batch_size", ">= 1"]),
     ("sft-lr-negative", "stages.sft", SFT + ["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
     ("sft-grad-accum-0", "stages.sft", SFT + ["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
-from pipeline.run import StageRun, atomic_write_json, main_guard, manifest_digest
+from pipeline.judges import describe_judge
+from pipeline.run import StageRun, atomic_write_json, finished_line, main_guard, manifest_digest
 from stages.label.config import ExportArgs, LabelArgs, db_path
 from stages.label.stats import category, summarize
 from stages.label.store import is_simulated
@@ -180,16 +181,13 @@ empty, the majority among the winning votes), `agreement` (share of votes for th
 def guidelines_section(annotators, guidelines: str) -> str:
     """The guidelines people were shown; simulated annotators (`sim:<judge>[-k]`) were shown none: the card says what
     they stand in for instead (it listed people's helpful/honest/harmless guidelines for three sentiment judges)."""
-    judges = sorted({name[len("sim:"):].rsplit("-", 1)[0] if name[len("sim:"):].rsplit("-", 1)[-1].isdigit()
-                     else name[len("sim:"):] for name in annotators if is_simulated(name)})
     simulated = ""
-    if judges:
-        simulated = (f"## Simulated annotators\n\nThe `sim:` annotators are not people: `make simulate` labels each pair "
-                     f"with a gold judge ({', '.join(markdown_literal(j) for j in judges)}"
-                     f"{': VADER' + chr(39) + 's compound sentiment of the reply, from -1 to 1' if judges == ['sentiment'] else ''}"
-                     f"), preferring the reply it scores higher through a "
-                     f"noisy Bradley-Terry choice (configs/simulate.yaml; by default calibrated to agree with the judge "
-                     f"about as often as people agree with each other). They are shown no guidelines.\n")
+    if any(is_simulated(name) for name in annotators):  # their names are settings (--annotator), not their judge's
+        simulated = ("## Simulated annotators\n\nThe `sim:` annotators are not people: `make simulate` labels each pair "
+                     "with a gold judge (configs/simulate.yaml's `judge`; the story recipe's is `sentiment`, "
+                     f"{describe_judge('sentiment')}), preferring the reply it scores higher through a noisy "
+                     "Bradley-Terry choice (by default calibrated to agree with the judge about as often as people agree "
+                     "with each other). They are shown no guidelines.\n")
     if all(is_simulated(name) for name in annotators) and annotators:
         return simulated
     return simulated + ("\n" if simulated else "") + f"## Guidelines shown to annotators\n\n{guidelines}\n"
@@ -293,7 +291,8 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
         print(f"label-export: the export's {len(rows)} rows would be the same: left as it is")
         return json.loads(stage.manifest_path.read_text())["metrics"]
     guidelines = read_guidelines(args.guidelines)
-    pairs_source = args.pairs_dataset or "the pairs stage of this run"
+    pairs_source = (Path(args.pairs_dataset).name if os.path.isabs(args.pairs_dataset) else args.pairs_dataset) \
+        if args.pairs_dataset else "the pairs stage of this run"  # a name, not this machine's path: the card is public
     if "pairs" in stage.upstream:  # the base by name, not the path it has here (the card goes to the Hub)
         base = str(stage.upstream["pairs"]["metrics"].get("policy", "")).split(" + ")[0]
         shown = Path(base).name if base and os.path.isabs(base) else base
@@ -319,14 +318,15 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
                    "krippendorff_alpha": s["agreement"]["krippendorff_alpha"],
                    "left_share": s["position_bias"]["left_share"], "pushed_to": export.push_to_hub}
         stage.manifest_path = new / "manifest.json"  # the manifest travels with the folder; its paths name the final one
-        stage.finish({"dataset": stage.dir / "dataset", "card": stage.dir / "README.md", "labels_sqlite": db},
-                     metrics, config)
+        manifest = stage.finish({"dataset": stage.dir / "dataset", "card": stage.dir / "README.md", "labels_sqlite": db},
+                                metrics, config, announce=False)
         write_store_record(new, store_state, read_files, pairs_state)
         replace_folder(new, stage.dir)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
     print_table("label-export", metrics)
+    print(finished_line(stage.stage, stage.dir, manifest["outputs"], manifest["wall_time_s"]), flush=True)
     return metrics
 
 
