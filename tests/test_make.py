@@ -696,7 +696,10 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(config, ranks, tmp_path):
     proc = subprocess.Popen(["make", "--no-print-directory", "-o", ".venv/.done", "sft", "STAGE_PKG=tests.fake_stages",
                              "AUTO_LABELS=", f"RUNS_DIR={tmp_path / 'runs'}", "RUN=t", f"PY={PY}",
                              f"ACCELERATE_CONFIG=configs/accelerate/{config}", f"ARGS=--hold {held} --interrupt_takes 2"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # a shell's background job ignores SIGINT, and its children inherit that (Python then
+                            # raises no KeyboardInterrupt): a terminal's foreground job, as a user's make is, takes it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while len(list(held.glob("*.pid"))) < ranks and time.time() < deadline and proc.poll() is None:
