@@ -75,8 +75,10 @@ def test_export_cli_keeps_ties_when_asked_and_pushes_with_a_card(runs_dir, monke
                                               str(runs_dir), "--ties", "both_orders"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     # its closing line comes last, once the folder is in place (a first export: `dataset/` a folder there too)
+    done = [line for line in proc.stdout.splitlines() if " done in " in line]
+    assert len(done) == 1 and done[0] == proc.stdout.strip().splitlines()[-1], proc.stdout[-1000:]
     assert re.fullmatch(rf"label-export: done in \d+ s; outputs in {re.escape(str(runs_dir))}/r/label-export/: "
-                        r"dataset/, README.md", proc.stdout.strip().splitlines()[-1]), proc.stdout[-1000:]
+                        r"dataset/, README.md", done[0]), done
     import datasets
 
     ds = datasets.load_from_disk(str(runs_dir / "r/label-export/dataset"))
