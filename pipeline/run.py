@@ -256,7 +256,10 @@ def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> 
             started = json.loads((path.parent / STARTED).read_text())
             started_argv, started_launch = started["argv"], started.get("launch", launch)
         except (OSError, ValueError, KeyError, TypeError):
-            return False, "it has not run yet"
+            # a folder without a record of its command line: a stage that writes it last (eval keeps its sampled
+            # batches first) was interrupted before
+            return False, "its last run did not finish" if path.parent.is_dir() and any(path.parent.iterdir()) \
+                else "it has not run yet"
         if started_argv != argv:
             return False, f"the command line changed (was: {' '.join(map(str, started_argv))}, interrupted)"
         if started_launch != launch:

@@ -337,10 +337,15 @@ def test_a_stage_killed_mid_run_keeps_its_flags_through_the_chain(tmp_path):
     assert "rm: running, because the accelerate launch changed (was: --config_file configs/accelerate/cpu.yaml, " \
            "interrupted)" in res.stdout, res.stdout
     started = runs / "t/rm/started.json"
-    for damaged in ("not json", '{"launch": []}', "[]"):  # an unreadable record: as if it had not run
+    for damaged in ("not json", '{"launch": []}', "[]"):  # an unreadable record: a run that did not finish
         started.write_text(damaged)
         res = make("rm", "ARGS=--crash_after_prepare", runs_dir=runs)
-        assert "rm: running, because it has not run yet" in res.stdout and "is_current" not in res.stderr, res.stderr
+        assert "rm: running, because its last run did not finish" in res.stdout and "is_current" not in res.stderr, \
+            res.stderr
+    # a stage that records its command line last (eval), interrupted before: its folder holds what it kept
+    (runs / "t" / "eval" / "sampled").mkdir(parents=True)
+    assert is_current("eval", ["--run", "t", "--runs_dir", str(runs)]) == (False, "its last run did not finish")
+    assert is_current("dpo", ["--run", "t", "--runs_dir", str(runs)]) == (False, "it has not run yet")
 
 
 @pytest.mark.parametrize("form", ["flag value", "flag=value"])
