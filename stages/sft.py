@@ -25,7 +25,7 @@ from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import (base_config, check_context, check_training_length, launch_autocast, load_base,
                              load_tokenizer, lora_config, position_limit, profile_from, refuse_tokenizer_options,
                              require_chat_template, resolve_base, save_fingerprint, to_device)
-from pipeline.run import StageRun, atomic_write_json, main_guard
+from pipeline.run import StageRun, _flag, atomic_write_json, main_guard  # _flag: a flag's value as the parser reads it
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
 from pipeline.sharding import sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, drop_checkpoints, step_of, tokens_seen_by, train_resuming
@@ -266,8 +266,9 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     if "messages" in ds.column_names:
         require_chat_template(tokenizer, profile)
     train_ds, eval_ds = split_and_tokenize(ds, tokenizer, train_cfg, args, data_name)
-    check_training_length(base_config(profile), train_cfg.max_length, longest_row(train_ds, eval_ds, train_cfg.packing))
-    conversations, prompts = sample_prompts_that_fit(args, ds, tokenizer, base_config(profile), train_cfg.seed)
+    base = base_config(profile)
+    check_training_length(base, train_cfg.max_length, longest_row(train_ds, eval_ds, train_cfg.packing))
+    conversations, prompts = sample_prompts_that_fit(args, ds, tokenizer, base, train_cfg.seed)
     rows_cut = rows_over(train_ds, train_cfg.max_length)
     if rows_cut and state.is_main_process:
         print(f"note: {rows_cut} of {len(train_ds)} training rows of {data_name} are longer than max_length="
@@ -348,13 +349,9 @@ def CONFIG_CLASSES():
 def parse_args(argv=None):
     train_cfg, args, run = parse(CONFIG_CLASSES(), argv)
     given = sys.argv[1:] if argv is None else argv
-    if on_command_line(given, "dataset_name") and not on_command_line(given, "sample_prompts"):
+    if _flag(given, "--dataset_name", None) is not None and _flag(given, "--sample_prompts", None) is None:
         args.sample_prompts = []  # your data's own openings (sample_conversations), not the config's story openings
     return train_cfg, args, run
-
-
-def on_command_line(argv: list[str], key: str) -> bool:
-    return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
 
 
 SAMPLES_FROM_DATA = 4

@@ -795,7 +795,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-reward-std-of-shaped-scores', 'stages/ppo/trainer.py', '"reward_std": L.global_std(ro.scores_raw, rows, g)', '"reward_std": L.global_std(scores, rows, g)', 'tests/test_ppo.py -k raw_scores_sample_std'),
     ('losses-global-std-biased', 'stages/ppo/losses.py', '/ (n - 1)) if n > 1 else 0.0', '/ n) if n > 1 else 0.0', 'tests/test_ppo.py -k raw_scores_sample_std'),
     ('training-length-before-the-cut', 'pipeline/models.py', 'length = max_length if longest is None else min(longest, max_length or longest)', 'length = max_length if longest is None else longest', 'tests/test_trust_errors.py -k bases_positions_as'),
-    ('sft-training-length-unchecked', 'stages/sft.py', '    check_training_length(base_config(profile), train_cfg.max_length, longest_row(train_ds, eval_ds, train_cfg.packing))\n', '', 'tests/test_trust_errors.py -k sft-past-the-positions'),
+    ('sft-training-length-unchecked', 'stages/sft.py', '    check_training_length(base, train_cfg.max_length, longest_row(train_ds, eval_ds, train_cfg.packing))\n', '', 'tests/test_trust_errors.py -k sft-past-the-positions'),
     ('rm-training-length-unchecked', 'stages/rm.py', '    check_training_length(base, train_cfg.max_length, longest_pair(train_rows + eval_rows))\n', '', 'tests/test_trust_errors.py -k rm-past-the-positions'),
     ('make-own-prefs-still-labelled', 'Makefile', '$(if $(call own_preferences,$(call stage_args,$(1))),,1)', '1', 'tests/test_make.py -k own_preferences'),
     ('publish-ships-a-hub-base', 'stages/publish_card.py', '    return is_local_base(base) and not args.base_model_id', '    return is_local_base(base)', 'tests/test_publish.py -k downloaded_from_the_hub'),
