@@ -460,6 +460,26 @@ LIBRARY_NOISE = [
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
 
 
+INTERRUPTED_LINE = ("interrupted: run the same command again to continue (the training stages resume from their "
+                    "last checkpoint, the sampling stages keep their finished batches)")
+
+
+def interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C while a stage imports its libraries (its first second or two, before main_guard): Python printed the
+    traceback of whichever import it landed in. Nothing has started to write yet: main_guard's line, and out."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED_EXIT)
+
+
+def quiet_ctrl_c_while_starting() -> None:
+    """For a stage that pipeline.launch started (the stages package calls this as it is imported, before any stage
+    module's imports): Ctrl-C until main_guard is interrupted_while_starting. A SIGINT already ignored (a shell's
+    background job) stays ignored."""
+    if os.environ.get(LAUNCHER_PID_ENV) and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupted_while_starting)
+
+
 def main_guard(main_fn):
     """Run a stage's main(); a ConfigError, or a disk that refuses a write (full, read-only), becomes one clear line on
     stderr and exit code 2, no traceback."""
@@ -469,14 +489,15 @@ def main_guard(main_fn):
 
     for category, message in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # from here Ctrl-C is the except below
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     end_with_launcher()
     count_cpu_ranks()
     try:
         main_fn()
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback of the library frames it landed in (26 to 38)
         if int(os.environ.get("RANK", "0")) == 0:
-            print("interrupted: run the same command again to continue (the training stages resume from their last "
-                  "checkpoint, the sampling stages keep their finished batches)", file=sys.stderr, flush=True)
+            print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED_EXIT)
     except ConfigError as err:
         refuse(str(err))

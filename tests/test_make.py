@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -719,6 +720,64 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(config, ranks, tmp_path):
     assert lines[:-1] == ["interrupted: run the same command again to continue (the training stages resume from their "
                           "last checkpoint, the sampling stages keep their finished batches)"], err
     assert re.search(r"\*\*\* \[Makefile:\d+: sft\] Error 130", lines[-1]), err
+
+
+def test_ctrl_c_while_a_stage_imports_its_libraries_is_the_same_line(tmp_path):
+    """Ctrl-C in a stage's first second or two, while it imports torch and transformers (before main_guard), printed
+    Python's traceback of the import it landed in: now the same one line and exit 130. The real SFT stage, interrupted
+    as soon as it has loaded torch's library. Mutant: the stages package not asking for it."""
+    import signal
+
+    from pipeline.run import INTERRUPTED_LINE
+
+    proc = subprocess.Popen(["make", "--no-print-directory", "-o", ".venv/.done", "sft", f"RUNS_DIR={tmp_path}", "RUN=t",
+                             f"PY={PY}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def importing_torch() -> bool:  # the stage process, with torch's library loaded: its imports are under way
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+                if args[1:3] == [b"-m", b"stages.sft"] and os.getsid(int(cmdline.parent.name)) == proc.pid:
+                    return b"libtorch" in (cmdline.parent / "maps").read_bytes()
+            except (OSError, ProcessLookupError):
+                pass
+        return False
+
+    try:
+        deadline = time.time() + 60
+        while not importing_torch() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        assert importing_torch(), proc.poll()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = err.strip().splitlines()
+    assert lines[:-1] == [INTERRUPTED_LINE], err
+    assert re.search(r"\*\*\* \[Makefile:\d+: sft\] Error 130", lines[-1]), err
+    assert not (tmp_path / "t" / "sft" / "manifest.json").exists()
+
+
+def test_ctrl_c_once_a_stage_runs_unwinds_it(tmp_path):
+    """Once main_guard runs the stage, Ctrl-C is Python's KeyboardInterrupt again (the quiet exit of the imports would
+    end it without its `finally` blocks): the stage's own clean-up runs, then the one line and 130."""
+    code = ("import os, signal, time\n"
+            "import stages\n"  # as `python -m stages.X` does first
+            "from pipeline.run import main_guard\n"
+            "def stage():\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        time.sleep(5)\n"
+            "    finally:\n"
+            "        print('cleaned up', flush=True)\n"
+            "main_guard(stage)\n")
+    res = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PIPELINE_LAUNCHER_PID": str(os.getpid())},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (res.returncode, res.stdout) == (130, "cleaned up\n"), res.stderr
+    assert res.stderr.startswith("interrupted: run the same command again"), res.stderr
 
 
 def alive(pid: int) -> bool:

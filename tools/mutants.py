@@ -856,6 +856,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('stage-lock-of-a-deleted-file', 'pipeline/launch.py', '            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:', '            if True:', 'tests/test_make.py -k replaced_between_open_and_lock'),
     ('console-floats-whole', 'pipeline/report.py', '        shown = f"{v:.5g}" if isinstance(v, float) else v', '        shown = v', 'tests/test_eval.py -k five_significant'),
     ('unfinished-run-called-new', 'pipeline/run.py', 'if path.parent.is_dir() and any(path.parent.iterdir())', 'if False', 'tests/test_make.py -k killed_mid_run'),
+    ('ctrl-c-traceback-while-importing', 'stages/__init__.py', '\nquiet_ctrl_c_while_starting()\n', '\n', 'tests/test_make.py -k imports_its_libraries'),
+    ('ctrl-c-quiet-exit-while-running', 'pipeline/run.py', '    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # from here', '    if False:  # from here', 'tests/test_make.py -k unwinds'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
