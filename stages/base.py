@@ -234,12 +234,31 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
         "history": history,
     }
     atomic_write_json(out / "training_report.json", {"config": to_dict(cfg), "metrics": metrics, "samples": samples})
+    (out / "README.md").write_text(model_card(to_dict(cfg), metrics, samples))
     for s in samples:
         print(f"\n>>> {s['prompt']}{s['continuation']}")
     print(f"\nheld-out perplexity {metrics['heldout_perplexity']} ({', '.join(cfg.heldout_books)}), "
           f"{metrics['tokens_per_s']} tokens/s, {train_time / 60:.1f} min")
     stage.finish({"model": out}, {k: v for k, v in metrics.items() if k != "history"}, {"base": to_dict(cfg)})
     return metrics
+
+
+def model_card(cfg: dict, metrics: dict, samples: list[dict]) -> str:
+    """The base's own model card: what it is, what it read, how good it is, and its license (the books are public
+    domain, the code Apache-2.0), which `make publish` gives the adapters trained on it."""
+    sample = samples[0]["prompt"] + samples[0]["continuation"] if samples else ""
+    return "\n".join([
+        "---", "license: apache-2.0", "library_name: transformers", "pipeline_tag: text-generation", "language:", "- en",
+        "---", "", "# The embedded tiny base", "",
+        f"A Llama ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, "
+        f"vocab {cfg['vocab_size']}: {metrics['parameters'] / 1e6:.1f}M parameters) pretrained from scratch by "
+        f"`make base` (stages/base.py) on the public-domain children's books of data/pretrain/ ({cfg['max_steps']} "
+        f"steps of {cfg['batch_size']} x {cfg['block_size']} tokens, {metrics['tokens_seen']:,} tokens; seed "
+        f"{cfg['seed']}). Held-out perplexity {metrics['heldout_perplexity']} on {', '.join(cfg['heldout_books'])}.",
+        "", "It writes fluent-looking nonsense, which is all a model this size can do:", "",
+        f"> {' '.join(sample.split())}", "",
+        "Its tokenizer has chat special tokens and a chat template, so every stage of the pipeline runs on it in "
+        "minutes. License: Apache-2.0 (the books it read are in the public domain).", ""])
 
 
 @torch.no_grad()

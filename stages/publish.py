@@ -34,7 +34,8 @@ from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, reso
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
-from stages.publish_card import check_card, data_files_used, data_sources, given_reward, hub_base, model_card, ships_base
+from stages.publish_card import (base_license, card_license, check_card, data_files_used, data_sources, given_reward,
+                                 hub_base, model_card, ships_base)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 
@@ -57,7 +58,7 @@ class PublishArgs:
     include_dataset: bool = field(default=False, metadata={"help": "Publish the label-export preference dataset to a dataset repo."})
     dataset_repo_id: str = field(default="", metadata={"help": "Dataset repo for --include_dataset; '' = <repo_id>-preferences."})
     # Card
-    license: str = field(default="apache-2.0", metadata={"help": "Card license; must allow the base's and the data's licenses."})
+    license: str = field(default="", metadata={"help": "Card license; '' = the base's (its model card's), else apache-2.0. Must allow the base's and the data's licenses."})
     dataset_license: str = field(default="apache-2.0", metadata={"help": "License of your preference labels (--include_dataset)."})
     base_model_id: str = field(default="", metadata={
         "help": "A local base's Hub id (a checkpoint downloaded from the Hub, unchanged): the repo names it as its base "
@@ -403,7 +404,11 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     dataset_sources = dataset_sources or labels_the_reward_model_read(rm, run)
     manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
     sources = data_sources(data_files_used(manifests, base))
-    card = model_card(args, repo, run.run, manifests, base, base_ref, sources, extras, dataset_repo, dataset_sources)
+    license, note = card_license(args, base_license(base, args, online=not args.dry_run))
+    if note:
+        print(note, file=sys.stderr)
+    card = model_card(args, repo, run.run, manifests, base, base_ref, sources, extras, dataset_repo, dataset_sources,
+                      license)
     check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 

@@ -51,6 +51,47 @@ def hub_base(base: str, args: PublishArgs) -> str:
     return args.base_model_id if is_local_base(base) and args.base_model_id else base
 
 
+LICENSE_KEYS = ("license", "license_name", "license_link")  # `other` licenses are named and linked
+
+
+def base_license(base: str, args: PublishArgs, online: bool) -> dict | None:
+    """The license the base's own model card names (README.md's metadata: a Llama base's `llama3.2`, a Gemma's
+    `gemma`, `other` with a name and link): a local base's file; a Hub base's (or --base_model_id's) from the local
+    cache, or, when publishing for real, from the Hub. None when no card or no license is found."""
+    from huggingface_hub import ModelCard, hf_hub_download, try_to_load_from_cache
+
+    card = Path(base) / "README.md" if is_local_base(base) and not args.base_model_id else None
+    if card is None:
+        repo = hub_base(base, args)
+        cached = try_to_load_from_cache(repo, "README.md")
+        if isinstance(cached, str):
+            card = Path(cached)
+        elif online:
+            try:
+                card = Path(hf_hub_download(repo, "README.md"))
+            except Exception:  # no card on the Hub, a gated repo without access: the note says it is unknown
+                card = None
+    if card is None or not card.is_file():
+        return None
+    meta = ModelCard(card.read_text(encoding="utf-8", errors="replace")).data.to_dict()
+    return {k: meta[k] for k in LICENSE_KEYS if meta.get(k)} if meta.get("license") else None
+
+
+def card_license(args: PublishArgs, found: dict | None) -> tuple[dict, str | None]:
+    """The card's license metadata (--license, else the base's, else apache-2.0) and a note for the console when the
+    base's license is unknown or differs from --license."""
+    if args.license:
+        note = None if found is None or found["license"] == args.license else (
+            f"note: the card's license is {args.license} (--license); the base's own card says {found['license']}: "
+            f"the adapters are derived from the base, so its terms still apply")
+        return {"license": args.license}, note
+    if found:
+        return found, None
+    return {"license": "apache-2.0"}, ("note: the base's model card names no license (or is not in the cache: a dry "
+                                       "run does not look on the Hub), so the card says apache-2.0: give --license "
+                                       "if the base's terms differ")
+
+
 def flat(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -234,7 +275,8 @@ def reward_made(rm: dict, given: str | None = None) -> str:
 
 
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
-               sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None) -> str:
+               sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None,
+               license: dict | None = None) -> str:
     from huggingface_hub import ModelCardData
 
     from stages.label.export import WHOSE
@@ -243,7 +285,8 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     base = base if local else hub_base(base, args)
     method = policy_method(args.policy, manifests[args.policy])
     hub_ids = [args.hub_dataset_ids[s["name"]] for s in sources if s["name"] in args.hub_dataset_ids]
-    data = ModelCardData(base_model=None if local else base, library_name="peft", license=args.license,
+    data = ModelCardData(base_model=None if local else base, library_name="peft",
+                         **(license or card_license(args, None)[0]),
                          tags=TAGS[:2] + [method] + TAGS[2:], datasets=sorted(set(hub_ids + ([dataset_repo] if dataset_repo else []))) or None,
                          pipeline_tag="text-generation")
     ev, trained = manifests["eval"]["metrics"], manifests[args.policy]["metrics"]

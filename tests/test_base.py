@@ -116,3 +116,10 @@ def test_a_tiny_base_trains_on_its_schedule_its_own_books_and_records_its_specia
     config = AutoConfig.from_pretrained(out)
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (
         tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)  # <pad>, <s>, </s>: SPECIAL_TOKENS' order
+    # its own model card: the license `make publish` gives the adapters trained on it, and this run's figures
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert f"Held-out perplexity {metrics['heldout_perplexity']} on mice." in card.text
+    assert f"{6 * 2 * 32:,} tokens; seed 0" in card.text

@@ -137,7 +137,8 @@ def test_card_parses_with_the_hub_metadata(runs, dry_run):
     keep, _ = dry_run
     card = ModelCard.load(keep / "model" / "README.md")
     meta = card.data.to_dict()
-    assert meta["library_name"] == "peft" and meta["license"] == "apache-2.0"
+    assert meta["library_name"] == "peft" and meta["license"] == "apache-2.0"  # the test base has no card: the note
+    assert "note: the base's model card names no license" in dry_run[1].stderr
     assert {"trl", "rlhf", "ppo", "lora"} <= set(meta["tags"])
     assert "tester/tiny-rlhf-preferences" in meta["datasets"] and "openai/gsm8k" in meta["datasets"]
     assert "base_model" not in meta  # a local base: not a Hub id, shipped under base/ instead
@@ -159,6 +160,72 @@ def test_card_parses_with_the_hub_metadata(runs, dry_run):
     # the fixture's labels are a person's ("ann"): said so on both cards
     assert "human-feedback" in ds_card.data.to_dict()["tags"] and "5 human preference pairs" in ds_card.text
     assert "| rm | human labels of this run |" in text
+
+
+def test_the_card_takes_the_bases_license_unless_told_otherwise(tmp_path, monkeypatch):
+    """The card said apache-2.0 whatever the base: a Llama or Gemma base's adapters went out under a license their
+    base's terms do not allow. `license: ""` (the default) takes the base's own card's (a local base's README.md; a
+    Hub base's from the cache, or from the Hub when publishing for real, never in a dry run); --license overrides it,
+    with a note naming the base's; a base whose card names none gets apache-2.0 and a note saying so."""
+    import huggingface_hub
+
+    from stages.publish import PublishArgs
+    from stages.publish_card import base_license, card_license
+
+    def base_with_card(name: str, meta: str | None) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        if meta is not None:
+            (folder / "README.md").write_text(f"---\n{meta}---\n\n# A base\n")
+        return str(folder)
+
+    llama = base_with_card("llama", "license: llama3.2\nlibrary_name: transformers\n")
+    assert base_license(llama, PublishArgs(), online=False) == {"license": "llama3.2"}
+    assert card_license(PublishArgs(), {"license": "llama3.2"}) == ({"license": "llama3.2"}, None)
+    told, note = card_license(PublishArgs(license="mit"), {"license": "llama3.2"})
+    assert told == {"license": "mit"} and "the base's own card says llama3.2" in note
+    assert card_license(PublishArgs(license="llama3.2"), {"license": "llama3.2"}) == ({"license": "llama3.2"}, None)
+    other = base_with_card("other", "license: other\nlicense_name: my-terms\nlicense_link: LICENSE.md\n")
+    assert base_license(other, PublishArgs(), online=False) == {"license": "other", "license_name": "my-terms",
+                                                               "license_link": "LICENSE.md"}
+    assert base_license(base_with_card("none", None), PublishArgs(), online=False) is None
+    assert base_license(base_with_card("blank", "library_name: transformers\n"), PublishArgs(), online=False) is None
+    default, note = card_license(PublishArgs(), None)
+    assert default == {"license": "apache-2.0"} and note.startswith("note: the base's model card names no license")
+    assert card_license(PublishArgs(license="mit"), None) == ({"license": "mit"}, None)
+
+    # a Hub base (or a local one's --base_model_id): the cache's card, else the Hub's only when publishing for real
+    gemma_card = Path(base_with_card("gemma", "license: gemma\n")) / "README.md"
+    asked = []
+
+    def download(repo, filename):
+        asked.append((repo, filename))
+        return str(gemma_card)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, filename: None)
+    assert base_license("google/gemma-2-2b-it", PublishArgs(), online=False) is None and asked == []
+    assert base_license("google/gemma-2-2b-it", PublishArgs(), online=True) == {"license": "gemma"}
+    assert base_license(llama, PublishArgs(base_model_id="google/gemma-2-2b-it"), online=True) == {"license": "gemma"}
+    assert asked == [("google/gemma-2-2b-it", "README.md")] * 2
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, filename: str(gemma_card) if repo == "google/gemma-2-2b-it" else None)
+    assert base_license("google/gemma-2-2b-it", PublishArgs(), online=False) == {"license": "gemma"}
+
+    def gated(repo, filename):
+        raise huggingface_hub.errors.GatedRepoError("no access")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    assert base_license("meta-llama/Llama-3.2-1B", PublishArgs(), online=True) is None
+
+
+def test_the_embedded_bases_card_is_the_one_make_base_writes():
+    """models/tiny/README.md (the license its adapters get) is what stages.base writes from its training report."""
+    from stages.base import model_card
+
+    report = json.loads((REPO / "models" / "tiny" / "training_report.json").read_text())
+    assert (REPO / "models" / "tiny" / "README.md").read_text() == model_card(report["config"], report["metrics"],
+                                                                             report["samples"])
 
 
 def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
@@ -373,15 +440,21 @@ def test_a_local_base_downloaded_from_the_hub_is_named_not_shipped(runs, tmp_pat
     own = tmp_path / "runs"
     shutil.copytree(runs, own)
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cached = tmp_path / "hf_home" / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"  # its card, as downloaded
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text("0" * 40)
+    (cached / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (cached / "snapshots" / ("0" * 40) / "README.md").write_text("---\nlicense: mit\n---\n# SmolLM2\n")
     proc = publish(own, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_sft", "--base_model_id", hub_id,
                    env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "license" not in proc.stderr  # the card takes the base's license (its cached card's): no note
     model = files_of(own / "t" / "publish" / "model")
     assert not any(name.startswith("base/") for name in model), sorted(model)
     for cfg in ("adapter_config.json", "sft/adapter_config.json"):
         assert json.loads(model[cfg])["base_model_name_or_path"] == hub_id
     card = ModelCard(model["README.md"].decode())
-    assert card.data.base_model == hub_id and "under `base/`" not in card.text
+    assert card.data.base_model == hub_id and "under `base/`" not in card.text and card.data.license == "mit"
     assert 'AutoPeftModelForCausalLM.from_pretrained("tester/tiny-rlhf")  # downloads the base, ' + hub_id in card.text
 
 
