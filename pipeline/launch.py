@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +74,9 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
     # torch's launcher logs a line when it stops the other ranks (SIGTERM) and one for the rank that exited: beside bad
     # input's one `error:` line they are noise, and for a crash the ChildFailedError below says the same and more.
     logging.getLogger(ELASTIC_LOGGER).setLevel(logging.CRITICAL)
+    # Another run on this machine holding the config's port (cpu2.yaml's 29511, torch's 29500): on one machine,
+    # accelerate then has torch pick a free port, the same run, and says so in a five-line UserWarning.
+    warnings.filterwarnings("ignore", message=r"Port `\d+` is already in use", category=UserWarning)
     import torch.distributed.elastic.agent.server.api  # noqa: F401 (its import sets its logger's level: then ours)
 
     logging.getLogger(ELASTIC_AGENT_LOGGER).setLevel(logging.ERROR)  # "Received 2 death signal" beside Ctrl-C's line

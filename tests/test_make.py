@@ -1117,6 +1117,26 @@ def test_bad_input_in_a_two_process_stage_is_one_line_and_exit_2(fail, tmp_path)
     assert not (runs / "t" / "sft" / "manifest.json").exists() and ran(runs) == []
 
 
+@pytest.mark.slow
+def test_a_port_another_run_holds_is_replaced_without_a_word(tmp_path):
+    """Two 2-process runs at once on one machine (two users, or the test suite's two workers): the second found
+    cpu2.yaml's port taken, and accelerate printed a five-line warning before starting it on a free port. The run
+    is the same, so nothing is printed; both ranks run. Mutant: the warning not filtered."""
+    import socket
+
+    runs = tmp_path / "runs"
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            held.bind(("127.0.0.1", 29511))  # cpu2.yaml's main_process_port
+        except OSError:
+            pass  # another test's run holds it already: the case itself
+        held.listen()
+        res = make("sft", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml", runs_dir=runs)
+    assert res.returncode == 0 and res.stderr == "", res.stderr[-3000:]
+    assert ran(runs) == ["sft", "sft"]  # each rank's line
+
+
 def test_a_rerun_drops_the_old_manifest_when_it_starts(tmp_path):
     """A manifest on disk means the stage finished: a rerun removes the old one when it starts (prepare), so that a
     rerun that dies midway leaves no manifest that later stages, `make` and PPO's auto-resume take as finished."""
