@@ -16,6 +16,7 @@ count) is one ConfigError naming the judge.
 from __future__ import annotations
 
 import importlib
+import os
 import math
 import numbers
 from dataclasses import dataclass
@@ -65,9 +66,20 @@ def same_path(a: Path, b: Path) -> bool:
         return False
 
 
+def judge_device():
+    """Where an rm: judge runs: this process's GPU when there is one (a larger reward model than the policy's, in
+    fp32 on the CPU, took minutes per batch), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
     """A reward model as judge: a PEFT SEQ_CLS adapter (as `make rm` writes it) or a full sequence-classification
-    checkpoint with one output. It reads the chat-templated conversation, as RewardTrainer trained it."""
+    checkpoint with one output, in the dtype it was saved in (a bf16 checkpoint stays bf16), on judge_device(). It
+    reads the chat-templated conversation, as RewardTrainer trained it."""
     import torch
 
     path = resolve_path(path_text)
@@ -87,10 +99,10 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
             from pipeline.models import without_load_report
 
             with without_load_report():  # "score.weight MISSING": the base's; the adapter holds the trained head
-                model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+                model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype="auto")
             untrained = [] if adapter_has_head(path) else ["score"]
         else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
+            model, info = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype="auto",
                                                                              output_loading_info=True)
             untrained = [k for k in info["missing_keys"] if k.split(".")[0] in HEAD_NAMES]
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -105,18 +117,19 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
     model.config.pad_token_id = tokenizer.pad_token_id  # the adapter does not carry it (STACK-NOTES 3)
     pooling = read_pooling(path)  # as `make rm` trained it (score_pooling.json; stock: last token)
     pool_in_forward(model, pooling)
-    model.eval()
+    model.to(judge_device()).eval()
 
     @torch.no_grad()
     def score(prompts, responses):
         from pipeline.generation import chat_reward_inputs
 
         ids, mask, starts = chat_reward_inputs(tokenizer, [as_messages(p) for p in prompts], list(responses))
-        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+        device = model.device
+        scores = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
         if pooling == "sum":  # the reply's sum: the whole conversation's less the prompt's (pipeline.adapters.prompt_part)
             prompt_ids, prompt_mask = prompt_part(ids, mask, starts, tokenizer.pad_token_id)
-            scores -= model(input_ids=prompt_ids, attention_mask=prompt_mask).logits[:, 0].float()
-        return scores.tolist()
+            scores -= model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device)).logits[:, 0].float()
+        return scores.cpu().tolist()
 
     return score
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -73,6 +74,38 @@ def test_rm_judge_scores_like_the_pipelines_reward_path(tiny_models, tmp_path):
     assert summed == pytest.approx(stack.scores("reward", ids, mask, starts).tolist(), abs=1e-5)
     everything = stack.scores("reward", ids, mask).tolist()  # the prompt's tokens too: not what the judge gives
     assert min(abs(a - b) for a, b in zip(summed, got)) > 1e-3 and min(abs(a - b) for a, b in zip(summed, everything)) > 1e-3
+
+
+def test_an_rm_judge_scores_on_this_processs_accelerator(tiny_models, tmp_path, monkeypatch):
+    """An rm: judge (for GPU users, a reward model larger than the policy's) ran in fp32 on the CPU whatever the
+    machine: it runs on this process's GPU (LOCAL_RANK's) when there is one, its inputs moved there, its scores
+    back on the CPU. On a GPU (tools/gpu_check.sh) this scores there; here, where judge_device() is the CPU, the
+    model is moved to whatever it names. Mutant: the model left where it loaded."""
+    import torch
+
+    import pipeline.judges as judges
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert judges.judge_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert judges.judge_device() == torch.device("cpu")
+    monkeypatch.undo()
+
+    rm_dir = _rm_adapter(tiny_models, tmp_path / "other" / "adapter")
+    moved, real_to = [], torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        moved.append(args[0] if args else kwargs.get("device"))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    if not torch.cuda.is_available():  # a device no other call names (cpu:0 is the CPU): the judge's own move
+        monkeypatch.setattr(judges, "judge_device", lambda: torch.device("cpu", 0))
+    judge = load_judge(f"rm:{rm_dir}")
+    assert judges.judge_device() in moved
+    got = judge_scores(judge, PROMPTS, TEXTS, batch_size=2)
+    assert len(got) == len(TEXTS) and all(isinstance(x, float) and math.isfinite(x) for x in got)
 
 
 def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):

@@ -29,7 +29,7 @@ for s in ${STEPS:-default_run accelerator_tests journey}; do
 print({k: m.get(k) for k in ('gold_win_rate', 'gold_win_rate_ci_low', 'kl_mean', 'rm_gold_agreement')})" ;;
     accelerator_tests)  # the stage tests that move models to the accelerator
       step accelerator_tests 120 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_eval.py tests/test_pairs.py \
-        tests/test_sft.py tests/test_rm.py tests/test_dpo.py -k "accelerator or bf16_base_trains or mixed_precision" -m "not slow" ;;
+        tests/test_sft.py tests/test_rm.py tests/test_dpo.py -k "accelerator or bf16_base_trains or mixed_precision" -m "not slow" tests/test_judges.py ;;
     journey)  # tests/test_journey.py under the GPU configs (-s: its progress survives a timeout)
       for cfg in multi_gpu fsdp; do
         ACCELERATE_CONFIG=configs/accelerate/$cfg.yaml step journey_$cfg 300 python3 -m pytest -x -s -q -p no:cacheprovider tests/test_journey.py -k bf16-checkpoint

@@ -864,6 +864,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('publish-ignores-the-bases-license', 'stages/publish.py', 'card_license(args, base_license(base, args, online=not args.dry_run))', 'card_license(args, None)', 'tests/test_publish.py -k downloaded_from_the_hub'),
     ('base-card-license-dropped', 'stages/base.py', '"---", "license: apache-2.0", ', '"---", ', 'tests/test_base.py -k schedule'),
     ('launch-port-warning', 'pipeline/launch.py', '    warnings.filterwarnings("ignore", message=r"Port', '    pass  # warnings.filterwarnings("ignore", message=r"Port', 'tests/test_make.py -k port_another'),
+    ('rm-judge-left-on-the-cpu', 'pipeline/judges.py', '    model.to(judge_device()).eval()', '    model.eval()', 'tests/test_judges.py -k accelerator'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
