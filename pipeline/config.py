@@ -233,6 +233,11 @@ def parse(classes: tuple, argv: list[str] | None = None):
             raise ConfigError(f"{source_of('resume_from_checkpoint')}: the training stages resume by themselves, from "
                               f"the newest checkpoint of an interrupted run of the same command: remove it and run "
                               f"the same command again")
+    for instance in out:  # a flag you give that the rest of the config keeps from acting: said, not ignored
+        inert = instance.inert_settings(out) if hasattr(instance, "inert_settings") else {}
+        for key, why in inert.items():
+            if key in cli_keys:
+                raise ConfigError(f"--{key} on the command line would have no effect: {why}")
     return out
 
 

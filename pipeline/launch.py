@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from pipeline.config import ConfigError
 from pipeline.run import (INTERRUPTED_EXIT, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, check_launched_folder, code_changed,
                           is_current, stage_folder)
 
@@ -52,8 +53,10 @@ def processes_for_all_gpus(config_file: str | Path, count_gpus: Callable[[], int
     """The shipped configs for all GPUs of one machine (`gpu_ids: all`: multi_gpu.yaml, fsdp.yaml) start one process
     per GPU of this machine, whatever their num_processes says (8: accelerate would start that many, and the ranks
     beyond the GPUs would fail). A config of your own keeps its num_processes. The extra launch arguments; none when
-    they agree, or with no GPU."""
+    they agree. With no GPU, one clear line (accelerate would start its 8 processes on the CPU: 8 times the batch)."""
     import yaml
+
+    from pipeline.config import ConfigError
 
     path = Path(config_file).resolve()
     if path.parent != SHIPPED_CONFIGS:
@@ -62,7 +65,11 @@ def processes_for_all_gpus(config_file: str | Path, count_gpus: Callable[[], int
     if str(config.get("gpu_ids")) != "all" or config.get("num_machines", 1) != 1:
         return []
     gpus = count_gpus()
-    return [] if gpus < 1 or config.get("num_processes") == gpus else ["--num_processes", str(gpus)]
+    if gpus < 1:
+        raise ConfigError(f"ACCELERATE_CONFIG={config_file} starts one process per GPU, and torch sees no GPU here (a "
+                          f"CPU-only torch, or CUDA_VISIBLE_DEVICES empty): on the CPU give configs/accelerate/cpu.yaml "
+                          f"(one process), cpu2.yaml (two) or fsdp_cpu2.yaml (two, the base sharded)")
+    return [] if config.get("num_processes") == gpus else ["--num_processes", str(gpus)]
 
 
 def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage: str = "") -> int:
@@ -177,10 +184,36 @@ def check_stages(argv: list[str]) -> int:
         elif segments:
             segments[-1].append(arg)
     for stage, _m, module, *stage_args in segments:
+        problem = rl_precision_problem(stage, os.environ.get(CHECK_ACCELERATE_CONFIG_ENV, ""))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return CONFIG_ERROR_EXIT
         rc = check(module, [a for a in stage_args if a != "--force"], stage)  # --force in ARGS is the launch's, as below
         if rc:
             return rc
     return 0
+
+
+# make's check is given the accelerate config the training stages will run under (ACCELERATE_CONFIG).
+CHECK_ACCELERATE_CONFIG_ENV = "PIPELINE_ACCELERATE_CONFIG"
+RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")
+
+
+def rl_precision_problem(stage: str, config_file: str) -> str | None:
+    """An RL stage trains in its own loop, which has no fp16 loss scaler (pipeline.models.launch_autocast refuses fp16
+    and fp8 there): said by make's check, before SFT and the reward models train, not when the RL stage starts."""
+    import yaml
+
+    if stage not in RL_STAGES or not config_file or not Path(config_file).is_file():
+        return None
+    try:
+        mixed = str((yaml.safe_load(Path(config_file).read_text()) or {}).get("mixed_precision", "no")).lower()
+    except yaml.YAMLError:
+        return None  # the launch says what is wrong with it (accelerate_config_problem)
+    if mixed in ("fp16", "fp8"):
+        return (f"{stage} cannot train under {mixed} mixed precision (its training loop has no loss scaler): set "
+                f"`mixed_precision: bf16` or `no` in {config_file}")
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -209,7 +242,11 @@ def main(argv: list[str]) -> int:
                   f"`accelerate config` file", file=sys.stderr)
             return CONFIG_ERROR_EXIT
         if "--num_processes" not in ours:  # the process count is part of the launch: another count is another run
-            extra = processes_for_all_gpus(config_file)
+            try:
+                extra = processes_for_all_gpus(config_file)
+            except ConfigError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return CONFIG_ERROR_EXIT
             if extra:
                 print(f"launch: {extra[1]} GPUs here: {extra[1]} processes ({config_file} asks for all of them)")
             ours = [*ours, *extra]

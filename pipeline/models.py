@@ -238,6 +238,8 @@ def load_base(profile: ModelProfile, tokenizer, kind: str = "causal", shard: boo
             model = auto.from_pretrained(path, **kwargs, **plan_kwargs)
     except OSError as err:
         raise ConfigError(f"could not load base model '{path}': {err}") from None
+    if shard:
+        sharding.own_shards(model)
     if shard and kind == "score":
         sharding.keep_whole(model, score_head_name(model))  # peft deep-copies the head it trains; FSDP refuses that
     # The score is read at the last token != pad_token_id; the adapter does not carry it (STACK-NOTES 3).

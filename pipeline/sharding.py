@@ -114,6 +114,20 @@ def distributed_config(build_skeleton, shard: bool):
     return DistributedConfig(fsdp_size=world_size(), fsdp_plan=fsdp_units(skeleton))
 
 
+def own_shards(model: nn.Module) -> None:
+    """Each rank's shard of a base loaded with `distributed_config` in storage of its own size. transformers reads each
+    weight whole and keeps a slice of it: a copy to a GPU keeps the slice alone, but on the CPU the slice is a view of
+    the whole weight, so every rank held the whole base behind its half (as much as DDP). FSDP takes the copies at its
+    first forward (reset_sharded_param), when the whole weights are freed."""
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            local = p._local_tensor
+            if local.untyped_storage().nbytes() > local.numel() * local.element_size():
+                p._local_tensor = local.clone()
+
+
 def shard_model(model: nn.Module, mesh=None) -> nn.Module:
     """FSDP2 on a model already in memory (e.g. one built with adapters): `fully_shard` on each unit of
     `fsdp_units`, then on the root. Every rank must call it; afterwards each holds 1/N of every unit's weights."""
@@ -177,19 +191,22 @@ def reshard(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------- measuring, saving
 
 def local_numel(model: nn.Module) -> tuple[int, int]:
-    """(elements this rank holds, elements of the whole) over the frozen base: every parameter that belongs to no
-    adapter (LoRA matrices and peft's copies of heads stay whole on every rank, and are small) and is not trained."""
+    """(elements this rank holds, elements of the whole, elements of the storage behind this rank's: the memory it
+    holds) over the frozen base: every parameter that belongs to no adapter (LoRA matrices and peft's copies of heads
+    stay whole on every rank, and are small) and is not trained."""
     from torch.distributed.tensor import DTensor
 
     from pipeline.adapters import adapter_of
 
-    local = full = 0
+    local = full = stored = 0
     for name, p in model.named_parameters():
         if p.requires_grad or adapter_of(name) is not None:
             continue
+        t = p.to_local() if isinstance(p, DTensor) else p
         full += p.numel()
-        local += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
-    return local, full
+        local += t.numel()
+        stored += t.untyped_storage().nbytes() // t.element_size()
+    return local, full, stored
 
 
 def sharding_report(model: nn.Module) -> dict:
@@ -197,12 +214,13 @@ def sharding_report(model: nn.Module) -> dict:
     import torch.distributed as dist
 
     reshard(model)  # a gathered unit would count whole on every rank
-    local, full = local_numel(model)
-    per_rank = [local]
+    local, full, stored = local_numel(model)
+    per_rank = [(local, stored)]
     if dist.is_available() and dist.is_initialized():
         per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, local)
-    return {"engine": "fsdp2" if is_sharded(model) else "none", "base_numel_full": full, "base_numel_per_rank": per_rank}
+        dist.all_gather_object(per_rank, (local, stored))
+    return {"engine": "fsdp2" if is_sharded(model) else "none", "base_numel_full": full,
+            "base_numel_per_rank": [n for n, _ in per_rank], "base_stored_numel_per_rank": [n for _, n in per_rank]}
 
 
 def full_state_dict(model: nn.Module, keep=lambda name: True) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ import torch
 from pipeline.adapters import AdapterStack, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.data import prompt_problem, read_jsonl, score_each_once
-from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate
+from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate, right_pad
 from pipeline.models import (base_config, check_context, launch_autocast, load_base, load_tokenizer, profile_from, require_chat_template,
                              to_device)
 from pipeline.report import finish_distributed, print_table
@@ -147,7 +147,10 @@ def read_rm_eval_pairs(rm: dict) -> list[dict]:
         try:
             pairs.append({"prompt": r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}],
                           "chosen": text(r["chosen"]), "rejected": text(r["rejected"])})
-        except (KeyError, IndexError, TypeError):
+            if "chosen_ids" in r:  # as the rm stage scored them: templated as it trained, cut to its max_length
+                pairs[-1].update(chosen_ids=[int(t) for t in r["chosen_ids"]],
+                                 rejected_ids=[int(t) for t in r["rejected_ids"]], reply_start=int(r["reply_start"]))
+        except (KeyError, IndexError, TypeError, ValueError):
             raise ConfigError(f"the reward model's held-out pairs {path} line {n} is not a preference pair: rerun "
                               f"`make rm`") from None
     return pairs
@@ -161,15 +164,34 @@ def reward_scores(stack: AdapterStack, tokenizer, prompts: list, texts: list[str
         "reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device), starts[i:i + batch]).float().cpu())).tolist()
 
 
+@torch.no_grad()
+def token_scores(stack: AdapterStack, seqs: list[list[int]], starts: list[int], pad_id: int, batch: int) -> list[float]:
+    """The reward model's score of token sequences as given (each reply starting at its `starts`)."""
+    device = next(stack.model.parameters()).device
+    ids, mask = right_pad(seqs, pad_id)
+    starts = torch.tensor(starts, dtype=torch.long)
+    return torch.cat(on_every_rank(stack.model, len(ids), batch, lambda i: stack.scores(
+        "reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device), starts[i:i + batch]).float().cpu())).tolist()
+
+
 def heldout_pair_rewards(stack: AdapterStack, tokenizer, rm: dict, batch: int) -> tuple[list[dict], list[float], list[float]]:
     """The reward model's held-out pairs (rm stage's eval_pairs.jsonl) and its scores of their chosen and rejected
-    replies: the model work of the RM-vs-gold agreement, done by every rank."""
+    replies: the model work of the RM-vs-gold agreement, done by every rank. Scored as the rm stage scored them, from
+    the token ids it kept: templated again from the text, a pair past its max_length was scored on tokens it never
+    trained on, and past the base's positions (a long assistant-recipe reply on GPT-2) crashed. Pairs without ids
+    (another tool's file) are templated here."""
     held = read_rm_eval_pairs(rm)
     if not held:
         return [], [], []
-    asked = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in held]
-    scored = score_each_once(asked, lambda distinct: reward_scores(stack, tokenizer, [p for p, _ in distinct],
-                                                                   [t for _, t in distinct], batch), key=json.dumps)
+    if all("chosen_ids" in r for r in held):
+        asked = [(r[f"{side}_ids"], r["reply_start"]) for side in ("chosen", "rejected") for r in held]
+        scored = score_each_once(asked, lambda distinct: token_scores(
+            stack, [s for s, _ in distinct], [start for _, start in distinct], tokenizer.pad_token_id, batch),
+            key=json.dumps)
+    else:
+        asked = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in held]
+        scored = score_each_once(asked, lambda distinct: reward_scores(stack, tokenizer, [p for p, _ in distinct],
+                                                                       [t for _, t in distinct], batch), key=json.dumps)
     finite(scored, "the reward model's score of held-out reply")
     return held, scored[:len(held)], scored[len(held):]
 

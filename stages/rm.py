@@ -79,6 +79,18 @@ class RMArgs:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
 
+    def inert_settings(self, parsed: list) -> dict[str, str]:
+        """The settings that would not act with the rest of the config (pipeline.config.parse refuses them when they
+        are given on the command line): min_steps and max_epochs size the run only when neither max_steps nor
+        num_train_epochs does (the assistant recipe sets num_train_epochs 1)."""
+        train = next(c for c in parsed if hasattr(c, "num_train_epochs"))
+        fixed = ("max_steps" if train.max_steps > 0 else "num_train_epochs" if train.num_train_epochs > 0 else None)
+        if fixed is None:
+            return {}
+        why = (f"{fixed} {getattr(train, fixed):g} fixes the training length (plan_steps): set --{fixed} "
+               f"{-1 if fixed == 'max_steps' else 0} too, for min_steps and max_epochs to size it")
+        return {"min_steps": why, "max_epochs": why}
+
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)
         if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1:

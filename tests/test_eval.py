@@ -607,6 +607,45 @@ def test_held_out_pair_rewards_score_each_distinct_reply_once(tmp_path, monkeypa
     assert len(calls) == 1 and len(calls[0]) == len(set(calls[0])) == 5  # A: xx, zzz, y; B: xx, y
 
 
+def test_the_reward_models_held_out_pairs_are_scored_on_the_tokens_it_kept(tiny_models, tmp_path):
+    """The RM-vs-gold agreement templated each held-out pair again from its text: a pair the rm stage cut to its
+    max_length was scored on tokens the reward model never trained on, and on GPT-2 a reply past the base's 512
+    positions crashed eval (IndexError in the position embedding). The pairs' kept token ids (eval_pairs.jsonl) are
+    scored as they are, each reply from its reply_start. Mutant: the text templated again."""
+    import yaml
+
+    import stages.eval as ev
+    from pipeline.adapters import AdapterStack
+    from pipeline.generation import chat_reward_inputs, right_pad
+    from pipeline.models import load_tokenizer, profile_from
+    from tests.fake_upstream import _lora_adapter
+
+    spec = yaml.safe_load(tiny_models["gpt2"].read_text())
+    rm_dir = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / "rm" / "adapter", seed=2,
+                           task_type="SEQ_CLS")
+    profile = profile_from(str(tiny_models["gpt2"]))
+    tokenizer = load_tokenizer(profile)
+    stack = AdapterStack.build(profile, tokenizer, {"reward": rm_dir})
+    stack.pooling["reward"] = "sum"  # the reply's tokens from reply_start: where the kept ids say it starts
+    prompt = [{"role": "user", "content": "Tell me a story."}]
+    long_text = "The rabbit ran far away into the green wood. " * 80  # about 800 tokens: past GPT-2's 512
+    ids, mask, starts = chat_reward_inputs(tokenizer, [prompt, prompt], [long_text, "A happy day."])
+    assert mask[0].sum() > 512
+    chosen = ids[0][:40].tolist() + ids[0][mask[0].bool()][-8:].tolist()  # cut in the middle, as truncate_pair cuts
+    rejected = ids[1][mask[1].bool()].tolist()
+    start = int(starts[1])
+    pairs = tmp_path / "rm" / "eval_pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": long_text}],
+                                 "rejected": [{"role": "assistant", "content": "A happy day."}], "chosen_ids": chosen,
+                                 "rejected_ids": rejected, "reply_start": start}) + "\n")
+    held, got_chosen, got_rejected = ev.heldout_pair_rewards(stack, tokenizer, {"outputs": {"eval_pairs": str(pairs)}},
+                                                             batch=2)
+    want_ids, want_mask = right_pad([chosen, rejected], tokenizer.pad_token_id)
+    want = stack.scores("reward", want_ids, want_mask, torch.tensor([start, start])).tolist()
+    assert [got_chosen[0], got_rejected[0]] == pytest.approx(want, abs=1e-6)
+    assert held[0]["chosen"] == long_text  # the gold judge still reads the whole reply
+
+
 def test_report_md_states_the_intervals_report_json_holds(eval_dir):
     """Each win rate's line in report.md shows its own Wilson interval, low end first: the interval of (wins + ties/2)
     of n, from report.json's counts."""

@@ -1047,18 +1047,28 @@ def test_sampling_runs_a_process_a_core_on_the_cpu_default_only():
 
 def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path):
     """multi_gpu.yaml and fsdp.yaml (gpu_ids: all) start one process per GPU of this machine, whatever their
-    num_processes says; a config of your own, or one not for all GPUs, keeps its num_processes; no GPU: no change."""
+    num_processes says; a config of your own, or one not for all GPUs, keeps its num_processes; no GPU: one error line
+    through make, exit 2, nothing run (accelerate started its 8 processes on the CPU, silently)."""
     from pipeline.launch import processes_for_all_gpus
 
     shipped = REPO / "configs/accelerate/multi_gpu.yaml"
     assert processes_for_all_gpus(shipped, lambda: 2) == ["--num_processes", "2"]
     assert processes_for_all_gpus(REPO / "configs/accelerate/fsdp.yaml", lambda: 3) == ["--num_processes", "3"]
     assert processes_for_all_gpus(shipped, lambda: 8) == []  # it already asks for 8
-    assert processes_for_all_gpus(shipped, lambda: 0) == []  # no GPU here
     assert processes_for_all_gpus(REPO / "configs/accelerate/cpu2.yaml", lambda: 2) == []  # not gpu_ids: all
     own = tmp_path / "multi_gpu.yaml"
     own.write_text(shipped.read_text())
     assert processes_for_all_gpus(own, lambda: 2) == []  # your own file: its num_processes is what you asked for
+    import torch
+
+    if not torch.cuda.is_available():  # this machine: make's own run of it
+        res = make("sft", "ACCELERATE_CONFIG=configs/accelerate/multi_gpu.yaml", runs_dir=tmp_path / "runs")
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and lines[0] == (
+            "error: ACCELERATE_CONFIG=configs/accelerate/multi_gpu.yaml starts one process per GPU, and torch sees no "
+            "GPU here (a CPU-only torch, or CUDA_VISIBLE_DEVICES empty): on the CPU give configs/accelerate/cpu.yaml "
+            "(one process), cpu2.yaml (two) or fsdp_cpu2.yaml (two, the base sharded)"), res.stderr
+        assert len(lines) == 2 and not (tmp_path / "runs").exists()
 
 
 def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(monkeypatch):
@@ -1135,6 +1145,27 @@ def test_a_port_another_run_holds_is_replaced_without_a_word(tmp_path):
         res = make("sft", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml", runs_dir=runs)
     assert res.returncode == 0 and res.stderr == "", res.stderr[-3000:]
     assert ran(runs) == ["sft", "sft"]  # each rank's line
+
+
+def test_an_rl_stage_under_fp16_is_refused_before_any_stage_trains(tmp_path):
+    """PPO's loop has no fp16 loss scaler, so it refuses an fp16 launch: `make sft rm ppo` under an fp16 config said
+    so only after SFT, the pairs and the reward models had trained. make's check says it first (exit 2, nothing run);
+    the Trainer stages alone still run under fp16 (their Trainer scales the loss on a GPU), and bf16 is no problem."""
+    runs = tmp_path / "runs"
+    fp16 = tmp_path / "fp16.yaml"
+    fp16.write_text((REPO / "configs/accelerate/cpu.yaml").read_text().replace('mixed_precision: "no"',
+                                                                               "mixed_precision: fp16"))
+    assert "mixed_precision: fp16" in fp16.read_text()
+    for rl in ("ppo", "grpo"):
+        res = make("sft", "rm", rl, f"ACCELERATE_CONFIG={fp16}", runs_dir=runs)
+        assert res.returncode == 2 and res.stderr.splitlines()[0] == (
+            f"error: {rl} cannot train under fp16 mixed precision (its training loop has no loss scaler): set "
+            f"`mixed_precision: bf16` or `no` in {fp16}"), res.stderr
+        assert ran(runs) == []
+    assert make("sft", f"ACCELERATE_CONFIG={fp16}", runs_dir=runs).returncode == 0 and ran(runs) == ["sft"]
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text(fp16.read_text().replace("mixed_precision: fp16", "mixed_precision: bf16"))
+    assert make("ppo", f"ACCELERATE_CONFIG={bf16}", runs_dir=runs).returncode == 0 and "ppo" in ran(runs)
 
 
 def test_a_rerun_drops_the_old_manifest_when_it_starts(tmp_path):

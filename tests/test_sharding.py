@@ -31,6 +31,9 @@ def assert_really_sharded(metrics: dict) -> None:
     # Each rank holds its own half of every sharded weight; only a reward model's 1 x H score head stays whole.
     assert all(0.45 * full <= n <= 0.55 * full for n in per_rank), s
     assert full <= sum(per_rank) <= full + 64, s
+    # and holds only that in memory: on the CPU each shard was a view of the whole weight as read (pipeline.sharding.
+    # own_shards), so a rank held as much as under DDP (FSDP pads a shard a little: within the same bounds)
+    assert all(0.45 * full <= n <= 0.55 * full for n in s["base_stored_numel_per_rank"]), s
 
 
 def assert_same_adapter(dir_a: Path, dir_b: Path) -> None:
@@ -312,7 +315,9 @@ def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, mon
         assert launch.processes_for_all_gpus(config, lambda: 4) == ["--num_processes", "4"]
         assert launch.processes_for_all_gpus(config, lambda: 16) == ["--num_processes", "16"]
         assert launch.processes_for_all_gpus(config, lambda: 8) == []
-        assert launch.processes_for_all_gpus(config, lambda: 0) == []
+        with pytest.raises(ConfigError, match=f"ACCELERATE_CONFIG={config} starts one process per GPU, and torch "
+                                              "sees no GPU here"):  # not 8 CPU processes: 8 times the batch
+            launch.processes_for_all_gpus(config, lambda: 0)
     for name in ("cpu.yaml", "cpu2.yaml", "fsdp_cpu2.yaml"):  # a fixed number of processes, GPUs or not
         assert launch.processes_for_all_gpus(REPO / "configs" / "accelerate" / name, lambda: 4) == []
     own = tmp_path / "mine.yaml"
@@ -328,3 +333,9 @@ def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, mon
     monkeypatch.chdir(REPO)
     assert launch.main(["sft", "--config_file", "configs/accelerate/multi_gpu.yaml", "-m", "tests.fake_stages.sft"]) == 0
     assert launched == compared == [["--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "4"]]
+    # no GPU: one error line and exit 2, before the stage's folder is locked or checked
+    monkeypatch.setattr(launch, "gpus_here", lambda: 0)
+    monkeypatch.setattr(launch.processes_for_all_gpus, "__defaults__", (launch.gpus_here,))
+    monkeypatch.setattr(launch, "hold_stage_folder", lambda folder: pytest.fail("the folder was locked"))
+    assert launch.main(["sft", "--config_file", "configs/accelerate/fsdp.yaml", "-m", "tests.fake_stages.sft"]) == 2
+    assert len(launched) == 1

@@ -128,6 +128,11 @@ CASES = [
     ("rm-max-length-too-small", "stages.rm", RM + ["--max_length", "2", "--max_prompt_length", "1"],
      ["max_length 2 is too small", "prefs.jsonl"]),
     ("rm-dataset-empty", "stages.rm", RM + ["--dataset_name", ""], ["--dataset_name on the command line is empty"]),
+    # min_steps and max_epochs size the run only when max_steps and num_train_epochs do not: given, they were ignored
+    ("rm-min-steps-beside-max-steps", "stages.rm", RM + ["--min_steps", "3"],
+     ["--min_steps on the command line would have no effect: max_steps 1 fixes", "--max_steps -1"]),
+    ("rm-max-epochs-beside-epochs", "stages.rm", RM + ["--max_steps", "-1", "--num_train_epochs", "1", "--max_epochs", "2"],
+     ["--max_epochs on the command line would have no effect: num_train_epochs 1 fixes", "--num_train_epochs 0"]),
     ("ppo-prompts-file-empty", "stages.ppo", PPO + ["--prompts_file", " "], ["--prompts_file on the command line is empty"]),
     ("pairs-empty-file", "stages.pairs", PAIRS + ["--dataset_name", "{empty}"], ["empty.jsonl", "empty"]),
     ("pairs-empty-prompt", "stages.pairs", PAIRS + ["--dataset_name", "{empty_prompt}"], ["row 2", "the prompt is empty"]),
