@@ -129,6 +129,7 @@ def write_train_rows(resolved: dict, data_dir: Path) -> int:
     seed = resolved["train_cfg"].seed
     ds, _ = load_data(resolved["sft_args"], seed)
     train_ds, _ = train_eval_split(ds, resolved["sft_args"].eval_fraction, seed)
+    train_ds = train_ds.select_columns(["messages"])  # not the file row numbers the stage keeps for its errors
     data_dir.mkdir(parents=True, exist_ok=True)
     train_ds.to_json(str(data_dir / "train.jsonl"))
     return len(train_ds)

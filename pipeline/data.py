@@ -239,10 +239,24 @@ def messages_problem(messages) -> str | None:
     for m in messages:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             return f'each message must be {{"role": text, "content": text}}, not {json.dumps(m, default=str)[:60]}'
-        problem = text_problem(m["role"]) or text_problem(m["content"])
+        problem = text_problem(m["role"]) or text_problem(m["content"]) or role_problem(m["role"])
         if problem:
             return problem
     return None
+
+
+# The roles chat templates know: the three of every template, and those of tool calls (Llama 3.1's ipython).
+ROLES = ("system", "user", "assistant", "tool", "ipython", "developer")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+def role_problem(role: str) -> str | None:
+    """Why a message's role is not one a chat template renders (a ShareGPT-style 'human' rendered as a turn of its own,
+    or, with no 'assistant' turn, the row left out as having no reply), or None."""
+    if role in ROLES:
+        return None
+    hint = f": ShareGPT's '{role}' is '{SHAREGPT_ROLES[role]}'" if role in SHAREGPT_ROLES else ""
+    return f"role '{role[:40]}' is not one of {', '.join(ROLES)}{hint}"
 
 
 def first_existing(*paths: str | Path) -> Path | None:

@@ -92,15 +92,19 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
 
     from pipeline.adapters import pool_in_forward, prompt_part, read_pooling
 
+    untrained = []
     try:
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForSequenceClassification
 
             from pipeline.models import without_load_report
 
-            with without_load_report():  # "score.weight MISSING": the base's; the adapter holds the trained head
-                model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype="auto")
+            # Before loading: peft looks up the score head it is told to keep, and raised a bare KeyError without it
             untrained = [] if adapter_has_head(path) else ["score"]
+            if not untrained:
+                with without_load_report():  # "score.weight MISSING": the base's; the adapter holds the trained head
+                    model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
+                                                                                   dtype="auto")
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype="auto",
                                                                              output_loading_info=True)

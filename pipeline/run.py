@@ -161,6 +161,23 @@ def named_in_yamls(paths: set[str], own_dir: Path) -> set[str]:
     return found
 
 
+def base_configs_of(configs: set[str]) -> set[str]:
+    """The base_config each variant YAML among `configs` names, and theirs in turn."""
+    import yaml
+
+    found: set[str] = set()
+    todo = list(configs)
+    while todo:
+        try:
+            base = (yaml.safe_load(resolve_path(todo.pop()).read_text()) or {}).get("base_config")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+        if isinstance(base, str) and base not in found and resolve_path(base).is_file():
+            found.add(base)
+            todo.append(base)
+    return found
+
+
 def _flag(argv: list[str], name: str, default: str) -> str:
     """The value the stage's parser gives `name`: its last occurrence (`make` puts `--run $(RUN)` before ARGS, so
     ARGS="--run try2" wins), as `--name value` or `--name=value`."""
@@ -312,14 +329,27 @@ class StageRun:
         self.argv = sys.argv[1:]  # the stage's command line (`make` compares it with the next one)
         # The files the command line names (its YAMLs and the files they name), digested now, as the stage starts:
         # eval reads them, samples and scores for a minute, and only then prepares its folder.
-        self.first_seen = self._digests(self._named([self.argv, launch_args() or []]))
+        self.not_read: set[str] = set()  # named by the config, not read by this run (not_inputs)
+        self.first_seen = self._digests(self._named([self.argv, launch_args() or []], every_yaml=True))
         self.read_files: dict[str, str | None] = {}  # file -> digest when the stage started (prepare)
         self.code: dict[str, str | None] = {}  # the project's modules imported by then (code_digests), as read
 
-    def _named(self, sources: list) -> list[str]:
+    def _named(self, sources: list, every_yaml: bool = False) -> list[str]:
+        """The files the sources name, and those named inside the YAMLs among them (a model profile's base and
+        template). The stage's own --config files are not read for more: their keys are in the resolved config as
+        they acted, and a value the command line overrode (the YAML's model profile beside MODEL=) was never read;
+        only a variant's base_config is added. `every_yaml`: read them too (first_seen, digests taken as the stage
+        starts, a superset)."""
         own_dir = self.dir.resolve()
-        named = paths_named_in(sources, own_dir)
-        return sorted(named | named_in_yamls(named, own_dir))  # a variant's base_config too
+        named = paths_named_in(sources, own_dir) - self.not_read
+        configs = set() if every_yaml else {v for k, v in zip(self.argv, self.argv[1:]) if k == "--config"}
+        found = named_in_yamls(named - configs, own_dir) | base_configs_of(configs & named)
+        return sorted((named | found) - self.not_read)
+
+    def not_inputs(self, paths) -> None:
+        """Files the config names that this run does not read (the bundled mixture beside --dataset_name): not
+        recorded as inputs, so that editing them does not make `make` run the stage again."""
+        self.not_read |= {str(p) for p in paths}
 
     @staticmethod
     def _digests(files: list[str], known: dict[str, str | None] | None = None) -> dict[str, str | None]:

@@ -93,6 +93,15 @@ def conversation_holds(prompt: list, text: str) -> bool:
     return any(m["role"] == "user" and m["content"].strip() == text.strip() for m in prompt)
 
 
+def as_conversation(pair: dict) -> dict:
+    """A plain-text pair with its prompt as a conversation: the prompt a user turn, each reply an assistant turn. As
+    text, RewardTrainer (and DPO) trained on prompt + reply + EOS without the chat template, while PPO and eval score
+    the templated conversation (chat_reward_inputs): the reward model was asked about inputs it never saw. SFT reads
+    prompt-completion rows the same way (stages.sft.prompt_completion_as_messages)."""
+    return {"prompt": [{"role": "user", "content": pair["prompt"]}],
+            **{k: [{"role": "assistant", "content": pair[k]}] for k in ("chosen", "rejected")}}
+
+
 def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = False,
              origin: str | None = None) -> list[dict]:
     """Rows -> {prompt, chosen, rejected, source, margin, tie}; equal or empty pairs dropped, counted per source.
@@ -131,6 +140,8 @@ def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = 
         if isinstance(row["chosen"], str) and "prompt" not in given and row["chosen"][0] != row["rejected"][0]:
             # Nothing shared. TRL's extract_prompt would look at chosen[-1] here: "Yes " vs "No" became " " vs "o".
             ex = {"prompt": "", "chosen": row["chosen"], "rejected": row["rejected"]}
+        elif all(isinstance(v, str) for v in given.values()) and not is_empty(given.get("prompt", "")):
+            ex = as_conversation(given)
         else:
             ex = maybe_extract_prompt(given)
         if is_empty(ex["chosen"]) or is_empty(ex["rejected"]):  # a conversation whose differing part is blank

@@ -123,7 +123,8 @@ def with_replies(ds, name: str):
         if problem:
             raise ConfigError(f"row {i + 1} of {name}: {problem}: give rows {{'messages': [{{'role', 'content'}}, ...]}}")
         if any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
-            keep.append({"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]})
+            keep.append({"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]],
+                         "row": i + 1})  # its row in the file, for the errors after the split (with_assistant_masks)
     if not keep:
         raise ConfigError(f"no row of {name} has an assistant reply with text ({len(rows)} rows, every assistant turn "
                           f"empty or missing): SFT would have nothing to learn; give rows with assistant replies")
@@ -163,8 +164,8 @@ def split_and_tokenize(ds, tokenizer, train_cfg, args: SFTArgs, data_name: str):
                                                   train_cfg.truncation_mode) for d in (train_ds, eval_ds))
         train_cfg.assistant_only_loss = False
     elif "messages" in ds.column_names:  # TRL renders the template: with the same fixed kwargs as every other render
-        train_ds, eval_ds = (d.add_column("chat_template_kwargs", [TEMPLATE_KWARGS] * len(d)) if d is not None else None
-                             for d in (train_ds, eval_ds))
+        train_ds, eval_ds = (d.select_columns(["messages"]).add_column("chat_template_kwargs", [TEMPLATE_KWARGS] * len(d))
+                             if d is not None else None for d in (train_ds, eval_ds))
     return train_ds, eval_ds
 
 
@@ -181,13 +182,14 @@ def with_assistant_masks(ds, tokenizer, eot: str, data_name: str, max_length: in
         return None
     rows = []
     for i, row in enumerate(ds):
+        number = row.get("row") or i + 1  # the file's row (with_replies), not its place in this split
         try:
             rows.append(tokenize_with_assistant_mask(tokenizer, row["messages"], eot))
         except jinja2.TemplateError as err:
-            raise ConfigError(f"row {i} of {data_name}: the chat template refuses it ({err}): fix the row or the "
+            raise ConfigError(f"row {number} of {data_name}: the chat template refuses it ({err}): fix the row or the "
                               f"template (model profile `chat_template:`)") from None
         except ConfigError as err:  # a row the mask cannot be built for: say which, in which file
-            raise ConfigError(f"row {i} of {data_name}: {err}") from None
+            raise ConfigError(f"row {number} of {data_name}: {err}") from None
     if max_length and rows and not any(1 in kept(r["assistant_masks"], max_length, truncation_mode) for r in rows):
         need = min((n for r in rows if (n := tokens_to_keep_a_reply(r["assistant_masks"], truncation_mode))),
                    default=None)
@@ -250,6 +252,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     state = PartialState()
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("sft", run.run, run.runs_dir)
+    if args.dataset_name:  # your data replaces the bundled mixture: its files are not inputs of this run
+        stage.not_inputs(args.dataset_mixture)
     train_cfg.output_dir = str(stage.dir / "trainer")
     train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
     if 1 <= train_cfg.max_steps < train_cfg.logging_steps:  # a short run would log no loss at all (first/last: None)

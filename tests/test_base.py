@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError, parse
 from tests.conftest import REPO, run_python
@@ -19,6 +20,8 @@ def base_args(runs, *extra):
     (["--max_steps", "-1"], "max_steps must be at least 1, got -1"),  # zero steps: a random base over models/tiny
     (["--text_dir", "{tmp}/nowhere"], "text_dir .*nowhere holds no .txt files"),
     (["--heldout_books", "alice", "zebra"], r"heldout_books \['zebra'\] are not in data/pretrain/texts"),
+    (["--heldout_books", *sorted(f.stem for f in (REPO / "data/pretrain/texts").glob("*.txt"))],
+     "every book of data/pretrain/texts is held out"),
 ])
 def test_settings_make_base_cannot_run_with_are_one_error_before_writing(extra, message, tmp_path):
     from stages.base import CONFIG_CLASSES, main
@@ -89,12 +92,19 @@ def test_a_tiny_base_trains_on_its_schedule_its_own_books_and_records_its_specia
         return opt
 
     monkeypatch.setattr(base, "make_optimizer", recording)
+    clipped, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *args, **kwargs):
+        clipped.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     out = tmp_path / "tiny"
     cfg, run = parse(base.CONFIG_CLASSES(), base_args(
         tmp_path / "runs", "--text_dir", str(texts), "--heldout_books", "mice", "--output_dir", str(out),
         "--vocab_size", "300", "--hidden_size", "16", "--intermediate_size", "32", "--num_hidden_layers", "2",
         "--num_attention_heads", "2", "--block_size", "32", "--batch_size", "2", "--max_steps", "6",
-        "--warmup_steps", "2", "--learning_rate", "1e-2", "--min_lr_ratio", "0.1", "--eval_every", "3",
+        "--warmup_steps", "2", "--learning_rate", "1e-2", "--min_lr_ratio", "0.1", "--eval_every", "4",
         "--eval_batches", "2"))
     metrics = base.main(cfg, run)
 
@@ -113,6 +123,8 @@ def test_a_tiny_base_trains_on_its_schedule_its_own_books_and_records_its_specia
                     for n in ("bunny", "flopsy"))
     assert metrics["train_tokens_available"] == train_ids  # the held-out book is not trained on
     assert metrics["tokens_seen"] == 6 * 2 * 32
+    assert clipped == [1.0] * 6  # grad_clip on every step
+    assert [h["step"] for h in metrics["history"]] == [4, 6]  # every eval_every steps, and the last
     config = AutoConfig.from_pretrained(out)
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (
         tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)  # <pad>, <s>, </s>: SPECIAL_TOKENS' order
@@ -123,3 +135,17 @@ def test_a_tiny_base_trains_on_its_schedule_its_own_books_and_records_its_specia
     assert card.data.license == "apache-2.0"
     assert f"Held-out perplexity {metrics['heldout_perplexity']} on mice." in card.text
     assert f"{6 * 2 * 32:,} tokens; seed 0" in card.text
+
+
+def test_held_out_loss_is_the_mean_over_its_batches_the_last_short_one_too():
+    """evaluate() averages the batches' losses (not their sum), the last short batch included: 5 rows in batches of
+    2 are three batches; a stand-in model whose loss is its batch's row count gives (2 + 2 + 1) / 3."""
+    from types import SimpleNamespace
+
+    from stages.base import evaluate
+
+    class RowCount(torch.nn.Module):
+        def forward(self, input_ids, labels):
+            return SimpleNamespace(loss=torch.tensor(float(input_ids.shape[0])))
+
+    assert evaluate(RowCount(), torch.zeros(5, 9, dtype=torch.long), batches=10, batch_size=2) == pytest.approx(5 / 3)

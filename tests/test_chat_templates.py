@@ -297,7 +297,7 @@ def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers
 
         rows = Dataset.from_list([{"messages": conversation("qwen2_5")[1:]},
                                   {"messages": conversation("qwen2_5")[2:]}])  # the second row opens with a reply
-        with pytest.raises(ConfigError, match="^row 1 of rows.jsonl: a conversation starts with an assistant turn: "
+        with pytest.raises(ConfigError, match="^row 2 of rows.jsonl: a conversation starts with an assistant turn: "
                                               "give each assistant turn"):
             with_assistant_masks(rows, tok, "<|im_end|>", "rows.jsonl")
     elif case == "no_generation_prompt":  # ChatML without its generation prompt: SFT would train the header as reply
@@ -414,3 +414,25 @@ def test_the_assistant_recipe_keeps_its_prompts_under_real_templates(name, tmp_p
         prompts = [r if isinstance(r, list) else [{"role": "user", "content": r}] for r in rows]
         left_out = sum(len(ids) > cfg[key] for ids in encode_prompts(tok, prompts))
         assert left_out <= 1, (stage, left_out, len(prompts))
+
+
+def test_a_reply_that_writes_the_end_of_turn_text_is_masked_to_its_own_end():
+    """The end-of-turn text is searched for after the reply, not inside it: a reply that itself writes "</s>" (the
+    embedded base's end of turn) is masked to its end, its own "</s>" and the template's after it; and a template
+    whose turns do not end with the end-of-turn text given is one error, not a turn silently left unmasked."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import assistant_spans, render, tokenize_with_assistant_mask
+    from pipeline.config import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
+    messages = [{"role": "user", "content": "How do I end a turn?"}, {"role": "assistant", "content": "Write </s> and stop."}]
+    text = render(tok, messages)
+    start = len(render(tok, messages[:1], add_generation_prompt=True))
+    reply_end = text.index("Write </s> and stop.") + len("Write </s> and stop.")
+    assert assistant_spans(tok, messages, text, "</s>") == [(start, text.index("</s>", reply_end) + len("</s>"))]
+    enc = tokenize_with_assistant_mask(tok, messages, "</s>")
+    words = [tok.decode([t]) for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assert "".join(words).strip().startswith("Write") and "".join(words).rstrip().endswith("stop.</s>")
+    with pytest.raises(ConfigError, match="assistant turn 1 does not end with the template's end-of-turn text '<|nope|>'"):
+        assistant_spans(tok, messages, text, "<|nope|>")

@@ -184,7 +184,7 @@ def test_dataset_split_reaches_sft_reward_model_and_dpo_data(tmp_path):
         (prefs / f"{split}.jsonl").write_text(json.dumps({"prompt": "Hi?", "chosen": f"{split} yes",
                                                           "rejected": f"{split} no"}) + "\n")
     pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(prefs), dataset_split="test_prefs"), None, 0)
-    assert [p["chosen"] for p in pairs] == ["test_prefs yes"]
+    assert [p["chosen"] for p in pairs] == [[{"role": "assistant", "content": "test_prefs yes"}]]  # as a conversation
     assert preference_args(DPOArgs(dataset_name=str(prefs), dataset_split="test_prefs")).dataset_split == "test_prefs"
 
 
@@ -212,3 +212,24 @@ def test_dataset_split_reaches_the_prompts_of_pairs_and_ppo(tmp_path, tiny_model
     train, _, heldout, _ = ppo_prompts(PPOConfig(dataset_name=str(folder), dataset_split="test", heldout_fraction=0.0),
                                        tokenizer)
     assert train + heldout == [[{"role": "user", "content": "A test prompt."}]]
+
+
+def test_a_blank_file_a_splits_name_and_a_bad_bytes_column(tmp_path):
+    """A data file of blank lines is empty (not datasets' 'Instruction "train" corresponds to no data!'); a folder's
+    split `gen` is gen.jsonl, not general.jsonl too; a byte that is not UTF-8 is named by its column from 1."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_any, read_jsonl, split_files
+
+    for name in ("blank.jsonl", "blank.json"):
+        (tmp_path / name).write_text("  \n\n")
+        with pytest.raises(ConfigError, match="is empty: give a dataset with at least a few rows"):
+            load_any(str(tmp_path / name))
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    for name in ("gen.jsonl", "general.jsonl"):
+        (folder / name).write_text('{"a": 1}\n')
+    assert split_files(folder, "gen") == [folder / "gen.jsonl"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"a": 1}\n{"p": "\xff"}\n')
+    with pytest.raises(ConfigError, match=r"line 2 is not UTF-8 text \(bad byte at column 8\)"):
+        read_jsonl(bad)

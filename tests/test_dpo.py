@@ -606,3 +606,19 @@ def test_rm_configs_prompt_cut_too_long_for_dpo_names_rm_config(tmp_path):
     assert preference_args(args, 200).max_prompt_length == 100  # 100 <= 200 // 2
     with pytest.raises(ConfigError, match=rf"max_prompt_length 100 \(from rm_config {variant}\) .* DPO's max_length \(199\)"):
         preference_args(args, 199)
+
+
+def test_loras_on_different_modules_do_not_combine():
+    """DPO's policy is the SFT LoRA and its own combined into one: a second LoRA on more modules than the first would
+    lose its extra modules without a word. One error naming them."""
+    gen = torch.Generator().manual_seed(0)
+
+    def lora(*modules):
+        return {f"{m}.{ab}.weight": torch.randn(shape, generator=gen) for m in modules
+                for ab, shape in (("lora_A", (2, 4)), ("lora_B", (4, 2)))}
+
+    config = {"lora_alpha": 2, "r": 2}
+    with pytest.raises(ConfigError, match=r"wrap different modules \(\['m2'\]"):
+        combine_loras(lora("m1"), config, lora("m1", "m2"), config)
+    state, _ = combine_loras(lora("m1", "m2"), config, lora("m1", "m2"), config)
+    assert sorted(state) == ["m1.lora_A.weight", "m1.lora_B.weight", "m2.lora_A.weight", "m2.lora_B.weight"]

@@ -961,3 +961,20 @@ def test_each_score_and_kl_eval_computes_is_checked_for_a_number(monkeypatch, tm
     pairs.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ConfigError, match="the reward model's score of held-out reply 0 is nan"):
         E.heldout_pair_rewards(NaNStack(), None, {"outputs": {"eval_pairs": str(pairs)}}, batch=2)
+
+
+def test_the_score_histogram_bins_every_score_and_labels_each_policys_mean():
+    """plot_hist: 20 bins from the lowest score to the highest hold all six scores (the highest too), and each legend
+    entry is its own policy's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.eval_plots import plot_hist
+
+    fig, ax = plt.subplots()
+    plot_hist(ax, [0.0, 1.0, 2.0], [5.0, 6.0, 7.0])
+    assert sum(p.get_height() for p in ax.patches) == 6
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SFT (mean 1.000)", "PPO (mean 6.000)"]
+    plt.close(fig)

@@ -108,6 +108,25 @@ def test_an_rm_judge_scores_on_this_processs_accelerator(tiny_models, tmp_path, 
     assert len(got) == len(TEXTS) and all(isinstance(x, float) and math.isfinite(x) for x in got)
 
 
+def test_a_reward_adapter_without_its_score_head_is_refused(tiny_models, tmp_path):
+    """A reward adapter saved without its score head (or with modules_to_save cleared) crashed load_judge with peft's
+    bare KeyError, before the check for a head ran: one ConfigError saying so, before peft loads it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    rm_dir = _rm_adapter(tiny_models, tmp_path / "other" / "adapter")
+    weights = rm_dir / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if "score" not in k}, str(weights),
+              metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="has no trained score head"):
+        load_judge(f"rm:{rm_dir}")
+    config = json.loads((rm_dir / "adapter_config.json").read_text())
+    (rm_dir / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
+    with pytest.raises(ConfigError, match="has no trained score head"):
+        load_judge(f"rm:{rm_dir}")
+
+
 def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):
     rm_dir = _rm_adapter(tiny_models, tmp_path / "rm" / "adapter")
     for spec in (f"rm:{rm_dir}", f"rm:{rm_dir.parent}", f"rm:{rm_dir}/"):

@@ -331,6 +331,18 @@ def test_kappa_alpha_and_position_bias_by_hand():
     assert krippendorff_alpha([["a", "a"], ["b", "b"], ["c"]]) == pytest.approx(1.0)
     assert binomial_two_sided_p(5, 10) == pytest.approx(1.0)
     assert binomial_two_sided_p(9, 10) == pytest.approx(22 / 1024)
+    # units of three values weigh each ordered pair 1 / (m - 1): {a,a,a} {a,a,b} {b,b} -> o_aa = 3 + 1 = 4,
+    # o_ab = o_ba = 1, o_bb = 2; n = 8, n_a = 5, n_b = 3 -> alpha = 1 - (8 - 1) * 2 / (2 * 5 * 3) = 8/15
+    assert krippendorff_alpha([["a", "a", "a"], ["a", "a", "b"], ["b", "b"]]) == pytest.approx(8 / 15)
+
+
+def test_agreement_counts_only_pairs_several_annotators_labeled():
+    """p1 has two labels (ann: response 0, bob: response 1), p2 and p3 one each: one pair with several labels, alpha
+    0 on it, and no kappa (ann and bob share one pair, and a kappa needs two)."""
+    labels = [lab("p1", "ann", "left", 0), lab("p1", "bob", "right", 1), lab("p2", "ann", "left", 0),
+              lab("p3", "bob", "tie", None)]
+    assert summarize(labels, now=10)["agreement"] == {"pairs_with_several_labels": 1, "krippendorff_alpha": 0.0,
+                                                      "cohen_kappa": {}, "mean_cohen_kappa": None}
 
 
 def lab(pair, who, choice, pref, strength=None, t=0):
@@ -849,6 +861,15 @@ def test_a_hostname_is_not_loopback_and_a_login_needs_a_password():
         with pytest.raises(ConfigError, match=r"^bad user entry \(entry 1 of \$LABEL_USERS\): write `name:password`, "
                                               r"a name and a password;"):
             load_users(None, env={"LABEL_USERS": entry})
+
+
+def test_an_overlap_below_one_is_refused():
+    """overlap is how many annotators label each pair: 0 would serve no pair to anyone."""
+    from stages.label.config import LabelArgs
+
+    with pytest.raises(ValueError, match="overlap must be at least 1, got 0"):
+        LabelArgs(overlap=0)
+    assert LabelArgs(overlap=1).overlap == 1
 
 
 def test_min_agreement_outside_0_1_is_refused():

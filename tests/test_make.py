@@ -504,6 +504,38 @@ def test_a_variant_configs_base_config_is_an_input(tmp_path, monkeypatch):
     assert is_current("grpo", stage.argv) == (False, f"{base} changed")
 
 
+def test_what_your_own_data_and_model_replace_is_not_an_input(tmp_path):
+    """SFT on your own data (--dataset_name) recorded the bundled mixture its YAML names as an input, and the YAML's
+    model profile beside MODEL=: editing data/story/sft.jsonl reran SFT, then the pairs, the labels step and the
+    reward model, which could make people's labels an earlier run's. A stage's inputs are what its resolved config
+    names (the --config file itself, and a variant's base_config, not the values it holds that the command line
+    replaced) and nothing it set aside (not_inputs). Mutants: the --config file read for more; not_inputs ignored."""
+    runs, ours, bundled, mine, data = (tmp_path / n for n in ("runs", "ours.yaml", "bundled.jsonl", "mine.yaml",
+                                                               "mine.jsonl"))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    for f in (bundled, data):
+        f.write_text("{}\n")
+    ours.write_text(f"name_or_path: {base}\n")
+    mine.write_text(f"name_or_path: {base}\n")
+    config_yaml = tmp_path / "sft.yaml"
+    config_yaml.write_text(f"model_config: {ours}\ndataset_mixture: {{{bundled}: 0}}\n")
+    stage = StageRun("sft", "r", str(runs))
+    stage.argv = ["--config", str(config_yaml), "--run", "r", "--runs_dir", str(runs), "--model_config", str(mine),
+                  "--dataset_name", str(data)]
+    config = {"run": {"model_config": str(mine)}, "sft": {"dataset_name": str(data), "dataset_mixture": {str(bundled): 0}}}
+    stage.not_inputs({str(bundled): 0})
+    stage.prepare(config)
+    manifest = stage.finish({}, {}, config)
+    assert set(manifest["inputs"]["files"]) == {str(config_yaml), str(mine), str(base), str(data)}
+    bundled.write_text("{}\n{}\n")
+    ours.write_text(f"name_or_path: {base}\ndtype: bfloat16\n")
+    assert is_current("sft", stage.argv) == (True, "")
+    data.write_text("{}\n{}\n")
+    assert is_current("sft", stage.argv) == (False, f"{data} changed")
+
+
 def test_the_base_checkpoint_a_profile_names_and_a_judges_reward_model_are_inputs(tmp_path):
     """A stage reads the base checkpoint through the model profile (`make base` writes new weights to the same folder)
     and a gold judge's reward model through `rm:<dir>`: new bytes in either make the stage stale, like its own files."""

@@ -938,10 +938,23 @@ def yaml_model_dir(profile) -> str:
                                      r"update \(with no metric and no settings of its own\): use one of linear, cosine"),
     ("--lr_scheduler_type", "reduce_lr_on_plateau", "'reduce_lr_on_plateau' is not a transformers scheduler PPO can"),
     ("--lr_scheduler_type", "warmup_stable_decay", "'warmup_stable_decay' is not a transformers scheduler PPO can"),
+    ("--response_length", "0", "response_length must be at least 1, got 0"),
+    ("--forward_batch_size", "0", "forward_batch_size must be at least 1, got 0"),
+    ("--kl_horizon", "0", "kl_horizon must be >= 1"),
 ])
 def test_out_of_range_hyperparameters_are_refused(flag, value, message):
     with pytest.raises(ConfigError, match=message):
         parse_args(["--config", "configs/ppo.yaml", f"{flag}={value}", "--total_updates", "3"])
+
+
+def test_settings_that_need_another_are_refused_without_it():
+    """An adaptive KL controller starting from kl_coef 0 stays at 0 (it scales the coefficient), and a critic warm-up
+    in a critic-free estimator warms nothing: each is one error at parse."""
+    with pytest.raises(ConfigError, match="adaptive_kl needs kl_coef > 0 as its starting value"):
+        parse_args(["--config", "configs/ppo.yaml", "--adaptive_kl", "true", "--kl_coef", "0"])
+    with pytest.raises(ConfigError, match="critic_warmup_updates needs a critic: only advantage_estimator gae has one"):
+        parse_args(["--config", "configs/grpo.yaml", "--critic_warmup_updates", "1"])
+    assert parse_args(["--config", "configs/ppo.yaml", "--adaptive_kl", "true", "--kl_coef", "0.1"])[0].adaptive_kl
 
 
 @pytest.mark.parametrize("config", ["configs/grpo.yaml", "configs/rloo.yaml", "configs/reinforce_pp.yaml"])

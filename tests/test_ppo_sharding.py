@@ -279,3 +279,20 @@ def test_sharded_grpo_runs_each_prompt_once_like_ddp(tiny_models, adapters, prom
     for ra, rb in zip(a, b):
         for key, va in ra.items():
             assert rb[key] == (pytest.approx(va, rel=1e-5, abs=1e-6) if isinstance(va, float) else va), (ra["update"], key)
+
+
+def test_a_base_left_on_meta_is_refused_before_any_collective():
+    """fsdp_cpu_ram_efficient_loading leaves the weights unloaded (on the meta device) on every rank but the first:
+    sharding that would train a base of nothing. One error naming the setting, before any collective (here, with no
+    process group, a collective would raise torch's own error instead)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.ppo.sharding import shard_base
+    from tests.conftest import REPO
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "models" / "tiny"))
+    with pytest.raises(ConfigError, match="set fsdp_cpu_ram_efficient_loading: false in the accelerate config"):
+        shard_base(SimpleNamespace(causal_lm=lm, model=lm), torch.device("cpu"))

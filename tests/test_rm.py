@@ -22,7 +22,7 @@ from pipeline.models import lora_config, load_base, load_tokenizer, profile_from
 from pipeline.run import StageRun, manifest_digest
 from stages.rm import RMArgs, main, parse_args, plan_steps
 from stages.rm_scoring import check_reload
-from stages.rm_data import encode_pair, load_pairs, prepare_data, truncate_pair, weighted
+from stages.rm_data import encode_pair, load_pairs, prepare_data, reply_start, truncate_pair, weighted
 from pipeline.adapters import SUM_DIVISOR, pool_in_forward, pool_scores, prompt_part, read_pooling, write_pooling
 from tests.conftest import ARCHS, REPO, guarded_exit, run_module, run_python
 
@@ -261,6 +261,30 @@ def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
     train_prompts, eval_prompts = ({json.dumps(r["prompt"]) for r in rows} for rows in (train_rows, eval_rows))
     assert not train_prompts & eval_prompts and len(eval_rows) > len(eval_prompts)
     assert counts["pandalm"]["eval"] == len(eval_rows) and counts["pandalm"]["empty"] == 52
+
+
+def test_plain_text_pairs_with_a_prompt_train_on_what_ppo_scores(tiny_models, tmp_path):
+    """A plain-text pair with its prompt ({"prompt": "...", "chosen": "...", "rejected": "..."}) trained the reward
+    model on prompt + reply + EOS without the chat template, while PPO and eval score the templated conversation: it
+    is read as a user turn and assistant replies (as SFT reads prompt-completion rows), so the ids it trains on are
+    exactly the ones PPO's rollouts give it. Without a prompt (one text holding both) it stays text. Mutant: the pair
+    kept as text."""
+    from pipeline.generation import chat_reward_inputs
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    rows = [{"prompt": "Is the otter nice?", "chosen": "Yes, the otter is lovely.", "rejected": "No. Bad otter."}]
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "plain.jsonl", rows))), None, 0)
+    user = [{"role": "user", "content": "Is the otter nice?"}]
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        (user, [{"role": "assistant", "content": "Yes, the otter is lovely."}],
+         [{"role": "assistant", "content": "No. Bad otter."}])]
+    chosen, rejected = encode_pair(tok, pairs[0])
+    ids, mask, starts = chat_reward_inputs(tok, [user, user], ["Yes, the otter is lovely.", "No. Bad otter."])
+    assert [chosen, rejected] == [ids[i][mask[i].bool()].tolist() for i in range(2)]
+    assert reply_start(tok, pairs[0], chosen, rejected) == int(starts[0])
+    implicit = [{"chosen": "Is the otter nice? Yes.", "rejected": "Is the otter nice? No."}]
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "implicit.jsonl", implicit))), None, 0)
+    assert isinstance(pairs[0]["chosen"], str) and isinstance(pairs[0]["prompt"], str)
 
 
 def test_prompt_kinds_and_empty_replies(tmp_path):

@@ -332,7 +332,7 @@ def test_rows_without_an_assistant_reply_with_text_are_left_out(capsys):
     rows = [[user, {"role": "assistant", "content": "The cat sat."}], [user, {"role": "assistant", "content": " \n "}],
             [user], [user, {"role": "assistant", "content": ""}, {"role": "assistant", "content": "Yes."}]]
     kept = with_replies(Dataset.from_list([{"messages": m} for m in rows]), "rows.jsonl")
-    assert kept.to_list() == [{"messages": rows[0]}, {"messages": rows[3]}]
+    assert kept.to_list() == [{"messages": rows[0], "row": 1}, {"messages": rows[3], "row": 4}]  # the file's rows
     assert "2 of 4 rows of rows.jsonl have no assistant reply with text: left out" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no row of none.jsonl has an assistant reply with text"):
         with_replies(Dataset.from_list([{"messages": m} for m in rows[1:3]]), "none.jsonl")
@@ -352,9 +352,10 @@ def test_prompt_completion_rows_train_as_conversations(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds, name = load_data(SFTArgs(dataset_name=str(data)), 0)
     assert ds.to_list() == [
-        {"messages": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}]},
+        {"messages": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}],
+         "row": 1},
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                      {"role": "assistant", "content": "Hello."}]}]  # the third has no reply with text: left out
+                      {"role": "assistant", "content": "Hello."}], "row": 2}]  # the third has no reply with text: left out
     data.write_text(json.dumps({"prompt": "Hi?", "completion": 7}) + "\n")
     with pytest.raises(ConfigError, match=r"^row 1 of .*pc\.jsonl: its completion is int: give text or a list of "):
         load_data(SFTArgs(dataset_name=str(data)), 0)

@@ -52,6 +52,14 @@ def files(tmp: Path) -> dict[str, str]:
                                                     "chosen": [{"role": "assistant", "content": "A good answer."}],
                                                     "rejected": [{"role": "assistant", "content": "Bad."}]} for i in range(8)]),
         "empty_prompt": write_jsonl(tmp / "empty_prompt.jsonl", [{"prompt": "Fine."}, {"prompt": ""}]),
+        # ShareGPT's roles: a template renders 'human' as a turn of its own, and rows of 'human' and 'gpt' had no reply
+        "sharegpt_chats": write_jsonl(tmp / "sharegpt_chats.jsonl", [{"messages": [{**CHAT[0], "content": f"Hi {i}."},
+                                                                                  CHAT[1]]} for i in range(3)] + [
+            {"messages": [{"role": "human", "content": "Hi."}, {"role": "gpt", "content": "Hello."}]}]),
+        "sharegpt_prefs": write_jsonl(tmp / "sharegpt_prefs.jsonl", [{"prompt": [{"role": "human", "content": "Q?"}],
+                                                                      "chosen": [CHAT[1]], "rejected": [CHAT[1]]}]),
+        "sharegpt_prompts": write_jsonl(tmp / "sharegpt_prompts.jsonl",
+                                        [{"prompt": [{"role": "human", "content": "Tell me a story."}]}]),
         "fp16_profile": write_text(tmp / "fp16.yaml", "name_or_path: models/tiny\ndtype: fp16\n"),
         "adapter_profile": write_text(tmp / "adapter.yaml", f"name_or_path: {tmp / 'adapter'}\n"),
         "file_profile": write_text(tmp / "file.yaml", f"name_or_path: {tmp / 'adapter' / 'adapter_config.json'}\n"),
@@ -62,6 +70,10 @@ def files(tmp: Path) -> dict[str, str]:
                                                              for i in range(8)]),
         # long in held-out rows only, and in the rejected reply: the checks read both splits and both replies
         "long_held_out_chats": write_jsonl(tmp / "long_held_out_chats.jsonl", held_out_long_chats()),
+        # the seventh row opens with a reply: the error names row 7 of the file, not its place in the split
+        "reply_first_chats": write_jsonl(tmp / "reply_first_chats.jsonl", [
+            {"messages": [{**CHAT[0], "content": f"Say hi, {i}."}, CHAT[1]]} for i in range(6)] + [
+            {"messages": [{**CHAT[1], "content": "I start."}, CHAT[0], CHAT[1]]}]),
         "long_held_out_prefs": write_jsonl(tmp / "long_held_out_prefs.jsonl", held_out_long_prefs()),
         "long_prefs": write_jsonl(tmp / "long_prefs.jsonl", [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
                                                               "chosen": [{"role": "assistant", "content": "yes " * 700}],
@@ -113,6 +125,8 @@ CASES = [
     ("sft-sample-past-the-positions", "stages.sft", SFT + ["--sample_prompts", "hi " * 600],
      ["--sample_max_new_tokens 4 make", "more than the base model's 512", "--sample_prompts"]),
     ("sft-batch-0", "stages.sft", SFT + ["--per_device_train_batch_size", "0"], ["--per_device_train_batch_size", ">= 1"]),
+    ("sft-row-number-of-the-file", "stages.sft", SFT + ["--dataset_name", "{reply_first_chats}", "--eval_fraction", "0.5"],
+     ["row 7 of", "reply_first_chats.jsonl: a conversation starts with an assistant turn"]),
     ("sft-lr-negative", "stages.sft", SFT + ["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
     ("sft-grad-accum-0", "stages.sft", SFT + ["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),
     ("sft-max-steps-negative", "stages.sft", SFT + ["--max_steps", "-5"], ["--max_steps", "-1"]),
@@ -142,6 +156,11 @@ CASES = [
     ("pairs-top-p-0", "stages.pairs", PAIRS + ["--top_p", "0"], ["--top_p", "(0, 1]"]),
     ("ppo-empty-file", "stages.ppo", PPO + ["--dataset_name", "{blank}"], ["blank.jsonl is empty"]),
     ("ppo-empty-prompt", "stages.ppo", PPO + ["--dataset_name", "{empty_prompt}"], ["row 2", "the prompt is empty"]),
+    ("sft-sharegpt-roles", "stages.sft", SFT + ["--dataset_name", "{sharegpt_chats}"],
+     ["row 4 of", "role 'human' is not one of system, user, assistant", "ShareGPT's 'human' is 'user'"]),
+    ("rm-sharegpt-roles", "stages.rm", RM + ["--dataset_name", "{sharegpt_prefs}"],
+     ["sharegpt_prefs.jsonl row 1", "'prompt': role 'human'", "is 'user'"]),
+    ("ppo-sharegpt-roles", "stages.ppo", PPO + ["--dataset_name", "{sharegpt_prompts}"], ["role 'human'", "is 'user'"]),
     ("eval-max-new-tokens-0", "stages.eval", EVAL + ["--max_new_tokens", "0"], ["--max_new_tokens", ">= 1"]),
     ("eval-score-batch-0", "stages.eval", EVAL + ["--score_batch_size", "0"], ["--score_batch_size"]),
     ("eval-generation-batch-0", "stages.eval", EVAL + ["--generation_batch_size", "0"], ["--generation_batch_size"]),
