@@ -48,7 +48,8 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
                 ds = datasets.load_from_disk(str(path))
                 if isinstance(ds, datasets.DatasetDict):
                     if split not in ds:
-                        raise ConfigError(f"dataset folder {path} has splits {list(ds)}, not '{split}'")
+                        raise ConfigError(f"dataset folder {path} has splits {list(ds)}, not '{split}': pick one with "
+                                          f"--dataset_split")
                     ds = ds[split]
                 elif split != "train":  # as a file: one split, read whatever --dataset_split says (it read train rows)
                     raise ConfigError(f"dataset folder {path} holds one saved Dataset, one split: drop --dataset_split "
@@ -64,7 +65,11 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
     except ConfigError:
         raise
     except Exception as err:  # datasets raises many kinds; the user needs the name and the reason
-        raise ConfigError(f"could not load dataset '{name_or_path}': {type(err).__name__}: {err}") from None
+        offline = "Offline" in type(err).__name__ or "offline" in str(err).lower() or isinstance(err, ConnectionError)
+        fix = (": no Hub access here (offline, or no network): download it where there is (`hf download "
+               f"{name_or_path} --repo-type dataset --local-dir DIR`) and give DIR" if offline else "")
+        raise ConfigError(f"could not load dataset '{name_or_path}': {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}{fix}") from None
 
 
 def split_files(folder: Path, split: str) -> list[Path]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
@@ -203,6 +204,14 @@ def people_labeled(db, pair_ids: set[str]) -> bool:
                                 for lab in LabelStore(db).labels())
 
 
+def own_prompts(pairs_manifest: dict | None) -> str | None:
+    """The prompts the pairs were sampled for, when they are not the story recipe's (your --dataset_name or
+    prompts_file); None for the story openings or pairs given another way."""
+    settings = ((pairs_manifest or {}).get("config") or {}).get("pairs") or {}
+    source = settings.get("dataset_name") or settings.get("prompts_file") or ""
+    return source if source and not str(source).startswith("data/story/") else None
+
+
 def main(args: SimulateArgs, run: RunArgs) -> dict:
     from pipeline.judges import judge_scores, load_judge
     from pipeline.report import print_table
@@ -227,6 +236,11 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     rm_dir = stage_dir(run.runs_dir, run.run, "rm")  # the run's reward model, every member of an ensemble
     judge = load_judge(args.judge, forbidden_rm=[rm_dir / "adapter", *sorted(rm_dir.glob("member-*/adapter"))])
     annotator = args.annotator or f"sim:{judge.name}"
+    own = own_prompts(stage.upstream.get("pairs"))
+    if own and judge.name == "sentiment":
+        print(f"note: the simulated annotators judge the replies to your prompts ({own}) by sentiment, happier is "
+              f"better: the gold of the story task. For your own task label them yourself (`make label`), or give "
+              f"SIMULATE_ARGS=\"--judge module:function\" (and eval's --gold_judge) a judge of it", file=sys.stderr)
     flat_prompts = [p["prompt"] for p in pairs for _ in (0, 1)]
     flat_scores = judge_scores(judge, flat_prompts, [r for p in pairs for r in p["responses"]], args.batch_size)
     scores = {p["pair_id"]: flat_scores[2 * i:2 * i + 2] for i, p in enumerate(pairs)}

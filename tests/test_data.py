@@ -233,3 +233,27 @@ def test_a_blank_file_a_splits_name_and_a_bad_bytes_column(tmp_path):
     bad.write_bytes(b'{"a": 1}\n{"p": "\xff"}\n')
     with pytest.raises(ConfigError, match=r"line 2 is not UTF-8 text \(bad byte at column 8\)"):
         read_jsonl(bad)
+
+
+def test_a_missing_split_and_an_offline_hub_id_say_the_fix(tmp_path):
+    """A saved DatasetDict without the split asked for names --dataset_split; a Hub id with no Hub access (this
+    machine has none) says how to download it elsewhere and give the folder, not datasets' message alone."""
+    import subprocess
+    import sys
+
+    from datasets import Dataset, DatasetDict
+
+    from pipeline.config import ConfigError
+    from pipeline.data import load_any
+    from tests.conftest import REPO
+
+    DatasetDict({"validation": Dataset.from_list([{"a": 1}])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ConfigError, match=r"has splits \['validation'\], not 'train': pick one with --dataset_split"):
+        load_any(str(tmp_path / "dd"))
+    code = ("from pipeline.data import load_any\ntry:\n    load_any('someone/no-such-data')\n"
+            "except Exception as err:\n    print(type(err).__name__, err)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert res.stdout.startswith("ConfigError could not load dataset 'someone/no-such-data'"), res.stdout + res.stderr
+    assert "download it where there is (`hf download someone/no-such-data --repo-type dataset --local-dir DIR`)" \
+        in res.stdout

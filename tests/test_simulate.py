@@ -472,3 +472,32 @@ def test_a_simulate_run_killed_midway_leaves_the_store_as_it_was(tmp_path, monke
     monkeypatch.undo()  # a person's label must be refused by the guard, not by the simulated kill above
     with pytest.raises(ValueError, match="simulated annotators' labels only"):
         store.save_simulated([], [("alice", "pair000", "left", 0)])
+
+
+def test_your_own_prompts_judged_by_sentiment_get_a_note():
+    """The story chain's simulated annotators judge by sentiment: on pairs sampled for your own prompts they would
+    label a task they know nothing of, silently. A note names your prompts and the two ways out; the story openings,
+    or pairs given another way, get none."""
+    from stages.simulate import own_prompts
+
+    def manifest(**pairs):
+        return {"config": {"pairs": {"dataset_name": None, "prompts_file": "data/story/pairs_prompts.jsonl", **pairs}}}
+
+    assert own_prompts(manifest()) is None and own_prompts(None) is None
+    assert own_prompts(manifest(dataset_name="my_prompts.jsonl")) == "my_prompts.jsonl"
+    assert own_prompts(manifest(prompts_file="data/prompts/oasst_pairs_prompts.jsonl")) == \
+        "data/prompts/oasst_pairs_prompts.jsonl"
+
+
+def test_the_note_on_your_own_prompts_is_printed_by_the_stage(tmp_path, capsys):
+    """The stage itself, on a run whose pairs stage sampled your prompts (its manifest says so)."""
+    runs = tmp_path / "runs"
+    path, _ = pairs_file(tmp_path)
+    (runs / "t" / "pairs").mkdir(parents=True)
+    (runs / "t" / "pairs" / "manifest.json").write_text(json.dumps({
+        "stage": "pairs", "run": "t", "outputs": {"dataset": str(path)}, "metrics": {},
+        "config": {"pairs": {"dataset_name": "my_prompts.jsonl"}}}))
+    main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
+                                          "--run", "t", "--annotators", "1"]))
+    assert "note: the simulated annotators judge the replies to your prompts (my_prompts.jsonl) by sentiment" \
+        in capsys.readouterr().err

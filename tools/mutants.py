@@ -907,6 +907,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('base-eval-last-partial-dropped', 'stages/base.py', 'math.ceil(len(data) / batch_size)', 'len(data) // batch_size', 'tests/test_base.py -k mean_over_its_batches'),
     ('base-no-grad-clip', 'stages/base.py', 'torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)', 'pass', 'tests/test_base.py -k schedule'),
     ('base-last-step-not-evaluated', 'stages/base.py', ' or step + 1 == cfg.max_steps:', ':', 'tests/test_base.py -k schedule'),
+    ('simulate-own-prompts-unsaid', 'stages/simulate.py', '    if own and judge.name == "sentiment":', '    if False:', 'tests/test_simulate.py -k printed_by_the_stage'),
+    ('data-split-fix-unsaid', 'pipeline/data.py', "not '{split}': pick one with \"\n", "not '{split}'\"\n", 'tests/test_data.py -k say_the_fix'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
