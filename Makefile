@@ -109,7 +109,7 @@ stage_opts = -m $(STAGE_PKG).$(call stage_field,$(1),2) --config $(call cfg,$(ca
 stage_args = $($(call stage_field,$(1),4)) $(if $(filter $(1),$(NAMED)),$(ARGS))
 # Every stage named on the command line and every stage given flags is parsed before any stage runs (pipeline.launch
 # --check: its YAML, unknown flags, types, ranges, dataset paths; publish's repo), all in one process (the imports once,
-# ~2 s), so a bad flag in PPO_ARGS, a typo in a recipe's ppo.yaml or an fp16 ACCELERATE_CONFIG for an RL stage is one
+# ~2 s), so a bad flag in PPO_ARGS, a typo in a recipe's ppo.yaml or an fp16 ACCELERATE_CONFIG for a named RL stage is one
 # error line at once, not after SFT and the reward models have trained. A stage that runs only as another's
 # prerequisite is checked when it starts. Once .venv exists.
 stage_names := $(foreach s,$(STAGES),$(firstword $(subst :, ,$(s))))

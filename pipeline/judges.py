@@ -16,8 +16,8 @@ count) is one ConfigError naming the judge.
 from __future__ import annotations
 
 import importlib
-import os
 import math
+import os
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +79,7 @@ def judge_device():
 def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
     """A reward model as judge: a PEFT SEQ_CLS adapter (as `make rm` writes it) or a full sequence-classification
     checkpoint with one output, in the dtype it was saved in (a bf16 checkpoint stays bf16), on judge_device(). It
-    reads the chat-templated conversation, as RewardTrainer trained it."""
+    reads the chat-templated conversation, as RewardTrainer trained it. On the CPU, float32 (as every stage there)."""
     import torch
 
     path = resolve_path(path_text)
@@ -92,7 +92,7 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
 
     from pipeline.adapters import pool_in_forward, prompt_part, read_pooling
 
-    untrained = []
+    untrained, dtype = [], "auto" if judge_device().type == "cuda" else torch.float32
     try:
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForSequenceClassification
@@ -104,9 +104,9 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
             if not untrained:
                 with without_load_report():  # "score.weight MISSING": the base's; the adapter holds the trained head
                     model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1,
-                                                                                   dtype="auto")
+                                                                                   dtype=dtype)
         else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype="auto",
+            model, info = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype,
                                                                              output_loading_info=True)
             untrained = [k for k in info["missing_keys"] if k.split(".")[0] in HEAD_NAMES]
         tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -207,12 +207,14 @@ def rl_precision_problem(stage: str, config_file: str) -> str | None:
     if stage not in RL_STAGES or not config_file or not Path(config_file).is_file():
         return None
     try:
-        mixed = str((yaml.safe_load(Path(config_file).read_text()) or {}).get("mixed_precision", "no")).lower()
-    except yaml.YAMLError:
+        config = yaml.safe_load(Path(config_file).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
         return None  # the launch says what is wrong with it (accelerate_config_problem)
+    mixed = str(config.get("mixed_precision", "no")).lower() if isinstance(config, dict) else "no"
     if mixed in ("fp16", "fp8"):
-        return (f"{stage} cannot train under {mixed} mixed precision (its training loop has no loss scaler): set "
-                f"`mixed_precision: bf16` or `no` in {config_file}")
+        why = "its training loop has no loss scaler" if mixed == "fp16" else "its loop runs bf16 or full precision"
+        return (f"{stage} cannot train under {mixed} mixed precision ({why}): set `mixed_precision: bf16` or `no` in "
+                f"{config_file}")
     return None
 
 

@@ -147,7 +147,7 @@ def paths_named_in(values: Any, own_dir: Path) -> set[str]:
 def named_in_yamls(paths: set[str], own_dir: Path) -> set[str]:
     """The paths named inside the YAML files among `paths`, one level down: a model profile names the base checkpoint
     and chat template that every stage loads, so new weights at the same place (`make base`) make the stages stale; a
-    variant config (grpo.yaml) names the `base_config` whose keys it takes."""
+    label config or DPO's rm_config names its own files. (A stage's own --config files: StageRun._named.)"""
     import yaml
 
     found: set[str] = set()
@@ -346,10 +346,12 @@ class StageRun:
         found = named_in_yamls(named - configs, own_dir) | base_configs_of(configs & named)
         return sorted((named | found) - self.not_read)
 
-    def not_inputs(self, paths) -> None:
-        """Files the config names that this run does not read (the bundled mixture beside --dataset_name): not
-        recorded as inputs, so that editing them does not make `make` run the stage again."""
-        self.not_read |= {str(p) for p in paths}
+    def not_inputs(self, paths, reading: str) -> None:
+        """Files the config names that this run does not read (the bundled mixture beside --dataset_name `reading`):
+        not recorded as inputs, so that editing them does not make `make` run the stage again. The file read stays
+        one, however it is named (--dataset_name data/sft/oasst.jsonl beside a mixture that names it too)."""
+        read = resolve_path(reading).resolve()
+        self.not_read |= {str(p) for p in paths if resolve_path(str(p)).resolve() != read}
 
     @staticmethod
     def _digests(files: list[str], known: dict[str, str | None] | None = None) -> dict[str, str | None]:

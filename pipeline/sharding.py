@@ -117,8 +117,9 @@ def distributed_config(build_skeleton, shard: bool):
 def own_shards(model: nn.Module) -> None:
     """Each rank's shard of a base loaded with `distributed_config` in storage of its own size. transformers reads each
     weight whole and keeps a slice of it: a copy to a GPU keeps the slice alone, but on the CPU the slice is a view of
-    the whole weight, so every rank held the whole base behind its half (as much as DDP). FSDP takes the copies at its
-    first forward (reset_sharded_param), when the whole weights are freed."""
+    the whole weight, so every rank held the whole base behind its half (as much as DDP), and FSDP kept that storage
+    for good (its sharded data is a view of the local tensor). The copies replace the views; FSDP takes them at its
+    first forward (reset_sharded_param), and the whole weights are freed."""
     from torch.distributed.tensor import DTensor
 
     for p in model.parameters():

@@ -192,8 +192,8 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     state = PartialState()
     stage = StageRun("dpo", run.run, run.runs_dir)
-    if args.dataset_name:  # your pairs replace the mixture: its files are not inputs of this run
-        stage.not_inputs(args.dataset_mixture)
+    if args.dataset_name:  # your pairs replace the mixture (its own, or rm_config's): its files are not inputs
+        stage.not_inputs(preference_args(args).dataset_mixture, args.dataset_name)
     train_cfg.output_dir = str(stage.dir / "trainer")
     # Keep the `length` column for train_sampling_strategy=group_by_length (as stages/rm.py); the preference collator
     # reads only its own keys, so the other columns are harmless.

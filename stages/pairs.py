@@ -115,7 +115,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     shard = take_over_from_accelerate()
     stage = StageRun("pairs", run.run, run.runs_dir)
     if args.dataset_name:  # your prompts replace the bundled ones: not an input of this run
-        stage.not_inputs([args.prompts_file])
+        stage.not_inputs([args.prompts_file], args.dataset_name)
     config = {"pairs": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}
     if args.num_responses < 2:
         raise ConfigError(f"num_responses must be at least 2 to make pairs, got {args.num_responses}")

@@ -73,7 +73,10 @@ def base_license(base: str, args: PublishArgs, online: bool) -> dict | None:
                 card = None
     if card is None or not card.is_file():
         return None
-    meta = ModelCard(card.read_text(encoding="utf-8", errors="replace")).data.to_dict()
+    try:
+        meta = ModelCard(card.read_text(encoding="utf-8", errors="replace")).data.to_dict()
+    except Exception:  # front matter huggingface_hub cannot read: the license is unknown, and the note says so
+        return None
     return {k: meta[k] for k in LICENSE_KEYS if meta.get(k)} if meta.get("license") else None
 
 

@@ -130,7 +130,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("rm", run.run, run.runs_dir)
     if args.dataset_name:  # your pairs replace the mixture: its files are not inputs of this run
-        stage.not_inputs(args.dataset_mixture)
+        stage.not_inputs(args.dataset_mixture, args.dataset_name)
     train_cfg.output_dir = str(stage.dir / "trainer")
     # Keep the `length` column for train_sampling_strategy=group_by_length (the sampler is built after unused columns
     # are removed); the preference collator reads only its own keys, so extra columns are harmless.

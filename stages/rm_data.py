@@ -103,7 +103,7 @@ def as_conversation(pair: dict) -> dict:
 
 
 def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = False,
-             origin: str | None = None) -> list[dict]:
+             origin: str | None = None, templated: bool = True) -> list[dict]:
     """Rows -> {prompt, chosen, rejected, source, margin, tie}; equal or empty pairs dropped, counted per source.
     `origin`: the file or Hub id the rows came from, for the errors (default: `source`).
 
@@ -140,7 +140,7 @@ def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = 
         if isinstance(row["chosen"], str) and "prompt" not in given and row["chosen"][0] != row["rejected"][0]:
             # Nothing shared. TRL's extract_prompt would look at chosen[-1] here: "Yes " vs "No" became " " vs "o".
             ex = {"prompt": "", "chosen": row["chosen"], "rejected": row["rejected"]}
-        elif all(isinstance(v, str) for v in given.values()) and not is_empty(given.get("prompt", "")):
+        elif templated and all(isinstance(v, str) for v in given.values()) and not is_empty(given.get("prompt", "")):
             ex = as_conversation(given)
         else:
             ex = maybe_extract_prompt(given)
@@ -154,8 +154,10 @@ def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = 
     return pairs
 
 
-def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], dict, dict, str]:
-    """All usable pairs, the per-source weights, per-source counts (read, dropped), and a readable name of the data."""
+def load_pairs(args: RMArgs, stage: StageRun, seed: int, templated: bool = True) -> tuple[list[dict], dict, dict, str]:
+    """All usable pairs, the per-source weights, per-source counts (read, dropped), and a readable name of the data.
+    `templated`: the tokenizer has a chat template, so plain-text pairs with a prompt are read as conversations (as
+    text for a base without one, whose PPO scores the policy's plain tokens: reward_input tokens)."""
     fix = "give preference rows with 'chosen' and 'rejected' (and optionally 'prompt') in a TRL preference format"
     counts: dict = defaultdict(Counter)
     if args.dataset_name:
@@ -163,7 +165,7 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], di
         require_columns(ds, ["chosen", "rejected"], args.dataset_name, fix)
         name = Path(args.dataset_name).stem if resolve_path(args.dataset_name).exists() else args.dataset_name
         pairs = to_pairs(ds, name, args, counts, source_column="source" in ds.column_names,
-                         origin=args.dataset_name)
+                         origin=args.dataset_name, templated=templated)
         return pairs, {}, counts, args.dataset_name
     if not args.dataset_mixture:
         raise ConfigError("no preference data: set dataset_mixture in configs/rm.yaml or pass --dataset_name")
@@ -193,7 +195,7 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int) -> tuple[list[dict], di
             path, name = key, Path(key).stem if resolve_path(key).exists() else key
         ds = load_any(path)
         require_columns(ds, ["chosen", "rejected"], path, fix)
-        rows = to_pairs(ds, name, args, counts, origin=path)
+        rows = to_pairs(ds, name, args, counts, origin=path, templated=templated)
         if spec.get("max_rows"):
             random.Random(seed).shuffle(rows)
             rows = rows[: int(spec["max_rows"])]
@@ -307,7 +309,8 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
                           f"({train_cfg.max_length}): the responses need the rest")
     if not args.dataset_name and LABEL_EXPORT in args.dataset_mixture:  # reward model and DPO alike:
         stage.may_read(LABEL_EXPORT)  # a label export that appears later makes the stage out of date
-    pairs, weights, counts, data_name = load_pairs(args, stage, train_cfg.seed)
+    pairs, weights, counts, data_name = load_pairs(args, stage, train_cfg.seed,
+                                                   templated=bool(getattr(tokenizer, "chat_template", None)))
     if train_cfg.max_length:  # the whole pair is tokenized first, then cut to max_length here: no need to warn
         tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     kept = []

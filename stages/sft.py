@@ -253,7 +253,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("sft", run.run, run.runs_dir)
     if args.dataset_name:  # your data replaces the bundled mixture: its files are not inputs of this run
-        stage.not_inputs(args.dataset_mixture)
+        stage.not_inputs(args.dataset_mixture, args.dataset_name)
     train_cfg.output_dir = str(stage.dir / "trainer")
     train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
     if 1 <= train_cfg.max_steps < train_cfg.logging_steps:  # a short run would log no loss at all (first/last: None)

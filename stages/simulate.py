@@ -31,7 +31,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
+from pipeline.config import REPO_ROOT, ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline import stats
 from pipeline.run import StageRun, main_guard, stage_dir
 
@@ -209,7 +209,8 @@ def own_prompts(pairs_manifest: dict | None) -> str | None:
     prompts_file); None for the story openings or pairs given another way."""
     settings = ((pairs_manifest or {}).get("config") or {}).get("pairs") or {}
     source = settings.get("dataset_name") or settings.get("prompts_file") or ""
-    return source if source and not str(source).startswith("data/story/") else None
+    story = (REPO_ROOT / "data" / "story").resolve()
+    return source if source and story not in resolve_path(str(source)).resolve().parents else None
 
 
 def main(args: SimulateArgs, run: RunArgs) -> dict:
@@ -238,7 +239,7 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     annotator = args.annotator or f"sim:{judge.name}"
     own = own_prompts(stage.upstream.get("pairs"))
     if own and judge.name == "sentiment":
-        print(f"note: the simulated annotators judge the replies to your prompts ({own}) by sentiment, happier is "
+        print(f"note: the simulated annotators judge the replies to these prompts ({own}) by sentiment, happier is "
               f"better: the gold of the story task. For your own task label them yourself (`make label`), or give "
               f"SIMULATE_ARGS=\"--judge module:function\" (and eval's --gold_judge) a judge of it", file=sys.stderr)
     flat_prompts = [p["prompt"] for p in pairs for _ in (0, 1)]

@@ -102,8 +102,19 @@ def test_an_rm_judge_scores_on_this_processs_accelerator(tiny_models, tmp_path, 
     monkeypatch.setattr(torch.nn.Module, "to", to)
     if not torch.cuda.is_available():  # a device no other call names (cpu:0 is the CPU): the judge's own move
         monkeypatch.setattr(judges, "judge_device", lambda: torch.device("cpu", 0))
+    import peft
+
+    dtypes, real_load = [], peft.AutoPeftModelForSequenceClassification.from_pretrained
+
+    def load(*args, **kwargs):
+        dtypes.append(kwargs.get("dtype"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(peft.AutoPeftModelForSequenceClassification, "from_pretrained", load)
     judge = load_judge(f"rm:{rm_dir}")
     assert judges.judge_device() in moved
+    # the checkpoint's own dtype on a GPU (a bf16 reward model stays bf16); float32 on the CPU, as every stage there
+    assert dtypes == (["auto"] if torch.cuda.is_available() else [torch.float32])
     got = judge_scores(judge, PROMPTS, TEXTS, batch_size=2)
     assert len(got) == len(TEXTS) and all(isinstance(x, float) and math.isfinite(x) for x in got)
 

@@ -63,6 +63,9 @@ BAD_PAIRS = {  # name -> (lines of the file, words the error must contain)
     "broken line": ([pair(0), '{"pair_id": "p1", "prompt": [', pair(2)], ["line 2 is not valid JSON (Expecting value, column 30)"]),
     "missing key": ([{"pair_id": "p0", "prompt": [{"role": "user", "content": "q"}]}],
                     ["line 1", "missing key(s) ['responses']"]),
+    # a role the reward model would refuse in the export: refused here, before anyone labels
+    "sharegpt role": ([{"pair_id": "p0", "prompt": [{"role": "human", "content": "q"}], "responses": ["a", "b"]}],
+                      ["line 1", "role 'human' is not one of", "ShareGPT's 'human' is 'user'"]),
     "number pair_id": ([pair(0, pair_id=7)], ["line 1", "pair_id must be a non-empty string"]),
     "message without content": ([pair(0, prompt=[{"role": "user"}])], ["line 1", "each prompt message"]),
     "not an object": (["[1, 2]"], ["line 1", "must be a JSON object"]),

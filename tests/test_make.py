@@ -525,7 +525,7 @@ def test_what_your_own_data_and_model_replace_is_not_an_input(tmp_path):
     stage.argv = ["--config", str(config_yaml), "--run", "r", "--runs_dir", str(runs), "--model_config", str(mine),
                   "--dataset_name", str(data)]
     config = {"run": {"model_config": str(mine)}, "sft": {"dataset_name": str(data), "dataset_mixture": {str(bundled): 0}}}
-    stage.not_inputs({str(bundled): 0})
+    stage.not_inputs({str(bundled): 0}, str(data))
     stage.prepare(config)
     manifest = stage.finish({}, {}, config)
     assert set(manifest["inputs"]["files"]) == {str(config_yaml), str(mine), str(base), str(data)}
@@ -534,6 +534,10 @@ def test_what_your_own_data_and_model_replace_is_not_an_input(tmp_path):
     assert is_current("sft", stage.argv) == (True, "")
     data.write_text("{}\n{}\n")
     assert is_current("sft", stage.argv) == (False, f"{data} changed")
+    # --dataset_name one of the mixture's own files (named another way): the file read stays an input
+    again = StageRun("sft", "r2", str(runs))
+    again.not_inputs({str(bundled): 0, str(data): 0}, os.path.relpath(data, REPO))
+    assert again._named([config]) == sorted({str(mine), str(base), str(data)})
 
 
 def test_the_base_checkpoint_a_profile_names_and_a_judges_reward_model_are_inputs(tmp_path):
@@ -1195,6 +1199,15 @@ def test_an_rl_stage_under_fp16_is_refused_before_any_stage_trains(tmp_path):
             f"`mixed_precision: bf16` or `no` in {fp16}"), res.stderr
         assert ran(runs) == []
     assert make("sft", f"ACCELERATE_CONFIG={fp16}", runs_dir=runs).returncode == 0 and ran(runs) == ["sft"]
+    from pipeline.launch import rl_precision_problem
+
+    fp8 = tmp_path / "fp8.yaml"
+    fp8.write_text("mixed_precision: fp8\n")
+    assert rl_precision_problem("grpo", str(fp8)).startswith("grpo cannot train under fp8 mixed precision (its loop runs "
+                                                             "bf16 or full precision)")
+    (tmp_path / "list.yaml").write_text("- mixed_precision: fp16\n")  # not a config: the launch says what is wrong
+    assert rl_precision_problem("ppo", str(tmp_path / "list.yaml")) is None
+    assert rl_precision_problem("sft", str(fp16)) is None
     bf16 = tmp_path / "bf16.yaml"
     bf16.write_text(fp16.read_text().replace("mixed_precision: fp16", "mixed_precision: bf16"))
     assert make("ppo", f"ACCELERATE_CONFIG={bf16}", runs_dir=runs).returncode == 0 and "ppo" in ran(runs)

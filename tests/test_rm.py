@@ -282,6 +282,9 @@ def test_plain_text_pairs_with_a_prompt_train_on_what_ppo_scores(tiny_models, tm
     ids, mask, starts = chat_reward_inputs(tok, [user, user], ["Yes, the otter is lovely.", "No. Bad otter."])
     assert [chosen, rejected] == [ids[i][mask[i].bool()].tolist() for i in range(2)]
     assert reply_start(tok, pairs[0], chosen, rejected) == int(starts[0])
+    # a base without a chat template (its PPO scores plain tokens): the pair stays text, templating would fail
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(tmp_path / "plain.jsonl")), None, 0, templated=False)
+    assert (pairs[0]["prompt"], pairs[0]["chosen"]) == ("Is the otter nice?", "Yes, the otter is lovely.")
     implicit = [{"chosen": "Is the otter nice? Yes.", "rejected": "Is the otter nice? No."}]
     pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "implicit.jsonl", implicit))), None, 0)
     assert isinstance(pairs[0]["chosen"], str) and isinstance(pairs[0]["prompt"], str)

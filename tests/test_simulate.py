@@ -484,6 +484,8 @@ def test_your_own_prompts_judged_by_sentiment_get_a_note():
         return {"config": {"pairs": {"dataset_name": None, "prompts_file": "data/story/pairs_prompts.jsonl", **pairs}}}
 
     assert own_prompts(manifest()) is None and own_prompts(None) is None
+    assert own_prompts(manifest(prompts_file=str(REPO / "data/story/pairs_prompts.jsonl"))) is None  # named another way
+    assert own_prompts(manifest(prompts_file="./data/story/pairs_prompts.jsonl")) is None
     assert own_prompts(manifest(dataset_name="my_prompts.jsonl")) == "my_prompts.jsonl"
     assert own_prompts(manifest(prompts_file="data/prompts/oasst_pairs_prompts.jsonl")) == \
         "data/prompts/oasst_pairs_prompts.jsonl"
@@ -499,5 +501,5 @@ def test_the_note_on_your_own_prompts_is_printed_by_the_stage(tmp_path, capsys):
         "config": {"pairs": {"dataset_name": "my_prompts.jsonl"}}}))
     main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
                                           "--run", "t", "--annotators", "1"]))
-    assert "note: the simulated annotators judge the replies to your prompts (my_prompts.jsonl) by sentiment" \
+    assert "note: the simulated annotators judge the replies to these prompts (my_prompts.jsonl) by sentiment" \
         in capsys.readouterr().err

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterable
 
 from pipeline.config import ConfigError
+from pipeline.data import role_problem
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 CHOICES = ("left", "right", "tie", "both_bad")
@@ -152,6 +153,9 @@ def pair_problem(row) -> str | None:
     for m in prompt:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return f"each prompt message must be {{\"role\": text, \"content\": text}}, got {_short(m)}"
+        problem = role_problem(m["role"])  # as the reward model will read the export: refused before anyone labels
+        if problem:
+            return problem
     if not isinstance(responses, list) or len(responses) != 2 or not all(isinstance(r, str) for r in responses):
         return f"responses must be a list of exactly 2 texts (the UI compares two), got {_short(responses)}"
     texts = [pair_id, *responses, *(m["role"] for m in prompt), *(m["content"] for m in prompt)]

@@ -326,7 +326,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     check_launched_folder(cfg.stage_name, cfg.stage_folder_setting)  # `make ppo` locked ppo/, not grpo/
     stage = StageRun(cfg.stage_name, run.run, run.runs_dir)  # ppo, or grpo / rloo / reinforce_pp
     if cfg.dataset_name:  # your prompts replace the bundled ones: not an input of this run
-        stage.not_inputs([cfg.prompts_file])
+        stage.not_inputs([cfg.prompts_file], cfg.dataset_name)
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
 
