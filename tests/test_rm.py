@@ -520,8 +520,13 @@ def test_plan_steps_follows_the_data():
     assert cfg.max_steps == 304 and cfg.eval_steps == cfg.save_steps == 38
     assert plan(40)[0]["steps"] == 56  # 5 an epoch: capped at 10 epochs = 50, evaluated every 7 -> 56
     assert plan(4000)[0]["steps"] == 504  # 500 an epoch: one epoch, every 63 -> 504
-    assert plan(240, "--max_steps", "17", "--evals", "1")[0]["steps"] == 17  # given explicitly: as given
-    assert plan(240, "--num_train_epochs", "2", "--evals", "1")[0]["steps"] == 60
+    def fixed(n, *extra):  # max_steps or num_train_epochs fix the length (min_steps beside them: an error)
+        train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--evals", "1",
+                                         "--per_device_train_batch_size", "8", *extra])
+        return plan_steps(n, train_cfg, args, world_size=1)
+
+    assert fixed(240, "--max_steps", "17")["steps"] == 17  # given explicitly: as given
+    assert fixed(240, "--num_train_epochs", "2")["steps"] == 60
     assert plan(240, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")[0]["steps_per_epoch"] == 30
     # a last, partial batch is a step of the epoch: 244 pairs are 31 steps of 8 (30 would leave 4 pairs unseen), and
     # 12 pairs with min_steps 1 still get their one epoch, 2 steps
