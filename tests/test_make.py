@@ -742,20 +742,27 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(config, ranks, tmp_path):
                             # a shell's background job ignores SIGINT, and its children inherit that (Python then
                             # raises no KeyboardInterrupt): a terminal's foreground job, as a user's make is, takes it
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    err = interrupted(proc, lambda: len(list(held.glob("*.pid"))) == ranks, wait_s=120)
+    assert err.strip().splitlines()[:-1] == [
+        "interrupted: run the same command again to continue (the training stages resume from their last checkpoint, "
+        "the sampling stages keep their finished batches)"], err
+    assert re.search(r"\*\*\* \[Makefile:\d+: sft\] Error 130", err.strip().splitlines()[-1]), err
+
+
+def interrupted(proc: subprocess.Popen, ready, wait_s: float) -> str:
+    """Ctrl-C to make's process group once `ready()`, and its stderr; a make left running is killed."""
+    import signal
+
     try:
-        deadline = time.time() + 120
-        while len(list(held.glob("*.pid"))) < ranks and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert len(list(held.glob("*.pid"))) == ranks
+        deadline = time.time() + wait_s
+        while not ready() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        assert ready(), proc.poll()
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        return proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    lines = err.strip().splitlines()
-    assert lines[:-1] == ["interrupted: run the same command again to continue (the training stages resume from their "
-                          "last checkpoint, the sampling stages keep their finished batches)"], err
-    assert re.search(r"\*\*\* \[Makefile:\d+: sft\] Error 130", lines[-1]), err
 
 
 def test_ctrl_c_while_a_stage_imports_its_libraries_is_the_same_line(tmp_path):
@@ -780,16 +787,7 @@ def test_ctrl_c_while_a_stage_imports_its_libraries_is_the_same_line(tmp_path):
                 pass
         return False
 
-    try:
-        deadline = time.time() + 60
-        while not importing_torch() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        assert importing_torch(), proc.poll()
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    err = interrupted(proc, importing_torch, wait_s=60)
     lines = err.strip().splitlines()
     assert lines[:-1] == [INTERRUPTED_LINE], err
     assert re.search(r"\*\*\* \[Makefile:\d+: sft\] Error 130", lines[-1]), err
