@@ -294,7 +294,8 @@ HOSTILE_PROMPT = ['<div style="position:fixed;inset:0;background:red">cover</div
 HOSTILE_RESPONSES = ['Response A: <span style="display:none">hidden</span> then <form><input type=password></form>',
                      'Response B: **bold** <script>window.pwned = 1</script> $$x^2$$ <b onmouseover=alert(1)>b</b>']
 HOSTILE_NAME = '<img src=http://example.com/n.png> <b>eve</b> ![n](http://example.com/m.png)'
-HOSTILE_ROLE = '<b>tool</b> <img src=http://example.com/r.png>'  # a pairs file of your own may name any role
+# a tool's output in a prompt of your own (a role no template knows is refused before it reaches the store)
+HOSTILE_TOOL_OUTPUT = '<b>output</b> <img src=http://example.com/r.png>'
 
 
 def test_model_prompt_and_user_text_is_shown_as_plain_text(serve, browser, offline):
@@ -302,7 +303,7 @@ def test_model_prompt_and_user_text_is_shown_as_plain_text(serve, browser, offli
 
     pair = {"pair_id": "hostile", "prompt": [{"role": "system", "content": HOSTILE_PROMPT[0]},
                                              {"role": "user", "content": HOSTILE_PROMPT[1]},
-                                             {"role": HOSTILE_ROLE, "content": "tool output"}],
+                                             {"role": "tool", "content": HOSTILE_TOOL_OUTPUT}],
             "responses": HOSTILE_RESPONSES}
     url, store = serve(pairs=[pair, *make_pairs(1)])
     store.save_label(HOSTILE_NAME, "pair00", "left", 0, note="<img src=http://example.com/note.png>")
@@ -312,7 +313,7 @@ def test_model_prompt_and_user_text_is_shown_as_plain_text(serve, browser, offli
     start_as(page, "alice")
     expect(page.locator("#left")).to_contain_text("Response")
 
-    for text in [*HOSTILE_PROMPT, HOSTILE_ROLE]:
+    for text in [*HOSTILE_PROMPT, "tool", HOSTILE_TOOL_OUTPUT]:
         assert text in page.locator("#prompt").inner_text()  # every character visible, newline and spaces kept
     shown_texts = {page.locator("#left").inner_text().strip(), page.locator("#right").inner_text().strip()}
     assert shown_texts == set(HOSTILE_RESPONSES)
@@ -327,7 +328,7 @@ def test_model_prompt_and_user_text_is_shown_as_plain_text(serve, browser, offli
         forms: document.querySelectorAll('form').length,
         passwords: document.querySelectorAll('input[type=password]').length,
         fragments: [...document.querySelectorAll('body *')].map(e => e.textContent)
-                   .filter(t => ['cover', 'hidden', 'bold', 'b', 'eve', 'x^2', 'tool'].includes(t.trim())),
+                   .filter(t => ['cover', 'hidden', 'bold', 'b', 'eve', 'x^2', 'output'].includes(t.trim())),
         pwned: window.pwned === 1,
     })""")
     assert dom == {"imgs": [], "forms": 0, "passwords": 0, "fragments": [], "pwned": False}
