@@ -2018,3 +2018,19 @@ def test_the_long_prompts_note_comes_from_the_main_process_only(mode, tiny_model
         capsys.readouterr()
         ppo.load_prompts(cfg, tok)
         assert capsys.readouterr().err.count(f"longer than max_prompt_length={limit} tokens") == notes
+
+
+def test_the_update_bar_draws_no_more_often_than_tqdm_is_told(tiny_models, adapters, prompts_file, runs_dir):
+    """In a log, make paces tqdm's redraws (TQDM_MININTERVAL=10): PPO's bar still redrew on every update, its
+    set_postfix refreshing past the interval (48 redraws in the default run's log). Told 1000 s, a 3-update run draws
+    its bar twice: when it opens and when it closes."""
+    import re
+
+    from tests.conftest import run_module
+
+    sft, rm = adapters("llama")
+    _upstream_manifests(runs_dir, "bar", sft, rm)
+    res = run_module("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "bar", prompts_file, None, None,
+                                            "--progress_bar", "true"), env={"TQDM_MININTERVAL": "1000"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(re.findall(r"ppo:\s+\d+%", res.stderr)) == 2, res.stderr[-3000:]

@@ -446,10 +446,12 @@ class PPOTrainer:
             self._log(metrics)
             if cfg.sample_every and (self.update % cfg.sample_every == 0 or self.update == 1):
                 self._samples(ro)
-            bar.update(1)
+            # refresh=False: the figures show at the bar's next draw, which tqdm's mininterval paces (make sets
+            # 10 s in a log); refreshing here redrew the bar on every update
             bar.set_postfix(reward=f"{metrics['reward_raw']:.3f}",
                             kl=f"{metrics['kl']:.3f}" if metrics["kl"] is not None else "-",
-                            eps=f"{metrics['episodes_per_s']:.1f}")
+                            eps=f"{metrics['episodes_per_s']:.1f}", refresh=False)
+            bar.update(1)
             done_now = self.update - start
             last = self.update == cfg.total_updates
             stopped = bool(cfg.stop_after) and done_now >= cfg.stop_after and not last
