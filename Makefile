@@ -113,7 +113,11 @@ stage_args = $($(call stage_field,$(1),4)) $(if $(filter $(1),$(NAMED)),$(ARGS))
 # error line at once, not after SFT and the reward models have trained. A stage that runs only as another's
 # prerequisite is checked when it starts. Once .venv exists.
 stage_names := $(foreach s,$(STAGES),$(firstword $(subst :, ,$(s))))
-CHECKED := $(foreach s,$(stage_names),$(if $(or $(filter $(s),$(NAMED)),$(strip $(call stage_args,$(s)))),$(s)))
+# `make eval` or `make publish` brings the run's RL policies up to date first (PPO when it has none: the eval rule
+# below), under the same ACCELERATE_CONFIG: they are checked too.
+RL_OF_RUN := $(foreach s,ppo grpo rloo reinforce_pp,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s)))
+RL_FOR_EVAL := $(if $(filter eval publish,$(NAMED)),$(or $(strip $(RL_OF_RUN) $(filter ppo grpo rloo reinforce_pp,$(NAMED))),ppo))
+CHECKED := $(foreach s,$(stage_names),$(if $(or $(filter $(s),$(NAMED) $(RL_FOR_EVAL)),$(strip $(call stage_args,$(s)))),$(s)))
 ifneq (,$(and $(CHECKED),$(wildcard $(PY))))
 checked := $(shell PIPELINE_ACCELERATE_CONFIG=$(ACCELERATE_CONFIG) $(PY) -m pipeline.launch --check $(foreach s,$(CHECKED),:: $(s) $(call stage_opts,$(s)) $(call stage_args,$(s))))
 ifneq (0,$(.SHELLSTATUS))

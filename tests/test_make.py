@@ -1196,6 +1196,10 @@ def test_an_rl_stage_under_fp16_is_refused_before_any_stage_trains(tmp_path):
             f"error: {rl} cannot train under fp16 mixed precision (its training loop has no loss scaler): set "
             f"`mixed_precision: bf16` or `no` in {fp16}"), res.stderr
         assert ran(runs) == []
+    # `make eval` on a run with no RL policy trains PPO first: the same refusal, before anything trains
+    res = make("eval", f"ACCELERATE_CONFIG={fp16}", runs_dir=runs)
+    assert res.returncode == 2 and res.stderr.startswith("error: ppo cannot train under fp16"), res.stderr
+    assert ran(runs) == []
     assert make("sft", f"ACCELERATE_CONFIG={fp16}", runs_dir=runs).returncode == 0 and ran(runs) == ["sft"]
     from pipeline.launch import rl_precision_problem
 
@@ -1209,6 +1213,10 @@ def test_an_rl_stage_under_fp16_is_refused_before_any_stage_trains(tmp_path):
     bf16 = tmp_path / "bf16.yaml"
     bf16.write_text(fp16.read_text().replace("mixed_precision: fp16", "mixed_precision: bf16"))
     assert make("ppo", f"ACCELERATE_CONFIG={bf16}", runs_dir=runs).returncode == 0 and "ppo" in ran(runs)
+    # a run with its PPO policy (trained under bf16): under the fp16 config PPO would train again (another launch)
+    res = make("eval", f"ACCELERATE_CONFIG={fp16}", runs_dir=runs)
+    assert res.returncode == 2 and res.stderr.startswith("error: ppo cannot train under fp16"), res.stderr
+    assert ran(runs) == [] and make("eval", f"ACCELERATE_CONFIG={bf16}", runs_dir=runs).returncode == 0
 
 
 def test_a_rerun_drops_the_old_manifest_when_it_starts(tmp_path):

@@ -914,6 +914,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('label-store-any-role', 'stages/label/store.py', '        problem = role_problem(m["role"])  # as the reward', '        problem = None  # as the reward', 'tests/test_label_guards.py -k sharegpt'),
     ('rm-judge-bf16-on-the-cpu', 'pipeline/judges.py', '"auto" if judge_device().type == "cuda" else torch.float32', '"auto"', 'tests/test_judges.py -k accelerator'),
     ('ppo-bar-redrawn-each-update', 'stages/ppo/trainer.py', """eps=f"{metrics['episodes_per_s']:.1f}", refresh=False)""", """eps=f"{metrics['episodes_per_s']:.1f}")""", 'tests/test_ppo.py -k update_bar'),
+    ('rl-fp16-eval-chain-unchecked', 'Makefile', '$(filter $(s),$(NAMED) $(RL_FOR_EVAL))', '$(filter $(s),$(NAMED))', 'tests/test_make.py -k under_fp16'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
