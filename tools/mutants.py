@@ -667,7 +667,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-loss-agg-rows-local', 'stages/ppo/trainer.py', 'cfg.loss_agg_mode, rows, denom,', 'cfg.loss_agg_mode, float(len(mb)), denom,', PPO_RANKS),
     ('eval-human-rate-per-label', 'stages/eval_ppo.py', '    low, high = wilson(won, len(by_pair))', '    low, high = wilson(won / len(by_pair) * len(rows), len(rows))', 'tests/test_eval.py -k human'),
     ('eval-human-pair-sum-not-mean', 'stages/eval_ppo.py', 'won = sum(statistics.fmean(scores) for scores in by_pair.values())', 'won = sum(sum(scores) for scores in by_pair.values())', 'tests/test_eval.py -k human'),
-    ('make-named-stages-unchecked', 'Makefile', '$(if $(or $(filter $(s),$(NAMED)),$(strip $(call stage_args,$(s)))),$(s)))', '$(if $(strip $(call stage_args,$(s))),$(s)))', 'tests/test_make.py -k typo_in_a_named'),
+    ('make-named-stages-unchecked', 'Makefile', '$(if $(or $(filter $(s),$(NAMED) $(RL_FOR_EVAL)),$(strip $(call stage_args,$(s)))),$(s)))', '$(if $(strip $(call stage_args,$(s))),$(s)))', 'tests/test_make.py -k typo_in_a_named'),
     ('pairs-adapter-checked-after-prepare', 'stages/pairs.py', '    check_adapter(adapter, base, what="SFT")\n', '', 'tests/test_pairs.py -k broken_sft'),
     ('export-card-overlap-setting', 'stages/label/export.py', '- **Annotators per pair**: {annotators} (people', '- **Annotators per pair**: {args.overlap} (people', 'tests/test_label_export.py -k keeps_ties'),
     ('config-infinite-accepted', 'pipeline/config.py', '        if isinstance(v, float) and not math.isfinite(v):', '        if False:', 'tests/test_config.py -k finite'),
