@@ -157,21 +157,20 @@ def read_rm_eval_pairs(rm: dict) -> list[dict]:
 
 
 @torch.no_grad()
-def reward_scores(stack: AdapterStack, tokenizer, prompts: list, texts: list[str], batch: int) -> list[float]:
+def padded_reward_scores(stack: AdapterStack, ids, mask, starts, batch: int) -> list[float]:
+    """The reward model's score of right-padded rows, each reply from its `starts`, in batches over every rank."""
     device = next(stack.model.parameters()).device
-    ids, mask, starts = chat_reward_inputs(tokenizer, prompts, texts)
     return torch.cat(on_every_rank(stack.model, len(ids), batch, lambda i: stack.scores(
         "reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device), starts[i:i + batch]).float().cpu())).tolist()
 
 
-@torch.no_grad()
+def reward_scores(stack: AdapterStack, tokenizer, prompts: list, texts: list[str], batch: int) -> list[float]:
+    return padded_reward_scores(stack, *chat_reward_inputs(tokenizer, prompts, texts), batch)
+
+
 def token_scores(stack: AdapterStack, seqs: list[list[int]], starts: list[int], pad_id: int, batch: int) -> list[float]:
     """The reward model's score of token sequences as given (each reply starting at its `starts`)."""
-    device = next(stack.model.parameters()).device
-    ids, mask = right_pad(seqs, pad_id)
-    starts = torch.tensor(starts, dtype=torch.long)
-    return torch.cat(on_every_rank(stack.model, len(ids), batch, lambda i: stack.scores(
-        "reward", ids[i:i + batch].to(device), mask[i:i + batch].to(device), starts[i:i + batch]).float().cpu())).tolist()
+    return padded_reward_scores(stack, *right_pad(seqs, pad_id), torch.tensor(starts, dtype=torch.long), batch)
 
 
 def heldout_pair_rewards(stack: AdapterStack, tokenizer, rm: dict, batch: int) -> tuple[list[dict], list[float], list[float]]:
