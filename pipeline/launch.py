@@ -56,8 +56,6 @@ def processes_for_all_gpus(config_file: str | Path, count_gpus: Callable[[], int
     they agree. With no GPU, one clear line (accelerate would start its 8 processes on the CPU: 8 times the batch)."""
     import yaml
 
-    from pipeline.config import ConfigError
-
     path = Path(config_file).resolve()
     if path.parent != SHIPPED_CONFIGS:
         return []
