@@ -24,7 +24,7 @@ import json
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -34,8 +34,8 @@ from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, reso
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
-from stages.publish_card import (base_license, card_license, check_card, data_files_used, data_sources, given_reward,
-                                 hub_base, model_card, ships_base)
+from stages.publish_card import (base_license, card_license, check_card, data_files_used, data_sources, dataset_license,
+                                 given_reward, hub_base, labeled_prompts, model_card, prompts_source, ships_base)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 
@@ -59,7 +59,9 @@ class PublishArgs:
     dataset_repo_id: str = field(default="", metadata={"help": "Dataset repo for --include_dataset; '' = <repo_id>-preferences."})
     # Card
     license: str = field(default="", metadata={"help": "Card license; '' = the base's (its model card's), else apache-2.0. Must allow the base's and the data's licenses."})
-    dataset_license: str = field(default="apache-2.0", metadata={"help": "License of your preference labels (--include_dataset)."})
+    dataset_license: str = field(default="", metadata={
+        "help": "License of the published preferences (--include_dataset); '' = apache-2.0 when their prompts are the "
+                "bundled data, else required (your prompts' terms decide)."})
     base_model_id: str = field(default="", metadata={
         "help": "A local base's Hub id (a checkpoint downloaded from the Hub, unchanged): the repo names it as its base "
                 "instead of shipping the base's weights under base/."})
@@ -128,9 +130,9 @@ def size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str) -> str:
-    """The label-export preferences as one parquet file (the Hub's viewer reads it) and a DatasetCard. Returns whose
-    labels they are (people, simulated, all)."""
+def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str, prompts: str | None) -> str:
+    """The label-export preferences as one parquet file (the Hub's viewer reads it) and a DatasetCard, which names
+    where their prompts came from (`prompts`: labeled_prompts). Returns whose labels they are (people, simulated, all)."""
     import datasets
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -139,7 +141,7 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
     ds = datasets.load_from_disk(dataset_dir)
     ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
     sources = sources_of(ds["annotator"])
-    whose = WHOSE[sources]
+    whose, source = WHOSE[sources], prompts_source(prompts)
     (out / "data").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
     data = DatasetCardData(license=args.dataset_license, tags=["rlhf", "preference", *whose.tags, "dpo", "reward-modeling"],
@@ -147,6 +149,8 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
                            configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}])
     body = (f"\n# Preference labels of run `{run}`\n\n{len(ds)} {whose.pairs}, in TRL's conversational preference format: columns "
             f"{', '.join(f'`{c}`' for c in ds.column_names)}. They trained the reward model of [{repo}](https://huggingface.co/{repo}).\n\n"
+            f"Prompts: `{source['name']}`" + (f" ({source['url']}, {source['license']})" if source["url"] else
+                                              " (your own: its own terms apply)") + ".\n\n"
             "```python\nfrom datasets import load_dataset\n"
             f"ds = load_dataset(\"{args.dataset_repo_id or repo + '-preferences'}\", split=\"train\")\n```\n")
     DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}").save(out / "README.md")
@@ -282,6 +286,22 @@ def labels_the_reward_model_read(rm: dict, run: RunArgs) -> str | None:
     return manifest.get("metrics", {}).get("sources") if manifest_digest(manifest) == read else None
 
 
+def read_manifest_if_any(run: RunArgs, name: str) -> dict | None:
+    path = stage_dir(run.runs_dir, run.run, name) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def data_of_the_card(manifests: dict[str, dict], base: str, run: RunArgs) -> list[dict]:
+    """The card's data table: the files the stages read, and the prompts of the labeled pairs the reward model
+    learned from (the run's label export, when it is the one the rm stage read)."""
+    used = data_files_used(manifests, base)
+    if labels_the_reward_model_read(manifests["rm"], run):
+        labeled = labeled_prompts(read_manifest_if_any(run, "label-export"), read_manifest_if_any(run, "pairs"))
+        if labeled:
+            used.setdefault(labeled, set()).add("pairs")
+    return data_sources(used)
+
+
 def check_args(args: PublishArgs, run: RunArgs) -> str:
     """What the flags alone can tell (make runs this before the stages publish depends on: `make publish` on a fresh
     run would otherwise train the whole pipeline first). Returns the model repo id."""
@@ -353,6 +373,9 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
             raise ConfigError(f"{path}, an output of the {name} stage of run '{run.run}', is missing: run `make "
                               f"{name} RUN={run.run} FORCE=1`, then publish")
     dataset_repo = (args.dataset_repo_id or f"{repo}-preferences") if args.include_dataset else None
+    prompts = labeled_prompts(label, read_manifest_if_any(run, "pairs")) if label else None
+    if label:  # the license the preferences go out under, decided (or refused) before anything is written
+        args = replace(args, dataset_license=dataset_license(args, prompts))
     api = None
     if not args.dry_run:  # a rejected token or a public repo under --private: before the run folder is touched
         api = HfApi(token=token)
@@ -398,12 +421,12 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     shutil.rmtree(stage.dir / "dataset", ignore_errors=True)  # an earlier --include_dataset run's folder is not uploaded now
     if label:
         dataset_folder = stage.dir / "dataset"
-        dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run)
+        dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run, prompts)
 
     # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
     dataset_sources = dataset_sources or labels_the_reward_model_read(rm, run)
     manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
-    sources = data_sources(data_files_used(manifests, base))
+    sources = data_of_the_card(manifests, base, run)
     license, note = card_license(args, base_license(base, args, online=not args.dry_run))
     if note:
         print(note, file=sys.stderr)

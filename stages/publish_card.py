@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.adapters import read_pooling
-from pipeline.config import REPO_ROOT, ConfigError
+from pipeline.config import REPO_ROOT, ConfigError, resolve_path
 from pipeline.judges import describe_judge
 from stages.eval_compare import policy_method
 
@@ -160,6 +160,39 @@ def data_files_used(manifests: dict[str, dict], base: str) -> dict[str, set[str]
         if text_dir:
             used.setdefault(text_dir, set()).add("base")
     return used
+
+
+def labeled_prompts(label: dict, pairs: dict | None) -> str | None:
+    """The data file the label export's prompts came from: a bundled file (data/...), or OWN_DATA and its name for your
+    own prompts (`make pairs` --dataset_name) or pairs (`make label` --pairs_dataset); None when the run has no pairs
+    stage to say."""
+    given = ((label.get("config") or {}).get("label") or {}).get("pairs_dataset")
+    if given:
+        return OWN_DATA + Path(given).name
+    values = ((pairs or {}).get("config") or {}).get("pairs") or {}
+    return OWN_DATA + Path(own_dataset(values)).name if own_dataset(values) else values.get("prompts_file")
+
+
+def prompts_source(prompts: str | None) -> dict:
+    """labeled_prompts' source, as data_sources gives it: a bundled one has a url and a license; yours or none, not."""
+    path = resolve_path(prompts).resolve() if prompts and not prompts.startswith(OWN_DATA) else None
+    if path is None or not path.is_relative_to(REPO_ROOT.resolve() / "data"):
+        return {"name": (prompts or "unknown")[len(OWN_DATA) if prompts and prompts.startswith(OWN_DATA) else 0:],
+                "license": "see the dataset's own terms", "url": ""}
+    return data_sources({str(path.relative_to(REPO_ROOT.resolve())): set()})[0]
+
+
+def dataset_license(args: PublishArgs, prompts: str | None) -> str:
+    """The preference dataset's license: --dataset_license, else apache-2.0 when its prompts are bundled data (public
+    domain or Apache-2.0, data/*/SOURCE.json). Your own prompts' or pairs' terms are yours to name: the labels are
+    published with them."""
+    if args.dataset_license:
+        return args.dataset_license
+    if prompts_source(prompts)["url"]:
+        return "apache-2.0"
+    what = f"the prompts of {prompts[len(OWN_DATA):]}" if prompts and prompts.startswith(OWN_DATA) else "its prompts"
+    raise ConfigError(f"--include_dataset publishes {what} with your labels under a license, and their terms are not "
+                      f"this project's to choose: give --dataset_license (the license they allow, e.g. cc-by-4.0)")
 
 
 def data_sources(used: dict[str, set[str]]) -> list[dict]:

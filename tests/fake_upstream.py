@@ -121,8 +121,13 @@ def evaluated_run(tmp_path_factory, profile: Path, run: str = "t") -> Path:
 
 
 def build_label_export(runs_dir: Path, run: str = "t") -> Path:
-    """A label-export stage: a few preference rows in TRL's conversational format, saved with save_to_disk."""
+    """A label-export stage: a few preference rows in TRL's conversational format, saved with save_to_disk; and the
+    pairs stage whose prompts (the bundled story openings) they are of."""
     import datasets
+
+    pairs = StageRun("pairs", run, str(runs_dir))
+    pairs.prepare({})
+    pairs.finish({}, {}, {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": None}})
 
     stage = StageRun("label-export", run, str(runs_dir))
     stage.prepare({})

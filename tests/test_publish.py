@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ConfigError
 from tests.conftest import REPO
 from tests.fake_upstream import build_label_export, evaluated_run
 
@@ -255,7 +256,7 @@ def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
         src = tmp_path / f"export-{len(rows)}"
         datasets.Dataset.from_list(rows).save_to_disk(str(src))
         out = tmp_path / f"out-{len(rows)}"
-        sources = export_dataset(str(src), out, PublishArgs(), "me/x", "default")
+        sources = export_dataset(str(src), out, PublishArgs(), "me/x", "default", "data/story/pairs_prompts.jsonl")
         card = DatasetCard.load(out / "README.md")
         tags = card.data.to_dict()["tags"]
         assert tag in tags and phrase in card.text
@@ -314,6 +315,31 @@ def test_the_card_names_whose_labels_the_reward_model_read_not_a_later_exports(t
     (folder / "manifest.json").write_text(json.dumps({**exported, "metrics": {"sources": "people"}}))  # exported since
     assert labels_the_reward_model_read(rm, run) is None
     assert labels_the_reward_model_read({"inputs": {"manifests": {"label-export": None}}}, run) is None  # read none
+
+
+def test_the_cards_data_names_the_prompts_of_the_pairs_the_reward_model_learned_from(tmp_path):
+    """The reward model learns from labeled pairs, so their prompts are training data: the card's data table once left
+    them out (a user's own prompts, and their terms, nowhere)."""
+    from pipeline.config import RunArgs
+    from pipeline.run import manifest_digest
+    from stages.publish import data_of_the_card
+
+    run = RunArgs(run="t", runs_dir=str(tmp_path))
+    for stage, manifest in (("label-export", {"stage": "label-export", "metrics": {"sources": "simulated"}}),
+                            ("pairs", {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl"}}})):
+        (tmp_path / "t" / stage).mkdir(parents=True)
+        (tmp_path / "t" / stage / "manifest.json").write_text(json.dumps(manifest))
+    exported = json.loads((tmp_path / "t" / "label-export" / "manifest.json").read_text())
+    manifests = {"sft": {"config": {"sft": {"dataset_mixture": {"data/story/sft.jsonl": 0}}}},
+                 "rm": {"inputs": {"manifests": {"label-export": manifest_digest(exported)}}}}
+    (story,) = data_of_the_card(manifests, "org/base", run)
+    assert story["stages"] == {"sft", "pairs"} and story["files"] == ["data/story/pairs_prompts.jsonl", "data/story/sft.jsonl"]
+    (tmp_path / "t" / "pairs" / "manifest.json").write_text(json.dumps({"config": {"pairs": {
+        "prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": "/home/me/mine.jsonl"}}}))
+    rows = {s["name"]: s for s in data_of_the_card(manifests, "org/base", run)}
+    assert rows["your own data: mine.jsonl"]["stages"] == {"pairs"} and rows["story"]["stages"] == {"sft"}
+    manifests["rm"] = {"inputs": {"manifests": {"label-export": None}}}  # its own preferences: the pairs are not its data
+    assert [s["stages"] for s in data_of_the_card(manifests, "org/base", run)] == [{"sft"}]
 
 
 def test_card_hyperparameters_are_the_settings_that_acted():
@@ -408,7 +434,7 @@ def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
            "rejected": [{"role": "assistant", "content": "b"}], "annotator": "alice"}
     datasets.Dataset.from_list([row]).save_to_disk(str(tmp_path / "export"))
     export_dataset(str(tmp_path / "export"), tmp_path / "out", PublishArgs(license="mit", dataset_license="cc-by-4.0"),
-                   "me/x", "t")
+                   "me/x", "t", "your own data: mine.jsonl")
     assert DatasetCard.load(tmp_path / "out" / "README.md").data.to_dict()["license"] == "cc-by-4.0"
 
 
@@ -630,6 +656,57 @@ def test_a_missing_upstream_output_is_one_clear_error_and_writes_nothing(runs, d
     assert line == (f"error: {path}, an output of the {stage} stage of run 't', is missing: run `make {stage} RUN=t "
                     f"FORCE=1`, then publish")
     assert before and run_folder_state(runs) == before
+
+
+def test_the_dataset_license_is_yours_to_name_for_your_own_prompts(runs, dry_run, tmp_path):
+    """--include_dataset once stamped apache-2.0 on any labels, your own prompts' (whatever their terms) included: the
+    bundled prompts' labels still default to it, and the card names where the prompts came from; your own prompts or
+    pairs need --dataset_license, refused before the run folder is touched."""
+    from huggingface_hub import DatasetCard
+
+    from stages.publish import PublishArgs
+    from stages.publish_card import OWN_DATA, dataset_license, labeled_prompts, prompts_source
+
+    keep, _ = dry_run  # the fixture's pairs stage sampled the bundled story openings
+    card = DatasetCard.load(keep / "dataset" / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert "Prompts: `story` (https://github.com/mahlberg-lab/corpora, LicenseRef-Public-Domain)." in card.text
+
+    story = {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": None}}}
+    mine = {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": "/home/me/p.jsonl"}}}
+    given = {"config": {"label": {"pairs_dataset": "/home/me/my_pairs.jsonl"}}}
+    assert labeled_prompts({}, story) == "data/story/pairs_prompts.jsonl"
+    assert labeled_prompts({}, mine) == OWN_DATA + "p.jsonl" and labeled_prompts(given, story) == OWN_DATA + "my_pairs.jsonl"
+    assert labeled_prompts({}, None) is None  # an export of the store's pairs, with no pairs stage to say whose
+    for bundled in ("data/story/pairs_prompts.jsonl", str(REPO / "data/prompts/oasst_pairs_prompts.jsonl")):
+        assert dataset_license(PublishArgs(), bundled) == "apache-2.0", bundled
+    assert prompts_source("data/prompts/oasst_pairs_prompts.jsonl")["license"] == "Apache-2.0"
+    lookalike = tmp_path / "data" / "story" / "pairs_prompts.jsonl"  # not the bundled file, whatever its name
+    for prompts in (OWN_DATA + "p.jsonl", str(lookalike), None):
+        with pytest.raises(ConfigError, match="give --dataset_license"):
+            dataset_license(PublishArgs(), prompts)
+        assert dataset_license(PublishArgs(dataset_license="cc-by-4.0"), prompts) == "cc-by-4.0"
+
+    pairs = runs / "t" / "pairs" / "manifest.json"
+    original = pairs.read_text()
+    pairs.write_text(json.dumps({**json.loads(original), **mine}))
+    try:
+        before = run_folder_state(runs)
+        line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset"))
+        assert line == ("error: --include_dataset publishes the prompts of p.jsonl with your labels under a license, "
+                        "and their terms are not this project's to choose: give --dataset_license (the license they "
+                        "allow, e.g. cc-by-4.0)")
+        assert before and run_folder_state(runs) == before
+        proc = publish(runs, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset", "--dataset_license",
+                       "cc-by-4.0")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        card = DatasetCard.load(runs / "t" / "publish" / "dataset" / "README.md")
+        assert card.data.license == "cc-by-4.0" and "Prompts: `p.jsonl` (your own: its own terms apply)." in card.text
+        assert "/home/me" not in card.text  # a name, not this machine's path
+        model = (runs / "t" / "publish" / "model" / "README.md").read_text()
+        assert "rm | simulated annotators' labels" not in model and "| cc-by-4.0 |" in model
+    finally:
+        pairs.write_text(original)
 
 
 def test_missing_token_is_one_clear_error(runs):
