@@ -124,6 +124,8 @@ def test_yaml_parses_and_rejects_unknown_keys(tmp_path):
         parse_args(["--config", str(bad)])
     with pytest.raises(ConfigError, match="long_prompts must be one of"):
         parse_args(["--config", "configs/ppo.yaml", "--long_prompts", "cut"])
+    with pytest.raises(ConfigError, match="--kl_estimator on the command line: kl_estimator k3 in the reward is no KL"):
+        parse_args(["--config", "configs/ppo.yaml", "--kl_estimator", "k3"])
 
 
 # ------------------------------------------------------------------------------------------------ adapters

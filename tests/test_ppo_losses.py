@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from pipeline.config import ConfigError
 from stages.ppo import losses as L
+from stages.ppo.config import PPOConfig
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 M = torch.tensor([[1, 1, 0], [1, 0, 0]])  # real entries: 1, 2, 4
@@ -79,6 +81,30 @@ def test_kl_estimators():
     # k3 with r = ref/pi = e^-1: (r - 1) - log r = e^-1 - 1 + 1 = 0.367879
     assert L.kl_k3(lp, ref).tolist() == pytest.approx([math.exp(-1), 0.0])
     assert (L.kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()  # k3 is never negative
+
+
+def test_only_k1_in_the_reward_is_a_kl_penalty():
+    """A penalty in the reward acts through the score function: its expected gradient is E_pi[k * grad log pi], k held
+    fixed. For k1 that is exactly grad KL(pi||ref). For k3 it is grad KL(pi||ref) - grad KL(ref||pi) (Tang & Munos
+    2025), here nearly opposite to it: it does not pull the policy back, which is why the config refuses
+    `kl_estimator: k3` in the reward (use_kl_loss puts k3 in the loss, where its gradient is a KL's)."""
+    torch.manual_seed(0)
+    logits, ref = torch.randn(6, requires_grad=True), torch.randn(6).log_softmax(0)
+    logp = logits.log_softmax(0)
+    pi = logp.exp()
+
+    def grad(f):
+        return torch.autograd.grad(f, logits, retain_graph=True)[0]
+
+    def as_reward(estimator):  # the REINFORCE / PPO gradient of E_pi[k], k computed from the rollout and held fixed
+        return grad((pi.detach() * estimator(logp.detach(), ref) * logp).sum())
+
+    forward, reverse = grad((pi * (logp - ref)).sum()), grad((ref.exp() * (ref - logp)).sum())
+    torch.testing.assert_close(as_reward(L.kl_k1), forward)
+    torch.testing.assert_close(as_reward(L.kl_k3), forward - reverse)
+    assert torch.nn.functional.cosine_similarity(as_reward(L.kl_k3), forward, dim=0) < 0
+    with pytest.raises(ConfigError, match=r"kl_estimator k3 in the reward is no KL penalty.*use k1.*use_kl_loss"):
+        PPOConfig(kl_estimator="k3")
 
 
 def test_per_token_rewards():

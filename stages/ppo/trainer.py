@@ -231,13 +231,13 @@ class PPOTrainer:
         cfg, g = self.cfg, self._all_sum
         mask = ro.response_mask.float()
         scores = self._scores(ro)
-        kl1 = kl3 = kl3_bounded = None
+        kl1 = kl3 = None
         if ro.ref_logprobs is not None:
             kl1 = L.kl_k1(ro.logprobs, ro.ref_logprobs) * mask
             kl3 = L.kl_k3(ro.logprobs, ro.ref_logprobs) * mask  # logged as it is: the estimate of the KL
-            kl3_bounded = L.kl_k3_bounded(ro.logprobs, ro.ref_logprobs) * mask  # the penalty: no token swamps the batch
         kl_coef = self.kl_ctl.value
-        kl_in_reward = None if cfg.use_kl_loss else (kl3_bounded if cfg.kl_estimator == "k3" else kl1)
+        # k1 in the reward: the one estimator whose score-function gradient is the gradient of KL(policy||ref)
+        kl_in_reward = None if cfg.use_kl_loss else kl1
         rewards = L.per_token_rewards(scores, kl_in_reward, kl_coef, mask)
         if cfg.whiten_rewards:
             rewards = L.masked_whiten(rewards, mask, shift_mean=False, reduce=g)
