@@ -20,7 +20,6 @@ keeps generation in lockstep.
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 from torch import nn
@@ -94,14 +93,6 @@ def fsdp_units(model: nn.Module) -> dict[str, str]:
     return units
 
 
-def _expand(model: nn.Module, units: dict[str, str]) -> list[tuple[str, nn.Module, str]]:
-    out = []
-    for pattern, style in units.items():
-        rx = re.compile(re.escape(pattern).replace(r"\*", r"\d+") + "$")
-        out += [(n, m, style) for n, m in model.named_modules() if rx.match(n)]
-    return out
-
-
 def distributed_config(build_skeleton, shard: bool):
     """What `from_pretrained(distributed_config=...)` takes to load the base sharded over every rank (None: whole).
     The units come from the same model built by `build_skeleton()` on the meta device (no memory, no weights read)."""
@@ -127,22 +118,6 @@ def own_shards(model: nn.Module) -> None:
             local = p._local_tensor
             if local.untyped_storage().nbytes() > local.numel() * local.element_size():
                 p._local_tensor = local.clone()
-
-
-def shard_model(model: nn.Module, mesh=None) -> nn.Module:
-    """FSDP2 on a model already in memory (e.g. one built with adapters): `fully_shard` on each unit of
-    `fsdp_units`, then on the root. Every rank must call it; afterwards each holds 1/N of every unit's weights."""
-    from torch.distributed.fsdp import fully_shard
-
-    if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        device = next(model.parameters()).device.type
-        mesh = init_device_mesh(device, (world_size(),))
-    for _, module, style in _expand(model, fsdp_units(model)):
-        fully_shard(module, mesh=mesh, reshard_after_forward=style == FREE)
-    fully_shard(model, mesh=mesh)
-    return model
 
 
 def keep_whole(model: nn.Module, name: str) -> nn.Module:
