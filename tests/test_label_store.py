@@ -532,6 +532,20 @@ def test_every_control_and_format_character_reaches_the_page_visible_not_acting(
                                       if any(unicodedata.category(shown) in ("Cc", "Cf") for shown in text_html(chr(c)))]
 
 
+def test_characters_a_browser_draws_as_nothing_reach_the_page_visible():
+    """Default-ignorable characters that are not Cc/Cf (variation selectors, the combining grapheme joiner, Hangul
+    fillers, ...) are drawn as nothing or a blank: a run of variation selectors after one letter hid any bytes from the
+    annotator (`a` + 8 x U+E0100 was as wide as `a` on the page) while the export and the reward model read them.
+    They show as escapes, in the page and in the "change an earlier label" list alike."""
+    from stages.label.app import earlier_label_text, text_html
+
+    assert text_html("a\U000e0100\U000e01efb\ufe00\ufe0fc\u034fd\u3164e\u115ff\u180bg\u17b4h") == (
+        '<div class="plain">a\\U000e0100\\U000e01efb\\ufe00\\ufe0fc\\u034fd\\u3164e\\u115ff\\u180bg\\u17b4h</div>')
+    line = earlier_label_text({"updated_at": 0.0, "choice": "left", "strength": None, "shown_left": 0,
+                               "prompt": [{"role": "user", "content": "q\U000e0100"}], "responses": ["x\ufe01", "y"]})
+    assert "q\\U000e0100" in line and "x\\ufe01" in line
+
+
 def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the_rest_around(tmp_path):
     """Each piece's own direction controls are shown as escapes: a response's PDI (U+2069) cannot close the isolate
     around it and its RLO (U+202E) then reverse the rest of the line, and an RLI the 30-character cut leaves open (the

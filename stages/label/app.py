@@ -76,12 +76,21 @@ def _picture(c: int) -> str:
     return f"\\u{c:04x}" if c <= 0xFFFF else f"\\U{c:08x}"
 
 
-# Characters a browser drops, hides or obeys unseen: Unicode's controls (Cc: NUL, ESC, DEL, the C1 controls) and format
+# Unicode's default-ignorable code points (DerivedCoreProperties.txt) that are neither Cc nor Cf: marks and letters a
+# browser draws as nothing (variation selectors, the combining grapheme joiner, Mongolian free variation selectors,
+# Khmer inherent vowels) or as a blank (the Hangul fillers). A run of variation selectors after one letter carries any
+# bytes unseen ("emoji smuggling"): the annotator would not see what the reward model reads.
+IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
+                    (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+                    (0xE0000, 0xE0FFF))
+
+# Characters a browser drops, hides or obeys unseen: Unicode's controls (Cc: NUL, ESC, DEL, the C1 controls), format
 # characters (Cf: zero-width spaces and joiners, the byte-order mark, tag characters, and the direction controls that
-# would reverse the text around them), shown as their `_picture`. Tabs, line breaks and carriage returns stay
-# themselves: the page lays the text out with them.
-CONTROL_PICTURES = {c: _picture(c) for c in range(sys.maxunicode + 1)
-                    if unicodedata.category(chr(c)) in ("Cc", "Cf") and chr(c) not in "\t\n\r"}
+# would reverse the text around them) and the other default-ignorable ones (IGNORABLE_RANGES), shown as their
+# `_picture`. Tabs, line breaks and carriage returns stay themselves: the page lays the text out with them.
+CONTROL_PICTURES = {c: _picture(c) for c in [
+    *(c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cf") and chr(c) not in "\t\n\r"),
+    *(c for lo, hi in IGNORABLE_RANGES for c in range(lo, hi + 1))]}
 
 
 def text_html(text: str, tag: str = "div", classes: str = "plain") -> str:
