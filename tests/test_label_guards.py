@@ -206,6 +206,19 @@ def test_a_taken_port_is_refused_before_the_run_folder_is_touched(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_host_that_is_not_this_machines_is_refused_by_its_flag_not_the_port(tmp_path):
+    """`--host 192.0.2.1` (an address of no machine of this one's) said "another program uses it; pick another port
+    with --port N": the fix names --host, and nothing is written."""
+    pairs = write_lines(tmp_path / "pairs.jsonl", [pair(0)])
+    users = tmp_path / "users.txt"
+    users.write_text("ann:pw\n")
+    with pytest.raises(ConfigError, match=r"cannot serve on 192.0.2.1:7860 .*--host 192.0.2.1 is not an address of this "
+                                          r"machine") as err:
+        label_main(tmp_path / "runs", "--pairs_dataset", str(pairs), "--host", "192.0.2.1", "--users_file", str(users))
+    assert "--port" not in str(err.value)
+    assert not (tmp_path / "runs").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -650,6 +650,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('dpo-missing-rm-config-unchecked', 'stages/dpo.py', '        if not resolve_path(self.rm_config).is_file():', '        if False:', 'tests/test_config.py -k values_no_stage'),
     ('label-control-characters-hidden', 'stages/label/app.py', 'html.escape(text.translate(CONTROL_PICTURES))', 'html.escape(text)', 'tests/test_label_store.py -k control_characters'),
     ('label-ignorable-characters-hidden', 'stages/label/app.py', '    *(c for lo, hi in IGNORABLE_RANGES for c in range(lo, hi + 1))]}', ']}', 'tests/test_label_store.py -k draws_as_nothing'),
+    ('label-bad-host-blames-port', 'stages/label/config.py', 'if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:', 'if False:', 'tests/test_label_guards.py -k host_that_is_not'),
     ('label-role-whitespace-collapsed', 'stages/label/app.py', 'classes="role plain"', 'classes="role"', 'tests/test_label_store.py -k control_characters'),
     ('label-earlier-pieces-not-isolated', 'stages/label/app.py', '"\\u2068" + " ".join(text.split())[:n] + "\\u2069"', '" ".join(text.split())[:n]', 'tests/test_label_store.py -k "direction_override or earlier"'),
     ('label-login-names-unchecked', 'stages/label/config.py', '    if clean_name(name) != name.strip():', '    if False:', 'tests/test_label_store.py -k login_name_that_could'),

@@ -204,7 +204,9 @@ def read_guidelines(path: str) -> str:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Refuse a port another program listens on, before the store is touched (Gradio would fail only after)."""
+    """Refuse a port another program listens on, a host that is not this machine's and a port this user may not open,
+    before the store is touched (Gradio would fail only after), each with its own fix."""
+    import errno
     import socket
 
     try:
@@ -213,8 +215,14 @@ def check_port_free(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a just-closed port is free
             s.bind((host, port))
     except OSError as err:
-        raise ConfigError(f"cannot serve on {host}:{port} ({err.strerror or err}): another program (another "
-                          f"`make label`?) uses it; pick another port with --port N") from None
+        why = f"cannot serve on {host}:{port} ({err.strerror or err})"
+        if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:  # the host, not the port
+            raise ConfigError(f"{why}: --host {host} is not an address of this machine; give 127.0.0.1 (this machine "
+                              f"only), 0.0.0.0 (every interface, with logins) or one of its own addresses") from None
+        if err.errno == errno.EACCES:
+            raise ConfigError(f"{why}: ports below 1024 need root; pick --port 1024 or above (7860 by default)") from None
+        raise ConfigError(f"{why}: another program (another `make label`?) uses it; pick another port with --port N") \
+            from None
 
 
 def db_path(runs_dir: str, run: str) -> Path:
