@@ -437,9 +437,28 @@ def test_auth_guard_and_users(tmp_path):
     check_exposure("::1", [])
     check_exposure("0.0.0.0", [("alice", "pw")])
     users = tmp_path / "users.txt"
-    users.write_text("# annotators\nalice:s3cret:with:colons\n\nbob: pw\n")
+    users.write_text("# annotators\nalice:s3cret:with:colons\n\n  bob:pw \tx\n")
     assert load_users(str(users), env={"LABEL_USERS": "carol:x, dan:y"}) == [
-        ("alice", "s3cret:with:colons"), ("bob", " pw"), ("carol", "x"), ("dan", "y")]
+        ("alice", "s3cret:with:colons"), ("bob", "pw \tx"), ("carol", "x"), ("dan", "y")]
+    # `bob: pw` (YAML's habit) made the password " pw", and a trailing space was cut off: nobody could log in
+    for n, line in ((2, "bob: hunter2"), (2, "bob:hunter2 "), (2, "bob:hunter2\t")):
+        users.write_text(f"alice:pw\n{line}\n")
+        with pytest.raises(ConfigError, match=rf"bad password \(line {n} of the users file .*\): it starts or ends "
+                                               rf"with a space") as err:
+            load_users(str(users), env={})
+        assert "hunter2" not in str(err.value)
+
+
+def test_a_users_file_others_can_read_is_noted(tmp_path, capsys):
+    users = tmp_path / "users.txt"
+    users.write_text("alice:pw\n")
+    users.chmod(0o644)
+    assert load_users(str(users), env={}) == [("alice", "pw")]
+    assert capsys.readouterr().err == (f"note: the users file {users} can be read by other users of this machine "
+                                       f"(mode 644): `chmod 600 {users}`\n")
+    users.chmod(0o600)
+    load_users(str(users), env={})
+    assert capsys.readouterr().err == ""
     users.write_text("alice\n")
     with pytest.raises(ConfigError, match="line 1"):
         load_users(str(users), env={})
@@ -884,6 +903,9 @@ def test_an_overlap_below_one_is_refused():
     with pytest.raises(ValueError, match="overlap must be at least 1, got 0"):
         LabelArgs(overlap=0)
     assert LabelArgs(overlap=1).overlap == 1
+    with pytest.raises(ValueError, match=r"max_note_chars must be 1 or more \(a note is optional\), got 0"):
+        LabelArgs(max_note_chars=0)  # a note box "up to 0 characters" that refused every note
+    assert LabelArgs(max_note_chars=1).max_note_chars == 1
 
 
 def test_min_agreement_outside_0_1_is_refused():

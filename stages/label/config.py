@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,8 +63,8 @@ class LabelArgs:
     def __post_init__(self):
         if self.overlap < 1:
             raise ValueError(f"overlap must be at least 1, got {self.overlap}")
-        if self.max_note_chars < 0:
-            raise ValueError(f"max_note_chars must be 0 or more, got {self.max_note_chars}")
+        if self.max_note_chars < 1:  # 0 drew a note box "up to 0 characters" that refused every note
+            raise ValueError(f"max_note_chars must be 1 or more (a note is optional), got {self.max_note_chars}")
         if self.ties not in TIE_POLICIES:
             raise ValueError(f"ties must be one of {TIE_POLICIES}, got '{self.ties}'")
         if self.both_bad not in BOTH_BAD_POLICIES:
@@ -103,11 +104,13 @@ def load_users(users_file: str | None, env: dict | None = None) -> list[tuple[st
         path = resolve_path(users_file)
         if not path.is_file():
             raise ConfigError(f"users file {path} does not exist: create it with one `name:password` line per annotator")
+        if os.name == "posix" and path.stat().st_mode & 0o077:  # passwords others on this machine can read
+            print(f"note: the users file {path} can be read by other users of this machine (mode "
+                  f"{path.stat().st_mode & 0o777:o}): `chmod 600 {path}`", file=sys.stderr)
         for n, line in enumerate(read_utf8(path, "the users file").splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
+            if not line.strip() or line.strip().startswith("#"):
                 continue
-            users.append(_user(line, f"line {n} of the users file {path}"))
+            users.append(_user(line.lstrip(), f"line {n} of the users file {path}"))
     if env.get(USERS_ENV):  # entry K: the K-th between commas, blank ones counted, as a person counts them
         users += [_user(entry.strip(), f"entry {k} of ${USERS_ENV}", COMMA_HINT)
                   for k, entry in enumerate(env[USERS_ENV].split(","), 1) if entry.strip()]
@@ -162,6 +165,9 @@ def _user(entry: str, where: str, hint: str = "") -> tuple[str, str]:
     name, sep, password = entry.partition(":")
     if not sep or not name.strip() or not password:
         raise ConfigError(f"bad user entry ({where}): write `name:password`, a name and a password{hint}")
+    if password != password.strip():  # the users file's line once lost a trailing space, and nobody could log in
+        raise ConfigError(f"bad password ({where}): it starts or ends with a space, which is easily lost when it is "
+                          f"typed or pasted: remove the space")
     if clean_name(name) != name.strip():  # `ann  lee` would show as `ann lee`, another login's name
         raise ConfigError(f"bad login name ({where}): use letters of one script, digits, single spaces and . @ ' - "
                           f"only, up to 64 characters (as a typed name), so that no two logins look alike")
