@@ -520,11 +520,13 @@ def test_my_labels_list_the_latest_changed_first(store):
 
 def test_text_reaches_the_page_with_its_control_characters_visible_and_roles_keep_their_whitespace():
     """The browser drops a NUL and hides other control characters: they show as their Unicode pictures; tabs, line
-    breaks and carriage returns stay. A role (a pairs file may name any) keeps its spaces and line breaks as the
+    breaks and CRLF line ends stay. A carriage return alone shows as its picture too (HTML read it as a line break,
+    and `a\rb` showed on two lines). A role (a pairs file may name any) keeps its spaces and line breaks as the
     content does (it lacked the `plain` class: `tool  x` showed as `tool x`)."""
     from stages.label.app import prompt_html, text_html
 
-    assert text_html("a\x00b\x1bc\x7fd\te\nf\rg <h>") == '<div class="plain">a\u2400b\u241bc\u2421d\te\nf\rg &lt;h&gt;</div>'
+    assert text_html("a\x00b\x1bc\x7fd\te\nf\rg <h>\r\ni\r") == (
+        '<div class="plain">a\u2400b\u241bc\u2421d\te\nf\u240dg &lt;h&gt;\r\ni\u240d</div>')
     assert prompt_html([{"role": "tool  x\n y", "content": " c"}]) == (
         '<div class="msg"><div class="role plain">tool  x\n y</div><div class="plain"> c</div></div>')
 
@@ -543,8 +545,8 @@ def test_every_control_and_format_character_reaches_the_page_visible_not_acting(
     assert text_html("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c") == (
         '<div class="plain">\\u202a\\u202b\\u202c\\u202d\\u202e\\u2066\\u2067\\u2068\\u2069\\u200e\\u200f'
         '\\u061c</div>')
-    assert text_html("\t\n\r\u00e9 \u4e2d \U0001f44d \u05d0\u05d1 e\u0301") == (
-        '<div class="plain">\t\n\r\u00e9 \u4e2d \U0001f44d \u05d0\u05d1 e\u0301</div>')
+    assert text_html("\t\n\r\n\u00e9 \u4e2d \U0001f44d \u05d0\u05d1 e\u0301") == (
+        '<div class="plain">\t\n\r\n\u00e9 \u4e2d \U0001f44d \u05d0\u05d1 e\u0301</div>')
     hidden = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cf")
               and chr(c) not in "\t\n\r"]
     assert len(hidden) > 200 and not [c for c in hidden

@@ -12,6 +12,7 @@ Two trust rules:
 from __future__ import annotations
 
 import html
+import re
 import sys
 import time
 import unicodedata
@@ -93,10 +94,14 @@ CONTROL_PICTURES = {c: _picture(c) for c in [
     *(c for lo, hi in IGNORABLE_RANGES for c in range(lo, hi + 1))]}
 
 
+LONE_CR = re.compile(r"\r(?!\n)")  # a carriage return without its line feed: HTML reads it as a line break, so ␍
+
+
 def text_html(text: str, tag: str = "div", classes: str = "plain") -> str:
     """Any text as inert, visible HTML: escaped, whitespace kept, control characters visible. The one way model/user
     text reaches the page."""
-    return f'<{tag} class="{classes}">{html.escape(text.translate(CONTROL_PICTURES))}</{tag}>'
+    text = LONE_CR.sub("\u240d", text.translate(CONTROL_PICTURES))  # the page would break the line there
+    return f'<{tag} class="{classes}">{html.escape(text)}</{tag}>'
 
 
 def prompt_html(messages: list[dict]) -> str:
