@@ -138,6 +138,63 @@ def test_a_reward_adapter_without_its_score_head_is_refused(tiny_models, tmp_pat
         load_judge(f"rm:{rm_dir}")
 
 
+def test_a_reward_adapter_saved_as_bin_is_loaded_not_refused(tiny_models, tmp_path):
+    """An adapter_model.bin (older peft, save_safetensors=False) is not inspected for its head: peft loads it, head and
+    all, and it scores as the same adapter saved as safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    rm_dir = _rm_adapter(tiny_models, tmp_path / "other" / "adapter")
+    scores = judge_scores(load_judge(f"rm:{rm_dir}"), PROMPTS, TEXTS)
+    weights = rm_dir / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), rm_dir / "adapter_model.bin")
+    weights.unlink()
+    assert judge_scores(load_judge(f"rm:{rm_dir}"), PROMPTS, TEXTS) == pytest.approx(scores, abs=1e-6)
+
+
+def test_a_checkpoint_without_a_score_head_is_refused_as_judge(tiny_models):
+    """A full checkpoint that is not a reward model (the base itself, a merged policy) loads as a classifier whose head
+    is drawn at random on every load: refused, naming the head, instead of grading with noise."""
+    base = yaml.safe_load(tiny_models["llama"].read_text())["name_or_path"]
+    with pytest.raises(ConfigError, match=r"has no trained score head \(score\.weight would be drawn at random"):
+        load_judge(f"rm:{base}")
+
+
+def test_a_reward_checkpoint_whose_tokenizer_has_no_pad_token_pads_with_eos(tmp_path):
+    """A sequence-classification checkpoint with a Llama-3 style tokenizer (no pad token, no pad_token_id): the judge
+    pads a batch with EOS, as the pipeline does, and reads each row where it reads it alone."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.conftest import build_template_model, build_template_tokenizer
+
+    tok_dir = build_template_tokenizer("llama3", tmp_path / "tok")
+    assert AutoTokenizer.from_pretrained(tok_dir).pad_token is None
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(build_template_model("llama3", tok_dir, tmp_path / "lm"),
+                                                            num_labels=1)
+    rm.config.pad_token_id = None
+    rm.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp_path / "rm")
+    judge = load_judge(f"rm:{tmp_path / 'rm'}")
+    together = judge_scores(judge, PROMPTS, TEXTS)
+    assert together == pytest.approx([judge_scores(judge, [p], [t])[0] for p, t in zip(PROMPTS, TEXTS)], abs=1e-5)
+    assert len(set(together)) == 3
+
+
+def test_a_spec_make_checks_is_refused_as_loading_it_would_be(tmp_path):
+    """check_judge_spec (make, before any stage runs) refuses what load_judge would: an rm: path that is no folder, and
+    a module:function whose module part is no importable name (a file path)."""
+    from pipeline.judges import check_judge_spec
+
+    with pytest.raises(ConfigError, match="is not a folder"):
+        check_judge_spec(f"rm:{tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="unknown judge 'judges/mine.py:score'"):
+        check_judge_spec("judges/mine.py:score")
+    check_judge_spec(f"rm:{tmp_path}")
+    check_judge_spec("tests.judge_fixtures:length_judge")
+
+
 def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):
     rm_dir = _rm_adapter(tiny_models, tmp_path / "rm" / "adapter")
     for spec in (f"rm:{rm_dir}", f"rm:{rm_dir.parent}", f"rm:{rm_dir}/"):

@@ -116,6 +116,16 @@ def test_non_utf8_and_missing_pairs_files_name_the_line_and_the_flag(runs, tmp_p
     assert snapshot(runs) == before
 
 
+def test_read_pairs_keeps_each_pair_as_the_app_serves_it(tmp_path):
+    """read_pairs keeps pair_id, the two responses and each prompt message's role and content: the other keys of a row
+    or of a message (a name, a score) are left behind, not stored with the pair."""
+    from stages.label.pairs import read_pairs
+
+    row = pair(0, prompt=[{"role": "user", "content": "question 0", "name": "bob"}], score=0.5)
+    assert read_pairs(str(write_lines(tmp_path / "p.jsonl", [row])), "--pairs_dataset") == [
+        {"pair_id": "p0", "responses": ["zero 0", "one 0"], "prompt": [{"role": "user", "content": "question 0"}]}]
+
+
 def test_the_store_itself_refuses_bad_rows_before_writing(tmp_path):
     store = LabelStore(tmp_path / "s.sqlite")
     store.import_items([pair(0), pair(1)])

@@ -255,6 +255,15 @@ def test_word_filter_holds_pairs_back(tmp_path):
     assert served == ["p000", "p002"] and s.progress()["blocked"] == 1
 
 
+def test_servable_pairs_come_in_the_files_order_not_their_ids(tmp_path):
+    """servable_pairs (what make simulate labels, in order: the labels' and so the export's order) lists the pairs as
+    the file gives them, blocked ones left out, whatever their ids sort as."""
+    s = LabelStore(tmp_path / "f.sqlite")
+    rows = [dict(row, pair_id=pid) for row, pid in zip(pairs(4), ["b", "a", "d", "c"])]
+    s.import_items(rows, lambda row: "word" if row["pair_id"] == "d" else None)
+    assert s.servable_pairs() == ["b", "a", "c"]
+
+
 def test_many_annotators_at_once_no_pair_beyond_overlap(tmp_path):
     for overlap in (1, 2):
         s = LabelStore(tmp_path / f"c{overlap}.sqlite", overlap=overlap)

@@ -1254,6 +1254,15 @@ def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters,
         assert b[key] == (pytest.approx(va, rel=1e-4, abs=1e-5) if isinstance(va, float) else va), key
 
 
+def test_a_sampling_call_takes_whole_groups(tiny_models, adapters, prompts_file, tmp_path):
+    """generation_batch_size 6 with groups of 4 answers to one prompt: each sampling call takes whole groups (4 rows;
+    6 would cut the second group in two, and the prefill runs each group's prompt once)."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo",
+                       "--num_samples_per_prompt", "4", "--generation_batch_size", "6", reward_fn=varied_reward)
+    ro = trainer.rollout()
+    assert trainer.cfg.prompt_group == 4 and ro.response_ids.shape[0] == trainer.cfg.local_batch_size
+
+
 def test_the_entropy_bonus_raises_the_entropy(tiny_models, adapters, prompts_file, tmp_path):
     """With every answer scoring the same, GRPO's advantages are 0 and the entropy bonus is the whole loss: the
     sampling entropy rises over updates (a bonus with its sign lost would lower it)."""
@@ -1620,10 +1629,11 @@ def test_chunks_with_different_prompt_widths_stay_left_padded(tiny_models, adapt
     padded to the widest, exactly as one left_pad of all prompts, and the reference (= policy here) log-probs of that
     layout equal the sampling ones."""
     from pipeline.generation import left_pad
-    from stages.ppo.rollout import _cat_left, collect
+    from stages.ppo.rollout import _cat_left, _cat_right, collect
 
     a, b = torch.tensor([[1, 2]]), torch.tensor([[3, 4, 5, 6]])
     assert _cat_left([a, b], 0).tolist() == [[0, 0, 1, 2], [3, 4, 5, 6]]
+    assert _cat_right([a, b], 9).tolist() == [[1, 2, 9, 9], [3, 4, 5, 6]]  # responses: padded after their tokens
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--generation_batch_size", "2")
     ids = trainer.prompt_ids[:6]
     assert len({max(len(p) for p in ids[s : s + 2]) for s in (0, 2, 4)}) > 1  # chunks of different widths

@@ -289,7 +289,8 @@ def test_card_credits_your_own_data_not_the_bundled_files_it_replaced():
         "rm": {"config": {"rm": {"dataset_mixture": {"label-export": {"weight": 1.0}}, "dataset_name": "my_prefs.jsonl"}}},
         "ppo": {"config": {"ppo": {"prompts_file": "data/story/ppo_prompts.jsonl", "dataset_name": "p/my_prompts.jsonl",
                                    "kl_coef": 0.25}}},
-        "pairs": {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl"}}}}
+        "pairs": {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl",
+                                       "sft_adapter": "runs/data/sft/adapter"}}}}  # a run named data: not a data file
     used = data_files_used(manifests, "org/base")
     assert used == {"your own data: my_chats.jsonl": {"sft"}, "your own data: my_prefs.jsonl": {"rm"},
                     "your own data: my_prompts.jsonl": {"ppo"}, "data/story/pairs_prompts.jsonl": {"pairs"}}
@@ -344,11 +345,12 @@ def test_the_cards_data_names_the_prompts_of_the_pairs_the_reward_model_learned_
 
 def test_card_hyperparameters_are_the_settings_that_acted():
     """max_steps > 0 overrides the epochs (SFT showed num_train_epochs=1 for 0.42 of an epoch); -1 and 0 are "not
-    set" (the reward model's, which trains by min_steps and max_epochs); sample prompts are not hyper-parameters."""
+    set" (the reward model's, which trains by min_steps and max_epochs); sample prompts are not hyper-parameters, nor
+    are the TrainingArguments outside TRAIN_KEYS (adam_epsilon: one of ~120 defaults)."""
     from stages.publish_card import hyperparameters
 
     sft = {"config": {"sft": {"lora_r": 16, "sample_prompts": ["Once"], "sample_max_new_tokens": 48},
-                      "train": {"max_steps": 100, "num_train_epochs": 1, "learning_rate": 0.002}}}
+                      "train": {"max_steps": 100, "num_train_epochs": 1, "learning_rate": 0.002, "adam_epsilon": 1e-8}}}
     rm = {"config": {"rm": {"min_steps": 100, "max_epochs": 10}, "train": {"max_steps": -1, "num_train_epochs": 0}}}
     epochs = {"config": {"train": {"max_steps": -1, "num_train_epochs": 3}}}
     assert hyperparameters(sft) == {"lora_r": 16, "max_steps": 100, "learning_rate": 0.002}
@@ -890,6 +892,52 @@ def test_merged_bf16_base_says_how_much_of_the_update_it_keeps(tiny_models, tmp_
     assert w16.dtype == torch.bfloat16 and w32.dtype == torch.float32
     assert error32 == 0.0 and torch.allclose(w32, want, atol=1e-7)
     assert error16 > 0.1  # most of an update this small is lost in bf16, and merge says so
+    # the figure by hand: ||stored(W + dW) - (W + dW)|| / ||dW|| over every adapted layer, from merged/'s own file
+    stored, lost, norm = load_file(tmp_path / "m16" / "model.safetensors"), 0.0, 0.0
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            delta = module.get_delta_weight("default").detach()
+            exact = module.get_base_layer().weight.detach() + delta
+            lost += float((stored[name.removeprefix("base_model.model.") + ".weight"].float() - exact).pow(2).sum())
+            norm += float(delta.pow(2).sum())
+    assert error16 == pytest.approx((lost / norm) ** 0.5, rel=1e-4)
+
+
+def test_flags_publish_cannot_act_on_are_refused_by_check_args():
+    """What the flags alone tell, before make runs the stages publish needs: each refusal names its flag; a dry run
+    without a repo gets a placeholder id."""
+    from pipeline.config import ConfigError, RunArgs
+    from stages.publish import PublishArgs, check_args
+
+    run = RunArgs(run="t")
+    assert check_args(PublishArgs(dry_run=True, policy="grpo"), run) == "your-name/t-rlhf-grpo"
+    for args, message in ((PublishArgs(), "no repo to publish to"),
+                          (PublishArgs(dry_run=True, merged_dtype="bfloat16"), "--merged_dtype bfloat16: give auto"),
+                          (PublishArgs(dry_run=True, policy="sft"), "--policy sft: publish one of the run's policies"),
+                          (PublishArgs(repo_id="me/x", include_dataset=True, dataset_repo_id="me/x/y"),
+                           "--dataset_repo_id 'me/x/y' is not a Hub repo id")):
+        with pytest.raises(ConfigError, match=message):
+            check_args(args, run)
+
+
+def test_an_adapter_is_copied_without_peft_s_card_or_a_pickle_and_names_the_published_base(tmp_path):
+    """copy_adapter: peft's empty card and a Trainer's training_args.bin (a pickle of this box's paths) stay behind;
+    adapter_config.json and the fingerprint both name the base the repo names, not this checkout's path."""
+    from stages.publish import copy_adapter
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/home/me/base", "r": 8}))
+    (src / "pipeline_base.json").write_text(json.dumps({"base_model": "/home/me/base", "fingerprint": {"n_layer": 2}}))
+    for name in ("adapter_model.safetensors", "README.md", "training_args.bin"):
+        (src / name).write_bytes(b"x")
+    (src / "checkpoint-1").mkdir()
+    out = copy_adapter(src, tmp_path / "out" / "sft", "you/base")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "pipeline_base.json"]
+    assert json.loads((out / "adapter_config.json").read_text()) == {"base_model_name_or_path": "you/base", "r": 8}
+    assert json.loads((out / "pipeline_base.json").read_text()) == {"base_model": "you/base",
+                                                                   "fingerprint": {"n_layer": 2}}
 
 
 def test_publish_says_how_much_of_the_update_a_16_bit_merge_lost_and_warns_past_a_tenth():

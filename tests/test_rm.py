@@ -527,6 +527,7 @@ def test_plan_steps_follows_the_data():
 
     assert fixed(240, "--max_steps", "17")["steps"] == 17  # given explicitly: as given
     assert fixed(240, "--num_train_epochs", "2")["steps"] == 60
+    assert fixed(244, "--num_train_epochs", "0.5")["steps"] == 16  # half of 31 steps: the half-step rounds up
     assert plan(240, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")[0]["steps_per_epoch"] == 30
     # a last, partial batch is a step of the epoch: 244 pairs are 31 steps of 8 (30 would leave 4 pairs unseen), and
     # 12 pairs with min_steps 1 still get their one epoch, 2 steps
@@ -538,6 +539,27 @@ def test_plan_steps_follows_the_data():
                                      "10", "--evals", "8", "--per_device_train_batch_size", "8"])
     assert plan_steps(240, train_cfg, args, world_size=2) == {"steps": 152, "steps_per_epoch": 15, "epochs": 10.13,
                                                               "eval_steps": 19}
+
+
+def test_the_training_record_by_hand():
+    """The manifest's training record: every logged loss in order, the last logged training accuracy (not the first),
+    each evaluation rounded to 4 places, and the best checkpoint's step and metric."""
+    from types import SimpleNamespace
+
+    from stages.rm import training_record
+
+    logs = [{"loss": 0.7, "accuracy": 0.5, "step": 4}, {"eval_loss": 0.69314, "eval_accuracy": 0.55556, "step": 5},
+            {"loss": 0.6, "accuracy": 0.75, "step": 8}, {"eval_loss": 0.5, "step": 10},
+            {"train_runtime": 1.0, "step": 10}]
+    state = SimpleNamespace(log_history=logs, best_model_checkpoint="/r/trainer/checkpoint-10", global_step=10,
+                            best_metric=0.5)
+    record = training_record(state, SimpleNamespace(training_loss=0.65), {"steps": 10, "eval_steps": 5},
+                             SimpleNamespace(metric_for_best_model="eval_loss"))
+    assert record == {"train_loss": 0.65, "loss_curve": [0.7, 0.6], "train_accuracy_last": 0.75, "steps": 10,
+                      "plan_steps": 10, "plan_eval_steps": 5,
+                      "eval_curve": [{"step": 5, "eval_loss": 0.6931, "eval_accuracy": 0.5556},
+                                     {"step": 10, "eval_loss": 0.5, "eval_accuracy": 0}],
+                      "best_step": 10, "best_metric": {"eval_loss": 0.5}}
 
 
 def test_best_checkpoint_is_the_one_saved(tiny_models, tmp_path):
@@ -716,6 +738,8 @@ def test_pool_scores_by_hand(tmp_path):
     assert prompt_ids.tolist() == [[7, pad], [7, pad]] and prompt_mask.tolist() == [[1, 0], [1, 1]]
     with pytest.raises(ValueError, match="unknown score pooling 'mean'"):
         pool_scores(per_token, ids, mask, pad, "mean")
+    with pytest.raises(ValueError, match="unknown score pooling 'mean'"):  # its in-forward twin, before any hook
+        pool_in_forward(torch.nn.Linear(2, 1), "mean")
     assert read_pooling(tmp_path) == "last"  # no score_pooling.json: a stock reward model
     write_pooling(tmp_path, "sum")
     assert read_pooling(tmp_path) == "sum" and json.loads((tmp_path / "score_pooling.json").read_text())["sum_divisor"] == 16

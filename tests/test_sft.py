@@ -301,6 +301,8 @@ def test_a_lora_target_matches_a_whole_module_name_not_the_end_of_one(tiny_model
     model = load_base(ok, load_tokenizer(ok))  # a dotted suffix of whole names matches
     with pytest.raises(ConfigError, match=r"LoRA target module\(s\) \['attn', 'proj'\] are not in"):
         check_lora_targets(ModelProfile(name_or_path=path, lora_target_modules=["c_attn", "attn", "proj"]), model, path)
+    with pytest.raises(ConfigError, match=r"no LoRA target modules are set for .* \(gpt2\): set lora_target_modules"):
+        check_lora_targets(ModelProfile(name_or_path=path, lora_target_modules=[]), model, path)  # nothing to train
 
 
 @pytest.mark.parametrize("targets", [None, ["c_attn", "q_prj"]])

@@ -88,6 +88,49 @@ def test_fsdp_version_1_is_refused_and_accelerate_fsdp_switched_off(monkeypatch)
     assert not sharding.requested()
 
 
+def test_fsdp_is_off_unless_a_config_asks_and_one_without_a_version_is_version_1(monkeypatch):
+    """No FSDP accelerate config (neither variable set): nothing is sharded. An FSDP config that names no fsdp_version
+    is version 1 (accelerate's default): refused as version 1 is."""
+    for name in ("PIPELINE_FSDP", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)  # restored after the test: take_over_from_accelerate sets some of them itself
+    assert not sharding.requested() and sharding.take_over_from_accelerate() is False
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP version 1"):
+        sharding.take_over_from_accelerate()
+
+
+def test_the_frozen_base_is_counted_without_a_frozen_adapters_tensors(tiny_models):
+    """local_numel: the base's own weights only. A frozen adapter's LoRA matrices (PPO's reference) are not base, though
+    nothing trains them; unsharded, each rank holds and stores the whole base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.config import load_model_profile
+
+    profile = load_model_profile(tiny_models["llama"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(profile.name_or_path))
+    base = sum(p.numel() for p in model.parameters())
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=list(profile.lora_target_modules)))
+    model.requires_grad_(False)
+    assert sum(p.numel() for p in model.parameters()) > base
+    assert sharding.local_numel(model) == (base, base, base)
+
+
+def test_only_a_linear_head_is_kept_whole():
+    """keep_whole replaces a linear head by an equal plain copy; any other head is one ConfigError naming it."""
+    from torch import nn
+
+    model = nn.Module()
+    model.score = nn.Sequential(nn.Linear(4, 1))
+    with pytest.raises(ConfigError, match="'score' head of Module is a Sequential, not a linear layer"):
+        sharding.keep_whole(model, "score")
+    model.score = nn.Linear(4, 1)
+    weight, bias = model.score.weight.detach().clone(), model.score.bias.detach().clone()
+    whole = sharding.keep_whole(model, "score")
+    assert whole is model.score and torch.equal(whole.weight, weight) and torch.equal(whole.bias, bias)
+
+
 @pytest.mark.parametrize("world,n_batches,ran", [
     (2, 5, [[0, 2, 4], [1, 3, 4]]),         # rank 1 runs batch 4 again, only to stay in lockstep
     (3, 7, [[0, 3, 6], [1, 4, 6], [2, 5, 6]]),

@@ -367,6 +367,8 @@ def test_an_adapter_of_a_base_with_another_shape_is_refused_naming_what_differs(
         check_adapter(tmp_path, base, "reward")
     save_fingerprint(tmp_path, base, "same-base")
     assert check_adapter(tmp_path, base, "reward") == tmp_path
+    with pytest.raises(ConfigError, match=rf"SFT \(policy\) adapter {tmp_path / 'gone'} is missing \(no adapter_"):
+        check_adapter(tmp_path / "gone", base, "SFT (policy)")
 
 
 def test_run_folder_under_a_regular_file_is_one_error_line(tiny_models, tmp_path, capsys):
@@ -482,3 +484,15 @@ def test_a_training_row_is_checked_against_the_bases_positions_as_the_trainer_wi
     check_context(gpt2, 500, 12, "--max_new_tokens", "--max_prompt_tokens")
     with pytest.raises(ConfigError, match="make 513 positions, more than the base model's 512"):
         check_context(gpt2, 500, 13, "--max_new_tokens", "--max_prompt_tokens")
+
+
+def test_a_base_folder_that_does_not_exist_is_refused_not_taken_for_a_hub_id(tmp_path):
+    """A name_or_path with two slashes or more (models/x/base), or one that starts with . or /, names a folder, never a
+    Hub id (user/name): one that does not exist is one ConfigError naming it, before anything asks the Hub."""
+    import re
+
+    from pipeline.models import resolve_base
+
+    for missing in ("models/no_such/base", "./no_such_base", str(tmp_path / "gone")):
+        with pytest.raises(ConfigError, match=f"base model folder {re.escape(missing)} does not exist"):
+            resolve_base(missing)
