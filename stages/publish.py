@@ -32,7 +32,7 @@ from huggingface_hub import HfApi
 from pipeline.adapters import reward_members
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, resolve_path, to_dict
 from pipeline.models import FINGERPRINT_FILE
-from pipeline.run import StageRun, main_guard, manifest_digest, stage_dir
+from pipeline.run import StageRun, main_guard, manifest_digest, read_manifest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
 from stages.publish_card import (base_license, card_license, check_card, data_files_used, data_sources, dataset_license,
                                  given_reward, hub_base, labeled_prompts, model_card, prompts_source, ships_base)
@@ -142,6 +142,9 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
     ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
     sources = sources_of(ds["annotator"])
     whose, source = WHOSE[sources], prompts_source(prompts)
+    prompts_line = ("Prompts: of a source the label export does not name (their own terms apply)." if source["name"] is None
+                    else f"Prompts: `{source['name']}`" + (f" ({source['url']}, {source['license']})." if source["url"]
+                                                           else " (your own: its own terms apply)."))
     (out / "data").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
     data = DatasetCardData(license=args.dataset_license, tags=["rlhf", "preference", *whose.tags, "dpo", "reward-modeling"],
@@ -149,8 +152,7 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
                            configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}])
     body = (f"\n# Preference labels of run `{run}`\n\n{len(ds)} {whose.pairs}, in TRL's conversational preference format: columns "
             f"{', '.join(f'`{c}`' for c in ds.column_names)}. They trained the reward model of [{repo}](https://huggingface.co/{repo}).\n\n"
-            f"Prompts: `{source['name']}`" + (f" ({source['url']}, {source['license']})" if source["url"] else
-                                              " (your own: its own terms apply)") + ".\n\n"
+            f"{prompts_line}\n\n"
             "```python\nfrom datasets import load_dataset\n"
             f"ds = load_dataset(\"{args.dataset_repo_id or repo + '-preferences'}\", split=\"train\")\n```\n")
     DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}").save(out / "README.md")
@@ -279,16 +281,16 @@ def labels_the_reward_model_read(rm: dict, run: RunArgs) -> str | None:
     """Whose labels ("people", "simulated", "all") the run's label export held when the reward model read it; None when
     it read none, or the export was made again since (its labels may be others')."""
     read = (rm.get("inputs") or {}).get("manifests", {}).get("label-export")
-    exported = stage_dir(run.runs_dir, run.run, "label-export") / "manifest.json"
-    if not read or not exported.is_file():
+    manifest = read_manifest_if_any(run, "label-export") if read else None
+    if manifest is None:
         return None
-    manifest = json.loads(exported.read_text())
     return manifest.get("metrics", {}).get("sources") if manifest_digest(manifest) == read else None
 
 
 def read_manifest_if_any(run: RunArgs, name: str) -> dict | None:
+    """A stage's manifest, None when the run has none (a damaged one is one clear error, as read_manifest's)."""
     path = stage_dir(run.runs_dir, run.run, name) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_manifest(run.runs_dir, run.run, name, needed_by="`make publish`") if path.is_file() else None
 
 
 def data_of_the_card(manifests: dict[str, dict], base: str, run: RunArgs) -> list[dict]:
@@ -375,7 +377,9 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     dataset_repo = (args.dataset_repo_id or f"{repo}-preferences") if args.include_dataset else None
     prompts = labeled_prompts(label, read_manifest_if_any(run, "pairs")) if label else None
     if label:  # the license the preferences go out under, decided (or refused) before anything is written
-        args = replace(args, dataset_license=dataset_license(args, prompts))
+        args = replace(args, dataset_license=dataset_license(args, prompts, run.run))
+    base = sft["outputs"].get("base_model") or json.loads((Path(policy["outputs"]["adapter"]) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    sources = data_of_the_card({"sft": sft, "rm": rm, args.policy: policy, "eval": ev}, base, run)  # reads manifests
     api = None
     if not args.dry_run:  # a rejected token or a public repo under --private: before the run folder is touched
         api = HfApi(token=token)
@@ -386,7 +390,6 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     # 1. The model folder, rebuilt from scratch so it holds exactly what is uploaded
     folder = stage.dir / "model"
     shutil.rmtree(folder, ignore_errors=True)
-    base = sft["outputs"].get("base_model") or json.loads((Path(policy["outputs"]["adapter"]) / "adapter_config.json").read_text())["base_model_name_or_path"]
     local = ships_base(base, args)
     base_ref = str(folder / "base") if local else hub_base(base, args)
     copy_adapter(policy["outputs"]["adapter"], folder, base_ref)
@@ -426,7 +429,6 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
     dataset_sources = dataset_sources or labels_the_reward_model_read(rm, run)
     manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
-    sources = data_of_the_card(manifests, base, run)
     license, note = card_license(args, base_license(base, args, online=not args.dry_run))
     if note:
         print(note, file=sys.stderr)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from pipeline.adapters import read_pooling
 from pipeline.config import REPO_ROOT, ConfigError, resolve_path
 from pipeline.judges import describe_judge
+from pipeline.run import manifest_digest
 from stages.eval_compare import policy_method
 
 if TYPE_CHECKING:
@@ -138,6 +139,7 @@ def hyperparameters(manifest: dict) -> dict:
 
 
 OWN_DATA = "your own data: "
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")  # a data file of yours, not a run's folder
 
 
 def data_files_used(manifests: dict[str, dict], base: str) -> dict[str, set[str]]:
@@ -153,7 +155,9 @@ def data_files_used(manifests: dict[str, dict], base: str) -> dict[str, set[str]
         for v in flat(config).values():
             for item in (v if isinstance(v, (list, dict)) else [v]):
                 if isinstance(item, str) and "data/" in item and not item.startswith("runs/"):
-                    used.setdefault(item[item.index("data/"):], set()).add(stage)
+                    named = own_or_bundled(item)  # yours by name, wherever it is; not a folder of a run
+                    if not named.startswith(OWN_DATA) or Path(item).suffix in DATA_SUFFIXES:
+                        used.setdefault(named, set()).add(stage)
     report = Path(base) / "training_report.json"
     if is_local_base(base) and report.is_file():
         text_dir = json.loads(report.read_text()).get("config", {}).get("text_dir")
@@ -162,37 +166,52 @@ def data_files_used(manifests: dict[str, dict], base: str) -> dict[str, set[str]
     return used
 
 
+def own_or_bundled(path: str) -> str:
+    """A data file as the card names it: repo-relative when it is bundled (it resolves under the repo's data/), else
+    OWN_DATA and its name (a file of yours, wherever it is: never this machine's path)."""
+    resolved = resolve_path(path).resolve()
+    data = REPO_ROOT.resolve() / "data"
+    return str(resolved.relative_to(REPO_ROOT.resolve())) if resolved.is_relative_to(data) else OWN_DATA + Path(path).name
+
+
 def labeled_prompts(label: dict, pairs: dict | None) -> str | None:
-    """The data file the label export's prompts came from: a bundled file (data/...), or OWN_DATA and its name for your
-    own prompts (`make pairs` --dataset_name) or pairs (`make label` --pairs_dataset); None when the run has no pairs
-    stage to say."""
+    """The data file the label export's prompts came from (own_or_bundled): your pairs (`make label --pairs_dataset`),
+    or the prompts of the pairs stage the export read (`make pairs`, --dataset_name or its prompts_file). None when the
+    export does not say: no pairs stage, or pairs sampled again since (`pairs`, the run's pairs manifest now, is used
+    only when it is the one the export read)."""
     given = ((label.get("config") or {}).get("label") or {}).get("pairs_dataset")
     if given:
         return OWN_DATA + Path(given).name
-    values = ((pairs or {}).get("config") or {}).get("pairs") or {}
-    return OWN_DATA + Path(own_dataset(values)).name if own_dataset(values) else values.get("prompts_file")
+    read = ((label.get("inputs") or {}).get("manifests") or {}).get("pairs")
+    if pairs is None or read is None or read != manifest_digest(pairs):
+        return None
+    values = ((pairs.get("config") or {}).get("pairs")) or {}
+    path = own_dataset(values) or values.get("prompts_file")
+    return (OWN_DATA + Path(path).name if own_dataset(values) else own_or_bundled(path)) if path else None
 
 
 def prompts_source(prompts: str | None) -> dict:
     """labeled_prompts' source, as data_sources gives it: a bundled one has a url and a license; yours or none, not."""
-    path = resolve_path(prompts).resolve() if prompts and not prompts.startswith(OWN_DATA) else None
-    if path is None or not path.is_relative_to(REPO_ROOT.resolve() / "data"):
-        return {"name": (prompts or "unknown")[len(OWN_DATA) if prompts and prompts.startswith(OWN_DATA) else 0:],
-                "license": "see the dataset's own terms", "url": ""}
-    return data_sources({str(path.relative_to(REPO_ROOT.resolve())): set()})[0]
+    if prompts is None or prompts.startswith(OWN_DATA):
+        return {"name": prompts[len(OWN_DATA):] if prompts else None, "license": "see the dataset's own terms", "url": ""}
+    return data_sources({prompts: set()})[0]
 
 
-def dataset_license(args: PublishArgs, prompts: str | None) -> str:
+def dataset_license(args: PublishArgs, prompts: str | None, run: str) -> str:
     """The preference dataset's license: --dataset_license, else apache-2.0 when its prompts are bundled data (public
-    domain or Apache-2.0, data/*/SOURCE.json). Your own prompts' or pairs' terms are yours to name: the labels are
-    published with them."""
+    domain or Apache-2.0, data/*/SOURCE.json). Your own prompts' or pairs' terms are yours to name, and so are those
+    of prompts the export cannot name: the labels are published with them."""
     if args.dataset_license:
         return args.dataset_license
     if prompts_source(prompts)["url"]:
         return "apache-2.0"
-    what = f"the prompts of {prompts[len(OWN_DATA):]}" if prompts and prompts.startswith(OWN_DATA) else "its prompts"
-    raise ConfigError(f"--include_dataset publishes {what} with your labels under a license, and their terms are not "
-                      f"this project's to choose: give --dataset_license (the license they allow, e.g. cc-by-4.0)")
+    fix = "give --dataset_license (the license their terms allow, e.g. cc-by-4.0)"
+    if prompts is None:
+        raise ConfigError(f"--include_dataset: the label export of run '{run}' does not say where its pairs' prompts "
+                          f"came from (the run has no pairs stage, or its pairs were sampled again since: `make "
+                          f"label-export RUN={run}` exports them again), so their license is unknown: {fix}")
+    raise ConfigError(f"--include_dataset publishes the prompts of {prompts_source(prompts)['name']} with your labels "
+                      f"under a license, and their terms are not this project's to choose: {fix}")
 
 
 def data_sources(used: dict[str, set[str]]) -> list[dict]:

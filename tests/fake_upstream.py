@@ -130,6 +130,7 @@ def build_label_export(runs_dir: Path, run: str = "t") -> Path:
     pairs.finish({}, {}, {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": None}})
 
     stage = StageRun("label-export", run, str(runs_dir))
+    stage.need("pairs")  # as current_pair_ids reads it: its digest in the export's inputs
     stage.prepare({})
     rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": [{"role": "assistant", "content": "Good."}],
              "rejected": [{"role": "assistant", "content": "Bad."}], "annotator": "ann", "strength": "much", "agreement": 1.0}

@@ -229,6 +229,23 @@ def test_a_host_that_is_not_this_machines_is_refused_by_its_flag_not_the_port(tm
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_port_this_user_may_not_open_says_why(monkeypatch):
+    """A refused bind (EACCES) said "ports below 1024 need root" for any port: a firewall or SELinux refuses others."""
+    import errno
+
+    from stages.label.config import check_port_free
+
+    def refuse(self, address):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", refuse)
+    for port, fix in ((80, "ports below 1024 need root; pick"), (8000, "this user may not open it; pick another")):
+        with pytest.raises(ConfigError) as err:
+            check_port_free("127.0.0.1", port)
+        assert str(err.value) == (f"cannot serve on 127.0.0.1:{port} (Permission denied): {fix} --port 1024 or above "
+                                  f"(7860 by default)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -456,6 +456,8 @@ def test_auth_guard_and_users(tmp_path):
                                                rf"with a space") as err:
             load_users(str(users), env={})
         assert "hunter2" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"bad password \(entry 1 of \$LABEL_USERS\): it starts or ends with a space"):
+        load_users(None, env={"LABEL_USERS": "bob:hunter2 , alice:x"})  # the space before the comma is the password's
 
 
 def test_a_users_file_others_can_read_is_noted(tmp_path, capsys):
@@ -463,8 +465,12 @@ def test_a_users_file_others_can_read_is_noted(tmp_path, capsys):
     users.write_text("alice:pw\n")
     users.chmod(0o644)
     assert load_users(str(users), env={}) == [("alice", "pw")]
-    assert capsys.readouterr().err == (f"note: the users file {users} can be read by other users of this machine "
-                                       f"(mode 644): `chmod 600 {users}`\n")
+    assert capsys.readouterr().err == (f"note: the users file {users} can be read or changed by other users of this "
+                                       f"machine (mode 644): `chmod 600 {users}`\n")
+    for mode in (0o640, 0o620, 0o604):  # the group's or anyone's read or write
+        users.chmod(mode)
+        load_users(str(users), env={})
+        assert f"(mode {mode:o})" in capsys.readouterr().err
     users.chmod(0o600)
     load_users(str(users), env={})
     assert capsys.readouterr().err == ""
@@ -574,6 +580,14 @@ def test_characters_a_browser_draws_as_nothing_reach_the_page_visible():
     line = earlier_label_text({"updated_at": 0.0, "choice": "left", "strength": None, "shown_left": 0,
                                "prompt": [{"role": "user", "content": "q\U000e0100"}], "responses": ["x\ufe01", "y"]})
     assert "q\\U000e0100" in line and "x\\ufe01" in line
+    # every default-ignorable code point, as Unicode's own property lists them (the `regex` module's tables)
+    import regex
+
+    from stages.label.app import CONTROL_PICTURES
+
+    everything = "".join(map(chr, range(sys.maxunicode + 1)))
+    ignorable = {ord(c) for c in regex.findall(r"\p{Default_Ignorable_Code_Point}", everything)}
+    assert len(ignorable) > 4000 and sorted(ignorable - set(CONTROL_PICTURES)) == []
 
 
 def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the_rest_around(tmp_path):

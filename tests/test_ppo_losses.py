@@ -107,6 +107,7 @@ def test_only_k1_in_the_reward_is_a_kl_penalty():
     torch.testing.assert_close(grad((pi.detach() * L.kl_k3(logp, ref)).sum()), reverse)
     with pytest.raises(ConfigError, match=r"kl_estimator k3 in the reward is no KL penalty.*use k1.*use_kl_loss"):
         PPOConfig(kl_estimator="k3")
+    assert PPOConfig(kl_estimator="k3", use_kl_loss=True).use_kl_loss  # no KL in the reward then: nothing to refuse
 
 
 def test_per_token_rewards():
@@ -295,7 +296,7 @@ def test_kl_loss_clamps_a_token_the_reference_rates_far_above_the_policy():
 
 
 def test_k3_bounded_by_hand():
-    """The reward's k3 penalty and the KL loss share one bound: log-ratio +-20, term <= 10. log(ref / pi) = 7.5 gives
+    """The KL loss's k3 is bounded: log-ratio +-20, term <= 10. log(ref / pi) = 7.5 gives
     k3 = e^7.5 - 8.5 = 1,799 -> 10; 2.0 gives e^2 - 3 = 4.389, kept; -30 (the policy far above the reference) clamps
     the log-ratio to -20: e^-20 + 19 = 19.0 -> 10."""
     lp = torch.tensor([-8.5, -3.0, 0.0])

@@ -290,10 +290,13 @@ def test_card_credits_your_own_data_not_the_bundled_files_it_replaced():
         "ppo": {"config": {"ppo": {"prompts_file": "data/story/ppo_prompts.jsonl", "dataset_name": "p/my_prompts.jsonl",
                                    "kl_coef": 0.25}}},
         "pairs": {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl",
-                                       "sft_adapter": "runs/data/sft/adapter"}}}}  # a run named data: not a data file
+                                       "sft_adapter": "runs/data/sft/adapter"}}},  # a run named data: not a data file
+        "grpo": {"config": {"ppo": {"prompts_file": "/home/me/data/oasst_mine.jsonl",  # yours, not OASST's
+                                    "sft_adapter": "/home/me/runs/data/sft/adapter"}}}}
     used = data_files_used(manifests, "org/base")
     assert used == {"your own data: my_chats.jsonl": {"sft"}, "your own data: my_prefs.jsonl": {"rm"},
-                    "your own data: my_prompts.jsonl": {"ppo"}, "data/story/pairs_prompts.jsonl": {"pairs"}}
+                    "your own data: my_prompts.jsonl": {"ppo"}, "data/story/pairs_prompts.jsonl": {"pairs"},
+                    "your own data: oasst_mine.jsonl": {"grpo"}}
     found = {s["name"]: s for s in data_sources(used)}
     assert found["your own data: my_chats.jsonl"]["license"] == "see the dataset's own terms"
     assert found["story"]["files"] == ["data/story/pairs_prompts.jsonl"] and found["story"]["stages"] == {"pairs"}
@@ -320,28 +323,41 @@ def test_the_card_names_whose_labels_the_reward_model_read_not_a_later_exports(t
 
 def test_the_cards_data_names_the_prompts_of_the_pairs_the_reward_model_learned_from(tmp_path):
     """The reward model learns from labeled pairs, so their prompts are training data: the card's data table once left
-    them out (a user's own prompts, and their terms, nowhere)."""
+    them out (a user's own prompts, and their terms, nowhere). They are the prompts of the pairs the export read: pairs
+    sampled again since name nothing, and a file of yours outside the repo is named by its name, never credited to a
+    bundled source whose name it shares a word with (`oasst_mine.jsonl` is not OASST's)."""
     from pipeline.config import RunArgs
     from pipeline.run import manifest_digest
     from stages.publish import data_of_the_card
 
     run = RunArgs(run="t", runs_dir=str(tmp_path))
-    for stage, manifest in (("label-export", {"stage": "label-export", "metrics": {"sources": "simulated"}}),
-                            ("pairs", {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl"}}})):
+    for stage in ("label-export", "pairs"):
         (tmp_path / "t" / stage).mkdir(parents=True)
-        (tmp_path / "t" / stage / "manifest.json").write_text(json.dumps(manifest))
-    exported = json.loads((tmp_path / "t" / "label-export" / "manifest.json").read_text())
-    manifests = {"sft": {"config": {"sft": {"dataset_mixture": {"data/story/sft.jsonl": 0}}}},
-                 "rm": {"inputs": {"manifests": {"label-export": manifest_digest(exported)}}}}
-    (story,) = data_of_the_card(manifests, "org/base", run)
+
+    def sampled(values: dict, export_reads_it: bool = True) -> dict:
+        """pairs sampled with `values`, exported (or not since), the reward model trained on that export"""
+        pairs = {"config": {"pairs": values}}
+        (tmp_path / "t" / "pairs" / "manifest.json").write_text(json.dumps(pairs))
+        if export_reads_it:
+            export = {"stage": "label-export", "metrics": {"sources": "simulated"},
+                      "inputs": {"manifests": {"pairs": manifest_digest(pairs)}}}
+            (tmp_path / "t" / "label-export" / "manifest.json").write_text(json.dumps(export))
+        export = json.loads((tmp_path / "t" / "label-export" / "manifest.json").read_text())
+        return {"sft": {"config": {"sft": {"dataset_mixture": {"data/story/sft.jsonl": 0}}}},
+                "rm": {"inputs": {"manifests": {"label-export": manifest_digest(export)}}}}
+
+    (story,) = data_of_the_card(sampled({"prompts_file": "data/story/pairs_prompts.jsonl"}), "org/base", run)
     assert story["stages"] == {"sft", "pairs"} and story["files"] == ["data/story/pairs_prompts.jsonl", "data/story/sft.jsonl"]
-    (tmp_path / "t" / "pairs" / "manifest.json").write_text(json.dumps({"config": {"pairs": {
-        "prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": "/home/me/mine.jsonl"}}}))
+    manifests = sampled({"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": "/home/me/mine.jsonl"})
     rows = {s["name"]: s for s in data_of_the_card(manifests, "org/base", run)}
     assert rows["your own data: mine.jsonl"]["stages"] == {"pairs"} and rows["story"]["stages"] == {"sft"}
+    rows = {s["name"]: s for s in data_of_the_card(sampled({"prompts_file": "/home/me/data/oasst_mine.jsonl"}), "org/base", run)}
+    assert set(rows) == {"story", "your own data: oasst_mine.jsonl"}
+    assert rows["your own data: oasst_mine.jsonl"]["license"] == "see the dataset's own terms"
+    manifests = sampled({"prompts_file": "data/story/pairs_prompts.jsonl"}, export_reads_it=False)  # sampled again
+    assert [s["stages"] for s in data_of_the_card(manifests, "org/base", run)] == [{"sft"}]
     manifests["rm"] = {"inputs": {"manifests": {"label-export": None}}}  # its own preferences: the pairs are not its data
     assert [s["stages"] for s in data_of_the_card(manifests, "org/base", run)] == [{"sft"}]
-
 
 def test_card_hyperparameters_are_the_settings_that_acted():
     """max_steps > 0 overrides the epochs (SFT showed num_train_epochs=1 for 0.42 of an epoch); -1 and 0 are "not
@@ -663,9 +679,11 @@ def test_a_missing_upstream_output_is_one_clear_error_and_writes_nothing(runs, d
 def test_the_dataset_license_is_yours_to_name_for_your_own_prompts(runs, dry_run, tmp_path):
     """--include_dataset once stamped apache-2.0 on any labels, your own prompts' (whatever their terms) included: the
     bundled prompts' labels still default to it, and the card names where the prompts came from; your own prompts or
-    pairs need --dataset_license, refused before the run folder is touched."""
+    pairs, or prompts the export cannot name (no pairs stage, or pairs sampled again since it), need
+    --dataset_license, refused before the run folder is touched."""
     from huggingface_hub import DatasetCard
 
+    from pipeline.run import manifest_digest
     from stages.publish import PublishArgs
     from stages.publish_card import OWN_DATA, dataset_license, labeled_prompts, prompts_source
 
@@ -676,28 +694,43 @@ def test_the_dataset_license_is_yours_to_name_for_your_own_prompts(runs, dry_run
 
     story = {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": None}}}
     mine = {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": "/home/me/p.jsonl"}}}
-    given = {"config": {"label": {"pairs_dataset": "/home/me/my_pairs.jsonl"}}}
-    assert labeled_prompts({}, story) == "data/story/pairs_prompts.jsonl"
-    assert labeled_prompts({}, mine) == OWN_DATA + "p.jsonl" and labeled_prompts(given, story) == OWN_DATA + "my_pairs.jsonl"
-    assert labeled_prompts({}, None) is None  # an export of the store's pairs, with no pairs stage to say whose
-    for bundled in ("data/story/pairs_prompts.jsonl", str(REPO / "data/prompts/oasst_pairs_prompts.jsonl")):
-        assert dataset_license(PublishArgs(), bundled) == "apache-2.0", bundled
-    assert prompts_source("data/prompts/oasst_pairs_prompts.jsonl")["license"] == "Apache-2.0"
-    lookalike = tmp_path / "data" / "story" / "pairs_prompts.jsonl"  # not the bundled file, whatever its name
-    for prompts in (OWN_DATA + "p.jsonl", str(lookalike), None):
-        with pytest.raises(ConfigError, match="give --dataset_license"):
-            dataset_license(PublishArgs(), prompts)
-        assert dataset_license(PublishArgs(dataset_license="cc-by-4.0"), prompts) == "cc-by-4.0"
 
-    pairs = runs / "t" / "pairs" / "manifest.json"
-    original = pairs.read_text()
-    pairs.write_text(json.dumps({**json.loads(original), **mine}))
+    def export_of(pairs: dict, **label) -> dict:
+        return {"inputs": {"manifests": {"pairs": manifest_digest(pairs)}}, "config": {"label": label}}
+
+    assert labeled_prompts(export_of(story), story) == "data/story/pairs_prompts.jsonl"
+    assert labeled_prompts(export_of(mine), mine) == OWN_DATA + "p.jsonl"
+    assert labeled_prompts(export_of(story, pairs_dataset="/home/me/my_pairs.jsonl"), story) == OWN_DATA + "my_pairs.jsonl"
+    assert labeled_prompts(export_of(story), mine) is None  # sampled again since the export: not its prompts
+    assert labeled_prompts({}, None) is None  # an export of the store's pairs, with no pairs stage to say whose
+    escaped = tmp_path / "oasst_mine.jsonl"  # under data/ by its letters, outside it once resolved; named like OASST
+    dotted = "data/" + os.path.relpath(escaped, REPO / "data")
+    assert labeled_prompts(export_of(outside := {"config": {"pairs": {"prompts_file": dotted}}}), outside) == \
+        OWN_DATA + "oasst_mine.jsonl"
+    for bundled in ("data/story/pairs_prompts.jsonl", "data/prompts/oasst_pairs_prompts.jsonl"):
+        assert dataset_license(PublishArgs(), bundled, "t") == "apache-2.0", bundled
+    assert prompts_source("data/prompts/oasst_pairs_prompts.jsonl")["license"] == "Apache-2.0"
+    for prompts, why in ((OWN_DATA + "p.jsonl", "publishes the prompts of p.jsonl with your labels"),
+                         (None, "the label export of run 't' does not say where its pairs' prompts came from")):
+        with pytest.raises(ConfigError, match=f"{why}.*give --dataset_license"):
+            dataset_license(PublishArgs(), prompts, "t")
+        assert dataset_license(PublishArgs(dataset_license="cc-by-4.0"), prompts, "t") == "cc-by-4.0"
+
+    pairs, export = runs / "t" / "pairs" / "manifest.json", runs / "t" / "label-export" / "manifest.json"
+    originals = pairs.read_text(), export.read_text()
     try:
+        pairs.write_text(json.dumps({**json.loads(originals[0]), **mine}))  # sampled again from your prompts
         before = run_folder_state(runs)
         line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset"))
+        assert line.startswith("error: --include_dataset: the label export of run 't' does not say where its pairs' "
+                               "prompts came from (the run has no pairs stage, or its pairs were sampled again since: "
+                               "`make label-export RUN=t` exports them again)")
+        export.write_text(json.dumps(export_of(json.loads(pairs.read_text())) | {
+            k: v for k, v in json.loads(originals[1]).items() if k not in ("inputs", "config")}))  # and exported
+        line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset"))
         assert line == ("error: --include_dataset publishes the prompts of p.jsonl with your labels under a license, "
-                        "and their terms are not this project's to choose: give --dataset_license (the license they "
-                        "allow, e.g. cc-by-4.0)")
+                        "and their terms are not this project's to choose: give --dataset_license (the license their "
+                        "terms allow, e.g. cc-by-4.0)")
         assert before and run_folder_state(runs) == before
         proc = publish(runs, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset", "--dataset_license",
                        "cc-by-4.0")
@@ -707,9 +740,12 @@ def test_the_dataset_license_is_yours_to_name_for_your_own_prompts(runs, dry_run
         assert "/home/me" not in card.text  # a name, not this machine's path
         model = (runs / "t" / "publish" / "model" / "README.md").read_text()
         assert "rm | simulated annotators' labels" not in model and "| cc-by-4.0 |" in model
+        pairs.write_text("{not json")
+        line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset"))
+        assert line.startswith(f"error: {pairs} is not valid JSON") and line.endswith("rerun `make pairs RUN=t`")
     finally:
-        pairs.write_text(original)
-
+        pairs.write_text(originals[0])
+        export.write_text(originals[1])
 
 def test_missing_token_is_one_clear_error(runs):
     line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf"))

@@ -81,8 +81,8 @@ def _picture(c: int) -> str:
 # browser draws as nothing (variation selectors, the combining grapheme joiner, Mongolian free variation selectors,
 # Khmer inherent vowels) or as a blank (the Hangul fillers). A run of variation selectors after one letter carries any
 # bytes unseen ("emoji smuggling"): the annotator would not see what the reward model reads.
-IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
-                    (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x2065, 0x2065),
+                    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
                     (0xE0000, 0xE0FFF))
 
 # Characters a browser drops, hides or obeys unseen: Unicode's controls (Cc: NUL, ESC, DEL, the C1 controls), format

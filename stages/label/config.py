@@ -104,15 +104,15 @@ def load_users(users_file: str | None, env: dict | None = None) -> list[tuple[st
         path = resolve_path(users_file)
         if not path.is_file():
             raise ConfigError(f"users file {path} does not exist: create it with one `name:password` line per annotator")
-        if os.name == "posix" and path.stat().st_mode & 0o077:  # passwords others on this machine can read
-            print(f"note: the users file {path} can be read by other users of this machine (mode "
+        if os.name == "posix" and path.stat().st_mode & 0o077:  # passwords others on this machine can read or change
+            print(f"note: the users file {path} can be read or changed by other users of this machine (mode "
                   f"{path.stat().st_mode & 0o777:o}): `chmod 600 {path}`", file=sys.stderr)
         for n, line in enumerate(read_utf8(path, "the users file").splitlines(), 1):
             if not line.strip() or line.strip().startswith("#"):
                 continue
             users.append(_user(line.lstrip(), f"line {n} of the users file {path}"))
     if env.get(USERS_ENV):  # entry K: the K-th between commas, blank ones counted, as a person counts them
-        users += [_user(entry.strip(), f"entry {k} of ${USERS_ENV}", COMMA_HINT)
+        users += [_user(entry.lstrip(), f"entry {k} of ${USERS_ENV}", COMMA_HINT)
                   for k, entry in enumerate(env[USERS_ENV].split(","), 1) if entry.strip()]
     twice = sorted(name for name, n in Counter(name for name, _ in users).items() if n > 1)
     if twice:  # Gradio would keep the last password of a name without a word
@@ -163,7 +163,7 @@ def _user(entry: str, where: str, hint: str = "") -> tuple[str, str]:
     """One `name:password` login. An error names where the entry is, never its text, which may be a password or hold
     one (`alice hunter2`, a space for the ':'; the `cret` of `bob:se,cret` in $LABEL_USERS)."""
     name, sep, password = entry.partition(":")
-    if not sep or not name.strip() or not password:
+    if not sep or not name.strip() or not password.strip():
         raise ConfigError(f"bad user entry ({where}): write `name:password`, a name and a password{hint}")
     if password != password.strip():  # the users file's line once lost a trailing space, and nobody could log in
         raise ConfigError(f"bad password ({where}): it starts or ends with a space, which is easily lost when it is "
@@ -180,7 +180,8 @@ def check_exposure(host: str, users: list[tuple[str, str]]) -> None:
         raise ConfigError(
             f"refusing to start the labeling UI on {host} without authentication: anyone who can reach this "
             f"machine could label under any name. Give annotator logins with --users_file FILE (one `name:password` "
-            f"per line) or {USERS_ENV}='alice:pw1,bob:pw2', or bind to 127.0.0.1 (the default)")
+            f"per line, `chmod 600`) or the {USERS_ENV} environment variable (`alice:pw1,bob:pw2`, set from a file, "
+            f"not typed into your shell's history), or bind to 127.0.0.1 (the default)")
 
 
 def word_filter(words: list[str]):
@@ -225,8 +226,9 @@ def check_port_free(host: str, port: int) -> None:
         if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:  # the host, not the port
             raise ConfigError(f"{why}: --host {host} is not an address of this machine; give 127.0.0.1 (this machine "
                               f"only), 0.0.0.0 (every interface, with logins) or one of its own addresses") from None
-        if err.errno == errno.EACCES:
-            raise ConfigError(f"{why}: ports below 1024 need root; pick --port 1024 or above (7860 by default)") from None
+        if err.errno == errno.EACCES:  # a port below 1024, or one the system keeps for itself (a firewall, SELinux)
+            fix = "ports below 1024 need root; pick" if port < 1024 else "this user may not open it; pick another"
+            raise ConfigError(f"{why}: {fix} --port 1024 or above (7860 by default)") from None
         raise ConfigError(f"{why}: another program (another `make label`?) uses it; pick another port with --port N") \
             from None
 

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError
 CHOICES = {
     "long_prompts": ("drop", "truncate", "error"),
     "reward_input": ("chat", "tokens"),
-    "kl_estimator": ("k1",),  # k3 is refused with its reason (__post_init__)
+    "kl_estimator": ("k1", "k3"),  # k3 only with use_kl_loss, where it has no part (__post_init__ says why)
     "optim": ("adamw", "sgd", "rmsprop"),
     "report_to": ("none", "tensorboard", "trackio"),
     "critic_init": ("fit", "rm"),
@@ -67,7 +67,7 @@ class PPOConfig:
     kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty coefficient (initial value if adaptive)."})
     kl_estimator: str = field(default="k1", metadata={
         "help": "Estimator in the reward: k1 (log-ratio), the only one that is a KL penalty there (k3 is refused; it is "
-                "logged, and is use_kl_loss's loss term)."})
+                "logged, and is use_kl_loss's loss term, where this setting has no part)."})
     adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef towards kl_target (Ziegler et al. 2019)."})
     kl_target: float = field(default=6.0, metadata={"help": "Target per-sequence KL in nats for adaptive_kl."})
     kl_horizon: int = field(default=10000, metadata={"help": "Episodes over which adaptive_kl closes the gap."})
@@ -117,7 +117,7 @@ class PPOConfig:
     def __post_init__(self):
         if isinstance(self.shard_base, bool):  # YAML reads `shard_base: true` as a boolean
             self.shard_base = "true" if self.shard_base else "false"
-        if self.kl_estimator == "k3":  # verl's low_var_kl penalty, which TRL and Ziegler et al. never put in the reward
+        if self.kl_estimator == "k3" and not self.use_kl_loss:  # verl's low_var_kl penalty, never in TRL's reward
             raise ConfigError(
                 "kl_estimator k3 in the reward is no KL penalty: a reward's expected gradient is E[k3 * grad log p], "
                 "the gradient of KL(policy||ref) minus that of KL(ref||policy), which does not pull the policy back to "

@@ -160,10 +160,9 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3_bounded(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 with the log-ratio clamped to +-20 and each token's term to at most 10, as verl's low_var_kl (in its reward
-    penalty and its KL loss alike) and OpenRLHF's k3: exp(log_r) is unbounded, and one token the reference rates 7.5
-    nats above the policy (k3 ~ 1,800) would be a reward of -450 at kl_coef 0.25, against scores clipped to +-5: GAE
-    carries it back through the answer and whitening then squashes every other advantage of the batch."""
+    """k3 with the log-ratio clamped to +-20 and each token's term to at most 10, as verl's low_var_kl and OpenRLHF's k3,
+    for the KL loss (use_kl_loss): exp(log_r) is unbounded, and one token the reference rates 7.5 nats above the policy
+    (k3 ~ 1,800) would swamp the loss of the whole batch; the clamp of the log-ratio keeps its gradient finite."""
     log_r = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
     return torch.clamp(torch.expm1(log_r) - log_r, max=10.0)
 
