@@ -290,7 +290,8 @@ def test_card_credits_your_own_data_not_the_bundled_files_it_replaced():
         "ppo": {"config": {"ppo": {"prompts_file": "data/story/ppo_prompts.jsonl", "dataset_name": "p/my_prompts.jsonl",
                                    "kl_coef": 0.25}}},
         "pairs": {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl",
-                                       "sft_adapter": "runs/data/sft/adapter"}}},  # a run named data: not a data file
+                                       "sft_adapter": "runs/data/sft/adapter",  # a run named data: not a data file
+                                       "heldout": "runs/data/ppo/heldout_prompts.jsonl"}}},  # nor a run's file
         "grpo": {"config": {"ppo": {"prompts_file": "/home/me/data/oasst_mine.jsonl",  # yours, not OASST's
                                     "sft_adapter": "/home/me/runs/data/sft/adapter"}}}}
     used = data_files_used(manifests, "org/base")
@@ -354,9 +355,10 @@ def test_the_cards_data_names_the_prompts_of_the_pairs_the_reward_model_learned_
     rows = {s["name"]: s for s in data_of_the_card(sampled({"prompts_file": "/home/me/data/oasst_mine.jsonl"}), "org/base", run)}
     assert set(rows) == {"story", "your own data: oasst_mine.jsonl"}
     assert rows["your own data: oasst_mine.jsonl"]["license"] == "see the dataset's own terms"
-    manifests = sampled({"prompts_file": "data/story/pairs_prompts.jsonl"}, export_reads_it=False)  # sampled again
-    assert [s["stages"] for s in data_of_the_card(manifests, "org/base", run)] == [{"sft"}]
+    manifests = sampled({"prompts_file": "data/story/pairs_prompts.jsonl"})
     manifests["rm"] = {"inputs": {"manifests": {"label-export": None}}}  # its own preferences: the pairs are not its data
+    assert [s["stages"] for s in data_of_the_card(manifests, "org/base", run)] == [{"sft"}]
+    manifests = sampled({"prompts_file": "data/story/pairs_prompts.jsonl", "seed": 7}, export_reads_it=False)  # again
     assert [s["stages"] for s in data_of_the_card(manifests, "org/base", run)] == [{"sft"}]
 
 def test_card_hyperparameters_are_the_settings_that_acted():
