@@ -100,6 +100,12 @@ def test_a_bad_row_of_a_dataset_folder_or_parquet_file_is_named_by_its_row_from_
         label_main(runs, "--pairs_dataset", str(folder))
     with pytest.raises(ConfigError, match=r"pairs.parquet row 2: .*exactly 2 texts"):
         label_main(runs, "--pairs_dataset", str(parquet))
+    jsonl_folder = tmp_path / "jsonl_folder"  # a folder of .jsonl files: a bad one's error said nothing of the flag
+    jsonl_folder.mkdir()
+    (jsonl_folder / "part.jsonl").write_text(json.dumps(pair(0)) + "\n{not json\n")
+    with pytest.raises(ConfigError) as err:
+        label_main(runs, "--pairs_dataset", str(jsonl_folder))
+    assert str(err.value).startswith("--pairs_dataset: ") and "part.jsonl" in str(err.value)
     assert snapshot(runs) == before
 
 

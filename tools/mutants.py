@@ -958,6 +958,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('label-env-password-space-cut', 'stages/label/config.py', '_user(entry.lstrip(), f"entry {k}', '_user(entry.strip(), f"entry {k}', 'tests/test_label_store.py -k users'),
     ('label-ignorable-2065-hidden', 'stages/label/app.py', '(0x180B, 0x180F), (0x2065, 0x2065),', '(0x180B, 0x180F),', 'tests/test_label_store.py -k draws_as_nothing'),
     ('label-any-refused-port-needs-root', 'stages/label/config.py', '"ports below 1024 need root; pick" if port < 1024 else', '"ports below 1024 need root; pick" if True else', 'tests/test_label_guards.py -k may_not_open'),
+    ('label-pairs-folder-error-without-its-flag', 'stages/label/pairs.py', 'enumerate(load_any(str(path), flag=name))]\n        except ConfigError as err:\n            raise ConfigError(f"{name}: {err}") from None', 'enumerate(load_any(str(path), flag=name))]\n        except ConfigError as err:\n            raise', 'tests/test_label_guards.py -k bad_row_of_a_dataset_folder'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -25,7 +25,10 @@ def read_pairs(source: str, name: str) -> list[dict]:
         except ConfigError as err:
             raise ConfigError(f"{name}: {err}") from None
     else:
-        numbered = [(f"row {i + 1}", row) for i, row in enumerate(load_any(str(path)))]
+        try:  # a folder's bad file is named by load_any; the message says which flag (or stage) gave the folder
+            numbered = [(f"row {i + 1}", row) for i, row in enumerate(load_any(str(path), flag=name))]
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
     if not numbered:
         raise ConfigError(f"{name}: {path} holds no pairs: {FIX}")
     pairs, first_seen = [], {}
