@@ -136,6 +136,9 @@ def check(module: str, stage_args: list[str], stage: str = "") -> int:
         mod = importlib.import_module(module + ".__main__")
     if not hasattr(mod, "CONFIG_CLASSES"):
         return 0
+    before = os.environ.get(STAGE_ENV)
+    if stage:  # as the launched stage will see it: a config that picks its folder says a wrong one first
+        os.environ[STAGE_ENV] = stage
     try:
         parsed = parse(mod.CONFIG_CLASSES(), stage_args)
         for cfg in parsed:  # a dataset path that does not exist, before the upstream stages spend minutes
@@ -150,6 +153,11 @@ def check(module: str, stage_args: list[str], stage: str = "") -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
+    finally:  # the check runs in-process in tests: the variable is the launched stage's, not this process's
+        if before is None:
+            os.environ.pop(STAGE_ENV, None)
+        else:
+            os.environ[STAGE_ENV] = before
     return 0
 
 

@@ -179,8 +179,8 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int, templated: bool = True)
 
                 db = stage_dir(stage.runs_dir, stage.run, "label") / "labels.sqlite"
                 n_labels = count_labels(db)
-                if n_labels:  # people labeled this run: training without their labels must not look fine
-                    raise ConfigError(f"run '{stage.run}' has {n_labels} human labels in {db} but no label "
+                if n_labels:  # this run was labeled: training without its labels must not look fine
+                    raise ConfigError(f"run '{stage.run}' has {n_labels} labels in {db} but no label "
                                       f"export ({manifest_path} is missing): run `make label-export RUN={stage.run}`, "
                                       f"or drop '{LABEL_EXPORT}' from dataset_mixture to train without them")
                 print(f"rm: no label export for run '{stage.run}' ({manifest_path}); training on the bundled data only")

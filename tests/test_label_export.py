@@ -199,7 +199,7 @@ def test_rm_refuses_a_run_with_labels_but_no_usable_export(runs_dir):
     import shutil
 
     labeled_run(runs_dir)
-    with pytest.raises(ConfigError, match=r"run 'r' has 5 human labels in .*labels.sqlite but no label export.*"
+    with pytest.raises(ConfigError, match=r"run 'r' has 5 labels in .*labels.sqlite but no label export.*"
                                           r"make label-export RUN=r"):
         rm_mixture(runs_dir, "r")
     export_main(runs_dir)
@@ -404,6 +404,8 @@ def test_people_labels_are_exported_instead_of_simulated_ones_unless_asked(runs_
     only_sim.import_items([{"pair_id": "p", "prompt": [{"role": "user", "content": "p"}], "responses": ["a", "b"]}])
     only_sim.save_label("sim:sentiment", "p", "left", 0)
     assert export("s")[0]["sources"] == "simulated"  # auto, nobody labeled: the simulators stand in
+    metrics, _, card = export("s", "--sources", "all")  # all of a store that holds no person's label: not human feedback
+    assert metrics["sources"] == "simulated" and "human-feedback" not in card and "labeled by people" not in card
     before = files(runs_dir / "s")
     with pytest.raises(ConfigError, match=r"none of the 1 labels in .* is from people \(sources: people\)"):
         export("s", "--sources", "people")

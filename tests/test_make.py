@@ -893,11 +893,13 @@ def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
 
 
 @pytest.mark.parametrize("variables,folder,target", [(["PPO_ARGS=--advantage_estimator reinforce_pp"], "ppo", "reinforce_pp"),
+                                                      (["PPO_ARGS=--advantage_estimator grpo"], "ppo", "grpo"),
                                                       (["ARGS=--advantage_estimator=gae"], "grpo", "ppo")])
 def test_an_estimator_that_writes_another_stages_folder_is_refused_before_any_stage_runs(variables, folder, target,
                                                                                         tmp_path):
     """The RL loop's folder follows its advantage estimator: `make ppo PPO_ARGS="--advantage_estimator grpo"` wrote
-    grpo/ while make's lock and up-to-date check looked at ppo/ (and eval read ppo/'s old policy)."""
+    grpo/ while make's lock and up-to-date check looked at ppo/ (and eval read ppo/'s old policy). The folder is said
+    first: grpo's own need of 2 answers a prompt (ppo's config gives 1) once hid it."""
     res = make(folder, *variables, fake=False, runs_dir=tmp_path / "runs", timeout=120)  # else SFT runs: minutes
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and len(errors) == 1, res.stderr

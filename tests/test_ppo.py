@@ -729,7 +729,10 @@ def test_bf16_profile_runs_to_the_end(tiny_models, adapters, prompts_file, runs_
     sft, rm = adapters("llama")
     metrics = run_ppo(bf16_profile, runs_dir, "bf16", prompts_file, sft, rm, "--total_updates", "2")
     assert metrics["updates"] == 2 and metrics["ranks_in_sync"]
-    assert (Path(runs_dir) / "bf16/ppo/manifest.json").exists()
+    outputs = json.loads((Path(runs_dir) / "bf16/ppo/manifest.json").read_text())["outputs"]
+    # every output it names is there: 2 updates keep no policy (every 6th), and with sample_every 0 no samples are
+    # written; `policies` and `samples` were named all the same
+    assert "policies" not in outputs and [k for k, path in outputs.items() if not Path(path).exists()] == [], outputs
     assert all(math.isfinite(r["reward_raw"]) and math.isfinite(r["value_loss"]) for r in read_metrics(runs_dir, "bf16"))
 
 

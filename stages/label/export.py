@@ -110,9 +110,11 @@ WHOSE = {
 
 
 def pick_sources(labels: list[dict], sources: str) -> tuple[list[dict], str]:
-    """The labels of the annotators `sources` names, and which those are ("people", "simulated" or "all").
+    """The labels of the annotators `sources` names, and whose those are ("people", "simulated" or "all").
     auto: people's when there are any, else the simulated annotators'. The simulators stand in for people, so once
-    people have labeled, their votes are not outvoted by three simulated ones on the same pair."""
+    people have labeled, their votes are not outvoted by three simulated ones on the same pair. all: every label, and
+    whose they are is whose they turn out to be (a store of simulated labels alone, exported with `all`, was carded as
+    human feedback)."""
     people = [lab for lab in labels if not is_simulated(lab["annotator"])]
     if sources == "auto":
         sources = "people" if people else "simulated"
@@ -120,7 +122,7 @@ def pick_sources(labels: list[dict], sources: str) -> tuple[list[dict], str]:
         return people, sources
     if sources == "simulated":
         return [lab for lab in labels if is_simulated(lab["annotator"])], sources
-    return labels, sources
+    return labels, ("all" if 0 < len(people) < len(labels) else "people" if people else "simulated")
 
 
 MARKDOWN_SPECIALS = "\\`*_[]()|#!~<>&"

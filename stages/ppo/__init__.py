@@ -435,9 +435,11 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     metrics = {}
     if state.is_main_process:
         outputs = {"adapter": stage.dir / "adapter", "metrics_jsonl": trainer.metrics_path, "heldout_prompts": heldout_path,
-                   "samples": trainer.samples_path, "base_model": base_path}
-        if cfg.keep_policy_every:
-            outputs["policies"] = stage.dir / "policies"
+                   "base_model": base_path}
+        # what a run wrote, not what it might have: no samples with sample_every 0, no policy kept in a run shorter than
+        # keep_policy_every
+        outputs |= {name: path for name, path in (("samples", trainer.samples_path), ("policies", stage.dir / "policies"))
+                    if path.exists()}
         saved = [("policy", "adapter")]
         if cfg.has_critic:
             outputs["value_adapter"] = stage.dir / "value_adapter"
