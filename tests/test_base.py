@@ -149,3 +149,16 @@ def test_held_out_loss_is_the_mean_over_its_batches_the_last_short_one_too():
             return SimpleNamespace(loss=torch.tensor(float(input_ids.shape[0])))
 
     assert evaluate(RowCount(), torch.zeros(5, 9, dtype=torch.long), batches=10, batch_size=2) == pytest.approx(5 / 3)
+
+
+def test_each_optimizer_is_built_with_its_own_settings():
+    """nanoGPT's AdamW (beta2 0.95, not torch's 0.999) with the configured weight decay; SGD with momentum 0.9."""
+    from stages.base import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    adamw = make_optimizer("adamw", params, 3e-3, 0.1)
+    assert type(adamw) is torch.optim.AdamW and (adamw.defaults["betas"], adamw.defaults["weight_decay"]) == ((0.9, 0.95), 0.1)
+    sgd = make_optimizer("sgd", params, 0.5, 0.0)
+    assert type(sgd) is torch.optim.SGD and (sgd.defaults["lr"], sgd.defaults["momentum"]) == (0.5, 0.9)
+    with pytest.raises(ValueError, match="not 'adam'"):
+        make_optimizer("adam", params, 0.1, 0.0)

@@ -136,6 +136,7 @@ def test_report_to_an_integration_that_is_not_installed_is_refused_at_parse():
     ("sft", "--seed", "-1", r"--seed on the command line is -1: it must be in \[0, 4294967296\)"),
     ("ppo", "--seed", str(2**32), r"--seed on the command line is 4294967296: it must be in \[0, 4294967296\)"),
     ("dpo", "--beta", "0", "--beta on the command line is 0.0: it must be > 0"),
+    ("label", "--port", "65536", r"--port on the command line is 65536: it must be in \[1, 65536\)"),
     ("sft", "--logging_steps", "-3", "--logging_steps on the command line is -3.0: it must be > 0"),
     ("eval", "--label_store", "nowhere/labels.sqlite", "invalid value of --label_store on the command line: label_store "
      "nowhere/labels.sqlite does not exist: give the labels.sqlite that `make label` wrote, or leave it empty"),

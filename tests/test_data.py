@@ -10,9 +10,10 @@ import pytest
 
 def test_a_split_by_prompt_holds_out_round_n_times_fraction_prompts_and_at_least_one():
     """10 prompts (3 rows each) at 0.2: exactly 2 prompts held out, whole; at 0.01 still one; at 0.27 round(2.7) = 3,
-    not 2; at 0: no split."""
+    not 2; at 0: no split; at 0.95 all 10: refused."""
     from datasets import Dataset
 
+    from pipeline.config import ConfigError
     from pipeline.data import train_eval_split
 
     ds = Dataset.from_dict({"prompt": [f"p{i // 3}" for i in range(30)], "i": list(range(30))})
@@ -21,6 +22,8 @@ def test_a_split_by_prompt_holds_out_round_n_times_fraction_prompts_and_at_least
         assert len(set(held["prompt"])) == prompts and len(held) == 3 * prompts and len(train) == 30 - 3 * prompts
         assert not set(train["prompt"]) & set(held["prompt"])
     assert train_eval_split(ds, 0, seed=0) == (ds, None)
+    with pytest.raises(ConfigError, match="^10 distinct prompt"):  # round(9.5) = 10 prompts: none left to train on
+        train_eval_split(ds, 0.95, seed=0, group_by=lambda r: r["prompt"])
     # the run's seed picks the held-out prompts: the same for the same seed, others for others
     held_by_seed = [tuple(sorted(set(train_eval_split(ds, 0.2, seed=s, group_by=lambda r: r["prompt"])[1]["prompt"])))
                     for s in (0, 0, 1, 2, 3)]
@@ -83,7 +86,8 @@ def test_blank_lines_of_a_jsonl_file_are_skipped_and_still_counted(tmp_path):
 
 
 def test_a_mixture_source_keeps_max_rows_rows(tmp_path):
-    """max_rows 4 of 10 keeps 4 distinct rows of that source, and the concatenation is shuffled with the seed."""
+    """max_rows 4 of 10 keeps 4 distinct rows of that source, and the concatenation is shuffled with the seed; max_rows
+    5 of a source of 3 rows keeps its 3."""
     from pipeline.data import load_mixture
 
     for name, n in (("a", 10), ("b", 3)):
@@ -92,6 +96,8 @@ def test_a_mixture_source_keeps_max_rows_rows(tmp_path):
     texts = mixed["text"]
     assert len(texts) == 7 and sum(t.startswith("a") for t in texts) == 4 and len(set(texts)) == 7
     assert [t[0] for t in texts] != ["a"] * 4 + ["b"] * 3  # shuffled after concatenation: the sources interleave
+    short = load_mixture([{"path": str(tmp_path / "b.jsonl"), "max_rows": 5}], 0)  # more than it has: all 3 rows
+    assert sorted(short["text"]) == ["b0", "b1", "b2"]
 
 
 def test_max_rows_is_a_sample_drawn_with_the_seed(tmp_path):

@@ -560,7 +560,10 @@ def test_an_interrupted_eval_keeps_its_sampled_batches_and_ends_as_an_uninterrup
         run(runs["cut"], kill_after=5)
     capsys.readouterr()
     cut = run(runs["cut"])
-    assert "note: 2 batches sampled by an interrupted run of the same command are kept" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "note: 2 batches sampled by an interrupted run of the same command are kept" in printed.err
+    shown = [line.split()[0] for line in printed.out.split("== eval ==")[1].splitlines() if line.startswith("  ")]
+    assert shown[0] == "gold_judge" and shown == sorted(shown, key=lambda k: not k.startswith("gold"))  # gold first
     assert sampled == [("ppo", 2)] + [(p, b) for p in order[2:] for b in range(3)]
     assert cut["batches_kept_from_an_interrupted_run"] == 5
     report = {n: json.loads((runs[n] / "t" / "eval" / "report.json").read_text()) for n in runs}
@@ -717,6 +720,9 @@ def test_max_prompts_takes_the_first_prompts_of_the_held_out_file(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"Opening {i}."}) + "\n" for i in range(5)))
     assert [p[0]["content"] for p in load_prompts(path, 2)] == ["Opening 0.", "Opening 1."]
     assert len(load_prompts(path, 0)) == 5 and len(load_prompts(path, 9)) == 5
+    path.write_text("\n")  # an RL stage that set no prompt aside: refused, naming the fix
+    with pytest.raises(ConfigError, match="holds no prompts: its RL stage set none aside"):
+        load_prompts(path, 0)
 
 
 def test_label_store_flag_reads_the_human_labels_from_that_store(tmp_path):
@@ -913,6 +919,37 @@ def test_sequence_kl_of_a_row_is_the_same_left_padded_or_alone(tmp_path, tiny_mo
     assert single > 1e-4 and padded[0] == pytest.approx(single, rel=1e-4, abs=1e-6)
 
 
+def test_sequence_kl_sums_the_exact_kl_over_the_masked_response_at_generates_positions(tmp_path, tiny_models):
+    """One unpadded row: generate() read it at positions 0..T-1 (the model's own default), so its KL is the exact
+    KL(policy || sft) of the temperature-0.7 distributions predicting each response token, summed over the three
+    tokens its mask keeps (the fourth, after EOS, counts nothing): computed here from the two adapters' logits."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from pipeline.adapters import AdapterStack
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.eval import sequence_kl
+    from tests.fake_upstream import _lora_adapter
+
+    spec = yaml.safe_load(tiny_models["gpt2"].read_text())
+    adapters = {name: _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / name, seed=seed)
+                for name, seed in (("policy", 1), ("sft", 2))}
+    profile = profile_from(str(tiny_models["gpt2"]))
+    stack = AdapterStack.build(profile, load_tokenizer(profile), adapters)
+    prompt, response = torch.tensor([[5, 6, 7]]), torch.tensor([[20, 21, 22, 23]])
+    row = SimpleNamespace(prompt_ids=prompt, prompt_mask=torch.ones(1, 3, dtype=torch.long), response_ids=response,
+                          response_mask=torch.tensor([[1, 1, 1, 0]]))
+    (kl,) = sequence_kl(stack, "policy", "sft", {"gens": row}, batch=1, temperature=0.7)
+    ids = torch.cat([prompt, response], 1)
+    with torch.no_grad():  # logits at 2..5 predict the response tokens 3..6; no position_ids: the model's 0..6
+        logp, logq = (torch.log_softmax(stack.logits(name, ids, torch.ones_like(ids))[0, 2:6] / 0.7, -1)
+                      for name in ("policy", "sft"))
+    per_token = torch.nn.functional.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)
+    assert per_token[3] > 1e-4  # the masked token's KL would show
+    assert kl == pytest.approx(per_token[:3].sum().item(), rel=1e-4)
+
+
 def test_a_score_or_kl_that_is_not_a_number_stops_eval():
     """A NaN reward-model score counted as a tie in every win rate (4 NaN scores: 0.5 with '4 ties counted half'), a
     NaN KL switched the KL flag off: eval refuses them, naming what and which response."""
@@ -961,6 +998,33 @@ def test_each_score_and_kl_eval_computes_is_checked_for_a_number(monkeypatch, tm
     pairs.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ConfigError, match="the reward model's score of held-out reply 0 is nan"):
         E.heldout_pair_rewards(NaNStack(), None, {"outputs": {"eval_pairs": str(pairs)}}, batch=2)
+
+
+def test_each_training_panel_draws_the_keys_logged_dashes_the_second_and_says_what_was_not_logged():
+    """plot_training: a panel's first key solid, the second dashed, each under its legend name; a key logged from a
+    later update on (kl_k3) is drawn with a gap where it was not; a panel with no key logged says "not logged"."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.eval_plots import plot_training
+
+    fig, axes = plt.subplots(2, 2)
+    rows = [{"update": 1, "reward_raw": 0.5, "reward": 0.1, "kl": 0.2, "response_length": 9.0},
+            {"update": 2, "reward_raw": 0.7, "reward": 0.3, "kl": 0.4, "kl_k3": 0.35, "response_length": 8.0}]
+    plot_training(axes.flat, rows)
+    reward, kl, entropy, length = axes.flat
+    assert [(ln.get_label(), ln.get_linestyle()) for ln in reward.get_lines()] == [
+        ("reward model's score", "-"), ("as PPO used it (normalised, clipped, EOS penalty)", "--")]
+    (k1, k3) = kl.get_lines()
+    assert (k1.get_label(), list(k1.get_ydata())) == ("KL (k1)", [0.2, 0.4])
+    assert k3.get_label() == "KL (k3)" and math.isnan(k3.get_ydata()[0]) and k3.get_ydata()[1] == 0.35
+    assert list(entropy.get_lines()) == [] and [t.get_text() for t in entropy.texts] == ["not logged"]
+    assert list(length.texts) == [] and length.get_legend() is not None
+    plt.close(fig)
 
 
 def test_the_score_histogram_bins_every_score_and_labels_each_policys_mean():

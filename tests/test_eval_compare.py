@@ -413,6 +413,31 @@ def test_plot_draws_each_policy_at_its_sqrt_kl_and_gold(tmp_path, monkeypatch):
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("sqrt(KL to SFT)  (sqrt nats)", "gold score (mean)")
 
 
+def test_the_plots_label_each_kept_policys_point_with_its_update_and_join_only_a_runs_points(tmp_path, monkeypatch):
+    """The update labels: in the comparison plot on each RL run's points after SFT's (SFT's own point, update 0, and a
+    one-point DPO series carry none); in the over-optimisation plot on every point of the gold curve. A line joins an
+    RL run's points only: a one-point series is a marker (its legend entry no line)."""
+    from matplotlib.axes import Axes
+
+    from stages.eval_plots import plot_gold_vs_kl, plot_overoptimisation
+
+    notes, styles, real_plot = [], {}, Axes.plot
+
+    def plot(self, x, y, *args, **kw):
+        styles[kw.get("label")] = kw.get("linestyle")
+        return real_plot(self, x, y, *args, **kw)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, xy, **kw: notes.append((text, tuple(xy))))
+    pt = lambda u, x, g: {"update": u, "sqrt_kl": x, "gold_mean": g, "proxy_mean": 0.9}  # noqa: E731
+    plot_gold_vs_kl({"sft": [pt(0, 0.0, 0.1)], "ppo": [pt(0, 0.0, 0.1), pt(4, 1.0, 0.3), pt(8, 2.0, 0.2)],
+                     "dpo": [pt(1, 0.7, 0.25)]}, tmp_path / "p.png")
+    assert notes == [("4", (1.0, 0.3)), ("8", (2.0, 0.2))] and styles == {"sft": "none", "ppo": "-", "dpo": "none"}
+    notes.clear()
+    plot_overoptimisation([pt(0, 0.0, 0.1), pt(4, 1.0, 0.3)], tmp_path / "o.png")
+    assert notes == [("0", (0.0, 0.1)), ("4", (1.0, 0.3))]
+
+
 def test_the_win_rate_table_reads_row_over_column(tmp_path):
     """matrix_markdown's cell (row a, column b) is a's win rate over b with that rate's own interval: a beats c on one
     of four prompts and ties one (37.5%), c beats a on two and ties one (62.5%)."""

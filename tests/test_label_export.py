@@ -479,6 +479,7 @@ def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeyp
     from stages.label.fresh_export import rows_digest  # rows in another order (a label undone and made again): the same set
     rows = datasets.load_from_disk(str(out / "dataset")).to_list()
     assert rows_digest(rows) == rows_digest(rows[::-1]) != rows_digest(rows[:1])
+    assert rows_digest([dict(reversed(r.items())) for r in rows]) == rows_digest(rows)  # nor the order of its columns
 
     from stages.label.fresh_export import NEW_PAIRS, export_state
 
@@ -496,6 +497,27 @@ def test_a_store_change_that_leaves_the_rows_leaves_the_export(runs_dir, monkeyp
     assert not export_is_current(run_dir)
     export("--refresh", "true")
     assert {k: v for k, v in files(out).items() if k != "store_digest.json"} == before and export_is_current(run_dir)
+
+
+def test_an_export_of_an_earlier_version_is_judged_by_its_files_times(runs_dir):
+    """An export without a store record (an earlier version wrote it): as its `make` judged it, pairs sampled after
+    the export are new pairs (simulated, then exported), pairs older than it (or none) mean a stale export; no export
+    at all is new pairs."""
+    import os
+
+    from stages.label.fresh_export import NEW_PAIRS, STALE, export_state
+
+    run_dir = runs_dir / "r"
+    assert export_state(run_dir) == NEW_PAIRS
+    (run_dir / "label-export").mkdir(parents=True)
+    (run_dir / "label-export" / "manifest.json").write_text("{}")
+    os.utime(run_dir / "label-export" / "manifest.json", (1000, 1000))
+    assert export_state(run_dir) == STALE  # no pairs stage
+    (run_dir / "pairs").mkdir()
+    (run_dir / "pairs" / "manifest.json").write_text("{}")
+    for pairs_time, state in ((2000, NEW_PAIRS), (500, STALE)):
+        os.utime(run_dir / "pairs" / "manifest.json", (pairs_time, pairs_time))
+        assert export_state(run_dir) == state, pairs_time
 
 
 def test_the_labels_step_exports_as_the_last_export_did_and_sees_its_config_change(runs_dir, tmp_path, monkeypatch):
@@ -543,8 +565,9 @@ def test_the_labels_step_exports_as_the_last_export_did_and_sees_its_config_chan
 
 
 def test_a_refresh_replays_the_last_exports_flags_in_this_run(runs_dir):
-    """The run's own --config, --run and --runs_dir (a run folder copied under another name exports itself), every
-    other flag of the last export's command line, flags without a value and lists included, never a push."""
+    """The run's own --config, --run and --runs_dir (a run folder copied under another name exports itself; given as
+    --flag value or --flag=value), every other flag of the last export's command line, flags without a value and lists
+    included, never a push."""
     from stages.label.fresh_export import last_command_line
 
     manifest = runs_dir / "r/label-export/manifest.json"
@@ -556,6 +579,8 @@ def test_a_refresh_replays_the_last_exports_flags_in_this_run(runs_dir):
     now = ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir), "--refresh", "true"]
     assert last_command_line(now) == ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir),
                                       "--sources", "all", "--offensive_words", "a", "b", "--ties", "both_orders"]
+    given = ["--config=configs/label.yaml", "--run=r", f"--runs_dir={runs_dir}", "--refresh=true"]  # flag=value: the same
+    assert last_command_line(given) == given[:3] + ["--sources", "all", "--offensive_words", "a", "b", "--ties", "both_orders"]
     manifest.unlink()  # no export yet: this command line without --refresh
     assert last_command_line(now) == now[:-2]
 

@@ -380,6 +380,11 @@ def test_stats_tab_shows_people_s_position_bias_beside_simulated_labels():
     shown = to_html(s, overlap=1)
     assert "the left side won 30 of 30 decided labels" in shown
     assert "(sim:sentiment-1, sim:sentiment-2, sim:sentiment-3): 600 labels, not counted above" in shown
+    # no pair has two people's labels: at overlap 1 none can, so the fix is named; at overlap 2 they are still to come
+    assert "Overlap is 1 (each pair gets one annotator)" in shown and "No pair has two labels yet" not in shown
+    assert "No pair has two labels yet" in to_html(s, overlap=2) and "Overlap is 1" not in to_html(s, overlap=2)
+    assert "word filter" not in shown and to_html(s, 1, blocked=3).endswith(
+        "<p>3 pair(s) are held back from annotators by the word filter.</p>")
     assert to_html(stats_view(labels[:600]), overlap=1).startswith("<p>No labels from people yet.</p>")
 
 

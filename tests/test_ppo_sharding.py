@@ -36,6 +36,7 @@ def ppo_cfg(*extra):
     ("auto", None, 2, False),      # a DDP config
     ("false", "true", 2, False),   # an FSDP launch told not to shard
     ("true", None, 2, True),       # any launch, told to shard
+    ("auto", "True", 2, True),     # the variable set by hand, in any case
     ("true", "true", 1, False),    # one process: nothing to shard across
 ])
 def test_sharding_follows_shard_base_and_the_launch(shard_base, fsdp_env, world, expected, monkeypatch):
