@@ -264,13 +264,6 @@ def role_problem(role: str) -> str | None:
     return f"role '{role[:40]}' is not one of {', '.join(ROLES)}{hint}"
 
 
-def first_existing(*paths: str | Path) -> Path | None:
-    for p in paths:
-        if p and Path(p).exists():
-            return Path(p)
-    return None
-
-
 def score_each_once(items: list, score_many, key=repr) -> list[float]:
     """score_many's score for every item, asking it for each distinct item (by key) once, in first-seen order: a
     prompt's K responses sit in K-1 pairs each, and a score does not depend on the pair."""
