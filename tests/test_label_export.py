@@ -406,6 +406,17 @@ def test_people_labels_are_exported_instead_of_simulated_ones_unless_asked(runs_
     assert export("s")[0]["sources"] == "simulated"  # auto, nobody labeled: the simulators stand in
     metrics, _, card = export("s", "--sources", "all")  # all of a store that holds no person's label: not human feedback
     assert metrics["sources"] == "simulated" and "human-feedback" not in card and "labeled by people" not in card
+    tied = LabelStore(db_path(str(runs_dir), "m"), overlap=4)
+    tied.import_items([{"pair_id": k, "prompt": [{"role": "user", "content": k}], "responses": ["a", "b"]} for k in "pq"])
+    tied.save_label("sim:sentiment", "p", "left", 0)
+    tied.save_label("alice", "q", "tie", 0)  # a person's only label, on a pair the export drops (ties: drop)
+    metrics, _, card = export("m", "--sources", "all")
+    assert metrics["sources"] == "simulated" and "human-feedback" not in card, card
+    people = LabelStore(db_path(str(runs_dir), "h"), overlap=4)  # and a store of people's labels alone: not synthetic
+    people.import_items([{"pair_id": "p", "prompt": [{"role": "user", "content": "p"}], "responses": ["a", "b"]}])
+    people.save_label("alice", "p", "left", 0)
+    metrics, _, card = export("h", "--sources", "all")
+    assert metrics["sources"] == "people" and "synthetic" not in card and "human-feedback" in card
     before = files(runs_dir / "s")
     with pytest.raises(ConfigError, match=r"none of the 1 labels in .* is from people \(sources: people\)"):
         export("s", "--sources", "people")
@@ -545,7 +556,8 @@ def test_the_labels_step_exports_as_the_last_export_did_and_sees_its_config_chan
     store.save_label("alice", "p1", "right", 0)
     assert not export_is_current(runs_dir / "r")
     metrics = run("--refresh", "true")
-    assert metrics["sources"] == "all" and metrics["labels"] == 3
+    # p1's one-one split (sim left, alice right) is dropped: the rows left are alice's alone
+    assert metrics["sources"] == "people" and metrics["labels"] == 3
     argv = json.loads((runs_dir / "r/label-export/manifest.json").read_text())["inputs"]["argv"]
     assert argv == base[1:] + ["--sources", "all"]
     assert export_is_current(runs_dir / "r")

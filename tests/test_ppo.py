@@ -287,6 +287,8 @@ def test_resume_gives_the_same_metrics_as_a_straight_run(tiny_models, adapters, 
     # the policy kept at update 2 (for make eval's curve), identical too; the final one is adapter/, not kept twice
     kept = [sorted(p.name for p in (Path(runs_dir) / r / "ppo/policies").iterdir()) for r in ("straight", "split")]
     assert kept == [["update-000002"]] * 2
+    outputs = json.loads((Path(runs_dir) / "straight/ppo/manifest.json").read_text())["outputs"]
+    assert {"samples", "policies"} <= set(outputs)  # written, so named
     a, b = ((Path(runs_dir) / r / "ppo/policies/update-000002/adapter_model.safetensors").read_bytes()
             for r in ("straight", "split"))
     assert a == b and (Path(runs_dir) / "split/ppo/policies/update-000002/pipeline_base.json").exists()

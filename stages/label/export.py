@@ -112,9 +112,9 @@ WHOSE = {
 def pick_sources(labels: list[dict], sources: str) -> tuple[list[dict], str]:
     """The labels of the annotators `sources` names, and whose those are ("people", "simulated" or "all").
     auto: people's when there are any, else the simulated annotators'. The simulators stand in for people, so once
-    people have labeled, their votes are not outvoted by three simulated ones on the same pair. all: every label, and
-    whose they are is whose they turn out to be (a store of simulated labels alone, exported with `all`, was carded as
-    human feedback)."""
+    people have labeled, their votes are not outvoted by three simulated ones on the same pair. all: every label (whose
+    the exported rows then are, main() reads from them: a store of simulated labels alone, exported with `all`, was
+    carded as human feedback)."""
     people = [lab for lab in labels if not is_simulated(lab["annotator"])]
     if sources == "auto":
         sources = "people" if people else "simulated"
@@ -122,7 +122,7 @@ def pick_sources(labels: list[dict], sources: str) -> tuple[list[dict], str]:
         return people, sources
     if sources == "simulated":
         return [lab for lab in labels if is_simulated(lab["annotator"])], sources
-    return labels, ("all" if 0 < len(people) < len(labels) else "people" if people else "simulated")
+    return labels, sources
 
 
 MARKDOWN_SPECIALS = "\\`*_[]()|#!~<>&"
@@ -283,6 +283,8 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     if not rows:
         raise ConfigError(f"all {len(labels)} labels were left out ({dict(dropped)}): label more pairs, or keep ties "
                           f"with --ties both_orders / --both_bad tie")
+    if sources == "all":  # whose the exported rows are: people's labels may all have fallen on dropped pairs (ties)
+        sources = sources_of([row["annotator"] for row in rows])
     rows_state = rows_digest(rows)
     read_files = stage.inputs(config)["files"]
     pairs_state = manifest_digest(stage.upstream.get("pairs"))

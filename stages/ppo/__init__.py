@@ -7,8 +7,8 @@
 Reads: runs/<run>/sft/manifest.json (policy + reference adapter), runs/<run>/rm/manifest.json (reward adapter +
 score head, and its reward_mean/reward_std), the bundled prompts data/prompts/oasst_ppo_prompts.jsonl (or
 --dataset_name). Writes runs/<run>/ppo/: adapter/ (the policy: stock PEFT + tokenizer + pipeline_base.json),
-value_adapter/, metrics.jsonl (one line per update), samples.jsonl, heldout_prompts.jsonl, checkpoints/,
-config.json, manifest.json (last).
+value_adapter/, metrics.jsonl (one line per update), samples.jsonl (with sample_every), policies/ (every
+keep_policy_every updates), heldout_prompts.jsonl, checkpoints/, config.json, manifest.json (last).
 
 One base, four adapters (pipeline.adapters.AdapterStack): policy (trainable, from SFT), reference (SFT, frozen),
 value (trainable, LoRA + scalar head initialised from the RM: Stiennon et al. 2020), reward (RM, frozen).
@@ -439,7 +439,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
         # what a run wrote, not what it might have: no samples with sample_every 0, no policy kept in a run shorter than
         # keep_policy_every
         outputs |= {name: path for name, path in (("samples", trainer.samples_path), ("policies", stage.dir / "policies"))
-                    if path.exists()}
+                    if path.exists() and (path.is_dir() or path.stat().st_size)}  # an earlier run's, emptied: none
         saved = [("policy", "adapter")]
         if cfg.has_critic:
             outputs["value_adapter"] = stage.dir / "value_adapter"
