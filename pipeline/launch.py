@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError
-from pipeline.run import (INTERRUPTED_EXIT, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, check_launched_folder, code_changed,
+from pipeline.run import (INTERRUPTED_EXIT, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, code_changed,
                           is_current, stage_folder)
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
@@ -137,7 +137,7 @@ def check(module: str, stage_args: list[str], stage: str = "") -> int:
     if not hasattr(mod, "CONFIG_CLASSES"):
         return 0
     before = os.environ.get(STAGE_ENV)
-    if stage:  # as the launched stage will see it: a config that picks its folder says a wrong one first
+    if stage:  # as the launched stage will see it: a config that picks its folder (PPOConfig) checks it as it is built
         os.environ[STAGE_ENV] = stage
     try:
         parsed = parse(mod.CONFIG_CLASSES(), stage_args)
@@ -146,8 +146,6 @@ def check(module: str, stage_args: list[str], stage: str = "") -> int:
                 if isinstance(getattr(cfg, flag, None), str) and getattr(cfg, flag):
                     check_dataset_exists(getattr(cfg, flag), f"--{flag}")
             check_files_named(cfg)
-            if getattr(cfg, "stage_folder_setting", None):  # a config that picks its folder picks make's `stage`
-                check_launched_folder(cfg.stage_name, cfg.stage_folder_setting, stage)
         if hasattr(mod, "check_args"):  # the stage's own checks of its flags together (stages.publish: a repo id)
             mod.check_args(*parsed)
     except ConfigError as err:

@@ -203,14 +203,15 @@ def dataset_license(args: PublishArgs, prompts: str | None, run: str) -> str:
     of prompts the export cannot name: the labels are published with them."""
     if args.dataset_license:
         return args.dataset_license
-    if prompts_source(prompts)["url"]:
+    source = prompts_source(prompts)
+    if source["url"]:
         return "apache-2.0"
     fix = "give --dataset_license (the license their terms allow, e.g. cc-by-4.0)"
     if prompts is None:
         raise ConfigError(f"--include_dataset: the label export of run '{run}' does not say where its pairs' prompts "
                           f"came from (the run has no pairs stage, or its pairs were sampled again since: `make "
                           f"label-export RUN={run}` exports them again), so their license is unknown: {fix}")
-    raise ConfigError(f"--include_dataset publishes the prompts of {prompts_source(prompts)['name']} with your labels "
+    raise ConfigError(f"--include_dataset publishes the prompts of {source['name']} with your labels "
                       f"under a license, and their terms are not this project's to choose: {fix}")
 
 

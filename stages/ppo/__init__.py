@@ -32,7 +32,7 @@ from pipeline.adapters import fp32_head, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.generation import keep_end
 from pipeline.models import is_main_process, launch_mixed_precision
-from pipeline.run import StageRun, check_launched_folder
+from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 
 from .config import SCHEDULERS_OVER_TOTAL, PPOConfig
@@ -323,7 +323,6 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without cpu=True, two CPU ranks
     # launched by torchrun would each come up as a lone process (STACK-NOTES item 2).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-    check_launched_folder(cfg.stage_name, cfg.stage_folder_setting)  # `make ppo` locked ppo/, not grpo/
     stage = StageRun(cfg.stage_name, run.run, run.runs_dir)  # ppo, or grpo / rloo / reinforce_pp
     if cfg.dataset_name:  # your prompts replace the bundled ones: not an input of this run
         stage.not_inputs([cfg.prompts_file], cfg.dataset_name)

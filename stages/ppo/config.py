@@ -127,7 +127,8 @@ class PPOConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, not '{getattr(self, name)}'")
-        # the folder first: `make ppo PPO_ARGS="--advantage_estimator grpo"` is the wrong command, not a setting to fix
+        # the folder first, in make's check and in the stage alike (both set PIPELINE_STAGE): `make ppo
+        # PPO_ARGS="--advantage_estimator grpo"` is the wrong command, not a setting to fix
         check_launched_folder(self.stage_name, self.stage_folder_setting)
         for name in ("response_length", "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
                      "num_ppo_epochs", "total_updates", "generation_batch_size", "forward_batch_size", "max_prompt_length"):
