@@ -111,3 +111,35 @@ def test_on_load_a_login_is_the_annotator_and_its_name_is_shown_as_text(tmp_path
     assert out[0] == {"annotator": eve} and "<img" not in shown and "<b>eve" not in shown
     assert f"Nothing is left for you, {html.escape(eve)}: you labeled 1 pair(s)" in shown
     assert f"Yours ({html.escape(eve)}): <b>1 labeled</b>" in shown
+
+
+def test_wrong_passwords_lock_a_login_through_gradio(tmp_path):
+    """The lockout as Gradio's /login route calls it: five wrong passwords lock alice (the right one refused too) and
+    not bob; after the lock the right one logs in again. Through the server, not the guard alone: Gradio awaits only
+    coroutine functions, so a guard Gradio misread would let everyone in or no one."""
+    import httpx
+
+    from stages.label.app import build_app, launch_kwargs
+    from stages.label.config import LoginGuard
+    from stages.label.store import LabelStore
+
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.import_items([{"pair_id": "p0", "prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b"]}])
+    now = [0.0]
+    demo = build_app(store, "guidelines", use_login=True)
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            auth=LoginGuard(USERS, clock=lambda: now[0]), **launch_kwargs())
+    try:
+        def login(user, password):
+            return httpx.post(f"{url}login", data={"username": user, "password": password}).status_code
+
+        assert login("alice", "pw-alice") == 200 and login("alice", "nope") == 400 and login("mallory", "x") == 400
+        for _ in range(5):
+            assert login("alice", "guess") == 400
+        assert login("alice", "pw-alice") == 400  # locked
+        assert login("bob", "pw-bob") == 200
+        now[0] += 61
+        assert login("alice", "pw-alice") == 200
+    finally:
+        demo.close()

@@ -333,7 +333,9 @@ def test_the_app_gets_the_logins_and_the_store_gets_the_flags(runs, tmp_path, mo
                       "--offensive_words", "zebra", "--filter_offensive", "false")
     demo.store_lock.close()
     store = built["store"]
-    assert built["use_login"] is True and built["launch"]["auth"] == [("alice", "pw")]
+    guard = built["launch"]["auth"]
+    assert built["use_login"] is True and guard.passwords == {"alice": b"pw"} and guard.max_failures == 5
+    assert guard.lockout_s == 60.0 and guard("alice", "pw") and not guard("alice", "pW")
     assert (store.overlap, store.lease_s, store.seed, store.max_note_chars) == (2, 30.0, 5, 7)
     assert store.progress()["blocked"] == 0 and store.servable_pairs() == ["p0", "p1"]
 

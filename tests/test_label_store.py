@@ -465,6 +465,41 @@ def test_auth_guard_and_users(tmp_path):
         load_users(None, env={"LABEL_USERS": "bob:hunter2 , alice:x"})  # the space before the comma is the password's
 
 
+def test_wrong_passwords_in_a_row_lock_a_login_for_a_doubling_time(capsys):
+    """Five wrong passwords in a row lock the login, the right password too, for 60 s, then 120 s after the sixth and
+    so on up to an hour; a right password after the lock clears the count; another login is not touched; names that
+    are no login are refused and never counted. The password is compared exactly (no stripping, no case folding)."""
+    from stages.label.config import LoginGuard
+
+    now = [1000.0]
+    guard = LoginGuard([("alice", "pw A"), ("bob", "b")], clock=lambda: now[0])
+    assert not guard("alice", "pw a") and not guard("alice", "pw A ") and guard.failures == {"alice": 2}
+    assert guard("alice", "pw A") and guard.failures == {}
+    for _ in range(4):
+        assert not guard("alice", "x")
+    assert guard.failures == {"alice": 4} and guard.locked_until == {}
+    assert not guard("alice", "x")  # the fifth in a row: locked for 60 s
+    assert guard.locked_until == {"alice": 1060.0}
+    assert capsys.readouterr().err == "note: login 'alice' locked for 60 s after 5 wrong passwords in a row\n"
+    now[0] = 1059.9
+    assert not guard("alice", "pw A") and guard("bob", "b")
+    assert guard.failures == {"alice": 5}  # a try while locked is not counted
+    now[0] = 1060.0
+    assert not guard("alice", "y")  # the sixth: 120 s
+    assert guard.locked_until["alice"] == 1180.0 and "locked for 120 s after 6" in capsys.readouterr().err
+    now[0] = 1180.0
+    assert guard("alice", "pw A") and guard.failures == {}
+    for _ in range(4):
+        assert not guard("alice", "x")
+    assert guard.failures == {"alice": 4} and guard.locked_until["alice"] == 1060.0 + 120  # not locked again yet
+    guard.failures["alice"] = 30
+    now[0] = 5000.0
+    assert not guard("alice", "x") and guard.locked_until["alice"] == 5000.0 + 3600
+    for _ in range(10):
+        assert not guard("mallory", "pw A")
+    assert "mallory" not in guard.failures and "mallory" not in guard.locked_until
+
+
 def test_a_users_file_others_can_read_is_noted(tmp_path, capsys):
     users = tmp_path / "users.txt"
     users.write_text("alice:pw\n")

@@ -17,8 +17,8 @@ import os
 
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
 from pipeline.run import StageRun, atomic_write_json, main_guard
-from stages.label.config import (LabelArgs, check_exposure, check_port_free, db_path, load_users, read_guidelines,
-                                 word_filter)
+from stages.label.config import (LabelArgs, LoginGuard, check_exposure, check_port_free, db_path, load_users,
+                                 read_guidelines, word_filter)
 from stages.label.pairs import read_pairs
 from stages.label.store import LabelStore, check_store_file, lock_store
 
@@ -56,7 +56,7 @@ def main(args: LabelArgs, run: RunArgs, block: bool = True):
     demo.queue(default_concurrency_limit=args.concurrency_limit)
     demo.store_lock = lock  # lives as long as the app (block=False returns before the server stops)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, auth=users or None,
+        demo.launch(server_name=args.host, server_port=args.port, auth=LoginGuard(users) if users else None,
                     auth_message="Log in with the name and password you were given.",
                     prevent_thread_lock=not block, **launch_kwargs())
     except OSError as err:  # port taken

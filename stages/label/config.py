@@ -5,10 +5,12 @@ Imports nothing heavy: `python -m stages.label --host 0.0.0.0` must refuse withi
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 import re
 import sys
+import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -119,6 +121,41 @@ def load_users(users_file: str | None, env: dict | None = None) -> list[tuple[st
         raise ConfigError(f"login {twice[0]!r} is given more than once in the users file and ${USERS_ENV}: one line "
                           f"per annotator")
     return users
+
+
+class LoginGuard:
+    """Gradio's login check, with a lockout against guessing: after `max_failures` wrong passwords in a row for one
+    login, that login is refused, the right password too, for `lockout_s` seconds, doubling with each further wrong
+    password (at most an hour); a right password once the lock has passed clears the count. Only logins that exist
+    are counted (a guess at another name can never succeed, and counting every name sent would grow without end).
+    The operator sees each lock on the console; the page says only "Incorrect credentials", as for a wrong password.
+    Gradio calls it as `auth(username, password)`: a plain function, as Gradio awaits only what
+    `inspect.iscoroutinefunction` says is a coroutine function (an object with an async __call__ would log anyone in)."""
+
+    def __init__(self, users: list[tuple[str, str]], max_failures: int = 5, lockout_s: float = 60.0,
+                 clock=time.monotonic):
+        self.passwords = {name: password.encode() for name, password in users}
+        self.max_failures, self.lockout_s, self.clock = max_failures, lockout_s, clock
+        self.failures: dict[str, int] = {}
+        self.locked_until: dict[str, float] = {}
+
+    def __call__(self, username: str, password: str) -> bool:
+        stored = self.passwords.get(username)
+        if stored is None:
+            return False
+        now = self.clock()
+        if now < self.locked_until.get(username, 0.0):
+            return False
+        if hmac.compare_digest(password.encode(), stored):  # in constant time: the time taken says nothing
+            self.failures.pop(username, None)
+            return True
+        failures = self.failures[username] = self.failures.get(username, 0) + 1
+        if failures >= self.max_failures:
+            lock = min(self.lockout_s * 2 ** (failures - self.max_failures), 3600.0)
+            self.locked_until[username] = now + lock
+            print(f"note: login {username!r} locked for {lock:.0f} s after {failures} wrong passwords in a row",
+                  file=sys.stderr, flush=True)
+        return False
 
 
 def read_utf8(path: Path, what: str) -> str:
