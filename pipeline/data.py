@@ -26,9 +26,13 @@ def check_dataset_exists(name_or_path: str, flag: str) -> None:
         raise ConfigError(f"dataset {name_or_path} does not exist: check the path given to {flag}")
 
 
-def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_name"):
-    """One `datasets.Dataset` from wherever the user points (`flag`: where it was given, for the error)."""
+def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_name",
+             split_flag: str | None = "--dataset_split"):
+    """One `datasets.Dataset` from wherever the user points (`flag`: where it was given, for the error; `split_flag`:
+    the flag that picks another split, None where there is none and the split must be `train`)."""
     import datasets
+
+    pick = f"pick one with {split_flag}" if split_flag else f"name the split '{split}' ({flag} reads that split only)"
 
     path = resolve_path(name_or_path)
     try:
@@ -48,15 +52,14 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
                 ds = datasets.load_from_disk(str(path))
                 if isinstance(ds, datasets.DatasetDict):
                     if split not in ds:
-                        raise ConfigError(f"dataset folder {path} has splits {list(ds)}, not '{split}': pick one with "
-                                          f"--dataset_split")
+                        raise ConfigError(f"dataset folder {path} has splits {list(ds)}, not '{split}': {pick}")
                     ds = ds[split]
                 elif split != "train":  # as a file: one split, read whatever --dataset_split says (it read train rows)
                     raise ConfigError(f"dataset folder {path} holds one saved Dataset, one split: drop --dataset_split "
                                       f"{split} (it picks a split of a saved DatasetDict, a folder of data files or a "
                                       f"Hub id)")
                 return ds
-            files = split_files(path, split)
+            files = split_files(path, split, pick)
             for f in files:
                 check_text_file(f)
             return datasets.load_dataset(SUFFIX_TO_BUILDER[files[0].suffix], data_files=[str(f) for f in files], split="train")
@@ -72,7 +75,7 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
                           f"{str(err).splitlines()[0] if str(err) else ''}{fix}") from None
 
 
-def split_files(folder: Path, split: str) -> list[Path]:
+def split_files(folder: Path, split: str, pick: str = "pick one with --dataset_split") -> list[Path]:
     """The data files of one split of a folder, by the Hub's file-name rules (`train.jsonl`, `data/test-0000.parquet`,
     ...: datasets' get_data_patterns); a folder whose names say no split is all one `train` split. Every file of the
     folder used to be read as training data, a downloaded dataset's test split included."""
@@ -87,8 +90,7 @@ def split_files(folder: Path, split: str) -> list[Path]:
         files = [f for f in data if re.match(rf"{re.escape(split)}([-._ 0-9]|$)", f.stem)]
     if not files:
         raise ConfigError(f"dataset folder {folder} has files of the splits {sorted(map(str, by_split))}, none of "
-                          f"'{split}': name its files by split (train*.jsonl, test*.jsonl), or pick one with "
-                          f"--dataset_split")
+                          f"'{split}': name its files by split (train*.jsonl, test*.jsonl), or {pick}")
     builders = sorted({SUFFIX_TO_BUILDER[f.suffix] for f in files})
     if len(builders) > 1:
         raise ConfigError(f"dataset folder {folder} mixes {' and '.join(builders)} files in its '{split}' split: keep "

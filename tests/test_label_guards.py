@@ -109,6 +109,24 @@ def test_a_bad_row_of_a_dataset_folder_or_parquet_file_is_named_by_its_row_from_
     assert snapshot(runs) == before
 
 
+def test_a_pairs_folder_without_a_train_split_names_no_flag_the_label_stage_lacks(runs, tmp_path):
+    """The labeling UI reads a folder's train split and has no --dataset_split: the fix was to pick a split with it."""
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([pair(0)])}).save_to_disk(str(saved))
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "test.jsonl").write_text(json.dumps(pair(0)) + "\n")
+    before = snapshot(runs)
+    for folder, where in ((saved, "has splits ['test'], not 'train'"), (files, "none of 'train'")):
+        with pytest.raises(ConfigError) as err:
+            label_main(runs, "--pairs_dataset", str(folder))
+        assert where in str(err.value) and "--dataset_split" not in str(err.value)
+        assert "name the split 'train' (--pairs_dataset reads that split only)" in str(err.value)
+    assert snapshot(runs) == before
+
+
 def test_non_utf8_and_missing_pairs_files_name_the_line_and_the_flag(runs, tmp_path):
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes((json.dumps(pair(0)) + "\n").encode() + json.dumps(pair(1, responses=["caf\u00e9", "x"]),

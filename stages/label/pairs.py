@@ -26,7 +26,7 @@ def read_pairs(source: str, name: str) -> list[dict]:
             raise ConfigError(f"{name}: {err}") from None
     else:
         try:  # a folder's bad file is named by load_any; the message says which flag (or stage) gave the folder
-            numbered = [(f"row {i + 1}", row) for i, row in enumerate(load_any(str(path), flag=name))]
+            numbered = [(f"row {i + 1}", row) for i, row in enumerate(load_any(str(path), flag=name, split_flag=None))]
         except ConfigError as err:
             raise ConfigError(f"{name}: {err}") from None
     if not numbered:
