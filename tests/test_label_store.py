@@ -634,7 +634,7 @@ def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the
     """Each piece's own direction controls are shown as escapes: a response's PDI (U+2069) cannot close the isolate
     around it and its RLO (U+202E) then reverse the rest of the line, and an RLI the 30-character cut leaves open (the
     right response's) stays open nowhere. The line's only format characters are the three isolates the app puts; the
-    cut counts the characters shown, escapes included."""
+    cut counts the characters shown, escapes included, and never cuts an escape in half."""
     import time
     import unicodedata
 
@@ -646,8 +646,12 @@ def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the
     s.save_label("ann", "p0", "tie", 0)
     shown = earlier_label_text(s.my_labels("ann")[0])
     hhmm = time.strftime("%H:%M", time.localtime(1_000_000.0))
-    assert shown == (f"{hhmm} · tie · \u2068q\\u200f\\u061c\u2069 · left: \u2068ok\\u2069\\u202eevil \\u202a\\u202"
-                     f"\u2069 | right: \u2068\\u2067{'y' * 24}\u2069")
+    assert shown == (f"{hhmm} · tie · \u2068q\\u200f\\u061c\u2069 · left: \u2068ok\\u2069\\u202eevil \\u202a"
+                     f"\u2069 | right: \u2068\\u2067{'y' * 24}\u2069")  # 25 shown: the next escape would pass 30
+    from stages.label.app import shown_start
+
+    assert shown_start("ab\\U000e0100cd", 11) == "ab" and shown_start("ab\\U000e0100cd", 13) == "ab\\U000e0100c"
+    assert shown_start("  a \t\n b  ", 3) == "a b" and shown_start("\\u00", 3) == "\\u0"  # a typed \\u00 is text
     assert [c for c in shown if unicodedata.category(c) == "Cf"] == ["\u2068", "\u2069"] * 3
 
 

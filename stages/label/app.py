@@ -124,9 +124,24 @@ def earlier_label_text(m: dict) -> str:
     prompt, left, right = (text.translate(CONTROL_PICTURES) for text in (
         m["prompt"][-1]["content"], m["responses"][m["shown_left"]], m["responses"][1 - m["shown_left"]]))
     # Each piece isolated (U+2068 ... U+2069): a right-to-left text in one must not reorder the rest of the line
-    cut = lambda text, n: "\u2068" + " ".join(text.split())[:n] + "\u2069"  # noqa: E731
+    cut = lambda text, n: "\u2068" + shown_start(text, n) + "\u2069"  # noqa: E731
     return (f"{time.strftime('%H:%M', time.localtime(m['updated_at']))} · {describe(m)} · "
             f"{cut(prompt, 40)} · left: {cut(left, 30)} | right: {cut(right, 30)}")
+
+
+SHOWN_UNIT = re.compile(r"\\u[0-9a-f]{4}|\\U[0-9a-f]{8}|.", re.S)  # a picture's escape is one unit, as its character was
+
+
+def shown_start(shown: str, n: int) -> str:
+    """The first n characters of a shown text (CONTROL_PICTURES applied), its runs of whitespace made one space, and
+    an escape never cut in half (`\\u202` would read as other text)."""
+    out, width = [], 0
+    for unit in SHOWN_UNIT.findall(" ".join(shown.split())):
+        if width + len(unit) > n:
+            break
+        out.append(unit)
+        width += len(unit)
+    return "".join(out)
 
 
 def progress_html(p: dict, annotator: str | None = None) -> str:
