@@ -184,3 +184,22 @@ def test_bench_ppo_alternates_the_sides_and_judges_its_targets(monkeypatch, tmp_
     figures["ours"]["gold"], figures["peer"]["gold"] = [0.1, 0.2, 0.3], [0.3, 0.4, 0.5]
     r = _fake_ppo_bench(monkeypatch, tmp_path, "story", figures)[0]["ratio"]
     assert r["gold_gain_diff"] == -0.2 and r["meets_gold_gain_target"] is False
+
+
+def test_run_ours_passes_every_workload_flag_and_refuses_a_ragged_batch():
+    """Each of the harness's workload flags reaches the stage as given (none left at run_ours' default), and a batch
+    that is not a whole number of micro-batches is refused before the stage runs."""
+    from bench.run_ours import cli_parser, main_cli, stage_args
+
+    args = stage_args(cli_parser().parse_args([
+        "run", "--model-dir", "m", "--work", "w", "--updates", "5", "--batch-size", "12", "--per-device-batch", "3",
+        "--ppo-epochs", "2", "--response-length", "7", "--temperature", "0.9", "--lr", "0.002", "--kl-coef", "0.2",
+        "--seed", "9", "--samples-per-prompt", "3", "--config", "configs/grpo.yaml"]))
+    f = dict(zip(args[::2], args[1::2]))
+    assert (f["--total_updates"], f["--per_device_train_batch_size"], f["--gradient_accumulation_steps"]) == ("5", "3", "4")
+    assert (f["--num_ppo_epochs"], f["--response_length"], f["--temperature"]) == ("2", "7", "0.9")
+    assert (f["--learning_rate"], f["--kl_coef"], f["--seed"]) == ("0.002", "0.2", "9")
+    assert f["--num_samples_per_prompt"] == "3" and f["--config"] == "configs/grpo.yaml"
+    assert "--num_samples_per_prompt" not in stage_args(cli_parser().parse_args(["run", "--model-dir", "m", "--work", "w"]))
+    with pytest.raises(SystemExit, match="multiple of --per-device-batch"):
+        main_cli(["run", "--model-dir", "m", "--work", "w", "--batch-size", "10", "--per-device-batch", "4"])

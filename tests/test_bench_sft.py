@@ -83,3 +83,72 @@ def test_run_side_tokens_per_s_is_over_the_trainers_runtime_not_the_commands_wal
     assert r["train_runtime_s"] == 2.0 and r["wall_s"] >= 0.3
     with pytest.raises(SystemExit, match="fake failed"):
         run_side("fake", [sys.executable, "-c", "print('no metrics')"], dict(os.environ), timeout=60)
+
+
+def test_summary_takes_the_peers_median_too():
+    from bench.bench_sft import summary
+
+    s = summary([_round(90.0, 100.0), _round(95.0, 110.0), _round(100.0, 200.0)])
+    assert (s["ours_tokens_per_s"], s["trl_tokens_per_s"], s["ratio"]) == (95.0, 110.0, 0.8636)  # trl's mean 136.7
+
+
+def test_final_metrics_takes_the_last_end_of_train_dict_and_a_failed_run_is_refused():
+    import os
+    import sys
+
+    from bench.bench_sft import run_side
+
+    out = "{'train_runtime': '9.0', 'num_input_tokens_seen': 10}\n...\n{'train_runtime': '2.0', 'num_input_tokens_seen': 300}"
+    assert final_metrics(out) == {"train_runtime": 2.0, "num_input_tokens_seen": 300.0}
+    line = "{'train_runtime': '2.0', 'train_loss': '1.5', 'num_input_tokens_seen': 300}"
+    crashed = [sys.executable, "-c", f"import sys; print({line!r}); sys.exit(3)"]  # its metrics printed, then it failed
+    with pytest.raises(SystemExit, match=r"fake failed \(exit 3"):
+        run_side("fake", crashed, dict(os.environ), timeout=60)
+
+
+def test_parse_bench_args_counts_tokens_and_refuses_no_rounds():
+    from bench.bench_sft import parse_bench_args
+
+    bench, overrides = parse_bench_args(["--rounds", "2", "--max_steps", "3", "--learning_rate", "1e-3"])
+    assert overrides == ["--learning_rate", "1e-3", "--max_steps", "3", "--include_num_input_tokens_seen", "true"]
+    with pytest.raises(SystemExit):
+        parse_bench_args(["--rounds", "0"])
+
+
+def test_main_alternates_the_sides_and_voids_unequal_work(monkeypatch, tmp_path):
+    """Odd rounds run ours first, even rounds TRL first; each round's ratio is ours / TRL's; a round whose two sides
+    trained to different losses writes the result with no verdict and exits non-zero."""
+    import os
+    from types import SimpleNamespace
+
+    from bench import bench_sft
+
+    for k, v in bench_sft.ENV_DEFAULTS.items():  # main() sets them in os.environ: put them back afterwards
+        monkeypatch.setenv(k, os.environ.get(k, v))
+    monkeypatch.setattr(bench_sft, "snapshot_configs", lambda overrides, work: (work / "sft.yaml", overrides, "m.yaml"))
+    monkeypatch.setattr(bench_sft, "trl_config", lambda config, overrides, data, out: (
+        {"include_num_input_tokens_seen": True, "model_name_or_path": str(tmp_path / "no-model")},
+        {"train_cfg": SimpleNamespace(max_steps=3)}))
+    monkeypatch.setattr(bench_sft, "write_train_rows", lambda resolved, data_dir: 5)
+    tokens_per_s = {"ours": [90.0, 120.0, 95.0], "trl": [100.0, 100.0, 100.0]}
+    calls, losses = [], {"ours": [1.5, 1.5, 1.5], "trl": [1.5, 1.5, 1.5]}
+
+    def fake_run_side(name, cmd, env, timeout):
+        rnd = sum(c == name for c in calls)
+        calls.append(name)
+        return {"tokens_per_s": tokens_per_s[name][rnd], "num_input_tokens_seen": 500, "train_loss": losses[name][rnd],
+                "train_runtime_s": 1.0, "loadavg_before": [0.0, 0.0, 0.0]}
+
+    monkeypatch.setattr(bench_sft, "run_side", fake_run_side)
+    argv = ["--rounds", "3", "--max_steps", "3", "--workdir", str(tmp_path / "work"), "--output", str(tmp_path / "sft.json")]
+    res = bench_sft.main(argv)
+    assert calls == ["ours", "trl", "trl", "ours", "ours", "trl"]
+    assert [r["order"] for r in res["rounds"]] == [["ours", "trl"], ["trl", "ours"], ["ours", "trl"]]
+    assert [r["ratio"] for r in res["rounds"]] == [0.9, 1.2, 0.95]
+    assert (res["ratio"], res["median_of_round_ratios"], res["meets_target"]) == (0.95, 0.95, True)
+    calls.clear()
+    losses["trl"][1] = 1.6
+    with pytest.raises(SystemExit, match="did not do the same work"):
+        bench_sft.main(argv)
+    written = json.loads((tmp_path / "sft.json").read_text())
+    assert written["same_train_loss_each_round"] is False and written["meets_target"] is None

@@ -90,6 +90,7 @@ def test_one_seeds_gold_gain_is_ppo_minus_sft(monkeypatch, tmp_path):
     monkeypatch.setattr(story_seeds, "make", fake_make)
     got = story_seeds.one_seed(5, tmp_path, samples=2)
     assert got["gold_gain"] == 0.5 and got["rm_heldout_accuracy"] == 0.7 and got["gold_win_rate"] == 0.6
+    assert got["simulator_agreement_with_gold"] == 0.8 and got["wall_s"] == {"sft_rm_ppo_s": 1.0, "eval_s": 1.0}
     assert [s["prompt_text"] for s in got["samples"]] == ["p0", "p1"]
 
 
@@ -110,3 +111,88 @@ def test_split_prompts_holds_out_a_seeded_fifth_nothing_trains_on(tmp_path):
     assert len(held) == 10 and len(train) == 40 and not set(held) & set(train) and sorted(held + train) == sorted(rows)
     assert again == [held, train] and held != rows[:10] and held != rows[-10:]
     assert short == held[:3] and train_c == train
+
+
+def test_one_seeds_gain_has_no_standard_error_and_medians_are_not_means():
+    """One seed: the mean gain and no SE (None, not 0.0: nothing measured); median_given is a median, not a mean."""
+    assert story_seeds.gain_summary([0.3]) == {"gold_gain_mean": 0.3, "gold_gain_se": None, "every_seed_positive": True}
+    assert story_seeds.median_given([0.1, None, 0.2, 0.9]) == 0.2  # mean 0.4
+
+
+def test_main_summarises_the_seeds_by_hand(monkeypatch, tmp_path):
+    """bench-story's summary: the mean gold gain (PPO minus SFT per seed) with its SE, and each median over the seeds'
+    own figure (a seed without it left out), the wall time's too; the file written is the result returned."""
+    import json
+
+    per = {1: (0.1, 0.9, 0.6, 0.7, 2.0, 100.0), 2: (0.2, 0.8, 0.7, None, 3.0, 110.0), 3: (0.6, 0.7, 0.95, 0.9, 10.0, 200.0)}
+    seen = []
+
+    def fake_one_seed(seed, runs_dir, samples, rm_args="", ppo_args=""):
+        seen.append((seed, samples, rm_args, ppo_args))
+        gain, ppo, win, agree, kl, wall = per[seed]
+        return {"seed": seed, "gold_gain": gain, "gold_ppo_mean": ppo, "gold_sft_mean": ppo - gain,
+                "gold_win_rate": win, "rm_gold_agreement": agree, "kl_mean": kl, "wall_s": {"sft_rm_ppo_s": wall},
+                "samples": []}
+
+    monkeypatch.setattr(story_seeds, "one_seed", fake_one_seed)
+    out = tmp_path / "story.json"
+    got = story_seeds.main(["--seeds", "1", "2", "3", "--samples", "2", "--rm_args", "--ensemble 1",
+                            "--output", str(out)])
+    assert seen == [(1, 2, "--ensemble 1", ""), (2, 2, "--ensemble 1", ""), (3, 2, "--ensemble 1", "")]
+    s = got["summary"]
+    assert s["gold_gain_mean"] == pytest.approx(0.3) and s["gold_gain_se"] == pytest.approx((0.07 / 3) ** 0.5)
+    assert s["every_seed_positive"] is True
+    assert s["gold_win_rate_median"] == 0.7 and s["kl_mean_median"] == 3.0  # means 0.75 and 5.0
+    assert s["rm_gold_agreement_median"] == pytest.approx(0.8)  # seed 2 has none
+    assert s["sft_rm_ppo_wall_s_median"] == 110.0  # mean 136.7
+    assert got["stage_args"] == {"rm": "--ensemble 1", "ppo": ""}
+    assert json.loads(out.read_text()) == got
+
+
+def test_ppo_peer_folder_links_the_reward_model_as_the_value_and_templates_the_prompts(tmp_path):
+    """bench-ppo's story peer: policy = the merged SFT policy, reward and value = the merged reward model (TRL 1.12
+    starts its value model from the reward model, as ours), and the training prompts chat-templated with the
+    assistant's header opened (the peer generates straight after them)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from bench.story import ppo_peer_folder
+    from pipeline.config import REPO_ROOT
+
+    work, peer = tmp_path / "work", tmp_path / "peer"
+    tok = AutoTokenizer.from_pretrained(REPO_ROOT / "models" / "tiny")
+    for name, tensors in (("peer_policy", {"w": torch.zeros(2, 3)}), ("peer_reward", {"w": torch.zeros(5)})):
+        (work / name).mkdir(parents=True)
+        save_file(tensors, str(work / name / "model.safetensors"))
+    tok.save_pretrained(work / "peer_policy")
+    LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=len(tok)).save_pretrained(work / "peer_policy")
+    prompts = [[{"role": "user", "content": "Tell a story about a cat."}], [{"role": "user", "content": "A dog ran."}]]
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    ppo_peer_folder(work, peer)
+    assert (peer / "policy").resolve() == (work / "peer_policy").resolve()
+    assert (peer / "reward").resolve() == (peer / "value").resolve() == (work / "peer_reward").resolve()
+    texts = json.loads((peer / "prompts.json").read_text())
+    assert texts == [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    assert texts != [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=False) for p in prompts]
+    info = json.loads((peer / "BUILD_INFO.json").read_text())
+    assert (info["policy_params"], info["reward_params"], info["hidden_size"], info["num_hidden_layers"]) == (6, 5, 8, 1)
+
+
+def test_the_story_chain_runs_every_stage_with_its_config_and_one_reward_model(monkeypatch, tmp_path):
+    """bench.story's own chain: sft, pairs, simulate, label export and rm, in that order, each with its config and
+    the bench's run, and the reward model alone (--ensemble 1: both sides are rewarded by one model)."""
+    from bench import story
+
+    cmds = []
+    monkeypatch.setattr(story.subprocess, "run", lambda cmd, **kw: cmds.append(cmd))
+    monkeypatch.setattr(story, "run_adapters", lambda run_dir: (run_dir, run_dir))
+    assert story.run_stages(tmp_path) == (tmp_path / "runs" / "bench",) * 2
+    assert [c[2] for c in cmds] == ["stages.sft", "stages.pairs", "stages.simulate", "stages.label.export", "stages.rm"]
+    assert [c[c.index("--config") + 1] for c in cmds] == ["configs/sft.yaml", "configs/pairs.yaml",
+                                                           "configs/simulate.yaml", "configs/label.yaml", "configs/rm.yaml"]
+    assert all(c[c.index("--run") + 1] == "bench" for c in cmds)
+    assert cmds[-1][-2:] == ["--ensemble", "1"] and "--ensemble" not in cmds[0]
