@@ -124,14 +124,16 @@ def test_side_args_seed_each_round_and_take_the_scales_lr():
 
 
 def test_side_result_figures_by_hand():
-    from bench.bench_ppo import side_result
+    from bench.bench_ppo import fitted_gain_se, side_result
 
     r = side_result({"episodes_per_s": 2.0, "gen_tokens_per_s": 64.0, "scores": [1.0, 0.0, 2.0, 4.0]}, 512.04, 3.0)
     assert r["reward_last_minus_first"] == 3.0 and r["peak_rss_mb"] == 512.0
     assert r["reward_gain"] == 3.3  # slope 1.1 over 3 steps
+    assert r["reward_gain_se"] == fitted_gain_se([1.0, 0.0, 2.0, 4.0]) == 1.5588  # residuals 0.9, -1.2, -0.3, 0.6: 3 x sqrt(2.7 / 2 / 5)
+    assert fitted_gain_se([1.0, 2.0]) is None  # two points: the line has no residual to measure
 
 
-def _fake_ppo_bench(monkeypatch, tmp_path, scale: str, figures: dict) -> tuple[dict, list]:
+def _fake_ppo_bench(monkeypatch, tmp_path, scale: str, figures: dict, ours_only: bool = False) -> tuple[dict, list]:
     """bench_ppo.bench_scale with the models and each side's runs faked (figures[side][key]: one value per round), and
     at the story scale the gold evaluation too (figures[side]["gold"]). Returns (the result, the run order)."""
     from bench import bench_ppo
@@ -162,7 +164,7 @@ def _fake_ppo_bench(monkeypatch, tmp_path, scale: str, figures: dict) -> tuple[d
     monkeypatch.setattr(bench_ppo, "run_ours", side("ours"))
     monkeypatch.setattr(bench_ppo, "run_peer", side("peer"))
     monkeypatch.setattr(bench_ppo, "add_gold", fake_add_gold)
-    return bench_ppo.bench_scale(scale, len(figures["ours"]["eps"]), "python", False), order
+    return bench_ppo.bench_scale(scale, len(figures["ours"]["eps"]), "python", ours_only), order
 
 
 def test_bench_ppo_alternates_the_sides_and_judges_its_targets(monkeypatch, tmp_path):
@@ -177,6 +179,8 @@ def test_bench_ppo_alternates_the_sides_and_judges_its_targets(monkeypatch, tmp_
     assert (r["episodes_per_s"], r["peak_rss_mb"]) == (1.5, 0.6)
     assert r["meets_episodes_per_s_target"] is True and r["meets_peak_rss_target"] is True
     assert "meets_gold_gain_target" not in r
+    s = res["settings"]
+    assert (s["grad_accum"], s["episodes_per_run"], s["rounds"]) == (1, 16, 3)  # 125m: 8 / 8, 2 updates x 8
     figures["ours"].update(eps=[2.9] * 3, rss=[61.0] * 3)
     r = _fake_ppo_bench(monkeypatch, tmp_path, "125m", figures)[0]["ratio"]
     assert (r["episodes_per_s"], r["peak_rss_mb"]) == (1.45, 0.61)
@@ -184,6 +188,69 @@ def test_bench_ppo_alternates_the_sides_and_judges_its_targets(monkeypatch, tmp_
     figures["ours"]["gold"], figures["peer"]["gold"] = [0.1, 0.2, 0.3], [0.3, 0.4, 0.5]
     r = _fake_ppo_bench(monkeypatch, tmp_path, "story", figures)[0]["ratio"]
     assert r["gold_gain_diff"] == -0.2 and r["meets_gold_gain_target"] is False
+    res = _fake_ppo_bench(monkeypatch, tmp_path, "story", figures)[0]
+    assert (res["ours"]["gold_gain"], res["peer"]["gold_gain"], res["ours"]["kl_to_sft"]) == (0.2, 0.4, 1.0)
+
+
+def test_bench_ppo_ours_only_never_runs_the_peer(monkeypatch, tmp_path):
+    figures = {"ours": {"eps": [3.0, 3.0], "rss": [60.0, 60.0], "gain": [0.5, 0.1]}}
+    res, order = _fake_ppo_bench(monkeypatch, tmp_path, "tiny", {**figures, "peer": figures["ours"]}, ours_only=True)
+    assert order == [("ours", 1), ("ours", 2)]
+    assert "peer" not in res and "ratio" not in res and res["ours"]["reward_gain"] == 0.3
+
+
+def test_run_ours_scores_the_policys_tokens_and_names_the_story_policy(monkeypatch, tmp_path):
+    """Our side reads the reward on the policy's token ids (as TRL 1.12's peer), and at the story scale hands the
+    trained adapter on its base to the gold evaluation."""
+    from bench import bench_ppo
+
+    cmds = []
+
+    def fake_run_child(cmd, logfile, want_json=True):
+        cmds.append(cmd)
+        return {"episodes_per_s": 1.0, "gen_tokens_per_s": 2.0, "scores": [0.0, 1.0], "adapter": "ad"}, 10.0, 1.0
+
+    monkeypatch.setattr(bench_ppo, "run_child", fake_run_child)
+    monkeypatch.setattr(bench_ppo, "base_of", lambda work: tmp_path / "base")
+    story = bench_ppo.run_ours("story", tmp_path, bench_ppo.SCALES["story"], 1)
+    tiny = bench_ppo.run_ours("tiny", tmp_path, bench_ppo.SCALES["tiny"], 1)
+    assert all(c[c.index("--reward-input") + 1] == "tokens" for c in cmds)
+    assert story["policy"] == [str(tmp_path / "base"), "ad"] and tiny["policy"] is None
+
+
+def test_the_peers_value_model_starts_from_our_merged_reward_model(monkeypatch, tmp_path):
+    from bench import bench_ppo
+
+    monkeypatch.setattr(bench_ppo, "OUT", tmp_path)
+    model_dir = tmp_path / "models" / "tiny"
+    for folder in (model_dir / "policy", tmp_path / "ours" / "tiny" / "peer_reward"):
+        folder.mkdir(parents=True)
+    for f in ("prompts.json", "BUILD_INFO.json"):
+        (model_dir / f).write_text("{}")
+    peer = bench_ppo.peer_model_dir("tiny", model_dir)
+    reward = (tmp_path / "ours" / "tiny" / "peer_reward").resolve()
+    assert (peer / "reward").resolve() == (peer / "value").resolve() == reward
+    assert (peer / "policy").resolve() == (model_dir / "policy").resolve()
+
+
+def test_bench_ppo_main_takes_rounds_at_tiny_and_story_only_and_the_lr_and_updates(monkeypatch, tmp_path):
+    from bench import bench_ppo
+
+    seen = []
+    monkeypatch.setattr(bench_ppo, "OUT", bench_ppo.OUT)
+    monkeypatch.setitem(bench_ppo.COMMON, "lr", bench_ppo.COMMON["lr"])
+    for sc in bench_ppo.SCALES:
+        monkeypatch.setitem(bench_ppo.SCALES, sc, dict(bench_ppo.SCALES[sc]))
+    ours = {k: 0.0 for k in bench_ppo.METRICS}
+
+    def bench_scale(scale, rounds, peer_python, ours_only, from_run=None):
+        seen.append((scale, rounds, bench_ppo.SCALES[scale]["updates"], bench_ppo.COMMON["lr"]))
+        return {"ours": ours}
+
+    monkeypatch.setattr(bench_ppo, "bench_scale", bench_scale)
+    bench_ppo.main(["--scales", "tiny,125m,micro", "--ours-only", "--rounds", "5", "--updates", "3", "--lr", "0.01",
+                    "--output", str(tmp_path / "ppo.json"), "--work_dir", str(tmp_path)])
+    assert seen == [("tiny", 5, 3, 0.01), ("125m", 1, 3, 0.01), ("micro", 1, 3, 0.01)]
 
 
 def test_run_ours_passes_every_workload_flag_and_refuses_a_ragged_batch():

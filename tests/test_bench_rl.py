@@ -423,6 +423,9 @@ def test_bench_rl_alternates_the_sides_and_judges_its_targets(monkeypatch, tmp_p
     assert r["meets_episodes_per_s_target"] is True and r["meets_peak_rss_target"] is True
     assert r["gold_gain_diff"] == -0.2 and r["meets_gold_gain_target"] is False  # 0.2 below, SE of the diff 0.0816
     assert res["ours"]["gold_gain"] == 0.2 and res["peer"]["gold_gain"] == 0.4
+    assert r["episodes_per_s_per_round"] == [1.5] * 3 and r["peak_rss_mb_per_round"] == [0.7] * 3
+    settings = res["settings"]
+    assert (settings["prompts_per_update"], settings["grad_accum"], settings["gold_before"]) == (4, 2, 0.5)  # 8 / 2, 8 / 4
     just_missed = {"ours": {**at["ours"], "eps": [2.9] * 3, "rss": [71.0] * 3, "gain": [0.3, 0.4, 0.5]},
                    "peer": {**at["peer"], "gain": [0.1, 0.2, 0.3]}}
     r = _fake_rl_bench(monkeypatch, tmp_path, just_missed)[0]["ratio"]
@@ -449,3 +452,52 @@ def test_bench_rl_rounds_seed_both_sides_alike(monkeypatch, tmp_path):
               "--kl-coef", "--samples-per-prompt")
     got = {side: {k: cmd[cmd.index(k) + 1] for k in shared} for side, cmd in (("ours", cmds["ours"]), ("peer", cmds["grpo"]))}
     assert got["ours"] == got["peer"] and got["ours"]["--seed"] == "43" and got["ours"]["--updates"] == "2"
+    assert got["ours"]["--per-device-batch"] == "4" and got["ours"]["--batch-size"] == "8"  # micro's
+    assert "--stop-at-eos" in cmds["ours"]  # as the peer's generation stops at EOS
+    peer = cmds["grpo"]
+    assert (peer[peer.index("--lora-r") + 1], peer[peer.index("--lora-alpha") + 1]) == ("16", "32")
+
+
+def test_bench_rl_main_refuses_an_unknown_method_and_takes_the_rounds_and_updates_flags(monkeypatch, tmp_path):
+    from bench import bench_rl
+
+    seen = []
+    monkeypatch.setattr(bench_rl, "OUT", bench_rl.OUT)  # main() repoints it: put it back afterwards
+    monkeypatch.setattr(bench_rl, "build_models", lambda scale, from_run=None: tmp_path)
+    side = {k: 0.0 for k in (*bench_rl.METRICS, "gold_gain_se")}
+    monkeypatch.setattr(bench_rl, "bench_method",
+                        lambda m, scale, work, s: seen.append((m, s)) or {"ours": side, "peer": side, "ratio": {}})
+    with pytest.raises(SystemExit, match="unknown method 'ppo'"):
+        bench_rl.main(["--methods", "grpo,ppo", "--output", str(tmp_path / "rl.json"), "--work_dir", str(tmp_path)])
+    assert seen == []
+    monkeypatch.setattr(bench_rl, "meta", lambda *a, **k: {"wall_s": 0.0})
+    bench_rl.main(["--scale", "micro", "--methods", "rloo", "--rounds", "2", "--updates", "5",
+                   "--output", str(tmp_path / "rl.json"), "--work_dir", str(tmp_path)])
+    assert seen == [("rloo", {**bench_rl.SCALES["micro"], "rounds": 2, "updates": 5})]
+
+
+def test_gold_main_measures_kl_to_the_reference_for_every_other_policy_only(monkeypatch, tmp_path):
+    """bench/gold.py main: the reference policy (loaded once) gets no KL to itself; every other policy is scored with
+    the reference beside it; a --reference that names no policy is one error."""
+    from bench import gold
+    from pipeline import judges
+    from pipeline.config import REPO_ROOT
+
+    tiny = str(REPO_ROOT / "models" / "tiny")
+    loaded, scored = [], []
+    monkeypatch.setattr(judges, "load_judge", lambda spec: spec)
+    monkeypatch.setattr(gold, "load_policy", lambda base, adapter: loaded.append(adapter) or f"model {adapter}")
+
+    def fake_score(model, tokenizer, prompts, samples, seed, max_new_tokens, temperature, judge, reference=None):
+        scored.append((model, reference, samples, seed, temperature, judge))
+        return {"scores": [0.5]}
+
+    monkeypatch.setattr(gold, "score_policy", fake_score)
+    out = tmp_path / "gold.json"
+    gold.main(["--policy", f"sft={tiny}", "--policy", f"grpo={tiny},ad", "--prompts", "p.jsonl", "--reference", "sft",
+               "--samples", "3", "--seed", "5", "--temperature", "0.9", "--out", str(out)])
+    assert loaded == [None, "ad"]
+    assert scored == [("model None", None, 3, 5, 0.9, "sentiment"), ("model ad", "model None", 3, 5, 0.9, "sentiment")]
+    assert json.loads(out.read_text())["grpo"] == {"base": tiny, "adapter": "ad", "scores": [0.5]}
+    with pytest.raises(SystemExit, match="--reference peer: not one of the --policy names"):
+        gold.main(["--policy", f"sft={tiny}", "--prompts", "p.jsonl", "--reference", "peer", "--out", str(out)])

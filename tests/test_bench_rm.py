@@ -31,3 +31,62 @@ def test_each_rule_holds_in_every_pair_and_test_pairs_are_new():
         test_texts = {reply(row, "rejected") for row in test} | {row["prompt"][0]["content"] for row in test}
         if rule != "shorter":  # its rejected replies are joined sentences: checked through the pools above
             assert not train_texts & test_texts
+
+
+def test_shorter_rejected_replies_are_at_least_five_words_longer():
+    pools = split_pools(0)
+    for row in rule_pairs("shorter", 300, 1, *pools["train"]):
+        assert len(reply(row, "rejected").split()) >= len(reply(row, "chosen").split()) + 5
+
+
+def test_test_accuracy_reads_the_chosen_scores_first(monkeypatch):
+    from bench import rm_rules
+
+    monkeypatch.setattr(rm_rules, "saved_adapter_scores", lambda adapter, rows: [2.0, 3.0, 1.0, 0.0, 1.0, 5.0])
+    got = rm_rules.test_accuracy("adapter", [{}, {}, {}])
+    assert (got["accuracy"], got["mean_margin"], got["pairs"]) == (0.6667, 0.0, 3)  # 2 of 3; (2 + 2 - 4) / 3
+
+
+def test_run_stage_trains_one_reward_model_on_the_file(monkeypatch, tmp_path):
+    import subprocess
+
+    from bench import rm_rules
+
+    cmds = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: cmds.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    assert rm_rules.run_stage(tmp_path / "d.jsonl", tmp_path, "r", "m.yaml", ["--seed", "3"])[0] == 0
+    cmd = cmds[0]
+    assert cmd[cmd.index("--dataset_name") + 1] == str(tmp_path / "d.jsonl")
+    assert cmd[cmd.index("--ensemble") + 1] == "1" and cmd[-2:] == ["--seed", "3"]
+
+
+def test_main_tests_on_new_pairs_and_exits_1_when_a_stage_fails(monkeypatch, tmp_path):
+    """The test pairs are their own (the test pools, another seed), never the training file's; a failed stage is
+    recorded and the bench exits 1."""
+    import json
+
+    from bench import rm_rules
+
+    trained, tested, rcs = [], [], [0, 1]
+
+    def fake_run_stage(data_file, runs_dir, run, model_config, overrides):
+        trained.append([json.loads(line) for line in data_file.read_text().splitlines()])
+        metrics = {"train_pairs": 1, "eval_pairs": 1, "eval_accuracy": 1.0, "steps": 1, "plan_epochs": 1,
+                   "best_step": 1, "truncated_responses": 0}
+        (runs_dir / run / "rm").mkdir(parents=True, exist_ok=True)
+        (runs_dir / run / "rm" / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+        return rcs.pop(0), 1.0, "boom"
+
+    monkeypatch.setattr(rm_rules, "no_op_sft", lambda runs_dir, run, model_config: None)
+    monkeypatch.setattr(rm_rules, "run_stage", fake_run_stage)
+    monkeypatch.setattr(rm_rules, "test_accuracy", lambda adapter, rows: tested.append(rows) or {"accuracy": 1.0})
+    out = tmp_path / "rm.json"
+    argv = ["--rules", "question", "capitals", "--train_pairs", "20", "--test_pairs", "10", "--work_dir",
+            str(tmp_path / "w"), "--output", str(out)]
+    assert rm_rules.main(argv) == 1
+    res = json.loads(out.read_text())["rules"]
+    assert res["question"]["test"] == {"accuracy": 1.0} and res["capitals"] == {"returncode": 1}
+    train, test = trained[0], tested[0]
+    assert len(train) == 20 and len(test) == 10
+    texts = lambda rows: {reply(r, "rejected") for r in rows} | {r["prompt"][0]["content"] for r in rows}  # noqa: E731
+    assert not texts(train) & texts(test)

@@ -114,3 +114,49 @@ def test_bad_runs_are_one_error_and_write_nothing(tmp_path, capsys):
     assert main(["--from_run", str(run), "--output", str(out)]) == 2
     assert "needs the sentiment judge" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_penalty_is_chosen_on_folds_of_whole_prompts(monkeypatch):
+    """Cross-validation holds out whole prompts: a prompt's pairs never sit on both sides of a fold (they share the
+    prompt's replies' words, and the held-out loss would flatter the lightest penalty)."""
+    from bench import rm_ceiling
+
+    groups = [f"prompt {i // 3}" for i in range(30)]  # 10 prompts of 3 pairs each
+    diff = np.arange(30, dtype=float)[:, None]  # row i is recognisable by its one feature
+    trained_on = []
+    monkeypatch.setattr(rm_ceiling, "fit", lambda d, penalty: trained_on.append(set(d[:, 0].astype(int))) or np.zeros(1))
+    rm_ceiling.choose_penalty(diff, groups)
+    assert len(trained_on) == 5 * len(rm_ceiling.PENALTIES)
+    for train in trained_on[:5]:
+        held = set(range(30)) - train
+        assert len(held) == 6 and {groups[i] for i in held}.isdisjoint({groups[i] for i in train})
+    assert set.union(*(set(range(30)) - t for t in trained_on[:5])) == set(range(30))
+
+
+def test_the_gold_order_flips_only_the_pairs_the_gold_reverses(monkeypatch):
+    """gold_order: a pair whose gold prefers the rejected reply is flipped; one the gold scores equal keeps its label."""
+    from bench import rm_ceiling
+
+    seen = []
+    monkeypatch.setattr(rm_ceiling, "choose_penalty", lambda diff, groups: 1.0)
+    monkeypatch.setattr(rm_ceiling, "fit", lambda diff, penalty: seen.append(diff.copy()) or np.zeros(diff.shape[1]))
+    train = {"chosen": ["joy", "joy", "joy"], "rejected": ["rain", "rain", "rain"], "groups": ["a", "b", "c"],
+             "gold_chosen": [1.0, 0.0, 0.5], "gold_rejected": [0.0, 1.0, 0.5]}
+    test = {"chosen": ["joy"], "rejected": ["rain"], "gold_chosen": [1.0], "gold_rejected": [0.0]}
+    learner(["joy", "rain"], train, test, gold_order=True)
+    assert seen[0].tolist() == [[1.0, -1.0], [-1.0, 1.0], [1.0, -1.0]]
+
+
+def test_the_labels_agreement_with_the_gold_leaves_out_the_pairs_it_ties(tmp_path, monkeypatch):
+    from pipeline import judges
+
+    def gold(judge, prompts, texts):  # prompt 0: even k gold ties, odd k agrees; prompt 1: the gold reverses every label
+        table = {"happy": (0.5, 1.0), "sad": (0.5, 0.0), "a good": (0.0, 0.0), "a bad": (1.0, 1.0), "fun": (1.0, 1.0)}
+        return [next((v[int(t.split()[-1]) % 2] for k, v in table.items() if t.startswith(k)), 0.0) for t in texts]
+
+    monkeypatch.setattr(judges, "judge_scores", gold)
+    run = tmp_path / "run"
+    write_run(run)
+    assert main(["--from_run", str(run), "--output", str(tmp_path / "ceiling.json")]) == 0
+    result = json.loads((tmp_path / "ceiling.json").read_text())
+    assert result["train_labels_agree_with_gold"] == 0.3333  # 2 of the 6 pairs the gold orders; 2 ties left out

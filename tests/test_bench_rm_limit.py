@@ -74,3 +74,59 @@ def test_mean_and_se_by_hand():
     # 0.6, 0.7, 0.8: mean 0.7, sample std 0.1, SE 0.1 / sqrt(3)
     assert mean_and_se([0.6, 0.7, 0.8]) == {"mean": 0.7, "se": 0.0577}
     assert mean_and_se([0.65]) == {"mean": 0.65, "se": None}  # one seed: no standard error, not an exact 0
+
+
+def test_main_trains_each_condition_per_seed_and_scores_the_test_pairs_by_hand(tmp_path, monkeypatch):
+    """The whole bench with the stage and the scoring faked: the run's ties are left out, the judge is the one its
+    annotators used, every seed reaches the stage, the shares come from the training prompts only, the test pairs'
+    scores are read chosen first, and an ensemble needs at least two members."""
+    import json
+
+    from datasets import Dataset
+
+    from bench import rm_limit
+    from pipeline import judges
+
+    run = tmp_path / "run"
+    n = 10
+    rows = [{"prompt": [{"role": "user", "content": f"opening {p}"}],
+             "chosen": [{"role": "assistant", "content": ("good " if p % 3 else "bad ") + str(p)}],
+             "rejected": [{"role": "assistant", "content": ("bad " if p % 3 else "good ") + str(p)}], "is_tie": False}
+            for p in range(n)]
+    rows.append({**rows[1], "prompt": [{"role": "user", "content": "a tie"}], "is_tie": True})
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "export"))
+    (run / "label-export").mkdir(parents=True)
+    (run / "label-export" / "manifest.json").write_text(json.dumps({"outputs": {"dataset": str(tmp_path / "export")}}))
+    (run / "simulate").mkdir()
+    (run / "simulate" / "manifest.json").write_text(json.dumps({"config": {"simulate": {"judge": "my-judge"}}}))
+    judged = []
+    monkeypatch.setattr(judges, "load_judge", lambda spec: judged.append(spec) or spec)
+    good = lambda texts: [1.0 if t.startswith("good") else 0.0 for t in texts]  # noqa: E731
+    monkeypatch.setattr(judges, "judge_scores", lambda judge, prompts, texts: good(texts))
+    stage = []
+
+    def fake_run_stage(data_file, runs_dir, run_name, model_config, overrides):
+        stage.append((run_name, [json.loads(line) for line in data_file.read_text().splitlines()], overrides))
+        return 0, 1.0, ""
+
+    monkeypatch.setattr(rm_limit, "no_op_sft", lambda runs_dir, run_name, model_config: None)
+    monkeypatch.setattr(rm_limit, "run_stage", fake_run_stage)
+    monkeypatch.setattr(rm_limit, "saved_adapter_scores",  # a reward model that agrees with the gold on every pair
+                        lambda adapter, test: good([r["chosen"][-1]["content"] for r in test]
+                                                   + [r["rejected"][-1]["content"] for r in test]))
+    argv = ["--from_run", str(run), "--output", str(tmp_path / "out.json"), "--work_dir", str(tmp_path / "w"),
+            "--seeds", "1", "2", "--conditions", "labels", "half", "--lr", "1e-4"]
+    assert rm_limit.main(argv) == 0
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert judged == ["my-judge"] and res["settings"]["judge"] == "my-judge"
+    assert (res["data"]["pairs"], res["data"]["train_pairs"], res["data"]["test_pairs"]) == (10, 8, 2)
+    assert [(name, o) for name, _, o in stage] == [
+        ("limit-labels-seed1", ["--seed", "1", "--lr", "1e-4"]), ("limit-labels-seed2", ["--seed", "2", "--lr", "1e-4"]),
+        ("limit-half-seed1", ["--seed", "1", "--lr", "1e-4"]), ("limit-half-seed2", ["--seed", "2", "--lr", "1e-4"])]
+    train_prompts = prompts_of(stage[0][1])
+    assert len(train_prompts) == 8 and len(prompts_of(stage[2][1])) == 4 and prompts_of(stage[2][1]) < train_prompts
+    for name in ("labels", "half"):
+        assert res["conditions"][name]["mean"] == 1.0 and res["conditions"][name]["seeds"]["1"]["agreement"] == 1.0
+    assert res["conditions"]["ensemble"]["members"] == 2 and res["conditions"]["ensemble"]["agreement"] == 1.0
+    assert rm_limit.main([*argv[:6], "--seeds", "1", "--conditions", "labels"]) == 0
+    assert "ensemble" not in json.loads((tmp_path / "out.json").read_text())["conditions"]  # one member is no ensemble

@@ -170,6 +170,16 @@ def test_wilson_of_no_trials_is_the_whole_interval():
     assert wilson(0, 0) == (0.0, 1.0)
 
 
+def test_wilson_at_none_and_all_successes_stays_inside_0_and_1():
+    """Wilson's bounds at 0 of n and n of n are 0 and 1 exactly; in floating point they come out a hair outside
+    (-2.8e-17 at 0 of 5, 1 + 2.2e-16 at 5 of 5): clamped, an interval never claims a rate below 0 or above 1."""
+    from pipeline.stats import wilson
+
+    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0 and wilson(19, 19)[1] == 1.0
+    low, high = wilson(0, 5)
+    assert high == pytest.approx(0.434491, abs=1e-6)  # z^2/n / (1 + z^2/n) at z = 1.96, n = 5
+
+
 def test_peak_memory_mb_is_the_processes_peak_rss_in_mb(monkeypatch):
     """pipeline.report.peak_memory_mb on CPU: ru_maxrss (kB on Linux) in MB, as /proc's VmHWM of this process says."""
     from pathlib import Path
