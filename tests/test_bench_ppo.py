@@ -270,3 +270,31 @@ def test_run_ours_passes_every_workload_flag_and_refuses_a_ragged_batch():
     assert "--num_samples_per_prompt" not in stage_args(cli_parser().parse_args(["run", "--model-dir", "m", "--work", "w"]))
     with pytest.raises(SystemExit, match="multiple of --per-device-batch"):
         main_cli(["run", "--model-dir", "m", "--work", "w", "--batch-size", "10", "--per-device-batch", "4"])
+
+
+def test_run_ours_prepare_makes_the_peers_lora_shape_and_head(tmp_path):
+    """bench.run_ours prepare: the policy's and the reward model's LoRA are the peer's (r 16, alpha 32, the 7
+    projections), the reward adapter carries the peer reward model's score head, and the peer gets the prompts."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from bench import story
+    from bench.run_ours import PROJ, prepare
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    story.micro_base(tmp_path).rename(model_dir / "policy")  # a 2-layer random Llama on the tiny tokenizer
+    torch.manual_seed(5)
+    reward = AutoModelForSequenceClassification.from_pretrained(model_dir / "policy", num_labels=1)
+    reward.save_pretrained(model_dir / "reward")
+    prompts = ["Once upon a time", "The dog", "It rained", "A cat sat"]
+    (model_dir / "prompts.json").write_text(json.dumps(prompts))
+    prepare(model_dir, tmp_path / "work")
+    for name in ("sft", "rm"):
+        cfg = json.loads((tmp_path / "work" / name / "adapter_config.json").read_text())
+        assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], sorted(cfg["target_modules"])) == (16, 32, 0.0, sorted(PROJ))
+    head = [v for k, v in load_file(str(tmp_path / "work" / "rm" / "adapter_model.safetensors")).items() if "score" in k]
+    assert len(head) == 1 and torch.equal(head[0], reward.score.weight.data)
+    rows = [json.loads(line)["prompt"] for line in (tmp_path / "work" / "prompts.jsonl").read_text().splitlines()]
+    assert rows == prompts and (tmp_path / "work" / "peer_reward" / "model.safetensors").is_file()

@@ -196,3 +196,30 @@ def test_the_story_chain_runs_every_stage_with_its_config_and_one_reward_model(m
                                                            "configs/simulate.yaml", "configs/label.yaml", "configs/rm.yaml"]
     assert all(c[c.index("--run") + 1] == "bench" for c in cmds)
     assert cmds[-1][-2:] == ["--ensemble", "1"] and "--ensemble" not in cmds[0]
+
+
+def test_merging_refuses_a_merged_model_whose_outputs_differ(tmp_path, monkeypatch):
+    """bench.story.merged saves the adapter merged into its base only if the merged model gives the adapter's logits:
+    a merge that changed them is one error, and nothing is saved."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from bench import story
+
+    base = story.micro_base(tmp_path)
+    sft, _ = story.micro_adapters(tmp_path, base)
+    probe = [[{"role": "user", "content": "Once upon a time"}]]
+    story.merged(base, sft, tmp_path / "ok", "policy", probe)
+    assert (tmp_path / "ok" / "model.safetensors").is_file()
+    real = BaseTuner.merge_and_unload  # what PeftModel.merge_and_unload runs
+
+    def off_merge(self, *args, **kw):
+        model = real(self, *args, **kw)
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.1 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+        return model
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", off_merge)
+    with pytest.raises(SystemExit, match="changed its outputs"):
+        story.merged(base, sft, tmp_path / "bad", "policy", probe)
+    assert not (tmp_path / "bad").exists()

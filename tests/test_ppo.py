@@ -1261,9 +1261,11 @@ def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters,
 
 def test_a_sampling_call_takes_whole_groups(tiny_models, adapters, prompts_file, tmp_path):
     """generation_batch_size 6 with groups of 4 answers to one prompt: each sampling call takes whole groups (4 rows;
-    6 would cut the second group in two, and the prefill runs each group's prompt once)."""
+    6 would cut the second group in two, and the prefill runs each group's prompt once); so does each scoring
+    forward at forward_batch_size 6 (the reference's and value's forwards run each prompt once too)."""
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo",
-                       "--num_samples_per_prompt", "4", "--generation_batch_size", "6", reward_fn=varied_reward)
+                       "--num_samples_per_prompt", "4", "--generation_batch_size", "6", "--forward_batch_size", "6",
+                       reward_fn=varied_reward)
     ro = trainer.rollout()
     assert trainer.cfg.prompt_group == 4 and ro.response_ids.shape[0] == trainer.cfg.local_batch_size
 
