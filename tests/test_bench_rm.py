@@ -90,3 +90,18 @@ def test_main_tests_on_new_pairs_and_exits_1_when_a_stage_fails(monkeypatch, tmp
     assert len(train) == 20 and len(test) == 10
     texts = lambda rows: {reply(r, "rejected") for r in rows} | {r["prompt"][0]["content"] for r in rows}  # noqa: E731
     assert not texts(train) & texts(test)
+
+
+def test_a_reply_drawn_with_the_word_already_is_drawn_again_until_it_has_none():
+    """make_pair redraws a reply that already holds "certainly" as often as it takes: else the word rule's rejected
+    reply would hold the word too (and the question and capitals pairs would teach it)."""
+    import random
+
+    from bench.rm_rules import make_pair
+
+    pool = ["Certainly it was late.", "It was certainly cold then.", "She certainly knew the way home.",
+            "The cat sat on the mat."]
+    for seed in range(40):
+        for rule in ("word", "question", "capitals"):  # the rules whose two replies are one drawn reply
+            chosen, rejected = make_pair(rule, random.Random(seed), pool)
+            assert WORD not in rejected.lower(), (seed, rule, rejected)
