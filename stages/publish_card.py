@@ -123,6 +123,9 @@ def hyperparameters(manifest: dict) -> dict:
             continue
         if own_dataset(values):
             values = {k: v for k, v in values.items() if k not in REPLACED_BY_DATASET_NAME}
+        if isinstance(values.get("dataset_mixture"), dict):  # a recipe's own files: named as the data table names them
+            values = {**values, "dataset_mixture": {own_or_bundled(k) if is_data_path(k) else k: v
+                                                    for k, v in values["dataset_mixture"].items()}}
         for k, v in flat(values).items():
             local_path = isinstance(v, str) and (v.startswith("/") or "dir" in k or "path" in k)  # this box's paths
             if (section != "train" or k in TRAIN_KEYS) and v not in (None, "", [], {}) and not local_path \
@@ -140,6 +143,23 @@ def hyperparameters(manifest: dict) -> dict:
 
 OWN_DATA = "your own data: "
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")  # a data file of yours, not a run's folder
+DATA_KEYS = ("dataset_mixture", "prompts_file")  # the keys that name a stage's data files (a recipe's YAML can name yours)
+
+
+def is_data_path(item) -> bool:
+    """A data file or folder a config names (not `label-export`, not a Hub id): one of DATA_SUFFIXES, or a folder."""
+    return isinstance(item, str) and bool(item) and item != "label-export" and (
+        Path(item).suffix in DATA_SUFFIXES or resolve_path(item).is_dir())
+
+
+def named_data(values: dict) -> list[str]:
+    """The data files a stage's config section names under DATA_KEYS, wherever they are (a recipe YAML's
+    `dataset_mixture: {/home/me/chats.jsonl: 0}` or `prompts_file:` of yours, not only paths under a data/ folder)."""
+    named = []
+    for key in DATA_KEYS:
+        value = values.get(key)
+        named += [item for item in (value if isinstance(value, dict) else [value]) if is_data_path(item)]
+    return named
 
 
 def data_files_used(manifests: dict[str, dict], base: str) -> dict[str, set[str]]:
@@ -152,6 +172,9 @@ def data_files_used(manifests: dict[str, dict], base: str) -> dict[str, set[str]
             if isinstance(values, dict) and own_dataset(values):  # your own data, not the bundled files it replaced
                 used.setdefault(OWN_DATA + Path(own_dataset(values)).name, set()).add(stage)
                 config[section] = {k: v for k, v in values.items() if k not in (*REPLACED_BY_DATASET_NAME, "dataset_name")}
+            elif isinstance(values, dict):
+                for item in named_data(values):
+                    used.setdefault(own_or_bundled(item), set()).add(stage)
         for v in flat(config).values():
             for item in (v if isinstance(v, (list, dict)) else [v]):
                 if isinstance(item, str) and "data/" in item and not item.startswith("runs/"):

@@ -305,6 +305,27 @@ def test_card_credits_your_own_data_not_the_bundled_files_it_replaced():
     assert hyperparameters(manifests["sft"]) == {}  # an absolute path of this box is not shown either
 
 
+def test_card_credits_your_own_data_named_by_a_recipe_yaml_wherever_it_is():
+    """A recipe of your own (configs/recipes/NAME/, `make ... RECIPE=NAME`) names your files in its YAML, as
+    `dataset_mixture: {/tmp/mine/chats.jsonl: 0}` and `prompts_file: /tmp/mine/prompts.jsonl`: the card's data table
+    left them out (only a path holding "data/" was taken for a data file) and the training table showed this machine's
+    path."""
+    from stages.publish_card import data_files_used, data_sources, hyperparameters
+
+    manifests = {
+        "sft": {"config": {"sft": {"dataset_mixture": {"/tmp/mine/chats.jsonl": 0}, "dataset_name": None, "lora_r": 16}}},
+        "rm": {"config": {"rm": {"dataset_mixture": {"label-export": {"weight": 1.0}, "/srv/x/prefs.parquet": 0}}}},
+        "ppo": {"config": {"ppo": {"prompts_file": "/tmp/mine/ppo_prompts.jsonl", "dataset_name": None}}},
+        "pairs": {"config": {"pairs": {"prompts_file": "data/story/pairs_prompts.jsonl"}}}}
+    used = data_files_used(manifests, "org/base")
+    assert used == {"your own data: chats.jsonl": {"sft"}, "your own data: prefs.parquet": {"rm"},
+                    "your own data: ppo_prompts.jsonl": {"ppo"}, "data/story/pairs_prompts.jsonl": {"pairs"}}
+    found = {s["name"]: s for s in data_sources(used)}
+    assert found["your own data: chats.jsonl"]["license"] == "see the dataset's own terms"
+    assert hyperparameters(manifests["sft"]) == {"dataset_mixture": {"your own data: chats.jsonl": 0}, "lora_r": 16}
+    assert "/srv/x" not in json.dumps(hyperparameters(manifests["rm"]))
+
+
 def test_the_card_names_whose_labels_the_reward_model_read_not_a_later_exports(tmp_path):
     from pipeline.config import RunArgs
     from pipeline.run import manifest_digest
