@@ -73,7 +73,8 @@ def load_data(args: SFTArgs, seed: int):
         if not args.dataset_mixture:
             raise ConfigError("no SFT data: set dataset_mixture in configs/sft.yaml or pass --dataset_name")
         ds = load_mixture([{"path": p, "max_rows": n} for p, n in args.dataset_mixture.items()], seed)
-        name = "the bundled mixture (" + ", ".join(args.dataset_mixture) + ")"
+        bundled = not own_files(args.dataset_mixture)
+        name = ("the bundled mixture (" if bundled else "the mixture (") + ", ".join(args.dataset_mixture) + ")"
     if "prompt" in ds.column_names and "completion" in ds.column_names and "messages" not in ds.column_names:
         ds = prompt_completion_as_messages(ds, name)  # (a file with both formats is read as conversations)
     require_columns(ds, ["messages"], name, "give conversational rows {'messages': [{'role', 'content'}, ...]} or "
@@ -355,7 +356,42 @@ def parse_args(argv=None):
     given = sys.argv[1:] if argv is None else argv
     if _flag(given, "--dataset_name", None) is not None and _flag(given, "--sample_prompts", None) is None:
         args.sample_prompts = []  # your data's own openings (sample_conversations), not the config's story openings
+    elif data_named_above_sample_prompts(given, args):
+        args.sample_prompts = []  # a recipe YAML (or --dataset_mixture) naming its data: the base config's prompts are
+        #                           of the base config's task (configs/sft.yaml: the story's book openings), not of it
     return train_cfg, args, run
+
+
+def own_files(mixture: dict) -> list[str]:
+    """The files of a mixture that are not the project's bundled data (under data/): yours."""
+    from pipeline.config import REPO_ROOT, resolve_path
+
+    data = (REPO_ROOT / "data").resolve()
+    return [p for p in mixture if not resolve_path(p).resolve().is_relative_to(data)]
+
+
+def data_named_above_sample_prompts(given: list[str], args: SFTArgs) -> bool:
+    """Whether the data was named at a later level than the sample prompts it would be sampled on: levels are a YAML's
+    base_config (1), the --config YAML itself (2) and the command line (3). A variant YAML `base_config:
+    configs/sft.yaml` + `dataset_mixture: {my_chats.jsonl: 0}` (or `--dataset_mixture` on the command line) gave your
+    model the story's book openings to answer in samples.json (and in the published card's example). The default
+    prompts (none set anywhere) stay: they are generic; so do a mixture of bundled files' (data/)."""
+    from pipeline.config import read_yaml, resolve_path
+
+    path = _flag(given, "--config", None)
+    levels: dict[str, int] = {}
+    if path:
+        own = read_yaml(path)
+        if isinstance(own.get("base_config"), str) and own["base_config"].strip():
+            levels = {key: 1 for key in read_yaml(resolve_path(own["base_config"]))}
+        levels.update({key: 2 for key in own})
+    level = lambda key: 3 if _flag(given, f"--{key}", None) is not None else levels.get(key, 0)  # noqa: E731
+    data_keys = (["dataset_mixture"] if own_files(args.dataset_mixture) else []) + \
+        (["dataset_name"] if args.dataset_name else [])
+    if not data_keys:
+        return False
+    prompts_level = level("sample_prompts")
+    return prompts_level > 0 and max(level(key) for key in data_keys) > prompts_level
 
 
 SAMPLES_FROM_DATA = 4

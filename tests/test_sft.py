@@ -399,12 +399,24 @@ def test_your_own_data_is_sampled_on_its_own_held_out_openings(tiny_models, runs
     _, sft_args, _ = parse_args(args[:-2] + ["--eval_fraction", "0"])
     assert sft_args.sample_prompts == []
     assert sample_conversations(sft_args, Dataset.from_list(rows), 0.0, 42) == [r["messages"][:2] for r in rows[:4]]
-    # your own prompts on the command line; a recipe's YAML that names its data: the prompts it gives
+    # your own prompts on the command line; a recipe's YAML that names its data and its prompts: the prompts it gives
     own = ["Count to 3.", "Count to 4."]
     assert parse_args(args + ["--sample_prompts", *own])[1].sample_prompts == own
     recipe = tmp_path / "sft.yaml"
-    recipe.write_text(f"base_config: {REPO / 'configs/sft.yaml'}\ndataset_name: {data}\n")
-    assert parse_args(["--config", str(recipe)])[1].sample_prompts == read_yaml(REPO / "configs/sft.yaml")["sample_prompts"]
+    recipe.write_text(f"base_config: {REPO / 'configs/sft.yaml'}\ndataset_name: {data}\nsample_prompts: {json.dumps(own)}\n")
+    assert parse_args(["--config", str(recipe)])[1].sample_prompts == own
+    # a recipe's YAML that names its data (dataset_name or dataset_mixture) over configs/sft.yaml and no prompts: the
+    # story's book openings were its samples (and the published card's example); now its data's openings, as on the
+    # command line; so does --dataset_mixture on the command line. The story recipe itself keeps its openings.
+    story = read_yaml(REPO / "configs/sft.yaml")["sample_prompts"]
+    for line in (f"dataset_name: {data}", f"dataset_mixture: {{{data}: 0}}"):
+        recipe.write_text(f"base_config: {REPO / 'configs/sft.yaml'}\n{line}\n")
+        assert parse_args(["--config", str(recipe)])[1].sample_prompts == []
+    mixture = ["--dataset_mixture", json.dumps({str(data): 0})]
+    assert parse_args(["--config", str(REPO / "configs/sft.yaml"), *mixture])[1].sample_prompts == []
+    assert parse_args(["--config", str(REPO / "configs/sft.yaml")])[1].sample_prompts == story
+    recipe.write_text(f"base_config: {REPO / 'configs/sft.yaml'}\nmax_steps: 3\n")
+    assert parse_args(["--config", str(recipe)])[1].sample_prompts == story
 
 
 def test_openings_past_the_bases_positions_are_passed_over(tiny_models):
