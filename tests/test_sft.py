@@ -415,6 +415,8 @@ def test_your_own_data_is_sampled_on_its_own_held_out_openings(tiny_models, runs
     mixture = ["--dataset_mixture", json.dumps({str(data): 0})]
     assert parse_args(["--config", str(REPO / "configs/sft.yaml"), *mixture])[1].sample_prompts == []
     assert parse_args(["--config", str(REPO / "configs/sft.yaml")])[1].sample_prompts == story
+    bundled = ["--dataset_mixture", json.dumps({"data/story/sft.jsonl": 0})]  # the project's own files: its prompts
+    assert parse_args(["--config", str(REPO / "configs/sft.yaml"), *bundled])[1].sample_prompts == story
     recipe.write_text(f"base_config: {REPO / 'configs/sft.yaml'}\nmax_steps: 3\n")
     assert parse_args(["--config", str(recipe)])[1].sample_prompts == story
 
