@@ -1064,6 +1064,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("sft-recipe-bundled-files-own", "stages/sft.py", "return [p for p in mixture if not resolve_path(p).resolve().is_relative_to(data)]", "return list(mixture)", "tests/test_sft.py -k own_data_is_sampled"),
     ("card-recipe-data-uncredited", "stages/publish_card.py", "            elif isinstance(values, dict):\n                for item in named_data(values):", "            elif False:\n                for item in named_data(values):", "tests/test_publish.py -k recipe_yaml"),
     ("card-recipe-mixture-path-shown", "stages/publish_card.py", "{own_or_bundled(k) if is_data_path(k) else k: v", "{k: v", "tests/test_publish.py -k recipe_yaml"),
+    # The labels step of a run whose people labeled their own pairs (an own-data journey)
+    ("labels-own-pairs-sampled", "Makefile", "labels: $(if $(OWN_PAIRS_LABELED),,pairs)", "labels: pairs", "tests/test_make.py -k own_pairs"),
+    ("labels-own-pairs-simulated", "Makefile", "if [ $$fresh = 4 ] && [ -n \"$(OWN_PAIRS_LABELED)\" ]; then", "if false; then", "tests/test_make.py -k own_pairs"),
+    ("labels-own-pairs-beside-sampled", "Makefile", "OWN_PAIRS_LABELED := $(if $(wildcard $(RUNDIR)/pairs/manifest.json),,", "OWN_PAIRS_LABELED := $(if ,,", "tests/test_make.py -k own_pairs"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
