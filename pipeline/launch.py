@@ -370,6 +370,19 @@ def accelerate_config_problem(config_file: str | Path) -> str | None:
             return f"has {f.name}: {value!r}, not true or false"
     if str(config.mixed_precision) not in ("no", "fp16", "bf16", "fp8"):
         return f"has mixed_precision: {config.mixed_precision!r}: give no, bf16, fp16 or fp8"
+    kind = str(getattr(config.distributed_type, "value", config.distributed_type))
+    one_machine = (config.num_machines or 1) == 1
+    if kind == "MULTI_CPU" and one_machine and (config.num_processes or 1) > 1 and not getattr(config, "mpirun_config", None):
+        # accelerate starts MULTI_CPU ranks only through mpirun; without it its launcher runs ONE process, silently
+        # (STACK-NOTES 2), and every stage would train at one process's batch while the config says more
+        return (f"has distributed_type: MULTI_CPU with num_processes: {config.num_processes}, which accelerate runs as ONE "
+                f"process without mpirun: for {config.num_processes} CPU processes use distributed_type: MULTI_GPU and "
+                f"use_cpu: false, as configs/accelerate/cpu2.yaml does (on a machine without a GPU every stage counts them as CPU ranks)")
+    if kind == "FSDP" and one_machine and config.num_processes == 1:
+        # one rank has nothing to shard over: the stages would run unsharded, as under cpu.yaml, with no word of it
+        return ("has distributed_type: FSDP with num_processes: 1, and one process has nothing to shard the base over: "
+                "set num_processes: 2 or more (configs/accelerate/fsdp_cpu2.yaml on the CPU), or use "
+                "configs/accelerate/cpu.yaml for one process")
     return None
 
 

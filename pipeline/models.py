@@ -64,12 +64,23 @@ def profile_from(path: str) -> ModelProfile:
     return load_model_profile(resolve_path(path))
 
 
+def require_model_config(path: str, name_or_path: str) -> str:
+    """A local base folder must hold config.json: without it transformers' AutoConfig raised ValueError ("Unrecognized
+    model ...") out of every stage as a traceback. (A tokenizer alone may live in a folder without one.)"""
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"base model folder {name_or_path} has no config.json: point name_or_path in the model "
+                          f"profile at a complete checkpoint folder (config.json, the weights and the tokenizer files, "
+                          f"as save_pretrained writes them), or copy the checkpoint's config.json into it")
+    return path
+
+
 def base_config(profile: ModelProfile):
     """The base checkpoint's config, read as the profile says (its own code run when it trusts it): what the stages
     check an upstream adapter and the prompts' length against before they touch the run folder."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_base(profile.name_or_path), trust_remote_code=profile.trust_remote_code)
+    path = require_model_config(resolve_base(profile.name_or_path), profile.name_or_path)
+    return AutoConfig.from_pretrained(path, trust_remote_code=profile.trust_remote_code)
 
 
 def position_limit(config) -> int | None:
@@ -220,7 +231,7 @@ def load_base(profile: ModelProfile, tokenizer, kind: str = "causal", shard: boo
 
     from pipeline import sharding
 
-    path = resolve_base(profile.name_or_path)
+    path = require_model_config(resolve_base(profile.name_or_path), profile.name_or_path)
     if shard and profile.load_in_4bit:
         raise ConfigError("load_in_4bit cannot be combined with FSDP sharding: use one GPU (QLoRA) or a bf16 base "
                           "under configs/accelerate/fsdp.yaml")

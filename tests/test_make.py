@@ -648,7 +648,14 @@ ACCELERATE_HEAD = "compute_environment: LOCAL_MACHINE\nuse_cpu: true\n"
     (ACCELERATE_HEAD + "distributed_type: 'NO'\nnum_processes: 1\ndebug: maybe\n", "has debug: 'maybe', not true or false"),
     (ACCELERATE_HEAD + "distributed_type: 'NO'\nnum_processes: 1\nmixed_precision: bf32\n",
      "has mixed_precision: 'bf32': give no, bf16, fp16 or fp8"),
-], ids=["yaml", "value", "key", "int", "bool", "mixed-precision"])
+    # `accelerate config` on a CPU writes MULTI_CPU: without mpirun accelerate started ONE process, with no word of it
+    (ACCELERATE_HEAD + "distributed_type: MULTI_CPU\nnum_processes: 2\nmixed_precision: 'no'\n",
+     "has distributed_type: MULTI_CPU with num_processes: 2, which accelerate runs as ONE process without mpirun"),
+    # FSDP over one process: the stages ran unsharded (the manifest's engine 'none'), with no word of it
+    ("compute_environment: LOCAL_MACHINE\nuse_cpu: false\ndistributed_type: FSDP\nnum_processes: 1\n"
+     "mixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n",
+     "has distributed_type: FSDP with num_processes: 1, and one process has nothing to shard the base over"),
+], ids=["yaml", "value", "key", "int", "bool", "mixed-precision", "multi-cpu-one-process", "fsdp-one-process"])
 def test_an_accelerate_config_accelerate_cannot_read_is_one_error_line(text, problem, tmp_path):
     """accelerate's launcher stopped on each of these with a traceback of its own (exit 1)."""
     acc = tmp_path / "acc.yaml"

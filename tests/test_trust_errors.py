@@ -486,6 +486,21 @@ def test_a_training_row_is_checked_against_the_bases_positions_as_the_trainer_wi
         check_context(gpt2, 500, 13, "--max_new_tokens", "--max_prompt_tokens")
 
 
+def test_a_base_folder_without_config_json_is_one_error_naming_it(tmp_path):
+    """A checkpoint folder that lost its config.json (a partial copy): transformers' AutoConfig raised ValueError
+    ("Unrecognized model ...") out of every stage as a traceback, exit 1, instead of one error line."""
+    from pipeline.config import ModelProfile
+    from pipeline.models import base_config, load_base
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    profile = ModelProfile(name_or_path=str(folder), lora_target_modules=["q_proj"])
+    for read in (lambda: base_config(profile), lambda: load_base(profile, tokenizer=None)):
+        with pytest.raises(ConfigError, match=f"base model folder {folder} has no config.json: point name_or_path"):
+            read()
+
+
 def test_a_base_folder_that_does_not_exist_is_refused_not_taken_for_a_hub_id(tmp_path):
     """A name_or_path with two slashes or more (models/x/base), or one that starts with . or /, names a folder, never a
     Hub id (user/name): one that does not exist is one ConfigError naming it, before anything asks the Hub."""
