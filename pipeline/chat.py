@@ -103,8 +103,16 @@ def require_end_of_turn(tokenizer) -> str:
     token generation stops at (a TRL template's '<|im_end|>' on a GPT-2 tokenizer is eight ordinary tokens: the model
     would learn to write them and go on), or one whose generation prompt adds nothing (SFT would then train the model
     to write the assistant header itself, while pairs, PPO and eval sample after prompts that end without it)."""
+    import jinja2
+
     from pipeline.generation import stop_token_ids
 
+    if getattr(tokenizer, "chat_template", None):
+        try:  # a template that does not compile read as one that "closes assistant turns with no end-of-turn text"
+            render(tokenizer, [{"role": "user", "content": _PROBE_USER}])
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(f"the chat template is not valid Jinja: {err.message} (line {err.lineno} of the template): "
+                              f"fix it (model profile `chat_template:`)") from None
     eot = end_of_turn(tokenizer)
     if not eot:
         raise ConfigError("the chat template closes assistant turns with no end-of-turn text, so a model trained on "

@@ -274,6 +274,20 @@ def test_an_end_of_turn_the_tokenizer_cannot_stop_at_is_refused():
     assert require_end_of_turn(tok) == "</s>"
 
 
+def test_a_template_that_is_not_valid_jinja_is_named_as_such():
+    """A typo in a profile's template text (an unclosed `{{ ... }`) was reported as a template that "closes assistant
+    turns with no end-of-turn text": the probe's TemplateSyntaxError was taken for a template that writes none."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import require_end_of_turn
+    from pipeline.config import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
+    tok.chat_template = "{% for m in messages %}{{ m.content }{% endfor %}"
+    with pytest.raises(ConfigError, match=r"the chat template is not valid Jinja: .* \(line 1 of the template\)"):
+        require_end_of_turn(tok)
+
+
 @pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn", "no_generation_prompt",
                                   "starts_with_an_assistant_turn"])
 def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers):
