@@ -734,7 +734,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-whole-conversation-refused', 'stages/rm_data.py', 'and conversation_holds(kept, row["prompt"])):', 'and False):', 'tests/test_rm.py -k prompt_kinds'),
     ('rm-empty-after-extract-only', 'stages/rm_data.py', 'if is_empty(row["chosen"]) or is_empty(row["rejected"]):', 'if False:', 'tests/test_rm.py -k prompt_kinds'),
     ('rm-trailing-space-wraps', 'stages/rm_data.py', 'and row["chosen"][0] != row["rejected"][0]:', 'and False:', 'tests/test_rm.py -k prompt_kinds'),
-    ('base-config-ignores-trust-remote-code', 'pipeline/models.py', 'return AutoConfig.from_pretrained(resolve_base(profile.name_or_path), trust_remote_code=profile.trust_remote_code)', 'return AutoConfig.from_pretrained(resolve_base(profile.name_or_path))', 'tests/test_rm.py tests/test_dpo.py tests/test_pairs.py -k own_code'),
+    ('base-config-ignores-trust-remote-code', 'pipeline/models.py', 'return AutoConfig.from_pretrained(path, trust_remote_code=profile.trust_remote_code)', 'return AutoConfig.from_pretrained(path)', 'tests/test_rm.py tests/test_dpo.py tests/test_pairs.py -k own_code'),
     ('rm-reload-ignores-trust-remote-code', 'stages/rm_scoring.py', 'int(bool(trust_remote_code)), *adapter_dirs]', '0, *adapter_dirs]', 'tests/test_rm.py -k own_code'),
     ('data-saved-dataset-ignores-split', 'pipeline/data.py', 'elif split != "train":  # as a file', 'elif False:  # as a file', 'tests/test_data.py -k hubs_file_names'),
     ('dpo-rm-config-plain-yaml', 'stages/dpo.py', 'mixture = args.dataset_mixture or rm.dataset_mixture', "mixture = args.dataset_mixture or __import__('yaml').safe_load(open(resolve_path(args.rm_config))).get('dataset_mixture') or {}", 'tests/test_dpo.py -k rm_config_is_read'),
@@ -1068,6 +1068,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("labels-own-pairs-sampled", "Makefile", "labels: $(if $(OWN_PAIRS_LABELED),,pairs)", "labels: pairs", "tests/test_make.py -k own_pairs"),
     ("labels-own-pairs-simulated", "Makefile", "if [ $$fresh = 4 ] && [ -n \"$(OWN_PAIRS_LABELED)\" ]; then", "if false; then", "tests/test_make.py -k own_pairs"),
     ("labels-own-pairs-beside-sampled", "Makefile", "OWN_PAIRS_LABELED := $(if $(wildcard $(RUNDIR)/pairs/manifest.json),,", "OWN_PAIRS_LABELED := $(if ,,", "tests/test_make.py -k own_pairs"),
+    # A real-checkpoint journey: accelerate configs that would silently run one process or shard over one, a base
+    # folder without config.json, a template that is not Jinja
+    ("accel-multi-cpu-one-process", "pipeline/launch.py", "if kind == \"MULTI_CPU\" and one_machine", "if False and kind == \"MULTI_CPU\" and one_machine", "tests/test_make.py -k accelerate_cannot_read"),
+    ("accel-fsdp-one-process", "pipeline/launch.py", "if kind == \"FSDP\" and one_machine and config.num_processes == 1:", "if False:", "tests/test_make.py -k accelerate_cannot_read"),
+    ("base-without-config-json", "pipeline/models.py", "if Path(path).is_dir() and not (Path(path) / \"config.json\").is_file():", "if False:", "tests/test_trust_errors.py -k without_config_json"),
+    ("template-jinja-unchecked", "pipeline/chat.py", "    if getattr(tokenizer, \"chat_template\", None):\n        try:", "    if False:\n        try:", "tests/test_chat_templates.py -k not_valid_jinja"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
