@@ -484,3 +484,24 @@ def resolve_path(path: str | Path) -> Path:
     """Repo-relative paths work from any working directory."""
     p = Path(path)
     return p if p.is_absolute() else (REPO_ROOT / p)
+
+
+# A `module:function` judge (pipeline/judges.py): dotted identifiers, a colon, an identifier.
+FUNCTION_SPEC = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)")
+
+
+def module_source(spec: str) -> Path | None:
+    """The source file of a `module:function` spec's module, found on sys.path (PYTHONPATH, the working directory) as
+    `import` finds a plain module or package, without importing it (make's checks must stay fast and run no one's
+    code); None when the spec is not of that form or no such file is there."""
+    match = FUNCTION_SPEC.fullmatch(spec)
+    if not match:
+        return None
+    parts = match.group(1).split(".")
+    for entry in sys.path:
+        base = Path(entry or ".").joinpath(*parts)
+        for candidate in (base.parent / f"{parts[-1]}.py", base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+

@@ -16,6 +16,7 @@ count) is one ConfigError naming the judge.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import numbers
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import ConfigError, resolve_path
+from pipeline.config import ConfigError, module_source, resolve_path
 
 BUILTIN = ("sentiment",)
 FORMS = "sentiment, rm:<reward adapter dir or checkpoint>, or module:function"
@@ -157,7 +158,9 @@ def function_judge(spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"judge '{spec}': cannot import module '{module_name}' ({err}); judges are {FORMS}") from None
+        fix = PATH_FIX.format(module_name.replace(".", "/"))
+        raise ConfigError(f"judge '{spec}': cannot import module '{module_name}' ({err}); {fix}; judges are {FORMS}") \
+            from None
     except Exception as err:  # the module itself fails as it is imported (a missing key, a syntax error)
         raise ConfigError(f"judge '{spec}': importing module '{module_name}' failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
@@ -188,11 +191,21 @@ def judge_kind(spec: str) -> tuple[str, str]:
     raise ConfigError(f"unknown judge '{spec}': name one of {FORMS}")
 
 
+# Where Python looks for a judge's module: the working directory (the repository, under make) and PYTHONPATH.
+PATH_FIX = "put the folder that holds {}.py on PYTHONPATH (PYTHONPATH=/path/to/that/folder make ...)"
+
+
 def check_judge_spec(spec: str) -> None:
-    """What a spec alone can tell (make checks it before any stage runs): its form, and an rm: judge's folder."""
+    """What a spec alone can tell (make checks it before any stage runs): its form, an rm: judge's folder, and that a
+    `module:function` judge's module is on the Python path (found, not imported: no one's code runs at the check)."""
     kind, rest = judge_kind(spec)
     if kind == "rm":
         require_folder(rest)
+    if kind == "function":
+        module_name = rest.partition(":")[0]
+        if module_source(rest) is None and importlib.util.find_spec(module_name.split(".")[0]) is None:
+            raise ConfigError(f"judge '{rest}': no module '{module_name}' on the Python path: "
+                              f"{PATH_FIX.format(module_name.replace('.', '/'))}")
 
 
 def load_judge(spec: str, forbidden_rm: list[str | Path] = ()) -> Judge:

@@ -7,7 +7,8 @@
 - Current (same command line and accelerate config, same files, same upstream manifests: pipeline.run.is_current):
   one "up to date" line, exit 0, in well under a second (nothing heavy is imported), and a note when the project's
   code it ran has changed since (pipeline.run.code_changed: not a reason to redo it). `--force` (make's FORCE=1, or in
-  ARGS) runs it anyway.
+  ARGS) runs it anyway. A stage make runs only because a later one needs it (`--chained`) is not retrained for another
+  command line (one error line) nor, once finished, for another accelerate launch alone (kept, one line saying so).
 - Otherwise accelerate's own launcher runs, in this process, exactly as `accelerate launch ...` would. A stage that
   stops on bad input has already printed its one `error:` line and exits 2 (pipeline.run.main_guard); the launcher
   would add a CalledProcessError traceback of its own under it, which says nothing more, so for exit code 2 it is
@@ -274,6 +275,16 @@ def main(argv: list[str]) -> int:
                 print(f"note: the pipeline's code changed since {stage} ran ({shown}): its outputs are from the old code; "
                       f"`make` does not redo a stage for a code change; FORCE=1 does", file=sys.stderr)
             return 0
+        if chained and why.startswith("the accelerate launch changed") and not why.endswith("interrupted)"):
+            # Reached through the chain only, finished under another launch and nothing else changed: kept as it ran.
+            # `make ppo ACCELERATE_CONFIG=cpu2.yaml` on a finished run retrained SFT and the reward models under it
+            # (sampling the pairs again: people's labels became an earlier run's). A named stage reruns.
+            was = recorded_launch(folder)
+            if was is not MISSING and is_current(stage, stage_args, was)[0]:
+                print(f"{stage}: up to date, kept (it ran under another accelerate launch, "
+                      f"{' '.join(was) if was else 'none'}; not named here, so not retrained under this one: name it "
+                      f"to retrain it)")
+                return 0
         if chained and why.startswith("the command line changed"):
             # Reached through the chain only (`make ppo` needs sft): its last run's flags (own data, MODEL=, ...) are not
             # retrained away by a command that did not ask for that stage. Files and upstream stages still rerun it.
@@ -292,6 +303,18 @@ def main(argv: list[str]) -> int:
     if not force:
         print(f"{stage}: running, because {why}", flush=True)
     return launch(ours, module, stage_args, stage)
+
+
+MISSING = object()
+
+
+def recorded_launch(folder: Path):
+    """The accelerate launch arguments the manifest in a stage's folder records (a list, or None for a run outside
+    accelerate), or MISSING when it cannot be read."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())["inputs"]["launch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return MISSING
 
 
 def hold_stage_folder(folder: Path) -> tuple[object | None, str]:

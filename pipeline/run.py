@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import REPO_ROOT, ConfigError, resolve_path
+from pipeline.config import FUNCTION_SPEC, REPO_ROOT, ConfigError, module_source, resolve_path
 
 # Files above this size (a real base checkpoint) are fingerprinted by size and modification time, not read:
 # hashing gigabytes on every `make` would take longer than the check is worth.
@@ -122,7 +122,8 @@ def secret_file_values(argv: list) -> set[int]:
 def paths_named_in(values: Any, own_dir: Path) -> set[str]:
     """Every string in `values` (nested dicts, keys included, and lists) that names an existing file or folder and looks
     like a path (a '/' or a suffix: not a bare word such as "data"), except the stage's own folder and anything around
-    or inside it (runs_dir, output_dir), and the files of passwords (SECRET_FILE_KEYS)."""
+    or inside it (runs_dir, output_dir), and the files of passwords (SECRET_FILE_KEYS); and the source file of a
+    `module:function` judge's module (your own judge edited is a changed input, as an `rm:` judge's folder is)."""
     found: set[str] = set()
     stack = [values]
     while stack:
@@ -132,6 +133,10 @@ def paths_named_in(values: Any, own_dir: Path) -> set[str]:
         elif isinstance(v, (list, tuple)):
             secret = secret_file_values(list(v))
             stack += [item for i, item in enumerate(v) if i not in secret]
+        elif isinstance(v, str) and FUNCTION_SPEC.fullmatch(v):  # a judge `module:function`: its module's source
+            source = module_source(v)
+            if source is not None:
+                found.add(str(source.resolve()))
         elif isinstance(v, str) and ("/" in v or Path(v).suffix) and "\n" not in v and len(v) < 1024:
             v = v.removeprefix(JUDGE_RM_PREFIX)  # a reward model as judge: its folder is what is read
             try:

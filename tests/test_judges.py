@@ -193,6 +193,33 @@ def test_a_spec_make_checks_is_refused_as_loading_it_would_be(tmp_path):
         check_judge_spec("judges/mine.py:score")
     check_judge_spec(f"rm:{tmp_path}")
     check_judge_spec("tests.judge_fixtures:length_judge")
+    check_judge_spec("math:sqrt")  # a module without a source file of its own: found by the import system
+    # your own module not on the Python path: refused at the check (it failed after SFT, pairs, labels, the reward
+    # models and PPO had run), saying how to put it there; found once its folder is on sys.path (PYTHONPATH)
+    (tmp_path / "myjudges").mkdir()
+    (tmp_path / "myjudges" / "__init__.py").write_text("")
+    (tmp_path / "myjudges" / "happy.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    (tmp_path / "flat_judge_xyz.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    for spec, file in (("myjudges.happy:score", "myjudges/happy.py"), ("flat_judge_xyz:score", "flat_judge_xyz.py")):
+        with pytest.raises(ConfigError) as err:
+            check_judge_spec(spec)
+        module = spec.partition(":")[0]
+        assert str(err.value) == (f"judge '{spec}': no module '{module}' on the Python path: put the folder that holds "
+                                  f"{file[:-3]}.py on PYTHONPATH (PYTHONPATH=/path/to/that/folder make ...)")
+        with pytest.raises(ConfigError, match=r"cannot import module .*; put the folder that holds .* on PYTHONPATH"):
+            load_judge(spec)
+    monkeypatch_path = [str(tmp_path), *sys.path]
+    import unittest.mock
+
+    with unittest.mock.patch.object(sys, "path", monkeypatch_path):
+        check_judge_spec("myjudges.happy:score")
+        check_judge_spec("flat_judge_xyz:score")
+        from pipeline.config import module_source
+
+        assert module_source("myjudges.happy:score") == tmp_path / "myjudges" / "happy.py"
+        assert module_source("myjudges:score") == tmp_path / "myjudges" / "__init__.py"
+        assert module_source("flat_judge_xyz:score") == tmp_path / "flat_judge_xyz.py"
+        assert module_source("myjudges.sad:score") is None and module_source("sentiment") is None
 
 
 def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):

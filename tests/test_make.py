@@ -506,6 +506,34 @@ def test_a_stage_whose_code_changed_since_it_ran_is_kept_with_a_note(tmp_path):
     assert "note:" not in make("sft", runs_dir=runs).stderr
 
 
+def test_a_chained_stage_is_kept_under_another_launch_and_a_named_one_reruns(tmp_path):
+    """`make ppo ACCELERATE_CONFIG=cpu2.yaml` on a finished run retrained SFT and the reward model under two processes
+    (and sampled the pairs again, making people's labels an earlier run's): a stage reached only through the chain is
+    kept as it ran, with one line saying so, unless something else changed (a file it read) or it did not finish."""
+    runs = tmp_path / "runs"
+    stages_ran = lambda: list(dict.fromkeys(ran(runs)))  # noqa: E731  (under cpu2.yaml each fake stage writes twice)
+    assert make("ppo", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "rm", "ppo"]
+    two = "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml"
+    res = make("ppo", two, runs_dir=runs)
+    assert res.returncode == 0 and stages_ran() == ["ppo"], res.stdout + res.stderr
+    for stage in ("sft", "rm"):
+        assert (f"{stage}: up to date, kept (it ran under another accelerate launch, --config_file "
+                f"configs/accelerate/cpu.yaml; not named here, so not retrained under this one") in res.stdout
+    assert "ppo: running, because the accelerate launch changed" in res.stdout
+    res = make("rm", "ppo", two, runs_dir=runs)  # named: retrained under it, and PPO after it
+    assert res.returncode == 0 and stages_ran() == ["rm", "ppo"] and "sft: up to date, kept" in res.stdout
+    res = make("ppo", runs_dir=runs)  # back to one process: the chained reward model kept as it ran under two
+    assert ran(runs) == ["ppo"] and "rm: up to date, kept (it ran under another accelerate launch, --config_file " \
+        "configs/accelerate/cpu2.yaml" in res.stdout
+    # a file it read changed: it reruns, under this launch
+    config = tmp_path / "sft.yaml"
+    config.write_text((REPO / "configs/sft.yaml").read_text())
+    assert make("sft", f"ARGS=--config {config}", runs_dir=runs).returncode == 0 and ran(runs) == ["sft"]
+    config.write_text(config.read_text() + "\n# edited\n")
+    res = make("ppo", two, f"SFT_ARGS=--config {config}", runs_dir=runs)
+    assert stages_ran() == ["sft", "rm", "ppo"] and "sft: running, because the accelerate launch changed" in res.stdout
+
+
 def test_another_accelerate_config_reruns_and_its_file_is_an_input(tmp_path):
     """Processes, sharding and precision change what a stage computes: the launch arguments and the accelerate config
     file's bytes are inputs like the stage's own (through real make and pipeline.launch, on a fake stage)."""
@@ -597,6 +625,31 @@ def test_the_base_checkpoint_a_profile_names_and_a_judges_reward_model_are_input
         assert is_current("eval", stage.argv) == (False, f"{changed.parent if changed != template else changed} changed")
         changed.write_bytes(before)
         assert is_current("eval", stage.argv) == (True, "")
+
+
+def test_a_function_judges_module_is_an_input(tmp_path, monkeypatch):
+    """`--gold_judge myjudge:score` (your own function, on PYTHONPATH): editing it left `make eval` up to date, its
+    report the old function's. Its module's source file is an input, found as import finds it; another module's
+    change does not touch the stage."""
+    runs, code = tmp_path / "runs", tmp_path / "code"
+    (code / "pkg").mkdir(parents=True)
+    (code / "pkg" / "__init__.py").write_text("")
+    judge = code / "pkg" / "myjudge.py"
+    judge.write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    other = code / "pkg" / "other.py"
+    other.write_text("")
+    monkeypatch.syspath_prepend(str(code))
+    stage = StageRun("eval", "r", str(runs))
+    stage.argv = ["--run", "r", "--runs_dir", str(runs), "--gold_judge", "pkg.myjudge:score"]
+    config = {"eval": {"gold_judge": "pkg.myjudge:score"}}
+    stage.prepare(config)
+    manifest = stage.finish({}, {}, config)
+    assert set(manifest["inputs"]["files"]) == {str(judge.resolve())}
+    assert is_current("eval", stage.argv) == (True, "")
+    other.write_text("x = 1\n")
+    assert is_current("eval", stage.argv) == (True, "")
+    judge.write_text(judge.read_text().replace("0.0", "1.0"))
+    assert is_current("eval", stage.argv) == (False, f"{judge.resolve()} changed")
 
 
 # ---------------------------------------------------------------- one clear line on failure

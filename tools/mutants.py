@@ -1074,6 +1074,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("accel-fsdp-one-process", "pipeline/launch.py", "if kind == \"FSDP\" and one_machine and config.num_processes == 1:", "if False:", "tests/test_make.py -k accelerate_cannot_read"),
     ("base-without-config-json", "pipeline/models.py", "if Path(path).is_dir() and not (Path(path) / \"config.json\").is_file():", "if False:", "tests/test_trust_errors.py -k without_config_json"),
     ("template-jinja-unchecked", "pipeline/chat.py", "    if getattr(tokenizer, \"chat_template\", None):\n        try:", "    if False:\n        try:", "tests/test_chat_templates.py -k not_valid_jinja"),
+    ("launch-chained-retrained-for-launch", "pipeline/launch.py", "if chained and why.startswith(\"the accelerate launch changed\")", "if False and why.startswith(\"the accelerate launch changed\")", "tests/test_make.py -k chained_stage_is_kept"),
+    ("launch-chained-kept-though-changed", "pipeline/launch.py", "if was is not MISSING and is_current(stage, stage_args, was)[0]:", "if was is not MISSING:", "tests/test_make.py -k chained_stage_is_kept"),
+    # Your own judge function (an own-data journey): its module an input, found on the Python path at make's check
+    ("judge-module-not-an-input", "pipeline/run.py", "elif isinstance(v, str) and FUNCTION_SPEC.fullmatch(v):", "elif False:", "tests/test_make.py -k function_judges_module"),
+    ("judge-module-unchecked", "pipeline/judges.py", "if module_source(rest) is None and importlib.util.find_spec(", "if False and module_source(rest) is None and importlib.util.find_spec(", "tests/test_judges.py -k make_checks"),
+    ("module-source-no-package", "pipeline/config.py", "for candidate in (base.parent / f\"{parts[-1]}.py\", base / \"__init__.py\"):", "for candidate in (base.parent / f\"{parts[-1]}.py\",):", "tests/test_judges.py -k make_checks"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
