@@ -35,7 +35,8 @@ from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest, read_manifest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
 from stages.publish_card import (base_license, card_license, check_card, data_files_used, data_sources, dataset_license,
-                                 given_reward, hub_base, labeled_prompts, model_card, prompts_source, ships_base)
+                                 given_reward, hub_base, labeled_prompts, model_card, prompts_source, public_judge,
+                                 ships_base)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 
@@ -414,8 +415,11 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
             print(merged_error_line(args.policy, merged_error), file=sys.stderr)
     eval_dir = Path(ev["outputs"]["report"]).parent
     (folder / "eval").mkdir()
-    for name in ("report.md", "report.json"):
-        shutil.copy2(eval_dir / name, folder / "eval" / name)
+    judge = ev["metrics"].get("gold_judge") or ""
+    for name in ("report.md", "report.json"):  # an rm: judge as the card names it, not by this machine's path
+        text = (eval_dir / name).read_text(encoding="utf-8")
+        (folder / "eval" / name).write_text(text.replace(judge, public_judge(judge)) if judge.startswith("rm:") else text,
+                                            encoding="utf-8")
     if (eval_dir / "plots").is_dir():  # none for a run without PPO and without a gold judge
         shutil.copytree(eval_dir / "plots", folder / "eval" / "plots")
 

@@ -283,10 +283,21 @@ def example_prompt(sft: dict) -> str:
         return ((sft.get("config") or {}).get("sft", {}).get("sample_prompts") or [EXAMPLE_PROMPT])[0]
 
 
+def public_judge(spec: str) -> str:
+    """A judge as the card names it: an `rm:` judge's folder by its last two names, not this machine's path
+    (`rm:/home/me/runs/big/rm/adapter` is `rm:.../rm/adapter`)."""
+    if not spec.startswith("rm:"):
+        return spec
+    parts = Path(spec[3:].strip()).parts
+    return "rm:" + ("/".join(parts) if len(parts) <= 2 and not Path(spec[3:].strip()).is_absolute()
+                    else ".../" + "/".join(parts[-2:]))
+
+
 def ppo_results(ev: dict) -> list[str]:
     """The card's results for the PPO policy: eval's SFT-vs-PPO figures."""
     gold = ev.get("gold_win_rate") is not None
-    judged = (f"scored by the gold judge `{ev['gold_judge']}` ({describe_judge(ev['gold_judge'])}), which PPO never saw, "
+    judge = public_judge(ev["gold_judge"]) if gold else None
+    judged = (f"scored by the gold judge `{judge}` ({describe_judge(judge)}), which PPO never saw, "
               "and by the run's reward model, which it optimised" if gold else "scored by the run's reward model")
     lines = [f"{ev['n_prompts']} prompts PPO never trained on; one sampled response per policy, {judged}.", "",
              "| | SFT (reference) | PPO (this adapter) |", "|---|---|---|",

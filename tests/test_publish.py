@@ -81,6 +81,29 @@ def test_dry_run_writes_and_lists_exactly_the_folder(runs, dry_run):
         assert base == str(runs / "t" / "publish" / "model" / "base"), (cfg, base)
 
 
+def test_an_rm_judges_path_reaches_no_published_file(runs, tmp_path):
+    """eval's report names its judge as given, `rm:/home/me/.../rm/adapter`: the published card and the copies of the
+    report named this machine's folders. They name it by its last two folders."""
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy, ignore=shutil.ignore_patterns("publish"))
+    eval_dir, spec = copy / "t" / "eval", "rm:/home/me/secret/big/rm/adapter"
+    manifest = json.loads((eval_dir / "manifest.json").read_text())
+    was = manifest["metrics"]["gold_judge"]
+    manifest["metrics"]["gold_judge"] = spec
+    manifest["outputs"]["report"] = str(eval_dir / "report.md")  # the copy's, not the module's run
+    (eval_dir / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("report.md", "report.json"):
+        text = (eval_dir / name).read_text()
+        assert f"`{was}`" in text or f'"{was}"' in text, name
+        (eval_dir / name).write_text(text.replace(f"`{was}`", f"`{spec}`").replace(f'"{was}"', f'"{spec}"'))
+    proc = publish(copy, "--repo_id", "tester/tiny-rlhf", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = copy / "t" / "publish" / "model"
+    for name in ("README.md", "eval/report.md", "eval/report.json"):
+        text = (folder / name).read_text()
+        assert "rm:.../rm/adapter" in text and "/home/me" not in text, name
+
+
 def test_folder_loads_in_a_fresh_process_with_stock_peft_and_matches_the_pipeline(runs, dry_run, tiny_models, tmp_path):
     """Stock AutoPeftModelForCausalLM, another working directory, offline: same greedy and same seeded tokens."""
     import torch
@@ -415,6 +438,11 @@ def test_card_leads_with_the_gold_judge_when_eval_has_one():
     assert "Under the reward model PPO optimised: win rate of PPO over SFT 89.0% (95% CI 80.4% – 94.1%" in text
     assert text.index("judged by the gold judge") < text.index("Under the reward model") and "over-optimisation" not in text
     assert "over-optimisation" in "\n".join(ppo_results({**ev, **gold, "overoptimisation_suspected": True}))
+    # an rm: judge: named by its folder's last two names, never this machine's path
+    mine = "\n".join(ppo_results({**ev, **gold, "gold_judge": "rm:/home/me/secret/big/rm/adapter"}))
+    assert "`rm:.../rm/adapter` (the score the reward model .../rm/adapter gives the reply" in mine
+    assert "/home/me" not in mine and "secret" not in mine
+    assert "`rm:judges/rm` (" in "\n".join(ppo_results({**ev, **gold, "gold_judge": "rm:judges/rm"}))
     plain = "\n".join(ppo_results({**ev, "gold_win_rate": None}))
     assert "gold" not in plain and "**Under the reward model**: win rate of PPO over SFT 89.0%** (95% CI" in plain
 
