@@ -11,10 +11,16 @@ import math
 import re
 from pathlib import Path
 
-from pipeline.config import ConfigError, resolve_path
+from pipeline.config import REPO_ROOT, ConfigError, resolve_path
 
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DATA_FLAGS = ("dataset_name", "prompts_file", "pairs_dataset")  # the stages' flags that name a dataset to load
+
+
+def own_files(paths) -> list[str]:
+    """The paths (a mixture's keys) that are not the project's bundled data (under data/): yours."""
+    data = (REPO_ROOT / "data").resolve()
+    return [p for p in paths if not resolve_path(p).resolve().is_relative_to(data)]
 
 
 def check_dataset_exists(name_or_path: str, flag: str) -> None:

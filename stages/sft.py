@@ -20,7 +20,7 @@ import torch
 
 from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_assistant_mask
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.data import load_any, load_mixture, messages_problem, require_columns, train_eval_split
+from pipeline.data import load_any, load_mixture, messages_problem, own_files, require_columns, train_eval_split
 from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import (base_config, check_context, check_training_length, launch_autocast, load_base,
                              load_tokenizer, lora_config, position_limit, profile_from, refuse_tokenizer_options,
@@ -360,14 +360,6 @@ def parse_args(argv=None):
         args.sample_prompts = []  # a recipe YAML (or --dataset_mixture) naming its data: the base config's prompts are
         #                           of the base config's task (configs/sft.yaml: the story's book openings), not of it
     return train_cfg, args, run
-
-
-def own_files(mixture: dict) -> list[str]:
-    """The files of a mixture that are not the project's bundled data (under data/): yours."""
-    from pipeline.config import REPO_ROOT, resolve_path
-
-    data = (REPO_ROOT / "data").resolve()
-    return [p for p in mixture if not resolve_path(p).resolve().is_relative_to(data)]
 
 
 def data_named_above_sample_prompts(given: list[str], args: SFTArgs) -> bool:

@@ -511,6 +511,38 @@ def test_plain_text_prompts_record_the_reward_input_that_ran(tiny_models, adapte
     assert json.loads((out / "manifest.json").read_text())["config"]["ppo"]["reward_input"] == "tokens"
 
 
+def test_bundled_prompts_after_sft_on_your_data_get_a_note(tiny_models, adapters, runs_dir, capsys):
+    """SFT on your data (--dataset_name, or a mixture of your files) and PPO on the bundled story openings: PPO trains,
+    and eval measures, on the story's task with no word of it. A note says so (from the SFT manifest the stage
+    reads); your own prompts, or SFT on the bundled data, give none."""
+    from stages.ppo import bundled_prompts_note
+
+    cfg = parse_args(["--config", str(REPO / "configs/ppo.yaml")])[0]
+    assert cfg.prompts_file.startswith("data/") and cfg.dataset_name is None
+    mine = {"config": {"sft": {"dataset_name": "/home/me/chats.jsonl"}}}
+    assert bundled_prompts_note(cfg, mine) == (
+        f"note: ppo samples the bundled prompts {cfg.prompts_file} while SFT learned from your data "
+        f"(/home/me/chats.jsonl): the policy is trained and evaluated on those; give your prompts with "
+        f"PPO_ARGS=\"--dataset_name FILE\" (a 'prompt' column) or prompts_file in its config")
+    mixture = {"config": {"sft": {"dataset_mixture": {"data/story/sft.jsonl": 0, "/home/me/more.jsonl": 0}}}}
+    assert "(/home/me/more.jsonl)" in bundled_prompts_note(cfg, mixture)
+    assert bundled_prompts_note(cfg, {"config": {"sft": {"dataset_mixture": {"data/story/sft.jsonl": 0}}}}) is None
+    assert bundled_prompts_note(cfg, None) is None  # --sft_adapter: no SFT manifest read
+    own = parse_args(["--config", str(REPO / "configs/ppo.yaml"), "--dataset_name", "/home/me/prompts.jsonl"])[0]
+    assert bundled_prompts_note(own, mine) is None
+    cfg.prompts_file = "/home/me/prompts.jsonl"  # your prompts as the config's file
+    assert bundled_prompts_note(cfg, mine) is None
+    # the stage prints it, once, from the SFT manifest it reads
+    sft, rm = adapters("llama")
+    folder = Path(runs_dir) / "noted" / "sft"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"outputs": {"adapter": str(sft)}, **mine}))
+    args = ppo_args(tiny_models["llama"], runs_dir, "noted", "unused", None, rm, "--total_updates", "1")
+    at = args.index("--dataset_name")
+    main(*parse_args(args[:at] + args[at + 2:] + ["--prompts_file", "data/story/ppo_prompts.jsonl"]))
+    assert capsys.readouterr().err.count("while SFT learned from your data (/home/me/chats.jsonl)") == 1
+
+
 def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file, runs_dir, capsys):
     sft, rm = adapters("llama")
     m = run_ppo(tiny_models["llama"], runs_dir, "trunc", prompts_file, sft, rm, "--max_prompt_length", "12",

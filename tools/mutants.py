@@ -1061,7 +1061,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # Your own data named by a recipe YAML: SFT's samples of it, the card's credit (an own-data journey)
     ("sft-recipe-data-keeps-story-prompts", "stages/sft.py", "    elif data_named_above_sample_prompts(given, args):", "    elif False:", "tests/test_sft.py -k own_data_is_sampled"),
     ("sft-recipe-data-same-level", "stages/sft.py", "max(level(key) for key in data_keys) > prompts_level", "max(level(key) for key in data_keys) >= prompts_level", "tests/test_sft.py -k own_data_is_sampled"),
-    ("sft-recipe-bundled-files-own", "stages/sft.py", "return [p for p in mixture if not resolve_path(p).resolve().is_relative_to(data)]", "return list(mixture)", "tests/test_sft.py -k own_data_is_sampled"),
+    ("sft-recipe-bundled-files-own", "pipeline/data.py", "return [p for p in paths if not resolve_path(p).resolve().is_relative_to(data)]", "return list(paths)", "tests/test_sft.py -k own_data_is_sampled"),
     ("card-recipe-data-uncredited", "stages/publish_card.py", "            elif isinstance(values, dict):\n                for item in named_data(values):", "            elif False:\n                for item in named_data(values):", "tests/test_publish.py -k recipe_yaml"),
     ("card-recipe-mixture-path-shown", "stages/publish_card.py", "{own_or_bundled(k) if is_data_path(k) else k: v", "{k: v", "tests/test_publish.py -k recipe_yaml"),
     # The labels step of a run whose people labeled their own pairs (an own-data journey)
@@ -1083,6 +1083,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("card-rm-judge-path", "stages/publish_card.py", "judge = public_judge(ev[\"gold_judge\"]) if gold else None", "judge = ev[\"gold_judge\"] if gold else None", "tests/test_publish.py -k 'leads_with_the_gold or rm_judges_path'"),
     ("publish-report-rm-judge-path", "stages/publish.py", "text.replace(judge, public_judge(judge)) if judge.startswith(\"rm:\") else text", "text", "tests/test_publish.py -k rm_judges_path"),
     ("card-rm-judge-whole-path", "stages/publish_card.py", "else \".../\" + \"/\".join(parts[-2:]))", "else \"/\".join(parts))", "tests/test_publish.py -k leads_with_the_gold"),
+    ("ppo-bundled-prompts-note-unwired", "stages/ppo/__init__.py", "    note = bundled_prompts_note(cfg, sft)\n", "    note = None\n", "tests/test_ppo.py -k bundled_prompts_after"),
+    ("ppo-bundled-prompts-note-own-file", "stages/ppo/__init__.py", "if not yours or cfg.dataset_name or own_files([cfg.prompts_file]):", "if not yours or cfg.dataset_name:", "tests/test_ppo.py -k bundled_prompts_after"),
+    ("ppo-bundled-prompts-note-mixture", "stages/ppo/__init__.py", "yours = sft_config.get(\"dataset_name\") or \", \".join(own_files(sft_config.get(\"dataset_mixture\") or {}))", "yours = sft_config.get(\"dataset_name\")", "tests/test_ppo.py -k bundled_prompts_after"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -46,6 +46,20 @@ def print_once(note: str) -> None:
         print(note, file=sys.stderr)
 
 
+def bundled_prompts_note(cfg: PPOConfig, sft: dict | None) -> str | None:
+    """A note when SFT learned from your data and PPO samples the bundled prompts (no --dataset_name; the config's
+    prompts_file under data/): the policy is trained, and eval measures it, on the story's openings, not your task."""
+    from pipeline.data import own_files
+
+    sft_config = ((sft or {}).get("config") or {}).get("sft") or {}
+    yours = sft_config.get("dataset_name") or ", ".join(own_files(sft_config.get("dataset_mixture") or {}))
+    if not yours or cfg.dataset_name or own_files([cfg.prompts_file]):
+        return None
+    return (f"note: {cfg.stage_name} samples the bundled prompts {cfg.prompts_file} while SFT learned from your data "
+            f"({yours}): the policy is trained and evaluated on those; give your prompts with "
+            f"{cfg.stage_name.upper()}_ARGS=\"--dataset_name FILE\" (a 'prompt' column) or prompts_file in its config")
+
+
 def load_prompts(cfg: PPOConfig, tokenizer):
     """(train conversations, their token ids, held-out conversations, notes). Held-out = a seeded fixed share."""
     from pipeline.data import load_rows, prompt_of, prompt_problem
@@ -330,7 +344,11 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     base_path = resolve_base(profile.name_or_path)
 
     # 0. Upstream: the SFT adapter (policy + reference) and the reward model (reward + value init)
-    sft_dir = resolve_path(cfg.sft_adapter) if cfg.sft_adapter else Path(stage.need("sft")["outputs"]["adapter"])
+    sft = None if cfg.sft_adapter else stage.need("sft")
+    sft_dir = resolve_path(cfg.sft_adapter) if cfg.sft_adapter else Path(sft["outputs"]["adapter"])
+    note = bundled_prompts_note(cfg, sft)
+    if note:
+        print_once(note)
     rm_metrics = {}
     if cfg.reward_adapter:
         rm_dir = resolve_path(cfg.reward_adapter)
