@@ -179,6 +179,9 @@ def parse(classes: tuple, argv: list[str] | None = None):
         yaml_values = {**base_values, **yaml_values}
     check_keys(yaml_values, classes, config_path or "<none>")
     cli_keys = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if {"dataset_name", "dataset_mixture"} <= cli_keys:  # the mixture was set aside without a word
+        raise ConfigError("--dataset_mixture has no effect beside --dataset_name (your dataset replaces the mixture): "
+                          "give one of them")
 
     def source_of(key: str) -> str:
         """Where the value of `key` came from: the command line wins over the YAML, as in parsing."""

@@ -127,6 +127,10 @@ CASES = [
     ("sft-batch-0", "stages.sft", SFT + ["--per_device_train_batch_size", "0"], ["--per_device_train_batch_size", ">= 1"]),
     ("sft-row-number-of-the-file", "stages.sft", SFT + ["--dataset_name", "{reply_first_chats}", "--eval_fraction", "0.5"],
      ["row 7 of", "reply_first_chats.jsonl: a conversation starts with an assistant turn"]),
+    # your dataset beside a mixture: the mixture was set aside without a word
+    ("sft-dataset-beside-mixture", "stages.sft", SFT + ["--dataset_mixture", '{{"data/story/sft.jsonl": 0}}'],
+     ["--dataset_mixture has no effect beside --dataset_name", "give one of them"]),
+    ("rm-dataset-beside-mixture", "stages.rm", RM + ["--dataset_mixture={{}}"], ["--dataset_mixture has no effect beside"]),
     ("sft-lr-negative", "stages.sft", SFT + ["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
     ("sft-grad-accum-0", "stages.sft", SFT + ["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),
     ("sft-max-steps-negative", "stages.sft", SFT + ["--max_steps", "-5"], ["--max_steps", "-1"]),
