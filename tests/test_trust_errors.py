@@ -131,6 +131,10 @@ CASES = [
     ("sft-dataset-beside-mixture", "stages.sft", SFT + ["--dataset_mixture", '{{"data/story/sft.jsonl": 0}}'],
      ["--dataset_mixture has no effect beside --dataset_name", "give one of them"]),
     ("rm-dataset-beside-mixture", "stages.rm", RM + ["--dataset_mixture={{}}"], ["--dataset_mixture has no effect beside"]),
+    # the story config's mixture is the run's label export alone: a run with none said "mixture of : read and dropped {}"
+    ("rm-only-a-missing-label-export", "stages.rm", ["--config", "configs/rm.yaml", "--max_steps", "1"],
+     ["no preference data: dataset_mixture names only the label export", "make pairs label label-export RUN=",
+      "--dataset_name"]),
     ("sft-lr-negative", "stages.sft", SFT + ["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
     ("sft-grad-accum-0", "stages.sft", SFT + ["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),
     ("sft-max-steps-negative", "stages.sft", SFT + ["--max_steps", "-5"], ["--max_steps", "-1"]),
