@@ -178,6 +178,10 @@ def read_jsonl(path: Path) -> list[tuple[int, object]]:
 
 def require_columns(ds, columns: list[str], name: str, fix: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
+    if missing and "messages" in missing and "conversations" in ds.column_names:  # ShareGPT's layout
+        fix = (f"{fix} (ShareGPT rows, {{'conversations': [{{'from': 'human', 'value': ...}}]}}, are "
+               f"{{'messages': [{{'role': 'user', 'content': ...}}]}} here: rename the column and the keys, "
+               f"human -> user, gpt -> assistant)")
     if missing:
         raise ConfigError(f"dataset {name} has no column(s) {missing} (it has {ds.column_names}): {fix}")
     if len(ds) == 0:

@@ -81,6 +81,8 @@ def preference_problem(row: dict) -> str | None:
         value = row.get(key)
         if key == "prompt" and value is None:
             continue
+        if value is None:  # a JSONL row without the key reads as null (the file's other rows have it)
+            return f"'{key}' is missing (or null): every row needs both 'chosen' and 'rejected'"
         problem = text_problem(value) if isinstance(value, str) else messages_problem(value)
         if problem:
             return f"'{key}': {problem}"

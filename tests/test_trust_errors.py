@@ -74,6 +74,12 @@ def files(tmp: Path) -> dict[str, str]:
         "reply_first_chats": write_jsonl(tmp / "reply_first_chats.jsonl", [
             {"messages": [{**CHAT[0], "content": f"Say hi, {i}."}, CHAT[1]]} for i in range(6)] + [
             {"messages": [{**CHAT[1], "content": "I start."}, CHAT[0], CHAT[1]]}]),
+        # ShareGPT's own layout (conversations of from/value) and a preference row without its rejected reply
+        "sharegpt_layout": write_jsonl(tmp / "sharegpt_layout.jsonl", [{"conversations": [
+            {"from": "human", "value": f"Hi {i}."}, {"from": "gpt", "value": "Hello."}]} for i in range(4)]),
+        "prefs_without_rejected": write_jsonl(tmp / "prefs_without_rejected.jsonl", [
+            {"prompt": f"Question {i}?", "chosen": "Good.", "rejected": "Bad."} for i in range(3)] + [
+            {"prompt": "Question 3?", "chosen": "Good."}]),
         "long_held_out_prefs": write_jsonl(tmp / "long_held_out_prefs.jsonl", held_out_long_prefs()),
         "long_prefs": write_jsonl(tmp / "long_prefs.jsonl", [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
                                                               "chosen": [{"role": "assistant", "content": "yes " * 700}],
@@ -135,6 +141,10 @@ CASES = [
     ("rm-only-a-missing-label-export", "stages.rm", ["--config", "configs/rm.yaml", "--max_steps", "1"],
      ["no preference data: dataset_mixture names only the label export", "make pairs label label-export RUN=",
       "--dataset_name"]),
+    ("sft-sharegpt-layout", "stages.sft", SFT + ["--dataset_name", "{sharegpt_layout}"],
+     ["has no column(s) ['messages']", "ShareGPT rows", "human -> user, gpt -> assistant"]),
+    ("rm-row-without-rejected", "stages.rm", RM + ["--dataset_name", "{prefs_without_rejected}"],
+     ["'rejected' is missing (or null): every row needs both 'chosen' and 'rejected'"]),
     ("sft-lr-negative", "stages.sft", SFT + ["--learning_rate", "-1"], ["--learning_rate", "> 0"]),
     ("sft-grad-accum-0", "stages.sft", SFT + ["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),
     ("sft-max-steps-negative", "stages.sft", SFT + ["--max_steps", "-5"], ["--max_steps", "-1"]),

@@ -1088,6 +1088,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("ppo-bundled-prompts-note-mixture", "stages/ppo/__init__.py", "yours = sft_config.get(\"dataset_name\") or \", \".join(own_files(sft_config.get(\"dataset_mixture\") or {}))", "yours = sft_config.get(\"dataset_name\")", "tests/test_ppo.py -k bundled_prompts_after"),
     ("config-name-beside-mixture", "pipeline/config.py", "if {\"dataset_name\", \"dataset_mixture\"} <= cli_keys:", "if False:", "tests/test_trust_errors.py -k beside"),
     ("rm-only-missing-export-garbled", "stages/rm_data.py", "if not [k for k in args.dataset_mixture if k != LABEL_EXPORT]:  # nothing else to train on", "if False:  # nothing else to train on", "tests/test_trust_errors.py -k missing-label-export"),
+    ("data-sharegpt-unhinted", "pipeline/data.py", "if missing and \"messages\" in missing and \"conversations\" in ds.column_names:", "if False:", "tests/test_trust_errors.py -k sharegpt-layout"),
+    ("rm-missing-rejected-as-null", "stages/rm_data.py", "        if value is None:  # a JSONL row without the key", "        if False:  # a JSONL row without the key", "tests/test_trust_errors.py -k without-rejected"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
