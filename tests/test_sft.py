@@ -19,8 +19,9 @@ SMALL_DATA = '{"data/sft/self_instruct.jsonl": 48}'
 
 
 def tiny_args(profile, runs_dir, run="t", *extra):
+    mixture = [] if "--dataset_name" in extra else ["--dataset_mixture", SMALL_DATA]  # beside it: refused
     return ["--config", str(REPO / "configs/sft.yaml"), "--model_config", str(profile), "--runs_dir", str(runs_dir),
-            "--run", run, "--dataset_mixture", SMALL_DATA, "--max_steps", "20", "--logging_steps", "1",
+            "--run", run, *mixture, "--max_steps", "20", "--logging_steps", "1",
             "--learning_rate", "3e-2", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
             "--per_device_train_batch_size", "4", "--max_length", "128", "--eval_fraction", "0.1",
             "--sample_max_new_tokens", "8", "--lora_dropout", "0.0", *extra]
