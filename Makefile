@@ -211,16 +211,16 @@ simulate: pairs
 # changed store (people labeled with `make label`, or `make simulate` ran with other settings) or label config is
 # exported again as it was last exported (--refresh), so the reward model retrains on it. A change that leaves the
 # export's rows as they were (labels of eval's pairs, a skip) leaves the run current.
-# A run whose people labeled pairs of their own (`make label ARGS="--pairs_dataset FILE"`: the label stage's config
-# names the file) and that has no pairs stage: its labels are those, exported as they are, and no pairs are sampled.
-# The step sampled the bundled prompts' pairs there and simulated their labels, which replaced people's in the export.
-OWN_PAIRS_LABELED := $(if $(wildcard $(RUNDIR)/pairs/manifest.json),,$(shell grep -qs '"pairs_dataset": "' \
-	$(RUNDIR)/label/config.json && echo 1))
-labels: $(if $(OWN_PAIRS_LABELED),,pairs)
+# A run whose people label pairs of their own (`make label ARGS="--pairs_dataset FILE"` in a run that has sampled
+# none: the label stage records FILE in label/own_pairs.txt; eval's SFT-vs-PPO pairs never): its labels are those
+# pairs', exported from that file, and no pairs are sampled. The step sampled the bundled prompts' pairs there and
+# simulated their labels, which replaced people's in the export.
+OWN_PAIRS_FILE := $(if $(wildcard $(RUNDIR)/pairs/manifest.json),,$(wildcard $(RUNDIR)/label/own_pairs.txt))
+labels: $(if $(OWN_PAIRS_FILE),,pairs)
 	@$(PY) -m stages.label.fresh_export $(RUNDIR); fresh=$$?; \
-	if [ $$fresh = 4 ] && [ -n "$(OWN_PAIRS_LABELED)" ]; then \
-	  echo "labels: exporting people's labels of your own pairs (make label --pairs_dataset; no pairs are sampled)" && \
-	  $(PY) $(call stage_opts,label-export) --refresh true; \
+	if [ -n "$(OWN_PAIRS_FILE)" ] && { [ $$fresh = 4 ] || [ $$fresh = 3 ]; }; then \
+	  echo "labels: exporting people's labels of your own pairs ($$(cat $(OWN_PAIRS_FILE)); no pairs are sampled)" && \
+	  $(PY) $(call stage_opts,label-export) --pairs_dataset "$$(cat $(OWN_PAIRS_FILE))"; \
 	elif [ $$fresh = 4 ]; then \
 	  $(PY) $(call stage_opts,simulate) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
 	  $(PY) $(call stage_opts,label-export) --refresh true; \

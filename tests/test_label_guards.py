@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, RunArgs, parse
+from pipeline.run import StageRun
 from stages.label.config import LabelArgs, db_path
 from stages.label.store import LabelStore, NoteTooLong, count_labels, lock_store
 from tests.conftest import PYTHON, REPO
@@ -355,7 +356,31 @@ def test_the_app_gets_the_logins_and_the_store_gets_the_flags(runs, tmp_path, mo
     assert built["use_login"] is True and guard.passwords == {"alice": b"pw"} and guard.max_failures == 5
     assert guard.lockout_s == 60.0 and guard("alice", "pw") and not guard("alice", "pW")
     assert (store.overlap, store.lease_s, store.seed, store.max_note_chars) == (2, 30.0, 5, 7)
+    # pairs of your own in a run with no pairs stage: recorded for `make rm`'s labels step
+    assert (runs / "r" / "label" / "own_pairs.txt").read_text() == f"{pairs.resolve()}\n"
     assert store.progress()["blocked"] == 0 and store.servable_pairs() == ["p0", "p1"]
+
+
+def test_only_your_own_pairs_in_a_run_without_sampled_ones_are_recorded(tmp_path):
+    """record_own_pairs: eval's SFT-vs-PPO pairs (labeled for people's win rate) are never the run's own pairs, and
+    labeling them after yours leaves your record; a run that has sampled pairs records none."""
+    from stages.label.__main__ import OWN_PAIRS, record_own_pairs
+
+    runs = tmp_path / "runs"
+    stage = StageRun("label", "r", str(runs))
+    stage.dir.mkdir(parents=True)
+    mine, human = tmp_path / "mine.jsonl", runs / "r" / "eval" / "human_pairs.jsonl"
+    record_own_pairs(LabelArgs(pairs_dataset=str(human)), stage)
+    assert not (stage.dir / OWN_PAIRS).exists()
+    record_own_pairs(LabelArgs(pairs_dataset=str(mine)), stage)
+    record_own_pairs(LabelArgs(pairs_dataset=str(human)), stage)
+    record_own_pairs(LabelArgs(), stage)  # the run's own pairs stage's (none here): no record of a file
+    assert (stage.dir / OWN_PAIRS).read_text() == f"{mine.resolve()}\n"
+    (stage.dir / OWN_PAIRS).unlink()
+    (runs / "r" / "pairs").mkdir()
+    (runs / "r" / "pairs" / "manifest.json").write_text("{}")
+    record_own_pairs(LabelArgs(pairs_dataset=str(mine)), stage)
+    assert not (stage.dir / OWN_PAIRS).exists()
 
 
 # ---------------------------------------------------------------------------------------------- note size

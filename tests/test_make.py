@@ -277,10 +277,12 @@ def test_labels_export_again_when_the_pairs_or_the_store_changed_since_the_last_
 
 
 def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path):
-    """People labeled pairs of their own (`make label ARGS="--pairs_dataset FILE"`) in a run with no pairs stage: the
-    labels step sampled the bundled prompts' pairs, simulated their labels and exported those, so the reward model
-    trained on the story's pairs, people's labels dropped as labels of earlier pairs. Now it exports people's labels
-    and samples nothing; once the run has pairs of its own sampling, the step is the story chain's again."""
+    """People labeled pairs of their own (`make label ARGS="--pairs_dataset FILE"`, which records FILE in
+    label/own_pairs.txt) in a run with no pairs stage: the labels step sampled the bundled prompts' pairs, simulated
+    their labels and exported those, so the reward model trained on the story's pairs, people's labels dropped as
+    labels of earlier pairs. Now it exports the labels of that file's pairs (given to the export: eval's SFT-vs-PPO
+    pairs labeled since are not among them) and samples nothing; once the run has sampled pairs, the step is the story
+    chain's again."""
     from stages.label.store import LabelStore
 
     runs = tmp_path / "runs"
@@ -288,23 +290,26 @@ def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path
     store.import_items([{"pair_id": p, "prompt": [{"role": "user", "content": p}], "responses": [f"{p} a", f"{p} b"]}
                         for p in ("own1", "own2")])
     store.save_label("alice", "own1", "left", 0)
-    config = runs / "t" / "label" / "config.json"
-    config.write_text(json.dumps({"label": {"pairs_dataset": str(tmp_path / "own.jsonl")}, "run": {}}, indent=2))
+    own = tmp_path / "my pairs.jsonl"
+    (runs / "t" / "label" / "own_pairs.txt").write_text(f"{own}\n")
     res = make("rm", dry_run=True, fake=False, runs_dir=runs)  # the real chain: no pairs stage launched
     assert res.returncode == 0 and list(launches(res.stdout)) == ["sft", "rm"], res.stdout + res.stderr
     assert "stages.label.fresh_export" in res.stdout
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == ["label-export"], res.stdout + res.stderr
-    assert "labels: exporting people's labels of your own pairs" in res.stdout
+    assert f"labels: exporting people's labels of your own pairs ({own}; no pairs are sampled)" in res.stdout
+    argv = json.loads((runs / "t" / "label-export" / "manifest.json").read_text())["inputs"]["argv"]
+    assert argv[argv.index("--pairs_dataset") + 1] == str(own)  # the file, its space kept
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
     store.save_label("alice", "own2", "right", 0)
     res = make("labels", runs_dir=runs)
-    assert ran(runs) == ["label-export"] and "the label store or the label config changed" in res.stdout
-    # labels of the run's own pairs (no --pairs_dataset: null), or a run that has sampled pairs: the story chain's step
-    config.write_text(json.dumps({"label": {"pairs_dataset": None}, "run": {}}, indent=2))
+    assert ran(runs) == ["label-export"] and "exporting people's labels of your own pairs" in res.stdout
+    # no record (the run's labels are of pairs it sampled, or of none), or a run that has sampled pairs: the story
+    # chain's step
+    (runs / "t" / "label" / "own_pairs.txt").unlink()
     assert list(launches(make("rm", dry_run=True, fake=False, runs_dir=runs).stdout)) == ["sft", "pairs", "rm"]
-    config.write_text(json.dumps({"label": {"pairs_dataset": str(tmp_path / "own.jsonl")}, "run": {}}, indent=2))
+    (runs / "t" / "label" / "own_pairs.txt").write_text(f"{own}\n")
     assert make("pairs", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "pairs"]
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == ["simulate", "label-export"], res.stdout + res.stderr

@@ -1065,9 +1065,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("card-recipe-data-uncredited", "stages/publish_card.py", "            elif isinstance(values, dict):\n                for item in named_data(values):", "            elif False:\n                for item in named_data(values):", "tests/test_publish.py -k recipe_yaml"),
     ("card-recipe-mixture-path-shown", "stages/publish_card.py", "{own_or_bundled(k) if is_data_path(k) else k: v", "{k: v", "tests/test_publish.py -k recipe_yaml"),
     # The labels step of a run whose people labeled their own pairs (an own-data journey)
-    ("labels-own-pairs-sampled", "Makefile", "labels: $(if $(OWN_PAIRS_LABELED),,pairs)", "labels: pairs", "tests/test_make.py -k own_pairs"),
-    ("labels-own-pairs-simulated", "Makefile", "if [ $$fresh = 4 ] && [ -n \"$(OWN_PAIRS_LABELED)\" ]; then", "if false; then", "tests/test_make.py -k own_pairs"),
-    ("labels-own-pairs-beside-sampled", "Makefile", "OWN_PAIRS_LABELED := $(if $(wildcard $(RUNDIR)/pairs/manifest.json),,", "OWN_PAIRS_LABELED := $(if ,,", "tests/test_make.py -k own_pairs"),
+    ("labels-own-pairs-sampled", "Makefile", "labels: $(if $(OWN_PAIRS_FILE),,pairs)", "labels: pairs", "tests/test_make.py -k own_pairs"),
+    ("labels-own-pairs-simulated", "Makefile", "if [ -n \"$(OWN_PAIRS_FILE)\" ] && { [ $$fresh = 4 ] || [ $$fresh = 3 ]; }; then", "if false; then", "tests/test_make.py -k own_pairs"),
+    ("labels-own-pairs-beside-sampled", "Makefile", "OWN_PAIRS_FILE := $(if $(wildcard $(RUNDIR)/pairs/manifest.json),,", "OWN_PAIRS_FILE := $(if ,,", "tests/test_make.py -k own_pairs"),
+    ("labels-own-pairs-file-not-given", "Makefile", "$(PY) $(call stage_opts,label-export) --pairs_dataset \"$$(cat $(OWN_PAIRS_FILE))\"", "$(PY) $(call stage_opts,label-export)", "tests/test_make.py -k own_pairs"),
+    ("label-own-pairs-eval-recorded", "stages/label/__main__.py", "if (stage.dir.parent / \"eval\").resolve() not in path.parents:", "if True:", "tests/test_label_guards.py -k 'own_pairs_in_a_run or logins_and_the_store'"),
+    ("label-own-pairs-beside-sampled", "stages/label/__main__.py", "if not args.pairs_dataset or (stage.dir.parent / \"pairs\" / \"manifest.json\").is_file():", "if not args.pairs_dataset:", "tests/test_label_guards.py -k 'own_pairs_in_a_run or logins_and_the_store'"),
+    ("label-own-pairs-unwired", "stages/label/__main__.py", "    record_own_pairs(args, stage)\n", "", "tests/test_label_guards.py -k 'own_pairs_in_a_run or logins_and_the_store'"),
     # A real-checkpoint journey: accelerate configs that would silently run one process or shard over one, a base
     # folder without config.json, a template that is not Jinja
     ("accel-multi-cpu-one-process", "pipeline/launch.py", "if kind == \"MULTI_CPU\" and one_machine", "if False and kind == \"MULTI_CPU\" and one_machine", "tests/test_make.py -k accelerate_cannot_read"),

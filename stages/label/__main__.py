@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 
-from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.run import StageRun, atomic_write_json, main_guard
+from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
+from pipeline.run import StageRun, atomic_write_json, atomic_write_text, main_guard
 from stages.label.config import (LabelArgs, LoginGuard, check_exposure, check_port_free, db_path, load_users,
                                  read_guidelines, word_filter)
 from stages.label.pairs import read_pairs
@@ -28,6 +28,21 @@ def load_pairs(args: LabelArgs, stage: StageRun) -> list[dict]:
         return read_pairs(args.pairs_dataset, "--pairs_dataset")
     path = stage.need("pairs")["outputs"]["dataset"]
     return read_pairs(path, f"the pairs of run '{stage.run}' (rerun `make pairs RUN={stage.run}`)")
+
+
+OWN_PAIRS = "own_pairs.txt"  # the Makefile's labels step reads it (OWN_PAIRS_FILE)
+
+
+def record_own_pairs(args: LabelArgs, stage: StageRun) -> None:
+    """Pairs of your own, labeled in a run that has sampled none (`make label ARGS="--pairs_dataset FILE"`): their file,
+    for `make rm`'s labels step, which then exports their labels instead of sampling the bundled prompts' pairs.
+    Eval's SFT-vs-PPO pairs (labeled for people's win rate, not to train on) are never recorded, and labeling them
+    later leaves the record as it was."""
+    if not args.pairs_dataset or (stage.dir.parent / "pairs" / "manifest.json").is_file():
+        return
+    path = resolve_path(args.pairs_dataset).resolve()
+    if (stage.dir.parent / "eval").resolve() not in path.parents:
+        atomic_write_text(stage.dir / OWN_PAIRS, f"{path}\n")
 
 
 def main(args: LabelArgs, run: RunArgs, block: bool = True):
@@ -52,6 +67,7 @@ def main(args: LabelArgs, run: RunArgs, block: bool = True):
     from stages.label.app import build_app, launch_kwargs
 
     atomic_write_json(stage.dir / "config.json", {"label": to_dict(args), "run": to_dict(run)})
+    record_own_pairs(args, stage)
     demo = build_app(store, guidelines, args.title, use_login=bool(users))
     demo.queue(default_concurrency_limit=args.concurrency_limit)
     demo.store_lock = lock  # lives as long as the app (block=False returns before the server stops)
