@@ -113,6 +113,8 @@ def require_end_of_turn(tokenizer) -> str:
         except jinja2.TemplateSyntaxError as err:
             raise ConfigError(f"the chat template is not valid Jinja: {err.message} (line {err.lineno} of the template): "
                               f"fix it (model profile `chat_template:`)") from None
+        except jinja2.TemplateError:  # it compiles, and refuses the probe (raise_exception): end_of_turn says why
+            pass
     eot = end_of_turn(tokenizer)
     if not eot:
         raise ConfigError("the chat template closes assistant turns with no end-of-turn text, so a model trained on "

@@ -503,7 +503,7 @@ def module_source(spec: str) -> Path | None:
     parts = match.group(1).split(".")
     for entry in sys.path:
         base = Path(entry or ".").joinpath(*parts)
-        for candidate in (base.parent / f"{parts[-1]}.py", base / "__init__.py"):
+        for candidate in (base / "__init__.py", base.parent / f"{parts[-1]}.py"):  # a package first, as import does
             if candidate.is_file():
                 return candidate
     return None

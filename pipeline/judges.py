@@ -158,8 +158,10 @@ def function_judge(spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        fix = PATH_FIX.format(module_name.replace(".", "/"))
-        raise ConfigError(f"judge '{spec}': cannot import module '{module_name}' ({err}); {fix}; judges are {FORMS}") \
+        parts = module_name.split(".")  # the module or a package above it not found: the path is the fix
+        missing = getattr(err, "name", None) in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        fix = f"; {PATH_FIX.format(module_name.replace('.', '/'))}" if missing else ""
+        raise ConfigError(f"judge '{spec}': cannot import module '{module_name}' ({err}){fix}; judges are {FORMS}") \
             from None
     except Exception as err:  # the module itself fails as it is imported (a missing key, a syntax error)
         raise ConfigError(f"judge '{spec}': importing module '{module_name}' failed: {type(err).__name__}: "

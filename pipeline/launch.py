@@ -295,7 +295,8 @@ def main(argv: list[str]) -> int:
             return CONFIG_ERROR_EXIT
     if "--config_file" in ours[:-1]:  # checked only now: it imports accelerate (and torch), as the launch does
         config_file = ours[ours.index("--config_file") + 1]
-        problem = accelerate_config_problem(config_file)
+        launched = int(ours[ours.index("--num_processes") + 1]) if "--num_processes" in ours[:-1] else None
+        problem = accelerate_config_problem(config_file, launched)
         if problem:
             print(f"error: ACCELERATE_CONFIG={config_file} {problem}: fix the file (`accelerate config` writes one), or "
                   f"give one of configs/accelerate/", file=sys.stderr)
@@ -366,9 +367,11 @@ def release_stage_folder(lock, path: Path) -> None:
         lock.close()
 
 
-def accelerate_config_problem(config_file: str | Path) -> str | None:
+def accelerate_config_problem(config_file: str | Path, launched: int | None = None) -> str | None:
     """What in an accelerate config file accelerate's launcher would stop on with a traceback of its own (YAML it
-    cannot read, an unknown key or value, a number given as text), in a few words; None when it is fine."""
+    cannot read, an unknown key or value, a number given as text), or would run as fewer processes than it says, in a
+    few words; None when it is fine. `launched`: the processes the launch starts when not the file's (all the GPUs of
+    this machine, processes_for_all_gpus)."""
     import dataclasses
     import typing
 
@@ -401,9 +404,10 @@ def accelerate_config_problem(config_file: str | Path) -> str | None:
         return (f"has distributed_type: MULTI_CPU with num_processes: {config.num_processes}, which accelerate runs as ONE "
                 f"process without mpirun: for {config.num_processes} CPU processes use distributed_type: MULTI_GPU and "
                 f"use_cpu: false, as configs/accelerate/cpu2.yaml does (on a machine without a GPU every stage counts them as CPU ranks)")
-    if kind == "FSDP" and one_machine and config.num_processes == 1:
+    if kind == "FSDP" and one_machine and (launched or config.num_processes) == 1:  # all GPUs: one on this machine
         # one rank has nothing to shard over: the stages would run unsharded, as under cpu.yaml, with no word of it
-        return ("has distributed_type: FSDP with num_processes: 1, and one process has nothing to shard the base over: "
+        given = "num_processes: 1" if config.num_processes == 1 else "all the GPUs of a machine that has one"
+        return (f"has distributed_type: FSDP with {given}, and one process has nothing to shard the base over: "
                 "set num_processes: 2 or more (configs/accelerate/fsdp_cpu2.yaml on the CPU), or use "
                 "configs/accelerate/cpu.yaml for one process")
     return None

@@ -418,8 +418,11 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     judge = ev["metrics"].get("gold_judge") or ""
     for name in ("report.md", "report.json"):  # an rm: judge as the card names it, not by this machine's path
         text = (eval_dir / name).read_text(encoding="utf-8")
-        (folder / "eval" / name).write_text(text.replace(judge, public_judge(judge)) if judge.startswith("rm:") else text,
-                                            encoding="utf-8")
+        if judge.startswith("rm:"):  # its folder, wherever the report names it: as written, and as JSON escapes it
+            path, public = judge[3:].strip(), public_judge(judge)[3:]
+            for written in {path, json.dumps(path)[1:-1], json.dumps(path, ensure_ascii=False)[1:-1]}:
+                text = text.replace(written, public)
+        (folder / "eval" / name).write_text(text, encoding="utf-8")
     if (eval_dir / "plots").is_dir():  # none for a run without PPO and without a gold judge
         shutil.copytree(eval_dir / "plots", folder / "eval" / "plots")
 

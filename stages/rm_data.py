@@ -188,8 +188,9 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int, templated: bool = True)
                 if not [k for k in args.dataset_mixture if k != LABEL_EXPORT]:  # nothing else to train on
                     raise ConfigError(f"no preference data: dataset_mixture names only the label export, and run "
                                       f"'{stage.run}' has none ({manifest_path} is missing): label its pairs (`make "
-                                      f"pairs label label-export RUN={stage.run}`, or `make pairs simulate label-export "
-                                      f"RUN={stage.run}`), or give your preferences with --dataset_name")
+                                      f"pairs label RUN={stage.run}`, then `make label-export RUN={stage.run}`; or `make "
+                                      f"pairs simulate label-export RUN={stage.run}`), or give your preferences with "
+                                      f"--dataset_name")
                 print(f"rm: no label export for run '{stage.run}' ({manifest_path}); training on the bundled data only")
                 continue
             manifest = read_manifest(stage.runs_dir, stage.run, LABEL_EXPORT, needed_by="`make rm`")

@@ -286,6 +286,10 @@ def test_a_template_that_is_not_valid_jinja_is_named_as_such():
     tok.chat_template = "{% for m in messages %}{{ m.content }{% endfor %}"
     with pytest.raises(ConfigError, match=r"the chat template is not valid Jinja: .* \(line 1 of the template\)"):
         require_end_of_turn(tok)
+    # valid Jinja that refuses the probe's lone user turn (raise_exception): one error line as before, no traceback
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate system/user/assistant') }}"
+    with pytest.raises(ConfigError, match="closes assistant turns with no end-of-turn text"):
+        require_end_of_turn(tok)
 
 
 @pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn", "no_generation_prompt",

@@ -208,6 +208,7 @@ def test_a_spec_make_checks_is_refused_as_loading_it_would_be(tmp_path):
                                   f"{file[:-3]}.py on PYTHONPATH (PYTHONPATH=/path/to/that/folder make ...)")
         with pytest.raises(ConfigError, match=r"cannot import module .*; put the folder that holds .* on PYTHONPATH"):
             load_judge(spec)
+    (tmp_path / "broken_judge_xyz.py").write_text("import numpyy_not_installed\n")  # found; its own import fails
     monkeypatch_path = [str(tmp_path), *sys.path]
     import unittest.mock
 
@@ -218,8 +219,13 @@ def test_a_spec_make_checks_is_refused_as_loading_it_would_be(tmp_path):
 
         assert module_source("myjudges.happy:score") == tmp_path / "myjudges" / "happy.py"
         assert module_source("myjudges:score") == tmp_path / "myjudges" / "__init__.py"
+        (tmp_path / "myjudges.py").write_text("")  # beside the package: import takes the package, so is its source
+        assert module_source("myjudges:score") == tmp_path / "myjudges" / "__init__.py"
         assert module_source("flat_judge_xyz:score") == tmp_path / "flat_judge_xyz.py"
         assert module_source("myjudges.sad:score") is None and module_source("sentiment") is None
+        with pytest.raises(ConfigError) as err:  # the module is there: the path is not the fix
+            load_judge("broken_judge_xyz:score")
+        assert "No module named 'numpyy_not_installed'" in str(err.value) and "PYTHONPATH" not in str(err.value)
 
 
 def test_the_runs_own_reward_model_is_refused_as_judge(tiny_models, tmp_path):

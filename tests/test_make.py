@@ -695,6 +695,19 @@ def test_bad_make_variables_give_one_error_line_and_exit_2(variables, words, tmp
 ACCELERATE_HEAD = "compute_environment: LOCAL_MACHINE\nuse_cpu: true\n"
 
 
+def test_fsdp_on_all_the_gpus_of_a_one_gpu_machine_is_refused():
+    """configs/accelerate/fsdp.yaml asks for every GPU: on a machine with one, the launch starts one process, which has
+    nothing to shard over (the file's own num_processes is 8)."""
+    from pipeline.launch import accelerate_config_problem, processes_for_all_gpus
+
+    launched = processes_for_all_gpus("configs/accelerate/fsdp.yaml", count_gpus=lambda: 1)
+    assert launched == ["--num_processes", "1"]
+    assert accelerate_config_problem("configs/accelerate/fsdp.yaml", 1).startswith(
+        "has distributed_type: FSDP with all the GPUs of a machine that has one, and one process has nothing to shard")
+    assert accelerate_config_problem("configs/accelerate/fsdp.yaml", 2) is None
+    assert accelerate_config_problem("configs/accelerate/fsdp.yaml") is None
+
+
 @pytest.mark.parametrize("text,problem", [
     ("foo: [1, 2\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence) "
                      "at line 2, column 1"),

@@ -86,22 +86,27 @@ def test_an_rm_judges_path_reaches_no_published_file(runs, tmp_path):
     report named this machine's folders. They name it by its last two folders."""
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy, ignore=shutil.ignore_patterns("publish"))
-    eval_dir, spec = copy / "t" / "eval", "rm:/home/me/secret/big/rm/adapter"
+    eval_dir, spec = copy / "t" / "eval", "rm:/home/jos\u00e9/secret/big/rm/adapter"
     manifest = json.loads((eval_dir / "manifest.json").read_text())
     was = manifest["metrics"]["gold_judge"]
     manifest["metrics"]["gold_judge"] = spec
     manifest["outputs"]["report"] = str(eval_dir / "report.md")  # the copy's, not the module's run
     (eval_dir / "manifest.json").write_text(json.dumps(manifest))
-    for name in ("report.md", "report.json"):
-        text = (eval_dir / name).read_text()
-        assert f"`{was}`" in text or f'"{was}"' in text, name
-        (eval_dir / name).write_text(text.replace(f"`{was}`", f"`{spec}`").replace(f'"{was}"', f'"{spec}"'))
+    from pipeline.judges import describe_judge
+
+    text = (eval_dir / "report.md").read_text()  # the judge as eval writes it: named, and described
+    assert f"`{was}`" in text
+    (eval_dir / "report.md").write_text(text.replace(f"`{was}`", f"`{spec}`") + describe_judge(spec) + "\n")
+    text = (eval_dir / "report.json").read_text()  # ... and in JSON, escaped as json.dumps writes it
+    assert f'"{was}"' in text
+    (eval_dir / "report.json").write_text(text.replace(f'"{was}"', json.dumps(spec)))
     proc = publish(copy, "--repo_id", "tester/tiny-rlhf", "--dry-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = copy / "t" / "publish" / "model"
     for name in ("README.md", "eval/report.md", "eval/report.json"):
         text = (folder / name).read_text()
-        assert "rm:.../rm/adapter" in text and "/home/me" not in text, name
+        assert "rm:.../rm/adapter" in text and "/home/" not in text and "secret" not in text, name
+    assert "the score the reward model .../rm/adapter gives" in (folder / "eval" / "report.md").read_text()
 
 
 def test_folder_loads_in_a_fresh_process_with_stock_peft_and_matches_the_pipeline(runs, dry_run, tiny_models, tmp_path):

@@ -139,7 +139,7 @@ CASES = [
     ("rm-dataset-beside-mixture", "stages.rm", RM + ["--dataset_mixture={{}}"], ["--dataset_mixture has no effect beside"]),
     # the story config's mixture is the run's label export alone: a run with none said "mixture of : read and dropped {}"
     ("rm-only-a-missing-label-export", "stages.rm", ["--config", "configs/rm.yaml", "--max_steps", "1"],
-     ["no preference data: dataset_mixture names only the label export", "make pairs label label-export RUN=",
+     ["no preference data: dataset_mixture names only the label export", "make pairs label RUN=t`, then `make label-export",
       "--dataset_name"]),
     ("sft-sharegpt-layout", "stages.sft", SFT + ["--dataset_name", "{sharegpt_layout}"],
      ["has no column(s) ['messages']", "ShareGPT rows", "human -> user, gpt -> assistant"]),
