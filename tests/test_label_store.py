@@ -994,3 +994,89 @@ def test_export_policies_outside_their_choices_are_refused():
     for field, bad in (("ties", "keep"), ("both_bad", "keep"), ("earlier_pairs", "all"), ("sources", "humans")):
         with pytest.raises(ValueError, match=f"{field} must be one of .*, got '{bad}'"):
             LabelArgs(**{field: bad})
+
+
+def test_a_restart_on_a_new_pairs_file_takes_its_order_and_its_word_filter_and_drops_leases_of_pairs_left_out(tmp_path):
+    """The app started again on another pairs file: the pairs it still holds come in the new file's order, the word
+    filter of this start decides which are held back (a word taken off the list frees its pairs, a new word holds
+    others back), and a lease on a pair the new file leaves out is not served any more."""
+    s = LabelStore(tmp_path / "f.sqlite")
+    s.import_items(pairs(4), lambda row: "word" if row["pair_id"] == "p001" else None)
+    assert s.servable_pairs() == ["p000", "p002", "p003"]
+    assert s.next_item("alice").pair_id == "p000"  # alice holds a lease on p000
+    rows = pairs(4)
+    s.import_items([rows[3], rows[1], rows[2]], lambda row: "word" if row["pair_id"] == "p002" else None)
+    assert s.servable_pairs() == ["p003", "p001"] and (s.progress()["pairs"], s.progress()["blocked"]) == (2, 1)
+    assert s.next_item("alice").pair_id == "p003"  # not p000, which the new file leaves out
+
+
+def test_undo_of_a_change_brings_back_the_side_shown_with_the_choice(store):
+    """A change made on the other layout (response 1 on the left) and undone: the label is again "left" as shown with
+    response 0 on the left, so response 0 wins, as first given."""
+    store.save_label("alice", "p000", "left", 0)
+    store.save_label("alice", "p000", "left", 1)
+    assert store.undo("alice") == ("p000", "change")
+    back = store.reopen("alice", "p000").label
+    assert (back["choice"], back["shown_left"], back["preferred"]) == ("left", 0, 0)
+
+
+def test_the_digest_read_back_follows_the_labels_order_and_my_labels_stop_at_the_limit(store):
+    """store_digest reads the labels in the order labels() gives them (the order they were first given, not their
+    pair ids'), so an export of them stays current; my_labels gives the newest `limit` only."""
+    from stages.label.store import labels_digest, store_digest
+
+    store.clock.t += 1
+    store.save_label("alice", "p002", "left", 0)
+    store.clock.t += 1
+    store.save_label("alice", "p000", "right", 1)
+    store.clock.t += 1
+    store.save_label("alice", "p001", "tie", 0)
+    assert [lab["pair_id"] for lab in store.labels()] == ["p002", "p000", "p001"]
+    assert store_digest(store.path) == labels_digest(store.labels())
+    assert [m["pair_id"] for m in store.my_labels("alice", limit=2)] == ["p001", "p000"]
+
+
+def test_others_leases_count_as_held_only_until_they_expire(store):
+    assert store.next_item("alice").pair_id == "p000"  # a lease of 60 s
+    store.clock.t += 59
+    assert store.progress("bob")["held_by_others"] == 1
+    store.clock.t += 1
+    assert store.progress("bob")["held_by_others"] == 0
+
+
+def test_a_failed_write_rolls_back_what_its_transaction_wrote_and_a_removal_is_in_the_history(store):
+    """save_simulated writes all its labels in one transaction: a bad one in the middle (an unknown choice) raises and
+    leaves the store as it was, the labels before it too. remove_simulated deletes a simulator's labels and keeps a
+    'remove' row per label in the history."""
+    store.save_simulated([], [("sim:a", "p000", "left", 0), ("sim:a", "p001", "right", 1)])
+    before = (store.labels(), store.history())
+    with pytest.raises(ValueError, match="choice must be one of"):
+        store.save_simulated(["sim:a"], [("sim:b", "p002", "left", 0), ("sim:b", "p003", "sideways", 0)])
+    assert (store.labels(), store.history()) == before
+    assert store.remove_simulated("sim:a") == 2 and store.labels() == []
+    assert [(h["action"], h["pair_id"]) for h in store.history("sim:a")] == [
+        ("new", "p000"), ("new", "p001"), ("remove", "p000"), ("remove", "p001")]
+
+
+def test_agreement_edges_the_exact_binomial_the_rate_to_a_tenth_and_the_agreement_html_by_hand():
+    """A kappa of raters over different numbers of items is undefined, and so is an alpha without variation (every
+    value the same: no division by zero); from 11 to 1000 decided labels the p-value is the exact two-sided sum,
+    2 * (C(20,15) + ... + C(20,20)) / 2**20 = 0.0414 (the normal approximation would say 0.025); a rate is to a tenth
+    (2 labels 0.3 h apart: 6.7 an hour). The Stats tab shows each annotator pair's kappa in its table (numbers right
+    aligned) and the people-vs-simulated agreement line."""
+    from stages.label.stats import stats_view, to_html
+
+    assert cohen_kappa(list("ab"), list("abb")) is None
+    assert krippendorff_alpha([["a", "a"], ["a", "a", "a"]]) is None
+    assert binomial_two_sided_p(15, 20) == pytest.approx(2 * (15504 + 4845 + 1140 + 190 + 20 + 1) / 2**20, rel=1e-12)
+    two = [lab("p0", "ann", "left", 0, t=0), lab("p1", "ann", "left", 0, t=1080)]
+    assert summarize(two, now=2000)["annotators"]["ann"]["labels_per_hour"] == 6.7
+    # ann: 0, 1; bob: 0, 0 -> p_o = 1/2, p_e = (1 * 2) / 4 = 1/2, kappa 0 over 2 shared pairs; the simulator agrees
+    # with both people on p0: 2 label pairs, 100%
+    labels = [lab("p0", "ann", "left", 0), lab("p0", "bob", "right", 0), lab("p1", "ann", "left", 1),
+              lab("p1", "bob", "left", 0), lab("p0", "sim:x", "right", 0)]
+    shown = to_html(stats_view(labels, now=1), overlap=2)
+    assert ('<tr><td>ann / bob</td><td style="text-align:right">0.0</td><td style="text-align:right">2</td></tr>'
+            in shown)
+    assert ("<p><b>People vs simulated annotators</b> (<code>sim:...</code>): 100% agreement on 1 pairs labeled by "
+            "both (2 label pairs).</p>") in shown
