@@ -84,11 +84,15 @@ def test_export_cli_keeps_ties_when_asked_and_pushes_with_a_card(runs_dir, monke
     ds = datasets.load_from_disk(str(runs_dir / "r/label-export/dataset"))
     ties = [r for r in ds if r["is_tie"]]
     assert len(ds) == 4 and {r["chosen"][0]["content"] for r in ties} == {"tie answer zero", "tie answer one"}
+    # a tie kept in both orders is two rows of one pair: 4 rows of 3 pairs, from 5 labels of 3 annotators
+    metrics = json.loads((runs_dir / "r/label-export/manifest.json").read_text())["metrics"]
+    assert (metrics["rows"], metrics["pairs"], metrics["labels"], metrics["annotators"]) == (4, 3, 5, 3)
     # the card says how many annotators the exported labels have per pair ('maj' 3, 'tie' and 'solo' 1), not the
     # `overlap` people are served with (configs/label.yaml's)
     card = (runs_dir / "r/label-export/README.md").read_text()
     assert "- **Annotators per pair**: 1 on 2 pairs, 3 on 1 pair (people are served each pair up to `overlap: 1` " \
            "times)." in card
+    assert "- **Rows**: 4 from 3 pairs (5 labels in all)." in card
 
     # a repo id the Hub would refuse: one error line, exit 2, the export as it was
     before = {p: p.read_bytes() for p in (runs_dir / "r/label-export").rglob("*") if p.is_file()}
@@ -128,6 +132,25 @@ def test_export_without_labels_says_what_to_do(runs_dir):
     LabelStore(db_path(str(runs_dir), "empty")).import_items([])
     with pytest.raises(ConfigError, match="holds no labels yet"):
         main(*parse((LabelArgs, ExportArgs, RunArgs), argv))
+
+
+def test_an_export_whose_every_pair_is_left_out_is_refused_and_writes_nothing(runs_dir):
+    """Labels that all fall on dropped pairs (a tie with ties: drop, a pair without a majority) make no dataset: one
+    error naming the reasons, and no export folder (`make rm` would otherwise train on zero rows)."""
+    from pipeline.config import RunArgs, parse
+    from stages.label.config import ExportArgs, LabelArgs
+    from stages.label.export import main
+
+    store = LabelStore(db_path(str(runs_dir), "none"), overlap=2)
+    store.import_items([{"pair_id": p, "prompt": [{"role": "user", "content": f"About {p}."}],
+                         "responses": [f"{p} zero", f"{p} one"]} for p in ("tie", "split")])
+    store.save_label("ann", "tie", "tie", 0)
+    store.save_label("ann", "split", "left", 0)
+    store.save_label("bob", "split", "left", 1)
+    argv = ["--config", "configs/label.yaml", "--run", "none", "--runs_dir", str(runs_dir), "--ties", "drop"]
+    with pytest.raises(ConfigError, match=r"^all 3 labels were left out \({'tie': 1, 'no_majority': 1}\)"):
+        main(*parse((LabelArgs, ExportArgs, RunArgs), argv))
+    assert not (runs_dir / "none/label-export").exists()
 
 
 def export_main(runs_dir, run="r"):
