@@ -691,6 +691,56 @@ def test_console_tables_show_numbers_to_five_significant_digits(capsys):
         "  steps         100", "  judge         sentiment"]
 
 
+def test_peak_memory_on_a_gpu_is_torchs_peak_allocation_in_mb_and_on_cpu_rounded_to_a_tenth(monkeypatch):
+    """On a GPU the figure is torch's peak allocated bytes / 2**20; on Linux ru_maxrss (kB) / 1024, to one decimal."""
+    import resource
+    from types import SimpleNamespace
+
+    from pipeline.report import peak_memory_mb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**20 + 2**19)
+    assert peak_memory_mb() == 3.5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=1024 * 250 + 300))
+    monkeypatch.setattr("sys.platform", "linux")
+    assert peak_memory_mb() == 250.3  # 250.29 MB, to one decimal
+
+
+def test_the_end_of_a_stage_waits_for_every_rank_and_tears_the_group_down_after_freeing_its_holders(monkeypatch):
+    """finish_distributed: a barrier when a process group is up, nothing without one; destroy_distributed collects
+    garbage (a DDP reducer holding the group) before the barrier and the teardown, and in a process that never
+    imported torch it imports nothing."""
+    import gc
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    from pipeline.report import destroy_distributed, finish_distributed
+    from tests.conftest import REPO
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("gc"))
+    finish_distributed()
+    assert calls == ["barrier"]
+    calls.clear()
+    destroy_distributed()
+    assert calls == ["gc", "barrier", "destroy"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    calls.clear()
+    finish_distributed()
+    destroy_distributed()
+    assert calls == ["gc"]
+    code = ("import sys; from pipeline.report import destroy_distributed; destroy_distributed(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_a_win_rates_counts_read_as_words():
     from stages.eval_ppo import counts_text
 
