@@ -33,3 +33,45 @@ def test_shared_and_whole_prefixes_train_the_same_reward_model(tiny_models, tmp_
 def test_a_run_without_labels_is_refused(tmp_path, capsys):
     assert main(["--from_run", str(tmp_path / "nothing"), "--output", str(tmp_path / "x.json")]) == 2
     assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "x.json").exists()
+
+
+def test_the_order_alternates_the_flags_reach_the_stage_and_the_times_are_medians(tmp_path, monkeypatch):
+    """With the stage stood in for: repeat 0 runs shared then whole, repeat 1 whole then shared, repeat 2 shared then
+    whole again (so neither way always runs on a warmer machine); each run gets the run's label export, --share_prefix
+    and the bench's stage overrides; the figures are the medians of the stage's own train_time_s (10, 20, 90 -> 20,
+    not their mean 40) and a failed stage stops the bench with exit code 1."""
+    import bench.rm_prefix as rm_prefix
+
+    export = tmp_path / "from/label-export"
+    export.mkdir(parents=True)
+    (export / "manifest.json").write_text(json.dumps({"outputs": {"dataset": str(tmp_path / "exported")}}))
+    times = {"true": [10.0, 20.0, 90.0], "false": [30.0, 50.0, 40.0]}
+    calls = []
+
+    def stage(data, runs_dir, run, model_config, overrides):
+        share = overrides[overrides.index("--share_prefix") + 1]
+        calls.append((run, str(data), overrides))
+        rm = runs_dir / run / "rm"
+        rm.mkdir(parents=True)
+        t = times[share][int(run.rsplit("-", 1)[1])]
+        (rm / "manifest.json").write_text(json.dumps({"metrics": {
+            "train_time_s": t, "steps": 3, "eval_accuracy": 0.5, "eval_loss": 0.7, "train_loss": 0.6}}))
+        return 0, t + 1, ""
+
+    monkeypatch.setattr(rm_prefix, "no_op_sft", lambda runs_dir, run, model_config: None)
+    monkeypatch.setattr(rm_prefix, "run_stage", stage)
+    out = tmp_path / "rm_prefix.json"
+    assert main(["--from_run", str(tmp_path / "from"), "--repeats", "3", "--work_dir", str(tmp_path / "work"),
+                 "--output", str(out), "--max_steps", "3"]) == 0
+    assert [run for run, _, _ in calls] == ["share-true-0", "share-false-0", "share-false-1", "share-true-1",
+                                            "share-true-2", "share-false-2"]
+    assert all(data == str(tmp_path / "exported") and overrides[2:] == ["--max_steps", "3"]
+               for _, data, overrides in calls)
+    result = json.loads(out.read_text())
+    assert result["median_train_time_s"] == {"true": 20.0, "false": 40.0} and result["speedup"] == 2.0
+    assert [r["train_time_s"] for r in result["runs"]["true"]] == [10.0, 20.0, 90.0]
+
+    monkeypatch.setattr(rm_prefix, "run_stage", lambda *args: (1, 0.0, "boom"))
+    assert main(["--dataset_name", str(tmp_path / "x.jsonl"), "--work_dir", str(tmp_path / "work2"),
+                 "--output", str(tmp_path / "failed.json")]) == 1
+    assert not (tmp_path / "failed.json").exists()
