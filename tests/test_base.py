@@ -99,13 +99,29 @@ def test_a_tiny_base_trains_on_its_schedule_its_own_books_and_records_its_specia
         return real_clip(params, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    evaluated, real_evaluate = [], base.evaluate
+
+    def recording_evaluate(model, data, batches, batch_size):
+        evaluated.append((data, batches, real_evaluate(model, data, batches, batch_size)))
+        return evaluated[-1][2]
+
+    monkeypatch.setattr(base, "evaluate", recording_evaluate)
+    seeds, real_manual_seed, real_randint = [], torch.manual_seed, torch.randint
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: (seeds.append(seed), real_manual_seed(seed))[1])
+    drawn_with = set()
+
+    def randint(*args, generator=None, **kwargs):
+        drawn_with.add(generator.initial_seed() if generator is not None else None)
+        return real_randint(*args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", randint)
     out = tmp_path / "tiny"
     cfg, run = parse(base.CONFIG_CLASSES(), base_args(
         tmp_path / "runs", "--text_dir", str(texts), "--heldout_books", "mice", "--output_dir", str(out),
         "--vocab_size", "300", "--hidden_size", "16", "--intermediate_size", "32", "--num_hidden_layers", "2",
         "--num_attention_heads", "2", "--block_size", "32", "--batch_size", "2", "--max_steps", "6",
         "--warmup_steps", "2", "--learning_rate", "1e-2", "--min_lr_ratio", "0.1", "--eval_every", "4",
-        "--eval_batches", "2"))
+        "--eval_batches", "2", "--seed", "3", "--dropout", "0.25"))
     metrics = base.main(cfg, run)
 
     c = math.cos(math.pi / 4)  # cosine over steps 2..5: progress 0, 1/4, 2/4, 3/4 of the 4 steps after warmup
@@ -125,16 +141,25 @@ def test_a_tiny_base_trains_on_its_schedule_its_own_books_and_records_its_specia
     assert metrics["tokens_seen"] == 6 * 2 * 32
     assert clipped == [1.0] * 6  # grad_clip on every step
     assert [h["step"] for h in metrics["history"]] == [4, 6]  # every eval_every steps, and the last
+    assert seeds[0] == 3 and drawn_with == {3}  # the run's seed: the initial weights and the batches drawn
+    # held out: the mice book alone, in blocks of block_size + 1; eval_batches during training, all of it at the end
+    heldout_rows = (1 + len(tok(base.clean((texts / "mice.txt").read_text()), add_special_tokens=False)["input_ids"])
+                    + 1) // 33
+    assert [(len(data), batches) for data, batches, _ in evaluated] == [(heldout_rows, 2)] * 2 + [
+        (heldout_rows, heldout_rows)]
+    assert metrics["heldout_loss"] == round(evaluated[-1][2], 4)
+    assert metrics["heldout_perplexity"] == round(math.exp(evaluated[-1][2]), 2)
     config = AutoConfig.from_pretrained(out)
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (
         tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)  # <pad>, <s>, </s>: SPECIAL_TOKENS' order
+    assert (config.num_attention_heads, config.num_key_value_heads, config.attention_dropout) == (2, 2, 0.25)
     # its own model card: the license `make publish` gives the adapters trained on it, and this run's figures
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "apache-2.0"
     assert f"Held-out perplexity {metrics['heldout_perplexity']} on mice." in card.text
-    assert f"{6 * 2 * 32:,} tokens; seed 0" in card.text
+    assert f"{6 * 2 * 32:,} tokens; seed 3" in card.text
 
 
 def test_held_out_loss_is_the_mean_over_its_batches_the_last_short_one_too():
@@ -160,5 +185,13 @@ def test_each_optimizer_is_built_with_its_own_settings():
     assert type(adamw) is torch.optim.AdamW and (adamw.defaults["betas"], adamw.defaults["weight_decay"]) == ((0.9, 0.95), 0.1)
     sgd = make_optimizer("sgd", params, 0.5, 0.0)
     assert type(sgd) is torch.optim.SGD and (sgd.defaults["lr"], sgd.defaults["momentum"]) == (0.5, 0.9)
+    rmsprop = make_optimizer("rmsprop", params, 0.2, 0.05)
+    assert type(rmsprop) is torch.optim.RMSprop and (rmsprop.defaults["lr"], rmsprop.defaults["weight_decay"]) == (0.2, 0.05)
     with pytest.raises(ValueError, match="not 'adam'"):
         make_optimizer("adam", params, 0.1, 0.0)
+
+
+def test_clean_joins_hard_wrapped_lines_and_keeps_paragraph_breaks():
+    from stages.base import clean
+
+    assert clean("  Once upon\na  time\n\n\n  there was\n \nno more.\n") == "Once upon a time\n\nthere was\n\nno more."
