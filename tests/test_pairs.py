@@ -404,3 +404,52 @@ def test_each_rank_keeps_and_reuses_only_its_own_batches(tmp_path):
     store.put(3, t)
     assert [p.name for p in (tmp_path / "sampled").glob("batch-*")] == ["batch-000003.pt"]
     assert store.get(0) is None and all(torch.equal(a, b) for a, b in zip(store.get(3), t)) and store.reused == 1
+
+
+def test_the_dropped_counts_the_sampling_record_and_the_refusals_of_prompts_and_pairs(tiny_models, runs_dir, tmp_path,
+                                                                                     monkeypatch):
+    """K = 3 with a stand-in generate(): prompt "a fox" answered x, x, y (one identical pair, and (x, y) twice: one
+    repeat), "a hen" z, z, z (three identical pairs): one row, 4 identical and 1 repeated dropped, each counted as
+    such; the rows record the sampling settings as given. A text prompt is one user message; a prompt row that cannot
+    be sampled from, prompts all longer than max_prompt_tokens, and responses all identical are one ConfigError each."""
+    import datasets
+    import torch
+
+    import stages.pairs as pairs
+    from pipeline.config import ConfigError, RunArgs, parse
+    from pipeline.generation import Generations, SamplingConfig
+
+    assert pairs.as_messages("a fox") == [{"role": "user", "content": "a fox"}]
+    profile = str(tiny_models["llama"])
+    make_sft_run(runs_dir, "drops", profile)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("a fox", "a hen")))
+    replies = {"a fox": ["x", "x", "y"], "a hen": ["z", "z", "z"]}
+
+    def stand_in(model, tokenizer, prompt_ids, sampling, generator_seed=None, progress=False, batches_store=None):
+        content = [tokenizer.decode(ids) for ids in prompt_ids]
+        texts = [replies[next(t for t in replies if t in c)][i % 3] for i, c in enumerate(content)]
+        n = len(texts)
+        return Generations(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long),
+                           torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long), texts,
+                           torch.ones(n, dtype=torch.bool))
+
+    monkeypatch.setattr(pairs, "generate", stand_in)
+    argv = ["--config", "configs/pairs.yaml", "--runs_dir", str(runs_dir), "--run", "drops", "--model_config", profile,
+            "--prompts_file", str(prompts_file), "--num_responses", "3", "--max_prompt_tokens", "256",
+            "--temperature", "0.9", "--top_p", "0.8", "--top_k", "7", "--max_new_tokens", "5"]
+    metrics = pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), argv))
+    assert (metrics["pairs"], metrics["identical_dropped"], metrics["repeated_dropped"]) == (1, 4, 1)
+    (row,) = datasets.load_from_disk(str(runs_dir / "drops/pairs/dataset"))
+    assert row["prompt"] == [{"role": "user", "content": "a fox"}] and row["responses"] == ["x", "y"]
+    assert row["generation"] == {"temperature": 0.9, "top_p": 0.8, "top_k": 7, "max_new_tokens": 5, "seed": 42,
+                                 "num_responses": 3}
+
+    with pytest.raises(ConfigError, match=r"^all 2 prompts of .*prompts\.jsonl are longer than max_prompt_tokens=1 "):
+        pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), [*argv, "--max_prompt_tokens", "1"]))
+    replies["a fox"] = ["y", "y", "y"]
+    with pytest.raises(ConfigError, match="every pair had two identical responses"):
+        pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), argv))
+    prompts_file.write_text(json.dumps({"prompt": "a fox"}) + "\n" + json.dumps({"prompt": "   "}) + "\n")
+    with pytest.raises(ConfigError, match=r"prompts\.jsonl row 2: the prompt is empty"):
+        pairs.load_prompts(pairs.PairsArgs(prompts_file=str(prompts_file)))
