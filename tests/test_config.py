@@ -437,6 +437,10 @@ def test_a_bad_value_in_a_variants_base_file_names_the_base_file(tmp_path):
     variant.write_text(f"base_config: {base}\nseed: 3\nresponse_length: 4\nnum_ppo_epochs: 1.5\n")
     with pytest.raises(ConfigError, match=rf"'num_ppo_epochs' in {variant} is 1.5: it must be a whole number"):
         parse(stage_classes("ppo"), ["--config", str(variant)])
+    base.write_text((REPO / "configs/ppo.yaml").read_text() + "\nlerning_rate: 1e-3\n")  # a typo in the base file
+    variant.write_text(f"base_config: {base}\nseed: 3\n")
+    with pytest.raises(ConfigError, match=rf"^unknown config key 'lerning_rate' in {base} \(did you mean 'learning_rate'"):
+        parse(stage_classes("ppo"), ["--config", str(variant)])
 
 
 @pytest.mark.parametrize("value", ["5", "[a]", "''"])
@@ -476,3 +480,35 @@ def test_an_empty_accelerate_config_is_one_line(capsys):
     assert main(["sft", "--config_file", "-m", "stages.sft", "--config", "configs/sft.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ACCELERATE_CONFIG is empty: give one of configs/accelerate/")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num_train_epochs", "-1"], r"^--num_train_epochs on the command line is -1.0: it must be >= 0$"),
+    (["--eval_fraction", "1"], r"^--eval_fraction on the command line is 1.0: it must be in \[0, 1\)$"),
+    (["--per-device-train-batch-size", "0"],  # a dashed flag is blamed as the flag, not as the YAML's key
+     r"^--per_device_train_batch_size on the command line is 0: it must be >= 1$"),
+    (["--dataset_name", "  "], r"^--dataset_name on the command line is empty: give a file, folder or Hub id"),
+    (["--learning_rate"], r"^--learning_rate on the command line needs a value: give --learning_rate VALUE$"),
+    (["--dataset_mixture", "[1]"], r"^--dataset_mixture on the command line is '\[1\]', not a JSON object such as"),
+])
+def test_more_values_no_stage_can_run_with_are_one_line_naming_the_flag(argv, message):
+    """Negative epochs, everything held out, a blank dataset name, a flag without its value, a JSON list for a mixture:
+    each one line naming the flag as given (dashes or underscores) and what it must be."""
+    with pytest.raises(ConfigError, match=message):
+        parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), *argv])
+
+
+def test_a_profile_without_its_checkpoint_hub_ids_first_lines_and_empty_values_by_hand(tmp_path):
+    """A model profile without name_or_path is one ConfigError (not a TypeError); a Hub id with two slashes is told
+    to be user/name; a library error is shown by its first line (or its type's name when it has no message); an
+    empty YAML value is allowed where None is the field's own default whatever its type."""
+    from pipeline.config import check_hub_repo_id, first_line, takes_none
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("dtype: float32\n")
+    with pytest.raises(ConfigError, match=rf"^model profile {re.escape(str(profile))} has no 'name_or_path'"):
+        load_model_profile(profile)
+    with pytest.raises(ConfigError, match=r"^--push_to_hub 'me/my/labels' is not a Hub repo id: give it as user/name$"):
+        check_hub_repo_id("me/my/labels", "--push_to_hub")
+    assert first_line(ValueError("first\nsecond\nthird")) == "first" and first_line(KeyError()) == "KeyError"
+    assert takes_none(int, None) and not takes_none(int, 3) and takes_none(int | None, 3)
