@@ -660,6 +660,17 @@ def test_ensemble_score_and_members_by_hand():
                                    [(0.5, 2.0), (-1.0, 0.5)])
 
 
+def test_adapter_of_names_the_adapter_after_peft_s_marker():
+    """The adapter a parameter belongs to is the name after peft's marker (what trains, freezes and saves an adapter
+    reads); a base weight, or a marker with nothing after it, belongs to none."""
+    from pipeline.adapters import adapter_of
+
+    assert adapter_of("base_model.model.model.layers.0.self_attn.q_proj.lora_A.policy.weight") == "policy"
+    assert adapter_of("base_model.model.score.modules_to_save.value.weight") == "value"
+    assert adapter_of("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") is None
+    assert adapter_of("base_model.model.lm_head.lora_B") is None
+
+
 def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_data, tmp_path, capsys):
     """`ensemble: 2`: member 0 is exactly the reward model of `ensemble: 1` (same seed, same pairs), member 1 another
     one (seed + 1) on the same held-out prompts; the stage's held-out figures are those of the mean of the members'
