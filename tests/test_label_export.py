@@ -234,9 +234,18 @@ def test_rm_refuses_a_run_with_labels_but_no_usable_export(runs_dir):
     (runs_dir / "r/label-export/manifest.json").write_text("{trunc")
     with pytest.raises(ConfigError, match="not valid JSON"):
         rm_mixture(runs_dir, "r")
-    # a run nobody labeled still trains on the bundled data alone (the default mixture), as before
-    pairs, weights, _, _ = rm_mixture(runs_dir, "unlabeled")
-    assert pairs == [] and weights == {}
+    # a run nobody labeled: a mixture of the label export alone is one error saying how to label (it read "no usable
+    # preference pairs in mixture of : read and dropped {}"); beside bundled data, it trains on that alone
+    with pytest.raises(ConfigError, match=r"no preference data: dataset_mixture names only the label export, and run "
+                                          r"'unlabeled' has none"):
+        rm_mixture(runs_dir, "unlabeled")
+    from stages.rm import RMArgs
+    from stages.rm_data import load_pairs
+    from pipeline.run import StageRun
+
+    args = RMArgs(dataset_mixture={"label-export": {"weight": 1.0}, "data/preferences/pandalm.jsonl": {"max_rows": 3}})
+    pairs, weights, _, _ = load_pairs(args, StageRun("rm", "unlabeled", str(runs_dir)), 0)
+    assert len(pairs) == 3 and weights == {"pandalm": 1.0}
 
 
 def pair(pair_id: str) -> dict:

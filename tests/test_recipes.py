@@ -156,12 +156,12 @@ def test_make_default_chain_runs_simulated_labels_before_the_reward_model():
     rc, lines, _ = make_dry_run("sft", "rm", "ppo", "RUN=dryrun-nonexistent")
     assert rc == 0
     stages = [re.search(r"-m (stages\.[\w.]+)", line).group(1) for line in lines]
-    # the labels step: is the export current? New pairs: simulate and export; a changed store (people labeled, or
-    # `make simulate` ran): export it again
-    assert stages == ["stages.sft", "stages.pairs", "stages.label.fresh_export", "stages.simulate", "stages.label.export",
-                      "stages.label.export", "stages.rm", "stages.ppo"]
-    assert lines[2].endswith("fresh_export runs/dryrun-nonexistent; fresh=$?; \\") and "--skip_if_people_labeled true" in lines[3]
-    assert "--config configs/rm.yaml" in lines[6]
+    # the labels step: is the export current? Pairs of your own labeled (none here: its branch's test is false): export
+    # them; new pairs: simulate and export; a changed store (people labeled, or `make simulate` ran): export it again
+    assert stages == ["stages.sft", "stages.pairs", "stages.label.fresh_export", "stages.label.export", "stages.simulate",
+                      "stages.label.export", "stages.label.export", "stages.rm", "stages.ppo"]
+    assert lines[2].endswith("fresh_export runs/dryrun-nonexistent; fresh=$?; \\") and "--skip_if_people_labeled true" in lines[4]
+    assert "--pairs_dataset" in lines[3] and "--config configs/rm.yaml" in lines[7]
 
 
 def test_make_recipe_variable_picks_the_assistant_configs():

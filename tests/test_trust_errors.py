@@ -116,6 +116,8 @@ def held_out_long_prefs() -> list[dict]:
 SFT = ["--config", "configs/sft.yaml", "--dataset_name", "{chats}", "--max_steps", "1", "--per_device_train_batch_size", "2",
        "--sample_max_new_tokens", "4"]
 RM = ["--config", "configs/rm.yaml", "--dataset_name", "{prefs}", "--max_steps", "1", "--per_device_train_batch_size", "2"]
+SFT_MIXTURE = [a for a in SFT if a not in ("--dataset_name", "{chats}")]  # a mixture of its own, no dataset beside it
+RM_MIXTURE = [a for a in RM if a not in ("--dataset_name", "{prefs}")]
 PAIRS = ["--config", "configs/pairs.yaml", "--max_new_tokens", "4", "--max_prompts", "2"]
 PPO = ["--config", "configs/ppo.yaml", "--total_updates", "1"]
 EVAL = ["--config", "configs/eval.yaml", "--max_new_tokens", "4"]
@@ -200,9 +202,9 @@ CASES = [
     ("model-profile-dtype", "stages.sft", SFT + ["--model_config", "{fp16_profile}"],
      ["fp16.yaml", "dtype is 'fp16'", "float32, bfloat16, float16"]),
     ("yaml-float-for-int", "stages.sft", ["--config", "{sft_lora_float}"] + SFT[2:], ["'lora_r' in", "whole number"]),
-    ("sft-mixture-rows-text", "stages.sft", SFT + ["--dataset_mixture", '{{"data/story/sft.jsonl": "abc"}}'],
+    ("sft-mixture-rows-text", "stages.sft", SFT_MIXTURE + ["--dataset_mixture", '{{"data/story/sft.jsonl": "abc"}}'],
      ["--dataset_mixture", "whole number"]),
-    ("rm-mixture-not-a-mapping", "stages.rm", RM + ["--dataset_mixture", '{{"label-export": 5}}'],
+    ("rm-mixture-not-a-mapping", "stages.rm", RM_MIXTURE + ["--dataset_mixture", '{{"label-export": 5}}'],
      ["--dataset_mixture", "weight: W"]),
     ("sft-seed-negative", "stages.sft", SFT + ["--seed", "-1"], ["--seed", "[0, 4294967296)"]),
     ("ppo-seed-negative", "stages.ppo", PPO + ["--seed", "-1"], ["--seed", "[0, 4294967296)"]),
