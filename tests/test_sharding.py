@@ -349,7 +349,7 @@ def test_pairs_fsdp2_killed_keeps_its_batches_and_ends_as_an_uninterrupted_one(t
     assert not kept_dir.exists()
 
 
-def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, monkeypatch):
+def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, monkeypatch, capsys):
     """multi_gpu.yaml and fsdp.yaml say "all GPUs of one machine" (gpu_ids: all) but must give accelerate some
     num_processes (8): on a machine with fewer or more GPUs, pipeline.launch starts one process per GPU instead, and
     that count is part of the launch a manifest records. A config of the user's own keeps its num_processes."""
@@ -384,3 +384,12 @@ def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, mon
     monkeypatch.setattr(launch, "hold_stage_folder", lambda folder: pytest.fail("the folder was locked"))
     assert launch.main(["sft", "--config_file", "configs/accelerate/fsdp.yaml", "-m", "tests.fake_stages.sft"]) == 2
     assert len(launched) == 1
+    # one GPU under fsdp.yaml: one process, with nothing to shard over (the file says 8): refused, nothing launched
+    monkeypatch.setattr(launch, "gpus_here", lambda: 1)
+    monkeypatch.setattr(launch.processes_for_all_gpus, "__defaults__", (launch.gpus_here,))
+    monkeypatch.setattr(launch, "hold_stage_folder", lambda folder: (object(), ""))
+    capsys.readouterr()
+    assert launch.main(["sft", "--config_file", "configs/accelerate/fsdp.yaml", "-m", "tests.fake_stages.sft"]) == 2
+    assert len(launched) == 1 and "FSDP with all the GPUs of a machine that has one" in capsys.readouterr().err
+    assert launch.main(["sft", "--config_file", "configs/accelerate/multi_gpu.yaml", "-m", "tests.fake_stages.sft"]) == 0
+    assert launched[-1] == ["--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "1"]  # DDP: fine

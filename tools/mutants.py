@@ -1165,6 +1165,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('config-negative-epochs', 'pipeline/config.py', '**dict.fromkeys(("num_train_epochs", "warmup_steps", "weight_decay",', '**dict.fromkeys(("warmup_steps", "weight_decay",', 'tests/test_config.py -k more_values'),
     ('config-everything-held-out', 'pipeline/config.py', '**dict.fromkeys(("eval_fraction", "lora_dropout", "adam_beta1", "adam_beta2"), (0, 1, True)),', '**dict.fromkeys(("lora_dropout", "adam_beta1", "adam_beta2"), (0, 1, True)), "eval_fraction": (0, None, True),', 'tests/test_config.py -k more_values'),
     ('adapters-marker-as-adapter', 'pipeline/adapters.py', '            return parts[i + 1]\n', '            return parts[i]\n', 'tests/test_rm.py -k adapter_of_names'),
+    ("accel-launched-count-unwired", "pipeline/launch.py", "problem = accelerate_config_problem(config_file, launched)", "problem = accelerate_config_problem(config_file)", "tests/test_sharding.py -k all_gpus_configs"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
