@@ -489,18 +489,24 @@ def resolve_path(path: str | Path) -> Path:
     return p if p.is_absolute() else (REPO_ROOT / p)
 
 
-# A `module:function` judge (pipeline/judges.py): dotted identifiers, a colon, an identifier.
-FUNCTION_SPEC = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)")
+def function_spec_module(spec: str) -> str | None:
+    """The module of a `module:function` judge's spec (pipeline/judges.py: dotted identifiers, a colon, an
+    identifier), None for any other text."""
+    module, colon, function = spec.partition(":")
+    if colon and module and function and all(part.isidentifier() for part in module.split(".")) \
+            and function.isidentifier():
+        return module
+    return None
 
 
 def module_source(spec: str) -> Path | None:
     """The source file of a `module:function` spec's module, found on sys.path (PYTHONPATH, the working directory) as
     `import` finds a plain module or package, without importing it (make's checks must stay fast and run no one's
     code); None when the spec is not of that form or no such file is there."""
-    match = FUNCTION_SPEC.fullmatch(spec)
-    if not match:
+    module = function_spec_module(spec)
+    if module is None:
         return None
-    parts = match.group(1).split(".")
+    parts = module.split(".")
     for entry in sys.path:
         base = Path(entry or ".").joinpath(*parts)
         for candidate in (base / "__init__.py", base.parent / f"{parts[-1]}.py"):  # a package first, as import does

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import ConfigError, module_source, resolve_path
+from pipeline.config import ConfigError, function_spec_module, module_source, resolve_path
 
 BUILTIN = ("sentiment",)
 FORMS = "sentiment, rm:<reward adapter dir or checkpoint>, or module:function"
@@ -186,9 +186,7 @@ def judge_kind(spec: str) -> tuple[str, str]:
         return spec, spec
     if spec.startswith("rm:") and spec[3:].strip():
         return "rm", spec[3:].strip()
-    module_name, colon, function_name = spec.partition(":")
-    if colon and module_name and function_name and all(part.isidentifier() for part in module_name.split(".")) \
-            and function_name.isidentifier():
+    if function_spec_module(spec):
         return "function", spec
     raise ConfigError(f"unknown judge '{spec}': name one of {FORMS}")
 

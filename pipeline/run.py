@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import FUNCTION_SPEC, REPO_ROOT, ConfigError, module_source, resolve_path
+from pipeline.config import REPO_ROOT, ConfigError, function_spec_module, module_source, resolve_path
 
 # Files above this size (a real base checkpoint) are fingerprinted by size and modification time, not read:
 # hashing gigabytes on every `make` would take longer than the check is worth.
@@ -133,7 +133,7 @@ def paths_named_in(values: Any, own_dir: Path) -> set[str]:
         elif isinstance(v, (list, tuple)):
             secret = secret_file_values(list(v))
             stack += [item for i, item in enumerate(v) if i not in secret]
-        elif isinstance(v, str) and FUNCTION_SPEC.fullmatch(v):  # a judge `module:function`: its module's source
+        elif isinstance(v, str) and function_spec_module(v):  # a judge `module:function`: its module's source
             source = module_source(v)
             if source is not None:
                 found.add(str(source.resolve()))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.adapters import read_pooling
 from pipeline.config import REPO_ROOT, ConfigError, resolve_path
+from pipeline.data import own_files
 from pipeline.judges import describe_judge
 from pipeline.run import manifest_digest
 from stages.eval_compare import policy_method
@@ -192,9 +193,9 @@ def data_files_used(manifests: dict[str, dict], base: str) -> dict[str, set[str]
 def own_or_bundled(path: str) -> str:
     """A data file as the card names it: repo-relative when it is bundled (it resolves under the repo's data/), else
     OWN_DATA and its name (a file of yours, wherever it is: never this machine's path)."""
-    resolved = resolve_path(path).resolve()
-    data = REPO_ROOT.resolve() / "data"
-    return str(resolved.relative_to(REPO_ROOT.resolve())) if resolved.is_relative_to(data) else OWN_DATA + Path(path).name
+    if own_files([path]):
+        return OWN_DATA + Path(path).name
+    return str(Path("data") / resolve_path(path).resolve().relative_to((REPO_ROOT / "data").resolve()))
 
 
 def labeled_prompts(label: dict, pairs: dict | None) -> str | None:
