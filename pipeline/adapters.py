@@ -295,6 +295,14 @@ class AdapterStack:
         return pool_scores(self.values(name, input_ids, attention_mask), input_ids, attention_mask,
                            self.causal_lm.config.pad_token_id, self.pooling.get(name, "last"), starts)
 
+    def whole_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict without a sharded base's weights (DTensors): what an adapter is saved from. peft
+        gathers every DTensor of the state dict it is given (a collective), and the main process saves alone; the
+        adapters and heads are whole on every rank."""
+        from torch.distributed.tensor import DTensor
+
+        return {k: v for k, v in self.model.state_dict().items() if not isinstance(v, DTensor)}
+
     def save(self, name: str, out_dir: str | Path) -> Path:
         """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name), replacing the folder whole by
         renames: a rewrite killed midway leaves the old folder (or it beside, as .NAME.old) or the new one, never the
@@ -309,7 +317,7 @@ class AdapterStack:
         for leftover in (tmp, old):
             shutil.rmtree(leftover, ignore_errors=True)
         try:
-            self.model.save_pretrained(str(tmp), selected_adapters=[name])
+            self.model.save_pretrained(str(tmp), selected_adapters=[name], state_dict=self.whole_state_dict())
             src = tmp / name if (tmp / name).is_dir() else tmp
             if out_dir.exists():
                 out_dir.rename(old)

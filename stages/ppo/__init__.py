@@ -13,8 +13,9 @@ keep_policy_every updates), heldout_prompts.jsonl, checkpoints/, config.json, ma
 One base, four adapters (pipeline.adapters.AdapterStack): policy (trainable, from SFT), reference (SFT, frozen),
 value (trainable, LoRA + scalar head initialised from the RM: Stiennon et al. 2020), reward (RM, frozen).
 rollout.py samples and scores, losses.py holds the PPO arithmetic, trainer.py the loop and checkpoints.
-Launched with an FSDP accelerate config (or --shard_base true), the frozen base is sharded across the processes
-with torch FSDP2 (sharding.py): each rank holds ~1/world of it, so a base larger than one GPU trains.
+Launched with an FSDP accelerate config (or --shard_base true), the frozen base is loaded sharded across the processes
+with torch FSDP2 (pipeline/sharding.py, the engine of every stage; sharding.py decides): each rank reads and holds
+~1/world of it, so a base larger than one GPU, or than one rank's share of host memory, trains.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from pipeline.generation import keep_end
 from pipeline.models import is_main_process, launch_mixed_precision
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
+from pipeline.sharding import requested as fsdp_requested, take_over_from_accelerate
 
 from .config import SCHEDULERS_OVER_TOTAL, PPOConfig
-from .sharding import base_numel, sharding_wanted, shard_base
+from .sharding import base_numel, sharding_wanted
 from .trainer import PPOTrainer, checkpoint_info, latest_checkpoint
 
 
@@ -164,16 +166,17 @@ def check_adapter_kinds(sft_dir: Path, rm_dir: Path) -> None:
 
 def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool,
                 shard: bool = False, with_value: bool = True, reward_ensemble=None):
-    """The base with its adapters (no value adapter for critic-free estimators). `shard`: FSDP2 over all ranks
-    (stages/ppo/sharding.py); the base then stays on the CPU until sharded, and only each rank's shard goes to `device`.
+    """The base with its adapters (no value adapter for critic-free estimators). `shard`: the base loaded sharded over
+    all ranks (pipeline.sharding: each rank reads only its shard of each weight, onto its device); the adapters and
+    heads put on it afterwards stay whole.
     `reward_ensemble` (adapters.reward_members of the rm manifest): an ensemble's other members are loaded too, and
     stack.scores("reward") is then their ensemble_score; the value starts from rm_dir, the first member."""
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
 
     check_adapter_kinds(sft_dir, rm_dir)
-    base = load_base(profile, tokenizer)
-    if not profile.load_in_4bit and not shard:  # a 4-bit base is placed on its GPU when loaded
+    base = load_base(profile, tokenizer, shard=shard)
+    if not profile.load_in_4bit and not shard:  # a 4-bit base is placed on its GPU when loaded, a sharded one too
         base.to(device)
     try:
         members, member_stats = reward_ensemble or ({"reward": rm_dir}, [(0.0, 1.0)])
@@ -198,8 +201,7 @@ def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradien
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if shard:
-        shard_base(stack, device)
+    stack.sharded = shard  # rollout: the sampling loops then end together on every rank (lockstep)
     return stack
 
 
@@ -334,6 +336,9 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
 
     from accelerate.utils import parse_flag_from_env
 
+    # An FSDP config: this stage shards the base itself when it loads it (pipeline.sharding), accelerate must not.
+    take_over_from_accelerate()
+    fsdp_config = fsdp_requested()
     # PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without cpu=True, two CPU ranks
     # launched by torchrun would each come up as a lone process (STACK-NOTES item 2).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
@@ -420,10 +425,10 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
                                         + "\n" for p in heldout))
     n_base = sum(p.numel() for p in stack.model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in trainer.params)
-    base_full, base_mine = base_numel(stack)
-    base_per_rank = trainer.gather(base_mine)
-    if state.is_main_process and not shard and state.num_processes > 1 and state.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        print(f"note: {state.distributed_type.name} config with shard_base: {cfg.shard_base}: every rank holds the whole "
+    base_full, base_mine, base_stored = base_numel(stack)
+    base_per_rank, stored_per_rank = trainer.gather(base_mine), trainer.gather(base_stored)
+    if state.is_main_process and not shard and state.num_processes > 1 and (fsdp_config or state.distributed_type.name == "DEEPSPEED"):
+        print(f"note: {'FSDP' if fsdp_config else state.distributed_type.name} config with shard_base: {cfg.shard_base}: every rank holds the whole "
               "frozen base (data parallel); PPO shards it with torch FSDP2 under an FSDP config or --shard_base true",
               file=sys.stderr)
     if state.is_main_process:
@@ -441,6 +446,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # 3. Train
     result = trainer.train(resume_from)
     digests = trainer.rank_digests()
+    peak_per_rank = trainer.gather(peak_memory_mb())  # a sharded base: what each rank held, not only the first
     if result["stopped"]:
         if state.is_main_process:
             print(f"stopped after {cfg.stop_after} update(s) (stop_after) at update {result['update']}; "
@@ -468,9 +474,9 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
             save_fingerprint(outputs[key], stack.causal_lm.config, base_path)
         if cfg.has_critic:
             trainer.write_value_offset(outputs["value_adapter"])
-        metrics = {**trainer.summary(), "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes,
+        metrics = {**trainer.summary(), "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": peak_per_rank, "world_size": state.num_processes,
                    "model_copies": 1, "frozen_params": n_base, "trainable_params": n_train, "base_sharded": shard,
-                   "base_numel": base_full, "base_numel_per_rank": base_per_rank,
+                   "base_numel": base_full, "base_numel_per_rank": base_per_rank, "base_stored_numel_per_rank": stored_per_rank,
                    "rank_param_digests": digests, "ranks_in_sync": len(set(digests)) == 1,
                    "reward_source": "reward_fn" if reward_fn else "reward_adapter", **notes,
                    "data": cfg.dataset_name or cfg.prompts_file, "advantage_estimator": cfg.advantage_estimator,

@@ -31,9 +31,9 @@ import torch
 from pipeline.adapters import adapter_of, ensemble_score, head_output, pool_scores
 from pipeline.generation import chat_reward_inputs, left_pad, response_texts, stop_token_ids, truncate_after_eos
 from pipeline.models import backbone
+from pipeline.sharding import on_every_rank
 
 from .losses import entropy_from_logits
-from .sharding import every_rank
 
 
 @dataclass
@@ -356,7 +356,7 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
     has_value = "value" in stack.model.peft_config
     lm.eval()
     # A sharded base (stages/ppo/sharding.py): the sampling loops end together on every rank.
-    all_ranks_done = (lambda flag: every_rank(flag, device)) if getattr(stack, "sharded", False) else None  # noqa: E731
+    all_ranks_done = (lambda flag: on_every_rank(flag, device)) if getattr(stack, "sharded", False) else None  # noqa: E731
 
     t0 = time.perf_counter()
     stack.use("policy")
