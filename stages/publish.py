@@ -34,9 +34,9 @@ from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, reso
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest, read_manifest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
-from stages.publish_card import (base_license, card_license, check_card, data_files_used, data_sources, dataset_license,
-                                 given_reward, hub_base, labeled_prompts, model_card, prompts_source, public_judge,
-                                 ships_base)
+from stages.publish_card import (ENSEMBLE_FILE, base_license, card_license, check_card, data_files_used, data_sources,
+                                 dataset_license, given_reward, hub_base, labeled_prompts, model_card, prompts_source,
+                                 public_judge, ships_base)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 
@@ -338,6 +338,16 @@ def trusts_its_code(sft: dict) -> bool:
     return bool(profile) and resolve_path(profile).is_file() and profile_from(profile).trust_remote_code
 
 
+def write_ensemble_member(folder: Path, index: int, stats: list[tuple[float, float]]) -> None:
+    """What a stranger needs to score as the ensemble PPO optimised (pipeline.adapters.ensemble_score): this member's
+    held-out reward mean and std, which live only in the run's rm manifest. One reward model is its own score."""
+    mean, std = stats[index]
+    (folder / ENSEMBLE_FILE).write_text(json.dumps(
+        {"member": index, "members": len(stats), "reward_mean": mean, "reward_std": std,
+         "rule": "ensemble reward = mean over the members (reward/, reward-1/, ...) of (score - reward_mean) / "
+                 "reward_std, each score as its score_pooling.json says"}, indent=1) + "\n")
+
+
 def published_rewards(rm: dict, given: str | None) -> dict[str, str]:
     """--include_reward's folders: the reward model the policy optimised, which is the rm stage's (its ensemble as
     reward/, reward-1/, ...) unless the RL stage was given another (`given`: given_reward). DPO has none of its own:
@@ -404,8 +414,11 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     if args.include_sft:
         copy_adapter(sft["outputs"]["adapter"], folder / "sft", base_ref)
         extras.append("sft/")
-    for name, path in rewards.items():  # an ensemble's other members beside the first: reward-1/, reward-2/, ...
+    member_stats = reward_members(rm)[1] if rewards and not given else []
+    for index, (name, path) in enumerate(rewards.items()):  # an ensemble's other members beside the first: reward-1/, ...
         copy_adapter(path, folder / name, base_ref)
+        if len(member_stats) > 1:
+            write_ensemble_member(folder / name, index, member_stats)
         extras.append(f"{name}/")
     merged_error = None
     if args.merged:

@@ -32,6 +32,7 @@ HOW_MADE = {  # the card's first sentence, by method (the `method` in the policy
     "reinforce_pp": "REINFORCE++ against that reward (no critic: returns normalised over the batch) with a KL penalty "
                     "to the SFT policy",
 }
+ENSEMBLE_FILE = "ensemble_member.json"  # beside each published member of a reward-model ensemble (stages/publish.py)
 NOT_HYPERPARAMETERS = {"save_every", "auto_resume", "resume", "report_to", "sample_every", "num_samples", "stop_after",
                        "generation_batch_size", "forward_batch_size", "logging_steps", "model_config", "sample_prompts",
                        "sample_max_new_tokens", "progress_bar"}  # bookkeeping
@@ -365,6 +366,23 @@ def reward_made(rm: dict, given: str | None = None) -> str:
     return made
 
 
+def reward_use(rm: dict, given: str | None, extras: list[str]) -> str:
+    """How to score as the published reward model(s) do: a stock load reads the head at the last token, which is not
+    the score of a `sum`-pooled model, and an ensemble's reward needs each member's held-out mean and std."""
+    members = [e.rstrip("/") for e in extras if e.startswith("reward")]
+    text = (f"The reward model{'s' if len(members) > 1 else ''} ({', '.join(f'`{m}/`' for m in members)}): LoRA + score "
+            f"head on the base; load each with `AutoModelForSequenceClassification` (`num_labels=1`) and "
+            f"`PeftModel.from_pretrained(model, repo, subfolder=\"{members[0]}\")`.")
+    if read_pooling(resolve_path(given) if given else rm["outputs"]["adapter"]) == "sum":
+        text += (" The score is not the stock output (the head at the last token): sum the head (`score`) over the "
+                 "hidden states of the reply's tokens, after the prompt as templated with its generation prompt, and "
+                 "divide by `sum_divisor` (`score_pooling.json`).")
+    if len(members) > 1:
+        text += (f" The reward the policy optimised is the mean over the members of (score − `reward_mean`) / "
+                 f"`reward_std`, each member's from its `{ENSEMBLE_FILE}`.")
+    return text
+
+
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
                sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None,
                license: dict | None = None) -> str:
@@ -422,6 +440,8 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     if "merged/" in extras:
         lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\", "
                   f"adapter_kwargs={{\"subfolder\": \"merged\"}})` (base and adapter merged).", ""]
+    if "reward/" in extras:
+        lines += [reward_use(manifests["rm"], given, extras), ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
     for stage in ("sft", args.policy) if method == "dpo" or given else ("sft", "rm", args.policy):
         hp = hyperparameters(manifests[stage])

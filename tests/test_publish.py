@@ -73,6 +73,7 @@ def test_dry_run_writes_and_lists_exactly_the_folder(runs, dry_run):
                  "merged/model.safetensors", "eval/report.md", "eval/plots/overview.png"):
         assert name in model, name
     assert "training_args.bin" not in " ".join(model) and "reward-1/adapter_config.json" not in model
+    assert "reward/ensemble_member.json" not in model  # one reward model: its own score, nothing to standardise
     assert "a reward model trained on preference pairs (TRL `RewardTrainer`)" in model["README.md"].decode()
     assert set(files_of(keep / "dataset")) == {"README.md", "data/train-00000-of-00001.parquet"}
     # every adapter names the base copied into the folder, not this checkout's runs/ or models/
@@ -937,6 +938,16 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
         assert read_pooling(folder / name) == "sum"  # the rule travels with the adapter
     assert "by the sum of its head over the reply's tokens divided by 16" in ModelCard.load(folder / "README.md").text
     assert not (folder / "reward-2").exists()
+    # the ensemble's reward from the published files alone: each member's held-out mean and std (fake_upstream's
+    # 0.1 * i and 1.0 + i), which were in the run's rm manifest only, and the card's rule for the score
+    for index, name in enumerate(("reward", "reward-1")):
+        member = json.loads((folder / name / "ensemble_member.json").read_text())
+        assert {k: member[k] for k in ("member", "members", "reward_mean", "reward_std")} == \
+            {"member": index, "members": 2, "reward_mean": [0.0, 0.1][index], "reward_std": [1.0, 2.0][index]}
+    text = ModelCard.load(folder / "README.md").text
+    assert "(`reward/`, `reward-1/`)" in text and "divide by `sum_divisor` (`score_pooling.json`)" in text
+    assert "mean over the members of (score − `reward_mean`) / `reward_std`, each member's from its " \
+           "`ensemble_member.json`" in text
     shutil.rmtree(runs / "t" / "publish")
     add_policy_stage(runs, profile, "rloo", seed=8)  # trained after the eval: no figures for it
     with pytest.raises(ConfigError, match="no figures for its rloo policy"):

@@ -1168,6 +1168,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-stored-numel-is-the-local', 'stages/ppo/sharding.py', 'sum(t.untyped_storage().nbytes() // t.element_size() for t in held)', 'sum(t.numel() for t in held)', 'tests/test_ppo_sharding.py -k frozen_base_alone'),
     ('fsdp-requested-case', 'pipeline/sharding.py', '"false")).lower() == "true"', '"false")) == "true"', 'tests/test_ppo_sharding.py -k follows_shard_base'),
     ('bench-shard-same-figures-loose', 'bench/bench_shard.py', 'if abs(va - vb) > 1e-5 * max(', 'if abs(va - vb) > 1e-3 * max(', 'tests/test_bench_shard.py'),
+    ('publish-ensemble-member-stats-of-first', 'stages/publish.py', '    mean, std = stats[index]\n', '    mean, std = stats[0]\n', 'tests/test_publish.py -k says_which_method'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
