@@ -366,7 +366,14 @@ def reward_made(rm: dict, given: str | None = None) -> str:
     return made
 
 
-def reward_use(rm: dict, given: str | None, extras: list[str]) -> str:
+def trained_on_labels(manifests: dict[str, dict], policy: str) -> str:
+    """The card's stages that trained on the run's label export: the rm stage, and DPO when its manifest records that it
+    read the export (DPO's policy learned from those labels directly)."""
+    read = ((manifests[policy].get("inputs") or {}).get("manifests") or {})
+    return ", ".join(sorted({"rm", *([policy] if "label-export" in read else [])}))
+
+
+def reward_use(rm: dict, given: str | None, extras: list[str], method: str) -> str:
     """How to score as the published reward model(s) do: a stock load reads the head at the last token, which is not
     the score of a `sum`-pooled model, and an ensemble's reward needs each member's held-out mean and std."""
     members = [e.rstrip("/") for e in extras if e.startswith("reward")]
@@ -378,8 +385,9 @@ def reward_use(rm: dict, given: str | None, extras: list[str]) -> str:
                  "hidden states of the reply's tokens, after the prompt as templated with its generation prompt, and "
                  "divide by `sum_divisor` (`score_pooling.json`).")
     if len(members) > 1:
-        text += (f" The reward the policy optimised is the mean over the members of (score − `reward_mean`) / "
-                 f"`reward_std`, each member's from its `{ENSEMBLE_FILE}`.")
+        text += (f" The reward {'eval scored with (DPO optimised none)' if method == 'dpo' else 'the policy optimised'} "
+                 f"is the mean over the members of (score − `reward_mean`) / `reward_std`, each member's from its "
+                 f"`{ENSEMBLE_FILE}`.")
     return text
 
 
@@ -441,7 +449,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\", "
                   f"adapter_kwargs={{\"subfolder\": \"merged\"}})` (base and adapter merged).", ""]
     if "reward/" in extras:
-        lines += [reward_use(manifests["rm"], given, extras), ""]
+        lines += [reward_use(manifests["rm"], given, extras, method), ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
     for stage in ("sft", args.policy) if method == "dpo" or given else ("sft", "rm", args.policy):
         hp = hyperparameters(manifests[stage])
@@ -458,10 +466,11 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
               "## Data", "", "| data | used by | source | license |", "|---|---|---|---|"]
     for s in sources:
         lines.append(f"| `{s['name']}` | {', '.join(sorted(s['stages']))} | {s['url'] or '—'} | {s['license']} |")
+    readers = trained_on_labels(manifests, args.policy)
     if dataset_repo:
-        lines.append(f"| [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}) | rm | {WHOSE[dataset_sources or 'people'].short} of this run | {args.dataset_license} |")
+        lines.append(f"| [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}) | {readers} | {WHOSE[dataset_sources or 'people'].short} of this run | {args.dataset_license} |")
     elif dataset_sources in WHOSE:  # the reward model's labels, not published (--include_dataset publishes them)
-        lines.append(f"| this run's preference labels (`make label-export`; not published) | rm | "
+        lines.append(f"| this run's preference labels (`make label-export`; not published) | {readers} | "
                      f"{WHOSE[dataset_sources].short} of this run | — |")
     lines += ["", "## Intended use and limits", "",
               "For research on and demonstrations of RLHF: comparing policies, studying reward models and PPO. Not for "

@@ -292,6 +292,14 @@ def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
         assert ("human-feedback" in tags) == (sources == "all")
         text = model_card(PublishArgs(), "me/x", "t", manifests, base, base, [], [], "me/x-preferences", sources)
         assert f"| [me/x-preferences](https://huggingface.co/datasets/me/x-preferences) | rm | {who} |" in text
+        # a DPO policy learned from the labels itself (its manifest read the export): the row names it beside rm
+        dpo = {"config": {"dpo": {"beta": 0.1}}, "metrics": {"eval_accuracy": 0.6},
+               "inputs": {"manifests": {"sft": "d", "label-export": "d"}}}
+        line = {"proxy_mean": 0.1, "gold_mean": None, "length_mean": 5.0, "no_eos": 0.0, "kl_mean": 0.0}
+        ev = {**manifests["eval"], "metrics": {**manifests["eval"]["metrics"], "comparison": {"sft": line, "dpo": line}}}
+        text = model_card(PublishArgs(policy="dpo"), "me/x", "t", {**manifests, "dpo": dpo, "eval": ev}, base, base, [],
+                          [], "me/x-preferences", sources)
+        assert f"| [me/x-preferences](https://huggingface.co/datasets/me/x-preferences) | dpo, rm | {who} |" in text
 
 
 def test_card_credits_each_data_file_to_its_own_source():
@@ -946,8 +954,12 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
             {"member": index, "members": 2, "reward_mean": [0.0, 0.1][index], "reward_std": [1.0, 2.0][index]}
     text = ModelCard.load(folder / "README.md").text
     assert "(`reward/`, `reward-1/`)" in text and "divide by `sum_divisor` (`score_pooling.json`)" in text
-    assert "mean over the members of (score − `reward_mean`) / `reward_std`, each member's from its " \
-           "`ensemble_member.json`" in text
+    assert "The reward the policy optimised is the mean over the members of (score − `reward_mean`) / `reward_std`, " \
+           "each member's from its `ensemble_member.json`" in text
+    main(PublishArgs(dry_run=True, include_reward=True, policy="dpo"), run)  # DPO optimised no reward model
+    text = ModelCard.load(folder / "README.md").text
+    assert "The reward eval scored with (DPO optimised none) is the mean over the members" in text
+    assert "the policy optimised" not in text
     shutil.rmtree(runs / "t" / "publish")
     add_policy_stage(runs, profile, "rloo", seed=8)  # trained after the eval: no figures for it
     with pytest.raises(ConfigError, match="no figures for its rloo policy"):

@@ -1169,6 +1169,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('fsdp-requested-case', 'pipeline/sharding.py', '"false")).lower() == "true"', '"false")) == "true"', 'tests/test_ppo_sharding.py -k follows_shard_base'),
     ('bench-shard-same-figures-loose', 'bench/bench_shard.py', 'if abs(va - vb) > 1e-5 * max(', 'if abs(va - vb) > 1e-3 * max(', 'tests/test_bench_shard.py'),
     ('publish-ensemble-member-stats-of-first', 'stages/publish.py', '    mean, std = stats[index]\n', '    mean, std = stats[0]\n', 'tests/test_publish.py -k says_which_method'),
+    ('publish-card-labels-credited-to-rm-only', 'stages/publish_card.py', 'return ", ".join(sorted({"rm", *([policy] if "label-export" in read else [])}))', 'return "rm"', 'tests/test_publish.py -k simulated_labels_are_not'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
