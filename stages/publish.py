@@ -178,10 +178,12 @@ NOT_PART_OF_A_BASE = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_
 
 # ---------------------------------------------------------------------------------------------------- the upload
 
-def commit_message(args: PublishArgs, method: str) -> str:
-    """The user's message, else the chain that made the published policy (DPO has no reward model in it)."""
+def commit_message(args: PublishArgs, method: str, repo_type: str = "model") -> str:
+    """The user's message, else what the repo receives and the chain that made the published policy (DPO has no reward
+    model in it): the policy, or (the dataset repo) the preference labels it came from."""
     chain = "SFT -> DPO" if method == "dpo" else f"SFT -> reward model -> {method.upper().replace('_PP', '++')}"
-    return args.commit_message or f"Upload RLHF policy ({chain}, LoRA)"
+    what = "preference labels of an RLHF policy" if repo_type == "dataset" else "RLHF policy"
+    return args.commit_message or f"Upload {what} ({chain}, LoRA)"
 
 
 def check_private(api, repos: list[tuple[str, str]]) -> None:
@@ -259,8 +261,9 @@ def check_hub(api, args: PublishArgs, repos: list[tuple[str, str]]) -> None:
             check_private(api, repos)
 
 
-def upload(api, folders: list[tuple[Path, str, str]], args: PublishArgs, message: str) -> list[str]:
-    """One commit per repo: (folder, repo_id, repo_type) in order. Returns the commit URLs."""
+def upload(api, folders: list[tuple[Path, str, str]], args: PublishArgs, method: str) -> list[str]:
+    """One commit per repo: (folder, repo_id, repo_type) in order, each with its commit_message. Returns the commit
+    URLs."""
     done: list[str] = []
     at: dict = {}
     with hub_errors(api, done, at):
@@ -270,7 +273,8 @@ def upload(api, folders: list[tuple[Path, str, str]], args: PublishArgs, message
             if args.revision and args.revision != "main":
                 api.create_branch(repo, branch=args.revision, repo_type=repo_type, exist_ok=True)
             info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type=repo_type,
-                                     revision=args.revision or None, commit_message=message)
+                                     revision=args.revision or None,
+                                     commit_message=commit_message(args, method, repo_type))
             done.append(info.commit_url)
             print(f"uploaded {folder} -> {info.commit_url}")
     return done
@@ -466,8 +470,9 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
               f"{sum(s for _, s in files) / 1e6:.2f} MB, from {path}")
         for name, size in files:
             print(f"  {name:<60} {size:>12,}")
-    message = commit_message(args, policy_method(args.policy, policy))
-    commits = [] if args.dry_run else upload(api, targets, args, message)
+    method = policy_method(args.policy, policy)
+    message = commit_message(args, method)
+    commits = [] if args.dry_run else upload(api, targets, args, method)
     if args.dry_run:
         print("\ndry run: nothing uploaded. To publish: make publish REPO=user/name")
     metrics = {"repo_id": repo, "dry_run": args.dry_run, "files": len(list_folder(folder)), "commits": commits,

@@ -684,7 +684,9 @@ def test_upload_end_to_end_every_file_arrives_and_the_token_never_leaks(runs, dr
     assert hub.commits[("model", "tester/tiny-rlhf", "dev")] == files_of(keep / "model")  # the dry run, byte for byte
     assert hub.commits[("dataset", "tester/tiny-rlhf-preferences", "dev")] == files_of(keep / "dataset")
     assert ("POST", "/api/models/tester/tiny-rlhf/branch/dev") in hub.calls
-    assert set(hub.messages.values()) == {"Upload RLHF policy (SFT -> reward model -> PPO, LoRA)"}
+    assert hub.messages == {("model", "tester/tiny-rlhf", "dev"): "Upload RLHF policy (SFT -> reward model -> PPO, LoRA)",
+                            ("dataset", "tester/tiny-rlhf-preferences", "dev"):
+                                "Upload preference labels of an RLHF policy (SFT -> reward model -> PPO, LoRA)"}
     assert sorted(hub.created) == [("dataset", "tester/tiny-rlhf-preferences", "private"), ("model", "tester/tiny-rlhf", "private")]
     assert hub.auth == {f"Bearer {TOKEN}"}  # the token was used for every call...
     manifest = json.loads((runs / "t" / "publish" / "manifest.json").read_text())
@@ -879,6 +881,8 @@ def test_commit_message_names_the_method_that_made_the_policy():
     assert commit_message(PublishArgs(), "reinforce_pp") == "Upload RLHF policy (SFT -> reward model -> REINFORCE++, LoRA)"
     assert commit_message(PublishArgs(), "dpo") == "Upload RLHF policy (SFT -> DPO, LoRA)"
     assert commit_message(PublishArgs(commit_message="v2: more labels"), "ppo") == "v2: more labels"
+    assert commit_message(PublishArgs(), "dpo", "dataset") == "Upload preference labels of an RLHF policy (SFT -> DPO, LoRA)"
+    assert commit_message(PublishArgs(commit_message="v2: more labels"), "ppo", "dataset") == "v2: more labels"
 
 
 def test_no_network_is_one_clear_error(runs, dry_run):
