@@ -14,8 +14,8 @@ One base, four adapters (pipeline.adapters.AdapterStack): policy (trainable, fro
 value (trainable, LoRA + scalar head initialised from the RM: Stiennon et al. 2020), reward (RM, frozen).
 rollout.py samples and scores, losses.py holds the PPO arithmetic, trainer.py the loop and checkpoints.
 Launched with an FSDP accelerate config (or --shard_base true), the frozen base is loaded sharded across the processes
-with torch FSDP2 (pipeline/sharding.py, the engine of every stage; sharding.py decides): each rank reads and holds
-~1/world of it, so a base larger than one GPU, or than one rank's share of host memory, trains.
+with torch FSDP2 (pipeline/sharding.py, the engine of every stage; sharding.py decides): each rank holds ~1/world
+of it, so a base larger than one GPU trains.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def check_adapter_kinds(sft_dir: Path, rm_dir: Path) -> None:
 def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradient_checkpointing: bool,
                 shard: bool = False, with_value: bool = True, reward_ensemble=None):
     """The base with its adapters (no value adapter for critic-free estimators). `shard`: the base loaded sharded over
-    all ranks (pipeline.sharding: each rank reads only its shard of each weight, onto its device); the adapters and
+    all ranks (pipeline.sharding: each rank keeps only its shard of each weight, on its device); the adapters and
     heads put on it afterwards stay whole.
     `reward_ensemble` (adapters.reward_members of the rm manifest): an ensemble's other members are loaded too, and
     stack.scores("reward") is then their ensemble_score; the value starts from rm_dir, the first member."""

@@ -3,9 +3,9 @@
     shard = sharding_wanted(cfg, world_size, profile)   # before the run folder is touched (may raise ConfigError)
     build_stack(..., shard=shard)                      # the base loaded already sharded (pipeline.sharding)
 
-The engine is every stage's (pipeline/sharding.py): `load_base(..., shard=True)` gives each rank only its shard of
-each weight, read as it loads (`from_pretrained(distributed_config=...)`), so no rank ever holds the whole base, in
-host memory either. Each decoder layer, the embeddings, the final norm and the LM head are one FSDP unit each: a
+The engine is every stage's (pipeline/sharding.py): `load_base(..., shard=True)` keeps on each rank only its shard of
+each weight as it reads them (`from_pretrained(distributed_config=...)`), so no rank holds the whole base on its
+device (what that saves and does not on the CPU: `make bench-shard`). Each decoder layer, the embeddings, the final norm and the LM head are one FSDP unit each: a
 forward through the causal LM, a direct call of the trunk (`backbone(lm)(...)` for values and rewards) and
 TopLayers' replay of single decoder layers all gather exactly the weights they use. The LoRA adapters and the
 scalar heads (added after the load) stay whole on every rank: they are <1% of the weights, so the update path is
