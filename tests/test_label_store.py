@@ -315,6 +315,64 @@ def test_kill9_while_writing_loses_no_acknowledged_label(tmp_path):
     assert again.next_item("w0").pair_id not in {p for p, _ in stored}
 
 
+def disk_full_at(monkeypatch, pages: int | None) -> None:
+    """Every store connection from now on meets a disk with room for `pages` pages of its file (None: as it is now):
+    SQLite's own "database or disk is full" (SQLITE_FULL), as a full disk gives it."""
+    connect = LabelStore._connect
+
+    def full_connect(self):
+        con = connect(self)
+        now = con.execute("PRAGMA page_count").fetchone()[0]
+        con.execute(f"PRAGMA max_page_count={now if pages is None else pages}")
+        return con
+
+    monkeypatch.setattr(LabelStore, "_connect", full_connect)
+
+
+def test_a_full_disk_is_said_as_one_and_leaves_no_empty_store_behind(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.run import disk_problem
+
+    db = tmp_path / "labels.sqlite"
+    whole = LabelStore(db)
+    whole.import_items(pairs(3))
+    whole.save_label("alice", "p000", "left", 0)
+    disk_full_at(monkeypatch, None)
+    with pytest.raises(OSError) as full:  # a label on a full disk: not "damaged", nothing stored
+        whole.import_items(pairs(400))
+    assert (full.value.errno, full.value.filename) == (errno.ENOSPC, str(db))
+    assert disk_problem(full.value) == (
+        f"cannot write {db}: No space left on device: free space on that disk, or point RUNS_DIR= (--runs_dir) at a "
+        f"disk with room, and run the same command again")
+    assert [lab["pair_id"] for lab in whole.labels()] == ["p000"] and len(whole.servable_pairs()) == 3
+
+    new = tmp_path / "new" / "labels.sqlite"
+    disk_full_at(monkeypatch, 1)  # a new store's schema takes more pages than the disk has
+    with pytest.raises(OSError) as full:
+        LabelStore(new)
+    assert (full.value.errno, full.value.filename) == (errno.ENOSPC, str(new))
+    assert sorted(new.parent.iterdir()) == []  # no 0-byte store, refused as a truncated copy once space is freed
+    monkeypatch.undo()
+    LabelStore(new).import_items(pairs(2))  # the same command, with room, makes it
+    assert len(LabelStore(new).servable_pairs()) == 2
+
+
+def test_a_store_sqlite_cannot_open_is_unwritable_only_when_its_folder_is(tmp_path, monkeypatch):
+    import errno
+
+    from stages.label.store import disk_error
+
+    db = tmp_path / "labels.sqlite"
+    LabelStore(db).import_items(pairs(2))
+    cannot_open = sqlite3.OperationalError("unable to open database file")
+    cannot_open.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN
+    assert disk_error(cannot_open, db) is None  # a writable folder: some other fault, said as SQLite says it
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)  # as a chmod 555 folder to a non-root user
+    unwritable = disk_error(cannot_open, db)
+    assert (unwritable.errno, unwritable.filename) == (errno.EACCES, str(db))
+
+
 def test_the_store_digest_sees_the_side_clicked_and_the_order_shown(tmp_path):
     """`make rm` exports again when a label changes: the store digest fresh_export compares changes with the side
     clicked alone (left -> right) and with the order shown alone (which response was on the left), since either

@@ -14,6 +14,7 @@ People spend hours on these labels, so the rules are strict:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -217,6 +218,23 @@ def lock_store(path: Path, then: str = "use that one, or stop it first (each run
     return f
 
 
+def disk_error(err: sqlite3.Error, path: Path) -> OSError | None:
+    """The disk fault behind SQLite's error on the store at `path`, as the OSError that pipeline.run.disk_problem turns
+    into one line naming the store and the fix (free space, make it writable); None for any other error. SQLite says
+    only "database or disk is full" or "unable to open database file", which read as a damaged store: its fix,
+    "restore it from a backup", sent people after a backup of labels that were whole."""
+    code = (getattr(err, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+    if code == sqlite3.SQLITE_FULL:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    folder = path.parent if path.parent.is_dir() else None
+    writable = folder is not None and os.access(folder, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN) and folder is not None and not writable:
+        read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+        code = errno.EROFS if read_only else errno.EACCES
+        return OSError(code, os.strerror(code), str(path))
+    return None
+
+
 def count_labels(path: Path) -> int:
     """How many labels a store holds, read only (0 when there is no store). For stages that must not miss them."""
     path = Path(path)
@@ -282,6 +300,12 @@ def preferred_index(choice: str, shown_left: int) -> int | None:
     return None
 
 
+def drop_new_store(path: Path) -> None:
+    """Delete the store files that opening a new store at `path` created before the disk refused it (no label in them)."""
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        (path.parent / name).unlink(missing_ok=True)
+
+
 class LabelStore:
     def __init__(self, path: str | Path, overlap: int = 1, lease_s: float = 900.0, seed: int = 0,
                  clock: Callable[[], float] = time.time, max_note_chars: int = 2000):
@@ -302,8 +326,13 @@ class LabelStore:
                 con.executescript(SCHEMA)
             finally:
                 con.close()
-        except sqlite3.DatabaseError as err:  # a valid header over damaged pages
-            raise ConfigError(f"label store {self.path} is damaged ({err}): restore it from a backup") from None
+        except sqlite3.DatabaseError as err:
+            disk = disk_error(err, self.path)
+            if disk is None:  # a valid header over damaged pages
+                raise ConfigError(f"label store {self.path} is damaged ({err}): restore it from a backup") from None
+            if not existed:  # the 0-byte file a full disk left would be refused as a truncated store once freed
+                drop_new_store(self.path)
+            raise disk from err
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -323,9 +352,12 @@ class LabelStore:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # SQLite rolls back by itself on a full disk; a ROLLBACK then hid why
+                    con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
+        except sqlite3.DatabaseError as err:  # a full or read-only disk: nothing of the transaction was stored
+            raise (disk_error(err, self.path) or err) from err
         finally:
             con.close()
 
