@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -461,23 +462,58 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+# The libraries that write checkpoints, adapters and kept batches, and the argument naming the file: their writers fail
+# without an errno (torch's zip writer: RuntimeError "basic_ios::clear: iostream error"; safetensors: SafetensorError
+# "I/O error: No space left on device (os error 28)"), which a full disk turned into two screens of traceback.
+LIBRARY_WRITERS = {(os.path.join("torch", "serialization.py"), "save"): "f",
+                   (os.path.join("safetensors", "torch.py"), "save_file"): "filename"}
+FREE_AT_FAILURE_BYTES = 1 << 20  # a disk with less than this free after a failed write: the write ran out of room
+
+
+def library_write_error(err: BaseException) -> OSError | None:
+    """The OSError behind a library writer's failure to write a file (LIBRARY_WRITERS: the file from the frame that was
+    writing it; the errno from the message, or else from the file's disk: read-only, or out of room), or None."""
+    tb, target = err.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        argument = next((arg for (file, name), arg in LIBRARY_WRITERS.items()
+                         if code.co_name == name and code.co_filename.endswith(file)), None)
+        if argument and isinstance(tb.tb_frame.f_locals.get(argument), (str, os.PathLike)):
+            target = os.fspath(tb.tb_frame.f_locals[argument])
+        tb = tb.tb_next
+    if target is None:
+        return None
+    said = re.search(r"\(os error (\d+)\)", str(err))
+    code = int(said.group(1)) if said else None
+    if code is None:
+        try:
+            disk = os.statvfs(os.path.dirname(os.path.abspath(target)))
+        except OSError:
+            return None
+        code = errno.EROFS if disk.f_flag & os.ST_RDONLY else \
+            errno.ENOSPC if disk.f_bavail * disk.f_frsize < FREE_AT_FAILURE_BYTES else None
+    return OSError(code, os.strerror(code), target) if code else None
+
+
 def disk_problem(err: BaseException) -> str | None:
-    """The one-line explanation of a disk fault anywhere in `err`'s chain (libraries wrap OSError in their own), or None."""
+    """The one-line explanation of a disk fault anywhere in `err`'s chain (libraries wrap OSError in their own, or
+    give none: library_write_error), or None."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL + NOT_WRITABLE + (errno.ENOTDIR,):
-            path = err.filename or "the run folder"
-            if err.errno in DISK_FULL:
+        fault = err if isinstance(err, OSError) else library_write_error(err)
+        if fault is not None and fault.errno in DISK_FULL + NOT_WRITABLE + (errno.ENOTDIR,):
+            path = fault.filename or "the run folder"
+            if fault.errno in DISK_FULL:
                 fix = ("free space on that disk, or point RUNS_DIR= (--runs_dir) at a disk with room, and run the "
                        "same command again")
-            elif err.errno == errno.ENOTDIR:
+            elif fault.errno == errno.ENOTDIR:
                 fix = "a part of that path is a file, not a folder: move the file away or choose another RUNS_DIR= / RUN="
             else:
                 fix = ("make it writable (chmod u+w, or remount the disk read-write), or point RUNS_DIR= (--runs_dir) "
                        "at a writable folder, and run the same command again")
-            what = "no access to" if err.errno in (errno.EACCES, errno.EPERM) else "cannot write"
-            return f"{what} {path}: {err.strerror or os.strerror(err.errno)}: {fix}"
+            what = "no access to" if fault.errno in (errno.EACCES, errno.EPERM) else "cannot write"
+            return f"{what} {path}: {fault.strerror or os.strerror(fault.errno)}: {fix}"
         err = err.__cause__ or err.__context__
     return None
 

@@ -10,7 +10,9 @@ import hashlib
 import importlib
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -433,6 +435,52 @@ def test_disk_fault_is_one_error_line_naming_the_path_and_the_fix(fault, tiny_mo
     fix = "free space" if fault == "disk-full" else "writable"
     assert fix in errors[0] and "RUNS_DIR=" in errors[0], errors[0]
     assert not target.exists()
+
+
+def test_a_library_writer_failing_on_a_full_or_read_only_disk_is_one_line_naming_its_file(tmp_path, monkeypatch):
+    """torch.save (a checkpoint's optimizer, the kept batches of pairs and eval) and safetensors (adapters) fail on a
+    full disk without an errno: a RuntimeError of torch's zip writer, a SafetensorError whose message holds it. Each
+    was two screens of traceback (two ranks' in `make pairs`); now the line a full disk gives, naming the file."""
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from pipeline.run import disk_problem
+
+    full = ("free space on that disk, or point RUNS_DIR= (--runs_dir) at a disk with room, and run the same command "
+            "again")
+    optimizer = tmp_path / "checkpoint-2" / "optimizer.pt"
+    optimizer.parent.mkdir()
+    limit, on_limit = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, limit[1]))  # torch's own failure: its writes refused at 64 KiB
+    try:
+        with pytest.raises(RuntimeError) as torch_failed:
+            torch.save({"w": torch.zeros(100_000)}, str(optimizer))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, on_limit)
+
+    class Disk:  # the file's disk as statvfs reports it
+        f_flag, f_frsize, f_bavail = 0, 4096, 255
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Disk)
+    assert disk_problem(torch_failed.value) == f"cannot write {optimizer}: No space left on device: {full}"
+    Disk.f_flag = os.ST_RDONLY
+    assert disk_problem(torch_failed.value) == (
+        f"cannot write {optimizer}: Read-only file system: make it writable (chmod u+w, or remount the disk read-write), "
+        "or point RUNS_DIR= (--runs_dir) at a writable folder, and run the same command again")
+    Disk.f_flag, Disk.f_bavail = 0, 256  # 1 MiB free: the write did not run out of room, so the traceback is kept
+    assert disk_problem(torch_failed.value) is None
+
+    def no_room(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", no_room)
+    target = tmp_path / "adapter" / "adapter_model.safetensors"
+    with pytest.raises(SafetensorError) as safetensors_failed:
+        safetensors.torch.save_file({"w": torch.zeros(3)}, str(target))
+    assert disk_problem(safetensors_failed.value) == f"cannot write {target}: No space left on device: {full}"
+    assert disk_problem(RuntimeError("basic_ios::clear: iostream error")) is None  # no writer's frame: not a disk's
 
 
 # ---------------------------------------------------------------- through make: no usage dump, the flag or file named
