@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import ConfigError
 from stages.label.config import db_path
 from stages.label.store import LabelStore
-from tests.conftest import run_python
+from tests.conftest import REPO, run_python
 
 
 def labeled_run(runs_dir, run="r") -> LabelStore:
@@ -207,6 +207,56 @@ def test_a_new_export_replaces_the_old_one_completely(runs_dir):
     manifest = json.loads((runs_dir / "r/label-export/manifest.json").read_text())
     assert len(datasets.load_from_disk(manifest["outputs"]["dataset"])) == 3
     assert sorted(p.name for p in (runs_dir / "r").iterdir()) == ["label", "label-export"]
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+from stages.label import export
+real_rename, renames = os.rename, []
+def rename(src, dst):  # kill -9 as the export reaches rename number {at} (1: the last export moved aside)
+    renames.append(src)
+    if len(renames) == {at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(src, dst)
+export.os.rename = rename
+sys.argv[1:] = ["--config", "configs/label.yaml", "--run", "r", "--runs_dir", {runs!r}, "--overlap", "3"]
+export.main_guard(export.command_line_main)
+"""
+
+
+def test_an_export_killed_before_its_folder_is_in_place_leaves_nothing_the_next_one_keeps(runs_dir):
+    """kill -9 runs no clean-up: a killed export's half-built `.label-export.new-PID` stayed in the run folder for good
+    (each export deleted only its own pid's), and one killed between its two renames left the last export aside as
+    `.label-export.old-PID`, with none in place."""
+    import subprocess
+    import sys
+
+    store = labeled_run(runs_dir)
+    export_main(runs_dir)
+    out, run = runs_dir / "r/label-export", runs_dir / "r"
+    last = files(out)
+    store.save_label("ann", "tie", "left", 0)  # the next export's rows differ
+    first = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(at=1, runs=str(runs_dir))], cwd=REPO)
+    assert first.returncode == -9 and files(out) == last  # killed with its folder built, before the last one moved
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")][0].startswith(".label-export.new-")
+
+    second = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(at=2, runs=str(runs_dir))], cwd=REPO)
+    assert second.returncode == -9 and not out.exists()  # between the renames: the last export aside, none in place
+    aside = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
+    assert [name.rsplit("-", 1)[0] for name in aside] == [".label-export.new", ".label-export.old"]  # the first's gone
+    assert files(run / aside[1]) == last
+
+    from stages.label.export import clear_killed_exports
+
+    running = subprocess.Popen(["sleep", "60"])  # an export running now: its folder is its own
+    (run / f".label-export.new-{running.pid}").mkdir()
+    clear_killed_exports(out)  # what the next export does first: the last one back in place, the half-built one gone
+    running.kill()
+    running.wait()
+    assert files(out) == last and sorted(p.name for p in run.iterdir()) == [
+        f".label-export.new-{running.pid}", "label", "label-export"]
+    (run / f".label-export.new-{running.pid}").rmdir()
+    assert export_main(runs_dir)["rows"] == 3
 
 
 def rm_mixture(runs_dir, run):

@@ -239,6 +239,31 @@ def replace_folder(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_killed_exports(final: Path) -> None:
+    """What an export killed before it finished left beside `final` (replace_folder's names; kill -9 runs no clean-up):
+    its half-built `.NAME.new-PID`, which no later export deleted (each deletes only its own pid's), and, killed between
+    the two renames, the last export as `.NAME.old-PID`, which goes back in place when `final` is missing (the export
+    it was replaced for never arrived). Those of a live process, an export running now, are its own."""
+    for leftover in sorted(final.parent.glob(f".{final.name}.new-*")) + sorted(final.parent.glob(f".{final.name}.old-*")):
+        pid = leftover.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if ".old-" in leftover.name and not final.exists():
+            os.rename(leftover, final)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     import datasets
 
@@ -288,6 +313,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     rows_state = rows_digest(rows)
     read_files = stage.inputs(config)["files"]
     pairs_state = manifest_digest(stage.upstream.get("pairs"))
+    clear_killed_exports(stage.dir)  # an export killed between its renames had left none in place: the last one back
     if export.refresh and last_rows_digest(stage) == rows_state:
         # e.g. people labeled eval's pairs, or the pairs were sampled again alike: the reward model's data is the same,
         # so it is not retrained
