@@ -378,11 +378,29 @@ def save_fingerprint(adapter_dir: str | Path, base_config, base_name: str) -> No
         json.dump({"base_model": base_name, "fingerprint": fingerprint(base_config)}, f, indent=2)
 
 
+def unreadable_weights(weights: Path) -> str | None:
+    """Why a safetensors file cannot be read (its header or its length: a truncated file), or None; read lazily, no
+    tensor loaded. A missing file is another check's (a .bin adapter has none)."""
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt"):
+            return None
+    except Exception as err:  # SafetensorError: "invalid header length", "incomplete metadata, file not fully covered"
+        return str(err)
+
+
 def check_adapter(adapter_dir: str | Path, base_config, what: str) -> Path:
     """Refuse a missing adapter, or one trained on another base, with one clear message."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"{what} adapter {adapter_dir} is missing (no adapter_config.json): rerun the stage that makes it")
+    damage = unreadable_weights(adapter_dir / "adapter_model.safetensors")
+    if damage:  # `make` sees its stage as up to date (a manifest records inputs, not its outputs' bytes): FORCE=1
+        raise ConfigError(f"{what} adapter {adapter_dir} is damaged: adapter_model.safetensors cannot be read ({damage}; "
+                          f"cut short by a copy or a full disk?): rerun the stage that makes it with FORCE=1")
     fp_file = adapter_dir / FINGERPRINT_FILE
     if fp_file.is_file():
         saved = json.loads(fp_file.read_text())

@@ -405,6 +405,26 @@ def test_run_folder_under_a_regular_file_is_one_error_line(tiny_models, tmp_path
     assert (tmp_path / "not_a_folder").read_text() == "a file"
 
 
+@pytest.mark.parametrize("module, args, cut", [("stages.pairs", PAIRS, "sft"), ("stages.ppo", PPO, "rm")])
+def test_a_cut_short_upstream_adapter_is_one_line_naming_it_and_force(module, args, cut, tiny_models, tmp_path, capsys):
+    """An upstream adapter cut short (a copy, a full disk): `make` takes its stage as up to date (a manifest records
+    its inputs, not its outputs' bytes), and the next stage crashed in safetensors with every rank's traceback."""
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])  # its own: the manifests name their adapters' paths
+    weights = runs / "t" / cut / "adapter" / "adapter_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 100)
+    before = tree(runs)
+    code, errors, err = run_stage(module, args + ["--run", "t", "--runs_dir", str(runs),
+                                                  "--model_config", str(tiny_models["llama"])], capsys)
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert errors[0].endswith(
+        f" adapter {weights.parent} is damaged: adapter_model.safetensors cannot be read (Error while deserializing "
+        f"header: incomplete metadata, file not fully covered; cut short by a copy or a full disk?): rerun the stage "
+        f"that makes it with FORCE=1"), errors[0]
+    assert "could not put" not in errors[0]  # PPO's line for an adapter of another base does not wrap it
+    assert tree(runs) == before
+
+
 @pytest.mark.parametrize("fault", ["read-only", "disk-full"])
 def test_disk_fault_is_one_error_line_naming_the_path_and_the_fix(fault, tiny_models, tmp_path, capsys, monkeypatch):
     """Read-only: a folder without write permission (as root, which chmod does not stop, the write raises EROFS as a

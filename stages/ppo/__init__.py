@@ -186,6 +186,8 @@ def build_stack(profile, tokenizer, sft_dir: Path, rm_dir: Path, device, gradien
             del adapters["value"]
         stack = AdapterStack.build(profile, tokenizer, adapters, trainable=("policy", "value"), base_model=base)
         stack.add_ensemble("reward", list(members), member_stats)
+    except ConfigError:  # check_adapter's own line (a missing or damaged adapter) names the adapter and the fix
+        raise
     except (RuntimeError, ValueError, KeyError) as err:  # size mismatches of an adapter made for another base
         raise ConfigError(f"could not put the sft adapter {sft_dir} and reward adapter {rm_dir} on base "
                           f"{profile.name_or_path}: {str(err).splitlines()[0]}") from None
