@@ -396,7 +396,8 @@ def check_adapter(adapter_dir: str | Path, base_config, what: str) -> Path:
     """Refuse a missing adapter, or one trained on another base, with one clear message."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"{what} adapter {adapter_dir} is missing (no adapter_config.json): rerun the stage that makes it")
+        raise ConfigError(f"{what} adapter {adapter_dir} is missing (no adapter_config.json): rerun the stage that makes it "
+                          f"with FORCE=1 (`make` takes a stage whose outputs went as up to date)")
     damage = unreadable_weights(adapter_dir / "adapter_model.safetensors")
     if damage:  # `make` sees its stage as up to date (a manifest records inputs, not its outputs' bytes): FORCE=1
         raise ConfigError(f"{what} adapter {adapter_dir} is damaged: adapter_model.safetensors cannot be read ({damage}; "

@@ -389,7 +389,8 @@ def test_an_adapter_of_a_base_with_another_shape_is_refused_naming_what_differs(
         check_adapter(tmp_path, base, "reward")
     save_fingerprint(tmp_path, base, "same-base")
     assert check_adapter(tmp_path, base, "reward") == tmp_path
-    with pytest.raises(ConfigError, match=rf"SFT \(policy\) adapter {tmp_path / 'gone'} is missing \(no adapter_"):
+    with pytest.raises(ConfigError, match=rf"SFT \(policy\) adapter {tmp_path / 'gone'} is missing \(no adapter_config"
+                                          rf"\.json\): rerun the stage that makes it with FORCE=1 \(`make` takes"):
         check_adapter(tmp_path / "gone", base, "SFT (policy)")
 
 

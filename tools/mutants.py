@@ -1185,6 +1185,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('adapter-damage-unchecked', 'pipeline/models.py', '    if damage:  # `make` sees', '    if False:  # `make` sees', 'tests/test_trust_errors.py -k cut_short'),
     ('adapter-damage-read-as-whole', 'pipeline/models.py', '        with safe_open(str(weights), "pt"):\n            return None', '        return None', 'tests/test_trust_errors.py -k cut_short'),
     ('ppo-adapter-error-wrapped', 'stages/ppo/__init__.py', '    except ConfigError:  # check_adapter', '    except KeyboardInterrupt:  # check_adapter', 'tests/test_trust_errors.py -k cut_short'),
+    ('adapter-missing-without-force', 'pipeline/models.py', 'rerun the stage that makes it "\n                          f"with FORCE=1 (`make` takes', 'rerun the stage that makes it "\n                          f"(`make` takes', 'tests/test_trust_errors.py -k another_shape'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
