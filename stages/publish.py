@@ -11,11 +11,13 @@ merged into one plain model). With --include_dataset also runs/<run>/publish/dat
 as parquet + a dataset card) for a dataset repo.
 
 Every adapter_config.json names a base that works away from this checkout: the Hub id for a Hub base. The embedded
-tiny base is not on the Hub, so it travels in the folder (base/) and the adapter names it by its absolute path there:
-the folder loads with stock peft from any working directory, and the card shows how to load the repo from the Hub.
+tiny base is not on the Hub, so it travels in the folder (base/). The local folder's adapters name it by its absolute
+path there, so the folder loads with stock peft from any working directory; what is uploaded names it `base`, the
+repo's own folder (this machine's path would tell the Hub the publisher's name and folders, and load nowhere else),
+and the card shows how to load the repo from the Hub.
 
 The token comes from HF_TOKEN or `hf auth login`; it is never printed, logged or written. Each repo gets exactly one
-commit (huggingface_hub.upload_folder), so a failed upload leaves none of these files on the Hub.
+commit (HfApi.create_commit), so a failed upload leaves none of these files on the Hub.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from stages.publish_card import (ENSEMBLE_FILE, base_license, card_license, chec
                                  public_judge, ships_base)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
+BASE_FIELDS = (("adapter_config.json", "base_model_name_or_path"), (FINGERPRINT_FILE, "base_model"))  # name the base
+REPO_BASE = "base"  # a shipped base as the uploaded adapters name it: the repo's folder, not the publisher's path
 
 
 
@@ -77,12 +81,27 @@ def copy_adapter(src: str | Path, dst: Path, base_ref: str) -> Path:
     for f in sorted(Path(src).iterdir()):
         if f.is_file() and f.name not in ADAPTER_SKIP:
             shutil.copy2(f, dst / f.name)
-    for name, key in (("adapter_config.json", "base_model_name_or_path"), (FINGERPRINT_FILE, "base_model")):
+    for name, key in BASE_FIELDS:
         if (dst / name).is_file():
             data = json.loads((dst / name).read_text())
             data[key] = base_ref
             (dst / name).write_text(json.dumps(data, indent=2) + "\n")
     return dst
+
+
+def naming_the_repos_base(folder: Path, local_base: str) -> dict[str, bytes]:
+    """The files the repo receives in place of those that name the shipped base by its path on this machine (every
+    adapter's adapter_config.json and pipeline_base.json, `local_base`): the same JSON naming it REPO_BASE. The local
+    folder keeps the path, so that it loads from any working directory; on the Hub the path would only tell others the
+    publisher's user name and folders (and a downloaded copy loads from its own root with REPO_BASE)."""
+    replaced = {}
+    for name, _ in list_folder(folder):
+        for file_name, key in BASE_FIELDS:
+            if Path(name).name == file_name:
+                data = json.loads((folder / name).read_text())
+                if data.get(key) == local_base:
+                    replaced[name] = (json.dumps({**data, key: REPO_BASE}, indent=2) + "\n").encode()
+    return replaced
 
 
 MERGED_ERROR_WARNING = 0.1  # above this share of the update lost, merged/ is not the policy eval measured
@@ -261,19 +280,23 @@ def check_hub(api, args: PublishArgs, repos: list[tuple[str, str]]) -> None:
             check_private(api, repos)
 
 
-def upload(api, folders: list[tuple[Path, str, str]], args: PublishArgs, method: str) -> list[str]:
-    """One commit per repo: (folder, repo_id, repo_type) in order, each with its commit_message. Returns the commit
-    URLs."""
+def upload(api, folders: list[tuple[Path, str, str, dict[str, bytes]]], args: PublishArgs, method: str) -> list[str]:
+    """One commit per repo: (folder, repo_id, repo_type, replaced) in order, each with its commit_message: the files
+    list_folder lists, those in `replaced` (name -> bytes: naming_the_repos_base) with those bytes. Returns the
+    commit URLs."""
+    from huggingface_hub import CommitOperationAdd
+
     done: list[str] = []
     at: dict = {}
     with hub_errors(api, done, at):
-        for folder, repo, repo_type in folders:
+        for folder, repo, repo_type, replaced in folders:
             at["repo"] = repo
             api.create_repo(repo, repo_type=repo_type, private=True if args.private else None, exist_ok=True)
             if args.revision and args.revision != "main":
                 api.create_branch(repo, branch=args.revision, repo_type=repo_type, exist_ok=True)
-            info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type=repo_type,
-                                     revision=args.revision or None,
+            files = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=replaced.get(name, folder / name))
+                     for name, _ in list_folder(folder)]
+            info = api.create_commit(repo_id=repo, repo_type=repo_type, operations=files, revision=args.revision or None,
                                      commit_message=commit_message(args, method, repo_type))
             done.append(info.commit_url)
             print(f"uploaded {folder} -> {info.commit_url}")
@@ -461,15 +484,19 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 
-    # 4. List what goes where; upload unless --dry-run
-    targets = [(dataset_folder, dataset_repo, "dataset")] if dataset_folder else []
-    targets.append((folder, repo, "model"))  # the model last: its card links the dataset
-    for path, repo_id, kind in targets:
-        files = list_folder(path)
+    # 4. List what goes where (as uploaded: a shipped base named as the repo's folder); upload unless --dry-run
+    replaced = naming_the_repos_base(folder, base_ref) if local else {}
+    targets = [(dataset_folder, dataset_repo, "dataset", {})] if dataset_folder else []
+    targets.append((folder, repo, "model", replaced))  # the model last: its card links the dataset
+    for path, repo_id, kind, sent_instead in targets:
+        files = [(name, len(sent_instead[name]) if name in sent_instead else size) for name, size in list_folder(path)]
         print(f"\n{kind} repo {repo_id}{'@' + args.revision if args.revision else ''}: {len(files)} files, "
               f"{sum(s for _, s in files) / 1e6:.2f} MB, from {path}")
         for name, size in files:
             print(f"  {name:<60} {size:>12,}")
+        if sent_instead:
+            print(f"  ({len(sent_instead)} files name the base `{REPO_BASE}`, the repo's folder, in the repo; here its "
+                  f"path, so that this folder loads from any directory)")
     method = policy_method(args.policy, policy)
     message = commit_message(args, method)
     commits = [] if args.dry_run else upload(api, targets, args, method)

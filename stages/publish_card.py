@@ -441,10 +441,11 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
               "out = model.generate(**ids, max_new_tokens=64, do_sample=True, temperature=0.7)",
               "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", ""]
     if local:
-        lines += ["The base is not on the Hub, so it ships here under `base/`. In this repo's `adapter_config.json` it is "
-                  "named by the absolute path it had on the machine that published it (where the folder loads with "
-                  "`AutoPeftModelForCausalLM.from_pretrained(folder)` from any directory); from the Hub, load the base from "
-                  "`subfolder=\"base\"` as above.", ""]
+        lines += ["The base is not on the Hub, so it ships here under `base/`. This repo's `adapter_config.json` files "
+                  "name it `base`, that folder, relative to the working directory: from the Hub, load the base from "
+                  "`subfolder=\"base\"` as above; a downloaded copy also loads with "
+                  "`AutoPeftModelForCausalLM.from_pretrained(\".\")` run from its own root. (The folder `make publish` "
+                  "wrote before uploading names it by its absolute path there, so it loads from any directory.)", ""]
     if "merged/" in extras:
         lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\", "
                   f"adapter_kwargs={{\"subfolder\": \"merged\"}})` (base and adapter merged).", ""]

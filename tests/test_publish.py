@@ -665,23 +665,40 @@ def publish_once(server: FakeHub, runs_dir: Path, *args: str) -> subprocess.Comp
         server.close()
 
 
-@pytest.fixture
-def hub():
+@pytest.fixture(scope="module")
+def uploaded(runs, dry_run):
+    """The dry run's publish uploaded through a fake Hub: (the server, closed, with its record; the process).
+    HF_HUB_OFFLINE=1 as the Makefile exports it: publishing must still go online."""
     server = FakeHub()
-    yield server
-    server.close()
+    try:
+        proc = publish(runs, "--repo_id", "tester/tiny-rlhf", "--revision", "dev", "--private", "--include_sft",
+                       "--include_reward", "--merged", "--include_dataset",
+                       env={"HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"})
+    finally:
+        server.close()
+    return server, proc
 
 
-def test_upload_end_to_end_every_file_arrives_and_the_token_never_leaks(runs, dry_run, hub):
+def test_upload_end_to_end_every_file_arrives_and_the_token_never_leaks(runs, dry_run, uploaded):
     keep, _ = dry_run
-    # HF_HUB_OFFLINE=1 as the Makefile exports it: publishing must still go online
-    proc = publish(runs, "--repo_id", "tester/tiny-rlhf", "--revision", "dev", "--private", "--include_sft",
-                   "--include_reward", "--merged", "--include_dataset",
-                   env={"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"})
+    hub, proc = uploaded
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not hub.unknown, hub.unknown
     assert set(hub.commits) == {("model", "tester/tiny-rlhf", "dev"), ("dataset", "tester/tiny-rlhf-preferences", "dev")}
-    assert hub.commits[("model", "tester/tiny-rlhf", "dev")] == files_of(keep / "model")  # the dry run, byte for byte
+    # the dry run byte for byte, but for the adapters' name of the shipped base: the repo's folder, not its path here
+    sent, local = hub.commits[("model", "tester/tiny-rlhf", "dev")], files_of(keep / "model")
+    key_of = {"adapter_config.json": "base_model_name_or_path", "pipeline_base.json": "base_model"}
+    naming_the_base = sorted(name for name in local if Path(name).name in key_of)
+    assert naming_the_base == ["adapter_config.json", "pipeline_base.json", "reward/adapter_config.json",
+                               "reward/pipeline_base.json", "sft/adapter_config.json", "sft/pipeline_base.json"]
+    assert set(sent) == set(local)
+    for name in local:
+        if name in naming_the_base:
+            key = key_of[Path(name).name]
+            assert json.loads(local[name])[key] == str(runs / "t" / "publish" / "model" / "base"), name
+            assert json.loads(sent[name]) == {**json.loads(local[name]), key: "base"}, name
+        else:
+            assert sent[name] == local[name], name
     assert hub.commits[("dataset", "tester/tiny-rlhf-preferences", "dev")] == files_of(keep / "dataset")
     assert ("POST", "/api/models/tester/tiny-rlhf/branch/dev") in hub.calls
     assert hub.messages == {("model", "tester/tiny-rlhf", "dev"): "Upload RLHF policy (SFT -> reward model -> PPO, LoRA)",
@@ -698,6 +715,48 @@ def test_upload_end_to_end_every_file_arrives_and_the_token_never_leaks(runs, dr
             assert TOKEN.encode() not in f.read_bytes(), f
     for received in hub.commits.values():
         assert not any(TOKEN.encode() in data for data in received.values())
+
+
+def test_the_upload_names_no_local_path_and_loads_as_its_card_says(runs, uploaded, tmp_path):
+    """The adapters named the shipped base by the publisher's absolute path (/home/alice/.../publish/model/base):
+    nothing uploaded may name this machine's folders. The uploaded files, written to a fresh folder, load as the
+    card's snippet says, from another working directory, and with stock AutoPeftModel from the copy's own root;
+    both generate what the local folder does."""
+    import getpass
+    import tempfile
+
+    hub, proc = uploaded
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local_paths = {str(runs), str(REPO), tempfile.gettempdir() + "/", "/home/", os.path.expanduser("~") + "/",
+                   f"/{getpass.getuser()}/"}
+    for (kind, _, _), received in hub.commits.items():
+        for name, data in received.items():
+            for path in local_paths:
+                assert path.encode() not in data, (kind, name, path)
+
+    download, elsewhere = tmp_path / "download", tmp_path / "elsewhere"
+    for name, data in hub.commits[("model", "tester/tiny-rlhf", "dev")].items():
+        (download / name).parent.mkdir(parents=True, exist_ok=True)
+        (download / name).write_bytes(data)
+    elsewhere.mkdir()
+    card = (download / "README.md").read_text()
+    snippet = card.split("## How to use\n\n```python\n")[1].split("\n```")[0]
+    assert snippet.count('"tester/tiny-rlhf"') == 3 and 'subfolder="base"' in snippet
+    script = snippet.replace('"tester/tiny-rlhf"', repr(str(download))) + textwrap.dedent(f"""
+        import json, os
+        from peft import AutoPeftModelForCausalLM
+        greedy = lambda m: m.eval().generate(**ids, do_sample=False, max_new_tokens=12)[0].tolist()
+        out = {{"card": greedy(model), "prompt": ids["input_ids"].shape[1],
+                "local": greedy(AutoPeftModelForCausalLM.from_pretrained({str(runs / "t" / "publish" / "model")!r}))}}
+        os.chdir({str(download)!r})
+        out["root"] = greedy(AutoPeftModelForCausalLM.from_pretrained("."))
+        print(json.dumps(out))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["card"] == out["local"] == out["root"] and len(out["card"]) > out["prompt"]
 
 
 def error_line(proc) -> str:

@@ -1186,6 +1186,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('adapter-damage-read-as-whole', 'pipeline/models.py', '        with safe_open(str(weights), "pt"):\n            return None', '        return None', 'tests/test_trust_errors.py -k cut_short'),
     ('ppo-adapter-error-wrapped', 'stages/ppo/__init__.py', '    except ConfigError:  # check_adapter', '    except KeyboardInterrupt:  # check_adapter', 'tests/test_trust_errors.py -k cut_short'),
     ('adapter-missing-without-force', 'pipeline/models.py', 'rerun the stage that makes it "\n                          f"with FORCE=1 (`make` takes', 'rerun the stage that makes it "\n                          f"(`make` takes', 'tests/test_trust_errors.py -k another_shape'),
+    ('publish-uploads-the-local-base-path', 'stages/publish.py', 'path_or_fileobj=replaced.get(name, folder / name)', 'path_or_fileobj=folder / name', 'tests/test_publish.py -k names_no_local_path'),
+    ('publish-repo-base-named-by-path', 'stages/publish.py', 'replaced[name] = (json.dumps({**data, key: REPO_BASE}, indent=2) + "\\n").encode()', 'replaced[name] = (json.dumps(data, indent=2) + "\\n").encode()', 'tests/test_publish.py -k upload_end_to_end'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
