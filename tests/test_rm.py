@@ -728,6 +728,23 @@ def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_da
 
 # ---------------------------------------------------------------- score pooling
 
+def test_an_empty_sequence_scores_zero_without_a_forward(tiny_models):
+    """The empty prompt of a plain-text pair (no prompt, no BOS) that `sum` pooling subtracts sums over nothing: 0,
+    without a forward, and the other sequences of its batch score as they do alone. Mutant: the empty sequence
+    batched, an all-pad row whose head output at position 0 became its score."""
+    from stages.rm_scoring import score
+
+    prof = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(prof)
+    torch.manual_seed(0)
+    model = load_base(prof, tok, kind="score")
+    seq = tok("a short reply")["input_ids"]
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([seq])).logits[0, 0].item()
+    assert score(model, [[], seq], tok.pad_token_id, batch_size=2) == [0.0, pytest.approx(alone, abs=1e-6)]
+    assert score(model, [[]], tok.pad_token_id) == [0.0]
+
+
 def test_pool_scores_by_hand(tmp_path):
     """'last': the head at the last real token; 'sum': the head summed over the real tokens up to it, / 16. Right
     padding, left padding, and pad == eos (the final EOS is not read, as transformers reads it; one inside counts)."""

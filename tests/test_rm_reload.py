@@ -50,6 +50,17 @@ def test_scores_that_do_not_follow_blame_the_head():
     assert not v["ok"] and "score head was probably not saved" in v["problem"]
 
 
+def test_scores_that_only_roughly_follow_blame_the_head():
+    """Only scores that follow the stage's closely (correlation >= 0.99) point at a dtype: each score 0.5 or 1.0 off,
+    alternately up and down, still correlate 0.974 and 0.887 with the stage's (numpy.corrcoef of the eight scores),
+    and that is another head. Mutant: a looser threshold blaming the dtype for them."""
+    before = BEFORE_CHOSEN + BEFORE_REJECTED
+    for step, correlation in ((0.5, "0.974"), (1.0, "0.887")):
+        after = [s + step * (-1) ** i for i, s in enumerate(before)]
+        v = reload_verdict(BEFORE_CHOSEN, BEFORE_REJECTED, after[:4], after[4:], "bfloat16")
+        assert not v["ok"] and f"correlation {correlation}: the score head was probably not saved" in v["problem"]
+
+
 def test_bf16_stage_with_a_float32_head_passes_the_fresh_process_check(tiny_models_bf16, tmp_path):
     """What a bf16 reward stage sees when its score head trains in float32 (peft leaves modules_to_save in the base's
     dtype, so the stage keeps the head in float32): the stock reload in bf16 rounds that head. The scores differ by a
@@ -95,6 +106,14 @@ def test_bf16_tolerance_is_rounding_not_more():
                        "bfloat16")
     assert not v["ok"] and v["pairs_flipped"] == 0 and "more than bfloat16 rounding allows" in v["problem"]
     assert v["max_abs_diff"] == pytest.approx(0.2)
+
+
+def test_a_pair_flips_by_rounding_alone_when_its_margin_is_within_both_scores_tolerances():
+    """Each score may move by its tolerance, so a pair's margin by both: a margin of 1.5e-4 in float32 (atol 1e-4 a
+    score) turns to -3e-5 with each score 9e-5 off. That is rounding, not another model: it passes and no pair counts
+    as flipped. Mutant: a flip counted against one score's tolerance (1e-4 < 1.5e-4), failing a faithful reload."""
+    v = reload_verdict([3e-4], [1.5e-4], [2.1e-4], [2.4e-4], "float32")
+    assert v["ok"] and v["pairs_flipped"] == 0 and v["max_abs_diff"] == pytest.approx(9e-5)
 
 
 def test_an_adapter_file_without_the_score_head_is_refused(tmp_path):
