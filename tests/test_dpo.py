@@ -596,6 +596,35 @@ def test_the_reload_check_under_the_launchs_mixed_precision(tiny_models, marker_
     assert check["checked"] is False and check["dtype"] == "bfloat16 (mixed precision)", check
 
 
+def test_your_own_pairs_leave_rm_configs_bundled_files_out_of_the_inputs(tmp_path, monkeypatch):
+    """--dataset_name replaces the mixture DPO takes from rm_config: its bundled files are not read, so they are not
+    inputs of the run (editing one must not make `make` train DPO again). Stopped before the model loads. Mutant: the
+    stage not telling its StageRun (not_inputs)."""
+    import stages.dpo as dpo_stage
+
+    class Stop(Exception):
+        pass
+
+    made = []
+
+    class Recorded(StageRun):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    def stop(*_):
+        raise Stop
+
+    monkeypatch.setattr(dpo_stage, "StageRun", Recorded)
+    monkeypatch.setattr(dpo_stage, "profile_from", stop)
+    mine = write_jsonl(tmp_path / "mine.jsonl", marker_rows(4))
+    with pytest.raises(Stop):
+        main(*parse_args(["--config", str(REPO / "configs/recipes/assistant/dpo.yaml"), "--dataset_name", str(mine),
+                          "--runs_dir", str(tmp_path / "runs"), "--run", "r"]))
+    bundled = {f"data/preferences/{name}.jsonl" for name in ("oasst", "pandalm", "tulu")}
+    assert bundled <= made[0].not_read and str(mine) not in made[0].not_read
+
+
 def test_rm_configs_prompt_cut_too_long_for_dpo_names_rm_config(tmp_path):
     """rm_config's max_prompt_length is checked against DPO's own max_length, and the error names rm_config: the
     reward model's loader said only "max_prompt_length 100 must be ... half of max_length (128)", a setting found in

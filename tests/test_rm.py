@@ -507,6 +507,35 @@ def test_long_pairs_are_truncated_and_counted(tiny_models, tmp_path):
         prepare_data(args, train_cfg, None, tok)
 
 
+def test_your_own_pairs_leave_the_recipes_bundled_files_out_of_the_inputs(tmp_path, monkeypatch):
+    """--dataset_name replaces the recipe's mixture: its bundled files are not read, so they are not inputs of the run
+    (editing one must not make `make` train the reward model again). Stopped before the model loads. Mutant: the stage
+    not telling its StageRun (not_inputs), so the three bundled files stay inputs."""
+    import stages.rm as rm_stage
+
+    class Stop(Exception):
+        pass
+
+    made = []
+
+    class Recorded(StageRun):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    def stop(*_):
+        raise Stop
+
+    monkeypatch.setattr(rm_stage, "StageRun", Recorded)
+    monkeypatch.setattr(rm_stage, "profile_from", stop)
+    mine = write_jsonl(tmp_path / "mine.jsonl", marker_rows(4))
+    with pytest.raises(Stop):
+        main(*parse_args(["--config", str(REPO / "configs/recipes/assistant/rm.yaml"), "--dataset_name", str(mine),
+                          "--runs_dir", str(tmp_path / "runs"), "--run", "r"]))
+    bundled = {f"data/preferences/{name}.jsonl" for name in ("oasst", "pandalm", "tulu")}
+    assert bundled <= made[0].not_read and str(mine) not in made[0].not_read
+
+
 def test_plan_steps_follows_the_data():
     """At least min_steps and one epoch, at most max_epochs; evaluations spread so that the last step is one."""
     def plan(n, *extra):

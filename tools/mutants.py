@@ -1191,6 +1191,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-reload-flip-within-one-tolerance', 'stages/rm_scoring.py', '(margin.abs() > 2 * allowed[:n]', '(margin.abs() > allowed[:n]', 'tests/test_rm_reload.py -k flips_by_rounding'),
     ('rm-reload-loose-correlation-blames-dtype', 'stages/rm_scoring.py', 'if correlation >= 0.99:', 'if correlation >= 0.9:', 'tests/test_rm_reload.py -k only_roughly'),
     ('rm-score-empty-sequence-forwarded', 'stages/rm_scoring.py', 'for i in range(len(sequences)) if sequences[i])', 'for i in range(len(sequences)))', 'tests/test_rm.py -k empty_sequence_scores'),
+    ('rm-own-data-bundled-files-inputs', 'stages/rm.py', '        stage.not_inputs(args.dataset_mixture, args.dataset_name)\n', '        pass\n', 'tests/test_rm.py -k leave_the_recipes'),
+    ('dpo-own-data-bundled-files-inputs', 'stages/dpo.py', '        stage.not_inputs(preference_args(args).dataset_mixture, args.dataset_name)\n', '        pass\n', 'tests/test_dpo.py -k leave_rm_configs'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
