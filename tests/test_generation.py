@@ -195,3 +195,32 @@ def test_reply_texts_leave_out_the_stop_token_in_rollouts_and_eval_alike(llama):
     mask = torch.tensor([[1] * (len(words) + 1) + [0], [1] * (len(words) + 2)])
     assert tok.eos_token and tok.decode([tok.eos_token_id]) == tok.eos_token
     assert response_texts(tok, ids, mask) == [tok.decode(words).strip(), tok.decode(words + words[:2]).strip()]
+
+
+def test_a_checkpoints_sampling_defaults_do_not_reach_the_samplers(tiny_models, tmp_path):
+    """Every sampler here draws from softmax(logits / T) with the stage's own top_p / top_k, as PPO's sampler does and
+    the KL figures assume. A checkpoint's generation_config.json that sets Qwen's repetition_penalty 1.1, a
+    no_repeat_ngram_size or min_new_tokens would apply to pairs and eval silently (generate() fills every field it is
+    not given from it): load_base keeps only its special tokens, the pad id the tokenizer's. Mutant: the checkpoint's
+    generation_config kept as loaded."""
+    import json
+    import shutil
+
+    import yaml
+
+    from pipeline.models import load_base, load_tokenizer, profile_from
+
+    spec = yaml.safe_load(open(tiny_models["llama"]))
+    folder = shutil.copytree(spec["name_or_path"], tmp_path / "base")
+    loaded = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps(
+        {**loaded, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3, "min_new_tokens": 5, "top_k": 20,
+         "pad_token_id": 7 if loaded.get("pad_token_id") != 7 else 8}))  # another pad than the tokenizer's
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump({**spec, "name_or_path": str(folder)}))
+    profile = profile_from(str(tmp_path / "profile.yaml"))
+    tok = load_tokenizer(profile)
+    config = load_base(profile, tok).generation_config
+    # none set: generate() takes its own defaults, and the samplers their own temperature, top_p and top_k
+    assert (config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens, config.top_k) == (None,) * 4
+    assert (config.bos_token_id, config.eos_token_id) == (loaded["bos_token_id"], loaded["eos_token_id"])
+    assert config.pad_token_id == tok.pad_token_id not in (7, 8)

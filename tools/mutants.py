@@ -1193,6 +1193,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-score-empty-sequence-forwarded', 'stages/rm_scoring.py', 'for i in range(len(sequences)) if sequences[i])', 'for i in range(len(sequences)))', 'tests/test_rm.py -k empty_sequence_scores'),
     ('rm-own-data-bundled-files-inputs', 'stages/rm.py', '        stage.not_inputs(args.dataset_mixture, args.dataset_name)\n', '        pass\n', 'tests/test_rm.py -k leave_the_recipes'),
     ('dpo-own-data-bundled-files-inputs', 'stages/dpo.py', '        stage.not_inputs(preference_args(args).dataset_mixture, args.dataset_name)\n', '        pass\n', 'tests/test_dpo.py -k leave_rm_configs'),
+    ('models-checkpoint-sampling-defaults-kept', 'pipeline/models.py', '    model.generation_config = plain_sampling_config(model.generation_config, tokenizer.pad_token_id)\n', '    pass\n', 'tests/test_generation.py -k sampling_defaults_do_not'),
+    ('models-sampling-pad-the-checkpoints', 'pipeline/models.py', 'eos_token_id=loaded.eos_token_id, pad_token_id=pad_token_id)', 'eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id)', 'tests/test_generation.py -k sampling_defaults_do_not'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
