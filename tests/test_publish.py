@@ -521,6 +521,40 @@ def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
     assert DatasetCard.load(tmp_path / "out" / "README.md").data.to_dict()["license"] == "cc-by-4.0"
 
 
+def test_the_card_check_refuses_a_card_without_the_metadata_every_card_carries():
+    """check_card, the last check before a card is written: library_name, license and tags (ours and the method's) on
+    every card, base_model on one whose base is not in the repo (a local base ships under base/ and has none). A card
+    without them would be a bug of the card's writer, refused naming what is missing. Mutants: base_model or the
+    method's tag unchecked."""
+    from stages.publish_card import check_card
+
+    def card(**meta):
+        return "---\n" + "".join(f"{k}: {json.dumps(v)}\n" for k, v in meta.items()) + "---\n\n# a card\n"
+
+    whole = dict(library_name="peft", license="apache-2.0", tags=["trl", "rlhf", "grpo", "lora", "peft"])
+    check_card(card(**whole, base_model="someone/base"), local=False, method="grpo")
+    check_card(card(**whole), local=True, method="grpo")  # the base in the repo: no base_model
+    with pytest.raises(ConfigError, match=r"lacks metadata \['base_model'\]"):
+        check_card(card(**whole), local=False, method="grpo")
+    with pytest.raises(ConfigError, match=r"lacks metadata \['license'\]"):
+        check_card(card(**{**whole, "license": ""}, base_model="someone/base"), local=False, method="grpo")
+    with pytest.raises(ConfigError, match="'trl', 'rlhf', 'lora', 'peft', 'ppo'"):  # made by grpo, checked as ppo's
+        check_card(card(**whole, base_model="someone/base"), local=False, method="ppo")
+
+
+def test_the_cards_example_prompt_is_the_first_sft_sampled(tmp_path):
+    """The card's usage snippet asks the policy what SFT sampled first (samples.json: the task's own prompt), else the
+    first of SFT's sample_prompts, else a fixed one. Mutant: samples.json's last prompt."""
+    from stages.publish_card import EXAMPLE_PROMPT, example_prompt
+
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps([{"prompt": "Once upon a time", "before": "a"}, {"prompt": "The fox", "before": "b"}]))
+    config = {"sft": {"sample_prompts": ["Given prompt", "Another"]}}
+    assert example_prompt({"outputs": {"samples": str(samples)}, "config": config}) == "Once upon a time"
+    assert example_prompt({"outputs": {"samples": str(tmp_path / "gone.json")}, "config": config}) == "Given prompt"
+    assert example_prompt({"outputs": {}}) == EXAMPLE_PROMPT
+
+
 def test_card_for_a_hub_base_names_it(runs):
     """A Hub base: base_model metadata and a one-line AutoPeftModel snippet (card built without loading anything)."""
     from huggingface_hub import ModelCard
