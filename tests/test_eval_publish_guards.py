@@ -145,7 +145,8 @@ def test_card_of_a_flagged_non_ppo_policy_warns(tmp_path):
 def test_a_local_base_saved_as_bin_ships_its_weights(tmp_path, tiny_models):
     """A local base whose weights are pytorch_model.bin (save_pretrained(safe_serialization=False), older
     checkpoints): publish copies it under base/ with ignore_patterns("*.bin"), so base/ has a config and no weights,
-    while the card says the base is included."""
+    while the card says the base is included. What the folder holds beside the model (a git clone's .git/, a
+    Trainer's optimizer and rng state) stays out."""
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,7 +162,8 @@ def test_a_local_base_saved_as_bin_ships_its_weights(tmp_path, tiny_models):
     torch.save(model.state_dict(), bin_base / "pytorch_model.bin")  # as older transformers saved it
     (bin_base / "model.safetensors").unlink()
     AutoTokenizer.from_pretrained(spec["name_or_path"]).save_pretrained(bin_base)
-    for rel in (".git/config", ".cache/huggingface/download/model.safetensors.metadata", "training_args.bin"):
+    for rel in (".git/config", ".cache/huggingface/download/model.safetensors.metadata", "training_args.bin",
+                "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "trainer_state.json", "__pycache__/m.pyc"):
         (bin_base / rel).parent.mkdir(parents=True, exist_ok=True)  # a git clone / `hf download --local-dir` / Trainer
         (bin_base / rel).write_text("[remote]\nurl = https://user:hf_secret@huggingface.co/x\n")
     AutoModelForCausalLM.from_pretrained(bin_base)  # a loadable base
@@ -176,6 +178,8 @@ def test_a_local_base_saved_as_bin_ships_its_weights(tmp_path, tiny_models):
     AutoModelForCausalLM.from_pretrained(folder / "base")  # its weights are there (pytorch_model.bin)
     shipped = sorted(str(f.relative_to(folder / "base")) for f in (folder / "base").rglob("*") if f.is_file())
     assert "pytorch_model.bin" in shipped and not [f for f in shipped if f.startswith((".git", ".cache", "training_args"))]
+    # a base saved by a Trainer: its training state is not the model (mutant: the optimizer's state shipped)
+    assert not {"optimizer.pt", "scheduler.pt", "rng_state_0.pth", "trainer_state.json", "__pycache__/m.pyc"} & set(shipped)
 
 
 def test_dry_run_listing_is_what_upload_folder_sends(tmp_path):
