@@ -224,3 +224,21 @@ def test_a_checkpoints_sampling_defaults_do_not_reach_the_samplers(tiny_models, 
     assert (config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens, config.top_k) == (None,) * 4
     assert (config.bos_token_id, config.eos_token_id) == (loaded["bos_token_id"], loaded["eos_token_id"])
     assert config.pad_token_id == tok.pad_token_id not in (7, 8)
+
+
+@pytest.mark.parametrize("mixed, dtype", [("no", None), ("", None), ("NO", None), ("bf16", torch.bfloat16),
+                                          ("BF16", torch.bfloat16), ("fp16", torch.float16)])
+def test_the_launchs_mixed_precision_is_the_autocast_of_forwards_outside_a_trainer(mixed, dtype, monkeypatch):
+    """`accelerate launch` passes the config's mixed_precision on as ACCELERATE_MIXED_PRECISION: "no" or unset (an
+    empty value included) is no autocast, bf16 and fp16 their dtype's. Mutant: an empty value taken for a setting,
+    refused as an unknown mixed precision."""
+    from contextlib import nullcontext
+
+    from pipeline.models import launch_autocast
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", mixed)
+    context = launch_autocast(torch.device("cpu"), "pairs")
+    if dtype is None:
+        assert isinstance(context, nullcontext)
+    else:
+        assert isinstance(context, torch.autocast) and context.fast_dtype == dtype
