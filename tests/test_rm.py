@@ -793,6 +793,9 @@ def test_pool_scores_by_hand(tmp_path):
     assert pool_scores(per_token, ids, mask, pad, "last", starts).tolist() == [3.0, 5.0, 4.0]  # starts: sum only
     prompt_ids, prompt_mask = prompt_part(ids[[0, 2]], mask[[0, 2]], starts[[0, 2]], pad)  # right-padded rows
     assert prompt_ids.tolist() == [[7, pad], [7, pad]] and prompt_mask.tolist() == [[1, 0], [1, 1]]
+    # plain-text pairs without a prompt: no prompt tokens, one masked column (a forward of width 0 fails)
+    prompt_ids, prompt_mask = prompt_part(ids[[0, 2]], mask[[0, 2]], torch.tensor([0, 0]), pad)
+    assert prompt_ids.tolist() == [[pad], [pad]] and prompt_mask.tolist() == [[0], [0]]
     with pytest.raises(ValueError, match="unknown score pooling 'mean'"):
         pool_scores(per_token, ids, mask, pad, "mean")
     with pytest.raises(ValueError, match="unknown score pooling 'mean'"):  # its in-forward twin, before any hook

@@ -1201,6 +1201,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('publish-base-optimizer-shipped', 'stages/publish.py', 'NOT_PART_OF_A_BASE = ("training_args.bin", "optimizer.pt", "scheduler.pt",', 'NOT_PART_OF_A_BASE = ("training_args.bin", "scheduler.pt",', 'tests/test_eval_publish_guards.py -k saved_as_bin'),
     ('models-empty-mixed-precision-refused', 'pipeline/models.py', 'if mixed in ("no", ""):', 'if mixed == "no":', 'tests/test_generation.py -k mixed_precision_is_the_autocast'),
     ('models-mixed-precision-case-kept', 'pipeline/models.py', '    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()', '    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")', 'tests/test_generation.py -k mixed_precision_is_the_autocast'),
+    ('adapters-prompt-part-width-zero', 'pipeline/adapters.py', 'width = max(int(keep.sum(1).max()), 1)', 'width = int(keep.sum(1).max())', 'tests/test_rm.py -k pool_scores_by_hand'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
