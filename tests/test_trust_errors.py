@@ -161,6 +161,7 @@ CASES = [
     ("rm-eval-batch-0", "stages.rm", RM + ["--per_device_eval_batch_size", "0"], ["--per_device_eval_batch_size"]),
     ("rm-lr-0", "stages.rm", RM + ["--learning_rate", "0"], ["--learning_rate", "> 0"]),
     ("rm-ensemble-0", "stages.rm", RM + ["--ensemble", "0"], ["--ensemble 0", "at least 1"]),
+    ("rm-evals-0", "stages.rm", RM + ["--evals", "0"], ["--evals", "must be positive"]),  # plan_steps divided by it
     ("rm-max-length-too-small", "stages.rm", RM + ["--max_length", "2", "--max_prompt_length", "1"],
      ["max_length 2 is too small", "prefs.jsonl"]),
     ("rm-dataset-empty", "stages.rm", RM + ["--dataset_name", ""], ["--dataset_name on the command line is empty"]),
