@@ -367,6 +367,27 @@ def test_labels_of_pairs_from_an_earlier_pairs_dataset_stay_out_unless_kept(runs
         export("--earlier_pairs", "some")
 
 
+def test_the_dataset_card_names_your_pairs_file_not_its_path_here(runs_dir, tmp_path):
+    """Labels of your own pairs (--pairs_dataset): the card, which goes to the Hub with the data, names their file
+    by its name, not by this machine's path (a home folder, a user name). Mutant: the path as given."""
+    from pipeline.config import RunArgs, parse
+    from stages.label.config import ExportArgs, LabelArgs
+    from stages.label.export import main
+    from stages.label.pairs import read_pairs
+
+    mine = tmp_path / "home" / "me" / "my_pairs.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("".join(json.dumps(pair(p)) + "\n" for p in "ab"))
+    store = LabelStore(db_path(str(runs_dir), "r"))
+    store.import_items(read_pairs(str(mine), "--pairs_dataset"))
+    for item in read_pairs(str(mine), "--pairs_dataset"):
+        store.save_label("ann", item["pair_id"], "left", 0)
+    main(*parse((LabelArgs, ExportArgs, RunArgs), ["--config", "configs/label.yaml", "--run", "r", "--runs_dir",
+                                                   str(runs_dir), "--pairs_dataset", str(mine)]))
+    card = (runs_dir / "r" / "label-export" / "README.md").read_text()
+    assert "- **Pairs**: my_pairs.jsonl. Labels of pairs" in card and str(mine.parent) not in card
+
+
 def test_without_a_pairs_stage_the_pairs_the_store_loaded_last_are_the_current_ones(runs_dir, monkeypatch):
     from pipeline.run import is_current
 
