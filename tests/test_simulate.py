@@ -71,6 +71,10 @@ def test_agreement_with_gold_counts_decided_labels_on_unequal_pairs():
     # c: equal gold scores, left out; e: a tie label; a and d agree, b does not -> 2 of 3
     assert got["agreement_with_gold"] == pytest.approx(2 / 3, abs=1e-4) and got["decided_labels"] == 3
     assert got["tie_labels_on_unequal"] == 1
+    # the band's edge: a gold difference of exactly tie_band is decided, by the simulator (choose) and so here
+    # (0.5 - 0.25 and 0.25 are exact in binary); mutant: the edge left out with the ties
+    edge = agreement_with_gold([{"pair_id": "f", "preferred": 0}], {"f": [0.5, 0.25]}, tie_band=0.25)
+    assert choose(0.25, 0.0, 1.0, 0.25, 0.0) == "left" and edge["decided_labels"] == 1
 
 
 def test_expected_agreement_by_hand():
