@@ -225,6 +225,7 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
                            (["--judge", "vibes"], "unknown judge 'vibes'"),
                            (["--annotator", "alice"], "must start with 'sim:'"),
                            (["--target_agreement", "0.4"], "target_agreement must be between 0.5"),
+                           (["--target_agreement", "1"], "target_agreement must be between 0.5"),  # no noise at all
                            (["--batch_size", "0"], "--batch_size on the command line is 0: it must be >= 1")):
         with pytest.raises(ConfigError, match=message):
             main(*parse((SimulateArgs, RunArgs), base + extra))

@@ -1205,6 +1205,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-evals-0-accepted', 'stages/rm.py', 'if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1:', 'if self.min_steps < 1 or self.max_epochs <= 0:', 'tests/test_trust_errors.py -k rm-evals-0'),
     ('export-card-names-the-pairs-path', 'stages/label/export.py', '(Path(args.pairs_dataset).name if os.path.isabs(args.pairs_dataset) else args.pairs_dataset)', '(args.pairs_dataset)', 'tests/test_label_export.py -k names_your_pairs_file'),
     ('sim-gold-agreement-edge-as-tie', 'stages/simulate.py', '        if s is None or abs(s[0] - s[1]) < max(tie_band, 1e-12):\n            continue\n        if lab', '        if s is None or abs(s[0] - s[1]) <= max(tie_band, 1e-12):\n            continue\n        if lab', 'tests/test_simulate.py -k agreement_with_gold_counts'),
+    ('sim-target-agreement-one-accepted', 'stages/simulate.py', 'if not 0.5 < self.target_agreement < 1:', 'if not 0.5 < self.target_agreement <= 1:', 'tests/test_simulate.py -k bad_simulate_input'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
