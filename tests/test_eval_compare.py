@@ -219,6 +219,23 @@ def test_policy_flags_by_hand():
                              "a higher reward-model score with responses 2.0x as long as SFT's (10.0 -> 20.0 tokens)"]
     assert flags["rloo"] == [overoptimisation_flag(hacked)] and "update 16" in flags["rloo"][0]
     assert policy_flags(by_policy, 10.0, 2.0, curves={})["rloo"] == []  # no gold judge, no curves
+    # the curve's points in any order: the last is the latest update (mutant: the order given taken as the curve's)
+    assert flags["rloo"] == [overoptimisation_flag([hacked[2], hacked[0], hacked[1]])]
+    # SFT wrote nothing (every reply empty): no length ratio to measure, no flag and no division by zero (mutant: its
+    # `> 0` dropped, the flag's message divided by 0)
+    empty_sft = {"sft": row(0.0, 0.0, 0.0), "ppo": row(1.0, 1.0, 0.0)}
+    assert policy_flags(empty_sft, hacking_kl=10.0, length_ratio=2.0, curves={}) == {"ppo": []}
+
+
+def test_the_manifests_flagged_policies_are_those_with_a_flag():
+    """The manifest's flagged_policies (the card warns for each): the policies with at least one flag, not every one
+    policy_flags lists. Mutant: every policy named."""
+    from stages.eval_compare import comparison_figures
+
+    comparison = {"policies": ["sft", "ppo", "dpo"], "by_policy": {"sft": {}, "ppo": {}, "dpo": {}},
+                  "flags": {"ppo": [], "dpo": ["mean KL to the reference 12.00 nats (threshold 10)"]}}
+    assert comparison_figures(comparison) == {"policies": ["sft", "ppo", "dpo"], "comparison": comparison["by_policy"],
+                                              "flagged_policies": ["dpo"]}
 
 
 def test_the_comparison_names_each_flagged_policy(compared):
