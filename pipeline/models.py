@@ -392,13 +392,19 @@ def unreadable_weights(weights: Path) -> str | None:
         return str(err)
 
 
-def check_adapter(adapter_dir: str | Path, base_config, what: str) -> Path:
-    """Refuse a missing adapter, or one trained on another base, with one clear message."""
+def check_adapter(adapter_dir: str | Path, base_config, what: str, flag: str | None = None) -> Path:
+    """Refuse a missing adapter, or one trained on another base, with one clear message. `flag`: the option that named
+    the folder (your adapter, which no stage makes): the message names it, not a stage to rerun."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"{what} adapter {adapter_dir} is missing (no adapter_config.json): rerun the stage that makes it "
+        raise ConfigError(f"{flag} {adapter_dir} is not a PEFT adapter folder (no adapter_config.json): give {flag} the "
+                          f"folder that holds adapter_config.json and the adapter's weights (a stage's adapter/)" if flag
+                          else f"{what} adapter {adapter_dir} is missing (no adapter_config.json): rerun the stage that makes it "
                           f"with FORCE=1 (`make` takes a stage whose outputs went as up to date)")
     damage = unreadable_weights(adapter_dir / "adapter_model.safetensors")
+    if damage and flag:
+        raise ConfigError(f"{flag} {adapter_dir} is damaged: adapter_model.safetensors cannot be read ({damage}; cut "
+                          f"short by a copy or a full disk?): copy the adapter again, or give {flag} another one")
     if damage:  # `make` sees its stage as up to date (a manifest records inputs, not its outputs' bytes): FORCE=1
         raise ConfigError(f"{what} adapter {adapter_dir} is damaged: adapter_model.safetensors cannot be read ({damage}; "
                           f"cut short by a copy or a full disk?): rerun the stage that makes it with FORCE=1")

@@ -427,6 +427,33 @@ def test_a_cut_short_upstream_adapter_is_one_line_naming_it_and_force(module, ar
     assert tree(runs) == before
 
 
+@pytest.mark.parametrize("flag", ["--sft_adapter", "--reward_adapter"])
+def test_an_adapter_named_by_a_flag_is_checked_naming_the_flag_not_a_stage_to_rerun(flag, tiny_models, tmp_path, capsys):
+    """PPO's --sft_adapter and --reward_adapter name your folders, which no stage makes: a folder without a PEFT adapter
+    (the stage's folder for its adapter/) or with weights cut short is one line naming the flag and what to give it,
+    not 'rerun the stage that makes it with FORCE=1' (FORCE=1 would redo a stage that never made it)."""
+    runs = build_upstream(tmp_path / "runs", tiny_models["llama"])
+    given = runs / "t" / ("sft" if flag == "--sft_adapter" else "rm")  # the stage's folder, not its adapter/
+    before = tree(runs)
+    argv = PPO + [flag, str(given), "--run", "t", "--runs_dir", str(runs), "--model_config", str(tiny_models["llama"])]
+    code, errors, err = run_stage("stages.ppo", argv, capsys)
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert errors[0] == (f"error: {flag} {given} is not a PEFT adapter folder (no adapter_config.json): give {flag} the "
+                         f"folder that holds adapter_config.json and the adapter's weights (a stage's adapter/)"), errors[0]
+
+    weights = given / "adapter" / "adapter_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 100)
+    before = tree(runs)
+    argv[argv.index(flag) + 1] = str(weights.parent)
+    code, errors, err = run_stage("stages.ppo", argv, capsys)
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert errors[0] == (f"error: {flag} {weights.parent} is damaged: adapter_model.safetensors cannot be read (Error "
+                         f"while deserializing header: incomplete metadata, file not fully covered; cut short by a copy "
+                         f"or a full disk?): copy the adapter again, or give {flag} another one"), errors[0]
+    assert "FORCE=1" not in errors[0] and tree(runs) == before
+
+
 @pytest.mark.parametrize("fault", ["read-only", "disk-full"])
 def test_disk_fault_is_one_error_line_naming_the_path_and_the_fix(fault, tiny_models, tmp_path, capsys, monkeypatch):
     """Read-only: a folder without write permission (as root, which chmod does not stop, the write raises EROFS as a

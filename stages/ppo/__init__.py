@@ -334,7 +334,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     from accelerate import PartialState
     from transformers import set_seed
 
-    from pipeline.models import base_config, check_context, load_tokenizer, profile_from, resolve_base, save_fingerprint
+    from pipeline.models import (base_config, check_adapter, check_context, load_tokenizer, profile_from, resolve_base,
+                                 save_fingerprint)
 
     from accelerate.utils import parse_flag_from_env
 
@@ -353,12 +354,15 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # 0. Upstream: the SFT adapter (policy + reference) and the reward model (reward + value init)
     sft = None if cfg.sft_adapter else stage.need("sft")
     sft_dir = resolve_path(cfg.sft_adapter) if cfg.sft_adapter else Path(sft["outputs"]["adapter"])
+    if cfg.sft_adapter:  # your folder, which no stage makes: its errors name the flag (a stage's output: FORCE=1)
+        check_adapter(sft_dir, base_config(profile), "SFT (policy)", flag="--sft_adapter")
     note = bundled_prompts_note(cfg, sft)
     if note:
         print_once(note)
     rm_metrics = {}
     if cfg.reward_adapter:
         rm_dir = resolve_path(cfg.reward_adapter)
+        check_adapter(rm_dir, base_config(profile), "reward", flag="--reward_adapter")
         rewards, reward_member_stats = {"reward": rm_dir}, [(0.0, 1.0)]
     else:  # the rm stage's reward model: one adapter, or an ensemble of them (its `ensemble` setting)
         rm = stage.need("rm")
