@@ -358,6 +358,57 @@ def test_a_full_disk_is_said_as_one_and_leaves_no_empty_store_behind(tmp_path, m
     assert len(LabelStore(new).servable_pairs()) == 2
 
 
+@pytest.mark.parametrize("file_limit, sqlite_says", [(16384, "SQLITE_IOERR_SHMSIZE"), (65536, "SQLITE_IOERR_WRITE")])
+def test_a_full_disk_sqlite_calls_an_io_error_is_said_as_a_full_disk(file_limit, sqlite_says, tmp_path, monkeypatch):
+    """On a real full disk SQLite rarely says SQLITE_FULL: each transaction opens the store again, the -shm file the
+    last one deleted cannot be sized (SQLITE_IOERR_SHMSIZE), or the WAL cannot grow (SQLITE_IOERR_WRITE): "disk I/O
+    error" both (seen on a full 512 KiB tmpfs). Here a file size limit refuses those writes as the disk would, and the
+    store's disk reports its room: none (a full disk, one line), or plenty (another fault: SQLite's own error)."""
+    import errno
+    import resource
+
+    from pipeline.run import disk_problem
+
+    db = tmp_path / "labels.sqlite"
+    store = LabelStore(db)
+    store.import_items(pairs(3))
+    store.save_label("alice", "p000", "left", 0)
+    real_statvfs = os.statvfs
+
+    def disk(free_blocks):
+        def statvfs(path):
+            real = real_statvfs(path)
+            return type("Disk", (), {"f_flag": real.f_flag, "f_frsize": 4096, "f_bavail": free_blocks})
+        return statvfs
+
+    def refused_import(write=lambda: store.import_items(pairs(400))) -> BaseException:
+        limit, on_limit = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, limit[1]))
+        try:
+            with pytest.raises(Exception) as refused:
+                write()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+            signal.signal(signal.SIGXFSZ, on_limit)
+        return refused.value
+
+    monkeypatch.setattr(os, "statvfs", disk(255))  # under 1 MiB free: out of room
+    full = refused_import()
+    assert isinstance(full, OSError) and (full.errno, full.filename) == (errno.ENOSPC, str(db))
+    assert full.__cause__.sqlite_errorname == sqlite_says
+    if sqlite_says == "SQLITE_IOERR_SHMSIZE":  # a label alone (one transaction, no read before it): the same line
+        label = refused_import(lambda: store.save_label("bob", "p001", "right", 0))
+        assert isinstance(label, OSError) and (label.errno, label.filename) == (errno.ENOSPC, str(db))
+    assert disk_problem(full) == (
+        f"cannot write {db}: No space left on device: free space on that disk, or point RUNS_DIR= (--runs_dir) at a "
+        f"disk with room, and run the same command again")
+    monkeypatch.setattr(os, "statvfs", disk(256))  # 1 MiB free: not a full disk, SQLite's error as it is
+    other = refused_import()
+    assert isinstance(other, sqlite3.OperationalError) and other.sqlite_errorname == sqlite_says
+    monkeypatch.undo()
+    assert [lab["pair_id"] for lab in LabelStore(db).labels()] == ["p000"] and len(LabelStore(db).servable_pairs()) == 3
+
+
 def test_a_store_sqlite_cannot_open_is_unwritable_only_when_its_folder_is(tmp_path, monkeypatch):
     import errno
 

@@ -218,15 +218,27 @@ def lock_store(path: Path, then: str = "use that one, or stop it first (each run
     return f
 
 
+def out_of_room(folder: Path) -> bool:
+    """A real full disk seldom reaches SQLite as SQLITE_FULL: each transaction opens the store again, and the -shm file
+    the last one deleted cannot be sized (SQLITE_IOERR_SHMSIZE) or the WAL cannot grow (SQLITE_IOERR_WRITE), both
+    "disk I/O error". Such an error on a disk with less than FREE_AT_FAILURE_BYTES free is a full disk."""
+    from pipeline.run import FREE_AT_FAILURE_BYTES
+
+    disk = os.statvfs(folder)
+    return disk.f_bavail * disk.f_frsize < FREE_AT_FAILURE_BYTES
+
+
 def disk_error(err: sqlite3.Error, path: Path) -> OSError | None:
     """The disk fault behind SQLite's error on the store at `path`, as the OSError that pipeline.run.disk_problem turns
     into one line naming the store and the fix (free space, make it writable); None for any other error. SQLite says
     only "database or disk is full" or "unable to open database file", which read as a damaged store: its fix,
     "restore it from a backup", sent people after a backup of labels that were whole."""
     code = (getattr(err, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+    folder = path.parent if path.parent.is_dir() else None
+    if code == sqlite3.SQLITE_IOERR and folder is not None and out_of_room(folder):  # a full disk's "disk I/O error"
+        code = sqlite3.SQLITE_FULL
     if code == sqlite3.SQLITE_FULL:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    folder = path.parent if path.parent.is_dir() else None
     writable = folder is not None and os.access(folder, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN) and folder is not None and not writable:
         read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
@@ -338,16 +350,21 @@ class LabelStore:
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
         con.row_factory = sqlite3.Row
-        con.execute("PRAGMA busy_timeout=30000")
-        con.execute("PRAGMA synchronous=FULL")  # fsync the WAL at each commit: survives power loss, not only kill -9
-        con.execute("PRAGMA foreign_keys=ON")
+        try:  # the first statement makes the -shm file the last connection deleted: a full disk refuses it here
+            con.execute("PRAGMA busy_timeout=30000")
+            con.execute("PRAGMA synchronous=FULL")  # fsync the WAL at each commit: survives power loss, not only kill -9
+            con.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            con.close()
+            raise
         return con
 
     @contextmanager
     def _tx(self):
         """One write transaction. IMMEDIATE takes the write lock up front, so two claims cannot interleave."""
-        con = self._connect()
+        con = None
         try:
+            con = self._connect()
             con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
@@ -359,11 +376,15 @@ class LabelStore:
         except sqlite3.DatabaseError as err:  # a full or read-only disk: nothing of the transaction was stored
             raise (disk_error(err, self.path) or err) from err
         finally:
-            con.close()
+            if con is not None:
+                con.close()
 
     @contextmanager
     def _read(self):
-        con = self._connect()
+        try:
+            con = self._connect()
+        except sqlite3.DatabaseError as err:  # a full disk refuses even a read its -shm file (_connect)
+            raise (disk_error(err, self.path) or err) from err
         try:
             yield con
         finally:
