@@ -296,12 +296,17 @@ class AdapterStack:
                            self.causal_lm.config.pad_token_id, self.pooling.get(name, "last"), starts)
 
     def whole_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict without a sharded base's weights (DTensors): what an adapter is saved from. peft
-        gathers every DTensor of the state dict it is given (a collective), and the main process saves alone; the
-        adapters and heads are whole on every rank."""
+        """The model's tensors by state-dict name without a sharded base's weights (DTensors): what an adapter is
+        saved from. peft gathers every DTensor of the state dict it is given (a collective), and the main process
+        saves alone; the adapters and heads are whole on every rank. Read from named_parameters/buffers, not
+        state_dict(): FSDP's state-dict hook reshards a unit kept gathered (the LM head), on the main process only,
+        and the ranks' next forwards would then gather different units."""
+        from itertools import chain
+
         from torch.distributed.tensor import DTensor
 
-        return {k: v for k, v in self.model.state_dict().items() if not isinstance(v, DTensor)}
+        return {name: t.detach() for name, t in chain(self.model.named_parameters(), self.model.named_buffers())
+                if not isinstance(t, DTensor)}
 
     def save(self, name: str, out_dir: str | Path) -> Path:
         """Save one adapter as a stock PEFT folder (out_dir itself, not out_dir/name), replacing the folder whole by
