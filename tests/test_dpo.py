@@ -21,7 +21,7 @@ from pipeline.models import load_base, load_tokenizer, lora_config, profile_from
 from pipeline.run import StageRun
 from stages.dpo import check_reload, completion_logps, main, parse_args, preference_args
 from tests.conftest import ARCHS, REPO, run_module, run_python
-from tests.test_rm import fake_sft, marker_rows, write_jsonl
+from tests.test_rm import fake_sft, marker_rows, stage_run_before_the_model, write_jsonl
 
 LN2 = math.log(2)  # the DPO loss of every pair at the start: DPO's fresh LoRA is zero, so pi = pi_ref
 
@@ -602,27 +602,12 @@ def test_your_own_pairs_leave_rm_configs_bundled_files_out_of_the_inputs(tmp_pat
     stage not telling its StageRun (not_inputs)."""
     import stages.dpo as dpo_stage
 
-    class Stop(Exception):
-        pass
-
-    made = []
-
-    class Recorded(StageRun):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            made.append(self)
-
-    def stop(*_):
-        raise Stop
-
-    monkeypatch.setattr(dpo_stage, "StageRun", Recorded)
-    monkeypatch.setattr(dpo_stage, "profile_from", stop)
     mine = write_jsonl(tmp_path / "mine.jsonl", marker_rows(4))
-    with pytest.raises(Stop):
-        main(*parse_args(["--config", str(REPO / "configs/recipes/assistant/dpo.yaml"), "--dataset_name", str(mine),
-                          "--runs_dir", str(tmp_path / "runs"), "--run", "r"]))
+    stage = stage_run_before_the_model(monkeypatch, dpo_stage, parse_args, [
+        "--config", str(REPO / "configs/recipes/assistant/dpo.yaml"), "--dataset_name", str(mine),
+        "--runs_dir", str(tmp_path / "runs"), "--run", "r"])
     bundled = {f"data/preferences/{name}.jsonl" for name in ("oasst", "pandalm", "tulu")}
-    assert bundled <= made[0].not_read and str(mine) not in made[0].not_read
+    assert bundled <= stage.not_read and str(mine) not in stage.not_read
 
 
 def test_rm_configs_prompt_cut_too_long_for_dpo_names_rm_config(tmp_path):

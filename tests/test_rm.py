@@ -513,6 +513,18 @@ def test_your_own_pairs_leave_the_recipes_bundled_files_out_of_the_inputs(tmp_pa
     not telling its StageRun (not_inputs), so the three bundled files stay inputs."""
     import stages.rm as rm_stage
 
+    mine = write_jsonl(tmp_path / "mine.jsonl", marker_rows(4))
+    stage = stage_run_before_the_model(monkeypatch, rm_stage, parse_args, [
+        "--config", str(REPO / "configs/recipes/assistant/rm.yaml"), "--dataset_name", str(mine),
+        "--runs_dir", str(tmp_path / "runs"), "--run", "r"])
+    bundled = {f"data/preferences/{name}.jsonl" for name in ("oasst", "pandalm", "tulu")}
+    assert bundled <= stage.not_read and str(mine) not in stage.not_read
+
+
+def stage_run_before_the_model(monkeypatch, stage_module, parse, argv: list[str]) -> StageRun:
+    """The StageRun a stage's main makes, the stage stopped where it reads the model profile (before any model
+    loads or the run folder is touched): what the stage counts as its inputs."""
+
     class Stop(Exception):
         pass
 
@@ -526,14 +538,11 @@ def test_your_own_pairs_leave_the_recipes_bundled_files_out_of_the_inputs(tmp_pa
     def stop(*_):
         raise Stop
 
-    monkeypatch.setattr(rm_stage, "StageRun", Recorded)
-    monkeypatch.setattr(rm_stage, "profile_from", stop)
-    mine = write_jsonl(tmp_path / "mine.jsonl", marker_rows(4))
+    monkeypatch.setattr(stage_module, "StageRun", Recorded)
+    monkeypatch.setattr(stage_module, "profile_from", stop)
     with pytest.raises(Stop):
-        main(*parse_args(["--config", str(REPO / "configs/recipes/assistant/rm.yaml"), "--dataset_name", str(mine),
-                          "--runs_dir", str(tmp_path / "runs"), "--run", "r"]))
-    bundled = {f"data/preferences/{name}.jsonl" for name in ("oasst", "pandalm", "tulu")}
-    assert bundled <= made[0].not_read and str(mine) not in made[0].not_read
+        stage_module.main(*parse(argv))
+    return made[0]
 
 
 def test_plan_steps_follows_the_data():
