@@ -265,3 +265,28 @@ def test_sharded_grpo_runs_each_prompt_once_like_ddp(tiny_models, adapters, prom
     for ra, rb in zip(a, b):
         for key, va in ra.items():
             assert rb[key] == (pytest.approx(va, rel=1e-5, abs=1e-6) if isinstance(va, float) else va), (ra["update"], key)
+
+
+def test_saving_an_adapter_runs_no_state_dict_hook(tiny_models, adapters, tmp_path):
+    """AdapterStack.save reads the adapter from the model's parameters, never through `state_dict()`: on a sharded base
+    FSDP's state-dict hook reshards the unit kept gathered (the LM head) on the main process only, which saves alone,
+    and the ranks' next forwards would gather different units. The saved tensors are the policy adapter's own."""
+    from safetensors.torch import load_file
+
+    from pipeline.adapters import adapter_of
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack
+
+    profile = profile_from(str(tiny_models["llama"]))
+    stack = build_stack(profile, load_tokenizer(profile), *adapters("llama"), torch.device("cpu"), False)
+
+    def no_hooks(*a, **kw):
+        raise AssertionError("state_dict() called: FSDP's hooks would run on the main process alone")
+
+    stack.model.state_dict = no_hooks
+    stack.save("policy", tmp_path / "policy")
+    saved = load_file(str(tmp_path / "policy" / "adapter_model.safetensors"))
+    own = {n.replace(".policy.", "."): p for n, p in stack.model.named_parameters() if adapter_of(n) == "policy"}
+    assert len(saved) == len(own) > 0
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, own[name].detach()), name
