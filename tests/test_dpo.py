@@ -21,7 +21,7 @@ from pipeline.models import load_base, load_tokenizer, lora_config, profile_from
 from pipeline.run import StageRun
 from stages.dpo import check_reload, completion_logps, main, parse_args, preference_args
 from tests.conftest import ARCHS, REPO, run_module, run_python
-from tests.test_rm import fake_sft, marker_rows, stage_run_before_the_model, write_jsonl
+from tests.test_rm import fake_sft, marker_rows, write_jsonl
 
 LN2 = math.log(2)  # the DPO loss of every pair at the start: DPO's fresh LoRA is zero, so pi = pi_ref
 
@@ -594,20 +594,6 @@ def test_the_reload_check_under_the_launchs_mixed_precision(tiny_models, marker_
                                         str(marker_data["conversational"]), "--max_steps", "4")))
     check = metrics["reload_check"]
     assert check["checked"] is False and check["dtype"] == "bfloat16 (mixed precision)", check
-
-
-def test_your_own_pairs_leave_rm_configs_bundled_files_out_of_the_inputs(tmp_path, monkeypatch):
-    """--dataset_name replaces the mixture DPO takes from rm_config: its bundled files are not read, so they are not
-    inputs of the run (editing one must not make `make` train DPO again). Stopped before the model loads. Mutant: the
-    stage not telling its StageRun (not_inputs)."""
-    import stages.dpo as dpo_stage
-
-    mine = write_jsonl(tmp_path / "mine.jsonl", marker_rows(4))
-    stage = stage_run_before_the_model(monkeypatch, dpo_stage, parse_args, [
-        "--config", str(REPO / "configs/recipes/assistant/dpo.yaml"), "--dataset_name", str(mine),
-        "--runs_dir", str(tmp_path / "runs"), "--run", "r"])
-    bundled = {f"data/preferences/{name}.jsonl" for name in ("oasst", "pandalm", "tulu")}
-    assert bundled <= stage.not_read and str(mine) not in stage.not_read
 
 
 def test_rm_configs_prompt_cut_too_long_for_dpo_names_rm_config(tmp_path):

@@ -507,15 +507,17 @@ def test_long_pairs_are_truncated_and_counted(tiny_models, tmp_path):
         prepare_data(args, train_cfg, None, tok)
 
 
-def test_your_own_pairs_leave_the_recipes_bundled_files_out_of_the_inputs(tmp_path, monkeypatch):
-    """--dataset_name replaces the recipe's mixture: its bundled files are not read, so they are not inputs of the run
-    (editing one must not make `make` train the reward model again). Stopped before the model loads. Mutant: the stage
-    not telling its StageRun (not_inputs), so the three bundled files stay inputs."""
-    import stages.rm as rm_stage
+@pytest.mark.parametrize("stage_name", ["rm", "dpo"])
+def test_your_own_pairs_leave_the_recipes_bundled_files_out_of_the_inputs(stage_name, tmp_path, monkeypatch):
+    """--dataset_name replaces the recipe's mixture (DPO's: the one it takes from rm_config): its bundled files are not
+    read, so they are not inputs of the run (editing one must not make `make` train the stage again). Stopped before
+    the model loads. Mutant: the stage not telling its StageRun (not_inputs), so the three bundled files stay inputs."""
+    import importlib
 
+    stage_module = importlib.import_module(f"stages.{stage_name}")
     mine = write_jsonl(tmp_path / "mine.jsonl", marker_rows(4))
-    stage = stage_run_before_the_model(monkeypatch, rm_stage, parse_args, [
-        "--config", str(REPO / "configs/recipes/assistant/rm.yaml"), "--dataset_name", str(mine),
+    stage = stage_run_before_the_model(monkeypatch, stage_module, stage_module.parse_args, [
+        "--config", str(REPO / f"configs/recipes/assistant/{stage_name}.yaml"), "--dataset_name", str(mine),
         "--runs_dir", str(tmp_path / "runs"), "--run", "r"])
     bundled = {f"data/preferences/{name}.jsonl" for name in ("oasst", "pandalm", "tulu")}
     assert bundled <= stage.not_read and str(mine) not in stage.not_read

@@ -1192,7 +1192,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-reload-loose-correlation-blames-dtype', 'stages/rm_scoring.py', 'if correlation >= 0.99:', 'if correlation >= 0.9:', 'tests/test_rm_reload.py -k only_roughly'),
     ('rm-score-empty-sequence-forwarded', 'stages/rm_scoring.py', 'for i in range(len(sequences)) if sequences[i])', 'for i in range(len(sequences)))', 'tests/test_rm.py -k empty_sequence_scores'),
     ('rm-own-data-bundled-files-inputs', 'stages/rm.py', '        stage.not_inputs(args.dataset_mixture, args.dataset_name)\n', '        pass\n', 'tests/test_rm.py -k leave_the_recipes'),
-    ('dpo-own-data-bundled-files-inputs', 'stages/dpo.py', '        stage.not_inputs(preference_args(args).dataset_mixture, args.dataset_name)\n', '        pass\n', 'tests/test_dpo.py -k leave_rm_configs'),
+    ('dpo-own-data-bundled-files-inputs', 'stages/dpo.py', '        stage.not_inputs(preference_args(args).dataset_mixture, args.dataset_name)\n', '        pass\n', 'tests/test_rm.py -k leave_the_recipes'),
     ('models-checkpoint-sampling-defaults-kept', 'pipeline/models.py', '    model.generation_config = plain_sampling_config(model.generation_config, tokenizer.pad_token_id)\n', '    pass\n', 'tests/test_generation.py -k sampling_defaults_do_not'),
     ('models-sampling-pad-the-checkpoints', 'pipeline/models.py', 'eos_token_id=loaded.eos_token_id, pad_token_id=pad_token_id)', 'eos_token_id=loaded.eos_token_id, pad_token_id=loaded.pad_token_id)', 'tests/test_generation.py -k sampling_defaults_do_not'),
     ('card-check-base-model-unchecked', 'stages/publish_card.py', '([] if local or meta.get("base_model") else ["base_model"])', '[]', 'tests/test_publish.py -k card_check_refuses'),
