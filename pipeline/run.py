@@ -470,6 +470,17 @@ LIBRARY_WRITERS = {(os.path.join("torch", "serialization.py"), "save"): "f",
 FREE_AT_FAILURE_BYTES = 1 << 20  # a disk with less than this free after a failed write: the write ran out of room
 
 
+def out_of_room(folder) -> bool:
+    """Has the disk under `folder` less than FREE_AT_FAILURE_BYTES free: a write that failed there ran out of room."""
+    disk = os.statvfs(folder)
+    return disk.f_bavail * disk.f_frsize < FREE_AT_FAILURE_BYTES
+
+
+def read_only(folder) -> bool:
+    """Is the disk under `folder` mounted read-only."""
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
 def library_write_error(err: BaseException) -> OSError | None:
     """The OSError behind a library writer's failure to write a file (LIBRARY_WRITERS: the file from the frame that was
     writing it; the errno from the message, or else from the file's disk: read-only, or out of room), or None."""
@@ -486,12 +497,11 @@ def library_write_error(err: BaseException) -> OSError | None:
     said = re.search(r"\(os error (\d+)\)", str(err))
     code = int(said.group(1)) if said else None
     if code is None:
+        folder = os.path.dirname(os.path.abspath(target))
         try:
-            disk = os.statvfs(os.path.dirname(os.path.abspath(target)))
-        except OSError:
+            code = errno.EROFS if read_only(folder) else errno.ENOSPC if out_of_room(folder) else None
+        except OSError:  # the disk cannot be read either
             return None
-        code = errno.EROFS if disk.f_flag & os.ST_RDONLY else \
-            errno.ENOSPC if disk.f_bavail * disk.f_frsize < FREE_AT_FAILURE_BYTES else None
     return OSError(code, os.strerror(code), target) if code else None
 
 

@@ -218,21 +218,16 @@ def lock_store(path: Path, then: str = "use that one, or stop it first (each run
     return f
 
 
-def out_of_room(folder: Path) -> bool:
-    """A real full disk seldom reaches SQLite as SQLITE_FULL: each transaction opens the store again, and the -shm file
-    the last one deleted cannot be sized (SQLITE_IOERR_SHMSIZE) or the WAL cannot grow (SQLITE_IOERR_WRITE), both
-    "disk I/O error". Such an error on a disk with less than FREE_AT_FAILURE_BYTES free is a full disk."""
-    from pipeline.run import FREE_AT_FAILURE_BYTES
-
-    disk = os.statvfs(folder)
-    return disk.f_bavail * disk.f_frsize < FREE_AT_FAILURE_BYTES
-
-
 def disk_error(err: sqlite3.Error, path: Path) -> OSError | None:
     """The disk fault behind SQLite's error on the store at `path`, as the OSError that pipeline.run.disk_problem turns
     into one line naming the store and the fix (free space, make it writable); None for any other error. SQLite says
     only "database or disk is full" or "unable to open database file", which read as a damaged store: its fix,
-    "restore it from a backup", sent people after a backup of labels that were whole."""
+    "restore it from a backup", sent people after a backup of labels that were whole. A real full disk seldom reaches
+    SQLite as SQLITE_FULL: each transaction opens the store again, and the -shm file the last one deleted cannot be
+    sized (SQLITE_IOERR_SHMSIZE) or the WAL cannot grow (SQLITE_IOERR_WRITE), both "disk I/O error": such an error on a
+    disk out of room (pipeline.run.out_of_room) is a full disk."""
+    from pipeline.run import out_of_room, read_only
+
     code = (getattr(err, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
     folder = path.parent if path.parent.is_dir() else None
     if code == sqlite3.SQLITE_IOERR and folder is not None and out_of_room(folder):  # a full disk's "disk I/O error"
@@ -241,8 +236,7 @@ def disk_error(err: sqlite3.Error, path: Path) -> OSError | None:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     writable = folder is not None and os.access(folder, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN) and folder is not None and not writable:
-        read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
-        code = errno.EROFS if read_only else errno.EACCES
+        code = errno.EROFS if read_only(folder) else errno.EACCES
         return OSError(code, os.strerror(code), str(path))
     return None
 
