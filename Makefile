@@ -272,7 +272,7 @@ bench-rm-ceiling: setup
 bench-story: setup
 	$(PY) -m bench.story_seeds
 # PPO's frozen base loaded sharded (FSDP2) against data parallel, two CPU processes each, on a random-init 163M Llama:
-# each rank's peak memory, episodes/s and that both give the same figures (about 6 minutes): bench/results/shard.json
+# each rank's peak memory, episodes/s and that both give the same figures (about 10 minutes): bench/results/shard.json
 bench-shard: setup
 	$(PY) -m bench.bench_shard
 # Does the suite catch a broken rule? Hand-made mutants of the arithmetic, each against its tests (tools/mutants.py):
