@@ -276,6 +276,19 @@ def test_labels_export_again_when_the_pairs_or_the_store_changed_since_the_last_
     assert res.returncode != 0 and ran(runs) == [] and "error: label store" in res.stderr, res.stdout + res.stderr
 
 
+def test_label_with_a_pairs_dataset_samples_no_pairs(tmp_path):
+    """`make label ARGS="--pairs_dataset FILE"` (eval's human_pairs.jsonl, or your own pairs) serves that file: it
+    trains no SFT and samples no pairs first (README, *Did it help?* and *Human feedback*); plain `make label` serves
+    the run's sampled pairs, so SFT and pairs come first."""
+    own = tmp_path / "pairs.jsonl"
+    own.write_text('{"pair_id": "a", "prompt": [{"role": "user", "content": "hi"}], "responses": ["x", "y"]}\n')
+    res = make("label", f"ARGS=--pairs_dataset {own}", dry_run=True, fake=False, runs_dir=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert launches(res.stdout) == {} and f"-m stages.label --config configs/label.yaml" in res.stdout
+    res = make("label", dry_run=True, fake=False, runs_dir=tmp_path)
+    assert res.returncode == 0 and list(launches(res.stdout)) == ["sft", "pairs"], res.stdout + res.stderr
+
+
 def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path):
     """People labeled pairs of their own (`make label ARGS="--pairs_dataset FILE"`, which records FILE in
     label/own_pairs.txt) in a run with no pairs stage: the labels step sampled the bundled prompts' pairs, simulated
