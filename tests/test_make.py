@@ -1008,6 +1008,17 @@ def test_a_runs_dir_the_shell_would_read_is_refused(runs_dir, problem, target):
     assert make("clean-run", "RUNS_DIR=/tmp/a-b_c.d/runs", dry_run=True).returncode == 0
 
 
+def test_clean_run_deletes_the_run_folder_and_nothing_beside_it(tmp_path):
+    """`make clean-run` deletes RUNS_DIR/RUN (README, *Configuration*): the run's folder, not its neighbours."""
+    runs = tmp_path / "runs"
+    for run in ("t", "other"):
+        (runs / run / "sft").mkdir(parents=True)
+        (runs / run / "sft" / "manifest.json").write_text("{}")
+    res = make("clean-run", runs_dir=runs)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["other"] and (runs / "other" / "sft" / "manifest.json").is_file()
+
+
 def test_a_bad_flag_of_a_later_stage_stops_before_any_stage_runs(tmp_path):
     """`make ppo PPO_ARGS=...` on a fresh run: the flag is parsed before SFT, pairs, labels and the reward models run
     (they would take minutes, and write the run folder, before PPO refused it)."""

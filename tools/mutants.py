@@ -1218,6 +1218,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('store-tx-connect-outside-its-disk-check', 'stages/label/store.py', '        con = None\n        try:\n            con = self._connect()\n            con.execute("BEGIN IMMEDIATE")', '        con = self._connect()\n        try:\n            con.execute("BEGIN IMMEDIATE")', 'tests/test_label_store.py -k io_error'),
     ('adapters-save-through-state-dict-hooks', 'pipeline/adapters.py', 'chain(self.model.named_parameters(), self.model.named_buffers())', 'chain(self.model.state_dict().items())', 'tests/test_ppo_sharding.py -k no_state_dict_hook'),
     ('make-label-own-pairs-samples-pairs', 'Makefile', 'label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)', 'label: pairs', 'tests/test_make.py -k pairs_dataset_samples_no_pairs'),
+    ('make-clean-run-deletes-every-run', 'Makefile', '\trm -rf $(RUNDIR)\n', '\trm -rf $(RUNS_DIR)\n', 'tests/test_make.py -k clean_run_deletes'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
