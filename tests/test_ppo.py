@@ -552,6 +552,37 @@ def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file,
     assert m["prompts_long"] > 0 and m["prompts_train"] == m["prompts_total"] - m["prompts_heldout"]
 
 
+def test_report_to_trackio_logs_every_update_and_a_missing_package_is_refused(tiny_models, adapters, prompts_file,
+                                                                               runs_dir, monkeypatch):
+    """`--report_to tensorboard` (or trackio) when the package is installed (README, PPO): each update's numeric
+    metrics.jsonl figures under ppo/, at its update as the step, and the run closed; without the package, refused
+    before the run folder."""
+    import importlib.machinery
+    import types
+
+    calls = []
+    trackio = types.ModuleType("trackio")
+    trackio.__spec__ = importlib.machinery.ModuleSpec("trackio", None)  # libraries ask find_spec whether it is there
+    trackio.init = lambda **kw: calls.append(("init", kw["project"]))
+    trackio.log = lambda scalars, step=None: calls.append(("log", step, scalars))
+    trackio.finish = lambda: calls.append(("finish",))
+    monkeypatch.setitem(sys.modules, "trackio", trackio)
+    sft, rm = adapters("llama")
+    run_ppo(tiny_models["llama"], runs_dir, "trackio", prompts_file, sft, rm, "--report_to", "trackio",
+            "--total_updates", "2")
+    rows = read_metrics(runs_dir, "trackio")
+    assert calls == [("init", "rlhf-ppo"),
+                     *(("log", row["update"], {f"ppo/{k}": v for k, v in row.items()
+                                               if isinstance(v, (int, float)) and k != "update"}) for row in rows),
+                     ("finish",)]
+    assert [row["update"] for row in rows] == [1, 2]
+    monkeypatch.setitem(sys.modules, "trackio", None)  # not installed: importing it raises ImportError
+    with pytest.raises(ConfigError, match="--report_to on the command line names 'trackio', whose package is not "
+                                          "installed"):
+        run_ppo(tiny_models["llama"], runs_dir, "no-trackio", prompts_file, sft, rm, "--report_to", "trackio")
+    assert not (Path(runs_dir) / "no-trackio").exists()
+
+
 def test_a_cut_prompt_keeps_its_bos(tiny_models, prompts_file):
     """Cutting a long prompt to its end dropped the BOS the model always sees first (Llama 3's <|begin_of_text|>):
     PPO's long_prompts: truncate and eval's prompt limit now keep it in front, as the reward model's pairs do."""

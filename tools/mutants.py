@@ -1220,6 +1220,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('make-label-own-pairs-samples-pairs', 'Makefile', 'label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)', 'label: pairs', 'tests/test_make.py -k pairs_dataset_samples_no_pairs'),
     ('make-clean-run-deletes-every-run', 'Makefile', '\trm -rf $(RUNDIR)\n', '\trm -rf $(RUNS_DIR)\n', 'tests/test_make.py -k clean_run_deletes'),
     ('setup-asks-for-a-python-the-pins-refuse', 'pyproject.toml', 'requires-python = ">=3.11"', 'requires-python = ">=3.10"', 'tests/test_setup.py'),
+    ('ppo-trackio-logged-without-its-update', 'stages/ppo/trainer.py', 'w.log(scalars, step=metrics["update"])', 'w.log(scalars)', 'tests/test_ppo.py -k report_to_trackio'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
