@@ -505,6 +505,18 @@ def library_write_error(err: BaseException) -> OSError | None:
     return OSError(code, os.strerror(code), target) if code else None
 
 
+def not_writable_path(path) -> str:
+    """The folder or file a user makes writable when a write at `path` was refused: the folder it was written in (the
+    nearest one above it that exists) when that folder cannot be written, else `path` as the system named it. The
+    refused name is often the stage's own temporary (an atomic write's `started.json.tmp1234`, a kept batch's
+    `.part`) or a folder not made yet, which the user cannot act on; and a read-only file in a read-only folder
+    (`chmod -R a-w`) needs the folder made writable first."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return path if os.access(folder, os.W_OK) else folder
+
+
 def disk_problem(err: BaseException) -> str | None:
     """The one-line explanation of a disk fault anywhere in `err`'s chain (libraries wrap OSError in their own, or
     give none: library_write_error), or None."""
@@ -514,6 +526,8 @@ def disk_problem(err: BaseException) -> str | None:
         fault = err if isinstance(err, OSError) else library_write_error(err)
         if fault is not None and fault.errno in DISK_FULL + NOT_WRITABLE + (errno.ENOTDIR,):
             path = fault.filename or "the run folder"
+            if fault.errno in NOT_WRITABLE and fault.filename:
+                path = not_writable_path(fault.filename)
             if fault.errno in DISK_FULL:
                 fix = ("free space on that disk, or point RUNS_DIR= (--runs_dir) at a disk with room, and run the "
                        "same command again")
@@ -587,6 +601,7 @@ def main_guard(main_fn):
     except Exception as err:
         problem = disk_problem(err)
         if problem is None:
+            wait_if_a_peer_left(err)
             raise
         refuse(problem)
     destroy_distributed()
@@ -634,6 +649,19 @@ def count_cpu_ranks() -> None:
 # How long a rank other than 0 waits before it reports bad input: long enough for rank 0, which usually meets the same
 # input at the same moment, to report it and exit, short enough not to matter when a rank met it alone.
 OTHER_RANKS_WAIT_S = 5.0
+
+
+# What gloo says to a rank waiting in a collective (a barrier) when another rank has exited.
+PEER_LEFT = ("Connection closed by peer", "Connection reset by peer")
+
+
+def wait_if_a_peer_left(err: BaseException) -> None:
+    """A rank of a multi-process stage whose collective failed because another rank exited: that rank says why (bad
+    input's one line, as the main process's read-only run folder, or a crash's traceback), and the launcher then stops
+    this one. Its own traceback ("Connection closed by peer") was a second screen beside that one line. So it waits,
+    as refuse does, to be stopped; still running after the wait, it goes on to its traceback."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(said in str(err) for said in PEER_LEFT):
+        time.sleep(OTHER_RANKS_WAIT_S)  # the launcher stops this rank meanwhile
 
 
 def refuse(problem: str) -> None:

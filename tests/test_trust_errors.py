@@ -480,10 +480,72 @@ def test_disk_fault_is_one_error_line_naming_the_path_and_the_fix(fault, tiny_mo
     finally:
         (runs / "t").chmod(0o755)
     assert code == 2 and len(errors) == 1, err[-2000:]
-    assert str(target) in errors[0] and "Traceback" not in err
+    # a folder that is not writable is named, not the one the stage could not make in it (not_writable_path)
+    named = runs / "t" if fault == "read-only" and os.geteuid() != 0 else target
+    assert f" {named}: " in errors[0] and "Traceback" not in err
     fix = "free space" if fault == "disk-full" else "writable"
     assert fix in errors[0] and "RUNS_DIR=" in errors[0], errors[0]
     assert not target.exists()
+
+
+def test_a_refused_write_names_the_folder_the_user_makes_writable_not_the_stages_temporary(tmp_path, monkeypatch):
+    """A read-only stage folder (`chmod -R a-w runs/RUN/sft`, then FORCE=1) refused the stage's first write, the atomic
+    write of started.json, and the line named its temporary (`started.json.tmp32192`), which the user cannot chmod;
+    eval's refused `mkdir sampled` named a folder that does not exist. The line names the folder to make writable; a
+    write refused in a writable folder (a read-only file, a read-only disk) keeps the name the system gave."""
+    from pipeline.run import disk_problem
+
+    fix = ("make it writable (chmod u+w, or remount the disk read-write), or point RUNS_DIR= (--runs_dir) at a writable "
+           "folder, and run the same command again")
+    stage = tmp_path / "runs" / "t" / "sft"
+    stage.mkdir(parents=True)
+    (stage / "manifest.json").write_text("{}")
+    unwritable = {str(stage), str(stage / "manifest.json")}  # as chmod -R a-w to a user who is not root
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (mode & os.W_OK and str(path) in unwritable)
+                        and real_access(path, mode))
+    for refused in (stage / "started.json.tmp32192", stage / "sampled" / "sft" / "batch-000000.part",
+                    stage / "manifest.json"):
+        err = PermissionError(errno.EACCES, "Permission denied", str(refused))
+        assert disk_problem(err) == f"no access to {stage}: Permission denied: {fix}", refused
+    unwritable.discard(str(stage))  # the folder is writable, its manifest is not
+    err = PermissionError(errno.EACCES, "Permission denied", str(stage / "manifest.json"))
+    assert disk_problem(err) == f"no access to {stage / 'manifest.json'}: Permission denied: {fix}"
+
+
+def test_a_rank_whose_peer_left_waits_to_be_stopped_before_its_traceback(monkeypatch, capsys):
+    """`make pairs` / `make eval` (two CPU ranks) on a read-only run folder: the main process's first write was
+    refused, it said so in one line and exited, and rank 1, waiting at a barrier, printed gloo's "Connection closed by
+    peer" traceback beside it. A rank whose peer left waits as refuse does, for the launcher to stop it; one not
+    stopped by then still raises, and any other error raises at once."""
+    import time
+
+    import pipeline.run as run
+
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(run, "end_with_launcher", lambda: None)
+    peer_left = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:4005. This is "
+                             "typically caused by a remote worker crashing.")
+
+    def fails(err):
+        def main_fn():
+            raise err
+        return main_fn
+
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main_guard(fails(peer_left))
+    assert waits == [run.OTHER_RANKS_WAIT_S] and capsys.readouterr().err == ""
+    waits.clear()
+    with pytest.raises(RuntimeError, match="the model diverged"):
+        main_guard(fails(RuntimeError("the model diverged")))
+    assert waits == []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main_guard(fails(peer_left))
+    assert waits == []
 
 
 def test_a_library_writer_failing_on_a_full_or_read_only_disk_is_one_line_naming_its_file(tmp_path, monkeypatch):
