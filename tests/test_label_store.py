@@ -1189,3 +1189,26 @@ def test_agreement_edges_the_exact_binomial_the_rate_to_a_tenth_and_the_agreemen
             in shown)
     assert ("<p><b>People vs simulated annotators</b> (<code>sim:...</code>): 100% agreement on 1 pairs labeled by "
             "both (2 label pairs).</p>") in shown
+
+
+def test_the_stages_reads_of_the_store_leave_it_as_they_found_it(tmp_path, monkeypatch):
+    """`make ppo` (and `make rm`) left labels.sqlite-wal and labels.sqlite-shm beside a store nobody had open, failed
+    or not: the labels step's store_digest and the reward data's count_labels read it through a read-only connection,
+    which makes those files and, read-only, does not remove them. Each read now leaves the folder and the store's
+    bytes as they were, and still reads it all; through a folder it cannot write, read-only as before."""
+    from stages.label.store import count_labels, labels_digest, store_digest
+
+    db = tmp_path / "label" / "labels.sqlite"
+    store = LabelStore(db)
+    store.import_items(pairs(3))
+    store.save_label("alice", "p000", "left", 0)
+    store.save_label("bob", "p001", "right", 1, "much")
+    expected_digest = labels_digest(store.labels())
+    listing, data = sorted(p.name for p in db.parent.iterdir()), db.read_bytes()
+    assert listing == ["labels.sqlite"]
+    assert count_labels(db) == 2 and store_digest(db) == expected_digest
+    assert sorted(p.name for p in db.parent.iterdir()) == listing and db.read_bytes() == data
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (mode & os.W_OK and str(path) == str(db.parent))
+                        and real_access(path, mode))  # a folder the stage cannot write: read-only
+    assert count_labels(db) == 2 and store_digest(db) == expected_digest

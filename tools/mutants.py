@@ -1223,6 +1223,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-trackio-logged-without-its-update', 'stages/ppo/trainer.py', 'w.log(scalars, step=metrics["update"])', 'w.log(scalars)', 'tests/test_ppo.py -k report_to_trackio'),
     ('disk-fault-names-the-refused-temporary', 'pipeline/run.py', '    return path if os.access(folder, os.W_OK) else folder\n', '    return path\n', 'tests/test_trust_errors.py -k refused_write_names'),
     ('peer-left-rank-traceback-at-once', 'pipeline/run.py', 'any(said in str(err) for said in PEER_LEFT)', 'False', 'tests/test_trust_errors.py -k peer_left'),
+    ('store-reads-leave-wal-files', 'stages/label/store.py', "mode={'rw' if writable else 'ro'}", "mode=ro", 'tests/test_label_store.py -k leave_it_as'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -241,6 +241,23 @@ def disk_error(err: sqlite3.Error, path: Path) -> OSError | None:
     return None
 
 
+def reading_connection(path: Path) -> sqlite3.Connection:
+    """A connection that reads the existing store at `path` and writes nothing to it (query_only), and that leaves it
+    as it found it. A read-only connection (mode=ro) makes the WAL store's -wal and -shm files and, being read-only,
+    may not remove them as the last connection to close: each `make rm` and `make ppo` (the labels step's
+    store_digest, the reward data's count_labels) left labels.sqlite-wal and -shm beside a store nobody had open. A
+    read-write one removes them (as the labeling app's do). mode=ro only where the store's folder cannot be written,
+    and so cannot have gained them."""
+    writable = os.access(path.parent, os.W_OK)
+    con = sqlite3.connect(f"file:{path}?mode={'rw' if writable else 'ro'}", uri=True, timeout=30.0)
+    try:
+        con.execute("PRAGMA query_only=ON")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def count_labels(path: Path) -> int:
     """How many labels a store holds, read only (0 when there is no store). For stages that must not miss them."""
     path = Path(path)
@@ -248,7 +265,7 @@ def count_labels(path: Path) -> int:
         return 0
     check_store_file(path)
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        con = reading_connection(path)
         try:
             has_table = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'").fetchone()
             return con.execute("SELECT COUNT(*) FROM labels").fetchone()[0] if has_table else 0
@@ -283,7 +300,7 @@ def store_digest(path: Path) -> str:
         return labels_digest([])
     check_store_file(path)
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        con = reading_connection(path)
         con.row_factory = sqlite3.Row
         try:
             if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'labels'").fetchone():
