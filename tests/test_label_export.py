@@ -709,3 +709,24 @@ def test_the_freshness_check_without_its_run_folder_is_a_usage_error(runs_dir):
         assert (proc.returncode, proc.stdout, proc.stderr) == (
             2, "", "error: give the run folder: python -m stages.label.fresh_export runs/<RUN>\n"), args
     assert run_python("stages.label.fresh_export", [str(runs_dir / "r")]).returncode == 4
+
+
+def test_the_card_says_how_peoples_labels_reached_the_store_as_far_as_it_knows(runs_dir):
+    """A script that labels through `make label`'s Gradio API (gradio_client, as tests/test_label_api.py does) stores
+    labels the store cannot tell from clicks on the page: it records the annotator only. The export card said "labeled
+    by people in this project's Gradio labeling UI", and `make publish --include_dataset`'s "collected with the
+    pipeline's labeling UI": now the app, its page or its API, for people's labels and for people's beside simulated."""
+    from stages.label.export import WHOSE
+
+    labeled_run(runs_dir)  # as any client of the app stores them: LabelStore.save_label
+    export_main(runs_dir)
+    card = (runs_dir / "r" / "label-export" / "README.md").read_text()
+    how = "`make label`: its page in a browser, or its Gradio API, which the label store does not tell apart"
+    assert (f"Pairs of model responses labeled by people through this project's labeling app ({how}), exported with "
+            "`make label-export`.") in card
+    assert WHOSE["people"].pairs == ("human preference pairs collected with the pipeline's labeling app (`make pairs "
+                                     "label label-export`: its page in a browser, or its Gradio API, which the label "
+                                     "store does not tell apart)")
+    assert how in WHOSE["all"].who and how in WHOSE["all"].pairs
+    for whose in WHOSE.values():  # no card of any source credits a UI the store cannot vouch for
+        assert " UI" not in " ".join((whose.who, whose.pairs, whose.short, whose.title)), whose

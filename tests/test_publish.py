@@ -278,7 +278,7 @@ def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
     for annotators, tag, phrase, who in (
             (["sim:sentiment-1,sim:sentiment-2"] * 3, "synthetic", "3 preference pairs labeled by simulated annotators, not people",
              "simulated annotators' labels (not people's) of this run"),
-            (["alice", "sim:sentiment-1"] * 2, "synthetic", "4 preference pairs labeled by people in the pipeline's labeling UI and by simulated",
+            (["alice", "sim:sentiment-1"] * 2, "synthetic", "4 preference pairs labeled by people through the pipeline's labeling app (`make label`: its page in a browser, or its Gradio API, which the label store does not tell apart) and by simulated",
              "human and simulated annotators' labels of this run")):
         rows = [{"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "a"}],
                  "rejected": [{"role": "assistant", "content": "b"}], "annotator": a} for a in annotators]

@@ -89,11 +89,16 @@ class Whose:
     from_whom: str         # "the labels <from_whom>"
 
 
+# How people's labels reached the store, as far as it knows: it records each label's annotator (a login, or a typed
+# name), not whether it was clicked on `make label`'s page or sent to the same app's Gradio API by a script
+# (tests/test_label_api.py), so no card may say the labels were made in the UI.
+HOW = ": its page in a browser, or its Gradio API, which the label store does not tell apart"
+
 WHOSE = {
     "people": Whose(("human-feedback",), "Human preference labels",
-                    "Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`)",
-                    "human preference pairs collected with the pipeline's labeling UI (`make pairs label label-export`)",
-                    "human labels", "from people"),
+                    f"Pairs of model responses labeled by people through this project's labeling app (`make label`{HOW})",
+                    f"human preference pairs collected with the pipeline's labeling app (`make pairs label "
+                    f"label-export`{HOW})", "human labels", "from people"),
     "simulated": Whose(("synthetic",), "Simulated preference labels",
                        "Pairs of model responses labeled by simulated annotators (`make simulate`: a gold judge's scores "
                        "with Bradley-Terry noise, standing in for people), not by people",
@@ -101,10 +106,10 @@ WHOSE = {
                        "label-export`: a gold judge's scores with Bradley-Terry noise)",
                        "simulated annotators' labels (not people's)", "from simulated annotators"),
     "all": Whose(("human-feedback", "synthetic"), "Preference labels from people and simulated annotators",
-                 "Pairs of model responses labeled by people in this project's Gradio labeling UI (`make label`) and by "
-                 "simulated annotators (`make simulate`, annotators named `sim:...`), one vote each",
-                 "preference pairs labeled by people in the pipeline's labeling UI and by simulated annotators "
-                 "(`sim:...`), one vote each", "human and simulated annotators' labels",
+                 f"Pairs of model responses labeled by people through this project's labeling app (`make label`{HOW}) "
+                 "and by simulated annotators (`make simulate`, annotators named `sim:...`), one vote each",
+                 f"preference pairs labeled by people through the pipeline's labeling app (`make label`{HOW}) and by "
+                 "simulated annotators (`sim:...`), one vote each", "human and simulated annotators' labels",
                  "from people and simulated annotators"),
 }
 
