@@ -274,6 +274,7 @@ def main(argv: list[str]) -> int:
                 shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
                 print(f"note: the pipeline's code changed since {stage} ran ({shown}): its outputs are from the old code; "
                       f"`make` does not redo a stage for a code change; FORCE=1 does", file=sys.stderr)
+            say_batches_of_an_unfinished_run(stage, folder)
             return 0
         if chained and why.startswith("the accelerate launch changed") and not why.endswith("interrupted)"):
             # Reached through the chain only, finished under another launch and nothing else changed: kept as it ran.
@@ -307,6 +308,18 @@ def main(argv: list[str]) -> int:
 
 
 MISSING = object()
+
+
+def say_batches_of_an_unfinished_run(stage: str, folder: Path) -> None:
+    """A note for an up-to-date sampling stage (`make pairs`, `make eval`) whose folder holds the batches a later run
+    kept (stages.resume.SampledBatches): that run (a FORCE=1 rerun, or one with other flags) was killed before it
+    finished, and its batches lay beside the last finished run's outputs, with no word of what they were. A later run
+    reuses them only if it reads what that run read (their resume key), and deletes them once it finishes."""
+    kept = folder / "sampled"
+    if kept.is_dir():
+        print(f"note: {kept} holds the batches of a later run of {stage} that did not finish: the outputs here are the "
+              f"last finished run's; `make {stage} FORCE=1` continues that run if it had this command line and inputs "
+              f"(else starts over), or delete the folder", file=sys.stderr)
 
 
 def recorded_launch(folder: Path):

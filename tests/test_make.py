@@ -524,6 +524,25 @@ def test_a_stage_whose_code_changed_since_it_ran_is_kept_with_a_note(tmp_path):
     assert "note:" not in make("sft", runs_dir=runs).stderr
 
 
+def test_an_up_to_date_stage_says_what_the_batches_of_an_unfinished_run_beside_it_are(tmp_path):
+    """`make eval FORCE=1` (or `make pairs`) killed on a finished run leaves its kept batches (sampled/) beside the
+    finished outputs, whose manifest is still current: the next `make eval` said "up to date" and nothing of them. It
+    now says what they are and what to do; a run folder without them gets no note."""
+    runs = tmp_path / "runs"
+    assert make("pairs", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "pairs"]
+    res = make("pairs", runs_dir=runs)
+    assert "pairs: up to date" in res.stdout and "note:" not in res.stderr
+    kept = runs / "t" / "pairs" / "sampled"
+    kept.mkdir()
+    (kept / "batch-000000.pt").write_bytes(b"")  # as a killed rerun kept it
+    res = make("pairs", runs_dir=runs)
+    assert res.returncode == 0 and ran(runs) == [] and "pairs: up to date" in res.stdout
+    assert [line for line in res.stderr.splitlines() if line.startswith("note:")] == [
+        f"note: {kept} holds the batches of a later run of pairs that did not finish: the outputs here are the last "
+        "finished run's; `make pairs FORCE=1` continues that run if it had this command line and inputs (else starts "
+        "over), or delete the folder"]
+
+
 def test_a_chained_stage_is_kept_under_another_launch_and_a_named_one_reruns(tmp_path):
     """`make ppo ACCELERATE_CONFIG=cpu2.yaml` on a finished run retrained SFT and the reward model under two processes
     (and sampled the pairs again, making people's labels an earlier run's): a stage reached only through the chain is

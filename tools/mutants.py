@@ -1225,6 +1225,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('peer-left-rank-traceback-at-once', 'pipeline/run.py', 'any(said in str(err) for said in PEER_LEFT)', 'False', 'tests/test_trust_errors.py -k peer_left'),
     ('store-reads-leave-wal-files', 'stages/label/store.py', "mode={'rw' if writable else 'ro'}", "mode=ro", 'tests/test_label_store.py -k leave_it_as'),
     ('export-card-credits-the-gradio-ui', 'stages/label/export.py', 'f"Pairs of model responses labeled by people through this project\'s labeling app (`make label`{HOW})",', '"Pairs of model responses labeled by people in this project\'s Gradio labeling UI (`make label`)",', 'tests/test_label_export.py -k how_peoples'),
+    ('launch-kept-batches-unsaid', 'pipeline/launch.py', '            say_batches_of_an_unfinished_run(stage, folder)\n', '', 'tests/test_make.py -k batches_of_an_unfinished'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
