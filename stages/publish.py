@@ -305,14 +305,17 @@ def upload(api, folders: list[tuple[Path, str, str, dict[str, bytes]]], args: Pu
 
 # ---------------------------------------------------------------------------------------------------- the stage
 
-def labels_the_reward_model_read(rm: dict, run: RunArgs) -> str | None:
-    """Whose labels ("people", "simulated", "all") the run's label export held when the reward model read it; None when
-    it read none, or the export was made again since (its labels may be others')."""
-    read = (rm.get("inputs") or {}).get("manifests", {}).get("label-export")
-    manifest = read_manifest_if_any(run, "label-export") if read else None
-    if manifest is None:
-        return None
-    return manifest.get("metrics", {}).get("sources") if manifest_digest(manifest) == read else None
+def rm_read_this_export(rm: dict, label: dict | None) -> bool:
+    """The reward model trained on the run's label export as it is now (`label`: its manifest, None when the run has
+    none): not on none, nor on one exported before this one (its labels may be others')."""
+    read = ((rm.get("inputs") or {}).get("manifests") or {}).get("label-export")
+    return bool(read) and label is not None and manifest_digest(label) == read
+
+
+def labels_the_reward_model_read(rm: dict, label: dict | None) -> str | None:
+    """Whose labels ("people", "simulated", "all") the run's label export (`label`: its manifest now, None when the run
+    has none) held when the reward model read it; None when it read none, or the export was made again since."""
+    return label.get("metrics", {}).get("sources") if rm_read_this_export(rm, label) else None
 
 
 def read_manifest_if_any(run: RunArgs, name: str) -> dict | None:
@@ -321,12 +324,24 @@ def read_manifest_if_any(run: RunArgs, name: str) -> dict | None:
     return read_manifest(run.runs_dir, run.run, name, needed_by="`make publish`") if path.is_file() else None
 
 
-def data_of_the_card(manifests: dict[str, dict], base: str, run: RunArgs) -> list[dict]:
+def label_manifests(stage: StageRun, args: PublishArgs, rm: dict, run: RunArgs) -> tuple[dict | None, dict | None]:
+    """The run's label export and pairs manifests as they are now, each read once, so that the dataset, its license and
+    the card describe the same export (a second read could find the one a `make label-export` wrote meanwhile). The
+    export when it is published (needed) or the reward model read one (the card names whose labels); the pairs when
+    there is an export (the card names their prompts)."""
+    read_one = bool(((rm.get("inputs") or {}).get("manifests") or {}).get("label-export"))
+    label = stage.need("label-export") if args.include_dataset else \
+        read_manifest_if_any(run, "label-export") if read_one else None
+    return label, read_manifest_if_any(run, "pairs") if label else None
+
+
+def data_of_the_card(manifests: dict[str, dict], base: str, label: dict | None, pairs: dict | None) -> list[dict]:
     """The card's data table: the files the stages read, and the prompts of the labeled pairs the reward model
-    learned from (the run's label export, when it is the one the rm stage read)."""
+    learned from (the run's label export, `label`, when it is the one the rm stage read; `pairs`: the run's pairs
+    manifest now)."""
     used = data_files_used(manifests, base)
-    if labels_the_reward_model_read(manifests["rm"], run):
-        labeled = labeled_prompts(read_manifest_if_any(run, "label-export"), read_manifest_if_any(run, "pairs"))
+    if labels_the_reward_model_read(manifests["rm"], label):
+        labeled = labeled_prompts(label, pairs)
         if labeled:
             used.setdefault(labeled, set()).add("pairs")
     return data_sources(used)
@@ -397,7 +412,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         raise ConfigError(f"the {rerun} stage of run '{run.run}' ran again after its eval report was made, so the "
                           f"report's figures are not this {args.policy} policy's: run `make eval RUN={run.run}`, then "
                           f"publish")
-    label = stage.need("label-export") if args.include_dataset else None
+    label_now, pairs_now = label_manifests(stage, args, rm, run)
+    label = label_now if args.include_dataset else None
     # Every upstream output the folder is built from, before the last publish folder is deleted
     needed = [(args.policy, policy["outputs"]["adapter"]), ("sft", sft["outputs"]["adapter"]),
               ("eval", ev["outputs"]["report"]), ("eval", Path(ev["outputs"]["report"]).with_suffix(".json"))]
@@ -413,11 +429,12 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
             raise ConfigError(f"{path}, an output of the {name} stage of run '{run.run}', is missing: run `make "
                               f"{name} RUN={run.run} FORCE=1`, then publish")
     dataset_repo = (args.dataset_repo_id or f"{repo}-preferences") if args.include_dataset else None
-    prompts = labeled_prompts(label, read_manifest_if_any(run, "pairs")) if label else None
+    prompts = labeled_prompts(label, pairs_now) if label else None
     if label:  # the license the preferences go out under, decided (or refused) before anything is written
         args = replace(args, dataset_license=dataset_license(args, prompts, run.run))
     base = sft["outputs"].get("base_model") or json.loads((Path(policy["outputs"]["adapter"]) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    sources = data_of_the_card({"sft": sft, "rm": rm, args.policy: policy, "eval": ev}, base, run)  # reads manifests
+    manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
+    sources = data_of_the_card(manifests, base, label_now, pairs_now)
     api = None
     if not args.dry_run:  # a rejected token or a public repo under --private: before the run folder is touched
         api = HfApi(token=token)
@@ -474,8 +491,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run, prompts)
 
     # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
-    dataset_sources = dataset_sources or labels_the_reward_model_read(rm, run)
-    manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
+    dataset_sources = dataset_sources or labels_the_reward_model_read(rm, label_now)
     license, note = card_license(args, base_license(base, args, online=not args.dry_run))
     if note:
         print(note, file=sys.stderr)

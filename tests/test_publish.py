@@ -363,61 +363,54 @@ def test_card_credits_your_own_data_named_by_a_recipe_yaml_wherever_it_is():
     assert "/srv/x" not in json.dumps(hyperparameters(manifests["rm"]))
 
 
-def test_the_card_names_whose_labels_the_reward_model_read_not_a_later_exports(tmp_path):
-    from pipeline.config import RunArgs
+def test_the_card_names_whose_labels_the_reward_model_read_not_a_later_exports():
     from pipeline.run import manifest_digest
     from stages.publish import labels_the_reward_model_read
 
-    run = RunArgs(run="t", runs_dir=str(tmp_path))
-    folder = tmp_path / "t" / "label-export"
-    folder.mkdir(parents=True)
     exported = {"stage": "label-export", "metrics": {"sources": "simulated"}}
-    (folder / "manifest.json").write_text(json.dumps(exported))
     rm = {"inputs": {"manifests": {"label-export": manifest_digest(exported)}}}
-    assert labels_the_reward_model_read(rm, run) == "simulated"
-    (folder / "manifest.json").write_text(json.dumps({**exported, "metrics": {"sources": "people"}}))  # exported since
-    assert labels_the_reward_model_read(rm, run) is None
-    assert labels_the_reward_model_read({"inputs": {"manifests": {"label-export": None}}}, run) is None  # read none
+    assert labels_the_reward_model_read(rm, exported) == "simulated"
+    assert labels_the_reward_model_read(rm, {**exported, "metrics": {"sources": "people"}}) is None  # exported since
+    assert labels_the_reward_model_read(rm, None) is None  # the export is gone
+    assert labels_the_reward_model_read({"inputs": {"manifests": {"label-export": None}}}, exported) is None  # read none
 
 
-def test_the_cards_data_names_the_prompts_of_the_pairs_the_reward_model_learned_from(tmp_path):
+def test_the_cards_data_names_the_prompts_of_the_pairs_the_reward_model_learned_from():
     """The reward model learns from labeled pairs, so their prompts are training data: the card's data table once left
     them out (a user's own prompts, and their terms, nowhere). They are the prompts of the pairs the export read: pairs
     sampled again since name nothing, and a file of yours outside the repo is named by its name, never credited to a
     bundled source whose name it shares a word with (`oasst_mine.jsonl` is not OASST's)."""
-    from pipeline.config import RunArgs
     from pipeline.run import manifest_digest
     from stages.publish import data_of_the_card
 
-    run = RunArgs(run="t", runs_dir=str(tmp_path))
-    for stage in ("label-export", "pairs"):
-        (tmp_path / "t" / stage).mkdir(parents=True)
+    export = None
 
-    def sampled(values: dict, export_reads_it: bool = True) -> dict:
-        """pairs sampled with `values`, exported (or not since), the reward model trained on that export"""
+    def sampled(values: dict, export_reads_it: bool = True) -> tuple[dict, dict, dict]:
+        """pairs sampled with `values`, exported (or not since), the reward model trained on that export: the card's
+        manifests, the run's export and pairs manifests now"""
+        nonlocal export
         pairs = {"config": {"pairs": values}}
-        (tmp_path / "t" / "pairs" / "manifest.json").write_text(json.dumps(pairs))
         if export_reads_it:
             export = {"stage": "label-export", "metrics": {"sources": "simulated"},
                       "inputs": {"manifests": {"pairs": manifest_digest(pairs)}}}
-            (tmp_path / "t" / "label-export" / "manifest.json").write_text(json.dumps(export))
-        export = json.loads((tmp_path / "t" / "label-export" / "manifest.json").read_text())
         return {"sft": {"config": {"sft": {"dataset_mixture": {"data/story/sft.jsonl": 0}}}},
-                "rm": {"inputs": {"manifests": {"label-export": manifest_digest(export)}}}}
+                "rm": {"inputs": {"manifests": {"label-export": manifest_digest(export)}}}}, export, pairs
 
-    (story,) = data_of_the_card(sampled({"prompts_file": "data/story/pairs_prompts.jsonl"}), "org/base", run)
+    manifests, label, pairs = sampled({"prompts_file": "data/story/pairs_prompts.jsonl"})
+    (story,) = data_of_the_card(manifests, "org/base", label, pairs)
     assert story["stages"] == {"sft", "pairs"} and story["files"] == ["data/story/pairs_prompts.jsonl", "data/story/sft.jsonl"]
-    manifests = sampled({"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": "/home/me/mine.jsonl"})
-    rows = {s["name"]: s for s in data_of_the_card(manifests, "org/base", run)}
+    manifests, label, pairs = sampled({"prompts_file": "data/story/pairs_prompts.jsonl", "dataset_name": "/home/me/mine.jsonl"})
+    rows = {s["name"]: s for s in data_of_the_card(manifests, "org/base", label, pairs)}
     assert rows["your own data: mine.jsonl"]["stages"] == {"pairs"} and rows["story"]["stages"] == {"sft"}
-    rows = {s["name"]: s for s in data_of_the_card(sampled({"prompts_file": "/home/me/data/oasst_mine.jsonl"}), "org/base", run)}
+    manifests, label, pairs = sampled({"prompts_file": "/home/me/data/oasst_mine.jsonl"})
+    rows = {s["name"]: s for s in data_of_the_card(manifests, "org/base", label, pairs)}
     assert set(rows) == {"story", "your own data: oasst_mine.jsonl"}
     assert rows["your own data: oasst_mine.jsonl"]["license"] == "see the dataset's own terms"
-    manifests = sampled({"prompts_file": "data/story/pairs_prompts.jsonl"})
+    manifests, label, pairs = sampled({"prompts_file": "data/story/pairs_prompts.jsonl"})
     manifests["rm"] = {"inputs": {"manifests": {"label-export": None}}}  # its own preferences: the pairs are not its data
-    assert [s["stages"] for s in data_of_the_card(manifests, "org/base", run)] == [{"sft"}]
-    manifests = sampled({"prompts_file": "data/story/pairs_prompts.jsonl", "seed": 7}, export_reads_it=False)  # again
-    assert [s["stages"] for s in data_of_the_card(manifests, "org/base", run)] == [{"sft"}]
+    assert [s["stages"] for s in data_of_the_card(manifests, "org/base", label, pairs)] == [{"sft"}]
+    manifests, label, pairs = sampled({"prompts_file": "data/story/pairs_prompts.jsonl", "seed": 7}, export_reads_it=False)
+    assert [s["stages"] for s in data_of_the_card(manifests, "org/base", label, pairs)] == [{"sft"}]  # sampled again
 
 def test_card_hyperparameters_are_the_settings_that_acted():
     """max_steps > 0 overrides the epochs (SFT showed num_train_epochs=1 for 0.42 of an epoch); -1 and 0 are "not
@@ -834,6 +827,58 @@ def test_a_missing_upstream_output_is_one_clear_error_and_writes_nothing(runs, d
     assert line == (f"error: {path}, an output of the {stage} stage of run 't', is missing: run `make {stage} RUN=t "
                     f"FORCE=1`, then publish")
     assert before and run_folder_state(runs) == before
+
+
+def a_run_whose_reward_model_read_its_export(runs: Path, copy: Path, export: list[dict], held_out: list[dict]) -> Path:
+    """The fixture's run copied to `copy`, with `export` as its label export and a reward model that trained on it and
+    held out `held_out` (its eval_pairs.jsonl, as the rm stage writes it), evaluated since: what `make rm eval` leaves."""
+    import datasets
+
+    from pipeline.run import manifest_digest
+
+    shutil.copytree(runs / "t", copy / "t", ignore=shutil.ignore_patterns("publish"))
+
+    def rewrite(stage: str, change) -> dict:
+        path = copy / "t" / stage / "manifest.json"
+        manifest = json.loads(path.read_text())
+        change(manifest)
+        path.write_text(json.dumps(manifest))
+        return manifest
+
+    datasets.Dataset.from_list(export).save_to_disk(str(copy / "t" / "label-export" / "dataset"))
+    label = rewrite("label-export", lambda m: (m["outputs"].update(dataset=str(copy / "t" / "label-export" / "dataset")),
+                                               m["metrics"].update(sources="people")))
+    (copy / "t" / "rm" / "eval_pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in held_out))
+    rm = rewrite("rm", lambda m: (m["outputs"].update(eval_pairs=str(copy / "t" / "rm" / "eval_pairs.jsonl")),
+                                  m.setdefault("inputs", {}).setdefault("manifests", {}).update(
+                                      {"label-export": manifest_digest(label)})))
+    rewrite("eval", lambda m: m["inputs"]["manifests"].update(rm=manifest_digest(rm)))
+    return copy
+
+
+def test_publish_reads_each_manifest_once(runs, tmp_path, monkeypatch):
+    """The label export's and the pairs' manifests were read up to four times (the dataset, its license, the card's
+    data table, whose labels): a `make label-export` in between would have the card describe another export than the
+    one published. Each upstream manifest is now read once."""
+    from collections import Counter
+
+    from stages.publish import main, parse_args
+
+    export = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "chosen": [{"role": "assistant", "content": "a"}],
+               "rejected": [{"role": "assistant", "content": "b"}], "annotator": "ann", "is_tie": False}
+              for i in range(3)]
+    copy = a_run_whose_reward_model_read_its_export(runs, tmp_path / "runs", export, [])
+    reads, read_text = Counter(), Path.read_text
+
+    def counted(path, *args, **kwargs):
+        if path.name == "manifest.json":
+            reads[path.parent.name] += 1
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    main(*parse_args(["--config", "configs/publish.yaml", "--run", "t", "--runs_dir", str(copy), "--repo_id",
+                      "tester/tiny-rlhf", "--dry-run", "--include_dataset"]))
+    assert reads == {stage: 1 for stage in ("ppo", "eval", "sft", "rm", "label-export", "pairs")}, reads
 
 
 def test_the_dataset_license_is_yours_to_name_for_your_own_prompts(runs, dry_run, tmp_path):
