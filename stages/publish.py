@@ -36,9 +36,10 @@ from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, reso
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest, read_manifest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
+from stages.rm_data import LABEL_EXPORT, prompt_key
 from stages.publish_card import (ENSEMBLE_FILE, base_license, card_license, check_card, data_files_used, data_sources,
-                                 dataset_license, given_reward, hub_base, labeled_prompts, model_card, prompts_source,
-                                 public_judge, ships_base)
+                                 dataset_license, fmt, given_reward, hub_base, labeled_prompts, model_card,
+                                 prompts_source, public_judge, ships_base)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 BASE_FIELDS = (("adapter_config.json", "base_model_name_or_path"), (FINGERPRINT_FILE, "base_model"))  # name the base
@@ -150,9 +151,53 @@ def size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str, prompts: str | None) -> str:
-    """The label-export preferences as one parquet file (the Hub's viewer reads it) and a DatasetCard, which names
-    where their prompts came from (`prompts`: labeled_prompts). Returns whose labels they are (people, simulated, all)."""
+def held_out_by_the_reward_model(rm: dict, label: dict) -> dict | None:
+    """The reward model's held-out split of the label export (`label`: its manifest now), from the rm stage's
+    eval_pairs.jsonl: the prompts it held out (as rm_data.prompt_key names them), how many held-out pairs it scored of
+    the export and of its other data, its held-out accuracy. None when it trained on another export or none."""
+    if not rm_read_this_export(rm, label):
+        return None
+    scored = [json.loads(line) for line in Path(rm["outputs"]["eval_pairs"]).read_text().splitlines() if line.strip()]
+    exported = [pair for pair in scored if pair["source"] == LABEL_EXPORT]
+    return {"prompts": {prompt_key(pair, 0) for pair in exported if pair.get("prompt")}, "scored": len(exported),
+            "scored_elsewhere": len(scored) - len(exported), "accuracy": rm.get("metrics", {}).get("eval_accuracy")}
+
+
+def as_held_out(ds, held_out: dict | None) -> dict:
+    """The export as the splits the dataset repo gets: `test`, the pairs of the prompts the reward model held out
+    (no prompt in both splits, as it split them), and `train`, the rest; all of it `train` when it did not train on
+    this export (`held_out` None) or held none of its prompts out."""
+    test = [held_out is not None and bool(row.get("prompt")) and prompt_key(row, 0) in held_out["prompts"] for row in ds]
+    if not any(test):
+        return {"train": ds}
+    return {"train": ds.select([i for i, t in enumerate(test) if not t]),
+            "test": ds.select([i for i, t in enumerate(test) if t])}
+
+
+def splits_line(splits: dict, held_out: dict | None, repo: str) -> str:
+    """The dataset card's words on its splits: which pairs the reward model held out, and what was measured on them."""
+    model = f"the reward model of [{repo}](https://huggingface.co/{repo})"
+    if held_out is None:
+        return (f"All of them are in `train`: {model} did not train on this export (it read another, or none), so "
+                f"there is no held-out split to mark.")
+    if "test" not in splits:
+        return f"They trained {model}, which held none of their prompts out: all of them are in `train`."
+    test, train = len(splits["test"]), len(splits["train"])
+    pairs = lambda n: f"{n} pair{'' if n == 1 else 's'}"  # noqa: E731
+    elsewhere = (f", together with {pairs(held_out['scored_elsewhere'])} of its other data (not published here)"
+                 if held_out["scored_elsewhere"] else "")
+    return (f"They trained {model}, split by prompt as it split them: `test` ({pairs(test)}) holds every pair of the "
+            f"prompts it held out and never trained on, `train` ({pairs(train)}) the other prompts' pairs, which it "
+            f"trained on. Its held-out accuracy ({fmt(held_out['accuracy'])}, `eval_accuracy`) and the eval's agreement "
+            f"of the reward model with a gold judge (where the eval had one) were measured on "
+            f"{pairs(held_out['scored'])} of `test` (a tie, `is_tie`, has no right answer and is left out){elsewhere}.")
+
+
+def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str, prompts: str | None,
+                   held_out: dict | None = None) -> str:
+    """The label-export preferences as one parquet file a split (the Hub's viewer reads them: `test` holds the pairs
+    the reward model held out, `held_out`: held_out_by_the_reward_model) and a DatasetCard, which names where their
+    prompts came from (`prompts`: labeled_prompts). Returns whose labels they are (people, simulated, all)."""
     import datasets
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -165,16 +210,19 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
     prompts_line = ("Prompts: of a source the label export does not name (their own terms apply)." if source["name"] is None
                     else f"Prompts: `{source['name']}`" + (f" ({source['url']}, {source['license']})." if source["url"]
                                                            else " (your own: its own terms apply)."))
+    splits = as_held_out(ds, held_out)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    ds.to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
+    for name, rows in splits.items():
+        rows.to_parquet(str(out / "data" / f"{name}-00000-of-00001.parquet"))
     data = DatasetCardData(license=args.dataset_license, tags=["rlhf", "preference", *whose.tags, "dpo", "reward-modeling"],
                            task_categories=["text-generation"], size_categories=[size_category(len(ds))],
-                           configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}])
+                           configs=[{"config_name": "default", "data_files": [{"split": name, "path": f"data/{name}-*.parquet"}
+                                                                              for name in splits]}])
     body = (f"\n# Preference labels of run `{run}`\n\n{len(ds)} {whose.pairs}, in TRL's conversational preference format: columns "
-            f"{', '.join(f'`{c}`' for c in ds.column_names)}. They trained the reward model of [{repo}](https://huggingface.co/{repo}).\n\n"
+            f"{', '.join(f'`{c}`' for c in ds.column_names)}. {splits_line(splits, held_out, repo)}\n\n"
             f"{prompts_line}\n\n"
             "```python\nfrom datasets import load_dataset\n"
-            f"ds = load_dataset(\"{args.dataset_repo_id or repo + '-preferences'}\", split=\"train\")\n```\n")
+            f"ds = load_dataset(\"{args.dataset_repo_id or repo + '-preferences'}\")  # {', '.join(splits)}\n```\n")
     DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}").save(out / "README.md")
     return sources
 
@@ -308,7 +356,7 @@ def upload(api, folders: list[tuple[Path, str, str, dict[str, bytes]]], args: Pu
 def rm_read_this_export(rm: dict, label: dict | None) -> bool:
     """The reward model trained on the run's label export as it is now (`label`: its manifest, None when the run has
     none): not on none, nor on one exported before this one (its labels may be others')."""
-    read = ((rm.get("inputs") or {}).get("manifests") or {}).get("label-export")
+    read = ((rm.get("inputs") or {}).get("manifests") or {}).get(LABEL_EXPORT)
     return bool(read) and label is not None and manifest_digest(label) == read
 
 
@@ -424,6 +472,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
                           f"(reward_adapter), is missing: put it back, or publish without --include_reward")
     needed += [("rm", path) for path in rewards.values()] if not given else []
     needed += [("label-export", label["outputs"]["dataset"])] if label else []
+    if label and rm_read_this_export(rm, label):  # the published test split is the reward model's held-out prompts
+        needed.append(("rm", rm["outputs"].get("eval_pairs") or stage_dir(run.runs_dir, run.run, "rm") / "eval_pairs.jsonl"))
     for name, path in needed:
         if not Path(path).exists():
             raise ConfigError(f"{path}, an output of the {name} stage of run '{run.run}', is missing: run `make "
@@ -488,7 +538,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     shutil.rmtree(stage.dir / "dataset", ignore_errors=True)  # an earlier --include_dataset run's folder is not uploaded now
     if label:
         dataset_folder = stage.dir / "dataset"
-        dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run, prompts)
+        dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run, prompts,
+                                         held_out_by_the_reward_model(rm, label))
 
     # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
     dataset_sources = dataset_sources or labels_the_reward_model_read(rm, label_now)

@@ -856,6 +856,55 @@ def a_run_whose_reward_model_read_its_export(runs: Path, copy: Path, export: lis
     return copy
 
 
+def test_the_published_test_split_is_the_reward_models_held_out_pairs(runs, dry_run, tmp_path):
+    """--include_dataset published the preferences as one `train` split, so nobody could score the pairs the reward
+    model's held-out accuracy and its agreement with the gold judge were measured on. `test` is now every pair of the
+    prompts it held out (its eval_pairs.jsonl: ties of those prompts too, which it leaves unscored), `train` the rest:
+    no prompt in both, as the rm stage split them."""
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    def pair(prompt: str, chosen: str, rejected: str, **more) -> dict:
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}], **more}
+
+    labeled = {"annotator": "ann", "strength": "much", "agreement": 1.0}
+    export = [pair("Q0?", "a", "b", **labeled, is_tie=False), pair("Q1?", "c", "d", **labeled, is_tie=False),
+              pair("Q1?", "e", "f", **labeled, is_tie=False), pair("Q2?", "g", "h", **labeled, is_tie=False),
+              pair("Q3?", "i", "j", **labeled, is_tie=True), pair("Q3?", "j", "i", **labeled, is_tie=True),
+              pair("Q3?", "k", "l", **labeled, is_tie=False), pair("Q4?", "m", "n", **labeled, is_tie=False)]
+    # held out: Q1 and Q3 (its tie in both orders unscored), and a prompt of the reward model's other data
+    held_out = [{**pair("Q1?", "c", "d"), "source": "label-export"}, {**pair("Q1?", "e", "f"), "source": "label-export"},
+                {**pair("Q3?", "k", "l"), "source": "label-export"}, {**pair("Other?", "x", "y"), "source": "oasst"}]
+    copy = a_run_whose_reward_model_read_its_export(runs, tmp_path / "runs", export, held_out)
+    proc = publish(copy, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    folder = copy / "t" / "publish" / "dataset"
+    splits = datasets.load_dataset(str(folder))  # as `load_dataset(repo)` reads the repo: its card's configs
+    as_pairs = lambda rows: sorted((r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"])  # noqa: E731
+                                   for r in rows)
+    assert as_pairs(r for r in splits["test"] if not r["is_tie"]) == as_pairs(held_out[:3])  # the pairs it scored
+    assert as_pairs(splits["test"]) == as_pairs(export[1:3] + export[4:7])
+    assert as_pairs(splits["train"]) == as_pairs([export[0], export[3], export[7]])
+    assert set(files_of(folder)) == {"README.md", "data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"}
+    card = DatasetCard.load(folder / "README.md").text
+    assert ("They trained the reward model of [tester/tiny-rlhf](https://huggingface.co/tester/tiny-rlhf), split by "
+            "prompt as it split them: `test` (5 pairs) holds every pair of the prompts it held out and never trained "
+            "on, `train` (3 pairs) the other prompts' pairs, which it trained on. Its held-out accuracy (0.61, "
+            "`eval_accuracy`) and the eval's agreement of the reward model with a gold judge (where the eval had one) "
+            "were measured on 3 pairs of `test` (a tie, `is_tie`, has no right answer and is left out), together with "
+            "1 pair of its other data (not published here).") in card
+    assert 'ds = load_dataset("tester/tiny-rlhf-preferences")  # train, test' in card
+
+    # the fixture's reward model trained on its bundled pairs, not on this export: one split, and the card says why
+    keep, _ = dry_run
+    assert set(files_of(keep / "dataset")) == {"README.md", "data/train-00000-of-00001.parquet"}
+    assert ("All of them are in `train`: the reward model of [tester/tiny-rlhf](https://huggingface.co/tester/tiny-rlhf) "
+            "did not train on this export (it read another, or none), so there is no held-out split to mark.") in \
+        DatasetCard.load(keep / "dataset" / "README.md").text
+
+
 def test_publish_reads_each_manifest_once(runs, tmp_path, monkeypatch):
     """The label export's and the pairs' manifests were read up to four times (the dataset, its license, the card's
     data table, whose labels): a `make label-export` in between would have the card describe another export than the
