@@ -92,6 +92,13 @@ def read_pooling(adapter_dir: str | Path) -> str:
     return pooling
 
 
+def read_sum_divisor(adapter_dir: str | Path) -> float | None:
+    """What a `sum`-pooled reward adapter's score is divided by, as its score_pooling.json records it (what a user of
+    the published adapter divides by); None without the file or for `last` pooling."""
+    path = Path(adapter_dir) / POOLING_FILE
+    return json.loads(path.read_text()).get("sum_divisor") if path.is_file() else None
+
+
 def write_pooling(adapter_dir: str | Path, pooling: str) -> None:
     (Path(adapter_dir) / POOLING_FILE).write_text(json.dumps(
         {"pooling": pooling, "sum_divisor": SUM_DIVISOR if pooling == "sum" else None,

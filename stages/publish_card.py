@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.adapters import read_pooling
+from pipeline.adapters import read_pooling, read_sum_divisor
 from pipeline.config import REPO_ROOT, ConfigError, resolve_path
 from pipeline.data import own_files
 from pipeline.judges import describe_judge
@@ -345,6 +345,15 @@ def policy_results(ev: dict, policy: str) -> list[str]:
             "[`eval/report.md`](eval/report.md); every figure: `eval/report.json`."]
 
 
+def reward_window(trained: dict) -> str:
+    """Which updates the summary's first and last rewards are means of: as many as the RL stage's manifest says
+    (`reward_window_updates`: a tenth of the updates, at least one: 4 of PPO's 48), else its older words."""
+    w = trained.get("reward_window_updates")
+    if w is None:  # a manifest written before the stage recorded it
+        return "means of the first and last tenth of the updates"
+    return f"means of the first and last {w} update{'' if w == 1 else 's'}"
+
+
 def given_reward(policy: dict) -> str | None:
     """The reward model an RL stage was given instead of the rm stage's (`reward_adapter:` in configs/ppo.yaml), from
     its manifest's config, as eval takes it: what the policy optimised."""
@@ -361,8 +370,9 @@ def reward_made(rm: dict, given: str | None = None) -> str:
             f"an ensemble of {n} reward models trained on the same preference pairs with different seeds (TRL "
             f"`RewardTrainer`; the reward is the mean of their standardised scores)")
     if read_pooling(rm["outputs"]["adapter"]) == "sum":
-        made += (" that scores a reply by the sum of its head over the reply's tokens divided by 16, not by the last token "
-                 "(`score_pooling.json` beside the adapter; `pipeline.adapters.pool_in_forward` applies it)")
+        made += (f" that scores a reply by the sum of its head over the reply's tokens divided by "
+                 f"{fmt(read_sum_divisor(rm['outputs']['adapter']))}, not by the last token (`score_pooling.json` beside "
+                 f"the adapter; `pipeline.adapters.pool_in_forward` applies it)")
     return made
 
 
@@ -457,8 +467,8 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines.append(f"| {stage} | " + ("; ".join(f"`{k}`={fmt(v)}" for k, v in hp.items()).replace("|", "\\|") or "defaults") + " |")
     summary = (f"DPO: held-out preference accuracy {fmt(trained.get('eval_accuracy'))}." if method == "dpo" else
                f"{method.upper()}: {trained.get('updates', '?')} updates, reward {fmt(trained.get('reward_first'))} → "
-               f"{fmt(trained.get('reward_last'))} (the reward model's, means of the first and last tenth of the "
-               f"updates), KL {fmt(trained.get('kl_last'))} at the last update (held out: the table above). Reward "
+               f"{fmt(trained.get('reward_last'))} (the reward model's, {reward_window(trained)}), KL "
+               f"{fmt(trained.get('kl_last'))} at the last update (held out: the table above). Reward "
                f"model: " + (f"`{Path(given).name}`, given as `reward_adapter`." if given else
                              f"accuracy {fmt(manifests['rm']['metrics'].get('eval_accuracy'))} on the held-out pairs of "
                              f"its own labels."))

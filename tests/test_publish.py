@@ -486,12 +486,17 @@ def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
     manifests = {"sft": {"config": {}, "metrics": {}}, "eval": {"metrics": ev},
                  "rm": {"config": {}, "metrics": {"eval_accuracy": 0.71}, "outputs": {"adapter": str(tmp_path)}},
                  "ppo": {"config": {}, "versions": {"trl": "1.0"},
-                         "metrics": {"updates": 40, "reward_first": -0.5, "reward_last": 1.25, "kl_last": 3.5}}}
+                         "metrics": {"updates": 40, "reward_first": -0.5, "reward_last": 1.25, "kl_last": 3.5,
+                                     "reward_window_updates": 3}}}
     card = model_card(PublishArgs(license="mit", dataset_license="cc-by-4.0"), "me/x", "t", manifests, "org/base",
                       "org/base", [], [], "me/x-preferences", "people")
-    assert "PPO: 40 updates, reward -0.5 → 1.25 (the reward model's, means of the first and last tenth of the " \
-           "updates), KL 3.5 at the last update (held out: the table above). Reward model: accuracy 0.71 on the " \
-           "held-out pairs of its own labels." in card
+    # the window of the first and last rewards is the manifest's (once "a tenth" whatever the stage averaged)
+    assert "PPO: 40 updates, reward -0.5 → 1.25 (the reward model's, means of the first and last 3 updates), KL 3.5 " \
+           "at the last update (held out: the table above). Reward model: accuracy 0.71 on the held-out pairs of its " \
+           "own labels." in card
+    del manifests["ppo"]["metrics"]["reward_window_updates"]  # a manifest from before the stage recorded it
+    assert "(the reward model's, means of the first and last tenth of the updates)" in model_card(
+        PublishArgs(license="mit"), "me/x", "t", manifests, "org/base", "org/base", [], [], None, "people")
     assert "| rm | human labels of this run | cc-by-4.0 |" in card and "license: mit" in card
     # the labels not published: the row still says whose they were; the example prompt is the task's
     manifests["sft"]["config"] = {"sft": {"sample_prompts": ['Once upon a time, "Tom" said']}}
@@ -1130,12 +1135,15 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
     assert "the sum of its head" not in card.text  # these reward models read the last token (no score_pooling.json)
     for member in ("adapter", "member-1/adapter"):  # as `make rm --pooling sum` saves them
         write_pooling(runs / "t" / "rm" / member, "sum")
+    pooling = runs / "t" / "rm" / "adapter" / "score_pooling.json"  # the divisor the card names is the adapter's own
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "sum_divisor": 8.0}))
     main(PublishArgs(dry_run=True, include_reward=True), run)  # every member of the ensemble: reward/, reward-1/
     for name, member in (("reward", "adapter"), ("reward-1", "member-1/adapter")):
         assert (folder / name / "adapter_model.safetensors").read_bytes() == \
             (runs / "t" / "rm" / member / "adapter_model.safetensors").read_bytes()
         assert read_pooling(folder / name) == "sum"  # the rule travels with the adapter
-    assert "by the sum of its head over the reply's tokens divided by 16" in ModelCard.load(folder / "README.md").text
+    assert "by the sum of its head over the reply's tokens divided by 8, not by the last token" in \
+        ModelCard.load(folder / "README.md").text
     assert not (folder / "reward-2").exists()
     # the ensemble's reward from the published files alone: each member's held-out mean and std (fake_upstream's
     # 0.1 * i and 1.0 + i), which were in the run's rm manifest only, and the card's rule for the score

@@ -1228,6 +1228,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('launch-kept-batches-unsaid', 'pipeline/launch.py', '            say_batches_of_an_unfinished_run(stage, folder)\n', '', 'tests/test_make.py -k batches_of_an_unfinished'),
     ('publish-card-reads-the-export-again', 'stages/publish.py', '    sources = data_of_the_card(manifests, base, label_now, pairs_now)', '    sources = data_of_the_card(manifests, base, read_manifest_if_any(run, "label-export"), pairs_now)', 'tests/test_publish.py -k each_manifest_once'),
     ('publish-held-out-ties-in-train', 'stages/publish.py', 'prompt_key(row, 0) in held_out["prompts"] for row in ds]', 'prompt_key(row, 0) in held_out["prompts"] and not row["is_tie"] for row in ds]', 'tests/test_publish.py -k held_out_pairs'),
+    ('publish-card-reward-window-a-tenth', 'stages/publish_card.py', '''    return f"means of the first and last {w} update{'' if w == 1 else 's'}"''', '''    return "means of the first and last tenth of the updates"''', 'tests/test_publish.py -k own_field_by_hand'),
+    ('publish-card-sum-divisor-hard-coded', 'stages/publish_card.py', "{fmt(read_sum_divisor(rm['outputs']['adapter']))}, not by", "16, not by", 'tests/test_publish.py -k which_method_made'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
