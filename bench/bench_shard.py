@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,15 +78,9 @@ def build(work: Path, hidden: int, layers: int, seed: int = 0) -> dict:
     return info
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_side(side: str, work: Path, run: str, updates: int) -> dict:
     """One PPO run under the side's accelerate config, as `make ppo` launches it; its manifest's figures."""
-    from pipeline.launch import ACCELERATE_LAUNCH
+    from pipeline.launch import ACCELERATE_LAUNCH, free_port
 
     cmd = [*ACCELERATE_LAUNCH, "--config_file", SIDES[side], "--num_processes", "2", "--mixed_precision", "no",
            "--main_process_port", str(free_port()), "-m", "stages.ppo", "--config", "configs/ppo.yaml",
@@ -133,7 +126,7 @@ def probe_load(profile: str) -> None:
 
 def load_side(side: str, profile: Path) -> list[dict]:
     """Every rank's memory after loading the base under the side's accelerate config."""
-    from pipeline.launch import ACCELERATE_LAUNCH
+    from pipeline.launch import ACCELERATE_LAUNCH, free_port
 
     cmd = [*ACCELERATE_LAUNCH, "--config_file", SIDES[side], "--num_processes", "2", "--mixed_precision", "no",
            "--main_process_port", str(free_port()), "-m", "bench.bench_shard", "--probe_load", str(profile)]

@@ -44,6 +44,16 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nobody listens on now, as the OS picks one: a launch's --main_process_port, a test's
+    server. Another process may take it before it is used: for what starts right away (tests, benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def gpus_here() -> int:
     import torch
 

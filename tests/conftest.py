@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch import ACCELERATE_LAUNCH
+from pipeline.launch import ACCELERATE_LAUNCH, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -129,11 +129,7 @@ def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 
     cfg = "configs/accelerate/fsdp_cpu2.yaml" if fsdp else cfg
     cmd = [*ACCELERATE_LAUNCH, "--config_file", cfg]
     if processes == 2:  # a free port per test: parallel or back-to-back runs must not collide
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            cmd += ["--main_process_port", str(s.getsockname()[1])]
+        cmd += ["--main_process_port", str(free_port())]
     cmd += ["-m", module, *args]
     extra = {"ACCELERATE_USE_CPU": "1"} if processes == 2 else {}
     # The launcher sets the FSDP variables from the config it is given: none may leak in from this process (a stage

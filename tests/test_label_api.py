@@ -8,20 +8,15 @@ note box, refuses a note beyond `max_note_chars`.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from pipeline.launch import free_port
 
 pytestmark = [pytest.mark.slow]  # a Gradio server in a thread (gradio import ~6 s)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 USERS = [("alice", "pw-alice"), ("bob", "pw-bob")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.launch import free_port
 from tests.conftest import PYTHON, REPO
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -83,12 +83,6 @@ def make_pairs(n: int) -> list[dict]:
     """Response 0 always starts 'Response A', response 1 'Response B': the page tells which side holds which."""
     return [{"pair_id": f"pair{i:02d}", "prompt": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}],
              "responses": [f"Response A{i}: it is {2 * i}.", f"Response B{i}: maybe {2 * i + 1}?"]} for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, RunArgs, parse
+from pipeline.launch import free_port
 from pipeline.run import StageRun
 from stages.label.config import LabelArgs, db_path
 from stages.label.store import LabelStore, NoteTooLong, count_labels, lock_store
@@ -269,12 +270,6 @@ def test_a_port_this_user_may_not_open_says_why(monkeypatch):
             check_port_free("127.0.0.1", port)
         assert str(err.value) == (f"cannot serve on 127.0.0.1:{port} (Permission denied): {fix} --port 1024 or above "
                                   f"(7860 by default)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from pipeline.config import ConfigError, ModelProfile
 from stages.ppo import parse_args
 from stages.ppo.trainer import TIMING_KEYS
-from pipeline.launch import ACCELERATE_LAUNCH
+from pipeline.launch import ACCELERATE_LAUNCH, free_port
 from tests.conftest import REPO, run_module
 from tests.fake_upstream import _lora_adapter
 from tests.test_ppo import (_upstream_manifests, adapters, load_with_stock_peft, no_grad, ppo_args, prompts_file,  # noqa: F401
@@ -147,9 +146,7 @@ def test_every_rank_is_true_only_when_all_ranks_say_so(tmp_path):
     """The sampling loop's global exit: one rank done and the other not is 'not done' on both."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     votes = [True, True, True, False, False, True, False, False]  # (rank 0, rank 1) pairs
     mp.spawn(_vote, args=(port, votes, str(tmp_path)), nprocs=2)
     expected = [True, False, False, False]
@@ -163,9 +160,7 @@ def launch_fsdp(module: str, args: list[str], timeout: int = 900):
     environment (ACCELERATE_USE_FSDP=true) reaches the stage; on CPU accelerate itself runs it as plain DDP. Without
     the config's bf16 autocast, which PPO follows (tests/test_ppo.py, mixed_precision): these tests compare sharding
     with DDP's fp32 numbers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [*ACCELERATE_LAUNCH, "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
            "--mixed_precision", "no", "--main_process_port", str(port), "-m", module, *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,

@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
+from pipeline.launch import free_port
 from tests.conftest import REPO
 from tests.fake_upstream import build_label_export, evaluated_run
 
@@ -1078,9 +1078,7 @@ def test_commit_message_names_the_method_that_made_the_policy():
 
 
 def test_no_network_is_one_clear_error(runs, dry_run):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     before = run_folder_state(runs)
     line = error_line(publish(runs, "--repo_id", "tester/tiny-rlhf", env={"HF_ENDPOINT": f"http://127.0.0.1:{port}",
                                                                            "HF_TOKEN": TOKEN}))
