@@ -27,9 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.adapters import PROJ, seeded_sft_and_reward
+
 REPO = Path(__file__).resolve().parents[1]
 SIDES = {"ddp": "configs/accelerate/cpu2.yaml", "fsdp": "configs/accelerate/fsdp_cpu2.yaml"}
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TIMING = ("time", "_s", "per_s")  # logged keys that measure time, not the run
 
 
@@ -37,10 +38,7 @@ def build(work: Path, hidden: int, layers: int, seed: int = 0) -> dict:
     """A random-init fp32 Llama with the embedded base's tokenizer and chat template, a fresh SFT LoRA (B = 0) and a
     seeded SEQ_CLS reward LoRA on it, a model profile and 64 story prompts. Built once per size."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
-
-    from pipeline.models import save_fingerprint
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     if (work / "DONE").exists():
         return json.loads((work / "DONE").read_text())
@@ -56,21 +54,11 @@ def build(work: Path, hidden: int, layers: int, seed: int = 0) -> dict:
     base.save_pretrained(work / "base")
     tok.save_pretrained(work / "base")
     numel = base.num_parameters()
+    del base
     (work / "profile.yaml").write_text(f"name_or_path: {(work / 'base').resolve()}\nlora_target_modules: {PROJ}\n"
                                        "dtype: float32\ndescription: bench-shard random-init Llama\n")
-    lora = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJ)
-    m = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
-    m.save_pretrained(work / "sft")
-    tok.save_pretrained(work / "sft")
-    save_fingerprint(work / "sft", config, str((work / "base").resolve()))
-    del m, base
-    torch.manual_seed(seed + 1)
-    rb = AutoModelForSequenceClassification.from_pretrained(work / "base", num_labels=1)
-    rb.config.pad_token_id = tok.pad_token_id
-    m = get_peft_model(rb, LoraConfig(task_type="SEQ_CLS", init_lora_weights=False, **lora))
-    m.save_pretrained(work / "rm")
-    tok.save_pretrained(work / "rm")
-    save_fingerprint(work / "rm", rb.config, str((work / "base").resolve()))
+    seeded_sft_and_reward((work / "base").resolve(), work, dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJ),
+                          seed)
     rows = [json.loads(line) for line in (REPO / "data/story/ppo_prompts.jsonl").read_text().splitlines()[:64]]
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     info = {"base_numel": numel, "hidden": hidden, "layers": layers, "weight_mb_fp32": round(numel * 4 / 2**20, 1)}

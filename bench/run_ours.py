@@ -28,42 +28,26 @@ from pathlib import Path  # noqa: E402
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
 
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from bench.adapters import PROJ  # noqa: E402
+
 LORA_R = 16  # the peer's --lora-r default; alpha = 2r, dropout 0, all 7 projections (bench/peer/peer_ppo_trl112.py)
 
 
 def prepare(model_dir: Path, work: Path, seed: int = 0) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from pipeline.models import save_fingerprint
+    from bench.adapters import seeded_sft_and_reward
 
     if (work / "DONE").exists() and (work / "peer_reward").exists():
         return
     work.mkdir(parents=True, exist_ok=True)
     base_dir = (model_dir / "policy").resolve()
-    tok = AutoTokenizer.from_pretrained(base_dir)
     (work / "profile.yaml").write_text(f"name_or_path: {base_dir}\nlora_target_modules: {PROJ}\ndtype: float32\n"
                                        "description: bench-ppo peer workload base (bench/peer/peer_common.py)\n")
     lora = dict(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, target_modules=PROJ)
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    m = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
-    m.save_pretrained(work / "sft")
-    tok.save_pretrained(work / "sft")
-    save_fingerprint(work / "sft", base.config, str(base_dir))
-    del m, base
-    torch.manual_seed(seed + 1)
-    rb = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
-    rb.config.pad_token_id = tok.pad_token_id
-    peer_rm = AutoModelForSequenceClassification.from_pretrained(model_dir / "reward", num_labels=1)
-    rb.score.weight.data.copy_(peer_rm.score.weight.data)  # same head as the peer's reward model
-    del peer_rm
-    m = get_peft_model(rb, LoraConfig(task_type="SEQ_CLS", init_lora_weights=False, **lora))  # seeded random B
-    m.save_pretrained(work / "rm")
-    tok.save_pretrained(work / "rm")
-    save_fingerprint(work / "rm", rb.config, str(base_dir))
+    m = seeded_sft_and_reward(base_dir, work, lora, seed, score_from=model_dir / "reward")  # the peer's head
+    tok = AutoTokenizer.from_pretrained(base_dir)
     # The same reward function as one standalone model, for the peer (its reward model, and its value model's start):
     # both sides then maximise the same reward, and their reward gains are in the same units.
     probe = tok(json.loads((model_dir / "prompts.json").read_text())[:4], return_tensors="pt", padding=True)
