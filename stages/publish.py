@@ -546,8 +546,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     license, note = card_license(args, base_license(base, args, online=not args.dry_run))
     if note:
         print(note, file=sys.stderr)
-    card = model_card(args, repo, run.run, manifests, base, base_ref, sources, extras, dataset_repo, dataset_sources,
-                      license)
+    card = model_card(args, repo, run.run, {**manifests, **({"label-export": label_now} if label_now else {})}, base,
+                      base_ref, sources, extras, dataset_repo, dataset_sources, license)
     check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 

@@ -376,11 +376,13 @@ def reward_made(rm: dict, given: str | None = None) -> str:
     return made
 
 
-def trained_on_labels(manifests: dict[str, dict], policy: str) -> str:
-    """The card's stages that trained on the run's label export: the rm stage, and DPO when its manifest records that it
-    read the export (DPO's policy learned from those labels directly)."""
-    read = ((manifests[policy].get("inputs") or {}).get("manifests") or {})
-    return ", ".join(sorted({"rm", *([policy] if "label-export" in read else [])}))
+def trained_on_labels(manifests: dict[str, dict], policy: str) -> list[str]:
+    """The card's stages that trained on the run's label export as it is now (`manifests["label-export"]`, absent when
+    the run has none): the rm stage, and DPO (its policy learned from the labels directly), each when its manifest
+    records that it read this export: not when it trained on other preferences, or on an export made before this one."""
+    export = manifests.get("label-export")
+    read = lambda stage: ((manifests[stage].get("inputs") or {}).get("manifests") or {}).get("label-export")  # noqa: E731
+    return sorted(stage for stage in {"rm", policy} if export and read(stage) == manifest_digest(export))
 
 
 def reward_use(rm: dict, given: str | None, extras: list[str], method: str) -> str:
@@ -404,6 +406,8 @@ def reward_use(rm: dict, given: str | None, extras: list[str], method: str) -> s
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
                sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None,
                license: dict | None = None) -> str:
+    """The card's text, from `manifests`: the sft, rm, policy and eval stages' (and the run's label export's as it is
+    now, when it has one: which stages trained on it)."""
     from huggingface_hub import ModelCardData
 
     from stages.label.export import WHOSE
@@ -417,6 +421,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
                          tags=TAGS[:2] + [method] + TAGS[2:], datasets=sorted(set(hub_ids + ([dataset_repo] if dataset_repo else []))) or None,
                          pipeline_tag="text-generation")
     ev, trained = manifests["eval"]["metrics"], manifests[args.policy]["metrics"]
+    read_labels = trained_on_labels(manifests, args.policy)  # the stages that trained on the run's export
     given = given_reward(manifests[args.policy])
     how = ("two stages: supervised fine-tuning (TRL `SFTTrainer`), then DPO (TRL `DPOTrainer`) on preference pairs with "
            "the SFT policy as the reference" if method == "dpo" else
@@ -470,14 +475,15 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
                f"{fmt(trained.get('reward_last'))} (the reward model's, {reward_window(trained)}), KL "
                f"{fmt(trained.get('kl_last'))} at the last update (held out: the table above). Reward "
                f"model: " + (f"`{Path(given).name}`, given as `reward_adapter`." if given else
-                             f"accuracy {fmt(manifests['rm']['metrics'].get('eval_accuracy'))} on the held-out pairs of "
-                             f"its own labels."))
+                             f"accuracy {fmt(manifests['rm']['metrics'].get('eval_accuracy'))} on its held-out pairs"
+                             + (f" (the `test` split of [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}))"
+                                if dataset_repo and "rm" in read_labels else "") + "."))
     lines += ["", summary + " Software: " + ", ".join(f"{k} {v}" for k, v in manifests[args.policy].get("versions", {}).items())
               + ".", "",
               "## Data", "", "| data | used by | source | license |", "|---|---|---|---|"]
     for s in sources:
         lines.append(f"| `{s['name']}` | {', '.join(sorted(s['stages']))} | {s['url'] or '—'} | {s['license']} |")
-    readers = trained_on_labels(manifests, args.policy)
+    readers = ", ".join(read_labels) or "no stage of this run"
     if dataset_repo:
         lines.append(f"| [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}) | {readers} | {WHOSE[dataset_sources or 'people'].short} of this run | {args.dataset_license} |")
     elif dataset_sources in WHOSE:  # the reward model's labels, not published (--include_dataset publishes them)

@@ -187,9 +187,11 @@ def test_card_parses_with_the_hub_metadata(runs, dry_run):
     assert res.returncode == 0 and "PeftModelForCausalLM" in res.stdout, res.stderr[-2000:]
     ds_card = DatasetCard.load(keep / "dataset" / "README.md")
     assert ds_card.data.to_dict()["license"] == "apache-2.0"
-    # the fixture's labels are a person's ("ann"): said so on both cards
+    # the fixture's labels are a person's ("ann"): said so on both cards; its reward model trained on the bundled
+    # preferences, not on them (the card once said rm did, and "accuracy on the held-out pairs of its own labels")
     assert "human-feedback" in ds_card.data.to_dict()["tags"] and "5 human preference pairs" in ds_card.text
-    assert "| rm | human labels of this run |" in text
+    assert "| no stage of this run | human labels of this run |" in text
+    assert "Reward model: accuracy 0.61 on its held-out pairs. Software:" in text
 
 
 def test_the_card_takes_the_bases_license_unless_told_otherwise(tmp_path, monkeypatch):
@@ -268,7 +270,11 @@ def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
     from stages.publish import PublishArgs, export_dataset, size_category
     from stages.publish_card import model_card
 
+    from pipeline.run import manifest_digest
+
     manifests = {s: json.loads((runs / "t" / s / "manifest.json").read_text()) for s in ("sft", "rm", "ppo", "eval")}
+    manifests["label-export"] = {"stage": "label-export", "outputs": {"dataset": "d"}}  # the one the reward model read
+    manifests["rm"] = {**manifests["rm"], "inputs": {"manifests": {"label-export": manifest_digest(manifests["label-export"])}}}
     base = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
     assert sources_of(["alice", "bob,carol"]) == "people" and sources_of(["sim:a-1,sim:a-2"]) == "simulated"
@@ -294,7 +300,7 @@ def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
         assert f"| [me/x-preferences](https://huggingface.co/datasets/me/x-preferences) | rm | {who} |" in text
         # a DPO policy learned from the labels itself (its manifest read the export): the row names it beside rm
         dpo = {"config": {"dpo": {"beta": 0.1}}, "metrics": {"eval_accuracy": 0.6},
-               "inputs": {"manifests": {"sft": "d", "label-export": "d"}}}
+               "inputs": {"manifests": {"sft": "d", "label-export": manifest_digest(manifests["label-export"])}}}
         line = {"proxy_mean": 0.1, "gold_mean": None, "length_mean": 5.0, "no_eos": 0.0, "kl_mean": 0.0}
         ev = {**manifests["eval"], "metrics": {**manifests["eval"]["metrics"], "comparison": {"sft": line, "dpo": line}}}
         text = model_card(PublishArgs(policy="dpo"), "me/x", "t", {**manifests, "dpo": dpo, "eval": ev}, base, base, [],
@@ -483,8 +489,12 @@ def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
     assert "⚠️ The evaluation flagged grpo" in "\n".join(
         policy_results({"n_prompts": 9, "comparison": comparison, "flagged_policies": ["grpo"]}, "grpo"))
 
-    manifests = {"sft": {"config": {}, "metrics": {}}, "eval": {"metrics": ev},
-                 "rm": {"config": {}, "metrics": {"eval_accuracy": 0.71}, "outputs": {"adapter": str(tmp_path)}},
+    from pipeline.run import manifest_digest
+
+    export = {"stage": "label-export", "outputs": {"dataset": "d"}}  # the run's export, which the reward model read
+    manifests = {"sft": {"config": {}, "metrics": {}}, "eval": {"metrics": ev}, "label-export": export,
+                 "rm": {"config": {}, "metrics": {"eval_accuracy": 0.71}, "outputs": {"adapter": str(tmp_path)},
+                        "inputs": {"manifests": {"label-export": manifest_digest(export)}}},
                  "ppo": {"config": {}, "versions": {"trl": "1.0"},
                          "metrics": {"updates": 40, "reward_first": -0.5, "reward_last": 1.25, "kl_last": 3.5,
                                      "reward_window_updates": 3}}}
@@ -492,12 +502,18 @@ def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
                       "org/base", [], [], "me/x-preferences", "people")
     # the window of the first and last rewards is the manifest's (once "a tenth" whatever the stage averaged)
     assert "PPO: 40 updates, reward -0.5 → 1.25 (the reward model's, means of the first and last 3 updates), KL 3.5 " \
-           "at the last update (held out: the table above). Reward model: accuracy 0.71 on the held-out pairs of its " \
-           "own labels." in card
+           "at the last update (held out: the table above). Reward model: accuracy 0.71 on its held-out pairs (the " \
+           "`test` split of [me/x-preferences](https://huggingface.co/datasets/me/x-preferences))." in card
     del manifests["ppo"]["metrics"]["reward_window_updates"]  # a manifest from before the stage recorded it
     assert "(the reward model's, means of the first and last tenth of the updates)" in model_card(
         PublishArgs(license="mit"), "me/x", "t", manifests, "org/base", "org/base", [], [], None, "people")
     assert "| rm | human labels of this run | cc-by-4.0 |" in card and "license: mit" in card
+    # an export made since the reward model trained (or none it read): no stage of the run trained on the published one
+    later = model_card(PublishArgs(license="mit", dataset_license="cc-by-4.0"), "me/x", "t",
+                       {**manifests, "label-export": {**export, "finished_at": "later"}}, "org/base", "org/base", [], [],
+                       "me/x-preferences", "people")
+    assert "| [me/x-preferences](https://huggingface.co/datasets/me/x-preferences) | no stage of this run | human " \
+           "labels of this run | cc-by-4.0 |" in later and "accuracy 0.71 on its held-out pairs. Software:" in later
     # the labels not published: the row still says whose they were; the example prompt is the task's
     manifests["sft"]["config"] = {"sft": {"sample_prompts": ['Once upon a time, "Tom" said']}}
     card = model_card(PublishArgs(license="mit"), "me/x", "t", manifests, "org/base", "org/base", [], [], None,
