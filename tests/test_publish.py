@@ -902,7 +902,9 @@ def test_the_published_test_split_is_the_reward_models_held_out_pairs(runs, dry_
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     folder = copy / "t" / "publish" / "dataset"
-    splits = datasets.load_dataset(str(folder))  # as `load_dataset(repo)` reads the repo: its card's configs
+    # as `load_dataset(repo)` reads the repo (its card's configs), into a cache of its own: datasets caches a local
+    # folder by its name and configs, not its files, so another run's `publish/dataset` would be read back instead
+    splits = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "datasets_cache"))
     as_pairs = lambda rows: sorted((r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"])  # noqa: E731
                                    for r in rows)
     assert as_pairs(r for r in splits["test"] if not r["is_tie"]) == as_pairs(held_out[:3])  # the pairs it scored
