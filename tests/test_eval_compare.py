@@ -133,6 +133,24 @@ def test_win_rate_matrix_by_hand():
         win_rate_matrix({"a": [1.0], "b": [1.0, 2.0]})
 
 
+def test_the_gold_win_rate_counts_any_gold_difference_and_only_equal_gold_as_a_tie():
+    """compare_policies' gold matrix has no tie band: a gold judge's 0.01 is a win (VADER's scores differ by as
+    little), only equal scores tie; the proxy's band is 1e-6. By hand on four prompts, DPO against SFT: gold +0.01,
+    -0.02, equal, +0.3: 2 wins, 1 tie, 1 loss, a rate of (2 + 0.5) / 4."""
+    from types import SimpleNamespace
+
+    from stages.eval import EvalArgs, compare_policies
+
+    texts = {"sft": ["a", "b", "c", "d"], "dpo": ["e", "f", "g", "h"]}  # other replies: scores decide, not the text
+    ro = {n: {"rewards": [0.0] * 4, "texts": texts[n], "lengths": [3] * 4, "ended": [True] * 4} for n in texts}
+    gold = {"sft": [0.10, 0.50, 0.20, 0.0], "dpo": [0.11, 0.48, 0.20, 0.3]}
+    c = compare_policies(SimpleNamespace(spec="sentiment"), [[{"role": "user", "content": f"p{i}"}] for i in range(4)],
+                         EvalArgs(), {"dpo": {"metrics": {}}}, ro, {"sft": [0.0] * 4, "dpo": [0.5] * 4}, gold, {}, None, {})
+    w = c["win_rate_gold"]["dpo"]["sft"]
+    assert (w["wins"], w["ties"], w["losses"], w["rate"]) == (2, 1, 1, 0.625)
+    assert c["win_rate_proxy"]["dpo"]["sft"]["ties"] == 4  # the proxy's equal scores: all ties
+
+
 def test_the_same_reply_is_a_tie_whatever_its_scores_say():
     """A reply scored in two batches (each policy's) can come back ~1e-7 apart from its padding alone, more than a
     tie_eps of 0 (the gold) and, in bf16, than 1e-6: the same text is a tie. Other texts keep their scores' verdict."""
