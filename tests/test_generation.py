@@ -197,6 +197,19 @@ def test_reply_texts_leave_out_the_stop_token_in_rollouts_and_eval_alike(llama):
     assert response_texts(tok, ids, mask) == [tok.decode(words).strip(), tok.decode(words + words[:2]).strip()]
 
 
+def test_reply_texts_are_the_words_without_the_whitespace_around_them(llama):
+    """A reply sampled as " It was a sunny day.\n" is read as "It was a sunny day." by the reward model, the gold
+    judge and the same-reply tie rule alike (the chat template puts the reply right after its header): the space
+    and newline a policy emits around its words are not part of the reply. Mutant: the strip dropped."""
+    from pipeline.generation import response_texts
+
+    _, tok = llama
+    words = tok.encode(" It was a sunny day.\n", add_special_tokens=False)
+    assert tok.decode(words) == " It was a sunny day.\n"  # the whitespace really is in the sampled tokens
+    ids = torch.tensor([words + [tok.eos_token_id]])
+    assert response_texts(tok, ids, torch.ones_like(ids)) == ["It was a sunny day."]
+
+
 def test_a_checkpoints_sampling_defaults_do_not_reach_the_samplers(tiny_models, tmp_path):
     """Every sampler here draws from softmax(logits / T) with the stage's own top_p / top_k, as PPO's sampler does and
     the KL figures assume. A checkpoint's generation_config.json that sets Qwen's repetition_penalty 1.1, a
