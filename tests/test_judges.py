@@ -291,6 +291,16 @@ def test_a_judge_spec_is_read_without_surrounding_whitespace():
     assert judge_scores(judge, PROMPTS, TEXTS) == [float(len(t)) for t in TEXTS]
 
 
+def test_an_rm_judge_names_its_folder_without_the_space_after_the_colon(tmp_path):
+    """`gold_judge: rm: runs/big/rm/adapter`, a space after the colon as people type it: the folder is
+    runs/big/rm/adapter, not " runs/big/rm/adapter" (a folder that does not exist, refused by make's check)."""
+    from pipeline.judges import check_judge_spec, judge_kind
+
+    assert judge_kind("rm: runs/big/rm/adapter") == ("rm", "runs/big/rm/adapter")
+    assert judge_kind(" rm:\truns/big/rm/adapter \n") == ("rm", "runs/big/rm/adapter")
+    check_judge_spec(f"rm: {tmp_path}")  # the folder exists: no error
+
+
 def test_bool_scores_and_mismatched_rows_are_refused():
     """A bool is not a score (True would silently count as 1.0): ConfigError naming the row. And prompts and responses
     must pair up one to one: 1 prompt for 2 responses is a ValueError before the judge is called."""
