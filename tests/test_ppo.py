@@ -2068,6 +2068,19 @@ def test_decoder_layers_are_the_trunks_outermost_list_of_layers(arch):
     assert decoder_layers(lm) is expected and len(expected) == 2
 
 
+def test_decoder_layers_are_not_a_list_of_as_many_modules_inside_each_block():
+    """A block that holds a list of its own as long as the layer count (sub-modules, experts) must not be taken for
+    the layers: the outermost list is, whatever lies deeper."""
+    import torch
+
+    from stages.ppo.rollout import decoder_layers
+
+    lm = random_model("llama", "causal")
+    for layer in lm.model.layers:
+        layer.inner = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    assert decoder_layers(lm) is lm.model.layers and len(lm.model.layers) == 2
+
+
 def test_the_logged_reward_std_is_the_raw_scores_sample_std(tiny_models, adapters, prompts_file, tmp_path):
     """metrics.jsonl's reward_std sits beside reward_raw: the spread of the reward model's raw scores (n - 1 in the
     denominator), not of the normalised and clipped ones PPO maximises. Scores set by hand, reward stats (1, 2)."""

@@ -1234,6 +1234,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('eval-gold-win-rate-tie-band', 'stages/eval.py', 'win_rate_matrix({n: gold[n] for n in names}, 0.0,', 'win_rate_matrix({n: gold[n] for n in names}, 0.05,', 'tests/test_eval_compare.py -k gold_win_rate_counts'),
     ('gen-reply-texts-unstripped', 'pipeline/generation.py', 'skip_special_tokens=True).strip()', 'skip_special_tokens=True)', 'tests/test_generation.py -k whitespace_around'),
     ('judge-rm-spec-space-kept', 'pipeline/judges.py', 'return "rm", spec[3:].strip()', 'return "rm", spec[3:]', 'tests/test_judges.py -k space_after_the_colon'),
+    ('ppo-decoder-layers-innermost', 'stages/ppo/rollout.py', 'depth = min((name.count(".") for name in lists), default=0)', 'depth = max((name.count(".") for name in lists), default=0)', 'tests/test_ppo.py -k not_a_list_of_as_many'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
