@@ -496,6 +496,15 @@ def test_is_current_records(tmp_path, monkeypatch):
     del older["inputs"]["launch"]
     sft.manifest_path.write_text(json.dumps(older))
     assert is_current("sft", sft.argv, ["--config_file", "c.yaml"]) == (True, "")
+    # rm's recorded inputs: a manifest written before inputs were recorded is not current (and no crash reading it);
+    # an upstream stage deleted since is named as gone, not as new
+    export.manifest_path.unlink()
+    sft.manifest_path.unlink()
+    assert is_current("rm", rm.argv) == (False, "the sft stage is gone")
+    without = json.loads(rm.manifest_path.read_text())
+    del without["inputs"]
+    rm.manifest_path.write_text(json.dumps(without))
+    assert is_current("rm", rm.argv) == (False, "its manifest does not record its inputs (written by an older version)")
 
 
 def test_a_stage_whose_code_changed_since_it_ran_is_kept_with_a_note(tmp_path):

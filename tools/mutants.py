@@ -1235,6 +1235,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('gen-reply-texts-unstripped', 'pipeline/generation.py', 'skip_special_tokens=True).strip()', 'skip_special_tokens=True)', 'tests/test_generation.py -k whitespace_around'),
     ('judge-rm-spec-space-kept', 'pipeline/judges.py', 'return "rm", spec[3:].strip()', 'return "rm", spec[3:]', 'tests/test_judges.py -k space_after_the_colon'),
     ('ppo-decoder-layers-innermost', 'stages/ppo/rollout.py', 'depth = min((name.count(".") for name in lists), default=0)', 'depth = max((name.count(".") for name in lists), default=0)', 'tests/test_ppo.py -k not_a_list_of_as_many'),
+    ('run-gone-upstream-said-new', 'pipeline/run.py', 'f"the {name} stage now exists" if now else f"the {name} stage is gone")', 'f"the {name} stage now exists")', 'tests/test_make.py -k is_current_records'),
+    ('run-inputless-manifest-read', 'pipeline/run.py', '    if not inputs:\n        return False, "its manifest does not record its inputs (written by an older version)"\n', '', 'tests/test_make.py -k is_current_records'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
