@@ -507,6 +507,20 @@ def test_is_current_records(tmp_path, monkeypatch):
     assert is_current("rm", rm.argv) == (False, "its manifest does not record its inputs (written by an older version)")
 
 
+def test_the_code_a_stage_ran_is_recorded_as_it_was_when_the_stage_prepared(tmp_path, monkeypatch):
+    """A module edited while the stage trains (a branch checked out, an upgrade pulled) is recorded with the digest it
+    had at prepare(), when it was imported and ran, so that `make` notes the change; a module first imported after
+    prepare() is digested at finish(). Digests faked by hand."""
+    import pipeline.run as run
+
+    stage = StageRun("sft", "r", str(tmp_path / "runs"))
+    stage.argv = ["--run", "r", "--runs_dir", str(tmp_path / "runs")]
+    monkeypatch.setattr(run, "code_digests", lambda: {"pipeline/a.py": "as-run"})
+    stage.prepare({})
+    monkeypatch.setattr(run, "code_digests", lambda: {"pipeline/a.py": "edited", "stages/late.py": "late"})
+    assert stage.finish({}, {}, {})["code"] == {"pipeline/a.py": "as-run", "stages/late.py": "late"}
+
+
 def test_a_stage_whose_code_changed_since_it_ran_is_kept_with_a_note(tmp_path):
     """The manifest records the digest of every module of the project the stage imported. `make` does not redo an
     up-to-date stage for a code change (an upgrade's refactor is not worth a base retrained for hours), but says so
