@@ -521,6 +521,25 @@ def test_the_code_a_stage_ran_is_recorded_as_it_was_when_the_stage_prepared(tmp_
     assert stage.finish({}, {}, {})["code"] == {"pipeline/a.py": "as-run", "stages/late.py": "late"}
 
 
+def test_the_manifests_commit_says_when_the_working_tree_was_edited(monkeypatch):
+    """git_commit: HEAD's hash, with "-dirty" when tracked files differ from it (the outputs came from code that no
+    commit holds); None outside a git checkout. By hand, with git's two answers faked."""
+    import pipeline.run as run
+
+    def fake_git(status: str, rc: int = 0):
+        def fake_run(cmd, **kw):
+            out = "abc123\n" if cmd[1] == "rev-parse" else status
+            return subprocess.CompletedProcess(cmd, rc, stdout=out, stderr="")
+        return fake_run
+
+    monkeypatch.setattr(run.subprocess, "run", fake_git(" M pipeline/run.py\n"))
+    assert run.git_commit() == "abc123-dirty"
+    monkeypatch.setattr(run.subprocess, "run", fake_git(""))
+    assert run.git_commit() == "abc123"
+    monkeypatch.setattr(run.subprocess, "run", fake_git("", rc=128))  # not a git checkout
+    assert run.git_commit() is None
+
+
 def test_a_stage_whose_code_changed_since_it_ran_is_kept_with_a_note(tmp_path):
     """The manifest records the digest of every module of the project the stage imported. `make` does not redo an
     up-to-date stage for a code change (an upgrade's refactor is not worth a base retrained for hours), but says so

@@ -1238,6 +1238,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('run-gone-upstream-said-new', 'pipeline/run.py', 'f"the {name} stage now exists" if now else f"the {name} stage is gone")', 'f"the {name} stage now exists")', 'tests/test_make.py -k is_current_records'),
     ('run-inputless-manifest-read', 'pipeline/run.py', '    if not inputs:\n        return False, "its manifest does not record its inputs (written by an older version)"\n', '', 'tests/test_make.py -k is_current_records'),
     ('run-code-digested-at-finish', 'pipeline/run.py', '"code": {**code_digests(), **self.code},', '"code": {**self.code, **code_digests()},', 'tests/test_make.py -k code_a_stage_ran'),
+    ('run-commit-dirty-unsaid', 'pipeline/run.py', 'return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None', 'return out.stdout.strip() if out.returncode == 0 else None', 'tests/test_make.py -k working_tree_was_edited'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
