@@ -106,6 +106,19 @@ def test_a_stale_tabs_skip_of_an_answered_pair_records_nothing(store):
     assert store.labels() == [] and store.undo("alice") is None
 
 
+def test_handing_back_one_pair_keeps_the_annotators_other_lease(store):
+    """overlap 1. Alice labels p000, opens p001, and undoes her label: she now holds leases on p000 (shown) and p001
+    (still open in another tab). Handing back p001 (that tab switches name) frees p001 alone: bob gets p001, not
+    p000, which alice is still labeling."""
+    assert store.next_item("alice").pair_id == "p000"
+    store.save_label("alice", "p000", "left", store.shown_left("p000", "alice"))
+    assert store.next_item("alice").pair_id == "p001"
+    assert store.undo("alice") == ("p000", "new")
+    store.release("alice", "p001")
+    assert store.next_item("bob").pair_id == "p001"
+    assert store.next_item("alice").pair_id == "p000"
+
+
 def test_an_undo_never_puts_a_second_person_on_a_full_pair(store):
     """overlap 1. Alice skips p000 and bob takes it: alice's undo takes her skip back, but not the pair while bob's live
     lease fills it, so both saving leaves p000 with bob's label alone; once bob hands it back, it is open to her again.
