@@ -301,6 +301,18 @@ def test_an_rm_judge_names_its_folder_without_the_space_after_the_colon(tmp_path
     check_judge_spec(f"rm: {tmp_path}")  # the folder exists: no error
 
 
+def test_each_judge_form_is_described_by_whose_scores_they_are():
+    """The reports print describe_judge beside the gold figures (a gold mean says little without its scale): a
+    reward model's scores are its own scale, not "your function's"."""
+    from pipeline.judges import describe_judge
+
+    assert describe_judge("rm:runs/big/rm/adapter") == ("the score the reward model runs/big/rm/adapter gives the reply, "
+                                                        "on its own scale")
+    assert describe_judge("tests.judge_fixtures:length_judge") == ("the score your function "
+                                                                   "tests.judge_fixtures:length_judge gives the reply")
+    assert describe_judge(" sentiment ") == "VADER's compound sentiment of the reply, from -1, negative, to 1, positive"
+
+
 def test_bool_scores_and_mismatched_rows_are_refused():
     """A bool is not a score (True would silently count as 1.0): ConfigError naming the row. And prompts and responses
     must pair up one to one: 1 prompt for 2 responses is a ValueError before the judge is called."""
