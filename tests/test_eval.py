@@ -249,6 +249,35 @@ def ppo_section(tmp_path, ended_sft, ended_ppo, gold=None, kl=(1.0, 1.0, 1.0, 1.
                       ([], [], []), [])
 
 
+def test_a_samples_length_is_its_replys_tokens_up_to_its_eos(tiny_models, monkeypatch):
+    """eval's rollout records each reply's length as its real tokens, up to and including its EOS (the length-hacking
+    flag and the report's length columns read it): 3 for a reply that ended at its third token, 4 for one that ran
+    to the limit of 4. Sampling and scoring faked; the masks by hand."""
+    import stages.eval as ev
+    from pipeline.generation import Generations, SamplingConfig
+    from pipeline.models import load_tokenizer, profile_from
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    gens = Generations(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
+                       torch.tensor([[5, 6, eos, pad], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+                       ["a b", "a b c d"], torch.tensor([True, False]))
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: gens)
+
+    class Stack:
+        model = torch.nn.Linear(1, 1)
+
+        def use(self, name):
+            pass
+
+        def scores(self, name, ids, mask, starts):
+            return torch.zeros(len(ids))
+
+    prompts = [[{"role": "user", "content": "Once"}], [{"role": "user", "content": "Then"}]]
+    ro = ev.rollout(Stack(), "ppo", tok, prompts, [[1], [1]], SamplingConfig(max_new_tokens=4), 0, 8)
+    assert ro["lengths"] == [3, 4] and ro["ended"] == [True, False] and ro["rewards"] == [0.0, 0.0]
+
+
 def test_no_eos_figures_are_the_shares_without_eos(tmp_path):
     """no_eos_sft / no_eos_ppo = the share of samples that did not end with EOS: 1 of 4 for SFT, 3 of 4 for PPO."""
     out = ppo_section(tmp_path, ended_sft=[True, True, True, False], ended_ppo=[True, False, False, False])

@@ -1241,6 +1241,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('run-commit-dirty-unsaid', 'pipeline/run.py', 'return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None', 'return out.stdout.strip() if out.returncode == 0 else None', 'tests/test_make.py -k working_tree_was_edited'),
     ('store-release-every-lease', 'stages/label/store.py', 'con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))\n\n    def reopen', 'con.execute("DELETE FROM assignments WHERE annotator = ?", (annotator,))\n\n    def reopen', 'tests/test_label_store.py -k handing_back_one_pair'),
     ('judge-rm-described-as-a-function', 'pipeline/judges.py', '    if spec.startswith("rm:"):\n        return f"the score the reward model', '    if False:\n        return f"the score the reward model', 'tests/test_judges.py -k whose_scores_they_are'),
+    ('eval-lengths-the-limit', 'stages/eval.py', '"lengths": gens.response_mask.sum(1).tolist()', '"lengths": [gens.response_mask.shape[1]] * len(gens.texts)', 'tests/test_eval.py -k replys_tokens_up_to'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
