@@ -193,6 +193,12 @@ def splits_line(splits: dict, held_out: dict | None, repo: str) -> str:
             f"{pairs(held_out['scored'])} of `test` (a tie, `is_tie`, has no right answer and is left out){elsewhere}.")
 
 
+def has_a_test_split(dataset_folder: Path | None) -> bool:
+    """The dataset folder export_dataset wrote has a `test` split: a reward model that read the export but held none of
+    its prompts out (only its other data's) gets none, and the model card must not point to one."""
+    return dataset_folder is not None and (dataset_folder / "data" / "test-00000-of-00001.parquet").is_file()
+
+
 def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str, prompts: str | None,
                    held_out: dict | None = None) -> str:
     """The label-export preferences as one parquet file a split (the Hub's viewer reads them: `test` holds the pairs
@@ -547,7 +553,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     if note:
         print(note, file=sys.stderr)
     card = model_card(args, repo, run.run, {**manifests, **({"label-export": label_now} if label_now else {})}, base,
-                      base_ref, sources, extras, dataset_repo, dataset_sources, license)
+                      base_ref, sources, extras, dataset_repo, dataset_sources, license,
+                      test_split=has_a_test_split(dataset_folder))
     check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 

@@ -405,9 +405,10 @@ def reward_use(rm: dict, given: str | None, extras: list[str], method: str) -> s
 
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
                sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None,
-               license: dict | None = None) -> str:
+               license: dict | None = None, test_split: bool = False) -> str:
     """The card's text, from `manifests`: the sft, rm, policy and eval stages' (and the run's label export's as it is
-    now, when it has one: which stages trained on it)."""
+    now, when it has one: which stages trained on it). `test_split`: the published dataset (`dataset_repo`) has the
+    `test` split of the reward model's held-out pairs (publish.as_held_out), which the card then names."""
     from huggingface_hub import ModelCardData
 
     from stages.label.export import WHOSE
@@ -477,7 +478,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
                f"model: " + (f"`{Path(given).name}`, given as `reward_adapter`." if given else
                              f"accuracy {fmt(manifests['rm']['metrics'].get('eval_accuracy'))} on its held-out pairs"
                              + (f" (the `test` split of [{dataset_repo}](https://huggingface.co/datasets/{dataset_repo}))"
-                                if dataset_repo and "rm" in read_labels else "") + "."))
+                                if dataset_repo and test_split else "") + "."))
     lines += ["", summary + " Software: " + ", ".join(f"{k} {v}" for k, v in manifests[args.policy].get("versions", {}).items())
               + ".", "",
               "## Data", "", "| data | used by | source | license |", "|---|---|---|---|"]

@@ -499,7 +499,7 @@ def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
                          "metrics": {"updates": 40, "reward_first": -0.5, "reward_last": 1.25, "kl_last": 3.5,
                                      "reward_window_updates": 3}}}
     card = model_card(PublishArgs(license="mit", dataset_license="cc-by-4.0"), "me/x", "t", manifests, "org/base",
-                      "org/base", [], [], "me/x-preferences", "people")
+                      "org/base", [], [], "me/x-preferences", "people", test_split=True)
     # the window of the first and last rewards is the manifest's (once "a tenth" whatever the stage averaged)
     assert "PPO: 40 updates, reward -0.5 → 1.25 (the reward model's, means of the first and last 3 updates), KL 3.5 " \
            "at the last update (held out: the table above). Reward model: accuracy 0.71 on its held-out pairs (the " \
@@ -919,6 +919,9 @@ def test_the_published_test_split_is_the_reward_models_held_out_pairs(runs, dry_
             "were measured on 3 pairs of `test` (a tie, `is_tie`, has no right answer and is left out), together with "
             "1 pair of its other data (not published here).") in card
     assert 'ds = load_dataset("tester/tiny-rlhf-preferences")  # train, test' in card
+    assert ("Reward model: accuracy 0.61 on its held-out pairs (the `test` split of [tester/tiny-rlhf-preferences]"
+            "(https://huggingface.co/datasets/tester/tiny-rlhf-preferences)). Software:") in \
+        (copy / "t" / "publish" / "model" / "README.md").read_text()
 
     # the fixture's reward model trained on its bundled pairs, not on this export: one split, and the card says why
     keep, _ = dry_run
@@ -926,6 +929,26 @@ def test_the_published_test_split_is_the_reward_models_held_out_pairs(runs, dry_
     assert ("All of them are in `train`: the reward model of [tester/tiny-rlhf](https://huggingface.co/tester/tiny-rlhf) "
             "did not train on this export (it read another, or none), so there is no held-out split to mark.") in \
         DatasetCard.load(keep / "dataset" / "README.md").text
+
+
+def test_the_model_card_names_no_test_split_when_the_reward_model_held_none_of_the_exports_prompts_out(runs, tmp_path):
+    """A reward model that trained on the run's export beside other data, and held out only the other data's prompts:
+    the published dataset is all `train` (its card says so), and the model card said the held-out accuracy was on
+    "the `test` split" of that dataset, which has none."""
+    def pair(prompt: str) -> dict:
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}]}
+
+    export = [{**pair(f"Q{i}?"), "annotator": "ann", "is_tie": False} for i in range(3)]
+    copy = a_run_whose_reward_model_read_its_export(runs, tmp_path / "runs", export,
+                                                    [{**pair("Other?"), "source": "oasst"}])
+    proc = publish(copy, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = copy / "t" / "publish"
+    assert set(files_of(folder / "dataset")) == {"README.md", "data/train-00000-of-00001.parquet"}
+    assert "which held none of their prompts out: all of them are in `train`." in (folder / "dataset" / "README.md").read_text()
+    card = (folder / "model" / "README.md").read_text()
+    assert "Reward model: accuracy 0.61 on its held-out pairs. Software:" in card and "`test` split" not in card
 
 
 def test_publish_reads_each_manifest_once(runs, tmp_path, monkeypatch):

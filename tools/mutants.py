@@ -1242,6 +1242,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('store-release-every-lease', 'stages/label/store.py', 'con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))\n\n    def reopen', 'con.execute("DELETE FROM assignments WHERE annotator = ?", (annotator,))\n\n    def reopen', 'tests/test_label_store.py -k handing_back_one_pair'),
     ('judge-rm-described-as-a-function', 'pipeline/judges.py', '    if spec.startswith("rm:"):\n        return f"the score the reward model', '    if False:\n        return f"the score the reward model', 'tests/test_judges.py -k whose_scores_they_are'),
     ('eval-lengths-the-limit', 'stages/eval.py', '"lengths": gens.response_mask.sum(1).tolist()', '"lengths": [gens.response_mask.shape[1]] * len(gens.texts)', 'tests/test_eval.py -k replys_tokens_up_to'),
+    ('publish-card-test-split-without-one', 'stages/publish_card.py', 'if dataset_repo and test_split else "")', 'if dataset_repo and "rm" in read_labels else "")', 'tests/test_publish.py -k names_no_test_split'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
