@@ -84,19 +84,27 @@ def read_pooling(adapter_dir: str | Path) -> str:
     path = Path(adapter_dir) / POOLING_FILE
     if not path.is_file():
         return "last"
-    pooling = json.loads(path.read_text()).get("pooling")
+    recorded = json.loads(path.read_text())
+    pooling = recorded.get("pooling")
     if pooling not in POOLINGS:
         from pipeline.config import ConfigError
 
         raise ConfigError(f"{path}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if pooling == "sum" and recorded.get("sum_divisor") != SUM_DIVISOR:
+        # pool_scores and pool_in_forward divide by SUM_DIVISOR whatever the file says: a file that says otherwise
+        # (edited, or another version's) describes a score this code would not compute
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"{path}: sum_divisor {recorded.get('sum_divisor')!r} is not {SUM_DIVISOR:g}, the divisor "
+                          f"this version scores with: put the file back as `make rm` wrote it, or retrain the reward "
+                          f"model (`make rm FORCE=1`)")
     return pooling
 
 
 def read_sum_divisor(adapter_dir: str | Path) -> float | None:
-    """What a `sum`-pooled reward adapter's score is divided by, as its score_pooling.json records it (what a user of
-    the published adapter divides by); None without the file or for `last` pooling."""
-    path = Path(adapter_dir) / POOLING_FILE
-    return json.loads(path.read_text()).get("sum_divisor") if path.is_file() else None
+    """What a `sum`-pooled reward adapter's score is divided by (what a user of the published adapter divides by, as
+    its score_pooling.json says: read_pooling refuses a file that says otherwise); None for `last` pooling."""
+    return SUM_DIVISOR if read_pooling(adapter_dir) == "sum" else None
 
 
 def write_pooling(adapter_dir: str | Path, pooling: str) -> None:

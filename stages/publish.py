@@ -31,7 +31,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from pipeline.adapters import reward_members
+from pipeline.adapters import read_pooling, reward_members
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, resolve_path, to_dict
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest, read_manifest, stage_dir
@@ -491,6 +491,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     base = sft["outputs"].get("base_model") or json.loads((Path(policy["outputs"]["adapter"]) / "adapter_config.json").read_text())["base_model_name_or_path"]
     manifests = {"sft": sft, "rm": rm, args.policy: policy, "eval": ev}
     sources = data_of_the_card(manifests, base, label_now, pairs_now)
+    for adapter in {rm["outputs"]["adapter"], *([resolve_path(given)] if given else [])}:
+        read_pooling(adapter)  # the card describes its score: a pooling file this code would not apply is refused now
     api = None
     if not args.dry_run:  # a rejected token or a public repo under --private: before the run folder is touched
         api = HfApi(token=token)

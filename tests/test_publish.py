@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1129,7 +1130,7 @@ def test_no_network_is_one_clear_error(runs, dry_run):
 
 # ---------------------------------------------------------------------------------------------------- which method
 
-def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
+def test_card_says_which_method_made_the_policy(tmp_path, tiny_models, monkeypatch):
     """A run with ppo, grpo and dpo, evaluated together: each published policy's folder holds its own adapter, and its
     card names its method (from the manifest) in the text and the tags; a policy eval has no figures for is refused
     before the publish folder is touched."""
@@ -1174,8 +1175,20 @@ def test_card_says_which_method_made_the_policy(tmp_path, tiny_models):
     assert "the sum of its head" not in card.text  # these reward models read the last token (no score_pooling.json)
     for member in ("adapter", "member-1/adapter"):  # as `make rm --pooling sum` saves them
         write_pooling(runs / "t" / "rm" / member, "sum")
-    pooling = runs / "t" / "rm" / "adapter" / "score_pooling.json"  # the divisor the card names is the adapter's own
-    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "sum_divisor": 8.0}))
+    pooling = runs / "t" / "rm" / "adapter" / "score_pooling.json"
+    written = pooling.read_text()
+    # a divisor the code does not score with (pool_scores, pool_in_forward: SUM_DIVISOR) is refused before the publish
+    # folder is touched: the card would describe a score nobody computes
+    shutil.rmtree(runs / "t" / "publish")
+    pooling.write_text(json.dumps({**json.loads(written), "sum_divisor": 8.0}))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(pooling))}: sum_divisor 8.0 is not 16, the divisor this "
+                                          r"version scores with: .*make rm FORCE=1"):
+        main(PublishArgs(dry_run=True, include_reward=True), run)
+    assert not (runs / "t" / "publish").exists()
+    # the card names the divisor the code applies (16 here): one that differed is the one a user must divide by
+    monkeypatch.setattr("pipeline.adapters.SUM_DIVISOR", 8.0)
+    for member in ("adapter", "member-1/adapter"):
+        write_pooling(runs / "t" / "rm" / member, "sum")
     main(PublishArgs(dry_run=True, include_reward=True), run)  # every member of the ensemble: reward/, reward-1/
     for name, member in (("reward", "adapter"), ("reward-1", "member-1/adapter")):
         assert (folder / name / "adapter_model.safetensors").read_bytes() == \

@@ -1243,6 +1243,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('judge-rm-described-as-a-function', 'pipeline/judges.py', '    if spec.startswith("rm:"):\n        return f"the score the reward model', '    if False:\n        return f"the score the reward model', 'tests/test_judges.py -k whose_scores_they_are'),
     ('eval-lengths-the-limit', 'stages/eval.py', '"lengths": gens.response_mask.sum(1).tolist()', '"lengths": [gens.response_mask.shape[1]] * len(gens.texts)', 'tests/test_eval.py -k replys_tokens_up_to'),
     ('publish-card-test-split-without-one', 'stages/publish_card.py', 'if dataset_repo and test_split else "")', 'if dataset_repo and "rm" in read_labels else "")', 'tests/test_publish.py -k names_no_test_split'),
+    ('pooling-sum-divisor-unchecked', 'pipeline/adapters.py', 'if pooling == "sum" and recorded.get("sum_divisor") != SUM_DIVISOR:', 'if False:', 'tests/test_publish.py -k which_method_made'),
+    ('publish-pooling-checked-after-the-folder', 'stages/publish.py', '        read_pooling(adapter)  # the card describes its score', '        pass  # the card describes its score', 'tests/test_publish.py -k which_method_made'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
