@@ -186,9 +186,12 @@ def splits_line(splits: dict, held_out: dict | None, repo: str) -> str:
     pairs = lambda n: f"{n} pair{'' if n == 1 else 's'}"  # noqa: E731
     elsewhere = (f", together with {pairs(held_out['scored_elsewhere'])} of its other data (not published here)"
                  if held_out["scored_elsewhere"] else "")
+    # A held-out prompt with nothing to score (every pair a tie) is not in eval_pairs.jsonl, so its pairs are in train
     return (f"They trained {model}, split by prompt as it split them: `test` ({pairs(test)}) holds every pair of the "
-            f"prompts it held out and never trained on, `train` ({pairs(train)}) the other prompts' pairs, which it "
-            f"trained on. Its held-out accuracy ({fmt(held_out['accuracy'])}, `eval_accuracy`) and the eval's agreement "
+            f"prompts it was measured on, none of which it trained on, `train` ({pairs(train)}) the other prompts' "
+            f"pairs, which it trained on, save those it could not use (counted in the run's rm manifest: equal or "
+            f"empty replies, too long for its `max_length`) and those of a held-out prompt with nothing to score (all "
+            f"ties). Its held-out accuracy ({fmt(held_out['accuracy'])}, `eval_accuracy`) and the eval's agreement "
             f"of the reward model with a gold judge (where the eval had one) were measured on "
             f"{pairs(held_out['scored'])} of `test` (a tie, `is_tie`, has no right answer and is left out){elsewhere}.")
 

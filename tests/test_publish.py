@@ -914,8 +914,10 @@ def test_the_published_test_split_is_the_reward_models_held_out_pairs(runs, dry_
     assert set(files_of(folder)) == {"README.md", "data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"}
     card = DatasetCard.load(folder / "README.md").text
     assert ("They trained the reward model of [tester/tiny-rlhf](https://huggingface.co/tester/tiny-rlhf), split by "
-            "prompt as it split them: `test` (5 pairs) holds every pair of the prompts it held out and never trained "
-            "on, `train` (3 pairs) the other prompts' pairs, which it trained on. Its held-out accuracy (0.61, "
+            "prompt as it split them: `test` (5 pairs) holds every pair of the prompts it was measured on, none of "
+            "which it trained on, `train` (3 pairs) the other prompts' pairs, which it trained on, save those it could "
+            "not use (counted in the run's rm manifest: equal or empty replies, too long for its `max_length`) and "
+            "those of a held-out prompt with nothing to score (all ties). Its held-out accuracy (0.61, "
             "`eval_accuracy`) and the eval's agreement of the reward model with a gold judge (where the eval had one) "
             "were measured on 3 pairs of `test` (a tie, `is_tie`, has no right answer and is left out), together with "
             "1 pair of its other data (not published here).") in card
