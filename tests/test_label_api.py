@@ -138,3 +138,35 @@ def test_wrong_passwords_lock_a_login_through_gradio(tmp_path):
         assert login("alice", "pw-alice") == 200
     finally:
         demo.close()
+
+
+def test_a_stale_screen_cannot_change_a_label_it_did_not_show(tmp_path):
+    """Two tabs of one annotator show the same pair (the lease is theirs), or a second key arrives before the page shows
+    the next pair: the click the page sends carries the pair already labeled. It may not change that label (a pair is
+    labeled once; changing one is the "Change an earlier label" view's): nothing is written, the page says so and
+    serves the next pair. Reopened on purpose, the same click does change it."""
+    from types import SimpleNamespace
+
+    from stages.label.app import ALREADY_LABELED, build_app
+    from stages.label.store import LabelStore
+
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.import_items([{"pair_id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
+                         "responses": [f"a{i}", f"b{i}"]} for i in range(2)])
+    handlers = {f.api_name: f.fn for f in build_app(store, "guidelines").fns.values() if f.api_name}
+    me = SimpleNamespace(username=None)
+    tab1 = handlers["start"]("dora", {}, me)[0]
+    tab2 = handlers["start"]("dora", {}, me)[0]  # the second tab gets the pair the first holds
+    assert tab1["pair_id"] == tab2["pair_id"] == "p0"
+
+    handlers["label_left"]("", "", tab1, me)
+    out = handlers["label_right"]("much", "second thoughts?", tab2, me)  # tab2 still shows p0
+    assert [(lab["pair_id"], lab["choice"], lab["strength"], lab["note"], lab["revision"]) for lab in store.labels()] \
+        == [("p0", "left", None, "", 1)]
+    assert [(h["action"], h["pair_id"]) for h in store.history("dora")] == [("new", "p0")]
+    assert ALREADY_LABELED in out and out[0]["pair_id"] == "p1"  # told, and on to the next pair
+    assert store.save_label("dora", "p0", "tie", 0, new_only=True) is None and store.labels()[0]["choice"] == "left"
+
+    opened = handlers["open"]("p0", out[0], me)[0]  # on purpose: Change an earlier label
+    handlers["label_right"]("", "", opened, me)
+    assert [(lab["choice"], lab["revision"]) for lab in store.labels()] == [("right", 2)]

@@ -64,6 +64,10 @@ CSS = """
 #left, #right { min-height: 110px; }
 """
 
+# A label click on a pair this annotator labeled since it was put on screen: the label stays as it was
+ALREADY_LABELED = ("⚠ Not saved: you had already labeled that pair (in another tab, or with the key before). Your "
+                   "label stays as it was; to change it, use <b>Change an earlier label</b>.")
+
 CHOICE_TEXT = {"left": "left is better", "right": "right is better", "tie": "tie", "both_bad": "both bad"}
 
 
@@ -275,11 +279,13 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 t0 = time.perf_counter()
                 try:
                     row = store.save_label(st["annotator"], st["pair_id"], choice, st["shown_left"],
-                                           strength_value or None, note_value)
+                                           strength_value or None, note_value, new_only=not st.get("editing"))
                 except NoteTooLong as err:  # not saved: keep the pair and the typed note on screen to shorten it
                     out = list(view(st, f"⚠ Not saved: {html.escape(str(err))}. Shorten the note."))
                     out[note_output] = gr.update()
                     return tuple(out)
+                if row is None:  # a stale screen: this pair was labeled from another tab, or by the key before
+                    return view({"annotator": st["annotator"]}, ALREADY_LABELED)
                 verb = "Changed" if row["revision"] > 1 else "Saved"
                 msg = (f"✓ {verb} label #{row['id']}: {describe(row)} "
                        f"({(time.perf_counter() - t0) * 1000:.0f} ms)")

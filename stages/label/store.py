@@ -524,9 +524,16 @@ class LabelStore:
 
     # -- labels ---------------------------------------------------------------------------------------------
     def save_label(self, annotator: str, pair_id: str, choice: str, shown_left: int,
-                   strength: str | None = None, note: str = "") -> dict:
-        """Insert or change this annotator's label for the pair, in one transaction. Returns the stored row."""
+                   strength: str | None = None, note: str = "", new_only: bool = False) -> dict | None:
+        """Insert or change this annotator's label for the pair, in one transaction. Returns the stored row.
+
+        `new_only`: the click answers a pair served as unlabeled, so it may not change a label they gave it meanwhile
+        (a second tab showing the same pair, a second key pressed before the page showed the next pair): nothing is
+        written and None is returned. Changing a label is the "Change an earlier label" view's, where they see it."""
         with self._tx() as con:
+            if new_only and con.execute("SELECT 1 FROM labels WHERE pair_id = ? AND annotator = ?",
+                                        (pair_id, annotator)).fetchone():
+                return None
             return self._save_label(con, annotator, pair_id, choice, shown_left, strength, note)
 
     def save_simulated(self, remove: list[str], labels: list[tuple[str, str, str, int]]) -> int:
