@@ -1050,6 +1050,51 @@ def test_the_undo_message_says_whether_the_pair_came_back(tmp_path):
                                                        "now (overlap 1): it comes back to you if they leave it.")
 
 
+def test_a_changed_label_comes_back_with_its_strength_and_note_and_says_changed(tmp_path):
+    """Opening an earlier label puts its strength and note back on screen: a click that changes only the side keeps
+    them (an empty note on screen would overwrite it). A first label says "Saved", a change "Changed"; the typed
+    name is cleaned (spaces made single) before it is stored."""
+    from types import SimpleNamespace
+
+    store = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=600, clock=Clock())
+    store.import_items(pairs(2))
+    api, page = app_handlers(store, use_login=False), SimpleNamespace(username=None)
+    out = api["start"]("  Ann   Lee ", {}, page)
+    assert out[0]["annotator"] == "Ann Lee" and out[15] == "Ann Lee"
+    out = api["label_right"]("much", "kinder ending", out[0], page)
+    assert out[13].startswith("✓ Saved label #1: right is better (much) (")
+    out = api["open"]("p000", out[0], page)
+    assert out[0]["editing"] and (out[10], out[11]) == ("much", "kinder ending")
+    out = api["label_left"](out[10], out[11], out[0], page)
+    assert out[13].startswith("✓ Changed label #1: left is better (much) (")
+    (row,) = store.labels()
+    assert (row["annotator"], row["choice"], row["strength"], row["note"], row["revision"]) == \
+        ("Ann Lee", "left", "much", "kinder ending", 2)
+
+
+def test_a_refused_name_or_note_saves_nothing_and_keeps_the_typed_note(tmp_path):
+    """A name against the rule (markup) starts nobody; a note over the limit is not saved and stays on screen (the
+    view's note box is left as typed: gr.update() with no value), so the annotator can shorten it. With the other
+    pair leased by bob, alice's done page says when it comes back: the lease in minutes (600 s = 10 min)."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    store = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=600, clock=Clock())
+    store.import_items(pairs(2))
+    api, page = app_handlers(store, use_login=False), SimpleNamespace(username=None)
+    out = api["start"]("<b>eve</b>", {}, page)
+    assert "annotator" not in out[0] and out[13].startswith("⚠ Enter a name")
+    st = api["start"]("alice", {}, page)[0]
+    too_long = "x" * (store.max_note_chars + 1)
+    out = api["label_left"]("", too_long, st, page)
+    assert out[11] == gr.update() and out[13].startswith("⚠ Not saved") and store.labels() == []
+    assert out[0]["pair_id"] == st["pair_id"] == "p000"
+    assert store.next_item("bob").pair_id == "p001"
+    out = api["label_left"]("", "short", out[0], page)
+    assert "within 10 min" in out[4]["value"] and "1 pair(s) are open with others" in out[4]["value"]
+
+
 def test_the_progress_line_s_bars_by_hand():
     """Mine: 2 labeled of 2 + 1 still open; overall: 1 of 4 pairs done (25%), whatever the 3 labels (overlap 2)."""
     from stages.label.app import progress_html
