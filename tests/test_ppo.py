@@ -943,6 +943,33 @@ def test_which_checkpoint_a_run_continues_from(tmp_path):
     assert choose_resume(cfg(resume=True), stage, upstream) == ckpt
 
 
+def test_resume_checks_every_ensemble_member_the_profile_by_field_and_the_adapter_config(tmp_path):
+    """A checkpoint trained against another ensemble member (its first, `rm`, the same) is not continued; a profile
+    changed in one field is named by that field; an adapter's digest covers its adapter_config.json (another
+    lora_alpha, the same weights, is another policy); disable_dropout zeroes every dropout PPO's ratio would see."""
+    from stages.ppo import adapter_digest, disable_dropout, resume_mismatch
+
+    settings = {"kl_coef": 0.05, "model_profile": {"dtype": "float32", "name_or_path": "models/tiny"}}
+    before = {"sft": "s" * 16, "rm": "r" * 16, "rm_members": ["r" * 16, "m" * 16], "settings": settings,
+              "prompts": "p" * 16}
+    assert resume_mismatch(before, before) is None
+    assert resume_mismatch(before, {**before, "rm_members": ["r" * 16, "n" * 16]}).startswith(
+        "was trained from other sft/rm adapters")
+    bf16 = {**before, "settings": {**settings, "model_profile": {**settings["model_profile"], "dtype": "bfloat16"}}}
+    assert resume_mismatch(before, bf16) == "was trained with other settings (model_profile.dtype: float32 -> bfloat16)"
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    (tmp_path / "adapter_config.json").write_text('{"lora_alpha": 16}')
+    first = adapter_digest(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"lora_alpha": 32}')
+    assert adapter_digest(tmp_path) != first
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(2, 2))
+    model[1].attention_dropout = 0.1
+    disable_dropout(model)
+    assert (model[0].p, model[1].attention_dropout) == (0.0, 0.0)
+
+
 def test_a_log_line_cut_by_a_kill_does_not_stop_the_resume(tiny_models, adapters, prompts_file, runs_dir):
     """Killed while writing metrics.jsonl: its last line is half a row. The restarted run resumed into a JSONDecodeError
     traceback; now the cut line (past the checkpoint anyway) is dropped and the run ends as an uninterrupted one logs."""
