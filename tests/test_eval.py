@@ -1131,3 +1131,13 @@ def test_the_score_histogram_bins_every_score_and_labels_each_policys_mean():
     assert sum(p.get_height() for p in ax.patches) == 6
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SFT (mean 1.000)", "PPO (mean 6.000)"]
     plt.close(fig)
+
+
+def test_a_reply_with_a_pipe_or_a_line_break_stays_in_its_cell_of_the_sample_table():
+    """A reply is data in a markdown table: its '|' escaped and its line breaks made spaces, or it would open columns
+    (the rewards would sit under the wrong heading) and rows; over 160 characters it is cut to 159 and an ellipsis."""
+    from stages.eval_ppo import sample_table
+
+    s = {"prompt_text": "Why?\nTell me", "sft": "a | b", "ppo": "x" * 161, "reward_sft": 0.5, "reward_ppo": 1.25}
+    assert sample_table([s])[2] == "| Why? Tell me | a \\| b | " + "x" * 159 + "… | 0.500 | 1.250 |"
+    assert sample_table([{**s, "ppo": "x" * 160}])[2].endswith("| " + "x" * 160 + " | 0.500 | 1.250 |")

@@ -1257,6 +1257,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-adapter-digest-skips-config', 'stages/ppo/__init__.py', 'for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):', 'for name in ("adapter_model.safetensors", "adapter_model.bin"):', 'tests/test_ppo.py -k every_ensemble_member_the_profile'),
     ('ppo-dropout-kept', 'stages/ppo/__init__.py', '            m.p = 0.0\n', '            pass\n', 'tests/test_ppo.py -k every_ensemble_member_the_profile'),
     ('ppo-resume-profile-not-by-field', 'stages/ppo/__init__.py', '    old, new = flat(old), flat(new)', '    pass', 'tests/test_ppo.py -k every_ensemble_member_the_profile'),
+    ('report-cell-pipe-unescaped', 'stages/eval_ppo.py', 'text = str(text).replace("\\n", " ").replace("|", "\\\\|").strip()', 'text = str(text).replace("\\n", " ").strip()', 'tests/test_eval.py -k pipe_or_a_line_break'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
