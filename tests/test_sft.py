@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, read_yaml
-from stages.sft import main, parse_args
+from stages.sft import held_out_split, load_data, main, parse_args
 from tests.conftest import ARCHS, LLAMA_TARGETS, REPO, guarded_exit, on_device, run_module, run_python
 
 SMALL_DATA = '{"data/sft/self_instruct.jsonl": 48}'
@@ -36,6 +36,8 @@ def test_sft_trains_each_architecture(arch, tiny_models, runs_dir):
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["outputs"]["adapter"] == str(stage / "adapter")
     assert manifest["metrics"]["eval_loss"] is not None and manifest["metrics"]["tokens_per_s"] > 0
+    held_out = held_out_split(load_data(parse_args(tiny_args(tiny_models[arch], runs_dir))[1], 42)[0], 0.1, 42)
+    assert (manifest["metrics"]["train_rows"], manifest["metrics"]["eval_rows"]) == tuple(map(len, held_out))
     assert manifest["versions"]["trl"] and manifest["config"]["train"]["learning_rate"] == 3e-2
     assert (stage / "config.json").is_file()
     samples = json.loads((stage / "samples.json").read_text())  # the YAML's sample prompts: story openings
@@ -650,3 +652,33 @@ def test_a_run_shorter_than_logging_steps_still_logs_its_loss(tiny_models, runs_
     assert metrics["first_logged_loss"] == metrics["last_logged_loss"] == metrics["loss_curve"][0]
     config = json.loads((runs_dir / "short" / "sft" / "config.json").read_text())
     assert config["train"]["logging_steps"] == 3
+
+
+def test_data_openings_fit_the_positions_to_the_last_one_and_the_mixture_is_drawn_with_the_seed(tiny_models):
+    """An opening fits when it and sample_max_new_tokens take the base's positions exactly (check_context's own rule:
+    more than the limit is refused), so it is sampled, and a longer one is passed over. The mixture's rows are the
+    ones load_mixture draws with the run's seed (another seed, other rows)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from pipeline.data import load_mixture
+    from pipeline.generation import encode_prompts
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.sft import SFTArgs, load_data, sample_prompts_that_fit
+
+    tokenizer = load_tokenizer(profile_from(tiny_models["llama"]))
+    rows = [{"messages": [{"role": "user", "content": "word " * n}, {"role": "assistant", "content": "ok"}]}
+            for n in (1, 3, 6, 9)]
+    lengths = [len(encode_prompts(tokenizer, [r["messages"][:1]])[0]) for r in rows]
+    assert lengths == sorted(set(lengths))
+    args = SFTArgs(eval_fraction=0.0, sample_max_new_tokens=8)
+    args.sample_prompts = []  # your data's openings
+    base = SimpleNamespace(max_position_embeddings=lengths[1] + 8)
+    conversations, prompts = sample_prompts_that_fit(args, Dataset.from_list(rows), tokenizer, base, 42)
+    assert conversations == [r["messages"][:1] for r in rows[:2]] and [len(p) for p in prompts] == lengths[:2]
+
+    mixture = SFTArgs(dataset_mixture={"data/sft/self_instruct.jsonl": 6})
+    drawn = lambda seed: [r["messages"] for r in load_data(mixture, seed)[0]]  # noqa: E731
+    assert drawn(7) == [r["messages"] for r in load_mixture([{"path": "data/sft/self_instruct.jsonl", "max_rows": 6}], 7)]
+    assert drawn(7) != drawn(0)
