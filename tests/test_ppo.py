@@ -970,6 +970,23 @@ def test_resume_checks_every_ensemble_member_the_profile_by_field_and_the_adapte
     assert (model[0].p, model[1].attention_dropout) == (0.0, 0.0)
 
 
+def test_a_longer_run_starts_over_under_every_schedule_that_spans_total_updates():
+    """linear, cosine, cosine_with_restarts and polynomial are built over total_updates: rebuilt over another total, the
+    rate would jump mid-run, so a changed total_updates is a mismatch; under constant (or inverse_sqrt) it continues."""
+    from pipeline.config import to_dict
+    from stages.ppo import PPOConfig, resume_mismatch, trained_from
+
+    def record(schedule, total):
+        config = {"ppo": to_dict(PPOConfig(lr_scheduler_type=schedule, total_updates=total)), "run": {}}
+        return trained_from({"sft": "s" * 16, "rm": "r" * 16}, config, [])
+
+    for schedule in ("linear", "cosine", "cosine_with_restarts", "polynomial"):
+        assert resume_mismatch(record(schedule, 3), record(schedule, 6)) == \
+            "was trained with other settings (total_updates: 3 -> 6)", schedule
+    for schedule in ("constant", "constant_with_warmup", "inverse_sqrt"):
+        assert resume_mismatch(record(schedule, 3), record(schedule, 6)) is None, schedule
+
+
 def test_a_log_line_cut_by_a_kill_does_not_stop_the_resume(tiny_models, adapters, prompts_file, runs_dir):
     """Killed while writing metrics.jsonl: its last line is half a row. The restarted run resumed into a JSONDecodeError
     traceback; now the cut line (past the checkpoint anyway) is dropped and the run ends as an uninterrupted one logs."""
@@ -1038,6 +1055,8 @@ def yaml_model_dir(profile) -> str:
     ("--response_length", "0", "response_length must be at least 1, got 0"),
     ("--forward_batch_size", "0", "forward_batch_size must be at least 1, got 0"),
     ("--kl_horizon", "0", "kl_horizon must be >= 1"),
+    ("--value_trainable_layers", "-1", r"value_trainable_layers must be >= 0 \(0 = all layers\), got -1"),
+    ("--learning_rate", "nan", "learning_rate must be a number, got nan"),
 ])
 def test_out_of_range_hyperparameters_are_refused(flag, value, message):
     with pytest.raises(ConfigError, match=message):
