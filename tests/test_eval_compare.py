@@ -483,3 +483,20 @@ def test_the_win_rate_table_reads_row_over_column(tmp_path):
     lines = matrix_markdown(m, "by hand")
     assert f"| **a** | – | {pct(m['a']['c'])} |" in lines and f"| **c** | {pct(m['c']['a'])} | – |" in lines
     assert pct(m["a"]["c"]).startswith("38% (") and pct(m["c"]["a"]).startswith("62% (")
+
+
+def test_describe_by_hand_and_a_held_out_row_without_a_prompt_is_one_error(tmp_path):
+    """describe's quartiles are statistics' default (exclusive) method: for 1, 2, 3, 4 the positions (n + 1) p give
+    1.25, 2.5 and 3.75; the std is the population's, sqrt(1.25). A held-out prompts file whose row lacks 'prompt' is one
+    ConfigError naming the file and the row, not a KeyError."""
+    import math
+
+    from pipeline.config import ConfigError
+    from stages.eval_compare import describe, read_prompt_rows
+
+    assert describe([1.0, 2.0, 3.0, 4.0]) == {"n": 4, "mean": 2.5, "std": math.sqrt(1.25), "min": 1.0, "p25": 1.25,
+                                              "median": 2.5, "p75": 3.75, "max": 4.0}
+    rows = tmp_path / "heldout_prompts.jsonl"
+    rows.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ConfigError, match=f"held-out prompts {rows}: row 2 has no 'prompt': rerun the stage"):
+        read_prompt_rows(rows)
