@@ -943,6 +943,19 @@ def test_progress_counts_people_s_labels_of_the_current_pairs_only(tmp_path):
     assert len(s.labels()) == 2
 
 
+def test_the_choices_table_gives_each_choice_s_share_of_all_labels():
+    """Left 2, right 0, tie 1, both bad 1 of 4 labels: 50%, 0%, 25%, 25% (of every label, ties and both-bad too, not of
+    the 2 decided ones, which would read 100% left)."""
+    from stages.label.stats import summarize, to_html
+
+    labels = [lab("p0", "ann", "left", 0), lab("p1", "ann", "left", 1), lab("p2", "ann", "tie", None),
+              lab("p3", "ann", "both_bad", None)]
+    shown = to_html(summarize(labels, now=1), overlap=1)
+    right = ' style="text-align:right"'
+    for name, n, share in (("left better", 2, "50%"), ("right better", 0, "0%"), ("tie", 1, "25%"), ("both bad", 1, "25%")):
+        assert f"<tr><td>{name}</td><td{right}>{n}</td><td{right}>{share}</td></tr>" in shown
+
+
 def test_mean_kappa_is_the_mean_over_annotator_pairs_and_the_hours_are_the_last_24():
     """Three annotators on three pairs: a and b agree throughout (kappa 1); c says response 0 where they say 1.
     kappa(a, c): p_o = 2/3, p_e = (1*2 + 1*0 + 1*1) / 9 = 1/3, so (2/3 - 1/3) / (2/3) = 1/2; the same for (b, c).

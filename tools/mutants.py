@@ -1266,6 +1266,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-polynomial-resumed-over-another-total', 'stages/ppo/config.py', 'SCHEDULERS_OVER_TOTAL = SCHEDULERS[:4]', 'SCHEDULERS_OVER_TOTAL = SCHEDULERS[:3]', 'tests/test_ppo.py -k spans_total_updates'),
     ('eval-heldout-row-without-prompt-unchecked', 'stages/eval_compare.py', '    if missing:\n        raise ConfigError(f"held-out prompts {path}: row', '    if False:\n        raise ConfigError(f"held-out prompts {path}: row', 'tests/test_eval_compare.py -k describe_by_hand'),
     ('eval-describe-inclusive-quartiles', 'stages/eval_compare.py', 'q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3', 'q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3', 'tests/test_eval_compare.py -k describe_by_hand'),
+    ('stats-choice-share-of-decided-labels', 'stages/label/stats.py', 'f"{n / total:.0%}"', 'f"{n / max(s[\'position_bias\'][\'decided\'], 1):.0%}"', 'tests/test_label_store.py -k choices_table'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
