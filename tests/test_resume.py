@@ -228,3 +228,50 @@ def test_each_epoch_of_length_grouped_batches_has_its_own_order_from_the_seed():
         orders.setdefault(epoch, order)
         assert orders[epoch] == order
     assert orders[0.0] != orders[1.0]
+
+
+def test_sampled_batches_key_paths_as_recorded_a_killed_write_leaves_no_batch_and_tokens_seen(tmp_path, monkeypatch):
+    """A key holding paths reads back as the same run (as recorded: JSON text), so the run continues; a batch whose
+    write is killed midway leaves no batch file (it is written aside, then renamed), so the next run samples it again
+    rather than load half a file; a checkpoint's tokens seen are the Trainer's num_input_tokens_seen."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from stages.resume import SampledBatches, recorded_key_is, tokens_seen_by
+
+    state = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
+    key = {"inputs": {"data": Path("data/story/pairs.jsonl")}, "config": {"seed": 1}}
+    batches = SampledBatches(tmp_path / "sampled", key, state)
+    assert recorded_key_is(tmp_path / "sampled", key)
+
+    def killed(obj, f):
+        Path(f).write_bytes(b"half a batch")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        batches.put(0, (torch.ones(2),))
+    monkeypatch.undo()
+    again = SampledBatches(tmp_path / "sampled", key, state)
+    assert again.kept == 0 and again.get(0) is None
+    again.put(0, (torch.ones(2),))
+    assert torch.equal(SampledBatches(tmp_path / "sampled", key, state).get(0)[0], torch.ones(2))
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 4, "num_input_tokens_seen": 1234}')
+    assert tokens_seen_by(checkpoint) == 1234
+
+    # bad input after the batches' folder made the stage's: both go; a stage folder that was there before stays
+    from stages.resume import drop_sampled_batches
+
+    stage = tmp_path / "pairs"
+    SampledBatches(stage / "sampled", key, state)
+    drop_sampled_batches(stage, made_stage_folder=True)
+    assert not stage.exists()
+    SampledBatches(stage / "sampled", key, state)
+    drop_sampled_batches(stage, made_stage_folder=False)
+    assert stage.is_dir() and not (stage / "sampled").exists()
