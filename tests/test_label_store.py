@@ -708,6 +708,17 @@ def test_text_reaches_the_page_with_its_control_characters_visible_and_roles_kee
         '<div class="msg"><div class="role plain">tool  x\n y</div><div class="plain"> c</div></div>')
 
 
+def test_a_response_nothing_of_which_would_be_seen_is_said_in_words_and_kept_as_stored():
+    """An empty reply said "(empty response)", but one of spaces alone showed an empty box (the browser journey): the
+    annotator could not tell it from a reply that failed to load. It keeps its characters and says what they are."""
+    from stages.label.app import response_html
+
+    assert response_html("") == '<i class="plain">(empty response)</i>'
+    assert response_html("   ") == ('<div class="plain">   </div><i class="plain">(whitespace only: 3 characters)</i>')
+    assert response_html("\n") == ('<div class="plain">\n</div><i class="plain">(whitespace only: 1 character)</i>')
+    assert response_html(" a <b> ") == '<div class="plain"> a &lt;b&gt; </div>'
+
+
 def test_every_control_and_format_character_reaches_the_page_visible_not_acting():
     """Beyond C0 and DEL (their pictures), every Unicode control (Cc: the C1 block) and format character (Cf: zero-width
     space, word joiner, byte-order mark, soft hyphen, Arabic number sign, tag characters, direction controls) shows as

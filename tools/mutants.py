@@ -1271,6 +1271,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sampled-batch-written-in-place', 'stages/resume.py', '        torch.save(list(tensors), part)\n        part.replace(self.path(batch))', '        torch.save(list(tensors), self.path(batch))', 'tests/test_resume.py -k killed_write'),
     ('resume-key-compared-unrecorded', 'stages/resume.py', 'return recorded.is_file() and json.loads(recorded.read_text()) == as_recorded(key)', 'return recorded.is_file() and json.loads(recorded.read_text()) == key', 'tests/test_resume.py -k killed_write'),
     ('sampled-empty-stage-folder-kept', 'stages/resume.py', '    if made_stage_folder and stage_dir.is_dir() and not any(stage_dir.iterdir()):', '    if False:', 'tests/test_resume.py -k killed_write'),
+    ('app-whitespace-reply-unsaid', 'stages/label/app.py', '    if text.strip():\n        return text_html(text)\n    return text_html(text) + f\'<i', '    if True:\n        return text_html(text)\n    return text_html(text) + f\'<i', 'tests/test_label_store.py -k nothing_of_which'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -108,6 +108,16 @@ def text_html(text: str, tag: str = "div", classes: str = "plain") -> str:
     return f'<{tag} class="{classes}">{html.escape(text)}</{tag}>'
 
 
+def response_html(text: str) -> str:
+    """A response as shown to the annotator: as stored (text_html), and said in words where nothing would be seen, an
+    empty reply or one of whitespace alone, which otherwise looked like an empty box (or a reply that failed to load)."""
+    if not text:
+        return '<i class="plain">(empty response)</i>'
+    if text.strip():
+        return text_html(text)
+    return text_html(text) + f'<i class="plain">(whitespace only: {len(text)} character{"" if len(text) == 1 else "s"})</i>'
+
+
 def prompt_html(messages: list[dict]) -> str:
     """The prompt as a plain-text chat: one box per message, its role above it."""
     return "".join(f'<div class="msg">{text_html(m["role"], classes="role plain")}{text_html(m["content"])}</div>'
@@ -252,10 +262,8 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             if item.label is not None:
                 message = (f"Changing your label on this pair (you chose: <b>{describe(item.label)}</b>). Choose again, "
                            f"or Skip to leave it as it is.")
-            empty = '<i class="plain">(empty response)</i>'
             return (st, common[0], common[1], gr.update(visible=True), gr.update(visible=False), common[2], common[3],
-                    prompt_html(item.prompt),
-                    text_html(item.left) if item.left else empty, text_html(item.right) if item.right else empty,
+                    prompt_html(item.prompt), response_html(item.left), response_html(item.right),
                     (item.label or {}).get("strength") or "", (item.label or {}).get("note") or "",
                     progress_html(prog, me), message, gr.update(choices=choices, value=None))
 
