@@ -33,13 +33,14 @@ from huggingface_hub import HfApi
 
 from pipeline.adapters import read_pooling, reward_members
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, resolve_path, to_dict
+from pipeline.data import read_jsonl
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest, read_manifest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
 from stages.rm_data import LABEL_EXPORT, prompt_key
 from stages.publish_card import (ENSEMBLE_FILE, base_license, card_license, check_card, data_files_used, data_sources,
                                  dataset_license, fmt, given_reward, hub_base, labeled_prompts, model_card,
-                                 prompts_source, public_judge, ships_base)
+                                 prompts_source, public_judge, ships_base, upstream_read)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 BASE_FIELDS = (("adapter_config.json", "base_model_name_or_path"), (FINGERPRINT_FILE, "base_model"))  # name the base
@@ -157,7 +158,7 @@ def held_out_by_the_reward_model(rm: dict, label: dict) -> dict | None:
     the export and of its other data, its held-out accuracy. None when it trained on another export or none."""
     if not rm_read_this_export(rm, label):
         return None
-    scored = [json.loads(line) for line in Path(rm["outputs"]["eval_pairs"]).read_text().splitlines() if line.strip()]
+    scored = [pair for _, pair in read_jsonl(Path(rm["outputs"]["eval_pairs"]))]  # a damaged line: one error naming it
     exported = [pair for pair in scored if pair["source"] == LABEL_EXPORT]
     return {"prompts": {prompt_key(pair, 0) for pair in exported if pair.get("prompt")}, "scored": len(exported),
             "scored_elsewhere": len(scored) - len(exported), "accuracy": rm.get("metrics", {}).get("eval_accuracy")}
@@ -365,7 +366,7 @@ def upload(api, folders: list[tuple[Path, str, str, dict[str, bytes]]], args: Pu
 def rm_read_this_export(rm: dict, label: dict | None) -> bool:
     """The reward model trained on the run's label export as it is now (`label`: its manifest, None when the run has
     none): not on none, nor on one exported before this one (its labels may be others')."""
-    read = ((rm.get("inputs") or {}).get("manifests") or {}).get(LABEL_EXPORT)
+    read = upstream_read(rm, LABEL_EXPORT)
     return bool(read) and label is not None and manifest_digest(label) == read
 
 
@@ -386,9 +387,8 @@ def label_manifests(stage: StageRun, args: PublishArgs, rm: dict, run: RunArgs) 
     the card describe the same export (a second read could find the one a `make label-export` wrote meanwhile). The
     export when it is published (needed) or the reward model read one (the card names whose labels); the pairs when
     there is an export (the card names their prompts)."""
-    read_one = bool(((rm.get("inputs") or {}).get("manifests") or {}).get("label-export"))
     label = stage.need("label-export") if args.include_dataset else \
-        read_manifest_if_any(run, "label-export") if read_one else None
+        read_manifest_if_any(run, "label-export") if upstream_read(rm, LABEL_EXPORT) else None
     return label, read_manifest_if_any(run, "pairs") if label else None
 
 

@@ -207,7 +207,7 @@ def labeled_prompts(label: dict, pairs: dict | None) -> str | None:
     given = ((label.get("config") or {}).get("label") or {}).get("pairs_dataset")
     if given:
         return OWN_DATA + Path(given).name
-    read = ((label.get("inputs") or {}).get("manifests") or {}).get("pairs")
+    read = upstream_read(label, "pairs")
     if pairs is None or read is None or read != manifest_digest(pairs):
         return None
     values = ((pairs.get("config") or {}).get("pairs")) or {}
@@ -376,12 +376,17 @@ def reward_made(rm: dict, given: str | None = None) -> str:
     return made
 
 
+def upstream_read(manifest: dict, upstream: str) -> str | None:
+    """The digest of `upstream`'s manifest as the stage of `manifest` recorded reading it; None when it read none."""
+    return ((manifest.get("inputs") or {}).get("manifests") or {}).get(upstream)
+
+
 def trained_on_labels(manifests: dict[str, dict], policy: str) -> list[str]:
     """The card's stages that trained on the run's label export as it is now (`manifests["label-export"]`, absent when
     the run has none): the rm stage, and DPO (its policy learned from the labels directly), each when its manifest
     records that it read this export: not when it trained on other preferences, or on an export made before this one."""
     export = manifests.get("label-export")
-    read = lambda stage: ((manifests[stage].get("inputs") or {}).get("manifests") or {}).get("label-export")  # noqa: E731
+    read = lambda stage: upstream_read(manifests[stage], "label-export")  # noqa: E731
     return sorted(stage for stage in {"rm", policy} if export and read(stage) == manifest_digest(export))
 
 
