@@ -482,7 +482,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     needed += [("rm", path) for path in rewards.values()] if not given else []
     needed += [("label-export", label["outputs"]["dataset"])] if label else []
     if label and rm_read_this_export(rm, label):  # the published test split is the reward model's held-out prompts
-        needed.append(("rm", rm["outputs"].get("eval_pairs") or stage_dir(run.runs_dir, run.run, "rm") / "eval_pairs.jsonl"))
+        needed.append(("rm", rm["outputs"]["eval_pairs"]))  # every rm manifest records it
     for name, path in needed:
         if not Path(path).exists():
             raise ConfigError(f"{path}, an output of the {name} stage of run '{run.run}', is missing: run `make "

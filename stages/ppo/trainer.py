@@ -476,24 +476,17 @@ class PPOTrainer:
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # a kill now loses no line
         if self.metrics_path.exists():
             self.history = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
+        # The config refused a report_to whose package is not installed (pipeline.config.check_report_to).
         if self.cfg.report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = ("tensorboard", SummaryWriter(str(self.out_dir / "tensorboard")))
-            except ImportError:
-                print("report_to=tensorboard: the tensorboard package is not installed (pip install tensorboard); "
-                      "continuing with metrics.jsonl only", file=sys.stderr)
+            self.writer = ("tensorboard", SummaryWriter(str(self.out_dir / "tensorboard")))
         elif self.cfg.report_to == "trackio":
-            try:
-                import trackio
+            import trackio
 
-                trackio.init(project="rlhf-ppo", name=self.out_dir.parent.name, config=self.config,
-                             resume="allow" if self.update else "never")
-                self.writer = ("trackio", trackio)
-            except ImportError:
-                print("report_to=trackio: the trackio package is not installed (pip install trackio); "
-                      "continuing with metrics.jsonl only", file=sys.stderr)
+            trackio.init(project="rlhf-ppo", name=self.out_dir.parent.name, config=self.config,
+                         resume="allow" if self.update else "never")
+            self.writer = ("trackio", trackio)
 
     def _log(self, metrics: dict) -> None:
         if not self.is_main:
