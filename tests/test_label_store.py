@@ -1128,6 +1128,19 @@ def test_the_progress_line_s_bars_by_hand():
     assert "1 of 4 pairs done</b> (25%) · 3 labels · overlap 2" in line and '<progress max="4" value="1">' in line
 
 
+def test_a_store_with_no_servable_pair_shows_no_share_done(tmp_path):
+    """Every pair held back by the word filter: 0 of 0 done is no share of anything (not "100%"), and both bars are
+    empty (max 1, value 0), not a division by zero."""
+    from stages.label.app import progress_html
+
+    s = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=60, clock=Clock())
+    assert s.import_items(pairs(2), lambda row: "blocked") == {"items": 2, "blocked": 2}
+    assert progress_html(s.progress("ann"), "ann") == (
+        '<div>Yours (ann): <b>0 labeled</b> · 0 still open to you</div><progress max="1" value="0"></progress>'
+        '<div>Overall: <b>0 of 0 pairs done</b> (no pairs to label) · 0 labels · overlap 1</div>'
+        '<progress max="1" value="0"></progress>')
+
+
 def test_prompts_and_responses_reach_the_page_as_text():
     """A response or prompt is data: its markup is shown, escaped, never drawn (the browser test shows it on a page)."""
     import html

@@ -161,11 +161,12 @@ def shown_start(shown: str, n: int) -> str:
 def progress_html(p: dict, annotator: str | None = None) -> str:
     mine = p.get("mine", 0)
     mine_total = mine + p.get("open_to_me", 0)
-    pct = p["pairs_done"] / p["pairs"] if p["pairs"] else 1.0
+    # No servable pair (every one held back by the word filter) is no share done: "100%" would claim work that never was.
+    share = f'{p["pairs_done"] / p["pairs"]:.0%}' if p["pairs"] else "no pairs to label"
     who = f" ({html.escape(annotator)})" if annotator else ""
     return (f'<div>Yours{who}: <b>{mine} labeled</b> · {p.get("open_to_me", 0)} still open to you</div>'
             f'<progress max="{max(mine_total, 1)}" value="{mine}"></progress>'
-            f'<div>Overall: <b>{p["pairs_done"]} of {p["pairs"]} pairs done</b> ({pct:.0%}) · '
+            f'<div>Overall: <b>{p["pairs_done"]} of {p["pairs"]} pairs done</b> ({share}) · '
             f'{p["labels"]} labels · overlap {p["overlap"]}</div>'
             f'<progress max="{max(p["pairs"], 1)}" value="{p["pairs_done"]}"></progress>')
 
