@@ -1035,6 +1035,18 @@ def test_with_logins_a_click_labels_as_the_login_with_the_side_shown_and_the_str
             row["note"]) == (me, "p000", "right", 1, 0, "much", "close")
 
 
+def test_the_stats_tab_counts_the_pairs_held_back_before_and_after_the_first_label(tmp_path):
+    """The Stats handler, as Gradio calls it: 2 of 3 pairs held back by the word filter are counted (not the 1
+    servable pair, not the 3 imported) before anyone labels, when it is the only reason nothing is served, and after."""
+    store = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=60, clock=Clock())
+    store.import_items(pairs(3), lambda row: None if row["pair_id"] == "p000" else "blocked")
+    stats = app_handlers(store, use_login=False)["stats"]
+    held_back = "<p>2 pair(s) are held back from annotators by the word filter.</p>"
+    assert stats() == "<p>No labels yet.</p>\n" + held_back
+    store.save_label("ann", "p000", "left", 0)
+    assert stats().startswith("<p><b>1 labels</b> from 1 annotator(s).</p>") and stats().endswith("</p>\n" + held_back)
+
+
 def test_skip_while_changing_an_earlier_label_keeps_it_and_switch_hands_the_open_pair_back(tmp_path):
     """Skip on a reopened label leaves it as it was (no skip is stored, so an undo takes back the label, not a skip);
     "Switch annotator" gives the pair on screen back to the pool at once, not at the lease's end."""

@@ -976,7 +976,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('stats-overlap-note-never', 'stages/label/stats.py', 'if overlap < 2 and ag["pairs_with_several_labels"] == 0:', 'if overlap < 1 and ag["pairs_with_several_labels"] == 0:', 'tests/test_label_store.py -k position_bias_beside'),
     ('base-adamw-beta2', 'stages/base.py', 'betas=(0.9, 0.95)', 'betas=(0.9, 0.999)', 'tests/test_base.py -k own_settings'),
     ('eval-empty-heldout-accepted', 'stages/eval.py', '    if not prompts:\n        raise ConfigError(f"{path} holds no prompts', '    if False:\n        raise ConfigError(f"{path} holds no prompts', 'tests/test_eval.py -k max_prompts_takes'),
-    ('stats-blocked-note-lost', 'stages/label/stats.py', '    if blocked:\n', '    if False:\n', 'tests/test_label_store.py -k position_bias_beside'),
+    ('stats-blocked-note-lost', 'stages/label/stats.py', '    if held_back:\n', '    if False:\n', 'tests/test_label_store.py -k position_bias_beside'),
     ('ppo-written-outputs-unnamed', 'stages/ppo/__init__.py', '                    if path.exists() and (path.is_dir() or path.stat().st_size)}', '                    if False}', 'tests/test_ppo.py -k resume_gives_the_same_metrics'),
     ('export-all-sources-before-aggregation', 'stages/label/export.py', '        sources = sources_of([row["annotator"] for row in rows])', '        pass', 'tests/test_label_export.py -k "sources or people"'),
     # The labeling UI's lockout of guessed passwords (stages/label/config.py LoginGuard)
@@ -1273,6 +1273,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sampled-empty-stage-folder-kept', 'stages/resume.py', '    if made_stage_folder and stage_dir.is_dir() and not any(stage_dir.iterdir()):', '    if False:', 'tests/test_resume.py -k killed_write'),
     ('app-whitespace-reply-unsaid', 'stages/label/app.py', '    if text.strip():\n        return text_html(text)\n    return text_html(text) + f\'<i', '    if True:\n        return text_html(text)\n    return text_html(text) + f\'<i', 'tests/test_label_store.py -k nothing_of_which'),
     ('app-no-pairs-shown-as-done', 'stages/label/app.py', 'if p["pairs"] else "no pairs to label"', 'if p["pairs"] else "100%"', 'tests/test_label_store.py -k no_servable_pair'),
+    ('app-stats-blocked-count-dropped', 'stages/label/app.py', 'store.overlap, store.progress()["blocked"])', 'store.overlap, 0)', 'tests/test_label_store.py -k held_back_before'),
+    ('stats-held-back-unsaid-before-labels', 'stages/label/stats.py', 'return "\\n".join(filter(None, [nothing_yet, held_back]))', 'return nothing_yet', 'tests/test_label_store.py -k held_back_before'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

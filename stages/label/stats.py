@@ -159,8 +159,11 @@ def to_html(s: dict, overlap: int, blocked: int = 0) -> str:
     sim = s.get("simulated") or {"labels": 0}
     sim_line = (f"<p><b>Simulated annotators</b> ({e(', '.join(sim['annotators']))}): {sim['labels']} labels, not "
                 f"counted above.</p>" if sim["labels"] else "")
+    # Said before any label too: a store whose every pair is held back serves nothing, and this line says why.
+    held_back = f"<p>{blocked} pair(s) are held back from annotators by the word filter.</p>" if blocked else ""
     if not s["labels"]:
-        return "<p>No labels from people yet.</p>\n" + sim_line if sim["labels"] else "<p>No labels yet.</p>"
+        nothing_yet = "<p>No labels from people yet.</p>\n" + sim_line if sim["labels"] else "<p>No labels yet.</p>"
+        return "\n".join(filter(None, [nothing_yet, held_back]))
     parts = [f"<p><b>{s['labels']} labels</b> from {len(s['annotators'])} annotator(s).</p>",
              _table(["annotator", "labels", "labels / hour", "in the last hour"],
                     [[name, a["labels"], a["labels_per_hour"] if a["labels_per_hour"] is not None else "–",
@@ -197,6 +200,6 @@ def to_html(s: dict, overlap: int, blocked: int = 0) -> str:
                      f"({hs['comparisons']} label pairs).</p>")
     if sim_line:
         parts.append(sim_line)
-    if blocked:
-        parts.append(f"<p>{blocked} pair(s) are held back from annotators by the word filter.</p>")
+    if held_back:
+        parts.append(held_back)
     return "\n".join(parts)
