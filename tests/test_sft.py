@@ -581,16 +581,22 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
         tiny_models, runs_dir, monkeypatch, capsys):
     """resume == no resume: SFT killed at step 7, after its step-3 and step-6 checkpoints, and run again with the same
     command trains steps 7-10 only, from the newest checkpoint, and ends with the uninterrupted run's adapter and loss
-    curve; its checkpoints are gone once it has finished. Another command line after a crash starts over, with a
-    note, after deleting the other run's checkpoints, and ends as a fresh run does."""
+    curve; its checkpoints are gone once it has finished. Its tokens/s counts only this launch's tokens (steps 7-10)
+    over this launch's seconds (a clock that ticks one second a step). Another command line after a crash starts over,
+    with a note, after deleting the other run's checkpoints, and ends as a fresh run does."""
+    from types import SimpleNamespace
+
     import trl
     from transformers import TrainerCallback
 
-    steps_run, crash_at = [], []
+    import stages.sft
+
+    steps_run, crash_at, tokens_by_step = [], [], {}
 
     class Watch(TrainerCallback):
         def on_step_end(self, train_args, state, control, **kwargs):
             steps_run.append(state.global_step)
+            tokens_by_step[state.global_step] = state.num_input_tokens_seen  # the whole run's count, as of this step
             if state.global_step in crash_at:
                 raise RuntimeError(f"killed at step {state.global_step}")
 
@@ -600,6 +606,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
             self.add_callback(Watch())
 
     monkeypatch.setattr(trl, "SFTTrainer", WatchedTrainer)
+    monkeypatch.setattr(stages.sft, "time", SimpleNamespace(time=lambda: float(len(steps_run))))
 
     def run(name, *extra, crash=None):
         steps_run.clear()
@@ -617,6 +624,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
         return load_file(runs_dir / name / "sft" / "adapter" / "adapter_model.safetensors")
 
     whole = run("whole")
+    whole_tokens = dict(tokens_by_step)
     trainer_dir = runs_dir / "cut" / "sft" / "trainer"
     run("cut", crash=7)
     assert [p.name for p in sorted(trainer_dir.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-6"]
@@ -625,6 +633,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     assert f"note: resuming from {trainer_dir / 'checkpoint-6'}" in capsys.readouterr().err
     assert steps_run == [7, 8, 9, 10] and resumed["resumed_from_step"] == 6 and whole["resumed_from_step"] is None
     assert resumed["loss_curve"] == whole["loss_curve"] and resumed["steps"] == whole["steps"] == 10
+    assert (whole["train_time_s"], resumed["train_time_s"]) == (10.0, 4.0)
+    assert whole["tokens_per_s"] == round(whole_tokens[10] / 10, 1)
+    assert resumed["tokens_per_s"] == round((whole_tokens[10] - whole_tokens[6]) / 4, 1) != round(whole_tokens[10] / 4, 1)
     # the mean over all 10 steps, not over the 4 trained after the resume (transformers' training_loss)
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)
     a, b = adapter("whole"), adapter("cut")
