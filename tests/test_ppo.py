@@ -448,6 +448,10 @@ def test_two_processes_stay_in_sync_and_outputs_load(tiny_models, adapters, prom
     m = manifest["metrics"]
     assert m["world_size"] == 2
     assert m["episodes"] == 2 * 8 * 3  # both ranks' episodes count: 2 x (4 x 2) x 3 updates
+    # and so do the rates: an update's episodes_per_s times its seconds is both ranks' 16 episodes, the run's 48
+    rows = [json.loads(l) for l in Path(manifest["outputs"]["metrics_jsonl"]).read_text().splitlines()]
+    assert [r["episodes_per_s"] * r["time_update_s"] for r in rows] == pytest.approx([16, 16, 16], rel=1e-9)
+    assert m["episodes_per_s"] * m["train_wall_s"] == pytest.approx(48, rel=1e-9)
     assert len(m["rank_param_digests"]) == 2 and m["ranks_in_sync"], m["rank_param_digests"]
     for key in ("reward_first", "reward_last", "reward_gain", "kl_last", "updates", "episodes_per_s"):
         assert key in m

@@ -1276,6 +1276,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('app-stats-blocked-count-dropped', 'stages/label/app.py', 'store.overlap, store.progress()["blocked"])', 'store.overlap, 0)', 'tests/test_label_store.py -k held_back_before'),
     ('stats-held-back-unsaid-before-labels', 'stages/label/stats.py', 'return "\\n".join(filter(None, [nothing_yet, held_back]))', 'return nothing_yet', 'tests/test_label_store.py -k held_back_before'),
     ('sft-tokens-per-s-counts-checkpoint-tokens', 'stages/sft.py', 'tokens = (trainer.state.num_input_tokens_seen or 0) - (tokens_seen_by(resume_from) if resume_from else 0)', 'tokens = trainer.state.num_input_tokens_seen or 0', 'tests/test_sft.py -k resumes_from_its_checkpoint'),
+    ('ppo-episodes-per-s-one-rank', 'stages/ppo/trainer.py', '"episodes_per_s": G / wall,', '"episodes_per_s": cfg.local_batch_size / wall,', 'tests/test_ppo.py -k two_processes_stay'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
