@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from pipeline.config import ConfigError, ModelProfile
 from stages.ppo import parse_args
 from stages.ppo.trainer import TIMING_KEYS
 from pipeline.launch import ACCELERATE_LAUNCH, free_port
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_as_group, run_module
 from tests.fake_upstream import _lora_adapter
 from tests.test_ppo import (_upstream_manifests, adapters, load_with_stock_peft, no_grad, ppo_args, prompts_file,  # noqa: F401
                              read_metrics, read_metrics_of, yaml_model_dir)
@@ -155,16 +154,32 @@ def test_every_rank_is_true_only_when_all_ranks_say_so(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ two processes
 
-def launch_fsdp(module: str, args: list[str], timeout: int = 900):
+# A launch here takes 30-40 s on 2 cores; a rank stuck in a collective (peft gathering a sharded base on the main
+# process alone) hangs until this, and a mutant that does so is then killed, with its ranks (tools/mutants.py).
+FSDP_LAUNCH_TIMEOUT_S = 300
+
+
+def launch_fsdp(module: str, args: list[str], timeout: int = FSDP_LAUNCH_TIMEOUT_S):
     """`accelerate launch --config_file configs/accelerate/fsdp.yaml` with two CPU processes: the config's FSDP
     environment (ACCELERATE_USE_FSDP=true) reaches the stage; on CPU accelerate itself runs it as plain DDP. Without
     the config's bf16 autocast, which PPO follows (tests/test_ppo.py, mixed_precision): these tests compare sharding
-    with DDP's fp32 numbers."""
+    with DDP's fp32 numbers. Through run_as_group: on a timeout the ranks, in sessions of their own, die too."""
     port = free_port()
     cmd = [*ACCELERATE_LAUNCH, "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
            "--mixed_precision", "no", "--main_process_port", str(port), "-m", module, *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    return run_as_group(cmd, timeout, {**os.environ, "ACCELERATE_USE_CPU": "1"})
+
+
+def test_an_fsdp_launch_is_bounded_and_kills_its_ranks_on_a_timeout(monkeypatch):
+    """launch_fsdp goes through run_as_group (which kills the ranks too: tests/test_resume.py) with a bound of 300 s:
+    through subprocess.run, a launch hung in a collective left both ranks running, orphaned, after its 900 s."""
+    import tests.test_ppo_sharding as here
+
+    calls = []
+    monkeypatch.setattr(here, "run_as_group", lambda cmd, timeout, env: calls.append((cmd[-3:], timeout, env)))
+    launch_fsdp("stages.ppo", ["--run", "x"])
+    ((tail, timeout, env),) = calls
+    assert (tail, timeout, env["ACCELERATE_USE_CPU"]) == (["stages.ppo", "--run", "x"], 300, "1")
 
 
 def strip(rows):
