@@ -1153,6 +1153,25 @@ def test_a_store_with_no_servable_pair_shows_no_share_done(tmp_path):
         '<progress max="1" value="0"></progress>')
 
 
+def test_a_store_with_no_servable_pair_says_so_not_all_done(tmp_path):
+    """An annotator who starts on a store whose every pair the word filter held back is told there is nothing to label
+    and why (not "All done ✓ ... you labeled 0 pair(s)", which thanks them for work that never was); a store with pairs
+    to serve, all of them labeled, still says All done."""
+    from types import SimpleNamespace
+
+    store = LabelStore(tmp_path / "labels.sqlite", overlap=1, lease_s=60, clock=Clock())
+    store.import_items(pairs(2), lambda row: "blocked")
+    screen = app_handlers(store, use_login=False)["start"]("ann", {}, SimpleNamespace(username=None))[4]["value"]
+    assert screen == ("<h3>No pairs to label</h3><p>This labeling store has no pair to serve. The word filter holds "
+                      "back all 2 pair(s) it has: whoever runs `make label` can change `offensive_words` or "
+                      "`filter_offensive` in the label config and start it again.</p>")
+    other = LabelStore(tmp_path / "other.sqlite", overlap=1, lease_s=60, clock=Clock())
+    other.import_items(pairs(1))
+    api, page = app_handlers(other, use_login=False), SimpleNamespace(username=None)
+    st = api["start"]("ann", {}, page)[0]
+    assert api["label_left"]("", "", st, page)[4]["value"].startswith("<h3>All done ✓</h3>")
+
+
 def test_prompts_and_responses_reach_the_page_as_text():
     """A response or prompt is data: its markup is shown, escaped, never drawn (the browser test shows it on a page)."""
     import html

@@ -1280,6 +1280,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('adapters-save-hands-peft-the-sharded-base', 'pipeline/adapters.py', 'if not isinstance(t, DTensor)}', '}', 'tests/test_ppo_sharding.py -k sharded_grpo'),
     ('tests-fsdp-launch-orphans-ranks', 'tests/test_ppo_sharding.py', '    return run_as_group(cmd, timeout, {**os.environ, "ACCELERATE_USE_CPU": "1"})', '    return __import__("subprocess").run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "ACCELERATE_USE_CPU": "1"})', 'tests/test_ppo_sharding.py -k bounded_and_kills'),
     ('tests-fsdp-launch-unbounded', 'tests/test_ppo_sharding.py', 'FSDP_LAUNCH_TIMEOUT_S = 300', 'FSDP_LAUNCH_TIMEOUT_S = 900', 'tests/test_ppo_sharding.py -k bounded_and_kills'),
+    ('app-no-pairs-said-all-done', 'stages/label/app.py', 'Thank you!{held}</p>" if prog["pairs"] else no_pairs_html(prog))', 'Thank you!{held}</p>")', 'tests/test_label_store.py -k no_servable'),
+    ('app-no-pairs-why-unsaid', 'stages/label/app.py', 'in the label config and start it again." if p.get("blocked") else "")', 'in the label config and start it again." if p.get("pairs") else "")', 'tests/test_label_store.py -k no_servable'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

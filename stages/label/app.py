@@ -158,6 +158,14 @@ def shown_start(shown: str, n: int) -> str:
     return "".join(out)
 
 
+def no_pairs_html(p: dict) -> str:
+    """The screen of a store with no pair to serve: not "All done" (nothing was), and why, when the word filter held
+    every pair back."""
+    why = (f" The word filter holds back all {p['blocked']} pair(s) it has: whoever runs `make label` can change "
+           f"`offensive_words` or `filter_offensive` in the label config and start it again." if p.get("blocked") else "")
+    return f"<h3>No pairs to label</h3><p>This labeling store has no pair to serve.{why}</p>"
+
+
 def progress_html(p: dict, annotator: str | None = None) -> str:
     mine = p.get("mine", 0)
     mine_total = mine + p.get("open_to_me", 0)
@@ -255,7 +263,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 held = f" {prog['held_by_others']} pair(s) are open with others; they come back here if not answered " \
                        f"within {store.lease_s / 60:.0f} min." if prog["held_by_others"] else ""
                 done_html = (f"<h3>All done ✓</h3><p>Nothing is left for you, {html.escape(me)}: you labeled "
-                             f"{prog['mine']} pair(s). Thank you!{held}</p>")
+                             f"{prog['mine']} pair(s). Thank you!{held}</p>" if prog["pairs"] else no_pairs_html(prog))
                 return ({"annotator": me}, common[0], common[1], gr.update(visible=False),
                         gr.update(value=done_html, visible=True), common[2], common[3], "", "", "", "", "",
                         progress_html(prog, me), message, gr.update(choices=choices, value=None))
