@@ -148,7 +148,7 @@ setup: .venv/.done
 # core of the 2-core CI machine), each taking whole files (their module fixtures are built once): 12.6 minutes against
 # 21.7 for one worker, on the same machine.
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 base: setup
 	$(PY) -m stages.base --config configs/base.yaml --run $(RUN) --runs_dir $(RUNS_DIR) $(ARGS)

@@ -26,6 +26,32 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
+# `make test` hands pytest-xdist whole files (--dist loadfile) in collection order (--no-loadscope-reorder): the files
+# that take longest go first, so that no worker is left running one long file at the end while the other idles
+# (xdist's own order, by number of tests, started test_journey.py's two tests, over 6 minutes, last). Longest first,
+# by the suite's --durations on 2 CPU cores; every other file follows, the most tests first.
+LONGEST_FILES_FIRST = ("test_journey.py", "test_make.py", "test_rm.py", "test_publish.py", "test_ppo.py",
+                       "test_sharding.py", "test_sft.py", "test_label_browser.py", "test_bench_sft.py",
+                       "test_ppo_sharding.py", "test_rm_groups.py", "test_dpo.py", "test_label_export.py",
+                       "test_label_guards.py", "test_bench_rm_prefix.py", "test_bench_rl.py", "test_recipes.py",
+                       "test_bench_ppo.py")
+
+
+def files_longest_first(files: list[str], tests_in: dict[str, int]) -> list[str]:
+    """The order the suite's files start in: LONGEST_FILES_FIRST's, then the rest by their number of tests, most
+    first (ties by name, so every worker collects the same order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    return sorted(files, key=lambda f: (rank.get(Path(f).name, len(rank)), -tests_in[f], f))
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_in: dict[str, int] = {}
+    for item in items:
+        tests_in[item.nodeid.split("::")[0]] = tests_in.get(item.nodeid.split("::")[0], 0) + 1
+    start = {f: i for i, f in enumerate(files_longest_first(list(tests_in), tests_in))}
+    items.sort(key=lambda item: start[item.nodeid.split("::")[0]])  # stable: a file's own tests keep their order
+
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCH_TARGETS = {
     "llama": LLAMA_TARGETS,

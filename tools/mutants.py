@@ -1282,6 +1282,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('tests-fsdp-launch-unbounded', 'tests/test_ppo_sharding.py', 'FSDP_LAUNCH_TIMEOUT_S = 300', 'FSDP_LAUNCH_TIMEOUT_S = 900', 'tests/test_ppo_sharding.py -k bounded_and_kills'),
     ('app-no-pairs-said-all-done', 'stages/label/app.py', 'Thank you!{held}</p>" if prog["pairs"] else no_pairs_html(prog))', 'Thank you!{held}</p>")', 'tests/test_label_store.py -k no_servable'),
     ('app-no-pairs-why-unsaid', 'stages/label/app.py', 'in the label config and start it again." if p.get("blocked") else "")', 'in the label config and start it again." if p.get("pairs") else "")', 'tests/test_label_store.py -k no_servable'),
+    ('suite-order-fewest-tests-first', 'tests/conftest.py', 'len(rank)), -tests_in[f], f))', 'len(rank)), tests_in[f], f))', 'tests/test_suite_order.py'),
+    ('suite-order-longest-list-ignored', 'tests/conftest.py', 'key=lambda f: (rank.get(Path(f).name, len(rank)),', 'key=lambda f: (len(rank),', 'tests/test_suite_order.py'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
