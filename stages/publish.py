@@ -197,17 +197,12 @@ def splits_line(splits: dict, held_out: dict | None, repo: str) -> str:
             f"{pairs(held_out['scored'])} of `test` (a tie, `is_tie`, has no right answer and is left out){elsewhere}.")
 
 
-def has_a_test_split(dataset_folder: Path | None) -> bool:
-    """The dataset folder export_dataset wrote has a `test` split: a reward model that read the export but held none of
-    its prompts out (only its other data's) gets none, and the model card must not point to one."""
-    return dataset_folder is not None and (dataset_folder / "data" / "test-00000-of-00001.parquet").is_file()
-
-
 def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str, prompts: str | None,
-                   held_out: dict | None = None) -> str:
+                   held_out: dict | None = None) -> tuple[str, list[str]]:
     """The label-export preferences as one parquet file a split (the Hub's viewer reads them: `test` holds the pairs
     the reward model held out, `held_out`: held_out_by_the_reward_model) and a DatasetCard, which names where their
-    prompts came from (`prompts`: labeled_prompts). Returns whose labels they are (people, simulated, all)."""
+    prompts came from (`prompts`: labeled_prompts). Returns whose labels they are (people, simulated, all) and the
+    splits written (no `test` when the reward model held none of the export's prompts out)."""
     import datasets
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -234,7 +229,7 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
             "```python\nfrom datasets import load_dataset\n"
             f"ds = load_dataset(\"{args.dataset_repo_id or repo + '-preferences'}\")  # {', '.join(splits)}\n```\n")
     DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}").save(out / "README.md")
-    return sources
+    return sources, list(splits)
 
 
 def list_folder(folder: Path) -> list[tuple[str, int]]:
@@ -545,12 +540,12 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         shutil.copytree(eval_dir / "plots", folder / "eval" / "plots")
 
     # 2. The preference dataset, for its own dataset repo
-    dataset_folder, dataset_sources = None, None
+    dataset_folder, dataset_sources, dataset_splits = None, None, []
     shutil.rmtree(stage.dir / "dataset", ignore_errors=True)  # an earlier --include_dataset run's folder is not uploaded now
     if label:
         dataset_folder = stage.dir / "dataset"
-        dataset_sources = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo, run.run, prompts,
-                                         held_out_by_the_reward_model(rm, label))
+        dataset_sources, dataset_splits = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo,
+                                                         run.run, prompts, held_out_by_the_reward_model(rm, label))
 
     # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
     dataset_sources = dataset_sources or labels_the_reward_model_read(rm, label_now)
@@ -559,7 +554,7 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         print(note, file=sys.stderr)
     card = model_card(args, repo, run.run, {**manifests, **({"label-export": label_now} if label_now else {})}, base,
                       base_ref, sources, extras, dataset_repo, dataset_sources, license,
-                      test_split=has_a_test_split(dataset_folder))
+                      test_split="test" in dataset_splits)
     check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 

@@ -292,7 +292,8 @@ def test_simulated_labels_are_not_published_as_human_feedback(runs, tmp_path):
         src = tmp_path / f"export-{len(rows)}"
         datasets.Dataset.from_list(rows).save_to_disk(str(src))
         out = tmp_path / f"out-{len(rows)}"
-        sources = export_dataset(str(src), out, PublishArgs(), "me/x", "default", "data/story/pairs_prompts.jsonl")
+        sources, splits = export_dataset(str(src), out, PublishArgs(), "me/x", "default", "data/story/pairs_prompts.jsonl")
+        assert splits == ["train"]  # no reward model held any of it out
         card = DatasetCard.load(out / "README.md")
         tags = card.data.to_dict()["tags"]
         assert tag in tags and phrase in card.text
