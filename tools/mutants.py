@@ -1284,6 +1284,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('app-no-pairs-why-unsaid', 'stages/label/app.py', 'in the label config and start it again." if p.get("blocked") else "")', 'in the label config and start it again." if p.get("pairs") else "")', 'tests/test_label_store.py -k no_servable'),
     ('suite-order-fewest-tests-first', 'tests/conftest.py', 'len(rank)), -tests_in[f], f))', 'len(rank)), tests_in[f], f))', 'tests/test_suite_order.py'),
     ('suite-order-longest-list-ignored', 'tests/conftest.py', 'key=lambda f: (rank.get(Path(f).name, len(rank)),', 'key=lambda f: (len(rank),', 'tests/test_suite_order.py'),
+    ('publish-any-split-called-test', 'stages/publish.py', 'test_split="test" in dataset_splits)', 'test_split=bool(dataset_splits))', 'tests/test_publish.py -k names_no_test_split'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
