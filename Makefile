@@ -131,7 +131,7 @@ stage = $(call stage_env,$(1)) $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE)
 direct = $(PY) $(call stage_opts,$(1)) $(call stage_args,$(1))
 
 .PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-prefix bench-rm-ceiling bench-valence-probe bench-story bench-shard mutants clean-run
+	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-prefix bench-rm-ceiling bench-valence-probe bench-story bench-estimators bench-shard mutants clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -271,6 +271,12 @@ bench-rm-ceiling: setup
 # The default story run under seeds 1-3 (make sft rm ppo eval each): gold gain, win rate, wall time -> bench/results/story.json
 bench-story: setup
 	$(PY) -m bench.story_seeds
+# PPO, GRPO, RLOO, REINFORCE++ and DPO on one run's SFT policy and reward models, each made in turn, then one make eval
+# (SEEDS=, default 42: the default run; another seed s is RUN=seed-<s>, every stage seeded): each one's gold gain, gold
+# win rate over SFT, KL and wall time -> bench/results/estimators.json (about 20 minutes a seed on 2 cores)
+SEEDS ?= 42
+bench-estimators: setup
+	$(PY) -m bench.estimators --seeds $(SEEDS) --runs_dir $(RUNS_DIR)
 # PPO's frozen base loaded sharded (FSDP2) against data parallel, two CPU processes each, on a random-init 163M Llama:
 # each rank's peak memory, episodes/s and that both give the same figures (about 10 minutes): bench/results/shard.json
 bench-shard: setup
