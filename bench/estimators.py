@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -87,7 +86,7 @@ def summary_over_seeds(per_seed: list[dict]) -> dict[str, dict]:
 
 def one_seed(seed: int, runs_dir: Path, estimators: tuple[str, ...]) -> dict:
     run = run_name(seed)
-    run_dir = runs_dir / run
+    run_dir = ROOT / runs_dir / run  # runs_dir as make is given it: relative to the repository, or absolute
     load_before = os.getloadavg()[0]
     # The SFT policy and reward models every estimator starts from (skipped as up to date where the run has them).
     upstream_s = make(["sft", "rm"], run, runs_dir, seed)
@@ -111,12 +110,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED])
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
-    parser.add_argument("--runs_dir", type=Path, default=ROOT / "runs")
+    # Spelled as the run's stages were given it (make's default: runs): a stage's manifest records --runs_dir, and
+    # the same folder spelled another way makes every stage rerun.
+    parser.add_argument("--runs_dir", type=Path, default=Path("runs"))
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "estimators.json")
     args = parser.parse_args(argv)
     per_seed = []
     for seed in args.seeds:
-        per_seed.append(one_seed(seed, args.runs_dir.resolve(), tuple(args.estimators)))
+        per_seed.append(one_seed(seed, args.runs_dir, tuple(args.estimators)))
         print(json.dumps(per_seed[-1]), flush=True)
     result = {
         "task": "story (default recipe): each estimator's policy against SFT on eval's held-out prompts; gold = VADER "
