@@ -1482,3 +1482,13 @@ def test_the_run_benches_read_the_run_make_names(target, module, tmp_path):
     assert res.returncode == 0, res.stderr
     line = next(x for x in res.stdout.splitlines() if f"-m bench.{module}" in x)
     assert line.endswith(f"-m bench.{module} --from_run {tmp_path}/mine --seeds 1"), line
+
+
+def test_bench_estimators_runs_the_seeds_and_runs_folder_make_names(tmp_path):
+    """`make bench-estimators SEEDS="1 2"` benches those seeds' runs under RUNS_DIR (default: seed 42 in runs/)."""
+    res = make("bench-estimators", "SEEDS=1 2", f"RUNS_DIR={tmp_path}", dry_run=True)
+    assert res.returncode == 0, res.stderr
+    line = next(x for x in res.stdout.splitlines() if "-m bench.estimators" in x)
+    assert line.endswith(f"-m bench.estimators --seeds 1 2 --runs_dir {tmp_path}"), line
+    res = make("bench-estimators", dry_run=True)
+    assert next(x for x in res.stdout.splitlines() if "-m bench.estimators" in x).endswith("--seeds 42 --runs_dir runs")
