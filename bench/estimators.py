@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.story_seeds import gain_summary, median_given
+from bench.story_seeds import gain_summary, median_given, run_meta, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 ESTIMATORS = ("ppo", "grpo", "rloo", "reinforce_pp", "dpo")
@@ -125,15 +123,9 @@ def main(argv=None) -> dict:
         "settings": {name: f"configs/{name}.yaml as committed" for name in args.estimators},
         "seeds": per_seed,
         "summary": summary_over_seeds(per_seed),
-        "meta": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-                 "date": time.strftime("%Y-%m-%d"),
-                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "the Makefile's: cores / processes"),
-                 "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                              text=True).stdout.strip()},
+        "meta": run_meta(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["summary"], indent=1))
+    write_result(args.output, result)
     return result
 
 

@@ -54,6 +54,21 @@ def samples_of(run_dir: Path, n: int) -> list[dict]:
     return [{k: row.get(k) for k in keys} for row in report.get("samples", [])[:n]]
 
 
+def run_meta() -> dict:
+    """What a result was measured on: Python, platform, cores, date, threads and the commit."""
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "the Makefile's: cores / processes"),
+            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                         text=True).stdout.strip()}
+
+
+def write_result(output: Path, result: dict) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"], indent=1))
+
+
 def gain_summary(gains: list[float]) -> dict:
     """Mean gold gain over seeds with its standard error (sample std / sqrt(n)); every_seed_positive is the target."""
     mean = statistics.fmean(gains)
@@ -111,15 +126,9 @@ def main(argv=None) -> dict:
             "kl_mean_median": median_given(s["kl_mean"] for s in per_seed),
             "sft_rm_ppo_wall_s_median": statistics.median(s["wall_s"]["sft_rm_ppo_s"] for s in per_seed),
         },
-        "meta": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-                 "date": time.strftime("%Y-%m-%d"),
-                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "the Makefile's: cores / processes"),
-                 "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                              text=True).stdout.strip()},
+        "meta": run_meta(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["summary"], indent=1))
+    write_result(args.output, result)
     return result
 
 
