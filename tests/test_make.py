@@ -163,7 +163,21 @@ def test_eval_of_a_dpo_only_run_trains_ppo_and_brings_the_reward_models_up_to_da
         "sft", "dpo", "rm", "grpo", "eval"]
 
 
-def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path):
+def real_stage_parses(stage: str, dry_run_out: str) -> int:
+    """make's --check of STAGE (pipeline.launch.check_stages) on the real stage module, with the arguments of the launch
+    line a `make -n` on the fake stages (tests/fake_stages/) wrote for it."""
+    import shlex
+
+    from pipeline.launch import check_stages
+
+    lines = dry_run_out.replace("\\\n", " ").splitlines()
+    words = shlex.split(next(line for line in lines if f"-m pipeline.launch {stage} " in line))
+    module_at = words.index("-m", words.index("pipeline.launch")) + 1
+    module = words[module_at].replace("tests.fake_stages.", "stages.")
+    return check_stages(["::", stage, "-m", module, *words[module_at + 1 :]])
+
+
+def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path, capsys):
     """`make rm ARGS="--dataset_name FILE"` (or RM_ARGS, and DPO alike) trains on the file, not the label export: the
     story chain's labels step (pairs sampled, simulated annotators, an export) would be work it never reads. Without
     the flag, or for another stage's flag, the step stays. Mutant: the labels step whatever the flags."""
@@ -171,9 +185,12 @@ def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path):
     prefs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     runs = tmp_path / "runs"
 
-    def labels_step(*args):
-        res = make(*args, dry_run=True, fake=False, runs_dir=runs)
+    def labels_step(stage, *args):
+        # The chain is the Makefile's alone: `make -n` on the fake stages, whose --check imports nothing (the real
+        # stages' took ~10 s a make); the real stage then parses the launch line make wrote for it, in this process.
+        res = make(stage, *args, "STAGE_PKG=tests.fake_stages", dry_run=True, fake=False, runs_dir=runs)
         assert res.returncode == 0, res.stderr
+        assert real_stage_parses(stage, res.stdout) == 0, capsys.readouterr().err
         return "stages.label.fresh_export" in res.stdout
 
     assert labels_step("rm") and labels_step("dpo")
