@@ -163,18 +163,20 @@ def test_eval_of_a_dpo_only_run_trains_ppo_and_brings_the_reward_models_up_to_da
         "sft", "dpo", "rm", "grpo", "eval"]
 
 
-def real_stage_parses(stage: str, dry_run_out: str) -> int:
-    """make's --check of STAGE (pipeline.launch.check_stages) on the real stage module, with the arguments of the launch
-    line a `make -n` on the fake stages (tests/fake_stages/) wrote for it."""
+def real_stages_parse(dry_run_out: str, *stages: str) -> int:
+    """make's --check of STAGES (pipeline.launch.check_stages, all in one call as make runs it) on the real stage
+    modules, with the arguments of the launch lines a `make -n` on the fake stages (tests/fake_stages/) wrote for them."""
     import shlex
 
     from pipeline.launch import check_stages
 
-    lines = dry_run_out.replace("\\\n", " ").splitlines()
-    words = shlex.split(next(line for line in lines if f"-m pipeline.launch {stage} " in line))
-    module_at = words.index("-m", words.index("pipeline.launch")) + 1
-    module = words[module_at].replace("tests.fake_stages.", "stages.")
-    return check_stages(["::", stage, "-m", module, *words[module_at + 1 :]])
+    lines, segments = dry_run_out.replace("\\\n", " ").splitlines(), []
+    for stage in stages:
+        words = shlex.split(next(line for line in lines if f"-m pipeline.launch {stage} " in line))
+        module_at = words.index("-m", words.index("pipeline.launch")) + 1
+        module = words[module_at].replace("tests.fake_stages.", "stages.")
+        segments += ["::", stage, "-m", module, *words[module_at + 1 :]]
+    return check_stages(segments)
 
 
 def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path, capsys):
@@ -190,7 +192,7 @@ def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path, caps
         # stages' took ~10 s a make); the real stage then parses the launch line make wrote for it, in this process.
         res = make(stage, *args, "STAGE_PKG=tests.fake_stages", dry_run=True, fake=False, runs_dir=runs)
         assert res.returncode == 0, res.stderr
-        assert real_stage_parses(stage, res.stdout) == 0, capsys.readouterr().err
+        assert real_stages_parse(res.stdout, stage) == 0, capsys.readouterr().err
         return "stages.label.fresh_export" in res.stdout
 
     assert labels_step("rm") and labels_step("dpo")

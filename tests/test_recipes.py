@@ -152,6 +152,21 @@ def make_dry_run(*args):
     return res.returncode, [line for line in res.stdout.splitlines() if "-m stages." in line], res.stderr
 
 
+def make_dry_run_checking_here(*named, variables=()):
+    """make_dry_run of the NAMED stages on the fake stages (tests/fake_stages/), whose --check imports nothing (the real
+    stages' took ~10 s a make), its lines those of the stages it runs, real or fake; make's --check of the NAMED stages
+    is then run on the real stage modules in this process, with their launch lines' arguments."""
+    from tests.test_make import real_stages_parse
+
+    res = subprocess.run(["make", "-n", *named, *variables, "STAGE_PKG=tests.fake_stages"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    if res.returncode == 0:
+        real_check = real_stages_parse(res.stdout, *named)
+        assert real_check == 0, f"make's --check of {named} on the real stages failed (its error line is above)"
+    lines = [line for line in res.stdout.splitlines() if re.search(r"-m (tests\.fake_)?stages\.", line)]
+    return res.returncode, lines, res.stderr
+
+
 def test_make_default_chain_runs_simulated_labels_before_the_reward_model():
     rc, lines, _ = make_dry_run("sft", "rm", "ppo", "RUN=dryrun-nonexistent")
     assert rc == 0
@@ -165,19 +180,20 @@ def test_make_default_chain_runs_simulated_labels_before_the_reward_model():
 
 
 def test_make_recipe_variable_picks_the_assistant_configs():
-    rc, lines, _ = make_dry_run("sft", "rm", "ppo", "eval", "RECIPE=assistant", "RUN=dryrun-nonexistent")
+    rc, lines, _ = make_dry_run_checking_here("sft", "rm", "ppo", "eval",
+                                              variables=["RECIPE=assistant", "RUN=dryrun-nonexistent"])
     assert rc == 0 and len(lines) == 4  # no pairs or simulated labels: it trains on the bundled preferences
     for stage, line in zip(("sft", "rm", "ppo", "eval"), lines):
         assert f"--config configs/recipes/assistant/{stage}.yaml" in line and "--run dryrun-nonexistent" in line
-    rc, lines, _ = make_dry_run("sft", "RECIPE=assistant")
+    rc, lines, _ = make_dry_run_checking_here("sft", variables=["RECIPE=assistant"])
     assert "--run assistant" in lines[0]  # its own run folder unless RUN says otherwise
-    rc, _, err = make_dry_run("sft", "RECIPE=nosuch")
+    rc, _, err = make_dry_run_checking_here("sft", variables=["RECIPE=nosuch"])
     assert rc != 0 and "RECIPE=nosuch" in err and "assistant" in err
 
 
 def test_dpo_keeps_the_papers_beta_in_the_assistant_recipe():
     """The story recipe's beta was chosen for the 3M base; the assistant recipe (real checkpoints) keeps 0.1."""
-    rc, lines, _ = make_dry_run("dpo", "RECIPE=assistant", "RUN=dryrun-nonexistent")
+    rc, lines, _ = make_dry_run_checking_here("dpo", variables=["RECIPE=assistant", "RUN=dryrun-nonexistent"])
     assert rc == 0 and "--config configs/recipes/assistant/dpo.yaml" in lines[-1]
     beta = lambda path: next(c.beta for c in parse(stage_classes("dpo"), ["--config", path]) if hasattr(c, "beta"))  # noqa: E731
     assert beta("configs/recipes/assistant/dpo.yaml") == 0.1 and beta("configs/dpo.yaml") == 0.2
