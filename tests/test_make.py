@@ -308,6 +308,16 @@ def test_label_with_a_pairs_dataset_samples_no_pairs(tmp_path):
     assert res.returncode == 0 and list(launches(res.stdout)) == ["sft", "pairs"], res.stdout + res.stderr
 
 
+def rm_dry_run_on_the_real_chain(runs):
+    """`make -n rm` with the story chain's labels step (fake=False), on the fake stages (their --check imports nothing;
+    the real stages' took ~10 s a make); the real reward model stage parses its launch line here, as make's --check."""
+    res = make("rm", "STAGE_PKG=tests.fake_stages", dry_run=True, fake=False, runs_dir=runs)
+    if res.returncode == 0:
+        real_check = real_stages_parse(res.stdout, "rm")
+        assert real_check == 0, "make's --check of rm on the real stage failed (its error line is above)"
+    return res
+
+
 def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path):
     """People labeled pairs of their own (`make label ARGS="--pairs_dataset FILE"`, which records FILE in
     label/own_pairs.txt) in a run with no pairs stage: the labels step sampled the bundled prompts' pairs, simulated
@@ -324,7 +334,7 @@ def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path
     store.save_label("alice", "own1", "left", 0)
     own = tmp_path / "my pairs.jsonl"
     (runs / "t" / "label" / "own_pairs.txt").write_text(f"{own}\n")
-    res = make("rm", dry_run=True, fake=False, runs_dir=runs)  # the real chain: no pairs stage launched
+    res = rm_dry_run_on_the_real_chain(runs)  # no pairs stage launched
     assert res.returncode == 0 and list(launches(res.stdout)) == ["sft", "rm"], res.stdout + res.stderr
     assert "stages.label.fresh_export" in res.stdout
     res = make("labels", runs_dir=runs)
@@ -340,7 +350,7 @@ def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path
     # no record (the run's labels are of pairs it sampled, or of none), or a run that has sampled pairs: the story
     # chain's step
     (runs / "t" / "label" / "own_pairs.txt").unlink()
-    assert list(launches(make("rm", dry_run=True, fake=False, runs_dir=runs).stdout)) == ["sft", "pairs", "rm"]
+    assert list(launches(rm_dry_run_on_the_real_chain(runs).stdout)) == ["sft", "pairs", "rm"]
     (runs / "t" / "label" / "own_pairs.txt").write_text(f"{own}\n")
     assert make("pairs", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "pairs"]
     res = make("labels", runs_dir=runs)
