@@ -26,20 +26,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
-# `make test` hands pytest-xdist whole files (--dist loadfile) in collection order (--no-loadscope-reorder): the files
-# that take longest go first, so that no worker is left running one long file at the end while the other idles
-# (xdist's own order, by number of tests, started test_journey.py's two tests, over 6 minutes, last). Longest first,
-# by the suite's --durations on 2 CPU cores; every other file follows, the most tests first.
-LONGEST_FILES_FIRST = ("test_journey.py", "test_make.py", "test_rm.py", "test_publish.py", "test_ppo.py",
-                       "test_sharding.py", "test_sft.py", "test_label_browser.py", "test_bench_sft.py",
-                       "test_ppo_sharding.py", "test_rm_groups.py", "test_dpo.py", "test_label_export.py",
-                       "test_label_guards.py", "test_bench_rm_prefix.py", "test_bench_rl.py", "test_recipes.py",
-                       "test_bench_ppo.py")
+# `make test` hands pytest-xdist whole files (--dist loadfile) in collection order (--no-loadscope-reorder).
+# xdist's own order (by number of tests, most first) started test_journey.py, the longest file (two tests, one
+# process at a time), last: one worker ran it alone at the end while the other idled. It goes first; every other file
+# follows as xdist would order it. Putting every long file first was slower (a fresh clone, alone: 1,271 s against
+# 998-1,195 s): they are the 2-process ones, and two of them at once run 4 processes on 2 cores, waiting on each other.
+LONGEST_FILES_FIRST = ("test_journey.py",)
 
 
 def files_longest_first(files: list[str], tests_in: dict[str, int]) -> list[str]:
     """The order the suite's files start in: LONGEST_FILES_FIRST's, then the rest by their number of tests, most
-    first (ties by name, so every worker collects the same order)."""
+    first, as xdist orders them (ties by name, so every worker collects the same order)."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     return sorted(files, key=lambda f: (rank.get(Path(f).name, len(rank)), -tests_in[f], f))
 
