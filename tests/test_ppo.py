@@ -587,6 +587,31 @@ def test_report_to_trackio_logs_every_update_and_a_missing_package_is_refused(ti
     assert not (Path(runs_dir) / "no-trackio").exists()
 
 
+def test_report_to_tensorboard_with_tensorboardx_alone_writes_through_tensorboardx(monkeypatch, tmp_path):
+    """The config accepts `--report_to tensorboard` with tensorboardX installed and tensorboard not (check_report_to
+    asks transformers, whose TensorBoardCallback takes either): the loop's writer is then tensorboardX's. It was torch's
+    alone, whose import needs tensorboard: an ImportError once the models had loaded and the run folder was written."""
+    import importlib.machinery
+    import types
+
+    from stages.ppo.trainer import tensorboard_writer
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+    tensorboardx = types.ModuleType("tensorboardX")
+    tensorboardx.__spec__ = importlib.machinery.ModuleSpec("tensorboardX", None)  # find_spec finds it installed
+    tensorboardx.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "tensorboardX", tensorboardx)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # torch's writer imports tensorboard
+    cfg, _ = parse_args(["--config", str(REPO / "configs" / "ppo.yaml"), "--report_to", "tensorboard"])
+    assert cfg.report_to == "tensorboard"  # accepted at parse
+    writer = tensorboard_writer(tmp_path / "tensorboard")
+    assert type(writer) is Writer and writer.log_dir == str(tmp_path / "tensorboard")
+
+
 def test_a_cut_prompt_keeps_its_bos(tiny_models, prompts_file):
     """Cutting a long prompt to its end dropped the BOS the model always sees first (Llama 3's <|begin_of_text|>):
     PPO's long_prompts: truncate and eval's prompt limit now keep it in front, as the reward model's pairs do."""

@@ -41,6 +41,17 @@ TIMING_KEYS = ("episodes_per_s", "gen_tokens_per_s", "time_generate_s", "time_sc
 VALUE_OFFSET_FILE = "value_offset.json"  # beside a saved value adapter: what its head output needs added
 
 
+def tensorboard_writer(log_dir: Path):
+    """A TensorBoard SummaryWriter: torch's, which needs the tensorboard package, else tensorboardX's (same API). The
+    config accepts report_to tensorboard when either is installed (pipeline.config.check_report_to, as transformers'
+    own TensorBoardCallback), so with tensorboardX alone torch's import failed, after the models had loaded."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+    return SummaryWriter(str(log_dir))
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     done = sorted((out_dir / "checkpoints").glob("checkpoint-*/trainer_state.pt"))
     return done[-1].parent if done else None
@@ -478,9 +489,7 @@ class PPOTrainer:
             self.history = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
         # The config refused a report_to whose package is not installed (pipeline.config.check_report_to).
         if self.cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = ("tensorboard", SummaryWriter(str(self.out_dir / "tensorboard")))
+            self.writer = ("tensorboard", tensorboard_writer(self.out_dir / "tensorboard"))
         elif self.cfg.report_to == "trackio":
             import trackio
 
