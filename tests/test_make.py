@@ -1265,13 +1265,16 @@ def test_progress_bars_into_a_log_redraw_each_ten_seconds_and_in_a_terminal_as_t
 
 def launch_lines(*args, env_drop=("OMP_NUM_THREADS",)) -> dict[str, str]:
     """stage -> its whole `make -n` command line (environment prefix included), with the caller's environment. On the
-    fake stages: the lines are the Makefile's alone, and the real stages' --check would import them (~10 s a make)."""
+    fake stages: the lines are the Makefile's alone, and the real stages' --check would import them (~10 s a make);
+    the real stages named then parse their lines here, as make's --check did (a stage given another's config)."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in env_drop}
     res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.done", "-n", *args, f"PY={PY}",
                           "STAGE_PKG=tests.fake_stages"], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0, res.stderr
+    named = [arg for arg in args if "=" not in arg]
+    assert real_stages_parse(res.stdout, *named) == 0, f"make's --check of {named} on the real stages failed (above)"
     return {m.group(1): line for line in res.stdout.replace("\\\n", " ").splitlines()
             if (m := re.search(r"-m pipeline\.launch (\S+) ", line))}
 
