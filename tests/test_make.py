@@ -179,7 +179,21 @@ def real_stages_parse(dry_run_out: str, *stages: str) -> int:
     return check_stages(segments)
 
 
-def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path, capsys):
+def make_n_checked(*args, check=(), runs_dir=None, env=None) -> subprocess.CompletedProcess:
+    """`make -n ARGS` on the fake stages (tests/fake_stages/: their --check imports nothing, where the real stages'
+    took ~10 s a make), the story chain's labels step as a real run has it; then make's --check of the stages in
+    `check` on the real stage modules, in this process, with the arguments of the launch lines make wrote (when make
+    itself succeeded). Its lines are the Makefile's alone."""
+    cmd = ["make", "--no-print-directory", "-o", ".venv/.done", "-n", *args, f"PY={PY}", "STAGE_PKG=tests.fake_stages"]
+    if runs_dir:
+        cmd += [f"RUNS_DIR={runs_dir}", "RUN=t"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    if res.returncode == 0 and check:
+        assert real_stages_parse(res.stdout, *check) == 0, f"make's --check of {check} on the real stages failed (above)"
+    return res
+
+
+def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path):
     """`make rm ARGS="--dataset_name FILE"` (or RM_ARGS, and DPO alike) trains on the file, not the label export: the
     story chain's labels step (pairs sampled, simulated annotators, an export) would be work it never reads. Without
     the flag, or for another stage's flag, the step stays. Mutant: the labels step whatever the flags."""
@@ -188,11 +202,8 @@ def test_own_preferences_skip_the_runs_pairs_and_simulated_labels(tmp_path, caps
     runs = tmp_path / "runs"
 
     def labels_step(stage, *args):
-        # The chain is the Makefile's alone: `make -n` on the fake stages, whose --check imports nothing (the real
-        # stages' took ~10 s a make); the real stage then parses the launch line make wrote for it, in this process.
-        res = make(stage, *args, "STAGE_PKG=tests.fake_stages", dry_run=True, fake=False, runs_dir=runs)
+        res = make_n_checked(stage, *args, check=[stage], runs_dir=runs)
         assert res.returncode == 0, res.stderr
-        assert real_stages_parse(res.stdout, stage) == 0, capsys.readouterr().err
         return "stages.label.fresh_export" in res.stdout
 
     assert labels_step("rm") and labels_step("dpo")
@@ -308,16 +319,6 @@ def test_label_with_a_pairs_dataset_samples_no_pairs(tmp_path):
     assert res.returncode == 0 and list(launches(res.stdout)) == ["sft", "pairs"], res.stdout + res.stderr
 
 
-def rm_dry_run_on_the_real_chain(runs):
-    """`make -n rm` with the story chain's labels step (fake=False), on the fake stages (their --check imports nothing;
-    the real stages' took ~10 s a make); the real reward model stage parses its launch line here, as make's --check."""
-    res = make("rm", "STAGE_PKG=tests.fake_stages", dry_run=True, fake=False, runs_dir=runs)
-    if res.returncode == 0:
-        real_check = real_stages_parse(res.stdout, "rm")
-        assert real_check == 0, "make's --check of rm on the real stage failed (its error line is above)"
-    return res
-
-
 def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path):
     """People labeled pairs of their own (`make label ARGS="--pairs_dataset FILE"`, which records FILE in
     label/own_pairs.txt) in a run with no pairs stage: the labels step sampled the bundled prompts' pairs, simulated
@@ -334,7 +335,7 @@ def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path
     store.save_label("alice", "own1", "left", 0)
     own = tmp_path / "my pairs.jsonl"
     (runs / "t" / "label" / "own_pairs.txt").write_text(f"{own}\n")
-    res = rm_dry_run_on_the_real_chain(runs)  # no pairs stage launched
+    res = make_n_checked("rm", check=["rm"], runs_dir=runs)  # no pairs stage launched
     assert res.returncode == 0 and list(launches(res.stdout)) == ["sft", "rm"], res.stdout + res.stderr
     assert "stages.label.fresh_export" in res.stdout
     res = make("labels", runs_dir=runs)
@@ -350,7 +351,7 @@ def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path
     # no record (the run's labels are of pairs it sampled, or of none), or a run that has sampled pairs: the story
     # chain's step
     (runs / "t" / "label" / "own_pairs.txt").unlink()
-    assert list(launches(rm_dry_run_on_the_real_chain(runs).stdout)) == ["sft", "pairs", "rm"]
+    assert list(launches(make_n_checked("rm", check=["rm"], runs_dir=runs).stdout)) == ["sft", "pairs", "rm"]
     (runs / "t" / "label" / "own_pairs.txt").write_text(f"{own}\n")
     assert make("pairs", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "pairs"]
     res = make("labels", runs_dir=runs)
@@ -1264,17 +1265,13 @@ def test_progress_bars_into_a_log_redraw_each_ten_seconds_and_in_a_terminal_as_t
 
 
 def launch_lines(*args, env_drop=("OMP_NUM_THREADS",)) -> dict[str, str]:
-    """stage -> its whole `make -n` command line (environment prefix included), with the caller's environment. On the
-    fake stages: the lines are the Makefile's alone, and the real stages' --check would import them (~10 s a make);
-    the real stages named then parse their lines here, as make's --check did (a stage given another's config)."""
+    """stage -> its whole `make -n` command line (environment prefix included), with the caller's environment; the
+    stages named are checked on the real stage modules, as make's --check does (a stage given another's config)."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in env_drop}
-    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.done", "-n", *args, f"PY={PY}",
-                          "STAGE_PKG=tests.fake_stages"], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    res = make_n_checked(*args, check=[arg for arg in args if "=" not in arg], env=env)
     assert res.returncode == 0, res.stderr
-    named = [arg for arg in args if "=" not in arg]
-    assert real_stages_parse(res.stdout, *named) == 0, f"make's --check of {named} on the real stages failed (above)"
     return {m.group(1): line for line in res.stdout.replace("\\\n", " ").splitlines()
             if (m := re.search(r"-m pipeline\.launch (\S+) ", line))}
 

@@ -153,16 +153,11 @@ def make_dry_run(*args):
 
 
 def make_dry_run_checking_here(*named, variables=()):
-    """make_dry_run of the NAMED stages on the fake stages (tests/fake_stages/), whose --check imports nothing (the real
-    stages' took ~10 s a make), its lines those of the stages it runs, real or fake; make's --check of the NAMED stages
-    is then run on the real stage modules in this process, with their launch lines' arguments."""
-    from tests.test_make import real_stages_parse
+    """make_dry_run of the NAMED stages on the fake stages, checked on the real stage modules
+    (tests/test_make.py make_n_checked); its lines those of the stages it runs, real or fake."""
+    from tests.test_make import make_n_checked
 
-    res = subprocess.run(["make", "-n", *named, *variables, "STAGE_PKG=tests.fake_stages"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
-    if res.returncode == 0:
-        real_check = real_stages_parse(res.stdout, *named)
-        assert real_check == 0, f"make's --check of {named} on the real stages failed (its error line is above)"
+    res = make_n_checked(*named, *variables, check=named)
     lines = [line for line in res.stdout.splitlines() if re.search(r"-m (tests\.fake_)?stages\.", line)]
     return res.returncode, lines, res.stderr
 
