@@ -146,7 +146,8 @@ setup: .venv/.done
 
 # One thread per test process: the suite starts many processes, some of them two at once. Two pytest workers (one per
 # core of the 2-core CI machine), each taking whole files (their module fixtures are built once): 12.6 minutes against
-# 21.7 for one worker, on the same machine.
+# 21.7 for one worker, on the same machine. The files start in tests/conftest.py's order (the longest, test_journey.py,
+# first: xdist's own order started it last).
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
 
