@@ -42,11 +42,12 @@ def files_longest_first(files: list[str], tests_in: dict[str, int]) -> list[str]
 
 
 def pytest_collection_modifyitems(config, items):
-    tests_in: dict[str, int] = {}
-    for item in items:
-        tests_in[item.nodeid.split("::")[0]] = tests_in.get(item.nodeid.split("::")[0], 0) + 1
+    from collections import Counter
+
+    file_of = lambda item: item.nodeid.split("::")[0]  # noqa: E731
+    tests_in = Counter(map(file_of, items))
     start = {f: i for i, f in enumerate(files_longest_first(list(tests_in), tests_in))}
-    items.sort(key=lambda item: start[item.nodeid.split("::")[0]])  # stable: a file's own tests keep their order
+    items.sort(key=lambda item: start[file_of(item)])  # stable: a file's own tests keep their order
 
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

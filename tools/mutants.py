@@ -1292,7 +1292,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('estimators-runs-dir-resolved', 'bench/estimators.py', 'one_seed(seed, args.runs_dir, tuple(args.estimators))', 'one_seed(seed, args.runs_dir.resolve(), tuple(args.estimators))', 'tests/test_bench_estimators.py -k as_spelled'),
     ('estimators-make-runs-dir-dropped', 'Makefile', '-m bench.estimators --seeds $(SEEDS) --runs_dir $(RUNS_DIR)', '-m bench.estimators --seeds $(SEEDS)', 'tests/test_make.py -k bench_estimators'),
     ('ppo-tensorboard-writer-torchs-only', 'stages/ppo/trainer.py', '        from tensorboardX import SummaryWriter\n', '        raise\n', 'tests/test_ppo.py -k tensorboardx_alone'),
-    ('suite-order-hook-sorts-nothing', 'tests/conftest.py', 'items.sort(key=lambda item: start[item.nodeid.split("::")[0]])', 'items.sort(key=lambda item: 0)', 'tests/test_suite_order.py'),
+    ('suite-order-hook-sorts-nothing', 'tests/conftest.py', 'items.sort(key=lambda item: start[file_of(item)])', 'items.sort(key=lambda item: 0)', 'tests/test_suite_order.py'),
     ('make-pairs-given-evals-config', 'Makefile', 'pairs:pairs:pairs:PAIRS_ARGS:model', 'pairs:pairs:eval:PAIRS_ARGS:model', 'tests/test_make.py -k sampling_runs_a_process'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
