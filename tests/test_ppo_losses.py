@@ -140,6 +140,17 @@ def test_policy_loss_gradient_is_zero_when_clipped():
     assert new.grad.item() == 0.0  # ratio above 1 + eps with A > 0: no push further
 
 
+def test_policy_loss_clips_a_falling_ratio_of_a_negative_advantage():
+    """The lower clip bound: A = -1 at ratio 0.5 (the policy already dropped the token) costs max(0.5, 0.8) = 0.8, a
+    clipped token with no gradient to drop it further; a rising ratio at A = -1 (1.1, inside the range) is not clipped."""
+    new = torch.log(torch.tensor([0.5, 1.1])).requires_grad_()
+    loss, st = L.policy_loss(new, torch.zeros(2), torch.tensor([-1.0, -1.0]), cliprange=0.2)
+    assert loss.item() == pytest.approx((0.8 + 1.1) / 2)
+    assert st["clipfrac"].item() == 0.5
+    loss.backward()
+    assert new.grad.tolist() == pytest.approx([0.0, 1.1 / 2])  # d/dlogr of -A r / 2 = r / 2 where unclipped
+
+
 def test_value_loss_by_hand():
     v, old, ret = torch.tensor([1.0, 0.0, 0.6]), torch.tensor([0.5, 0.5, 0.5]), torch.tensor([2.0, 0.0, 1.0])
     # t0: clip(1.0) = 0.7: max((1-2)^2, (0.7-2)^2) = 1.69   t1: clip(0.0) = 0.3: max(0, 0.09) = 0.09
