@@ -152,3 +152,30 @@ def test_rank_sum_of_gradients_leaves_a_parameter_no_rank_reached_at_none():
     ranks = SimpleNamespace(world=2, _all_sum=lambda t: t + other_rank)
     PPOTrainer._sum_grads(ranks, [a, b, c])
     assert a.grad.tolist() == [11.0, 22.0] and b.grad.tolist() == [30.0, 40.0, 50.0] and c.grad is None
+
+
+def test_the_value_step_is_the_token_mean_over_the_mini_batch_not_each_micro_batch(tiny_models, adapters, prompts_file,
+                                                                                   tmp_path):
+    """Micro-batches of 4 rows in a mini-batch of 8: one plain SGD step of the value adapter is -lr * grad of
+    vf_coef x the clipped value loss summed over the mini-batch's tokens / its token count, however it is split.
+    Mutant: each micro-batch's value loss divided by its own token count (the step about doubles)."""
+    from stages.ppo.rollout import token_values
+
+    lr, vf_coef = 1e-2, 0.5
+    t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--optim", "sgd", "--max_grad_norm", "0",
+                 "--num_ppo_epochs", "1", "--learning_rate", str(lr), "--vf_coef", str(vf_coef),
+                 "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", reward_fn=varied_reward)
+    params = [p for _, p in t.named_params["value"]]
+    ro = t.rollout()
+    adv, returns, _ = t._advantages(ro)  # fits the critic: ro.values and value_offset on the shaped reward's scale
+    B = ro.response_ids.shape[0]
+    assert B == 2 * t.cfg.per_device_train_batch_size and t.cfg.num_mini_batches == 1
+    idx = torch.arange(B)
+    x = ro.rows(idx, t.cfg.prompt_group)
+    m = x.response_mask
+    t.stack.use("value")
+    with torch.enable_grad():
+        new_v = token_values(t.lm, x, t.top, ro.cached_hidden(idx, x)) + t.value_offset
+        vl, _ = L.value_loss(new_v, ro.values[:, :m.shape[1]][m], returns[:, :m.shape[1]][m], t.cfg.cliprange_value)
+        grads = torch.autograd.grad(vf_coef * vl, params, allow_unused=True)
+    assert_the_update_is_one_sgd_step(t, ro, adv, returns, params, grads, lr)
