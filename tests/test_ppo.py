@@ -718,6 +718,47 @@ def test_first_update_reproduces_the_sampling_distribution(tiny_models, adapters
     assert metrics["clipfrac_policy"] == 0.0
 
 
+def test_the_sampled_entropy_is_the_entropy_of_the_distribution_that_drew_each_token(tiny_models, adapters,
+                                                                                     prompts_file, tmp_path):
+    """The rollout's entropy at each real token (logged as `entropy`, its token mean) is that of softmax(logits / T),
+    the distribution the token was drawn from, as the update's forward gives it: positive, at most log(vocab).
+    Mutant: its sign flipped in the sampling loop."""
+    from stages.ppo import losses as L
+    from stages.ppo.rollout import response_logits
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--temperature", "0.7")
+    ro = trainer.rollout()
+    x = ro.rows(torch.arange(ro.response_ids.shape[0]))
+    trainer.stack.use("policy")
+    with torch.no_grad():
+        expected = L.entropy_from_logits(response_logits(trainer.lm, x) / 0.7)
+    sampled = ro.entropy[:, : x.response_mask.shape[1]][x.response_mask]
+    assert 0 < expected.min() and expected.max() <= math.log(trainer.lm.config.vocab_size)
+    assert torch.allclose(sampled, expected, atol=1e-4), (sampled - expected).abs().max()
+    _, _, stats = trainer._advantages(ro)
+    assert stats["entropy"] == pytest.approx(expected.double().mean().item(), rel=1e-5)
+
+
+def test_the_critic_fit_targets_the_returns_at_the_configured_gamma(tiny_models, adapters, prompts_file, tmp_path):
+    """critic_init fit: least squares of the rollout's Monte-Carlo returns on the head's outputs. With no KL term and
+    gamma 0.5 the return at token t is 0.5^(last - t) x the shaped score; the fitted values satisfy the normal
+    equations against it: their residuals sum to 0 and are orthogonal to the head's outputs. Mutant: the returns
+    undiscounted (gamma 1, the default, where the two agree)."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--gamma", "0.5", "--kl_coef", "0",
+                       "--whiten_rewards", "false", "--critic_init", "fit")
+    ro = trainer.rollout()
+    raw = ro.values.double()
+    trainer._advantages(ro)
+    mask = ro.response_mask.double()
+    last = mask.sum(1, keepdim=True) - 1
+    returns = trainer._scores(ro).double()[:, None] * 0.5 ** (last - torch.arange(mask.shape[1])) * mask
+    residual = (returns - ro.values.double()) * mask
+    scale = returns.abs().sum().item()
+    assert scale > 1 and trainer.critic_fit["scale"] != 0
+    assert abs(residual.sum().item()) < 1e-5 * scale, residual.sum()
+    assert abs((residual * raw).sum().item()) < 1e-5 * scale * raw.abs().max().item(), (residual * raw).sum()
+
+
 def test_critic_warmup_trains_only_the_value(tiny_models, adapters, prompts_file, tmp_path):
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--critic_warmup_updates", "1")
     policy0 = [p.detach().clone() for _, p in trainer.named_params["policy"]]
@@ -1505,6 +1546,11 @@ def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models,
 
     assert reward_members(upstream(other)) == ({"reward": str(rm), "reward-1": str(other)}, stats)
     run_ppo(tiny_models["llama"], runs_dir, "ens", prompts_file, None, None, "--stop_after", "1")
+    # normalize_reward: the shaped score is (raw - reward_mean) / reward_std with the rm manifest's (0.1, 2.0), less the
+    # missing-EOS penalty (no score here comes near the clip)
+    first = read_metrics(runs_dir, "ens")[0]
+    assert first["reward"] == pytest.approx((first["reward_raw"] - 0.1) / 2.0
+                                            - cfg.missing_eos_penalty * first["no_eos_fraction"], rel=1e-5, abs=1e-6)
     ckpt = Path(runs_dir) / "ens/ppo/checkpoints/checkpoint-000001"
     assert len(json.loads((ckpt / "checkpoint.json").read_text())["upstream"]["rm_members"]) == 2
     third = _lora_adapter(yaml_model_dir(tiny_models["llama"]), ["q_proj", "v_proj"], tmp_path / "rm-c", seed=6,
@@ -1760,10 +1806,11 @@ def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters,
     assert len(norms) == len(losses) == len(value_losses) == 4 and out["grad_norm"] == pytest.approx(sum(norms) / 4)
     assert out["policy_loss"] == pytest.approx(sum(pg.item() for pg, _ in losses) / 4)
     assert out["value_loss"] == pytest.approx(sum(vl.item() for vl, _ in value_losses) / 4)
-    # the clip fractions are token means over the update's micro-batches
-    assert any(s["clipfrac"] > 0 for _, s in losses[1:])
-    for key, recorded in (("clipfrac_policy", losses), ("clipfrac_value", value_losses)):
-        by_hand = sum(s["clipfrac"].item() * n for (_, s), n in zip(recorded, tokens)) / sum(tokens)
+    # the clip fractions and approx_kl are token means over the update's micro-batches, not means over its steps
+    assert any(s["clipfrac"] > 0 for _, s in losses[1:]) and any(s["approx_kl"] > 0 for _, s in losses[1:])
+    for key, recorded, stat in (("clipfrac_policy", losses, "clipfrac"), ("clipfrac_value", value_losses, "clipfrac"),
+                                ("approx_kl", losses, "approx_kl")):
+        by_hand = sum(s[stat].item() * n for (_, s), n in zip(recorded, tokens)) / sum(tokens)
         assert out[key] == pytest.approx(by_hand, rel=1e-9, abs=1e-12)
     assert [sorted(s) for s in seen] == expected
     assert expected[0] != expected[2] or expected[1] != expected[3]  # the seed gives different splits per epoch
