@@ -100,6 +100,37 @@ def test_fsdp_is_off_unless_a_config_asks_and_one_without_a_version_is_version_1
         sharding.take_over_from_accelerate()
 
 
+def test_a_launch_of_two_processes_shards_before_torch_distributed_starts(monkeypatch):
+    """take_over_from_accelerate runs first thing in a stage's main(), before torch.distributed is initialised: the
+    launch's WORLD_SIZE says how many ranks will share the base. Mutant: the variable ignored, one rank assumed, and an
+    FSDP launch of two processes loaded the whole base on each (DDP under an FSDP config)."""
+    import torch.distributed as dist
+
+    assert not (dist.is_available() and dist.is_initialized())
+    monkeypatch.delenv("PIPELINE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert sharding.world_size() == 2 and sharding.take_over_from_accelerate() is True
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert sharding.world_size() == 1 and sharding.take_over_from_accelerate() is False
+
+
+def test_the_report_counts_each_ranks_elements_and_the_storage_behind_them():
+    """sharding_report's two per-rank figures: the elements of the frozen base a rank holds, and the storage behind
+    them (a shard that is a view of the whole weight holds the whole weight's memory: pipeline.sharding.own_shards).
+    A 4-element weight viewed from a 10-element tensor: 4 held, 10 stored. Mutants: the storage counted as the view's
+    elements; the two figures swapped in the report."""
+    from torch import nn
+
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.arange(10.0)[:4], requires_grad=False)
+    assert model.weight.untyped_storage().nbytes() == 10 * 4
+    assert sharding.local_numel(model) == (4, 4, 10)
+    assert sharding.sharding_report(model) == {"engine": "none", "base_numel_full": 4, "base_numel_per_rank": [4],
+                                               "base_stored_numel_per_rank": [10]}
+
+
 def test_the_frozen_base_is_counted_without_a_frozen_adapters_tensors(tiny_models):
     """local_numel: the base's own weights only. A frozen adapter's LoRA matrices (PPO's reference) are not base, though
     nothing trains them; unsharded, each rank holds and stores the whole base."""
