@@ -711,6 +711,32 @@ def test_adapter_of_names_the_adapter_after_peft_s_marker():
     assert adapter_of("base_model.model.lm_head.lora_B") is None
 
 
+def test_a_frozen_part_of_a_trained_adapter_stays_frozen_whichever_adapter_is_active(tiny_models, tmp_path):
+    """AdapterStack.freeze (PPO's value adapter training its top layer only): the frozen part of a trainable adapter
+    keeps requires_grad False through every switch of the active adapter (set_adapter re-enables the active one's
+    tensors), and nothing else is frozen. Mutant: the switch restored every trainable adapter's tensors whole."""
+    import yaml
+
+    from pipeline.adapters import AdapterStack, adapter_of
+    from tests.fake_upstream import _lora_adapter
+
+    spec = yaml.safe_load(tiny_models["llama"].read_text())
+    policy = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / "policy", seed=1)
+    value = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / "value", seed=2,
+                          task_type="SEQ_CLS")
+    prof = profile_from(str(tiny_models["llama"]))
+    stack = AdapterStack.build(prof, load_tokenizer(prof), {"policy": policy, "value": value},
+                               trainable=("policy", "value"))
+    stack.freeze("value", [stack.causal_lm.model.layers[0]])
+    adapter_tensors = [n for n, _ in stack.model.named_parameters() if adapter_of(n) is not None]
+    frozen = {n for n in adapter_tensors if adapter_of(n) == "value" and ".layers.0." in n}
+    assert frozen and len(frozen) < sum(adapter_of(n) == "value" for n in adapter_tensors)
+    for active in ("policy", "value", "policy", "value"):
+        stack.use(active)
+        assert {n for n, p in stack.model.named_parameters() if adapter_of(n) is not None and not p.requires_grad} \
+            == frozen, active
+
+
 def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_data, tmp_path, capsys):
     """`ensemble: 2`: member 0 is exactly the reward model of `ensemble: 1` (same seed, same pairs), member 1 another
     one (seed + 1) on the same held-out prompts; the stage's held-out figures are those of the mean of the members'
