@@ -515,6 +515,21 @@ def test_an_sft_adapter_with_a_trained_bias_or_other_weights_does_not_combine(ch
             require_combinable(tmp_path, ["q_proj"], what="SFT")
 
 
+def test_an_sft_adapter_targeting_a_regex_is_refused_naming_the_regex(tmp_path):
+    """peft keeps a target_modules string as one regular expression (a list names modules): the refusal names the
+    expression whole beside the profile's modules. Mutant: the string read as the set of its letters, and the error
+    listed single characters."""
+    import re
+
+    from pipeline.lora_combine import target_set
+
+    assert target_set({"target_modules": "(q_proj|v_proj)"}) == {"(q_proj|v_proj)"}
+    assert target_set({"target_modules": ["q_proj", "v_proj"]}) == {"q_proj", "v_proj"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": "(q_proj|v_proj)"}))
+    with pytest.raises(ConfigError, match=re.escape("targets ['(q_proj|v_proj)'], the model profile ['q_proj', 'v_proj']")):
+        require_combinable(tmp_path, ["q_proj", "v_proj"], what="SFT")
+
+
 @pytest.mark.slow
 def test_two_sharded_ranks_resume_an_interrupted_run_and_end_as_an_uninterrupted_one(tiny_models, marker_data, tmp_path):
     """resume == no resume on a base sharded by FSDP2 over two CPU ranks: killed after step 5 (tests/killed_stage.py),
