@@ -159,6 +159,8 @@ def test_reload_check_fails_when_the_saved_adapter_is_not_the_policy(trained, ti
         if dtype == "float32":
             with pytest.raises(RuntimeError, match="does not reproduce the trained policy"):
                 check_reload(adapter, prof, tok, ds, collator, 4, off, rejected)
+            with pytest.raises(RuntimeError, match="does not reproduce the trained policy"):  # the rejected replies too
+                check_reload(adapter, prof, tok, ds, collator, 4, chosen, [r + 0.01 for r in rejected])
         else:  # bf16 rounds the merged SFT weights: reported, not enforced
             assert check_reload(adapter, prof, tok, ds, collator, 4, off, rejected)["max_abs_logp_diff"] >= 0.009
 
@@ -351,6 +353,19 @@ def test_token_ids_are_trls_own_on_pairs_that_fit(fmt, tiny_models, marker_data,
     assert len(theirs) == len(ours) == 160
     for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
         assert ours[key] == theirs[key], key
+
+
+def test_a_pairs_length_for_grouping_is_its_longer_sequence():
+    """as_token_ids by hand: the prompt is the first reply_start ids, each reply the rest, and `length` (what
+    configs/dpo.yaml's group_by_length batches by) the longer of the two whole sequences, the width the collator pads
+    the pair to. Mutant: the shorter one, grouping a long pair with short ones."""
+    from stages.dpo import as_token_ids
+
+    rows = [{"chosen_ids": [1, 5, 6, 7, 8, 2], "rejected_ids": [1, 5, 6, 9, 2], "reply_start": 3},
+            {"chosen_ids": [1, 4, 2], "rejected_ids": [1, 4, 9, 9, 9, 9, 9, 2], "reply_start": 2}]
+    assert as_token_ids(rows).to_list() == [
+        {"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2], "length": 6},
+        {"prompt_ids": [1, 4], "chosen_ids": [2], "rejected_ids": [9, 9, 9, 9, 9, 2], "length": 8}]
 
 
 def test_pairs_over_max_length_are_cut_as_the_reward_models_and_formats_mix(tiny_models, marker_data, tmp_path):
