@@ -108,6 +108,14 @@ def test_bf16_tolerance_is_rounding_not_more():
     assert v["max_abs_diff"] == pytest.approx(0.2)
 
 
+def test_a_scores_tolerance_is_of_the_larger_of_its_two_values():
+    """rtol applies to the larger magnitude of a score's two values, the stage's and the reload's: 4.0 -> 4.175 in bf16
+    allows 0.05 + 0.03 * 4.175 = 0.17525 and passes (of the stage's 4.0 alone it would allow 0.17 and fail), 4.0 ->
+    4.18 allows 0.1754 and fails. Mutant: the tolerance of the stage's score alone."""
+    assert reload_verdict([4.0], [-3.0], [4.175], [-3.0], "bfloat16")["ok"]
+    assert not reload_verdict([4.0], [-3.0], [4.18], [-3.0], "bfloat16")["ok"]
+
+
 def test_a_pair_flips_by_rounding_alone_when_its_margin_is_within_both_scores_tolerances():
     """Each score may move by its tolerance, so a pair's margin by both: a margin of 1.5e-4 in float32 (atol 1e-4 a
     score) turns to -3e-5 with each score 9e-5 off. That is rounding, not another model: it passes and no pair counts
