@@ -71,6 +71,9 @@ def test_agreement_with_gold_counts_decided_labels_on_unequal_pairs():
     # c: equal gold scores, left out; e: a tie label; a and d agree, b does not -> 2 of 3
     assert got["agreement_with_gold"] == pytest.approx(2 / 3, abs=1e-4) and got["decided_labels"] == 3
     assert got["tie_labels_on_unequal"] == 1
+    # its 95% interval is of the labels that agree (Wilson, z = 1.96): 2 of 3 -> centre (2/3 + 0.6403) / 2.2805 =
+    # 0.5731, half-width 1.96 * sqrt(2/27 + 0.1067) / 2.2805 = 0.3654 (the disagreeing 1 of 3: [0.0615, 0.7923])
+    assert got["agreement_with_gold_ci95"] == [0.2077, 0.9385]
     # the band's edge: a gold difference of exactly tie_band is decided, by the simulator (choose) and so here
     # (0.5 - 0.25 and 0.25 are exact in binary); mutant: the edge left out with the ties
     edge = agreement_with_gold([{"pair_id": "f", "preferred": 0}], {"f": [0.5, 0.25]}, tie_band=0.25)
@@ -297,6 +300,10 @@ def test_majority_agreement_with_gold_by_hand():
                    ("e", 0), ("e", None), ("e", None))  # a tie majority: export drops it, not counted
     out = majority_agreement_with_gold(labels, scores, tie_band=0.05)
     assert out["majority_agreement_with_gold"] == 0.5 and out["majority_decided_pairs"] == 2
+    # the interval is of the majorities that agree (Wilson, z = 1.96): pair a alone, 1 of 1 -> centre (1 + 1.9208) /
+    # 4.8416 = 0.6033, half-width 1.96 * 0.98 / 4.8416 = 0.3967 (the disagreeing 0 of 1: [0.0, 0.7935])
+    one = majority_agreement_with_gold([lab for lab in labels if lab["pair_id"] == "a"], scores, tie_band=0.05)
+    assert one["majority_agreement_with_gold"] == 1.0 and one["majority_agreement_with_gold_ci95"] == [0.2065, 1.0]
 
 
 def test_majority_agreement_with_gold_counts_which_response_the_majority_chose():
@@ -392,6 +399,9 @@ def test_a_rerun_with_other_settings_leaves_the_labels_a_fresh_run_with_them_wou
     assert got["labels_written"] == 0 and got["labels_redrawn"] == 0  # 2 of the 3 annotators: nothing to draw anew
     again = simulate(tmp_path, runs, "--annotators", "2", "--position_bias", "1.0")
     assert again["labels_redrawn"] > 0 and again["left_share"] > 0.6  # the bias the manifest reports is in the labels
+    # and in the expected agreement it reports: the calibration's target, reached at that bias (at no bias the same
+    # temperature would agree more)
+    assert again["temperature_calibrated"] and again["expected_agreement"] == pytest.approx(0.73, abs=1e-4)
     assert simulate(tmp_path, runs, "--annotators", "2", "--position_bias", "1.0")["labels_redrawn"] == 0
     with pytest.raises(ValueError, match="only simulated annotators"):
         store.remove_simulated("alice")
