@@ -958,6 +958,20 @@ def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_p
     assert any(k != first for k in kept) and len({json.dumps(k) for k in kept}) > 1
 
 
+
+def test_the_held_out_pairs_are_the_eval_fraction_of_the_prompts(tiny_models, tmp_path):
+    """prepare_data holds out round(prompts x eval_fraction) whole prompts and trains on the rest: 8 prompts of one
+    pair each at 0.25 give 2 held-out pairs and 6 training pairs, on no shared prompt. Mutant: the halves swapped (6
+    held out, 2 trained on), which an eval_fraction of 0.5 cannot tell apart."""
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    data = write_jsonl(tmp_path / "eight.jsonl", marker_rows(8))
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_name", str(data),
+                                     "--eval_fraction", "0.25"])
+    train_rows, eval_rows, counts, _ = prepare_data(args, train_cfg, None, tok)
+    assert (len(train_rows), len(eval_rows)) == (6, 2) and (counts["eight"]["train"], counts["eight"]["eval"]) == (6, 2)
+    train_prompts, eval_prompts = ({json.dumps(r["prompt"]) for r in rows} for rows in (train_rows, eval_rows))
+    assert len(train_prompts | eval_prompts) == 8 and not train_prompts & eval_prompts
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", ["ddp", "fsdp"])
 def test_two_processes_resume_an_interrupted_ensemble_and_end_as_an_uninterrupted_one(launch, tiny_models, marker_data,
