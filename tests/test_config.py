@@ -386,6 +386,16 @@ def test_qlora_computes_in_the_profiles_half_precision():
     assert bnb_4bit_config("float32").bnb_4bit_compute_dtype == torch.bfloat16  # 4-bit never computes in fp32
 
 
+def test_a_profiles_dtype_is_the_torch_dtype_its_base_loads_in():
+    """load_base's dtype: each of the three a profile may name, as itself (a float16 profile's base in fp16, not bf16)."""
+    import torch
+
+    from pipeline.models import dtype_of
+
+    loaded = [dtype_of(ModelProfile(name_or_path="models/tiny", dtype=d)) for d in ("float32", "bfloat16", "float16")]
+    assert loaded == [torch.float32, torch.bfloat16, torch.float16]
+
+
 def test_a_4bit_profile_loads_with_its_own_compute_dtype(monkeypatch):
     """What load_base passes to from_pretrained for a 4-bit float16 profile (as on a GPU: CUDA stood in for here)."""
     import torch

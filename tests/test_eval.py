@@ -358,6 +358,7 @@ def test_training_flags_by_hand():
     assert len(exactly) == 1 and "reward rose (0.000 -> 1.000)" in exactly[0] and "2.0x" in exactly[0]
     assert training_flags(train(0.0, 1.0, 10.0, 19.9), args) == []
     assert training_flags(train(1.0, 0.0, 10.0, 30.0), args) == []  # the reward fell: no length hacking
+    assert training_flags(train(1.0, 1.0, 10.0, 30.0), args) == []  # the reward stayed level: it did not rise
     # the raw reward rises (0 -> 19) while the shaped one falls (0 -> -19), and the length grows 10 -> 29: flagged
     rows = summary_rows(20, reward_raw=lambda i: i, reward=lambda i: -i, response_length=lambda i: 10 + i)
     t = training_summary(rows)

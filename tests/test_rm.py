@@ -581,6 +581,15 @@ def test_plan_steps_follows_the_data():
                                                               "eval_steps": 19}
 
 
+def test_plan_steps_rounds_a_fractional_epoch_cap_up():
+    """max_epochs 2.5 of 5 steps an epoch caps the run at 12.5 steps: 13, the half step trained (as a fractional
+    num_train_epochs rounds up), not 12."""
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--min_steps", "300", "--max_epochs",
+                                     "2.5", "--evals", "1", "--per_device_train_batch_size", "8"])
+    assert plan_steps(40, train_cfg, args, world_size=1) == {"steps": 13, "steps_per_epoch": 5, "epochs": 2.6,
+                                                             "eval_steps": 13}
+
+
 def test_the_training_record_by_hand():
     """The manifest's training record: every logged loss in order, the last logged training accuracy (not the first),
     each evaluation rounded to 4 places, and the best checkpoint's step and metric."""
@@ -600,6 +609,20 @@ def test_the_training_record_by_hand():
                       "eval_curve": [{"step": 5, "eval_loss": 0.6931, "eval_accuracy": 0.5556},
                                      {"step": 10, "eval_loss": 0.5, "eval_accuracy": 0}],
                       "best_step": 10, "best_metric": {"eval_loss": 0.5}}
+
+
+def test_the_training_record_counts_the_steps_trained_not_the_plan():
+    """A Trainer stopped before its plan (a callback's should_training_stop) trained global_step steps: the record's
+    `steps` is those 7, beside the 12 planned."""
+    from types import SimpleNamespace
+
+    from stages.rm import training_record
+
+    state = SimpleNamespace(log_history=[{"loss": 0.7, "step": 7}], best_model_checkpoint=None, global_step=7,
+                            best_metric=None)
+    record = training_record(state, SimpleNamespace(training_loss=0.7), {"steps": 12, "eval_steps": 6},
+                             SimpleNamespace(metric_for_best_model="eval_loss"))
+    assert (record["steps"], record["plan_steps"], record["best_step"]) == (7, 12, None)
 
 
 def test_best_checkpoint_is_the_one_saved(tiny_models, tmp_path):

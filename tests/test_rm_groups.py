@@ -240,6 +240,56 @@ def test_the_logged_training_figures_by_hand(tiny_models):
     assert figures["accuracy"] == sum(d > 0 for d in diffs) / 4
 
 
+def test_a_held_out_tie_counts_as_wrong_with_the_loss_of_log_2(tiny_models, tmp_path):
+    """A score head of zeros scores every response 0: each of the 5 held-out pairs is a tie, which is not ordered
+    right (as rm_scoring counts a tie), and its loss is -log sigmoid(0) = log 2."""
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from tests.rm_group_step_check import held_out_rows
+
+    profile = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(profile)
+    model = load_base(profile, tok, kind="score")
+    with torch.no_grad():
+        model.score.weight.zero_()
+    groups = Dataset.from_list(group_by_prompt(held_out_rows()))
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", per_device_eval_batch_size=2, bf16=False,
+                        remove_unused_columns=False, save_strategy="no", disable_tqdm=True)
+    trainer = grouped_reward_trainer()(model=model, args=args, train_dataset=groups, processing_class=tok,
+                                       data_collator=GroupCollator(tok.pad_token_id, with_margin=False))
+    figures = trainer.evaluate(groups)
+    assert figures["eval_accuracy"] == 0.0
+    assert figures["eval_loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_the_tokens_seen_count_a_shared_prefix_for_each_of_its_rows(tiny_models, tmp_path):
+    """num_tokens counts every row's tokens, its shared prefix's included, as whole sequences do: step_rows' 2 + 6
+    distinct responses are 5 + 18 = 23 tokens, the prefix ([3] and [7]) once for each of its 8 rows."""
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from tests.rm_group_step_check import step_rows
+
+    profile = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(profile)
+    model = load_base(profile, tok, kind="score")
+    groups = group_by_prompt(step_rows())
+    seen = []
+    for share_prefix in (True, False):
+        collator = GroupCollator(tok.pad_token_id, with_margin=False, share_prefix=share_prefix)
+        args = RewardConfig(output_dir=str(tmp_path), report_to="none", bf16=False, remove_unused_columns=False,
+                            save_strategy="no", disable_tqdm=True)
+        trainer = grouped_reward_trainer()(model=model, args=args, train_dataset=Dataset.from_list(groups),
+                                           processing_class=tok, data_collator=collator)
+        batch = collator(groups)
+        assert ("prefix_ids" in batch) == share_prefix
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+        seen.append(trainer._metrics["train"]["num_tokens"])
+    assert seen == [[23], [23]]
+
+
 @pytest.mark.slow
 def test_a_step_on_two_ranks_is_the_mean_over_all_their_pairs(tiny_models, tmp_path):
     """One prompt a rank (1 pair and 3 pairs): the update of one process given both prompts in one batch, where the
