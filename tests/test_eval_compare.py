@@ -400,7 +400,6 @@ def test_a_two_point_curve_is_a_curve():
     assert flags == {"rloo": [overoptimisation_flag(curve)], "dpo": []} and flags["rloo"][0]
 
 
-
 def test_a_proxy_that_stayed_level_is_no_sign_of_hacking():
     """Goodhart's sign needs the proxy to RISE from the gold's peak to the last point: a gold that fell by 1 on each of
     16 prompts (7.7 standard errors) beside a proxy that stayed level is a policy getting worse, not one exploiting the
@@ -410,6 +409,7 @@ def test_a_proxy_that_stayed_level_is_no_sign_of_hacking():
     sft, fell = two_point_curve([d - 1.0 for d in SPREAD])  # proxy 0 -> 1
     assert overoptimisation_flag([sft, {**fell, "proxy": sft["proxy"], "proxy_mean": sft["proxy_mean"]}]) is None
     assert overoptimisation_flag([sft, {**fell, "proxy_mean": sft["proxy_mean"] + 0.001}])
+
 
 def test_policy_method_is_the_manifests_method():
     """The method is the manifest's metrics.method when it names one (the RL loop records its estimator), else the

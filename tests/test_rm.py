@@ -981,7 +981,6 @@ def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_p
     assert any(k != first for k in kept) and len({json.dumps(k) for k in kept}) > 1
 
 
-
 def test_the_held_out_pairs_are_the_eval_fraction_of_the_prompts(tiny_models, tmp_path):
     """prepare_data holds out round(prompts x eval_fraction) whole prompts and trains on the rest: 8 prompts of one
     pair each at 0.25 give 2 held-out pairs and 6 training pairs, on no shared prompt. Mutant: the halves swapped (6
@@ -994,6 +993,7 @@ def test_the_held_out_pairs_are_the_eval_fraction_of_the_prompts(tiny_models, tm
     assert (len(train_rows), len(eval_rows)) == (6, 2) and (counts["eight"]["train"], counts["eight"]["eval"]) == (6, 2)
     train_prompts, eval_prompts = ({json.dumps(r["prompt"]) for r in rows} for rows in (train_rows, eval_rows))
     assert len(train_prompts | eval_prompts) == 8 and not train_prompts & eval_prompts
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", ["ddp", "fsdp"])
