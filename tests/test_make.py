@@ -1309,10 +1309,12 @@ def test_sampling_runs_a_process_a_core_on_the_cpu_default_only():
         assert "--config_file configs/accelerate/cpu.yaml" in line
 
 
-def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path):
+def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path, monkeypatch):
     """multi_gpu.yaml and fsdp.yaml (gpu_ids: all) start one process per GPU of this machine, whatever their
-    num_processes says; a config of your own, or one not for all GPUs, keeps its num_processes; no GPU: one error line
-    through make, exit 2, nothing run (accelerate started its 8 processes on the CPU, silently)."""
+    num_processes says; a config of your own, or one not for all GPUs or edited for several machines, keeps its
+    num_processes; no GPU: one error line through make, exit 2, nothing run (accelerate started its 8 processes on the
+    CPU, silently)."""
+    import pipeline.launch as launch_module
     from pipeline.launch import processes_for_all_gpus
 
     shipped = REPO / "configs/accelerate/multi_gpu.yaml"
@@ -1323,6 +1325,14 @@ def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path):
     own = tmp_path / "multi_gpu.yaml"
     own.write_text(shipped.read_text())
     assert processes_for_all_gpus(own, lambda: 2) == []  # your own file: its num_processes is what you asked for
+    # a shipped file edited for two machines: accelerate's num_processes counts the processes of every machine, which
+    # this machine's GPUs do not tell (2 here would start one process on each machine of 8 GPUs)
+    edited = tmp_path / "shipped"
+    edited.mkdir()
+    assert "num_machines: 1\n" in shipped.read_text()
+    (edited / "multi_gpu.yaml").write_text(shipped.read_text().replace("num_machines: 1\n", "num_machines: 2\n"))
+    monkeypatch.setattr(launch_module, "SHIPPED_CONFIGS", edited.resolve())
+    assert processes_for_all_gpus(edited / "multi_gpu.yaml", lambda: 2) == []
     import torch
 
     if not torch.cuda.is_available():  # this machine: make's own run of it
@@ -1337,13 +1347,13 @@ def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path):
 
 def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(monkeypatch):
     """Exit code 2 (one `error:` line) only when every rank stopped on bad input; one rank that crashed is a real
-    failure, and its error propagates."""
+    failure, and its error propagates; one process interrupted (exit 130) is no crash either."""
     from types import SimpleNamespace
 
     import accelerate.commands.launch as accelerate_launch
 
     from pipeline.launch import CONFIG_ERROR_EXIT, launch
-    from pipeline.run import LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV
+    from pipeline.run import INTERRUPTED_EXIT, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV
 
     class ChildFailed(Exception):
         def __init__(self, codes):
@@ -1371,6 +1381,10 @@ def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(
     monkeypatch.setattr(accelerate_launch, "launch_command", failing([1]))
     with pytest.raises(subprocess.CalledProcessError):
         launch([], "stages.sft", [])
+    # one process stopped by a SIGINT of its own (`kill -INT` of the stage, not Ctrl-C in the terminal): it said
+    # "interrupted" in one line (main_guard) and exited 130, which is no crash
+    monkeypatch.setattr(accelerate_launch, "launch_command", failing([INTERRUPTED_EXIT]))
+    assert launch([], "stages.sft", []) == INTERRUPTED_EXIT
 
 
 @pytest.mark.slow

@@ -433,6 +433,8 @@ def test_card_hyperparameters_are_the_settings_that_acted():
     assert hyperparameters(sft) == {"lora_r": 16, "max_steps": 100, "learning_rate": 0.002}
     assert hyperparameters(rm) == {"min_steps": 100, "max_epochs": 10}
     assert hyperparameters(epochs) == {"num_train_epochs": 3}
+    one_step = {"config": {"train": {"max_steps": 1, "num_train_epochs": 3}}}  # one step overrides the epochs too
+    assert hyperparameters(one_step) == {"max_steps": 1}
 
 
 def test_card_leads_with_the_gold_judge_when_eval_has_one():
@@ -458,6 +460,7 @@ def test_card_leads_with_the_gold_judge_when_eval_has_one():
     assert "`rm:.../rm/adapter` (the score the reward model .../rm/adapter gives the reply" in mine
     assert "/home/me" not in mine and "secret" not in mine
     assert "`rm:judges/rm` (" in "\n".join(ppo_results({**ev, **gold, "gold_judge": "rm:judges/rm"}))
+    assert "`rm:.../rm/adapter` (" in "\n".join(ppo_results({**ev, **gold, "gold_judge": "rm:big/rm/adapter"}))
     plain = "\n".join(ppo_results({**ev, "gold_win_rate": None}))
     assert "gold" not in plain and "**Under the reward model**: win rate of PPO over SFT 89.0%** (95% CI" in plain
 
@@ -751,6 +754,9 @@ def test_upload_end_to_end_every_file_arrives_and_the_token_never_leaks(runs, dr
             assert sent[name] == local[name], name
     assert hub.commits[("dataset", "tester/tiny-rlhf-preferences", "dev")] == files_of(keep / "dataset")
     assert ("POST", "/api/models/tester/tiny-rlhf/branch/dev") in hub.calls
+    # the dataset first: the model card links it, so a failed dataset upload must leave no model commit pointing at it
+    commits = [path for method, path in hub.calls if method == "POST" and "/commit/" in path]
+    assert commits == ["/api/datasets/tester/tiny-rlhf-preferences/commit/dev", "/api/models/tester/tiny-rlhf/commit/dev"]
     assert hub.messages == {("model", "tester/tiny-rlhf", "dev"): "Upload RLHF policy (SFT -> reward model -> PPO, LoRA)",
                             ("dataset", "tester/tiny-rlhf-preferences", "dev"):
                                 "Upload preference labels of an RLHF policy (SFT -> reward model -> PPO, LoRA)"}
@@ -816,17 +822,19 @@ def error_line(proc) -> str:
     return lines[0]
 
 
-def test_a_policy_trained_again_after_eval_is_not_published_with_the_old_figures(runs, tmp_path):
-    """`make publish` reruns eval first; run directly after PPO ran again, publish refuses (the card's figures would be
-    another policy's) before writing anything."""
+@pytest.mark.parametrize("stage", ["ppo", "sft", "rm"])
+def test_a_policy_trained_again_after_eval_is_not_published_with_the_old_figures(runs, tmp_path, stage):
+    """`make publish` reruns eval first; run directly after PPO, or the SFT policy (PPO's reference, the table's SFT
+    column) or the reward model (the table's reward column) ran again, publish refuses (the card's figures would be
+    another run's) before writing anything."""
     copy = tmp_path / "runs"
     shutil.copytree(runs / "t", copy / "t", ignore=shutil.ignore_patterns("publish"))
-    ppo_manifest = copy / "t" / "ppo" / "manifest.json"
-    manifest = json.loads(ppo_manifest.read_text())
+    rerun_manifest = copy / "t" / stage / "manifest.json"
+    manifest = json.loads(rerun_manifest.read_text())
     manifest["finished_at"] = "a later run"
-    ppo_manifest.write_text(json.dumps(manifest))
+    rerun_manifest.write_text(json.dumps(manifest))
     line = error_line(publish(copy, "--repo_id", "tester/tiny-rlhf", "--dry-run"))
-    assert "the ppo stage of run 't' ran again after its eval report was made" in line and "make eval RUN=t" in line
+    assert f"the {stage} stage of run 't' ran again after its eval report was made" in line and "make eval RUN=t" in line
     assert not (copy / "t" / "publish").exists()
 
 
@@ -1132,6 +1140,24 @@ def test_no_network_is_one_clear_error(runs, dry_run):
 
 
 # ---------------------------------------------------------------------------------------------------- which method
+
+def test_the_cards_reward_use_follows_the_pooling_of_the_reward_model_the_policy_optimised(tmp_path):
+    """reward_use: a reward model given to the RL stage (`reward_adapter`) is the one published as reward/, so its own
+    score_pooling.json says how to score with it, not the rm stage's: a sum-pooled given one beside a last-token rm
+    stage, the other way round, and the rm stage's own when none was given."""
+    from pipeline.adapters import write_pooling
+    from stages.publish_card import reward_use
+
+    last, summed = tmp_path / "last", tmp_path / "sum"
+    last.mkdir()
+    summed.mkdir()
+    write_pooling(summed, "sum")
+    rule = "sum the head (`score`) over the hidden states of the reply's tokens"
+    for rm_adapter, given, says_sum in ((last, summed, True), (summed, last, False), (summed, None, True),
+                                        (last, None, False)):
+        text = reward_use({"outputs": {"adapter": str(rm_adapter)}}, str(given) if given else None, ["reward/"], "ppo")
+        assert (rule in text) == says_sum, (rm_adapter, given)
+
 
 def test_card_says_which_method_made_the_policy(tmp_path, tiny_models, monkeypatch):
     """A run with ppo, grpo and dpo, evaluated together: each published policy's folder holds its own adapter, and its

@@ -548,6 +548,25 @@ def test_a_rank_whose_peer_left_waits_to_be_stopped_before_its_traceback(monkeyp
     assert waits == []
 
 
+def test_bad_input_is_said_at_once_by_rank_0_and_after_the_wait_by_another_rank(monkeypatch, capsys):
+    """refuse: rank 0 of a two-process stage prints its one line and exits 2 at once (then the launcher stops the other
+    rank); rank 1 waits OTHER_RANKS_WAIT_S first, in case rank 0 says it; a stage of one process never waits."""
+    import time
+
+    import pipeline.run as run
+
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    for rank, world, waited in (("0", "2", []), ("1", "2", [run.OTHER_RANKS_WAIT_S]), ("0", "1", [])):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        waits.clear()
+        with pytest.raises(SystemExit) as stopped:
+            run.refuse("--lr is -1: it must be > 0")
+        assert (stopped.value.code, waits) == (2, waited), (rank, world)
+        assert capsys.readouterr().err == "error: --lr is -1: it must be > 0\n"
+
+
 def test_a_library_writer_failing_on_a_full_or_read_only_disk_is_one_line_naming_its_file(tmp_path, monkeypatch):
     """torch.save (a checkpoint's optimizer, the kept batches of pairs and eval) and safetensors (adapters) fail on a
     full disk without an errno: a RuntimeError of torch's zip writer, a SafetensorError whose message holds it. Each
