@@ -114,6 +114,11 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
         # (SIGTERM) while it waited to (pipeline.run.refuse). Any other exit is a crash and keeps its traceback.
         if CONFIG_ERROR_EXIT in codes and all(c in (CONFIG_ERROR_EXIT, -signal.SIGTERM) for c in codes):
             return CONFIG_ERROR_EXIT
+        # interrupted: a rank stopped by a SIGINT of its own (`kill -INT`, not Ctrl-C, which reaches this process as
+        # the SignalException above) said so in one line and exited 130, as one process does (above), and every other
+        # rank did too or was stopped by the launcher
+        if INTERRUPTED_EXIT in codes and all(c in (INTERRUPTED_EXIT, -signal.SIGTERM) for c in codes):
+            return INTERRUPTED_EXIT
         raise
     return 0
 

@@ -1347,7 +1347,8 @@ def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path, monkeyp
 
 def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(monkeypatch):
     """Exit code 2 (one `error:` line) only when every rank stopped on bad input; one rank that crashed is a real
-    failure, and its error propagates; one process interrupted (exit 130) is no crash either."""
+    failure, and its error propagates; a process or the ranks interrupted (exit 130, the others stopped by the
+    launcher) is no crash either."""
     from types import SimpleNamespace
 
     import accelerate.commands.launch as accelerate_launch
@@ -1385,6 +1386,13 @@ def test_a_crashed_rank_keeps_its_traceback_beside_ranks_that_refused_bad_input(
     # "interrupted" in one line (main_guard) and exited 130, which is no crash
     monkeypatch.setattr(accelerate_launch, "launch_command", failing([INTERRUPTED_EXIT]))
     assert launch([], "stages.sft", []) == INTERRUPTED_EXIT
+    for codes in ([130, 130], [130, -15], [-15, 130]):  # so too for the ranks of several processes
+        monkeypatch.setattr(accelerate_launch, "launch_command", failing(codes))
+        assert launch(args, "stages.sft", []) == INTERRUPTED_EXIT, codes
+    for codes in ([130, 1], [130, -9]):  # beside a crash or a kill that is not the launcher's: a crash
+        monkeypatch.setattr(accelerate_launch, "launch_command", failing(codes))
+        with pytest.raises(ChildFailed):
+            launch(args, "stages.sft", [])
 
 
 @pytest.mark.slow

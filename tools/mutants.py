@@ -1472,6 +1472,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('hunt5-label-users-comment-is-an-entry', 'stages/label/config.py', 'if not line.strip() or line.strip().startswith("#"):', 'if not line.strip():', "tests/test_label_store.py -k 'users or login'"),
     ('hunt5-label-localhost-needs-logins', 'stages/label/config.py', '    if host == "localhost":\n        return True', '    if host == "localhost":\n        return False', "tests/test_label_store.py -k 'loopback or hostname or auth'"),
     ('hunt5-label-offensive-word-case-kept', 'stages/label/config.py', 'return match.group(1).lower()', 'return match.group(1)', "tests/test_label_store.py -k 'offensive or filter'"),
+    ('launch-interrupted-ranks-a-crash', 'pipeline/launch.py', 'if INTERRUPTED_EXIT in codes and all(', 'if False and INTERRUPTED_EXIT in codes and all(', 'tests/test_make.py -k crashed_rank'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
