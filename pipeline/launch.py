@@ -110,15 +110,13 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
         if type(err).__name__ == "SignalException" and getattr(err, "sigval", None) == signal.SIGINT:
             return INTERRUPTED_EXIT  # Ctrl-C: torch's launcher stopped the ranks (rank 0 said so)
         codes = [f.exitcode for f in (getattr(err, "failures", None) or {}).values()]
-        # bad input: a rank said so (exit 2), and every other rank either said so too or was stopped by the launcher
-        # (SIGTERM) while it waited to (pipeline.run.refuse). Any other exit is a crash and keeps its traceback.
-        if CONFIG_ERROR_EXIT in codes and all(c in (CONFIG_ERROR_EXIT, -signal.SIGTERM) for c in codes):
-            return CONFIG_ERROR_EXIT
-        # interrupted: a rank stopped by a SIGINT of its own (`kill -INT`, not Ctrl-C, which reaches this process as
-        # the SignalException above) said so in one line and exited 130, as one process does (above), and every other
-        # rank did too or was stopped by the launcher
-        if INTERRUPTED_EXIT in codes and all(c in (INTERRUPTED_EXIT, -signal.SIGTERM) for c in codes):
-            return INTERRUPTED_EXIT
+        # Bad input (exit 2, pipeline.run.refuse) or a rank's own SIGINT (exit 130: `kill -INT`; Ctrl-C reaches this
+        # process as the SignalException above): a rank said so in one line, as one process does (above), and every
+        # other rank said so too or was stopped by the launcher (SIGTERM) while it waited. Any other exit is a crash
+        # and keeps its traceback.
+        for said in (CONFIG_ERROR_EXIT, INTERRUPTED_EXIT):
+            if said in codes and all(c in (said, -signal.SIGTERM) for c in codes):
+                return said
         raise
     return 0
 
