@@ -79,6 +79,14 @@ class ModelProfile:
             raise ValueError(f"dtype is '{self.dtype}': it must be one of {', '.join(PROFILE_DTYPES)}")
 
 
+def stream_seed(seed: int, index: int) -> int:
+    """The seed of a run's index-th random stream: a sampling batch, a pass over PPO's prompts, a reward-model ensemble
+    member. Stream 0 keeps the seed itself; the others lie a prime stride apart, so that no stream of seed s is a
+    stream of another seed a user would type (with seed + index, seed 1's second pass over the prompts would be seed
+    2's first, and a seed sweep would share its prompt orders)."""
+    return seed + 1_000_003 * index
+
+
 def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.chat import TEMPLATE_KWARGS
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, stream_seed
 
 
 @dataclass
@@ -142,7 +142,7 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_id: int | list[int], pad_
 def batch_seed(generator_seed: int, batch_index: int) -> int:
     """Each batch samples from its own seed, so a batch gives the same tokens whichever process runs it and whatever
     ran before it (one process, or the batches spread over ranks). Batch 0 keeps the seed itself."""
-    return generator_seed + 1_000_003 * batch_index
+    return stream_seed(generator_seed, batch_index)
 
 
 @torch.no_grad()

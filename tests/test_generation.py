@@ -117,6 +117,16 @@ def test_each_batch_samples_from_its_own_seed(llama):
     assert generate(model, tok, [p] * 4, cfg, generator_seed=5).texts == four.texts  # seeded: repeatable
 
 
+def test_no_random_stream_of_one_seed_is_a_stream_of_another():
+    """A run's streams (sampling batches, PPO's passes over the prompts, ensemble members) are seeded stream_seed(seed,
+    i): stream 0 is the seed itself, and the first ten streams of seeds 0-99 are 1000 distinct seeds (seed + i would
+    give 109: seed 1's stream 1 would be seed 2's stream 0)."""
+    from pipeline.config import stream_seed
+
+    assert stream_seed(5, 0) == 5 and stream_seed(5, 2) == 5 + 2 * 1_000_003
+    assert len({stream_seed(seed, i) for seed in range(100) for i in range(10)}) == 1000
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_the_model_is_left_in_the_mode_it_was_found_in(llama, training):
     """SFT samples before and after training: generate() switches to eval mode (no dropout) and must switch back."""

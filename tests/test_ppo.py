@@ -1764,15 +1764,19 @@ def test_the_joint_gradient_is_clipped_to_max_grad_norm(tiny_models, adapters, p
 
 
 def test_each_pass_over_the_prompts_has_its_own_permutation(tiny_models, adapters, prompts_file, tmp_path):
-    """Episode i's prompt is randperm(n, seed + pass)[i mod n] with pass = i // n: each pass visits every prompt
-    once, in a new order."""
+    """Episode i's prompt is randperm(n, seed + 1_000_003 x pass)[i mod n] with pass = i // n: each pass visits every
+    prompt once, in a new order, and no pass of one seed is a pass of the next seed (seed + pass would make seed s's
+    second pass seed s + 1's first: a seed sweep sharing its prompt orders)."""
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path)
     n = len(trainer.prompt_ids)
     got = [trainer._prompt_index(i) for i in range(3 * n)]
     for e in range(3):
-        expected = torch.randperm(n, generator=torch.Generator().manual_seed(trainer.cfg.seed + e)).tolist()
+        expected = torch.randperm(n, generator=torch.Generator().manual_seed(trainer.cfg.seed + 1_000_003 * e)).tolist()
         assert got[e * n : (e + 1) * n] == expected
     assert got[:n] != got[n : 2 * n]
+    trainer.cfg.seed, trainer._perm_cache = trainer.cfg.seed + 1, {}
+    next_seed = [trainer._prompt_index(i) for i in range(3 * n)]
+    assert all(next_seed[:n] != got[e * n : (e + 1) * n] for e in range(3))
 
 
 def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters, prompts_file, tmp_path, monkeypatch):

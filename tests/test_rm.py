@@ -762,7 +762,7 @@ def test_a_frozen_part_of_a_trained_adapter_stays_frozen_whichever_adapter_is_ac
 
 def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_data, tmp_path, capsys):
     """`ensemble: 2`: member 0 is exactly the reward model of `ensemble: 1` (same seed, same pairs), member 1 another
-    one (seed + 1) on the same held-out prompts; the stage's held-out figures are those of the mean of the members'
+    one (its own seed, stream_seed(42, 1)) on the same held-out prompts; the stage's held-out figures are those of the mean of the members'
     standardised scores, as PPO's adapter stack computes it from the saved adapters."""
     from safetensors.torch import load_file
 
@@ -774,12 +774,12 @@ def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_da
     for run, n in (("one", "1"), ("two", "2")):
         fake_sft(tiny_models[arch], runs_dir, run)
         main(*parse_args(rm_args(tiny_models[arch], runs_dir, run, *extra, "--ensemble", n)))
-    assert "reward model 2 of 2 (seed 43)" in capsys.readouterr().out
+    assert "reward model 2 of 2 (seed 1000045)" in capsys.readouterr().out
     one = json.loads((runs_dir / "one" / "rm" / "manifest.json").read_text())
     two = json.loads((runs_dir / "two" / "rm" / "manifest.json").read_text())
     members, stats = reward_members(two)
     assert list(members) == ["reward", "reward-1"] and two["metrics"]["ensemble"] == 2
-    assert [r["seed"] for r in two["metrics"]["members"]] == [42, 43]
+    assert [r["seed"] for r in two["metrics"]["members"]] == [42, 1_000_045]
     first, second, single = (load_file(f"{d}/adapter_model.safetensors")
                              for d in (members["reward"], members["reward-1"], one["outputs"]["adapter"]))
     assert all(torch.equal(first[k], single[k]) for k in single)

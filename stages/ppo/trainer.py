@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, to_dict
+from pipeline.config import ConfigError, stream_seed, to_dict
 from pipeline.models import launch_autocast, launch_mixed_precision
 from pipeline.run import atomic_write_text
 
@@ -197,11 +197,12 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- data
     def _prompt_index(self, episode: int) -> int:
-        """The prompt of global episode i: a fresh permutation of the prompt set every pass (seed + pass)."""
+        """The prompt of global episode i: a fresh permutation of the prompt set every pass, each pass its own seed."""
         n = len(self.prompt_ids)
         epoch = episode // n
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()}
+            pass_seed = stream_seed(self.cfg.seed, epoch)
+            self._perm_cache = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(pass_seed)).tolist()}
         return self._perm_cache[epoch][episode % n]
 
     def _local_prompts(self) -> tuple[list, list[list[int]]]:
