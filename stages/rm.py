@@ -63,8 +63,8 @@ class RMArgs:
     evals: int = field(default=4, metadata={
         "help": "Held-out evaluations spread over the run; the adapter with the best one is kept (metric_for_best_model)."})
     ensemble: int = field(default=1, metadata={
-        "help": "Reward models to train, each with its own seed (the first: seed) on the same pairs and held-out prompts; PPO and "
-                "eval then use the mean of their standardised scores (Coste et al. 2023). 1: one model."})
+        "help": "Reward models to train, each with its own seed (the first: seed) on the same pairs and held-out "
+                "prompts; PPO and eval then use the mean of their standardised scores (Coste et al. 2023). 1: one model."})
     batch_by_prompt: bool = field(default=False, metadata={
         "help": "Batch whole prompts: each distinct response scored once, all the prompt's pairs in the loss (InstructGPT; "
                 "stages/rm_groups.py). per_device_train_batch_size then counts prompts."})
@@ -164,7 +164,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     # 3. Train (Bradley-Terry: -log sigmoid(r_chosen - r_rejected [- margin]) [+ centering]) for as many steps as the
     #    data needs (plan_steps), evaluating on the held-out prompts along the way; the best adapter is kept
     #    (load_best_model_at_end, metric_for_best_model in configs/rm.yaml). With `ensemble` > 1, the same again with
-    #    a seed of its own per member (stream_seed): same pairs, same held-out prompts, another head init and batch order.
+    #    a seed of its own per member (stream_seed): same pairs, same held-out prompts, another head init and batch
+    #    order.
     peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout, task_type="SEQ_CLS")
     train_set, eval_set = as_dataset(train_rows), as_dataset(eval_rows)
     plan = plan_steps(len(train_set), train_cfg, args, state.num_processes)  # pairs, or prompts with batch_by_prompt
@@ -201,7 +202,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
                                                train_cfg.per_device_eval_batch_size, profile.load_in_4bit,
                                                train_cfg.mixed_precision, profile.trust_remote_code)
     if state.is_main_process:
-        member_rows = [member_row(m, stream_seed(seed, i), eval_rows, reload) for i, (m, reload) in enumerate(zip(members, reloads))]
+        member_rows = [member_row(m, stream_seed(seed, i), eval_rows, reload)
+                       for i, (m, reload) in enumerate(zip(members, reloads))]
         joint = ensemble_score(torch.tensor([m["scores"] for m in members]),
                                [(r["reward_mean"], r["reward_std"]) for r in member_rows]).tolist()
         metrics = {**heldout_metrics(eval_rows, joint[:n], joint[n:]),

@@ -762,8 +762,8 @@ def test_a_frozen_part_of_a_trained_adapter_stays_frozen_whichever_adapter_is_ac
 
 def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_data, tmp_path, capsys):
     """`ensemble: 2`: member 0 is exactly the reward model of `ensemble: 1` (same seed, same pairs), member 1 another
-    one (its own seed, stream_seed(42, 1)) on the same held-out prompts; the stage's held-out figures are those of the mean of the members'
-    standardised scores, as PPO's adapter stack computes it from the saved adapters."""
+    one (its own seed, stream_seed(42, 1)) on the same held-out prompts; the stage's held-out figures are those of the
+    mean of the members' standardised scores, as PPO's adapter stack computes it from the saved adapters."""
     from safetensors.torch import load_file
 
     from pipeline.adapters import AdapterStack, reward_members
