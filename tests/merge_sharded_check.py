@@ -28,4 +28,7 @@ def main(profile: str, sft_adapter: str, out: str) -> None:
 
 
 if __name__ == "__main__":
+    from pipeline.report import destroy_distributed
+
     main(*sys.argv[1:])
+    destroy_distributed()  # as the stages' main_guard: a gloo rank exiting with its group can SIGABRT

@@ -69,4 +69,7 @@ def main(profile: str, batch: str, accumulation: str, out: str, eval_batch: str 
 
 
 if __name__ == "__main__":
+    from pipeline.report import destroy_distributed
+
     main(*sys.argv[1:])
+    destroy_distributed()  # as the stages' main_guard: a gloo rank exiting with its group can SIGABRT
