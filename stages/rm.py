@@ -171,12 +171,12 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     plan = plan_steps(len(train_set), train_cfg, args, state.num_processes)  # pairs, or prompts with batch_by_prompt
     n, seed, trainer_root = len(eval_rows), train_cfg.seed, Path(train_cfg.output_dir)
     run_key = {**stage.inputs(config), "config": config}  # an interrupted run of the same command resumes each member
-    members = []
-    for i in range(args.ensemble):
-        train_cfg.seed, train_cfg.output_dir = stream_seed(seed, i), str(trainer_root / f"member-{i}")
+    members, member_seeds = [], [stream_seed(seed, i) for i in range(args.ensemble)]  # trained with, and recorded
+    for i, member_seed in enumerate(member_seeds):
+        train_cfg.seed, train_cfg.output_dir = member_seed, str(trainer_root / f"member-{i}")
         adapter_dir = stage.dir / "adapter" if i == 0 else stage.dir / f"member-{i}" / "adapter"
         if args.ensemble > 1 and state.is_main_process:
-            print(f"reward model {i + 1} of {args.ensemble} (seed {train_cfg.seed}) -> {adapter_dir}", flush=True)
+            print(f"reward model {i + 1} of {args.ensemble} (seed {member_seed}) -> {adapter_dir}", flush=True)
         members.append(train_member(train_cfg, plan, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
                                     adapter_dir, args, {**run_key, "member": i}))
     train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)
@@ -202,8 +202,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
                                                train_cfg.per_device_eval_batch_size, profile.load_in_4bit,
                                                train_cfg.mixed_precision, profile.trust_remote_code)
     if state.is_main_process:
-        member_rows = [member_row(m, stream_seed(seed, i), eval_rows, reload)
-                       for i, (m, reload) in enumerate(zip(members, reloads))]
+        member_rows = [member_row(m, member_seed, eval_rows, reload)
+                       for m, member_seed, reload in zip(members, member_seeds, reloads)]
         joint = ensemble_score(torch.tensor([m["scores"] for m in members]),
                                [(r["reward_mean"], r["reward_std"]) for r in member_rows]).tolist()
         metrics = {**heldout_metrics(eval_rows, joint[:n], joint[n:]),
