@@ -237,6 +237,9 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     rm_dir = stage_dir(run.runs_dir, run.run, "rm")  # the run's reward model, every member of an ensemble
     judge = load_judge(args.judge, forbidden_rm=[rm_dir / "adapter", *sorted(rm_dir.glob("member-*/adapter"))])
     annotator = args.annotator or f"sim:{judge.name}"
+    if "," in annotator:  # the label export lists a pair's annotators comma-separated: a part would pass for a person
+        raise ConfigError(f"annotator '{annotator}' holds a comma, which parts a pair's annotators in the label export: "
+                          f"name the simulator without one (--annotator sim:...)")
     own = own_prompts(stage.upstream.get("pairs"))
     if own and judge.name == "sentiment":
         print(f"note: the simulated annotators judge the replies to these prompts ({own}) by sentiment, happier is "

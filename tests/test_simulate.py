@@ -227,6 +227,8 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
                            (["--judge", "tests.judge_fixtures:raising_judge"], "the grader is on holiday"),
                            (["--judge", "vibes"], "unknown judge 'vibes'"),
                            (["--annotator", "alice"], "must start with 'sim:'"),
+                           # the export's annotator column parts names at commas: ` strict` would pass for a person
+                           (["--annotator", "sim:vader, strict"], "annotator 'sim:vader, strict' holds a comma"),
                            (["--target_agreement", "0.4"], "target_agreement must be between 0.5"),
                            (["--target_agreement", "1"], "target_agreement must be between 0.5"),  # no noise at all
                            (["--batch_size", "0"], "--batch_size on the command line is 0: it must be >= 1")):
