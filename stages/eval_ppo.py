@@ -16,6 +16,7 @@ from pipeline.config import ConfigError, resolve_path
 from pipeline.data import jsonl_objects
 from pipeline.judges import describe_judge
 from stages.eval_compare import describe, overoptimisation_flag, same_replies, wilson, win_rate
+from stages.label.export import markdown_literal
 
 if TYPE_CHECKING:
     from stages.eval import EvalArgs
@@ -195,8 +196,10 @@ def gold_markdown(gold: dict, figures: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- report
 
 def cell(text, limit: int = 160) -> str:
-    text = str(text).replace("\n", " ").replace("|", "\\|").strip()
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    """Model or prompt text as a table cell: on one line, cut to `limit` characters, then shown as itself (a reply's
+    `*sigh*` or `<img src=...>` is text, not italics or an image; the report is published with the adapters)."""
+    text = " ".join(str(text).split())
+    return markdown_literal(text if len(text) <= limit else text[:limit - 1] + "…")
 
 
 def sample_table(samples: list[dict]) -> list[str]:

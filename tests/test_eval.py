@@ -1142,3 +1142,15 @@ def test_a_reply_with_a_pipe_or_a_line_break_stays_in_its_cell_of_the_sample_tab
     s = {"prompt_text": "Why?\nTell me", "sft": "a | b", "ppo": "x" * 161, "reward_sft": 0.5, "reward_ppo": 1.25}
     assert sample_table([s])[2] == "| Why? Tell me | a \\| b | " + "x" * 159 + "… | 0.500 | 1.250 |"
     assert sample_table([{**s, "ppo": "x" * 160}])[2].endswith("| " + "x" * 160 + " | 0.500 | 1.250 |")
+
+
+def test_model_text_in_the_sample_table_is_shown_as_itself_not_as_markdown_or_html():
+    """report.md is published with the adapters: a reply's `*sigh*` is not italics, `<img src=...>` no remote image,
+    `[x](url)` no link. Every character Markdown or HTML reads is escaped, after the cut (an escape is never cut in
+    two), so the cell renders the stored text."""
+    from stages.eval_ppo import sample_table
+
+    s = {"prompt_text": "<details>", "sft": "*sigh* ![x](http://e.x/a.png)", "ppo": "<" * 170,
+         "reward_sft": 0.5, "reward_ppo": 1.25}
+    assert sample_table([s])[2] == ("| &#60;details&#62; | \\*sigh\\* \\!\\[x\\]\\(http://e.x/a.png\\) | "
+                                    + "&#60;" * 159 + "… | 0.500 | 1.250 |")
