@@ -222,6 +222,17 @@ def as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
 
 
+def finite_score(value) -> bool:
+    """A real number that is a finite float: not a bool (True would count as 1.0), nan or inf, nor an int past
+    float's range (10**400, which math.isfinite itself cannot take)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def judge_scores(judge: Judge, prompts: list, responses: list[str], batch_size: int = 64) -> list[float]:
     """Score every (prompt, response), `batch_size` at a time; a batch that raises, returns the wrong number of
     scores, or a score that is not a finite number, is one ConfigError naming the judge and the first bad row."""
@@ -246,8 +257,9 @@ def judge_scores(judge: Judge, prompts: list, responses: list[str], batch_size: 
             raise ConfigError(f"judge '{judge.spec}' returned {len(got)} scores for a batch of {len(batch_r)} "
                               f"responses (rows {start}-{start + len(batch_r) - 1}): it must return one per response")
         for i, value in enumerate(got):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ConfigError(f"judge '{judge.spec}' gave {value!r} for row {start + i}: every score must be a "
+            if not finite_score(value):
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:39] + "…"  # 10**400: 401 digits
+                raise ConfigError(f"judge '{judge.spec}' gave {shown} for row {start + i}: every score must be a "
                                   f"finite number")
         out += [float(v) for v in got]
     return out

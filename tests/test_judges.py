@@ -321,6 +321,9 @@ def test_bool_scores_and_mismatched_rows_are_refused():
         judge_scores(bools, PROMPTS[:2], TEXTS[:2])
     ints = Judge("ints", "ints", lambda p, r: [1, 0])
     assert judge_scores(ints, PROMPTS[:2], TEXTS[:2]) == [1.0, 0.0]  # ints are numbers: fine
+    huge = Judge("huge", "huge", lambda p, r: [1, 10**400])  # an int, but past float's range: not a traceback
+    with pytest.raises(ConfigError, match=r"judge 'huge' gave 1(0){38}… for row 1: every score must be a finite"):
+        judge_scores(huge, PROMPTS[:2], TEXTS[:2])
     calls = []
     counting = Judge("c", "c", lambda p, r: calls.append(len(r)) or [0.0] * len(r))
     with pytest.raises(ValueError, match="1 prompts but 2 responses"):
