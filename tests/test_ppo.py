@@ -760,15 +760,19 @@ def test_the_critic_fit_targets_the_returns_at_the_configured_gamma(tiny_models,
 
 
 def test_critic_warmup_trains_only_the_value(tiny_models, adapters, prompts_file, tmp_path):
-    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--critic_warmup_updates", "1")
+    """A warm-up update trains the value adapter alone, and logs the policy's statistics as null, the KL loss term's
+    too (docs/CONTRACTS.md: a statistic that does not apply is null, not a 0.0 nobody computed)."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--critic_warmup_updates", "1", "--use_kl_loss",
+                       "true")
     policy0 = [p.detach().clone() for _, p in trainer.named_params["policy"]]
     value0 = [p.detach().clone() for _, p in trainer.named_params["value"]]
     metrics, _ = trainer.step()
-    assert metrics["policy_loss"] is None and math.isfinite(metrics["value_loss"])
+    assert metrics["policy_loss"] is None and metrics["kl_loss"] is None and math.isfinite(metrics["value_loss"])
     assert all(torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
     assert any(not torch.equal(a, p) for a, (_, p) in zip(value0, trainer.named_params["value"]))
     metrics, _ = trainer.step()
     assert any(not torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
+    assert math.isfinite(metrics["policy_loss"]) and math.isfinite(metrics["kl_loss"])
 
 
 def test_critic_warmup_holds_the_policys_lr_schedule_and_kl_controller_until_the_policy_trains(

@@ -105,16 +105,19 @@ def test_adaptive_kl_counts_every_ranks_episodes(tiny_models, adapters, prompts_
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_loss_agg_mode_sets_each_tokens_weight_in_the_update(mode, tiny_models, adapters, prompts_file, tmp_path):
-    """One plain SGD step at ratio 1 is -lr * grad of sum(-A r / d) over the mini-batch, with d by hand: the token
-    count; the row count x the row's length (GRPO's paper); the row count x response_length (Dr. GRPO). Mutants:
-    the mode not passed (token-mean always); the longest answer for response_length; tokens for rows."""
+    """One plain SGD step at ratio 1 is -lr * grad of sum((-A r + c k3 - e H) / d) over the mini-batch, with d by hand:
+    the token count; the row count x the row's length (GRPO's paper); the row count x response_length (Dr. GRPO). The
+    KL loss term (c = kl_coef) and the entropy bonus (e = entropy_coef) are aggregated as the policy term is (verl's
+    agg_loss). Mutants: the mode not passed (token-mean always); the longest answer for response_length; tokens for
+    rows; the KL term or the entropy bonus divided by the token count whatever the mode."""
     from stages.ppo.rollout import response_logits, token_logprobs
 
-    lr, length = 1e-2, 12
+    lr, length, kl_coef, entropy_coef = 1e-2, 12, 0.3, 0.05
     t = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", "grpo", "--num_samples_per_prompt",
-                 "4", "--use_kl_loss", "false", "--kl_coef", "0", "--optim", "sgd", "--max_grad_norm", "0",
-                 "--num_ppo_epochs", "1", "--learning_rate", str(lr), "--response_length", str(length),
-                 "--loss_agg_mode", mode, reward_fn=varied_reward)
+                 "4", "--use_kl_loss", "true", "--kl_coef", str(kl_coef), "--entropy_coef", str(entropy_coef),
+                 "--optim", "sgd", "--max_grad_norm", "0", "--num_ppo_epochs", "1", "--learning_rate", str(lr),
+                 "--response_length", str(length), "--loss_agg_mode", mode, reward_fn=varied_reward)
+    _move_off_the_reference(t)  # at the reference the k3 term's gradient is 0, whatever divides it
     params = [p for _, p in t.named_params["policy"]]
     ro = t.rollout()
     B = ro.response_ids.shape[0]
@@ -131,9 +134,13 @@ def test_loss_agg_mode_sets_each_tokens_weight_in_the_update(mode, tiny_models, 
            "seq-mean-token-sum-norm": torch.full((B,), float(B * length), dtype=torch.float64)}[mode]
     t.stack.use("policy")
     with torch.enable_grad():
-        lp = token_logprobs(response_logits(t.lm, x), x.tokens, t.cfg.temperature)
+        logits = response_logits(t.lm, x)
+        lp = token_logprobs(logits, x.tokens, t.cfg.temperature)
         ratio = torch.exp(lp - ro.logprobs[:, :m.shape[1]][m])
-        surrogate = (-adv[:, :m.shape[1]][m] * ratio / den[:, None].expand_as(m)[m]).sum()
+        d = den[:, None].expand_as(m)[m]
+        k3 = L.kl_k3_bounded(lp, ro.ref_logprobs[:, :m.shape[1]][m])
+        entropy = L.entropy_from_logits(logits / t.cfg.temperature)
+        surrogate = ((-adv[:, :m.shape[1]][m] * ratio + kl_coef * k3 - entropy_coef * entropy) / d).sum()
         grads = torch.autograd.grad(surrogate, params, allow_unused=True)
     assert_the_update_is_one_sgd_step(t, ro, adv, returns, params, grads, lr)
 

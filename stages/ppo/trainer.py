@@ -392,7 +392,7 @@ class PPOTrainer:
                "approx_kl": total["approx_kl"] / tokens if train_policy else None,
                "grad_norm": grad_norm / n_steps}
         if cfg.use_kl_loss:
-            out["kl_loss"] = total["kl_loss"] / n_steps
+            out["kl_loss"] = total["kl_loss"] / n_steps if train_policy else None  # a critic warm-up computes none
         if cfg.entropy_coef and train_policy:
             out["entropy_update"] = total["entropy_update"] / tokens
         return out
