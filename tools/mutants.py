@@ -1488,7 +1488,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-kl-loss-logged-in-critic-warmup', 'stages/ppo/trainer.py',
      'out["kl_loss"] = total["kl_loss"] / n_steps if train_policy else None',
      'out["kl_loss"] = total["kl_loss"] / n_steps', 'tests/test_ppo.py -k critic_warmup'),
-    ('judge-huge-int-score', 'pipeline/judges.py', 'return math.isfinite(float(value))', 'return math.isfinite(value)',
+    ('judge-huge-int-score', 'pipeline/judges.py', '    except OverflowError:\n        return False', '    except ZeroDivisionError:\n        return False',
      'tests/test_judges.py -k bool_scores'),
     ('report-sample-cell-markup', 'stages/eval_ppo.py',
      'return markdown_literal(text if len(text) <= limit else text[:limit - 1] + "…")',
