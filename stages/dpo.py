@@ -58,7 +58,7 @@ class DPOArgs:
     rm_config: str = field(default="configs/rm.yaml", metadata={
         "help": "The recipe's reward-model config: its max_prompt_length cuts DPO's pairs, and an empty dataset_mixture "
                 "means its dataset_mixture."})
-    eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt in both halves)."})
+    eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt, nor conversation, in both halves)."})
     # LoRA (DPO's own, on the SFT-merged base)
     lora_r: int = 16
     lora_alpha: int = 32

@@ -37,7 +37,7 @@ from pipeline.data import read_jsonl
 from pipeline.models import FINGERPRINT_FILE
 from pipeline.run import StageRun, main_guard, manifest_digest, read_manifest, stage_dir
 from stages.eval_compare import POLICY_STAGES, policy_method
-from stages.rm_data import LABEL_EXPORT, prompt_key
+from stages.rm_data import LABEL_EXPORT, conversation_key
 from stages.publish_card import (ENSEMBLE_FILE, base_license, card_license, check_card, data_files_used, data_sources,
                                  dataset_license, fmt, given_reward, hub_base, labeled_prompts, model_card,
                                  prompts_source, public_judge, ships_base, upstream_read)
@@ -154,21 +154,22 @@ def size_category(n: int) -> str:
 
 def held_out_by_the_reward_model(rm: dict, label: dict) -> dict | None:
     """The reward model's held-out split of the label export (`label`: its manifest now), from the rm stage's
-    eval_pairs.jsonl: the prompts it held out (as rm_data.prompt_key names them), how many held-out pairs it scored of
+    eval_pairs.jsonl: the conversations it held out (as rm_data.conversation_key names them), how many held-out pairs it scored of
     the export and of its other data, its held-out accuracy. None when it trained on another export or none."""
     if not rm_read_this_export(rm, label):
         return None
     scored = [pair for _, pair in read_jsonl(Path(rm["outputs"]["eval_pairs"]))]  # a damaged line: one error naming it
     exported = [pair for pair in scored if pair["source"] == LABEL_EXPORT]
-    return {"prompts": {prompt_key(pair, 0) for pair in exported if pair.get("prompt")}, "scored": len(exported),
+    return {"prompts": {conversation_key(pair, 0) for pair in exported if pair.get("prompt")}, "scored": len(exported),
             "scored_elsewhere": len(scored) - len(exported), "accuracy": rm.get("metrics", {}).get("eval_accuracy")}
 
 
 def as_held_out(ds, held_out: dict | None) -> dict:
-    """The export as the splits the dataset repo gets: `test`, the pairs of the prompts the reward model held out
-    (no prompt in both splits, as it split them), and `train`, the rest; all of it `train` when it did not train on
-    this export (`held_out` None) or held none of its prompts out."""
-    test = [held_out is not None and bool(row.get("prompt")) and prompt_key(row, 0) in held_out["prompts"] for row in ds]
+    """The export as the splits the dataset repo gets: `test`, the pairs of the conversations the reward model held out
+    (no prompt, nor conversation, in both splits, as it split them), and `train`, the rest; all of it `train` when it
+    did not train on this export (`held_out` None) or held none of its prompts out."""
+    test = [held_out is not None and bool(row.get("prompt")) and conversation_key(row, 0) in held_out["prompts"]
+            for row in ds]
     if not any(test):
         return {"train": ds}
     return {"train": ds.select([i for i, t in enumerate(test) if not t]),

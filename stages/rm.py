@@ -50,7 +50,7 @@ class RMArgs:
     dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to read (a Hub id's, e.g. train_sft, or a folder's by its files' names)."})
     dataset_mixture: dict = field(default_factory=dict, metadata={
         "help": "Source -> {weight, max_rows}; 'label-export' is this run's labels, when present. JSON on the CLI."})
-    eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt in both halves)."})
+    eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt, nor conversation, in both halves)."})
     margin_scale: float = field(default=0.0, metadata={"help": "0: plain Bradley-Terry; >0: margin = scale x strength."})
     margin_column: str = field(default="strength", metadata={"help": "Label strength column (a number, or slightly/much)."})
     max_prompt_length: int = field(default=64, metadata={

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import jinja2
 
 from pipeline.config import ConfigError, resolve_path
-from pipeline.data import load_any, messages_problem, require_columns, text_problem, train_eval_split
+from pipeline.data import (conversation_root, load_any, messages_problem, require_columns, text_problem,
+                           train_eval_split)
 from pipeline.chat import TEMPLATE_KWARGS
 from pipeline.generation import chat_ids, common_prefix
 from pipeline.run import StageRun, read_manifest, stage_dir
@@ -152,7 +153,8 @@ def to_pairs(ds, source: str, args: RMArgs, counts: dict, source_column: bool = 
         strength = strength_value(row.get(args.margin_column), args.margin_column) if args.margin_scale else 0.0
         # A tie exported in both orders (label-export's is_tie) trains the rewards together; it has no right answer.
         pairs.append({"prompt": ex["prompt"], "chosen": ex["chosen"], "rejected": ex["rejected"], "source": name,
-                      "margin": args.margin_scale * strength, "tie": bool(row.get("is_tie"))})
+                      "margin": args.margin_scale * strength, "tie": bool(row.get("is_tie")),
+                      "implicit_prompt": "prompt" not in given})
     return pairs
 
 
@@ -301,9 +303,40 @@ def weighted(rows: list[dict], weights: dict, seed: int) -> list[dict]:
 
 
 def prompt_key(row: dict, index: int) -> str:
-    """Rows of one prompt share a key (the held-out split, batches by prompt); a row without a prompt (plain-text
-    pairs) is a group of its own."""
+    """Rows of one prompt share a key (batches by prompt); a row without a prompt (plain-text pairs) is a group of its
+    own."""
     return json.dumps(row["prompt"], sort_keys=True) if row.get("prompt") else f"row {index}"
+
+
+def conversation_key(row: dict, index: int) -> str:
+    """The held-out split's key of a pair with a given prompt: its conversation's root (messages up to the first user
+    turn, as SFT splits), so that no held-out pair's reply is continued by a training pair's prompt (OASST's trees hold
+    both). A one-turn prompt's key is its prompt_key."""
+    if isinstance(row.get("prompt"), list):
+        return conversation_root({"messages": row["prompt"]})
+    return prompt_key(row, index)
+
+
+def split_keys(rows: list[dict]) -> list[str]:
+    """Each pair's key for the held-out split: no key lands in both halves. A prompt TRL took from plain text (no
+    prompt column, HH-style `\n\nHuman: ...\n\nAssistant: reply`) is all that both texts share, the first words
+    of the two replies included, so one prompt's pairs got as many keys as their replies have starts. Such a prompt is
+    cut after its last line break, and a key that another starts with takes it in: one prompt's pairs, and a later
+    turn of the same conversation, share the first one's key."""
+    keys = [conversation_key(r, i) for i, r in enumerate(rows)]
+    cut = {}
+    for i, r in enumerate(rows):
+        if r.get("implicit_prompt") and r.get("prompt") and isinstance(r["prompt"], str):
+            head = r["prompt"][: r["prompt"].rfind("\n") + 1]
+            cut[i] = head if head.strip() else r["prompt"]  # a break only at its start would join every prompt
+    root, roots = None, {}
+    for key in sorted(set(cut.values())):  # sorted: the keys starting with a key follow it at once
+        if root is None or not key.startswith(root):
+            root = key
+        roots[key] = root
+    for i, key in cut.items():
+        keys[i] = "implicit " + json.dumps(roots[key])
+    return keys
 
 
 def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
@@ -348,7 +381,7 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
     if not kept:
         raise ConfigError(f"no usable preference pairs in {data_name}: read and dropped {json.dumps(counts)} (equal "
                           f"chosen/rejected, empty responses)")
-    groups = [prompt_key(p, i) for i, p in enumerate(kept)]
+    groups = split_keys(kept)
     index = Dataset.from_dict({"i": list(range(len(kept))), "group": groups})
     train_idx, eval_idx = train_eval_split(index, args.eval_fraction, train_cfg.seed, group_by=lambda r: r["group"])
     eval_rows = [kept[i] for i in eval_idx["i"] if not kept[i]["tie"]] if eval_idx is not None else []

@@ -20,7 +20,8 @@ import torch
 
 from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_assistant_mask
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.data import load_any, load_mixture, messages_problem, own_files, require_columns, train_eval_split
+from pipeline.data import (conversation_root, load_any, load_mixture, messages_problem, own_files, require_columns,
+                           train_eval_split)
 from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import (base_config, check_context, check_training_length, launch_autocast, load_base,
                              load_tokenizer, lora_config, position_limit, profile_from, refuse_tokenizer_options,
@@ -133,16 +134,6 @@ def with_replies(ds, name: str):
         print(f"note: {len(rows) - len(keep)} of {len(rows)} rows of {name} have no assistant reply with text: left out",
               file=sys.stderr)
     return Dataset.from_list(keep)
-
-
-def conversation_root(row: dict) -> str:
-    """What the rows of one conversation tree share: its messages up to the first user turn (OASST holds sibling
-    replies and follow-ups of one root prompt as separate rows), or the row's prompt, or its text."""
-    if isinstance(row.get("messages"), list):
-        msgs = row["messages"]
-        first_user = next((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"), len(msgs) - 1)
-        return json.dumps(msgs[: first_user + 1], sort_keys=True)
-    return json.dumps(row.get("prompt") if row.get("prompt") is not None else row.get("text"), sort_keys=True)
 
 
 def held_out_split(ds, eval_fraction: float, seed: int):

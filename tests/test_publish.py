@@ -1397,3 +1397,22 @@ def test_merged_takes_the_model_profiles_trust_remote_code(custom_code_model, ti
         noted = [line for line in capsys.readouterr().err.splitlines() if "merged/ stores" in line]
         assert noted == ([merged_error_line("ppo", 0.05)] if trusted else []), noted
     assert seen == [("auto", True), ("auto", False)]
+
+
+def test_the_published_test_split_holds_a_held_out_conversations_later_turns():
+    """The reward model holds out whole conversations (rm_data.split_keys): the published `test` split takes every
+    pair whose conversation it held out, a later turn of it that it did not score (a tie) too, not only the prompts
+    it scored. Mutant: the pairs matched by prompt (the second turn would land in `train`, beside its first)."""
+    import datasets
+
+    from stages.publish import as_held_out
+    from stages.rm_data import conversation_key
+
+    q1 = [{"role": "user", "content": "Q1?"}]
+    rows = [{"prompt": q1, "is_tie": False},
+            {"prompt": q1 + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "More?"}], "is_tie": True},
+            {"prompt": [{"role": "user", "content": "Q2?"}], "is_tie": False}]
+    held_out = {"prompts": {conversation_key(rows[0], 0)}}  # it scored Q1's first turn only
+    splits = as_held_out(datasets.Dataset.from_list(rows), held_out)
+    assert [r["prompt"][-1]["content"] for r in splits["test"]] == ["Q1?", "More?"]
+    assert [r["prompt"][-1]["content"] for r in splits["train"]] == ["Q2?"]

@@ -995,6 +995,66 @@ def test_the_held_out_pairs_are_the_eval_fraction_of_the_prompts(tiny_models, tm
     assert len(train_prompts | eval_prompts) == 8 and not train_prompts & eval_prompts
 
 
+def test_split_keys_are_conversations_and_an_implicit_prompts_pairs_share_one():
+    """The held-out split's keys, by hand: a one-turn prompt's key is its prompt_key (the default run's split is
+    unchanged); a later turn of a conversation shares its first turn's key (OASST's trees); the pairs of one HH-style
+    plain-text prompt (no prompt column: TRL's shared start takes in the words both replies begin with) share one key,
+    with a later turn of theirs, and another question keeps its own. Mutants: the prompt's key for a messages prompt;
+    the implicit prompts not cut at their last line break; a key not taken in by the key it starts with."""
+    from stages.rm_data import prompt_key, split_keys
+
+    q1 = [{"role": "user", "content": "Name a fruit."}]
+    q1_turn2 = q1 + [{"role": "assistant", "content": "A pear."}, {"role": "user", "content": "Another?"}]
+    one_turn = [{"prompt": q1}, {"prompt": [{"role": "system", "content": "Be brief."}, *q1]}, {"prompt": "Once upon"}]
+    assert split_keys(one_turn) == [prompt_key(r, i) for i, r in enumerate(one_turn)]
+    keys = split_keys([{"prompt": q1}, {"prompt": q1_turn2}, {"prompt": [{"role": "user", "content": "Name a tree."}]}])
+    assert keys[0] == keys[1] != keys[2]
+    hh = "\n\nHuman: What is 2+2?\n\nAssistant:"
+    implicit = [{"prompt": hh + " The answer is f", "implicit_prompt": True},   # "...four" vs "...five"
+                {"prompt": hh, "implicit_prompt": True},                        # "Four." vs "It is five."
+                {"prompt": hh + " It", "implicit_prompt": True},                # "It is four." vs "It's five."
+                {"prompt": hh + " Four.\n\nHuman: Sure?\n\nAssistant:", "implicit_prompt": True},  # a second turn
+                {"prompt": "\n\nHuman: What is 3+3?\n\nAssistant: Six", "implicit_prompt": True},
+                {"prompt": "\nA lone break first", "implicit_prompt": True}]  # cut to "\n" it would take in all
+    keys = split_keys(implicit)
+    assert len(set(keys[:4])) == 1 and len(set(keys)) == 3
+    assert len({prompt_key(r, i) for i, r in enumerate(implicit)}) == 6  # by prompt: four keys for one question
+
+
+def test_no_conversation_has_pairs_on_both_sides_of_the_held_out_split(tiny_models, tmp_path):
+    """prepare_data on 20 conversations, each with a first-turn pair and a second-turn pair whose prompt continues the
+    first turn's chosen reply, and 20 HH-style questions in plain text with three pairs each whose replies start
+    otherwise: every conversation's pairs land on one side (by prompt, most would be split)."""
+    from stages.rm_data import prepare_data
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    rows = []
+    for i in range(20):
+        q = [{"role": "user", "content": f"Tell me about the number {i}."}]
+        rows.append({"prompt": q, "chosen": [{"role": "assistant", "content": f"It is {i} banana"}],
+                     "rejected": [{"role": "assistant", "content": f"No {i} window"}]})
+        rows.append({"prompt": q + [{"role": "assistant", "content": f"It is {i} banana"},
+                                    {"role": "user", "content": "And then?"}],
+                     "chosen": [{"role": "assistant", "content": "More banana"}],
+                     "rejected": [{"role": "assistant", "content": "More window"}]})
+        hh = f"\n\nHuman: What comes after {i}?\n\nAssistant:"
+        for good, bad in ((" The answer is banana", " The answer is window"), (" Banana", " Window"),
+                          (" It is banana", " It was window")):
+            rows.append({"chosen": hh + good, "rejected": hh + bad})
+    data = write_jsonl(tmp_path / "trees.jsonl", rows)
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_name", str(data),
+                                     "--eval_fraction", "0.25"])
+    train_rows, eval_rows, _, _ = prepare_data(args, train_cfg, None, tok)
+
+    def question(r):  # which of the 40 conversations a pair belongs to
+        text = r["prompt"][0]["content"] if isinstance(r["prompt"], list) else r["prompt"].split("?")[0]
+        return ("tree" if isinstance(r["prompt"], list) else "hh", int("".join(c for c in text if c.isdigit())))
+
+    train_q, eval_q = ({question(r) for r in rows} for rows in (train_rows, eval_rows))
+    assert not train_q & eval_q and len(train_q | eval_q) == 40
+    assert 5 <= len(eval_q) <= 15 and len(train_rows) + len(eval_rows) == 100
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", ["ddp", "fsdp"])
 def test_two_processes_resume_an_interrupted_ensemble_and_end_as_an_uninterrupted_one(launch, tiny_models, marker_data,
