@@ -1019,6 +1019,8 @@ def test_split_keys_are_conversations_and_an_implicit_prompts_pairs_share_one():
     keys = split_keys(implicit)
     assert len(set(keys[:4])) == 1 and len(set(keys)) == 3
     assert len({prompt_key(r, i) for i, r in enumerate(implicit)}) == 6  # by prompt: four keys for one question
+    # no pair's prompt is the bare question, so no key starts another: the cut at the last line break joins them
+    assert len(set(split_keys([implicit[0], implicit[2]]))) == 1
 
 
 def test_no_conversation_has_pairs_on_both_sides_of_the_held_out_split(tiny_models, tmp_path):
