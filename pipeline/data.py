@@ -124,7 +124,7 @@ def load_mixture(sources: list[dict], seed: int):
 
     parts = []
     for src in sources:
-        ds = load_any(src["path"])
+        ds = load_any(src["path"], flag="--dataset_mixture")
         if src.get("max_rows"):
             ds = ds.shuffle(seed=seed).select(range(min(int(src["max_rows"]), len(ds))))
         parts.append(ds)

@@ -70,7 +70,12 @@ def processes_for_all_gpus(config_file: str | Path, count_gpus: Callable[[], int
     path = Path(config_file).resolve()
     if path.parent != SHIPPED_CONFIGS:
         return []
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):  # accelerate_config_problem says what is wrong with it, in one line
+        return []
     if str(config.get("gpu_ids")) != "all" or config.get("num_machines", 1) != 1:
         return []
     gpus = count_gpus()

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import jinja2
 
 from pipeline.config import ConfigError, resolve_path
-from pipeline.data import (conversation_root, load_any, messages_problem, require_columns, text_problem,
-                           train_eval_split)
+from pipeline.data import (check_dataset_exists, conversation_root, load_any, messages_problem, require_columns,
+                           text_problem, train_eval_split)
 from pipeline.chat import TEMPLATE_KWARGS
 from pipeline.generation import chat_ids, common_prefix
 from pipeline.run import StageRun, read_manifest, stage_dir
@@ -50,6 +50,8 @@ def checked_mixture(mixture: dict | str) -> dict:
                              f"number (0 = all)")
         if float((spec or {}).get("weight", 1.0)) < 0:
             raise ValueError(f"dataset_mixture['{key}'] has a negative weight")
+        if key != LABEL_EXPORT:  # at parse, so that `make` says so before the upstream stages train
+            check_dataset_exists(key, "--dataset_mixture")
     return mixture
 
 def is_empty(response) -> bool:
@@ -203,7 +205,7 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int, templated: bool = True)
                                   f"which does not exist: rerun `make label-export RUN={stage.run}`")
         else:
             path, name = key, Path(key).stem if resolve_path(key).exists() else key
-        ds = load_any(path)
+        ds = load_any(path, flag="--dataset_mixture")
         require_columns(ds, ["chosen", "rejected"], path, fix)
         rows = to_pairs(ds, name, args, counts, origin=path, templated=templated)
         if spec.get("max_rows"):

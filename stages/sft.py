@@ -20,8 +20,8 @@ import torch
 
 from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_assistant_mask
 from pipeline.config import ConfigError, RunArgs, parse, to_dict
-from pipeline.data import (conversation_root, load_any, load_mixture, messages_problem, own_files, require_columns,
-                           train_eval_split)
+from pipeline.data import (check_dataset_exists, conversation_root, load_any, load_mixture, messages_problem, own_files,
+                           require_columns, train_eval_split)
 from pipeline.generation import SamplingConfig, encode_prompts, generate
 from pipeline.models import (base_config, check_context, check_training_length, launch_autocast, load_base,
                              load_tokenizer, lora_config, position_limit, profile_from, refuse_tokenizer_options,
@@ -65,6 +65,7 @@ class SFTArgs:
             if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
                 raise ValueError(f"dataset_mixture['{path}'] is {rows!r}: give the rows to take from it, a whole "
                                  f"number (0 = all)")
+            check_dataset_exists(path, "--dataset_mixture")  # at parse: `make` says so before any stage trains
 
 
 def load_data(args: SFTArgs, seed: int):

@@ -1333,6 +1333,11 @@ def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path, monkeyp
     (edited / "multi_gpu.yaml").write_text(shipped.read_text().replace("num_machines: 1\n", "num_machines: 2\n"))
     monkeypatch.setattr(launch_module, "SHIPPED_CONFIGS", edited.resolve())
     assert processes_for_all_gpus(edited / "multi_gpu.yaml", lambda: 2) == []
+    # a shipped file broken (bad YAML, a list, bytes that are not UTF-8): no traceback here, where make's launch asks
+    # first; accelerate_config_problem then says what is wrong in one line (test_an_accelerate_config_accelerate_...)
+    for broken in (b"foo: [1, 2\n", b"- gpu_ids: all\n", b"gpu_ids: \xff\n"):
+        (edited / "broken.yaml").write_bytes(broken)
+        assert processes_for_all_gpus(edited / "broken.yaml", lambda: 2) == []
     import torch
 
     if not torch.cuda.is_available():  # this machine: make's own run of it
@@ -1544,3 +1549,16 @@ def test_bench_estimators_runs_the_seeds_and_runs_folder_make_names(tmp_path):
     assert line.endswith(f"-m bench.estimators --seeds 1 2 --runs_dir {tmp_path}"), line
     res = make("bench-estimators", dry_run=True)
     assert next(x for x in res.stdout.splitlines() if "-m bench.estimators" in x).endswith("--seeds 42 --runs_dir runs")
+
+
+@pytest.mark.parametrize("stage, variable", [("rm", "RM_ARGS"), ("sft", "SFT_ARGS"), ("dpo", "DPO_ARGS")])
+def test_a_missing_file_of_a_dataset_mixture_stops_before_any_stage_runs(stage, variable, tmp_path):
+    """A `--dataset_mixture` naming a file that does not exist passed make's check: `make rm` trained SFT, sampled
+    and labelled pairs, and then the reward model's stage said `--dataset_name`, a flag nobody gave. Mutant: the
+    mixture's files not checked at parse."""
+    mixture = '{"data/preferences/missing.jsonl": ' + ("0}" if stage == "sft" else "{}}")
+    res = make(stage, f"{variable}=--dataset_mixture '{mixture}'", fake=False, runs_dir=tmp_path / "runs", timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and errors[0].endswith(
+        "dataset data/preferences/missing.jsonl does not exist: check the path given to --dataset_mixture"), res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
