@@ -1562,3 +1562,18 @@ def test_a_missing_file_of_a_dataset_mixture_stops_before_any_stage_runs(stage, 
     assert res.returncode == 2 and len(errors) == 1 and errors[0].endswith(
         "dataset data/preferences/missing.jsonl does not exist: check the path given to --dataset_mixture"), res.stderr
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--users_file /nope/users.txt", "/nope/users.txt"),
+    ("--host 0.0.0.0", "0.0.0.0"),
+    ("--guidelines /nope/guidelines.md", "/nope/guidelines.md"),
+])
+def test_make_label_refuses_bad_logins_or_guidelines_before_the_pairs_are_sampled(flags, message, tmp_path):
+    """`make label` with a users file that does not exist, a public host without logins or no guidelines file trained
+    SFT and sampled the pairs (minutes) before the app said so. make's check now asks the labeling stage first: one
+    error line naming the flag's value, exit 2, nothing written. Mutant: stages.label without check_args."""
+    res = make("label", f"ARGS={flags}", fake=False, runs_dir=tmp_path / "runs", timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1 and message in errors[0], res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()

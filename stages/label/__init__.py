@@ -8,3 +8,12 @@ def CONFIG_CLASSES():
     from .config import ExportArgs, LabelArgs
 
     return (LabelArgs, ExportArgs, RunArgs)
+
+
+def check_args(args, export, run) -> None:
+    """What `make label` refuses before the stages it needs (sampling the pairs: SFT first, minutes): the logins, the
+    host they guard, the guidelines. The app checks them again as it starts (`python -m stages.label` alone)."""
+    from .config import check_exposure, load_users, read_guidelines
+
+    check_exposure(args.host, load_users(args.users_file))
+    read_guidelines(args.guidelines)
