@@ -1517,6 +1517,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      '            pass', "tests/test_make.py -k 'missing_file_of_a_dataset_mixture and rm'"),
     ('sft-mixture-files-unchecked-at-parse', 'stages/sft.py', '            check_dataset_exists(path, "--dataset_mixture")',
      '            pass', "tests/test_make.py -k 'missing_file_of_a_dataset_mixture and sft'"),
+    ('label-no-check-before-the-chain', 'stages/label/__init__.py', 'def check_args(args, export, run) -> None:',
+     'def _check_args(args, export, run) -> None:', 'tests/test_make.py -k bad_logins_or_guidelines'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
