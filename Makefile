@@ -116,7 +116,11 @@ stage_names := $(foreach s,$(STAGES),$(firstword $(subst :, ,$(s))))
 # `make eval` or `make publish` brings the run's RL policies up to date first (PPO when it has none: the eval rule
 # below), under the same ACCELERATE_CONFIG: they are checked too.
 RL_OF_RUN := $(foreach s,ppo grpo rloo reinforce_pp,$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s)))
-RL_FOR_EVAL := $(if $(filter eval publish,$(NAMED)),$(or $(strip $(RL_OF_RUN) $(filter ppo grpo rloo reinforce_pp,$(NAMED))),ppo))
+# `make publish ARGS="--policy grpo"` publishes a policy the run may not have yet: it is brought up to date (eval compares
+# it) as a named stage is; it had run the chain to PPO's eval and then refused.
+word_after = $(if $(word 2,$(2)),$(if $(filter $(1),$(firstword $(2))),$(word 2,$(2)),$(call word_after,$(1),$(wordlist 2,$(words $(2)),$(2)))))
+PUBLISH_POLICY := $(if $(filter publish,$(NAMED)),$(lastword $(call word_after,--policy,$(ARGS)) $(patsubst --policy=%,%,$(filter --policy=%,$(ARGS)))))
+RL_FOR_EVAL := $(if $(filter eval publish,$(NAMED)),$(or $(strip $(RL_OF_RUN) $(filter ppo grpo rloo reinforce_pp,$(NAMED) $(PUBLISH_POLICY))),ppo))
 CHECKED := $(foreach s,$(stage_names),$(if $(or $(filter $(s),$(NAMED) $(RL_FOR_EVAL)),$(strip $(call stage_args,$(s)))),$(s)))
 ifneq (,$(and $(CHECKED),$(wildcard $(PY))))
 checked := $(shell PIPELINE_ACCELERATE_CONFIG=$(ACCELERATE_CONFIG) $(PY) -m pipeline.launch --check $(foreach s,$(CHECKED),:: $(s) $(call stage_opts,$(s)) $(call stage_args,$(s))))
@@ -234,7 +238,7 @@ labels: $(if $(OWN_PAIRS_FILE),,pairs)
 # set aside: a run with no RL policy (none, or DPO alone) trains PPO first. It scores with the reward models too, which
 # every RL stage brings up to date first (a DPO-only run had not). A policy stage named beside eval (`make grpo eval`
 # on a fresh run) is one it evaluates, and PPO is then not trained.
-EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(or $(wildcard $(RUNDIR)/$(s)/manifest.json),$(filter $(s),$(MAKECMDGOALS))),$(s))))
+EVAL_POLICIES := $(strip $(foreach s,ppo grpo rloo reinforce_pp dpo,$(if $(or $(wildcard $(RUNDIR)/$(s)/manifest.json),$(filter $(s),$(MAKECMDGOALS) $(PUBLISH_POLICY))),$(s))))
 eval: $(if $(filter-out dpo,$(EVAL_POLICIES)),,ppo) $(EVAL_POLICIES)
 	$(call stage,eval)
 

@@ -95,6 +95,16 @@ def test_eval_depends_on_the_policies_the_run_has(tmp_path):
         "sft", "rm", "grpo", "reinforce_pp", "dpo", "eval"]
 
 
+def test_publish_brings_the_policy_it_publishes_up_to_date(tmp_path):
+    """`make publish ARGS="--policy grpo"` on a run without GRPO trained SFT, the reward models, PPO and eval, and
+    then refused (no grpo stage): the policy it names is brought up to date and evaluated, as a named stage is, in
+    either form of the flag; without --policy, PPO. Mutant: the policy's flag not read."""
+    for flags, rl in (("--policy grpo", "grpo"), ("--dry-run --policy=rloo", "rloo"), ("--dry-run", "ppo")):
+        res = make("publish", f"ARGS={flags}", "REPO=me/x", dry_run=True, fake=False, runs_dir=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert list(launches(res.stdout)) == ["sft", "pairs", "rm", rl, "eval"], res.stdout
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
 def test_each_critic_free_estimator_has_a_target_with_its_own_config_and_args(estimator):
     """`make grpo|rloo|reinforce_pp`: the RL loop (stages.ppo) with configs/<estimator>.yaml, whose estimator is the
