@@ -1519,6 +1519,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      '            pass', "tests/test_make.py -k 'missing_file_of_a_dataset_mixture and sft'"),
     ('label-no-check-before-the-chain', 'stages/label/__init__.py', 'def check_args(args, export, run) -> None:',
      'def _check_args(args, export, run) -> None:', 'tests/test_make.py -k bad_logins_or_guidelines'),
+    ('make-publish-policy-not-brought-up', 'Makefile', '$(filter $(s),$(MAKECMDGOALS) $(PUBLISH_POLICY))),$(s))))',
+     '$(filter $(s),$(MAKECMDGOALS))),$(s))))', 'tests/test_make.py -k publish_brings_the_policy'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
