@@ -700,7 +700,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('publish-reward-from-the-rm-stage', 'stages/publish.py', 'return {"reward": str(resolve_path(given))} if given else reward_members(rm)[0]', 'return reward_members(rm)[0]', 'tests/test_eval_publish_guards.py -k proxy_is_the'),
     ('publish-card-reward-from-the-rm-stage', 'stages/publish_card.py', '    given = given_reward(manifests[args.policy])', '    given = None', 'tests/test_eval_publish_guards.py -k proxy_is_the'),
     ('make-runs-dir-unchecked', 'Makefile', '$(if $(RUNS_DIR_PROBLEM),$(call refuse', '$(if ,$(call refuse', 'tests/test_make.py -k runs_dir_the_shell'),
-    ('make-eval-ignores-named-policies', 'Makefile', '$(if $(or $(wildcard $(RUNDIR)/$(s)/manifest.json),$(filter $(s),$(MAKECMDGOALS))),$(s))', '$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))', 'tests/test_make.py -k depends_on_the_policies'),
+    ('make-eval-ignores-named-policies', 'Makefile', '$(if $(or $(wildcard $(RUNDIR)/$(s)/manifest.json),$(filter $(s),$(MAKECMDGOALS) $(PUBLISH_POLICY))),$(s))', '$(if $(wildcard $(RUNDIR)/$(s)/manifest.json),$(s))', 'tests/test_make.py -k depends_on_the_policies'),
     ('make-cpu-count-from-omp', 'Makefile', 'env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc', 'nproc', 'tests/test_make.py -k threads_per_process'),
     ('make-sampling-ignores-caller-threads', 'Makefile', 'SAMPLING_CORES := $(if $(THREADS_FROM_CALLER),$(OMP_NUM_THREADS),$(CPU_COUNT))', 'SAMPLING_CORES := $(CPU_COUNT)', 'tests/test_make.py -k sampling_runs'),
     ('eval-agreement-same-reply-counted', 'stages/eval_ppo.py', 'gold_b, same) if ga != gb and not t]', 'gold_b, same) if ga != gb]', 'tests/test_eval.py -k "gold_agreement_by_hand or same_reply"'),
