@@ -102,6 +102,9 @@ STAGES := sft:sft:sft:SFT_ARGS:model pairs:pairs:pairs:PAIRS_ARGS:model simulate
 	label:label:label:-:- label-export:label.export:label:-:- publish:publish:publish:PUBLISH_REPO:-
 PUBLISH_REPO = $(if $(and $(REPO),$(filter publish,$(NAMED))),--repo_id $(REPO))
 $(if $(filter-out 0 1,$(words $(REPO))),$(call refuse,REPO=$(REPO) is not one word: give the Hub repo id as user/name))
+# REPO, MODEL and ACCELERATE_CONFIG go into the shell lines too, as RUN does: letters digits . _ - / only (REPO='me/x;cmd'
+# ran cmd, even under make -n, and its exit status answered make's check).
+$(foreach v,REPO MODEL ACCELERATE_CONFIG,$(if $(call drop_chars,$($(v)),$(RUN_CHARS) /),$(call refuse,$(v)=$($(v)) holds other characters than letters digits . _ - /: $(if $(filter REPO,$(v)),give the Hub repo id as user/name,give the path of a file of such a name))))
 stage_field = $(word $(2),$(subst :, ,$(filter $(1):%,$(STAGES))))
 # What a stage is given: its module, config, MODEL_ARG where it takes one, its own variable and ARGS when named.
 stage_opts = -m $(STAGE_PKG).$(call stage_field,$(1),2) --config $(call cfg,$(call stage_field,$(1),3)) --run $(RUN) \

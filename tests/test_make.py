@@ -1109,6 +1109,19 @@ def test_a_runs_dir_the_shell_would_read_is_refused(runs_dir, problem, target):
     assert make("clean-run", "RUNS_DIR=/tmp/a-b_c.d/runs", dry_run=True).returncode == 0
 
 
+@pytest.mark.parametrize("variable, value", [("REPO", "me/x;touch_escape"), ("MODEL", "configs/models/x.yaml|cat"),
+                                             ("ACCELERATE_CONFIG", "configs/accelerate/cpu.yaml;touch_escape")])
+def test_a_repo_model_or_accelerate_config_the_shell_would_read_is_refused(variable, value, tmp_path):
+    """REPO, MODEL and ACCELERATE_CONFIG go into the recipe lines unquoted: REPO='me/x;cmd' ran cmd (under make -n
+    too, whose check its exit status then answered). One error line, exit 2, nothing run. Mutant: none checked."""
+    res = make("publish", f"{variable}={value}", "ARGS=--dry-run", dry_run=True, runs_dir=tmp_path / "runs")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and errors == [f"error: {variable}={value} holds other characters than letters digits . "
+                                              f"_ - /: " + ("give the Hub repo id as user/name" if variable == "REPO" else
+                                                            "give the path of a file of such a name")], res.stderr
+    assert not (REPO / "touch_escape").exists() and not (tmp_path / "runs").exists()
+
+
 def test_clean_run_deletes_the_run_folder_and_nothing_beside_it(tmp_path):
     """`make clean-run` deletes RUNS_DIR/RUN (README, *Configuration*): the run's folder, not its neighbours."""
     runs = tmp_path / "runs"
