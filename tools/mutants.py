@@ -1521,6 +1521,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      'def _check_args(args, export, run) -> None:', 'tests/test_make.py -k bad_logins_or_guidelines'),
     ('make-publish-policy-not-brought-up', 'Makefile', '$(filter $(s),$(MAKECMDGOALS) $(PUBLISH_POLICY))),$(s))))',
      '$(filter $(s),$(MAKECMDGOALS))),$(s))))', 'tests/test_make.py -k publish_brings_the_policy'),
+    ('make-repo-model-accelerate-unchecked', 'Makefile', '$(foreach v,REPO MODEL ACCELERATE_CONFIG,$(if $(call drop_chars',
+     '$(foreach v,,$(if $(call drop_chars', 'tests/test_make.py -k repo_model_or_accelerate_config'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
