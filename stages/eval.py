@@ -243,6 +243,21 @@ def optimised_reward(rm: dict, trained: dict[str, dict]) -> tuple[dict, list, st
     return (*reward_members(rm), None)
 
 
+def started_from(sft: dict, trained: dict[str, dict], policies: dict) -> tuple[str, str | None]:
+    """The SFT policy the run's policies started from, which eval compares them with (win rates, KL to the reference):
+    the sft stage's adapter, or the `sft_adapter` the RL stages were given instead. Returns (that adapter, the given
+    one or None). Policies that started from different SFT policies (DPO starts from the sft stage's) cannot share one
+    baseline: refused."""
+    given = {name: cfg.get("sft_adapter") or None for name, cfg in trained.items()}
+    given.update({name: None for name in policies if name not in trained})  # DPO: the run's own SFT
+    if len({*given.values()}) > 1:
+        raise ConfigError("the run's policies started from different SFT adapters ("
+                          + ", ".join(f"{n}: {a or 'the sft stage'}" for n, a in given.items()) + "): eval compares "
+                          "them all with one, so evaluate them in separate runs, or retrain them from the same one")
+    adapter = next(iter(given.values()), None)
+    return (str(resolve_path(adapter)), adapter) if adapter else (sft["outputs"]["adapter"], None)
+
+
 def load_gold_judge(args: EvalArgs, rm: dict, trained_configs: list[dict], prompts: list):
     """The configured gold judge, refusing the reward model any RL stage optimised, tried on two rows so that a judge
     that fails says so before anything is written. None without one."""
@@ -274,7 +289,8 @@ def render_markdown(report: dict, n_rows: int) -> str:
              + (f" (the mean of its {report['reward_models']} members' standardised scores, as PPO was rewarded)"
                 if report.get("reward_models", 1) > 1 else "")
              + (", each summing its head over the reply's tokens (pooling `sum`)" if report.get("reward_pooling") == "sum" else "")
-             + ".", ""]
+             + "." + (f" SFT here is the adapter the RL stages started from, given as `sft_adapter` "
+                      f"(`{report['sft_adapter']}`), not the run's sft stage." if report.get("sft_adapter") else ""), ""]
     if report["sampling"]["temperature"] == 0:
         lines += [GREEDY_KL_NOTE, ""]
     lines += comparison_markdown(report["comparison"])
@@ -351,6 +367,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     ppo = policies.get("ppo")
     trained = {n: (m.get("config") or {}).get("ppo", {}) for n, m in policies.items() if n in RL_STAGES}
     rewards, reward_stats, reward_adapter = optimised_reward(rm, trained)  # what the RL stages optimised: eval's proxy
+    sft_adapter, sft_given = started_from(sft, trained, policies)  # eval's SFT: what the policies started from
     for name, cfg in trained.items():
         for ours, theirs in (("max_new_tokens", "response_length"), ("temperature", "temperature")):
             if theirs in cfg and cfg[theirs] != getattr(sampling, ours) and state.is_main_process:
@@ -368,7 +385,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     #    under the FSDP config), on this process's accelerator. Every rank takes part from here: the batches of
     #    generation, scoring and KL are spread over the ranks.
     adapters = {name: m["outputs"]["adapter"] for name, m in policies.items()}
-    stack = AdapterStack.build(profile, tokenizer, {**adapters, "sft": sft["outputs"]["adapter"], **rewards},
+    stack = AdapterStack.build(profile, tokenizer, {**adapters, "sft": sft_adapter, **rewards},
                                base_model=load_base(profile, tokenizer, shard=shard))
     stack.add_ensemble("reward", list(rewards), reward_stats)
     to_device(stack.model, state.device)
@@ -413,6 +430,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         gold = {n: judge_scores(judge, prompts, ro[n]["texts"], args.gold_batch_size) for n in ro} if judge is not None else None
         report = {"run": run.run, "seed": args.seed, "sampling": to_dict(sampling), "reward_models": len(rewards),
                   "reward_adapter": reward_adapter,
+                  "sft_adapter": sft_given,
                   "reward_pooling": stack.pooling["reward"]}
         figures, plots, outputs = {}, {}, {}
         if ppo:

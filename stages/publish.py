@@ -39,7 +39,7 @@ from pipeline.run import StageRun, main_guard, manifest_digest, read_manifest, s
 from stages.eval_compare import POLICY_STAGES, policy_method
 from stages.rm_data import LABEL_EXPORT, conversation_key
 from stages.publish_card import (ENSEMBLE_FILE, base_license, card_license, check_card, data_files_used, data_sources,
-                                 dataset_license, fmt, given_reward, hub_base, labeled_prompts, model_card,
+                                 dataset_license, fmt, given_reward, given_sft, hub_base, labeled_prompts, model_card,
                                  prompts_source, public_judge, ships_base, upstream_read)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
@@ -470,6 +470,10 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     # Every upstream output the folder is built from, before the last publish folder is deleted
     needed = [(args.policy, policy["outputs"]["adapter"]), ("sft", sft["outputs"]["adapter"]),
               ("eval", ev["outputs"]["report"]), ("eval", Path(ev["outputs"]["report"]).with_suffix(".json"))]
+    if args.include_sft and given_sft(policy):  # sft/ would be the run's SFT, which this policy did not start from
+        raise ConfigError(f"the {args.policy} stage of run '{run.run}' started from the SFT adapter it was given "
+                          f"(sft_adapter: {given_sft(policy)}), not the run's: publish without --include_sft (the card "
+                          f"names that adapter)")
     given = given_reward(policy)
     rewards = published_rewards(rm, given) if args.include_reward else {}
     if given and args.include_reward and not resolve_path(given).exists():

@@ -354,6 +354,12 @@ def reward_window(trained: dict) -> str:
     return f"means of the first and last {w} update{'' if w == 1 else 's'}"
 
 
+def given_sft(policy: dict) -> str | None:
+    """The SFT adapter an RL stage started from instead of the run's sft stage's (`sft_adapter:` in configs/ppo.yaml),
+    from its manifest's config, as eval takes it: the policy's reference."""
+    return ((policy.get("config") or {}).get("ppo") or {}).get("sft_adapter") or None
+
+
 def given_reward(policy: dict) -> str | None:
     """The reward model an RL stage was given instead of the rm stage's (`reward_adapter:` in configs/ppo.yaml), from
     its manifest's config, as eval takes it: what the policy optimised."""
@@ -474,6 +480,10 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines += [reward_use(manifests["rm"], given, extras, method), ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
     for stage in ("sft", args.policy) if method == "dpo" or given else ("sft", "rm", args.policy):
+        if stage == "sft" and given_sft(manifests[args.policy]):
+            lines.append(f"| sft | given as `sft_adapter` (`{Path(given_sft(manifests[args.policy])).name}`): trained "
+                         f"outside this run |")
+            continue
         hp = hyperparameters(manifests[stage])
         lines.append(f"| {stage} | " + ("; ".join(f"`{k}`={fmt(v)}" for k, v in hp.items()).replace("|", "\\|") or "defaults") + " |")
     summary = (f"DPO: held-out preference accuracy {fmt(trained.get('eval_accuracy'))}." if method == "dpo" else

@@ -205,6 +205,19 @@ def test_optimised_reward_refuses_stages_rewarded_by_different_models(tmp_path):
     assert adapter == given and stats == [(0.0, 1.0)] and list(adapters) == ["reward"]
 
 
+def test_started_from_is_the_given_sft_adapter_or_the_sft_stages_and_one_for_every_policy(tmp_path):
+    """eval's SFT baseline: the sft stage's adapter, or the `sft_adapter` every RL stage was given; DPO starts from the
+    sft stage's, so a DPO policy beside an RL stage given another SFT is refused, as two RL stages given two are."""
+    from stages.eval import started_from
+
+    sft, own = {"outputs": {"adapter": "runs/t/sft/adapter"}}, str(tmp_path / "my_sft")
+    assert started_from(sft, {"ppo": {}}, {"ppo": {}, "dpo": {}}) == ("runs/t/sft/adapter", None)
+    assert started_from(sft, {"ppo": {"sft_adapter": own}, "grpo": {"sft_adapter": own}}, {"ppo": {}, "grpo": {}}) == (
+        own, own)
+    with pytest.raises(ConfigError, match=r"different SFT adapters \(ppo: .*my_sft, dpo: the sft stage\)"):
+        started_from(sft, {"ppo": {"sft_adapter": own}}, {"ppo": {}, "dpo": {}})
+
+
 def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
     """human_pairs.jsonl goes into the labeling stage's real store; the labels come back as a win rate."""
     from stages.eval_ppo import human_win_rate

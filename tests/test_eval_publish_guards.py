@@ -124,6 +124,44 @@ def test_proxy_is_the_reward_model_ppo_optimised(tmp_path, tiny_models):
         main(*eval_args(runs, profile, "--gold_judge", ""))
 
 
+def test_the_sft_a_policy_started_from_is_evals_sft(tmp_path, tiny_models):
+    """PPO trained from `sft_adapter: <an adapter of your own>` was compared with the run's sft stage (win rates, KL
+    to the reference). eval's SFT is now the adapter it started from: here the PPO adapter's own copy, so every
+    reply is the same and its KL 0. report.md says so; publish refuses --include_sft (sft/ would be the run's SFT) and
+    its card names the given adapter; a GRPO stage from the run's SFT beside it cannot share one baseline. Mutants:
+    eval's SFT the sft stage's; the DPO/other stages' own SFT not counted; publish's sft/ of the run."""
+    from pipeline.config import RunArgs
+    from stages.eval import main
+    from stages.publish import PublishArgs
+    from stages.publish import main as publish
+    from tests.fake_upstream import add_policy_stage
+
+    profile = tiny_models["llama"]
+    runs = build_upstream(tmp_path / "runs", profile)
+    own = tmp_path / "my_sft" / "adapter"
+    shutil.copytree(runs / "t" / "ppo" / "adapter", own)
+    path = runs / "t" / "ppo" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["config"]["ppo"]["sft_adapter"] = str(own)
+    path.write_text(json.dumps(m))
+    main(*eval_args(runs, profile, "--gold_judge", ""))
+    report = json.loads((runs / "t" / "eval" / "report.json").read_text())
+    assert report["sft_adapter"] == str(own)
+    assert all(x["sft"] == x["ppo"] for x in report["samples"]) and report["figures"]["kl_mean"] == pytest.approx(0, abs=1e-5)
+    assert f"SFT here is the adapter the RL stages started from, given as `sft_adapter` (`{own}`)" in (
+        runs / "t" / "eval" / "report.md").read_text()
+    with pytest.raises(ConfigError, match=r"started from the SFT adapter it was given \(sft_adapter: .*my_sft/adapter\), "
+                                          r"not the run's: publish without --include_sft"):
+        publish(PublishArgs(dry_run=True, include_sft=True), RunArgs(run="t", runs_dir=str(runs)))
+    publish(PublishArgs(dry_run=True), RunArgs(run="t", runs_dir=str(runs)))
+    card = (runs / "t" / "publish" / "model" / "README.md").read_text()
+    assert "| sft | given as `sft_adapter` (`adapter`): trained outside this run |" in card
+    add_policy_stage(runs, profile, "grpo", seed=6)
+    with pytest.raises(ConfigError, match=r"started from different SFT adapters \(ppo: .*my_sft/adapter, grpo: the sft "
+                                          r"stage\)"):
+        main(*eval_args(runs, profile, "--gold_judge", ""))
+
+
 def test_card_of_a_flagged_non_ppo_policy_warns(tmp_path):
     """eval flags grpo (flagged_policies, its over-optimisation/KL/length signs); the card for --policy grpo says
     nothing, where a flagged PPO's card carries a warning."""
