@@ -77,8 +77,15 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
         offline = "Offline" in type(err).__name__ or "offline" in str(err).lower() or isinstance(err, ConnectionError)
         fix = (": no Hub access here (offline, or no network): download it where there is (`hf download "
                f"{name_or_path} --repo-type dataset --local-dir DIR`) and give DIR" if offline else "")
-        raise ConfigError(f"could not load dataset '{name_or_path}': {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}{fix}") from None
+        # datasets' DatasetGenerationError says only "An error occurred while generating the dataset": the reason
+        # (the JSON parser's "... in row 4") is its cause
+        cause = err.__cause__ if type(err).__name__ == "DatasetGenerationError" and err.__cause__ else None
+        why = "; ".join(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in (err, cause) if e)
+        raise ConfigError(f"could not load dataset '{name_or_path}': {why}{fix}") from None
+
+
+# The split names the Hub's file-name rules know (datasets.data_files.SPLIT_KEYWORDS): train, test, validation, ...
+HUB_SPLIT_NAMES = {"train", "training", "validation", "valid", "dev", "val", "test", "testing", "eval", "evaluation"}
 
 
 def split_files(folder: Path, split: str, pick: str = "pick one with --dataset_split") -> list[Path]:
@@ -92,7 +99,8 @@ def split_files(folder: Path, split: str, pick: str = "pick one with --dataset_s
         raise ConfigError(f"dataset folder {folder} holds no .jsonl/.json/.parquet/.csv files and no saved dataset")
     by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
     files = [Path(f) for f in by_split.get(split, []) if Path(f).suffix in SUFFIX_TO_BUILDER]
-    if not files:  # a split the Hub's rules do not name (train_sft.jsonl): the files named after it
+    if not files and split not in HUB_SPLIT_NAMES:  # a split the Hub's rules do not name (train_sft.jsonl): the files
+        # named after it. Not for one they do: `train` would take train_sft, train_gen and train_prefs of a download.
         files = [f for f in data if re.match(rf"{re.escape(split)}([-._ 0-9]|$)", f.stem)]
     if not files:
         raise ConfigError(f"dataset folder {folder} has files of the splits {sorted(map(str, by_split))}, none of "

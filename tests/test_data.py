@@ -163,6 +163,17 @@ def test_a_dataset_folder_reads_its_train_split_by_the_hubs_file_names(tmp_path)
         load_any(str(tmp_path / "saved"), "test")
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"x": [10]})}).save_to_disk(str(tmp_path / "saved_dict"))
     assert load_any(str(tmp_path / "saved_dict"), "test")["x"] == [10]
+    # a download of a dataset with splits the Hub's rules do not name (ultrafeedback_binarized: train_prefs,
+    # train_sft, ...): `train` read all three as one; no train split is the missing split's error, a named one is read
+    for name, xs in (("train_prefs", [11]), ("train_sft", [12]), ("train_gen", [13])):
+        write(tmp_path / "many" / "data" / f"{name}-00000-of-00001.jsonl", xs)
+    with pytest.raises(ConfigError, match=r"none of 'train': name its files by split"):
+        load_any(str(tmp_path / "many"))
+    assert load_any(str(tmp_path / "many"), "train_sft")["x"] == [12]
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    from pipeline.data import HUB_SPLIT_NAMES
+    assert HUB_SPLIT_NAMES == {name for names in SPLIT_KEYWORDS.values() for name in names}  # datasets' own list
     write(tmp_path / "mixed" / "a.jsonl", [7])
     (tmp_path / "mixed" / "b.csv").write_text("x\n8\n")
     with pytest.raises(ConfigError, match="mixes csv and json files in its 'train' split: keep one format"):
@@ -263,3 +274,17 @@ def test_a_missing_split_and_an_offline_hub_id_say_the_fix(tmp_path):
     assert res.stdout.startswith("ConfigError could not load dataset 'someone/no-such-data'"), res.stdout + res.stderr
     assert "download it where there is (`hf download someone/no-such-data --repo-type dataset --local-dir DIR`)" \
         in res.stdout
+
+
+def test_a_json_file_datasets_cannot_parse_says_why(tmp_path):
+    """A .json file in JSON Lines form with a broken line: datasets raised DatasetGenerationError("An error occurred
+    while generating the dataset"), the parser's reason ("... in row 2") only in its cause, which the error dropped.
+    Mutant: the cause not shown."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_any
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1}\n{"a": 2}\n{"a": 3\n{"a": 4}\n')
+    with pytest.raises(ConfigError, match=rf"^could not load dataset '{bad}': DatasetGenerationError: An error occurred "
+                                          r"while generating the dataset; ArrowInvalid: JSON parse error: .* in row 2$"):
+        load_any(str(bad))
