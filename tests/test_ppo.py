@@ -761,18 +761,38 @@ def test_the_critic_fit_targets_the_returns_at_the_configured_gamma(tiny_models,
 
 def test_critic_warmup_trains_only_the_value(tiny_models, adapters, prompts_file, tmp_path):
     """A warm-up update trains the value adapter alone, and logs the policy's statistics as null, the KL loss term's
-    too (docs/CONTRACTS.md: a statistic that does not apply is null, not a 0.0 nobody computed)."""
+    and the entropy bonus's too (docs/CONTRACTS.md: a statistic that does not apply is null, not a 0.0 nobody computed
+    nor a missing key)."""
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--critic_warmup_updates", "1", "--use_kl_loss",
-                       "true")
+                       "true", "--entropy_coef", "0.01")
     policy0 = [p.detach().clone() for _, p in trainer.named_params["policy"]]
     value0 = [p.detach().clone() for _, p in trainer.named_params["value"]]
     metrics, _ = trainer.step()
     assert metrics["policy_loss"] is None and metrics["kl_loss"] is None and math.isfinite(metrics["value_loss"])
+    assert "entropy_update" in metrics and metrics["entropy_update"] is None
     assert all(torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
     assert any(not torch.equal(a, p) for a, (_, p) in zip(value0, trainer.named_params["value"]))
     metrics, _ = trainer.step()
     assert any(not torch.equal(a, p) for a, (_, p) in zip(policy0, trainer.named_params["policy"]))
-    assert math.isfinite(metrics["policy_loss"]) and math.isfinite(metrics["kl_loss"])
+    assert math.isfinite(metrics["policy_loss"]) and math.isfinite(metrics["kl_loss"]) and metrics["entropy_update"] > 0
+
+
+def test_a_reward_that_is_not_finite_stops_the_update_before_the_adapters_step(tiny_models, adapters, prompts_file,
+                                                                              tmp_path):
+    """A NaN score (a broken reward model, an fp16 overflow, your function) went into the advantages, the update stepped
+    every adapter on it, and the run then died in the progress bar's format of the NaN's metrics. Now one ConfigError
+    naming the update and the count, and no parameter moved. Mutant: the check skipped."""
+    def one_nan(prompts, ids, mask, texts):
+        scores = varied_reward(prompts, ids, mask, texts)
+        scores[1] = float("nan")
+        return scores
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, reward_fn=one_nan)
+    before = _flat(p for _, p in trainer.named_params["policy"])
+    with pytest.raises(ConfigError, match=rf"the reward gave 1 of the {trainer.cfg.local_batch_size} responses of "
+                                          r"update 1 a score that is not a finite number"):
+        trainer.step()
+    assert torch.equal(before, _flat(p for _, p in trainer.named_params["policy"]))
 
 
 def test_critic_warmup_holds_the_policys_lr_schedule_and_kl_controller_until_the_policy_trains(
@@ -1081,6 +1101,9 @@ def test_a_log_line_cut_by_a_kill_does_not_stop_the_resume(tiny_models, adapters
     with pytest.raises(ConfigError, match="metrics.jsonl line 2 is not JSON"):
         run_ppo(*args, "--resume")
     assert manifest.is_file()
+    # the error's other fix, a fresh start, reads no earlier line: it refused too, once the checkpoints were gone
+    run_ppo(*args, "--auto_resume", "false")
+    assert [r["update"] for r in read_metrics(runs_dir, "torn")] == [1, 2, 3]
 
 
 def test_killed_after_the_last_checkpoint_writes_outputs_without_retraining(tiny_models, adapters, prompts_file,

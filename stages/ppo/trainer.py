@@ -393,8 +393,8 @@ class PPOTrainer:
                "grad_norm": grad_norm / n_steps}
         if cfg.use_kl_loss:
             out["kl_loss"] = total["kl_loss"] / n_steps if train_policy else None  # a critic warm-up computes none
-        if cfg.entropy_coef and train_policy:
-            out["entropy_update"] = total["entropy_update"] / tokens
+        if cfg.entropy_coef:
+            out["entropy_update"] = total["entropy_update"] / tokens if train_policy else None
         return out
 
     def step(self) -> tuple[dict, Rollout]:
@@ -408,6 +408,11 @@ class PPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         ro = self.rollout()
+        bad = int(self._all_sum((~torch.isfinite(ro.scores_raw)).sum().double()))  # every rank stops, or none
+        if bad:  # before the adapters step on it: a NaN spreads through every advantage and weight
+            raise ConfigError(f"the reward gave {bad} of the {cfg.local_batch_size * self.world} responses of update "
+                              f"{self.update + 1} a score that is not a finite number (nan or inf): check the reward "
+                              f"model (or your reward function) on them, and its precision (an fp16 overflow)")
         t_score0 = time.perf_counter()
         adv, returns, stats = self._advantages(ro)
         time_score = ro.time_score_s + (time.perf_counter() - t_score0)
@@ -481,10 +486,11 @@ class PPOTrainer:
     def _open_logs(self) -> None:
         if not self.is_main:
             return
-        # Keep the lines of updates we resumed past; a killed run may have logged beyond its last checkpoint.
+        # Keep the lines of updates we resumed past; a killed run may have logged beyond its last checkpoint. A fresh
+        # start keeps none, and reads none: an earlier run's damaged line would refuse it (its checkpoints already gone).
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
-                rows = [r for r in logged_rows(path) if r["update"] <= self.update]
+                rows = [r for r in logged_rows(path) if r["update"] <= self.update] if self.update else []
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # a kill now loses no line
         if self.metrics_path.exists():
             self.history = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]
