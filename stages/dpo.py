@@ -38,7 +38,7 @@ from pipeline.run import StageRun, main_guard
 from pipeline.sharding import is_sharded, sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
-from stages.rm_data import checked_mixture, data_record, longest_pair, prepare_data
+from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
 from stages.rm_scoring import heldout_metrics
 
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
@@ -66,6 +66,7 @@ class DPOArgs:
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)  # the reward model's rules: one error at parse
+        check_eval_fraction(self.eval_fraction)
         if not resolve_path(self.rm_config).is_file():  # read for its max_prompt_length and mixture
             raise ValueError(f"rm_config {self.rm_config} does not exist: give the recipe's reward-model config (its "
                              f"max_prompt_length cuts DPO's pairs, its dataset_mixture is DPO's data unless "

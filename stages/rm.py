@@ -37,7 +37,7 @@ from pipeline.run import StageRun, end_with_launcher, main_guard
 from pipeline.sharding import sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
-from stages.rm_data import checked_mixture, data_record, longest_pair, prepare_data
+from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
 from stages.rm_scoring import (check_reload, check_reload_sharded, heldout_metrics, pair_scores, reload_scores,
                                require_saved_head)
 
@@ -93,6 +93,7 @@ class RMArgs:
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)
+        check_eval_fraction(self.eval_fraction)
         if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1:
             raise ValueError("min_steps, max_epochs and evals must be positive")
         if self.ensemble < 1:

@@ -29,6 +29,14 @@ STRENGTH_WORDS = {"much": 1.0, "significantly": 1.0, "better": 2 / 3, "slightly"
                   "negligibly": 0.0, "unsure": 0.0}
 
 
+def check_eval_fraction(eval_fraction: float) -> None:
+    """The reward model and DPO measure themselves on held-out prompts (the reward model's also give PPO its reward's
+    mean and std): a share of them above 0 and below 1. 0 was refused only after loading, as "too few prompts"."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction {eval_fraction} must be above 0 and below 1: the held-out prompts' pairs are "
+                         f"what the stage is measured on (0.2 by default)")
+
+
 def checked_mixture(mixture: dict | str) -> dict:
     """dataset_mixture (a dict, or JSON from the command line) with only known keys and no negative weight; a
     ValueError the argument parser turns into one line naming the flag or the YAML key. DPO shares it."""

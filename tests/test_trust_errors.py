@@ -162,6 +162,10 @@ CASES = [
     ("rm-lr-0", "stages.rm", RM + ["--learning_rate", "0"], ["--learning_rate", "> 0"]),
     ("rm-ensemble-0", "stages.rm", RM + ["--ensemble", "0"], ["--ensemble 0", "at least 1"]),
     ("rm-evals-0", "stages.rm", RM + ["--evals", "0"], ["--evals", "must be positive"]),  # plan_steps divided by it
+    # nothing held out: refused after loading, as "too few distinct prompts ... give more pairs", which cannot help
+    ("rm-eval-fraction-0", "stages.rm", RM + ["--eval_fraction", "0"], ["eval_fraction 0.0 must be above 0 and below 1"]),
+    ("dpo-eval-fraction-1", "stages.dpo", ["--config", "configs/dpo.yaml", "--eval_fraction", "1"],
+     ["eval_fraction 1.0 must be above 0 and below 1"]),
     ("rm-max-length-too-small", "stages.rm", RM + ["--max_length", "2", "--max_prompt_length", "1"],
      ["max_length 2 is too small", "prefs.jsonl"]),
     ("rm-dataset-empty", "stages.rm", RM + ["--dataset_name", ""], ["--dataset_name on the command line is empty"]),
