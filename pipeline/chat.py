@@ -62,11 +62,12 @@ def _end_of_turn(tokenizer) -> str | None:
     return tokenizer.decode(common).rstrip() or None
 
 
-def assistant_spans(tokenizer, messages: list[dict], text: str, eot: str) -> list[tuple[int, int]]:
-    """Character spans of the assistant turns in `text` (the rendered conversation), each ending with `eot`."""
+def assistant_spans(tokenizer, messages: list[dict], text: str, eot: str, first: int = 0) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `text` (the rendered conversation), each ending with `eot`; those
+    from message `first` on (a prompt-completion row's prompt may hold assistant turns: context, not trained on)."""
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first:
             continue
         if i == 0:
             raise ConfigError("a conversation starts with an assistant turn: give each assistant turn a turn before it")
@@ -88,11 +89,12 @@ def assistant_spans(tokenizer, messages: list[dict], text: str, eot: str) -> lis
     return spans
 
 
-def tokenize_with_assistant_mask(tokenizer, messages: list[dict], eot: str) -> dict:
+def tokenize_with_assistant_mask(tokenizer, messages: list[dict], eot: str, first: int = 0) -> dict:
     """input_ids of the chat-templated conversation (exactly what apply_chat_template(tokenize=True) gives) and
-    assistant_masks: 1 on every token that overlaps an assistant turn (its reply and end-of-turn text)."""
+    assistant_masks: 1 on every token that overlaps an assistant turn (its reply and end-of-turn text) from message
+    `first` on."""
     text = render(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages, text, eot)
+    spans = assistant_spans(tokenizer, messages, text, eot, first)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s < b and a < e for s, e in spans)) for a, b in enc["offset_mapping"]]
     return {"input_ids": list(enc["input_ids"]), "assistant_masks": mask}

@@ -81,7 +81,7 @@ def load_data(args: SFTArgs, seed: int):
         ds = prompt_completion_as_messages(ds, name)  # (a file with both formats is read as conversations)
     require_columns(ds, ["messages"], name, "give conversational rows {'messages': [{'role', 'content'}, ...]} or "
                                             "{'prompt', 'completion'}")
-    return with_replies(ds.select_columns(["messages"]), name), name
+    return with_replies(ds.select_columns([c for c in ("messages", "first_trained") if c in ds.column_names]), name), name
 
 
 def prompt_completion_as_messages(ds, name: str):
@@ -102,8 +102,10 @@ def prompt_completion_as_messages(ds, name: str):
             if not isinstance(value, list):
                 raise ConfigError(f"row {i + 1} of {name}: its {key} is {type(value).__name__}: give text or a list "
                                   f"of messages {{'role', 'content'}}")
+            if key == "prompt":
+                first_trained = len(value)  # the loss is on the completion: a prompt's own assistant turns are context
             turns += value
-        rows.append({"messages": turns})
+        rows.append({"messages": turns, "first_trained": first_trained})
     return Dataset.from_list(rows)
 
 
@@ -125,9 +127,11 @@ def with_replies(ds, name: str):
         problem = messages_problem(row["messages"])
         if problem:
             raise ConfigError(f"row {i + 1} of {name}: {problem}: give rows {{'messages': [{{'role', 'content'}}, ...]}}")
-        if any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
+        first = row.get("first_trained") or 0  # prompt-completion rows: the completion's turns only
+        if any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"][first:]):
             keep.append({"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]],
-                         "row": i + 1})  # its row in the file, for the errors after the split (with_assistant_masks)
+                         "row": i + 1,  # its row in the file, for the errors after the split (with_assistant_masks)
+                         "first_trained": first})
     if not keep:
         raise ConfigError(f"no row of {name} has an assistant reply with text ({len(rows)} rows, every assistant turn "
                           f"empty or missing): SFT would have nothing to learn; give rows with assistant replies")
@@ -177,7 +181,7 @@ def with_assistant_masks(ds, tokenizer, eot: str, data_name: str, max_length: in
     for i, row in enumerate(ds):
         number = row.get("row") or i + 1  # the file's row (with_replies), not its place in this split
         try:
-            rows.append(tokenize_with_assistant_mask(tokenizer, row["messages"], eot))
+            rows.append(tokenize_with_assistant_mask(tokenizer, row["messages"], eot, row.get("first_trained") or 0))
         except jinja2.TemplateError as err:
             raise ConfigError(f"row {number} of {data_name}: the chat template refuses it ({err}): fix the row or the "
                               f"template (model profile `chat_template:`)") from None

@@ -337,7 +337,8 @@ def test_rows_without_an_assistant_reply_with_text_are_left_out(capsys):
     rows = [[user, {"role": "assistant", "content": "The cat sat."}], [user, {"role": "assistant", "content": " \n "}],
             [user], [user, {"role": "assistant", "content": ""}, {"role": "assistant", "content": "Yes."}]]
     kept = with_replies(Dataset.from_list([{"messages": m} for m in rows]), "rows.jsonl")
-    assert kept.to_list() == [{"messages": rows[0], "row": 1}, {"messages": rows[3], "row": 4}]  # the file's rows
+    assert kept.to_list() == [{"messages": rows[0], "row": 1, "first_trained": 0},
+                              {"messages": rows[3], "row": 4, "first_trained": 0}]  # the file's rows
     assert "2 of 4 rows of rows.jsonl have no assistant reply with text: left out" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no row of none.jsonl has an assistant reply with text"):
         with_replies(Dataset.from_list([{"messages": m} for m in rows[1:3]]), "none.jsonl")
@@ -352,18 +353,45 @@ def test_prompt_completion_rows_train_as_conversations(tmp_path):
     rows = [{"prompt": "What is 2 plus 2?", "completion": "It is 4."},
             {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
              "completion": [{"role": "assistant", "content": "Hello."}]},
-            {"prompt": "Say nothing.", "completion": "  "}]
+            {"prompt": "Say nothing.", "completion": "  "},
+            # a prompt with an assistant turn of its own and an empty completion: nothing of the completion to learn
+            {"prompt": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "B."},
+                        {"role": "user", "content": "C?"}], "completion": ""}]
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds, name = load_data(SFTArgs(dataset_name=str(data)), 0)
     assert ds.to_list() == [
         {"messages": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}],
-         "row": 1},
+         "row": 1, "first_trained": 1},
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                      {"role": "assistant", "content": "Hello."}], "row": 2}]  # the third has no reply with text: left out
+                      {"role": "assistant", "content": "Hello."}], "row": 2, "first_trained": 2}]  # 3, 4: no reply
     data.write_text(json.dumps({"prompt": "Hi?", "completion": 7}) + "\n")
     with pytest.raises(ConfigError, match=r"^row 1 of .*pc\.jsonl: its completion is int: give text or a list of "):
         load_data(SFTArgs(dataset_name=str(data)), 0)
+
+
+def test_a_prompt_completion_rows_loss_is_on_the_completion_alone(tiny_models):
+    """A prompt that holds an assistant turn of its own (a conversation so far) is context: the loss is on the
+    completion (TRL's completion-only loss), not on the prompt's reply too, as when the row was read as a
+    conversation whose every assistant turn trains. A messages row keeps every assistant turn. Mutant: the prompt's
+    assistant turns masked in."""
+    from datasets import Dataset
+
+    from pipeline.chat import require_end_of_turn
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.sft import with_assistant_masks
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    eot = require_end_of_turn(tok)
+    messages = [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "PROMPTREPLY"},
+                {"role": "user", "content": "C?"}, {"role": "assistant", "content": "COMPLETION"}]
+    trained = []
+    for first in (3, 0):  # a prompt-completion row (its prompt: 3 messages); a messages row
+        row = with_assistant_masks(Dataset.from_list([{"messages": messages, "row": 1, "first_trained": first}]), tok,
+                                   eot, "rows")[0]
+        trained.append(tok.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m]))
+    assert "COMPLETION" in trained[0] and "PROMPTREPLY" not in trained[0] and trained[0].endswith(eot.strip())
+    assert "PROMPTREPLY" in trained[1] and "COMPLETION" in trained[1]
 
 
 def test_prompt_completion_data_trains_through_the_chat_template(tiny_models, runs_dir, tmp_path):
