@@ -2282,3 +2282,25 @@ def test_the_update_bar_draws_no_more_often_than_tqdm_is_told(tiny_models, adapt
                                             "--progress_bar", "true"), env={"TQDM_MININTERVAL": "1000"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(re.findall(r"ppo:\s+\d+%", res.stderr)) == 2, res.stderr[-3000:]
+
+
+def test_a_held_out_prompt_the_template_refuses_stops_ppo_not_eval(tiny_models, tmp_path):
+    """PPO encoded its training prompts only: a held-out prompt the chat template refuses passed PPO and stopped
+    `make eval` once the RL run was over. Now load_prompts encodes the held-out share too: one ConfigError naming the
+    prompt set, before anything trains; the training prompts' ids are the same. Mutant: the held-out prompts not
+    encoded."""
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import load_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Opening {i}."}) + "\n" for i in range(20)))
+    cfg, run = parse_args(ppo_args(tiny_models["llama"], tmp_path, "x", prompts, None, None, "--heldout_fraction", "0.25"))
+    tok = load_tokenizer(profile_from(run.model_config))
+    train, ids, heldout, _ = load_prompts(cfg, tok)
+    refused = heldout[0][0]["content"]
+    tok.chat_template = ("{% if messages[0]['content'] == '" + refused + "' %}{{ raise_exception('no such opening') }}"
+                         "{% endif %}" + tok.chat_template)  # it refuses that one prompt
+    with pytest.raises(ConfigError, match=rf"prompt set {prompts}: .*no such opening"):
+        load_prompts(cfg, tok)
+    tok.chat_template = tok.chat_template.replace(refused, "a prompt nobody gave")
+    assert load_prompts(cfg, tok)[1] == ids  # the training prompts' ids as before

@@ -104,7 +104,7 @@ def load_prompts(cfg: PPOConfig, tokenizer):
         raise ConfigError(f"no training prompts left after holding out {n_held} of {len(convs)}: lower heldout_fraction")
 
     ids = []
-    for c in train:
+    for c in train + heldout:  # the held-out ones too: a prompt the template refuses stopped `make eval`, after PPO
         if isinstance(c, str):
             ids.append(list(tokenizer(c)["input_ids"]))
         else:
@@ -112,6 +112,7 @@ def load_prompts(cfg: PPOConfig, tokenizer):
                 ids.append(chat_ids(tokenizer, c, add_generation_prompt=True))
             except ConfigError as err:
                 raise ConfigError(f"prompt set {source}: {err}") from None
+    ids = ids[:len(train)]
     limit = cfg.max_prompt_length
     long = [i for i, s in enumerate(ids) if len(s) > limit]
     notes = {"prompts_total": len(convs), "prompts_heldout": n_held, "prompts_long": len(long),
