@@ -1549,6 +1549,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      '        if message["role"] != "assistant":', 'tests/test_sft.py -k loss_is_on_the_completion_alone'),
     ('sft-empty-completion-kept', 'stages/sft.py', 'for m in row["messages"][first:]):', 'for m in row["messages"]):',
      'tests/test_sft.py -k prompt_completion_rows_train'),
+    ('ppo-held-out-prompts-not-encoded', 'stages/ppo/__init__.py', '    for c in train + heldout:  # the held-out ones too',
+     '    for c in train:  # the held-out ones too', 'tests/test_ppo.py -k held_out_prompt_the_template_refuses'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
