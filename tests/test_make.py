@@ -1461,6 +1461,21 @@ def test_a_port_another_run_holds_is_replaced_without_a_word(tmp_path):
     assert ran(runs) == ["sft", "sft"]  # each rank's line
 
 
+def test_an_rl_stage_on_a_float16_base_is_refused_before_any_stage_trains(tmp_path):
+    """A `dtype: float16` model profile trained PPO's LoRA through fp16 activations with no loss scaler (gradients off
+    by 1-6%), as the fp16 launch it refuses would: make's check says so first, exit 2, nothing run; SFT alone still
+    takes the profile. Mutant: the RL stages' check_args gone."""
+    profile = tmp_path / "fp16.yaml"
+    profile.write_text((REPO / "configs/models/tiny.yaml").read_text().replace("dtype: float32", "dtype: float16"))
+    assert "dtype: float16" in profile.read_text()
+    res = make("sft", "rm", "grpo", f"MODEL={profile}", fake=False, runs_dir=tmp_path / "runs", timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and errors == [f"error: grpo cannot train a float16 base (model profile {profile}): its "
+                                              f"loop has no loss scaler; set `dtype: bfloat16` (or float32) in the "
+                                              f"profile"], res.stderr
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+
 def test_an_rl_stage_under_fp16_is_refused_before_any_stage_trains(tmp_path):
     """PPO's loop has no fp16 loss scaler, so it refuses an fp16 launch: `make sft rm ppo` under an fp16 config said
     so only after SFT, the pairs and the reward models had trained. make's check says it first (exit 2, nothing run);

@@ -349,6 +349,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     stage = StageRun(cfg.stage_name, run.run, run.runs_dir)  # ppo, or grpo / rloo / reinforce_pp
     if cfg.dataset_name:  # your prompts replace the bundled ones: not an input of this run
         stage.not_inputs([cfg.prompts_file], cfg.dataset_name)
+    check_args(cfg, run)
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)
 
@@ -498,6 +499,18 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
 
 def CONFIG_CLASSES():
     return (PPOConfig, RunArgs)
+
+
+def check_args(cfg: PPOConfig, run: RunArgs) -> None:
+    """What make's check refuses before the upstream stages train (main checks it again): a float16 base. The RL loop
+    has no loss scaler (fp16 mixed precision is refused for it too, pipeline.launch.rl_precision_problem), and its
+    gradients through fp16 activations underflow: off by 1-6% against float32 on a tiny Llama, worse as the loss's
+    per-token weight (1 / tokens) shrinks."""
+    from pipeline.models import profile_from
+
+    if profile_from(run.model_config).dtype == "float16":
+        raise ConfigError(f"{cfg.stage_name} cannot train a float16 base (model profile {run.model_config}): its loop "
+                          f"has no loss scaler; set `dtype: bfloat16` (or float32) in the profile")
 
 
 def parse_args(argv=None) -> tuple[PPOConfig, RunArgs]:
