@@ -1551,6 +1551,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      'tests/test_sft.py -k prompt_completion_rows_train'),
     ('ppo-held-out-prompts-not-encoded', 'stages/ppo/__init__.py', '    for c in train + heldout:  # the held-out ones too',
      '    for c in train:  # the held-out ones too', 'tests/test_ppo.py -k held_out_prompt_the_template_refuses'),
+    ('rl-float16-base-accepted', 'stages/ppo/__init__.py', '    if profile_from(run.model_config).dtype == "float16":',
+     '    if False:', 'tests/test_make.py -k float16_base'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
