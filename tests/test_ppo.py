@@ -2304,3 +2304,30 @@ def test_a_held_out_prompt_the_template_refuses_stops_ppo_not_eval(tiny_models, 
         load_prompts(cfg, tok)
     tok.chat_template = tok.chat_template.replace(refused, "a prompt nobody gave")
     assert load_prompts(cfg, tok)[1] == ids  # the training prompts' ids as before
+
+
+def test_an_extended_run_keeps_every_policy_a_straight_run_keeps(tiny_models, adapters, prompts_file, runs_dir, capsys):
+    """Under a constant schedule a finished run of 2 updates extended to 4 (`--resume --total_updates 4`) ends as a
+    straight run of 4: the same metrics, and the same kept policies (update 2's was missing: a run keeps none at its
+    last update, the stage's adapter being that point). A checkpoint past a lowered total_updates is refused by
+    --resume (it trained nothing and reported 4 updates under total_updates 3), and an interrupted one starts over
+    with a note. Mutants: no policy kept at the resumed update; the checkpoint past total_updates resumed."""
+    sft, rm = adapters("llama")
+    common = ("--lr_scheduler_type", "constant", "--keep_policy_every", "2", "--save_every", "2")
+    run_ppo(tiny_models["llama"], runs_dir, "straight", prompts_file, sft, rm, *common, "--total_updates", "4")
+    args = (tiny_models["llama"], runs_dir, "extended", prompts_file, sft, rm, *common)
+    run_ppo(*args, "--total_updates", "2")
+    run_ppo(*args, "--total_updates", "4", "--resume")
+    kept = {run: sorted(p.name for p in (Path(runs_dir) / run / "ppo" / "policies").iterdir())
+            for run in ("straight", "extended")}
+    assert kept["straight"] == kept["extended"] == ["update-000002"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
+    assert strip(read_metrics(runs_dir, "extended")) == strip(read_metrics(runs_dir, "straight"))
+    with pytest.raises(ConfigError, match=r"--resume: checkpoint \S+ holds 4 updates, past total_updates 3: give "
+                                          r"--total_updates 4 or more"):
+        run_ppo(*args, "--total_updates", "3", "--resume")
+    (Path(runs_dir) / "extended" / "ppo" / "manifest.json").unlink()  # an interrupted run's folder
+    capsys.readouterr()
+    run_ppo(*args, "--total_updates", "3")
+    assert "holds 4 updates, past total_updates 3: starting over instead of resuming" in capsys.readouterr().err
+    assert [r["update"] for r in read_metrics(runs_dir, "extended")] == [1, 2, 3]

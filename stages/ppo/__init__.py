@@ -310,12 +310,20 @@ def checkpoint_to_resume(cfg: PPOConfig, stage: StageRun, upstream: dict) -> Pat
         if cfg.auto_resume and not stage.manifest_path.exists():
             print(f"note: {why}: starting over instead of resuming", file=sys.stderr)
         return None
+    done = checkpoint_info(ckpt).get("update", 0)
+    if done > cfg.total_updates:  # a schedule that does not span total_updates lets it change, not below what is done
+        why = f"checkpoint {ckpt.name} holds {done} updates, past total_updates {cfg.total_updates}"
+        if cfg.resume:
+            raise ConfigError(f"--resume: {why}: give --total_updates {done} or more, or run without --resume to start "
+                              f"over")
+        if cfg.auto_resume and not stage.manifest_path.exists():
+            print(f"note: {why}: starting over instead of resuming", file=sys.stderr)
+        return None
     if cfg.resume:
         return ckpt
     # An interrupted run: no manifest. A checkpoint that already holds every update (killed before the manifest) is
     # resumed too: it writes the outputs without training again.
-    unfinished = checkpoint_info(ckpt).get("update", 0) <= cfg.total_updates and not stage.manifest_path.exists()
-    return ckpt if cfg.auto_resume and unfinished else None
+    return ckpt if cfg.auto_resume and not stage.manifest_path.exists() else None
 
 
 def broadcast(state, obj):

@@ -454,6 +454,11 @@ class PPOTrainer:
             self.load_checkpoint(resume_from)
         self._open_logs()
         start = self.update
+        if cfg.keep_policy_every and 0 < start < cfg.total_updates and start % cfg.keep_policy_every == 0:
+            # A finished run extended (--resume --total_updates more): its last update kept no policy (the stage's
+            # adapter was the last point); the policy just loaded is that update's. A killed run kept it already:
+            # the same bytes again.
+            self.keep_policy()
         bar = tqdm(total=cfg.total_updates, initial=start, desc="ppo", dynamic_ncols=True,
                    disable=not (self.is_main and cfg.progress_bar), file=sys.stderr)
         stopped = False
