@@ -1279,6 +1279,24 @@ def test_others_leases_count_as_held_only_until_they_expire(store):
     assert store.progress("bob")["held_by_others"] == 0
 
 
+def test_held_by_others_counts_only_pairs_that_can_come_back(tmp_path):
+    """The done screen says "N pair(s) are open with others; they come back here if not answered": a pair you labeled
+    or skipped, held by someone else, never comes back to you, and was counted. Mutant: every live lease of another
+    counted."""
+    two = LabelStore(tmp_path / "two.sqlite", overlap=2, lease_s=60, clock=Clock())
+    two.import_items(pairs(1))
+    item = two.next_item("alice")
+    two.save_label("alice", item.pair_id, "left", item.shown_left)
+    assert two.next_item("bob").pair_id == item.pair_id  # bob holds it: alice is done with it
+    assert two.progress("alice")["held_by_others"] == 0 and two.progress("carol")["held_by_others"] == 1
+    one = LabelStore(tmp_path / "one.sqlite", overlap=1, lease_s=60, clock=Clock())
+    one.import_items(pairs(1))
+    item = one.next_item("alice")
+    one.skip("alice", item.pair_id)
+    assert one.next_item("bob").pair_id == item.pair_id
+    assert one.progress("alice")["held_by_others"] == 0 and one.progress("carol")["held_by_others"] == 1
+
+
 def test_a_failed_write_rolls_back_what_its_transaction_wrote_and_a_removal_is_in_the_history(store):
     """save_simulated writes all its labels in one transaction: a bad one in the middle (an unknown choice) raises and
     leaves the store as it was, the labels before it too. remove_simulated deletes a simulator's labels and keeps a

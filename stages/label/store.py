@@ -688,13 +688,16 @@ class LabelStore:
                 out["mine"] = one("SELECT COUNT(*) FROM labels l JOIN items i USING (pair_id) "
                                   "WHERE l.annotator = ? AND i.active = 1", annotator)
                 # Pairs still open to me: not mine yet, not skipped, and not full (others' live leases aside).
-                out["open_to_me"] = one(
-                    "SELECT COUNT(*) FROM items i WHERE i.active = 1 AND i.blocked IS NULL "
-                    "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = i.pair_id AND l.annotator = ?) "
-                    "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.pair_id = i.pair_id AND s.annotator = ?) "
-                    f"AND (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id AND {PERSON}) < ?",
-                    annotator, annotator, self.overlap)
+                open_to_me = ("i.active = 1 AND i.blocked IS NULL "
+                              "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = i.pair_id AND l.annotator = ?) "
+                              "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.pair_id = i.pair_id AND s.annotator = ?) "
+                              f"AND (SELECT COUNT(*) FROM labels l WHERE l.pair_id = i.pair_id AND {PERSON}) < ?")
+                out["open_to_me"] = one(f"SELECT COUNT(*) FROM items i WHERE {open_to_me}",
+                                        annotator, annotator, self.overlap)
+                # Of those, the ones another's live lease holds: they come back to me if not answered in time (a pair
+                # I labeled or skipped, or a full one, does not: the done screen promised it did).
                 out["held_by_others"] = one(
-                    "SELECT COUNT(DISTINCT a.pair_id) FROM assignments a WHERE a.annotator != ? AND a.expires_at > ?",
-                    annotator, now)
+                    f"SELECT COUNT(*) FROM items i WHERE {open_to_me} AND EXISTS (SELECT 1 FROM assignments a "
+                    "WHERE a.pair_id = i.pair_id AND a.annotator != ? AND a.expires_at > ?)",
+                    annotator, annotator, self.overlap, annotator, now)
         return out
