@@ -470,9 +470,10 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     # Every upstream output the folder is built from, before the last publish folder is deleted
     needed = [(args.policy, policy["outputs"]["adapter"]), ("sft", sft["outputs"]["adapter"]),
               ("eval", ev["outputs"]["report"]), ("eval", Path(ev["outputs"]["report"]).with_suffix(".json"))]
-    if args.include_sft and given_sft(policy):  # sft/ would be the run's SFT, which this policy did not start from
+    started_from = given_sft(policy)
+    if args.include_sft and started_from:  # sft/ would be the run's SFT, which this policy did not start from
         raise ConfigError(f"the {args.policy} stage of run '{run.run}' started from the SFT adapter it was given "
-                          f"(sft_adapter: {given_sft(policy)}), not the run's: publish without --include_sft (the card "
+                          f"(sft_adapter: {started_from}), not the run's: publish without --include_sft (the card "
                           f"names that adapter)")
     given = given_reward(policy)
     rewards = published_rewards(rm, given) if args.include_reward else {}

@@ -354,16 +354,19 @@ def reward_window(trained: dict) -> str:
     return f"means of the first and last {w} update{'' if w == 1 else 's'}"
 
 
+def given_adapter(policy: dict, key: str) -> str | None:
+    """An adapter an RL stage was given instead of its run's own, from its manifest's config, as eval takes it:
+    `sft_adapter` (the policy's start and reference, for the sft stage's) or `reward_adapter` (what it optimised, for
+    the rm stage's), as in configs/ppo.yaml."""
+    return ((policy.get("config") or {}).get("ppo") or {}).get(key) or None
+
+
 def given_sft(policy: dict) -> str | None:
-    """The SFT adapter an RL stage started from instead of the run's sft stage's (`sft_adapter:` in configs/ppo.yaml),
-    from its manifest's config, as eval takes it: the policy's reference."""
-    return ((policy.get("config") or {}).get("ppo") or {}).get("sft_adapter") or None
+    return given_adapter(policy, "sft_adapter")
 
 
 def given_reward(policy: dict) -> str | None:
-    """The reward model an RL stage was given instead of the rm stage's (`reward_adapter:` in configs/ppo.yaml), from
-    its manifest's config, as eval takes it: what the policy optimised."""
-    return ((policy.get("config") or {}).get("ppo") or {}).get("reward_adapter") or None
+    return given_adapter(policy, "reward_adapter")
 
 
 def reward_made(rm: dict, given: str | None = None) -> str:
@@ -434,7 +437,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
                          pipeline_tag="text-generation")
     ev, trained = manifests["eval"]["metrics"], manifests[args.policy]["metrics"]
     read_labels = trained_on_labels(manifests, args.policy)  # the stages that trained on the run's export
-    given = given_reward(manifests[args.policy])
+    given, started_from = given_reward(manifests[args.policy]), given_sft(manifests[args.policy])
     how = ("two stages: supervised fine-tuning (TRL `SFTTrainer`), then DPO (TRL `DPOTrainer`) on preference pairs with "
            "the SFT policy as the reference" if method == "dpo" else
            f"three stages: supervised fine-tuning (TRL `SFTTrainer`), {reward_made(manifests['rm'], given)}, then "
@@ -480,8 +483,8 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines += [reward_use(manifests["rm"], given, extras, method), ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
     for stage in ("sft", args.policy) if method == "dpo" or given else ("sft", "rm", args.policy):
-        if stage == "sft" and given_sft(manifests[args.policy]):
-            lines.append(f"| sft | given as `sft_adapter` (`{Path(given_sft(manifests[args.policy])).name}`): trained "
+        if stage == "sft" and started_from:
+            lines.append(f"| sft | given as `sft_adapter` (`{Path(started_from).name}`): trained "
                          f"outside this run |")
             continue
         hp = hyperparameters(manifests[stage])
