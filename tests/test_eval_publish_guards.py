@@ -79,6 +79,15 @@ def test_a_damaged_upstream_file_met_while_sampling_leaves_the_run_folder_alone(
     assert not (t / "eval").exists()
 
 
+def given_to_ppo(runs, **adapters) -> None:
+    """The run's PPO manifest as if the stage had been given these adapters (configs/ppo.yaml's sft_adapter,
+    reward_adapter) instead of the run's own."""
+    path = runs / "t" / "ppo" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["config"]["ppo"].update(adapters)
+    path.write_text(json.dumps(m))
+
+
 def test_proxy_is_the_reward_model_ppo_optimised(tmp_path, tiny_models):
     """PPO trained with `reward_adapter: <another RM>` (configs/ppo.yaml); eval still scores with the rm stage's
     reward model, yet report.md says 'as PPO was rewarded' and the card 'Under the reward model PPO optimised'."""
@@ -91,10 +100,7 @@ def test_proxy_is_the_reward_model_ppo_optimised(tmp_path, tiny_models):
     runs = build_upstream(tmp_path / "runs", profile)
     other = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / "other_rm" / "adapter",
                           seed=99, task_type="SEQ_CLS")
-    path = runs / "t" / "ppo" / "manifest.json"
-    m = json.loads(path.read_text())
-    m["config"]["ppo"]["reward_adapter"] = str(other)
-    path.write_text(json.dumps(m))
+    given_to_ppo(runs, reward_adapter=str(other))
     main(*eval_args(runs, profile, "--gold_judge", ""))
     report = json.loads((runs / "t" / "eval" / "report.json").read_text())
     s = report["samples"]
@@ -140,10 +146,7 @@ def test_the_sft_a_policy_started_from_is_evals_sft(tmp_path, tiny_models):
     runs = build_upstream(tmp_path / "runs", profile)
     own = tmp_path / "my_sft" / "adapter"
     shutil.copytree(runs / "t" / "ppo" / "adapter", own)
-    path = runs / "t" / "ppo" / "manifest.json"
-    m = json.loads(path.read_text())
-    m["config"]["ppo"]["sft_adapter"] = str(own)
-    path.write_text(json.dumps(m))
+    given_to_ppo(runs, sft_adapter=str(own))
     main(*eval_args(runs, profile, "--gold_judge", ""))
     report = json.loads((runs / "t" / "eval" / "report.json").read_text())
     assert report["sft_adapter"] == str(own)
