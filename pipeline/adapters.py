@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.models import backbone, check_adapter, load_base
+from pipeline.run import fsync_dir, fsync_tree
 
 
 def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -339,9 +340,11 @@ class AdapterStack:
         try:
             self.model.save_pretrained(str(tmp), selected_adapters=[name], state_dict=self.whole_state_dict())
             src = tmp / name if (tmp / name).is_dir() else tmp
+            fsync_tree(src)  # the files on disk before the rename that makes them the adapter
             if out_dir.exists():
                 out_dir.rename(old)
             src.rename(out_dir)
+            fsync_dir(out_dir.parent)
         finally:
             for leftover in (tmp, old):
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -69,6 +69,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, before a rename publishes it: a rename can reach the disk before
+    the files' data do, so a power cut after it could leave a complete-looking checkpoint of empty files."""
+    for sub, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(sub, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(sub))
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder's entries (a rename into it, a file created in it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 

@@ -2098,6 +2098,40 @@ def test_the_newest_complete_checkpoint_resumes_and_a_promoted_one_replaces_the_
     assert (root / "checkpoint-000014/trainer_state.pt").read_bytes() == b"new"
 
 
+def recorded_fsyncs(monkeypatch) -> list[str]:
+    """Every path os.fsync is called on, in order, as the path was at the call (a folder renamed later keeps its
+    old name here)."""
+    import os
+
+    calls, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    return calls
+
+
+def test_a_promoted_checkpoint_is_on_disk_before_its_rename_and_the_rename_before_the_old_ones_go(tmp_path,
+                                                                                                  monkeypatch):
+    """A rename can reach the disk before the files' data: a power cut after it could leave a complete-looking
+    checkpoint of empty files, the older ones already deleted. _promote fsyncs every file and folder of the new
+    checkpoint under its temporary name, then the checkpoints folder after the rename (before the old go)."""
+    from stages.ppo.trainer import PPOTrainer
+
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-000002").mkdir(parents=True)
+    tmp = root / ".tmp-checkpoint-000004"
+    (tmp / "policy").mkdir(parents=True)
+    for f in ("trainer_state.pt", "rng_rank0.pt", "policy/adapter_model.safetensors"):
+        (tmp / f).write_bytes(b"x")
+    removed, rmtree = [], __import__("shutil").rmtree
+    monkeypatch.setattr("shutil.rmtree", lambda p, **kw: (removed.append((str(p), len(calls))), rmtree(p, **kw)))
+    calls = recorded_fsyncs(monkeypatch)
+    PPOTrainer._promote(tmp, root / "checkpoint-000004")
+    files = {str(tmp / f) for f in ("trainer_state.pt", "rng_rank0.pt", "policy/adapter_model.safetensors")}
+    assert files | {str(tmp), str(tmp / "policy")} == set(calls[:-1]), calls
+    assert calls[-1] == str(root)
+    old = [n for p, n in removed if p.endswith("checkpoint-000002")]
+    assert old == [len(calls)], (removed, calls)  # the old checkpoint went after the last fsync
+
+
 def test_the_run_summary_by_hand():
     """The manifest's summary of metrics.jsonl: the reward averaged over the first and last tenth of the updates,
     rates as totals over totals (episodes and tokens over wall time, not a mean of per-update rates), the

@@ -300,3 +300,22 @@ def test_saving_an_adapter_runs_no_state_dict_hook(tiny_models, adapters, tmp_pa
     assert len(saved) == len(own) > 0
     for name, tensor in saved.items():
         assert torch.equal(tensor, own[name].detach()), name
+
+
+def test_a_saved_adapter_is_on_disk_before_the_rename_that_makes_it_the_adapter(tiny_models, adapters, tmp_path,
+                                                                               monkeypatch):
+    """AdapterStack.save writes into .NAME.saving/ and renames the adapter's folder over the old one: every file is fsynced under the
+    temporary name first, and the parent folder after the rename."""
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack
+    from tests.test_ppo import recorded_fsyncs
+
+    profile = profile_from(str(tiny_models["llama"]))
+    stack = build_stack(profile, load_tokenizer(profile), *adapters("llama"), torch.device("cpu"), False)
+    calls = recorded_fsyncs(monkeypatch)
+    stack.save("policy", tmp_path / "policy")
+    saving = tmp_path / ".policy.saving" / "policy"  # PEFT saves a named adapter in a folder of its name
+    saved = {str(saving / p.name) for p in (tmp_path / "policy").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "policy").iterdir()}
+    assert saved <= set(calls[:-1]) and str(saving) in calls[:-1], calls
+    assert calls[-1] == str(tmp_path), calls

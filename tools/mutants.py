@@ -1562,6 +1562,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      'f"SELECT COUNT(*) FROM items i WHERE {open_to_me} AND EXISTS (SELECT 1 FROM assignments a "',
      'f"SELECT COUNT(*) FROM items i WHERE (? OR ? OR ? OR 1) AND EXISTS (SELECT 1 FROM assignments a "',
      'tests/test_label_store.py -k held_by_others'),
+    # crash safety: what a power cut can leave (pipeline/run.py fsync_tree)
+    ('checkpoint-not-fsynced', 'stages/ppo/trainer.py', '        fsync_tree(tmp)\n', '', "tests/test_ppo.py -k promoted_checkpoint_is_on_disk"),
+    ('checkpoint-rename-not-fsynced', 'stages/ppo/trainer.py', '        fsync_dir(final.parent)\n', '', "tests/test_ppo.py -k promoted_checkpoint_is_on_disk"),
+    ('fsync-tree-skips-files', 'pipeline/run.py', 'for name in files:', 'for name in files[:0]:', "tests/test_ppo.py -k promoted_checkpoint_is_on_disk"),
+    ('fsync-tree-skips-folders', 'pipeline/run.py', '        fsync_dir(Path(sub))\n', '', "tests/test_ppo.py -k promoted_checkpoint_is_on_disk"),
+    ('adapter-save-not-fsynced', 'pipeline/adapters.py', 'fsync_tree(src)  #', 'str(src)  #', "tests/test_ppo_sharding.py -k on_disk_before"),
+    ('adapter-rename-not-fsynced', 'pipeline/adapters.py', '            fsync_dir(out_dir.parent)\n', '', "tests/test_ppo_sharding.py -k on_disk_before"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -31,7 +31,7 @@ import torch
 
 from pipeline.config import ConfigError, stream_seed, to_dict
 from pipeline.models import launch_autocast, launch_mixed_precision
-from pipeline.run import atomic_write_text
+from pipeline.run import atomic_write_text, fsync_dir, fsync_tree
 
 from . import losses as L
 from .rollout import Rollout, TopLayers, by_group_length, collect, decoder_layers, response_logits, token_logprobs, token_values
@@ -614,8 +614,12 @@ class PPOTrainer:
 
     @staticmethod
     def _promote(tmp: Path, final: Path) -> None:
+        # On disk before the rename makes it the checkpoint to resume, and the rename on disk before the older
+        # checkpoints go: a power cut leaves one complete checkpoint, never only a truncated one.
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_dir(final.parent)
         for old in final.parent.glob("checkpoint-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
