@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.models import backbone, check_adapter, load_base
-from pipeline.run import fsync_dir, fsync_tree
+from pipeline.run import replace_folder
 
 
 def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -334,18 +334,11 @@ class AdapterStack:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         # A fixed name beside the folder (the main process saves, one launch a stage folder): a save killed midway left
         # a random tmpXXXX folder in the run for good; the next save clears it.
-        tmp, old = out_dir.parent / f".{out_dir.name}.saving", out_dir.parent / f".{out_dir.name}.old"
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = out_dir.parent / f".{out_dir.name}.saving"
+        shutil.rmtree(tmp, ignore_errors=True)
         try:
             self.model.save_pretrained(str(tmp), selected_adapters=[name], state_dict=self.whole_state_dict())
-            src = tmp / name if (tmp / name).is_dir() else tmp
-            fsync_tree(src)  # the files on disk before the rename that makes them the adapter
-            if out_dir.exists():
-                out_dir.rename(old)
-            src.rename(out_dir)
-            fsync_dir(out_dir.parent)
+            replace_folder(tmp / name if (tmp / name).is_dir() else tmp, out_dir)
         finally:
-            for leftover in (tmp, old):
-                shutil.rmtree(leftover, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         return out_dir

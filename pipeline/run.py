@@ -88,6 +88,21 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def replace_folder(new: Path, folder: Path) -> None:
+    """Make the finished folder `new` (beside it) `folder`, whole, by renames: a kill midway leaves the old folder (or
+    it beside, as .NAME.old, which the next replace clears) or the new one, never the old files mixed with the new."""
+    import shutil
+
+    old = folder.parent / f".{folder.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(new)  # the files on disk before the rename that makes them the folder
+    if folder.exists():
+        folder.rename(old)
+    new.rename(folder)
+    fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 

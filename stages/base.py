@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import ConfigError, RunArgs, parse, read_utf8, resolve_path, to_dict
-from pipeline.run import StageRun, atomic_write_json, main_guard
+from pipeline.run import StageRun, atomic_write_json, main_guard, replace_folder
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # The EOS sits inside {% generation %}: the model learns to stop, and TRL's assistant-only loss covers it.
@@ -170,6 +171,12 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
         if len(data) == 0:
             raise ConfigError(f"the {what} books hold {len(ids)} tokens, less than one block of block_size "
                               f"{cfg.block_size}: give longer books (heldout_books, text_dir) or a smaller --block_size")
+    out = resolve_path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {cfg.output_dir} is a file: name a folder for the new base")
+    if out.is_dir() and any(out.iterdir()) and not (out / "training_report.json").is_file():
+        raise ConfigError(f"output_dir {cfg.output_dir} holds files that are not a base make base wrote (no "
+                          f"training_report.json), which the new base would replace: name a new or empty folder")
     stage.prepare({"base": to_dict(cfg), "run": to_dict(run)})
     print(f"train tokens {len(train_ids):,}, held-out tokens {len(heldout_ids):,}, vocab {len(tokenizer)}")
 
@@ -220,11 +227,12 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
             tqdm.write(json.dumps(history[-1]))
     train_time = time.time() - t0
 
-    # 5. Save in Hugging Face format, with a report of how it was made and how good it is.
-    out = resolve_path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    # 5. Save in Hugging Face format, with a report of how it was made and how good it is: written beside the old
+    # base and swapped in whole (a kill midway left the committed models/tiny half old, half new).
+    saving = out.parent / f".{out.name}.saving"
+    shutil.rmtree(saving, ignore_errors=True)
+    model.save_pretrained(saving, safe_serialization=True)
+    tokenizer.save_pretrained(saving)
     heldout_loss = evaluate(model, heldout_data, len(heldout_data), cfg.batch_size)
     samples = sample_continuations(model, tokenizer)
     metrics = {
@@ -233,8 +241,9 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
         "train_time_s": round(train_time, 1), "tokens_per_s": round(tokens_seen / train_time, 1),
         "history": history,
     }
-    atomic_write_json(out / "training_report.json", {"config": to_dict(cfg), "metrics": metrics, "samples": samples})
-    (out / "README.md").write_text(model_card(to_dict(cfg), metrics, samples))
+    atomic_write_json(saving / "training_report.json", {"config": to_dict(cfg), "metrics": metrics, "samples": samples})
+    (saving / "README.md").write_text(model_card(to_dict(cfg), metrics, samples))
+    replace_folder(saving, out)
     for s in samples:
         print(f"\n>>> {s['prompt']}{s['continuation']}")
     print(f"\nheld-out perplexity {metrics['heldout_perplexity']} ({', '.join(cfg.heldout_books)}), "

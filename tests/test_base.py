@@ -162,6 +162,58 @@ def test_a_tiny_base_trains_on_its_schedule_its_own_books_and_records_its_specia
     assert f"{6 * 2 * 32:,} tokens; seed 3" in card.text
 
 
+def tiny_base_args(tmp_path, out):
+    texts = tmp_path / "texts"
+    texts.mkdir(exist_ok=True)
+    for name in ("bunny", "mice"):
+        (texts / f"{name}.txt").write_text((REPO / "data/pretrain/texts" / f"{name}.txt").read_text())
+    return base_args(tmp_path / "runs", "--text_dir", str(texts), "--heldout_books", "mice", "--output_dir", str(out),
+                     "--vocab_size", "300", "--hidden_size", "16", "--intermediate_size", "32",
+                     "--num_hidden_layers", "1", "--num_attention_heads", "2", "--block_size", "32", "--batch_size",
+                     "2", "--max_steps", "2", "--warmup_steps", "1", "--eval_every", "2", "--eval_batches", "1")
+
+
+def test_a_new_base_replaces_the_old_whole_and_a_save_that_fails_midway_leaves_the_old(tmp_path, monkeypatch):
+    """make base wrote its files into models/tiny/ one by one: a kill midway left the committed base half old, half
+    new. It now writes beside it and swaps the folder in whole (no file of the old base left beside the new)."""
+    import stages.base as base
+
+    out = tmp_path / "tiny"
+    out.mkdir()
+    old = {"training_report.json": "{}", "model.safetensors": "old weights", "stale.txt": "old"}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    real_card = base.model_card
+    monkeypatch.setattr(base, "model_card", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # killed at the card
+    with pytest.raises(KeyboardInterrupt):
+        base.main(*parse(base.CONFIG_CLASSES(), tiny_base_args(tmp_path, out)))
+    assert {p.name: p.read_text() for p in out.iterdir()} == old
+    monkeypatch.setattr(base, "model_card", real_card)
+    base.main(*parse(base.CONFIG_CLASSES(), tiny_base_args(tmp_path, out)))
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "README.md"}
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").read_bytes() != b"old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "texts", "tiny"]  # no .tiny.saving / .tiny.old
+
+
+@pytest.mark.parametrize("kind", ["foreign-folder", "file"])
+def test_an_output_dir_that_is_not_a_base_is_refused_before_writing(kind, tmp_path):
+    """The new base replaces output_dir whole: a folder of other files (no training_report.json), or a file, is
+    refused before the run folder is touched, and left as it was."""
+    from stages.base import CONFIG_CLASSES, main
+
+    out = tmp_path / "mine"
+    if kind == "file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    message = "is a file" if kind == "file" else "holds files that are not a base make base wrote"
+    with pytest.raises(ConfigError, match=message):
+        main(*parse(CONFIG_CLASSES(), tiny_base_args(tmp_path, out)))
+    assert not (tmp_path / "runs").exists()
+    assert (out.read_text() if kind == "file" else (out / "notes.txt").read_text()) in ("notes", "mine")
+
+
 def test_held_out_loss_is_the_mean_over_its_batches_the_last_short_one_too():
     """evaluate() averages the batches' losses (not their sum), the last short batch included: 5 rows in batches of
     2 are three batches; a stand-in model whose loss is its batch's row count gives (2 + 2 + 1) / 3."""
