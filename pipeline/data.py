@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -75,8 +76,12 @@ def load_any(name_or_path: str, split: str = "train", flag: str = "--dataset_nam
         raise
     except Exception as err:  # datasets raises many kinds; the user needs the name and the reason
         offline = "Offline" in type(err).__name__ or "offline" in str(err).lower() or isinstance(err, ConnectionError)
-        fix = (": no Hub access here (offline, or no network): download it where there is (`hf download "
-               f"{name_or_path} --repo-type dataset --local-dir DIR`) and give DIR" if offline else "")
+        download = f"(`hf download {name_or_path} --repo-type dataset --local-dir DIR`) and give DIR"
+        if offline and os.environ.get("HF_HUB_OFFLINE") == "1":  # make's default: the network may be there
+            fix = (": the Hub is switched off (HF_HUB_OFFLINE=1, make's default): add HF_HUB_OFFLINE=0 to the make "
+                   f"command to download it, or download it yourself {download}")
+        else:
+            fix = f": no Hub access here (offline, or no network): download it where there is {download}" if offline else ""
         # datasets' DatasetGenerationError says only "An error occurred while generating the dataset": the reason
         # (the JSON parser's "... in row 4") is its cause
         cause = err.__cause__ if type(err).__name__ == "DatasetGenerationError" and err.__cause__ else None

@@ -254,7 +254,8 @@ def test_a_blank_file_a_splits_name_and_a_bad_bytes_column(tmp_path):
 
 def test_a_missing_split_and_an_offline_hub_id_say_the_fix(tmp_path):
     """A saved DatasetDict without the split asked for names --dataset_split; a Hub id with no Hub access (this
-    machine has none) says how to download it elsewhere and give the folder, not datasets' message alone."""
+    machine has none) says how to download it elsewhere and give the folder, not datasets' message alone; under
+    make's HF_HUB_OFFLINE=1 it names that switch first."""
     import subprocess
     import sys
 
@@ -269,11 +270,19 @@ def test_a_missing_split_and_an_offline_hub_id_say_the_fix(tmp_path):
         load_any(str(tmp_path / "dd"))
     code = ("from pipeline.data import load_any\ntry:\n    load_any('someone/no-such-data')\n"
             "except Exception as err:\n    print(type(err).__name__, err)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_OFFLINE"}
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                         env={**env, "HF_DATASETS_OFFLINE": "1"})
     assert res.stdout.startswith("ConfigError could not load dataset 'someone/no-such-data'"), res.stdout + res.stderr
-    assert "download it where there is (`hf download someone/no-such-data --repo-type dataset --local-dir DIR`)" \
-        in res.stdout
+    assert "no Hub access here (offline, or no network): download it where there is (`hf download " \
+           "someone/no-such-data --repo-type dataset --local-dir DIR`) and give DIR" in res.stdout
+    # under make (HF_HUB_OFFLINE=1) the network may be there: the fix is make's switch first
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert res.stdout.startswith("ConfigError could not load dataset 'someone/no-such-data'"), res.stdout + res.stderr
+    assert "the Hub is switched off (HF_HUB_OFFLINE=1, make's default): add HF_HUB_OFFLINE=0 to the make command " \
+           "to download it, or download it yourself (`hf download someone/no-such-data --repo-type dataset " \
+           "--local-dir DIR`) and give DIR" in res.stdout
 
 
 def test_a_json_file_datasets_cannot_parse_says_why(tmp_path):

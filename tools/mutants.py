@@ -1573,6 +1573,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('base-written-in-place', 'stages/base.py', '    saving = out.parent / f".{out.name}.saving"', '    saving = out', "tests/test_base.py -k replaces_the_old"),
     ('base-foreign-output-dir-replaced', 'stages/base.py', 'and not (out / "training_report.json").is_file():', 'and False:', "tests/test_base.py -k not_a_base"),
     ('base-output-file-replaced', 'stages/base.py', '    if out.exists() and not out.is_dir():', '    if False:', "tests/test_base.py -k not_a_base"),
+    ('dataset-offline-fix-ignores-make', 'pipeline/data.py', 'if offline and os.environ.get("HF_HUB_OFFLINE") == "1":', 'if offline and False:', "tests/test_data.py -k offline_hub"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
