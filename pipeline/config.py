@@ -91,12 +91,22 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def bad_byte_at(err: UnicodeDecodeError) -> tuple[int, int]:
+    """(line, column) of the first byte that is not UTF-8, as an editor counts them: from 1, columns in characters
+    (a byte offset into a large .csv or .json told nobody where to look)."""
+    data = err.object
+    line_start = data.rfind(b"\n", 0, err.start) + 1
+    return data.count(b"\n", 0, err.start) + 1, len(data[line_start:err.start].decode("utf-8", errors="replace")) + 1
+
+
 def read_utf8(path: Path, name: str) -> str:
     """The text of a file a user gave (`name`: how errors call it); not UTF-8 is one ConfigError, not a traceback."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{name} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
+        line, column = bad_byte_at(err)
+        raise ConfigError(f"{name} is not UTF-8 text ({err.reason} at line {line}, column {column}): save it as "
+                          f"UTF-8") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -106,7 +116,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} is not): save it as UTF-8") from None
+        line, column = bad_byte_at(err)
+        raise ConfigError(f"config file {path} is not UTF-8 text (line {line}, column {column}): save it as "
+                          f"UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}: fix it there") from None
     if data is None:

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT, ConfigError, resolve_path
+from pipeline.config import REPO_ROOT, ConfigError, bad_byte_at, resolve_path
 
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DATA_FLAGS = ("dataset_name", "prompts_file", "pairs_dataset")  # the stages' flags that name a dataset to load
@@ -154,7 +154,9 @@ def check_text_file(path: Path) -> None:
         try:
             path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{path} is not UTF-8 text (bad byte at offset {err.start}): save the file as UTF-8") from None
+            line, column = bad_byte_at(err)
+            raise ConfigError(f"{path} is not UTF-8 text (bad byte at line {line}, column {column}): save the file "
+                              f"as UTF-8") from None
 
 
 def jsonl_objects(path: Path) -> list[dict]:
@@ -177,7 +179,7 @@ def read_jsonl(path: Path) -> list[tuple[int, object]]:
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as err:
-                raise ConfigError(f"{path} line {n} is not UTF-8 text (bad byte at column {err.start + 1}): "
+                raise ConfigError(f"{path} line {n} is not UTF-8 text (bad byte at column {bad_byte_at(err)[1]}): "
                                   f"save the file as UTF-8") from None
             if not line.strip():
                 continue

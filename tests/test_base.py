@@ -43,7 +43,7 @@ def test_books_make_base_cannot_read_are_one_error_before_writing(case, tmp_path
     (texts / "bunny.txt").write_text((REPO / "data/pretrain/texts/bunny.txt").read_text())
     if case == "not-utf8":
         (texts / "odd.txt").write_bytes("Caf\xe9 au lait.\n".encode("latin-1"))
-        held, message = "bunny", r"odd.txt is not UTF-8 text \(invalid continuation byte at byte 3\): save it as UTF-8"
+        held, message = "bunny", r"odd.txt is not UTF-8 text \(invalid continuation byte at line 1, column 4\): save it as UTF-8"
     elif case == "short-heldout":
         (texts / "odd.txt").write_text("A tiny book.\n")
         held, message = "odd", r"the held-out books hold \d+ tokens, less than one block of block_size 64"

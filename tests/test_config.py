@@ -259,7 +259,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (b"a: 1\nfoo: [1, 2\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow "
                             "sequence) at line 3, column 1: fix it there"),
-    (b"\x00\xff\xfe garbage\n", "is not UTF-8 text (byte 1 is not): save it as UTF-8"),
+    (b"\x00\xff\xfe garbage\n", "is not UTF-8 text (line 1, column 2): save it as UTF-8"),
     (b"", "is empty: give it the stage's key: value lines (as configs/ has them)"),
     (b"# only a comment\n", "is empty: give it the stage's key: value lines (as configs/ has them)"),
     (b"run: x\n1: foo\n", "has the key 1, which is not a name: every key is a setting's name (as configs/ has them)"),
@@ -468,7 +468,7 @@ def test_a_chat_template_file_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "t.jinja"
     path.write_bytes(b"{{ messages }}\xff\n")
     with pytest.raises(ConfigError, match=r"chat_template file .*t.jinja of the model profile is not UTF-8 text "
-                                          r"\(invalid start byte at byte 14\): save it as UTF-8"):
+                                          r"\(invalid start byte at line 1, column 15\): save it as UTF-8"):
         template_text(str(path))
 
 

@@ -285,6 +285,25 @@ def test_a_missing_split_and_an_offline_hub_id_say_the_fix(tmp_path):
            "--local-dir DIR`) and give DIR" in res.stdout
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_a_byte_that_is_not_utf8_is_placed_by_line_and_column(suffix, tmp_path):
+    """A .csv or .json file's bad byte was named by its byte offset into the file (useless in a large file): now by
+    line and column from 1, the column in characters (the two-byte letters before it count one each), as an editor
+    shows it. The users file of the labeling UI does the same after a byte-order mark, which is not a column."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_any
+    from stages.label.config import load_users
+
+    path = tmp_path / f"prefs{suffix}"
+    path.write_bytes('prompt,chosen\n"café",yes\n"naïve '.encode() + b"\xe9" + b'",no\n')
+    with pytest.raises(ConfigError, match=rf"{path} is not UTF-8 text \(bad byte at line 3, column 8\)"):
+        load_any(str(path))
+    users = tmp_path / "users.txt"
+    users.write_bytes(b"\xef\xbb\xbfal\xe9x:pw\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(line 1, column 3\)"):
+        load_users(str(users), env={})
+
+
 def test_a_json_file_datasets_cannot_parse_says_why(tmp_path):
     """A .json file in JSON Lines form with a broken line: datasets raised DatasetGenerationError("An error occurred
     while generating the dataset"), the parser's reason ("... in row 2") only in its cause, which the error dropped.

@@ -651,7 +651,7 @@ def test_users_and_guidelines_files_are_read_as_utf8_and_a_login_given_twice_is_
     users.write_bytes(b"\xef\xbb\xbfalice:pw1\r\nbob:p\xc3\xa4ss\r\n")
     assert load_users(str(users), env={}) == [("alice", "pw1"), ("bob", "p\u00e4ss")]
     users.write_bytes(b"alice:pw1\nbob:p\xe4ss\n")
-    with pytest.raises(ConfigError, match=rf"users file {users} is not UTF-8 text \(line 2\): save it as UTF-8"):
+    with pytest.raises(ConfigError, match=rf"users file {users} is not UTF-8 text \(line 2, column 6\): save it as UTF-8"):
         load_users(str(users), env={})
     users.write_text("alice:pw1\nbob:pw2\n")
     with pytest.raises(ConfigError, match="login 'bob' is given more than once"):
@@ -660,7 +660,7 @@ def test_users_and_guidelines_files_are_read_as_utf8_and_a_login_given_twice_is_
     guidelines.write_bytes(b"\xef\xbb\xbf# Guidelines\n")
     assert read_guidelines(str(guidelines)) == "# Guidelines\n"
     guidelines.write_bytes(b"# Guidelines \x96 Latin-1\n")
-    with pytest.raises(ConfigError, match=r"guidelines file .* is not UTF-8 text \(line 1\)"):
+    with pytest.raises(ConfigError, match=r"guidelines file .* is not UTF-8 text \(line 1, column 14\)"):
         read_guidelines(str(guidelines))
 
 

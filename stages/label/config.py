@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, resolve_path
+from pipeline.config import ConfigError, bad_byte_at, resolve_path
 
 USERS_ENV = "LABEL_USERS"
 TIE_POLICIES = ("drop", "both_orders")
@@ -163,8 +163,8 @@ def read_utf8(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
-        raise ConfigError(f"{what} {path} is not UTF-8 text (line {line}): save it as UTF-8") from None
+        line, column = bad_byte_at(err)
+        raise ConfigError(f"{what} {path} is not UTF-8 text (line {line}, column {column}): save it as UTF-8") from None
 
 
 # An annotator's name, typed or a login: letters, digits, single spaces, . @ ' - (no ':', which marks a simulator; no
