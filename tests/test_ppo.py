@@ -883,6 +883,25 @@ def test_bf16_base_trains_fp32_adapters_and_heads(tiny_models, adapters, prompts
     assert len(trainer.param_digest()) == 16
 
 
+def test_old_logprobs_are_recomputed_unless_every_matmul_is_fp32():
+    """recompute_old_logprobs: null turns on unless the policy computes in fp32: a bf16 base, a launch's autocast, and
+    a 4-bit base (its matmuls run in bf16 even under a float32 profile, whose other layers stay fp32) all turn it on."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.ppo.trainer import computes_in_fp32
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    assert computes_in_fp32(lm, "no")
+    assert not computes_in_fp32(lm, "bf16")
+    lm.hf_quantizer = object()  # what transformers sets on a model loaded with a quantization_config
+    assert not computes_in_fp32(lm, "no")
+    lm.hf_quantizer, lm.is_loaded_in_4bit = None, True
+    assert not computes_in_fp32(lm, "no")
+    lm.is_loaded_in_4bit = False
+    assert computes_in_fp32(lm, "no") and not computes_in_fp32(lm.to(torch.bfloat16), "no")
+
+
 def test_bf16_profile_runs_to_the_end(tiny_models, adapters, prompts_file, runs_dir, bf16_profile):
     """PPO on a bf16 base writes its outputs and manifest (it used to crash after the last update)."""
     sft, rm = adapters("llama")

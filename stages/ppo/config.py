@@ -90,7 +90,7 @@ class PPOConfig:
     use_kl_loss: bool = field(default=False, metadata={"help": "KL to the reference as a loss term (k3, GRPO) instead of a penalty in the reward."})
     critic_init: str = field(default="fit", metadata={"help": "fit: the first rollout fits the value head (from the RM) to the shaped reward's scale by least squares; rm: the RM's raw scale, as is."})
     critic_warmup_updates: int = field(default=0, metadata={"help": "Updates that train only the value adapter (OpenRLHF freezing_actor_steps, verl critic_warmup)."})
-    recompute_old_logprobs: bool | None = field(default=None, metadata={"help": "Old log-probs from a full forward instead of the sampling loop (OpenRLHF, verl); null = on when the base is not fp32."})
+    recompute_old_logprobs: bool | None = field(default=None, metadata={"help": "Old log-probs from a full forward instead of the sampling loop (OpenRLHF, verl); null = on unless the policy computes in fp32 (an fp32 base, no mixed precision, not 4-bit)."})
     value_trainable_layers: int = field(default=1, metadata={"help": "The value adapter trains its top N decoder layers + head (the rest stay as the RM left them, and their output is computed once per rollout); 0 = all layers."})
     # Optimiser
     optim: str = field(default="adamw", metadata={"help": "adamw | sgd | rmsprop"})

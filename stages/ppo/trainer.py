@@ -79,6 +79,13 @@ def logged_rows(path: Path) -> list[dict]:
     return rows
 
 
+def computes_in_fp32(lm, mixed_precision: str) -> bool:
+    """Every matmul of the policy in fp32: an fp32 base, no autocast, and no quantized layers (a 4-bit base computes
+    in bf16, or fp16, whatever dtype the profile gives the rest of it)."""
+    quantized = getattr(lm, "hf_quantizer", None) is not None or getattr(lm, "is_loaded_in_4bit", False)
+    return lm.get_input_embeddings().weight.dtype == torch.float32 and mixed_precision == "no" and not quantized
+
+
 class PPOTrainer:
     def __init__(self, cfg, stack, tokenizer, prompts: list, prompt_ids: list[list[int]], out_dir: Path, state,
                  reward_stats: tuple[float, float] | None = None, reward_fn=None, config: dict | None = None,
@@ -97,8 +104,7 @@ class PPOTrainer:
         # torch.autocast, or nothing under 'no'; built here so that what it cannot run is refused before any update
         self.autocast = launch_autocast(self.device, cfg.stage_name, training=True)
         if cfg.recompute_old_logprobs is None:  # auto: the sampling loop's log-probs are exact enough only in fp32
-            cfg.recompute_old_logprobs = (self.lm.get_input_embeddings().weight.dtype != torch.float32
-                                          or self.mixed_precision != "no")
+            cfg.recompute_old_logprobs = not computes_in_fp32(self.lm, self.mixed_precision)
 
         # The value adapter may train only its top layers (TopLayers): freeze the rest before collecting parameters.
         self.top = None
