@@ -144,7 +144,8 @@ def test_a_stale_screen_cannot_change_a_label_it_did_not_show(tmp_path):
     """Two tabs of one annotator show the same pair (the lease is theirs), or a second key arrives before the page shows
     the next pair: the click the page sends carries the pair already labeled. It may not change that label (a pair is
     labeled once; changing one is the "Change an earlier label" view's): nothing is written, the page says so and
-    serves the next pair. Reopened on purpose, the same click does change it."""
+    serves the next pair. Reopened on purpose, the same click does change it. A pair skipped in another tab is not
+    labeled by the stale one either."""
     from types import SimpleNamespace
 
     from stages.label.app import ALREADY_LABELED, build_app
@@ -170,3 +171,12 @@ def test_a_stale_screen_cannot_change_a_label_it_did_not_show(tmp_path):
     opened = handlers["open"]("p0", out[0], me)[0]  # on purpose: Change an earlier label
     handlers["label_right"]("", "", opened, me)
     assert [(lab["choice"], lab["revision"]) for lab in store.labels()] == [("right", 2)]
+
+    # p1 skipped in one tab, labeled from another still showing it: the skip stands (the pair went back to the pool
+    # for others; a label would have taken it past its overlap)
+    tab2 = handlers["start"]("dora", {}, me)[0]
+    assert out[0]["pair_id"] == tab2["pair_id"] == "p1"
+    handlers["skip"](out[0], me)
+    stale = handlers["label_left"]("", "", tab2, me)
+    assert ALREADY_LABELED in stale and [lab["pair_id"] for lab in store.labels()] == ["p0"]
+    assert [(h["action"], h["pair_id"]) for h in store.history("dora")][-1] == ("skip", "p1")

@@ -1580,6 +1580,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('bad-byte-bom-counted', 'stages/label/config.py', '        line, column = bad_byte_at(err)\n', '        line, column = bad_byte_at(UnicodeDecodeError("utf-8", path.read_bytes(), err.start + 3, err.end + 3, err.reason))\n', "tests/test_data.py -k placed_by_line"),
     ('ppo-recompute-ignores-4bit', 'stages/ppo/trainer.py', 'and mixed_precision == "no" and not quantized', 'and mixed_precision == "no"', "tests/test_ppo.py -k recomputed_unless"),
     ('ppo-recompute-ignores-4bit-flag', 'stages/ppo/trainer.py', ' or getattr(lm, "is_loaded_in_4bit", False)', '', "tests/test_ppo.py -k recomputed_unless"),
+    ('store-new-only-ignores-skip', 'stages/label/store.py', ' UNION ALL "\n                                        "SELECT 1 FROM skips WHERE pair_id = ? AND annotator = ?",\n                                        (pair_id, annotator, pair_id, annotator)).fetchone():', '",\n                                        (pair_id, annotator)).fetchone():', 'tests/test_label_api.py -k stale'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

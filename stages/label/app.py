@@ -65,8 +65,9 @@ CSS = """
 """
 
 # A label click on a pair this annotator labeled since it was put on screen: the label stays as it was
-ALREADY_LABELED = ("⚠ Not saved: you had already labeled that pair (in another tab, or with the key before). Your "
-                   "label stays as it was; to change it, use <b>Change an earlier label</b>.")
+ALREADY_LABELED = ("⚠ Not saved: you had already labeled or skipped that pair (in another tab, or with the key "
+                   "before). It stays as it was; to change a label, use <b>Change an earlier label</b>; to take back "
+                   "a skip, <b>Undo</b>.")
 
 CHOICE_TEXT = {"left": "left is better", "right": "right is better", "tie": "tie", "both_bad": "both bad"}
 
@@ -301,7 +302,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                     out = list(view(st, f"⚠ Not saved: {html.escape(str(err))}. Shorten the note."))
                     out[note_output] = gr.update()
                     return tuple(out)
-                if row is None:  # a stale screen: this pair was labeled from another tab, or by the key before
+                if row is None:  # a stale screen: this pair was labeled or skipped from another tab, or by the key before
                     return view({"annotator": st["annotator"]}, ALREADY_LABELED)
                 verb = "Changed" if row["revision"] > 1 else "Saved"
                 msg = (f"✓ {verb} label #{row['id']}: {describe(row)} "

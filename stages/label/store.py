@@ -528,11 +528,13 @@ class LabelStore:
         """Insert or change this annotator's label for the pair, in one transaction. Returns the stored row.
 
         `new_only`: the click answers a pair served as unlabeled, so it may not change a label they gave it meanwhile
-        (a second tab showing the same pair, a second key pressed before the page showed the next pair): nothing is
-        written and None is returned. Changing a label is the "Change an earlier label" view's, where they see it."""
+        (a second tab showing the same pair, a second key pressed before the page showed the next pair), nor turn a
+        skip they gave it meanwhile into a label (a pair past its overlap): nothing is written and None is returned.
+        Changing a label is the "Change an earlier label" view's, where they see it; a skip is taken back by Undo."""
         with self._tx() as con:
-            if new_only and con.execute("SELECT 1 FROM labels WHERE pair_id = ? AND annotator = ?",
-                                        (pair_id, annotator)).fetchone():
+            if new_only and con.execute("SELECT 1 FROM labels WHERE pair_id = ? AND annotator = ? UNION ALL "
+                                        "SELECT 1 FROM skips WHERE pair_id = ? AND annotator = ?",
+                                        (pair_id, annotator, pair_id, annotator)).fetchone():
                 return None
             return self._save_label(con, annotator, pair_id, choice, shown_left, strength, note)
 
