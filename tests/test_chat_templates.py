@@ -385,6 +385,18 @@ def test_a_base_without_a_pad_token_pads_with_eos_and_its_reward_model_reads_the
     torch.testing.assert_close(scores, torch.stack([per_token[0, 2], per_token[1, 1]]))
 
 
+def test_a_base_with_its_own_pad_token_keeps_it(tiny_models):
+    """Only a tokenizer without a pad token pads with EOS: one with its own (the pipeline's `<pad>`) keeps it, and the
+    reward model reads its score at the final EOS, as RewardTrainer trained it to. Mutant: EOS made the pad of every
+    tokenizer, and the score moved to the token before the EOS."""
+    from pipeline.models import load_base, load_tokenizer, profile_from
+
+    prof = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(prof)
+    assert (tok.pad_token, tok.eos_token) == ("<pad>", "</s>") and tok.pad_token_id != tok.eos_token_id
+    assert load_base(prof, tok, kind="score").config.pad_token_id == tok.convert_tokens_to_ids("<pad>")
+
+
 STORY_LENGTHS = {"llama3_1": (109, 138), "llama3_2": (109, 138), "qwen2_5": (91, 121), "qwen3": (59, 95),
                  "gemma3": (60, 90), "phi3_5": (54, 85)}  # longest opening with its generation prompt, longest SFT row
 

@@ -472,6 +472,47 @@ def test_a_chat_template_file_that_is_not_utf8_is_one_line(tmp_path):
         template_text(str(path))
 
 
+def test_a_chat_template_is_text_with_either_jinja_mark_and_a_missing_file_is_one_line(tmp_path):
+    """A profile's chat_template is the template itself when it holds `{{` or `{%` (either alone: a template of
+    expressions only, or of statements only), else a .jinja file; a file that is not there is one ConfigError naming
+    it, not a traceback. Mutants: both marks required; the file read unchecked (FileNotFoundError)."""
+    from pipeline.models import template_text
+
+    for text in ("{{ messages[0]['content'] }}", "{% for m in messages %}{{ m }}{% endfor %}", "{% if x %}y{% endif %}"):
+        assert template_text(text) == text
+    with pytest.raises(ConfigError, match=r"^chat_template file .*missing\.jinja of the model profile does not exist"):
+        template_text(str(tmp_path / "missing.jinja"))
+
+
+def test_a_4bit_base_is_nf4_double_quantized_onto_this_process_device(monkeypatch):
+    """QLoRA's base as Dettmers et al. quantize it (NF4, the quantization constants quantized again), loaded straight
+    onto this process's device (a 4-bit model cannot be moved after loading). Mutants: FP4; single quantization; no
+    device_map."""
+    import torch
+    from accelerate import PartialState
+
+    from pipeline.models import quantization_kwargs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kwargs = quantization_kwargs(ModelProfile(name_or_path="models/tiny", load_in_4bit=True))
+    q = kwargs["quantization_config"]
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant is True
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and kwargs["device_map"] == {"": PartialState().device}
+
+
+def test_a_4bit_profile_without_a_cuda_gpu_is_one_line(monkeypatch):
+    """QLoRA's 4-bit base needs bitsandbytes on a CUDA GPU: without one the profile is refused in one line before any
+    weight loads (it failed inside from_pretrained). Mutant: the check dropped."""
+    import torch
+
+    from pipeline.models import quantization_kwargs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="^load_in_4bit needs a CUDA GPU and bitsandbytes"):
+        quantization_kwargs(ModelProfile(name_or_path="models/tiny", load_in_4bit=True))
+    assert quantization_kwargs(ModelProfile(name_or_path="models/tiny")) == {}
+
+
 def test_a_launch_variable_make_did_not_write_is_one_line(monkeypatch):
     from pipeline.run import LAUNCH_ENV, launch_args
 

@@ -506,6 +506,39 @@ def test_combined_lora_by_hand_keeps_the_adapters_dtype():
                                2 * b1.double() @ (a1.double() @ x.double()) + s2 * b2.double() @ (a2.double() @ x.double()))
 
 
+@pytest.mark.parametrize("first,second", [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=["sft-narrower", "dpo-narrower"])
+def test_loras_of_two_dtypes_combine_in_the_wider_one(first, second):
+    """An SFT adapter saved in one precision and DPO's in another: the combined LoRA is in the wider of the two, so
+    neither adapter's matrices are rounded to the other's. Mutants: the first adapter's dtype kept, the second's."""
+    a1, b1 = torch.tensor([[1.0, 1 / 3]], dtype=first), torch.tensor([[3.0], [1 / 7]], dtype=first)
+    a2, b2 = torch.tensor([[1 / 3, 6.0]], dtype=second), torch.tensor([[1.0], [1 / 11]], dtype=second)
+    config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"]}  # scaling 1: B as it is
+    state, _ = combine_loras({"m.lora_A.weight": a1, "m.lora_B.weight": b1}, config,
+                             {"m.lora_A.weight": a2, "m.lora_B.weight": b2}, config)
+    a, b = state["m.lora_A.weight"], state["m.lora_B.weight"]
+    assert a.dtype == b.dtype == torch.float64
+    assert torch.equal(a, torch.cat([a1.double(), a2.double()], dim=0))
+    assert torch.equal(b, torch.cat([b1.double(), b2.double()], dim=1))
+
+
+def test_an_sft_lora_on_parameters_is_refused_by_its_config(tmp_path):
+    """A LoRA that also targets parameters (target_parameters: an MoE's expert weights) saves those matrices under the
+    same lora_A/lora_B names as a module's, so its weights file looks plain: its config alone says it is not, and it is
+    refused before any training (DPO's own LoRA wraps modules only, and the two would not combine into one). Mutant:
+    target_parameters left out of the refused extras."""
+    from safetensors.torch import save_file
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    config = {"peft_type": "LORA", "bias": "none", "target_modules": ["q_proj"],
+              "target_parameters": ["mlp.experts.gate_up_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({f"{key}.lora_A.weight": torch.ones(1, 2), f"{key}.lora_B.weight": torch.ones(2, 1)},
+              str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match=r"not a plain LoRA .*target_parameters"):
+        require_combinable(tmp_path, ["q_proj"], what="SFT")
+
+
 @pytest.mark.parametrize("change,message", [
     ({"bias": "lora_only"}, "not a plain LoRA"),
     ({"extra_weight": "base_model.model.model.embed_tokens.weight"}, "holds weights other than LoRA A/B matrices"),

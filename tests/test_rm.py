@@ -760,6 +760,29 @@ def test_a_frozen_part_of_a_trained_adapter_stays_frozen_whichever_adapter_is_ac
             == frozen, active
 
 
+def test_a_bf16_stack_scores_with_its_fp32_head_as_built(tiny_models_bf16, tmp_path):
+    """On a bf16 base the stack's score heads are fp32 (its slot), and eval scores with them as AdapterStack.build
+    leaves them (PPO adds fp32_head's cast; eval does not): head_output casts the bf16 hidden state up to the head's
+    dtype and scores in fp32. Mutant: the hidden state handed to the head as it is (a dtype error in eval)."""
+    import yaml
+
+    from pipeline.adapters import AdapterStack
+    from tests.fake_upstream import _lora_adapter
+
+    spec = yaml.safe_load(tiny_models_bf16["llama"].read_text())
+    reward = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / "reward", seed=3,
+                           task_type="SEQ_CLS")
+    prof = profile_from(str(tiny_models_bf16["llama"]))
+    stack = AdapterStack.build(prof, load_tokenizer(prof), {"reward": reward})
+    ids, mask = torch.randint(5, 60, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        hidden = stack.hidden("reward", ids, mask)
+        assert hidden.dtype == torch.bfloat16 and next(stack.causal_lm.score.parameters()).dtype == torch.float32
+        values = stack.values("reward", ids, mask)
+        by_hand = stack.causal_lm.score(hidden.float()).squeeze(-1)
+    assert values.dtype == torch.float32 and torch.equal(values, by_hand)
+
+
 def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_data, tmp_path, capsys):
     """`ensemble: 2`: member 0 is exactly the reward model of `ensemble: 1` (same seed, same pairs), member 1 another
     one (its own seed, stream_seed(42, 1)) on the same held-out prompts; the stage's held-out figures are those of the
@@ -868,6 +891,20 @@ def test_pool_scores_by_hand(tmp_path):
         read_pooling(tmp_path)
 
 
+def test_a_last_pooled_reward_models_pooling_file_gives_no_divisor(tmp_path):
+    """score_pooling.json is written beside every reward adapter and published with it: for `last` pooling it gives
+    no sum_divisor (the score is the head at the last token, divided by nothing); for `sum`, SUM_DIVISOR. Mutant: the
+    divisor written whatever the pooling, and a `last` model's file told its users to divide its score by 16."""
+    from pipeline.adapters import read_sum_divisor
+
+    write_pooling(tmp_path, "last")
+    written = json.loads((tmp_path / "score_pooling.json").read_text())
+    assert (written["pooling"], written["sum_divisor"]) == ("last", None)
+    assert read_pooling(tmp_path) == "last" and read_sum_divisor(tmp_path) is None
+    write_pooling(tmp_path, "sum")
+    assert json.loads((tmp_path / "score_pooling.json").read_text())["sum_divisor"] == read_sum_divisor(tmp_path) == 16.0
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pooled_forward_is_pool_scores(tiny_models, arch):
     """pool_in_forward (what RewardTrainer, the stage's scoring, the reload check and an rm: judge run) gives
@@ -906,6 +943,27 @@ def test_pooled_forward_is_pool_scores(tiny_models, arch):
     torch.testing.assert_close(reply, pool_scores(per_token[[0, 2]], *rows, pad, "sum", starts), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reply, torch.stack([per_token[0, 2:6].sum(), per_token[2, 4:].sum()]) / 16,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_a_pooled_forward_without_a_mask_sums_every_token(tiny_models):
+    """pool_in_forward's sum when the caller gives no attention_mask (a user's `model(input_ids=...)` on the published
+    reward model, rows without padding): every token counts, as the unmasked forward attends to them all. Mutant: a
+    missing mask taken as all zeros, and every such score was 0."""
+    from pipeline.models import backbone, score_head_name
+
+    prof = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(prof)
+    torch.manual_seed(0)
+    model = load_base(prof, tok, kind="score").eval()
+    ids = torch.randint(5, 60, (2, 7))
+    ids[ids == model.config.pad_token_id] = 4  # no pad inside: the last token is the one read
+    with torch.no_grad():
+        hidden = backbone(model)(input_ids=ids).last_hidden_state
+        per_token = getattr(model, score_head_name(model))(hidden)[..., 0]
+        pool_in_forward(model, "sum")
+        summed = model(input_ids=ids).logits[:, 0]
+    assert per_token.abs().sum() > 0
+    torch.testing.assert_close(summed, per_token.sum(1) / SUM_DIVISOR, atol=1e-5, rtol=1e-5)
 
 
 def test_reply_start_is_where_ppo_and_eval_start_a_summed_reply(tiny_models):
