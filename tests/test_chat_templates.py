@@ -167,6 +167,29 @@ def test_an_end_of_turn_that_is_an_ordinary_token_does_not_stop_generation(tiny_
     assert stop_token_ids(tok) == [tok.eos_token_id]
 
 
+def test_an_end_of_turn_added_as_a_special_token_stops_generation_and_one_of_two_tokens_does_not():
+    """The template's end of turn joins the stop ids when it is one special token by either record: among the
+    tokenizer's special ids, or an added token marked special that is not listed there (the way some tokenizers carry
+    their end-of-turn token). An end of turn of two tokens is no stop token, even when its first one is special."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import end_of_turn
+    from pipeline.generation import stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
+    assert tok.add_tokens([AddedToken("<|end|>", special=True)]) == 1
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert end not in tok.all_special_ids and tok.added_tokens_decoder[end].special
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tok.chat_template = template
+    assert end_of_turn(tok) == "<|end|>" and stop_token_ids(tok) == [tok.eos_token_id, end]
+    tok.chat_template = template.replace("<|end|>", "<|end|>!")
+    assert end_of_turn(tok) == "<|end|>!" and tok("<|end|>!", add_special_tokens=False)["input_ids"][0] == end
+    assert stop_token_ids(tok) == [tok.eos_token_id]
+
+
 def test_truncate_after_the_first_of_several_stop_ids():
     from pipeline.generation import truncate_after_eos
 

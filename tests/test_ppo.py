@@ -621,6 +621,7 @@ def test_a_cut_prompt_keeps_its_bos(tiny_models, prompts_file):
 
     assert keep_end([1, 5, 6, 7, 8], 3, 1) == [1, 7, 8] and keep_end([5, 6, 7, 8], 3, 1) == [6, 7, 8]
     assert keep_end([1, 5], 3, 1) == [1, 5] and keep_end([1, 5, 6, 7], 3, None) == [5, 6, 7]
+    assert keep_end([1, 5, 6, 7], 1, 1) == [7]  # no room for BOS and the end: the end (the assistant header) wins
     tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
     conv = [{"role": "user", "content": "a long question about rabbits and their burrows " * 4}]
     full = chat_ids(tok, conv, add_generation_prompt=True)
@@ -1885,6 +1886,73 @@ def test_chunks_with_different_prompt_widths_stay_left_padded(tiny_models, adapt
     assert torch.allclose(ro.ref_logprobs, ro.logprobs, atol=1e-4)
 
 
+def test_a_chunk_whose_rows_all_ended_early_is_padded_and_masked_after_its_responses(tiny_models, adapters,
+                                                                                      prompts_file, tmp_path, no_grad,
+                                                                                      monkeypatch):
+    """Sampling in chunks: a chunk whose rows all stopped early returns fewer columns than the others. The rollout
+    pads its responses on the right with pad and a mask of 0, so the update never trains on, and the KL never reads,
+    columns that chunk did not sample (here its sampling call is cut to 3 tokens, as if all its rows had ended)."""
+    from stages.ppo import rollout as R
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--generation_batch_size", "2")
+    real, calls = R.sample, []
+
+    def first_chunk_short(*a, **k):
+        s = real(*a, **k)
+        if not calls:
+            s = R.Sampled(s.response_ids[:, :3], s.response_mask[:, :3], s.logprobs[:, :3], s.entropy[:, :3], s.ended)
+        calls.append(1)
+        return s
+
+    monkeypatch.setattr(R, "sample", first_chunk_short)
+    ro = R.collect(trainer.stack, trainer.tokenizer, trainer.prompts[:6], trainer.prompt_ids[:6], trainer.cfg,
+                   torch.Generator().manual_seed(0))
+    pad = trainer.tokenizer.pad_token_id
+    assert len(calls) == 3 and ro.response_ids.shape[1] > 3 and bool(ro.response_mask[2:, 3:].any())
+    assert not ro.response_mask[:2, 3:].any() and bool((ro.response_ids[:2, 3:] == pad).all())
+    assert not ro.logprobs[:2, 3:].any() and not ro.ref_logprobs[:2, 3:].any() and not ro.values[:2, 3:].any()
+    assert torch.allclose(ro.ref_logprobs, ro.logprobs, atol=1e-4)
+
+
+def test_value_hidden_states_land_in_each_rows_columns_when_chunks_are_trimmed(tiny_models, adapters, prompts_file,
+                                                                                tmp_path, no_grad):
+    """collect's value pass runs chunks of rows trimmed to their own longest prompt (forward_batch_size 2 here, prompts
+    of several lengths): the hidden states TopLayers keeps must land in each row's columns of the rollout's layout,
+    so that a later forward over other rows (another trim; shorter responses, whose kept positions causal attention
+    leaves unchanged) replays exactly what a full forward computes."""
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack, load_prompts
+    from stages.ppo.rollout import TopLayers, collect, token_values
+
+    sft_dir, rm_dir = adapters("llama")
+    cfg, run = parse_args(ppo_args(tiny_models["llama"], tmp_path, "x", prompts_file, None, None,
+                                   "--forward_batch_size", "2"))
+    profile = profile_from(run.model_config)
+    tok = load_tokenizer(profile)
+    prompts, ids, _, _ = load_prompts(cfg, tok)
+    stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False)
+    lm = stack.causal_lm
+    top = TopLayers(lm, 1)
+    ro = collect(stack, tok, prompts[:7], ids[:7], cfg, torch.Generator().manual_seed(0), token_count_reward(7), top)
+    assert len(set(ro.query_mask.sum(1).tolist())) > 2  # chunks of 2 trimmed to different widths
+
+    def check():
+        stack.use("value")
+        for i in range(len(ro.texts)):  # one row a forward: trimmed to its own prompt and response
+            idx = torch.tensor([i])
+            x = ro.rows(idx)
+            full = token_values(lm, x)
+            replayed = token_values(lm, x, top, ro.cached_hidden(idx, x))
+            assert torch.allclose(replayed, full, atol=1e-5), (i, (replayed - full).abs().max())
+
+    check()
+    cut = ro.response_mask.clone()
+    cut[1::2, 3:] = 0  # odd rows end after 3 tokens
+    ro.response_ids, ro.response_mask = torch.where(cut.bool(), ro.response_ids, tok.pad_token_id), cut
+    assert bool((cut.sum(1) < cut.shape[1]).any())
+    check()
+
+
 def test_the_reward_replays_the_value_layers_only_when_they_are_the_same(tiny_models, adapters, prompts_file,
                                                                           tmp_path, no_grad):
     """value_trainable_layers with reward_input tokens: the reward pass replays the value's frozen bottom layers only
@@ -2000,6 +2068,13 @@ def test_a_row_stays_ended_and_the_update_forward_sees_the_sampling_positions(ti
     assert ended.response_mask.sum(1).tolist() == [n + 1 for n in first] and bool(ended.ended.all())
     assert ended.response_ids[0, : first[0] + 1].tolist() == rows[0][: first[0] + 1]
     assert draw([rows[0][0]], False).ended.tolist() == [True, rows[0][0] in rows[1]]  # the token stays in the reply
+    # stop_at_eos false: every sampled token is the reply's, one equal to the pad id too (a base without a pad token
+    # pads with its EOS, which such a run samples and trains on)
+    as_pad = rows[0][2]
+    again = sample(lm, ids, mask, 8, 0.7, [tok.eos_token_id], as_pad, torch.Generator().manual_seed(0),
+                   stop_at_eos=False)
+    assert torch.equal(again.response_ids, free.response_ids) and bool(again.response_mask.bool().all())
+    assert torch.equal(again.logprobs, free.logprobs) and bool(again.logprobs[0, 2] != 0)
 
 
 # ------------------------------------------------- resume digests, kept policies, rank slices, offsets, dropout, logs
@@ -2272,6 +2347,29 @@ def test_decoder_layers_are_the_trunks_outermost_list_of_layers(arch):
     expected = {"gpt2": lambda: lm.transformer.h, "gpt_neox": lambda: lm.gpt_neox.layers,
                 "opt": lambda: lm.model.decoder.layers}.get(arch, lambda: lm.model.layers)()
     assert decoder_layers(lm) is expected and len(expected) == 2
+
+
+def test_rows_that_are_not_a_whole_number_of_groups_are_refused_by_name():
+    """Six copies of one prompt are not whole groups of 4: refused with the rule, not a bare reshape error."""
+    from stages.ppo.rollout import check_groups
+
+    same = torch.tensor([[0, 5, 6]] * 6)
+    check_groups(same, 3)  # two whole groups of 3
+    with pytest.raises(ValueError, match="6 rows are not whole groups of 4"):
+        check_groups(same, 4)
+
+
+def test_top_layers_train_at_least_one_layer_and_leave_at_least_one_frozen():
+    """TopLayers(lm, n) trains the top n of L layers: n = 0 (no trained layer) and n = L (nothing to replay) are
+    refused; on 2 layers, n = 1 freezes layer 0 and trains from layer 1."""
+    from stages.ppo.rollout import TopLayers
+
+    lm = random_model("llama", "causal")
+    top = TopLayers(lm, 1)
+    assert top.cut == 1 and top.frozen_modules() == [lm.model.layers[0]]
+    for n in (0, 2):
+        with pytest.raises(ValueError, match=rf"value_trainable_layers={n} must be in 1\.\.1"):
+            TopLayers(lm, n)
 
 
 def test_decoder_layers_are_not_a_list_of_as_many_modules_inside_each_block():

@@ -88,6 +88,9 @@ def test_base_numel_is_the_frozen_base_alone(tiny_models, adapters):
     norm.data = torch.ones(3 * norm.numel())[: norm.numel()]
     assert base_numel(stack) == (expected, expected, expected + 2 * norm.numel())
     assert sum(p.numel() for p in stack.model.parameters()) > expected  # the adapters exist, and are not counted
+    # A sharded weight (a DTensor: to_local() is this rank's shard) counts whole in the base, as its shard on this rank.
+    norm.to_local = lambda: torch.ones(norm.numel() // 2)
+    assert base_numel(stack) == (expected, expected - norm.numel() // 2, expected - norm.numel() // 2)
 
 
 # ------------------------------------------------------------------------------------------------ lockstep sampling
