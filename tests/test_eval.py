@@ -1167,3 +1167,86 @@ def test_model_text_in_the_sample_table_is_shown_as_itself_not_as_markdown_or_ht
          "reward_sft": 0.5, "reward_ppo": 1.25}
     assert sample_table([s])[2] == ("| &#60;details&#62; | \\*sigh\\* \\!\\[x\\]\\(http://e.x/a.png\\) | "
                                     + "&#60;" * 159 + "… | 0.500 | 1.250 |")
+
+
+def test_held_out_pairs_with_kept_token_ids_score_each_pairs_own_chosen_and_rejected(tmp_path, monkeypatch):
+    """heldout_pair_rewards on pairs that carry the rm stage's token ids (as `make rm` writes eval_pairs.jsonl): pair
+    i's chosen score is that of its chosen ids, its rejected score that of its rejected ids, over several pairs (with
+    one pair any order reads the same). Scoring faked: a sequence's score is the sum of its ids plus half its start."""
+    from types import SimpleNamespace
+
+    import stages.eval as ev
+
+    monkeypatch.setattr(ev, "token_scores", lambda stack, seqs, starts, pad_id, batch:
+                        [float(sum(s)) + 0.5 * st for s, st in zip(seqs, starts)])
+    rows = [([1, 2], [30], 1), ([4, 5, 6], [70, 8], 2), ([9], [10, 11], 0)]
+    pairs = tmp_path / "eval_pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": "Hi", "chosen": "c", "rejected": "r", "chosen_ids": c,
+                                         "rejected_ids": r, "reply_start": s}) + "\n" for c, r, s in rows))
+    held, chosen, rejected = ev.heldout_pair_rewards(None, SimpleNamespace(pad_token_id=0),
+                                                     {"outputs": {"eval_pairs": str(pairs)}}, 8)
+    assert len(held) == 3 and chosen == [3.5, 16.0, 9.0] and rejected == [30.5, 79.0, 21.0]
+
+
+def test_the_proxy_win_rate_counts_the_same_reply_as_a_tie_whatever_its_two_scores(tmp_path):
+    """SFT and PPO writing the same reply to a prompt is a tie under the reward model, though its two scores can differ
+    (a batch's padding; in bf16 by ~1e-2): PPO wins prompt 1, ties prompt 0 -> (1 + 0.5) / 2."""
+    from types import SimpleNamespace
+
+    from stages.eval import EvalArgs
+    from stages.eval_ppo import sft_vs_ppo
+    from tests.fake_upstream import fake_metrics
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fake_metrics()))
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(2)]
+    ro_sft = {"texts": ["same", "sft"], "rewards": [0.0, 0.0], "lengths": [3, 3], "ended": [True, True]}
+    ro_ppo = {"texts": ["same", "ppo"], "rewards": [0.01, 1.0], "lengths": [3, 3], "ended": [True, True]}
+    out = sft_vs_ppo(SimpleNamespace(spec="none"), prompts, EvalArgs(), {"outputs": {"metrics_jsonl":
+                     str(tmp_path / "metrics.jsonl")}}, tmp_path / "ppo", ro_sft, ro_ppo, [0.0, 1.0], None, ([], [], []), [])
+    assert (out["win_rate"]["wins"], out["win_rate"]["ties"]) == (1, 1) and out["figures"]["win_rate"] == 0.75
+
+
+def test_a_first_response_length_of_zero_raises_no_length_flag_and_no_error():
+    """The length flag compares the last length with a multiple of the first: a first tenth of empty replies (length 0)
+    has no ratio, so no flag, rather than a ZeroDivisionError in the report."""
+    from stages.eval import EvalArgs
+    from stages.eval_ppo import training_flags
+
+    train = {"reward_raw_first": 0.0, "reward_raw_last": 1.0, "response_length_first": 0.0, "response_length_last": 5.0}
+    assert training_flags(train, EvalArgs(hacking_length_ratio=2.0, hacking_kl=10.0)) == []
+
+
+def test_the_final_update_is_the_last_logged_else_the_configured_total_else_one(tmp_path):
+    """Where an RL stage's final policy sits on the curve: the highest update its metrics logged; with none logged, its
+    configured total_updates; with neither, 1 (after SFT's 0)."""
+    from stages.eval_ppo import final_update
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"update": 3}\n{"update": 7}\n{"update": 5}\n')
+    manifest = {"outputs": {"metrics_jsonl": str(metrics)}, "config": {"ppo": {"total_updates": 20}}}
+    assert final_update(manifest) == 7
+    metrics.write_text('{"kl": 0.1}\n')
+    assert final_update(manifest) == 20
+    assert final_update({**manifest, "config": {}}) == 1
+
+
+def test_the_gold_win_rate_matrix_counts_any_gold_difference_as_the_ppo_report_does(tmp_path):
+    """The comparison's gold matrix takes ties as the PPO report's gold win rate does (tie_eps 0: a judge's scores are
+    its own; any difference orders them): PPO's gold 5e-7 above SFT's on both prompts is two wins in both."""
+    from types import SimpleNamespace
+
+    from stages.eval import EvalArgs, compare_policies
+    from stages.eval_ppo import curve_point, gold_report
+
+    ro = {n: {"texts": [f"{n} a", f"{n} b"], "rewards": [0.0, 1.0], "lengths": [3, 3], "ended": [True, True]}
+          for n in ("sft", "ppo")}
+    gold = {"sft": [0.0, 0.0], "ppo": [5e-7, 5e-7]}
+    kl = {"sft": [0.0, 0.0], "ppo": [1.0, 1.0]}
+    curve = [curve_point(0, "sft", ro["sft"]["rewards"], gold["sft"], kl["sft"]),
+             curve_point(4, "ppo (final)", ro["ppo"]["rewards"], gold["ppo"], kl["ppo"])]
+    judge = SimpleNamespace(spec="made-up")
+    c = compare_policies(judge, [[{"role": "user", "content": "a"}]] * 2, EvalArgs(), {"ppo": {}}, ro, kl, gold, {}, curve,
+                         {"ppo": 4})
+    report = gold_report(judge, [], SimpleNamespace(gold_batch_size=8), ([], [], []), [], 4, ro["sft"], ro["ppo"],
+                         kl["ppo"], gold["sft"], gold["ppo"])
+    assert report["win_rate"]["rate"] == c["win_rate_gold"]["ppo"]["sft"]["rate"] == 1.0

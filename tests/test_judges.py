@@ -381,3 +381,14 @@ def test_a_bad_score_or_a_failing_batch_names_its_row_in_the_whole_list():
 
     with pytest.raises(ConfigError, match=r"judge 'late' failed on rows 2-2: RuntimeError: no"):
         judge_scores(Judge("late", "late", fails_late), PROMPTS, TEXTS, batch_size=2)
+
+
+def test_a_config_error_a_judge_raises_passes_through_as_it_is():
+    """A judge that raises ConfigError itself (a function judge checking its own input) has said what is wrong already:
+    judge_scores passes it on unchanged, not wrapped as a failure on rows 0-2 with the type name in front."""
+    def refuses(prompts, responses):
+        raise ConfigError("my judge needs English prompts")
+
+    with pytest.raises(ConfigError) as err:
+        judge_scores(Judge("mine", "mine", refuses), PROMPTS, TEXTS)
+    assert str(err.value) == "my judge needs English prompts"

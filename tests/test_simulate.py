@@ -520,3 +520,85 @@ def test_the_note_on_your_own_prompts_is_printed_by_the_stage(tmp_path, capsys):
                                           "--run", "t", "--annotators", "1"]))
     assert "note: the simulated annotators judge the replies to these prompts (my_prompts.jsonl) by sentiment" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [({"temperature": 0.0}, r"temperature must be > 0"),
+                                              ({"annotators": 0}, r"annotators must be >= 1"),
+                                              ({"tie_band": -0.01}, r"tie_band must be >= 0")])
+def test_a_zero_temperature_no_annotators_or_a_negative_tie_band_is_refused(setting, message):
+    """The settings' edges: temperature 0 divides by zero in p_left (and `args.temperature or calibrate` would quietly
+    calibrate one instead), 0 annotators label nothing while removing every simulator's labels, and a negative tie
+    band is no band. The smallest settings allowed are fine."""
+    with pytest.raises(ConfigError, match=message):
+        SimulateArgs(**setting)
+    SimulateArgs(temperature=1e-6, annotators=1, tie_band=0.0)
+
+
+def test_pairs_the_word_filter_holds_back_from_people_are_not_labeled_by_the_simulators_either(tmp_path):
+    """The simulators are served what people are: a pair holding a word of the label config's offensive_words is
+    held back (the same word filter), so it gets no simulated label either."""
+    from stages.label.store import LabelStore
+
+    runs = tmp_path / "runs"
+    path, rows = pairs_file(tmp_path)
+    rows[4]["responses"][1] += " zorblax"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    label_yaml = tmp_path / "label.yaml"
+    label_yaml.write_text((REPO / "configs/label.yaml").read_text() + "\nfilter_offensive: true\noffensive_words: [zorblax]\n")
+    m = main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
+                                              "--run", "t", "--pairs_dataset", str(path), "--annotators", "1",
+                                              "--label_config", str(label_yaml)]))
+    labeled = {lab["pair_id"] for lab in LabelStore(runs / "t" / "label" / "labels.sqlite").labels()}
+    assert labeled == {r["pair_id"] for r in rows} - {rows[4]["pair_id"]} and m["labels"] == 59
+
+
+def test_the_metrics_are_of_the_pairs_labeled_now_not_of_an_earlier_pairs_dataset(tmp_path):
+    """A rerun on another pairs dataset keeps the earlier dataset's labels in the store (inactive, as people's): the
+    manifest's label count and shares are of this run's pairs only."""
+    from stages.label.store import LabelStore
+
+    runs = tmp_path / "runs"
+    simulate(tmp_path, runs, "--temperature", "1e-6")
+    _, rows = pairs_file(tmp_path)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "pair_id": f"new-{r['pair_id']}"}) + "\n" for r in rows[:9]))
+    m = main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
+                                              "--run", "t", "--pairs_dataset", str(other), "--annotators", "1",
+                                              "--temperature", "1e-6"]))
+    labels = LabelStore(runs / "t" / "label" / "labels.sqlite").labels()
+    assert len(labels) == 69  # the 60 earlier labels stay
+    now = [lab for lab in labels if lab["pair_id"].startswith("new-")]
+    assert m["pairs"] == 9 and m["labels"] == m["labels_written"] == len(now) == 9
+    assert m["tie_share"] == round(sum(lab["choice"] == "tie" for lab in now) / 9, 4)
+
+
+def test_a_score_difference_of_exactly_tie_band_is_calibrated_on_as_it_is_labeled(tmp_path):
+    """choose() decides a pair whose score difference is exactly tie_band (the band is open), so the temperature is
+    calibrated on those pairs too. Judge: the length of a reply in characters; differences 0, 1 (ties), 2 (the edge),
+    3, 5 and 8, with tie_band 2."""
+    runs = tmp_path / "runs"
+    diffs = [0, 1, 2, 3, 5, 8]
+    rows = [{"pair_id": f"p{i}", "prompt": [{"role": "user", "content": f"Story {i}."}],
+             "responses": ["a" * 10, "b" * (10 + d)] if i % 2 else ["b" * (10 + d), "a" * 10]}
+            for i, d in enumerate(diffs)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
+                                              "--run", "t", "--pairs_dataset", str(path), "--annotators", "1",
+                                              "--judge", "tests.judge_fixtures:length_judge", "--tie_band", "2"]))
+    assert m["temperature"] == pytest.approx(calibrate_temperature([2.0, 3.0, 5.0, 8.0], 0.73, 0.0), rel=1e-9)
+    assert m["expected_agreement"] == pytest.approx(0.73, abs=1e-4)
+    assert m["tie_share"] == round(2 / 6, 4)
+
+
+def test_with_no_tie_band_a_pair_the_gold_scores_alike_is_left_out_of_the_agreement():
+    """tie_band 0: the simulator decides every pair, those the gold scores alike included, and the gold has no winner
+    there to agree with: such a label counts neither way, for one annotator or a majority."""
+    from stages.simulate import majority_agreement_with_gold
+
+    scores = {"a": [0.3, 0.3], "b": [0.9, 0.1]}
+    got = agreement_with_gold([{"pair_id": "a", "preferred": 0}, {"pair_id": "b", "preferred": 0}], scores, tie_band=0.0)
+    assert got["decided_labels"] == 1 and got["agreement_with_gold"] == 1.0
+    labels = votes(("a", 0), ("a", 0), ("a", 1), ("b", 0), ("b", 0), ("b", 1))
+    out = majority_agreement_with_gold(labels, scores, tie_band=0.0)
+    assert out["majority_decided_pairs"] == 1 and out["majority_agreement_with_gold"] == 1.0
