@@ -489,3 +489,20 @@ def test_a_reply_that_writes_the_end_of_turn_text_is_masked_to_its_own_end():
     assert "".join(words).strip().startswith("Write") and "".join(words).rstrip().endswith("stop.</s>")
     with pytest.raises(ConfigError, match="assistant turn 1 does not end with the template's end-of-turn text '<|nope|>'"):
         assistant_spans(tok, messages, text, "<|nope|>")
+
+
+def test_a_reply_its_prompt_already_holds_is_masked_in_its_own_turn():
+    """The reply is looked for from its own turn's start: a short reply the user's question already holds ("yes" in
+    "Answer yes or no") was found there, its end-of-turn searched from the question's, and the turn's span ended
+    before it began: a row whose every token is masked out."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import assistant_spans, render, tokenize_with_assistant_mask
+
+    tok = AutoTokenizer.from_pretrained(REPO / "models" / "tiny")
+    messages = [{"role": "user", "content": "Answer yes or no: is water wet?"}, {"role": "assistant", "content": "yes"}]
+    text = render(tok, messages)
+    start = len(render(tok, messages[:1], add_generation_prompt=True))
+    assert assistant_spans(tok, messages, text, "</s>") == [(start, text.index("yes</s>", start) + len("yes</s>"))]
+    enc = tokenize_with_assistant_mask(tok, messages, "</s>")
+    assert tok.decode([t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]) == "yes</s>"

@@ -61,6 +61,29 @@ def test_what_counts_as_a_prompt():
         "every message of the prompt is empty"
 
 
+def test_a_lone_surrogate_in_a_messages_content_is_a_problem():
+    """A lone surrogate in a message's content (not only in its role, nor only in a text prompt) is named: no
+    tokenizer can encode it."""
+    from pipeline.data import messages_problem, prompt_problem
+
+    surrogate = "a text holds an unpaired surrogate (\\udXXX escape), which is not valid Unicode"
+    assert messages_problem([{"role": "user", "content": "Hi \ud800"}]) == surrogate
+    assert prompt_problem([{"role": "user", "content": "\ud800"}]) == surrogate
+    assert messages_problem([{"role": "user", "content": "Hi"}]) is None
+
+
+def test_a_folder_without_data_files_says_so(tmp_path):
+    """A folder with no data file says so, not "has files of the splits ['train'], none of 'train'" (the Hub's rules
+    find no split in it and name the default one)."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_any
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.txt").write_text("rows elsewhere")
+    with pytest.raises(ConfigError, match=r"docs holds no \.jsonl/\.json/\.parquet/\.csv files and no saved dataset$"):
+        load_any(str(tmp_path / "docs"))
+
+
 def test_a_jsonl_file_saved_with_a_byte_order_mark_reads(tmp_path):
     from pipeline.data import read_jsonl
 
@@ -98,6 +121,8 @@ def test_a_mixture_source_keeps_max_rows_rows(tmp_path):
     assert [t[0] for t in texts] != ["a"] * 4 + ["b"] * 3  # shuffled after concatenation: the sources interleave
     short = load_mixture([{"path": str(tmp_path / "b.jsonl"), "max_rows": 5}], 0)  # more than it has: all 3 rows
     assert sorted(short["text"]) == ["b0", "b1", "b2"]
+    every = load_mixture([{"path": str(tmp_path / "b.jsonl"), "max_rows": 0}], 0)  # 0: all its rows, not none
+    assert sorted(every["text"]) == ["b0", "b1", "b2"]
 
 
 def test_max_rows_is_a_sample_drawn_with_the_seed(tmp_path):

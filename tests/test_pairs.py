@@ -445,6 +445,21 @@ def test_the_dropped_counts_the_sampling_record_and_the_refusals_of_prompts_and_
     assert row["generation"] == {"temperature": 0.9, "top_p": 0.8, "top_k": 7, "max_new_tokens": 5, "seed": 42,
                                  "num_responses": 3}
 
+    # the longest prompt is the one checked against the base's 512 positions: a shorter one that fits beside it does
+    # not let it through (it would run past them mid-sampling, after the run folder was prepared)
+    from pipeline.generation import encode_prompts
+    from pipeline.models import load_tokenizer, profile_from
+
+    texts = ("a fox", "a hen and a fox")
+    short, long = (len(ids) for ids in encode_prompts(load_tokenizer(profile_from(profile)),
+                                                      [[{"role": "user", "content": t}] for t in texts]))
+    both = tmp_path / "both.jsonl"
+    both.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    new = 512 - short  # the short prompt fills the positions exactly; the long one runs past them
+    with pytest.raises(ConfigError, match=rf"^the longest prompt \({long} tokens with the chat template\) and "
+                                          rf"--max_new_tokens {new} make {long + new} positions, more than the base"):
+        pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs),
+                          [*argv, "--prompts_file", str(both), "--max_new_tokens", str(new)]))
     with pytest.raises(ConfigError, match=r"^all 2 prompts of .*prompts\.jsonl are longer than max_prompt_tokens=1 "):
         pairs.main(*parse((pairs.PairsArgs, SamplingConfig, RunArgs), [*argv, "--max_prompt_tokens", "1"]))
     replies["a fox"] = ["y", "y", "y"]

@@ -146,6 +146,8 @@ def test_heldout_metrics_and_weights_by_hand():
     assert weighted(rows, {"x": 1.5, "y": 0.5}, seed=0) == out
     draws = {tuple(r["i"] for r in weighted(rows, {"x": 1.5, "y": 0.5}, seed=s) if r["source"] == "y") for s in range(6)}
     assert len(draws) > 1
+    # a fraction of a pair rounds to the nearest: 0.9 of 3 pairs is 2.7, so 3 (not 2, its floor)
+    assert len(weighted(rows[:3], {"x": 0.9}, seed=0)) == 3 and len(weighted(rows[:3], {"x": 0.6}, seed=0)) == 2
 
 
 def test_reward_adapter_in_adapter_stack_scores_like_standalone(trained, tiny_models):
@@ -314,6 +316,19 @@ def test_prompt_kinds_and_empty_replies(tmp_path):
     pairs, _, counts, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "blank.jsonl", rows))), None, 0)
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("", "Yes ", "No")]
     assert dict(counts) == {"blank": {"read": 3, "empty": 2}}
+
+
+@pytest.mark.parametrize("weight", [-1, -0.5, True, False])
+def test_a_mixtures_weight_is_a_number_not_negative_nor_a_bool(weight):
+    """weight -1 dropped the source's pairs without a word, -0.5 failed inside random.sample, and true / false read as
+    1 / 0: each refused at parse, naming the source."""
+    from stages.rm_data import checked_mixture
+
+    source = "data/preferences/tulu.jsonl"
+    problem = "has a negative weight" if not isinstance(weight, bool) else f"has weight {weight}: it must be a number"
+    with pytest.raises(ValueError, match=rf"^dataset_mixture\['{source}'\] {problem}"):
+        checked_mixture({source: {"weight": weight}})
+    assert checked_mixture({source: {"weight": 0.5}}) == {source: {"weight": 0.5}}
 
 
 @pytest.mark.parametrize("rows", [-5, 0.5])
@@ -505,6 +520,35 @@ def test_long_pairs_are_truncated_and_counted(tiny_models, tmp_path):
                                      "--max_length", "64", "--max_prompt_length", "40"])
     with pytest.raises(ConfigError, match="max_prompt_length"):  # more than half: no room left for the responses
         prepare_data(args, train_cfg, None, tok)
+
+
+def test_a_given_text_prompt_is_not_cut_at_its_last_line_break(tmp_path):
+    """Only a prompt TRL took from the texts' shared start (implicit) is cut after its last line break for the split
+    key: two given text prompts that share their first line (a base without a chat template keeps them as text) are
+    two prompts, not one."""
+    from stages.rm_data import split_keys
+
+    rows = [{"prompt": f"Context:\nQ{i}", "chosen": " yes", "rejected": " no"} for i in (1, 2)] + \
+        [{"chosen": "Q3\nyes", "rejected": "Q3\nno"}]
+    pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(write_jsonl(tmp_path / "text.jsonl", rows))), None, 0,
+                                templated=False)
+    assert [p["implicit_prompt"] for p in pairs] == [False, False, True]
+    assert len(set(split_keys(pairs))) == 3
+
+
+def test_max_prompt_length_is_refused_below_0_as_above_half_of_max_length():
+    """A negative max_prompt_length gave the responses more than max_length (truncate_pair's cap counts -1 prompt
+    tokens): a 33-token sequence at max_length 32. Refused, as one above half is, before any data is read."""
+    from types import SimpleNamespace
+
+    from stages.rm import RMArgs
+    from stages.rm_data import prepare_data
+
+    chosen, rejected = [1, *range(10, 20), *range(100, 140)], [1, *range(10, 20), *range(200, 230)]
+    assert max(map(len, truncate_pair(chosen, rejected, 32, 0, 1)[:2])) == 32
+    for n in (-1, 33):
+        with pytest.raises(ConfigError, match=rf"^max_prompt_length {n} must be between 0 and half of max_length \(64\)"):
+            prepare_data(RMArgs(max_prompt_length=n), SimpleNamespace(max_length=64), None, None)
 
 
 @pytest.mark.parametrize("stage_name", ["rm", "dpo"])

@@ -452,6 +452,29 @@ def test_your_own_data_is_sampled_on_its_own_held_out_openings(tiny_models, runs
     assert parse_args(["--config", str(recipe)])[1].sample_prompts == story
 
 
+def test_a_yaml_naming_its_data_and_no_prompts_anywhere_keeps_the_default_prompts(tmp_path):
+    """A config with no sample_prompts at any level (no base_config) that names its own data: the default prompts,
+    generic, stay (data_named_above_sample_prompts: only prompts set at a lower level than the data are dropped)."""
+    from stages.sft import FIXED_PROMPTS
+
+    data = tmp_path / "count.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
+                    + "\n")
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"bf16: false\ndataset_mixture: {{{data}: 0}}\n")  # no base_config: CPU needs bf16 off
+    assert parse_args(["--config", str(recipe)])[1].sample_prompts == FIXED_PROMPTS
+
+
+@pytest.mark.parametrize("rows", [True, -1])
+def test_an_sft_mixtures_rows_must_be_a_whole_number_not_negative_nor_a_bool(rows):
+    """true (YAML's yes) read as 1 row, -1 as none of the file (range(-1)): both refused at parse."""
+    from stages.sft import SFTArgs
+
+    with pytest.raises(ValueError, match=r"dataset_mixture\['data/story/sft.jsonl'\] is .*a whole number"):
+        SFTArgs(dataset_mixture={"data/story/sft.jsonl": rows})
+    assert SFTArgs(dataset_mixture={"data/story/sft.jsonl": 0}).dataset_mixture == {"data/story/sft.jsonl": 0}
+
+
 def test_openings_past_the_bases_positions_are_passed_over(tiny_models):
     """An opening from your data that, with sample_max_new_tokens, does not fit the base's positions is passed over for
     the next (a GPT-2 base failed mid-sampling, after the run folder was prepared); prompts you give are refused."""
@@ -460,7 +483,7 @@ def test_openings_past_the_bases_positions_are_passed_over(tiny_models):
     from datasets import Dataset
 
     from pipeline.models import load_tokenizer, profile_from
-    from stages.sft import SFTArgs, sample_prompts_that_fit
+    from stages.sft import FIXED_PROMPTS, SFTArgs, sample_conversations, sample_prompts_that_fit
 
     tokenizer = load_tokenizer(profile_from(str(tiny_models["llama"])))
     rows = [{"messages": [{"role": "user", "content": ("word " * 40 if i % 2 == 0 else f"Count to {i}.")},
@@ -475,6 +498,13 @@ def test_openings_past_the_bases_positions_are_passed_over(tiny_models):
                                           "--sample_prompts"):
         sample_prompts_that_fit(SFTArgs(sample_prompts=["word " * 40], sample_max_new_tokens=8),
                                 Dataset.from_list(rows), tokenizer, SimpleNamespace(max_position_embeddings=40), 42)
+    # the longest of the prompts you give is the one checked: a short one beside it does not let it through
+    with pytest.raises(ConfigError, match="more than the base model's 40"):
+        sample_prompts_that_fit(SFTArgs(sample_prompts=["Hi", "word " * 40], sample_max_new_tokens=8),
+                                Dataset.from_list(rows), tokenizer, SimpleNamespace(max_position_embeddings=40), 42)
+    # no opening of the rows scanned fits: the fixed prompts, not no prompt at all (max() of nothing, a traceback)
+    assert sample_conversations(args, Dataset.from_list(rows), 0.0, 42, fits=lambda opening: False) == \
+        [[{"role": "user", "content": p}] for p in FIXED_PROMPTS]
 
 
 def test_held_out_rows_share_no_conversation_root_with_training():
@@ -593,6 +623,22 @@ def test_the_max_length_check_follows_trls_truncation_mode():
         split_and_tokenize(rows, tok, cfg("keep_start"), SimpleNamespace(eval_fraction=0), "rows.jsonl")
 
 
+def test_packed_rows_are_checked_at_max_length_not_at_the_longest_row():
+    """With packing, TRL packs the rows into sequences of max_length: the longest row tokenized here says nothing of
+    them (longest_row None), so a max_length past the base's positions is refused however short every row is."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from pipeline.models import check_training_length
+    from stages.sft import longest_row
+
+    rows = Dataset.from_list([{"input_ids": [1] * n, "assistant_masks": [1] * n} for n in (5, 9)])
+    assert longest_row(rows, None, True) is None and longest_row(rows, rows.select([0]), False) == 9
+    with pytest.raises(ConfigError, match="training rows of up to 64 tokens"):
+        check_training_length(SimpleNamespace(max_position_embeddings=40), 64, longest_row(rows, None, True))
+
+
 def test_rows_over_counts_the_rows_tokenized_here_that_max_length_cuts():
     """What SFT's note and its `rows_over_max_length` metric count: rows strictly longer than max_length (TRL keeps a
     row of exactly max_length whole); None for rows TRL tokenizes itself, which are not counted here."""
@@ -682,15 +728,16 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     assert other["loss_curve"] == run("fresh", "--learning_rate", "1e-2")["loss_curve"]
 
 
-def test_a_run_shorter_than_logging_steps_still_logs_its_loss(tiny_models, runs_dir):
-    """max_steps 3 with logging_steps 10 logged no loss, and the summary's first and last logged loss were None: the
-    stage logs at the last step of such a run instead."""
-    metrics = main(*parse_args(tiny_args(tiny_models["llama"], runs_dir, "short", "--max_steps", "3",
+@pytest.mark.parametrize("steps", [3, 1])
+def test_a_run_shorter_than_logging_steps_still_logs_its_loss(steps, tiny_models, runs_dir):
+    """max_steps 3 (or 1, a smoke test's) with logging_steps 10 logged no loss, and the summary's first and last logged
+    loss were None: the stage logs at the last step of such a run instead."""
+    metrics = main(*parse_args(tiny_args(tiny_models["llama"], runs_dir, "short", "--max_steps", str(steps),
                                          "--logging_steps", "10")))
-    assert len(metrics["loss_curve"]) == 1 and metrics["steps"] == 3
+    assert len(metrics["loss_curve"]) == 1 and metrics["steps"] == steps
     assert metrics["first_logged_loss"] == metrics["last_logged_loss"] == metrics["loss_curve"][0]
     config = json.loads((runs_dir / "short" / "sft" / "config.json").read_text())
-    assert config["train"]["logging_steps"] == 3
+    assert config["train"]["logging_steps"] == steps
 
 
 def test_data_openings_fit_the_positions_to_the_last_one_and_the_mixture_is_drawn_with_the_seed(tiny_models):
