@@ -127,8 +127,9 @@ def test_export_without_labels_says_what_to_do(runs_dir):
     from stages.label.export import main
 
     argv = ["--config", "configs/label.yaml", "--run", "empty", "--runs_dir", str(runs_dir)]
-    with pytest.raises(ConfigError, match="make label RUN=empty"):
+    with pytest.raises(ConfigError, match=r"no label store at .*make label RUN=empty"):
         main(*parse((LabelArgs, ExportArgs, RunArgs), argv))
+    assert not (runs_dir / "empty").exists()  # refused before a store (an empty labels.sqlite) is made
     LabelStore(db_path(str(runs_dir), "empty")).import_items([])
     with pytest.raises(ConfigError, match="holds no labels yet"):
         main(*parse((LabelArgs, ExportArgs, RunArgs), argv))
@@ -677,6 +678,44 @@ def test_the_labels_step_exports_as_the_last_export_did_and_sees_its_config_chan
     assert not export_is_current(runs_dir / "r")  # the config changed, the store did not
     assert run("--refresh", "true")["sources"] == "simulated"
     assert export_is_current(runs_dir / "r")
+
+
+def test_a_refresh_from_the_command_line_leaves_an_export_whose_rows_are_the_same(runs_dir, monkeypatch):
+    """`make rm`'s labels step runs the export's command line with --refresh: command_line_main replays the last
+    export's flags (which hold no --refresh) and must still refresh, so that a store change that leaves the rows (a
+    simulated label where people labeled, sources auto) leaves the export byte for byte, its manifest included (a new
+    manifest makes `make` retrain the reward model)."""
+    from stages.label.export import command_line_main
+
+    store = LabelStore(db_path(str(runs_dir), "r"))
+    store.import_items([pair("p1"), pair("p2")])
+    store.save_label("alice", "p1", "left", 0)
+    base = ["export", "--config", "configs/label.yaml", "--run", "r", "--runs_dir", str(runs_dir)]
+    monkeypatch.setattr("sys.argv", base)
+    command_line_main()
+    out = runs_dir / "r/label-export"
+    before = {k: v for k, v in files(out).items() if k != "store_digest.json"}
+    store.save_label("sim:sentiment", "p2", "left", 0)  # people's labels are the ones exported: the rows are the same
+    monkeypatch.setattr("sys.argv", [*base, "--refresh", "true"])
+    assert command_line_main()["rows"] == 1
+    assert {k: v for k, v in files(out).items() if k != "store_digest.json"} == before
+
+
+def test_the_leftovers_of_an_export_another_user_runs_now_are_kept(runs_dir, monkeypatch):
+    """A `.label-export.new-PID` whose process the system will not signal (PermissionError: another user's, alive) is
+    an export running now, not a killed one's leftover: the next export leaves it alone."""
+    from stages.label import export
+
+    out, theirs = runs_dir / "r/label-export", runs_dir / "r/.label-export.new-4242"
+    theirs.mkdir(parents=True)
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(export.os, "kill", kill)
+    assert export.process_alive(4242)
+    export.clear_killed_exports(out)
+    assert theirs.is_dir()
 
 
 def test_a_refresh_replays_the_last_exports_flags_in_this_run(runs_dir):

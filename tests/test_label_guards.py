@@ -60,6 +60,7 @@ def runs(tmp_path):
 # ---------------------------------------------------------------------------------------------- the pairs file
 BAD_PAIRS = {  # name -> (lines of the file, words the error must contain)
     "string prompt": ([pair(0, prompt="just a string")], ["line 1", "prompt must be a non-empty list of messages"]),
+    "empty prompt": ([pair(0), pair(1, prompt=[])], ["line 2", "prompt must be a non-empty list of messages"]),
     "three responses": ([pair(0), pair(1, responses=["a", "b", "c"])], ["line 2", "exactly 2 texts"]),
     "duplicate pair_id": ([pair(0), pair(1), pair(0)], ["line 3", "'p0' was already used on line 1"]),
     "broken line": ([pair(0), '{"pair_id": "p1", "prompt": [', pair(2)], ["line 2 is not valid JSON (Expecting value, column 30)"]),

@@ -863,6 +863,7 @@ def test_binomial_p_of_a_large_count_and_the_rate_of_a_short_session():
     at = lambda t: lab(f"p{t}", "ann", "left", 0, t=t)  # noqa: E731
     assert summarize([at(0), at(30)], now=60)["annotators"]["ann"]["labels_per_hour"] is None
     assert summarize([at(0), at(120)], now=130)["annotators"]["ann"]["labels_per_hour"] == 60.0
+    assert summarize([at(0), at(60)], now=70)["annotators"]["ann"]["labels_per_hour"] == 120.0  # a minute: a rate
     assert summarize([at(0)], now=3600)["annotators"]["ann"]["last_hour"] == 1  # an hour ago: in the last hour
 
 
@@ -1200,13 +1201,16 @@ def test_a_hostname_is_not_loopback_and_a_login_needs_a_password():
             load_users(None, env={"LABEL_USERS": entry})
 
 
-def test_an_overlap_below_one_is_refused():
+def test_an_overlap_below_one_is_refused(tmp_path):
     """overlap is how many annotators label each pair: 0 would serve no pair to anyone."""
     from stages.label.config import LabelArgs
 
     with pytest.raises(ValueError, match="overlap must be at least 1, got 0"):
         LabelArgs(overlap=0)
     assert LabelArgs(overlap=1).overlap == 1
+    with pytest.raises(ValueError, match="overlap must be at least 1, got 0"):  # the store refuses it too
+        LabelStore(tmp_path / "o.sqlite", overlap=0)
+    assert not (tmp_path / "o.sqlite").exists()
     with pytest.raises(ValueError, match=r"max_note_chars must be 1 or more \(a note is optional\), got 0"):
         LabelArgs(max_note_chars=0)  # a note box "up to 0 characters" that refused every note
     assert LabelArgs(max_note_chars=1).max_note_chars == 1
@@ -1243,6 +1247,8 @@ def test_a_restart_on_a_new_pairs_file_takes_its_order_and_its_word_filter_and_d
     s.import_items([rows[3], rows[1], rows[2]], lambda row: "word" if row["pair_id"] == "p002" else None)
     assert s.servable_pairs() == ["p003", "p001"] and (s.progress()["pairs"], s.progress()["blocked"]) == (2, 1)
     assert s.next_item("alice").pair_id == "p003"  # not p000, which the new file leaves out
+    s.import_items([rows[3]])  # p002, still blocked by its word, is left out: no longer held back from anyone
+    assert (s.progress()["pairs"], s.progress()["blocked"]) == (1, 0)
 
 
 def test_undo_of_a_change_brings_back_the_side_shown_with_the_choice(store):
@@ -1333,6 +1339,35 @@ def test_agreement_edges_the_exact_binomial_the_rate_to_a_tenth_and_the_agreemen
             in shown)
     assert ("<p><b>People vs simulated annotators</b> (<code>sim:...</code>): 100% agreement on 1 pairs labeled by "
             "both (2 label pairs).</p>") in shown
+
+
+def test_a_store_file_without_a_labels_table_reads_as_no_labels(tmp_path):
+    """An SQLite file at the store's place that holds no labels table (a store killed before its schema was written)
+    holds no labels: count_labels and store_digest say so, not that the store is damaged."""
+    from stages.label.store import count_labels, labels_digest, store_digest
+
+    db = tmp_path / "labels.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE other (x)")
+    con.commit()
+    con.close()
+    assert count_labels(db) == 0 and store_digest(db) == labels_digest([])
+
+
+def test_a_reading_connection_cannot_write_the_store(tmp_path):
+    """The stages' reads of people's labels (count_labels, store_digest) go through a connection that writes nothing:
+    a read-write one (which leaves no -wal and -shm files behind) is made query-only."""
+    from stages.label.store import reading_connection
+
+    db = tmp_path / "labels.sqlite"
+    LabelStore(db).import_items(pairs(1))
+    con = reading_connection(db)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            con.execute("DELETE FROM items")
+    finally:
+        con.close()
+    assert LabelStore(db).servable_pairs() == ["p000"]
 
 
 def test_the_stages_reads_of_the_store_leave_it_as_they_found_it(tmp_path, monkeypatch):

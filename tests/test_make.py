@@ -810,6 +810,29 @@ def test_bad_make_variables_give_one_error_line_and_exit_2(variables, words, tmp
 ACCELERATE_HEAD = "compute_environment: LOCAL_MACHINE\nuse_cpu: true\n"
 
 
+def test_a_multi_cpu_config_of_one_process_is_not_refused(tmp_path):
+    """MULTI_CPU without mpirun runs ONE process: refused only where the file asks for more (it would run fewer than it
+    says); one process is what it runs."""
+    from pipeline.launch import accelerate_config_problem
+
+    acc = tmp_path / "acc.yaml"
+    acc.write_text(ACCELERATE_HEAD + "distributed_type: MULTI_CPU\nnum_processes: 1\nmixed_precision: 'no'\n")
+    assert accelerate_config_problem(acc) is None
+
+
+def test_the_stages_own_folder_and_the_folders_around_it_are_not_inputs(tmp_path):
+    """A config names the stage's own folder (output_dir), the runs folder around it and files inside it: none is an
+    input (the stage writes them: recorded, they made every `make` rerun it); a data file beside them is one."""
+    from pipeline.run import paths_named_in
+
+    own = tmp_path / "runs" / "r" / "sft"
+    (own / "ckpt").mkdir(parents=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    named = {"output_dir": str(own), "runs_dir": str(tmp_path / "runs"), "resume": str(own / "ckpt"), "data": str(data)}
+    assert paths_named_in(named, own.resolve()) == {str(data)}
+
+
 def test_fsdp_on_all_the_gpus_of_a_one_gpu_machine_is_refused():
     """configs/accelerate/fsdp.yaml asks for every GPU: on a machine with one, the launch starts one process, which has
     nothing to shard over (the file's own num_processes is 8)."""
