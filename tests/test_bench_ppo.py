@@ -121,6 +121,10 @@ def test_side_args_seed_each_round_and_take_the_scales_lr():
     assert flags("tiny", 1)["--seed"] == "42" and flags("tiny", 3)["--seed"] == "44"
     assert flags("story", 1)["--lr"] == "0.001" and flags("tiny", 1)["--lr"] == str(COMMON["lr"])
     assert flags("tiny", 1)["--updates"] == "12" and flags("tiny", 1)["--batch-size"] == "32"
+    # the rest of the equal workload: micro-batch 8 (grad-accum 32 / 8), 4 PPO epochs, 32 tokens at 0.7, kl_coef 0.05
+    assert (flags("tiny", 1)["--per-device-batch"], flags("tiny", 1)["--ppo-epochs"]) == ("8", "4")
+    assert (flags("tiny", 1)["--response-length"], flags("tiny", 1)["--temperature"]) == ("32", "0.7")
+    assert flags("tiny", 1)["--kl-coef"] == "0.05" and flags("micro", 1)["--per-device-batch"] == "4"
 
 
 def test_side_result_figures_by_hand():
@@ -133,7 +137,8 @@ def test_side_result_figures_by_hand():
     assert fitted_gain_se([1.0, 2.0]) is None  # two points: the line has no residual to measure
 
 
-def _fake_ppo_bench(monkeypatch, tmp_path, scale: str, figures: dict, ours_only: bool = False) -> tuple[dict, list]:
+def _fake_ppo_bench(monkeypatch, tmp_path, scale: str, figures: dict, ours_only: bool = False,
+                    gold_seen: list | None = None) -> tuple[dict, list]:
     """bench_ppo.bench_scale with the models and each side's runs faked (figures[side][key]: one value per round), and
     at the story scale the gold evaluation too (figures[side]["gold"]). Returns (the result, the run order)."""
     from bench import bench_ppo
@@ -152,6 +157,8 @@ def _fake_ppo_bench(monkeypatch, tmp_path, scale: str, figures: dict, ours_only:
         return run
 
     def fake_add_gold(runs, gold, out, name, log):
+        if gold_seen is not None:
+            gold_seen.append(gold)
         for s, rs in runs.items():
             for r in rs:
                 r["gold_gain"], r["kl_to_sft"] = figures[s]["gold"][r["round"] - 1], 1.0
@@ -177,6 +184,7 @@ def test_bench_ppo_alternates_the_sides_and_judges_its_targets(monkeypatch, tmp_
     r = res["ratio"]
     assert r["reward_gain_diff"] == -0.3  # medians 0.2 and 0.5
     assert (r["episodes_per_s"], r["peak_rss_mb"]) == (1.5, 0.6)
+    assert r["episodes_per_s_per_round"] == [1.5] * 3 and r["peak_rss_mb_per_round"] == [0.6] * 3
     assert r["meets_episodes_per_s_target"] is True and r["meets_peak_rss_target"] is True
     assert "meets_gold_gain_target" not in r
     s = res["settings"]
@@ -197,6 +205,7 @@ def test_bench_ppo_ours_only_never_runs_the_peer(monkeypatch, tmp_path):
     res, order = _fake_ppo_bench(monkeypatch, tmp_path, "tiny", {**figures, "peer": figures["ours"]}, ours_only=True)
     assert order == [("ours", 1), ("ours", 2)]
     assert "peer" not in res and "ratio" not in res and res["ours"]["reward_gain"] == 0.3
+    assert (res["settings"]["grad_accum"], res["settings"]["episodes_per_run"]) == (4, 384)  # 32 / 8; 12 updates x 32
 
 
 def test_run_ours_scores_the_policys_tokens_and_names_the_story_policy(monkeypatch, tmp_path):
@@ -298,3 +307,45 @@ def test_run_ours_prepare_makes_the_peers_lora_shape_and_head(tmp_path):
     assert len(head) == 1 and torch.equal(head[0], reward.score.weight.data)
     rows = [json.loads(line)["prompt"] for line in (tmp_path / "work" / "prompts.jsonl").read_text().splitlines()]
     assert rows == prompts and (tmp_path / "work" / "peer_reward" / "model.safetensors").is_file()
+
+
+def test_the_story_gold_samples_as_the_sides_trained(monkeypatch, tmp_path):
+    """The gold evaluation samples each trained policy at the training temperature and response length (the flags
+    both sides ran with), with the scale's samples per prompt: a policy judged at another temperature is not the
+    policy that was trained."""
+    from bench import bench_ppo
+
+    figures = {side: {"eps": [1.0], "rss": [1.0], "gain": [0.0], "gold": [0.0]} for side in ("ours", "peer")}
+    seen = []
+    _fake_ppo_bench(monkeypatch, tmp_path, "story", figures, gold_seen=seen)
+    (gold,) = seen
+    flags = dict(zip(*[iter(bench_ppo.side_args(bench_ppo.SCALES["story"], 1))] * 2))
+    assert str(gold.common["temperature"]) == flags["--temperature"] == "0.7"
+    assert str(gold.common["response_length"]) == flags["--response-length"] == "32"
+    assert gold.samples == bench_ppo.SCALES["story"]["gold_samples"] and gold.work == tmp_path
+
+
+def test_each_round_trains_and_gold_scores_its_own_policy(monkeypatch, tmp_path):
+    """The gold is measured after every round: each round's policy must be its own (our run folder ppo-r<round>, the
+    peer's --save-policy folder <scale>-policy-r<round>), else every round would be scored on the last one's policy."""
+    from bench import bench_ppo
+
+    cmds = []
+
+    def fake_run_child(cmd, logfile, want_json=True):
+        cmds.append(cmd)
+        run = cmd[cmd.index("--run") + 1] if "--run" in cmd else "peer"
+        res = {"episodes_per_s": 1.0, "gen_tokens_per_s": 2.0, "scores": [0.0, 1.0], "adapter": f"/runs/{run}"}
+        return res, 1.0, 1.0
+
+    monkeypatch.setattr(bench_ppo, "run_child", fake_run_child)
+    monkeypatch.setattr(bench_ppo, "base_of", lambda work: tmp_path / "base")
+    monkeypatch.setattr(bench_ppo, "OUT", tmp_path)
+    s = bench_ppo.SCALES["story"]
+    ours = [bench_ppo.run_ours("story", tmp_path, s, rnd) for rnd in (1, 2)]
+    peer = [bench_ppo.run_peer("story", tmp_path / "peer", s, rnd, "python") for rnd in (1, 2)]
+    assert [c[c.index("--run") + 1] for c in cmds[:2]] == ["ppo-r1", "ppo-r2"]
+    assert [r["policy"][1] for r in ours] == ["/runs/ppo-r1", "/runs/ppo-r2"]
+    saved = [c[c.index("--save-policy") + 1] for c in cmds[2:]]
+    assert saved == [str(tmp_path / "peer_trl112" / f"story-policy-r{rnd}") for rnd in (1, 2)]
+    assert [r["policy"] for r in peer] == [[str(tmp_path / "peer" / "policy"), path] for path in saved]

@@ -501,3 +501,68 @@ def test_gold_main_measures_kl_to_the_reference_for_every_other_policy_only(monk
     assert json.loads(out.read_text())["grpo"] == {"base": tiny, "adapter": "ad", "scores": [0.5]}
     with pytest.raises(SystemExit, match="--reference peer: not one of the --policy names"):
         gold.main(["--policy", f"sft={tiny}", "--prompts", "p.jsonl", "--reference", "peer", "--out", str(out)])
+
+
+def test_speed_memory_ratio_of_a_figure_the_peer_lacks_is_none():
+    """A figure the peer did not report (None or 0) gives no ratio, as one ours lacks does: not a crash."""
+    from bench.harness import speed_memory_ratio
+
+    got = speed_memory_ratio({"episodes_per_s": 3.0, "gen_tokens_per_s": 8.0, "peak_rss_mb": 700.0},
+                             {"episodes_per_s": 2.0, "gen_tokens_per_s": None, "peak_rss_mb": 0.0})
+    assert got == {"episodes_per_s": 1.5, "gen_tokens_per_s": None, "peak_rss_mb": None}
+
+
+def test_run_child_peak_rss_is_wait4s_kib_in_mib_and_a_failed_child_is_one_error(tmp_path, monkeypatch):
+    """ru_maxrss is in KiB on Linux: 300 * 1024 of it is 300.0 MB exactly (not 307.2, dividing by 1000). A child that
+    fails is one error naming its log and quoting its last lines, not an empty result."""
+    import os
+    import sys
+    from types import SimpleNamespace
+
+    from bench import harness
+
+    real_wait4 = os.wait4
+
+    def fake_wait4(pid, options):
+        pid, status, _ = real_wait4(pid, options)
+        return pid, status, SimpleNamespace(ru_maxrss=300 * 1024)
+
+    monkeypatch.setattr(harness.os, "wait4", fake_wait4)
+    res, rss, _ = harness.run_child([sys.executable, "-c", "print('{\"x\": 1}')"], tmp_path / "ok.log")
+    assert res == {"x": 1} and rss == 300.0
+    code = "import json, sys; print(json.dumps({'episodes_per_s': 9.0})); print('boom at the end'); sys.exit(3)"
+    with pytest.raises(SystemExit, match=r"(?s)failed \(rc 3\); see .*bad\.log.*boom at the end"):
+        harness.run_child([sys.executable, "-c", code], tmp_path / "bad.log")
+
+
+def test_gold_scores_hands_every_policy_to_the_gold_process_by_name(monkeypatch, tmp_path):
+    """harness.gold_scores -> bench/gold.py: each named policy reaches the gold process as its own base and adapter (a
+    base without one as the base alone), the reference as the SFT policy, and the result is read back by name."""
+    import sys
+
+    from bench import gold, harness
+    from pipeline import judges
+    from pipeline.config import REPO_ROOT
+
+    tiny = REPO_ROOT / "models" / "tiny"
+    monkeypatch.setattr(judges, "load_judge", lambda spec: spec)
+    monkeypatch.setattr(gold, "load_policy", lambda base, adapter: (base, adapter))
+
+    def fake_score(model, tok, prompts, samples, seed, new, temperature, judge, reference=None):
+        return {"scores": [0.5], "model": list(model), "reference": reference and list(reference)}
+
+    monkeypatch.setattr(gold, "score_policy", fake_score)
+
+    def fake_run_child(cmd, logfile, want_json=True):
+        assert cmd[:3] == [sys.executable, "-m", "bench.gold"] and want_json is False
+        gold.main(cmd[3:])
+        return {}, 0.0, 0.0
+
+    monkeypatch.setattr(harness, "run_child", fake_run_child)
+    policies = {"sft": (tiny, tmp_path / "sft"), "ours-r1": (tiny, tmp_path / "ours"), "base": (tiny, None)}
+    got = harness.gold_scores([sys.executable, "-m", "bench.gold", "--prompts", "p.jsonl", "--reference", "sft"],
+                              policies, tmp_path / "gold.json", tmp_path / "gold.log")
+    sft = [str(tiny), str(tmp_path / "sft")]
+    assert got["sft"]["model"] == sft and got["sft"]["reference"] is None
+    assert got["ours-r1"]["model"] == [str(tiny), str(tmp_path / "ours")] and got["ours-r1"]["reference"] == sft
+    assert got["base"]["model"] == [str(tiny), None] and got["base"]["adapter"] is None

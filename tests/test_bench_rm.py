@@ -3,6 +3,8 @@ training pairs (else the held-out accuracy would measure memory, not the rule)."
 
 from __future__ import annotations
 
+import pytest
+
 from bench.rm_rules import RULES, WORD, rule_pairs, split_pools
 
 
@@ -105,3 +107,44 @@ def test_a_reply_drawn_with_the_word_already_is_drawn_again_until_it_has_none():
         for rule in ("word", "question", "capitals"):  # the rules whose two replies are one drawn reply
             chosen, rejected = make_pair(rule, random.Random(seed), pool)
             assert WORD not in rejected.lower(), (seed, rule, rejected)
+
+
+def test_saved_adapter_scores_are_the_summing_heads_reply_sums(tmp_path):
+    """The rule benches' test accuracy rests on saved_adapter_scores: a reward adapter saved with pooling sum, loaded
+    as stock peft loads it, scores each reply as the per-token head summed over the reply's own tokens (pool_scores
+    from the reply's start), chosen replies first, then rejected ones; read at the last token it would be another
+    reward model than the one trained."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bench import story
+    from bench.rm_rules import saved_adapter_scores
+    from pipeline.adapters import pool_scores, read_pooling
+    from stages.rm_data import encode_pair, reply_start
+
+    base = story.micro_base(tmp_path)
+    _, rm = story.micro_adapters(tmp_path, base)
+    assert read_pooling(rm) == "sum"
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for p, c, r in (("Tell a story.", "They were happy.", "It rained all day long."),
+                            ("The fox ran home.", "He was glad", "No."))]
+    got = saved_adapter_scores(rm, rows)
+
+    tok = AutoTokenizer.from_pretrained(rm)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model = PeftModel.from_pretrained(model, rm).eval().get_base_model()
+    want = {"chosen": [], "rejected": []}
+    for r in rows:
+        chosen, rejected = encode_pair(tok, r)
+        start = reply_start(tok, r, chosen, rejected)
+        for side, seq in (("chosen", chosen), ("rejected", rejected)):
+            ids = torch.tensor([seq])
+            with torch.no_grad():
+                per_token = model.score(model.model(input_ids=ids).last_hidden_state)[..., 0]
+            want[side].append(float(pool_scores(per_token, ids, torch.ones_like(ids), tok.pad_token_id, "sum",
+                                                torch.tensor([start]))[0]))
+    assert got == pytest.approx(want["chosen"] + want["rejected"], abs=1e-5)
+    assert abs(got[0] - got[2]) > 1e-3  # the two replies of a pair score apart: the check can tell them

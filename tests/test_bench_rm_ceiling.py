@@ -160,3 +160,32 @@ def test_the_labels_agreement_with_the_gold_leaves_out_the_pairs_it_ties(tmp_pat
     assert main(["--from_run", str(run), "--output", str(tmp_path / "ceiling.json")]) == 0
     result = json.loads((tmp_path / "ceiling.json").read_text())
     assert result["train_labels_agree_with_gold"] == 0.3333  # 2 of the 6 pairs the gold orders; 2 ties left out
+
+
+def test_fit_minimises_the_documented_objective():
+    """fit: w minimises sum_i softplus(-diff_i . w) + penalty * |w|^2 (a sum over words, not a mean: the penalties
+    chosen and reported are on that scale), so its gradient -sum_i diff_i sigmoid(-diff_i . w) + 2 penalty w is 0."""
+    from bench.rm_ceiling import fit
+
+    rng = np.random.RandomState(0)
+    diff = rng.randint(-2, 3, size=(60, 4)).astype(float)
+    diff[:, 0] = np.abs(diff[:, 0])  # a word the chosen replies carry more: its valence comes out positive
+    for penalty in (0.3, 10.0):
+        w = fit(diff, penalty)
+        grad = -(diff * (1.0 / (1.0 + np.exp(diff @ w)))[:, None]).sum(0) + 2 * penalty * w
+        np.testing.assert_allclose(grad, 0.0, atol=1e-4)
+        assert w[0] > 0
+
+
+def test_the_reward_models_figure_is_evals_agreement_on_the_held_out_pairs(tmp_path):
+    """Beside the learners: the reward model's agreement with the gold on its own held-out pairs (eval's
+    rm_agreement_heldout_pairs), the figure the learners are scored alike on, not its agreement on policy samples."""
+    run = tmp_path / "run"
+    write_run(run)
+    (run / "eval").mkdir()
+    gold = {"rm_agreement_heldout_pairs": {"agreement": 0.712345, "pairs": 40},
+            "rm_agreement_policy_samples": {"agreement": 0.9, "pairs": 82}}
+    (run / "eval" / "report.json").write_text(json.dumps({"gold": gold}))
+    out = tmp_path / "ceiling.json"
+    assert main(["--from_run", str(run), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["reward_models"] == {"agreement": 0.7123, "pairs": 40}

@@ -152,3 +152,19 @@ def test_main_alternates_the_sides_and_voids_unequal_work(monkeypatch, tmp_path)
         bench_sft.main(argv)
     written = json.loads((tmp_path / "sft.json").read_text())
     assert written["same_train_loss_each_round"] is False and written["meets_target"] is None
+
+
+def test_run_side_cpu_seconds_are_the_childs_user_plus_system_time(monkeypatch):
+    """cpu_s: the children's user + system CPU seconds after the run minus before it (wall against CPU shows how long a
+    run waited for a core)."""
+    import os
+    import sys
+    from types import SimpleNamespace
+
+    from bench import bench_sft
+
+    usage = iter([SimpleNamespace(ru_utime=10.0, ru_stime=4.0), SimpleNamespace(ru_utime=12.5, ru_stime=5.25)])
+    monkeypatch.setattr(bench_sft.resource, "getrusage", lambda who: next(usage))
+    line = "{'train_runtime': '2.0', 'train_loss': '1.5', 'num_input_tokens_seen': 300}"
+    r = bench_sft.run_side("fake", [sys.executable, "-c", f"print({line!r})"], dict(os.environ), timeout=60)
+    assert r["cpu_s"] == 3.75  # (12.5 - 10.0) + (5.25 - 4.0)

@@ -223,3 +223,15 @@ def test_merging_refuses_a_merged_model_whose_outputs_differ(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="changed its outputs"):
         story.merged(base, sft, tmp_path / "bad", "policy", probe)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_story_benches_hold_out_the_same_82_prompts_as_their_published_figures(tmp_path):
+    """bench-rl's and bench-ppo's gold figures were measured on one split of data/story/ppo_prompts.jsonl: 82 of its
+    413 prompts (a fifth, seed 42). Another seed or fraction would gold-score other prompts than the published ones."""
+    from bench.story import PROMPTS, split_prompts
+
+    split_prompts(tmp_path)
+    rows = [ln for ln in PROMPTS.read_text().splitlines() if ln.strip()]
+    held, train = ((tmp_path / f).read_text().splitlines() for f in ("heldout.jsonl", "prompts.jsonl"))
+    assert (len(rows), len(held), len(train)) == (413, 82, 331)
+    assert [rows.index(h) for h in held[:8]] == [2, 9, 11, 26, 29, 31, 34, 38]
