@@ -55,7 +55,7 @@ def one_step(profile: str, batch: int, accumulation: int, eval_batch: int | None
     loss = trainer.train().training_loss
     update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])  # trained in place
     logged = next(h for h in trainer.state.log_history if "accuracy" in h)
-    figures = {k: logged[k] for k in ("accuracy", "margin", "mean_reward")} | trainer.evaluate(
+    figures = {k: logged[k] for k in ("accuracy", "margin", "mean_reward", "min_reward", "max_reward")} | trainer.evaluate(
         Dataset.from_list(group_by_prompt(held_out_rows())))
     return update, loss, trainer.accelerator.num_processes, figures
 

@@ -967,6 +967,9 @@ def test_the_plots_draw_each_series_from_its_own_figures(tmp_path, monkeypatch):
     assert ("reward-model score", [0.0, 1.0, 2.0], "SFT") in hists and ("reward-model score", [5.0, 6.0, 7.0], "PPO") in hists
     assert ("tokens", [3.0, 4.0, 5.0], "SFT") in hists and ("tokens", [8.0, 9.0, 10.0], "PPO") in hists
     assert len(hists) == 6  # reward_distribution.png, and reward and length in overview.png
+    # each figure's own pair, SFT first (mutant: reward_distribution.png's SFT and PPO scores swapped, overview right)
+    assert hists == [("reward-model score", [0.0, 1.0, 2.0], "SFT"), ("reward-model score", [5.0, 6.0, 7.0], "PPO")] * 2 + [
+        ("tokens", [3.0, 4.0, 5.0], "SFT"), ("tokens", [8.0, 9.0, 10.0], "PPO")]
 
     calls.clear()
     points = [{"update": u, "sqrt_kl": math.sqrt(kl), "proxy_mean": proxy, "gold_mean": gold}
@@ -1144,6 +1147,11 @@ def test_the_score_histogram_bins_every_score_and_labels_each_policys_mean():
     plot_hist(ax, [0.0, 1.0, 2.0], [5.0, 6.0, 7.0])
     assert sum(p.get_height() for p in ax.patches) == 6
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SFT (mean 1.000)", "PPO (mean 6.000)"]
+    plt.close(fig)
+    # PPO's scores below SFT's lowest are binned too: the bins span both policies (mutant: SFT's lowest as the start)
+    fig, ax = plt.subplots()
+    plot_hist(ax, [5.0, 6.0, 7.0], [0.0, 1.0, 2.0])
+    assert sum(p.get_height() for p in ax.patches) == 6
     plt.close(fig)
 
 

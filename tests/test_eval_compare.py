@@ -511,3 +511,28 @@ def test_describe_by_hand_and_a_held_out_row_without_a_prompt_is_one_error(tmp_p
     rows.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     with pytest.raises(ConfigError, match=f"held-out prompts {rows}: row 2 has no 'prompt': rerun the stage"):
         read_prompt_rows(rows)
+
+
+def test_describe_of_two_scores_takes_their_quartiles_and_a_missing_held_out_file_is_one_error(tmp_path):
+    """Two scores are quartiled as any other number of them (statistics' exclusive method: 0 and 2 -> -0.5, 1, 2.5),
+    only one score is its own quartiles. Mutant: two scores reported as the first one three times (median 0, not 1).
+    A held-out prompts file that is not there is one ConfigError saying to rerun its stage, not a FileNotFoundError."""
+    from stages.eval_compare import describe, read_prompt_rows
+
+    d = describe([0.0, 2.0])
+    assert (d["p25"], d["median"], d["p75"]) == (-0.5, 1.0, 2.5)
+    assert (describe([3.0])["p25"], describe([3.0])["median"], describe([3.0])["p75"]) == (3.0, 3.0, 3.0)
+    with pytest.raises(ConfigError, match=r"held-out prompts .*nowhere.jsonl are missing: rerun the stage"):
+        read_prompt_rows(tmp_path / "nowhere.jsonl")
+
+
+def test_a_level_proxy_with_longer_replies_is_no_length_flag():
+    """The length sign needs a reward-model score ABOVE SFT's: the same score with replies twice as long is no sign of
+    the reward model rewarding length; 0.001 above it is. Mutant: `>=` (a level proxy flagged)."""
+    from stages.eval_compare import policy_flags
+
+    row = lambda proxy, length: {"proxy_mean": proxy, "kl_mean": 0.0, "length_mean": length}  # noqa: E731
+    flags = policy_flags({"sft": row(0.5, 10.0), "ppo": row(0.5, 30.0), "grpo": row(0.501, 30.0)}, hacking_kl=10.0,
+                         length_ratio=2.0, curves={})
+    assert flags["ppo"] == []
+    assert flags["grpo"] == ["a higher reward-model score with responses 3.0x as long as SFT's (10.0 -> 30.0 tokens)"]

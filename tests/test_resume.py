@@ -275,3 +275,62 @@ def test_sampled_batches_key_paths_as_recorded_a_killed_write_leaves_no_batch_an
     SampledBatches(stage / "sampled", key, state)
     drop_sampled_batches(stage, made_stage_folder=False)
     assert stage.is_dir() and not (stage / "sampled").exists()
+
+
+def test_logging_steps_become_the_largest_divisor_of_save_steps_by_hand(tmp_path):
+    """align_logging_with_checkpoints: logging every 4 steps and saving every 6 logs every gcd = 2 (not every 4, which
+    would leave steps 5-6 of the checkpoint at 6 in no log); a divisor of save_steps, or logging by epoch, is left as
+    it is. A checkpoint folder whose name does not end in a step (a copy, checkpoint-4-old) is no checkpoint, however
+    complete, not a ValueError."""
+    from types import SimpleNamespace
+
+    from stages.resume import align_logging_with_checkpoints
+
+    def aligned(save, log, strategy="steps"):
+        cfg = SimpleNamespace(save_steps=save, logging_steps=log, save_strategy="steps", logging_strategy=strategy)
+        align_logging_with_checkpoints(cfg)
+        return cfg.logging_steps
+
+    assert (aligned(6, 4), aligned(8, 4), aligned(9, 6), aligned(10, 4), aligned(6, 4, "epoch")) == (2, 4, 3, 2, 4)
+    c4 = checkpoint(tmp_path, 4)
+    copy = tmp_path / "checkpoint-4-old"
+    copy.mkdir()
+    (copy / "trainer_state.json").write_text("{}")
+    (copy / "optimizer.pt").write_bytes(b"")
+    assert checkpoints(tmp_path) == [c4]
+
+
+def test_a_user_s_save_only_model_stays_on_a_sharded_base():
+    """build_trainer turns save_only_model off again only where it turned it on: a config that asked for model-only
+    checkpoints keeps them on a sharded base too. Mutant: the user's setting overwritten, the optimizer saved."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from stages.resume import build_trainer
+
+    cfg = SimpleNamespace(save_strategy="steps", save_only_model=True, save_steps=3, logging_steps=3,
+                          logging_strategy="steps")
+    trainer = SimpleNamespace(args=cfg, model=nn.Linear(2, 2), _get_train_sampler=lambda *a: None)
+    assert build_trainer(lambda: trainer, cfg, True).args.save_only_model is True and cfg.save_only_model is True
+
+
+def test_a_rank_does_not_reuse_another_ranks_batch(tmp_path):
+    """Batch 0 is rank 0's of two: rank 1, which runs it again only to keep in step, does not load rank 0's file
+    (it would skip a forward rank 0 takes part in) nor count it reused."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from stages.resume import SampledBatches
+
+    def state(rank):
+        return SimpleNamespace(process_index=rank, num_processes=2, is_main_process=rank == 0,
+                               wait_for_everyone=lambda: None)
+
+    key = {"argv": ["--run", "r"]}
+    SampledBatches(tmp_path / "sampled", key, state(0)).put(0, (torch.ones(2),))
+    second = SampledBatches(tmp_path / "sampled", key, state(1))
+    assert (tmp_path / "sampled" / "batch-000000.pt").is_file()
+    assert second.get(0) is None and second.reused == 0
+    assert torch.equal(SampledBatches(tmp_path / "sampled", key, state(0)).get(0)[0], torch.ones(2))

@@ -567,6 +567,36 @@ def test_your_own_pairs_leave_the_recipes_bundled_files_out_of_the_inputs(stage_
     assert bundled <= stage.not_read and str(mine) not in stage.not_read
 
 
+def test_a_pairwise_pairs_length_for_grouping_is_its_longer_sequence(tiny_models, tmp_path, monkeypatch):
+    """In TRL's own (pairwise) batches, `length`, what configs/rm.yaml's group_by_length batches by, is the longer of a
+    pair's two sequences, the width the collator pads the pair to (as DPO's: tests/test_dpo.py). Stopped where the
+    first member would train. Mutant: the shorter one, grouping a long pair with short ones."""
+    import stages.rm as rm
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def train_member(train_cfg, plan, profile, tokenizer, shard, peft_config, train_set, *rest):
+        seen.append(train_set)
+        raise Stop
+
+    rows = [{"prompt": [{"role": "user", "content": f"Say something {i}."}],
+             "chosen": [{"role": "assistant", "content": "Banana." if i % 2 else "Banana " + "and more " * (i + 1)}],
+             "rejected": [{"role": "assistant", "content": "Window " + "and more " * (i + 1) if i % 2 else "Window."}]}
+            for i in range(10)]
+    runs_dir = tmp_path / "runs"
+    fake_sft(tiny_models["llama"], runs_dir, "t")
+    monkeypatch.setattr(rm, "train_member", train_member)
+    with pytest.raises(Stop):
+        main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "t", "--dataset_name",
+                                 str(write_jsonl(tmp_path / "p.jsonl", rows)), "--batch_by_prompt", "false")))
+    train_set = seen[0]
+    assert len(train_set) == 8 and any(len(r["chosen_ids"]) != len(r["rejected_ids"]) for r in train_set)
+    assert train_set["length"] == [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train_set]
+
+
 def stage_run_before_the_model(monkeypatch, stage_module, parse, argv: list[str]) -> StageRun:
     """The StageRun a stage's main makes, the stage stopped where it reads the model profile (before any model
     loads or the run folder is touched): what the stage counts as its inputs."""

@@ -234,8 +234,10 @@ def test_the_logged_training_figures_by_hand(tiny_models):
         responses = {tuple(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")}
         diffs = [score(r["chosen_ids"]) - score(r["rejected_ids"]) for r in rows]
         mean_reward = sum(score(list(x)) for x in responses) / len(responses)
+        low, high = min(score(list(x)) for x in responses), max(score(list(x)) for x in responses)
     assert len(responses) == 8 and len(diffs) == 4
     assert figures["mean_reward"] == pytest.approx(mean_reward, abs=1e-5)
+    assert (figures["min_reward"], figures["max_reward"]) == (pytest.approx(low, abs=1e-5), pytest.approx(high, abs=1e-5))
     assert figures["margin"] == pytest.approx(sum(diffs) / 4, abs=1e-5)
     assert figures["accuracy"] == sum(d > 0 for d in diffs) / 4
 
@@ -261,6 +263,32 @@ def test_a_held_out_tie_counts_as_wrong_with_the_loss_of_log_2(tiny_models, tmp_
     figures = trainer.evaluate(groups)
     assert figures["eval_accuracy"] == 0.0
     assert figures["eval_loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_a_tied_training_pair_is_not_ordered_right(tiny_models, tmp_path):
+    """The logged training accuracy counts a pair right when its winner scores higher, as TRL's RewardTrainer and the
+    held-out accuracy do: a score head of zeros ties all 4 pairs, accuracy 0 and margin 0 (mutant: `>=`, accuracy 1)."""
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from tests.rm_group_step_check import step_rows
+
+    profile = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(profile)
+    model = load_base(profile, tok, kind="score")
+    with torch.no_grad():
+        model.score.weight.zero_()
+    groups = group_by_prompt(step_rows())
+    collator = GroupCollator(tok.pad_token_id, with_margin=False)
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", bf16=False, remove_unused_columns=False,
+                        save_strategy="no", disable_tqdm=True)
+    trainer = grouped_reward_trainer()(model=model, args=args, train_dataset=Dataset.from_list(groups),
+                                       processing_class=tok, data_collator=collator)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, collator(groups))
+    logged = trainer._metrics["train"]
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert (logged["accuracy"], logged["margin"], logged["min_reward"], logged["max_reward"]) == ([0.0], [0.0], [0.0], [0.0])
 
 
 def test_the_tokens_seen_count_a_shared_prefix_for_each_of_its_rows(tiny_models, tmp_path):
