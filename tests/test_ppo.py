@@ -630,6 +630,7 @@ def test_a_cut_prompt_keeps_its_bos(tiny_models, prompts_file):
     _, ids, _, notes = load_prompts(PPOConfig(prompts_file=str(prompts_file), max_prompt_length=12,
                                               long_prompts="truncate"), tok)
     assert notes["prompts_long"] > 0 and all(len(s) <= 12 and s[0] == tok.bos_token_id for s in ids)
+    assert sum(len(s) == 12 for s in ids) >= notes["prompts_long"]  # a long prompt is cut to the limit, not below it
 
 
 def test_a_repeated_prompt_is_never_both_trained_on_and_held_out(tiny_models, tmp_path):
@@ -1055,6 +1056,10 @@ def test_which_checkpoint_a_run_continues_from(tmp_path):
     stage.manifest_path.write_text("{}")  # the run finished: a plain start trains afresh
     assert choose_resume(cfg(), stage, upstream) is None
     assert choose_resume(cfg(resume=True), stage, upstream) == ckpt
+    empty = SimpleNamespace(dir=tmp_path / "empty", manifest_path=tmp_path / "empty/manifest.json")
+    assert choose_resume(cfg(), empty, upstream) is None  # nothing to continue from: a fresh start
+    with pytest.raises(ConfigError, match="--resume: there is no checkpoint under .* to continue from"):
+        choose_resume(cfg(resume=True), empty, upstream)
 
 
 def test_resume_checks_every_ensemble_member_the_profile_by_field_and_the_adapter_config(tmp_path):
@@ -1174,6 +1179,12 @@ def yaml_model_dir(profile) -> str:
     ("--kl_horizon", "0", "kl_horizon must be >= 1"),
     ("--value_trainable_layers", "-1", r"value_trainable_layers must be >= 0 \(0 = all layers\), got -1"),
     ("--learning_rate", "nan", "learning_rate must be a number, got nan"),
+    ("--num_samples_per_prompt", "0", "num_samples_per_prompt must be at least 1, got 0"),
+    ("--kl_target", "0", "kl_target must be > 0"), ("--adam_epsilon", "0", "adam_epsilon must be > 0"),
+    ("--num_samples", "-1", "num_samples must be >= 0"),
+    ("--heldout_fraction", "-0.1", r"heldout_fraction must be in \[0, 1\)"),
+    ("--max_prompt_length", "0", "max_prompt_length must be at least 1, got 0"),
+    ("--warmup_updates", "-1", "warmup_updates must be >= 0"), ("--entropy_coef", "-0.1", "entropy_coef must be >= 0"),
 ])
 def test_out_of_range_hyperparameters_are_refused(flag, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -1607,6 +1618,33 @@ def test_an_ensemble_reward_is_the_mean_of_its_standardised_members(tiny_models,
         run_ppo(tiny_models["llama"], runs_dir, "ens", prompts_file, None, None, "--resume")
 
 
+def test_a_reward_member_or_adapter_that_is_no_reward_model_is_refused_before_the_run_folder(tiny_models, adapters,
+                                                                                              runs_dir, prompts_file,
+                                                                                              tmp_path):
+    """Every member of an rm ensemble is checked to be a SEQ_CLS adapter, not only the first (a policy adapter listed
+    as member 2 would be summed into the reward); and a reward adapter whose config names no task but carries no score
+    head is refused by build_stack, not trained on."""
+    import shutil
+
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack
+
+    sft, rm = adapters("llama")
+    _upstream_manifests(runs_dir, "wrong", sft, rm, more_rms=(sft,))
+    with pytest.raises(ConfigError, match=rf"reward adapter {sft} is not a reward model"):
+        run_ppo(tiny_models["llama"], runs_dir, "wrong", prompts_file)
+    assert not (Path(runs_dir) / "wrong" / "ppo").exists()
+
+    headless = Path(shutil.copytree(sft, tmp_path / "headless"))
+    config = json.loads((headless / "adapter_config.json").read_text())
+    config.pop("task_type", None)
+    (headless / "adapter_config.json").write_text(json.dumps(config))
+    profile = profile_from(str(tiny_models["llama"]))
+    tok = load_tokenizer(profile)
+    with pytest.raises(ConfigError, match=r"carries no `score` head: it must be the rm stage's SEQ_CLS adapter"):
+        build_stack(profile, tok, sft, headless, torch.device("cpu"), False)
+
+
 # ------------------------------------------------------------------------------------------------ update rules
 
 def _perturb(params, scale: float = 0.5, seed: int = 0) -> None:
@@ -1786,6 +1824,21 @@ def test_the_value_adapter_has_its_own_learning_rate(tiny_models, adapters, prom
     assert [g["lr"] for g in same.optimizer.param_groups] == [3e-3, 3e-3]
 
 
+def test_warmup_updates_ramp_both_learning_rates_up_from_0(tiny_models, adapters, prompts_file, tmp_path):
+    """warmup_updates: the schedule's warm-up (transformers' get_scheduler) starts each parameter group at 0 and
+    reaches its rate after that many updates; without it the first update runs at the full rate."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--learning_rate", "4e-3", "--value_learning_rate",
+                       "2e-3", "--warmup_updates", "2", "--lr_scheduler_type", "constant_with_warmup")
+    seen = []
+    for _ in range(3):
+        seen.append([g["lr"] for g in trainer.optimizer.param_groups])
+        trainer.scheduler.step()
+    assert seen == [[0.0, 0.0], [pytest.approx(2e-3), pytest.approx(1e-3)], [pytest.approx(4e-3), pytest.approx(2e-3)]]
+    none = _trainer(tiny_models, adapters, prompts_file, tmp_path / "none", "--learning_rate", "4e-3",
+                    "--lr_scheduler_type", "constant_with_warmup")
+    assert [g["lr"] for g in none.optimizer.param_groups] == [4e-3, 4e-3]
+
+
 def test_the_joint_gradient_is_clipped_to_max_grad_norm(tiny_models, adapters, prompts_file, tmp_path):
     """max_grad_norm clips the joint policy + value gradient: with plain SGD (first step = the gradient), one epoch
     and one mini-batch, a gradient far above the limit moves all trainable tensors together by exactly
@@ -1833,7 +1886,8 @@ def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters,
     steps (4 here), not sums."""
     from stages.ppo import losses as L
     trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--gradient_accumulation_steps", "1",
-                       "--num_mini_batches", "2", "--num_ppo_epochs", "2", reward_fn=varied_reward)
+                       "--num_mini_batches", "2", "--num_ppo_epochs", "2", "--cliprange_value", "1e-4",
+                       reward_fn=varied_reward)  # a narrow value clip: the second epoch's values clip (clipfrac > 0)
     ro = trainer.rollout()
     adv, returns, _ = trainer._advantages(ro)
     B, micro = ro.response_ids.shape[0], trainer.cfg.per_device_train_batch_size
@@ -1859,6 +1913,7 @@ def test_the_mini_batches_of_an_epoch_partition_the_batch(tiny_models, adapters,
     assert out["value_loss"] == pytest.approx(sum(vl.item() for vl, _ in value_losses) / 4)
     # the clip fractions and approx_kl are token means over the update's micro-batches, not means over its steps
     assert any(s["clipfrac"] > 0 for _, s in losses[1:]) and any(s["approx_kl"] > 0 for _, s in losses[1:])
+    assert any(s["clipfrac"] > 0 for _, s in value_losses[1:])
     for key, recorded, stat in (("clipfrac_policy", losses, "clipfrac"), ("clipfrac_value", value_losses, "clipfrac"),
                                 ("approx_kl", losses, "approx_kl")):
         by_hand = sum(s[stat].item() * n for (_, s), n in zip(recorded, tokens)) / sum(tokens)
@@ -2335,6 +2390,59 @@ def test_the_logged_length_and_no_eos_share_by_hand(tiny_models, adapters, promp
     stats = trainer._advantages(ro)[2]
     assert stats["no_eos_fraction"] == pytest.approx(0.75)
     assert stats["response_length"] == pytest.approx(ro.response_mask.sum(1).float().mean().item())
+
+
+def test_the_logged_shaped_reward_value_and_return_means_by_hand(tiny_models, adapters, prompts_file, tmp_path):
+    """metrics.jsonl's reward is the mean *shaped* score (what PPO maximises: (raw - mean) / std with the RM's stats,
+    here (1, 2)), beside reward_raw; value_mean and return_mean are means over every response token (not per answer,
+    not of the first token). Scores and values set by hand."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--critic_init", "rm", reward_stats=(1.0, 2.0),
+                       reward_fn=varied_reward)
+    ro = trainer.rollout()
+    B, T = ro.response_mask.shape
+    lengths = torch.tensor([T, 3, 7, T, 1, 5, 9, 2])  # answers of many lengths (the tiny model rarely ends one)
+    ro.response_mask = (torch.arange(T)[None] < lengths[:, None]).to(ro.response_mask.dtype)
+    m = ro.response_mask.float()
+    ro.scores_raw = torch.tensor([0.5 * i - 1.0 for i in range(B)])
+    ro.ended = torch.ones(B, dtype=torch.bool)  # no missing-EOS penalty
+    ro.values = (torch.arange(B * T, dtype=torch.float32).view(B, T) / 10) * m
+    _, returns, stats = trainer._advantages(ro)
+    assert stats["reward"] == pytest.approx(sum((0.5 * i - 2.0) / 2 for i in range(B)) / B, rel=1e-6)
+    assert stats["value_mean"] == pytest.approx(float((ro.values * m).sum() / m.sum()), rel=1e-6)
+    assert stats["return_mean"] == pytest.approx(float((returns * m).sum() / m.sum()), rel=1e-6)
+    assert float((returns * m).sum() / m.sum()) != pytest.approx(float(returns[:, 0].mean()), rel=1e-3)
+
+
+def test_the_samples_log_records_each_answers_raw_score_and_whether_it_ended(tiny_models, adapters, prompts_file,
+                                                                            tmp_path):
+    """samples.jsonl: the first num_samples answers of the update, each with its raw score and its own ended flag."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--num_samples", "3", reward_fn=varied_reward)
+    ro = trainer.rollout()
+    ro.ended = torch.tensor([True, False, False, True, True, True, True, True])
+    ro.scores_raw = torch.arange(8, dtype=torch.float32) / 4
+    trainer.out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.update = 5
+    trainer._samples(ro)
+    rows = [json.loads(line) for line in trainer.samples_path.read_text().splitlines()]
+    assert [(r["update"], r["ended"], r["reward_raw"]) for r in rows] == [(5, True, 0.0), (5, False, 0.25),
+                                                                        (5, False, 0.5)]
+    assert [r["response"] for r in rows] == ro.texts[:3]
+
+
+def test_the_episode_count_advances_by_every_ranks_batch(tiny_models, adapters, prompts_file, tmp_path):
+    """An update of 2 ranks consumes 2 x local_batch_size episodes of the global prompt stream: the counter (the
+    data position of the next update, logged as episodes) advances by all of them, or the next update's rank 0
+    would take the groups rank 1 has just trained on. Two ranks emulated on one process (sums across ranks: as is)."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--response_length", "4", "--num_ppo_epochs", "1",
+                       reward_fn=varied_reward)
+    trainer.world = 2
+    trainer._all_sum = lambda t: t  # noqa: E731  one rank's sums stand for both
+    local = trainer.cfg.local_batch_size
+    metrics, _ = trainer.step()
+    assert trainer.episodes == metrics["episodes"] == 2 * local
+    trainer.rank = 0
+    expected = [trainer.prompts[trainer._prompt_index(i)] for i in range(2 * local, 3 * local)]
+    assert trainer._local_prompts()[0] == expected
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "opt"])

@@ -117,6 +117,9 @@ def test_per_token_rewards():
     # row 0: -0.5 * kl, score 2 on its last token (t2); row 1: ends at t0: -0.2 - 1
     assert r.tolist() == [pytest.approx([-0.05, -0.1, 1.85]), pytest.approx([-1.2, 0.0, 0.0])]
     assert L.per_token_rewards(torch.tensor([2.0, -1.0]), None, 0.5, mask).tolist() == [[0, 0, 2.0], [-1.0, 0, 0]]
+    # the default's small coefficient (0.05) counts as any other
+    small = L.per_token_rewards(torch.tensor([2.0, -1.0]), kl, 0.05, mask)
+    assert small.tolist() == [pytest.approx([-0.005, -0.01, 1.985]), pytest.approx([-1.02, 0.0, 0.0])]
 
 
 def test_policy_loss_by_hand():
@@ -169,6 +172,18 @@ def test_entropy_and_explained_variance():
     assert L.explained_variance(torch.zeros(1, 3), ret, m) == pytest.approx(0.0)
 
 
+def test_entropy_is_per_row_of_a_batch_and_a_constant_return_explains_nothing():
+    """Each row of [B, T, V] logits has its own entropy over the vocabulary (the last dim, not the batch's); and a
+    batch whose returns are all the same has no variance to explain: NaN (null in metrics.jsonl), not a crash."""
+    p = torch.tensor([0.25, 0.75])
+    logits = torch.stack([torch.zeros(2), p.log(), torch.tensor([0.0, -50.0])])[None]  # [1, 3, 2]
+    h = L.entropy_from_logits(logits)
+    assert h.shape == (1, 3)
+    assert h[0].tolist() == pytest.approx([math.log(2), -(p * p.log()).sum().item(), 0.0], abs=1e-6)
+    same = torch.full((2, 3), 0.7)
+    assert math.isnan(L.explained_variance(torch.zeros(2, 3), same, torch.ones(2, 3)))
+
+
 def test_kl_controllers():
     fixed = L.FixedKLController(0.05)
     fixed.update(100.0, 64)
@@ -196,6 +211,8 @@ def test_shape_scores_by_hand():
     assert L.shape_scores(raw, ended, None, clip=0.0, missing_eos_penalty=0.0).tolist() == raw.tolist()
     # clipping off: the outlier keeps its normalised value
     assert L.shape_scores(raw, ended, (1.0, 2.0), clip=0.0, missing_eos_penalty=0.0).tolist() == [1.0, -1.0, 20.0, -5.0]
+    # an RM whose scores spread less than 1: dividing by its std stretches them (std 0.25 -> x4)
+    assert L.shape_scores(raw, ended, (1.0, 0.25), clip=0.0, missing_eos_penalty=0.0).tolist() == [8.0, -8.0, 160.0, -40.0]
 
 
 def test_discounted_returns_by_hand():
@@ -219,6 +236,9 @@ def test_fit_affine_by_hand_and_across_ranks():
         pytest.approx((0.5, 1 / 6))
     # constant x: no slope, the mean of y
     assert L.fit_affine(torch.ones(1, 3), torch.tensor([[1.0, 2.0, 6.0]]), torch.ones(1, 3)) == pytest.approx((0.0, 3.0))
+    # a constant x whose float64 variance rounds to 1e-19, not 0, still has no slope (a near-0/near-0 slope is -64)
+    const = torch.full((1, 3), 0.03, dtype=torch.float64)
+    assert L.fit_affine(const, torch.tensor([[0.0, 2.0, 4.0]]), torch.ones(1, 3)) == pytest.approx((0.0, 2.0))
     # two "ranks" with summed statistics fit what one rank with both rows fits
     xs, ys = torch.tensor([[0.5, -1.0], [2.0, 3.0]]), torch.tensor([[1.0, 0.0], [4.0, 2.5]])
     whole = L.fit_affine(xs, ys, torch.ones(2, 2))
