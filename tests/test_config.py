@@ -91,6 +91,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
     ("eval", "gold_judge: no", "'gold_judge' in .* is False: it must be text: put it in quotes"),
     ("eval", "gold_judge: 5", "'gold_judge' in .* is 5: it must be text: put it in quotes"),
     ("label", "title: 2024", "'title' in .* is 2024: it must be text: put it in quotes"),
+    ("sft", "learning_rate: true", "'learning_rate' in .* is True: it must be a number"),  # not a rate of 1.0
+    ("label", "offensive_words: [[a, b]]", r"'offensive_words' in .* is \[\['a', 'b'\]\]: it must be a list of single values"),
 ])
 def test_a_yaml_value_of_the_wrong_type_names_its_key_and_file(stage, line, message, tmp_path):
     """argparse converts text itself, but a YAML number, list or mapping reaches the config as it is: checked against
@@ -204,6 +206,34 @@ def test_resume_from_checkpoint_is_refused_not_ignored(stage):
                                      "runs/x/sft/trainer/checkpoint-3"])
 
 
+@pytest.mark.parametrize("stage,flag,bad,message,edge", [
+    ("eval", "--temperature", "-0.5", "is -0.5: it must be >= 0", "0"),
+    ("pairs", "--top_k", "-1", "is -1: it must be >= 0", "0"),
+    ("eval", "--max_new_tokens", "0", "is 0: it must be >= 1", "1"),
+    ("sft", "--max_grad_norm", "-1", "is -1.0: it must be >= 0", "0"),
+    ("sft", "--lora_r", "0", "is 0: it must be >= 1", "1"),
+    ("sft", "--lora_alpha", "0", "is 0: it must be > 0", "1"),
+    ("sft", "--max_length", "0", "is 0: it must be >= 1", "1"),
+    ("sft", "--lora_dropout", "1", r"is 1.0: it must be in \[0, 1\)", "0"),
+])
+def test_each_ranged_setting_is_refused_past_its_bound_and_kept_at_it(stage, flag, bad, message, edge):
+    """RANGES, entry by entry (each one dropped from the table went unnoticed): a negative temperature or top_k, no
+    new tokens, a negative clipping norm, a LoRA of rank or alpha 0, a max_length of 0, a dropout of 1 are
+    refused at parse naming the flag; the bound itself (greedy temperature 0, top_k 0 = off, rank 1, ...) parses."""
+    config = ["--config", str(REPO / "configs" / f"{stage}.yaml")]
+    with pytest.raises(ConfigError, match=f"^{flag} on the command line {message}$"):
+        parse(stage_classes(stage), [*config, flag, bad])
+    parsed = parse(stage_classes(stage), [*config, flag, edge])
+    assert any(getattr(obj, flag[2:], None) == float(edge) for obj in parsed)
+
+
+def test_config_as_the_last_word_is_one_line_not_a_traceback():
+    """`--config` with nothing after it (a Makefile variable left empty) is one ConfigError, not an IndexError."""
+    for argv in (["--config"], ["--run", "x", "--config"]):
+        with pytest.raises(ConfigError, match="^--config needs a path to a YAML file$"):
+            parse(stage_classes("sft"), argv)
+
+
 def test_a_second_config_names_recipes():
     """`make sft ARGS="--config my.yaml"`: the second --config was an unknown flag ("did you mean '--fsdp_config'?")."""
     with pytest.raises(ConfigError, match=r"--config is given more than once \(configs/sft.yaml, my.yaml\): `make` gives "
@@ -297,6 +327,8 @@ def test_model_profile_unknown_key(tmp_path):
     ("chat_template: 5", "chat_template is 5: it must be text"),
     ("load_in_4bit: 1", "load_in_4bit is 1: it must be true or false"),
     ("lora_target_modules: q_proj", "lora_target_modules is 'q_proj': it must be a list of module names"),
+    ("lora_target_modules: [q_proj, 5]", r"lora_target_modules is \['q_proj', 5\]: it must be a list of module names"),
+    ("trust_remote_code: 'false'", "trust_remote_code is 'false': it must be true or false"),  # text, yet truthy
 ])
 def test_a_model_profile_value_of_the_wrong_type_is_one_clear_error(lines, message, tmp_path):
     p = tmp_path / "m.yaml"

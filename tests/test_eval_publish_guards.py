@@ -4,6 +4,7 @@ policy other than PPO, a local base saved as .bin or holding .git/ and .cache/, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -97,7 +98,7 @@ def test_proxy_is_the_reward_model_ppo_optimised(tmp_path, tiny_models):
     from stages.eval import main
     profile = tiny_models["llama"]
     spec = yaml.safe_load(profile.read_text())
-    runs = build_upstream(tmp_path / "runs", profile)
+    runs = build_upstream(tmp_path / "runs", profile, reward_members=2)  # the rm stage's: an ensemble of two
     other = _lora_adapter(spec["name_or_path"], spec["lora_target_modules"], tmp_path / "other_rm" / "adapter",
                           seed=99, task_type="SEQ_CLS")
     given_to_ppo(runs, reward_adapter=str(other))
@@ -118,10 +119,25 @@ def test_proxy_is_the_reward_model_ppo_optimised(tmp_path, tiny_models):
     shipped = (folder / "reward" / "adapter_model.safetensors").read_bytes()
     assert shipped == (other / "adapter_model.safetensors").read_bytes()
     assert shipped != (runs / "t" / "rm" / "adapter" / "adapter_model.safetensors").read_bytes()
+    # one reward model, scored as it is: no ensemble member's file (the rm stage's members' mean and std are not its
+    # own), and none of the rm stage's other members
+    assert not (folder / "reward" / "ensemble_member.json").exists() and not (folder / "reward-1").exists()
     card = (folder / "README.md").read_text()
     assert "a reward model given to it (`reward_adapter`, `adapter`: trained outside this run" in card
     assert "Reward model: `adapter`, given as `reward_adapter`." in card and "trained on preference pairs" not in card
     assert "\n| rm |" not in card
+    # that reward model deleted since: one error naming it, before the publish folder is touched (it was deleted
+    # first, then copying the adapter crashed with a traceback)
+    before = {str(f): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+    aside = other.with_name("adapter.aside")
+    other.rename(aside)
+    try:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(other))}, the reward model the ppo stage of run 't' "
+                                              r"was given \(reward_adapter\), is missing"):
+            publish(PublishArgs(dry_run=True, include_reward=True), RunArgs(run="t", runs_dir=str(runs)))
+    finally:
+        aside.rename(other)
+    assert {str(f): f.read_bytes() for f in folder.rglob("*") if f.is_file()} == before
     # a GRPO stage beside it, rewarded by the rm stage's model: one reward column cannot serve both
     from tests.fake_upstream import add_policy_stage
 

@@ -182,6 +182,19 @@ def test_a_reward_checkpoint_whose_tokenizer_has_no_pad_token_pads_with_eos(tmp_
     assert len(set(together)) == 3
 
 
+def test_a_function_judges_spec_needs_a_function_name_after_its_colon():
+    """`module:function`: what follows the colon is a Python name, as getattr needs it; a dashed, dotted or numeric
+    one (`length-judge`, a typo) is refused at make's check, before any stage runs, not after SFT and PPO trained."""
+    from pipeline.config import function_spec_module
+    from pipeline.judges import check_judge_spec
+
+    assert function_spec_module("tests.judge_fixtures:length_judge") == "tests.judge_fixtures"
+    for spec in ("tests.judge_fixtures:length-judge", "tests.judge_fixtures:2judge", "tests.judge_fixtures:a.b"):
+        assert function_spec_module(spec) is None, spec
+        with pytest.raises(ConfigError, match=f"^unknown judge '{spec}'"):
+            check_judge_spec(spec)
+
+
 def test_a_spec_make_checks_is_refused_as_loading_it_would_be(tmp_path):
     """check_judge_spec (make, before any stage runs) refuses what load_judge would: an rm: path that is no folder, and
     a module:function whose module part is no importable name (a file path)."""

@@ -256,6 +256,21 @@ def test_a_host_that_is_not_this_machines_is_refused_by_its_flag_not_the_port(tm
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_free_port_on_the_ipv6_loopback_is_free():
+    """`--host ::1`: the port check binds a socket of the host's own family (getaddrinfo's), not IPv4's, which cannot
+    bind ::1 and called this machine's own loopback "not an address of this machine"; an IPv4 host still binds."""
+    from stages.label.config import check_port_free
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    check_port_free("::1", port)
+    check_port_free("127.0.0.1", free_port())
+
+
 def test_a_port_this_user_may_not_open_says_why(monkeypatch):
     """A refused bind (EACCES) said "ports below 1024 need root" for any port: a firewall or SELinux refuses others."""
     import errno

@@ -268,6 +268,15 @@ def test_word_filter_holds_pairs_back(tmp_path):
     assert served == ["p000", "p002"] and s.progress()["blocked"] == 1
 
 
+def test_a_blank_offensive_word_holds_nothing_back():
+    """A blank entry in offensive_words (`- " "` in the label config) is no word: it once made the pattern's empty
+    alternative match at every word boundary, and every pair was held back from the annotators."""
+    blocked = word_filter(["  ", "", "jap"])
+    assert blocked({"prompt": [{"role": "user", "content": "A trip to Japan"}], "responses": ["fine", "ok"]}) is None
+    assert blocked({"prompt": [{"role": "user", "content": "Hi"}], "responses": ["the Japs came", "ok"]}) == "jap"
+    assert word_filter([" ", "\t"])({"prompt": [{"role": "user", "content": "Any words"}], "responses": ["a", "b"]}) is None
+
+
 def test_servable_pairs_come_in_the_files_order_not_their_ids(tmp_path):
     """servable_pairs (what make simulate labels, in order: the labels' and so the export's order) lists the pairs as
     the file gives them, blocked ones left out, whatever their ids sort as."""
@@ -587,6 +596,19 @@ def test_auth_guard_and_users(tmp_path):
         load_users(None, env={"LABEL_USERS": "bob:hunter2 , alice:x"})  # the space before the comma is the password's
 
 
+def test_a_login_name_with_a_space_before_its_colon_is_the_name_itself(tmp_path):
+    """`bob :pw` (a space before the ':') is the login `bob`, as a person types it at the login page and as the
+    labels store it; kept as 'bob ', nobody could log in as bob (Gradio compares the name exactly)."""
+    from stages.label.config import LoginGuard
+
+    users = tmp_path / "users.txt"
+    users.write_text("bob :pw1\n")
+    found = load_users(str(users), env={"LABEL_USERS": "carol\t:x"})
+    assert found == [("bob", "pw1"), ("carol", "x")]
+    guard = LoginGuard(found)
+    assert guard("bob", "pw1") and guard("carol", "x") and not guard("bob ", "pw1")
+
+
 def test_wrong_passwords_in_a_row_lock_a_login_for_a_doubling_time(capsys):
     """Five wrong passwords in a row lock the login, the right password too, for 60 s, then 120 s after the sixth and
     so on up to an hour; a right password after the lock clears the count; another login is not touched; names that
@@ -682,6 +704,22 @@ def test_earlier_labels_of_one_prompt_are_told_apart_by_their_responses(tmp_path
         f"{hhmm} · tie · {i('Once upon a time there was a very long o')} · left: {i('Happy 1')} | right: {i('Sad 1')}",
         f"{hhmm} · left is better (much) · {i('Once upon a time there was a very long o')} · left: {i('Sad 0')} | "
         f"right: {i('Happy 0')}"]
+
+
+def test_an_earlier_label_of_a_conversation_is_named_by_its_last_turn():
+    """A multi-turn prompt (a chat's follow-up): the "change an earlier label" list shows the turn the two replies
+    answer, its last message, not the conversation's first (every follow-up of one chat would read alike)."""
+    import time
+
+    from stages.label.app import earlier_label_text
+
+    m = {"prompt": [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once, a fox"},
+                    {"role": "user", "content": "Make it sadder"}],
+         "responses": ["The fox wept", "Rain fell"], "shown_left": 1, "choice": "right", "strength": None,
+         "updated_at": 1_000_000.0}
+    hhmm = time.strftime("%H:%M", time.localtime(1_000_000.0))
+    assert earlier_label_text(m) == (f"{hhmm} · right is better · \u2068Make it sadder\u2069 · left: \u2068Rain fell\u2069 "
+                                     f"| right: \u2068The fox wept\u2069")
 
 
 def test_my_labels_list_the_latest_changed_first(store):

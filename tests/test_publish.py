@@ -437,6 +437,57 @@ def test_card_hyperparameters_are_the_settings_that_acted():
     assert hyperparameters(one_step) == {"max_steps": 1}
 
 
+def test_card_hyperparameters_leave_out_the_run_section_and_empty_values():
+    """The run section (run name, runs folder, model profile) is where the run went, not how it trained; an empty value
+    (no reward_adapter given, an empty list) was not set; a folder or path of this machine (relative too) is no
+    setting. None of them is a card line."""
+    from stages.publish_card import hyperparameters
+
+    ppo = {"config": {"run": {"run": "t", "runs_dir": "runs", "model_config": "configs/models/tiny.yaml", "seed": 3},
+                      "ppo": {"kl_coef": 0.05, "reward_adapter": "", "sft_adapter": None, "stop_words": [],
+                              "cache_dir": "cache/ppo", "prompts_path": "mine/prompts.jsonl"}}}
+    assert hyperparameters(ppo) == {"kl_coef": 0.05}
+
+
+def test_card_shows_a_zero_figure_as_zero_not_as_missing():
+    """A win rate of 0% (by the gold judge, or by people) and a reward model that agreed with the gold judge on no
+    pair are figures: the card shows them (a truthiness test read them as "no gold judge", "no people's labels")."""
+    from stages.publish_card import ppo_results
+
+    ev = {"n_prompts": 10, "reward_sft_mean": 0.5, "reward_ppo_mean": 0.25, "length_sft_mean": 20.0,
+          "length_ppo_mean": 21.0, "no_eos_sft": 0.0, "no_eos_ppo": 0.0, "kl_mean": 1.5, "win_rate": 0.0,
+          "win_rate_ci_low": 0.0, "win_rate_ci_high": 0.278, "gold_judge": "sentiment", "gold_sft_mean": 0.4,
+          "gold_ppo_mean": 0.1, "gold_win_rate": 0.0, "gold_win_rate_ci_low": 0.0, "gold_win_rate_ci_high": 0.278,
+          "rm_gold_agreement": 0.0, "rm_gold_pairs": 12, "human_win_rate": 0.0}
+    text = "\n".join(ppo_results(ev))
+    assert "| gold judge score (mean) | 0.400 | 0.100 |" in text
+    assert "**Win rate of PPO over SFT judged by the gold judge: 0.0%** (95% CI 0.0% – 27.8%" in text
+    assert "The reward model orders 0.0% of 12 held-out pairs as the gold judge does." in text
+    assert "Win rate judged by people: 0.0%." in text
+
+
+def test_only_the_embedded_base_is_called_tiny_and_its_books_are_credited(tmp_path):
+    """A local base that `make base` built (its training_report.json) is the tiny one trained on the bundled books: the
+    card says so and credits its pretraining texts to the base. Any other local base (your own checkpoint, shipped
+    under base/) is neither called tiny nor credited with the books."""
+    from stages.publish import PublishArgs
+    from stages.publish_card import data_files_used, model_card
+
+    ev = {"n_prompts": 4, "reward_sft_mean": 0.1, "reward_ppo_mean": 0.2, "length_sft_mean": 5.0, "length_ppo_mean": 6.0,
+          "no_eos_sft": 0.0, "no_eos_ppo": 0.0, "kl_mean": 0.5, "win_rate": 0.5, "win_rate_ci_low": 0.2,
+          "win_rate_ci_high": 0.8}
+    manifests = {"sft": {"config": {}, "metrics": {}}, "eval": {"metrics": ev},
+                 "rm": {"config": {}, "metrics": {"eval_accuracy": 0.7}, "outputs": {"adapter": str(tmp_path)}},
+                 "ppo": {"config": {}, "metrics": {"updates": 2}}}
+    base = tmp_path / "my-base"
+    base.mkdir()
+    card = lambda: model_card(PublishArgs(license="mit"), "me/x", "t", manifests, str(base), str(base), [], [], None)  # noqa: E731
+    assert "children's books" not in card() and data_files_used({}, str(base)) == {}
+    (base / "training_report.json").write_text(json.dumps({"config": {"text_dir": "data/pretrain/texts"}}))
+    assert "The base here is tiny and was trained on public-domain children's books" in card()
+    assert data_files_used({}, str(base)) == {"data/pretrain/texts": {"base"}}
+
+
 def test_card_leads_with_the_gold_judge_when_eval_has_one():
     """A run with a gold judge: the card's headline is the win rate the gold judge gives (PPO never saw it), with the
     reward model's agreement with it; the reward model's own win rate follows, named as the one PPO optimised. Without
@@ -838,6 +889,20 @@ def test_a_policy_trained_again_after_eval_is_not_published_with_the_old_figures
     assert not (copy / "t" / "publish").exists()
 
 
+def test_which_stage_ran_again_since_the_eval_report_by_hand():
+    """stage_rerun_since: the first stage whose manifest now is not the one the report read; none when all are; and
+    none for a report that records no inputs (written by an older version: taken as it is, not refused)."""
+    from pipeline.run import manifest_digest
+    from stages.publish import stage_rerun_since
+
+    now = {"sft": {"stage": "sft"}, "rm": {"stage": "rm"}, "ppo": {"stage": "ppo"}}
+    read = {name: manifest_digest(m) for name, m in now.items()}
+    assert stage_rerun_since({"inputs": {"manifests": read}}, now) is None
+    assert stage_rerun_since({"inputs": {"manifests": {**read, "rm": "an earlier rm"}}}, now) == "rm"
+    assert stage_rerun_since({"inputs": {"manifests": {"sft": read["sft"]}}}, now) == "rm"  # ppo unread too: rm first
+    assert stage_rerun_since({"metrics": {}}, now) is None and stage_rerun_since({"inputs": {}}, now) is None
+
+
 def run_folder_state(runs: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under the run's publish/ with its bytes and mtime: a folder rebuilt with the same bytes differs."""
     folder = runs / "t" / "publish"
@@ -885,6 +950,44 @@ def a_run_whose_reward_model_read_its_export(runs: Path, copy: Path, export: lis
                                       {"label-export": manifest_digest(label)})))
     rewrite("eval", lambda m: m["inputs"]["manifests"].update(rm=manifest_digest(rm)))
     return copy
+
+
+def test_a_missing_output_a_flag_adds_is_one_clear_error_and_writes_nothing(runs, tmp_path):
+    """What --include_reward (the reward model's adapter) and --include_dataset (the export's dataset, and the reward
+    model's eval_pairs.jsonl that splits it) add to the folder, and eval's report.json, each deleted by hand: publish
+    deleted the last publish folder, then crashed with a traceback. Each is one error naming the stage to run again,
+    before the folder is touched. Without --include_dataset, the export the reward model read is not published."""
+    from stages.publish import main, parse_args
+
+    export = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "chosen": [{"role": "assistant", "content": "a"}],
+               "rejected": [{"role": "assistant", "content": "b"}], "annotator": "ann", "is_tie": False}
+              for i in range(3)]
+    copy = a_run_whose_reward_model_read_its_export(runs, tmp_path / "runs", export,
+                                                    [{**export[0], "source": "label-export"}])
+    argv = ["--config", "configs/publish.yaml", "--run", "t", "--runs_dir", str(copy), "--repo_id", "tester/tiny-rlhf",
+            "--dry-run"]
+    # without --include_dataset the export the reward model read is named on the card, not published
+    assert main(*parse_args([*argv, "--include_reward"]))["dataset_repo_id"] is None
+    assert not (copy / "t" / "publish" / "dataset").exists()
+    assert "| this run's preference labels (`make label-export`; not published) | rm | human labels of this run | — |" \
+        in (copy / "t" / "publish" / "model" / "README.md").read_text()
+    before = run_folder_state(copy)
+    outputs = {stage: json.loads((copy / "t" / stage / "manifest.json").read_text())["outputs"]
+               for stage in ("rm", "label-export", "eval")}
+    for stage, path, flag in (("rm", outputs["rm"]["adapter"], "--include_reward"),
+                              ("label-export", outputs["label-export"]["dataset"], "--include_dataset"),
+                              ("rm", outputs["rm"]["eval_pairs"], "--include_dataset"),
+                              ("eval", str(Path(outputs["eval"]["report"]).with_suffix(".json")), "--include_sft")):
+        aside = Path(path + ".aside")
+        Path(path).rename(aside)
+        try:
+            with pytest.raises(ConfigError) as err:
+                main(*parse_args([*argv, flag]))
+        finally:
+            aside.rename(path)
+        assert str(err.value) == (f"{path}, an output of the {stage} stage of run 't', is missing: run `make {stage} "
+                                  f"RUN=t FORCE=1`, then publish")
+        assert run_folder_state(copy) == before, path
 
 
 def test_the_published_test_split_is_the_reward_models_held_out_pairs(runs, dry_run, tmp_path):
