@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -2224,6 +2225,24 @@ def test_each_rank_takes_its_own_slice_of_the_prompt_stream():
         for update in range(3):
             expected = [prompts[(7 * i) % 40] for i in range(update * n, (update + 1) * n) for _ in range(k)]
             assert take(0, 8, k, episodes=update * 8) == expected, (k, update)
+
+
+def test_a_checkpoint_missing_a_trained_tensor_is_one_error_naming_the_fix(tiny_models, adapters, prompts_file,
+                                                                          tmp_path):
+    """A checkpoint whose trained tensors do not match the adapters in use (hand-edited, or written by a peft that
+    names parameters otherwise) is one ConfigError naming the tensor and the fix, not a KeyError traceback; the
+    trainer's weights are left as they were."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path)
+    path = trainer.save_checkpoint()
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    gone = sorted(state["trainable"]["policy"])[0]
+    del state["trainable"]["policy"][gone]
+    torch.save(state, path / "trainer_state.pt")
+    before = [p.detach().clone() for p in trainer.params]
+    with pytest.raises(ConfigError, match=rf"checkpoint .* does not match the adapters in use \(no {re.escape(gone)}\): "
+                                          r"start over with --auto_resume false"):
+        trainer.load_checkpoint(path)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
 
 
 def test_the_newest_complete_checkpoint_resumes_and_a_promoted_one_replaces_the_others(tmp_path):

@@ -1761,6 +1761,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('card-tiny-base-note-on-any-local-base', 'stages/publish_card.py', '    if local and (Path(base) / "training_report.json").is_file():', '    if local:', 'tests/test_publish.py -k embedded_base_is_called'),
     ('card-base-pretraining-data-uncredited', 'stages/publish_card.py', '            used.setdefault(text_dir, set()).add("base")', '            pass', 'tests/test_publish.py -k embedded_base_is_called'),
     ('publish-old-report-refused', 'stages/publish.py', '    if read is None:\n        return None\n    return next(', '    if read is None:\n        read = {}\n    return next(', 'tests/test_publish.py -k which_stage_ran'),
+    ('ppo-checkpoint-missing-tensor-unchecked', 'stages/ppo/trainer.py', 'missing = [n for n, _ in ps if n not in saved]', 'missing = []', "tests/test_ppo.py -k missing_a_trained_tensor"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
