@@ -1762,6 +1762,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('card-base-pretraining-data-uncredited', 'stages/publish_card.py', '            used.setdefault(text_dir, set()).add("base")', '            pass', 'tests/test_publish.py -k embedded_base_is_called'),
     ('publish-old-report-refused', 'stages/publish.py', '    if read is None:\n        return None\n    return next(', '    if read is None:\n        read = {}\n    return next(', 'tests/test_publish.py -k which_stage_ran'),
     ('ppo-checkpoint-missing-tensor-unchecked', 'stages/ppo/trainer.py', 'missing = [n for n, _ in ps if n not in saved]', 'missing = []', "tests/test_ppo.py -k missing_a_trained_tensor"),
+    # the sweep's three sharded-base mutants, run against the slow FSDP test
+    ('fsdp-own-shards-never', 'pipeline/sharding.py', 'if local.untyped_storage().nbytes() > local.numel() * local.element_size():', 'if False:', 'tests/test_sharding.py -k "sft_fsdp2 and not killed"'),
+    ('fsdp-full-count-of-local', 'pipeline/sharding.py', '        full += p.numel()', '        full += t.numel()', 'tests/test_sharding.py -k "sft_fsdp2 and not killed"'),
+    ('fsdp-sharded-only-if-all', 'pipeline/sharding.py', 'return any(isinstance(p, DTensor) for p in model.parameters())', 'return all(isinstance(p, DTensor) for p in model.parameters())', 'tests/test_sharding.py -k "sft_fsdp2 and not killed"'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
