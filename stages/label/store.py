@@ -532,9 +532,7 @@ class LabelStore:
         skip they gave it meanwhile into a label (a pair past its overlap): nothing is written and None is returned.
         Changing a label is the "Change an earlier label" view's, where they see it; a skip is taken back by Undo."""
         with self._tx() as con:
-            if new_only and con.execute("SELECT 1 FROM labels WHERE pair_id = ? AND annotator = ? UNION ALL "
-                                        "SELECT 1 FROM skips WHERE pair_id = ? AND annotator = ?",
-                                        (pair_id, annotator, pair_id, annotator)).fetchone():
+            if new_only and self._answered(con, annotator, pair_id):
                 return None
             return self._save_label(con, annotator, pair_id, choice, shown_left, strength, note)
 
@@ -582,16 +580,20 @@ class LabelStore:
         row = con.execute("SELECT * FROM labels WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)).fetchone()
         return dict(row)
 
+    @staticmethod
+    def _answered(con, annotator: str, pair_id: str) -> bool:
+        """This annotator labeled or skipped the pair: a stale screen's click on it changes nothing."""
+        return con.execute("SELECT 1 FROM labels WHERE pair_id = ? AND annotator = ? UNION ALL "
+                           "SELECT 1 FROM skips WHERE pair_id = ? AND annotator = ?",
+                           (pair_id, annotator, pair_id, annotator)).fetchone() is not None
+
     def skip(self, annotator: str, pair_id: str) -> None:
         """Not for me: the pair goes back to the pool for others and is not shown to this annotator again. A pair they
         have labelled or skipped already is left as it is: a second tab still showing it would otherwise record a
         skip that the next undo takes back instead of their label."""
         now = self.clock()
         with self._tx() as con:
-            answered = con.execute("SELECT 1 FROM labels WHERE pair_id = ? AND annotator = ? UNION ALL "
-                                   "SELECT 1 FROM skips WHERE pair_id = ? AND annotator = ?",
-                                   (pair_id, annotator, pair_id, annotator)).fetchone()
-            if answered:
+            if self._answered(con, annotator, pair_id):
                 return
             con.execute("INSERT OR IGNORE INTO skips VALUES (?, ?, ?)", (pair_id, annotator, now))
             con.execute("DELETE FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
