@@ -31,7 +31,7 @@ import torch
 
 from pipeline.config import ConfigError, stream_seed, to_dict
 from pipeline.models import launch_autocast, launch_mixed_precision
-from pipeline.run import atomic_write_text, fsync_dir, fsync_tree
+from pipeline.run import atomic_write_text, replace_folder
 
 from . import losses as L
 from .rollout import Rollout, TopLayers, by_group_length, collect, decoder_layers, response_logits, token_logprobs, token_values
@@ -621,11 +621,8 @@ class PPOTrainer:
     @staticmethod
     def _promote(tmp: Path, final: Path) -> None:
         # On disk before the rename makes it the checkpoint to resume, and the rename on disk before the older
-        # checkpoints go: a power cut leaves one complete checkpoint, never only a truncated one.
-        fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        fsync_dir(final.parent)
+        # checkpoints go (replace_folder): a power cut leaves one complete checkpoint, never only a truncated one.
+        replace_folder(tmp, final)
         for old in final.parent.glob("checkpoint-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
