@@ -205,12 +205,10 @@ def require_columns(ds, columns: list[str], name: str, fix: str) -> None:
 
 def conversation_root(row: dict) -> str:
     """What the rows of one conversation tree share: its messages up to the first user turn (OASST holds sibling
-    replies and follow-ups of one root prompt as separate rows), or the row's prompt, or its text."""
-    if isinstance(row.get("messages"), list):
-        msgs = row["messages"]
-        first_user = next((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"), len(msgs) - 1)
-        return json.dumps(msgs[: first_user + 1], sort_keys=True)
-    return json.dumps(row.get("prompt") if row.get("prompt") is not None else row.get("text"), sort_keys=True)
+    replies and follow-ups of one root prompt as separate rows). Rows are checked conversations by now."""
+    msgs = row["messages"]
+    first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), len(msgs) - 1)
+    return json.dumps(msgs[: first_user + 1], sort_keys=True)
 
 
 def train_eval_split(ds, eval_fraction: float, seed: int, group_by=None):

@@ -282,10 +282,7 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 def check_lora_targets(profile: ModelProfile, model: nn.Module, base_name: str) -> None:
     """Every target in the profile must name linear layers of this model (peft matches a name or a dotted suffix).
     peft itself raises only when none matches, and then without saying what would."""
-    targets = profile.lora_target_modules
-    if isinstance(targets, str) and targets == "all-linear":
-        return
-    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    targets = profile.lora_target_modules  # a list of names: the profile refuses anything else
     from transformers.pytorch_utils import Conv1D
 
     linear = [name for name, m in model.named_modules() if name and isinstance(m, (nn.Linear, Conv1D))]
