@@ -2609,3 +2609,14 @@ def test_an_extended_run_keeps_every_policy_a_straight_run_keeps(tiny_models, ad
     run_ppo(*args, "--total_updates", "3")
     assert "holds 4 updates, past total_updates 3: starting over instead of resuming" in capsys.readouterr().err
     assert [r["update"] for r in read_metrics(runs_dir, "extended")] == [1, 2, 3]
+
+
+def test_rewards_are_standardised_with_the_rm_manifests_stats_unless_its_std_is_zero():
+    from stages.ppo import rm_score_stats
+
+    assert rm_score_stats({"reward_mean": -0.5, "reward_std": 0.25}) == (-0.5, 0.25)
+    assert rm_score_stats({"reward_mean": 0.0, "reward_std": 2}) == (0.0, 2.0)  # a mean of 0 is a mean
+    # A reward model that scored every pair alike: standardising would divide by 0 (then 1e-8)
+    assert rm_score_stats({"reward_mean": 1.5, "reward_std": 0.0}) is None
+    assert rm_score_stats({"reward_std": 1.0}) is None
+    assert rm_score_stats({}) is None

@@ -1324,7 +1324,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-policy-loss-micro-batch-mean', 'stages/ppo/trainer.py', 'L.policy_loss(new_lp, old_lp, a, cfg.cliprange, d)', 'L.policy_loss(new_lp, old_lp, a, cfg.cliprange)', 'tests/test_ppo_wiring.py -k loss_agg'),
     ('ppo-approx-kl-per-step', 'stages/ppo/trainer.py', '"approx_kl": total["approx_kl"] / tokens', '"approx_kl": total["approx_kl"] / n_steps', PPO_STEPS),
     ('ppo-epoch-perm-splits-groups', 'stages/ppo/trainer.py', 'generator=self.perm_gen)[:, None] * k + torch.arange(k)', 'generator=self.perm_gen)[:, None] + torch.arange(k)', "tests/test_ppo.py -k 'mini_batches_of_an_epoch or group_advantages_in_the_loop'"),
-    ('ppo-reward-stats-swapped', 'stages/ppo/__init__.py', 'reward_stats = (float(rm_metrics["reward_mean"]), float(rm_metrics["reward_std"]))', 'reward_stats = (float(rm_metrics["reward_std"]), float(rm_metrics["reward_mean"]))', 'tests/test_ppo.py -k ensemble_reward_is_the_mean'),
+    ('ppo-reward-stats-swapped', 'stages/ppo/__init__.py', '    return float(mean), float(std)', '    return float(std), float(mean)', 'tests/test_ppo.py -k "ensemble_reward_is_the_mean or standardised"'),
     # hunt 2: sharding, adapters, DPO, LoRA combination, reward scoring, judges, simulated annotators
     ('fsdp-one-process-shards', 'pipeline/sharding.py', '    return world_size() > 1\n', '    return world_size() >= 1\n', "tests/test_sharding.py -m 'not slow'"),
     ('fsdp-launch-world-size-ignored', 'pipeline/sharding.py', 'else int(os.environ.get("WORLD_SIZE", 1))', 'else 1', 'tests/test_sharding.py -k launch_of_two_processes'),
@@ -1765,6 +1765,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('fsdp-own-shards-never', 'pipeline/sharding.py', 'if local.untyped_storage().nbytes() > local.numel() * local.element_size():', 'if False:', 'tests/test_sharding.py -k "sft_fsdp2 and not killed"'),
     ('fsdp-full-count-of-local', 'pipeline/sharding.py', '        full += p.numel()', '        full += t.numel()', 'tests/test_sharding.py -k "sft_fsdp2 and not killed"'),
     ('fsdp-sharded-only-if-all', 'pipeline/sharding.py', 'return any(isinstance(p, DTensor) for p in model.parameters())', 'return all(isinstance(p, DTensor) for p in model.parameters())', 'tests/test_sharding.py -k "sft_fsdp2 and not killed"'),
+    # A reward model whose manifest std is 0: raw scores, not divided by 0
+    ('ppo-rm-std-zero-standardises', 'stages/ppo/__init__.py', '    if mean is None or not std:', '    if mean is None:', 'tests/test_ppo.py -k standardised'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -326,6 +326,16 @@ def checkpoint_to_resume(cfg: PPOConfig, stage: StageRun, upstream: dict) -> Pat
     return ckpt if cfg.auto_resume and not stage.manifest_path.exists() else None
 
 
+def rm_score_stats(rm_metrics: dict) -> tuple[float, float] | None:
+    """(reward_mean, reward_std) of the reward model's scores, from its manifest, to standardise PPO's rewards with;
+    None without them, or with a std of 0 (a reward model scoring every pair alike: dividing by it would blow the
+    scores up to the clip)."""
+    mean, std = rm_metrics.get("reward_mean"), rm_metrics.get("reward_std")
+    if mean is None or not std:
+        return None
+    return float(mean), float(std)
+
+
 def broadcast(state, obj):
     """Rank 0's `obj` on every rank."""
     if state.num_processes == 1:
@@ -378,13 +388,10 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
         rm = stage.need("rm")
         rm_dir, rm_metrics = Path(rm["outputs"]["adapter"]), rm.get("metrics", {})
         rewards, reward_member_stats = reward_members(rm)
-    reward_stats = None
-    if cfg.normalize_reward and reward_fn is None:
-        if rm_metrics.get("reward_mean") is not None and rm_metrics.get("reward_std"):
-            reward_stats = (float(rm_metrics["reward_mean"]), float(rm_metrics["reward_std"]))
-        elif state.is_main_process:
-            print("note: normalize_reward is on but there are no reward_mean/reward_std in the rm manifest: "
-                  "raw scores are used", file=sys.stderr)
+    reward_stats = rm_score_stats(rm_metrics) if cfg.normalize_reward and reward_fn is None else None
+    if cfg.normalize_reward and reward_fn is None and reward_stats is None and state.is_main_process:
+        print("note: normalize_reward is on but the rm manifest gives no reward_mean and reward_std (or a std of "
+              "0): raw scores are used", file=sys.stderr)
 
     # 1. Tokenizer and prompts, checked before the run folder is touched (a fixed held-out share is written for
     #    make eval and never trained on)
