@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.models import backbone, check_adapter, load_base
-from pipeline.run import replace_folder
+from pipeline.run import replace_folder, staging_folder
 
 
 def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -332,9 +332,7 @@ class AdapterStack:
 
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        # A fixed name beside the folder (the main process saves, one launch a stage folder): a save killed midway left
-        # a random tmpXXXX folder in the run for good; the next save clears it.
-        tmp = out_dir.parent / f".{out_dir.name}.saving"
+        tmp = staging_folder(out_dir)  # the main process saves, one launch a stage folder
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             self.model.save_pretrained(str(tmp), selected_adapters=[name], state_dict=self.whole_state_dict())

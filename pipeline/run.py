@@ -88,6 +88,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def staging_folder(folder: Path) -> Path:
+    """Where `folder` is written before replace_folder swaps it in: a fixed name beside it (one writer a folder), so a
+    write killed midway leaves no stray folder for good: the next write clears it."""
+    return folder.parent / f".{folder.name}.saving"
+
+
 def replace_folder(new: Path, folder: Path) -> None:
     """Make the finished folder `new` (beside it) `folder`, whole, by renames: a kill midway leaves the old folder (or
     it beside, as .NAME.old, which the next replace clears) or the new one, never the old files mixed with the new."""

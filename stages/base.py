@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import ConfigError, RunArgs, parse, read_utf8, resolve_path, to_dict
-from pipeline.run import StageRun, atomic_write_json, main_guard, replace_folder
+from pipeline.run import StageRun, atomic_write_json, main_guard, replace_folder, staging_folder
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # The EOS sits inside {% generation %}: the model learns to stop, and TRL's assistant-only loss covers it.
@@ -229,7 +229,7 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
 
     # 5. Save in Hugging Face format, with a report of how it was made and how good it is: written beside the old
     # base and swapped in whole (a kill midway left the committed models/tiny half old, half new).
-    saving = out.parent / f".{out.name}.saving"
+    saving = staging_folder(out)
     shutil.rmtree(saving, ignore_errors=True)
     model.save_pretrained(saving, safe_serialization=True)
     tokenizer.save_pretrained(saving)

@@ -239,6 +239,14 @@ def guarded_exit(main_fn, capsys) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
+def recorded_fsyncs(monkeypatch) -> list[str]:
+    """Every path os.fsync is called on, in order, as the path was at the call (a folder renamed later keeps its
+    old name here)."""
+    calls, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    return calls
+
+
 def run_python(module: str, args: list[str], timeout: int = 600, env: dict | None = None):
     return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})

@@ -21,7 +21,7 @@ from pipeline.config import ConfigError
 from pipeline.run import StageRun
 from stages.ppo import main, parse_args
 from stages.ppo.trainer import TIMING_KEYS
-from tests.conftest import ARCHS, REPO, SLIDING_WINDOW_ARCHS, random_model, run_module, run_python
+from tests.conftest import ARCHS, REPO, SLIDING_WINDOW_ARCHS, random_model, recorded_fsyncs, run_module, run_python
 from tests.fake_upstream import METRIC_KEYS, _lora_adapter
 
 PROMPTS = ["Tell me about rabbits.", "What is two plus two?", "Name a colour.", "Say hello.", "Why is the sky blue?",
@@ -2264,16 +2264,6 @@ def test_the_newest_complete_checkpoint_resumes_and_a_promoted_one_replaces_the_
     assert [p.name for p in root.iterdir()] == ["checkpoint-000014"]
     assert latest_checkpoint(tmp_path) == root / "checkpoint-000014"
     assert (root / "checkpoint-000014/trainer_state.pt").read_bytes() == b"new"
-
-
-def recorded_fsyncs(monkeypatch) -> list[str]:
-    """Every path os.fsync is called on, in order, as the path was at the call (a folder renamed later keeps its
-    old name here)."""
-    import os
-
-    calls, fsync = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
-    return calls
 
 
 def test_a_promoted_checkpoint_is_on_disk_before_its_rename_and_the_rename_before_the_old_ones_go(tmp_path,

@@ -311,7 +311,7 @@ def test_a_saved_adapter_is_on_disk_before_the_rename_that_makes_it_the_adapter(
     temporary name first, and the parent folder after the rename."""
     from pipeline.models import load_tokenizer, profile_from
     from stages.ppo import build_stack
-    from tests.test_ppo import recorded_fsyncs
+    from tests.conftest import recorded_fsyncs
 
     profile = profile_from(str(tiny_models["llama"]))
     stack = build_stack(profile, load_tokenizer(profile), *adapters("llama"), torch.device("cpu"), False)
