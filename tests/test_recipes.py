@@ -192,3 +192,17 @@ def test_dpo_keeps_the_papers_beta_in_the_assistant_recipe():
     assert rc == 0 and "--config configs/recipes/assistant/dpo.yaml" in lines[-1]
     beta = lambda path: next(c.beta for c in parse(stage_classes("dpo"), ["--config", path]) if hasattr(c, "beta"))  # noqa: E731
     assert beta("configs/recipes/assistant/dpo.yaml") == 0.1 and beta("configs/dpo.yaml") == 0.2
+
+
+def test_each_recipe_shows_annotators_the_guidelines_of_its_own_task():
+    """People labeling the story task were shown the assistant task's guidelines (helpful, honest, harmless) while its
+    simulated annotators and eval's gold judge prefer the happier continuation: their labels would teach another goal."""
+    from stages.label.config import read_guidelines
+
+    rc, lines, _ = make_dry_run("label-export", "RECIPE=assistant", "RUN=dryrun-nonexistent")
+    assert rc == 0 and "--config configs/recipes/assistant/label.yaml" in lines[-1]
+    shown = lambda path: read_guidelines(next(c for c in parse(stage_classes("label"), ["--config", path])  # noqa: E731
+                                              if hasattr(c, "guidelines")).guidelines)
+    story, assistant = shown("configs/label.yaml"), shown("configs/recipes/assistant/label.yaml")
+    assert "**Happier first.**" in story and "Helpful" not in story
+    assert "**Helpful first.**" in assistant and "happier" not in assistant.lower()

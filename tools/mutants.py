@@ -1767,6 +1767,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('fsdp-sharded-only-if-all', 'pipeline/sharding.py', 'return any(isinstance(p, DTensor) for p in model.parameters())', 'return all(isinstance(p, DTensor) for p in model.parameters())', 'tests/test_sharding.py -k "sft_fsdp2 and not killed"'),
     # A reward model whose manifest std is 0: raw scores, not divided by 0
     ('ppo-rm-std-zero-standardises', 'stages/ppo/__init__.py', '    if mean is None or not std:', '    if mean is None:', 'tests/test_ppo.py -k standardised'),
+    # Each recipe's annotators see its own task's guidelines
+    ('label-story-shows-assistant-guidelines', 'configs/label.yaml', 'guidelines: docs/labeling-guidelines-story.md', 'guidelines: docs/labeling-guidelines.md      ', 'tests/test_recipes.py -k guidelines'),
+    ('label-assistant-recipe-shows-story-guidelines', 'configs/recipes/assistant/label.yaml', 'guidelines: docs/labeling-guidelines.md', 'guidelines: docs/labeling-guidelines-story.md', 'tests/test_recipes.py -k guidelines'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
