@@ -123,10 +123,16 @@ def plan_steps(n_train: int, train_cfg, args: RMArgs, world_size: int) -> dict:
     return {"steps": steps, "steps_per_epoch": per_epoch, "epochs": round(steps / per_epoch, 2), "eval_steps": eval_steps}
 
 
+def check_args(train_cfg, args: RMArgs, run: RunArgs) -> None:
+    """What the flags alone can tell (make runs it before any stage, so not after SFT and the labels)."""
+    refuse_tokenizer_options(train_cfg, "rm", run.model_config)
+
+
 def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
 
+    check_args(train_cfg, args, run)
     state = PartialState()
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("rm", run.run, run.runs_dir)
@@ -136,7 +142,6 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     # Keep the `length` column for train_sampling_strategy=group_by_length (the sampler is built after unused columns
     # are removed); the preference collator reads only its own keys, so extra columns are harmless.
     train_cfg.remove_unused_columns = False
-    refuse_tokenizer_options(train_cfg, "rm", run.model_config)
     config = {"rm": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)

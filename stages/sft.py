@@ -233,11 +233,12 @@ def param_dtypes(model, trainable: bool) -> list[str]:
 
 def check_args(train_cfg, args: SFTArgs, run: RunArgs) -> None:
     """What the flags alone can tell (make runs it before any stage): the Trainer refused an evaluation with nothing
-    held out only once the run folder was prepared."""
+    held out only once the run folder was prepared; TRL's tokenizer options only once the upstream stages had run."""
     if args.eval_fraction == 0 and str(getattr(train_cfg.eval_strategy, "value", train_cfg.eval_strategy)) != "no":
         raise ConfigError(f"eval_strategy {getattr(train_cfg.eval_strategy, 'value', train_cfg.eval_strategy)} "
                           f"evaluates held-out rows, but eval_fraction is 0: hold some out (--eval_fraction 0.05) or "
                           f"set --eval_strategy no")
+    refuse_tokenizer_options(train_cfg, "sft", run.model_config)
 
 
 def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
@@ -255,7 +256,6 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     train_cfg.include_num_input_tokens_seen = "all"  # tokens/s is one of the stage's reported metrics
     if 1 <= train_cfg.max_steps < train_cfg.logging_steps:  # a short run would log no loss at all (first/last: None)
         train_cfg.logging_steps = train_cfg.max_steps
-    refuse_tokenizer_options(train_cfg, "sft", run.model_config)
     config = {"sft": to_dict(args), "train": train_cfg.to_dict(), "run": to_dict(run)}
     profile = profile_from(run.model_config)
     base_path = resolve_base(profile.name_or_path)

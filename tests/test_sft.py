@@ -184,6 +184,11 @@ def test_trl_tokenizer_options_are_refused_for_the_profiles(stage, flag, value, 
     assert err_lines[0].startswith(f"error: {flag} {value}: `make {stage}` tokenizes its data with the model profile's")
     assert err_lines[0].endswith(fix.format(profile=profile)), err_lines[0]
     assert not runs_dir.exists()
+    # make's check of the named stages, before any runs: `make rm` refused it only after SFT, pairs and labels
+    from pipeline.launch import check
+
+    assert check(f"stages.{stage}", argv, stage) == 2
+    assert capsys.readouterr().err.strip() == err_lines[0]
 
 
 def test_config_error_in_process_for_empty_mixture(tiny_models, runs_dir):

@@ -1770,6 +1770,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # Each recipe's annotators see its own task's guidelines
     ('label-story-shows-assistant-guidelines', 'configs/label.yaml', 'guidelines: docs/labeling-guidelines-story.md', 'guidelines: docs/labeling-guidelines.md      ', 'tests/test_recipes.py -k guidelines'),
     ('label-assistant-recipe-shows-story-guidelines', 'configs/recipes/assistant/label.yaml', 'guidelines: docs/labeling-guidelines.md', 'guidelines: docs/labeling-guidelines-story.md', 'tests/test_recipes.py -k guidelines'),
+    # TRL's tokenizer options refused by make's check, before any stage runs
+    ('sft-tokenizer-options-unchecked', 'stages/sft.py', '    refuse_tokenizer_options(train_cfg, "sft", run.model_config)\n', '', 'tests/test_sft.py -k tokenizer_options'),
+    ('rm-main-skips-its-checks', 'stages/rm.py', '    check_args(train_cfg, args, run)\n    state = PartialState()', '    state = PartialState()', 'tests/test_sft.py -k tokenizer_options'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
