@@ -14,7 +14,7 @@ How the two sides are made equal:
   command line (lr, scheduler, warmup, batch, steps, max_length, assistant_only_loss, optim, seed, ...), the LoRA
   r/alpha/dropout and target modules of the model profile, and the base model and dtype.
 - TRL's data is the exact rows our stage trains on (the stage's own load_data + train/eval split, same seed), written
-  as <dir>/train.jsonl (STACK-NOTES 6: `--dataset_name` must be a folder). Equal work is checked: every run must
+  as <dir>/train.jsonl (`--dataset_name` must be a folder). Equal work is checked: every run must
   report the same num_input_tokens_seen and both sides of a round the same train loss, or the bench exits non-zero.
 - Rounds alternate the order (ours first, then TRL first, ...) so a load change on the shared machine hits both.
 
@@ -47,7 +47,7 @@ STAGE_CONFIG = "configs/sft.yaml"
 ACCELERATE_CONFIG = "configs/accelerate/cpu.yaml"
 TARGET_RATIO = 0.95
 BIN = Path(sys.executable).parent
-# One thread per process: on the shared 2-core box torch's default threading is many times slower (STACK-NOTES).
+# One thread per process: on the shared 2-core box torch's default threading is many times slower.
 ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_DISABLE_TELEMETRY": "1"}
 FINAL_METRICS = re.compile(r"\{'train_runtime': [^{}]*\}")  # the dict Trainer logs at the end of train()

@@ -37,7 +37,7 @@ from pipeline.run import StageRun, atomic_write_json, git_commit, package_versio
 RULES = ("word", "shorter", "question", "capitals")
 WORD = "certainly"
 OTHER_WORDS = "then also still just quite only even soon here there now once again always never often".split()
-# One thread per process: on the shared 2-core box torch's default threading is many times slower (STACK-NOTES).
+# One thread per process: on the shared 2-core box torch's default threading is many times slower.
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 for _key, _value in ENV.items():  # this process scores the test pairs: the same settings as the stage's
     os.environ.setdefault(_key, _value)

@@ -135,7 +135,7 @@ def merged(base_dir: Path, adapter: Path, out: Path, kind: str, probe: list[list
     tok = AutoTokenizer.from_pretrained(adapter)
     if kind == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
-        model.config.pad_token_id = tok.pad_token_id  # the adapter does not carry it (STACK-NOTES 3)
+        model.config.pad_token_id = tok.pad_token_id  # the adapter does not carry it
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(model, adapter).eval()

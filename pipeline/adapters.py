@@ -1,4 +1,4 @@
-"""One frozen base model in memory, several named LoRA adapters on it (STACK-NOTES item 4).
+"""One frozen base model in memory, several named LoRA adapters on it.
 
     stack = AdapterStack.build(profile, tokenizer, adapters={"reference": sft_dir, "policy": sft_dir,
                                                             "reward": rm_dir, "value": rm_dir},

@@ -119,7 +119,7 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
                           f"sequence-classification checkpoint)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id  # the adapter does not carry it (STACK-NOTES 3)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the adapter does not carry it
     pooling = read_pooling(path)  # as `make rm` trained it (score_pooling.json; stock: last token)
     pool_in_forward(model, pooling)
     model.to(judge_device()).eval()

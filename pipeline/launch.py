@@ -430,8 +430,8 @@ def accelerate_config_problem(config_file: str | Path, launched: int | None = No
     kind = str(getattr(config.distributed_type, "value", config.distributed_type))
     one_machine = (config.num_machines or 1) == 1
     if kind == "MULTI_CPU" and one_machine and (config.num_processes or 1) > 1 and not getattr(config, "mpirun_config", None):
-        # accelerate starts MULTI_CPU ranks only through mpirun; without it its launcher runs ONE process, silently
-        # (STACK-NOTES 2), and every stage would train at one process's batch while the config says more
+        # accelerate starts MULTI_CPU ranks only through mpirun; without it its launcher runs ONE process, silently,
+        # and every stage would train at one process's batch while the config says more
         return (f"has distributed_type: MULTI_CPU with num_processes: {config.num_processes}, which accelerate runs as ONE "
                 f"process without mpirun: for {config.num_processes} CPU processes use distributed_type: MULTI_GPU and "
                 f"use_cpu: false, as configs/accelerate/cpu2.yaml does (on a machine without a GPU every stage counts them as CPU ranks)")

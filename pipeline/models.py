@@ -253,7 +253,7 @@ def load_base(profile: ModelProfile, tokenizer, kind: str = "causal", shard: boo
         sharding.own_shards(model)
     if shard and kind == "score":
         sharding.keep_whole(model, score_head_name(model))  # peft deep-copies the head it trains; FSDP refuses that
-    # The score is read at the last token != pad_token_id; the adapter does not carry it (STACK-NOTES 3).
+    # The score is read at the last token != pad_token_id; the adapter does not carry it.
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config = plain_sampling_config(model.generation_config, tokenizer.pad_token_id)

@@ -35,7 +35,7 @@ def finish_distributed() -> None:
 
 
 def destroy_distributed() -> None:
-    """Tear down the process group: without it a gloo rank can SIGABRT at exit (STACK-NOTES item 2). Call it only
+    """Tear down the process group: without it a gloo rank can SIGABRT at exit. Call it only
     after every object holding the group is gone: a DDP reducer freed after the group joins a gloo thread forever.
     A process that never imported torch has no group: it is not imported here (3 s of a light stage's start)."""
     import gc

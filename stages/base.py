@@ -186,7 +186,7 @@ def main(cfg: BaseConfig, run: RunArgs) -> dict:
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
         attention_dropout=cfg.dropout, tie_word_embeddings=False,
-        # pad_token_id in the config: reward models read the score at the last non-pad token (STACK-NOTES 3).
+        # pad_token_id in the config: reward models read the score at the last non-pad token.
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)

@@ -136,7 +136,7 @@ def reloaded_pair_scores(adapter_dir: str, pairs: list[dict], dtype: str, batch_
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
     model = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, num_labels=1, dtype=getattr(torch, dtype),
                                                                    trust_remote_code=trust_remote_code, **extra)
-    if model.config.pad_token_id is None:  # bases without a pad id in config.json (STACK-NOTES 3)
+    if model.config.pad_token_id is None:  # bases without a pad id in config.json
         model.config.pad_token_id = tokenizer.pad_token_id
     pooling = read_pooling(adapter_dir)
     pool_in_forward(model, pooling)

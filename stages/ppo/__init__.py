@@ -147,7 +147,7 @@ def disable_dropout(model) -> None:
 
 def upcast_trainable(stack) -> None:
     """Every trainable tensor in fp32, whatever the base dtype: peft upcasts LoRA weights but not `modules_to_save`
-    heads, and on a bf16 base a small AdamW step on a bf16 head rounds away (STACK-NOTES 8). The scalar heads
+    heads, and on a bf16 base a small AdamW step on a bf16 head rounds away. The scalar heads
     (reward's too) run in fp32: the hidden state is cast up to them (pipeline.adapters.fp32_head, head_output)."""
     fp32_head(stack.causal_lm.score)
     for name in stack.trainable:
@@ -362,7 +362,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     take_over_from_accelerate()
     fsdp_config = fsdp_requested()
     # PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without cpu=True, two CPU ranks
-    # launched by torchrun would each come up as a lone process (STACK-NOTES item 2).
+    # launched by torchrun would each come up as a lone process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     stage = StageRun(cfg.stage_name, run.run, run.runs_dir)  # ppo, or grpo / rloo / reinforce_pp
     if cfg.dataset_name:  # your prompts replace the bundled ones: not an input of this run
