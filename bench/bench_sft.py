@@ -114,10 +114,13 @@ def trl_config(stage_config: Path, overrides: list[str], data_dir: Path, out_dir
         use_peft=True, lora_r=sft_args.lora_r, lora_alpha=sft_args.lora_alpha, lora_dropout=sft_args.lora_dropout,
         lora_target_modules=list(profile.lora_target_modules), dataset_name=str(data_dir), output_dir=str(out_dir),
     )
-    if profile.chat_template:
-        from pipeline.config import resolve_path
+    if profile.chat_template:  # TRL reads a template file (or a tokenizer's), not the text a profile may hold
+        from pipeline.models import template_text
 
-        cfg["chat_template_path"] = str(resolve_path(profile.chat_template))
+        template = Path(out_dir).parent / "chat_template.jinja"
+        template.parent.mkdir(parents=True, exist_ok=True)
+        template.write_text(template_text(profile.chat_template))
+        cfg["chat_template_path"] = str(template)
     return cfg, {"train_cfg": train_cfg, "sft_args": sft_args, "run_args": run_args, "profile": profile}
 
 

@@ -143,9 +143,14 @@ def launch_autocast(device: torch.device, what: str, training: bool = False):
     return torch.autocast(device.type, dtype=getattr(torch, MIXED_PRECISION_DTYPE[mixed]))
 
 
+def is_template_text(value: str) -> bool:
+    """Whether a profile's `chat_template` holds the Jinja text itself, not the path of a .jinja file."""
+    return "{{" in value or "{%" in value
+
+
 def template_text(value: str) -> str:
     """A profile's `chat_template`: the Jinja text itself, or a .jinja file (repo-relative or absolute)."""
-    if "{{" in value or "{%" in value:
+    if is_template_text(value):
         return value
     path = resolve_path(value)
     if not path.is_file():
@@ -271,22 +276,42 @@ def plain_sampling_config(loaded, pad_token_id: int):
     return GenerationConfig(bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id, pad_token_id=pad_token_id)
 
 
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """The distinct names of the model's leaf linear layers (nn.Linear, GPT-2's Conv1D): what LoRA can target."""
+def head_names(model: nn.Module) -> list[str]:
+    """The full names of the model's output head (the LM head) and score head, where it has them."""
+    heads = {id(getattr(model, score_head_name(model), None))}
+    if hasattr(model, "get_output_embeddings"):
+        heads.add(id(model.get_output_embeddings()))
+    return [name for name, m in model.named_modules() if name and id(m) in heads]
+
+
+def lora_linear_layers(model: nn.Module) -> list[str]:
+    """The full names of the leaf linear layers (nn.Linear, GPT-2's Conv1D) LoRA may wrap: all but the output head
+    (TRL refuses a LoRA on the LM head) and a score head (trained whole, beside the adapter)."""
     from transformers.pytorch_utils import Conv1D
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if name and isinstance(m, (nn.Linear, Conv1D))})
+    heads = head_names(model)
+    return [name for name, m in model.named_modules()
+            if name and isinstance(m, (nn.Linear, Conv1D)) and name not in heads]
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The distinct names of the layers LoRA can target (lora_linear_layers), as a profile names them."""
+    return sorted({name.rsplit(".", 1)[-1] for name in lora_linear_layers(model)})
 
 
 def check_lora_targets(profile: ModelProfile, model: nn.Module, base_name: str) -> None:
     """Every target in the profile must name linear layers of this model (peft matches a name or a dotted suffix).
     peft itself raises only when none matches, and then without saying what would."""
     targets = profile.lora_target_modules  # a list of names: the profile refuses anything else
-    from transformers.pytorch_utils import Conv1D
-
-    linear = [name for name, m in model.named_modules() if name and isinstance(m, (nn.Linear, Conv1D))]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    named = lambda t, names: any(n == t or n.endswith("." + t) for n in names)  # noqa: E731
+    linear = lora_linear_layers(model)
+    missing = [t for t in targets if not named(t, linear)]
+    heads = [t for t in missing if named(t, head_names(model))]
+    if heads:
+        raise ConfigError(f"LoRA target module(s) {heads} of {base_name} ({model.config.model_type}) are its output "
+                          f"or score head, which LoRA does not wrap (TRL refuses the LM head; a score head trains "
+                          f"whole): set lora_target_modules in the model profile to some of its other linear layers: "
+                          f"{linear_layer_names(model)}")
     if missing or not targets:
         what = f"LoRA target module(s) {missing} are not in" if missing else "no LoRA target modules are set for"
         raise ConfigError(f"{what} {base_name} ({model.config.model_type}): set lora_target_modules in the model "

@@ -168,3 +168,24 @@ def test_run_side_cpu_seconds_are_the_childs_user_plus_system_time(monkeypatch):
     line = "{'train_runtime': '2.0', 'train_loss': '1.5', 'num_input_tokens_seen': 300}"
     r = bench_sft.run_side("fake", [sys.executable, "-c", f"print({line!r})"], dict(os.environ), timeout=60)
     assert r["cpu_s"] == 3.75  # (12.5 - 10.0) + (5.25 - 4.0)
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_trls_side_gets_the_profiles_template_given_as_text_or_as_a_file(as_file, tiny_models, tmp_path):
+    """A profile's chat_template may be the template text itself; TRL's chat_template_path takes a file: the text
+    was passed as a path (and failed), now both reach TRL as a file holding the profile's template."""
+    import yaml
+
+    from bench.bench_sft import trl_config
+    from tests.conftest import REPO
+
+    text = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    value = text
+    if as_file:
+        (tmp_path / "mine.jinja").write_text(text)
+        value = str(tmp_path / "mine.jinja")
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump({**yaml.safe_load(tiny_models["llama"].read_text()), "chat_template": value}))
+    cfg, _ = trl_config(REPO / "configs/sft.yaml", ["--model_config", str(profile)], tmp_path / "work/data",
+                        tmp_path / "work/trl_out")
+    assert open(cfg["chat_template_path"]).read() == text

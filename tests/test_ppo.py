@@ -2610,3 +2610,26 @@ def test_rewards_are_standardised_with_the_rm_manifests_stats_unless_its_std_is_
     assert rm_score_stats({"reward_mean": 1.5, "reward_std": 0.0}) is None
     assert rm_score_stats({"reward_std": 1.0}) is None
     assert rm_score_stats({}) is None
+
+
+def test_a_profile_holding_its_template_text_is_recorded_by_that_text_and_a_template_file_by_its_digest(tmp_path):
+    """The record a checkpoint resumes against: `chat_template:` may hold the template text itself, as the other stages
+    read it (pipeline.models.template_text). PPO hashed it as a file's path: a real template, longer than a file name
+    may be, crashed every RL stage with "File name too long"."""
+    import hashlib
+
+    import yaml
+
+    from stages.ppo import profile_record
+
+    text = "{% for m in messages %}<|" + "turn" * 80 + "|>{{ m['content'] }}{% endfor %}"  # 348 characters, no '/'
+    inline = tmp_path / "inline.yaml"
+    inline.write_text(yaml.safe_dump({"name_or_path": "models/tiny", "chat_template": text}))
+    record = profile_record(str(inline))
+    assert record["chat_template"] == text and "chat_template_digest" not in record
+    (tmp_path / "t.jinja").write_text(text)
+    from_file = tmp_path / "file.yaml"
+    from_file.write_text(yaml.safe_dump({"name_or_path": "models/tiny", "chat_template": str(tmp_path / "t.jinja")}))
+    digest = profile_record(str(from_file))["chat_template_digest"]
+    (tmp_path / "t.jinja").write_text(text + " ")  # the file edited in place: another record
+    assert digest and profile_record(str(from_file))["chat_template_digest"] != digest

@@ -313,6 +313,29 @@ def test_a_lora_target_matches_a_whole_module_name_not_the_end_of_one(tiny_model
         check_lora_targets(ModelProfile(name_or_path=path, lora_target_modules=[]), model, path)  # nothing to train
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_the_output_and_score_heads_are_neither_offered_nor_taken_as_lora_targets(arch, tiny_models):
+    """The layer list a wrong target's error offers held the LM head (lm_head; GPT-NeoX's embed_out): a user who took
+    it got TRL's traceback from SFT after the run folder was written. The heads are refused by name, and not offered."""
+    import re
+
+    from pipeline.config import ModelProfile
+    from pipeline.models import check_lora_targets, linear_layer_names, load_base, load_tokenizer, profile_from
+    from tests.conftest import ARCH_TARGETS
+
+    path = profile_from(str(tiny_models[arch])).name_or_path
+    profile = ModelProfile(name_or_path=path, lora_target_modules=ARCH_TARGETS[arch])
+    for kind in ("causal", "score"):
+        model = load_base(profile, load_tokenizer(profile), kind)
+        head = "score" if kind == "score" else next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        assert head in ("lm_head", "embed_out", "score") and head not in linear_layer_names(model)
+        assert sorted(linear_layer_names(model)) == sorted(ARCH_TARGETS[arch])  # every other linear layer
+        bad = ModelProfile(name_or_path=path, lora_target_modules=[ARCH_TARGETS[arch][0], head])
+        with pytest.raises(ConfigError, match=rf"LoRA target module\(s\) \['{head}'\] of .* \({arch}\) are its output or "
+                                              rf"score head, .*: {re.escape(str(linear_layer_names(model)))}$"):
+            check_lora_targets(bad, model, path)
+
+
 @pytest.mark.parametrize("targets", [None, ["c_attn", "q_prj"]])
 def test_wrong_lora_targets_name_the_models_linear_layers(targets, tiny_models, runs_dir, tmp_path):
     """A GPT-2 profile without lora_target_modules (the Llama projections by default), or with a typo: one error
@@ -326,7 +349,7 @@ def test_wrong_lora_targets_name_the_models_linear_layers(targets, tiny_models, 
     missing = "q_prj" if targets else "q_proj"
     with pytest.raises(ConfigError, match=rf"LoRA target module\(s\) \[.*'{missing}'.*\] are not in .*\(gpt2\): set "
                                           r"lora_target_modules in the model profile to some of its linear layers: "
-                                          r"\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+                                          r"\['c_attn', 'c_fc', 'c_proj'\]$"):
         main(*parse_args(tiny_args(profile, runs_dir, "lt")))
     assert not (runs_dir / "lt").exists()
 

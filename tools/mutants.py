@@ -1587,7 +1587,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('combine-dtype-of-the-first', 'pipeline/lora_combine.py', 'dtype = torch.promote_types(a1.dtype, a2.dtype)', 'dtype = a1.dtype', 'tests/test_dpo.py -k two_dtypes_combine'),
     ('combine-dtype-of-the-second', 'pipeline/lora_combine.py', 'dtype = torch.promote_types(a1.dtype, a2.dtype)', 'dtype = a2.dtype', 'tests/test_dpo.py -k two_dtypes_combine'),
     ('combine-target-parameters-accepted', 'pipeline/lora_combine.py', '"target_parameters", "trainable_token_indices")', '"trainable_token_indices")', 'tests/test_dpo.py -k lora_on_parameters'),
-    ('template-text-needs-both-marks', 'pipeline/models.py', 'if "{{" in value or "{%" in value:', 'if "{{" in value and "{%" in value:', 'tests/test_config.py -k either_jinja_mark'),
+    ('template-text-needs-both-marks', 'pipeline/models.py', 'return "{{" in value or "{%" in value', 'return "{{" in value and "{%" in value', 'tests/test_config.py -k either_jinja_mark'),
     ('template-file-missing-unchecked', 'pipeline/models.py', '    if not path.is_file():\n        raise ConfigError(f"chat_template file', '    if False:\n        raise ConfigError(f"chat_template file', 'tests/test_config.py -k either_jinja_mark'),
     ('qlora-without-cuda-accepted', 'pipeline/models.py', '    if not torch.cuda.is_available():\n        raise ConfigError("load_in_4bit', '    if False:\n        raise ConfigError("load_in_4bit', 'tests/test_config.py -k without_a_cuda_gpu'),
     ('qlora-fp4', 'pipeline/models.py', 'bnb_4bit_quant_type="nf4"', 'bnb_4bit_quant_type="fp4"', 'tests/test_config.py -k nf4_double'),
@@ -1773,6 +1773,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # TRL's tokenizer options refused by make's check, before any stage runs
     ('sft-tokenizer-options-unchecked', 'stages/sft.py', '    refuse_tokenizer_options(train_cfg, "sft", run.model_config)\n', '', 'tests/test_sft.py -k tokenizer_options'),
     ('rm-main-skips-its-checks', 'stages/rm.py', '    check_args(train_cfg, args, run)\n    state = PartialState()', '    state = PartialState()', 'tests/test_sft.py -k tokenizer_options'),
+    # A profile's template text, and the heads LoRA does not wrap (a fresh user's journey)
+    ('ppo-profile-inline-template-hashed-as-path', 'stages/ppo/__init__.py', '    if record.get("chat_template") and not is_template_text(record["chat_template"]):', '    if record.get("chat_template"):', 'tests/test_ppo.py -k template_text_is_recorded'),
+    ('models-lm-head-offered-to-lora', 'pipeline/models.py', '            if name and isinstance(m, (nn.Linear, Conv1D)) and name not in heads]', '            if name and isinstance(m, (nn.Linear, Conv1D))]', 'tests/test_sft.py -k "heads_are_neither or wrong_lora_targets"'),
+    ('models-score-head-not-a-head', 'pipeline/models.py', '    heads = {id(getattr(model, score_head_name(model), None))}', '    heads = {id(None)}', 'tests/test_sft.py -k heads_are_neither'),
+    ('models-head-target-said-missing', 'pipeline/models.py', '    if heads:\n        raise ConfigError(f"LoRA target module(s) {heads}', '    if False:\n        raise ConfigError(f"LoRA target module(s) {heads}', 'tests/test_sft.py -k heads_are_neither'),
+    ('bench-sft-template-text-as-path', 'bench/bench_sft.py', '        cfg["chat_template_path"] = str(template)', '        cfg["chat_template_path"] = profile.chat_template', 'tests/test_bench_sft.py -k template'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -248,12 +248,12 @@ def profile_record(path: str | None) -> dict | None:
         return None
     from dataclasses import asdict
 
-    from pipeline.models import profile_from
+    from pipeline.models import is_template_text, profile_from
     from pipeline.run import file_digest
 
     record = asdict(profile_from(path))
     record.pop("description", None)  # words about the base, not the base
-    if record.get("chat_template"):
+    if record.get("chat_template") and not is_template_text(record["chat_template"]):  # the text is in the record
         record["chat_template_digest"] = file_digest(resolve_path(record["chat_template"]))
     return record
 
