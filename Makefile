@@ -199,9 +199,13 @@ pairs: sft
 dpo: sft $(call labels_for,dpo)
 	$(call stage,dpo)
 
+# A run whose people label pairs of their own (`make label ARGS="--pairs_dataset FILE"` in a run that has sampled
+# none: the label stage records FILE in label/own_pairs.txt; eval's SFT-vs-PPO pairs never).
+OWN_PAIRS_FILE := $(if $(wildcard $(RUNDIR)/pairs/manifest.json),,$(wildcard $(RUNDIR)/label/own_pairs.txt))
 # The labeling UI is a server, not a batch job: it always runs (and resumes from the label store).
-# With ARGS="--pairs_dataset FILE" (e.g. eval's human_pairs.jsonl) it needs no pairs stage.
-label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)
+# With ARGS="--pairs_dataset FILE" (e.g. eval's human_pairs.jsonl) it needs no pairs stage, nor in a run of your own
+# pairs (OWN_PAIRS_FILE): it serves them again.
+label: $(if $(or $(findstring --pairs_dataset,$(ARGS)),$(OWN_PAIRS_FILE)),,pairs)
 	$(call direct,label)
 
 # Always exports when asked (the labels may have changed); the reward model and PPO then retrain on the next make.
@@ -219,11 +223,9 @@ simulate: pairs
 # changed store (people labeled with `make label`, or `make simulate` ran with other settings) or label config is
 # exported again as it was last exported (--refresh), so the reward model retrains on it. A change that leaves the
 # export's rows as they were (labels of eval's pairs, a skip) leaves the run current.
-# A run whose people label pairs of their own (`make label ARGS="--pairs_dataset FILE"` in a run that has sampled
-# none: the label stage records FILE in label/own_pairs.txt; eval's SFT-vs-PPO pairs never): its labels are those
-# pairs', exported from that file, and no pairs are sampled. The step sampled the bundled prompts' pairs there and
+# A run whose people label pairs of their own (OWN_PAIRS_FILE, above): its labels are those pairs', exported from that
+# file, and no pairs are sampled. The step sampled the bundled prompts' pairs there and
 # simulated their labels, which replaced people's in the export.
-OWN_PAIRS_FILE := $(if $(wildcard $(RUNDIR)/pairs/manifest.json),,$(wildcard $(RUNDIR)/label/own_pairs.txt))
 labels: $(if $(OWN_PAIRS_FILE),,pairs)
 	@$(PY) -m stages.label.fresh_export $(RUNDIR); fresh=$$?; \
 	if [ -n "$(OWN_PAIRS_FILE)" ] && { [ $$fresh = 4 ] || [ $$fresh = 3 ]; }; then \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 
 import pytest
@@ -387,6 +388,15 @@ def test_the_dataset_card_names_your_pairs_file_not_its_path_here(runs_dir, tmp_
                                                    str(runs_dir), "--pairs_dataset", str(mine)]))
     card = (runs_dir / "r" / "label-export" / "README.md").read_text()
     assert "- **Pairs**: my_pairs.jsonl. Labels of pairs" in card and str(mine.parent) not in card
+    # the run labels these pairs (label/own_pairs.txt, no pairs stage): `make label-export` by hand exports them too,
+    # as `make rm` does (its card said "the pairs stage of this run", which publish refused, naming this command)
+    (runs_dir / "r" / "label" / "own_pairs.txt").write_text(f"{mine}\n")
+    shutil.rmtree(runs_dir / "r" / "label-export")
+    main(*parse((LabelArgs, ExportArgs, RunArgs), ["--config", "configs/label.yaml", "--run", "r", "--runs_dir",
+                                                   str(runs_dir)]))
+    card = (runs_dir / "r" / "label-export" / "README.md").read_text()
+    manifest = json.loads((runs_dir / "r" / "label-export" / "manifest.json").read_text())
+    assert "- **Pairs**: my_pairs.jsonl. Labels of pairs" in card and manifest["config"]["label"]["pairs_dataset"] == str(mine)
 
 
 def test_without_a_pairs_stage_the_pairs_the_store_loaded_last_are_the_current_ones(runs_dir, monkeypatch):

@@ -370,6 +370,9 @@ def test_the_app_gets_the_logins_and_the_store_gets_the_flags(runs, tmp_path, mo
     # pairs of your own in a run with no pairs stage: recorded for `make rm`'s labels step
     assert (runs / "r" / "label" / "own_pairs.txt").read_text() == f"{pairs.resolve()}\n"
     assert store.progress()["blocked"] == 0 and store.servable_pairs() == ["p0", "p1"]
+    # and served again by a later `make label` without the flag (it read the pairs stage's, which the run has not)
+    label_main(runs, "--users_file", str(users), "--port", str(free_port())).store_lock.close()
+    assert built["store"].servable_pairs() == ["p0", "p1"]
 
 
 def test_only_your_own_pairs_in_a_run_without_sampled_ones_are_recorded(tmp_path):

@@ -348,6 +348,8 @@ def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path
     res = make_n_checked("rm", check=["rm"], runs_dir=runs)  # no pairs stage launched
     assert res.returncode == 0 and list(launches(res.stdout)) == ["sft", "rm"], res.stdout + res.stderr
     assert "stages.label.fresh_export" in res.stdout
+    res = make("label", dry_run=True, fake=False, runs_dir=runs)  # people come back to label more: their pairs
+    assert res.returncode == 0 and launches(res.stdout) == {} and "-m stages.label --config" in res.stdout, res.stdout
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == ["label-export"], res.stdout + res.stderr
     assert f"labels: exporting people's labels of your own pairs ({own}; no pairs are sampled)" in res.stdout
@@ -362,6 +364,7 @@ def test_labels_of_your_own_pairs_are_exported_and_no_pairs_are_sampled(tmp_path
     # chain's step
     (runs / "t" / "label" / "own_pairs.txt").unlink()
     assert list(launches(make_n_checked("rm", check=["rm"], runs_dir=runs).stdout)) == ["sft", "pairs", "rm"]
+    assert list(launches(make("label", dry_run=True, fake=False, runs_dir=runs).stdout)) == ["sft", "pairs"]
     (runs / "t" / "label" / "own_pairs.txt").write_text(f"{own}\n")
     assert make("pairs", runs_dir=runs).returncode == 0 and ran(runs) == ["sft", "pairs"]
     res = make("labels", runs_dir=runs)

@@ -274,3 +274,18 @@ def db_path(runs_dir: str, run: str) -> Path:
     from pipeline.run import stage_dir
 
     return stage_dir(runs_dir, run, "label") / "labels.sqlite"
+
+
+OWN_PAIRS = "own_pairs.txt"  # in the label stage's folder; the Makefile reads it too (OWN_PAIRS_FILE)
+
+
+def recorded_own_pairs(runs_dir: str, run: str) -> str | None:
+    """The file of pairs of your own that `make label ARGS="--pairs_dataset FILE"` labeled in this run, which has
+    sampled none (label/own_pairs.txt): what a later `make label` or `make label-export` without the flag serves and
+    exports, not the pairs stage the run does not have. None once the run has a pairs stage, or without the record."""
+    from pipeline.run import stage_dir
+
+    record = stage_dir(runs_dir, run, "label") / OWN_PAIRS
+    if (stage_dir(runs_dir, run, "pairs") / "manifest.json").is_file() or not record.is_file():
+        return None
+    return record.read_text().strip() or None
