@@ -379,6 +379,7 @@ def test_only_your_own_pairs_in_a_run_without_sampled_ones_are_recorded(tmp_path
     """record_own_pairs: eval's SFT-vs-PPO pairs (labeled for people's win rate) are never the run's own pairs, and
     labeling them after yours leaves your record; a run that has sampled pairs records none."""
     from stages.label.__main__ import OWN_PAIRS, record_own_pairs
+    from stages.label.config import recorded_own_pairs
 
     runs = tmp_path / "runs"
     stage = StageRun("label", "r", str(runs))
@@ -390,9 +391,11 @@ def test_only_your_own_pairs_in_a_run_without_sampled_ones_are_recorded(tmp_path
     record_own_pairs(LabelArgs(pairs_dataset=str(human)), stage)
     record_own_pairs(LabelArgs(), stage)  # the run's own pairs stage's (none here): no record of a file
     assert (stage.dir / OWN_PAIRS).read_text() == f"{mine.resolve()}\n"
-    (stage.dir / OWN_PAIRS).unlink()
+    assert recorded_own_pairs(str(runs), "r") == str(mine.resolve())  # what a later make label / label-export reads
     (runs / "r" / "pairs").mkdir()
     (runs / "r" / "pairs" / "manifest.json").write_text("{}")
+    assert recorded_own_pairs(str(runs), "r") is None  # the run has sampled pairs since: theirs are the run's
+    (stage.dir / OWN_PAIRS).unlink()
     record_own_pairs(LabelArgs(pairs_dataset=str(mine)), stage)
     assert not (stage.dir / OWN_PAIRS).exists()
 

@@ -1782,7 +1782,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # A run of your own pairs: a later make label serves them, make label-export exports them
     ('label-own-pairs-not-resumed', 'stages/label/__main__.py', '    if not args.pairs_dataset and own:', '    if False:', 'tests/test_label_guards.py -k gets_the_logins'),
     ('export-own-pairs-not-used', 'stages/label/export.py', '    if not args.pairs_dataset and own:', '    if False:', 'tests/test_label_export.py -k names_your_pairs_file'),
-    ('label-own-pairs-record-after-sampling', 'stages/label/config.py', '    if (stage_dir(runs_dir, run, "pairs") / "manifest.json").is_file() or not record.is_file():', '    if not record.is_file():', 'tests/test_make.py -k your_own_pairs_are_exported'),
+    ('label-own-pairs-record-after-sampling', 'stages/label/config.py', '    if (stage_dir(runs_dir, run, "pairs") / "manifest.json").is_file() or not record.is_file():', '    if not record.is_file():', 'tests/test_label_guards.py -k only_your_own_pairs'),
     ('make-label-samples-pairs-in-own-pairs-run', 'Makefile', 'label: $(if $(or $(findstring --pairs_dataset,$(ARGS)),$(OWN_PAIRS_FILE)),,pairs)', 'label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)', 'tests/test_make.py -k your_own_pairs_are_exported'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
