@@ -152,11 +152,35 @@ def check_text_file(path: Path) -> None:
         jsonl_objects(path)
     elif path.suffix in (".json", ".csv"):
         try:
-            path.read_bytes().decode("utf-8")
+            text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
             line, column = bad_byte_at(err)
             raise ConfigError(f"{path} is not UTF-8 text (bad byte at line {line}, column {column}): save the file "
                               f"as UTF-8") from None
+        if path.suffix == ".csv":
+            check_csv_rows(path, text)
+        elif text.strip() in ("[]", "{}"):
+            raise ConfigError(f"dataset {path} is empty: give a dataset with at least a few rows")
+
+
+def check_csv_rows(path: Path, text: str) -> None:
+    """Every row of a CSV holds the header's number of fields. pandas reads a file whose rows all hold one field more
+    (a text with an unquoted comma) with its first column as the index: every column shifted one place, no error."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))
+    header = next(reader, [])
+    rows, line = 0, reader.line_num + 1  # the line a row starts on (a quoted text may hold line breaks)
+    for row in reader:
+        if row:  # not a blank line, which pandas skips too
+            rows += 1
+        if row and len(row) != len(header):
+            raise ConfigError(f"{path} line {line}: {len(row)} fields, but the header ({','.join(header)}) "
+                              f"has {len(header)}: put a text that holds a comma in double quotes (\"like, this\")")
+        line = reader.line_num + 1
+    if not rows:
+        raise ConfigError(f"dataset {path} is empty: give a dataset with at least a few rows (it holds a header only)")
 
 
 def jsonl_objects(path: Path) -> list[dict]:

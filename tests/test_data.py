@@ -329,6 +329,40 @@ def test_a_byte_that_is_not_utf8_is_placed_by_line_and_column(suffix, tmp_path):
         load_users(str(users), env={})
 
 
+def test_a_csv_row_with_more_or_fewer_fields_than_its_header_is_refused_by_line(tmp_path):
+    """Texts holding unquoted commas: pandas read a CSV whose every row has one field more than its header with the
+    first column as the index, so `prompt` held the first part of the reply and the real prompt was dropped, and SFT
+    trained on it without a word. Quoted commas, a byte-order mark and blank lines read as before."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_any
+
+    bad = tmp_path / "chats.csv"
+    bad.write_text("prompt,completion\nSay hi.,Hi, friend.\nSay bye.,Bye, friend.\n")
+    with pytest.raises(ConfigError, match=rf"^{bad} line 2: 3 fields, but the header \(prompt,completion\) has 2: put "
+                                          r"a text that holds a comma in double quotes"):
+        load_any(str(bad))
+    bad.write_text('prompt,completion\n"Say hi.","Hi, friend."\n\n"Say\nbye.",Bye\n"Al\none",\n"x\ny"\n')  # row 4
+    with pytest.raises(ConfigError, match=rf"^{bad} line 8: 1 fields, but the header"):  # starts on line 8
+        load_any(str(bad))
+    good = tmp_path / "good.csv"
+    good.write_text('\ufeffprompt,completion\n"Say hi.","Hi, friend."\n\n"Say\nbye.","Bye, friend."\n')
+    assert load_any(str(good)).to_list() == [{"prompt": "Say hi.", "completion": "Hi, friend."},
+                                             {"prompt": "Say\nbye.", "completion": "Bye, friend."}]
+
+
+@pytest.mark.parametrize("name,text", [("header.csv", "prompt,completion\n"), ("rows.json", "[]\n"), ("rows.json", "{}")])
+def test_a_file_without_rows_is_empty_not_a_library_error(name, text, tmp_path):
+    """A CSV of a header alone, or a JSON file holding no rows, got datasets' 'Instruction "train" corresponds to no
+    data!' where an empty .jsonl gets the project's line."""
+    from pipeline.config import ConfigError
+    from pipeline.data import load_any
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^dataset {path} is empty: give a dataset with at least a few rows"):
+        load_any(str(path))
+
+
 def test_a_json_file_datasets_cannot_parse_says_why(tmp_path):
     """A .json file in JSON Lines form with a broken line: datasets raised DatasetGenerationError("An error occurred
     while generating the dataset"), the parser's reason ("... in row 2") only in its cause, which the error dropped.

@@ -1784,6 +1784,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('export-own-pairs-not-used', 'stages/label/export.py', '    if not args.pairs_dataset and own:', '    if False:', 'tests/test_label_export.py -k names_your_pairs_file'),
     ('label-own-pairs-record-after-sampling', 'stages/label/config.py', '    if (stage_dir(runs_dir, run, "pairs") / "manifest.json").is_file() or not record.is_file():', '    if not record.is_file():', 'tests/test_label_guards.py -k only_your_own_pairs'),
     ('make-label-samples-pairs-in-own-pairs-run', 'Makefile', 'label: $(if $(or $(findstring --pairs_dataset,$(ARGS)),$(OWN_PAIRS_FILE)),,pairs)', 'label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)', 'tests/test_make.py -k your_own_pairs_are_exported'),
+    # A CSV whose rows do not match its header, files without rows
+    ('data-csv-fields-unchecked', 'pipeline/data.py', '        if path.suffix == ".csv":\n            check_csv_rows(path, text)', '        if False:\n            check_csv_rows(path, text)', 'tests/test_data.py -k "csv_row or without_rows"'),
+    ('data-csv-row-line-where-it-ends', 'pipeline/data.py', '        line = reader.line_num + 1\n', '', 'tests/test_data.py -k csv_row'),
+    ('data-csv-blank-line-a-short-row', 'pipeline/data.py', '        if row and len(row) != len(header):', '        if len(row) != len(header):', 'tests/test_data.py -k csv_row'),
+    ('data-json-empty-array-to-datasets', 'pipeline/data.py', '        elif text.strip() in ("[]", "{}"):', '        elif False:', 'tests/test_data.py -k without_rows'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
