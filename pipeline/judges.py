@@ -69,11 +69,13 @@ def same_path(a: Path, b: Path) -> bool:
 
 def judge_device():
     """Where an rm: judge runs: this process's GPU when there is one (a larger reward model than the policy's, in
-    fp32 on the CPU, took minutes per batch), else the CPU."""
+    fp32 on the CPU, took minutes per batch), as accelerate picks it (the local rank modulo the GPUs this process
+    sees: eval's two ranks on a one-GPU machine share it); the CPU under ACCELERATE_USE_CPU or without a GPU."""
     import torch
+    from accelerate.utils import parse_flag_from_env
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 

@@ -6,12 +6,13 @@ import resource
 import sys
 
 
-def peak_memory_mb() -> float:
-    """GPU: peak allocated by torch. CPU: peak resident set size of this process."""
+def peak_memory_mb(device) -> float:
+    """On a GPU `device` (the stage's): the peak torch allocated on it. On the CPU: the peak resident set size of this
+    process (a CPU stage on a machine with a GPU read the GPU's 0)."""
     import torch
 
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
 

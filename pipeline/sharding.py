@@ -252,11 +252,19 @@ def on_every_rank(flag: bool, device) -> bool:
     return bool(agreed.item())
 
 
+COLLECTIVE_TIMEOUT_S = 1800  # the Trainer's (ddp_timeout) and gloo's default; NCCL's own is 10 minutes
+
+
 def process_state():
     """accelerate's PartialState, with the CPU ranks of ACCELERATE_USE_CPU=1 counted: PartialState() alone ignores
     the variable (only AcceleratorState reads it), and without cpu=True two CPU ranks both call themselves rank 0 of 1.
-    Stages built on a Trainer get this from TrainingArguments; the inference stages call this."""
+    Its collectives wait 30 minutes, as the Trainer stages' do: under NCCL's default 10, eval's other ranks, waiting at a
+    barrier while the main process runs a slow gold judge (an API behind a `module:function`), killed a run that passes
+    on CPUs. Stages built on a Trainer get this from TrainingArguments; the others (pairs, PPO, eval) call this."""
+    from datetime import timedelta
+
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available(),
+                        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))

@@ -278,7 +278,7 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
             "beta": train_cfg.beta, **data_record(counts, len(train_rows), len(eval_rows)),
             "reload_check": reload, "steps": steps, "train_time_s": round(train_time, 1),
             "resumed_from_step": step_of(resume_from) if resume_from else None,
-            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding, "data": data_name,
+            "peak_memory_mb": peak_memory_mb(train_cfg.device), "world_size": state.num_processes, "sharding": sharding, "data": data_name,
         }
         print_table("DPO", {k: v for k, v in metrics.items()
                             if k not in ("loss_curve", "train_accuracy_curve", "train_margin_curve", "eval_by_source",

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.adapters import AdapterStack, reward_members
+from pipeline.adapters import AdapterStack, fp32_head, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.data import prompt_problem, read_jsonl, score_each_once
 from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate, right_pad
@@ -388,6 +388,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     stack = AdapterStack.build(profile, tokenizer, {**adapters, "sft": sft_adapter, **rewards},
                                base_model=load_base(profile, tokenizer, shard=shard))
     stack.add_ensemble("reward", list(rewards), reward_stats)
+    fp32_head(stack.causal_lm.score)  # as the rm stage and PPO score: in fp32, under a launch's bf16 autocast too
     to_device(stack.model, state.device)
 
     # 2. Sample and score every policy with the same seed; KL of each to the reference on its own responses. An

@@ -217,7 +217,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
                    **data_record(counts, len(train_rows), n),
                    "reload_check": member_rows[0]["reload_check"], "reload_check_s": reload_seconds,
                    "ensemble": len(members), "members": member_rows,
-                   "train_time_s": round(sum(m["train_time"] for m in members), 1), "peak_memory_mb": peak_memory_mb(),
+                   "train_time_s": round(sum(m["train_time"] for m in members), 1), "peak_memory_mb": peak_memory_mb(train_cfg.device),
                    "world_size": state.num_processes, "sharding": members[0]["sharding"], "data": data_name}
         title = "RM" if len(members) == 1 else (f"RM: an ensemble of {len(members)}; the held-out eval_ figures are the "
                                                  f"ensemble's, the training ones (loss, accuracy, best) its first member's")

@@ -325,7 +325,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
             "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
             "tokens_per_s": round(tokens / train_time, 1) if tokens else None,
-            "peak_memory_mb": peak_memory_mb(), "world_size": state.num_processes, "sharding": sharding,
+            "peak_memory_mb": peak_memory_mb(train_cfg.device), "world_size": state.num_processes, "sharding": sharding,
             "base_dtypes": param_dtypes(trainer.model, False), "trainable_dtypes": param_dtypes(trainer.model, True),
             "data": data_name, "rows_over_max_length": rows_cut,
             "resumed_from_step": step_of(resume_from) if resume_from else None,

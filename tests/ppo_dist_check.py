@@ -114,7 +114,10 @@ def checkpoints(args, out: Path) -> None:
     """Straight 2 updates vs 1 + resume + 1, each rank under its own folder (no shared filesystem)."""
     import os
 
+    from accelerate import PartialState
+
     rank = int(os.environ.get("RANK", "0"))
+    PartialState().local_process_index = 0  # each rank a node of its own, so each its node's first process
     common = ["--total_updates", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
               "--num_ppo_epochs", "2", "--save_every", "0"]
     straight, _ = build(*args, out / f"straight-node{rank}", *common)

@@ -188,9 +188,8 @@ def test_peak_memory_mb_is_the_processes_peak_rss_in_mb(monkeypatch):
 
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc (Linux)")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     hwm_kb = int([line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")][0].split()[1])
-    assert peak_memory_mb() == pytest.approx(hwm_kb / 1024, rel=0.05) and peak_memory_mb() > 50
+    assert peak_memory_mb("cpu") == pytest.approx(hwm_kb / 1024, rel=0.05) and peak_memory_mb("cpu") > 50
 
 
 def test_optimised_reward_refuses_stages_rewarded_by_different_models(tmp_path):
@@ -575,10 +574,17 @@ def test_eval_samples_and_scores_under_the_launch_mixed_precision(tmp_path, tiny
 
     for name in ("rollout", "sequence_kl", "heldout_pair_rewards", "kept_policy_samples"):
         spied(name)
+    moved, real_to_device = [], ev.to_device
+    monkeypatch.setattr(ev, "to_device", lambda model, device=None: moved.append(model) or real_to_device(model, device))
     m = ev.main(*ev.parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
                                 "--model_config", str(tiny_models["llama"]), "--max_new_tokens", "8"]))
     assert seen == {name: {torch.bfloat16} for name in ("rollout", "sequence_kl", "heldout_pair_rewards",
                                                         "kept_policy_samples")}
+    # the reward models' score head computes in fp32 under it, as the rm stage and PPO score (it rounded to bf16)
+    score = next(mod for name, mod in moved[0].named_modules() if name.endswith(".score"))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert score(torch.randn(2, score.in_features if hasattr(score, "in_features") else
+                                 next(score.parameters()).shape[-1])).dtype == torch.float32
     assert m["gold_curve_points"] == 4 and m["rm_gold_pairs"] == 3
 
 
@@ -735,19 +741,19 @@ def test_console_tables_show_numbers_to_five_significant_digits(capsys):
 
 
 def test_peak_memory_on_a_gpu_is_torchs_peak_allocation_in_mb_and_on_cpu_rounded_to_a_tenth(monkeypatch):
-    """On a GPU the figure is torch's peak allocated bytes / 2**20; on Linux ru_maxrss (kB) / 1024, to one decimal."""
+    """On the stage's GPU the figure is torch's peak allocated bytes there / 2**20; on the CPU, on Linux ru_maxrss (kB)
+    / 1024, to one decimal, even on a machine with a GPU (a CPU stage there recorded the GPU's 0)."""
     import resource
     from types import SimpleNamespace
 
     from pipeline.report import peak_memory_mb
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**20 + 2**19)
-    assert peak_memory_mb() == 3.5
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: {"cuda:1": 3 * 2**20 + 2**19}[str(device)])
+    assert peak_memory_mb(torch.device("cuda", 1)) == 3.5
     monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=1024 * 250 + 300))
     monkeypatch.setattr("sys.platform", "linux")
-    assert peak_memory_mb() == 250.3  # 250.29 MB, to one decimal
+    assert peak_memory_mb(torch.device("cpu")) == 250.3  # 250.29 MB, to one decimal
 
 
 def test_the_end_of_a_stage_waits_for_every_rank_and_tears_the_group_down_after_freeing_its_holders(monkeypatch):

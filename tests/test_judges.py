@@ -86,8 +86,17 @@ def test_an_rm_judge_scores_on_this_processs_accelerator(tiny_models, tmp_path, 
     import pipeline.judges as judges
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert judges.judge_device() == torch.device("cuda", 1)
+    # eval's two ranks on a machine with one GPU (or a launcher that shows each rank its own): they share it, as
+    # accelerate places them (rank 1 asked for cuda:1, "invalid device ordinal")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert judges.judge_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # CPU ranks (cpu2.yaml) on a machine with a GPU
+    assert judges.judge_device() == torch.device("cpu")
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert judges.judge_device() == torch.device("cpu")
     monkeypatch.undo()

@@ -2633,3 +2633,31 @@ def test_a_profile_holding_its_template_text_is_recorded_by_that_text_and_a_temp
     digest = profile_record(str(from_file))["chat_template_digest"]
     (tmp_path / "t.jinja").write_text(text + " ")  # the file edited in place: another record
     assert digest and profile_record(str(from_file))["chat_template_digest"] != digest
+
+
+def test_a_checkpoint_is_promoted_once_a_node_by_its_first_process(tmp_path, monkeypatch):
+    """A node without a shared filesystem holds its own copy of the new checkpoint: its first process promotes it, after
+    the main process has promoted the main node's. Every rank of such a node did, at once: ranks crashed on the
+    rename and the node could lose every checkpoint it had."""
+    from types import SimpleNamespace
+
+    from stages.ppo.trainer import PPOTrainer
+
+    promoted = []
+    monkeypatch.setattr(PPOTrainer, "_promote", staticmethod(lambda tmp, final: promoted.append((tmp, final))))
+    tmp, final = tmp_path / ".tmp-checkpoint-000004", tmp_path / "checkpoint-000004"
+    tmp.mkdir()  # this node's copy, still there after the main process's promote (another node's filesystem)
+
+    def promotes(is_main: bool, is_local_main: bool) -> bool:
+        promoted.clear()
+        rank = object.__new__(PPOTrainer)
+        rank.is_main, rank.state, rank._barrier = is_main, SimpleNamespace(is_local_main_process=is_local_main), lambda: None
+        rank._promote_on_each_node(tmp, final)
+        assert len(promoted) <= 1
+        return promoted == [(tmp, final)]
+
+    assert promotes(True, True)  # the main process, once
+    assert promotes(False, True)  # the first process of another node that holds its own copy
+    assert not promotes(False, False)  # the node's other processes leave it to that one
+    tmp.rmdir()
+    assert not promotes(False, True)  # a shared filesystem: the main process has promoted it already

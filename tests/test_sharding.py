@@ -424,3 +424,22 @@ def test_all_gpus_configs_start_one_process_per_gpu_of_the_machine(tmp_path, mon
     assert len(launched) == 1 and "FSDP with all the GPUs of a machine that has one" in capsys.readouterr().err
     assert launch.main(["sft", "--config_file", "configs/accelerate/multi_gpu.yaml", "-m", "tests.fake_stages.sft"]) == 0
     assert launched[-1] == ["--config_file", "configs/accelerate/multi_gpu.yaml", "--num_processes", "1"]  # DDP: fine
+
+
+def test_the_inference_and_rl_stages_collectives_wait_as_long_as_the_trainer_stages(monkeypatch):
+    """process_state (pairs, PPO and its variants, eval): the process group's timeout is the Trainer's 30 minutes, not
+    NCCL's default 10 (eval's other ranks wait at a barrier while the main process runs the gold judge); CPU ranks
+    (ACCELERATE_USE_CPU) are counted as CPU ranks."""
+    from datetime import timedelta
+
+    import accelerate
+
+    from pipeline import sharding
+
+    made = []
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: made.append(kwargs) or kwargs)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    assert sharding.process_state() == {"cpu": True, "timeout": timedelta(seconds=1800)}
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sharding.process_state() == {"cpu": False, "timeout": timedelta(seconds=1800)}

@@ -35,7 +35,7 @@ from pipeline.generation import keep_end
 from pipeline.models import is_main_process, launch_mixed_precision
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
-from pipeline.sharding import requested as fsdp_requested, take_over_from_accelerate
+from pipeline.sharding import process_state, requested as fsdp_requested, take_over_from_accelerate
 
 from .config import SCHEDULERS_OVER_TOTAL, PPOConfig
 from .sharding import base_numel, sharding_wanted
@@ -350,20 +350,15 @@ def broadcast(state, obj):
 def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     """Run the stage. `reward_fn(prompts, response_ids, response_mask, texts) -> [B] scores` replaces the reward
     adapter's score (tests use a toy reward a tiny model can learn); the manifest then says so."""
-    from accelerate import PartialState
     from transformers import set_seed
 
     from pipeline.models import (base_config, check_adapter, check_context, load_tokenizer, profile_from, resolve_base,
                                  save_fingerprint)
 
-    from accelerate.utils import parse_flag_from_env
-
     # An FSDP config: this stage shards the base itself when it loads it (pipeline.sharding), accelerate must not.
     take_over_from_accelerate()
     fsdp_config = fsdp_requested()
-    # PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without cpu=True, two CPU ranks
-    # launched by torchrun would each come up as a lone process.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    state = process_state()  # CPU ranks counted (ACCELERATE_USE_CPU), the Trainer stages' collective timeout
     stage = StageRun(cfg.stage_name, run.run, run.runs_dir)  # ppo, or grpo / rloo / reinforce_pp
     if cfg.dataset_name:  # your prompts replace the bundled ones: not an input of this run
         stage.not_inputs([cfg.prompts_file], cfg.dataset_name)
@@ -469,7 +464,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     # 3. Train
     result = trainer.train(resume_from)
     digests = trainer.rank_digests()
-    peak_per_rank = trainer.gather(peak_memory_mb())  # a sharded base: what each rank held, not only the first
+    peak_per_rank = trainer.gather(peak_memory_mb(state.device))  # a sharded base: what each rank held, not only the first
     if result["stopped"]:
         if state.is_main_process:
             print(f"stopped after {cfg.stop_after} update(s) (stop_after) at update {result['update']}; "
@@ -497,7 +492,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
             save_fingerprint(outputs[key], stack.causal_lm.config, base_path)
         if cfg.has_critic:
             trainer.write_value_offset(outputs["value_adapter"])
-        metrics = {**trainer.summary(), "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": peak_per_rank, "world_size": state.num_processes,
+        metrics = {**trainer.summary(), "peak_memory_mb": peak_memory_mb(state.device), "peak_memory_mb_per_rank": peak_per_rank, "world_size": state.num_processes,
                    "model_copies": 1, "frozen_params": n_base, "trainable_params": n_train, "base_sharded": shard,
                    "base_numel": base_full, "base_numel_per_rank": base_per_rank, "base_stored_numel_per_rank": stored_per_rank,
                    "rank_param_digests": digests, "ranks_in_sync": len(set(digests)) == 1,

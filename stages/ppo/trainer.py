@@ -610,13 +610,19 @@ class PPOTrainer:
             (tmp / "checkpoint.json").write_text(json.dumps({"update": self.update, "upstream": self.upstream}))
             torch.save(state, tmp / "trainer_state.pt")  # written last: its presence marks a complete checkpoint
         self._barrier()
+        self._promote_on_each_node(tmp, final)
+        return final
+
+    def _promote_on_each_node(self, tmp: Path, final: Path) -> None:
+        """The main process promotes the checkpoint; then, on a node without a shared filesystem, which holds its own
+        copy of the folder, that node's first process: one a node (all its ranks at once raced one rename, and could
+        delete every checkpoint the node had)."""
         if self.is_main:
             self._promote(tmp, final)
         self._barrier()
-        if not self.is_main and tmp.exists():  # a node without a shared filesystem: its own copy of the folder
+        if not self.is_main and self.state.is_local_main_process and tmp.exists():
             self._promote(tmp, final)
         self._barrier()
-        return final
 
     @staticmethod
     def _promote(tmp: Path, final: Path) -> None:
