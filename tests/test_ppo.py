@@ -2661,3 +2661,43 @@ def test_a_checkpoint_is_promoted_once_a_node_by_its_first_process(tmp_path, mon
     assert not promotes(False, False)  # the node's other processes leave it to that one
     tmp.rmdir()
     assert not promotes(False, True)  # a shared filesystem: the main process has promoted it already
+
+
+def test_a_checkpoints_random_streams_come_back_on_a_rank_that_sees_other_devices(monkeypatch, capsys):
+    """_restore_rng: a sampling stream saved on a GPU cannot go into a CPU generator (it raised, and the resume
+    crashed): it starts afresh with a warning. A GPU rank takes its own GPU's state, from this version's one state or
+    from an earlier version's list of every visible GPU's (set_rng_state_all raised IndexError with fewer GPUs)."""
+    import random as py_random
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from stages.ppo.trainer import PPOTrainer
+
+    def rank(device: str) -> PPOTrainer:
+        r = object.__new__(PPOTrainer)
+        r.rank, r.device = 0, torch.device(device)
+        r.sample_gen, r.perm_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+        return r
+
+    saved = rank("cpu")
+    saved.sample_gen.manual_seed(11), saved.perm_gen.manual_seed(12)
+    rng = {"sample": saved.sample_gen.get_state(), "perm": saved.perm_gen.get_state(), "torch": torch.get_rng_state(),
+           "python": py_random.getstate(), "numpy": np.random.get_state()}
+    resumed = rank("cpu")
+    resumed._restore_rng(rng)
+    assert torch.equal(resumed.sample_gen.get_state(), rng["sample"]) and torch.equal(resumed.perm_gen.get_state(), rng["perm"])
+    on_gpu = {**rng, "sample": torch.zeros(16, dtype=torch.uint8), "cuda": [torch.tensor([0])]}  # a CUDA generator's
+    fresh = rank("cpu")
+    before = fresh.sample_gen.get_state()
+    fresh._restore_rng(on_gpu)
+    assert torch.equal(fresh.sample_gen.get_state(), before) and torch.equal(fresh.perm_gen.get_state(), rng["perm"])
+    assert "sampling stream is of another device than this run's cpu" in capsys.readouterr().err
+    set_states = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: set_states.append((int(state[0]), device)))
+    gpu_rank = rank("cpu")
+    gpu_rank.device = SimpleNamespace(type="cuda", index=1)  # this rank's GPU, cuda:1
+    gpu_rank._restore_rng({**rng, "cuda": [torch.tensor([i]) for i in range(8)]})  # written seeing 8 GPUs
+    gpu_rank._restore_rng({**rng, "cuda": [torch.tensor([0])]})  # one GPU seen then: none of this rank's
+    gpu_rank._restore_rng({**rng, "cuda_device": torch.tensor([5])})
+    assert set_states == [(1, gpu_rank.device), (5, gpu_rank.device)]

@@ -1796,6 +1796,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('peak-memory-gpu-whenever-present', 'pipeline/report.py', '    if torch.device(device).type == "cuda":', '    if torch.cuda.is_available():', 'tests/test_eval.py -k peak_memory'),
     ('process-state-nccl-default-timeout', 'pipeline/sharding.py', ',\n                        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))', ')', 'tests/test_sharding.py -k collectives_wait'),
     ('eval-reward-head-under-autocast', 'stages/eval.py', '    fp32_head(stack.causal_lm.score)  # as the rm stage and PPO score', '    pass  # as the rm stage and PPO score', 'tests/test_eval.py -k launch_mixed_precision'),
+    # A PPO checkpoint resumed on a rank that sees other devices
+    ('ppo-rng-sample-of-another-device-restored', 'stages/ppo/trainer.py', '        if rng["sample"].numel() == self.sample_gen.get_state().numel():', '        if True:', 'tests/test_ppo.py -k random_streams_come_back'),
+    ('ppo-rng-cuda-state-of-gpu-0', 'stages/ppo/trainer.py', 'rng["cuda"][index] if', 'rng["cuda"][0] if', 'tests/test_ppo.py -k random_streams_come_back'),
+    ('ppo-rng-cuda-not-restored', 'stages/ppo/trainer.py', '                torch.cuda.set_rng_state(saved, self.device)', '                pass', 'tests/test_ppo.py -k random_streams_come_back'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

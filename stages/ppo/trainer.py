@@ -569,9 +569,29 @@ class PPOTrainer:
     def _rng_state(self) -> dict:
         state = {"sample": self.sample_gen.get_state(), "perm": self.perm_gen.get_state(), "torch": torch.get_rng_state(),
                  "python": random.getstate(), "numpy": np.random.get_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this rank's GPU only: a rerun may see fewer GPUs (each rank one, say)
+            state["cuda_device"] = torch.cuda.get_rng_state(self.device)
         return state
+
+    def _restore_rng(self, rng: dict) -> None:
+        """The streams of _rng_state back. The sampling stream lives on the rank's device: one saved on another kind
+        of device (a GPU checkpoint resumed on the CPU) cannot be restored into it and starts afresh, as a changed
+        world size does. Checkpoints of earlier versions hold every visible GPU's state ("cuda"): this rank's is
+        taken from it."""
+        if rng["sample"].numel() == self.sample_gen.get_state().numel():
+            self.sample_gen.set_state(rng["sample"])
+        else:
+            print(f"warning: rank {self.rank}: the checkpoint's sampling stream is of another device than this run's "
+                  f"{self.device.type}: sampling continues from this run's seed", file=sys.stderr)
+        self.perm_gen.set_state(rng["perm"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if self.device.type == "cuda":
+            index = self.device.index or 0
+            saved = rng.get("cuda_device", rng["cuda"][index] if index < len(rng.get("cuda", [])) else None)
+            if saved is not None:
+                torch.cuda.set_rng_state(saved, self.device)
 
     def write_value_offset(self, folder: Path) -> None:
         """The critic's value is its head's output plus value_offset (critic_init: fit; the head has no bias to fold
@@ -664,14 +684,7 @@ class PPOTrainer:
                   f"this run has {self.world}{'' if rng_file.exists() else ', and this node has no RNG file for it'}: "
                   "training continues, but not bit-for-bit as an uninterrupted run would", file=sys.stderr)
         if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            self.sample_gen.set_state(rng["sample"])
-            self.perm_gen.set_state(rng["perm"])
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            self._restore_rng(torch.load(rng_file, weights_only=False))
         if self.is_main:
             print(f"resumed from {path} (update {self.update}, {self.episodes} episodes)", file=sys.stderr)
 
