@@ -1904,7 +1904,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-first-samples-not-kept', 'stages/ppo/trainer.py', ' or self.update == 1)', ')', "tests/test_ppo.py -k resume_gives"),
     ('ppo-samples-num-ignored', 'stages/ppo/trainer.py', 'range(min(self.cfg.num_samples, len(ro.texts)))', 'range(len(ro.texts))', "tests/test_ppo.py -k resume_gives"),
     ('ppo-history-not-reloaded', 'stages/ppo/trainer.py', 'self.history = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l.strip()]', 'self.history = []', "tests/test_ppo.py -k resume_gives"),
-    ('ppo-resume-sample-rng-dropped', 'stages/ppo/trainer.py', '            self.sample_gen.set_state(rng["sample"])\n', '', "tests/test_ppo.py -k resume_gives"),
+    ('ppo-resume-sample-rng-dropped', 'stages/ppo/trainer.py', '            self.sample_gen.set_state(rng["sample"])\n', '            pass\n', "tests/test_ppo.py -k resume_gives"),
     ('ppo-scheduler-not-stepped', 'stages/ppo/trainer.py', '        self.scheduler.step()\n', '', PPO_STEPS),
     ('ppo-grad-norm-summed', 'stages/ppo/trainer.py', '"grad_norm": grad_norm / n_steps}', '"grad_norm": grad_norm}', PPO_STEPS),
     ('ppo-policy-loss-summed', 'stages/ppo/trainer.py', '"policy_loss": total["policy_loss"] / n_steps if train_policy', '"policy_loss": total["policy_loss"] if train_policy', PPO_STEPS),
