@@ -153,6 +153,30 @@ def test_read_pairs_keeps_each_pair_as_the_app_serves_it(tmp_path):
         {"pair_id": "p0", "responses": ["zero 0", "one 0"], "prompt": [{"role": "user", "content": "question 0"}]}]
 
 
+def test_pairs_annotators_would_label_in_vain_are_refused_or_named_before_anyone_labels(runs, tmp_path, capsys):
+    """Your own pairs (--pairs_dataset) were served whatever they held: a prompt of empty messages (the pairs and PPO
+    stages refuse it) is refused by its line; two equal responses, an empty one, or a pair repeated under another
+    pair_id are served (eval's SFT-vs-PPO pairs may hold equal replies: a tie) with a note naming each line."""
+    from stages.label.pairs import read_pairs
+
+    before = snapshot(runs)
+    empty_prompt = write_lines(tmp_path / "e.jsonl", [pair(0), pair(1, prompt=[{"role": "system", "content": "  "},
+                                                                             {"role": "user", "content": ""}])])
+    with pytest.raises(ConfigError, match=r"e.jsonl line 2: every message of the prompt is empty"):
+        label_main(runs, "--pairs_dataset", str(empty_prompt))
+    assert snapshot(runs) == before
+    mine = write_lines(tmp_path / "m.jsonl", [pair(0), pair(1, responses=["same", "same"]), pair(2, responses=["x", " "]),
+                                              {**pair(0), "pair_id": "again"}, {**pair(0, responses=["one 0", "zero 0"]),
+                                                                                "pair_id": "swapped"}])
+    assert [p["pair_id"] for p in read_pairs(str(mine), "--pairs_dataset")] == ["p0", "p1", "p2", "again", "swapped"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --pairs_dataset")]
+    assert [n.split("m.jsonl ", 1)[1] for n in notes] == [
+        "line 2 (pair_id 'p1'): its two responses are the same text: the reward model leaves its label out",
+        "line 3 (pair_id 'p2'): a response is empty: the reward model leaves its label out",
+        "line 4 (pair_id 'again') repeats line 1 (pair_id 'p0')'s prompt and responses: labels of both count twice",
+        "line 5 (pair_id 'swapped') repeats line 1 (pair_id 'p0')'s prompt and responses: labels of both count twice"]
+
+
 def test_the_store_itself_refuses_bad_rows_before_writing(tmp_path):
     store = LabelStore(tmp_path / "s.sqlite")
     store.import_items([pair(0), pair(1)])

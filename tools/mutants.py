@@ -1780,7 +1780,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('models-head-target-said-missing', 'pipeline/models.py', '    if heads:\n        raise ConfigError(f"LoRA target module(s) {heads}', '    if False:\n        raise ConfigError(f"LoRA target module(s) {heads}', 'tests/test_sft.py -k heads_are_neither'),
     ('bench-sft-template-text-as-path', 'bench/bench_sft.py', '        cfg["chat_template_path"] = str(template)', '        cfg["chat_template_path"] = profile.chat_template', 'tests/test_bench_sft.py -k template'),
     # A run of your own pairs: a later make label serves them, make label-export exports them
-    ('label-own-pairs-not-resumed', 'stages/label/__main__.py', '    if not args.pairs_dataset and own:', '    if False:', 'tests/test_label_guards.py -k gets_the_logins'),
+    ('label-own-pairs-not-resumed', 'stages/label/__main__.py', '    if own:  # the run labels pairs of your own', '    if False:  # the run labels pairs of your own', 'tests/test_label_guards.py -k gets_the_logins'),
     ('export-own-pairs-not-used', 'stages/label/export.py', '    if not args.pairs_dataset and own:', '    if False:', 'tests/test_label_export.py -k names_your_pairs_file'),
     ('label-own-pairs-record-after-sampling', 'stages/label/config.py', '    if (stage_dir(runs_dir, run, "pairs") / "manifest.json").is_file() or not record.is_file():', '    if not record.is_file():', 'tests/test_label_guards.py -k only_your_own_pairs'),
     ('make-label-samples-pairs-in-own-pairs-run', 'Makefile', 'label: $(if $(or $(findstring --pairs_dataset,$(ARGS)),$(OWN_PAIRS_FILE)),,pairs)', 'label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)', 'tests/test_make.py -k your_own_pairs_are_exported'),
@@ -1800,6 +1800,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-rng-sample-of-another-device-restored', 'stages/ppo/trainer.py', '        if rng["sample"].numel() == self.sample_gen.get_state().numel():', '        if True:', 'tests/test_ppo.py -k random_streams_come_back'),
     ('ppo-rng-cuda-state-of-gpu-0', 'stages/ppo/trainer.py', 'rng["cuda"][index] if', 'rng["cuda"][0] if', 'tests/test_ppo.py -k random_streams_come_back'),
     ('ppo-rng-cuda-not-restored', 'stages/ppo/trainer.py', '                torch.cuda.set_rng_state(saved, self.device)', '                pass', 'tests/test_ppo.py -k random_streams_come_back'),
+    # Pairs of your own that annotators would label in vain
+    ('label-empty-prompt-pair-served', 'stages/label/store.py', '    if not any(m["content"].strip() for m in prompt):  # as the pairs and PPO stages refuse it', '    if False:  # as the pairs and PPO stages refuse it', 'tests/test_label_guards.py -k in_vain'),
+    ('label-equal-responses-unnoted', 'stages/label/pairs.py', '        if a == b or not a.strip() or not b.strip():', '        if not a.strip() or not b.strip():', 'tests/test_label_guards.py -k in_vain'),
+    ('label-repeat-in-other-order-unnoted', 'stages/label/pairs.py', '        key = json.dumps([pair["prompt"], sorted(pair["responses"])])', '        key = json.dumps([pair["prompt"], pair["responses"]])', 'tests/test_label_guards.py -k in_vain'),
+    ('label-repeat-names-the-last-not-the-first', 'stages/label/pairs.py', '        first.setdefault(key,', '        first.__setitem__(key,', 'tests/test_label_guards.py -k in_vain'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

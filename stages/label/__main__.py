@@ -24,8 +24,8 @@ from stages.label.store import LabelStore, check_store_file, lock_store
 
 
 def load_pairs(args: LabelArgs, stage: StageRun) -> list[dict]:
-    own = recorded_own_pairs(stage.runs_dir, stage.run)
-    if not args.pairs_dataset and own:  # the run labels pairs of your own: resumed, not the pairs stage's sampled
+    own = None if args.pairs_dataset else recorded_own_pairs(stage.runs_dir, stage.run)
+    if own:  # the run labels pairs of your own: resumed, not the pairs stage's sampled
         print(f"label: this run labels your own pairs: {own} (label/{OWN_PAIRS})", flush=True)
         args.pairs_dataset = own
     if args.pairs_dataset:

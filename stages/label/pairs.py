@@ -7,6 +7,8 @@ and every pair_id unique: anything else is one ConfigError naming the file, the 
 
 from __future__ import annotations
 
+import sys
+
 from pipeline.config import ConfigError, resolve_path
 from pipeline.data import load_any, read_jsonl
 from stages.label.store import pair_problem
@@ -42,4 +44,28 @@ def read_pairs(source: str, name: str) -> list[dict]:
         first_seen[row["pair_id"]] = where
         pairs.append({"pair_id": row["pair_id"], "responses": list(row["responses"]),
                       "prompt": [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]})
+    for note in pair_notes(pairs, [where for where, _ in numbered]):
+        print(f"note: {name}: {path} {note}", file=sys.stderr)
     return pairs
+
+
+def pair_notes(pairs: list[dict], wheres: list[str]) -> list[str]:
+    """What annotators would be asked in vain, said before they are (served all the same: eval's SFT-vs-PPO pairs
+    may hold two equal replies, whose honest label is a tie): pairs whose two responses are the same text, or one
+    empty (the reward model leaves their labels out: it cannot learn from them), and pairs that repeat an earlier
+    pair's prompt and responses under another pair_id (their labels count twice)."""
+    import json
+
+    notes, first = [], {}
+    for pair, where in zip(pairs, wheres):
+        a, b = pair["responses"]
+        if a == b or not a.strip() or not b.strip():
+            notes.append(f"{where} (pair_id {pair['pair_id']!r}): "
+                         + ("its two responses are the same text" if a == b else "a response is empty")
+                         + ": the reward model leaves its label out")
+        key = json.dumps([pair["prompt"], sorted(pair["responses"])])
+        if key in first:
+            notes.append(f"{where} (pair_id {pair['pair_id']!r}) repeats {first[key]}'s prompt and responses: "
+                         f"labels of both count twice")
+        first.setdefault(key, f"{where} (pair_id {pair['pair_id']!r})")
+    return notes

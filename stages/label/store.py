@@ -157,6 +157,8 @@ def pair_problem(row) -> str | None:
         problem = role_problem(m["role"])  # as the reward model will read the export: refused before anyone labels
         if problem:
             return problem
+    if not any(m["content"].strip() for m in prompt):  # as the pairs and PPO stages refuse it
+        return "every message of the prompt is empty"
     if not isinstance(responses, list) or len(responses) != 2 or not all(isinstance(r, str) for r in responses):
         return f"responses must be a list of exactly 2 texts (the UI compares two), got {_short(responses)}"
     texts = [pair_id, *responses, *(m["role"] for m in prompt), *(m["content"] for m in prompt)]
