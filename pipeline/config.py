@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -218,6 +219,11 @@ def parse(classes: tuple, argv: list[str] | None = None):
     known_dests = {a.dest for a in parser._actions}
     check_yaml_types(parser, classes, {k: v for k, v in yaml_values.items() if k not in cli_keys}, source_of)
     parser.set_defaults(**{k: v for k, v in yaml_values.items() if k in known_dests})
+    if "use_cpu" in known_dests and "use_cpu" not in yaml_values and \
+            os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes", "y", "on"):
+        # A CPU launch (accelerate's use_cpu) on a machine with a GPU: TrainingArguments hands the variable to
+        # accelerate, whose state is then the CPU's, but puts the model on cuda:0 unless its own use_cpu says so.
+        parser.set_defaults(use_cpu=True)
 
     def refuse(message: str):  # instead of argparse's usage dump (130 lines for a TRL config) and exit
         raise ConfigError(argparse_problem(message, source_of))

@@ -595,3 +595,25 @@ def test_a_profile_without_its_checkpoint_hub_ids_first_lines_and_empty_values_b
         check_hub_repo_id("me/my/labels", "--push_to_hub")
     assert first_line(ValueError("first\nsecond\nthird")) == "first" and first_line(KeyError()) == "KeyError"
     assert takes_none(int, None) and not takes_none(int, 3) and takes_none(int | None, 3)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_a_cpu_launch_trains_on_the_cpu_on_a_machine_with_a_gpu(stage, monkeypatch, tmp_path):
+    """accelerate's use_cpu reaches a stage as ACCELERATE_USE_CPU: TrainingArguments hands it to accelerate (whose
+    state is then the CPU's) but put the model on cuda:0 unless its own use_cpu said so, as it now does (the default
+    configs/accelerate/cpu.yaml on a GPU machine). A use_cpu given in a config or on the command line still wins."""
+    from tests.conftest import REPO
+
+    def use_cpu(*extra, config=str(REPO / f"configs/{stage}.yaml")):
+        parsed = parse(stage_classes(stage), ["--config", config, *extra])
+        return next(c for c in parsed if hasattr(c, "use_cpu")).use_cpu
+
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(f"base_config: {REPO / f'configs/{stage}.yaml'}\nuse_cpu: false\n")
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert use_cpu() is False
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert use_cpu() is True and use_cpu("--use_cpu", "false") is False and use_cpu(config=str(variant)) is False
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "0")
+    assert use_cpu() is False

@@ -1805,6 +1805,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('label-equal-responses-unnoted', 'stages/label/pairs.py', '        if a == b or not a.strip() or not b.strip():', '        if not a.strip() or not b.strip():', 'tests/test_label_guards.py -k in_vain'),
     ('label-repeat-in-other-order-unnoted', 'stages/label/pairs.py', '        key = json.dumps([pair["prompt"], sorted(pair["responses"])])', '        key = json.dumps([pair["prompt"], pair["responses"]])', 'tests/test_label_guards.py -k in_vain'),
     ('label-repeat-names-the-last-not-the-first', 'stages/label/pairs.py', '        first.setdefault(key,', '        first.__setitem__(key,', 'tests/test_label_guards.py -k in_vain'),
+    # A CPU launch on a machine with a GPU
+    ('config-cpu-launch-model-on-cuda', 'pipeline/config.py', '        parser.set_defaults(use_cpu=True)\n', '        pass\n', 'tests/test_config.py -k cpu_launch'),
+    ('config-cpu-launch-overrides-the-flag', 'pipeline/config.py', '    if "use_cpu" in known_dests and "use_cpu" not in yaml_values and \\\n', '    if "use_cpu" in known_dests and \\\n', 'tests/test_config.py -k cpu_launch'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
