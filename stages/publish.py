@@ -535,12 +535,17 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     eval_dir = Path(ev["outputs"]["report"]).parent
     (folder / "eval").mkdir()
     judge = ev["metrics"].get("gold_judge") or ""
-    for name in ("report.md", "report.json"):  # an rm: judge as the card names it, not by this machine's path
+    report = json.loads((eval_dir / "report.json").read_text(encoding="utf-8"))
+    # This machine's folders the report names, by the names the card gives them: a reward or SFT adapter the RL stages
+    # were given (--reward_adapter, --sft_adapter) by its folder's name, an rm: judge by its last two folders.
+    public = {given: Path(given).name for given in (report.get("reward_adapter"), report.get("sft_adapter")) if given}
+    if judge.startswith("rm:"):
+        public[judge[3:].strip()] = public_judge(judge)[3:]
+    for name in ("report.md", "report.json"):
         text = (eval_dir / name).read_text(encoding="utf-8")
-        if judge.startswith("rm:"):  # its folder, wherever the report names it: as written, and as JSON escapes it
-            path, public = judge[3:].strip(), public_judge(judge)[3:]
+        for path in sorted(public, key=len, reverse=True):  # wherever the report names it: as written, as JSON escapes it
             for written in {path, json.dumps(path)[1:-1], json.dumps(path, ensure_ascii=False)[1:-1]}:
-                text = text.replace(written, public)
+                text = text.replace(written, public[path])
         (folder / "eval" / name).write_text(text, encoding="utf-8")
     if (eval_dir / "plots").is_dir():  # none for a run without PPO and without a gold judge
         shutil.copytree(eval_dir / "plots", folder / "eval" / "plots")
@@ -581,7 +586,9 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     message = commit_message(args, method)
     commits = [] if args.dry_run else upload(api, targets, args, method)
     if args.dry_run:
-        print("\ndry run: nothing uploaded. To publish: make publish REPO=user/name")
+        # the same options: the command as it was printed dropped them (a run of it sent another set of files)
+        print("\ndry run: nothing uploaded. To publish: the same command without --dry-run"
+              + ("" if args.repo_id else ", with REPO=user/name"))
     metrics = {"repo_id": repo, "dry_run": args.dry_run, "files": len(list_folder(folder)), "commits": commits,
                "commit_message": message, "dataset_repo_id": dataset_repo, "merged_update_error": merged_error}
     outputs = {"folder": folder, **({"dataset_folder": dataset_folder} if dataset_folder else {})}

@@ -399,13 +399,19 @@ def trained_on_labels(manifests: dict[str, dict], policy: str) -> list[str]:
     return sorted(stage for stage in {"rm", policy} if export and read(stage) == manifest_digest(export))
 
 
-def reward_use(rm: dict, given: str | None, extras: list[str], method: str) -> str:
-    """How to score as the published reward model(s) do: a stock load reads the head at the last token, which is not
-    the score of a `sum`-pooled model, and an ensemble's reward needs each member's held-out mean and std."""
+def reward_use(rm: dict, given: str | None, extras: list[str], method: str, repo: str = "repo",
+               base: str | None = None) -> str:
+    """How to load and score as the published reward model(s) do: the base (`base`: its Hub id; None: shipped in the
+    repo's base/, which loads only with adapter_kwargs, as the policy's does), then each member; a stock load reads the
+    head at the last token, which is not the score of a `sum`-pooled model, and an ensemble's reward needs each
+    member's held-out mean and std."""
     members = [e.rstrip("/") for e in extras if e.startswith("reward")]
+    load_base = (f"AutoModelForSequenceClassification.from_pretrained(\"{base}\", num_labels=1)" if base else
+                 f"AutoModelForSequenceClassification.from_pretrained(\"{repo}\", subfolder=\"base\", num_labels=1, "
+                 f"adapter_kwargs={{\"subfolder\": \"base\"}})")
     text = (f"The reward model{'s' if len(members) > 1 else ''} ({', '.join(f'`{m}/`' for m in members)}): LoRA + score "
-            f"head on the base; load each with `AutoModelForSequenceClassification` (`num_labels=1`) and "
-            f"`PeftModel.from_pretrained(model, repo, subfolder=\"{members[0]}\")`.")
+            f"head on the base; load the base with `{load_base}`, then each with "
+            f"`PeftModel.from_pretrained(model, \"{repo}\", subfolder=\"{members[0]}\")`.")
     if read_pooling(resolve_path(given) if given else rm["outputs"]["adapter"]) == "sum":
         text += (" The score is not the stock output (the head at the last token): sum the head (`score`) over the "
                  "hidden states of the reply's tokens, after the prompt as templated with its generation prompt, and "
@@ -480,7 +486,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\", "
                   f"adapter_kwargs={{\"subfolder\": \"merged\"}})` (base and adapter merged).", ""]
     if "reward/" in extras:
-        lines += [reward_use(manifests["rm"], given, extras, method), ""]
+        lines += [reward_use(manifests["rm"], given, extras, method, repo, None if local else base), ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
     for stage in ("sft", args.policy) if method == "dpo" or given else ("sft", "rm", args.policy):
         if stage == "sft" and started_from:

@@ -69,6 +69,8 @@ def test_dry_run_writes_and_lists_exactly_the_folder(runs, dry_run):
     for name in model:  # every file is listed, with its size
         assert f"  {name} " in proc.stdout, name
     assert f"{len(model)} files" in proc.stdout and "dry run: nothing uploaded" in proc.stdout
+    # the way on names these options (the line said `make publish REPO=user/name`: another set of files, no dataset)
+    assert "\ndry run: nothing uploaded. To publish: the same command without --dry-run\n" in proc.stdout
     for name in ("README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
                  "base/model.safetensors", "sft/adapter_config.json", "reward/adapter_model.safetensors",
                  "merged/model.safetensors", "eval/report.md", "eval/plots/overview.png"):
@@ -83,9 +85,35 @@ def test_dry_run_writes_and_lists_exactly_the_folder(runs, dry_run):
         assert base == str(runs / "t" / "publish" / "model" / "base"), (cfg, base)
 
 
+def test_the_reward_model_loads_as_the_card_says(dry_run):
+    """The card's reward-model lines, run as written on the published folder (the repo id as its path): they named
+    AutoModelForSequenceClassification and `num_labels=1` alone, and the obvious load of the shipped base failed
+    ("Unrecognized model in base": its root's adapter_config.json is the policy's); the base needs adapter_kwargs, as
+    the policy's lines say."""
+    import re
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    keep, _ = dry_run
+    card = (keep / "model" / "README.md").read_text()
+    line = next(line for line in card.splitlines() if line.startswith("The reward model"))
+    load_base, load_member = re.findall(r"`((?:AutoModelForSequenceClassification|PeftModel)\.from_pretrained\(.*?\))`", line)
+    here = json.dumps(str(keep / "model"))
+    model = eval(load_base.replace('"tester/tiny-rlhf"', here), {"AutoModelForSequenceClassification":
+                                                                  AutoModelForSequenceClassification})
+    model = eval(load_member.replace('"tester/tiny-rlhf"', here), {"PeftModel": PeftModel, "model": model})
+    reward = dict(model.named_parameters())
+    assert any("score" in name for name in reward) and any("lora_" in name for name in reward)
+    assert model.peft_config["default"].task_type == "SEQ_CLS"
+
+
 def test_an_rm_judges_path_reaches_no_published_file(runs, tmp_path):
     """eval's report names its judge as given, `rm:/home/me/.../rm/adapter`: the published card and the copies of the
-    report named this machine's folders. They name it by its last two folders."""
+    report named this machine's folders. They name it by its last two folders; a reward or SFT adapter given to the RL
+    stages (whose paths the report named too, and the upload sent) by its folder's name, as the card does."""
+    import stages.eval as ev
+
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy, ignore=shutil.ignore_patterns("publish"))
     eval_dir, spec = copy / "t" / "eval", "rm:/home/jos\u00e9/secret/big/rm/adapter"
@@ -101,7 +129,12 @@ def test_an_rm_judges_path_reaches_no_published_file(runs, tmp_path):
     (eval_dir / "report.md").write_text(text.replace(f"`{was}`", f"`{spec}`") + describe_judge(spec) + "\n")
     text = (eval_dir / "report.json").read_text()  # ... and in JSON, escaped as json.dumps writes it
     assert f'"{was}"' in text
-    (eval_dir / "report.json").write_text(text.replace(f'"{was}"', json.dumps(spec)))
+    report = json.loads(text.replace(f'"{was}"', json.dumps(spec)))
+    # a reward and an SFT adapter given to the RL stages (--reward_adapter, --sft_adapter): eval names them as given
+    given = {"reward_adapter": "/home/jos\u00e9/secret/models/my-rm", "sft_adapter": "/home/jos\u00e9/secret/models/my-sft"}
+    (eval_dir / "report.json").write_text(json.dumps({**report, **given}))
+    (eval_dir / "report.md").write_text((eval_dir / "report.md").read_text() + ev.render_markdown(
+        {**report, **given}, 2).split("\n")[2] + "\n")
     proc = publish(copy, "--repo_id", "tester/tiny-rlhf", "--dry-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = copy / "t" / "publish" / "model"
@@ -109,6 +142,10 @@ def test_an_rm_judges_path_reaches_no_published_file(runs, tmp_path):
         text = (folder / name).read_text()
         assert "rm:.../rm/adapter" in text and "/home/" not in text and "secret" not in text, name
     assert "the score the reward model .../rm/adapter gives" in (folder / "eval" / "report.md").read_text()
+    assert "the reward model the RL stages were given (`my-rm`)" in (folder / "eval" / "report.md").read_text()
+    assert "given as `sft_adapter` (`my-sft`)" in (folder / "eval" / "report.md").read_text()
+    assert {k: json.loads((folder / "eval" / "report.json").read_text())[k] for k in given} == {
+        "reward_adapter": "my-rm", "sft_adapter": "my-sft"}
 
 
 def test_folder_loads_in_a_fresh_process_with_stock_peft_and_matches_the_pipeline(runs, dry_run, tiny_models, tmp_path):
@@ -1260,6 +1297,10 @@ def test_the_cards_reward_use_follows_the_pooling_of_the_reward_model_the_policy
                                         (last, None, False)):
         text = reward_use({"outputs": {"adapter": str(rm_adapter)}}, str(given) if given else None, ["reward/"], "ppo")
         assert (rule in text) == says_sum, (rm_adapter, given)
+    # a base on the Hub loads by its id (one shipped in the repo: test_the_reward_model_loads_as_the_card_says)
+    text = reward_use({"outputs": {"adapter": str(last)}}, None, ["reward/"], "ppo", "me/r", "org/base-1b")
+    assert "load the base with `AutoModelForSequenceClassification.from_pretrained(\"org/base-1b\", num_labels=1)`, " \
+           "then each with `PeftModel.from_pretrained(model, \"me/r\", subfolder=\"reward\")`" in text
 
 
 def test_card_says_which_method_made_the_policy(tmp_path, tiny_models, monkeypatch):

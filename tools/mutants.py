@@ -1081,7 +1081,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("judge-module-unchecked", "pipeline/judges.py", "if module_source(rest) is None and importlib.util.find_spec(", "if False and module_source(rest) is None and importlib.util.find_spec(", "tests/test_judges.py -k make_checks"),
     ("module-source-no-package", "pipeline/config.py", "for candidate in (base / \"__init__.py\", base.parent / f\"{parts[-1]}.py\"):", "for candidate in (base.parent / f\"{parts[-1]}.py\",):", "tests/test_judges.py -k make_checks"),
     ("card-rm-judge-path", "stages/publish_card.py", "judge = public_judge(ev[\"gold_judge\"]) if gold else None", "judge = ev[\"gold_judge\"] if gold else None", "tests/test_publish.py -k 'leads_with_the_gold or rm_judges_path'"),
-    ("publish-report-rm-judge-path", "stages/publish.py", "        if judge.startswith(\"rm:\"):  # its folder", "        if False:  # its folder", "tests/test_publish.py -k rm_judges_path"),
+    ("publish-report-rm-judge-path", "stages/publish.py", "    if judge.startswith(\"rm:\"):\n        public[judge[3:].strip()]", "    if False:\n        public[judge[3:].strip()]", "tests/test_publish.py -k rm_judges_path"),
     ("publish-report-rm-judge-escaped", "stages/publish.py", "for written in {path, json.dumps(path)[1:-1], json.dumps(path, ensure_ascii=False)[1:-1]}:", "for written in {path}:", "tests/test_publish.py -k rm_judges_path"),
     ("card-rm-judge-whole-path", "stages/publish_card.py", "else \".../\" + \"/\".join(parts[-2:]))", "else \"/\".join(parts))", "tests/test_publish.py -k leads_with_the_gold"),
     ("ppo-bundled-prompts-note-unwired", "stages/ppo/__init__.py", "    note = bundled_prompts_note(cfg, sft)\n", "    note = None\n", "tests/test_ppo.py -k bundled_prompts_after"),
@@ -1808,6 +1808,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # A CPU launch on a machine with a GPU
     ('config-cpu-launch-model-on-cuda', 'pipeline/config.py', '        parser.set_defaults(use_cpu=True)\n', '        pass\n', 'tests/test_config.py -k cpu_launch'),
     ('config-cpu-launch-overrides-the-flag', 'pipeline/config.py', '    if "use_cpu" in known_dests and "use_cpu" not in yaml_values and \\\n', '    if "use_cpu" in known_dests and \\\n', 'tests/test_config.py -k cpu_launch'),
+    # What the upload names and how its card says to load it
+    ('publish-given-adapter-path-in-report', 'stages/publish.py', '    public = {given: Path(given).name for given in (report.get("reward_adapter"), report.get("sft_adapter")) if given}', '    public = {}', 'tests/test_publish.py -k rm_judges_path'),
+    ('publish-dry-run-hint-drops-the-options', 'stages/publish.py', '"\\ndry run: nothing uploaded. To publish: the same command without --dry-run"', '"\\ndry run: nothing uploaded. To publish: make publish REPO=user/name"', 'tests/test_publish.py -k dry_run_writes'),
+    ('card-reward-base-without-adapter-kwargs', 'stages/publish_card.py', 'subfolder=\\"base\\", num_labels=1, "\n                 f"adapter_kwargs={{\\"subfolder\\": \\"base\\"}})")', 'subfolder=\\"base\\", num_labels=1)")', 'tests/test_publish.py -k reward_model_loads_as'),
+    ('card-reward-hub-base-from-the-repo', 'stages/publish_card.py', 'if base else\n', 'if False else\n', 'tests/test_publish.py -k reward_use_follows'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
