@@ -174,9 +174,13 @@ def counts_text(w: dict) -> str:
                      + ([plural(w["ties"], "tie", "ties") + " counted half"] if w["ties"] else []))
 
 
-def gold_markdown(gold: dict, figures: dict) -> list[str]:
+def gold_markdown(gold: dict, figures: dict, reward_adapter: str | None = None) -> list[str]:
+    """`reward_adapter`: the reward model the RL stages were given, which eval scores with: the held-out pairs are
+    then the run's reward model's, which it may have trained on."""
     w, rm_h, rm_p = gold["win_rate"], gold["rm_agreement_heldout_pairs"], gold["rm_agreement_policy_samples"]
     pct = lambda v: f"{v:.1%}" if v is not None else "–"  # noqa: E731
+    held_out = ("of the run's reward model's held-out pairs (the one the RL stages were given may have trained on "
+                "them)" if reward_adapter else "of its held-out pairs")
     lines = ["## Gold judge", "",
              f"Judge `{gold['judge']}` ({describe_judge(gold['judge'])}): not the reward model PPO optimised, so it "
              f"measures learning independently.", "",
@@ -184,7 +188,7 @@ def gold_markdown(gold: dict, figures: dict) -> list[str]:
              f"| gold score (mean) | {figures['gold_sft_mean']:.3f} | {figures['gold_ppo_mean']:.3f} |", "",
              f"**Gold win rate of PPO over SFT: {w['rate']:.1%}** (95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, "
              f"Wilson; {counts_text(w)}).", "",
-             f"Reward model agrees with the gold on {pct(rm_h['agreement'])} of its held-out pairs whose gold scores "
+             f"Reward model agrees with the gold on {pct(rm_h['agreement'])} {held_out} whose gold scores "
              f"differ ({rm_h['pairs']} pairs), and on {pct(rm_p['agreement'])} of the SFT-vs-PPO pairs above "
              f"({rm_p['pairs']} pairs).", "",
              "| PPO update | policy | sqrt(KL) | reward model (proxy) | gold |", "|---|---|---|---|---|"]
@@ -230,7 +234,7 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
               f"(`make label RUN={report['run']} ARGS=\"--pairs_dataset runs/{report['run']}/eval/human_pairs.jsonl\"`), "
               f"then `make eval RUN={report['run']} FORCE=1`: it reads the labels back.", ""])
     if report.get("gold"):  # the measures PPO did not optimise first; the reward model's own verdict after them
-        lines += gold_markdown(report["gold"], f) + human + ["## Under the reward model", ""]
+        lines += gold_markdown(report["gold"], f, report.get("reward_adapter")) + human + ["## Under the reward model", ""]
     lines += [f"**Win rate of PPO over SFT under the reward model: {w['rate']:.1%}** "
               f"(95% CI {w['ci_low']:.1%} – {w['ci_high']:.1%}, Wilson; {counts_text(w)})"
               + (": the proxy PPO was trained to raise, so high by construction; the gold win rate above is the "

@@ -176,9 +176,13 @@ def as_held_out(ds, held_out: dict | None) -> dict:
             "test": ds.select([i for i, t in enumerate(test) if t])}
 
 
-def splits_line(splits: dict, held_out: dict | None, repo: str) -> str:
-    """The dataset card's words on its splits: which pairs the reward model held out, and what was measured on them."""
+def splits_line(splits: dict, held_out: dict | None, repo: str, given: bool = False) -> str:
+    """The dataset card's words on its splits: which pairs the reward model held out, and what was measured on them.
+    `given`: the published reward model is one the RL stage was given (--reward_adapter), not the run's."""
     model = f"the reward model of [{repo}](https://huggingface.co/{repo})"
+    if given:
+        return (f"All of them are in `train`: {model} is one its RL stage was given (`--reward_adapter`), not trained "
+                f"on them here, so there is no held-out split of its to mark.")
     if held_out is None:
         return (f"All of them are in `train`: {model} did not train on this export (it read another, or none), so "
                 f"there is no held-out split to mark.")
@@ -199,7 +203,7 @@ def splits_line(splits: dict, held_out: dict | None, repo: str) -> str:
 
 
 def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, run: str, prompts: str | None,
-                   held_out: dict | None = None) -> tuple[str, list[str]]:
+                   held_out: dict | None = None, given: bool = False) -> tuple[str, list[str]]:
     """The label-export preferences as one parquet file a split (the Hub's viewer reads them: `test` holds the pairs
     the reward model held out, `held_out`: held_out_by_the_reward_model) and a DatasetCard, which names where their
     prompts came from (`prompts`: labeled_prompts). Returns whose labels they are (people, simulated, all) and the
@@ -225,7 +229,7 @@ def export_dataset(dataset_dir: str, out: Path, args: PublishArgs, repo: str, ru
                            configs=[{"config_name": "default", "data_files": [{"split": name, "path": f"data/{name}-*.parquet"}
                                                                               for name in splits]}])
     body = (f"\n# Preference labels of run `{run}`\n\n{len(ds)} {whose.pairs}, in TRL's conversational preference format: columns "
-            f"{', '.join(f'`{c}`' for c in ds.column_names)}. {splits_line(splits, held_out, repo)}\n\n"
+            f"{', '.join(f'`{c}`' for c in ds.column_names)}. {splits_line(splits, held_out, repo, given)}\n\n"
             f"{prompts_line}\n\n"
             "```python\nfrom datasets import load_dataset\n"
             f"ds = load_dataset(\"{args.dataset_repo_id or repo + '-preferences'}\")  # {', '.join(splits)}\n```\n")
@@ -556,7 +560,9 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
     if label:
         dataset_folder = stage.dir / "dataset"
         dataset_sources, dataset_splits = export_dataset(label["outputs"]["dataset"], dataset_folder, args, repo,
-                                                         run.run, prompts, held_out_by_the_reward_model(rm, label))
+                                                         run.run, prompts,
+                                                         None if given else held_out_by_the_reward_model(rm, label),
+                                                         bool(given))
 
     # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
     dataset_sources = dataset_sources or labels_the_reward_model_read(rm, label_now)

@@ -1264,3 +1264,20 @@ def test_the_gold_win_rate_matrix_counts_any_gold_difference_as_the_ppo_report_d
     report = gold_report(judge, [], SimpleNamespace(gold_batch_size=8), ([], [], []), [], 4, ro["sft"], ro["ppo"],
                          kl["ppo"], gold["sft"], gold["ppo"])
     assert report["win_rate"]["rate"] == c["win_rate_gold"]["ppo"]["sft"]["rate"] == 1.0
+
+
+def test_the_reports_rm_gold_agreement_says_whose_held_out_pairs_a_given_reward_model_is_measured_on():
+    """The RL stages given a reward model (--reward_adapter): eval scores the run's reward model's held-out pairs with
+    it, pairs it may have trained on; the report called them "its held-out pairs"."""
+    from stages.eval_ppo import gold_markdown
+
+    gold = {"judge": "sentiment", "curve": [], "win_rate": {"rate": 0.8, "ci_low": 0.7, "ci_high": 0.9, "wins": 8,
+                                                             "losses": 2, "ties": 0},
+            "rm_agreement_heldout_pairs": {"agreement": 0.75, "pairs": 40},
+            "rm_agreement_policy_samples": {"agreement": 0.5, "pairs": 10}}
+    figures = {"gold_sft_mean": 0.1, "gold_ppo_mean": 0.6}
+    own = "\n".join(gold_markdown(gold, figures))
+    given = "\n".join(gold_markdown(gold, figures, "/somewhere/my-rm"))
+    assert "Reward model agrees with the gold on 75.0% of its held-out pairs whose gold scores differ (40 pairs)" in own
+    assert ("Reward model agrees with the gold on 75.0% of the run's reward model's held-out pairs (the one the RL "
+            "stages were given may have trained on them) whose gold scores differ (40 pairs)") in given

@@ -1560,3 +1560,17 @@ def test_the_published_test_split_holds_a_held_out_conversations_later_turns():
     splits = as_held_out(datasets.Dataset.from_list(rows), held_out)
     assert [r["prompt"][-1]["content"] for r in splits["test"]] == ["Q1?", "More?"]
     assert [r["prompt"][-1]["content"] for r in splits["train"]] == ["Q2?"]
+
+
+def test_the_dataset_card_credits_no_held_out_split_to_a_reward_model_the_rl_stage_was_given():
+    """The published reward model is the one the RL stage was given (--reward_adapter): the card said these labels
+    trained it and gave the run's own reward model's held-out accuracy as its."""
+    from stages.publish import splits_line
+
+    held_out = {"scored": 3, "scored_elsewhere": 0, "accuracy": 0.6667}
+    splits = {"train": [1] * 7, "test": [1] * 3}
+    assert "They trained the reward model of [me/r]" in splits_line(splits, held_out, "me/r")
+    line = splits_line({"train": [1] * 10}, None, "me/r", given=True)
+    assert line == ("All of them are in `train`: the reward model of [me/r](https://huggingface.co/me/r) is one its RL "
+                    "stage was given (`--reward_adapter`), not trained on them here, so there is no held-out split of "
+                    "its to mark.")

@@ -1813,6 +1813,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('publish-dry-run-hint-drops-the-options', 'stages/publish.py', '"\\ndry run: nothing uploaded. To publish: the same command without --dry-run"', '"\\ndry run: nothing uploaded. To publish: make publish REPO=user/name"', 'tests/test_publish.py -k dry_run_writes'),
     ('card-reward-base-without-adapter-kwargs', 'stages/publish_card.py', 'subfolder=\\"base\\", num_labels=1, "\n                 f"adapter_kwargs={{\\"subfolder\\": \\"base\\"}})")', 'subfolder=\\"base\\", num_labels=1)")', 'tests/test_publish.py -k reward_model_loads_as'),
     ('card-reward-hub-base-from-the-repo', 'stages/publish_card.py', 'if base else\n', 'if False else\n', 'tests/test_publish.py -k reward_use_follows'),
+    # A reward model the RL stage was given, in the report and the dataset card
+    ('card-given-reward-model-credited-the-split', 'stages/publish.py', '    if given:\n        return (f"All of them are in `train`: {model} is one its RL stage was given', '    if False:\n        return (f"All of them are in `train`: {model} is one its RL stage was given', 'tests/test_publish.py -k credits_no_held_out'),
+    ('eval-given-rm-measured-on-its-own-pairs', 'stages/eval_ppo.py', '"them)" if reward_adapter else "of its held-out pairs")', '"them)" if False else "of its held-out pairs")', 'tests/test_eval.py -k whose_held_out_pairs_a_given'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
