@@ -2616,8 +2616,6 @@ def test_a_profile_holding_its_template_text_is_recorded_by_that_text_and_a_temp
     """The record a checkpoint resumes against: `chat_template:` may hold the template text itself, as the other stages
     read it (pipeline.models.template_text). PPO hashed it as a file's path: a real template, longer than a file name
     may be, crashed every RL stage with "File name too long"."""
-    import hashlib
-
     import yaml
 
     from stages.ppo import profile_record
