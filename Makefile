@@ -164,7 +164,9 @@ base: setup
 sft: | setup
 	$(call stage,sft)
 
+# Not under a stage that runs in it (its launch holds the stage's lock): it would write on into a folder now gone.
 clean-run:
+	@if [ -x $(PY) ]; then $(PY) -m pipeline.launch --refuse_if_running $(RUNDIR); fi
 	rm -rf $(RUNDIR)
 
 # The run's labels are brought up to date first, unless the stage is given its own preferences (--dataset_name, or a

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError
-from pipeline.run import (INTERRUPTED_EXIT, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, code_changed,
+from pipeline.run import (INTERRUPTED_EXIT, INTERRUPTED_LINE, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, code_changed,
                           is_current, stage_folder)
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
@@ -112,8 +112,13 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
             return err.returncode
         raise
     except Exception as err:  # several processes: torch.distributed.elastic's ChildFailedError, one entry per rank
-        if type(err).__name__ == "SignalException" and getattr(err, "sigval", None) == signal.SIGINT:
+        sig = getattr(err, "sigval", None) if type(err).__name__ == "SignalException" else None
+        if sig == signal.SIGINT:
             return INTERRUPTED_EXIT  # Ctrl-C: torch's launcher stopped the ranks (rank 0 said so)
+        if sig in (signal.SIGTERM, signal.SIGHUP):  # `kill`, `timeout`, a scheduler's time limit, a closed terminal
+            print(f"{stage or module}: stopped by {signal.Signals(sig).name}: {INTERRUPTED_LINE.split(': ', 1)[1]}",
+                  file=sys.stderr)
+            return 128 + int(sig)
         codes = [f.exitcode for f in (getattr(err, "failures", None) or {}).values()]
         # Bad input (exit 2, pipeline.run.refuse) or a rank's own SIGINT (exit 130: `kill -INT`; Ctrl-C reaches this
         # process as the SignalException above): a rank said so in one line, as one process does (above), and every
@@ -244,6 +249,13 @@ def rl_precision_problem(stage: str, config_file: str) -> str | None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--check"]:
         return check_stages(argv[1:])
+    if argv[:1] == ["--refuse_if_running"] and len(argv) == 2:  # make clean-run
+        running = stages_running(Path(argv[1]))
+        if running:
+            print(f"error: {argv[1]} is in use: {', '.join(running)} runs in it; stop it first (Ctrl-C), then `make "
+                  f"clean-run`", file=sys.stderr)
+            return CONFIG_ERROR_EXIT
+        return 0
     if len(argv) < 3 or "-m" not in argv[1:]:
         print("usage: python -m pipeline.launch STAGE [--force] [--chained] [ACCELERATE_ARGS...] -m MODULE [STAGE_ARGS...]",
               file=sys.stderr)
@@ -359,13 +371,9 @@ def hold_stage_folder(folder: Path) -> tuple[object | None, str]:
     launch takes and deletes); a launch that locked a file just deleted so takes the new one instead."""
     import atexit
     import fcntl
-    import hashlib
-    import tempfile
 
-    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
-    locks = Path(tempfile.gettempdir()) / f"rlhf-pipeline-locks-{os.getuid()}"
-    locks.mkdir(mode=0o700, exist_ok=True)
-    path = locks / f"{key}.lock"
+    path = stage_lock_path(folder)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     while True:
         lock = open(path, "a+")
         try:
@@ -386,6 +394,35 @@ def hold_stage_folder(folder: Path) -> tuple[object | None, str]:
     lock.flush()
     atexit.register(release_stage_folder, lock, path)
     return lock, ""
+
+
+def stage_lock_path(folder: Path) -> Path:
+    """The lock file of a stage's folder (hold_stage_folder): in the temp folder, keyed by the folder's absolute path."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"rlhf-pipeline-locks-{os.getuid()}" / f"{key}.lock"
+
+
+def stages_running(run_dir: Path) -> list[str]:
+    """The stages of the run in `run_dir` a launch holds now ("ppo (pid 123, since 10:02:11)"): `make clean-run`
+    deleted the folder under them (PPO crashed on its next write; SFT wrote its adapter and manifest into a new folder
+    that then looked finished). A lock is tried, not taken: a free one is let go at once."""
+    import fcntl
+
+    running = []
+    for folder in sorted(p for p in run_dir.iterdir() if p.is_dir()) if run_dir.is_dir() else []:
+        path = stage_lock_path(folder)
+        if not path.is_file():
+            continue
+        with open(path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                running.append(f"{folder.name} ({lock.read().strip() or 'a process'})")
+    return running
 
 
 def release_stage_folder(lock, path: Path) -> None:

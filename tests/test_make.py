@@ -1641,3 +1641,61 @@ def test_make_label_refuses_bad_logins_or_guidelines_before_the_pairs_are_sample
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and len(errors) == 1 and message in errors[0], res.stderr
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_two_process_stage_stopped_by_a_signal_is_one_line_and_its_exit_code(sig, monkeypatch, capsys):
+    """`kill`, `timeout`, `docker stop`, a scheduler's time limit (SIGTERM) or a closed terminal (SIGHUP) stopping a
+    stage of two processes (pairs and eval by default): torch's launcher raised SignalException, whose 37 lines of
+    traceback were all the user saw. Now one line, how to go on, and the shell's 128 + the signal; Ctrl-C as before
+    (its line is the stage's own)."""
+    import signal
+
+    import accelerate.commands.launch as accelerate_launch
+
+    from pipeline import launch
+    from pipeline.run import INTERRUPTED_LINE
+
+    class SignalException(Exception):  # torch.distributed.elastic's, as launch() sees it: by name and sigval
+        def __init__(self, sigval):
+            super().__init__(f"Process got signal: {sigval}")
+            self.sigval = sigval
+
+    def stopped(args):
+        raise SignalException(getattr(signal, sig))
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", stopped)
+    for name in (launch.LAUNCH_ENV, launch.STAGE_ENV, launch.LAUNCHER_PID_ENV):  # launch() sets them: put back after
+        monkeypatch.setenv(name, "")
+    code = launch.launch(["--num_processes", "2"], "stages.pairs", [], "pairs")
+    err = capsys.readouterr().err
+    assert code == 128 + getattr(signal, sig)
+    if sig == "SIGINT":
+        assert err == ""
+    else:
+        assert err == f"pairs: stopped by {sig}: {INTERRUPTED_LINE.split(': ', 1)[1]}\n"
+
+
+def test_clean_run_refuses_a_run_a_stage_is_running_in(tmp_path):
+    """`make clean-run` deleted the run under a stage that was training in it: PPO crashed on its next write, SFT wrote
+    its adapter and manifest into a new folder that then looked finished. A stage's launch holds its folder's lock:
+    while it does, clean-run is one error line naming the stage and its process, and deletes nothing."""
+    from pipeline.launch import hold_stage_folder, release_stage_folder, stage_lock_path
+
+    runs = tmp_path / "runs"
+    for stage in ("sft", "ppo"):
+        (runs / "t" / stage).mkdir(parents=True)
+    lock, _ = hold_stage_folder(runs / "t" / "ppo")
+    res = make("clean-run", runs_dir=runs)
+    err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode != 0 and (runs / "t" / "ppo").is_dir(), res.stderr
+    assert err == [f"error: {runs}/t is in use: ppo (pid {os.getpid()}, since {lock_since(lock)}) runs in it; stop it "
+                   f"first (Ctrl-C), then `make clean-run`"], res.stderr
+    release_stage_folder(lock, stage_lock_path(runs / "t" / "ppo"))
+    res = make("clean-run", runs_dir=runs)
+    assert res.returncode == 0 and not (runs / "t").exists(), res.stderr
+
+
+def lock_since(lock) -> str:
+    lock.seek(0)
+    return lock.read().split("since ")[1]

@@ -782,7 +782,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('make-bench-reads-default-run', 'Makefile', '-m bench.rm_limit --from_run $(RUNDIR) $(ARGS)', '-m bench.rm_limit', 'tests/test_make.py -k run_benches'),
     ('base-short-books-unchecked', 'stages/base.py', '        if len(data) == 0:', '        if False:', 'tests/test_base.py -k books_make_base'),
     ('ppo-rank-sum-zero-grad-kept', 'stages/ppo/trainer.py', '            if ranks_with_grad == 0:', '            if ranks_with_grad < 0:', 'tests/test_ppo_wiring.py -k rank_sum_of_gradients'),
-    ('launch-stage-folder-unlocked', 'pipeline/launch.py', '        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)', '        pass', 'tests/test_make.py -k another_launch_is_writing'),
+    ('launch-stage-folder-unlocked', 'pipeline/launch.py', '        lock = open(path, "a+")\n        try:\n            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)', '        lock = open(path, "a+")\n        try:\n            pass', 'tests/test_make.py -k another_launch_is_writing'),
     ('make-eval-dpo-only-no-ppo', 'Makefile', 'eval: $(if $(filter-out dpo,$(EVAL_POLICIES)),,ppo)', 'eval: $(if $(EVAL_POLICIES),,ppo)', 'tests/test_make.py -k dpo_only'),
     ('ppo-adam-epsilon-dropped', 'stages/ppo/trainer.py', 'torch.optim.AdamW(groups, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)', 'torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)', 'tests/test_ppo.py -k own_learning_rate'),
     ('reply-texts-keep-special-tokens', 'pipeline/generation.py', 'tokenizer.decode(r[m.bool()], skip_special_tokens=True)', 'tokenizer.decode(r[m.bool()], skip_special_tokens=False)', 'tests/test_generation.py -k reply_texts'),
@@ -1816,6 +1816,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # A reward model the RL stage was given, in the report and the dataset card
     ('card-given-reward-model-credited-the-split', 'stages/publish.py', '    if given:\n        return (f"All of them are in `train`: {model} is one its RL stage was given', '    if False:\n        return (f"All of them are in `train`: {model} is one its RL stage was given', 'tests/test_publish.py -k credits_no_held_out'),
     ('eval-given-rm-measured-on-its-own-pairs', 'stages/eval_ppo.py', '"them)" if reward_adapter else "of its held-out pairs")', '"them)" if False else "of its held-out pairs")', 'tests/test_eval.py -k whose_held_out_pairs_a_given'),
+    # A stage stopped by a signal; a run cleaned under a running stage
+    ('launch-sigterm-traceback', 'pipeline/launch.py', '        if sig in (signal.SIGTERM, signal.SIGHUP):', '        if False:', 'tests/test_make.py -k stopped_by_a_signal'),
+    ('launch-sighup-traceback', 'pipeline/launch.py', '        if sig in (signal.SIGTERM, signal.SIGHUP):', '        if sig == signal.SIGTERM:', 'tests/test_make.py -k stopped_by_a_signal'),
+    ('make-clean-run-under-a-running-stage', 'Makefile', '\t@if [ -x $(PY) ]; then $(PY) -m pipeline.launch --refuse_if_running $(RUNDIR); fi\n', '', 'tests/test_make.py -k clean_run_refuses'),
+    ('launch-running-stage-lock-taken-as-free', 'pipeline/launch.py', '                running.append(f"{folder.name} (', '                pass  # (', 'tests/test_make.py -k clean_run_refuses'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
