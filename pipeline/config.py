@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -219,8 +218,9 @@ def parse(classes: tuple, argv: list[str] | None = None):
     known_dests = {a.dest for a in parser._actions}
     check_yaml_types(parser, classes, {k: v for k, v in yaml_values.items() if k not in cli_keys}, source_of)
     parser.set_defaults(**{k: v for k, v in yaml_values.items() if k in known_dests})
-    if "use_cpu" in known_dests and "use_cpu" not in yaml_values and \
-            os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes", "y", "on"):
+    from accelerate.utils import parse_flag_from_env
+
+    if "use_cpu" in known_dests and "use_cpu" not in yaml_values and parse_flag_from_env("ACCELERATE_USE_CPU"):
         # A CPU launch (accelerate's use_cpu) on a machine with a GPU: TrainingArguments hands the variable to
         # accelerate, whose state is then the CPU's, but puts the model on cuda:0 unless its own use_cpu says so.
         parser.set_defaults(use_cpu=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError
-from pipeline.run import (INTERRUPTED_EXIT, INTERRUPTED_LINE, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, code_changed,
+from pipeline.run import (HOW_TO_GO_ON, INTERRUPTED_EXIT, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, code_changed,
                           is_current, stage_folder)
 
 CONFIG_ERROR_EXIT = 2  # pipeline.run.main_guard's exit code for bad input
@@ -116,8 +116,7 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
         if sig == signal.SIGINT:
             return INTERRUPTED_EXIT  # Ctrl-C: torch's launcher stopped the ranks (rank 0 said so)
         if sig in (signal.SIGTERM, signal.SIGHUP):  # `kill`, `timeout`, a scheduler's time limit, a closed terminal
-            print(f"{stage or module}: stopped by {signal.Signals(sig).name}: {INTERRUPTED_LINE.split(': ', 1)[1]}",
-                  file=sys.stderr)
+            print(f"{stage or module}: stopped by {signal.Signals(sig).name}: {HOW_TO_GO_ON}", file=sys.stderr)
             return 128 + int(sig)
         codes = [f.exitcode for f in (getattr(err, "failures", None) or {}).values()]
         # Bad input (exit 2, pipeline.run.refuse) or a rank's own SIGINT (exit 130: `kill -INT`; Ctrl-C reaches this

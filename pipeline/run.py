@@ -597,8 +597,9 @@ LIBRARY_NOISE = [
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
 
 
-INTERRUPTED_LINE = ("interrupted: run the same command again to continue (the training stages resume from their "
-                    "last checkpoint, the sampling stages keep their finished batches)")
+HOW_TO_GO_ON = ("run the same command again to continue (the training stages resume from their last checkpoint, the "
+                "sampling stages keep their finished batches)")
+INTERRUPTED_LINE = f"interrupted: {HOW_TO_GO_ON}"
 
 
 def interrupted_while_starting(signum, frame) -> None:

@@ -1780,8 +1780,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('models-head-target-said-missing', 'pipeline/models.py', '    if heads:\n        raise ConfigError(f"LoRA target module(s) {heads}', '    if False:\n        raise ConfigError(f"LoRA target module(s) {heads}', 'tests/test_sft.py -k heads_are_neither'),
     ('bench-sft-template-text-as-path', 'bench/bench_sft.py', '        cfg["chat_template_path"] = str(template)', '        cfg["chat_template_path"] = profile.chat_template', 'tests/test_bench_sft.py -k template'),
     # A run of your own pairs: a later make label serves them, make label-export exports them
-    ('label-own-pairs-not-resumed', 'stages/label/__main__.py', '    if own:  # the run labels pairs of your own', '    if False:  # the run labels pairs of your own', 'tests/test_label_guards.py -k gets_the_logins'),
-    ('export-own-pairs-not-used', 'stages/label/export.py', '    if not args.pairs_dataset and own:', '    if False:', 'tests/test_label_export.py -k names_your_pairs_file'),
+    ('label-own-pairs-not-resumed', 'stages/label/__main__.py', '    default_to_own_pairs(args, stage.runs_dir, stage.run, "label")', '    pass', 'tests/test_label_guards.py -k gets_the_logins'),
+    ('export-own-pairs-not-used', 'stages/label/export.py', '    default_to_own_pairs(args, run.runs_dir, run.run, "label-export")', '    pass', 'tests/test_label_export.py -k names_your_pairs_file'),
     ('label-own-pairs-record-after-sampling', 'stages/label/config.py', '    if (stage_dir(runs_dir, run, "pairs") / "manifest.json").is_file() or not record.is_file():', '    if not record.is_file():', 'tests/test_label_guards.py -k only_your_own_pairs'),
     ('make-label-samples-pairs-in-own-pairs-run', 'Makefile', 'label: $(if $(or $(findstring --pairs_dataset,$(ARGS)),$(OWN_PAIRS_FILE)),,pairs)', 'label: $(if $(findstring --pairs_dataset,$(ARGS)),,pairs)', 'tests/test_make.py -k your_own_pairs_are_exported'),
     # A CSV whose rows do not match its header, files without rows
@@ -1807,7 +1807,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('label-repeat-names-the-last-not-the-first', 'stages/label/pairs.py', '        first.setdefault(key,', '        first.__setitem__(key,', 'tests/test_label_guards.py -k in_vain'),
     # A CPU launch on a machine with a GPU
     ('config-cpu-launch-model-on-cuda', 'pipeline/config.py', '        parser.set_defaults(use_cpu=True)\n', '        pass\n', 'tests/test_config.py -k cpu_launch'),
-    ('config-cpu-launch-overrides-the-flag', 'pipeline/config.py', '    if "use_cpu" in known_dests and "use_cpu" not in yaml_values and \\\n', '    if "use_cpu" in known_dests and \\\n', 'tests/test_config.py -k cpu_launch'),
+    ('config-cpu-launch-overrides-the-flag', 'pipeline/config.py', '    if "use_cpu" in known_dests and "use_cpu" not in yaml_values and parse_flag_from_env(', '    if "use_cpu" in known_dests and parse_flag_from_env(', 'tests/test_config.py -k cpu_launch'),
     # What the upload names and how its card says to load it
     ('publish-given-adapter-path-in-report', 'stages/publish.py', '    public = {given: Path(given).name for given in (report.get("reward_adapter"), report.get("sft_adapter")) if given}', '    public = {}', 'tests/test_publish.py -k rm_judges_path'),
     ('publish-dry-run-hint-drops-the-options', 'stages/publish.py', '"\\ndry run: nothing uploaded. To publish: the same command without --dry-run"', '"\\ndry run: nothing uploaded. To publish: make publish REPO=user/name"', 'tests/test_publish.py -k dry_run_writes'),

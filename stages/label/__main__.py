@@ -18,16 +18,14 @@ import os
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.run import StageRun, atomic_write_json, atomic_write_text, main_guard
 from stages.label.config import (OWN_PAIRS, LabelArgs, LoginGuard, check_exposure, check_port_free, db_path,
-                                 load_users, read_guidelines, recorded_own_pairs, word_filter)
+                                 default_to_own_pairs, load_users, read_guidelines, word_filter)
 from stages.label.pairs import read_pairs
 from stages.label.store import LabelStore, check_store_file, lock_store
 
 
 def load_pairs(args: LabelArgs, stage: StageRun) -> list[dict]:
-    own = None if args.pairs_dataset else recorded_own_pairs(stage.runs_dir, stage.run)
-    if own:  # the run labels pairs of your own: resumed, not the pairs stage's sampled
-        print(f"label: this run labels your own pairs: {own} (label/{OWN_PAIRS})", flush=True)
-        args.pairs_dataset = own
+    if not args.pairs_dataset:  # a run of your own pairs: those, not the pairs stage's sampled ones
+        default_to_own_pairs(args, stage.runs_dir, stage.run, "label")
     if args.pairs_dataset:
         return read_pairs(args.pairs_dataset, "--pairs_dataset")
     path = stage.need("pairs")["outputs"]["dataset"]

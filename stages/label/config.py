@@ -289,3 +289,12 @@ def recorded_own_pairs(runs_dir: str, run: str) -> str | None:
     if (stage_dir(runs_dir, run, "pairs") / "manifest.json").is_file() or not record.is_file():
         return None
     return record.read_text().strip() or None
+
+
+def default_to_own_pairs(args: LabelArgs, runs_dir: str, run: str, who: str) -> None:
+    """Without --pairs_dataset, a run of your own pairs (recorded_own_pairs) serves and exports that file, not the
+    pairs stage it does not have: `args.pairs_dataset` set to it, and `who` (the stage) says so."""
+    own = None if args.pairs_dataset else recorded_own_pairs(runs_dir, run)
+    if own:
+        print(f"{who}: this run labels your own pairs: {own} (label/{OWN_PAIRS})", flush=True)
+        args.pairs_dataset = own

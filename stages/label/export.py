@@ -26,7 +26,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunArgs, check_hub_repo_id, parse, to_dict
 from pipeline.judges import describe_judge
 from pipeline.run import StageRun, atomic_write_json, finished_line, main_guard, manifest_digest
-from stages.label.config import OWN_PAIRS, ExportArgs, LabelArgs, db_path, recorded_own_pairs
+from stages.label.config import ExportArgs, LabelArgs, db_path, default_to_own_pairs
 from stages.label.stats import category, summarize
 from stages.label.store import is_simulated
 from stages.label.fresh_export import last_command_line, last_rows_digest, rows_digest, write_store_record
@@ -277,10 +277,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     from stages.label.store import LabelStore, labels_digest
 
     stage = StageRun("label-export", run.run, run.runs_dir)
-    own = recorded_own_pairs(run.runs_dir, run.run)
-    if not args.pairs_dataset and own:  # the run labels pairs of your own (it has no pairs stage): as `make rm` exports
-        print(f"label-export: this run labels your own pairs: {own} (label/{OWN_PAIRS})")
-        args.pairs_dataset = own
+    default_to_own_pairs(args, run.runs_dir, run.run, "label-export")  # as `make rm`'s labels step exports them
     config = {"label": to_dict(args), "export": to_dict(export), "run": to_dict(run)}
     if export.push_to_hub:
         check_hub_repo_id(export.push_to_hub, "--push_to_hub")

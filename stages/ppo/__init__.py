@@ -383,10 +383,12 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
         rm = stage.need("rm")
         rm_dir, rm_metrics = Path(rm["outputs"]["adapter"]), rm.get("metrics", {})
         rewards, reward_member_stats = reward_members(rm)
-    reward_stats = rm_score_stats(rm_metrics) if cfg.normalize_reward and reward_fn is None else None
-    if cfg.normalize_reward and reward_fn is None and reward_stats is None and state.is_main_process:
-        print("note: normalize_reward is on but the rm manifest gives no reward_mean and reward_std (or a std of "
-              "0): raw scores are used", file=sys.stderr)
+    reward_stats = None
+    if cfg.normalize_reward and reward_fn is None:
+        reward_stats = rm_score_stats(rm_metrics)
+        if reward_stats is None and state.is_main_process:
+            print("note: normalize_reward is on but the rm manifest gives no reward_mean and reward_std (or a std of "
+                  "0): raw scores are used", file=sys.stderr)
 
     # 1. Tokenizer and prompts, checked before the run folder is touched (a fixed held-out share is written for
     #    make eval and never trained on)
