@@ -412,15 +412,18 @@ def stages_running(run_dir: Path) -> list[str]:
 
     running = []
     for folder in sorted(p for p in run_dir.iterdir() if p.is_dir()) if run_dir.is_dir() else []:
-        path = stage_lock_path(folder)
-        if not path.is_file():
-            continue
-        with open(path, "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                running.append(f"{folder.name} ({lock.read().strip() or 'a process'})")
+        # The stage's own lock, and the label store's (`make label` and `make simulate` hold `labels.sqlite.lock`
+        # for their life, outside any launch: the labeling app wrote its people's labels on into a deleted store).
+        for path in [stage_lock_path(folder), *sorted(folder.glob("*.lock"))]:
+            if not path.is_file():
+                continue
+            with open(path, "a+") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "a process"  # the store's lock holds its pid alone
+                    running.append(f"{folder.name} ({'pid ' if holder.isdigit() else ''}{holder})")
     return running
 
 

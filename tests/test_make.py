@@ -1699,3 +1699,22 @@ def test_clean_run_refuses_a_run_a_stage_is_running_in(tmp_path):
 def lock_since(lock) -> str:
     lock.seek(0)
     return lock.read().split("since ")[1]
+
+
+def test_clean_run_refuses_a_run_whose_label_store_is_served(tmp_path):
+    """`make label` runs outside any launch: it holds the store's lock (`labels.sqlite.lock`) alone, and `make
+    clean-run` deleted the store under it, the app writing its people's labels on into a deleted file. The held store
+    lock refuses it as a stage's lock does; a lock file left by a process gone does not."""
+    from stages.label.store import lock_store
+
+    runs = tmp_path / "runs"
+    (runs / "t" / "label").mkdir(parents=True)
+    lock = lock_store(runs / "t" / "label" / "labels.sqlite")
+    res = make("clean-run", runs_dir=runs)
+    err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode != 0 and (runs / "t" / "label").is_dir(), res.stderr
+    assert err == [f"error: {runs}/t is in use: label (pid {os.getpid()}) runs in it; stop it first (Ctrl-C), then "
+                   f"`make clean-run`"], res.stderr
+    lock.close()
+    res = make("clean-run", runs_dir=runs)
+    assert res.returncode == 0 and not (runs / "t").exists(), res.stderr

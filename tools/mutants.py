@@ -1821,6 +1821,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('launch-sighup-traceback', 'pipeline/launch.py', '        if sig in (signal.SIGTERM, signal.SIGHUP):', '        if sig == signal.SIGTERM:', 'tests/test_make.py -k stopped_by_a_signal'),
     ('make-clean-run-under-a-running-stage', 'Makefile', '\t@if [ -x $(PY) ]; then $(PY) -m pipeline.launch --refuse_if_running $(RUNDIR); fi\n', '', 'tests/test_make.py -k clean_run_refuses'),
     ('launch-running-stage-lock-taken-as-free', 'pipeline/launch.py', '                running.append(f"{folder.name} (', '                pass  # (', 'tests/test_make.py -k clean_run_refuses'),
+    # stop 66: own review
+    ('clean-run-ignores-the-label-store-lock', 'pipeline/launch.py', 'for path in [stage_lock_path(folder), *sorted(folder.glob("*.lock"))]:', 'for path in [stage_lock_path(folder)]:', 'tests/test_make.py -k clean_run_refuses'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
