@@ -247,8 +247,10 @@ class Sampled:
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of [B, V] probabilities by inverting the CDF at a uniform draw: an exact sample, and on
-    CPU ~20x cheaper than torch.multinomial (which spent ~10% of rollout time drawing exponentials)."""
+    """One token per row of [B, V] probabilities by inverting the CDF at a uniform draw: on CPU ~20x cheaper than
+    torch.multinomial (which spent ~10% of rollout time drawing exponentials). Exact up to the float32 running sum: a
+    token of probability below its rounding (~3e-8 of a large vocabulary's) can be skipped or over-drawn, while the
+    mass such tokens share is drawn right (a 128k vocabulary, 60,000 draws: 0.00052 of them for 0.00050)."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
