@@ -285,8 +285,8 @@ bench-story: setup
 	$(PY) -m bench.story_seeds
 # PPO, GRPO, RLOO, REINFORCE++ and DPO on one run's SFT policy and reward models, each made in turn, then one make eval
 # (SEEDS=, default 42: the default run; another seed s is RUN=seed-<s>, every stage seeded): each one's gold gain, gold
-# win rate over SFT, KL and wall time -> bench/results/estimators.json (seed 42 there: 47 minutes on 2 cores beside
-# other work, its make calls' wall times summed; DPO alone 20)
+# win rate over SFT, KL and wall time -> bench/results/estimators.json (seed 42 there: 23 minutes on 2 cores beside
+# other work, its make calls' wall times summed; DPO alone 10.5)
 SEEDS ?= 42
 bench-estimators: setup
 	$(PY) -m bench.estimators --seeds $(SEEDS) --runs_dir $(RUNS_DIR)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -106,6 +107,13 @@ def build_models(scale: str) -> Path:
         subprocess.run([sys.executable, str(PEER_DIR / "peer_common.py"), "build", "--dir", str(model_dir),
                         "--scale", scale], cwd=REPO_ROOT, env=env(), check=True, stdout=subprocess.DEVNULL)
     return model_dir
+
+
+def set_lr(lr: float) -> None:
+    """--lr: every scale's learning rate, the story scale's own 1e-3 too (which once won over the flag, silently)."""
+    COMMON["lr"] = lr
+    for scale in SCALES.values():
+        scale["lr"] = lr
 
 
 def side_args(s: dict, rnd: int) -> list[str]:
@@ -239,8 +247,7 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
         ratio = speed_memory_ratio(res["ours"], res["peer"])
         for key in ("episodes_per_s", "peak_rss_mb"):
             ratio.update(paired_ratios(ours, peer, key))
-        a, b = res["ours"]["reward_gain"], res["peer"]["reward_gain"]
-        ratio["reward_gain_diff"] = round(a - b, 4) if a is not None and b is not None else None
+        ratio.update(reward_gain_verdict(res["ours"], res["peer"]))
         ratio["meets_episodes_per_s_target"] = ratio["episodes_per_s"] is not None and ratio["episodes_per_s"] >= 1.5
         if scale == "story":
             ratio.update(gain_verdict(res["ours"], res["peer"]))
@@ -250,6 +257,18 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
     return res
 
 
+def reward_gain_verdict(ours: dict, peer: dict) -> dict:
+    """The target "reward gain >= the peer's", as bench-rl's gold gain (harness.gain_verdict): met unless ours lies
+    below the peer's by more than sqrt(se_ours^2 + se_peer^2), each side's median reward gain and median SE of its
+    runs' gains (a run's SE: of its reward-vs-update slope); no SE: no verdict (the difference was written alone)."""
+    a, b = ours.get("reward_gain"), peer.get("reward_gain")
+    sa, sb = ours.get("reward_gain_se"), peer.get("reward_gain_se")
+    if a is None or b is None:
+        return {"reward_gain_diff": None, "meets_reward_gain_target": None}
+    se = math.sqrt(sa ** 2 + sb ** 2) if sa is not None and sb is not None else None
+    return {"reward_gain_diff": round(a - b, 4), "meets_reward_gain_target": (a - b >= -se) if se is not None else None}
+
+
 def parse_bench_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scales", default="tiny,125m,story", help="Comma list of tiny, 125m, story, micro.")
@@ -257,7 +276,7 @@ def parse_bench_args(argv=None):
     p.add_argument("--updates", type=int, default=None, help="Updates per run at every scale (default: the scale's).")
     p.add_argument("--ours-only", action="store_true", help="Skip the peer (and its venv): harness smoke test.")
     p.add_argument("--peer_python", default=None, help="A python with trl==1.12.0 (default: bench/.venv-trl112, made once).")
-    p.add_argument("--lr", type=float, default=None, help=f"Learning rate for both sides (default {COMMON['lr']}).")
+    p.add_argument("--lr", type=float, default=None, help=f"Learning rate for both sides at every scale (default {COMMON['lr']}, the story's {SCALES['story']['lr']}).")
     p.add_argument("--output", default=str(BENCH / "results" / "ppo.json"))
     p.add_argument("--from_run", default=None, help="story: the SFT policy and reward model of a finished run "
                    "(e.g. runs/default after `make sft rm`) instead of training them again (as bench-rl's).")
@@ -271,7 +290,7 @@ def main(argv=None) -> dict:
     OUT = Path(a.work_dir).resolve()
     from_run = str(Path(a.from_run).resolve()) if a.from_run else None
     if a.lr is not None:
-        COMMON["lr"] = a.lr
+        set_lr(a.lr)
     t0 = time.perf_counter()
     scales = [x.strip() for x in a.scales.split(",") if x.strip()]
     for sc in scales:

@@ -113,6 +113,9 @@ def trl_config(stage_config: Path, overrides: list[str], data_dir: Path, out_dir
         trust_remote_code=profile.trust_remote_code, load_in_4bit=profile.load_in_4bit,
         use_peft=True, lora_r=sft_args.lora_r, lora_alpha=sft_args.lora_alpha, lora_dropout=sft_args.lora_dropout,
         lora_target_modules=list(profile.lora_target_modules), dataset_name=str(data_dir), output_dir=str(out_dir),
+        # Both sides launch with configs/accelerate/cpu.yaml, but transformers' Trainer reads its own use_cpu (our
+        # stage's parse sets it from the launch): without it, on a machine with a GPU TRL trained there, ours on CPU.
+        use_cpu=True,
     )
     if profile.chat_template:  # TRL reads a template file (or a tokenizer's), not the text a profile may hold
         from pipeline.models import template_text

@@ -34,6 +34,8 @@ def env() -> dict:
     e = dict(os.environ)
     for k, v in ENV_DEFAULTS.items():
         e.setdefault(k, v)
+    # The peers train on the CPU (use_cpu=True); ours, run without a launch, would take a GPU it sees: both on the CPU.
+    e["ACCELERATE_USE_CPU"] = "1"
     return e
 
 
@@ -83,7 +85,7 @@ def meta(targets: dict, t0: float, **extra) -> dict:
     return {"targets": targets, "wall_s": round(time.perf_counter() - t0, 1),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "load_1m_5m_15m_end": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(),
-            "machine": platform.platform(), "env": {k: env()[k] for k in ENV_DEFAULTS},
+            "machine": platform.platform(), "env": {k: env()[k] for k in (*ENV_DEFAULTS, "ACCELERATE_USE_CPU")},
             "versions_ours": package_versions(), "git_commit": git_commit(), "measurement": MEASUREMENT, **extra}
 
 

@@ -566,3 +566,44 @@ def test_gold_scores_hands_every_policy_to_the_gold_process_by_name(monkeypatch,
     assert got["sft"]["model"] == sft and got["sft"]["reference"] is None
     assert got["ours-r1"]["model"] == [str(tiny), str(tmp_path / "ours")] and got["ours-r1"]["reference"] == sft
     assert got["base"]["model"] == [str(tiny), None] and got["base"]["adapter"] is None
+
+
+def test_the_harness_runs_every_side_on_the_cpu(monkeypatch):
+    """The peers train with use_cpu=True; ours, run without a launch, took a GPU it saw (pipeline/sharding.py), and
+    bench-ppo compared GPU episodes/s with CPU ones. The children's environment says CPU whatever the caller's does,
+    and the results' meta records it."""
+    from bench import harness
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "0")
+    assert harness.env()["ACCELERATE_USE_CPU"] == "1"
+    assert harness.meta({}, 0.0)["env"]["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_the_peers_count_generated_tokens_through_each_rows_first_eos():
+    """GenCounter counted every generated position, a batch's padding after a row's EOS too, while ours counts the
+    response mask (through the first EOS): bench-rl's gen tokens/s ratio read 1.61 against 1.98 in episodes/s."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.config import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "bench" / "peer"))
+    import peer_common as pc
+
+    prompt = torch.tensor([[5, 6], [5, 7], [5, 8]])
+    new = torch.tensor([[9, 2, 0, 0], [9, 9, 9, 9], [2, 0, 0, 0]])  # EOS 2 at 1; none; at 0
+
+    class Model:
+        generation_config = SimpleNamespace(eos_token_id=2)
+
+        def generate(self, input_ids, **kwargs):
+            return torch.cat([input_ids, new], 1)
+
+    counter = pc.GenCounter()
+    model = counter.wrap(Model())
+    model.generate(input_ids=prompt)
+    assert (counter.tokens, counter.rows, counter.calls) == (2 + 4 + 1, 3, 1)
+    model.generate(input_ids=prompt, generation_config=SimpleNamespace(eos_token_id=[9, 2]))  # the config's ids win
+    assert counter.tokens == 7 + 1 + 1 + 1

@@ -189,3 +189,15 @@ def test_trls_side_gets_the_profiles_template_given_as_text_or_as_a_file(as_file
     cfg, _ = trl_config(REPO / "configs/sft.yaml", ["--model_config", str(profile)], tmp_path / "work/data",
                         tmp_path / "work/trl_out")
     assert open(cfg["chat_template_path"]).read() == text
+
+
+def test_trl_side_trains_on_the_cpu_as_ours(tiny_models, tmp_path):
+    """Both sides launch with configs/accelerate/cpu.yaml, but transformers' Trainer takes a GPU it sees unless its own
+    use_cpu is set (ours gets it from the launch): on a GPU machine TRL trained there, ours on the CPU."""
+    from bench.bench_sft import ACCELERATE_CONFIG, trl_config
+    from pipeline.config import read_yaml
+    from tests.conftest import REPO
+
+    cfg, _ = trl_config(REPO / "configs/sft.yaml", ["--model_config", str(tiny_models["llama"])], tmp_path / "work/data",
+                        tmp_path / "work/trl_out")
+    assert cfg["use_cpu"] is True and read_yaml(REPO / ACCELERATE_CONFIG)["use_cpu"] is True

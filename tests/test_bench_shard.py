@@ -60,14 +60,16 @@ def test_main_alternates_the_sides_and_summarises_each_ranks_median_by_hand(monk
 
 
 def test_run_side_compares_every_logged_figure_but_the_timings(monkeypatch, tmp_path):
-    """A run's logged rows keep every figure but the ones that measure time (keys with time, _s or per_s): those differ
-    between any two runs, and same_metrics would always be False."""
+    """A run's logged rows keep every figure but the ones that measure time (the trainer's TIMING_KEYS): those differ
+    between any two runs, and same_metrics would always be False. reward_std, made across ranks, is compared (a key
+    holding "_s" was dropped)."""
     import json
     import subprocess
 
     from bench import bench_shard
 
-    rows = [{"update": 1, "reward": 0.5, "kl": 0.01, "update_time": 3.0, "gen_s": 1.2, "episodes_per_s": 0.3}]
+    rows = [{"update": 1, "reward": 0.5, "reward_std": 0.2, "kl": 0.01, "time_update_s": 3.0, "time_generate_s": 1.2,
+             "episodes_per_s": 0.3}]
     metrics = {"world_size": 2, "base_sharded": True, "peak_memory_mb_per_rank": [1.0, 2.0],
                "base_numel_per_rank": [5, 5], "base_stored_numel_per_rank": [5, 5], "episodes_per_s": 0.3}
     seen = []
@@ -82,7 +84,7 @@ def test_run_side_compares_every_logged_figure_but_the_timings(monkeypatch, tmp_
 
     monkeypatch.setattr(bench_shard.subprocess, "run", fake_run)
     got = bench_shard.run_side("fsdp", tmp_path, "fsdp-r0", 2)
-    assert got["logged"] == [{"update": 1, "reward": 0.5, "kl": 0.01}]
+    assert got["logged"] == [{"update": 1, "reward": 0.5, "reward_std": 0.2, "kl": 0.01}]
     assert got["peak_memory_mb_per_rank"] == [1.0, 2.0] and got["base_sharded"] is True
     cmd = seen[0]
     assert cmd[cmd.index("--config_file") + 1] == "configs/accelerate/fsdp_cpu2.yaml"

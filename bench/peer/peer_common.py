@@ -1,6 +1,7 @@
 # Copied from the shared peer scripts (bench/ of the peer-baselines workspace, see PEERS.md there) for make bench-ppo;
 # changes: ARCHS + build(scale=...) / --scale for the 125m and micro scales; pool_reward_model and reply_only_reward
-# (the story scale's reward model sums its head over the reply, as our reward adapter was trained to).
+# (the story scale's reward model sums its head over the reply, as our reward adapter was trained to); GenCounter
+# counts a row's tokens through its first EOS, as ours does.
 """Shared, offline set-up for the peer RL benchmarks (peer_ppo_trl112.py, peer_rloo_trl116.py).
 
 Builds, with no network access:
@@ -199,7 +200,9 @@ def reply_only_reward(get_reward):
 
 
 class GenCounter:
-    """Wraps `model.generate` on one instance to count generated positions and time spent generating."""
+    """Wraps `model.generate` on one instance to count generated tokens and time spent generating. A row's tokens run
+    through its first EOS, as ours count them (the response mask): a batch's padding after a row's EOS is not counted
+    (counted, the peers' gen tokens/s read up to 25% above ours against the same episodes/s)."""
 
     def __init__(self):
         self.calls = 0
@@ -218,11 +221,31 @@ class GenCounter:
             seqs = out.sequences if hasattr(out, "sequences") else out
             self.calls += 1
             self.rows += int(seqs.shape[0])
-            self.tokens += int(seqs.shape[0]) * int(seqs.shape[1] - inp.shape[1])
+            self.tokens += reply_tokens(seqs[:, inp.shape[1]:], eos_ids(kwargs.get("generation_config"), model))
             return out
 
         model.generate = generate
         return model
+
+
+def eos_ids(generation_config, model) -> list[int]:
+    """The stop ids generate used: the config it was given, else the model's (generate falls back to them too)."""
+    for config in (generation_config, getattr(model, "generation_config", None)):
+        eos = getattr(config, "eos_token_id", None)
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+def reply_tokens(new_ids, eos: list[int]) -> int:
+    """Tokens of a [B, T] block of generated ids, each row through its first EOS (all T when it has none)."""
+    import torch
+
+    total = 0
+    for row in new_ids:
+        hits = torch.isin(row, torch.tensor(eos, dtype=row.dtype)).nonzero() if eos else []
+        total += int(hits[0]) + 1 if len(hits) else int(row.shape[0])
+    return total
 
 
 def count_copies(named_modules: list[tuple[str, object]]) -> tuple[int, list[str], int]:
