@@ -454,6 +454,8 @@ def test_two_processes_stay_in_sync_and_outputs_load(tiny_models, adapters, prom
     assert [r["episodes_per_s"] * r["time_update_s"] for r in rows] == pytest.approx([16, 16, 16], rel=1e-9)
     assert m["episodes_per_s"] * m["train_wall_s"] == pytest.approx(48, rel=1e-9)
     assert len(m["rank_param_digests"]) == 2 and m["ranks_in_sync"], m["rank_param_digests"]
+    checkpoints = sorted((Path(runs_dir) / "ddp/ppo/checkpoints").glob("checkpoint-*/checkpoint.json"))
+    assert checkpoints and all(json.loads(c.read_text())["upstream"]["settings"]["world_size"] == 2 for c in checkpoints)
     for key in ("reward_first", "reward_last", "reward_gain", "kl_last", "updates", "episodes_per_s"):
         assert key in m
     assert set(manifest["outputs"]) >= {"adapter", "value_adapter", "metrics_jsonl", "heldout_prompts"}
@@ -1105,6 +1107,22 @@ def test_a_longer_run_starts_over_under_every_schedule_that_spans_total_updates(
             "was trained with other settings (total_updates: 3 -> 6)", schedule
     for schedule in ("constant", "constant_with_warmup", "inverse_sqrt"):
         assert resume_mismatch(record(schedule, 3), record(schedule, 6)) is None, schedule
+
+
+def test_a_checkpoint_continues_only_under_its_number_of_processes():
+    """Each process samples its own episodes: a run killed under one process and rerun under two resumed (a warning
+    only), its first updates of 4 episodes and the rest of 8, its manifest saying two processes throughout. Another
+    number of processes is a changed setting; a checkpoint that does not record it is taken as this run's."""
+    from pipeline.config import to_dict
+    from stages.ppo import PPOConfig, resume_mismatch, trained_from
+
+    config = {"ppo": to_dict(PPOConfig()), "run": {}}
+    record = lambda world: trained_from({"sft": "s" * 16, "rm": "r" * 16}, config, [], world)  # noqa: E731
+    assert resume_mismatch(record(1), record(2)) == "was trained with other settings (world_size: 1 -> 2)"
+    assert resume_mismatch(record(2), record(2)) is None
+    older = record(1)
+    del older["settings"]["world_size"]
+    assert resume_mismatch(older, record(2)) is None
 
 
 def test_a_log_line_cut_by_a_kill_does_not_stop_the_resume(tiny_models, adapters, prompts_file, runs_dir):

@@ -228,10 +228,12 @@ RESUME_SAFE = ("total_updates", "stop_after", "resume", "auto_resume", "save_eve
                "report_to")
 
 
-def trained_from(upstream: dict, config: dict, prompts: list) -> dict:
+def trained_from(upstream: dict, config: dict, prompts: list, world_size: int = 1) -> dict:
     """What a checkpoint records and a resume must match: the sft/rm adapters' digests, the settings that shape
-    training (config["ppo"] less RESUME_SAFE, and the model profile) and the training prompts' digest."""
+    training (config["ppo"] less RESUME_SAFE, the model profile, and the number of processes: each samples its own
+    episodes, so a rerun under another launch changed the batch mid-run) and the training prompts' digest."""
     settings = {k: v for k, v in config["ppo"].items() if k not in RESUME_SAFE}
+    settings["world_size"] = world_size
     if config["ppo"]["lr_scheduler_type"] in SCHEDULERS_OVER_TOTAL:
         settings["total_updates"] = config["ppo"]["total_updates"]
     settings["model_config"] = config["run"].get("model_config")
@@ -269,7 +271,8 @@ def resume_mismatch(before: dict | None, now: dict) -> str | None:
     if old is None:
         return "does not record the settings it was trained with"
     # Checkpoints written before the launch's mixed precision was recorded ran without autocast: PPO ignored it then.
-    old, new = ({"mixed_precision": "no", **settings} for settings in (old, new))
+    # Those written before the number of processes was recorded say nothing of it: taken as this run's.
+    old, new = ({"mixed_precision": "no", "world_size": new.get("world_size"), **settings} for settings in (old, new))
     flat = lambda settings: {**{k: v for k, v in settings.items() if k != "model_profile"},  # noqa: E731
                              **{f"model_profile.{k}": v for k, v in (settings.get("model_profile") or {}).items()}}
     old, new = flat(old), flat(new)  # a profile's changes name its fields, not the whole record
@@ -411,7 +414,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     upstream = {"sft": adapter_digest(sft_dir), "rm": adapter_digest(rm_dir)}
     if len(rewards) > 1:  # resume only onto the very same ensemble
         upstream["rm_members"] = [adapter_digest(Path(d)) for d in rewards.values()]
-    upstream = trained_from(upstream, config, prompts)
+    upstream = trained_from(upstream, config, prompts, state.num_processes)
     decision = None
     if state.is_main_process:
         try:
