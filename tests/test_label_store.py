@@ -827,12 +827,14 @@ def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the
 
 
 @pytest.mark.parametrize("login", ["ann  lee", "\u202eecila", "<b>eve</b>", "tab\there", "x" * 65,
-                                   "\u0430lice", "b\u03bfb", "\uff41lice", "\ufb01na", "Zoe\u0308"])
+                                   "\u0430lice", "b\u03bfb", "\uff41lice", "\ufb01na", "Zoe\u0308",
+                                   "alice\u115f", "alice\u1160", "\u3164bob", "\uffa0ann"])
 def test_a_login_name_that_could_look_like_another_is_refused(login):
     """A login is the identity: `ann  lee` showed as `ann lee` (another login), a direction override reversed the
     progress line around it, and `аlice` with a Cyrillic `а` (or `bοb` with a Greek `ο`, a full-width `ａ`, the ligature
-    `ﬁ`, an `e` and a combining diaeresis for `ë`) looked like `alice`. Logins follow the typed names' rule; one error
-    line, naming the source, not the password."""
+    `ﬁ`, an `e` and a combining diaeresis for `ë`) looked like `alice`, as did `alice` and a Hangul filler (a letter,
+    Hangul mixes with Latin, and a browser draws it as a blank). Logins follow the typed names' rule; one error line,
+    naming the source, not the password."""
     from stages.label.app import clean_name
 
     with pytest.raises(ConfigError) as err:
@@ -1429,3 +1431,36 @@ def test_the_stages_reads_of_the_store_leave_it_as_they_found_it(tmp_path, monke
     monkeypatch.setattr(os, "access", lambda path, mode: not (mode & os.W_OK and str(path) == str(db.parent))
                         and real_access(path, mode))  # a folder the stage cannot write: read-only
     assert count_labels(db) == 2 and store_digest(db) == expected_digest
+
+
+@pytest.mark.parametrize("denied", ["labels.sqlite", "labels.sqlite-shm", "labels.sqlite-wal"])
+def test_a_store_or_its_wal_files_this_process_cannot_write_are_refused_before_sqlite_opens_them(denied, tmp_path,
+                                                                                                  monkeypatch):
+    """A read-only store (a backup restored with its mode) was opened first: SQLite made its -wal and -shm files,
+    read-only as the store, and once the store was made writable as the error said, the -shm alone failed every write
+    with a traceback naming no file. Now the file is named, with the fix, before any connection (nothing is written);
+    readers (count_labels) need only to read it. Unreadable: the fix names reading too (chmod u+w left it unreadable)."""
+    from stages.label.store import count_labels
+
+    db = tmp_path / "label" / "labels.sqlite"
+    store = LabelStore(db)
+    store.import_items(pairs(2))
+    store.save_label("alice", "p000", "left", 0)
+    for name in ("labels.sqlite-wal", "labels.sqlite-shm"):  # as a crash leaves them
+        (db.parent / name).write_bytes(b"")
+    listing = {p.name: p.read_bytes() for p in db.parent.iterdir()}
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (mode & os.W_OK and os.path.basename(path) == denied)
+                        and real_access(path, mode))  # as a chmod 444 file to a non-root user
+    with pytest.raises(ConfigError) as err:
+        LabelStore(db)
+    assert str(err.value) == (f"no access to {db.parent / denied}: make it readable and writable (chmod u+rw "
+                              f"{db.parent / denied}), and run the same command again")
+    assert {p.name: p.read_bytes() for p in db.parent.iterdir()} == listing
+    assert count_labels(db) == 1  # its last connection removed the -wal and -shm: as a crash leaves them again
+    for name in ("labels.sqlite-wal", "labels.sqlite-shm"):
+        (db.parent / name).write_bytes(b"")
+    monkeypatch.setattr(os, "access", lambda path, mode: not (mode & os.R_OK and os.path.basename(path) == denied)
+                        and real_access(path, mode))  # chmod 000
+    with pytest.raises(ConfigError, match=rf"no access to .*{denied}: make it readable \(chmod u\+r "):
+        count_labels(db)

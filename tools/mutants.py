@@ -951,7 +951,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('card-every-training-argument', 'stages/publish_card.py', 'if (section != "train" or k in TRAIN_KEYS)', 'if (True)', 'tests/test_publish.py -k card_hyperparameters'),
     ('card-runs-folder-credited-as-data', 'stages/publish_card.py', 'if isinstance(item, str) and "data/" in item and not item.startswith("runs/"):', 'if isinstance(item, str) and "data/" in item:', 'tests/test_publish.py -k card_credits_your_own'),
     ('label-env-password-space-cut', 'stages/label/config.py', '_user(entry.lstrip(), f"entry {k}', '_user(entry.strip(), f"entry {k}', 'tests/test_label_store.py -k users'),
-    ('label-ignorable-2065-hidden', 'stages/label/app.py', '(0x180B, 0x180F), (0x2065, 0x2065),', '(0x180B, 0x180F),', 'tests/test_label_store.py -k draws_as_nothing'),
+    ('label-ignorable-2065-hidden', 'stages/label/config.py', '(0x180B, 0x180F), (0x2065, 0x2065),', '(0x180B, 0x180F),', 'tests/test_label_store.py -k draws_as_nothing'),
     ('label-any-refused-port-needs-root', 'stages/label/config.py', '"ports below 1024 need root; pick" if port < 1024 else', '"ports below 1024 need root; pick" if True else', 'tests/test_label_guards.py -k may_not_open'),
     ('label-pairs-folder-error-without-its-flag', 'stages/label/pairs.py', 'enumerate(load_any(str(path), flag=name, split_flag=None))]\n        except ConfigError as err:\n            raise ConfigError(f"{name}: {err}") from None', 'enumerate(load_any(str(path), flag=name, split_flag=None))]\n        except ConfigError as err:\n            raise', 'tests/test_label_guards.py -k bad_row_of_a_dataset_folder'),
     ('ppo-folder-said-after-the-settings', 'stages/ppo/config.py', '        check_launched_folder(self.stage_name, self.stage_folder_setting)\n', '', "tests/test_make.py tests/test_trust_errors.py -k 'estimator_that_writes or another_estimators_folder'"),
@@ -1837,6 +1837,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-resume-ignores-world-size', 'stages/ppo/__init__.py', '    settings["world_size"] = world_size\n', '', 'tests/test_ppo.py -k number_of_processes'),
     ('ppo-resume-world-size-not-passed', 'stages/ppo/__init__.py', 'upstream = trained_from(upstream, config, prompts, state.num_processes)', 'upstream = trained_from(upstream, config, prompts)', 'tests/test_ppo.py -k two_processes_stay_in_sync'),
     ('ppo-resume-old-checkpoint-world-refused', 'stages/ppo/__init__.py', '{"mixed_precision": "no", "world_size": new.get("world_size"), **settings}', '{"mixed_precision": "no", **settings}', 'tests/test_ppo.py -k number_of_processes'),
+    # stop 66: the labeling trust review
+    ('label-store-wal-files-unchecked', 'stages/label/store.py', 'for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):', 'for file in (path,):', 'tests/test_label_store.py -k cannot_write_are_refused'),
+    ('label-store-write-access-unchecked', 'stages/label/store.py', '        check_store_file(self.path, writing=True)', '        check_store_file(self.path)', 'tests/test_label_store.py -k cannot_write_are_refused'),
+    ('label-store-unreadable-fix-says-write', 'stages/label/store.py', 'need, how = (os.R_OK | os.W_OK, "readable and writable") if writing else (os.R_OK, "readable")', 'need, how = (os.R_OK | os.W_OK, "readable and writable") if writing else (os.W_OK, "writable")', 'tests/test_label_store.py -k cannot_write_are_refused'),
+    # stop 66: the labeling trust review (names)
+    ('label-name-hangul-filler-allowed', 'stages/label/config.py', '    if any(lo <= ord(c) <= hi for c in name for lo, hi in IGNORABLE_RANGES):  # a Hangul filler: `alice` + a blank\n        return None\n', '', 'tests/test_label_store.py -k look_like_another'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

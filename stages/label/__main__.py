@@ -51,7 +51,7 @@ def main(args: LabelArgs, run: RunArgs, block: bool = True):
     stage = StageRun("label", run.run, run.runs_dir)
     pairs = load_pairs(args, stage)
     db = db_path(run.runs_dir, run.run)
-    check_store_file(db)
+    check_store_file(db, writing=True)
     check_port_free(args.host, args.port)
 
     lock = lock_store(db)  # held until this process ends: a second app on this run stops here, having written nothing

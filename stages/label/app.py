@@ -19,7 +19,7 @@ import unicodedata
 
 import gradio as gr
 
-from stages.label.config import clean_name
+from stages.label.config import IGNORABLE_RANGES, clean_name
 from stages.label.stats import stats_view, to_html
 from stages.label.store import LabelStore, NoteTooLong
 
@@ -81,14 +81,6 @@ def _picture(c: int) -> str:
         return "\u2421"
     return f"\\u{c:04x}" if c <= 0xFFFF else f"\\U{c:08x}"
 
-
-# Unicode's default-ignorable code points (DerivedCoreProperties.txt) that are neither Cc nor Cf: marks and letters a
-# browser draws as nothing (variation selectors, the combining grapheme joiner, Mongolian free variation selectors,
-# Khmer inherent vowels) or as a blank (the Hangul fillers). A run of variation selectors after one letter carries any
-# bytes unseen ("emoji smuggling"): the annotator would not see what the reward model reads.
-IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x2065, 0x2065),
-                    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
-                    (0xE0000, 0xE0FFF))
 
 # Characters a browser drops, hides or obeys unseen: Unicode's controls (Cc: NUL, ESC, DEL, the C1 controls), format
 # characters (Cf: zero-width spaces and joiners, the byte-order mark, tag characters, and the direction controls that

@@ -175,6 +175,14 @@ NAME_RE = re.compile(r"^[\w .@'-]{1,64}$")
 SCRIPT_MIXES = ({"CJK", "HIRAGANA", "KATAKANA", "LATIN"}, {"HANGUL", "CJK", "LATIN"}, {"BOPOMOFO", "CJK", "LATIN"})
 
 
+# Unicode's default-ignorable code points (DerivedCoreProperties.txt) that are neither Cc nor Cf: marks and letters a
+# browser draws as nothing (variation selectors, the combining grapheme joiner, Mongolian free variation selectors,
+# Khmer inherent vowels) or as a blank (the Hangul fillers). A run of variation selectors after one letter carries any
+# bytes unseen ("emoji smuggling"): the annotator would not see what the reward model reads.
+IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x2065, 0x2065),
+                    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+                    (0xE0000, 0xE0FFF))
+
 def name_scripts(name: str) -> set[str]:
     """The scripts of a name's letters, by their Unicode names' first word (LATIN, CYRILLIC, GREEK, CJK, ...)."""
     return {unicodedata.name(c, "?").split()[0] for c in name if c.isalpha()}
@@ -182,10 +190,13 @@ def name_scripts(name: str) -> set[str]:
 
 def clean_name(name: str | None) -> str | None:
     """The name with its spaces made single, or None if it breaks the rule: NAME_RE's characters, in Unicode's
-    normal form (NFKC: no full-width `ａ` or ligature `ﬁ` standing in for `a` or `fi`), letters of one script or of a
-    mix in SCRIPT_MIXES."""
+    normal form (NFKC: no full-width `ａ` or ligature `ﬁ` standing in for `a` or `fi`), none drawn as nothing or a
+    blank (IGNORABLE_RANGES: NAME_RE's letters include the Hangul fillers), letters of one script or of a mix in
+    SCRIPT_MIXES."""
     name = " ".join((name or "").split())
     if not name or not NAME_RE.match(name) or unicodedata.normalize("NFKC", name) != name:
+        return None
+    if any(lo <= ord(c) <= hi for c in name for lo, hi in IGNORABLE_RANGES):  # a Hangul filler: `alice` + a blank
         return None
     scripts = name_scripts(name)
     return name if len(scripts) <= 1 or any(scripts <= mix for mix in SCRIPT_MIXES) else None

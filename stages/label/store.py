@@ -175,16 +175,24 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def check_store_file(path: Path) -> None:
-    """Refuse, before anything writes to it, a file at `path` that is not an SQLite database.
+def check_store_file(path: Path, writing: bool = False) -> None:
+    """Refuse, before anything writes to it, a file at `path` that is not an SQLite database, or that this process
+    cannot read (or, `writing`, write): it, or the -wal and -shm files beside it.
 
     SQLite would take a 0-byte file as a new empty store (and start writing into it): a label store is never empty on
     disk once created, so 0 bytes means a truncated copy or a failed restore, and people's labels may be elsewhere.
+    A read-only store was opened first: SQLite made its -wal and -shm files, read-only as the store, and once the store
+    was made writable the -shm alone failed every write (a traceback, the file named nowhere).
     """
     if not path.exists():
         return
     if not path.is_file():
         raise ConfigError(f"label store {path} is not a file: move it away")
+    need, how = (os.R_OK | os.W_OK, "readable and writable") if writing else (os.R_OK, "readable")
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and not os.access(file, need):
+            raise ConfigError(f"no access to {file}: make it {how} (chmod u+{'rw' if writing else 'r'} {file}), and "
+                              f"run the same command again")
     with open(path, "rb") as f:
         header = f.read(len(SQLITE_HEADER))
     if not header:
@@ -339,7 +347,7 @@ class LabelStore:
         self.path = Path(path)
         self.overlap, self.lease_s, self.seed, self.clock = overlap, lease_s, seed, clock
         self.max_note_chars = max_note_chars
-        check_store_file(self.path)
+        check_store_file(self.path, writing=True)
         existed = self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
