@@ -61,9 +61,9 @@ def gpus_here() -> int:
 
 
 def processes_for_all_gpus(config_file: str | Path, count_gpus: Callable[[], int] = gpus_here) -> list[str]:
-    """The shipped configs for all GPUs of one machine (`gpu_ids: all`: multi_gpu.yaml, fsdp.yaml) start one process
-    per GPU of this machine, whatever their num_processes says (8: accelerate would start that many, and the ranks
-    beyond the GPUs would fail). A config of your own keeps its num_processes. The extra launch arguments; none when
+    """The shipped configs for all GPUs of a machine (`gpu_ids: all`: multi_gpu.yaml, fsdp.yaml) start one process
+    per GPU of this machine (on each of `num_machines`), whatever their num_processes says (8: accelerate would start
+    that many, and the ranks beyond the GPUs would fail). A config of your own keeps its num_processes. The extra launch arguments; none when
     they agree. With no GPU, one clear line (accelerate would start its 8 processes on the CPU: 8 times the batch)."""
     import yaml
 
@@ -76,22 +76,28 @@ def processes_for_all_gpus(config_file: str | Path, count_gpus: Callable[[], int
         config = None
     if not isinstance(config, dict):  # accelerate_config_problem says what is wrong with it, in one line
         return []
-    if str(config.get("gpu_ids")) != "all" or config.get("num_machines", 1) != 1:
+    if str(config.get("gpu_ids")) != "all":
         return []
     gpus = count_gpus()
     if gpus < 1:
         raise ConfigError(f"ACCELERATE_CONFIG={config_file} starts one process per GPU, and torch sees no GPU here (a "
                           f"CPU-only torch, or CUDA_VISIBLE_DEVICES empty): on the CPU give configs/accelerate/cpu.yaml "
                           f"(one process), cpu2.yaml (two) or fsdp_cpu2.yaml (two, the base sharded)")
-    return [] if config.get("num_processes") == gpus else ["--num_processes", str(gpus)]
+    # accelerate's num_processes counts every machine's processes and starts num_processes / num_machines on each: a
+    # file edited for two machines of 8 GPUs kept 8 and used 4 of each machine's GPUs. Machines alike, as torchrun's.
+    total = gpus * int(config.get("num_machines", 1) or 1)
+    return [] if config.get("num_processes") == total else ["--num_processes", str(total)]
 
 
 def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage: str = "") -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.utils import parse_flag_from_env
 
     os.environ[LAUNCH_ENV] = json.dumps(accelerate_args)  # the stage records it (pipeline.run.launch_args)
     os.environ[STAGE_ENV] = stage  # the folder it writes must be this one (pipeline.run.check_launched_folder)
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # its processes end with this one (pipeline.run.end_with_launcher)
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):  # CPU ranks (cpu2.yaml, fsdp_cpu2.yaml) on a machine with a GPU:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # transformers' sharded load put each CPU rank's shard on cuda:RANK
     # torch's launcher logs a line when it stops the other ranks (SIGTERM) and one for the rank that exited: beside bad
     # input's one `error:` line they are noise, and for a crash the ChildFailedError below says the same and more.
     logging.getLogger(ELASTIC_LOGGER).setLevel(logging.CRITICAL)

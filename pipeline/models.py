@@ -137,7 +137,8 @@ def launch_autocast(device: torch.device, what: str, training: bool = False):
         return nullcontext()
     if mixed == "fp16" and training:
         raise ConfigError(f"{what} cannot train under fp16 mixed precision (it has no loss scaler): set "
-                          f"`mixed_precision: bf16` or `no` in the accelerate config")
+                          f"`mixed_precision: bf16` or `no` in the accelerate config, or give `--mixed_precision bf16` "
+                          f"(or no) to `accelerate launch` if you gave it fp16 there")
     if mixed not in MIXED_PRECISION_DTYPE:
         raise ConfigError(f"mixed_precision '{mixed}' in the accelerate config: {what} runs 'bf16', 'fp16' or 'no'")
     return torch.autocast(device.type, dtype=getattr(torch, MIXED_PRECISION_DTYPE[mixed]))

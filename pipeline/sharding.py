@@ -20,6 +20,7 @@ keeps generation in lockstep.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -268,3 +269,37 @@ def process_state():
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available(),
                         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def require_shared_runs_dir(runs_dir: str, stage: str) -> None:
+    """Several machines: RUNS_DIR must be one folder for all of them (NFS or the like). Only the main process writes a
+    stage's folder, its checkpoints and its best model, and each rank decides from its own disk whether to resume: on
+    a node of its own copy, pairs and eval crashed on a folder never made there, the reward model's ranks scored two
+    different models, and a resumed SFT hung with rank 0 resuming while the other node started over. PPO alone runs
+    without one (each node keeps its RNG files; rank 0 sends the rest), and does not call this. On one machine nothing
+    is checked: every rank sees one disk. A collective: every rank must call it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= int(os.environ.get("LOCAL_WORLD_SIZE", str(world))):
+        return
+    import secrets
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = Path(runs_dir).resolve() / f".shared-check-{token[0]}"
+    if rank == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    dist.barrier()
+    seen = [None] * world
+    dist.all_gather_object(seen, (probe.exists(), os.environ.get("GROUP_RANK", "?")))
+    dist.barrier()  # every rank has looked before the probe goes
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    blind = sorted({node for found, node in seen if not found})
+    if blind:
+        raise ConfigError(f"RUNS_DIR {runs_dir} is not one folder for every machine: what node 0 writes there, node(s) "
+                          f"{', '.join(blind)} do not see. `{stage}` on several machines needs it on a filesystem they "
+                          f"share (NFS or the like; --runs_dir); only PPO runs without one")

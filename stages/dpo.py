@@ -35,7 +35,7 @@ from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, 
                              load_tokenizer, lora_config, profile_from, resolve_base, save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
-from pipeline.sharding import is_sharded, sharding_report, take_over_from_accelerate
+from pipeline.sharding import is_sharded, require_shared_runs_dir, sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
 from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
@@ -193,6 +193,7 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     state = PartialState()
     stage = StageRun("dpo", run.run, run.runs_dir)
+    require_shared_runs_dir(run.runs_dir, "dpo")  # several machines: one RUNS_DIR for all, or one line
     if args.dataset_name:  # your pairs replace the mixture (its own, or rm_config's): its files are not inputs
         stage.not_inputs(preference_args(args).dataset_mixture, args.dataset_name)
     train_cfg.output_dir = str(stage.dir / "trainer")

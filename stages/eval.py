@@ -39,7 +39,8 @@ from pipeline.models import (base_config, check_context, launch_autocast, load_b
                              to_device)
 from pipeline.report import finish_distributed, print_table
 from pipeline.run import StageRun, atomic_write_json, main_guard
-from pipeline.sharding import is_sharded, process_state, reshard, sharding_report, spread, take_over_from_accelerate
+from pipeline.sharding import (is_sharded, process_state, require_shared_runs_dir, reshard, sharding_report, spread,
+                              take_over_from_accelerate)
 from stages.eval_compare import (RL_STAGES, comparison_figures, comparison_markdown, find_policy_stages, policy_flags,
                                  policy_method, policy_row, shared_heldout_prompts, win_rate_matrix)
 from stages.eval_plots import plot_gold_vs_kl, plot_overoptimisation, save_plots
@@ -360,6 +361,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     state = process_state()
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("eval", run.run, run.runs_dir)
+    require_shared_runs_dir(run.runs_dir, "eval")  # several machines: one RUNS_DIR for all, or one line
     config = {"eval": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}
     policies = find_policy_stages(stage)  # first: with none, the error names `make ppo`, which `make eval` depends on
     sft, rm = stage.need("sft"), stage.need("rm")

@@ -29,7 +29,7 @@ from pipeline.models import (base_config, check_adapter, check_context, launch_a
                              resolve_base, to_device)
 from pipeline.report import print_table
 from pipeline.run import StageRun, main_guard
-from pipeline.sharding import process_state, sharding_report, take_over_from_accelerate
+from pipeline.sharding import process_state, require_shared_runs_dir, sharding_report, take_over_from_accelerate
 from stages.resume import drop_sampled_batches, sampled_batches
 
 
@@ -114,6 +114,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     state = process_state()
     shard = take_over_from_accelerate()
     stage = StageRun("pairs", run.run, run.runs_dir)
+    require_shared_runs_dir(run.runs_dir, "pairs")  # several machines: one RUNS_DIR for all, or one line
     if args.dataset_name:  # your prompts replace the bundled ones: not an input of this run
         stage.not_inputs([args.prompts_file], args.dataset_name)
     config = {"pairs": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}

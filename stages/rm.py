@@ -34,7 +34,7 @@ from pipeline.models import (base_config, check_adapter, check_training_length, 
 from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, end_with_launcher, main_guard
-from pipeline.sharding import sharding_report, take_over_from_accelerate
+from pipeline.sharding import require_shared_runs_dir, sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
@@ -136,6 +136,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
     state = PartialState()
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("rm", run.run, run.runs_dir)
+    require_shared_runs_dir(run.runs_dir, "rm")  # several machines: one RUNS_DIR for all, or one line
     if args.dataset_name:  # your pairs replace the mixture: its files are not inputs of this run
         stage.not_inputs(args.dataset_mixture, args.dataset_name)
     train_cfg.output_dir = str(stage.dir / "trainer")

@@ -26,7 +26,7 @@ from pipeline.models import (base_config, check_context, check_training_length, 
                              require_chat_template, resolve_base, save_fingerprint, to_device)
 from pipeline.run import StageRun, _flag, atomic_write_json, main_guard  # _flag: a flag's value as the parser reads it
 from pipeline.report import peak_memory_mb, print_table, finish_distributed
-from pipeline.sharding import sharding_report, take_over_from_accelerate
+from pipeline.sharding import require_shared_runs_dir, sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, drop_checkpoints, step_of, tokens_seen_by, train_resuming
 
 FIXED_PROMPTS = [
@@ -248,6 +248,7 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     state = PartialState()
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     stage = StageRun("sft", run.run, run.runs_dir)
+    require_shared_runs_dir(run.runs_dir, "sft")  # several machines: one RUNS_DIR for all, or one line
     if args.dataset_name:  # your data replaces the bundled mixture: its files are not inputs of this run
         stage.not_inputs(args.dataset_mixture, args.dataset_name)
     train_cfg.output_dir = str(stage.dir / "trainer")

@@ -1374,14 +1374,16 @@ def test_the_shipped_all_gpu_configs_start_one_process_per_gpu(tmp_path, monkeyp
     own = tmp_path / "multi_gpu.yaml"
     own.write_text(shipped.read_text())
     assert processes_for_all_gpus(own, lambda: 2) == []  # your own file: its num_processes is what you asked for
-    # a shipped file edited for two machines: accelerate's num_processes counts the processes of every machine, which
-    # this machine's GPUs do not tell (2 here would start one process on each machine of 8 GPUs)
+    # a shipped file edited for two machines: accelerate's num_processes counts the processes of every machine and
+    # starts num_processes / num_machines on each: one per GPU of each machine is this machine's GPUs times two (its
+    # 8 started 4 on each machine of 8 GPUs; 2 here would start one)
     edited = tmp_path / "shipped"
     edited.mkdir()
     assert "num_machines: 1\n" in shipped.read_text()
     (edited / "multi_gpu.yaml").write_text(shipped.read_text().replace("num_machines: 1\n", "num_machines: 2\n"))
     monkeypatch.setattr(launch_module, "SHIPPED_CONFIGS", edited.resolve())
-    assert processes_for_all_gpus(edited / "multi_gpu.yaml", lambda: 2) == []
+    assert processes_for_all_gpus(edited / "multi_gpu.yaml", lambda: 2) == ["--num_processes", "4"]
+    assert processes_for_all_gpus(edited / "multi_gpu.yaml", lambda: 4) == []
     # a shipped file broken (bad YAML, a list, bytes that are not UTF-8): no traceback here, where make's launch asks
     # first; accelerate_config_problem then says what is wrong in one line (test_an_accelerate_config_accelerate_...)
     for broken in (b"foo: [1, 2\n", b"- gpu_ids: all\n", b"gpu_ids: \xff\n"):

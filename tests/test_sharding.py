@@ -443,3 +443,109 @@ def test_the_inference_and_rl_stages_collectives_wait_as_long_as_the_trainer_sta
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert sharding.process_state() == {"cpu": False, "timeout": timedelta(seconds=1800)}
+
+
+def _shared_check_rank(rank: int, init_file: str, dirs: list[str], results: str) -> None:
+    """One "node" of two (one process each) on this machine: its RUNS_DIR is dirs[rank]."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from pipeline.sharding import require_shared_runs_dir
+
+    os.environ.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", GROUP_RANK=str(rank), RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        require_shared_runs_dir(dirs[rank], "sft")
+        outcome = "ok"
+    except ConfigError as err:
+        outcome = str(err)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{results}.{rank}", "w") as f:
+        json.dump(outcome, f)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_several_machines_need_one_runs_dir_and_are_told_so_in_one_line(shared, tmp_path):
+    """Every stage but PPO writes from the main process alone and resumes from each rank's own disk: on machines with
+    their own copies of RUNS_DIR pairs and eval crashed, the reward model's ranks scored two models, a resumed SFT hung.
+    Two "nodes" (LOCAL_WORLD_SIZE 1 of WORLD_SIZE 2) seeing one folder pass, and leave nothing in it; seeing two, every
+    rank stops with the one line naming the node that cannot see node 0's writes."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    dirs = [str(tmp_path / "runs")] * 2 if shared else [str(tmp_path / "node0" / "runs"), str(tmp_path / "node1" / "runs")]
+    results = str(tmp_path / "result")
+    mp.spawn(_shared_check_rank, args=(str(tmp_path / "init"), dirs, results), nprocs=2, join=True)
+    outcomes = [json.loads(open(f"{results}.{rank}").read()) for rank in (0, 1)]
+    if shared:
+        assert outcomes == ["ok", "ok"] and list(Path(dirs[0]).iterdir()) == []
+    else:
+        assert outcomes == [f"RUNS_DIR {dirs[rank]} is not one folder for every machine: what node 0 writes there, "
+                            f"node(s) 1 do not see. `sft` on several machines needs it on a filesystem they share (NFS "
+                            f"or the like; --runs_dir); only PPO runs without one" for rank in (0, 1)]
+        assert list(Path(dirs[0]).iterdir()) == []
+
+
+def test_one_machine_checks_no_shared_runs_dir(monkeypatch, tmp_path):
+    """On one machine (WORLD_SIZE == LOCAL_WORLD_SIZE, or no launch at all) there is nothing to check: no collective
+    runs (a single process has no process group) and nothing is written."""
+    from pipeline.sharding import require_shared_runs_dir
+
+    for env in ({}, {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}):
+        for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        require_shared_runs_dir(str(tmp_path / "runs"), "sft")
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("cpu_ranks", [True, False])
+def test_a_launch_of_cpu_ranks_hides_the_gpus_from_them(cpu_ranks, monkeypatch):
+    """cpu2.yaml and fsdp_cpu2.yaml run their ranks on the CPU (ACCELERATE_USE_CPU=1), but on a machine with a GPU
+    transformers' sharded load bound each rank's shard to cuda:RANK (a 1-GPU machine: rank 1 asked for cuda:1): their
+    launch sees no GPU. Any other launch keeps the GPUs it has."""
+    import accelerate.commands.launch as accelerate_launch
+
+    from pipeline import launch
+
+    seen = {}
+    monkeypatch.setattr(accelerate_launch, "launch_command", lambda args: seen.update(
+        visible=os.environ.get("CUDA_VISIBLE_DEVICES")))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    if cpu_ranks:
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    else:
+        monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    for key in (launch.LAUNCH_ENV, launch.STAGE_ENV, launch.LAUNCHER_PID_ENV):
+        monkeypatch.delenv(key, raising=False)
+    launch.launch(["--config_file", "configs/accelerate/cpu2.yaml"], "tests.fake_stages.sft", [], "sft")
+    assert seen == {"visible": "" if cpu_ranks else "0,1"}
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "pairs", "eval"])
+def test_every_stage_but_ppo_checks_for_one_runs_dir_before_it_writes(name, monkeypatch, tmp_path):
+    """require_shared_runs_dir guards a stage only if the stage calls it, and before its run folder is touched: each of
+    the five stops at it (here made to refuse) with RUNS_DIR still absent."""
+    import importlib
+
+    from pipeline.config import parse
+
+    module = importlib.import_module(f"stages.{name}")
+    checked = []
+
+    def refuse(runs_dir, stage):
+        checked.append((runs_dir, stage))
+        raise ConfigError("not one folder")
+
+    monkeypatch.setattr(module, "require_shared_runs_dir", refuse)
+    monkeypatch.chdir(REPO)
+    runs = tmp_path / "runs"
+    parsed = parse(module.CONFIG_CLASSES(), ["--config", f"configs/{name}.yaml", "--run", "t", "--runs_dir", str(runs)])
+    with pytest.raises(ConfigError, match="not one folder"):
+        module.main(*parsed)
+    assert checked == [(str(runs), name)] and not runs.exists()
