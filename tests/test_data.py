@@ -350,7 +350,8 @@ def test_a_csv_row_with_more_or_fewer_fields_than_its_header_is_refused_by_line(
                                              {"prompt": "Say\nbye.", "completion": "Bye, friend."}]
 
 
-@pytest.mark.parametrize("name,text", [("header.csv", "prompt,completion\n"), ("rows.json", "[]\n"), ("rows.json", "{}")])
+@pytest.mark.parametrize("name,text", [("header.csv", "prompt,completion\n"), ("header.csv", "prompt,completion\n\n\n"),
+                                       ("rows.json", "[]\n"), ("rows.json", "{}")])
 def test_a_file_without_rows_is_empty_not_a_library_error(name, text, tmp_path):
     """A CSV of a header alone, or a JSON file holding no rows, got datasets' 'Instruction "train" corresponds to no
     data!' where an empty .jsonl gets the project's line."""

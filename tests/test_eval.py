@@ -1281,3 +1281,17 @@ def test_the_reports_rm_gold_agreement_says_whose_held_out_pairs_a_given_reward_
     assert "Reward model agrees with the gold on 75.0% of its held-out pairs whose gold scores differ (40 pairs)" in own
     assert ("Reward model agrees with the gold on 75.0% of the run's reward model's held-out pairs (the one the RL "
             "stages were given may have trained on them) whose gold scores differ (40 pairs)") in given
+
+
+def test_the_report_says_whose_held_out_pairs_a_given_reward_models_agreement_is_measured_on(eval_dir):
+    """gold_markdown's words for a reward model given to the RL stages reach the report only through its call in the
+    PPO section: the report of such a run said "its held-out pairs" of pairs that reward model may have trained on."""
+    from stages.eval import render_markdown
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert report.get("gold") and not report.get("reward_adapter")
+    own = render_markdown(report, 2)
+    given = render_markdown({**report, "reward_adapter": "/somewhere/my-rm"}, 2)
+    words = "the run's reward model's held-out pairs (the one the RL stages were given may have trained on them)"
+    assert words not in own and "of its held-out pairs whose gold scores differ" in own
+    assert words in given

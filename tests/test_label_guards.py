@@ -167,8 +167,14 @@ def test_pairs_annotators_would_label_in_vain_are_refused_or_named_before_anyone
     assert snapshot(runs) == before
     mine = write_lines(tmp_path / "m.jsonl", [pair(0), pair(1, responses=["same", "same"]), pair(2, responses=["x", " "]),
                                               {**pair(0), "pair_id": "again"}, {**pair(0, responses=["one 0", "zero 0"]),
-                                                                                "pair_id": "swapped"}])
-    assert [p["pair_id"] for p in read_pairs(str(mine), "--pairs_dataset")] == ["p0", "p1", "p2", "again", "swapped"]
+                                                                                "pair_id": "swapped"},
+                                              # an empty system message before a real question; p0's replies to
+                                              # another question: neither refused nor noted
+                                              pair(3, prompt=[{"role": "system", "content": ""},
+                                                              {"role": "user", "content": "question 3"}]),
+                                              pair(4, responses=["zero 0", "one 0"])])
+    assert [p["pair_id"] for p in read_pairs(str(mine), "--pairs_dataset")] == ["p0", "p1", "p2", "again", "swapped",
+                                                                                 "p3", "p4"]
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --pairs_dataset")]
     assert [n.split("m.jsonl ", 1)[1] for n in notes] == [
         "line 2 (pair_id 'p1'): its two responses are the same text: the reward model leaves its label out",
@@ -437,3 +443,21 @@ def test_the_store_refuses_a_note_over_the_limit(tmp_path):
     assert [(r["choice"], r["note"]) for r in store.labels()] == [("left", "x" * 10)]
     assert LabelStore(tmp_path / "d.sqlite").max_note_chars == LabelArgs().max_note_chars == 2000
     assert "max_note_chars: 2000" in (REPO / "configs/label.yaml").read_text()
+
+
+def test_a_run_of_your_own_pairs_serves_them_unless_the_flag_names_others(tmp_path, capsys):
+    """default_to_own_pairs: without --pairs_dataset a run of your own pairs serves and exports the recorded file, and
+    says so; with the flag, the flag's file wins (the recorded one exported instead of X, silently, would lose X's
+    labels); a run with a pairs stage has no record to follow."""
+    from stages.label.config import OWN_PAIRS, LabelArgs, default_to_own_pairs
+
+    runs = tmp_path / "runs"
+    (runs / "r" / "label").mkdir(parents=True)
+    (runs / "r" / "label" / OWN_PAIRS).write_text("/data/mine.jsonl\n")
+    args = LabelArgs()
+    default_to_own_pairs(args, str(runs), "r", "label-export")
+    assert args.pairs_dataset == "/data/mine.jsonl"
+    assert capsys.readouterr().out == f"label-export: this run labels your own pairs: /data/mine.jsonl (label/{OWN_PAIRS})\n"
+    args = LabelArgs(pairs_dataset="/data/other.jsonl")
+    default_to_own_pairs(args, str(runs), "r", "label-export")
+    assert args.pairs_dataset == "/data/other.jsonl" and capsys.readouterr().out == ""

@@ -1720,3 +1720,22 @@ def test_clean_run_refuses_a_run_whose_label_store_is_served(tmp_path):
     lock.close()
     res = make("clean-run", runs_dir=runs)
     assert res.returncode == 0 and not (runs / "t").exists(), res.stderr
+
+
+def test_clean_run_of_a_run_with_no_folder_or_no_locks_is_quiet_and_creates_nothing(tmp_path, monkeypatch):
+    """`make clean-run` of a run never made is a no-op, as `rm -rf` was (no traceback); of a run no stage has launched
+    since the temp folder was emptied (a reboot), it deletes the run and leaves no lock file behind: the locks are
+    tried only where they exist."""
+    import tempfile
+
+    from pipeline.launch import stages_running
+
+    res = make("clean-run", runs_dir=tmp_path / "runs")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    run = tmp_path / "runs" / "t"
+    for stage in ("sft", "ppo", "label"):
+        (run / stage).mkdir(parents=True)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert stages_running(run) == [] and list(temp.iterdir()) == []

@@ -2630,6 +2630,21 @@ def test_rewards_are_standardised_with_the_rm_manifests_stats_unless_its_std_is_
     assert rm_score_stats({}) is None
 
 
+def test_normalize_reward_false_or_a_reward_function_gives_raw_scores_and_the_note_is_said_once(capsys):
+    """`normalize_reward: false` (bench-ppo gives it, to match its peers) must leave the scores raw; a reward function
+    of your own replaces the reward model and its stats; a manifest without stats is said once, by the main process."""
+    from stages.ppo import reward_normalisation
+
+    stats = {"reward_mean": -0.5, "reward_std": 0.25}
+    assert reward_normalisation(True, None, stats, True) == (-0.5, 0.25)
+    assert reward_normalisation(False, None, stats, True) is None
+    assert reward_normalisation(True, lambda prompts, replies: [0.0] * len(replies), stats, True) is None
+    capsys.readouterr()
+    assert reward_normalisation(True, None, {}, False) is None and capsys.readouterr().err == ""
+    assert reward_normalisation(True, None, {}, True) is None
+    assert capsys.readouterr().err.startswith("note: normalize_reward is on but the rm manifest gives no reward_mean")
+
+
 def test_a_profile_holding_its_template_text_is_recorded_by_that_text_and_a_template_file_by_its_digest(tmp_path):
     """The record a checkpoint resumes against: `chat_template:` may hold the template text itself, as the other stages
     read it (pipeline.models.template_text). PPO hashed it as a file's path: a real template, longer than a file name

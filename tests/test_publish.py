@@ -989,6 +989,39 @@ def a_run_whose_reward_model_read_its_export(runs: Path, copy: Path, export: lis
     return copy
 
 
+def test_a_reward_model_given_to_the_rl_stage_publishes_the_export_as_one_train_split(runs, tmp_path):
+    """The run's rm stage read its export and held out some prompts, but PPO optimised a reward model it was given
+    (--reward_adapter): the published reward is that one, which never saw this export's split, so the dataset is one
+    `train` split and its card says why (a `test` split named held-out pairs of a reward model not published)."""
+    from huggingface_hub import DatasetCard
+
+    from pipeline.run import manifest_digest
+
+    def pair(prompt: str) -> dict:
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}], "annotator": "ann", "is_tie": False}
+
+    export = [pair(f"Q{i}?") for i in range(4)]
+    copy = a_run_whose_reward_model_read_its_export(runs, tmp_path / "runs", export,
+                                                    [{**pair("Q1?"), "source": "label-export"}])
+    given = tmp_path / "elsewhere" / "my-rm"
+    shutil.copytree(copy / "t" / "rm" / "adapter", given)
+    for stage in ("ppo", "eval"):
+        path = copy / "t" / stage / "manifest.json"
+        manifest = json.loads(path.read_text())
+        if stage == "ppo":
+            manifest["config"]["ppo"]["reward_adapter"] = str(given)
+            ppo = manifest
+        else:
+            manifest["inputs"]["manifests"]["ppo"] = manifest_digest(ppo)
+        path.write_text(json.dumps(manifest))
+    proc = publish(copy, "--repo_id", "tester/tiny-rlhf", "--dry-run", "--include_dataset")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = copy / "t" / "publish" / "dataset"
+    assert set(files_of(folder)) == {"README.md", "data/train-00000-of-00001.parquet"}
+    assert "stage was given (`--reward_adapter`), not trained on them here" in DatasetCard.load(folder / "README.md").text
+
+
 def test_a_missing_output_a_flag_adds_is_one_clear_error_and_writes_nothing(runs, tmp_path):
     """What --include_reward (the reward model's adapter) and --include_dataset (the export's dataset, and the reward
     model's eval_pairs.jsonl that splits it) add to the folder, and eval's report.json, each deleted by hand: publish

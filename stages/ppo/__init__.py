@@ -339,6 +339,18 @@ def rm_score_stats(rm_metrics: dict) -> tuple[float, float] | None:
     return float(mean), float(std)
 
 
+def reward_normalisation(normalize: bool, reward_fn, rm_metrics: dict, is_main: bool) -> tuple[float, float] | None:
+    """The (mean, std) PPO standardises its scores with: the rm manifest's, under `normalize_reward`, unless a reward
+    function of your own replaces the reward model; None (raw scores) otherwise, said once when the manifest has none."""
+    if not normalize or reward_fn is not None:
+        return None
+    stats = rm_score_stats(rm_metrics)
+    if stats is None and is_main:
+        print("note: normalize_reward is on but the rm manifest gives no reward_mean and reward_std (or a std of "
+              "0): raw scores are used", file=sys.stderr)
+    return stats
+
+
 def broadcast(state, obj):
     """Rank 0's `obj` on every rank."""
     if state.num_processes == 1:
@@ -386,12 +398,7 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
         rm = stage.need("rm")
         rm_dir, rm_metrics = Path(rm["outputs"]["adapter"]), rm.get("metrics", {})
         rewards, reward_member_stats = reward_members(rm)
-    reward_stats = None
-    if cfg.normalize_reward and reward_fn is None:
-        reward_stats = rm_score_stats(rm_metrics)
-        if reward_stats is None and state.is_main_process:
-            print("note: normalize_reward is on but the rm manifest gives no reward_mean and reward_std (or a std of "
-                  "0): raw scores are used", file=sys.stderr)
+    reward_stats = reward_normalisation(cfg.normalize_reward, reward_fn, rm_metrics, state.is_main_process)
 
     # 1. Tokenizer and prompts, checked before the run folder is touched (a fixed held-out share is written for
     #    make eval and never trained on)
