@@ -162,9 +162,9 @@ def main(argv=None) -> int:
             run = f"limit-{name}-seed{seed}"
             no_op_sft(runs_dir, run, args.model_config)
             rc, wall, err = run_stage(data_file, runs_dir, run, args.model_config, ["--seed", str(seed), *overrides])
-            if rc != 0:
-                print(f"{name}, seed {seed}: the stage failed ({rc}):\n{err}", file=sys.stderr)
-                return 1
+            if rc != 0:  # bad input (exit 2): the stage's own line alone
+                print(err if rc == 2 else f"{name}, seed {seed}: the stage failed ({rc}):\n{err}", file=sys.stderr)
+                return rc if rc == 2 else 1
             s = saved_adapter_scores(runs_dir / run / "rm" / "adapter", test)
             labels_scores += [s] if name == "labels" else []
             per_seed[seed] = {"wall_s": wall, **gold_agreement(s[: len(test)], s[len(test):], *gold["test"])}

@@ -56,9 +56,10 @@ def main(argv=None) -> int:
             run = f"share-{share}-{repeat}"
             no_op_sft(runs_dir, run, args.model_config)
             code, wall, err = run_stage(data, runs_dir, run, args.model_config, ["--share_prefix", share, *overrides])
-            if code != 0:
-                print(f"error: the rm stage failed with --share_prefix {share}:\n{err}", file=sys.stderr)
-                return 1
+            if code != 0:  # bad input (exit 2): the stage's own line alone
+                print(err if code == 2 else f"error: the rm stage failed with --share_prefix {share}:\n{err}",
+                      file=sys.stderr)
+                return code if code == 2 else 1
             m = json.loads((runs_dir / run / "rm" / "manifest.json").read_text())["metrics"]
             runs[share].append({"train_time_s": m["train_time_s"], "wall_s": wall, "steps": m["steps"],
                                 "eval_accuracy": m["eval_accuracy"], "eval_loss": m["eval_loss"],

@@ -163,7 +163,10 @@ def run_stage(data_file: Path, runs_dir: Path, run: str, model_config: str, over
            "--ensemble", "1", *overrides]  # one reward model per run (these benches score each model alone)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, **ENV})
-    return proc.returncode, round(time.time() - t0, 1), proc.stderr[-3000:]
+    # Bad input is the stage's one `error:` line; accelerate's launcher adds its own traceback after it, which says
+    # only that the stage failed.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    return proc.returncode, round(time.time() - t0, 1), "\n".join(errors) if errors else proc.stderr[-3000:]
 
 
 def parse_bench_args(argv=None):

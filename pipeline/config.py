@@ -180,6 +180,12 @@ def parse(classes: tuple, argv: list[str] | None = None):
         raise ConfigError(f"--config is given more than once ({', '.join(given)}): `make` gives the "
                           f"recipe's own; for configs of your own, put them in configs/recipes/NAME/ and run `make ... "
                           f"RECIPE=NAME`, or change single keys with ARGS=\"--key value\"")
+    for flag, variable in (("--run", "RUN"), ("--runs_dir", "RUNS_DIR")):  # make gives both: the last one won silently,
+        given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag] + [a.split("=", 1)[1] for a in argv
+                                                                                if a.startswith(flag + "=")]
+        if len(given) > 1:  # the stage wrote another folder than make's up-to-date check and `make clean-run` read
+            raise ConfigError(f"{flag} is given more than once ({', '.join(given)}): `make` gives {variable}'s; set "
+                              f"{variable}= on make's command line instead of {flag} in ARGS")
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -345,7 +351,7 @@ RANGES = {
     **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "max_new_tokens", "generation_batch_size", "sample_max_new_tokens", "score_batch_size",
                      "gold_batch_size", "max_prompt_tokens", "max_length", "lora_r", "batch_size",
-                     "concurrency_limit"), (1, None, True)),
+                     "concurrency_limit"), (1, 2**31, True)),  # past an index's size: a traceback deep in torch
     **dict.fromkeys(("learning_rate", "lora_alpha", "lease_timeout_s", "beta", "logging_steps", "save_steps"),
                     (0, None, False)),
     "seed": (0, 2**32, True),  # numpy's and transformers' set_seed refuse others, after the run folder is prepared
@@ -356,6 +362,14 @@ RANGES = {
     **dict.fromkeys(("adam_epsilon", "dataloader_num_workers"), (0, None, True)),
     "top_p": (0, 1, False),
 }
+
+
+def refuse_training_nothing(train_cfg) -> None:
+    """max_steps -1 trains for num_train_epochs: 0 of them trained no step and saved the untrained adapter, exit 0. (The
+    reward model reads that pair as "sized by its data", its own rule: not called there.)"""
+    if train_cfg.max_steps == -1 and not train_cfg.num_train_epochs > 0:
+        raise ConfigError(f"num_train_epochs {train_cfg.num_train_epochs:g} with max_steps -1 trains nothing: give "
+                          f"--num_train_epochs above 0 (1: one pass over the data), or --max_steps N")
 
 
 def check_ranges(instance, source_of) -> None:

@@ -470,6 +470,8 @@ def accelerate_config_problem(config_file: str | Path, launched: int | None = No
             return f"has {f.name}: {value!r}, not a whole number"
         if kinds == {bool} and not isinstance(value, bool):
             return f"has {f.name}: {value!r}, not true or false"
+    if config.num_processes is not None and config.num_processes < 1:  # 0 ran one process, -2 too, with no word
+        return f"has num_processes: {config.num_processes}: give 1 or more"
     if str(config.mixed_precision) not in ("no", "fp16", "bf16", "fp8"):
         return f"has mixed_precision: {config.mixed_precision!r}: give no, bf16, fp16 or fp8"
     kind = str(getattr(config.distributed_type, "value", config.distributed_type))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
+from pipeline.config import ConfigError, RunArgs, parse, refuse_training_nothing, resolve_path, to_dict
 from pipeline.lora_combine import combine_loras, merge_into_base, require_combinable, save_lora
 from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, check_training_length, load_base,
                              load_tokenizer, lora_config, profile_from, resolve_base, save_fingerprint, to_device)
@@ -187,9 +187,29 @@ def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size:
     return {"max_abs_logp_diff": diff, "pairs": n, "dtype": dtype, "checked": checked, "sharded": is_sharded(model)}
 
 
+def dpo_losses() -> list[str]:
+    """The loss types TRL's DPOTrainer knows, as its DPOConfig's help lists them (`'sigmoid'`, `'ipo'`, ...)."""
+    import re
+
+    from trl import DPOConfig
+
+    return re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"])
+
+
+def check_args(train_cfg, args: DPOArgs, run: RunArgs) -> None:
+    """What the flags alone can tell (make runs it before any stage): an unknown loss type failed in TRL's first
+    training step, after the run folder was written; zero epochs trained nothing and exited 0."""
+    known = dpo_losses()
+    unknown = [loss for loss in train_cfg.loss_type if loss not in known]
+    if unknown:
+        raise ConfigError(f"--loss_type {', '.join(unknown)}: TRL's DPO knows {', '.join(known)}")
+    refuse_training_nothing(train_cfg)
+
+
 def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
 
+    check_args(train_cfg, args, run)
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
     state = PartialState()
     stage = StageRun("dpo", run.run, run.runs_dir)

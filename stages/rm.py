@@ -94,8 +94,10 @@ class RMArgs:
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)
         check_eval_fraction(self.eval_fraction)
-        if self.min_steps < 1 or self.max_epochs <= 0 or self.evals < 1:
-            raise ValueError("min_steps, max_epochs and evals must be positive")
+        for name, positive in (("min_steps", self.min_steps >= 1), ("max_epochs", self.max_epochs > 0),
+                               ("evals", self.evals >= 1)):
+            if not positive:  # one name per message: the error blames the key its text names (pipeline.config.parse)
+                raise ValueError(f"{name} must be positive")
         if self.ensemble < 1:
             raise ValueError(f"--ensemble {self.ensemble}: the number of reward models to train must be at least 1")
         if self.pooling not in POOLINGS:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.chat import TEMPLATE_KWARGS, require_end_of_turn, tokenize_with_assistant_mask
-from pipeline.config import ConfigError, RunArgs, parse, to_dict
+from pipeline.config import ConfigError, RunArgs, parse, refuse_training_nothing, to_dict
 from pipeline.data import (check_dataset_exists, conversation_root, load_any, load_mixture, messages_problem, own_files,
                            require_columns, train_eval_split)
 from pipeline.generation import SamplingConfig, encode_prompts, generate
@@ -237,6 +237,7 @@ def check_args(train_cfg, args: SFTArgs, run: RunArgs) -> None:
                           f"evaluates held-out rows, but eval_fraction is 0: hold some out (--eval_fraction 0.05) or "
                           f"set --eval_strategy no")
     refuse_tokenizer_options(train_cfg, "sft", run.model_config)
+    refuse_training_nothing(train_cfg)
 
 
 def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:

@@ -60,6 +60,11 @@ def test_run_stage_trains_one_reward_model_on_the_file(monkeypatch, tmp_path):
     cmd = cmds[0]
     assert cmd[cmd.index("--dataset_name") + 1] == str(tmp_path / "d.jsonl")
     assert cmd[cmd.index("--ensemble") + 1] == "1" and cmd[-2:] == ["--seed", "3"]
+    # bad input: the stage's error line alone, not accelerate's traceback after it
+    stderr = "warning: x\nerror: unknown command-line argument(s) ['--bogus']\nTraceback (most recent call last):\n  ..."
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2, "", stderr))
+    rc, _, err = rm_rules.run_stage(tmp_path / "d.jsonl", tmp_path, "r", "m.yaml", [])
+    assert (rc, err) == (2, "error: unknown command-line argument(s) ['--bogus']")
 
 
 def test_main_tests_on_new_pairs_and_exits_1_when_a_stage_fails(monkeypatch, tmp_path):

@@ -75,3 +75,6 @@ def test_the_order_alternates_the_flags_reach_the_stage_and_the_times_are_median
     assert main(["--dataset_name", str(tmp_path / "x.jsonl"), "--work_dir", str(tmp_path / "work2"),
                  "--output", str(tmp_path / "failed.json")]) == 1
     assert not (tmp_path / "failed.json").exists()
+    monkeypatch.setattr(rm_prefix, "run_stage", lambda *args: (2, 0.0, "error: unknown command-line argument(s)"))
+    assert main(["--dataset_name", str(tmp_path / "x.jsonl"), "--work_dir", str(tmp_path / "work3"),
+                 "--output", str(tmp_path / "failed.json")]) == 2  # bad input: make's exit 2

@@ -867,7 +867,11 @@ def test_fsdp_on_all_the_gpus_of_a_one_gpu_machine_is_refused():
     ("compute_environment: LOCAL_MACHINE\nuse_cpu: false\ndistributed_type: FSDP\nnum_processes: 1\n"
      "mixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n",
      "has distributed_type: FSDP with num_processes: 1, and one process has nothing to shard the base over"),
-], ids=["yaml", "value", "key", "int", "bool", "mixed-precision", "multi-cpu-one-process", "fsdp-one-process"])
+    # 0: make's thread count divided by it (empty OMP_NUM_THREADS, accelerate's traceback); -2 ran as one process
+    (ACCELERATE_HEAD + "distributed_type: MULTI_GPU\nnum_processes: 0\n", "has num_processes: 0: give 1 or more"),
+    (ACCELERATE_HEAD + "distributed_type: 'NO'\nnum_processes: -2\n", "has num_processes: -2: give 1 or more"),
+], ids=["yaml", "value", "key", "int", "bool", "mixed-precision", "multi-cpu-one-process", "fsdp-one-process",
+        "zero-processes", "negative-processes"])
 def test_an_accelerate_config_accelerate_cannot_read_is_one_error_line(text, problem, tmp_path):
     """accelerate's launcher stopped on each of these with a traceback of its own (exit 1)."""
     acc = tmp_path / "acc.yaml"

@@ -217,6 +217,21 @@ CASES = [
     ("ppo-seed-negative", "stages.ppo", PPO + ["--seed", "-1"], ["--seed", "[0, 4294967296)"]),
     ("ppo-scheduler-unknown", "stages.ppo", PPO + ["--lr_scheduler_type", "bogus"], ["lr_scheduler_type 'bogus'"]),
     ("dpo-beta-0", "stages.dpo", ["--config", "configs/dpo.yaml", "--beta", "0"], ["--beta", "> 0"]),
+    # TRL's DPO failed in its first step, after the run folder was written, with two tracebacks
+    ("dpo-loss-type-unknown", "stages.dpo", ["--config", "configs/dpo.yaml", "--loss_type", "foo"],
+     ["--loss_type foo: TRL's DPO knows sigmoid, hinge, ipo"]),
+    # 0 epochs under max_steps -1 trained no step and saved the untrained adapter, exit 0
+    ("dpo-zero-epochs", "stages.dpo", ["--config", "configs/dpo.yaml", "--num_train_epochs", "0"],
+     ["num_train_epochs 0 with max_steps -1 trains nothing", "--num_train_epochs above 0"]),
+    ("sft-zero-epochs", "stages.sft", SFT + ["--max_steps", "-1", "--num_train_epochs", "0"],
+     ["num_train_epochs 0 with max_steps -1 trains nothing"]),
+    # past an index's size: a torch traceback after the run folder was prepared
+    ("sft-batch-past-an-index", "stages.sft", SFT + ["--per_device_train_batch_size", "100000000000000000000"],
+     ["--per_device_train_batch_size", "[1, 2147483648)"]),
+    # make gives --run and --runs_dir: a second one in ARGS won, writing another folder than make checked and cleans
+    ("run-given-twice", "stages.sft", SFT + ["--run", "other"], ["--run is given more than once (other, t)", "RUN="]),
+    ("runs-dir-given-twice", "stages.rm", RM + ["--runs_dir=elsewhere"], ["--runs_dir is given more than once", "RUNS_DIR="]),
+    ("rm-max-epochs-0", "stages.rm", RM + ["--max_epochs", "0"], ["invalid value of --max_epochs", "max_epochs must be"]),
     # a prompt and its reply past the base's 512 positions (the tiny models'): GPT-2 fails mid-sampling, after prepare
     ("pairs-past-the-positions", "stages.pairs", PAIRS + ["--max_new_tokens", "600"],
      ["--max_new_tokens 600 make", "more than the base model's 512", "--max_prompt_tokens"]),
