@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -165,6 +166,11 @@ def load_model_profile(path: str | Path) -> ModelProfile:
         raise ConfigError(f"model profile {path}: {err}") from None
 
 
+# The stage module make's check parses for (pipeline.launch.check, in its own process): the unknown-flag error names
+# it; a stage run as `python -m` is its own __main__. (`make grpo` is stages.ppo with configs/grpo.yaml.)
+STAGE_MODULE_ENV = "PIPELINE_STAGE_MODULE"
+
+
 def parse(classes: tuple, argv: list[str] | None = None):
     """Parse `--config FILE` plus CLI overrides into one instance of each dataclass in `classes`.
 
@@ -242,8 +248,13 @@ def parse(classes: tuple, argv: list[str] | None = None):
         if flags:
             match = difflib.get_close_matches(flags[0][2:], sorted(known_dests), n=1)
             hint = f" (did you mean '--{match[0]}'?)" if match else ""
+        module = os.environ.get(STAGE_MODULE_ENV) or getattr(getattr(sys.modules.get("__main__"), "__spec__", None),
+                                                                 "name", "")
+        module = module.removesuffix(".__main__")
+        listing = (f"`python -m {module}{f' --config {config_path}' if config_path else ''} --help` lists them all"
+                   if module.startswith("stages.") else "the stage's --help, given its --config, lists them all")
         raise ConfigError(f"unknown command-line argument(s) {remaining}{hint}: a stage's flags are the keys of its "
-                          f"config (configs/<stage>.yaml); `python -m stages.<stage> --help` lists them all")
+                          f"config ({config_path or 'configs/<stage>.yaml'}); {listing}")
     for name in SECRET_KEYS:  # a secret in a config or on the command line ends up in manifests, logs, ps and history
         if getattr(instances, name, None):
             raise ConfigError(f"--{name} would be written into the run's manifest and saved training arguments: remove it "

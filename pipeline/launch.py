@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import ConfigError
+from pipeline.config import STAGE_MODULE_ENV, ConfigError
 from pipeline.run import (HOW_TO_GO_ON, INTERRUPTED_EXIT, LAUNCH_ENV, LAUNCHER_PID_ENV, STAGE_ENV, code_changed,
                           is_current, stage_folder)
 
@@ -166,6 +166,7 @@ def check(module: str, stage_args: list[str], stage: str = "") -> int:
     if not hasattr(mod, "CONFIG_CLASSES"):
         return 0
     before = os.environ.get(STAGE_ENV)
+    os.environ[STAGE_MODULE_ENV] = module  # the unknown-flag error names it
     if stage:  # as the launched stage will see it: a config that picks its folder (PPOConfig) checks it as it is built
         os.environ[STAGE_ENV] = stage
     try:
@@ -181,6 +182,7 @@ def check(module: str, stage_args: list[str], stage: str = "") -> int:
         print(f"error: {err}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     finally:  # the check runs in-process in tests: the variable is the launched stage's, not this process's
+        os.environ.pop(STAGE_MODULE_ENV, None)
         if before is None:
             os.environ.pop(STAGE_ENV, None)
         else:

@@ -3,8 +3,9 @@
     make dpo                                   # accelerate launch ... -m stages.dpo --config configs/dpo.yaml
     make dpo ARGS="--beta 0.05 --dataset_name my_prefs.jsonl"
 
-Reads: the SFT manifest of the run, and the reward model's preference data: this run's label export when present,
-mixed with the bundled human preferences (the recipe's rm.yaml's mixture: rm_config), loaded, filtered, cut to
+Reads: the SFT manifest of the run, and the reward model's preference data: the mixture of
+the recipe's rm.yaml (rm_config: the story's label export alone; the assistant recipe's with the bundled human
+preferences), or its own --dataset_mixture / --dataset_name, loaded, filtered, cut to
 max_length and split by stages/rm_data.py's own functions, so DPO and the reward model see the same token ids and
 hold out the same prompts.
 Writes runs/<run>/dpo/: adapter/ (the DPO policy: one stock PEFT LoRA on the raw base, tokenizer, pipeline_base.json),

@@ -3,9 +3,10 @@
     make pairs                        # accelerate launch ... -m stages.pairs --config configs/pairs.yaml
     make pairs ARGS="--num_responses 3 --temperature 1.0 --dataset_name my_prompts.jsonl"
 
-Reads: the SFT manifest of the run (outputs.adapter, on the base of the model profile) and the bundled OASST
-prompts (data/prompts/oasst_pairs_prompts.jsonl, Apache-2.0, see data/sources/) or --dataset_name (rows with a
-`prompt`: messages or a string; or `messages`, whose last assistant turn is dropped).
+Reads: the SFT manifest of the run (outputs.adapter, on the base of the model profile) and the prompts its
+config names (configs/pairs.yaml: data/story/pairs_prompts.jsonl; RECIPE=assistant: the OASST prompts of
+data/prompts/, Apache-2.0, see data/sources/) or --dataset_name (rows with a `prompt`: messages or a string; or
+`messages`, whose last assistant turn is dropped).
 Writes runs/<run>/pairs/: dataset/ (save_to_disk), config.json, manifest.json (last). One row per pair:
 pair_id (hash of prompt + responses: stable across reruns, unlike an index), prompt_id, prompt (messages),
 responses [two strings], response_indices, ended (a stop token reached: pipeline.generation.stop_token_ids), generation (settings + seed), policy (provenance).

@@ -5,8 +5,9 @@
     python -m stages.rm --reload-check EVAL_PAIRS.jsonl DTYPE BATCH 4BIT TRUST ADAPTER_DIR...   # the stage's last check
 
 Reads: the SFT manifest of the run (the reward model must sit on the policy's base, so that PPO can stack both
-adapters on one model), this run's label export when present, and the bundled human preferences in
-data/preferences/ (or --dataset_name, any TRL preference format). Writes runs/<run>/rm/: adapter/ (PEFT SEQ_CLS:
+adapters on one model), the mixture its config names
+(configs/rm.yaml: this run's label export alone; RECIPE=assistant: it, when present, and the bundled human
+preferences in data/preferences/), or --dataset_name (any TRL preference format). Writes runs/<run>/rm/: adapter/ (PEFT SEQ_CLS:
 LoRA + `score` head, tokenizer, pipeline_base.json), eval_pairs.jsonl (the held-out pairs), reload_check.json,
 config.json, manifest.json (last). The stage ends by reloading the adapter (each member's, in one process) with stock
 `AutoPeftModelForSequenceClassification` in a fresh process; if that copy does not reproduce the held-out

@@ -3,8 +3,9 @@
     make sft                         # accelerate launch ... -m stages.sft --config configs/sft.yaml
     make sft ARGS="--learning_rate 1e-4 --dataset_name my_chats.jsonl"
 
-Reads: the base model named by the model profile (configs/models/tiny.yaml by default) and the bundled
-conversational mixture in data/sft/ (or --dataset_name). Writes runs/<run>/sft/: adapter/ (PEFT + tokenizer),
+Reads: the base model named by the model profile (configs/models/tiny.yaml by default) and the data its
+config names (configs/sft.yaml: the story openings of data/story/sft.jsonl; RECIPE=assistant: the conversational
+mixture in data/sft/), or --dataset_name. Writes runs/<run>/sft/: adapter/ (PEFT + tokenizer),
 samples.json (before/after generations on fixed prompts, `sample_prompts`), config.json, manifest.json (last).
 """
 

@@ -263,8 +263,27 @@ def test_unknown_cli_flag_is_an_error():
         parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--lerning_rate", "1"])
     with pytest.raises(ConfigError) as err:  # no near name: the error still says where the flags are
         parse(stage_classes("pairs"), ["--config", str(REPO / "configs/pairs.yaml"), "--bogus", "1"])
+    pairs_yaml = REPO / "configs/pairs.yaml"
     assert str(err.value) == ("unknown command-line argument(s) ['--bogus', '1']: a stage's flags are the keys of its "
-                              "config (configs/<stage>.yaml); `python -m stages.<stage> --help` lists them all")
+                              f"config ({pairs_yaml}); the stage's --help, given its --config, lists them all")
+
+
+def test_the_unknown_flag_error_names_the_module_and_config_make_parses(tmp_path, capsys):
+    """`python -m stages.<stage> --help` named stages.grpo for `make grpo` (no such module: it is stages.ppo with
+    configs/grpo.yaml) and stages.label-export for `make label-export`, and without --config it lists the dataclass
+    defaults, not make's. make's check names the module and config it parses."""
+    from pipeline.launch import check
+
+    assert check("stages.ppo", ["--config", "configs/grpo.yaml", "--bogus", "1"], "grpo") == 2
+    assert capsys.readouterr().err.endswith("`python -m stages.ppo --config configs/grpo.yaml --help` lists them all\n")
+    assert check("stages.label.export", ["--config", "configs/label.yaml", "--bogus", "1"], "label-export") == 2
+    assert capsys.readouterr().err.endswith("`python -m stages.label.export --config configs/label.yaml --help` lists "
+                                            "them all\n")
+    import os
+
+    from pipeline.config import STAGE_MODULE_ENV
+
+    assert STAGE_MODULE_ENV not in os.environ  # the check's own, not left to the next parse
 
 
 def test_cli_overrides_yaml():

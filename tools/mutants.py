@@ -1881,6 +1881,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('make-threads-divide-by-zero', 'Makefile', '$(CPU_COUNT) / ($(1) > 0 ? $(1) : 1)', '$(CPU_COUNT) / $(1)', 'tests/test_make.py -k "accelerate_cannot_read and zero"'),
     ('bench-rm-stage-traceback-kept', 'bench/rm_rules.py', '"\\n".join(errors) if errors else proc.stderr[-3000:]', 'proc.stderr[-3000:]', 'tests/test_bench_rm.py -k run_stage_trains'),
     ('bench-rm-prefix-bad-input-exit-1', 'bench/rm_prefix.py', '                return code if code == 2 else 1', '                return 1', 'tests/test_bench_rm_prefix.py'),
+    # stop 66: the docs review
+    ('unknown-flag-hint-module-lost', 'pipeline/launch.py', '    os.environ[STAGE_MODULE_ENV] = module  # the unknown-flag error names it\n', '', 'tests/test_config.py -k names_the_module_and_config'),
+    ('unknown-flag-hint-module-left-set', 'pipeline/launch.py', '        os.environ.pop(STAGE_MODULE_ENV, None)\n', '', 'tests/test_config.py -k names_the_module_and_config'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -5,13 +5,14 @@
     make ppo ARGS="--resume"          # continue from the last checkpoint (a killed run also continues by itself)
 
 Reads: runs/<run>/sft/manifest.json (policy + reference adapter), runs/<run>/rm/manifest.json (reward adapter +
-score head, and its reward_mean/reward_std), the bundled prompts data/prompts/oasst_ppo_prompts.jsonl (or
---dataset_name). Writes runs/<run>/ppo/: adapter/ (the policy: stock PEFT + tokenizer + pipeline_base.json),
+score head, and its reward_mean/reward_std), the prompts its config names (configs/ppo.yaml: data/story/ppo_prompts.jsonl;
+RECIPE=assistant: data/prompts/oasst_ppo_prompts.jsonl) or --dataset_name. Writes runs/<run>/ppo/: adapter/ (the policy: stock PEFT + tokenizer + pipeline_base.json),
 value_adapter/, metrics.jsonl (one line per update), samples.jsonl (with sample_every), policies/ (every
 keep_policy_every updates), heldout_prompts.jsonl, checkpoints/, config.json, manifest.json (last).
 
-One base, four adapters (pipeline.adapters.AdapterStack): policy (trainable, from SFT), reference (SFT, frozen),
-value (trainable, LoRA + scalar head initialised from the RM: Stiennon et al. 2020), reward (RM, frozen).
+One base, its adapters (pipeline.adapters.AdapterStack): policy (trainable, from SFT), reference (SFT, frozen), value
+(trainable, LoRA + scalar head initialised from the RM: Stiennon et al. 2020; GAE only, the critic-free estimators
+have none) and one reward adapter per member of the RM's ensemble (frozen; three in the default run).
 rollout.py samples and scores, losses.py holds the PPO arithmetic, trainer.py the loop and checkpoints.
 Launched with an FSDP accelerate config (or --shard_base true), the frozen base is loaded sharded across the processes
 with torch FSDP2 (pipeline/sharding.py, the engine of every stage; sharding.py decides): each rank holds ~1/world
