@@ -262,7 +262,8 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
     #    ones writes nothing (every draw is fixed by seed, annotator and pair), one with other noise settings redraws
     #    the labels they change, and one with fewer or other annotators (another name, another judge) removes every
     #    simulated annotator's labels not named now, since the export would count them in one majority with these.
-    #    People's labels are never touched.
+    #    A pair the word filter holds back now (a word added to offensive_words) loses its simulated labels, as a
+    #    fresh run would not have drawn them. People's labels are never touched.
     store = simulator_store(db, overlap=len(pairs) + 10**6, lease_s=label_args.lease_timeout_s, seed=label_args.seed)
     store.import_items(pairs, word_filter(label_args.offensive_words if label_args.filter_offensive else []))
     names = [annotator] if args.annotators == 1 else [f"{annotator}-{i}" for i in range(1, args.annotators + 1)]
@@ -280,7 +281,9 @@ def main(args: SimulateArgs, run: RunArgs) -> dict:
                 labels.append((name, pair_id, choice, left))
                 written += before is None
                 changed += before is not None
-    removed = store.save_simulated(gone, labels)  # one transaction: a run killed before it changes nothing
+    blocked = set(store.blocked_pairs())
+    withdraw = sorted((name, pair_id) for name, pair_id in stored if name in names and pair_id in blocked)
+    removed = store.save_simulated(gone, labels, withdraw)  # one transaction: a run killed before it changes nothing
 
     # 4. What was achieved, from the store itself (a rerun with the same settings reports the same)
     mine = [lab for lab in store.labels() if lab["annotator"] in names and lab["pair_id"] in scores]

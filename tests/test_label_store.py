@@ -889,6 +889,15 @@ def test_export_strength_comes_from_the_winning_votes():
               (("a", 0, "slightly"), ("b", 0, "slightly"), ("c", 0, "much"), ("d", 1, "much"), ("e", 1, "much"))]
     (row,), _ = aggregate(labels)
     assert row["chosen"][0]["content"] == "p-r0" and row["strength"] == "slightly" and row["agreement"] == 0.6
+    # no majority among the winners: no strength, whatever order the labels were saved in (the first saved won, so an
+    # undo and the same label again changed the export); a vote without a strength counts as one
+    for order in ((("a", "much"), ("b", "slightly")), (("b", "slightly"), ("a", "much"))):
+        (row,), _ = aggregate([lab("p", who, "left", 0, strength) for who, strength in order])
+        assert row["strength"] == "", order
+    (row,), _ = aggregate([lab("p", who, "left", 0, strength) for who, strength in (("a", "much"), ("b", None), ("c", None))])
+    assert row["strength"] == ""
+    (row,), _ = aggregate([lab("p", who, "left", 0, strength) for who, strength in (("a", "much"), ("b", "much"), ("c", None))])
+    assert row["strength"] == "much"
 
 
 def test_binomial_p_of_a_large_count_and_the_rate_of_a_short_session():

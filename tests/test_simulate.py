@@ -542,6 +542,7 @@ def test_pairs_the_word_filter_holds_back_from_people_are_not_labeled_by_the_sim
     runs = tmp_path / "runs"
     path, rows = pairs_file(tmp_path)
     rows[4]["responses"][1] += " zorblax"
+    rows[7]["responses"][0] += " glorp"  # not filtered yet
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     label_yaml = tmp_path / "label.yaml"
     label_yaml.write_text((REPO / "configs/label.yaml").read_text() + "\nfilter_offensive: true\noffensive_words: [zorblax]\n")
@@ -550,6 +551,18 @@ def test_pairs_the_word_filter_holds_back_from_people_are_not_labeled_by_the_sim
                                               "--label_config", str(label_yaml)]))
     labeled = {lab["pair_id"] for lab in LabelStore(runs / "t" / "label" / "labels.sqlite").labels()}
     assert labeled == {r["pair_id"] for r in rows} - {rows[4]["pair_id"]} and m["labels"] == 59
+    # a word added later: the pair it now holds back loses its simulated label, as a fresh run would not draw it (the
+    # export counted it on); a person's label there stays
+    store = LabelStore(runs / "t" / "label" / "labels.sqlite")
+    store.save_label("alice", rows[7]["pair_id"], "left", 0)
+    label_yaml.write_text(label_yaml.read_text().replace("[zorblax]", "[zorblax, glorp]"))
+    m = main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
+                                              "--run", "t", "--pairs_dataset", str(path), "--annotators", "1",
+                                              "--label_config", str(label_yaml)]))
+    labels = LabelStore(runs / "t" / "label" / "labels.sqlite").labels()
+    assert {lab["pair_id"] for lab in labels if lab["annotator"] != "alice"} == labeled - {rows[7]["pair_id"]}
+    assert [lab["pair_id"] for lab in labels if lab["annotator"] == "alice"] == [rows[7]["pair_id"]]
+    assert m["labels_removed"] == 1 and m["labels"] == 58
 
 
 def test_the_metrics_are_of_the_pairs_labeled_now_not_of_an_earlier_pairs_dataset(tmp_path):

@@ -62,10 +62,13 @@ def aggregate(labels: list[dict], ties: str = "drop", both_bad: str = "drop", mi
         if outcome == "tie" and ties == "drop":
             dropped["tie"] += 1
             continue
-        strengths = Counter(lab["strength"] for lab, v in zip(labs, votes) if v == outcome and lab["strength"])
+        # The strength more than half the winning votes gave (a vote without one counts): most_common's first of
+        # equals was the first label saved, so an undo and the same label again changed the export.
+        strengths = [lab["strength"] or "" for lab, v in zip(labs, votes) if v == outcome]
+        top, n_strength = Counter(strengths).most_common(1)[0]
         common = dict(pair_id=pair_id, prompt=labs[0]["prompt"],
                       annotator=",".join(sorted(lab["annotator"] for lab in labs)), n_annotators=len(labs),
-                      strength=strengths.most_common(1)[0][0] if strengths else "",
+                      strength=top if 2 * n_strength > len(strengths) else "",
                       agreement=round(agreement, 4), is_tie=outcome == "tie")
         responses = labs[0]["responses"]
         if outcome == "tie":  # both orders: their Bradley-Terry gradients cancel, so the rewards are pulled together
@@ -173,7 +176,7 @@ tags: [{", ".join(("trl", "preference", *whose.tags, "rlhf"))}]
 - **Pairs**: {pairs_source}. Labels of pairs from earlier pairs datasets: {n_earlier}, {"kept" if args.earlier_pairs == "keep" else "left out"} (`earlier_pairs: {args.earlier_pairs}`).
 
 Columns: `annotator` (everyone who labeled the pair, comma-separated), `n_annotators`, `strength` (slightly / much /
-empty, the majority among the winning votes), `agreement` (share of votes for the winning outcome), `is_tie`,
+empty: what more than half the winning votes gave, a vote without one included; empty without such a majority), `agreement` (share of votes for the winning outcome), `is_tie`,
 `pair_id` (hash of prompt and responses).
 
 ## Who labeled

@@ -503,6 +503,12 @@ class LabelStore:
             rows = con.execute("SELECT pair_id FROM items WHERE active = 1 AND blocked IS NULL ORDER BY position").fetchall()
         return [r["pair_id"] for r in rows]
 
+    def blocked_pairs(self) -> list[str]:
+        """The current pairs the word filter holds back (active, blocked): served to nobody."""
+        with self._read() as con:
+            rows = con.execute("SELECT pair_id FROM items WHERE active = 1 AND blocked IS NOT NULL").fetchall()
+        return [r["pair_id"] for r in rows]
+
     def remove_simulated(self, annotator: str) -> int:
         """Delete a simulated annotator's labels (a `make simulate` rerun whose annotators changed); people's labels
         cannot be removed this way. Returns how many there were; the history keeps a 'remove' row for each."""
@@ -546,14 +552,21 @@ class LabelStore:
                 return None
             return self._save_label(con, annotator, pair_id, choice, shown_left, strength, note)
 
-    def save_simulated(self, remove: list[str], labels: list[tuple[str, str, str, int]]) -> int:
+    def save_simulated(self, remove: list[str], labels: list[tuple[str, str, str, int]],
+                       withdraw: list[tuple[str, str]] = ()) -> int:
         """A `make simulate` run's writes, all in one transaction: the simulated annotators no longer named removed,
-        then each (annotator, pair_id, choice, shown_left) saved. A run killed midway leaves the store as it was,
-        never half redrawn with other noise settings. Returns how many labels `remove` took away."""
-        if not all(is_simulated(a) for a in [*remove, *(lab[0] for lab in labels)]):
+        and each (annotator, pair_id) of `withdraw` (a pair the word filter now holds back), then each (annotator,
+        pair_id, choice, shown_left) saved. A run killed midway leaves the store as it was, never half redrawn with
+        other noise settings. Returns how many labels `remove` and `withdraw` took away."""
+        if not all(is_simulated(a) for a in [*remove, *(lab[0] for lab in labels), *(w[0] for w in withdraw)]):
             raise ValueError("save_simulated writes simulated annotators' labels only")
         with self._tx() as con:
             removed = sum(self._remove_labels(con, annotator) for annotator in remove)
+            now = self.clock()
+            for annotator, pair_id in withdraw:
+                removed += con.execute("DELETE FROM labels WHERE annotator = ? AND pair_id = ?",
+                                       (annotator, pair_id)).rowcount
+                self._history(con, "remove", pair_id, annotator, now)  # withdrawn: held back now
             for annotator, pair_id, choice, shown_left in labels:
                 self._save_label(con, annotator, pair_id, choice, shown_left)
         return removed
