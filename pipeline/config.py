@@ -358,11 +358,12 @@ def check_report_to(instance, source_of) -> None:
 # Sizes and rates no stage can run with, checked on every parsed config that has the field (TRL's and ours alike), so a
 # zero batch size or a negative learning rate stops here, named by its flag or YAML key, before anything is loaded or
 # written (TRL would fail deep in training, or train on). name: (low, high, low inclusive); None = no bound.
+SIZES = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_new_tokens",
+         "generation_batch_size", "sample_max_new_tokens", "score_batch_size", "gold_batch_size", "max_prompt_tokens",
+         "max_length", "lora_r", "batch_size", "concurrency_limit")
+SIZE_LIMIT = 2**31  # past an index's size: a traceback deep in torch, after the run folder was prepared
 RANGES = {
-    **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_new_tokens", "generation_batch_size", "sample_max_new_tokens", "score_batch_size",
-                     "gold_batch_size", "max_prompt_tokens", "max_length", "lora_r", "batch_size",
-                     "concurrency_limit"), (1, 2**31, True)),  # past an index's size: a traceback deep in torch
+    **dict.fromkeys(SIZES, (1, None, True)),
     **dict.fromkeys(("learning_rate", "lora_alpha", "lease_timeout_s", "beta", "logging_steps", "save_steps"),
                     (0, None, False)),
     "seed": (0, 2**32, True),  # numpy's and transformers' set_seed refuse others, after the run folder is prepared
@@ -394,6 +395,10 @@ def check_ranges(instance, source_of) -> None:
             else:
                 want = f"in [{low}, {high})" if name != "top_p" else f"in ({low}, {high}]"
             raise ConfigError(f"{source_of(name)} is {v}: it must be {want}")
+    for name in SIZES:
+        v = getattr(instance, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= SIZE_LIMIT:
+            raise ConfigError(f"{source_of(name)} is {v}: it must be below {SIZE_LIMIT}")
     steps = getattr(instance, "max_steps", None)
     if isinstance(steps, int) and steps != -1 and steps < 1:  # TrainingArguments: -1 = train by num_train_epochs
         raise ConfigError(f"{source_of('max_steps')} is {steps}: give a number of steps >= 1, or -1 to train for "
