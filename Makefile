@@ -42,7 +42,7 @@ STAGE_PKG ?= stages
 # The machine's cores, not the caller's OMP_NUM_THREADS (which nproc would report): that is read on its own below.
 CPU_COUNT := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 processes_of = $(or $(shell sed -n 's/^num_processes: *\([0-9][0-9]*\).*/\1/p' $(1) 2>/dev/null),1)
-threads_for = $(shell n=$$(( $(CPU_COUNT) / ($(1) > 0 ? $(1) : 1) )); [ $$n -ge 1 ] && echo $$n || echo 1)
+threads_for = $(shell n=$$(( $(CPU_COUNT) / $(1) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 THREADS_FROM_CALLER := $(filter environment% command%,$(origin OMP_NUM_THREADS))
 export OMP_NUM_THREADS ?= $(call threads_for,$(call processes_of,$(ACCELERATE_CONFIG)))
 export OMP_WAIT_POLICY ?= PASSIVE
