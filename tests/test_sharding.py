@@ -521,8 +521,8 @@ def test_a_launch_of_cpu_ranks_hides_the_gpus_from_them(cpu_ranks, monkeypatch):
         monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     else:
         monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    for key in (launch.LAUNCH_ENV, launch.STAGE_ENV, launch.LAUNCHER_PID_ENV):
-        monkeypatch.delenv(key, raising=False)
+    for key in (launch.LAUNCH_ENV, launch.STAGE_ENV, launch.LAUNCHER_PID_ENV):  # launch() sets them: set here first,
+        monkeypatch.setenv(key, "")  # so that they go again after the test (PIPELINE_STAGE=sft refused later ppo parses)
     launch.launch(["--config_file", "configs/accelerate/cpu2.yaml"], "tests.fake_stages.sft", [], "sft")
     assert seen == {"visible": "" if cpu_ranks else "0,1"}
 
