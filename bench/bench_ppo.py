@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -247,7 +246,9 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
         ratio = speed_memory_ratio(res["ours"], res["peer"])
         for key in ("episodes_per_s", "peak_rss_mb"):
             ratio.update(paired_ratios(ours, peer, key))
-        ratio.update(reward_gain_verdict(res["ours"], res["peer"]))
+        # "reward gain >= the peer's": each side's median gain and median SE of its runs' gains (a run's SE: of its
+        # reward-vs-update slope)
+        ratio.update(gain_verdict(res["ours"], res["peer"], "reward_gain", mean="reward_gain"))
         ratio["meets_episodes_per_s_target"] = ratio["episodes_per_s"] is not None and ratio["episodes_per_s"] >= 1.5
         if scale == "story":
             ratio.update(gain_verdict(res["ours"], res["peer"]))
@@ -255,18 +256,6 @@ def bench_scale(scale: str, rounds: int, peer_python: str | None, ours_only: boo
             ratio["meets_peak_rss_target"] = ratio["peak_rss_mb"] is not None and ratio["peak_rss_mb"] <= 0.6
         res["ratio"] = ratio
     return res
-
-
-def reward_gain_verdict(ours: dict, peer: dict) -> dict:
-    """The target "reward gain >= the peer's", as bench-rl's gold gain (harness.gain_verdict): met unless ours lies
-    below the peer's by more than sqrt(se_ours^2 + se_peer^2), each side's median reward gain and median SE of its
-    runs' gains (a run's SE: of its reward-vs-update slope); no SE: no verdict (the difference was written alone)."""
-    a, b = ours.get("reward_gain"), peer.get("reward_gain")
-    sa, sb = ours.get("reward_gain_se"), peer.get("reward_gain_se")
-    if a is None or b is None:
-        return {"reward_gain_diff": None, "meets_reward_gain_target": None}
-    se = math.sqrt(sa ** 2 + sb ** 2) if sa is not None and sb is not None else None
-    return {"reward_gain_diff": round(a - b, 4), "meets_reward_gain_target": (a - b >= -se) if se is not None else None}
 
 
 def parse_bench_args(argv=None):

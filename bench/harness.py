@@ -118,16 +118,18 @@ def gold_summary(runs: list[dict], metrics: tuple[str, ...]) -> dict:
     return out
 
 
-def gain_verdict(ours: dict, peer: dict) -> dict:
-    """Is our gold gain at least the peer's within SE? Ours passes unless it lies below the peer's by more than the
-    standard error of the difference of the two means (sqrt(se_ours^2 + se_peer^2)); no SE (one round): no verdict."""
-    a, b = ours.get("gold_gain_mean"), peer.get("gold_gain_mean")
-    sa, sb = ours.get("gold_gain_se"), peer.get("gold_gain_se")
+def gain_verdict(ours: dict, peer: dict, figure: str = "gold_gain", mean: str = "gold_gain_mean") -> dict:
+    """Is our gain (`figure`: the gold's; bench-ppo's reward gain too) at least the peer's within SE? Ours passes
+    unless it lies below the peer's by more than the standard error of the difference of the two means
+    (sqrt(se_ours^2 + se_peer^2), from each side's `{figure}_se`); no SE (one round): no verdict. `mean`: the key of
+    each side's gain."""
+    a, b = ours.get(mean), peer.get(mean)
+    sa, sb = ours.get(f"{figure}_se"), peer.get(f"{figure}_se")
     if a is None or b is None:
-        return {"gold_gain_diff": None, "gold_gain_diff_se": None, "meets_gold_gain_target": None}
+        return {f"{figure}_diff": None, f"{figure}_diff_se": None, f"meets_{figure}_target": None}
     se = math.sqrt(sa ** 2 + sb ** 2) if sa is not None and sb is not None else None
-    return {"gold_gain_diff": round(a - b, 4), "gold_gain_diff_se": round(se, 4) if se is not None else None,
-            "meets_gold_gain_target": (a - b >= -se) if se is not None else None}
+    return {f"{figure}_diff": round(a - b, 4), f"{figure}_diff_se": round(se, 4) if se is not None else None,
+            f"meets_{figure}_target": (a - b >= -se) if se is not None else None}
 
 
 @dataclass

@@ -278,7 +278,7 @@ def require_shared_runs_dir(runs_dir: str, stage: str) -> None:
     different models, and a resumed SFT hung with rank 0 resuming while the other node started over. PPO alone runs
     without one (each node keeps its RNG files; rank 0 sends the rest), and does not call this. On one machine nothing
     is checked: every rank sees one disk. A collective: every rank must call it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= int(os.environ.get("LOCAL_WORLD_SIZE", str(world))):
         return
     import secrets

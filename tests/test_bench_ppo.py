@@ -368,10 +368,11 @@ def test_lr_flag_reaches_every_scale(monkeypatch):
 def test_reward_gain_target_is_a_verdict_that_can_fail():
     """"reward gain >= the peer's" had no verdict at the tiny and 125m scales (the difference alone was written):
     met unless ours is below the peer's by more than the SE of the difference, sqrt(0.3^2 + 0.4^2) = 0.5 here."""
-    from bench.bench_ppo import reward_gain_verdict
+    from bench.harness import gain_verdict
 
+    reward_gain_verdict = lambda ours, peer: gain_verdict(ours, peer, "reward_gain", mean="reward_gain")  # noqa: E731
     peer = {"reward_gain": 1.0, "reward_gain_se": 0.4}
     assert reward_gain_verdict({"reward_gain": 0.51, "reward_gain_se": 0.3}, peer) == {
-        "reward_gain_diff": -0.49, "meets_reward_gain_target": True}
+        "reward_gain_diff": -0.49, "reward_gain_diff_se": 0.5, "meets_reward_gain_target": True}
     assert reward_gain_verdict({"reward_gain": 0.49, "reward_gain_se": 0.3}, peer)["meets_reward_gain_target"] is False
     assert reward_gain_verdict({"reward_gain": 0.49, "reward_gain_se": None}, peer)["meets_reward_gain_target"] is None
