@@ -24,8 +24,7 @@ from stages.label.store import LabelStore, check_store_file, lock_store
 
 
 def load_pairs(args: LabelArgs, stage: StageRun) -> list[dict]:
-    if not args.pairs_dataset:  # a run of your own pairs: those, not the pairs stage's sampled ones
-        default_to_own_pairs(args, stage.runs_dir, stage.run, "label")
+    default_to_own_pairs(args, stage.runs_dir, stage.run, "label")  # a run of your own pairs: those, not sampled ones
     if args.pairs_dataset:
         return read_pairs(args.pairs_dataset, "--pairs_dataset")
     path = stage.need("pairs")["outputs"]["dataset"]
