@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ConfigError
+from pipeline.run import StageRun
 from stages.label.__main__ import load_pairs
 from stages.label.config import LabelArgs
 from stages.label.store import LabelStore
@@ -50,7 +51,7 @@ def test_random_pairs_files_load_whole_or_raise_one_config_error():
             store.save_label("ann", "old", "left", 0)
             before = (store.labels(), store.progress())
             try:
-                loaded = load_pairs(LabelArgs(pairs_dataset=str(path)), None)
+                loaded = load_pairs(LabelArgs(pairs_dataset=str(path)), StageRun("label", "fuzz", str(Path(tmp) / "runs")))
             except ConfigError as err:
                 assert str(path) in str(err) and "\n" not in str(err)  # one line, naming the file
                 assert (store.labels(), store.progress()) == before
