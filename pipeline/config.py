@@ -110,12 +110,34 @@ def read_utf8(path: Path, name: str) -> str:
                           f"UTF-8") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping: pyyaml keeps the last silently, so a setting
+    edited lower down in a long config quietly undid (or was undone by) the same key above it."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key of its own overrides, by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first_line:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key!r} is given twice (first at line {first_line[key]})",
+                            key_node.start_mark)
+                    first_line[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: the base class says what is wrong with it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass --config with a path to a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except UnicodeDecodeError as err:
         line, column = bad_byte_at(err)
         raise ConfigError(f"config file {path} is not UTF-8 text (line {line}, column {column}): save it as "

@@ -456,9 +456,10 @@ def accelerate_config_problem(config_file: str | Path, launched: int | None = No
     import yaml
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from pipeline.config import yaml_problem
+    from pipeline.config import UniqueKeyLoader, yaml_problem
 
     try:
+        yaml.load(Path(config_file).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a key twice: accelerate keeps the last
         config = load_config_from_file(str(config_file))
     except yaml.YAMLError as err:
         return f"is not valid YAML: {yaml_problem(err)}"

@@ -292,6 +292,13 @@ def test_cli_overrides_yaml():
     assert train.learning_rate == 1e-4 and args.lora_r == 4 and run.run == "xyz"
 
 
+def test_a_merge_key_may_be_overridden_and_equal_values_of_two_keys_are_not_a_key_twice(tmp_path):
+    """`<<: *base` then the same key of its own is YAML's override, not a key given twice."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {lr: 1, epochs: 2}\nown:\n  <<: *b\n  lr: 3\nother: 1\nmore: 1\n")
+    assert read_yaml(path) == {"base": {"lr": 1, "epochs": 2}, "own": {"lr": 3, "epochs": 2}, "other": 1, "more": 1}
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("a: [1, 2\n")
@@ -313,7 +320,12 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     (b"# only a comment\n", "is empty: give it the stage's key: value lines (as configs/ has them)"),
     (b"run: x\n1: foo\n", "has the key 1, which is not a name: every key is a setting's name (as configs/ has them)"),
     (b"null: 3\n", "has the key None, which is not a name: every key is a setting's name (as configs/ has them)"),
-], ids=["broken", "not-utf8", "empty", "comment-only", "number-key", "null-key"])
+    # pyyaml keeps the last of a key given twice: a learning rate edited lower down undid the one above, silently
+    (b"learning_rate: 1e-3\nrun: x\nlearning_rate: 5e-4\n",
+     "is not valid YAML: the key 'learning_rate' is given twice (first at line 1) at line 3, column 1: fix it there"),
+    (b"dataset_mixture: {a: {weight: 1}, a: {weight: 2}}\n",
+     "is not valid YAML: the key 'a' is given twice (first at line 1) at line 1, column 35: fix it there"),
+], ids=["broken", "not-utf8", "empty", "comment-only", "number-key", "null-key", "key-twice", "nested-key-twice"])
 def test_a_config_file_that_is_not_yaml_of_keys_is_one_line_naming_it(content, message, tmp_path):
     """pyyaml's own message spans several lines; a non-UTF-8 file was a traceback; an empty one gave every default,
     and then transformers' error about a bf16 GPU."""

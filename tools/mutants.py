@@ -1889,6 +1889,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('store-withdrawn-not-counted', 'stages/label/store.py', '                removed += con.execute("DELETE FROM labels WHERE annotator = ? AND pair_id = ?",', '                con.execute("DELETE FROM labels WHERE annotator = ? AND pair_id = ?",', 'tests/test_simulate.py -k word_filter'),
     # stop 66: the review's mends
     ('ppo-bench-reward-gain-read-as-gold', 'bench/bench_ppo.py', 'gain_verdict(res["ours"], res["peer"], "reward_gain", mean="reward_gain")', 'gain_verdict(res["ours"], res["peer"], "reward_gain")', 'tests/test_bench_ppo.py -k alternates_the_sides'),
+    # stop 67: a key given twice in a YAML
+    ('yaml-key-twice-kept-last', 'pipeline/config.py', '        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)', '        data = yaml.safe_load(path.read_text(encoding="utf-8"))', 'tests/test_config.py -k not_yaml_of_keys'),
+    ('yaml-merge-key-refused', 'pipeline/config.py', '                if key_node.tag == "tag:yaml.org,2002:merge":', '                if False:', 'tests/test_config.py -k merge_key'),
+    ('accelerate-key-twice-kept-last', 'pipeline/launch.py', '        yaml.load(Path(config_file).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)', '        pass', 'tests/test_make.py -k "accelerate_cannot_read and key-twice"'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
