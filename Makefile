@@ -48,6 +48,8 @@ export OMP_NUM_THREADS ?= $(call threads_for,$(call processes_of,$(ACCELERATE_CO
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
+# Gradio's run history pages call the Hub with your token for clients that have not logged in
+export GRADIO_RUN_HISTORY ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # Progress bars into a log (make ... 2>&1 | tee log, CI): tqdm redraws each bar up to ten times a second, and a log

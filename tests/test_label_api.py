@@ -71,6 +71,25 @@ def test_a_login_cannot_label_under_another_name(login_app):
     assert store.progress("bob")["mine"] == 1
 
 
+def test_gradios_run_history_pages_are_off(login_app):
+    """Gradio's run history pages answered without a login and, for a client on this machine (an SSH tunnel, a
+    proxy), called the Hub with the operator's token: listing and creating buckets in their name, saving the labels
+    there. Off: each is Not Found, while the app itself still asks for a login."""
+    import urllib.error
+    import urllib.request
+
+    url, _ = login_app
+    for path, data in [("gradio_api/run-history/buckets", None), ("gradio_api/runs", None),
+                       ("gradio_api/run-history/connect", b'{"bucket_id": "someone/loot"}')]:
+        request = urllib.request.Request(url + path, data=data, headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        assert err.value.code == 404, (path, err.value.code)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url + "config", timeout=30)
+    assert err.value.code == 401
+
+
 def test_a_note_beyond_the_limit_is_refused_and_nothing_is_stored(login_app):
     url, store = login_app
     alice = client(url, "alice")

@@ -594,6 +594,16 @@ def test_auth_guard_and_users(tmp_path):
         assert "hunter2" not in str(err.value)
     with pytest.raises(ConfigError, match=r"bad password \(entry 1 of \$LABEL_USERS\): it starts or ends with a space"):
         load_users(None, env={"LABEL_USERS": "bob:hunter2 , alice:x"})  # the space before the comma is the password's
+    # `LABEL_USERS=$(cat users.env)` with a login per line: one login, alice, whose password nobody can type
+    for env in ({"LABEL_USERS": "alice:zq1\nbob:zq2"}, {"LABEL_USERS": "carol:x,alice:zq1\r\nbob:zq2\n"},
+                {"LABEL_USERS": "alice:p\x00w"}):
+        with pytest.raises(ConfigError, match=r"bad password \(entry (1|2) of \$LABEL_USERS\): it holds a line break or "
+                                               r"another control character.*part \$LABEL_USERS's entries with commas") as err:
+            load_users(None, env=env)
+        assert "zq" not in str(err.value) and "\n" not in str(err.value)
+    users.write_text("alice:p\x07w\n")
+    with pytest.raises(ConfigError, match=r"bad password \(line 1 of the users file .*\): it holds a line break"):
+        load_users(str(users), env={})
 
 
 def test_a_login_name_with_a_space_before_its_colon_is_the_name_itself(tmp_path):
@@ -828,23 +838,25 @@ def test_a_direction_override_in_one_piece_of_an_earlier_label_does_not_turn_the
 
 @pytest.mark.parametrize("login", ["ann  lee", "\u202eecila", "<b>eve</b>", "tab\there", "x" * 65,
                                    "\u0430lice", "b\u03bfb", "\uff41lice", "\ufb01na", "Zoe\u0308",
-                                   "alice\u115f", "alice\u1160", "\u3164bob", "\uffa0ann"])
+                                   "alice\u115f", "alice\u1160", "\u3164bob", "\uffa0ann",
+                                   "ann\u0661", "bo\u0966", "\u01c0ily", "\u041e\u043b\u0435\u0433\u0661"])
 def test_a_login_name_that_could_look_like_another_is_refused(login):
     """A login is the identity: `ann  lee` showed as `ann lee` (another login), a direction override reversed the
     progress line around it, and `аlice` with a Cyrillic `а` (or `bοb` with a Greek `ο`, a full-width `ａ`, the ligature
     `ﬁ`, an `e` and a combining diaeresis for `ë`) looked like `alice`, as did `alice` and a Hangul filler (a letter,
-    Hangul mixes with Latin, and a browser draws it as a blank). Logins follow the typed names' rule; one error line,
+    Hangul mixes with Latin, and a browser draws it as a blank), `ann١` (an Arabic-Indic digit) `ann1`, `ǀily` (a
+    Latin click letter) `lily`. Logins follow the typed names' rule; one error line,
     naming the source, not the password."""
     from stages.label.app import clean_name
 
     with pytest.raises(ConfigError) as err:
         load_users(None, env={"LABEL_USERS": f"{login}:secretpw,bob:pw2"})
-    assert str(err.value) == ("bad login name (entry 1 of $LABEL_USERS): use letters of one script, digits, single "
+    assert str(err.value) == ("bad login name (entry 1 of $LABEL_USERS): use letters of one script, digits 0-9, single "
                               "spaces and . @ ' - only, up to 64 characters (as a typed name), so that no two logins "
                               "look alike")
     if len(login.split()) == 1:  # a typed name, the same (a typed name's spaces are made single, not refused)
         assert clean_name(login) is None
-    names = ["Ann Lee", "j.o'neil-2@lab.org", "Zoë", "Олег", "Ελένη", "山田たろう", "김민준", "Kenji 山田"]
+    names = ["Ann Lee", "j.o'neil-2@lab.org", "Zoë", "Олег", "Ελένη", "山田たろう", "김민준", "Kenji 山田", "Олег 2"]
     assert load_users(None, env={"LABEL_USERS": ",".join(f" {n}:pw{i}" for i, n in enumerate(names))}) == [
         (n, f"pw{i}") for i, n in enumerate(names)]
 

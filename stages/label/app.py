@@ -278,7 +278,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 return (*view(session(st, request)), gr.update())
             annotator = clean_name(typed)
             if annotator is None:
-                return (*view(st, "⚠ Enter a name: letters of one script, digits, spaces, . @ ' - (up to 64 characters)."), gr.update())
+                return (*view(st, "⚠ Enter a name: letters of one script, digits 0-9, spaces, . @ ' - (up to 64 characters)."), gr.update())
             return (*view({"annotator": annotator}, f"Labeling as <b>{html.escape(annotator)}</b>."), annotator)
 
         def on_choice(choice: str):
@@ -363,5 +363,8 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
 
 
 def launch_kwargs() -> dict:
-    """What every launch passes: shortcuts, styling, nothing that reaches beyond this machine."""
-    return dict(head=HEAD, css=CSS, share=False, ssr_mode=False, show_error=True)
+    """What every launch passes: shortcuts, styling, nothing that reaches beyond this machine. Gradio's run history
+    is off: its pages answer without a login and, for a client on this machine (an SSH tunnel, a proxy), call the Hub
+    with this machine's token (HF_TOKEN or the saved login): anyone reaching the app could list and create buckets
+    under the operator's name, and have every label saved there."""
+    return dict(head=HEAD, css=CSS, share=False, ssr_mode=False, show_error=True, run_history=False)

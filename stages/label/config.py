@@ -167,7 +167,7 @@ def read_utf8(path: Path, what: str) -> str:
         raise ConfigError(f"{what} {path} is not UTF-8 text (line {line}, column {column}): save it as UTF-8") from None
 
 
-# An annotator's name, typed or a login: letters, digits, single spaces, . @ ' - (no ':', which marks a simulator; no
+# An annotator's name, typed or a login: letters, digits 0-9, single spaces, . @ ' - (no ':', which marks a simulator; no
 # control or direction characters): as it is shown, stored and exported, so two people never look alike.
 NAME_RE = re.compile(r"^[\w .@'-]{1,64}$")
 # The scripts one name may mix, as browsers allow in a domain name (Chromium's IDN policy): Japanese, Korean and Chinese
@@ -198,6 +198,12 @@ def clean_name(name: str | None) -> str | None:
         return None
     if any(lo <= ord(c) <= hi for c in name for lo, hi in IGNORABLE_RANGES):  # a Hangul filler: `alice` + a blank
         return None
+    # Digits 0-9 only: `ann١` (an Arabic-Indic one) and `bo०` (a Devanagari zero) passed beside `ann1` and `bo0`, as the
+    # scripts are the letters'. And no Latin "other letter": the clicks `ǀ ǁ ǃ` are drawn as `l`/`|`, `‖`, `!`.
+    if any(unicodedata.category(c) == "Nd" and not "0" <= c <= "9" for c in name):
+        return None
+    if any(unicodedata.category(c) == "Lo" and name_scripts(c) == {"LATIN"} for c in name):
+        return None
     scripts = name_scripts(name)
     return name if len(scripts) <= 1 or any(scripts <= mix for mix in SCRIPT_MIXES) else None
 
@@ -213,11 +219,17 @@ def _user(entry: str, where: str, hint: str = "") -> tuple[str, str]:
     name, sep, password = entry.partition(":")
     if not sep or not name.strip() or not password.strip():
         raise ConfigError(f"bad user entry ({where}): write `name:password`, a name and a password{hint}")
+    # A browser's password box drops line breaks (a tab can be pasted): `LABEL_USERS=$(cat users.env)` with one login
+    # per line was one login, alice's password `pw1\nbob:pw2`, which nobody could type, and no login for bob
+    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in password):
+        raise ConfigError(f"bad password ({where}): it holds a line break or another control character, which the "
+                          f"login form cannot take (one login per line in ${USERS_ENV} made one login of them): part "
+                          f"${USERS_ENV}'s entries with commas, `alice:pw1,bob:pw2`, or give them in a users file")
     if password != password.strip():  # the users file's line once lost a trailing space, and nobody could log in
         raise ConfigError(f"bad password ({where}): it starts or ends with a space, which is easily lost when it is "
                           f"typed or pasted: remove the space")
     if clean_name(name) != name.strip():  # `ann  lee` would show as `ann lee`, another login's name
-        raise ConfigError(f"bad login name ({where}): use letters of one script, digits, single spaces and . @ ' - "
+        raise ConfigError(f"bad login name ({where}): use letters of one script, digits 0-9, single spaces and . @ ' - "
                           f"only, up to 64 characters (as a typed name), so that no two logins look alike")
     return name.strip(), password
 
