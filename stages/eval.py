@@ -12,7 +12,8 @@ its own response. The comparison: each policy's proxy (reward model) and gold me
 the pairwise win-rate matrices (Wilson intervals) and one plot of gold score against sqrt(KL) with a series per method
 (stages/eval_plots.py). With PPO it also writes the SFT-vs-PPO report of earlier versions (stages/eval_ppo.py):
 training curves, reward-hacking flags, the human win rate's pairs. Writes runs/<run>/eval/: report.md, report.json (every figure and the
-samples it was computed from), plots/*.png, manifest.json (last, with the headline figures).
+samples it was computed from; for a kept policy along a gold curve, its per-prompt proxy and gold scores and mean KL,
+not its responses), plots/*.png, manifest.json (last, with the headline figures).
 
 With a gold judge (`gold_judge:`, pipeline/judges.py; never a reward model the run optimised) it also reports the gold
 win rate of PPO over SFT, how often the reward model orders held-out pairs as the gold does, and over-optimisation
@@ -351,8 +352,7 @@ def compare_policies(judge, prompts, args: EvalArgs, policies: dict[str, dict], 
                 curves[name] = checkpoint_curve(judge, prompts, args, kept[name], (sft_point, final))
             else:  # DPO keeps no policies along the way: its final one only
                 curves[name] = [final]
-        comparison["curves"] = {n: [{k: v for k, v in p.items() if k not in ("proxy", "gold")} for p in pts]
-                                for n, pts in curves.items()}
+        comparison["curves"] = curves  # with each point's per-prompt proxy and gold: its flag can be recomputed
     comparison["flags"] = policy_flags(comparison["by_policy"], args.hacking_kl, args.hacking_length_ratio, curves)
     return comparison
 

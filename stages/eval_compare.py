@@ -217,7 +217,8 @@ def comparison_markdown(comparison: dict) -> list[str]:
     flagged = {n: f for n, f in comparison["flags"].items() if f}
     lines += ["", f"Signs of reward hacking (a mean KL above {comparison['hacking_kl']:g} nats, a higher reward with responses "
               f"{comparison['hacking_length_ratio']:g}x as long as SFT's, the reward model's score rising along an RL run "
-              "while the gold fell): " + ("none." if not flagged else ""), ""]
+              "while the gold fell from its best point by more than about 2 paired standard errors, a Bonferroni-corrected t "
+              "test over the run's points): " + ("none." if not flagged else ""), ""]
     lines += [f"- **{n}**: " + "; ".join(f) for n, f in flagged.items()] + ([""] if flagged else [])
     if comparison.get("win_rate_gold"):
         lines += matrix_markdown(comparison["win_rate_gold"], f"judged by the gold judge `{comparison['gold_judge']}`")

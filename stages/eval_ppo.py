@@ -246,7 +246,11 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
     ratio = f"{c['hacking_length_ratio']:g} times the" if "hacking_length_ratio" in c else "a multiplied"
     kl = f" ({c['hacking_kl']:g} nats)" if "hacking_kl" in c else ""
     lines += [f"- ⚠️ {flag}" for flag in report["flags"]] or [f"No sign of it: the reward did not rise together with "
-                                                              f"{ratio} length, and KL stayed below the threshold{kl}."]
+                                                              f"{ratio} length, and KL stayed below the threshold{kl}"
+                                                              + (", and the gold did not fall from its best point by "
+                                                                 "more than about 2 paired standard errors while the "
+                                                                 "reward model's score rose (the over-optimisation "
+                                                                 "table above)." if report.get("gold") else ".")]
     if t.get("updates"):
         lines += ["", f"Training ({t['updates']} updates): reward {t.get('reward_raw_first', t.get('reward_first', float('nan'))):.3f} → "
                       f"{t.get('reward_raw_last', t.get('reward_last', float('nan'))):.3f}, "

@@ -103,6 +103,18 @@ def test_one_series_per_method_with_the_kept_policies(compared):
     sft, kept, final = curves["grpo"]  # update 2 is the SFT adapter: SFT's gold, KL 0
     assert kept["gold_mean"] == sft["gold_mean"] and kept["sqrt_kl"] == pytest.approx(0.0, abs=1e-3)
     assert final["gold_mean"] == c["by_policy"]["grpo"]["gold_mean"] == curves["ppo"][-1]["gold_mean"]
+    # each point keeps its per-prompt scores, from which its means and the proxy-up-gold-down flag are recomputed
+    from stages.eval_compare import overoptimisation_flag
+
+    for name, points in curves.items():
+        for p in points:
+            assert len(p["proxy"]) == len(p["gold"]) == len(c["samples"])
+            assert (statistics.fmean(p["proxy"]), statistics.fmean(p["gold"])) == pytest.approx((p["proxy_mean"], p["gold_mean"]))
+        if len(points) > 1:
+            sign = overoptimisation_flag(points)
+            assert [f for f in c["flags"][name] if not f.startswith(("mean KL", "a higher reward-model"))] == (
+                [sign] if sign else [])
+    assert curves["grpo"][-1]["gold"] == [x["gold"]["grpo"] for x in c["samples"]]
 
 
 def test_plot_draws_one_series_per_policy(tmp_path):
