@@ -17,6 +17,7 @@ the reload check in stages/rm_scoring.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -187,7 +188,8 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
         adapter_dir = stage.dir / "adapter" if i == 0 else stage.dir / f"member-{i}" / "adapter"
         if args.ensemble > 1 and state.is_main_process:
             print(f"reward model {i + 1} of {args.ensemble} (seed {member_seed}) -> {adapter_dir}", flush=True)
-        members.append(train_member(train_cfg, plan, profile, tokenizer, shard, peft_config, train_set, eval_set, eval_rows,
+        # a config of its own: peft adds the score head to the modules_to_save of the config it is given, in place
+        members.append(train_member(train_cfg, plan, profile, tokenizer, shard, copy.deepcopy(peft_config), train_set, eval_set, eval_rows,
                                     adapter_dir, args, {**run_key, "member": i}))
     train_cfg.seed, train_cfg.output_dir = seed, str(trainer_root)
 

@@ -884,6 +884,9 @@ def test_an_ensemble_trains_each_member_with_its_own_seed(tiny_models, marker_da
     assert two["metrics"]["members"][0]["eval_accuracy"] == one["metrics"]["eval_accuracy"]
     assert all(r["reload_check"]["max_abs_diff"] <= 1e-4 for r in two["metrics"]["members"])
     assert (runs_dir / "two" / "rm" / "member-1" / "adapter" / "pipeline_base.json").is_file()
+    # each member's own LoRA config: one shared config object grew peft's modules_to_save with every member
+    configs = [json.loads((Path(members[m]) / "adapter_config.json").read_text()) for m in ("reward", "reward-1")]
+    assert configs[0] == configs[1] and len(set(configs[1]["modules_to_save"])) == len(configs[1]["modules_to_save"])
 
     prof = profile_from(str(tiny_models[arch]))
     tok = load_tokenizer(prof)
