@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.adapters import read_pooling, read_sum_divisor
+from pipeline.chat import TEMPLATE_KWARGS
 from pipeline.config import REPO_ROOT, ConfigError, resolve_path
 from pipeline.data import own_files
 from pipeline.judges import describe_judge
@@ -399,8 +400,18 @@ def trained_on_labels(manifests: dict[str, dict], policy: str) -> list[str]:
     return sorted(stage for stage in {"rm", policy} if export and read(stage) == manifest_digest(export))
 
 
+def template_kwargs_of(folder: Path) -> str:
+    """The apply_chat_template arguments, as Python source (`, date_string="26 Jul 2024"`), that template a
+    conversation as this run did: pipeline.chat.TEMPLATE_KWARGS that the saved tokenizer's template reads. Llama 3.x
+    writes today's date into every prompt without date_string: the policy saw, and the reward model scored, another."""
+    texts = [(folder / "chat_template.jinja").read_text(encoding="utf-8")] if (folder / "chat_template.jinja").is_file() else []
+    if (folder / "tokenizer_config.json").is_file():
+        texts.append(json.dumps(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")))
+    return "".join(f", {key}={json.dumps(value)}" for key, value in TEMPLATE_KWARGS.items() if any(key in t for t in texts))
+
+
 def reward_use(rm: dict, given: str | None, extras: list[str], method: str, repo: str = "repo",
-               base: str | None = None) -> str:
+               base: str | None = None, template_kwargs: str = "") -> str:
     """How to load and score as the published reward model(s) do: the base (`base`: its Hub id; None: shipped in the
     repo's base/, which loads only with adapter_kwargs, as the policy's does), then each member; a stock load reads the
     head at the last token, which is not the score of a `sum`-pooled model, and an ensemble's reward needs each
@@ -411,11 +422,19 @@ def reward_use(rm: dict, given: str | None, extras: list[str], method: str, repo
                  f"adapter_kwargs={{\"subfolder\": \"base\"}})")
     text = (f"The reward model{'s' if len(members) > 1 else ''} ({', '.join(f'`{m}/`' for m in members)}): LoRA + score "
             f"head on the base; load the base with `{load_base}`, then each with "
-            f"`PeftModel.from_pretrained(model, \"{repo}\", subfolder=\"{members[0]}\")`.")
+            f"`PeftModel.from_pretrained(model, \"{repo}\", subfolder=\"{members[0]}\")`"
+            + (" (a fresh base for each: it adds the member's LoRA and head to the model it is given, so a second "
+               "member on the same base object changes the first)" if len(members) > 1 else "") + ". "
+            "If the base's config has no `pad_token_id`, set `model.config.pad_token_id = tokenizer.pad_token_id` (a "
+            "batch of more than one is refused otherwise). Template the conversation with "
+            "`tokenizer.apply_chat_template(messages, tokenize=False" + template_kwargs + ")`, as the policy's lines "
+            "above do" + (" (the date this run templated with; the template writes today's otherwise)" if
+                          template_kwargs else "") + ".")
     if read_pooling(resolve_path(given) if given else rm["outputs"]["adapter"]) == "sum":
         text += (" The score is not the stock output (the head at the last token): sum the head (`score`) over the "
-                 "hidden states of the reply's tokens, after the prompt as templated with its generation prompt, and "
-                 "divide by `sum_divisor` (`score_pooling.json`).")
+                 "hidden states of the reply's tokens, after the prompt as templated with its generation prompt, up to "
+                 "the last token that is not `pad_token_id` (where a stock model reads its score: when the pad token "
+                 "is the EOS, the reply's closing EOS is left out), and divide by `sum_divisor` (`score_pooling.json`).")
     if len(members) > 1:
         text += (f" The reward {'eval scored with (DPO optimised none)' if method == 'dpo' else 'the policy optimised'} "
                  f"is the mean over the members of (score − `reward_mean`) / `reward_std`, each member's from its "
@@ -425,10 +444,11 @@ def reward_use(rm: dict, given: str | None, extras: list[str], method: str, repo
 
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
                sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None,
-               license: dict | None = None, test_split: bool = False) -> str:
+               license: dict | None = None, test_split: bool = False, template_kwargs: str = "") -> str:
     """The card's text, from `manifests`: the sft, rm, policy and eval stages' (and the run's label export's as it is
     now, when it has one: which stages trained on it). `test_split`: the published dataset (`dataset_repo`) has the
-    `test` split of the reward model's held-out pairs (publish.as_held_out), which the card then names."""
+    `test` split of the reward model's held-out pairs (publish.as_held_out), which the card then names.
+    `template_kwargs`: template_kwargs_of the published tokenizer, for the snippets' apply_chat_template."""
     from huggingface_hub import ModelCardData
 
     from stages.label.export import WHOSE
@@ -472,8 +492,10 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
                   f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo}\")  # downloads the base, {base}",
                   f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")"]
     example = example_prompt(manifests["sft"])
-    lines += [f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(example, ensure_ascii=False)}}}]",
-              "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+    lines += [f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(example, ensure_ascii=False)}}}]"]
+    if template_kwargs:
+        lines += ["# the date the run templated every prompt with (the template writes today's otherwise)"]
+    lines += [f"ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True{template_kwargs})",
               "out = model.generate(**ids, max_new_tokens=64, do_sample=True, temperature=0.7)",
               "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", ""]
     if local:
@@ -486,7 +508,7 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
         lines += [f"Without peft: `AutoModelForCausalLM.from_pretrained(\"{repo}\", subfolder=\"merged\", "
                   f"adapter_kwargs={{\"subfolder\": \"merged\"}})` (base and adapter merged).", ""]
     if "reward/" in extras:
-        lines += [reward_use(manifests["rm"], given, extras, method, repo, None if local else base), ""]
+        lines += [reward_use(manifests["rm"], given, extras, method, repo, None if local else base, template_kwargs), ""]
     lines += ["## Training", "", "| stage | key hyper-parameters |", "|---|---|"]
     for stage in ("sft", args.policy) if method == "dpo" or given else ("sft", "rm", args.policy):
         if stage == "sft" and started_from:

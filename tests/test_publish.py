@@ -1336,6 +1336,45 @@ def test_the_cards_reward_use_follows_the_pooling_of_the_reward_model_the_policy
            "then each with `PeftModel.from_pretrained(model, \"me/r\", subfolder=\"reward\")`" in text
 
 
+@pytest.mark.parametrize("template,dated", [("llama3_2", True), ("llama3_1", True), ("qwen2_5", False)])
+def test_the_cards_snippets_template_as_the_run_did(template, dated, template_tokenizers, tmp_path):
+    """Llama 3.x templates write today's date into the system turn unless given date_string; every stage templates
+    with pipeline.chat's fixed date, so the card's apply_chat_template (the policy's lines and the reward model's) gave
+    the published policy and reward model other prompts than the run's (a reward off by up to 0.034). The card passes
+    the date for a template that reads one, and its text is then the pipeline's. It also says to set pad_token_id
+    (a base without one refuses a batch) and, for an ensemble, to load a fresh base per member."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import render
+    from stages.publish import PublishArgs
+    from stages.publish_card import model_card, reward_use, template_kwargs_of
+
+    folder = template_tokenizers[template]
+    kwargs = template_kwargs_of(folder)
+    assert kwargs == (', date_string="26 Jul 2024"' if dated else "")
+    tok = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    as_card = eval(f"tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False{kwargs})",
+                   {"tok": tok, "messages": messages})
+    assert as_card == render(tok, messages, add_generation_prompt=True)
+
+    ev = {"n_prompts": 8, "reward_sft_mean": 0.0, "reward_ppo_mean": 1.0, "length_sft_mean": 20.0,
+          "length_ppo_mean": 21.0, "no_eos_sft": 0.1, "no_eos_ppo": 0.1, "kl_mean": 1.0, "win_rate": 0.6,
+          "win_rate_ci_low": 0.3, "win_rate_ci_high": 0.8}
+    manifests = {"sft": {"config": {}, "metrics": {}}, "eval": {"metrics": ev},
+                 "rm": {"config": {}, "metrics": {"eval_accuracy": 0.7}, "outputs": {"adapter": str(tmp_path)}},
+                 "ppo": {"config": {}, "metrics": {"updates": 4, "reward_first": 0.0, "reward_last": 1.0, "kl_last": 1.0}}}
+    card = model_card(PublishArgs(license="mit"), "me/x", "t", manifests, "org/base", "org/base", [],
+                      ["reward/", "reward-1/"], None, template_kwargs=kwargs)
+    assert "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", " \
+           f"return_dict=True{kwargs})" in card
+    assert ("# the date the run templated every prompt with" in card) == dated
+    text = reward_use(manifests["rm"], None, ["reward/", "reward-1/"], "ppo", "me/x", "org/base", kwargs)
+    assert f"`tokenizer.apply_chat_template(messages, tokenize=False{kwargs})`" in text and text in card
+    assert "set `model.config.pad_token_id = tokenizer.pad_token_id`" in text and "a fresh base for each" in text
+    assert "a fresh base" not in reward_use(manifests["rm"], None, ["reward/"], "ppo", "me/x", "org/base", kwargs)
+
+
 def test_card_says_which_method_made_the_policy(tmp_path, tiny_models, monkeypatch):
     """A run with ppo, grpo and dpo, evaluated together: each published policy's folder holds its own adapter, and its
     card names its method (from the manifest) in the text and the tags; a policy eval has no figures for is refused
