@@ -89,16 +89,32 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def chat_reward_inputs(tokenizer, prompts: list[list[dict]], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chat_reward_inputs(tokenizer, prompts: list[list[dict]], texts: list[str],
+                       max_prompt_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a reward model reads: prompt + reply as an assistant turn, chat-templated exactly as RewardTrainer
     trained it, right-padded; and where each reply starts (after the prompt and its generation prompt: the tokens a
-    `sum`-pooled reward model adds up from). PPO's rollouts and `make eval` both score through this one function."""
+    `sum`-pooled reward model adds up from). PPO's rollouts and `make eval` both score through this one function.
+    `max_prompt_tokens`: the prompt part cut as the policy's prompt was (keep_end): the reward model reads the prompt
+    the reply answered, and a cut prompt's whole text no longer runs past a learned-position base's positions."""
     seqs, starts = [], []
     for m, t in zip(prompts, texts):
-        seqs.append(chat_ids(tokenizer, list(m) + [{"role": "assistant", "content": t}]))
-        starts.append(common_prefix(seqs[-1], chat_ids(tokenizer, list(m), add_generation_prompt=True)))
+        seq = chat_ids(tokenizer, list(m) + [{"role": "assistant", "content": t}])
+        start = common_prefix(seq, chat_ids(tokenizer, list(m), add_generation_prompt=True))
+        prompt_part = seq[:start] if max_prompt_tokens is None else keep_end(seq[:start], max_prompt_tokens, tokenizer.bos_token_id)
+        seqs.append([*prompt_part, *seq[start:]])
+        starts.append(len(prompt_part))
     ids, mask = right_pad(seqs, tokenizer.pad_token_id)
     return ids, mask, torch.tensor(starts, dtype=torch.long)
+
+
+def reply_closing_tokens(tokenizer, messages: list[dict]) -> int:
+    """The tokens a chat template writes around a reply beyond the generation prompt and the reply's own: the
+    end-of-turn and what follows it (Phi-3's EOS, ChatML's newline, Qwen3's empty think block). The reward model reads
+    them after a sampled reply, so they must fit the base's positions too (check_context)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return 0
+    with_reply = chat_ids(tokenizer, list(messages) + [{"role": "assistant", "content": ""}])
+    return max(len(with_reply) - len(chat_ids(tokenizer, list(messages), add_generation_prompt=True)), 0)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

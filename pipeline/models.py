@@ -89,15 +89,17 @@ def position_limit(config) -> int | None:
                  if isinstance(v := getattr(config, k, None), int) and v > 0), None)
 
 
-def check_context(config, longest_prompt: int, new_tokens: int, flag: str, prompt_flag: str) -> None:
+def check_context(config, longest_prompt: int, new_tokens: int, flag: str, prompt_flag: str, closing: int = 0) -> None:
     """A prompt and its reply must fit the base's positions (`config`: base_config): past them an absolute-position
     model (GPT-2) fails with an index error mid-sampling, after the run folder was prepared, and a rotary one reads
-    positions it never trained on."""
+    positions it never trained on. `closing`: the template's tokens after a reply (reply_closing_tokens), which the
+    reward model reads after the longest reply."""
     limit = position_limit(config)
-    if limit is not None and longest_prompt + new_tokens > limit:
-        raise ConfigError(f"the longest prompt ({longest_prompt} tokens with the chat template) and {flag} {new_tokens} "
-                          f"make {longest_prompt + new_tokens} positions, more than the base model's {limit}: lower "
-                          f"{flag} or {prompt_flag}")
+    if limit is not None and longest_prompt + new_tokens + closing > limit:
+        closed = f" and the chat template's {closing} closing tokens after the reply" if closing else ""
+        raise ConfigError(f"the longest prompt ({longest_prompt} tokens with the chat template) and {flag} {new_tokens}"
+                          f"{closed} make {longest_prompt + new_tokens + closing} positions, more than the base model's "
+                          f"{limit}: lower {flag} or {prompt_flag}")
 
 
 def check_training_length(config, max_length: int | None, longest: int | None) -> None:

@@ -35,7 +35,8 @@ import torch
 from pipeline.adapters import AdapterStack, fp32_head, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
 from pipeline.data import prompt_problem, read_jsonl, score_each_once
-from pipeline.generation import SamplingConfig, chat_reward_inputs, encode_prompts, generate, right_pad
+from pipeline.generation import (SamplingConfig, chat_reward_inputs, encode_prompts, generate, reply_closing_tokens,
+                                 right_pad)
 from pipeline.models import (base_config, check_context, launch_autocast, load_base, load_tokenizer, profile_from, require_chat_template,
                              to_device)
 from pipeline.report import finish_distributed, print_table
@@ -76,7 +77,7 @@ class EvalArgs:
 
 @torch.no_grad()
 def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_ids, sampling: SamplingConfig, seed: int,
-            batch: int, batches_store=None) -> dict:
+            batch: int, batches_store=None, max_prompt_tokens: int | None = None) -> dict:
     """Sample one response per prompt from `policy` (the batches an interrupted run kept: `batches_store`,
     stages.resume.SampledBatches), then score it with the reward adapter."""
     stack.use(policy)
@@ -84,7 +85,7 @@ def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_i
     device = next(stack.model.parameters()).device
     # What the reward model reads: prompt + reply as an assistant turn, chat-templated as RewardTrainer trained it
     # and as PPO scored its rollouts (reward_input: chat).
-    r_ids, r_mask, r_starts = chat_reward_inputs(tokenizer, prompts, gens.texts)
+    r_ids, r_mask, r_starts = chat_reward_inputs(tokenizer, prompts, gens.texts, max_prompt_tokens)  # as sampled from
     rewards = torch.cat(on_every_rank(stack.model, len(r_ids), batch, lambda i: stack.scores(
         "reward", r_ids[i:i + batch].to(device), r_mask[i:i + batch].to(device), r_starts[i:i + batch]).float().cpu()))
     return {"gens": gens, "rewards": finite(rewards.tolist(), f"the reward model's score of {policy}'s response"),
@@ -222,7 +223,7 @@ def kept_policy_samples(stack: AdapterStack, tokenizer, prompts, prompt_ids, sam
         check_adapter(path, stack.causal_lm.config, what=f"kept policy {path}")
         stack.model.load_adapter(str(path), adapter_name=name)  # on a sharded base: whole on every rank, as the others
         ro = rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size,
-                     keep(f"{stage_dir.name}-{name}"))
+                     keep(f"{stage_dir.name}-{name}"), args.max_prompt_tokens)
         kept.append((update, name, ro, sequence_kl(stack, name, "sft", ro, args.score_batch_size, sampling.temperature)))
         stack.use("sft")
         stack.model.delete_adapter(name)
@@ -380,7 +381,9 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     require_chat_template(tokenizer, profile)  # prompts are chats: refuse a template-less base before writing anything
     judge = load_gold_judge(args, rm, list(trained.values()), prompts)  # checked before the run folder is touched
     prompt_ids = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)  # a prompt the template refuses: here too
-    check_context(base_config(profile), max(map(len, prompt_ids)), sampling.max_new_tokens, "--max_new_tokens", "--max_prompt_tokens")
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    check_context(base_config(profile), len(prompt_ids[longest]), sampling.max_new_tokens, "--max_new_tokens",
+                  "--max_prompt_tokens", reply_closing_tokens(tokenizer, prompts[longest]))
     final = {name: final_update(m) for name, m in policies.items() if name in RL_STAGES}  # their metrics files: read
 
     # 1. Every policy adapter, the SFT adapter (also the KL reference) and the reward adapter on one frozen base (sharded
@@ -404,7 +407,7 @@ def main(args: EvalArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     try:  # a damaged upstream file met during the model work (the RM's held-out pairs, a kept policy's adapter)
         with launch_autocast(state.device, "eval"):  # the launch's mixed precision, as the Trainer stages get it
             ro = {name: rollout(stack, name, tokenizer, prompts, prompt_ids, sampling, args.seed, args.score_batch_size,
-                                keep(name)) for name in ["sft", *policies]}
+                                keep(name), args.max_prompt_tokens) for name in ["sft", *policies]}
             kl = {"sft": [0.0] * len(prompts), **{name: sequence_kl(stack, name, "sft", ro[name], args.score_batch_size,
                                                                     sampling.temperature) for name in policies}}
             # The gold report's model work, on every rank (a sharded base needs them all in lockstep): the reward model's

@@ -548,3 +548,27 @@ def test_a_level_proxy_with_longer_replies_is_no_length_flag():
                          length_ratio=2.0, curves={})
     assert flags["ppo"] == []
     assert flags["grpo"] == ["a higher reward-model score with responses 3.0x as long as SFT's (10.0 -> 30.0 tokens)"]
+
+
+def test_the_reward_model_reads_each_prompt_cut_as_the_policies_saw_it(tmp_path, tiny_models, monkeypatch):
+    """--max_prompt_tokens cuts the prompts the policies answer; the reward model read each whole (past a GPT-2
+    base's positions: an IndexError after eval/sampled/ was written). Every policy's replies, the final ones and a
+    kept one's along the gold curve, are scored after the same cut prompt."""
+    import stages.eval as ev
+    from pipeline.generation import chat_reward_inputs
+
+    starts = []
+
+    def recording(tokenizer, prompts, texts, max_prompt_tokens=None):
+        ids, mask, first = chat_reward_inputs(tokenizer, prompts, texts, max_prompt_tokens)
+        starts.append(first.tolist())
+        return ids, mask, first
+
+    monkeypatch.setattr(ev, "chat_reward_inputs", recording)
+    profile = tiny_models["llama"]
+    runs = build_upstream(tmp_path / "runs", profile)
+    add_policy_stage(runs, profile, "grpo", adapter_from=runs / "t" / "ppo" / "adapter",
+                     kept={2: runs / "t" / "sft" / "adapter"})
+    run_eval(runs, profile, "--max_prompt_tokens", "12")
+    assert len(starts) == 4  # sft, ppo, grpo, grpo's kept update-2
+    assert all(s == 12 for batch in starts for s in batch)

@@ -550,13 +550,28 @@ def test_bundled_prompts_after_sft_on_your_data_get_a_note(tiny_models, adapters
     assert capsys.readouterr().err.count("while SFT learned from your data (/home/me/chats.jsonl)") == 1
 
 
-def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file, runs_dir, capsys):
+def test_long_prompts_truncated_with_a_note(tiny_models, adapters, prompts_file, runs_dir, capsys, monkeypatch):
+    """The reward model reads the prompt the policy answered, cut as it was: it read the whole prompt (past a GPT-2
+    base's positions: an IndexError mid-run, the run folder written)."""
+    import stages.ppo.rollout as rollout
+
+    read = []
+
+    def recording(tokenizer, prompts, texts, max_prompt_tokens=None):
+        ids, mask, starts = chat_reward_inputs(tokenizer, prompts, texts, max_prompt_tokens)
+        read.extend(zip(prompts, texts, starts.tolist()))
+        return ids, mask, starts
+
+    from pipeline.generation import chat_reward_inputs
+
+    monkeypatch.setattr(rollout, "chat_reward_inputs", recording)
     sft, rm = adapters("llama")
     m = run_ppo(tiny_models["llama"], runs_dir, "trunc", prompts_file, sft, rm, "--max_prompt_length", "12",
                 "--long_prompts", "truncate", "--total_updates", "1")
     err = capsys.readouterr().err
     assert "longer than max_prompt_length=12 tokens" in err and "cut to 12 tokens: their end, after a leading BOS" in err
     assert m["prompts_long"] > 0 and m["prompts_train"] == m["prompts_total"] - m["prompts_heldout"]
+    assert read and max(start for _, _, start in read) == 12  # the reply after 12 prompt tokens, long prompts too
 
 
 def test_report_to_trackio_logs_every_update_and_a_missing_package_is_refused(tiny_models, adapters, prompts_file,
@@ -613,6 +628,32 @@ def test_report_to_tensorboard_with_tensorboardx_alone_writes_through_tensorboar
     assert cfg.report_to == "tensorboard"  # accepted at parse
     writer = tensorboard_writer(tmp_path / "tensorboard")
     assert type(writer) is Writer and writer.log_dir == str(tmp_path / "tensorboard")
+
+
+@pytest.mark.parametrize("template", ["llama3_2", "qwen2_5", "qwen3", "gemma", "phi3"])
+def test_the_reward_model_reads_a_cut_prompt_as_the_policy_did(template, template_tokenizers):
+    """chat_reward_inputs with max_prompt_tokens: the prompt part cut as the policy's prompt (keep_end: its BOS and
+    its end), the reply and the template's closing tokens whole, the reply's start moved to the cut; a prompt that
+    fits is read as before. reply_closing_tokens counts the tokens the template adds after a reply."""
+    from transformers import AutoTokenizer
+
+    from pipeline.generation import chat_ids, chat_reward_inputs, encode_prompts, keep_end, reply_closing_tokens
+
+    tok = AutoTokenizer.from_pretrained(template_tokenizers[template])
+    if tok.pad_token is None:  # as load_tokenizer gives it one
+        tok.pad_token = tok.eos_token
+    conv = [{"role": "user", "content": "a long question about rabbits and their burrows " * 6}]
+    reply = "Hello there"
+    for limit in (20, 1000):  # cut; fits
+        whole = chat_ids(tok, conv + [{"role": "assistant", "content": reply}])
+        ids, mask, starts = chat_reward_inputs(tok, [conv], [reply], limit)
+        row, start = ids[0][mask[0].bool()].tolist(), int(starts[0])
+        uncut_start = int(chat_reward_inputs(tok, [conv], [reply])[2][0])
+        assert row[start:] == whole[uncut_start:]  # the reply and what closes it, whole
+        assert row[:start] == keep_end(whole[:uncut_start], limit, tok.bos_token_id)
+        assert (start == 20 and row[:start] == encode_prompts(tok, [conv], 20)[0]) if limit == 20 else row == whole
+        reply_ids = tok(reply, add_special_tokens=False)["input_ids"]
+    assert reply_closing_tokens(tok, conv) == len(whole) - uncut_start - len(reply_ids) >= 1
 
 
 def test_a_cut_prompt_keeps_its_bos(tiny_models, prompts_file):

@@ -236,9 +236,11 @@ CASES = [
     ("pairs-past-the-positions", "stages.pairs", PAIRS + ["--max_new_tokens", "600"],
      ["--max_new_tokens 600 make", "more than the base model's 512", "--max_prompt_tokens"]),
     ("ppo-past-the-positions", "stages.ppo", PPO + ["--response_length", "600"],
-     ["--response_length 600 make", "more than the base model's 512", "--max_prompt_length"]),
+     ["--response_length 600 and the chat template's", "closing tokens after the reply make",
+      "more than the base model's 512", "--max_prompt_length"]),
     ("eval-past-the-positions", "stages.eval", EVAL + ["--max_new_tokens", "600"],
-     ["--max_new_tokens 600 make", "more than the base model's 512", "--max_prompt_tokens"]),
+     ["--max_new_tokens 600 and the chat template's", "closing tokens after the reply make",
+      "more than the base model's 512", "--max_prompt_tokens"]),
     # training rows past them: GPT-2 failed mid-training, after prepare (cut to a max_length that fits, they train)
     ("sft-past-the-positions", "stages.sft", SFT + ["--dataset_name", "{long_chats}", "--max_length", "900"],
      ["training rows of up to ", "max_length 900", "the base model's 512 positions", "--max_length 512 or less"]),
@@ -701,6 +703,11 @@ def test_a_training_row_is_checked_against_the_bases_positions_as_the_trainer_wi
     check_context(gpt2, 500, 12, "--max_new_tokens", "--max_prompt_tokens")
     with pytest.raises(ConfigError, match="make 513 positions, more than the base model's 512"):
         check_context(gpt2, 500, 13, "--max_new_tokens", "--max_prompt_tokens")
+    # the reward model reads the template's end-of-turn after the longest reply: 500 + 12 + 1 do not fit
+    with pytest.raises(ConfigError, match="--response_length 12 and the chat template's 1 closing tokens after the "
+                                          "reply make 513 positions, more than the base model's 512"):
+        check_context(gpt2, 500, 12, "--response_length", "--max_prompt_length", 1)
+    check_context(gpt2, 499, 12, "--response_length", "--max_prompt_length", 1)
 
 
 def test_a_base_folder_without_config_json_is_one_error_naming_it(tmp_path):

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.adapters import fp32_head, reward_members
 from pipeline.config import ConfigError, RunArgs, parse, resolve_path, to_dict
-from pipeline.generation import keep_end
+from pipeline.generation import keep_end, reply_closing_tokens
 from pipeline.models import is_main_process, launch_mixed_precision
 from pipeline.run import StageRun
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
@@ -405,7 +405,10 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     #    make eval and never trained on)
     tokenizer = load_tokenizer(profile)
     prompts, prompt_ids, heldout, notes = load_prompts(cfg, tokenizer)
-    check_context(base_config(profile), max(map(len, prompt_ids)), cfg.response_length, "--response_length", "--max_prompt_length")
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    closing = reply_closing_tokens(tokenizer, prompts[longest]) if not isinstance(prompts[longest], str) else 0
+    check_context(base_config(profile), len(prompt_ids[longest]), cfg.response_length, "--response_length",
+                  "--max_prompt_length", closing)
     shard = sharding_wanted(cfg, state.num_processes, profile)
     if cfg.reward_input == "chat" and (not getattr(tokenizer, "chat_template", None) or isinstance(prompts[0], str)):
         cfg.reward_input = "tokens"

@@ -410,7 +410,8 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             value_hidden[idx, x.cols] = store[0]
         if reward_fn is None and cfg.reward_input == "chat":
             rows = idx.tolist()
-            r_ids, r_mask, r_starts = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows])
+            r_ids, r_mask, r_starts = chat_reward_inputs(tokenizer, [prompts[i] for i in rows], [texts[i] for i in rows],
+                                                         cfg.max_prompt_length)  # the prompt as the policy saw it
             scores[idx] = stack.scores("reward", r_ids.to(device), r_mask.to(device), r_starts).float()
         elif reward_fn is None:  # the policy's own tokens, scored by each member of the reward model
             members, member_stats = stack.ensemble_of("reward")
