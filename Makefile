@@ -110,7 +110,10 @@ $(foreach v,REPO MODEL ACCELERATE_CONFIG,$(if $(call drop_chars,$($(v)),$(RUN_CH
 stage_field = $(word $(2),$(subst :, ,$(filter $(1):%,$(STAGES))))
 # What a stage is given: its module, config, MODEL_ARG where it takes one, its own variable and ARGS when named.
 stage_opts = -m $(STAGE_PKG).$(call stage_field,$(1),2) --config $(call cfg,$(call stage_field,$(1),3)) --run $(RUN) \
-	--runs_dir $(RUNS_DIR) $(if $(filter model,$(call stage_field,$(1),5)),$(MODEL_ARG))
+	--runs_dir $(RUNS_DIR) $(if $(filter model,$(call stage_field,$(1),5)),$(MODEL_ARG)) $(call variant_base,$(1))
+# A recipe without its own grpo/rloo/reinforce_pp.yaml: configs/<estimator>.yaml's keys over the recipe's ppo.yaml (its
+# prompts, lengths, held-out share), not over the story's (they trained on story openings beside the recipe's PPO).
+variant_base = $(if $(and $(filter grpo rloo reinforce_pp,$(1)),$(filter-out story,$(RECIPE)),$(if $(wildcard $(RECIPE_DIR)/$(1).yaml),,1)),--base_config $(call cfg,ppo))
 stage_args = $($(call stage_field,$(1),4)) $(if $(filter $(1),$(NAMED)),$(ARGS))
 # Every stage named on the command line and every stage given flags is parsed before any stage runs (pipeline.launch
 # --check: its YAML, unknown flags, types, ranges, dataset paths; publish's repo), all in one process (the imports once,

@@ -220,8 +220,20 @@ def parse(classes: tuple, argv: list[str] | None = None):
             raise ConfigError("--config needs a path to a YAML file")
         config_path = argv[i + 1]
         del argv[i : i + 2]
+    base_given = None  # `--base_config FILE`: a variant's keys over another base (make: a recipe's own ppo.yaml)
+    if "--base_config" in argv:
+        i = argv.index("--base_config")
+        if i + 1 >= len(argv) or argv.count("--base_config") > 1:
+            raise ConfigError("--base_config needs one path to a YAML file, given once")
+        base_given = argv[i + 1]
+        del argv[i : i + 2]
     yaml_values = read_yaml(config_path) if config_path else {}
     yaml_file = {key: config_path for key in yaml_values}  # which file gave each key: errors name it
+    if base_given is not None:
+        if "base_config" not in yaml_values:
+            raise ConfigError(f"--base_config {base_given}: {config_path or 'no --config'} is no variant config (one "
+                              f"with base_config:, as configs/grpo.yaml): give the keys with --config instead")
+        yaml_values["base_config"] = base_given
     if "base_config" in yaml_values:  # a variant YAML: the keys it names override its base file's (one level)
         if not isinstance(yaml_values["base_config"], str) or not yaml_values["base_config"].strip():
             raise ConfigError(f"'base_config' in {config_path} is {yaml_values['base_config']!r}: give the path of the "

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pipeline.config import parse, read_yaml
+from pipeline.config import ConfigError, parse, read_yaml
 from tests.conftest import REPO
 from tests.test_config import resolved_yaml, stage_classes
 
@@ -184,6 +184,35 @@ def test_make_recipe_variable_picks_the_assistant_configs():
     assert "--run assistant" in lines[0]  # its own run folder unless RUN says otherwise
     rc, _, err = make_dry_run_checking_here("sft", variables=["RECIPE=nosuch"])
     assert rc != 0 and "RECIPE=nosuch" in err and "assistant" in err
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_the_critic_free_estimators_of_a_recipe_train_on_its_own_prompts(estimator, tmp_path):
+    """configs/grpo.yaml (and rloo, reinforce_pp) name configs/ppo.yaml, the story's, as their base: under
+    RECIPE=assistant they trained on story openings beside the recipe's PPO on its assistant prompts, and `make eval`
+    then refused the two runs' held-out prompts. make gives them the recipe's ppo.yaml as base; the estimator's own
+    keys stay; a recipe with a file of its own for the estimator gets it unchanged."""
+    rc, lines, _ = make_dry_run_checking_here(estimator, variables=["RECIPE=assistant", "RUN=dryrun-nonexistent"])
+    line = lines[-1]
+    assert rc == 0 and f"--config configs/{estimator}.yaml" in line
+    assert "--base_config configs/recipes/assistant/ppo.yaml" in line
+    classes = stage_classes(estimator)
+    parsed = parse(classes, ["--config", f"configs/{estimator}.yaml", "--base_config",
+                             "configs/recipes/assistant/ppo.yaml"])
+    cfg = next(c for c in parsed if hasattr(c, "advantage_estimator"))
+    values = {k: v for c in parsed for k, v in vars(c).items()}
+    recipe_ppo = read_yaml(REPO / "configs/recipes/assistant/ppo.yaml")
+    own = read_yaml(REPO / f"configs/{estimator}.yaml")
+    for key, value in recipe_ppo.items():
+        if key not in own:
+            assert values[key] == value, key
+    assert cfg.advantage_estimator == own["advantage_estimator"] and cfg.prompts_file == recipe_ppo["prompts_file"]
+    story = next(c for c in parse(classes, ["--config", f"configs/{estimator}.yaml"]) if hasattr(c, "prompts_file"))
+    assert story.prompts_file != cfg.prompts_file
+    rc, lines, _ = make_dry_run_checking_here(estimator, variables=["RUN=dryrun-nonexistent"])
+    assert rc == 0 and "--base_config" not in lines[-1]  # the story recipe: the file's own base
+    with pytest.raises(ConfigError, match="--base_config configs/ppo.yaml: configs/ppo.yaml is no variant config"):
+        parse(classes, ["--config", "configs/ppo.yaml", "--base_config", "configs/ppo.yaml"])
 
 
 def test_dpo_keeps_the_papers_beta_in_the_assistant_recipe():
