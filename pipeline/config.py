@@ -164,9 +164,16 @@ def yaml_problem(err) -> str:
     return f"{problem}{f' ({context})' if context else ''} at line {mark.line + 1}, column {mark.column + 1}"
 
 
+# Settings that were removed, and why: named, not "unknown" (with a did-you-mean of another key).
+REMOVED_KEYS = {"kl_estimator": "the KL in PPO's reward is always k1, the log-ratio (k3 there is no KL penalty), and "
+                                "use_kl_loss's term always k3: remove it"}
+
+
 def check_keys(keys, classes, source: str) -> None:
     known = set().union(*(_field_names(c) for c in classes))
     for key in keys:
+        if key in REMOVED_KEYS and key not in known:
+            raise ConfigError(f"'{key}' in {source} is no setting any more: {REMOVED_KEYS[key]}")
         if key not in known:
             hint = difflib.get_close_matches(key, sorted(known), n=1)
             did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -278,6 +285,9 @@ def parse(classes: tuple, argv: list[str] | None = None):
     instances, remaining = parser.parse_known_args(argv)
     if remaining:
         flags = [a for a in remaining if a.startswith("--")]
+        removed = next((f[2:].split("=", 1)[0] for f in flags if f[2:].split("=", 1)[0] in REMOVED_KEYS), None)
+        if removed:
+            raise ConfigError(f"--{removed} is no setting any more: {REMOVED_KEYS[removed]}")
         hint = ""
         if flags:
             match = difflib.get_close_matches(flags[0][2:], sorted(known_dests), n=1)

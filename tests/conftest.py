@@ -349,6 +349,27 @@ REAL_TEMPLATES = {
 }
 
 
+def yaml_with(text: str, extra: str) -> str:
+    """A YAML file's text with `extra`'s top-level keys set: their old lines (and a value's indented or `- ` lines
+    below) taken out and `extra` appended. A key given twice is refused (pipeline.config.UniqueKeyLoader), so a test
+    cannot override a shipped config's key by appending it."""
+    import re
+
+    import yaml
+
+    keys = set(yaml.safe_load(extra) or {})
+    kept, skipping = [], False
+    for line in text.splitlines():
+        top = re.match(r"^([A-Za-z_]\w*)\s*:", line)
+        if top:
+            skipping = top.group(1) in keys
+        elif line and not line[0].isspace() and not line.startswith("-"):
+            skipping = False  # a comment at the margin: the value above has ended
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept) + "\n" + extra
+
+
 def template_text(name: str) -> str:
     import trl
 

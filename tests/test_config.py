@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, ModelProfile, RunArgs, load_model_profile, parse, read_yaml
-from tests.conftest import REPO
+from tests.conftest import REPO, yaml_with
 
 STAGE_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 
@@ -71,7 +71,7 @@ def test_accelerate_configs_load_with_accelerate(path):
 
 def test_unknown_key_names_key_and_file(tmp_path):
     bad = tmp_path / "sft.yaml"
-    bad.write_text((REPO / "configs/sft.yaml").read_text() + "\nlearning_rat: 0.1\n")
+    bad.write_text(yaml_with((REPO / "configs/sft.yaml").read_text(), "\nlearning_rat: 0.1\n"))
     with pytest.raises(ConfigError) as err:
         parse(stage_classes("sft"), ["--config", str(bad)])
     assert "learning_rat" in str(err.value) and str(bad) in str(err.value) and "learning_rate" in str(err.value)
@@ -99,7 +99,7 @@ def test_a_yaml_value_of_the_wrong_type_names_its_key_and_file(stage, line, mess
     the field's type, named by key and file, before anything runs. The same key on the command line wins unchecked."""
     src = REPO / "configs" / f"{stage}.yaml"
     bad = tmp_path / f"{stage}.yaml"
-    bad.write_text(src.read_text() + f"\n{line}\n")
+    bad.write_text(yaml_with(src.read_text(), f"\n{line}\n"))
     with pytest.raises(ConfigError, match=message):
         parse(stage_classes(stage), ["--config", str(bad)])
     key = line.split(":")[0]
@@ -113,11 +113,11 @@ def test_an_empty_yaml_value_stays_allowed_where_the_field_takes_none(tmp_path):
     temperature: none means calibrate it; sft's dataset_name: none means the mixture), and not taken for eval's
     gold_judge, a text whose 'no judge' is '' (empty text, not an empty value)."""
     bad = tmp_path / "simulate.yaml"
-    bad.write_text((REPO / "configs/simulate.yaml").read_text() + "\ntemperature:\npairs_dataset:\n")
+    bad.write_text(yaml_with((REPO / "configs/simulate.yaml").read_text(), "\ntemperature:\npairs_dataset:\n"))
     sim = parse(stage_classes("simulate"), ["--config", str(bad)])[0]
     assert sim.temperature is None and sim.pairs_dataset is None
     bad = tmp_path / "eval.yaml"
-    bad.write_text((REPO / "configs/eval.yaml").read_text() + "\ngold_judge:\n")
+    bad.write_text(yaml_with((REPO / "configs/eval.yaml").read_text(), "\ngold_judge:\n"))
     with pytest.raises(ConfigError, match="'gold_judge' in .* is None: it must be a value, not empty"):
         parse(stage_classes("eval"), ["--config", str(bad)])
 
@@ -502,7 +502,7 @@ def test_a_bad_value_in_a_variants_base_file_names_the_base_file(tmp_path):
     """grpo.yaml takes most keys from ppo.yaml (base_config): a bad value read from the base file is blamed on the base
     file, and the variant's own key on the variant, so the user edits the file that holds it."""
     base = tmp_path / "base.yaml"
-    base.write_text((REPO / "configs/ppo.yaml").read_text() + "\nresponse_length: 2.5\n")
+    base.write_text(yaml_with((REPO / "configs/ppo.yaml").read_text(), "\nresponse_length: 2.5\n"))
     variant = tmp_path / "variant.yaml"
     variant.write_text(f"base_config: {base}\nseed: 3\n")
     with pytest.raises(ConfigError, match=rf"'response_length' in {base}\b is 2.5: it must be a whole number"):
@@ -510,7 +510,7 @@ def test_a_bad_value_in_a_variants_base_file_names_the_base_file(tmp_path):
     variant.write_text(f"base_config: {base}\nseed: 3\nresponse_length: 4\nnum_ppo_epochs: 1.5\n")
     with pytest.raises(ConfigError, match=rf"'num_ppo_epochs' in {variant} is 1.5: it must be a whole number"):
         parse(stage_classes("ppo"), ["--config", str(variant)])
-    base.write_text((REPO / "configs/ppo.yaml").read_text() + "\nlerning_rate: 1e-3\n")  # a typo in the base file
+    base.write_text(yaml_with((REPO / "configs/ppo.yaml").read_text(), "\nlerning_rate: 1e-3\n"))  # a typo in the base file
     variant.write_text(f"base_config: {base}\nseed: 3\n")
     with pytest.raises(ConfigError, match=rf"^unknown config key 'lerning_rate' in {base} \(did you mean 'learning_rate'"):
         parse(stage_classes("ppo"), ["--config", str(variant)])

@@ -20,7 +20,7 @@ from pipeline.lora_combine import combine_loras, require_combinable, save_lora
 from pipeline.models import load_base, load_tokenizer, lora_config, profile_from, save_fingerprint
 from pipeline.run import StageRun
 from stages.dpo import check_reload, completion_logps, main, parse_args, preference_args
-from tests.conftest import ARCHS, REPO, run_module, run_python
+from tests.conftest import ARCHS, REPO, run_module, run_python, yaml_with
 from tests.test_rm import fake_sft, marker_rows, write_jsonl
 
 LN2 = math.log(2)  # the DPO loss of every pair at the start: DPO's fresh LoRA is zero, so pi = pi_ref
@@ -318,7 +318,7 @@ def test_bad_input_fails_cleanly(tiny_models, marker_data, tmp_path):
     assert last.startswith("error: ") and "empty" in last and str(empty) in last and "Traceback" not in res.stderr
     # 3. a 4-bit base cannot hold the merged SFT adapter exactly
     four_bit = tmp_path / "llama4bit.yaml"
-    four_bit.write_text(llama.read_text() + "load_in_4bit: true\n")
+    four_bit.write_text(yaml_with(llama.read_text(), "load_in_4bit: true\n"))
     with pytest.raises(ConfigError, match="4-bit base cannot hold"):
         main(*parse_args(dpo_args(four_bit, runs_dir, "t", "--dataset_name", str(marker_data["conversational"]))))
     # 4. an FSDP launch of FSDP1: the pipeline shards with FSDP2 only

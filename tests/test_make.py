@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.run import StageRun, file_digest, is_current, manifest_digest
-from tests.conftest import REPO
+from tests.conftest import REPO, yaml_with
 
 PY = sys.executable
 
@@ -669,7 +669,7 @@ def test_another_accelerate_config_reruns_and_its_file_is_an_input(tmp_path):
         in res.stdout
     make("sft", f"ACCELERATE_CONFIG={acc}", runs_dir=runs)
     assert ran(runs) == []
-    acc.write_text(acc.read_text() + "mixed_precision: 'no'\n")
+    acc.write_text(yaml_with(acc.read_text(), "mixed_precision: 'no'\n"))
     res = make("sft", f"ACCELERATE_CONFIG={acc}", runs_dir=runs)
     assert ran(runs) == ["sft"] and f"{acc} changed" in res.stdout
 

@@ -21,7 +21,8 @@ from pipeline.config import ConfigError
 from pipeline.run import StageRun
 from stages.ppo import main, parse_args
 from stages.ppo.trainer import TIMING_KEYS
-from tests.conftest import ARCHS, REPO, SLIDING_WINDOW_ARCHS, random_model, recorded_fsyncs, run_module, run_python
+from tests.conftest import (ARCHS, REPO, SLIDING_WINDOW_ARCHS, random_model, recorded_fsyncs, run_module, run_python,
+                            yaml_with)
 from tests.fake_upstream import METRIC_KEYS, _lora_adapter
 
 PROMPTS = ["Tell me about rabbits.", "What is two plus two?", "Name a colour.", "Say hello.", "Why is the sky blue?",
@@ -120,13 +121,30 @@ def test_yaml_parses_and_rejects_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"num_samples_per_prompt=4 must divide per_device_train_batch_size \(2\)"):
         parse_args(["--config", "configs/ppo.yaml", *group, "--per_device_train_batch_size", "2"])
     bad = tmp_path / "ppo.yaml"
-    bad.write_text((REPO / "configs/ppo.yaml").read_text() + "\nkl_coeff: 0.1\n")
+    bad.write_text(yaml_with((REPO / "configs/ppo.yaml").read_text(), "\nkl_coeff: 0.1\n"))
     with pytest.raises(ConfigError, match="kl_coeff.*did you mean 'kl_coef'"):
         parse_args(["--config", str(bad)])
     with pytest.raises(ConfigError, match="long_prompts must be one of"):
         parse_args(["--config", "configs/ppo.yaml", "--long_prompts", "cut"])
-    with pytest.raises(ConfigError, match="--kl_estimator on the command line: kl_estimator k3 in the reward is no KL"):
-        parse_args(["--config", "configs/ppo.yaml", "--kl_estimator", "k3"])
+    # kl_estimator had one value that could act (k1 in the reward; use_kl_loss's term is k3): removed, and said so
+    for given in (["--kl_estimator", "k3"], ["--kl_estimator=k1"]):
+        with pytest.raises(ConfigError, match="^--kl_estimator is no setting any more: the KL in PPO's reward is always "
+                                              "k1"):
+            parse_args(["--config", "configs/ppo.yaml", *given])
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml_with((REPO / "configs/ppo.yaml").read_text(), "\nkl_estimator: k1\n"))
+    with pytest.raises(ConfigError, match=f"^'kl_estimator' in {old} is no setting any more: .*use_kl_loss's term always k3"):
+        parse_args(["--config", str(old)])
+    # a setting the rest of the config keeps from acting, given on the command line: refused, naming why
+    for flag, why in (("--vf_coef", "advantage_estimator grpo trains no value model"),
+                      ("--value_learning_rate", "advantage_estimator grpo trains no value model"),
+                      ("--lam", "advantage_estimator grpo trains no value model")):
+        with pytest.raises(ConfigError, match=f"^{flag} on the command line would have no effect: {why}"):
+            parse_args(["--config", "configs/grpo.yaml", flag, "0.5"])
+    with pytest.raises(ConfigError, match="^--kl_target on the command line would have no effect: adaptive_kl is off"):
+        parse_args(["--config", "configs/ppo.yaml", "--kl_target", "3"])
+    cfg, _ = parse_args(["--config", "configs/ppo.yaml", "--kl_target", "3", "--adaptive_kl", "true", "--vf_coef", "0.5"])
+    assert (cfg.kl_target, cfg.vf_coef) == (3, 0.5)
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -2229,7 +2247,7 @@ def test_a_checkpoint_resumes_only_on_the_same_model_profile_and_adapter_bytes(t
         "was trained with other settings (model_profile.dtype: float32 -> bfloat16)"
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    edited.write_text(Path(tiny_models["llama"]).read_text() + f"\nchat_template: {template}\n")
+    edited.write_text(yaml_with(Path(tiny_models["llama"]).read_text(), f"\nchat_template: {template}\n"))
     with_template = upstream(edited, rm)
     assert "model_profile.chat_template: None ->" in resume_mismatch(here, with_template)
     template.write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.launch import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, yaml_with
 from tests.fake_upstream import build_label_export, evaluated_run
 
 TOKEN = "hf_TESTtokenNEVERtoBEseen0123456789"
@@ -1601,7 +1601,7 @@ def test_merged_takes_the_model_profiles_trust_remote_code(custom_code_model, ti
     monkeypatch.setattr(publish, "merge", lambda *a, **k: seen.append(a[4:]) or (0.05 if a[5] else 0.0))
     for trusted in (True, False):  # the SFT stage's profile, then eval (its report must be newer), then publish
         profile = tmp_path / f"trusted-{trusted}.yaml"
-        profile.write_text(Path(tiny_models["llama"]).read_text() + f"\ntrust_remote_code: {str(trusted).lower()}\n")
+        profile.write_text(yaml_with(Path(tiny_models["llama"]).read_text(), f"\ntrust_remote_code: {str(trusted).lower()}\n"))
         manifest = runs / "t" / "sft" / "manifest.json"
         m = json.loads(manifest.read_text())
         m.setdefault("config", {})["run"] = {"model_config": str(profile)}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pipeline import sharding
 from pipeline.config import ConfigError
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_module, yaml_with
 
 # What "the same" means between an FSDP2 run and a DDP run of the same config: the same arithmetic on the same
 # batches (each rank computes its micro-batch with the gathered weights; gradients are averaged over the 2 ranks in
@@ -209,7 +209,7 @@ def test_4bit_base_cannot_be_sharded(tiny_models, tmp_path):
     from pipeline.models import load_base, load_tokenizer, profile_from
 
     profile = tmp_path / "q.yaml"
-    profile.write_text(Path(tiny_models["llama"]).read_text() + "load_in_4bit: true\n")
+    profile.write_text(yaml_with(Path(tiny_models["llama"]).read_text(), "load_in_4bit: true\n"))
     prof = profile_from(str(profile))
     with pytest.raises(ConfigError, match="load_in_4bit cannot be combined with FSDP"):
         load_base(prof, load_tokenizer(prof), shard=True)

@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import ConfigError, RunArgs, parse
 from stages.simulate import (SimulateArgs, agreement_with_gold, calibrate_temperature, choose, expected_agreement, main,
                              sigmoid, uniform)
-from tests.conftest import REPO, run_python
+from tests.conftest import REPO, run_python, yaml_with
 
 N = 20000  # draws per statistical check: a share's standard error is at most 0.5 / sqrt(N) = 0.0035
 TOL = 4 * 0.5 / math.sqrt(N)  # 4 standard errors: a correct model fails this about once in 16,000 runs
@@ -219,7 +219,7 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
     path, _ = pairs_file(tmp_path)
     base = ["--config", "configs/simulate.yaml", "--runs_dir", str(runs), "--run", "t", "--pairs_dataset", str(path)]
     label_yaml = tmp_path / "label.yaml"
-    label_yaml.write_text((REPO / "configs/label.yaml").read_text() + "\noffensive_words: 5\n")
+    label_yaml.write_text(yaml_with((REPO / "configs/label.yaml").read_text(), "\noffensive_words: 5\n"))
     for extra, message in ((["--label_config", str(label_yaml)], "'offensive_words' in .*label.yaml is 5: it must be a list"),
                            (["--label_config", str(tmp_path / "nope.yaml")], rf"^label config {tmp_path / 'nope.yaml'} "
                             r"does not exist: pass --label_config with a path to a YAML file \(configs/label.yaml by "
@@ -545,7 +545,7 @@ def test_pairs_the_word_filter_holds_back_from_people_are_not_labeled_by_the_sim
     rows[7]["responses"][0] += " glorp"  # not filtered yet
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     label_yaml = tmp_path / "label.yaml"
-    label_yaml.write_text((REPO / "configs/label.yaml").read_text() + "\nfilter_offensive: true\noffensive_words: [zorblax]\n")
+    label_yaml.write_text(yaml_with((REPO / "configs/label.yaml").read_text(), "\nfilter_offensive: true\noffensive_words: [zorblax]\n"))
     m = main(*parse((SimulateArgs, RunArgs), ["--config", str(REPO / "configs/simulate.yaml"), "--runs_dir", str(runs),
                                               "--run", "t", "--pairs_dataset", str(path), "--annotators", "1",
                                               "--label_config", str(label_yaml)]))

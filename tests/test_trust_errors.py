@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.config import ConfigError, parse
 from pipeline.run import check_launched_folder, main_guard
-from tests.conftest import REPO
+from tests.conftest import REPO, yaml_with
 from tests.fake_upstream import build_upstream
 from tests.test_make import make
 
@@ -65,7 +65,7 @@ def files(tmp: Path) -> dict[str, str]:
         "fp16_profile": write_text(tmp / "fp16.yaml", "name_or_path: models/tiny\ndtype: fp16\n"),
         "adapter_profile": write_text(tmp / "adapter.yaml", f"name_or_path: {tmp / 'adapter'}\n"),
         "file_profile": write_text(tmp / "file.yaml", f"name_or_path: {tmp / 'adapter' / 'adapter_config.json'}\n"),
-        "sft_lora_float": write_text(tmp / "sft.yaml", (REPO / "configs/sft.yaml").read_text() + "\nlora_r: 2.5\n"),
+        "sft_lora_float": write_text(tmp / "sft.yaml", yaml_with((REPO / "configs/sft.yaml").read_text(), "\nlora_r: 2.5\n")),
         # replies of 700 words, past the tiny bases' 512 positions
         "long_chats": write_jsonl(tmp / "long_chats.jsonl", [{"messages": [{**CHAT[0], "content": f"Say hi, {i}."},
                                                                           {**CHAT[1], "content": "hi " * 700}]}
@@ -652,7 +652,7 @@ def test_wrong_type_through_make_is_one_line_naming_the_flag_not_a_usage_dump(tm
 def test_bad_yaml_value_is_blamed_on_the_yaml_key_and_a_cli_value_on_the_flag(tmp_path, capsys):
     """The same bad value, once from a YAML file, once from the command line: each names where it came from."""
     yaml_file = tmp_path / "sft.yaml"
-    yaml_file.write_text((REPO / "configs/sft.yaml").read_text() + "\nlearning_rate: fast\n")
+    yaml_file.write_text(yaml_with((REPO / "configs/sft.yaml").read_text(), "\nlearning_rate: fast\n"))
     from stages.sft import parse_args
 
     with pytest.raises(Exception) as from_yaml:
@@ -668,7 +668,7 @@ def test_bad_yaml_value_is_blamed_on_the_yaml_key_and_a_cli_value_on_the_flag(tm
         ppo_args(["--config", "configs/ppo.yaml", "--lam", "2"])
     assert "--lam on the command line" in str(ppo_cli.value) and "configs/ppo.yaml" not in str(ppo_cli.value)
     yaml_lam = tmp_path / "ppo.yaml"
-    yaml_lam.write_text((REPO / "configs/ppo.yaml").read_text() + "\nlam: 2\n")
+    yaml_lam.write_text(yaml_with((REPO / "configs/ppo.yaml").read_text(), "\nlam: 2\n"))
     with pytest.raises(Exception) as ppo_yaml:
         ppo_args(["--config", str(yaml_lam)])
     assert f"'lam' in {yaml_lam}" in str(ppo_yaml.value)

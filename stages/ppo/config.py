@@ -15,7 +15,6 @@ from pipeline.run import check_launched_folder
 CHOICES = {
     "long_prompts": ("drop", "truncate", "error"),
     "reward_input": ("chat", "tokens"),
-    "kl_estimator": ("k1", "k3"),  # k3 only with use_kl_loss, where it has no part (__post_init__ says why)
     "optim": ("adamw", "sgd", "rmsprop"),
     "report_to": ("none", "tensorboard", "trackio"),
     "critic_init": ("fit", "rm"),
@@ -65,10 +64,9 @@ class PPOConfig:
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of responses without a stop token (with stop_at_eos false: none anywhere in its "
                 "response_length tokens, as TRL's missing_eos_penalty); 0 = off."})
     # KL
+    # The KL in the reward is k1 (the log-ratio), the one estimator that is a KL penalty there; use_kl_loss's term is
+    # k3. A kl_estimator setting had one value that could act, and was removed (REMOVED_KEYS).
     kl_coef: float = field(default=0.05, metadata={"help": "Per-token KL penalty coefficient (initial value if adaptive)."})
-    kl_estimator: str = field(default="k1", metadata={
-        "help": "Estimator in the reward: k1 (log-ratio), the only one that is a KL penalty there (k3 is refused; it is "
-                "logged, and is use_kl_loss's loss term, where this setting has no part)."})
     adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef towards kl_target (Ziegler et al. 2019)."})
     kl_target: float = field(default=6.0, metadata={"help": "Target per-sequence KL in nats for adaptive_kl."})
     kl_horizon: int = field(default=10000, metadata={"help": "Episodes over which adaptive_kl closes the gap."})
@@ -115,15 +113,22 @@ class PPOConfig:
     progress_bar: bool = True
     seed: int = 42
 
+    def inert_settings(self, parsed: list) -> dict[str, str]:
+        """Settings that would not act with the rest of the config (pipeline.config.parse refuses them when they are
+        given on the command line): the value model's under a critic-free estimator, adaptive_kl's without it."""
+        inert = {}
+        if self.advantage_estimator != "gae":
+            why = f"advantage_estimator {self.advantage_estimator} trains no value model"
+            inert.update({key: why for key in ("value_learning_rate", "vf_coef", "cliprange_value", "critic_init",
+                                               "value_trainable_layers", "lam")})
+        if not self.adaptive_kl:
+            inert.update({key: "adaptive_kl is off (kl_coef stays fixed): set --adaptive_kl true too"
+                          for key in ("kl_target", "kl_horizon")})
+        return inert
+
     def __post_init__(self):
         if isinstance(self.shard_base, bool):  # YAML reads `shard_base: true` as a boolean
             self.shard_base = "true" if self.shard_base else "false"
-        if self.kl_estimator == "k3" and not self.use_kl_loss:  # verl's low_var_kl penalty, never in TRL's reward
-            raise ConfigError(
-                "kl_estimator k3 in the reward is no KL penalty: a reward's expected gradient is E[k3 * grad log p], "
-                "the gradient of KL(policy||ref) minus that of KL(ref||policy), which does not pull the policy back to "
-                "the reference (Tang & Munos 2025): use k1 (the default; k3 is still logged as kl_k3), or use_kl_loss "
-                "true for k3 as a loss term (GRPO)")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, not '{getattr(self, name)}'")
