@@ -331,6 +331,17 @@ def parse(classes: tuple, argv: list[str] | None = None):
     return out
 
 
+def lora_dropout_inert(lora_dropout: float, parsed: list) -> dict[str, str]:
+    """TRL's RewardTrainer and DPOTrainer zero every dropout in the model after the LoRA layers are added when their
+    `disable_dropout` is on (the default): a lora_dropout there acts not at all (adapters bit-identical to 0's), though
+    adapter_config.json records it. For inert_settings."""
+    train = next((c for c in parsed if hasattr(c, "disable_dropout")), None)
+    if lora_dropout > 0 and train is not None and train.disable_dropout:
+        return {"lora_dropout": "TRL's disable_dropout (on) zeroes every dropout in the model: set --disable_dropout "
+                                "false too"}
+    return {}
+
+
 def check_datasets_named(instance, source_of) -> None:
     """A dataset flag given as empty text (`RM_ARGS='--dataset_name ""'`) read as not given: the stage took its
     config's data (the reward model the run's label export), while `make` had skipped what makes that data (the labels

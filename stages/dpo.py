@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, RunArgs, parse, refuse_training_nothing, resolve_path, to_dict
+from pipeline.config import ConfigError, RunArgs, lora_dropout_inert, parse, refuse_training_nothing, resolve_path, to_dict
 from pipeline.lora_combine import combine_loras, merge_into_base, require_combinable, save_lora
 from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, check_training_length, load_base,
                              load_tokenizer, lora_config, profile_from, resolve_base, save_fingerprint, to_device)
@@ -64,6 +64,10 @@ class DPOArgs:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+
+    def inert_settings(self, parsed: list) -> dict[str, str]:
+        """What pipeline.config.parse refuses on the command line: lora_dropout under TRL's disable_dropout."""
+        return lora_dropout_inert(self.lora_dropout, parsed)
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)  # the reward model's rules: one error at parse

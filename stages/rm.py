@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import RunArgs, parse, stream_seed, to_dict
+from pipeline.config import RunArgs, lora_dropout_inert, parse, stream_seed, to_dict
 from pipeline.models import (base_config, check_adapter, check_training_length, free_memory, load_base, load_tokenizer,
                              lora_config, profile_from, refuse_tokenizer_options, resolve_base, save_fingerprint,
                              score_head_name)
@@ -87,11 +87,12 @@ class RMArgs:
         num_train_epochs does (the assistant recipe sets num_train_epochs 1)."""
         train = next(c for c in parsed if hasattr(c, "num_train_epochs"))
         fixed = ("max_steps" if train.max_steps > 0 else "num_train_epochs" if train.num_train_epochs > 0 else None)
+        inert = lora_dropout_inert(self.lora_dropout, parsed)
         if fixed is None:
-            return {}
+            return inert
         why = (f"{fixed} {getattr(train, fixed):g} fixes the training length (plan_steps): set --{fixed} "
                f"{-1 if fixed == 'max_steps' else 0} too, for min_steps and max_epochs to size it")
-        return {"min_steps": why, "max_epochs": why}
+        return {**inert, "min_steps": why, "max_epochs": why}
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)

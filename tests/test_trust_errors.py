@@ -174,6 +174,11 @@ CASES = [
      ["--min_steps on the command line would have no effect: max_steps 1 fixes", "--max_steps -1"]),
     ("rm-max-epochs-beside-epochs", "stages.rm", RM + ["--max_steps", "-1", "--num_train_epochs", "1", "--max_epochs", "2"],
      ["--max_epochs on the command line would have no effect: num_train_epochs 1 fixes", "--num_train_epochs 0"]),
+    # TRL's disable_dropout (on) zeroes every dropout once the LoRA layers are in: the adapters were bit-identical to 0's
+    ("rm-lora-dropout-under-disable-dropout", "stages.rm", RM + ["--lora_dropout", "0.3"],
+     ["--lora_dropout on the command line would have no effect: TRL's disable_dropout", "--disable_dropout false"]),
+    ("dpo-lora-dropout-under-disable-dropout", "stages.dpo", ["--config", "configs/dpo.yaml", "--lora_dropout", "0.1"],
+     ["--lora_dropout on the command line would have no effect: TRL's disable_dropout", "--disable_dropout false"]),
     ("ppo-prompts-file-empty", "stages.ppo", PPO + ["--prompts_file", " "], ["--prompts_file on the command line is empty"]),
     ("pairs-empty-file", "stages.pairs", PAIRS + ["--dataset_name", "{empty}"], ["empty.jsonl", "empty"]),
     ("pairs-empty-prompt", "stages.pairs", PAIRS + ["--dataset_name", "{empty_prompt}"], ["row 2", "the prompt is empty"]),
