@@ -178,12 +178,13 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int, templated: bool = True)
         ds = load_any(args.dataset_name, args.dataset_split)
         require_columns(ds, ["chosen", "rejected"], args.dataset_name, fix)
         name = Path(args.dataset_name).stem if resolve_path(args.dataset_name).exists() else args.dataset_name
+        check_margin_column(args, [ds], args.dataset_name)
         pairs = to_pairs(ds, name, args, counts, source_column="source" in ds.column_names,
                          origin=args.dataset_name, templated=templated)
         return pairs, {}, counts, args.dataset_name
     if not args.dataset_mixture:
         raise ConfigError("no preference data: set dataset_mixture in configs/rm.yaml or pass --dataset_name")
-    pairs, weights, used = [], {}, []
+    pairs, weights, used, read = [], {}, [], []
     for key, spec in args.dataset_mixture.items():
         spec = spec or {}
         if key == LABEL_EXPORT:
@@ -215,6 +216,7 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int, templated: bool = True)
             path, name = key, Path(key).stem if resolve_path(key).exists() else key
         ds = load_any(path, flag="--dataset_mixture")
         require_columns(ds, ["chosen", "rejected"], path, fix)
+        read.append(ds)
         rows = to_pairs(ds, name, args, counts, origin=path, templated=templated)
         if spec.get("max_rows"):
             random.Random(seed).shuffle(rows)
@@ -222,7 +224,17 @@ def load_pairs(args: RMArgs, stage: StageRun, seed: int, templated: bool = True)
         pairs += rows
         weights[name] = float(spec.get("weight", 1.0))
         used.append(name)
+    check_margin_column(args, read, "the dataset_mixture's files")
     return pairs, weights, counts, "mixture of " + ", ".join(used)
+
+
+def check_margin_column(args: RMArgs, datasets: list, where: str) -> None:
+    """margin_scale > 0 reads each pair's strength from margin_column: a column no file has (`strenght`) gave every
+    pair a margin of 0, plain Bradley-Terry, with no word."""
+    if args.margin_scale and datasets and not any(args.margin_column in ds.column_names for ds in datasets):
+        raise ConfigError(f"margin_scale {args.margin_scale:g} reads the label strength from the column "
+                          f"'{args.margin_column}', which {where} do not have: set --margin_column to theirs (a label "
+                          f"export's is strength), or --margin_scale 0")
 
 
 def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:

@@ -1072,6 +1072,13 @@ def test_label_strength_margin_and_ties_by_hand(tmp_path):
     assert [p["tie"] for p in pairs] == [False, False, False, True]
     pairs, _, _, _ = load_pairs(RMArgs(dataset_name=str(path)), None, 0)
     assert [p["margin"] for p in pairs] == [0.0] * 4
+    # a column no file has (`strenght`) gave every pair a margin of 0 under margin_scale 3, with no word
+    for args in (RMArgs(dataset_name=str(path), margin_scale=3.0, margin_column="strenght"),
+                 RMArgs(dataset_mixture={str(path): {}}, margin_scale=3.0, margin_column="strenght")):
+        with pytest.raises(ConfigError, match="margin_scale 3 reads the label strength from the column 'strenght', "
+                                              "which .* do not have: set --margin_column"):
+            load_pairs(args, None, 0)
+    assert len(load_pairs(RMArgs(dataset_name=str(path), margin_column="strenght"), None, 0)[0]) == 4  # scale 0: unread
 
 
 @pytest.mark.parametrize("by_prompt", ["false", "true"])
