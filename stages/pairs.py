@@ -107,6 +107,17 @@ def pair_rows(prompts: list, texts: list[str], ended: list[bool], k: int, drop_i
     return rows, dropped
 
 
+def check_args(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> None:
+    """The flags together, also in make's check before SFT trains (pipeline.launch.check): sampling that cannot make
+    two different responses to a prompt."""
+    if args.num_responses < 2:
+        raise ConfigError(f"num_responses must be at least 2 to make pairs, got {args.num_responses}")
+    if sampling.temperature <= 0:
+        raise ConfigError("temperature 0 is greedy decoding: every response to a prompt would be the same; use > 0")
+    if sampling.top_k == 1:
+        raise ConfigError("top_k 1 is greedy decoding: every response to a prompt would be the same; use 0 (off) or > 1")
+
+
 def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     from pipeline.adapters import AdapterStack
     from pipeline.models import load_base
@@ -119,12 +130,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
     if args.dataset_name:  # your prompts replace the bundled ones: not an input of this run
         stage.not_inputs([args.prompts_file], args.dataset_name)
     config = {"pairs": to_dict(args), "sampling": to_dict(sampling), "run": to_dict(run)}
-    if args.num_responses < 2:
-        raise ConfigError(f"num_responses must be at least 2 to make pairs, got {args.num_responses}")
-    if sampling.temperature <= 0:
-        raise ConfigError("temperature 0 is greedy decoding: every response to a prompt would be the same; use > 0")
-    if sampling.top_k == 1:
-        raise ConfigError("top_k 1 is greedy decoding: every response to a prompt would be the same; use 0 (off) or > 1")
+    check_args(args, sampling, run)
     autocast = launch_autocast(state.device, "pairs")  # the launch's mixed precision, as the Trainer stages get it
     sft = stage.need("sft")
     profile = profile_from(run.model_config)

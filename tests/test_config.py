@@ -258,6 +258,18 @@ def test_sft_evaluating_with_nothing_held_out_is_refused_before_any_stage():
 
 
 
+@pytest.mark.parametrize("flags,problem", [(["--num_responses", "1"], "num_responses must be at least 2"),
+                                           (["--temperature", "0"], "temperature 0 is greedy decoding"),
+                                           (["--top_k", "1"], "top_k 1 is greedy decoding")])
+def test_pairs_that_cannot_differ_are_refused_before_any_stage(flags, problem, capsys):
+    """make's check (before SFT trains) let these through: pairs refused them only once it ran, after SFT."""
+    from pipeline.launch import check
+
+    assert check("stages.pairs", ["--config", str(REPO / "configs/pairs.yaml"), *flags]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {problem}")
+    assert check("stages.pairs", ["--config", str(REPO / "configs/pairs.yaml")]) == 0
+
+
 def test_unknown_cli_flag_is_an_error():
     with pytest.raises(ConfigError, match="lerning_rate"):
         parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--lerning_rate", "1"])
