@@ -445,6 +445,14 @@ def release_stage_folder(lock, path: Path) -> None:
         lock.close()
 
 
+# The fsdp_config settings the stages' own sharding (pipeline/sharding.py) follows, as accelerate's config writes
+# them (lower-cased): any other value of these keys was ignored without a word (offload, no reshard, another wrap).
+FSDP_AS_THE_STAGES_DO = {"fsdp_auto_wrap_policy": ("TRANSFORMER_BASED_WRAP",),
+                         "fsdp_reshard_after_forward": ("true", "FULL_SHARD"), "fsdp_offload_params": ("false",),
+                         "fsdp_state_dict_type": ("FULL_STATE_DICT",), "fsdp_cpu_ram_efficient_loading": ("false",),
+                         "fsdp_activation_checkpointing": ("false",)}  # fsdp_version: pipeline.sharding says
+
+
 def accelerate_config_problem(config_file: str | Path, launched: int | None = None) -> str | None:
     """What in an accelerate config file accelerate's launcher would stop on with a traceback of its own (YAML it
     cannot read, an unknown key or value, a number given as text), or would run as fewer processes than it says, in a
@@ -485,6 +493,13 @@ def accelerate_config_problem(config_file: str | Path, launched: int | None = No
         return (f"has distributed_type: MULTI_CPU with num_processes: {config.num_processes}, which accelerate runs as ONE "
                 f"process without mpirun: for {config.num_processes} CPU processes use distributed_type: MULTI_GPU and "
                 f"use_cpu: false, as configs/accelerate/cpu2.yaml does (on a machine without a GPU every stage counts them as CPU ranks)")
+    if kind == "FSDP":
+        for key, value in (getattr(config, "fsdp_config", None) or {}).items():
+            done = FSDP_AS_THE_STAGES_DO.get(key)
+            if done is not None and str(value).lower() not in [d.lower() for d in done]:
+                return (f"has fsdp_config {key}: {value}, which the stages do not do (they shard the frozen base "
+                        f"themselves: each decoder layer, the embeddings, the norm and the head a unit, fully sharded, "
+                        f"no offload, saved whole; pipeline/sharding.py): set it to {done[0]} or remove it")
     if kind == "FSDP" and one_machine and (launched or config.num_processes) == 1:  # all GPUs: one on this machine
         # one rank has nothing to shard over: the stages would run unsharded, as under cpu.yaml, with no word of it
         given = "num_processes: 1" if config.num_processes == 1 else "all the GPUs of a machine that has one"

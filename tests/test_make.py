@@ -870,11 +870,18 @@ def test_fsdp_on_all_the_gpus_of_a_one_gpu_machine_is_refused():
     # 0: make's thread count divided by it (empty OMP_NUM_THREADS, accelerate's traceback); -2 ran as one process
     (ACCELERATE_HEAD + "distributed_type: MULTI_GPU\nnum_processes: 0\n", "has num_processes: 0: give 1 or more"),
     (ACCELERATE_HEAD + "distributed_type: 'NO'\nnum_processes: -2\n", "has num_processes: -2: give 1 or more"),
+    # FSDP settings the stages' own sharding does not follow ran without them, with no word (offload, no reshard)
+    ("compute_environment: LOCAL_MACHINE\nuse_cpu: false\ndistributed_type: FSDP\nnum_processes: 2\n"
+     "mixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n  fsdp_offload_params: true\n",
+     "has fsdp_config fsdp_offload_params: True, which the stages do not do"),
+    ("compute_environment: LOCAL_MACHINE\nuse_cpu: false\ndistributed_type: FSDP\nnum_processes: 2\n"
+     "mixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n  fsdp_reshard_after_forward: false\n",
+     "has fsdp_config fsdp_reshard_after_forward: False, which the stages do not do (they shard the frozen base"),
     # accelerate kept the last: a num_processes edited below the first launched what the first line said nothing of
     (ACCELERATE_HEAD + "distributed_type: MULTI_GPU\nnum_processes: 2\nnum_processes: 1\n",
      "is not valid YAML: the key 'num_processes' is given twice (first at line"),
 ], ids=["yaml", "value", "key", "int", "bool", "mixed-precision", "multi-cpu-one-process", "fsdp-one-process",
-        "zero-processes", "negative-processes", "key-twice"])
+        "zero-processes", "negative-processes", "fsdp-offload", "fsdp-no-reshard", "key-twice"])
 def test_an_accelerate_config_accelerate_cannot_read_is_one_error_line(text, problem, tmp_path):
     """accelerate's launcher stopped on each of these with a traceback of its own (exit 1)."""
     acc = tmp_path / "acc.yaml"
