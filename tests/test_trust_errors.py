@@ -179,6 +179,10 @@ CASES = [
      ["--lora_dropout on the command line would have no effect: TRL's disable_dropout", "--disable_dropout false"]),
     ("dpo-lora-dropout-under-disable-dropout", "stages.dpo", ["--config", "configs/dpo.yaml", "--lora_dropout", "0.1"],
      ["--lora_dropout on the command line would have no effect: TRL's disable_dropout", "--disable_dropout false"]),
+    # Ziegler's controller moved kl_coef 0.25 to -0.07 in one update of 32 episodes over a horizon of 5
+    ("ppo-kl-horizon-past-zero", "stages.ppo", PPO + ["--adaptive_kl", "true", "--kl_horizon", "5"],
+     ["kl_horizon 5 with adaptive_kl: an update of 32 episodes would move kl_coef by up to 128%, below 0",
+      "give a kl_horizon above 6.4"]),
     ("ppo-prompts-file-empty", "stages.ppo", PPO + ["--prompts_file", " "], ["--prompts_file on the command line is empty"]),
     ("pairs-empty-file", "stages.pairs", PAIRS + ["--dataset_name", "{empty}"], ["empty.jsonl", "empty"]),
     ("pairs-empty-prompt", "stages.pairs", PAIRS + ["--dataset_name", "{empty_prompt}"], ["row 2", "the prompt is empty"]),

@@ -192,6 +192,16 @@ class PPOConfig:
                               f"step once per update (with no metric and no settings of its own): use one of "
                               f"{', '.join(SCHEDULERS)}")
 
+    def check_kl_horizon(self, processes: int) -> None:
+        """adaptive_kl moves kl_coef by up to 20% x episodes / kl_horizon an update (Ziegler et al.): past 100%, a
+        coefficient below 0, whose reward pays the policy for drifting from the reference."""
+        episodes = self.local_batch_size * processes
+        if self.adaptive_kl and 0.2 * episodes >= self.kl_horizon:
+            raise ConfigError(f"kl_horizon {self.kl_horizon} with adaptive_kl: an update of {episodes} episodes would "
+                              f"move kl_coef by up to {0.2 * episodes / self.kl_horizon:.0%}, below 0 (a reward that "
+                              f"pays for drifting from the reference): give a kl_horizon above {0.2 * episodes:g} "
+                              f"(Ziegler et al. 10000)")
+
     @property
     def local_batch_size(self) -> int:
         """Episodes per update on one process."""
