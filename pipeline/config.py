@@ -428,6 +428,11 @@ RANGES = {
     **dict.fromkeys(("eval_fraction", "lora_dropout", "adam_beta1", "adam_beta2"), (0, 1, True)),
     **dict.fromkeys(("adam_epsilon", "dataloader_num_workers"), (0, None, True)),
     "top_p": (0, 1, False),
+    # make base: a negative clip reversed the gradients (loss 6.9 -> 12.6, the checkpoint written), 0 trained nothing,
+    # a dropout of 1.5 was torch's traceback after the folder; eval: a length ratio <= 1 flagged shorter replies as
+    # "hacking through length", a negative KL threshold flagged every policy
+    "grad_clip": (0, None, False), "dropout": (0, 1, True), "min_lr_ratio": (0, None, True),
+    "hacking_kl": (0, None, False), "hacking_length_ratio": (1, None, False),
 }
 
 

@@ -270,6 +270,18 @@ def test_pairs_that_cannot_differ_are_refused_before_any_stage(flags, problem, c
     assert check("stages.pairs", ["--config", str(REPO / "configs/pairs.yaml")]) == 0
 
 
+@pytest.mark.parametrize("flag,value,want", [("--grad_clip", "-1", "> 0"), ("--grad_clip", "0", "> 0"),
+                                             ("--dropout", "1.5", "in [0, 1)"), ("--min_lr_ratio", "-0.5", ">= 0")])
+def test_make_base_refuses_optimisation_values_that_break_training(flag, value, want):
+    """A negative clip reversed the gradients (loss 6.9 -> 12.6, the checkpoint written anyway), 0 trained nothing,
+    a dropout of 1.5 was torch's traceback after the run folder, a negative floor a negative learning rate."""
+    from stages.base import CONFIG_CLASSES
+
+    with pytest.raises(ConfigError, match=re.escape(f"{flag} on the command line is {float(value)}: it must be {want}")):
+        parse(CONFIG_CLASSES(), ["--config", str(REPO / "configs/base.yaml"), flag, value])
+    parse(CONFIG_CLASSES(), ["--config", str(REPO / "configs/base.yaml")])
+
+
 def test_unknown_cli_flag_is_an_error():
     with pytest.raises(ConfigError, match="lerning_rate"):
         parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--lerning_rate", "1"])
