@@ -267,8 +267,8 @@ RESPONSE_END_SHARE = 0.25
 
 def reply_start(tokenizer, pair: dict, chosen: list[int], rejected: list[int]) -> int:
     """Where a pair's replies begin in its token ids: after the prompt as templated with its generation prompt (where
-    PPO and eval start a `sum`-pooled reply), never past where chosen and rejected part. A prompt cut by
-    truncate_pair matches less: its kept part then counts in both scores alike."""
+    PPO and eval start a `sum`-pooled reply), never past where chosen and rejected part. On the whole pair: a pair
+    truncate_pair cut moves it back by the prompt tokens cut out (prepare_data)."""
     shared = common_prefix(chosen, rejected)
     prompt = pair.get("prompt")
     if isinstance(prompt, list) and prompt:
@@ -380,6 +380,7 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
     for p in pairs:
         chosen, rejected = encode_pair(tokenizer, p)
         p["full_lengths"] = [len(chosen), len(rejected)]  # before truncation: what "the longer reply wins" compares
+        start, shared = reply_start(tokenizer, p, chosen, rejected), common_prefix(chosen, rejected)
         c = counts[p["source"]]
         if train_cfg.max_length:
             fitted = truncate_pair(chosen, rejected, train_cfg.max_length, args.max_prompt_length, tokenizer.bos_token_id)
@@ -393,7 +394,10 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
             c["equal_after_cut"] += 1
             continue
         p["chosen_ids"], p["rejected_ids"] = chosen, rejected
-        p["reply_start"] = reply_start(tokenizer, p, chosen, rejected)
+        # Where the replies start, found on the whole pair and moved back by the prompt tokens the cut took out: on the
+        # cut ids the prompt matches its template no more (DPO split its pairs at 0 or 1, training on the prompt).
+        floor = 1 if chosen and chosen[0] == tokenizer.bos_token_id and chosen[0] != tokenizer.pad_token_id else 0
+        p["reply_start"] = max(start - (shared - common_prefix(chosen, rejected)), min(floor, start))
         kept.append(p)
     no_room = sum(c["no_room"] for c in counts.values())
     if not kept and no_room:

@@ -516,6 +516,15 @@ def test_long_pairs_are_truncated_and_counted(tiny_models, tmp_path):
             assert len(cut) <= 64 and cut[0] == whole[0] == tok.bos_token_id
             assert cut[-4:] == whole[-4:] and tok.eos_token_id in cut[-3:]
         assert row["full_lengths"] == [len(whole_c), len(whole_r)]
+        # the replies start where they did in the whole pair, moved back by the prompt tokens cut out: DPO splits the
+        # pair there (it split a cut prompt's at 0 or 1, its "completion" the prompt), a summing reward model sums
+        # from there
+        whole_start = reply_start(tok, row, whole_c, whole_r)
+        start = row["reply_start"]
+        if row["prompt"][0]["content"] == long_text:  # the cut prompt: its end and the template's header kept
+            assert 16 <= start < whole_start and row["chosen_ids"][:start] != whole_c[:start]
+        assert row["chosen_ids"][start:start + 3] == whole_c[whole_start:whole_start + 3]
+        assert row["chosen_ids"][start - 3:start] == whole_c[whole_start - 3:whole_start]  # the header, whole
     train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml"), "--dataset_name", str(data),
                                      "--max_length", "64", "--max_prompt_length", "40"])
     with pytest.raises(ConfigError, match="max_prompt_length"):  # more than half: no room left for the responses
