@@ -131,8 +131,16 @@ def require_end_of_turn(tokenizer) -> str:
                           f"{tokenizer.eos_token!r} (model profile `chat_template:`), or a tokenizer that has {eot!r} "
                           f"as a special token")
     user = [{"role": "user", "content": _PROBE_USER}]
-    if render(tokenizer, user, add_generation_prompt=True) == render(tokenizer, user):
-        raise ConfigError("the chat template adds nothing for add_generation_prompt=True (no assistant header before a "
-                          "reply), so the prompts sampled from would not end where SFT's replies start: set a template "
-                          "that writes one (model profile `chat_template:`)")
+    plain = render(tokenizer, user)
+    if render(tokenizer, user, add_generation_prompt=True) == plain:
+        # No generation prompt: fine where a reply follows the prompt at once (Mistral's `[/INST]`, Llama 2's), not
+        # where the template writes a header before it (ChatML without its generation prompt: SFT would train the
+        # model to write the header, while pairs, PPO and eval sample after prompts that end without it)
+        full = render(tokenizer, [*user, {"role": "assistant", "content": _PROBE_REPLY}])
+        at = full.find(_PROBE_REPLY, len(plain)) if full.startswith(plain) else -1
+        if at < 0 or full[len(plain):at].strip():
+            raise ConfigError("the chat template adds nothing for add_generation_prompt=True but writes an assistant "
+                              "header before a reply, so the prompts sampled from would not end where SFT's replies "
+                              "start: set a template that writes the header as its generation prompt (model profile "
+                              "`chat_template:`)")
     return eot

@@ -315,7 +315,15 @@ def test_a_template_that_is_not_valid_jinja_is_named_as_such():
         require_end_of_turn(tok)
 
 
-@pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn", "no_generation_prompt",
+# Mistral-7B-Instruct-v0.1's template: no assistant header, so no generation prompt either
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == "
+                    "0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
+                    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("case", ["reorders_earlier_turns", "no_end_of_turn", "no_generation_prompt", "no_header_at_all",
                                   "starts_with_an_assistant_turn"])
 def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers):
     from transformers import AutoTokenizer
@@ -343,8 +351,20 @@ def test_templates_sft_cannot_mask_are_refused_clearly(case, template_tokenizers
             with_assistant_masks(rows, tok, "<|im_end|>", "rows.jsonl")
     elif case == "no_generation_prompt":  # ChatML without its generation prompt: SFT would train the header as reply
         tok.chat_template = turn + "<|im_end|>\n{% endfor %}"
-        with pytest.raises(ConfigError, match="adds nothing for add_generation_prompt=True"):
+        with pytest.raises(ConfigError, match="adds nothing for add_generation_prompt=True but writes an assistant header"):
             require_end_of_turn(tok)
+    elif case == "no_header_at_all":  # Mistral-Instruct's and Llama 2's: the reply follows `[/INST]` at once, so the
+        # prompt does end where the reply starts (refused as "no generation prompt" before); SFT trains reply + EOS
+        from pipeline.chat import tokenize_with_assistant_mask
+
+        tok = AutoTokenizer.from_pretrained(template_tokenizers["llama3_2"])
+        tok.chat_template = MISTRAL_TEMPLATE
+        assert require_end_of_turn(tok) == tok.eos_token
+        conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello you"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ok"}]
+        enc = tokenize_with_assistant_mask(tok, conv, tok.eos_token)
+        trained = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+        assert tok.decode(trained) == f"Hello you{tok.eos_token}Ok{tok.eos_token}"
     else:  # turns run together with nothing that closes them: a model trained on it could not learn to stop
         tok.chat_template = turn + "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
         with pytest.raises(ConfigError, match="closes assistant turns with no end-of-turn text"):
