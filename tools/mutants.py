@@ -1926,6 +1926,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-kl-horizon-bound-off', 'stages/ppo/config.py', '        if self.adaptive_kl and 0.2 * episodes >= self.kl_horizon:', '        if self.adaptive_kl and 0.2 * episodes > 2 * self.kl_horizon:', 'tests/test_trust_errors.py -k kl-horizon'),
     ('base-grad-clip-unranged', 'pipeline/config.py', '    "grad_clip": (0, None, False), "dropout": (0, 1, True),', '    "dropout": (0, 1, True),', 'tests/test_config.py -k break_training'),
     ('eval-length-ratio-unranged', 'pipeline/config.py', '"hacking_length_ratio": (1, None, False),', '"hacking_length_ratio": (0, None, False),', 'tests/test_trust_errors.py -k length-ratio'),
+    # stop 67: the template review's mends
+    ('rm-reply-start-on-cut-ids', 'stages/rm_data.py', '        p["reply_start"] = max(start - (shared - common_prefix(chosen, rejected)), min(floor, start))', '        p["reply_start"] = reply_start(tokenizer, p, chosen, rejected)', 'tests/test_rm.py -k long_pairs_are_truncated'),
+    ('template-without-header-refused', 'pipeline/chat.py', '        if at < 0 or full[len(plain):at].strip():', '        if True:', 'tests/test_chat_templates.py -k no_header_at_all'),
+    ('template-header-outside-generation-prompt-accepted', 'pipeline/chat.py', '        if at < 0 or full[len(plain):at].strip():', '        if at < 0:', 'tests/test_chat_templates.py -k no_generation_prompt'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
