@@ -119,6 +119,11 @@ def rm_judge(path_text: str, forbidden: list[Path]) -> Callable:
         raise ConfigError(f"judge 'rm:{path_text}' has no trained score head ({', '.join(untrained)} would be drawn at "
                           f"random on every load): give a reward model (the rm stage's adapter folder, or a "
                           f"sequence-classification checkpoint)")
+    if not getattr(tokenizer, "chat_template", None):  # transformers' own error blamed the run's model profile
+        raise ConfigError(f"judge 'rm:{path_text}' has no chat template (its tokenizer's chat_template is not set), and "
+                          f"it reads each prompt and reply as a templated conversation: save the template it was "
+                          f"trained with beside it (tokenizer.chat_template = ...; tokenizer.save_pretrained), or use "
+                          f"a judge of your own (module:function)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the adapter does not carry it

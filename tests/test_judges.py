@@ -147,6 +147,22 @@ def test_a_reward_adapter_without_its_score_head_is_refused(tiny_models, tmp_pat
         load_judge(f"rm:{rm_dir}")
 
 
+def test_a_reward_checkpoint_without_a_chat_template_is_refused_naming_it(tiny_models, tmp_path):
+    """A judge reads chat-templated conversations: a checkpoint whose tokenizer has no template failed with the
+    template error of the run's model, told to fix the model profile's chat_template (never the judge's)."""
+    import json
+
+    rm_dir = _rm_adapter(tiny_models, tmp_path / "other" / "adapter")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (rm_dir / name).unlink(missing_ok=True)
+    config = json.loads((rm_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (rm_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"^judge 'rm:{rm_dir}' has no chat template .* save the template it was "
+                                          f"trained with beside it"):
+        load_judge(f"rm:{rm_dir}")
+
+
 def test_a_reward_adapter_saved_as_bin_is_loaded_not_refused(tiny_models, tmp_path):
     """An adapter_model.bin (older peft, save_safetensors=False) is not inspected for its head: peft loads it, head and
     all, and it scores as the same adapter saved as safetensors."""

@@ -1930,6 +1930,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-reply-start-on-cut-ids', 'stages/rm_data.py', '        p["reply_start"] = max(start - (shared - common_prefix(chosen, rejected)), min(floor, start))', '        p["reply_start"] = reply_start(tokenizer, p, chosen, rejected)', 'tests/test_rm.py -k long_pairs_are_truncated'),
     ('template-without-header-refused', 'pipeline/chat.py', '        if at < 0 or full[len(plain):at].strip():', '        if True:', 'tests/test_chat_templates.py -k no_header_at_all'),
     ('template-header-outside-generation-prompt-accepted', 'pipeline/chat.py', '        if at < 0 or full[len(plain):at].strip():', '        if at < 0:', 'tests/test_chat_templates.py -k no_generation_prompt'),
+    # stop 67: an rm: judge without a chat template
+    ('judge-without-template-blames-the-profile', 'pipeline/judges.py', '    if not getattr(tokenizer, "chat_template", None):  # transformers', '    if False:  # transformers', 'tests/test_judges.py -k without_a_chat_template'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
