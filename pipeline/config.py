@@ -325,6 +325,9 @@ def parse(classes: tuple, argv: list[str] | None = None):
                               f"the same command again")
     for instance in out:  # a flag you give that the rest of the config keeps from acting: said, not ignored
         inert = instance.inert_settings(out) if hasattr(instance, "inert_settings") else {}
+        if hasattr(instance, "dataset_split") and not getattr(instance, "dataset_name", None):
+            inert = {**inert, "dataset_split": "it picks the split of --dataset_name, which is not given (the bundled "
+                                               "data is read whole)"}
         for key, why in inert.items():
             if key in cli_keys:
                 raise ConfigError(f"--{key} on the command line would have no effect: {why}")

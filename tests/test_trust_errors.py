@@ -187,6 +187,9 @@ CASES = [
      ["--hacking_length_ratio on the command line is 1.0: it must be > 1"]),
     ("eval-hacking-kl-negative", "stages.eval", EVAL + ["--hacking_kl", "-1"],
      ["--hacking_kl on the command line is -1.0: it must be > 0"]),
+    # a split without your own data: the bundled data was read as before, with no word
+    ("ppo-split-without-dataset", "stages.ppo", PPO + ["--dataset_split", "test"],
+     ["--dataset_split on the command line would have no effect: it picks the split of --dataset_name"]),
     ("ppo-prompts-file-empty", "stages.ppo", PPO + ["--prompts_file", " "], ["--prompts_file on the command line is empty"]),
     ("pairs-empty-file", "stages.pairs", PAIRS + ["--dataset_name", "{empty}"], ["empty.jsonl", "empty"]),
     ("pairs-empty-prompt", "stages.pairs", PAIRS + ["--dataset_name", "{empty_prompt}"], ["row 2", "the prompt is empty"]),

@@ -1932,6 +1932,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('template-header-outside-generation-prompt-accepted', 'pipeline/chat.py', '        if at < 0 or full[len(plain):at].strip():', '        if at < 0:', 'tests/test_chat_templates.py -k no_generation_prompt'),
     # stop 67: an rm: judge without a chat template
     ('judge-without-template-blames-the-profile', 'pipeline/judges.py', '    if not getattr(tokenizer, "chat_template", None):  # transformers', '    if False:  # transformers', 'tests/test_judges.py -k without_a_chat_template'),
+    # stop 67: a split without a dataset
+    ('split-without-dataset-accepted', 'pipeline/config.py', '        if hasattr(instance, "dataset_split") and not getattr(instance, "dataset_name", None):', '        if False:', 'tests/test_trust_errors.py -k split-without'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
