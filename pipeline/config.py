@@ -310,10 +310,11 @@ def parse(classes: tuple, argv: list[str] | None = None):
             out.append(cls(**values))
         except (ValueError, TypeError, ImportError) as err:  # the class's own checks (__post_init__; a --deepspeed
             # config without the package): blame the key it names
-            named = [k for k in values if re.search(rf"(?<![\w-]){re.escape(k)}(?!\w)", str(err))]
+            text = " ".join(str(err).split())  # transformers' own spans lines ("... but found\n- Evaluation ...")
+            named = [k for k in values if re.search(rf"(?:(?<=--)|(?<![\w-])){re.escape(k)}(?!\w)", text)]
             given = [k for k in named if k in cli_keys] or [k for k in named if k in yaml_values]
             where = source_of(given[0]) if given else f"{config_path or 'the defaults'} or the command line"
-            raise ConfigError(f"invalid value of {where}: {err}") from None
+            raise ConfigError(f"invalid value of {where}: {text}") from None
         check_ranges(out[-1], source_of)
         check_finite(out[-1], source_of)
         check_report_to(out[-1], source_of)

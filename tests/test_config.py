@@ -282,6 +282,16 @@ def test_make_base_refuses_optimisation_values_that_break_training(flag, value, 
     parse(CONFIG_CLASSES(), ["--config", str(REPO / "configs/base.yaml")])
 
 
+def test_a_training_arguments_error_is_one_line_naming_a_key_it_names():
+    """TrainingArguments' own check spans three lines and names its keys as `--load_best_model_at_end`: the error was
+    three lines blaming "configs/rm.yaml or the command line"."""
+    with pytest.raises(ConfigError) as err:
+        parse(stage_classes("rm"), ["--config", "configs/rm.yaml", "--eval_strategy", "no"])
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("invalid value of 'save_strategy' in configs/rm.yaml: ")
+    assert text.endswith("but found - Evaluation strategy: IntervalStrategy.NO - Save strategy: SaveStrategy.STEPS")
+
+
 def test_unknown_cli_flag_is_an_error():
     with pytest.raises(ConfigError, match="lerning_rate"):
         parse(stage_classes("sft"), ["--config", str(REPO / "configs/sft.yaml"), "--lerning_rate", "1"])
