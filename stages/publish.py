@@ -40,7 +40,8 @@ from stages.eval_compare import POLICY_STAGES, policy_method
 from stages.rm_data import LABEL_EXPORT, conversation_key
 from stages.publish_card import (ENSEMBLE_FILE, base_license, card_license, check_card, data_files_used, data_sources,
                                  dataset_license, fmt, given_reward, given_sft, hub_base, labeled_prompts, model_card,
-                                 prompts_source, public_judge, ships_base, template_kwargs_of, upstream_read)
+                                 prompts_source, public_judge, ships_base, stop_tokens_of, template_kwargs_of,
+                                 upstream_read)
 
 ADAPTER_SKIP = {"README.md", "training_args.bin"}  # peft's empty card template; a pickle of local paths
 BASE_FIELDS = (("adapter_config.json", "base_model_name_or_path"), (FINGERPRINT_FILE, "base_model"))  # name the base
@@ -571,7 +572,8 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
         print(note, file=sys.stderr)
     card = model_card(args, repo, run.run, {**manifests, **({"label-export": label_now} if label_now else {})}, base,
                       base_ref, sources, extras, dataset_repo, dataset_sources, license,
-                      test_split="test" in dataset_splits, template_kwargs=template_kwargs_of(folder))
+                      test_split="test" in dataset_splits, template_kwargs=template_kwargs_of(folder),
+                      stop_tokens=stop_tokens_of(folder, base_ref))
     check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 

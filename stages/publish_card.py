@@ -410,6 +410,25 @@ def template_kwargs_of(folder: Path) -> str:
     return "".join(f", {key}={json.dumps(value)}" for key, value in TEMPLATE_KWARGS.items() if any(key in t for t in texts))
 
 
+def stop_tokens_of(folder: Path, base: str) -> list[str]:
+    """The tokens the run's sampling stopped at (pipeline.generation.stop_token_ids: the template's end-of-turn too),
+    by name, when generate() would not stop at all of them by itself (the base's generation_config): a base given
+    another family's template (Qwen2.5 base + ChatML) wrote past `<|im_end|>`. Empty: generate() stops as the run did."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from pipeline.generation import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        generation = GenerationConfig.from_pretrained(base)
+    except (OSError, ValueError):  # none saved (generate() then stops at the model config's EOS): the tokenizer's
+        generation = None
+    listed = getattr(generation, "eos_token_id", None)
+    listed = set(listed if isinstance(listed, (list, tuple)) else [listed if listed is not None else tokenizer.eos_token_id])
+    stops = stop_token_ids(tokenizer, generation)
+    return [] if set(stops) <= listed else tokenizer.convert_ids_to_tokens(stops)
+
+
 def reward_use(rm: dict, given: str | None, extras: list[str], method: str, repo: str = "repo",
                base: str | None = None, template_kwargs: str = "") -> str:
     """How to load and score as the published reward model(s) do: the base (`base`: its Hub id; None: shipped in the
@@ -444,11 +463,13 @@ def reward_use(rm: dict, given: str | None, extras: list[str], method: str, repo
 
 def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict], base: str, base_ref: str,
                sources: list[dict], extras: list[str], dataset_repo: str | None, dataset_sources: str | None = None,
-               license: dict | None = None, test_split: bool = False, template_kwargs: str = "") -> str:
+               license: dict | None = None, test_split: bool = False, template_kwargs: str = "",
+               stop_tokens: list[str] | None = None) -> str:
     """The card's text, from `manifests`: the sft, rm, policy and eval stages' (and the run's label export's as it is
     now, when it has one: which stages trained on it). `test_split`: the published dataset (`dataset_repo`) has the
     `test` split of the reward model's held-out pairs (publish.as_held_out), which the card then names.
-    `template_kwargs`: template_kwargs_of the published tokenizer, for the snippets' apply_chat_template."""
+    `template_kwargs`: template_kwargs_of the published tokenizer, for the snippets' apply_chat_template.
+    `stop_tokens`: stop_tokens_of it, for the snippet's generate()."""
     from huggingface_hub import ModelCardData
 
     from stages.label.export import WHOSE
@@ -495,6 +516,9 @@ def model_card(args: PublishArgs, repo: str, run: str, manifests: dict[str, dict
     lines += [f"messages = [{{\"role\": \"user\", \"content\": {json.dumps(example, ensure_ascii=False)}}}]"]
     if template_kwargs:
         lines += ["# the date the run templated every prompt with (the template writes today's otherwise)"]
+    if stop_tokens:
+        lines += ["# stop where the run's sampling stopped: at the end of the assistant's turn too",
+                  f"model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids({json.dumps(stop_tokens)})"]
     lines += [f"ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True{template_kwargs})",
               "out = model.generate(**ids, max_new_tokens=64, do_sample=True, temperature=0.7)",
               "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", ""]

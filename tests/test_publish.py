@@ -1375,6 +1375,43 @@ def test_the_cards_snippets_template_as_the_run_did(template, dated, template_to
     assert "a fresh base" not in reward_use(manifests["rm"], None, ["reward/"], "ppo", "me/x", "org/base", kwargs)
 
 
+def test_the_cards_snippet_stops_where_the_run_stopped(template_tokenizers, tmp_path):
+    """The run stops sampling at the template's end-of-turn too (pipeline.generation.stop_token_ids); generate() stops
+    at the base's generation_config EOS ids alone: a base whose config lists only its EOS (Gemma's <eos>, a Qwen2.5
+    base under ChatML) wrote past the turn's end with the card's snippet. The card then sets the run's stop tokens;
+    a base that lists them all gets no such line."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from pipeline.generation import stop_token_ids
+    from stages.publish import PublishArgs
+    from stages.publish_card import model_card, stop_tokens_of
+
+    folder = template_tokenizers["gemma"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    base = tmp_path / "base"
+    GenerationConfig(eos_token_id=tok.eos_token_id).save_pretrained(base)
+    stops = stop_tokens_of(folder, str(base))
+    assert stops == ["<eos>", "<end_of_turn>"] == stop_tokens_of(folder, str(tmp_path / "no-generation-config"))
+    ev = {"n_prompts": 8, "reward_sft_mean": 0.0, "reward_ppo_mean": 1.0, "length_sft_mean": 20.0,
+          "length_ppo_mean": 21.0, "no_eos_sft": 0.1, "no_eos_ppo": 0.1, "kl_mean": 1.0, "win_rate": 0.6,
+          "win_rate_ci_low": 0.3, "win_rate_ci_high": 0.8}
+    manifests = {"sft": {"config": {}, "metrics": {}}, "eval": {"metrics": ev},
+                 "rm": {"config": {}, "metrics": {}, "outputs": {"adapter": str(tmp_path)}},
+                 "ppo": {"config": {}, "metrics": {"updates": 4, "reward_first": 0.0, "reward_last": 1.0, "kl_last": 1.0}}}
+    card = model_card(PublishArgs(license="mit"), "me/x", "t", manifests, "org/base", "org/base", [], [], None,
+                      stop_tokens=stops)
+    line = next(x for x in card.splitlines() if x.startswith("model.generation_config.eos_token_id = "))
+    model = SimpleNamespace(generation_config=SimpleNamespace())
+    exec(line, {"tokenizer": tok, "model": model})
+    assert model.generation_config.eos_token_id == stop_token_ids(tok, GenerationConfig(eos_token_id=tok.eos_token_id))
+    GenerationConfig(eos_token_id=tok.convert_tokens_to_ids(["<eos>", "<end_of_turn>"])).save_pretrained(base)
+    assert stop_tokens_of(folder, str(base)) == []
+    assert "generation_config.eos_token_id" not in model_card(PublishArgs(license="mit"), "me/x", "t", manifests,
+                                                              "org/base", "org/base", [], [], None, stop_tokens=[])
+
+
 def test_card_says_which_method_made_the_policy(tmp_path, tiny_models, monkeypatch):
     """A run with ppo, grpo and dpo, evaluated together: each published policy's folder holds its own adapter, and its
     card names its method (from the manifest) in the text and the tags; a policy eval has no figures for is refused

@@ -1936,6 +1936,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('split-without-dataset-accepted', 'pipeline/config.py', '        if hasattr(instance, "dataset_split") and not getattr(instance, "dataset_name", None):', '        if False:', 'tests/test_trust_errors.py -k split-without'),
     # stop 67: a TrainingArguments error on one line
     ('config-error-kept-on-lines', 'pipeline/config.py', '            text = " ".join(str(err).split())  # transformers', '            text = str(err)  # transformers', 'tests/test_config.py -k one_line_naming_a_key'),
+    # stop 67: the card's stop tokens
+    ('card-snippet-stops-at-eos-only', 'stages/publish_card.py', '    return [] if set(stops) <= listed else tokenizer.convert_ids_to_tokens(stops)', '    return []', 'tests/test_publish.py -k stops_where_the_run_stopped'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
