@@ -108,6 +108,8 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
 
     logging.getLogger(ELASTIC_AGENT_LOGGER).setLevel(logging.ERROR)  # "Received 2 death signal" beside Ctrl-C's line
     args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
+    if signal.getsignal(signal.SIGINT) is interrupted_before_launch:  # from here Ctrl-C reaches the stage: below
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         launch_command(args)
     except KeyboardInterrupt:  # Ctrl-C reaches the stage too, which says so in one line (pipeline.run.main_guard)
@@ -134,6 +136,19 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
                 return said
         raise
     return 0
+
+
+def interrupted_before_launch(signum, frame) -> None:
+    """Ctrl-C while the launcher imports torch and accelerate and checks the stages, before any stage process: torch's
+    C code imports numpy and swallowed the KeyboardInterrupt raised there (the launch went on, SFT trained in the
+    background after make had exited) or left numpy half set up (a RecursionError traceback). Nothing started yet."""
+    os._exit(INTERRUPTED_EXIT)
+
+
+def quiet_ctrl_c_until_launch() -> None:
+    """Ctrl-C is interrupted_before_launch until launch() starts the stage; a SIGINT already ignored stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupted_before_launch)
 
 
 def wait_for_children(timeout_s: float = 60.0) -> None:
@@ -510,6 +525,7 @@ def accelerate_config_problem(config_file: str | Path, launched: int | None = No
 
 
 if __name__ == "__main__":
+    quiet_ctrl_c_until_launch()
     try:
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:  # Ctrl-C before the stage started (the imports, the up-to-date check): nothing to say

@@ -11,11 +11,12 @@ its checkpoints: its adapter is the result.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from pipeline.run import atomic_write_json
+from pipeline.run import atomic_write_json, fsync_dir
 
 RESUME_KEY = "resume_key.json"  # beside the checkpoints: what the run that wrote them read
 
@@ -236,8 +237,12 @@ class SampledBatches:
 
         if not self.mine(batch) or not self.path(batch).is_file():
             return None
+        try:
+            tensors = tuple(torch.load(self.path(batch), weights_only=True))
+        except (EOFError, RuntimeError, OSError, ValueError):  # a file a power cut left empty or cut short: sampled again
+            return None
         self.reused += 1
-        return tuple(torch.load(self.path(batch), weights_only=True))
+        return tensors
 
     def put(self, batch: int, tensors: tuple) -> None:
         import torch
@@ -246,7 +251,10 @@ class SampledBatches:
             return
         part = self.path(batch).with_suffix(".part")  # a kill mid-write leaves no batch file behind
         torch.save(list(tensors), part)
+        with open(part, "rb") as f:  # its data on the disk before the rename names it finished (a power cut)
+            os.fsync(f.fileno())
         part.replace(self.path(batch))
+        fsync_dir(self.folder)
 
 
 def sampled_batches(stage, config: dict, state, name: str = "") -> SampledBatches:

@@ -446,6 +446,34 @@ def test_a_store_sqlite_cannot_open_is_unwritable_only_when_its_folder_is(tmp_pa
     assert (unwritable.errno, unwritable.filename) == (errno.EACCES, str(db))
 
 
+def test_reading_a_store_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
+    """make rm and make ppo read the store (count_labels, store_digest): on a full disk SQLite says "disk I/O error",
+    and the line told people to restore whole labels from a backup. A full disk is said as one; other damage as before."""
+    import stages.label.store as store_module
+    from pipeline.run import disk_problem
+    from stages.label.store import count_labels, store_digest
+
+    db = tmp_path / "labels.sqlite"
+    LabelStore(db).import_items(pairs(2))
+    io_error = sqlite3.OperationalError("disk I/O error")
+    io_error.sqlite_errorcode = sqlite3.SQLITE_IOERR_SHMSIZE
+
+    def failing(path):
+        raise io_error
+
+    monkeypatch.setattr(store_module, "reading_connection", failing)
+    real_statvfs = os.statvfs
+    for free_blocks, says in ((255, disk_problem(OSError(28, os.strerror(28), str(db)))),
+                              (10**6, f"label store {db} cannot be read (disk I/O error): restore it from a backup")):
+        monkeypatch.setattr(os, "statvfs", lambda path, free=free_blocks: type(
+            "Disk", (), {"f_flag": real_statvfs(path).f_flag, "f_frsize": 4096, "f_bavail": free}))
+        for read in (count_labels, store_digest):
+            with pytest.raises(ConfigError) as err:
+                read(db)
+            assert str(err.value) == says
+    assert "No space left on device" in disk_problem(OSError(28, os.strerror(28), str(db)))
+
+
 def test_the_store_digest_sees_the_side_clicked_and_the_order_shown(tmp_path):
     """`make rm` exports again when a label changes: the store digest fresh_export compares changes with the side
     clicked alone (left -> right) and with the order shown alone (which response was on the left), since either

@@ -1061,6 +1061,41 @@ def test_ctrl_c_while_a_stage_imports_its_libraries_is_the_same_line(tmp_path):
     assert not (tmp_path / "t" / "sft" / "manifest.json").exists()
 
 
+def test_ctrl_c_before_the_launcher_starts_a_stage_ends_it_at_once(monkeypatch):
+    """Ctrl-C while the launcher imported torch (its C code imports numpy and swallowed the KeyboardInterrupt: the
+    launch went on and SFT trained in the background after make had exited; or numpy was left half set up, a
+    RecursionError traceback): until launch() starts the stage, Ctrl-C ends the launcher at once, exit 130, nothing
+    printed; from there it is a KeyboardInterrupt again, which reaches the stage and waits for it."""
+    import signal
+
+    from pipeline import launch as L
+
+    for name in (L.LAUNCH_ENV, L.STAGE_ENV, L.LAUNCHER_PID_ENV, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.setenv(name, "")  # launch() sets them for its stage: put back after the test
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        L.quiet_ctrl_c_until_launch()
+        assert signal.getsignal(signal.SIGINT) is L.interrupted_before_launch
+        seen = []
+        monkeypatch.setattr("accelerate.commands.launch.launch_command",
+                            lambda args: seen.append(signal.getsignal(signal.SIGINT)))
+        assert L.launch(["--config_file", "configs/accelerate/cpu.yaml"], "stages.sft", []) == 0
+        assert seen == [signal.default_int_handler]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    code = ("import os, signal, time\n"
+            "from pipeline.launch import quiet_ctrl_c_until_launch\n"
+            "quiet_ctrl_c_until_launch()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(5)\n"
+            "finally:\n"
+            "    print('went on', flush=True)\n")
+    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
+
+
 def test_ctrl_c_once_a_stage_runs_unwinds_it(tmp_path):
     """Once main_guard runs the stage, Ctrl-C is Python's KeyboardInterrupt again (the quiet exit of the imports would
     end it without its `finally` blocks): the stage's own clean-up runs, then the one line and 130."""

@@ -404,6 +404,21 @@ def test_each_rank_keeps_and_reuses_only_its_own_batches(tmp_path):
     store.put(3, t)
     assert [p.name for p in (tmp_path / "sampled").glob("batch-*")] == ["batch-000003.pt"]
     assert store.get(0) is None and all(torch.equal(a, b) for a, b in zip(store.get(3), t)) and store.reused == 1
+    # a batch file a power cut left empty or cut short is sampled again, not a traceback on every rerun; put fsyncs
+    # the file before its rename names it finished, and the folder after
+    store.path(5).write_bytes(b"")
+    store.path(7).write_bytes(store.path(3).read_bytes()[:40])
+    assert store.get(5) is None and store.get(7) is None and store.reused == 1
+    synced = []
+    import os as _os
+
+    real = _os.fsync
+    try:
+        _os.fsync = lambda fd: synced.append(_os.readlink(f"/proc/self/fd/{fd}")) or real(fd)
+        store.put(9, t)
+    finally:
+        _os.fsync = real
+    assert synced == [str(store.path(9).with_suffix(".part")), str(tmp_path / "sampled")]
 
 
 def test_the_dropped_counts_the_sampling_record_and_the_refusals_of_prompts_and_pairs(tiny_models, runs_dir, tmp_path,

@@ -1267,7 +1267,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('eval-describe-inclusive-quartiles', 'stages/eval_compare.py', 'q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3', 'q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3', 'tests/test_eval_compare.py -k describe_by_hand'),
     ('stats-choice-share-of-decided-labels', 'stages/label/stats.py', 'f"{n / total:.0%}"', 'f"{n / max(s[\'position_bias\'][\'decided\'], 1):.0%}"', 'tests/test_label_store.py -k choices_table'),
     ('resume-tokens-seen-zero', 'stages/resume.py', 'return json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0', 'return 0', 'tests/test_resume.py -k killed_write'),
-    ('sampled-batch-written-in-place', 'stages/resume.py', '        torch.save(list(tensors), part)\n        part.replace(self.path(batch))', '        torch.save(list(tensors), self.path(batch))', 'tests/test_resume.py -k killed_write'),
+    ('sampled-batch-written-in-place', 'stages/resume.py', '        torch.save(list(tensors), part)\n', '        part = self.path(batch)\n        torch.save(list(tensors), part)\n', 'tests/test_resume.py -k killed_write'),
     ('resume-key-compared-unrecorded', 'stages/resume.py', 'return recorded.is_file() and json.loads(recorded.read_text()) == as_recorded(key)', 'return recorded.is_file() and json.loads(recorded.read_text()) == key', 'tests/test_resume.py -k killed_write'),
     ('sampled-empty-stage-folder-kept', 'stages/resume.py', '    if made_stage_folder and stage_dir.is_dir() and not any(stage_dir.iterdir()):', '    if False:', 'tests/test_resume.py -k killed_write'),
     ('app-whitespace-reply-unsaid', 'stages/label/app.py', '    if text.strip():\n        return text_html(text)\n    return text_html(text) + f\'<i', '    if True:\n        return text_html(text)\n    return text_html(text) + f\'<i', 'tests/test_label_store.py -k nothing_of_which'),
@@ -1938,6 +1938,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('config-error-kept-on-lines', 'pipeline/config.py', '            text = " ".join(str(err).split())  # transformers', '            text = str(err)  # transformers', 'tests/test_config.py -k one_line_naming_a_key'),
     # stop 67: the card's stop tokens
     ('card-snippet-stops-at-eos-only', 'stages/publish_card.py', '    return [] if set(stops) <= listed else tokenizer.convert_ids_to_tokens(stops)', '    return []', 'tests/test_publish.py -k stops_where_the_run_stopped'),
+    # stop 67: the crash review's mends
+    ('launcher-ctrl-c-not-restored', 'pipeline/launch.py', '    if signal.getsignal(signal.SIGINT) is interrupted_before_launch:  # from here', '    if False:  # from here', 'tests/test_make.py -k before_the_launcher_starts'),
+    ('launcher-ctrl-c-exits-quietly-not', 'pipeline/launch.py', '    os._exit(INTERRUPTED_EXIT)\n\n\ndef quiet_ctrl_c_until_launch', '    raise KeyboardInterrupt\n\n\ndef quiet_ctrl_c_until_launch', 'tests/test_make.py -k before_the_launcher_starts'),
+    ('store-full-disk-read-as-damage', 'stages/label/store.py', '    if disk is not None:\n        return ConfigError(disk_problem(disk))\n', '', 'tests/test_label_store.py -k full_disk_says'),
+    ('sampled-batch-cut-short-trusted', 'stages/resume.py', '        except (EOFError, RuntimeError, OSError, ValueError):  # a file a power cut', '        except ImportError:  # a file a power cut', 'tests/test_pairs.py -k its_own_batches'),
+    ('sampled-batch-not-fsynced', 'stages/resume.py', '        with open(part, "rb") as f:  # its data on the disk before the rename names it finished (a power cut)\n            os.fsync(f.fileno())\n', '', 'tests/test_pairs.py -k its_own_batches'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -268,6 +268,17 @@ def reading_connection(path: Path) -> sqlite3.Connection:
     return con
 
 
+def unreadable_store(err: sqlite3.DatabaseError, path: Path) -> ConfigError:
+    """Why a read of the store failed, in one line: a full or read-only disk as such (disk_error; on a full disk
+    SQLite says "disk I/O error", and the line sent people to restore whole labels from a backup), else damage."""
+    from pipeline.run import disk_problem
+
+    disk = disk_error(err, path)
+    if disk is not None:
+        return ConfigError(disk_problem(disk))
+    return ConfigError(f"label store {path} cannot be read ({err}): restore it from a backup")
+
+
 def count_labels(path: Path) -> int:
     """How many labels a store holds, read only (0 when there is no store). For stages that must not miss them."""
     path = Path(path)
@@ -282,7 +293,7 @@ def count_labels(path: Path) -> int:
         finally:
             con.close()
     except sqlite3.DatabaseError as err:
-        raise ConfigError(f"label store {path} cannot be read ({err}): restore it from a backup") from None
+        raise unreadable_store(err, path) from None
 
 
 # Beside the export's manifest, not in it: the store state (and the files) the export is known to hold. Rewriting it
@@ -320,7 +331,7 @@ def store_digest(path: Path) -> str:
         finally:
             con.close()
     except sqlite3.DatabaseError as err:
-        raise ConfigError(f"label store {path} cannot be read ({err}): restore it from a backup") from None
+        raise unreadable_store(err, path) from None
     return labels_digest({**dict(r), "current": bool(r["active"])} for r in rows)
 
 
