@@ -228,10 +228,17 @@ def parse(classes: tuple, argv: list[str] | None = None):
         config_path = argv[i + 1]
         del argv[i : i + 2]
     base_given = None  # `--base_config FILE`: a variant's keys over another base (make: a recipe's own ppo.yaml)
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--base_config=") else [a])]
     if "--base_config" in argv:
         i = argv.index("--base_config")
-        if i + 1 >= len(argv) or argv.count("--base_config") > 1:
-            raise ConfigError("--base_config needs one path to a YAML file, given once")
+        if i + 1 >= len(argv):
+            raise ConfigError("--base_config needs a path to a YAML file")
+        if argv.count("--base_config") > 1:
+            given = [argv[j + 1] for j, a in enumerate(argv[:-1]) if a == "--base_config"]
+            raise ConfigError(f"--base_config is given more than once ({', '.join(given)}): `make` gives a recipe's "
+                              f"ppo.yaml to its grpo, rloo and reinforce_pp when the recipe has no file of their own: "
+                              f"put yours in configs/recipes/NAME/ (e.g. grpo.yaml with base_config:) and run with "
+                              f"RECIPE=NAME")
         base_given = argv[i + 1]
         del argv[i : i + 2]
     yaml_values = read_yaml(config_path) if config_path else {}

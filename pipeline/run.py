@@ -389,7 +389,8 @@ class StageRun:
         own_dir = self.dir.resolve()
         named = paths_named_in(sources, own_dir) - self.not_read
         configs = set() if every_yaml else {v for k, v in zip(self.argv, self.argv[1:]) if k == "--config"}
-        found = named_in_yamls(named - configs, own_dir) | base_configs_of(configs & named)
+        given_base = any(a == "--base_config" or a.startswith("--base_config=") for a in self.argv)  # read instead
+        found = named_in_yamls(named - configs, own_dir) | (set() if given_base else base_configs_of(configs & named))
         return sorted((named | found) - self.not_read)
 
     def not_inputs(self, paths, reading: str) -> None:

@@ -91,7 +91,12 @@ def test_the_no_flag_line_names_the_runs_own_thresholds(eval_dir):
     quiet = {**report, "flags": [], "comparison": {**report["comparison"], "hacking_length_ratio": 3.0, "hacking_kl": 7.5}}
     md = "\n".join(ppo_markdown(quiet, 4))
     assert ("No sign of it: the reward did not rise together with 3 times the length, and KL stayed below the "
-            "threshold (7.5 nats).") in md
+            "threshold (7.5 nats)") in md
+    # with a gold judge it says the over-optimisation rule too: a gold that fell by less is no flag
+    said = ", and the gold did not fall from its best point by more than about 2 paired standard errors while the " \
+           "reward model's score rose (the over-optimisation table above)."
+    assert (said in md) == bool(report.get("gold"))
+    assert said not in "\n".join(ppo_markdown({**quiet, "gold": None}, 4))
 
 
 def test_reward_hacking_is_flagged(eval_dir):
@@ -1099,7 +1104,7 @@ def test_each_score_and_kl_eval_computes_is_checked_for_a_number(monkeypatch, tm
     gens = SimpleNamespace(texts=["a", "b"], prompt_ids=ids, prompt_mask=mask, response_ids=ids, response_mask=mask,
                            ended=torch.ones(2, dtype=torch.bool))
     monkeypatch.setattr(E, "generate", lambda *a, **k: gens)
-    monkeypatch.setattr(E, "chat_reward_inputs", lambda tokenizer, prompts, texts: (ids[:len(texts)], mask[:len(texts)],
+    monkeypatch.setattr(E, "chat_reward_inputs", lambda tokenizer, prompts, texts, cut=None: (ids[:len(texts)], mask[:len(texts)],
                                                                                     [1] * len(texts)))
     prompts = [[{"role": "user", "content": "x"}]] * 2
     with pytest.raises(ConfigError, match="the reward model's score of ppo's response 0 is nan"):

@@ -290,7 +290,8 @@ def test_the_comparison_names_each_flagged_policy(compared):
     c["flags"] = {n: [] for n in c["flags"]}
     c["hacking_kl"], c["hacking_length_ratio"] = 7.5, 1.5  # the heading names the thresholds the flags used
     text = "\n".join(comparison_markdown(c))
-    assert "the gold fell): none." in text and "above 7.5 nats" in text and "1.5x as long" in text
+    assert "a Bonferroni-corrected t test over the run's points): none." in text and "above 7.5 nats" in text
+    assert "1.5x as long" in text
 
 
 def test_describe_and_policy_row_by_hand():

@@ -1092,7 +1092,8 @@ def test_ctrl_c_before_the_launcher_starts_a_stage_ends_it_at_once(monkeypatch):
             "    time.sleep(5)\n"
             "finally:\n"
             "    print('went on', flush=True)\n")
-    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,  # a suite run in
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # the background ignores it
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
 
 

@@ -213,6 +213,20 @@ def test_the_critic_free_estimators_of_a_recipe_train_on_its_own_prompts(estimat
     assert rc == 0 and "--base_config" not in lines[-1]  # the story recipe: the file's own base
     with pytest.raises(ConfigError, match="--base_config configs/ppo.yaml: configs/ppo.yaml is no variant config"):
         parse(classes, ["--config", "configs/ppo.yaml", "--base_config", "configs/ppo.yaml"])
+    assert parse(classes, ["--config", f"configs/{estimator}.yaml", "--base_config=configs/recipes/assistant/ppo.yaml"]) \
+        == parsed  # argparse's other spelling, as --config=FILE
+    with pytest.raises(ConfigError, match="--base_config is given more than once .*: `make` gives a recipe's ppo.yaml"):
+        parse(classes, ["--config", f"configs/{estimator}.yaml", "--base_config", "configs/ppo.yaml",
+                        "--base_config", "configs/recipes/assistant/ppo.yaml"])
+    # the run's inputs: the base it read, not the story's that the variant file names (editing that one retrained it)
+    from pipeline.run import StageRun
+
+    stage = StageRun(estimator, "t", str(tmp_path / "runs"))
+    stage.argv = ["--config", f"configs/{estimator}.yaml", "--base_config", "configs/recipes/assistant/ppo.yaml"]
+    named = stage._named([stage.argv])
+    assert "configs/recipes/assistant/ppo.yaml" in named and "configs/ppo.yaml" not in named
+    stage.argv = ["--config", f"configs/{estimator}.yaml"]
+    assert "configs/ppo.yaml" in stage._named([stage.argv])
 
 
 def test_dpo_keeps_the_papers_beta_in_the_assistant_recipe():

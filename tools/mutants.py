@@ -1944,6 +1944,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('store-full-disk-read-as-damage', 'stages/label/store.py', '    if disk is not None:\n        return ConfigError(disk_problem(disk))\n', '', 'tests/test_label_store.py -k full_disk_says'),
     ('sampled-batch-cut-short-trusted', 'stages/resume.py', '        except (EOFError, RuntimeError, OSError, ValueError):  # a file a power cut', '        except ImportError:  # a file a power cut', 'tests/test_pairs.py -k its_own_batches'),
     ('sampled-batch-not-fsynced', 'stages/resume.py', '        with open(part, "rb") as f:  # its data on the disk before the rename names it finished (a power cut)\n            os.fsync(f.fileno())\n', '', 'tests/test_pairs.py -k its_own_batches'),
+    # stop 67: the review of the stop's diff
+    ('variant-story-base-read-beside-given', 'pipeline/run.py', '(set() if given_base else base_configs_of(configs & named))', 'base_configs_of(configs & named)', 'tests/test_recipes.py -k estimators_of_a_recipe'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
