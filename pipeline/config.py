@@ -207,8 +207,8 @@ def parse(classes: tuple, argv: list[str] | None = None):
     """
     from transformers import HfArgumentParser
 
-    argv = [part for a in (sys.argv[1:] if argv is None else argv)  # --config=FILE reads as --config FILE
-            for part in (["--config", a[9:]] if a.startswith("--config=") else [a])]
+    argv = [part for a in (sys.argv[1:] if argv is None else argv)  # --config=FILE reads as --config FILE, and so on
+            for part in (a.split("=", 1) if a.startswith(("--config=", "--base_config=")) else [a])]
     config_path = None
     if argv.count("--config") > 1:
         given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
@@ -228,7 +228,6 @@ def parse(classes: tuple, argv: list[str] | None = None):
         config_path = argv[i + 1]
         del argv[i : i + 2]
     base_given = None  # `--base_config FILE`: a variant's keys over another base (make: a recipe's own ppo.yaml)
-    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--base_config=") else [a])]
     if "--base_config" in argv:
         i = argv.index("--base_config")
         if i + 1 >= len(argv):

@@ -111,7 +111,7 @@ def reply_closing_tokens(tokenizer, messages: list[dict]) -> int:
     """The tokens a chat template writes around a reply beyond the generation prompt and the reply's own: the
     end-of-turn and what follows it (Phi-3's EOS, ChatML's newline, Qwen3's empty think block). The reward model reads
     them after a sampled reply, so they must fit the base's positions too (check_context)."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None) or isinstance(messages, str):  # a plain-text prompt: untemplated
         return 0
     with_reply = chat_ids(tokenizer, list(messages) + [{"role": "assistant", "content": ""}])
     return max(len(with_reply) - len(chat_ids(tokenizer, list(messages), add_generation_prompt=True)), 0)

@@ -567,13 +567,16 @@ def main(args: PublishArgs, run: RunArgs) -> dict:
 
     # 3. The card, from the manifests (whose labels the reward model learned from, published or not)
     dataset_sources = dataset_sources or labels_the_reward_model_read(rm, label_now)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))  # as published: how the card's snippets template and stop
     license, note = card_license(args, base_license(base, args, online=not args.dry_run))
     if note:
         print(note, file=sys.stderr)
     card = model_card(args, repo, run.run, {**manifests, **({"label-export": label_now} if label_now else {})}, base,
                       base_ref, sources, extras, dataset_repo, dataset_sources, license,
-                      test_split="test" in dataset_splits, template_kwargs=template_kwargs_of(folder),
-                      stop_tokens=stop_tokens_of(folder, base_ref))
+                      test_split="test" in dataset_splits, template_kwargs=template_kwargs_of(tokenizer),
+                      stop_tokens=stop_tokens_of(tokenizer, base_ref))
     check_card(card, local, policy_method(args.policy, policy))
     (folder / "README.md").write_text(card)
 

@@ -400,25 +400,22 @@ def trained_on_labels(manifests: dict[str, dict], policy: str) -> list[str]:
     return sorted(stage for stage in {"rm", policy} if export and read(stage) == manifest_digest(export))
 
 
-def template_kwargs_of(folder: Path) -> str:
+def template_kwargs_of(tokenizer) -> str:
     """The apply_chat_template arguments, as Python source (`, date_string="26 Jul 2024"`), that template a
-    conversation as this run did: pipeline.chat.TEMPLATE_KWARGS that the saved tokenizer's template reads. Llama 3.x
-    writes today's date into every prompt without date_string: the policy saw, and the reward model scored, another."""
-    texts = [(folder / "chat_template.jinja").read_text(encoding="utf-8")] if (folder / "chat_template.jinja").is_file() else []
-    if (folder / "tokenizer_config.json").is_file():
-        texts.append(json.dumps(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")))
-    return "".join(f", {key}={json.dumps(value)}" for key, value in TEMPLATE_KWARGS.items() if any(key in t for t in texts))
+    conversation as this run did: pipeline.chat.TEMPLATE_KWARGS that the published tokenizer's template reads. Llama
+    3.x writes today's date into every prompt without date_string: the policy saw, and the reward model scored, another."""
+    template = json.dumps(getattr(tokenizer, "chat_template", None))  # a text, or a dict of named templates
+    return "".join(f", {key}={json.dumps(value)}" for key, value in TEMPLATE_KWARGS.items() if key in template)
 
 
-def stop_tokens_of(folder: Path, base: str) -> list[str]:
+def stop_tokens_of(tokenizer, base: str) -> list[str]:
     """The tokens the run's sampling stopped at (pipeline.generation.stop_token_ids: the template's end-of-turn too),
     by name, when generate() would not stop at all of them by itself (the base's generation_config): a base given
     another family's template (Qwen2.5 base + ChatML) wrote past `<|im_end|>`. Empty: generate() stops as the run did."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     from pipeline.generation import stop_token_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     try:
         generation = GenerationConfig.from_pretrained(base)
     except (OSError, ValueError):  # none saved (generate() then stops at the model config's EOS): the tokenizer's

@@ -1349,10 +1349,9 @@ def test_the_cards_snippets_template_as_the_run_did(template, dated, template_to
     from stages.publish import PublishArgs
     from stages.publish_card import model_card, reward_use, template_kwargs_of
 
-    folder = template_tokenizers[template]
-    kwargs = template_kwargs_of(folder)
+    tok = AutoTokenizer.from_pretrained(template_tokenizers[template])
+    kwargs = template_kwargs_of(tok)
     assert kwargs == (', date_string="26 Jul 2024"' if dated else "")
-    tok = AutoTokenizer.from_pretrained(folder)
     messages = [{"role": "user", "content": "Once upon a time"}]
     as_card = eval(f"tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False{kwargs})",
                    {"tok": tok, "messages": messages})
@@ -1392,8 +1391,8 @@ def test_the_cards_snippet_stops_where_the_run_stopped(template_tokenizers, tmp_
     tok = AutoTokenizer.from_pretrained(folder)
     base = tmp_path / "base"
     GenerationConfig(eos_token_id=tok.eos_token_id).save_pretrained(base)
-    stops = stop_tokens_of(folder, str(base))
-    assert stops == ["<eos>", "<end_of_turn>"] == stop_tokens_of(folder, str(tmp_path / "no-generation-config"))
+    stops = stop_tokens_of(tok, str(base))
+    assert stops == ["<eos>", "<end_of_turn>"] == stop_tokens_of(tok, str(tmp_path / "no-generation-config"))
     ev = {"n_prompts": 8, "reward_sft_mean": 0.0, "reward_ppo_mean": 1.0, "length_sft_mean": 20.0,
           "length_ppo_mean": 21.0, "no_eos_sft": 0.1, "no_eos_ppo": 0.1, "kl_mean": 1.0, "win_rate": 0.6,
           "win_rate_ci_low": 0.3, "win_rate_ci_high": 0.8}
@@ -1407,7 +1406,7 @@ def test_the_cards_snippet_stops_where_the_run_stopped(template_tokenizers, tmp_
     exec(line, {"tokenizer": tok, "model": model})
     assert model.generation_config.eos_token_id == stop_token_ids(tok, GenerationConfig(eos_token_id=tok.eos_token_id))
     GenerationConfig(eos_token_id=tok.convert_tokens_to_ids(["<eos>", "<end_of_turn>"])).save_pretrained(base)
-    assert stop_tokens_of(folder, str(base)) == []
+    assert stop_tokens_of(tok, str(base)) == []
     assert "generation_config.eos_token_id" not in model_card(PublishArgs(license="mit"), "me/x", "t", manifests,
                                                               "org/base", "org/base", [], [], None, stop_tokens=[])
 

@@ -406,9 +406,8 @@ def main(cfg: PPOConfig, run: RunArgs, reward_fn=None) -> dict:
     tokenizer = load_tokenizer(profile)
     prompts, prompt_ids, heldout, notes = load_prompts(cfg, tokenizer)
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    closing = reply_closing_tokens(tokenizer, prompts[longest]) if not isinstance(prompts[longest], str) else 0
     check_context(base_config(profile), len(prompt_ids[longest]), cfg.response_length, "--response_length",
-                  "--max_prompt_length", closing)
+                  "--max_prompt_length", reply_closing_tokens(tokenizer, prompts[longest]))
     cfg.check_kl_horizon(state.num_processes)
     shard = sharding_wanted(cfg, state.num_processes, profile)
     if cfg.reward_input == "chat" and (not getattr(tokenizer, "chat_template", None) or isinstance(prompts[0], str)):
