@@ -41,6 +41,12 @@ def client(url: str, user: str):
     return Client(url, auth=(user, dict(USERS)[user]), verbose=False, download_files=False)
 
 
+def on_screen(out: tuple, after_start: bool = False) -> str:
+    """The pair the page shows, from an API answer: the hidden box a label or skip sends back (last; /start answers
+    the saved name after it)."""
+    return out[-2] if after_start else out[-1]
+
+
 def annotators(store) -> list[str]:
     return sorted(lab["annotator"] for lab in store.labels())
 
@@ -48,16 +54,16 @@ def annotators(store) -> list[str]:
 def test_a_login_cannot_label_under_another_name(login_app):
     url, store = login_app
     alice = client(url, "alice")
-    alice.predict("bob", api_name="/start")  # the hidden name box: "I am bob"
-    alice.predict("", "", api_name="/label_left")
-    alice.predict("bob", api_name="/start_on_enter")
-    alice.predict("much", "", api_name="/label_right")
+    out = alice.predict("bob", api_name="/start")  # the hidden name box: "I am bob"
+    alice.predict("", "", on_screen(out, after_start=True), api_name="/label_left")
+    out = alice.predict("bob", api_name="/start_on_enter")
+    alice.predict("much", "", on_screen(out, after_start=True), api_name="/label_right")
     assert annotators(store) == ["alice", "alice"]
     assert [h["annotator"] for h in store.history()] == ["alice", "alice"]
 
     bob = client(url, "bob")
-    bob.predict("alice", api_name="/start")  # and the other way round
-    bob.predict("", "", api_name="/label_tie")
+    out = bob.predict("alice", api_name="/start")  # and the other way round
+    bob.predict("", "", on_screen(out, after_start=True), api_name="/label_tie")
     assert annotators(store) == ["alice", "alice", "bob"]
 
     # undo, skip and switch act on alice's own labels and pairs, whatever name she sent
@@ -65,8 +71,8 @@ def test_a_login_cannot_label_under_another_name(login_app):
     alice.predict(api_name="/undo")
     assert annotators(store) == ["alice", "bob"]
     alice.predict(api_name="/switch")
-    alice.predict("bob", api_name="/start")
-    alice.predict(api_name="/skip")
+    out = alice.predict("bob", api_name="/start")
+    alice.predict(on_screen(out, after_start=True), api_name="/skip")
     assert {h["annotator"] for h in store.history() if h["action"] in ("undo", "skip")} == {"alice"}
     assert store.progress("bob")["mine"] == 1
 
@@ -93,11 +99,11 @@ def test_gradios_run_history_pages_are_off(login_app):
 def test_a_note_beyond_the_limit_is_refused_and_nothing_is_stored(login_app):
     url, store = login_app
     alice = client(url, "alice")
-    alice.predict("", "", api_name="/start")
-    out = alice.predict("", "x" * 21, api_name="/label_left")  # over the API: the page's max_length is not in the way
+    pair = on_screen(alice.predict("", "", api_name="/start"), after_start=True)
+    out = alice.predict("", "x" * 21, pair, api_name="/label_left")  # over the API: the page's max_length is not in the way
     assert any("Not saved" in str(part) and "limit is 20" in str(part) for part in out)
-    assert store.labels() == [] and store.history() == []
-    alice.predict("", "y" * 20, api_name="/label_left")  # at the limit: stored
+    assert store.labels() == [] and store.history() == [] and on_screen(out) == pair
+    alice.predict("", "y" * 20, pair, api_name="/label_left")  # at the limit: stored
     assert [lab["note"] for lab in store.labels()] == ["y" * 20]
 
 
@@ -179,8 +185,8 @@ def test_a_stale_screen_cannot_change_a_label_it_did_not_show(tmp_path):
     tab2 = handlers["start"]("dora", {}, me)[0]  # the second tab gets the pair the first holds
     assert tab1["pair_id"] == tab2["pair_id"] == "p0"
 
-    handlers["label_left"]("", "", tab1, me)
-    out = handlers["label_right"]("much", "second thoughts?", tab2, me)  # tab2 still shows p0
+    handlers["label_left"]("", "", "p0", tab1, me)
+    out = handlers["label_right"]("much", "second thoughts?", "p0", tab2, me)  # tab2 still shows p0
     assert [(lab["pair_id"], lab["choice"], lab["strength"], lab["note"], lab["revision"]) for lab in store.labels()] \
         == [("p0", "left", None, "", 1)]
     assert [(h["action"], h["pair_id"]) for h in store.history("dora")] == [("new", "p0")]
@@ -188,14 +194,51 @@ def test_a_stale_screen_cannot_change_a_label_it_did_not_show(tmp_path):
     assert store.save_label("dora", "p0", "tie", 0, new_only=True) is None and store.labels()[0]["choice"] == "left"
 
     opened = handlers["open"]("p0", out[0], me)[0]  # on purpose: Change an earlier label
-    handlers["label_right"]("", "", opened, me)
+    handlers["label_right"]("", "", "p0", opened, me)
     assert [(lab["choice"], lab["revision"]) for lab in store.labels()] == [("right", 2)]
 
     # p1 skipped in one tab, labeled from another still showing it: the skip stands (the pair went back to the pool
     # for others; a label would have taken it past its overlap)
     tab2 = handlers["start"]("dora", {}, me)[0]
     assert out[0]["pair_id"] == tab2["pair_id"] == "p1"
-    handlers["skip"](out[0], me)
-    stale = handlers["label_left"]("", "", tab2, me)
+    handlers["skip"]("p1", out[0], me)
+    stale = handlers["label_left"]("", "", "p1", tab2, me)
     assert ALREADY_LABELED in stale and [lab["pair_id"] for lab in store.labels()] == ["p0"]
     assert [(h["action"], h["pair_id"]) for h in store.history("dora")][-1] == ("skip", "p1")
+
+
+@pytest.mark.parametrize("first", ["label_left", "skip"])
+def test_a_second_key_before_the_next_pair_is_on_screen_saves_nothing(tmp_path, first):
+    """Keys 1 then 2 (or S then 1) pressed within a moment: Gradio runs the second event after the first, on the state
+    the first left, which already holds the next pair, while the page still shows the first. The browser sends the
+    pair it shows with every label and skip: the second key is refused, the next pair stays open and unlabeled."""
+    from types import SimpleNamespace
+
+    from stages.label.app import NOT_ON_SCREEN, build_app
+    from stages.label.store import LabelStore
+
+    store = LabelStore(tmp_path / "labels.sqlite")
+    store.import_items([{"pair_id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
+                         "responses": [f"a{i}", f"b{i}"]} for i in range(3)])
+    handlers = {f.api_name: f.fn for f in build_app(store, "guidelines").fns.values() if f.api_name}
+    me = SimpleNamespace(username=None)
+    start = handlers["start"]("dora", {}, me)
+    assert start[0]["pair_id"] == start[-2] == "p0"  # the state and the page's hidden box agree
+    after_first = handlers[first](*(("", "", "p0") if first != "skip" else ("p0",)), start[0], me)
+    assert after_first[0]["pair_id"] == after_first[-1] == "p1"
+    second = handlers["label_right"]("", "", "p0", after_first[0], me)  # the page still showed p0
+    assert NOT_ON_SCREEN in second and second[0]["pair_id"] == second[-1] == "p1"
+    assert [lab["pair_id"] for lab in store.labels()] == ([] if first == "skip" else ["p0"])
+    again = handlers["skip"]("p0", after_first[0], me)  # a late skip does not skip the pair on screen either
+    assert NOT_ON_SCREEN in again and [h["pair_id"] for h in store.history("dora")] == ["p0"]
+    handlers["label_right"]("", "", "p1", second[0], me)  # once shown, the same key labels it
+    assert [(lab["pair_id"], lab["choice"]) for lab in store.labels()][-1] == ("p1", "right")
+
+
+def test_the_done_screen_says_the_lease_time_people_can_read():
+    """A pair open with someone else comes back after the lease: 30 s said as "30 s" (it read "0 min"), minutes rounded
+    up (90 s read "2 min", 901 s "15 min": never sooner than it comes back)."""
+    from stages.label.app import minutes_or_seconds
+
+    assert [minutes_or_seconds(s) for s in (30, 90, 119, 120, 900, 901)] == \
+        ["30 s", "90 s", "119 s", "2 min", "15 min", "16 min"]

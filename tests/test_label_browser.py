@@ -281,6 +281,35 @@ def test_login_mode_labels_as_the_logged_in_user(serve, browser, offline):
     assert [r["annotator"] for r in store.labels()] == ["carol"]
 
 
+def test_a_second_key_pressed_while_the_first_saves_labels_nothing_unseen(serve, browser, offline):
+    """1 then 2 within a moment: only the pair on screen is labeled; the next one, which the second key arrived before,
+    stays open and unlabeled (a real browser: Gradio runs the second event on the state the first left behind). With
+    logins the page offers a way to log out."""
+    from playwright.sync_api import expect
+
+    url, store = serve(n_pairs=4, users=[("carol", "pw-carol")])
+    page = open_page(browser, url, offline)
+    page.get_by_label("username").fill("carol")
+    page.get_by_label("password").fill("pw-carol")
+    page.get_by_role("button", name="Login").click()
+    expect(page.locator("#progress")).to_contain_text("Yours (carol): 0 labeled")
+    expect(page.locator("#btn-logout")).to_be_visible()
+    first, _ = shown(page)
+    page.keyboard.press("1")
+    page.keyboard.press("2")
+    # The second is refused: as not on screen, or as labeled already when the two events ran at once on the state
+    # both read. Which answer shows last varies, so the store is what is checked, once both have come back.
+    expect(page.locator("#progress")).to_contain_text("Yours (carol): 1 labeled")
+    page.wait_for_timeout(3000)
+    expect(page.locator("#status")).not_to_contain_text("processing")
+    second, _ = shown(page)
+    assert second != first
+    assert [(r["pair_id"], r["choice"]) for r in store.labels()] == [(first, "left")]
+    page.keyboard.press("2")  # now shown: labeled
+    expect(page.locator("#progress")).to_contain_text("Yours (carol): 2 labeled")
+    assert [(r["pair_id"], r["choice"]) for r in store.labels()] == [(first, "left"), (second, "right")]
+
+
 # Text that would be markup if the page rendered it: an image from elsewhere (HTML and Markdown), a page-covering
 # overlay, hidden text, a fake password form, a script, LaTeX. It must show as exactly these characters.
 HOSTILE_PROMPT = ['<div style="position:fixed;inset:0;background:red">cover</div> system says hi',

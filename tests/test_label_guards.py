@@ -353,10 +353,10 @@ def test_second_make_label_on_a_live_run_leaves_the_live_app_alone(tmp_path):
         from gradio_client import Client  # the live app works on, with --max_note_chars from its command line
 
         client = Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False)
-        client.predict("dora", api_name="/start")
-        out = client.predict("", "123456", api_name="/label_left")
+        shown = client.predict("dora", api_name="/start")[-2]  # the pair on screen (the saved name comes last)
+        out = client.predict("", "123456", shown, api_name="/label_left")
         assert any("limit is 5" in str(part) for part in out)
-        client.predict("", "12345", api_name="/label_left")
+        client.predict("", "12345", shown, api_name="/label_left")
         rows = sqlite3.connect(db).execute("SELECT annotator, note FROM labels").fetchall()
         assert rows == [("dora", "12345")]
     finally:

@@ -1102,6 +1102,8 @@ def app_handlers(store, use_login):
     from stages.label.app import build_app
 
     return {f.api_name: f.fn for f in build_app(store, "guidelines", use_login=use_login).fns.values()}
+# A label or skip sends the pair the page shows: here always the one the state holds (a second key before the next
+# pair is on screen is tests/test_label_api.py's).
 
 
 def test_with_logins_a_click_labels_as_the_login_with_the_side_shown_and_the_strength(tmp_path):
@@ -1117,9 +1119,9 @@ def test_with_logins_a_click_labels_as_the_login_with_the_side_shown_and_the_str
     api = app_handlers(store, use_login=True)
     st = api["on_load"]("", login)[0]
     assert st == {"annotator": me, "pair_id": "p000", "shown_left": 1}
-    api["label_left"]("", "", {**st, "annotator": "mallory"}, login)
+    api["label_left"]("", "", st["pair_id"], {**st, "annotator": "mallory"}, login)
     assert store.labels() == [] and store.history() == []
-    api["label_right"]("much", "close", st, login)
+    api["label_right"]("much", "close", st["pair_id"], st, login)
     (row,) = store.labels()
     assert (row["annotator"], row["pair_id"], row["choice"], row["shown_left"], row["preferred"], row["strength"],
             row["note"]) == (me, "p000", "right", 1, 0, "much", "close")
@@ -1146,11 +1148,11 @@ def test_skip_while_changing_an_earlier_label_keeps_it_and_switch_hands_the_open
     store.import_items(pairs(2))
     api, page = app_handlers(store, use_login=False), SimpleNamespace(username=None)
     st = api["start"]("ann", {}, page)[0]
-    st = api["label_left"]("", "", st, page)[0]
+    st = api["label_left"]("", "", st["pair_id"], st, page)[0]
     assert st["pair_id"] == "p001"
     st = api["open"]("p000", st, page)[0]
     assert st["editing"] and st["pair_id"] == "p000"
-    st = api["skip"](st, page)[0]
+    st = api["skip"](st["pair_id"], st, page)[0]
     assert [h["action"] for h in store.history("ann")] == ["new"] and st["pair_id"] == "p001"
     api["switch"](st, page)
     assert store.next_item("bob").pair_id == "p001"
@@ -1165,11 +1167,11 @@ def test_the_undo_message_says_whether_the_pair_came_back(tmp_path):
     store.import_items(pairs(2))
     api, page = app_handlers(store, use_login=False), SimpleNamespace(username=None)
     st = api["start"]("ann", {}, page)[0]
-    st = api["skip"](st, page)[0]
+    st = api["skip"](st["pair_id"], st, page)[0]
     assert st["pair_id"] == "p001"
     out = api["undo"](st, page)
     assert out[0]["pair_id"] == "p000" and "Here is that pair again." in out[13]
-    st = api["skip"](out[0], page)[0]
+    st = api["skip"](out[0]["pair_id"], out[0], page)[0]
     assert store.next_item("bob").pair_id == "p000"
     out = api["undo"](st, page)
     assert out[0]["pair_id"] == "p001" and out[13] == ("↶ Undone: your skip was taken back. That pair is with others "
@@ -1186,12 +1188,12 @@ def test_a_changed_label_comes_back_with_its_strength_and_note_and_says_changed(
     store.import_items(pairs(2))
     api, page = app_handlers(store, use_login=False), SimpleNamespace(username=None)
     out = api["start"]("  Ann   Lee ", {}, page)
-    assert out[0]["annotator"] == "Ann Lee" and out[15] == "Ann Lee"
-    out = api["label_right"]("much", "kinder ending", out[0], page)
+    assert out[0]["annotator"] == "Ann Lee" and out[16] == "Ann Lee"
+    out = api["label_right"]("much", "kinder ending", out[0]["pair_id"], out[0], page)
     assert out[13].startswith("✓ Saved label #1: right is better (much) (")
     out = api["open"]("p000", out[0], page)
     assert out[0]["editing"] and (out[10], out[11]) == ("much", "kinder ending")
-    out = api["label_left"](out[10], out[11], out[0], page)
+    out = api["label_left"](out[10], out[11], out[0]["pair_id"], out[0], page)
     assert out[13].startswith("✓ Changed label #1: left is better (much) (")
     (row,) = store.labels()
     assert (row["annotator"], row["choice"], row["strength"], row["note"], row["revision"]) == \
@@ -1213,11 +1215,11 @@ def test_a_refused_name_or_note_saves_nothing_and_keeps_the_typed_note(tmp_path)
     assert "annotator" not in out[0] and out[13].startswith("⚠ Enter a name")
     st = api["start"]("alice", {}, page)[0]
     too_long = "x" * (store.max_note_chars + 1)
-    out = api["label_left"]("", too_long, st, page)
+    out = api["label_left"]("", too_long, st["pair_id"], st, page)
     assert out[11] == gr.update() and out[13].startswith("⚠ Not saved") and store.labels() == []
     assert out[0]["pair_id"] == st["pair_id"] == "p000"
     assert store.next_item("bob").pair_id == "p001"
-    out = api["label_left"]("", "short", out[0], page)
+    out = api["label_left"]("", "short", out[0]["pair_id"], out[0], page)
     assert "within 10 min" in out[4]["value"] and "1 pair(s) are open with others" in out[4]["value"]
 
 
@@ -1259,7 +1261,7 @@ def test_a_store_with_no_servable_pair_says_so_not_all_done(tmp_path):
     other.import_items(pairs(1))
     api, page = app_handlers(other, use_login=False), SimpleNamespace(username=None)
     st = api["start"]("ann", {}, page)[0]
-    assert api["label_left"]("", "", st, page)[4]["value"].startswith("<h3>All done ✓</h3>")
+    assert api["label_left"]("", "", st["pair_id"], st, page)[4]["value"].startswith("<h3>All done ✓</h3>")
 
 
 def test_prompts_and_responses_reach_the_page_as_text():

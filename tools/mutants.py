@@ -1251,7 +1251,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('app-reopened-strength-lost', 'stages/label/app.py', '(item.label or {}).get("strength") or "", (item.label or {}).get("note") or "",', '"", (item.label or {}).get("note") or "",', "tests/test_label_store.py -k 'changed_label_comes_back or refused_name_or_note'"),
     ('app-reopened-note-lost', 'stages/label/app.py', '(item.label or {}).get("strength") or "", (item.label or {}).get("note") or "",', '(item.label or {}).get("strength") or "", "",', "tests/test_label_store.py -k 'changed_label_comes_back or refused_name_or_note'"),
     ('app-typed-name-not-cleaned', 'stages/label/app.py', '            annotator = clean_name(typed)\n', '            annotator = typed.strip() or None\n', "tests/test_label_store.py -k 'changed_label_comes_back or refused_name_or_note'"),
-    ('app-lease-shown-in-seconds', 'stages/label/app.py', 'within {store.lease_s / 60:.0f} min', 'within {store.lease_s:.0f} min', "tests/test_label_store.py -k 'changed_label_comes_back or refused_name_or_note'"),
+    ('app-lease-shown-in-seconds', 'stages/label/app.py', 'within {minutes_or_seconds(store.lease_s)}', 'within {minutes_or_seconds(store.lease_s / 60)}', "tests/test_label_store.py -k 'changed_label_comes_back or refused_name_or_note'"),
     ('ppo-resume-ignores-ensemble-members', 'stages/ppo/__init__.py', 'for k in ("sft", "rm", "rm_members")):', 'for k in ("sft", "rm")):', 'tests/test_ppo.py -k every_ensemble_member_the_profile'),
     ('ppo-adapter-digest-skips-config', 'stages/ppo/__init__.py', 'for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):', 'for name in ("adapter_model.safetensors", "adapter_model.bin"):', 'tests/test_ppo.py -k every_ensemble_member_the_profile'),
     ('ppo-dropout-kept', 'stages/ppo/__init__.py', '            m.p = 0.0\n', '            pass\n', 'tests/test_ppo.py -k every_ensemble_member_the_profile'),
@@ -1946,6 +1946,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sampled-batch-not-fsynced', 'stages/resume.py', '        with open(part, "rb") as f:  # its data on the disk before the rename names it finished (a power cut)\n            os.fsync(f.fileno())\n', '', 'tests/test_pairs.py -k its_own_batches'),
     # stop 67: the review of the stop's diff
     ('variant-story-base-read-beside-given', 'pipeline/run.py', '(set() if given_base else base_configs_of(configs & named))', 'base_configs_of(configs & named)', 'tests/test_recipes.py -k estimators_of_a_recipe'),
+    # stop 68: the labeling page sends the pair it shows; the lease time said in seconds or whole minutes
+    ('label-second-key-labels-unseen-pair', 'stages/label/app.py', '                if shown_pair != st["pair_id"]:\n                    return view(st, NOT_ON_SCREEN)\n', '', 'tests/test_label_api.py -k second_key'),
+    ('label-second-key-skips-unseen-pair', 'stages/label/app.py', '            if st.get("pair_id") and shown_pair != st["pair_id"]:\n                return view(st, NOT_ON_SCREEN)\n', '', 'tests/test_label_api.py -k second_key'),
+    ('label-page-shows-no-pair-id', 'stages/label/app.py', 'gr.update(choices=choices, value=None), item.pair_id)', 'gr.update(choices=choices, value=None), "")', 'tests/test_label_api.py -k second_key'),
+    ('label-lease-minutes-rounded-down', 'stages/label/app.py', 'f"{math.ceil(seconds / 60)} min"', 'f"{seconds / 60:.0f} min"', 'tests/test_label_api.py -k lease_time'),
+    ('label-lease-seconds-as-minutes', 'stages/label/app.py', 'f"{seconds:.0f} s" if seconds < 120 else', '', 'tests/test_label_api.py -k lease_time'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

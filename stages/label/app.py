@@ -12,6 +12,7 @@ Two trust rules:
 from __future__ import annotations
 
 import html
+import math
 import re
 import sys
 import time
@@ -68,6 +69,13 @@ CSS = """
 ALREADY_LABELED = ("⚠ Not saved: you had already labeled or skipped that pair (in another tab, or with the key "
                    "before). It stays as it was; to change a label, use <b>Change an earlier label</b>; to take back "
                    "a skip, <b>Undo</b>.")
+NOT_ON_SCREEN = ("⚠ Not saved: that key or click came before this pair was on screen (a second key pressed while the "
+                 "last one was saving). Read this pair, then choose.")
+
+
+def minutes_or_seconds(seconds: float) -> str:
+    """A lease time as people read it: "45 s", "2 min" (rounded up, so a pair never comes back later than said)."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{math.ceil(seconds / 60)} min"
 
 CHOICE_TEXT = {"left": "left is better", "right": "right is better", "tie": "tie", "both_bad": "both bad"}
 
@@ -179,6 +187,9 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         state = gr.State({})  # {"annotator", "pair_id", "shown_left", "editing"}
+        # The pair on this page, sent with every label and skip. The State above is the server's and already holds the
+        # next pair when a second key arrives before the page has shown it; this is what the browser showed.
+        on_screen = gr.Textbox(visible=False, elem_id="on-screen-pair")
         saved_name = gr.BrowserState("", storage_key="rlhf-label-annotator", secret="rlhf-label-name")
         gr.HTML(f"<h2>{html.escape(title)}</h2>", js_on_load=None)
         with gr.Row(visible=False) as who:
@@ -214,6 +225,8 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 with gr.Row():
                     b_undo = gr.Button("Undo my last label [U]", elem_id="btn-undo", size="sm", visible=False)
                     b_switch = gr.Button("Switch annotator", elem_id="btn-switch", size="sm", visible=False)
+                    # Gradio's own route: ends this browser's login, so that another person can log in on it
+                    gr.Button("Log out", link="/logout", elem_id="btn-logout", size="sm", visible=use_login)
                 with gr.Accordion("Guidelines [G]", open=False, elem_id="guidelines"):
                     gr.Markdown(guidelines_md + "\n\n**Keyboard shortcuts**\n\n" + shortcuts_md)  # the project's own text
                 with gr.Accordion("Change an earlier label", open=False, elem_id="earlier", visible=False) as earlier_box:
@@ -224,7 +237,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 stats_html = gr.HTML(elem_id="stats", js_on_load=None)
 
         view_outputs = [state, who, b_switch, item_col, done, b_undo, earlier_box, chat, left, right, strength, note,
-                        progress, status, earlier]
+                        progress, status, earlier, on_screen]
         note_output = view_outputs.index(note)
 
         def session(st: dict, request: gr.Request) -> dict:
@@ -242,7 +255,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 return (st, gr.update(visible=not use_login), gr.update(visible=False), gr.update(visible=False),
                         gr.update(visible=False),
                         gr.update(visible=False), gr.update(visible=False), "", "", "", "", "",
-                        progress_html(store.progress()), message or "Type your name to start.", gr.update())
+                        progress_html(store.progress()), message or "Type your name to start.", gr.update(), "")
             item = store.reopen(me, st["pair_id"]) if st.get("editing") else None
             if item is None:
                 st = {"annotator": me}
@@ -254,12 +267,12 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             prog = store.progress(me)
             if item is None:
                 held = f" {prog['held_by_others']} pair(s) are open with others; they come back here if not answered " \
-                       f"within {store.lease_s / 60:.0f} min." if prog["held_by_others"] else ""
+                       f"within {minutes_or_seconds(store.lease_s)} (reload this page to see them)." if prog["held_by_others"] else ""
                 done_html = (f"<h3>All done ✓</h3><p>Nothing is left for you, {html.escape(me)}: you labeled "
                              f"{prog['mine']} pair(s). Thank you!{held}</p>" if prog["pairs"] else no_pairs_html(prog))
                 return ({"annotator": me}, common[0], common[1], gr.update(visible=False),
                         gr.update(value=done_html, visible=True), common[2], common[3], "", "", "", "", "",
-                        progress_html(prog, me), message, gr.update(choices=choices, value=None))
+                        progress_html(prog, me), message, gr.update(choices=choices, value=None), "")
             st = {**st, "pair_id": item.pair_id, "shown_left": item.shown_left}
             if item.label is not None:
                 message = (f"Changing your label on this pair (you chose: <b>{describe(item.label)}</b>). Choose again, "
@@ -267,7 +280,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             return (st, common[0], common[1], gr.update(visible=True), gr.update(visible=False), common[2], common[3],
                     prompt_html(item.prompt), response_html(item.left), response_html(item.right),
                     (item.label or {}).get("strength") or "", (item.label or {}).get("note") or "",
-                    progress_html(prog, me), message, gr.update(choices=choices, value=None))
+                    progress_html(prog, me), message, gr.update(choices=choices, value=None), item.pair_id)
 
         def on_load(saved: str, request: gr.Request):
             annotator = request.username if use_login else clean_name(saved)
@@ -282,10 +295,12 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             return (*view({"annotator": annotator}, f"Labeling as <b>{html.escape(annotator)}</b>."), annotator)
 
         def on_choice(choice: str):
-            def handler(strength_value: str, note_value: str, st: dict, request: gr.Request):
+            def handler(strength_value: str, note_value: str, shown_pair: str, st: dict, request: gr.Request):
                 st = session(st, request)
                 if not st.get("annotator") or not st.get("pair_id"):
                     return view(st, "Nothing to label right now.")
+                if shown_pair != st["pair_id"]:
+                    return view(st, NOT_ON_SCREEN)
                 t0 = time.perf_counter()
                 try:
                     row = store.save_label(st["annotator"], st["pair_id"], choice, st["shown_left"],
@@ -302,8 +317,10 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
                 return view({"annotator": st["annotator"]}, msg)
             return handler
 
-        def on_skip(st: dict, request: gr.Request):
+        def on_skip(shown_pair: str, st: dict, request: gr.Request):
             st = session(st, request)
+            if st.get("pair_id") and shown_pair != st["pair_id"]:
+                return view(st, NOT_ON_SCREEN)
             if st.get("editing"):
                 return view({"annotator": st["annotator"]}, "Left your earlier label as it was.")
             if st.get("annotator") and st.get("pair_id"):
@@ -352,8 +369,8 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
         start.click(on_start, [name, state], view_outputs + [saved_name], api_name="start")
         name.submit(on_start, [name, state], view_outputs + [saved_name], api_name="start_on_enter")
         for button, choice in ((b_left, "left"), (b_right, "right"), (b_tie, "tie"), (b_bad, "both_bad")):
-            button.click(on_choice(choice), [strength, note, state], view_outputs, api_name=f"label_{choice}")
-        b_skip.click(on_skip, [state], view_outputs, api_name="skip")
+            button.click(on_choice(choice), [strength, note, on_screen, state], view_outputs, api_name=f"label_{choice}")
+        b_skip.click(on_skip, [on_screen, state], view_outputs, api_name="skip")
         b_undo.click(on_undo, [state], view_outputs, api_name="undo")
         b_open.click(on_open, [earlier, state], view_outputs, api_name="open")
         b_switch.click(on_switch, [state], view_outputs + [saved_name], api_name="switch")
