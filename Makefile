@@ -226,20 +226,22 @@ simulate: pairs
 	$(call direct,simulate)
 
 # The story chain's labels, when the export no longer holds the run's pairs and the store's labels
-# (stages/label/fresh_export.py): new pairs (or no export yet) are simulated first (unless people labeled them); a
+# (stages/label/fresh_export.py): new pairs (or no export yet, or simulated labels the export holds from other simulate
+# settings than SIMULATE_ARGS and configs/simulate.yaml now give) are simulated first (unless people labeled them); a
 # changed store (people labeled with `make label`, or `make simulate` ran with other settings) or label config is
 # exported again as it was last exported (--refresh), so the reward model retrains on it. A change that leaves the
 # export's rows as they were (labels of eval's pairs, a skip) leaves the run current.
 # A run whose people label pairs of their own (OWN_PAIRS_FILE, above): its labels are those pairs', exported from that
 # file, and no pairs are sampled. The step sampled the bundled prompts' pairs there and
 # simulated their labels, which replaced people's in the export.
+SIMULATE_FLAGS = $(wordlist 3,9999,$(call stage_opts,simulate)) --skip_if_people_labeled true $(SIMULATE_ARGS)
 labels: $(if $(OWN_PAIRS_FILE),,pairs)
-	@$(PY) -m stages.label.fresh_export $(RUNDIR); fresh=$$?; \
+	@$(PY) -m stages.label.fresh_export $(RUNDIR) $(if $(OWN_PAIRS_FILE),,-- $(SIMULATE_FLAGS)); fresh=$$?; \
 	if [ -n "$(OWN_PAIRS_FILE)" ] && { [ $$fresh = 4 ] || [ $$fresh = 3 ]; }; then \
 	  echo "labels: exporting people's labels of your own pairs ($$(cat $(OWN_PAIRS_FILE)); no pairs are sampled)" && \
 	  $(PY) $(call stage_opts,label-export) --pairs_dataset "$$(cat $(OWN_PAIRS_FILE))"; \
 	elif [ $$fresh = 4 ]; then \
-	  $(PY) $(call stage_opts,simulate) --skip_if_people_labeled true $(SIMULATE_ARGS) && \
+	  $(PY) -m $(STAGE_PKG).simulate $(SIMULATE_FLAGS) && \
 	  $(PY) $(call stage_opts,label-export) --refresh true; \
 	elif [ $$fresh = 3 ]; then echo "labels: the label store or the label config changed since the last export: exporting" && \
 	  $(PY) $(call stage_opts,label-export) --refresh true; \

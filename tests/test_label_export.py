@@ -779,3 +779,23 @@ def test_the_card_says_how_peoples_labels_reached_the_store_as_far_as_it_knows(r
     assert how in WHOSE["all"].who and how in WHOSE["all"].pairs
     for whose in WHOSE.values():  # no card of any source credits a UI the store cannot vouch for
         assert " UI" not in " ".join((whose.who, whose.pairs, whose.short, whose.title)), whose
+
+
+def test_simulated_labels_from_other_settings_are_drawn_again_unless_the_export_is_peoples(tmp_path):
+    """The chain's labels step draws the simulated labels again when the export holds simulated labels that simulate
+    gave with other settings; an export of people's labels alone is left to them (the chain does not simulate over
+    people), and --skip_if_people_labeled, which changes no label, is no change."""
+    import json
+
+    from stages.label.fresh_export import simulated_otherwise
+
+    run_dir = tmp_path / "r"
+    for stage, content in (("label-export", {"metrics": {"sources": "simulated"}}),
+                           ("simulate", {"inputs": {"argv": ["--run", "r", "--annotators", "3"], "files": {}}})):
+        (run_dir / stage).mkdir(parents=True)
+        (run_dir / stage / "manifest.json").write_text(json.dumps(content))
+    assert simulated_otherwise(run_dir, ["--run", "r", "--skip_if_people_labeled", "true", "--annotators", "3"]) is None
+    assert simulated_otherwise(run_dir, ["--run", "r", "--annotators", "3", "--skip_if_people_labeled=true"]) is None
+    assert simulated_otherwise(run_dir, ["--run", "r", "--annotators", "2"]) == "was: --run r --annotators 3"
+    (run_dir / "label-export" / "manifest.json").write_text(json.dumps({"metrics": {"sources": "people"}}))
+    assert simulated_otherwise(run_dir, ["--run", "r", "--annotators", "2"]) is None

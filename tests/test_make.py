@@ -308,6 +308,24 @@ def test_labels_export_again_when_the_pairs_or_the_store_changed_since_the_last_
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == ["simulate", "label-export"], res.stdout + res.stderr
 
+    # The simulated annotators' settings (SIMULATE_ARGS, a file they read) changed: their labels are drawn again and
+    # exported; `make simulate` with the chain's settings leaves the chain current (it differs in
+    # --skip_if_people_labeled alone, which changes no label)
+    label_config = tmp_path / "label.yaml"
+    label_config.write_text((REPO / "configs" / "label.yaml").read_text())
+    for settings in ("SIMULATE_ARGS=--annotators 2", f"SIMULATE_ARGS=--annotators 2 --label_config {label_config}"):
+        res = make("labels", settings, runs_dir=runs)
+        assert res.returncode == 0 and ran(runs) == ["simulate", "label-export"], res.stdout + res.stderr
+        assert "labels: the simulated annotators' settings changed (was: " in res.stdout
+        res = make("labels", settings, runs_dir=runs)
+        assert ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
+    label_config.write_text(label_config.read_text() + "# a comment\n")
+    res = make("labels", settings, runs_dir=runs)
+    assert ran(runs) == ["simulate", "label-export"] and f"({label_config} changed)" in res.stdout, res.stdout
+    assert make("simulate", settings, runs_dir=runs).returncode == 0 and ran(runs) == ["simulate"]
+    res = make("labels", settings, runs_dir=runs)
+    assert ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
+
     # a store that cannot be read: one error line, nothing exported
     for f in store.path.parent.glob("labels.sqlite-*"):
         f.unlink()

@@ -1952,6 +1952,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('label-page-shows-no-pair-id', 'stages/label/app.py', 'gr.update(choices=choices, value=None), item.pair_id)', 'gr.update(choices=choices, value=None), "")', 'tests/test_label_api.py -k second_key'),
     ('label-lease-minutes-rounded-down', 'stages/label/app.py', 'f"{math.ceil(seconds / 60)} min"', 'f"{seconds / 60:.0f} min"', 'tests/test_label_api.py -k lease_time'),
     ('label-lease-seconds-as-minutes', 'stages/label/app.py', 'f"{seconds:.0f} s" if seconds < 120 else', '', 'tests/test_label_api.py -k lease_time'),
+    # stop 68: the chain's simulated labels drawn again for other simulate settings
+    ('labels-simulate-settings-ignored', 'stages/label/fresh_export.py', 'if simulate_flags is not None and (why := simulated_otherwise(run_dir, simulate_flags)):', 'if False and (why := simulated_otherwise(run_dir, simulate_flags)):', 'tests/test_make.py -k labels_export_again'),
+    ('labels-simulate-skip-flag-counts', 'stages/label/fresh_export.py', '        if w == "--skip_if_people_labeled":\n', '        if False:\n', 'tests/test_label_export.py -k simulated_labels_from_other'),
+    ('labels-simulate-over-people', 'stages/label/fresh_export.py', '.get("sources") == "people":', '.get("sources") == "nobody":', 'tests/test_label_export.py -k simulated_labels_from_other'),
+    ('labels-simulate-files-ignored', 'stages/label/fresh_export.py', '    return inputs_changed(files, {}, str(run_dir.parent), run_dir.name)\n\n\ndef without_skip_flag', '    return None\n\n\ndef without_skip_flag', 'tests/test_make.py -k labels_export_again'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -1,11 +1,12 @@
 """Does a run's label export hold the store's labels and the run's pairs as they are now? Exit 0 when it does; 4 when
-the pairs were sampled again (or there is no export yet); 3 when labels were added, changed or removed since it was
+the pairs were sampled again (or there is no export yet), or the simulated labels it holds came from other
+simulate settings than the chain's now (SIMULATE_ARGS, configs/simulate.yaml); 3 when labels were added, changed or removed since it was
 written, or a file it read changed (configs/label.yaml, the guidelines); 2 on a store that cannot be read. The story
 chain's `labels` step of `make rm` then exports again (after simulating new pairs), with `--refresh`: as the last
 export did, rewriting only when its rows differ. So people's labels from `make label`, or a `make simulate` with other
 settings, reach the reward model without a separate `make label-export`.
 
-    python -m stages.label.fresh_export runs/default
+    python -m stages.label.fresh_export runs/default [-- <the flags the chain runs stages.simulate with>]
 
 Also here: what the export records for that check (`write_store_record`, `rows_digest`) and the command line a
 refresh replays (`last_command_line`).
@@ -21,11 +22,12 @@ from pathlib import Path
 CURRENT, STALE, NEW_PAIRS = 0, 3, 4  # not 1: an unexpected exception exits 1, and must not read as "export again"
 
 
-def export_state(run_dir: Path) -> int:
+def export_state(run_dir: Path, simulate_flags: list[str] | None = None) -> int:
     """CURRENT when the store's labels, the files the export read (configs/label.yaml, the guidelines) and the run's
-    pairs are those the export last read; NEW_PAIRS when the pairs changed (or there is no export yet): the chain
-    simulates the new pairs first; STALE when the store or a file changed. The export writes the record beside its
-    manifest; `--refresh` rewrites it when they changed but its rows did not."""
+    pairs are those the export last read; NEW_PAIRS when the pairs changed (or there is no export yet), or the export's
+    simulated labels came from other settings than `simulate_flags` (stages.simulate's command line in the chain): the
+    chain simulates first; STALE when the store or a file changed. The export writes the record beside its manifest;
+    `--refresh` rewrites it when they changed but its rows did not."""
     from pipeline.config import resolve_path
     from pipeline.run import inputs_changed
     from stages.label.store import STORE_RECORD, store_digest
@@ -43,8 +45,39 @@ def export_state(run_dir: Path) -> int:
     if inputs_changed({}, {"pairs": pairs_then}, str(run_dir.parent), run_dir.name):
         return NEW_PAIRS
     same = stored == store_digest(run_dir / "label" / "labels.sqlite") and \
-        not inputs_changed(files, {}, str(run_dir.parent), run_dir.name)
+        not inputs_changed(files, {}, str(run_dir.parent), run_dir.name)  # first: an unreadable store is an error
+    if simulate_flags is not None and (why := simulated_otherwise(run_dir, simulate_flags)):
+        print(f"labels: the simulated annotators' settings changed ({why}): labeling the pairs again")
+        return NEW_PAIRS
     return CURRENT if same else STALE
+
+
+def simulated_otherwise(run_dir: Path, flags: list[str]) -> str | None:
+    """Why the simulated labels the run's export holds are not those `flags` would give, in words; None when they are,
+    or when the export holds people's labels alone (the chain does not simulate over them) or simulate recorded no
+    inputs. `make simulate` and the chain differ only in --skip_if_people_labeled, which changes no label."""
+    from pipeline.run import inputs_changed
+
+    try:
+        if json.loads((run_dir / "label-export" / "manifest.json").read_text())["metrics"].get("sources") == "people":
+            return None
+        inputs = json.loads((run_dir / "simulate" / "manifest.json").read_text())["inputs"]
+        argv, files = list(inputs["argv"]), dict(inputs["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if without_skip_flag(argv) != without_skip_flag(flags):
+        return f"was: {' '.join(argv)}"
+    return inputs_changed(files, {}, str(run_dir.parent), run_dir.name)
+
+
+def without_skip_flag(flags: list[str]) -> list[str]:
+    out, words = [], iter(flags)
+    for w in words:
+        if w == "--skip_if_people_labeled":
+            next(words, None)
+        elif not w.startswith("--skip_if_people_labeled="):
+            out.append(w)
+    return out
 
 
 def export_is_current(run_dir: Path) -> bool:
@@ -121,11 +154,12 @@ def last_command_line(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     from pipeline.config import ConfigError
 
-    if len(sys.argv) != 2:
-        print("error: give the run folder: python -m stages.label.fresh_export runs/<RUN>", file=sys.stderr)
+    if len(sys.argv) < 2 or (len(sys.argv) > 2 and sys.argv[2] != "--"):
+        print("error: give the run folder: python -m stages.label.fresh_export runs/<RUN> [-- <simulate's flags>]",
+              file=sys.stderr)
         sys.exit(2)
     try:  # not pipeline.run.main_guard: it imports torch, seconds on every `make rm`
-        state = export_state(Path(sys.argv[1]))
+        state = export_state(Path(sys.argv[1]), sys.argv[3:] if len(sys.argv) > 2 else None)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
