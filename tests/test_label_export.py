@@ -756,8 +756,9 @@ def test_the_freshness_check_without_its_run_folder_is_a_usage_error(runs_dir):
     for args in ([], [str(runs_dir / "r"), "extra"]):
         proc = run_python("stages.label.fresh_export", args)
         assert (proc.returncode, proc.stdout, proc.stderr) == (
-            2, "", "error: give the run folder: python -m stages.label.fresh_export runs/<RUN>\n"), args
+            2, "", "error: give the run folder: python -m stages.label.fresh_export runs/<RUN> [-- <simulate's flags>]\n"), args
     assert run_python("stages.label.fresh_export", [str(runs_dir / "r")]).returncode == 4
+    assert run_python("stages.label.fresh_export", [str(runs_dir / "r"), "--", "--run", "r"]).returncode == 4
 
 
 def test_the_card_says_how_peoples_labels_reached_the_store_as_far_as_it_knows(runs_dir):
