@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.models import backbone, check_adapter, load_base
+from pipeline.models import backbone, check_adapter, hidden_size_of, load_base
 from pipeline.run import replace_folder, staging_folder
 
 
@@ -235,7 +235,7 @@ class AdapterStack:
         from peft import PeftModel
 
         base = base_model if base_model is not None else load_base(profile, tokenizer)
-        hidden = base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd
+        hidden = hidden_size_of(base.config)
         first = next(base.parameters())  # the slot lives where the base does (a GPU for a 4-bit base)
         # In fp32 whatever the base's dtype: every adapter's copy of the head is made from the slot and loaded into it,
         # and the rm stage saves heads trained in fp32 (fp32_head); a bf16 slot would round them. head_output casts

@@ -83,6 +83,26 @@ def base_config(profile: ModelProfile):
     return AutoConfig.from_pretrained(path, trust_remote_code=profile.trust_remote_code)
 
 
+def require_score_class(profile: ModelProfile, model_config: str) -> None:
+    """A reward model is the base's *ForSequenceClassification: a family transformers has none for (Granite, Cohere)
+    stopped `make rm` with a traceback after SFT, pairs and labels had run. Checked up front from the base's config; a
+    config that cannot be read here (a Hub id not downloaded yet) is left to the stage, which says so in one line."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    try:
+        config = base_config(profile)
+    except (OSError, ValueError):
+        return
+    own_code = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not own_code:
+        import transformers
+
+        raise ConfigError(f"the base {profile.name_or_path} ({config.model_type}, model profile {model_config}) has no "
+                          f"sequence-classification model in transformers {transformers.__version__}, which a reward "
+                          f"model is: `make rm` (and PPO, GRPO, RLOO, REINFORCE++, which score with it) cannot run on it; "
+                          f"`make dpo` trains on the labels without a reward model")
+
+
 def position_limit(config) -> int | None:
     """The base's positions (`config`: base_config), by whichever name its architecture gives them; None if none."""
     return next((v for k in ("max_position_embeddings", "n_positions", "n_ctx")
@@ -395,7 +415,17 @@ def explain_head_swap(model, info: dict, path: str) -> None:
 
 
 def fingerprint(config) -> dict:
-    return {k: getattr(config, k) for k in FINGERPRINT_KEYS if getattr(config, k, None) is not None}
+    """The base's type and sizes; a vision-language base's (Gemma 3 4B and up) sizes are its text model's, which
+    its top config holds under text_config."""
+    text = config.get_text_config()
+    return {k: getattr(config if k == "model_type" else text, k) for k in FINGERPRINT_KEYS
+            if getattr(config if k == "model_type" else text, k, None) is not None}
+
+
+def hidden_size_of(config) -> int:
+    """The width of the hidden state the heads read: the text model's (hidden_size; GPT-2's n_embd)."""
+    text = config.get_text_config()
+    return text.hidden_size if hasattr(text, "hidden_size") else text.n_embd
 
 
 def save_fingerprint(adapter_dir: str | Path, base_config, base_name: str) -> None:

@@ -32,7 +32,7 @@ import torch
 from pipeline.config import RunArgs, lora_dropout_inert, parse, stream_seed, to_dict
 from pipeline.models import (base_config, check_adapter, check_training_length, free_memory, load_base, load_tokenizer,
                              lora_config, profile_from, refuse_tokenizer_options, resolve_base, save_fingerprint,
-                             score_head_name)
+                             require_score_class, score_head_name)
 from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forward, write_pooling
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, end_with_launcher, main_guard
@@ -131,6 +131,7 @@ def plan_steps(n_train: int, train_cfg, args: RMArgs, world_size: int) -> dict:
 def check_args(train_cfg, args: RMArgs, run: RunArgs) -> None:
     """What the flags alone can tell (make runs it before any stage, so not after SFT and the labels)."""
     refuse_tokenizer_options(train_cfg, "rm", run.model_config)
+    require_score_class(profile_from(run.model_config), run.model_config)
 
 
 def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:

@@ -1572,6 +1572,30 @@ def test_an_rl_stage_on_a_float16_base_is_refused_before_any_stage_trains(tmp_pa
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
 
+def test_a_base_with_no_sequence_classification_model_is_refused_before_any_stage_trains(tmp_path):
+    """Granite (and Cohere) have no *ForSequenceClassification in transformers, which `make rm` builds the reward model
+    from: `make sft rm ppo` trained SFT, sampled and labeled pairs, then stopped in rm with a traceback. make's check
+    says it first (exit 2, nothing run) and names DPO; a base that has one (the tiny Llama) passes the same check."""
+    from transformers import AutoConfig
+
+    base = tmp_path / "granite"
+    AutoConfig.for_model("granite", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2).save_pretrained(base)
+    profile = tmp_path / "granite.yaml"
+    profile.write_text(f"name_or_path: {base}\nlora_target_modules: [q_proj, v_proj]\n")
+    res = make("sft", "rm", "ppo", f"MODEL={profile}", fake=False, runs_dir=tmp_path / "runs", timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr
+    assert errors[0].startswith(f"error: the base {base} (granite, model profile {profile}) has no sequence-classification "
+                                f"model in transformers ") and errors[0].endswith("`make dpo` trains on the labels "
+                                                                                 "without a reward model"), errors
+    assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+
+    from pipeline.models import profile_from, require_score_class
+
+    require_score_class(profile_from("configs/models/tiny.yaml"), "configs/models/tiny.yaml")  # llama: has one
+
+
 def test_an_rl_stage_under_fp16_is_refused_before_any_stage_trains(tmp_path):
     """PPO's loop has no fp16 loss scaler, so it refuses an fp16 launch: `make sft rm ppo` under an fp16 config said
     so only after SFT, the pairs and the reward models had trained. make's check says it first (exit 2, nothing run);

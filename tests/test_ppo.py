@@ -859,6 +859,22 @@ def test_a_reward_that_is_not_finite_stops_the_update_before_the_adapters_step(t
     assert torch.equal(before, _flat(p for _, p in trainer.named_params["policy"]))
 
 
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_a_gradient_that_is_not_finite_stops_the_run_before_the_adapters_step(tiny_models, adapters, prompts_file,
+                                                                             tmp_path, estimator):
+    """A diverged update (a learning rate far too high, logits over a tiny temperature): the gradient's norm is NaN, and
+    the optimizer stepped on it, every weight of the adapter NaN, the run went on to save it and exit 0. Now one
+    ConfigError naming the update, and no parameter moved."""
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, "--advantage_estimator", estimator,
+                       *(["--num_samples_per_prompt", "2"] if estimator != "gae" else []))
+    params = [p for _, p in trainer.named_params["policy"]]
+    before = _flat(params)
+    params[0].register_hook(lambda g: g * float("nan"))
+    with pytest.raises(ConfigError, match=rf"{estimator} diverged at update 1: the gradient is nan .*lower learning_rate"):
+        trainer.step()
+    assert torch.equal(before, _flat(params))
+
+
 def test_critic_warmup_holds_the_policys_lr_schedule_and_kl_controller_until_the_policy_trains(
         tiny_models, adapters, prompts_file, tmp_path):
     """The policy's linear decay runs over the updates it trains in (4 - 1 here), the value's over all 4; a frozen
@@ -1246,7 +1262,8 @@ def yaml_model_dir(profile) -> str:
     ("--missing_eos_penalty", "-1", "missing_eos_penalty must be >= 0"), ("--max_grad_norm", "-1", "max_grad_norm must be >= 0"),
     ("--value_learning_rate", "0", "value_learning_rate must be > 0"), ("--critic_warmup_updates", "3",
                                                                         "critic_warmup_updates .* must be below total_updates"),
-    ("--heldout_fraction", "1", r"heldout_fraction must be in \[0, 1\)"), ("--temperature", "0", "temperature must be > 0"),
+    ("--heldout_fraction", "1", r"heldout_fraction must be in \[0, 1\)"), ("--temperature", "0", r"temperature must be >= 0.0001 \(not 0.0\)"),
+    ("--temperature", "1e-40", r"temperature must be >= 0.0001 .*logits divided by less overflow"),
     ("--advantage_estimator", "rloo", "compares answers to the same prompt: set num_samples_per_prompt to 2 or more"),
     ("--lr_scheduler_type", "bogus", "lr_scheduler_type 'bogus' is not a transformers scheduler PPO can step once per "
                                      r"update \(with no metric and no settings of its own\): use one of linear, cosine"),
@@ -2541,6 +2558,30 @@ def test_decoder_layers_are_the_trunks_outermost_list_of_layers(arch):
     expected = {"gpt2": lambda: lm.transformer.h, "gpt_neox": lambda: lm.gpt_neox.layers,
                 "opt": lambda: lm.model.decoder.layers}.get(arch, lambda: lm.model.layers)()
     assert decoder_layers(lm) is expected and len(expected) == 2
+
+
+def test_a_vision_language_base_is_read_by_its_text_model():
+    """Gemma 3 4B and up load as Gemma3ForConditionalGeneration, whose config holds the text model's sizes under
+    text_config: the heads' width, the decoder layers and the adapters' fingerprint are the text model's (the top
+    config has no hidden_size: PPO's stack and `make pairs` stopped with an AttributeError)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models import fingerprint, hidden_size_of
+    from stages.ppo.rollout import decoder_layers
+
+    cfg = AutoConfig.for_model(
+        "gemma3", text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=63, boi_token_index=62, eoi_token_index=61)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg)
+    assert not hasattr(lm.config, "hidden_size") and hidden_size_of(lm.config) == 32
+    assert decoder_layers(lm) is lm.model.language_model.layers
+    assert fingerprint(lm.config) == {"model_type": "gemma3", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+                                      "num_attention_heads": 4, "intermediate_size": 64}
+    assert hidden_size_of(random_model("gpt2", "causal").config) == 32  # n_embd
 
 
 def test_rows_that_are_not_a_whole_number_of_groups_are_refused_by_name():

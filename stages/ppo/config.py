@@ -31,6 +31,10 @@ SCHEDULERS_OVER_TOTAL = SCHEDULERS[:4]
 STAGE_NAMES = {"gae": "ppo", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
 
 
+# logits / temperature: a logit of 40 over 1e-40 is past fp32 and bf16 (3.4e38), and the run trains on NaN
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass
 class PPOConfig:
     YAML_BOOL_TEXT = ("shard_base",)  # texts that YAML reads as booleans (`shard_base: true`): pipeline.config takes them
@@ -143,8 +147,9 @@ class PPOConfig:
             raise ConfigError(f"value_trainable_layers must be >= 0 (0 = all layers), got {self.value_trainable_layers}")
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.temperature <= 0:
-            raise ConfigError("temperature must be > 0: PPO's ratio needs the sampling distribution's log-probs")
+        if self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(f"temperature must be >= {MIN_TEMPERATURE} (not {self.temperature}): PPO's ratio needs the "
+                              f"sampling distribution's log-probs, and logits divided by less overflow (inf, then NaN)")
         if self.adaptive_kl and self.kl_coef <= 0:
             raise ConfigError("adaptive_kl needs kl_coef > 0 as its starting value")
         # Ranges: a value outside them trains nonsense (a negative learning rate ascends the loss) rather than failing.

@@ -160,7 +160,7 @@ def token_values(lm, x: Packed, top: "TopLayers | None" = None, cached: torch.Te
 def decoder_layers(lm) -> torch.nn.ModuleList:
     """The transformer blocks of a causal LM: `model.layers` (Llama, Qwen2, GPT-NeoX), `transformer.h` (GPT-2),
     `model.decoder.layers` (OPT): the outermost list of num_hidden_layers modules in the trunk."""
-    body, n = backbone(lm), lm.config.num_hidden_layers
+    body, n = backbone(lm), lm.config.get_text_config().num_hidden_layers  # a vision-language base: its text model's
     lists = {name: m for name, m in body.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n}
     depth = min((name.count(".") for name in lists), default=0)
     found = [m for name, m in lists.items() if name.count(".") == depth]
