@@ -316,7 +316,9 @@ def load_prompts(path: Path, max_prompts: int) -> list[list[dict]]:
         prompts.append([{"role": "user", "content": prompt}] if isinstance(prompt, str)
                        else [{"role": m["role"], "content": m["content"]} for m in prompt])
     if not prompts:
-        raise ConfigError(f"{path} holds no prompts: its RL stage set none aside (raise heldout_fraction) and rerun it")
+        raise ConfigError(f"{path} holds no prompts: its RL stage set none aside (it holds out int(prompts x "
+                          f"heldout_fraction), none of a few prompts: raise heldout_fraction or give it more prompts) "
+                          f"and rerun it")
     return prompts[:max_prompts] if max_prompts > 0 else prompts
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from statistics import NormalDist
 from pathlib import Path
 
@@ -140,15 +141,20 @@ def policy_method(stage: str, manifest: dict) -> str:
 def find_policy_stages(stage_run) -> dict[str, dict]:
     """The manifests of the run's policy stages that hold an adapter, in POLICY_STAGES order. Every one is read when
     present (StageRun.may_read), so one that appears later makes `make eval` run again."""
-    from pipeline.run import stage_dir
+    from pipeline.models import is_main_process
+    from pipeline.run import STARTED, stage_dir
 
     found = {}
     for name in POLICY_STAGES:
         stage_run.may_read(name)
-        if (stage_dir(stage_run.runs_dir, stage_run.run, name) / "manifest.json").is_file():
+        folder = stage_dir(stage_run.runs_dir, stage_run.run, name)
+        if (folder / "manifest.json").is_file():
             manifest = stage_run.need(name)
             if (manifest.get("outputs") or {}).get("adapter"):
                 found[name] = manifest
+        elif (folder / STARTED).is_file() and is_main_process():  # left out unsaid, it read as never run
+            print(f"note: {name} did not finish (interrupted; {folder} has no manifest): it is not compared; "
+                  f"`make {name} RUN={stage_run.run}` finishes it", file=sys.stderr)
     if not found:
         raise ConfigError(f"`make eval` needs a trained policy in run '{stage_run.run}', but it has none of "
                           f"{', '.join(POLICY_STAGES)}: run `make ppo RUN={stage_run.run}` first (or make grpo, rloo, dpo)")

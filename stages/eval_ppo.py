@@ -254,7 +254,8 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
     if t.get("updates"):
         lines += ["", f"Training ({t['updates']} updates): reward {t.get('reward_raw_first', t.get('reward_first', float('nan'))):.3f} → "
                       f"{t.get('reward_raw_last', t.get('reward_last', float('nan'))):.3f}, "
-                      f"KL {t.get('kl_first', float('nan')):.3f} → {t.get('kl_last', float('nan')):.3f}, "
+                      + (f"KL {t['kl_first']:.3f} → {t['kl_last']:.3f}, " if "kl_first" in t else
+                         "KL not measured (kl_coef 0: no reference model), ") +
                       f"length {t.get('response_length_first', float('nan')):.1f} → {t.get('response_length_last', float('nan')):.1f} "
                       "(means of the first and last tenth of the updates)."]
     lines += ["", "## Plots", "", "![training curves](plots/training_curves.png)", "",

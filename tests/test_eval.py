@@ -1300,3 +1300,16 @@ def test_the_report_says_whose_held_out_pairs_a_given_reward_models_agreement_is
     words = "the run's reward model's held-out pairs (the one the RL stages were given may have trained on them)"
     assert words not in own and "of its held-out pairs whose gold scores differ" in own
     assert words in given
+
+
+def test_the_training_line_says_kl_was_not_measured_without_a_reference(eval_dir):
+    """A kl_coef 0 run logs no KL (no reference model): report.md read "KL nan → nan"; now it says why there is none,
+    and a run with a KL curve still shows its first and last tenth."""
+    from stages.eval_ppo import ppo_markdown, training_summary
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    without = training_summary([{**row, "kl": None} for row in summary_rows(20)])
+    md = "\n".join(ppo_markdown({**report, "training": without}, 4))
+    assert "KL not measured (kl_coef 0: no reference model), length 1.0 → 1.0" in md and "nan" not in md
+    md = "\n".join(ppo_markdown({**report, "training": training_summary(summary_rows(20, kl=lambda i: i))}, 4))
+    assert "KL 0.500 → 18.500, length" in md

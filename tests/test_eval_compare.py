@@ -433,7 +433,7 @@ def test_policy_method_is_the_manifests_method():
     assert policy_method("dpo", {"metrics": {"beta": 0.1}}) == "dpo" and policy_method("dpo", {"metrics": None}) == "dpo"
 
 
-def test_policy_stages_without_an_adapter_are_skipped(tmp_path):
+def test_policy_stages_without_an_adapter_are_skipped(tmp_path, capsys):
     """find_policy_stages keeps the policy stages whose manifest names an adapter, in POLICY_STAGES order; a manifest
     without one is no policy (skipped); a run with none is one error naming `make ppo`."""
     from pipeline.run import StageRun
@@ -452,6 +452,12 @@ def test_policy_stages_without_an_adapter_are_skipped(tmp_path):
     found = find_policy_stages(eval_run)
     assert list(found) == ["ppo", "dpo"] and found == {"ppo": ppo, "dpo": dpo}
     assert eval_run.optional == set(POLICY_STAGES)  # every one read when present: one appearing later reruns eval
+    # an interrupted one (started, no manifest) is not compared either, and eval says so: it was left out unsaid
+    StageRun("rloo", "t", str(tmp_path)).prepare({})
+    capsys.readouterr()
+    assert list(find_policy_stages(StageRun("eval", "t", str(tmp_path)))) == ["ppo", "dpo"]
+    assert capsys.readouterr().err == (f"note: rloo did not finish (interrupted; {tmp_path / 't' / 'rloo'} has no "
+                                       f"manifest): it is not compared; `make rloo RUN=t` finishes it\n")
 
 
 def test_plot_draws_each_policy_at_its_sqrt_kl_and_gold(tmp_path, monkeypatch):

@@ -318,7 +318,7 @@ def sample_pairs(runs_dir, run: str, pair_ids: list[str], tag: str) -> None:
                  {"tag": tag})
 
 
-def test_labels_of_pairs_from_an_earlier_pairs_dataset_stay_out_unless_kept(runs_dir, monkeypatch):
+def test_labels_of_pairs_from_an_earlier_pairs_dataset_stay_out_unless_kept(runs_dir, monkeypatch, capsys):
     """`make pairs` again: the store keeps the old pairs' labels, the export holds only the current pairs' labels (by
     the run's pairs dataset, even before `make label` has loaded it), unless --earlier_pairs keep; and the new pairs
     make the export out of date."""
@@ -367,6 +367,21 @@ def test_labels_of_pairs_from_an_earlier_pairs_dataset_stay_out_unless_kept(runs
     assert files(runs_dir / "r/label-export") == before
     with pytest.raises(ValueError, match="earlier_pairs must be one of"):
         export("--earlier_pairs", "some")
+
+    # simulated annotators label the new pair (the chain after pairs sampled again): people's two labels would go
+    # unused without a word; the export says so and how to use them
+    store.import_items(read_pairs(str(runs_dir / "r/pairs/dataset-v3"), "pairs"))
+    store.save_label("sim:sentiment", "c", "left", 0)
+    capsys.readouterr()
+    metrics, rows = export()
+    assert rows == [("c", "c zero")] and metrics["sources"] == "simulated"
+    err = capsys.readouterr().err
+    assert "note: the 2 labels people gave in " in err and (
+        "this export holds simulated labels only. Label the current pairs with `make label RUN=r`, or export the "
+        "earlier ones too with --earlier_pairs keep") in err, err
+    store.save_label("ann", "c", "right", 0)  # a person labels the new pair: theirs are exported, no note
+    metrics, rows = export()
+    assert metrics["sources"] == "people" and "note:" not in capsys.readouterr().err
 
 
 def test_the_dataset_card_names_your_pairs_file_not_its_path_here(runs_dir, tmp_path):

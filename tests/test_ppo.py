@@ -859,6 +859,21 @@ def test_a_reward_that_is_not_finite_stops_the_update_before_the_adapters_step(t
     assert torch.equal(before, _flat(p for _, p in trainer.named_params["policy"]))
 
 
+@pytest.mark.parametrize("shape", ["one", "column", "short"])
+def test_a_reward_function_must_give_one_score_per_response(tiny_models, adapters, prompts_file, tmp_path, shape):
+    """PPO's reward_fn hook: a single score was broadcast to every reply, a [B, 1] column went on to a shape error
+    mid-update, a short list to a traceback: each is one ConfigError before anything trains."""
+    def bad(prompts, ids, mask, texts):
+        scores = varied_reward(prompts, ids, mask, texts)
+        return {"one": [1.0], "column": [[s] for s in scores], "short": scores[:-1]}[shape]
+
+    trainer = _trainer(tiny_models, adapters, prompts_file, tmp_path, reward_fn=bad)
+    before = _flat(p for _, p in trainer.named_params["policy"])
+    with pytest.raises(ConfigError, match=r"reward_fn gave scores of shape \(.*\) for \d+ responses: return one number"):
+        trainer.step()
+    assert torch.equal(before, _flat(p for _, p in trainer.named_params["policy"]))
+
+
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
 def test_a_gradient_that_is_not_finite_stops_the_run_before_the_adapters_step(tiny_models, adapters, prompts_file,
                                                                              tmp_path, estimator):
@@ -1053,9 +1068,18 @@ def test_resume_only_from_the_same_upstream(tiny_models, adapters, prompts_file,
     run_ppo(*args, rm, "--stop_after", "1")
     ckpt = Path(runs_dir) / "up/ppo/checkpoints/checkpoint-000001"
     assert json.loads((ckpt / "checkpoint.json").read_text())["upstream"]["rm"]
-    with pytest.raises(ConfigError, match="--resume: checkpoint checkpoint-000001 was trained from other sft/rm adapters"):
+    with pytest.raises(ConfigError, match="--resume: checkpoint checkpoint-000001 was trained from other sft/rm adapters"
+                                          ".*; run without --resume to start over, or resume with its settings$"):
         run_ppo(*args, other_rm, "--resume")
     assert ckpt.exists(), "a refused --resume must not delete the checkpoint"
+    # an earlier version's checkpoint records nothing to resume with: the one fix is to start over
+    info_file = ckpt / "checkpoint.json"
+    kept = info_file.read_text()
+    info_file.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k != "upstream"}))
+    with pytest.raises(ConfigError, match="--resume: checkpoint checkpoint-000001 does not record what it was trained "
+                                          "from; run without --resume to start over$"):
+        run_ppo(*args, rm, "--resume")
+    info_file.write_text(kept)
     capsys.readouterr()
     run_ppo(*args, other_rm)  # the retrained RM: start over, say why
     assert "trained from other sft/rm adapters" in capsys.readouterr().err

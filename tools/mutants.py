@@ -1964,6 +1964,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('vlm-decoder-layers-top-config', 'stages/ppo/rollout.py', 'lm.config.get_text_config().num_hidden_layers', 'lm.config.num_hidden_layers', 'tests/test_ppo.py -k vision_language'),
     ('vlm-fingerprint-top-config', 'pipeline/models.py', '    text = config.get_text_config()\n    return {k:', '    text = config\n    return {k:', 'tests/test_ppo.py -k vision_language'),
     ('rm-score-class-unchecked', 'stages/rm.py', '    require_score_class(profile_from(run.model_config), run.model_config)\n', '', 'tests/test_make.py -k no_sequence_classification'),
+    # stop 68: people's labels of earlier pairs said; KL without a reference; reward_fn's shape; an old checkpoint's fix; an interrupted policy said
+    ('export-earlier-people-unsaid', 'stages/label/export.py', '    if people_earlier and args.earlier_pairs == "drop" and sources == "simulated":', '    if False:', 'tests/test_label_export.py -k earlier_pairs_dataset'),
+    ('report-kl-without-reference-as-nan', 'stages/eval_ppo.py', ' if "kl_first" in t else', ' if True else', 'tests/test_eval.py -k kl_was_not_measured'),
+    ('reward-fn-shape-unchecked', 'stages/ppo/rollout.py', '        if scores.shape != (len(texts),):', '        if False:', 'tests/test_ppo.py -k one_score_per_response'),
+    ('resume-old-checkpoint-impossible-fix', 'stages/ppo/__init__.py', 'fix = "" if mismatch.startswith("does not record") else', 'fix = "" if False else', 'tests/test_ppo.py -k resume_only_from_the_same_upstream'),
+    ('eval-interrupted-policy-unsaid', 'stages/eval_compare.py', '        elif (folder / STARTED).is_file() and is_main_process():', '        elif False:', 'tests/test_eval_compare.py -k without_an_adapter'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

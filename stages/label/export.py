@@ -298,6 +298,7 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     current = current_pair_ids(args, stage)
     is_current = (lambda lab: lab["pair_id"] in current) if current is not None else (lambda lab: lab["current"])
     n_earlier = sum(not is_current(lab) for lab in labels)
+    people_earlier = sum(not is_current(lab) and not is_simulated(lab["annotator"]) for lab in labels)
     if args.earlier_pairs == "drop":
         labels = [lab for lab in labels if is_current(lab)]
         if not labels:
@@ -306,6 +307,11 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
                               "`earlier_pairs: keep` in configs/label.yaml (or --earlier_pairs keep)")
     n_read = len(labels)
     labels, sources = pick_sources(labels, args.sources)
+    if people_earlier and args.earlier_pairs == "drop" and sources == "simulated":
+        # e.g. the pairs were sampled again (another pairs config, an upgrade): people's work would go unused unsaid
+        print(f"note: the {people_earlier} labels people gave in {db} are of pairs sampled before (an earlier pairs "
+              f"dataset) and are left out: this export holds simulated labels only. Label the current pairs with `make "
+              f"label RUN={run.run}`, or export the earlier ones too with --earlier_pairs keep", file=sys.stderr)
     if not labels:
         raise ConfigError(f"none of the {n_read} labels in {db} is {WHOSE[sources].from_whom} (sources: {args.sources}): "
                           f"label with `make label RUN={run.run}` or `make simulate RUN={run.run}`, or export the "

@@ -310,7 +310,9 @@ def checkpoint_to_resume(cfg: PPOConfig, stage: StageRun, upstream: dict) -> Pat
     if mismatch:
         why = f"checkpoint {ckpt.name} {mismatch}"
         if cfg.resume:
-            raise ConfigError(f"--resume: {why}; run without --resume to start over, or resume with its settings")
+            # a checkpoint that records nothing (an earlier version's) has no settings to resume with
+            fix = "" if mismatch.startswith("does not record") else ", or resume with its settings"
+            raise ConfigError(f"--resume: {why}; run without --resume to start over{fix}")
         if cfg.auto_resume and not stage.manifest_path.exists():
             print(f"note: {why}: starting over instead of resuming", file=sys.stderr)
         return None

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.adapters import adapter_of, ensemble_score, head_output, pool_scores
 from pipeline.generation import chat_reward_inputs, left_pad, response_texts, stop_token_ids, truncate_after_eos
 from pipeline.models import backbone
@@ -427,6 +428,9 @@ def collect(stack, tokenizer, prompts: list, prompt_ids: list[list[int]], cfg, g
             scores[idx] = ensemble_score(torch.stack(each), member_stats)
     if reward_fn is not None:
         scores = torch.as_tensor(reward_fn(prompts, response_ids, response_mask, texts), dtype=torch.float32, device=device)
+        if scores.shape != (len(texts),):  # one score broadcast to every reply, or a [B, 1] column, trained silently
+            raise ConfigError(f"reward_fn gave scores of shape {tuple(scores.shape)} for {len(texts)} responses: return "
+                              f"one number per response, in order")
     t2 = time.perf_counter()
     return Rollout(prompts=list(prompts), query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
                    response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref, values=values, scores_raw=scores,
