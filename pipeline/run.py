@@ -160,15 +160,37 @@ def secret_file_values(argv: list) -> set[int]:
             and arg[2:] in SECRET_FILE_KEYS}
 
 
+# Settings that name data or weights to read: a bare folder name there (`--dataset_name mydata`) is read as a path
+# (pipeline.data.load_any, resolve_base), so it is an input, although a bare word elsewhere ("data") is not taken for one.
+PATH_KEYS = ("dataset_name", "prompts_file", "pairs_dataset", "sft_adapter", "reward_adapter", "name_or_path")
+
+
+def bare_path_values(values: Any) -> list[str]:
+    """The values of PATH_KEYS in a dict or a command line (`--key value`, `--key=value`)."""
+    if isinstance(values, dict):
+        return [v for k, v in values.items() if k in PATH_KEYS and isinstance(v, str)]
+    words = [w for w in values if isinstance(w, str)] if isinstance(values, (list, tuple)) else []
+    out = [w.split("=", 1)[1] for w in words if w.startswith("--") and w[2:].split("=", 1)[0] in PATH_KEYS and "=" in w]
+    return out + [b for a, b in zip(words, words[1:]) if a.startswith("--") and a[2:] in PATH_KEYS]
+
+
 def paths_named_in(values: Any, own_dir: Path) -> set[str]:
     """Every string in `values` (nested dicts, keys included, and lists) that names an existing file or folder and looks
-    like a path (a '/' or a suffix: not a bare word such as "data"), except the stage's own folder and anything around
-    or inside it (runs_dir, output_dir), and the files of passwords (SECRET_FILE_KEYS); and the source file of a
-    `module:function` judge's module (your own judge edited is a changed input, as an `rm:` judge's folder is)."""
+    like a path (a '/' or a suffix: not a bare word such as "data"; any value of a PATH_KEYS setting), except the
+    stage's own folder and anything around or inside it (runs_dir, output_dir), and the files of passwords
+    (SECRET_FILE_KEYS); and the source file of a `module:function` judge's module (your own judge edited is a changed
+    input, as an `rm:` judge's folder is)."""
     found: set[str] = set()
     stack = [values]
     while stack:
         v = stack.pop()
+        for bare in bare_path_values(v):
+            try:
+                p = resolve_path(bare).resolve()
+                if p.exists() and p != own_dir and own_dir not in p.parents and p not in own_dir.parents:
+                    found.add(bare)
+            except (OSError, ValueError):
+                pass
         if isinstance(v, dict):
             stack += list(v.keys()) + [value for key, value in v.items() if key not in SECRET_FILE_KEYS]
         elif isinstance(v, (list, tuple)):

@@ -281,6 +281,10 @@ GREEDY_KL_NOTE = ("Greedy decoding (temperature 0) samples from no distribution:
                   "the temperature-1 distributions, summed along the greedy responses, not the KL the policy trained "
                   "under.")
 
+TRUNCATED_KL_NOTE = ("Sampled with top_p {top_p} / top_k {top_k}: the responses come from the truncated distributions, "
+                     "while the KL figures (and the KL flag) are those of the whole softmax(logits / T), summed along "
+                     "these responses: the KL the policy trained under only with top_p 1 and top_k 0.")
+
 
 def render_markdown(report: dict, n_rows: int) -> str:
     lines = [f"# Evaluation of run `{report['run']}`", "",
@@ -294,8 +298,11 @@ def render_markdown(report: dict, n_rows: int) -> str:
              + (", each summing its head over the reply's tokens (pooling `sum`)" if report.get("reward_pooling") == "sum" else "")
              + "." + (f" SFT here is the adapter the RL stages started from, given as `sft_adapter` "
                       f"(`{report['sft_adapter']}`), not the run's sft stage." if report.get("sft_adapter") else ""), ""]
-    if report["sampling"]["temperature"] == 0:
+    sampling = report["sampling"]
+    if sampling["temperature"] == 0:
         lines += [GREEDY_KL_NOTE, ""]
+    elif sampling.get("top_p", 1.0) < 1 or sampling.get("top_k", 0) > 0:
+        lines += [TRUNCATED_KL_NOTE.format(top_p=sampling.get("top_p", 1.0), top_k=sampling.get("top_k", 0)), ""]
     lines += comparison_markdown(report["comparison"])
     if "win_rate" in report:  # the run has PPO
         lines += ppo_markdown(report, n_rows)

@@ -827,6 +827,18 @@ def test_a_greedy_report_says_what_its_kl_is(eval_dir):
     assert render_markdown(greedy, 2).count(GREEDY_KL_NOTE) == 1
 
 
+@pytest.mark.parametrize("top_p, top_k, noted", [(1.0, 0, False), (0.9, 0, True), (1.0, 1, True)])
+def test_a_truncated_sampling_report_says_what_its_kl_is(eval_dir, top_p, top_k, noted):
+    """With top_p < 1 or top_k > 0 the replies come from the truncated distributions, the KL from the whole ones
+    (top_k 1 at a low temperature read 18,420 nats and raised the KL flag): the report says so, and only then."""
+    from stages.eval import TRUNCATED_KL_NOTE, render_markdown
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    report = {**report, "sampling": {**report["sampling"], "top_p": top_p, "top_k": top_k}}
+    note = TRUNCATED_KL_NOTE.format(top_p=top_p, top_k=top_k)
+    assert render_markdown(report, 2).count(note) == int(noted)
+
+
 def test_max_prompts_takes_the_first_prompts_of_the_held_out_file(tmp_path):
     from stages.eval import load_prompts
 

@@ -854,6 +854,22 @@ def test_the_stages_own_folder_and_the_folders_around_it_are_not_inputs(tmp_path
     assert paths_named_in(named, own.resolve()) == {str(data)}
 
 
+def test_a_bare_folder_name_given_as_data_or_weights_is_an_input(tmp_path, monkeypatch):
+    """`--dataset_name mydata` reads the folder ./mydata (pipeline.data.load_any), but a name without '/' or a suffix
+    was not recorded: after editing its files `make sft` said "up to date". A bare word is an input as the value of a
+    setting that names data or weights (either spelling of the flag, or a config key); elsewhere ("data") it is not."""
+    from pipeline.run import paths_named_in
+
+    monkeypatch.setattr("pipeline.config.REPO_ROOT", tmp_path)  # bare names resolve from the repository root
+    for name in ("mydata", "myadapter", "data"):
+        (tmp_path / name).mkdir()
+    own = (tmp_path / "runs" / "r" / "sft").resolve()
+    assert paths_named_in(["--dataset_name", "mydata", "--seed", "data"], own) == {"mydata"}
+    assert paths_named_in(["--sft_adapter=myadapter", "--note", "mydata"], own) == {"myadapter"}
+    assert paths_named_in({"sft": {"prompts_file": "mydata", "other": "data"}, "model": {"name_or_path": "nowhere"}},
+                          own) == {"mydata"}
+
+
 def test_fsdp_on_all_the_gpus_of_a_one_gpu_machine_is_refused():
     """configs/accelerate/fsdp.yaml asks for every GPU: on a machine with one, the launch starts one process, which has
     nothing to shard over (the file's own num_processes is 8)."""

@@ -1970,6 +1970,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('reward-fn-shape-unchecked', 'stages/ppo/rollout.py', '        if scores.shape != (len(texts),):', '        if False:', 'tests/test_ppo.py -k one_score_per_response'),
     ('resume-old-checkpoint-impossible-fix', 'stages/ppo/__init__.py', 'fix = "" if mismatch.startswith("does not record") else', 'fix = "" if False else', 'tests/test_ppo.py -k resume_only_from_the_same_upstream'),
     ('eval-interrupted-policy-unsaid', 'stages/eval_compare.py', '        elif (folder / STARTED).is_file() and is_main_process():', '        elif False:', 'tests/test_eval_compare.py -k without_an_adapter'),
+    # stop 68: a bare folder name as data or weights is an input; eval's KL beside truncated sampling said
+    ('bare-path-values-ignored', 'pipeline/run.py', '        for bare in bare_path_values(v):', '        for bare in []:', 'tests/test_make.py -k bare_folder_name'),
+    ('bare-path-equals-form-missed', 'pipeline/run.py', '    return out + [b for a, b in zip(words, words[1:])', '    return [b for a, b in zip(words, words[1:])', 'tests/test_make.py -k bare_folder_name'),
+    ('eval-truncated-kl-unsaid', 'stages/eval.py', '    elif sampling.get("top_p", 1.0) < 1 or sampling.get("top_k", 0) > 0:', '    elif False:', 'tests/test_eval.py -k truncated_sampling'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
