@@ -346,6 +346,14 @@ def main(argv: list[str]) -> int:
                   f"(`make {stage} ...`; MODEL= and ARGS= too), or keep them in its own variable for every "
                   f"`make` ({stage.upper().replace('-', '_')}_ARGS=...)", file=sys.stderr)
             return CONFIG_ERROR_EXIT
+        if chained and why.startswith("its manifest does not record its inputs"):
+            # An earlier version's manifest: the flags it ran with are unknown, so through the chain it would be
+            # retrained with today's defaults (its own data, MODEL=, step counts lost), its old outputs deleted.
+            print(f"error: {stage}'s manifest was written by an earlier version of the pipeline and does not record the "
+                  f"command line it ran with: it is not named here, so it is not retrained with the flags `make` would "
+                  f"give it now; name it to retrain it (`make {stage} ...` with the flags you want; MODEL= and ARGS= "
+                  f"too)", file=sys.stderr)
+            return CONFIG_ERROR_EXIT
     if "--config_file" in ours[:-1]:  # checked only now: it imports accelerate (and torch), as the launch does
         config_file = ours[ours.index("--config_file") + 1]
         launched = int(ours[ours.index("--num_processes") + 1]) if "--num_processes" in ours[:-1] else None

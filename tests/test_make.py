@@ -427,6 +427,27 @@ def test_a_stage_reached_through_the_chain_keeps_its_last_flags(tmp_path):
     assert ran(runs) == ["rm"] and "the command line changed" in res.stdout
 
 
+def test_a_stage_an_earlier_version_ran_is_not_retrained_through_the_chain(tmp_path):
+    """A manifest of an earlier version records no inputs: through the chain (`make ppo` after an upgrade) SFT was
+    retrained with today's default flags (its own data and step counts gone) and its old manifest deleted as it
+    started. Now one error line, nothing run; named, it retrains."""
+    runs = tmp_path / "runs"
+    make("rm", runs_dir=runs)
+    assert ran(runs) == ["sft", "rm"]
+    manifest = runs / "t" / "sft" / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "inputs"}))
+    before = {p.relative_to(runs): p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    res = make("ppo", runs_dir=runs)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and errors == [
+        "error: sft's manifest was written by an earlier version of the pipeline and does not record the command line "
+        "it ran with: it is not named here, so it is not retrained with the flags `make` would give it now; name it to "
+        "retrain it (`make sft ...` with the flags you want; MODEL= and ARGS= too)"], res.stderr[-2000:]
+    assert ran(runs) == [] and {p.relative_to(runs): p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
+    res = make("sft", runs_dir=runs)  # named: retrained, saying why
+    assert ran(runs) == ["sft"] and "does not record its inputs" in res.stdout
+
+
 def test_a_stage_killed_mid_run_keeps_its_flags_through_the_chain(tmp_path):
     """A run of rm with its own flags killed after its folder was prepared (its manifest gone): `make ppo` read "rm has
     not run yet" and retrained it with the config's flags. The killed run's command line is recorded (started.json)
