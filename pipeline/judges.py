@@ -229,6 +229,9 @@ def as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
 
 
+MAX_SCORE = 1e100  # squared (a standard deviation) still inside float's 1.8e308
+
+
 def finite_score(value) -> bool:
     """A real number that is a finite float: not a bool (True would count as 1.0), nan or inf, nor an int past
     float's range (10**400, which math.isfinite itself cannot take)."""
@@ -268,5 +271,8 @@ def judge_scores(judge: Judge, prompts: list, responses: list[str], batch_size: 
                 shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:39] + "…"  # 10**400: 401 digits
                 raise ConfigError(f"judge '{judge.spec}' gave {shown} for row {start + i}: every score must be a "
                                   f"finite number")
+            if abs(float(value)) > MAX_SCORE:  # finite, but the means and their squares pass float's range
+                raise ConfigError(f"judge '{judge.spec}' gave {float(value):g} for row {start + i}: scores beyond "
+                                  f"±{MAX_SCORE:g} overflow eval's means and intervals; scale the judge's scores down")
         out += [float(v) for v in got]
     return out

@@ -362,6 +362,9 @@ def test_bool_scores_and_mismatched_rows_are_refused():
     huge = Judge("huge", "huge", lambda p, r: [1, 10**400])  # an int, but past float's range: not a traceback
     with pytest.raises(ConfigError, match=r"judge 'huge' gave 1(0){38}… for row 1: every score must be a finite"):
         judge_scores(huge, PROMPTS[:2], TEXTS[:2])
+    vast = Judge("vast", "vast", lambda p, r: [1e100, -1e101])  # finite, but past the bound (1e308 overflowed eval)
+    with pytest.raises(ConfigError, match=r"judge 'vast' gave -1e\+101 for row 1: scores beyond ±1e\+100 overflow"):
+        judge_scores(vast, PROMPTS[:2], TEXTS[:2])
     calls = []
     counting = Judge("c", "c", lambda p, r: calls.append(len(r)) or [0.0] * len(r))
     with pytest.raises(ValueError, match="1 prompts but 2 responses"):

@@ -1976,6 +1976,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('eval-truncated-kl-unsaid', 'stages/eval.py', '    elif sampling.get("top_p", 1.0) < 1 or sampling.get("top_k", 0) > 0:', '    elif False:', 'tests/test_eval.py -k truncated_sampling'),
     # stop 68: an earlier version's stage is not retrained through the chain
     ('launch-old-manifest-retrained-through-chain', 'pipeline/launch.py', '        if chained and why.startswith("its manifest does not record its inputs"):', '        if False:', 'tests/test_make.py -k earlier_version_ran'),
+    # stop 68: a judge's vast finite scores refused
+    ('judge-vast-score-accepted', 'pipeline/judges.py', '            if abs(float(value)) > MAX_SCORE:', '            if False:', 'tests/test_judges.py -k bool_scores'),
+    ('judge-vast-score-bound-off', 'pipeline/judges.py', 'MAX_SCORE = 1e100 ', 'MAX_SCORE = 1e300 ', 'tests/test_judges.py -k bool_scores'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
