@@ -481,8 +481,25 @@ def check_adapter(adapter_dir: str | Path, base_config, what: str, flag: str | N
 def lora_config(profile: ModelProfile, r: int, alpha: int, dropout: float, task_type: str = "CAUSAL_LM", **extra):
     from peft import LoraConfig
 
+    try:
+        vision_language = is_vision_language(base_config(profile))
+    except (OSError, ValueError):  # a config not readable here: the stage that loads the base says why
+        vision_language = False
+    if "exclude_modules" not in extra and vision_language:
+        # Its vision tower has q_proj, ... too: LoRA there is never trained on text (nothing reaches it) and only
+        # grows the adapter (Gemma 3 4B: a quarter of the wrapped modules). The text model's layers alone.
+        extra["exclude_modules"] = VISION_MODULES
     return LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=list(profile.lora_target_modules), **extra)
+
+
+VISION_MODULES = r".*(vision_tower|vision_model|multi_modal_projector|visual)\..*"
+
+
+def is_vision_language(config) -> bool:
+    """A base whose text model is one part of it (Gemma3ForConditionalGeneration, ...): its sizes sit under
+    text_config."""
+    return config.get_text_config() is not config
 
 
 def backbone(model: nn.Module) -> nn.Module:

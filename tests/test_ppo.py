@@ -2608,6 +2608,30 @@ def test_a_vision_language_base_is_read_by_its_text_model():
     assert hidden_size_of(random_model("gpt2", "causal").config) == 32  # n_embd
 
 
+def test_lora_on_a_vision_language_base_wraps_its_text_model_alone(tmp_path):
+    """Gemma 3's vision tower has q_proj ... too: LoRA wrapped them (never trained on text, a quarter of the modules
+    of a 4B). lora_config leaves out the vision tower and projector of a vision-language base, and only of one."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models import lora_config, profile_from
+
+    cfg = AutoConfig.for_model(
+        "gemma3", text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=63, boi_token_index=62, eoi_token_index=61)
+    cfg.save_pretrained(tmp_path / "gemma3")
+    targets = "[q_proj, k_proj, v_proj, o_proj]"
+    (tmp_path / "gemma3.yaml").write_text(f"name_or_path: {tmp_path / 'gemma3'}\nlora_target_modules: {targets}\n")
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_config(cfg), lora_config(profile_from(str(tmp_path / "gemma3.yaml")), 4, 8, 0.0))
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in peft.named_parameters() if ".lora_A" in n}
+    assert len(wrapped) == 8 and all(".language_model." in n for n in wrapped), sorted(wrapped)
+    assert lora_config(profile_from("configs/models/tiny.yaml"), 4, 8, 0.0).exclude_modules is None
+
+
 def test_rows_that_are_not_a_whole_number_of_groups_are_refused_by_name():
     """Six copies of one prompt are not whole groups of 4: refused with the rule, not a bare reshape error."""
     from stages.ppo.rollout import check_groups

@@ -1979,6 +1979,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # stop 68: a judge's vast finite scores refused
     ('judge-vast-score-accepted', 'pipeline/judges.py', '            if abs(float(value)) > MAX_SCORE:', '            if False:', 'tests/test_judges.py -k bool_scores'),
     ('judge-vast-score-bound-off', 'pipeline/judges.py', 'MAX_SCORE = 1e100 ', 'MAX_SCORE = 1e300 ', 'tests/test_judges.py -k bool_scores'),
+    # stop 68: LoRA on a vision-language base wraps its text model alone
+    ('lora-on-vision-tower', 'pipeline/models.py', '        extra["exclude_modules"] = VISION_MODULES\n', '        pass\n', 'tests/test_ppo.py -k lora_on_a_vision_language'),
+    ('lora-excludes-on-text-bases', 'pipeline/models.py', '    return config.get_text_config() is not config', '    return True', 'tests/test_ppo.py -k lora_on_a_vision_language'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
