@@ -226,9 +226,10 @@ simulate: pairs
 	$(call direct,simulate)
 
 # The story chain's labels, when the export no longer holds the run's pairs and the store's labels
-# (stages/label/fresh_export.py): new pairs (or no export yet, or simulated labels the export holds from other simulate
-# settings than SIMULATE_ARGS and configs/simulate.yaml now give) are simulated first (unless people labeled them); a
-# changed store (people labeled with `make label`, or `make simulate` ran with other settings) or label config is
+# (stages/label/fresh_export.py): new pairs (or no export yet, or a file simulate read changed since it drew the
+# export's labels; other flags than it ran with are an error, as for a stage reached through the chain) are simulated
+# first (unless people labeled them); a
+# changed store (people labeled with `make label`, or a `make simulate` rerun) or label config is
 # exported again as it was last exported (--refresh), so the reward model retrains on it. A change that leaves the
 # export's rows as they were (labels of eval's pairs, a skip) leaves the run current.
 # A run whose people label pairs of their own (OWN_PAIRS_FILE, above): its labels are those pairs', exported from that

@@ -467,7 +467,8 @@ def check_adapter(adapter_dir: str | Path, base_config, what: str, flag: str | N
     if fp_file.is_file():
         saved = json.loads(fp_file.read_text())
         mine = fingerprint(base_config)
-        diff = {k: (saved["fingerprint"].get(k), mine.get(k)) for k in set(saved["fingerprint"]) | set(mine)
+        # The keys the adapter's fingerprint holds: an earlier version saved a vision-language base's type alone
+        diff = {k: (saved["fingerprint"].get(k), mine.get(k)) for k in saved["fingerprint"]
                 if saved["fingerprint"].get(k) != mine.get(k)}
         if diff:
             raise ConfigError(

@@ -797,10 +797,11 @@ def test_the_card_says_how_peoples_labels_reached_the_store_as_far_as_it_knows(r
         assert " UI" not in " ".join((whose.who, whose.pairs, whose.short, whose.title)), whose
 
 
-def test_simulated_labels_from_other_settings_are_drawn_again_unless_the_export_is_peoples(tmp_path):
-    """The chain's labels step draws the simulated labels again when the export holds simulated labels that simulate
-    gave with other settings; an export of people's labels alone is left to them (the chain does not simulate over
-    people), and --skip_if_people_labeled, which changes no label, is no change."""
+def test_simulated_labels_from_other_settings_are_refused_unless_people_labeled(tmp_path):
+    """The chain's labels step does not redraw simulated labels that simulate gave with another command line (a `make
+    simulate ARGS=...`, other SIMULATE_ARGS): one error naming SIMULATE_ARGS; --skip_if_people_labeled, which changes no
+    label, is no change; once people have labeled (the export theirs, or a label of theirs in the store) the chain
+    does not simulate over them, so nothing is said."""
     import json
 
     from stages.label.fresh_export import simulated_otherwise
@@ -810,8 +811,16 @@ def test_simulated_labels_from_other_settings_are_drawn_again_unless_the_export_
                            ("simulate", {"inputs": {"argv": ["--run", "r", "--annotators", "3"], "files": {}}})):
         (run_dir / stage).mkdir(parents=True)
         (run_dir / stage / "manifest.json").write_text(json.dumps(content))
+    store = LabelStore(run_dir / "label" / "labels.sqlite")
+    store.import_items([{"pair_id": "p", "prompt": [{"role": "user", "content": "p"}], "responses": ["a", "b"]}])
+    store.save_label("sim:sentiment", "p", "left", 0)
     assert simulated_otherwise(run_dir, ["--run", "r", "--skip_if_people_labeled", "true", "--annotators", "3"]) is None
     assert simulated_otherwise(run_dir, ["--run", "r", "--annotators", "3", "--skip_if_people_labeled=true"]) is None
-    assert simulated_otherwise(run_dir, ["--run", "r", "--annotators", "2"]) == "was: --run r --annotators 3"
+    with pytest.raises(ConfigError, match=r"simulate ran with another command line than `make` would give it now "
+                                          r"\(was: --run r --annotators 3\): .*give them in SIMULATE_ARGS on every `make`"):
+        simulated_otherwise(run_dir, ["--run", "r", "--annotators", "2"])
+    store.save_label("ann", "p", "right", 0)  # a person labeled: the chain does not simulate over them
+    assert simulated_otherwise(run_dir, ["--run", "r", "--annotators", "2"]) is None
+    store.undo("ann")
     (run_dir / "label-export" / "manifest.json").write_text(json.dumps({"metrics": {"sources": "people"}}))
     assert simulated_otherwise(run_dir, ["--run", "r", "--annotators", "2"]) is None

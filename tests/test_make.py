@@ -293,6 +293,27 @@ def test_labels_export_again_when_the_pairs_or_the_store_changed_since_the_last_
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
 
+    # Simulate's settings: other SIMULATE_ARGS than it last ran with (or a `make simulate ARGS=...` before) are not
+    # redrawn unasked (a redraw replaces every simulated label): one error line, nothing run. `make simulate` with them
+    # draws them, and the chain then exports (it differs from it in --skip_if_people_labeled alone, which changes no
+    # label); a file simulate read that changed redraws them through the chain
+    label_config = tmp_path / "label.yaml"
+    label_config.write_text((REPO / "configs" / "label.yaml").read_text())
+    settings = f"SIMULATE_ARGS=--annotators 2 --label_config {label_config}"
+    res = make("labels", settings, runs_dir=runs)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2 and ran(runs) == [] and len(errors) == 1, res.stdout + res.stderr
+    assert errors[0].startswith("error: simulate ran with another command line than `make` would give it now (was: ")
+    assert make("simulate", settings, runs_dir=runs).returncode == 0 and ran(runs) == ["simulate"]
+    res = make("labels", settings, runs_dir=runs)  # (the fake simulate labels nothing; a real one's store is exported)
+    assert ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
+    label_config.write_text(label_config.read_text() + "# a comment\n")
+    res = make("labels", settings, runs_dir=runs)
+    assert ran(runs) == ["simulate", "label-export"] and \
+        f"labels: a file the simulated annotators read changed ({label_config} changed)" in res.stdout, res.stdout
+    res = make("labels", settings, runs_dir=runs)
+    assert ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
+
     for change in (lambda: store.save_label("alice", "p2", "right", 0),      # a person labels
                    lambda: store.save_label("alice", "p2", "left", 0),       # ... changes her mind
                    lambda: store.undo("alice"),                              # ... takes it back
@@ -307,24 +328,6 @@ def test_labels_export_again_when_the_pairs_or_the_store_changed_since_the_last_
     assert make("pairs", "FORCE=1", runs_dir=runs).returncode == 0 and ran(runs) == ["pairs"]  # sampled again
     res = make("labels", runs_dir=runs)
     assert res.returncode == 0 and ran(runs) == ["simulate", "label-export"], res.stdout + res.stderr
-
-    # The simulated annotators' settings (SIMULATE_ARGS, a file they read) changed: their labels are drawn again and
-    # exported; `make simulate` with the chain's settings leaves the chain current (it differs in
-    # --skip_if_people_labeled alone, which changes no label)
-    label_config = tmp_path / "label.yaml"
-    label_config.write_text((REPO / "configs" / "label.yaml").read_text())
-    for settings in ("SIMULATE_ARGS=--annotators 2", f"SIMULATE_ARGS=--annotators 2 --label_config {label_config}"):
-        res = make("labels", settings, runs_dir=runs)
-        assert res.returncode == 0 and ran(runs) == ["simulate", "label-export"], res.stdout + res.stderr
-        assert "labels: the simulated annotators' settings changed (was: " in res.stdout
-        res = make("labels", settings, runs_dir=runs)
-        assert ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
-    label_config.write_text(label_config.read_text() + "# a comment\n")
-    res = make("labels", settings, runs_dir=runs)
-    assert ran(runs) == ["simulate", "label-export"] and f"({label_config} changed)" in res.stdout, res.stdout
-    assert make("simulate", settings, runs_dir=runs).returncode == 0 and ran(runs) == ["simulate"]
-    res = make("labels", settings, runs_dir=runs)
-    assert ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
 
     # a store that cannot be read: one error line, nothing exported
     for f in store.path.parent.glob("labels.sqlite-*"):
@@ -1627,6 +1630,11 @@ def test_a_base_with_no_sequence_classification_model_is_refused_before_any_stag
                                 f"model in transformers ") and errors[0].endswith("`make dpo` trains on the labels "
                                                                                  "without a reward model"), errors
     assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
+    for goal in ("ppo", "eval"):  # rm reached through the chain alone: the RL stage's check says it, as first
+        res = make(goal, f"MODEL={profile}", fake=False, runs_dir=tmp_path / "runs", timeout=120)
+        assert res.returncode == 2 and [line for line in res.stderr.splitlines() if line.startswith("error: ")] == \
+            errors, res.stderr
+        assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
     from pipeline.models import profile_from, require_score_class
 

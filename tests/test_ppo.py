@@ -2584,7 +2584,7 @@ def test_decoder_layers_are_the_trunks_outermost_list_of_layers(arch):
     assert decoder_layers(lm) is expected and len(expected) == 2
 
 
-def test_a_vision_language_base_is_read_by_its_text_model():
+def test_a_vision_language_base_is_read_by_its_text_model(tmp_path):
     """Gemma 3 4B and up load as Gemma3ForConditionalGeneration, whose config holds the text model's sizes under
     text_config: the heads' width, the decoder layers and the adapters' fingerprint are the text model's (the top
     config has no hidden_size: PPO's stack and `make pairs` stopped with an AttributeError)."""
@@ -2606,6 +2606,17 @@ def test_a_vision_language_base_is_read_by_its_text_model():
     assert fingerprint(lm.config) == {"model_type": "gemma3", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
                                       "num_attention_heads": 4, "intermediate_size": 64}
     assert hidden_size_of(random_model("gpt2", "causal").config) == 32  # n_embd
+    # an adapter an earlier version trained on this base saved its type alone: still taken, another type still refused
+    from pipeline.models import FINGERPRINT_FILE, check_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / FINGERPRINT_FILE).write_text(json.dumps({"base_model": "g", "fingerprint": {"model_type": "gemma3"}}))
+    assert check_adapter(adapter, lm.config, "SFT") == adapter
+    (adapter / FINGERPRINT_FILE).write_text(json.dumps({"base_model": "g", "fingerprint": {"model_type": "llama"}}))
+    with pytest.raises(ConfigError, match=r"model_type: adapter llama vs base gemma3"):
+        check_adapter(adapter, lm.config, "SFT")
 
 
 def test_lora_on_a_vision_language_base_wraps_its_text_model_alone(tmp_path):

@@ -1549,7 +1549,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      'tests/test_sft.py -k prompt_completion_rows_train'),
     ('ppo-held-out-prompts-not-encoded', 'stages/ppo/__init__.py', '    for c in train + heldout:  # the held-out ones too',
      '    for c in train:  # the held-out ones too', 'tests/test_ppo.py -k held_out_prompt_the_template_refuses'),
-    ('rl-float16-base-accepted', 'stages/ppo/__init__.py', '    if profile_from(run.model_config).dtype == "float16":',
+    ('rl-float16-base-accepted', 'stages/ppo/__init__.py', '    if profile.dtype == "float16":',
      '    if False:', 'tests/test_make.py -k float16_base'),
     ('ppo-extended-run-keeps-no-policy-at-its-old-end', 'stages/ppo/trainer.py',
      '        if cfg.keep_policy_every and 0 < start < cfg.total_updates and start % cfg.keep_policy_every == 0:',
@@ -1954,9 +1954,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('label-lease-seconds-as-minutes', 'stages/label/app.py', 'f"{seconds:.0f} s" if seconds < 120 else', '', 'tests/test_label_api.py -k lease_time'),
     # stop 68: the chain's simulated labels drawn again for other simulate settings
     ('labels-simulate-settings-ignored', 'stages/label/fresh_export.py', 'if simulate_flags is not None and (why := simulated_otherwise(run_dir, simulate_flags)):', 'if False and (why := simulated_otherwise(run_dir, simulate_flags)):', 'tests/test_make.py -k labels_export_again'),
-    ('labels-simulate-skip-flag-counts', 'stages/label/fresh_export.py', '        if w == "--skip_if_people_labeled":\n', '        if False:\n', 'tests/test_label_export.py -k simulated_labels_from_other'),
-    ('labels-simulate-over-people', 'stages/label/fresh_export.py', '.get("sources") == "people":', '.get("sources") == "nobody":', 'tests/test_label_export.py -k simulated_labels_from_other'),
-    ('labels-simulate-files-ignored', 'stages/label/fresh_export.py', '    return inputs_changed(files, {}, str(run_dir.parent), run_dir.name)\n\n\ndef without_skip_flag', '    return None\n\n\ndef without_skip_flag', 'tests/test_make.py -k labels_export_again'),
+    ('labels-simulate-skip-flag-counts', 'stages/label/fresh_export.py', '        if w == "--skip_if_people_labeled":\n', '        if False:\n', 'tests/test_label_export.py -k refused_unless_people'),
+    ('labels-simulate-over-people', 'stages/label/fresh_export.py', '.get("sources") == "people":', '.get("sources") == "nobody":', 'tests/test_label_export.py -k refused_unless_people'),
+    ('labels-simulate-files-ignored', 'stages/label/fresh_export.py', '    return inputs_changed(files, {}, str(run_dir.parent), run_dir.name)\n\n\ndef people_labeled', '    return None\n\n\ndef people_labeled', 'tests/test_make.py -k labels_export_again'),
     # stop 68: a diverged PPO update stops before it steps; PPO's temperature floor; vision-language bases read by their text model; a base with no score class refused up front
     ('ppo-nan-gradient-steps', 'stages/ppo/trainer.py', '                if not math.isfinite(norm):', '                if False:', 'tests/test_ppo.py -k gradient_that_is_not_finite'),
     ('ppo-temperature-floor-zero', 'stages/ppo/config.py', '        if self.temperature < MIN_TEMPERATURE:', '        if self.temperature <= 0:', 'tests/test_ppo.py -k out_of_range_hyperparameters'),
@@ -1982,6 +1982,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # stop 68: LoRA on a vision-language base wraps its text model alone
     ('lora-on-vision-tower', 'pipeline/models.py', '        extra["exclude_modules"] = VISION_MODULES\n', '        pass\n', 'tests/test_ppo.py -k lora_on_a_vision_language'),
     ('lora-excludes-on-text-bases', 'pipeline/models.py', '    return config.get_text_config() is not config', '    return True', 'tests/test_ppo.py -k lora_on_a_vision_language'),
+    # stop 68: the diff review's mends
+    ('labels-simulate-other-flags-redrawn', 'stages/label/fresh_export.py', '    if without_skip_flag(argv) != without_skip_flag(flags):\n        raise ConfigError(', '    if False:\n        raise ConfigError(', 'tests/test_label_export.py -k refused_unless_people'),
+    ('labels-simulate-over-people-in-store', 'stages/label/fresh_export.py', '    if people_labeled(run_dir / "label" / "labels.sqlite"):\n        return None\n', '', 'tests/test_label_export.py -k refused_unless_people'),
+    ('fingerprint-old-keys-refused', 'pipeline/models.py', 'for k in saved["fingerprint"]\n', 'for k in set(saved["fingerprint"]) | set(mine)\n', 'tests/test_ppo.py -k vision_language_base_is_read'),
+    ('ppo-score-class-unchecked', 'stages/ppo/__init__.py', '    if not cfg.reward_adapter:  # the run', '    if False:  # the run', 'tests/test_make.py -k no_sequence_classification'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -1,6 +1,7 @@
 """Does a run's label export hold the store's labels and the run's pairs as they are now? Exit 0 when it does; 4 when
-the pairs were sampled again (or there is no export yet), or the simulated labels it holds came from other
-simulate settings than the chain's now (SIMULATE_ARGS, configs/simulate.yaml); 3 when labels were added, changed or removed since it was
+the pairs were sampled again (or there is no export yet), or a file simulate read (configs/simulate.yaml, a file it
+names) changed since it drew the simulated labels the export holds (other flags than it ran with: an error, exit 2);
+3 when labels were added, changed or removed since it was
 written, or a file it read changed (configs/label.yaml, the guidelines); 2 on a store that cannot be read. The story
 chain's `labels` step of `make rm` then exports again (after simulating new pairs), with `--refresh`: as the last
 export did, rewriting only when its rows differ. So people's labels from `make label`, or a `make simulate` with other
@@ -24,9 +25,9 @@ CURRENT, STALE, NEW_PAIRS = 0, 3, 4  # not 1: an unexpected exception exits 1, a
 
 def export_state(run_dir: Path, simulate_flags: list[str] | None = None) -> int:
     """CURRENT when the store's labels, the files the export read (configs/label.yaml, the guidelines) and the run's
-    pairs are those the export last read; NEW_PAIRS when the pairs changed (or there is no export yet), or the export's
-    simulated labels came from other settings than `simulate_flags` (stages.simulate's command line in the chain): the
-    chain simulates first; STALE when the store or a file changed. The export writes the record beside its manifest;
+    pairs are those the export last read; NEW_PAIRS when the pairs changed (or there is no export yet), or a file
+    simulate read changed since it drew the export's simulated labels (simulated_otherwise, `simulate_flags` being the
+    chain's command line for it): the chain simulates first; STALE when the store or a file changed. The export writes the record beside its manifest;
     `--refresh` rewrites it when they changed but its rows did not."""
     from pipeline.config import resolve_path
     from pipeline.run import inputs_changed
@@ -47,15 +48,19 @@ def export_state(run_dir: Path, simulate_flags: list[str] | None = None) -> int:
     same = stored == store_digest(run_dir / "label" / "labels.sqlite") and \
         not inputs_changed(files, {}, str(run_dir.parent), run_dir.name)  # first: an unreadable store is an error
     if simulate_flags is not None and (why := simulated_otherwise(run_dir, simulate_flags)):
-        print(f"labels: the simulated annotators' settings changed ({why}): labeling the pairs again")
+        print(f"labels: a file the simulated annotators read changed ({why}): labeling the pairs again")
         return NEW_PAIRS
     return CURRENT if same else STALE
 
 
 def simulated_otherwise(run_dir: Path, flags: list[str]) -> str | None:
-    """Why the simulated labels the run's export holds are not those `flags` would give, in words; None when they are,
-    or when the export holds people's labels alone (the chain does not simulate over them) or simulate recorded no
-    inputs. `make simulate` and the chain differ only in --skip_if_people_labeled, which changes no label."""
+    """Why the simulated labels the run's export holds must be drawn again (a file simulate read changed: its config,
+    a file it names), in words; None when they are current, when people have labeled (the chain does not simulate
+    over them) or when simulate recorded no inputs. Simulate last run with another command line than `flags` (other
+    SIMULATE_ARGS, or `make simulate ARGS=...`) is a ConfigError: as any stage reached through the chain, it is not
+    redrawn with other flags unasked (a redraw replaces every simulated label). `make simulate` and the chain differ
+    only in --skip_if_people_labeled, which changes no label."""
+    from pipeline.config import ConfigError
     from pipeline.run import inputs_changed
 
     try:
@@ -65,9 +70,28 @@ def simulated_otherwise(run_dir: Path, flags: list[str]) -> str | None:
         argv, files = list(inputs["argv"]), dict(inputs["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if people_labeled(run_dir / "label" / "labels.sqlite"):
+        return None
     if without_skip_flag(argv) != without_skip_flag(flags):
-        return f"was: {' '.join(argv)}"
+        raise ConfigError(f"simulate ran with another command line than `make` would give it now (was: "
+                          f"{' '.join(without_skip_flag(argv))}): the labels step does not draw its labels again with "
+                          f"other flags unasked; give them in SIMULATE_ARGS on every `make` (as it ran, or as you want "
+                          f"them: `make simulate SIMULATE_ARGS=...` draws them so)")
     return inputs_changed(files, {}, str(run_dir.parent), run_dir.name)
+
+
+def people_labeled(db: Path) -> bool:
+    """Whether the store holds a label from a person (not a simulated annotator): read-only, nothing created."""
+    import sqlite3
+
+    from stages.label.store import SIMULATED_PREFIX
+
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT 1 FROM labels WHERE substr(annotator, 1, ?) != ? LIMIT 1",
+                           (len(SIMULATED_PREFIX), SIMULATED_PREFIX)).fetchone() is not None
+    finally:
+        con.close()
 
 
 def without_skip_flag(flags: list[str]) -> list[str]:

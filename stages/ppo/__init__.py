@@ -534,11 +534,14 @@ def check_args(cfg: PPOConfig, run: RunArgs) -> None:
     has no loss scaler (fp16 mixed precision is refused for it too, pipeline.launch.rl_precision_problem), and its
     gradients through fp16 activations underflow: off by 1-6% against float32 on a tiny Llama, worse as the loss's
     per-token weight (1 / tokens) shrinks."""
-    from pipeline.models import profile_from
+    from pipeline.models import profile_from, require_score_class
 
-    if profile_from(run.model_config).dtype == "float16":
+    profile = profile_from(run.model_config)
+    if profile.dtype == "float16":
         raise ConfigError(f"{cfg.stage_name} cannot train a float16 base (model profile {run.model_config}): its loop "
                           f"has no loss scaler; set `dtype: bfloat16` (or float32) in the profile")
+    if not cfg.reward_adapter:  # the run's `make rm` first, which a base with no score class cannot have
+        require_score_class(profile, run.model_config)
 
 
 def parse_args(argv=None) -> tuple[PPOConfig, RunArgs]:
