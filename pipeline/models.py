@@ -83,12 +83,13 @@ def base_config(profile: ModelProfile):
     return AutoConfig.from_pretrained(path, trust_remote_code=profile.trust_remote_code)
 
 
-def require_score_class(profile: ModelProfile, model_config: str) -> None:
+def require_score_class(model_config: str) -> None:
     """A reward model is the base's *ForSequenceClassification: a family transformers has none for (Granite, Cohere)
     stopped `make rm` with a traceback after SFT, pairs and labels had run. Checked up front from the base's config; a
     config that cannot be read here (a Hub id not downloaded yet) is left to the stage, which says so in one line."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
+    profile = profile_from(model_config)
     try:
         config = base_config(profile)
     except (OSError, ValueError):

@@ -131,7 +131,7 @@ def plan_steps(n_train: int, train_cfg, args: RMArgs, world_size: int) -> dict:
 def check_args(train_cfg, args: RMArgs, run: RunArgs) -> None:
     """What the flags alone can tell (make runs it before any stage, so not after SFT and the labels)."""
     refuse_tokenizer_options(train_cfg, "rm", run.model_config)
-    require_score_class(profile_from(run.model_config), run.model_config)
+    require_score_class(run.model_config)
 
 
 def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:

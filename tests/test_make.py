@@ -1636,9 +1636,9 @@ def test_a_base_with_no_sequence_classification_model_is_refused_before_any_stag
             errors, res.stderr
         assert "launch sft" not in res.stdout and not (tmp_path / "runs").exists()
 
-    from pipeline.models import profile_from, require_score_class
+    from pipeline.models import require_score_class
 
-    require_score_class(profile_from("configs/models/tiny.yaml"), "configs/models/tiny.yaml")  # llama: has one
+    require_score_class("configs/models/tiny.yaml")  # llama: has one
 
 
 def test_an_rl_stage_under_fp16_is_refused_before_any_stage_trains(tmp_path):

@@ -170,7 +170,10 @@ def test_make_default_chain_runs_simulated_labels_before_the_reward_model():
     # them; new pairs: simulate and export; a changed store (people labeled, or `make simulate` ran): export it again
     assert stages == ["stages.sft", "stages.pairs", "stages.label.fresh_export", "stages.label.export", "stages.simulate",
                       "stages.label.export", "stages.label.export", "stages.rm", "stages.ppo"]
-    assert lines[2].endswith("fresh_export runs/dryrun-nonexistent; fresh=$?; \\") and "--skip_if_people_labeled true" in lines[4]
+    # the freshness check is given the flags the chain runs simulate with, and simulate runs with exactly those
+    simulate_flags = lines[4].split("-m stages.simulate ", 1)[1].split(" && ")[0].strip()
+    assert lines[2].endswith(f"fresh_export runs/dryrun-nonexistent -- {simulate_flags} ; fresh=$?; \\"), lines[2]
+    assert "--skip_if_people_labeled true" in simulate_flags
     assert "--pairs_dataset" in lines[3] and "--config configs/rm.yaml" in lines[7]
 
 

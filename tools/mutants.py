@@ -1963,7 +1963,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('vlm-hidden-size-top-config', 'pipeline/models.py', '    text = config.get_text_config()\n    return text.hidden_size', '    text = config\n    return text.hidden_size', 'tests/test_ppo.py -k vision_language'),
     ('vlm-decoder-layers-top-config', 'stages/ppo/rollout.py', 'lm.config.get_text_config().num_hidden_layers', 'lm.config.num_hidden_layers', 'tests/test_ppo.py -k vision_language'),
     ('vlm-fingerprint-top-config', 'pipeline/models.py', '    text = config.get_text_config()\n    return {k:', '    text = config\n    return {k:', 'tests/test_ppo.py -k vision_language'),
-    ('rm-score-class-unchecked', 'stages/rm.py', '    require_score_class(profile_from(run.model_config), run.model_config)\n', '', 'tests/test_make.py -k no_sequence_classification'),
+    ('rm-score-class-unchecked', 'stages/rm.py', '    require_score_class(run.model_config)\n', '', 'tests/test_make.py -k no_sequence_classification'),
     # stop 68: people's labels of earlier pairs said; KL without a reference; reward_fn's shape; an old checkpoint's fix; an interrupted policy said
     ('export-earlier-people-unsaid', 'stages/label/export.py', '    if people_earlier and args.earlier_pairs == "drop" and sources == "simulated":', '    if False:', 'tests/test_label_export.py -k earlier_pairs_dataset'),
     ('report-kl-without-reference-as-nan', 'stages/eval_ppo.py', ' if "kl_first" in t else', ' if True else', 'tests/test_eval.py -k kl_was_not_measured'),

@@ -541,7 +541,7 @@ def check_args(cfg: PPOConfig, run: RunArgs) -> None:
         raise ConfigError(f"{cfg.stage_name} cannot train a float16 base (model profile {run.model_config}): its loop "
                           f"has no loss scaler; set `dtype: bfloat16` (or float32) in the profile")
     if not cfg.reward_adapter:  # the run's `make rm` first, which a base with no score class cannot have
-        require_score_class(profile, run.model_config)
+        require_score_class(run.model_config)
 
 
 def parse_args(argv=None) -> tuple[PPOConfig, RunArgs]:
