@@ -132,6 +132,12 @@ def start_as(page, name: str) -> None:
     page.locator("#btn-start").click()
 
 
+def log_in(page, user: str, password: str) -> None:
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
 def shown(page) -> tuple[str, int]:
     """(pair_id, index of the response on the left) as the page shows them."""
     from playwright.sync_api import expect
@@ -271,9 +277,7 @@ def test_login_mode_labels_as_the_logged_in_user(serve, browser, offline):
 
     url, store = serve(n_pairs=2, users=[("carol", "pw-carol")])
     page = open_page(browser, url, offline)
-    page.get_by_label("username").fill("carol")
-    page.get_by_label("password").fill("pw-carol")
-    page.get_by_role("button", name="Login").click()
+    log_in(page, "carol", "pw-carol")
     expect(page.locator("#progress")).to_contain_text("Yours (carol): 0 labeled")
     assert not page.locator("#name").is_visible()  # no name field: the login is the identity
     page.keyboard.press("2")
@@ -289,9 +293,7 @@ def test_a_second_key_pressed_while_the_first_saves_labels_nothing_unseen(serve,
 
     url, store = serve(n_pairs=4, users=[("carol", "pw-carol")])
     page = open_page(browser, url, offline)
-    page.get_by_label("username").fill("carol")
-    page.get_by_label("password").fill("pw-carol")
-    page.get_by_role("button", name="Login").click()
+    log_in(page, "carol", "pw-carol")
     expect(page.locator("#progress")).to_contain_text("Yours (carol): 0 labeled")
     expect(page.locator("#btn-logout")).to_be_visible()
     first, _ = shown(page)

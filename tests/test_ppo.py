@@ -2584,21 +2584,28 @@ def test_decoder_layers_are_the_trunks_outermost_list_of_layers(arch):
     assert decoder_layers(lm) is expected and len(expected) == 2
 
 
-def test_a_vision_language_base_is_read_by_its_text_model(tmp_path):
-    """Gemma 3 4B and up load as Gemma3ForConditionalGeneration, whose config holds the text model's sizes under
-    text_config: the heads' width, the decoder layers and the adapters' fingerprint are the text model's (the top
-    config has no hidden_size: PPO's stack and `make pairs` stopped with an AttributeError)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def gemma3_vision_language_config():
+    """A tiny Gemma3ForConditionalGeneration (Gemma 3 4B and up): a 2-layer text model beside a 1-layer vision tower."""
+    from transformers import AutoConfig
 
-    from pipeline.models import fingerprint, hidden_size_of
-    from stages.ppo.rollout import decoder_layers
-
-    cfg = AutoConfig.for_model(
+    return AutoConfig.for_model(
         "gemma3", text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14),
         mm_tokens_per_image=4, image_token_index=63, boi_token_index=62, eoi_token_index=61)
+
+
+def test_a_vision_language_base_is_read_by_its_text_model(tmp_path):
+    """Gemma 3 4B and up load as Gemma3ForConditionalGeneration, whose config holds the text model's sizes under
+    text_config: the heads' width, the decoder layers and the adapters' fingerprint are the text model's (the top
+    config has no hidden_size: PPO's stack and `make pairs` stopped with an AttributeError)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import fingerprint, hidden_size_of
+    from stages.ppo.rollout import decoder_layers
+
+    cfg = gemma3_vision_language_config()
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg)
     assert not hasattr(lm.config, "hidden_size") and hidden_size_of(lm.config) == 32
@@ -2623,16 +2630,11 @@ def test_lora_on_a_vision_language_base_wraps_its_text_model_alone(tmp_path):
     """Gemma 3's vision tower has q_proj ... too: LoRA wrapped them (never trained on text, a quarter of the modules
     of a 4B). lora_config leaves out the vision tower and projector of a vision-language base, and only of one."""
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from pipeline.models import lora_config, profile_from
 
-    cfg = AutoConfig.for_model(
-        "gemma3", text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14),
-        mm_tokens_per_image=4, image_token_index=63, boi_token_index=62, eoi_token_index=61)
+    cfg = gemma3_vision_language_config()
     cfg.save_pretrained(tmp_path / "gemma3")
     targets = "[q_proj, k_proj, v_proj, o_proj]"
     (tmp_path / "gemma3.yaml").write_text(f"name_or_path: {tmp_path / 'gemma3'}\nlora_target_modules: {targets}\n")
