@@ -385,8 +385,8 @@ class PPOTrainer:
                 norm = float(torch.nn.utils.clip_grad_norm_(trained_now, cfg.max_grad_norm or math.inf))
                 if not math.isfinite(norm):  # a NaN step makes every weight NaN, and the run would save that
                     raise ConfigError(f"{cfg.advantage_estimator} diverged at update {self.update + 1}: the gradient is {norm} "
-                                      f"(policy loss {sums['policy_loss']:.4g}); nothing of this update was applied and "
-                                      f"the last checkpoint is kept: lower learning_rate (now {cfg.learning_rate}), or "
+                                      f"(policy loss {sums['policy_loss']:.4g}); that step was not taken, nothing of this "
+                                      f"update is saved, and the last checkpoint is kept: lower learning_rate (now {cfg.learning_rate}), or "
                                       f"check the reward's scale")
                 grad_norm += norm
                 self.optimizer.step()
