@@ -1623,7 +1623,7 @@ def test_a_base_with_no_sequence_classification_model_is_refused_before_any_stag
                          num_attention_heads=2).save_pretrained(base)
     profile = tmp_path / "granite.yaml"
     profile.write_text(f"name_or_path: {base}\nlora_target_modules: [q_proj, v_proj]\n")
-    res = make("sft", "rm", "ppo", f"MODEL={profile}", fake=False, runs_dir=tmp_path / "runs", timeout=120)
+    res = make("sft", "rm", f"MODEL={profile}", fake=False, runs_dir=tmp_path / "runs", timeout=120)  # rm's check
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode == 2 and len(errors) == 1, res.stderr
     assert errors[0].startswith(f"error: the base {base} (granite, model profile {profile}) has no sequence-classification "
