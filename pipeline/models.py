@@ -419,8 +419,8 @@ def fingerprint(config) -> dict:
     """The base's type and sizes; a vision-language base's (Gemma 3 4B and up) sizes are its text model's, which
     its top config holds under text_config."""
     text = config.get_text_config()
-    return {k: getattr(config if k == "model_type" else text, k) for k in FINGERPRINT_KEYS
-            if getattr(config if k == "model_type" else text, k, None) is not None}
+    values = {k: getattr(config if k == "model_type" else text, k, None) for k in FINGERPRINT_KEYS}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def hidden_size_of(config) -> int:

@@ -184,13 +184,7 @@ def paths_named_in(values: Any, own_dir: Path) -> set[str]:
     stack = [values]
     while stack:
         v = stack.pop()
-        for bare in bare_path_values(v):
-            try:
-                p = resolve_path(bare).resolve()
-                if p.exists() and p != own_dir and own_dir not in p.parents and p not in own_dir.parents:
-                    found.add(bare)
-            except (OSError, ValueError):
-                pass
+        found.update(bare for bare in bare_path_values(v) if names_an_input(bare, own_dir))
         if isinstance(v, dict):
             stack += list(v.keys()) + [value for key, value in v.items() if key not in SECRET_FILE_KEYS]
         elif isinstance(v, (list, tuple)):
@@ -202,14 +196,18 @@ def paths_named_in(values: Any, own_dir: Path) -> set[str]:
                 found.add(str(source.resolve()))
         elif isinstance(v, str) and ("/" in v or Path(v).suffix) and "\n" not in v and len(v) < 1024:
             v = v.removeprefix(JUDGE_RM_PREFIX)  # a reward model as judge: its folder is what is read
-            try:
-                p = resolve_path(v).resolve()
-                if not p.exists() or p == own_dir or own_dir in p.parents or p in own_dir.parents:
-                    continue
-            except (OSError, ValueError):  # not a path at all
-                continue
-            found.add(v)
+            if names_an_input(v, own_dir):
+                found.add(v)
     return found
+
+
+def names_an_input(text: str, own_dir: Path) -> bool:
+    """`text` names an existing file or folder that is not the stage's own folder, inside it or around it."""
+    try:
+        p = resolve_path(text).resolve()
+        return p.exists() and p != own_dir and own_dir not in p.parents and p not in own_dir.parents
+    except (OSError, ValueError):  # not a path at all
+        return False
 
 
 def named_in_yamls(paths: set[str], own_dir: Path) -> set[str]:

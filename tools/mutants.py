@@ -1455,7 +1455,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('card-dpo-lists-the-reward-model', 'stages/publish_card.py', 'for stage in ("sft", args.policy) if method == "dpo" or given else ("sft", "rm", args.policy):', 'for stage in ("sft", args.policy) if given else ("sft", "rm", args.policy):', 'tests/test_publish.py -k says_which_method'),
     ('run-flag-equals-keeps-the-sign', 'pipeline/run.py', '            value = arg[len(name) + 1:]', '            value = arg[len(name):]', 'tests/test_make.py -k run_named_again'),
     ('run-secret-flag-not-its-value', 'pipeline/run.py', 'return {i + 1 for i, arg in enumerate(argv)', 'return {i for i, arg in enumerate(argv)', 'tests/test_make.py -k passwords'),
-    ('run-runs-dir-an-input', 'pipeline/run.py', ' or own_dir in p.parents or p in own_dir.parents:', ' or own_dir in p.parents:', "tests/test_make.py -k 'is_current_records or changed_data_file or label_export_rm_ppo_chain'"),
+    ('run-runs-dir-an-input', 'pipeline/run.py', ' and own_dir not in p.parents and p not in own_dir.parents\n', ' and own_dir not in p.parents\n', "tests/test_make.py -k 'is_current_records or changed_data_file or label_export_rm_ppo_chain'"),
     ('run-edited-input-recorded-new', 'pipeline/run.py', '                inputs["files"][name] = self.read_files[name]\n', '', "tests/test_make.py -k 'edited_while or recorded_as_it_was'"),
     ('refuse-exit-1', 'pipeline/run.py', '    print(f"error: {problem}", file=sys.stderr, flush=True)\n    sys.exit(2)', '    print(f"error: {problem}", file=sys.stderr, flush=True)\n    sys.exit(1)', 'tests/test_make.py -k one_line_through_make'),
     ('refuse-rank-0-waits', 'pipeline/run.py', 'if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:', 'if int(os.environ.get("WORLD_SIZE", "1")) > 1:', 'tests/test_trust_errors.py -k said_at_once'),
@@ -1649,7 +1649,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('store-digest-without-table', 'stages/label/store.py', '            if not con.execute("SELECT 1 FROM sqlite_master WHERE type = \'table\' AND name = \'labels\'").fetchone():\n                return labels_digest([])\n', '', "tests/test_label_store.py -k 'without_a_labels_table'"),
     ('store-reads-may-write', 'stages/label/store.py', '        con.execute("PRAGMA query_only=ON")\n', '        pass\n', "tests/test_label_store.py -k 'reading_connection_cannot'"),
     ('launch-multi-cpu-one-process-refused', 'pipeline/launch.py', 'and one_machine and (config.num_processes or 1) > 1 and', 'and one_machine and (config.num_processes or 1) >= 1 and', "tests/test_make.py -k 'multi_cpu_config_of_one'"),
-    ('run-own-folder-an-input', 'pipeline/run.py', 'if not p.exists() or p == own_dir or own_dir in p.parents', 'if not p.exists() or own_dir in p.parents', "tests/test_make.py -k 'own_folder_and_the_folders'"),
+    ('run-own-folder-an-input', 'pipeline/run.py', 'return p.exists() and p != own_dir and own_dir not in p.parents', 'return p.exists() and own_dir not in p.parents', "tests/test_make.py -k 'own_folder_and_the_folders'"),
     # a fresh mutation sweep: the benchmarks whose figures the README quotes
     ('harness-ratio-peer-missing', 'bench/harness.py', 'ratio[k] = round(a / b, 3) if a and b else None', 'ratio[k] = round(a / b, 3) if a else None', 'tests/test_bench_rl.py -k peer_lacks'),
     ('harness-rss-kib', 'bench/harness.py', 'ru.ru_maxrss / 1024.0', 'ru.ru_maxrss / 1000.0', 'tests/test_bench_rl.py -k kib_in_mib'),
@@ -1962,7 +1962,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-temperature-floor-zero', 'stages/ppo/config.py', '        if self.temperature < MIN_TEMPERATURE:', '        if self.temperature <= 0:', 'tests/test_ppo.py -k out_of_range_hyperparameters'),
     ('vlm-hidden-size-top-config', 'pipeline/models.py', '    text = config.get_text_config()\n    return text.hidden_size', '    text = config\n    return text.hidden_size', 'tests/test_ppo.py -k vision_language'),
     ('vlm-decoder-layers-top-config', 'stages/ppo/rollout.py', 'lm.config.get_text_config().num_hidden_layers', 'lm.config.num_hidden_layers', 'tests/test_ppo.py -k vision_language'),
-    ('vlm-fingerprint-top-config', 'pipeline/models.py', '    text = config.get_text_config()\n    return {k:', '    text = config\n    return {k:', 'tests/test_ppo.py -k vision_language'),
+    ('vlm-fingerprint-top-config', 'pipeline/models.py', '    text = config.get_text_config()\n    values = {k:', '    text = config\n    values = {k:', 'tests/test_ppo.py -k vision_language'),
     ('rm-score-class-unchecked', 'stages/rm.py', '    require_score_class(run.model_config)\n', '', 'tests/test_make.py -k no_sequence_classification'),
     # stop 68: people's labels of earlier pairs said; KL without a reference; reward_fn's shape; an old checkpoint's fix; an interrupted policy said
     ('export-earlier-people-unsaid', 'stages/label/export.py', '    if people_earlier and args.earlier_pairs == "drop" and sources == "simulated":', '    if False:', 'tests/test_label_export.py -k earlier_pairs_dataset'),
@@ -1971,7 +1971,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('resume-old-checkpoint-impossible-fix', 'stages/ppo/__init__.py', 'fix = "" if mismatch.startswith("does not record") else', 'fix = "" if False else', 'tests/test_ppo.py -k resume_only_from_the_same_upstream'),
     ('eval-interrupted-policy-unsaid', 'stages/eval_compare.py', '        elif (folder / STARTED).is_file() and is_main_process():', '        elif False:', 'tests/test_eval_compare.py -k without_an_adapter'),
     # stop 68: a bare folder name as data or weights is an input; eval's KL beside truncated sampling said
-    ('bare-path-values-ignored', 'pipeline/run.py', '        for bare in bare_path_values(v):', '        for bare in []:', 'tests/test_make.py -k bare_folder_name'),
+    ('bare-path-values-ignored', 'pipeline/run.py', 'found.update(bare for bare in bare_path_values(v) if', 'found.update(bare for bare in [] if', 'tests/test_make.py -k bare_folder_name'),
     ('bare-path-equals-form-missed', 'pipeline/run.py', '    return out + [b for a, b in zip(words, words[1:])', '    return [b for a, b in zip(words, words[1:])', 'tests/test_make.py -k bare_folder_name'),
     ('eval-truncated-kl-unsaid', 'stages/eval.py', '    elif sampling.get("top_p", 1.0) < 1 or sampling.get("top_k", 0) > 0:', '    elif False:', 'tests/test_eval.py -k truncated_sampling'),
     # stop 68: an earlier version's stage is not retrained through the chain
