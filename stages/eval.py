@@ -81,7 +81,8 @@ def rollout(stack: AdapterStack, policy: str, tokenizer, prompts: list, prompt_i
     """Sample one response per prompt from `policy` (the batches an interrupted run kept: `batches_store`,
     stages.resume.SampledBatches), then score it with the reward adapter."""
     stack.use(policy)
-    gens = generate(stack.model, tokenizer, prompt_ids, sampling, generator_seed=seed, batches_store=batches_store)
+    gens = generate(stack.model, tokenizer, prompt_ids, sampling, generator_seed=seed, progress=True,
+                    batches_store=batches_store)
     device = next(stack.model.parameters()).device
     # What the reward model reads: prompt + reply as an assistant turn, chat-templated as RewardTrainer trained it
     # and as PPO scored its rollouts (reward_input: chat).

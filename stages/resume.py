@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.run import atomic_write_json, fsync_dir
+from stages.epoch_end import count_each_row_once
 
 RESUME_KEY = "resume_key.json"  # beside the checkpoints: what the run that wrote them read
 
@@ -59,6 +60,7 @@ def build_trainer(build, train_cfg, sharded: bool):
         train_cfg.save_only_model = True
     trainer = build()
     seed_length_grouped_epochs(trainer)
+    count_each_row_once(trainer)
     if wants_optimizer:
         sharded_trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad and isinstance(p, DTensor)]
         # train_cfg too: the reward models build a Trainer per member from it

@@ -37,7 +37,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forwa
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, end_with_launcher, main_guard
 from pipeline.sharding import require_shared_runs_dir, sharding_report, take_over_from_accelerate
-from stages.resume import build_trainer, step_of, train_resuming
+from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
 from stages.rm_scoring import (check_reload, check_reload_sharded, heldout_metrics, pair_scores, reload_scores,
@@ -241,9 +241,7 @@ def main(train_cfg, args: RMArgs, run: RunArgs) -> dict:
                   f"{m.get('accuracy')} {m.get('ci95', '')} (longer wins: {m.get('longer_wins_accuracy')})")
         stage.finish({"adapter": members[0]["adapter"], "members": json.dumps([str(m["adapter"]) for m in members]),
                       "eval_pairs": pairs_file, "base_model": base_path}, metrics, config)
-        # The checkpoints, once the manifest is written (the best ones are the adapters now): a crash in the reload
-        # check or before the manifest still resumes every member from them instead of training it again.
-        shutil.rmtree(trainer_root, ignore_errors=True)
+        tidy(stage.dir, trainer_root, len(members))
     finish_distributed()
     return metrics
 
@@ -285,6 +283,21 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     del trainer, model  # the next member loads its own base: free this one first
     free_memory()
     return kept
+
+
+def tidy(stage_dir: Path, trainer_root: Path, members: int) -> None:
+    """Once the manifest is written: each member's checkpoints (the best ones are the adapters now; a crash in the
+    reload check or before the manifest still resumes every member from them instead of training it again), keeping
+    the Trainer's logs (`--report_to tensorboard`); and the members an earlier, larger ensemble left in the folder,
+    whose adapters are no part of this reward model."""
+    for folder in trainer_root.glob("member-*"):
+        drop_checkpoints(folder)
+    for folder in sorted(trainer_root.rglob("*"), reverse=True) + [trainer_root]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # nothing was logged there
+    for folder in stage_dir.glob("member-*"):
+        if folder.name.removeprefix("member-").isdigit() and int(folder.name.removeprefix("member-")) >= members:
+            shutil.rmtree(folder)
 
 
 def complete_folder(member: dict, tokenizer, base_path) -> None:

@@ -79,7 +79,7 @@ class GroupCollator:
     """Groups -> one right-padded batch of all their sequences, each group's pair indices offset to its rows. With
     share_prefix, and every group's sequences sharing a first token, each group's shared tokens once (`prefix_ids`,
     `prefix_mask`, a row a group) and the sequences' own tokens after them (`input_ids`, `attention_mask`), with
-    `prefix_index`: each row's group."""
+    `prefix_index`: each row's group. `row_group`: each row's group, always."""
 
     def __init__(self, pad_token_id: int, with_margin: bool, share_prefix: bool = False):
         self.pad_token_id, self.with_margin, self.share_prefix = pad_token_id, with_margin, share_prefix
@@ -103,6 +103,7 @@ class GroupCollator:
             batch["prefix_index"] = torch.tensor(prefix_index)
             sequences = [s[cuts[prefix_index[row]]:] for row, s in enumerate(sequences)]
         batch["input_ids"], batch["attention_mask"] = right_pad(sequences, self.pad_token_id)
+        batch["row_group"] = torch.tensor(prefix_index)  # stages/epoch_end.py drops the pairs of filled-in groups
         batch["winners"], batch["losers"] = torch.tensor(winners), torch.tensor(losers)
         if self.with_margin:
             batch["margin"] = torch.tensor(margins, dtype=torch.float)
@@ -176,6 +177,7 @@ def grouped_reward_trainer():
             """(each pair's loss, every row's reward, winner rows, loser rows, the model's outputs, the shared-prefix
             inputs) of one batch. `inputs` loses the keys that are not the model's."""
             winners, losers, margins = inputs.pop("winners"), inputs.pop("losers"), inputs.pop("margin", None)
+            inputs.pop("row_group")
             prefix = {k: inputs.pop(k) for k in ("prefix_ids", "prefix_mask", "prefix_index") if k in inputs}
             if prefix:
                 rewards = shared_prefix_rewards(model, **inputs, **prefix, add_prefix_score=self.score_pooling == "sum")
@@ -191,20 +193,23 @@ def grouped_reward_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Training: this micro-batch's share of the optimizer step's mean over all its pairs (every rank's);
             called alone (no num_items_in_batch), the batch's mean."""
+            counted = inputs.pop("row_counted", None)  # the rows of the epoch's own groups (stages/epoch_end.py)
             losses, rewards, winners, losers, outputs, prefix = self.pair_losses(model, inputs)
             if num_items_in_batch is None:
                 loss = losses.mean()
             else:  # the ranks' gradients are averaged, hence x ranks
                 loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
-            seen = inputs["attention_mask"].sum()  # every row's tokens, its shared prefix's included
+            counted = torch.ones_like(rewards, dtype=torch.bool) if counted is None else counted
+            seen = inputs["attention_mask"][counted].sum()  # every row's tokens, its shared prefix's included
             if prefix:
-                seen = seen + prefix["prefix_mask"].sum(1)[prefix["prefix_index"]].sum()
-            tokens = self.accelerator.gather_for_metrics(seen).sum().item()
+                seen = seen + prefix["prefix_mask"].sum(1)[prefix["prefix_index"]][counted].sum()
+            tokens = self.accelerator.gather(seen.reshape(1)).sum().item()  # every rank's, at an epoch's end too
             self._total_train_tokens += tokens // self._tp_size
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             with torch.no_grad():  # ranks hold different numbers of responses and pairs: gather sums and counts
-                r, diff = rewards.float(), (rewards[winners] - rewards[losers]).float()
-                local = torch.stack([r.min(), r.max(), r.sum(), r.new_tensor(r.numel()), (diff > 0).sum().float(),
+                r, diff = rewards[counted].float(), (rewards[winners] - rewards[losers]).float()
+                low, high = (r.min(), r.max()) if r.numel() else (r.new_tensor(float("inf")), r.new_tensor(-float("inf")))
+                local = torch.stack([low, high, r.sum(), r.new_tensor(r.numel()), (diff > 0).sum().float(),
                                      diff.sum(), r.new_tensor(diff.numel())])
                 every = self.accelerator.gather(local.unsqueeze(0))  # one row a rank, none dropped at the end
                 low, high = every[:, 0].min(), every[:, 1].max()

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import ConfigError, read_yaml
+from pipeline.config import ConfigError
 from pipeline.lora_combine import combine_loras, require_combinable, save_lora
 from pipeline.models import load_base, load_tokenizer, lora_config, profile_from, save_fingerprint
 from pipeline.run import StageRun
@@ -685,3 +685,30 @@ def test_loras_on_different_modules_do_not_combine():
         combine_loras(lora("m1"), config, lora("m1", "m2"), config)
     state, _ = combine_loras(lora("m1", "m2"), config, lora("m1", "m2"), config)
     assert sorted(state) == ["m1.lora_A.weight", "m1.lora_B.weight", "m2.lora_A.weight", "m2.lora_B.weight"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_path):
+    """1 x 8 pairs against 2 x 4: the same losses up to the epoch's last batch, which holds 4 of its own pairs.
+    accelerate fills rank 1's last batch with 4 pairs from the epoch's start, which DPO trains on
+    (stages/epoch_end.py): rank 1 says so, once."""
+    runs_dir = tmp_path / "runs"
+    for run in ("one", "two"):
+        fake_sft(tiny_models["llama"], runs_dir, run)
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_rows(105))
+    # random order: group_by_length draws its megabatches by the rank's batch size, so 1 x 8 and 2 x 4 see other orders
+    common = ["--dataset_name", str(data), "--max_steps", "14", "--logging_steps", "1", "--learning_rate", "2e-3",
+              "--train_sampling_strategy", "random"]
+    one = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, "one", *common,
+                                            "--per_device_train_batch_size", "8"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, "two", *common,
+                                            "--per_device_train_batch_size", "4"), processes=2, timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = (json.loads((runs_dir / n / "dpo/manifest.json").read_text())["metrics"] for n in ("one", "two"))
+    assert m1["world_size"] == 1 and m2["world_size"] == 2, m1
+    assert len(m1["loss_curve"]) == len(m2["loss_curve"]) == 14, m1
+    diffs = [abs(a - b) for a, b in zip(m1["loss_curve"], m2["loss_curve"])]
+    assert max(diffs[:10]) < 1e-4 and m1["train_pairs"] == 84, (m1["loss_curve"], m2["loss_curve"])  # step 11: 4 pairs
+    assert two.stderr.count("last batch of the epoch repeats 4 pairs") == 1, two.stderr[-3000:]
+    assert "a multiple of 8 pairs" in two.stderr and "repeats" not in one.stderr

@@ -377,6 +377,8 @@ def test_the_app_gets_the_logins_and_the_store_gets_the_flags(runs, tmp_path, mo
         def queue(self, **kwargs):
             pass
 
+        local_url = "http://127.0.0.1:0/"
+
         def launch(self, **kwargs):
             built["launch"] = kwargs
 
@@ -461,3 +463,17 @@ def test_a_run_of_your_own_pairs_serves_them_unless_the_flag_names_others(tmp_pa
     args = LabelArgs(pairs_dataset="/data/other.jsonl")
     default_to_own_pairs(args, str(runs), "r", "label-export")
     assert args.pairs_dataset == "/data/other.jsonl" and capsys.readouterr().out == ""
+
+
+def test_the_app_says_where_it_serves_and_offers_no_public_link(runs, tmp_path, capsys):
+    """make label prints the address; gradio's hint to set share=True (a public link past the exposure check) is not
+    printed."""
+    pairs = write_lines(tmp_path / "pairs.jsonl", [pair(0), pair(1)])
+    port = free_port()
+    demo = label_main(runs, "--pairs_dataset", str(pairs), "--port", str(port))
+    try:
+        out = capsys.readouterr().out
+        assert f"* Running on local URL:  http://127.0.0.1:{port}/" in out and "share" not in out, out
+    finally:
+        demo.close()
+        demo.store_lock.close()

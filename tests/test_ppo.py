@@ -2715,10 +2715,13 @@ def test_the_long_prompts_note_comes_from_the_main_process_only(mode, tiny_model
         assert capsys.readouterr().err.count(f"longer than max_prompt_length={limit} tokens") == notes
 
 
-def test_the_update_bar_draws_no_more_often_than_tqdm_is_told(tiny_models, adapters, prompts_file, runs_dir):
+@pytest.mark.parametrize("stage,extra", [("ppo", []), ("grpo", ["--advantage_estimator", "grpo",
+                                                                 "--num_samples_per_prompt", "2"])])
+def test_the_update_bar_draws_no_more_often_than_tqdm_is_told(stage, extra, tiny_models, adapters, prompts_file,
+                                                              runs_dir):
     """In a log, make paces tqdm's redraws (TQDM_MININTERVAL=10): PPO's bar still redrew on every update, its
     set_postfix refreshing past the interval (48 redraws in the default run's log). Told 1000 s, a 3-update run draws
-    its bar twice: when it opens and when it closes."""
+    its bar twice: when it opens and when it closes. The bar is named by the stage (GRPO's read "ppo")."""
     import re
 
     from tests.conftest import run_module
@@ -2726,9 +2729,9 @@ def test_the_update_bar_draws_no_more_often_than_tqdm_is_told(tiny_models, adapt
     sft, rm = adapters("llama")
     _upstream_manifests(runs_dir, "bar", sft, rm)
     res = run_module("stages.ppo", ppo_args(tiny_models["llama"], runs_dir, "bar", prompts_file, None, None,
-                                            "--progress_bar", "true"), env={"TQDM_MININTERVAL": "1000"})
+                                            "--progress_bar", "true", *extra), env={"TQDM_MININTERVAL": "1000"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len(re.findall(r"ppo:\s+\d+%", res.stderr)) == 2, res.stderr[-3000:]
+    assert len(re.findall(rf"(?m)^(?:.*\r)?{stage}:\s+\d+%", res.stderr)) == 2, res.stderr[-3000:]
 
 
 def test_a_held_out_prompt_the_template_refuses_stops_ppo_not_eval(tiny_models, tmp_path):
@@ -2893,3 +2896,25 @@ def test_a_checkpoints_random_streams_come_back_on_a_rank_that_sees_other_device
     gpu_rank._restore_rng({**rng, "cuda": [torch.tensor([0])]})  # one GPU seen then: none of this rank's
     gpu_rank._restore_rng({**rng, "cuda_device": torch.tensor([5])})
     assert set_states == [(1, gpu_rank.device), (5, gpu_rank.device)]
+
+
+def test_samples_are_kept_at_the_first_update_and_every_nth():
+    """sample_every 8: updates 1, 8, 16 (update 1 is the earliest look at the policy); 1: every update; 0: none."""
+    from stages.ppo.trainer import samples_due
+
+    assert [u for u in range(1, 20) if samples_due(u, 8)] == [1, 8, 16]
+    assert [u for u in range(1, 5) if samples_due(u, 1)] == [1, 2, 3, 4]
+    assert not any(samples_due(u, 0) for u in range(1, 20))
+
+
+def test_kl_horizon_counts_every_ranks_episodes():
+    """adaptive_kl moves kl_coef by up to 20% x the update's episodes / kl_horizon, and an update holds every rank's
+    episodes: 32 a rank (the defaults) with kl_horizon 10 move it by up to 64% on one process, and are refused on two
+    (64 episodes: 128%, a coefficient below 0)."""
+    from stages.ppo.config import PPOConfig
+
+    cfg = PPOConfig(adaptive_kl=True, kl_horizon=10)
+    assert cfg.local_batch_size == 32
+    cfg.check_kl_horizon(1)
+    with pytest.raises(ConfigError, match=r"an update of 64 episodes would move kl_coef by up to 128%.*above 12\.8"):
+        cfg.check_kl_horizon(2)

@@ -219,6 +219,31 @@ def test_two_processes(tiny_models, marker_data, tmp_path):
     assert m["pairs_by_source"]["label-export"]["read"] == 360
 
 
+@pytest.mark.slow
+def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_path):
+    """Batches by prompt, 1 x 8 prompts against 2 x 4, over an epoch whose last batch holds 4 of its own prompts:
+    accelerate fills rank 1's last batch with 4 prompts from the epoch's start, which weigh nothing
+    (stages/epoch_end.py). Every logged loss and the held-out accuracy agree, through the second epoch."""
+    runs_dir = tmp_path / "runs"
+    for run in ("one", "two"):
+        fake_sft(tiny_models["llama"], runs_dir, run)
+    data = write_jsonl(tmp_path / "pairs.jsonl", marker_rows(105))
+    # random order: group_by_length draws its megabatches by the rank's batch size, so 1 x 8 and 2 x 4 see other orders
+    common = ["--dataset_name", str(data), "--max_steps", "14", "--logging_steps", "1", "--learning_rate", "2e-3",
+              "--train_sampling_strategy", "random"]
+    one = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "one", *common))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "two", *common, "--per_device_train_batch_size",
+                                          "4"), processes=2, timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = (json.loads((runs_dir / n / "rm/manifest.json").read_text())["metrics"] for n in ("one", "two"))
+    assert m1["world_size"] == 1 and m2["world_size"] == 2 and m1["train_pairs"] == m2["train_pairs"] == 84, m1
+    assert len(m1["loss_curve"]) == len(m2["loss_curve"]) == 14  # step 11 ends the first epoch
+    diffs = [abs(a - b) for a, b in zip(m1["loss_curve"], m2["loss_curve"])]
+    assert max(diffs) < 1e-4, (m1["loss_curve"], m2["loss_curve"])
+    assert abs(m1["eval_loss"] - m2["eval_loss"]) < 1e-4, (m1["eval_loss"], m2["eval_loss"])
+
+
 def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
     prof = profile_from(str(tiny_models["llama"]))
     tok = load_tokenizer(prof)
@@ -1379,6 +1404,17 @@ def test_reload_verdict_at_the_launchs_mixed_precision_by_hand():
     assert not unrelated["ok"] and "not saved" in unrelated["problem"]
 
 
+def test_reload_verdict_at_float16_by_hand():
+    """float16's tolerance is atol 1e-2, rtol 1e-2: a score 0.0 reloaded as 0.05 is past it (allowed 0.0105), one
+    reloaded 0.005 away is within it."""
+    from stages.rm_scoring import reload_verdict
+
+    far = reload_verdict([0.0, 2.0], [1.0, 0.5], [0.05, 2.0], [1.0, 0.5], "float16")
+    assert not far["ok"] and far["tolerance"] == {"atol": 1e-2, "rtol": 1e-2} and far["dtype"] == "float16"
+    assert "more than float16 rounding allows" in far["problem"]
+    assert reload_verdict([0.0, 2.0], [1.0, 0.5], [0.005, 2.0], [1.0, 0.5], "float16")["ok"]
+
+
 def test_an_fp32_head_scores_in_fp32_under_a_launchs_bf16_autocast():
     """fp32_head's promise, under the GPU configs' mixed precision (torch.autocast bf16): the Linear ran in bf16,
     rounding a score of ~0.4 by up to 4e-3. The head's output is the fp32 computation, to the bit, with autocast on or
@@ -1398,3 +1434,21 @@ def test_an_fp32_head_scores_in_fp32_under_a_launchs_bf16_autocast():
             got = head(hidden)
         assert got.dtype == torch.float32 and torch.equal(got, want)
         assert torch.equal(head(hidden), want)
+
+
+def test_tidy_keeps_the_logs_and_drops_checkpoints_and_an_earlier_ensembles_members(tmp_path):
+    """After the manifest: each member's checkpoints go and its TensorBoard logs stay; member-2 of an earlier
+    ensemble of 3 goes when this one has 2; folders left empty go."""
+    from stages.rm import tidy
+
+    stage, root = tmp_path / "rm", tmp_path / "rm" / "trainer"
+    for path in ("member-0/checkpoint-4/adapter_model.safetensors", "member-0/runs/Dec07/events.out.tfevents.1",
+                 "member-1/checkpoint-8/optimizer.pt", "member-1/resume_key.json"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("x")
+    for member in (1, 2):
+        (stage / f"member-{member}" / "adapter").mkdir(parents=True)
+    tidy(stage, root, members=2)
+    assert sorted(str(p.relative_to(stage)) for p in stage.rglob("*")) == [
+        "member-1", "member-1/adapter", "trainer", "trainer/member-0", "trainer/member-0/runs",
+        "trainer/member-0/runs/Dec07", "trainer/member-0/runs/Dec07/events.out.tfevents.1"]

@@ -72,9 +72,14 @@ def main(args: LabelArgs, run: RunArgs, block: bool = True):
     try:
         demo.launch(server_name=args.host, server_port=args.port, auth=LoginGuard(users) if users else None,
                     auth_message="Log in with the name and password you were given.",
-                    prevent_thread_lock=not block, **launch_kwargs())
+                    prevent_thread_lock=True, **launch_kwargs())
     except OSError as err:  # port taken
         raise ConfigError(f"could not serve on {args.host}:{args.port} ({err}): pick another with --port N") from None
+    # gradio's own line, which launch_kwargs' quiet drops with its hint to serve a public link (share=True), which
+    # would put the app beyond the exposure check above
+    print(f"* Running on local URL:  {demo.local_url}", flush=True)
+    if block:
+        demo.block_thread()
     return demo
 
 

@@ -380,8 +380,9 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
 
 
 def launch_kwargs() -> dict:
-    """What every launch passes: shortcuts, styling, nothing that reaches beyond this machine. Gradio's run history
+    """What every launch passes: shortcuts, styling, nothing that reaches beyond this machine (quiet: no hint to serve
+    a public link; stages/label/__main__.py prints the address itself). Gradio's run history
     is off: its pages answer without a login and, for a client on this machine (an SSH tunnel, a proxy), call the Hub
     with this machine's token (HF_TOKEN or the saved login): anyone reaching the app could list and create buckets
     under the operator's name, and have every label saved there."""
-    return dict(head=HEAD, css=CSS, share=False, ssr_mode=False, show_error=True, run_history=False)
+    return dict(head=HEAD, css=CSS, share=False, ssr_mode=False, show_error=True, run_history=False, quiet=True)

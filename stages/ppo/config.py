@@ -112,7 +112,7 @@ class PPOConfig:
     auto_resume: bool = field(default=True, metadata={"help": "An interrupted run (checkpoint, no manifest) continues when restarted."})
     stop_after: int = field(default=0, metadata={"help": "Stop (with a checkpoint) after this many updates in this invocation; 0 = run to the end."})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | trackio (optional packages)."})
-    sample_every: int = field(default=10, metadata={"help": "Print and keep a table of sample responses every N updates; 0 = off."})
+    sample_every: int = field(default=10, metadata={"help": "Print and keep a table of sample responses at the first update and every N-th; 0 = off."})
     num_samples: int = 4
     progress_bar: bool = True
     seed: int = 42

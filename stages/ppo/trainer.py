@@ -86,6 +86,12 @@ def computes_in_fp32(lm, mixed_precision: str) -> bool:
     return lm.get_input_embeddings().weight.dtype == torch.float32 and mixed_precision == "no" and not quantized
 
 
+def samples_due(update: int, sample_every: int) -> bool:
+    """Whether update `update` (counted from 1) prints and keeps sample responses: every `sample_every`-th, and the
+    first, the earliest look at the policy; 0: none."""
+    return bool(sample_every) and (update % sample_every == 0 or update == 1)
+
+
 class PPOTrainer:
     def __init__(self, cfg, stack, tokenizer, prompts: list, prompt_ids: list[list[int]], out_dir: Path, state,
                  reward_stats: tuple[float, float] | None = None, reward_fn=None, config: dict | None = None,
@@ -471,14 +477,14 @@ class PPOTrainer:
             # adapter was the last point); the policy just loaded is that update's. A killed run kept it already:
             # the same bytes again.
             self.keep_policy()
-        bar = tqdm(total=cfg.total_updates, initial=start, desc="ppo", dynamic_ncols=True,
+        bar = tqdm(total=cfg.total_updates, initial=start, desc=cfg.stage_name, dynamic_ncols=True,
                    disable=not (self.is_main and cfg.progress_bar), file=sys.stderr)
         stopped = False
         while self.update < cfg.total_updates:
             metrics, ro = self.step()
             self.history.append(metrics)
             self._log(metrics)
-            if cfg.sample_every and (self.update % cfg.sample_every == 0 or self.update == 1):
+            if samples_due(self.update, cfg.sample_every):
                 self._samples(ro)
             # refresh=False: the figures show at the bar's next draw, which tqdm's mininterval paces (make sets
             # 10 s in a log); refreshing here redrew the bar on every update

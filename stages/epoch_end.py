@@ -1,0 +1,95 @@
+"""Each training row once an epoch, on several ranks as on one process.
+
+accelerate's data loaders (the Trainer's, with `even_batches` on) fill every rank's last batch of an epoch to full
+size with rows from the epoch's start. Two ranks x B rows then trained up to (ranks - 1) x B rows twice where one
+process x 2B trains a short last batch once: an SFT epoch of 30 rows at 2 x 4 took rows 0 and 1 again, and the two
+loss curves parted there. Turning the filling off (`even_batches: false`) leaves a rank without a batch at some
+lengths, and the others then wait on it forever. So the filled rows stay, and weigh nothing. accelerate puts the
+epoch's own rows first in rank order (its gather_for_metrics cuts the gathered last batch at the same count), so of
+rank r's last batch the first clamp(remainder - r x B, 0, B) rows are the epoch's own (`own_rows`).
+
+How a filled row weighs nothing depends on the loss:
+- a token mean over the step (SFT): its labels become -100 (`drop_filled_tokens`);
+- a mean over the step's pairs (the reward model's batches by prompt): its pairs leave the batch (`drop_filled_groups`);
+- a mean over the rank's own rows (TRL's pairwise RewardTrainer, DPO): not done. Those trainers gather per-row
+  figures, which needs the same rows on every rank, and their loss is theirs; the rank that repeats rows says so once
+  (`repeats_note`), with the training-set size that repeats none.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def own_rows(remainder: int, rank: int, ranks: int, batch_size: int) -> int | None:
+    """How many of rank `rank`'s rows in an epoch's last batch are the epoch's own (the rest were filled in), from
+    accelerate's `remainder` (the epoch's rows in its last global batch; 0: the epoch fills its batches, -1: unknown):
+    None when no row was filled in."""
+    if ranks == 1 or remainder <= 0:
+        return None
+    own = min(max(remainder - rank * batch_size, 0), batch_size)
+    return None if own == batch_size else own
+
+
+def drop_filled_tokens(batch: dict, own: int) -> dict:
+    """A token-mean batch (`labels`, -100 where no loss is taken) whose rows from `own` on count no token. Packed
+    without padding (one row, `position_ids` starting again at 0 for each sequence): the sequences from `own` on."""
+    labels = batch["labels"].clone()
+    if labels.shape[0] == 1 and "position_ids" in batch:
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+        if own < len(starts):
+            labels[0, starts[own]:] = -100
+    else:
+        labels[own:] = -100
+    return dict(batch, labels=labels)
+
+
+def drop_filled_groups(batch: dict, own: int) -> dict:
+    """A GroupCollator batch (stages/rm_groups.py: `row_group`, each row's group) without the pairs of its groups from
+    `own` on; `row_counted` marks the rows of the groups before (the logged tokens and rewards)."""
+    keep = batch["row_group"][batch["winners"]] < own
+    out = dict(batch, winners=batch["winners"][keep], losers=batch["losers"][keep],
+               row_counted=batch["row_group"] < own)
+    if "margin" in batch:
+        out["margin"] = batch["margin"][keep]
+    return out
+
+
+def repeats_note(own: int, batch_size: int, ranks: int) -> str:
+    return (f"note: this rank's last batch of the epoch repeats {batch_size - own} pairs from the epoch's start "
+            f"(accelerate fills every rank's last batch to full size; DPO and pairwise reward batches train on them): "
+            f"a training set of a multiple of {batch_size * ranks} pairs (per_device_train_batch_size x processes) "
+            f"trains each pair once an epoch")
+
+
+def count_each_row_once(trainer) -> None:
+    """Make `trainer` (a transformers Trainer of this project's stages) weigh the rows accelerate fills an epoch's last
+    batch with at 0 (SFT, the reward model's batches by prompt), or say that they repeat (DPO, pairwise reward
+    batches). On one process nothing is filled, and nothing changes."""
+    acc = trainer.accelerator
+    if acc.num_processes == 1:
+        return
+    noted = []
+
+    def get_batch_samples(epoch_iterator, num_batches, device):
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            state = acc.gradient_state
+            if state.end_of_dataloader:  # set as the last batch is handed out
+                batch_size = state.active_dataloader.total_batch_size // acc.num_processes
+                own = own_rows(state.remainder, acc.process_index, acc.num_processes, batch_size)
+                if own is not None and "labels" in batch:
+                    batch = drop_filled_tokens(batch, own)
+                elif own is not None and "row_group" in batch:
+                    batch = drop_filled_groups(batch, own)
+                elif own is not None and not noted:
+                    print(repeats_note(own, batch_size, acc.num_processes), file=sys.stderr)
+                    noted.append(own)
+            batches.append(batch)
+        return batches, trainer._get_num_items_in_batch(batches, device)
+
+    trainer.get_batch_samples = get_batch_samples
