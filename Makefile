@@ -143,7 +143,7 @@ stage = $(call stage_env,$(1)) $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE)
 direct = $(PY) $(call stage_opts,$(1)) $(call stage_args,$(1))
 
 .PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-prefix bench-rm-ceiling bench-valence-probe bench-story bench-estimators bench-shard mutants clean-run
+	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-prefix bench-rm-ceiling bench-valence-probe bench-story bench-estimators bench-shard bench-label mutants clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -302,6 +302,10 @@ bench-estimators: setup
 # each rank's peak memory, episodes/s and that both give the same figures (about 10 minutes): bench/results/shard.json
 bench-shard: setup
 	$(PY) -m bench.bench_shard
+# The labeling app on a big store: one click, the next pair and the Stats view at 5,000 and 50,000 pairs (about a
+# minute): bench/results/label_store.json
+bench-label: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.label_store $(ARGS)
 # Does the suite catch a broken rule? Hand-made mutants of the arithmetic, each against its tests (tools/mutants.py):
 # bench/results/mutants.json, exit 1 naming any mutant the tests pass.
 mutants: setup

@@ -34,6 +34,7 @@ class Generations:
     response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
     texts: list[str]
     ended: torch.Tensor  # [B] bool: a stop token was produced within the limit
+    sampled_now: torch.Tensor | None = None  # [B] bool: sampled by this call, not kept from an interrupted run's
 
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -195,7 +196,7 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
             kept = None  # another rank samples this round: every rank takes part in its forwards, and keeps its own
         if kept is not None:
             bar.update()
-            return kept
+            return (*kept, False)
         if generator_seed is not None:
             torch.manual_seed(batch_seed(generator_seed, b))
         ids, mask = left_pad(prompt_token_ids[starts[b]: starts[b] + cfg.generation_batch_size], pad_id)
@@ -207,7 +208,7 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
         if batches_store is not None:
             batches_store.put(b, (ids, mask, resp))
         bar.update()
-        return ids, mask, resp
+        return ids, mask, resp, True
 
     was_training = model.training
     model.eval()
@@ -217,12 +218,13 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], cfg: SamplingC
         reshard(model)  # leave the model as found: no head kept gathered into the next training step
     if was_training:
         model.train()
-    width = max(p.shape[1] for p, _, _ in batches)
-    prompt_ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_id) for p, _, _ in batches])
-    prompt_mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for _, m, _ in batches])
-    response_ids, response_mask, ended = truncate_after_eos(torch.cat([r for _, _, r in batches]), stop_ids, pad_id)
+    width = max(p.shape[1] for p, _, _, _ in batches)
+    prompt_ids = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0), value=pad_id) for p, _, _, _ in batches])
+    prompt_mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for _, m, _, _ in batches])
+    response_ids, response_mask, ended = truncate_after_eos(torch.cat([r for _, _, r, _ in batches]), stop_ids, pad_id)
+    sampled_now = torch.cat([torch.full((r.shape[0],), now) for _, _, r, now in batches])
     return Generations(prompt_ids, prompt_mask, response_ids, response_mask,
-                       response_texts(tokenizer, response_ids, response_mask), ended)
+                       response_texts(tokenizer, response_ids, response_mask), ended, sampled_now)
 
 
 def response_texts(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

@@ -342,9 +342,10 @@ def main(argv: list[str]) -> int:
             # Reached through the chain only (`make ppo` needs sft): its last run's flags (own data, MODEL=, ...) are not
             # retrained away by a command that did not ask for that stage. Files and upstream stages still rerun it.
             print(f"error: {stage} ran with another command line than `make` would give it now ({why.split('(', 1)[1][:-1]}"
-                  f"): it is not named here, so it is not retrained with other flags; name it with the flags you want "
-                  f"(`make {stage} ...`; MODEL= and ARGS= too), or keep them in its own variable for every "
-                  f"`make` ({stage.upper().replace('-', '_')}_ARGS=...)", file=sys.stderr)
+                  f"): it is not named here, so it is not retrained with other flags. To retrain it with the flags "
+                  f"given now, name it too (`make {stage} ...` before the targets you asked for, with the same "
+                  f"variables); to keep it as it ran, give every `make` the flags it ran with "
+                  f"({stage.upper().replace('-', '_')}_ARGS=..., MODEL=, ARGS=)", file=sys.stderr)
             return CONFIG_ERROR_EXIT
         if chained and why.startswith("its manifest does not record its inputs"):
             # An earlier version's manifest: the flags it ran with are unknown, so through the chain it would be

@@ -174,7 +174,7 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
         gens = generate(stack.model, tokenizer, [ids for ids in encoded for _ in range(k)], sampling,
                         generator_seed=args.seed, progress=True, batches_store=store)
     gen_time = time.time() - t0
-    new_tokens = int(gens.response_mask.sum())
+    new_tokens = int(gens.response_mask[gens.sampled_now].sum())  # tokens/s of what this run sampled, not what it kept
     sharding = sharding_report(stack.model)
 
     metrics: dict = {}
@@ -198,7 +198,8 @@ def main(args: PairsArgs, sampling: SamplingConfig, run: RunArgs) -> dict:
             "pairs": len(rows), "prompts": len(prompts), "prompts_too_long": n_long,
             "identical_dropped": dropped["identical"], "repeated_dropped": dropped["repeated"],
             "no_eos_fraction": round(1 - float(gens.ended.float().mean()), 3),
-            "generation_time_s": round(gen_time, 1), "new_tokens_per_s": round(new_tokens / gen_time, 1),
+            "generation_time_s": round(gen_time, 1), "new_tokens": new_tokens,
+            "new_tokens_per_s": round(new_tokens / gen_time, 1),
             "policy": f"{policy['base_model']} + {adapter}", "data": data_name,
             "world_size": state.num_processes, "sharding": sharding,
             "batches_kept_from_an_interrupted_run": store.kept,

@@ -37,7 +37,7 @@ from pipeline.adapters import POOLINGS, ensemble_score, fp32_head, pool_in_forwa
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, end_with_launcher, main_guard
 from pipeline.sharding import require_shared_runs_dir, sharding_report, take_over_from_accelerate
-from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
+from stages.resume import build_trainer, step_of, train_resuming
 from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
 from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
 from stages.rm_scoring import (check_reload, check_reload_sharded, heldout_metrics, pair_scores, reload_scores,
@@ -286,13 +286,15 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
 
 
 def tidy(stage_dir: Path, trainer_root: Path, members: int) -> None:
-    """Once the manifest is written: each member's checkpoints (the best ones are the adapters now; a crash in the
-    reload check or before the manifest still resumes every member from them instead of training it again), keeping
-    the Trainer's logs (`--report_to tensorboard`); and the members an earlier, larger ensemble left in the folder,
-    whose adapters are no part of this reward model."""
-    for folder in trainer_root.glob("member-*"):
-        drop_checkpoints(folder)
-    for folder in sorted(trainer_root.rglob("*"), reverse=True) + [trainer_root]:
+    """Once the manifest is written: each member's Trainer folder (its checkpoints: the best ones are the adapters
+    now; a crash in the reload check or before the manifest still resumes every member from them instead of training
+    it again), but for the Trainer's logs (`runs/`, with `--report_to tensorboard`); and the members an earlier,
+    larger ensemble left in the folder, whose adapters are no part of this reward model."""
+    for member in trainer_root.glob("member-*"):
+        for path in member.iterdir():
+            if path.name != "runs":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for folder in [*trainer_root.glob("member-*"), trainer_root]:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # nothing was logged there
     for folder in stage_dir.glob("member-*"):

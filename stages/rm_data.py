@@ -243,39 +243,73 @@ def encode_pair(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
     carries its token ids (eval_pairs.jsonl: as scored, after truncate_pair) keeps them."""
     if "chosen_ids" in pair:
         return pair["chosen_ids"], pair["rejected_ids"]
-    out = []
-    for key in ("chosen", "rejected"):
-        if isinstance(pair[key], str):
-            text = pair[key] if pair[key].endswith(tokenizer.eos_token) else pair[key] + tokenizer.eos_token
-            out.append(tokenizer(text=pair["prompt"] + text)["input_ids"])
-        else:
-            try:
-                ids = tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True,
-                                                    **TEMPLATE_KWARGS)["input_ids"]
-            except (jinja2.TemplateError, ValueError) as err:  # e.g. the template's raise_exception on roles out of order
-                raise ConfigError(f"a pair of {pair.get('source', 'the data')} that the chat template refuses "
-                                  f"({type(err).__name__}: {err}): {json.dumps(pair['prompt'] + pair[key])[:80]}: fix "
-                                  f"the pair or the model profile's chat_template") from None
-            out.append(ids)
-    return out[0], out[1]
+    return encode_side(tokenizer, pair, "chosen"), encode_side(tokenizer, pair, "rejected")
+
+
+def encode_side(tokenizer, pair: dict, key: str) -> list[int]:
+    """The token ids of the pair's prompt + its `key` response (encode_pair)."""
+    if isinstance(pair[key], str):
+        text = pair[key] if pair[key].endswith(tokenizer.eos_token) else pair[key] + tokenizer.eos_token
+        return tokenizer(text=pair["prompt"] + text)["input_ids"]
+    try:
+        return tokenizer.apply_chat_template(pair["prompt"] + pair[key], tokenize=True, return_dict=True,
+                                             **TEMPLATE_KWARGS)["input_ids"]
+    except (jinja2.TemplateError, ValueError) as err:  # e.g. the template's raise_exception on roles out of order
+        raise ConfigError(f"a pair of {pair.get('source', 'the data')} that the chat template refuses "
+                          f"({type(err).__name__}: {err}): {json.dumps(pair['prompt'] + pair[key])[:80]}: fix "
+                          f"the pair or the model profile's chat_template") from None
+
+
+class EncodedOnce:
+    """encode_pair and the prompt's ids of reply_start, each distinct prompt + response and each prompt rendered
+    once: a prompt's 8 responses make 28 labelled pairs, which rendered each response 7 times and the prompt 28
+    (100,000 pairs took 168 s to prepare)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.sides, self.prompts = tokenizer, {}, {}
+
+    def pair(self, pair: dict) -> tuple[list[int], list[int]]:
+        if "chosen_ids" in pair:
+            return pair["chosen_ids"], pair["rejected_ids"]
+        out = []
+        for key in ("chosen", "rejected"):
+            memo = json.dumps([pair["prompt"], pair[key]])
+            if memo not in self.sides:
+                self.sides[memo] = encode_side(self.tokenizer, pair, key)
+            out.append(self.sides[memo])
+        return out[0], out[1]
+
+    def prompt(self, prompt) -> list[int]:
+        memo = json.dumps(prompt)
+        if memo not in self.prompts:
+            self.prompts[memo] = prompt_ids_of(self.tokenizer, prompt)
+        return self.prompts[memo]
 
 
 # Of a response longer than its share of max_length, this share is taken from its end: how it ends (a question, a
 # sign-off, the EOS where the score is read) stays in view, as does its beginning.
 RESPONSE_END_SHARE = 0.25
+MISSING = object()  # reply_start's prompt_ids not given
 
 
-def reply_start(tokenizer, pair: dict, chosen: list[int], rejected: list[int]) -> int:
+def prompt_ids_of(tokenizer, prompt) -> list[int] | None:
+    """A pair's prompt as templated with its generation prompt (a text prompt as text); None for an implicit one."""
+    if isinstance(prompt, list) and prompt:
+        return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    if isinstance(prompt, str) and prompt:
+        return tokenizer(text=prompt)["input_ids"]
+    return None
+
+
+def reply_start(tokenizer, pair: dict, chosen: list[int], rejected: list[int], prompt_ids=MISSING) -> int:
     """Where a pair's replies begin in its token ids: after the prompt as templated with its generation prompt (where
     PPO and eval start a `sum`-pooled reply), never past where chosen and rejected part. On the whole pair: a pair
-    truncate_pair cut moves it back by the prompt tokens cut out (prepare_data)."""
+    truncate_pair cut moves it back by the prompt tokens cut out (prepare_data). `prompt_ids`: prompt_ids_of the
+    pair's prompt, when already known."""
     shared = common_prefix(chosen, rejected)
-    prompt = pair.get("prompt")
-    if isinstance(prompt, list) and prompt:
-        prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    elif isinstance(prompt, str) and prompt:
-        prompt_ids = tokenizer(text=prompt)["input_ids"]
-    else:  # implicit prompt: what both sequences share
+    if prompt_ids is MISSING:
+        prompt_ids = prompt_ids_of(tokenizer, pair.get("prompt"))
+    if prompt_ids is None:  # implicit prompt: what both sequences share
         return shared
     return min(common_prefix(chosen, prompt_ids), shared)
 
@@ -376,11 +410,12 @@ def prepare_data(args: RMArgs, train_cfg, stage: StageRun, tokenizer):
                                                    templated=bool(getattr(tokenizer, "chat_template", None)))
     if train_cfg.max_length:  # the whole pair is tokenized first, then cut to max_length here: no need to warn
         tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-    kept = []
+    kept, encoded = [], EncodedOnce(tokenizer)
     for p in pairs:
-        chosen, rejected = encode_pair(tokenizer, p)
+        chosen, rejected = encoded.pair(p)
         p["full_lengths"] = [len(chosen), len(rejected)]  # before truncation: what "the longer reply wins" compares
-        start, shared = reply_start(tokenizer, p, chosen, rejected), common_prefix(chosen, rejected)
+        start = reply_start(tokenizer, p, chosen, rejected, encoded.prompt(p.get("prompt")))
+        shared = common_prefix(chosen, rejected)
         c = counts[p["source"]]
         if train_cfg.max_length:
             fitted = truncate_pair(chosen, rejected, train_cfg.max_length, args.max_prompt_length, tokenizer.bos_token_id)

@@ -201,7 +201,7 @@ def people_labeled(db, pair_ids: set[str]) -> bool:
     from stages.label.store import LabelStore, is_simulated
 
     return db.is_file() and any(not is_simulated(lab["annotator"]) and lab["pair_id"] in pair_ids
-                                for lab in LabelStore(db).labels())
+                                for lab in LabelStore(db).labels(with_text=False))
 
 
 def own_prompts(pairs_manifest: dict | None) -> str | None:

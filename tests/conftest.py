@@ -325,11 +325,11 @@ SMOLLM2_TEMPLATE = (  # HuggingFaceTB/SmolLM2-*-Instruct: ChatML that TRL does n
     "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 LLAMA3_TOKENS = dict(bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None,
                      other=["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|end_of_text|>", "<|python_tag|>"],
-                     stop=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], end_of_turn="<|eot_id|>")
+                     stop=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], end_of_turn="<|eot_id|>", adds_bos=True)
 QWEN_TOKENS = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", other=["<|im_start|>", "<think>", "</think>"],
                    stop=["<|im_end|>", "<|endoftext|>"], end_of_turn="<|im_end|>")
 GEMMA_TOKENS = dict(bos="<bos>", eos="<eos>", pad="<pad>", other=["<start_of_turn>", "<end_of_turn>"],
-                    stop=["<eos>", "<end_of_turn>"], end_of_turn="<end_of_turn>")
+                    stop=["<eos>", "<end_of_turn>"], end_of_turn="<end_of_turn>", adds_bos=True)
 PHI3_TOKENS = dict(bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", other=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
                    stop=["<|endoftext|>", "<|assistant|>", "<|end|>"], end_of_turn="<|end|>")
 REAL_TEMPLATES = {
@@ -377,6 +377,14 @@ def template_text(name: str) -> str:
     return SMOLLM2_TEMPLATE if spec["file"] is None else (Path(trl.__file__).parent / "chat_templates" / spec["file"]).read_text()
 
 
+def bos_first(bos: str, bos_id: int):
+    """A tokenizers post-processor that puts BOS before the text, as real Llama 3 and Gemma tokenizers have: text the
+    chat template already begins with BOS gets a second one unless encoded with add_special_tokens=False."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+
+
 def build_template_tokenizer(name: str, out: Path) -> Path:
     """A byte-level BPE trained on one book, with this family's special tokens and its real chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -393,6 +401,8 @@ def build_template_tokenizer(name: str, out: Path) -> Path:
     tok.train_from_iterator([clean((REPO / "data/pretrain/texts/bunny.txt").read_text())],
                             trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if spec.get("adds_bos"):  # as Llama 3's and Gemma's do: encoding text (add_special_tokens) puts BOS first
+        tok.post_processor = bos_first(spec["bos"], tok.token_to_id(spec["bos"]))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **{f"{k}_token": v for k, v in roles.items()},
                                       additional_special_tokens=[t for t in specials if t not in roles.values()])
     wrapped.chat_template = template_text(name)
@@ -410,6 +420,9 @@ def tiny_tokenizer_with(name: str, tmp_path):
     specials = [t for t in (spec["bos"], spec["eos"], spec["pad"], *spec["other"]) if t]
     tok.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(specials))})
     tok.eos_token, tok.chat_template = spec["eos"], template_text(name)
+    if spec.get("adds_bos"):
+        tok.bos_token = spec["bos"]
+        tok._tokenizer.post_processor = bos_first(spec["bos"], tok.convert_tokens_to_ids(spec["bos"]))
     tok.save_pretrained(tmp_path / name)
     return AutoTokenizer.from_pretrained(tmp_path / name)
 

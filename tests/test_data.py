@@ -61,6 +61,37 @@ def test_what_counts_as_a_prompt():
         "every message of the prompt is empty"
 
 
+def test_a_message_whose_content_is_not_text_is_a_problem():
+    """content null (some exports) or a list of parts (OpenAI's multimodal shape): one problem line, not a crash."""
+    from pipeline.data import messages_problem, prompt_problem
+
+    for content, shown in ((None, "null}"), ([{"type": "text", "text": "hi"}], '[{"type": "text"')):
+        message = [{"role": "user", "content": content}]
+        expected = f'each message must be {{"role": text, "content": text}}, not {{"role": "user", "content": {shown}'
+        assert messages_problem(message).startswith(expected) and prompt_problem(message).startswith(expected), \
+            messages_problem(message)
+
+
+def test_the_split_by_prompt_is_the_same_in_every_process():
+    """Each rank of a launch, and a resumed run, is another Python process, whose set order of strings differs
+    (PYTHONHASHSEED): the held-out prompts must not. 20 one-prompt conversations at 0.25, seed 42, in two processes
+    with other hash seeds."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from datasets import Dataset\n"
+              "from pipeline.data import conversation_root, train_eval_split\n"
+              "rows = [{'messages': [{'role': 'user', 'content': f'Question {i}?'}, {'role': 'assistant', 'content': 'A.'}]}"
+              " for i in range(20)]\n"
+              "_, held = train_eval_split(Dataset.from_list(rows), 0.25, 42, group_by=conversation_root)\n"
+              "print(sorted(r['messages'][0]['content'] for r in held))\n")
+    outs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2", "3")]
+    assert all(o.returncode == 0 for o in outs), outs[0].stderr[-2000:]
+    assert len({o.stdout for o in outs}) == 1 and outs[0].stdout.count("Question") == 5, [o.stdout for o in outs]
+
+
 def test_a_lone_surrogate_in_a_messages_content_is_a_problem():
     """A lone surrogate in a message's content (not only in its role, nor only in a text prompt) is named: no
     tokenizer can encode it."""

@@ -134,7 +134,13 @@ def test_the_model_is_left_in_the_mode_it_was_found_in(llama, training):
 
     model, tok = llama
     model.train(training)
-    generate(model, tok, prompt_ids(tok, ["Hi"]), SamplingConfig(max_new_tokens=2, temperature=0))
+    modes = []
+    hook = model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    try:
+        generate(model, tok, prompt_ids(tok, ["Hi"]), SamplingConfig(max_new_tokens=2, temperature=0))
+    finally:
+        hook.remove()
+    assert modes and not any(modes)  # every forward of the sampling without dropout
     assert model.training is training
     model.eval()
 

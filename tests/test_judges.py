@@ -40,6 +40,22 @@ def test_function_judge_gets_batches_and_its_scores_come_back_in_order():
     assert counted == [float(len(p[-1]["content"])) for p in PROMPTS * 3]  # the prompt reaches the judge with its row
 
 
+def test_a_function_judges_numpy_or_int_scores_come_back_as_floats():
+    """A user's judge that returns numpy floats (`list(model(...).numpy())`) or ints: plain floats, which the reports'
+    JSON can hold (a numpy float32 stopped eval's report after every policy was sampled and scored)."""
+    import json
+
+    import numpy as np
+
+    from pipeline.judges import Judge
+
+    for scores in ([np.float32(0.25), np.float32(0.75)], [1, 2]):
+        judge = Judge("tests:fixture", "module:fixture", lambda prompts, responses, s=scores: list(s))
+        got = judge_scores(judge, PROMPTS[:2], TEXTS[:2])
+        assert got == [float(v) for v in scores] and all(type(v) is float for v in got), got
+        json.dumps(got)
+
+
 def _rm_adapter(tiny_models, out):
     from tests.fake_upstream import _lora_adapter
 

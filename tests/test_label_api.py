@@ -29,7 +29,7 @@ def login_app(tmp_path):
                          "responses": [f"zero {i}", f"one {i}"]} for i in range(6)])
     demo = build_app(store, "guidelines", use_login=True)
     demo.queue()
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                             auth=USERS, **launch_kwargs())
     yield url, store
     demo.close()
@@ -148,7 +148,7 @@ def test_wrong_passwords_lock_a_login_through_gradio(tmp_path):
     now = [0.0]
     demo = build_app(store, "guidelines", use_login=True)
     demo.queue()
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                             auth=LoginGuard(USERS, clock=lambda: now[0]), **launch_kwargs())
     try:
         def login(user, password):

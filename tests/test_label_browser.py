@@ -101,7 +101,7 @@ def serve(tmp_path):
         store.import_items(pairs or make_pairs(n_pairs))
         demo = build_app(store, read_guidelines("docs/labeling-guidelines.md"), use_login=bool(users))
         demo.queue(default_concurrency_limit=16)
-        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                                 auth=users, **launch_kwargs())
         demos.append(demo)
         return url.rstrip("/"), store

@@ -419,7 +419,8 @@ def test_a_stage_reached_through_the_chain_keeps_its_last_flags(tmp_path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
     assert errors[0].startswith(f"error: rm ran with another command line than `make` would give it now (was: ")
-    assert f"--dataset_name {data}" in errors[0] and "(`make rm ...`" in errors[0] and "RM_ARGS=..." in errors[0]
+    assert f"--dataset_name {data}" in errors[0] and "To retrain it with the flags given now, name it too (`make rm ..." \
+        in errors[0] and "to keep it as it ran, give every `make` the flags it ran with (RM_ARGS=..." in errors[0]
     assert ran(runs) == [] and sorted(p.relative_to(runs) for p in runs.rglob("*")) == before
     make("ppo", f"RM_ARGS=--dataset_name {data}", runs_dir=runs)  # its own variable: rm is current, ppo runs
     assert ran(runs) == ["ppo"]
@@ -892,6 +893,10 @@ def test_a_bare_folder_name_given_as_data_or_weights_is_an_input(tmp_path, monke
     assert paths_named_in(["--sft_adapter=myadapter", "--note", "mydata"], own) == {"myadapter"}
     assert paths_named_in({"sft": {"prompts_file": "mydata", "other": "data"}, "model": {"name_or_path": "nowhere"}},
                           own) == {"mydata"}
+    # a dataset_mixture names its files as keys ({"file": rows}): editing one makes the stage out of date
+    (tmp_path / "part.jsonl").write_text("{}\n")
+    assert paths_named_in({"sft": {"dataset_mixture": {str(tmp_path / "part.jsonl"): 10}}}, own) == \
+        {str(tmp_path / "part.jsonl")}
 
 
 def test_fsdp_on_all_the_gpus_of_a_one_gpu_machine_is_refused():
@@ -1670,6 +1675,8 @@ def test_an_rl_stage_under_fp16_is_refused_before_any_stage_trains(tmp_path):
     (tmp_path / "list.yaml").write_text("- mixed_precision: fp16\n")  # not a config: the launch says what is wrong
     assert rl_precision_problem("ppo", str(tmp_path / "list.yaml")) is None
     assert rl_precision_problem("sft", str(fp16)) is None
+    for rl in ("ppo", "grpo", "rloo", "reinforce_pp"):  # every RL stage's loop, not only the two make ran above
+        assert rl_precision_problem(rl, str(fp16)).startswith(f"{rl} cannot train under fp16"), rl
     bf16 = tmp_path / "bf16.yaml"
     bf16.write_text(fp16.read_text().replace("mixed_precision: fp16", "mixed_precision: bf16"))
     assert make("ppo", f"ACCELERATE_CONFIG={bf16}", runs_dir=runs).returncode == 0 and "ppo" in ran(runs)

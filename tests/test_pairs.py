@@ -377,6 +377,8 @@ def test_an_interrupted_run_keeps_its_sampled_batches_and_ends_as_an_uninterrupt
     cut = run("cut")
     assert "note: 3 batches sampled by an interrupted run of the same command are kept" in capsys.readouterr().err
     assert sampled == [3, 4, 5] and cut["batches_kept_from_an_interrupted_run"] == 3
+    # tokens/s is of what this run sampled: the kept batches' tokens are not counted (they made it 1.7x too high)
+    assert 0 < cut["new_tokens"] < whole["new_tokens"], (cut["new_tokens"], whole["new_tokens"])
     assert pairs_of("cut") == pairs_of("whole") and cut["pairs"] == whole["pairs"] > 0
     assert not kept_dir.exists()
 

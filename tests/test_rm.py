@@ -1443,7 +1443,7 @@ def test_tidy_keeps_the_logs_and_drops_checkpoints_and_an_earlier_ensembles_memb
 
     stage, root = tmp_path / "rm", tmp_path / "rm" / "trainer"
     for path in ("member-0/checkpoint-4/adapter_model.safetensors", "member-0/runs/Dec07/events.out.tfevents.1",
-                 "member-1/checkpoint-8/optimizer.pt", "member-1/resume_key.json"):
+                 "member-1/checkpoint-8/optimizer.pt", "member-1/resume_key.json", "member-1/README.md"):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text("x")
     for member in (1, 2):
@@ -1452,3 +1452,24 @@ def test_tidy_keeps_the_logs_and_drops_checkpoints_and_an_earlier_ensembles_memb
     assert sorted(str(p.relative_to(stage)) for p in stage.rglob("*")) == [
         "member-1", "member-1/adapter", "trainer", "trainer/member-0", "trainer/member-0/runs",
         "trainer/member-0/runs/Dec07", "trainer/member-0/runs/Dec07/events.out.tfevents.1"]
+
+
+def test_each_distinct_response_and_prompt_is_rendered_once(tiny_models):
+    """A prompt's 3 responses make 3 pairs: EncodedOnce renders 3 prompt + response texts (not 6) and the prompt once
+    (not 3), and gives encode_pair's and reply_start's ids."""
+    from stages.rm_data import EncodedOnce, encode_pair, reply_start
+
+    tok = load_tokenizer(profile_from(str(tiny_models["llama"])))
+    prompt = [{"role": "user", "content": "Tell me about the rabbit."}]
+    replies = [[{"role": "assistant", "content": text}] for text in ("It hopped.", "It slept all day.", "No.")]
+    pairs = [{"prompt": prompt, "chosen": replies[i], "rejected": replies[j]} for i, j in ((0, 1), (0, 2), (1, 2))]
+    calls = []
+    render = tok.apply_chat_template
+    tok.apply_chat_template = lambda *a, **kw: calls.append(kw.get("add_generation_prompt", False)) or render(*a, **kw)
+    encoded = EncodedOnce(tok)
+    got = [(encoded.pair(p), encoded.prompt(p["prompt"])) for p in pairs]
+    assert calls.count(False) == 3 and calls.count(True) == 1, calls
+    tok.apply_chat_template = render
+    for p, ((chosen, rejected), prompt_ids) in zip(pairs, got):
+        assert (chosen, rejected) == encode_pair(tok, p)
+        assert reply_start(tok, p, chosen, rejected, prompt_ids) == reply_start(tok, p, chosen, rejected)

@@ -207,6 +207,8 @@ CASES = [
     ("eval-max-new-tokens-0", "stages.eval", EVAL + ["--max_new_tokens", "0"], ["--max_new_tokens", ">= 1"]),
     ("eval-score-batch-0", "stages.eval", EVAL + ["--score_batch_size", "0"], ["--score_batch_size"]),
     ("eval-generation-batch-0", "stages.eval", EVAL + ["--generation_batch_size", "0"], ["--generation_batch_size"]),
+    ("eval-max-prompt-tokens-0", "stages.eval", EVAL + ["--max_prompt_tokens", "0"], ["--max_prompt_tokens", ">= 1"]),
+    ("eval-gold-batch-0", "stages.eval", EVAL + ["--gold_batch_size", "0"], ["--gold_batch_size", ">= 1"]),
     ("eval-max-prompts-negative", "stages.eval", EVAL + ["--max_prompts", "-1"], ["--max_prompts", ">= 0"]),
     ("eval-temperature-negative", "stages.eval", EVAL + ["--temperature", "-1"], ["--temperature", ">= 0"]),
     ("wrong-type-flag", "stages.sft", SFT + ["--learning_rate", "abc"], ["--learning_rate", "on the command line", "number"]),

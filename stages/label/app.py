@@ -363,7 +363,7 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
             return (*view({}, "Type the name to label as."), "")
 
         def on_stats():
-            return to_html(stats_view(store.labels()), store.overlap, store.progress()["blocked"])
+            return to_html(stats_view(store.labels(with_text=False)), store.overlap, store.progress()["blocked"])
 
         demo.load(on_load, [saved_name], view_outputs)
         start.click(on_start, [name, state], view_outputs + [saved_name], api_name="start")

@@ -149,8 +149,9 @@ def sources_of(annotator_cells) -> str:
 
 
 def dataset_card(rows: list[dict], labels: list[dict], dropped: Counter, args: LabelArgs, guidelines: str,
-                 pairs_source: str, n_earlier: int = 0, sources: str = "people", n_other: int = 0) -> str:
-    s = summarize(labels)
+                 pairs_source: str, n_earlier: int = 0, sources: str = "people", n_other: int = 0,
+                 summary: dict | None = None) -> str:
+    s = summarize(labels) if summary is None else summary  # the export's own, computed once
     whose = WHOSE[sources]
     ag = s["agreement"]
     people = "\n".join(f"| {markdown_literal(name)} | {a['labels']} |" for name, a in s["annotators"].items())
@@ -349,13 +350,14 @@ def main(args: LabelArgs, export: ExportArgs, run: RunArgs) -> dict:
     try:
         ds = datasets.Dataset.from_list(rows)
         ds.save_to_disk(str(new / "dataset"))
-        card = dataset_card(rows, labels, dropped, args, guidelines, pairs_source, n_earlier, sources, n_read - len(labels))
+        s = summarize(labels)
+        card = dataset_card(rows, labels, dropped, args, guidelines, pairs_source, n_earlier, sources, n_read - len(labels),
+                            summary=s)
         (new / "README.md").write_text(card)
         atomic_write_json(new / "config.json", config)
         if export.push_to_hub:
             push(ds, card, export.push_to_hub, export.hub_private)
 
-        s = summarize(labels)
         metrics = {"rows": len(rows), "pairs": len({r["pair_id"] for r in rows}), "labels": len(labels),
                    "annotators": len(s["annotators"]), "dropped": dict(dropped),
                    "earlier_pairs_labels": n_earlier, "earlier_pairs": args.earlier_pairs,

@@ -105,9 +105,12 @@ def summarize(labels: list[dict], now: float | None = None) -> dict:
     for lab in labels:
         per_pair[lab["pair_id"]][lab["annotator"]] = category(lab)
     shared = {p: v for p, v in per_pair.items() if len(v) >= 2}
+    together: dict[tuple[str, str], list[str]] = defaultdict(list)  # two annotators -> the pairs both labeled
+    for p, v in shared.items():  # each pair's own annotators: a scan of every pair for every two annotators took
+        for x, y in combinations(sorted(v), 2):  # 2 minutes on 50,000 pairs of 200 annotators
+            together[(x, y)].append(p)
     kappas = {}
-    for x, y in combinations(sorted(by_annotator), 2):
-        common = [p for p, v in shared.items() if x in v and y in v]
+    for (x, y), common in sorted(together.items()):
         if len(common) >= 2:
             k = cohen_kappa([shared[p][x] for p in common], [shared[p][y] for p in common])
             if k is not None:
