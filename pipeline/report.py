@@ -22,7 +22,8 @@ def print_table(title: str, rows: dict) -> None:
     width = max(len(k) for k in rows)
     print(f"\n== {title} ==")
     for k, v in rows.items():
-        shown = f"{v:.5g}" if isinstance(v, float) else v  # 0.78739, 2759.3, 1e-05, 1.2346e+07 (not 12346000.0)
+        # 0.78739, 2759.3, 1e-05, 1.2346e+07 (not 12346000.0); + 0.0: a mean rounded to -0.0 shows as 0, not -0
+        shown = f"{v + 0.0:.5g}" if isinstance(v, float) else v
         print(f"  {k.ljust(width)}  {shown}")
 
 

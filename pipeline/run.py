@@ -618,8 +618,8 @@ LIBRARY_NOISE = [
 INTERRUPTED_EXIT = 130  # the shell's code for a process ended by SIGINT
 
 
-HOW_TO_GO_ON = ("run the same command again to continue (the training stages resume from their last checkpoint, the "
-                "sampling stages keep their finished batches)")
+HOW_TO_GO_ON = ("run the same command again to continue (a training stage resumes from its last checkpoint if it had "
+                "saved one, a sampling stage keeps its finished batches)")
 INTERRUPTED_LINE = f"interrupted: {HOW_TO_GO_ON}"
 
 

@@ -739,10 +739,10 @@ def test_console_tables_show_numbers_to_five_significant_digits(capsys):
     from pipeline.report import print_table
 
     print_table("x", {"accuracy": 0.7873908519744873, "tokens_per_s": 2759.31, "lr": 1e-05, "big": 12345678.9,
-                      "steps": 100, "judge": "sentiment"})
+                      "steps": 100, "judge": "sentiment", "mean": round(-0.00001, 4)})
     assert capsys.readouterr().out.splitlines()[2:] == [
         "  accuracy      0.78739", "  tokens_per_s  2759.3", "  lr            1e-05", "  big           1.2346e+07",
-        "  steps         100", "  judge         sentiment"]
+        "  steps         100", "  judge         sentiment", "  mean          0"]
 
 
 def test_peak_memory_on_a_gpu_is_torchs_peak_allocation_in_mb_and_on_cpu_rounded_to_a_tenth(monkeypatch):

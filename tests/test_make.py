@@ -1074,8 +1074,8 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(config, ranks, tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = interrupted(proc, lambda: len(list(held.glob("*.pid"))) == ranks, wait_s=120)
     assert err.strip().splitlines()[:-1] == [
-        "interrupted: run the same command again to continue (the training stages resume from their last checkpoint, "
-        "the sampling stages keep their finished batches)"], err
+        "interrupted: run the same command again to continue (a training stage resumes from its last checkpoint if it "
+        "had saved one, a sampling stage keeps its finished batches)"], err
     assert re.search(r"\*\*\* \[Makefile:\d+: sft\] Error 130", err.strip().splitlines()[-1]), err
 
 
