@@ -80,8 +80,10 @@ def count_each_row_once(trainer) -> None:
                 break
             state = acc.gradient_state
             if state.end_of_dataloader:  # set as the last batch is handed out
-                batch_size = state.active_dataloader.total_batch_size // acc.num_processes
-                own = own_rows(state.remainder, acc.process_index, acc.num_processes, batch_size)
+                # Not the loader's remainder: a resumed run's loader (skip_first_batches) knows none (-1)
+                batch_size = trainer.args.train_batch_size
+                remainder = len(state.active_dataloader.dataset) % (batch_size * acc.num_processes)
+                own = own_rows(remainder, acc.process_index, acc.num_processes, batch_size)
                 if own is not None and "labels" in batch:
                     batch = drop_filled_tokens(batch, own)
                 elif own is not None and "row_group" in batch:

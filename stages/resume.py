@@ -60,6 +60,7 @@ def build_trainer(build, train_cfg, sharded: bool):
         train_cfg.save_only_model = True
     trainer = build()
     seed_length_grouped_epochs(trainer)
+    seed_each_rank(trainer)
     count_each_row_once(trainer)
     if wants_optimizer:
         sharded_trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad and isinstance(p, DTensor)]
@@ -100,6 +101,23 @@ def whole_run_loss(trainer, result, resumed_from: Path | None) -> float | None:
     if last != start or steps <= start:
         return None
     return round((done + result.training_loss * (steps - start)) / steps, 4)
+
+
+def seed_each_rank(trainer) -> None:
+    """transformers seeds every rank alike (set_seed(seed)), so under DDP rank 1's rows drew exactly rank 0's LoRA
+    dropout masks, where one process draws its rows' masks one after another. Each rank starts training from seed +
+    rank instead (one process: as it was); a resumed run then loads each rank's own state from its checkpoint."""
+    from transformers import TrainerCallback, set_seed
+
+    rank = trainer.accelerator.process_index
+    if trainer.accelerator.num_processes == 1:
+        return
+
+    class SeedEachRank(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            set_seed(args.seed + rank)
+
+    trainer.add_callback(SeedEachRank())
 
 
 def seed_length_grouped_epochs(trainer) -> None:

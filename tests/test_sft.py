@@ -127,6 +127,9 @@ def test_two_processes_resume_an_interrupted_run_and_end_as_an_uninterrupted_one
     trainer_dir = runs_dir / "cut" / "sft" / "trainer"
     assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert {p.name for p in (trainer_dir / "checkpoint-6").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    # each rank draws its own dropout masks (seed + rank): the same state on both drew rank 0's masks for rank 1's rows
+    states = [torch.load(trainer_dir / "checkpoint-6" / f"rng_state_{r}.pth", weights_only=False)["cpu"] for r in (0, 1)]
+    assert not torch.equal(*states)
     resumed = run_module("stages.sft", args("cut"), timeout=300, **two)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count(f"note: resuming from {trainer_dir / 'checkpoint-6'}") == 1  # the main process says it

@@ -2103,6 +2103,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sweep69-parse-run-equals-form-unchecked', 'pipeline/config.py', '+ [a.split("=", 1)[1] for a in argv\n', '+ [a.split("=", 1)[1] for a in []\n', 'tests/test_trust_errors.py -k test_bad_input_is_one_error_line_and_exit_2_with_the_run_folder_unchanged'),
     ('sweep69-stack-adapters-unchecked-2', 'pipeline/adapters.py', '            check_adapter(adapters[name], base.config, what=name)', '            pass', 'tests/test_rm.py -k test_reward_adapter_for_another_base_is_refused'),
     ('sweep69-data-suffix-name-may-be-hub-2', 'pipeline/data.py', ' or name_or_path.endswith(tuple(SUFFIX_TO_BUILDER))', '', 'tests/test_pairs.py -k test_pairs_refuses_greedy_and_missing_sft'),
+    # stop 69: each rank its own seed; a resumed run's epoch end
+    ('sft-ranks-seeded-alike', 'stages/resume.py', 'set_seed(args.seed + rank)', 'set_seed(args.seed)', "tests/test_sft.py -k 'resume_an_interrupted_run_and_end_as_an_uninterrupted_one and ddp'"),
+    ('epoch-end-resumed-loader-remainder', 'stages/epoch_end.py', 'remainder = len(state.active_dataloader.dataset) % (batch_size * acc.num_processes)', 'remainder = state.remainder', "tests/test_sft.py -k 'resume_an_interrupted_run_and_end_as_an_uninterrupted_one and ddp'"),
+    ('report-negative-zero', 'pipeline/report.py', 'shown = f"{v + 0.0:.5g}"', 'shown = f"{v:.5g}"', 'tests/test_eval.py -k five_significant'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
