@@ -852,7 +852,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('export-done-line-before-its-folder', 'stages/label/export.py', '                                metrics, config, announce=False)', '                                metrics, config)', 'tests/test_label_export.py -k keeps_ties_when_asked'),
     ('card-labels-of-a-later-export', 'stages/publish.py', '    return bool(read) and label is not None and manifest_digest(label) == read', '    return bool(read) and label is not None', 'tests/test_publish.py -k whose_labels_the_reward_model'),
     ('stage-lock-of-a-deleted-file', 'pipeline/launch.py', '            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:', '            if True:', 'tests/test_make.py -k replaced_between_open_and_lock'),
-    ('console-floats-whole', 'pipeline/report.py', '        shown = f"{v:.5g}" if isinstance(v, float) else v', '        shown = v', 'tests/test_eval.py -k five_significant'),
+    ('console-floats-whole', 'pipeline/report.py', '        shown = f"{v + 0.0:.5g}" if isinstance(v, float) else v', '        shown = v', 'tests/test_eval.py -k five_significant'),
     ('unfinished-run-called-new', 'pipeline/run.py', 'if path.parent.is_dir() and any(path.parent.iterdir())', 'if False', 'tests/test_make.py -k killed_mid_run'),
     ('ctrl-c-traceback-while-importing', 'stages/__init__.py', '\nquiet_ctrl_c_while_starting()\n', '\n', 'tests/test_make.py -k imports_its_libraries'),
     ('ctrl-c-quiet-exit-while-running', 'pipeline/run.py', '    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # from here', '    if False:  # from here', 'tests/test_make.py -k unwinds'),
