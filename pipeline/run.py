@@ -639,6 +639,21 @@ def quiet_ctrl_c_while_starting() -> None:
         signal.signal(signal.SIGINT, interrupted_while_starting)
 
 
+def library_bars_on_the_main_rank_only() -> None:
+    """Under several processes the libraries' own progress bars (datasets' map and filter, transformers' loading of
+    weights) drew once a rank, interleaved on one line: rank 0's only, as the stages' own bars are."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # for a library not imported yet
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def main_guard(main_fn):
     """Run a stage's main(); a ConfigError, or a disk that refuses a write (full, read-only), becomes one clear line on
     stderr and exit code 2, no traceback."""
@@ -652,6 +667,7 @@ def main_guard(main_fn):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     end_with_launcher()
     count_cpu_ranks()
+    library_bars_on_the_main_rank_only()
     try:
         main_fn()
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback of the library frames it landed in (26 to 38)

@@ -1883,3 +1883,25 @@ def test_clean_run_of_a_run_with_no_folder_or_no_locks_is_quiet_and_creates_noth
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert stages_running(run) == [] and list(temp.iterdir()) == []
+
+
+def test_the_libraries_bars_show_on_the_main_rank_only(monkeypatch):
+    """datasets' and transformers' own bars drew once a rank, interleaved: a rank other than 0 turns them off."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    from pipeline.run import library_bars_on_the_main_rank_only
+
+    for var in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(var, "")  # recorded, so that what the function sets is undone after the test
+    try:
+        monkeypatch.setenv("RANK", "0")
+        library_bars_on_the_main_rank_only()
+        assert datasets.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
+        monkeypatch.setenv("RANK", "1")
+        library_bars_on_the_main_rank_only()
+        assert not datasets.is_progress_bar_enabled() and not transformers_logging.is_progress_bar_enabled()
+        assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    finally:
+        datasets.enable_progress_bars()
+        transformers_logging.enable_progress_bar()

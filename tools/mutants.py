@@ -754,7 +754,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('resume-length-grouped-global-rng', 'stages/resume.py', 'self.generator = torch.Generator().manual_seed(trainer.args.seed + epoch)', 'self.generator = None', 'tests/test_rm.py -k second_epoch'),
     ('rm-groups-eval-mean-of-batch-means', 'stages/rm_groups.py', 'losses.new_tensor(len(losses), dtype=torch.float64)', 'losses.new_tensor(1, dtype=torch.float64)', 'tests/test_rm_groups.py -k however_its_prompts'),
     ('rm-groups-train-accuracy-rank-mean', 'stages/rm_groups.py', '("accuracy", correct / pairs)', '("accuracy", (every[:, 4] / every[:, 6]).mean())', 'tests/test_rm_groups.py -k a_step_on_two_ranks'),
-    ('cpu-ranks-uncounted', 'pipeline/run.py', '    count_cpu_ranks()\n    try:', '    try:', 'tests/test_sft.py -k two_processes_match_one'),
+    ('cpu-ranks-uncounted', 'pipeline/run.py', '    count_cpu_ranks()\n    library_bars', '    library_bars', 'tests/test_sft.py -k two_processes_match_one'),
     ('resume-logging-unaligned', 'stages/resume.py', '        train_cfg.logging_steps = math.gcd(int(save), int(log))', '        pass', 'tests/test_rm.py -k second_epoch'),
     ('resume-train-loss-this-call', 'stages/resume.py', 'training_loss=whole_run_loss(trainer, result, resume_from)', 'training_loss=round(result.training_loss, 4)', 'tests/test_sft.py -k resumes_from_its_checkpoint'),
     ('config-optimizer-unchecked', 'pipeline/config.py', '        check_optimizer(out[-1], source_of)\n', '', 'tests/test_config.py -k optimizer_and_schedule'),
@@ -2107,6 +2107,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sft-ranks-seeded-alike', 'stages/resume.py', 'set_seed(args.seed + rank)', 'set_seed(args.seed)', "tests/test_sft.py -k 'resume_an_interrupted_run_and_end_as_an_uninterrupted_one and ddp'"),
     ('epoch-end-resumed-loader-remainder', 'stages/epoch_end.py', 'remainder = len(state.active_dataloader.dataset) % (batch_size * acc.num_processes)', 'remainder = state.remainder', "tests/test_sft.py -k 'resume_an_interrupted_run_and_end_as_an_uninterrupted_one and ddp'"),
     ('report-negative-zero', 'pipeline/report.py', 'shown = f"{v + 0.0:.5g}"', 'shown = f"{v:.5g}"', 'tests/test_eval.py -k five_significant'),
+    # stop 69: the libraries' bars on the main rank
+    ('run-datasets-bars-on-every-rank', 'pipeline/run.py', '        sys.modules["datasets"].disable_progress_bars()', '        pass', 'tests/test_make.py -k main_rank_only'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
