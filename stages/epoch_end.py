@@ -9,7 +9,8 @@ epoch's own rows first in rank order (its gather_for_metrics cuts the gathered l
 rank r's last batch the first clamp(remainder - r x B, 0, B) rows are the epoch's own (`own_rows`).
 
 How a filled row weighs nothing depends on the loss:
-- a token mean over the step (SFT): its labels become -100 (`drop_filled_tokens`);
+- a token mean over the step (SFT): its labels become -100 (`drop_filled_tokens`; packed without padding, its tokens
+  by each row's length);
 - a mean over the step's pairs (the reward model's batches by prompt): its pairs leave the batch (`drop_filled_groups`);
 - a mean over the rank's own rows (TRL's pairwise RewardTrainer, DPO): not done. Those trainers gather per-row
   figures, which needs the same rows on every rank, and their loss is theirs; the rank that repeats rows says so once
@@ -19,6 +20,8 @@ How a filled row weighs nothing depends on the loss:
 from __future__ import annotations
 
 import sys
+
+ROW_LENGTHS = "row_lengths"  # the batch key of each example's length (count_each_row_once's loader)
 
 
 def own_rows(remainder: int, rank: int, ranks: int, batch_size: int) -> int | None:
@@ -31,17 +34,22 @@ def own_rows(remainder: int, rank: int, ranks: int, batch_size: int) -> int | No
     return None if own == batch_size else own
 
 
-def drop_filled_tokens(batch: dict, own: int) -> dict:
+def drop_filled_tokens(batch: dict, own: int, row_lengths: list[int] | None = None) -> dict:
     """A token-mean batch (`labels`, -100 where no loss is taken) whose rows from `own` on count no token. Packed
-    without padding (one row, `position_ids` starting again at 0 for each sequence): the sequences from `own` on."""
+    without padding (the batch's rows laid end to end in one, `row_lengths` tokens each): the tokens from the end of
+    row `own - 1` on."""
     labels = batch["labels"].clone()
-    if labels.shape[0] == 1 and "position_ids" in batch:
-        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
-        if own < len(starts):
-            labels[0, starts[own]:] = -100
+    if labels.shape[0] == 1 and row_lengths and len(row_lengths) > 1:
+        labels[0, sum(row_lengths[:own]):] = -100
     else:
         labels[own:] = -100
     return dict(batch, labels=labels)
+
+
+def epoch_remainder(rows: int, batch_size: int, ranks: int, drop_last: bool) -> int:
+    """The epoch's own rows in its last global batch (0: nothing is filled in: the rows fill their batches, or the
+    loader drops a last batch that would not be full)."""
+    return 0 if drop_last else rows % (batch_size * ranks)
 
 
 def drop_filled_groups(batch: dict, own: int) -> dict:
@@ -70,6 +78,26 @@ def count_each_row_once(trainer) -> None:
     if acc.num_processes == 1:
         return
     noted = []
+    build_loader = trainer.get_train_dataloader
+
+    def get_train_dataloader(*args, **kwargs):
+        """The training loader, its batches with each example's length: a batch packed without padding lays its rows
+        end to end, each of several sequences, and its `position_ids` do not say where a row ends."""
+        collate = trainer.data_collator
+
+        def collate_with_row_lengths(examples):
+            batch = collate(examples)
+            if isinstance(examples[0], dict) and "input_ids" in examples[0]:
+                batch[ROW_LENGTHS] = [len(e["input_ids"]) for e in examples]
+            return batch
+
+        trainer.data_collator = collate_with_row_lengths
+        try:
+            return build_loader(*args, **kwargs)
+        finally:
+            trainer.data_collator = collate  # evaluation's batches go to the model as they are
+
+    trainer.get_train_dataloader = get_train_dataloader
 
     def get_batch_samples(epoch_iterator, num_batches, device):
         batches = []
@@ -78,14 +106,16 @@ def count_each_row_once(trainer) -> None:
                 batch = next(epoch_iterator)
             except StopIteration:
                 break
+            row_lengths = batch.pop(ROW_LENGTHS, None)
             state = acc.gradient_state
             if state.end_of_dataloader:  # set as the last batch is handed out
                 # Not the loader's remainder: a resumed run's loader (skip_first_batches) knows none (-1)
                 batch_size = trainer.args.train_batch_size
-                remainder = len(state.active_dataloader.dataset) % (batch_size * acc.num_processes)
+                remainder = epoch_remainder(len(state.active_dataloader.dataset), batch_size, acc.num_processes,
+                                            trainer.args.dataloader_drop_last)
                 own = own_rows(remainder, acc.process_index, acc.num_processes, batch_size)
                 if own is not None and "labels" in batch:
-                    batch = drop_filled_tokens(batch, own)
+                    batch = drop_filled_tokens(batch, own, row_lengths)
                 elif own is not None and "row_group" in batch:
                     batch = drop_filled_groups(batch, own)
                 elif own is not None and not noted:

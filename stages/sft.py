@@ -296,7 +296,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
     trainer = build_trainer(lambda: SFTTrainer(model=model, args=train_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
                                                processing_class=tokenizer, peft_config=peft_config),
                             train_cfg, shard)
-    rows_left_out = len(train_ds) - len(trainer.train_dataset)
+    # TRL leaves out the rows with no reply token within max_length; packed, its rows are packs of them (not counted)
+    rows_left_out = None if train_cfg.packing else len(train_ds) - len(trainer.train_dataset)
     if rows_left_out and state.is_main_process:
         print(f"note: TRL left out {rows_left_out} of {len(train_ds)} training rows of {data_name}: no reply token of "
               f"theirs is within max_length={train_cfg.max_length}; raise --max_length to train on them", file=sys.stderr)
@@ -327,7 +328,8 @@ def main(train_cfg, args: SFTArgs, run: RunArgs) -> dict:
             "last_logged_loss": losses[-1] if losses else None,
             "loss_curve": losses,
             "eval_loss": round(eval_metrics["eval_loss"], 4) if "eval_loss" in eval_metrics else None,
-            "train_rows": len(trainer.train_dataset), "rows_left_out": rows_left_out, "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+            "train_rows": len(train_ds) - (rows_left_out or 0), "rows_left_out": rows_left_out,
+            **({"packed_rows": len(trainer.train_dataset)} if train_cfg.packing else {}), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
             "steps": trainer.state.global_step, "train_time_s": round(train_time, 1),
             "tokens_per_s": round(tokens / train_time, 1) if tokens else None,
             "peak_memory_mb": peak_memory_mb(train_cfg.device), "world_size": state.num_processes, "sharding": sharding,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.epoch_end import drop_filled_groups, drop_filled_tokens, own_rows, repeats_note
+from stages.epoch_end import drop_filled_groups, drop_filled_tokens, epoch_remainder, own_rows, repeats_note
 from stages.rm_groups import GroupCollator
 
 
@@ -23,11 +23,19 @@ def test_filled_rows_count_no_token():
     out = drop_filled_tokens({"input_ids": labels.clamp(min=0), "labels": labels}, 1)
     assert out["labels"].tolist() == [[5, 6, -100], [-100, -100, -100], [-100, -100, -100]]
     assert labels[1, 0] == 7  # the batch handed in is left as it was
-    # packed without padding: one row, each sequence's positions from 0; the second sequence on is filled
-    packed = {"input_ids": torch.arange(8)[None], "labels": torch.arange(8)[None],
-              "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])}
-    assert drop_filled_tokens(packed, 1)["labels"].tolist() == [[0, 1, 2, -100, -100, -100, -100, -100]]
-    assert drop_filled_tokens(packed, 2)["labels"].tolist() == [[0, 1, 2, 3, 4, -100, -100, -100]]
+    # packed without padding: the batch's 3 rows end to end (5, 2 and 2 tokens; the first row packs two sequences,
+    # so position_ids start again inside it), the third filled in, then the second and third
+    packed = {"input_ids": torch.arange(9)[None], "labels": torch.arange(9)[None],
+              "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 0, 1]])}
+    assert drop_filled_tokens(packed, 2, [5, 2, 2])["labels"].tolist() == [[0, 1, 2, 3, 4, 5, 6, -100, -100]]
+    assert drop_filled_tokens(packed, 1, [5, 2, 2])["labels"].tolist() == [[0, 1, 2, 3, 4] + [-100] * 4]
+
+
+def test_a_loader_that_drops_its_last_batch_fills_nothing():
+    """30 rows at 2 x 4: 6 of the epoch's own rows in its last global batch; with dataloader_drop_last that batch is
+    not trained at all, and nothing is filled in."""
+    assert epoch_remainder(30, 4, 2, drop_last=False) == 6 and epoch_remainder(32, 4, 2, drop_last=False) == 0
+    assert epoch_remainder(30, 4, 2, drop_last=True) == 0
 
 
 def test_filled_groups_lose_their_pairs():

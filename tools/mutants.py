@@ -1990,7 +1990,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # stop 69: each row once an epoch on several ranks; review fixes
     ('epoch-end-rank-offset', 'stages/epoch_end.py', 'own = min(max(remainder - rank * batch_size, 0), batch_size)', 'own = min(max(remainder - batch_size, 0), batch_size)', 'tests/test_epoch_end.py'),
     ('epoch-end-filled-labels', 'stages/epoch_end.py', '        labels[own:] = -100', '        labels[own + 1:] = -100', 'tests/test_epoch_end.py'),
-    ('epoch-end-packed-start', 'stages/epoch_end.py', 'labels[0, starts[own]:] = -100', 'labels[0, starts[own] + 1:] = -100', 'tests/test_epoch_end.py'),
+    ('epoch-end-packed-start', 'stages/epoch_end.py', 'labels[0, sum(row_lengths[:own]):] = -100', 'labels[0, sum(row_lengths[:own + 1]):] = -100', 'tests/test_epoch_end.py'),
     ('epoch-end-filled-groups', 'stages/epoch_end.py', 'keep = batch["row_group"][batch["winners"]] < own', 'keep = batch["row_group"][batch["winners"]] <= own', 'tests/test_epoch_end.py'),
     ('epoch-end-counted-rows', 'stages/epoch_end.py', 'row_counted=batch["row_group"] < own)', 'row_counted=batch["row_group"] >= 0)', 'tests/test_epoch_end.py'),
     ('epoch-end-not-wired', 'stages/resume.py', '    count_each_row_once(trainer)\n', '', 'tests/test_sft.py -k two_processes_match_one_process'),
@@ -1998,7 +1998,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('epoch-end-no-note', 'stages/epoch_end.py', '                    print(repeats_note(own, batch_size, acc.num_processes), file=sys.stderr)', '                    pass', 'tests/test_dpo.py -k across_an_epochs_end'),
     ('ppo-kl-horizon-one-rank', 'stages/ppo/config.py', 'episodes = self.local_batch_size * processes', 'episodes = self.local_batch_size', 'tests/test_ppo.py -k kl_horizon_counts'),
     ('rm-reload-fp16-loose', 'stages/rm_scoring.py', '"float16": (1e-2, 1e-2)', '"float16": (1e-1, 1e-2)', 'tests/test_rm.py -k float16_by_hand'),
-    ('sft-rows-left-out-counted', 'stages/sft.py', '"train_rows": len(trainer.train_dataset)', '"train_rows": len(train_ds)', "tests/test_sft.py -k 'trains_each_architecture and llama'"),
+    ('sft-rows-left-out-counted', 'stages/sft.py', '"train_rows": len(train_ds) - (rows_left_out or 0)', '"train_rows": len(train_ds)', "tests/test_sft.py -k 'trains_each_architecture and llama'"),
     # stop 69: a mutation sweep of stages/ (caught when added)
     ('sweep69-ppo-losses-1', 'stages/ppo/losses.py', 'return ss / (n - 1).clamp(min=1) if unbiased', 'return ss / n.clamp(min=1) if unbiased', 'tests/test_ppo_losses.py'),
     ('sweep69-ppo-losses-2', 'stages/ppo/losses.py', '        out = out + mean\n    return out * m', '        pass\n    return out * m', 'tests/test_ppo_losses.py'),
@@ -2105,10 +2105,14 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('sweep69-data-suffix-name-may-be-hub-2', 'pipeline/data.py', ' or name_or_path.endswith(tuple(SUFFIX_TO_BUILDER))', '', 'tests/test_pairs.py -k test_pairs_refuses_greedy_and_missing_sft'),
     # stop 69: each rank its own seed; a resumed run's epoch end
     ('sft-ranks-seeded-alike', 'stages/resume.py', 'set_seed(args.seed + rank)', 'set_seed(args.seed)', "tests/test_sft.py -k 'resume_an_interrupted_run_and_end_as_an_uninterrupted_one and ddp'"),
-    ('epoch-end-resumed-loader-remainder', 'stages/epoch_end.py', 'remainder = len(state.active_dataloader.dataset) % (batch_size * acc.num_processes)', 'remainder = state.remainder', "tests/test_sft.py -k 'resume_an_interrupted_run_and_end_as_an_uninterrupted_one and ddp'"),
+    ('epoch-end-resumed-loader-remainder', 'stages/epoch_end.py', 'remainder = epoch_remainder(len(state.active_dataloader.dataset),', 'remainder = state.remainder if True else epoch_remainder(len(state.active_dataloader.dataset),', "tests/test_sft.py -k 'resume_an_interrupted_run_and_end_as_an_uninterrupted_one and ddp'"),
     ('report-negative-zero', 'pipeline/report.py', 'shown = f"{v + 0.0:.5g}"', 'shown = f"{v:.5g}"', 'tests/test_eval.py -k five_significant'),
     # stop 69: the libraries' bars on the main rank
     ('run-datasets-bars-on-every-rank', 'pipeline/run.py', '        sys.modules["datasets"].disable_progress_bars()', '        pass', 'tests/test_make.py -k main_rank_only'),
+    # stop 69: the epoch's end packed and with drop_last
+    ('epoch-end-drop-last-fills', 'stages/epoch_end.py', 'return 0 if drop_last else rows % (batch_size * ranks)', 'return rows % (batch_size * ranks)', 'tests/test_epoch_end.py'),
+    ('epoch-end-packed-lengths-dropped', 'stages/epoch_end.py', 'batch = drop_filled_tokens(batch, own, row_lengths)', 'batch = drop_filled_tokens(batch, own)', 'tests/test_sft.py -k packed_across_an_epochs_end'),
+    ('sft-packed-rows-counted-as-left-out', 'stages/sft.py', 'rows_left_out = None if train_cfg.packing else', 'rows_left_out = None if False else', 'tests/test_sft.py -k packed_across_an_epochs_end'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
