@@ -21,7 +21,7 @@ from pipeline.models import load_base, load_tokenizer, lora_config, profile_from
 from pipeline.run import StageRun
 from stages.dpo import check_reload, completion_logps, main, parse_args, preference_args
 from tests.conftest import ARCHS, REPO, run_module, run_python, yaml_with
-from tests.test_rm import fake_sft, marker_rows, write_jsonl
+from tests.test_rm import fake_sft, marker_rows, one_and_two_processes_over_an_epochs_end, write_jsonl
 
 LN2 = math.log(2)  # the DPO loss of every pair at the start: DPO's fresh LoRA is zero, so pi = pi_ref
 
@@ -692,13 +692,7 @@ def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_p
     """1 x 8 pairs against 2 x 4: the same losses up to the epoch's last batch, which holds 4 of its own pairs.
     accelerate fills rank 1's last batch with 4 pairs from the epoch's start, which DPO trains on
     (stages/epoch_end.py): rank 1 says so, once."""
-    runs_dir = tmp_path / "runs"
-    for run in ("one", "two"):
-        fake_sft(tiny_models["llama"], runs_dir, run)
-    data = write_jsonl(tmp_path / "pairs.jsonl", marker_rows(105))
-    # random order: group_by_length draws its megabatches by the rank's batch size, so 1 x 8 and 2 x 4 see other orders
-    common = ["--dataset_name", str(data), "--max_steps", "14", "--logging_steps", "1", "--learning_rate", "2e-3",
-              "--train_sampling_strategy", "random"]
+    runs_dir, common = one_and_two_processes_over_an_epochs_end(tiny_models, tmp_path)
     one = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, "one", *common,
                                             "--per_device_train_batch_size", "8"))
     assert one.returncode == 0, one.stderr[-3000:]

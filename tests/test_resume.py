@@ -145,7 +145,8 @@ def test_a_sharded_base_checkpoints_the_optimizer_of_its_whole_trained_weights(c
 
         def build():
             seen_at_init.append(cfg.save_only_model)  # what transformers' Trainer.__init__ checks
-            return SimpleNamespace(args=cfg, model=model, _get_train_sampler=lambda *a: None)
+            return SimpleNamespace(args=cfg, model=model, _get_train_sampler=lambda *a: None,
+                                   accelerator=SimpleNamespace(num_processes=1, process_index=0))
 
         assert build_trainer(build, cfg, sharded).args is cfg
         assert seen_at_init == [want_at_init] and cfg.save_only_model is want_after
@@ -311,7 +312,8 @@ def test_a_user_s_save_only_model_stays_on_a_sharded_base():
 
     cfg = SimpleNamespace(save_strategy="steps", save_only_model=True, save_steps=3, logging_steps=3,
                           logging_strategy="steps")
-    trainer = SimpleNamespace(args=cfg, model=nn.Linear(2, 2), _get_train_sampler=lambda *a: None)
+    trainer = SimpleNamespace(args=cfg, model=nn.Linear(2, 2), _get_train_sampler=lambda *a: None,
+                              accelerator=SimpleNamespace(num_processes=1, process_index=0))
     assert build_trainer(lambda: trainer, cfg, True).args.save_only_model is True and cfg.save_only_model is True
 
 

@@ -219,18 +219,24 @@ def test_two_processes(tiny_models, marker_data, tmp_path):
     assert m["pairs_by_source"]["label-export"]["read"] == 360
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_path):
-    """Batches by prompt, 1 x 8 prompts against 2 x 4, over an epoch whose last batch holds 4 of its own prompts:
-    accelerate fills rank 1's last batch with 4 prompts from the epoch's start, which weigh nothing
-    (stages/epoch_end.py). Every logged loss and the held-out accuracy agree, through the second epoch."""
+def one_and_two_processes_over_an_epochs_end(tiny_models, tmp_path):
+    """Runs "one" and "two" with a fake SFT stage each, and the flags of 14 logged steps over 84 training pairs of 105
+    (an epoch of 8-pair steps ends on 4 of them): (the runs folder, the flags)."""
     runs_dir = tmp_path / "runs"
     for run in ("one", "two"):
         fake_sft(tiny_models["llama"], runs_dir, run)
     data = write_jsonl(tmp_path / "pairs.jsonl", marker_rows(105))
     # random order: group_by_length draws its megabatches by the rank's batch size, so 1 x 8 and 2 x 4 see other orders
-    common = ["--dataset_name", str(data), "--max_steps", "14", "--logging_steps", "1", "--learning_rate", "2e-3",
-              "--train_sampling_strategy", "random"]
+    return runs_dir, ["--dataset_name", str(data), "--max_steps", "14", "--logging_steps", "1", "--learning_rate",
+                      "2e-3", "--train_sampling_strategy", "random"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_path):
+    """Batches by prompt, 1 x 8 prompts against 2 x 4, over an epoch whose last batch holds 4 of its own prompts:
+    accelerate fills rank 1's last batch with 4 prompts from the epoch's start, which weigh nothing
+    (stages/epoch_end.py). Every logged loss and the held-out accuracy agree, through the second epoch."""
+    runs_dir, common = one_and_two_processes_over_an_epochs_end(tiny_models, tmp_path)
     one = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "one", *common))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, "two", *common, "--per_device_train_batch_size",
