@@ -26,8 +26,8 @@ ROW_LENGTHS = "row_lengths"  # the batch key of each example's length (count_eac
 
 def own_rows(remainder: int, rank: int, ranks: int, batch_size: int) -> int | None:
     """How many of rank `rank`'s rows in an epoch's last batch are the epoch's own (the rest were filled in), from
-    accelerate's `remainder` (the epoch's rows in its last global batch; 0: the epoch fills its batches, -1: unknown):
-    None when no row was filled in."""
+    `remainder`, the epoch's rows in its last global batch (epoch_remainder; 0: nothing is filled in): None when no row
+    was filled in."""
     if ranks == 1 or remainder <= 0:
         return None
     own = min(max(remainder - rank * batch_size, 0), batch_size)

@@ -93,7 +93,12 @@ CREATE TABLE IF NOT EXISTS skips (
 
 # `overlap` shares pairs out among people: a label row `l` of a simulated annotator (make simulate labels every pair)
 # takes no person's place, so it counts towards no pair's overlap.
-PERSON = f"substr(l.annotator, 1, {len(SIMULATED_PREFIX)}) != '{SIMULATED_PREFIX}'"
+def is_person(row: str) -> str:
+    """SQL: the label row `row` (an alias, or a trigger's NEW or OLD) is a person's, not a simulated annotator's."""
+    return f"substr({row}.annotator, 1, {len(SIMULATED_PREFIX)}) != '{SIMULATED_PREFIX}'"
+
+
+PERSON = is_person("l")
 
 
 def others_on(pair: str) -> str:
@@ -121,12 +126,11 @@ ORDER BY i.people DESC, i.position
 # or deleted. The next pair and the progress figures read it and a partial index in serving order, where they counted
 # each pair's labels: with 50,000 pairs a click took 1.4 s, holding the write lock 0.3 s while every other annotator
 # waited (past SQLite's 30 s timeout their labels were lost: "database is locked").
-_PERSON_WRITES = f"substr({{row}}.annotator, 1, {len(SIMULATED_PREFIX)}) != '{SIMULATED_PREFIX}'"
 PEOPLE_COUNT = (
-    "CREATE TRIGGER IF NOT EXISTS people_count_up AFTER INSERT ON labels WHEN " + _PERSON_WRITES.format(row="NEW")
-    + " BEGIN UPDATE items SET people = people + 1 WHERE pair_id = NEW.pair_id; END",
-    "CREATE TRIGGER IF NOT EXISTS people_count_down AFTER DELETE ON labels WHEN " + _PERSON_WRITES.format(row="OLD")
-    + " BEGIN UPDATE items SET people = people - 1 WHERE pair_id = OLD.pair_id; END",
+    f"CREATE TRIGGER IF NOT EXISTS people_count_up AFTER INSERT ON labels WHEN {is_person('NEW')}"
+    " BEGIN UPDATE items SET people = people + 1 WHERE pair_id = NEW.pair_id; END",
+    f"CREATE TRIGGER IF NOT EXISTS people_count_down AFTER DELETE ON labels WHEN {is_person('OLD')}"
+    " BEGIN UPDATE items SET people = people - 1 WHERE pair_id = OLD.pair_id; END",
     "CREATE INDEX IF NOT EXISTS servable_by_people ON items (people DESC, position, pair_id) "
     "WHERE active = 1 AND blocked IS NULL",
     "CREATE INDEX IF NOT EXISTS labels_by_annotator ON labels (annotator, updated_at)",
