@@ -84,10 +84,22 @@ class RMArgs:
     def inert_settings(self, parsed: list) -> dict[str, str]:
         """The settings that would not act with the rest of the config (pipeline.config.parse refuses them when they
         are given on the command line): min_steps and max_epochs size the run only when neither max_steps nor
-        num_train_epochs does (the assistant recipe sets num_train_epochs 1)."""
+        num_train_epochs does (the assistant recipe sets num_train_epochs 1); share_prefix acts only with
+        batch_by_prompt, margin_column only with a margin_scale; under eval_strategy steps, `evals` sets eval_steps and
+        save_steps (and acts under no other)."""
         train = next(c for c in parsed if hasattr(c, "num_train_epochs"))
         fixed = ("max_steps" if train.max_steps > 0 else "num_train_epochs" if train.num_train_epochs > 0 else None)
         inert = lora_dropout_inert(self.lora_dropout, parsed)
+        if not self.batch_by_prompt:  # the plain RewardTrainer's batches of pairs have no prompt's prefix to share
+            inert["share_prefix"] = "it shares a prompt's tokens within batch_by_prompt's batches: set --batch_by_prompt true too"
+        if not self.margin_scale:
+            inert["margin_column"] = "margin_scale 0 reads no label strength: set --margin_scale above 0 too"
+        if train.eval_strategy == "steps":  # plan_steps sets both, `evals` evaluations spread over the run
+            inert.update({key: f"plan_steps sets it from evals ({self.evals} over the run): give --evals instead"
+                          for key in ("eval_steps", "save_steps")})
+        else:
+            strategy = getattr(train.eval_strategy, "value", train.eval_strategy)  # TrainingArguments' enum
+            inert["evals"] = f"eval_strategy is {strategy}: evals spreads evaluations only under steps"
         if fixed is None:
             return inert
         why = (f"{fixed} {getattr(train, fixed):g} fixes the training length (plan_steps): set --{fixed} "

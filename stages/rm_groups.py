@@ -46,12 +46,6 @@ def group_by_prompt(rows: list[dict]) -> list[dict]:
              "length": max(len(s) for s in g["sequences"])} for g in groups.values()]
 
 
-def group_pair_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
-                    margins: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean Bradley-Terry loss over pairs given as indices into `rewards` [N]: RewardTrainer's loss, pair by pair."""
-    return pair_losses(rewards, winners, losers, margins).mean()
-
-
 def pair_losses(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
                 margins: torch.Tensor | None = None) -> torch.Tensor:
     """-log sigmoid(r_winner - r_loser [- margin]) of each pair."""

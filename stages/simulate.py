@@ -59,6 +59,13 @@ class SimulateArgs:
         "help": "Label nothing when the store already holds labels from people (the default chain of make rm)."})
     batch_size: int = field(default=64, metadata={"help": "Responses per judge call."})
 
+    def inert_settings(self, parsed: list) -> dict[str, str]:
+        """What pipeline.config.parse refuses on the command line: target_agreement beside a given temperature."""
+        if self.temperature is None:
+            return {}
+        return {"target_agreement": f"temperature {self.temperature:g} is given, and target_agreement only calibrates "
+                                    f"a null one: give one of the two"}
+
     def __post_init__(self):
         if self.temperature is not None and self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 (or null to calibrate it), got {self.temperature}")

@@ -1396,14 +1396,14 @@ def test_held_by_others_counts_only_pairs_that_can_come_back(tmp_path):
 
 def test_a_failed_write_rolls_back_what_its_transaction_wrote_and_a_removal_is_in_the_history(store):
     """save_simulated writes all its labels in one transaction: a bad one in the middle (an unknown choice) raises and
-    leaves the store as it was, the labels before it too. remove_simulated deletes a simulator's labels and keeps a
+    leaves the store as it was, the labels before it too. Removing a simulator's labels keeps a
     'remove' row per label in the history."""
     store.save_simulated([], [("sim:a", "p000", "left", 0), ("sim:a", "p001", "right", 1)])
     before = (store.labels(), store.history())
     with pytest.raises(ValueError, match="choice must be one of"):
         store.save_simulated(["sim:a"], [("sim:b", "p002", "left", 0), ("sim:b", "p003", "sideways", 0)])
     assert (store.labels(), store.history()) == before
-    assert store.remove_simulated("sim:a") == 2 and store.labels() == []
+    assert store.save_simulated(["sim:a"], []) == 2 and store.labels() == []
     assert [(h["action"], h["pair_id"]) for h in store.history("sim:a")] == [
         ("new", "p000"), ("new", "p001"), ("remove", "p000"), ("remove", "p001")]
 
@@ -1538,7 +1538,7 @@ def test_each_pairs_people_count_follows_every_label_written_and_taken_back(tmp_
     store.save_simulated([], [("sim:sentiment", "p001", "left", 0), ("sim:sentiment", "p002", "right", 1)])
     assert people_column(path) == {"p000": 2, "p001": 1, "p002": 0}
     assert store.undo("bob") is not None  # bob's p001 label
-    store.remove_simulated("sim:sentiment")
+    store.save_simulated(["sim:sentiment"], [])
     assert people_column(path) == {"p000": 2, "p001": 0, "p002": 0}
     assert store.progress() | {"overlap": None} == {"pairs": 3, "blocked": 0, "labels": 2, "pairs_done": 1,
                                                    "overlap": None}

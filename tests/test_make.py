@@ -317,7 +317,7 @@ def test_labels_export_again_when_the_pairs_or_the_store_changed_since_the_last_
     for change in (lambda: store.save_label("alice", "p2", "right", 0),      # a person labels
                    lambda: store.save_label("alice", "p2", "left", 0),       # ... changes her mind
                    lambda: store.undo("alice"),                              # ... takes it back
-                   lambda: store.remove_simulated("sim:sentiment")):         # a simulate rerun drops an annotator
+                   lambda: store.save_simulated(["sim:sentiment"], [])):  # a simulate rerun drops an annotator
         change()
         res = make("labels", runs_dir=runs)
         assert res.returncode == 0 and ran(runs) == ["label-export"], res.stdout + res.stderr

@@ -138,9 +138,16 @@ def test_yaml_parses_and_rejects_unknown_keys(tmp_path):
     # a setting the rest of the config keeps from acting, given on the command line: refused, naming why
     for flag, why in (("--vf_coef", "advantage_estimator grpo trains no value model"),
                       ("--value_learning_rate", "advantage_estimator grpo trains no value model"),
-                      ("--lam", "advantage_estimator grpo trains no value model")):
+                      ("--lam", "advantage_estimator grpo trains no value model"),
+                      ("--gamma", "advantage_estimator grpo compares each answer's summed reward")):
         with pytest.raises(ConfigError, match=f"^{flag} on the command line would have no effect: {why}"):
             parse_args(["--config", "configs/grpo.yaml", flag, "0.5"])
+    with pytest.raises(ConfigError, match="^--whiten_advantages on the command line would have no effect: "
+                                          "advantage_estimator rloo trains no value model"):
+        parse_args(["--config", "configs/rloo.yaml", "--whiten_advantages", "false"])
+    with pytest.raises(ConfigError, match="^--grpo_normalize_std on the command line would have no effect: "
+                                          "advantage_estimator gae does not divide"):
+        parse_args(["--config", "configs/ppo.yaml", "--grpo_normalize_std", "false"])
     with pytest.raises(ConfigError, match="^--kl_target on the command line would have no effect: adaptive_kl is off"):
         parse_args(["--config", "configs/ppo.yaml", "--kl_target", "3"])
     cfg, _ = parse_args(["--config", "configs/ppo.yaml", "--kl_target", "3", "--adaptive_kl", "true", "--vf_coef", "0.5"])

@@ -15,14 +15,6 @@ X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 M = torch.tensor([[1, 1, 0], [1, 0, 0]])  # real entries: 1, 2, 4
 
 
-def test_masked_mean_and_var():
-    assert L.masked_mean(X, M).item() == pytest.approx(7 / 3)  # (1 + 2 + 4) / 3
-    assert L.masked_mean(X, M, dim=1).tolist() == pytest.approx([1.5, 4.0])
-    # deviations from 7/3: -4/3, -1/3, 5/3 -> squares sum to 42/9 = 14/3
-    assert L.masked_var(X, M).item() == pytest.approx(14 / 3 / 2)  # unbiased: / (n - 1)
-    assert L.masked_var(X, M, unbiased=False).item() == pytest.approx(14 / 9)
-
-
 def test_masked_whiten():
     w = L.masked_whiten(X, M)
     std = math.sqrt(7 / 3)

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.adapters import pool_in_forward
 from pipeline.models import load_base, load_tokenizer, profile_from
-from stages.rm_groups import GroupCollator, group_by_prompt, group_collator, group_pair_loss, grouped_reward_trainer
+from stages.rm_groups import GroupCollator, group_by_prompt, group_collator, grouped_reward_trainer, pair_losses
 from tests.conftest import ARCHS, SLIDING_WINDOW_ARCHS, random_model
 from tests.test_rm import marker_data  # noqa: F401 (a fixture)
 
@@ -39,15 +39,15 @@ def test_group_by_prompt_keeps_every_pair_and_each_response_once():
     assert flattened(groups) == [(tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), r["margin"]) for r in by_group]
 
 
-def test_group_pair_loss_by_hand():
+def test_pair_losses_by_hand():
     rewards = torch.tensor([1.0, 0.0, 2.0])
     winners, losers = torch.tensor([0, 2, 1]), torch.tensor([1, 1, 2])
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     by_hand = -(math.log(sig(1.0)) + math.log(sig(2.0)) + math.log(sig(-2.0))) / 3  # a mean over pairs, not a sum
-    assert group_pair_loss(rewards, winners, losers).item() == pytest.approx(by_hand, rel=1e-6)
+    assert pair_losses(rewards, winners, losers).mean().item() == pytest.approx(by_hand, rel=1e-6)
     margins = torch.tensor([0.5, 0.0, 1.0])
     with_margin = -(math.log(sig(0.5)) + math.log(sig(2.0)) + math.log(sig(-3.0))) / 3
-    assert group_pair_loss(rewards, winners, losers, margins).item() == pytest.approx(with_margin, rel=1e-6)
+    assert pair_losses(rewards, winners, losers, margins).mean().item() == pytest.approx(with_margin, rel=1e-6)
 
 
 def test_collator_offsets_each_groups_pairs_to_its_rows():

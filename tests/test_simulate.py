@@ -180,7 +180,7 @@ def test_people_and_simulators_share_a_store_and_their_agreement_shows(tmp_path)
     store.import_items([{"pair_id": "eval-1", "prompt": [{"role": "user", "content": "x"}], "responses": ["a", "b"]}])
     store.save_label("alice", "eval-1", "left", 0)  # people's labels of other pairs (eval's) do not stop the simulators
     assert simulate(tmp_path, runs, "--skip_if_people_labeled", "true")["labels_written"] == 60
-    store.remove_simulated("sim:sentiment")
+    store.save_simulated(["sim:sentiment"], [])
     for row in rows[:4]:  # a person says response 0 wins on four pairs
         store.save_label("alice", row["pair_id"], "left", 0)
     # the default chain leaves people's labels alone ...
@@ -231,6 +231,8 @@ def test_bad_simulate_input_is_one_error_before_anything_is_written(tmp_path):
                            (["--annotator", "sim:vader, strict"], "annotator 'sim:vader, strict' holds a comma"),
                            (["--target_agreement", "0.4"], "target_agreement must be between 0.5"),
                            (["--target_agreement", "1"], "target_agreement must be between 0.5"),  # no noise at all
+                           (["--temperature", "2", "--target_agreement", "0.9"],
+                            "^--target_agreement on the command line would have no effect: temperature 2 is given"),
                            (["--batch_size", "0"], "--batch_size on the command line is 0: it must be >= 1")):
         with pytest.raises(ConfigError, match=message):
             main(*parse((SimulateArgs, RunArgs), base + extra))
@@ -405,8 +407,8 @@ def test_a_rerun_with_other_settings_leaves_the_labels_a_fresh_run_with_them_wou
     # temperature would agree more)
     assert again["temperature_calibrated"] and again["expected_agreement"] == pytest.approx(0.73, abs=1e-4)
     assert simulate(tmp_path, runs, "--annotators", "2", "--position_bias", "1.0")["labels_redrawn"] == 0
-    with pytest.raises(ValueError, match="only simulated annotators"):
-        store.remove_simulated("alice")
+    with pytest.raises(ValueError, match="simulated annotators' labels only"):
+        store.save_simulated(["alice"], [])  # people's labels are never removed with a simulator's
 
 
 def test_no_member_of_the_runs_reward_model_ensemble_may_judge(tmp_path):

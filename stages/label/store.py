@@ -556,14 +556,6 @@ class LabelStore:
             rows = con.execute("SELECT pair_id FROM items WHERE active = 1 AND blocked IS NOT NULL").fetchall()
         return [r["pair_id"] for r in rows]
 
-    def remove_simulated(self, annotator: str) -> int:
-        """Delete a simulated annotator's labels (a `make simulate` rerun whose annotators changed); people's labels
-        cannot be removed this way. Returns how many there were; the history keeps a 'remove' row for each."""
-        if not is_simulated(annotator):
-            raise ValueError(f"only simulated annotators' labels can be removed, not {annotator!r}'s")
-        with self._tx() as con:
-            return self._remove_labels(con, annotator)
-
     def _remove_labels(self, con, annotator: str) -> int:
         now = self.clock()
         pairs = [r["pair_id"] for r in con.execute("SELECT pair_id FROM labels WHERE annotator = ?", (annotator,))]

@@ -119,12 +119,17 @@ class PPOConfig:
 
     def inert_settings(self, parsed: list) -> dict[str, str]:
         """Settings that would not act with the rest of the config (pipeline.config.parse refuses them when they are
-        given on the command line): the value model's under a critic-free estimator, adaptive_kl's without it."""
+        given on the command line): the value model's under a critic-free estimator (whitening its advantages too),
+        grpo's std under another, gamma under a group's summed reward, adaptive_kl's without it."""
         inert = {}
         if self.advantage_estimator != "gae":
             why = f"advantage_estimator {self.advantage_estimator} trains no value model"
             inert.update({key: why for key in ("value_learning_rate", "vf_coef", "cliprange_value", "critic_init",
-                                               "value_trainable_layers", "lam")})
+                                               "value_trainable_layers", "lam", "whiten_advantages")})
+        if self.advantage_estimator != "grpo":
+            inert["grpo_normalize_std"] = f"advantage_estimator {self.advantage_estimator} does not divide by a group's std"
+        if self.advantage_estimator in ("grpo", "rloo"):  # a group's summed reward: gamma would discount only the log
+            inert["gamma"] = f"advantage_estimator {self.advantage_estimator} compares each answer's summed reward"
         if not self.adaptive_kl:
             inert.update({key: "adaptive_kl is off (kl_coef stays fixed): set --adaptive_kl true too"
                           for key in ("kl_target", "kl_horizon")})

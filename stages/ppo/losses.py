@@ -21,21 +21,6 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n.clamp(min=1)
-    ss = (((x - mean) * mask) ** 2).sum()
-    return ss / (n - 1).clamp(min=1) if unbiased else ss / n.clamp(min=1)
-
-
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce = _identity,
                   eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries come back as 0.
