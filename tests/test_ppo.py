@@ -1588,6 +1588,47 @@ def test_a_groups_prompt_runs_once_with_the_same_numbers(arch, tiny_models, adap
     assert torch.allclose(drawn[0].logprobs, drawn[1].logprobs, atol=1e-5)
 
 
+def test_a_groups_backward_adds_no_index_twice(tiny_models, adapters):
+    """The grouped forward's backward adds into no element twice through an accumulating index_put_: on a CPU with
+    2+ threads that adds repeated indices with atomics in an order thread timing decides, and two GRPO runs of one
+    seed at once differed at ~1e-6 from update 2 (every prompt row was gathered once per answer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipeline.models import load_tokenizer, profile_from
+    from stages.ppo import build_stack
+    from stages.ppo.rollout import pack, response_logits, token_logprobs
+
+    arch = ARCHS[0]
+    sft_dir, rm_dir = adapters(arch)
+    profile = profile_from(tiny_models[arch])
+    tok = load_tokenizer(profile)
+    stack = build_stack(profile, tok, sft_dir, rm_dir, torch.device("cpu"), False, with_value=False)
+    stack.use("policy")
+    x = pack(*_grouped_rows(stack.causal_lm.config.vocab_size, tok.pad_token_id), group=4)
+
+    class Accumulations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []  # (op, indices, unique indices) of every accumulating index_put_
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            accumulate = kwargs.get("accumulate", args[3] if len(args) > 3 else False)
+            if name in ("index_put", "index_put_", "_index_put_impl_") and accumulate:
+                idx = [i for i in args[1] if i is not None]
+                if all(i.dtype != torch.bool for i in idx):  # a mask picks each element once
+                    rows = torch.stack([i.reshape(-1) for i in torch.broadcast_tensors(*idx)])
+                    self.seen.append((name, rows.shape[1], torch.unique(rows, dim=1).shape[1]))
+            return func(*args, **kwargs)
+
+    lp = token_logprobs(response_logits(stack.causal_lm, x), x.tokens, 0.7)
+    with Accumulations() as mode:
+        (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
+    assert mode.seen, "no accumulating index_put_ ran: the probe sees nothing"
+    assert all(n == unique for _, n, unique in mode.seen), mode.seen
+
+
 def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters, prompts_file, tmp_path):
     """The loop uses the shared-prompt forward: the sampling prefill and every scoring and update forward that sees a
     prompt see each group's prompt once (a quarter of the rows); PPO with a critic (whole rows for its cached top

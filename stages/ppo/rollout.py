@@ -111,13 +111,17 @@ def response_logits(lm, x: Packed) -> torch.Tensor:
     tail = lm(input_ids=x.ids[:, p:], attention_mask=x.attention_mask, position_ids=x.position_ids[:, p:],
               cache=head.cache, use_cache=True, logits_to_keep=x.keep[:, p:])
     # x.keep's row-major order: column p - 1 (the prompt's last position, predicting an answer's first token) comes
-    # from its group's prompt pass, every later column from the answers' pass.
-    b, g = x.ids.shape[0], x.ids.shape[0] // x.group
+    # from its group's prompt pass (repeated for each answer), every later column from the answers' pass. Every row
+    # is picked at most once: the gather's backward is an index_put_ that accumulates, which on a CPU with 2+ threads
+    # adds repeated indices with atomics, in an order that thread timing decides (under load, two runs differed at
+    # ~1e-6 from update 2); repeat_interleave's backward sums a group's answers in a fixed order.
+    b = x.ids.shape[0]
     source = torch.zeros(x.keep.shape, dtype=torch.long, device=x.ids.device)
-    source[:, p - 1] = torch.arange(b, device=x.ids.device) // x.group
+    source[:, p - 1] = torch.arange(b, device=x.ids.device)
     tail_keep = x.keep[:, p:]
-    source[:, p:][tail_keep] = g + torch.arange(int(tail_keep.sum()), device=x.ids.device)
-    return torch.cat([head.logits[:, -1], tail.logits]).float()[source[x.keep]]
+    source[:, p:][tail_keep] = b + torch.arange(int(tail_keep.sum()), device=x.ids.device)
+    head_rows = head.logits[:, -1].repeat_interleave(x.group, 0)
+    return torch.cat([head_rows, tail.logits]).float()[source[x.keep]]
 
 
 def prompt_once(module, ids, mask, pos, group: int, **kw):
