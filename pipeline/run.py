@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.config import REPO_ROOT, ConfigError, function_spec_module, module_source, resolve_path
 
 # Files above this size (a real base checkpoint) are fingerprinted by size and modification time, not read:
@@ -141,6 +143,30 @@ def file_digest(path: Path) -> str | None:
         else:
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def input_digest(path: Path) -> str | None:
+    """A stage input's digest as `make` compares it: a YAML's values as it parses (a comment, quoting or spacing
+    edited is the same config, which had retrained the stage; keys keep their order, as a mixture's sources do), any
+    other file's bytes (file_digest, as is a YAML that does not parse)."""
+    if path.suffix in YAML_SUFFIXES and path.is_file():
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            return file_digest(path)
+        # repr keeps the types apart (1, 1.0, "1", True) and the order of keys and items
+        return "yaml:" + hashlib.sha256(repr(values).encode()).hexdigest()
+    return file_digest(path)
+
+
+def digest_holds(path: Path, recorded: str | None) -> bool:
+    """Is the file as a manifest recorded it: its input_digest, or (a manifest of an earlier version, which digested a
+    YAML's bytes) its bytes."""
+    now = input_digest(path)
+    return now == recorded or (now is not None and now.startswith("yaml:") and file_digest(path) == recorded)
 
 
 def manifest_digest(manifest: dict | None) -> str | None:
@@ -329,9 +355,9 @@ def is_current(stage: str, argv: list[str], launch: list[str] | None = None) -> 
     """Would `stage` with this command line do exactly what its manifest records? (True, "") or (False, why not).
 
     Same command line and accelerate launch arguments (`launch`: pipeline.launch's; their config file is one of the
-    files), same bytes in every file it named (a variant YAML's base config too), same upstream manifests (a rerun
-    upstream stage has a new manifest, and an optional one that appeared, such as a first label export, counts as a
-    change)."""
+    files), every file it named as it was (a variant YAML's base config too; a YAML's values, input_digest), same
+    upstream manifests (a rerun upstream stage has a new manifest, and an optional one that appeared, such as a first
+    label export, counts as a change)."""
     run, runs_dir = _flag(argv, "--run", "default"), _flag(argv, "--runs_dir", "runs")
     path = stage_dir(runs_dir, run, stage) / "manifest.json"
     if not path.is_file():
@@ -368,7 +394,7 @@ def inputs_changed(files: dict[str, str | None], manifests: dict[str, str | None
     """The first recorded input that is no longer as recorded, in words ("configs/x.yaml changed", "the pairs stage ran
     again"); None when every file and upstream manifest of the run is as its digest says."""
     for name, digest in files.items():
-        if file_digest(resolve_path(name)) != digest:
+        if not digest_holds(resolve_path(name), digest):
             return f"{name} changed"
     for name, digest in manifests.items():
         upstream = stage_dir(runs_dir, run, name) / "manifest.json"
@@ -424,7 +450,7 @@ class StageRun:
     def _digests(files: list[str], known: dict[str, str | None] | None = None) -> dict[str, str | None]:
         """Each file's digest; one in `known` (digested earlier) is taken from there, not read again."""
         known = known or {}
-        return {f: known[f] if f in known else file_digest(resolve_path(f)) for f in files}
+        return {f: known[f] if f in known else input_digest(resolve_path(f)) for f in files}
 
     def prepare(self, config: dict[str, Any], is_main: bool = True) -> None:
         """Create the folder, drop a stale manifest (this run replaces it), save the resolved config. The files the

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run import StageRun, file_digest, is_current, manifest_digest
+from pipeline.run import StageRun, file_digest, input_digest, is_current, manifest_digest
 from tests.conftest import REPO, yaml_with
 
 PY = sys.executable
@@ -307,7 +307,10 @@ def test_labels_export_again_when_the_pairs_or_the_store_changed_since_the_last_
     assert make("simulate", settings, runs_dir=runs).returncode == 0 and ran(runs) == ["simulate"]
     res = make("labels", settings, runs_dir=runs)  # (the fake simulate labels nothing; a real one's store is exported)
     assert ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
-    label_config.write_text(label_config.read_text() + "# a comment\n")
+    label_config.write_text(label_config.read_text() + "# a comment\n")  # the same config: nothing drawn again
+    res = make("labels", settings, runs_dir=runs)
+    assert ran(runs) == [] and "labels: up to date" in res.stdout, res.stdout + res.stderr
+    label_config.write_text(label_config.read_text().replace("concurrency_limit: 16", "concurrency_limit: 8"))
     res = make("labels", settings, runs_dir=runs)
     assert ran(runs) == ["simulate", "label-export"] and \
         f"labels: a file the simulated annotators read changed ({label_config} changed)" in res.stdout, res.stdout
@@ -503,7 +506,7 @@ def test_a_file_of_passwords_is_named_but_never_digested(form, tmp_path):
     manifest = stage.finish({}, {}, config)
     assert str(label_yaml) in manifest["inputs"]["files"] and str(users) not in manifest["inputs"]["files"]
     written = "".join(f.read_text() for f in runs.rglob("*") if f.is_file())
-    assert file_digest(label_yaml) in written and file_digest(users) not in written
+    assert input_digest(label_yaml) in written and file_digest(users) not in written
 
 
 def test_a_file_edited_while_the_stage_runs_is_recorded_as_it_was_read(tmp_path, capsys):
@@ -535,14 +538,65 @@ def test_a_file_the_command_line_names_is_recorded_as_it_was_when_the_stage_star
     cfg.write_text("max_prompts: 16\n")  # edited while it samples, before prepare
     stage.prepare({})
     manifest = stage.finish({}, {}, {})
-    assert manifest["inputs"]["files"][str(cfg)] == file_digest_of(b"max_prompts: 8\n", tmp_path)
+    assert manifest["inputs"]["files"][str(cfg)] == file_digest_of(b"max_prompts: 8\n", tmp_path, ".yaml")
     assert is_current("eval", argv) == (False, f"{cfg} changed")
 
 
-def file_digest_of(content: bytes, tmp_path) -> str:
-    path = tmp_path / "digest_of"
+def file_digest_of(content: bytes, tmp_path, suffix: str = "") -> str:
+    path = tmp_path / f"digest_of{suffix}"
     path.write_bytes(content)
-    return file_digest(path)
+    return input_digest(path)
+
+
+def test_a_yamls_comments_and_spacing_are_not_a_change_its_values_are(tmp_path):
+    """A comment, quoting or spacing edited in a stage's YAML retrained the stage (its bytes were digested); its
+    values, their types and the order of its keys and items are what the stage reads, and each still reruns it."""
+    runs, cfg = tmp_path / "runs", tmp_path / "rm.yaml"
+    cfg.write_text("learning_rate: 1.0e-4\nsources: {a.jsonl: 1, b.jsonl: 2}\nseed: 1\n")
+    stage = StageRun("rm", "r", str(runs))
+    stage.argv = ["--config", str(cfg), "--run", "r", "--runs_dir", str(runs)]
+    stage.prepare({})
+    stage.finish({}, {}, {})
+    assert is_current("rm", stage.argv) == (True, "")
+    same = ["# tuned\nlearning_rate: 0.0001   # from the paper\n\nsources:\n  a.jsonl: 1\n  b.jsonl: 2\nseed: 1\n",
+            "learning_rate: 1.0e-4\nsources: {'a.jsonl': 1, \"b.jsonl\": 2}\nseed: 1"]
+    for text in same:
+        cfg.write_text(text)
+        assert is_current("rm", stage.argv) == (True, ""), text
+    changed = ["learning_rate: 2.0e-4\nsources: {a.jsonl: 1, b.jsonl: 2}\nseed: 1\n",
+               "learning_rate: 1.0e-4\nsources: {b.jsonl: 2, a.jsonl: 1}\nseed: 1\n",  # the sources' order
+               "learning_rate: 1.0e-4\nsources: {a.jsonl: 1, b.jsonl: 2}\nseed: '1'\n",  # a string, not a number
+               "learning_rate: 1.0e-4\nsources: {a.jsonl: 1, b.jsonl: 2}\nseed: 1.0\n",
+               "learning_rate: 1.0e-4\nsources: {a.jsonl: 1, b.jsonl: 2}\n"]
+    for text in changed:
+        cfg.write_text(text)
+        assert is_current("rm", stage.argv) == (False, f"{cfg} changed"), text
+
+
+def test_a_yaml_that_does_not_parse_and_other_files_are_digested_by_their_bytes(tmp_path):
+    broken, data = tmp_path / "broken.yaml", tmp_path / "d.jsonl"
+    broken.write_text("a: [1, 2\n")
+    data.write_text('{"a": 1}\n')
+    assert input_digest(broken) == file_digest(broken) and input_digest(data) == file_digest(data)
+    assert input_digest(tmp_path / "gone.yaml") is None
+    assert file_digest_of(b"a: 1\n", tmp_path, ".yml") == file_digest_of(b"a: 1  # one\n", tmp_path, ".yml")
+    assert file_digest_of(b"a: 1\n", tmp_path, ".txt") != file_digest_of(b"a: 1  # one\n", tmp_path, ".txt")
+
+
+def test_a_manifest_that_recorded_a_yamls_bytes_is_current_while_they_are_the_same(tmp_path):
+    """Manifests of earlier versions digested every file's bytes: an upgrade must not retrain every stage of a run."""
+    runs, cfg = tmp_path / "runs", tmp_path / "sft.yaml"
+    cfg.write_text("max_steps: 5  # short\n")
+    stage = StageRun("sft", "r", str(runs))
+    stage.argv = ["--config", str(cfg), "--run", "r", "--runs_dir", str(runs)]
+    stage.prepare({})
+    manifest = stage.finish({}, {}, {})
+    assert manifest["inputs"]["files"][str(cfg)] == input_digest(cfg) != file_digest(cfg)
+    manifest["inputs"]["files"][str(cfg)] = file_digest(cfg)  # as an earlier version wrote it
+    stage.manifest_path.write_text(json.dumps(manifest))
+    assert is_current("sft", stage.argv) == (True, "")
+    cfg.write_text("max_steps: 5\n")  # the comment gone: other bytes, which that manifest cannot tell from a change
+    assert is_current("sft", stage.argv) == (False, f"{cfg} changed")
 
 
 def test_is_current_records(tmp_path, monkeypatch):
@@ -694,7 +748,10 @@ def test_a_chained_stage_is_kept_under_another_launch_and_a_named_one_reruns(tmp
     config = tmp_path / "sft.yaml"
     config.write_text((REPO / "configs/sft.yaml").read_text())
     assert make("sft", f"ARGS=--config {config}", runs_dir=runs).returncode == 0 and ran(runs) == ["sft"]
-    config.write_text(config.read_text() + "\n# edited\n")
+    config.write_text(config.read_text() + "\n# a comment\n")  # the same config: SFT kept (the rest: after it)
+    res = make("ppo", two, f"SFT_ARGS=--config {config}", runs_dir=runs)
+    assert stages_ran() == ["rm", "ppo"] and "sft: up to date, kept" in res.stdout, res.stdout
+    config.write_text(config.read_text().replace("seed: 42", "seed: 43"))
     res = make("ppo", two, f"SFT_ARGS=--config {config}", runs_dir=runs)
     assert stages_ran() == ["sft", "rm", "ppo"] and "sft: running, because the accelerate launch changed" in res.stdout, \
         (res.returncode, res.stdout[-3000:], res.stderr[-3000:])  # failed once under the suite's load: say why next time

@@ -2123,6 +2123,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-evals-inert-unsaid', 'stages/rm.py', '            inert["evals"] = f"eval_strategy is', '            inert["evals_"] = f"eval_strategy is', 'tests/test_trust_errors.py -k evals-without'),
     # stop 70: a group's prompt row gathered once an answer, so its backward adds no index twice (GRPO/RLOO repeatable under load)
     ('rollout-group-prompt-row-gathered-per-answer', 'stages/ppo/rollout.py', 'source[:, p - 1] = torch.arange(b, device=x.ids.device)', 'source[:, p - 1] = torch.arange(b, device=x.ids.device) // x.group * x.group', 'tests/test_ppo.py -k backward_adds_no_index_twice'),
+    # stop 70: a YAML input digested by its values (comments, quoting, spacing no change), an earlier manifest's bytes still current
+    ('run-yaml-digested-by-bytes', 'pipeline/run.py', '    if path.suffix in YAML_SUFFIXES and path.is_file():\n', '    if False:\n', "tests/test_make.py -k 'comments_and_spacing or does_not_parse'"),
+    ('run-yaml-digest-sorted-and-untyped', 'pipeline/run.py', 'hashlib.sha256(repr(values).encode()).hexdigest()', 'hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()', 'tests/test_make.py -k comments_and_spacing'),
+    ('run-yaml-earlier-bytes-manifest-stale', 'pipeline/run.py', 'return now == recorded or (now is not None and now.startswith("yaml:") and file_digest(path) == recorded)', 'return now == recorded', 'tests/test_make.py -k recorded_a_yamls_bytes'),
+    ('run-inputs-recorded-by-bytes', 'pipeline/run.py', 'return {f: known[f] if f in known else input_digest(resolve_path(f)) for f in files}', 'return {f: known[f] if f in known else file_digest(resolve_path(f)) for f in files}', "tests/test_make.py -k 'comments_and_spacing or recorded_a_yamls_bytes'"),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),
