@@ -49,6 +49,18 @@ def rows_of(ro, idx: torch.Tensor):
     return out
 
 
+def cut_rows_short(ro, pad_id: int) -> None:
+    """Row i keeps its first 10 - i response tokens, as if it had ended there: the ranks then hold unequal token
+    counts (rows 0-3: 34, rows 4-7: 18), so a token mean over each rank's own tokens, averaged over the ranks,
+    differs from the global mini-batch's (the sampled rows all run to response_length, where the two agree)."""
+    keep = torch.arange(ro.response_ids.shape[1]) < (ro.response_ids.shape[1] - torch.arange(len(ro.texts)))[:, None]
+    ro.response_mask = ro.response_mask * keep
+    ro.response_ids = torch.where(keep, ro.response_ids, torch.full_like(ro.response_ids, pad_id))
+    for name in ("logprobs", "ref_logprobs", "values", "entropy"):
+        if getattr(ro, name) is not None:
+            setattr(ro, name, getattr(ro, name) * keep)
+
+
 def equivalence(args, out: Path, tag: str = "eq", *extra: str) -> None:
     """One update on 8 episodes; `extra` picks the estimator. The critic-free ones first move the policy off the
     reference (seeded), so that their KL terms (in the reward, or GRPO's loss term) are not zero."""
@@ -69,6 +81,7 @@ def equivalence(args, out: Path, tag: str = "eq", *extra: str) -> None:
     full = collect(trainer.stack, trainer.tokenizer, [trainer.prompts[i // k] for i in range(8)],
                    [trainer.prompt_ids[i // k] for i in range(8)], trainer.cfg,
                    torch.Generator().manual_seed(123), None, trainer.top)
+    cut_rows_short(full, trainer.tokenizer.pad_token_id)
     idx = torch.arange(8) if world == 1 else torch.arange(4 * state.process_index, 4 * state.process_index + 4)
     ro = rows_of(full, idx)
     before = {n: p.detach().clone() for a in adapters for n, p in trainer.named_params[a]}

@@ -467,10 +467,11 @@ def test_two_processes_on_the_runs_label_export_ddp_and_sharded_alike(tiny_model
     assert ddp["reload_check"]["checked"] and fsdp["reload_check"]["checked"]
     full = fsdp["sharding"]["base_numel_full"]
     assert sum(fsdp["sharding"]["base_numel_per_rank"]) == full and max(fsdp["sharding"]["base_numel_per_rank"]) < full
-    assert ddp["loss_curve"] == pytest.approx(fsdp["loss_curve"], abs=1e-4)
-    assert ddp["eval_accuracy"] == fsdp["eval_accuracy"] and ddp["eval_loss"] == pytest.approx(fsdp["eval_loss"], abs=1e-4)
+    # the same arithmetic on the same batches (as SFT's and the reward model's, tests/test_sharding.py): seen equal
+    assert ddp["loss_curve"] == fsdp["loss_curve"]
+    assert ddp["eval_accuracy"] == fsdp["eval_accuracy"] and ddp["eval_loss"] == pytest.approx(fsdp["eval_loss"], abs=1e-6)
     a, b = (load_file(runs_dir / n / "dpo/adapter/adapter_model.safetensors") for n in ("ddp", "fsdp"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)  # seen: 0.0
 
 
 def test_a_label_export_that_appears_later_makes_dpo_out_of_date(tiny_models, marker_data, tmp_path):

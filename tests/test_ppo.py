@@ -1367,6 +1367,8 @@ def test_two_ranks_equal_one_rank_with_both_batches(tiny_models, adapters, promp
     one = torch.load(out / "eq1-rank0.pt")
     two = [torch.load(out / f"eq2-rank{r}.pt") for r in (0, 1)]
     assert [t["rows"].tolist() for t in two] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # rows cut to 10, 9, ..., 3 tokens (ppo_dist_check.cut_rows_short): the ranks' token counts differ
+    assert [int(t["mask"].sum()) for t in two] == [34, 18]
     m = one["mask"].bool()
     for t in two:  # advantages are whitened with global statistics: each rank's rows equal the single process's
         rows, w = t["rows"], t["mask"].shape[1]
@@ -1377,7 +1379,8 @@ def test_two_ranks_equal_one_rank_with_both_batches(tiny_models, adapters, promp
     moved = 0
     for name, d1 in one["deltas"].items():
         assert torch.equal(two[0]["deltas"][name], two[1]["deltas"][name]), f"ranks differ on {name}"
-        assert torch.allclose(two[0]["deltas"][name], d1, rtol=1e-3, atol=1e-7), \
+        # float32: weights near 1 round their steps at ~6e-8 (atol); seen at most 7.5e-8 apart
+        assert torch.allclose(two[0]["deltas"][name], d1, rtol=1e-5, atol=1e-7), \
             f"{name}: 2 ranks moved {two[0]['deltas'][name].abs().max():.3g}, 1 rank {d1.abs().max():.3g}"
         moved += int(d1.abs().max() > 1e-6)
     assert moved > 10
@@ -1387,7 +1390,7 @@ def test_two_ranks_equal_one_rank_with_both_batches(tiny_models, adapters, promp
     for key in ("reward_raw", "reward_std", "kl", "entropy", "explained_variance", "value_mean", "return_mean",
                 "response_length", "no_eos_fraction", "policy_loss", "value_loss", "clipfrac_policy",
                 "clipfrac_value", "approx_kl"):
-        assert s2[0][key] == pytest.approx(s1[key], rel=1e-4, abs=1e-6), key
+        assert s2[0][key] == pytest.approx(s1[key], rel=1e-6, abs=1e-6), key  # seen: equal, or 1e-14 apart
 
     from tests.ppo_dist_check import VARIANTS
 
@@ -1401,11 +1404,11 @@ def test_two_ranks_equal_one_rank_with_both_batches(tiny_models, adapters, promp
         assert one["adv"][m].abs().max() > 0.1, tag
         for name, d1 in one["deltas"].items():
             assert torch.equal(two[0]["deltas"][name], two[1]["deltas"][name]), f"{tag}: ranks differ on {name}"
-            assert torch.allclose(two[0]["deltas"][name], d1, rtol=1e-3, atol=1e-7), f"{tag}: {name}"
+            assert torch.allclose(two[0]["deltas"][name], d1, rtol=1e-5, atol=1e-7), f"{tag}: {name}"
         s1 = json.loads((out / f"{tag}1-rank0.json").read_text())
         s2 = json.loads((out / f"{tag}2-rank0.json").read_text())
         for key in ("reward_raw", "kl", "kl_k3", "entropy", "response_length", "policy_loss", "approx_kl"):
-            assert s2[key] == pytest.approx(s1[key], rel=1e-4, abs=1e-6), (tag, key)
+            assert s2[key] == pytest.approx(s1[key], rel=1e-6, abs=1e-6), (tag, key)
         if "--advantage_estimator" in flags:
             assert s1["kl"] > 0.01, tag  # the policy was moved off the reference: the KL terms matter
 
@@ -1660,7 +1663,7 @@ def test_grpo_runs_each_prompt_once_in_scoring_and_update(tiny_models, adapters,
     a, b = strip(fresh.step()[0]), strip(gc.step()[0])
     assert a.keys() == b.keys()
     for key, va in a.items():
-        assert b[key] == (pytest.approx(va, rel=1e-4, abs=1e-5) if isinstance(va, float) else va), key
+        assert b[key] == (pytest.approx(va, rel=1e-5, abs=1e-5) if isinstance(va, float) else va), key  # seen: 1.5e-6
 
 
 def test_a_sampling_call_takes_whole_groups(tiny_models, adapters, prompts_file, tmp_path):

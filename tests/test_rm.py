@@ -246,8 +246,9 @@ def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_p
     assert m1["world_size"] == 1 and m2["world_size"] == 2 and m1["train_pairs"] == m2["train_pairs"] == 84, m1
     assert len(m1["loss_curve"]) == len(m2["loss_curve"]) == 14  # step 11 ends the first epoch
     diffs = [abs(a - b) for a, b in zip(m1["loss_curve"], m2["loss_curve"])]
-    assert max(diffs) < 1e-4, (m1["loss_curve"], m2["loss_curve"])
-    assert abs(m1["eval_loss"] - m2["eval_loss"]) < 1e-4, (m1["eval_loss"], m2["eval_loss"])
+    # Seen: at most 9e-8 (a few float32 ulps of the loss): 1e-6 leaves room for another reduction order only.
+    assert max(diffs) < 1e-6, (m1["loss_curve"], m2["loss_curve"])
+    assert abs(m1["eval_loss"] - m2["eval_loss"]) < 1e-6, (m1["eval_loss"], m2["eval_loss"])
 
 
 def test_data_formats_drops_and_mixture(tiny_models, tmp_path):
@@ -740,13 +741,23 @@ def test_the_training_record_counts_the_steps_trained_not_the_plan():
 
 
 def test_best_checkpoint_is_the_one_saved(tiny_models, tmp_path):
-    """Labels at random (nothing to learn) and a high constant learning rate: the model memorises its training pairs
-    and the held-out loss gets worse, so the best evaluation is not the last one. The saved adapter is the best one:
-    its held-out loss, scored again by the stage after training, equals the best evaluation's, not the last's."""
+    """Pairs with a rule to learn (" banana" better than " window") but for the held-out prompts', which have it the
+    other way round, at a high constant learning rate: the better the model learns the rule, the worse its held-out
+    loss, so the best evaluation is the first, not the last. (Labels at random left the held-out loss to wander, and
+    on another CPU its last evaluation was the best.) The saved adapter is the best one: its held-out loss, scored
+    again by the stage after training, equals the best evaluation's, not the last's."""
+    from datasets import Dataset
+
+    from pipeline.data import train_eval_split
+    from stages.rm_data import split_keys
+
     runs_dir = tmp_path / "runs"
     fake_sft(tiny_models["llama"], runs_dir, "t")
-    rng = random.Random(3)
-    rows = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if rng.random() < 0.5 else r for r in marker_rows(80)]
+    rows = marker_rows(80)
+    train_cfg, args, _ = parse_args(["--config", str(REPO / "configs/rm.yaml")])
+    _, held = train_eval_split(Dataset.from_dict({"i": list(range(len(rows))), "group": split_keys(rows)}),
+                               args.eval_fraction, train_cfg.seed, group_by=lambda r: r["group"])
+    rows = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i in set(held["i"]) else r for i, r in enumerate(rows)]
     data = write_jsonl(tmp_path / "noise.jsonl", rows)
     m = main(*parse_args(["--config", str(REPO / "configs/rm.yaml"), "--model_config", str(tiny_models["llama"]),
                           "--runs_dir", str(runs_dir), "--run", "t", "--dataset_name", str(data),
@@ -1139,7 +1150,7 @@ def test_label_strength_is_the_margin_the_training_loss_subtracts(tiny_models, t
                                      "--max_steps", "1", "--evals", "1", "--logging_steps", "1")))
         first[scale] = m["loss_curve"][0]
     d = -math.log(math.expm1(first["0"]))  # softplus(-d) = log(1 + e^-d)
-    assert first["3"] == pytest.approx(math.log1p(math.exp(3 - d)), abs=2e-3)
+    assert first["3"] == pytest.approx(math.log1p(math.exp(3 - d)), abs=1e-5)  # seen: 1.6e-7 (float32 of a loss ~3)
 
 
 def test_held_out_pairs_leave_ties_out_and_text_keeps_one_eos(tiny_models, tmp_path):
@@ -1308,7 +1319,7 @@ def test_a_run_resumed_inside_its_second_epoch_ends_as_an_uninterrupted_one(batc
     cut = main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "cut", *extra)))
     assert whole["plan_steps_per_epoch"] == 4 and cut["members"][0]["resumed_from_step"] == 6
     assert cut["loss_curve"] == whole["loss_curve"] and len(whole["loss_curve"]) == 4
-    assert cut["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)
+    assert cut["train_loss"] == whole["train_loss"]  # the same losses summed in the same order: equal
     a, b = (load_file(runs_dir / run / "rm" / "adapter" / "adapter_model.safetensors") for run in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -105,7 +105,8 @@ def test_two_processes_match_one_process(tiny_models, runs_dir):
     # 0.09 at step 4 and the later steps by 3e-3). Every step is the same computation split in two.
     assert m1["train_rows"] == m2["train_rows"] == 30, m1
     diffs = [abs(a - b) for a, b in zip(m1["loss_curve"], m2["loss_curve"])]
-    assert max(diffs) < 1e-4, (m1["loss_curve"], m2["loss_curve"])
+    # Seen: at most 9.5e-7 (a few float32 ulps of the loss): 1e-5 leaves room for another reduction order only.
+    assert max(diffs) < 1e-5, (m1["loss_curve"], m2["loss_curve"])
 
 
 @pytest.mark.slow
@@ -125,7 +126,7 @@ def test_two_processes_match_one_process_packed_across_an_epochs_end(tiny_models
     assert m1["world_size"] == 1 and m2["world_size"] == 2 and m1["packed_rows"] % 8 != 0 and m1["packed_rows"] < 8 * 8, m1
     assert m1["rows_left_out"] is None and m1["train_rows"] == m2["train_rows"] > m1["packed_rows"], m1
     diffs = [abs(a - b) for a, b in zip(m1["loss_curve"], m2["loss_curve"])]
-    assert len(diffs) == 8 and max(diffs) < 1e-4, (m1["loss_curve"], m2["loss_curve"])
+    assert len(diffs) == 8 and max(diffs) < 1e-5, (m1["loss_curve"], m2["loss_curve"])  # seen: at most 9.5e-7
 
 
 @pytest.mark.slow
@@ -777,7 +778,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     assert whole["tokens_per_s"] == round(whole_tokens[10] / 10, 1)
     assert resumed["tokens_per_s"] == round((whole_tokens[10] - whole_tokens[6]) / 4, 1) != round(whole_tokens[10] / 4, 1)
     # the mean over all 10 steps, not over the 4 trained after the resume (transformers' training_loss)
-    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)
+    assert resumed["train_loss"] == whole["train_loss"]  # the same losses summed in the same order: equal
     a, b = adapter("whole"), adapter("cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(trainer_dir.glob("checkpoint-*")) and not (trainer_dir / "resume_key.json").exists()
