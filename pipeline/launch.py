@@ -108,6 +108,13 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
 
     logging.getLogger(ELASTIC_AGENT_LOGGER).setLevel(logging.ERROR)  # "Received 2 death signal" beside Ctrl-C's line
     args = launch_command_parser().parse_args([*accelerate_args, "-m", module, *stage_args])
+    # torch's launcher of several processes made a log folder of its own in the temp folder (torchelastic_*) at each
+    # launch and left it there (the test suite: one per 2-process test): one of ours, deleted as the launch ends.
+    scratch = None
+    if args.log_dir is None:
+        import tempfile
+
+        scratch = args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")
     if signal.getsignal(signal.SIGINT) is interrupted_before_launch:  # from here Ctrl-C reaches the stage: below
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -135,6 +142,11 @@ def launch(accelerate_args: list[str], module: str, stage_args: list[str], stage
             if said in codes and all(c in (said, -signal.SIGTERM) for c in codes):
                 return said
         raise
+    finally:
+        if scratch:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

@@ -159,7 +159,19 @@ def run_module(module: str, args: list[str], processes: int = 1, timeout: int = 
     # The launcher sets the FSDP variables from the config it is given: none may leak in from this process (a stage
     # called in-process records its FSDP decision in os.environ).
     base_env = {k: v for k, v in os.environ.items() if k not in FSDP_ENV}
-    return run_as_group(cmd, timeout, {**base_env, **extra, **(env or {})})
+    if processes == 1:
+        return run_as_group(cmd, timeout, {**base_env, **extra, **(env or {})})
+    import shutil
+    import tempfile
+
+    # torch's launcher left a torchelastic_* folder in the temp folder at each launch: one of ours, deleted after
+    logs = tempfile.mkdtemp(prefix="torchelastic_")
+    at = cmd.index("--config_file") + 2
+    cmd[at:at] = ["--log_dir", logs]
+    try:
+        return run_as_group(cmd, timeout, {**base_env, **extra, **(env or {})})
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def run_as_group(cmd: list[str], timeout: int, env: dict) -> subprocess.CompletedProcess:

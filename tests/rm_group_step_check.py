@@ -8,6 +8,8 @@ compare across batch layouts.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import sys
 import tempfile
 
@@ -44,7 +46,9 @@ def one_step(profile: str, batch: int, accumulation: int, eval_batch: int | None
     torch.manual_seed(0)  # the same fresh head in every process and on every rank
     model = load_base(prof, tok, kind="score")
     before = [p.detach().clone() for p in model.parameters()]
-    args = RewardConfig(output_dir=tempfile.mkdtemp(), report_to="none", per_device_train_batch_size=batch,
+    out = tempfile.mkdtemp()  # TrainingArguments needs one (nothing is saved there): gone as the process ends
+    atexit.register(shutil.rmtree, out, True)
+    args = RewardConfig(output_dir=out, report_to="none", per_device_train_batch_size=batch,
                         gradient_accumulation_steps=accumulation, max_steps=1,
                         per_device_eval_batch_size=eval_batch or batch, learning_rate=1.0, optim="sgd",
                         lr_scheduler_type="constant", warmup_steps=0, train_sampling_strategy="sequential", bf16=False,

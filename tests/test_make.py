@@ -21,14 +21,15 @@ from tests.conftest import REPO, yaml_with
 PY = sys.executable
 
 
-def make(*args, dry_run=False, fake=True, runs_dir=None, timeout=300):
+def make(*args, dry_run=False, fake=True, runs_dir=None, timeout=300, env=None):
     # -o .venv/.done: never (re)install the environment from a test; it is the one running the test.
     cmd = ["make", "--no-print-directory", "-o", ".venv/.done", *(["-n"] if dry_run else []), *args, f"PY={PY}"]
     if fake:  # the fake stages have no simulated annotators: the story chain's automatic labels step is off
         cmd += ["STAGE_PKG=tests.fake_stages", "AUTO_LABELS="]
     if runs_dir:
         cmd += [f"RUNS_DIR={runs_dir}", "RUN=t"]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def launches(out: str) -> dict[str, list[str]]:
@@ -455,6 +456,7 @@ def test_a_stage_an_earlier_version_ran_is_not_retrained_through_the_chain(tmp_p
     assert ran(runs) == ["sft"] and "does not record its inputs" in res.stdout
 
 
+@pytest.mark.slow  # two processes
 def test_a_stage_killed_mid_run_keeps_its_flags_through_the_chain(tmp_path):
     """A run of rm with its own flags killed after its folder was prepared (its manifest gone): `make ppo` read "rm has
     not run yet" and retrained it with the config's flags. The killed run's command line is recorded (started.json)
@@ -725,6 +727,7 @@ def test_an_up_to_date_stage_says_what_the_batches_of_an_unfinished_run_beside_i
         "over), or delete the folder"]
 
 
+@pytest.mark.slow  # two processes
 def test_a_chained_stage_is_kept_under_another_launch_and_a_named_one_reruns(tmp_path):
     """`make ppo ACCELERATE_CONFIG=cpu2.yaml` on a finished run retrained SFT and the reward model under two processes
     (and sampled the pairs again, making people's labels an earlier run's): a stage reached only through the chain is
@@ -1629,8 +1632,12 @@ def test_bad_input_in_a_two_process_stage_is_one_line_and_exit_2(fail, tmp_path)
     the time. Now one line, exit 2, no traceback: when both ranks meet it, and when rank 1 meets it alone while rank 0
     waits (had rank 0 not been stopped, it would have finished its stage: the two processes are real). And no more
     lines: torch's launcher logged one for the rank it stopped and one for the rank that exited."""
-    runs = tmp_path / "runs"
-    res = make("sft", f"ARGS={fail}", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml", runs_dir=runs)
+    runs, temp = tmp_path / "runs", tmp_path / "temp"
+    temp.mkdir()
+    res = make("sft", f"ARGS={fail}", "ACCELERATE_CONFIG=configs/accelerate/cpu2.yaml", runs_dir=runs,
+               env={"TMPDIR": str(temp)})
+    # torch's launcher of two processes left a log folder (torchelastic_*) in the temp folder at every launch
+    assert list(temp.glob("torchelastic_*")) == []
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: sft: --fail"), res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "sft] Error 2" in res.stderr  # the launcher itself exited 2

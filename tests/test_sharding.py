@@ -467,6 +467,7 @@ def _shared_check_rank(rank: int, init_file: str, dirs: list[str], results: str)
         json.dump(outcome, f)
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.parametrize("shared", [True, False])
 def test_several_machines_need_one_runs_dir_and_are_told_so_in_one_line(shared, tmp_path):
     """Every stage but PPO writes from the main process alone and resumes from each rank's own disk: on machines with

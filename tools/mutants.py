@@ -2125,6 +2125,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rollout-group-prompt-row-gathered-per-answer', 'stages/ppo/rollout.py', 'source[:, p - 1] = torch.arange(b, device=x.ids.device)', 'source[:, p - 1] = torch.arange(b, device=x.ids.device) // x.group * x.group', 'tests/test_ppo.py -k backward_adds_no_index_twice'),
     # stop 70: a rank's own token count times the ranks (the two ranks' rows now hold different token counts)
     ('ppo-tokens-local-times-ranks', 'stages/ppo/trainer.py', 'tokens, rows = self._all_sum(torch.stack([ro.response_mask[mb].sum().float(),', 'tokens, rows = self.world * (torch.stack([ro.response_mask[mb].sum().float(),', "tests/test_ppo.py -k 'two_ranks_equal_one_rank'"),
+    # stop 70: the launcher's log folder removed as a launch ends
+    ('launch-elastic-log-folder-left', 'pipeline/launch.py', 'scratch = args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")', 'args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")', 'tests/test_make.py -k two_process_stage_is_one_line'),
     # stop 70: a YAML input digested by its values (comments, quoting, spacing no change), an earlier manifest's bytes still current
     ('run-yaml-digested-by-bytes', 'pipeline/run.py', '    if path.suffix in YAML_SUFFIXES and path.is_file():\n', '    if False:\n', "tests/test_make.py -k 'comments_and_spacing or does_not_parse'"),
     ('run-yaml-digest-sorted-and-untyped', 'pipeline/run.py', 'hashlib.sha256(repr(values).encode()).hexdigest()', 'hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()', 'tests/test_make.py -k comments_and_spacing'),
