@@ -53,8 +53,12 @@ export GRADIO_RUN_HISTORY ?= False
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # torch's c10d logs a warning on stderr when it cannot look up the name of a rank's address (a machine with no
-# DNS): a two-process stage's Ctrl-C or bad input was then two lines, not one. Its errors still print.
+# DNS): a two-process CPU stage's Ctrl-C or bad input was then two lines, not one. Its errors still print. Only under
+# the CPU configs: on GPUs its warnings are the hints a hang needs (NCCL's "using GPU N ... device unknown", a
+# process group not destroyed, TCPStore's connect retries of a node that cannot reach the main one).
+ifneq (,$(findstring cpu,$(notdir $(ACCELERATE_CONFIG))))
 export TORCH_CPP_LOG_LEVEL ?= ERROR
+endif
 # Progress bars into a log (make ... 2>&1 | tee log, CI): tqdm redraws each bar up to ten times a second, and a log
 # keeps every redraw (80% of a default run's log). There, one redraw each 10 s (and the last); a terminal as tqdm has it.
 ifeq (,$(TQDM_MININTERVAL)$(shell [ -t 2 ] && echo terminal))

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import REPO_ROOT, ConfigError, function_spec_module, module_source, resolve_path
+from pipeline.config import REPO_ROOT, ConfigError, UniqueKeyLoader, function_spec_module, module_source, resolve_path
 
 # Files above this size (a real base checkpoint) are fingerprinted by size and modification time, not read:
 # hashing gigabytes on every `make` would take longer than the check is worth.
@@ -148,13 +148,23 @@ def file_digest(path: Path) -> str | None:
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
+class _DigestLoader(UniqueKeyLoader):
+    """pipeline.config's loader, with a !!set's members sorted (a set's repr follows string hashing, per process)."""
+
+
+_DigestLoader.add_constructor("tag:yaml.org,2002:set", lambda loader, node: (
+    "!!set", sorted(repr(k) for k in loader.construct_mapping(node))))
+
+
 def input_digest(path: Path) -> str | None:
     """A stage input's digest as `make` compares it: a YAML's values as it parses (a comment, quoting or spacing
     edited is the same config, which had retrained the stage; keys keep their order, as a mixture's sources do), any
     other file's bytes (file_digest, as is a YAML that does not parse)."""
-    if path.suffix in YAML_SUFFIXES and path.is_file():
+    if path.suffix in YAML_SUFFIXES and path.is_file() and path.stat().st_size <= HASH_LIMIT_BYTES:
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            # as the stages read a config (a key given twice is refused there: its bytes, so that the stage runs and
+            # says so, not "up to date" on the key's last value); a set (!!set) would repr in a per-process order
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_DigestLoader)
         except (yaml.YAMLError, UnicodeDecodeError, OSError):
             return file_digest(path)
         # repr keeps the types apart (1, 1.0, "1", True) and the order of keys and items

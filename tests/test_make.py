@@ -585,6 +585,28 @@ def test_a_yaml_that_does_not_parse_and_other_files_are_digested_by_their_bytes(
     assert file_digest_of(b"a: 1\n", tmp_path, ".txt") != file_digest_of(b"a: 1  # one\n", tmp_path, ".txt")
 
 
+def test_a_yaml_the_stage_would_refuse_or_that_reprs_by_chance_is_digested_by_its_bytes(tmp_path):
+    """A key given twice is refused by the stage's loader (pipeline.config.UniqueKeyLoader), but safe_load keeps the
+    last: a line added above the same key was "up to date" instead of the stage's error. A !!set's repr follows string
+    hashing, which differs between processes: every `make` called the stage out of date."""
+    runs, cfg = tmp_path / "runs", tmp_path / "rm.yaml"
+    cfg.write_text("learning_rate: 1.0e-4\nseed: 1\n")
+    stage = StageRun("rm", "r", str(runs))
+    stage.argv = ["--config", str(cfg), "--run", "r", "--runs_dir", str(runs)]
+    stage.prepare({})
+    stage.finish({}, {}, {})
+    cfg.write_text("learning_rate: 1.0e-3\nlearning_rate: 1.0e-4\nseed: 1\n")
+    assert is_current("rm", stage.argv) == (False, f"{cfg} changed")
+    assert input_digest(cfg) == file_digest(cfg)
+    tags = tmp_path / "tags.yaml"
+    tags.write_text("tags: !!set {alpha, beta, gamma, delta, epsilon}\n")
+    code = f"from pathlib import Path; from pipeline.run import input_digest; print(input_digest(Path({str(tags)!r})))"
+    seen = {subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(4)}
+    assert len(seen) == 1, seen
+    assert file_digest_of(b"t: !!set {a, b}\n", tmp_path, ".yaml") != file_digest_of(b"t: [a, b]\n", tmp_path, ".yaml")
+
+
 def test_a_manifest_that_recorded_a_yamls_bytes_is_current_while_they_are_the_same(tmp_path):
     """Manifests of earlier versions digested every file's bytes: an upgrade must not retrain every stage of a run."""
     runs, cfg = tmp_path / "runs", tmp_path / "sft.yaml"

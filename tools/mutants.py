@@ -2128,7 +2128,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # stop 70: the launcher's log folder removed as a launch ends
     ('launch-elastic-log-folder-left', 'pipeline/launch.py', 'scratch = args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")', 'args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")', 'tests/test_make.py -k two_process_stage_is_one_line'),
     # stop 70: a YAML input digested by its values (comments, quoting, spacing no change), an earlier manifest's bytes still current
-    ('run-yaml-digested-by-bytes', 'pipeline/run.py', '    if path.suffix in YAML_SUFFIXES and path.is_file():\n', '    if False:\n', "tests/test_make.py -k 'comments_and_spacing or does_not_parse'"),
+    ('run-yaml-digested-by-bytes', 'pipeline/run.py', '    if path.suffix in YAML_SUFFIXES and path.is_file() and path.stat().st_size <= HASH_LIMIT_BYTES:\n', '    if False:\n', "tests/test_make.py -k 'comments_and_spacing or does_not_parse'"),
+    ('run-yaml-digest-keeps-last-key', 'pipeline/run.py', 'class _DigestLoader(UniqueKeyLoader):', 'class _DigestLoader(yaml.SafeLoader):', 'tests/test_make.py -k reprs_by_chance'),
+    ('run-yaml-digest-set-unsorted', 'pipeline/run.py', '"!!set", sorted(repr(k) for k in loader.construct_mapping(node))))', '"!!set", [repr(k) for k in set(loader.construct_mapping(node))]))', 'tests/test_make.py -k reprs_by_chance'),
     ('run-yaml-digest-sorted-and-untyped', 'pipeline/run.py', 'hashlib.sha256(repr(values).encode()).hexdigest()', 'hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()', 'tests/test_make.py -k comments_and_spacing'),
     ('run-yaml-earlier-bytes-manifest-stale', 'pipeline/run.py', 'return now == recorded or (now is not None and now.startswith("yaml:") and file_digest(path) == recorded)', 'return now == recorded', 'tests/test_make.py -k recorded_a_yamls_bytes'),
     ('run-inputs-recorded-by-bytes', 'pipeline/run.py', 'return {f: known[f] if f in known else input_digest(resolve_path(f)) for f in files}', 'return {f: known[f] if f in known else file_digest(resolve_path(f)) for f in files}', "tests/test_make.py -k 'comments_and_spacing or recorded_a_yamls_bytes'"),
