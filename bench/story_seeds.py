@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the result keeps of eval's manifest (metrics) and of the upstream stages'.
-EVAL_KEYS = ("n_prompts", "gold_sft_mean", "gold_ppo_mean", "gold_win_rate", "gold_win_rate_ci_low",
+EVAL_KEYS = ("n_prompts", "samples_per_prompt", "gold_sft_mean", "gold_ppo_mean", "gold_win_rate", "gold_win_rate_ci_low",
              "gold_win_rate_ci_high", "kl_mean", "win_rate", "rm_gold_agreement", "rm_gold_pairs",
              "rm_gold_agreement_policy_samples", "overoptimisation_suspected", "reward_hacking_suspected",
              "length_sft_mean", "length_ppo_mean", "no_eos_sft", "no_eos_ppo")
@@ -48,10 +48,12 @@ def metrics_of(run_dir: Path, stage: str) -> dict:
 
 
 def samples_of(run_dir: Path, n: int) -> list[dict]:
-    """The first n held-out prompts with the SFT and the PPO response and their gold scores (eval's report.json)."""
+    """The first n held-out prompts with the SFT and the PPO response and their gold scores (eval's report.json: a
+    prompt's first pair of its samples_per_prompt)."""
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     keys = ("prompt_text", "sft", "ppo", "gold_sft", "gold_ppo", "reward_sft", "reward_ppo")
-    return [{k: row.get(k) for k in keys} for row in report.get("samples", [])[:n]]
+    every = report.get("figures", {}).get("samples_per_prompt", 1)
+    return [{k: row.get(k) for k in keys} for row in report.get("samples", [])[::every][:n]]
 
 
 def run_meta() -> dict:

@@ -425,7 +425,7 @@ def check_report_to(instance, source_of) -> None:
 # written (TRL would fail deep in training, or train on). name: (low, high, low inclusive); None = no bound.
 SIZES = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_new_tokens",
          "generation_batch_size", "sample_max_new_tokens", "score_batch_size", "gold_batch_size", "max_prompt_tokens",
-         "max_length", "lora_r", "batch_size", "concurrency_limit")
+         "max_length", "lora_r", "batch_size", "concurrency_limit", "samples_per_prompt")
 SIZE_LIMIT = 2**31  # past an index's size: a traceback deep in torch, after the run folder was prepared
 RANGES = {
     **dict.fromkeys(SIZES, (1, None, True)),

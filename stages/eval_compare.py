@@ -29,30 +29,45 @@ def same_replies(a: list[str], b: list[str]) -> list[bool]:
     return [x == y for x, y in zip(a, b)]
 
 
-def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6, same_text: list[bool] | None = None) -> dict:
-    """The first policy beats the second on a prompt when its score is higher; a tie (scores within tie_eps, or the
+def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6, same_text: list[bool] | None = None,
+             group: int = 1) -> dict:
+    """The first policy beats the second on a row when its score is higher; a tie (scores within tie_eps, or the
     same text: `same_text`, whose scores a batch's padding can move by ~1e-7) counts half. Named for its first use:
-    PPO over SFT."""
+    PPO over SFT. `group`: rows per prompt (eval's samples_per_prompt, row j of a prompt's against row j), in prompt
+    order. The rate is each prompt's share of wins, averaged; its Wilson interval counts prompts, not rows: a prompt's
+    rows are not independent trials (some prompts are easy), and a share in [0, 1] with mean p varies at most as a
+    trial does, so the interval over prompts is, if anything, wide."""
+    if group < 1 or len(ppo) % group:
+        raise ValueError(f"{len(ppo)} rows are not whole groups of {group} (one per prompt)")
     same = same_text or [False] * len(ppo)
     wins = sum(p > s + tie_eps and not t for p, s, t in zip(ppo, sft, same))
     losses = sum(p < s - tie_eps and not t for p, s, t in zip(ppo, sft, same))
     ties = len(ppo) - wins - losses
+    prompts = len(ppo) // group
     rate = (wins + 0.5 * ties) / len(ppo) if ppo else float("nan")
-    low, high = wilson(wins + 0.5 * ties, len(ppo))
-    return {"rate": rate, "ci_low": low, "ci_high": high, "ci": "Wilson 95%, ties counted half",
-            "wins": wins, "ties": ties, "losses": losses, "n": len(ppo)}
+    low, high = wilson(rate * prompts if ppo else 0, prompts)
+    return {"rate": rate, "ci_low": low, "ci_high": high,
+            "ci": "Wilson 95% over prompts, ties counted half" + (f", each prompt's share of its {group} pairs"
+                                                                   if group > 1 else ""),
+            "wins": wins, "ties": ties, "losses": losses, "n": prompts, "pairs": len(ppo)}
 
 
 def win_rate_matrix(scores: dict[str, list[float]], tie_eps: float = 1e-6,
-                    texts: dict[str, list[str]] | None = None) -> dict[str, dict[str, dict]]:
+                    texts: dict[str, list[str]] | None = None, group: int = 1) -> dict[str, dict[str, dict]]:
     """matrix[a][b]: the win rate of policy a over policy b on the same prompts (win_rate: Wilson 95%, ties half; the
     same text is a tie when `texts` are given), for every ordered pair a != b. matrix[a][b]["rate"] +
-    matrix[b][a]["rate"] == 1, and a's wins over b are b's losses to a."""
+    matrix[b][a]["rate"] == 1, and a's wins over b are b's losses to a. `group`: rows per prompt (win_rate)."""
     lengths = {len(v) for v in scores.values()}
     if len(lengths) > 1:
         raise ValueError(f"policies scored on different numbers of prompts: { {k: len(v) for k, v in scores.items()} }")
-    return {a: {b: win_rate(scores[a], scores[b], tie_eps, same_replies(texts[a], texts[b]) if texts else None)
+    return {a: {b: win_rate(scores[a], scores[b], tie_eps, same_replies(texts[a], texts[b]) if texts else None, group)
                 for b in scores if b != a} for a in scores}
+
+
+def responses_per_prompt(figures: dict) -> str:
+    """How many responses each policy sampled, in words (eval's samples_per_prompt; reports before it had one)."""
+    k = figures.get("samples_per_prompt", 1)
+    return "one sampled response per policy" if k == 1 else f"{k} sampled responses per prompt and policy"
 
 
 def describe(xs: list[float]) -> dict:
@@ -213,7 +228,7 @@ def matrix_markdown(matrix: dict[str, dict[str, dict]], what: str) -> list[str]:
 def comparison_markdown(comparison: dict) -> list[str]:
     num = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     lines = ["## Every policy of the run", "",
-             f"{comparison['n_prompts']} held-out prompts, one sampled response per policy with the same seed "
+             f"{comparison['n_prompts']} held-out prompts, {responses_per_prompt(comparison)} with the same seed "
              f"({comparison['seed']}); KL to the SFT reference on each policy's own responses.", "",
              "| policy | method | reward model (proxy) | gold | KL to SFT (nats) | length (tokens) | share without EOS |",
              "|---|---|---|---|---|---|---|"]

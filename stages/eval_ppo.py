@@ -115,10 +115,19 @@ def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[floa
     return {"agreement": agree / len(pairs) if pairs else None, "ci_low": low, "ci_high": high, "pairs": len(pairs)}
 
 
-def curve_point(update: int, label: str, rewards: list[float], gold: list[float], kl: list[float]) -> dict:
+def per_prompt(xs: list[float], group: int) -> list[float]:
+    """Each prompt's mean over its `group` rows (eval's samples_per_prompt), in prompt order."""
+    return [statistics.fmean(xs[i:i + group]) for i in range(0, len(xs), group)]
+
+
+def curve_point(update: int, label: str, rewards: list[float], gold: list[float], kl: list[float], group: int = 1) -> dict:
+    """One policy on the gold-vs-KL curve. Its per-prompt proxy and gold are each prompt's mean over its `group` rows:
+    the over-optimisation flag pairs prompts, and a prompt's samples are not independent of each other."""
     mean_kl = statistics.fmean(kl)
+    proxy, gold = per_prompt(rewards, group), per_prompt(gold, group)
     return {"update": update, "policy": label, "kl_mean": mean_kl, "sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
-            "proxy_mean": statistics.fmean(rewards), "gold_mean": statistics.fmean(gold), "proxy": rewards, "gold": gold}
+            "proxy_mean": statistics.fmean(proxy), "gold_mean": statistics.fmean(gold), "proxy": proxy, "gold": gold}
+
 
 def checkpoint_curve(judge, prompts, args: EvalArgs, kept: list[tuple[int, str, dict, list[float]]],
                      ends: tuple[dict, dict]) -> list[dict]:
@@ -126,8 +135,8 @@ def checkpoint_curve(judge, prompts, args: EvalArgs, kept: list[tuple[int, str, 
     policy. `ends`: the SFT and final points, already measured."""
     from pipeline.judges import judge_scores
 
-    points = [curve_point(update, name, ro["rewards"], judge_scores(judge, prompts, ro["texts"], args.gold_batch_size), kl)
-              for update, name, ro, kl in kept]
+    points = [curve_point(update, name, ro["rewards"], judge_scores(judge, prompts, ro["texts"], args.gold_batch_size), kl,
+                          args.samples_per_prompt) for update, name, ro, kl in kept]
     return [ends[0], *points, ends[1]]
 
 
@@ -147,10 +156,12 @@ def gold_report(judge, prompts, args: EvalArgs, heldout: tuple[list[dict], list[
         rm_heldout = gold_agreement(rm_chosen, rm_rejected, g_chosen, g_rejected)
     else:
         rm_heldout = {"agreement": None, "pairs": 0, "note": "the rm stage kept no eval_pairs.jsonl"}
-    ends = (curve_point(0, "sft", ro_sft["rewards"], gold_sft, [0.0] * len(gold_sft)),
-            curve_point(final_update, "ppo (final)", ro_ppo["rewards"], gold_ppo, kl))
+    group = args.samples_per_prompt
+    ends = (curve_point(0, "sft", ro_sft["rewards"], gold_sft, [0.0] * len(gold_sft), group),
+            curve_point(final_update, "ppo (final)", ro_ppo["rewards"], gold_ppo, kl, group))
     curve = checkpoint_curve(judge, prompts, args, kept, ends)
-    return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo, "win_rate": win_rate(gold_ppo, gold_sft, 0.0, same_replies(ro_ppo["texts"], ro_sft["texts"])),
+    return {"judge": judge.spec, "sft": gold_sft, "ppo": gold_ppo,
+            "win_rate": win_rate(gold_ppo, gold_sft, 0.0, same_replies(ro_ppo["texts"], ro_sft["texts"]), group),
             "rm_agreement_heldout_pairs": rm_heldout,
             "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft,
                                                           same_replies(ro_ppo["texts"], ro_sft["texts"])),
@@ -170,7 +181,8 @@ def gold_figures(gold: dict) -> dict:
 def counts_text(w: dict) -> str:
     """A win rate's counts in words: "81 wins, 1 loss", and its ties only when there are some."""
     plural = lambda n, one, many: f"{n} {one if n == 1 else many}"  # noqa: E731
-    return ", ".join([plural(w["wins"], "win", "wins"), plural(w["losses"], "loss", "losses")]
+    grouped = w.get("pairs", w.get("n")) != w.get("n")  # several pairs a prompt: the interval counts the prompts
+    return (f"over {w['n']} prompts; of their {w['pairs']} pairs " if grouped else "") + ", ".join([plural(w["wins"], "win", "wins"), plural(w["losses"], "loss", "losses")]
                      + ([plural(w["ties"], "tie", "ties") + " counted half"] if w["ties"] else []))
 
 
@@ -260,7 +272,7 @@ def ppo_markdown(report: dict, n_rows: int) -> list[str]:
                       "(means of the first and last tenth of the updates)."]
     lines += ["", "## Plots", "", "![training curves](plots/training_curves.png)", "",
               "![reward distribution](plots/reward_distribution.png)", "", "## Samples", "",
-              *sample_table(report["samples"][:n_rows])]
+              *sample_table(report["samples"][::f.get("samples_per_prompt", 1)][:n_rows])]  # a prompt's first pair
     lines += ["", f"All {len(report['samples'])} samples are in report.json."]
     return lines
 
@@ -284,8 +296,9 @@ def sft_vs_ppo(judge, prompts, args: EvalArgs, ppo: dict, ppo_dir: Path, ro_sft:
                for p, s, q, rs, rp, k, ls, lp, es, ep in zip(prompts, ro_sft["texts"], ro_ppo["texts"], ro_sft["rewards"],
                                                               ro_ppo["rewards"], kl, ro_sft["lengths"], ro_ppo["lengths"],
                                                               ro_sft["ended"], ro_ppo["ended"])]
-    wr = win_rate(ro_ppo["rewards"], ro_sft["rewards"], same_text=same_replies(ro_ppo["texts"], ro_sft["texts"]))
-    figures = {"n_prompts": len(samples), "win_rate": wr["rate"], "win_rate_ci_low": wr["ci_low"], "win_rate_ci_high": wr["ci_high"],
+    wr = win_rate(ro_ppo["rewards"], ro_sft["rewards"], same_text=same_replies(ro_ppo["texts"], ro_sft["texts"]),
+                  group=args.samples_per_prompt)
+    figures = {"n_prompts": wr["n"], "samples_per_prompt": args.samples_per_prompt, "win_rate": wr["rate"], "win_rate_ci_low": wr["ci_low"], "win_rate_ci_high": wr["ci_high"],
                "reward_sft_mean": statistics.fmean(ro_sft["rewards"]), "reward_ppo_mean": statistics.fmean(ro_ppo["rewards"]),
                "kl_mean": statistics.fmean(kl),
                "length_sft_mean": statistics.fmean(ro_sft["lengths"]), "length_ppo_mean": statistics.fmean(ro_ppo["lengths"]),

@@ -14,7 +14,7 @@ from pipeline.config import REPO_ROOT, ConfigError, resolve_path
 from pipeline.data import own_files
 from pipeline.judges import describe_judge
 from pipeline.run import manifest_digest
-from stages.eval_compare import policy_method
+from stages.eval_compare import policy_method, responses_per_prompt
 
 if TYPE_CHECKING:
     from stages.publish import PublishArgs
@@ -302,7 +302,7 @@ def ppo_results(ev: dict) -> list[str]:
     judge = public_judge(ev["gold_judge"]) if gold else None
     judged = (f"scored by the gold judge `{judge}` ({describe_judge(judge)}), which PPO never saw, "
               "and by the run's reward model, which it optimised" if gold else "scored by the run's reward model")
-    lines = [f"{ev['n_prompts']} prompts PPO never trained on; one sampled response per policy, {judged}.", "",
+    lines = [f"{ev['n_prompts']} prompts PPO never trained on; {responses_per_prompt(ev)}, {judged}.", "",
              "| | SFT (reference) | PPO (this adapter) |", "|---|---|---|",
              *([f"| gold judge score (mean) | {ev['gold_sft_mean']:.3f} | {ev['gold_ppo_mean']:.3f} |"] if gold else []),
              f"| reward-model score (mean) | {ev['reward_sft_mean']:.3f} | {ev['reward_ppo_mean']:.3f} |",
@@ -332,7 +332,7 @@ def policy_results(ev: dict, policy: str) -> list[str]:
     """The card's results for another policy: its line of eval's comparison beside SFT's."""
     mine, sft = ev["comparison"][policy], ev["comparison"]["sft"]
     num = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    return [f"{ev['n_prompts']} held-out prompts; one sampled response per policy with the same seed.", "",
+    return [f"{ev['n_prompts']} held-out prompts; {responses_per_prompt(ev)} with the same seed.", "",
             f"| | SFT (reference) | {policy} (this adapter) |", "|---|---|---|",
             f"| reward-model score (mean) | {sft['proxy_mean']:.3f} | {mine['proxy_mean']:.3f} |",
             f"| gold judge score (mean) | {num(sft['gold_mean'])} | {num(mine['gold_mean'])} |",

@@ -108,14 +108,15 @@ _EVALUATED: dict[str, Path] = {}
 
 
 def evaluated_run(tmp_path_factory, profile: Path, run: str = "t") -> Path:
-    """build_upstream + the real eval stage (main() on configs/eval.yaml, tiny overrides), once per test session."""
+    """build_upstream + the real eval stage (main() on configs/eval.yaml, tiny overrides, one sample a prompt: a row a
+    prompt, which the tests of each figure read; tests/test_eval.py has several), once per test session."""
     key = str(profile)
     if key not in _EVALUATED:
         from stages.eval import main, parse_args
 
         runs_dir = build_upstream(tmp_path_factory.mktemp("runs"), profile, run)
         main(*parse_args(["--config", "configs/eval.yaml", "--run", run, "--runs_dir", str(runs_dir),
-                          "--model_config", str(profile), "--max_new_tokens", "12"]))
+                          "--model_config", str(profile), "--max_new_tokens", "12", "--samples_per_prompt", "1"]))
         _EVALUATED[key] = runs_dir
     return _EVALUATED[key]
 

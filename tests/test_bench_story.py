@@ -235,3 +235,16 @@ def test_the_story_benches_hold_out_the_same_82_prompts_as_their_published_figur
     held, train = ((tmp_path / f).read_text().splitlines() for f in ("heldout.jsonl", "prompts.jsonl"))
     assert (len(rows), len(held), len(train)) == (413, 82, 331)
     assert [rows.index(h) for h in held[:8]] == [2, 9, 11, 26, 29, 31, 34, 38]
+
+
+def test_the_samples_kept_are_a_pair_a_prompt(tmp_path):
+    """eval samples samples_per_prompt pairs a prompt, prompt-major: story.json keeps each prompt's first pair, so four
+    samples are four openings, not one opening four times."""
+    import json
+
+    rows = [{"prompt_text": f"p{i // 3}", "sft": f"s{i}", "ppo": f"q{i}", "gold_sft": 0.0, "gold_ppo": 1.0,
+             "reward_sft": 0.0, "reward_ppo": 1.0} for i in range(12)]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text(json.dumps({"figures": {"samples_per_prompt": 3}, "samples": rows}))
+    got = story_seeds.samples_of(tmp_path, 3)
+    assert [(r["prompt_text"], r["sft"]) for r in got] == [("p0", "s0"), ("p1", "s3"), ("p2", "s6")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.stats import wilson
 from tests.conftest import on_device
 from tests.fake_upstream import build_upstream, evaluated_run
 
@@ -109,7 +110,8 @@ def test_reward_hacking_is_flagged(eval_dir):
 
 @pytest.mark.parametrize("arch", ["gpt2"])  # absolute positions: left padding must not shift them
 def test_ppo_equal_to_sft_gives_zero_kl_and_all_ties(tmp_path, tiny_models, arch):
-    """Point the PPO manifest at the SFT adapter: same seed, same samples, so KL 0 and a 50% win rate of ties."""
+    """Point the PPO manifest at the SFT adapter: same seed, same samples, so KL 0 and a 50% win rate of ties (two
+    samples a prompt: 12 ties on 6 prompts, the interval over the 6)."""
     from stages.eval import main, parse_args
 
     runs = build_upstream(tmp_path / "runs", tiny_models[arch])
@@ -118,14 +120,29 @@ def test_ppo_equal_to_sft_gives_zero_kl_and_all_ties(tmp_path, tiny_models, arch
     manifest["outputs"]["adapter"] = str(runs / "t" / "sft" / "adapter")
     path.write_text(json.dumps(manifest))
     m = main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
-                          "--model_config", str(tiny_models[arch]), "--max_new_tokens", "8"]))
+                          "--model_config", str(tiny_models[arch]), "--max_new_tokens", "8", "--samples_per_prompt", "2"]))
     report = json.loads((runs / "t" / "eval" / "report.json").read_text())
-    assert all(s["sft"] == s["ppo"] for s in report["samples"])
-    assert m["kl_mean"] == pytest.approx(0.0, abs=1e-5) and m["win_rate"] == 0.5 and report["win_rate"]["ties"] == 6
+    assert all(s["sft"] == s["ppo"] for s in report["samples"]) and len(report["samples"]) == 12
+    assert m["kl_mean"] == pytest.approx(0.0, abs=1e-5) and m["win_rate"] == 0.5 and report["win_rate"]["ties"] == 12
+    assert (m["n_prompts"], m["samples_per_prompt"]) == (6, 2)
+    assert (m["win_rate_ci_low"], m["win_rate_ci_high"]) == pytest.approx(wilson(3, 6))
     assert m["reward_sft_mean"] == pytest.approx(m["reward_ppo_mean"])
     # the gold judge sees the same: a 0.5 win rate, inside its interval, and no over-optimisation
     assert m["gold_win_rate"] == 0.5 and m["gold_win_rate_ci_low"] < 0.5 < m["gold_win_rate_ci_high"]
     assert m["gold_sft_mean"] == m["gold_ppo_mean"] and m["overoptimisation_suspected"] is False
+    # every figure counts prompts: the gold rate's interval, the matrices', the curves' per-prompt scores
+    assert (m["gold_win_rate_ci_low"], m["gold_win_rate_ci_high"]) == pytest.approx(wilson(3, 6))
+    c = report["comparison"]
+    assert c["n_prompts"] == 6 and c["win_rate_gold"]["ppo"]["sft"]["n"] == c["win_rate_proxy"]["sft"]["ppo"]["n"] == 6
+    assert [len(p["gold"]) for p in report["gold"]["curve"] + c["curves"]["ppo"] + c["curves"]["sft"]] == [6] * 5
+    # report.md: two samples a prompt, its table a row a prompt (each prompt's first pair)
+    md = (runs / "t" / "eval" / "report.md").read_text()
+    assert "6 held-out prompts (never trained on), 2 sampled responses per prompt and policy" in md
+    table = md[md.index("## Samples"):].splitlines()[4:]
+    shown = [row.split(" | ")[0] for row in table if row.startswith("| ")]
+    assert len(shown) == len(set(shown)) == 6, shown
+    people = [json.loads(line) for line in (runs / "t" / "eval" / "human_pairs.jsonl").read_text().splitlines()]
+    assert [p["pair_id"] for p in people] == [s["pair_id"] for s in report["samples"][::2]]
 
 
 def test_sequence_kl_by_hand():
@@ -167,6 +184,33 @@ def test_wilson_interval_and_ties_count_half():
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
     w = win_rate([1.0, 2.0, 0.5, 3.0], [0.0, 2.0, 1.0, 3.0])
     assert (w["wins"], w["ties"], w["losses"]) == (1, 2, 1) and w["rate"] == 0.5
+
+
+def test_a_grouped_win_rate_averages_each_prompts_pairs_and_its_interval_counts_prompts():
+    """samples_per_prompt 4: two prompts of four rows each, prompt-major. PPO wins 1 of the first prompt's pairs (one
+    tie: the same reply, whatever its scores) and all 4 of the second's: shares 1.5/4 and 1, rate 5.5/8; the Wilson
+    interval is over 2 prompts (wilson(1.375, 2)), not 8 pairs (wilson(5.5, 8), far narrower)."""
+    from stages.eval_compare import win_rate
+
+    ppo, sft = [1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.4, 0.0, 0.0, 0.0, 0.0]
+    same = [False, False, False, True] + [False] * 4
+    w = win_rate(ppo, sft, same_text=same, group=4)
+    assert (w["wins"], w["ties"], w["losses"], w["n"], w["pairs"]) == (5, 1, 2, 2, 8)
+    assert w["rate"] == 5.5 / 8 and (w["ci_low"], w["ci_high"]) == pytest.approx(wilson(5.5 / 8 * 2, 2))
+    assert (w["ci_low"], w["ci_high"]) != pytest.approx(wilson(5.5, 8))
+    assert win_rate(ppo, sft, same_text=same)["n"] == 8  # one row a prompt: the interval over the 8
+    with pytest.raises(ValueError, match="8 rows are not whole groups of 3"):
+        win_rate(ppo, sft, group=3)
+
+
+def test_a_curve_point_pairs_prompts_by_their_means():
+    """The gold curve's per-prompt scores are each prompt's mean over its samples, so the over-optimisation flag's
+    paired t test counts prompts: two prompts of two samples give two per-prompt values, and the means are the rows'."""
+    from stages.eval_ppo import curve_point
+
+    p = curve_point(6, "update-6", [1.0, 3.0, 0.0, 2.0], [0.2, 0.4, 0.9, 0.5], [4.0, 4.0, 1.0, 1.0], group=2)
+    assert p["proxy"] == [2.0, 1.0] and p["gold"] == pytest.approx([0.3, 0.7])
+    assert (p["proxy_mean"], p["gold_mean"], p["kl_mean"], p["sqrt_kl"]) == pytest.approx((1.5, 0.5, 2.5, 2.5 ** 0.5))
 
 
 def test_wilson_of_no_trials_is_the_whole_interval():
@@ -497,7 +541,7 @@ def test_the_policy_samples_agreement_leaves_out_prompts_where_both_policies_wro
     ro_sft = {"texts": ["same", "sft"], "rewards": [0.0, 0.0]}
     ro_ppo = {"texts": ["same", "ppo"], "rewards": [1.0, 1.0]}  # the proxy prefers PPO on both
     judge = SimpleNamespace(spec="test")
-    gold = gold_report(judge, [], SimpleNamespace(gold_batch_size=8), ([], [], []), [], 4, ro_sft, ro_ppo, [0.0, 0.0],
+    gold = gold_report(judge, [], SimpleNamespace(gold_batch_size=8, samples_per_prompt=1), ([], [], []), [], 4, ro_sft, ro_ppo, [0.0, 0.0],
                        [0.0 + 1e-7, 0.0], [0.0, 1.0])
     assert gold["rm_agreement_policy_samples"]["pairs"] == 1 and gold["rm_agreement_policy_samples"]["agreement"] == 1.0
     assert gold["win_rate"]["ties"] == 1
@@ -611,7 +655,7 @@ def test_an_interrupted_eval_keeps_its_sampled_batches_and_ends_as_an_uninterrup
                             dying_put(put, kill_after, sampled, lambda store, batch: (store.folder.name, batch)))
         main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
                           "--model_config", str(tiny_models["llama"]), "--max_new_tokens", "8",
-                          "--generation_batch_size", "2"]))
+                          "--generation_batch_size", "2", "--samples_per_prompt", "1"]))
         return json.loads((runs / "t" / "eval" / "manifest.json").read_text())["metrics"]
 
     runs = {}
@@ -802,6 +846,9 @@ def test_a_win_rates_counts_read_as_words():
     assert counts_text({"wins": 81, "ties": 0, "losses": 1}) == "81 wins, 1 loss"
     assert counts_text({"wins": 1, "ties": 1, "losses": 2}) == "1 win, 2 losses, 1 tie counted half"
     assert counts_text({"wins": 72, "ties": 3, "losses": 0}) == "72 wins, 0 losses, 3 ties counted half"
+    assert counts_text({"wins": 300, "ties": 4, "losses": 24, "n": 82, "pairs": 328}) == \
+        "over 82 prompts; of their 328 pairs 300 wins, 24 losses, 4 ties counted half"
+    assert counts_text({"wins": 81, "ties": 0, "losses": 1, "n": 82, "pairs": 82}) == "81 wins, 1 loss"
 
 
 def test_report_samples_sets_the_table_rows_and_report_json_keeps_all(eval_dir):
@@ -1279,7 +1326,7 @@ def test_the_gold_win_rate_matrix_counts_any_gold_difference_as_the_ppo_report_d
     judge = SimpleNamespace(spec="made-up")
     c = compare_policies(judge, [[{"role": "user", "content": "a"}]] * 2, EvalArgs(), {"ppo": {}}, ro, kl, gold, {}, curve,
                          {"ppo": 4})
-    report = gold_report(judge, [], SimpleNamespace(gold_batch_size=8), ([], [], []), [], 4, ro["sft"], ro["ppo"],
+    report = gold_report(judge, [], SimpleNamespace(gold_batch_size=8, samples_per_prompt=1), ([], [], []), [], 4, ro["sft"], ro["ppo"],
                          kl["ppo"], gold["sft"], gold["ppo"])
     assert report["win_rate"]["rate"] == c["win_rate_gold"]["ppo"]["sft"]["rate"] == 1.0
 

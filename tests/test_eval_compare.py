@@ -19,7 +19,7 @@ def run_eval(runs, profile, *extra):
     from stages.eval import main, parse_args
 
     return main(*parse_args(["--config", "configs/eval.yaml", "--run", "t", "--runs_dir", str(runs),
-                             "--model_config", str(profile), "--max_new_tokens", "8", *extra]))
+                             "--model_config", str(profile), "--max_new_tokens", "8", "--samples_per_prompt", "1", *extra]))
 
 
 @pytest.fixture(scope="module")

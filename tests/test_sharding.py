@@ -322,7 +322,7 @@ def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir,
     assert_really_sharded(manifest(runs_dir, "two", "pairs")["metrics"])
 
     ev = ["--config", "configs/eval.yaml", "--runs_dir", str(runs_dir), "--model_config", profile,
-          "--max_new_tokens", "10", "--score_batch_size", "4"]  # 6 held-out prompts: 2 batches of each kind
+          "--max_new_tokens", "10", "--score_batch_size", "4"]  # 6 held-out prompts x 4 samples: 6 batches of each kind
     for run in ("one", "two"):  # the gold report's own forwards: kept policies and the RM's held-out pairs
         add_kept_policies_and_rm_pairs(runs_dir / run)
     res = run_module("stages.eval", [*ev, "--run", "two", "--generation_batch_size", "4"], fsdp=True)
@@ -330,6 +330,7 @@ def test_pairs_and_eval_fsdp2_give_what_one_process_gives(tiny_models, runs_dir,
     eval_main(*eval_args([*ev, "--run", "one", "--generation_batch_size", "4"]))
     r1, r2 = (json.loads((runs_dir / r / "eval/report.json").read_text()) for r in ("one", "two"))
     assert [(s["sft"], s["ppo"]) for s in r2["samples"]] == [(s["sft"], s["ppo"]) for s in r1["samples"]]
+    assert len(r2["samples"]) == 6 * 4  # configs/eval.yaml's samples_per_prompt
     for key in ("reward_sft", "reward_ppo", "kl"):
         assert max(abs(a[key] - b[key]) for a, b in zip(r1["samples"], r2["samples"])) < 1e-5, key
     # The gold report under FSDP: the same curve over the kept policies and the same RM-vs-gold agreement.

@@ -218,6 +218,7 @@ CASES = [
     ("eval-max-prompt-tokens-0", "stages.eval", EVAL + ["--max_prompt_tokens", "0"], ["--max_prompt_tokens", ">= 1"]),
     ("eval-gold-batch-0", "stages.eval", EVAL + ["--gold_batch_size", "0"], ["--gold_batch_size", ">= 1"]),
     ("eval-max-prompts-negative", "stages.eval", EVAL + ["--max_prompts", "-1"], ["--max_prompts", ">= 0"]),
+    ("eval-samples-per-prompt-0", "stages.eval", EVAL + ["--samples_per_prompt", "0"], ["--samples_per_prompt", ">= 1"]),
     ("eval-temperature-negative", "stages.eval", EVAL + ["--temperature", "-1"], ["--temperature", ">= 0"]),
     ("wrong-type-flag", "stages.sft", SFT + ["--learning_rate", "abc"], ["--learning_rate", "on the command line", "number"]),
     ("wrong-type-int-flag", "stages.rm", RM + ["--per_device_train_batch_size", "1.5"],
