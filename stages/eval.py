@@ -7,8 +7,8 @@ none of them trained on.
 Reads the run's sft and rm manifests and every policy stage's that exists (ppo, grpo, rloo, reinforce_pp, dpo;
 stages/eval_compare.py), with the held-out prompts the RL stages set aside (identical across them, or refused). All
 adapters sit on one frozen base (pipeline.adapters.AdapterStack). For every held-out prompt it samples
-`samples_per_prompt` responses from each policy (same seed), scores it with the reward model and measures the policy's KL to the SFT reference on
-its own response. The comparison: each policy's proxy (reward model) and gold mean, KL, length and share without EOS,
+`samples_per_prompt` responses from each policy (same seed), scores each with the reward model and measures the
+policy's KL to the SFT reference on its own response. The comparison: each policy's proxy (reward model) and gold mean, KL, length and share without EOS,
 the pairwise win-rate matrices (Wilson intervals) and one plot of gold score against sqrt(KL) with a series per method
 (stages/eval_plots.py). With PPO it also writes the SFT-vs-PPO report of earlier versions (stages/eval_ppo.py):
 training curves, reward-hacking flags, the human win rate's pairs. Writes runs/<run>/eval/: report.md, report.json (every figure and the
