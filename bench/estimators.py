@@ -62,7 +62,8 @@ def estimator_rows(comparison: dict) -> dict[str, dict]:
         rows[name] = {"method": row["method"], "gold_sft_mean": sft_gold, "gold_mean": row["gold_mean"],
                       "gold_gain": row["gold_mean"] - sft_gold, "gold_win_rate": win["rate"],
                       "gold_win_rate_ci_low": win["ci_low"], "gold_win_rate_ci_high": win["ci_high"],
-                      "wins_ties_losses": [win["wins"], win["ties"], win["losses"]], "proxy_mean": row["proxy_mean"],
+                      "wins_ties_losses": [win["wins"], win["ties"], win["losses"]],  # over the pairs
+                      "pairs": win.get("pairs", win["n"]), "proxy_mean": row["proxy_mean"],
                       "kl_mean": row["kl_mean"], "length_mean": row["length_mean"], "no_eos": row["no_eos"]}
     return rows
 

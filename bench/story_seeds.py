@@ -1,6 +1,7 @@
 """The default story run under several seeds: does PPO improve the gold judge's score every time?
 
     make bench-story                                  # seeds 1 2 3 -> bench/results/story.json
+    python -m bench.story_seeds --eval_only           # eval changed: make eval on the last result's runs again
     python -m bench.story_seeds --seeds 1 --output /tmp/story.json
 
 Each seed is a fresh run folder (RUN=seed-<s> under --runs_dir) of exactly what a new user runs, `make sft rm ppo`
@@ -84,13 +85,18 @@ def median_given(values) -> float | None:
     return statistics.median(given) if given else None
 
 
-def one_seed(seed: int, runs_dir: Path, samples: int, rm_args: str = "", ppo_args: str = "") -> dict:
+def one_seed(seed: int, runs_dir: Path, samples: int, rm_args: str = "", ppo_args: str = "",
+             trained_s: float | None = None) -> dict:
+    """`trained_s`: evaluate the seed's finished run again (eval changed, the training did not), recording this as
+    its training's wall time (the last result's); None trains it afresh."""
     run = f"seed-{seed}"
     run_dir = runs_dir / run
-    # A fresh folder: stages an earlier bench left would count as up to date and be missing from the wall time.
-    shutil.rmtree(run_dir, ignore_errors=True)
     load_before = os.getloadavg()[0]
-    wall = {"sft_rm_ppo_s": make(["sft", "rm", "ppo"], run, runs_dir, seed, rm_args, ppo_args)}
+    if trained_s is None:
+        # A fresh folder: stages an earlier bench left would count as up to date and be missing from the wall time.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        trained_s = make(["sft", "rm", "ppo"], run, runs_dir, seed, rm_args, ppo_args)
+    wall = {"sft_rm_ppo_s": trained_s}
     # The same stage flags again: make reruns a stage whose flags differ from the ones its manifest records.
     wall["eval_s"] = make(["eval"], run, runs_dir, seed, rm_args, ppo_args)
     ev = metrics_of(run_dir, "eval")
@@ -112,10 +118,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "story.json")
     parser.add_argument("--rm_args", default="", help='more make rm flags, e.g. "--ensemble 1"')
     parser.add_argument("--ppo_args", default="", help='more make ppo flags, e.g. "--kl_coef 0.15"')
+    parser.add_argument("--eval_only", action="store_true",
+                        help="after a change to eval alone: `make eval` on the seeds' runs of the last result (--output), "
+                             "whose training wall times it keeps")
     args = parser.parse_args(argv)
+    trained = {}
+    if args.eval_only:
+        last = json.loads(args.output.read_text()) if args.output.is_file() else {}
+        trained = {s["seed"]: s["wall_s"]["sft_rm_ppo_s"] for s in last.get("seeds", [])}
+        missing = [s for s in args.seeds if s not in trained or not (args.runs_dir / f"seed-{s}" / "ppo").is_dir()]
+        if missing or last.get("stage_args") != {"rm": args.rm_args, "ppo": args.ppo_args}:
+            raise SystemExit(f"error: --eval_only needs {args.output} and {args.runs_dir} to hold the same stage flags' "
+                             f"finished runs of seeds {missing or args.seeds}: run without --eval_only")
     per_seed = []
     for seed in args.seeds:
-        per_seed.append(one_seed(seed, args.runs_dir.resolve(), args.samples, args.rm_args, args.ppo_args))
+        per_seed.append(one_seed(seed, args.runs_dir.resolve(), args.samples, args.rm_args, args.ppo_args,
+                                 trained.get(seed)))
         print(json.dumps({k: v for k, v in per_seed[-1].items() if k != "samples"}), flush=True)
     result = {
         "task": "story (default recipe): gold = VADER sentiment of the continuation; PPO against SFT on held-out prompts",

@@ -56,7 +56,7 @@ class EvalArgs:
     max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts keep their end (the latest turn)."})
     samples_per_prompt: int = field(default=1, metadata={"help": "Responses each policy samples per prompt: win rates "
                                     "average each prompt's pairs (row j of one policy against row j of the other), "
-                                    "their intervals count prompts."})
+                                    "their intervals take the pairs' effective number (a prompt's pairs are alike)."})
     seed: int = field(default=0, metadata={"help": "Sampling seed; both policies sample with it."})
     score_batch_size: int = field(default=16, metadata={"help": "Rows per reward / KL forward pass."})
     # Report

@@ -34,22 +34,38 @@ def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6, same_tex
     """The first policy beats the second on a row when its score is higher; a tie (scores within tie_eps, or the
     same text: `same_text`, whose scores a batch's padding can move by ~1e-7) counts half. Named for its first use:
     PPO over SFT. `group`: rows per prompt (eval's samples_per_prompt, row j of a prompt's against row j), in prompt
-    order. The rate is each prompt's share of wins, averaged; its Wilson interval counts prompts, not rows: a prompt's
-    rows are not independent trials (some prompts are easy), and a share in [0, 1] with mean p varies at most as a
-    trial does, so the interval over prompts is, if anything, wide."""
+    order; the rate is each prompt's share of wins, averaged. A prompt's rows are not independent trials (some
+    prompts are easy), so the Wilson interval takes the rows' effective number (effective_trials), between the
+    prompts and the rows."""
     if group < 1 or len(ppo) % group:
         raise ValueError(f"{len(ppo)} rows are not whole groups of {group} (one per prompt)")
     same = same_text or [False] * len(ppo)
-    wins = sum(p > s + tie_eps and not t for p, s, t in zip(ppo, sft, same))
-    losses = sum(p < s - tie_eps and not t for p, s, t in zip(ppo, sft, same))
+    outcomes = [1.0 if p > s + tie_eps and not t else 0.0 if p < s - tie_eps and not t else 0.5
+                for p, s, t in zip(ppo, sft, same)]
+    wins, losses = outcomes.count(1.0), outcomes.count(0.0)
     ties = len(ppo) - wins - losses
-    prompts = len(ppo) // group
     rate = (wins + 0.5 * ties) / len(ppo) if ppo else float("nan")
-    low, high = wilson(rate * prompts if ppo else 0, prompts)
+    shares = [statistics.fmean(outcomes[i:i + group]) for i in range(0, len(outcomes), group)]
+    n = effective_trials(shares, group)
+    low, high = wilson(rate * n if ppo else 0, n)
     return {"rate": rate, "ci_low": low, "ci_high": high,
-            "ci": "Wilson 95% over prompts, ties counted half" + (f", each prompt's share of its {group} pairs"
-                                                                   if group > 1 else ""),
-            "wins": wins, "ties": ties, "losses": losses, "n": prompts, "pairs": len(ppo)}
+            "ci": "Wilson 95%, ties counted half" + (f", over the effective trials of {len(shares)} prompts x {group} "
+                                                     f"pairs" if group > 1 else ""),
+            "wins": wins, "ties": ties, "losses": losses, "n": len(shares), "pairs": len(ppo), "n_effective": n}
+
+
+def effective_trials(shares: list[float], group: int) -> float:
+    """How many independent trials `shares` (each prompt's share of wins over its `group` pairs) are worth: Kish's
+    effective sample size, the prompts times p(1-p) over the shares' variance, so that p(1-p)/n is the variance of
+    their mean. Between the prompts (every prompt's pairs alike: a share varies as one trial does) and the pairs
+    (independent pairs); one pair a prompt is exactly the prompts. On the default run's 82 prompts x 4 pairs: ~300."""
+    prompts, pairs = len(shares), len(shares) * group
+    if group == 1 or prompts < 2:
+        return float(prompts)
+    p, var = statistics.fmean(shares), statistics.variance(shares)
+    if var == 0:  # every prompt's share the same: nothing says its pairs are alike
+        return float(pairs)
+    return min(float(pairs), max(float(prompts), prompts * p * (1 - p) / var))
 
 
 def win_rate_matrix(scores: dict[str, list[float]], tie_eps: float = 1e-6,

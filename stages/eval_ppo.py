@@ -104,15 +104,19 @@ def human_win_rate(store: Path, pairs: dict[str, int]) -> dict | None:
 # ---------------------------------------------------------------------------------------------------- gold judge
 
 def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[float], gold_b: list[float],
-                   same_text: list[bool] | None = None) -> dict:
+                   same_text: list[bool] | None = None, group: int = 1) -> dict:
     """How often the proxy (reward model) orders a pair as the gold judge does, over pairs whose gold scores differ
     and whose two replies differ (`same_text`: one reply has no order, though an `rm:` judge's scores of it can differ
-    by a batch's padding); a proxy tie counts half."""
+    by a batch's padding); a proxy tie counts half. `group`: rows per prompt (eval's samples_per_prompt, prompt-major):
+    the Wilson interval then counts the prompts with a counted pair, as win_rate's does, not the pairs."""
     same = same_text or [False] * len(proxy_a)
-    pairs = [(pa - pb, ga - gb) for pa, pb, ga, gb, t in zip(proxy_a, proxy_b, gold_a, gold_b, same) if ga != gb and not t]
-    agree = sum(1.0 if p * g > 0 else 0.5 if p == 0 else 0.0 for p, g in pairs)
-    low, high = wilson(agree, len(pairs))
-    return {"agreement": agree / len(pairs) if pairs else None, "ci_low": low, "ci_high": high, "pairs": len(pairs)}
+    kept = [(i // group, pa - pb, ga - gb) for i, (pa, pb, ga, gb, t) in enumerate(zip(proxy_a, proxy_b, gold_a, gold_b, same))
+            if ga != gb and not t]
+    agree = sum(1.0 if p * g > 0 else 0.5 if p == 0 else 0.0 for _, p, g in kept)
+    prompts = len({i for i, _, _ in kept})
+    low, high = wilson(agree / len(kept) * prompts if kept else 0, prompts)
+    return {"agreement": agree / len(kept) if kept else None, "ci_low": low, "ci_high": high, "pairs": len(kept),
+            "prompts": prompts}
 
 
 def per_prompt(xs: list[float], group: int) -> list[float]:
@@ -164,7 +168,7 @@ def gold_report(judge, prompts, args: EvalArgs, heldout: tuple[list[dict], list[
             "win_rate": win_rate(gold_ppo, gold_sft, 0.0, same_replies(ro_ppo["texts"], ro_sft["texts"]), group),
             "rm_agreement_heldout_pairs": rm_heldout,
             "rm_agreement_policy_samples": gold_agreement(ro_ppo["rewards"], ro_sft["rewards"], gold_ppo, gold_sft,
-                                                          same_replies(ro_ppo["texts"], ro_sft["texts"])),
+                                                          same_replies(ro_ppo["texts"], ro_sft["texts"]), group),
             "curve": curve, "flag": overoptimisation_flag(curve)}
 
 def gold_figures(gold: dict) -> dict:
@@ -314,7 +318,7 @@ def sft_vs_ppo(judge, prompts, args: EvalArgs, ppo: dict, ppo_dir: Path, ro_sft:
         for sample, gs, gp in zip(samples, gold["sft"], gold["ppo"]):
             sample.update(gold_sft=gs, gold_ppo=gp)
     store = resolve_path(args.label_store) if args.label_store else ppo_dir.parent / "label" / "labels.sqlite"
-    human = human_win_rate(store, {s["pair_id"]: 1 for s in samples})
+    human = human_win_rate(store, {s["pair_id"]: 1 for s in samples[::args.samples_per_prompt]})  # the pairs written
     figures.update(human_win_rate=human["rate"] if human else None)
     return {"figures": figures, "win_rate": wr, "reward": {"sft": describe(ro_sft["rewards"]), "ppo": describe(ro_ppo["rewards"])},
             "kl": describe(kl), "training": train, "flags": flags, "human": human, "gold": gold_ppo, "samples": samples,

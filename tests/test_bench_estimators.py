@@ -33,6 +33,10 @@ def test_an_estimators_row_is_its_gold_against_sfts_and_its_win_rate_over_sft():
     assert (grpo["gold_win_rate_ci_low"], grpo["gold_win_rate_ci_high"]) == (0.1, 0.9)
     assert grpo["wins_ties_losses"] == [6, 2, 2] and grpo["kl_mean"] == 3.5 and grpo["method"] == "grpo"
     assert rows["dpo"]["gold_gain"] == -0.125 and rows["dpo"]["gold_win_rate"] == 0.25
+    assert grpo["pairs"] == 10  # an eval of one sample a prompt: its n; of several, its pairs
+    four = comparison(0.25, {"grpo": (0.75, 3.5, 6, 2, 2)})
+    four["win_rate_gold"]["grpo"]["sft"].update(n=5, pairs=10)  # 5 prompts x 2 samples
+    assert estimators.estimator_rows(four)["grpo"]["pairs"] == 10
 
 
 def test_the_summary_over_seeds_by_hand():

@@ -127,7 +127,7 @@ def test_main_summarises_the_seeds_by_hand(monkeypatch, tmp_path):
     per = {1: (0.1, 0.9, 0.6, 0.7, 2.0, 100.0), 2: (0.2, 0.8, 0.7, None, 3.0, 110.0), 3: (0.6, 0.7, 0.95, 0.9, 10.0, 200.0)}
     seen = []
 
-    def fake_one_seed(seed, runs_dir, samples, rm_args="", ppo_args=""):
+    def fake_one_seed(seed, runs_dir, samples, rm_args="", ppo_args="", trained_s=None):
         seen.append((seed, samples, rm_args, ppo_args))
         gain, ppo, win, agree, kl, wall = per[seed]
         return {"seed": seed, "gold_gain": gain, "gold_ppo_mean": ppo, "gold_sft_mean": ppo - gain,
@@ -248,3 +248,36 @@ def test_the_samples_kept_are_a_pair_a_prompt(tmp_path):
     (tmp_path / "eval" / "report.json").write_text(json.dumps({"figures": {"samples_per_prompt": 3}, "samples": rows}))
     got = story_seeds.samples_of(tmp_path, 3)
     assert [(r["prompt_text"], r["sft"]) for r in got] == [("p0", "s0"), ("p1", "s3"), ("p2", "s6")]
+
+
+def test_eval_only_evaluates_the_last_results_runs_and_keeps_their_training_time(monkeypatch, tmp_path):
+    """--eval_only after a change to eval alone: no folder deleted, no training, `make eval` only, and the seed's
+    training wall time the last result's; refused (one error line) without that result's runs."""
+    import json
+
+    runs, out = tmp_path / "runs", tmp_path / "story.json"
+    (runs / "seed-1" / "ppo").mkdir(parents=True)
+    kept = runs / "seed-1" / "sft.txt"
+    kept.write_text("trained")
+    out.write_text(json.dumps({"stage_args": {"rm": "", "ppo": ""}, "seeds": [{"seed": 1, "wall_s": {"sft_rm_ppo_s": 444.0}}]}))
+    calls = []
+
+    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args=""):
+        calls.append(targets)
+        for stage, metrics in (("eval", {"gold_ppo_mean": 0.7, "gold_sft_mean": 0.1, "gold_win_rate": 0.9}),
+                               ("rm", {}), ("simulate", {})):
+            (runs_dir / run / stage).mkdir(parents=True, exist_ok=True)
+            (runs_dir / run / stage / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+        (runs_dir / run / "eval" / "report.json").write_text(json.dumps({"samples": []}))
+        return 12.5
+
+    monkeypatch.setattr(story_seeds, "make", fake_make)
+    result = story_seeds.main(["--seeds", "1", "--runs_dir", str(runs), "--output", str(out), "--eval_only"])
+    assert calls == [["eval"]] and kept.read_text() == "trained"
+    assert result["seeds"][0]["wall_s"] == {"sft_rm_ppo_s": 444.0, "eval_s": 12.5}
+    assert result["seeds"][0]["gold_gain"] == pytest.approx(0.6)
+    with pytest.raises(SystemExit, match="error: --eval_only needs .* seeds \\[2\\]"):
+        story_seeds.main(["--seeds", "2", "--runs_dir", str(runs), "--output", str(out), "--eval_only"])
+    with pytest.raises(SystemExit, match="error: --eval_only needs"):
+        story_seeds.main(["--seeds", "1", "--runs_dir", str(runs), "--output", str(out), "--eval_only",
+                          "--ppo_args", "--kl_coef 0.1"])

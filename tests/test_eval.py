@@ -111,7 +111,7 @@ def test_reward_hacking_is_flagged(eval_dir):
 @pytest.mark.parametrize("arch", ["gpt2"])  # absolute positions: left padding must not shift them
 def test_ppo_equal_to_sft_gives_zero_kl_and_all_ties(tmp_path, tiny_models, arch):
     """Point the PPO manifest at the SFT adapter: same seed, same samples, so KL 0 and a 50% win rate of ties (two
-    samples a prompt: 12 ties on 6 prompts, the interval over the 6)."""
+    samples a prompt: 12 ties on 6 prompts)."""
     from stages.eval import main, parse_args
 
     runs = build_upstream(tmp_path / "runs", tiny_models[arch])
@@ -125,13 +125,14 @@ def test_ppo_equal_to_sft_gives_zero_kl_and_all_ties(tmp_path, tiny_models, arch
     assert all(s["sft"] == s["ppo"] for s in report["samples"]) and len(report["samples"]) == 12
     assert m["kl_mean"] == pytest.approx(0.0, abs=1e-5) and m["win_rate"] == 0.5 and report["win_rate"]["ties"] == 12
     assert (m["n_prompts"], m["samples_per_prompt"]) == (6, 2)
-    assert (m["win_rate_ci_low"], m["win_rate_ci_high"]) == pytest.approx(wilson(3, 6))
+    # every pair a tie: every prompt's share 0.5, so nothing says a prompt's pairs are alike: the 12 pairs' interval
+    assert (m["win_rate_ci_low"], m["win_rate_ci_high"]) == pytest.approx(wilson(6, 12))
     assert m["reward_sft_mean"] == pytest.approx(m["reward_ppo_mean"])
     # the gold judge sees the same: a 0.5 win rate, inside its interval, and no over-optimisation
     assert m["gold_win_rate"] == 0.5 and m["gold_win_rate_ci_low"] < 0.5 < m["gold_win_rate_ci_high"]
     assert m["gold_sft_mean"] == m["gold_ppo_mean"] and m["overoptimisation_suspected"] is False
     # every figure counts prompts: the gold rate's interval, the matrices', the curves' per-prompt scores
-    assert (m["gold_win_rate_ci_low"], m["gold_win_rate_ci_high"]) == pytest.approx(wilson(3, 6))
+    assert (m["gold_win_rate_ci_low"], m["gold_win_rate_ci_high"]) == pytest.approx(wilson(6, 12))
     c = report["comparison"]
     assert c["n_prompts"] == 6 and c["win_rate_gold"]["ppo"]["sft"]["n"] == c["win_rate_proxy"]["sft"]["ppo"]["n"] == 6
     assert [len(p["gold"]) for p in report["gold"]["curve"] + c["curves"]["ppo"] + c["curves"]["sft"]] == [6] * 5
@@ -186,21 +187,39 @@ def test_wilson_interval_and_ties_count_half():
     assert (w["wins"], w["ties"], w["losses"]) == (1, 2, 1) and w["rate"] == 0.5
 
 
-def test_a_grouped_win_rate_averages_each_prompts_pairs_and_its_interval_counts_prompts():
+def test_a_grouped_win_rate_averages_each_prompts_pairs_and_its_interval_takes_their_effective_number():
     """samples_per_prompt 4: two prompts of four rows each, prompt-major. PPO wins 1 of the first prompt's pairs (one
-    tie: the same reply, whatever its scores) and all 4 of the second's: shares 1.5/4 and 1, rate 5.5/8; the Wilson
-    interval is over 2 prompts (wilson(1.375, 2)), not 8 pairs (wilson(5.5, 8), far narrower)."""
+    tie: the same reply, whatever its scores) and all 4 of the second's: shares 0.375 and 1, rate 0.6875; the shares'
+    variance 0.1953 against p(1-p) 0.2148 makes the 8 pairs worth 2 x 0.2148 / 0.1953 = 2.2 trials, and the Wilson
+    interval is wilson(0.6875 x 2.2, 2.2), not the 8 pairs' (far narrower)."""
     from stages.eval_compare import win_rate
 
     ppo, sft = [1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.4, 0.0, 0.0, 0.0, 0.0]
     same = [False, False, False, True] + [False] * 4
     w = win_rate(ppo, sft, same_text=same, group=4)
     assert (w["wins"], w["ties"], w["losses"], w["n"], w["pairs"]) == (5, 1, 2, 2, 8)
-    assert w["rate"] == 5.5 / 8 and (w["ci_low"], w["ci_high"]) == pytest.approx(wilson(5.5 / 8 * 2, 2))
+    assert w["rate"] == 5.5 / 8 and w["n_effective"] == pytest.approx(2.2)
+    assert (w["ci_low"], w["ci_high"]) == pytest.approx(wilson(0.6875 * 2.2, 2.2))
     assert (w["ci_low"], w["ci_high"]) != pytest.approx(wilson(5.5, 8))
-    assert win_rate(ppo, sft, same_text=same)["n"] == 8  # one row a prompt: the interval over the 8
+    ungrouped = win_rate(ppo, sft, same_text=same)  # one row a prompt: the interval over the 8
+    assert ungrouped["n"] == ungrouped["n_effective"] == 8 and (ungrouped["ci_low"], ungrouped["ci_high"]) == \
+        pytest.approx(wilson(5.5, 8))
     with pytest.raises(ValueError, match="8 rows are not whole groups of 3"):
         win_rate(ppo, sft, group=3)
+
+
+def test_the_effective_trials_lie_between_the_prompts_and_the_pairs_by_hand():
+    """Kish's effective size of 4 prompts x 4 pairs, prompts x p(1-p) / var(shares) (sample variance): shares 0.25,
+    0.75, 0.5, 1 give p 0.625, variance 0.3125 / 3, so 4 x 0.234375 / 0.1041667 = 9; shares that vary as single trials
+    (0, 1, 0, 1: 3 by the formula) are worth the 4 prompts; nearly equal shares (0.5, 0.75, 0.25, 0.5: 24) the 16
+    pairs; equal shares the pairs; one pair a prompt the prompts."""
+    from stages.eval_compare import effective_trials
+
+    assert effective_trials([0.25, 0.75, 0.5, 1.0], 4) == pytest.approx(9.0)
+    assert effective_trials([0.0, 1.0, 0.0, 1.0], 4) == 4.0
+    assert effective_trials([0.5, 0.75, 0.25, 0.5], 4) == 16.0
+    assert effective_trials([0.5] * 4, 4) == 16.0
+    assert effective_trials([0.0, 1.0, 1.0], 1) == 3.0
 
 
 def test_a_curve_point_pairs_prompts_by_their_means():
@@ -211,6 +230,20 @@ def test_a_curve_point_pairs_prompts_by_their_means():
     p = curve_point(6, "update-6", [1.0, 3.0, 0.0, 2.0], [0.2, 0.4, 0.9, 0.5], [4.0, 4.0, 1.0, 1.0], group=2)
     assert p["proxy"] == [2.0, 1.0] and p["gold"] == pytest.approx([0.3, 0.7])
     assert (p["proxy_mean"], p["gold_mean"], p["kl_mean"], p["sqrt_kl"]) == pytest.approx((1.5, 0.5, 2.5, 2.5 ** 0.5))
+
+
+def test_the_policy_samples_agreement_interval_counts_prompts():
+    """Two prompts of three rows: 5 counted pairs (one row's gold tie left out) on 2 prompts. The agreement is the
+    pairs' (4 of 5), its Wilson interval over the 2 prompts (as a win rate's), not the 5 pairs."""
+    from stages.eval_ppo import gold_agreement
+
+    proxy_a, proxy_b = [1.0, 1.0, 1.0, 1.0, -1.0, 1.0], [0.0] * 6
+    gold_a, gold_b = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    a = gold_agreement(proxy_a, proxy_b, gold_a, gold_b, group=3)
+    assert (a["agreement"], a["pairs"], a["prompts"]) == (0.8, 5, 2)
+    assert (a["ci_low"], a["ci_high"]) == pytest.approx(wilson(0.8 * 2, 2))
+    rows = gold_agreement(proxy_a, proxy_b, gold_a, gold_b)
+    assert rows["prompts"] == 5 and (rows["ci_low"], rows["ci_high"]) == pytest.approx(wilson(4, 5))
 
 
 def test_wilson_of_no_trials_is_the_whole_interval():
@@ -289,7 +322,7 @@ def test_human_win_rate_read_back_from_the_label_store(tmp_path, eval_dir):
     assert human_win_rate(tmp_path / "missing.sqlite", {i: 1 for i in ids}) is None
 
 
-def ppo_section(tmp_path, ended_sft, ended_ppo, gold=None, kl=(1.0, 1.0, 1.0, 1.0)):
+def ppo_section(tmp_path, ended_sft, ended_ppo, gold=None, kl=(1.0, 1.0, 1.0, 1.0), args=None):
     """sft_vs_ppo on four made-up prompts (no model work): PPO beats SFT under the reward model on the first three,
     the training curves are tests/fake_upstream.py's, the label store is the run's default one (label/labels.sqlite
     beside the ppo folder)."""
@@ -305,7 +338,7 @@ def ppo_section(tmp_path, ended_sft, ended_ppo, gold=None, kl=(1.0, 1.0, 1.0, 1.
               "lengths": [5, 6, 7, 8], "ended": ended_sft}
     ro_ppo = {"texts": [f"ppo answer {i}" for i in range(4)], "rewards": [1.0, 2.0, 3.0, 0.0],
               "lengths": [9, 10, 11, 12], "ended": ended_ppo}
-    return sft_vs_ppo(SimpleNamespace(spec="made-up gold"), prompts, EvalArgs(), {"outputs": {"metrics_jsonl":
+    return sft_vs_ppo(SimpleNamespace(spec="made-up gold"), prompts, args or EvalArgs(), {"outputs": {"metrics_jsonl":
                       str(tmp_path / "metrics.jsonl")}}, tmp_path / "ppo", ro_sft, ro_ppo, list(kl), gold,
                       ([], [], []), [])
 
@@ -348,19 +381,19 @@ def test_no_eos_figures_are_the_shares_without_eos(tmp_path):
     assert f["win_rate"] == 0.75 and f["human_win_rate"] is None and out["human"] is None  # no label store yet
 
 
-def ppo_section_labelled(tmp_path, votes: list[tuple[str, int]]) -> dict:
+def ppo_section_labelled(tmp_path, votes: list[tuple[str, int]], args=None) -> dict:
     """ppo_section after one person labeled its four SFT-vs-PPO pairs in the run's store: votes[i] = (choice,
     shown_left) on pair i, whose responses are [SFT, PPO]."""
     from stages.label.store import LabelStore
 
     ended = [True] * 4
-    samples = ppo_section(tmp_path, ended, ended)["samples"]
+    samples = ppo_section(tmp_path, ended, ended, args=args)["samples"]
     store = LabelStore(tmp_path / "label" / "labels.sqlite")
     store.import_items([{"pair_id": s["pair_id"], "prompt": s["prompt"], "responses": [s["sft"], s["ppo"]]}
                         for s in samples])
     for s, (choice, shown_left) in zip(samples, votes, strict=True):
         store.save_label("ann", s["pair_id"], choice, shown_left)
-    return ppo_section(tmp_path, ended, ended)
+    return ppo_section(tmp_path, ended, ended, args=args)
 
 
 def test_human_win_rate_counts_a_ppo_preference_as_a_ppo_win(tmp_path):
@@ -371,6 +404,16 @@ def test_human_win_rate_counts_a_ppo_preference_as_a_ppo_win(tmp_path):
     h = out["human"]
     assert (h["labels"], h["wins"], h["ties_or_both_bad"]) == (4, 3, 0) and h["rate"] == 0.75
     assert out["figures"]["human_win_rate"] == 0.75
+
+
+def test_the_human_win_rate_reads_the_pairs_eval_wrote_for_people(tmp_path):
+    """Two samples a prompt: human_pairs.jsonl holds each prompt's first pair (rows 0 and 2), so the human win rate
+    reads labels on those alone: labels on rows 1 and 3 (the same texts served from another file) do not count."""
+    from stages.eval import EvalArgs
+
+    out = ppo_section_labelled(tmp_path, [("left", 1), ("left", 0), ("right", 0), ("left", 0)],
+                               args=EvalArgs(samples_per_prompt=2))
+    assert (out["human"]["pairs"], out["human"]["labels"], out["human"]["rate"]) == (2, 2, 1.0)
 
 
 def test_rm_gold_agreement_on_the_policy_samples_by_hand(tmp_path):

@@ -553,6 +553,21 @@ def test_card_leads_with_the_gold_judge_when_eval_has_one():
     assert "gold" not in plain and "**Under the reward model**: win rate of PPO over SFT 89.0%** (95% CI" in plain
 
 
+def test_the_card_says_how_many_responses_eval_sampled_a_prompt():
+    """eval's samples_per_prompt reaches both cards' first line: 4 samples a prompt are not "one sampled response"."""
+    from stages.publish_card import policy_results, ppo_results
+
+    ev = {"n_prompts": 82, "reward_sft_mean": 0.1, "reward_ppo_mean": 0.2, "length_sft_mean": 5.0, "length_ppo_mean": 6.0,
+          "no_eos_sft": 0.0, "no_eos_ppo": 0.0, "kl_mean": 0.5, "win_rate": 0.5, "win_rate_ci_low": 0.2,
+          "win_rate_ci_high": 0.8, "comparison": {n: {"proxy_mean": 0.1, "gold_mean": None, "length_mean": 5.0,
+                                                        "no_eos": 0.0, "kl_mean": 0.0} for n in ("sft", "grpo")}}
+    assert ppo_results({**ev, "samples_per_prompt": 4})[0].startswith(
+        "82 prompts PPO never trained on; 4 sampled responses per prompt and policy, ")
+    assert policy_results({**ev, "samples_per_prompt": 4}, "grpo")[0] == \
+        "82 held-out prompts; 4 sampled responses per prompt and policy with the same seed."
+    assert "one sampled response per policy" in ppo_results(ev)[0]  # an eval report from before samples_per_prompt
+
+
 def test_card_figures_each_come_from_their_own_field_by_hand(tmp_path):
     """Every figure of the card's tables and summary is the one the eval report and the policy's manifest give for it,
     in its own column (hand-made figures, each distinct); the flags show when the report raised them and only then;
