@@ -31,12 +31,15 @@ EVAL_KEYS = ("n_prompts", "samples_per_prompt", "gold_sft_mean", "gold_ppo_mean"
              "length_sft_mean", "length_ppo_mean", "no_eos_sft", "no_eos_ppo")
 
 
-def make(targets: list[str], run: str, runs_dir: Path, seed: int, rm_args: str = "", ppo_args: str = "") -> float:
+def make(targets: list[str], run: str, runs_dir: Path, seed: int, rm_args: str = "", ppo_args: str = "",
+         force: bool = False) -> float:
     """One make call; returns its wall seconds. Raises with make's last lines when it fails. `rm_args`, `ppo_args`:
-    more flags for those stages (a variant of the default run, e.g. "--ensemble 1" and "--kl_coef 0.15")."""
+    more flags for those stages (a variant of the default run, e.g. "--ensemble 1" and "--kl_coef 0.15"). `force`:
+    FORCE=1, the named targets redone though their inputs are unchanged (make does not watch the code)."""
     seeded = f"--seed {seed}"
     cmd = ["make", *targets, f"RUN={run}", f"RUNS_DIR={runs_dir}", f"SFT_ARGS={seeded}", f"PAIRS_ARGS={seeded}",
-           f"SIMULATE_ARGS={seeded}", f"RM_ARGS={seeded} {rm_args}".strip(), f"PPO_ARGS={seeded} {ppo_args}".strip()]
+           f"SIMULATE_ARGS={seeded}", f"RM_ARGS={seeded} {rm_args}".strip(), f"PPO_ARGS={seeded} {ppo_args}".strip(),
+           *(["FORCE=1"] if force else [])]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -92,13 +95,14 @@ def one_seed(seed: int, runs_dir: Path, samples: int, rm_args: str = "", ppo_arg
     run = f"seed-{seed}"
     run_dir = runs_dir / run
     load_before = os.getloadavg()[0]
+    evaluate_again = trained_s is not None
     if trained_s is None:
         # A fresh folder: stages an earlier bench left would count as up to date and be missing from the wall time.
         shutil.rmtree(run_dir, ignore_errors=True)
         trained_s = make(["sft", "rm", "ppo"], run, runs_dir, seed, rm_args, ppo_args)
     wall = {"sft_rm_ppo_s": trained_s}
     # The same stage flags again: make reruns a stage whose flags differ from the ones its manifest records.
-    wall["eval_s"] = make(["eval"], run, runs_dir, seed, rm_args, ppo_args)
+    wall["eval_s"] = make(["eval"], run, runs_dir, seed, rm_args, ppo_args, force=evaluate_again)
     ev = metrics_of(run_dir, "eval")
     rm, sim = metrics_of(run_dir, "rm"), metrics_of(run_dir, "simulate")
     return {

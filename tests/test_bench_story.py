@@ -34,6 +34,9 @@ def test_every_training_stage_gets_the_seed(monkeypatch, tmp_path):
     for var in ("SFT_ARGS", "PAIRS_ARGS", "SIMULATE_ARGS", "RM_ARGS", "PPO_ARGS"):
         assert f"{var}=--seed 7" in cmd
     assert "RUN=seed-7" in cmd and f"RUNS_DIR={tmp_path}" in cmd
+    assert "FORCE=1" not in cmd
+    story_seeds.make(["eval"], "seed-7", tmp_path, 7, force=True)
+    assert seen["cmd"][-1] == "FORCE=1"
     story_seeds.make(["sft", "rm", "ppo"], "seed-7", tmp_path, 7, rm_args="--ensemble 1", ppo_args="--kl_coef 0.15")
     assert "RM_ARGS=--seed 7 --ensemble 1" in seen["cmd"] and "PPO_ARGS=--seed 7 --kl_coef 0.15" in seen["cmd"]
 
@@ -46,7 +49,7 @@ def test_a_seed_starts_from_an_empty_run_folder(monkeypatch, tmp_path):
     stale.write_text("{}")
     seen = []
 
-    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args=""):
+    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args="", force=False):
         seen.append(((runs_dir / run).exists(), targets))
         raise SystemExit("stop after the first call")
 
@@ -60,7 +63,7 @@ def test_a_variants_stage_flags_go_to_every_make_call(monkeypatch, tmp_path):
     """`make eval` would retrain a stage whose flags differ from its manifest's: the variant's flags go to both calls."""
     calls = []
 
-    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args=""):
+    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args="", force=False):
         calls.append((targets, rm_args, ppo_args))
         if targets == ["eval"]:
             raise SystemExit("stop after the eval call")
@@ -78,7 +81,7 @@ def test_one_seeds_gold_gain_is_ppo_minus_sft(monkeypatch, tmp_path):
 
     ev = {"gold_sft_mean": 0.25, "gold_ppo_mean": 0.75, "gold_win_rate": 0.6}
 
-    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args=""):
+    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args="", force=False):
         if targets == ["eval"]:
             for stage, metrics in (("eval", ev), ("rm", {"eval_accuracy": 0.7}), ("simulate", {"agreement_with_gold": 0.8})):
                 (runs_dir / run / stage).mkdir(parents=True, exist_ok=True)
@@ -262,8 +265,8 @@ def test_eval_only_evaluates_the_last_results_runs_and_keeps_their_training_time
     out.write_text(json.dumps({"stage_args": {"rm": "", "ppo": ""}, "seeds": [{"seed": 1, "wall_s": {"sft_rm_ppo_s": 444.0}}]}))
     calls = []
 
-    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args=""):
-        calls.append(targets)
+    def fake_make(targets, run, runs_dir, seed, rm_args="", ppo_args="", force=False):
+        calls.append((targets, force))
         for stage, metrics in (("eval", {"gold_ppo_mean": 0.7, "gold_sft_mean": 0.1, "gold_win_rate": 0.9}),
                                ("rm", {}), ("simulate", {})):
             (runs_dir / run / stage).mkdir(parents=True, exist_ok=True)
@@ -273,7 +276,7 @@ def test_eval_only_evaluates_the_last_results_runs_and_keeps_their_training_time
 
     monkeypatch.setattr(story_seeds, "make", fake_make)
     result = story_seeds.main(["--seeds", "1", "--runs_dir", str(runs), "--output", str(out), "--eval_only"])
-    assert calls == [["eval"]] and kept.read_text() == "trained"
+    assert calls == [(["eval"], True)] and kept.read_text() == "trained"  # FORCE=1: make does not watch eval's code
     assert result["seeds"][0]["wall_s"] == {"sft_rm_ppo_s": 444.0, "eval_s": 12.5}
     assert result["seeds"][0]["gold_gain"] == pytest.approx(0.6)
     with pytest.raises(SystemExit, match="error: --eval_only needs .* seeds \\[2\\]"):
