@@ -246,6 +246,24 @@ def test_the_policy_samples_agreement_interval_counts_prompts():
     assert rows["prompts"] == 5 and (rows["ci_low"], rows["ci_high"]) == pytest.approx(wilson(4, 5))
 
 
+def test_the_gold_report_counts_prompts_of_several_samples():
+    """gold_report at 2 samples a prompt, 4 rows: its win rate, its curve's ends and the policy samples' agreement
+    are over the 2 prompts (shares 1 and 0.5: p 0.75, the pairs worth 2 x 0.1875 / 0.125 = 3 trials)."""
+    from types import SimpleNamespace
+
+    from stages.eval_ppo import gold_report
+
+    ro_sft = {"texts": ["s0", "s1", "s2", "s3"], "rewards": [0.0] * 4}
+    ro_ppo = {"texts": ["p0", "p1", "p2", "p3"], "rewards": [1.0] * 4}
+    gold = gold_report(SimpleNamespace(spec="test"), [], SimpleNamespace(gold_batch_size=8, samples_per_prompt=2),
+                       ([], [], []), [], 4, ro_sft, ro_ppo, [1.0] * 4, [0.0] * 4, [1.0, 1.0, 1.0, -1.0])
+    w = gold["win_rate"]
+    assert (w["n"], w["pairs"], w["rate"]) == (2, 4, 0.75) and w["n_effective"] == pytest.approx(3.0)
+    assert (w["ci_low"], w["ci_high"]) == pytest.approx(wilson(2.25, 3.0))
+    assert [len(p["gold"]) for p in gold["curve"]] == [2, 2] and gold["curve"][1]["gold"] == [1.0, 0.0]
+    assert gold["rm_agreement_policy_samples"]["prompts"] == 2
+
+
 def test_wilson_of_no_trials_is_the_whole_interval():
     from pipeline.stats import wilson
 
