@@ -2167,6 +2167,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('eval-human-rate-every-row', 'stages/eval_ppo.py', '{s["pair_id"]: 1 for s in samples[::args.samples_per_prompt]})', '{s["pair_id"]: 1 for s in samples})', 'tests/test_eval.py -k pairs_eval_wrote_for_people'),
     ('estimators-pairs-dropped', 'bench/estimators.py', '                      "pairs": win.get("pairs", win["n"]), ', '                      ', 'tests/test_bench_estimators.py'),
     ('story-eval-only-unforced', 'bench/story_seeds.py', 'rm_args, ppo_args, force=evaluate_again)', 'rm_args, ppo_args)', 'tests/test_bench_story.py -k eval_only'),
+    ('label-choices-sent-while-saving', 'stages/label/app.py', '              trigger_mode="once", api_visibility="private")', '              trigger_mode="multiple", api_visibility="private")', 'tests/test_label_browser.py -k second_key'),
     ('rm-checkpoints-without-optimizer', 'configs/rm.yaml', 'save_only_model: false ', 'save_only_model: true  ', 'tests/test_rm.py -k interrupted'),
     ('dpo-checkpoints-kept', 'stages/dpo.py', '        drop_checkpoints(Path(train_cfg.output_dir))\n', '', 'tests/test_dpo.py -k interrupted'),
     ('resume-sharded-refused-by-transformers', 'stages/resume.py', '    if wants_optimizer:\n        train_cfg.save_only_model = True\n', '', 'tests/test_resume.py'),

@@ -368,8 +368,19 @@ def build_app(store: LabelStore, guidelines_md: str, title: str = "Which respons
         demo.load(on_load, [saved_name], view_outputs)
         start.click(on_start, [name, state], view_outputs + [saved_name], api_name="start")
         name.submit(on_start, [name, state], view_outputs + [saved_name], api_name="start_on_enter")
-        for button, choice in ((b_left, "left"), (b_right, "right"), (b_tie, "tie"), (b_bad, "both_bad")):
-            button.click(on_choice(choice), [strength, note, on_screen, state], view_outputs, api_name=f"label_{choice}")
+        choice_of = {b_left: "left", b_right: "right", b_tie: "tie", b_bad: "both_bad"}
+
+        def on_any_choice(strength_value: str, note_value: str, shown_pair: str, st: dict, request: gr.Request,
+                          evt: gr.EventData):
+            return on_choice(choice_of[evt.target])(strength_value, note_value, shown_pair, st, request)
+
+        # One listener for the four choices, sending nothing while it runs (trigger_mode once): as four, a second key
+        # pressed while the first saved ran beside it, and under load was saved first
+        gr.on([b.click for b in choice_of], on_any_choice, [strength, note, on_screen, state], view_outputs,
+              trigger_mode="once", api_visibility="private")
+        for choice in choice_of.values():  # the API's endpoints, one a choice (the page's buttons use the one above)
+            gr.Button(visible=False).click(on_choice(choice), [strength, note, on_screen, state], view_outputs,
+                                           api_name=f"label_{choice}")
         b_skip.click(on_skip, [on_screen, state], view_outputs, api_name="skip")
         b_undo.click(on_undo, [state], view_outputs, api_name="undo")
         b_open.click(on_open, [earlier, state], view_outputs, api_name="open")
