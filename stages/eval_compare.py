@@ -45,13 +45,18 @@ def win_rate(ppo: list[float], sft: list[float], tie_eps: float = 1e-6, same_tex
     wins, losses = outcomes.count(1.0), outcomes.count(0.0)
     ties = len(ppo) - wins - losses
     rate = (wins + 0.5 * ties) / len(ppo) if ppo else float("nan")
-    shares = [statistics.fmean(outcomes[i:i + group]) for i in range(0, len(outcomes), group)]
+    shares = per_prompt(outcomes, group)
     n = effective_trials(shares, group)
     low, high = wilson(rate * n if ppo else 0, n)
     return {"rate": rate, "ci_low": low, "ci_high": high,
             "ci": "Wilson 95%, ties counted half" + (f", over the effective trials of {len(shares)} prompts x {group} "
                                                      f"pairs" if group > 1 else ""),
             "wins": wins, "ties": ties, "losses": losses, "n": len(shares), "pairs": len(ppo), "n_effective": n}
+
+
+def per_prompt(xs: list[float], group: int) -> list[float]:
+    """Each prompt's mean over its `group` rows (eval's samples_per_prompt), in prompt order."""
+    return [statistics.fmean(xs[i:i + group]) for i in range(0, len(xs), group)]
 
 
 def effective_trials(shares: list[float], group: int) -> float:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import ConfigError, resolve_path
 from pipeline.data import jsonl_objects
 from pipeline.judges import describe_judge
-from stages.eval_compare import describe, overoptimisation_flag, same_replies, wilson, win_rate
+from stages.eval_compare import describe, overoptimisation_flag, per_prompt, same_replies, wilson, win_rate
 from stages.label.export import markdown_literal
 
 if TYPE_CHECKING:
@@ -117,11 +117,6 @@ def gold_agreement(proxy_a: list[float], proxy_b: list[float], gold_a: list[floa
     low, high = wilson(agree / len(kept) * prompts if kept else 0, prompts)
     return {"agreement": agree / len(kept) if kept else None, "ci_low": low, "ci_high": high, "pairs": len(kept),
             "prompts": prompts}
-
-
-def per_prompt(xs: list[float], group: int) -> list[float]:
-    """Each prompt's mean over its `group` rows (eval's samples_per_prompt), in prompt order."""
-    return [statistics.fmean(xs[i:i + group]) for i in range(0, len(xs), group)]
 
 
 def curve_point(update: int, label: str, rewards: list[float], gold: list[float], kl: list[float], group: int = 1) -> dict:

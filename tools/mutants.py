@@ -2136,8 +2136,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('run-inputs-recorded-by-bytes', 'pipeline/run.py', 'return {f: known[f] if f in known else input_digest(resolve_path(f)) for f in files}', 'return {f: known[f] if f in known else file_digest(resolve_path(f)) for f in files}', "tests/test_make.py -k 'comments_and_spacing or recorded_a_yamls_bytes'"),
     # eval's samples_per_prompt (stop 71)
     ('eval-winrate-interval-counts-rows', 'stages/eval_compare.py', 'low, high = wilson(rate * n if ppo else 0, n)', 'low, high = wilson(rate * len(ppo) if ppo else 0, len(ppo))', "tests/test_eval.py -k 'grouped_win_rate or ppo_equal'"),
-    ('eval-winrate-shares-of-rows', 'stages/eval_compare.py', 'for i in range(0, len(outcomes), group)]', 'for i in range(0, len(outcomes), 1)]', "tests/test_eval.py -k 'grouped_win_rate or ppo_equal'"),
-    ('eval-per-prompt-sum', 'stages/eval_ppo.py', 'return [statistics.fmean(xs[i:i + group]) for i', 'return [sum(xs[i:i + group]) for i', "tests/test_eval.py -k 'curve_point_pairs'"),
+    ('eval-winrate-shares-of-rows', 'stages/eval_compare.py', '    shares = per_prompt(outcomes, group)\n', '    shares = per_prompt(outcomes, 1)\n', "tests/test_eval.py -k 'grouped_win_rate or ppo_equal'"),
+    ('eval-per-prompt-sum', 'stages/eval_compare.py', 'return [statistics.fmean(xs[i:i + group]) for i', 'return [sum(xs[i:i + group]) for i', "tests/test_eval.py -k 'curve_point_pairs'"),
     ('eval-curve-rows-not-prompts', 'stages/eval_ppo.py', '    proxy, gold = per_prompt(rewards, group), per_prompt(gold, group)\n', '    proxy, gold = list(rewards), list(gold)\n', "tests/test_eval.py -k 'curve_point_pairs or ppo_equal'"),
     ('eval-matrix-ungrouped', 'stages/eval.py', '{n: ro[n]["texts"] for n in names}, group) if gold else None,', '{n: ro[n]["texts"] for n in names}) if gold else None,', 'tests/test_eval.py -k ppo_equal'),
     ('eval-one-sample-a-prompt', 'stages/eval.py', '    prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]\n', '', 'tests/test_eval.py -k ppo_equal'),
