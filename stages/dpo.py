@@ -31,12 +31,14 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, RunArgs, lora_dropout_inert, parse, refuse_training_nothing, resolve_path, to_dict
+from pipeline.generation import right_pad
 from pipeline.lora_combine import combine_loras, merge_into_base, require_combinable, save_lora
 from pipeline.models import (MIXED_PRECISION_DTYPE, base_config, check_adapter, check_training_length, load_base,
                              load_tokenizer, lora_config, profile_from, resolve_base, save_fingerprint, to_device)
 from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, main_guard
 from pipeline.sharding import is_sharded, require_shared_runs_dir, sharding_report, take_over_from_accelerate
+from stages.dpo_groups import DPOGroupCollator, group_pairs, grouped_dpo_trainer, pairwise_only_settings
 from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
 from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
@@ -60,6 +62,10 @@ class DPOArgs:
         "help": "The recipe's reward-model config: its max_prompt_length cuts DPO's pairs, and an empty dataset_mixture "
                 "means its dataset_mixture."})
     eval_fraction: float = field(default=0.2, metadata={"help": "Share of prompts held out (no prompt, nor conversation, in both halves)."})
+    batch_by_prompt: bool = field(default=False, metadata={
+        "help": "Batch whole prompts: each distinct response's log-probs once under the policy and the reference, all "
+                "the prompt's pairs in the loss (stages/dpo_groups.py; the sigmoid loss alone). "
+                "per_device_train_batch_size then counts prompts."})
     # LoRA (DPO's own, on the SFT-merged base)
     lora_r: int = 16
     lora_alpha: int = 32
@@ -132,22 +138,31 @@ def sft_policy(profile, tokenizer, sft_dir, shard: bool = False):
 
 
 @torch.no_grad()
-def completion_logps(model, dataset, collator, batch_size: int) -> tuple[list[float], list[float]]:
-    """Sum of log pi(token) over each completion of DPOTrainer's tokenized pairs -> (chosen, rejected), in order."""
+def completion_logps(model, dataset, pad_token_id: int, batch_size: int) -> tuple[list[float], list[float]]:
+    """Sum of log pi(token) over each completion of DPOTrainer's tokenized pairs -> (chosen, rejected), in order. Each
+    distinct sequence (prompt + completion) runs once, in batches of `batch_size` pairs' worth (2 x batch_size
+    sequences) of similar length: a prompt's K responses make K(K-1)/2 pairs, and pair by pair each ran K-1 times."""
     model.eval()
     device = next(model.parameters()).device
     rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-    chosen, rejected = [], []
-    for start in range(0, len(rows), batch_size):
-        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    where: dict[tuple, int] = {}
+    ends = [[where.setdefault((tuple(r["prompt_ids"]), tuple(r[k])), len(where)) for k in ("chosen_ids", "rejected_ids")]
+            for r in rows]
+    distinct = sorted(where, key=lambda key: len(key[0]) + len(key[1]))
+    logps = [0.0] * len(distinct)
+    for start in range(0, len(distinct), 2 * batch_size):
+        keys = distinct[start:start + 2 * batch_size]
+        ids, mask = right_pad([list(p + c) for p, c in keys], pad_token_id)
+        completion = torch.zeros_like(mask)
+        for i, (p, c) in enumerate(keys):
+            completion[i, len(p):len(p) + len(c)] = 1
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         token_logps = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        seq = (token_logps * batch["completion_mask"][:, 1:].to(device)).sum(dim=1).cpu()
-        c, r = seq.chunk(2)
-        chosen += c.tolist()
-        rejected += r.tolist()
-    return chosen, rejected
+        seq = (token_logps * completion[:, 1:].to(device)).sum(dim=1).cpu()
+        for key, value in zip(keys, seq.tolist()):
+            logps[where[key]] = value
+    return [logps[c] for c, _ in ends], [logps[r] for _, r in ends]
 
 
 def dpo_lora(policy) -> tuple[dict, dict]:
@@ -169,7 +184,7 @@ def save_policy(dpo_state: dict, dpo_config: dict, sft_dir, adapter_dir, base_pa
     return save_lora(adapter_dir, state, config, base_path)
 
 
-def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size: int, chosen: list[float],
+def check_reload(adapter_dir, profile, tokenizer, dataset, batch_size: int, chosen: list[float],
                  rejected: list[float], mixed_precision: str = "no", shard: bool = False) -> dict:
     """The saved adapter, loaded with stock peft on the raw base (as eval loads policies), must give the trained
     policy's log-probs on the first held-out pairs. Checked in float32; in other dtypes the merged SFT weights were
@@ -180,7 +195,8 @@ def check_reload(adapter_dir, profile, tokenizer, dataset, collator, batch_size:
 
     n = min(RELOAD_CHECK_PAIRS, len(dataset))
     model = PeftModel.from_pretrained(load_base(profile, tokenizer, shard=shard), str(adapter_dir))
-    again = completion_logps(model if shard else to_device(model), dataset.select(range(n)), collator, batch_size)
+    again = completion_logps(model if shard else to_device(model), dataset.select(range(n)), tokenizer.pad_token_id,
+                             batch_size)
     diff = max(abs(a - b) for a, b in zip(chosen[:n] + rejected[:n], again[0] + again[1]))
     autocast = MIXED_PRECISION_DTYPE.get(mixed_precision)
     checked = profile.dtype == "float32" and autocast is None
@@ -208,11 +224,16 @@ def check_args(train_cfg, args: DPOArgs, run: RunArgs) -> None:
     unknown = [loss for loss in train_cfg.loss_type if loss not in known]
     if unknown:
         raise ConfigError(f"--loss_type {', '.join(unknown)}: TRL's DPO knows {', '.join(known)}")
+    pairwise_only = pairwise_only_settings(train_cfg) if args.batch_by_prompt else []
+    if pairwise_only:
+        raise ConfigError(f"{', '.join(pairwise_only)}: batch_by_prompt trains DPO's sigmoid loss alone; these need "
+                          f"TRL's pairwise batches (--batch_by_prompt false)")
     refuse_training_nothing(train_cfg)
 
 
 def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     from accelerate import PartialState
+    from datasets import Dataset
 
     check_args(train_cfg, args, run)
     shard = take_over_from_accelerate()  # FSDP config: the base is loaded sharded over the ranks (pipeline.sharding)
@@ -246,11 +267,15 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     stage.prepare(config, is_main=state.is_main_process)
 
     # 2. Train: -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)), log-ratios against the SFT reference
+    #    over batches of pairs (TRL's), or of prompts (batch_by_prompt: each distinct response once; dpo_groups.py)
     peft_config = lora_config(profile, args.lora_r, args.lora_alpha, args.lora_dropout)
-    trainer = build_trainer(lambda: trainer_on_token_ids()(model=model, args=train_cfg,
-                                                           train_dataset=as_token_ids(train_rows),
-                                                           eval_dataset=as_token_ids(eval_rows),
-                                                           processing_class=tokenizer, peft_config=peft_config),
+    trainer_class, as_dataset, collator = trainer_on_token_ids(), as_token_ids, None
+    if args.batch_by_prompt:
+        trainer_class = grouped_dpo_trainer(trainer_class)
+        as_dataset, collator = (lambda rows: Dataset.from_list(group_pairs(rows))), DPOGroupCollator(tokenizer.pad_token_id)
+    trainer = build_trainer(lambda: trainer_class(model=model, args=train_cfg, train_dataset=as_dataset(train_rows),
+                                                  eval_dataset=as_dataset(eval_rows), processing_class=tokenizer,
+                                                  peft_config=peft_config, data_collator=collator),
                             train_cfg, shard)
     t0 = time.time()  # an interrupted run of the same command continues from its last checkpoint (stages/resume.py)
     result, resume_from = train_resuming(trainer, {**stage.inputs(config), "config": config})
@@ -260,12 +285,12 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     # 3. Held-out implicit rewards beta * log(pi / pi_ref), per pair, from the trained policy and the reference: on the
     #    main process, or on every rank of a sharded base (each forward gathers the weights from every rank).
     metrics = {}
-    policy, eval_ds, collator = trainer.accelerator.unwrap_model(trainer.model), trainer.eval_dataset, trainer.data_collator
+    policy, eval_ds, pad = trainer.accelerator.unwrap_model(trainer.model), as_token_ids(eval_rows), tokenizer.pad_token_id
     batch = train_cfg.per_device_eval_batch_size
     if shard or state.is_main_process:
-        chosen, rejected = completion_logps(policy, eval_ds, collator, batch)
+        chosen, rejected = completion_logps(policy, eval_ds, pad, batch)
         with policy.disable_adapter():
-            ref_chosen, ref_rejected = completion_logps(policy, eval_ds, collator, batch)
+            ref_chosen, ref_rejected = completion_logps(policy, eval_ds, pad, batch)
     sharding = sharding_report(policy)  # every rank (it gathers each rank's share; it reshards the model too)
     dpo_state, dpo_config = dpo_lora(policy)
 
@@ -281,7 +306,7 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     gc.collect()
     state.wait_for_everyone()  # the adapter is saved before a rank reads it
     if shard or state.is_main_process:
-        reload = check_reload(adapter_dir, profile, tokenizer, eval_ds, collator, batch, chosen, rejected,
+        reload = check_reload(adapter_dir, profile, tokenizer, eval_ds, batch, chosen, rejected,
                               train_cfg.mixed_precision, shard)
     if state.is_main_process:
         reward_chosen = [train_cfg.beta * (p - r) for p, r in zip(chosen, ref_chosen)]

@@ -139,8 +139,6 @@ def test_reload_check_fails_when_the_saved_adapter_is_not_the_policy(trained, ti
     """The stage's last check: the saved adapter's log-probs must be the trained policy's (float32), else it fails."""
     from datasets import Dataset
     from peft import PeftModel
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
     arch, run_dir, _ = trained
     adapter = run_dir / "dpo" / "adapter"
     gen = torch.Generator().manual_seed(0)
@@ -151,18 +149,18 @@ def test_reload_check_fails_when_the_saved_adapter_is_not_the_policy(trained, ti
     for profiles, dtype in ((tiny_models, "float32"), (tiny_models_bf16, "bfloat16")):
         prof = profile_from(str(profiles[arch]))
         tok = load_tokenizer(prof)
-        collator = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
-        chosen, rejected = completion_logps(PeftModel.from_pretrained(load_base(prof, tok), str(adapter)), ds, collator, 4)
-        ok = check_reload(adapter, prof, tok, ds, collator, 4, chosen, rejected)
+        chosen, rejected = completion_logps(PeftModel.from_pretrained(load_base(prof, tok), str(adapter)), ds,
+                                            tok.pad_token_id, 4)
+        ok = check_reload(adapter, prof, tok, ds, 4, chosen, rejected)
         assert ok["max_abs_logp_diff"] <= 1e-4 and ok["pairs"] == 6 and ok["checked"] == (dtype == "float32")
         off = [c + 0.01 for c in chosen]  # a policy 0.01 nats away from the saved one
         if dtype == "float32":
             with pytest.raises(RuntimeError, match="does not reproduce the trained policy"):
-                check_reload(adapter, prof, tok, ds, collator, 4, off, rejected)
+                check_reload(adapter, prof, tok, ds, 4, off, rejected)
             with pytest.raises(RuntimeError, match="does not reproduce the trained policy"):  # the rejected replies too
-                check_reload(adapter, prof, tok, ds, collator, 4, chosen, [r + 0.01 for r in rejected])
+                check_reload(adapter, prof, tok, ds, 4, chosen, [r + 0.01 for r in rejected])
         else:  # bf16 rounds the merged SFT weights: reported, not enforced
-            assert check_reload(adapter, prof, tok, ds, collator, 4, off, rejected)["max_abs_logp_diff"] >= 0.009
+            assert check_reload(adapter, prof, tok, ds, 4, off, rejected)["max_abs_logp_diff"] >= 0.009
 
 
 def random_lora(model, targets, r, alpha, seed, **extra):

@@ -45,6 +45,8 @@ EXPORT = "tests/test_label_export.py -k 'earlier or store_loaded'"
 PAIRS = "tests/test_pairs.py -k 'own_prompt or key_repeats'"
 RM_DATA = "tests/test_rm.py -k 'reply_start_is or strength_margin or leave_ties'"
 RM_GROUPS = "tests/test_rm_groups.py -k 'not trains'"
+DPO_GROUPS = "tests/test_dpo_groups.py"
+DPO_GROUPS_RANKS = "tests/test_dpo_groups.py -k two_processes"
 LABELS = "tests/test_label_store.py"
 EVAL_BY_HAND = "tests/test_eval.py -k 'human_win_rate_counts or no_eos_figures or training_flags_by_hand'"
 PPO_UNITS = ("tests/test_ppo.py -k 'own_slice or newest_complete or summary_by_hand or which_checkpoint or yaml_parses "
@@ -244,6 +246,30 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("rm-group-center-each", "stages/rm_groups.py",
      "losses = losses + self.args.center_rewards_coefficient * (rewards[winners] + rewards[losers]) ** 2",
      "losses = losses + self.args.center_rewards_coefficient * torch.mean(rewards ** 2)", RM_GROUPS),
+    # DPO's batches by prompt (stages/dpo_groups.py) and its held-out log-probs of each distinct sequence once
+    ("dpo-group-sign-flipped", "stages/dpo_groups.py", "return -F.logsigmoid(beta * (logratios[winners] - logratios[losers]))",
+     "return -F.logsigmoid(beta * (logratios[losers] - logratios[winners]))", DPO_GROUPS),
+    ("dpo-group-beta-lost", "stages/dpo_groups.py", "return -F.logsigmoid(beta * (logratios[winners] - logratios[losers]))",
+     "return -F.logsigmoid(logratios[winners] - logratios[losers])", DPO_GROUPS),
+    ("dpo-group-reference-lost", "stages/dpo_groups.py",
+     "outputs = self.sequence_logps(model, inputs)\n            logratios = logps - ref_logps\n",
+     "outputs = self.sequence_logps(model, inputs)\n            logratios = logps\n", DPO_GROUPS),
+    ("dpo-group-loss-sum", "stages/dpo_groups.py", "                loss = losses.mean()", "                loss = losses.sum()",
+     DPO_GROUPS),
+    ("dpo-group-ranks-factor-lost", "stages/dpo_groups.py",
+     "loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch", "loss = losses.sum() / num_items_in_batch",
+     DPO_GROUPS_RANKS),
+    ("dpo-group-step-mean-of-means", "stages/dpo_groups.py", "            self.loss_is_scaled_for_ga = True",
+     "            self.loss_is_scaled_for_ga = False", DPO_GROUPS),
+    ("dpo-group-reply-start-lost", "stages/dpo_groups.py", "completion_mask[row, start:len(sequence)] = 1",
+     "completion_mask[row, :len(sequence)] = 1", DPO_GROUPS),
+    ("dpo-group-ref-adapter-kept", "stages/dpo_groups.py",
+     'use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)', "torch.no_grad()",
+     DPO_GROUPS),
+    ("dpo-group-eval-accuracy-margin", "stages/dpo_groups.py", "rejected.sum(), (chosen > rejected).sum().float(), (chosen - rejected).sum(),\n",
+     "rejected.sum(), (chosen >= rejected).sum().float(), (chosen - rejected).sum(),\n", DPO_GROUPS),
+    ("dpo-heldout-sequence-mixed", "stages/dpo.py", "            logps[where[key]] = value", "            logps[where[key] - 1] = value",
+     DPO_GROUPS + " -k held_out"),
     # make pairs on the CPU default: two processes of one thread (the Makefile's SAMPLING_ACCELERATE_CONFIG)
     ("make-sampling-config-unused", "Makefile", "stage_config = $(if $(filter pairs eval,$(1)),",
      "stage_config = $(if $(filter none,$(1)),", "tests/test_make.py -k sampling"),
@@ -432,7 +458,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('pairs-sampling-seed-ignored', 'stages/pairs.py', 'generator_seed=args.seed, progress=True, batches_store=store)', 'generator_seed=42, progress=True, batches_store=store)', 'tests/test_pairs.py -k max_prompt_tokens_is_kept'),
     ('pairs-one-response-accepted', 'stages/pairs.py', 'if args.num_responses < 2:', 'if args.num_responses < 1:', 'tests/test_pairs.py -k refuses'),
     ('dpo-reward-beta-dropped', 'stages/dpo.py', 'reward_chosen = [train_cfg.beta * (p - r) for p, r in zip(chosen, ref_chosen)]', 'reward_chosen = [(p - r) for p, r in zip(chosen, ref_chosen)]', "tests/test_dpo.py -k 'learns and llama'"),
-    ('dpo-completion-mask-shifted', 'stages/dpo.py', 'batch["completion_mask"][:, 1:]', 'batch["completion_mask"][:, :-1]', "tests/test_dpo.py -k 'learns and llama'"),
+    ('dpo-completion-mask-shifted', 'stages/dpo.py', '(token_logps * completion[:, 1:].to(device))', '(token_logps * completion[:, :-1].to(device))', "tests/test_dpo.py -k 'learns and llama'"),
     ('dpo-reference-chosen-for-rejected', 'stages/dpo.py', 'for p, r in zip(rejected, ref_rejected)]', 'for p, r in zip(rejected, ref_chosen)]', "tests/test_dpo.py -k 'learns and llama'"),
     ('dpo-reference-raw-base', 'stages/dpo.py', 'return merge_into_base(PeftModel.from_pretrained(load_base(profile, tokenizer, shard=shard), str(sft_dir)))', 'return load_base(profile, tokenizer, shard=shard)', "tests/test_dpo.py -k 'learns and llama'"),
     ('sft-root-without-first-user', 'pipeline/data.py', 'return json.dumps(msgs[: first_user + 1], sort_keys=True)', 'return json.dumps(msgs[: first_user], sort_keys=True)', 'tests/test_sft.py -k held_out'),
@@ -1338,7 +1364,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('stack-freeze-ignored', 'pipeline/adapters.py', 'p.requires_grad = adapter_of(n) in self.trainable and id(p) not in self.frozen', 'p.requires_grad = adapter_of(n) in self.trainable', 'tests/test_rm.py -k frozen_part_of_a_trained'),
     ('dpo-reference-is-the-policy', 'stages/dpo.py', '        with policy.disable_adapter():\n            ref_chosen', '        if True:\n            ref_chosen', "tests/test_dpo.py -k 'learns and llama'"),
     ('dpo-logps-unnormalised', 'stages/dpo.py', '.squeeze(-1) - torch.logsumexp(logits, dim=-1)', '.squeeze(-1)', "tests/test_dpo.py -k 'learns and llama'"),
-    ('dpo-chosen-rejected-swapped', 'stages/dpo.py', '        c, r = seq.chunk(2)\n', '        r, c = seq.chunk(2)\n', "tests/test_dpo.py -k 'learns and llama'"),
+    ('dpo-chosen-rejected-swapped', 'stages/dpo.py', 'return [logps[c] for c, _ in ends], [logps[r] for _, r in ends]', 'return [logps[r] for _, r in ends], [logps[c] for c, _ in ends]', "tests/test_dpo.py -k 'learns and llama'"),
     ('dpo-rejected-reward-beta-dropped', 'stages/dpo.py', 'reward_rejected = [train_cfg.beta * (p - r)', 'reward_rejected = [(p - r)', "tests/test_dpo.py -k 'learns and llama'"),
     ('dpo-reload-atol-loose', 'stages/dpo.py', 'RELOAD_ATOL_FP32 = 1e-3\n', 'RELOAD_ATOL_FP32 = 1e-1\n', "tests/test_dpo.py -k 'reload_check_fails and llama'"),
     ('dpo-prompt-one-token-short', 'stages/dpo.py', '"prompt_ids": r["chosen_ids"][:r["reply_start"]],', '"prompt_ids": r["chosen_ids"][:r["reply_start"] - 1],', 'tests/test_dpo.py -k token_ids_are_trls_own'),

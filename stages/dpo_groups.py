@@ -1,0 +1,185 @@
+"""DPO batches by prompt: each distinct response's log-probs once, under the policy and the reference, and every
+labelled pair of them in the loss.
+
+`make pairs` samples K responses a prompt and labels all K(K-1)/2 pairs of them. TRL's DPOTrainer batches pairs: each
+pair's two sequences go through the policy and the reference, so every response runs K-1 times an epoch (7 times at
+K = 8), twice. Batched by prompt (`batch_by_prompt` in configs/dpo.yaml), as the reward model's batches are
+(stages/rm_groups.py, after InstructGPT's section 3.5), each response runs once under each, and the loss of a batch
+is the mean over its pairs of DPO's -log sigmoid(beta * ((log pi(w) - log ref(w)) - (log pi(l) - log ref(l))))
+(Rafailov et al. 2023, eq. 7): TRL's `sigmoid` loss of the same pairs, for a fraction of the compute. A batch is then
+`per_device_train_batch_size` *prompts*, however many pairs they hold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stages.rm_groups import GroupCollator, group_by_prompt
+
+# TRL settings the grouped loss does not apply, with the value that means "off": it trains DPO's sigmoid loss alone.
+PAIRWISE_ONLY = {"loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None, "use_weighting": False,
+                 "f_divergence_type": "reverse_kl", "precompute_ref_log_probs": False, "padding_free": False,
+                 "pad_to_multiple_of": None, "use_liger_kernel": False}
+
+
+def pairwise_only_settings(train_cfg) -> list[str]:
+    """The flags set on `train_cfg` (a DPOConfig) that only TRL's pairwise batches apply, as `--flag value`."""
+    found = []
+    for name, off in PAIRWISE_ONLY.items():
+        if not hasattr(train_cfg, name):  # a TRL without the option
+            continue
+        value = getattr(train_cfg, name)
+        if name == "f_divergence_type":
+            value = getattr(value, "value", value)  # an enum in some TRL versions
+        if value != off and not (name == "loss_weights" and value == [1.0]):  # sigmoid's own weight
+            found.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return found
+
+
+def group_pairs(rows: list[dict]) -> list[dict]:
+    """Tokenized pairs (rm_data.prepare_data rows) -> one row per prompt (rm_groups.group_by_prompt: its distinct
+    sequences once, its pairs as indices into them), with `reply_starts`: where each sequence's reply begins."""
+    groups = group_by_prompt(rows)
+    reply_start = {tuple(ids): r["reply_start"] for r in rows for ids in (r["chosen_ids"], r["rejected_ids"])}
+    for g in groups:
+        g["reply_starts"] = [reply_start[tuple(s)] for s in g["sequences"]]
+    return groups
+
+
+class DPOGroupCollator:
+    """Groups -> one right-padded batch of all their sequences (rm_groups.GroupCollator: `winners`/`losers` index its
+    rows, `row_group` names each row's group), with `completion_mask`: 1 on each sequence's reply tokens, as TRL's
+    DataCollatorForPreference marks them."""
+
+    def __init__(self, pad_token_id: int):
+        self.rows = GroupCollator(pad_token_id, with_margin=False)
+
+    def __call__(self, groups: list[dict]) -> dict:
+        batch = self.rows(groups)
+        completion_mask = torch.zeros_like(batch["attention_mask"])
+        row = 0
+        for g in groups:
+            for sequence, start in zip(g["sequences"], g["reply_starts"]):
+                completion_mask[row, start:len(sequence)] = 1
+                row += 1
+        batch["completion_mask"] = completion_mask
+        return batch
+
+
+def dpo_pair_losses(logratios: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, beta: float) -> torch.Tensor:
+    """-log sigmoid(beta * (logratio_winner - logratio_loser)) of each pair, from each sequence's log pi - log ref."""
+    return -F.logsigmoid(beta * (logratios[winners] - logratios[losers]))
+
+
+def grouped_dpo_trainer(base_class):
+    """`base_class` (a TRL DPOTrainer taking the token ids it is given) taking DPOGroupCollator batches: the sigmoid
+    loss over each batch's pairs, each sequence's log-probs computed once, and TRL's logged figures (rewards,
+    accuracies, margins, log-probs) over its pairs."""
+    from transformers import Trainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+
+    class GroupedDPOTrainer(base_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_is_scaled_for_ga = True  # compute_loss divides by the optimizer step's pairs itself
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            """The pairs of one optimizer step, over its micro-batches and every rank: groups hold different numbers
+            of pairs, so each micro-batch's own mean would weigh a prompt of few pairs above one of many."""
+            pairs = torch.tensor(sum(len(b["winners"]) for b in batch_samples), device=device)
+            return self.accelerator.gather(pairs.reshape(1)).sum() if self.accelerator.num_processes > 1 else pairs
+
+        def sequence_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
+            """(each row's reply log-prob under the policy, the same under the reference, the policy's outputs), as
+            TRL sums them: over the reply's tokens, the reference with DPO's LoRA disabled."""
+            completion_mask = inputs["completion_mask"]
+            model_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                            "use_cache": False, "labels": inputs["input_ids"].masked_fill(completion_mask == 0, -100),
+                            "fused_lm_head": True}
+            seq_len = completion_mask.size(1) - 1
+            outputs = model(**model_kwargs, **({"output_router_logits": True} if self.aux_loss_enabled else {}))
+            logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                    use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                ref_logps = self.model(**model_kwargs).log_probs[:, -seq_len:].sum(dim=1)
+            return logps, ref_logps, outputs
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Training: this micro-batch's share of the optimizer step's mean over all its pairs (every rank's);
+            called alone (no num_items_in_batch), the batch's mean."""
+            mode = "train" if self.model.training else "eval"
+            counted = inputs.pop("row_counted", None)  # the rows of the epoch's own groups (stages/epoch_end.py)
+            winners, losers = inputs.pop("winners"), inputs.pop("losers")
+            inputs.pop("row_group")
+            logps, ref_logps, outputs = self.sequence_logps(model, inputs)
+            logratios = logps - ref_logps
+            losses = dpo_pair_losses(logratios, winners, losers, self.beta)
+            if num_items_in_batch is None:
+                loss = losses.mean()
+            else:  # the ranks' gradients are averaged, hence x ranks
+                loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
+            if self.aux_loss_enabled:
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            counted = torch.ones_like(logps, dtype=torch.bool) if counted is None else counted
+            if mode == "train":
+                tokens = self.accelerator.gather(inputs["attention_mask"][counted].sum().reshape(1)).sum().item()
+                self._total_train_tokens += tokens // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            self.log_pair_metrics(mode, logps.detach(), logratios.detach(), winners, losers)
+            return (loss, outputs) if return_outputs else loss
+
+        def log_pair_metrics(self, mode: str, logps, logratios, winners, losers) -> None:
+            """TRL's DPO figures, means over every rank's pairs (ranks hold different numbers of them: sums and counts
+            are gathered)."""
+            chosen, rejected = self.beta * logratios[winners], self.beta * logratios[losers]
+            local = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).sum().float(),
+                                 (chosen - rejected).sum(), logps[winners].sum(), logps[losers].sum(),
+                                 chosen.new_tensor(float(len(winners)))]).float()
+            *sums, pairs = self.accelerator.gather(local.unsqueeze(0)).sum(0)
+            names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                     "logps/rejected")
+            for name, value in zip(names, sums):
+                self._metrics[mode][name].append((value / pairs).item() if pairs else float("nan"))
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """The held-out loss and TRL's figures over every held-out pair, on one rank or several: the Trainer's loop
+            averaged each batch's own mean, so a prompt of one pair weighed as much as one of twenty-eight. Every rank
+            runs the same number of batches (a sharded base's forward is collective): one with none left scores its
+            first again, weighted 0."""
+            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+            acc, size = self.accelerator, self.args.per_device_eval_batch_size
+            batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
+            mine = batches[acc.process_index::acc.num_processes]
+            rounds = -(-len(batches) // acc.num_processes)
+            # pair losses, chosen rewards, rejected rewards, right, margins, chosen logps, rejected logps, pairs
+            sums = torch.zeros(8, dtype=torch.float64, device=acc.device)
+            training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                for r in range(rounds):
+                    batch = mine[r] if r < len(mine) else batches[0]
+                    inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in batch]))
+                    logps, ref_logps, _ = self.sequence_logps(self.model, inputs)
+                    w, l = inputs["winners"], inputs["losers"]
+                    logratios = logps - ref_logps
+                    chosen, rejected = self.beta * logratios[w], self.beta * logratios[l]
+                    local = torch.stack([dpo_pair_losses(logratios, w, l, self.beta).sum(), chosen.sum(),
+                                         rejected.sum(), (chosen > rejected).sum().float(), (chosen - rejected).sum(),
+                                         logps[w].sum(), logps[l].sum(), chosen.new_tensor(float(len(w)))])
+                    sums += float(r < len(mine)) * local.double()
+            self.model.train(training)
+            sums = acc.reduce(sums, "sum")  # one process: as it is
+            *totals, pairs = sums.tolist()
+            names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                     "logps/chosen", "logps/rejected")
+            metrics = {f"{metric_key_prefix}_{name}": total / pairs if pairs else float("nan")
+                       for name, total in zip(names, totals)}
+            self._metrics["eval"].clear()
+            Trainer.log(self, dict(metrics))  # the Trainer's own: TRL's adds its per-batch averages of the mode
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return GroupedDPOTrainer
