@@ -298,3 +298,27 @@ def lora_config_of(prof):
     from pipeline.models import lora_config
 
     return lora_config(prof, 4, 8, 0.0)
+
+
+def test_accumulated_micro_batches_train_as_one_batch(tiny_models, tmp_path):
+    """2 prompts a step in one batch, or one a micro-batch over 2 accumulation steps, through the Trainer's own loop:
+    the same logged losses and the same policy. Prompts hold 3 or 6 pairs, so a mean of the micro-batches' own means
+    would differ, and the Trainer's division of an unscaled loss by the accumulation steps would halve the logged loss."""
+    from safetensors.torch import load_file
+
+    from stages.dpo import main, parse_args
+
+    runs_dir, done = tmp_path / "runs", {}
+    data = write_jsonl(tmp_path / "k34.jsonl", k_response_rows(20, k=3) + k_response_rows(20, k=4, seed=1))
+    for run, batch, accumulation in (("whole", "2", "1"), ("accumulated", "1", "2")):
+        fake_sft(tiny_models["llama"], runs_dir, run)
+        done[run] = main(*parse_args(dpo_args(
+            tiny_models["llama"], runs_dir, run, "--dataset_name", str(data), "--batch_by_prompt", "true",
+            "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation, "--max_steps", "4",
+            "--logging_steps", "1", "--learning_rate", "2e-3", "--train_sampling_strategy", "random")))
+    whole, accumulated = done["whole"], done["accumulated"]
+    assert len(whole["loss_curve"]) == 4 and abs(whole["loss_curve"][0] - LN2) < 0.05
+    assert accumulated["loss_curve"] == pytest.approx(whole["loss_curve"], abs=1e-4)
+    a, b = (load_file(runs_dir / run / "dpo" / "adapter" / "adapter_model.safetensors") for run in ("whole", "accumulated"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
