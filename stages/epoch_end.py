@@ -11,8 +11,9 @@ rank r's last batch the first clamp(remainder - r x B, 0, B) rows are the epoch'
 How a filled row weighs nothing depends on the loss:
 - a token mean over the step (SFT): its labels become -100 (`drop_filled_tokens`; packed without padding, its tokens
   by each row's length);
-- a mean over the step's pairs (the reward model's batches by prompt): its pairs leave the batch (`drop_filled_groups`);
-- a mean over the rank's own rows (TRL's pairwise RewardTrainer, DPO): not done. Those trainers gather per-row
+- a mean over the step's pairs (the reward model's and DPO's batches by prompt): its pairs leave the batch
+  (`drop_filled_groups`);
+- a mean over the rank's own rows (TRL's pairwise RewardTrainer and DPOTrainer): not done. Those trainers gather per-row
   figures, which needs the same rows on every rank, and their loss is theirs; the rank that repeats rows says so once
   (`repeats_note`), with the training-set size that repeats none.
 """
@@ -65,15 +66,14 @@ def drop_filled_groups(batch: dict, own: int) -> dict:
 
 def repeats_note(own: int, batch_size: int, ranks: int) -> str:
     return (f"note: this rank's last batch of the epoch repeats {batch_size - own} pairs from the epoch's start "
-            f"(accelerate fills every rank's last batch to full size; DPO and pairwise reward batches train on them): "
+            f"(accelerate fills every rank's last batch to full size; pairwise DPO and reward batches train on them): "
             f"a training set of a multiple of {batch_size * ranks} pairs (per_device_train_batch_size x processes) "
             f"trains each pair once an epoch")
 
 
 def count_each_row_once(trainer) -> None:
     """Make `trainer` (a transformers Trainer of this project's stages) weigh the rows accelerate fills an epoch's last
-    batch with at 0 (SFT, the reward model's batches by prompt), or say that they repeat (DPO, pairwise reward
-    batches). On one process nothing is filled, and nothing changes."""
+    batch with at 0 (SFT, batches by prompt), or say that they repeat (pairwise DPO and reward batches). On one process nothing is filled, and nothing changes."""
     acc = trainer.accelerator
     if acc.num_processes == 1:
         return

@@ -29,6 +29,7 @@ LN2 = math.log(2)  # the DPO loss of every pair at the start: DPO's fresh LoRA i
 def dpo_args(profile, runs_dir, run, *extra):
     return ["--config", str(REPO / "configs/dpo.yaml"), "--model_config", str(profile), "--runs_dir", str(runs_dir),
             "--run", run, "--lora_r", "8", "--lora_alpha", "16", "--num_train_epochs", "2", "--learning_rate", "1e-2",
+            "--per_device_train_batch_size", "8",  # prompts (configs/dpo.yaml batches by prompt): one pair each here
             "--warmup_steps", "0", "--lr_scheduler_type", "constant", "--logging_steps", "4",
             "--per_device_eval_batch_size", "32", *extra]
 
@@ -688,10 +689,12 @@ def test_loras_on_different_modules_do_not_combine():
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_path):
-    """1 x 8 pairs against 2 x 4: the same losses up to the epoch's last batch, which holds 4 of its own pairs.
+    """TRL's pairwise batches, 1 x 8 pairs against 2 x 4: the same losses up to the epoch's last batch, which holds 4 of
+    its own pairs.
     accelerate fills rank 1's last batch with 4 pairs from the epoch's start, which DPO trains on
     (stages/epoch_end.py): rank 1 says so, once."""
     runs_dir, common = one_and_two_processes_over_an_epochs_end(tiny_models, tmp_path)
+    common += ["--batch_by_prompt", "false"]  # TRL's pairwise batches (batches by prompt: tests/test_dpo_groups.py)
     one = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, "one", *common,
                                             "--per_device_train_batch_size", "8"))
     assert one.returncode == 0, one.stderr[-3000:]

@@ -247,6 +247,9 @@ CASES = [
     # TRL's DPO failed in its first step, after the run folder was written, with two tracebacks
     ("dpo-loss-type-unknown", "stages.dpo", ["--config", "configs/dpo.yaml", "--loss_type", "foo"],
      ["--loss_type foo: TRL's DPO knows sigmoid, hinge, ipo"]),
+    # batches by prompt (configs/dpo.yaml) train the sigmoid loss alone: TRL's other losses need its pairwise batches
+    ("dpo-loss-type-by-prompt", "stages.dpo", ["--config", "configs/dpo.yaml", "--loss_type", "ipo"],
+     ["--loss_type ipo: batch_by_prompt trains DPO's sigmoid loss alone", "(--batch_by_prompt false)"]),
     # 0 epochs under max_steps -1 trained no step and saved the untrained adapter, exit 0
     ("dpo-zero-epochs", "stages.dpo", ["--config", "configs/dpo.yaml", "--num_train_epochs", "0"],
      ["num_train_epochs 0 with max_steps -1 trains nothing", "--num_train_epochs above 0"]),
