@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stages.rm_groups import GroupCollator, group_by_prompt
+from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums
 
 # TRL settings the grouped loss does not apply, with the value that means "off": it trains DPO's sigmoid loss alone.
 PAIRWISE_ONLY = {"loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None, "use_weighting": False,
@@ -145,34 +145,19 @@ def grouped_dpo_trainer(base_class):
                 self._metrics[mode][name].append((value / pairs).item() if pairs else float("nan"))
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            """The held-out loss and TRL's figures over every held-out pair, on one rank or several: the Trainer's loop
-            averaged each batch's own mean, so a prompt of one pair weighed as much as one of twenty-eight. Every rank
-            runs the same number of batches (a sharded base's forward is collective): one with none left scores its
-            first again, weighted 0."""
-            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-            acc, size = self.accelerator, self.args.per_device_eval_batch_size
-            batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
-            mine = batches[acc.process_index::acc.num_processes]
-            rounds = -(-len(batches) // acc.num_processes)
-            # pair losses, chosen rewards, rejected rewards, right, margins, chosen logps, rejected logps, pairs
-            sums = torch.zeros(8, dtype=torch.float64, device=acc.device)
-            training = self.model.training
-            self.model.eval()
-            with torch.no_grad():
-                for r in range(rounds):
-                    batch = mine[r] if r < len(mine) else batches[0]
-                    inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in batch]))
-                    logps, ref_logps, _ = self.sequence_logps(self.model, inputs)
-                    w, l = inputs["winners"], inputs["losers"]
-                    logratios = logps - ref_logps
-                    chosen, rejected = self.beta * logratios[w], self.beta * logratios[l]
-                    local = torch.stack([dpo_pair_losses(logratios, w, l, self.beta).sum(), chosen.sum(),
-                                         rejected.sum(), (chosen > rejected).sum().float(), (chosen - rejected).sum(),
-                                         logps[w].sum(), logps[l].sum(), chosen.new_tensor(float(len(w)))])
-                    sums += float(r < len(mine)) * local.double()
-            self.model.train(training)
-            sums = acc.reduce(sums, "sum")  # one process: as it is
-            *totals, pairs = sums.tolist()
+            """The held-out loss and TRL's figures over every held-out pair, on one rank or several
+            (rm_groups.held_out_sums): the Trainer's loop averaged each batch's own mean, so a prompt of one pair
+            weighed as much as one of twenty-eight."""
+            def batch_sums(inputs):  # pair losses, chosen and rejected rewards, right, margins, log-probs, pairs
+                logps, ref_logps, _ = self.sequence_logps(self.model, inputs)
+                w, l = inputs["winners"], inputs["losers"]
+                logratios = logps - ref_logps
+                chosen, rejected = self.beta * logratios[w], self.beta * logratios[l]
+                return torch.stack([dpo_pair_losses(logratios, w, l, self.beta).sum(), chosen.sum(),
+                                    rejected.sum(), (chosen > rejected).sum().float(), (chosen - rejected).sum(),
+                                    logps[w].sum(), logps[l].sum(), chosen.new_tensor(float(len(w)))])
+
+            *totals, pairs = held_out_sums(self, self.eval_dataset if eval_dataset is None else eval_dataset, batch_sums)
             names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                      "logps/chosen", "logps/rejected")
             metrics = {f"{metric_key_prefix}_{name}": total / pairs if pairs else float("nan")

@@ -146,6 +146,26 @@ def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     return rewards
 
 
+def held_out_sums(trainer, dataset, batch_sums) -> list[float]:
+    """Every rank's sums of `batch_sums(inputs)` (a float64 tensor) over the held-out groups, in batches of
+    `per_device_eval_batch_size`, the batches spread over the ranks. Every rank runs the same number of batches (a
+    sharded base's forward is collective): one with none left scores its first again, weighted 0."""
+    acc, size = trainer.accelerator, trainer.args.per_device_eval_batch_size
+    batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
+    mine = batches[acc.process_index::acc.num_processes]
+    rounds = -(-len(batches) // acc.num_processes)
+    sums, training = None, trainer.model.training
+    trainer.model.eval()
+    with torch.no_grad():
+        for r in range(rounds):
+            batch = mine[r] if r < len(mine) else batches[0]
+            inputs = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in batch]))
+            counted = float(r < len(mine)) * batch_sums(inputs).to(torch.float64)
+            sums = counted if sums is None else sums + counted
+    trainer.model.train(training)
+    return acc.reduce(sums, "sum").tolist()  # one process: as it is
+
+
 def grouped_reward_trainer():
     """TRL's RewardTrainer taking GroupCollator batches: its own loss and logged figures, over the batch's pairs.
     `score_pooling` (a keyword of the trainer): the model's pooling (pool_in_forward), which shared prefixes need."""
@@ -214,30 +234,15 @@ def grouped_reward_trainer():
             return (loss, outputs) if return_outputs else loss
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            """The held-out loss and accuracy over every held-out pair, on one rank or several: eval_loss picks the
-            kept checkpoint (metric_for_best_model). The Trainer's loop averaged each batch's own mean, so a prompt of
-            one pair weighed as much as a batch of twenty, and one batch a rank as much as another. Every rank runs
-            the same number of batches (a sharded base's forward is collective): one with none left scores its
-            first again, weighted 0."""
-            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-            acc, size = self.accelerator, self.args.per_device_eval_batch_size
-            batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
-            mine = batches[acc.process_index::acc.num_processes]
-            rounds = -(-len(batches) // acc.num_processes)
-            sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # pair losses, pairs ordered right, pairs
-            training = self.model.training
-            self.model.eval()
-            with torch.no_grad():
-                for r in range(rounds):
-                    batch = mine[r] if r < len(mine) else batches[0]
-                    inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in batch]))
-                    losses, rewards, winners, losers, _, _ = self.pair_losses(self.model, inputs)
-                    right = (rewards[winners] > rewards[losers]).sum()  # a tie is wrong, as in rm_scoring
-                    sums += float(r < len(mine)) * torch.stack([losses.double().sum(), right.double(),
-                                                                 losses.new_tensor(len(losses), dtype=torch.float64)])
-            self.model.train(training)
-            sums = acc.reduce(sums, "sum")  # one process: as it is
-            loss, right, pairs = sums.tolist()
+            """The held-out loss and accuracy over every held-out pair, on one rank or several (held_out_sums): eval_loss
+            picks the kept checkpoint (metric_for_best_model). The Trainer's loop averaged each batch's own mean, so a
+            prompt of one pair weighed as much as a batch of twenty, and one batch a rank as much as another."""
+            def batch_sums(inputs):  # pair losses, pairs ordered right, pairs
+                losses, rewards, winners, losers, _, _ = self.pair_losses(self.model, inputs)
+                right = (rewards[winners] > rewards[losers]).sum()  # a tie is wrong, as in rm_scoring
+                return torch.stack([losses.double().sum(), right.double(), losses.new_tensor(len(losses), dtype=torch.float64)])
+
+            loss, right, pairs = held_out_sums(self, self.eval_dataset if eval_dataset is None else eval_dataset, batch_sums)
             metrics = {f"{metric_key_prefix}_loss": loss / pairs if pairs else float("nan"),
                        f"{metric_key_prefix}_accuracy": right / pairs if pairs else float("nan")}
             self.log(dict(metrics))
