@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stages.rm_data import prompt_key
 from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums
 
 # TRL settings the grouped loss does not apply, with the value that means "off": it trains DPO's sigmoid loss alone.
@@ -41,9 +42,13 @@ def group_pairs(rows: list[dict]) -> list[dict]:
     """Tokenized pairs (rm_data.prepare_data rows) -> one row per prompt (rm_groups.group_by_prompt: its distinct
     sequences once, its pairs as indices into them), with `reply_starts`: where each sequence's reply begins."""
     groups = group_by_prompt(rows)
-    reply_start = {tuple(ids): r["reply_start"] for r in rows for ids in (r["chosen_ids"], r["rejected_ids"])}
-    for g in groups:
-        g["reply_starts"] = [reply_start[tuple(s)] for s in g["sequences"]]
+    starts: dict[str, dict[tuple, int]] = {}  # per group (as group_by_prompt keys them, in its order): a plain-text
+    for i, r in enumerate(rows):              # pair's reply starts where its two texts part, so one text can start
+        own = starts.setdefault(prompt_key(r, i), {})  # its reply elsewhere in another pair
+        for ids in (r["chosen_ids"], r["rejected_ids"]):
+            own.setdefault(tuple(ids), r["reply_start"])
+    for g, own in zip(groups, starts.values(), strict=True):
+        g["reply_starts"] = [own[tuple(s)] for s in g["sequences"]]
     return groups
 
 

@@ -28,6 +28,9 @@ def test_group_pairs_keeps_where_each_sequences_reply_starts():
     assert [g["sequences"] for g in groups] == [[[1, 2, 3], [1, 2, 4, 4], [1, 2, 5]], [[1, 9, 9, 9], [1, 9, 8]]]
     assert [g["reply_starts"] for g in groups] == [[2, 2, 2], [3, 3]]
     assert (groups[0]["winners"], groups[0]["losers"]) == ([0, 2], [1, 0])
+    # plain-text pairs (no prompt) are a group each, and one text's reply starts where it parts from its pair's other
+    plain = group_pairs([pair("", [5, 6, 7, 8], [5, 6, 9], 2), pair("", [5, 6, 7, 8], [5, 6, 7, 1], 3)])
+    assert [g["reply_starts"] for g in plain] == [[2, 2], [3, 3]]
 
 
 def test_collator_marks_each_reply_and_offsets_each_groups_pairs():
