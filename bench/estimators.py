@@ -79,7 +79,8 @@ def summary_over_seeds(per_seed: list[dict]) -> dict[str, dict]:
         out[name] = {"seeds": len(runs), **gain_summary([r["gold_gain"] for r in runs]),
                      "gold_win_rate_median": median_given(r["gold_win_rate"] for r in runs),
                      "kl_mean_median": median_given(r["kl_mean"] for r in runs),
-                     "wall_s_median": median_given(r["wall_s"] for r in runs)}
+                     # an earlier run's policy that eval compared, not trained by this bench: no wall time
+                     "wall_s_median": median_given(r.get("wall_s") for r in runs)}
     return out
 
 

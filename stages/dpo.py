@@ -11,6 +11,9 @@ hold out the same prompts.
 Writes runs/<run>/dpo/: adapter/ (the DPO policy: one stock PEFT LoRA on the raw base, tokenizer, pipeline_base.json),
 eval_pairs.jsonl (the held-out pairs with their implicit rewards), config.json, manifest.json (last).
 
+With batch_by_prompt (configs/dpo.yaml) a batch is whole prompts, each distinct response's log-probs computed once and
+the sigmoid loss taken over all the prompt's pairs (stages/dpo_groups.py); without it, TRL's batches of pairs.
+
 One model in memory: the base with the SFT LoRA merged in. DPOTrainer puts a fresh LoRA on it and computes the
 reference log-probs with that LoRA disabled: the reference is exactly the SFT policy. Under an FSDP accelerate config
 the base is loaded sharded over the ranks (pipeline.sharding) and the SFT LoRA merged into each rank's shard. At the

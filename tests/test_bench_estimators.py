@@ -59,6 +59,11 @@ def test_the_summary_over_seeds_by_hand():
     assert rloo["seeds"] == 2 and rloo["gold_gain_mean"] == pytest.approx(0.05)
     assert rloo["gold_gain_se"] == pytest.approx(0.15) and rloo["every_seed_positive"] is False
     assert rloo["gold_win_rate_median"] == pytest.approx(0.5) and rloo["wall_s_median"] == 110.0
+    # `--estimators dpo` on a run with other policies: eval compares them all, and theirs have no wall time here
+    untimed = [{"estimators": {"ppo": {"gold_gain": 0.5, "gold_win_rate": 0.9, "kl_mean": 7.0},
+                               "dpo": {"gold_gain": 0.4, "gold_win_rate": 0.8, "kl_mean": 8.0, "wall_s": 180.0}}}]
+    got = estimators.summary_over_seeds(untimed)
+    assert got["ppo"]["wall_s_median"] is None and got["dpo"]["wall_s_median"] == 180.0
 
 
 def test_the_default_seed_is_the_default_run_unflagged_and_another_seeds_every_stage(monkeypatch, tmp_path):

@@ -1313,7 +1313,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('suite-order-longest-list-ignored', 'tests/conftest.py', 'key=lambda f: (rank.get(Path(f).name, len(rank)),', 'key=lambda f: (len(rank),', 'tests/test_suite_order.py'),
     ('publish-any-split-called-test', 'stages/publish.py', 'test_split="test" in dataset_splits,', 'test_split=bool(dataset_splits),', 'tests/test_publish.py -k names_no_test_split'),
     ('estimators-win-rate-of-sft-over-it', 'bench/estimators.py', 'row, win = by_policy[name], gold_wins[name]["sft"]', 'row, win = by_policy[name], gold_wins["sft"][name]', 'tests/test_bench_estimators.py -k win_rate_over_sft'),
-    ('estimators-wall-median-of-kl', 'bench/estimators.py', '"wall_s_median": median_given(r["wall_s"] for r in runs)', '"wall_s_median": median_given(r["kl_mean"] for r in runs)', 'tests/test_bench_estimators.py -k summary_over_seeds'),
+    ('estimators-wall-median-of-kl', 'bench/estimators.py', '"wall_s_median": median_given(r.get("wall_s") for r in runs)', '"wall_s_median": median_given(r["kl_mean"] for r in runs)', 'tests/test_bench_estimators.py -k summary_over_seeds'),
     ('estimators-default-seed-flagged', 'bench/estimators.py', 'seeded = [] if seed == DEFAULT_SEED else [', 'seeded = [] if seed is None else [', 'tests/test_bench_estimators.py -k default_seed'),
     ('estimators-stale-folder-kept', 'bench/estimators.py', '        shutil.rmtree(run_dir / name, ignore_errors=True)\n', '', 'tests/test_bench_estimators.py -k empty_folder'),
     ('estimators-runs-dir-resolved', 'bench/estimators.py', 'one_seed(seed, args.runs_dir, tuple(args.estimators))', 'one_seed(seed, args.runs_dir.resolve(), tuple(args.estimators))', 'tests/test_bench_estimators.py -k as_spelled'),
