@@ -42,9 +42,11 @@ def group_pairs(rows: list[dict]) -> list[dict]:
     """Tokenized pairs (rm_data.prepare_data rows) -> one row per prompt (rm_groups.group_by_prompt: its distinct
     sequences once, its pairs as indices into them), with `reply_starts`: where each sequence's reply begins."""
     groups = group_by_prompt(rows)
-    starts: dict[str, dict[tuple, int]] = {}  # per group (as group_by_prompt keys them, in its order): a plain-text
-    for i, r in enumerate(rows):              # pair's reply starts where its two texts part, so one text can start
-        own = starts.setdefault(prompt_key(r, i), {})  # its reply elsewhere in another pair
+    # Per group, keyed and ordered as group_by_prompt's. A plain-text pair's reply starts where its two texts part, so
+    # a text in two such pairs (a group each) starts its reply in two places.
+    starts: dict[str, dict[tuple, int]] = {}
+    for i, r in enumerate(rows):
+        own = starts.setdefault(prompt_key(r, i), {})
         for ids in (r["chosen_ids"], r["rejected_ids"]):
             own.setdefault(tuple(ids), r["reply_start"])
     for g, own in zip(groups, starts.values(), strict=True):

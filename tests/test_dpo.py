@@ -687,6 +687,20 @@ def test_loras_on_different_modules_do_not_combine():
     assert sorted(state) == ["m1.lora_A.weight", "m1.lora_B.weight", "m2.lora_A.weight", "m2.lora_B.weight"]
 
 
+def one_by_8_and_two_by_4(tiny_models, runs_dir, common: list[str]):
+    """Runs "one" (one process x 8 a batch) and "two" (two processes x 4) of the stage with the flags `common`:
+    ((metrics of one, of two), (their processes)), both world sizes checked."""
+    done = {}
+    for run, batch, processes in (("one", "8", 1), ("two", "4", 2)):
+        done[run] = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, run, *common,
+                                                      "--per_device_train_batch_size", batch),
+                               processes=processes, timeout=400)
+        assert done[run].returncode == 0, done[run].stderr[-3000:]
+    m1, m2 = (json.loads((runs_dir / n / "dpo/manifest.json").read_text())["metrics"] for n in ("one", "two"))
+    assert m1["world_size"] == 1 and m2["world_size"] == 2, m1
+    return (m1, m2), (done["one"], done["two"])
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_path):
     """TRL's pairwise batches, 1 x 8 pairs against 2 x 4: the same losses up to the epoch's last batch, which holds 4 of
@@ -695,14 +709,7 @@ def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_p
     (stages/epoch_end.py): rank 1 says so, once."""
     runs_dir, common = one_and_two_processes_over_an_epochs_end(tiny_models, tmp_path)
     common += ["--batch_by_prompt", "false"]  # TRL's pairwise batches (batches by prompt: tests/test_dpo_groups.py)
-    one = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, "one", *common,
-                                            "--per_device_train_batch_size", "8"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, "two", *common,
-                                            "--per_device_train_batch_size", "4"), processes=2, timeout=400)
-    assert two.returncode == 0, two.stderr[-3000:]
-    m1, m2 = (json.loads((runs_dir / n / "dpo/manifest.json").read_text())["metrics"] for n in ("one", "two"))
-    assert m1["world_size"] == 1 and m2["world_size"] == 2, m1
+    (m1, m2), (one, two) = one_by_8_and_two_by_4(tiny_models, runs_dir, common)
     assert len(m1["loss_curve"]) == len(m2["loss_curve"]) == 14, m1
     diffs = [abs(a - b) for a, b in zip(m1["loss_curve"], m2["loss_curve"])]
     assert max(diffs[:10]) < 1e-4 and m1["train_pairs"] == 84, (m1["loss_curve"], m2["loss_curve"])  # step 11: 4 pairs

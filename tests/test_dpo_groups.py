@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,8 +10,8 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.models import load_base, load_tokenizer, profile_from
 from stages.dpo_groups import DPOGroupCollator, dpo_pair_losses, group_pairs, grouped_dpo_trainer, pairwise_only_settings
-from tests.conftest import ARCHS, run_module
-from tests.test_dpo import LN2, dpo_args, marker_data  # noqa: F401 (a fixture)
+from tests.conftest import ARCHS
+from tests.test_dpo import LN2, dpo_args, marker_data, one_by_8_and_two_by_4  # noqa: F401 (a fixture)
 from tests.test_rm import fake_sft, write_jsonl
 from tests.test_rm_groups import k_response_rows
 
@@ -226,14 +225,8 @@ def test_two_processes_match_one_process_across_an_epochs_end(tiny_models, tmp_p
     data = write_jsonl(tmp_path / "k3.jsonl", k_response_rows(35, k=3))  # 28 training prompts: 3 steps + 4 prompts
     common = ["--dataset_name", str(data), "--max_steps", "6", "--logging_steps", "1", "--learning_rate", "2e-3",
               "--train_sampling_strategy", "random", "--batch_by_prompt", "true"]
-    one = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, "one", *common,
-                                            "--per_device_train_batch_size", "8"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_module("stages.dpo", dpo_args(tiny_models["llama"], runs_dir, "two", *common,
-                                            "--per_device_train_batch_size", "4"), processes=2, timeout=400)
-    assert two.returncode == 0, two.stderr[-3000:]
-    m1, m2 = (json.loads((runs_dir / n / "dpo/manifest.json").read_text())["metrics"] for n in ("one", "two"))
-    assert m1["world_size"] == 1 and m2["world_size"] == 2 and m1["train_pairs"] == m2["train_pairs"] == 84, m1
+    (m1, m2), (_, two) = one_by_8_and_two_by_4(tiny_models, runs_dir, common)
+    assert m1["train_pairs"] == m2["train_pairs"] == 84, m1
     assert len(m1["loss_curve"]) == len(m2["loss_curve"]) == 6  # step 4 ends the first epoch
     diffs = [abs(a - b) for a, b in zip(m1["loss_curve"], m2["loss_curve"])]  # rounded to 4 places by the stage
     assert max(diffs) <= 1e-4 and abs(m1["train_loss"] - m2["train_loss"]) < 1e-5, (m1["loss_curve"], m2["loss_curve"])
