@@ -79,6 +79,21 @@ def dpo_pair_losses(logratios: torch.Tensor, winners: torch.Tensor, losers: torc
     return -F.logsigmoid(beta * (logratios[winners] - logratios[losers]))
 
 
+# TRL's logged DPO figures, each a mean over pairs: the sums pair_sums gives, in its order.
+PAIR_FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")
+
+
+def pair_sums(logps: torch.Tensor, logratios: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
+              beta: float) -> torch.Tensor:
+    """Sums over the pairs of PAIR_FIGURES' quantities (implicit rewards beta * logratio, a tie not ordered right, as
+    TRL counts), then the number of pairs."""
+    logps, logratios = logps.float(), logratios.float()  # a bf16 policy's sums, and counts past 256, in float32
+    chosen, rejected = beta * logratios[winners], beta * logratios[losers]
+    return torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).sum().float(), (chosen - rejected).sum(),
+                        logps[winners].sum(), logps[losers].sum(), chosen.new_tensor(float(len(winners)))])
+
+
 def grouped_dpo_trainer(base_class):
     """`base_class` (a TRL DPOTrainer taking the token ids it is given) taking DPOGroupCollator batches: the sigmoid
     loss over each batch's pairs, each sequence's log-probs computed once, and TRL's logged figures (rewards,
@@ -141,34 +156,26 @@ def grouped_dpo_trainer(base_class):
         def log_pair_metrics(self, mode: str, logps, logratios, winners, losers) -> None:
             """TRL's DPO figures, means over every rank's pairs (ranks hold different numbers of them: sums and counts
             are gathered)."""
-            chosen, rejected = self.beta * logratios[winners], self.beta * logratios[losers]
-            local = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).sum().float(),
-                                 (chosen - rejected).sum(), logps[winners].sum(), logps[losers].sum(),
-                                 chosen.new_tensor(float(len(winners)))]).float()
+            local = pair_sums(logps, logratios, winners, losers, self.beta)
             *sums, pairs = self.accelerator.gather(local.unsqueeze(0)).sum(0)
-            names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                     "logps/rejected")
-            for name, value in zip(names, sums):
+            for name, value in zip(PAIR_FIGURES, sums):
                 self._metrics[mode][name].append((value / pairs).item() if pairs else float("nan"))
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             """The held-out loss and TRL's figures over every held-out pair, on one rank or several
             (rm_groups.held_out_sums): the Trainer's loop averaged each batch's own mean, so a prompt of one pair
             weighed as much as one of twenty-eight."""
-            def batch_sums(inputs):  # pair losses, chosen and rejected rewards, right, margins, log-probs, pairs
+            def batch_sums(inputs):  # the pairs' losses, then pair_sums
                 logps, ref_logps, _ = self.sequence_logps(self.model, inputs)
                 w, l = inputs["winners"], inputs["losers"]
                 logratios = logps - ref_logps
-                chosen, rejected = self.beta * logratios[w], self.beta * logratios[l]
-                return torch.stack([dpo_pair_losses(logratios, w, l, self.beta).sum(), chosen.sum(),
-                                    rejected.sum(), (chosen > rejected).sum().float(), (chosen - rejected).sum(),
-                                    logps[w].sum(), logps[l].sum(), chosen.new_tensor(float(len(w)))])
+                return torch.cat([dpo_pair_losses(logratios, w, l, self.beta).sum().float().reshape(1),
+                                  pair_sums(logps, logratios, w, l, self.beta)])
 
-            *totals, pairs = held_out_sums(self, self.eval_dataset if eval_dataset is None else eval_dataset, batch_sums)
-            names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                     "logps/chosen", "logps/rejected")
+            loss, *totals, pairs = held_out_sums(self, self.eval_dataset if eval_dataset is None else eval_dataset,
+                                                 batch_sums)
             metrics = {f"{metric_key_prefix}_{name}": total / pairs if pairs else float("nan")
-                       for name, total in zip(names, totals)}
+                       for name, total in zip(("loss", *PAIR_FIGURES), (loss, *totals))}
             self._metrics["eval"].clear()
             Trainer.log(self, dict(metrics))  # the Trainer's own: TRL's adds its per-batch averages of the mode
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

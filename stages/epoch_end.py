@@ -73,7 +73,8 @@ def repeats_note(own: int, batch_size: int, ranks: int) -> str:
 
 def count_each_row_once(trainer) -> None:
     """Make `trainer` (a transformers Trainer of this project's stages) weigh the rows accelerate fills an epoch's last
-    batch with at 0 (SFT, batches by prompt), or say that they repeat (pairwise DPO and reward batches). On one process nothing is filled, and nothing changes."""
+    batch with at 0 (SFT, batches by prompt), or say that they repeat (pairwise DPO and reward batches). On one process
+    nothing is filled, and nothing changes."""
     acc = trainer.accelerator
     if acc.num_processes == 1:
         return

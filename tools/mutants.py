@@ -266,10 +266,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("dpo-group-ref-adapter-kept", "stages/dpo_groups.py",
      'use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)', "torch.no_grad()",
      DPO_GROUPS),
-    ("dpo-group-eval-accuracy-margin", "stages/dpo_groups.py",
-     "rejected.sum(), (chosen > rejected).sum().float(), (chosen - rejected).sum(),\n                                    logps",
-     "rejected.sum(), (chosen >= rejected).sum().float(), (chosen - rejected).sum(),\n                                    logps",
-     DPO_GROUPS),
+    ("dpo-group-eval-accuracy-margin", "stages/dpo_groups.py", "(chosen > rejected).sum().float()",
+     "(chosen >= rejected).sum().float()", DPO_GROUPS),
     ("dpo-heldout-sequence-mixed", "stages/dpo.py", "            logps[where[key]] = value", "            logps[where[key] - 1] = value",
      DPO_GROUPS + " -k held_out"),
     # make pairs on the CPU default: two processes of one thread (the Makefile's SAMPLING_ACCELERATE_CONFIG)
