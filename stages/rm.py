@@ -85,13 +85,16 @@ class RMArgs:
         """The settings that would not act with the rest of the config (pipeline.config.parse refuses them when they
         are given on the command line): min_steps and max_epochs size the run only when neither max_steps nor
         num_train_epochs does (the assistant recipe sets num_train_epochs 1); share_prefix acts only with
-        batch_by_prompt, margin_column only with a margin_scale; under eval_strategy steps, `evals` sets eval_steps and
-        save_steps (and acts under no other)."""
+        batch_by_prompt and without activation checkpointing, margin_column only with a margin_scale; under
+        eval_strategy steps, `evals` sets eval_steps and save_steps (and acts under no other)."""
         train = next(c for c in parsed if hasattr(c, "num_train_epochs"))
         fixed = ("max_steps" if train.max_steps > 0 else "num_train_epochs" if train.num_train_epochs > 0 else None)
         inert = lora_dropout_inert(self.lora_dropout, parsed)
         if not self.batch_by_prompt:  # the plain RewardTrainer's batches of pairs have no prompt's prefix to share
             inert["share_prefix"] = "it shares a prompt's tokens within batch_by_prompt's batches: set --batch_by_prompt true too"
+        elif self.share_prefix and train.gradient_checkpointing:  # stages/rm_groups.py's group_collator runs whole
+            inert["share_prefix"] = ("activation checkpointing drops the cache a shared prefix runs from: set "
+                                     "--activation_checkpointing false too, or leave share_prefix out")
         if not self.margin_scale:
             inert["margin_column"] = "margin_scale 0 reads no label strength: set --margin_scale above 0 too"
         if train.eval_strategy == "steps":  # plan_steps sets both, `evals` evaluations spread over the run
@@ -273,7 +276,8 @@ def train_member(train_cfg, plan: dict, profile, tokenizer, shard, peft_config, 
     trainer_class, collator = RewardTrainer, None
     if args.batch_by_prompt:
         trainer_class = partial(grouped_reward_trainer(), score_pooling=args.pooling)
-        collator = group_collator(model, tokenizer.pad_token_id, bool(args.margin_scale), args.share_prefix)
+        collator = group_collator(model, tokenizer.pad_token_id, bool(args.margin_scale), args.share_prefix,
+                                  train_cfg.gradient_checkpointing)
     trainer = build_trainer(lambda: trainer_class(model=model, args=train_cfg, train_dataset=train_set, eval_dataset=eval_set,
                                                   processing_class=tokenizer, peft_config=peft_config, data_collator=collator),
                             train_cfg, shard)

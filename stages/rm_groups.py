@@ -110,20 +110,27 @@ def takes_cache(model) -> bool:
     return "cache" in inspect.signature(model.forward).parameters
 
 
-def group_collator(model, pad_token_id: int, with_margin: bool, share_prefix: bool) -> GroupCollator:
+def group_collator(model, pad_token_id: int, with_margin: bool, share_prefix: bool,
+                   checkpointing: bool = False) -> GroupCollator:
     """The collator for `model`: shared prefixes only when asked for and the model can take them from a cache; a
-    model that cannot runs whole sequences (the same loss and gradients, more compute), and says so."""
+    model that cannot, or one trained with activation checkpointing (`checkpointing`: transformers drops the cache in
+    a checkpointed layer, and the responses would run without their prompt), runs whole sequences (the same loss and
+    gradients, more compute), and says so."""
+    why = None
     if share_prefix and not takes_cache(model):
-        name = type(model).__name__
-        if name not in _NOTED and PartialState().is_main_process:  # once a run, not once a rank and ensemble member
-            print(f"note: {name}.forward takes no `cache`: whole sequences, not shared prefixes "
+        why = f"{type(model).__name__}.forward takes no `cache`"
+    elif share_prefix and checkpointing:
+        why = "activation checkpointing drops the cache a shared prefix runs from"
+    if why:
+        if why not in _NOTED and PartialState().is_main_process:  # once a run, not once a rank and ensemble member
+            print(f"note: {why}: whole sequences, not shared prefixes "
                   "(share_prefix: false gives the same without this note)")
-        _NOTED.add(name)
+        _NOTED.add(why)
         share_prefix = False
     return GroupCollator(pad_token_id, with_margin, share_prefix)
 
 
-_NOTED: set[str] = set()  # the model classes group_collator has said it runs whole
+_NOTED: set[str] = set()  # the reasons group_collator has said it runs whole
 
 
 def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,

@@ -1490,3 +1490,30 @@ def test_each_distinct_response_and_prompt_is_rendered_once(tiny_models):
     for p, ((chosen, rejected), prompt_ids) in zip(pairs, got):
         assert (chosen, rejected) == encode_pair(tok, p)
         assert reply_start(tok, p, chosen, rejected, prompt_ids) == reply_start(tok, p, chosen, rejected)
+
+
+def test_activation_checkpointing_trains_whole_sequences_as_shared_prefixes_would(tiny_models, marker_data, tmp_path,
+                                                                                   capsys):
+    """transformers drops the KV cache inside a checkpointed layer, so the responses of a shared prefix would run
+    without their prompt (it crashed in the first step). With `activation_checkpointing` the batches by prompt run
+    whole sequences, say so once, and train what shared prefixes train: the same losses and held-out figures. Given
+    on the command line beside it, share_prefix is refused: it would not act."""
+    runs_dir = tmp_path / "runs"
+    for run in "ab":
+        fake_sft(tiny_models["llama"], runs_dir, run)
+    args = ["--dataset_name", str(marker_data["conversational"]), "--max_steps", "3", "--evals", "1",
+            "--logging_steps", "1"]
+    shared = main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "a", *args)))
+    assert "whole sequences" not in capsys.readouterr().out
+    whole = main(*parse_args(rm_args(tiny_models["llama"], runs_dir, "b", *args, "--activation_checkpointing", "true")))
+    assert capsys.readouterr().out.count("note: activation checkpointing drops the cache a shared prefix runs from: "
+                                         "whole sequences, not shared prefixes") == 1
+    assert len(shared["loss_curve"]) == 3 and whole["loss_curve"] == pytest.approx(shared["loss_curve"], abs=1e-5)
+    for key in ("eval_accuracy", "eval_mean_margin", "reward_std"):
+        assert whole[key] == pytest.approx(shared[key], abs=1e-5), key
+    with pytest.raises(ConfigError, match="--share_prefix on the command line would have no effect: activation "
+                                          "checkpointing drops"):
+        parse_args(rm_args(tiny_models["llama"], runs_dir, "c", *args, "--activation_checkpointing", "true",
+                           "--share_prefix", "true"))
+    parse_args(rm_args(tiny_models["llama"], runs_dir, "c", *args, "--activation_checkpointing", "true",
+                       "--share_prefix", "false"))  # whole sequences asked for: nothing to refuse

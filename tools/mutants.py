@@ -2306,6 +2306,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('ppo-heldout-also-trained', 'stages/ppo/__init__.py', 'train = [convs[i] for i in sorted(order[n_held:])]', 'train = [convs[i] for i in sorted(order)]', PPO_PROMPTS),
     ('ppo-long-prompts-error-ignored', 'stages/ppo/__init__.py', 'if cfg.long_prompts == "error":', 'if False:', PPO_PROMPTS),
     ('ppo-drop-keeps-long', 'stages/ppo/__init__.py', 'keep = [i for i in range(len(ids)) if i not in set(long)]', 'keep = list(range(len(ids)))', PPO_PROMPTS),
+    # stop 74: shared prefixes under activation checkpointing (transformers drops the cache in a checkpointed layer)
+    ('rm-prefix-kept-under-checkpointing', 'stages/rm_groups.py', '    elif share_prefix and checkpointing:', '    elif False:', "tests/test_rm.py -k activation_checkpointing"),
+    ('rm-prefix-checkpointing-not-passed', 'stages/rm.py', 'args.share_prefix,\n                                  train_cfg.gradient_checkpointing)', 'args.share_prefix)', "tests/test_rm.py -k activation_checkpointing"),
+    ('rm-share-prefix-flag-under-checkpointing', 'stages/rm.py', 'elif self.share_prefix and train.gradient_checkpointing:', 'elif False:', "tests/test_rm.py -k activation_checkpointing"),
 ]
 
 
