@@ -150,7 +150,7 @@ stage = $(call stage_env,$(1)) $(PY) -m pipeline.launch $(1) $(if $(and $(FORCE)
 direct = $(PY) $(call stage_opts,$(1)) $(call stage_args,$(1))
 
 .PHONY: setup test base sft rm ppo grpo rloo reinforce_pp dpo pairs label label-export simulate labels eval publish bench bench-sft \
-	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-prefix bench-rm-ceiling bench-valence-probe bench-story bench-estimators bench-shard bench-label mutants clean-run
+	bench-ppo bench-rl bench-rm bench-rm-limit bench-rm-prefix bench-dpo-prefix bench-rm-ceiling bench-valence-probe bench-story bench-estimators bench-shard bench-label mutants clean-run
 
 setup: .venv/.done
 .venv/.done: pyproject.toml constraints.txt
@@ -286,7 +286,11 @@ bench-rm-limit: setup
 # What running a prompt's shared tokens once (share_prefix in configs/rm.yaml) saves the reward model, on the default
 # run's labels: bench/results/rm_prefix.json. Needs `make sft rm` first.
 bench-rm-prefix: setup
-	OMP_NUM_THREADS=1 $(PY) -m bench.rm_prefix --from_run $(RUNDIR) $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m bench.shared_prefix --stage rm --from_run $(RUNDIR) $(ARGS)
+# DPO's policy trained on the run's labels with and without shared prefixes, alternating, timed:
+# bench/results/dpo_prefix.json. Needs `make sft rm` first.
+bench-dpo-prefix: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.shared_prefix --stage dpo --from_run $(RUNDIR) $(ARGS)
 # Does the base know which words are happy? A linear probe of its layers for VADER's word valences (seconds):
 # bench/results/valence_probe.json.
 bench-valence-probe: setup

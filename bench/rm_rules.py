@@ -154,13 +154,16 @@ def test_accuracy(adapter_dir: Path, rows: list[dict]) -> dict:
     return pair_metrics(scores[: len(rows)], scores[len(rows) :])
 
 
-def run_stage(data_file: Path, runs_dir: Path, run: str, model_config: str, overrides: list[str]) -> tuple[int, float, str]:
+def run_stage(data_file: Path, runs_dir: Path, run: str, model_config: str, overrides: list[str],
+              stage: str = "rm") -> tuple[int, float, str]:
+    """`stage` (rm, or dpo) as make runs it, with its config, on `data_file`: (exit code, wall s, its error)."""
     import subprocess
 
-    cmd = [*ACCELERATE_LAUNCH, "--config_file", "configs/accelerate/cpu.yaml", "-m", "stages.rm",
-           "--config", "configs/rm.yaml", "--run", run, "--runs_dir", str(runs_dir), "--model_config", model_config,
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", "configs/accelerate/cpu.yaml", "-m", f"stages.{stage}",
+           "--config", f"configs/{stage}.yaml", "--run", run, "--runs_dir", str(runs_dir), "--model_config", model_config,
            *(["--dataset_name", str(data_file)] if data_file else []),
-           "--ensemble", "1", *overrides]  # one reward model per run (these benches score each model alone)
+           *(["--ensemble", "1"] if stage == "rm" else []),  # one reward model per run (these benches score each alone)
+           *overrides]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, **ENV})
     # Bad input is the stage's one `error:` line; accelerate's launcher adds its own traceback after it, which says

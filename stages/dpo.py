@@ -45,6 +45,7 @@ from stages.dpo_groups import DPOGroupCollator, group_pairs, grouped_dpo_trainer
 from stages.resume import build_trainer, drop_checkpoints, step_of, train_resuming
 from stages.rm import RMArgs
 from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
+from stages.rm_groups import share_prefix_inert, shares_prefix
 from stages.rm_scoring import heldout_metrics
 
 # Largest difference in a held-out sequence log-prob (a sum over ~100 tokens) between the trained policy and the saved
@@ -69,14 +70,20 @@ class DPOArgs:
         "help": "Batch whole prompts: each distinct response's log-probs once under the policy and the reference, all "
                 "the prompt's pairs in the loss (stages/dpo_groups.py; the sigmoid loss alone). "
                 "per_device_train_batch_size then counts prompts."})
+    share_prefix: bool = field(default=True, metadata={
+        "help": "With batch_by_prompt: the tokens all of a prompt's responses begin with (prompt, template) run once, "
+                "each response after them from their cache: the same loss and gradients for less compute."})
     # LoRA (DPO's own, on the SFT-merged base)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
 
     def inert_settings(self, parsed: list) -> dict[str, str]:
-        """What pipeline.config.parse refuses on the command line: lora_dropout under TRL's disable_dropout."""
-        return lora_dropout_inert(self.lora_dropout, parsed)
+        """What pipeline.config.parse refuses on the command line: lora_dropout under TRL's disable_dropout;
+        share_prefix without batch_by_prompt, or under activation checkpointing (as the reward model's)."""
+        train = next(c for c in parsed if hasattr(c, "gradient_checkpointing"))
+        return (lora_dropout_inert(self.lora_dropout, parsed)
+                | share_prefix_inert(self.batch_by_prompt, self.share_prefix, train.gradient_checkpointing))
 
     def __post_init__(self):
         self.dataset_mixture = checked_mixture(self.dataset_mixture)  # the reward model's rules: one error at parse
@@ -275,7 +282,9 @@ def main(train_cfg, args: DPOArgs, run: RunArgs) -> dict:
     trainer_class, as_dataset, collator = trainer_on_token_ids(), as_token_ids, None
     if args.batch_by_prompt:
         trainer_class = grouped_dpo_trainer(trainer_class)
-        as_dataset, collator = (lambda rows: Dataset.from_list(group_pairs(rows))), DPOGroupCollator(tokenizer.pad_token_id)
+        share = shares_prefix(model, args.share_prefix, train_cfg.gradient_checkpointing,
+                              router_loss=getattr(model.config, "output_router_logits", False))
+        as_dataset, collator = (lambda rows: Dataset.from_list(group_pairs(rows))), DPOGroupCollator(tokenizer.pad_token_id, share)
     trainer = build_trainer(lambda: trainer_class(model=model, args=train_cfg, train_dataset=as_dataset(train_rows),
                                                   eval_dataset=as_dataset(eval_rows), processing_class=tokenizer,
                                                   peft_config=peft_config, data_collator=collator),

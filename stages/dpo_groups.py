@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.rm_data import prompt_key
-from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums
+from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums, tokens_seen
 
 # TRL settings the grouped loss does not apply, with the value that means "off": it trains DPO's sigmoid loss alone.
 PAIRWISE_ONLY = {"loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None, "use_weighting": False,
@@ -54,24 +54,48 @@ def group_pairs(rows: list[dict]) -> list[dict]:
     return groups
 
 
-class DPOGroupCollator:
+class DPOGroupCollator(GroupCollator):
     """Groups -> one right-padded batch of all their sequences (rm_groups.GroupCollator: `winners`/`losers` index its
     rows, `row_group` names each row's group), with `completion_mask`: 1 on each sequence's reply tokens, as TRL's
-    DataCollatorForPreference marks them."""
+    DataCollatorForPreference marks them. With share_prefix, each group's shared tokens once (GroupCollator's
+    `prefix_ids`, `prefix_mask`, `prefix_index`), ending before the token whose logits give the first reply token's
+    log-prob: every reply token is read from its own row's pass."""
 
-    def __init__(self, pad_token_id: int):
-        self.rows = GroupCollator(pad_token_id, with_margin=False)
+    def __init__(self, pad_token_id: int, share_prefix: bool = False):
+        super().__init__(pad_token_id, with_margin=False, share_prefix=share_prefix)
+
+    def prefix_cut(self, group: dict) -> int:
+        return min(super().prefix_cut(group), min(group["reply_starts"]) - 1)
 
     def __call__(self, groups: list[dict]) -> dict:
-        batch = self.rows(groups)
+        batch = super().__call__(groups)
+        cuts = batch["prefix_mask"].sum(1).tolist() if "prefix_ids" in batch else [0] * len(groups)
         completion_mask = torch.zeros_like(batch["attention_mask"])
         row = 0
-        for g in groups:
+        for g, cut in zip(groups, cuts):
             for sequence, start in zip(g["sequences"], g["reply_starts"]):
-                completion_mask[row, start:len(sequence)] = 1
+                completion_mask[row, start - cut:len(sequence) - cut] = 1
                 row += 1
         batch["completion_mask"] = completion_mask
         return batch
+
+
+def reply_logps(model, inputs: dict, **extra):
+    """`model`'s outputs (TRL's fused LM head: `log_probs`, each next token's log-prob, 0 off the replies) over a
+    DPOGroupCollator batch. With shared prefixes the prefixes run once (their last position's logits alone), their
+    keys and values copied to each of their rows (gradients flow back to the one pass), then the rows' own tokens
+    after them at positions that continue their prefix (rm_groups.shared_prefix_rewards, for a reward)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    kwargs = {"labels": ids.masked_fill(inputs["completion_mask"] == 0, -100), "fused_lm_head": True, **extra}
+    if "prefix_ids" not in inputs:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    prefix_mask, index = inputs["prefix_mask"], inputs["prefix_index"]
+    cache = model(input_ids=inputs["prefix_ids"], attention_mask=prefix_mask, use_cache=True, logits_to_keep=1,
+                  position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0)).cache
+    cache.reorder_cache(index)
+    positions = prefix_mask.sum(1)[index].unsqueeze(1) + (mask.cumsum(1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=torch.cat([prefix_mask[index], mask], dim=1), position_ids=positions,
+                 cache=cache, **kwargs)
 
 
 def dpo_pair_losses(logratios: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, beta: float) -> torch.Tensor:
@@ -116,18 +140,12 @@ def grouped_dpo_trainer(base_class):
         def sequence_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
             """(each row's reply log-prob under the policy, the same under the reference, the policy's outputs), as
             TRL sums them: over the reply's tokens, the reference with DPO's LoRA disabled."""
-            completion_mask = inputs["completion_mask"]
-            model_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                            "use_cache": False, "labels": inputs["input_ids"].masked_fill(completion_mask == 0, -100),
-                            "fused_lm_head": True}
-            seq_len = completion_mask.size(1) - 1
-            outputs = model(**model_kwargs, **({"output_router_logits": True} if self.aux_loss_enabled else {}))
-            logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+            outputs = reply_logps(model, inputs, **({"output_router_logits": True} if self.aux_loss_enabled else {}))
             unwrapped = self.accelerator.unwrap_model(self.model)
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                     use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                ref_logps = self.model(**model_kwargs).log_probs[:, -seq_len:].sum(dim=1)
-            return logps, ref_logps, outputs
+                ref_logps = reply_logps(self.model, inputs).log_probs.sum(dim=1)
+            return outputs.log_probs.sum(dim=1), ref_logps, outputs
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Training: this micro-batch's share of the optimizer step's mean over all its pairs (every rank's);
@@ -147,7 +165,7 @@ def grouped_dpo_trainer(base_class):
                 loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             counted = torch.ones_like(logps, dtype=torch.bool) if counted is None else counted
             if mode == "train":
-                tokens = self.accelerator.gather(inputs["attention_mask"][counted].sum().reshape(1)).sum().item()
+                tokens = self.accelerator.gather(tokens_seen(inputs, counted).reshape(1)).sum().item()
                 self._total_train_tokens += tokens // self._tp_size
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             self.log_pair_metrics(mode, logps.detach(), logratios.detach(), winners, losers)

@@ -38,7 +38,7 @@ from pipeline.report import finish_distributed, peak_memory_mb, print_table
 from pipeline.run import StageRun, end_with_launcher, main_guard
 from pipeline.sharding import require_shared_runs_dir, sharding_report, take_over_from_accelerate
 from stages.resume import build_trainer, step_of, train_resuming
-from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer
+from stages.rm_groups import group_by_prompt, group_collator, grouped_reward_trainer, share_prefix_inert
 from stages.rm_data import check_eval_fraction, checked_mixture, data_record, longest_pair, prepare_data
 from stages.rm_scoring import (check_reload, check_reload_sharded, heldout_metrics, pair_scores, reload_scores,
                                require_saved_head)
@@ -90,11 +90,7 @@ class RMArgs:
         train = next(c for c in parsed if hasattr(c, "num_train_epochs"))
         fixed = ("max_steps" if train.max_steps > 0 else "num_train_epochs" if train.num_train_epochs > 0 else None)
         inert = lora_dropout_inert(self.lora_dropout, parsed)
-        if not self.batch_by_prompt:  # the plain RewardTrainer's batches of pairs have no prompt's prefix to share
-            inert["share_prefix"] = "it shares a prompt's tokens within batch_by_prompt's batches: set --batch_by_prompt true too"
-        elif self.share_prefix and train.gradient_checkpointing:  # stages/rm_groups.py's group_collator runs whole
-            inert["share_prefix"] = ("activation checkpointing drops the cache a shared prefix runs from: set "
-                                     "--activation_checkpointing false too, or leave share_prefix out")
+        inert |= share_prefix_inert(self.batch_by_prompt, self.share_prefix, train.gradient_checkpointing)
         if not self.margin_scale:
             inert["margin_column"] = "margin_scale 0 reads no label strength: set --margin_scale above 0 too"
         if train.eval_strategy == "steps":  # plan_steps sets both, `evals` evaluations spread over the run

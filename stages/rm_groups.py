@@ -87,7 +87,7 @@ class GroupCollator:
             losers += [offset + i for i in g["losers"]]
             margins += g["margins"]
             prefix_index += [index] * len(g["sequences"])
-        cuts = [shared_prefix_length(g["sequences"], self.pad_token_id) for g in groups] if self.share_prefix else [0]
+        cuts = [self.prefix_cut(g) for g in groups] if self.share_prefix else [0]
         batch = {}
         if min(cuts) > 0:  # a group without a shared first token (no template, no BOS) runs the batch whole
             # Left-padded, so that each row's real tokens run on without a gap from its prefix into its own: a
@@ -103,6 +103,10 @@ class GroupCollator:
             batch["margin"] = torch.tensor(margins, dtype=torch.float)
         return batch
 
+    def prefix_cut(self, group: dict) -> int:
+        """How many of the group's first tokens run once, as its prefix."""
+        return shared_prefix_length(group["sequences"], self.pad_token_id)
+
 
 def takes_cache(model) -> bool:
     """Whether the model's forward takes a `cache` (shared_prefix_rewards passes one): every transformers model does;
@@ -110,27 +114,46 @@ def takes_cache(model) -> bool:
     return "cache" in inspect.signature(model.forward).parameters
 
 
+def share_prefix_inert(batch_by_prompt: bool, share_prefix: bool, checkpointing: bool) -> dict[str, str]:
+    """{"share_prefix": why} when it would not act (for inert_settings): TRL's batches of pairs run each pair's
+    sequences whole, and activation checkpointing drops the cache (shares_prefix)."""
+    if not batch_by_prompt:
+        return {"share_prefix": "it shares a prompt's tokens within batch_by_prompt's batches: set --batch_by_prompt "
+                                "true too"}
+    if share_prefix and checkpointing:
+        return {"share_prefix": "activation checkpointing drops the cache a shared prefix runs from: set "
+                                "--activation_checkpointing false too, or leave share_prefix out"}
+    return {}
+
+
 def group_collator(model, pad_token_id: int, with_margin: bool, share_prefix: bool,
                    checkpointing: bool = False) -> GroupCollator:
-    """The collator for `model`: shared prefixes only when asked for and the model can take them from a cache; a
-    model that cannot, or one trained with activation checkpointing (`checkpointing`: transformers drops the cache in
-    a checkpointed layer, and the responses would run without their prompt), runs whole sequences (the same loss and
-    gradients, more compute), and says so."""
+    """The reward model's collator for `model`, with shared prefixes where shares_prefix says."""
+    return GroupCollator(pad_token_id, with_margin, shares_prefix(model, share_prefix, checkpointing))
+
+
+def shares_prefix(model, share_prefix: bool, checkpointing: bool, router_loss: bool = False) -> bool:
+    """Whether batches by prompt run shared prefixes: when asked for and the model can take them from a cache. A model
+    that cannot, a run with activation checkpointing (`checkpointing`: transformers drops the cache in a checkpointed
+    layer, and the responses would run without their prompt), or a router's auxiliary loss over whole sequences
+    (`router_loss`: DPO's on a MoE model) runs whole sequences (the same loss and gradients, more compute), and says
+    so."""
     why = None
     if share_prefix and not takes_cache(model):
         why = f"{type(model).__name__}.forward takes no `cache`"
     elif share_prefix and checkpointing:
         why = "activation checkpointing drops the cache a shared prefix runs from"
+    elif share_prefix and router_loss:
+        why = "the router's auxiliary loss (output_router_logits) is taken over whole sequences"
     if why:
         if why not in _NOTED and PartialState().is_main_process:  # once a run, not once a rank and ensemble member
             print(f"note: {why}: whole sequences, not shared prefixes "
                   "(share_prefix: false gives the same without this note)")
         _NOTED.add(why)
-        share_prefix = False
-    return GroupCollator(pad_token_id, with_margin, share_prefix)
+    return share_prefix and why is None
 
 
-_NOTED: set[str] = set()  # the reasons group_collator has said it runs whole
+_NOTED: set[str] = set()  # the reasons shares_prefix has given for whole sequences
 
 
 def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,
@@ -151,6 +174,14 @@ def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     if add_prefix_score:
         rewards = rewards + shared.logits.squeeze(-1)[prefix_index]
     return rewards
+
+
+def tokens_seen(inputs: dict, counted: torch.Tensor) -> torch.Tensor:
+    """The tokens of a GroupCollator batch's `counted` rows, each row's shared prefix included."""
+    seen = inputs["attention_mask"][counted].sum()
+    if "prefix_mask" in inputs:
+        seen = seen + inputs["prefix_mask"].sum(1)[inputs["prefix_index"]][counted].sum()
+    return seen
 
 
 def held_out_sums(trainer, dataset, batch_sums) -> list[float]:
@@ -221,9 +252,7 @@ def grouped_reward_trainer():
             else:  # the ranks' gradients are averaged, hence x ranks
                 loss = losses.sum() * self.accelerator.num_processes / num_items_in_batch
             counted = torch.ones_like(rewards, dtype=torch.bool) if counted is None else counted
-            seen = inputs["attention_mask"][counted].sum()  # every row's tokens, its shared prefix's included
-            if prefix:
-                seen = seen + prefix["prefix_mask"].sum(1)[prefix["prefix_index"]][counted].sum()
+            seen = tokens_seen(inputs | prefix, counted)
             tokens = self.accelerator.gather(seen.reshape(1)).sum().item()  # every rank's, at an epoch's end too
             self._total_train_tokens += tokens // self._tp_size
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]

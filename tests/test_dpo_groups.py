@@ -9,8 +9,9 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.models import load_base, load_tokenizer, profile_from
-from stages.dpo_groups import DPOGroupCollator, dpo_pair_losses, group_pairs, grouped_dpo_trainer, pairwise_only_settings
-from tests.conftest import ARCHS
+from stages.dpo_groups import (DPOGroupCollator, dpo_pair_losses, group_pairs, grouped_dpo_trainer, pairwise_only_settings,
+                               reply_logps)
+from tests.conftest import ARCHS, SLIDING_WINDOW_ARCHS, random_model
 from tests.test_dpo import LN2, dpo_args, marker_data, one_by_8_and_two_by_4  # noqa: F401 (a fixture)
 from tests.test_rm import fake_sft, write_jsonl
 from tests.test_rm_groups import k_response_rows
@@ -43,6 +44,51 @@ def test_collator_marks_each_reply_and_offsets_each_groups_pairs():
     assert batch["row_group"].tolist() == [0, 0, 1, 1, 1] and "margin" not in batch
 
 
+def test_shared_prefixes_stop_before_the_token_that_predicts_the_reply():
+    """share_prefix: a group's common first tokens once, up to but not including its prompt's last token (its logits
+    give the first reply token's log-prob, so it runs in each row), and each reply marked in its row's own tokens; a
+    batch with a group whose reply starts at its first token (nothing to share) is collated whole."""
+    groups = [{"sequences": [[5, 6, 7, 1], [5, 6, 7, 8, 8]], "reply_starts": [3, 3], "winners": [0], "losers": [1],
+               "margins": [0.0]},
+              {"sequences": [[9, 4, 2], [9, 4, 3, 3]], "reply_starts": [2, 2], "winners": [1], "losers": [0],
+               "margins": [0.0]}]
+    batch = DPOGroupCollator(pad_token_id=0, share_prefix=True)(groups)
+    assert batch["prefix_ids"].tolist() == [[5, 6], [0, 9]] and batch["prefix_mask"].tolist() == [[1, 1], [0, 1]]
+    assert batch["prefix_index"].tolist() == [0, 0, 1, 1]
+    assert batch["input_ids"].tolist() == [[7, 1, 0], [7, 8, 8], [4, 2, 0], [4, 3, 3]]
+    assert batch["completion_mask"].tolist() == [[0, 1, 0], [0, 1, 1], [0, 1, 0], [0, 1, 1]]
+    assert batch["winners"].tolist() == [0, 3] and batch["losers"].tolist() == [1, 2]
+    unshared = groups + [{"sequences": [[9, 1], [9, 2]], "reply_starts": [1, 1], "winners": [0], "losers": [1],
+                          "margins": [0.0]}]
+    whole = DPOGroupCollator(pad_token_id=0, share_prefix=True)(unshared)
+    assert "prefix_ids" not in whole
+    for key in ("input_ids", "completion_mask"):
+        assert whole[key].tolist() == DPOGroupCollator(pad_token_id=0)(unshared)[key].tolist()
+
+
+@pytest.mark.parametrize("arch", SLIDING_WINDOW_ARCHS)
+def test_shared_prefixes_give_each_reply_its_whole_sequences_log_probs(arch):
+    """A window of 3 positions, pad == eos (replies end in it), a group whose prefix (8 tokens) outgrows the window
+    and one whose prefix (1 token) is padded in the prefix batch: each reply's log-prob from shared prefixes equals its
+    whole sequence's, under gradients too (the policy's pass)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    eos = 1
+    model = random_model(arch, "causal", sliding_window=3, pad_token_id=eos, eos_token_id=eos).train()
+    add_fused_lm_head(model)
+    g = torch.Generator().manual_seed(1)
+    draw = lambda n: [int(t) for t in torch.randint(5, 60, (n,), generator=g)]  # noqa: E731
+    long_head, short_head = draw(9), draw(2)
+    a, b = [long_head + draw(n) + [eos] for n in (3, 5, 1)], [short_head + draw(n) + [eos] for n in (4, 2)]
+    groups = group_pairs([pair("a", a[0], a[1], 9), pair("a", a[2], a[0], 9), pair("b", b[0], b[1], 2)])
+    whole, shared = DPOGroupCollator(eos)(groups), DPOGroupCollator(eos, share_prefix=True)(groups)
+    assert shared["prefix_mask"].sum(1).tolist() == [8, 1]
+    expected = reply_logps(model, whole).log_probs.sum(1)
+    got = reply_logps(model, shared).log_probs.sum(1)
+    assert got.requires_grad and (expected < -1).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_dpo_pair_losses_by_hand():
     logratios = torch.tensor([1.0, -0.5, 2.0])  # log pi - log ref of each sequence
     winners, losers = torch.tensor([0, 2, 1]), torch.tensor([1, 1, 2])
@@ -72,18 +118,20 @@ def test_only_the_sigmoid_loss_is_trained_by_prompt(tmp_path):
 
 
 def step_rows():
-    """Two prompts: three responses of the first in three pairs (one of them twice), two of the second in one."""
+    """Two prompts: three responses of the first in three pairs (one of them twice), two of the second in one (twice,
+    in both orders). Their prompts are 4 and 2 tokens long."""
     g = torch.Generator().manual_seed(1)
     head = [int(t) for t in torch.randint(5, 60, (4,), generator=g)]
     replies = [[int(t) for t in torch.randint(5, 60, (n,), generator=g)] for n in (3, 5, 2)]
     return [pair("a", head + replies[0], head + replies[1], 4), pair("a", head + replies[2], head + replies[0], 4),
-            pair("a", head + replies[1], head + replies[2], 4), pair("b", [3, 4, 5], [3, 6], 1),
-            pair("a", head + replies[0], head + replies[1], 4), pair("b", [3, 6], [3, 4, 5], 1)]
+            pair("a", head + replies[1], head + replies[2], 4), pair("b", [3, 7, 4, 5], [3, 7, 6], 2),
+            pair("a", head + replies[0], head + replies[1], 4), pair("b", [3, 7, 6], [3, 7, 4, 5], 2)]
 
 
-def dpo_trainer(arch: str, tiny_models, args, dataset, grouped: bool):
-    """A DPO trainer (TRL's pairwise, or ours by prompt) putting a fresh LoRA on a tiny base, as the stage does, with
-    LoRA B then drawn at random (the same in every call): the policy differs from its reference (the LoRA disabled)."""
+def dpo_trainer(arch: str, tiny_models, args, dataset, grouped: bool, share_prefix: bool = False):
+    """A DPO trainer (TRL's pairwise, or ours by prompt, with shared prefixes or not) putting a fresh LoRA on a tiny
+    base, as the stage does, with LoRA B then drawn at random (the same in every call): the policy differs from its
+    reference (the LoRA disabled)."""
     from stages.dpo import trainer_on_token_ids
 
     from pipeline.models import lora_config
@@ -95,7 +143,7 @@ def dpo_trainer(arch: str, tiny_models, args, dataset, grouped: bool):
     trainer_class = grouped_dpo_trainer(trainer_on_token_ids()) if grouped else trainer_on_token_ids()
     trainer = trainer_class(model=base, args=args, train_dataset=dataset, processing_class=tok,
                             peft_config=lora_config(prof, 4, 8, 0.0),
-                            data_collator=DPOGroupCollator(tok.pad_token_id) if grouped else None)
+                            data_collator=DPOGroupCollator(tok.pad_token_id, share_prefix) if grouped else None)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, p in trainer.model.named_parameters():
@@ -118,7 +166,8 @@ def _dataset(rows):
 def test_grouped_loss_gradient_and_figures_equal_trls_pairwise(tiny_models, tmp_path, arch):
     """TRL's DPOTrainer on every pair of two prompts' responses, and ours on the two prompts' groups: the same loss,
     the same gradient and the same logged rewards, accuracy, margin and log-probs, from 5 sequences a pass instead of
-    12."""
+    12; and again with each prompt's shared tokens run once (prefixes of 3 and 1 tokens: padding inside the prefix
+    batch; each stops one token short of its prompt, whose logits give the first reply token)."""
     from trl import DPOConfig
 
     rows = step_rows()
@@ -126,21 +175,24 @@ def test_grouped_loss_gradient_and_figures_equal_trls_pairwise(tiny_models, tmp_
     pairs = [{"prompt_ids": r["chosen_ids"][:r["reply_start"]], "chosen_ids": r["chosen_ids"][r["reply_start"]:],
               "rejected_ids": r["rejected_ids"][r["reply_start"]:]} for r in rows]
     losses, grads, figures = [], [], []
-    for grouped, data in ((False, pairs), (True, group_pairs(rows))):
-        model, trainer = dpo_trainer(arch, tiny_models, args, _dataset(data), grouped)
+    for grouped, share, data in ((False, False, pairs), (True, False, group_pairs(rows)), (True, True, group_pairs(rows))):
+        model, trainer = dpo_trainer(arch, tiny_models, args, _dataset(data), grouped, share)
         loss = trainer.compute_loss(model, trainer.data_collator(data))
         loss.backward()
         losses.append(loss.detach())
         grads.append(trainable_grad(model))
         figures.append({k: v[-1] for k, v in trainer._metrics["train"].items()})
-    ours = trainer
-    assert ours.data_collator(group_pairs(rows))["input_ids"].shape[0] == 5  # 3 + 2 distinct responses
+    shared = trainer.data_collator(group_pairs(rows))
+    assert shared["input_ids"].shape[0] == 5  # 3 + 2 distinct responses
+    assert shared["prefix_mask"].sum(1).tolist() == [3, 1] and shared["prefix_index"].tolist() == [0, 0, 0, 1, 1]
     assert grads[0].abs().max() > 0 and abs(losses[0].item() - LN2) > 1e-3  # the policy is not its reference
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected"):
-        assert figures[1][key] == pytest.approx(figures[0][key], abs=1e-5), key
+    for ours in (1, 2):
+        torch.testing.assert_close(losses[ours], losses[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grads[ours], grads[0], atol=1e-6, rtol=1e-4)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                    "logps/rejected"):
+            assert figures[ours][key] == pytest.approx(figures[0][key], abs=1e-5), key
+    assert figures[2]["num_tokens"] == figures[1]["num_tokens"]  # a shared prefix's tokens counted for each of its rows
 
 
 def test_a_step_is_the_mean_over_its_pairs_however_its_prompts_are_accumulated(tiny_models, tmp_path):
@@ -318,3 +370,64 @@ def test_accumulated_micro_batches_train_as_one_batch(tiny_models, tmp_path):
     a, b = (load_file(runs_dir / run / "dpo" / "adapter" / "adapter_model.safetensors") for run in ("whole", "accumulated"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory, tokenizer_dir):
+    """A tiny Mixtral (4 experts, 2 a token) with our tokenizer, whose config asks for the router's auxiliary loss."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok, root = AutoTokenizer.from_pretrained(tokenizer_dir), tmp_path_factory.mktemp("moe")
+    cfg = AutoConfig.for_model("mixtral", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                               output_router_logits=True, max_position_embeddings=512, initializer_range=0.3,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    profile = root / "mixtral.yaml"
+    profile.write_text(f"name_or_path: {root / 'model'}\nlora_target_modules: [q_proj, k_proj, v_proj, o_proj]\n")
+    return profile
+
+
+def test_activation_checkpointing_and_a_routers_loss_train_whole_sequences(tiny_models, tiny_moe, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The stage's batches by prompt share prefixes (configs/dpo.yaml). transformers drops the cache in a checkpointed
+    layer, and a MoE's router loss (output_router_logits) is taken over whole sequences: with either, they run whole
+    sequences and say so once. Under checkpointing they train what shared prefixes train: the same losses and
+    held-out figures."""
+    import stages.rm_groups
+    from stages.dpo import main, parse_args
+
+    import stages.dpo_groups
+
+    stages.rm_groups._NOTED.clear()
+    shared_batches, forward = [], stages.dpo_groups.reply_logps
+
+    def spied(model, inputs, **extra):
+        shared_batches.append("prefix_ids" in inputs)
+        return forward(model, inputs, **extra)
+
+    monkeypatch.setattr(stages.dpo_groups, "reply_logps", spied)
+    runs_dir = tmp_path / "runs"
+    data = write_jsonl(tmp_path / "k3.jsonl", k_response_rows(20, k=3))
+    common = ["--dataset_name", str(data), "--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "2"]
+    done = {}
+    for run, extra in (("shared", []), ("checkpointed", ["--activation_checkpointing", "true"])):
+        fake_sft(tiny_models["llama"], runs_dir, run)
+        done[run] = main(*parse_args(dpo_args(tiny_models["llama"], runs_dir, run, *common, *extra)))
+        said = capsys.readouterr().out.count("note: activation checkpointing drops the cache a shared prefix runs from: "
+                                             "whole sequences, not shared prefixes")
+        assert said == (run == "checkpointed"), run
+        assert set(shared_batches) == {run == "shared"}, run  # every training and held-out batch
+        shared_batches.clear()
+    shared, checkpointed = done["shared"], done["checkpointed"]
+    assert len(shared["loss_curve"]) == 3 and checkpointed["loss_curve"] == pytest.approx(shared["loss_curve"], abs=1e-5)
+    assert checkpointed["eval_loss"] == pytest.approx(shared["eval_loss"], abs=1e-5)
+    fake_sft(tiny_moe, runs_dir, "moe")
+    moe = main(*parse_args(dpo_args(tiny_moe, runs_dir, "moe", *common)))
+    assert capsys.readouterr().out.count("note: the router's auxiliary loss (output_router_logits) is taken over whole "
+                                         "sequences: whole sequences, not shared prefixes") == 1
+    assert set(shared_batches) == {False}
+    assert moe["steps"] == 3 and all(math.isfinite(x) for x in moe["loss_curve"])

@@ -1827,7 +1827,8 @@ def test_a_folders_digest_covers_its_file_names(tmp_path):
     assert file_digest(data) == before
 
 
-@pytest.mark.parametrize("target,module", [("bench-rm-limit", "rm_limit"), ("bench-rm-prefix", "rm_prefix"),
+@pytest.mark.parametrize("target,module", [("bench-rm-limit", "rm_limit"), ("bench-rm-prefix", "shared_prefix --stage rm"),
+                                           ("bench-dpo-prefix", "shared_prefix --stage dpo"),
                                            ("bench-rm-ceiling", "rm_ceiling")])
 def test_the_run_benches_read_the_run_make_names(target, module, tmp_path):
     """They read runs/default whatever RUN= said (and measured, then overwrote the results of, the wrong run)."""

@@ -185,6 +185,12 @@ CASES = [
     # TRL's disable_dropout (on) zeroes every dropout once the LoRA layers are in: the adapters were bit-identical to 0's
     ("rm-lora-dropout-under-disable-dropout", "stages.rm", RM + ["--lora_dropout", "0.3"],
      ["--lora_dropout on the command line would have no effect: TRL's disable_dropout", "--disable_dropout false"]),
+    ("dpo-share-prefix-without-groups", "stages.dpo", ["--config", "configs/dpo.yaml", "--batch_by_prompt", "false",
+                                                       "--share_prefix", "true"],
+     ["--share_prefix on the command line would have no effect", "--batch_by_prompt true"]),
+    ("dpo-share-prefix-under-checkpointing", "stages.dpo", ["--config", "configs/dpo.yaml", "--share_prefix", "true",
+                                                            "--activation_checkpointing", "true"],
+     ["--share_prefix on the command line would have no effect: activation checkpointing", "--activation_checkpointing false"]),
     ("dpo-lora-dropout-under-disable-dropout", "stages.dpo", ["--config", "configs/dpo.yaml", "--lora_dropout", "0.1"],
      ["--lora_dropout on the command line would have no effect: TRL's disable_dropout", "--disable_dropout false"]),
     # Ziegler's controller moved kl_coef 0.25 to -0.07 in one update of 32 episodes over a horizon of 5
