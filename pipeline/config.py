@@ -270,7 +270,11 @@ def parse(classes: tuple, argv: list[str] | None = None):
             return f"'{key}' in {yaml_file[key]}"
         return f"the default of {key}"
 
-    parser = HfArgumentParser(classes, allow_abbrev=False)  # --learning_rat must not silently mean --learning_rate
+    # --help without --config shows the dataclasses' defaults, which the configs make runs with override
+    unconfigured = ("The defaults below are the code's. `make` runs each stage with its config (configs/<stage>.yaml, "
+                    "or a recipe's), which sets many of them: give that --config too to see the values make uses.")
+    parser = HfArgumentParser(classes, allow_abbrev=False,  # --learning_rat must not silently mean --learning_rate
+                              description=None if config_path else unconfigured)
     for action in parser._actions:  # dict-typed fields (mixtures, weights) take JSON on the command line
         if action.type is dict:
             action.type = _json_dict

@@ -302,6 +302,25 @@ def test_unknown_cli_flag_is_an_error():
                               f"config ({pairs_yaml}); the stage's --help, given its --config, lists them all")
 
 
+def test_help_without_a_config_says_its_defaults_are_not_makes(capsys):
+    """Without --config, --help lists the dataclasses' defaults (DPO's batch_by_prompt False), where make's config
+    sets many of them (configs/dpo.yaml: true): it says so. Given the config, it shows the config's values."""
+    import re
+
+    def help_text(*argv):
+        with pytest.raises(SystemExit) as done:
+            parse(stage_classes("dpo"), [*argv, "--help"])
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        return text, re.search(r"--batch_by_prompt \[BATCH_BY_PROMPT\], .*? \(default: (\w+)\)", text).group(1)
+
+    text, default = help_text()
+    assert default == "False" and ("The defaults below are the code's. `make` runs each stage with its config "
+                                   "(configs/<stage>.yaml, or a recipe's), which sets many of them") in text
+    text, default = help_text("--config", "configs/dpo.yaml")
+    assert default == "True" and "The defaults below" not in text
+
+
 def test_the_unknown_flag_error_names_the_module_and_config_make_parses(tmp_path, capsys):
     """`python -m stages.<stage> --help` named stages.grpo for `make grpo` (no such module: it is stages.ppo with
     configs/grpo.yaml) and stages.label-export for `make label-export`, and without --config it lists the dataclass

@@ -2310,6 +2310,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-prefix-kept-under-checkpointing', 'stages/rm_groups.py', '    elif share_prefix and checkpointing:', '    elif False:', "tests/test_rm.py -k activation_checkpointing"),
     ('rm-prefix-checkpointing-not-passed', 'stages/rm.py', 'args.share_prefix,\n                                  train_cfg.gradient_checkpointing)', 'args.share_prefix)', "tests/test_rm.py -k activation_checkpointing"),
     ('rm-share-prefix-flag-under-checkpointing', 'stages/rm_groups.py', '    if share_prefix and checkpointing:\n        return {"share_prefix"', '    if False:\n        return {"share_prefix"', "tests/test_rm.py -k activation_checkpointing"),
+    ('config-help-unconfigured-unsaid', 'pipeline/config.py', 'description=None if config_path else unconfigured)', 'description=None)', "tests/test_config.py -k help_without"),
     # stop 74: DPO's batches by prompt with shared prefixes (stages/dpo_groups.py)
     ('dpo-prefix-cut-uncapped', 'stages/dpo_groups.py', 'return min(super().prefix_cut(group), min(group["reply_starts"]) - 1)', 'return super().prefix_cut(group)', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
     ('dpo-prefix-takes-the-predicting-token', 'stages/dpo_groups.py', 'min(group["reply_starts"]) - 1)', 'min(group["reply_starts"]))', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
