@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.rm_data import prompt_key
-from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums, tokens_seen
+from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums, pairs_in_step, tokens_seen
 
 # TRL settings the grouped loss does not apply, with the value that means "off": it trains DPO's sigmoid loss alone.
 PAIRWISE_ONLY = {"loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None, "use_weighting": False,
@@ -132,10 +132,7 @@ def grouped_dpo_trainer(base_class):
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the optimizer step's pairs itself
 
         def _get_num_items_in_batch(self, batch_samples, device):
-            """The pairs of one optimizer step, over its micro-batches and every rank: groups hold different numbers
-            of pairs, so each micro-batch's own mean would weigh a prompt of few pairs above one of many."""
-            pairs = torch.tensor(sum(len(b["winners"]) for b in batch_samples), device=device)
-            return self.accelerator.gather(pairs.reshape(1)).sum() if self.accelerator.num_processes > 1 else pairs
+            return pairs_in_step(self.accelerator, batch_samples, device)
 
         def sequence_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
             """(each row's reply log-prob under the policy, the same under the reference, the policy's outputs), as

@@ -184,6 +184,15 @@ def tokens_seen(inputs: dict, counted: torch.Tensor) -> torch.Tensor:
     return seen
 
 
+def pairs_in_step(accelerator, batch_samples: list[dict], device) -> torch.Tensor:
+    """The pairs of one optimizer step (a grouped trainer's `_get_num_items_in_batch`): in each micro-batch of its
+    gradient accumulation, on every rank. Groups hold different numbers of pairs, so the mean over each micro-batch's
+    pairs, averaged over micro-batches and ranks, weighted a prompt of few pairs above one of many: not the step's mean
+    over its pairs."""
+    pairs = torch.tensor(sum(len(b["winners"]) for b in batch_samples), device=device)
+    return accelerator.gather(pairs.reshape(1)).sum() if accelerator.num_processes > 1 else pairs
+
+
 def held_out_sums(trainer, dataset, batch_sums) -> list[float]:
     """Every rank's sums of `batch_sums(inputs)` (a float64 tensor) over the held-out groups, in batches of
     `per_device_eval_batch_size`, the batches spread over the ranks. Every rank runs the same number of batches (a
@@ -216,11 +225,7 @@ def grouped_reward_trainer():
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the optimizer step's pairs itself
 
         def _get_num_items_in_batch(self, batch_samples, device):
-            """The pairs of one optimizer step: in each micro-batch of its gradient accumulation, on every rank. Groups
-            hold different numbers of pairs, so the mean over each micro-batch's pairs, averaged over micro-batches and
-            ranks, weighted a prompt of few pairs above one of many: not the step's mean over its pairs."""
-            pairs = torch.tensor(sum(len(b["winners"]) for b in batch_samples), device=device)
-            return self.accelerator.gather(pairs.reshape(1)).sum() if self.accelerator.num_processes > 1 else pairs
+            return pairs_in_step(self.accelerator, batch_samples, device)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # already grouped token ids (group_by_prompt), cut to max_length by rm_data

@@ -2311,6 +2311,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('rm-prefix-checkpointing-not-passed', 'stages/rm.py', 'args.share_prefix,\n                                  train_cfg.gradient_checkpointing)', 'args.share_prefix)', "tests/test_rm.py -k activation_checkpointing"),
     ('rm-share-prefix-flag-under-checkpointing', 'stages/rm_groups.py', '    if share_prefix and checkpointing:\n        return {"share_prefix"', '    if False:\n        return {"share_prefix"', "tests/test_rm.py -k activation_checkpointing"),
     ('config-help-unconfigured-unsaid', 'pipeline/config.py', 'description=None if config_path else unconfigured)', 'description=None)', "tests/test_config.py -k help_without"),
+    ('group-step-pairs-not-gathered', 'stages/rm_groups.py', 'return accelerator.gather(pairs.reshape(1)).sum() if accelerator.num_processes > 1 else pairs', 'return pairs', "tests/test_rm_groups.py -k a_step_on_two_ranks"),
+    ('group-step-pairs-first-micro-batch', 'stages/rm_groups.py', 'sum(len(b["winners"]) for b in batch_samples)', 'len(batch_samples[0]["winners"])', "tests/test_rm_groups.py -k a_step_is_the_mean"),
     # stop 74: DPO's batches by prompt with shared prefixes (stages/dpo_groups.py)
     ('dpo-prefix-cut-uncapped', 'stages/dpo_groups.py', 'return min(super().prefix_cut(group), min(group["reply_starts"]) - 1)', 'return super().prefix_cut(group)', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
     ('dpo-prefix-takes-the-predicting-token', 'stages/dpo_groups.py', 'min(group["reply_starts"]) - 1)', 'min(group["reply_starts"]))', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
