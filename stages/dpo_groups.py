@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.rm_data import prompt_key
-from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums, pairs_in_step, tokens_seen
+from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums, pairs_in_step, prefix_pass_in_loss, tokens_seen
 
 # TRL settings the grouped loss does not apply, with the value that means "off": it trains DPO's sigmoid loss alone.
 PAIRWISE_ONLY = {"loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None, "use_weighting": False,
@@ -90,12 +90,15 @@ def reply_logps(model, inputs: dict, **extra):
     if "prefix_ids" not in inputs:
         return model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
     prefix_mask, index = inputs["prefix_mask"], inputs["prefix_index"]
-    cache = model(input_ids=inputs["prefix_ids"], attention_mask=prefix_mask, use_cache=True, logits_to_keep=1,
-                  position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0)).cache
+    shared = model(input_ids=inputs["prefix_ids"], attention_mask=prefix_mask, use_cache=True, logits_to_keep=1,
+                   position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0))
+    cache = shared.cache
     cache.reorder_cache(index)
     positions = prefix_mask.sum(1)[index].unsqueeze(1) + (mask.cumsum(1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=torch.cat([prefix_mask[index], mask], dim=1), position_ids=positions,
-                 cache=cache, **kwargs)
+    outputs = model(input_ids=ids, attention_mask=torch.cat([prefix_mask[index], mask], dim=1), position_ids=positions,
+                    cache=cache, **kwargs)
+    outputs.log_probs = outputs.log_probs + prefix_pass_in_loss(shared.logits)  # FSDP2's backward (rm_groups)
+    return outputs
 
 
 def dpo_pair_losses(logratios: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, beta: float) -> torch.Tensor:

@@ -173,7 +173,17 @@ def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.
     rewards = own.logits.squeeze(-1)
     if add_prefix_score:
         rewards = rewards + shared.logits.squeeze(-1)[prefix_index]
+    else:  # a gradient into the prefix pass through the cache alone found FSDP2's layers resharded (prefix_pass_in_loss)
+        rewards = rewards + prefix_pass_in_loss(shared.logits)
     return rewards
+
+
+def prefix_pass_in_loss(prefix_output: torch.Tensor) -> torch.Tensor:
+    """0, as a function of the prefix pass's output. FSDP2 gathers a layer's weights again for its backward when the
+    gradient reaches the layer's output; when the loss reads the prefix pass only through the cache its keys and values
+    went into, no gradient reaches its outputs, and the backward through the cache found the weights freed (setStorage:
+    "storage of size 0"). Adding this to the loss sends a (zero) gradient through the prefix pass's outputs."""
+    return 0 * prefix_output.sum()
 
 
 def tokens_seen(inputs: dict, counted: torch.Tensor) -> torch.Tensor:

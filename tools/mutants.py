@@ -2314,6 +2314,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('group-step-pairs-not-gathered', 'stages/rm_groups.py', 'return accelerator.gather(pairs.reshape(1)).sum() if accelerator.num_processes > 1 else pairs', 'return pairs', "tests/test_rm_groups.py -k a_step_on_two_ranks"),
     ('group-step-pairs-first-micro-batch', 'stages/rm_groups.py', 'sum(len(b["winners"]) for b in batch_samples)', 'len(batch_samples[0]["winners"])', "tests/test_rm_groups.py -k a_step_is_the_mean"),
     # stop 74: DPO's batches by prompt with shared prefixes (stages/dpo_groups.py)
+    ('rm-prefix-fsdp-backward-unreached', 'stages/rm_groups.py', 'rewards = rewards + prefix_pass_in_loss(shared.logits)', 'rewards = rewards', "tests/test_sharding.py -k test_rm_fsdp2_shards_the_base_and_matches_ddp"),
+    ('dpo-prefix-fsdp-backward-unreached', 'stages/dpo_groups.py', 'outputs.log_probs = outputs.log_probs + prefix_pass_in_loss(shared.logits)', 'outputs.log_probs = outputs.log_probs', "tests/test_dpo.py -k two_processes_on_the_runs_label_export"),
+    ('prefix-pass-weighs-in', 'stages/rm_groups.py', 'return 0 * prefix_output.sum()', 'return 1e-2 * prefix_output.sum()', "tests/test_dpo_groups.py -k 'equal_trls and llama'"),
     ('dpo-prefix-cut-uncapped', 'stages/dpo_groups.py', 'return min(super().prefix_cut(group), min(group["reply_starts"]) - 1)', 'return super().prefix_cut(group)', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
     ('dpo-prefix-takes-the-predicting-token', 'stages/dpo_groups.py', 'min(group["reply_starts"]) - 1)', 'min(group["reply_starts"]))', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
     ('dpo-prefix-reply-mask-unshifted', 'stages/dpo_groups.py', 'completion_mask[row, start - cut:len(sequence) - cut] = 1', 'completion_mask[row, start:len(sequence)] = 1', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
