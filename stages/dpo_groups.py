@@ -7,7 +7,8 @@ K = 8), twice. Batched by prompt (`batch_by_prompt` in configs/dpo.yaml), as the
 (stages/rm_groups.py, after InstructGPT's section 3.5), each response runs once under each, and the loss of a batch
 is the mean over its pairs of DPO's -log sigmoid(beta * ((log pi(w) - log ref(w)) - (log pi(l) - log ref(l))))
 (Rafailov et al. 2023, eq. 7): TRL's `sigmoid` loss of the same pairs, for a fraction of the compute. A batch is then
-`per_device_train_batch_size` *prompts*, however many pairs they hold.
+`per_device_train_batch_size` *prompts*, however many pairs they hold. With `share_prefix` the tokens a prompt's
+responses begin with run once under each model, and each response after them from their cache (reply_logps).
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def test_rm_fsdp2_shards_the_base_and_matches_ddp(tiny_models, runs_dir, tmp_pat
     data = write_jsonl(tmp_path / "marker.jsonl", marker_rows(64))
     common = ["--dataset_name", str(data), "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_fraction", "0.25",
               "--ensemble", "2",  # the second member loads its own sharded base once the first is freed
-              "--pooling", "last"]  # (sum: the resume tests) the shared prefix's outputs are no part of the score
+              "--pooling", "last"]  # the loss reads the shared prefix pass only through its cache (sum: resume tests)
     for run, kw in (("fsdp", {"fsdp": True}), ("ddp", {"processes": 2})):
         fake_sft(tiny_models["llama"], runs_dir, run)
         res = run_module("stages.rm", rm_args(tiny_models["llama"], runs_dir, run, *common), **kw)
