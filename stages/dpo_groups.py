@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from stages.rm_data import prompt_key
-from stages.rm_groups import GroupCollator, group_by_prompt, held_out_sums, pairs_in_step, prefix_pass_in_loss, tokens_seen
+from stages.rm_groups import (GroupCollator, group_by_prompt, held_out_sums, pairs_in_step, prefix_pass_in_loss,
+                              prefix_then_rows, tokens_seen)
 
 # TRL settings the grouped loss does not apply, with the value that means "off": it trains DPO's sigmoid loss alone.
 PAIRWISE_ONLY = {"loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None, "use_weighting": False,
@@ -85,19 +86,13 @@ def reply_logps(model, inputs: dict, **extra):
     """`model`'s outputs (TRL's fused LM head: `log_probs`, each next token's log-prob, 0 off the replies) over a
     DPOGroupCollator batch. With shared prefixes the prefixes run once (their last position's logits alone), their
     keys and values copied to each of their rows (gradients flow back to the one pass), then the rows' own tokens
-    after them at positions that continue their prefix (rm_groups.shared_prefix_rewards, for a reward)."""
+    after them at positions that continue their prefix (rm_groups.prefix_then_rows)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     kwargs = {"labels": ids.masked_fill(inputs["completion_mask"] == 0, -100), "fused_lm_head": True, **extra}
     if "prefix_ids" not in inputs:
         return model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
-    prefix_mask, index = inputs["prefix_mask"], inputs["prefix_index"]
-    shared = model(input_ids=inputs["prefix_ids"], attention_mask=prefix_mask, use_cache=True, logits_to_keep=1,
-                   position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0))
-    cache = shared.cache
-    cache.reorder_cache(index)
-    positions = prefix_mask.sum(1)[index].unsqueeze(1) + (mask.cumsum(1) - 1).clamp(min=0)
-    outputs = model(input_ids=ids, attention_mask=torch.cat([prefix_mask[index], mask], dim=1), position_ids=positions,
-                    cache=cache, **kwargs)
+    shared, outputs = prefix_then_rows(model, ids, mask, inputs["prefix_ids"], inputs["prefix_mask"],
+                                       inputs["prefix_index"], prefix_kwargs={"logits_to_keep": 1}, **kwargs)
     outputs.log_probs = outputs.log_probs + prefix_pass_in_loss(shared.logits)  # FSDP2's backward (rm_groups)
     return outputs
 

@@ -158,24 +158,33 @@ _NOTED: set[str] = set()  # the reasons shares_prefix has given for whole sequen
 
 def shared_prefix_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,
                           prefix_mask: torch.Tensor, prefix_index: torch.Tensor, add_prefix_score: bool) -> torch.Tensor:
-    """Each row's reward from a GroupCollator batch with shared prefixes: the prefixes through the model once, their
-    keys and values copied to each of their rows (gradients flow back to the one pass), then the rows' own tokens
-    after them at positions that continue their prefix. `add_prefix_score`: the score is a sum over tokens (`sum`
-    pooling counts the prefix's tokens too), so the prefix's part is added; `last` reads the row's last token alone."""
-    shared = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0),
-                   use_cache=True)
-    cache = shared.cache
-    cache.reorder_cache(prefix_index)
-    prefix_lengths = prefix_mask.sum(1)[prefix_index]
-    positions = prefix_lengths.unsqueeze(1) + (attention_mask.cumsum(1) - 1).clamp(min=0)
-    own = model(input_ids=input_ids, attention_mask=torch.cat([prefix_mask[prefix_index], attention_mask], dim=1),
-                position_ids=positions, cache=cache, use_cache=True)
+    """Each row's reward from a GroupCollator batch with shared prefixes (through `prefix_then_rows`).
+    `add_prefix_score`: the score is a sum over tokens (`sum` pooling counts the prefix's tokens too), so the prefix's
+    part is added; `last` reads the row's last token alone."""
+    shared, own = prefix_then_rows(model, input_ids, attention_mask, prefix_ids, prefix_mask, prefix_index)
     rewards = own.logits.squeeze(-1)
     if add_prefix_score:
         rewards = rewards + shared.logits.squeeze(-1)[prefix_index]
     else:  # a gradient into the prefix pass through the cache alone found FSDP2's layers resharded (prefix_pass_in_loss)
         rewards = rewards + prefix_pass_in_loss(shared.logits)
     return rewards
+
+
+def prefix_then_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,
+                     prefix_mask: torch.Tensor, prefix_index: torch.Tensor, prefix_kwargs: dict | None = None,
+                     **row_kwargs):
+    """`model`'s outputs over a batch with shared prefixes, (the prefixes', the rows'): the (left-padded) prefixes
+    through the model once, their keys and values copied to each of their rows (`prefix_index`: each row's prefix;
+    gradients flow back to the one pass), then the rows' own tokens after them at positions that continue their
+    prefix, attending to its real tokens. The reward model's and DPO's batches by prompt both run this way."""
+    shared = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0),
+                   use_cache=True, **(prefix_kwargs or {}))
+    cache = shared.cache
+    cache.reorder_cache(prefix_index)
+    positions = prefix_mask.sum(1)[prefix_index].unsqueeze(1) + (attention_mask.cumsum(1) - 1).clamp(min=0)
+    own = model(input_ids=input_ids, attention_mask=torch.cat([prefix_mask[prefix_index], attention_mask], dim=1),
+                position_ids=positions, cache=cache, use_cache=True, **row_kwargs)
+    return shared, own
 
 
 def prefix_pass_in_loss(prefix_output: torch.Tensor) -> torch.Tensor:

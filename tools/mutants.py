@@ -47,6 +47,9 @@ RM_DATA = "tests/test_rm.py -k 'reply_start_is or strength_margin or leave_ties'
 RM_GROUPS = "tests/test_rm_groups.py -k 'not trains'"
 DPO_GROUPS = "tests/test_dpo_groups.py -m 'not slow'"
 DPO_GROUPS_RANKS = "tests/test_dpo_groups.py -k two_processes"
+# rm_groups.prefix_then_rows: the reward model's and DPO's shared prefixes each against whole sequences
+PREFIX_THEN_ROWS = ("tests/test_rm_groups.py tests/test_dpo_groups.py -m 'not slow' -k 'sliding_window or pad_is_eos or "
+                    "equal_the_pairwise or equal_trls or stop_before or whole_sequences_log_probs'")
 LABELS = "tests/test_label_store.py"
 EVAL_BY_HAND = "tests/test_eval.py -k 'human_win_rate_counts or no_eos_figures or training_flags_by_hand'"
 PPO_UNITS = ("tests/test_ppo.py -k 'own_slice or newest_complete or summary_by_hand or which_checkpoint or yaml_parses "
@@ -282,20 +285,20 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("rm-prefix-cache-not-checked", "stages/rm_groups.py", "if share_prefix and not takes_cache(model):",
      "if False:", RM_GROUPS),
     ("rm-prefix-positions-restart", "stages/rm_groups.py",
-     "positions = prefix_lengths.unsqueeze(1) + (attention_mask.cumsum(1) - 1).clamp(min=0)",
-     "positions = (attention_mask.cumsum(1) - 1).clamp(min=0)", RM_GROUPS),
+     "positions = prefix_mask.sum(1)[prefix_index].unsqueeze(1) + (attention_mask.cumsum(1) - 1).clamp(min=0)",
+     "positions = (attention_mask.cumsum(1) - 1).clamp(min=0)", PREFIX_THEN_ROWS),
     ("rm-prefix-padding-attended", "stages/rm_groups.py",
      "attention_mask=torch.cat([prefix_mask[prefix_index], attention_mask], dim=1)",
-     "attention_mask=torch.cat([torch.ones_like(prefix_mask[prefix_index]), attention_mask], dim=1)", RM_GROUPS),
+     "attention_mask=torch.cat([torch.ones_like(prefix_mask[prefix_index]), attention_mask], dim=1)", PREFIX_THEN_ROWS),
     ("ppo-decoder-layers-top-level-only", "stages/ppo/rollout.py",
      "lists = {name: m for name, m in body.named_modules()", "lists = {name: m for name, m in body.named_children()",
      "tests/test_ppo.py -k decoder_layers"),
     ("rm-prefix-right-padded", "stages/rm_groups.py", 'batch["prefix_mask"] = left_pad(',
      'batch["prefix_mask"] = right_pad(', RM_GROUPS),
     ("rm-prefix-pad-positions", "stages/rm_groups.py",
-     "position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0),", "position_ids=None,", RM_GROUPS),
+     "position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0),", "position_ids=None,", PREFIX_THEN_ROWS),
     ("rm-prefix-wrong-group", "stages/rm_groups.py", "cache.reorder_cache(prefix_index)",
-     "cache.reorder_cache(torch.arange(len(prefix_index)) % len(prefix_ids))", RM_GROUPS),
+     "cache.reorder_cache(torch.arange(len(prefix_index)) % len(prefix_ids))", PREFIX_THEN_ROWS),
     ("rm-prefix-score-dropped", "stages/rm_groups.py", "rewards = rewards + shared.logits.squeeze(-1)[prefix_index]",
      "rewards = rewards", RM_GROUPS),
     ("rm-prefix-takes-all", "stages/rm_groups.py",
@@ -2320,10 +2323,6 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ('dpo-prefix-cut-uncapped', 'stages/dpo_groups.py', 'return min(super().prefix_cut(group), min(group["reply_starts"]) - 1)', 'return super().prefix_cut(group)', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
     ('dpo-prefix-takes-the-predicting-token', 'stages/dpo_groups.py', 'min(group["reply_starts"]) - 1)', 'min(group["reply_starts"]))', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
     ('dpo-prefix-reply-mask-unshifted', 'stages/dpo_groups.py', 'completion_mask[row, start - cut:len(sequence) - cut] = 1', 'completion_mask[row, start:len(sequence)] = 1', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
-    ('dpo-prefix-positions-restart', 'stages/dpo_groups.py', 'positions = prefix_mask.sum(1)[index].unsqueeze(1) + (mask.cumsum(1) - 1).clamp(min=0)', 'positions = (mask.cumsum(1) - 1).clamp(min=0)', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
-    ('dpo-prefix-unattended', 'stages/dpo_groups.py', 'attention_mask=torch.cat([prefix_mask[index], mask], dim=1), position_ids=positions', 'attention_mask=torch.cat([torch.zeros_like(prefix_mask[index]), mask], dim=1), position_ids=positions', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
-    ('dpo-prefix-wrong-group', 'stages/dpo_groups.py', 'cache.reorder_cache(index)', 'cache.reorder_cache(index.flip(0))', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
-    ('dpo-prefix-pad-positions', 'stages/dpo_groups.py', 'position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0))', 'position_ids=None)', "tests/test_dpo_groups.py -k 'equal_trls or stop_before or whole_sequences_log_probs'"),
     ('dpo-prefix-tokens-unseen', 'stages/dpo_groups.py', 'gather(tokens_seen(inputs, counted).reshape(1))', 'gather(inputs["attention_mask"][counted].sum().reshape(1))', "tests/test_dpo_groups.py -k equal_trls"),
     ('dpo-prefix-not-collated', 'stages/dpo.py', 'DPOGroupCollator(tokenizer.pad_token_id, share)', 'DPOGroupCollator(tokenizer.pad_token_id)', "tests/test_dpo_groups.py -k routers_loss"),
     ('dpo-prefix-checkpointing-not-passed', 'stages/dpo.py', 'shares_prefix(model, args.share_prefix, train_cfg.gradient_checkpointing,', 'shares_prefix(model, args.share_prefix, False,', "tests/test_dpo_groups.py -k routers_loss"),
